@@ -1,0 +1,252 @@
+//! Control messages exchanged over the broker's Unix socket (SOCK_SEQPACKET).
+//!
+//! Each datagram is one postcard-encoded [`Request`] or [`Response`], at most
+//! [`MAX_MESSAGE_SIZE`] bytes, with at most [`MAX_FDS_PER_MESSAGE`] file descriptors attached as
+//! SCM_RIGHTS. Every request gets exactly one response; failures are [`Response::Error`].
+
+use serde::{Deserialize, Serialize};
+
+/// Version of the control protocol and ring layout a client speaks.
+pub const PROTOCOL_VERSION: u32 = 1;
+/// Largest control datagram either side accepts.
+pub const MAX_MESSAGE_SIZE: usize = 4096;
+/// Most file descriptors one datagram may carry.
+pub const MAX_FDS_PER_MESSAGE: usize = 3;
+
+/// A request from client to broker.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Request {
+    /// First message of a session.
+    Hello {
+        /// [`PROTOCOL_VERSION`] of the client.
+        version: u32,
+        /// Free-form name for logs.
+        client_name: String,
+    },
+    /// List the namespaces this client may use.
+    ListNamespaces,
+    /// Create the session's ring; the reply carries the ring memfd, the submit eventfd
+    /// (client -> broker) and the completion eventfd (broker -> client), in that order.
+    CreateRing {
+        /// SQ entries (power of two).
+        sq_entries: u32,
+        /// CQ entries (power of two, at least `sq_entries`).
+        cq_entries: u32,
+    },
+    /// Register the memfd attached to this message (sealed with F_SEAL_SHRINK) as a DMA buffer.
+    RegisterBuffer {
+        /// Bytes of the memfd to register, from offset 0; a multiple of 4096.
+        len: u64,
+    },
+    /// Unregister a buffer; refused while I/O on it is in flight.
+    UnregisterBuffer {
+        /// Id from [`Response::BufferRegistered`].
+        buffer_id: u32,
+    },
+    /// Counters of this session and of the broker.
+    Stats,
+    /// End the session (in-flight I/O is drained first).
+    Goodbye,
+}
+
+/// A response from broker to client.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Response {
+    /// Reply to [`Request::Hello`].
+    Hello {
+        /// The broker's [`PROTOCOL_VERSION`].
+        version: u32,
+        /// Id of this session in the broker's logs.
+        session_id: u64,
+    },
+    /// Reply to [`Request::ListNamespaces`].
+    Namespaces(Vec<NamespaceInfo>),
+    /// Reply to [`Request::CreateRing`]; three fds attached.
+    RingCreated {
+        /// SQ entries.
+        sq_entries: u32,
+        /// CQ entries.
+        cq_entries: u32,
+        /// Size of the ring memfd.
+        size: u64,
+    },
+    /// Reply to [`Request::RegisterBuffer`].
+    BufferRegistered {
+        /// Id to put in [`crate::Sqe::buf_id`].
+        buffer_id: u32,
+    },
+    /// Reply to [`Request::UnregisterBuffer`].
+    BufferUnregistered,
+    /// Reply to [`Request::Stats`].
+    Stats(Stats),
+    /// Reply to [`Request::Goodbye`].
+    Goodbye,
+    /// The request failed.
+    Error(ControlError),
+}
+
+/// A namespace as the client sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NamespaceInfo {
+    /// Namespace id to put in [`crate::Sqe::nsid`].
+    pub nsid: u32,
+    /// Logical block size in bytes.
+    pub lba_size: u32,
+    /// Number of logical blocks.
+    pub lba_count: u64,
+    /// Largest single transfer in bytes.
+    pub max_transfer: u32,
+    /// Whether this client may only read.
+    pub read_only: bool,
+}
+
+impl NamespaceInfo {
+    /// Capacity in bytes.
+    pub fn size_bytes(&self) -> u64 {
+        self.lba_count * u64::from(self.lba_size)
+    }
+}
+
+/// Counters returned by [`Request::Stats`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Stats {
+    /// Requests this session submitted (taken off its SQ).
+    pub submitted: u64,
+    /// Completions posted to this session.
+    pub completed: u64,
+    /// Completions with a non-success status.
+    pub errors: u64,
+    /// Bytes read by successful reads.
+    pub bytes_read: u64,
+    /// Bytes written by successful writes.
+    pub bytes_written: u64,
+    /// Requests of this session currently at the device.
+    pub in_flight: u64,
+    /// Buffers registered by this session.
+    pub buffers: u64,
+    /// Bytes registered by this session.
+    pub buffer_bytes: u64,
+    /// Data bytes the broker copied itself for any client (zero: the device DMAs into client memory).
+    pub broker_bytes_copied: u64,
+    /// Sessions connected to the broker.
+    pub broker_sessions: u64,
+    /// Bytes of IOVA space the broker has mapped for client buffers.
+    pub broker_buffer_iova_bytes: u64,
+}
+
+/// Why a control request failed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+pub enum ControlError {
+    /// The client speaks another protocol version.
+    #[error("protocol version mismatch: client {client}, broker {broker}")]
+    VersionMismatch {
+        /// Client's version.
+        client: u32,
+        /// Broker's version.
+        broker: u32,
+    },
+    /// A request other than Hello came first.
+    #[error("the first request of a session must be Hello")]
+    HelloRequired,
+    /// Hello was sent twice.
+    #[error("Hello was already received")]
+    DuplicateHello,
+    /// The datagram did not decode as a request.
+    #[error("malformed request: {0}")]
+    Malformed(String),
+    /// The datagram was longer than the limit.
+    #[error("message longer than {limit} bytes")]
+    MessageTooLarge {
+        /// [`MAX_MESSAGE_SIZE`].
+        limit: usize,
+    },
+    /// More file descriptors than the limit were attached.
+    #[error("more than {limit} file descriptors in one message")]
+    TooManyFds {
+        /// The largest number accepted.
+        limit: usize,
+    },
+    /// The request needs a file descriptor and none was attached.
+    #[error("this request needs a file descriptor attached")]
+    MissingFd,
+    /// A file descriptor was attached to a request that takes none.
+    #[error("this request takes no file descriptor")]
+    UnexpectedFd,
+    /// The fd is not a memfd (F_GET_SEALS failed).
+    #[error("the buffer fd is not a memfd")]
+    NotMemfd,
+    /// The memfd lacks F_SEAL_SHRINK.
+    #[error("the buffer memfd must be sealed with F_SEAL_SHRINK (fcntl F_ADD_SEALS) before registering")]
+    NotSealed,
+    /// The buffer length is zero, not page-aligned, or larger than the memfd.
+    #[error("bad buffer length {len}: {reason}")]
+    BadBufferLength {
+        /// Requested length.
+        len: u64,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// The session reached its registration limits.
+    #[error("buffer limit reached: {0}")]
+    BufferLimit(String),
+    /// The buffer id is not registered by this session.
+    #[error("unknown buffer id {0}")]
+    UnknownBuffer(u32),
+    /// I/O on the buffer is still in flight.
+    #[error("buffer {buffer_id} has {in_flight} requests in flight")]
+    BufferBusy {
+        /// The buffer.
+        buffer_id: u32,
+        /// Requests still using it.
+        in_flight: u64,
+    },
+    /// The session already has a ring.
+    #[error("this session already has a ring")]
+    RingExists,
+    /// Ring sizes refused.
+    #[error("{0}")]
+    BadRingSize(String),
+    /// No IOVA space or memory left for the request.
+    #[error("out of resources: {0}")]
+    ResourceExhausted(String),
+    /// The broker failed for its own reasons.
+    #[error("broker error: {0}")]
+    Internal(String),
+}
+
+/// Encodes a message for the socket.
+pub fn encode<T: Serialize>(msg: &T) -> Vec<u8> {
+    postcard::to_stdvec(msg).expect("control messages always serialize")
+}
+
+/// Decodes a message, mapping failures to [`ControlError::Malformed`].
+pub fn decode<'a, T: Deserialize<'a>>(bytes: &'a [u8]) -> Result<T, ControlError> {
+    postcard::from_bytes(bytes).map_err(|e| ControlError::Malformed(e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_round_trip() {
+        let reqs = [
+            Request::Hello { version: 1, client_name: "t".into() },
+            Request::CreateRing { sq_entries: 64, cq_entries: 128 },
+            Request::RegisterBuffer { len: 1 << 20 },
+            Request::UnregisterBuffer { buffer_id: 7 },
+            Request::Stats,
+        ];
+        for r in reqs {
+            let b = encode(&r);
+            assert!(b.len() < MAX_MESSAGE_SIZE);
+            assert_eq!(decode::<Request>(&b).unwrap(), r);
+        }
+    }
+
+    #[test]
+    fn garbage_is_malformed() {
+        assert!(matches!(decode::<Request>(&[0xff, 0xff, 0xff]), Err(ControlError::Malformed(_))));
+        assert!(matches!(decode::<Request>(&[]), Err(ControlError::Malformed(_))));
+    }
+}

@@ -1,0 +1,181 @@
+//! Where everything sits inside the ring memfd.
+
+use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
+
+use crate::{Cqe, Sqe};
+
+/// `"NVMR"` in little-endian, the first word of every ring memfd.
+pub const RING_MAGIC: u32 = u32::from_le_bytes(*b"NVMR");
+/// Version of the ring layout described here.
+pub const RING_VERSION: u32 = 1;
+/// Page size used to align the entry arrays and the total size.
+pub const PAGE_SIZE: usize = 4096;
+/// Largest SQ the broker accepts.
+pub const MAX_SQ_ENTRIES: u32 = 4096;
+/// Largest CQ the broker accepts.
+pub const MAX_CQ_ENTRIES: u32 = 8192;
+
+/// Offset of the SQ head (written by the broker).
+pub const SQ_HEAD_OFFSET: usize = 64;
+/// Offset of the SQ tail (written by the client).
+pub const SQ_TAIL_OFFSET: usize = 128;
+/// Offset of the CQ head (written by the client).
+pub const CQ_HEAD_OFFSET: usize = 192;
+/// Offset of the CQ tail (written by the broker).
+pub const CQ_TAIL_OFFSET: usize = 256;
+/// Offset of the broker's flags word (`BROKER_*` bits, written by the broker).
+pub const BROKER_FLAGS_OFFSET: usize = 320;
+/// Offset of the client's flags word (`CLIENT_*` bits, written by the client).
+pub const CLIENT_FLAGS_OFFSET: usize = 384;
+/// Offset of the fault reason word (a [`RingFault`] code, written by the broker).
+pub const FAULT_OFFSET: usize = 448;
+/// Offset of the SQ entry array.
+pub const SQ_ENTRIES_OFFSET: usize = PAGE_SIZE;
+
+/// Broker flag: the broker is going to sleep; write the submit eventfd after publishing the SQ tail.
+pub const BROKER_NEED_WAKEUP: u32 = 1 << 0;
+/// Broker flag: the broker stopped serving this ring; the reason is at [`FAULT_OFFSET`].
+pub const BROKER_FAULTED: u32 = 1 << 1;
+/// Client flag: the client sleeps on the completion eventfd; write it after publishing the CQ tail.
+pub const CLIENT_CQ_WAITING: u32 = 1 << 0;
+
+/// Why the broker stopped serving a ring.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[repr(u32)]
+pub enum RingFault {
+    /// SQ tail moved more than the ring's size past the broker's head.
+    SqTailCorrupt = 1,
+    /// CQ head is more than the ring's size behind, or ahead of, the broker's tail.
+    CqHeadCorrupt = 2,
+    /// The session ended.
+    Closed = 3,
+}
+
+impl RingFault {
+    /// Decodes a fault word.
+    pub fn from_code(code: u32) -> Option<Self> {
+        match code {
+            1 => Some(Self::SqTailCorrupt),
+            2 => Some(Self::CqHeadCorrupt),
+            3 => Some(Self::Closed),
+            _ => None,
+        }
+    }
+}
+
+/// The header at offset 0, written once by the broker before the fd is sent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout)]
+#[repr(C)]
+pub struct RingHeader {
+    /// [`RING_MAGIC`].
+    pub magic: u32,
+    /// [`RING_VERSION`].
+    pub version: u32,
+    /// Number of SQ entries (power of two).
+    pub sq_entries: u32,
+    /// Number of CQ entries (power of two).
+    pub cq_entries: u32,
+    /// `sq_entries - 1`.
+    pub sq_mask: u32,
+    /// `cq_entries - 1`.
+    pub cq_mask: u32,
+    /// Byte offset of the SQ entry array.
+    pub sq_entries_offset: u32,
+    /// Byte offset of the CQ entry array.
+    pub cq_entries_offset: u32,
+    /// Total size of the memfd in bytes.
+    pub total_size: u64,
+}
+
+const _: () = assert!(core::mem::size_of::<RingHeader>() == 40);
+const _: () = assert!(core::mem::size_of::<RingHeader>() <= SQ_HEAD_OFFSET);
+
+/// A ring size the layout rules refuse.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("ring sizes must be powers of two with 2 <= sq <= {MAX_SQ_ENTRIES} and sq <= cq <= {MAX_CQ_ENTRIES} (got sq {sq}, cq {cq})")]
+pub struct BadRingSize {
+    /// Requested SQ entries.
+    pub sq: u32,
+    /// Requested CQ entries.
+    pub cq: u32,
+}
+
+/// Offsets and sizes of one ring memfd, computed from the entry counts alone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RingLayout {
+    /// Number of SQ entries.
+    pub sq_entries: u32,
+    /// Number of CQ entries.
+    pub cq_entries: u32,
+    /// Offset of the CQ entry array.
+    pub cq_entries_offset: usize,
+    /// Total size of the memfd.
+    pub total_size: usize,
+}
+
+fn round_up(v: usize, to: usize) -> usize {
+    v.div_ceil(to) * to
+}
+
+impl RingLayout {
+    /// Computes the layout, refusing sizes outside the rules of [`BadRingSize`].
+    pub fn new(sq_entries: u32, cq_entries: u32) -> Result<Self, BadRingSize> {
+        let ok = sq_entries.is_power_of_two()
+            && cq_entries.is_power_of_two()
+            && (2..=MAX_SQ_ENTRIES).contains(&sq_entries)
+            && (sq_entries..=MAX_CQ_ENTRIES).contains(&cq_entries);
+        if !ok {
+            return Err(BadRingSize { sq: sq_entries, cq: cq_entries });
+        }
+        let cq_entries_offset = round_up(
+            SQ_ENTRIES_OFFSET + sq_entries as usize * core::mem::size_of::<Sqe>(),
+            PAGE_SIZE,
+        );
+        let total_size = round_up(
+            cq_entries_offset + cq_entries as usize * core::mem::size_of::<Cqe>(),
+            PAGE_SIZE,
+        );
+        Ok(Self { sq_entries, cq_entries, cq_entries_offset, total_size })
+    }
+
+    /// The header the broker writes for this layout.
+    pub fn header(&self) -> RingHeader {
+        RingHeader {
+            magic: RING_MAGIC,
+            version: RING_VERSION,
+            sq_entries: self.sq_entries,
+            cq_entries: self.cq_entries,
+            sq_mask: self.sq_entries - 1,
+            cq_mask: self.cq_entries - 1,
+            sq_entries_offset: SQ_ENTRIES_OFFSET as u32,
+            cq_entries_offset: self.cq_entries_offset as u32,
+            total_size: self.total_size as u64,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layout_is_page_aligned_and_disjoint() {
+        let l = RingLayout::new(256, 512).unwrap();
+        assert_eq!(l.cq_entries_offset, 4096 + 256 * 64);
+        assert_eq!(l.total_size, l.cq_entries_offset + 512 * 16);
+        assert_eq!(l.total_size % PAGE_SIZE, 0);
+        let offsets = [SQ_HEAD_OFFSET, SQ_TAIL_OFFSET, CQ_HEAD_OFFSET, CQ_TAIL_OFFSET, BROKER_FLAGS_OFFSET, CLIENT_FLAGS_OFFSET, FAULT_OFFSET];
+        for w in offsets.windows(2) {
+            assert!(w[1] - w[0] >= 64, "index words share a cache line");
+        }
+    }
+
+    #[test]
+    fn bad_sizes_refused() {
+        assert!(RingLayout::new(3, 4).is_err());
+        assert!(RingLayout::new(8, 4).is_err());
+        assert!(RingLayout::new(1, 1).is_err());
+        assert!(RingLayout::new(8192, 8192).is_err());
+        assert!(RingLayout::new(4096, 8192).is_ok());
+    }
+}

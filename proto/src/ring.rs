@@ -1,0 +1,253 @@
+//! The single-producer/single-consumer index protocol shared by the SQ and the CQ.
+//!
+//! Both rings use free-running 32-bit indices: `tail - head` (wrapping) is the number of
+//! published, unconsumed entries, and an entry lives at `index & (entries - 1)`.
+//! The producer writes entries, then publishes the tail with `Release`; the consumer loads the
+//! tail with `Acquire`, copies the entries out, then publishes its head with `Release`; the
+//! producer loads the head with `Acquire` before reusing slots.
+//!
+//! Each side keeps its own index privately and never reads it back from shared memory, so a peer
+//! that scribbles over the index it does not own cannot move it. A peer index that claims more
+//! than `entries` outstanding entries is reported as [`RingError::Corrupt`].
+
+use core::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use crate::layout::{RingLayout, CQ_HEAD_OFFSET, CQ_TAIL_OFFSET, SQ_ENTRIES_OFFSET, SQ_HEAD_OFFSET, SQ_TAIL_OFFSET};
+use crate::shm::SharedMemory;
+use crate::{Cqe, Sqe};
+
+/// The memory a ring lives in: two index words and an entry array.
+///
+/// Implemented for shared memory ([`SharedRing`]) and, in tests, for loom-checked memory.
+pub trait RingMemory {
+    /// The entry type.
+    type Entry: Copy;
+    /// Number of entries (a power of two, from the trusted local layout).
+    fn entries(&self) -> u32;
+    /// Loads the head word.
+    fn load_head(&self, order: Ordering) -> u32;
+    /// Stores the head word.
+    fn store_head(&self, value: u32, order: Ordering);
+    /// Loads the tail word.
+    fn load_tail(&self, order: Ordering) -> u32;
+    /// Stores the tail word.
+    fn store_tail(&self, value: u32, order: Ordering);
+    /// Copies entry `slot` (already masked) out.
+    fn read_entry(&self, slot: u32) -> Self::Entry;
+    /// Writes entry `slot` (already masked).
+    fn write_entry(&self, slot: u32, entry: Self::Entry);
+}
+
+/// The peer published an index that cannot be right.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum RingError {
+    /// `tail - head` exceeds the ring size.
+    #[error("ring indices corrupt: head {head}, tail {tail}, entries {entries}")]
+    Corrupt {
+        /// Head seen.
+        head: u32,
+        /// Tail seen.
+        tail: u32,
+        /// Ring size.
+        entries: u32,
+    },
+}
+
+fn outstanding(head: u32, tail: u32, entries: u32) -> Result<u32, RingError> {
+    let n = tail.wrapping_sub(head);
+    if n > entries {
+        Err(RingError::Corrupt { head, tail, entries })
+    } else {
+        Ok(n)
+    }
+}
+
+/// The producing side of a ring: owns the tail.
+#[derive(Debug)]
+pub struct Producer<M: RingMemory> {
+    mem: M,
+    tail: u32,
+    published: u32,
+}
+
+impl<M: RingMemory> Producer<M> {
+    /// Starts producing at `tail` (zero on a fresh ring).
+    pub fn new(mem: M, tail: u32) -> Self {
+        Self { mem, tail, published: tail }
+    }
+
+    /// The underlying memory.
+    pub fn memory(&self) -> &M {
+        &self.mem
+    }
+
+    /// Free slots, counting entries pushed but not yet published.
+    pub fn free(&self) -> Result<u32, RingError> {
+        let head = self.mem.load_head(Ordering::Acquire);
+        Ok(self.mem.entries() - outstanding(head, self.tail, self.mem.entries())?)
+    }
+
+    /// Entries pushed and not yet consumed, as seen now.
+    pub fn outstanding(&self) -> Result<u32, RingError> {
+        outstanding(self.mem.load_head(Ordering::Acquire), self.tail, self.mem.entries())
+    }
+
+    /// Writes one entry without publishing it. Returns `Ok(false)` when the ring is full.
+    pub fn push(&mut self, entry: M::Entry) -> Result<bool, RingError> {
+        if self.free()? == 0 {
+            return Ok(false);
+        }
+        self.push_unchecked(entry);
+        Ok(true)
+    }
+
+    /// Writes one entry after the caller checked [`Producer::free`].
+    pub fn push_unchecked(&mut self, entry: M::Entry) {
+        self.mem.write_entry(self.tail & (self.mem.entries() - 1), entry);
+        self.tail = self.tail.wrapping_add(1);
+    }
+
+    /// Entries pushed since the last publish.
+    pub fn unpublished(&self) -> u32 {
+        self.tail.wrapping_sub(self.published)
+    }
+
+    /// Makes every pushed entry visible to the consumer (`Release` store of the tail).
+    pub fn publish(&mut self) {
+        if self.published != self.tail {
+            self.mem.store_tail(self.tail, Ordering::Release);
+            self.published = self.tail;
+        }
+    }
+
+    /// The private tail.
+    pub fn tail(&self) -> u32 {
+        self.tail
+    }
+}
+
+/// The consuming side of a ring: owns the head.
+#[derive(Debug)]
+pub struct Consumer<M: RingMemory> {
+    mem: M,
+    head: u32,
+}
+
+impl<M: RingMemory> Consumer<M> {
+    /// Starts consuming at `head` (zero on a fresh ring).
+    pub fn new(mem: M, head: u32) -> Self {
+        Self { mem, head }
+    }
+
+    /// The underlying memory.
+    pub fn memory(&self) -> &M {
+        &self.mem
+    }
+
+    /// Published entries not yet consumed (`Acquire` load of the tail).
+    pub fn available(&self) -> Result<u32, RingError> {
+        outstanding(self.head, self.mem.load_tail(Ordering::Acquire), self.mem.entries())
+    }
+
+    /// Copies the `n`th available entry out (the caller checked `n < available()`).
+    pub fn read(&self, n: u32) -> M::Entry {
+        self.mem.read_entry(self.head.wrapping_add(n) & (self.mem.entries() - 1))
+    }
+
+    /// Releases `n` entries to the producer (`Release` store of the head).
+    pub fn consume(&mut self, n: u32) {
+        if n > 0 {
+            self.head = self.head.wrapping_add(n);
+            self.mem.store_head(self.head, Ordering::Release);
+        }
+    }
+
+    /// Copies out and releases one entry, if any.
+    pub fn pop(&mut self) -> Result<Option<M::Entry>, RingError> {
+        if self.available()? == 0 {
+            return Ok(None);
+        }
+        let e = self.read(0);
+        self.consume(1);
+        Ok(Some(e))
+    }
+
+    /// The private head.
+    pub fn head(&self) -> u32 {
+        self.head
+    }
+}
+
+/// One ring (SQ or CQ) inside a ring memfd mapping.
+#[derive(Debug, Clone)]
+pub struct SharedRing<E> {
+    mem: Arc<SharedMemory>,
+    head_offset: usize,
+    tail_offset: usize,
+    entries_offset: usize,
+    entries: u32,
+    _entry: core::marker::PhantomData<fn() -> E>,
+}
+
+impl<E> SharedRing<E> {
+    /// The mapping this ring lives in.
+    pub fn mapping(&self) -> &Arc<SharedMemory> {
+        &self.mem
+    }
+}
+
+/// The submission ring of a mapped ring memfd.
+pub fn submission_ring(mem: Arc<SharedMemory>, layout: &RingLayout) -> SharedRing<Sqe> {
+    assert!(mem.len() >= layout.total_size);
+    SharedRing {
+        mem,
+        head_offset: SQ_HEAD_OFFSET,
+        tail_offset: SQ_TAIL_OFFSET,
+        entries_offset: SQ_ENTRIES_OFFSET,
+        entries: layout.sq_entries,
+        _entry: core::marker::PhantomData,
+    }
+}
+
+/// The completion ring of a mapped ring memfd.
+pub fn completion_ring(mem: Arc<SharedMemory>, layout: &RingLayout) -> SharedRing<Cqe> {
+    assert!(mem.len() >= layout.total_size);
+    SharedRing {
+        mem,
+        head_offset: CQ_HEAD_OFFSET,
+        tail_offset: CQ_TAIL_OFFSET,
+        entries_offset: layout.cq_entries_offset,
+        entries: layout.cq_entries,
+        _entry: core::marker::PhantomData,
+    }
+}
+
+impl<E> RingMemory for SharedRing<E>
+where
+    E: Copy + zerocopy::FromBytes + zerocopy::IntoBytes + zerocopy::Immutable,
+{
+    type Entry = E;
+
+    fn entries(&self) -> u32 {
+        self.entries
+    }
+    fn load_head(&self, order: Ordering) -> u32 {
+        self.mem.load_u32(self.head_offset, order)
+    }
+    fn store_head(&self, value: u32, order: Ordering) {
+        self.mem.store_u32(self.head_offset, value, order)
+    }
+    fn load_tail(&self, order: Ordering) -> u32 {
+        self.mem.load_u32(self.tail_offset, order)
+    }
+    fn store_tail(&self, value: u32, order: Ordering) {
+        self.mem.store_u32(self.tail_offset, value, order)
+    }
+    fn read_entry(&self, slot: u32) -> E {
+        self.mem.read(self.entries_offset + slot as usize * size_of::<E>())
+    }
+    fn write_entry(&self, slot: u32, entry: E) {
+        self.mem.write(self.entries_offset + slot as usize * size_of::<E>(), entry)
+    }
+}

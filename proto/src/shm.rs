@@ -1,0 +1,159 @@
+//! Shared memory mappings, reached only through raw pointers.
+//!
+//! Memory shared with another process (or a device) can change at any time, so this module never
+//! hands out a Rust reference to it: values are copied in and out with volatile accesses, and the
+//! index words are read and written as atomics created for the duration of one access.
+
+use std::io;
+use std::os::fd::BorrowedFd;
+use std::ptr::NonNull;
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use zerocopy::{FromBytes, Immutable, IntoBytes};
+
+/// A page-aligned read/write mapping, unmapped on drop.
+#[derive(Debug)]
+pub struct SharedMemory {
+    ptr: NonNull<u8>,
+    len: usize,
+}
+
+// SAFETY: the mapping is plain memory owned by this value; all accesses go through raw pointers
+// with volatile or atomic operations, so sharing the handle between threads is sound.
+unsafe impl Send for SharedMemory {}
+// SAFETY: see `Send`; no method hands out references into the mapping.
+unsafe impl Sync for SharedMemory {}
+
+impl SharedMemory {
+    fn mmap(fd: Option<BorrowedFd<'_>>, len: usize, flags: libc::c_int) -> io::Result<Self> {
+        if len == 0 {
+            return Err(io::Error::new(io::ErrorKind::InvalidInput, "cannot map zero bytes"));
+        }
+        let raw_fd = fd.map_or(-1, |f| std::os::fd::AsRawFd::as_raw_fd(&f));
+        // SAFETY: a fresh mapping at an address the kernel picks; it aliases no Rust object.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                flags,
+                raw_fd,
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(Self { ptr: NonNull::new(ptr.cast()).expect("mmap returned null"), len })
+    }
+
+    /// Maps `len` bytes of `fd` shared (MAP_SHARED), readable and writable.
+    pub fn map_shared(fd: BorrowedFd<'_>, len: usize) -> io::Result<Self> {
+        Self::mmap(Some(fd), len, libc::MAP_SHARED)
+    }
+
+    /// Allocates `len` bytes of zeroed, private, anonymous memory.
+    pub fn anonymous(len: usize) -> io::Result<Self> {
+        Self::mmap(None, len, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE)
+    }
+
+    /// Length of the mapping in bytes.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether the mapping is empty (never true for a live mapping).
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Start address of the mapping, for handing to a device or the kernel.
+    pub fn as_ptr(&self) -> *mut u8 {
+        self.ptr.as_ptr()
+    }
+
+    fn check(&self, offset: usize, size: usize, align: usize) -> *mut u8 {
+        assert!(
+            offset.checked_add(size).is_some_and(|end| end <= self.len),
+            "shared memory access {offset}+{size} past {}",
+            self.len
+        );
+        assert!(offset % align == 0, "misaligned shared memory access at {offset}");
+        // SAFETY: offset + size <= len was checked above, so the result stays inside the mapping.
+        unsafe { self.ptr.as_ptr().add(offset) }
+    }
+
+    /// Atomically loads the `u32` at `offset` (4-byte aligned).
+    pub fn load_u32(&self, offset: usize, order: Ordering) -> u32 {
+        let p = self.check(offset, 4, 4);
+        // SAFETY: `p` is in bounds, aligned, and lives as long as `self`; the atomic reference
+        // exists only for this call and atomics allow concurrent modification by others.
+        unsafe { AtomicU32::from_ptr(p.cast()) }.load(order)
+    }
+
+    /// Atomically stores `value` at `offset` (4-byte aligned).
+    pub fn store_u32(&self, offset: usize, value: u32, order: Ordering) {
+        let p = self.check(offset, 4, 4);
+        // SAFETY: as in `load_u32`.
+        unsafe { AtomicU32::from_ptr(p.cast()) }.store(value, order)
+    }
+
+    /// Atomically ORs `bits` into the `u32` at `offset`.
+    pub fn fetch_or_u32(&self, offset: usize, bits: u32, order: Ordering) -> u32 {
+        let p = self.check(offset, 4, 4);
+        // SAFETY: as in `load_u32`.
+        unsafe { AtomicU32::from_ptr(p.cast()) }.fetch_or(bits, order)
+    }
+
+    /// Atomically clears `bits` in the `u32` at `offset`.
+    pub fn fetch_and_not_u32(&self, offset: usize, bits: u32, order: Ordering) -> u32 {
+        let p = self.check(offset, 4, 4);
+        // SAFETY: as in `load_u32`.
+        unsafe { AtomicU32::from_ptr(p.cast()) }.fetch_and(!bits, order)
+    }
+
+    /// Copies a `T` out of the mapping (one volatile read; any bit pattern is a valid `T`).
+    pub fn read<T: FromBytes>(&self, offset: usize) -> T {
+        let p = self.check(offset, size_of::<T>(), align_of::<T>());
+        // SAFETY: in bounds and aligned (checked); `T: FromBytes` accepts any bytes, so a value
+        // torn by a concurrent writer is still a valid `T`.
+        unsafe { std::ptr::read_volatile(p.cast::<T>()) }
+    }
+
+    /// Copies a `T` into the mapping (one volatile write).
+    pub fn write<T: IntoBytes + Immutable>(&self, offset: usize, value: T) {
+        let p = self.check(offset, size_of::<T>(), align_of::<T>());
+        // SAFETY: in bounds and aligned (checked); nothing in this process holds a reference here.
+        unsafe { std::ptr::write_volatile(p.cast::<T>(), value) }
+    }
+
+    /// Copies `out.len()` bytes starting at `offset` into `out`.
+    pub fn copy_out(&self, offset: usize, out: &mut [u8]) {
+        let p = self.check(offset, out.len(), 1);
+        // SAFETY: source range checked in bounds; `out` is a distinct local slice.
+        unsafe { std::ptr::copy_nonoverlapping(p, out.as_mut_ptr(), out.len()) }
+    }
+
+    /// Copies `data` into the mapping at `offset`.
+    pub fn copy_in(&self, offset: usize, data: &[u8]) {
+        let p = self.check(offset, data.len(), 1);
+        // SAFETY: destination range checked in bounds; `data` is a distinct local slice.
+        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), p, data.len()) }
+    }
+
+    /// Fills `len` bytes at `offset` with `byte`.
+    pub fn fill(&self, offset: usize, len: usize, byte: u8) {
+        let p = self.check(offset, len, 1);
+        // SAFETY: range checked in bounds.
+        unsafe { std::ptr::write_bytes(p, byte, len) }
+    }
+}
+
+impl Drop for SharedMemory {
+    fn drop(&mut self) {
+        // SAFETY: unmaps exactly the range this value mapped; no references into it exist.
+        unsafe {
+            libc::munmap(self.ptr.as_ptr().cast(), self.len);
+        }
+    }
+}
