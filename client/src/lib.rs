@@ -1,1 +1,515 @@
+//! # nvmed client
+//!
+//! Talk to the `nvmed` broker: open a session, register memfd buffers once, then submit reads
+//! and writes through a shared-memory ring. The device DMAs straight into your buffers and a
+//! busy ring needs no system call per I/O.
+//!
+//! ```no_run
+//! use nvmed_client::{Io, NvmeRing};
+//! let mut ring = NvmeRing::open("/run/nvmed.sock")?;
+//! let ns = ring.namespaces()[0];
+//! let buf = ring.alloc_buffer(1 << 20)?;
+//! ring.buffer_mut(buf, 0, 4096)?.fill(0xab);
+//! ring.write(ns.nsid, 0, buf, 0, 4096)?;
+//! ring.read(ns.nsid, 0, buf, 4096, 4096)?;
+//! assert_eq!(ring.buffer(buf, 0, 4096)?, ring.buffer(buf, 4096, 4096)?);
+//! # Ok::<(), nvmed_client::Error>(())
+//! ```
+//!
+//! Safety model: while a request is in flight the device may write its buffer range at any
+//! time, so [`NvmeRing::buffer`] and [`NvmeRing::buffer_mut`] refuse ranges that overlap I/O in
+//! flight, and [`NvmeRing::unregister_buffer`] refuses buffers with I/O in flight.
 
+mod buffer;
+mod error;
+
+use std::collections::HashMap;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::path::Path;
+use std::sync::atomic::{fence, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+pub use buffer::MemfdBuffer;
+pub use error::{Error, Result};
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+use nix::sys::socket::{connect, socket, AddressFamily, SockFlag, SockType, UnixAddr};
+use nvmed_proto::control::{decode, encode};
+use nvmed_proto::layout::{
+    RingLayout, BROKER_FAULTED, BROKER_FLAGS_OFFSET, BROKER_NEED_WAKEUP, CLIENT_CQ_WAITING, CLIENT_FLAGS_OFFSET,
+    FAULT_OFFSET, RING_MAGIC, RING_VERSION,
+};
+use nvmed_proto::ring::{completion_ring, submission_ring, Consumer, Producer, SharedRing};
+use nvmed_proto::shm::SharedMemory;
+pub use nvmed_proto::{BrokerStatus, NamespaceInfo, NvmeStatus, Opcode, Sqe, Stats, Status};
+use nvmed_proto::{transport, Cqe, Request, Response, RingFault, RingHeader, PROTOCOL_VERSION};
+use slab::Slab;
+
+/// Id of a registered buffer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct BufferId(pub u32);
+
+/// Ring and session options.
+#[derive(Debug, Clone)]
+pub struct RingOptions {
+    /// SQ entries (power of two).
+    pub sq_entries: u32,
+    /// CQ entries (power of two, at least `sq_entries`).
+    pub cq_entries: u32,
+    /// Name shown in the broker's logs.
+    pub client_name: String,
+    /// How long [`NvmeRing::wait`] spins before sleeping on the eventfd.
+    pub spin: Duration,
+}
+
+impl Default for RingOptions {
+    fn default() -> Self {
+        Self {
+            sq_entries: 256,
+            cq_entries: 512,
+            client_name: std::env::args().next().unwrap_or_else(|| "nvmed-client".into()),
+            spin: Duration::from_micros(50),
+        }
+    }
+}
+
+/// One request to prepare.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Io {
+    /// Operation.
+    pub op: Opcode,
+    /// Namespace id.
+    pub nsid: u32,
+    /// Byte offset on the namespace.
+    pub offset: u64,
+    /// Length in bytes.
+    pub len: u32,
+    /// Buffer and offset inside it (reads and writes).
+    pub buffer: Option<(BufferId, u64)>,
+    /// Force unit access (writes, write zeroes).
+    pub fua: bool,
+    /// Returned in the completion.
+    pub user_data: u64,
+}
+
+impl Io {
+    /// Read `len` bytes at `offset` into `buffer` at `buf_offset`.
+    pub fn read(nsid: u32, offset: u64, len: u32, buffer: BufferId, buf_offset: u64) -> Self {
+        Self { op: Opcode::Read, nsid, offset, len, buffer: Some((buffer, buf_offset)), fua: false, user_data: 0 }
+    }
+    /// Write `len` bytes at `offset` from `buffer` at `buf_offset`.
+    pub fn write(nsid: u32, offset: u64, len: u32, buffer: BufferId, buf_offset: u64) -> Self {
+        Self { op: Opcode::Write, ..Self::read(nsid, offset, len, buffer, buf_offset) }
+    }
+    /// Flush the namespace.
+    pub fn flush(nsid: u32) -> Self {
+        Self { op: Opcode::Flush, nsid, offset: 0, len: 0, buffer: None, fua: false, user_data: 0 }
+    }
+    /// Write zeroes over `len` bytes at `offset`.
+    pub fn write_zeroes(nsid: u32, offset: u64, len: u32) -> Self {
+        Self { op: Opcode::WriteZeroes, offset, len, ..Self::flush(nsid) }
+    }
+    /// Discard `len` bytes at `offset`.
+    pub fn deallocate(nsid: u32, offset: u64, len: u32) -> Self {
+        Self { op: Opcode::Deallocate, offset, len, ..Self::flush(nsid) }
+    }
+    /// A no-op round trip through the broker.
+    pub fn nop() -> Self {
+        Self { op: Opcode::Nop, ..Self::flush(0) }
+    }
+    /// Sets the user data.
+    pub fn user_data(mut self, v: u64) -> Self {
+        self.user_data = v;
+        self
+    }
+    /// Sets force unit access.
+    pub fn fua(mut self) -> Self {
+        self.fua = true;
+        self
+    }
+}
+
+/// A finished request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Completion {
+    /// The request's user data.
+    pub user_data: u64,
+    /// How it ended.
+    pub status: Status,
+    /// Bytes transferred.
+    pub result: u32,
+}
+
+#[derive(Debug)]
+struct Pending {
+    user_data: u64,
+    range: Option<(u32, u64, u64)>, // buffer id, offset, len
+}
+
+#[derive(Debug)]
+struct ClientBuffer {
+    mem: MemfdBuffer,
+    in_flight: u32,
+}
+
+/// A session with the broker and its ring.
+#[derive(Debug)]
+pub struct NvmeRing {
+    sock: OwnedFd,
+    session_id: u64,
+    namespaces: Vec<NamespaceInfo>,
+    mem: Arc<SharedMemory>,
+    sq: Producer<SharedRing<Sqe>>,
+    cq: Consumer<SharedRing<Cqe>>,
+    submit_fd: OwnedFd,
+    complete_fd: OwnedFd,
+    buffers: HashMap<u32, ClientBuffer>,
+    pending: Slab<Pending>,
+    spin: Duration,
+}
+
+impl NvmeRing {
+    /// Connects with default options.
+    pub fn open(path: impl AsRef<Path>) -> Result<Self> {
+        Self::open_with(path, RingOptions::default())
+    }
+
+    /// Connects, says hello, lists namespaces and creates the ring.
+    pub fn open_with(path: impl AsRef<Path>, opts: RingOptions) -> Result<Self> {
+        let path = path.as_ref();
+        let cerr = |source| Error::Connect { path: path.display().to_string(), source };
+        let sock = socket(AddressFamily::Unix, SockType::SeqPacket, SockFlag::SOCK_CLOEXEC, None).map_err(cerr)?;
+        let addr = UnixAddr::new(path).map_err(cerr)?;
+        connect(sock.as_raw_fd(), &addr).map_err(cerr)?;
+        let (resp, _) = call(&sock, &Request::Hello { version: PROTOCOL_VERSION, client_name: opts.client_name }, &[])?;
+        let Response::Hello { session_id, .. } = resp else { return Err(unexpected(resp)) };
+        let (resp, _) = call(&sock, &Request::ListNamespaces, &[])?;
+        let Response::Namespaces(namespaces) = resp else { return Err(unexpected(resp)) };
+        let req = Request::CreateRing { sq_entries: opts.sq_entries, cq_entries: opts.cq_entries };
+        let (resp, mut fds) = call(&sock, &req, &[])?;
+        let Response::RingCreated { sq_entries, cq_entries, size } = resp else { return Err(unexpected(resp)) };
+        if fds.len() != 3 {
+            return Err(Error::Protocol(format!("ring reply carried {} fds, expected 3", fds.len())));
+        }
+        let layout = RingLayout::new(sq_entries, cq_entries).map_err(|e| Error::Protocol(e.to_string()))?;
+        if size as usize != layout.total_size {
+            return Err(Error::Protocol("ring size does not match its layout".into()));
+        }
+        let complete_fd = fds.pop().unwrap();
+        let submit_fd = fds.pop().unwrap();
+        let ring_fd = fds.pop().unwrap();
+        let mem = Arc::new(SharedMemory::map_shared(ring_fd.as_fd(), layout.total_size).map_err(error::os("mmap ring"))?);
+        let header: RingHeader = mem.read(0);
+        if header != layout.header() || header.magic != RING_MAGIC || header.version != RING_VERSION {
+            return Err(Error::Protocol(format!("bad ring header {header:?}")));
+        }
+        Ok(Self {
+            sock,
+            session_id,
+            namespaces,
+            sq: Producer::new(submission_ring(mem.clone(), &layout), 0),
+            cq: Consumer::new(completion_ring(mem.clone(), &layout), 0),
+            mem,
+            submit_fd,
+            complete_fd,
+            buffers: HashMap::new(),
+            pending: Slab::with_capacity(sq_entries as usize),
+            spin: opts.spin,
+        })
+    }
+
+    /// The broker's id for this session.
+    pub fn session_id(&self) -> u64 {
+        self.session_id
+    }
+
+    /// Namespaces this client may use.
+    pub fn namespaces(&self) -> &[NamespaceInfo] {
+        &self.namespaces
+    }
+
+    /// Requests prepared or submitted and not yet completed.
+    pub fn in_flight(&self) -> usize {
+        self.pending.len()
+    }
+
+    /// Free SQ slots.
+    pub fn sq_space(&self) -> usize {
+        self.sq.free().map_or(0, |f| f as usize)
+    }
+
+    /// Creates a sealed memfd buffer of `len` bytes (rounded up to 4 KiB) and registers it.
+    pub fn alloc_buffer(&mut self, len: usize) -> Result<BufferId> {
+        self.register_buffer(MemfdBuffer::new(len)?)
+    }
+
+    /// Registers a buffer (for example guest RAM from [`MemfdBuffer::from_sealed_memfd`]).
+    pub fn register_buffer(&mut self, buf: MemfdBuffer) -> Result<BufferId> {
+        let req = Request::RegisterBuffer { len: buf.len() as u64 };
+        let (resp, _) = call(&self.sock, &req, &[buf.fd().as_fd()])?;
+        let Response::BufferRegistered { buffer_id } = resp else { return Err(unexpected(resp)) };
+        self.buffers.insert(buffer_id, ClientBuffer { mem: buf, in_flight: 0 });
+        Ok(BufferId(buffer_id))
+    }
+
+    /// Unregisters a buffer with no I/O in flight and gives it back.
+    pub fn unregister_buffer(&mut self, id: BufferId) -> Result<MemfdBuffer> {
+        let b = self.buffers.get(&id.0).ok_or(Error::UnknownBuffer(id.0))?;
+        if b.in_flight > 0 {
+            return Err(Error::InFlight { id: id.0, offset: 0, len: b.mem.len() as u64 });
+        }
+        let (resp, _) = call(&self.sock, &Request::UnregisterBuffer { buffer_id: id.0 }, &[])?;
+        let Response::BufferUnregistered = resp else { return Err(unexpected(resp)) };
+        Ok(self.buffers.remove(&id.0).unwrap().mem)
+    }
+
+    fn check_range(&self, id: BufferId, offset: u64, len: u64) -> Result<&ClientBuffer> {
+        let b = self.buffers.get(&id.0).ok_or(Error::UnknownBuffer(id.0))?;
+        let size = b.mem.len() as u64;
+        if offset.checked_add(len).is_none_or(|e| e > size) {
+            return Err(Error::OutOfBuffer { id: id.0, offset, len, size });
+        }
+        if b.in_flight > 0 {
+            let overlaps = self.pending.iter().any(|(_, p)| {
+                p.range.is_some_and(|(bid, o, l)| bid == id.0 && o < offset + len && offset < o + l)
+            });
+            if overlaps {
+                return Err(Error::InFlight { id: id.0, offset, len });
+            }
+        }
+        Ok(b)
+    }
+
+    /// Reads `len` bytes of a buffer; refused while I/O in flight overlaps the range.
+    pub fn buffer(&self, id: BufferId, offset: u64, len: u64) -> Result<&[u8]> {
+        let b = self.check_range(id, offset, len)?;
+        // SAFETY: no request in flight overlaps the range (checked), and new requests need
+        // `&mut self`, which cannot be had while this borrow lives.
+        Ok(unsafe { b.mem.slice(offset as usize, len as usize) })
+    }
+
+    /// Writes into `len` bytes of a buffer; refused while I/O in flight overlaps the range.
+    pub fn buffer_mut(&mut self, id: BufferId, offset: u64, len: u64) -> Result<&mut [u8]> {
+        self.check_range(id, offset, len)?;
+        let b = self.buffers.get_mut(&id.0).unwrap();
+        // SAFETY: as in `buffer`; `&mut self` makes the view exclusive within this process.
+        Ok(unsafe { b.mem.slice_mut(offset as usize, len as usize) })
+    }
+
+    /// Queues a request (not yet visible to the broker until [`NvmeRing::submit`]).
+    pub fn prep(&mut self, io: Io) -> Result<()> {
+        let mut range = None;
+        let (buf_id, buf_offset) = match io.buffer {
+            Some((id, off)) => {
+                // Only the range check: overlapping requests on one buffer are the caller's business.
+                let b = self.buffers.get(&id.0).ok_or(Error::UnknownBuffer(id.0))?;
+                let size = b.mem.len() as u64;
+                if off.checked_add(u64::from(io.len)).is_none_or(|e| e > size) {
+                    return Err(Error::OutOfBuffer { id: id.0, offset: off, len: u64::from(io.len), size });
+                }
+                range = Some((id.0, off, u64::from(io.len)));
+                (id.0, off)
+            }
+            None => (0, 0),
+        };
+        let sqe = Sqe {
+            opcode: io.op as u8,
+            flags: if io.fua { nvmed_proto::SQE_FLAG_FUA } else { 0 },
+            nsid: io.nsid,
+            offset: io.offset,
+            len: io.len,
+            buf_id,
+            buf_offset,
+            user_data: io.user_data,
+            ..Sqe::default()
+        };
+        self.push(sqe, range)
+    }
+
+    /// Queues a raw entry, bypassing the library's checks (for testing the broker).
+    ///
+    /// # Safety
+    /// The entry may make the device write any buffer of this client at any offset; the
+    /// caller must not hold or take views ([`NvmeRing::buffer`]) of memory it may touch until it
+    /// completes.
+    pub unsafe fn prep_raw(&mut self, sqe: Sqe) -> Result<()> {
+        self.push(sqe, None)
+    }
+
+    fn push(&mut self, mut sqe: Sqe, range: Option<(u32, u64, u64)>) -> Result<()> {
+        if self.sq.free().map_err(|_| Error::RingFaulted(None))? == 0 {
+            return Err(Error::SqFull);
+        }
+        let tag = self.pending.insert(Pending { user_data: sqe.user_data, range });
+        sqe.user_data = tag as u64;
+        self.sq.push_unchecked(sqe);
+        if let Some((id, _, _)) = range {
+            self.buffers.get_mut(&id).unwrap().in_flight += 1;
+        }
+        Ok(())
+    }
+
+    /// Publishes prepared requests and wakes the broker if it sleeps. Returns how many.
+    pub fn submit(&mut self) -> Result<u32> {
+        let n = self.sq.unpublished();
+        if n == 0 {
+            return Ok(0);
+        }
+        self.sq.publish();
+        fence(Ordering::SeqCst);
+        let flags = self.mem.load_u32(BROKER_FLAGS_OFFSET, Ordering::Relaxed);
+        if flags & BROKER_FAULTED != 0 {
+            return Err(self.fault());
+        }
+        if flags & BROKER_NEED_WAKEUP != 0 {
+            nvmed_proto::eventfd::signal(&self.submit_fd);
+        }
+        Ok(n)
+    }
+
+    fn fault(&self) -> Error {
+        Error::RingFaulted(RingFault::from_code(self.mem.load_u32(FAULT_OFFSET, Ordering::Relaxed)))
+    }
+
+    /// Moves finished requests into `out` without blocking. Returns how many.
+    pub fn poll(&mut self, out: &mut Vec<Completion>) -> Result<usize> {
+        let avail = self.cq.available().map_err(|_| Error::Protocol("broker CQ tail corrupt".into()))?;
+        for i in 0..avail {
+            let cqe = self.cq.read(i);
+            let Some(p) = self.pending.try_remove(cqe.user_data as usize) else {
+                return Err(Error::Protocol(format!("completion for unknown tag {}", cqe.user_data)));
+            };
+            if let Some((id, _, _)) = p.range {
+                if let Some(b) = self.buffers.get_mut(&id) {
+                    b.in_flight -= 1;
+                }
+            }
+            out.push(Completion { user_data: p.user_data, status: Status::decode(cqe.status), result: cqe.result });
+        }
+        self.cq.consume(avail);
+        Ok(avail as usize)
+    }
+
+    /// Waits until at least `min` completions were moved into `out` (spinning briefly, then
+    /// sleeping on the completion eventfd). `None` waits forever.
+    pub fn wait(&mut self, min: usize, out: &mut Vec<Completion>, timeout: Option<Duration>) -> Result<usize> {
+        let start = Instant::now();
+        let mut got = self.poll(out)?;
+        while got < min {
+            if start.elapsed() < self.spin {
+                std::hint::spin_loop();
+                got += self.poll(out)?;
+                continue;
+            }
+            self.mem.fetch_or_u32(CLIENT_FLAGS_OFFSET, CLIENT_CQ_WAITING, Ordering::SeqCst);
+            fence(Ordering::SeqCst);
+            let n = self.poll(out)?;
+            got += n;
+            if got >= min {
+                break;
+            }
+            if self.mem.load_u32(BROKER_FLAGS_OFFSET, Ordering::Relaxed) & BROKER_FAULTED != 0 {
+                self.mem.fetch_and_not_u32(CLIENT_FLAGS_OFFSET, CLIENT_CQ_WAITING, Ordering::SeqCst);
+                return Err(self.fault());
+            }
+            let remaining = match timeout {
+                Some(t) => match t.checked_sub(start.elapsed()) {
+                    Some(r) => PollTimeout::try_from(r.as_millis().clamp(1, 60_000) as i32).unwrap(),
+                    None => {
+                        self.mem.fetch_and_not_u32(CLIENT_FLAGS_OFFSET, CLIENT_CQ_WAITING, Ordering::SeqCst);
+                        return Err(Error::Timeout);
+                    }
+                },
+                None => PollTimeout::from(1000u16),
+            };
+            let mut fds = [
+                PollFd::new(self.complete_fd.as_fd(), PollFlags::POLLIN),
+                PollFd::new(self.sock.as_fd(), PollFlags::POLLIN),
+            ];
+            let _ = poll(&mut fds, remaining);
+            let sock_gone = fds[1].revents().is_some_and(|r| !r.is_empty());
+            nvmed_proto::eventfd::drain(&self.complete_fd);
+            self.mem.fetch_and_not_u32(CLIENT_FLAGS_OFFSET, CLIENT_CQ_WAITING, Ordering::SeqCst);
+            got += self.poll(out)?;
+            if sock_gone && got < min {
+                return Err(Error::BrokerGone);
+            }
+        }
+        Ok(got)
+    }
+
+    /// Runs one request to completion (submitting anything else prepared too).
+    fn run_one(&mut self, io: Io) -> Result<Completion> {
+        const MARK: u64 = u64::MAX - 7;
+        self.prep(io.user_data(MARK))?;
+        self.submit()?;
+        let mut out = Vec::new();
+        loop {
+            self.wait(1, &mut out, None)?;
+            if let Some(i) = out.iter().position(|c| c.user_data == MARK) {
+                let c = out.swap_remove(i);
+                return match c.status {
+                    Status::Success => Ok(c),
+                    s => Err(Error::Io(s)),
+                };
+            }
+            out.clear();
+        }
+    }
+
+    /// Synchronous read.
+    pub fn read(&mut self, nsid: u32, offset: u64, buf: BufferId, buf_offset: u64, len: u32) -> Result<()> {
+        self.run_one(Io::read(nsid, offset, len, buf, buf_offset)).map(drop)
+    }
+
+    /// Synchronous write.
+    pub fn write(&mut self, nsid: u32, offset: u64, buf: BufferId, buf_offset: u64, len: u32) -> Result<()> {
+        self.run_one(Io::write(nsid, offset, len, buf, buf_offset)).map(drop)
+    }
+
+    /// Synchronous flush.
+    pub fn flush(&mut self, nsid: u32) -> Result<()> {
+        self.run_one(Io::flush(nsid)).map(drop)
+    }
+
+    /// Session and broker counters.
+    pub fn stats(&mut self) -> Result<Stats> {
+        let (resp, _) = call(&self.sock, &Request::Stats, &[])?;
+        match resp {
+            Response::Stats(s) => Ok(s),
+            r => Err(unexpected(r)),
+        }
+    }
+
+    /// Sends a raw control request (for testing the broker).
+    pub fn control(&mut self, req: &Request, fds: &[std::os::fd::BorrowedFd<'_>]) -> Result<Response> {
+        call(&self.sock, req, fds).map(|(r, _)| r)
+    }
+
+    /// The control socket (for testing the broker with hand-made datagrams).
+    pub fn control_socket(&self) -> std::os::fd::BorrowedFd<'_> {
+        self.sock.as_fd()
+    }
+
+    /// Raw access to the ring mapping (for testing the broker against a hostile client).
+    pub fn ring_memory(&self) -> &SharedMemory {
+        &self.mem
+    }
+}
+
+fn unexpected(r: Response) -> Error {
+    match r {
+        Response::Error(e) => Error::Refused(e),
+        other => Error::Protocol(format!("unexpected reply {other:?}")),
+    }
+}
+
+fn call(sock: &OwnedFd, req: &Request, fds: &[std::os::fd::BorrowedFd<'_>]) -> Result<(Response, Vec<OwnedFd>)> {
+    transport::send(sock.as_fd(), &encode(req), fds).map_err(|_| Error::BrokerGone)?;
+    let msg = transport::recv(sock.as_fd()).map_err(|_| Error::BrokerGone)?;
+    let resp: Response = decode(&msg.bytes).map_err(|e| Error::Protocol(e.to_string()))?;
+    if let Response::Error(e) = resp {
+        return Err(Error::Refused(e));
+    }
+    Ok((resp, msg.fds))
+}

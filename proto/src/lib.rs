@@ -46,6 +46,7 @@
 //! descriptors travel.
 
 pub mod control;
+pub mod eventfd;
 mod entry;
 pub mod layout;
 pub mod ring;

@@ -1,1 +1,171 @@
-fn main(){}
+//! `nvmed`: the NVMe broker daemon.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::Parser;
+use nix::sys::signal::{SigSet, Signal};
+use nvmed_server::broker::{Broker, BrokerConfig};
+use nvmed_server::device::NvmeDevice;
+use nvmed_server::emulator::backend::{Backend, FileBackend, MemoryBackend, NullBackend};
+use nvmed_server::emulator::inject::FaultRule;
+use nvmed_server::emulator::{EmulatedController, EmulatedNamespace, EmulatorConfig};
+use nvmed_server::policy::{DefaultAccess, Grant, Policy};
+use tracing::{error, info};
+
+/// nvmed owns an NVMe controller and serves it to unprivileged processes through
+/// shared-memory rings: clients register memfd buffers once and the device DMAs straight
+/// into them, with no syscall per I/O.
+///
+/// Without hardware, start it on the built-in emulated controller:
+///
+///   nvmed --emulate --socket /tmp/nvmed.sock
+///
+/// then run a client, e.g. `cargo run --example quickstart -- /tmp/nvmed.sock`.
+#[derive(Debug, Parser)]
+#[command(version, verbatim_doc_comment)]
+struct Args {
+    /// Serve the built-in emulated NVMe controller (no hardware needed).
+    #[arg(long, required = true)]
+    emulate: bool,
+
+    /// Unix socket clients connect to.
+    #[arg(long, default_value = "/run/nvmed.sock")]
+    socket: PathBuf,
+
+    /// Permission bits of the socket file (octal), e.g. 666 to let every user in.
+    #[arg(long, default_value = "660", value_parser = parse_octal)]
+    socket_mode: u32,
+
+    /// Emulated namespace size in bytes (suffixes K, M, G allowed).
+    #[arg(long, default_value = "1G", value_parser = parse_size)]
+    size: u64,
+
+    /// Keep the emulated namespace in this file (created if missing) instead of in memory,
+    /// so data survives a restart.
+    #[arg(long, value_name = "FILE", conflicts_with = "null")]
+    backing: Option<PathBuf>,
+
+    /// Emulated namespace that stores nothing: I/O completes at once (like null_blk), to
+    /// measure the broker's own cost.
+    #[arg(long)]
+    null: bool,
+
+    /// Emulated LBA size in bytes (512 or 4096).
+    #[arg(long, default_value_t = 512, value_parser = parse_lba_size)]
+    lba_size: u32,
+
+    /// Emulated MDTS: largest transfer is 4 KiB << MDTS.
+    #[arg(long, default_value_t = 7, value_parser = clap::value_parser!(u8).range(1..=9))]
+    mdts: u8,
+
+    /// Entries of the device I/O queue.
+    #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u16).range(2..))]
+    queue_depth: u16,
+
+    /// Microseconds the I/O thread keeps polling after the last work before it sleeps.
+    #[arg(long, default_value_t = 200)]
+    poll_idle_us: u64,
+
+    /// Most concurrent client sessions.
+    #[arg(long, default_value_t = 64)]
+    max_sessions: usize,
+
+    /// Give a uid access to a namespace: UID:NSID[:FIRST_LBA+COUNT][:ro]. A uid with grants
+    /// sees only its granted namespaces (a window appears to it as a whole namespace).
+    #[arg(long = "grant", value_name = "GRANT")]
+    grants: Vec<Grant>,
+
+    /// Access of uids without any --grant.
+    #[arg(long, value_enum, default_value = "read-write")]
+    default_access: DefaultAccess,
+
+    /// Testing: inject a fault into the emulated controller: fail:N:SCT:SC (the Nth I/O
+    /// command completes with that status), delay:N:MILLIS, or hang:N (never completes).
+    #[arg(long = "inject", value_name = "RULE")]
+    faults: Vec<FaultRule>,
+}
+
+fn parse_octal(s: &str) -> Result<u32, String> {
+    u32::from_str_radix(s, 8).map_err(|e| format!("not an octal mode: {e}"))
+}
+
+fn parse_lba_size(s: &str) -> Result<u32, String> {
+    match s.parse() {
+        Ok(v @ (512 | 4096)) => Ok(v),
+        _ => Err("LBA size must be 512 or 4096".into()),
+    }
+}
+
+fn parse_size(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let (num, mult) = match s.char_indices().last() {
+        Some((i, 'K' | 'k')) => (&s[..i], 1u64 << 10),
+        Some((i, 'M' | 'm')) => (&s[..i], 1 << 20),
+        Some((i, 'G' | 'g')) => (&s[..i], 1 << 30),
+        Some((i, 'T' | 't')) => (&s[..i], 1 << 40),
+        _ => (s, 1),
+    };
+    let v: u64 = num.parse().map_err(|e| format!("bad size {s:?}: {e}"))?;
+    v.checked_mul(mult).filter(|&v| v > 0).ok_or_else(|| format!("bad size {s:?}"))
+}
+
+fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("NVMED_LOG").unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let args = Args::parse();
+    if let Err(e) = run(args) {
+        error!("{e}");
+        eprintln!("nvmed: {e}");
+        std::process::exit(1);
+    }
+}
+
+fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
+    // Block SIGINT/SIGTERM before any thread starts, so only sigwait below sees them.
+    let mut signals = SigSet::empty();
+    signals.add(Signal::SIGINT);
+    signals.add(Signal::SIGTERM);
+    signals.thread_block()?;
+
+    if args.size % u64::from(args.lba_size) != 0 {
+        return Err(format!("--size must be a multiple of the LBA size {}", args.lba_size).into());
+    }
+    let backend: Box<dyn Backend> = match (&args.backing, args.null) {
+        (Some(path), _) => Box::new(FileBackend::open(path, Some(args.size))?),
+        (None, true) => Box::new(NullBackend::new(args.size)),
+        (None, false) => Box::new(MemoryBackend::new(args.size)?),
+    };
+    info!(
+        size = args.size,
+        lba_size = args.lba_size,
+        backing = ?args.backing,
+        null = args.null,
+        faults = args.faults.len(),
+        "starting on the emulated controller"
+    );
+    let device: Arc<dyn NvmeDevice> = Arc::new(EmulatedController::new(EmulatorConfig {
+        namespaces: vec![EmulatedNamespace { backend, lba_size: args.lba_size }],
+        mdts: args.mdts,
+        vectors: 2,
+        faults: args.faults,
+    })?);
+    let mut config = BrokerConfig::new(&args.socket);
+    config.socket_mode = args.socket_mode;
+    config.max_sessions = args.max_sessions;
+    config.io_queue_depth = args.queue_depth;
+    config.poll_idle = Duration::from_micros(args.poll_idle_us);
+    config.policy = Policy { grants: args.grants, default: args.default_access };
+    let broker = Broker::start(device, config)?;
+    println!("nvmed: ready on {}", broker.socket().display());
+    let sig = signals.wait()?;
+    info!(signal = ?sig, "shutting down");
+    broker.shutdown()?;
+    info!("clean shutdown");
+    Ok(())
+}

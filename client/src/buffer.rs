@@ -1,0 +1,75 @@
+//! Memfd-backed buffers the client creates, seals and maps.
+
+use std::os::fd::{AsFd, OwnedFd};
+
+use nvmed_proto::shm::SharedMemory;
+
+use crate::error::{os, Result};
+
+/// A memfd sealed against shrinking, mapped into this process.
+#[derive(Debug)]
+pub struct MemfdBuffer {
+    mem: SharedMemory,
+    fd: OwnedFd,
+}
+
+impl MemfdBuffer {
+    /// Creates a zeroed buffer of `len` bytes (rounded up to 4 KiB) and seals it.
+    pub fn new(len: usize) -> Result<Self> {
+        let len = len.max(1).next_multiple_of(4096);
+        let memfd = memfd::MemfdOptions::new()
+            .allow_sealing(true)
+            .close_on_exec(true)
+            .create("nvmed-buffer")
+            .map_err(|e| crate::Error::Os { what: "memfd_create", source: std::io::Error::other(e) })?;
+        memfd.as_file().set_len(len as u64).map_err(os("ftruncate"))?;
+        memfd
+            .add_seals(&[memfd::FileSeal::SealShrink])
+            .map_err(|e| crate::Error::Os { what: "sealing the buffer", source: std::io::Error::other(e) })?;
+        let fd: OwnedFd = memfd.into_file().into();
+        Self::from_sealed_memfd(fd, len)
+    }
+
+    /// Maps an existing memfd (e.g. guest RAM) that the caller sealed with F_SEAL_SHRINK.
+    pub fn from_sealed_memfd(fd: OwnedFd, len: usize) -> Result<Self> {
+        let mem = SharedMemory::map_shared(fd.as_fd(), len).map_err(os("mmap"))?;
+        Ok(Self { mem, fd })
+    }
+
+    /// Length in bytes.
+    pub fn len(&self) -> usize {
+        self.mem.len()
+    }
+
+    /// Whether the buffer is empty (never).
+    pub fn is_empty(&self) -> bool {
+        self.mem.is_empty()
+    }
+
+    /// The memfd.
+    pub fn fd(&self) -> &OwnedFd {
+        &self.fd
+    }
+
+    /// A shared view of `offset..offset+len`.
+    ///
+    /// # Safety
+    /// No device transfer may write the range while the slice lives (the ring tracks this).
+    pub(crate) unsafe fn slice(&self, offset: usize, len: usize) -> &[u8] {
+        assert!(offset + len <= self.mem.len());
+        // SAFETY: in bounds (asserted); the caller guarantees no DMA writes the range meanwhile,
+        // and this process's own writes need `&mut self` (see `slice_mut`).
+        unsafe { std::slice::from_raw_parts(self.mem.as_ptr().add(offset), len) }
+    }
+
+    /// An exclusive view of `offset..offset+len`.
+    ///
+    /// # Safety
+    /// No device transfer may read or write the range while the slice lives.
+    pub(crate) unsafe fn slice_mut(&mut self, offset: usize, len: usize) -> &mut [u8] {
+        assert!(offset + len <= self.mem.len());
+        // SAFETY: in bounds (asserted); `&mut self` excludes other views in this process and
+        // the caller guarantees the device is not using the range.
+        unsafe { std::slice::from_raw_parts_mut(self.mem.as_ptr().add(offset), len) }
+    }
+}

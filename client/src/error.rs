@@ -1,0 +1,77 @@
+//! Client errors.
+
+use nvmed_proto::{ControlError, RingFault, Status};
+
+/// Everything the client library can fail with.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Connecting to the broker's socket failed.
+    #[error("cannot connect to the broker at {path}: {source}")]
+    Connect {
+        /// Socket path.
+        path: String,
+        /// Cause.
+        source: nix::Error,
+    },
+    /// The broker refused a control request.
+    #[error("broker refused the request: {0}")]
+    Refused(#[from] ControlError),
+    /// The broker answered something the protocol does not allow here.
+    #[error("protocol violation by the broker: {0}")]
+    Protocol(String),
+    /// The connection to the broker is gone.
+    #[error("the broker closed the connection")]
+    BrokerGone,
+    /// The broker stopped serving this ring.
+    #[error("the broker stopped serving this ring: {0:?}")]
+    RingFaulted(Option<RingFault>),
+    /// A system call failed.
+    #[error("{what}: {source}")]
+    Os {
+        /// What was being done.
+        what: &'static str,
+        /// Cause.
+        source: std::io::Error,
+    },
+    /// The submission queue is full; submit and reap first.
+    #[error("submission queue full")]
+    SqFull,
+    /// No such buffer in this client.
+    #[error("unknown buffer id {0}")]
+    UnknownBuffer(u32),
+    /// The range lies outside the buffer.
+    #[error("range {offset}+{len} is outside buffer {id} of {size} bytes")]
+    OutOfBuffer {
+        /// Buffer.
+        id: u32,
+        /// Offset.
+        offset: u64,
+        /// Length.
+        len: u64,
+        /// Buffer size.
+        size: u64,
+    },
+    /// The range overlaps I/O in flight; wait for its completion first.
+    #[error("buffer {id} range {offset}+{len} is in use by I/O in flight")]
+    InFlight {
+        /// Buffer.
+        id: u32,
+        /// Offset.
+        offset: u64,
+        /// Length.
+        len: u64,
+    },
+    /// A synchronous helper's request completed with an error.
+    #[error("I/O failed: {0}")]
+    Io(Status),
+    /// A wait timed out.
+    #[error("timed out waiting for completions")]
+    Timeout,
+}
+
+/// Shorthand.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+pub(crate) fn os(what: &'static str) -> impl FnOnce(std::io::Error) -> Error {
+    move |source| Error::Os { what, source }
+}

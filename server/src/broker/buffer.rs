@@ -1,0 +1,67 @@
+//! Client buffers: a sealed memfd, mapped once by the broker and once for the device.
+
+use std::os::fd::OwnedFd;
+use std::sync::Arc;
+
+use nix::fcntl::{fcntl, FcntlArg, SealFlag};
+use nvmed_proto::shm::SharedMemory;
+use nvmed_proto::ControlError;
+
+use crate::device::NvmeDevice;
+use crate::iova::{Area, DmaMapping, IovaSpace, IOVA_PAGE};
+
+/// A registered buffer. Dropping it unmaps it from the device first, then from the broker.
+#[derive(Debug)]
+pub struct RegisteredBuffer {
+    // Field order matters: the device mapping goes before the memory it points at.
+    mapping: DmaMapping,
+    _mem: SharedMemory,
+    len: u64,
+}
+
+impl RegisteredBuffer {
+    /// Checks the memfd (sealed against shrinking, large enough), maps it and maps it for DMA.
+    pub fn register(
+        fd: OwnedFd,
+        len: u64,
+        max_len: u64,
+        space: &Arc<IovaSpace>,
+        device: &Arc<dyn NvmeDevice>,
+    ) -> Result<Self, ControlError> {
+        let bad = |reason: &str| ControlError::BadBufferLength { len, reason: reason.to_string() };
+        let seals = match fcntl(&fd, FcntlArg::F_GET_SEALS) {
+            Ok(s) => SealFlag::from_bits_truncate(s),
+            Err(_) => return Err(ControlError::NotMemfd),
+        };
+        if !seals.contains(SealFlag::F_SEAL_SHRINK) {
+            return Err(ControlError::NotSealed);
+        }
+        if len == 0 || len % IOVA_PAGE != 0 {
+            return Err(bad("must be a non-zero multiple of 4096"));
+        }
+        if len > max_len {
+            return Err(bad(&format!("larger than the limit of {max_len} bytes")));
+        }
+        let size = nix::sys::stat::fstat(&fd).map_err(|e| ControlError::Internal(format!("fstat: {e}")))?.st_size as u64;
+        if size < len {
+            return Err(bad(&format!("the memfd has only {size} bytes")));
+        }
+        // The memfd cannot shrink (sealed), so the mapping can never SIGBUS.
+        let mem = SharedMemory::map_shared(std::os::fd::AsFd::as_fd(&fd), len as usize)
+            .map_err(|e| ControlError::Internal(format!("mmap of the buffer failed: {e}")))?;
+        // SAFETY: `mem` is stored next to the mapping and outlives it (field order).
+        let mapping = unsafe { space.map(device, Area::Buffers, mem.as_ptr(), len) }
+            .map_err(|e| ControlError::ResourceExhausted(e.to_string()))?;
+        Ok(Self { mapping, _mem: mem, len })
+    }
+
+    /// Device address of byte 0.
+    pub fn iova(&self) -> u64 {
+        self.mapping.iova()
+    }
+
+    /// Registered length.
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+}

@@ -1,0 +1,506 @@
+//! The I/O thread: takes clients' submissions, drives the device queue, posts completions.
+//!
+//! It owns all data-plane state, so the hot path takes no lock and makes no syscall while
+//! busy: it polls the rings and the device completion queue, and sleeps on eventfds (clients'
+//! submit eventfds, the device interrupt, the control wakeup) only after `poll_idle` without work.
+
+use std::os::fd::{AsFd, OwnedFd};
+use std::sync::atomic::{fence, Ordering};
+use std::sync::mpsc::{Receiver, Sender, TryRecvError};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
+use nvmed_proto::layout::{BROKER_FLAGS_OFFSET, BROKER_NEED_WAKEUP};
+use nvmed_proto::{ControlError, Cqe, NvmeStatus, Opcode, RingFault, Status};
+use slab::Slab;
+use tracing::{debug, info, warn};
+
+use super::buffer::RegisteredBuffer;
+use super::session::{bump, BufferEntry, RingIo, Session, SessionCounters};
+use super::validate::{validate, DeviceLimits, Validated};
+use crate::device::NvmeDevice;
+use crate::nvme::IoQueue;
+use crate::policy::NamespaceAccess;
+
+/// Most SQEs taken from one ring per round (fairness between clients).
+const TAKE_BATCH: u32 = 64;
+/// Most completions reaped per round.
+const REAP_BATCH: usize = 256;
+const WAKE_TOKEN: u64 = u64::MAX;
+const IRQ_TOKEN: u64 = u64::MAX - 1;
+
+/// Requests from the control side.
+pub enum IoRequest {
+    /// A new session; answers its key.
+    AddSession {
+        /// Session id.
+        id: u64,
+        /// Namespaces it may use.
+        namespaces: Vec<NamespaceAccess>,
+        /// Its counters.
+        counters: Arc<SessionCounters>,
+        /// Gets the session key.
+        reply: Sender<usize>,
+    },
+    /// Attach the session's ring.
+    AddRing {
+        /// Session key.
+        key: usize,
+        /// The ring.
+        ring: Box<RingIo>,
+        /// Acknowledged once the ring is being polled.
+        reply: Sender<()>,
+    },
+    /// Add a registered buffer; answers its id.
+    AddBuffer {
+        /// Session key.
+        key: usize,
+        /// The buffer.
+        buffer: RegisteredBuffer,
+        /// Gets the buffer id.
+        reply: Sender<u32>,
+    },
+    /// Remove a buffer unless I/O on it is in flight.
+    RemoveBuffer {
+        /// Session key.
+        key: usize,
+        /// Buffer id.
+        buffer_id: u32,
+        /// Result.
+        reply: Sender<Result<(), ControlError>>,
+    },
+    /// End a session: stop taking its SQEs, drain, release; answered when done.
+    CloseSession {
+        /// Session key.
+        key: usize,
+        /// Answered after release.
+        reply: Sender<()>,
+    },
+    /// Drain everything and hand the device queue back for deletion.
+    Shutdown {
+        /// Gets the queue.
+        reply: Sender<IoQueue<InFlight>>,
+    },
+}
+
+/// Per-command context kept while the device works.
+#[derive(Debug, Clone, Copy)]
+pub struct InFlight {
+    session: u32,
+    buffer: u32,
+    user_data: u64,
+    len: u32,
+    op: Opcode,
+}
+
+/// The I/O thread's state.
+pub struct IoThread {
+    rx: Receiver<IoRequest>,
+    wake: Arc<OwnedFd>,
+    queue: IoQueue<InFlight>,
+    device: Arc<dyn NvmeDevice>,
+    vector: u16,
+    limits: DeviceLimits,
+    sessions: Slab<Session>,
+    epoll: Epoll,
+    poll_idle: Duration,
+    touched: Vec<usize>,
+    shutdown: Option<Sender<IoQueue<InFlight>>>,
+}
+
+impl IoThread {
+    /// Prepares the thread's state (run it with [`IoThread::run`]).
+    pub fn new(
+        rx: Receiver<IoRequest>,
+        wake: Arc<OwnedFd>,
+        queue: IoQueue<InFlight>,
+        device: Arc<dyn NvmeDevice>,
+        vector: u16,
+        limits: DeviceLimits,
+        poll_idle: Duration,
+    ) -> std::io::Result<Self> {
+        let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC)?;
+        epoll.add(wake.as_fd(), EpollEvent::new(EpollFlags::EPOLLIN, WAKE_TOKEN))?;
+        if let Some(fd) = device.interrupt_fd(vector) {
+            epoll.add(fd, EpollEvent::new(EpollFlags::EPOLLIN, IRQ_TOKEN))?;
+        }
+        Ok(Self {
+            rx,
+            wake,
+            queue,
+            device,
+            vector,
+            limits,
+            sessions: Slab::new(),
+            epoll,
+            poll_idle,
+            touched: Vec::new(),
+            shutdown: None,
+        })
+    }
+
+    /// Runs until a Shutdown request has been served.
+    pub fn run(mut self) {
+        let mut idle_since: Option<Instant> = None;
+        loop {
+            let mut work = self.serve_requests();
+            work |= self.take_submissions();
+            self.queue.ring_doorbell();
+            work |= self.reap() > 0;
+            self.publish_completions();
+            self.release_closed_sessions();
+            if let Some(reply) = self.shutdown.as_ref() {
+                if self.sessions.is_empty() && self.queue.in_flight() == 0 {
+                    let reply = reply.clone();
+                    let _ = reply.send(self.queue);
+                    info!("I/O thread stopped");
+                    return;
+                }
+            }
+            if work {
+                idle_since = None;
+                continue;
+            }
+            let now = Instant::now();
+            match idle_since {
+                None => idle_since = Some(now),
+                Some(t) if now.duration_since(t) >= self.poll_idle => {
+                    self.sleep();
+                    idle_since = None;
+                }
+                Some(_) => std::hint::spin_loop(),
+            }
+        }
+    }
+
+    fn serve_requests(&mut self) -> bool {
+        let mut any = false;
+        loop {
+            let req = match self.rx.try_recv() {
+                Ok(r) => r,
+                Err(TryRecvError::Empty) => return any,
+                Err(TryRecvError::Disconnected) => {
+                    // The broker is gone without a Shutdown: behave as if asked to stop.
+                    let (tx, _rx) = std::sync::mpsc::channel();
+                    self.begin_shutdown(tx);
+                    return any;
+                }
+            };
+            any = true;
+            match req {
+                IoRequest::AddSession { id, namespaces, counters, reply } => {
+                    let key = self.sessions.insert(Session {
+                        id,
+                        namespaces,
+                        ring: None,
+                        buffers: Slab::new(),
+                        in_flight: 0,
+                        faulted: false,
+                        closing: None,
+                        counters,
+                    });
+                    let _ = reply.send(key);
+                }
+                IoRequest::AddRing { key, ring, reply } => {
+                    if let Some(s) = self.sessions.get_mut(key) {
+                        let ev = EpollEvent::new(EpollFlags::EPOLLIN, key as u64);
+                        if let Err(e) = self.epoll.add(ring.submit_fd.as_fd(), ev) {
+                            warn!(session = s.id, "epoll add failed: {e}");
+                        }
+                        s.ring = Some(*ring);
+                    }
+                    let _ = reply.send(());
+                }
+                IoRequest::AddBuffer { key, buffer, reply } => {
+                    if let Some(s) = self.sessions.get_mut(key) {
+                        bump(&s.counters.buffers, 1);
+                        bump(&s.counters.buffer_bytes, buffer.len());
+                        let id = s.buffers.insert(BufferEntry { buffer, in_flight: 0 });
+                        let _ = reply.send(id as u32);
+                    }
+                }
+                IoRequest::RemoveBuffer { key, buffer_id, reply } => {
+                    let r = match self.sessions.get_mut(key) {
+                        None => Err(ControlError::UnknownBuffer(buffer_id)),
+                        Some(s) => match s.buffers.get(buffer_id as usize) {
+                            None => Err(ControlError::UnknownBuffer(buffer_id)),
+                            Some(b) if b.in_flight > 0 => {
+                                Err(ControlError::BufferBusy { buffer_id, in_flight: u64::from(b.in_flight) })
+                            }
+                            Some(_) => {
+                                let b = s.buffers.remove(buffer_id as usize);
+                                bump(&s.counters.buffers, u64::MAX); // -1
+                                bump(&s.counters.buffer_bytes, b.buffer.len().wrapping_neg());
+                                drop(b); // unmaps from the device, then from the broker
+                                Ok(())
+                            }
+                        },
+                    };
+                    let _ = reply.send(r);
+                }
+                IoRequest::CloseSession { key, reply } => match self.sessions.get_mut(key) {
+                    Some(s) => s.closing = Some(Some(reply)),
+                    None => {
+                        let _ = reply.send(());
+                    }
+                },
+                IoRequest::Shutdown { reply } => self.begin_shutdown(reply),
+            }
+        }
+    }
+
+    fn begin_shutdown(&mut self, reply: Sender<IoQueue<InFlight>>) {
+        for (_, s) in self.sessions.iter_mut() {
+            s.closing.get_or_insert(None);
+        }
+        self.shutdown = Some(reply);
+    }
+
+    fn take_submissions(&mut self) -> bool {
+        let mut took = false;
+        let limits = self.limits;
+        for (key, s) in self.sessions.iter_mut() {
+            if s.faulted || s.closing.is_some() {
+                continue;
+            }
+            let Some(ring) = s.ring.as_mut() else { continue };
+            // Retry completions that did not fit earlier.
+            while let Some(&c) = ring.overflow.front() {
+                match ring.cq.push(c) {
+                    Ok(true) => {
+                        ring.overflow.pop_front();
+                        ring.dirty = true;
+                    }
+                    Ok(false) => break,
+                    Err(_) => break,
+                }
+            }
+            let free = match ring.cq.free() {
+                Ok(f) => f,
+                Err(e) => {
+                    warn!(session = s.id, "client corrupted its CQ head ({e}); ring faulted");
+                    ring.fault(RingFault::CqHeadCorrupt);
+                    s.faulted = true;
+                    continue;
+                }
+            };
+            // Room for every completion this ring may receive: never post more than fits.
+            let room = free.saturating_sub(s.in_flight + ring.overflow.len() as u32);
+            let available = match ring.sq.available() {
+                Ok(n) => n,
+                Err(e) => {
+                    warn!(session = s.id, "client corrupted its SQ tail ({e}); ring faulted");
+                    ring.fault(RingFault::SqTailCorrupt);
+                    s.faulted = true;
+                    continue;
+                }
+            };
+            let n = available.min(room).min(TAKE_BATCH);
+            let mut taken = 0;
+            while taken < n {
+                // Copy the entry out of shared memory once; validate only the copy.
+                let sqe = ring.sq.read(taken);
+                let buffers = &s.buffers;
+                let decision = validate(
+                    &sqe,
+                    &s.namespaces,
+                    |id| buffers.get(id as usize).map(|b| (b.buffer.iova(), b.buffer.len())),
+                    limits,
+                );
+                let status = match decision {
+                    Ok(Validated::Nop) => Status::Success,
+                    Ok(Validated::Device { cmd, buffer, len }) => {
+                        let ctx = InFlight {
+                            session: key as u32,
+                            buffer: buffer.unwrap_or(u32::MAX),
+                            user_data: sqe.user_data,
+                            len,
+                            op: Opcode::from_u8(sqe.opcode).unwrap_or(Opcode::Nop),
+                        };
+                        if self.queue.submit(&cmd, ctx).is_err() {
+                            break; // device queue full: leave the entry for the next round
+                        }
+                        s.in_flight += 1;
+                        if let Some(b) = buffer.and_then(|b| s.buffers.get_mut(b as usize)) {
+                            b.in_flight += 1;
+                        }
+                        taken += 1;
+                        continue;
+                    }
+                    Err(b) => Status::Broker(b),
+                };
+                // Completed without the device; room was reserved above.
+                let _ = ring.cq.push(Cqe { user_data: sqe.user_data, status: status.encode(), result: 0 });
+                ring.dirty = true;
+                bump(&s.counters.completed, 1);
+                if !status.is_success() {
+                    bump(&s.counters.errors, 1);
+                }
+                taken += 1;
+            }
+            if taken > 0 {
+                ring.sq.consume(taken);
+                bump(&s.counters.submitted, u64::from(taken));
+                s.counters.in_flight.store(u64::from(s.in_flight), Ordering::Relaxed);
+                took = true;
+            }
+            if ring.dirty {
+                self.touched.push(key);
+            }
+        }
+        took
+    }
+
+    fn reap(&mut self) -> usize {
+        let sessions = &mut self.sessions;
+        let touched = &mut self.touched;
+        self.queue.reap(REAP_BATCH, |ctx, status_field, _result| {
+            let Some(s) = sessions.get_mut(ctx.session as usize) else {
+                warn!("completion for a session that no longer exists");
+                return;
+            };
+            s.in_flight -= 1;
+            s.counters.in_flight.store(u64::from(s.in_flight), Ordering::Relaxed);
+            if let Some(b) = s.buffers.get_mut(ctx.buffer as usize) {
+                b.in_flight -= 1;
+            }
+            let status = if status_field & 0x7ff == 0 {
+                Status::Success
+            } else {
+                Status::Nvme(NvmeStatus::from_status_field(status_field))
+            };
+            bump(&s.counters.completed, 1);
+            if status.is_success() {
+                match ctx.op {
+                    Opcode::Read => bump(&s.counters.bytes_read, u64::from(ctx.len)),
+                    Opcode::Write => bump(&s.counters.bytes_written, u64::from(ctx.len)),
+                    _ => {}
+                }
+            } else {
+                bump(&s.counters.errors, 1);
+            }
+            let cqe = Cqe {
+                user_data: ctx.user_data,
+                status: status.encode(),
+                result: if status.is_success() { ctx.len } else { 0 },
+            };
+            let Some(ring) = s.ring.as_mut() else { return };
+            if s.faulted {
+                return; // the client broke its ring; nothing can be posted safely
+            }
+            if !ring.overflow.is_empty() || !matches!(ring.cq.push(cqe), Ok(true)) {
+                ring.overflow.push_back(cqe);
+            }
+            if !ring.dirty {
+                ring.dirty = true;
+                touched.push(ctx.session as usize);
+            }
+        })
+    }
+
+    fn publish_completions(&mut self) {
+        for key in self.touched.drain(..) {
+            if let Some(ring) = self.sessions.get_mut(key).and_then(|s| s.ring.as_mut()) {
+                if ring.dirty {
+                    ring.publish();
+                }
+            }
+        }
+    }
+
+    fn release_closed_sessions(&mut self) {
+        let done: Vec<usize> = self
+            .sessions
+            .iter()
+            .filter(|(_, s)| s.closing.is_some() && s.in_flight == 0)
+            .map(|(k, _)| k)
+            .collect();
+        for key in done {
+            let mut s = self.sessions.remove(key);
+            if let Some(ring) = s.ring.as_ref() {
+                let _ = self.epoll.delete(ring.submit_fd.as_fd());
+                ring.fault(RingFault::Closed);
+            }
+            let buffers = s.buffers.len();
+            s.buffers.clear(); // DMA unmap happens here, after the last command completed
+            debug!(session = s.id, buffers, "session released");
+            if let Some(Some(reply)) = s.closing.take() {
+                let _ = reply.send(());
+            }
+        }
+    }
+
+    fn sleep(&mut self) {
+        for (_, s) in self.sessions.iter() {
+            if let Some(r) = s.ring.as_ref() {
+                r.mem.fetch_or_u32(BROKER_FLAGS_OFFSET, BROKER_NEED_WAKEUP, Ordering::SeqCst);
+            }
+        }
+        let in_flight = self.queue.in_flight() > 0;
+        if in_flight {
+            self.device.interrupt_hint(self.vector, true);
+        }
+        fence(Ordering::SeqCst);
+        // Re-check everything after announcing the sleep (pairs with the clients' fence).
+        let mut blocked = false;
+        let mut ready = self.queue.has_completion();
+        for (_, s) in self.sessions.iter() {
+            let Some(r) = s.ring.as_ref() else { continue };
+            if s.faulted || s.closing.is_some() {
+                continue;
+            }
+            if r.sq.available().is_ok_and(|n| n > 0) {
+                let room = r.cq.free().unwrap_or(0).saturating_sub(s.in_flight + r.overflow.len() as u32);
+                if room > 0 {
+                    ready = true;
+                } else {
+                    blocked = true; // waiting for the client to reap; it does not signal us
+                }
+            }
+            blocked |= !r.overflow.is_empty();
+        }
+        if !ready {
+            let timeout = if blocked {
+                1
+            } else if in_flight {
+                100
+            } else {
+                1000
+            };
+            let mut events = [EpollEvent::empty(); 32];
+            let n = self.epoll.wait(&mut events, EpollTimeout::try_from(timeout).unwrap()).unwrap_or(0);
+            for ev in &events[..n] {
+                match ev.data() {
+                    WAKE_TOKEN => {
+                        nvmed_proto::eventfd::drain(self.wake.as_fd());
+                    }
+                    IRQ_TOKEN => {
+                        if let Some(fd) = self.device.interrupt_fd(self.vector) {
+                            nvmed_proto::eventfd::drain(fd);
+                        }
+                    }
+                    key => {
+                        if let Some(r) = self.sessions.get(key as usize).and_then(|s| s.ring.as_ref()) {
+                            nvmed_proto::eventfd::drain(r.submit_fd.as_fd());
+                        }
+                    }
+                }
+            }
+        }
+        if in_flight {
+            self.device.interrupt_hint(self.vector, false);
+        }
+        for (_, s) in self.sessions.iter() {
+            if let Some(r) = s.ring.as_ref() {
+                r.mem.fetch_and_not_u32(BROKER_FLAGS_OFFSET, BROKER_NEED_WAKEUP, Ordering::SeqCst);
+            }
+        }
+    }
+}
+
+impl std::fmt::Debug for IoThread {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IoThread").field("sessions", &self.sessions.len()).finish()
+    }
+}

@@ -1,0 +1,255 @@
+//! The broker: control socket, sessions, and the I/O thread.
+
+mod buffer;
+mod control;
+mod io_thread;
+mod session;
+pub mod validate;
+
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{channel, Sender};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use nix::sys::socket::{accept4, bind, listen, socket, AddressFamily, Backlog, SockFlag, SockType, UnixAddr};
+use tracing::{error, info, warn};
+
+pub use io_thread::InFlight;
+use io_thread::{IoRequest, IoThread};
+use validate::DeviceLimits;
+
+use crate::device::NvmeDevice;
+use crate::iova::IovaSpace;
+use crate::nvme::{Controller, DriverError, IoQueue, Namespace};
+use crate::policy::Policy;
+
+/// Broker settings.
+#[derive(Debug, Clone)]
+pub struct BrokerConfig {
+    /// Unix socket path.
+    pub socket: PathBuf,
+    /// Socket file permission bits.
+    pub socket_mode: u32,
+    /// Most concurrent sessions.
+    pub max_sessions: usize,
+    /// Entries of the device I/O queue.
+    pub io_queue_depth: u16,
+    /// How long the I/O thread keeps polling without work before it sleeps.
+    pub poll_idle: Duration,
+    /// Access rules.
+    pub policy: Policy,
+    /// Most buffers one session may register.
+    pub max_buffers_per_session: u64,
+    /// Most bytes one session may register.
+    pub max_buffer_bytes_per_session: u64,
+}
+
+impl BrokerConfig {
+    /// Defaults with the given socket path.
+    pub fn new(socket: impl Into<PathBuf>) -> Self {
+        Self {
+            socket: socket.into(),
+            socket_mode: 0o660,
+            max_sessions: 64,
+            io_queue_depth: 1024,
+            poll_idle: Duration::from_micros(200),
+            policy: Policy { grants: vec![], default: crate::policy::DefaultAccess::ReadWrite },
+            max_buffers_per_session: 1024,
+            max_buffer_bytes_per_session: 64 << 30,
+        }
+    }
+}
+
+/// Broker start-up and shutdown failures.
+#[derive(Debug, thiserror::Error)]
+pub enum BrokerError {
+    /// The NVMe driver failed.
+    #[error("NVMe driver: {0}")]
+    Driver(#[from] DriverError),
+    /// The controller has no namespace the broker can serve.
+    #[error("the controller has no usable namespace")]
+    NoNamespace,
+    /// Socket setup failed.
+    #[error("socket {path}: {source}")]
+    Socket {
+        /// The path.
+        path: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// Another broker already listens on the socket.
+    #[error("another broker is already listening on {0}")]
+    SocketInUse(PathBuf),
+    /// Thread or eventfd creation failed.
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    /// IOVA space setup failed.
+    #[error("IOVA space: {0}")]
+    Iova(#[from] crate::iova::IovaError),
+}
+
+/// State shared by the control threads.
+pub struct Shared {
+    config: BrokerConfig,
+    device: Arc<dyn NvmeDevice>,
+    space: Arc<IovaSpace>,
+    namespaces: Vec<Namespace>,
+    limits: DeviceLimits,
+    io_tx: Mutex<Sender<IoRequest>>,
+    wake: Arc<OwnedFd>,
+    sessions: AtomicU64,
+}
+
+impl Shared {
+    fn kick(&self) {
+        nvmed_proto::eventfd::signal(self.wake.as_fd());
+    }
+
+    fn request(&self, req: IoRequest) {
+        let _ = self.io_tx.lock().unwrap().send(req);
+        self.kick();
+    }
+}
+
+/// A running broker.
+pub struct Broker {
+    shared: Arc<Shared>,
+    controller: Controller,
+    listener: OwnedFd,
+    stopping: Arc<AtomicBool>,
+    accept_thread: Option<JoinHandle<()>>,
+    io_thread: Option<JoinHandle<()>>,
+}
+
+fn bind_socket(path: &Path, mode: u32) -> Result<OwnedFd, BrokerError> {
+    let err = |source| BrokerError::Socket { path: path.to_path_buf(), source };
+    let fd = socket(AddressFamily::Unix, SockType::SeqPacket, SockFlag::SOCK_CLOEXEC, None)
+        .map_err(|e| err(e.into()))?;
+    if path.exists() {
+        // A live broker answers; a stale socket file is removed.
+        let probe = socket(AddressFamily::Unix, SockType::SeqPacket, SockFlag::SOCK_CLOEXEC, None)
+            .map_err(|e| err(e.into()))?;
+        let addr = UnixAddr::new(path).map_err(|e| err(e.into()))?;
+        if nix::sys::socket::connect(probe.as_raw_fd(), &addr).is_ok() {
+            return Err(BrokerError::SocketInUse(path.to_path_buf()));
+        }
+        std::fs::remove_file(path).map_err(err)?;
+    }
+    let addr = UnixAddr::new(path).map_err(|e| err(e.into()))?;
+    bind(fd.as_raw_fd(), &addr).map_err(|e| err(e.into()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(err)?;
+    listen(&fd, Backlog::new(128).unwrap()).map_err(|e| err(e.into()))?;
+    Ok(fd)
+}
+
+impl Broker {
+    /// Brings up the controller, creates the I/O queue, and starts serving on the socket.
+    pub fn start(device: Arc<dyn NvmeDevice>, config: BrokerConfig) -> Result<Self, BrokerError> {
+        let space = Arc::new(IovaSpace::new(&device.iova_ranges())?);
+        let mut controller = Controller::init(device.clone(), space.clone())?;
+        let info = controller.info().clone();
+        if info.namespaces.is_empty() {
+            return Err(BrokerError::NoNamespace);
+        }
+        controller.request_io_queues(1)?;
+        let vector = if device.interrupt_vectors() > 1 { 1 } else { 0 };
+        let qp = controller.create_io_queue(1, config.io_queue_depth, vector)?;
+        let queue = IoQueue::new(qp, &device, &space).map_err(DriverError::from)?;
+        let limits = DeviceLimits {
+            max_transfer: info.max_transfer,
+            write_zeroes: info.write_zeroes,
+            deallocate: info.dsm,
+        };
+        let listener = bind_socket(&config.socket, config.socket_mode)?;
+        let wake = Arc::new(nvmed_proto::eventfd::new_eventfd()?);
+        let (tx, rx) = channel();
+        let io = IoThread::new(rx, wake.clone(), queue, device.clone(), vector, limits, config.poll_idle)?;
+        let io_thread = std::thread::Builder::new().name("nvmed-io".into()).spawn(move || io.run())?;
+        for ns in &info.namespaces {
+            info!(nsid = ns.nsid, lba_size = ns.lba_size, blocks = ns.lba_count, "namespace");
+        }
+        let shared = Arc::new(Shared {
+            config,
+            device,
+            space,
+            namespaces: info.namespaces.clone(),
+            limits,
+            io_tx: Mutex::new(tx),
+            wake,
+            sessions: AtomicU64::new(0),
+        });
+        let stopping = Arc::new(AtomicBool::new(false));
+        let accept_thread = {
+            let shared = shared.clone();
+            let stopping = stopping.clone();
+            let lfd = listener.try_clone()?;
+            std::thread::Builder::new().name("nvmed-accept".into()).spawn(move || accept_loop(lfd, shared, stopping))?
+        };
+        info!(socket = %shared.config.socket.display(), "broker listening");
+        Ok(Self { shared, controller, listener, stopping, accept_thread: Some(accept_thread), io_thread: Some(io_thread) })
+    }
+
+    /// The socket path.
+    pub fn socket(&self) -> &Path {
+        &self.shared.config.socket
+    }
+
+    /// Stops accepting, drains every session, deletes the I/O queue and shuts the controller down.
+    pub fn shutdown(mut self) -> Result<(), BrokerError> {
+        self.stopping.store(true, Ordering::SeqCst);
+        let _ = nix::sys::socket::shutdown(self.listener.as_raw_fd(), nix::sys::socket::Shutdown::Both);
+        if let Some(t) = self.accept_thread.take() {
+            let _ = t.join();
+        }
+        let (tx, rx) = channel();
+        self.shared.request(IoRequest::Shutdown { reply: tx });
+        let queue = rx.recv().ok();
+        if let Some(t) = self.io_thread.take() {
+            let _ = t.join();
+        }
+        let _ = std::fs::remove_file(&self.shared.config.socket);
+        if let Some(q) = queue {
+            if let Err(e) = self.controller.delete_io_queue(q.into_queue_pair()) {
+                warn!("deleting the I/O queue failed: {e}");
+            }
+        }
+        self.controller.shutdown()?;
+        Ok(())
+    }
+}
+
+fn accept_loop(listener: OwnedFd, shared: Arc<Shared>, stopping: Arc<AtomicBool>) {
+    let next_id = AtomicU64::new(1);
+    loop {
+        let fd = match accept4(listener.as_raw_fd(), SockFlag::SOCK_CLOEXEC) {
+            Ok(fd) => fd,
+            Err(nix::Error::EINTR) | Err(nix::Error::ECONNABORTED) => continue,
+            Err(e) => {
+                if !stopping.load(Ordering::SeqCst) {
+                    error!("accept failed: {e}");
+                    std::thread::sleep(Duration::from_millis(10));
+                    continue;
+                }
+                return;
+            }
+        };
+        if stopping.load(Ordering::SeqCst) {
+            return;
+        }
+        // SAFETY: accept4 returned a new descriptor that nothing else owns.
+        let sock = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+        let id = next_id.fetch_add(1, Ordering::Relaxed);
+        let shared = shared.clone();
+        let spawned = std::thread::Builder::new()
+            .name(format!("nvmed-client-{id}"))
+            .stack_size(256 << 10)
+            .spawn(move || control::serve(shared, sock, id));
+        if let Err(e) = spawned {
+            error!("cannot start a client thread: {e}");
+        }
+    }
+}

@@ -1,0 +1,86 @@
+//! The device seam: what the NVMe driver needs from "a PCIe NVMe controller".
+//!
+//! Implemented by the in-process [`crate::emulator::EmulatedController`] and by the VFIO
+//! backend. The driver never learns which one it talks to.
+
+use std::ops::RangeInclusive;
+use std::os::fd::BorrowedFd;
+
+/// Errors of device access.
+#[derive(Debug, thiserror::Error)]
+pub enum DeviceError {
+    /// A DMA mapping was refused (overlap, outside the usable IOVA ranges, out of memory).
+    #[error("DMA map of {len:#x} bytes at IOVA {iova:#x} failed: {reason}")]
+    MapFailed {
+        /// IOVA requested.
+        iova: u64,
+        /// Length requested.
+        len: u64,
+        /// Why.
+        reason: String,
+    },
+    /// No mapping exists at that IOVA.
+    #[error("no DMA mapping of {len:#x} bytes at IOVA {iova:#x}")]
+    NotMapped {
+        /// IOVA given.
+        iova: u64,
+        /// Length given.
+        len: u64,
+    },
+    /// A backend-specific failure.
+    #[error("{0}")]
+    Other(String),
+}
+
+/// A PCIe NVMe controller: BAR0 registers, DMA through an IOMMU, interrupts as eventfds.
+pub trait NvmeDevice: Send + Sync {
+    /// A human-readable name ("emulated", "0000:00:03.0").
+    fn name(&self) -> String;
+
+    /// Reads a 32-bit BAR0 register.
+    fn read32(&self, offset: u64) -> u32;
+
+    /// Writes a 32-bit BAR0 register (doorbells included).
+    fn write32(&self, offset: u64, value: u32);
+
+    /// Reads a 64-bit register as two 32-bit halves, low first.
+    fn read64(&self, offset: u64) -> u64 {
+        let lo = u64::from(self.read32(offset));
+        let hi = u64::from(self.read32(offset + 4));
+        lo | (hi << 32)
+    }
+
+    /// Writes a 64-bit register as two 32-bit halves, low first.
+    fn write64(&self, offset: u64, value: u64) {
+        self.write32(offset, value as u32);
+        self.write32(offset + 4, (value >> 32) as u32);
+    }
+
+    /// Makes `len` bytes at `host` reachable by the device at `iova`.
+    ///
+    /// # Safety
+    /// `host..host+len` must stay mapped and must not be freed until [`NvmeDevice::dma_unmap`]
+    /// of the same range returns. The device may read and write it at any time until then.
+    unsafe fn dma_map(&self, iova: u64, host: *mut u8, len: u64) -> Result<(), DeviceError>;
+
+    /// Removes a mapping made by [`NvmeDevice::dma_map`]. After it returns the device can no
+    /// longer reach that memory.
+    fn dma_unmap(&self, iova: u64, len: u64) -> Result<(), DeviceError>;
+
+    /// IOVA ranges the device (and its IOMMU) accepts for mappings.
+    fn iova_ranges(&self) -> Vec<RangeInclusive<u64>>;
+
+    /// Number of interrupt vectors wired to eventfds.
+    fn interrupt_vectors(&self) -> u16;
+
+    /// The eventfd signalled when `vector` fires.
+    fn interrupt_fd(&self, vector: u16) -> Option<BorrowedFd<'_>>;
+
+    /// Hint that the driver is (or is no longer) sleeping on `vector`'s eventfd. Backends
+    /// whose interrupts cost the driver nothing ignore it.
+    fn interrupt_hint(&self, _vector: u16, _wanted: bool) {}
+
+    /// Function-level reset of the device, used when the controller does not come back
+    /// from CC.EN=0 in time.
+    fn function_reset(&self) -> Result<(), DeviceError>;
+}

@@ -1,0 +1,754 @@
+//! An in-process, register-level NVMe controller.
+//!
+//! The driver reaches it only through [`NvmeDevice`]: BAR0 register reads and writes, doorbells,
+//! DMA mappings and interrupt eventfds. Commands are fetched from submission queues in DMA
+//! memory, PRPs are walked through the [`dma::IovaTable`], and completions are posted with phase
+//! tags, exactly as a PCIe controller does. Doorbell writes are processed synchronously in the
+//! writer's thread (the fastest "device" there is); delayed completions are posted by a timer
+//! thread.
+
+pub mod backend;
+pub mod dma;
+pub mod inject;
+
+use std::collections::VecDeque;
+use std::ops::RangeInclusive;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
+use std::time::{Duration, Instant};
+
+use backend::Backend;
+use dma::{DmaFault, IovaTable};
+use inject::{FaultAction, FaultRule};
+
+use crate::device::{DeviceError, NvmeDevice};
+use crate::nvme::spec::*;
+
+/// Most I/O queue pairs the emulated controller grants.
+pub const MAX_IO_QUEUES: u16 = 16;
+/// CAP.MQES + 1.
+pub const MAX_QUEUE_ENTRIES: u32 = 2048;
+
+/// One emulated namespace.
+pub struct EmulatedNamespace {
+    /// Storage.
+    pub backend: Box<dyn Backend>,
+    /// LBA size in bytes (512 or 4096).
+    pub lba_size: u32,
+}
+
+/// Emulated controller settings.
+pub struct EmulatorConfig {
+    /// Namespaces, numbered from 1.
+    pub namespaces: Vec<EmulatedNamespace>,
+    /// MDTS (maximum transfer = 4 KiB << mdts).
+    pub mdts: u8,
+    /// Interrupt vectors.
+    pub vectors: u16,
+    /// Error injection rules.
+    pub faults: Vec<FaultRule>,
+}
+
+/// Counters of what the emulated controller did.
+#[derive(Debug, Default)]
+pub struct EmulatorCounters {
+    /// I/O commands received.
+    pub io_commands: AtomicU64,
+    /// Data bytes DMA'd into host memory by reads.
+    pub bytes_to_host: AtomicU64,
+    /// Data bytes DMA'd from host memory by writes.
+    pub bytes_from_host: AtomicU64,
+    /// DMA faults (accesses to unmapped IOVAs).
+    pub dma_faults: AtomicU64,
+}
+
+struct Sq {
+    base: u64,
+    size: u16,
+    head: u16,
+    cqid: u16,
+}
+
+struct Cq {
+    base: u64,
+    size: u16,
+    head: u16,
+    tail: u16,
+    phase: bool,
+    vector: u16,
+    interrupts: bool,
+    overflow: VecDeque<NvmeCompletion>,
+}
+
+struct Delayed {
+    due: Instant,
+    generation: u64,
+    cqid: u16,
+    entry: NvmeCompletion,
+}
+
+struct State {
+    cc: u32,
+    csts: u32,
+    aqa: u32,
+    asq: u64,
+    acq: u64,
+    intms: u32,
+    dma: IovaTable,
+    sqs: Vec<Option<Sq>>,
+    cqs: Vec<Option<Cq>>,
+    granted: u16,
+    io_count: u64,
+    delayed: Vec<Delayed>,
+    generation: u64,
+}
+
+struct Inner {
+    state: Mutex<State>,
+    timer_wake: Condvar,
+    namespaces: Vec<EmulatedNamespace>,
+    mdts: u8,
+    faults: Vec<FaultRule>,
+    irq: Vec<OwnedFd>,
+    irq_wanted: Vec<AtomicBool>,
+    counters: EmulatorCounters,
+    stop: AtomicBool,
+}
+
+/// The emulated controller; cheap to share.
+pub struct EmulatedController {
+    inner: Arc<Inner>,
+}
+
+type Outcome = Option<(u16, u32)>; // (status field, result); None = no completion now
+
+fn ok() -> Outcome {
+    Some((0, 0))
+}
+fn err(sct: u8, sc_: u8) -> Outcome {
+    Some((status_field(sct, sc_), 0))
+}
+
+impl EmulatedController {
+    /// Builds a controller in the reset state (CC.EN=0).
+    pub fn new(config: EmulatorConfig) -> std::io::Result<Self> {
+        let vectors = config.vectors.max(1);
+        let irq = (0..vectors).map(|_| nvmed_proto::eventfd::new_eventfd()).collect::<Result<Vec<_>, _>>()?;
+        let inner = Arc::new(Inner {
+            state: Mutex::new(State {
+                cc: 0,
+                csts: 0,
+                aqa: 0,
+                asq: 0,
+                acq: 0,
+                intms: 0,
+                dma: IovaTable::default(),
+                sqs: (0..=MAX_IO_QUEUES).map(|_| None).collect(),
+                cqs: (0..=MAX_IO_QUEUES).map(|_| None).collect(),
+                granted: 0,
+                io_count: 0,
+                delayed: Vec::new(),
+                generation: 0,
+            }),
+            timer_wake: Condvar::new(),
+            namespaces: config.namespaces,
+            mdts: config.mdts,
+            faults: config.faults,
+            irq_wanted: (0..vectors).map(|_| AtomicBool::new(false)).collect(),
+            irq,
+            counters: EmulatorCounters::default(),
+            stop: AtomicBool::new(false),
+        });
+        let weak = Arc::downgrade(&inner);
+        std::thread::Builder::new().name("nvme-emu-timer".into()).spawn(move || timer_thread(weak))?;
+        Ok(Self { inner })
+    }
+
+    /// What the controller has done so far.
+    pub fn counters(&self) -> &EmulatorCounters {
+        &self.inner.counters
+    }
+
+    /// Live DMA mappings (for leak checks).
+    pub fn mapping_count(&self) -> usize {
+        self.inner.lock().dma.len()
+    }
+}
+
+impl Drop for EmulatedController {
+    fn drop(&mut self) {
+        self.inner.stop.store(true, Ordering::Release);
+        self.inner.timer_wake.notify_all();
+    }
+}
+
+fn timer_thread(weak: Weak<Inner>) {
+    loop {
+        let Some(inner) = weak.upgrade() else { return };
+        if inner.stop.load(Ordering::Acquire) {
+            return;
+        }
+        let mut st = inner.lock();
+        let now = Instant::now();
+        let mut i = 0;
+        while i < st.delayed.len() {
+            if st.delayed[i].due <= now {
+                let d = st.delayed.swap_remove(i);
+                if d.generation == st.generation {
+                    inner.post(&mut st, d.cqid, d.entry);
+                }
+            } else {
+                i += 1;
+            }
+        }
+        let wait = st.delayed.iter().map(|d| d.due.saturating_duration_since(now)).min().unwrap_or(Duration::from_millis(200));
+        let _ = inner.timer_wake.wait_timeout(st, wait.min(Duration::from_millis(200)));
+    }
+}
+
+impl Inner {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn cap(&self) -> u64 {
+        (u64::from(MAX_QUEUE_ENTRIES) - 1) // MQES
+            | (1 << 16) // CQR
+            | (15 << 24) // TO = 7.5 s
+            | (1 << 37) // CSS: NVM
+            | (4 << 52) // MPSMAX = 64 KiB, MPSMIN = 4 KiB
+    }
+
+    fn fault(&self, st: &mut State, f: DmaFault, what: &str) {
+        self.counters.dma_faults.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!("emulated controller: {f} while {what}; controller fatal");
+        st.csts |= CSTS_CFS;
+    }
+
+    fn reset(&self, st: &mut State) {
+        for q in st.sqs.iter_mut() {
+            *q = None;
+        }
+        for q in st.cqs.iter_mut() {
+            *q = None;
+        }
+        st.delayed.clear();
+        st.generation += 1;
+        st.granted = 0;
+        st.csts = 0;
+    }
+
+    fn enable(&self, st: &mut State) {
+        let asqs = (st.aqa & 0xfff) as u16 + 1;
+        let acqs = ((st.aqa >> 16) & 0xfff) as u16 + 1;
+        let aligned = st.asq % 4096 == 0 && st.acq % 4096 == 0 && st.asq != 0 && st.acq != 0;
+        let iosqes = (st.cc >> 16) & 0xf;
+        let iocqes = (st.cc >> 20) & 0xf;
+        let mps = (st.cc >> 7) & 0xf;
+        if !aligned || asqs < 2 || acqs < 2 || iosqes != 6 || iocqes != 4 || mps != 0 {
+            tracing::warn!("emulated controller: bad admin queue or CC settings; controller fatal");
+            st.csts |= CSTS_CFS;
+            return;
+        }
+        st.sqs[0] = Some(Sq { base: st.asq, size: asqs, head: 0, cqid: 0 });
+        st.cqs[0] = Some(Cq {
+            base: st.acq,
+            size: acqs,
+            head: 0,
+            tail: 0,
+            phase: true,
+            vector: 0,
+            interrupts: true,
+            overflow: VecDeque::new(),
+        });
+        st.csts = CSTS_RDY;
+    }
+
+    /// Posts a completion to `cqid`, raising its interrupt if wanted.
+    fn post(&self, st: &mut State, cqid: u16, mut entry: NvmeCompletion) {
+        let Some(cq) = st.cqs.get_mut(usize::from(cqid)).and_then(|c| c.as_mut()) else { return };
+        if (cq.tail + 1) % cq.size == cq.head {
+            cq.overflow.push_back(entry);
+            return;
+        }
+        entry.status = (entry.status << 1) | u16::from(cq.phase);
+        let addr = cq.base + u64::from(cq.tail) * 16;
+        let (vector, interrupts) = (cq.vector, cq.interrupts);
+        cq.tail += 1;
+        if cq.tail == cq.size {
+            cq.tail = 0;
+            cq.phase = !cq.phase;
+        }
+        if let Err(f) = st.dma.write(addr, &entry) {
+            self.fault(st, f, "posting a completion");
+            return;
+        }
+        if interrupts && st.intms & (1 << vector) == 0 {
+            if let Some(w) = self.irq_wanted.get(usize::from(vector)) {
+                if w.load(Ordering::Acquire) {
+                    nvmed_proto::eventfd::signal(&self.irq[usize::from(vector)]);
+                }
+            }
+        }
+    }
+
+    fn sq_doorbell(&self, st: &mut State, qid: u16, tail: u16) {
+        loop {
+            if st.csts & (CSTS_RDY | CSTS_CFS) != CSTS_RDY {
+                return;
+            }
+            let Some(sq) = st.sqs.get_mut(usize::from(qid)).and_then(|q| q.as_mut()) else { return };
+            if tail >= sq.size || sq.head == tail {
+                return;
+            }
+            let addr = sq.base + u64::from(sq.head) * 64;
+            sq.head = (sq.head + 1) % sq.size;
+            let (sq_head, cqid) = (sq.head, sq.cqid);
+            let cmd: NvmeCommand = match st.dma.read(addr) {
+                Ok(c) => c,
+                Err(f) => return self.fault(st, f, "fetching a command"),
+            };
+            let outcome = if qid == 0 { self.admin(st, &cmd) } else { self.io(st, &cmd, qid, cqid) };
+            if let Some((status, result)) = outcome {
+                let entry = NvmeCompletion { result, reserved: 0, sq_head, sq_id: qid, cid: cmd.cid, status };
+                self.post(st, cqid, entry);
+            }
+        }
+    }
+
+    fn cq_doorbell(&self, st: &mut State, qid: u16, head: u16) {
+        let Some(cq) = st.cqs.get_mut(usize::from(qid)).and_then(|q| q.as_mut()) else { return };
+        if head >= cq.size {
+            return;
+        }
+        cq.head = head;
+        while let Some(e) = st.cqs[usize::from(qid)].as_mut().and_then(|cq| {
+            ((cq.tail + 1) % cq.size != cq.head).then(|| cq.overflow.pop_front()).flatten()
+        }) {
+            self.post(st, qid, e);
+        }
+    }
+
+    /// Calls `f(iova, len)` for each PRP segment of a `len`-byte transfer.
+    fn walk_prps(
+        &self,
+        st: &State,
+        prp1: u64,
+        prp2: u64,
+        len: u64,
+        mut f: impl FnMut(u64, u64) -> Result<(), DmaFault>,
+    ) -> Result<(), Outcome> {
+        let page = 4096u64;
+        let dma_err = |_| err(0, sc::DATA_TRANSFER_ERROR);
+        if prp1 % 4 != 0 {
+            return Err(err(0, sc::INVALID_FIELD));
+        }
+        let first = len.min(page - prp1 % page);
+        f(prp1, first).map_err(dma_err)?;
+        let mut left = len - first;
+        if left == 0 {
+            return Ok(());
+        }
+        if left <= page {
+            if prp2 % page != 0 {
+                return Err(err(0, sc::INVALID_FIELD));
+            }
+            return f(prp2, left).map_err(dma_err);
+        }
+        let mut list = prp2;
+        if list % 8 != 0 {
+            return Err(err(0, sc::INVALID_FIELD));
+        }
+        while left > 0 {
+            let last_in_page = list % page == page - 8;
+            let entry: u64 = st.dma.read(list).map_err(dma_err)?;
+            if last_in_page && left > page {
+                list = entry; // chained list
+                if list % 8 != 0 {
+                    return Err(err(0, sc::INVALID_FIELD));
+                }
+                continue;
+            }
+            if entry % page != 0 {
+                return Err(err(0, sc::INVALID_FIELD));
+            }
+            let n = left.min(page);
+            f(entry, n).map_err(dma_err)?;
+            left -= n;
+            list += 8;
+        }
+        Ok(())
+    }
+
+    fn write_data(&self, st: &State, cmd: &NvmeCommand, data: &[u8]) -> Outcome {
+        let mut off = 0usize;
+        let r = self.walk_prps(st, cmd.prp1, cmd.prp2, data.len() as u64, |iova, n| {
+            st.dma.write_bytes(iova, &data[off..off + n as usize])?;
+            off += n as usize;
+            Ok(())
+        });
+        match r {
+            Ok(()) => ok(),
+            Err(o) => o,
+        }
+    }
+
+    fn admin(&self, st: &mut State, cmd: &NvmeCommand) -> Outcome {
+        match cmd.opcode {
+            admin::IDENTIFY => {
+                let mut d = vec![0u8; 4096];
+                match cmd.cdw10 & 0xff {
+                    admin::CNS_CONTROLLER => {
+                        d[0..2].copy_from_slice(&0x1b36u16.to_le_bytes());
+                        put_ascii(&mut d[id_ctrl::SN..id_ctrl::SN + 20], "NVMED-EMU-0001");
+                        put_ascii(&mut d[id_ctrl::MN..id_ctrl::MN + 40], "nvmed emulated NVMe controller");
+                        put_ascii(&mut d[id_ctrl::FR..id_ctrl::FR + 8], env!("CARGO_PKG_VERSION"));
+                        d[id_ctrl::MDTS] = self.mdts;
+                        d[80..84].copy_from_slice(&0x0001_0400u32.to_le_bytes());
+                        d[id_ctrl::SQES] = 0x66;
+                        d[id_ctrl::CQES] = 0x44;
+                        d[id_ctrl::NN..id_ctrl::NN + 4].copy_from_slice(&(self.namespaces.len() as u32).to_le_bytes());
+                        let oncs = id_ctrl::ONCS_DSM | id_ctrl::ONCS_WRITE_ZEROES;
+                        d[id_ctrl::ONCS..id_ctrl::ONCS + 2].copy_from_slice(&oncs.to_le_bytes());
+                        d[id_ctrl::VWC] = 1;
+                    }
+                    admin::CNS_NAMESPACE => {
+                        let Some(ns) = self.namespace(cmd.nsid) else { return err(0, sc::INVALID_NAMESPACE) };
+                        let blocks = ns.backend.size() / u64::from(ns.lba_size);
+                        for off in [id_ns::NSZE, id_ns::NCAP, id_ns::NUSE] {
+                            d[off..off + 8].copy_from_slice(&blocks.to_le_bytes());
+                        }
+                        d[id_ns::NLBAF] = 0;
+                        d[id_ns::FLBAS] = 0;
+                        let lbads = ns.lba_size.trailing_zeros();
+                        d[id_ns::LBAF0..id_ns::LBAF0 + 4].copy_from_slice(&(lbads << 16).to_le_bytes());
+                    }
+                    admin::CNS_ACTIVE_NS_LIST => {
+                        let ids = (1..=self.namespaces.len() as u32).filter(|&id| id > cmd.nsid);
+                        for (i, id) in ids.take(1024).enumerate() {
+                            d[i * 4..i * 4 + 4].copy_from_slice(&id.to_le_bytes());
+                        }
+                    }
+                    _ => return err(0, sc::INVALID_FIELD),
+                }
+                self.write_data(st, cmd, &d)
+            }
+            admin::SET_FEATURES | admin::GET_FEATURES => match cmd.cdw10 & 0xff {
+                admin::FEAT_NUM_QUEUES => {
+                    if cmd.opcode == admin::SET_FEATURES && st.granted == 0 {
+                        let want = ((cmd.cdw11 & 0xffff).min(cmd.cdw11 >> 16) + 1) as u16;
+                        st.granted = want.min(MAX_IO_QUEUES);
+                    }
+                    let n = u32::from(st.granted.max(1) - 1);
+                    Some((0, n | (n << 16)))
+                }
+                0x06 => ok(), // volatile write cache: always on
+                _ => err(0, sc::INVALID_FIELD),
+            },
+            admin::CREATE_CQ => {
+                let qid = (cmd.cdw10 & 0xffff) as u16;
+                let size = (cmd.cdw10 >> 16) + 1;
+                let vector = (cmd.cdw11 >> 16) as u16;
+                if qid == 0 || qid > st.granted || st.cqs[usize::from(qid)].is_some() {
+                    return err(1, sc::CS_INVALID_QID);
+                }
+                if !(2..=MAX_QUEUE_ENTRIES).contains(&size) {
+                    return err(1, sc::CS_INVALID_QSIZE);
+                }
+                if cmd.cdw11 & 1 == 0 || cmd.prp1 % 4096 != 0 || usize::from(vector) >= self.irq.len() {
+                    return err(0, sc::INVALID_FIELD);
+                }
+                st.cqs[usize::from(qid)] = Some(Cq {
+                    base: cmd.prp1,
+                    size: size as u16,
+                    head: 0,
+                    tail: 0,
+                    phase: true,
+                    vector,
+                    interrupts: cmd.cdw11 & 2 != 0,
+                    overflow: VecDeque::new(),
+                });
+                ok()
+            }
+            admin::CREATE_SQ => {
+                let qid = (cmd.cdw10 & 0xffff) as u16;
+                let size = (cmd.cdw10 >> 16) + 1;
+                let cqid = (cmd.cdw11 >> 16) as u16;
+                if qid == 0 || qid > st.granted || st.sqs[usize::from(qid)].is_some() {
+                    return err(1, sc::CS_INVALID_QID);
+                }
+                if cqid == 0 || st.cqs.get(usize::from(cqid)).is_none_or(|c| c.is_none()) {
+                    return err(1, sc::CS_INVALID_CQ);
+                }
+                if !(2..=MAX_QUEUE_ENTRIES).contains(&size) {
+                    return err(1, sc::CS_INVALID_QSIZE);
+                }
+                if cmd.cdw11 & 1 == 0 || cmd.prp1 % 4096 != 0 {
+                    return err(0, sc::INVALID_FIELD);
+                }
+                st.sqs[usize::from(qid)] = Some(Sq { base: cmd.prp1, size: size as u16, head: 0, cqid });
+                ok()
+            }
+            admin::DELETE_SQ => {
+                let qid = (cmd.cdw10 & 0xffff) as usize;
+                if qid == 0 || st.sqs.get(qid).is_none_or(|s| s.is_none()) {
+                    return err(1, sc::CS_INVALID_QID);
+                }
+                st.sqs[qid] = None;
+                // Commands of this queue still waiting (delayed or hung) are dropped with it.
+                let cqid = qid as u16;
+                st.delayed.retain(|d| d.entry.sq_id != cqid);
+                ok()
+            }
+            admin::DELETE_CQ => {
+                let qid = (cmd.cdw10 & 0xffff) as u16;
+                if qid == 0 || st.cqs.get(usize::from(qid)).is_none_or(|c| c.is_none()) {
+                    return err(1, sc::CS_INVALID_QID);
+                }
+                if st.sqs.iter().flatten().any(|s| s.cqid == qid) {
+                    return err(1, sc::CS_INVALID_QUEUE_DELETION);
+                }
+                st.cqs[usize::from(qid)] = None;
+                ok()
+            }
+            admin::ABORT => Some((0, 1)), // "command not aborted"
+            _ => err(0, sc::INVALID_OPCODE),
+        }
+    }
+
+    fn namespace(&self, nsid: u32) -> Option<&EmulatedNamespace> {
+        nsid.checked_sub(1).and_then(|i| self.namespaces.get(i as usize))
+    }
+
+    fn io(&self, st: &mut State, cmd: &NvmeCommand, qid: u16, cqid: u16) -> Outcome {
+        st.io_count += 1;
+        self.counters.io_commands.fetch_add(1, Ordering::Relaxed);
+        let rule = self.faults.iter().find(|r| r.nth == st.io_count).map(|r| r.action);
+        if let Some(FaultAction::Fail { sct, sc: code }) = rule {
+            return err(sct, code);
+        }
+        if rule == Some(FaultAction::Hang) {
+            return None;
+        }
+        let outcome = self.execute_io(st, cmd);
+        if let (Some(FaultAction::Delay(d)), Some((status, result))) = (rule, outcome) {
+            let entry = NvmeCompletion {
+                result,
+                reserved: 0,
+                sq_head: st.sqs[usize::from(qid)].as_ref().map_or(0, |s| s.head),
+                sq_id: qid,
+                cid: cmd.cid,
+                status,
+            };
+            let generation = st.generation;
+            st.delayed.push(Delayed { due: Instant::now() + d, generation, cqid, entry });
+            self.timer_wake.notify_all();
+            return None;
+        }
+        outcome
+    }
+
+    fn execute_io(&self, st: &State, cmd: &NvmeCommand) -> Outcome {
+        let Some(ns) = self.namespace(cmd.nsid) else { return err(0, sc::INVALID_NAMESPACE) };
+        let lba = u64::from(ns.lba_size);
+        let blocks = ns.backend.size() / lba;
+        let slba = u64::from(cmd.cdw10) | (u64::from(cmd.cdw11) << 32);
+        let nlb = u64::from(cmd.cdw12 & 0xffff) + 1;
+        let in_range = || slba.checked_add(nlb).is_some_and(|end| end <= blocks);
+        let io_err = |e: std::io::Error| {
+            tracing::error!("emulated namespace I/O failed: {e}");
+            err(2, if cmd.opcode == io::READ { 0x81 } else { 0x80 })
+        };
+        match cmd.opcode {
+            io::READ | io::WRITE => {
+                if cmd.flags >> 6 != 0 {
+                    return err(0, sc::INVALID_FIELD); // SGLs not supported
+                }
+                if !in_range() {
+                    return err(0, sc::LBA_OUT_OF_RANGE);
+                }
+                let len = nlb * lba;
+                if self.mdts != 0 && len > 4096u64 << self.mdts {
+                    return err(0, sc::INVALID_FIELD);
+                }
+                let mut pos = slba * lba;
+                let read = cmd.opcode == io::READ;
+                let mut io_failure = None;
+                let r = self.walk_prps(st, cmd.prp1, cmd.prp2, len, |iova, n| {
+                    let host = st.dma.translate(iova, n).inspect_err(|_| {
+                        self.counters.dma_faults.fetch_add(1, Ordering::Relaxed);
+                    })?;
+                    // SAFETY: `host` covers `n` bytes the driver mapped for device access.
+                    let res = unsafe {
+                        if read {
+                            ns.backend.read_into(pos, host, n as usize)
+                        } else {
+                            ns.backend.write_from(pos, host, n as usize)
+                        }
+                    };
+                    if let Err(e) = res {
+                        io_failure.get_or_insert(e);
+                    }
+                    pos += n;
+                    Ok(())
+                });
+                if let Err(o) = r {
+                    return o;
+                }
+                if let Some(e) = io_failure {
+                    return io_err(e);
+                }
+                let counter = if read { &self.counters.bytes_to_host } else { &self.counters.bytes_from_host };
+                counter.fetch_add(len, Ordering::Relaxed);
+                if !read && cmd.cdw12 & io::CDW12_FUA != 0 {
+                    if let Err(e) = ns.backend.flush() {
+                        return io_err(e);
+                    }
+                }
+                ok()
+            }
+            io::FLUSH => ns.backend.flush().map_or_else(io_err, |_| ok()),
+            io::WRITE_ZEROES => {
+                if !in_range() {
+                    return err(0, sc::LBA_OUT_OF_RANGE);
+                }
+                let r = ns.backend.write_zeroes(slba * lba, nlb * lba);
+                let r = r.and_then(|_| if cmd.cdw12 & io::CDW12_FUA != 0 { ns.backend.flush() } else { Ok(()) });
+                r.map_or_else(io_err, |_| ok())
+            }
+            io::DSM => {
+                let nr = (cmd.cdw10 & 0xff) as usize + 1;
+                let mut ranges = vec![0u8; nr * 16];
+                let mut off = 0usize;
+                if let Err(o) = self.walk_prps(st, cmd.prp1, cmd.prp2, ranges.len() as u64, |iova, n| {
+                    st.dma.read_bytes(iova, &mut ranges[off..off + n as usize])?;
+                    off += n as usize;
+                    Ok(())
+                }) {
+                    return o;
+                }
+                if cmd.cdw11 & io::DSM_DEALLOCATE == 0 {
+                    return ok();
+                }
+                for r in ranges.chunks_exact(16) {
+                    let n = u64::from(u32::from_le_bytes(r[4..8].try_into().unwrap()));
+                    let s = u64::from_le_bytes(r[8..16].try_into().unwrap());
+                    if s.checked_add(n).is_none_or(|e| e > blocks) {
+                        return err(0, sc::LBA_OUT_OF_RANGE);
+                    }
+                    if let Err(e) = ns.backend.deallocate(s * lba, n * lba) {
+                        return io_err(e);
+                    }
+                }
+                ok()
+            }
+            _ => err(0, sc::INVALID_OPCODE),
+        }
+    }
+}
+
+fn put_ascii(dst: &mut [u8], s: &str) {
+    dst.fill(b' ');
+    let n = s.len().min(dst.len());
+    dst[..n].copy_from_slice(&s.as_bytes()[..n]);
+}
+
+impl NvmeDevice for EmulatedController {
+    fn name(&self) -> String {
+        "emulated".into()
+    }
+
+    fn read32(&self, offset: u64) -> u32 {
+        let st = self.inner.lock();
+        let cap = self.inner.cap();
+        match offset {
+            o if o == REG_CAP => cap as u32,
+            o if o == REG_CAP + 4 => (cap >> 32) as u32,
+            o if o == REG_VS => 0x0001_0400,
+            o if o == REG_INTMS || o == REG_INTMC => st.intms,
+            o if o == REG_CC => st.cc,
+            o if o == REG_CSTS => st.csts,
+            o if o == REG_AQA => st.aqa,
+            o if o == REG_ASQ => st.asq as u32,
+            o if o == REG_ASQ + 4 => (st.asq >> 32) as u32,
+            o if o == REG_ACQ => st.acq as u32,
+            o if o == REG_ACQ + 4 => (st.acq >> 32) as u32,
+            _ => 0,
+        }
+    }
+
+    fn write32(&self, offset: u64, value: u32) {
+        let inner = &self.inner;
+        let mut st = inner.lock();
+        let st = &mut *st;
+        match offset {
+            o if o >= REG_DOORBELL_BASE => {
+                let idx = (o - REG_DOORBELL_BASE) / 4;
+                let qid = (idx / 2) as u16;
+                if (idx % 2) == 1 {
+                    inner.cq_doorbell(st, qid, value as u16);
+                } else {
+                    inner.sq_doorbell(st, qid, value as u16);
+                }
+            }
+            o if o == REG_CC => {
+                let was = st.cc;
+                st.cc = value;
+                if was & CC_EN == 0 && value & CC_EN != 0 {
+                    inner.enable(st);
+                } else if was & CC_EN != 0 && value & CC_EN == 0 {
+                    inner.reset(st);
+                }
+                if value & CC_SHN_MASK != 0 && st.csts & CSTS_SHST_MASK == 0 {
+                    for ns in &inner.namespaces {
+                        let _ = ns.backend.flush();
+                    }
+                    st.csts |= CSTS_SHST_COMPLETE;
+                }
+            }
+            o if o == REG_INTMS => st.intms |= value,
+            o if o == REG_INTMC => st.intms &= !value,
+            o if o == REG_AQA => st.aqa = value,
+            o if o == REG_ASQ => st.asq = (st.asq & !0xffff_ffff) | u64::from(value),
+            o if o == REG_ASQ + 4 => st.asq = (st.asq & 0xffff_ffff) | (u64::from(value) << 32),
+            o if o == REG_ACQ => st.acq = (st.acq & !0xffff_ffff) | u64::from(value),
+            o if o == REG_ACQ + 4 => st.acq = (st.acq & 0xffff_ffff) | (u64::from(value) << 32),
+            _ => {}
+        }
+    }
+
+    unsafe fn dma_map(&self, iova: u64, host: *mut u8, len: u64) -> Result<(), DeviceError> {
+        self.inner.lock().dma.insert(iova, host, len)
+    }
+
+    fn dma_unmap(&self, iova: u64, len: u64) -> Result<(), DeviceError> {
+        self.inner.lock().dma.remove(iova, len)
+    }
+
+    fn iova_ranges(&self) -> Vec<RangeInclusive<u64>> {
+        vec![0..=(1u64 << 48) - 1]
+    }
+
+    fn interrupt_vectors(&self) -> u16 {
+        self.inner.irq.len() as u16
+    }
+
+    fn interrupt_fd(&self, vector: u16) -> Option<BorrowedFd<'_>> {
+        self.inner.irq.get(usize::from(vector)).map(|f| f.as_fd())
+    }
+
+    fn interrupt_hint(&self, vector: u16, wanted: bool) {
+        if let Some(w) = self.inner.irq_wanted.get(usize::from(vector)) {
+            w.store(wanted, Ordering::Release);
+        }
+    }
+
+    fn function_reset(&self) -> Result<(), DeviceError> {
+        let mut st = self.inner.lock();
+        self.inner.reset(&mut st);
+        st.cc = 0;
+        st.intms = 0;
+        Ok(())
+    }
+}

@@ -1,0 +1,288 @@
+//! The IOVA space: where the device sees broker memory and client buffers.
+//!
+//! Two areas, carved out of the ranges the device reports: a small internal area for queues,
+//! PRP lists and identify data, and the buffer area for clients' registered buffers. Ranges are
+//! returned to the allocator when a mapping is dropped, so registrations can come and go forever
+//! (unlike an allocator that only grows).
+
+use std::collections::BTreeMap;
+use std::ops::RangeInclusive;
+use std::sync::{Arc, Mutex};
+
+use crate::device::{DeviceError, NvmeDevice};
+
+/// Page size of all DMA mappings.
+pub const IOVA_PAGE: u64 = 4096;
+/// Size of the internal area.
+pub const INTERNAL_AREA_SIZE: u64 = 64 << 20;
+/// Lowest IOVA handed out (page zero and the first MiB stay unused to catch stray zero IOVAs).
+pub const IOVA_FLOOR: u64 = 1 << 20;
+
+/// Which part of the IOVA space an allocation comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Area {
+    /// Broker-internal memory: queues, PRP lists, identify data.
+    Internal,
+    /// Client buffers.
+    Buffers,
+}
+
+/// IOVA space errors.
+#[derive(Debug, thiserror::Error)]
+pub enum IovaError {
+    /// No free range of that size.
+    #[error("no free IOVA range of {len:#x} bytes in the {area:?} area")]
+    Exhausted {
+        /// Area asked.
+        area: Area,
+        /// Length asked.
+        len: u64,
+    },
+    /// The device reports no usable range large enough.
+    #[error("the device reports no usable IOVA range of at least {0:#x} bytes")]
+    NoUsableRange(u64),
+    /// The device refused the mapping.
+    #[error(transparent)]
+    Device(#[from] DeviceError),
+}
+
+/// A first-fit allocator over a set of free ranges, coalescing on free.
+#[derive(Debug, Default)]
+pub struct RangeAllocator {
+    free: BTreeMap<u64, u64>, // start -> end (exclusive)
+    used: u64,
+}
+
+impl RangeAllocator {
+    /// An allocator owning the given half-open ranges.
+    pub fn new(ranges: impl IntoIterator<Item = (u64, u64)>) -> Self {
+        let mut a = Self::default();
+        for (s, e) in ranges {
+            if e > s {
+                a.insert(s, e);
+            }
+        }
+        a
+    }
+
+    fn insert(&mut self, mut start: u64, mut end: u64) {
+        if let Some((&ps, &pe)) = self.free.range(..start).next_back() {
+            if pe == start {
+                self.free.remove(&ps);
+                start = ps;
+            }
+        }
+        if let Some(&ne) = self.free.get(&end) {
+            self.free.remove(&end);
+            end = ne;
+        }
+        self.free.insert(start, end);
+    }
+
+    /// Takes `len` bytes aligned to `align` (a power of two).
+    pub fn alloc(&mut self, len: u64, align: u64) -> Option<u64> {
+        let (start, end, at) = self.free.iter().find_map(|(&s, &e)| {
+            let at = s.checked_add(align - 1)? & !(align - 1);
+            (at.checked_add(len)? <= e).then_some((s, e, at))
+        })?;
+        self.free.remove(&start);
+        if at > start {
+            self.free.insert(start, at);
+        }
+        if at + len < end {
+            self.free.insert(at + len, end);
+        }
+        self.used += len;
+        Some(at)
+    }
+
+    /// Returns a range taken by [`RangeAllocator::alloc`].
+    pub fn free(&mut self, start: u64, len: u64) {
+        self.used -= len;
+        self.insert(start, start + len);
+    }
+
+    /// Bytes currently allocated.
+    pub fn used(&self) -> u64 {
+        self.used
+    }
+}
+
+/// The broker's IOVA space, shared by the control and I/O threads.
+#[derive(Debug)]
+pub struct IovaSpace {
+    internal: Mutex<RangeAllocator>,
+    buffers: Mutex<RangeAllocator>,
+}
+
+impl IovaSpace {
+    /// Splits the device's usable ranges into the two areas.
+    pub fn new(ranges: &[RangeInclusive<u64>]) -> Result<Self, IovaError> {
+        let mut usable: Vec<(u64, u64)> = ranges
+            .iter()
+            .filter_map(|r| {
+                let s = (*r.start()).max(IOVA_FLOOR).next_multiple_of(IOVA_PAGE);
+                let e = r.end().saturating_add(1) & !(IOVA_PAGE - 1);
+                (e > s).then_some((s, e))
+            })
+            .collect();
+        usable.sort();
+        let idx = usable
+            .iter()
+            .position(|(s, e)| e - s > INTERNAL_AREA_SIZE)
+            .ok_or(IovaError::NoUsableRange(INTERNAL_AREA_SIZE))?;
+        let (s, e) = usable[idx];
+        usable[idx] = (s + INTERNAL_AREA_SIZE, e);
+        Ok(Self {
+            internal: Mutex::new(RangeAllocator::new([(s, s + INTERNAL_AREA_SIZE)])),
+            buffers: Mutex::new(RangeAllocator::new(usable)),
+        })
+    }
+
+    fn area(&self, area: Area) -> &Mutex<RangeAllocator> {
+        match area {
+            Area::Internal => &self.internal,
+            Area::Buffers => &self.buffers,
+        }
+    }
+
+    /// Bytes allocated in `area`.
+    pub fn used(&self, area: Area) -> u64 {
+        self.area(area).lock().unwrap().used()
+    }
+
+    /// Allocates IOVA space in `area` and maps `host..host+len` there.
+    ///
+    /// # Safety
+    /// As [`NvmeDevice::dma_map`]: the host memory must outlive the returned mapping.
+    pub unsafe fn map(
+        self: &Arc<Self>,
+        device: &Arc<dyn NvmeDevice>,
+        area: Area,
+        host: *mut u8,
+        len: u64,
+    ) -> Result<DmaMapping, IovaError> {
+        let len = len.next_multiple_of(IOVA_PAGE);
+        let align = if len >= (2 << 20) { 2 << 20 } else { IOVA_PAGE };
+        let iova = self
+            .area(area)
+            .lock()
+            .unwrap()
+            .alloc(len, align)
+            .ok_or(IovaError::Exhausted { area, len })?;
+        // SAFETY: forwarded from this function's contract.
+        if let Err(e) = unsafe { device.dma_map(iova, host, len) } {
+            self.area(area).lock().unwrap().free(iova, len);
+            return Err(e.into());
+        }
+        Ok(DmaMapping { device: device.clone(), space: self.clone(), area, iova, len })
+    }
+}
+
+/// A live DMA mapping; unmapped from the device and returned to the allocator on drop.
+pub struct DmaMapping {
+    device: Arc<dyn NvmeDevice>,
+    space: Arc<IovaSpace>,
+    area: Area,
+    iova: u64,
+    len: u64,
+}
+
+impl DmaMapping {
+    /// Where the device sees the memory.
+    pub fn iova(&self) -> u64 {
+        self.iova
+    }
+
+    /// Mapped length (page multiple).
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    /// Whether the mapping is empty (never).
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+impl std::fmt::Debug for DmaMapping {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "DmaMapping({:?} {:#x}+{:#x})", self.area, self.iova, self.len)
+    }
+}
+
+impl Drop for DmaMapping {
+    fn drop(&mut self) {
+        if let Err(e) = self.device.dma_unmap(self.iova, self.len) {
+            // The range stays reserved: reusing an IOVA the device may still reach is worse
+            // than leaking it.
+            tracing::error!(iova = self.iova, len = self.len, "DMA unmap failed, IOVA range leaked: {e}");
+            return;
+        }
+        self.space.area(self.area).lock().unwrap().free(self.iova, self.len);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn alloc_free_coalesces() {
+        let mut a = RangeAllocator::new([(0x10000, 0x20000)]);
+        let x = a.alloc(0x4000, 0x1000).unwrap();
+        let y = a.alloc(0x4000, 0x1000).unwrap();
+        let z = a.alloc(0x8000, 0x1000).unwrap();
+        assert_eq!((x, y, z), (0x10000, 0x14000, 0x18000));
+        assert!(a.alloc(0x1000, 0x1000).is_none());
+        a.free(y, 0x4000);
+        a.free(x, 0x4000);
+        assert_eq!(a.alloc(0x8000, 0x1000), Some(0x10000));
+        a.free(0x10000, 0x8000);
+        a.free(z, 0x8000);
+        assert_eq!(a.used(), 0);
+        assert_eq!(a.alloc(0x10000, 0x10000), Some(0x10000));
+    }
+
+    #[test]
+    fn areas_respect_device_ranges() {
+        // A hole where an MSI window would be, and a limit at 2^39.
+        let s = IovaSpace::new(&[0..=0xfedf_ffff, 0xfef0_0000..=(1u64 << 39) - 1]).unwrap();
+        let a = s.internal.lock().unwrap().alloc(IOVA_PAGE, IOVA_PAGE).unwrap();
+        assert_eq!(a, IOVA_FLOOR);
+        let mut b = s.buffers.lock().unwrap();
+        let big = b.alloc(0xf000_0000, 2 << 20).unwrap();
+        assert!(big >= 0xfef0_0000, "allocation must skip the hole");
+        assert!(big + 0xf000_0000 <= 1 << 39);
+    }
+}
+
+/// Broker-owned memory mapped for the device in the internal area (queues, PRP lists).
+#[derive(Debug)]
+pub struct DmaMemory {
+    // Declared first so the device loses access before the memory is freed.
+    mapping: DmaMapping,
+    mem: nvmed_proto::shm::SharedMemory,
+}
+
+impl DmaMemory {
+    /// Allocates `len` zeroed bytes and maps them in the internal area.
+    pub fn new(space: &Arc<IovaSpace>, device: &Arc<dyn NvmeDevice>, len: usize) -> Result<Self, IovaError> {
+        let len = len.next_multiple_of(IOVA_PAGE as usize);
+        let mem = nvmed_proto::shm::SharedMemory::anonymous(len)
+            .map_err(|e| IovaError::Device(DeviceError::Other(format!("allocating DMA memory: {e}"))))?;
+        // SAFETY: `mem` is owned by the returned value and dropped after `mapping`.
+        let mapping = unsafe { space.map(device, Area::Internal, mem.as_ptr(), len as u64)? };
+        Ok(Self { mapping, mem })
+    }
+
+    /// Device address of byte 0.
+    pub fn iova(&self) -> u64 {
+        self.mapping.iova()
+    }
+
+    /// The memory, for volatile access.
+    pub fn mem(&self) -> &nvmed_proto::shm::SharedMemory {
+        &self.mem
+    }
+}

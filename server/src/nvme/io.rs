@@ -1,0 +1,176 @@
+//! An I/O queue pair with command ids, per-command PRP list pages and completion dispatch.
+
+use std::sync::Arc;
+
+use slab::Slab;
+
+use crate::device::NvmeDevice;
+use crate::iova::{DmaMemory, IovaError, IovaSpace};
+use crate::nvme::prp;
+use crate::nvme::queue::QueuePair;
+use crate::nvme::spec::{io, NvmeCommand};
+
+/// One I/O command, in device terms.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IoCommand {
+    /// Read `blocks` LBAs at `slba` into `len` bytes at `iova`.
+    Read {
+        /// Namespace.
+        nsid: u32,
+        /// Starting LBA.
+        slba: u64,
+        /// Number of LBAs (1-based).
+        blocks: u32,
+        /// Destination.
+        iova: u64,
+        /// Bytes.
+        len: u32,
+    },
+    /// Write `blocks` LBAs at `slba` from `len` bytes at `iova`.
+    Write {
+        /// Namespace.
+        nsid: u32,
+        /// Starting LBA.
+        slba: u64,
+        /// Number of LBAs (1-based).
+        blocks: u32,
+        /// Source.
+        iova: u64,
+        /// Bytes.
+        len: u32,
+        /// Force unit access.
+        fua: bool,
+    },
+    /// Flush the namespace.
+    Flush {
+        /// Namespace.
+        nsid: u32,
+    },
+    /// Write zeroes over `blocks` LBAs.
+    WriteZeroes {
+        /// Namespace.
+        nsid: u32,
+        /// Starting LBA.
+        slba: u64,
+        /// Number of LBAs (1-based, at most 65536).
+        blocks: u32,
+        /// Force unit access.
+        fua: bool,
+    },
+    /// Deallocate `blocks` LBAs (Dataset Management, one range).
+    Deallocate {
+        /// Namespace.
+        nsid: u32,
+        /// Starting LBA.
+        slba: u64,
+        /// Number of LBAs (1-based).
+        blocks: u32,
+    },
+}
+
+/// An I/O queue pair whose command ids index a slab of per-command context `T`.
+pub struct IoQueue<T> {
+    qp: QueuePair,
+    lists: DmaMemory,
+    slots: Slab<T>,
+    capacity: usize,
+}
+
+impl<T> IoQueue<T> {
+    /// Wraps a created queue pair; allocates one PRP list page per command id.
+    pub fn new(qp: QueuePair, device: &Arc<dyn NvmeDevice>, space: &Arc<IovaSpace>) -> Result<Self, IovaError> {
+        let capacity = usize::from(qp.depth()) - 1;
+        let lists = DmaMemory::new(space, device, capacity * prp::PAGE as usize)?;
+        Ok(Self { qp, lists, slots: Slab::with_capacity(capacity), capacity })
+    }
+
+    /// Commands that can still be submitted.
+    pub fn free_slots(&self) -> usize {
+        self.capacity - self.slots.len()
+    }
+
+    /// Commands at the device.
+    pub fn in_flight(&self) -> usize {
+        self.slots.len()
+    }
+
+    /// Builds and queues `cmd`; gives `ctx` back if the queue is full.
+    pub fn submit(&mut self, cmd: &IoCommand, ctx: T) -> Result<(), T> {
+        if self.slots.len() >= self.capacity {
+            return Err(ctx);
+        }
+        let cid = self.slots.insert(ctx);
+        let list_off = cid * prp::PAGE as usize;
+        let list_iova = self.lists.iova() + list_off as u64;
+        let mut c = NvmeCommand { cid: cid as u16, ..Default::default() };
+        match *cmd {
+            IoCommand::Read { nsid, slba, blocks, iova, len } | IoCommand::Write { nsid, slba, blocks, iova, len, .. } => {
+                let (p1, p2) = prp::build(iova, u64::from(len), self.lists.mem(), list_off, list_iova);
+                c.opcode = if matches!(cmd, IoCommand::Read { .. }) { io::READ } else { io::WRITE };
+                c.nsid = nsid;
+                c.prp1 = p1;
+                c.prp2 = p2;
+                c.cdw10 = slba as u32;
+                c.cdw11 = (slba >> 32) as u32;
+                c.cdw12 = blocks - 1;
+                if let IoCommand::Write { fua: true, .. } = cmd {
+                    c.cdw12 |= io::CDW12_FUA;
+                }
+            }
+            IoCommand::Flush { nsid } => {
+                c.opcode = io::FLUSH;
+                c.nsid = nsid;
+            }
+            IoCommand::WriteZeroes { nsid, slba, blocks, fua } => {
+                c.opcode = io::WRITE_ZEROES;
+                c.nsid = nsid;
+                c.cdw10 = slba as u32;
+                c.cdw11 = (slba >> 32) as u32;
+                c.cdw12 = (blocks - 1) | if fua { io::CDW12_FUA } else { 0 };
+            }
+            IoCommand::Deallocate { nsid, slba, blocks } => {
+                // One range descriptor {context attributes, length in LBAs, starting LBA}.
+                self.lists.mem().write::<u32>(list_off, 0);
+                self.lists.mem().write::<u32>(list_off + 4, blocks);
+                self.lists.mem().write::<u64>(list_off + 8, slba);
+                c.opcode = io::DSM;
+                c.nsid = nsid;
+                c.prp1 = list_iova;
+                c.cdw10 = 0;
+                c.cdw11 = io::DSM_DEALLOCATE;
+            }
+        }
+        self.qp.push(&c);
+        Ok(())
+    }
+
+    /// Rings the SQ doorbell for everything queued since the last call.
+    pub fn ring_doorbell(&mut self) {
+        self.qp.ring_doorbell();
+    }
+
+    /// Whether a completion waits to be reaped.
+    pub fn has_completion(&self) -> bool {
+        self.qp.has_completion()
+    }
+
+    /// Hands up to `max` completions to `f` as (context, NVMe status field, result dword).
+    /// A completion with an unknown command id is logged and dropped.
+    pub fn reap(&mut self, max: usize, mut f: impl FnMut(T, u16, u32)) -> usize {
+        let slots = &mut self.slots;
+        self.qp.reap(max, |c| match slots.try_remove(usize::from(c.cid)) {
+            Some(ctx) => f(ctx, c.status_field(), c.result),
+            None => tracing::error!(cid = c.cid, "completion for a command id not in flight"),
+        })
+    }
+
+    /// Removes every in-flight context (after the controller was reset and will never complete them).
+    pub fn abandon_all(&mut self) -> Vec<T> {
+        self.slots.drain().collect()
+    }
+
+    /// The queue pair, for deletion.
+    pub fn into_queue_pair(self) -> QueuePair {
+        self.qp
+    }
+}

@@ -1,0 +1,13 @@
+//! The NVMe driver: controller bring-up, admin commands, I/O queues and PRPs.
+//!
+//! It talks to the controller only through [`crate::device::NvmeDevice`], so the same code
+//! drives the emulated controller and a real one behind VFIO.
+
+pub mod controller;
+pub mod io;
+pub mod prp;
+pub mod queue;
+pub mod spec;
+
+pub use controller::{Controller, ControllerInfo, DriverError, Namespace};
+pub use io::{IoCommand, IoQueue};

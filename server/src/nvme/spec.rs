@@ -1,0 +1,265 @@
+//! NVMe definitions shared by the driver and the emulated controller (NVMe Base 1.4).
+
+use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
+
+/// Controller Capabilities.
+pub const REG_CAP: u64 = 0x00;
+/// Version.
+pub const REG_VS: u64 = 0x08;
+/// Interrupt Mask Set.
+pub const REG_INTMS: u64 = 0x0c;
+/// Interrupt Mask Clear.
+pub const REG_INTMC: u64 = 0x10;
+/// Controller Configuration.
+pub const REG_CC: u64 = 0x14;
+/// Controller Status.
+pub const REG_CSTS: u64 = 0x1c;
+/// Admin Queue Attributes.
+pub const REG_AQA: u64 = 0x24;
+/// Admin Submission Queue base.
+pub const REG_ASQ: u64 = 0x28;
+/// Admin Completion Queue base.
+pub const REG_ACQ: u64 = 0x30;
+/// First doorbell.
+pub const REG_DOORBELL_BASE: u64 = 0x1000;
+
+/// CC.EN.
+pub const CC_EN: u32 = 1;
+/// CC.SHN = normal shutdown.
+pub const CC_SHN_NORMAL: u32 = 1 << 14;
+/// CC.SHN mask.
+pub const CC_SHN_MASK: u32 = 3 << 14;
+/// CSTS.RDY.
+pub const CSTS_RDY: u32 = 1;
+/// CSTS.CFS (controller fatal status).
+pub const CSTS_CFS: u32 = 1 << 1;
+/// CSTS.SHST mask.
+pub const CSTS_SHST_MASK: u32 = 3 << 2;
+/// CSTS.SHST = shutdown complete.
+pub const CSTS_SHST_COMPLETE: u32 = 2 << 2;
+
+/// Offset of the doorbell of submission queue `qid` (`is_cq` false) or completion queue.
+pub fn doorbell_offset(qid: u16, is_cq: bool, dstrd: u32) -> u64 {
+    REG_DOORBELL_BASE + (2 * u64::from(qid) + u64::from(is_cq)) * (4u64 << dstrd)
+}
+
+/// Decoded CAP register.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cap(pub u64);
+
+impl Cap {
+    /// Maximum queue entries supported (1-based).
+    pub fn mqes(self) -> u32 {
+        (self.0 & 0xffff) as u32 + 1
+    }
+    /// Worst-case time for CSTS.RDY to change, in milliseconds.
+    pub fn timeout_ms(self) -> u64 {
+        ((self.0 >> 24) & 0xff) * 500
+    }
+    /// Doorbell stride exponent.
+    pub fn dstrd(self) -> u32 {
+        ((self.0 >> 32) & 0xf) as u32
+    }
+    /// Whether the NVM command set is supported.
+    pub fn css_nvm(self) -> bool {
+        (self.0 >> 37) & 1 == 1
+    }
+    /// Smallest memory page size, in bytes.
+    pub fn mps_min(self) -> u64 {
+        1 << (12 + ((self.0 >> 48) & 0xf))
+    }
+    /// Largest memory page size, in bytes.
+    pub fn mps_max(self) -> u64 {
+        1 << (12 + ((self.0 >> 52) & 0xf))
+    }
+}
+
+/// Admin opcodes.
+pub mod admin {
+    /// Delete I/O Submission Queue.
+    pub const DELETE_SQ: u8 = 0x00;
+    /// Create I/O Submission Queue.
+    pub const CREATE_SQ: u8 = 0x01;
+    /// Delete I/O Completion Queue.
+    pub const DELETE_CQ: u8 = 0x04;
+    /// Create I/O Completion Queue.
+    pub const CREATE_CQ: u8 = 0x05;
+    /// Identify.
+    pub const IDENTIFY: u8 = 0x06;
+    /// Abort.
+    pub const ABORT: u8 = 0x08;
+    /// Set Features.
+    pub const SET_FEATURES: u8 = 0x09;
+    /// Get Features.
+    pub const GET_FEATURES: u8 = 0x0a;
+    /// Identify CNS: namespace.
+    pub const CNS_NAMESPACE: u32 = 0x00;
+    /// Identify CNS: controller.
+    pub const CNS_CONTROLLER: u32 = 0x01;
+    /// Identify CNS: active namespace id list.
+    pub const CNS_ACTIVE_NS_LIST: u32 = 0x02;
+    /// Feature: number of queues.
+    pub const FEAT_NUM_QUEUES: u32 = 0x07;
+}
+
+/// NVM command set I/O opcodes.
+pub mod io {
+    /// Flush.
+    pub const FLUSH: u8 = 0x00;
+    /// Write.
+    pub const WRITE: u8 = 0x01;
+    /// Read.
+    pub const READ: u8 = 0x02;
+    /// Write Zeroes.
+    pub const WRITE_ZEROES: u8 = 0x08;
+    /// Dataset Management.
+    pub const DSM: u8 = 0x09;
+    /// CDW12 FUA bit.
+    pub const CDW12_FUA: u32 = 1 << 30;
+    /// DSM CDW11 attribute: deallocate.
+    pub const DSM_DEALLOCATE: u32 = 1 << 2;
+}
+
+/// Generic status codes (SCT 0) used here.
+pub mod sc {
+    /// Successful completion.
+    pub const SUCCESS: u8 = 0x00;
+    /// Invalid command opcode.
+    pub const INVALID_OPCODE: u8 = 0x01;
+    /// Invalid field in command.
+    pub const INVALID_FIELD: u8 = 0x02;
+    /// Data transfer error.
+    pub const DATA_TRANSFER_ERROR: u8 = 0x04;
+    /// Internal error.
+    pub const INTERNAL: u8 = 0x06;
+    /// Command aborted due to SQ deletion.
+    pub const ABORTED_SQ_DELETION: u8 = 0x08;
+    /// Invalid namespace or format.
+    pub const INVALID_NAMESPACE: u8 = 0x0b;
+    /// LBA out of range.
+    pub const LBA_OUT_OF_RANGE: u8 = 0x80;
+    /// Command specific (SCT 1): completion queue invalid.
+    pub const CS_INVALID_CQ: u8 = 0x00;
+    /// Command specific (SCT 1): invalid queue identifier.
+    pub const CS_INVALID_QID: u8 = 0x01;
+    /// Command specific (SCT 1): invalid queue size.
+    pub const CS_INVALID_QSIZE: u8 = 0x02;
+    /// Command specific (SCT 1): invalid queue deletion.
+    pub const CS_INVALID_QUEUE_DELETION: u8 = 0x0c;
+}
+
+/// A 64-byte NVMe submission queue entry.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout)]
+#[repr(C)]
+pub struct NvmeCommand {
+    /// Opcode.
+    pub opcode: u8,
+    /// Fused operation and PSDT (zero: PRPs).
+    pub flags: u8,
+    /// Command identifier.
+    pub cid: u16,
+    /// Namespace.
+    pub nsid: u32,
+    /// Command dword 2.
+    pub cdw2: u32,
+    /// Command dword 3.
+    pub cdw3: u32,
+    /// Metadata pointer.
+    pub mptr: u64,
+    /// PRP entry 1.
+    pub prp1: u64,
+    /// PRP entry 2.
+    pub prp2: u64,
+    /// Command dword 10.
+    pub cdw10: u32,
+    /// Command dword 11.
+    pub cdw11: u32,
+    /// Command dword 12.
+    pub cdw12: u32,
+    /// Command dword 13.
+    pub cdw13: u32,
+    /// Command dword 14.
+    pub cdw14: u32,
+    /// Command dword 15.
+    pub cdw15: u32,
+}
+
+/// A 16-byte NVMe completion queue entry.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout)]
+#[repr(C)]
+pub struct NvmeCompletion {
+    /// Command specific result.
+    pub result: u32,
+    /// Reserved.
+    pub reserved: u32,
+    /// Submission queue head pointer.
+    pub sq_head: u16,
+    /// Submission queue identifier.
+    pub sq_id: u16,
+    /// Command identifier.
+    pub cid: u16,
+    /// Phase tag (bit 0) and status field (bits 1..=15).
+    pub status: u16,
+}
+
+const _: () = assert!(core::mem::size_of::<NvmeCommand>() == 64);
+const _: () = assert!(core::mem::size_of::<NvmeCompletion>() == 16);
+
+impl NvmeCompletion {
+    /// Phase tag.
+    pub fn phase(&self) -> bool {
+        self.status & 1 == 1
+    }
+    /// Status field without the phase bit (SC in bits 0..8, SCT 8..11, DNR 14).
+    pub fn status_field(&self) -> u16 {
+        self.status >> 1
+    }
+}
+
+/// Builds a status field from SCT and SC (with DNR set for errors).
+pub fn status_field(sct: u8, sc: u8) -> u16 {
+    let dnr = if sct == 0 && sc == 0 { 0 } else { 1 << 14 };
+    dnr | (u16::from(sct & 7) << 8) | u16::from(sc)
+}
+
+/// Byte offsets in the Identify Controller data structure.
+pub mod id_ctrl {
+    /// Serial number (20 bytes).
+    pub const SN: usize = 4;
+    /// Model number (40 bytes).
+    pub const MN: usize = 24;
+    /// Firmware revision (8 bytes).
+    pub const FR: usize = 64;
+    /// Maximum data transfer size (power of two of MPSMIN pages, 0 = no limit).
+    pub const MDTS: usize = 77;
+    /// Submission queue entry sizes.
+    pub const SQES: usize = 512;
+    /// Completion queue entry sizes.
+    pub const CQES: usize = 513;
+    /// Number of namespaces (u32).
+    pub const NN: usize = 516;
+    /// Optional NVM command support (u16).
+    pub const ONCS: usize = 520;
+    /// Volatile write cache.
+    pub const VWC: usize = 525;
+    /// ONCS bit: Dataset Management.
+    pub const ONCS_DSM: u16 = 1 << 2;
+    /// ONCS bit: Write Zeroes.
+    pub const ONCS_WRITE_ZEROES: u16 = 1 << 3;
+}
+
+/// Byte offsets in the Identify Namespace data structure.
+pub mod id_ns {
+    /// Namespace size in LBAs (u64).
+    pub const NSZE: usize = 0;
+    /// Namespace capacity (u64).
+    pub const NCAP: usize = 8;
+    /// Namespace utilization (u64).
+    pub const NUSE: usize = 16;
+    /// Number of LBA formats (0-based).
+    pub const NLBAF: usize = 25;
+    /// Formatted LBA size (index in bits 0..4).
+    pub const FLBAS: usize = 26;
+    /// LBA format 0 (4 bytes each: MS u16, LBADS u8, RP u8).
+    pub const LBAF0: usize = 128;
+}
