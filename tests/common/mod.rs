@@ -1,0 +1,136 @@
+//! Shared test fixture: a real `nvmed` process on the emulated controller.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use nvmed_client::{NvmeRing, RingOptions};
+
+/// A broker process, stopped (SIGTERM) on drop.
+pub struct TestBroker {
+    pub child: Option<Child>,
+    pub dir: PathBuf,
+    pub socket: PathBuf,
+}
+
+static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+pub fn scratch_dir() -> PathBuf {
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let dir = std::env::temp_dir().join(format!("nvmed-test-{}-{n}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+impl TestBroker {
+    /// Starts `nvmed --emulate` with extra arguments and waits until it is ready.
+    pub fn start(extra: &[&str]) -> Self {
+        Self::start_in(scratch_dir(), extra)
+    }
+
+    pub fn start_in(dir: PathBuf, extra: &[&str]) -> Self {
+        let socket = dir.join("nvmed.sock");
+        let mut child = Command::new(env!("CARGO_BIN_EXE_nvmed"))
+            .arg("--emulate")
+            .arg("--socket")
+            .arg(&socket)
+            .args(["--size", "64M"])
+            .args(extra)
+            .env("NVMED_LOG", "warn")
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("start nvmed");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+        assert!(line.contains("ready"), "nvmed did not start: {line:?}");
+        Self { child: Some(child), dir, socket }
+    }
+
+    pub fn connect(&self) -> NvmeRing {
+        NvmeRing::open(&self.socket).expect("connect to the broker")
+    }
+
+    pub fn connect_with(&self, sq: u32, cq: u32) -> NvmeRing {
+        let opts = RingOptions { sq_entries: sq, cq_entries: cq, ..RingOptions::default() };
+        NvmeRing::open_with(&self.socket, opts).expect("connect to the broker")
+    }
+
+    /// SIGTERM and wait; returns whether it exited successfully.
+    pub fn stop(&mut self) -> bool {
+        let Some(mut child) = self.child.take() else { return true };
+        unsafe_kill(child.id(), libc::SIGTERM);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                return status.success();
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Whether the broker process is still running.
+    pub fn alive(&mut self) -> bool {
+        self.child.as_mut().is_some_and(|c| c.try_wait().unwrap().is_none())
+    }
+}
+
+impl Drop for TestBroker {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+pub fn unsafe_kill(pid: u32, sig: i32) {
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::try_from(sig).unwrap(),
+    );
+}
+
+/// A deterministic pseudo-random generator (xorshift), so failures replay.
+pub struct Rng(pub u64);
+
+impl Rng {
+    pub fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+/// Fills `buf` with a pattern derived from `seed` (distinct per write).
+pub fn pattern(seed: u64, buf: &mut [u8]) {
+    let mut r = Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1);
+    for chunk in buf.chunks_mut(8) {
+        let v = r.next().to_le_bytes();
+        chunk.copy_from_slice(&v[..chunk.len()]);
+    }
+}
+
+pub fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+pub fn socket_path(b: &TestBroker) -> &Path {
+    &b.socket
+}

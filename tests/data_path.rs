@@ -1,0 +1,363 @@
+//! End-to-end tests: a real `nvmed` process on the emulated controller, driven through the
+//! client library.
+
+mod common;
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use common::*;
+use nvmed_client::{BufferId, Completion, Error, Io, NvmeRing, Status};
+use nvmed_proto::{ControlError, NvmeStatus, Request, Response};
+
+const MIB: u64 = 1 << 20;
+
+/// Runs `ios` with up to `depth` in flight; returns completions by user data.
+fn run_batch(ring: &mut NvmeRing, ios: &[Io], depth: usize) -> HashMap<u64, Completion> {
+    let mut done = HashMap::new();
+    let mut next = 0;
+    let mut out = Vec::new();
+    while done.len() < ios.len() {
+        while next < ios.len() && ring.in_flight() < depth {
+            ring.prep(ios[next].user_data(next as u64)).unwrap();
+            next += 1;
+        }
+        ring.submit().unwrap();
+        out.clear();
+        ring.wait(1, &mut out, Some(Duration::from_secs(30))).unwrap();
+        for c in out.drain(..) {
+            done.insert(c.user_data, c);
+        }
+    }
+    done
+}
+
+/// Writes random-sized, random-offset extents from several buffers, keeping a model of the
+/// namespace region, then reads everything back into other buffers and compares.
+fn random_write_read(ring: &mut NvmeRing, region: (u64, u64), seed: u64, rounds: usize) {
+    let ns = ring.namespaces()[0];
+    let lba = u64::from(ns.lba_size);
+    let (base, size) = region;
+    let mut model = vec![0u8; size as usize];
+    let mut written = vec![false; (size / lba) as usize];
+    let bufs: Vec<BufferId> = (0..4).map(|_| ring.alloc_buffer(2 * MIB as usize).unwrap()).collect();
+    let mut rng = Rng(seed);
+    for round in 0..rounds {
+        // Disjoint extents per round so in-flight writes never overlap each other.
+        let mut ios = Vec::new();
+        let mut cursor = 0u64;
+        let mut buf_cursor = [0u64; 4];
+        while cursor < size && ios.len() < 48 {
+            cursor += rng.below(8) * lba;
+            // Lengths from one block up to 256 KiB: one page, two pages, and PRP lists.
+            let len = ((rng.below(512) + 1) * lba).min(size.saturating_sub(cursor)).min(u64::from(ns.max_transfer));
+            let b = rng.below(4) as usize;
+            if len == 0 || buf_cursor[b] + len + 4096 > 2 * MIB {
+                break;
+            }
+            // Buffer offsets with in-page offsets, 4-byte aligned.
+            let boff = buf_cursor[b] + rng.below(1024) * 4;
+            buf_cursor[b] = (boff + len).next_multiple_of(4096);
+            let data = ring.buffer_mut(bufs[b], boff, len).unwrap();
+            pattern(seed ^ (round as u64) << 32 ^ cursor, data);
+            model[cursor as usize..(cursor + len) as usize].copy_from_slice(data);
+            for blk in cursor / lba..(cursor + len) / lba {
+                written[blk as usize] = true;
+            }
+            ios.push(Io::write(ns.nsid, base + cursor, len as u32, bufs[b], boff));
+            cursor += len;
+        }
+        for (_, c) in run_batch(ring, &ios, 32) {
+            assert_eq!(c.status, Status::Success, "write {c:?}");
+        }
+    }
+    // Read back in 128 KiB pieces into a different buffer and compare with the model.
+    let rbuf = ring.alloc_buffer(4 * MIB as usize).unwrap();
+    let piece = 128 * 1024u64;
+    let mut off = 0;
+    while off < size {
+        let n = piece.min(size - off);
+        let ios: Vec<Io> = (0..32)
+            .map(|i| off + i * n)
+            .take_while(|&o| o < size)
+            .map(|o| Io::read(ns.nsid, base + o, n.min(size - o) as u32, rbuf, o - off))
+            .collect();
+        let count = ios.len() as u64;
+        for (_, c) in run_batch(ring, &ios, 32) {
+            assert_eq!(c.status, Status::Success, "read {c:?}");
+        }
+        for i in 0..count {
+            let o = off + i * n;
+            let len = n.min(size - o);
+            let got = ring.buffer(rbuf, o - off, len).unwrap();
+            assert!(got == &model[o as usize..(o + len) as usize], "data mismatch at region offset {o}");
+        }
+        off += count * n;
+    }
+    assert!(written.iter().filter(|w| **w).count() > written.len() / 4, "the test wrote too little");
+}
+
+#[test]
+fn random_writes_then_reads_verify() {
+    let broker = TestBroker::start(&[]);
+    let mut ring = broker.connect();
+    random_write_read(&mut ring, (0, 8 * MIB), 0x1234, 6);
+    let stats = ring.stats().unwrap();
+    assert_eq!(stats.errors, 0);
+    assert!(stats.bytes_written > 4 * MIB && stats.bytes_read >= 8 * MIB, "{stats:?}");
+}
+
+#[test]
+fn random_io_with_4k_blocks() {
+    let broker = TestBroker::start(&["--lba-size", "4096"]);
+    let mut ring = broker.connect();
+    assert_eq!(ring.namespaces()[0].lba_size, 4096);
+    random_write_read(&mut ring, (MIB, 8 * MIB), 0x777, 4);
+}
+
+#[test]
+fn concurrent_clients_keep_their_data() {
+    let broker = TestBroker::start(&[]);
+    let threads: Vec<_> = (0..4u64)
+        .map(|i| {
+            let mut ring = broker.connect();
+            std::thread::spawn(move || random_write_read(&mut ring, (i * 8 * MIB, 8 * MIB), 0xabc + i, 4))
+        })
+        .collect();
+    for t in threads {
+        t.join().expect("client thread");
+    }
+}
+
+#[test]
+fn write_zeroes_deallocate_flush_and_fua() {
+    let broker = TestBroker::start(&[]);
+    let mut ring = broker.connect();
+    let ns = ring.namespaces()[0].nsid;
+    let buf = ring.alloc_buffer(64 * 1024).unwrap();
+    ring.buffer_mut(buf, 0, 65536).unwrap().fill(0xee);
+    let ios = [Io::write(ns, 0, 65536, buf, 0).fua(), Io::write(ns, 65536, 65536, buf, 0)];
+    assert!(run_batch(&mut ring, &ios, 4).values().all(|c| c.status.is_success()));
+    let ios = [Io::write_zeroes(ns, 4096, 8192), Io::deallocate(ns, 65536 + 512, 1024), Io::flush(ns)];
+    assert!(run_batch(&mut ring, &ios, 4).values().all(|c| c.status.is_success()));
+    ring.read(ns, 0, buf, 0, 65536).unwrap();
+    let d = ring.buffer(buf, 0, 65536).unwrap();
+    assert!(d[..4096].iter().all(|&b| b == 0xee));
+    assert!(d[4096..12288].iter().all(|&b| b == 0));
+    assert!(d[12288..].iter().all(|&b| b == 0xee));
+    ring.read(ns, 65536, buf, 0, 4096).unwrap();
+    let d = ring.buffer(buf, 0, 4096).unwrap();
+    assert!(d[..512].iter().all(|&b| b == 0xee) && d[512..1536].iter().all(|&b| b == 0));
+    assert!(d[1536..].iter().all(|&b| b == 0xee));
+}
+
+#[test]
+fn injected_device_error_reaches_the_client_as_that_status() {
+    // The 3rd I/O command fails with "unrecovered read error" (SCT 2, SC 0x81).
+    let broker = TestBroker::start(&["--inject", "fail:3:2:0x81"]);
+    let mut ring = broker.connect();
+    let ns = ring.namespaces()[0].nsid;
+    let buf = ring.alloc_buffer(4096).unwrap();
+    ring.write(ns, 0, buf, 0, 4096).unwrap();
+    ring.read(ns, 0, buf, 0, 4096).unwrap();
+    let err = ring.read(ns, 0, buf, 0, 4096).unwrap_err();
+    match err {
+        Error::Io(Status::Nvme(NvmeStatus { sct: 2, sc: 0x81, .. })) => {}
+        other => panic!("expected the injected NVMe status, got {other:?}"),
+    }
+    assert!(err.to_string().contains("unrecovered read error"), "{err}");
+    ring.read(ns, 0, buf, 0, 4096).unwrap();
+    let stats = ring.stats().unwrap();
+    assert_eq!((stats.completed, stats.errors), (4, 1));
+}
+
+#[test]
+fn delayed_completion_arrives_late_and_correct() {
+    let broker = TestBroker::start(&["--inject", "delay:2:300"]);
+    let mut ring = broker.connect();
+    let ns = ring.namespaces()[0].nsid;
+    let buf = ring.alloc_buffer(8192).unwrap();
+    ring.buffer_mut(buf, 0, 4096).unwrap().fill(7);
+    ring.write(ns, 0, buf, 0, 4096).unwrap();
+    let t = Instant::now();
+    ring.read(ns, 0, buf, 4096, 4096).unwrap();
+    assert!(t.elapsed() >= Duration::from_millis(290), "completion was not delayed");
+    assert!(ring.buffer(buf, 4096, 4096).unwrap().iter().all(|&b| b == 7));
+}
+
+#[test]
+fn buffer_with_io_in_flight_cannot_be_unregistered() {
+    // The first I/O never completes.
+    let broker = TestBroker::start(&["--inject", "hang:1"]);
+    let mut ring = broker.connect();
+    let ns = ring.namespaces()[0].nsid;
+    let buf = ring.alloc_buffer(4096).unwrap();
+    let other = ring.alloc_buffer(4096).unwrap();
+    ring.prep(Io::read(ns, 0, 4096, buf, 0)).unwrap();
+    ring.submit().unwrap();
+    // The library refuses to hand out the range or unregister the buffer...
+    assert!(matches!(ring.buffer(buf, 0, 16), Err(Error::InFlight { .. })));
+    assert!(matches!(ring.unregister_buffer(buf), Err(Error::InFlight { .. })));
+    // ...and so does the broker when asked directly.
+    let mut stats = ring.stats().unwrap();
+    wait_until("the read to reach the device", Duration::from_secs(5), || {
+        stats = ring.stats().unwrap();
+        stats.in_flight == 1
+    });
+    match ring.control(&Request::UnregisterBuffer { buffer_id: buf.0 }, &[]) {
+        Err(Error::Refused(ControlError::BufferBusy { in_flight: 1, .. })) => {}
+        other => panic!("expected BufferBusy, got {other:?}"),
+    }
+    // Other buffers are unaffected.
+    ring.unregister_buffer(other).unwrap();
+}
+
+#[test]
+fn killed_client_is_drained_and_released_while_others_continue() {
+    let broker = TestBroker::start(&[]);
+    let mut survivor = broker.connect();
+    let base_iova = survivor.stats().unwrap().broker_buffer_iova_bytes;
+    // A child process hammering its own region with writes.
+    let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "child_process_entry", "--nocapture", "--test-threads=1"])
+        .env("NVMED_TEST_CHILD_SOCKET", &broker.socket)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    while !line.contains("HAMMERING") {
+        line.clear();
+        assert!(std::io::BufRead::read_line(&mut out, &mut line).unwrap() > 0, "child exited early");
+    }
+    let peak = survivor.stats().unwrap();
+    assert_eq!(peak.broker_sessions, 2);
+    assert!(peak.broker_buffer_iova_bytes >= base_iova + 8 * MIB);
+    let survivor_thread = std::thread::spawn(move || {
+        random_write_read(&mut survivor, (32 * MIB, 8 * MIB), 99, 6);
+        survivor
+    });
+    std::thread::sleep(Duration::from_millis(100));
+    child.kill().unwrap(); // SIGKILL, with I/O in flight
+    child.wait().unwrap();
+    let mut survivor = survivor_thread.join().expect("the surviving client failed");
+    let mut stats = survivor.stats().unwrap();
+    wait_until("the killed client's session to be released", Duration::from_secs(10), || {
+        stats = survivor.stats().unwrap();
+        stats.broker_sessions == 1
+    });
+    let mine = stats.buffer_bytes;
+    assert_eq!(stats.broker_buffer_iova_bytes, mine, "the killed client's IOVA mappings were not released");
+    random_write_read(&mut survivor, (40 * MIB, 4 * MIB), 100, 2);
+}
+
+/// Not a test: the body of the child process spawned by
+/// `killed_client_is_drained_and_released_while_others_continue`.
+#[test]
+fn child_process_entry() {
+    let Ok(socket) = std::env::var("NVMED_TEST_CHILD_SOCKET") else { return };
+    let mut ring = NvmeRing::open(&socket).unwrap();
+    let ns = ring.namespaces()[0].nsid;
+    let buf = ring.alloc_buffer(8 * MIB as usize).unwrap();
+    ring.buffer_mut(buf, 0, 8 * MIB).unwrap().fill(0x5a);
+    println!("HAMMERING");
+    let mut out = Vec::new();
+    let mut i = 0u64;
+    loop {
+        while ring.in_flight() < 64 {
+            let off = (i % 64) * 128 * 1024;
+            ring.prep(Io::write(ns, 48 * MIB + off, 128 * 1024, buf, off)).unwrap();
+            i += 1;
+        }
+        ring.submit().unwrap();
+        out.clear();
+        ring.wait(1, &mut out, None).unwrap();
+    }
+}
+
+#[test]
+fn data_survives_a_broker_restart_on_a_backing_file() {
+    let dir = scratch_dir();
+    let file = dir.join("disk.img");
+    let file_arg = file.to_str().unwrap().to_string();
+    let mut broker = TestBroker::start_in(dir.clone(), &["--backing", &file_arg]);
+    {
+        let mut ring = broker.connect();
+        let ns = ring.namespaces()[0].nsid;
+        let buf = ring.alloc_buffer(1 << 20).unwrap();
+        pattern(42, ring.buffer_mut(buf, 0, 1 << 20).unwrap());
+        ring.write(ns, 3 * MIB, buf, 0, 512 * 1024).unwrap();
+        ring.write(ns, 3 * MIB + 512 * 1024, buf, 512 * 1024, 512 * 1024).unwrap();
+        ring.flush(ns).unwrap();
+    }
+    assert!(broker.stop(), "broker did not shut down cleanly");
+    assert!(!broker.socket.exists(), "socket file left behind");
+    let broker2 = TestBroker::start_in(dir, &["--backing", &file_arg]);
+    let mut ring = broker2.connect();
+    let ns = ring.namespaces()[0].nsid;
+    let buf = ring.alloc_buffer(1 << 20).unwrap();
+    ring.read(ns, 3 * MIB, buf, 0, 512 * 1024).unwrap();
+    ring.read(ns, 3 * MIB + 512 * 1024, buf, 512 * 1024, 512 * 1024).unwrap();
+    let mut expect = vec![0u8; 1 << 20];
+    pattern(42, &mut expect);
+    assert!(ring.buffer(buf, 0, 1 << 20).unwrap() == &expect[..]);
+    drop(broker);
+}
+
+#[test]
+fn read_only_and_windowed_grants() {
+    // uid 0 (the test) gets namespace 1 blocks 2048..4096, read-only.
+    let broker = TestBroker::start(&["--grant", "0:1:2048+2048:ro"]);
+    let mut ring = broker.connect();
+    let ns = ring.namespaces()[0];
+    assert!(ns.read_only);
+    assert_eq!(ns.lba_count, 2048);
+    let buf = ring.alloc_buffer(4096).unwrap();
+    ring.read(ns.nsid, 0, buf, 0, 4096).unwrap();
+    let e = ring.write(ns.nsid, 0, buf, 0, 4096).unwrap_err();
+    assert!(matches!(e, Error::Io(Status::Broker(nvmed_client::BrokerStatus::NotPermitted))), "{e:?}");
+    let e = ring.read(ns.nsid, 2048 * 512, buf, 0, 512).unwrap_err();
+    assert!(matches!(e, Error::Io(Status::Broker(nvmed_client::BrokerStatus::OutOfRange))), "{e:?}");
+}
+
+#[test]
+fn nops_round_trip_and_ring_wraps() {
+    let broker = TestBroker::start(&[]);
+    let mut ring = broker.connect_with(8, 8);
+    let mut out = Vec::new();
+    for round in 0..100u64 {
+        for i in 0..8 {
+            ring.prep(Io::nop().user_data(round * 8 + i)).unwrap();
+        }
+        assert!(matches!(ring.prep(Io::nop()), Err(Error::SqFull)));
+        ring.submit().unwrap();
+        out.clear();
+        let mut got = 0;
+        while got < 8 {
+            got += ring.wait(8 - got, &mut out, Some(Duration::from_secs(10))).unwrap();
+        }
+        let mut ids: Vec<u64> = out.iter().map(|c| c.user_data).collect();
+        ids.sort();
+        assert_eq!(ids, (round * 8..round * 8 + 8).collect::<Vec<_>>());
+    }
+}
+
+#[test]
+fn clean_shutdown_on_sigterm_with_clients_connected() {
+    let mut broker = TestBroker::start(&[]);
+    let mut ring = broker.connect();
+    let buf = ring.alloc_buffer(4096).unwrap();
+    ring.write(1, 0, buf, 0, 4096).unwrap();
+    assert!(broker.stop(), "nvmed did not exit 0 on SIGTERM");
+    assert!(!broker.socket.exists());
+    let mut out = Vec::new();
+    ring.prep(Io::nop()).unwrap();
+    let _ = ring.submit();
+    let r = ring.wait(1, &mut out, Some(Duration::from_secs(5)));
+    assert!(r.is_err(), "a client of a stopped broker must get an error, got {r:?}");
+    match ring.control(&Request::Stats, &[]) {
+        Err(Error::BrokerGone) => {}
+        other => panic!("expected BrokerGone, got {other:?}"),
+    }
+    let _ = Response::Goodbye;
+}
