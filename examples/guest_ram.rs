@@ -32,7 +32,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     let started = Instant::now();
     let mut done = Vec::new();
-    let run = |ring: &mut NvmeRing, make: &dyn Fn(u64) -> Io, done: &mut Vec<_>| -> Result<(), Box<dyn std::error::Error>> {
+    let run = |ring: &mut NvmeRing,
+               make: &dyn Fn(u64) -> Io,
+               done: &mut Vec<_>|
+     -> Result<(), Box<dyn std::error::Error>> {
         let mut next = 0;
         let mut finished = 0;
         while finished < count {

@@ -1,1 +1,217 @@
-fn x(){}
+//! Bad input from clients: each gets a clear, typed error, and the broker keeps serving
+//! everyone else.
+
+mod common;
+
+use std::io::Write;
+use std::os::fd::{AsFd, OwnedFd};
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use common::*;
+use nvmed_client::{BrokerStatus, Error, Io, NvmeRing, Sqe, Status};
+use nvmed_proto::control::{decode, encode};
+use nvmed_proto::layout::{CQ_HEAD_OFFSET, SQ_TAIL_OFFSET};
+use nvmed_proto::transport;
+use nvmed_proto::{ControlError, Request, Response, RingFault};
+
+/// The broker is alive and another client can still do verified I/O.
+fn others_unaffected(broker: &mut TestBroker) {
+    assert!(broker.alive(), "the broker died");
+    let mut ring = broker.connect();
+    let ns = ring.namespaces()[0].nsid;
+    let buf = ring.alloc_buffer(8192).unwrap();
+    pattern(5, ring.buffer_mut(buf, 0, 4096).unwrap());
+    ring.write(ns, 1 << 20, buf, 0, 4096).unwrap();
+    ring.read(ns, 1 << 20, buf, 4096, 4096).unwrap();
+    assert_eq!(ring.buffer(buf, 0, 4096).unwrap(), ring.buffer(buf, 4096, 4096).unwrap());
+}
+
+fn raw_status(ring: &mut NvmeRing, sqe: Sqe) -> Status {
+    // SAFETY: the entries used here either fail validation or target a buffer the test
+    // does not look at while they are in flight.
+    unsafe { ring.prep_raw(sqe) }.unwrap();
+    ring.submit().unwrap();
+    let mut out = Vec::new();
+    ring.wait(1, &mut out, Some(Duration::from_secs(10))).unwrap();
+    out[0].status
+}
+
+#[test]
+fn bad_submissions_get_their_status() {
+    let mut broker = TestBroker::start(&[]);
+    let mut ring = broker.connect();
+    let ns = ring.namespaces()[0];
+    let buf = ring.alloc_buffer(65536).unwrap().0;
+    let end = ns.size_bytes();
+    let cases = [
+        (Sqe::read(1, 0, 4096, 99, 0, 1), BrokerStatus::BadBuffer),
+        (Sqe::read(1, 0, 4096, buf, 65536 - 2048, 2), BrokerStatus::BufferRange),
+        (Sqe::read(1, 0, 4096, buf, u64::MAX - 99, 3), BrokerStatus::BufferRange),
+        (Sqe::write(1, end - 512, 1024, buf, 0, 4), BrokerStatus::OutOfRange),
+        (Sqe::write(1, u64::MAX - 511, 512, buf, 0, 5), BrokerStatus::OutOfRange),
+        (Sqe::read(1, 0, 1000, buf, 0, 6), BrokerStatus::Misaligned),
+        (Sqe::read(1, 100, 512, buf, 0, 7), BrokerStatus::Misaligned),
+        (Sqe::read(1, 0, 512, buf, 3, 8), BrokerStatus::Misaligned),
+        (Sqe::read(1, 0, 0, buf, 0, 9), BrokerStatus::ZeroLength),
+        (Sqe::read(7, 0, 512, buf, 0, 10), BrokerStatus::InvalidNamespace),
+        (Sqe { opcode: 200, ..Sqe::nop(11) }, BrokerStatus::InvalidOpcode),
+        (Sqe { flags: 0x40, ..Sqe::nop(12) }, BrokerStatus::InvalidField),
+        (Sqe::read(1, 0, 1 << 20, buf, 0, 13), BrokerStatus::TooLarge),
+    ];
+    for (sqe, want) in cases {
+        let got = raw_status(&mut ring, sqe);
+        assert_eq!(got, Status::Broker(want), "{sqe:?}");
+        assert!(!got.to_string().is_empty());
+    }
+    // The same ring still works.
+    ring.write(1, 0, nvmed_client::BufferId(buf), 0, 4096).unwrap();
+    let stats = ring.stats().unwrap();
+    assert_eq!(stats.errors, 13);
+    others_unaffected(&mut broker);
+}
+
+#[test]
+fn unsealed_and_non_memfd_buffers_are_refused() {
+    let mut broker = TestBroker::start(&[]);
+    let mut ring = broker.connect();
+    // A memfd without F_SEAL_SHRINK.
+    let m = memfd::MemfdOptions::new().allow_sealing(true).create("unsealed").unwrap();
+    m.as_file().set_len(8192).unwrap();
+    let r = ring.control(&Request::RegisterBuffer { len: 8192 }, &[m.as_file().as_fd()]);
+    assert!(matches!(r, Err(Error::Refused(ControlError::NotSealed))), "{r:?}");
+    assert!(r.unwrap_err().to_string().contains("F_SEAL_SHRINK"));
+    // A regular file.
+    let dir = scratch_dir();
+    let mut f = std::fs::File::create(dir.join("f")).unwrap();
+    f.write_all(&[0; 8192]).unwrap();
+    let r = ring.control(&Request::RegisterBuffer { len: 8192 }, &[f.as_fd()]);
+    assert!(matches!(r, Err(Error::Refused(ControlError::NotMemfd))), "{r:?}");
+    // A pipe.
+    let (rd, _wr) = nix::unistd::pipe().unwrap();
+    let r = ring.control(&Request::RegisterBuffer { len: 4096 }, &[rd.as_fd()]);
+    assert!(matches!(r, Err(Error::Refused(ControlError::NotMemfd))), "{r:?}");
+    // Sealed, but lengths that do not fit.
+    let m = memfd::MemfdOptions::new().allow_sealing(true).create("small").unwrap();
+    m.as_file().set_len(8192).unwrap();
+    m.add_seals(&[memfd::FileSeal::SealShrink]).unwrap();
+    for len in [0u64, 100, 16384] {
+        let r = ring.control(&Request::RegisterBuffer { len }, &[m.as_file().as_fd()]);
+        assert!(matches!(r, Err(Error::Refused(ControlError::BadBufferLength { .. }))), "{len}: {r:?}");
+    }
+    // No fd, or an fd where none belongs.
+    let r = ring.control(&Request::RegisterBuffer { len: 4096 }, &[]);
+    assert!(matches!(r, Err(Error::Refused(ControlError::MissingFd))), "{r:?}");
+    let r = ring.control(&Request::Stats, &[m.as_file().as_fd()]);
+    assert!(matches!(r, Err(Error::Refused(ControlError::UnexpectedFd))), "{r:?}");
+    // Unknown buffer.
+    let r = ring.control(&Request::UnregisterBuffer { buffer_id: 1234 }, &[]);
+    assert!(matches!(r, Err(Error::Refused(ControlError::UnknownBuffer(1234)))), "{r:?}");
+    // A second ring.
+    let r = ring.control(&Request::CreateRing { sq_entries: 8, cq_entries: 8 }, &[]);
+    assert!(matches!(r, Err(Error::Refused(ControlError::RingExists))), "{r:?}");
+    // The session is still fine.
+    ring.stats().unwrap();
+    others_unaffected(&mut broker);
+}
+
+fn raw_connect(broker: &TestBroker) -> OwnedFd {
+    use nix::sys::socket::*;
+    let s = socket(AddressFamily::Unix, SockType::SeqPacket, SockFlag::SOCK_CLOEXEC, None).unwrap();
+    connect(std::os::fd::AsRawFd::as_raw_fd(&s), &UnixAddr::new(&broker.socket).unwrap()).unwrap();
+    s
+}
+
+fn raw_call(s: &OwnedFd, bytes: &[u8], fds: &[std::os::fd::BorrowedFd<'_>]) -> Response {
+    transport::send(s.as_fd(), bytes, fds).unwrap();
+    decode(&transport::recv(s.as_fd()).unwrap().bytes).unwrap()
+}
+
+#[test]
+fn malformed_oversized_and_fd_flooding_messages() {
+    let mut broker = TestBroker::start(&[]);
+    let s = raw_connect(&broker);
+    // Before Hello.
+    assert_eq!(raw_call(&s, &encode(&Request::Stats), &[]), Response::Error(ControlError::HelloRequired));
+    // Wrong version.
+    let hello = |v| encode(&Request::Hello { version: v, client_name: "raw".into() });
+    assert!(matches!(
+        raw_call(&s, &hello(99), &[]),
+        Response::Error(ControlError::VersionMismatch { client: 99, .. })
+    ));
+    assert!(matches!(raw_call(&s, &hello(1), &[]), Response::Hello { .. }));
+    assert_eq!(raw_call(&s, &hello(1), &[]), Response::Error(ControlError::DuplicateHello));
+    // Garbage.
+    assert!(matches!(raw_call(&s, &[0xff; 17], &[]), Response::Error(ControlError::Malformed(_))));
+    // Oversized.
+    assert!(matches!(
+        raw_call(&s, &vec![0u8; 64 * 1024], &[]),
+        Response::Error(ControlError::MessageTooLarge { .. })
+    ));
+    // Too many fds in one message.
+    let fds: Vec<OwnedFd> = (0..8).map(|_| nvmed_proto::eventfd::new_eventfd().unwrap()).collect();
+    let borrowed: Vec<_> = fds.iter().map(|f| f.as_fd()).collect();
+    let r = raw_call(&s, &encode(&Request::RegisterBuffer { len: 4096 }), &borrowed);
+    assert!(matches!(r, Response::Error(ControlError::TooManyFds { .. })), "{r:?}");
+    // The connection still works.
+    assert!(matches!(raw_call(&s, &encode(&Request::Stats), &[]), Response::Stats(_)));
+    // Bad ring sizes.
+    let r = raw_call(&s, &encode(&Request::CreateRing { sq_entries: 3, cq_entries: 1 << 30 }), &[]);
+    assert!(matches!(r, Response::Error(ControlError::BadRingSize(_))), "{r:?}");
+    others_unaffected(&mut broker);
+}
+
+#[test]
+fn hostile_ring_indices_fault_only_that_ring() {
+    let mut broker = TestBroker::start(&[]);
+    // Garbage SQ tail.
+    let mut bad = broker.connect_with(16, 16);
+    // Published behind the library's back; the broker notices on its next look (at the
+    // latest when its idle sleep times out).
+    bad.ring_memory().store_u32(SQ_TAIL_OFFSET, 0xdead_beef, Ordering::Release);
+    let mut out = Vec::new();
+    let r = bad.wait(1, &mut out, Some(Duration::from_secs(10)));
+    assert!(matches!(r, Err(Error::RingFaulted(Some(RingFault::SqTailCorrupt)))), "{r:?}");
+    others_unaffected(&mut broker);
+
+    // Garbage CQ head.
+    let mut bad = broker.connect_with(16, 16);
+    bad.ring_memory().store_u32(CQ_HEAD_OFFSET, 0x8000_0000, Ordering::Release);
+    bad.prep(Io::nop()).unwrap();
+    bad.submit().unwrap();
+    let r = bad.wait(1, &mut out, Some(Duration::from_secs(10)));
+    assert!(matches!(r, Err(Error::RingFaulted(Some(RingFault::CqHeadCorrupt)))), "{r:?}");
+    // The faulted session still answers control requests and can leave cleanly.
+    bad.stats().unwrap();
+    drop(bad);
+
+    // A client that stops reaping: the broker never overruns its CQ.
+    let mut slow = broker.connect_with(8, 8);
+    for round in 0..3 {
+        for i in 0..8 {
+            let _ = slow.prep(Io::nop().user_data(round * 8 + i));
+        }
+        let _ = slow.submit();
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let avail = {
+        let tail = slow.ring_memory().load_u32(nvmed_proto::layout::CQ_TAIL_OFFSET, Ordering::Acquire);
+        let head = slow.ring_memory().load_u32(CQ_HEAD_OFFSET, Ordering::Acquire);
+        tail.wrapping_sub(head)
+    };
+    assert_eq!(avail, 8, "the broker must post exactly as many completions as fit");
+    out.clear();
+    slow.wait(8, &mut out, Some(Duration::from_secs(5))).unwrap();
+    others_unaffected(&mut broker);
+}
+
+#[test]
+fn session_limit_is_a_clear_error() {
+    let broker = TestBroker::start(&["--max-sessions", "2"]);
+    let _a = broker.connect();
+    let _b = broker.connect();
+    match NvmeRing::open(&broker.socket) {
+        Err(Error::Refused(ControlError::ResourceExhausted(msg))) => assert!(msg.contains("at most 2")),
+        other => panic!("expected a session limit error, got {other:?}"),
+    }
+}

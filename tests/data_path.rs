@@ -50,7 +50,8 @@ fn random_write_read(ring: &mut NvmeRing, region: (u64, u64), seed: u64, rounds:
         while cursor < size && ios.len() < 48 {
             cursor += rng.below(8) * lba;
             // Lengths from one block up to 256 KiB: one page, two pages, and PRP lists.
-            let len = ((rng.below(512) + 1) * lba).min(size.saturating_sub(cursor)).min(u64::from(ns.max_transfer));
+            let len =
+                ((rng.below(512) + 1) * lba).min(size.saturating_sub(cursor)).min(u64::from(ns.max_transfer));
             let b = rng.below(4) as usize;
             if len == 0 || buf_cursor[b] + len + 4096 > 2 * MIB {
                 break;

@@ -36,13 +36,13 @@ use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::socket::{connect, socket, AddressFamily, SockFlag, SockType, UnixAddr};
 use nvmed_proto::control::{decode, encode};
 use nvmed_proto::layout::{
-    RingLayout, BROKER_FAULTED, BROKER_FLAGS_OFFSET, BROKER_NEED_WAKEUP, CLIENT_CQ_WAITING, CLIENT_FLAGS_OFFSET,
-    FAULT_OFFSET, RING_MAGIC, RING_VERSION,
+    RingLayout, BROKER_FAULTED, BROKER_FLAGS_OFFSET, BROKER_NEED_WAKEUP, CLIENT_CQ_WAITING,
+    CLIENT_FLAGS_OFFSET, FAULT_OFFSET, RING_MAGIC, RING_VERSION,
 };
 use nvmed_proto::ring::{completion_ring, submission_ring, Consumer, Producer, SharedRing};
 use nvmed_proto::shm::SharedMemory;
-pub use nvmed_proto::{BrokerStatus, NamespaceInfo, NvmeStatus, Opcode, Sqe, Stats, Status};
 use nvmed_proto::{transport, Cqe, Request, Response, RingFault, RingHeader, PROTOCOL_VERSION};
+pub use nvmed_proto::{BrokerStatus, NamespaceInfo, NvmeStatus, Opcode, Sqe, Stats, Status};
 use slab::Slab;
 
 /// Id of a registered buffer.
@@ -95,7 +95,15 @@ pub struct Io {
 impl Io {
     /// Read `len` bytes at `offset` into `buffer` at `buf_offset`.
     pub fn read(nsid: u32, offset: u64, len: u32, buffer: BufferId, buf_offset: u64) -> Self {
-        Self { op: Opcode::Read, nsid, offset, len, buffer: Some((buffer, buf_offset)), fua: false, user_data: 0 }
+        Self {
+            op: Opcode::Read,
+            nsid,
+            offset,
+            len,
+            buffer: Some((buffer, buf_offset)),
+            fua: false,
+            user_data: 0,
+        }
     }
     /// Write `len` bytes at `offset` from `buffer` at `buf_offset`.
     pub fn write(nsid: u32, offset: u64, len: u32, buffer: BufferId, buf_offset: u64) -> Self {
@@ -178,16 +186,20 @@ impl NvmeRing {
     pub fn open_with(path: impl AsRef<Path>, opts: RingOptions) -> Result<Self> {
         let path = path.as_ref();
         let cerr = |source| Error::Connect { path: path.display().to_string(), source };
-        let sock = socket(AddressFamily::Unix, SockType::SeqPacket, SockFlag::SOCK_CLOEXEC, None).map_err(cerr)?;
+        let sock =
+            socket(AddressFamily::Unix, SockType::SeqPacket, SockFlag::SOCK_CLOEXEC, None).map_err(cerr)?;
         let addr = UnixAddr::new(path).map_err(cerr)?;
         connect(sock.as_raw_fd(), &addr).map_err(cerr)?;
-        let (resp, _) = call(&sock, &Request::Hello { version: PROTOCOL_VERSION, client_name: opts.client_name }, &[])?;
+        let (resp, _) =
+            call(&sock, &Request::Hello { version: PROTOCOL_VERSION, client_name: opts.client_name }, &[])?;
         let Response::Hello { session_id, .. } = resp else { return Err(unexpected(resp)) };
         let (resp, _) = call(&sock, &Request::ListNamespaces, &[])?;
         let Response::Namespaces(namespaces) = resp else { return Err(unexpected(resp)) };
         let req = Request::CreateRing { sq_entries: opts.sq_entries, cq_entries: opts.cq_entries };
         let (resp, mut fds) = call(&sock, &req, &[])?;
-        let Response::RingCreated { sq_entries, cq_entries, size } = resp else { return Err(unexpected(resp)) };
+        let Response::RingCreated { sq_entries, cq_entries, size } = resp else {
+            return Err(unexpected(resp));
+        };
         if fds.len() != 3 {
             return Err(Error::Protocol(format!("ring reply carried {} fds, expected 3", fds.len())));
         }
@@ -198,7 +210,9 @@ impl NvmeRing {
         let complete_fd = fds.pop().unwrap();
         let submit_fd = fds.pop().unwrap();
         let ring_fd = fds.pop().unwrap();
-        let mem = Arc::new(SharedMemory::map_shared(ring_fd.as_fd(), layout.total_size).map_err(error::os("mmap ring"))?);
+        let mem = Arc::new(
+            SharedMemory::map_shared(ring_fd.as_fd(), layout.total_size).map_err(error::os("mmap ring"))?,
+        );
         let header: RingHeader = mem.read(0);
         if header != layout.header() || header.magic != RING_MAGIC || header.version != RING_VERSION {
             return Err(Error::Protocol(format!("bad ring header {header:?}")));
@@ -384,7 +398,11 @@ impl NvmeRing {
                     b.in_flight -= 1;
                 }
             }
-            out.push(Completion { user_data: p.user_data, status: Status::decode(cqe.status), result: cqe.result });
+            out.push(Completion {
+                user_data: p.user_data,
+                status: Status::decode(cqe.status),
+                result: cqe.result,
+            });
         }
         self.cq.consume(avail);
         Ok(avail as usize)
@@ -392,7 +410,12 @@ impl NvmeRing {
 
     /// Waits until at least `min` completions were moved into `out` (spinning briefly, then
     /// sleeping on the completion eventfd). `None` waits forever.
-    pub fn wait(&mut self, min: usize, out: &mut Vec<Completion>, timeout: Option<Duration>) -> Result<usize> {
+    pub fn wait(
+        &mut self,
+        min: usize,
+        out: &mut Vec<Completion>,
+        timeout: Option<Duration>,
+    ) -> Result<usize> {
         let start = Instant::now();
         let mut got = self.poll(out)?;
         while got < min {
@@ -504,7 +527,11 @@ fn unexpected(r: Response) -> Error {
     }
 }
 
-fn call(sock: &OwnedFd, req: &Request, fds: &[std::os::fd::BorrowedFd<'_>]) -> Result<(Response, Vec<OwnedFd>)> {
+fn call(
+    sock: &OwnedFd,
+    req: &Request,
+    fds: &[std::os::fd::BorrowedFd<'_>],
+) -> Result<(Response, Vec<OwnedFd>)> {
     transport::send(sock.as_fd(), &encode(req), fds).map_err(|_| Error::BrokerGone)?;
     let msg = transport::recv(sock.as_fd()).map_err(|_| Error::BrokerGone)?;
     let resp: Response = decode(&msg.bytes).map_err(|e| Error::Protocol(e.to_string()))?;

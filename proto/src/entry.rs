@@ -99,32 +99,17 @@ const _: () = assert!(core::mem::align_of::<Cqe>() == 8);
 
 impl Sqe {
     fn with(opcode: Opcode, nsid: u32, offset: u64, len: u32, user_data: u64) -> Self {
-        Self {
-            opcode: opcode as u8,
-            nsid,
-            offset,
-            len,
-            user_data,
-            ..Self::default()
-        }
+        Self { opcode: opcode as u8, nsid, offset, len, user_data, ..Self::default() }
     }
 
     /// A read of `len` bytes at `offset` into buffer `buf_id` at `buf_offset`.
     pub fn read(nsid: u32, offset: u64, len: u32, buf_id: u32, buf_offset: u64, user_data: u64) -> Self {
-        Self {
-            buf_id,
-            buf_offset,
-            ..Self::with(Opcode::Read, nsid, offset, len, user_data)
-        }
+        Self { buf_id, buf_offset, ..Self::with(Opcode::Read, nsid, offset, len, user_data) }
     }
 
     /// A write of `len` bytes at `offset` from buffer `buf_id` at `buf_offset`.
     pub fn write(nsid: u32, offset: u64, len: u32, buf_id: u32, buf_offset: u64, user_data: u64) -> Self {
-        Self {
-            buf_id,
-            buf_offset,
-            ..Self::with(Opcode::Write, nsid, offset, len, user_data)
-        }
+        Self { buf_id, buf_offset, ..Self::with(Opcode::Write, nsid, offset, len, user_data) }
     }
 
     /// A flush of the namespace.

@@ -127,14 +127,10 @@ impl RingLayout {
         if !ok {
             return Err(BadRingSize { sq: sq_entries, cq: cq_entries });
         }
-        let cq_entries_offset = round_up(
-            SQ_ENTRIES_OFFSET + sq_entries as usize * core::mem::size_of::<Sqe>(),
-            PAGE_SIZE,
-        );
-        let total_size = round_up(
-            cq_entries_offset + cq_entries as usize * core::mem::size_of::<Cqe>(),
-            PAGE_SIZE,
-        );
+        let cq_entries_offset =
+            round_up(SQ_ENTRIES_OFFSET + sq_entries as usize * core::mem::size_of::<Sqe>(), PAGE_SIZE);
+        let total_size =
+            round_up(cq_entries_offset + cq_entries as usize * core::mem::size_of::<Cqe>(), PAGE_SIZE);
         Ok(Self { sq_entries, cq_entries, cq_entries_offset, total_size })
     }
 
@@ -164,7 +160,15 @@ mod tests {
         assert_eq!(l.cq_entries_offset, 4096 + 256 * 64);
         assert_eq!(l.total_size, l.cq_entries_offset + 512 * 16);
         assert_eq!(l.total_size % PAGE_SIZE, 0);
-        let offsets = [SQ_HEAD_OFFSET, SQ_TAIL_OFFSET, CQ_HEAD_OFFSET, CQ_TAIL_OFFSET, BROKER_FLAGS_OFFSET, CLIENT_FLAGS_OFFSET, FAULT_OFFSET];
+        let offsets = [
+            SQ_HEAD_OFFSET,
+            SQ_TAIL_OFFSET,
+            CQ_HEAD_OFFSET,
+            CQ_TAIL_OFFSET,
+            BROKER_FLAGS_OFFSET,
+            CLIENT_FLAGS_OFFSET,
+            FAULT_OFFSET,
+        ];
         for w in offsets.windows(2) {
             assert!(w[1] - w[0] >= 64, "index words share a cache line");
         }

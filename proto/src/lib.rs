@@ -46,8 +46,8 @@
 //! descriptors travel.
 
 pub mod control;
-pub mod eventfd;
 mod entry;
+pub mod eventfd;
 pub mod layout;
 pub mod ring;
 pub mod shm;

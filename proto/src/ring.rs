@@ -13,7 +13,9 @@
 use core::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use crate::layout::{RingLayout, CQ_HEAD_OFFSET, CQ_TAIL_OFFSET, SQ_ENTRIES_OFFSET, SQ_HEAD_OFFSET, SQ_TAIL_OFFSET};
+use crate::layout::{
+    RingLayout, CQ_HEAD_OFFSET, CQ_TAIL_OFFSET, SQ_ENTRIES_OFFSET, SQ_HEAD_OFFSET, SQ_TAIL_OFFSET,
+};
 use crate::shm::SharedMemory;
 use crate::{Cqe, Sqe};
 

@@ -32,14 +32,7 @@ impl SharedMemory {
         let raw_fd = fd.map_or(-1, |f| std::os::fd::AsRawFd::as_raw_fd(&f));
         // SAFETY: a fresh mapping at an address the kernel picks; it aliases no Rust object.
         let ptr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                flags,
-                raw_fd,
-                0,
-            )
+            libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ | libc::PROT_WRITE, flags, raw_fd, 0)
         };
         if ptr == libc::MAP_FAILED {
             return Err(io::Error::last_os_error());
@@ -78,7 +71,7 @@ impl SharedMemory {
             "shared memory access {offset}+{size} past {}",
             self.len
         );
-        assert!(offset % align == 0, "misaligned shared memory access at {offset}");
+        assert!(offset.is_multiple_of(align), "misaligned shared memory access at {offset}");
         // SAFETY: offset + size <= len was checked above, so the result stays inside the mapping.
         unsafe { self.ptr.as_ptr().add(offset) }
     }

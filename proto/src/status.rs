@@ -91,11 +91,7 @@ pub struct NvmeStatus {
 impl NvmeStatus {
     /// Builds from the 15-bit status field of an NVMe completion (bits 1..=15 of DW3's upper half).
     pub fn from_status_field(field: u16) -> Self {
-        Self {
-            sc: (field & 0xff) as u8,
-            sct: ((field >> 8) & 0x7) as u8,
-            dnr: field & (1 << 14) != 0,
-        }
+        Self { sc: (field & 0xff) as u8, sct: ((field >> 8) & 0x7) as u8, dnr: field & (1 << 14) != 0 }
     }
 
     fn describe(self) -> &'static str {

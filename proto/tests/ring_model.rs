@@ -18,11 +18,7 @@ enum Op {
 }
 
 fn op() -> impl Strategy<Value = Op> {
-    prop_oneof![
-        (1u8..20).prop_map(Op::Push),
-        Just(Op::Publish),
-        (1u8..20).prop_map(Op::Pop),
-    ]
+    prop_oneof![(1u8..20).prop_map(Op::Push), Just(Op::Publish), (1u8..20).prop_map(Op::Pop),]
 }
 
 proptest! {

@@ -164,12 +164,8 @@ impl IovaSpace {
     ) -> Result<DmaMapping, IovaError> {
         let len = len.next_multiple_of(IOVA_PAGE);
         let align = if len >= (2 << 20) { 2 << 20 } else { IOVA_PAGE };
-        let iova = self
-            .area(area)
-            .lock()
-            .unwrap()
-            .alloc(len, align)
-            .ok_or(IovaError::Exhausted { area, len })?;
+        let iova =
+            self.area(area).lock().unwrap().alloc(len, align).ok_or(IovaError::Exhausted { area, len })?;
         // SAFETY: forwarded from this function's contract.
         if let Err(e) = unsafe { device.dma_map(iova, host, len) } {
             self.area(area).lock().unwrap().free(iova, len);

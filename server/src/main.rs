@@ -133,7 +133,7 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     signals.add(Signal::SIGTERM);
     signals.thread_block()?;
 
-    if args.size % u64::from(args.lba_size) != 0 {
+    if !args.size.is_multiple_of(u64::from(args.lba_size)) {
         return Err(format!("--size must be a multiple of the LBA size {}", args.lba_size).into());
     }
     let backend: Box<dyn Backend> = match (&args.backing, args.null) {

@@ -131,7 +131,10 @@ mod tests {
         assert!("1000".parse::<Grant>().is_err());
         assert!("1000:0".parse::<Grant>().is_err());
         assert!("1000:1:rw".parse::<Grant>().is_err());
-        let ns = [Namespace { nsid: 1, lba_size: 512, lba_count: 5000 }, Namespace { nsid: 2, lba_size: 512, lba_count: 10 }];
+        let ns = [
+            Namespace { nsid: 1, lba_size: 512, lba_count: 5000 },
+            Namespace { nsid: 2, lba_size: 512, lba_count: 10 },
+        ];
         let p = Policy { grants: vec![g], default: DefaultAccess::ReadWrite };
         let a = p.access_for(1000, &ns);
         assert_eq!(a.len(), 1);

@@ -36,13 +36,15 @@ impl RegisteredBuffer {
         if !seals.contains(SealFlag::F_SEAL_SHRINK) {
             return Err(ControlError::NotSealed);
         }
-        if len == 0 || len % IOVA_PAGE != 0 {
+        if len == 0 || !len.is_multiple_of(IOVA_PAGE) {
             return Err(bad("must be a non-zero multiple of 4096"));
         }
         if len > max_len {
             return Err(bad(&format!("larger than the limit of {max_len} bytes")));
         }
-        let size = nix::sys::stat::fstat(&fd).map_err(|e| ControlError::Internal(format!("fstat: {e}")))?.st_size as u64;
+        let size = nix::sys::stat::fstat(&fd)
+            .map_err(|e| ControlError::Internal(format!("fstat: {e}")))?
+            .st_size as u64;
         if size < len {
             return Err(bad(&format!("the memfd has only {size} bytes")));
         }

@@ -136,7 +136,9 @@ impl Connection {
         let limit = self.shared.config.max_sessions;
         if self.shared.sessions.fetch_add(1, Ordering::Relaxed) >= limit as u64 {
             self.shared.sessions.fetch_sub(1, Ordering::Relaxed);
-            return Err(ControlError::ResourceExhausted(format!("the broker serves at most {limit} sessions")));
+            return Err(ControlError::ResourceExhausted(format!(
+                "the broker serves at most {limit} sessions"
+            )));
         }
         self.namespaces = self.shared.config.policy.access_for(self.uid, &self.shared.namespaces);
         let (tx, rx) = channel();
@@ -156,7 +158,14 @@ impl Connection {
             }
         };
         self.key = Some(key);
-        info!(session = self.id, uid = self.uid, pid = self.pid, client = name, namespaces = self.namespaces.len(), "session started");
+        info!(
+            session = self.id,
+            uid = self.uid,
+            pid = self.pid,
+            client = name,
+            namespaces = self.namespaces.len(),
+            "session started"
+        );
         Ok((Response::Hello { version: PROTOCOL_VERSION, session_id: self.id }, vec![]))
     }
 
@@ -190,7 +199,8 @@ impl Connection {
             .add_seals(&[memfd::FileSeal::SealShrink, memfd::FileSeal::SealGrow, memfd::FileSeal::SealSeal])
             .map_err(|e| internal("sealing the ring", &e))?;
         let mem = Arc::new(
-            SharedMemory::map_shared(memfd.as_file().as_fd(), layout.total_size).map_err(|e| internal("mmap", &e))?,
+            SharedMemory::map_shared(memfd.as_file().as_fd(), layout.total_size)
+                .map_err(|e| internal("mmap", &e))?,
         );
         mem.write(0, layout.header());
         let submit = nvmed_proto::eventfd::new_eventfd().map_err(|e| internal("eventfd", &e))?;
@@ -208,7 +218,11 @@ impl Connection {
         Ok((Response::RingCreated { sq_entries: sq, cq_entries: cq, size: layout.total_size as u64 }, fds))
     }
 
-    fn register(&mut self, len: u64, mut fds: Vec<OwnedFd>) -> Result<(Response, Vec<OwnedFd>), ControlError> {
+    fn register(
+        &mut self,
+        len: u64,
+        mut fds: Vec<OwnedFd>,
+    ) -> Result<(Response, Vec<OwnedFd>), ControlError> {
         if fds.len() > 1 {
             return Err(ControlError::TooManyFds { limit: 1 });
         }
@@ -216,7 +230,10 @@ impl Connection {
         let cfg = &self.shared.config;
         let count = self.counters.buffers.load(Ordering::Relaxed);
         if count >= cfg.max_buffers_per_session {
-            return Err(ControlError::BufferLimit(format!("at most {} buffers per session", cfg.max_buffers_per_session)));
+            return Err(ControlError::BufferLimit(format!(
+                "at most {} buffers per session",
+                cfg.max_buffers_per_session
+            )));
         }
         let used = self.counters.buffer_bytes.load(Ordering::Relaxed);
         let left = cfg.max_buffer_bytes_per_session.saturating_sub(used);

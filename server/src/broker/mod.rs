@@ -187,10 +187,19 @@ impl Broker {
             let shared = shared.clone();
             let stopping = stopping.clone();
             let lfd = listener.try_clone()?;
-            std::thread::Builder::new().name("nvmed-accept".into()).spawn(move || accept_loop(lfd, shared, stopping))?
+            std::thread::Builder::new()
+                .name("nvmed-accept".into())
+                .spawn(move || accept_loop(lfd, shared, stopping))?
         };
         info!(socket = %shared.config.socket.display(), "broker listening");
-        Ok(Self { shared, controller, listener, stopping, accept_thread: Some(accept_thread), io_thread: Some(io_thread) })
+        Ok(Self {
+            shared,
+            controller,
+            listener,
+            stopping,
+            accept_thread: Some(accept_thread),
+            io_thread: Some(io_thread),
+        })
     }
 
     /// The socket path.

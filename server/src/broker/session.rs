@@ -6,7 +6,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::Sender;
 use std::sync::Arc;
 
-use nvmed_proto::layout::{RingLayout, BROKER_FAULTED, BROKER_FLAGS_OFFSET, CLIENT_CQ_WAITING, CLIENT_FLAGS_OFFSET, FAULT_OFFSET};
+use nvmed_proto::layout::{
+    RingLayout, BROKER_FAULTED, BROKER_FLAGS_OFFSET, CLIENT_CQ_WAITING, CLIENT_FLAGS_OFFSET, FAULT_OFFSET,
+};
 use nvmed_proto::ring::{completion_ring, submission_ring, Consumer, Producer, SharedRing};
 use nvmed_proto::shm::SharedMemory;
 use nvmed_proto::{Cqe, RingFault, Sqe, Stats};
@@ -79,7 +81,12 @@ pub struct RingIo {
 
 impl RingIo {
     /// Wraps a freshly created ring mapping.
-    pub fn new(mem: Arc<SharedMemory>, layout: &RingLayout, submit_fd: OwnedFd, complete_fd: OwnedFd) -> Self {
+    pub fn new(
+        mem: Arc<SharedMemory>,
+        layout: &RingLayout,
+        submit_fd: OwnedFd,
+        complete_fd: OwnedFd,
+    ) -> Self {
         Self {
             sq: Consumer::new(submission_ring(mem.clone(), layout), 0),
             cq: Producer::new(completion_ring(mem.clone(), layout), 0),

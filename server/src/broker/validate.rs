@@ -65,7 +65,7 @@ pub fn validate(
         return Err(BrokerStatus::ZeroLength);
     }
     let lba = u64::from(ns.lba_size);
-    if sqe.offset % lba != 0 || u64::from(sqe.len) % lba != 0 {
+    if !sqe.offset.is_multiple_of(lba) || u64::from(sqe.len) % lba != 0 {
         return Err(BrokerStatus::Misaligned);
     }
     let first = sqe.offset / lba;
@@ -81,7 +81,7 @@ pub fn validate(
                 return Err(BrokerStatus::TooLarge);
             }
             let (iova, buf_len) = buffer(sqe.buf_id).ok_or(BrokerStatus::BadBuffer)?;
-            if sqe.buf_offset % 4 != 0 {
+            if !sqe.buf_offset.is_multiple_of(4) {
                 return Err(BrokerStatus::Misaligned);
             }
             if sqe.buf_offset.checked_add(u64::from(sqe.len)).is_none_or(|end| end > buf_len) {
@@ -124,7 +124,8 @@ mod tests {
         NamespaceAccess { nsid: 1, first_lba: 0, lba_count: 2048, lba_size: 512, read_only: false },
         NamespaceAccess { nsid: 2, first_lba: 100, lba_count: 10, lba_size: 4096, read_only: true },
     ];
-    const LIMITS: DeviceLimits = DeviceLimits { max_transfer: 128 << 10, write_zeroes: true, deallocate: true };
+    const LIMITS: DeviceLimits =
+        DeviceLimits { max_transfer: 128 << 10, write_zeroes: true, deallocate: true };
 
     fn buf(id: u32) -> Option<(u64, u64)> {
         (id == 3).then_some((0x100000, 65536))
@@ -178,7 +179,7 @@ mod tests {
             let mut sqe: Sqe = zerocopy::FromBytes::read_from_bytes(&bytes[..]).unwrap();
             if small {
                 sqe.reserved0 = 0; sqe.reserved1 = [0; 3]; sqe.flags &= 1; sqe.opcode %= 6;
-                sqe.nsid = sqe.nsid % 3; sqe.buf_id %= 5; sqe.len %= 70000; sqe.offset %= 1 << 21; sqe.buf_offset %= 70000;
+                sqe.nsid %= 3; sqe.buf_id %= 5; sqe.len %= 70000; sqe.offset %= 1 << 21; sqe.buf_offset %= 70000;
             }
             if let Ok(Validated::Device { cmd, .. }) = check(sqe) {
                 let (nsid, slba, blocks, data) = match cmd {

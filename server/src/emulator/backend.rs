@@ -87,7 +87,8 @@ impl FileBackend {
     /// Opens or creates `path`, sized to `size` bytes if it is smaller (or `size` is given
     /// and the file is new); with `size` `None` the file's own size is used.
     pub fn open(path: &Path, size: Option<u64>) -> io::Result<Self> {
-        let file = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(false).open(path)?;
+        let file =
+            std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(false).open(path)?;
         let current = file.metadata()?.len();
         let size = match size {
             Some(s) if s > current => {

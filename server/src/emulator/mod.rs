@@ -202,7 +202,12 @@ fn timer_thread(weak: Weak<Inner>) {
                 i += 1;
             }
         }
-        let wait = st.delayed.iter().map(|d| d.due.saturating_duration_since(now)).min().unwrap_or(Duration::from_millis(200));
+        let wait = st
+            .delayed
+            .iter()
+            .map(|d| d.due.saturating_duration_since(now))
+            .min()
+            .unwrap_or(Duration::from_millis(200));
         let _ = inner.timer_wake.wait_timeout(st, wait.min(Duration::from_millis(200)));
     }
 }
@@ -242,7 +247,7 @@ impl Inner {
     fn enable(&self, st: &mut State) {
         let asqs = (st.aqa & 0xfff) as u16 + 1;
         let acqs = ((st.aqa >> 16) & 0xfff) as u16 + 1;
-        let aligned = st.asq % 4096 == 0 && st.acq % 4096 == 0 && st.asq != 0 && st.acq != 0;
+        let aligned = st.asq.is_multiple_of(4096) && st.acq.is_multiple_of(4096) && st.asq != 0 && st.acq != 0;
         let iosqes = (st.cc >> 16) & 0xf;
         let iocqes = (st.cc >> 20) & 0xf;
         let mps = (st.cc >> 7) & 0xf;
@@ -323,9 +328,10 @@ impl Inner {
             return;
         }
         cq.head = head;
-        while let Some(e) = st.cqs[usize::from(qid)].as_mut().and_then(|cq| {
-            ((cq.tail + 1) % cq.size != cq.head).then(|| cq.overflow.pop_front()).flatten()
-        }) {
+        while let Some(e) = st.cqs[usize::from(qid)]
+            .as_mut()
+            .and_then(|cq| ((cq.tail + 1) % cq.size != cq.head).then(|| cq.overflow.pop_front()).flatten())
+        {
             self.post(st, qid, e);
         }
     }
@@ -341,7 +347,7 @@ impl Inner {
     ) -> Result<(), Outcome> {
         let page = 4096u64;
         let dma_err = |_| err(0, sc::DATA_TRANSFER_ERROR);
-        if prp1 % 4 != 0 {
+        if !prp1.is_multiple_of(4) {
             return Err(err(0, sc::INVALID_FIELD));
         }
         let first = len.min(page - prp1 % page);
@@ -351,13 +357,13 @@ impl Inner {
             return Ok(());
         }
         if left <= page {
-            if prp2 % page != 0 {
+            if !prp2.is_multiple_of(page) {
                 return Err(err(0, sc::INVALID_FIELD));
             }
             return f(prp2, left).map_err(dma_err);
         }
         let mut list = prp2;
-        if list % 8 != 0 {
+        if !list.is_multiple_of(8) {
             return Err(err(0, sc::INVALID_FIELD));
         }
         while left > 0 {
@@ -365,12 +371,12 @@ impl Inner {
             let entry: u64 = st.dma.read(list).map_err(dma_err)?;
             if last_in_page && left > page {
                 list = entry; // chained list
-                if list % 8 != 0 {
+                if !list.is_multiple_of(8) {
                     return Err(err(0, sc::INVALID_FIELD));
                 }
                 continue;
             }
-            if entry % page != 0 {
+            if !entry.is_multiple_of(page) {
                 return Err(err(0, sc::INVALID_FIELD));
             }
             let n = left.min(page);
@@ -408,7 +414,8 @@ impl Inner {
                         d[80..84].copy_from_slice(&0x0001_0400u32.to_le_bytes());
                         d[id_ctrl::SQES] = 0x66;
                         d[id_ctrl::CQES] = 0x44;
-                        d[id_ctrl::NN..id_ctrl::NN + 4].copy_from_slice(&(self.namespaces.len() as u32).to_le_bytes());
+                        d[id_ctrl::NN..id_ctrl::NN + 4]
+                            .copy_from_slice(&(self.namespaces.len() as u32).to_le_bytes());
                         let oncs = id_ctrl::ONCS_DSM | id_ctrl::ONCS_WRITE_ZEROES;
                         d[id_ctrl::ONCS..id_ctrl::ONCS + 2].copy_from_slice(&oncs.to_le_bytes());
                         d[id_ctrl::VWC] = 1;
@@ -456,7 +463,7 @@ impl Inner {
                 if !(2..=MAX_QUEUE_ENTRIES).contains(&size) {
                     return err(1, sc::CS_INVALID_QSIZE);
                 }
-                if cmd.cdw11 & 1 == 0 || cmd.prp1 % 4096 != 0 || usize::from(vector) >= self.irq.len() {
+                if cmd.cdw11 & 1 == 0 || !cmd.prp1.is_multiple_of(4096) || usize::from(vector) >= self.irq.len() {
                     return err(0, sc::INVALID_FIELD);
                 }
                 st.cqs[usize::from(qid)] = Some(Cq {
@@ -484,7 +491,7 @@ impl Inner {
                 if !(2..=MAX_QUEUE_ENTRIES).contains(&size) {
                     return err(1, sc::CS_INVALID_QSIZE);
                 }
-                if cmd.cdw11 & 1 == 0 || cmd.prp1 % 4096 != 0 {
+                if cmd.cdw11 & 1 == 0 || !cmd.prp1.is_multiple_of(4096) {
                     return err(0, sc::INVALID_FIELD);
                 }
                 st.sqs[usize::from(qid)] = Some(Sq { base: cmd.prp1, size: size as u16, head: 0, cqid });
@@ -599,7 +606,8 @@ impl Inner {
                 if let Some(e) = io_failure {
                     return io_err(e);
                 }
-                let counter = if read { &self.counters.bytes_to_host } else { &self.counters.bytes_from_host };
+                let counter =
+                    if read { &self.counters.bytes_to_host } else { &self.counters.bytes_from_host };
                 counter.fetch_add(len, Ordering::Relaxed);
                 if !read && cmd.cdw12 & io::CDW12_FUA != 0 {
                     if let Err(e) = ns.backend.flush() {
@@ -614,7 +622,8 @@ impl Inner {
                     return err(0, sc::LBA_OUT_OF_RANGE);
                 }
                 let r = ns.backend.write_zeroes(slba * lba, nlb * lba);
-                let r = r.and_then(|_| if cmd.cdw12 & io::CDW12_FUA != 0 { ns.backend.flush() } else { Ok(()) });
+                let r =
+                    r.and_then(|_| if cmd.cdw12 & io::CDW12_FUA != 0 { ns.backend.flush() } else { Ok(()) });
                 r.map_or_else(io_err, |_| ok())
             }
             io::DSM => {

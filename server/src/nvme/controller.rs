@@ -233,7 +233,10 @@ impl Controller {
                 return Err(DriverError::Fatal("during an admin command"));
             }
             if Instant::now() > deadline {
-                return Err(DriverError::Timeout { what: "complete an admin command", ms: self.command_timeout().as_millis() as u64 });
+                return Err(DriverError::Timeout {
+                    what: "complete an admin command",
+                    ms: self.command_timeout().as_millis() as u64,
+                });
             }
             std::hint::spin_loop();
         }
@@ -357,7 +360,13 @@ impl Controller {
     }
 }
 
-fn wait_csts(device: &Arc<dyn NvmeDevice>, cap: Cap, mask: u32, want: u32, what: &'static str) -> Result<(), DriverError> {
+fn wait_csts(
+    device: &Arc<dyn NvmeDevice>,
+    cap: Cap,
+    mask: u32,
+    want: u32,
+    what: &'static str,
+) -> Result<(), DriverError> {
     let ms = cap.timeout_ms().max(500);
     let deadline = Instant::now() + Duration::from_millis(ms);
     loop {

@@ -78,7 +78,11 @@ pub struct IoQueue<T> {
 
 impl<T> IoQueue<T> {
     /// Wraps a created queue pair; allocates one PRP list page per command id.
-    pub fn new(qp: QueuePair, device: &Arc<dyn NvmeDevice>, space: &Arc<IovaSpace>) -> Result<Self, IovaError> {
+    pub fn new(
+        qp: QueuePair,
+        device: &Arc<dyn NvmeDevice>,
+        space: &Arc<IovaSpace>,
+    ) -> Result<Self, IovaError> {
         let capacity = usize::from(qp.depth()) - 1;
         let lists = DmaMemory::new(space, device, capacity * prp::PAGE as usize)?;
         Ok(Self { qp, lists, slots: Slab::with_capacity(capacity), capacity })
@@ -104,7 +108,8 @@ impl<T> IoQueue<T> {
         let list_iova = self.lists.iova() + list_off as u64;
         let mut c = NvmeCommand { cid: cid as u16, ..Default::default() };
         match *cmd {
-            IoCommand::Read { nsid, slba, blocks, iova, len } | IoCommand::Write { nsid, slba, blocks, iova, len, .. } => {
+            IoCommand::Read { nsid, slba, blocks, iova, len }
+            | IoCommand::Write { nsid, slba, blocks, iova, len, .. } => {
                 let (p1, p2) = prp::build(iova, u64::from(len), self.lists.mem(), list_off, list_iova);
                 c.opcode = if matches!(cmd, IoCommand::Read { .. }) { io::READ } else { io::WRITE };
                 c.nsid = nsid;

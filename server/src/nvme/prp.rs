@@ -13,7 +13,7 @@ pub const MAX_TRANSFER_ONE_LIST: u64 = ENTRIES_PER_LIST * PAGE;
 /// `list` (one page at `list_iova`) when the range spans more than two pages.
 /// `len` must be at most [`MAX_TRANSFER_ONE_LIST`].
 pub fn build(iova: u64, len: u64, list: &SharedMemory, list_offset: usize, list_iova: u64) -> (u64, u64) {
-    debug_assert!(len > 0 && len <= MAX_TRANSFER_ONE_LIST && iova % 4 == 0);
+    debug_assert!(len > 0 && len <= MAX_TRANSFER_ONE_LIST && iova.is_multiple_of(4));
     let first = PAGE - (iova % PAGE);
     if len <= first {
         return (iova, 0);
