@@ -39,7 +39,11 @@ impl IovaTable {
     /// Adds a mapping; refuses overlaps like VFIO does (EEXIST).
     pub fn insert(&mut self, iova: u64, host: *mut u8, len: u64) -> Result<(), DeviceError> {
         let refuse = |reason: &str| DeviceError::MapFailed { iova, len, reason: reason.into() };
-        if len == 0 || !iova.is_multiple_of(4096) || !len.is_multiple_of(4096) || !(host as usize).is_multiple_of(4096) {
+        if len == 0
+            || !iova.is_multiple_of(4096)
+            || !len.is_multiple_of(4096)
+            || !(host as usize).is_multiple_of(4096)
+        {
             return Err(refuse("IOVA, host address and length must be page aligned and non-zero"));
         }
         let end = iova.checked_add(len).ok_or_else(|| refuse("range wraps"))?;

@@ -247,7 +247,8 @@ impl Inner {
     fn enable(&self, st: &mut State) {
         let asqs = (st.aqa & 0xfff) as u16 + 1;
         let acqs = ((st.aqa >> 16) & 0xfff) as u16 + 1;
-        let aligned = st.asq.is_multiple_of(4096) && st.acq.is_multiple_of(4096) && st.asq != 0 && st.acq != 0;
+        let aligned =
+            st.asq.is_multiple_of(4096) && st.acq.is_multiple_of(4096) && st.asq != 0 && st.acq != 0;
         let iosqes = (st.cc >> 16) & 0xf;
         let iocqes = (st.cc >> 20) & 0xf;
         let mps = (st.cc >> 7) & 0xf;
@@ -463,7 +464,10 @@ impl Inner {
                 if !(2..=MAX_QUEUE_ENTRIES).contains(&size) {
                     return err(1, sc::CS_INVALID_QSIZE);
                 }
-                if cmd.cdw11 & 1 == 0 || !cmd.prp1.is_multiple_of(4096) || usize::from(vector) >= self.irq.len() {
+                if cmd.cdw11 & 1 == 0
+                    || !cmd.prp1.is_multiple_of(4096)
+                    || usize::from(vector) >= self.irq.len()
+                {
                     return err(0, sc::INVALID_FIELD);
                 }
                 st.cqs[usize::from(qid)] = Some(Cq {
