@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Runs every test of the project: formatting, lints, unit/property/integration tests,
+# and the loom model of the ring protocol.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+echo "== cargo fmt --check"
+cargo fmt --all -- --check
+
+echo "== cargo clippy (all targets, warnings are errors)"
+cargo clippy --workspace --all-targets -- -D warnings
+
+echo "== cargo test (unit, property and end-to-end tests against a real nvmed process)"
+cargo test --workspace
+
+echo "== loom model of the ring's head/tail publication"
+RUSTFLAGS="--cfg loom" CARGO_TARGET_DIR=target/loom \
+    cargo test -p nvmed-proto --test loom_ring --release
