@@ -1,0 +1,224 @@
+//! I/O engines: the same workload through nvmed or through the kernel's io_uring.
+
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::path::Path;
+
+use io_uring::{opcode, types, IoUring};
+use nvmed_client::{BufferId, Io, NvmeRing};
+
+/// Engine failures.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    /// The nvmed client failed.
+    #[error("nvmed: {0}")]
+    Nvmed(#[from] nvmed_client::Error),
+    /// A system call failed.
+    #[error("{0}")]
+    Os(#[from] std::io::Error),
+    /// An I/O completed with an error.
+    #[error("I/O failed: {0}")]
+    Failed(String),
+}
+
+/// One completed slot: its index and whether it succeeded.
+pub type Done = (usize, Result<(), String>);
+
+/// An I/O engine with `iodepth` slots of `bs` bytes each.
+pub trait Engine {
+    /// Whether the engine moves data (nop engines do not).
+    fn moves_data(&self) -> bool {
+        true
+    }
+    /// The slot's memory; only called while no I/O on the slot is in flight.
+    fn slot_mut(&mut self, slot: usize) -> &mut [u8];
+    /// Queues an I/O for `slot`.
+    fn queue(&mut self, slot: usize, write: bool, offset: u64) -> Result<(), EngineError>;
+    /// Makes queued I/O visible to the device / broker.
+    fn submit(&mut self) -> Result<(), EngineError>;
+    /// Waits for at least `min` completions.
+    fn reap(&mut self, min: usize, out: &mut Vec<Done>) -> Result<(), EngineError>;
+}
+
+/// nvmed through the client library (reads/writes, or broker no-ops).
+pub struct NvmedEngine {
+    ring: NvmeRing,
+    buf: BufferId,
+    nsid: u32,
+    bs: u32,
+    nop: bool,
+    done: Vec<nvmed_client::Completion>,
+}
+
+impl NvmedEngine {
+    /// Opens a session with a ring deep enough for `iodepth`.
+    pub fn open(socket: &Path, iodepth: usize, bs: u32, nop: bool) -> Result<Self, EngineError> {
+        let entries = (iodepth as u32).next_power_of_two().max(2);
+        let opts = nvmed_client::RingOptions {
+            sq_entries: entries,
+            cq_entries: entries,
+            client_name: "ringbench".into(),
+            ..Default::default()
+        };
+        let mut ring = NvmeRing::open_with(socket, opts)?;
+        let nsid = ring.namespaces().first().ok_or(EngineError::Failed("no namespace".into()))?.nsid;
+        let buf = ring.alloc_buffer(iodepth * bs as usize)?;
+        Ok(Self { ring, buf, nsid, bs, nop, done: Vec::new() })
+    }
+
+    /// The namespace size in bytes.
+    pub fn namespace_bytes(&self) -> u64 {
+        self.ring.namespaces()[0].size_bytes()
+    }
+
+    /// The broker's pid (from SO_PEERCRED of the control socket).
+    pub fn broker_pid(&self) -> Option<i32> {
+        nix::sys::socket::getsockopt(&self.ring.control_socket(), nix::sys::socket::sockopt::PeerCredentials)
+            .ok()
+            .map(|c| c.pid())
+    }
+}
+
+impl Engine for NvmedEngine {
+    fn moves_data(&self) -> bool {
+        !self.nop
+    }
+    fn slot_mut(&mut self, slot: usize) -> &mut [u8] {
+        let bs = u64::from(self.bs);
+        self.ring.buffer_mut(self.buf, slot as u64 * bs, bs).expect("slot has no I/O in flight")
+    }
+    fn queue(&mut self, slot: usize, write: bool, offset: u64) -> Result<(), EngineError> {
+        let io = if self.nop {
+            Io::nop()
+        } else if write {
+            Io::write(self.nsid, offset, self.bs, self.buf, slot as u64 * u64::from(self.bs))
+        } else {
+            Io::read(self.nsid, offset, self.bs, self.buf, slot as u64 * u64::from(self.bs))
+        };
+        self.ring.prep(io.user_data(slot as u64))?;
+        Ok(())
+    }
+    fn submit(&mut self) -> Result<(), EngineError> {
+        self.ring.submit()?;
+        Ok(())
+    }
+    fn reap(&mut self, min: usize, out: &mut Vec<Done>) -> Result<(), EngineError> {
+        self.done.clear();
+        self.ring.wait(min, &mut self.done, None)?;
+        out.extend(self.done.iter().map(|c| {
+            (c.user_data as usize, if c.status.is_success() { Ok(()) } else { Err(c.status.to_string()) })
+        }));
+        Ok(())
+    }
+}
+
+/// Page-aligned memory for io_uring's registered buffer.
+struct AlignedBuf {
+    ptr: *mut u8,
+    layout: std::alloc::Layout,
+}
+
+// SAFETY: the allocation is owned by this value; moving it to another thread moves ownership.
+unsafe impl Send for AlignedBuf {}
+
+impl AlignedBuf {
+    fn new(len: usize) -> Self {
+        let layout = std::alloc::Layout::from_size_align(len.max(4096), 4096).unwrap();
+        // SAFETY: the layout has a non-zero size.
+        let ptr = unsafe { std::alloc::alloc_zeroed(layout) };
+        assert!(!ptr.is_null(), "out of memory");
+        Self { ptr, layout }
+    }
+}
+
+impl Drop for AlignedBuf {
+    fn drop(&mut self) {
+        // SAFETY: allocated in `new` with the same layout.
+        unsafe { std::alloc::dealloc(self.ptr, self.layout) }
+    }
+}
+
+/// The kernel path: io_uring with O_DIRECT, a registered file and a registered buffer
+/// (or NOPs, for the ring's own overhead).
+pub struct UringEngine {
+    // Declared first: the ring (and the kernel's use of the buffer) goes before the buffer.
+    ring: IoUring,
+    _file: Option<OwnedFd>,
+    buf: AlignedBuf,
+    bs: usize,
+    nop: bool,
+}
+
+impl UringEngine {
+    /// Opens `path` with O_DIRECT (ignored for NOPs) and sets up the ring.
+    pub fn open(path: Option<&Path>, iodepth: usize, bs: usize, nop: bool) -> Result<Self, EngineError> {
+        let ring = IoUring::builder().build((iodepth as u32).next_power_of_two().max(2))?;
+        let buf = AlignedBuf::new(iodepth * bs);
+        let mut file = None;
+        if !nop {
+            use std::os::unix::fs::OpenOptionsExt;
+            let path = path.ok_or(EngineError::Failed("the io_uring engine needs --filename".into()))?;
+            let f =
+                std::fs::OpenOptions::new().read(true).write(true).custom_flags(libc::O_DIRECT).open(path)?;
+            let fd: OwnedFd = f.into();
+            ring.submitter().register_files(&[fd.as_raw_fd()])?;
+            let iov = libc::iovec { iov_base: buf.ptr.cast(), iov_len: buf.layout.size() };
+            // SAFETY: the buffer outlives the ring (field order) and is only handed to the
+            // kernel for slots with I/O in flight.
+            unsafe { ring.submitter().register_buffers(&[iov])? };
+            file = Some(fd);
+        }
+        Ok(Self { ring, _file: file, buf, bs, nop })
+    }
+}
+
+impl Engine for UringEngine {
+    fn moves_data(&self) -> bool {
+        !self.nop
+    }
+    fn slot_mut(&mut self, slot: usize) -> &mut [u8] {
+        assert!((slot + 1) * self.bs <= self.buf.layout.size());
+        // SAFETY: in bounds (asserted), and the caller only asks for slots with no I/O in
+        // flight, so the kernel does not touch this range while the slice lives.
+        unsafe { std::slice::from_raw_parts_mut(self.buf.ptr.add(slot * self.bs), self.bs) }
+    }
+    fn queue(&mut self, slot: usize, write: bool, offset: u64) -> Result<(), EngineError> {
+        let entry = if self.nop {
+            opcode::Nop::new().build()
+        } else {
+            // SAFETY: `slot * bs` lies inside the registered buffer (checked in slot_mut's assert
+            // at setup time: iodepth * bs bytes were allocated).
+            let ptr = unsafe { self.buf.ptr.add(slot * self.bs) };
+            if write {
+                opcode::WriteFixed::new(types::Fixed(0), ptr, self.bs as u32, 0).offset(offset).build()
+            } else {
+                opcode::ReadFixed::new(types::Fixed(0), ptr, self.bs as u32, 0).offset(offset).build()
+            }
+        };
+        // SAFETY: the entry points into the registered buffer, which outlives the ring.
+        unsafe { self.ring.submission().push(&entry.user_data(slot as u64)) }
+            .map_err(|_| EngineError::Failed("io_uring SQ full".into()))
+    }
+    fn submit(&mut self) -> Result<(), EngineError> {
+        self.ring.submit()?;
+        Ok(())
+    }
+    fn reap(&mut self, min: usize, out: &mut Vec<Done>) -> Result<(), EngineError> {
+        let mut got = 0;
+        while got < min {
+            self.ring.submit_and_wait(min - got)?;
+            for cqe in self.ring.completion() {
+                let r = cqe.result();
+                let res = if r < 0 {
+                    Err(std::io::Error::from_raw_os_error(-r).to_string())
+                } else if !self.nop && r as usize != self.bs {
+                    Err(format!("short transfer of {r} bytes"))
+                } else {
+                    Ok(())
+                };
+                out.push((cqe.user_data() as usize, res));
+                got += 1;
+            }
+        }
+        Ok(())
+    }
+}

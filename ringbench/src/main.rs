@@ -1,0 +1,556 @@
+//! `ringbench`: an fio-like load tool for nvmed, measuring the same workload through io_uring.
+
+mod engine;
+mod workload;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use clap::{Parser, ValueEnum};
+use engine::{Done, Engine, EngineError, NvmedEngine, UringEngine};
+use hdrhistogram::Histogram;
+use serde::Serialize;
+use workload::{check_block, fill_block, Rw, Workload};
+
+/// Load generator for nvmed, with fio's option names. Each job is its own client with its own
+/// ring (in a thread) and works on its own slice of the range.
+///
+/// Without any broker running, `ringbench --embedded` starts one in-process on an emulated
+/// controller:
+///
+///   ringbench --embedded --rw randrw --bs 4k --iodepth 32 --runtime 5 --verify
+///
+/// The same workload through the kernel:
+///
+///   ringbench --engine io-uring --filename /dev/shm/f --size 256M --rw randread
+#[derive(Debug, Parser)]
+#[command(version, verbatim_doc_comment)]
+struct Args {
+    /// I/O engine.
+    #[arg(long, value_enum, default_value = "nvmed")]
+    engine: EngineKind,
+    /// nvmed socket (engines nvmed and nvmed-nop).
+    #[arg(long, default_value = "/run/nvmed.sock")]
+    socket: PathBuf,
+    /// Start a broker in this process on an emulated controller instead of using --socket.
+    #[arg(long)]
+    embedded: bool,
+    /// With --embedded: a null namespace (no data movement), to measure the broker alone.
+    #[arg(long, requires = "embedded")]
+    null: bool,
+    /// File or block device (engine io-uring).
+    #[arg(long)]
+    filename: Option<PathBuf>,
+    /// Access pattern.
+    #[arg(long, value_enum, default_value = "randread")]
+    rw: Rw,
+    /// Percentage of reads for randrw.
+    #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u32).range(0..=100))]
+    rwmixread: u32,
+    /// Block size (suffixes k, m).
+    #[arg(long, default_value = "4k", value_parser = parse_size)]
+    bs: u64,
+    /// Requests in flight per job.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=4096))]
+    iodepth: u32,
+    /// Jobs (each its own client and ring, in its own thread).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=64))]
+    numjobs: u32,
+    /// Seconds to run (ignored with --number-ios).
+    #[arg(long, default_value_t = 5.0)]
+    runtime: f64,
+    /// Stop each job after this many I/Os.
+    #[arg(long)]
+    number_ios: Option<u64>,
+    /// Bytes of the target to use (default: all of it, or 256M for io-uring on a new file).
+    #[arg(long, value_parser = parse_size)]
+    size: Option<u64>,
+    /// Byte offset where the range starts.
+    #[arg(long, default_value = "0", value_parser = parse_size)]
+    offset: u64,
+    /// Write a self-checking pattern in every block and check every block read.
+    #[arg(long)]
+    verify: bool,
+    /// Output format.
+    #[arg(long, value_enum, default_value = "normal")]
+    output_format: OutputFormat,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
+#[serde(rename_all = "kebab-case")]
+enum EngineKind {
+    /// nvmed reads and writes through the client library.
+    Nvmed,
+    /// nvmed no-op requests: the ring round trip through the broker, no device.
+    NvmedNop,
+    /// Linux io_uring, O_DIRECT, registered file and buffer.
+    IoUring,
+    /// Linux io_uring NOPs: the kernel ring's own overhead.
+    IoUringNop,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum OutputFormat {
+    Normal,
+    Json,
+}
+
+fn parse_size(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let (num, mult) = match s.chars().last() {
+        Some('k' | 'K') => (&s[..s.len() - 1], 1u64 << 10),
+        Some('m' | 'M') => (&s[..s.len() - 1], 1 << 20),
+        Some('g' | 'G') => (&s[..s.len() - 1], 1 << 30),
+        _ => (s, 1),
+    };
+    num.parse::<u64>().map(|v| v * mult).map_err(|e| format!("bad size {s:?}: {e}"))
+}
+
+#[derive(Debug, Serialize)]
+struct Latency {
+    mean_ns: f64,
+    min_ns: u64,
+    max_ns: u64,
+    p50_ns: u64,
+    p90_ns: u64,
+    p99_ns: u64,
+    p99_9_ns: u64,
+    p99_99_ns: u64,
+}
+
+#[derive(Debug, Serialize)]
+struct JobReport {
+    job: u32,
+    ios: u64,
+    reads: u64,
+    writes: u64,
+    seconds: f64,
+    iops: f64,
+    mib_per_s: f64,
+    latency: Latency,
+}
+
+#[derive(Debug, Serialize)]
+struct Cpu {
+    user_s: f64,
+    sys_s: f64,
+}
+
+#[derive(Debug, Serialize)]
+struct Report {
+    engine: EngineKind,
+    rw: Rw,
+    bs: u64,
+    iodepth: u32,
+    numjobs: u32,
+    verify: bool,
+    jobs: Vec<JobReport>,
+    total: JobReport,
+    ringbench_cpu: Cpu,
+    broker_cpu: Option<Cpu>,
+}
+
+struct JobOutcome {
+    hist: Histogram<u64>,
+    reads: u64,
+    writes: u64,
+    elapsed: Duration,
+}
+
+struct JobSpec {
+    id: u32,
+    workload: Workload,
+    iodepth: usize,
+    bs: usize,
+    verify: bool,
+    runtime: Duration,
+    number_ios: Option<u64>,
+}
+
+struct Slots {
+    started: Vec<Instant>,
+    kind: Vec<(bool, u64)>,
+}
+
+fn start_slot(
+    engine: &mut dyn Engine,
+    spec: &mut JobSpec,
+    slots: &mut Slots,
+    slot: usize,
+    issued: &mut u64,
+    verify: bool,
+) -> Result<(), EngineError> {
+    let io = spec.workload.next_io();
+    if verify && io.write {
+        let block = 4096.min(spec.bs);
+        let seed = *issued ^ (u64::from(spec.id) << 48);
+        for (i, b) in engine.slot_mut(slot).chunks_mut(block).enumerate() {
+            fill_block(b, io.offset + (i * block) as u64, seed);
+        }
+    }
+    slots.kind[slot] = (io.write, io.offset);
+    slots.started[slot] = Instant::now();
+    engine.queue(slot, io.write, io.offset)?;
+    *issued += 1;
+    Ok(())
+}
+
+fn run_job(engine: &mut dyn Engine, mut spec: JobSpec) -> Result<JobOutcome, EngineError> {
+    let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3).unwrap();
+    let mut slots =
+        Slots { started: vec![Instant::now(); spec.iodepth], kind: vec![(false, 0u64); spec.iodepth] };
+    let (mut issued, mut reads, mut writes) = (0u64, 0u64, 0u64);
+    let verify = spec.verify && engine.moves_data();
+    let block = 4096.min(spec.bs);
+    let begin = Instant::now();
+    let deadline = begin + spec.runtime;
+    let limit = spec.number_ios;
+    let more = |issued: u64| limit.map_or_else(|| Instant::now() < deadline, |n| issued < n);
+    for slot in 0..spec.iodepth {
+        if !more(issued) {
+            break;
+        }
+        start_slot(engine, &mut spec, &mut slots, slot, &mut issued, verify)?;
+    }
+    engine.submit()?;
+    let mut done: Vec<Done> = Vec::with_capacity(spec.iodepth);
+    let mut in_flight = issued as usize;
+    while in_flight > 0 {
+        done.clear();
+        engine.reap(1, &mut done)?;
+        let now = Instant::now();
+        for &(slot, ref res) in &done {
+            in_flight -= 1;
+            if let Err(e) = res {
+                return Err(EngineError::Failed(e.clone()));
+            }
+            let _ = hist.record(now.duration_since(slots.started[slot]).as_nanos().max(1) as u64);
+            let (write, offset) = slots.kind[slot];
+            if write {
+                writes += 1;
+            } else {
+                reads += 1;
+                if verify {
+                    for (i, b) in engine.slot_mut(slot).chunks(block).enumerate() {
+                        check_block(b, offset + (i * block) as u64).map_err(EngineError::Failed)?;
+                    }
+                }
+            }
+            if more(issued) {
+                start_slot(engine, &mut spec, &mut slots, slot, &mut issued, verify)?;
+                in_flight += 1;
+            }
+        }
+        engine.submit()?;
+    }
+    Ok(JobOutcome { hist, reads, writes, elapsed: begin.elapsed() })
+}
+
+fn report(job: u32, o: &JobOutcome, bs: u64) -> JobReport {
+    let ios = o.reads + o.writes;
+    let secs = o.elapsed.as_secs_f64().max(1e-9);
+    let h = &o.hist;
+    JobReport {
+        job,
+        ios,
+        reads: o.reads,
+        writes: o.writes,
+        seconds: secs,
+        iops: ios as f64 / secs,
+        mib_per_s: (ios * bs) as f64 / secs / (1 << 20) as f64,
+        latency: Latency {
+            mean_ns: h.mean(),
+            min_ns: h.min(),
+            max_ns: h.max(),
+            p50_ns: h.value_at_quantile(0.5),
+            p90_ns: h.value_at_quantile(0.9),
+            p99_ns: h.value_at_quantile(0.99),
+            p99_9_ns: h.value_at_quantile(0.999),
+            p99_99_ns: h.value_at_quantile(0.9999),
+        },
+    }
+}
+
+/// CPU seconds (user, sys) of this whole process, exited threads included.
+fn process_cpu() -> (f64, f64) {
+    use nix::sys::resource::{getrusage, UsageWho};
+    match getrusage(UsageWho::RUSAGE_SELF) {
+        Ok(u) => {
+            let s = |t: nix::sys::time::TimeVal| t.tv_sec() as f64 + t.tv_usec() as f64 / 1e6;
+            (s(u.user_time()), s(u.system_time()))
+        }
+        Err(_) => (0.0, 0.0),
+    }
+}
+
+/// CPU seconds (user, sys) of threads of `pid` whose name starts with `prefix` (all if None).
+fn cpu_of(pid: i32, prefix: Option<&str>) -> (f64, f64) {
+    let tick = 100.0; // USER_HZ
+    let mut total = (0.0, 0.0);
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else { return total };
+    for t in tasks.flatten() {
+        let p = t.path();
+        if let Some(pre) = prefix {
+            let comm = std::fs::read_to_string(p.join("comm")).unwrap_or_default();
+            if !comm.starts_with(pre) {
+                continue;
+            }
+        }
+        let stat = std::fs::read_to_string(p.join("stat")).unwrap_or_default();
+        // Fields after the ")" of the command name: state is field 3; utime 14, stime 15.
+        if let Some(rest) = stat.rsplit_once(')').map(|x| x.1) {
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            if f.len() > 12 {
+                total.0 += f[11].parse::<f64>().unwrap_or(0.0) / tick;
+                total.1 += f[12].parse::<f64>().unwrap_or(0.0) / tick;
+            }
+        }
+    }
+    total
+}
+
+fn open_engine(args: &Args, socket: &Path) -> Result<Box<dyn Engine + Send>, EngineError> {
+    let (depth, bs) = (args.iodepth as usize, args.bs as usize);
+    Ok(match args.engine {
+        EngineKind::Nvmed | EngineKind::NvmedNop => {
+            Box::new(NvmedEngine::open(socket, depth, bs as u32, args.engine == EngineKind::NvmedNop)?)
+        }
+        EngineKind::IoUring => Box::new(UringEngine::open(args.filename.as_deref(), depth, bs, false)?),
+        EngineKind::IoUringNop => Box::new(UringEngine::open(None, depth, bs, true)?),
+    })
+}
+
+fn main() {
+    let args = Args::parse();
+    if let Err(e) = run(args) {
+        eprintln!("ringbench: {e}");
+        std::process::exit(1);
+    }
+}
+
+fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
+    if args.bs == 0 || !args.bs.is_multiple_of(512) {
+        return Err("--bs must be a non-zero multiple of 512".into());
+    }
+    let nvmed = matches!(args.engine, EngineKind::Nvmed | EngineKind::NvmedNop);
+    let dir = std::env::temp_dir().join(format!("ringbench-{}", std::process::id()));
+    let mut embedded = None;
+    let socket = if args.embedded && nvmed {
+        std::fs::create_dir_all(&dir)?;
+        let sock = dir.join("nvmed.sock");
+        let size = args.size.unwrap_or(1 << 30).max(args.offset + args.bs * u64::from(args.numjobs));
+        let size = size.next_multiple_of(1 << 20);
+        embedded = Some(start_embedded(&sock, size, args.null)?);
+        sock
+    } else {
+        args.socket.clone()
+    };
+    // Size of the target.
+    let target = match args.engine {
+        EngineKind::Nvmed => {
+            let probe = NvmedEngine::open(&socket, 1, args.bs as u32, false)?;
+            probe.namespace_bytes()
+        }
+        EngineKind::IoUring => {
+            let path = args.filename.as_ref().ok_or("--engine io-uring needs --filename")?;
+            let want = args.size.unwrap_or(256 << 20) + args.offset;
+            let meta = std::fs::metadata(path);
+            if meta.as_ref().map(|m| m.is_file() && m.len() < want).unwrap_or(true) {
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .truncate(false)
+                    .write(true)
+                    .open(path)?
+                    .set_len(want)?;
+            }
+            let f = std::fs::File::open(path)?;
+
+            std::io::Seek::seek(&mut &f, std::io::SeekFrom::End(0))?
+        }
+        _ => u64::MAX / 2,
+    };
+    let size = args.size.unwrap_or(target.saturating_sub(args.offset));
+    if args.offset + size > target {
+        return Err(format!(
+            "--offset + --size ({}) is past the end of the target ({target})",
+            args.offset + size
+        )
+        .into());
+    }
+    let per_job = (size / u64::from(args.numjobs)) / args.bs * args.bs;
+    if per_job < args.bs {
+        return Err("--size is too small for --numjobs jobs of --bs".into());
+    }
+    let broker_pid = if nvmed && embedded.is_none() {
+        NvmedEngine::open(&socket, 1, 4096, true).ok().and_then(|e| e.broker_pid())
+    } else {
+        None
+    };
+    let self_pid = std::process::id() as i32;
+    let broker_cpu0 = match (embedded.is_some(), broker_pid) {
+        (true, _) => Some(cpu_of(self_pid, Some("nvmed"))),
+        (false, Some(p)) => Some(cpu_of(p, None)),
+        _ => None,
+    };
+    let self_cpu0 = process_cpu();
+    let mut engines = Vec::new();
+    for _ in 0..args.numjobs {
+        engines.push(open_engine(&args, &socket)?);
+    }
+    let interactive =
+        args.output_format == OutputFormat::Normal && nix::unistd::isatty(std::io::stderr()).unwrap_or(false);
+    let progress = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let progress_thread = (interactive && args.number_ios.is_none() && args.runtime > 1.0).then(|| {
+        let runtime = args.runtime;
+        let flag = progress.clone();
+        std::thread::spawn(move || {
+            let t = Instant::now();
+            while flag.load(std::sync::atomic::Ordering::Relaxed) && t.elapsed().as_secs_f64() < runtime {
+                eprint!("\rringbench: {:.0}/{:.0} s ", t.elapsed().as_secs_f64(), runtime);
+                std::thread::sleep(Duration::from_millis(250));
+            }
+            eprint!("\r{}\r", " ".repeat(30));
+        })
+    });
+    let handles: Vec<_> = engines
+        .into_iter()
+        .enumerate()
+        .map(|(j, mut engine)| {
+            let spec = JobSpec {
+                id: j as u32,
+                workload: Workload::new(
+                    args.rw,
+                    args.rwmixread,
+                    args.bs,
+                    args.offset + j as u64 * per_job,
+                    per_job,
+                    0x1234_5678 + j as u64,
+                ),
+                iodepth: args.iodepth as usize,
+                bs: args.bs as usize,
+                verify: args.verify,
+                runtime: Duration::from_secs_f64(args.runtime),
+                number_ios: args.number_ios,
+            };
+            std::thread::spawn(move || run_job(engine.as_mut(), spec).map_err(|e| e.to_string()))
+        })
+        .collect();
+    let mut outcomes = Vec::new();
+    for h in handles {
+        outcomes.push(h.join().map_err(|_| "a job panicked")??);
+    }
+    progress.store(false, std::sync::atomic::Ordering::Relaxed);
+    if let Some(t) = progress_thread {
+        let _ = t.join();
+    }
+    let self_cpu1 = process_cpu();
+    let broker_cpu = broker_cpu0.map(|(u0, s0)| {
+        let (u1, s1) = if embedded.is_some() {
+            cpu_of(self_pid, Some("nvmed"))
+        } else {
+            cpu_of(broker_pid.unwrap(), None)
+        };
+        Cpu { user_s: u1 - u0, sys_s: s1 - s0 }
+    });
+    let mut own = Cpu { user_s: self_cpu1.0 - self_cpu0.0, sys_s: self_cpu1.1 - self_cpu0.1 };
+    if embedded.is_some() {
+        if let Some(b) = &broker_cpu {
+            own.user_s -= b.user_s;
+            own.sys_s -= b.sys_s;
+        }
+    }
+    let mut total = JobOutcome {
+        hist: Histogram::new_with_bounds(1, 60_000_000_000, 3).unwrap(),
+        reads: 0,
+        writes: 0,
+        elapsed: Duration::ZERO,
+    };
+    for o in &outcomes {
+        total.hist.add(&o.hist).unwrap();
+        total.reads += o.reads;
+        total.writes += o.writes;
+        total.elapsed = total.elapsed.max(o.elapsed);
+    }
+    let rep = Report {
+        engine: args.engine,
+        rw: args.rw,
+        bs: args.bs,
+        iodepth: args.iodepth,
+        numjobs: args.numjobs,
+        verify: args.verify,
+        jobs: outcomes.iter().enumerate().map(|(j, o)| report(j as u32, o, args.bs)).collect(),
+        total: report(u32::MAX, &total, args.bs),
+        ringbench_cpu: own,
+        broker_cpu,
+    };
+    if let Some(b) = embedded.take() {
+        b.shutdown()?;
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+    match args.output_format {
+        OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&rep)?),
+        OutputFormat::Normal => print_report(&rep),
+    }
+    Ok(())
+}
+
+fn print_report(r: &Report) {
+    println!(
+        "ringbench: engine={:?} rw={:?} bs={} iodepth={} numjobs={}{}",
+        r.engine,
+        r.rw,
+        r.bs,
+        r.iodepth,
+        r.numjobs,
+        if r.verify { " verify" } else { "" }
+    );
+    let line = |name: String, j: &JobReport| {
+        let l = &j.latency;
+        println!(
+            "  {name}: {:.0} IOPS, {:.1} MiB/s, {} I/Os ({} reads, {} writes) in {:.2} s",
+            j.iops, j.mib_per_s, j.ios, j.reads, j.writes, j.seconds
+        );
+        println!(
+            "    lat (us): mean {:.2} min {:.2} max {:.2} | p50 {:.2} p90 {:.2} p99 {:.2} p99.9 {:.2} p99.99 {:.2}",
+            l.mean_ns / 1e3,
+            l.min_ns as f64 / 1e3,
+            l.max_ns as f64 / 1e3,
+            l.p50_ns as f64 / 1e3,
+            l.p90_ns as f64 / 1e3,
+            l.p99_ns as f64 / 1e3,
+            l.p99_9_ns as f64 / 1e3,
+            l.p99_99_ns as f64 / 1e3
+        );
+    };
+    if r.jobs.len() > 1 {
+        for j in &r.jobs {
+            line(format!("job {}", j.job), j);
+        }
+    }
+    line("total".into(), &r.total);
+    println!("  cpu: ringbench user {:.2}s sys {:.2}s", r.ringbench_cpu.user_s, r.ringbench_cpu.sys_s);
+    if let Some(b) = &r.broker_cpu {
+        println!("  cpu: broker    user {:.2}s sys {:.2}s", b.user_s, b.sys_s);
+    }
+}
+
+/// An in-process broker on an emulated controller.
+fn start_embedded(
+    socket: &Path,
+    size: u64,
+    null: bool,
+) -> Result<nvmed_server::broker::Broker, Box<dyn std::error::Error>> {
+    use nvmed_server::emulator::backend::{Backend, MemoryBackend, NullBackend};
+    use nvmed_server::emulator::{EmulatedController, EmulatedNamespace, EmulatorConfig};
+    let backend: Box<dyn Backend> =
+        if null { Box::new(NullBackend::new(size)) } else { Box::new(MemoryBackend::new(size)?) };
+    let device: Arc<dyn nvmed_server::device::NvmeDevice> =
+        Arc::new(EmulatedController::new(EmulatorConfig {
+            namespaces: vec![EmulatedNamespace { backend, lba_size: 512 }],
+            mdts: 7,
+            vectors: 2,
+            faults: vec![],
+        })?);
+    Ok(nvmed_server::broker::Broker::start(device, nvmed_server::broker::BrokerConfig::new(socket))?)
+}

@@ -1,0 +1,83 @@
+//! ringbench runs its embedded broker end to end, verifies data, and reports sane numbers.
+
+use std::process::Command;
+
+fn run(args: &[&str]) -> serde_json::Value {
+    let out = Command::new(env!("CARGO_BIN_EXE_ringbench"))
+        .args(args)
+        .args(["--output-format", "json"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "ringbench failed: {}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).expect("JSON report")
+}
+
+#[test]
+fn embedded_randrw_with_verify() {
+    let r = run(&[
+        "--embedded",
+        "--size",
+        "64M",
+        "--rw",
+        "randrw",
+        "--bs",
+        "16k",
+        "--iodepth",
+        "16",
+        "--numjobs",
+        "2",
+        "--number-ios",
+        "3000",
+        "--verify",
+    ]);
+    let total = &r["total"];
+    assert_eq!(total["ios"], 6000);
+    assert!(total["reads"].as_u64().unwrap() > 1000 && total["writes"].as_u64().unwrap() > 1000);
+    assert!(total["iops"].as_f64().unwrap() > 0.0);
+    let lat = &total["latency"];
+    assert!(lat["min_ns"].as_u64().unwrap() <= lat["p50_ns"].as_u64().unwrap());
+    assert!(lat["p50_ns"].as_u64().unwrap() <= lat["p99_ns"].as_u64().unwrap());
+    assert!(lat["p99_ns"].as_u64().unwrap() <= lat["max_ns"].as_u64().unwrap());
+    assert_eq!(r["jobs"].as_array().unwrap().len(), 2);
+    assert!(r["broker_cpu"].is_object());
+}
+
+#[test]
+fn io_uring_engines_run_the_same_workload() {
+    let dir = std::env::temp_dir().join(format!("rb-smoke-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("f.img");
+    let r = run(&["--engine", "io-uring-nop", "--iodepth", "8", "--number-ios", "1000"]);
+    assert_eq!(r["total"]["ios"], 1000);
+    // O_DIRECT may be unsupported by the temp filesystem; only check when it opens.
+    let out = Command::new(env!("CARGO_BIN_EXE_ringbench"))
+        .args(["--engine", "io-uring", "--filename", file.to_str().unwrap(), "--size", "16M"])
+        .args([
+            "--rw",
+            "randrw",
+            "--iodepth",
+            "8",
+            "--number-ios",
+            "2000",
+            "--verify",
+            "--output-format",
+            "json",
+        ])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    if out.status.success() {
+        let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(r["total"]["ios"], 2000);
+    } else {
+        assert!(err.contains("Invalid argument") || err.contains("not supported"), "{err}");
+    }
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn bad_options_are_explained() {
+    let out = Command::new(env!("CARGO_BIN_EXE_ringbench")).args(["--bs", "100"]).output().unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("multiple of 512"));
+}
