@@ -16,3 +16,6 @@ cargo test --workspace
 echo "== loom model of the ring's head/tail publication"
 RUSTFLAGS="--cfg loom" CARGO_TARGET_DIR=target/loom \
     cargo test -p nvmed-proto --test loom_ring --release
+
+echo "== VM test: nvmed on QEMU's NVMe controller through VFIO (software emulation)"
+bash vmtest/run.sh

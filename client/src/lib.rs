@@ -22,6 +22,8 @@
 
 mod buffer;
 mod error;
+#[cfg(feature = "testkit")]
+pub mod testkit;
 
 use std::collections::HashMap;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};

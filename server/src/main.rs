@@ -22,13 +22,22 @@ use tracing::{error, info};
 ///
 ///   nvmed --emulate --socket /tmp/nvmed.sock
 ///
+/// On a real controller bound to vfio-pci (see the README for binding):
+///
+///   nvmed --pci 0000:01:00.0 --socket /run/nvmed.sock --socket-mode 666
+///
 /// then run a client, e.g. `cargo run --example quickstart -- /tmp/nvmed.sock`.
 #[derive(Debug, Parser)]
 #[command(version, verbatim_doc_comment)]
+#[command(group(clap::ArgGroup::new("device").required(true).args(["emulate", "pci"])))]
 struct Args {
     /// Serve the built-in emulated NVMe controller (no hardware needed).
-    #[arg(long, required = true)]
+    #[arg(long)]
     emulate: bool,
+
+    /// Serve the NVMe controller at this PCI address (bound to vfio-pci), e.g. 0000:01:00.0.
+    #[arg(long, value_name = "BDF")]
+    pci: Option<String>,
 
     /// Unix socket clients connect to.
     #[arg(long, default_value = "/run/nvmed.sock")]
@@ -126,13 +135,7 @@ fn main() {
     }
 }
 
-fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
-    // Block SIGINT/SIGTERM before any thread starts, so only sigwait below sees them.
-    let mut signals = SigSet::empty();
-    signals.add(Signal::SIGINT);
-    signals.add(Signal::SIGTERM);
-    signals.thread_block()?;
-
+fn emulated(args: &Args) -> Result<Arc<dyn NvmeDevice>, Box<dyn std::error::Error>> {
     if !args.size.is_multiple_of(u64::from(args.lba_size)) {
         return Err(format!("--size must be a multiple of the LBA size {}", args.lba_size).into());
     }
@@ -149,12 +152,28 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         faults = args.faults.len(),
         "starting on the emulated controller"
     );
-    let device: Arc<dyn NvmeDevice> = Arc::new(EmulatedController::new(EmulatorConfig {
+    Ok(Arc::new(EmulatedController::new(EmulatorConfig {
         namespaces: vec![EmulatedNamespace { backend, lba_size: args.lba_size }],
         mdts: args.mdts,
         vectors: 2,
-        faults: args.faults,
-    })?);
+        faults: args.faults.clone(),
+    })?))
+}
+
+fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
+    // Block SIGINT/SIGTERM before any thread starts, so only sigwait below sees them.
+    let mut signals = SigSet::empty();
+    signals.add(Signal::SIGINT);
+    signals.add(Signal::SIGTERM);
+    signals.thread_block()?;
+
+    let device: Arc<dyn NvmeDevice> = match &args.pci {
+        Some(bdf) => {
+            info!(bdf, "starting on a VFIO device");
+            Arc::new(nvmed_server::device::vfio::VfioNvme::open(bdf, 2)?)
+        }
+        None => emulated(&args)?,
+    };
     let mut config = BrokerConfig::new(&args.socket);
     config.socket_mode = args.socket_mode;
     config.max_sessions = args.max_sessions;

@@ -99,29 +99,8 @@ pub fn unsafe_kill(pid: u32, sig: i32) {
     );
 }
 
-/// A deterministic pseudo-random generator (xorshift), so failures replay.
-pub struct Rng(pub u64);
-
-impl Rng {
-    pub fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    pub fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
-
-/// Fills `buf` with a pattern derived from `seed` (distinct per write).
-pub fn pattern(seed: u64, buf: &mut [u8]) {
-    let mut r = Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1);
-    for chunk in buf.chunks_mut(8) {
-        let v = r.next().to_le_bytes();
-        chunk.copy_from_slice(&v[..chunk.len()]);
-    }
-}
+#[allow(unused_imports)]
+pub use nvmed_client::testkit::{pattern, Rng};
 
 pub fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
     let deadline = Instant::now() + timeout;

@@ -6,6 +6,8 @@
 use std::ops::RangeInclusive;
 use std::os::fd::BorrowedFd;
 
+pub mod vfio;
+
 /// Errors of device access.
 #[derive(Debug, thiserror::Error)]
 pub enum DeviceError {

@@ -1,0 +1,386 @@
+//! A real PCIe NVMe controller through Linux VFIO (vfio-pci, type-1 IOMMU).
+//!
+//! BAR0 is mmapped where the kernel allows it (honouring sparse-mmap areas) and reached with
+//! volatile 32-bit accesses; anything not mmapped goes through pread/pwrite on the device fd.
+//! DMA mappings go through the container; MSI-X vectors are wired to eventfds.
+
+use std::fs;
+use std::io;
+use std::ops::RangeInclusive;
+use std::os::fd::{AsRawFd, BorrowedFd};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::ptr::NonNull;
+use std::sync::Arc;
+
+use vfio_ioctls::{VfioContainer, VfioDevice, VfioOps, VfioRegionInfoCap};
+use vmm_sys_util::eventfd::EventFd;
+
+use super::{DeviceError, NvmeDevice};
+
+const BAR0: u32 = 0;
+const CONFIG_REGION: u32 = 7;
+const MSIX_IRQ_INDEX: u32 = 2;
+const REGION_FLAG_MMAP: u32 = 1 << 2;
+const PCI_COMMAND: u64 = 0x04;
+const PCI_COMMAND_MEMORY: u16 = 1 << 1;
+const PCI_COMMAND_MASTER: u16 = 1 << 2;
+
+/// Why the VFIO device could not be opened, with what to do about it.
+#[derive(Debug, thiserror::Error)]
+pub enum VfioSetupError {
+    /// No such PCI device.
+    #[error("no PCI device {0} (see `lspci -D` for addresses)")]
+    NoDevice(String),
+    /// The device has no IOMMU group.
+    #[error("{0} has no IOMMU group: the IOMMU is off. Boot with intel_iommu=on (Intel) or amd_iommu=on (AMD), and enable VT-d/AMD-Vi in the firmware")]
+    NoIommu(String),
+    /// The device is bound to another driver.
+    #[error("{bdf} is bound to {driver:?}, not vfio-pci. Bind it with:\n  modprobe vfio-pci\n  echo vfio-pci > /sys/bus/pci/devices/{bdf}/driver_override\n  echo {bdf} > /sys/bus/pci/devices/{bdf}/driver/unbind\n  echo {bdf} > /sys/bus/pci/drivers_probe")]
+    NotVfio {
+        /// Device.
+        bdf: String,
+        /// Its current driver.
+        driver: String,
+    },
+    /// Another device in the IOMMU group is not bound to vfio-pci.
+    #[error("IOMMU group {group} is not viable: {other} (in the same group as {bdf}) is bound to {driver:?}; bind every device of the group to vfio-pci")]
+    GroupNotViable {
+        /// The group.
+        group: String,
+        /// Our device.
+        bdf: String,
+        /// The offending device.
+        other: String,
+        /// Its driver.
+        driver: String,
+    },
+    /// /dev/vfio is not accessible.
+    #[error("cannot open {path}: {source}. Run nvmed as root, or give its user access to {path} (chown/udev rule)")]
+    Permission {
+        /// Path.
+        path: String,
+        /// Cause.
+        source: io::Error,
+    },
+    /// A VFIO call failed.
+    #[error("VFIO: {0}")]
+    Vfio(String),
+}
+
+fn driver_of(dev: &Path) -> Option<String> {
+    fs::read_link(dev.join("driver"))
+        .ok()
+        .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+}
+
+/// Checks binding and group viability before touching VFIO, so errors say what to do.
+pub fn preflight(bdf: &str) -> Result<PathBuf, VfioSetupError> {
+    let dev = PathBuf::from(format!("/sys/bus/pci/devices/{bdf}"));
+    if !dev.exists() {
+        return Err(VfioSetupError::NoDevice(bdf.into()));
+    }
+    let group = fs::read_link(dev.join("iommu_group")).map_err(|_| VfioSetupError::NoIommu(bdf.into()))?;
+    let driver = driver_of(&dev).unwrap_or_else(|| "no driver".into());
+    if driver != "vfio-pci" {
+        return Err(VfioSetupError::NotVfio { bdf: bdf.into(), driver });
+    }
+    let group_name = group.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    if let Ok(members) = fs::read_dir(group.join("devices")) {
+        for m in members.flatten() {
+            let d = driver_of(&m.path());
+            match d.as_deref() {
+                None | Some("vfio-pci") | Some("pcieport") => {}
+                Some(other) => {
+                    return Err(VfioSetupError::GroupNotViable {
+                        group: group_name,
+                        bdf: bdf.into(),
+                        other: m.file_name().to_string_lossy().into_owned(),
+                        driver: other.into(),
+                    })
+                }
+            }
+        }
+    }
+    let node = format!("/dev/vfio/{group_name}");
+    for path in ["/dev/vfio/vfio", node.as_str()] {
+        if let Err(source) = fs::OpenOptions::new().read(true).write(true).open(path) {
+            return Err(VfioSetupError::Permission { path: path.into(), source });
+        }
+    }
+    Ok(dev)
+}
+
+/// One mmapped piece of BAR0.
+struct BarMapping {
+    offset: u64,
+    len: u64,
+    ptr: NonNull<u8>,
+}
+
+/// An NVMe controller behind vfio-pci.
+pub struct VfioNvme {
+    bdf: String,
+    // Declared before the container so the device fd closes first.
+    device: VfioDevice,
+    container: Arc<VfioContainer>,
+    bar: Vec<BarMapping>,
+    bar_file_offset: u64,
+    irqs: Vec<EventFd>,
+    iova_ranges: Vec<RangeInclusive<u64>>,
+}
+
+// SAFETY: the BAR mappings are device memory reached only with volatile accesses of whole
+// registers; the VFIO handles are thread-safe file descriptors.
+unsafe impl Send for VfioNvme {}
+// SAFETY: see `Send`; no method hands out references into the mappings.
+unsafe impl Sync for VfioNvme {}
+
+impl VfioNvme {
+    /// Opens `bdf` (e.g. "0000:00:03.0"), maps BAR0, enables memory space and bus mastering,
+    /// reads the usable IOVA ranges and wires up to `vectors` MSI-X vectors.
+    pub fn open(bdf: &str, vectors: u16) -> Result<Self, VfioSetupError> {
+        let sysfs = preflight(bdf)?;
+        let verr = |e: vfio_ioctls::VfioError| VfioSetupError::Vfio(e.to_string());
+        let container = Arc::new(VfioContainer::new(None).map_err(verr)?);
+        let device = VfioDevice::new(&sysfs, container.clone() as Arc<dyn VfioOps>, false).map_err(verr)?;
+        let bar_file_offset = device.get_region_offset(BAR0);
+        let mut me = Self {
+            bdf: bdf.into(),
+            device,
+            container,
+            bar: Vec::new(),
+            bar_file_offset,
+            irqs: Vec::new(),
+            iova_ranges: Vec::new(),
+        };
+        me.map_bar0()?;
+        me.enable_bus_master()?;
+        me.iova_ranges = me.read_iova_ranges()?;
+        tracing::info!(bdf, ranges = ?me.iova_ranges, "VFIO device opened");
+        let available = me.device.get_irq_info(MSIX_IRQ_INDEX).map_or(0, |i| i.count);
+        let n = u32::from(vectors).min(available);
+        if n > 0 {
+            let fds: Vec<EventFd> = (0..n)
+                .map(|_| EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC))
+                .collect::<Result<_, _>>()
+                .map_err(|e| VfioSetupError::Vfio(format!("eventfd: {e}")))?;
+            me.device.enable_msix(fds.iter().collect()).map_err(verr)?;
+            me.irqs = fds;
+        } else {
+            tracing::warn!(
+                "no MSI-X vectors: the broker will poll with timeouts instead of sleeping on interrupts"
+            );
+        }
+        Ok(me)
+    }
+
+    fn map_bar0(&mut self) -> Result<(), VfioSetupError> {
+        let size = self.device.get_region_size(BAR0);
+        if size < 0x2000 {
+            return Err(VfioSetupError::Vfio(format!(
+                "BAR0 of {size:#x} bytes is too small for an NVMe controller"
+            )));
+        }
+        if self.device.get_region_flags(BAR0) & REGION_FLAG_MMAP == 0 {
+            tracing::warn!("BAR0 is not mmappable; registers go through pread/pwrite");
+            return Ok(());
+        }
+        let caps = self.device.get_region_caps(BAR0);
+        let areas: Vec<(u64, u64)> = match caps.iter().find_map(|c| match c {
+            VfioRegionInfoCap::SparseMmap(s) => Some(s.areas.iter().map(|a| (a.offset, a.size)).collect()),
+            _ => None,
+        }) {
+            Some(areas) if !caps.contains(&VfioRegionInfoCap::MsixMappable) => areas,
+            _ => vec![(0, size)],
+        };
+        for (offset, len) in areas.into_iter().filter(|&(_, l)| l > 0) {
+            // SAFETY: maps a range of the device fd the kernel declared mmappable; the mapping
+            // is owned by `self.bar` and unmapped in Drop.
+            let p = unsafe {
+                libc::mmap(
+                    std::ptr::null_mut(),
+                    len as usize,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_SHARED,
+                    self.device.as_raw_fd(),
+                    (self.bar_file_offset + offset) as libc::off_t,
+                )
+            };
+            if p == libc::MAP_FAILED {
+                tracing::warn!(
+                    offset,
+                    len,
+                    "BAR0 mmap failed ({}); using pread/pwrite there",
+                    io::Error::last_os_error()
+                );
+                continue;
+            }
+            self.bar.push(BarMapping { offset, len, ptr: NonNull::new(p.cast()).unwrap() });
+        }
+        Ok(())
+    }
+
+    fn config_file(&self) -> std::mem::ManuallyDrop<fs::File> {
+        use std::os::fd::FromRawFd;
+        // SAFETY: borrows the device fd as a File without taking ownership (ManuallyDrop).
+        std::mem::ManuallyDrop::new(unsafe { fs::File::from_raw_fd(self.device.as_raw_fd()) })
+    }
+
+    fn enable_bus_master(&self) -> Result<(), VfioSetupError> {
+        let base = self.device.get_region_offset(CONFIG_REGION);
+        let f = self.config_file();
+        let mut cmd = [0u8; 2];
+        f.read_exact_at(&mut cmd, base + PCI_COMMAND)
+            .map_err(|e| VfioSetupError::Vfio(format!("reading PCI COMMAND: {e}")))?;
+        let v = u16::from_le_bytes(cmd) | PCI_COMMAND_MEMORY | PCI_COMMAND_MASTER;
+        f.write_all_at(&v.to_le_bytes(), base + PCI_COMMAND)
+            .map_err(|e| VfioSetupError::Vfio(format!("writing PCI COMMAND: {e}")))?;
+        Ok(())
+    }
+
+    fn read_iova_ranges(&self) -> Result<Vec<RangeInclusive<u64>>, VfioSetupError> {
+        const VFIO_IOMMU_GET_INFO: libc::c_ulong = 0x3b70; // _IO(';', 100 + 12)
+        const INFO_CAPS: u32 = 1 << 1;
+        const CAP_IOVA_RANGE: u16 = 1;
+        let fd = self.container.as_raw_fd();
+        let mut buf = vec![0u64; 3];
+        for _ in 0..2 {
+            let bytes = (buf.len() * 8) as u32;
+            buf[0] = u64::from(bytes); // argsz (low half), flags (high half) = 0
+                                       // SAFETY: `buf` is a writable, 8-aligned buffer of `argsz` bytes, as the ioctl expects.
+            let r = unsafe { libc::ioctl(fd, VFIO_IOMMU_GET_INFO, buf.as_mut_ptr()) };
+            if r < 0 {
+                return Err(VfioSetupError::Vfio(format!(
+                    "VFIO_IOMMU_GET_INFO: {}",
+                    io::Error::last_os_error()
+                )));
+            }
+            let need = (buf[0] & 0xffff_ffff) as usize;
+            if need <= buf.len() * 8 {
+                break;
+            }
+            buf = vec![0u64; need.div_ceil(8)];
+        }
+        let bytes: Vec<u8> = buf.iter().flat_map(|w| w.to_le_bytes()).collect();
+        let u32_at = |o: usize| u32::from_le_bytes(bytes[o..o + 4].try_into().unwrap());
+        let u64_at = |o: usize| u64::from_le_bytes(bytes[o..o + 8].try_into().unwrap());
+        let flags = u32_at(4);
+        let mut ranges = Vec::new();
+        if flags & INFO_CAPS != 0 {
+            let mut off = u32_at(16) as usize;
+            while off != 0 && off + 8 <= bytes.len() {
+                let id = u16::from_le_bytes([bytes[off], bytes[off + 1]]);
+                let next = u32_at(off + 4) as usize;
+                if id == CAP_IOVA_RANGE {
+                    let n = u32_at(off + 8) as usize;
+                    for i in 0..n {
+                        let o = off + 16 + i * 16;
+                        if o + 16 <= bytes.len() {
+                            ranges.push(u64_at(o)..=u64_at(o + 8));
+                        }
+                    }
+                }
+                off = next;
+            }
+        }
+        if ranges.is_empty() {
+            // Old kernels report no ranges: stay below the MSI window, which every IOMMU reserves.
+            ranges.push(0..=0xfedf_ffff);
+        }
+        Ok(ranges)
+    }
+
+    fn mapped(&self, offset: u64) -> Option<*mut u32> {
+        self.bar.iter().find(|m| offset >= m.offset && offset + 4 <= m.offset + m.len).map(|m| {
+            // SAFETY: offset - m.offset + 4 <= m.len, so the pointer stays inside the mapping.
+            unsafe { m.ptr.as_ptr().add((offset - m.offset) as usize).cast::<u32>() }
+        })
+    }
+}
+
+impl Drop for VfioNvme {
+    fn drop(&mut self) {
+        let _ = self.device.disable_msix();
+        for m in &self.bar {
+            // SAFETY: unmaps exactly what map_bar0 mapped; no references into it exist.
+            unsafe { libc::munmap(m.ptr.as_ptr().cast(), m.len as usize) };
+        }
+    }
+}
+
+impl NvmeDevice for VfioNvme {
+    fn name(&self) -> String {
+        self.bdf.clone()
+    }
+
+    fn read32(&self, offset: u64) -> u32 {
+        match self.mapped(offset) {
+            // SAFETY: an aligned register inside the BAR mapping; device memory is read volatile.
+            Some(p) => unsafe { std::ptr::read_volatile(p) },
+            None => {
+                let mut b = [0u8; 4];
+                match self.config_file().read_exact_at(&mut b, self.bar_file_offset + offset) {
+                    Ok(()) => u32::from_le_bytes(b),
+                    Err(_) => u32::MAX,
+                }
+            }
+        }
+    }
+
+    fn write32(&self, offset: u64, value: u32) {
+        match self.mapped(offset) {
+            // SAFETY: an aligned register inside the BAR mapping; device memory is written volatile.
+            Some(p) => unsafe { std::ptr::write_volatile(p, value) },
+            None => {
+                if let Err(e) =
+                    self.config_file().write_all_at(&value.to_le_bytes(), self.bar_file_offset + offset)
+                {
+                    tracing::error!(offset, "BAR0 write failed: {e}");
+                }
+            }
+        }
+    }
+
+    unsafe fn dma_map(&self, iova: u64, host: *mut u8, len: u64) -> Result<(), DeviceError> {
+        // SAFETY: forwarded from this function's contract.
+        unsafe { self.container.vfio_dma_map(iova, len as usize, host) }.map_err(|e| {
+            let mut reason = e.to_string();
+            if let Ok((soft, _)) = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_MEMLOCK) {
+                reason.push_str(&format!(
+                    " (RLIMIT_MEMLOCK is {soft} bytes; DMA mappings are pinned, so raise it with `ulimit -l` or \
+                     LimitMEMLOCK= above the registered buffer bytes plus 64 MiB, or run as root)"
+                ));
+            }
+            DeviceError::MapFailed { iova, len, reason }
+        })
+    }
+
+    fn dma_unmap(&self, iova: u64, len: u64) -> Result<(), DeviceError> {
+        self.container.vfio_dma_unmap(iova, len as usize).map_err(|e| DeviceError::MapFailed {
+            iova,
+            len,
+            reason: e.to_string(),
+        })
+    }
+
+    fn iova_ranges(&self) -> Vec<RangeInclusive<u64>> {
+        self.iova_ranges.clone()
+    }
+
+    fn interrupt_vectors(&self) -> u16 {
+        self.irqs.len() as u16
+    }
+
+    fn interrupt_fd(&self, vector: u16) -> Option<BorrowedFd<'_>> {
+        self.irqs.get(usize::from(vector)).map(|e| {
+            // SAFETY: the eventfd is owned by `self` and outlives the returned borrow.
+            unsafe { BorrowedFd::borrow_raw(e.as_raw_fd()) }
+        })
+    }
+
+    fn function_reset(&self) -> Result<(), DeviceError> {
+        self.device.reset();
+        self.enable_bus_master().map_err(|e| DeviceError::Other(e.to_string()))
+    }
+}

@@ -1,0 +1,91 @@
+#!/bin/sh
+# PID 1 of the VM test guest: binds the first NVMe controller to vfio-pci, runs nvmed on it as
+# root and the scenarios as an unprivileged user, and reports on the serial console.
+export PATH=/bin
+mount -t proc proc /proc
+mount -t sysfs sys /sys
+mount -t devtmpfs dev /dev
+mount -t tmpfs tmp /tmp
+mkdir -p /run && mount -t tmpfs run /run
+VFIO_DEV=0000:00:03.0
+DISK_BYTES=$(cat /disk_bytes)
+FAILED=0
+say() { echo "VMTEST $*"; }
+check() {
+    name=$1; shift
+    if "$@" > /tmp/check.out 2>&1; then say "PASS $name"; else say "FAIL $name"; FAILED=1; fi
+    sed 's/^/  | /' /tmp/check.out
+}
+as_user() { su -s /bin/sh tester -c "$*"; }
+
+for m in $(cat /modules.vfio); do insmod /lib/modules/$m.ko || say "FAIL insmod $m"; done
+echo vfio-pci > /sys/bus/pci/devices/$VFIO_DEV/driver_override
+echo $VFIO_DEV > /sys/bus/pci/drivers_probe
+for m in $(cat /modules.nvme); do
+    if [ "$m" = nvme ]; then insmod /lib/modules/$m.ko poll_queues=1; else insmod /lib/modules/$m.ko; fi
+done
+for i in $(seq 50); do [ -b /dev/nvme0n1 ] && break; sleep 0.1; done
+[ -e /sys/block/nvme0n1/queue/scheduler ] && echo none > /sys/block/nvme0n1/queue/scheduler
+echo "tester:x:1000:1000::/tmp:/bin/sh" >> /etc/passwd
+echo "tester:x:1000:" >> /etc/group
+ls /dev/vfio
+
+start_broker() {
+    rm -f /tmp/nvmed.out
+    nvmed --pci $VFIO_DEV --socket /run/nvmed.sock --socket-mode 666 > /tmp/nvmed.out 2>> /tmp/nvmed.log &
+    BROKER=$!
+    for i in $(seq 300); do grep -q ready /tmp/nvmed.out 2>/dev/null && return 0; sleep 0.1; done
+    cat /tmp/nvmed.log
+    return 1
+}
+stop_broker() {
+    kill -TERM $BROKER
+    wait $BROKER
+}
+
+check broker-starts-on-vfio start_broker
+check identify as_user vmcheck identify --size $DISK_BYTES --lba 512
+check verify-random-io as_user vmcheck verify --at-mib 0 --mib 8 --rounds 3
+check max-transfer-prp-list as_user vmcheck max-transfer
+two_clients() {
+    as_user vmcheck verify --at-mib 8 --mib 4 --seed 2 --rounds 2 & a=$!
+    as_user vmcheck verify --at-mib 12 --mib 4 --seed 3 --rounds 2 & b=$!
+    wait $a && wait $b
+}
+check two-clients two_clients
+killed_client() {
+    as_user vmcheck hammer --at-mib 40 > /tmp/hammer.out 2>&1 &
+    for i in $(seq 100); do grep -q HAMMERING /tmp/hammer.out && break; sleep 0.1; done
+    grep -q HAMMERING /tmp/hammer.out || return 1
+    as_user vmcheck verify --at-mib 16 --mib 4 --seed 4 --rounds 2 & v=$!
+    sleep 1
+    for p in /proc/[0-9]*; do
+        if grep -q hammer $p/cmdline 2>/dev/null; then kill -9 ${p#/proc/} 2>/dev/null; fi
+    done
+    wait $v || return 1
+    as_user vmcheck sessions --expect 1
+}
+check client-sigkilled-mid-io killed_client
+restart() {
+    as_user vmcheck write-pattern --offset 33554432 --len 524288 --seed 5 || return 1
+    stop_broker || return 1
+    start_broker || return 1
+    as_user vmcheck check-pattern --offset 33554432 --len 524288 --seed 5
+}
+check restart-keeps-data restart
+check pattern-for-host as_user vmcheck write-pattern --offset 50331648 --len 65536 --seed 6
+
+echo "VMTEST BENCH side by side, same boot, 4 KiB random reads (software emulation: noisy, not asserted)"
+for qd in 1 32; do
+    as_user ringbench --socket /run/nvmed.sock --rw randread --bs 4k --iodepth $qd --runtime 3 --size 32M > /tmp/b1 2>&1
+    ringbench --engine io-uring --filename /dev/nvme0n1 --rw randread --bs 4k --iodepth $qd --runtime 3 --size 32M > /tmp/b2 2>&1
+    n=$(grep -m1 IOPS /tmp/b1 | awk '{print $2}'); k=$(grep -m1 IOPS /tmp/b2 | awk '{print $2}')
+    echo "VMTEST BENCH QD$qd nvmed-vfio ${n:-?} IOPS | kernel-nvme-io_uring ${k:-?} IOPS"
+    cat /tmp/b1 /tmp/b2 | sed 's/^/  | /'
+done
+
+check broker-clean-shutdown stop_broker
+sed 's/^/  nvmed| /' /tmp/nvmed.log | tail -40
+say "DONE failed=$FAILED"
+sync
+poweroff -f

@@ -1,0 +1,214 @@
+//! `vmcheck`: scenarios the VM test runs inside the guest, against nvmed on a VFIO device.
+//! Each prints one `VMCHECK PASS <name>` line or fails with a message and a non-zero exit.
+
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use nvmed_client::testkit::{pattern, random_write_read};
+use nvmed_client::{Io, NvmeRing};
+
+/// Guest-side checks for the VM test.
+#[derive(Debug, Parser)]
+struct Args {
+    /// nvmed socket.
+    #[arg(long, default_value = "/run/nvmed.sock")]
+    socket: String,
+    #[command(subcommand)]
+    check: Scenario,
+}
+
+#[derive(Debug, Subcommand)]
+enum Scenario {
+    /// The namespace the broker reports matches the disk QEMU was given.
+    Identify {
+        /// Expected size in bytes.
+        #[arg(long)]
+        size: u64,
+        /// Expected LBA size.
+        #[arg(long)]
+        lba: u32,
+    },
+    /// Random verified writes and reads over a region (1 block up to MDTS, PRP lists included).
+    Verify {
+        /// Region start in MiB.
+        #[arg(long)]
+        at_mib: u64,
+        /// Region size in MiB.
+        #[arg(long)]
+        mib: u64,
+        /// Seed.
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Rounds of writes.
+        #[arg(long, default_value_t = 4)]
+        rounds: usize,
+    },
+    /// Writes at the largest transfer size the device allows (MDTS) and reads back.
+    MaxTransfer,
+    /// Writes continuously until killed (prints HAMMERING once started).
+    Hammer {
+        /// Region start in MiB.
+        #[arg(long)]
+        at_mib: u64,
+    },
+    /// Writes a known pattern (to check after a restart or from the host).
+    WritePattern {
+        /// Byte offset.
+        #[arg(long)]
+        offset: u64,
+        /// Length in bytes.
+        #[arg(long)]
+        len: u32,
+        /// Pattern seed.
+        #[arg(long)]
+        seed: u64,
+    },
+    /// Reads and checks a pattern written by write-pattern.
+    CheckPattern {
+        /// Byte offset.
+        #[arg(long)]
+        offset: u64,
+        /// Length in bytes.
+        #[arg(long)]
+        len: u32,
+        /// Pattern seed.
+        #[arg(long)]
+        seed: u64,
+    },
+    /// Host side: checks a pattern in a raw disk image (no broker involved).
+    CheckFile {
+        /// The image.
+        #[arg(long)]
+        file: String,
+        /// Byte offset.
+        #[arg(long)]
+        offset: u64,
+        /// Length in bytes.
+        #[arg(long)]
+        len: u32,
+        /// Pattern seed.
+        #[arg(long)]
+        seed: u64,
+    },
+    /// The broker reports this many sessions (counting this one) and no buffer IOVA but ours.
+    Sessions {
+        /// Expected sessions.
+        #[arg(long)]
+        expect: u64,
+    },
+}
+
+fn main() {
+    let args = Args::parse();
+    let name = format!("{:?}", args.check).split([' ', '{']).next().unwrap_or("check").to_lowercase();
+    if let Scenario::CheckFile { file, offset, len, seed } = &args.check {
+        let mut got = vec![0u8; *len as usize];
+        let f = std::fs::File::open(file).unwrap_or_else(|e| fail(&name, &format!("{file}: {e}")));
+        std::os::unix::fs::FileExt::read_exact_at(&f, &mut got, *offset)
+            .unwrap_or_else(|e| fail(&name, &e.to_string()));
+        let mut want = vec![0u8; *len as usize];
+        pattern(*seed, &mut want);
+        if got != want {
+            fail(&name, &format!("pattern {seed} not found at {offset} of {file}"));
+        }
+        println!("VMCHECK PASS {name}");
+        return;
+    }
+    let mut ring = match NvmeRing::open(&args.socket) {
+        Ok(r) => r,
+        Err(e) => fail(&name, &format!("open: {e}")),
+    };
+    if let Err(e) = run(&mut ring, args.check) {
+        fail(&name, &e);
+    }
+    println!("VMCHECK PASS {name}");
+}
+
+fn fail(name: &str, why: &str) -> ! {
+    println!("VMCHECK FAIL {name}: {why}");
+    std::process::exit(1);
+}
+
+fn run(ring: &mut NvmeRing, check: Scenario) -> Result<(), String> {
+    let ns = *ring.namespaces().first().ok_or("no namespace offered")?;
+    let e = |e: nvmed_client::Error| e.to_string();
+    match check {
+        Scenario::Identify { size, lba } => {
+            println!(
+                "namespace {} lba {} blocks {} max_transfer {}",
+                ns.nsid, ns.lba_size, ns.lba_count, ns.max_transfer
+            );
+            if ns.lba_size != lba || ns.size_bytes() != size {
+                return Err(format!("expected {size} bytes of {lba}-byte blocks, broker says {ns:?}"));
+            }
+        }
+        Scenario::Verify { at_mib, mib, seed, rounds } => {
+            random_write_read(ring, (at_mib << 20, mib << 20), seed, rounds);
+        }
+        Scenario::MaxTransfer => {
+            let len = ns.max_transfer;
+            let l = u64::from(len);
+            let buf = ring.alloc_buffer(2 * len as usize + 4096).map_err(e)?;
+            pattern(77, ring.buffer_mut(buf, 0, l).map_err(e)?);
+            ring.write(ns.nsid, 0, buf, 0, len).map_err(e)?;
+            // Read back to an in-page offset: the transfer needs one more PRP entry than pages.
+            ring.read(ns.nsid, 0, buf, l + 512, len).map_err(e)?;
+            let data = ring.buffer(buf, 0, l).map_err(e)?.to_vec();
+            if ring.buffer(buf, l + 512, l).map_err(e)? != &data[..] {
+                return Err(format!("{len}-byte transfer came back different"));
+            }
+            // One block over MDTS is refused with a clear status.
+            match ring.read(ns.nsid, 0, buf, 0, len + ns.lba_size) {
+                Err(nvmed_client::Error::Io(s)) => println!("over MDTS: {s}"),
+                other => return Err(format!("a transfer above MDTS was not refused: {other:?}")),
+            }
+        }
+        Scenario::Hammer { at_mib } => {
+            let buf = ring.alloc_buffer(4 << 20).map_err(e)?;
+            ring.buffer_mut(buf, 0, 4 << 20).map_err(e)?.fill(0x5a);
+            println!("HAMMERING");
+            let mut out = Vec::new();
+            let mut i = 0u64;
+            loop {
+                while ring.in_flight() < 32 {
+                    let off = (i % 32) * 128 * 1024;
+                    ring.prep(Io::write(ns.nsid, (at_mib << 20) + off, 128 * 1024, buf, off)).map_err(e)?;
+                    i += 1;
+                }
+                ring.submit().map_err(e)?;
+                out.clear();
+                ring.wait(1, &mut out, Some(Duration::from_secs(30))).map_err(e)?;
+            }
+        }
+        Scenario::WritePattern { offset, len, seed } => {
+            let buf = ring.alloc_buffer(len as usize).map_err(e)?;
+            pattern(seed, ring.buffer_mut(buf, 0, u64::from(len)).map_err(e)?);
+            ring.write(ns.nsid, offset, buf, 0, len).map_err(e)?;
+            ring.flush(ns.nsid).map_err(e)?;
+        }
+        Scenario::CheckPattern { offset, len, seed } => {
+            let buf = ring.alloc_buffer(len as usize).map_err(e)?;
+            ring.read(ns.nsid, offset, buf, 0, len).map_err(e)?;
+            let mut want = vec![0u8; len as usize];
+            pattern(seed, &mut want);
+            if ring.buffer(buf, 0, u64::from(len)).map_err(e)? != &want[..] {
+                return Err(format!("pattern {seed} at {offset} not found"));
+            }
+        }
+        Scenario::CheckFile { .. } => unreachable!("handled without a broker"),
+        Scenario::Sessions { expect } => {
+            let mut s = ring.stats().map_err(e)?;
+            for _ in 0..100 {
+                if s.broker_sessions == expect {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+                s = ring.stats().map_err(e)?;
+            }
+            if s.broker_sessions != expect || s.broker_buffer_iova_bytes != s.buffer_bytes {
+                return Err(format!("expected {expect} sessions and only our IOVA mapped, got {s:?}"));
+            }
+        }
+    }
+    Ok(())
+}
