@@ -174,12 +174,26 @@ fn hostile_ring_indices_fault_only_that_ring() {
     assert!(matches!(r, Err(Error::RingFaulted(Some(RingFault::SqTailCorrupt)))), "{r:?}");
     others_unaffected(&mut broker);
 
-    // Garbage CQ head.
+    // Garbage CQ head. The broker reads the client's CQ head only when its cached view of the
+    // CQ has no room left, so fill the CQ first, then corrupt the head, then ask for more.
     let mut bad = broker.connect_with(16, 16);
+    for i in 0..16 {
+        bad.prep(Io::nop().user_data(i)).unwrap();
+    }
+    bad.submit().unwrap();
+    let mem_tail =
+        |r: &NvmeRing| r.ring_memory().load_u32(nvmed_proto::layout::CQ_TAIL_OFFSET, Ordering::Acquire);
+    wait_until("16 completions posted", Duration::from_secs(10), || mem_tail(&bad) == 16);
     bad.ring_memory().store_u32(CQ_HEAD_OFFSET, 0x8000_0000, Ordering::Release);
     bad.prep(Io::nop()).unwrap();
     bad.submit().unwrap();
-    let r = bad.wait(1, &mut out, Some(Duration::from_secs(10)));
+    let flags =
+        |r: &NvmeRing| r.ring_memory().load_u32(nvmed_proto::layout::BROKER_FLAGS_OFFSET, Ordering::Acquire);
+    wait_until("the ring to be faulted", Duration::from_secs(10), || {
+        flags(&bad) & nvmed_proto::layout::BROKER_FAULTED != 0
+    });
+    bad.prep(Io::nop()).unwrap();
+    let r = bad.submit();
     assert!(matches!(r, Err(Error::RingFaulted(Some(RingFault::CqHeadCorrupt)))), "{r:?}");
     // The faulted session still answers control requests and can leave cleanly.
     bad.stats().unwrap();

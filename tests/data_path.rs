@@ -276,3 +276,26 @@ fn clean_shutdown_on_sigterm_with_clients_connected() {
     }
     let _ = Response::Goodbye;
 }
+
+#[test]
+fn data_moves_by_device_dma_only() {
+    let broker = TestBroker::start(&[]);
+    let mut ring = broker.connect();
+    let ns = ring.namespaces()[0].nsid;
+    let before = ring.stats().unwrap();
+    let buf = ring.alloc_buffer(4 * MIB as usize).unwrap();
+    pattern(3, ring.buffer_mut(buf, 0, 2 * MIB).unwrap());
+    let ios: Vec<Io> =
+        (0..16).map(|i| Io::write(ns, i * 128 * 1024, 128 * 1024, buf, i * 128 * 1024)).collect();
+    assert!(run_batch(&mut ring, &ios, 16).values().all(|c| c.status.is_success()));
+    let ios: Vec<Io> =
+        (0..16).map(|i| Io::read(ns, i * 128 * 1024, 128 * 1024, buf, 2 * MIB + i * 128 * 1024)).collect();
+    assert!(run_batch(&mut ring, &ios, 16).values().all(|c| c.status.is_success()));
+    let after = ring.stats().unwrap();
+    assert!(ring.buffer(buf, 0, 2 * MIB).unwrap() == ring.buffer(buf, 2 * MIB, 2 * MIB).unwrap());
+    let moved = after.bytes_read + after.bytes_written - before.bytes_read - before.bytes_written;
+    assert_eq!(moved, 4 * MIB);
+    // Every byte went between the device and the client's buffer by DMA, none through the broker.
+    let dma = after.device_dma_bytes.unwrap() - before.device_dma_bytes.unwrap();
+    assert_eq!(dma, moved, "the device moved {dma} bytes for {moved} bytes of I/O");
+}

@@ -250,7 +250,7 @@ impl NvmeRing {
     }
 
     /// Free SQ slots.
-    pub fn sq_space(&self) -> usize {
+    pub fn sq_space(&mut self) -> usize {
         self.sq.free().map_or(0, |f| f as usize)
     }
 
@@ -353,7 +353,7 @@ impl NvmeRing {
     }
 
     fn push(&mut self, mut sqe: Sqe, range: Option<(u32, u64, u64)>) -> Result<()> {
-        if self.sq.free().map_err(|_| Error::RingFaulted(None))? == 0 {
+        if self.sq.free_at_least(1).map_err(|_| Error::RingFaulted(None))? == 0 {
             return Err(Error::SqFull);
         }
         let tag = self.pending.insert(Pending { user_data: sqe.user_data, range });
@@ -420,8 +420,11 @@ impl NvmeRing {
     ) -> Result<usize> {
         let start = Instant::now();
         let mut got = self.poll(out)?;
+        let mut spins = 0u32;
         while got < min {
-            if start.elapsed() < self.spin {
+            // Spin first, reading the clock only every 64 polls.
+            spins += 1;
+            if !spins.is_multiple_of(64) || start.elapsed() < self.spin {
                 std::hint::spin_loop();
                 got += self.poll(out)?;
                 continue;

@@ -126,8 +126,10 @@ pub struct Stats {
     pub buffers: u64,
     /// Bytes registered by this session.
     pub buffer_bytes: u64,
-    /// Data bytes the broker copied itself for any client (zero: the device DMAs into client memory).
-    pub broker_bytes_copied: u64,
+    /// Data bytes the device moved by DMA to or from host memory, for all clients, when the
+    /// device counts them (the emulated controller does). Equal to the bytes read and written:
+    /// the broker copies no data, the device reaches client buffers directly.
+    pub device_dma_bytes: Option<u64>,
     /// Sessions connected to the broker.
     pub broker_sessions: u64,
     /// Bytes of IOVA space the broker has mapped for client buffers.

@@ -71,12 +71,14 @@ pub struct Producer<M: RingMemory> {
     mem: M,
     tail: u32,
     published: u32,
+    // Last head seen; the consumer's cache line is read again only when this says "full".
+    cached_head: u32,
 }
 
 impl<M: RingMemory> Producer<M> {
     /// Starts producing at `tail` (zero on a fresh ring).
     pub fn new(mem: M, tail: u32) -> Self {
-        Self { mem, tail, published: tail }
+        Self { mem, tail, published: tail, cached_head: tail }
     }
 
     /// The underlying memory.
@@ -84,10 +86,27 @@ impl<M: RingMemory> Producer<M> {
         &self.mem
     }
 
-    /// Free slots, counting entries pushed but not yet published.
-    pub fn free(&self) -> Result<u32, RingError> {
+    /// Free slots, counting entries pushed but not yet published (reads the consumer's head).
+    pub fn free(&mut self) -> Result<u32, RingError> {
         let head = self.mem.load_head(Ordering::Acquire);
-        Ok(self.mem.entries() - outstanding(head, self.tail, self.mem.entries())?)
+        let used = outstanding(head, self.tail, self.mem.entries())?;
+        self.cached_head = head;
+        Ok(self.mem.entries() - used)
+    }
+
+    /// Free slots as of the last head read: never more than [`Producer::free`] would say, and
+    /// costs no access to the consumer's cache line.
+    pub fn free_cached(&self) -> u32 {
+        self.mem.entries() - self.tail.wrapping_sub(self.cached_head).min(self.mem.entries())
+    }
+
+    /// At least `want` free slots if there are, reading the head only when the cache says fewer.
+    pub fn free_at_least(&mut self, want: u32) -> Result<u32, RingError> {
+        let cached = self.free_cached();
+        if cached >= want {
+            return Ok(cached);
+        }
+        self.free()
     }
 
     /// Entries pushed and not yet consumed, as seen now.
@@ -97,7 +116,7 @@ impl<M: RingMemory> Producer<M> {
 
     /// Writes one entry without publishing it. Returns `Ok(false)` when the ring is full.
     pub fn push(&mut self, entry: M::Entry) -> Result<bool, RingError> {
-        if self.free()? == 0 {
+        if self.free_at_least(1)? == 0 {
             return Ok(false);
         }
         self.push_unchecked(entry);

@@ -75,6 +75,10 @@ struct Args {
     /// Output format.
     #[arg(long, value_enum, default_value = "normal")]
     output_format: OutputFormat,
+    /// Connect --numjobs clients, do no I/O for this many seconds, and report the broker's CPU
+    /// use meanwhile (it should sleep).
+    #[arg(long, value_name = "SECONDS")]
+    idle: Option<f64>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
@@ -180,6 +184,7 @@ fn start_slot(
     slot: usize,
     issued: &mut u64,
     verify: bool,
+    now: Instant,
 ) -> Result<(), EngineError> {
     let io = spec.workload.next_io();
     if verify && io.write {
@@ -190,7 +195,7 @@ fn start_slot(
         }
     }
     slots.kind[slot] = (io.write, io.offset);
-    slots.started[slot] = Instant::now();
+    slots.started[slot] = now;
     engine.queue(slot, io.write, io.offset)?;
     *issued += 1;
     Ok(())
@@ -211,7 +216,7 @@ fn run_job(engine: &mut dyn Engine, mut spec: JobSpec) -> Result<JobOutcome, Eng
         if !more(issued) {
             break;
         }
-        start_slot(engine, &mut spec, &mut slots, slot, &mut issued, verify)?;
+        start_slot(engine, &mut spec, &mut slots, slot, &mut issued, verify, Instant::now())?;
     }
     engine.submit()?;
     let mut done: Vec<Done> = Vec::with_capacity(spec.iodepth);
@@ -238,7 +243,8 @@ fn run_job(engine: &mut dyn Engine, mut spec: JobSpec) -> Result<JobOutcome, Eng
                 }
             }
             if more(issued) {
-                start_slot(engine, &mut spec, &mut slots, slot, &mut issued, verify)?;
+                // Re-issued right away: the reap time is its submission time (one clock read per batch).
+                start_slot(engine, &mut spec, &mut slots, slot, &mut issued, verify, now)?;
                 in_flight += 1;
             }
         }
@@ -394,6 +400,38 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         _ => None,
     };
     let self_cpu0 = process_cpu();
+    if let Some(secs) = args.idle {
+        if !nvmed {
+            return Err("--idle measures the nvmed broker; use --engine nvmed".into());
+        }
+        let clients: Vec<_> =
+            (0..args.numjobs).map(|_| open_engine(&args, &socket)).collect::<Result<_, _>>()?;
+        let pid =
+            if embedded.is_some() { self_pid } else { broker_pid.ok_or("cannot find the broker's pid")? };
+        let prefix = embedded.is_some().then_some("nvmed");
+        std::thread::sleep(Duration::from_millis(100)); // let the broker settle into its sleep
+        let (u0, s0) = cpu_of(pid, prefix);
+        std::thread::sleep(Duration::from_secs_f64(secs));
+        let (u1, s1) = cpu_of(pid, prefix);
+        drop(clients);
+        let percent = (u1 - u0 + s1 - s0) / secs * 100.0;
+        match args.output_format {
+            OutputFormat::Json => println!(
+                "{}",
+                serde_json::json!({"idle_seconds": secs, "clients": args.numjobs, "broker_cpu_percent": percent})
+            ),
+            OutputFormat::Normal => {
+                println!(
+                    "ringbench: {} idle clients for {secs} s: broker used {percent:.2}% of a CPU",
+                    args.numjobs
+                )
+            }
+        }
+        if let Some(b) = embedded.take() {
+            b.shutdown()?;
+        }
+        return Ok(());
+    }
     let mut engines = Vec::new();
     for _ in 0..args.numjobs {
         engines.push(open_engine(&args, &socket)?);

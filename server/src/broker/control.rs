@@ -119,6 +119,7 @@ impl Connection {
                 let mut s = self.counters.snapshot();
                 s.broker_sessions = self.shared.sessions.load(Ordering::Relaxed);
                 s.broker_buffer_iova_bytes = self.shared.space.used(crate::iova::Area::Buffers);
+                s.device_dma_bytes = self.shared.device.dma_data_bytes();
                 Ok((Response::Stats(s), vec![]))
             }
             Request::Goodbye => Ok((Response::Goodbye, vec![])),

@@ -143,6 +143,7 @@ impl IoThread {
     /// Runs until a Shutdown request has been served.
     pub fn run(mut self) {
         let mut idle_since: Option<Instant> = None;
+        let mut idle_spins = 0u32;
         loop {
             let mut work = self.serve_requests();
             work |= self.take_submissions();
@@ -160,6 +161,13 @@ impl IoThread {
             }
             if work {
                 idle_since = None;
+                idle_spins = 0;
+                continue;
+            }
+            // Idle: keep polling, reading the clock only every 64 empty rounds.
+            idle_spins += 1;
+            if !idle_spins.is_multiple_of(64) {
+                std::hint::spin_loop();
                 continue;
             }
             let now = Instant::now();
@@ -169,7 +177,7 @@ impl IoThread {
                     self.sleep();
                     idle_since = None;
                 }
-                Some(_) => std::hint::spin_loop(),
+                Some(_) => {}
             }
         }
     }
@@ -276,17 +284,6 @@ impl IoThread {
                     Err(_) => break,
                 }
             }
-            let free = match ring.cq.free() {
-                Ok(f) => f,
-                Err(e) => {
-                    warn!(session = s.id, "client corrupted its CQ head ({e}); ring faulted");
-                    ring.fault(RingFault::CqHeadCorrupt);
-                    s.faulted = true;
-                    continue;
-                }
-            };
-            // Room for every completion this ring may receive: never post more than fits.
-            let room = free.saturating_sub(s.in_flight + ring.overflow.len() as u32);
             let available = match ring.sq.available() {
                 Ok(n) => n,
                 Err(e) => {
@@ -296,6 +293,25 @@ impl IoThread {
                     continue;
                 }
             };
+            if available == 0 {
+                if ring.dirty {
+                    self.touched.push(key);
+                }
+                continue;
+            }
+            // Room for every completion this ring may receive: never post more than fits.
+            // The client's CQ head is read only when the cached view has too little room.
+            let reserved = s.in_flight + ring.overflow.len() as u32;
+            let free = match ring.cq.free_at_least(reserved + available.min(TAKE_BATCH)) {
+                Ok(f) => f,
+                Err(e) => {
+                    warn!(session = s.id, "client corrupted its CQ head ({e}); ring faulted");
+                    ring.fault(RingFault::CqHeadCorrupt);
+                    s.faulted = true;
+                    continue;
+                }
+            };
+            let room = free.saturating_sub(reserved);
             let n = available.min(room).min(TAKE_BATCH);
             let mut taken = 0;
             while taken < n {
@@ -445,8 +461,8 @@ impl IoThread {
         // Re-check everything after announcing the sleep (pairs with the clients' fence).
         let mut blocked = false;
         let mut ready = self.queue.has_completion();
-        for (_, s) in self.sessions.iter() {
-            let Some(r) = s.ring.as_ref() else { continue };
+        for (_, s) in self.sessions.iter_mut() {
+            let Some(r) = s.ring.as_mut() else { continue };
             if s.faulted || s.closing.is_some() {
                 continue;
             }

@@ -82,6 +82,11 @@ pub trait NvmeDevice: Send + Sync {
     /// whose interrupts cost the driver nothing ignore it.
     fn interrupt_hint(&self, _vector: u16, _wanted: bool) {}
 
+    /// Data bytes moved by DMA so far, if the device counts them.
+    fn dma_data_bytes(&self) -> Option<u64> {
+        None
+    }
+
     /// Function-level reset of the device, used when the controller does not come back
     /// from CC.EN=0 in time.
     fn function_reset(&self) -> Result<(), DeviceError>;

@@ -757,6 +757,11 @@ impl NvmeDevice for EmulatedController {
         }
     }
 
+    fn dma_data_bytes(&self) -> Option<u64> {
+        let c = &self.inner.counters;
+        Some(c.bytes_to_host.load(Ordering::Relaxed) + c.bytes_from_host.load(Ordering::Relaxed))
+    }
+
     fn function_reset(&self) -> Result<(), DeviceError> {
         let mut st = self.inner.lock();
         self.inner.reset(&mut st);
