@@ -51,13 +51,19 @@ pub struct NvmedEngine {
 
 impl NvmedEngine {
     /// Opens a session with a ring deep enough for `iodepth`.
-    pub fn open(socket: &Path, iodepth: usize, bs: u32, nop: bool) -> Result<Self, EngineError> {
+    pub fn open(
+        socket: &Path,
+        iodepth: usize,
+        bs: u32,
+        nop: bool,
+        spin_us: u64,
+    ) -> Result<Self, EngineError> {
         let entries = (iodepth as u32).next_power_of_two().max(2);
         let opts = nvmed_client::RingOptions {
             sq_entries: entries,
             cq_entries: entries,
             client_name: "ringbench".into(),
-            ..Default::default()
+            spin: std::time::Duration::from_micros(spin_us),
         };
         let mut ring = NvmeRing::open_with(socket, opts)?;
         let nsid = ring.namespaces().first().ok_or(EngineError::Failed("no namespace".into()))?.nsid;

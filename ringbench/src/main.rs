@@ -75,6 +75,9 @@ struct Args {
     /// Output format.
     #[arg(long, value_enum, default_value = "normal")]
     output_format: OutputFormat,
+    /// nvmed engines: microseconds a waiting client spins before sleeping on its eventfd.
+    #[arg(long, default_value_t = 50)]
+    spin_us: u64,
     /// Connect --numjobs clients, do no I/O for this many seconds, and report the broker's CPU
     /// use meanwhile (it should sleep).
     #[arg(long, value_name = "SECONDS")]
@@ -319,9 +322,13 @@ fn cpu_of(pid: i32, prefix: Option<&str>) -> (f64, f64) {
 fn open_engine(args: &Args, socket: &Path) -> Result<Box<dyn Engine + Send>, EngineError> {
     let (depth, bs) = (args.iodepth as usize, args.bs as usize);
     Ok(match args.engine {
-        EngineKind::Nvmed | EngineKind::NvmedNop => {
-            Box::new(NvmedEngine::open(socket, depth, bs as u32, args.engine == EngineKind::NvmedNop)?)
-        }
+        EngineKind::Nvmed | EngineKind::NvmedNop => Box::new(NvmedEngine::open(
+            socket,
+            depth,
+            bs as u32,
+            args.engine == EngineKind::NvmedNop,
+            args.spin_us,
+        )?),
         EngineKind::IoUring => Box::new(UringEngine::open(args.filename.as_deref(), depth, bs, false)?),
         EngineKind::IoUringNop => Box::new(UringEngine::open(None, depth, bs, true)?),
     })
@@ -355,7 +362,7 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     // Size of the target.
     let target = match args.engine {
         EngineKind::Nvmed => {
-            let probe = NvmedEngine::open(&socket, 1, args.bs as u32, false)?;
+            let probe = NvmedEngine::open(&socket, 1, args.bs as u32, false, 0)?;
             probe.namespace_bytes()
         }
         EngineKind::IoUring => {
@@ -389,7 +396,7 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         return Err("--size is too small for --numjobs jobs of --bs".into());
     }
     let broker_pid = if nvmed && embedded.is_none() {
-        NvmedEngine::open(&socket, 1, 4096, true).ok().and_then(|e| e.broker_pid())
+        NvmedEngine::open(&socket, 1, 4096, true, 0).ok().and_then(|e| e.broker_pid())
     } else {
         None
     };
