@@ -76,12 +76,13 @@ check restart-keeps-data restart
 check pattern-for-host as_user vmcheck write-pattern --offset 50331648 --len 65536 --seed 6
 
 echo "VMTEST BENCH side by side, same boot, 4 KiB random reads (software emulation: noisy, not asserted)"
+bench() { grep -m1 IOPS "$1" | awk '{print $2}'; }
 for qd in 1 32; do
     as_user ringbench --socket /run/nvmed.sock --rw randread --bs 4k --iodepth $qd --runtime 3 --size 32M > /tmp/b1 2>&1
     ringbench --engine io-uring --filename /dev/nvme0n1 --rw randread --bs 4k --iodepth $qd --runtime 3 --size 32M > /tmp/b2 2>&1
-    n=$(grep -m1 IOPS /tmp/b1 | awk '{print $2}'); k=$(grep -m1 IOPS /tmp/b2 | awk '{print $2}')
-    echo "VMTEST BENCH QD$qd nvmed-vfio ${n:-?} IOPS | kernel-nvme-io_uring ${k:-?} IOPS"
-    cat /tmp/b1 /tmp/b2 | sed 's/^/  | /'
+    ringbench --engine io-uring-passthru --filename /dev/ng0n1 --rw randread --bs 4k --iodepth $qd --runtime 3 --size 32M > /tmp/b3 2>&1
+    echo "VMTEST BENCH QD$qd nvmed-vfio $(bench /tmp/b1) IOPS | kernel nvme + io_uring O_DIRECT $(bench /tmp/b2) IOPS | kernel io_uring NVMe passthrough $(bench /tmp/b3) IOPS"
+    cat /tmp/b1 /tmp/b2 /tmp/b3 | sed 's/^/  | /'
 done
 
 check broker-clean-shutdown stop_broker

@@ -95,6 +95,8 @@ enum EngineKind {
     IoUring,
     /// Linux io_uring NOPs: the kernel ring's own overhead.
     IoUringNop,
+    /// Linux io_uring NVMe passthrough on /dev/ngXnY (--filename).
+    IoUringPassthru,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -331,6 +333,10 @@ fn open_engine(args: &Args, socket: &Path) -> Result<Box<dyn Engine + Send>, Eng
         )?),
         EngineKind::IoUring => Box::new(UringEngine::open(args.filename.as_deref(), depth, bs, false)?),
         EngineKind::IoUringNop => Box::new(UringEngine::open(None, depth, bs, true)?),
+        EngineKind::IoUringPassthru => {
+            let path = args.filename.as_deref().ok_or(EngineError::Failed("needs --filename /dev/ngXnY".into()))?;
+            Box::new(engine::PassthruEngine::open(path, depth, bs)?)
+        }
     })
 }
 
@@ -364,6 +370,13 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         EngineKind::Nvmed => {
             let probe = NvmedEngine::open(&socket, 1, args.bs as u32, false, 0)?;
             probe.namespace_bytes()
+        }
+        EngineKind::IoUringPassthru => {
+            let path = args.filename.as_ref().ok_or("--engine io-uring-passthru needs --filename /dev/ngXnY")?;
+            let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+            let block = name.strip_prefix("ng").map(|r| format!("nvme{r}")).ok_or("not an /dev/ngXnY device")?;
+            let sectors: u64 = std::fs::read_to_string(format!("/sys/block/{block}/size"))?.trim().parse()?;
+            sectors * 512
         }
         EngineKind::IoUring => {
             let path = args.filename.as_ref().ok_or("--engine io-uring needs --filename")?;
