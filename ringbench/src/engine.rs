@@ -247,10 +247,9 @@ impl PassthruEngine {
     /// Opens the NVMe generic character device `path` (e.g. /dev/ng0n1).
     pub fn open(path: &Path, iodepth: usize, bs: usize) -> Result<Self, EngineError> {
         let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default();
-        let block = name
-            .strip_prefix("ng")
-            .map(|rest| format!("nvme{rest}"))
-            .ok_or_else(|| EngineError::Failed(format!("{} is not an NVMe generic device (/dev/ngXnY)", path.display())))?;
+        let block = name.strip_prefix("ng").map(|rest| format!("nvme{rest}")).ok_or_else(|| {
+            EngineError::Failed(format!("{} is not an NVMe generic device (/dev/ngXnY)", path.display()))
+        })?;
         let lba: u32 = std::fs::read_to_string(format!("/sys/block/{block}/queue/logical_block_size"))?
             .trim()
             .parse()
@@ -262,7 +261,14 @@ impl PassthruEngine {
             return Err(EngineError::Failed(format!("NVME_IOCTL_ID: {}", std::io::Error::last_os_error())));
         }
         let ring = IoUring::builder().build((iodepth as u32).next_power_of_two().max(2))?;
-        Ok(Self { ring, file, buf: AlignedBuf::new(iodepth * bs), bs, nsid: nsid as u32, lba_shift: lba.trailing_zeros() })
+        Ok(Self {
+            ring,
+            file,
+            buf: AlignedBuf::new(iodepth * bs),
+            bs,
+            nsid: nsid as u32,
+            lba_shift: lba.trailing_zeros(),
+        })
     }
 }
 
@@ -290,7 +296,8 @@ impl Engine for PassthruEngine {
             .build()
             .user_data(slot as u64);
         // SAFETY: the command points into the buffer, which outlives the ring's use of it.
-        unsafe { self.ring.submission().push(&entry) }.map_err(|_| EngineError::Failed("io_uring SQ full".into()))
+        unsafe { self.ring.submission().push(&entry) }
+            .map_err(|_| EngineError::Failed("io_uring SQ full".into()))
     }
     fn submit(&mut self) -> Result<(), EngineError> {
         self.ring.submit()?;

@@ -57,6 +57,12 @@ struct Args {
     /// Jobs (each its own client and ring, in its own thread).
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=64))]
     numjobs: u32,
+    /// Run each job in its own process instead of a thread.
+    #[arg(long)]
+    processes: bool,
+    /// Internal: this process is job N of a --processes run.
+    #[arg(long, hide = true)]
+    child_job: Option<u32>,
     /// Seconds to run (ignored with --number-ios).
     #[arg(long, default_value_t = 5.0)]
     runtime: f64,
@@ -144,6 +150,15 @@ struct JobReport {
 struct Cpu {
     user_s: f64,
     sys_s: f64,
+}
+
+/// What a job process (--processes) hands back to its parent.
+#[derive(Debug, Serialize, serde::Deserialize)]
+struct ChildReport {
+    reads: u64,
+    writes: u64,
+    seconds: f64,
+    histogram_hex: String,
 }
 
 #[derive(Debug, Serialize)]
@@ -283,16 +298,18 @@ fn report(job: u32, o: &JobOutcome, bs: u64) -> JobReport {
     }
 }
 
-/// CPU seconds (user, sys) of this whole process, exited threads included.
+/// CPU seconds (user, sys) of this process and its waited-for children, exited threads included.
 fn process_cpu() -> (f64, f64) {
     use nix::sys::resource::{getrusage, UsageWho};
-    match getrusage(UsageWho::RUSAGE_SELF) {
-        Ok(u) => {
+    let mut total = (0.0, 0.0);
+    for who in [UsageWho::RUSAGE_SELF, UsageWho::RUSAGE_CHILDREN] {
+        if let Ok(u) = getrusage(who) {
             let s = |t: nix::sys::time::TimeVal| t.tv_sec() as f64 + t.tv_usec() as f64 / 1e6;
-            (s(u.user_time()), s(u.system_time()))
+            total.0 += s(u.user_time());
+            total.1 += s(u.system_time());
         }
-        Err(_) => (0.0, 0.0),
     }
+    total
 }
 
 /// CPU seconds (user, sys) of threads of `pid` whose name starts with `prefix` (all if None).
@@ -334,7 +351,8 @@ fn open_engine(args: &Args, socket: &Path) -> Result<Box<dyn Engine + Send>, Eng
         EngineKind::IoUring => Box::new(UringEngine::open(args.filename.as_deref(), depth, bs, false)?),
         EngineKind::IoUringNop => Box::new(UringEngine::open(None, depth, bs, true)?),
         EngineKind::IoUringPassthru => {
-            let path = args.filename.as_deref().ok_or(EngineError::Failed("needs --filename /dev/ngXnY".into()))?;
+            let path =
+                args.filename.as_deref().ok_or(EngineError::Failed("needs --filename /dev/ngXnY".into()))?;
             Box::new(engine::PassthruEngine::open(path, depth, bs)?)
         }
     })
@@ -372,9 +390,11 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
             probe.namespace_bytes()
         }
         EngineKind::IoUringPassthru => {
-            let path = args.filename.as_ref().ok_or("--engine io-uring-passthru needs --filename /dev/ngXnY")?;
+            let path =
+                args.filename.as_ref().ok_or("--engine io-uring-passthru needs --filename /dev/ngXnY")?;
             let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default();
-            let block = name.strip_prefix("ng").map(|r| format!("nvme{r}")).ok_or("not an /dev/ngXnY device")?;
+            let block =
+                name.strip_prefix("ng").map(|r| format!("nvme{r}")).ok_or("not an /dev/ngXnY device")?;
             let sectors: u64 = std::fs::read_to_string(format!("/sys/block/{block}/size"))?.trim().parse()?;
             sectors * 512
         }
@@ -452,9 +472,21 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         }
         return Ok(());
     }
-    let mut engines = Vec::new();
-    for _ in 0..args.numjobs {
-        engines.push(open_engine(&args, &socket)?);
+    if let Some(j) = args.child_job {
+        let mut engine = open_engine(&args, &socket)?;
+        let o = run_job(engine.as_mut(), job_spec(&args, j, args.offset, size))?;
+        let mut bytes = Vec::new();
+        hdrhistogram::serialization::Serializer::serialize(
+            &mut hdrhistogram::serialization::V2Serializer::new(),
+            &o.hist,
+            &mut bytes,
+        )
+        .map_err(|e| format!("{e:?}"))?;
+        let histogram_hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+        let r =
+            ChildReport { reads: o.reads, writes: o.writes, seconds: o.elapsed.as_secs_f64(), histogram_hex };
+        println!("{}", serde_json::to_string(&r)?);
+        return Ok(());
     }
     let interactive =
         args.output_format == OutputFormat::Normal && nix::unistd::isatty(std::io::stderr()).unwrap_or(false);
@@ -471,33 +503,11 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
             eprint!("\r{}\r", " ".repeat(30));
         })
     });
-    let handles: Vec<_> = engines
-        .into_iter()
-        .enumerate()
-        .map(|(j, mut engine)| {
-            let spec = JobSpec {
-                id: j as u32,
-                workload: Workload::new(
-                    args.rw,
-                    args.rwmixread,
-                    args.bs,
-                    args.offset + j as u64 * per_job,
-                    per_job,
-                    0x1234_5678 + j as u64,
-                ),
-                iodepth: args.iodepth as usize,
-                bs: args.bs as usize,
-                verify: args.verify,
-                runtime: Duration::from_secs_f64(args.runtime),
-                number_ios: args.number_ios,
-            };
-            std::thread::spawn(move || run_job(engine.as_mut(), spec).map_err(|e| e.to_string()))
-        })
-        .collect();
-    let mut outcomes = Vec::new();
-    for h in handles {
-        outcomes.push(h.join().map_err(|_| "a job panicked")??);
-    }
+    let outcomes = if args.processes {
+        run_processes(&args, &socket, per_job)?
+    } else {
+        run_threads(&args, &socket, per_job)?
+    };
     progress.store(false, std::sync::atomic::Ordering::Relaxed);
     if let Some(t) = progress_thread {
         let _ = t.join();
@@ -551,6 +561,102 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         OutputFormat::Normal => print_report(&rep),
     }
     Ok(())
+}
+
+fn job_spec(args: &Args, j: u32, offset: u64, size: u64) -> JobSpec {
+    JobSpec {
+        id: j,
+        workload: Workload::new(
+            args.rw,
+            args.rwmixread,
+            args.bs,
+            offset,
+            size,
+            0x1234_5678 + u64::from(j) * 0x9e37_79b9,
+        ),
+        iodepth: args.iodepth as usize,
+        bs: args.bs as usize,
+        verify: args.verify,
+        runtime: Duration::from_secs_f64(args.runtime),
+        number_ios: args.number_ios,
+    }
+}
+
+fn run_threads(
+    args: &Args,
+    socket: &Path,
+    per_job: u64,
+) -> Result<Vec<JobOutcome>, Box<dyn std::error::Error>> {
+    let mut engines = Vec::new();
+    for _ in 0..args.numjobs {
+        engines.push(open_engine(args, socket)?);
+    }
+    let handles: Vec<_> = engines
+        .into_iter()
+        .enumerate()
+        .map(|(j, mut engine)| {
+            let spec = job_spec(args, j as u32, args.offset + j as u64 * per_job, per_job);
+            std::thread::spawn(move || run_job(engine.as_mut(), spec).map_err(|e| e.to_string()))
+        })
+        .collect();
+    let mut outcomes = Vec::new();
+    for h in handles {
+        outcomes.push(h.join().map_err(|_| "a job panicked")??);
+    }
+    Ok(outcomes)
+}
+
+fn run_processes(
+    args: &Args,
+    socket: &Path,
+    per_job: u64,
+) -> Result<Vec<JobOutcome>, Box<dyn std::error::Error>> {
+    let exe = std::env::current_exe()?;
+    let name =
+        |v: Option<clap::builder::PossibleValue>| v.map(|p| p.get_name().to_string()).unwrap_or_default();
+    let mut children = Vec::new();
+    for j in 0..args.numjobs {
+        let mut cmd = std::process::Command::new(&exe);
+        cmd.arg("--engine").arg(name(args.engine.to_possible_value()));
+        cmd.arg("--socket").arg(socket);
+        if let Some(f) = &args.filename {
+            cmd.arg("--filename").arg(f);
+        }
+        cmd.arg("--rw").arg(name(args.rw.to_possible_value()));
+        cmd.args(["--rwmixread", &args.rwmixread.to_string(), "--bs", &args.bs.to_string()]);
+        cmd.args(["--iodepth", &args.iodepth.to_string(), "--runtime", &args.runtime.to_string()]);
+        if let Some(n) = args.number_ios {
+            cmd.args(["--number-ios", &n.to_string()]);
+        }
+        let offset = args.offset + u64::from(j) * per_job;
+        cmd.args(["--offset", &offset.to_string(), "--size", &per_job.to_string()]);
+        cmd.args(["--spin-us", &args.spin_us.to_string(), "--child-job", &j.to_string()]);
+        if args.verify {
+            cmd.arg("--verify");
+        }
+        children.push(cmd.stdout(std::process::Stdio::piped()).spawn()?);
+    }
+    let mut outcomes = Vec::new();
+    for c in children {
+        let out = c.wait_with_output()?;
+        if !out.status.success() {
+            return Err("a job process failed".into());
+        }
+        let r: ChildReport = serde_json::from_slice(&out.stdout)?;
+        let bytes: Vec<u8> = (0..r.histogram_hex.len() / 2)
+            .map(|i| u8::from_str_radix(&r.histogram_hex[2 * i..2 * i + 2], 16))
+            .collect::<Result<_, _>>()?;
+        let hist: Histogram<u64> = hdrhistogram::serialization::Deserializer::new()
+            .deserialize(&mut &bytes[..])
+            .map_err(|e| format!("{e:?}"))?;
+        outcomes.push(JobOutcome {
+            hist,
+            reads: r.reads,
+            writes: r.writes,
+            elapsed: Duration::from_secs_f64(r.seconds),
+        });
+    }
+    Ok(outcomes)
 }
 
 fn print_report(r: &Report) {

@@ -81,3 +81,41 @@ fn bad_options_are_explained() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("multiple of 512"));
 }
+
+#[test]
+fn jobs_as_processes_merge_their_latencies() {
+    let r = run(&[
+        "--embedded",
+        "--size",
+        "64M",
+        "--rw",
+        "randrw",
+        "--iodepth",
+        "4",
+        "--numjobs",
+        "2",
+        "--processes",
+        "--number-ios",
+        "2000",
+        "--verify",
+    ]);
+    assert_eq!(r["total"]["ios"], 4000);
+    let jobs = r["jobs"].as_array().unwrap();
+    assert_eq!(jobs.len(), 2);
+    assert_ne!(jobs[0]["reads"], jobs[1]["reads"], "jobs must not replay the same sequence");
+    assert!(
+        r["total"]["latency"]["max_ns"].as_u64().unwrap() >= jobs[0]["latency"]["max_ns"].as_u64().unwrap()
+    );
+}
+
+#[test]
+fn idle_broker_reports_its_cpu() {
+    let out = Command::new(env!("CARGO_BIN_EXE_ringbench"))
+        .args(["--embedded", "--idle", "0.5", "--numjobs", "3", "--output-format", "json"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(r["clients"], 3);
+    assert!(r["broker_cpu_percent"].as_f64().unwrap() >= 0.0);
+}
