@@ -1,37 +1,71 @@
 #!/usr/bin/env bash
-# Benchmarks that print ratios measured in one run (not tests: numbers on shared machines are noisy).
-#  1. Ring overhead: nvmed no-op round trips vs io_uring NOPs, QD1 latency and QD32/QD128 throughput.
+# Benchmarks that print ratios measured in one run, against a peer measured on the same machine
+# at the same time. They are not tests: shared machines are noisy, so nothing here is asserted.
+#  1. Ring overhead: nvmed no-op round trips vs io_uring NOPs (QD1 latency, QD32/QD128 throughput).
 #  2. Data path: nvmed on a memory-backed emulated controller vs io_uring O_DIRECT on a tmpfs file,
 #     4 KiB random read/write at QD1 and QD32.
-# Usage: bash scripts/bench.sh [seconds-per-run]
+#  3. (--vm) In a VM: nvmed on QEMU's NVMe controller through VFIO vs the kernel nvme driver.
+#  4. Zero copy: the device moves every data byte by DMA (checked by a test).
+#  5. Idle: broker CPU with connected, idle clients.
+# Usage: bash scripts/bench.sh [seconds-per-run] [--vm]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 secs=${1:-3}
-cargo build --release -p ringbench >/dev/null
+cargo build --release -p ringbench -p nvmed-server --bin ringbench --bin nvmed >/dev/null 2>&1
 rb=./target/release/ringbench
 tmp=$(mktemp -d /dev/shm/nvmed-bench.XXXXXX 2>/dev/null || mktemp -d)
-trap 'rm -rf "$tmp"' EXIT
+trap 'kill $nvmed_pid 2>/dev/null || true; rm -rf "$tmp"' EXIT
+nvmed_pid=
 
-field() { python3 -c "import json,sys; r=json.load(sys.stdin); print(r['total']$1)"; }
+field() { python3 -c "import json,sys; r=json.load(sys.stdin); print(r$1)"; }
 run() { "$rb" --runtime "$secs" --output-format json "$@"; }
 
-echo "machine: $(nproc) cores, $(uname -r), $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)"
+echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), kernel $(uname -r)"
+echo "each figure: one ${secs} s run; nvmed runs its broker in-process (--embedded), one client thread"
 echo
-echo "1. ring overhead (no device work)"
+echo "1. ring overhead (no device work): nvmed-nop vs io_uring-nop"
 for qd in 1 32 128; do
     a=$(run --embedded --null --engine nvmed-nop --iodepth $qd)
     b=$(run --engine io-uring-nop --iodepth $qd)
-    na=$(echo "$a" | field "['latency']['mean_ns']"); nb=$(echo "$b" | field "['latency']['mean_ns']")
-    ia=$(echo "$a" | field "['iops']"); ib=$(echo "$b" | field "['iops']")
-    python3 -c "print(f'  QD{$qd:<4} nvmed-nop {$ia/1e6:6.2f} M ops/s mean {$na:8.0f} ns | io_uring-nop {$ib/1e6:6.2f} M ops/s mean {$nb:8.0f} ns | nvmed/io_uring ops ratio {$ia/$ib:.2f}x, latency ratio {$na/$nb:.2f}')"
+    python3 - "$qd" "$a" "$b" <<'PY'
+import json, sys
+qd, a, b = sys.argv[1], json.loads(sys.argv[2])["total"], json.loads(sys.argv[3])["total"]
+print(f"  QD{qd:<4} nvmed {a['iops']/1e6:6.2f} M ops/s, mean {a['latency']['mean_ns']:7.0f} ns | "
+      f"io_uring {b['iops']/1e6:6.2f} M ops/s, mean {b['latency']['mean_ns']:7.0f} ns | "
+      f"throughput x{a['iops']/b['iops']:.2f}, latency x{a['latency']['mean_ns']/b['latency']['mean_ns']:.2f}")
+PY
 done
 echo
-echo "2. data path, 4 KiB random I/O (nvmed: emulated controller in memory; kernel: io_uring O_DIRECT on $tmp)"
+echo "2. data path, 4 KiB random I/O: nvmed (emulated controller, memory) vs io_uring O_DIRECT on tmpfs ($tmp)"
 for rw in randread randwrite; do
     for qd in 1 32; do
         a=$(run --embedded --size 256M --rw $rw --iodepth $qd)
         b=$(run --engine io-uring --filename "$tmp/f.img" --size 256M --rw $rw --iodepth $qd)
-        ia=$(echo "$a" | field "['iops']"); ib=$(echo "$b" | field "['iops']")
-        python3 -c "print(f'  {\"$rw\":<9} QD{$qd:<3} nvmed {$ia/1e3:8.1f} kIOPS | io_uring {$ib/1e3:8.1f} kIOPS | ratio {$ia/$ib:.2f}x')"
+        python3 - "$rw" "$qd" "$a" "$b" <<'PY'
+import json, sys
+rw, qd, a, b = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])["total"], json.loads(sys.argv[4])["total"]
+print(f"  {rw:<9} QD{qd:<3} nvmed {a['iops']/1e3:8.1f} kIOPS p99 {a['latency']['p99_ns']/1e3:7.1f} us | "
+      f"io_uring {b['iops']/1e3:8.1f} kIOPS p99 {b['latency']['p99_ns']/1e3:7.1f} us | x{a['iops']/b['iops']:.2f}")
+PY
     done
 done
+echo
+if [ "${2:-}" = "--vm" ]; then
+    echo "3. in a VM (software emulation, same boot): nvmed on VFIO vs the kernel nvme driver"
+    bash vmtest/run.sh 2>&1 | grep 'VMTEST BENCH' | sed 's/^VMTEST BENCH /  /'
+else
+    echo "3. in a VM: run 'bash scripts/bench.sh $secs --vm' (or see the VM test's log: VMTEST BENCH lines)"
+fi
+echo
+echo "4. zero copy: every data byte moved by device DMA, none by the broker"
+if cargo test -q -p nvmed-server --test data_path data_moves_by_device_dma_only >/dev/null 2>&1; then
+    echo "  data_moves_by_device_dma_only: pass (device DMA bytes == bytes read + written)"
+else
+    echo "  data_moves_by_device_dma_only: FAILED"
+fi
+echo
+echo "5. idle: broker CPU with 8 connected clients doing nothing"
+./target/release/nvmed --emulate --size 64M --socket "$tmp/nvmed.sock" > "$tmp/ready" 2>/dev/null &
+nvmed_pid=$!
+for _ in $(seq 100); do grep -q ready "$tmp/ready" 2>/dev/null && break; sleep 0.05; done
+"$rb" --socket "$tmp/nvmed.sock" --idle 3 --numjobs 8 | sed 's/^/  /'

@@ -299,3 +299,34 @@ fn data_moves_by_device_dma_only() {
     let dma = after.device_dma_bytes.unwrap() - before.device_dma_bytes.unwrap();
     assert_eq!(dma, moved, "the device moved {dma} bytes for {moved} bytes of I/O");
 }
+
+#[test]
+fn a_command_that_never_completes_resets_the_controller() {
+    // The 2nd I/O command is swallowed by the device; after 300 ms the broker resets the
+    // controller, fails that command with DeviceReset, and serves on.
+    let broker = TestBroker::start(&["--inject", "hang:2", "--io-timeout-ms", "300"]);
+    let mut ring = broker.connect();
+    let ns = ring.namespaces()[0].nsid;
+    let buf = ring.alloc_buffer(8192).unwrap();
+    pattern(11, ring.buffer_mut(buf, 0, 4096).unwrap());
+    ring.write(ns, 0, buf, 0, 4096).unwrap();
+    let t = Instant::now();
+    match ring.read(ns, 0, buf, 4096, 4096) {
+        Err(Error::Io(Status::Broker(nvmed_client::BrokerStatus::DeviceReset))) => {}
+        other => panic!("expected DeviceReset, got {other:?}"),
+    }
+    assert!(t.elapsed() >= Duration::from_millis(250));
+    // The controller is back and the data written before the reset is there.
+    ring.read(ns, 0, buf, 4096, 4096).unwrap();
+    assert_eq!(ring.buffer(buf, 0, 4096).unwrap(), ring.buffer(buf, 4096, 4096).unwrap());
+    // A session whose command was aborted can leave and be released.
+    let stats = ring.stats().unwrap();
+    assert_eq!(stats.in_flight, 0);
+    drop(ring);
+    let mut other = broker.connect();
+    let mut s = other.stats().unwrap();
+    wait_until("the first session to be released", Duration::from_secs(5), || {
+        s = other.stats().unwrap();
+        s.broker_sessions == 1
+    });
+}

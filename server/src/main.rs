@@ -77,6 +77,11 @@ struct Args {
     #[arg(long, default_value_t = 200)]
     poll_idle_us: u64,
 
+    /// Milliseconds a command may stay at the device before the controller is reset (its
+    /// commands then fail with "aborted because the controller was reset").
+    #[arg(long, default_value_t = 30_000, value_parser = clap::value_parser!(u64).range(100..))]
+    io_timeout_ms: u64,
+
     /// Most concurrent client sessions.
     #[arg(long, default_value_t = 64)]
     max_sessions: usize,
@@ -179,6 +184,7 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     config.max_sessions = args.max_sessions;
     config.io_queue_depth = args.queue_depth;
     config.poll_idle = Duration::from_micros(args.poll_idle_us);
+    config.io_timeout = Duration::from_millis(args.io_timeout_ms);
     config.policy = Policy { grants: args.grants, default: args.default_access };
     let broker = Broker::start(device, config)?;
     println!("nvmed: ready on {}", broker.socket().display());

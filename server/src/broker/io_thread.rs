@@ -12,15 +12,15 @@ use std::time::{Duration, Instant};
 
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
 use nvmed_proto::layout::{BROKER_FLAGS_OFFSET, BROKER_NEED_WAKEUP};
-use nvmed_proto::{ControlError, Cqe, NvmeStatus, Opcode, RingFault, Status};
+use nvmed_proto::{BrokerStatus, ControlError, Cqe, NvmeStatus, Opcode, RingFault, Status};
 use slab::Slab;
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
 use super::buffer::RegisteredBuffer;
 use super::session::{bump, BufferEntry, RingIo, Session, SessionCounters};
 use super::validate::{validate, DeviceLimits, Validated};
 use crate::device::NvmeDevice;
-use crate::nvme::IoQueue;
+use crate::nvme::{Controller, IoQueue};
 use crate::policy::NamespaceAccess;
 
 /// Most SQEs taken from one ring per round (fairness between clients).
@@ -77,10 +77,10 @@ pub enum IoRequest {
         /// Answered after release.
         reply: Sender<()>,
     },
-    /// Drain everything and hand the device queue back for deletion.
+    /// Drain everything, delete the I/O queue and shut the controller down.
     Shutdown {
-        /// Gets the queue.
-        reply: Sender<IoQueue<InFlight>>,
+        /// Answered when the controller is shut down.
+        reply: Sender<()>,
     },
 }
 
@@ -92,13 +92,24 @@ pub struct InFlight {
     user_data: u64,
     len: u32,
     op: Opcode,
+    epoch: u32,
 }
+
+/// Granularity of command timeouts.
+const EPOCH: Duration = Duration::from_millis(100);
 
 /// The I/O thread's state.
 pub struct IoThread {
     rx: Receiver<IoRequest>,
     wake: Arc<OwnedFd>,
+    controller: Controller,
     queue: IoQueue<InFlight>,
+    queue_depth: u16,
+    io_timeout: Duration,
+    epoch: u32,
+    epoch_started: Instant,
+    busy_rounds: u32,
+    device_failed: bool,
     device: Arc<dyn NvmeDevice>,
     vector: u16,
     limits: DeviceLimits,
@@ -106,20 +117,24 @@ pub struct IoThread {
     epoll: Epoll,
     poll_idle: Duration,
     touched: Vec<usize>,
-    shutdown: Option<Sender<IoQueue<InFlight>>>,
+    shutdown: Option<Sender<()>>,
 }
 
 impl IoThread {
     /// Prepares the thread's state (run it with [`IoThread::run`]).
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         rx: Receiver<IoRequest>,
         wake: Arc<OwnedFd>,
+        controller: Controller,
         queue: IoQueue<InFlight>,
-        device: Arc<dyn NvmeDevice>,
+        queue_depth: u16,
         vector: u16,
         limits: DeviceLimits,
         poll_idle: Duration,
+        io_timeout: Duration,
     ) -> std::io::Result<Self> {
+        let device = controller.device().clone();
         let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC)?;
         epoll.add(wake.as_fd(), EpollEvent::new(EpollFlags::EPOLLIN, WAKE_TOKEN))?;
         if let Some(fd) = device.interrupt_fd(vector) {
@@ -128,7 +143,14 @@ impl IoThread {
         Ok(Self {
             rx,
             wake,
+            controller,
             queue,
+            queue_depth,
+            io_timeout,
+            epoch: 0,
+            epoch_started: Instant::now(),
+            busy_rounds: 0,
+            device_failed: false,
             device,
             vector,
             limits,
@@ -151,17 +173,17 @@ impl IoThread {
             work |= self.reap() > 0;
             self.publish_completions();
             self.release_closed_sessions();
-            if let Some(reply) = self.shutdown.as_ref() {
-                if self.sessions.is_empty() && self.queue.in_flight() == 0 {
-                    let reply = reply.clone();
-                    let _ = reply.send(self.queue);
-                    info!("I/O thread stopped");
-                    return;
-                }
+            if self.shutdown.is_some() && self.sessions.is_empty() && self.queue.in_flight() == 0 {
+                self.stop();
+                return;
             }
             if work {
                 idle_since = None;
                 idle_spins = 0;
+                self.busy_rounds = self.busy_rounds.wrapping_add(1);
+                if self.busy_rounds.is_multiple_of(4096) {
+                    self.check_timeouts(Instant::now());
+                }
                 continue;
             }
             // Idle: keep polling, reading the clock only every 64 empty rounds.
@@ -171,6 +193,7 @@ impl IoThread {
                 continue;
             }
             let now = Instant::now();
+            self.check_timeouts(now);
             match idle_since {
                 None => idle_since = Some(now),
                 Some(t) if now.duration_since(t) >= self.poll_idle => {
@@ -258,7 +281,65 @@ impl IoThread {
         }
     }
 
-    fn begin_shutdown(&mut self, reply: Sender<IoQueue<InFlight>>) {
+    fn stop(self) {
+        let IoThread { mut controller, queue, .. } = self;
+        if let Err(e) = controller.delete_io_queue(queue.into_queue_pair()) {
+            warn!("deleting the I/O queue failed: {e}");
+        }
+        if let Err(e) = controller.shutdown() {
+            error!("controller shutdown failed: {e}");
+        }
+        info!("I/O thread stopped");
+    }
+
+    /// Advances the timeout clock; resets the controller if a command is overdue.
+    fn check_timeouts(&mut self, now: Instant) {
+        let elapsed = now.duration_since(self.epoch_started);
+        if elapsed < EPOCH {
+            return;
+        }
+        let ticks = (elapsed.as_millis() / EPOCH.as_millis()) as u32;
+        self.epoch = self.epoch.wrapping_add(ticks);
+        self.epoch_started += EPOCH * ticks;
+        let limit = (self.io_timeout.as_millis() / EPOCH.as_millis()).max(1) as u32;
+        let epoch = self.epoch;
+        if self.queue.in_flight_contexts().any(|c| epoch.wrapping_sub(c.epoch) > limit) {
+            self.reset_device();
+        }
+    }
+
+    /// A command timed out: reset the controller (which stops all its DMA), fail every command
+    /// that was at the device with `DeviceReset`, and bring the I/O queue back.
+    fn reset_device(&mut self) {
+        error!(
+            in_flight = self.queue.in_flight(),
+            timeout_ms = self.io_timeout.as_millis() as u64,
+            "a command did not complete in time; resetting the controller"
+        );
+        let reset = self.controller.reset();
+        // The controller is disabled now (or unreachable): nothing it was given can DMA anymore.
+        for ctx in self.queue.abandon_all() {
+            complete(&mut self.sessions, &mut self.touched, ctx, Status::Broker(BrokerStatus::DeviceReset));
+        }
+        let restored = reset.and_then(|()| {
+            self.controller.request_io_queues(1)?;
+            let qp = self.controller.create_io_queue(1, self.queue_depth, self.vector)?;
+            IoQueue::new(qp, self.controller.device(), self.controller.iova_space()).map_err(Into::into)
+        });
+        match restored {
+            Ok(q) => {
+                self.queue = q;
+                info!("controller reset; I/O resumed");
+            }
+            Err(e) => {
+                error!("the controller did not come back after a reset: {e}; failing all I/O");
+                self.device_failed = true;
+            }
+        }
+        self.publish_completions();
+    }
+
+    fn begin_shutdown(&mut self, reply: Sender<()>) {
         for (_, s) in self.sessions.iter_mut() {
             s.closing.get_or_insert(None);
         }
@@ -326,8 +407,12 @@ impl IoThread {
                 );
                 let status = match decision {
                     Ok(Validated::Nop) => Status::Success,
+                    Ok(Validated::Device { .. }) if self.device_failed => {
+                        Status::Broker(BrokerStatus::DeviceFault)
+                    }
                     Ok(Validated::Device { cmd, buffer, len }) => {
                         let ctx = InFlight {
+                            epoch: self.epoch,
                             session: key as u32,
                             buffer: buffer.unwrap_or(u32::MAX),
                             user_data: sqe.user_data,
@@ -372,46 +457,12 @@ impl IoThread {
         let sessions = &mut self.sessions;
         let touched = &mut self.touched;
         self.queue.reap(REAP_BATCH, |ctx, status_field, _result| {
-            let Some(s) = sessions.get_mut(ctx.session as usize) else {
-                warn!("completion for a session that no longer exists");
-                return;
-            };
-            s.in_flight -= 1;
-            s.counters.in_flight.store(u64::from(s.in_flight), Ordering::Relaxed);
-            if let Some(b) = s.buffers.get_mut(ctx.buffer as usize) {
-                b.in_flight -= 1;
-            }
             let status = if status_field & 0x7ff == 0 {
                 Status::Success
             } else {
                 Status::Nvme(NvmeStatus::from_status_field(status_field))
             };
-            bump(&s.counters.completed, 1);
-            if status.is_success() {
-                match ctx.op {
-                    Opcode::Read => bump(&s.counters.bytes_read, u64::from(ctx.len)),
-                    Opcode::Write => bump(&s.counters.bytes_written, u64::from(ctx.len)),
-                    _ => {}
-                }
-            } else {
-                bump(&s.counters.errors, 1);
-            }
-            let cqe = Cqe {
-                user_data: ctx.user_data,
-                status: status.encode(),
-                result: if status.is_success() { ctx.len } else { 0 },
-            };
-            let Some(ring) = s.ring.as_mut() else { return };
-            if s.faulted {
-                return; // the client broke its ring; nothing can be posted safely
-            }
-            if !ring.overflow.is_empty() || !matches!(ring.cq.push(cqe), Ok(true)) {
-                ring.overflow.push_back(cqe);
-            }
-            if !ring.dirty {
-                ring.dirty = true;
-                touched.push(ctx.session as usize);
-            }
+            complete(sessions, touched, ctx, status);
         })
     }
 
@@ -518,5 +569,44 @@ impl IoThread {
 impl std::fmt::Debug for IoThread {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("IoThread").field("sessions", &self.sessions.len()).finish()
+    }
+}
+
+/// Posts the completion of a device command to its client and updates the accounting.
+fn complete(sessions: &mut Slab<Session>, touched: &mut Vec<usize>, ctx: InFlight, status: Status) {
+    let Some(s) = sessions.get_mut(ctx.session as usize) else {
+        warn!("completion for a session that no longer exists");
+        return;
+    };
+    s.in_flight -= 1;
+    s.counters.in_flight.store(u64::from(s.in_flight), Ordering::Relaxed);
+    if let Some(b) = s.buffers.get_mut(ctx.buffer as usize) {
+        b.in_flight -= 1;
+    }
+    bump(&s.counters.completed, 1);
+    if status.is_success() {
+        match ctx.op {
+            Opcode::Read => bump(&s.counters.bytes_read, u64::from(ctx.len)),
+            Opcode::Write => bump(&s.counters.bytes_written, u64::from(ctx.len)),
+            _ => {}
+        }
+    } else {
+        bump(&s.counters.errors, 1);
+    }
+    let cqe = Cqe {
+        user_data: ctx.user_data,
+        status: status.encode(),
+        result: if status.is_success() { ctx.len } else { 0 },
+    };
+    let Some(ring) = s.ring.as_mut() else { return };
+    if s.faulted {
+        return; // the client broke its ring; nothing can be posted safely
+    }
+    if !ring.overflow.is_empty() || !matches!(ring.cq.push(cqe), Ok(true)) {
+        ring.overflow.push_back(cqe);
+    }
+    if !ring.dirty {
+        ring.dirty = true;
+        touched.push(ctx.session as usize);
     }
 }

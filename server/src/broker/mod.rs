@@ -16,9 +16,8 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use nix::sys::socket::{accept4, bind, listen, socket, AddressFamily, Backlog, SockFlag, SockType, UnixAddr};
-use tracing::{error, info, warn};
+use tracing::{error, info};
 
-pub use io_thread::InFlight;
 use io_thread::{IoRequest, IoThread};
 use validate::DeviceLimits;
 
@@ -46,6 +45,8 @@ pub struct BrokerConfig {
     pub max_buffers_per_session: u64,
     /// Most bytes one session may register.
     pub max_buffer_bytes_per_session: u64,
+    /// A command the device has not completed after this long resets the controller.
+    pub io_timeout: Duration,
 }
 
 impl BrokerConfig {
@@ -60,6 +61,7 @@ impl BrokerConfig {
             policy: Policy { grants: vec![], default: crate::policy::DefaultAccess::ReadWrite },
             max_buffers_per_session: 1024,
             max_buffer_bytes_per_session: 64 << 30,
+            io_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -118,7 +120,6 @@ impl Shared {
 /// A running broker.
 pub struct Broker {
     shared: Arc<Shared>,
-    controller: Controller,
     listener: OwnedFd,
     stopping: Arc<AtomicBool>,
     accept_thread: Option<JoinHandle<()>>,
@@ -167,7 +168,17 @@ impl Broker {
         let listener = bind_socket(&config.socket, config.socket_mode)?;
         let wake = Arc::new(nvmed_proto::eventfd::new_eventfd()?);
         let (tx, rx) = channel();
-        let io = IoThread::new(rx, wake.clone(), queue, device.clone(), vector, limits, config.poll_idle)?;
+        let io = IoThread::new(
+            rx,
+            wake.clone(),
+            controller,
+            queue,
+            config.io_queue_depth,
+            vector,
+            limits,
+            config.poll_idle,
+            config.io_timeout,
+        )?;
         let io_thread = std::thread::Builder::new().name("nvmed-io".into()).spawn(move || io.run())?;
         for ns in &info.namespaces {
             info!(nsid = ns.nsid, lba_size = ns.lba_size, blocks = ns.lba_count, "namespace");
@@ -194,7 +205,6 @@ impl Broker {
         info!(socket = %shared.config.socket.display(), "broker listening");
         Ok(Self {
             shared,
-            controller,
             listener,
             stopping,
             accept_thread: Some(accept_thread),
@@ -216,17 +226,11 @@ impl Broker {
         }
         let (tx, rx) = channel();
         self.shared.request(IoRequest::Shutdown { reply: tx });
-        let queue = rx.recv().ok();
+        let _ = rx.recv();
         if let Some(t) = self.io_thread.take() {
             let _ = t.join();
         }
         let _ = std::fs::remove_file(&self.shared.config.socket);
-        if let Some(q) = queue {
-            if let Err(e) = self.controller.delete_io_queue(q.into_queue_pair()) {
-                warn!("deleting the I/O queue failed: {e}");
-            }
-        }
-        self.controller.shutdown()?;
         Ok(())
     }
 }

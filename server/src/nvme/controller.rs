@@ -176,6 +176,21 @@ impl Controller {
         }
     }
 
+    /// Resets a controller that stopped answering: CC.EN=0 (so it stops all DMA), then brings
+    /// the admin queue back. I/O queues must be created again afterwards.
+    pub fn reset(&mut self) -> Result<(), DriverError> {
+        Self::disable(&self.device, self.cap)?;
+        self.admin.reset();
+        let depth = u32::from(self.admin.depth());
+        self.device.write32(REG_AQA, ((depth - 1) << 16) | (depth - 1));
+        self.device.write64(REG_ASQ, self.admin.sq_iova());
+        self.device.write64(REG_ACQ, self.admin.cq_iova());
+        self.device.write32(REG_CC, (6 << 16) | (4 << 20) | CC_EN);
+        wait_csts(&self.device, self.cap, CSTS_RDY, CSTS_RDY, "become ready after a reset")?;
+        self.io_queues_granted = 0;
+        Ok(())
+    }
+
     /// Identify results.
     pub fn info(&self) -> &ControllerInfo {
         &self.info

@@ -174,6 +174,11 @@ impl<T> IoQueue<T> {
         self.slots.drain().collect()
     }
 
+    /// Contexts of the commands at the device.
+    pub fn in_flight_contexts(&self) -> impl Iterator<Item = &T> {
+        self.slots.iter().map(|(_, c)| c)
+    }
+
     /// The queue pair, for deletion.
     pub fn into_queue_pair(self) -> QueuePair {
         self.qp

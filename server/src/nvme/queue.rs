@@ -47,6 +47,15 @@ impl QueuePair {
         })
     }
 
+    /// Forgets all state after a controller reset: empty queues, phase 1, zeroed CQ.
+    pub fn reset(&mut self) {
+        self.sq_tail = 0;
+        self.sq_tail_rung = 0;
+        self.cq_head = 0;
+        self.phase = true;
+        self.cq.mem().fill(0, self.cq.mem().len(), 0);
+    }
+
     /// Queue id.
     pub fn qid(&self) -> u16 {
         self.qid
