@@ -229,3 +229,17 @@ fn session_limit_is_a_clear_error() {
         other => panic!("expected a session limit error, got {other:?}"),
     }
 }
+
+#[test]
+fn vfio_setup_errors_say_what_to_do() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_nvmed"))
+        .args(["--pci", "0000:ff:1f.7", "--socket", "/tmp/nvmed-never.sock"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("no PCI device 0000:ff:1f.7") && err.contains("lspci"), "{err}");
+    // Neither or both of --emulate / --pci is a usage error naming them.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_nvmed")).output().unwrap();
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--emulate|--pci"));
+}

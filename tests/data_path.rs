@@ -330,3 +330,17 @@ fn a_command_that_never_completes_resets_the_controller() {
         s.broker_sessions == 1
     });
 }
+
+#[test]
+fn polled_queue_without_interrupts_still_completes_late_commands() {
+    // No interrupts and no polling grace: the broker sleeps at once and must look at the device
+    // again by itself to see the delayed completion.
+    let broker = TestBroker::start(&["--no-interrupts", "--poll-idle-us", "0", "--inject", "delay:1:200"]);
+    let mut ring = broker.connect();
+    let ns = ring.namespaces()[0].nsid;
+    let buf = ring.alloc_buffer(4096).unwrap();
+    let t = Instant::now();
+    ring.write(ns, 0, buf, 0, 4096).unwrap();
+    assert!(t.elapsed() >= Duration::from_millis(190));
+    ring.read(ns, 0, buf, 0, 4096).unwrap();
+}

@@ -32,7 +32,7 @@ ls /dev/vfio
 
 start_broker() {
     rm -f /tmp/nvmed.out
-    nvmed --pci $VFIO_DEV --socket /run/nvmed.sock --socket-mode 666 > /tmp/nvmed.out 2>> /tmp/nvmed.log &
+    nvmed --pci $VFIO_DEV --socket /run/nvmed.sock --socket-mode 666 $BROKER_ARGS > /tmp/nvmed.out 2>> /tmp/nvmed.log &
     BROKER=$!
     for i in $(seq 300); do grep -q ready /tmp/nvmed.out 2>/dev/null && return 0; sleep 0.1; done
     cat /tmp/nvmed.log
@@ -74,6 +74,43 @@ restart() {
 }
 check restart-keeps-data restart
 check pattern-for-host as_user vmcheck write-pattern --offset 50331648 --len 65536 --seed 6
+not_vfio() {
+    nvmed --pci 0000:00:04.0 --socket /tmp/x.sock > /tmp/err 2>&1 && return 1
+    cat /tmp/err
+    grep -q "bound to \"nvme\", not vfio-pci" /tmp/err && grep -q drivers_probe /tmp/err
+}
+check error-device-not-bound-to-vfio not_vfio
+unprivileged() {
+    as_user nvmed --pci $VFIO_DEV --socket /tmp/y.sock > /tmp/err 2>&1 && return 1
+    cat /tmp/err
+    grep -q "cannot open /dev/vfio" /tmp/err
+}
+check error-unprivileged-vfio-access unprivileged
+polled_queue() {
+    stop_broker || return 1
+    BROKER_ARGS=--no-interrupts
+    start_broker || return 1
+    as_user vmcheck verify --at-mib 20 --mib 2 --seed 8 --rounds 1 || return 1
+    BROKER_ARGS=
+    stop_broker && start_broker
+}
+check polled-io-queue polled_queue
+unprivileged_broker() {
+    stop_broker || return 1
+    chown tester /dev/vfio/vfio /dev/vfio/[0-9]*
+    su -s /bin/sh tester -c "ulimit -l 64; nvmed --pci $VFIO_DEV --socket /tmp/u.sock" > /tmp/err 2>&1 && return 1
+    cat /tmp/err
+    grep -q "RLIMIT_MEMLOCK is 65536 bytes" /tmp/err || return 1
+    ( ulimit -l 262144; su -s /bin/sh tester -c "nvmed --pci $VFIO_DEV --socket /tmp/u.sock > /tmp/u.out 2>/tmp/u.log" ) &
+    for i in $(seq 300); do grep -q ready /tmp/u.out 2>/dev/null && break; sleep 0.1; done
+    grep -q ready /tmp/u.out || { cat /tmp/u.log; return 1; }
+    as_user vmcheck --socket /tmp/u.sock verify --at-mib 22 --mib 2 --seed 9 --rounds 1; r=$?
+    for p in /proc/[0-9]*; do grep -q u.sock $p/cmdline 2>/dev/null && kill -TERM ${p#/proc/} 2>/dev/null; done
+    sleep 1
+    chown root /dev/vfio/vfio /dev/vfio/[0-9]*
+    start_broker && return $r
+}
+check unprivileged-broker-with-memlock unprivileged_broker
 
 echo "VMTEST BENCH side by side, same boot, 4 KiB random reads (software emulation: noisy, not asserted)"
 bench() { grep -m1 IOPS "$1" | awk '{print $2}'; }

@@ -111,7 +111,7 @@ pub struct IoThread {
     busy_rounds: u32,
     device_failed: bool,
     device: Arc<dyn NvmeDevice>,
-    vector: u16,
+    vector: Option<u16>,
     limits: DeviceLimits,
     sessions: Slab<Session>,
     epoll: Epoll,
@@ -129,7 +129,7 @@ impl IoThread {
         controller: Controller,
         queue: IoQueue<InFlight>,
         queue_depth: u16,
-        vector: u16,
+        vector: Option<u16>,
         limits: DeviceLimits,
         poll_idle: Duration,
         io_timeout: Duration,
@@ -137,7 +137,7 @@ impl IoThread {
         let device = controller.device().clone();
         let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC)?;
         epoll.add(wake.as_fd(), EpollEvent::new(EpollFlags::EPOLLIN, WAKE_TOKEN))?;
-        if let Some(fd) = device.interrupt_fd(vector) {
+        if let Some(fd) = vector.and_then(|v| device.interrupt_fd(v)) {
             epoll.add(fd, EpollEvent::new(EpollFlags::EPOLLIN, IRQ_TOKEN))?;
         }
         Ok(Self {
@@ -505,8 +505,8 @@ impl IoThread {
             }
         }
         let in_flight = self.queue.in_flight() > 0;
-        if in_flight {
-            self.device.interrupt_hint(self.vector, true);
+        if let (true, Some(v)) = (in_flight, self.vector) {
+            self.device.interrupt_hint(v, true);
         }
         fence(Ordering::SeqCst);
         // Re-check everything after announcing the sleep (pairs with the clients' fence).
@@ -528,8 +528,8 @@ impl IoThread {
             blocked |= !r.overflow.is_empty();
         }
         if !ready {
-            let timeout = if blocked {
-                1
+            let timeout = if blocked || (in_flight && self.vector.is_none()) {
+                1 // nothing will wake us: look again soon
             } else if in_flight {
                 100
             } else {
@@ -543,7 +543,7 @@ impl IoThread {
                         nvmed_proto::eventfd::drain(self.wake.as_fd());
                     }
                     IRQ_TOKEN => {
-                        if let Some(fd) = self.device.interrupt_fd(self.vector) {
+                        if let Some(fd) = self.vector.and_then(|v| self.device.interrupt_fd(v)) {
                             nvmed_proto::eventfd::drain(fd);
                         }
                     }
@@ -555,8 +555,8 @@ impl IoThread {
                 }
             }
         }
-        if in_flight {
-            self.device.interrupt_hint(self.vector, false);
+        if let (true, Some(v)) = (in_flight, self.vector) {
+            self.device.interrupt_hint(v, false);
         }
         for (_, s) in self.sessions.iter() {
             if let Some(r) = s.ring.as_ref() {

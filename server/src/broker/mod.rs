@@ -47,6 +47,9 @@ pub struct BrokerConfig {
     pub max_buffer_bytes_per_session: u64,
     /// A command the device has not completed after this long resets the controller.
     pub io_timeout: Duration,
+    /// Let the I/O queue raise interrupts, so the broker can sleep while I/O is in flight.
+    /// Without them the queue is purely polled (fewer interrupts to pay for, e.g. in a VM).
+    pub interrupts: bool,
 }
 
 impl BrokerConfig {
@@ -62,6 +65,7 @@ impl BrokerConfig {
             max_buffers_per_session: 1024,
             max_buffer_bytes_per_session: 64 << 30,
             io_timeout: Duration::from_secs(30),
+            interrupts: true,
         }
     }
 }
@@ -157,7 +161,12 @@ impl Broker {
             return Err(BrokerError::NoNamespace);
         }
         controller.request_io_queues(1)?;
-        let vector = if device.interrupt_vectors() > 1 { 1 } else { 0 };
+        let vector = match device.interrupt_vectors() {
+            _ if !config.interrupts => None,
+            0 => None,
+            1 => Some(0),
+            _ => Some(1),
+        };
         let qp = controller.create_io_queue(1, config.io_queue_depth, vector)?;
         let queue = IoQueue::new(qp, &device, &space).map_err(DriverError::from)?;
         let limits = DeviceLimits {

@@ -63,9 +63,45 @@ pub enum VfioSetupError {
         /// Cause.
         source: io::Error,
     },
+    /// Locked memory is limited below what the broker's own mappings need.
+    #[error("RLIMIT_MEMLOCK is {have} bytes but nvmed needs at least {need} bytes of pinned memory for its queues, plus the bytes clients register. Raise it (`ulimit -l`, systemd LimitMEMLOCK=, /etc/security/limits.conf) or run as root")]
+    Memlock {
+        /// Current soft limit.
+        have: u64,
+        /// Minimum needed.
+        need: u64,
+    },
     /// A VFIO call failed.
     #[error("VFIO: {0}")]
     Vfio(String),
+}
+
+/// Pinned memory the broker itself maps: queues, PRP lists, identify data (with room to spare).
+pub const BROKER_PINNED_BYTES: u64 = 16 << 20;
+
+fn has_cap_ipc_lock() -> bool {
+    const CAP_IPC_LOCK: u32 = 14;
+    fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("CapEff:"))
+                .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        })
+        .is_some_and(|caps| caps & (1 << CAP_IPC_LOCK) != 0)
+}
+
+/// Refuses to start when pinned memory is limited below the broker's own needs.
+fn check_memlock() -> Result<(), VfioSetupError> {
+    if has_cap_ipc_lock() {
+        return Ok(());
+    }
+    let (soft, _) = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_MEMLOCK)
+        .map_err(|e| VfioSetupError::Vfio(format!("getrlimit: {e}")))?;
+    if soft < BROKER_PINNED_BYTES {
+        return Err(VfioSetupError::Memlock { have: soft, need: BROKER_PINNED_BYTES });
+    }
+    Ok(())
 }
 
 fn driver_of(dev: &Path) -> Option<String> {
@@ -108,6 +144,7 @@ pub fn preflight(bdf: &str) -> Result<PathBuf, VfioSetupError> {
             return Err(VfioSetupError::Permission { path: path.into(), source });
         }
     }
+    check_memlock()?;
     Ok(dev)
 }
 

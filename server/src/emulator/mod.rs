@@ -796,7 +796,7 @@ mod tests {
         assert_eq!(ctrl.info().namespaces[0].lba_count, 2048);
         assert_eq!(ctrl.info().max_transfer, 128 << 10);
         ctrl.request_io_queues(1).unwrap();
-        let qp = ctrl.create_io_queue(1, 64, 1).unwrap();
+        let qp = ctrl.create_io_queue(1, 64, Some(1)).unwrap();
         let q = IoQueue::new(qp, &dev, &space).unwrap();
         (dev, space, ctrl, q)
     }

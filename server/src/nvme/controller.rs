@@ -332,8 +332,14 @@ impl Controller {
         Ok(granted)
     }
 
-    /// Creates I/O queue pair `qid` of `depth` entries, completions raising `vector`.
-    pub fn create_io_queue(&mut self, qid: u16, depth: u16, vector: u16) -> Result<QueuePair, DriverError> {
+    /// Creates I/O queue pair `qid` of `depth` entries, completions raising `vector` (or no
+    /// interrupt at all with `None`: a purely polled queue).
+    pub fn create_io_queue(
+        &mut self,
+        qid: u16,
+        depth: u16,
+        vector: Option<u16>,
+    ) -> Result<QueuePair, DriverError> {
         if qid == 0 || qid > self.io_queues_granted {
             return Err(DriverError::Unsupported(format!("queue {qid} not granted")));
         }
@@ -344,7 +350,10 @@ impl Controller {
             opcode: admin::CREATE_CQ,
             prp1: qp.cq_iova(),
             cdw10: size | u32::from(qid),
-            cdw11: (u32::from(vector) << 16) | 0b11, // IEN | PC
+            cdw11: match vector {
+                Some(v) => (u32::from(v) << 16) | 0b11, // IV, IEN | PC
+                None => 0b01,                           // PC, no interrupts
+            },
             ..Default::default()
         })?;
         self.admin_command(NvmeCommand {
