@@ -209,24 +209,32 @@ impl Engine for UringEngine {
         Ok(())
     }
     fn reap(&mut self, min: usize, out: &mut Vec<Done>) -> Result<(), EngineError> {
-        let mut got = 0;
-        while got < min {
-            self.ring.submit_and_wait(min - got)?;
-            for cqe in self.ring.completion() {
-                let r = cqe.result();
-                let res = if r < 0 {
-                    Err(std::io::Error::from_raw_os_error(-r).to_string())
-                } else if !self.nop && r as usize != self.bs {
-                    Err(format!("short transfer of {r} bytes"))
-                } else {
-                    Ok(())
-                };
-                out.push((cqe.user_data() as usize, res));
-                got += 1;
-            }
-        }
-        Ok(())
+        let (nop, bs) = (self.nop, self.bs);
+        reap_ring(&mut self.ring, min, out, |r| match r {
+            r if r < 0 => Err(std::io::Error::from_raw_os_error(-r).to_string()),
+            r if !nop && r as usize != bs => Err(format!("short transfer of {r} bytes")),
+            _ => Ok(()),
+        })
     }
+}
+
+/// Waits for at least `min` completions of an io_uring and hands them out as slot results.
+fn reap_ring<S: io_uring::squeue::EntryMarker, C: io_uring::cqueue::EntryMarker>(
+    ring: &mut IoUring<S, C>,
+    min: usize,
+    out: &mut Vec<Done>,
+    interpret: impl Fn(i32) -> Result<(), String>,
+) -> Result<(), EngineError> {
+    let mut got = 0;
+    while got < min {
+        ring.submit_and_wait(min - got)?;
+        for cqe in ring.completion() {
+            let cqe: io_uring::cqueue::Entry = cqe.into();
+            out.push((cqe.user_data() as usize, interpret(cqe.result())));
+            got += 1;
+        }
+    }
+    Ok(())
 }
 
 /// NVMe passthrough through io_uring (`IORING_OP_URING_CMD` on /dev/ngXnY): the kernel's
@@ -304,20 +312,10 @@ impl Engine for PassthruEngine {
         Ok(())
     }
     fn reap(&mut self, min: usize, out: &mut Vec<Done>) -> Result<(), EngineError> {
-        let mut got = 0;
-        while got < min {
-            self.ring.submit_and_wait(min - got)?;
-            for cqe in self.ring.completion() {
-                let r = cqe.result();
-                let res = match r {
-                    0 => Ok(()),
-                    r if r < 0 => Err(std::io::Error::from_raw_os_error(-r).to_string()),
-                    status => Err(format!("NVMe status {status:#x}")),
-                };
-                out.push((cqe.user_data() as usize, res));
-                got += 1;
-            }
-        }
-        Ok(())
+        reap_ring(&mut self.ring, min, out, |r| match r {
+            0 => Ok(()),
+            r if r < 0 => Err(std::io::Error::from_raw_os_error(-r).to_string()),
+            status => Err(format!("NVMe status {status:#x}")),
+        })
     }
 }

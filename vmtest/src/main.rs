@@ -17,6 +17,20 @@ struct Args {
     check: Scenario,
 }
 
+/// Where a test pattern lives.
+#[derive(Debug, Clone, Copy, clap::Args)]
+struct PatternAt {
+    /// Byte offset.
+    #[arg(long)]
+    offset: u64,
+    /// Length in bytes.
+    #[arg(long)]
+    len: u32,
+    /// Pattern seed.
+    #[arg(long)]
+    seed: u64,
+}
+
 #[derive(Debug, Subcommand)]
 enum Scenario {
     /// The namespace the broker reports matches the disk QEMU was given.
@@ -52,43 +66,17 @@ enum Scenario {
         at_mib: u64,
     },
     /// Writes a known pattern (to check after a restart or from the host).
-    WritePattern {
-        /// Byte offset.
-        #[arg(long)]
-        offset: u64,
-        /// Length in bytes.
-        #[arg(long)]
-        len: u32,
-        /// Pattern seed.
-        #[arg(long)]
-        seed: u64,
-    },
+    WritePattern(PatternAt),
     /// Reads and checks a pattern written by write-pattern.
-    CheckPattern {
-        /// Byte offset.
-        #[arg(long)]
-        offset: u64,
-        /// Length in bytes.
-        #[arg(long)]
-        len: u32,
-        /// Pattern seed.
-        #[arg(long)]
-        seed: u64,
-    },
+    CheckPattern(PatternAt),
     /// Host side: checks a pattern in a raw disk image (no broker involved).
     CheckFile {
         /// The image.
         #[arg(long)]
         file: String,
-        /// Byte offset.
-        #[arg(long)]
-        offset: u64,
-        /// Length in bytes.
-        #[arg(long)]
-        len: u32,
-        /// Pattern seed.
-        #[arg(long)]
-        seed: u64,
+        /// Where the pattern is.
+        #[command(flatten)]
+        at: PatternAt,
     },
     /// The broker reports this many sessions (counting this one) and no buffer IOVA but ours.
     Sessions {
@@ -101,7 +89,7 @@ enum Scenario {
 fn main() {
     let args = Args::parse();
     let name = format!("{:?}", args.check).split([' ', '{']).next().unwrap_or("check").to_lowercase();
-    if let Scenario::CheckFile { file, offset, len, seed } = &args.check {
+    if let Scenario::CheckFile { file, at: PatternAt { offset, len, seed } } = &args.check {
         let mut got = vec![0u8; *len as usize];
         let f = std::fs::File::open(file).unwrap_or_else(|e| fail(&name, &format!("{file}: {e}")));
         std::os::unix::fs::FileExt::read_exact_at(&f, &mut got, *offset)
@@ -180,13 +168,13 @@ fn run(ring: &mut NvmeRing, check: Scenario) -> Result<(), String> {
                 ring.wait(1, &mut out, Some(Duration::from_secs(30))).map_err(e)?;
             }
         }
-        Scenario::WritePattern { offset, len, seed } => {
+        Scenario::WritePattern(PatternAt { offset, len, seed }) => {
             let buf = ring.alloc_buffer(len as usize).map_err(e)?;
             pattern(seed, ring.buffer_mut(buf, 0, u64::from(len)).map_err(e)?);
             ring.write(ns.nsid, offset, buf, 0, len).map_err(e)?;
             ring.flush(ns.nsid).map_err(e)?;
         }
-        Scenario::CheckPattern { offset, len, seed } => {
+        Scenario::CheckPattern(PatternAt { offset, len, seed }) => {
             let buf = ring.alloc_buffer(len as usize).map_err(e)?;
             ring.read(ns.nsid, offset, buf, 0, len).map_err(e)?;
             let mut want = vec![0u8; len as usize];

@@ -368,8 +368,7 @@ impl IoThread {
             let available = match ring.sq.available() {
                 Ok(n) => n,
                 Err(e) => {
-                    warn!(session = s.id, "client corrupted its SQ tail ({e}); ring faulted");
-                    ring.fault(RingFault::SqTailCorrupt);
+                    fault(s.id, ring, RingFault::SqTailCorrupt, e);
                     s.faulted = true;
                     continue;
                 }
@@ -386,8 +385,7 @@ impl IoThread {
             let free = match ring.cq.free_at_least(reserved + available.min(TAKE_BATCH)) {
                 Ok(f) => f,
                 Err(e) => {
-                    warn!(session = s.id, "client corrupted its CQ head ({e}); ring faulted");
-                    ring.fault(RingFault::CqHeadCorrupt);
+                    fault(s.id, ring, RingFault::CqHeadCorrupt, e);
                     s.faulted = true;
                     continue;
                 }
@@ -609,4 +607,10 @@ fn complete(sessions: &mut Slab<Session>, touched: &mut Vec<usize>, ctx: InFligh
         ring.dirty = true;
         touched.push(ctx.session as usize);
     }
+}
+
+/// Stops serving a ring whose client published an impossible index.
+fn fault(session: u64, ring: &RingIo, why: RingFault, e: nvmed_proto::ring::RingError) {
+    warn!(session, "client corrupted its ring ({why:?}: {e}); ring faulted");
+    ring.fault(why);
 }
