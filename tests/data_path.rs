@@ -344,3 +344,51 @@ fn polled_queue_without_interrupts_still_completes_late_commands() {
     assert!(t.elapsed() >= Duration::from_millis(190));
     ring.read(ns, 0, buf, 0, 4096).unwrap();
 }
+
+#[test]
+fn options_from_a_config_file_and_the_command_line() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = scratch_dir();
+    let socket = dir.join("cfg.sock");
+    let cfg = dir.join("nvmed.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "emulate = true\nsocket = {socket:?}\nsize = \"32M\"\nlba-size = 4096\nsocket-mode = \"600\"\nmax_sessions = 1\ngrant = [\"0:1:16+1024\"]\n"
+        ),
+    )
+    .unwrap();
+    // The command line overrides the file's size.
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_nvmed"))
+        .args(["--config", cfg.to_str().unwrap(), "--size", "16M"])
+        .env("NVMED_LOG", "warn")
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(child.stdout.take().unwrap()), &mut line)
+        .unwrap();
+    assert!(line.contains("ready"), "{line:?}");
+    assert_eq!(std::fs::metadata(&socket).unwrap().permissions().mode() & 0o777, 0o600);
+    let ring = NvmeRing::open(&socket).unwrap();
+    let ns = ring.namespaces()[0];
+    assert_eq!((ns.lba_size, ns.lba_count), (4096, 1024), "grant window of the 16 MiB namespace");
+    assert!(matches!(NvmeRing::open(&socket), Err(Error::Refused(_))), "max_sessions = 1 from the file");
+    drop(ring);
+    unsafe_kill(child.id(), libc::SIGTERM);
+    assert!(child.wait().unwrap().success());
+
+    // An unknown key is named in the error.
+    std::fs::write(&cfg, "emulate = true\ncolour = \"blue\"\n").unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_nvmed"))
+        .args(["--config", cfg.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("--colour"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let _ = std::fs::remove_dir_all(dir);
+}

@@ -27,10 +27,18 @@ use tracing::{error, info};
 ///   nvmed --pci 0000:01:00.0 --socket /run/nvmed.sock --socket-mode 666
 ///
 /// then run a client, e.g. `cargo run --example quickstart -- /tmp/nvmed.sock`.
+///
+/// Every option can also come from a TOML file given with --config, keyed by the long option
+/// name (pci = "0000:01:00.0", socket-mode = "660", grant = ["1000:1"], no-interrupts = true);
+/// options on the command line win.
 #[derive(Debug, Parser)]
-#[command(version, verbatim_doc_comment)]
+#[command(version, verbatim_doc_comment, args_override_self = true)]
 #[command(group(clap::ArgGroup::new("device").required(true).args(["emulate", "pci"])))]
 struct Args {
+    /// Read options from this TOML file (command-line options override it).
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+
     /// Serve the built-in emulated NVMe controller (no hardware needed).
     #[arg(long)]
     emulate: bool,
@@ -46,6 +54,14 @@ struct Args {
     /// Permission bits of the socket file (octal), e.g. 666 to let every user in.
     #[arg(long, default_value = "660", value_parser = parse_octal)]
     socket_mode: u32,
+
+    /// Group that owns the socket file (with --socket-mode 660, its members may connect).
+    #[arg(long, value_name = "GROUP")]
+    socket_group: Option<String>,
+
+    /// Most bytes one session may register (pinned memory with VFIO; suffixes K, M, G, T).
+    #[arg(long, default_value = "64G", value_parser = parse_size)]
+    max_registered_bytes: u64,
 
     /// Emulated namespace size in bytes (suffixes K, M, G allowed).
     #[arg(long, default_value = "1G", value_parser = parse_size)]
@@ -130,6 +146,44 @@ fn parse_size(s: &str) -> Result<u64, String> {
     v.checked_mul(mult).filter(|&v| v > 0).ok_or_else(|| format!("bad size {s:?}"))
 }
 
+/// Turns a TOML config file into command-line arguments placed before the real ones, so clap
+/// validates both the same way and the command line wins.
+fn config_args(argv: &[String]) -> Result<Vec<String>, String> {
+    let path = argv.iter().enumerate().find_map(|(i, a)| {
+        a.strip_prefix("--config=")
+            .map(str::to_string)
+            .or_else(|| (a == "--config").then(|| argv.get(i + 1).cloned()).flatten())
+    });
+    let Some(path) = path else { return Ok(Vec::new()) };
+    let text = std::fs::read_to_string(&path).map_err(|e| format!("config {path}: {e}"))?;
+    let table: toml::Table = text.parse().map_err(|e| format!("config {path}: {e}"))?;
+    let mut out = Vec::new();
+    for (key, value) in table {
+        let flag = format!("--{}", key.replace('_', "-"));
+        let scalar = |v: &toml::Value| match v {
+            toml::Value::String(s) => Ok(s.clone()),
+            toml::Value::Integer(i) => Ok(i.to_string()),
+            toml::Value::Float(f) => Ok(f.to_string()),
+            other => Err(format!("config {path}: {key} = {other} is not a string or number")),
+        };
+        match &value {
+            toml::Value::Boolean(true) => out.push(flag),
+            toml::Value::Boolean(false) => {}
+            toml::Value::Array(items) => {
+                for item in items {
+                    out.push(flag.clone());
+                    out.push(scalar(item)?);
+                }
+            }
+            v => {
+                out.push(flag);
+                out.push(scalar(v)?);
+            }
+        }
+    }
+    Ok(out)
+}
+
 fn main() {
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -137,7 +191,15 @@ fn main() {
         )
         .with_writer(std::io::stderr)
         .init();
-    let args = Args::parse();
+    let argv: Vec<String> = std::env::args().collect();
+    let from_config = match config_args(&argv) {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("nvmed: {e}");
+            std::process::exit(2);
+        }
+    };
+    let args = Args::parse_from(argv.iter().take(1).chain(&from_config).chain(argv.iter().skip(1)));
     if let Err(e) = run(args) {
         error!("{e}");
         eprintln!("nvmed: {e}");
@@ -186,6 +248,8 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     };
     let mut config = BrokerConfig::new(&args.socket);
     config.socket_mode = args.socket_mode;
+    config.socket_group = args.socket_group.clone();
+    config.max_buffer_bytes_per_session = args.max_registered_bytes;
     config.max_sessions = args.max_sessions;
     config.io_queue_depth = args.queue_depth;
     config.poll_idle = Duration::from_micros(args.poll_idle_us);

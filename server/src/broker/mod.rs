@@ -33,6 +33,8 @@ pub struct BrokerConfig {
     pub socket: PathBuf,
     /// Socket file permission bits.
     pub socket_mode: u32,
+    /// Group to own the socket file.
+    pub socket_group: Option<String>,
     /// Most concurrent sessions.
     pub max_sessions: usize,
     /// Entries of the device I/O queue.
@@ -58,6 +60,7 @@ impl BrokerConfig {
         Self {
             socket: socket.into(),
             socket_mode: 0o660,
+            socket_group: None,
             max_sessions: 64,
             io_queue_depth: 1024,
             poll_idle: Duration::from_micros(200),
@@ -130,7 +133,7 @@ pub struct Broker {
     io_thread: Option<JoinHandle<()>>,
 }
 
-fn bind_socket(path: &Path, mode: u32) -> Result<OwnedFd, BrokerError> {
+fn bind_socket(path: &Path, mode: u32, group: Option<&str>) -> Result<OwnedFd, BrokerError> {
     let err = |source| BrokerError::Socket { path: path.to_path_buf(), source };
     let fd = socket(AddressFamily::Unix, SockType::SeqPacket, SockFlag::SOCK_CLOEXEC, None)
         .map_err(|e| err(e.into()))?;
@@ -147,6 +150,12 @@ fn bind_socket(path: &Path, mode: u32) -> Result<OwnedFd, BrokerError> {
     let addr = UnixAddr::new(path).map_err(|e| err(e.into()))?;
     bind(fd.as_raw_fd(), &addr).map_err(|e| err(e.into()))?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(err)?;
+    if let Some(name) = group {
+        let g = nix::unistd::Group::from_name(name)
+            .map_err(|e| err(e.into()))?
+            .ok_or_else(|| err(std::io::Error::other(format!("no group named {name:?}"))))?;
+        nix::unistd::chown(path, None, Some(g.gid)).map_err(|e| err(e.into()))?;
+    }
     listen(&fd, Backlog::new(128).unwrap()).map_err(|e| err(e.into()))?;
     Ok(fd)
 }
@@ -174,7 +183,7 @@ impl Broker {
             write_zeroes: info.write_zeroes,
             deallocate: info.dsm,
         };
-        let listener = bind_socket(&config.socket, config.socket_mode)?;
+        let listener = bind_socket(&config.socket, config.socket_mode, config.socket_group.as_deref())?;
         let wake = Arc::new(nvmed_proto::eventfd::new_eventfd()?);
         let (tx, rx) = channel();
         let io = IoThread::new(
