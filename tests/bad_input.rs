@@ -243,3 +243,78 @@ fn vfio_setup_errors_say_what_to_do() {
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_nvmed")).output().unwrap();
     assert!(String::from_utf8_lossy(&out.stderr).contains("--emulate|--pci"));
 }
+
+#[test]
+fn random_garbage_from_one_client_never_hurts_another() {
+    let mut broker = TestBroker::start(&[]);
+    let socket = broker.socket.clone();
+    // A well-behaved client verifies its data the whole time.
+    let good = std::thread::spawn(move || {
+        let mut ring = NvmeRing::open(&socket).unwrap();
+        nvmed_client::testkit::random_write_read(&mut ring, (16 << 20, 8 << 20), 5, 8);
+    });
+    let mut rng = Rng(0xfeed);
+    for round in 0..20u64 {
+        let mut bad = broker.connect_with(16, 32);
+        let buf = bad.alloc_buffer(1 << 20).unwrap();
+        // Entries of random bytes, and entries that are almost right.
+        for i in 0..12u64 {
+            let mut bytes = [0u8; 64];
+            for b in bytes.iter_mut() {
+                *b = rng.below(256) as u8;
+            }
+            let mut sqe: Sqe = zerocopy::FromBytes::read_from_bytes(&bytes[..]).unwrap();
+            if i % 2 == 0 {
+                sqe = Sqe::read(
+                    1,
+                    rng.below(1 << 27) & !511,
+                    (rng.below(64) as u32 + 1) * 512,
+                    buf.0,
+                    rng.below(2 << 20),
+                    i,
+                );
+            }
+            // SAFETY: this test never looks at the buffer's contents.
+            let _ = unsafe { bad.prep_raw(sqe) };
+        }
+        let _ = bad.submit();
+        // Scribble over the indices and flags now and then.
+        match round % 4 {
+            1 => bad.ring_memory().store_u32(
+                SQ_TAIL_OFFSET,
+                rng.below(u64::from(u32::MAX)) as u32,
+                Ordering::Release,
+            ),
+            2 => bad.ring_memory().store_u32(
+                CQ_HEAD_OFFSET,
+                rng.below(u64::from(u32::MAX)) as u32,
+                Ordering::Release,
+            ),
+            3 => bad.ring_memory().store_u32(
+                nvmed_proto::layout::BROKER_FLAGS_OFFSET,
+                u32::MAX,
+                Ordering::Release,
+            ),
+            _ => {}
+        }
+        let mut out = Vec::new();
+        let _ = bad.wait(1, &mut out, Some(Duration::from_millis(200)));
+        // Random control datagrams too.
+        let mut junk = vec![0u8; rng.below(200) as usize];
+        for b in junk.iter_mut() {
+            *b = rng.below(256) as u8;
+        }
+        let _ = transport::send(bad.control_socket(), &junk, &[]);
+        let _ = transport::recv(bad.control_socket());
+        drop(bad); // leaves with whatever it had in flight
+    }
+    good.join().expect("the well-behaved client saw wrong data or an error");
+    let mut probe = broker.connect();
+    let mut s = probe.stats().unwrap();
+    wait_until("every hostile session to be released", Duration::from_secs(10), || {
+        s = probe.stats().unwrap();
+        s.broker_sessions == 1
+    });
+    assert_eq!(s.broker_buffer_iova_bytes, 0, "IOVA leaked by hostile sessions");
+    others_unaffected(&mut broker);
+}
