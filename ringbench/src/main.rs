@@ -140,6 +140,8 @@ struct JobReport {
     ios: u64,
     reads: u64,
     writes: u64,
+    /// Reads whose data was checked (blocks written earlier in this run).
+    verified_reads: u64,
     seconds: f64,
     iops: f64,
     mib_per_s: f64,
@@ -157,6 +159,7 @@ struct Cpu {
 struct ChildReport {
     reads: u64,
     writes: u64,
+    verified: u64,
     seconds: f64,
     histogram_hex: String,
 }
@@ -179,6 +182,7 @@ struct JobOutcome {
     hist: Histogram<u64>,
     reads: u64,
     writes: u64,
+    verified: u64,
     elapsed: Duration,
 }
 
@@ -194,7 +198,22 @@ struct JobSpec {
 
 struct Slots {
     started: Vec<Instant>,
-    kind: Vec<(bool, u64)>,
+    /// Per slot: (write, offset, verify this read).
+    kind: Vec<(bool, u64, bool)>,
+    /// Blocks of the job's range written (and completed) in this run: only those are verified
+    /// on read, so data left by others on the device is not mistaken for corruption.
+    written: Vec<u64>,
+}
+
+impl Slots {
+    fn is_written(&self, block: usize) -> bool {
+        self.written.get(block / 64).is_some_and(|w| w & (1 << (block % 64)) != 0)
+    }
+    fn mark_written(&mut self, block: usize) {
+        if let Some(w) = self.written.get_mut(block / 64) {
+            *w |= 1 << (block % 64);
+        }
+    }
 }
 
 fn start_slot(
@@ -214,7 +233,8 @@ fn start_slot(
             fill_block(b, io.offset + (i * block) as u64, seed);
         }
     }
-    slots.kind[slot] = (io.write, io.offset);
+    let check = verify && !io.write && slots.is_written(spec.workload.block_index(io.offset));
+    slots.kind[slot] = (io.write, io.offset, check);
     slots.started[slot] = now;
     engine.queue(slot, io.write, io.offset)?;
     *issued += 1;
@@ -223,10 +243,14 @@ fn start_slot(
 
 fn run_job(engine: &mut dyn Engine, mut spec: JobSpec) -> Result<JobOutcome, EngineError> {
     let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3).unwrap();
-    let mut slots =
-        Slots { started: vec![Instant::now(); spec.iodepth], kind: vec![(false, 0u64); spec.iodepth] };
-    let (mut issued, mut reads, mut writes) = (0u64, 0u64, 0u64);
     let verify = spec.verify && engine.moves_data();
+    let bitmap_words = if verify { spec.workload.blocks().div_ceil(64) as usize } else { 0 };
+    let mut slots = Slots {
+        started: vec![Instant::now(); spec.iodepth],
+        kind: vec![(false, 0u64, false); spec.iodepth],
+        written: vec![0; bitmap_words],
+    };
+    let (mut issued, mut reads, mut writes, mut verified) = (0u64, 0u64, 0u64, 0u64);
     let block = 4096.min(spec.bs);
     let begin = Instant::now();
     let deadline = begin + spec.runtime;
@@ -251,15 +275,19 @@ fn run_job(engine: &mut dyn Engine, mut spec: JobSpec) -> Result<JobOutcome, Eng
                 return Err(EngineError::Failed(e.clone()));
             }
             let _ = hist.record(now.duration_since(slots.started[slot]).as_nanos().max(1) as u64);
-            let (write, offset) = slots.kind[slot];
+            let (write, offset, check) = slots.kind[slot];
             if write {
                 writes += 1;
+                if verify {
+                    slots.mark_written(spec.workload.block_index(offset));
+                }
             } else {
                 reads += 1;
-                if verify {
+                if check {
                     for (i, b) in engine.slot_mut(slot).chunks(block).enumerate() {
                         check_block(b, offset + (i * block) as u64).map_err(EngineError::Failed)?;
                     }
+                    verified += 1;
                 }
             }
             if more(issued) {
@@ -270,7 +298,7 @@ fn run_job(engine: &mut dyn Engine, mut spec: JobSpec) -> Result<JobOutcome, Eng
         }
         engine.submit()?;
     }
-    Ok(JobOutcome { hist, reads, writes, elapsed: begin.elapsed() })
+    Ok(JobOutcome { hist, reads, writes, verified, elapsed: begin.elapsed() })
 }
 
 fn report(job: u32, o: &JobOutcome, bs: u64) -> JobReport {
@@ -282,6 +310,7 @@ fn report(job: u32, o: &JobOutcome, bs: u64) -> JobReport {
         ios,
         reads: o.reads,
         writes: o.writes,
+        verified_reads: o.verified,
         seconds: secs,
         iops: ios as f64 / secs,
         mib_per_s: (ios * bs) as f64 / secs / (1 << 20) as f64,
@@ -483,8 +512,13 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         )
         .map_err(|e| format!("{e:?}"))?;
         let histogram_hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
-        let r =
-            ChildReport { reads: o.reads, writes: o.writes, seconds: o.elapsed.as_secs_f64(), histogram_hex };
+        let r = ChildReport {
+            reads: o.reads,
+            writes: o.writes,
+            verified: o.verified,
+            seconds: o.elapsed.as_secs_f64(),
+            histogram_hex,
+        };
         println!("{}", serde_json::to_string(&r)?);
         return Ok(());
     }
@@ -532,12 +566,14 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         hist: Histogram::new_with_bounds(1, 60_000_000_000, 3).unwrap(),
         reads: 0,
         writes: 0,
+        verified: 0,
         elapsed: Duration::ZERO,
     };
     for o in &outcomes {
         total.hist.add(&o.hist).unwrap();
         total.reads += o.reads;
         total.writes += o.writes;
+        total.verified += o.verified;
         total.elapsed = total.elapsed.max(o.elapsed);
     }
     let rep = Report {
@@ -653,6 +689,7 @@ fn run_processes(
             hist,
             reads: r.reads,
             writes: r.writes,
+            verified: r.verified,
             elapsed: Duration::from_secs_f64(r.seconds),
         });
     }
@@ -672,8 +709,18 @@ fn print_report(r: &Report) {
     let line = |name: String, j: &JobReport| {
         let l = &j.latency;
         println!(
-            "  {name}: {:.0} IOPS, {:.1} MiB/s, {} I/Os ({} reads, {} writes) in {:.2} s",
-            j.iops, j.mib_per_s, j.ios, j.reads, j.writes, j.seconds
+            "  {name}: {:.0} IOPS, {:.1} MiB/s, {} I/Os ({} reads, {} writes) in {:.2} s{}",
+            j.iops,
+            j.mib_per_s,
+            j.ios,
+            j.reads,
+            j.writes,
+            j.seconds,
+            if j.verified_reads > 0 {
+                format!(", {} reads verified", j.verified_reads)
+            } else {
+                String::new()
+            }
         );
         println!(
             "    lat (us): mean {:.2} min {:.2} max {:.2} | p50 {:.2} p90 {:.2} p99 {:.2} p99.9 {:.2} p99.99 {:.2}",

@@ -33,6 +33,7 @@ fn embedded_randrw_with_verify() {
     let total = &r["total"];
     assert_eq!(total["ios"], 6000);
     assert!(total["reads"].as_u64().unwrap() > 1000 && total["writes"].as_u64().unwrap() > 1000);
+    assert!(total["verified_reads"].as_u64().unwrap() > 100, "verify checked too few reads: {total}");
     assert!(total["iops"].as_f64().unwrap() > 0.0);
     let lat = &total["latency"];
     assert!(lat["min_ns"].as_u64().unwrap() <= lat["p50_ns"].as_u64().unwrap());
