@@ -24,7 +24,7 @@ fi
 
 # 2. Guest kernel (Debian's current linux-image-amd64), decompressed once to an ELF for fast boots.
 if [ ! -f "$work/kernel.ok" ]; then
-    apt-cache policy linux-image-amd64 | grep -q Candidate || apt-get update -qq
+    apt-cache policy linux-image-amd64 | grep -q 'Candidate: [0-9]' || apt-get update -qq
     pkg=$(apt-cache depends linux-image-amd64 | awk '/Depends: linux-image-[0-9]/{print $2; exit}')
     log "fetching $pkg"
     rm -rf "$work/kpkg" && mkdir -p "$work/kpkg"
