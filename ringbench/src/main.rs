@@ -269,6 +269,8 @@ fn run_job(engine: &mut dyn Engine, mut spec: JobSpec) -> Result<JobOutcome, Eng
         done.clear();
         engine.reap(1, &mut done)?;
         let now = Instant::now();
+        let in_time = now < deadline; // one clock read per reaped batch
+        let more = |issued: u64| limit.map_or(in_time, |n| issued < n);
         for &(slot, ref res) in &done {
             in_flight -= 1;
             if let Err(e) = res {

@@ -5,6 +5,7 @@
 //! submit eventfds, the device interrupt, the control wakeup) only after `poll_idle` without work.
 
 use std::os::fd::{AsFd, OwnedFd};
+use std::sync::atomic::AtomicBool;
 use std::sync::atomic::{fence, Ordering};
 use std::sync::mpsc::{Receiver, Sender, TryRecvError};
 use std::sync::Arc;
@@ -17,7 +18,7 @@ use slab::Slab;
 use tracing::{debug, error, info, warn};
 
 use super::buffer::RegisteredBuffer;
-use super::session::{bump, BufferEntry, RingIo, Session, SessionCounters};
+use super::session::{bump, BufferEntry, CachePadded, RingIo, Session, SessionCounters};
 use super::validate::{validate, DeviceLimits, Validated};
 use crate::device::NvmeDevice;
 use crate::nvme::{Controller, IoQueue};
@@ -27,6 +28,8 @@ use crate::policy::NamespaceAccess;
 const TAKE_BATCH: u32 = 64;
 /// Most completions reaped per round.
 const REAP_BATCH: usize = 256;
+/// `pause` instructions between two looks at the rings when idle.
+const IDLE_PAUSES: u32 = 1;
 const WAKE_TOKEN: u64 = u64::MAX;
 const IRQ_TOKEN: u64 = u64::MAX - 1;
 
@@ -101,6 +104,8 @@ const EPOCH: Duration = Duration::from_millis(100);
 /// The I/O thread's state.
 pub struct IoThread {
     rx: Receiver<IoRequest>,
+    requests_pending: Arc<CachePadded<AtomicBool>>,
+    closing: usize,
     wake: Arc<OwnedFd>,
     controller: Controller,
     queue: IoQueue<InFlight>,
@@ -125,6 +130,7 @@ impl IoThread {
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         rx: Receiver<IoRequest>,
+        requests_pending: Arc<CachePadded<AtomicBool>>,
         wake: Arc<OwnedFd>,
         controller: Controller,
         queue: IoQueue<InFlight>,
@@ -142,6 +148,8 @@ impl IoThread {
         }
         Ok(Self {
             rx,
+            requests_pending,
+            closing: 0,
             wake,
             controller,
             queue,
@@ -167,7 +175,10 @@ impl IoThread {
         let mut idle_since: Option<Instant> = None;
         let mut idle_spins = 0u32;
         loop {
-            let mut work = self.serve_requests();
+            // Control requests are rare: look at the channel only when one was announced.
+            let mut work = self.requests_pending.load(Ordering::Relaxed)
+                && self.requests_pending.swap(false, Ordering::Acquire)
+                && self.serve_requests();
             work |= self.take_submissions();
             self.queue.ring_doorbell();
             work |= self.reap() > 0;
@@ -189,7 +200,11 @@ impl IoThread {
             // Idle: keep polling, reading the clock only every 64 empty rounds.
             idle_spins += 1;
             if !idle_spins.is_multiple_of(64) {
-                std::hint::spin_loop();
+                // Back off a little between looks: polling the clients' index lines too eagerly
+                // steals them from the clients writing them.
+                for _ in 0..IDLE_PAUSES {
+                    std::hint::spin_loop();
+                }
                 continue;
             }
             let now = Instant::now();
@@ -198,6 +213,7 @@ impl IoThread {
                 None => idle_since = Some(now),
                 Some(t) if now.duration_since(t) >= self.poll_idle => {
                     self.sleep();
+                    self.serve_requests(); // also notices a broker that went away
                     idle_since = None;
                 }
                 Some(_) => {}
@@ -271,7 +287,12 @@ impl IoThread {
                     let _ = reply.send(r);
                 }
                 IoRequest::CloseSession { key, reply } => match self.sessions.get_mut(key) {
-                    Some(s) => s.closing = Some(Some(reply)),
+                    Some(s) => {
+                        if s.closing.is_none() {
+                            self.closing += 1;
+                        }
+                        s.closing = Some(Some(reply));
+                    }
                     None => {
                         let _ = reply.send(());
                     }
@@ -341,7 +362,10 @@ impl IoThread {
 
     fn begin_shutdown(&mut self, reply: Sender<()>) {
         for (_, s) in self.sessions.iter_mut() {
-            s.closing.get_or_insert(None);
+            if s.closing.is_none() {
+                self.closing += 1;
+                s.closing = Some(None);
+            }
         }
         self.shutdown = Some(reply);
     }
@@ -475,6 +499,9 @@ impl IoThread {
     }
 
     fn release_closed_sessions(&mut self) {
+        if self.closing == 0 {
+            return;
+        }
         let done: Vec<usize> = self
             .sessions
             .iter()
@@ -482,6 +509,7 @@ impl IoThread {
             .map(|(k, _)| k)
             .collect();
         for key in done {
+            self.closing -= 1;
             let mut s = self.sessions.remove(key);
             if let Some(ring) = s.ring.as_ref() {
                 let _ = self.epoll.delete(ring.submit_fd.as_fd());

@@ -109,6 +109,7 @@ pub struct Shared {
     namespaces: Vec<Namespace>,
     limits: DeviceLimits,
     io_tx: Mutex<Sender<IoRequest>>,
+    requests_pending: Arc<session::CachePadded<AtomicBool>>,
     wake: Arc<OwnedFd>,
     sessions: AtomicU64,
 }
@@ -120,6 +121,7 @@ impl Shared {
 
     fn request(&self, req: IoRequest) {
         let _ = self.io_tx.lock().unwrap().send(req);
+        self.requests_pending.store(true, Ordering::Release);
         self.kick();
     }
 }
@@ -186,8 +188,10 @@ impl Broker {
         let listener = bind_socket(&config.socket, config.socket_mode, config.socket_group.as_deref())?;
         let wake = Arc::new(nvmed_proto::eventfd::new_eventfd()?);
         let (tx, rx) = channel();
+        let requests_pending = Arc::new(session::CachePadded(AtomicBool::new(false)));
         let io = IoThread::new(
             rx,
+            requests_pending.clone(),
             wake.clone(),
             controller,
             queue,
@@ -208,6 +212,7 @@ impl Broker {
             namespaces: info.namespaces.clone(),
             limits,
             io_tx: Mutex::new(tx),
+            requests_pending,
             wake,
             sessions: AtomicU64::new(0),
         });

@@ -18,7 +18,10 @@ use super::buffer::RegisteredBuffer;
 use crate::policy::NamespaceAccess;
 
 /// Counters of one session, written by the I/O thread, read by the control thread.
+/// Aligned to its own cache lines so the I/O thread's writes never share a line with anything
+/// another thread writes.
 #[derive(Debug, Default)]
+#[repr(align(128))]
 pub struct SessionCounters {
     /// SQEs taken.
     pub submitted: AtomicU64,
@@ -142,4 +145,16 @@ pub struct Session {
     pub closing: Option<Option<Sender<()>>>,
     /// Counters.
     pub counters: Arc<SessionCounters>,
+}
+
+/// A value alone on its cache lines (128 bytes: adjacent-line prefetch pairs lines).
+#[derive(Debug, Default)]
+#[repr(align(128))]
+pub struct CachePadded<T>(pub T);
+
+impl<T> std::ops::Deref for CachePadded<T> {
+    type Target = T;
+    fn deref(&self) -> &T {
+        &self.0
+    }
 }
