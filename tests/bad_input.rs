@@ -57,7 +57,7 @@ fn bad_submissions_get_their_status() {
         (Sqe::read(7, 0, 512, buf, 0, 10), BrokerStatus::InvalidNamespace),
         (Sqe { opcode: 200, ..Sqe::nop(11) }, BrokerStatus::InvalidOpcode),
         (Sqe { flags: 0x40, ..Sqe::nop(12) }, BrokerStatus::InvalidField),
-        (Sqe::read(1, 0, 1 << 20, buf, 0, 13), BrokerStatus::TooLarge),
+        (Sqe::read(1, 0, ns.max_transfer + 512, buf, 0, 13), BrokerStatus::TooLarge),
     ];
     for (sqe, want) in cases {
         let got = raw_status(&mut ring, sqe);

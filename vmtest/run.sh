@@ -96,10 +96,10 @@ set -e
 log "guest ran $(( $(date +%s) - start )) s (qemu exit $rc)"
 
 # 6. Verdict.
-grep -q 'VMTEST DONE failed=0' "$work/console.log" || { log "FAILED (see $work/console.log)"; exit 1; }
-if grep -q 'VMTEST FAIL' "$work/console.log"; then log "FAILED"; exit 1; fi
+grep -aq 'VMTEST DONE failed=0' "$work/console.log" || { log "FAILED (see $work/console.log)"; exit 1; }
+if grep -aq 'VMTEST FAIL' "$work/console.log"; then log "FAILED"; exit 1; fi
 "$bins/vmcheck" check-file --file "$work/disk.img" --offset 50331648 --len 65536 --seed 6 \
     || { log "the data nvmed wrote is not on the controller's disk image"; exit 1; }
-passed=$(grep -c 'VMTEST PASS' "$work/console.log")
+passed=$(grep -ac 'VMTEST PASS' "$work/console.log")
 log "all scenarios passed"
 echo "vmtest: $passed passed, 0 failed"

@@ -94,7 +94,7 @@ pub struct NamespaceInfo {
     pub lba_size: u32,
     /// Number of logical blocks.
     pub lba_count: u64,
-    /// Largest single transfer in bytes.
+    /// Largest single read or write in bytes (the broker splits it into device-sized commands).
     pub max_transfer: u32,
     /// Whether this client may only read.
     pub read_only: bool,

@@ -190,6 +190,7 @@ fn main() {
             tracing_subscriber::EnvFilter::try_from_env("NVMED_LOG").unwrap_or_else(|_| "info".into()),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let argv: Vec<String> = std::env::args().collect();
     let from_config = match config_args(&argv) {

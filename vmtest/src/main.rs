@@ -57,8 +57,13 @@ enum Scenario {
         #[arg(long, default_value_t = 4)]
         rounds: usize,
     },
-    /// Writes at the largest transfer size the device allows (MDTS) and reads back.
-    MaxTransfer,
+    /// Writes and reads back the largest request the broker takes (split into MDTS-sized
+    /// device commands with PRP lists), and checks that a larger one is refused.
+    MaxTransfer {
+        /// Where, in MiB.
+        #[arg(long)]
+        at_mib: u64,
+    },
     /// Writes continuously until killed (prints HAMMERING once started).
     Hammer {
         /// Region start in MiB.
@@ -133,22 +138,23 @@ fn run(ring: &mut NvmeRing, check: Scenario) -> Result<(), String> {
         Scenario::Verify { at_mib, mib, seed, rounds } => {
             random_write_read(ring, (at_mib << 20, mib << 20), seed, rounds);
         }
-        Scenario::MaxTransfer => {
+        Scenario::MaxTransfer { at_mib } => {
             let len = ns.max_transfer;
             let l = u64::from(len);
             let buf = ring.alloc_buffer(2 * len as usize + 4096).map_err(e)?;
             pattern(77, ring.buffer_mut(buf, 0, l).map_err(e)?);
-            ring.write(ns.nsid, 0, buf, 0, len).map_err(e)?;
+            let at = at_mib << 20;
+            ring.write(ns.nsid, at, buf, 0, len).map_err(e)?;
             // Read back to an in-page offset: the transfer needs one more PRP entry than pages.
-            ring.read(ns.nsid, 0, buf, l + 512, len).map_err(e)?;
+            ring.read(ns.nsid, at, buf, l + 512, len).map_err(e)?;
             let data = ring.buffer(buf, 0, l).map_err(e)?.to_vec();
             if ring.buffer(buf, l + 512, l).map_err(e)? != &data[..] {
                 return Err(format!("{len}-byte transfer came back different"));
             }
-            // One block over MDTS is refused with a clear status.
-            match ring.read(ns.nsid, 0, buf, 0, len + ns.lba_size) {
-                Err(nvmed_client::Error::Io(s)) => println!("over MDTS: {s}"),
-                other => return Err(format!("a transfer above MDTS was not refused: {other:?}")),
+            // One block more is refused with a clear status.
+            match ring.read(ns.nsid, at, buf, 0, len + ns.lba_size) {
+                Err(nvmed_client::Error::Io(s)) => println!("{len} bytes + 1 block: {s}"),
+                other => return Err(format!("a request above the limit was not refused: {other:?}")),
             }
         }
         Scenario::Hammer { at_mib } => {

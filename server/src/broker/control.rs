@@ -177,7 +177,7 @@ impl Connection {
                 nsid: n.nsid,
                 lba_size: n.lba_size,
                 lba_count: n.lba_count,
-                max_transfer: self.shared.limits.max_transfer,
+                max_transfer: self.shared.limits.max_request,
                 read_only: n.read_only,
             })
             .collect()

@@ -96,6 +96,31 @@ pub struct InFlight {
     len: u32,
     op: Opcode,
     epoch: u32,
+    /// Index in `IoThread::splits` when this command is one piece of a split request.
+    split: u32,
+}
+
+/// No split: the command is the whole request.
+const WHOLE: u32 = u32::MAX;
+
+/// A client request carried by several device commands.
+#[derive(Debug)]
+struct Split {
+    remaining: u32,
+    status: Status,
+}
+
+/// Accounts one finished piece; returns the request's status once its last piece finished.
+fn piece_done(splits: &mut Slab<Split>, ctx: &InFlight, status: Status) -> Option<Status> {
+    if ctx.split == WHOLE {
+        return Some(status);
+    }
+    let sp = splits.get_mut(ctx.split as usize)?;
+    sp.remaining -= 1;
+    if sp.status.is_success() && !status.is_success() {
+        sp.status = status; // the first error wins
+    }
+    (sp.remaining == 0).then(|| splits.remove(ctx.split as usize).status)
 }
 
 /// Granularity of command timeouts.
@@ -109,6 +134,7 @@ pub struct IoThread {
     wake: Arc<OwnedFd>,
     controller: Controller,
     queue: IoQueue<InFlight>,
+    splits: Slab<Split>,
     queue_depth: u16,
     io_timeout: Duration,
     epoch: u32,
@@ -153,6 +179,7 @@ impl IoThread {
             wake,
             controller,
             queue,
+            splits: Slab::new(),
             queue_depth,
             io_timeout,
             epoch: 0,
@@ -340,7 +367,11 @@ impl IoThread {
         let reset = self.controller.reset();
         // The controller is disabled now (or unreachable): nothing it was given can DMA anymore.
         for ctx in self.queue.abandon_all() {
-            complete(&mut self.sessions, &mut self.touched, ctx, Status::Broker(BrokerStatus::DeviceReset));
+            if let Some(status) =
+                piece_done(&mut self.splits, &ctx, Status::Broker(BrokerStatus::DeviceReset))
+            {
+                complete(&mut self.sessions, &mut self.touched, ctx, status);
+            }
         }
         let restored = reset.and_then(|()| {
             self.controller.request_io_queues(1)?;
@@ -433,6 +464,15 @@ impl IoThread {
                         Status::Broker(BrokerStatus::DeviceFault)
                     }
                     Ok(Validated::Device { cmd, buffer, len }) => {
+                        let pieces = cmd.piece_count(limits.max_transfer);
+                        if self.queue.free_slots() < pieces as usize {
+                            break; // device queue full: leave the entry for the next round
+                        }
+                        let split = if pieces > 1 {
+                            self.splits.insert(Split { remaining: pieces, status: Status::Success }) as u32
+                        } else {
+                            WHOLE
+                        };
                         let ctx = InFlight {
                             epoch: self.epoch,
                             session: key as u32,
@@ -440,9 +480,12 @@ impl IoThread {
                             user_data: sqe.user_data,
                             len,
                             op: Opcode::from_u8(sqe.opcode).unwrap_or(Opcode::Nop),
+                            split,
                         };
-                        if self.queue.submit(&cmd, ctx).is_err() {
-                            break; // device queue full: leave the entry for the next round
+                        for k in 0..pieces {
+                            let piece = cmd.piece(k, limits.max_transfer);
+                            let queued = self.queue.submit(&piece, ctx);
+                            debug_assert!(queued.is_ok(), "free slots were checked");
                         }
                         s.in_flight += 1;
                         if let Some(b) = buffer.and_then(|b| s.buffers.get_mut(b as usize)) {
@@ -478,13 +521,16 @@ impl IoThread {
     fn reap(&mut self) -> usize {
         let sessions = &mut self.sessions;
         let touched = &mut self.touched;
+        let splits = &mut self.splits;
         self.queue.reap(REAP_BATCH, |ctx, status_field, _result| {
             let status = if status_field & 0x7ff == 0 {
                 Status::Success
             } else {
                 Status::Nvme(NvmeStatus::from_status_field(status_field))
             };
-            complete(sessions, touched, ctx, status);
+            if let Some(status) = piece_done(splits, &ctx, status) {
+                complete(sessions, touched, ctx, status);
+            }
         })
     }
 

@@ -180,8 +180,14 @@ impl Broker {
         };
         let qp = controller.create_io_queue(1, config.io_queue_depth, vector)?;
         let queue = IoQueue::new(qp, &device, &space).map_err(DriverError::from)?;
+        // Requests up to 16 MiB are split into MDTS-sized commands, as long as one request
+        // needs at most a quarter of the device queue.
+        let queue_share = u64::from(config.io_queue_depth / 4).max(1);
+        let max_request =
+            (u64::from(info.max_transfer) * queue_share).clamp(u64::from(info.max_transfer), 16 << 20);
         let limits = DeviceLimits {
             max_transfer: info.max_transfer,
+            max_request: max_request as u32,
             write_zeroes: info.write_zeroes,
             deallocate: info.dsm,
         };

@@ -12,8 +12,11 @@ pub const MAX_WRITE_ZEROES_BLOCKS: u64 = 1 << 16;
 /// What the controller supports, as far as validation cares.
 #[derive(Debug, Clone, Copy)]
 pub struct DeviceLimits {
-    /// Largest read/write in bytes.
+    /// Largest read/write one device command carries (MDTS), in bytes.
     pub max_transfer: u32,
+    /// Largest read/write a client may ask for; larger than `max_transfer` means the broker
+    /// splits it into several device commands.
+    pub max_request: u32,
     /// Write Zeroes supported.
     pub write_zeroes: bool,
     /// Deallocate supported.
@@ -77,7 +80,7 @@ pub fn validate(
     let nsid = ns.nsid;
     let cmd = match op {
         Opcode::Read | Opcode::Write => {
-            if sqe.len > limits.max_transfer {
+            if sqe.len > limits.max_request {
                 return Err(BrokerStatus::TooLarge);
             }
             let (iova, buf_len) = buffer(sqe.buf_id).ok_or(BrokerStatus::BadBuffer)?;
@@ -125,7 +128,7 @@ mod tests {
         NamespaceAccess { nsid: 2, first_lba: 100, lba_count: 10, lba_size: 4096, read_only: true },
     ];
     const LIMITS: DeviceLimits =
-        DeviceLimits { max_transfer: 128 << 10, write_zeroes: true, deallocate: true };
+        DeviceLimits { max_transfer: 64 << 10, max_request: 128 << 10, write_zeroes: true, deallocate: true };
 
     fn buf(id: u32) -> Option<(u64, u64)> {
         (id == 3).then_some((0x100000, 65536))

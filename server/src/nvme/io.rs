@@ -68,6 +68,39 @@ pub enum IoCommand {
     },
 }
 
+impl IoCommand {
+    /// How many commands of at most `max_bytes` each this command becomes.
+    pub fn piece_count(&self, max_bytes: u32) -> u32 {
+        match *self {
+            IoCommand::Read { len, .. } | IoCommand::Write { len, .. } => len.div_ceil(max_bytes).max(1),
+            _ => 1,
+        }
+    }
+
+    /// Piece `k` of [`IoCommand::piece_count`]: consecutive blocks, consecutive memory.
+    /// `max_bytes` must be a multiple of the block size.
+    pub fn piece(&self, k: u32, max_bytes: u32) -> IoCommand {
+        let cut = |slba: u64, blocks: u32, iova: u64, len: u32| {
+            let block = len / blocks;
+            let per = max_bytes / block;
+            let first = k * per;
+            let n = per.min(blocks - first);
+            (slba + u64::from(first), n, iova + u64::from(first) * u64::from(block), n * block)
+        };
+        match *self {
+            IoCommand::Read { nsid, slba, blocks, iova, len } if len > max_bytes => {
+                let (slba, blocks, iova, len) = cut(slba, blocks, iova, len);
+                IoCommand::Read { nsid, slba, blocks, iova, len }
+            }
+            IoCommand::Write { nsid, slba, blocks, iova, len, fua } if len > max_bytes => {
+                let (slba, blocks, iova, len) = cut(slba, blocks, iova, len);
+                IoCommand::Write { nsid, slba, blocks, iova, len, fua }
+            }
+            other => other,
+        }
+    }
+}
+
 /// An I/O queue pair whose command ids index a slab of per-command context `T`.
 pub struct IoQueue<T> {
     qp: QueuePair,
@@ -182,5 +215,39 @@ impl<T> IoQueue<T> {
     /// The queue pair, for deletion.
     pub fn into_queue_pair(self) -> QueuePair {
         self.qp
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pieces_cover_the_command_exactly() {
+        let cmd = IoCommand::Read { nsid: 1, slba: 100, blocks: 2500, iova: 0x10_0200, len: 2500 * 512 };
+        let max = 512 * 1024;
+        assert_eq!(cmd.piece_count(max), 3);
+        let pieces: Vec<_> = (0..3).map(|k| cmd.piece(k, max)).collect();
+        assert_eq!(
+            pieces[0],
+            IoCommand::Read { nsid: 1, slba: 100, blocks: 1024, iova: 0x10_0200, len: 512 * 1024 }
+        );
+        assert_eq!(
+            pieces[1],
+            IoCommand::Read {
+                nsid: 1,
+                slba: 1124,
+                blocks: 1024,
+                iova: 0x10_0200 + 0x8_0000,
+                len: 512 * 1024
+            }
+        );
+        assert_eq!(
+            pieces[2],
+            IoCommand::Read { nsid: 1, slba: 2148, blocks: 452, iova: 0x10_0200 + 0x10_0000, len: 452 * 512 }
+        );
+        let small = IoCommand::Write { nsid: 1, slba: 0, blocks: 8, iova: 0x1000, len: 4096, fua: true };
+        assert_eq!((small.piece_count(max), small.piece(0, max)), (1, small));
+        assert_eq!(IoCommand::Flush { nsid: 1 }.piece_count(max), 1);
     }
 }
