@@ -318,3 +318,43 @@ fn random_garbage_from_one_client_never_hurts_another() {
     assert_eq!(s.broker_buffer_iova_bytes, 0, "IOVA leaked by hostile sessions");
     others_unaffected(&mut broker);
 }
+
+#[test]
+fn connection_and_pinned_memory_limits() {
+    let broker = TestBroker::start(&["--max-sessions", "1", "--max-registered-total", "1M"]);
+    // Idle connections that never say Hello cannot pile up: 1 session + 16 spare.
+    let idle: Vec<OwnedFd> = (0..17).map(|_| raw_connect(&broker)).collect();
+    std::thread::sleep(Duration::from_millis(100));
+    match NvmeRing::open(&broker.socket) {
+        Err(Error::Refused(ControlError::ResourceExhausted(m))) => {
+            assert!(m.contains("at most 17 connections"), "{m}")
+        }
+        other => panic!("expected a connection limit error, got {other:?}"),
+    }
+    drop(idle);
+    // Pinned memory is capped for all clients together.
+    let mut ring = {
+        let mut r = None;
+        wait_until("a free connection slot", Duration::from_secs(5), || {
+            r = NvmeRing::open(&broker.socket).ok();
+            r.is_some()
+        });
+        r.unwrap()
+    };
+    ring.alloc_buffer(1 << 20).unwrap();
+    match ring.alloc_buffer(4096) {
+        Err(Error::Refused(ControlError::BufferLimit(m))) => assert!(m.contains("for all clients"), "{m}"),
+        other => panic!("expected the broker-wide limit, got {other:?}"),
+    }
+}
+
+#[test]
+fn write_sealed_memfd_is_refused() {
+    let broker = TestBroker::start(&[]);
+    let mut ring = broker.connect();
+    let m = memfd::MemfdOptions::new().allow_sealing(true).create("ro").unwrap();
+    m.as_file().set_len(4096).unwrap();
+    m.add_seals(&[memfd::FileSeal::SealShrink, memfd::FileSeal::SealWrite]).unwrap();
+    let r = ring.control(&Request::RegisterBuffer { len: 4096 }, &[m.as_file().as_fd()]);
+    assert!(matches!(r, Err(Error::Refused(ControlError::NotWritable))), "{r:?}");
+}

@@ -537,8 +537,12 @@ fn call(
     req: &Request,
     fds: &[std::os::fd::BorrowedFd<'_>],
 ) -> Result<(Response, Vec<OwnedFd>)> {
-    transport::send(sock.as_fd(), &encode(req), fds).map_err(|_| Error::BrokerGone)?;
+    let sent = transport::send(sock.as_fd(), &encode(req), fds);
+    // A broker that refused the connection may have closed it after saying why: read that.
     let msg = transport::recv(sock.as_fd()).map_err(|_| Error::BrokerGone)?;
+    if sent.is_err() && !matches!(decode::<Response>(&msg.bytes), Ok(Response::Error(_))) {
+        return Err(Error::BrokerGone);
+    }
     let resp: Response = decode(&msg.bytes).map_err(|e| Error::Protocol(e.to_string()))?;
     if let Response::Error(e) = resp {
         return Err(Error::Refused(e));

@@ -180,6 +180,9 @@ pub enum ControlError {
     /// The memfd lacks F_SEAL_SHRINK.
     #[error("the buffer memfd must be sealed with F_SEAL_SHRINK (fcntl F_ADD_SEALS) before registering")]
     NotSealed,
+    /// The memfd is sealed against writes, so reads could not land in it.
+    #[error("the buffer memfd is sealed against writing (F_SEAL_WRITE or F_SEAL_FUTURE_WRITE); the device must be able to write it")]
+    NotWritable,
     /// The buffer length is zero, not page-aligned, or larger than the memfd.
     #[error("bad buffer length {len}: {reason}")]
     BadBufferLength {

@@ -38,6 +38,12 @@ pub enum IovaError {
         /// Length asked.
         len: u64,
     },
+    /// The broker-wide limit on registered buffer bytes was reached.
+    #[error("registered buffers would exceed the broker-wide limit of {limit} bytes")]
+    LimitReached {
+        /// The limit.
+        limit: u64,
+    },
     /// The device reports no usable range large enough.
     #[error("the device reports no usable IOVA range of at least {0:#x} bytes")]
     NoUsableRange(u64),
@@ -113,6 +119,7 @@ impl RangeAllocator {
 pub struct IovaSpace {
     internal: Mutex<RangeAllocator>,
     buffers: Mutex<RangeAllocator>,
+    buffer_limit: std::sync::atomic::AtomicU64,
 }
 
 impl IovaSpace {
@@ -136,7 +143,14 @@ impl IovaSpace {
         Ok(Self {
             internal: Mutex::new(RangeAllocator::new([(s, s + INTERNAL_AREA_SIZE)])),
             buffers: Mutex::new(RangeAllocator::new(usable)),
+            buffer_limit: std::sync::atomic::AtomicU64::new(u64::MAX),
         })
+    }
+
+    /// Caps the bytes mapped in the buffer area, for all clients together (pinned memory with
+    /// VFIO, so one client cannot pin the host's RAM).
+    pub fn set_buffer_limit(&self, bytes: u64) {
+        self.buffer_limit.store(bytes, std::sync::atomic::Ordering::Relaxed);
     }
 
     fn area(&self, area: Area) -> &Mutex<RangeAllocator> {
@@ -164,8 +178,14 @@ impl IovaSpace {
     ) -> Result<DmaMapping, IovaError> {
         let len = len.next_multiple_of(IOVA_PAGE);
         let align = if len >= (2 << 20) { 2 << 20 } else { IOVA_PAGE };
-        let iova =
-            self.area(area).lock().unwrap().alloc(len, align).ok_or(IovaError::Exhausted { area, len })?;
+        let iova = {
+            let mut alloc = self.area(area).lock().unwrap();
+            let limit = self.buffer_limit.load(std::sync::atomic::Ordering::Relaxed);
+            if area == Area::Buffers && alloc.used().saturating_add(len) > limit {
+                return Err(IovaError::LimitReached { limit });
+            }
+            alloc.alloc(len, align).ok_or(IovaError::Exhausted { area, len })?
+        };
         // SAFETY: forwarded from this function's contract.
         if let Err(e) = unsafe { device.dma_map(iova, host, len) } {
             self.area(area).lock().unwrap().free(iova, len);

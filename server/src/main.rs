@@ -60,8 +60,12 @@ struct Args {
     socket_group: Option<String>,
 
     /// Most bytes one session may register (pinned memory with VFIO; suffixes K, M, G, T).
-    #[arg(long, default_value = "64G", value_parser = parse_size)]
+    #[arg(long, default_value = "4G", value_parser = parse_size)]
     max_registered_bytes: u64,
+
+    /// Most bytes all sessions together may register.
+    #[arg(long, default_value = "16G", value_parser = parse_size)]
+    max_registered_total: u64,
 
     /// Emulated namespace size in bytes (suffixes K, M, G allowed).
     #[arg(long, default_value = "1G", value_parser = parse_size)]
@@ -251,6 +255,7 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     config.socket_mode = args.socket_mode;
     config.socket_group = args.socket_group.clone();
     config.max_buffer_bytes_per_session = args.max_registered_bytes;
+    config.max_buffer_bytes_total = args.max_registered_total;
     config.max_sessions = args.max_sessions;
     config.io_queue_depth = args.queue_depth;
     config.poll_idle = Duration::from_micros(args.poll_idle_us);

@@ -36,6 +36,9 @@ impl RegisteredBuffer {
         if !seals.contains(SealFlag::F_SEAL_SHRINK) {
             return Err(ControlError::NotSealed);
         }
+        if seals.intersects(SealFlag::F_SEAL_WRITE | SealFlag::F_SEAL_FUTURE_WRITE) {
+            return Err(ControlError::NotWritable);
+        }
         if len == 0 || !len.is_multiple_of(IOVA_PAGE) {
             return Err(bad("must be a non-zero multiple of 4096"));
         }
@@ -52,8 +55,13 @@ impl RegisteredBuffer {
         let mem = SharedMemory::map_shared(std::os::fd::AsFd::as_fd(&fd), len as usize)
             .map_err(|e| ControlError::Internal(format!("mmap of the buffer failed: {e}")))?;
         // SAFETY: `mem` is stored next to the mapping and outlives it (field order).
-        let mapping = unsafe { space.map(device, Area::Buffers, mem.as_ptr(), len) }
-            .map_err(|e| ControlError::ResourceExhausted(e.to_string()))?;
+        let mapping =
+            unsafe { space.map(device, Area::Buffers, mem.as_ptr(), len) }.map_err(|e| match e {
+                crate::iova::IovaError::LimitReached { limit } => ControlError::BufferLimit(format!(
+                    "the broker maps at most {limit} bytes for all clients"
+                )),
+                e => ControlError::ResourceExhausted(e.to_string()),
+            })?;
         Ok(Self { mapping, _mem: mem, len })
     }
 

@@ -16,7 +16,7 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use nix::sys::socket::{accept4, bind, listen, socket, AddressFamily, Backlog, SockFlag, SockType, UnixAddr};
-use tracing::{error, info};
+use tracing::{error, info, warn};
 
 use io_thread::{IoRequest, IoThread};
 use validate::DeviceLimits;
@@ -47,6 +47,8 @@ pub struct BrokerConfig {
     pub max_buffers_per_session: u64,
     /// Most bytes one session may register.
     pub max_buffer_bytes_per_session: u64,
+    /// Most bytes all sessions together may register.
+    pub max_buffer_bytes_total: u64,
     /// A command the device has not completed after this long resets the controller.
     pub io_timeout: Duration,
     /// Let the I/O queue raise interrupts, so the broker can sleep while I/O is in flight.
@@ -66,7 +68,8 @@ impl BrokerConfig {
             poll_idle: Duration::from_micros(200),
             policy: Policy { grants: vec![], default: crate::policy::DefaultAccess::ReadWrite },
             max_buffers_per_session: 1024,
-            max_buffer_bytes_per_session: 64 << 30,
+            max_buffer_bytes_per_session: 4 << 30,
+            max_buffer_bytes_total: 16 << 30,
             io_timeout: Duration::from_secs(30),
             interrupts: true,
         }
@@ -112,6 +115,7 @@ pub struct Shared {
     requests_pending: Arc<session::CachePadded<AtomicBool>>,
     wake: Arc<OwnedFd>,
     sessions: AtomicU64,
+    connections: AtomicU64,
 }
 
 impl Shared {
@@ -166,6 +170,7 @@ impl Broker {
     /// Brings up the controller, creates the I/O queue, and starts serving on the socket.
     pub fn start(device: Arc<dyn NvmeDevice>, config: BrokerConfig) -> Result<Self, BrokerError> {
         let space = Arc::new(IovaSpace::new(&device.iova_ranges())?);
+        space.set_buffer_limit(config.max_buffer_bytes_total);
         let mut controller = Controller::init(device.clone(), space.clone())?;
         let info = controller.info().clone();
         if info.namespaces.is_empty() {
@@ -221,6 +226,7 @@ impl Broker {
             requests_pending,
             wake,
             sessions: AtomicU64::new(0),
+            connections: AtomicU64::new(0),
         });
         let stopping = Arc::new(AtomicBool::new(false));
         let accept_thread = {
@@ -284,13 +290,38 @@ fn accept_loop(listener: OwnedFd, shared: Arc<Shared>, stopping: Arc<AtomicBool>
         }
         // SAFETY: accept4 returned a new descriptor that nothing else owns.
         let sock = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+        // Connections that have not said Hello yet count too, so idle sockets cannot pile up.
+        let limit = shared.config.max_sessions as u64 + 16;
+        if shared.connections.load(Ordering::Relaxed) >= limit {
+            warn!(limit, "too many connections; refusing one");
+            let refusal = nvmed_proto::Response::Error(nvmed_proto::ControlError::ResourceExhausted(
+                format!("the broker accepts at most {limit} connections"),
+            ));
+            let _ = nvmed_proto::transport::send(sock.as_fd(), &nvmed_proto::control::encode(&refusal), &[]);
+            // Consume what the client already sent: closing a Unix socket with unread data
+            // resets the connection, and the client would not get to read the refusal.
+            let mut scratch = [0u8; 64];
+            while nix::sys::socket::recv(
+                sock.as_raw_fd(),
+                &mut scratch,
+                nix::sys::socket::MsgFlags::MSG_DONTWAIT,
+            )
+            .is_ok_and(|n| n > 0)
+            {}
+            continue;
+        }
+        shared.connections.fetch_add(1, Ordering::Relaxed);
         let id = next_id.fetch_add(1, Ordering::Relaxed);
-        let shared = shared.clone();
+        let conn_shared = shared.clone();
         let spawned = std::thread::Builder::new()
             .name(format!("nvmed-client-{id}"))
             .stack_size(256 << 10)
-            .spawn(move || control::serve(shared, sock, id));
+            .spawn(move || {
+                control::serve(conn_shared.clone(), sock, id);
+                conn_shared.connections.fetch_sub(1, Ordering::Relaxed);
+            });
         if let Err(e) = spawned {
+            shared.connections.fetch_sub(1, Ordering::Relaxed);
             error!("cannot start a client thread: {e}");
         }
     }
