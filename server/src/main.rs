@@ -1,4 +1,5 @@
 //! `nvmed`: the NVMe broker daemon.
+#![allow(rustdoc::broken_intra_doc_links)] // doc comments here are --help text for clap
 
 use std::path::PathBuf;
 use std::sync::Arc;

@@ -795,7 +795,7 @@ mod tests {
         let mut ctrl = Controller::init(dev.clone(), space.clone()).unwrap();
         assert_eq!(ctrl.info().namespaces[0].lba_count, 2048);
         assert_eq!(ctrl.info().max_transfer, 128 << 10);
-        ctrl.request_io_queues(1).unwrap();
+        assert_eq!(ctrl.request_io_queues(2).unwrap(), 2);
         let qp = ctrl.create_io_queue(1, 64, Some(1)).unwrap();
         let q = IoQueue::new(qp, &dev, &space).unwrap();
         (dev, space, ctrl, q)
@@ -855,5 +855,77 @@ mod tests {
         ctrl.delete_io_queue(q.into_queue_pair()).unwrap();
         ctrl.shutdown().unwrap();
         assert_eq!(dev.read32(REG_CSTS) & CSTS_SHST_MASK, CSTS_SHST_COMPLETE);
+    }
+
+    fn raw(qp: &mut crate::nvme::queue::QueuePair, cmd: NvmeCommand) -> u16 {
+        qp.push(&cmd);
+        qp.ring_doorbell();
+        let mut status = None;
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while status.is_none() && Instant::now() < deadline {
+            qp.reap(1, |c| status = Some(c.status_field()));
+        }
+        status.expect("command completed")
+    }
+
+    #[test]
+    fn chained_prp_lists_and_multi_range_deallocate() {
+        let (dev, space, mut ctrl, _q) = setup(vec![]);
+        let mut qp = ctrl.create_io_queue(2, 16, None).unwrap();
+        // Four data pages and two list pages: the first list starts 16 bytes before the end of
+        // its page, so its last entry must chain to the second list.
+        let data = DmaMemory::new(&space, &dev, 4 * 4096).unwrap();
+        let lists = DmaMemory::new(&space, &dev, 2 * 4096).unwrap();
+        let (d, l) = (data.iova(), lists.iova());
+        lists.mem().write::<u64>(4096 - 16, d + 4096);
+        lists.mem().write::<u64>(4096 - 8, l + 4096);
+        lists.mem().write::<u64>(4096, d + 2 * 4096);
+        lists.mem().write::<u64>(4096 + 8, d + 3 * 4096);
+        for i in 0..4 {
+            data.mem().fill(i * 4096, 4096, i as u8 + 1);
+        }
+        let rw = |opcode, slba: u64| NvmeCommand {
+            opcode,
+            nsid: 1,
+            prp1: d,
+            prp2: l + 4096 - 16,
+            cdw10: slba as u32,
+            cdw12: 32 - 1,
+            ..Default::default()
+        };
+        assert_eq!(raw(&mut qp, rw(io::WRITE, 64)), 0);
+        data.mem().fill(0, 4 * 4096, 0);
+        assert_eq!(raw(&mut qp, rw(io::READ, 64)), 0);
+        for i in 0..4 {
+            assert_eq!(data.mem().read::<u8>(i * 4096 + 100), i as u8 + 1, "page {i} through the chain");
+        }
+        // Deallocate two ranges at once, then read zeroes there and data between them.
+        lists.mem().write::<u32>(0, 0);
+        lists.mem().write::<u32>(4, 8);
+        lists.mem().write::<u64>(8, 64);
+        lists.mem().write::<u32>(16, 0);
+        lists.mem().write::<u32>(20, 8);
+        lists.mem().write::<u64>(24, 80);
+        let dsm = NvmeCommand {
+            opcode: io::DSM,
+            nsid: 1,
+            prp1: l,
+            cdw10: 1,
+            cdw11: io::DSM_DEALLOCATE,
+            ..Default::default()
+        };
+        assert_eq!(raw(&mut qp, dsm), 0);
+        assert_eq!(raw(&mut qp, rw(io::READ, 64)), 0);
+        assert_eq!(data.mem().read::<u8>(100), 0, "first range deallocated");
+        assert_eq!(data.mem().read::<u8>(4096 + 100), 2, "between the ranges");
+        assert_eq!(data.mem().read::<u8>(2 * 4096 + 100), 0, "second range deallocated");
+        // A PRP entry that is not page aligned is an invalid field, not a silent misread.
+        lists.mem().write::<u64>(4096 - 16, d + 4096 + 8);
+        assert_eq!(raw(&mut qp, rw(io::READ, 64)) & 0xff, u16::from(sc::INVALID_FIELD));
+        // An unknown opcode and a bad namespace get their spec statuses.
+        assert_eq!(raw(&mut qp, NvmeCommand { opcode: 0x7f, nsid: 1, ..Default::default() }) & 0xff, 1);
+        assert_eq!(raw(&mut qp, rw(io::READ, 64)) & 0xff, u16::from(sc::INVALID_FIELD));
+        let bad_ns = NvmeCommand { nsid: 9, ..rw(io::READ, 0) };
+        assert_eq!(raw(&mut qp, bad_ns) & 0xff, u16::from(sc::INVALID_NAMESPACE));
     }
 }
