@@ -421,3 +421,39 @@ fn requests_above_mdts_are_split_and_fail_as_a_whole() {
     // pieces were already at the device, as with any multi-command write), then 2 MiB.
     assert_eq!(s.device_dma_bytes, Some(2 * MIB + 7 * 8192));
 }
+
+#[test]
+fn the_example_config_is_valid() {
+    let dir = scratch_dir();
+    let socket = dir.join("ex.sock");
+    let text =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/nvmed.toml")).unwrap();
+    // Same file, but on the emulated controller, a scratch socket and no group change.
+    let text: String = text
+        .lines()
+        .map(|l| match l.split('=').next().map(str::trim) {
+            Some("pci") => "emulate = true".to_string(),
+            Some("socket") => format!("socket = {socket:?}"),
+            Some("socket-group") => String::new(),
+            _ => l.to_string(),
+        })
+        .collect::<Vec<_>>()
+        .join("\n");
+    let cfg = dir.join("ex.toml");
+    std::fs::write(&cfg, text).unwrap();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_nvmed"))
+        .args(["--config", cfg.to_str().unwrap(), "--size", "8M"])
+        .env("NVMED_LOG", "warn")
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(child.stdout.take().unwrap()), &mut line)
+        .unwrap();
+    assert!(line.contains("ready"), "examples/nvmed.toml did not start nvmed: {line:?}");
+    // uid 0 has no grant and default-access is none: it sees no namespace.
+    assert!(NvmeRing::open(&socket).unwrap().namespaces().is_empty());
+    unsafe_kill(child.id(), libc::SIGTERM);
+    assert!(child.wait().unwrap().success());
+    let _ = std::fs::remove_dir_all(dir);
+}
