@@ -457,3 +457,21 @@ fn the_example_config_is_valid() {
     assert!(child.wait().unwrap().success());
     let _ = std::fs::remove_dir_all(dir);
 }
+
+#[test]
+fn a_client_that_stopped_waiting_does_not_ask_for_wakeups() {
+    use nvmed_proto::layout::{CLIENT_CQ_WAITING, CLIENT_FLAGS_OFFSET};
+    let broker = TestBroker::start(&[]);
+    let opts = nvmed_client::RingOptions { spin: Duration::ZERO, ..Default::default() };
+    let mut ring = NvmeRing::open_with(&broker.socket, opts).unwrap();
+    let mut out = Vec::new();
+    for i in 0..2000 {
+        ring.prep(Io::nop().user_data(i)).unwrap();
+        ring.submit().unwrap();
+        out.clear();
+        ring.wait(1, &mut out, Some(Duration::from_secs(5))).unwrap();
+        let flags = ring.ring_memory().load_u32(CLIENT_FLAGS_OFFSET, std::sync::atomic::Ordering::Acquire);
+        // A flag left set would make the broker write the eventfd on every completion.
+        assert_eq!(flags & CLIENT_CQ_WAITING, 0, "CQ_WAITING left set after wait #{i}");
+    }
+}

@@ -431,8 +431,12 @@ impl NvmeRing {
             }
             self.mem.fetch_or_u32(CLIENT_FLAGS_OFFSET, CLIENT_CQ_WAITING, Ordering::SeqCst);
             fence(Ordering::SeqCst);
-            let n = self.poll(out)?;
-            got += n;
+            let n = self.poll(out);
+            if n.as_ref().map_or(true, |n| got + n >= min) {
+                // Done (or failed) without sleeping: stop asking the broker for wakeups.
+                self.mem.fetch_and_not_u32(CLIENT_FLAGS_OFFSET, CLIENT_CQ_WAITING, Ordering::SeqCst);
+            }
+            got += n?;
             if got >= min {
                 break;
             }
