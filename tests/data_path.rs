@@ -475,3 +475,36 @@ fn a_client_that_stopped_waiting_does_not_ask_for_wakeups() {
         assert_eq!(flags & CLIENT_CQ_WAITING, 0, "CQ_WAITING left set after wait #{i}");
     }
 }
+
+#[test]
+fn guest_ram_regions_at_offsets_of_one_memfd() {
+    // A VMM keeps guest RAM in one memfd and registers each region at its offset.
+    let broker = TestBroker::start(&[]);
+    let mut ring = broker.connect();
+    let ns = ring.namespaces()[0].nsid;
+    let ram = memfd::MemfdOptions::new().allow_sealing(true).create("guest-ram").unwrap();
+    ram.as_file().set_len(8 * MIB).unwrap();
+    ram.add_seals(&[memfd::FileSeal::SealShrink, memfd::FileSeal::SealGrow]).unwrap();
+    let fd: std::os::fd::OwnedFd = ram.into_file().into();
+    let low =
+        nvmed_client::MemfdBuffer::from_sealed_memfd_range(fd.try_clone().unwrap(), 0, MIB as usize).unwrap();
+    let high = nvmed_client::MemfdBuffer::from_sealed_memfd_range(
+        fd.try_clone().unwrap(),
+        5 * MIB,
+        2 * MIB as usize,
+    )
+    .unwrap();
+    let low = ring.register_buffer(low).unwrap();
+    let high = ring.register_buffer(high).unwrap();
+    pattern(77, ring.buffer_mut(low, 0, 65536).unwrap());
+    ring.write(ns, 0, low, 0, 65536).unwrap();
+    ring.read(ns, 0, high, MIB, 65536).unwrap();
+    // Through a mapping of the whole memfd: the read landed at 5 MiB + 1 MiB of guest RAM.
+    let whole = nvmed_client::MemfdBuffer::from_sealed_memfd(fd, 8 * MIB as usize).unwrap();
+    let whole = ring.register_buffer(whole).unwrap();
+    let mut expect = vec![0u8; 65536];
+    pattern(77, &mut expect);
+    assert!(ring.buffer(whole, 6 * MIB, 65536).unwrap() == &expect[..]);
+    assert!(ring.buffer(whole, 0, 65536).unwrap() == &expect[..]);
+    assert!(ring.buffer(whole, 5 * MIB, 4096).unwrap().iter().all(|&b| b == 0));
+}

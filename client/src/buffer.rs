@@ -11,6 +11,7 @@ use crate::error::{os, Result};
 pub struct MemfdBuffer {
     mem: SharedMemory,
     fd: OwnedFd,
+    offset: u64,
 }
 
 impl MemfdBuffer {
@@ -32,8 +33,19 @@ impl MemfdBuffer {
 
     /// Maps an existing memfd (e.g. guest RAM) that the caller sealed with F_SEAL_SHRINK.
     pub fn from_sealed_memfd(fd: OwnedFd, len: usize) -> Result<Self> {
-        let mem = SharedMemory::map_shared(fd.as_fd(), len).map_err(os("mmap"))?;
-        Ok(Self { mem, fd })
+        Self::from_sealed_memfd_range(fd, 0, len)
+    }
+
+    /// Maps `len` bytes at `offset` (a multiple of 4096) of a sealed memfd: one region of guest
+    /// RAM when a VMM keeps several regions in one memfd. Use `fd.try_clone()` per region.
+    pub fn from_sealed_memfd_range(fd: OwnedFd, offset: u64, len: usize) -> Result<Self> {
+        let mem = SharedMemory::map_shared_at(fd.as_fd(), offset, len).map_err(os("mmap"))?;
+        Ok(Self { mem, fd, offset })
+    }
+
+    /// Where this buffer starts in its memfd.
+    pub fn offset(&self) -> u64 {
+        self.offset
     }
 
     /// Length in bytes.

@@ -261,7 +261,7 @@ impl NvmeRing {
 
     /// Registers a buffer (for example guest RAM from [`MemfdBuffer::from_sealed_memfd`]).
     pub fn register_buffer(&mut self, buf: MemfdBuffer) -> Result<BufferId> {
-        let req = Request::RegisterBuffer { len: buf.len() as u64 };
+        let req = Request::RegisterBuffer { offset: buf.offset(), len: buf.len() as u64 };
         let (resp, _) = call(&self.sock, &req, &[buf.fd().as_fd()])?;
         let Response::BufferRegistered { buffer_id } = resp else { return Err(unexpected(resp)) };
         self.buffers.insert(buffer_id, ClientBuffer { mem: buf, in_flight: 0 });

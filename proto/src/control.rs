@@ -33,9 +33,12 @@ pub enum Request {
         /// CQ entries (power of two, at least `sq_entries`).
         cq_entries: u32,
     },
-    /// Register the memfd attached to this message (sealed with F_SEAL_SHRINK) as a DMA buffer.
+    /// Register `len` bytes at `offset` of the memfd attached to this message (sealed with
+    /// F_SEAL_SHRINK) as a DMA buffer. A VMM registers each guest RAM region of its memfd this way.
     RegisterBuffer {
-        /// Bytes of the memfd to register, from offset 0; a multiple of 4096.
+        /// Byte offset in the memfd; a multiple of 4096.
+        offset: u64,
+        /// Bytes to register; a multiple of 4096.
         len: u64,
     },
     /// Unregister a buffer; refused while I/O on it is in flight.
@@ -238,7 +241,7 @@ mod tests {
         let reqs = [
             Request::Hello { version: 1, client_name: "t".into() },
             Request::CreateRing { sq_entries: 64, cq_entries: 128 },
-            Request::RegisterBuffer { len: 1 << 20 },
+            Request::RegisterBuffer { offset: 4096, len: 1 << 20 },
             Request::UnregisterBuffer { buffer_id: 7 },
             Request::Stats,
         ];

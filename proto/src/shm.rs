@@ -25,14 +25,21 @@ unsafe impl Send for SharedMemory {}
 unsafe impl Sync for SharedMemory {}
 
 impl SharedMemory {
-    fn mmap(fd: Option<BorrowedFd<'_>>, len: usize, flags: libc::c_int) -> io::Result<Self> {
+    fn mmap(fd: Option<BorrowedFd<'_>>, offset: u64, len: usize, flags: libc::c_int) -> io::Result<Self> {
         if len == 0 {
             return Err(io::Error::new(io::ErrorKind::InvalidInput, "cannot map zero bytes"));
         }
         let raw_fd = fd.map_or(-1, |f| std::os::fd::AsRawFd::as_raw_fd(&f));
         // SAFETY: a fresh mapping at an address the kernel picks; it aliases no Rust object.
         let ptr = unsafe {
-            libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ | libc::PROT_WRITE, flags, raw_fd, 0)
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                flags,
+                raw_fd,
+                offset as libc::off_t,
+            )
         };
         if ptr == libc::MAP_FAILED {
             return Err(io::Error::last_os_error());
@@ -42,12 +49,17 @@ impl SharedMemory {
 
     /// Maps `len` bytes of `fd` shared (MAP_SHARED), readable and writable.
     pub fn map_shared(fd: BorrowedFd<'_>, len: usize) -> io::Result<Self> {
-        Self::mmap(Some(fd), len, libc::MAP_SHARED)
+        Self::mmap(Some(fd), 0, len, libc::MAP_SHARED)
+    }
+
+    /// Maps `len` bytes at `offset` (page aligned) of `fd` shared, readable and writable.
+    pub fn map_shared_at(fd: BorrowedFd<'_>, offset: u64, len: usize) -> io::Result<Self> {
+        Self::mmap(Some(fd), offset, len, libc::MAP_SHARED)
     }
 
     /// Allocates `len` bytes of zeroed, private, anonymous memory.
     pub fn anonymous(len: usize) -> io::Result<Self> {
-        Self::mmap(None, len, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE)
+        Self::mmap(None, 0, len, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE)
     }
 
     /// Length of the mapping in bytes.

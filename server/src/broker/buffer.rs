@@ -23,6 +23,7 @@ impl RegisteredBuffer {
     /// Checks the memfd (sealed against shrinking, large enough), maps it and maps it for DMA.
     pub fn register(
         fd: OwnedFd,
+        offset: u64,
         len: u64,
         max_len: u64,
         space: &Arc<IovaSpace>,
@@ -42,17 +43,20 @@ impl RegisteredBuffer {
         if len == 0 || !len.is_multiple_of(IOVA_PAGE) {
             return Err(bad("must be a non-zero multiple of 4096"));
         }
+        if !offset.is_multiple_of(IOVA_PAGE) {
+            return Err(bad(&format!("offset {offset} is not a multiple of 4096")));
+        }
         if len > max_len {
             return Err(bad(&format!("larger than the limit of {max_len} bytes")));
         }
         let size = nix::sys::stat::fstat(&fd)
             .map_err(|e| ControlError::Internal(format!("fstat: {e}")))?
             .st_size as u64;
-        if size < len {
-            return Err(bad(&format!("the memfd has only {size} bytes")));
+        if offset.checked_add(len).is_none_or(|end| end > size) {
+            return Err(bad(&format!("offset {offset} + length is past the memfd's {size} bytes")));
         }
         // The memfd cannot shrink (sealed), so the mapping can never SIGBUS.
-        let mem = SharedMemory::map_shared(std::os::fd::AsFd::as_fd(&fd), len as usize)
+        let mem = SharedMemory::map_shared_at(std::os::fd::AsFd::as_fd(&fd), offset, len as usize)
             .map_err(|e| ControlError::Internal(format!("mmap of the buffer failed: {e}")))?;
         // SAFETY: `mem` is stored next to the mapping and outlives it (field order).
         let mapping =

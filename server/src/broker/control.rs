@@ -113,7 +113,7 @@ impl Connection {
             _ if self.key.is_none() => Err(ControlError::HelloRequired),
             Request::ListNamespaces => Ok((Response::Namespaces(self.namespace_infos()), vec![])),
             Request::CreateRing { sq_entries, cq_entries } => self.create_ring(sq_entries, cq_entries),
-            Request::RegisterBuffer { len } => self.register(len, fds),
+            Request::RegisterBuffer { offset, len } => self.register(offset, len, fds),
             Request::UnregisterBuffer { buffer_id } => self.unregister(buffer_id),
             Request::Stats => {
                 let mut s = self.counters.snapshot();
@@ -221,6 +221,7 @@ impl Connection {
 
     fn register(
         &mut self,
+        offset: u64,
         len: u64,
         mut fds: Vec<OwnedFd>,
     ) -> Result<(Response, Vec<OwnedFd>), ControlError> {
@@ -238,7 +239,8 @@ impl Connection {
         }
         let used = self.counters.buffer_bytes.load(Ordering::Relaxed);
         let left = cfg.max_buffer_bytes_per_session.saturating_sub(used);
-        let buffer = RegisteredBuffer::register(fd, len, left, &self.shared.space, &self.shared.device)?;
+        let buffer =
+            RegisteredBuffer::register(fd, offset, len, left, &self.shared.space, &self.shared.device)?;
         let (tx, rx) = channel();
         self.shared.request(IoRequest::AddBuffer { key: self.key.unwrap(), buffer, reply: tx });
         let buffer_id = rx.recv().map_err(|_| ControlError::Internal("I/O thread stopped".into()))?;
