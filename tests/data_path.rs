@@ -377,7 +377,7 @@ fn options_from_a_config_file_and_the_command_line() {
     assert_eq!((ns.lba_size, ns.lba_count), (4096, 1024), "grant window of the 16 MiB namespace");
     assert!(matches!(NvmeRing::open(&socket), Err(Error::Refused(_))), "max_sessions = 1 from the file");
     drop(ring);
-    unsafe_kill(child.id(), libc::SIGTERM);
+    send_signal(child.id(), libc::SIGTERM);
     assert!(child.wait().unwrap().success());
 
     // An unknown key is named in the error.
@@ -453,7 +453,7 @@ fn the_example_config_is_valid() {
     assert!(line.contains("ready"), "examples/nvmed.toml did not start nvmed: {line:?}");
     // uid 0 has no grant and default-access is none: it sees no namespace.
     assert!(NvmeRing::open(&socket).unwrap().namespaces().is_empty());
-    unsafe_kill(child.id(), libc::SIGTERM);
+    send_signal(child.id(), libc::SIGTERM);
     assert!(child.wait().unwrap().success());
     let _ = std::fs::remove_dir_all(dir);
 }

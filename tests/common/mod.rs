@@ -2,7 +2,7 @@
 #![allow(dead_code)]
 
 use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -61,7 +61,7 @@ impl TestBroker {
     /// SIGTERM and wait; returns whether it exited successfully.
     pub fn stop(&mut self) -> bool {
         let Some(mut child) = self.child.take() else { return true };
-        unsafe_kill(child.id(), libc::SIGTERM);
+        send_signal(child.id(), libc::SIGTERM);
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             if let Some(status) = child.try_wait().unwrap() {
@@ -92,7 +92,8 @@ impl Drop for TestBroker {
     }
 }
 
-pub fn unsafe_kill(pid: u32, sig: i32) {
+/// Sends a signal to a process.
+pub fn send_signal(pid: u32, sig: i32) {
     let _ = nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(pid as i32),
         nix::sys::signal::Signal::try_from(sig).unwrap(),
@@ -108,8 +109,4 @@ pub fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
         assert!(Instant::now() < deadline, "timed out waiting for {what}");
         std::thread::sleep(Duration::from_millis(20));
     }
-}
-
-pub fn socket_path(b: &TestBroker) -> &Path {
-    &b.socket
 }
