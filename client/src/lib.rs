@@ -25,7 +25,6 @@ mod error;
 #[cfg(feature = "testkit")]
 pub mod testkit;
 
-use std::collections::HashMap;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::path::Path;
 use std::sync::atomic::{fence, Ordering};
@@ -156,6 +155,30 @@ struct Pending {
     range: Option<(u32, u64, u64)>, // buffer id, offset, len
 }
 
+/// Registered buffers by id. Ids are small dense integers the broker hands out, so a vector
+/// indexed by id beats hashing on the per-I/O path.
+#[derive(Debug, Default)]
+struct BufferTable(Vec<Option<ClientBuffer>>);
+
+impl BufferTable {
+    fn get(&self, id: &u32) -> Option<&ClientBuffer> {
+        self.0.get(*id as usize).and_then(Option::as_ref)
+    }
+    fn get_mut(&mut self, id: &u32) -> Option<&mut ClientBuffer> {
+        self.0.get_mut(*id as usize).and_then(Option::as_mut)
+    }
+    fn insert(&mut self, id: u32, b: ClientBuffer) {
+        let i = id as usize;
+        if self.0.len() <= i {
+            self.0.resize_with(i + 1, || None);
+        }
+        self.0[i] = Some(b);
+    }
+    fn remove(&mut self, id: &u32) -> Option<ClientBuffer> {
+        self.0.get_mut(*id as usize).and_then(Option::take)
+    }
+}
+
 #[derive(Debug)]
 struct ClientBuffer {
     mem: MemfdBuffer,
@@ -173,7 +196,7 @@ pub struct NvmeRing {
     cq: Consumer<SharedRing<Cqe>>,
     submit_fd: OwnedFd,
     complete_fd: OwnedFd,
-    buffers: HashMap<u32, ClientBuffer>,
+    buffers: BufferTable,
     pending: Slab<Pending>,
     spin: Duration,
 }
@@ -228,7 +251,7 @@ impl NvmeRing {
             mem,
             submit_fd,
             complete_fd,
-            buffers: HashMap::new(),
+            buffers: BufferTable::default(),
             pending: Slab::with_capacity(sq_entries as usize),
             spin: opts.spin,
         })
