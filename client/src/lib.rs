@@ -287,6 +287,9 @@ impl NvmeRing {
         let req = Request::RegisterBuffer { offset: buf.offset(), len: buf.len() as u64 };
         let (resp, _) = call(&self.sock, &req, &[buf.fd().as_fd()])?;
         let Response::BufferRegistered { buffer_id } = resp else { return Err(unexpected(resp)) };
+        if buffer_id >= 1 << 20 {
+            return Err(Error::Protocol(format!("implausible buffer id {buffer_id}")));
+        }
         self.buffers.insert(buffer_id, ClientBuffer { mem: buf, in_flight: 0 });
         Ok(BufferId(buffer_id))
     }
