@@ -32,6 +32,10 @@ impl MemfdBuffer {
     }
 
     /// Maps an existing memfd (e.g. guest RAM) that the caller sealed with F_SEAL_SHRINK.
+    ///
+    /// The views [`crate::NvmeRing::buffer`] and [`crate::NvmeRing::buffer_mut`] hand out assume
+    /// that, besides the device, only this process writes the memory while they live; a VMM
+    /// whose guest writes the same RAM should copy through raw pointers instead.
     pub fn from_sealed_memfd(fd: OwnedFd, len: usize) -> Result<Self> {
         Self::from_sealed_memfd_range(fd, 0, len)
     }
