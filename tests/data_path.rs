@@ -361,24 +361,15 @@ fn options_from_a_config_file_and_the_command_line() {
     )
     .unwrap();
     // The command line overrides the file's size.
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_nvmed"))
-        .args(["--config", cfg.to_str().unwrap(), "--size", "16M"])
-        .env("NVMED_LOG", "warn")
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    std::io::BufRead::read_line(&mut std::io::BufReader::new(child.stdout.take().unwrap()), &mut line)
-        .unwrap();
-    assert!(line.contains("ready"), "{line:?}");
+    let args = ["--config", cfg.to_str().unwrap(), "--size", "16M"].map(String::from);
+    let mut broker = TestBroker::spawn(dir.clone(), socket.clone(), &args);
     assert_eq!(std::fs::metadata(&socket).unwrap().permissions().mode() & 0o777, 0o600);
     let ring = NvmeRing::open(&socket).unwrap();
     let ns = ring.namespaces()[0];
     assert_eq!((ns.lba_size, ns.lba_count), (4096, 1024), "grant window of the 16 MiB namespace");
     assert!(matches!(NvmeRing::open(&socket), Err(Error::Refused(_))), "max_sessions = 1 from the file");
     drop(ring);
-    send_signal(child.id(), libc::SIGTERM);
-    assert!(child.wait().unwrap().success());
+    assert!(broker.stop(), "nvmed did not exit 0 on SIGTERM");
 
     // An unknown key is named in the error.
     std::fs::write(&cfg, "emulate = true\ncolour = \"blue\"\n").unwrap();
@@ -441,20 +432,11 @@ fn the_example_config_is_valid() {
         .join("\n");
     let cfg = dir.join("ex.toml");
     std::fs::write(&cfg, text).unwrap();
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_nvmed"))
-        .args(["--config", cfg.to_str().unwrap(), "--size", "8M"])
-        .env("NVMED_LOG", "warn")
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    std::io::BufRead::read_line(&mut std::io::BufReader::new(child.stdout.take().unwrap()), &mut line)
-        .unwrap();
-    assert!(line.contains("ready"), "examples/nvmed.toml did not start nvmed: {line:?}");
+    let args = ["--config", cfg.to_str().unwrap(), "--size", "8M"].map(String::from);
+    let mut broker = TestBroker::spawn(dir.clone(), socket.clone(), &args);
     // uid 0 has no grant and default-access is none: it sees no namespace.
     assert!(NvmeRing::open(&socket).unwrap().namespaces().is_empty());
-    send_signal(child.id(), libc::SIGTERM);
-    assert!(child.wait().unwrap().success());
+    assert!(broker.stop());
     let _ = std::fs::remove_dir_all(dir);
 }
 

@@ -33,19 +33,23 @@ impl TestBroker {
 
     pub fn start_in(dir: PathBuf, extra: &[&str]) -> Self {
         let socket = dir.join("nvmed.sock");
+        let mut args = vec!["--emulate", "--socket", socket.to_str().unwrap(), "--size", "64M"];
+        args.extend_from_slice(extra);
+        let args: Vec<String> = args.into_iter().map(String::from).collect();
+        Self::spawn(dir, socket, &args)
+    }
+
+    /// Starts `nvmed` with exactly `args` (it must listen on `socket`) and waits until it is ready.
+    pub fn spawn(dir: PathBuf, socket: PathBuf, args: &[String]) -> Self {
         let mut child = Command::new(env!("CARGO_BIN_EXE_nvmed"))
-            .arg("--emulate")
-            .arg("--socket")
-            .arg(&socket)
-            .args(["--size", "64M"])
-            .args(extra)
+            .args(args)
             .env("NVMED_LOG", "warn")
             .stdout(Stdio::piped())
             .spawn()
             .expect("start nvmed");
         let mut line = String::new();
         BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
-        assert!(line.contains("ready"), "nvmed did not start: {line:?}");
+        assert!(line.contains("ready"), "nvmed did not start with {args:?}: {line:?}");
         Self { child: Some(child), dir, socket }
     }
 
