@@ -27,7 +27,7 @@ pub mod testkit;
 
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::path::Path;
-use std::sync::atomic::{fence, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -37,11 +37,12 @@ use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::socket::{connect, socket, AddressFamily, SockFlag, SockType, UnixAddr};
 use nvmed_proto::control::{decode, encode};
 use nvmed_proto::layout::{
-    RingLayout, BROKER_FAULTED, BROKER_FLAGS_OFFSET, BROKER_NEED_WAKEUP, CLIENT_CQ_WAITING,
-    CLIENT_FLAGS_OFFSET, FAULT_OFFSET, RING_MAGIC, RING_VERSION,
+    RingLayout, BROKER_FAULTED, BROKER_FLAGS_OFFSET, BROKER_NEED_WAKEUP, CLIENT_CQ_WAITING, FAULT_OFFSET,
+    RING_MAGIC, RING_VERSION,
 };
 use nvmed_proto::ring::{completion_ring, submission_ring, Consumer, Producer, SharedRing};
 use nvmed_proto::shm::SharedMemory;
+use nvmed_proto::wakeup::{announce_sleep, end_sleep, peer_flags, SharedFlags};
 use nvmed_proto::{transport, Cqe, Request, Response, RingFault, RingHeader, PROTOCOL_VERSION};
 pub use nvmed_proto::{BrokerStatus, NamespaceInfo, NvmeStatus, Opcode, Sqe, Stats, Status};
 use slab::Slab;
@@ -398,8 +399,7 @@ impl NvmeRing {
             return Ok(0);
         }
         self.sq.publish();
-        fence(Ordering::SeqCst);
-        let flags = self.mem.load_u32(BROKER_FLAGS_OFFSET, Ordering::Relaxed);
+        let flags = peer_flags(&SharedFlags::broker(&self.mem));
         if flags & BROKER_FAULTED != 0 {
             return Err(self.fault());
         }
@@ -455,26 +455,25 @@ impl NvmeRing {
                 got += self.poll(out)?;
                 continue;
             }
-            self.mem.fetch_or_u32(CLIENT_FLAGS_OFFSET, CLIENT_CQ_WAITING, Ordering::SeqCst);
-            fence(Ordering::SeqCst);
+            announce_sleep(&SharedFlags::client(&self.mem), CLIENT_CQ_WAITING);
             let n = self.poll(out);
             if n.as_ref().map_or(true, |n| got + n >= min) {
                 // Done (or failed) without sleeping: stop asking the broker for wakeups.
-                self.mem.fetch_and_not_u32(CLIENT_FLAGS_OFFSET, CLIENT_CQ_WAITING, Ordering::SeqCst);
+                end_sleep(&SharedFlags::client(&self.mem), CLIENT_CQ_WAITING);
             }
             got += n?;
             if got >= min {
                 break;
             }
             if self.mem.load_u32(BROKER_FLAGS_OFFSET, Ordering::Relaxed) & BROKER_FAULTED != 0 {
-                self.mem.fetch_and_not_u32(CLIENT_FLAGS_OFFSET, CLIENT_CQ_WAITING, Ordering::SeqCst);
+                end_sleep(&SharedFlags::client(&self.mem), CLIENT_CQ_WAITING);
                 return Err(self.fault());
             }
             let remaining = match timeout {
                 Some(t) => match t.checked_sub(start.elapsed()) {
                     Some(r) => PollTimeout::try_from(r.as_millis().clamp(1, 60_000) as i32).unwrap(),
                     None => {
-                        self.mem.fetch_and_not_u32(CLIENT_FLAGS_OFFSET, CLIENT_CQ_WAITING, Ordering::SeqCst);
+                        end_sleep(&SharedFlags::client(&self.mem), CLIENT_CQ_WAITING);
                         return Err(Error::Timeout);
                     }
                 },
@@ -487,7 +486,7 @@ impl NvmeRing {
             let _ = poll(&mut fds, remaining);
             let sock_gone = fds[1].revents().is_some_and(|r| !r.is_empty());
             nvmed_proto::eventfd::drain(&self.complete_fd);
-            self.mem.fetch_and_not_u32(CLIENT_FLAGS_OFFSET, CLIENT_CQ_WAITING, Ordering::SeqCst);
+            end_sleep(&SharedFlags::client(&self.mem), CLIENT_CQ_WAITING);
             got += self.poll(out)?;
             if sock_gone && got < min {
                 return Err(Error::BrokerGone);

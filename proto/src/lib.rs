@@ -39,6 +39,7 @@
 //! Each side trusts only the indices it owns; it keeps them privately and never reads them back.
 //! The broker never posts more completions than the CQ has room for: it stops taking a client's
 //! SQEs instead. A peer index claiming more than `entries` outstanding entries faults the ring.
+//! The sleep/wake handshake is implemented once, in [`wakeup`], for both sides.
 //!
 //! ## Control socket
 //!
@@ -53,6 +54,7 @@ pub mod ring;
 pub mod shm;
 mod status;
 pub mod transport;
+pub mod wakeup;
 
 pub use control::{ControlError, NamespaceInfo, Request, Response, Stats, PROTOCOL_VERSION};
 pub use entry::{Cqe, Opcode, Sqe, SQE_FLAGS_KNOWN, SQE_FLAG_FUA};

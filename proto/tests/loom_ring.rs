@@ -84,3 +84,100 @@ fn publication_is_ordered_and_race_free() {
         t.join().unwrap();
     });
 }
+
+/// A flags word in loom memory.
+struct LoomFlags(AtomicU32);
+
+impl nvmed_proto::wakeup::FlagWord for LoomFlags {
+    fn set(&self, bits: u32) {
+        self.0.fetch_or(bits, Ordering::SeqCst);
+    }
+    fn clear(&self, bits: u32) {
+        self.0.fetch_and(!bits, Ordering::SeqCst);
+    }
+    fn load(&self) -> u32 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// An eventfd: a latch the waker sets and the sleeper consumes.
+struct EventFd {
+    signalled: loom::sync::Mutex<bool>,
+    cond: loom::sync::Condvar,
+}
+
+impl EventFd {
+    fn signal(&self) {
+        *self.signalled.lock().unwrap() = true;
+        self.cond.notify_one();
+    }
+    fn wait(&self) {
+        let mut s = self.signalled.lock().unwrap();
+        while !*s {
+            s = self.cond.wait(s).unwrap();
+        }
+        *s = false;
+    }
+}
+
+/// The broker's side (consumer that sleeps when idle) and the client's side (producer that
+/// signals only when the flag says so), with nvmed's real handshake functions. A lost wakeup
+/// would leave the consumer blocked forever, which loom reports as a deadlock.
+fn handshake_model(use_real_fences: bool) {
+    use nvmed_proto::wakeup::{announce_sleep, end_sleep, peer_flags, FlagWord};
+    const NEED_WAKEUP: u32 = 1;
+    loom::model(move || {
+        let ring = Handle(Arc::new(LoomRing {
+            head: AtomicU32::new(0),
+            tail: AtomicU32::new(0),
+            slots: (0..2).map(|_| UnsafeCell::new(0)).collect(),
+        }));
+        let flags = Arc::new(LoomFlags(AtomicU32::new(0)));
+        let efd =
+            Arc::new(EventFd { signalled: loom::sync::Mutex::new(false), cond: loom::sync::Condvar::new() });
+        let (pm, pf, pe) = (ring.clone(), flags.clone(), efd.clone());
+        let producer = loom::thread::spawn(move || {
+            let mut p = Producer::new(pm, 0);
+            for v in 1..=2u64 {
+                assert!(p.push(v).unwrap());
+                p.publish();
+                let f = if use_real_fences { peer_flags(&*pf) } else { pf.load() };
+                if f & NEED_WAKEUP != 0 {
+                    pe.signal();
+                }
+            }
+        });
+        let mut c = Consumer::new(ring, 0);
+        let mut got = 0;
+        while got < 2 {
+            if c.pop().unwrap().is_some() {
+                got += 1;
+                continue;
+            }
+            if use_real_fences {
+                announce_sleep(&*flags, NEED_WAKEUP);
+            } else {
+                flags.set(NEED_WAKEUP);
+            }
+            if c.available().unwrap() > 0 {
+                end_sleep(&*flags, NEED_WAKEUP);
+                continue;
+            }
+            efd.wait();
+            end_sleep(&*flags, NEED_WAKEUP);
+        }
+        producer.join().unwrap();
+    });
+}
+
+#[test]
+fn sleep_wake_handshake_loses_no_wakeup() {
+    handshake_model(true);
+}
+
+/// The model is strong enough to catch the bug the fences prevent.
+#[test]
+#[should_panic]
+fn without_the_fences_a_wakeup_is_lost() {
+    handshake_model(false);
+}

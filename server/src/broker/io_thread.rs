@@ -12,7 +12,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
-use nvmed_proto::layout::{BROKER_FLAGS_OFFSET, BROKER_NEED_WAKEUP};
+use nvmed_proto::layout::BROKER_NEED_WAKEUP;
+use nvmed_proto::wakeup::{announce_sleep, end_sleep, SharedFlags};
 use nvmed_proto::{BrokerStatus, ControlError, Cqe, NvmeStatus, Opcode, RingFault, Status};
 use slab::Slab;
 use tracing::{debug, error, info, warn};
@@ -573,15 +574,15 @@ impl IoThread {
     fn sleep(&mut self) {
         for (_, s) in self.sessions.iter() {
             if let Some(r) = s.ring.as_ref() {
-                r.mem.fetch_or_u32(BROKER_FLAGS_OFFSET, BROKER_NEED_WAKEUP, Ordering::SeqCst);
+                announce_sleep(&SharedFlags::broker(&r.mem), BROKER_NEED_WAKEUP);
             }
         }
         let in_flight = self.queue.in_flight() > 0;
         if let (true, Some(v)) = (in_flight, self.vector) {
             self.device.interrupt_hint(v, true);
         }
-        fence(Ordering::SeqCst);
-        // Re-check everything after announcing the sleep (pairs with the clients' fence).
+        fence(Ordering::SeqCst); // orders the interrupt hint before the device CQ check
+                                 // Re-check everything after announcing the sleep (pairs with the clients' fence).
         let mut blocked = false;
         let mut ready = self.queue.has_completion();
         for (_, s) in self.sessions.iter_mut() {
@@ -632,7 +633,7 @@ impl IoThread {
         }
         for (_, s) in self.sessions.iter() {
             if let Some(r) = s.ring.as_ref() {
-                r.mem.fetch_and_not_u32(BROKER_FLAGS_OFFSET, BROKER_NEED_WAKEUP, Ordering::SeqCst);
+                end_sleep(&SharedFlags::broker(&r.mem), BROKER_NEED_WAKEUP);
             }
         }
     }

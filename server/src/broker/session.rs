@@ -6,11 +6,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::Sender;
 use std::sync::Arc;
 
-use nvmed_proto::layout::{
-    RingLayout, BROKER_FAULTED, BROKER_FLAGS_OFFSET, CLIENT_CQ_WAITING, CLIENT_FLAGS_OFFSET, FAULT_OFFSET,
-};
+use nvmed_proto::layout::{RingLayout, BROKER_FAULTED, BROKER_FLAGS_OFFSET, CLIENT_CQ_WAITING, FAULT_OFFSET};
 use nvmed_proto::ring::{completion_ring, submission_ring, Consumer, Producer, SharedRing};
 use nvmed_proto::shm::SharedMemory;
+use nvmed_proto::wakeup::{peer_flags, SharedFlags};
 use nvmed_proto::{Cqe, RingFault, Sqe, Stats};
 use slab::Slab;
 
@@ -112,8 +111,7 @@ impl RingIo {
     pub fn publish(&mut self) {
         self.dirty = false;
         self.cq.publish();
-        std::sync::atomic::fence(Ordering::SeqCst);
-        if self.mem.load_u32(CLIENT_FLAGS_OFFSET, Ordering::Relaxed) & CLIENT_CQ_WAITING != 0 {
+        if peer_flags(&SharedFlags::client(&self.mem)) & CLIENT_CQ_WAITING != 0 {
             nvmed_proto::eventfd::signal(&self.complete_fd);
         }
     }
