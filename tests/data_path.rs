@@ -490,3 +490,25 @@ fn guest_ram_regions_at_offsets_of_one_memfd() {
     assert!(ring.buffer(whole, 0, 65536).unwrap() == &expect[..]);
     assert!(ring.buffer(whole, 5 * MIB, 4096).unwrap().iter().all(|&b| b == 0));
 }
+
+#[test]
+fn grants_across_several_namespaces() {
+    // Three namespaces; uid 0 (the test) may read-write namespace 2 and read namespace 3 only.
+    let broker =
+        TestBroker::start(&["--namespaces", "3", "--size", "8M", "--grant", "0:2", "--grant", "0:3:ro"]);
+    let mut ring = broker.connect();
+    let seen: Vec<(u32, bool)> = ring.namespaces().iter().map(|n| (n.nsid, n.read_only)).collect();
+    assert_eq!(seen, [(2, false), (3, true)]);
+    let buf = ring.alloc_buffer(8192).unwrap();
+    pattern(2, ring.buffer_mut(buf, 0, 4096).unwrap());
+    ring.write(2, 0, buf, 0, 4096).unwrap();
+    ring.read(2, 0, buf, 4096, 4096).unwrap();
+    assert_eq!(ring.buffer(buf, 0, 4096).unwrap(), ring.buffer(buf, 4096, 4096).unwrap());
+    // Namespace 3 holds other data (zeroes): the namespaces are separate.
+    ring.read(3, 0, buf, 4096, 4096).unwrap();
+    assert!(ring.buffer(buf, 4096, 4096).unwrap().iter().all(|&b| b == 0));
+    let e = ring.write(3, 0, buf, 0, 4096).unwrap_err();
+    assert!(matches!(e, Error::Io(Status::Broker(nvmed_client::BrokerStatus::NotPermitted))), "{e:?}");
+    let e = ring.read(1, 0, buf, 0, 4096).unwrap_err();
+    assert!(matches!(e, Error::Io(Status::Broker(nvmed_client::BrokerStatus::InvalidNamespace))), "{e:?}");
+}

@@ -82,6 +82,11 @@ struct Args {
     #[arg(long)]
     null: bool,
 
+    /// Number of emulated namespaces, each of --size bytes (with --backing FILE, namespace N
+    /// above 1 lives in FILE.nsN).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=16))]
+    namespaces: u32,
+
     /// Emulated LBA size in bytes (512 or 4096).
     #[arg(long, default_value_t = 512, value_parser = parse_lba_size)]
     lba_size: u32,
@@ -217,12 +222,23 @@ fn emulated(args: &Args) -> Result<Arc<dyn NvmeDevice>, Box<dyn std::error::Erro
     if !args.size.is_multiple_of(u64::from(args.lba_size)) {
         return Err(format!("--size must be a multiple of the LBA size {}", args.lba_size).into());
     }
-    let backend: Box<dyn Backend> = match (&args.backing, args.null) {
-        (Some(path), _) => Box::new(FileBackend::open(path, Some(args.size))?),
-        (None, true) => Box::new(NullBackend::new(args.size)),
-        (None, false) => Box::new(MemoryBackend::new(args.size)?),
-    };
+    let mut namespaces = Vec::new();
+    for n in 1..=args.namespaces {
+        let backend: Box<dyn Backend> = match (&args.backing, args.null) {
+            // Namespace 1 in FILE, namespace N in FILE.nsN.
+            (Some(path), _) if n == 1 => Box::new(FileBackend::open(path, Some(args.size))?),
+            (Some(path), _) => {
+                let mut p = path.clone().into_os_string();
+                p.push(format!(".ns{n}"));
+                Box::new(FileBackend::open(std::path::Path::new(&p), Some(args.size))?)
+            }
+            (None, true) => Box::new(NullBackend::new(args.size)),
+            (None, false) => Box::new(MemoryBackend::new(args.size)?),
+        };
+        namespaces.push(EmulatedNamespace { backend, lba_size: args.lba_size });
+    }
     info!(
+        namespaces = args.namespaces,
         size = args.size,
         lba_size = args.lba_size,
         backing = ?args.backing,
@@ -231,7 +247,7 @@ fn emulated(args: &Args) -> Result<Arc<dyn NvmeDevice>, Box<dyn std::error::Erro
         "starting on the emulated controller"
     );
     Ok(Arc::new(EmulatedController::new(EmulatorConfig {
-        namespaces: vec![EmulatedNamespace { backend, lba_size: args.lba_size }],
+        namespaces,
         mdts: args.mdts,
         vectors: 2,
         faults: args.faults.clone(),
