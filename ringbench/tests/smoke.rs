@@ -111,12 +111,7 @@ fn jobs_as_processes_merge_their_latencies() {
 
 #[test]
 fn idle_broker_reports_its_cpu() {
-    let out = Command::new(env!("CARGO_BIN_EXE_ringbench"))
-        .args(["--embedded", "--idle", "0.5", "--numjobs", "3", "--output-format", "json"])
-        .output()
-        .unwrap();
-    assert!(out.status.success());
-    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let r = run(&["--embedded", "--idle", "0.5", "--numjobs", "3"]);
     assert_eq!(r["clients"], 3);
     assert!(r["broker_cpu_percent"].as_f64().unwrap() >= 0.0);
 }
