@@ -328,7 +328,14 @@ fn random_garbage_from_one_client_never_hurts_another() {
 
 #[test]
 fn connection_and_pinned_memory_limits() {
-    let broker = TestBroker::start(&["--max-sessions", "1", "--max-registered-total", "1M"]);
+    let broker = TestBroker::start(&[
+        "--max-sessions",
+        "1",
+        "--max-connections-per-uid",
+        "17",
+        "--max-registered-total",
+        "1M",
+    ]);
     // Idle connections that never say Hello cannot pile up: 1 session + 16 spare.
     let idle: Vec<OwnedFd> = (0..17).map(|_| raw_connect(&broker)).collect();
     std::thread::sleep(Duration::from_millis(100));

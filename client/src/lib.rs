@@ -37,8 +37,8 @@ use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::socket::{connect, socket, AddressFamily, SockFlag, SockType, UnixAddr};
 use nvmed_proto::control::{decode, encode};
 use nvmed_proto::layout::{
-    RingLayout, BROKER_FAULTED, BROKER_FLAGS_OFFSET, BROKER_NEED_WAKEUP, CLIENT_CQ_WAITING, FAULT_OFFSET,
-    RING_MAGIC, RING_VERSION,
+    RingLayout, BROKER_CQ_WAIT, BROKER_FAULTED, BROKER_FLAGS_OFFSET, BROKER_NEED_WAKEUP, CLIENT_CQ_WAITING,
+    FAULT_OFFSET, RING_MAGIC, RING_VERSION,
 };
 use nvmed_proto::ring::{completion_ring, submission_ring, Consumer, Producer, SharedRing};
 use nvmed_proto::shm::SharedMemory;
@@ -180,6 +180,10 @@ impl BufferTable {
     }
 }
 
+/// Polls in a row that find no completion before [`NvmeRing::poll`] checks whether the ring
+/// faulted or the broker went away (a `poll(2)` of the control socket: cheap, but not free).
+pub const EMPTY_POLLS_BEFORE_CHECK: u32 = 4096;
+
 #[derive(Debug)]
 struct ClientBuffer {
     mem: MemfdBuffer,
@@ -200,6 +204,8 @@ pub struct NvmeRing {
     buffers: BufferTable,
     pending: Slab<Pending>,
     spin: Duration,
+    /// Consecutive polls that found nothing (see [`NvmeRing::poll`]).
+    empty_polls: u32,
 }
 
 impl NvmeRing {
@@ -255,6 +261,7 @@ impl NvmeRing {
             buffers: BufferTable::default(),
             pending: Slab::with_capacity(sq_entries as usize),
             spin: opts.spin,
+            empty_polls: 0,
         })
     }
 
@@ -410,12 +417,43 @@ impl NvmeRing {
     }
 
     fn fault(&self) -> Error {
-        Error::RingFaulted(RingFault::from_code(self.mem.load_u32(FAULT_OFFSET, Ordering::Relaxed)))
+        // Pairs with the broker's Release store of the reason (made before it sets the flag).
+        Error::RingFaulted(RingFault::from_code(self.mem.load_u32(FAULT_OFFSET, Ordering::Acquire)))
+    }
+
+    fn faulted(&self) -> bool {
+        self.mem.load_u32(BROKER_FLAGS_OFFSET, Ordering::Acquire) & BROKER_FAULTED != 0
+    }
+
+    /// Whether the broker closed the control socket (it exited or was killed).
+    fn broker_gone(&self) -> bool {
+        let mut fds = [PollFd::new(self.sock.as_fd(), PollFlags::POLLIN)];
+        matches!(poll(&mut fds, PollTimeout::ZERO), Ok(n) if n > 0)
+            && fds[0].revents().is_some_and(|r| !r.is_empty())
     }
 
     /// Moves finished requests into `out` without blocking. Returns how many.
+    ///
+    /// A client that only polls still learns that the ring is gone: every
+    /// [`EMPTY_POLLS_BEFORE_CHECK`] polls in a row that find nothing, `poll` looks at the ring's
+    /// fault flag ([`Error::RingFaulted`]) and at the control socket ([`Error::BrokerGone`] when
+    /// the broker exited; the broker never writes to the socket unasked).
     pub fn poll(&mut self, out: &mut Vec<Completion>) -> Result<usize> {
         let avail = self.cq.available().map_err(|_| Error::Protocol("broker CQ tail corrupt".into()))?;
+        if avail == 0 {
+            self.empty_polls += 1;
+            if self.empty_polls >= EMPTY_POLLS_BEFORE_CHECK {
+                self.empty_polls = 0;
+                if self.faulted() {
+                    return Err(self.fault());
+                }
+                if self.broker_gone() {
+                    return Err(Error::BrokerGone);
+                }
+            }
+            return Ok(0);
+        }
+        self.empty_polls = 0;
         for i in 0..avail {
             let cqe = self.cq.read(i);
             let Some(p) = self.pending.try_remove(cqe.user_data as usize) else {
@@ -433,6 +471,10 @@ impl NvmeRing {
             });
         }
         self.cq.consume(avail);
+        // The broker may be holding SQEs back until the CQ has room: tell it there is some now.
+        if peer_flags(&SharedFlags::broker(&self.mem)) & BROKER_CQ_WAIT != 0 {
+            nvmed_proto::eventfd::signal(&self.submit_fd);
+        }
         Ok(avail as usize)
     }
 
@@ -465,7 +507,7 @@ impl NvmeRing {
             if got >= min {
                 break;
             }
-            if self.mem.load_u32(BROKER_FLAGS_OFFSET, Ordering::Relaxed) & BROKER_FAULTED != 0 {
+            if self.faulted() {
                 end_sleep(&SharedFlags::client(&self.mem), CLIENT_CQ_WAITING);
                 return Err(self.fault());
             }

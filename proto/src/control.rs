@@ -220,6 +220,20 @@ pub enum ControlError {
     /// The broker failed for its own reasons.
     #[error("broker error: {0}")]
     Internal(String),
+    /// The connection did not say Hello in time.
+    #[error("no Hello within {seconds} s of connecting; connection closed")]
+    HelloTimeout {
+        /// The deadline in seconds.
+        seconds: u64,
+    },
+    /// A per-uid limit was reached (connections, sessions, buffers); other uids are unaffected.
+    #[error("limit for uid {uid} reached: {what}")]
+    UidLimit {
+        /// The client's uid.
+        uid: u32,
+        /// Which limit, with its value.
+        what: String,
+    },
 }
 
 /// Encodes a message for the socket.

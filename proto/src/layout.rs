@@ -36,6 +36,10 @@ pub const SQ_ENTRIES_OFFSET: usize = PAGE_SIZE;
 pub const BROKER_NEED_WAKEUP: u32 = 1 << 0;
 /// Broker flag: the broker stopped serving this ring; the reason is at [`FAULT_OFFSET`].
 pub const BROKER_FAULTED: u32 = 1 << 1;
+/// Broker flag: the broker has SQEs of this ring it cannot take because the CQ has no room for
+/// their completions, and sleeps until the client frees CQ space: after moving the CQ head, the
+/// client writes the submit eventfd (same handshake as [`BROKER_NEED_WAKEUP`]).
+pub const BROKER_CQ_WAIT: u32 = 1 << 2;
 /// Client flag: the client sleeps on the completion eventfd; write it after publishing the CQ tail.
 pub const CLIENT_CQ_WAITING: u32 = 1 << 0;
 
@@ -49,6 +53,9 @@ pub enum RingFault {
     CqHeadCorrupt = 2,
     /// The session ended.
     Closed = 3,
+    /// The controller failed and the broker could not confirm that it stopped its DMA: the
+    /// ring's requests will never complete and its buffers stay pinned until the broker exits.
+    DeviceFailed = 4,
 }
 
 impl RingFault {
@@ -58,6 +65,7 @@ impl RingFault {
             1 => Some(Self::SqTailCorrupt),
             2 => Some(Self::CqHeadCorrupt),
             3 => Some(Self::Closed),
+            4 => Some(Self::DeviceFailed),
             _ => None,
         }
     }

@@ -154,11 +154,30 @@ impl SharedMemory {
     }
 }
 
+impl SharedMemory {
+    /// Unmaps now and reports the result (dropping unmaps too, but can only count a failure).
+    pub fn unmap(self) -> io::Result<()> {
+        let this = std::mem::ManuallyDrop::new(self);
+        // SAFETY: unmaps exactly the range this value mapped; `this` is never used again.
+        let r = unsafe { libc::munmap(this.ptr.as_ptr().cast(), this.len) };
+        if r == 0 {
+            Ok(())
+        } else {
+            UNMAP_FAILURES.fetch_add(1, Ordering::Relaxed);
+            Err(io::Error::last_os_error())
+        }
+    }
+}
+
+/// munmap calls that failed in this process (each one a mapping still in place).
+pub static UNMAP_FAILURES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
 impl Drop for SharedMemory {
     fn drop(&mut self) {
         // SAFETY: unmaps exactly the range this value mapped; no references into it exist.
-        unsafe {
-            libc::munmap(self.ptr.as_ptr().cast(), self.len);
+        let r = unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.len) };
+        if r != 0 {
+            UNMAP_FAILURES.fetch_add(1, Ordering::Relaxed);
         }
     }
 }

@@ -5,7 +5,7 @@ use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 
 use nix::sys::socket::{recvmsg, sendmsg, ControlMessage, ControlMessageOwned, MsgFlags};
 
-use crate::control::{MAX_FDS_PER_MESSAGE, MAX_MESSAGE_SIZE};
+use crate::control::MAX_MESSAGE_SIZE;
 
 /// A received datagram.
 #[derive(Debug)]
@@ -47,39 +47,155 @@ pub fn send(sock: BorrowedFd<'_>, bytes: &[u8], fds: &[BorrowedFd<'_>]) -> Resul
     }
 }
 
+/// The kernel's limit on descriptors in one message (`SCM_MAX_FD`).
+pub const SCM_MAX_FD: usize = 253;
+
 /// Receives one datagram, taking ownership of any descriptors (MSG_CMSG_CLOEXEC).
+///
+/// The control buffer has room for every descriptor the kernel can attach to one message, and
+/// every descriptor that arrived is owned by the result (and so closed when it is dropped), on
+/// every path: a peer cannot make this process keep descriptors by sending too many.
 pub fn recv(sock: BorrowedFd<'_>) -> Result<Received, TransportError> {
+    recv_with_room(sock, SCM_MAX_FD)
+}
+
+/// [`recv`] with control-message room for `fd_room` descriptors.
+fn recv_with_room(sock: BorrowedFd<'_>, fd_room: usize) -> Result<Received, TransportError> {
     let mut buf = vec![0u8; MAX_MESSAGE_SIZE];
-    let mut cmsg_space = nix::cmsg_space!([RawFd; MAX_FDS_PER_MESSAGE]);
+    // SAFETY: CMSG_SPACE only computes a size.
+    let room = unsafe { libc::CMSG_SPACE((fd_room * size_of::<RawFd>()) as libc::c_uint) } as usize;
+    let mut cmsg_space = vec![0u8; room];
     loop {
+        cmsg_space.fill(0);
         let mut iov = [IoSliceMut::new(&mut buf)];
-        let msg = match recvmsg::<()>(
-            sock.as_raw_fd(),
-            &mut iov,
-            Some(&mut cmsg_space),
-            MsgFlags::MSG_CMSG_CLOEXEC,
-        ) {
-            Ok(m) => m,
-            Err(nix::Error::EINTR) => continue,
-            Err(nix::Error::ECONNRESET) => return Err(TransportError::Closed),
-            Err(e) => return Err(e.into()),
-        };
-        let mut fds = Vec::new();
-        if let Ok(cmsgs) = msg.cmsgs() {
-            for c in cmsgs {
-                if let ControlMessageOwned::ScmRights(list) = c {
-                    // SAFETY: SCM_RIGHTS gave this process new descriptors that nothing else owns.
-                    fds.extend(list.into_iter().map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }));
+        let (len, flags, parsed) = {
+            let msg = match recvmsg::<()>(
+                sock.as_raw_fd(),
+                &mut iov,
+                Some(&mut cmsg_space),
+                MsgFlags::MSG_CMSG_CLOEXEC,
+            ) {
+                Ok(m) => m,
+                Err(nix::Error::EINTR) => continue,
+                Err(nix::Error::ECONNRESET) => return Err(TransportError::Closed),
+                Err(e) => return Err(e.into()),
+            };
+            // nix refuses to iterate control data the kernel cut (MSG_CTRUNC); the descriptors
+            // that did fit were installed all the same, so they are found by hand below.
+            let parsed = msg.cmsgs().ok().map(|cmsgs| {
+                let mut fds = Vec::new();
+                for c in cmsgs {
+                    if let ControlMessageOwned::ScmRights(list) = c {
+                        // SAFETY: SCM_RIGHTS gave this process new descriptors nothing else owns.
+                        fds.extend(list.into_iter().map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }));
+                    }
                 }
-            }
-        }
-        let truncated = msg.flags.contains(MsgFlags::MSG_TRUNC);
-        let fds_truncated = msg.flags.contains(MsgFlags::MSG_CTRUNC);
-        let len = msg.bytes;
-        if len == 0 && fds.is_empty() && !truncated {
+                fds
+            });
+            (msg.bytes, msg.flags, parsed)
+        };
+        let fds = match parsed {
+            Some(fds) => fds,
+            None => scm_rights_in(&cmsg_space),
+        };
+        let truncated = flags.contains(MsgFlags::MSG_TRUNC);
+        let fds_truncated = flags.contains(MsgFlags::MSG_CTRUNC);
+        if len == 0 && fds.is_empty() && !truncated && peer_closed(sock) {
             return Err(TransportError::Closed);
         }
         buf.truncate(len.min(MAX_MESSAGE_SIZE));
         return Ok(Received { bytes: buf, fds, truncated, fds_truncated });
+    }
+}
+
+/// A zero-length read on a SOCK_SEQPACKET socket is either the peer's close or an empty datagram.
+fn peer_closed(sock: BorrowedFd<'_>) -> bool {
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    let rdhup = PollFlags::from_bits_retain(libc::POLLRDHUP);
+    let mut fds = [PollFd::new(sock, rdhup)];
+    match poll(&mut fds, PollTimeout::ZERO) {
+        Ok(_) => {
+            fds[0].revents().is_none_or(|r| r.intersects(rdhup | PollFlags::POLLHUP | PollFlags::POLLERR))
+        }
+        Err(_) => true,
+    }
+}
+
+/// Takes ownership of every descriptor in the SCM_RIGHTS messages of a (possibly truncated)
+/// control buffer that the kernel filled and that was zeroed before.
+fn scm_rights_in(control: &[u8]) -> Vec<OwnedFd> {
+    let header = size_of::<libc::cmsghdr>();
+    // SAFETY: CMSG_LEN only computes a size.
+    let data_start = unsafe { libc::CMSG_LEN(0) } as usize;
+    let align = size_of::<usize>();
+    let mut fds = Vec::new();
+    let mut off = 0;
+    while off + header <= control.len() {
+        // SAFETY: `off + header` is inside the buffer (checked); the header is plain integers,
+        // and an unaligned read accepts any position.
+        let h: libc::cmsghdr = unsafe { std::ptr::read_unaligned(control.as_ptr().add(off).cast()) };
+        let len = h.cmsg_len as usize;
+        if len < data_start {
+            break; // zeroed space: no more messages
+        }
+        let end = off.saturating_add(len).min(control.len());
+        if h.cmsg_level == libc::SOL_SOCKET && h.cmsg_type == libc::SCM_RIGHTS {
+            for raw in control[off + data_start..end].chunks_exact(size_of::<RawFd>()) {
+                let fd = RawFd::from_ne_bytes(raw.try_into().expect("chunk of 4 bytes"));
+                if fd >= 0 {
+                    // SAFETY: the kernel installed this descriptor for this message; nothing
+                    // else owns it.
+                    fds.push(unsafe { OwnedFd::from_raw_fd(fd) });
+                }
+            }
+        }
+        off = off.saturating_add(len.next_multiple_of(align));
+    }
+    fds
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
+    use std::os::fd::AsFd;
+
+    fn open_fds() -> usize {
+        std::fs::read_dir("/proc/self/fd").unwrap().count()
+    }
+
+    #[test]
+    fn descriptors_beyond_the_room_are_all_closed() {
+        let (a, b) =
+            socketpair(AddressFamily::Unix, SockType::SeqPacket, None, SockFlag::SOCK_CLOEXEC).unwrap();
+        let files: Vec<std::fs::File> = (0..6).map(|_| std::fs::File::open("/dev/null").unwrap()).collect();
+        let before = open_fds();
+        for _ in 0..50 {
+            let fds: Vec<BorrowedFd<'_>> = files.iter().map(|f| f.as_fd()).collect();
+            send(a.as_fd(), b"x", &fds).unwrap();
+            // Room for 2: the kernel installs 2 and cuts the rest; both must be owned.
+            let got = recv_with_room(b.as_fd(), 2).unwrap();
+            assert!(got.fds_truncated);
+            assert_eq!(got.fds.len(), 2);
+            assert_eq!(got.bytes, b"x");
+        }
+        assert_eq!(open_fds(), before, "received descriptors leaked");
+        // With the default room nothing is cut.
+        let fds: Vec<BorrowedFd<'_>> = files.iter().map(|f| f.as_fd()).collect();
+        send(a.as_fd(), b"y", &fds).unwrap();
+        let got = recv(b.as_fd()).unwrap();
+        assert!(!got.fds_truncated);
+        assert_eq!(got.fds.len(), 6);
+    }
+
+    #[test]
+    fn empty_datagram_is_not_a_close() {
+        let (a, b) =
+            socketpair(AddressFamily::Unix, SockType::SeqPacket, None, SockFlag::SOCK_CLOEXEC).unwrap();
+        send(a.as_fd(), b"", &[]).unwrap();
+        let got = recv(b.as_fd()).unwrap();
+        assert!(got.bytes.is_empty());
+        drop(a);
+        assert!(matches!(recv(b.as_fd()), Err(TransportError::Closed)));
     }
 }

@@ -191,7 +191,7 @@ impl IovaSpace {
             self.area(area).lock().unwrap().free(iova, len);
             return Err(e.into());
         }
-        Ok(DmaMapping { device: device.clone(), space: self.clone(), area, iova, len })
+        Ok(DmaMapping { device: device.clone(), space: self.clone(), area, iova, len, released: false })
     }
 }
 
@@ -202,6 +202,7 @@ pub struct DmaMapping {
     area: Area,
     iova: u64,
     len: u64,
+    released: bool,
 }
 
 impl DmaMapping {
@@ -227,15 +228,31 @@ impl std::fmt::Debug for DmaMapping {
     }
 }
 
+impl DmaMapping {
+    /// Removes the device's access. On failure the IOVA range stays reserved (reusing an IOVA
+    /// the device may still reach is worse than leaking it) and the caller must not free the
+    /// memory behind it either.
+    pub fn unmap(mut self) -> Result<(), DeviceError> {
+        self.released = true;
+        self.release()
+    }
+
+    fn release(&self) -> Result<(), DeviceError> {
+        if let Err(e) = self.device.dma_unmap(self.iova, self.len) {
+            tracing::error!(iova = self.iova, len = self.len, "DMA unmap failed, IOVA range leaked: {e}");
+            return Err(e);
+        }
+        self.space.area(self.area).lock().unwrap_or_else(|p| p.into_inner()).free(self.iova, self.len);
+        Ok(())
+    }
+}
+
 impl Drop for DmaMapping {
     fn drop(&mut self) {
-        if let Err(e) = self.device.dma_unmap(self.iova, self.len) {
-            // The range stays reserved: reusing an IOVA the device may still reach is worse
-            // than leaking it.
-            tracing::error!(iova = self.iova, len = self.len, "DMA unmap failed, IOVA range leaked: {e}");
-            return;
+        // Owners of the memory call `unmap` to learn the result; this is the fallback.
+        if !self.released {
+            let _ = self.release();
         }
-        self.space.area(self.area).lock().unwrap().free(self.iova, self.len);
     }
 }
 
@@ -276,10 +293,44 @@ mod tests {
 /// Broker-owned memory mapped for the device in the internal area (queues, PRP lists).
 #[derive(Debug)]
 pub struct DmaMemory {
-    // Declared first so the device loses access before the memory is freed.
-    mapping: DmaMapping,
-    mem: nvmed_proto::shm::SharedMemory,
+    mapping: std::mem::ManuallyDrop<DmaMapping>,
+    mem: std::mem::ManuallyDrop<nvmed_proto::shm::SharedMemory>,
 }
+
+impl Drop for DmaMemory {
+    fn drop(&mut self) {
+        // SAFETY: both fields are taken exactly once, here, and never used again.
+        let (mapping, mem) = unsafe {
+            (std::mem::ManuallyDrop::take(&mut self.mapping), std::mem::ManuallyDrop::take(&mut self.mem))
+        };
+        release_dma(mapping, mem);
+    }
+}
+
+/// Unmaps `mapping` from the device, then frees `mem`, unless the unmap failed: then the
+/// device may still reach the memory, so it is deliberately leaked (and said so, loudly).
+pub fn release_dma(mapping: DmaMapping, mem: nvmed_proto::shm::SharedMemory) {
+    let (iova, len) = (mapping.iova(), mapping.len());
+    match mapping.unmap() {
+        Ok(()) => {
+            if let Err(e) = mem.unmap() {
+                tracing::error!(iova, len, "munmap failed, mapping leaked: {e}");
+            }
+        }
+        Err(e) => {
+            tracing::error!(
+                iova,
+                len,
+                "DMA unmap failed ({e}): the device may still reach this memory, so it is never freed"
+            );
+            LEAKED_DMA_BYTES.fetch_add(len, std::sync::atomic::Ordering::Relaxed);
+            std::mem::forget(mem);
+        }
+    }
+}
+
+/// Bytes deliberately leaked because the device could not be cut off from them.
+pub static LEAKED_DMA_BYTES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 impl DmaMemory {
     /// Allocates `len` zeroed bytes and maps them in the internal area.
@@ -289,7 +340,7 @@ impl DmaMemory {
             .map_err(|e| IovaError::Device(DeviceError::Other(format!("allocating DMA memory: {e}"))))?;
         // SAFETY: `mem` is owned by the returned value and dropped after `mapping`.
         let mapping = unsafe { space.map(device, Area::Internal, mem.as_ptr(), len as u64)? };
-        Ok(Self { mapping, mem })
+        Ok(Self { mapping: std::mem::ManuallyDrop::new(mapping), mem: std::mem::ManuallyDrop::new(mem) })
     }
 
     /// Device address of byte 0.

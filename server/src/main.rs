@@ -11,7 +11,7 @@ use nvmed_server::broker::{Broker, BrokerConfig};
 use nvmed_server::device::NvmeDevice;
 use nvmed_server::emulator::backend::{Backend, FileBackend, MemoryBackend, NullBackend};
 use nvmed_server::emulator::inject::FaultRule;
-use nvmed_server::emulator::{EmulatedController, EmulatedNamespace, EmulatorConfig};
+use nvmed_server::emulator::{EmulatedController, EmulatedNamespace, EmulatorConfig, Wedge};
 use nvmed_server::policy::{DefaultAccess, Grant, Policy};
 use tracing::{error, info};
 
@@ -113,9 +113,41 @@ struct Args {
     #[arg(long)]
     no_interrupts: bool,
 
-    /// Most concurrent client sessions.
+    /// Most concurrent client sessions (the last --admin-reserve of them, and of the
+    /// connections, are kept for root).
     #[arg(long, default_value_t = 64)]
     max_sessions: usize,
+
+    /// Most sessions one uid may hold [default: a quarter of --max-sessions].
+    #[arg(long)]
+    max_sessions_per_uid: Option<usize>,
+
+    /// Most connections (sessions and sockets that have not said Hello yet) [default:
+    /// --max-sessions + 16].
+    #[arg(long)]
+    max_connections: Option<usize>,
+
+    /// Most connections one uid may hold [default: a quarter of --max-connections].
+    #[arg(long)]
+    max_connections_per_uid: Option<usize>,
+
+    /// Sessions and connections only root may use, so an operator can always connect.
+    #[arg(long, default_value_t = 4)]
+    admin_reserve: usize,
+
+    /// Seconds a new connection has to say Hello before it is closed.
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..))]
+    hello_timeout_s: u64,
+
+    /// Most registered buffers for all clients together. Each is one memory mapping in the
+    /// broker, so the default is half of vm.max_map_count, and larger values are lowered to
+    /// what vm.max_map_count leaves room for.
+    #[arg(long)]
+    max_buffers: Option<u64>,
+
+    /// Most registered buffers of one uid [default: a quarter of --max-buffers].
+    #[arg(long)]
+    max_buffers_per_uid: Option<u64>,
 
     /// Give a uid access to a namespace: UID:NSID[:FIRST_LBA+COUNT][:ro]. A uid with grants
     /// sees only its granted namespaces (a window appears to it as a whole namespace).
@@ -130,6 +162,11 @@ struct Args {
     /// command completes with that status), delay:N:MILLIS, or hang:N (never completes).
     #[arg(long = "inject", value_name = "RULE")]
     faults: Vec<FaultRule>,
+
+    /// Testing: an emulated controller that cannot be stopped by a reset (`reset`) or not
+    /// even by clearing Bus Master Enable (`reset-and-bus-master`).
+    #[arg(long, value_enum, default_value = "none", hide_short_help = true)]
+    emulator_wedge: Wedge,
 }
 
 fn parse_octal(s: &str) -> Result<u32, String> {
@@ -202,6 +239,15 @@ fn main() {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
+    // A panic in any thread (the I/O thread, a client's control thread, the reaper) leaves the
+    // broker's state unknown: stop the whole process so a service manager restarts it, instead
+    // of serving "I/O thread stopped" forever. (Release builds also use panic = "abort".)
+    let default_hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        default_hook(info);
+        tracing::error!("a broker thread panicked ({info}); aborting so that nvmed is restarted cleanly");
+        std::process::abort();
+    }));
     let argv: Vec<String> = std::env::args().collect();
     let from_config = match config_args(&argv) {
         Ok(a) => a,
@@ -251,6 +297,7 @@ fn emulated(args: &Args) -> Result<Arc<dyn NvmeDevice>, Box<dyn std::error::Erro
         mdts: args.mdts,
         vectors: 2,
         faults: args.faults.clone(),
+        wedge: args.emulator_wedge,
     })?))
 }
 
@@ -274,6 +321,16 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     config.max_buffer_bytes_per_session = args.max_registered_bytes;
     config.max_buffer_bytes_total = args.max_registered_total;
     config.max_sessions = args.max_sessions;
+    config.quotas = nvmed_server::broker::QuotaSettings::derive(
+        args.max_sessions,
+        args.max_sessions_per_uid,
+        args.max_connections,
+        args.max_connections_per_uid,
+        args.admin_reserve,
+        args.max_buffers,
+        args.max_buffers_per_uid,
+    );
+    config.hello_timeout = Duration::from_secs(args.hello_timeout_s);
     config.io_queue_depth = args.queue_depth;
     config.poll_idle = Duration::from_micros(args.poll_idle_us);
     config.io_timeout = Duration::from_millis(args.io_timeout_ms);

@@ -1,5 +1,6 @@
 //! Client buffers: a sealed memfd, mapped once by the broker and once for the device.
 
+use std::mem::ManuallyDrop;
 use std::os::fd::OwnedFd;
 use std::sync::Arc;
 
@@ -7,20 +8,51 @@ use nix::fcntl::{fcntl, FcntlArg, SealFlag};
 use nvmed_proto::shm::SharedMemory;
 use nvmed_proto::ControlError;
 
+use super::quota::Ticket;
 use crate::device::NvmeDevice;
-use crate::iova::{Area, DmaMapping, IovaSpace, IOVA_PAGE};
+use crate::iova::{release_dma, Area, DmaMapping, IovaSpace, IOVA_PAGE};
 
-/// A registered buffer. Dropping it unmaps it from the device first, then from the broker.
+/// A registered buffer. Dropping it unmaps it from the device first, then from the broker (or,
+/// if the device could not be cut off, leaks the memory on purpose); the mapping's quota ticket
+/// is returned last.
 #[derive(Debug)]
 pub struct RegisteredBuffer {
-    // Field order matters: the device mapping goes before the memory it points at.
-    mapping: DmaMapping,
-    _mem: SharedMemory,
+    mapping: ManuallyDrop<DmaMapping>,
+    mem: ManuallyDrop<SharedMemory>,
     len: u64,
+    _ticket: Ticket,
+}
+
+impl Drop for RegisteredBuffer {
+    fn drop(&mut self) {
+        // SAFETY: both fields are taken exactly once, here, and never used again.
+        let (mapping, mem) =
+            unsafe { (ManuallyDrop::take(&mut self.mapping), ManuallyDrop::take(&mut self.mem)) };
+        release_dma(mapping, mem);
+    }
+}
+
+/// `statfs` magic of hugetlbfs (memfds made with MFD_HUGETLB live there).
+const HUGETLBFS_MAGIC: i64 = 0x9584_58f6;
+
+/// Page size of the memfd's memory: its huge page size for a hugetlb memfd, else 4096.
+fn memfd_page_size(fd: &OwnedFd) -> Result<u64, ControlError> {
+    let st = nix::sys::statfs::fstatfs(fd).map_err(|e| ControlError::Internal(format!("fstatfs: {e}")))?;
+    if st.filesystem_type().0 as i64 == HUGETLBFS_MAGIC {
+        Ok((st.block_size() as u64).max(IOVA_PAGE))
+    } else {
+        Ok(IOVA_PAGE)
+    }
+}
+
+/// Identity of a file (device, inode), to recognise a memfd passed back to the broker.
+pub fn file_identity(fd: impl std::os::fd::AsFd) -> Option<(u64, u64)> {
+    nix::sys::stat::fstat(fd).ok().map(|st| (st.st_dev, st.st_ino))
 }
 
 impl RegisteredBuffer {
     /// Checks the memfd (sealed against shrinking, large enough), maps it and maps it for DMA.
+    #[allow(clippy::too_many_arguments)]
     pub fn register(
         fd: OwnedFd,
         offset: u64,
@@ -28,6 +60,8 @@ impl RegisteredBuffer {
         max_len: u64,
         space: &Arc<IovaSpace>,
         device: &Arc<dyn NvmeDevice>,
+        ticket: Ticket,
+        not_this: Option<(u64, u64)>,
     ) -> Result<Self, ControlError> {
         let bad = |reason: &str| ControlError::BadBufferLength { len, reason: reason.to_string() };
         let seals = match fcntl(&fd, FcntlArg::F_GET_SEALS) {
@@ -40,11 +74,19 @@ impl RegisteredBuffer {
         if seals.intersects(SealFlag::F_SEAL_WRITE | SealFlag::F_SEAL_FUTURE_WRITE) {
             return Err(ControlError::NotWritable);
         }
-        if len == 0 || !len.is_multiple_of(IOVA_PAGE) {
-            return Err(bad("must be a non-zero multiple of 4096"));
+        if not_this.is_some() && file_identity(&fd) == not_this {
+            return Err(ControlError::Malformed(
+                "this memfd is the session's own ring, which cannot be a DMA buffer".into(),
+            ));
         }
-        if !offset.is_multiple_of(IOVA_PAGE) {
-            return Err(bad(&format!("offset {offset} is not a multiple of 4096")));
+        // A hugetlb memfd maps in whole huge pages: a range that is not made of them could
+        // neither be mapped nor unmapped exactly.
+        let page = memfd_page_size(&fd)?;
+        if len == 0 || !len.is_multiple_of(page) {
+            return Err(bad(&format!("must be a non-zero multiple of the memfd's page size {page}")));
+        }
+        if !offset.is_multiple_of(page) {
+            return Err(bad(&format!("offset {offset} is not a multiple of the memfd's page size {page}")));
         }
         if len > max_len {
             return Err(bad(&format!("larger than the limit of {max_len} bytes")));
@@ -57,16 +99,20 @@ impl RegisteredBuffer {
         }
         // The memfd cannot shrink (sealed), so the mapping can never SIGBUS.
         let mem = SharedMemory::map_shared_at(std::os::fd::AsFd::as_fd(&fd), offset, len as usize)
-            .map_err(|e| ControlError::Internal(format!("mmap of the buffer failed: {e}")))?;
-        // SAFETY: `mem` is stored next to the mapping and outlives it (field order).
-        let mapping =
-            unsafe { space.map(device, Area::Buffers, mem.as_ptr(), len) }.map_err(|e| match e {
-                crate::iova::IovaError::LimitReached { limit } => ControlError::BufferLimit(format!(
-                    "the broker maps at most {limit} bytes for all clients"
-                )),
-                e => ControlError::ResourceExhausted(e.to_string()),
-            })?;
-        Ok(Self { mapping, _mem: mem, len })
+            .map_err(|e| ControlError::ResourceExhausted(format!("mmap of the buffer failed: {e}")))?;
+        // SAFETY: `mem` is stored next to the mapping and freed only after a successful unmap.
+        let mapping = match unsafe { space.map(device, Area::Buffers, mem.as_ptr(), len) } {
+            Ok(m) => m,
+            Err(e) => {
+                return Err(match e {
+                    crate::iova::IovaError::LimitReached { limit } => ControlError::BufferLimit(format!(
+                        "the broker maps at most {limit} bytes for all clients"
+                    )),
+                    e => ControlError::ResourceExhausted(e.to_string()),
+                })
+            }
+        };
+        Ok(Self { mapping: ManuallyDrop::new(mapping), mem: ManuallyDrop::new(mem), len, _ticket: ticket })
     }
 
     /// Device address of byte 0.

@@ -5,7 +5,8 @@ use std::sync::atomic::Ordering;
 use std::sync::mpsc::channel;
 use std::sync::Arc;
 
-use nix::sys::socket::{getsockopt, sockopt};
+use nix::sys::socket::{getsockopt, setsockopt, sockopt};
+use nix::sys::time::TimeVal;
 use nvmed_proto::control::{decode, encode, MAX_FDS_PER_MESSAGE, MAX_MESSAGE_SIZE};
 use nvmed_proto::layout::RingLayout;
 use nvmed_proto::shm::SharedMemory;
@@ -15,6 +16,7 @@ use tracing::{debug, info, warn};
 
 use super::buffer::RegisteredBuffer;
 use super::io_thread::IoRequest;
+use super::quota::{Resource, Ticket};
 use super::session::{RingIo, SessionCounters};
 use super::Shared;
 use crate::policy::NamespaceAccess;
@@ -26,20 +28,17 @@ struct Connection {
     pid: i32,
     id: u64,
     key: Option<usize>,
+    /// The session's quota unit, held until the session is released.
+    session_ticket: Option<Ticket>,
     namespaces: Vec<NamespaceAccess>,
     counters: Arc<SessionCounters>,
-    has_ring: bool,
+    /// Identity of the session's ring memfd, once created (it may not come back as a buffer).
+    ring_identity: Option<(u64, u64)>,
 }
 
 /// Serves one client until it leaves, then drains and releases its session.
-pub fn serve(shared: Arc<Shared>, sock: OwnedFd, id: u64) {
-    let (uid, pid) = match getsockopt(&sock, sockopt::PeerCredentials) {
-        Ok(c) => (c.uid(), c.pid()),
-        Err(e) => {
-            warn!("SO_PEERCRED failed: {e}; dropping connection");
-            return;
-        }
-    };
+pub fn serve(shared: Arc<Shared>, sock: OwnedFd, id: u64, uid: u32) {
+    let pid = getsockopt(&sock, sockopt::PeerCredentials).map_or(0, |c| c.pid());
     let mut conn = Connection {
         shared,
         sock,
@@ -47,11 +46,19 @@ pub fn serve(shared: Arc<Shared>, sock: OwnedFd, id: u64) {
         pid,
         id,
         key: None,
+        session_ticket: None,
         namespaces: Vec::new(),
         counters: Arc::new(SessionCounters::default()),
-        has_ring: false,
+        ring_identity: None,
     };
     debug!(session = id, uid, pid, "client connected");
+    // A connection that never says Hello must not hold its slot forever.
+    let deadline = conn.shared.config.hello_timeout;
+    if let Err(e) = setsockopt(&conn.sock, sockopt::ReceiveTimeout, &TimeVal::new(deadline.as_secs() as _, 0))
+    {
+        warn!(session = id, "cannot set the Hello deadline: {e}; dropping connection");
+        return;
+    }
     conn.run();
     if let Some(key) = conn.key {
         let (tx, rx) = channel();
@@ -70,15 +77,30 @@ impl Connection {
             let msg = match transport::recv(self.sock.as_fd()) {
                 Ok(m) => m,
                 Err(TransportError::Closed) => return,
+                Err(TransportError::Io(nix::Error::EAGAIN)) if self.key.is_none() => {
+                    let seconds = self.shared.config.hello_timeout.as_secs();
+                    info!(
+                        session = self.id,
+                        uid = self.uid,
+                        pid = self.pid,
+                        "no Hello within {seconds} s; closing"
+                    );
+                    let e = Response::Error(ControlError::HelloTimeout { seconds });
+                    let _ = transport::send(self.sock.as_fd(), &encode(&e), &[]);
+                    return;
+                }
                 Err(e) => {
                     debug!(session = self.id, "receive failed: {e}");
                     return;
                 }
             };
+            // Every descriptor in `msg` is owned by it: whatever is refused below, they close.
             let (resp, fds) = if msg.truncated {
                 (Response::Error(ControlError::MessageTooLarge { limit: MAX_MESSAGE_SIZE }), vec![])
             } else if msg.fds_truncated || msg.fds.len() > MAX_FDS_PER_MESSAGE {
-                (Response::Error(ControlError::TooManyFds { limit: 1 }), vec![])
+                (Response::Error(ControlError::TooManyFds { limit: MAX_FDS_PER_MESSAGE }), vec![])
+            } else if msg.bytes.is_empty() && msg.fds.is_empty() {
+                (Response::Error(ControlError::Malformed("empty message".into())), vec![])
             } else {
                 match decode::<Request>(&msg.bytes) {
                     Ok(req) => {
@@ -117,7 +139,7 @@ impl Connection {
             Request::UnregisterBuffer { buffer_id } => self.unregister(buffer_id),
             Request::Stats => {
                 let mut s = self.counters.snapshot();
-                s.broker_sessions = self.shared.sessions.load(Ordering::Relaxed);
+                s.broker_sessions = self.shared.quotas.held(Resource::Session);
                 s.broker_buffer_iova_bytes = self.shared.space.used(crate::iova::Area::Buffers);
                 s.device_dma_bytes = self.shared.device.dma_data_bytes();
                 Ok((Response::Stats(s), vec![]))
@@ -134,13 +156,8 @@ impl Connection {
         if version != PROTOCOL_VERSION {
             return Err(ControlError::VersionMismatch { client: version, broker: PROTOCOL_VERSION });
         }
-        let limit = self.shared.config.max_sessions;
-        if self.shared.sessions.fetch_add(1, Ordering::Relaxed) >= limit as u64 {
-            self.shared.sessions.fetch_sub(1, Ordering::Relaxed);
-            return Err(ControlError::ResourceExhausted(format!(
-                "the broker serves at most {limit} sessions"
-            )));
-        }
+        let ticket = self.shared.quotas.acquire(Resource::Session, self.uid)?;
+        self.shared.sessions.fetch_add(1, Ordering::Relaxed);
         self.namespaces = self.shared.config.policy.access_for(self.uid, &self.shared.namespaces);
         let (tx, rx) = channel();
         let req = IoRequest::AddSession {
@@ -159,6 +176,11 @@ impl Connection {
             }
         };
         self.key = Some(key);
+        self.session_ticket = Some(ticket);
+        // Said Hello: no deadline for the next requests.
+        if let Err(e) = setsockopt(&self.sock, sockopt::ReceiveTimeout, &TimeVal::new(0, 0)) {
+            warn!(session = self.id, "cannot clear the Hello deadline: {e}");
+        }
         info!(
             session = self.id,
             uid = self.uid,
@@ -184,7 +206,7 @@ impl Connection {
     }
 
     fn create_ring(&mut self, sq: u32, cq: u32) -> Result<(Response, Vec<OwnedFd>), ControlError> {
-        if self.has_ring {
+        if self.ring_identity.is_some() {
             return Err(ControlError::RingExists);
         }
         let layout = RingLayout::new(sq, cq).map_err(|e| ControlError::BadRingSize(e.to_string()))?;
@@ -206,6 +228,7 @@ impl Connection {
         mem.write(0, layout.header());
         let submit = nvmed_proto::eventfd::new_eventfd().map_err(|e| internal("eventfd", &e))?;
         let complete = nvmed_proto::eventfd::new_eventfd().map_err(|e| internal("eventfd", &e))?;
+        let identity = super::buffer::file_identity(memfd.as_file());
         let fds: Vec<OwnedFd> = vec![
             memfd.into_file().into(),
             submit.try_clone().map_err(|e| internal("dup", &e))?,
@@ -215,7 +238,7 @@ impl Connection {
         let ring = Box::new(RingIo::new(mem, &layout, submit, complete));
         self.shared.request(IoRequest::AddRing { key: self.key.unwrap(), ring, reply: tx });
         rx.recv().map_err(|_| ControlError::Internal("I/O thread stopped".into()))?;
-        self.has_ring = true;
+        self.ring_identity = Some(identity.unwrap_or((u64::MAX, u64::MAX)));
         Ok((Response::RingCreated { sq_entries: sq, cq_entries: cq, size: layout.total_size as u64 }, fds))
     }
 
@@ -239,8 +262,19 @@ impl Connection {
         }
         let used = self.counters.buffer_bytes.load(Ordering::Relaxed);
         let left = cfg.max_buffer_bytes_per_session.saturating_sub(used);
-        let buffer =
-            RegisteredBuffer::register(fd, offset, len, left, &self.shared.space, &self.shared.device)?;
+        // Each buffer is one mapping in the broker: bounded per uid and in all, well below
+        // vm.max_map_count, so mappings can never run out for the broker's own needs.
+        let ticket = self.shared.quotas.acquire(Resource::Buffer, self.uid)?;
+        let buffer = RegisteredBuffer::register(
+            fd,
+            offset,
+            len,
+            left,
+            &self.shared.space,
+            &self.shared.device,
+            ticket,
+            self.ring_identity,
+        )?;
         let (tx, rx) = channel();
         self.shared.request(IoRequest::AddBuffer { key: self.key.unwrap(), buffer, reply: tx });
         let buffer_id = rx.recv().map_err(|_| ControlError::Internal("I/O thread stopped".into()))?;

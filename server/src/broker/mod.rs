@@ -3,8 +3,12 @@
 mod buffer;
 mod control;
 mod io_thread;
+mod quota;
+mod reaper;
 mod session;
 pub mod validate;
+
+pub use quota::{max_map_count, QuotaSettings};
 
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::fs::PermissionsExt;
@@ -16,9 +20,12 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use nix::sys::socket::{accept4, bind, listen, socket, AddressFamily, Backlog, SockFlag, SockType, UnixAddr};
+use nvmed_proto::{ControlError, Response};
 use tracing::{error, info, warn};
 
-use io_thread::{IoRequest, IoThread};
+use io_thread::{IoRequest, IoThread, IoThreadSetup};
+use quota::{Quotas, Resource};
+use reaper::Reaper;
 use validate::DeviceLimits;
 
 use crate::device::NvmeDevice;
@@ -54,6 +61,10 @@ pub struct BrokerConfig {
     /// Let the I/O queue raise interrupts, so the broker can sleep while I/O is in flight.
     /// Without them the queue is purely polled (fewer interrupts to pay for, e.g. in a VM).
     pub interrupts: bool,
+    /// Bounds on connections, sessions and buffers, per uid and broker-wide.
+    pub quotas: QuotaSettings,
+    /// How long a new connection may take to say Hello.
+    pub hello_timeout: Duration,
 }
 
 impl BrokerConfig {
@@ -72,6 +83,8 @@ impl BrokerConfig {
             max_buffer_bytes_total: 16 << 30,
             io_timeout: Duration::from_secs(30),
             interrupts: true,
+            quotas: QuotaSettings::for_sessions(64),
+            hello_timeout: Duration::from_secs(5),
         }
     }
 }
@@ -115,7 +128,7 @@ pub struct Shared {
     requests_pending: Arc<session::CachePadded<AtomicBool>>,
     wake: Arc<OwnedFd>,
     sessions: AtomicU64,
-    connections: AtomicU64,
+    quotas: Arc<Quotas>,
 }
 
 impl Shared {
@@ -137,6 +150,7 @@ pub struct Broker {
     stopping: Arc<AtomicBool>,
     accept_thread: Option<JoinHandle<()>>,
     io_thread: Option<JoinHandle<()>>,
+    reaper_thread: Option<JoinHandle<()>>,
 }
 
 fn bind_socket(path: &Path, mode: u32, group: Option<&str>) -> Result<OwnedFd, BrokerError> {
@@ -185,37 +199,57 @@ impl Broker {
         };
         let qp = controller.create_io_queue(1, config.io_queue_depth, vector)?;
         let queue = IoQueue::new(qp, &device, &space).map_err(DriverError::from)?;
-        // Requests up to 16 MiB are split into MDTS-sized commands, as long as one request
-        // needs at most a quarter of the device queue.
-        let queue_share = u64::from(config.io_queue_depth / 4).max(1);
-        let max_request =
-            (u64::from(info.max_transfer) * queue_share).clamp(u64::from(info.max_transfer), 16 << 20);
+        // Limits follow the queue really created (the controller may grant fewer entries than
+        // asked). A request above MDTS is split into device-sized commands that are admitted as
+        // slots free up, so any request up to 16 MiB completes even on a tiny queue.
+        let max_request = ((16u32 << 20) / info.max_transfer * info.max_transfer).max(info.max_transfer);
         let limits = DeviceLimits {
             max_transfer: info.max_transfer,
-            max_request: max_request as u32,
+            max_request,
             write_zeroes: info.write_zeroes,
             deallocate: info.dsm,
         };
+        info!(
+            queue_entries = queue.free_slots() + 1,
+            max_transfer = info.max_transfer,
+            max_request,
+            "I/O queue created"
+        );
         let listener = bind_socket(&config.socket, config.socket_mode, config.socket_group.as_deref())?;
         let wake = Arc::new(nvmed_proto::eventfd::new_eventfd()?);
         let (tx, rx) = channel();
         let requests_pending = Arc::new(session::CachePadded(AtomicBool::new(false)));
-        let io = IoThread::new(
+        let (reaper, reaper_thread) = Reaper::start()?;
+        let io = IoThread::new(IoThreadSetup {
             rx,
-            requests_pending.clone(),
-            wake.clone(),
+            requests_pending: requests_pending.clone(),
+            wake: wake.clone(),
             controller,
             queue,
-            config.io_queue_depth,
+            queue_depth: config.io_queue_depth,
             vector,
             limits,
-            config.poll_idle,
-            config.io_timeout,
-        )?;
+            poll_idle: config.poll_idle,
+            io_timeout: config.io_timeout,
+            reaper,
+        })?;
         let io_thread = std::thread::Builder::new().name("nvmed-io".into()).spawn(move || io.run())?;
+        let q = &config.quotas;
+        info!(
+            connections = q.total[0],
+            connections_per_uid = q.per_uid[0],
+            sessions = q.total[1],
+            sessions_per_uid = q.per_uid[1],
+            buffers = q.total[2],
+            buffers_per_uid = q.per_uid[2],
+            admin_reserve = q.admin_reserve,
+            max_map_count = max_map_count(),
+            "client limits"
+        );
         for ns in &info.namespaces {
             info!(nsid = ns.nsid, lba_size = ns.lba_size, blocks = ns.lba_count, "namespace");
         }
+        let config_quotas = config.quotas;
         let shared = Arc::new(Shared {
             config,
             device,
@@ -226,7 +260,7 @@ impl Broker {
             requests_pending,
             wake,
             sessions: AtomicU64::new(0),
-            connections: AtomicU64::new(0),
+            quotas: Quotas::new(config_quotas),
         });
         let stopping = Arc::new(AtomicBool::new(false));
         let accept_thread = {
@@ -244,6 +278,7 @@ impl Broker {
             stopping,
             accept_thread: Some(accept_thread),
             io_thread: Some(io_thread),
+            reaper_thread: Some(reaper_thread),
         })
     }
 
@@ -263,6 +298,10 @@ impl Broker {
         self.shared.request(IoRequest::Shutdown { reply: tx });
         let _ = rx.recv();
         if let Some(t) = self.io_thread.take() {
+            let _ = t.join();
+        }
+        // The I/O thread held the reaper's last handle: it ends once everything is unmapped.
+        if let Some(t) = self.reaper_thread.take() {
             let _ = t.join();
         }
         let _ = std::fs::remove_file(&self.shared.config.socket);
@@ -290,39 +329,53 @@ fn accept_loop(listener: OwnedFd, shared: Arc<Shared>, stopping: Arc<AtomicBool>
         }
         // SAFETY: accept4 returned a new descriptor that nothing else owns.
         let sock = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+        let uid = match nix::sys::socket::getsockopt(&sock, nix::sys::socket::sockopt::PeerCredentials) {
+            Ok(c) => c.uid(),
+            Err(e) => {
+                warn!("SO_PEERCRED failed: {e}; dropping connection");
+                continue;
+            }
+        };
         // Connections that have not said Hello yet count too, so idle sockets cannot pile up.
-        let limit = shared.config.max_sessions as u64 + 16;
-        if shared.connections.load(Ordering::Relaxed) >= limit {
-            warn!(limit, "too many connections; refusing one");
-            let refusal = nvmed_proto::Response::Error(nvmed_proto::ControlError::ResourceExhausted(
-                format!("the broker accepts at most {limit} connections"),
-            ));
-            let _ = nvmed_proto::transport::send(sock.as_fd(), &nvmed_proto::control::encode(&refusal), &[]);
-            // Consume what the client already sent: closing a Unix socket with unread data
-            // resets the connection, and the client would not get to read the refusal.
-            let mut scratch = [0u8; 64];
-            while nix::sys::socket::recv(
-                sock.as_raw_fd(),
-                &mut scratch,
-                nix::sys::socket::MsgFlags::MSG_DONTWAIT,
-            )
-            .is_ok_and(|n| n > 0)
-            {}
-            continue;
-        }
-        shared.connections.fetch_add(1, Ordering::Relaxed);
+        let ticket = match shared.quotas.acquire(Resource::Connection, uid) {
+            Ok(t) => t,
+            Err(e) => {
+                warn!(uid, "refusing a connection: {e}");
+                refuse(&sock, e);
+                continue;
+            }
+        };
         let id = next_id.fetch_add(1, Ordering::Relaxed);
         let conn_shared = shared.clone();
+        // Kept to explain a refusal if the thread cannot start (the closure owns `sock`).
+        let spare = sock.try_clone();
         let spawned = std::thread::Builder::new()
             .name(format!("nvmed-client-{id}"))
             .stack_size(256 << 10)
             .spawn(move || {
-                control::serve(conn_shared.clone(), sock, id);
-                conn_shared.connections.fetch_sub(1, Ordering::Relaxed);
+                control::serve(conn_shared, sock, id, uid);
+                drop(ticket);
             });
         if let Err(e) = spawned {
-            shared.connections.fetch_sub(1, Ordering::Relaxed);
-            error!("cannot start a client thread: {e}");
+            error!(uid, "cannot start a client thread: {e}; refusing that client");
+            if let Ok(spare) = spare {
+                refuse(
+                    &spare,
+                    ControlError::ResourceExhausted(format!("the broker cannot start a thread: {e}")),
+                );
+            }
         }
     }
+}
+
+/// Sends a refusal on a connection that will be closed without being served.
+fn refuse(sock: &OwnedFd, e: ControlError) {
+    let _ =
+        nvmed_proto::transport::send(sock.as_fd(), &nvmed_proto::control::encode(&Response::Error(e)), &[]);
+    // Consume what the client already sent: closing a Unix socket with unread data resets the
+    // connection, and the client would not get to read the refusal.
+    let mut scratch = [0u8; 64];
+    while nix::sys::socket::recv(sock.as_raw_fd(), &mut scratch, nix::sys::socket::MsgFlags::MSG_DONTWAIT)
+        .is_ok_and(|n| n > 0)
+    {}
 }

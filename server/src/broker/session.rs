@@ -14,6 +14,7 @@ use nvmed_proto::{Cqe, RingFault, Sqe, Stats};
 use slab::Slab;
 
 use super::buffer::RegisteredBuffer;
+use super::io_thread::split::Partial;
 use crate::policy::NamespaceAccess;
 
 /// Counters of one session, written by the I/O thread, read by the control thread.
@@ -102,7 +103,9 @@ impl RingIo {
 
     /// Marks the ring faulted and wakes the client so it notices.
     pub fn fault(&self, why: RingFault) {
-        self.mem.store_u32(FAULT_OFFSET, why as u32, Ordering::Relaxed);
+        // The reason first (Release), then the flag: a client that sees the flag (Acquire)
+        // reads this reason, not an older one.
+        self.mem.store_u32(FAULT_OFFSET, why as u32, Ordering::Release);
         self.mem.fetch_or_u32(BROKER_FLAGS_OFFSET, BROKER_FAULTED, Ordering::SeqCst);
         nvmed_proto::eventfd::signal(&self.complete_fd);
     }
@@ -135,8 +138,12 @@ pub struct Session {
     pub ring: Option<RingIo>,
     /// Registered buffers; the slab key is the buffer id.
     pub buffers: Slab<BufferEntry>,
-    /// Commands at the device.
+    /// Requests taken and not completed (device commands, or pieces of them, outstanding).
     pub in_flight: u32,
+    /// Device queue slots this session's commands occupy (bounded by the I/O thread's share).
+    pub slots: u32,
+    /// Pieces of a split request still waiting for device queue slots.
+    pub partial: Option<Partial>,
     /// The ring was faulted; no more SQEs are taken.
     pub faulted: bool,
     /// Set when the session ends: drain, then release and answer.

@@ -88,6 +88,12 @@ pub trait NvmeDevice: Send + Sync {
     }
 
     /// Function-level reset of the device, used when the controller does not come back
-    /// from CC.EN=0 in time.
+    /// from CC.EN=0 in time. Bus mastering is enabled again afterwards.
     fn function_reset(&self) -> Result<(), DeviceError>;
+
+    /// Sets or clears Bus Master Enable in the PCI COMMAND register. With it clear the device
+    /// cannot start any DMA: the broker clears it before it declares the commands of a failed
+    /// controller dead (as Linux disables the PCI device first), so no completion is reported
+    /// while the device could still write to that memory.
+    fn set_bus_master(&self, enabled: bool) -> Result<(), DeviceError>;
 }

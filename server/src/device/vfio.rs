@@ -265,14 +265,26 @@ impl VfioNvme {
     }
 
     fn enable_bus_master(&self) -> Result<(), VfioSetupError> {
+        self.update_command(PCI_COMMAND_MEMORY | PCI_COMMAND_MASTER, 0).map_err(VfioSetupError::Vfio)
+    }
+
+    /// Sets `set` and clears `clear` in the PCI COMMAND register, and reads it back to confirm.
+    fn update_command(&self, set: u16, clear: u16) -> Result<(), String> {
         let base = self.device.get_region_offset(CONFIG_REGION);
         let f = self.config_file();
-        let mut cmd = [0u8; 2];
-        f.read_exact_at(&mut cmd, base + PCI_COMMAND)
-            .map_err(|e| VfioSetupError::Vfio(format!("reading PCI COMMAND: {e}")))?;
-        let v = u16::from_le_bytes(cmd) | PCI_COMMAND_MEMORY | PCI_COMMAND_MASTER;
+        let read = |f: &fs::File| {
+            let mut cmd = [0u8; 2];
+            f.read_exact_at(&mut cmd, base + PCI_COMMAND)
+                .map(|()| u16::from_le_bytes(cmd))
+                .map_err(|e| format!("reading PCI COMMAND: {e}"))
+        };
+        let v = (read(&f)? | set) & !clear;
         f.write_all_at(&v.to_le_bytes(), base + PCI_COMMAND)
-            .map_err(|e| VfioSetupError::Vfio(format!("writing PCI COMMAND: {e}")))?;
+            .map_err(|e| format!("writing PCI COMMAND: {e}"))?;
+        let now = read(&f)?;
+        if now & (set | clear) != set {
+            return Err(format!("PCI COMMAND reads {now:#06x} after writing {v:#06x}"));
+        }
         Ok(())
     }
 
@@ -417,7 +429,26 @@ impl NvmeDevice for VfioNvme {
     }
 
     fn function_reset(&self) -> Result<(), DeviceError> {
-        self.device.reset();
+        // vfio-ioctls' reset() neither says whether the device supports a reset nor whether it
+        // worked, so the ioctl is issued here and its result checked.
+        const VFIO_DEVICE_RESET: libc::c_ulong = 0x3b6f; // _IO(';', 100 + 11)
+                                                         // SAFETY: VFIO_DEVICE_RESET takes no argument; the fd is the open VFIO device.
+        let r = unsafe { libc::ioctl(self.device.as_raw_fd(), VFIO_DEVICE_RESET as _) };
+        if r != 0 {
+            return Err(DeviceError::Other(format!(
+                "VFIO_DEVICE_RESET failed: {}",
+                io::Error::last_os_error()
+            )));
+        }
         self.enable_bus_master().map_err(|e| DeviceError::Other(e.to_string()))
+    }
+
+    fn set_bus_master(&self, enabled: bool) -> Result<(), DeviceError> {
+        let r = if enabled {
+            self.update_command(PCI_COMMAND_MASTER, 0)
+        } else {
+            self.update_command(0, PCI_COMMAND_MASTER)
+        };
+        r.map_err(DeviceError::Other)
     }
 }

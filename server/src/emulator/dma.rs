@@ -29,6 +29,8 @@ struct Mapping {
 #[derive(Debug, Default)]
 pub struct IovaTable {
     maps: BTreeMap<u64, Mapping>,
+    /// Bus Master Enable is clear: every DMA faults.
+    blocked: bool,
 }
 
 // SAFETY: the host pointers are only dereferenced under the owner's lock, and `dma_map`'s
@@ -77,9 +79,17 @@ impl IovaTable {
         self.maps.is_empty()
     }
 
+    /// Allows or blocks all DMA (PCI Bus Master Enable).
+    pub fn set_blocked(&mut self, blocked: bool) {
+        self.blocked = blocked;
+    }
+
     /// Host address of `len` bytes at `iova`, which must lie inside one mapping.
     pub fn translate(&self, iova: u64, len: u64) -> Result<*mut u8, DmaFault> {
         let fault = DmaFault { iova, len };
+        if self.blocked {
+            return Err(fault);
+        }
         let (&start, m) = self.maps.range(..=iova).next_back().ok_or(fault)?;
         let end = iova.checked_add(len).ok_or(fault)?;
         if end > start + m.len {

@@ -48,6 +48,22 @@ pub struct EmulatorConfig {
     pub vectors: u16,
     /// Error injection rules.
     pub faults: Vec<FaultRule>,
+    /// Testing: make the controller impossible to stop (see [`Wedge`]).
+    pub wedge: Wedge,
+}
+
+/// Testing: how badly a controller ignores attempts to stop it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum Wedge {
+    /// A well-behaved controller.
+    #[default]
+    None,
+    /// CC.EN=0 never brings CSTS.RDY to 0 and the function reset fails; clearing Bus Master
+    /// Enable still stops its DMA.
+    Reset,
+    /// As `reset`, and Bus Master Enable cannot be cleared either: the broker cannot confirm
+    /// that the device stopped.
+    ResetAndBusMaster,
 }
 
 /// Counters of what the emulated controller did.
@@ -110,6 +126,7 @@ struct Inner {
     namespaces: Vec<EmulatedNamespace>,
     mdts: u8,
     faults: Vec<FaultRule>,
+    wedge: Wedge,
     irq: Vec<OwnedFd>,
     irq_wanted: Vec<AtomicBool>,
     counters: EmulatorCounters,
@@ -155,6 +172,7 @@ impl EmulatedController {
             namespaces: config.namespaces,
             mdts: config.mdts,
             faults: config.faults,
+            wedge: config.wedge,
             irq_wanted: (0..vectors).map(|_| AtomicBool::new(false)).collect(),
             irq,
             counters: EmulatorCounters::default(),
@@ -220,7 +238,7 @@ impl Inner {
     fn cap(&self) -> u64 {
         (u64::from(MAX_QUEUE_ENTRIES) - 1) // MQES
             | (1 << 16) // CQR
-            | (15 << 24) // TO = 7.5 s
+            | (if self.wedge == Wedge::None { 15 } else { 1 } << 24) // TO = 7.5 s (0.5 s wedged)
             | (1 << 37) // CSS: NVM
             | (4 << 52) // MPSMAX = 64 KiB, MPSMIN = 4 KiB
     }
@@ -668,6 +686,14 @@ fn put_ascii(dst: &mut [u8], s: &str) {
 }
 
 impl NvmeDevice for EmulatedController {
+    fn set_bus_master(&self, enabled: bool) -> Result<(), DeviceError> {
+        if self.inner.wedge == Wedge::ResetAndBusMaster {
+            return Err(DeviceError::Other("emulated controller wedged: Bus Master Enable stuck".into()));
+        }
+        self.inner.lock().dma.set_blocked(!enabled);
+        Ok(())
+    }
+
     fn name(&self) -> String {
         "emulated".into()
     }
@@ -710,6 +736,8 @@ impl NvmeDevice for EmulatedController {
                 st.cc = value;
                 if was & CC_EN == 0 && value & CC_EN != 0 {
                     inner.enable(st);
+                } else if was & CC_EN != 0 && value & CC_EN == 0 && inner.wedge != Wedge::None {
+                    st.cc = was; // wedged: ignores the reset, keeps CSTS.RDY
                 } else if was & CC_EN != 0 && value & CC_EN == 0 {
                     inner.reset(st);
                 }
@@ -763,7 +791,11 @@ impl NvmeDevice for EmulatedController {
     }
 
     fn function_reset(&self) -> Result<(), DeviceError> {
+        if self.inner.wedge != Wedge::None {
+            return Err(DeviceError::Other("emulated controller wedged: function reset failed".into()));
+        }
         let mut st = self.inner.lock();
+        st.dma.set_blocked(false);
         self.inner.reset(&mut st);
         st.cc = 0;
         st.intms = 0;
@@ -788,6 +820,7 @@ mod tests {
                 mdts: 5,
                 vectors: 2,
                 faults,
+                wedge: Default::default(),
             })
             .unwrap(),
         );

@@ -1,0 +1,102 @@
+//! Reaping the device's completions and posting them to the clients' rings.
+
+use std::sync::atomic::Ordering;
+
+use nvmed_proto::{Cqe, NvmeStatus, Opcode, RingFault, Status};
+use slab::Slab;
+use tracing::warn;
+
+use super::split::{piece_done, InFlight};
+use super::IoThread;
+use crate::broker::session::{bump, RingIo, Session};
+
+/// Most completions reaped per round.
+const REAP_BATCH: usize = 256;
+
+impl IoThread {
+    /// Reaps up to a batch of device completions; returns how many.
+    pub(super) fn reap(&mut self) -> usize {
+        let sessions = &mut self.sessions;
+        let touched = &mut self.touched;
+        let splits = &mut self.splits;
+        self.dq.queue.reap(REAP_BATCH, |ctx, status_field, _result| {
+            let status = if status_field & 0x7ff == 0 {
+                Status::Success
+            } else {
+                Status::Nvme(NvmeStatus::from_status_field(status_field))
+            };
+            release_slot(sessions, &ctx);
+            if let Some(status) = piece_done(splits, &ctx, status) {
+                complete(sessions, touched, ctx, status);
+            }
+        })
+    }
+
+    /// Publishes the CQEs pushed this round, one tail store per ring.
+    pub(super) fn publish_completions(&mut self) {
+        for key in self.touched.drain(..) {
+            if let Some(ring) = self.sessions.get_mut(key).and_then(|s| s.ring.as_mut()) {
+                if ring.dirty {
+                    ring.publish();
+                }
+            }
+        }
+    }
+}
+
+/// A device command of this session finished (or was abandoned): its queue slot is free.
+pub(super) fn release_slot(sessions: &mut Slab<Session>, ctx: &InFlight) {
+    if let Some(s) = sessions.get_mut(ctx.session as usize) {
+        s.slots -= 1;
+    }
+}
+
+/// Posts the completion of a request to its client and updates the accounting.
+pub(super) fn complete(
+    sessions: &mut Slab<Session>,
+    touched: &mut Vec<usize>,
+    ctx: InFlight,
+    status: Status,
+) {
+    let Some(s) = sessions.get_mut(ctx.session as usize) else {
+        warn!("completion for a session that no longer exists");
+        return;
+    };
+    s.in_flight -= 1;
+    s.counters.in_flight.store(u64::from(s.in_flight), Ordering::Relaxed);
+    if let Some(b) = s.buffers.get_mut(ctx.buffer as usize) {
+        b.in_flight -= 1;
+    }
+    bump(&s.counters.completed, 1);
+    if status.is_success() {
+        match ctx.op {
+            Opcode::Read => bump(&s.counters.bytes_read, u64::from(ctx.len)),
+            Opcode::Write => bump(&s.counters.bytes_written, u64::from(ctx.len)),
+            _ => {}
+        }
+    } else {
+        bump(&s.counters.errors, 1);
+    }
+    let cqe = Cqe {
+        user_data: ctx.user_data,
+        status: status.encode(),
+        result: if status.is_success() { ctx.len } else { 0 },
+    };
+    let Some(ring) = s.ring.as_mut() else { return };
+    if s.faulted {
+        return; // the client broke its ring; nothing can be posted safely
+    }
+    if !ring.overflow.is_empty() || !matches!(ring.cq.push(cqe), Ok(true)) {
+        ring.overflow.push_back(cqe);
+    }
+    if !ring.dirty {
+        ring.dirty = true;
+        touched.push(ctx.session as usize);
+    }
+}
+
+/// Stops serving a ring whose client published an impossible index.
+pub(super) fn fault(session: u64, ring: &RingIo, why: RingFault, e: nvmed_proto::ring::RingError) {
+    warn!(session, "client corrupted its ring ({why:?}: {e}); ring faulted");
+    ring.fault(why);
+}
