@@ -3,6 +3,7 @@
 //! It talks to the controller only through [`crate::device::NvmeDevice`], so the same code
 //! drives the emulated controller and a real one behind VFIO.
 
+pub mod barrier;
 pub mod controller;
 pub mod io;
 pub mod prp;

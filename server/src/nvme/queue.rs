@@ -84,7 +84,7 @@ impl QueuePair {
     /// Tells the controller about pushed commands (one doorbell write for the batch).
     pub fn ring_doorbell(&mut self) {
         if self.sq_tail != self.sq_tail_rung {
-            std::sync::atomic::fence(std::sync::atomic::Ordering::Release);
+            crate::nvme::barrier::dma_wmb();
             self.device.write32(self.sq_doorbell, u32::from(self.sq_tail));
             self.sq_tail_rung = self.sq_tail;
         }
@@ -99,7 +99,7 @@ impl QueuePair {
         let off = usize::from(self.cq_head) * size_of::<NvmeCompletion>();
         let c: NvmeCompletion = self.cq.mem().read(off);
         (c.phase() == self.phase).then(|| {
-            std::sync::atomic::fence(std::sync::atomic::Ordering::Acquire);
+            crate::nvme::barrier::dma_rmb();
             // Re-read after the fence so the whole entry is the one the phase bit vouched for.
             self.cq.mem().read(off)
         })
