@@ -75,7 +75,7 @@ fn steady_state_io_allocates_nothing() {
             mdts: 7,
             vectors: 2,
             faults: vec![],
-            wedge: Default::default(),
+            ..Default::default()
         })
         .unwrap(),
     );

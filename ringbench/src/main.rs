@@ -764,7 +764,7 @@ fn start_embedded(
             mdts: 7,
             vectors: 2,
             faults: vec![],
-            wedge: Default::default(),
+            ..Default::default()
         })?);
     Ok(nvmed_server::broker::Broker::start(device, nvmed_server::broker::BrokerConfig::new(socket))?)
 }

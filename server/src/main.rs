@@ -11,7 +11,7 @@ use nvmed_server::broker::{Broker, BrokerConfig};
 use nvmed_server::device::NvmeDevice;
 use nvmed_server::emulator::backend::{Backend, FileBackend, MemoryBackend, NullBackend};
 use nvmed_server::emulator::inject::FaultRule;
-use nvmed_server::emulator::{EmulatedController, EmulatedNamespace, EmulatorConfig, Wedge};
+use nvmed_server::emulator::{EmulatedController, EmulatedNamespace, EmulatorConfig, EmulatorMode, Wedge};
 use nvmed_server::policy::{DefaultAccess, Grant, Policy};
 use tracing::{error, info};
 
@@ -95,6 +95,19 @@ struct Args {
     #[arg(long, default_value_t = 7, value_parser = clap::value_parser!(u8).range(1..=9))]
     mdts: u8,
 
+    /// How the emulated controller runs I/O commands. `sync` is the fastest device there is;
+    /// `async` behaves like real hardware, to test how the broker copes with a device that
+    /// takes its time (a full device queue, data still moving after submission, completions out
+    /// of order, a reset with commands in flight).
+    #[arg(long, value_enum, default_value = "sync", value_name = "MODE")]
+    emulator_mode: ModeArg,
+
+    /// With --emulator-mode async: least time in microseconds from fetching a command to
+    /// completing it, data transfer included (default 0: as soon as the controller thread gets
+    /// to it).
+    #[arg(long, value_name = "MICROS")]
+    emulator_latency_us: Option<u64>,
+
     /// Entries of the device I/O queue.
     #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u16).range(2..))]
     queue_depth: u16,
@@ -159,7 +172,10 @@ struct Args {
     default_access: DefaultAccess,
 
     /// Testing: inject a fault into the emulated controller: fail:N:SCT:SC (the Nth I/O
-    /// command completes with that status), delay:N:MILLIS, or hang:N (never completes).
+    /// command completes with that status), delay:N:MILLIS (completes that much later; in async
+    /// mode its data moves late too), hang:N (never completes), or panic:N (the emulated
+    /// controller panics on the Nth I/O command, in the thread running it: the broker's I/O
+    /// thread in sync mode, the controller thread in async mode).
     #[arg(long = "inject", value_name = "RULE")]
     faults: Vec<FaultRule>,
 
@@ -167,6 +183,18 @@ struct Args {
     /// even by clearing Bus Master Enable (`reset-and-bus-master`).
     #[arg(long, value_enum, default_value = "none", hide_short_help = true)]
     emulator_wedge: Wedge,
+}
+
+/// Values of --emulator-mode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum ModeArg {
+    /// Each command runs inside the doorbell write, in the broker's I/O thread, in submission
+    /// order, data included
+    Sync,
+    /// Like hardware: a controller thread ("nvme-emu-worker") fetches commands after the
+    /// doorbell, moves their data only when it completes them, and completes them out of order
+    /// (after --emulator-latency-us)
+    Async,
 }
 
 fn parse_octal(s: &str) -> Result<u32, String> {
@@ -283,6 +311,13 @@ fn emulated(args: &Args) -> Result<Arc<dyn NvmeDevice>, Box<dyn std::error::Erro
         };
         namespaces.push(EmulatedNamespace { backend, lba_size: args.lba_size });
     }
+    let mode = match (args.emulator_mode, args.emulator_latency_us) {
+        (ModeArg::Sync, None) => EmulatorMode::Sync,
+        (ModeArg::Sync, Some(_)) => {
+            return Err("--emulator-latency-us needs --emulator-mode async".into());
+        }
+        (ModeArg::Async, us) => EmulatorMode::Async { latency: Duration::from_micros(us.unwrap_or(0)) },
+    };
     info!(
         namespaces = args.namespaces,
         size = args.size,
@@ -290,6 +325,7 @@ fn emulated(args: &Args) -> Result<Arc<dyn NvmeDevice>, Box<dyn std::error::Erro
         backing = ?args.backing,
         null = args.null,
         faults = args.faults.len(),
+        ?mode,
         "starting on the emulated controller"
     );
     Ok(Arc::new(EmulatedController::new(EmulatorConfig {
@@ -298,6 +334,7 @@ fn emulated(args: &Args) -> Result<Arc<dyn NvmeDevice>, Box<dyn std::error::Erro
         vectors: 2,
         faults: args.faults.clone(),
         wedge: args.emulator_wedge,
+        mode,
     })?))
 }
 

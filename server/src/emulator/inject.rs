@@ -1,4 +1,5 @@
-//! Error injection for tests: make the Nth I/O command fail, complete late, or never complete.
+//! Error injection for tests: make the Nth I/O command fail, complete late, never complete, or
+//! make the emulated controller panic.
 
 use std::str::FromStr;
 use std::time::Duration;
@@ -17,6 +18,11 @@ pub enum FaultAction {
     Delay(Duration),
     /// Never complete (until the controller is reset).
     Hang,
+    /// Panic in the thread running the emulated controller when it fetches the command: the
+    /// doorbell writer's thread in synchronous mode (the broker's I/O thread), the controller's
+    /// worker thread in asynchronous mode. For testing what a panicking thread does to the
+    /// process.
+    Panic,
 }
 
 /// Applies `action` to the `nth` I/O command the controller receives (counting from 1).
@@ -30,7 +36,7 @@ pub struct FaultRule {
 
 /// A fault rule that does not parse.
 #[derive(Debug, thiserror::Error)]
-#[error("bad fault rule {0:?}: expected fail:N:SCT:SC, delay:N:MILLIS or hang:N")]
+#[error("bad fault rule {0:?}: expected fail:N:SCT:SC, delay:N:MILLIS, hang:N or panic:N")]
 pub struct BadFaultRule(String);
 
 fn num(s: &str) -> Option<u64> {
@@ -54,6 +60,7 @@ impl FromStr for FaultRule {
             },
             ("delay", 3) => FaultAction::Delay(Duration::from_millis(num(parts[2]).ok_or_else(bad)?)),
             ("hang", 2) => FaultAction::Hang,
+            ("panic", 2) => FaultAction::Panic,
             _ => return Err(bad()),
         };
         Ok(FaultRule { nth, action })
@@ -75,7 +82,9 @@ mod tests {
             FaultAction::Delay(Duration::from_millis(20))
         );
         assert_eq!("hang:9".parse::<FaultRule>().unwrap().action, FaultAction::Hang);
-        for bad in ["fail:0:1:1", "fail:1:9:1", "boom:1", "delay:1", "hang"] {
+        assert_eq!("panic:4".parse::<FaultRule>().unwrap(), FaultRule { nth: 4, action: FaultAction::Panic });
+        for bad in ["fail:0:1:1", "fail:1:9:1", "boom:1", "delay:1", "hang", "panic", "panic:0", "panic:1:2"]
+        {
             assert!(bad.parse::<FaultRule>().is_err(), "{bad}");
         }
     }

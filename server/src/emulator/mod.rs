@@ -3,9 +3,22 @@
 //! The driver reaches it only through [`NvmeDevice`]: BAR0 register reads and writes, doorbells,
 //! DMA mappings and interrupt eventfds. Commands are fetched from submission queues in DMA
 //! memory, PRPs are walked through the [`dma::IovaTable`], and completions are posted with phase
-//! tags, exactly as a PCIe controller does. Doorbell writes are processed synchronously in the
-//! writer's thread (the fastest "device" there is); delayed completions are posted by a timer
-//! thread.
+//! tags, exactly as a PCIe controller does.
+//!
+//! Two modes ([`EmulatorMode`]):
+//!
+//! * **Synchronous** (the default): a doorbell write processes the new commands in the writer's
+//!   thread, in order, data transfer included (the fastest "device" there is); completions of
+//!   `delay:` faults are posted later by a timer thread (their data moved at doorbell time).
+//! * **Asynchronous**: like hardware. An I/O SQ doorbell write only records the new tail and
+//!   wakes the controller's worker thread ("nvme-emu-worker"), which fetches the commands later,
+//!   keeps them in flight, and completes them in a pseudo-random order, each after the modelled
+//!   latency; a command's data moves (DMA through the IOVA table) when it completes, not when it
+//!   is fetched. A command completes only when its CQ has room; a CQ head doorbell lets the
+//!   worker go on. The admin queue stays synchronous.
+//!
+//! In both modes the state lock is held across every DMA, so once CC.EN=0 (or a function reset)
+//! returns, no command fetched before it moves data or completes any more.
 
 pub mod backend;
 pub mod dma;
@@ -14,8 +27,9 @@ pub mod inject;
 use std::collections::VecDeque;
 use std::ops::RangeInclusive;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use backend::Backend;
@@ -38,7 +52,26 @@ pub struct EmulatedNamespace {
     pub lba_size: u32,
 }
 
+/// How the emulated controller runs I/O commands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum EmulatorMode {
+    /// Each I/O command runs inside the SQ doorbell write, in the writer's thread, in
+    /// submission order, data transfer included.
+    #[default]
+    Sync,
+    /// Like hardware: a doorbell write only wakes the controller's worker thread, which fetches
+    /// the commands, moves their data when it completes them, and completes them out of order.
+    Async {
+        /// Least time from fetch to completion (and data transfer) of each command; zero means
+        /// as soon as the worker gets to it.
+        latency: Duration,
+    },
+}
+
 /// Emulated controller settings.
+///
+/// `Default` gives no namespace, MDTS 7, two vectors, no faults and [`EmulatorMode::Sync`], so
+/// a test can write `EmulatorConfig { namespaces, mode: EmulatorMode::Async { latency }, ..Default::default() }`.
 pub struct EmulatorConfig {
     /// Namespaces, numbered from 1.
     pub namespaces: Vec<EmulatedNamespace>,
@@ -50,6 +83,8 @@ pub struct EmulatorConfig {
     pub faults: Vec<FaultRule>,
     /// Testing: make the controller impossible to stop (see [`Wedge`]).
     pub wedge: Wedge,
+    /// Synchronous or asynchronous (hardware-like) command processing.
+    pub mode: EmulatorMode,
 }
 
 /// Testing: how badly a controller ignores attempts to stop it.
@@ -64,6 +99,19 @@ pub enum Wedge {
     /// As `reset`, and Bus Master Enable cannot be cleared either: the broker cannot confirm
     /// that the device stopped.
     ResetAndBusMaster,
+}
+
+impl Default for EmulatorConfig {
+    fn default() -> Self {
+        Self {
+            namespaces: Vec::new(),
+            mdts: 7,
+            vectors: 2,
+            faults: Vec::new(),
+            wedge: Wedge::None,
+            mode: EmulatorMode::Sync,
+        }
+    }
 }
 
 /// Counters of what the emulated controller did.
@@ -83,6 +131,8 @@ struct Sq {
     base: u64,
     size: u16,
     head: u16,
+    /// Last tail written to the doorbell (asynchronous mode only).
+    tail: u16,
     cqid: u16,
 }
 
@@ -104,6 +154,17 @@ struct Delayed {
     entry: NvmeCompletion,
 }
 
+/// A command the asynchronous worker fetched and has not completed yet.
+struct InFlight {
+    qid: u16,
+    cqid: u16,
+    cmd: NvmeCommand,
+    /// Not completed (nor its data moved) before this.
+    due: Instant,
+    /// Injected failure status: complete with it, without executing.
+    fail: Option<u16>,
+}
+
 struct State {
     cc: u32,
     csts: u32,
@@ -118,11 +179,20 @@ struct State {
     io_count: u64,
     delayed: Vec<Delayed>,
     generation: u64,
+    /// Fetched, not yet completed commands (asynchronous mode).
+    in_flight: Vec<InFlight>,
+    /// xorshift64* state choosing the completion order (asynchronous mode).
+    rng: u64,
 }
 
 struct Inner {
     state: Mutex<State>,
     timer_wake: Condvar,
+    worker_wake: Condvar,
+    mode: EmulatorMode,
+    /// Host-side threads waiting for the state lock (asynchronous mode), so the worker lets
+    /// them in between two commands instead of taking the lock again at once.
+    host_waiting: AtomicUsize,
     namespaces: Vec<EmulatedNamespace>,
     mdts: u8,
     faults: Vec<FaultRule>,
@@ -133,10 +203,17 @@ struct Inner {
     stop: AtomicBool,
 }
 
-/// The emulated controller; cheap to share.
+/// The emulated controller; share it through an `Arc`.
 pub struct EmulatedController {
     inner: Arc<Inner>,
+    /// The timer thread (synchronous mode) or the worker thread (asynchronous mode).
+    thread: Option<JoinHandle<()>>,
 }
+
+/// Seed of every controller's completion-order generator (deterministic runs).
+const RNG_SEED: u64 = 0x9e37_79b9_7f4a_7c15;
+/// Longest a background thread sleeps without looking at its state.
+const IDLE_WAIT: Duration = Duration::from_millis(200);
 
 type Outcome = Option<(u16, u32)>; // (status field, result); None = no completion now
 
@@ -167,8 +244,13 @@ impl EmulatedController {
                 io_count: 0,
                 delayed: Vec::new(),
                 generation: 0,
+                in_flight: Vec::new(),
+                rng: RNG_SEED,
             }),
             timer_wake: Condvar::new(),
+            worker_wake: Condvar::new(),
+            mode: config.mode,
+            host_waiting: AtomicUsize::new(0),
             namespaces: config.namespaces,
             mdts: config.mdts,
             faults: config.faults,
@@ -179,8 +261,26 @@ impl EmulatedController {
             stop: AtomicBool::new(false),
         });
         let weak = Arc::downgrade(&inner);
-        std::thread::Builder::new().name("nvme-emu-timer".into()).spawn(move || timer_thread(weak))?;
-        Ok(Self { inner })
+        let thread = match config.mode {
+            EmulatorMode::Sync => {
+                std::thread::Builder::new().name("nvme-emu-timer".into()).spawn(move || timer_thread(weak))?
+            }
+            EmulatorMode::Async { .. } => std::thread::Builder::new()
+                .name("nvme-emu-worker".into())
+                .spawn(move || worker_thread(weak))?,
+        };
+        Ok(Self { inner, thread: Some(thread) })
+    }
+
+    /// The mode the controller runs in.
+    pub fn mode(&self) -> EmulatorMode {
+        self.inner.mode
+    }
+
+    /// Commands fetched and not completed yet (asynchronous mode; always 0 in synchronous mode,
+    /// where hung and delayed commands are not counted).
+    pub fn commands_in_flight(&self) -> usize {
+        self.inner.lock().in_flight.len()
     }
 
     /// What the controller has done so far.
@@ -196,18 +296,28 @@ impl EmulatedController {
 
 impl Drop for EmulatedController {
     fn drop(&mut self) {
-        self.inner.stop.store(true, Ordering::Release);
+        {
+            // Set under the lock: the thread looks at `stop` under it before it waits, so the
+            // wakeup below cannot be lost.
+            let _st = self.inner.lock();
+            self.inner.stop.store(true, Ordering::Release);
+        }
         self.inner.timer_wake.notify_all();
+        self.inner.worker_wake.notify_all();
+        if let Some(t) = self.thread.take() {
+            // A thread that panicked (injected `panic:` fault) already reported it.
+            let _ = t.join();
+        }
     }
 }
 
 fn timer_thread(weak: Weak<Inner>) {
     loop {
         let Some(inner) = weak.upgrade() else { return };
+        let mut st = inner.lock();
         if inner.stop.load(Ordering::Acquire) {
             return;
         }
-        let mut st = inner.lock();
         let now = Instant::now();
         let mut i = 0;
         while i < st.delayed.len() {
@@ -220,19 +330,70 @@ fn timer_thread(weak: Weak<Inner>) {
                 i += 1;
             }
         }
-        let wait = st
-            .delayed
-            .iter()
-            .map(|d| d.due.saturating_duration_since(now))
-            .min()
-            .unwrap_or(Duration::from_millis(200));
-        let _ = inner.timer_wake.wait_timeout(st, wait.min(Duration::from_millis(200)));
+        let wait = st.delayed.iter().map(|d| d.due.saturating_duration_since(now)).min().unwrap_or(IDLE_WAIT);
+        let _ = inner.timer_wake.wait_timeout(st, wait.min(IDLE_WAIT));
     }
 }
 
+/// The asynchronous controller: fetches commands, then completes one due command at a time,
+/// chosen at random among those whose CQ has room, its DMA done under the state lock.
+fn worker_thread(weak: Weak<Inner>) {
+    loop {
+        let Some(inner) = weak.upgrade() else { return };
+        let mut st = inner.worker_lock();
+        if inner.stop.load(Ordering::Acquire) {
+            return;
+        }
+        inner.fetch(&mut st);
+        match inner.complete_one(&mut st) {
+            Ok(()) => {
+                drop(st);
+                // Let a register access that waited for this command in before the next one.
+                for _ in 0..1000 {
+                    if inner.host_waiting.load(Ordering::Relaxed) == 0 {
+                        break;
+                    }
+                    std::thread::yield_now();
+                }
+            }
+            Err(next_due) => {
+                let wait = next_due.map_or(IDLE_WAIT, |t| t.saturating_duration_since(Instant::now()));
+                let _ = inner.worker_wake.wait_timeout(st, wait.min(IDLE_WAIT));
+            }
+        }
+    }
+}
+
+/// xorshift64*: a small deterministic generator for the completion order.
+fn next_random(state: &mut u64) -> u64 {
+    let mut x = *state;
+    x ^= x >> 12;
+    x ^= x << 25;
+    x ^= x >> 27;
+    *state = x;
+    x.wrapping_mul(0x2545_f491_4f6c_dd1d)
+}
+
 impl Inner {
+    /// The state lock, for the host side (register accesses, DMA mappings).
     fn lock(&self) -> MutexGuard<'_, State> {
+        if self.is_async() {
+            self.host_waiting.fetch_add(1, Ordering::Relaxed);
+            let st = self.worker_lock();
+            self.host_waiting.fetch_sub(1, Ordering::Relaxed);
+            st
+        } else {
+            self.worker_lock()
+        }
+    }
+
+    /// The state lock, for the controller's own threads.
+    fn worker_lock(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn is_async(&self) -> bool {
+        matches!(self.mode, EmulatorMode::Async { .. })
     }
 
     fn cap(&self) -> u64 {
@@ -257,6 +418,8 @@ impl Inner {
             *q = None;
         }
         st.delayed.clear();
+        // Fetched commands are dropped: never completed, their data never moved.
+        st.in_flight.clear();
         st.generation += 1;
         st.granted = 0;
         st.csts = 0;
@@ -275,7 +438,7 @@ impl Inner {
             st.csts |= CSTS_CFS;
             return;
         }
-        st.sqs[0] = Some(Sq { base: st.asq, size: asqs, head: 0, cqid: 0 });
+        st.sqs[0] = Some(Sq { base: st.asq, size: asqs, head: 0, tail: 0, cqid: 0 });
         st.cqs[0] = Some(Cq {
             base: st.acq,
             size: acqs,
@@ -341,6 +504,109 @@ impl Inner {
         }
     }
 
+    /// Asynchronous mode, I/O queue: records the tail; the worker fetches the commands.
+    fn sq_doorbell_async(&self, st: &mut State, qid: u16, tail: u16) {
+        if st.csts & (CSTS_RDY | CSTS_CFS) != CSTS_RDY {
+            return;
+        }
+        let Some(sq) = st.sqs.get_mut(usize::from(qid)).and_then(|q| q.as_mut()) else { return };
+        if tail >= sq.size || sq.tail == tail {
+            return;
+        }
+        sq.tail = tail;
+        self.worker_wake.notify_one();
+    }
+
+    /// Asynchronous mode: moves every command the host published from the I/O SQs into the
+    /// in-flight set, applying the fault rules.
+    fn fetch(&self, st: &mut State) {
+        let EmulatorMode::Async { latency } = self.mode else { return };
+        let now = Instant::now();
+        for qid in 1..st.sqs.len() {
+            loop {
+                if st.csts & (CSTS_RDY | CSTS_CFS) != CSTS_RDY {
+                    return;
+                }
+                let Some(sq) = st.sqs[qid].as_mut() else { break };
+                if sq.head == sq.tail {
+                    break;
+                }
+                let addr = sq.base + u64::from(sq.head) * 64;
+                sq.head = (sq.head + 1) % sq.size;
+                let cqid = sq.cqid;
+                let cmd: NvmeCommand = match st.dma.read(addr) {
+                    Ok(c) => c,
+                    Err(f) => return self.fault(st, f, "fetching a command"),
+                };
+                let mut due = now + latency;
+                let mut fail = None;
+                match self.io_rule(st) {
+                    Some(FaultAction::Fail { sct, sc: code }) => fail = Some(status_field(sct, code)),
+                    Some(FaultAction::Delay(d)) => due += d,
+                    Some(FaultAction::Hang) => continue,
+                    Some(FaultAction::Panic) | None => {}
+                }
+                st.in_flight.push(InFlight { qid: qid as u16, cqid, cmd, due, fail });
+            }
+        }
+    }
+
+    /// Whether a completion can be posted to `cqid` now (true for a CQ that no longer exists:
+    /// the completion is then dropped).
+    fn cq_has_room(st: &State, cqid: u16) -> bool {
+        match st.cqs.get(usize::from(cqid)).and_then(|c| c.as_ref()) {
+            Some(cq) => cq.overflow.is_empty() && (cq.tail + 1) % cq.size != cq.head,
+            None => true,
+        }
+    }
+
+    /// Asynchronous mode: executes (data transfer included) and completes one due command whose
+    /// CQ has room, chosen at random. Otherwise returns when the next one is due, if known (a
+    /// command waiting for CQ room waits for a CQ head doorbell).
+    fn complete_one(&self, st: &mut State) -> Result<(), Option<Instant>> {
+        if st.csts & (CSTS_RDY | CSTS_CFS) != CSTS_RDY || st.in_flight.is_empty() {
+            return Err(None);
+        }
+        let now = Instant::now();
+        let mut ready = 0u64;
+        let mut next_due: Option<Instant> = None;
+        for c in &st.in_flight {
+            if !Self::cq_has_room(st, c.cqid) {
+                continue;
+            }
+            if c.due <= now {
+                ready += 1;
+            } else {
+                next_due = Some(next_due.map_or(c.due, |t| t.min(c.due)));
+            }
+        }
+        if ready == 0 {
+            return Err(next_due);
+        }
+        let mut pick = next_random(&mut st.rng) % ready;
+        let mut index = 0;
+        for (i, c) in st.in_flight.iter().enumerate() {
+            if c.due <= now && Self::cq_has_room(st, c.cqid) {
+                if pick == 0 {
+                    index = i;
+                    break;
+                }
+                pick -= 1;
+            }
+        }
+        let c = st.in_flight.swap_remove(index);
+        let outcome = match c.fail {
+            Some(status) => Some((status, 0)),
+            None => self.execute_io(st, &c.cmd),
+        };
+        if let Some((status, result)) = outcome {
+            let sq_head = st.sqs[usize::from(c.qid)].as_ref().map_or(0, |s| s.head);
+            let entry = NvmeCompletion { result, reserved: 0, sq_head, sq_id: c.qid, cid: c.cmd.cid, status };
+            self.post(st, c.cqid, entry);
+        }
+        Ok(())
+    }
+
     fn cq_doorbell(&self, st: &mut State, qid: u16, head: u16) {
         let Some(cq) = st.cqs.get_mut(usize::from(qid)).and_then(|q| q.as_mut()) else { return };
         if head >= cq.size {
@@ -352,6 +618,9 @@ impl Inner {
             .and_then(|cq| ((cq.tail + 1) % cq.size != cq.head).then(|| cq.overflow.pop_front()).flatten())
         {
             self.post(st, qid, e);
+        }
+        if !st.in_flight.is_empty() {
+            self.worker_wake.notify_one(); // a command may have waited for room in this CQ
         }
     }
 
@@ -516,7 +785,8 @@ impl Inner {
                 if cmd.cdw11 & 1 == 0 || !cmd.prp1.is_multiple_of(4096) {
                     return err(0, sc::INVALID_FIELD);
                 }
-                st.sqs[usize::from(qid)] = Some(Sq { base: cmd.prp1, size: size as u16, head: 0, cqid });
+                st.sqs[usize::from(qid)] =
+                    Some(Sq { base: cmd.prp1, size: size as u16, head: 0, tail: 0, cqid });
                 ok()
             }
             admin::DELETE_SQ => {
@@ -526,8 +796,9 @@ impl Inner {
                 }
                 st.sqs[qid] = None;
                 // Commands of this queue still waiting (delayed or hung) are dropped with it.
-                let cqid = qid as u16;
-                st.delayed.retain(|d| d.entry.sq_id != cqid);
+                let sqid = qid as u16;
+                st.delayed.retain(|d| d.entry.sq_id != sqid);
+                st.in_flight.retain(|c| c.qid != sqid);
                 ok()
             }
             admin::DELETE_CQ => {
@@ -550,10 +821,19 @@ impl Inner {
         nsid.checked_sub(1).and_then(|i| self.namespaces.get(i as usize))
     }
 
-    fn io(&self, st: &mut State, cmd: &NvmeCommand, qid: u16, cqid: u16) -> Outcome {
+    /// Counts a fetched I/O command and returns the fault rule for it (panicking for `panic:`).
+    fn io_rule(&self, st: &mut State) -> Option<FaultAction> {
         st.io_count += 1;
         self.counters.io_commands.fetch_add(1, Ordering::Relaxed);
         let rule = self.faults.iter().find(|r| r.nth == st.io_count).map(|r| r.action);
+        if rule == Some(FaultAction::Panic) {
+            panic!("emulated controller: injected panic on I/O command {}", st.io_count);
+        }
+        rule
+    }
+
+    fn io(&self, st: &mut State, cmd: &NvmeCommand, qid: u16, cqid: u16) -> Outcome {
+        let rule = self.io_rule(st);
         if let Some(FaultAction::Fail { sct, sc: code }) = rule {
             return err(sct, code);
         }
@@ -727,6 +1007,8 @@ impl NvmeDevice for EmulatedController {
                 let qid = (idx / 2) as u16;
                 if (idx % 2) == 1 {
                     inner.cq_doorbell(st, qid, value as u16);
+                } else if qid != 0 && inner.is_async() {
+                    inner.sq_doorbell_async(st, qid, value as u16);
                 } else {
                     inner.sq_doorbell(st, qid, value as u16);
                 }
@@ -810,20 +1092,39 @@ mod tests {
     use crate::iova::{DmaMemory, IovaSpace};
     use crate::nvme::{Controller, IoCommand, IoQueue};
 
-    fn setup(faults: Vec<FaultRule>) -> (Arc<dyn NvmeDevice>, Arc<IovaSpace>, Controller, IoQueue<u32>) {
-        let dev: Arc<dyn NvmeDevice> = Arc::new(
+    type Setup = (Arc<dyn NvmeDevice>, Arc<IovaSpace>, Controller, IoQueue<u32>);
+
+    fn setup(faults: Vec<FaultRule>) -> Setup {
+        setup_with(faults, EmulatorMode::Sync, Box::new(MemoryBackend::new(1 << 20).unwrap()))
+    }
+
+    fn setup_async(faults: Vec<FaultRule>, latency: Duration) -> Setup {
+        let backend = Box::new(MemoryBackend::new(1 << 20).unwrap());
+        setup_with(faults, EmulatorMode::Async { latency }, backend)
+    }
+
+    fn setup_with(faults: Vec<FaultRule>, mode: EmulatorMode, backend: Box<dyn Backend>) -> Setup {
+        setup_emulator(faults, mode, backend).1
+    }
+
+    /// Also returns the controller itself.
+    fn setup_emulator(
+        faults: Vec<FaultRule>,
+        mode: EmulatorMode,
+        backend: Box<dyn Backend>,
+    ) -> (Arc<EmulatedController>, Setup) {
+        let emu = Arc::new(
             EmulatedController::new(EmulatorConfig {
-                namespaces: vec![EmulatedNamespace {
-                    backend: Box::new(MemoryBackend::new(1 << 20).unwrap()),
-                    lba_size: 512,
-                }],
+                namespaces: vec![EmulatedNamespace { backend, lba_size: 512 }],
                 mdts: 5,
                 vectors: 2,
                 faults,
+                mode,
                 wedge: Default::default(),
             })
             .unwrap(),
         );
+        let dev: Arc<dyn NvmeDevice> = emu.clone();
         let space = Arc::new(IovaSpace::new(&dev.iova_ranges()).unwrap());
         let mut ctrl = Controller::init(dev.clone(), space.clone()).unwrap();
         assert_eq!(ctrl.info().namespaces[0].lba_count, 2048);
@@ -831,7 +1132,7 @@ mod tests {
         assert_eq!(ctrl.request_io_queues(2).unwrap(), 2);
         let qp = ctrl.create_io_queue(1, 64, Some(1)).unwrap();
         let q = IoQueue::new(qp, &dev, &space).unwrap();
-        (dev, space, ctrl, q)
+        (emu, (dev, space, ctrl, q))
     }
 
     fn run(q: &mut IoQueue<u32>, cmd: IoCommand) -> u16 {
@@ -960,5 +1261,345 @@ mod tests {
         assert_eq!(raw(&mut qp, rw(io::READ, 64)) & 0xff, u16::from(sc::INVALID_FIELD));
         let bad_ns = NvmeCommand { nsid: 9, ..rw(io::READ, 0) };
         assert_eq!(raw(&mut qp, bad_ns) & 0xff, u16::from(sc::INVALID_NAMESPACE));
+    }
+
+    #[test]
+    #[should_panic(expected = "emulated controller: injected panic on I/O command 2")]
+    fn injected_panic_in_the_doorbell_writer() {
+        let rule = FaultRule { nth: 2, action: FaultAction::Panic };
+        let (dev, space, _ctrl, mut q) = setup(vec![rule]);
+        let buf = DmaMemory::new(&space, &dev, 4096).unwrap();
+        let r = IoCommand::Read { nsid: 1, slba: 0, blocks: 8, iova: buf.iova(), len: 4096 };
+        assert_eq!(run(&mut q, r), 0);
+        run(&mut q, r); // synchronous mode: panics in this thread, inside the doorbell write
+    }
+
+    #[test]
+    fn async_injected_panic_ends_the_worker_thread() {
+        let rule = FaultRule { nth: 1, action: FaultAction::Panic };
+        let backend = Box::new(MemoryBackend::new(1 << 20).unwrap());
+        let mode = EmulatorMode::Async { latency: Duration::ZERO };
+        let (emu, (dev, space, _ctrl, mut q)) = setup_emulator(vec![rule], mode, backend);
+        let buf = DmaMemory::new(&space, &dev, 4096).unwrap();
+        let r = IoCommand::Read { nsid: 1, slba: 0, blocks: 8, iova: buf.iova(), len: 4096 };
+        q.submit(&r, 0).unwrap();
+        q.ring_doorbell(); // returns: the worker fetches the command, and panics
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !emu.thread.as_ref().is_some_and(|t| t.is_finished()) {
+            assert!(Instant::now() < deadline, "the worker thread did not panic");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert!(!q.has_completion());
+        assert_eq!(emu.counters().io_commands.load(Ordering::Relaxed), 1);
+    }
+
+    /// Submits `cmds` (contexts 0..n) with one doorbell; returns (context, status) in completion
+    /// order.
+    fn run_batch(q: &mut IoQueue<u32>, cmds: &[IoCommand]) -> Vec<(u32, u16)> {
+        for (i, c) in cmds.iter().enumerate() {
+            q.submit(c, i as u32).unwrap();
+        }
+        q.ring_doorbell();
+        wait_for(q, cmds.len())
+    }
+
+    fn wait_for(q: &mut IoQueue<u32>, n: usize) -> Vec<(u32, u16)> {
+        let mut done = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while done.len() < n {
+            assert!(Instant::now() < deadline, "only {} of {n} commands completed", done.len());
+            if q.reap(usize::MAX, |ctx, s, _| done.push((ctx, s))) == 0 {
+                std::thread::yield_now();
+            }
+        }
+        done
+    }
+
+    fn in_order(done: &[(u32, u16)]) -> bool {
+        done.windows(2).all(|w| w[0].0 < w[1].0)
+    }
+
+    #[test]
+    fn async_batch_completes_out_of_order_with_data_intact() {
+        let (dev, space, _ctrl, mut q) = setup_async(vec![], Duration::ZERO);
+        let src = DmaMemory::new(&space, &dev, 16 * 4096).unwrap();
+        let dst = DmaMemory::new(&space, &dev, 16 * 4096).unwrap();
+        for i in 0..16 {
+            src.mem().fill(i * 4096, 4096, 0x10 + i as u8);
+        }
+        dst.mem().fill(0, 16 * 4096, 0);
+        let at = |i: u64| (i * 24, i * 4096); // (slba, buffer offset): scattered LBAs
+        let writes: Vec<_> = (0..16)
+            .map(|i| {
+                let (slba, off) = at(i);
+                IoCommand::Write { nsid: 1, slba, blocks: 8, iova: src.iova() + off, len: 4096, fua: false }
+            })
+            .collect();
+        let reads: Vec<_> = (0..16)
+            .map(|i| {
+                let (slba, off) = at(i);
+                IoCommand::Read { nsid: 1, slba, blocks: 8, iova: dst.iova() + off, len: 4096 }
+            })
+            .collect();
+        let w = run_batch(&mut q, &writes);
+        let r = run_batch(&mut q, &reads);
+        for done in [&w, &r] {
+            assert!(done.iter().all(|&(_, s)| s == 0), "{done:?}");
+            let mut ids: Vec<u32> = done.iter().map(|&(c, _)| c).collect();
+            ids.sort_unstable();
+            assert_eq!(ids, (0..16).collect::<Vec<_>>(), "each command completed once");
+        }
+        assert!(!in_order(&w) || !in_order(&r), "completions in submission order: {w:?} {r:?}");
+        let mut out = vec![0u8; 4096];
+        for i in 0..16 {
+            dst.mem().copy_out(i * 4096, &mut out);
+            assert!(out.iter().all(|&b| b == 0x10 + i as u8), "block {i}");
+        }
+        assert_eq!(dev.dma_data_bytes(), Some(2 * 16 * 4096));
+    }
+
+    #[test]
+    fn async_dma_happens_at_completion_time() {
+        let faults = vec!["delay:1:150".parse().unwrap(), "delay:3:150".parse().unwrap()];
+        let (dev, space, _ctrl, mut q) = setup_async(faults, Duration::ZERO);
+        let buf = DmaMemory::new(&space, &dev, 3 * 4096).unwrap();
+        let (a, b, c) = (buf.iova(), buf.iova() + 4096, buf.iova() + 8192);
+        // A write (delayed): the data the host puts there after the doorbell is what the device
+        // stores, since it reads the buffer only when it completes the command.
+        buf.mem().fill(0, 4096, 0xaa);
+        q.submit(&IoCommand::Write { nsid: 1, slba: 40, blocks: 8, iova: a, len: 4096, fua: false }, 1)
+            .unwrap();
+        q.ring_doorbell();
+        buf.mem().fill(0, 4096, 0xbb);
+        assert_eq!(dev.dma_data_bytes(), Some(0), "no data moved at doorbell time");
+        assert_eq!(wait_for(&mut q, 1), [(1, 0)]);
+        assert_eq!(dev.dma_data_bytes(), Some(4096));
+        let read = |iova| IoCommand::Read { nsid: 1, slba: 40, blocks: 8, iova, len: 4096 };
+        assert_eq!(run_batch(&mut q, &[read(b)]), [(0, 0)]);
+        let mut out = vec![0u8; 4096];
+        buf.mem().copy_out(4096, &mut out);
+        assert!(out.iter().all(|&x| x == 0xbb), "the device saw the data written after the doorbell");
+        // A read (delayed): the host buffer stays untouched until the completion is posted.
+        buf.mem().fill(8192, 4096, 0x11);
+        q.submit(&read(c), 3).unwrap();
+        q.ring_doorbell();
+        std::thread::sleep(Duration::from_millis(20));
+        assert!(!q.has_completion());
+        buf.mem().copy_out(8192, &mut out);
+        assert!(out.iter().all(|&x| x == 0x11), "no DMA before the completion");
+        assert_eq!(wait_for(&mut q, 1), [(3, 0)]);
+        buf.mem().copy_out(8192, &mut out);
+        assert!(out.iter().all(|&x| x == 0xbb));
+    }
+
+    #[test]
+    fn async_faults_fail_and_hang() {
+        let faults = vec!["fail:1:2:0x80".parse().unwrap(), "hang:2".parse().unwrap()];
+        let (dev, space, _ctrl, mut q) = setup_async(faults, Duration::from_millis(2));
+        let buf = DmaMemory::new(&space, &dev, 4096).unwrap();
+        let r = IoCommand::Read { nsid: 1, slba: 0, blocks: 8, iova: buf.iova(), len: 4096 };
+        for (i, c) in [r, r, r].iter().enumerate() {
+            q.submit(c, i as u32).unwrap();
+        }
+        q.ring_doorbell();
+        let mut done = wait_for(&mut q, 2);
+        done.sort_unstable();
+        assert_eq!(done, [(0, status_field(2, 0x80)), (2, 0)]);
+        std::thread::sleep(Duration::from_millis(20));
+        assert!(!q.has_completion(), "the hung command never completes");
+        assert_eq!(dev.dma_data_bytes(), Some(4096), "only the successful read moved data");
+    }
+
+    #[test]
+    fn async_small_queue_completes_everything_once() {
+        let (dev, space, mut ctrl, _q) = setup_async(vec![], Duration::ZERO);
+        let qp = ctrl.create_io_queue(2, 4, None).unwrap();
+        let mut q = IoQueue::<u32>::new(qp, &dev, &space).unwrap();
+        const N: usize = 64;
+        let src = DmaMemory::new(&space, &dev, N * 4096).unwrap();
+        let dst = DmaMemory::new(&space, &dev, N * 4096).unwrap();
+        for i in 0..N {
+            src.mem().fill(i * 4096, 4096, i as u8 ^ 0x5a);
+        }
+        dst.mem().fill(0, N * 4096, 0);
+        let off = |i: usize| (i * 4096) as u64;
+        let writes = (0..N).map(|i| IoCommand::Write {
+            nsid: 1,
+            slba: i as u64 * 8,
+            blocks: 8,
+            iova: src.iova() + off(i),
+            len: 4096,
+            fua: false,
+        });
+        let reads = (0..N).map(|i| IoCommand::Read {
+            nsid: 1,
+            slba: i as u64 * 8,
+            blocks: 8,
+            iova: dst.iova() + off(i),
+            len: 4096,
+        });
+        // All writes, then all reads (no read overtakes the write of its blocks).
+        for cmds in [writes.collect::<Vec<_>>(), reads.collect()] {
+            let mut seen = [0u32; N];
+            let (mut next, mut done, mut reordered, mut last) = (0, 0, false, None);
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while done < N {
+                assert!(Instant::now() < deadline, "{done} of {N} completed");
+                while next < N && q.free_slots() > 0 {
+                    q.submit(&cmds[next], next as u32).unwrap();
+                    next += 1;
+                }
+                assert!(q.in_flight() <= 3, "depth 4 holds at most 3 commands");
+                q.ring_doorbell();
+                let n = q.reap(usize::MAX, |ctx, s, _| {
+                    assert_eq!(s, 0);
+                    seen[ctx as usize] += 1;
+                    reordered |= last.is_some_and(|l| l > ctx);
+                    last = Some(ctx);
+                });
+                done += n;
+                if n == 0 {
+                    std::thread::yield_now();
+                }
+            }
+            assert!(seen.iter().all(|&n| n == 1), "each command completed exactly once: {seen:?}");
+            assert!(reordered, "some completions out of order");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+        assert!(!q.has_completion(), "no extra completion");
+        let mut out = vec![0u8; 4096];
+        for i in 0..N {
+            dst.mem().copy_out(i * 4096, &mut out);
+            assert!(out.iter().all(|&b| b == i as u8 ^ 0x5a), "block {i}");
+        }
+    }
+
+    #[test]
+    fn async_full_cq_waits_for_the_head_doorbell() {
+        let (dev, space, mut ctrl, _q) = setup_async(vec![], Duration::ZERO);
+        // CQ 2 has 2 entries (room for one completion), SQ 2 has 8.
+        let cq = DmaMemory::new(&space, &dev, 4096).unwrap();
+        let sq = DmaMemory::new(&space, &dev, 4096).unwrap();
+        let data = DmaMemory::new(&space, &dev, 4096).unwrap();
+        let create = |opcode, prp1, size: u32, cdw11| NvmeCommand {
+            opcode,
+            prp1,
+            cdw10: ((size - 1) << 16) | 2,
+            cdw11,
+            ..Default::default()
+        };
+        ctrl.admin_command(create(admin::CREATE_CQ, cq.iova(), 2, 1)).unwrap();
+        ctrl.admin_command(create(admin::CREATE_SQ, sq.iova(), 8, (2 << 16) | 1)).unwrap();
+        for cid in 0..5u16 {
+            let cmd = NvmeCommand {
+                opcode: io::READ,
+                cid,
+                nsid: 1,
+                prp1: data.iova() + u64::from(cid) * 512,
+                cdw10: u32::from(cid),
+                ..Default::default()
+            };
+            sq.mem().write(usize::from(cid) * 64, cmd);
+        }
+        dev.write32(doorbell_offset(2, false, ctrl.dstrd()), 5);
+        let (mut head, mut phase, mut cids) = (0usize, true, Vec::new());
+        while cids.len() < 5 {
+            let deadline = Instant::now() + Duration::from_secs(5);
+            let c = loop {
+                let c: NvmeCompletion = cq.mem().read(head * 16);
+                if c.phase() == phase {
+                    break c;
+                }
+                assert!(Instant::now() < deadline, "completion {} missing", cids.len());
+                std::thread::yield_now();
+            };
+            assert_eq!(c.status_field(), 0);
+            cids.push(c.cid);
+            // The CQ is full: nothing more is posted, and no more data moves, until the head moves.
+            std::thread::sleep(Duration::from_millis(5));
+            assert_eq!(dev.dma_data_bytes(), Some(cids.len() as u64 * 512));
+            let other: NvmeCompletion = cq.mem().read((1 - head) * 16);
+            assert_ne!(other.phase(), if head == 0 { phase } else { !phase }, "posted into a full CQ");
+            head = (head + 1) % 2;
+            if head == 0 {
+                phase = !phase;
+            }
+            dev.write32(doorbell_offset(2, true, ctrl.dstrd()), head as u32);
+        }
+        cids.sort_unstable();
+        assert_eq!(cids, [0, 1, 2, 3, 4]);
+    }
+
+    /// Memory storage whose data transfers take `delay` each, counting them.
+    struct SlowBackend {
+        mem: MemoryBackend,
+        delay: Duration,
+        transfers: Arc<AtomicU64>,
+    }
+
+    impl Backend for SlowBackend {
+        fn size(&self) -> u64 {
+            self.mem.size()
+        }
+        unsafe fn read_into(&self, offset: u64, dst: *mut u8, len: usize) -> std::io::Result<()> {
+            self.transfers.fetch_add(1, Ordering::SeqCst);
+            std::thread::sleep(self.delay);
+            // SAFETY: forwarded with the caller's guarantee for `dst`.
+            unsafe { self.mem.read_into(offset, dst, len) }
+        }
+        unsafe fn write_from(&self, offset: u64, src: *const u8, len: usize) -> std::io::Result<()> {
+            self.transfers.fetch_add(1, Ordering::SeqCst);
+            std::thread::sleep(self.delay);
+            // SAFETY: forwarded with the caller's guarantee for `src`.
+            unsafe { self.mem.write_from(offset, src, len) }
+        }
+        fn flush(&self) -> std::io::Result<()> {
+            Ok(())
+        }
+        fn write_zeroes(&self, offset: u64, len: u64) -> std::io::Result<()> {
+            self.mem.write_zeroes(offset, len)
+        }
+    }
+
+    #[test]
+    fn async_reset_drops_fetched_commands_and_stops_their_dma() {
+        let transfers = Arc::new(AtomicU64::new(0));
+        let backend = SlowBackend {
+            mem: MemoryBackend::new(1 << 20).unwrap(),
+            delay: Duration::from_millis(15),
+            transfers: transfers.clone(),
+        };
+        let mode = EmulatorMode::Async { latency: Duration::ZERO };
+        let (dev, space, mut ctrl, mut q) = setup_with(vec![], mode, Box::new(backend));
+        let buf = DmaMemory::new(&space, &dev, 8 * 4096).unwrap();
+        for i in 0..8u64 {
+            let r =
+                IoCommand::Read { nsid: 1, slba: i * 8, blocks: 8, iova: buf.iova() + i * 4096, len: 4096 };
+            q.submit(&r, i as u32).unwrap();
+        }
+        q.ring_doorbell();
+        // Reset while the worker is inside a data transfer: the reset waits for it.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while transfers.load(Ordering::SeqCst) == 0 {
+            assert!(Instant::now() < deadline);
+            std::thread::yield_now();
+        }
+        ctrl.reset().unwrap();
+        let (bytes, moved) = (dev.dma_data_bytes().unwrap(), transfers.load(Ordering::SeqCst));
+        // Completions posted before the reset are still in the CQ; each matches its data.
+        let posted = q.reap(usize::MAX, |_, s, _| assert_eq!(s, 0)) as u64;
+        assert!((1..8).contains(&posted), "{posted} completed before the reset");
+        assert_eq!(bytes, posted * 4096, "data moved only for completed commands");
+        std::thread::sleep(Duration::from_millis(50));
+        assert!(!q.has_completion(), "a command fetched before the reset completed after it");
+        assert_eq!(dev.dma_data_bytes(), Some(bytes), "DMA after the reset");
+        assert_eq!(transfers.load(Ordering::SeqCst), moved);
+        drop(q.abandon_all());
+        // The controller works again after the reset, on a new queue.
+        assert_eq!(ctrl.request_io_queues(2).unwrap(), 2);
+        let qp = ctrl.create_io_queue(1, 8, None).unwrap();
+        let mut q = IoQueue::<u32>::new(qp, &dev, &space).unwrap();
+        let r = IoCommand::Read { nsid: 1, slba: 0, blocks: 8, iova: buf.iova(), len: 4096 };
+        assert_eq!(run_batch(&mut q, &[r]), [(0, 0)]);
     }
 }
