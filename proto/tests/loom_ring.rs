@@ -175,9 +175,10 @@ fn sleep_wake_handshake_loses_no_wakeup() {
     handshake_model(true);
 }
 
-/// The model is strong enough to catch the bug the fences prevent.
+/// The model is strong enough to catch the bug the fences prevent: the consumer sleeps forever
+/// (loom reports the deadlock: the producer finished, the consumer is blocked).
 #[test]
-#[should_panic]
+#[should_panic(expected = "deadlock; threads = [(Id(0), Blocked(Location(None))), (Id(1), Terminated)]")]
 fn without_the_fences_a_wakeup_is_lost() {
     handshake_model(false);
 }

@@ -113,5 +113,7 @@ fn jobs_as_processes_merge_their_latencies() {
 fn idle_broker_reports_its_cpu() {
     let r = run(&["--embedded", "--idle", "0.5", "--numjobs", "3"]);
     assert_eq!(r["clients"], 3);
-    assert!(r["broker_cpu_percent"].as_f64().unwrap() >= 0.0);
+    // An idle broker sleeps: well under a few percent of a core, whatever the machine.
+    let cpu = r["broker_cpu_percent"].as_f64().unwrap();
+    assert!((0.0..5.0).contains(&cpu), "idle broker used {cpu}% CPU");
 }

@@ -167,6 +167,7 @@ struct InFlight {
 
 struct State {
     cc: u32,
+    unmaps_by_thread: std::collections::BTreeMap<String, u64>,
     csts: u32,
     aqa: u32,
     asq: u64,
@@ -238,6 +239,7 @@ impl EmulatedController {
                 acq: 0,
                 intms: 0,
                 dma: IovaTable::default(),
+                unmaps_by_thread: Default::default(),
                 sqs: (0..=MAX_IO_QUEUES).map(|_| None).collect(),
                 cqs: (0..=MAX_IO_QUEUES).map(|_| None).collect(),
                 granted: 0,
@@ -291,6 +293,12 @@ impl EmulatedController {
     /// Live DMA mappings (for leak checks).
     pub fn mapping_count(&self) -> usize {
         self.inner.lock().dma.len()
+    }
+
+    /// DMA unmaps so far, by the name of the thread that asked (to check which thread pays
+    /// for unmapping).
+    pub fn unmaps_by_thread(&self) -> std::collections::BTreeMap<String, u64> {
+        self.inner.lock().unmaps_by_thread.clone()
     }
 }
 
@@ -1046,7 +1054,10 @@ impl NvmeDevice for EmulatedController {
     }
 
     fn dma_unmap(&self, iova: u64, len: u64) -> Result<(), DeviceError> {
-        self.inner.lock().dma.remove(iova, len)
+        let thread = std::thread::current().name().unwrap_or("unnamed").to_string();
+        let mut st = self.inner.lock();
+        *st.unmaps_by_thread.entry(thread).or_default() += 1;
+        st.dma.remove(iova, len)
     }
 
     fn iova_ranges(&self) -> Vec<RangeInclusive<u64>> {

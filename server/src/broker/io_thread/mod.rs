@@ -225,7 +225,9 @@ impl IoThread {
             work |= self.reap() > 0;
             self.publish_completions();
             self.release_closed_sessions();
-            if self.shutdown.is_some() && self.sessions.is_empty() && self.dq.queue.in_flight() == 0 {
+            // Commands of a device that never stopped are not waited for: they never end.
+            let drained = self.dq.queue.in_flight() == 0 || !self.dma_stopped;
+            if self.shutdown.is_some() && self.sessions.is_empty() && drained {
                 self.stop();
                 return;
             }

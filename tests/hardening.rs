@@ -1,0 +1,787 @@
+//! Regression tests for the defects that let one client hurt the broker or other tenants
+//! (resource exhaustion, descriptor leaks, lock-outs, stalls, starvation, unsafe resets), each
+//! against a real `nvmed` process unless it needs to look inside the broker.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::unix::process::CommandExt;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::*;
+use nvmed_client::testkit::random_write_read;
+use nvmed_client::{BrokerStatus, Error, Io, NvmeRing, RingOptions, Status};
+use nvmed_proto::control::{decode, encode};
+use nvmed_proto::transport;
+use nvmed_proto::{ControlError, Request, Response, RingFault};
+
+const MIB: u64 = 1 << 20;
+
+fn pid(broker: &TestBroker) -> u32 {
+    broker.child.as_ref().unwrap().id()
+}
+
+fn open_fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap().count()
+}
+
+fn mappings(pid: u32) -> usize {
+    std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap().lines().count()
+}
+
+/// CPU time (user + system) of a process, in clock ticks.
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let after_comm = &stat[stat.rfind(')').unwrap() + 2..];
+    let f: Vec<&str> = after_comm.split_whitespace().collect();
+    f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap() // utime, stime
+}
+
+fn sealed_memfd(len: u64) -> memfd::Memfd {
+    let m = memfd::MemfdOptions::new().allow_sealing(true).create("buf").unwrap();
+    m.as_file().set_len(len).unwrap();
+    m.add_seals(&[memfd::FileSeal::SealShrink]).unwrap();
+    m
+}
+
+fn raw_connect(path: &std::path::Path) -> OwnedFd {
+    use nix::sys::socket::{connect, UnixAddr};
+    let s = socket_fd();
+    connect(s.as_raw_fd(), &UnixAddr::new(path).unwrap()).unwrap();
+    s
+}
+
+fn socket_fd() -> OwnedFd {
+    use nix::sys::socket::*;
+    socket(AddressFamily::Unix, SockType::SeqPacket, SockFlag::SOCK_CLOEXEC, None).unwrap()
+}
+
+fn raw_call(s: &OwnedFd, bytes: &[u8], fds: &[std::os::fd::BorrowedFd<'_>]) -> Response {
+    transport::send(s.as_fd(), bytes, fds).unwrap();
+    decode(&transport::recv(s.as_fd()).unwrap().bytes).unwrap()
+}
+
+fn hello(s: &OwnedFd) -> Response {
+    raw_call(s, &encode(&Request::Hello { version: 1, client_name: "raw".into() }), &[])
+}
+
+/// The broker is alive and a new client can do verified I/O.
+fn others_unaffected(broker: &mut TestBroker) {
+    assert!(broker.alive(), "the broker died");
+    let mut ring = broker.connect();
+    let ns = ring.namespaces()[0].nsid;
+    let buf = ring.alloc_buffer(8192).unwrap();
+    pattern(9, ring.buffer_mut(buf, 0, 4096).unwrap());
+    ring.write(ns, MIB, buf, 0, 4096).unwrap();
+    ring.read(ns, MIB, buf, 4096, 4096).unwrap();
+    assert_eq!(ring.buffer(buf, 0, 4096).unwrap(), ring.buffer(buf, 4096, 4096).unwrap());
+}
+
+// ---- Another uid, in a child process -----------------------------------------------------
+
+/// What [`uid_helper`] reports.
+struct Helper {
+    child: Child,
+    held: usize,
+    refusal: Option<String>,
+}
+
+impl Drop for Helper {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Runs [`uid_helper`] as `uid`: it takes up to `n` connections (`mode` "connections", never
+/// saying Hello) or sessions ("sessions") and holds them until killed.
+fn as_uid(uid: u32, socket: &std::path::Path, mode: &str, n: usize) -> Helper {
+    let mut child = Command::new(std::env::current_exe().unwrap())
+        .args(["--ignored", "--exact", "uid_helper", "--nocapture", "--test-threads=1"])
+        .env("NVMED_HELPER", format!("{mode}:{n}:{}", socket.display()))
+        .uid(uid)
+        .gid(uid)
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let out = BufReader::new(child.stdout.take().unwrap());
+    let (mut held, mut refusal) = (0, None);
+    for line in out.lines() {
+        let line = line.unwrap();
+        // The test harness may print "test uid_helper ... " on the same line first.
+        if let Some(i) = line.find("REFUSED ") {
+            refusal = Some(line[i + 8..].to_string());
+        }
+        if let Some(i) = line.find("HELD ") {
+            held = line[i + 5..].trim().parse().unwrap();
+            break;
+        }
+    }
+    Helper { child, held, refusal }
+}
+
+/// Not a test: the body of the child processes of [`as_uid`].
+#[test]
+#[ignore = "helper process of the per-uid tests; does something only when they spawn it"]
+fn uid_helper() {
+    let Ok(spec) = std::env::var("NVMED_HELPER") else { return };
+    let mut parts = spec.splitn(3, ':');
+    let (mode, n, socket) = (parts.next().unwrap(), parts.next().unwrap(), parts.next().unwrap());
+    let n: usize = n.parse().unwrap();
+    let socket = std::path::Path::new(socket);
+    let mut conns = Vec::new();
+    let mut rings = Vec::new();
+    if mode == "connections" {
+        conns = (0..n).map(|_| raw_connect(socket)).collect();
+        std::thread::sleep(Duration::from_millis(300));
+        // A refused connection has the broker's explanation waiting; an accepted one is silent.
+        conns.retain(|c| {
+            let mut p = [nix::poll::PollFd::new(c.as_fd(), nix::poll::PollFlags::POLLIN)];
+            if nix::poll::poll(&mut p, nix::poll::PollTimeout::ZERO).unwrap() == 0 {
+                return true;
+            }
+            if let Ok(m) = transport::recv(c.as_fd()) {
+                if let Ok(Response::Error(e)) = decode::<Response>(&m.bytes) {
+                    println!("REFUSED {e:?}");
+                }
+            }
+            false
+        });
+    } else {
+        for _ in 0..n {
+            match NvmeRing::open(socket) {
+                Ok(r) => rings.push(r),
+                Err(e) => {
+                    println!("REFUSED {e:?}");
+                    break;
+                }
+            }
+        }
+    }
+    println!("HELD {}", conns.len() + rings.len());
+    std::thread::sleep(Duration::from_secs(600));
+}
+
+// ---- 1. Mappings are bounded ------------------------------------------------------------
+
+#[test]
+fn registered_buffers_are_bounded_per_uid_and_in_all() {
+    let mut broker = TestBroker::start(&["--max-buffers-per-uid", "30"]);
+    let before = mappings(pid(&broker));
+    let mut a = broker.connect();
+    let mut b = broker.connect();
+    for i in 0..30 {
+        let r = if i % 2 == 0 { &mut a } else { &mut b };
+        r.alloc_buffer(4096).unwrap();
+    }
+    match a.alloc_buffer(4096) {
+        Err(Error::Refused(ControlError::UidLimit { uid: 0, what })) => {
+            assert!(what.contains("30 registered buffers per uid"), "{what}")
+        }
+        other => panic!("expected the per-uid buffer limit, got {other:?}"),
+    }
+    assert!(mappings(pid(&broker)) >= before + 30);
+    drop((a, b));
+    others_unaffected(&mut broker);
+
+    // Broker-wide (root's own per-uid limit set higher).
+    let mut broker = TestBroker::start(&["--max-buffers", "20", "--max-buffers-per-uid", "1000"]);
+    let mut a = broker.connect();
+    for _ in 0..20 {
+        a.alloc_buffer(4096).unwrap();
+    }
+    match a.alloc_buffer(4096) {
+        Err(Error::Refused(ControlError::ResourceExhausted(m))) => {
+            assert!(m.contains("at most 20 registered buffers for all clients"), "{m}")
+        }
+        other => panic!("expected the broker-wide buffer limit, got {other:?}"),
+    }
+    // Unregistering gives the mapping back (once the reaper has unmapped it).
+    let ids: Vec<u32> = (0..20).collect();
+    for id in ids {
+        let r = a.control(&Request::UnregisterBuffer { buffer_id: id }, &[]);
+        assert!(matches!(r, Ok(Response::BufferUnregistered)), "{r:?}");
+    }
+    let mut again = None;
+    wait_until("a buffer slot to come back", Duration::from_secs(5), || {
+        let m = sealed_memfd(4096);
+        again = Some(a.control(&Request::RegisterBuffer { offset: 0, len: 4096 }, &[m.as_file().as_fd()]));
+        matches!(again, Some(Ok(Response::BufferRegistered { .. })))
+    });
+    others_unaffected(&mut broker);
+}
+
+#[test]
+fn default_buffer_limit_leaves_room_in_vm_max_map_count() {
+    // The attack was 64 sessions x 1024 buffers from one uid: the per-uid default stops it at
+    // a quarter of half of vm.max_map_count, with a clear error, and the broker serves on.
+    let mut broker = TestBroker::start(&[]);
+    let per_uid = (nvmed_server::broker::max_map_count() / 2 / 4) as usize;
+    let mut rings: Vec<NvmeRing> = Vec::new();
+    let mut registered = 0;
+    let refusal = 'outer: loop {
+        let mut r = broker.connect();
+        for _ in 0..1024 {
+            let m = sealed_memfd(4096);
+            match r.control(&Request::RegisterBuffer { offset: 0, len: 4096 }, &[m.as_file().as_fd()]) {
+                Ok(Response::BufferRegistered { .. }) => registered += 1,
+                Ok(other) => panic!("{other:?}"),
+                Err(e) => break 'outer e,
+            }
+        }
+        rings.push(r);
+        assert!(rings.len() < 16, "no limit reached after {registered} buffers");
+    };
+    assert!(matches!(refusal, Error::Refused(ControlError::UidLimit { .. })), "{refusal:?}");
+    assert_eq!(registered, per_uid);
+    others_unaffected(&mut broker);
+}
+
+// ---- 2. Descriptors are never leaked ----------------------------------------------------
+
+#[test]
+fn fd_flood_leaves_no_descriptor_behind() {
+    let mut broker = TestBroker::start(&[]);
+    let s = raw_connect(&broker.socket);
+    assert!(matches!(hello(&s), Response::Hello { .. }));
+    let before = open_fds(pid(&broker));
+    // Five 32 MiB memfds per message: once, the broker kept four of them per message.
+    let memfds: Vec<memfd::Memfd> = (0..5).map(|_| sealed_memfd(32 * MIB)).collect();
+    let fds: Vec<_> = memfds.iter().map(|m| m.as_file().as_fd()).collect();
+    let reg = encode(&Request::RegisterBuffer { offset: 0, len: 4096 });
+    for i in 0..1000 {
+        let r = raw_call(&s, &reg, &fds);
+        assert_eq!(r, Response::Error(ControlError::TooManyFds { limit: 3 }), "message {i}");
+    }
+    // Junk with descriptors too, and more than the kernel lets one message carry.
+    for _ in 0..100 {
+        let r = raw_call(&s, &[0xff; 9], &fds[..2]);
+        assert!(matches!(r, Response::Error(_)), "{r:?}");
+    }
+    // The last message's descriptors close right after its answer is sent.
+    let p = pid(&broker);
+    wait_until("the broker to hold no received descriptor", Duration::from_secs(2), || open_fds(p) == before);
+    drop(s);
+    others_unaffected(&mut broker);
+}
+
+// ---- 3. Hugetlb memfds ------------------------------------------------------------------
+
+/// Makes sure two free 2 MiB huge pages exist; gives the old setting back on drop.
+struct HugePages(Option<String>);
+
+impl HugePages {
+    fn reserve() -> Result<Self, String> {
+        let free = || -> u64 {
+            let info = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+            info.lines()
+                .find_map(|l| l.strip_prefix("HugePages_Free:"))
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap_or(0)
+        };
+        if free() >= 2 {
+            return Ok(Self(None));
+        }
+        let path = "/proc/sys/vm/nr_hugepages";
+        let old = std::fs::read_to_string(path).map_err(|e| format!("{path}: {e}"))?;
+        let want = old.trim().parse::<u64>().unwrap_or(0) + 2;
+        let guard = Self(Some(old));
+        std::fs::write(path, want.to_string()).map_err(|e| format!("writing {path}: {e}"))?;
+        if free() < 2 {
+            return Err("the kernel could not reserve 2 huge pages".into());
+        }
+        Ok(guard)
+    }
+}
+
+impl Drop for HugePages {
+    fn drop(&mut self) {
+        if let Some(old) = &self.0 {
+            let _ = std::fs::write("/proc/sys/vm/nr_hugepages", old.trim());
+        }
+    }
+}
+
+#[test]
+fn hugetlb_memfds_register_only_whole_huge_pages() {
+    let _pages = match HugePages::reserve() {
+        Ok(p) => p,
+        Err(why) => {
+            println!("SKIPPED hugetlb_memfds_register_only_whole_huge_pages: {why}");
+            return;
+        }
+    };
+    let m = match memfd::MemfdOptions::new()
+        .allow_sealing(true)
+        .hugetlb(Some(memfd::HugetlbSize::Huge2MB))
+        .create("huge")
+    {
+        Ok(m) => m,
+        Err(e) => {
+            println!("SKIPPED hugetlb_memfds_register_only_whole_huge_pages: MFD_HUGETLB: {e}");
+            return;
+        }
+    };
+    m.as_file().set_len(2 * MIB).unwrap();
+    m.add_seals(&[memfd::FileSeal::SealShrink]).unwrap();
+    let mut broker = TestBroker::start(&[]);
+    let mut ring = broker.connect();
+    let fd = [m.as_file().as_fd()];
+    for (offset, len) in [(0, 4096), (0, 2 * MIB - 4096), (4096, 4096)] {
+        match ring.control(&Request::RegisterBuffer { offset, len }, &fd) {
+            Err(Error::Refused(ControlError::BadBufferLength { reason, .. })) => {
+                assert!(reason.contains("page size 2097152"), "{reason}")
+            }
+            other => panic!("expected a huge-page size refusal for {offset}+{len}, got {other:?}"),
+        }
+    }
+    // Whole huge pages work, and register/unregister cycles leave no mapping behind.
+    let cycle = |ring: &mut NvmeRing| {
+        let Ok(Response::BufferRegistered { buffer_id }) =
+            ring.control(&Request::RegisterBuffer { offset: 0, len: 2 * MIB }, &fd)
+        else {
+            panic!("a whole huge page was refused")
+        };
+        let r = ring.control(&Request::UnregisterBuffer { buffer_id }, &[]);
+        assert!(matches!(r, Ok(Response::BufferUnregistered)), "{r:?}");
+    };
+    cycle(&mut ring);
+    let p = pid(&broker);
+    let mut settled = 0;
+    wait_until("the reaper to finish", Duration::from_secs(5), || {
+        settled = mappings(p);
+        std::thread::sleep(Duration::from_millis(50));
+        settled == mappings(p)
+    });
+    for _ in 0..200 {
+        cycle(&mut ring);
+    }
+    wait_until("every huge-page mapping to be unmapped", Duration::from_secs(5), || mappings(p) <= settled);
+    others_unaffected(&mut broker);
+}
+
+// ---- 4. No uid can lock the others out ---------------------------------------------------
+
+#[test]
+fn one_uid_cannot_take_every_connection_or_session() {
+    let mut broker = TestBroker::start(&[
+        "--socket-mode",
+        "666",
+        "--max-sessions",
+        "8",
+        "--max-sessions-per-uid",
+        "3",
+        "--max-connections-per-uid",
+        "5",
+        "--hello-timeout-s",
+        "60",
+    ]);
+    // Idle connections: uid 1000 gets 5 and is refused the 6th, with the reason.
+    let c = as_uid(1000, &broker.socket, "connections", 8);
+    assert_eq!(c.held, 5);
+    let r = c.refusal.as_deref().unwrap_or("");
+    assert!(r.contains("UidLimit") && r.contains("1000") && r.contains("5 connections"), "{r}");
+    // Sessions: 3 per uid; with 8 in all and 2 kept for root, a third uid is refused.
+    let a = as_uid(1001, &broker.socket, "sessions", 4);
+    assert_eq!(a.held, 3);
+    assert!(a.refusal.as_deref().unwrap_or("").contains("UidLimit"), "{:?}", a.refusal);
+    let b = as_uid(1002, &broker.socket, "sessions", 3);
+    assert_eq!(b.held, 3);
+    let d = as_uid(1003, &broker.socket, "sessions", 1);
+    assert_eq!(d.held, 0);
+    assert!(d.refusal.as_deref().unwrap_or("").contains("kept for root"), "{:?}", d.refusal);
+    // Root still gets in, and does I/O.
+    others_unaffected(&mut broker);
+    drop((c, a, b, d));
+}
+
+#[test]
+fn silent_connections_are_closed_after_the_hello_deadline() {
+    let mut broker = TestBroker::start(&["--hello-timeout-s", "1"]);
+    let s = raw_connect(&broker.socket);
+    let start = Instant::now();
+    let m = transport::recv(s.as_fd()).expect("the broker explains before closing");
+    let waited = start.elapsed();
+    assert_eq!(
+        decode::<Response>(&m.bytes).unwrap(),
+        Response::Error(ControlError::HelloTimeout { seconds: 1 })
+    );
+    assert!(waited >= Duration::from_millis(900), "closed after {waited:?}");
+    assert!(matches!(transport::recv(s.as_fd()), Err(transport::TransportError::Closed)));
+    // A session that said Hello has no deadline afterwards.
+    let t = raw_connect(&broker.socket);
+    assert!(matches!(hello(&t), Response::Hello { .. }));
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(matches!(raw_call(&t, &encode(&Request::Stats), &[]), Response::Stats(_)));
+    others_unaffected(&mut broker);
+}
+
+// ---- 5. Requests larger than the device queue --------------------------------------------
+
+#[test]
+fn a_request_needing_more_commands_than_the_queue_holds_completes() {
+    // MDTS 8 KiB and a queue clamped to CAP.MQES (2048 entries): a 16 MiB read is 2048
+    // commands, more than the queue has slots. It once hung its ring at 100% CPU.
+    let mut broker = TestBroker::start(&["--mdts", "1", "--queue-depth", "65535", "--size", "64M"]);
+    let mut ring = broker.connect();
+    let ns = ring.namespaces()[0];
+    assert_eq!(ns.max_transfer, 16 << 20);
+    let buf = ring.alloc_buffer(16 << 20).unwrap();
+    pattern(3, ring.buffer_mut(buf, 0, 16 * MIB).unwrap());
+    ring.write(ns.nsid, 0, buf, 0, 16 << 20).unwrap();
+    ring.buffer_mut(buf, 0, 16 * MIB).unwrap().fill(0);
+    ring.read(ns.nsid, 0, buf, 0, 16 << 20).unwrap();
+    let mut want = vec![0u8; 16 << 20];
+    pattern(3, &mut want);
+    assert!(ring.buffer(buf, 0, 16 * MIB).unwrap() == want.as_slice(), "data differs");
+    others_unaffected(&mut broker);
+}
+
+#[test]
+fn tiny_queue_and_split_requests_on_an_asynchronous_device() {
+    // A queue of 4 entries (3 commands) on a device that completes out of order, later, with
+    // its DMA at completion time: every request completes exactly once, data intact.
+    let mut broker = TestBroker::start(&[
+        "--emulator-mode",
+        "async",
+        "--emulator-latency-us",
+        "50",
+        "--queue-depth",
+        "4",
+        "--mdts",
+        "1",
+    ]);
+    let mut ring = broker.connect();
+    assert!(ring.namespaces()[0].max_transfer >= 1 << 20);
+    random_write_read(&mut ring, (0, 8 * MIB), 11, 3);
+    // Requests of many pieces, several at once.
+    let ns = ring.namespaces()[0].nsid;
+    let buf = ring.alloc_buffer(4 << 20).unwrap();
+    pattern(12, ring.buffer_mut(buf, 0, 4 * MIB).unwrap());
+    for k in 0..4u64 {
+        ring.prep(Io::write(ns, 16 * MIB + k * MIB, 1 << 20, buf, k * MIB).user_data(k)).unwrap();
+    }
+    ring.submit().unwrap();
+    let mut out = Vec::new();
+    ring.wait(4, &mut out, Some(Duration::from_secs(30))).unwrap();
+    assert!(out.iter().all(|c| c.status.is_success()), "{out:?}");
+    let check = ring.alloc_buffer(4 << 20).unwrap();
+    ring.read(ns, 16 * MIB, check, 0, 4 << 20).unwrap();
+    assert_eq!(ring.buffer(check, 0, 4 * MIB).unwrap(), ring.buffer(buf, 0, 4 * MIB).unwrap());
+    others_unaffected(&mut broker);
+}
+
+// ---- 6. A client that never reaps costs nothing -----------------------------------------
+
+#[test]
+fn a_client_that_never_reaps_leaves_the_broker_idle_and_is_served_when_it_does() {
+    let mut broker = TestBroker::start(&[]);
+    let mut ring = broker.connect_with(16, 16);
+    for i in 0..16 {
+        ring.prep(Io::nop().user_data(i)).unwrap();
+    }
+    ring.submit().unwrap();
+    let cq_tail =
+        |r: &NvmeRing| r.ring_memory().load_u32(nvmed_proto::layout::CQ_TAIL_OFFSET, Ordering::Acquire);
+    wait_until("the CQ to fill", Duration::from_secs(5), || cq_tail(&ring) == 16);
+    // 16 more that cannot be taken until the client reaps.
+    for i in 16..32 {
+        ring.prep(Io::nop().user_data(i)).unwrap();
+    }
+    ring.submit().unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let p = pid(&broker);
+    let (t0, c0) = (Instant::now(), cpu_ticks(p));
+    std::thread::sleep(Duration::from_secs(2));
+    let ticks = cpu_ticks(p) - c0;
+    let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK).unwrap().unwrap() as f64;
+    let percent = ticks as f64 / hz / t0.elapsed().as_secs_f64() * 100.0;
+    assert!(percent < 5.0, "a broker blocked on a full CQ used {percent:.1}% CPU");
+    // Reaping frees the CQ; the broker is woken and completes the rest.
+    let mut out = Vec::new();
+    ring.wait(32, &mut out, Some(Duration::from_secs(5))).unwrap();
+    assert_eq!(out.len(), 32);
+    others_unaffected(&mut broker);
+}
+
+// ---- 7. No starvation ------------------------------------------------------------------
+
+#[test]
+fn a_deep_tenant_cannot_starve_a_shallow_one() {
+    let mut broker = TestBroker::start(&[
+        "--emulator-mode",
+        "async",
+        "--emulator-latency-us",
+        "200",
+        "--queue-depth",
+        "32",
+    ]);
+    // The deep tenant connects first (the lower session key was always served first).
+    let mut deep = broker.connect_with(256, 512);
+    let stop = Arc::new(AtomicBool::new(false));
+    let max_in_flight = Arc::new(AtomicU64::new(0));
+    let deep_thread = {
+        let (stop, max_in_flight) = (stop.clone(), max_in_flight.clone());
+        std::thread::spawn(move || {
+            let ns = deep.namespaces()[0].nsid;
+            let buf = deep.alloc_buffer(256 * 4096).unwrap();
+            let mut out = Vec::new();
+            let mut n = 0u64;
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
+                while deep.in_flight() < 256 {
+                    deep.prep(Io::read(ns, (n % 1024) * 4096, 4096, buf, (n % 256) * 4096).user_data(n))
+                        .unwrap();
+                    n += 1;
+                }
+                deep.submit().unwrap();
+                out.clear();
+                deep.wait(1, &mut out, None).unwrap();
+                if n.is_multiple_of(512) {
+                    let s = deep.stats().unwrap();
+                    max_in_flight.fetch_max(s.in_flight, Ordering::Relaxed);
+                }
+            }
+            stop.load(Ordering::Relaxed)
+        })
+    };
+    std::thread::sleep(Duration::from_millis(300));
+    let mut shallow = broker.connect();
+    let ns = shallow.namespaces()[0].nsid;
+    let buf = shallow.alloc_buffer(4096).unwrap();
+    for i in 0..100u64 {
+        shallow.read(ns, 8 * MIB + i * 4096, buf, 0, 4096).unwrap();
+    }
+    stop.store(true, Ordering::Relaxed);
+    let deep_still_running = deep_thread.join().unwrap();
+    assert!(deep_still_running, "the shallow tenant finished only after the deep one stopped");
+    let max = max_in_flight.load(Ordering::Relaxed);
+    // 31 usable slots; one session may hold at most 31 - 31/4 = 24 of them.
+    assert!(max > 0 && max <= 24, "the deep tenant held {max} device slots");
+    others_unaffected(&mut broker);
+}
+
+// ---- 9. Resets never report I/O finished while the device may still write --------------
+
+#[test]
+fn a_controller_stopped_only_by_bus_master_fails_its_commands_and_frees_buffers() {
+    let mut broker =
+        TestBroker::start(&["--inject", "hang:2", "--io-timeout-ms", "300", "--emulator-wedge", "reset"]);
+    let mut ring = broker.connect();
+    let ns = ring.namespaces()[0].nsid;
+    let buf = ring.alloc_buffer(8192).unwrap();
+    ring.write(ns, 0, buf, 0, 4096).unwrap();
+    // The second command hangs; the reset cannot disable the controller, but clearing Bus
+    // Master Enable stops its DMA, so the command may be failed.
+    match ring.read(ns, 0, buf, 0, 4096) {
+        Err(Error::Io(Status::Broker(BrokerStatus::DeviceReset))) => {}
+        other => panic!("expected DeviceReset, got {other:?}"),
+    }
+    // The controller never came back: later I/O fails at once, without reaching it.
+    match ring.read(ns, 0, buf, 0, 4096) {
+        Err(Error::Io(Status::Broker(BrokerStatus::DeviceFault))) => {}
+        other => panic!("expected DeviceFault, got {other:?}"),
+    }
+    drop(ring);
+    let mut probe = broker.connect();
+    wait_until("the session's buffers to be released", Duration::from_secs(5), || {
+        probe.stats().unwrap().broker_buffer_iova_bytes == 0
+    });
+    drop(probe);
+    assert!(broker.stop(), "nvmed did not shut down cleanly");
+}
+
+#[test]
+fn a_controller_that_cannot_be_stopped_never_completes_its_commands() {
+    let mut broker = TestBroker::start(&[
+        "--inject",
+        "hang:1",
+        "--io-timeout-ms",
+        "300",
+        "--emulator-wedge",
+        "reset-and-bus-master",
+    ]);
+    let mut ring = broker.connect();
+    let ns = ring.namespaces()[0].nsid;
+    let buf = ring.alloc_buffer(1 << 20).unwrap();
+    ring.prep(Io::read(ns, 0, 4096, buf, 0).user_data(1)).unwrap();
+    ring.submit().unwrap();
+    let mut out = Vec::new();
+    // Neither a reset nor clearing bus mastering is confirmed: the device may still write
+    // into the buffer, so the read must never be reported finished. The ring is faulted.
+    match ring.wait(1, &mut out, Some(Duration::from_secs(10))) {
+        Err(Error::RingFaulted(Some(RingFault::DeviceFailed))) => {}
+        other => panic!("expected the ring to fail with DeviceFailed, got {other:?} ({out:?})"),
+    }
+    assert!(out.is_empty(), "a command of an unstoppable device was reported finished: {out:?}");
+    drop(ring);
+    // Its buffer stays mapped for the device (pinned) even though the client left.
+    let mut probe = broker.connect();
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        probe.stats().unwrap().broker_buffer_iova_bytes >= MIB,
+        "a buffer the device may write was unmapped"
+    );
+    drop(probe);
+    assert!(broker.stop(), "nvmed did not shut down after a failed device");
+}
+
+#[test]
+fn a_reset_on_an_asynchronous_device_resumes_io() {
+    let mut broker = TestBroker::start(&[
+        "--emulator-mode",
+        "async",
+        "--emulator-latency-us",
+        "20",
+        "--inject",
+        "hang:40",
+        "--io-timeout-ms",
+        "300",
+        "--queue-depth",
+        "8",
+    ]);
+    let mut ring = broker.connect();
+    let ns = ring.namespaces()[0].nsid;
+    let buf = ring.alloc_buffer(64 * 4096).unwrap();
+    for i in 0..64u64 {
+        ring.prep(Io::write(ns, i * 4096, 4096, buf, i * 4096).user_data(i)).unwrap();
+    }
+    ring.submit().unwrap();
+    let mut out = Vec::new();
+    ring.wait(64, &mut out, Some(Duration::from_secs(20))).unwrap();
+    let reset = out.iter().filter(|c| c.status == Status::Broker(BrokerStatus::DeviceReset)).count();
+    assert!(reset >= 1, "the hung command was not failed by the reset");
+    assert!(out
+        .iter()
+        .all(|c| c.status.is_success() || c.status == Status::Broker(BrokerStatus::DeviceReset)));
+    // I/O works again after the reset.
+    random_write_read(&mut ring, (MIB, 4 * MIB), 21, 2);
+    others_unaffected(&mut broker);
+}
+
+// ---- 11. A panicking thread stops the process ------------------------------------------
+
+#[test]
+fn a_panicking_broker_thread_stops_the_process() {
+    for mode in ["sync", "async"] {
+        let mut broker = TestBroker::start(&["--emulator-mode", mode, "--inject", "panic:2"]);
+        let mut ring = broker.connect();
+        let ns = ring.namespaces()[0].nsid;
+        let buf = ring.alloc_buffer(4096).unwrap();
+        ring.write(ns, 0, buf, 0, 4096).unwrap();
+        let _ = ring.read(ns, 0, buf, 0, 4096); // the second command panics the controller
+        let mut child = broker.child.take().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let status = loop {
+            if let Some(s) = child.try_wait().unwrap() {
+                break s;
+            }
+            assert!(Instant::now() < deadline, "nvmed kept running after a thread panicked ({mode})");
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        use std::os::unix::process::ExitStatusExt;
+        assert_eq!(status.signal(), Some(libc::SIGABRT), "{mode}: {status:?}");
+    }
+}
+
+// ---- 13. A polling client learns that the broker is gone --------------------------------
+
+#[test]
+fn a_polling_client_learns_that_the_broker_died() {
+    let mut broker = TestBroker::start(&[]);
+    let mut ring = broker.connect();
+    let mut child = broker.child.take().unwrap();
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let mut out = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match ring.poll(&mut out) {
+            Ok(0) => assert!(Instant::now() < deadline, "poll never noticed the broker died"),
+            Err(Error::BrokerGone) => break,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+}
+
+// ---- 15. Small things -----------------------------------------------------------------
+
+#[test]
+fn empty_datagrams_and_the_ring_memfd_as_a_buffer_are_refused() {
+    let mut broker = TestBroker::start(&[]);
+    let s = raw_connect(&broker.socket);
+    assert!(matches!(hello(&s), Response::Hello { .. }));
+    // An empty datagram is answered, not taken for a close.
+    assert_eq!(raw_call(&s, &[], &[]), Response::Error(ControlError::Malformed("empty message".into())));
+    assert!(matches!(raw_call(&s, &encode(&Request::Stats), &[]), Response::Stats(_)));
+    // The session's own ring memfd cannot be registered as a DMA buffer.
+    transport::send(s.as_fd(), &encode(&Request::CreateRing { sq_entries: 16, cq_entries: 16 }), &[])
+        .unwrap();
+    let m = transport::recv(s.as_fd()).unwrap();
+    assert!(matches!(decode::<Response>(&m.bytes).unwrap(), Response::RingCreated { .. }));
+    let ring_fd = m.fds[0].as_fd();
+    let r = raw_call(&s, &encode(&Request::RegisterBuffer { offset: 0, len: 4096 }), &[ring_fd]);
+    match r {
+        Response::Error(ControlError::Malformed(m)) => assert!(m.contains("ring"), "{m}"),
+        other => panic!("the ring memfd was accepted as a buffer: {other:?}"),
+    }
+    others_unaffected(&mut broker);
+}
+
+#[test]
+fn the_client_library_cannot_be_confused_by_many_sessions_of_one_process() {
+    // Per-uid limits count every session of the uid, across connections of one process.
+    let broker = TestBroker::start(&["--max-sessions-per-uid", "2"]);
+    let _a = broker.connect();
+    let _b = NvmeRing::open_with(&broker.socket, RingOptions::default()).unwrap();
+    match NvmeRing::open(&broker.socket) {
+        Err(Error::Refused(ControlError::UidLimit { uid: 0, what })) => {
+            assert!(what.contains("2 sessions"), "{what}")
+        }
+        other => panic!("expected the per-uid session limit, got {other:?}"),
+    }
+}
+
+// ---- 8. Unmapping never runs on the I/O thread -----------------------------------------
+
+#[test]
+fn unmapping_happens_on_the_reaper_not_the_io_thread() {
+    use nvmed_server::broker::{Broker, BrokerConfig};
+    use nvmed_server::device::NvmeDevice;
+    use nvmed_server::emulator::backend::NullBackend;
+    use nvmed_server::emulator::{EmulatedController, EmulatedNamespace, EmulatorConfig};
+    let dir = scratch_dir();
+    let emu = Arc::new(
+        EmulatedController::new(EmulatorConfig {
+            namespaces: vec![EmulatedNamespace {
+                backend: Box::new(NullBackend::new(64 << 20)),
+                lba_size: 512,
+            }],
+            ..Default::default()
+        })
+        .unwrap(),
+    );
+    let device: Arc<dyn NvmeDevice> = emu.clone();
+    let broker = Broker::start(device, BrokerConfig::new(dir.join("s.sock"))).unwrap();
+    let mut ring = NvmeRing::open(dir.join("s.sock")).unwrap();
+    let ns = ring.namespaces()[0].nsid;
+    for _ in 0..20 {
+        let b = ring.alloc_buffer(1 << 20).unwrap();
+        ring.write(ns, 0, b, 0, 4096).unwrap();
+        ring.unregister_buffer(b).unwrap();
+    }
+    ring.alloc_buffer(1 << 20).unwrap();
+    drop(ring); // its last buffer goes with the session
+    wait_until("21 buffers unmapped", Duration::from_secs(5), || {
+        emu.unmaps_by_thread().values().sum::<u64>() >= 21
+    });
+    let by_thread = emu.unmaps_by_thread();
+    assert_eq!(by_thread.get("nvmed-reaper"), Some(&21), "{by_thread:?}");
+    assert!(!by_thread.contains_key("nvmed-io"), "the I/O thread unmapped buffers: {by_thread:?}");
+    broker.shutdown().unwrap();
+    let _ = std::fs::remove_dir_all(dir);
+}
