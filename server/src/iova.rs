@@ -277,6 +277,64 @@ mod tests {
         assert_eq!(a.alloc(0x10000, 0x10000), Some(0x10000));
     }
 
+    /// A device whose DMA unmap always fails.
+    struct StuckIommu;
+
+    impl NvmeDevice for StuckIommu {
+        fn name(&self) -> String {
+            "stuck".into()
+        }
+        fn read32(&self, _: u64) -> u32 {
+            0
+        }
+        fn write32(&self, _: u64, _: u32) {}
+        unsafe fn dma_map(&self, _: u64, _: *mut u8, _: u64) -> Result<(), DeviceError> {
+            Ok(())
+        }
+        fn dma_unmap(&self, iova: u64, len: u64) -> Result<(), DeviceError> {
+            Err(DeviceError::NotMapped { iova, len })
+        }
+        fn iova_ranges(&self) -> Vec<RangeInclusive<u64>> {
+            vec![0..=(1 << 40) - 1]
+        }
+        fn interrupt_vectors(&self) -> u16 {
+            0
+        }
+        fn interrupt_fd(&self, _: u16) -> Option<std::os::fd::BorrowedFd<'_>> {
+            None
+        }
+        fn function_reset(&self) -> Result<(), DeviceError> {
+            Ok(())
+        }
+        fn set_bus_master(&self, _: bool) -> Result<(), DeviceError> {
+            Ok(())
+        }
+    }
+
+    fn is_mapped(addr: usize) -> bool {
+        std::fs::read_to_string("/proc/self/maps").unwrap().lines().any(|l| {
+            let range = l.split(' ').next().unwrap();
+            let (a, b) = range.split_once('-').unwrap();
+            let (a, b) = (usize::from_str_radix(a, 16).unwrap(), usize::from_str_radix(b, 16).unwrap());
+            (a..b).contains(&addr)
+        })
+    }
+
+    #[test]
+    fn memory_the_device_may_still_reach_is_never_freed() {
+        let device: Arc<dyn NvmeDevice> = Arc::new(StuckIommu);
+        let space = Arc::new(IovaSpace::new(&device.iova_ranges()).unwrap());
+        let mem = DmaMemory::new(&space, &device, 3 * 4096).unwrap();
+        let addr = mem.mem().as_ptr() as usize;
+        let leaked_before = LEAKED_DMA_BYTES.load(std::sync::atomic::Ordering::Relaxed);
+        drop(mem);
+        // The unmap failed: the memory stays mapped (leaked on purpose) and the IOVA range
+        // stays reserved.
+        assert!(is_mapped(addr), "memory the device may still write was unmapped");
+        assert_eq!(space.used(Area::Internal), 3 * 4096);
+        assert!(LEAKED_DMA_BYTES.load(std::sync::atomic::Ordering::Relaxed) >= leaked_before + 3 * 4096);
+    }
+
     #[test]
     fn areas_respect_device_ranges() {
         // A hole where an MSI window would be, and a limit at 2^39.
