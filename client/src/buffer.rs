@@ -67,6 +67,16 @@ impl MemfdBuffer {
         &self.fd
     }
 
+    /// Volatile read of a segment list entry at `offset` (8-byte aligned).
+    pub(crate) fn read_segment(&self, offset: usize) -> nvmed_proto::Segment {
+        self.mem.read(offset)
+    }
+
+    /// Volatile write of a segment list entry at `offset` (8-byte aligned).
+    pub(crate) fn write_segment(&self, offset: usize, seg: nvmed_proto::Segment) {
+        self.mem.write(offset, seg)
+    }
+
     /// A shared view of `offset..offset+len`.
     ///
     /// # Safety

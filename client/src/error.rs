@@ -61,6 +61,9 @@ pub enum Error {
         /// Length.
         len: u64,
     },
+    /// A vectored request's segment list is not one the library can account for.
+    #[error("bad segment list: {0}")]
+    BadSegments(String),
     /// A synchronous helper's request completed with an error.
     #[error("I/O failed: {0}")]
     Io(Status),

@@ -19,6 +19,32 @@
 //! Safety model: while a request is in flight the device may write its buffer range at any
 //! time, so [`NvmeRing::buffer`] and [`NvmeRing::buffer_mut`] refuse ranges that overlap I/O in
 //! flight, and [`NvmeRing::unregister_buffer`] refuses buffers with I/O in flight.
+//!
+//! ## Vectored (scatter-gather) requests
+//!
+//! A [`Opcode::ReadV`] or [`Opcode::WriteV`] moves one extent of the namespace to or from up to
+//! [`MAX_SEGMENTS`] segments of any length and alignment, in any registered buffers (a VMM's
+//! guest RAM regions, say). The segments are listed as [`Segment`]s in a registered buffer the
+//! client owns; [`NvmeRing::prep_readv`] / [`NvmeRing::prep_writev`] write that list and queue
+//! the request in one call:
+//!
+//! ```no_run
+//! use nvmed_client::{IoSegment, NvmeRing};
+//! let mut ring = NvmeRing::open("/run/nvmed.sock")?;
+//! let ns = ring.namespaces()[0].nsid;
+//! let data = ring.alloc_buffer(1 << 20)?;
+//! let lists = ring.alloc_buffer(64 << 10)?;   // segment lists live here
+//! let segs = [IoSegment::new(data, 0x200, 1536), IoSegment::new(data, 0x9000, 2560)];
+//! ring.writev(ns, 0, &segs, lists, 0)?;       // 4096 bytes at namespace offset 0
+//! # Ok::<(), nvmed_client::Error>(())
+//! ```
+//!
+//! Borrow safety covers vectored requests too: until the completion, every segment's range
+//! and the list's own range count as in flight ([`NvmeRing::buffer`] refuses them, and a
+//! buffer holding any of them cannot be unregistered). [`NvmeRing::prep`] of a hand-made
+//! [`Io::readv`] reads the list back from the client's own buffer to learn those ranges, and
+//! refuses a list it cannot account for (unknown buffers, ranges outside their buffer, lengths
+//! that do not add up).
 
 mod buffer;
 mod error;
@@ -44,7 +70,9 @@ use nvmed_proto::ring::{completion_ring, submission_ring, Consumer, Producer, Sh
 use nvmed_proto::shm::SharedMemory;
 use nvmed_proto::wakeup::{announce_sleep, end_sleep, peer_flags, SharedFlags};
 use nvmed_proto::{transport, Cqe, Request, Response, RingFault, RingHeader, PROTOCOL_VERSION};
-pub use nvmed_proto::{BrokerStatus, NamespaceInfo, NvmeStatus, Opcode, Sqe, Stats, Status};
+pub use nvmed_proto::{
+    BrokerStatus, NamespaceInfo, NvmeStatus, Opcode, Segment, Sqe, Stats, Status, MAX_SEGMENTS,
+};
 use slab::Slab;
 
 /// Id of a registered buffer.
@@ -75,6 +103,27 @@ impl Default for RingOptions {
     }
 }
 
+/// One piece of a vectored request: `len` bytes at `offset` of a registered buffer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IoSegment {
+    /// The buffer.
+    pub buffer: BufferId,
+    /// Byte offset inside it (any alignment).
+    pub offset: u64,
+    /// Length in bytes (at least 1).
+    pub len: u32,
+}
+
+impl IoSegment {
+    /// `len` bytes at `offset` of `buffer`.
+    pub fn new(buffer: BufferId, offset: u64, len: u32) -> Self {
+        Self { buffer, offset, len }
+    }
+}
+
+/// Bytes one [`Segment`] takes in a segment list.
+pub const SEGMENT_SIZE: u64 = size_of::<Segment>() as u64;
+
 /// One request to prepare.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Io {
@@ -84,10 +133,13 @@ pub struct Io {
     pub nsid: u32,
     /// Byte offset on the namespace.
     pub offset: u64,
-    /// Length in bytes.
+    /// Length in bytes (of a vectored request: the sum of its segments' lengths).
     pub len: u32,
-    /// Buffer and offset inside it (reads and writes).
+    /// Buffer and offset inside it: of the data (reads and writes), or of the [`Segment`] list
+    /// (vectored reads and writes).
     pub buffer: Option<(BufferId, u64)>,
+    /// Number of segments in the list (vectored requests only, else 0).
+    pub segments: u16,
     /// Force unit access (writes, write zeroes).
     pub fua: bool,
     /// Returned in the completion.
@@ -103,9 +155,20 @@ impl Io {
             offset,
             len,
             buffer: Some((buffer, buf_offset)),
+            segments: 0,
             fua: false,
             user_data: 0,
         }
+    }
+    /// Vectored read of `len` bytes at `offset` into the `count` [`Segment`]s listed at
+    /// `list_offset` of buffer `list` (see [`NvmeRing::write_segments`]).
+    pub fn readv(nsid: u32, offset: u64, len: u32, list: BufferId, list_offset: u64, count: u16) -> Self {
+        Self { op: Opcode::ReadV, segments: count, ..Self::read(nsid, offset, len, list, list_offset) }
+    }
+    /// Vectored write of `len` bytes at `offset` from the `count` [`Segment`]s listed at
+    /// `list_offset` of buffer `list`.
+    pub fn writev(nsid: u32, offset: u64, len: u32, list: BufferId, list_offset: u64, count: u16) -> Self {
+        Self { op: Opcode::WriteV, ..Self::readv(nsid, offset, len, list, list_offset, count) }
     }
     /// Write `len` bytes at `offset` from `buffer` at `buf_offset`.
     pub fn write(nsid: u32, offset: u64, len: u32, buffer: BufferId, buf_offset: u64) -> Self {
@@ -113,7 +176,16 @@ impl Io {
     }
     /// Flush the namespace.
     pub fn flush(nsid: u32) -> Self {
-        Self { op: Opcode::Flush, nsid, offset: 0, len: 0, buffer: None, fua: false, user_data: 0 }
+        Self {
+            op: Opcode::Flush,
+            nsid,
+            offset: 0,
+            len: 0,
+            buffer: None,
+            segments: 0,
+            fua: false,
+            user_data: 0,
+        }
     }
     /// Write zeroes over `len` bytes at `offset`.
     pub fn write_zeroes(nsid: u32, offset: u64, len: u32) -> Self {
@@ -150,10 +222,32 @@ pub struct Completion {
     pub result: u32,
 }
 
+/// A buffer range a request uses: buffer id, offset, len.
+type Range = (u32, u64, u64);
+
+/// The buffer ranges of a request in flight.
+#[derive(Debug)]
+enum Ranges {
+    None,
+    One(Range),
+    /// A vectored request: its segment list and each segment.
+    Many(Vec<Range>),
+}
+
+impl Ranges {
+    fn as_slice(&self) -> &[Range] {
+        match self {
+            Ranges::None => &[],
+            Ranges::One(r) => std::slice::from_ref(r),
+            Ranges::Many(v) => v,
+        }
+    }
+}
+
 #[derive(Debug)]
 struct Pending {
     user_data: u64,
-    range: Option<(u32, u64, u64)>, // buffer id, offset, len
+    ranges: Ranges,
 }
 
 /// Registered buffers by id. Ids are small dense integers the broker hands out, so a vector
@@ -203,6 +297,8 @@ pub struct NvmeRing {
     complete_fd: OwnedFd,
     buffers: BufferTable,
     pending: Slab<Pending>,
+    /// Range lists of finished vectored requests, reused so steady-state I/O allocates nothing.
+    spare_ranges: Vec<Vec<Range>>,
     spin: Duration,
     /// Consecutive polls that found nothing (see [`NvmeRing::poll`]).
     empty_polls: u32,
@@ -260,6 +356,7 @@ impl NvmeRing {
             complete_fd,
             buffers: BufferTable::default(),
             pending: Slab::with_capacity(sq_entries as usize),
+            spare_ranges: Vec::new(),
             spin: opts.spin,
             empty_polls: 0,
         })
@@ -321,7 +418,10 @@ impl NvmeRing {
         }
         if b.in_flight > 0 {
             let overlaps = self.pending.iter().any(|(_, p)| {
-                p.range.is_some_and(|(bid, o, l)| bid == id.0 && o < offset + len && offset < o + l)
+                p.ranges
+                    .as_slice()
+                    .iter()
+                    .any(|&(bid, o, l)| bid == id.0 && o < offset + len && offset < o + l)
             });
             if overlaps {
                 return Err(Error::InFlight { id: id.0, offset, len });
@@ -346,25 +446,43 @@ impl NvmeRing {
         Ok(unsafe { b.mem.slice_mut(offset as usize, len as usize) })
     }
 
+    /// Checks that `offset + len` lies inside buffer `id`.
+    fn in_buffer(&self, id: u32, offset: u64, len: u64) -> Result<()> {
+        let b = self.buffers.get(&id).ok_or(Error::UnknownBuffer(id))?;
+        let size = b.mem.len() as u64;
+        if offset.checked_add(len).is_none_or(|e| e > size) {
+            return Err(Error::OutOfBuffer { id, offset, len, size });
+        }
+        Ok(())
+    }
+
     /// Queues a request (not yet visible to the broker until [`NvmeRing::submit`]).
+    ///
+    /// For a vectored request ([`Io::readv`], [`Io::writev`]) the segment list must already be
+    /// in the named buffer ([`NvmeRing::write_segments`]); it is read back here to account for
+    /// the ranges the request uses, and refused if it is not sound.
     pub fn prep(&mut self, io: Io) -> Result<()> {
-        let mut range = None;
+        let mut ranges = Ranges::None;
         let (buf_id, buf_offset) = match io.buffer {
+            Some((id, off)) if io.op.is_vectored() => {
+                ranges = Ranges::Many(self.segment_ranges(id, off, io.segments, io.len)?);
+                (id.0, off)
+            }
             Some((id, off)) => {
                 // Only the range check: overlapping requests on one buffer are the caller's business.
-                let b = self.buffers.get(&id.0).ok_or(Error::UnknownBuffer(id.0))?;
-                let size = b.mem.len() as u64;
-                if off.checked_add(u64::from(io.len)).is_none_or(|e| e > size) {
-                    return Err(Error::OutOfBuffer { id: id.0, offset: off, len: u64::from(io.len), size });
-                }
-                range = Some((id.0, off, u64::from(io.len)));
+                self.in_buffer(id.0, off, u64::from(io.len))?;
+                ranges = Ranges::One((id.0, off, u64::from(io.len)));
                 (id.0, off)
+            }
+            None if io.op.is_vectored() => {
+                return Err(Error::BadSegments("a vectored request needs a segment list".into()))
             }
             None => (0, 0),
         };
         let sqe = Sqe {
             opcode: io.op as u8,
             flags: if io.fua { nvmed_proto::SQE_FLAG_FUA } else { 0 },
+            segments: if io.op.is_vectored() { io.segments } else { 0 },
             nsid: io.nsid,
             offset: io.offset,
             len: io.len,
@@ -373,7 +491,130 @@ impl NvmeRing {
             user_data: io.user_data,
             ..Sqe::default()
         };
-        self.push(sqe, range)
+        self.push(sqe, ranges)
+    }
+
+    /// The ranges a vectored request uses: its list, then each segment (read back from the
+    /// list in this client's own buffer), checked as the broker will check them.
+    fn segment_ranges(
+        &mut self,
+        list: BufferId,
+        list_offset: u64,
+        count: u16,
+        len: u32,
+    ) -> Result<Vec<Range>> {
+        if count == 0 || count > MAX_SEGMENTS {
+            return Err(Error::BadSegments(format!("{count} segments (1 to {MAX_SEGMENTS} allowed)")));
+        }
+        if !list_offset.is_multiple_of(8) {
+            return Err(Error::BadSegments(format!("list offset {list_offset} is not 8-byte aligned")));
+        }
+        let list_len = u64::from(count) * SEGMENT_SIZE;
+        self.in_buffer(list.0, list_offset, list_len)?;
+        // Range lists of finished requests are reused: no allocation once warmed up.
+        let mut ranges = self.spare_ranges.pop().unwrap_or_default();
+        ranges.clear();
+        ranges.reserve(usize::from(count) + 1);
+        ranges.push((list.0, list_offset, list_len));
+        match self.read_segments(list, list_offset, count, len, &mut ranges) {
+            Ok(()) => Ok(ranges),
+            Err(e) => {
+                self.spare_ranges.push(ranges);
+                Err(e)
+            }
+        }
+    }
+
+    fn read_segments(
+        &self,
+        list: BufferId,
+        list_offset: u64,
+        count: u16,
+        len: u32,
+        ranges: &mut Vec<Range>,
+    ) -> Result<()> {
+        let mem = &self.buffers.get(&list.0).expect("checked by the caller").mem;
+        let mut total = 0u64;
+        for i in 0..u64::from(count) {
+            let seg = mem.read_segment((list_offset + i * SEGMENT_SIZE) as usize);
+            if seg.len == 0 || seg.reserved0 != 0 || seg.reserved1 != 0 {
+                return Err(Error::BadSegments(format!("segment {i} is empty or has reserved bits set")));
+            }
+            self.in_buffer(seg.buf_id, seg.offset, u64::from(seg.len))?;
+            total += u64::from(seg.len);
+            ranges.push((seg.buf_id, seg.offset, u64::from(seg.len)));
+        }
+        if total != u64::from(len) {
+            return Err(Error::BadSegments(format!(
+                "segments add up to {total} bytes, the request is {len}"
+            )));
+        }
+        Ok(())
+    }
+
+    /// Writes `segments` as a [`Segment`] list at `list_offset` (8-byte aligned) of buffer
+    /// `list`; returns their total length. Refused while I/O in flight uses that range.
+    pub fn write_segments(
+        &mut self,
+        list: BufferId,
+        list_offset: u64,
+        segments: &[IoSegment],
+    ) -> Result<u32> {
+        if segments.is_empty() || segments.len() > usize::from(MAX_SEGMENTS) {
+            return Err(Error::BadSegments(format!(
+                "{} segments (1 to {MAX_SEGMENTS} allowed)",
+                segments.len()
+            )));
+        }
+        if !list_offset.is_multiple_of(8) {
+            return Err(Error::BadSegments(format!("list offset {list_offset} is not 8-byte aligned")));
+        }
+        let mut total = 0u64;
+        for s in segments {
+            self.in_buffer(s.buffer.0, s.offset, u64::from(s.len))?;
+            total += u64::from(s.len);
+        }
+        let total = u32::try_from(total)
+            .map_err(|_| Error::BadSegments(format!("segments add up to {total} bytes, above 4 GiB")))?;
+        let list_len = segments.len() as u64 * SEGMENT_SIZE;
+        self.check_range(list, list_offset, list_len)?;
+        let mem = &self.buffers.get(&list.0).expect("checked above").mem;
+        for (i, s) in segments.iter().enumerate() {
+            let seg = Segment::new(s.buffer.0, s.offset, s.len);
+            mem.write_segment((list_offset + i as u64 * SEGMENT_SIZE) as usize, seg);
+        }
+        Ok(total)
+    }
+
+    /// Writes the segment list (see [`NvmeRing::write_segments`]) and queues a vectored read
+    /// of the segments' total length at `offset` of the namespace into them.
+    pub fn prep_readv(
+        &mut self,
+        nsid: u32,
+        offset: u64,
+        segments: &[IoSegment],
+        list: BufferId,
+        list_offset: u64,
+        user_data: u64,
+    ) -> Result<()> {
+        let len = self.write_segments(list, list_offset, segments)?;
+        let io = Io::readv(nsid, offset, len, list, list_offset, segments.len() as u16);
+        self.prep(io.user_data(user_data))
+    }
+
+    /// As [`NvmeRing::prep_readv`], for a vectored write from the segments.
+    pub fn prep_writev(
+        &mut self,
+        nsid: u32,
+        offset: u64,
+        segments: &[IoSegment],
+        list: BufferId,
+        list_offset: u64,
+        user_data: u64,
+    ) -> Result<()> {
+        let len = self.write_segments(list, list_offset, segments)?;
+        let io = Io::writev(nsid, offset, len, list, list_offset, segments.len() as u16);
+        self.prep(io.user_data(user_data))
     }
 
     /// Queues a raw entry, bypassing the library's checks (for testing the broker).
@@ -383,19 +624,19 @@ impl NvmeRing {
     /// caller must not hold or take views ([`NvmeRing::buffer`]) of memory it may touch until it
     /// completes.
     pub unsafe fn prep_raw(&mut self, sqe: Sqe) -> Result<()> {
-        self.push(sqe, None)
+        self.push(sqe, Ranges::None)
     }
 
-    fn push(&mut self, mut sqe: Sqe, range: Option<(u32, u64, u64)>) -> Result<()> {
+    fn push(&mut self, mut sqe: Sqe, ranges: Ranges) -> Result<()> {
         if self.sq.free_at_least(1).map_err(|_| Error::RingFaulted(None))? == 0 {
             return Err(Error::SqFull);
         }
-        let tag = self.pending.insert(Pending { user_data: sqe.user_data, range });
-        sqe.user_data = tag as u64;
-        self.sq.push_unchecked(sqe);
-        if let Some((id, _, _)) = range {
+        for &(id, _, _) in ranges.as_slice() {
             self.buffers.get_mut(&id).unwrap().in_flight += 1;
         }
+        let tag = self.pending.insert(Pending { user_data: sqe.user_data, ranges });
+        sqe.user_data = tag as u64;
+        self.sq.push_unchecked(sqe);
         Ok(())
     }
 
@@ -459,10 +700,13 @@ impl NvmeRing {
             let Some(p) = self.pending.try_remove(cqe.user_data as usize) else {
                 return Err(Error::Protocol(format!("completion for unknown tag {}", cqe.user_data)));
             };
-            if let Some((id, _, _)) = p.range {
+            for &(id, _, _) in p.ranges.as_slice() {
                 if let Some(b) = self.buffers.get_mut(&id) {
                     b.in_flight -= 1;
                 }
+            }
+            if let Ranges::Many(v) = p.ranges {
+                self.spare_ranges.push(v);
             }
             out.push(Completion {
                 user_data: p.user_data,
@@ -564,6 +808,35 @@ impl NvmeRing {
     /// Synchronous write.
     pub fn write(&mut self, nsid: u32, offset: u64, buf: BufferId, buf_offset: u64, len: u32) -> Result<()> {
         self.run_one(Io::write(nsid, offset, len, buf, buf_offset)).map(drop)
+    }
+
+    /// Synchronous vectored read into `segments`, whose list is written at `list_offset` of
+    /// buffer `list`.
+    pub fn readv(
+        &mut self,
+        nsid: u32,
+        offset: u64,
+        segments: &[IoSegment],
+        list: BufferId,
+        list_offset: u64,
+    ) -> Result<()> {
+        let len = self.write_segments(list, list_offset, segments)?;
+        let io = Io::readv(nsid, offset, len, list, list_offset, segments.len() as u16);
+        self.run_one(io).map(drop)
+    }
+
+    /// Synchronous vectored write from `segments` (list written as for [`NvmeRing::readv`]).
+    pub fn writev(
+        &mut self,
+        nsid: u32,
+        offset: u64,
+        segments: &[IoSegment],
+        list: BufferId,
+        list_offset: u64,
+    ) -> Result<()> {
+        let len = self.write_segments(list, list_offset, segments)?;
+        let io = Io::writev(nsid, offset, len, list, list_offset, segments.len() as u16);
+        self.run_one(io).map(drop)
     }
 
     /// Synchronous flush.

@@ -129,6 +129,9 @@ pub struct Stats {
     pub buffers: u64,
     /// Bytes registered by this session.
     pub buffer_bytes: u64,
+    /// Bytes of this session's vectored requests the broker copied through its bounce buffers
+    /// (segment layouts the device could take neither as PRPs nor as SGLs).
+    pub bounced_bytes: u64,
     /// Data bytes the device moved by DMA to or from host memory, for all clients, when the
     /// device counts them (the emulated controller does). Equal to the bytes read and written:
     /// the broker copies no data, the device reaches client buffers directly.
@@ -137,6 +140,12 @@ pub struct Stats {
     pub broker_sessions: u64,
     /// Bytes of IOVA space the broker has mapped for client buffers.
     pub broker_buffer_iova_bytes: u64,
+    /// Bytes of all sessions' vectored requests copied through bounce buffers.
+    pub broker_bounced_bytes: u64,
+    /// Device commands the broker sent with SGLs (for all sessions).
+    pub broker_sgl_commands: u64,
+    /// Device commands of vectored requests the broker sent with PRPs (for all sessions).
+    pub broker_vectored_prp_commands: u64,
 }
 
 /// Why a control request failed.

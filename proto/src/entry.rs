@@ -18,6 +18,12 @@ pub enum Opcode {
     WriteZeroes = 4,
     /// Discard (deallocate) `len` bytes at `offset` (no buffer).
     Deallocate = 5,
+    /// Vectored read: `len` bytes at `offset` of the namespace scattered into the segments of
+    /// a [`Segment`] list (see [`Sqe`] for where the list is).
+    ReadV = 6,
+    /// Vectored write: `len` bytes gathered from the segments of a [`Segment`] list, written
+    /// at `offset` of the namespace.
+    WriteV = 7,
 }
 
 impl Opcode {
@@ -30,18 +36,64 @@ impl Opcode {
             3 => Self::Flush,
             4 => Self::WriteZeroes,
             5 => Self::Deallocate,
+            6 => Self::ReadV,
+            7 => Self::WriteV,
             _ => return None,
         })
     }
 
-    /// Whether the operation moves data through a registered buffer.
+    /// Whether the operation moves data through registered buffers.
     pub fn uses_buffer(self) -> bool {
-        matches!(self, Self::Read | Self::Write)
+        matches!(self, Self::Read | Self::Write | Self::ReadV | Self::WriteV)
+    }
+
+    /// Whether the operation's data is described by a [`Segment`] list.
+    pub fn is_vectored(self) -> bool {
+        matches!(self, Self::ReadV | Self::WriteV)
+    }
+
+    /// Whether the operation moves data from the device into client memory.
+    pub fn is_read(self) -> bool {
+        matches!(self, Self::Read | Self::ReadV)
     }
 
     /// Whether the operation changes the namespace's contents.
     pub fn modifies_data(self) -> bool {
-        matches!(self, Self::Write | Self::WriteZeroes | Self::Deallocate)
+        matches!(self, Self::Write | Self::WriteV | Self::WriteZeroes | Self::Deallocate)
+    }
+}
+
+/// Most segments one vectored request ([`Opcode::ReadV`], [`Opcode::WriteV`]) may have.
+pub const MAX_SEGMENTS: u16 = 256;
+
+/// One piece of a vectored request's data: `len` bytes at `offset` of registered buffer
+/// `buf_id` (24 bytes, little-endian, 8-byte aligned in the list).
+///
+/// A segment may have any length of at least one byte and any offset: the broker moves the
+/// data with PRPs when the layout allows it, with NVMe SGLs when the controller supports them,
+/// and otherwise through its own bounce buffers (see the crate README).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout)]
+#[repr(C)]
+pub struct Segment {
+    /// Registered buffer id.
+    pub buf_id: u32,
+    /// Reserved, must be zero.
+    pub reserved0: u32,
+    /// Byte offset inside the buffer.
+    pub offset: u64,
+    /// Length in bytes (at least 1).
+    pub len: u32,
+    /// Reserved, must be zero.
+    pub reserved1: u32,
+}
+
+const _: () = assert!(core::mem::size_of::<Segment>() == 24);
+const _: () = assert!(core::mem::align_of::<Segment>() == 8);
+
+impl Segment {
+    /// `len` bytes at `offset` of buffer `buf_id`.
+    pub fn new(buf_id: u32, offset: u64, len: u32) -> Self {
+        Self { buf_id, offset, len, ..Self::default() }
     }
 }
 
@@ -53,8 +105,14 @@ pub const SQE_FLAGS_KNOWN: u8 = SQE_FLAG_FUA;
 /// A submission queue entry (64 bytes), written by the client.
 ///
 /// `offset` and `len` are in bytes and must be multiples of the namespace's LBA size.
-/// `buf_id`/`buf_offset` name the registered buffer for reads and writes; `buf_offset`
-/// must be 4-byte aligned.
+///
+/// * [`Opcode::Read`], [`Opcode::Write`]: `buf_id`/`buf_offset` name the registered buffer and
+///   the offset of the data in it; `buf_offset` must be 4-byte aligned; `segments` is zero.
+/// * [`Opcode::ReadV`], [`Opcode::WriteV`]: `buf_id`/`buf_offset` name the registered buffer
+///   and the offset (8-byte aligned) of a list of `segments` [`Segment`]s (1 to
+///   [`MAX_SEGMENTS`]), whose lengths add up to `len`. The broker copies the list once, when
+///   it takes the entry; the memory of every segment stays in use until the completion.
+/// * Other opcodes: `buf_id`, `buf_offset` and `segments` are ignored, `segments` must be zero.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout)]
 #[repr(C)]
 pub struct Sqe {
@@ -62,8 +120,8 @@ pub struct Sqe {
     pub opcode: u8,
     /// `SQE_FLAG_*` bits.
     pub flags: u8,
-    /// Reserved, must be zero.
-    pub reserved0: u16,
+    /// Number of [`Segment`]s in the list of a vectored request; zero for every other opcode.
+    pub segments: u16,
     /// Namespace id (as listed by the broker).
     pub nsid: u32,
     /// Opaque value returned unchanged in the completion.
@@ -72,9 +130,9 @@ pub struct Sqe {
     pub offset: u64,
     /// Length in bytes.
     pub len: u32,
-    /// Registered buffer id (reads and writes).
+    /// Registered buffer id: of the data (reads and writes) or of the segment list (vectored).
     pub buf_id: u32,
-    /// Byte offset inside the registered buffer.
+    /// Byte offset inside the registered buffer: of the data, or of the segment list.
     pub buf_offset: u64,
     /// Reserved, must be zero.
     pub reserved1: [u64; 3],
@@ -110,6 +168,42 @@ impl Sqe {
     /// A write of `len` bytes at `offset` from buffer `buf_id` at `buf_offset`.
     pub fn write(nsid: u32, offset: u64, len: u32, buf_id: u32, buf_offset: u64, user_data: u64) -> Self {
         Self { buf_id, buf_offset, ..Self::with(Opcode::Write, nsid, offset, len, user_data) }
+    }
+
+    /// A vectored read of `len` bytes at `offset` into the `segments` segments listed at
+    /// `list_offset` of buffer `list_buf`.
+    pub fn readv(
+        nsid: u32,
+        offset: u64,
+        len: u32,
+        list_buf: u32,
+        list_offset: u64,
+        segments: u16,
+        user_data: u64,
+    ) -> Self {
+        Self {
+            buf_id: list_buf,
+            buf_offset: list_offset,
+            segments,
+            ..Self::with(Opcode::ReadV, nsid, offset, len, user_data)
+        }
+    }
+
+    /// A vectored write of `len` bytes at `offset` from the `segments` segments listed at
+    /// `list_offset` of buffer `list_buf`.
+    pub fn writev(
+        nsid: u32,
+        offset: u64,
+        len: u32,
+        list_buf: u32,
+        list_offset: u64,
+        segments: u16,
+        user_data: u64,
+    ) -> Self {
+        Self {
+            opcode: Opcode::WriteV as u8,
+            ..Self::readv(nsid, offset, len, list_buf, list_offset, segments, user_data)
+        }
     }
 
     /// A flush of the namespace.

@@ -146,6 +146,18 @@ impl SharedMemory {
         unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), p, data.len()) }
     }
 
+    /// Copies `len` bytes at `offset` of this mapping to `dst_offset` of `dst` (which may be
+    /// this mapping too; overlapping ranges are copied as by `memmove`). Neither side is
+    /// referenced: another process or a device may change either range meanwhile, and then the
+    /// copy holds whatever bytes were there.
+    pub fn copy_to(&self, offset: usize, dst: &SharedMemory, dst_offset: usize, len: usize) {
+        let s = self.check(offset, len, 1);
+        let d = dst.check(dst_offset, len, 1);
+        // SAFETY: both ranges were checked in bounds of their live mappings; `copy` allows
+        // overlap, and no Rust reference to either range exists.
+        unsafe { std::ptr::copy(s, d, len) }
+    }
+
     /// Fills `len` bytes at `offset` with `byte`.
     pub fn fill(&self, offset: usize, len: usize, byte: u8) {
         let p = self.check(offset, len, 1);

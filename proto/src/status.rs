@@ -16,9 +16,9 @@ pub enum BrokerStatus {
     InvalidField = 2,
     /// The namespace id is not one the broker serves.
     InvalidNamespace = 3,
-    /// The buffer id is not registered by this client.
+    /// The buffer id (of the data, or of a segment) is not registered by this client.
     BadBuffer = 4,
-    /// `buf_offset + len` lies outside the registered buffer.
+    /// `buf_offset + len` (or a segment's `offset + len`) lies outside the registered buffer.
     BufferRange = 5,
     /// `offset + len` lies past the end of the namespace (or the client's window).
     OutOfRange = 6,
@@ -34,6 +34,12 @@ pub enum BrokerStatus {
     DeviceReset = 11,
     /// The controller failed (fatal status) and the command could not complete.
     DeviceFault = 12,
+    /// A vectored request's segment count is zero or above [`crate::MAX_SEGMENTS`].
+    BadSegmentCount = 13,
+    /// A vectored request's segment list is not 8-byte aligned or not inside its buffer.
+    SegmentListRange = 14,
+    /// A segment of zero length, or segment lengths that do not add up to the request's `len`.
+    SegmentLength = 15,
 }
 
 impl BrokerStatus {
@@ -53,6 +59,9 @@ impl BrokerStatus {
             10 => NotPermitted,
             11 => DeviceReset,
             12 => DeviceFault,
+            13 => BadSegmentCount,
+            14 => SegmentListRange,
+            15 => SegmentLength,
             _ => return None,
         })
     }
@@ -64,8 +73,8 @@ impl BrokerStatus {
             InvalidOpcode => "unknown opcode",
             InvalidField => "unknown flags or non-zero reserved field",
             InvalidNamespace => "no such namespace",
-            BadBuffer => "buffer id not registered by this client",
-            BufferRange => "buffer offset + length past the end of the buffer",
+            BadBuffer => "buffer id (of the data or of a segment) not registered by this client",
+            BufferRange => "buffer (or segment) offset + length past the end of the buffer",
             OutOfRange => "offset + length past the end of the namespace",
             Misaligned => "offset/length not a multiple of the LBA size, or buffer offset not 4-byte aligned",
             ZeroLength => "zero-length transfer",
@@ -73,6 +82,11 @@ impl BrokerStatus {
             NotPermitted => "operation not permitted for this client",
             DeviceReset => "aborted because the controller was reset",
             DeviceFault => "controller failed",
+            BadSegmentCount => "segment count is zero or above 256",
+            SegmentListRange => "segment list not 8-byte aligned or not inside its buffer",
+            SegmentLength => {
+                "a zero-length segment, or segment lengths that do not add up to the request length"
+            }
         }
     }
 }
@@ -203,7 +217,7 @@ mod tests {
 
     #[test]
     fn statuses_round_trip() {
-        for code in 1..=12u16 {
+        for code in 1..=15u16 {
             let s = Status::Broker(BrokerStatus::from_code(code).unwrap());
             assert_eq!(Status::decode(s.encode()), s);
         }

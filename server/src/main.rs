@@ -183,6 +183,11 @@ struct Args {
     /// even by clearing Bus Master Enable (`reset-and-bus-master`).
     #[arg(long, value_enum, default_value = "none", hide_short_help = true)]
     emulator_wedge: Wedge,
+
+    /// Testing: an emulated controller without SGL support (PRPs only, as many real
+    /// controllers), so vectored requests whose layout PRPs cannot describe are bounced.
+    #[arg(long, hide_short_help = true)]
+    emulator_no_sgl: bool,
 }
 
 /// Values of --emulator-mode.
@@ -335,6 +340,7 @@ fn emulated(args: &Args) -> Result<Arc<dyn NvmeDevice>, Box<dyn std::error::Erro
         faults: args.faults.clone(),
         wedge: args.emulator_wedge,
         mode,
+        sgl: !args.emulator_no_sgl,
     })?))
 }
 

@@ -124,4 +124,9 @@ impl RegisteredBuffer {
     pub fn len(&self) -> u64 {
         self.len
     }
+
+    /// The broker's mapping of the buffer (client memory: copy through it, never reference it).
+    pub fn mem(&self) -> &SharedMemory {
+        &self.mem
+    }
 }

@@ -142,6 +142,10 @@ impl Connection {
                 s.broker_sessions = self.shared.quotas.held(Resource::Session);
                 s.broker_buffer_iova_bytes = self.shared.space.used(crate::iova::Area::Buffers);
                 s.device_dma_bytes = self.shared.device.dma_data_bytes();
+                let c = &self.shared.counters;
+                s.broker_bounced_bytes = c.bounced_bytes.load(Ordering::Relaxed);
+                s.broker_sgl_commands = c.sgl_commands.load(Ordering::Relaxed);
+                s.broker_vectored_prp_commands = c.vectored_prp_commands.load(Ordering::Relaxed);
                 Ok((Response::Stats(s), vec![]))
             }
             Request::Goodbye => Ok((Response::Goodbye, vec![])),

@@ -129,6 +129,7 @@ pub struct Shared {
     wake: Arc<OwnedFd>,
     sessions: AtomicU64,
     quotas: Arc<Quotas>,
+    counters: Arc<session::BrokerCounters>,
 }
 
 impl Shared {
@@ -208,11 +209,16 @@ impl Broker {
             max_request,
             write_zeroes: info.write_zeroes,
             deallocate: info.dsm,
+            sgl: info.sgl,
         };
+        let bounce = io_thread::vectored::BouncePool::new(&space, &device, info.max_transfer)
+            .map_err(DriverError::from)?;
         info!(
             queue_entries = queue.free_slots() + 1,
             max_transfer = info.max_transfer,
             max_request,
+            sgl = ?info.sgl,
+            bounce_slots = bounce.capacity(),
             "I/O queue created"
         );
         let listener = bind_socket(&config.socket, config.socket_mode, config.socket_group.as_deref())?;
@@ -220,6 +226,7 @@ impl Broker {
         let (tx, rx) = channel();
         let requests_pending = Arc::new(session::CachePadded(AtomicBool::new(false)));
         let (reaper, reaper_thread) = Reaper::start()?;
+        let counters = Arc::new(session::BrokerCounters::default());
         let io = IoThread::new(IoThreadSetup {
             rx,
             requests_pending: requests_pending.clone(),
@@ -232,6 +239,8 @@ impl Broker {
             poll_idle: config.poll_idle,
             io_timeout: config.io_timeout,
             reaper,
+            bounce,
+            counters: counters.clone(),
         })?;
         let io_thread = std::thread::Builder::new().name("nvmed-io".into()).spawn(move || io.run())?;
         let q = &config.quotas;
@@ -261,6 +270,7 @@ impl Broker {
             wake,
             sessions: AtomicU64::new(0),
             quotas: Quotas::new(config_quotas),
+            counters,
         });
         let stopping = Arc::new(AtomicBool::new(false));
         let accept_thread = {

@@ -39,6 +39,20 @@ pub struct SessionCounters {
     pub buffers: AtomicU64,
     /// Bytes registered.
     pub buffer_bytes: AtomicU64,
+    /// Bytes of vectored requests copied through bounce buffers.
+    pub bounced_bytes: AtomicU64,
+}
+
+/// Broker-wide data path counters, written by the I/O thread only.
+#[derive(Debug, Default)]
+#[repr(align(128))]
+pub struct BrokerCounters {
+    /// Bytes of vectored requests copied through bounce buffers.
+    pub bounced_bytes: AtomicU64,
+    /// Device commands sent with SGLs.
+    pub sgl_commands: AtomicU64,
+    /// Device commands of vectored requests sent with PRPs.
+    pub vectored_prp_commands: AtomicU64,
 }
 
 /// Adds to a counter that only one thread writes (no read-modify-write instruction needed).
@@ -59,6 +73,7 @@ impl SessionCounters {
             in_flight: l(&self.in_flight),
             buffers: l(&self.buffers),
             buffer_bytes: l(&self.buffer_bytes),
+            bounced_bytes: l(&self.bounced_bytes),
             ..Stats::default()
         }
     }
@@ -124,7 +139,7 @@ impl RingIo {
 pub struct BufferEntry {
     /// The buffer.
     pub buffer: RegisteredBuffer,
-    /// Commands at the device that use it.
+    /// Requests at the device that use it (a vectored request counts once per segment in it).
     pub in_flight: u32,
 }
 
@@ -142,8 +157,10 @@ pub struct Session {
     pub in_flight: u32,
     /// Device queue slots this session's commands occupy (bounded by the I/O thread's share).
     pub slots: u32,
-    /// Pieces of a split request still waiting for device queue slots.
+    /// Pieces of a split request still waiting for device queue slots (or bounce buffers).
     pub partial: Option<Partial>,
+    /// Vectored requests in flight (each holds one of the I/O thread's segment list slots).
+    pub vectored: u32,
     /// The ring was faulted; no more SQEs are taken.
     pub faulted: bool,
     /// Set when the session ends: drain, then release and answer.

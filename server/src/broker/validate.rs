@@ -1,10 +1,13 @@
 //! Turning a client's submission entry (already copied out of shared memory) into a device
 //! command, or into the reason it is refused.
 
-use nvmed_proto::{BrokerStatus, Opcode, Sqe, SQE_FLAGS_KNOWN, SQE_FLAG_FUA};
+use nvmed_proto::{BrokerStatus, Opcode, Segment, Sqe, MAX_SEGMENTS, SQE_FLAGS_KNOWN, SQE_FLAG_FUA};
 
-use crate::nvme::IoCommand;
+use crate::nvme::{DmaSeg, IoCommand, SglSupport};
 use crate::policy::NamespaceAccess;
+
+/// Bytes of one [`Segment`] in a segment list.
+pub const SEGMENT_SIZE: u64 = size_of::<Segment>() as u64;
 
 /// Largest Write Zeroes in LBAs (NLB is a 16-bit, 0-based field).
 pub const MAX_WRITE_ZEROES_BLOCKS: u64 = 1 << 16;
@@ -21,6 +24,32 @@ pub struct DeviceLimits {
     pub write_zeroes: bool,
     /// Deallocate supported.
     pub deallocate: bool,
+    /// SGL support for I/O commands.
+    pub sgl: SglSupport,
+}
+
+/// A vectored request whose entry passed validation; its segment list is checked by
+/// [`validate_segments`] once copied.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VectoredRequest {
+    /// Write (else read).
+    pub write: bool,
+    /// Force unit access.
+    pub fua: bool,
+    /// Namespace.
+    pub nsid: u32,
+    /// Starting LBA on the device.
+    pub slba: u64,
+    /// LBAs.
+    pub blocks: u32,
+    /// Bytes.
+    pub len: u32,
+    /// Buffer holding the segment list.
+    pub list_buf: u32,
+    /// Offset of the list in it (8-byte aligned; the whole list lies inside the buffer).
+    pub list_offset: u64,
+    /// Segments in the list (1 to [`MAX_SEGMENTS`]).
+    pub count: u16,
 }
 
 /// A submission that passed validation.
@@ -37,6 +66,8 @@ pub enum Validated {
         /// Bytes it moves (reported in the completion).
         len: u32,
     },
+    /// A vectored read or write: copy its segment list and check it with [`validate_segments`].
+    Vectored(VectoredRequest),
 }
 
 /// Checks everything a client can get wrong. `buffer` maps a buffer id to (IOVA, length).
@@ -47,10 +78,13 @@ pub fn validate(
     limits: DeviceLimits,
 ) -> Result<Validated, BrokerStatus> {
     let op = Opcode::from_u8(sqe.opcode).ok_or(BrokerStatus::InvalidOpcode)?;
-    if sqe.flags & !SQE_FLAGS_KNOWN != 0 || sqe.reserved0 != 0 || sqe.reserved1 != [0; 3] {
+    if sqe.flags & !SQE_FLAGS_KNOWN != 0 || sqe.reserved1 != [0; 3] {
         return Err(BrokerStatus::InvalidField);
     }
-    if sqe.flags & SQE_FLAG_FUA != 0 && !matches!(op, Opcode::Write | Opcode::WriteZeroes) {
+    if sqe.segments != 0 && !op.is_vectored() {
+        return Err(BrokerStatus::InvalidField);
+    }
+    if sqe.flags & SQE_FLAG_FUA != 0 && !matches!(op, Opcode::Write | Opcode::WriteV | Opcode::WriteZeroes) {
         return Err(BrokerStatus::InvalidField);
     }
     let fua = sqe.flags & SQE_FLAG_FUA != 0;
@@ -98,6 +132,32 @@ pub fn validate(
             };
             return Ok(Validated::Device { cmd, buffer: Some(sqe.buf_id), len });
         }
+        Opcode::ReadV | Opcode::WriteV => {
+            if sqe.len > limits.max_request {
+                return Err(BrokerStatus::TooLarge);
+            }
+            let (_, buf_len) = buffer(sqe.buf_id).ok_or(BrokerStatus::BadBuffer)?;
+            if sqe.segments == 0 || sqe.segments > MAX_SEGMENTS {
+                return Err(BrokerStatus::BadSegmentCount);
+            }
+            let list_len = u64::from(sqe.segments) * SEGMENT_SIZE;
+            if !sqe.buf_offset.is_multiple_of(8)
+                || sqe.buf_offset.checked_add(list_len).is_none_or(|end| end > buf_len)
+            {
+                return Err(BrokerStatus::SegmentListRange);
+            }
+            return Ok(Validated::Vectored(VectoredRequest {
+                write: op == Opcode::WriteV,
+                fua,
+                nsid,
+                slba,
+                blocks: blocks as u32,
+                len: sqe.len,
+                list_buf: sqe.buf_id,
+                list_offset: sqe.buf_offset,
+                count: sqe.segments,
+            }));
+        }
         Opcode::WriteZeroes => {
             if !limits.write_zeroes {
                 return Err(BrokerStatus::InvalidOpcode);
@@ -118,6 +178,40 @@ pub fn validate(
     Ok(Validated::Device { cmd, buffer: None, len: sqe.len })
 }
 
+/// Checks a vectored request's segment list: `read(i)` yields segment `i` (the caller's one
+/// copy of it out of client memory), `buffer` maps a buffer id to (IOVA, length). Each segment
+/// must be non-empty, name a buffer of this client and lie inside it; together they must add
+/// up to `len`. Fills `out[..count]` with where the device finds each segment (tagged with its
+/// buffer id).
+pub fn validate_segments(
+    count: u16,
+    len: u32,
+    mut read: impl FnMut(usize) -> Segment,
+    buffer: impl Fn(u32) -> Option<(u64, u64)>,
+    out: &mut [DmaSeg],
+) -> Result<(), BrokerStatus> {
+    let mut total = 0u64;
+    for (i, slot) in out.iter_mut().enumerate().take(usize::from(count)) {
+        let seg = read(i);
+        if seg.reserved0 != 0 || seg.reserved1 != 0 {
+            return Err(BrokerStatus::InvalidField);
+        }
+        if seg.len == 0 {
+            return Err(BrokerStatus::SegmentLength);
+        }
+        let (iova, buf_len) = buffer(seg.buf_id).ok_or(BrokerStatus::BadBuffer)?;
+        if seg.offset.checked_add(u64::from(seg.len)).is_none_or(|end| end > buf_len) {
+            return Err(BrokerStatus::BufferRange);
+        }
+        total += u64::from(seg.len);
+        *slot = DmaSeg { iova: iova + seg.offset, len: seg.len, tag: seg.buf_id };
+    }
+    if usize::from(count) > out.len() || total != u64::from(len) {
+        return Err(BrokerStatus::SegmentLength);
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -127,8 +221,13 @@ mod tests {
         NamespaceAccess { nsid: 1, first_lba: 0, lba_count: 2048, lba_size: 512, read_only: false },
         NamespaceAccess { nsid: 2, first_lba: 100, lba_count: 10, lba_size: 4096, read_only: true },
     ];
-    const LIMITS: DeviceLimits =
-        DeviceLimits { max_transfer: 64 << 10, max_request: 128 << 10, write_zeroes: true, deallocate: true };
+    const LIMITS: DeviceLimits = DeviceLimits {
+        max_transfer: 64 << 10,
+        max_request: 128 << 10,
+        write_zeroes: true,
+        deallocate: true,
+        sgl: SglSupport::Byte,
+    };
 
     fn buf(id: u32) -> Option<(u64, u64)> {
         (id == 3).then_some((0x100000, 65536))
@@ -147,6 +246,7 @@ mod tests {
         assert_eq!(check(Sqe { flags: 0x80, ..good }), Err(InvalidField));
         assert_eq!(check(good.fua()), Err(InvalidField));
         assert_eq!(check(Sqe { reserved1: [0, 1, 0], ..good }), Err(InvalidField));
+        assert_eq!(check(Sqe { segments: 1, ..good }), Err(InvalidField));
         assert_eq!(check(Sqe { nsid: 9, ..good }), Err(InvalidNamespace));
         assert_eq!(check(Sqe { buf_id: 4, ..good }), Err(BadBuffer));
         assert_eq!(check(Sqe { buf_offset: 65536 - 2048, ..good }), Err(BufferRange));
@@ -174,6 +274,94 @@ mod tests {
         assert_eq!(check(Sqe::read(2, 10 * 4096, 4096, 3, 0, 0)), Err(BrokerStatus::OutOfRange));
     }
 
+    #[test]
+    fn vectored_entry_mistakes() {
+        use BrokerStatus::*;
+        let good = Sqe::readv(1, 4096, 4096, 3, 64, 4, 9);
+        let v = match check(good) {
+            Ok(Validated::Vectored(v)) => v,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!((v.write, v.slba, v.blocks, v.list_buf, v.list_offset, v.count), (false, 8, 8, 3, 64, 4));
+        assert!(
+            matches!(check(Sqe::writev(1, 0, 512, 3, 0, 1, 0).fua()), Ok(Validated::Vectored(v)) if v.write && v.fua)
+        );
+        assert_eq!(check(good.fua()), Err(InvalidField));
+        assert_eq!(check(Sqe { buf_id: 4, ..good }), Err(BadBuffer));
+        assert_eq!(check(Sqe { segments: 0, ..good }), Err(BadSegmentCount));
+        assert_eq!(check(Sqe { segments: 257, ..good }), Err(BadSegmentCount));
+        assert_eq!(check(Sqe { buf_offset: 60, ..good }), Err(SegmentListRange));
+        assert_eq!(check(Sqe { buf_offset: 65536 - 24 * 4 + 8, ..good }), Err(SegmentListRange));
+        assert_eq!(check(Sqe { buf_offset: u64::MAX - 7, ..good }), Err(SegmentListRange));
+        assert!(check(Sqe { buf_offset: 65536 - 24 * 4, ..good }).is_ok());
+        assert_eq!(check(Sqe { len: 0, ..good }), Err(ZeroLength));
+        assert_eq!(check(Sqe { len: 1000, ..good }), Err(Misaligned));
+        assert_eq!(check(Sqe { len: 256 << 10, offset: 0, ..good }), Err(TooLarge));
+        assert_eq!(check(Sqe::writev(2, 0, 4096, 3, 0, 1, 0)), Err(NotPermitted));
+        assert!(check(Sqe::readv(2, 0, 4096, 3, 0, 1, 0)).is_ok());
+    }
+
+    fn segs(list: &[Segment], len: u32) -> Result<Vec<DmaSeg>, BrokerStatus> {
+        let mut out = [DmaSeg::default(); 256];
+        let mut reads = 0;
+        let r = validate_segments(
+            list.len() as u16,
+            len,
+            |i| {
+                reads += 1;
+                list[i]
+            },
+            buf,
+            &mut out,
+        );
+        r.map(|()| {
+            assert_eq!(reads, list.len(), "each segment read exactly once");
+            out[..list.len()].to_vec()
+        })
+    }
+
+    #[test]
+    fn segment_list_mistakes() {
+        use BrokerStatus::*;
+        let a = Segment::new(3, 1, 511);
+        let b = Segment::new(3, 65536 - 1, 1);
+        let got = segs(&[a, b], 512).unwrap();
+        assert_eq!(
+            got,
+            [DmaSeg { iova: 0x100001, len: 511, tag: 3 }, DmaSeg { iova: 0x10ffff, len: 1, tag: 3 }]
+        );
+        assert_eq!(segs(&[a, b], 1024), Err(SegmentLength), "total mismatch");
+        assert_eq!(segs(&[a, Segment::new(3, 0, 0), b], 512), Err(SegmentLength), "empty segment");
+        assert_eq!(segs(&[a, Segment::new(7, 0, 1)], 512), Err(BadBuffer));
+        assert_eq!(segs(&[a, Segment::new(3, 65536, 1)], 512), Err(BufferRange));
+        assert_eq!(segs(&[a, Segment::new(3, u64::MAX, 1)], 512), Err(BufferRange));
+        assert_eq!(segs(&[a, Segment { reserved0: 1, ..b }], 512), Err(InvalidField));
+        assert_eq!(segs(&[a, Segment { reserved1: 1, ..b }], 512), Err(InvalidField));
+        // Lengths whose sum would overflow a u32 do not wrap around to the request length.
+        let big = [Segment::new(3, 0, u32::MAX); 2];
+        let mut out = [DmaSeg::default(); 2];
+        let wide = |id| (id == 3).then_some((0u64, u64::MAX));
+        assert_eq!(validate_segments(2, u32::MAX - 1, |i| big[i], wide, &mut out), Err(SegmentLength));
+    }
+
+    proptest! {
+        /// Whatever segment list a client writes, an accepted one stays inside the buffers it names.
+        #[test]
+        fn accepted_segments_stay_in_bounds(raw in proptest::collection::vec((0u32..5, any::<u64>(), any::<u32>(), any::<bool>()), 1..8), small in any::<bool>()) {
+            let list: Vec<Segment> = raw.iter().map(|&(id, off, len, r)| {
+                let (off, len) = if small { (off % 70000, len % 70000) } else { (off, len) };
+                Segment { reserved1: u32::from(r && !small), ..Segment::new(id, off, len) }
+            }).collect();
+            let total: u64 = list.iter().map(|s| u64::from(s.len)).sum();
+            if let Ok(out) = segs(&list, total as u32) {
+                prop_assert_eq!(out.iter().map(|s| u64::from(s.len)).sum::<u64>(), total);
+                for s in out {
+                    prop_assert!(s.iova >= 0x100000 && s.iova + u64::from(s.len) <= 0x100000 + 65536);
+                }
+            }
+        }
+    }
+
     proptest! {
         /// Whatever bytes a client writes, an accepted command stays inside its namespace
         /// window and inside the buffer it names.
@@ -181,7 +369,7 @@ mod tests {
         fn accepted_commands_stay_in_bounds(bytes in proptest::collection::vec(any::<u8>(), 64), small in any::<bool>()) {
             let mut sqe: Sqe = zerocopy::FromBytes::read_from_bytes(&bytes[..]).unwrap();
             if small {
-                sqe.reserved0 = 0; sqe.reserved1 = [0; 3]; sqe.flags &= 1; sqe.opcode %= 6;
+                sqe.segments = 0; sqe.reserved1 = [0; 3]; sqe.flags &= 1; sqe.opcode %= 6;
                 sqe.nsid %= 3; sqe.buf_id %= 5; sqe.len %= 70000; sqe.offset %= 1 << 21; sqe.buf_offset %= 70000;
             }
             if let Ok(Validated::Device { cmd, .. }) = check(sqe) {

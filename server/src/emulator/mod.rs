@@ -70,7 +70,8 @@ pub enum EmulatorMode {
 
 /// Emulated controller settings.
 ///
-/// `Default` gives no namespace, MDTS 7, two vectors, no faults and [`EmulatorMode::Sync`], so
+/// `Default` gives no namespace, MDTS 7, two vectors, no faults, SGL support and
+/// [`EmulatorMode::Sync`], so
 /// a test can write `EmulatorConfig { namespaces, mode: EmulatorMode::Async { latency }, ..Default::default() }`.
 pub struct EmulatorConfig {
     /// Namespaces, numbered from 1.
@@ -85,6 +86,9 @@ pub struct EmulatorConfig {
     pub wedge: Wedge,
     /// Synchronous or asynchronous (hardware-like) command processing.
     pub mode: EmulatorMode,
+    /// Accept SGLs in I/O commands (reported in Identify SGLS, without alignment rules, as
+    /// QEMU's NVMe model does). Off: PRPs only, like many real controllers.
+    pub sgl: bool,
 }
 
 /// Testing: how badly a controller ignores attempts to stop it.
@@ -110,6 +114,7 @@ impl Default for EmulatorConfig {
             faults: Vec::new(),
             wedge: Wedge::None,
             mode: EmulatorMode::Sync,
+            sgl: true,
         }
     }
 }
@@ -196,6 +201,7 @@ struct Inner {
     host_waiting: AtomicUsize,
     namespaces: Vec<EmulatedNamespace>,
     mdts: u8,
+    sgl: bool,
     faults: Vec<FaultRule>,
     wedge: Wedge,
     irq: Vec<OwnedFd>,
@@ -255,6 +261,7 @@ impl EmulatedController {
             host_waiting: AtomicUsize::new(0),
             namespaces: config.namespaces,
             mdts: config.mdts,
+            sgl: config.sgl,
             faults: config.faults,
             wedge: config.wedge,
             irq_wanted: (0..vectors).map(|_| AtomicBool::new(false)).collect(),
@@ -683,6 +690,107 @@ impl Inner {
         Ok(())
     }
 
+    /// Calls `f(iova, len)` for each piece of a `len`-byte transfer described by the command's
+    /// PRPs or, if PSDT says so (and SGLs are enabled), its SGL.
+    fn walk_data(
+        &self,
+        st: &State,
+        cmd: &NvmeCommand,
+        len: u64,
+        f: impl FnMut(u64, u64) -> Result<(), DmaFault>,
+    ) -> Result<(), Outcome> {
+        match cmd.flags & sgl::PSDT_MASK {
+            0 => self.walk_prps(st, cmd.prp1, cmd.prp2, len, f),
+            // PSDT 10b only says where the metadata SGL is; there is no metadata here.
+            psdt if self.sgl && psdt != sgl::PSDT_MASK => self.walk_sgl(st, (cmd.prp1, cmd.prp2), len, f),
+            _ => Err(err(0, sc::INVALID_FIELD)),
+        }
+    }
+
+    /// Calls `f(iova, len)` for the first `len` bytes an SGL describes (SGL1 given as the
+    /// command's two words): Data Block descriptors, directly in SGL1 or in lists reached
+    /// through Segment and Last Segment descriptors. Each data block is handed over in pieces
+    /// that do not cross a page boundary (as an IOMMU translates it). An SGL longer than the
+    /// transfer is fine; a shorter one is "data SGL length invalid".
+    fn walk_sgl(
+        &self,
+        st: &State,
+        sgl1: (u64, u64),
+        len: u64,
+        mut f: impl FnMut(u64, u64) -> Result<(), DmaFault>,
+    ) -> Result<(), Outcome> {
+        /// Longest chain of segment lists followed (a list pointing back at itself must end).
+        const MAX_LISTS: u32 = 4096;
+        let dma_err = |_| err(0, sc::DATA_TRANSFER_ERROR);
+        let mut left = len;
+        let mut data = |address: u64, length: u32, left: &mut u64| -> Result<(), Outcome> {
+            let mut n = u64::from(length).min(*left);
+            let mut a = address;
+            while n > 0 {
+                let chunk = n.min(4096 - a % 4096);
+                f(a, chunk).map_err(dma_err)?;
+                a += chunk;
+                n -= chunk;
+                *left -= chunk;
+            }
+            Ok(())
+        };
+        let (address, length, kind, subtype) = sgl::parse(sgl1);
+        if subtype != 0 {
+            return Err(err(0, sc::SGL_DESCRIPTOR_TYPE_INVALID));
+        }
+        match kind {
+            sgl::DATA_BLOCK => data(address, length, &mut left)?,
+            sgl::SEGMENT | sgl::LAST_SEGMENT => {
+                let (mut list, mut list_len, mut last) = (address, length, kind == sgl::LAST_SEGMENT);
+                let mut lists = 0u32;
+                loop {
+                    if list_len == 0 || u64::from(list_len) % sgl::DESCRIPTOR_SIZE != 0 {
+                        return Err(err(0, sc::INVALID_SGL_SEGMENT));
+                    }
+                    lists += 1;
+                    if lists > MAX_LISTS {
+                        return Err(err(0, sc::INVALID_SGL_COUNT));
+                    }
+                    let n = u64::from(list_len) / sgl::DESCRIPTOR_SIZE;
+                    let mut next = None;
+                    for i in 0..n {
+                        if left == 0 {
+                            return Ok(());
+                        }
+                        let at = list + i * sgl::DESCRIPTOR_SIZE;
+                        let words = (
+                            st.dma.read::<u64>(at).map_err(dma_err)?,
+                            st.dma.read::<u64>(at + 8).map_err(dma_err)?,
+                        );
+                        let (a, l, k, sub) = sgl::parse(words);
+                        if sub != 0 {
+                            return Err(err(0, sc::SGL_DESCRIPTOR_TYPE_INVALID));
+                        }
+                        match k {
+                            sgl::DATA_BLOCK => data(a, l, &mut left)?,
+                            // Only the last descriptor of a (non-last) segment may chain on.
+                            sgl::SEGMENT | sgl::LAST_SEGMENT if !last && i == n - 1 => {
+                                next = Some((a, l, k == sgl::LAST_SEGMENT))
+                            }
+                            sgl::SEGMENT | sgl::LAST_SEGMENT => return Err(err(0, sc::INVALID_SGL_SEGMENT)),
+                            _ => return Err(err(0, sc::SGL_DESCRIPTOR_TYPE_INVALID)),
+                        }
+                    }
+                    match next {
+                        Some((a, l, k)) => (list, list_len, last) = (a, l, k),
+                        None => break,
+                    }
+                }
+            }
+            _ => return Err(err(0, sc::SGL_DESCRIPTOR_TYPE_INVALID)),
+        }
+        if left > 0 {
+            return Err(err(0, sc::DATA_SGL_LENGTH_INVALID));
+        }
+        Ok(())
+    }
+
     fn write_data(&self, st: &State, cmd: &NvmeCommand, data: &[u8]) -> Outcome {
         let mut off = 0usize;
         let r = self.walk_prps(st, cmd.prp1, cmd.prp2, data.len() as u64, |iova, n| {
@@ -715,6 +823,8 @@ impl Inner {
                         let oncs = id_ctrl::ONCS_DSM | id_ctrl::ONCS_WRITE_ZEROES;
                         d[id_ctrl::ONCS..id_ctrl::ONCS + 2].copy_from_slice(&oncs.to_le_bytes());
                         d[id_ctrl::VWC] = 1;
+                        let sgls: u32 = if self.sgl { 1 } else { 0 };
+                        d[id_ctrl::SGLS..id_ctrl::SGLS + 4].copy_from_slice(&sgls.to_le_bytes());
                     }
                     admin::CNS_NAMESPACE => {
                         let Some(ns) = self.namespace(cmd.nsid) else { return err(0, sc::INVALID_NAMESPACE) };
@@ -879,9 +989,6 @@ impl Inner {
         };
         match cmd.opcode {
             io::READ | io::WRITE => {
-                if cmd.flags >> 6 != 0 {
-                    return err(0, sc::INVALID_FIELD); // SGLs not supported
-                }
                 if !in_range() {
                     return err(0, sc::LBA_OUT_OF_RANGE);
                 }
@@ -892,7 +999,7 @@ impl Inner {
                 let mut pos = slba * lba;
                 let read = cmd.opcode == io::READ;
                 let mut io_failure = None;
-                let r = self.walk_prps(st, cmd.prp1, cmd.prp2, len, |iova, n| {
+                let r = self.walk_data(st, cmd, len, |iova, n| {
                     let host = st.dma.translate(iova, n).inspect_err(|_| {
                         self.counters.dma_faults.fetch_add(1, Ordering::Relaxed);
                     })?;
@@ -940,7 +1047,7 @@ impl Inner {
                 let nr = (cmd.cdw10 & 0xff) as usize + 1;
                 let mut ranges = vec![0u8; nr * 16];
                 let mut off = 0usize;
-                if let Err(o) = self.walk_prps(st, cmd.prp1, cmd.prp2, ranges.len() as u64, |iova, n| {
+                if let Err(o) = self.walk_data(st, cmd, ranges.len() as u64, |iova, n| {
                     st.dma.read_bytes(iova, &mut ranges[off..off + n as usize])?;
                     off += n as usize;
                     Ok(())
@@ -1101,7 +1208,7 @@ mod tests {
     use super::backend::MemoryBackend;
     use super::*;
     use crate::iova::{DmaMemory, IovaSpace};
-    use crate::nvme::{Controller, IoCommand, IoQueue};
+    use crate::nvme::{Controller, DmaSeg, IoCommand, IoQueue, RwCommand, SglSupport, Transfer};
 
     type Setup = (Arc<dyn NvmeDevice>, Arc<IovaSpace>, Controller, IoQueue<u32>);
 
@@ -1124,6 +1231,15 @@ mod tests {
         mode: EmulatorMode,
         backend: Box<dyn Backend>,
     ) -> (Arc<EmulatedController>, Setup) {
+        setup_emulator_sgl(faults, mode, backend, true)
+    }
+
+    fn setup_emulator_sgl(
+        faults: Vec<FaultRule>,
+        mode: EmulatorMode,
+        backend: Box<dyn Backend>,
+        sgl: bool,
+    ) -> (Arc<EmulatedController>, Setup) {
         let emu = Arc::new(
             EmulatedController::new(EmulatorConfig {
                 namespaces: vec![EmulatedNamespace { backend, lba_size: 512 }],
@@ -1132,6 +1248,7 @@ mod tests {
                 faults,
                 mode,
                 wedge: Default::default(),
+                sgl,
             })
             .unwrap(),
         );
@@ -1612,5 +1729,149 @@ mod tests {
         let mut q = IoQueue::<u32>::new(qp, &dev, &space).unwrap();
         let r = IoCommand::Read { nsid: 1, slba: 0, blocks: 8, iova: buf.iova(), len: 4096 };
         assert_eq!(run_batch(&mut q, &[r]), [(0, 0)]);
+    }
+
+    fn run_rw(q: &mut IoQueue<u32>, rw: RwCommand, segs: &[DmaSeg], transfer: Transfer) -> u16 {
+        q.submit_rw(&rw, segs, transfer, 7).unwrap();
+        q.ring_doorbell();
+        wait_for(q, 1)[0].1
+    }
+
+    #[test]
+    fn sgl_data_blocks_through_the_driver() {
+        let (dev, space, ctrl, mut q) = setup(vec![]);
+        assert_eq!(ctrl.info().sgl, SglSupport::Byte, "Identify reports SGLs without alignment rules");
+        let a = DmaMemory::new(&space, &dev, 4 * 4096).unwrap();
+        let b = DmaMemory::new(&space, &dev, 4 * 4096).unwrap();
+        // 2048 bytes in odd places of two mappings, one run crossing a page boundary.
+        let runs = [(&a, 1usize, 3u32), (&b, 4093, 1000), (&a, 8191, 1), (&b, 9000, 1044)];
+        let segs: Vec<DmaSeg> = runs
+            .iter()
+            .enumerate()
+            .map(|(i, &(m, off, len))| DmaSeg { iova: m.iova() + off as u64, len, tag: i as u32 })
+            .collect();
+        let mut expect = vec![0u8; 2048];
+        fill_pattern(&mut expect);
+        let mut pos = 0;
+        for &(m, off, len) in &runs {
+            m.mem().copy_in(off, &expect[pos..pos + len as usize]);
+            pos += len as usize;
+        }
+        let rw = RwCommand { write: true, nsid: 1, slba: 16, blocks: 4, fua: false };
+        assert_eq!(run_rw(&mut q, rw, &segs, Transfer::Sgl), 0);
+        // Read back contiguously, then scattered again through SGLs into cleared memory.
+        let dst = DmaMemory::new(&space, &dev, 4096).unwrap();
+        let r = IoCommand::Read { nsid: 1, slba: 16, blocks: 4, iova: dst.iova(), len: 2048 };
+        assert_eq!(run(&mut q, r), 0);
+        let mut got = vec![0u8; 2048];
+        dst.mem().copy_out(0, &mut got);
+        assert_eq!(got, expect);
+        a.mem().fill(0, 4 * 4096, 0);
+        b.mem().fill(0, 4 * 4096, 0);
+        assert_eq!(run_rw(&mut q, RwCommand { write: false, ..rw }, &segs, Transfer::Sgl), 0);
+        let mut pos = 0;
+        for &(m, off, len) in &runs {
+            let mut part = vec![0u8; len as usize];
+            m.mem().copy_out(off, &mut part);
+            assert_eq!(part, &expect[pos..pos + len as usize], "run at {off}");
+            pos += len as usize;
+        }
+        assert_eq!(a.mem().read::<u8>(0), 0, "nothing outside the runs was written");
+        // One run: a data block descriptor directly in SGL1.
+        let one = [DmaSeg { iova: a.iova() + 5, len: 512, tag: 0 }];
+        assert_eq!(run_rw(&mut q, RwCommand { blocks: 1, ..rw }, &one, Transfer::Sgl), 0);
+    }
+
+    pub(super) fn fill_pattern(buf: &mut [u8]) {
+        for (i, b) in buf.iter_mut().enumerate() {
+            *b = (i * 7 + i / 251) as u8;
+        }
+    }
+
+    #[test]
+    fn sgl_segment_chains_and_bad_descriptors() {
+        let (dev, space, mut ctrl, _q) = setup(vec![]);
+        let mut qp = ctrl.create_io_queue(2, 16, None).unwrap();
+        let data = DmaMemory::new(&space, &dev, 2 * 4096).unwrap();
+        let lists = DmaMemory::new(&space, &dev, 2 * 4096).unwrap();
+        let (d, l) = (data.iova(), lists.iova());
+        let put = |at: usize, (w0, w1): (u64, u64)| {
+            lists.mem().write::<u64>(at, w0);
+            lists.mem().write::<u64>(at + 8, w1);
+        };
+        // SGL1: Segment (2 descriptors at l) -> [data 256 @ d+1, Last Segment (2 at l+4096)]
+        //   -> [data 512 @ d+4096+3, data 256 @ d+600]: 1024 bytes, two blocks.
+        put(0, sgl::descriptor(d + 1, 256, sgl::DATA_BLOCK));
+        put(16, sgl::descriptor(l + 4096, 32, sgl::LAST_SEGMENT));
+        put(4096, sgl::descriptor(d + 4096 + 3, 512, sgl::DATA_BLOCK));
+        put(4096 + 16, sgl::descriptor(d + 600, 256, sgl::DATA_BLOCK));
+        let mut pattern = vec![0u8; 1024];
+        fill_pattern(&mut pattern);
+        data.mem().copy_in(1, &pattern[..256]);
+        data.mem().copy_in(4096 + 3, &pattern[256..768]);
+        data.mem().copy_in(600, &pattern[768..]);
+        let cmd = |opcode, sgl1: (u64, u64)| NvmeCommand {
+            opcode,
+            flags: sgl::PSDT_SGL,
+            nsid: 1,
+            prp1: sgl1.0,
+            prp2: sgl1.1,
+            cdw10: 100,
+            cdw12: 2 - 1,
+            ..Default::default()
+        };
+        let chain = sgl::descriptor(l, 32, sgl::SEGMENT);
+        assert_eq!(raw(&mut qp, cmd(io::WRITE, chain)), 0);
+        let out = DmaMemory::new(&space, &dev, 4096).unwrap();
+        let read_back = cmd(io::READ, sgl::descriptor(out.iova(), 1024, sgl::DATA_BLOCK));
+        assert_eq!(raw(&mut qp, read_back), 0);
+        let mut got = vec![0u8; 1024];
+        out.mem().copy_out(0, &mut got);
+        assert_eq!(got, pattern, "data went through the chained lists in order");
+        // An SGL longer than the transfer is fine; a shorter one is not.
+        assert_eq!(raw(&mut qp, cmd(io::READ, sgl::descriptor(out.iova(), 4096, sgl::DATA_BLOCK))), 0);
+        let short = cmd(io::READ, sgl::descriptor(out.iova(), 1000, sgl::DATA_BLOCK));
+        assert_eq!(raw(&mut qp, short) & 0xff, u16::from(sc::DATA_SGL_LENGTH_INVALID));
+        // Types that are not supported, and sub types other than "address".
+        let bucket = cmd(io::READ, sgl::descriptor(out.iova(), 1024, sgl::BIT_BUCKET));
+        assert_eq!(raw(&mut qp, bucket) & 0xff, u16::from(sc::SGL_DESCRIPTOR_TYPE_INVALID));
+        let (w0, w1) = sgl::descriptor(out.iova(), 1024, sgl::DATA_BLOCK);
+        assert_eq!(
+            raw(&mut qp, cmd(io::READ, (w0, w1 | 1 << 56))) & 0xff,
+            u16::from(sc::SGL_DESCRIPTOR_TYPE_INVALID)
+        );
+        // A segment descriptor inside a last segment's list.
+        put(4096 + 16, sgl::descriptor(l, 32, sgl::SEGMENT));
+        assert_eq!(raw(&mut qp, cmd(io::READ, chain)) & 0xff, u16::from(sc::INVALID_SGL_SEGMENT));
+        // A list length that is not whole descriptors.
+        assert_eq!(
+            raw(&mut qp, cmd(io::READ, sgl::descriptor(l, 24, sgl::LAST_SEGMENT))) & 0xff,
+            u16::from(sc::INVALID_SGL_SEGMENT)
+        );
+        // A segment list that chains to itself forever.
+        put(2048, sgl::descriptor(l + 2048, 16, sgl::SEGMENT));
+        let forever = cmd(io::READ, sgl::descriptor(l + 2048, 16, sgl::SEGMENT));
+        assert_eq!(raw(&mut qp, forever) & 0xff, u16::from(sc::INVALID_SGL_COUNT));
+        // A list the controller cannot reach: a data transfer error, no host access.
+        let stray = cmd(io::READ, sgl::descriptor(l + (64 << 20), 32, sgl::LAST_SEGMENT));
+        assert_eq!(raw(&mut qp, stray) & 0xff, u16::from(sc::DATA_TRANSFER_ERROR));
+        // PSDT 11b is reserved.
+        let reserved = NvmeCommand { flags: sgl::PSDT_MASK, ..read_back };
+        assert_eq!(raw(&mut qp, reserved) & 0xff, u16::from(sc::INVALID_FIELD));
+    }
+
+    #[test]
+    fn without_sgl_support_sgl_commands_are_refused() {
+        let backend = Box::new(MemoryBackend::new(1 << 20).unwrap());
+        let (_emu, (dev, space, ctrl, mut q)) =
+            setup_emulator_sgl(vec![], EmulatorMode::Sync, backend, false);
+        assert_eq!(ctrl.info().sgl, SglSupport::None);
+        let buf = DmaMemory::new(&space, &dev, 4096).unwrap();
+        let rw = RwCommand { write: false, nsid: 1, slba: 0, blocks: 1, fua: false };
+        let seg = [DmaSeg { iova: buf.iova() + 1, len: 512, tag: 0 }];
+        assert_eq!(run_rw(&mut q, rw, &seg, Transfer::Sgl) & 0xff, u16::from(sc::INVALID_FIELD));
+        // PRPs from segments still work.
+        let segs = [DmaSeg { iova: buf.iova() + 3584, len: 512, tag: 0 }];
+        assert_eq!(run_rw(&mut q, RwCommand { blocks: 1, ..rw }, &segs, Transfer::Prp), 0);
     }
 }

@@ -10,6 +10,7 @@ use crate::iova::{DmaMemory, IovaError, IovaSpace};
 use crate::nvme::prp;
 use crate::nvme::queue::QueuePair;
 use crate::nvme::spec::*;
+use crate::nvme::vector::SglSupport;
 
 /// Admin queue depth.
 const ADMIN_DEPTH: u16 = 32;
@@ -79,6 +80,8 @@ pub struct ControllerInfo {
     pub namespaces: Vec<Namespace>,
     /// Controller's maximum queue entries.
     pub max_queue_entries: u32,
+    /// SGL support for I/O commands (Identify SGLS).
+    pub sgl: SglSupport,
 }
 
 /// The controller and its admin queue.
@@ -145,6 +148,7 @@ impl Controller {
                 volatile_write_cache: false,
                 namespaces: Vec::new(),
                 max_queue_entries: cap.mqes(),
+                sgl: SglSupport::None,
             },
         };
         ctrl.identify()?;
@@ -153,6 +157,7 @@ impl Controller {
             serial = %ctrl.info.serial,
             namespaces = ctrl.info.namespaces.len(),
             max_transfer = ctrl.info.max_transfer,
+            sgl = ?ctrl.info.sgl,
             "controller ready"
         );
         Ok(ctrl)
@@ -283,6 +288,8 @@ impl Controller {
         self.info.write_zeroes = oncs & id_ctrl::ONCS_WRITE_ZEROES != 0;
         self.info.dsm = oncs & id_ctrl::ONCS_DSM != 0;
         self.info.volatile_write_cache = id[id_ctrl::VWC] & 1 != 0;
+        let sgls = u32::from_le_bytes(id[id_ctrl::SGLS..id_ctrl::SGLS + 4].try_into().expect("4 bytes"));
+        self.info.sgl = SglSupport::from_sgls(sgls);
         let (sqes, cqes) = (id[id_ctrl::SQES], id[id_ctrl::CQES]);
         if sqes & 0xf > 6 || sqes >> 4 < 6 || cqes & 0xf > 4 || cqes >> 4 < 4 {
             return Err(DriverError::Unsupported(format!("queue entry sizes SQES {sqes:#x} CQES {cqes:#x}")));

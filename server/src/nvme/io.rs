@@ -8,7 +8,23 @@ use crate::device::NvmeDevice;
 use crate::iova::{DmaMemory, IovaError, IovaSpace};
 use crate::nvme::prp;
 use crate::nvme::queue::QueuePair;
-use crate::nvme::spec::{io, NvmeCommand};
+use crate::nvme::spec::{io, sgl, NvmeCommand};
+use crate::nvme::vector::{self, DmaSeg, Transfer};
+
+/// A read or write whose data is described separately (see [`IoQueue::submit_rw`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RwCommand {
+    /// Write (else read).
+    pub write: bool,
+    /// Namespace.
+    pub nsid: u32,
+    /// Starting LBA.
+    pub slba: u64,
+    /// Number of LBAs (1-based).
+    pub blocks: u32,
+    /// Force unit access (writes).
+    pub fua: bool,
+}
 
 /// One I/O command, in device terms.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -177,6 +193,52 @@ impl<T> IoQueue<T> {
                 c.cdw10 = 0;
                 c.cdw11 = io::DSM_DEALLOCATE;
             }
+        }
+        self.qp.push(&c);
+        Ok(())
+    }
+
+    /// Builds and queues a read or write whose data is `segs`, described with PRPs or SGLs as
+    /// `transfer` says (which must fit: [`vector::choose`]); gives `ctx` back if the queue is
+    /// full. The PRP or SGL list goes into the command's own list page.
+    pub fn submit_rw(
+        &mut self,
+        cmd: &RwCommand,
+        segs: &[DmaSeg],
+        transfer: Transfer,
+        ctx: T,
+    ) -> Result<(), T> {
+        debug_assert!(transfer != Transfer::Bounce, "bounce before submitting");
+        if self.slots.len() >= self.capacity {
+            return Err(ctx);
+        }
+        let cid = self.slots.insert(ctx);
+        let list_off = cid * prp::PAGE as usize;
+        let list_iova = self.lists.iova() + list_off as u64;
+        let (p1, p2, flags) = match transfer {
+            Transfer::Sgl => {
+                let (p1, p2) = vector::build_sgl(segs, self.lists.mem(), list_off, list_iova);
+                (p1, p2, sgl::PSDT_SGL)
+            }
+            _ => {
+                let (p1, p2) = prp::build_segments(segs, self.lists.mem(), list_off, list_iova);
+                (p1, p2, 0)
+            }
+        };
+        let mut c = NvmeCommand {
+            opcode: if cmd.write { io::WRITE } else { io::READ },
+            flags,
+            cid: cid as u16,
+            nsid: cmd.nsid,
+            prp1: p1,
+            prp2: p2,
+            cdw10: cmd.slba as u32,
+            cdw11: (cmd.slba >> 32) as u32,
+            cdw12: cmd.blocks - 1,
+            ..Default::default()
+        };
+        if cmd.write && cmd.fua {
+            c.cdw12 |= io::CDW12_FUA;
         }
         self.qp.push(&c);
         Ok(())

@@ -9,6 +9,8 @@ pub mod io;
 pub mod prp;
 pub mod queue;
 pub mod spec;
+pub mod vector;
 
 pub use controller::{Controller, ControllerInfo, DriverError, Namespace};
-pub use io::{IoCommand, IoQueue};
+pub use io::{IoCommand, IoQueue, RwCommand};
+pub use vector::{Cursor, DmaSeg, SglSupport, Transfer};

@@ -120,6 +120,36 @@ pub mod io {
     pub const DSM_DEALLOCATE: u32 = 1 << 2;
 }
 
+/// Scatter gather lists (NVMe Base 1.4, 4.4).
+pub mod sgl {
+    /// Command flags: PSDT = 01b, data described by SGLs (MPTR a plain address).
+    pub const PSDT_SGL: u8 = 1 << 6;
+    /// Command flags: PSDT mask (bits 7:6).
+    pub const PSDT_MASK: u8 = 3 << 6;
+    /// Descriptor type (identifier bits 7:4): SGL Data Block.
+    pub const DATA_BLOCK: u8 = 0x0;
+    /// Descriptor type: SGL Bit Bucket.
+    pub const BIT_BUCKET: u8 = 0x1;
+    /// Descriptor type: SGL Segment (points at a list whose last entry may chain further).
+    pub const SEGMENT: u8 = 0x2;
+    /// Descriptor type: SGL Last Segment (points at the final list).
+    pub const LAST_SEGMENT: u8 = 0x3;
+    /// Bytes of one descriptor.
+    pub const DESCRIPTOR_SIZE: u64 = 16;
+
+    /// Builds a descriptor: (address, length, type), as the two little-endian u64 words it
+    /// occupies (also the PRP1/PRP2 fields when it is SGL1 in a command).
+    pub fn descriptor(address: u64, length: u32, kind: u8) -> (u64, u64) {
+        (address, u64::from(length) | (u64::from(kind << 4) << 56))
+    }
+
+    /// Splits a descriptor's words into (address, length, type, sub type).
+    pub fn parse(words: (u64, u64)) -> (u64, u32, u8, u8) {
+        let id = (words.1 >> 56) as u8;
+        (words.0, words.1 as u32, id >> 4, id & 0xf)
+    }
+}
+
 /// Generic status codes (SCT 0) used here.
 pub mod sc {
     /// Successful completion.
@@ -138,6 +168,14 @@ pub mod sc {
     pub const INVALID_NAMESPACE: u8 = 0x0b;
     /// LBA out of range.
     pub const LBA_OUT_OF_RANGE: u8 = 0x80;
+    /// Invalid SGL segment descriptor.
+    pub const INVALID_SGL_SEGMENT: u8 = 0x0d;
+    /// Invalid number of SGL descriptors.
+    pub const INVALID_SGL_COUNT: u8 = 0x0e;
+    /// Data SGL length invalid (the SGL describes less data than the command moves).
+    pub const DATA_SGL_LENGTH_INVALID: u8 = 0x0f;
+    /// SGL descriptor type invalid.
+    pub const SGL_DESCRIPTOR_TYPE_INVALID: u8 = 0x11;
     /// Command specific (SCT 1): completion queue invalid.
     pub const CS_INVALID_CQ: u8 = 0x00;
     /// Command specific (SCT 1): invalid queue identifier.
@@ -242,6 +280,9 @@ pub mod id_ctrl {
     pub const ONCS: usize = 520;
     /// Volatile write cache.
     pub const VWC: usize = 525;
+    /// SGL support (u32): bits 1:0 = 01b SGLs without alignment rules, 10b SGLs whose data
+    /// blocks must be dword aligned in address and length.
+    pub const SGLS: usize = 536;
     /// ONCS bit: Dataset Management.
     pub const ONCS_DSM: u16 = 1 << 2;
     /// ONCS bit: Write Zeroes.

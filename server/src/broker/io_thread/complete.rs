@@ -7,6 +7,7 @@ use slab::Slab;
 use tracing::warn;
 
 use super::split::{piece_done, InFlight};
+use super::vectored::{finish_bounce, VecPool, VEC_NONE};
 use super::IoThread;
 use crate::broker::session::{bump, RingIo, Session};
 
@@ -19,15 +20,20 @@ impl IoThread {
         let sessions = &mut self.sessions;
         let touched = &mut self.touched;
         let splits = &mut self.splits;
+        let vecs = &mut self.vecs;
+        let bounce = &mut self.bounce;
         self.dq.queue.reap(REAP_BATCH, |ctx, status_field, _result| {
             let status = if status_field & 0x7ff == 0 {
                 Status::Success
             } else {
                 Status::Nvme(NvmeStatus::from_status_field(status_field))
             };
+            // A bounced read's data reaches the client before its completion does.
+            let buffers = sessions.get(ctx.session as usize).map(|s| &s.buffers);
+            finish_bounce(&ctx, status.is_success(), vecs, bounce, buffers);
             release_slot(sessions, &ctx);
             if let Some(status) = piece_done(splits, &ctx, status) {
-                complete(sessions, touched, ctx, status);
+                complete(sessions, touched, vecs, ctx, status);
             }
         })
     }
@@ -51,15 +57,20 @@ pub(super) fn release_slot(sessions: &mut Slab<Session>, ctx: &InFlight) {
     }
 }
 
-/// Posts the completion of a request to its client and updates the accounting.
+/// Posts the completion of a request to its client and updates the accounting (a vectored
+/// request gives back its segment list slot and releases every buffer it used).
 pub(super) fn complete(
     sessions: &mut Slab<Session>,
     touched: &mut Vec<usize>,
+    vecs: &mut VecPool,
     ctx: InFlight,
     status: Status,
 ) {
     let Some(s) = sessions.get_mut(ctx.session as usize) else {
         warn!("completion for a session that no longer exists");
+        if ctx.vec != VEC_NONE {
+            vecs.release(ctx.vec);
+        }
         return;
     };
     s.in_flight -= 1;
@@ -67,11 +78,20 @@ pub(super) fn complete(
     if let Some(b) = s.buffers.get_mut(ctx.buffer as usize) {
         b.in_flight -= 1;
     }
+    if ctx.vec != VEC_NONE {
+        for seg in vecs.segs(ctx.vec) {
+            if let Some(b) = s.buffers.get_mut(seg.tag as usize) {
+                b.in_flight -= 1;
+            }
+        }
+        vecs.release(ctx.vec);
+        s.vectored -= 1;
+    }
     bump(&s.counters.completed, 1);
     if status.is_success() {
         match ctx.op {
-            Opcode::Read => bump(&s.counters.bytes_read, u64::from(ctx.len)),
-            Opcode::Write => bump(&s.counters.bytes_written, u64::from(ctx.len)),
+            Opcode::Read | Opcode::ReadV => bump(&s.counters.bytes_read, u64::from(ctx.len)),
+            Opcode::Write | Opcode::WriteV => bump(&s.counters.bytes_written, u64::from(ctx.len)),
             _ => {}
         }
     } else {

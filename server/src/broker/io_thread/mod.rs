@@ -6,7 +6,8 @@
 //!
 //! The jobs live in their own files: [`submit`] (taking SQEs fairly and admitting commands),
 //! [`complete`] (reaping the device and posting CQEs), [`split`] (requests carried by several
-//! commands), [`sleep`] (when and how to block), [`reset`] (timeouts and controller resets).
+//! commands), [`vectored`] (segment lists, PRP/SGL/bounce per piece), [`sleep`] (when and how
+//! to block), [`reset`] (timeouts and controller resets).
 //! Buffers and rings it no longer needs go to the [`Reaper`], never unmapped here.
 
 mod complete;
@@ -14,6 +15,7 @@ mod reset;
 mod sleep;
 pub mod split;
 mod submit;
+pub mod vectored;
 
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -28,12 +30,13 @@ use tracing::{debug, info, warn};
 
 use super::buffer::RegisteredBuffer;
 use super::reaper::Reaper;
-use super::session::{bump, BufferEntry, CachePadded, RingIo, Session, SessionCounters};
+use super::session::{bump, BrokerCounters, BufferEntry, CachePadded, RingIo, Session, SessionCounters};
 use super::validate::DeviceLimits;
 use crate::device::NvmeDevice;
-use crate::nvme::{Controller, IoQueue};
+use crate::nvme::{Controller, DmaSeg, IoQueue};
 use crate::policy::NamespaceAccess;
 use split::{InFlight, Split};
+use vectored::{BouncePool, VecPool, VEC_SLOTS};
 
 /// `pause` instructions between two looks at the rings when idle.
 const IDLE_PAUSES: u32 = 1;
@@ -135,6 +138,10 @@ pub struct IoThreadSetup {
     pub io_timeout: Duration,
     /// Where released buffers and rings go.
     pub reaper: Reaper,
+    /// Bounce buffers for vectored pieces the device cannot reach directly.
+    pub bounce: BouncePool,
+    /// Broker-wide data path counters.
+    pub counters: Arc<BrokerCounters>,
 }
 
 /// The I/O thread's state.
@@ -170,6 +177,12 @@ pub struct IoThread {
     touched: Vec<usize>,
     reaper: Reaper,
     shutdown: Option<Sender<()>>,
+    /// Segment lists of vectored requests in flight.
+    vecs: VecPool,
+    bounce: BouncePool,
+    /// One piece's device runs, while its command is built.
+    scratch: Box<[DmaSeg]>,
+    broker_counters: Arc<BrokerCounters>,
 }
 
 impl IoThread {
@@ -208,6 +221,10 @@ impl IoThread {
             touched: Vec::new(),
             reaper: setup.reaper,
             shutdown: None,
+            vecs: VecPool::new(VEC_SLOTS),
+            bounce: setup.bounce,
+            scratch: vec![DmaSeg::default(); usize::from(nvmed_proto::MAX_SEGMENTS)].into_boxed_slice(),
+            broker_counters: setup.counters,
         })
     }
 
@@ -288,6 +305,7 @@ impl IoThread {
                         in_flight: 0,
                         slots: 0,
                         partial: None,
+                        vectored: 0,
                         faulted: false,
                         closing: None,
                         counters,
@@ -402,7 +420,7 @@ impl IoThread {
                     p.pieces - p.next,
                     nvmed_proto::Status::Broker(BrokerStatus::DeviceReset),
                 ) {
-                    complete::complete(&mut self.sessions, &mut self.touched, p.ctx, status);
+                    complete::complete(&mut self.sessions, &mut self.touched, &mut self.vecs, p.ctx, status);
                 }
             }
             let s = &mut self.sessions[key];

@@ -14,6 +14,7 @@ use tracing::{error, info};
 
 use super::complete::{complete, release_slot};
 use super::split::{piece_done, pieces_done};
+use super::vectored::finish_bounce;
 use super::{DeviceQueue, IoThread, EPOCH};
 use crate::nvme::IoQueue;
 
@@ -76,11 +77,12 @@ impl IoThread {
         }
         // The controller is disabled or cut off from memory: nothing it was given can DMA now.
         for ctx in self.dq.queue.abandon_all() {
+            finish_bounce(&ctx, false, &self.vecs, &mut self.bounce, None);
             release_slot(&mut self.sessions, &ctx);
             if let Some(status) =
                 piece_done(&mut self.splits, &ctx, Status::Broker(BrokerStatus::DeviceReset))
             {
-                complete(&mut self.sessions, &mut self.touched, ctx, status);
+                complete(&mut self.sessions, &mut self.touched, &mut self.vecs, ctx, status);
             }
         }
         let restored = reset.and_then(|()| {
@@ -110,7 +112,7 @@ impl IoThread {
             let Some(p) = self.sessions[key].partial.take() else { continue };
             let status = Status::Broker(BrokerStatus::DeviceReset);
             if let Some(status) = pieces_done(&mut self.splits, &p.ctx, p.pieces - p.next, status) {
-                complete(&mut self.sessions, &mut self.touched, p.ctx, status);
+                complete(&mut self.sessions, &mut self.touched, &mut self.vecs, p.ctx, status);
             }
         }
     }

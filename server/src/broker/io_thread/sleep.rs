@@ -4,7 +4,8 @@
 //! commands have a device slot. A ring whose client does not reap its CQ is not ready; the
 //! broker asks that client (`BROKER_CQ_WAIT`) to write the submit eventfd once it frees CQ space,
 //! and sleeps. SQEs waiting for device slots are woken by the completion that frees one (the
-//! interrupt, or the 1 ms look of a polled queue). So an idle or blocked broker uses no CPU.
+//! interrupt, or the 1 ms look of a polled queue), and so are pieces waiting for a bounce
+//! buffer. So an idle or blocked broker uses no CPU.
 
 use std::os::fd::AsFd;
 use std::sync::atomic::{fence, Ordering};
@@ -33,14 +34,16 @@ impl IoThread {
         // A failed device takes no command: requests complete at once with DeviceFault.
         let device_room = self.device_failed || self.dq.queue.free_slots() > 0;
         let cap = self.dq.session_slots;
+        let vec_cap = (self.vecs.capacity() - self.vecs.capacity() / 4) as u32;
         for (_, s) in self.sessions.iter_mut() {
             let Some(r) = s.ring.as_mut() else { continue };
             if s.faulted || s.closing.is_some() {
                 continue;
             }
             let can_admit = device_room && (s.slots < cap || self.device_failed);
-            if s.partial.is_some() {
-                ready |= can_admit;
+            if let Some(p) = s.partial.as_ref() {
+                // A piece waiting for a bounce slot is woken by the completion that frees one.
+                ready |= can_admit && (!p.waits_bounce || self.bounce.available() > 0);
                 continue;
             }
             if !r.sq.available().is_ok_and(|n| n > 0) && r.overflow.is_empty() {
@@ -51,7 +54,9 @@ impl IoThread {
             };
             if r.overflow.is_empty() && cq_room(r, s.in_flight) {
                 // Without a slot, commands are in flight: their completion frees one and wakes us.
-                ready |= can_admit;
+                // The same holds for segment list slots (the next entry may be vectored).
+                let vec_room = self.vecs.available() > 0 && s.vectored < vec_cap;
+                ready |= can_admit && (vec_room || self.device_failed);
                 continue;
             }
             // The CQ is full: the client must reap first. Ask it to wake us, then look again.

@@ -5,12 +5,14 @@
 
 use std::sync::atomic::Ordering;
 
-use nvmed_proto::{BrokerStatus, Cqe, Opcode, RingFault, Status};
+use nvmed_proto::{BrokerStatus, Cqe, Opcode, RingFault, Segment, Status};
 
-use super::split::{admit, InFlight, Partial, Split, WHOLE};
+use super::split::{admit, Admission, InFlight, Partial, Split, Work, WHOLE};
+use super::vectored::{VecIo, VecWork};
 use super::{complete, IoThread};
 use crate::broker::session::bump;
-use crate::broker::validate::{validate, Validated};
+use crate::broker::validate::{validate, validate_segments, Validated, SEGMENT_SIZE};
+use crate::nvme::{Cursor, RwCommand};
 
 /// Most SQEs taken from one ring per round (fairness between clients).
 const TAKE_BATCH: u32 = 64;
@@ -42,7 +44,20 @@ impl IoThread {
             return false;
         }
         let Some(ring) = s.ring.as_mut() else { return false };
-        let queue = &mut self.dq.queue;
+        // A session holds at most three quarters of the segment list slots, as of device slots.
+        let vec_cap = (self.vecs.capacity() - self.vecs.capacity() / 4) as u32;
+        let mut a = Admission {
+            queue: &mut self.dq.queue,
+            max_transfer: limits.max_transfer,
+            cap,
+            vec: VecIo {
+                vecs: &mut self.vecs,
+                bounce: &mut self.bounce,
+                sgl: limits.sgl,
+                scratch: &mut self.scratch,
+                counters: &self.broker_counters,
+            },
+        };
         let mut took = false;
         // Retry completions that did not fit earlier.
         while let Some(&c) = ring.overflow.front() {
@@ -57,7 +72,7 @@ impl IoThread {
         // First the rest of a split request, as slots allow; nothing new before it is all in.
         if let Some(p) = s.partial.as_mut() {
             let before = p.next;
-            let all_in = admit(queue, p, limits.max_transfer, &mut s.slots, cap);
+            let all_in = admit(&mut a, p, &mut s.slots, &s.buffers, &s.counters);
             took |= p.next != before;
             if all_in {
                 s.partial = None;
@@ -106,11 +121,14 @@ impl IoThread {
                 |id| buffers.get(id as usize).map(|b| (b.buffer.iova(), b.buffer.len())),
                 limits,
             );
+            let op = Opcode::from_u8(sqe.opcode).unwrap_or(Opcode::Nop);
             let status = match decision {
                 Ok(Validated::Nop) => Status::Success,
-                Ok(Validated::Device { .. }) if device_failed => Status::Broker(BrokerStatus::DeviceFault),
+                Ok(Validated::Device { .. } | Validated::Vectored(_)) if device_failed => {
+                    Status::Broker(BrokerStatus::DeviceFault)
+                }
                 Ok(Validated::Device { cmd, buffer, len }) => {
-                    if queue.free_slots() == 0 || s.slots >= cap {
+                    if a.queue.free_slots() == 0 || s.slots >= cap {
                         break; // no slot for this session now: leave the entry for a later round
                     }
                     let pieces = cmd.piece_count(limits.max_transfer);
@@ -119,17 +137,17 @@ impl IoThread {
                     } else {
                         WHOLE
                     };
-                    let ctx = InFlight {
-                        epoch,
-                        session: key as u32,
-                        buffer: buffer.unwrap_or(u32::MAX),
-                        user_data: sqe.user_data,
+                    let ctx = InFlight::new(
+                        key as u32,
+                        buffer.unwrap_or(u32::MAX),
+                        sqe.user_data,
                         len,
-                        op: Opcode::from_u8(sqe.opcode).unwrap_or(Opcode::Nop),
+                        op,
+                        epoch,
                         split,
-                    };
-                    let mut p = Partial { cmd, next: 0, pieces, ctx };
-                    let all_in = admit(queue, &mut p, limits.max_transfer, &mut s.slots, cap);
+                    );
+                    let mut p = Partial { work: Work::Plain(cmd), next: 0, pieces, ctx, waits_bounce: false };
+                    let all_in = admit(&mut a, &mut p, &mut s.slots, &s.buffers, &s.counters);
                     s.in_flight += 1;
                     if let Some(b) = buffer.and_then(|b| s.buffers.get_mut(b as usize)) {
                         b.in_flight += 1;
@@ -140,6 +158,67 @@ impl IoThread {
                         break;
                     }
                     continue;
+                }
+                Ok(Validated::Vectored(v)) => {
+                    let vecs = &mut *a.vec.vecs;
+                    if a.queue.free_slots() == 0 || s.slots >= cap || s.vectored >= vec_cap {
+                        break; // as above
+                    }
+                    let Some(slot) = vecs.alloc() else { break };
+                    // Copy the segment list out of client memory once, into the slot, checking
+                    // each copied segment. (`validate` placed the whole list inside its buffer.)
+                    let list = buffers[v.list_buf as usize].buffer.mem();
+                    let checked = validate_segments(
+                        v.count,
+                        v.len,
+                        |i| list.read::<Segment>((v.list_offset + i as u64 * SEGMENT_SIZE) as usize),
+                        |id| buffers.get(id as usize).map(|b| (b.buffer.iova(), b.buffer.len())),
+                        vecs.slot_mut(slot),
+                    );
+                    match checked {
+                        Err(e) => {
+                            vecs.release(slot);
+                            Status::Broker(e)
+                        }
+                        Ok(()) => {
+                            vecs.set_count(slot, v.count);
+                            // Every buffer the request touches stays in use until it completes.
+                            for seg in vecs.segs(slot) {
+                                if let Some(b) = s.buffers.get_mut(seg.tag as usize) {
+                                    b.in_flight += 1;
+                                }
+                            }
+                            s.vectored += 1;
+                            let pieces = v.len.div_ceil(limits.max_transfer);
+                            let split = if pieces > 1 {
+                                self.splits.insert(Split { remaining: pieces, status: Status::Success })
+                                    as u32
+                            } else {
+                                WHOLE
+                            };
+                            let ctx = InFlight {
+                                vec: slot,
+                                ..InFlight::new(key as u32, u32::MAX, sqe.user_data, v.len, op, epoch, split)
+                            };
+                            let rw = RwCommand {
+                                write: v.write,
+                                nsid: v.nsid,
+                                slba: v.slba,
+                                blocks: v.blocks,
+                                fua: v.fua,
+                            };
+                            let work = Work::Vectored(VecWork { rw, len: v.len, cursor: Cursor::default() });
+                            let mut p = Partial { work, next: 0, pieces, ctx, waits_bounce: false };
+                            let all_in = admit(&mut a, &mut p, &mut s.slots, &s.buffers, &s.counters);
+                            s.in_flight += 1;
+                            taken += 1;
+                            if !all_in {
+                                s.partial = Some(p);
+                                break;
+                            }
+                            continue;
+                        }
+                    }
                 }
                 Err(b) => Status::Broker(b),
             };

@@ -1,0 +1,375 @@
+//! Vectored (scatter-gather) requests end to end, against a real `nvmed` process: random
+//! segment layouts written and read back (PRPs for page-aligned layouts, SGLs for odd ones on
+//! the emulated controller, bounce buffers when SGLs are turned off), requests split above
+//! MDTS, hostile segment lists, and buffers kept busy while a vectored request uses them.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use nvmed_client::{BrokerStatus, BufferId, Error, IoSegment, NvmeRing, Segment, Sqe, Stats, Status};
+use nvmed_proto::{ControlError, Request};
+
+const MIB: u64 = 1 << 20;
+/// Each data buffer.
+const DATA_BUF: u64 = 8 * MIB;
+/// Bytes of one segment list slot in the list buffer (256 segments of 24 bytes).
+const LIST_SLOT: u64 = 256 * 24;
+/// Requests in flight at once.
+const DEPTH: usize = 8;
+
+/// How a layout's segments are placed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    /// PRP-able: the first segment ends on a page boundary, the others start on one, every
+    /// segment but the last is whole pages.
+    PageAligned,
+    /// 512-byte multiples at 512-byte offsets that are never page aligned.
+    Odd512,
+    /// Any length (mostly odd) at any byte offset.
+    Bytes,
+}
+
+/// Places segments of `kind` adding up to `total` bytes in `bufs`, never overlapping what
+/// `cursors` (one per buffer) already used.
+fn layout(rng: &mut Rng, kind: Kind, total: u64, bufs: &[BufferId], cursors: &mut [u64]) -> Vec<IoSegment> {
+    let mut segs = Vec::new();
+    let mut left = total;
+    while left > 0 {
+        let b = rng.below(bufs.len() as u64) as usize;
+        let len = match kind {
+            Kind::PageAligned if segs.is_empty() => (rng.below(8) + 1) * 512,
+            Kind::PageAligned => (rng.below(4) + 1) * 4096,
+            Kind::Odd512 => (rng.below(8) + 1) * 512,
+            Kind::Bytes => rng.below(1500) + 1,
+        }
+        .min(left);
+        // The last segments must fit the 256-segment limit.
+        let len = if segs.len() >= 200 { left } else { len };
+        let start = match kind {
+            // The first segment ends on a page boundary (if more follow).
+            Kind::PageAligned if segs.is_empty() && len < left => {
+                (cursors[b] + rng.below(4) * 4096).next_multiple_of(4096) + 4096 - len
+            }
+            Kind::PageAligned => (cursors[b] + rng.below(4) * 4096).next_multiple_of(4096),
+            Kind::Odd512 => {
+                let at = (cursors[b] + rng.below(8) * 512).next_multiple_of(512);
+                if at.is_multiple_of(4096) {
+                    at + 512
+                } else {
+                    at
+                }
+            }
+            Kind::Bytes => cursors[b] + rng.below(64),
+        };
+        assert!(start + len <= DATA_BUF, "data buffers too small for the layout");
+        cursors[b] = start + len;
+        segs.push(IoSegment::new(bufs[b], start, len as u32));
+        left -= len;
+    }
+    segs
+}
+
+struct Setup {
+    ring: NvmeRing,
+    ns: u32,
+    data: Vec<BufferId>,
+    lists: BufferId,
+    flat: BufferId,
+}
+
+fn setup(broker: &TestBroker) -> Setup {
+    let mut ring = broker.connect_with(64, 128);
+    let ns = ring.namespaces()[0].nsid;
+    let data = (0..4).map(|_| ring.alloc_buffer(DATA_BUF as usize).unwrap()).collect();
+    let lists = ring.alloc_buffer((DEPTH as u64 * LIST_SLOT) as usize).unwrap();
+    let flat = ring.alloc_buffer(16 * MIB as usize).unwrap();
+    Setup { ring, ns, data, lists, flat }
+}
+
+/// Writes `rounds` batches of vectored writes with random `kind` layouts (sizes up to
+/// `max_len`), reads each extent back with a plain read and with a vectored read into another
+/// layout, and compares.
+fn round_trip(st: &mut Setup, kinds: &[Kind], seed: u64, rounds: usize, max_len: u64) {
+    let mut rng = Rng(seed);
+    let blocks = max_len / 512;
+    for round in 0..rounds {
+        let kind = kinds[round % kinds.len()];
+        let mut cursors = vec![0u64; st.data.len()];
+        // DEPTH disjoint extents of the namespace.
+        let extents: Vec<(u64, u64)> = (0..DEPTH as u64)
+            .map(|i| (i * 4 * MIB + rng.below(64) * 512, (rng.below(blocks) + 1) * 512))
+            .collect();
+        let writes: Vec<Vec<IoSegment>> =
+            extents.iter().map(|&(_, len)| layout(&mut rng, kind, len, &st.data, &mut cursors)).collect();
+        let mut expect = Vec::new();
+        for (i, segs) in writes.iter().enumerate() {
+            let mut bytes = vec![0u8; extents[i].1 as usize];
+            pattern(seed ^ (round as u64) << 16 ^ i as u64, &mut bytes);
+            let mut pos = 0;
+            for s in segs {
+                st.ring
+                    .buffer_mut(s.buffer, s.offset, u64::from(s.len))
+                    .unwrap()
+                    .copy_from_slice(&bytes[pos..pos + s.len as usize]);
+                pos += s.len as usize;
+            }
+            expect.push(bytes);
+        }
+        for (i, segs) in writes.iter().enumerate() {
+            let at = extents[i].0;
+            st.ring.prep_writev(st.ns, at, segs, st.lists, i as u64 * LIST_SLOT, i as u64).unwrap();
+        }
+        wait_all(&mut st.ring, DEPTH, "vectored write");
+        // Plain reads of each extent into the flat buffer.
+        for (i, &(at, len)) in extents.iter().enumerate() {
+            st.ring.read(st.ns, at, st.flat, i as u64 * 2 * MIB, len as u32).unwrap();
+            let got = st.ring.buffer(st.flat, i as u64 * 2 * MIB, len).unwrap();
+            assert!(got == &expect[i][..], "{kind:?} round {round}: extent {i} ({len} bytes) differs");
+        }
+        // Vectored reads into new layouts of the same kind (after clearing them).
+        let mut cursors = vec![0u64; st.data.len()];
+        let reads: Vec<Vec<IoSegment>> =
+            extents.iter().map(|&(_, len)| layout(&mut rng, kind, len, &st.data, &mut cursors)).collect();
+        for segs in &reads {
+            for s in segs {
+                st.ring.buffer_mut(s.buffer, s.offset, u64::from(s.len)).unwrap().fill(0xee);
+            }
+        }
+        for (i, segs) in reads.iter().enumerate() {
+            st.ring.prep_readv(st.ns, extents[i].0, segs, st.lists, i as u64 * LIST_SLOT, i as u64).unwrap();
+        }
+        wait_all(&mut st.ring, DEPTH, "vectored read");
+        for (i, segs) in reads.iter().enumerate() {
+            let mut pos = 0;
+            for (k, s) in segs.iter().enumerate() {
+                let got = st.ring.buffer(s.buffer, s.offset, u64::from(s.len)).unwrap();
+                assert!(
+                    got == &expect[i][pos..pos + s.len as usize],
+                    "{kind:?} round {round}: extent {i} segment {k} of {} ({s:?}) differs",
+                    segs.len()
+                );
+                pos += s.len as usize;
+            }
+        }
+    }
+}
+
+fn wait_all(ring: &mut NvmeRing, n: usize, what: &str) {
+    ring.submit().unwrap();
+    let mut out = Vec::new();
+    while out.len() < n {
+        ring.wait(n - out.len(), &mut out, Some(Duration::from_secs(30))).unwrap();
+    }
+    for c in &out {
+        assert_eq!(c.status, Status::Success, "{what} {c:?}");
+    }
+}
+
+fn stats(st: &mut Setup) -> Stats {
+    st.ring.stats().unwrap()
+}
+
+#[test]
+fn page_aligned_segments_use_prps_and_never_bounce() {
+    let broker = TestBroker::start(&[]);
+    let mut st = setup(&broker);
+    round_trip(&mut st, &[Kind::PageAligned], 0x51, 6, 1024 * 1024);
+    let s = stats(&mut st);
+    assert_eq!((s.bounced_bytes, s.broker_bounced_bytes), (0, 0), "{s:?}");
+    assert_eq!(s.broker_sgl_commands, 0, "PRPs fit every layout: {s:?}");
+    assert!(s.broker_vectored_prp_commands >= 6 * DEPTH as u64 * 2, "{s:?}");
+    assert_eq!(s.errors, 0);
+}
+
+#[test]
+fn odd_segments_use_sgls_and_never_bounce() {
+    let broker = TestBroker::start(&[]);
+    let mut st = setup(&broker);
+    round_trip(&mut st, &[Kind::Odd512, Kind::Bytes], 0x52, 6, 192 * 1024);
+    let s = stats(&mut st);
+    assert_eq!((s.bounced_bytes, s.broker_bounced_bytes), (0, 0), "{s:?}");
+    assert!(s.broker_sgl_commands >= DEPTH as u64, "{s:?}");
+}
+
+#[test]
+fn without_sgl_support_odd_segments_are_bounced() {
+    let broker = TestBroker::start(&["--emulator-no-sgl"]);
+    let mut st = setup(&broker);
+    // Layouts PRPs can describe still go straight to client memory.
+    round_trip(&mut st, &[Kind::PageAligned], 0x53, 2, 512 * 1024);
+    let s = stats(&mut st);
+    assert_eq!((s.bounced_bytes, s.broker_sgl_commands), (0, 0), "{s:?}");
+    round_trip(&mut st, &[Kind::Odd512, Kind::Bytes], 0x54, 6, 192 * 1024);
+    let s = stats(&mut st);
+    assert!(s.bounced_bytes > 0 && s.bounced_bytes == s.broker_bounced_bytes, "{s:?}");
+    assert_eq!(s.broker_sgl_commands, 0, "{s:?}");
+}
+
+#[test]
+fn vectored_requests_above_mdts_are_split() {
+    // 16 KiB device commands: pieces cut segments in the middle.
+    for args in [&["--mdts", "2"][..], &["--mdts", "2", "--emulator-no-sgl"]] {
+        let broker = TestBroker::start(args);
+        let mut st = setup(&broker);
+        round_trip(&mut st, &[Kind::PageAligned, Kind::Odd512, Kind::Bytes], 0x55, 6, 1024 * 1024);
+        let s = stats(&mut st);
+        assert_eq!(s.errors, 0, "{args:?}: {s:?}");
+        assert_eq!(s.broker_bounced_bytes > 0, args.len() == 3, "{args:?}: {s:?}");
+    }
+}
+
+/// Bounced reads on a device that completes later and out of order, with few bounce slots
+/// per request (and a small queue): data is copied out only after each piece completes.
+#[test]
+fn bounced_requests_on_an_asynchronous_device() {
+    let broker = TestBroker::start(&[
+        "--emulator-mode",
+        "async",
+        "--emulator-latency-us",
+        "50",
+        "--emulator-no-sgl",
+        "--mdts",
+        "7",
+        "--queue-depth",
+        "8",
+    ]);
+    let mut st = setup(&broker);
+    round_trip(&mut st, &[Kind::Bytes, Kind::Odd512, Kind::PageAligned], 0x56, 6, 1024 * 1024);
+    let s = stats(&mut st);
+    assert!(s.bounced_bytes > 4 * MIB, "more than the bounce pool went through it: {s:?}");
+}
+
+fn raw_status(ring: &mut NvmeRing, sqe: Sqe) -> Status {
+    // SAFETY: the entries used here either fail validation or read into buffers the test does
+    // not look at until they complete.
+    unsafe { ring.prep_raw(sqe) }.unwrap();
+    ring.submit().unwrap();
+    let mut out = Vec::new();
+    ring.wait(1, &mut out, Some(Duration::from_secs(10))).unwrap();
+    out[0].status
+}
+
+/// Writes raw segments at `offset` of the list buffer.
+fn put_list(ring: &mut NvmeRing, list: BufferId, offset: u64, segs: &[Segment]) {
+    let bytes = ring.buffer_mut(list, offset, segs.len() as u64 * 24).unwrap();
+    for (i, s) in segs.iter().enumerate() {
+        bytes[i * 24..i * 24 + 24].copy_from_slice(zerocopy::IntoBytes::as_bytes(s));
+    }
+}
+
+#[test]
+fn hostile_segment_lists_get_clear_statuses() {
+    let mut broker = TestBroker::start(&[]);
+    // Another client with more buffers than this one: its ids mean nothing here.
+    let mut other = broker.connect();
+    let theirs: Vec<BufferId> = (0..3).map(|_| other.alloc_buffer(8192).unwrap()).collect();
+    let mut ring = broker.connect();
+    let ns = ring.namespaces()[0].nsid;
+    let list = ring.alloc_buffer(8192).unwrap();
+    let data = ring.alloc_buffer(65536).unwrap();
+    let (l, d) = (list.0, data.0);
+    let good = [Segment::new(d, 3, 509), Segment::new(d, 4096, 3)];
+    put_list(&mut ring, list, 0, &good);
+    use BrokerStatus::*;
+    let readv = |off: u64, count: u16, len: u32| Sqe::readv(ns, 0, len, l, off, count, 1);
+    let cases: Vec<(&str, Vec<Segment>, Sqe, BrokerStatus)> = vec![
+        ("unknown list buffer", vec![], Sqe { buf_id: 77, ..readv(0, 2, 512) }, BadBuffer),
+        ("no segments", vec![], readv(0, 0, 512), BadSegmentCount),
+        ("too many segments", vec![], readv(0, 257, 512), BadSegmentCount),
+        ("list past its buffer", vec![], readv(8192 - 24, 2, 512), SegmentListRange),
+        ("list offset overflows", vec![], readv(u64::MAX - 7, 2, 512), SegmentListRange),
+        ("misaligned list", vec![], readv(4, 2, 512), SegmentListRange),
+        ("total mismatch", good.to_vec(), readv(0, 2, 1024), SegmentLength),
+        ("unknown segment buffer", vec![good[0], Segment::new(99, 0, 3)], readv(0, 2, 512), BadBuffer),
+        (
+            "another client's buffer",
+            vec![good[0], Segment::new(theirs[2].0, 0, 3)],
+            readv(0, 2, 512),
+            BadBuffer,
+        ),
+        ("segment past its buffer", vec![good[0], Segment::new(d, 65534, 3)], readv(0, 2, 512), BufferRange),
+        (
+            "segment offset overflows",
+            vec![good[0], Segment::new(d, u64::MAX - 1, 3)],
+            readv(0, 2, 512),
+            BufferRange,
+        ),
+        ("empty segment", vec![Segment::new(d, 0, 0), good[0], good[1]], readv(0, 3, 512), SegmentLength),
+        (
+            "reserved field",
+            vec![good[0], Segment { reserved1: 1, ..good[1] }],
+            readv(0, 2, 512),
+            InvalidField,
+        ),
+        (
+            "segment count on a plain read",
+            vec![],
+            Sqe { segments: 2, ..Sqe::read(ns, 0, 512, d, 0, 1) },
+            InvalidField,
+        ),
+        ("total too large", vec![], readv(0, 2, 64 << 20), TooLarge),
+    ];
+    for (what, segs, sqe, want) in cases {
+        if !segs.is_empty() {
+            put_list(&mut ring, list, 0, &segs);
+        }
+        assert_eq!(raw_status(&mut ring, sqe), Status::Broker(want), "{what}");
+        assert!(Status::Broker(want).to_string().len() > 10);
+    }
+    // The library refuses what it can check before anything reaches the broker.
+    put_list(&mut ring, list, 0, &good);
+    let bad = nvmed_client::Io::readv(ns, 0, 1024, list, 0, 2);
+    assert!(matches!(ring.prep(bad), Err(Error::BadSegments(_))));
+    let far = [IoSegment::new(data, 65536, 1)];
+    assert!(matches!(ring.write_segments(list, 0, &far), Err(Error::OutOfBuffer { .. })));
+    // Nothing is left in flight: the buffers can go, and a good list still works.
+    let s = ring.stats().unwrap();
+    assert_eq!((s.in_flight, s.errors), (0, 15), "{s:?}");
+    put_list(&mut ring, list, 0, &good);
+    assert_eq!(raw_status(&mut ring, readv(0, 2, 512)), Status::Success);
+    ring.unregister_buffer(data).unwrap();
+    ring.unregister_buffer(list).unwrap();
+    assert!(broker.alive());
+    // The other client is unaffected.
+    let buf = theirs[0];
+    pattern(9, other.buffer_mut(buf, 0, 4096).unwrap());
+    other.write(ns, MIB, buf, 0, 4096).unwrap();
+    other.read(ns, MIB, buf, 4096, 4096).unwrap();
+    assert_eq!(other.buffer(buf, 0, 4096).unwrap(), other.buffer(buf, 4096, 4096).unwrap());
+}
+
+#[test]
+fn buffers_of_a_vectored_request_stay_busy_until_it_completes() {
+    // The first I/O command never completes.
+    let broker = TestBroker::start(&["--inject", "hang:1"]);
+    let mut ring = broker.connect();
+    let ns = ring.namespaces()[0].nsid;
+    let list = ring.alloc_buffer(4096).unwrap();
+    let a = ring.alloc_buffer(8192).unwrap();
+    let b = ring.alloc_buffer(8192).unwrap();
+    let spare = ring.alloc_buffer(4096).unwrap();
+    let segs = [IoSegment::new(a, 100, 300), IoSegment::new(b, 5000, 212)];
+    ring.prep_readv(ns, 0, &segs, list, 0, 1).unwrap();
+    ring.submit().unwrap();
+    // The library refuses the segments' ranges, the list's range, and every buffer involved...
+    assert!(matches!(ring.buffer(a, 0, 200), Err(Error::InFlight { .. })));
+    assert!(matches!(ring.buffer(b, 5100, 1), Err(Error::InFlight { .. })));
+    assert!(ring.buffer(b, 0, 4096).is_ok(), "outside the segments");
+    assert!(matches!(ring.write_segments(list, 0, &segs), Err(Error::InFlight { .. })));
+    for buf in [a, b, list] {
+        assert!(matches!(ring.unregister_buffer(buf), Err(Error::InFlight { .. })), "{buf:?}");
+    }
+    // ...and so does the broker, for each segment's buffer, once the request is at the device.
+    wait_until("the request to reach the device", Duration::from_secs(5), || {
+        ring.stats().unwrap().in_flight == 1
+    });
+    for buf in [a, b] {
+        match ring.control(&Request::UnregisterBuffer { buffer_id: buf.0 }, &[]) {
+            Err(Error::Refused(ControlError::BufferBusy { in_flight: 1, .. })) => {}
+            other => panic!("expected BufferBusy for {buf:?}, got {other:?}"),
+        }
+    }
+    ring.unregister_buffer(spare).unwrap();
+}
