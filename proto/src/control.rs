@@ -134,7 +134,8 @@ pub struct Stats {
     pub bounced_bytes: u64,
     /// Data bytes the device moved by DMA to or from host memory, for all clients, when the
     /// device counts them (the emulated controller does). Equal to the bytes read and written:
-    /// the broker copies no data, the device reaches client buffers directly.
+    /// the device reaches client buffers directly (or, for bounced vectored requests, the
+    /// broker's bounce buffers: see `bounced_bytes`).
     pub device_dma_bytes: Option<u64>,
     /// Sessions connected to the broker.
     pub broker_sessions: u64,
