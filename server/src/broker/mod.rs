@@ -8,7 +8,7 @@ mod reaper;
 mod session;
 pub mod validate;
 
-pub use quota::{max_map_count, QuotaSettings};
+pub use quota::{max_map_count, QuotaRequest, QuotaSettings};
 
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::fs::PermissionsExt;
