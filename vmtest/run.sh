@@ -78,9 +78,25 @@ cp vmtest/init.sh "$root/init" && chmod +x "$root/init"
 (cd "$root" && find . | cpio -o -H newc --quiet | gzip -1 > "$work/initrd.gz")
 
 # 5. Boot once, run everything.
-rm -f "$work/disk.img" "$work/disk2.img"
+rm -f "$work/disk.img" "$work/disk2.img" "$work"/mx-*.img
 truncate -s "$disk_bytes" "$work/disk.img"
 truncate -s "$disk_bytes" "$work/disk2.img"
+# The controller matrix (scenarios matrix-* in init.sh): more controllers on the same boot, each
+# set up the way some real controllers differ, at 00:05.0 and up (init.sh expects these slots).
+matrix=()
+disk() { truncate -s "$2" "$work/mx-$1.img"; matrix+=(-drive "file=$work/mx-$1.img,if=none,id=mx-$1,format=raw"); }
+ctrl() { matrix+=(-device "nvme,serial=mx-$1,addr=$2${3:+,$3}"); }
+ns() { matrix+=(-device "nvme-ns,bus=mx-$1,drive=mx-$2,nsid=$3${4:+,$4}"); }
+disk lba4k 32M;  ctrl lba4k 05.0 drive=mx-lba4k,logical_block_size=4096,physical_block_size=4096
+disk mdts0 32M;  ctrl mdts0 06.0 drive=mx-mdts0,mdts=0
+disk mdts1 8M;   ctrl mdts1 07.0 drive=mx-mdts1,mdts=1
+disk msixbar 32M; ctrl msixbar 08.0 drive=mx-msixbar,msix-exclusive-bar=on
+disk msix1 32M;  ctrl msix1 09.0 drive=mx-msix1,msix_qsize=1
+disk two1 32M; disk two2 24M; ctrl two 0a.0 id=mx-two
+ns two two1 1; ns two two2 2
+disk mix1 32M; disk meta 8M; disk pi 8M; disk zoned 16M; ctrl mix 0b.0 id=mx-mix
+ns mix mix1 1; ns mix meta 2 ms=8; ns mix pi 3 ms=8,pi=1; ns mix zoned 4 zoned=on,zoned.zone_size=4M
+disk lba16k 8M;  ctrl lba16k 0c.0 drive=mx-lba16k,mdts=1,logical_block_size=16384,physical_block_size=16384
 log "booting (software emulation)"
 start=$(date +%s)
 set +e
@@ -90,6 +106,7 @@ timeout 900 qemu-system-x86_64 -machine q35,kernel-irqchip=split,accel=tcg -cpu 
     -append "console=ttyS0 intel_iommu=on iommu=pt quiet panic=-1" \
     -drive file="$work/disk.img",if=none,id=nvm,format=raw -device nvme,serial=nvmed0,drive=nvm,addr=03.0 \
     -drive file="$work/disk2.img",if=none,id=nvm2,format=raw -device nvme,serial=kernel0,drive=nvm2,addr=04.0 \
+    "${matrix[@]}" \
     < /dev/null 2>&1 | tr -d '\r' | tee "$work/console.log" | grep --line-buffered -E 'VMTEST|  \||VMCHECK|panic|Kernel'
 rc=${PIPESTATUS[0]}
 set -e

@@ -95,9 +95,9 @@ pub enum BrokerError {
     /// The NVMe driver failed.
     #[error("NVMe driver: {0}")]
     Driver(#[from] DriverError),
-    /// The controller has no namespace the broker can serve.
-    #[error("the controller has no usable namespace")]
-    NoNamespace,
+    /// The controller has no namespace the broker can serve (the refused ones, with reasons).
+    #[error("the controller has no usable namespace{}", crate::nvme::controller::skipped_reasons(.0))]
+    NoNamespace(Vec<(u32, String)>),
     /// Socket setup failed.
     #[error("socket {path}: {source}")]
     Socket {
@@ -188,7 +188,10 @@ impl Broker {
         let mut controller = Controller::init(device.clone(), space.clone())?;
         let info = controller.info().clone();
         if info.namespaces.is_empty() {
-            return Err(BrokerError::NoNamespace);
+            if let Err(e) = controller.shutdown() {
+                error!("controller shutdown failed: {e}");
+            }
+            return Err(BrokerError::NoNamespace(info.skipped));
         }
         controller.request_io_queues(1)?;
         let vector = match device.interrupt_vectors() {
