@@ -165,7 +165,8 @@ mod tests {
         let (a, b) =
             socketpair(AddressFamily::Unix, SockType::SeqPacket, None, SockFlag::SOCK_CLOEXEC).unwrap();
         // Every copy of the pipe's write end is sent; once all are closed, the read end sees EOF.
-        let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC | nix::fcntl::OFlag::O_NONBLOCK).unwrap();
+        let (r, w) =
+            nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC | nix::fcntl::OFlag::O_NONBLOCK).unwrap();
         for _ in 0..50 {
             let fds = [w.as_fd(); 6];
             send(a.as_fd(), b"x", &fds).unwrap();
