@@ -99,7 +99,9 @@ pub fn parse<M: GuestMemoryBackend>(
     mem: &M,
     geo: &DiskGeometry,
 ) -> Parsed {
-    let status = descs.last().filter(|d| d.is_write_only() && d.len() >= 1).and_then(|d| {
+    // A chain that did not end cleanly has no trustworthy last descriptor: report nothing.
+    let last = if truncated { None } else { descs.last() };
+    let status = last.filter(|d| d.is_write_only() && d.len() >= 1).and_then(|d| {
         let addr = d.addr().0.checked_add(u64::from(d.len()) - 1)?;
         mem.check_range(GuestAddress(addr), 1).then_some(addr)
     });
