@@ -12,7 +12,7 @@ pub enum RegionError {
         hint: &'static str,
     },
     /// The memfd is not sealed against shrinking.
-    #[error("guest RAM at GPA {gpa:#x} is a memfd without F_SEAL_SHRINK (seals {seals:#x}); {hint}")]
+    #[error("guest RAM at GPA {gpa:#x} is not sealed against shrinking (F_GET_SEALS: {seals:#x}; a tmpfs file or a memfd with seal=off); {hint}")]
     NotSealed {
         /// Guest physical address of the region.
         gpa: u64,

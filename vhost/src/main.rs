@@ -13,7 +13,7 @@ use nvmed_vhost::config::DiskGeometry;
 use nvmed_vhost::worker::{QueueStats, Worker, SQ_ENTRIES};
 use nvmed_vhost::{Error, StatsSummary};
 use vhost::vhost_user::Listener;
-use vhost_user_backend::VhostUserDaemon;
+use vhost_user_backend::{Error as DaemonError, VhostUserDaemon};
 use vm_memory::GuestMemoryMmap;
 
 /// Serve an nvmed namespace to QEMU as a vhost-user-blk disk, zero copy into guest RAM.
@@ -132,7 +132,6 @@ fn run(args: &Args) -> Result<(), Error> {
 
     let mut listener = Listener::new(&args.socket, true)
         .map_err(|e| Error::VhostUser(format!("listening on {}: {e}", args.socket.display())))?;
-    tracing::info!(socket = %args.socket.display(), "waiting for QEMU");
     loop {
         serve_one(args, geo, &stats, &mut listener)?;
         println!("{}", StatsSummary::of(&stats));
@@ -161,11 +160,18 @@ fn serve_one(
     backend
         .register_completion_fds(&daemon.get_epoll_handlers())
         .map_err(|e| Error::Os { what: "registering nvmed completion eventfds", source: e })?;
+    tracing::info!(socket = %args.socket.display(), "waiting for QEMU");
     daemon.start(listener).map_err(|e| Error::VhostUser(format!("accepting a connection: {e}")))?;
     tracing::info!("QEMU connected");
     match daemon.wait() {
-        Ok(()) => tracing::info!("QEMU disconnected"),
-        Err(e) => tracing::warn!("connection ended: {e}"),
+        Ok(())
+        | Err(DaemonError::HandleRequest(vhost::vhost_user::Error::Disconnected))
+        | Err(DaemonError::HandleRequest(vhost::vhost_user::Error::PartialMessage)) => {
+            tracing::info!("QEMU disconnected")
+        }
+        // A malformed message, or a request the device refused (e.g. guest RAM that is not a
+        // sealed memfd): the connection is closed, the reason logged, the next one accepted.
+        Err(e) => tracing::error!("connection closed: {e}"),
     }
     // Whatever the guest had in flight completes before its RAM is let go.
     backend.drain_all();

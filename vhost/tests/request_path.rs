@@ -30,8 +30,14 @@ const STATUS: u64 = 0x9000;
 
 struct Env {
     _broker: Broker,
-    _dir: PathBuf,
+    dir: PathBuf,
     socket: PathBuf,
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
 }
 
 fn broker(lba_size: u32, mode: EmulatorMode) -> Env {
@@ -58,7 +64,7 @@ fn broker(lba_size: u32, mode: EmulatorMode) -> Env {
         .unwrap(),
     );
     let broker = Broker::start(device, BrokerConfig::new(&socket)).unwrap();
-    Env { _broker: broker, _dir: dir, socket }
+    Env { _broker: broker, dir, socket }
 }
 
 fn ring(env: &Env) -> NvmeRing {
