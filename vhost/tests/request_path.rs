@@ -381,3 +381,60 @@ fn many_requests_in_flight_out_of_order_complete_once() {
     let s = StatsSummary::of(&[g.stats.clone()]);
     assert_eq!((s.requests, s.errors, s.bounced_bytes), (2 * count, 0, 0));
 }
+
+#[test]
+fn completion_eventfd_wakes_a_sleeping_queue() {
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    let env = broker(512, EmulatorMode::Async { latency: Duration::from_millis(50) });
+    let mem = guest_ram();
+    let mut g = Guest::new(&env, &mem, None);
+    let r = g.push(VIRTIO_BLK_T_IN, 0, &[(0x30_0000, 4096, true)]);
+    g.worker.run(&mut g.q, &mem, true);
+    assert_eq!(g.worker.busy(), 1);
+    // Nothing completed yet: armed, the queue thread may sleep on the fd.
+    assert!(!g.worker.arm());
+    let mut fds = [PollFd::new(g.worker.completion_fd(), PollFlags::POLLIN)];
+    assert_eq!(poll(&mut fds, PollTimeout::from(5000u16)).unwrap(), 1, "no wakeup for the completion");
+    g.worker.disarm();
+    g.worker.run(&mut g.q, &mem, true);
+    assert_eq!(g.vq.used().idx().load(), 1);
+    assert_eq!(g.status(r), 0);
+    // Idle: nothing to arm for.
+    assert!(!g.worker.arm());
+}
+
+#[test]
+fn backend_config_space_and_features_follow_the_namespace() {
+    use nvmed_vhost::backend::{BlkBackend, GuestMem};
+    use vhost_user_backend::VhostUserBackend;
+    let env = broker(4096, EmulatorMode::Sync);
+    let r = ring(&env);
+    let ns = r.namespaces()[0];
+    let geo = DiskGeometry::new(&ns, 1, false);
+    let wce = Arc::new(AtomicU8::new(1));
+    let w = Worker::new(0, r, geo, wce.clone(), Arc::default()).unwrap();
+    let b = BlkBackend::new(geo, vec![w], GuestMem::new(GuestMemoryMmap::new()), wce.clone(), Duration::ZERO);
+    let cfg = b.get_config(0, 60);
+    assert_eq!(u64::from_le_bytes(cfg[0..8].try_into().unwrap()), 16 * MIB / 512);
+    assert_eq!(u32::from_le_bytes(cfg[20..24].try_into().unwrap()), 4096);
+    // A read at an offset, and one running past the end (zero filled).
+    assert_eq!(b.get_config(20, 4), 4096u32.to_le_bytes());
+    assert_eq!(b.get_config(56, 16).len(), 16);
+    // The guest turns the write cache off: writes become FUA; nothing else is writable.
+    b.set_config(32, &[0]).unwrap();
+    assert_eq!(wce.load(Ordering::Relaxed), 0);
+    assert_eq!(b.get_config(32, 1), [0]);
+    assert!(b.set_config(0, &[1, 2, 3, 4]).is_err());
+    let f = b.features();
+    for bit in [
+        VIRTIO_BLK_F_FLUSH,
+        VIRTIO_BLK_F_DISCARD,
+        VIRTIO_BLK_F_WRITE_ZEROES,
+        VIRTIO_BLK_F_MQ,
+        VIRTIO_BLK_F_CONFIG_WCE,
+    ] {
+        assert_ne!(f & (1 << bit), 0, "feature {bit}");
+    }
+    assert_eq!(f & (1 << VIRTIO_BLK_F_RO), 0);
+    assert_eq!(b.queues_per_thread(), vec![1]);
+}
