@@ -546,7 +546,8 @@ mod tests {
             })
             .collect();
         Arc::new(
-            EmulatedController::new(EmulatorConfig { namespaces, mdts, vectors: 1, faults: vec![] }).unwrap(),
+            EmulatedController::new(EmulatorConfig { namespaces, mdts, vectors: 1, ..Default::default() })
+                .unwrap(),
         )
     }
 
