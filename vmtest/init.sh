@@ -201,7 +201,7 @@ M16=16777216
 t0=$(cut -d. -f1 /proc/uptime)
 check matrix-lba-4096 matrix_serves 05 $M16 2 "--expect 1:4096:33554432"
 check matrix-mdts-0-no-limit matrix_serves 06 $M16 2 "--expect 1:512:33554432"
-check matrix-mdts-1 matrix_serves 07 2097152 2 "--expect 1:512:8388608"
+check matrix-mdts-1 matrix_serves 07 $M16 2 "--expect 1:512:33554432"
 check matrix-msix-exclusive-bar matrix_serves 08 $M16 2 "--expect 1:512:33554432"
 check matrix-msix-one-vector matrix_serves 09 $M16 1 "--expect 1:512:33554432"
 check matrix-two-namespaces matrix_serves 0a $M16 2 "--expect 1:512:33554432 --expect 2:512:25165824"

@@ -89,7 +89,7 @@ ctrl() { matrix+=(-device "nvme,serial=mx-$1,addr=$2${3:+,$3}"); }
 ns() { matrix+=(-device "nvme-ns,bus=mx-$1,drive=mx-$2,nsid=$3${4:+,$4}"); }
 disk lba4k 32M;  ctrl lba4k 05.0 drive=mx-lba4k,logical_block_size=4096,physical_block_size=4096
 disk mdts0 32M;  ctrl mdts0 06.0 drive=mx-mdts0,mdts=0
-disk mdts1 8M;   ctrl mdts1 07.0 drive=mx-mdts1,mdts=1
+disk mdts1 32M;  ctrl mdts1 07.0 drive=mx-mdts1,mdts=1
 disk msixbar 32M; ctrl msixbar 08.0 drive=mx-msixbar,msix-exclusive-bar=on
 disk msix1 32M;  ctrl msix1 09.0 drive=mx-msix1,msix_qsize=1
 disk two1 32M; disk two2 24M; ctrl two 0a.0 id=mx-two
