@@ -17,6 +17,8 @@
 #                            (QEMU reconnects: chardev reconnect=1). auto: on with nvmed-vhost,
 #                            off with qsd (it does not resubmit requests in flight at the kill).
 #   NVMED_VHOST=PATH         use this nvmed-vhost binary instead of building the workspace's.
+#   NVMED_ARGS="..."         more nvmed options (nvmed-vhost), e.g. "--emulator-mode async": the
+#                            emulated controller then completes out of order, like hardware.
 #   BENCH_A=...              benchmark: the backend measured against qsd (default: $BACKEND).
 #   BENCH_ROUNDS=3           benchmark: runs per configuration (A and B alternating; medians).
 #   ONLY=parallel|restart    run only the parallel guests (A, B, C) or only the restart scenario.
@@ -109,7 +111,8 @@ cleanup() {
 trap cleanup EXIT
 
 start_nvmed() { # namespaces
-    "$bins/nvmed" --emulate --namespaces "$1" --size $disk_size --socket "$scratch/nvmed.sock" \
+    # shellcheck disable=SC2086 # NVMED_ARGS is a list of options
+    "$bins/nvmed" --emulate --namespaces "$1" --size $disk_size --socket "$scratch/nvmed.sock" ${NVMED_ARGS:-} \
         > "$scratch/nvmed.out" 2> "$work/nvmed.log" &
     nvmed_pid=$!
     for _ in $(seq 100); do grep -q ready "$scratch/nvmed.out" 2>/dev/null && return 0; sleep 0.1; done
