@@ -1,5 +1,7 @@
 //! `vmcheck`: scenarios the VM test runs inside the guest, against nvmed on a VFIO device.
 //! Each prints one `VMCHECK PASS <name>` line or fails with a message and a non-zero exit.
+//! `dump` and `load` move raw namespace contents to stdout / from a file (the vhost-user-blk
+//! test reads a namespace through nvmed on the host to compare it with what a guest saw).
 
 use std::time::Duration;
 
@@ -13,6 +15,9 @@ struct Args {
     /// nvmed socket.
     #[arg(long, default_value = "/run/nvmed.sock")]
     socket: String,
+    /// Namespace to use (default: the first one the broker offers).
+    #[arg(long)]
+    nsid: Option<u32>,
     #[command(subcommand)]
     check: Scenario,
 }
@@ -100,6 +105,24 @@ enum Scenario {
         #[arg(long, default_value_t = 11)]
         seed: u64,
     },
+    /// Writes the namespace's bytes from `offset` to stdout (raw; pipe into sha256sum).
+    Dump {
+        /// Byte offset.
+        #[arg(long, default_value_t = 0)]
+        offset: u64,
+        /// Bytes (default: to the end of the namespace).
+        #[arg(long)]
+        len: Option<u64>,
+    },
+    /// Writes a file's contents into the namespace at `offset`, then flushes.
+    Load {
+        /// Byte offset.
+        #[arg(long, default_value_t = 0)]
+        offset: u64,
+        /// The file (its length must be a multiple of the LBA size).
+        #[arg(long)]
+        file: String,
+    },
     /// The broker reports this many sessions (counting this one) and no buffer IOVA but ours.
     Sessions {
         /// Expected sessions.
@@ -128,10 +151,15 @@ fn main() {
         Ok(r) => r,
         Err(e) => fail(&name, &format!("open: {e}")),
     };
-    if let Err(e) = run(&mut ring, args.check) {
+    let raw_stdout = matches!(args.check, Scenario::Dump { .. });
+    if let Err(e) = run(&mut ring, args.nsid, args.check) {
         fail(&name, &e);
     }
-    println!("VMCHECK PASS {name}");
+    if raw_stdout {
+        eprintln!("VMCHECK PASS {name}"); // stdout carries the data
+    } else {
+        println!("VMCHECK PASS {name}");
+    }
 }
 
 fn parse_namespace(s: &str) -> Result<(u32, u32, u64), String> {
@@ -146,12 +174,15 @@ fn parse_namespace(s: &str) -> Result<(u32, u32, u64), String> {
 }
 
 fn fail(name: &str, why: &str) -> ! {
-    println!("VMCHECK FAIL {name}: {why}");
+    eprintln!("VMCHECK FAIL {name}: {why}");
     std::process::exit(1);
 }
 
-fn run(ring: &mut NvmeRing, check: Scenario) -> Result<(), String> {
-    let ns = *ring.namespaces().first().ok_or("no namespace offered")?;
+fn run(ring: &mut NvmeRing, nsid: Option<u32>, check: Scenario) -> Result<(), String> {
+    let ns = *match nsid {
+        None => ring.namespaces().first().ok_or("no namespace offered")?,
+        Some(id) => ring.namespaces().iter().find(|n| n.nsid == id).ok_or(format!("no namespace {id}"))?,
+    };
     let e = |e: nvmed_client::Error| e.to_string();
     match check {
         Scenario::Identify { size, lba } => {
@@ -252,6 +283,34 @@ fn run(ring: &mut NvmeRing, check: Scenario) -> Result<(), String> {
                     n.nsid
                 );
             }
+        }
+        Scenario::Dump { offset, len } => {
+            use std::io::Write;
+            let end = len.map_or(ns.size_bytes(), |l| offset + l);
+            if end > ns.size_bytes() || !offset.is_multiple_of(u64::from(ns.lba_size)) {
+                return Err(format!("{offset}..{end} is not an LBA-aligned range of namespace {}", ns.nsid));
+            }
+            let chunk = ns.max_transfer.min(1 << 20);
+            let buf = ring.alloc_buffer(chunk as usize).map_err(e)?;
+            let mut out = std::io::stdout().lock();
+            let mut at = offset;
+            while at < end {
+                let n = (end - at).min(u64::from(chunk)) as u32;
+                ring.read(ns.nsid, at, buf, 0, n).map_err(e)?;
+                out.write_all(ring.buffer(buf, 0, u64::from(n)).map_err(e)?).map_err(|e| e.to_string())?;
+                at += u64::from(n);
+            }
+            out.flush().map_err(|e| e.to_string())?;
+        }
+        Scenario::Load { offset, file } => {
+            let data = std::fs::read(&file).map_err(|err| format!("{file}: {err}"))?;
+            let chunk = ns.max_transfer.min(1 << 20) as usize;
+            let buf = ring.alloc_buffer(chunk).map_err(e)?;
+            for (i, part) in data.chunks(chunk).enumerate() {
+                ring.buffer_mut(buf, 0, part.len() as u64).map_err(e)?.copy_from_slice(part);
+                ring.write(ns.nsid, offset + (i * chunk) as u64, buf, 0, part.len() as u32).map_err(e)?;
+            }
+            ring.flush(ns.nsid).map_err(e)?;
         }
         Scenario::CheckFile { .. } => unreachable!("handled without a broker"),
         Scenario::Sessions { expect } => {
