@@ -23,5 +23,5 @@ RUSTFLAGS="--cfg loom" CARGO_TARGET_DIR=target/loom \
 echo "== VM test: nvmed on QEMU's NVMe controller through VFIO (software emulation)"
 bash vmtest/run.sh
 
-echo "== vhost-user-blk test: guests on vhost-user-blk backends (BACKEND=${BACKEND:-qsd}; software emulation)"
+echo "== vhost-user-blk test: guests on vhost-user-blk backends (BACKEND=${BACKEND:-nvmed-vhost}; software emulation)"
 bash vmtest/vhost.sh

@@ -39,7 +39,7 @@ mkdir -p "$work"
 log() { echo "vhosttest: $*"; }
 . vmtest/lib.sh
 
-BACKEND=${BACKEND:-qsd}
+BACKEND=${BACKEND:-nvmed-vhost}
 RESTART_TEST=${RESTART_TEST:-auto}
 VHT_MIB=${VHT_MIB:-16}
 disk_size=256M
