@@ -2,19 +2,13 @@
 //! the emulated controller), guest RAM in a sealed memfd split into two regions, a virtqueue
 //! built with virtio-queue's mock, and a queue `Worker` that parses, plans and submits.
 
-use std::fs::File;
-use std::os::fd::AsFd;
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use nvmed_client::{NvmeRing, RingOptions};
-use nvmed_server::broker::{Broker, BrokerConfig};
-use nvmed_server::emulator::backend::MemoryBackend;
-use nvmed_server::emulator::{EmulatedController, EmulatedNamespace, EmulatorConfig, EmulatorMode};
+use nvmed_server::emulator::EmulatorMode;
 use nvmed_vhost::config::DiskGeometry;
-use nvmed_vhost::worker::{region_files, QueueStats, Worker, SQ_ENTRIES};
+use nvmed_vhost::worker::{region_files, QueueStats, Worker};
 use nvmed_vhost::StatsSummary;
 use virtio_bindings::virtio_blk::*;
 use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
@@ -22,71 +16,13 @@ use virtio_queue::desc::split::Descriptor;
 use virtio_queue::desc::RawDescriptor;
 use virtio_queue::mock::MockSplitQueue;
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryMmap, GuestRegionMmap, MmapRegion};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
-const MIB: u64 = 1 << 20;
+mod common;
+use common::{broker, disk, guest_ram, ring, Env, MIB};
+
 const HDR: u64 = 0x8000;
 const STATUS: u64 = 0x9000;
-
-struct Env {
-    _broker: Broker,
-    dir: PathBuf,
-    socket: PathBuf,
-}
-
-impl Drop for Env {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-fn broker(lba_size: u32, mode: EmulatorMode) -> Env {
-    static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-    let dir = std::env::temp_dir().join(format!(
-        "nvmed-vhost-test-{}-{}",
-        std::process::id(),
-        N.fetch_add(1, Ordering::Relaxed)
-    ));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    let socket = dir.join("nvmed.sock");
-    let device = Arc::new(
-        EmulatedController::new(EmulatorConfig {
-            namespaces: vec![EmulatedNamespace {
-                backend: Box::new(MemoryBackend::new(16 * MIB).unwrap()),
-                lba_size,
-            }],
-            mdts: 5,
-            vectors: 2,
-            mode,
-            ..Default::default()
-        })
-        .unwrap(),
-    );
-    let broker = Broker::start(device, BrokerConfig::new(&socket)).unwrap();
-    Env { _broker: broker, dir, socket }
-}
-
-fn ring(env: &Env) -> NvmeRing {
-    let opts = RingOptions { sq_entries: SQ_ENTRIES, cq_entries: SQ_ENTRIES * 2, ..RingOptions::default() };
-    NvmeRing::open_with(&env.socket, opts).unwrap()
-}
-
-/// 4 MiB of guest RAM in one sealed memfd, as two regions whose file offsets are swapped
-/// (GPA 0 is file offset 2 MiB and GPA 2 MiB is file offset 0), like QEMU's split below 4G.
-fn guest_ram() -> GuestMemoryMmap {
-    let fd =
-        nix::sys::memfd::memfd_create("guest-ram", nix::sys::memfd::MFdFlags::MFD_ALLOW_SEALING).unwrap();
-    let file = Arc::new(File::from(fd));
-    file.set_len(4 * MIB).unwrap();
-    nix::fcntl::fcntl(file.as_fd(), nix::fcntl::FcntlArg::F_ADD_SEALS(nix::fcntl::SealFlag::F_SEAL_SHRINK))
-        .unwrap();
-    let region = |gpa: u64, off: u64| {
-        let m = MmapRegion::from_file(FileOffset::from_arc(file.clone(), off), 2 * MIB as usize).unwrap();
-        GuestRegionMmap::new(m, GuestAddress(gpa)).unwrap()
-    };
-    GuestMemoryMmap::from_regions(vec![region(0, 2 * MIB), region(2 * MIB, 0)]).unwrap()
-}
 
 struct Guest<'a> {
     mem: &'a GuestMemoryMmap,
@@ -186,14 +122,6 @@ impl<'a> Guest<'a> {
         }
         out
     }
-}
-
-/// What a separate nvmed session reads at `offset` (the disk, not the guest's view of it).
-fn disk(env: &Env, offset: u64, len: u32) -> Vec<u8> {
-    let mut r = ring(env);
-    let buf = r.alloc_buffer(len as usize).unwrap();
-    r.read(1, offset, buf, 0, len).unwrap();
-    r.buffer(buf, 0, u64::from(len)).unwrap().to_vec()
 }
 
 fn zero_copy_and_bounce(lba_size: u32, mode: EmulatorMode) -> StatsSummary {
