@@ -591,7 +591,16 @@ impl VhostUserBackendReqHandlerMut for BlkDevice {
 
     fn set_vring_call(&mut self, index: u8, fd: Option<File>) -> VuResult<()> {
         let q = self.queue(u32::from(index))?;
+        let signal = fd.is_some();
         q.vring.set_call(fd);
+        // QEMU sets the call eventfd after the kick: requests resubmitted and completed in
+        // between could not be signalled. One interrupt more is harmless (the driver checks
+        // its used ring).
+        if signal {
+            if let Err(e) = q.vring.signal_used_queue() {
+                tracing::debug!(queue = index, "signalling the new call eventfd: {e}");
+            }
+        }
         self.start_ring_if_ready(usize::from(index))
     }
 

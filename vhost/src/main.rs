@@ -22,11 +22,14 @@ use vhost::vhost_user::{BackendListener, Error as VuError, Listener};
 ///   nvmed-vhost --socket /tmp/vhost.sock --nvmed /tmp/nvmed.sock --namespace 1 --num-queues 2
 ///   qemu-system-x86_64 -machine q35,memory-backend=mem -m 512 \
 ///     -object memory-backend-memfd,id=mem,size=512M,share=on \
-///     -chardev socket,id=c0,path=/tmp/vhost.sock \
+///     -chardev socket,id=c0,path=/tmp/vhost.sock,reconnect=1 \
 ///     -device vhost-user-blk-pci,chardev=c0,num-queues=2 ...
 ///
 /// One QEMU connection is served at a time; when it ends the backend waits for the next one
-/// (a restarted QEMU, or QEMU reconnecting with `-chardev ...,reconnect=1`). SIGUSR1 prints a
+/// (a restarted QEMU, or QEMU reconnecting with `-chardev ...,reconnect=1`). With
+/// reconnect=1 this process may be killed and started again (same options) while the guest
+/// runs: the guest sees a pause, and the requests it had in flight are resubmitted by the new
+/// process from the inflight region QEMU keeps. SIGUSR1 prints a
 /// stats line (requests, errors, bytes moved zero copy, bytes bounced); SIGTERM/SIGINT print it
 /// and exit. Logs go to stderr; NVMED_LOG=debug for more.
 #[derive(Debug, Parser)]
