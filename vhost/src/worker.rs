@@ -168,6 +168,16 @@ impl Worker {
     /// avail ring is either used or in flight). They are submitted again, before any new
     /// request, by the next [`Worker::run`]. Returns their number.
     pub fn start_ring<M: GuestMemoryBackend>(&mut self, q: &mut Queue, mem: &M) -> usize {
+        if self.busy() > 0 {
+            // This process still has requests from before the ring stopped (nvmed did not
+            // finish them within the drain timeout): they are its own, not to be taken again.
+            tracing::warn!(
+                queue = self.index,
+                busy = self.busy(),
+                "ring restarted with requests still in flight"
+            );
+            return 0;
+        }
         let Some(t) = self.inflight.as_mut() else { return 0 };
         let used = match q.used_idx(mem, Ordering::Acquire) {
             Ok(u) => u.0,
