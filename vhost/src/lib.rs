@@ -10,11 +10,15 @@
 //! * [`request`]: descriptor chain → request, with every malformation refused.
 //! * [`plan`]: request → nvmed requests (the one function to change for vectored I/O).
 //! * [`worker`]: one virtqueue's engine and nvmed session.
-//! * [`backend`]: the vhost-user-backend glue (threads, events, memory updates).
+//! * [`inflight`]: the inflight region shared with QEMU, so a restarted backend resubmits
+//!   what the previous one had in flight.
+//! * [`backend`]: the vhost-user protocol (this crate's own request handler) and the queue
+//!   threads.
 
 pub mod backend;
 pub mod config;
 pub mod error;
+pub mod inflight;
 pub mod plan;
 pub mod regions;
 pub mod request;

@@ -2,19 +2,17 @@
 
 use std::path::PathBuf;
 use std::sync::atomic::AtomicU8;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use clap::Parser;
 use nix::sys::signal::{SigSet, Signal};
 use nvmed_client::{NvmeRing, RingOptions};
-use nvmed_vhost::backend::{BlkBackend, GuestMem};
+use nvmed_vhost::backend::BlkDevice;
 use nvmed_vhost::config::DiskGeometry;
 use nvmed_vhost::worker::{QueueStats, Worker, SQ_ENTRIES};
 use nvmed_vhost::{Error, StatsSummary};
-use vhost::vhost_user::Listener;
-use vhost_user_backend::{Error as DaemonError, VhostUserDaemon};
-use vm_memory::GuestMemoryMmap;
+use vhost::vhost_user::{BackendListener, Error as VuError, Listener};
 
 /// Serve an nvmed namespace to QEMU as a vhost-user-blk disk, zero copy into guest RAM.
 ///
@@ -24,11 +22,14 @@ use vm_memory::GuestMemoryMmap;
 ///   nvmed-vhost --socket /tmp/vhost.sock --nvmed /tmp/nvmed.sock --namespace 1 --num-queues 2
 ///   qemu-system-x86_64 -machine q35,memory-backend=mem -m 512 \
 ///     -object memory-backend-memfd,id=mem,size=512M,share=on \
-///     -chardev socket,id=c0,path=/tmp/vhost.sock \
+///     -chardev socket,id=c0,path=/tmp/vhost.sock,reconnect=1 \
 ///     -device vhost-user-blk-pci,chardev=c0,num-queues=2 ...
 ///
 /// One QEMU connection is served at a time; when it ends the backend waits for the next one
-/// (a restarted QEMU, or QEMU reconnecting with `-chardev ...,reconnect=1`). SIGUSR1 prints a
+/// (a restarted QEMU, or QEMU reconnecting with `-chardev ...,reconnect=1`). With
+/// reconnect=1 this process may be killed and started again (same options) while the guest
+/// runs: the guest sees a pause, and the requests it had in flight are resubmitted by the new
+/// process from the inflight region QEMU keeps. SIGUSR1 prints a
 /// stats line (requests, errors, bytes moved zero copy, bytes bounced); SIGTERM/SIGINT print it
 /// and exit. Logs go to stderr; NVMED_LOG=debug for more.
 #[derive(Debug, Parser)]
@@ -64,6 +65,8 @@ fn main() {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        // Colours only on a terminal: logs redirected to a file stay plain text.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let args = Args::parse();
     if let Err(e) = run(&args) {
@@ -152,29 +155,35 @@ fn serve_one(
         let ring = open_ring(args, &format!("queue {i}"))?;
         workers.push(Worker::new(i, ring, geo, wce.clone(), s.clone())?);
     }
-    let mem = GuestMem::new(GuestMemoryMmap::new());
-    let backend =
-        Arc::new(BlkBackend::new(geo, workers, mem.clone(), wce, Duration::from_micros(args.poll_us)));
-    let mut daemon = VhostUserDaemon::new("nvmed-vhost".into(), backend.clone(), mem)
-        .map_err(|e| Error::VhostUser(e.to_string()))?;
-    backend
-        .register_completion_fds(&daemon.get_epoll_handlers())
-        .map_err(|e| Error::Os { what: "registering nvmed completion eventfds", source: e })?;
+    let device = BlkDevice::new(geo, workers, wce, Duration::from_micros(args.poll_us))
+        .map_err(|e| Error::Os { what: "starting the queue threads", source: e })?;
+    let device = Arc::new(Mutex::new(device));
     tracing::info!(socket = %args.socket.display(), "waiting for QEMU");
-    daemon.start(listener).map_err(|e| Error::VhostUser(format!("accepting a connection: {e}")))?;
+    let mut backend_listener = BackendListener::new(listener, device.clone())
+        .map_err(|e| Error::VhostUser(format!("listening: {e}")))?;
+    let mut conn = loop {
+        match backend_listener.accept() {
+            Ok(Some(conn)) => break conn,
+            Ok(None) => continue,
+            Err(e) => return Err(Error::VhostUser(format!("accepting a connection: {e}"))),
+        }
+    };
     tracing::info!("QEMU connected");
-    match daemon.wait() {
-        Ok(())
-        | Err(DaemonError::HandleRequest(vhost::vhost_user::Error::Disconnected))
-        | Err(DaemonError::HandleRequest(vhost::vhost_user::Error::PartialMessage)) => {
+    let end = loop {
+        if let Err(e) = conn.handle_request() {
+            break e;
+        }
+    };
+    match end {
+        VuError::Disconnected | VuError::PartialMessage | VuError::SocketBroken(_) => {
             tracing::info!("QEMU disconnected")
         }
         // A malformed message, or a request the device refused (e.g. guest RAM that is not a
         // sealed memfd): the connection is closed, the reason logged, the next one accepted.
-        Err(e) => tracing::error!("connection closed: {e}"),
+        e => tracing::error!("connection closed: {e}"),
     }
+    drop(conn);
     // Whatever the guest had in flight completes before its RAM is let go.
-    backend.drain_all();
-    drop(daemon);
+    device.lock().unwrap_or_else(|p| p.into_inner()).shutdown();
     Ok(())
 }

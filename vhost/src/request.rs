@@ -6,7 +6,7 @@ use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT, VIRTIO_BLK_T_WRITE_ZEROES, VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP,
 };
 use virtio_queue::desc::split::Descriptor;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend};
 
 use crate::config::{DiskGeometry, MAX_DISCARD_SEGS, SECTOR};
 
@@ -87,6 +87,65 @@ pub struct Parsed {
     pub status: Option<u64>,
     /// The request, or the status to complete it with at once and why.
     pub op: Result<Op, (u8, &'static str)>,
+}
+
+/// Collects the descriptors of a chain as virtio-queue's `DescriptorChain` iterator yields them
+/// (indirect tables followed, one level only; a table length not a multiple of 16, a next index
+/// past the table, more links than the table has entries, or more than 4 GiB in all end the
+/// walk). Returns true when the walk stopped on a descriptor that still had NEXT set (the
+/// `truncated` argument of [`parse`]).
+pub fn collect<I: Iterator<Item = Descriptor>>(chain: I, out: &mut Vec<Descriptor>) -> bool {
+    out.clear();
+    let mut truncated = false;
+    for d in chain {
+        truncated = d.has_next();
+        out.push(d);
+    }
+    truncated
+}
+
+/// Walks the chain whose head descriptor is `head` in the descriptor table at `desc_table` of a
+/// queue of `queue_size` entries, exactly as virtio-queue's chain iterator does (which cannot be
+/// built from a head index outside that crate): used to resubmit requests taken by a previous
+/// backend process, whose heads come from the inflight region rather than the avail ring.
+pub fn walk_chain<'a, M: GuestMemoryBackend>(
+    mem: &'a M,
+    desc_table: GuestAddress,
+    queue_size: u16,
+    head: u16,
+) -> impl Iterator<Item = Descriptor> + 'a {
+    let mut table = desc_table;
+    let mut size = queue_size;
+    let mut next = head;
+    let mut ttl = queue_size;
+    let mut indirect = false;
+    let mut yielded = 0u32;
+    std::iter::from_fn(move || loop {
+        if ttl == 0 || next >= size {
+            return None;
+        }
+        let addr = table.checked_add(u64::from(next) * 16)?;
+        let d: Descriptor = mem.read_obj(addr).ok()?;
+        if d.refers_to_indirect_table() {
+            if indirect || !d.len().is_multiple_of(16) || d.len() / 16 > u32::from(u16::MAX) {
+                return None;
+            }
+            table = d.addr();
+            size = (d.len() / 16) as u16;
+            next = 0;
+            ttl = size;
+            indirect = true;
+            continue;
+        }
+        yielded = yielded.checked_add(d.len())?;
+        if d.has_next() {
+            next = d.next();
+            ttl -= 1;
+        } else {
+            ttl = 0;
+        }
+        return Some(d);
+    })
 }
 
 /// Parses the descriptors of one chain (as yielded by `DescriptorChain`, indirect tables
@@ -293,7 +352,7 @@ mod tests {
     use virtio_bindings::virtio_ring::{VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
     use virtio_queue::desc::RawDescriptor;
     use virtio_queue::mock::MockSplitQueue;
-    use virtio_queue::{Queue, QueueOwnedT};
+    use virtio_queue::{Queue, QueueOwnedT, QueueT};
     use vm_memory::GuestMemoryMmap;
 
     use super::*;
@@ -344,14 +403,20 @@ mod tests {
         geo: &DiskGeometry,
     ) -> Parsed {
         let mut q: Queue = vq.create_queue().unwrap();
+        let (table, size) = (GuestAddress(q.desc_table()), q.size());
         let chain = q.iter(mem).unwrap().next().unwrap();
         let head = chain.head_index();
         let mut v = Vec::new();
-        let mut truncated = false;
-        for d in chain {
-            truncated = d.has_next();
-            v.push(d);
-        }
+        let truncated = collect(chain, &mut v);
+        // Walking from the head index alone (resubmission) yields the very same descriptors.
+        let mut w = Vec::new();
+        let w_truncated = collect(walk_chain(mem, table, size, head), &mut w);
+        let key = |d: &Descriptor| (d.addr().0, d.len(), d.flags(), d.next());
+        assert_eq!(
+            (w.iter().map(key).collect::<Vec<_>>(), w_truncated),
+            (v.iter().map(key).collect::<Vec<_>>(), truncated),
+            "walk_chain differs from the chain iterator"
+        );
         parse(head, &v, truncated, mem, geo)
     }
 

@@ -16,9 +16,10 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
 use crate::config::DiskGeometry;
 use crate::error::RegionError;
+use crate::inflight::QueueInflight;
 use crate::plan::{self, BouncePool, Plan, PlanError};
 use crate::regions::{Region, RegionSpec, RegionTable};
-use crate::request::{self, gather, scatter, Op, Parsed, S_IOERR, S_UNSUPP};
+use crate::request::{self, gather, scatter, walk_chain, Op, Parsed, S_IOERR, S_UNSUPP};
 
 /// SQ entries of each queue's nvmed ring (a virtio request needs at most `seg_max` plus one
 /// per region boundary it crosses).
@@ -102,6 +103,8 @@ pub struct Worker {
     stats: Arc<QueueStats>,
     wce: Arc<AtomicU8>,
     dead: bool,
+    inflight: Option<QueueInflight>,
+    resubmit: VecDeque<u16>,
 }
 
 impl Worker {
@@ -130,6 +133,8 @@ impl Worker {
             stats,
             wce,
             dead: false,
+            inflight: None,
+            resubmit: VecDeque::new(),
         })
     }
 
@@ -138,9 +143,74 @@ impl Worker {
         self.stats.clone()
     }
 
-    /// Requests submitted to nvmed and not finished, plus those waiting for room.
+    /// Requests submitted to nvmed and not finished, plus those waiting for room or for
+    /// resubmission.
     pub fn busy(&self) -> usize {
-        self.pending.len() + self.backlog.len()
+        self.pending.len() + self.backlog.len() + self.resubmit.len()
+    }
+
+    /// Tracks this queue's requests in QEMU's inflight region from now on (SET_INFLIGHT_FD), or
+    /// stops tracking. Only while the queue has nothing in flight.
+    pub fn set_inflight(&mut self, tracker: Option<QueueInflight>) {
+        debug_assert_eq!(self.busy(), 0);
+        self.inflight = tracker;
+        self.resubmit.clear();
+    }
+
+    /// Whether requests are tracked in an inflight region.
+    pub fn tracks_inflight(&self) -> bool {
+        self.inflight.is_some()
+    }
+
+    /// The ring starts (its kick fd arrived): with an inflight region, takes back the requests
+    /// a previous backend process had taken and not put in the used ring, oldest first, and
+    /// points the queue past them (`used idx + their number`: every request taken from the
+    /// avail ring is either used or in flight). They are submitted again, before any new
+    /// request, by the next [`Worker::run`]. Returns their number.
+    pub fn start_ring<M: GuestMemoryBackend>(&mut self, q: &mut Queue, mem: &M) -> usize {
+        if self.busy() > 0 {
+            // This process still has requests from before the ring stopped (nvmed did not
+            // finish them within the drain timeout): they are its own, not to be taken again.
+            tracing::warn!(
+                queue = self.index,
+                busy = self.busy(),
+                "ring restarted with requests still in flight"
+            );
+            return 0;
+        }
+        let Some(t) = self.inflight.as_mut() else { return 0 };
+        let used = match q.used_idx(mem, Ordering::Acquire) {
+            Ok(u) => u.0,
+            Err(e) => {
+                tracing::error!(
+                    queue = self.index,
+                    "reading the used index to recover in-flight requests: {e}"
+                );
+                return 0;
+            }
+        };
+        let heads = t.recover(used);
+        let next_avail = used.wrapping_add(heads.len() as u16);
+        if next_avail != q.next_avail() {
+            tracing::debug!(
+                queue = self.index,
+                vring_base = q.next_avail(),
+                next_avail,
+                "next avail index taken from the inflight region"
+            );
+        }
+        q.set_next_used(used);
+        q.set_next_avail(next_avail);
+        if !heads.is_empty() {
+            tracing::info!(
+                queue = self.index,
+                requests = heads.len(),
+                "resubmitting requests a previous backend process had in flight"
+            );
+        }
+        let n = heads.len();
+        self.resubmit = heads.into();
+        n
     }
 
     /// Guest RAM regions registered with this queue's session.
@@ -215,19 +285,36 @@ impl Worker {
         let mut p = Progress::default();
         self.reap(q, mem, &mut p);
         self.retry_backlog(q, mem, &mut p);
+        // Requests a previous process took come first, in the order it took them.
+        while self.backlog.is_empty() {
+            let Some(head) = self.resubmit.pop_front() else { break };
+            p.any = true;
+            let truncated = request::collect(
+                walk_chain(mem, GuestAddress(q.desc_table()), q.size(), head),
+                &mut self.descs,
+            );
+            let parsed = request::parse(head, &self.descs, truncated, mem, &self.geo);
+            self.start(parsed, q, mem, &mut p);
+        }
         if self.backlog.is_empty() {
             loop {
                 let _ = q.disable_notification(mem);
                 while self.backlog.is_empty() {
                     let Some(chain) = q.pop_descriptor_chain(mem) else { break };
                     p.any = true;
-                    self.descs.clear();
                     let head = chain.head_index();
-                    let mut truncated = false;
-                    for d in chain {
-                        truncated = d.has_next();
-                        self.descs.push(d);
+                    // Recorded before anything is done for it: a restarted backend finds it.
+                    if let Some(t) = self.inflight.as_mut() {
+                        if !t.begin(head) {
+                            tracing::warn!(
+                                queue = self.index,
+                                head,
+                                desc_num = t.desc_num(),
+                                "head index outside the inflight region: not tracked"
+                            );
+                        }
                     }
+                    let truncated = request::collect(chain, &mut self.descs);
                     let parsed = request::parse(head, &self.descs, truncated, mem, &self.geo);
                     self.start(parsed, q, mem, &mut p);
                 }
@@ -307,9 +394,7 @@ impl Worker {
         let Some(status_addr) = status else {
             tracing::warn!(queue = self.index, head, "request without a usable status byte: {:?}", op.err());
             self.stats.errors.fetch_add(1, Ordering::Relaxed);
-            if let Err(e) = q.add_used(mem, head, 0) {
-                tracing::warn!(queue = self.index, "add_used: {e}");
-            }
+            self.put_used(q, mem, head, 0);
             p.used = true;
             return;
         };
@@ -502,11 +587,23 @@ impl Worker {
         if let Err(e) = mem.write_obj(status, GuestAddress(status_addr)) {
             tracing::warn!(queue = self.index, head, "writing the status byte: {e}");
         }
+        self.put_used(q, mem, head, used_len);
+        p.used = true;
+        p.any = true;
+    }
+
+    /// Puts a request in the used ring (a batch of one), tracked in the inflight region: linked
+    /// as the last batch first, cleared once the used index is published.
+    fn put_used<M: GuestMemoryBackend>(&mut self, q: &mut Queue, mem: &M, head: u16, used_len: u32) {
+        if let Some(t) = self.inflight.as_mut() {
+            t.put_begin(head);
+        }
         if let Err(e) = q.add_used(mem, head, used_len) {
             tracing::warn!(queue = self.index, head, "add_used: {e}");
         }
-        p.used = true;
-        p.any = true;
+        if let Some(t) = self.inflight.as_mut() {
+            t.put_end(head, q.next_used());
+        }
     }
 
     /// nvmed is gone or faulted this ring: nothing in flight will complete (the broker waited

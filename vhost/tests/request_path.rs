@@ -2,91 +2,27 @@
 //! the emulated controller), guest RAM in a sealed memfd split into two regions, a virtqueue
 //! built with virtio-queue's mock, and a queue `Worker` that parses, plans and submits.
 
-use std::fs::File;
-use std::os::fd::AsFd;
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use nvmed_client::{NvmeRing, RingOptions};
-use nvmed_server::broker::{Broker, BrokerConfig};
-use nvmed_server::emulator::backend::MemoryBackend;
-use nvmed_server::emulator::{EmulatedController, EmulatedNamespace, EmulatorConfig, EmulatorMode};
+use nvmed_server::emulator::EmulatorMode;
 use nvmed_vhost::config::DiskGeometry;
-use nvmed_vhost::worker::{region_files, QueueStats, Worker, SQ_ENTRIES};
+use nvmed_vhost::worker::{region_files, QueueStats, Worker};
 use nvmed_vhost::StatsSummary;
 use virtio_bindings::virtio_blk::*;
 use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
 use virtio_queue::desc::split::Descriptor;
 use virtio_queue::desc::RawDescriptor;
 use virtio_queue::mock::MockSplitQueue;
-use virtio_queue::Queue;
-use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryMmap, GuestRegionMmap, MmapRegion};
+use virtio_queue::{Queue, QueueT};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
-const MIB: u64 = 1 << 20;
+mod common;
+use common::{broker, disk, guest_ram, ring, Env, MIB};
+
 const HDR: u64 = 0x8000;
 const STATUS: u64 = 0x9000;
-
-struct Env {
-    _broker: Broker,
-    dir: PathBuf,
-    socket: PathBuf,
-}
-
-impl Drop for Env {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-fn broker(lba_size: u32, mode: EmulatorMode) -> Env {
-    static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-    let dir = std::env::temp_dir().join(format!(
-        "nvmed-vhost-test-{}-{}",
-        std::process::id(),
-        N.fetch_add(1, Ordering::Relaxed)
-    ));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    let socket = dir.join("nvmed.sock");
-    let device = Arc::new(
-        EmulatedController::new(EmulatorConfig {
-            namespaces: vec![EmulatedNamespace {
-                backend: Box::new(MemoryBackend::new(16 * MIB).unwrap()),
-                lba_size,
-            }],
-            mdts: 5,
-            vectors: 2,
-            mode,
-            ..Default::default()
-        })
-        .unwrap(),
-    );
-    let broker = Broker::start(device, BrokerConfig::new(&socket)).unwrap();
-    Env { _broker: broker, dir, socket }
-}
-
-fn ring(env: &Env) -> NvmeRing {
-    let opts = RingOptions { sq_entries: SQ_ENTRIES, cq_entries: SQ_ENTRIES * 2, ..RingOptions::default() };
-    NvmeRing::open_with(&env.socket, opts).unwrap()
-}
-
-/// 4 MiB of guest RAM in one sealed memfd, as two regions whose file offsets are swapped
-/// (GPA 0 is file offset 2 MiB and GPA 2 MiB is file offset 0), like QEMU's split below 4G.
-fn guest_ram() -> GuestMemoryMmap {
-    let fd =
-        nix::sys::memfd::memfd_create("guest-ram", nix::sys::memfd::MFdFlags::MFD_ALLOW_SEALING).unwrap();
-    let file = Arc::new(File::from(fd));
-    file.set_len(4 * MIB).unwrap();
-    nix::fcntl::fcntl(file.as_fd(), nix::fcntl::FcntlArg::F_ADD_SEALS(nix::fcntl::SealFlag::F_SEAL_SHRINK))
-        .unwrap();
-    let region = |gpa: u64, off: u64| {
-        let m = MmapRegion::from_file(FileOffset::from_arc(file.clone(), off), 2 * MIB as usize).unwrap();
-        GuestRegionMmap::new(m, GuestAddress(gpa)).unwrap()
-    };
-    GuestMemoryMmap::from_regions(vec![region(0, 2 * MIB), region(2 * MIB, 0)]).unwrap()
-}
 
 struct Guest<'a> {
     mem: &'a GuestMemoryMmap,
@@ -186,14 +122,6 @@ impl<'a> Guest<'a> {
         }
         out
     }
-}
-
-/// What a separate nvmed session reads at `offset` (the disk, not the guest's view of it).
-fn disk(env: &Env, offset: u64, len: u32) -> Vec<u8> {
-    let mut r = ring(env);
-    let buf = r.alloc_buffer(len as usize).unwrap();
-    r.read(1, offset, buf, 0, len).unwrap();
-    r.buffer(buf, 0, u64::from(len)).unwrap().to_vec()
 }
 
 fn zero_copy_and_bounce(lba_size: u32, mode: EmulatorMode) -> StatsSummary {
@@ -405,27 +333,29 @@ fn completion_eventfd_wakes_a_sleeping_queue() {
 
 #[test]
 fn backend_config_space_and_features_follow_the_namespace() {
-    use nvmed_vhost::backend::{BlkBackend, GuestMem};
-    use vhost_user_backend::VhostUserBackend;
+    use nvmed_vhost::backend::BlkDevice;
+    use vhost::vhost_user::message::{VhostUserConfigFlags, VhostUserProtocolFeatures};
+    use vhost::vhost_user::VhostUserBackendReqHandlerMut;
     let env = broker(4096, EmulatorMode::Sync);
     let r = ring(&env);
     let ns = r.namespaces()[0];
     let geo = DiskGeometry::new(&ns, 1, false);
     let wce = Arc::new(AtomicU8::new(1));
     let w = Worker::new(0, r, geo, wce.clone(), Arc::default()).unwrap();
-    let b = BlkBackend::new(geo, vec![w], GuestMem::new(GuestMemoryMmap::new()), wce.clone(), Duration::ZERO);
-    let cfg = b.get_config(0, 60);
+    let mut b = BlkDevice::new(geo, vec![w], wce.clone(), Duration::ZERO).unwrap();
+    let flags = VhostUserConfigFlags::WRITABLE;
+    let cfg = b.get_config(0, 60, flags).unwrap();
     assert_eq!(u64::from_le_bytes(cfg[0..8].try_into().unwrap()), 16 * MIB / 512);
     assert_eq!(u32::from_le_bytes(cfg[20..24].try_into().unwrap()), 4096);
     // A read at an offset, and one running past the end (zero filled).
-    assert_eq!(b.get_config(20, 4), 4096u32.to_le_bytes());
-    assert_eq!(b.get_config(56, 16).len(), 16);
+    assert_eq!(b.get_config(20, 4, flags).unwrap(), 4096u32.to_le_bytes());
+    assert_eq!(b.get_config(56, 16, flags).unwrap().len(), 16);
     // The guest turns the write cache off: writes become FUA; nothing else is writable.
-    b.set_config(32, &[0]).unwrap();
+    b.set_config(32, &[0], flags).unwrap();
     assert_eq!(wce.load(Ordering::Relaxed), 0);
-    assert_eq!(b.get_config(32, 1), [0]);
-    assert!(b.set_config(0, &[1, 2, 3, 4]).is_err());
-    let f = b.features();
+    assert_eq!(b.get_config(32, 1, flags).unwrap(), [0]);
+    assert!(b.set_config(0, &[1, 2, 3, 4], flags).is_err());
+    let f = b.get_features().unwrap();
     for bit in [
         VIRTIO_BLK_F_FLUSH,
         VIRTIO_BLK_F_DISCARD,
@@ -436,5 +366,115 @@ fn backend_config_space_and_features_follow_the_namespace() {
         assert_ne!(f & (1 << bit), 0, "feature {bit}");
     }
     assert_eq!(f & (1 << VIRTIO_BLK_F_RO), 0);
-    assert_eq!(b.queues_per_thread(), vec![1]);
+    assert_eq!(b.get_queue_num().unwrap(), 1);
+    let pf = b.get_protocol_features().unwrap();
+    for want in [
+        VhostUserProtocolFeatures::INFLIGHT_SHMFD,
+        VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS,
+        VhostUserProtocolFeatures::RESET_DEVICE,
+        VhostUserProtocolFeatures::MQ,
+        VhostUserProtocolFeatures::CONFIG,
+    ] {
+        assert!(pf.contains(want), "{want:?}");
+    }
+    // A device reset restores write back.
+    b.reset_device().unwrap();
+    assert_eq!(wce.load(Ordering::Relaxed), 1);
+    b.shutdown();
+}
+
+/// The used ring's heads, in order.
+fn used_heads(g: &Guest) -> Vec<u32> {
+    (0..g.vq.used().idx().load())
+        .map(|i| g.vq.used().ring().ref_at(i as usize).unwrap().load().id())
+        .collect()
+}
+
+/// A backend process is killed with requests taken from the virtqueue and not completed (some
+/// taken after others that did complete); a new process gets the inflight region back, takes
+/// back exactly those, oldest first, and the guest sees every request completed once with the
+/// right data.
+fn restart_resubmits(mode: EmulatorMode) {
+    use nvmed_vhost::inflight::{region_len, InflightRegion};
+    let env = broker(512, mode);
+    let mem = guest_ram();
+    // GET_INFLIGHT_FD: QEMU keeps the memfd; SET_INFLIGHT_FD hands it to each process.
+    let (_created, file) = InflightRegion::create(1, 256).unwrap();
+    let attach =
+        || Arc::new(InflightRegion::map(&file, 0, region_len(1, 256) as u64, 1, 256).unwrap()).queue(0);
+    let mut g = Guest::new(&env, &mem, None);
+    g.worker.set_inflight(Some(attach()));
+    assert_eq!(g.worker.start_ring(&mut g.q, &mem), 0);
+    // Phase 1: four writes complete normally.
+    let mut want = Vec::new();
+    for i in 0..4u64 {
+        want.push(g.fill(0x10_0000 + i * 4096, 4096, i as u8));
+        g.push(VIRTIO_BLK_T_OUT, i * 8, &[(0x10_0000 + i * 4096, 4096, false)]);
+    }
+    g.drive();
+    // Phase 2: write, GET_ID (answered at once), write, write; taken and submitted, then the
+    // process dies before reaping any nvmed completion.
+    let mut taken = Vec::new();
+    for (n, i) in [(0usize, 4u64), (1, 0), (2, 5), (3, 6)] {
+        if n == 1 {
+            taken.push(g.push(VIRTIO_BLK_T_GET_ID, 0, &[(0x34_0000, 20, true)]));
+            continue;
+        }
+        want.push(g.fill(0x10_0000 + i * 4096, 4096, i as u8));
+        taken.push(g.push(VIRTIO_BLK_T_OUT, i * 8, &[(0x10_0000 + i * 4096, 4096, false)]));
+    }
+    g.worker.run(&mut g.q, &mem, true);
+    assert_eq!(g.worker.busy(), 3);
+    assert_eq!(g.vq.used().idx().load(), 5, "phase 1 and GET_ID used");
+    let heads_before = used_heads(&g);
+    // Killed: its nvmed session goes with it (nvmed finishes or drops what it had).
+    let ring2 = ring(&env);
+    let ns = ring2.namespaces()[0];
+    let mut w2 =
+        Worker::new(0, ring2, DiskGeometry::new(&ns, 1, false), Arc::new(AtomicU8::new(1)), g.stats.clone())
+            .unwrap();
+    w2.sync_memory(&region_files(&mem).unwrap()).unwrap();
+    drop(std::mem::replace(&mut g.worker, w2));
+    // QEMU reconnects: vring base = the used index (it could not ask the dead backend), the
+    // same ring addresses, SET_INFLIGHT_FD with the region, then the kick.
+    let mut q: Queue = g.vq.create_queue().unwrap();
+    q.set_next_avail(5);
+    q.set_next_used(5);
+    g.q = q;
+    g.worker.set_inflight(Some(attach()));
+    assert_eq!(g.worker.start_ring(&mut g.q, &mem), 3);
+    assert_eq!(g.q.next_avail(), 8, "used + in flight");
+    // One more request after the restart, then everything completes.
+    want.push(g.fill(0x10_0000 + 7 * 4096, 4096, 7));
+    let after = g.push(VIRTIO_BLK_T_OUT, 7 * 8, &[(0x10_0000 + 7 * 4096, 4096, false)]);
+    g.drive();
+    let heads = used_heads(&g);
+    assert_eq!(heads[..5], heads_before[..]);
+    // Every request exactly once in the used ring.
+    let mut sorted = heads.clone();
+    sorted.sort_unstable();
+    sorted.dedup();
+    assert_eq!(sorted.len(), heads.len(), "a request completed twice: {heads:?}");
+    assert_eq!(heads.len(), 9);
+    for n in taken.iter().chain([&after]) {
+        assert_eq!(g.status(*n), 0, "request {n}");
+    }
+    for (i, data) in want.iter().enumerate() {
+        assert_eq!(&disk(&env, i as u64 * 4096, 4096), data, "block {i}");
+    }
+    // Nothing left in flight in the region.
+    let mut t = attach();
+    assert!(t.recover(9).is_empty());
+}
+
+#[test]
+fn restart_resubmits_requests_the_device_had_finished() {
+    // The emulated controller finishes each command at its doorbell: the data reached the disk
+    // but the killed process never put the requests in the used ring.
+    restart_resubmits(EmulatorMode::Sync);
+}
+
+#[test]
+fn restart_resubmits_requests_still_at_the_device() {
+    restart_resubmits(EmulatorMode::Async { latency: Duration::from_millis(30) });
 }
