@@ -17,6 +17,8 @@
 #                            (QEMU reconnects: chardev reconnect=1). auto: on with nvmed-vhost,
 #                            off with qsd (it does not resubmit requests in flight at the kill).
 #   NVMED_VHOST=PATH         use this nvmed-vhost binary instead of building the workspace's.
+#   RESTART_NVMED_ARGS="..." nvmed options for the restart scenario (default: an asynchronous
+#                            device with 5 ms per command, so requests are in flight at the kill)
 #   NVMED_ARGS="..."         more nvmed options (nvmed-vhost), e.g. "--emulator-mode async": the
 #                            emulated controller then completes out of order, like hardware.
 #   BENCH_A=...              benchmark: the backend measured against qsd (default: $BACKEND).
@@ -262,6 +264,12 @@ scenario_parallel() {
 # Guest R on namespace 1: a verified load while its backend is SIGKILLed and started again.
 scenario_restart() {
     local t0 k
+    if [ "$BACKEND" = nvmed-vhost ]; then
+        # A device that takes its time, so requests are really in flight when the backend dies
+        # and the restarted one must resubmit them (INFLIGHT_SHMFD).
+        kill "$nvmed_pid" && wait "$nvmed_pid" 2>/dev/null || true
+        NVMED_ARGS="${NVMED_ARGS:-} ${RESTART_NVMED_ARGS:---emulator-mode async --emulator-latency-us 5000}" start_nvmed 3
+    fi
     backend_start "$BACKEND" R 1 2 rw
     log "booting guest R: verified load while its backend is SIGKILLed and restarted"
     t0=$(date +%s)
@@ -283,6 +291,7 @@ scenario_restart() {
     wait "${qemu_pids[@]}" || true
     qemu_pids=()
     log "guest R ran $(( $(date +%s) - t0 )) s"
+    grep -a "resubmitting requests" "$work/R.backend.log" | sed 's/^/    /' || log "(no request was in flight at the kill)"
     backend_stop R
     guest_verdict R "$BACKEND" 1
 }
