@@ -7,12 +7,24 @@
 #  3. (--vm) In a VM: nvmed on QEMU's NVMe controller through VFIO vs the kernel nvme driver.
 #  4. Zero copy: the device moves every data byte by DMA (checked by a test).
 #  5. Idle: broker CPU with connected, idle clients.
-# Usage: bash scripts/bench.sh [seconds-per-run] [--vm]
+#  6. (--vhost) In a VM: vhost-user-blk, nvmed-vhost (on nvmed's emulated memory namespace) vs
+#     qemu-storage-daemon (raw file on tmpfs), measured in the guest (vmtest/vhost.sh --bench;
+#     BENCH_A=qsd|nvmed-vhost picks the first column, default $BACKEND or qsd).
+# Usage: bash scripts/bench.sh [seconds-per-run] [--vm] [--vhost]
 set -euo pipefail
 cd "$(dirname "$0")/.."
-secs=${1:-3}
+secs=3 vm=0 vhost=0
+for a in "$@"; do
+    case $a in
+        --vm) vm=1 ;;
+        --vhost) vhost=1 ;;
+        *[!0-9.]* | "") echo "usage: bash scripts/bench.sh [seconds-per-run] [--vm] [--vhost]" >&2; exit 2 ;;
+        *) secs=$a ;;
+    esac
+done
 cargo build --release -p ringbench -p nvmed-server --bin ringbench --bin nvmed >/dev/null 2>&1
-rb=./target/release/ringbench
+tdir=${CARGO_TARGET_DIR:-target}
+rb=$tdir/release/ringbench
 tmp=$(mktemp -d /dev/shm/nvmed-bench.XXXXXX 2>/dev/null || mktemp -d)
 trap 'kill $nvmed_pid 2>/dev/null || true; rm -rf "$tmp"' EXIT
 nvmed_pid=
@@ -20,7 +32,9 @@ nvmed_pid=
 field() { python3 -c "import json,sys; r=json.load(sys.stdin); print(r$1)"; }
 run() { "$rb" --runtime "$secs" --output-format json "$@"; }
 
-echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), kernel $(uname -r)"
+echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), kernel $(uname -r)," \
+    "load $(cut -d' ' -f1-3 /proc/loadavg)"
+echo "machine state: $("$rb" --pingpong 0.5 | sed 's/^ringbench: //')"
 echo "each figure: one ${secs} s run; nvmed runs its broker in-process (--embedded), one client thread"
 echo
 echo "1. ring overhead (no device work): nvmed-nop vs io_uring-nop"
@@ -50,7 +64,7 @@ PY
     done
 done
 echo
-if [ "${2:-}" = "--vm" ]; then
+if [ $vm = 1 ]; then
     echo "3. in a VM (software emulation, same boot): nvmed on VFIO vs the kernel nvme driver"
     bash vmtest/run.sh 2>&1 | grep 'VMTEST BENCH' | sed 's/^VMTEST BENCH /  /'
 else
@@ -65,7 +79,14 @@ else
 fi
 echo
 echo "5. idle: broker CPU with 8 connected clients doing nothing"
-./target/release/nvmed --emulate --size 64M --socket "$tmp/nvmed.sock" > "$tmp/ready" 2>/dev/null &
+"$tdir/release/nvmed" --emulate --size 64M --socket "$tmp/nvmed.sock" > "$tmp/ready" 2>/dev/null &
 nvmed_pid=$!
 for _ in $(seq 100); do grep -q ready "$tmp/ready" 2>/dev/null && break; sleep 0.05; done
 "$rb" --socket "$tmp/nvmed.sock" --idle 3 --numjobs 8 | sed 's/^/  /'
+echo
+if [ $vhost = 1 ]; then
+    echo "6. in a VM (software emulation, same boot): vhost-user-blk, 4 KiB random I/O measured in the guest"
+    bash vmtest/vhost.sh --bench "$secs" 2>&1 | grep -v '^vhosttest: building'
+else
+    echo "6. vhost-user-blk in a VM: run 'bash scripts/bench.sh $secs --vhost' (or 'bash vmtest/vhost.sh --bench $secs')"
+fi

@@ -22,3 +22,6 @@ RUSTFLAGS="--cfg loom" CARGO_TARGET_DIR=target/loom \
 
 echo "== VM test: nvmed on QEMU's NVMe controller through VFIO (software emulation)"
 bash vmtest/run.sh
+
+echo "== vhost-user-blk test: guests on vhost-user-blk backends (BACKEND=${BACKEND:-nvmed-vhost}; software emulation)"
+bash vmtest/vhost.sh

@@ -531,6 +531,7 @@ fn a_deep_tenant_cannot_starve_a_shallow_one() {
             let buf = deep.alloc_buffer(256 * 4096).unwrap();
             let mut out = Vec::new();
             let mut n = 0u64;
+            let mut rounds = 0u64;
             let deadline = Instant::now() + Duration::from_secs(30);
             while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
                 while deep.in_flight() < 256 {
@@ -541,7 +542,8 @@ fn a_deep_tenant_cannot_starve_a_shallow_one() {
                 deep.submit().unwrap();
                 out.clear();
                 deep.wait(1, &mut out, None).unwrap();
-                if n.is_multiple_of(512) {
+                rounds += 1;
+                if rounds.is_multiple_of(16) {
                     let s = deep.stats().unwrap();
                     max_in_flight.fetch_max(s.in_flight, Ordering::Relaxed);
                 }
@@ -784,4 +786,77 @@ fn unmapping_happens_on_the_reaper_not_the_io_thread() {
     assert!(!by_thread.contains_key("nvmed-io"), "the I/O thread unmapped buffers: {by_thread:?}");
     broker.shutdown().unwrap();
     let _ = std::fs::remove_dir_all(dir);
+}
+
+// ---- 1. A thread that cannot start refuses one client, never aborts the broker ----------
+
+#[test]
+fn a_client_thread_that_cannot_start_is_a_refusal_not_an_abort() {
+    // nvmed as an unprivileged uid (used by no other test: RLIMIT_NPROC counts all of a uid's
+    // threads) whose thread limit leaves room for its own threads and two clients. (Lowering a
+    // running process's limit needs CAP_SYS_RESOURCE, so a first run counts the threads.)
+    const UID: u32 = 1077;
+    let start = |limit: Option<u64>| {
+        let dir = scratch_dir();
+        let ids = (Some(nix::unistd::Uid::from_raw(UID)), Some(nix::unistd::Gid::from_raw(UID)));
+        nix::unistd::chown(&dir, ids.0, ids.1).unwrap();
+        let socket = dir.join("nvmed.sock");
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_nvmed"));
+        cmd.args(["--emulate", "--size", "64M", "--socket-mode", "666", "--socket"])
+            .arg(&socket)
+            .env("NVMED_LOG", "warn")
+            .uid(UID)
+            .gid(UID)
+            .stdout(Stdio::piped());
+        if let Some(n) = limit {
+            // SAFETY: setrlimit is async-signal-safe; nothing else runs between fork and exec.
+            unsafe {
+                cmd.pre_exec(move || {
+                    let lim = libc::rlimit { rlim_cur: n, rlim_max: n };
+                    if libc::setrlimit(libc::RLIMIT_NPROC, &lim) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
+        let mut child = cmd.spawn().unwrap();
+        let out = child.stdout.take().unwrap();
+        let broker = TestBroker { child: Some(child), dir, socket };
+        let mut line = String::new();
+        BufReader::new(out).read_line(&mut line).unwrap();
+        assert!(line.contains("ready"), "{line:?}");
+        broker
+    };
+    let threads = {
+        let probe = start(None);
+        std::fs::read_dir(format!("/proc/{}/task", pid(&probe))).unwrap().count() as u64
+    };
+    let mut broker = start(Some(threads + 2));
+    let socket = broker.socket.clone();
+    // Clients until one is refused (the exact count depends on how the kernel counts threads).
+    let mut clients = Vec::new();
+    let refusal = loop {
+        match NvmeRing::open(&socket) {
+            Ok(r) => clients.push(r),
+            Err(e) => break e,
+        }
+        assert!(clients.len() < 10, "RLIMIT_NPROC had no effect");
+    };
+    match refusal {
+        Error::Refused(ControlError::ResourceExhausted(m)) => {
+            assert!(m.contains("cannot start a thread"), "{m}")
+        }
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    assert!(!clients.is_empty(), "no client was served at all");
+    let a = &mut clients[0];
+    assert!(broker.alive(), "the broker died when a thread could not start");
+    // The clients it serves are unaffected.
+    let ns = a.namespaces()[0].nsid;
+    let buf = a.alloc_buffer(8192).unwrap();
+    pattern(4, a.buffer_mut(buf, 0, 4096).unwrap());
+    a.write(ns, 0, buf, 0, 4096).unwrap();
+    a.read(ns, 0, buf, 4096, 4096).unwrap();
+    assert_eq!(a.buffer(buf, 0, 4096).unwrap(), a.buffer(buf, 4096, 4096).unwrap());
 }

@@ -1,6 +1,7 @@
 #!/bin/sh
 # PID 1 of the VM test guest: binds the first NVMe controller to vfio-pci, runs nvmed on it as
-# root and the scenarios as an unprivileged user, and reports on the serial console.
+# root and the scenarios as an unprivileged user, and reports on the serial console. Then each
+# controller of the matrix (00:05.0 and up, set up by run.sh) gets its own nvmed.
 export PATH=/bin
 mount -t proc proc /proc
 mount -t sysfs sys /sys
@@ -8,6 +9,7 @@ mount -t devtmpfs dev /dev
 mount -t tmpfs tmp /tmp
 mkdir -p /run && mount -t tmpfs run /run
 VFIO_DEV=0000:00:03.0
+MATRIX_SLOTS="05 06 07 08 09 0a 0b 0c"
 DISK_BYTES=$(cat /disk_bytes)
 FAILED=0
 say() { echo "VMTEST $*"; }
@@ -21,6 +23,10 @@ as_user() { su -s /bin/sh tester -c "$*"; }
 for m in $(cat /modules.vfio); do insmod /lib/modules/$m.ko || say "FAIL insmod $m"; done
 echo vfio-pci > /sys/bus/pci/devices/$VFIO_DEV/driver_override
 echo $VFIO_DEV > /sys/bus/pci/drivers_probe
+for s in $MATRIX_SLOTS; do
+    echo vfio-pci > /sys/bus/pci/devices/0000:00:$s.0/driver_override
+    echo 0000:00:$s.0 > /sys/bus/pci/drivers_probe
+done
 for m in $(cat /modules.nvme); do
     if [ "$m" = nvme ]; then insmod /lib/modules/$m.ko poll_queues=1; else insmod /lib/modules/$m.ko; fi
 done
@@ -124,6 +130,86 @@ for qd in 1 32; do
 done
 
 check broker-clean-shutdown stop_broker
+
+# The controller matrix: one nvmed per controller. It must offer exactly the expected
+# namespaces (vmcheck matrix --expect NSID:LBA_SIZE:BYTES), say in its log why it refuses each
+# other one, pass verified random I/O and one request of exactly the advertised max_transfer on
+# every namespace, and exit 0 on SIGTERM after shutting the controller down (CC.SHN).
+# "index:bytes" of each BAR a PCI device has.
+bars() {
+    i=0
+    while read -r a b f; do
+        [ $((a)) = 0 ] || printf ' %s:%s' $i $((b - a + 1))
+        i=$((i + 1))
+    done < /sys/bus/pci/devices/$1/resource
+}
+matrix_log() { grep -E "WARN|ERROR|namespace|controller (ready|shut)" /tmp/m.log | sed 's/^[^ ]* *//; s/^/nvmed: /'; }
+# matrix_serves SLOT MAX_TRANSFER MSIX_VECTORS "--expect NSID:LBA:BYTES..." ["LOG LINE|LOG LINE"]
+matrix_serves() {
+    bdf=0000:00:$1.0 max=$2 vectors=$3 expect=$4 reasons=$5
+    rm -f /tmp/m.out /tmp/m.log
+    nvmed --pci $bdf --socket /run/m.sock --socket-mode 666 > /tmp/m.out 2> /tmp/m.log &
+    pid=$!
+    for i in $(seq 300); do
+        grep -q ready /tmp/m.out 2>/dev/null && break
+        kill -0 $pid 2>/dev/null || break
+        sleep 0.1
+    done
+    r=0
+    if grep -q ready /tmp/m.out; then
+        as_user vmcheck --socket /run/m.sock matrix $expect --max-transfer $max || r=1
+        v=$(grep -c "vfio-msix.*$bdf" /proc/interrupts)
+        echo "$bdf: BARs (index:bytes)$(bars $bdf); MSI-X vectors in use: $v"
+        [ "$v" = "$vectors" ] || { echo "expected $vectors MSI-X vectors in use"; r=1; }
+    else
+        echo "nvmed did not start"; r=1
+    fi
+    old_ifs=$IFS; IFS='|'
+    for want in $reasons; do grep -qF "$want" /tmp/m.log || { echo "nvmed's log does not say: $want"; r=1; }; done
+    IFS=$old_ifs
+    kill -TERM $pid 2>/dev/null; wait $pid; rc=$?
+    [ $rc = 0 ] || { echo "nvmed exited $rc after SIGTERM"; r=1; }
+    grep -q "controller shut down" /tmp/m.log || { echo "no clean controller shutdown (CC.SHN)"; r=1; }
+    matrix_log
+    return $r
+}
+# A controller without a usable namespace: nvmed exits non-zero, naming why, after CC.SHN.
+matrix_refuses() {
+    bdf=0000:00:$1.0 want=$2
+    rm -f /tmp/m.out /tmp/m.log
+    nvmed --pci $bdf --socket /run/m.sock > /tmp/m.out 2> /tmp/m.log &
+    pid=$!
+    for i in $(seq 300); do
+        kill -0 $pid 2>/dev/null || break
+        grep -q ready /tmp/m.out 2>/dev/null && break
+        sleep 0.1
+    done
+    if kill -0 $pid 2>/dev/null; then
+        echo "nvmed did not exit (it should refuse this controller)"
+        kill -TERM $pid; wait $pid
+        return 1
+    fi
+    wait $pid; rc=$?
+    matrix_log
+    r=0
+    [ $rc != 0 ] || { echo "nvmed exited 0"; r=1; }
+    grep -qF "nvmed: $want" /tmp/m.log || { echo "nvmed's exit message does not say: $want"; r=1; }
+    grep -q "controller shut down" /tmp/m.log || { echo "no clean controller shutdown (CC.SHN)"; r=1; }
+    return $r
+}
+M16=16777216
+t0=$(cut -d. -f1 /proc/uptime)
+check matrix-lba-4096 matrix_serves 05 $M16 2 "--expect 1:4096:33554432"
+check matrix-mdts-0-no-limit matrix_serves 06 $M16 2 "--expect 1:512:33554432"
+check matrix-mdts-1 matrix_serves 07 $M16 2 "--expect 1:512:33554432"
+check matrix-msix-exclusive-bar matrix_serves 08 $M16 2 "--expect 1:512:33554432"
+check matrix-msix-one-vector matrix_serves 09 $M16 1 "--expect 1:512:33554432"
+check matrix-two-namespaces matrix_serves 0a $M16 2 "--expect 1:512:33554432 --expect 2:512:25165824"
+check matrix-metadata-pi-zoned-refused matrix_serves 0b $M16 2 "--expect 1:512:33554432" \
+    "namespace 2: formatted with 8 bytes of metadata per block: not served|namespace 3: formatted with 8 bytes of metadata per block, protection information type 1: not served|namespace 4: zoned namespace (CSI 2): not served"
+check matrix-only-namespace-unusable matrix_refuses 0c \
+    "the controller has no usable namespace: namespace 1: LBA size 16384 bytes exceeds the controller's maximum transfer of 8192 bytes"
+echo "VMTEST TIME matrix $(( $(cut -d. -f1 /proc/uptime) - t0 )) s"
 sed 's/^/  nvmed| /' /tmp/nvmed.log | tail -40
 say "DONE failed=$FAILED"
 sync

@@ -51,7 +51,7 @@ mod error;
 #[cfg(feature = "testkit")]
 pub mod testkit;
 
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -779,6 +779,34 @@ impl NvmeRing {
             }
         }
         Ok(got)
+    }
+
+    /// The completion eventfd, for a caller that sleeps in its own event loop (epoll) instead of
+    /// in [`NvmeRing::wait`]. The broker writes it only while the ring is armed with
+    /// [`NvmeRing::arm_completion_fd`], so a busy ring costs no eventfd write per completion.
+    pub fn completion_fd(&self) -> BorrowedFd<'_> {
+        self.complete_fd.as_fd()
+    }
+
+    /// Asks the broker to write [`NvmeRing::completion_fd`] at the next completion, then polls
+    /// once more (a completion posted just before the request would not write it). Returns how
+    /// many completions that poll moved into `out`: when more than zero the ring is disarmed
+    /// again and the caller handles them instead of sleeping; when zero it may sleep until the
+    /// fd is readable and then calls [`NvmeRing::disarm_completion_fd`].
+    pub fn arm_completion_fd(&mut self, out: &mut Vec<Completion>) -> Result<usize> {
+        announce_sleep(&SharedFlags::client(&self.mem), CLIENT_CQ_WAITING);
+        let n = self.poll(out);
+        if !matches!(n, Ok(0)) {
+            end_sleep(&SharedFlags::client(&self.mem), CLIENT_CQ_WAITING);
+        }
+        n
+    }
+
+    /// Ends a sleep begun with [`NvmeRing::arm_completion_fd`]: empties the eventfd and stops the
+    /// broker's wakeups. Poll afterwards.
+    pub fn disarm_completion_fd(&mut self) {
+        nvmed_proto::eventfd::drain(&self.complete_fd);
+        end_sleep(&SharedFlags::client(&self.mem), CLIENT_CQ_WAITING);
     }
 
     /// Runs one request to completion (submitting anything else prepared too).

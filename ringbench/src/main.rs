@@ -88,6 +88,11 @@ struct Args {
     /// use meanwhile (it should sleep).
     #[arg(long, value_name = "SECONDS")]
     idle: Option<f64>,
+    /// Machine state only: bounce a cache line between two threads pinned to CPUs 0 and 1 for
+    /// this many seconds and print the round trip (what every shared-ring exchange pays; on a
+    /// shared VM it shows whether the vCPUs are really running side by side), then exit.
+    #[arg(long, value_name = "SECONDS")]
+    pingpong: Option<f64>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
@@ -203,16 +208,32 @@ struct Slots {
     /// Blocks of the job's range written (and completed) in this run: only those are verified
     /// on read, so data left by others on the device is not mistaken for corruption.
     written: Vec<u64>,
+    /// With --verify, blocks with an I/O in flight: no second I/O is issued to such a block (as
+    /// fio's serialize_overlap), since a read racing a write to the same block may legitimately
+    /// return a mix of both on a device that runs requests in parallel (virtio-blk queues, ...).
+    busy: Vec<u64>,
+}
+
+fn bit(map: &[u64], block: usize) -> bool {
+    map.get(block / 64).is_some_and(|w| w & (1 << (block % 64)) != 0)
+}
+
+fn set_bit(map: &mut [u64], block: usize, on: bool) {
+    if let Some(w) = map.get_mut(block / 64) {
+        if on {
+            *w |= 1 << (block % 64);
+        } else {
+            *w &= !(1 << (block % 64));
+        }
+    }
 }
 
 impl Slots {
     fn is_written(&self, block: usize) -> bool {
-        self.written.get(block / 64).is_some_and(|w| w & (1 << (block % 64)) != 0)
+        bit(&self.written, block)
     }
     fn mark_written(&mut self, block: usize) {
-        if let Some(w) = self.written.get_mut(block / 64) {
-            *w |= 1 << (block % 64);
-        }
+        set_bit(&mut self.written, block, true);
     }
 }
 
@@ -225,7 +246,16 @@ fn start_slot(
     verify: bool,
     now: Instant,
 ) -> Result<(), EngineError> {
-    let io = spec.workload.next_io();
+    let io = loop {
+        // Skips blocks with I/O in flight (verify only; run_job checks that a free one exists).
+        let io = spec.workload.next_io();
+        if !verify || !bit(&slots.busy, spec.workload.block_index(io.offset)) {
+            break io;
+        }
+    };
+    if verify {
+        set_bit(&mut slots.busy, spec.workload.block_index(io.offset), true);
+    }
     if verify && io.write {
         let block = 4096.min(spec.bs);
         let seed = *issued ^ (u64::from(spec.id) << 48);
@@ -245,10 +275,18 @@ fn run_job(engine: &mut dyn Engine, mut spec: JobSpec) -> Result<JobOutcome, Eng
     let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3).unwrap();
     let verify = spec.verify && engine.moves_data();
     let bitmap_words = if verify { spec.workload.blocks().div_ceil(64) as usize } else { 0 };
+    if verify && spec.workload.blocks() <= spec.iodepth as u64 {
+        return Err(EngineError::Failed(format!(
+            "--verify needs more blocks of --bs per job than --iodepth ({} <= {})",
+            spec.workload.blocks(),
+            spec.iodepth
+        )));
+    }
     let mut slots = Slots {
         started: vec![Instant::now(); spec.iodepth],
         kind: vec![(false, 0u64, false); spec.iodepth],
         written: vec![0; bitmap_words],
+        busy: vec![0; bitmap_words],
     };
     let (mut issued, mut reads, mut writes, mut verified) = (0u64, 0u64, 0u64, 0u64);
     let block = 4096.min(spec.bs);
@@ -278,6 +316,9 @@ fn run_job(engine: &mut dyn Engine, mut spec: JobSpec) -> Result<JobOutcome, Eng
             }
             let _ = hist.record(now.duration_since(slots.started[slot]).as_nanos().max(1) as u64);
             let (write, offset, check) = slots.kind[slot];
+            if verify {
+                set_bit(&mut slots.busy, spec.workload.block_index(offset), false);
+            }
             if write {
                 writes += 1;
                 if verify {
@@ -398,6 +439,19 @@ fn main() {
 }
 
 fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
+    if let Some(secs) = args.pingpong {
+        let (median, min, rounds) = pingpong(secs)?;
+        match args.output_format {
+            OutputFormat::Json => println!(
+                "{}",
+                serde_json::json!({"pingpong_round_trip_ns_median": median, "pingpong_round_trip_ns_min": min, "rounds": rounds})
+            ),
+            OutputFormat::Normal => println!(
+                "ringbench: cross-core ping-pong (CPU 0 <-> CPU 1): round trip median {median:.0} ns, best {min:.0} ns ({rounds} rounds)"
+            ),
+        }
+        return Ok(());
+    }
     if args.bs == 0 || !args.bs.is_multiple_of(512) {
         return Err("--bs must be a non-zero multiple of 512".into());
     }
@@ -458,6 +512,14 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     let per_job = (size / u64::from(args.numjobs)) / args.bs * args.bs;
     if per_job < args.bs {
         return Err("--size is too small for --numjobs jobs of --bs".into());
+    }
+    if args.verify && per_job / args.bs <= u64::from(args.iodepth) {
+        // Verification never puts two I/Os on one block at once: each job needs spare blocks.
+        return Err(format!(
+            "--verify needs more blocks per job than --iodepth: --size / --numjobs / --bs = {}",
+            per_job / args.bs
+        )
+        .into());
     }
     let broker_pid = if nvmed && embedded.is_none() {
         NvmedEngine::open(&socket, 1, 4096, true, 0).ok().and_then(|e| e.broker_pid())
@@ -746,6 +808,61 @@ fn print_report(r: &Report) {
     if let Some(b) = &r.broker_cpu {
         println!("  cpu: broker    user {:.2}s sys {:.2}s", b.user_s, b.sys_s);
     }
+}
+
+/// Pins the calling thread to one CPU (best effort).
+fn pin_to_cpu(cpu: usize) {
+    // SAFETY: an all-zero cpu_set_t is a valid empty set; CPU_SET and sched_setaffinity only
+    // touch that local set.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
+    }
+}
+
+/// Round trips of one cache line between CPU 0 and CPU 1 for `secs` seconds, in batches of
+/// 1000: (median batch mean, best batch mean) in ns, and the number of round trips.
+fn pingpong(secs: f64) -> Result<(f64, f64, u64), Box<dyn std::error::Error>> {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    if std::thread::available_parallelism()?.get() < 2 {
+        return Err("--pingpong needs two CPUs".into());
+    }
+    const STOP: u64 = u64::MAX;
+    let line = Arc::new(AtomicU64::new(0));
+    let other = line.clone();
+    let partner = std::thread::spawn(move || {
+        pin_to_cpu(1);
+        loop {
+            let v = other.load(Ordering::Acquire);
+            if v == STOP {
+                break;
+            }
+            if v % 2 == 1 {
+                other.store(v + 1, Ordering::Release);
+            }
+            std::hint::spin_loop();
+        }
+    });
+    pin_to_cpu(0);
+    let mut v = 0u64;
+    let mut batches = Vec::new();
+    let end = Instant::now() + Duration::from_secs_f64(secs);
+    while Instant::now() < end || batches.is_empty() {
+        let t0 = Instant::now();
+        for _ in 0..1000 {
+            line.store(v + 1, Ordering::Release);
+            while line.load(Ordering::Acquire) != v + 2 {
+                std::hint::spin_loop();
+            }
+            v += 2;
+        }
+        batches.push(t0.elapsed().as_nanos() as f64 / 1000.0);
+    }
+    line.store(STOP, Ordering::Release);
+    partner.join().map_err(|_| "ping-pong partner panicked")?;
+    batches.sort_by(f64::total_cmp);
+    Ok((batches[batches.len() / 2], batches[0], batches.len() as u64 * 1000))
 }
 
 /// An in-process broker on an emulated controller.

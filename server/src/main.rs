@@ -364,15 +364,15 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     config.max_buffer_bytes_per_session = args.max_registered_bytes;
     config.max_buffer_bytes_total = args.max_registered_total;
     config.max_sessions = args.max_sessions;
-    config.quotas = nvmed_server::broker::QuotaSettings::derive(
-        args.max_sessions,
-        args.max_sessions_per_uid,
-        args.max_connections,
-        args.max_connections_per_uid,
-        args.admin_reserve,
-        args.max_buffers,
-        args.max_buffers_per_uid,
-    );
+    config.quotas = nvmed_server::broker::QuotaSettings::derive(&nvmed_server::broker::QuotaRequest {
+        max_sessions: args.max_sessions,
+        sessions_per_uid: args.max_sessions_per_uid,
+        max_connections: args.max_connections,
+        connections_per_uid: args.max_connections_per_uid,
+        admin_reserve: args.admin_reserve,
+        max_buffers: args.max_buffers,
+        buffers_per_uid: args.max_buffers_per_uid,
+    });
     config.hello_timeout = Duration::from_secs(args.hello_timeout_s);
     config.io_queue_depth = args.queue_depth;
     config.poll_idle = Duration::from_micros(args.poll_idle_us);

@@ -1,11 +1,13 @@
 //! `vmcheck`: scenarios the VM test runs inside the guest, against nvmed on a VFIO device.
 //! Each prints one `VMCHECK PASS <name>` line or fails with a message and a non-zero exit.
+//! `dump` and `load` move raw namespace contents to stdout / from a file (the vhost-user-blk
+//! test reads a namespace through nvmed on the host to compare it with what a guest saw).
 
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
-use nvmed_client::testkit::{pattern, random_write_read};
-use nvmed_client::{Io, NvmeRing};
+use nvmed_client::testkit::{pattern, random_write_read, run_batch, Rng};
+use nvmed_client::{Io, NamespaceInfo, NvmeRing, Status};
 
 /// Guest-side checks for the VM test.
 #[derive(Debug, Parser)]
@@ -13,6 +15,9 @@ struct Args {
     /// nvmed socket.
     #[arg(long, default_value = "/run/nvmed.sock")]
     socket: String,
+    /// Namespace to use (default: the first one the broker offers).
+    #[arg(long)]
+    nsid: Option<u32>,
     #[command(subcommand)]
     check: Scenario,
 }
@@ -83,6 +88,41 @@ enum Scenario {
         #[command(flatten)]
         at: PatternAt,
     },
+    /// One controller of the configuration matrix: the broker offers exactly the expected
+    /// namespaces, and each takes verified random I/O at its start and then one request of
+    /// exactly the advertised max_transfer (and refuses one block more).
+    Matrix {
+        /// An expected namespace as NSID:LBA_SIZE:BYTES; repeat for each, in NSID order.
+        #[arg(long = "expect", value_parser = parse_namespace, required = true)]
+        expect: Vec<(u32, u32, u64)>,
+        /// Expected max_transfer (the largest request the broker takes), in bytes.
+        #[arg(long)]
+        max_transfer: u32,
+        /// Size of the random I/O region at the start of each namespace, in KiB.
+        #[arg(long, default_value_t = 1024)]
+        region_kib: u64,
+        /// Seed.
+        #[arg(long, default_value_t = 11)]
+        seed: u64,
+    },
+    /// Writes the namespace's bytes from `offset` to stdout (raw; pipe into sha256sum).
+    Dump {
+        /// Byte offset.
+        #[arg(long, default_value_t = 0)]
+        offset: u64,
+        /// Bytes (default: to the end of the namespace).
+        #[arg(long)]
+        len: Option<u64>,
+    },
+    /// Writes a file's contents into the namespace at `offset`, then flushes.
+    Load {
+        /// Byte offset.
+        #[arg(long, default_value_t = 0)]
+        offset: u64,
+        /// The file (its length must be a multiple of the LBA size).
+        #[arg(long)]
+        file: String,
+    },
     /// The broker reports this many sessions (counting this one) and no buffer IOVA but ours.
     Sessions {
         /// Expected sessions.
@@ -111,19 +151,38 @@ fn main() {
         Ok(r) => r,
         Err(e) => fail(&name, &format!("open: {e}")),
     };
-    if let Err(e) = run(&mut ring, args.check) {
+    let raw_stdout = matches!(args.check, Scenario::Dump { .. });
+    if let Err(e) = run(&mut ring, args.nsid, args.check) {
         fail(&name, &e);
     }
-    println!("VMCHECK PASS {name}");
+    if raw_stdout {
+        eprintln!("VMCHECK PASS {name}"); // stdout carries the data
+    } else {
+        println!("VMCHECK PASS {name}");
+    }
+}
+
+fn parse_namespace(s: &str) -> Result<(u32, u32, u64), String> {
+    let parts: Vec<&str> = s.split(':').collect();
+    let bad = || format!("{s:?} is not NSID:LBA_SIZE:BYTES");
+    match parts[..] {
+        [n, l, b] => {
+            Ok((n.parse().map_err(|_| bad())?, l.parse().map_err(|_| bad())?, b.parse().map_err(|_| bad())?))
+        }
+        _ => Err(bad()),
+    }
 }
 
 fn fail(name: &str, why: &str) -> ! {
-    println!("VMCHECK FAIL {name}: {why}");
+    eprintln!("VMCHECK FAIL {name}: {why}");
     std::process::exit(1);
 }
 
-fn run(ring: &mut NvmeRing, check: Scenario) -> Result<(), String> {
-    let ns = *ring.namespaces().first().ok_or("no namespace offered")?;
+fn run(ring: &mut NvmeRing, nsid: Option<u32>, check: Scenario) -> Result<(), String> {
+    let ns = *match nsid {
+        None => ring.namespaces().first().ok_or("no namespace offered")?,
+        Some(id) => ring.namespaces().iter().find(|n| n.nsid == id).ok_or(format!("no namespace {id}"))?,
+    };
     let e = |e: nvmed_client::Error| e.to_string();
     match check {
         Scenario::Identify { size, lba } => {
@@ -189,6 +248,70 @@ fn run(ring: &mut NvmeRing, check: Scenario) -> Result<(), String> {
                 return Err(format!("pattern {seed} at {offset} not found"));
             }
         }
+        Scenario::Matrix { expect, max_transfer, region_kib, seed } => {
+            let offered: Vec<NamespaceInfo> = ring.namespaces().to_vec();
+            for n in &offered {
+                println!(
+                    "namespace {} lba {} bytes {} max_transfer {}",
+                    n.nsid,
+                    n.lba_size,
+                    n.size_bytes(),
+                    n.max_transfer
+                );
+            }
+            let got: Vec<(u32, u32, u64)> =
+                offered.iter().map(|n| (n.nsid, n.lba_size, n.size_bytes())).collect();
+            if got != expect {
+                return Err(format!(
+                    "expected namespaces {expect:?} (nsid, lba, bytes), broker offers {got:?}"
+                ));
+            }
+            let buf = ring.alloc_buffer(2 * max_transfer as usize + 4096).map_err(e)?;
+            for n in &offered {
+                if n.max_transfer != max_transfer {
+                    return Err(format!(
+                        "namespace {}: max_transfer {}, expected {max_transfer}",
+                        n.nsid, n.max_transfer
+                    ));
+                }
+                let region = region_kib << 10;
+                let writes = verify_random(ring, n, region, seed ^ u64::from(n.nsid) << 48)?;
+                let refusal = max_transfer_request(ring, n, region, buf)?;
+                println!(
+                    "namespace {}: {writes} random writes verified; a {max_transfer}-byte write and read verified; \
+                     one block more refused: {refusal}",
+                    n.nsid
+                );
+            }
+        }
+        Scenario::Dump { offset, len } => {
+            use std::io::Write;
+            let end = len.map_or(ns.size_bytes(), |l| offset + l);
+            if end > ns.size_bytes() || !offset.is_multiple_of(u64::from(ns.lba_size)) {
+                return Err(format!("{offset}..{end} is not an LBA-aligned range of namespace {}", ns.nsid));
+            }
+            let chunk = ns.max_transfer.min(1 << 20);
+            let buf = ring.alloc_buffer(chunk as usize).map_err(e)?;
+            let mut out = std::io::stdout().lock();
+            let mut at = offset;
+            while at < end {
+                let n = (end - at).min(u64::from(chunk)) as u32;
+                ring.read(ns.nsid, at, buf, 0, n).map_err(e)?;
+                out.write_all(ring.buffer(buf, 0, u64::from(n)).map_err(e)?).map_err(|e| e.to_string())?;
+                at += u64::from(n);
+            }
+            out.flush().map_err(|e| e.to_string())?;
+        }
+        Scenario::Load { offset, file } => {
+            let data = std::fs::read(&file).map_err(|err| format!("{file}: {err}"))?;
+            let chunk = ns.max_transfer.min(1 << 20) as usize;
+            let buf = ring.alloc_buffer(chunk).map_err(e)?;
+            for (i, part) in data.chunks(chunk).enumerate() {
+                ring.buffer_mut(buf, 0, part.len() as u64).map_err(e)?.copy_from_slice(part);
+                ring.write(ns.nsid, offset + (i * chunk) as u64, buf, 0, part.len() as u32).map_err(e)?;
+            }
+            ring.flush(ns.nsid).map_err(e)?;
+        }
         Scenario::CheckFile { .. } => unreachable!("handled without a broker"),
         Scenario::Sessions { expect } => {
             let mut s = ring.stats().map_err(e)?;
@@ -205,4 +328,110 @@ fn run(ring: &mut NvmeRing, check: Scenario) -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+/// Random-length writes (one block up to 256 KiB, from in-page buffer offsets) over the first
+/// `size` bytes of `ns` in two rounds, then reads the region back and compares every block
+/// written. Returns how many writes were made.
+fn verify_random(ring: &mut NvmeRing, ns: &NamespaceInfo, size: u64, seed: u64) -> Result<usize, String> {
+    let e = |e: nvmed_client::Error| e.to_string();
+    let lba = u64::from(ns.lba_size);
+    if !size.is_multiple_of(lba) || size > ns.size_bytes() {
+        return Err(format!("namespace {}: region of {size} bytes does not fit", ns.nsid));
+    }
+    let max_blocks = (u64::from(ns.max_transfer).min(256 << 10) / lba).max(1);
+    let buf_len = 4u64 << 20;
+    let buf = ring.alloc_buffer(buf_len as usize).map_err(e)?;
+    let mut model = vec![0u8; size as usize];
+    let mut written = vec![false; (size / lba) as usize];
+    let mut rng = Rng(seed | 1);
+    let mut count = 0;
+    for round in 0..2u64 {
+        // Disjoint extents within a round, so writes in flight together never overlap.
+        let (mut ios, mut cursor, mut buf_cursor) = (Vec::new(), 0u64, 0u64);
+        while cursor < size {
+            cursor += rng.below(4) * lba;
+            let blocks =
+                if rng.below(2) == 0 { rng.below(8.min(max_blocks)) + 1 } else { rng.below(max_blocks) + 1 };
+            let len = (blocks * lba).min(size.saturating_sub(cursor));
+            let boff = buf_cursor + rng.below(1024) * 4;
+            if len == 0 || boff + len > buf_len {
+                break;
+            }
+            buf_cursor = (boff + len).next_multiple_of(4096);
+            let data = ring.buffer_mut(buf, boff, len).map_err(e)?;
+            pattern(seed ^ round << 40 ^ cursor, data);
+            model[cursor as usize..(cursor + len) as usize].copy_from_slice(data);
+            written[(cursor / lba) as usize..((cursor + len) / lba) as usize].fill(true);
+            ios.push(Io::write(ns.nsid, cursor, len as u32, buf, boff));
+            cursor += len;
+        }
+        count += ios.len();
+        for c in run_batch(ring, &ios, 16).values() {
+            if c.status != Status::Success {
+                return Err(format!(
+                    "namespace {}: write {:?} failed: {}",
+                    ns.nsid, ios[c.user_data as usize], c.status
+                ));
+            }
+        }
+    }
+    // Read back into another buffer, 512 bytes into a page (one more PRP entry than pages).
+    let rbuf = ring.alloc_buffer(size as usize + 4096).map_err(e)?;
+    let piece = (128u64 << 10).max(lba);
+    let ios: Vec<Io> = (0..size)
+        .step_by(piece as usize)
+        .map(|o| Io::read(ns.nsid, o, piece.min(size - o) as u32, rbuf, 512 + o))
+        .collect();
+    for c in run_batch(ring, &ios, 16).values() {
+        if c.status != Status::Success {
+            return Err(format!(
+                "namespace {}: read {:?} failed: {}",
+                ns.nsid, ios[c.user_data as usize], c.status
+            ));
+        }
+    }
+    let got = ring.buffer(rbuf, 512, size).map_err(e)?;
+    for (blk, _) in written.iter().enumerate().filter(|(_, w)| **w) {
+        let r = blk * lba as usize..(blk + 1) * lba as usize;
+        if got[r.clone()] != model[r] {
+            return Err(format!(
+                "namespace {}: block {blk} read back different from what was written",
+                ns.nsid
+            ));
+        }
+    }
+    if written.iter().filter(|w| **w).count() < written.len() / 4 {
+        return Err(format!("namespace {}: the test wrote too little", ns.nsid));
+    }
+    Ok(count)
+}
+
+/// One write and one read of exactly `ns.max_transfer` bytes at `at`, verified, and a request
+/// one block larger refused; returns the refusal.
+fn max_transfer_request(
+    ring: &mut NvmeRing,
+    ns: &NamespaceInfo,
+    at: u64,
+    buf: nvmed_client::BufferId,
+) -> Result<String, String> {
+    let e = |e: nvmed_client::Error| e.to_string();
+    let len = ns.max_transfer;
+    let l = u64::from(len);
+    if at + l > ns.size_bytes() {
+        return Err(format!("namespace {}: too small for a {len}-byte request at {at}", ns.nsid));
+    }
+    pattern(ns.nsid.into(), ring.buffer_mut(buf, 0, l).map_err(e)?);
+    ring.write(ns.nsid, at, buf, 0, len).map_err(|x| format!("{len}-byte write: {x}"))?;
+    ring.buffer_mut(buf, l + 512, l).map_err(e)?.fill(0);
+    ring.read(ns.nsid, at, buf, l + 512, len).map_err(|x| format!("{len}-byte read: {x}"))?;
+    if ring.buffer(buf, 0, l).map_err(e)? != ring.buffer(buf, l + 512, l).map_err(e)? {
+        return Err(format!("namespace {}: {len}-byte transfer came back different", ns.nsid));
+    }
+    match ring.read(ns.nsid, at, buf, 0, len + ns.lba_size) {
+        Err(nvmed_client::Error::Io(s)) => Ok(s.to_string()),
+        other => {
+            Err(format!("namespace {}: a request above max_transfer was not refused: {other:?}", ns.nsid))
+        }
+    }
 }

@@ -8,7 +8,7 @@ mod reaper;
 mod session;
 pub mod validate;
 
-pub use quota::{max_map_count, QuotaSettings};
+pub use quota::{max_map_count, QuotaRequest, QuotaSettings};
 
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::fs::PermissionsExt;
@@ -95,9 +95,9 @@ pub enum BrokerError {
     /// The NVMe driver failed.
     #[error("NVMe driver: {0}")]
     Driver(#[from] DriverError),
-    /// The controller has no namespace the broker can serve.
-    #[error("the controller has no usable namespace")]
-    NoNamespace,
+    /// The controller has no namespace the broker can serve (the refused ones, with reasons).
+    #[error("the controller has no usable namespace{}", crate::nvme::controller::skipped_reasons(.0))]
+    NoNamespace(Vec<(u32, String)>),
     /// Socket setup failed.
     #[error("socket {path}: {source}")]
     Socket {
@@ -186,42 +186,26 @@ impl Broker {
     pub fn start(device: Arc<dyn NvmeDevice>, config: BrokerConfig) -> Result<Self, BrokerError> {
         let space = Arc::new(IovaSpace::new(&device.iova_ranges())?);
         space.set_buffer_limit(config.max_buffer_bytes_total);
-        let mut controller = Controller::init(device.clone(), space.clone())?;
-        let info = controller.info().clone();
-        if info.namespaces.is_empty() {
-            return Err(BrokerError::NoNamespace);
-        }
-        controller.request_io_queues(1)?;
-        let vector = match device.interrupt_vectors() {
-            _ if !config.interrupts => None,
-            0 => None,
-            1 => Some(0),
-            _ => Some(1),
-        };
-        let qp = controller.create_io_queue(1, config.io_queue_depth, vector)?;
-        let queue = IoQueue::new(qp, &device, &space).map_err(DriverError::from)?;
-        // Limits follow the queue really created (the controller may grant fewer entries than
-        // asked). A request above MDTS is split into device-sized commands that are admitted as
-        // slots free up, so any request up to 16 MiB completes even on a tiny queue.
-        let max_request = ((16u32 << 20) / info.max_transfer * info.max_transfer).max(info.max_transfer);
-        let limits = DeviceLimits {
-            max_transfer: info.max_transfer,
-            max_request,
-            write_zeroes: info.write_zeroes,
-            deallocate: info.dsm,
-            sgl: info.sgl,
-        };
-        let bounce = io_thread::vectored::BouncePool::new(&space, &device, info.max_transfer)
-            .map_err(DriverError::from)?;
-        info!(
-            queue_entries = queue.free_slots() + 1,
-            max_transfer = info.max_transfer,
-            max_request,
-            sgl = ?info.sgl,
-            bounce_slots = bounce.capacity(),
-            "I/O queue created"
-        );
+        // The socket first: its errors (in use, bad path) are the common ones, and must not
+        // leave a controller enabled behind.
         let listener = bind_socket(&config.socket, config.socket_mode, config.socket_group.as_deref())?;
+        let unbind = |e: BrokerError| {
+            let _ = std::fs::remove_file(&config.socket);
+            e
+        };
+        let mut controller = Controller::init(device.clone(), space.clone()).map_err(|e| unbind(e.into()))?;
+        let info = controller.info().clone();
+        let (queue, vector, limits, bounce) =
+            match Self::create_queue(&mut controller, &device, &space, &config) {
+                Ok(q) => q,
+                Err(e) => {
+                    // Leave the controller shut down (CC.SHN), whatever went wrong.
+                    if let Err(e) = controller.shutdown() {
+                        error!("controller shutdown failed: {e}");
+                    }
+                    return Err(unbind(e));
+                }
+            };
         let wake = Arc::new(nvmed_proto::eventfd::new_eventfd()?);
         let (tx, rx) = channel();
         let requests_pending = Arc::new(session::CachePadded(AtomicBool::new(false)));
@@ -290,6 +274,55 @@ impl Broker {
             io_thread: Some(io_thread),
             reaper_thread: Some(reaper_thread),
         })
+    }
+
+    /// Creates the I/O queue and derives the request limits from what the controller granted;
+    /// allocates the bounce buffers for vectored requests.
+    #[allow(clippy::type_complexity)]
+    fn create_queue(
+        controller: &mut Controller,
+        device: &Arc<dyn NvmeDevice>,
+        space: &Arc<IovaSpace>,
+        config: &BrokerConfig,
+    ) -> Result<
+        (IoQueue<io_thread::split::InFlight>, Option<u16>, DeviceLimits, io_thread::vectored::BouncePool),
+        BrokerError,
+    > {
+        let info = controller.info().clone();
+        if info.namespaces.is_empty() {
+            return Err(BrokerError::NoNamespace(info.skipped));
+        }
+        controller.request_io_queues(1)?;
+        let vector = match device.interrupt_vectors() {
+            _ if !config.interrupts => None,
+            0 => None,
+            1 => Some(0),
+            _ => Some(1),
+        };
+        let qp = controller.create_io_queue(1, config.io_queue_depth, vector)?;
+        let queue = IoQueue::new(qp, device, space).map_err(DriverError::from)?;
+        // Limits follow the queue really created (the controller may grant fewer entries than
+        // asked). A request above MDTS is split into device-sized commands that are admitted as
+        // slots free up, so any request up to 16 MiB completes even on a tiny queue.
+        let max_request = ((16u32 << 20) / info.max_transfer * info.max_transfer).max(info.max_transfer);
+        let limits = DeviceLimits {
+            max_transfer: info.max_transfer,
+            max_request,
+            write_zeroes: info.write_zeroes,
+            deallocate: info.dsm,
+            sgl: info.sgl,
+        };
+        let bounce = io_thread::vectored::BouncePool::new(space, device, info.max_transfer)
+            .map_err(DriverError::from)?;
+        info!(
+            queue_entries = queue.free_slots() + 1,
+            max_transfer = info.max_transfer,
+            max_request,
+            sgl = ?info.sgl,
+            bounce_slots = bounce.capacity(),
+            "I/O queue created"
+        );
+        Ok((queue, vector, limits, bounce))
     }
 
     /// The socket path.

@@ -63,48 +63,40 @@ pub fn max_map_count() -> u64 {
         .unwrap_or(65530)
 }
 
+/// The limits asked for (from the command line or config file); `None` takes the default.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct QuotaRequest {
+    /// Broker-wide sessions.
+    pub max_sessions: usize,
+    /// Sessions of one uid.
+    pub sessions_per_uid: Option<usize>,
+    /// Broker-wide connections.
+    pub max_connections: Option<usize>,
+    /// Connections of one uid.
+    pub connections_per_uid: Option<usize>,
+    /// Connections and sessions kept for root.
+    pub admin_reserve: usize,
+    /// Broker-wide registered buffers.
+    pub max_buffers: Option<u64>,
+    /// Registered buffers of one uid.
+    pub buffers_per_uid: Option<u64>,
+}
+
 impl QuotaSettings {
     /// Fills in defaults: per-uid limits are a quarter of the totals, connections default to
     /// sessions + 16, buffers to half of `vm.max_map_count`; a buffer limit the map count has
     /// no room for is lowered (with a warning).
-    pub fn derive(
-        max_sessions: usize,
-        sessions_per_uid: Option<usize>,
-        max_connections: Option<usize>,
-        connections_per_uid: Option<usize>,
-        admin_reserve: usize,
-        max_buffers: Option<u64>,
-        buffers_per_uid: Option<u64>,
-    ) -> Self {
-        Self::derive_with_map_count(
-            max_map_count(),
-            max_sessions,
-            sessions_per_uid,
-            max_connections,
-            connections_per_uid,
-            admin_reserve,
-            max_buffers,
-            buffers_per_uid,
-        )
+    pub fn derive(asked: &QuotaRequest) -> Self {
+        Self::derive_with_map_count(max_map_count(), asked)
     }
 
-    #[allow(clippy::too_many_arguments)]
-    fn derive_with_map_count(
-        map_count: u64,
-        max_sessions: usize,
-        sessions_per_uid: Option<usize>,
-        max_connections: Option<usize>,
-        connections_per_uid: Option<usize>,
-        admin_reserve: usize,
-        max_buffers: Option<u64>,
-        buffers_per_uid: Option<u64>,
-    ) -> Self {
-        let sessions = max_sessions.max(1) as u64;
-        let connections = max_connections.map_or(sessions + 16, |c| c as u64).max(sessions);
+    fn derive_with_map_count(map_count: u64, asked: &QuotaRequest) -> Self {
+        let sessions = asked.max_sessions.max(1) as u64;
+        let connections = asked.max_connections.map_or(sessions + 16, |c| c as u64).max(sessions);
         // Per uid: a quarter of the total, but small totals are not cut below 4.
         let quarter = |v: u64| (v / 4).max(v.min(4));
         let room = map_count.saturating_sub(MAPS_RESERVED + connections * MAPS_PER_CONNECTION).max(1);
-        let mut buffers = max_buffers.unwrap_or(map_count / 2).max(1);
+        let mut buffers = asked.max_buffers.unwrap_or(map_count / 2).max(1);
         if buffers > room {
             warn!(
                 asked = buffers,
@@ -117,18 +109,18 @@ impl QuotaSettings {
         Self {
             total: [connections, sessions, buffers],
             per_uid: [
-                connections_per_uid.map_or(quarter(connections), |v| v as u64),
-                sessions_per_uid.map_or(quarter(sessions), |v| v as u64),
-                buffers_per_uid.unwrap_or(quarter(buffers)),
+                asked.connections_per_uid.map_or(quarter(connections), |v| v as u64),
+                asked.sessions_per_uid.map_or(quarter(sessions), |v| v as u64),
+                asked.buffers_per_uid.unwrap_or(quarter(buffers)),
             ],
             // Never so large that other uids get nothing.
-            admin_reserve: (admin_reserve as u64).min(sessions / 4),
+            admin_reserve: (asked.admin_reserve as u64).min(sessions / 4),
         }
     }
 
     /// Defaults for `max_sessions` sessions.
     pub fn for_sessions(max_sessions: usize) -> Self {
-        Self::derive(max_sessions, None, None, None, 4, None, None)
+        Self::derive(&QuotaRequest { max_sessions, admin_reserve: 4, ..Default::default() })
     }
 }
 
@@ -215,7 +207,16 @@ mod tests {
     use super::*;
 
     fn settings() -> QuotaSettings {
-        QuotaSettings::derive_with_map_count(65530, 8, Some(3), Some(10), Some(4), 2, Some(100), Some(40))
+        let asked = QuotaRequest {
+            max_sessions: 8,
+            sessions_per_uid: Some(3),
+            max_connections: Some(10),
+            connections_per_uid: Some(4),
+            admin_reserve: 2,
+            max_buffers: Some(100),
+            buffers_per_uid: Some(40),
+        };
+        QuotaSettings::derive_with_map_count(65530, &asked)
     }
 
     #[test]
@@ -240,11 +241,15 @@ mod tests {
 
     #[test]
     fn buffer_limit_follows_the_map_count() {
-        let s = QuotaSettings::derive_with_map_count(65530, 64, None, None, None, 4, None, None);
+        let asked = QuotaRequest { max_sessions: 64, admin_reserve: 4, ..Default::default() };
+        let s = QuotaSettings::derive_with_map_count(65530, &asked);
         assert_eq!(s.total, [80, 64, 32765]);
         assert_eq!(s.per_uid, [20, 16, 8191]);
         // Asking for more mappings than the kernel allows is lowered to what fits.
-        let s = QuotaSettings::derive_with_map_count(65530, 64, None, None, None, 4, Some(1 << 20), None);
+        let s = QuotaSettings::derive_with_map_count(
+            65530,
+            &QuotaRequest { max_buffers: Some(1 << 20), ..asked },
+        );
         assert_eq!(s.total[2], 65530 - 4096 - 80 * 8);
     }
 }

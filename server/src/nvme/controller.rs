@@ -76,8 +76,10 @@ pub struct ControllerInfo {
     pub dsm: bool,
     /// Volatile write cache present (flush is meaningful).
     pub volatile_write_cache: bool,
-    /// Active namespaces.
+    /// Active namespaces the driver can serve.
     pub namespaces: Vec<Namespace>,
+    /// Active namespaces it cannot serve, each with the reason (also logged at start).
+    pub skipped: Vec<(u32, String)>,
     /// Controller's maximum queue entries.
     pub max_queue_entries: u32,
     /// SGL support for I/O commands (Identify SGLS).
@@ -147,6 +149,7 @@ impl Controller {
                 dsm: false,
                 volatile_write_cache: false,
                 namespaces: Vec::new(),
+                skipped: Vec::new(),
                 max_queue_entries: cap.mqes(),
                 sgl: SglSupport::None,
             },
@@ -156,6 +159,7 @@ impl Controller {
             model = %ctrl.info.model,
             serial = %ctrl.info.serial,
             namespaces = ctrl.info.namespaces.len(),
+            skipped = ctrl.info.skipped.len(),
             max_transfer = ctrl.info.max_transfer,
             sgl = ?ctrl.info.sgl,
             "controller ready"
@@ -305,24 +309,61 @@ impl Controller {
             nsids.push(nsid);
         }
         for nsid in nsids {
-            self.identify_into_scratch(admin::CNS_NAMESPACE, nsid)?;
-            let m = self.scratch.mem();
-            let nsze: u64 = m.read(id_ns::NSZE);
-            let flbas = m.read::<u8>(id_ns::FLBAS) & 0xf;
-            let lbaf: u32 = m.read(id_ns::LBAF0 + usize::from(flbas) * 4);
-            let lbads = (lbaf >> 16) & 0xff;
-            let ms = lbaf & 0xffff;
-            if nsze == 0 || !(9..=16).contains(&lbads) {
-                warn!(nsid, nsze, lbads, "skipping namespace with unusable format");
-                continue;
+            match self.identify_namespace(nsid)? {
+                Ok(ns) => self.info.namespaces.push(ns),
+                Err(reason) => {
+                    warn!("namespace {nsid}: {reason}");
+                    self.info.skipped.push((nsid, reason));
+                }
             }
-            if ms != 0 {
-                warn!(nsid, ms, "skipping namespace formatted with metadata");
-                continue;
-            }
-            self.info.namespaces.push(Namespace { nsid, lba_size: 1 << lbads, lba_count: nsze });
         }
         Ok(())
+    }
+
+    /// Identifies namespace `nsid`: `Ok(Err(reason))` when the driver cannot serve it.
+    fn identify_namespace(&mut self, nsid: u32) -> Result<Result<Namespace, String>, DriverError> {
+        // The command set first: Identify Namespace describes an NVM namespace, and a zoned or
+        // key-value one takes commands an NVM driver does not issue (a zoned namespace fails
+        // random writes).
+        match self.identify_into_scratch(admin::CNS_NS_DESCRIPTORS, nsid) {
+            Ok(()) => {
+                let mut list = vec![0u8; 4096];
+                self.scratch.mem().copy_out(0, &mut list);
+                if let Some(csi) = command_set(&list).filter(|&c| c != ns_descriptor::CSI_NVM) {
+                    return Ok(Err(format!(
+                        "{} namespace (CSI {csi}): not served, nvmed speaks only the NVM command set",
+                        command_set_name(csi)
+                    )));
+                }
+            }
+            // Older than NVMe 1.3: no descriptor list, and every namespace is an NVM one.
+            Err(DriverError::CommandFailed { status, .. }) => {
+                debug!(nsid, %status, "no namespace identification descriptors; taking the namespace as NVM")
+            }
+            Err(e) => return Err(e),
+        }
+        match self.identify_into_scratch(admin::CNS_NAMESPACE, nsid) {
+            Ok(()) => {}
+            Err(DriverError::CommandFailed { status, .. }) => {
+                return Ok(Err(format!("Identify Namespace failed ({status}): not served")))
+            }
+            Err(e) => return Err(e),
+        }
+        let m = self.scratch.mem();
+        let nsze: u64 = m.read(id_ns::NSZE);
+        let flbas = m.read::<u8>(id_ns::FLBAS) & 0xf;
+        let lbaf: u32 = m.read(id_ns::LBAF0 + usize::from(flbas) * 4);
+        let format = LbaFormat {
+            blocks: nsze,
+            lbads: (lbaf >> 16) & 0xff,
+            metadata: lbaf & 0xffff,
+            pi_type: m.read::<u8>(id_ns::DPS) & 7,
+        };
+        Ok(format.usable(self.info.max_transfer).map(|lba_size| Namespace {
+            nsid,
+            lba_size,
+            lba_count: nsze,
+        }))
     }
 
     /// Asks for `count` I/O queue pairs; returns how many the controller granted.
@@ -391,6 +432,83 @@ impl Controller {
     }
 }
 
+/// The namespaces a controller offered but the driver refused, for an error message:
+/// ": namespace 1: reason; namespace 2: reason", or a note that there were none at all.
+pub fn skipped_reasons(skipped: &[(u32, String)]) -> String {
+    if skipped.is_empty() {
+        return " (it reports no active namespace)".into();
+    }
+    let each: Vec<String> = skipped.iter().map(|(nsid, why)| format!("namespace {nsid}: {why}")).collect();
+    format!(": {}", each.join("; "))
+}
+
+/// The Command Set Identifier in a Namespace Identification Descriptor list, if it has one.
+fn command_set(list: &[u8]) -> Option<u8> {
+    let mut at = 0;
+    while at + ns_descriptor::HEADER <= list.len() {
+        let (nidt, nidl) = (list[at], usize::from(list[at + 1]));
+        if nidt == 0 {
+            return None;
+        }
+        let id = list.get(at + ns_descriptor::HEADER..at + ns_descriptor::HEADER + nidl)?;
+        if nidt == ns_descriptor::NIDT_CSI && nidl >= 1 {
+            return Some(id[0]);
+        }
+        at += ns_descriptor::HEADER + nidl;
+    }
+    None
+}
+
+fn command_set_name(csi: u8) -> &'static str {
+    match csi {
+        ns_descriptor::CSI_NVM => "NVM",
+        ns_descriptor::CSI_KEY_VALUE => "key-value",
+        ns_descriptor::CSI_ZONED => "zoned",
+        _ => "unknown command set",
+    }
+}
+
+/// A namespace's current format, from Identify Namespace.
+#[derive(Debug, Clone, Copy)]
+struct LbaFormat {
+    /// NSZE.
+    blocks: u64,
+    /// LBA data size exponent.
+    lbads: u32,
+    /// Metadata bytes per block.
+    metadata: u32,
+    /// Protection information type (DPS bits 0..3; 0 = none).
+    pi_type: u8,
+}
+
+impl LbaFormat {
+    /// The LBA size when the driver can serve this format (with transfers of at most
+    /// `max_transfer` bytes), else why not.
+    fn usable(self, max_transfer: u32) -> Result<u32, String> {
+        let LbaFormat { blocks, lbads, metadata, pi_type } = self;
+        if blocks == 0 || !(9..=16).contains(&lbads) {
+            return Err(format!("unusable format (NSZE {blocks}, LBADS {lbads}): not served"));
+        }
+        if metadata != 0 {
+            let pi = match pi_type {
+                0 => String::new(),
+                t => format!(", protection information type {t}"),
+            };
+            return Err(format!(
+                "formatted with {metadata} bytes of metadata per block{pi}: not served, nvmed transfers no metadata"
+            ));
+        }
+        let lba_size = 1u32 << lbads;
+        if lba_size > max_transfer {
+            return Err(format!(
+                "LBA size {lba_size} bytes exceeds the controller's maximum transfer of {max_transfer} bytes \
+                 (MDTS): not served, no I/O could complete"
+            ));
+        }
+        Ok(lba_size)
+    }
+}
+
 fn wait_csts(
     device: &Arc<dyn NvmeDevice>,
     cap: Cap,
@@ -415,5 +533,111 @@ fn wait_csts(
             return Err(DriverError::Timeout { what, ms });
         }
         std::thread::sleep(Duration::from_micros(100));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::emulator::backend::MemoryBackend;
+    use crate::emulator::{EmulatedController, EmulatedNamespace, EmulatorConfig};
+
+    /// An emulated controller (it answers Identify CNS 03h with Invalid Field, like a
+    /// controller older than NVMe 1.3) with namespaces of these LBA sizes, 1 MiB each.
+    fn emulated(lba_sizes: &[u32], mdts: u8) -> Arc<dyn NvmeDevice> {
+        let namespaces = lba_sizes
+            .iter()
+            .map(|&lba_size| EmulatedNamespace {
+                backend: Box::new(MemoryBackend::new(1 << 20).unwrap()),
+                lba_size,
+            })
+            .collect();
+        Arc::new(
+            EmulatedController::new(EmulatorConfig { namespaces, mdts, vectors: 1, ..Default::default() })
+                .unwrap(),
+        )
+    }
+
+    #[test]
+    fn namespace_wider_than_the_max_transfer_is_skipped_with_its_reason() {
+        // MDTS 1: 8 KiB transfers; namespace 1 has 16 KiB blocks, namespace 2 512-byte ones.
+        let dev = emulated(&[16384, 512], 1);
+        let space = Arc::new(IovaSpace::new(&dev.iova_ranges()).unwrap());
+        let ctrl = Controller::init(dev, space).unwrap();
+        let info = ctrl.info();
+        assert_eq!(info.max_transfer, 8192);
+        assert_eq!(info.namespaces, vec![Namespace { nsid: 2, lba_size: 512, lba_count: 2048 }]);
+        assert_eq!(info.skipped.len(), 1);
+        assert_eq!(info.skipped[0].0, 1);
+        let why = &info.skipped[0].1;
+        assert!(
+            why.contains("LBA size 16384 bytes exceeds the controller's maximum transfer of 8192 bytes"),
+            "{why}"
+        );
+    }
+
+    #[test]
+    fn broker_refuses_a_controller_without_a_usable_namespace_and_shuts_it_down() {
+        let dev = emulated(&[16384], 1);
+        let socket = std::env::temp_dir().join(format!("nvmed-nons-{}.sock", std::process::id()));
+        let config = crate::broker::BrokerConfig::new(&socket);
+        let err = match crate::broker::Broker::start(dev.clone(), config) {
+            Err(e) => e,
+            Ok(_) => panic!("a controller whose only namespace is unusable was served"),
+        };
+        let msg = err.to_string();
+        assert!(matches!(&err, crate::broker::BrokerError::NoNamespace(s) if s.len() == 1), "{msg}");
+        assert!(
+            msg.starts_with("the controller has no usable namespace: namespace 1: LBA size 16384"),
+            "{msg}"
+        );
+        assert_eq!(dev.read32(REG_CSTS) & CSTS_SHST_MASK, CSTS_SHST_COMPLETE, "CC.SHN before giving up");
+        assert!(!socket.exists());
+    }
+
+    #[test]
+    fn formats_and_their_reasons() {
+        let f = LbaFormat { blocks: 100, lbads: 12, metadata: 0, pi_type: 0 };
+        assert_eq!(f.usable(4096), Ok(4096));
+        assert!(f.usable(2048).unwrap_err().contains("exceeds the controller's maximum transfer of 2048"));
+        let meta = LbaFormat { metadata: 8, ..f }.usable(1 << 20).unwrap_err();
+        assert!(meta.starts_with("formatted with 8 bytes of metadata per block: not served"), "{meta}");
+        let pi = LbaFormat { metadata: 8, pi_type: 1, ..f }.usable(1 << 20).unwrap_err();
+        assert!(pi.contains("8 bytes of metadata per block, protection information type 1"), "{pi}");
+        assert!(LbaFormat { blocks: 0, ..f }.usable(4096).unwrap_err().contains("NSZE 0"));
+        assert!(LbaFormat { lbads: 8, ..f }.usable(4096).unwrap_err().contains("LBADS 8"));
+    }
+
+    #[test]
+    fn command_set_from_the_descriptor_list() {
+        let mut list = vec![0u8; 4096];
+        assert_eq!(command_set(&list), None, "empty list: an NVM namespace of NVMe 1.3");
+        // EUI-64 (8 bytes), NGUID (16), UUID (16), then CSI 2 as QEMU reports a zoned namespace.
+        let mut at = 0;
+        for (nidt, nidl) in [(1u8, 8usize), (2, 16), (3, 16)] {
+            list[at] = nidt;
+            list[at + 1] = nidl as u8;
+            list[at + 4..at + 4 + nidl].fill(0xee);
+            at += 4 + nidl;
+        }
+        assert_eq!(command_set(&list), None, "identifiers but no CSI");
+        list[at] = ns_descriptor::NIDT_CSI;
+        list[at + 1] = 1;
+        list[at + 4] = ns_descriptor::CSI_ZONED;
+        assert_eq!(command_set(&list), Some(2));
+        assert_eq!(command_set_name(2), "zoned");
+        // A descriptor running off the end is ignored, not read past.
+        assert_eq!(command_set(&list[..at + 4]), None);
+        let mut bad = vec![0u8; 8];
+        bad[0] = 1;
+        bad[1] = 200;
+        assert_eq!(command_set(&bad), None);
+    }
+
+    #[test]
+    fn skipped_reasons_read_as_a_sentence() {
+        assert_eq!(skipped_reasons(&[]), " (it reports no active namespace)");
+        let s = skipped_reasons(&[(1, "a".into()), (4, "b".into())]);
+        assert_eq!(s, ": namespace 1: a; namespace 4: b");
     }
 }

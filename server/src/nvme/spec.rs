@@ -98,6 +98,8 @@ pub mod admin {
     pub const CNS_CONTROLLER: u32 = 0x01;
     /// Identify CNS: active namespace id list.
     pub const CNS_ACTIVE_NS_LIST: u32 = 0x02;
+    /// Identify CNS: Namespace Identification Descriptor list (NVMe 1.3 and later).
+    pub const CNS_NS_DESCRIPTORS: u32 = 0x03;
     /// Feature: number of queues.
     pub const FEAT_NUM_QUEUES: u32 = 0x07;
 }
@@ -301,6 +303,23 @@ pub mod id_ns {
     pub const NLBAF: usize = 25;
     /// Formatted LBA size (index in bits 0..4).
     pub const FLBAS: usize = 26;
+    /// End-to-end data protection type settings (PI type in bits 0..3).
+    pub const DPS: usize = 29;
     /// LBA format 0 (4 bytes each: MS u16, LBADS u8, RP u8).
     pub const LBAF0: usize = 128;
+}
+
+/// Namespace Identification Descriptors (Identify CNS 03h): each is NIDT, NIDL, two reserved
+/// bytes, then NIDL bytes of identifier; a zero NIDT ends the list.
+pub mod ns_descriptor {
+    /// Descriptor header length.
+    pub const HEADER: usize = 4;
+    /// NIDT: Command Set Identifier (one byte).
+    pub const NIDT_CSI: u8 = 0x04;
+    /// Command Set Identifier: NVM.
+    pub const CSI_NVM: u8 = 0x00;
+    /// Command Set Identifier: Key Value.
+    pub const CSI_KEY_VALUE: u8 = 0x01;
+    /// Command Set Identifier: Zoned Namespace.
+    pub const CSI_ZONED: u8 = 0x02;
 }

@@ -1,0 +1,757 @@
+//! The vhost-user-blk device: this crate's own vhost-user request handler (the vhost crate's
+//! [`VhostUserBackendReqHandlerMut`], served by its `BackendReqHandler`) and one thread per
+//! virtqueue.
+//!
+//! vhost-user-backend's daemon cannot be used: its request handler is crate-private and refuses
+//! GET_INFLIGHT_FD / SET_INFLIGHT_FD. Of that crate only the vring state ([`VringMutex`]: queue,
+//! kick/call/err eventfds, enabled flag) is used. Each queue thread sleeps in its own epoll on
+//! the guest's kick eventfd, its nvmed session's completion eventfd and a wake eventfd (ring
+//! started, exit), and owns its queue's [`Worker`] behind a mutex that only the vhost-user
+//! thread ever contends for (memory-table changes, ring start and stop, reset).
+
+use std::fs::File;
+use std::io;
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use vhost::vhost_user::message::{
+    VhostTransferStateDirection, VhostTransferStatePhase, VhostUserConfigFlags, VhostUserInflight,
+    VhostUserLog, VhostUserMemoryRegion, VhostUserProtocolFeatures, VhostUserShMemConfig, VhostUserSharedMsg,
+    VhostUserSingleMemoryRegion, VhostUserVirtioFeatures, VhostUserVringAddrFlags, VhostUserVringState,
+};
+use vhost::vhost_user::{Error as VuError, GpuBackend, Result as VuResult, VhostUserBackendReqHandlerMut};
+use vhost::VhostUserMemoryRegionBase;
+use vhost_user_backend::{VringMutex, VringT};
+use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
+use virtio_queue::QueueT;
+use vm_memory::{GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap, GuestRegionMmap};
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::eventfd::{EventFd, EFD_CLOEXEC, EFD_NONBLOCK};
+
+use crate::config::{DiskGeometry, CONFIG_SIZE};
+use crate::inflight::{region_len, InflightRegion};
+use crate::worker::{region_files, RegionFiles, Worker};
+
+/// Guest memory (no dirty-page bitmap: no live migration).
+pub type GuestMem = GuestMemoryAtomic<GuestMemoryMmap>;
+/// The per-queue vring type.
+pub type Vring = VringMutex<GuestMem>;
+
+/// Largest virtqueue size accepted.
+pub const MAX_QUEUE_SIZE: usize = 1024;
+/// How long a stopping ring waits for nvmed to finish its requests.
+pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(60);
+/// Memory slots offered with CONFIGURE_MEM_SLOTS (what vhost in the kernel offers).
+pub const MAX_MEM_SLOTS: u64 = 509;
+/// Offset of `wce` in the configuration space.
+const WCE_OFFSET: u32 = 32;
+
+/// epoll tokens of a queue thread.
+const EV_KICK: u64 = 0;
+const EV_COMPLETION: u64 = 1;
+const EV_WAKE: u64 = 2;
+
+/// The protocol features offered.
+pub fn protocol_features() -> VhostUserProtocolFeatures {
+    VhostUserProtocolFeatures::CONFIG
+        | VhostUserProtocolFeatures::MQ
+        | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+        | VhostUserProtocolFeatures::REPLY_ACK
+        | VhostUserProtocolFeatures::RESET_DEVICE
+        | VhostUserProtocolFeatures::INFLIGHT_SHMFD
+}
+
+/// What one queue thread and the vhost-user thread share.
+struct QueueShared {
+    index: usize,
+    vring: Vring,
+    worker: Mutex<Worker>,
+    epoll: Epoll,
+    wake: EventFd,
+    exit: AtomicBool,
+    mem: GuestMem,
+    poll: Duration,
+}
+
+impl QueueShared {
+    fn wake(&self) {
+        if let Err(e) = self.wake.write(1) {
+            tracing::warn!(queue = self.index, "waking the queue thread: {e}");
+        }
+    }
+
+    /// Takes completions, resubmissions and new requests while the ring is started.
+    fn run(&self) {
+        let mut w = lock(&self.worker);
+        if !self.vring.get_ref().get_queue().ready() {
+            return;
+        }
+        let mem = self.mem.memory();
+        loop {
+            if !self.poll.is_zero() {
+                // Busy-poll the virtqueue (guest notifications off) and nvmed's CQ.
+                let mut deadline = Instant::now() + self.poll;
+                loop {
+                    let p = w.run(self.vring.get_mut().get_queue_mut(), &*mem, false);
+                    if p.used {
+                        notify(&self.vring);
+                    }
+                    let now = Instant::now();
+                    if p.any {
+                        deadline = now + self.poll;
+                    } else if now >= deadline {
+                        break;
+                    }
+                    std::hint::spin_loop();
+                }
+            }
+            let p = w.run(self.vring.get_mut().get_queue_mut(), &*mem, true);
+            if p.used {
+                notify(&self.vring);
+            }
+            if !w.arm() {
+                break;
+            }
+        }
+    }
+
+    /// Waits until every request the queue took is in the used ring.
+    fn drain(&self) {
+        let mut w = lock(&self.worker);
+        if w.busy() == 0 {
+            return;
+        }
+        let mem = self.mem.memory();
+        tracing::debug!(queue = self.index, busy = w.busy(), "draining");
+        let p = {
+            let mut g = self.vring.get_mut();
+            w.drain(g.get_queue_mut(), &*mem, DRAIN_TIMEOUT)
+        };
+        if p.used {
+            notify(&self.vring);
+        }
+    }
+
+    fn thread(&self) {
+        let mut events = [EpollEvent::new(EventSet::empty(), 0); 4];
+        loop {
+            let n = match self.epoll.wait(-1, &mut events) {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    tracing::error!(queue = self.index, "epoll_wait: {e}; the queue stops");
+                    return;
+                }
+            };
+            let mut run = false;
+            for ev in &events[..n] {
+                match ev.data() {
+                    EV_KICK => match self.vring.read_kick() {
+                        Ok(enabled) => run |= enabled,
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                        Err(e) => tracing::debug!(queue = self.index, "reading the kick eventfd: {e}"),
+                    },
+                    EV_COMPLETION => {
+                        lock(&self.worker).disarm();
+                        run = true;
+                    }
+                    EV_WAKE => {
+                        let _ = self.wake.read();
+                        if self.exit.load(Ordering::Acquire) {
+                            return;
+                        }
+                        run = true;
+                    }
+                    _ => {}
+                }
+            }
+            if run {
+                self.run();
+            }
+        }
+    }
+}
+
+fn notify(vring: &Vring) {
+    if vring.needs_notification().unwrap_or(true) {
+        if let Err(e) = vring.signal_used_queue() {
+            tracing::debug!("signalling the guest: {e}");
+        }
+    }
+}
+
+fn lock(m: &Mutex<Worker>) -> MutexGuard<'_, Worker> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn handler_error(e: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> VuError {
+    VuError::ReqHandlerError(io::Error::other(e))
+}
+
+/// A guest RAM region as QEMU maps it, to translate the ring addresses it sends.
+#[derive(Debug, Clone, Copy)]
+struct AddrMapping {
+    vmm_addr: u64,
+    size: u64,
+    gpa_base: u64,
+}
+
+/// The device for one frontend connection.
+pub struct BlkDevice {
+    geo: DiskGeometry,
+    wce: Arc<AtomicU8>,
+    mem: GuestMem,
+    mappings: Vec<AddrMapping>,
+    queues: Vec<Arc<QueueShared>>,
+    threads: Vec<JoinHandle<()>>,
+    kick_fds: Vec<Option<RawFd>>,
+    owned: bool,
+    acked_features: u64,
+    acked_protocol_features: u64,
+    inflight: Option<Arc<InflightRegion>>,
+}
+
+impl BlkDevice {
+    /// A device over one worker per queue, each with its own thread started at once. `wce` must
+    /// be the cell the workers read.
+    pub fn new(
+        geo: DiskGeometry,
+        workers: Vec<Worker>,
+        wce: Arc<AtomicU8>,
+        poll: Duration,
+    ) -> io::Result<Self> {
+        let mem = GuestMem::new(GuestMemoryMmap::new());
+        let mut dev = Self {
+            geo,
+            wce,
+            mem: mem.clone(),
+            mappings: Vec::new(),
+            queues: Vec::new(),
+            threads: Vec::new(),
+            kick_fds: Vec::new(),
+            owned: false,
+            acked_features: 0,
+            acked_protocol_features: 0,
+            inflight: None,
+        };
+        for (index, worker) in workers.into_iter().enumerate() {
+            let vring = Vring::new(mem.clone(), MAX_QUEUE_SIZE as u16).map_err(io::Error::other)?;
+            let epoll = Epoll::new()?;
+            let wake = EventFd::new(EFD_NONBLOCK | EFD_CLOEXEC)?;
+            epoll.ctl(ControlOperation::Add, wake.as_raw_fd(), EpollEvent::new(EventSet::IN, EV_WAKE))?;
+            epoll.ctl(
+                ControlOperation::Add,
+                worker.completion_fd().as_raw_fd(),
+                EpollEvent::new(EventSet::IN, EV_COMPLETION),
+            )?;
+            let q = Arc::new(QueueShared {
+                index,
+                vring,
+                worker: Mutex::new(worker),
+                epoll,
+                wake,
+                exit: AtomicBool::new(false),
+                mem: mem.clone(),
+                poll,
+            });
+            let t = q.clone();
+            let handle =
+                std::thread::Builder::new().name(format!("queue {index}")).spawn(move || t.thread())?;
+            dev.queues.push(q);
+            dev.threads.push(handle);
+            dev.kick_fds.push(None);
+        }
+        Ok(dev)
+    }
+
+    /// Virtqueues.
+    pub fn num_queues(&self) -> usize {
+        self.queues.len()
+    }
+
+    /// The inflight region QEMU handed over, if any.
+    pub fn inflight(&self) -> Option<&Arc<InflightRegion>> {
+        self.inflight.as_ref()
+    }
+
+    /// The frontend went away: finishes every request taken (into the used ring and out of the
+    /// inflight region) and stops the queue threads.
+    pub fn shutdown(&mut self) {
+        self.drain_all();
+        self.stop_threads();
+    }
+
+    fn stop_threads(&mut self) {
+        for q in &self.queues {
+            q.exit.store(true, Ordering::Release);
+            q.wake();
+        }
+        for t in self.threads.drain(..) {
+            if t.join().is_err() {
+                tracing::error!("a queue thread panicked");
+            }
+        }
+    }
+
+    /// Finishes every queue's requests.
+    pub fn drain_all(&self) {
+        for q in &self.queues {
+            q.drain();
+        }
+    }
+
+    fn queue(&self, index: u32) -> VuResult<Arc<QueueShared>> {
+        self.queues.get(index as usize).cloned().ok_or(VuError::InvalidParam)
+    }
+
+    /// The configuration space bytes at `offset..offset+size` (zeros past its end).
+    pub fn config(&self, offset: u32, size: u32) -> Vec<u8> {
+        let space = self.geo.config_space(self.wce.load(Ordering::Relaxed));
+        let mut out = vec![0u8; size as usize];
+        let start = (offset as usize).min(CONFIG_SIZE);
+        let end = (offset as usize).saturating_add(size as usize).min(CONFIG_SIZE);
+        out[..end - start].copy_from_slice(&space[start..end]);
+        out
+    }
+
+    /// A configuration space write: only the write-cache setting is writable.
+    pub fn write_config(&self, offset: u32, buf: &[u8]) -> io::Result<()> {
+        if offset == WCE_OFFSET && buf.len() == 1 {
+            tracing::info!(
+                "guest set the write cache to {}",
+                if buf[0] != 0 { "write back" } else { "write through" }
+            );
+            self.wce.store(u8::from(buf[0] != 0), Ordering::Relaxed);
+            return Ok(());
+        }
+        Err(io::Error::other(format!(
+            "config space write at {offset} ({} bytes) refused: only wce is writable",
+            buf.len()
+        )))
+    }
+
+    /// The virtio features offered (vhost-user's PROTOCOL_FEATURES bit included).
+    pub fn features(&self) -> u64 {
+        self.geo.features() | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
+    }
+
+    /// Puts the ring's kick eventfd in its thread's epoll while the ring is started and
+    /// enabled, and takes it out otherwise. Newly registered: the thread runs the queue once
+    /// (requests may already be waiting, or to be resubmitted).
+    fn update_registration(&mut self, i: usize) -> VuResult<()> {
+        let q = self.queues[i].clone();
+        let want = {
+            let st = q.vring.get_ref();
+            if st.get_queue().ready() && st.is_enabled() {
+                st.get_kick().as_ref().map(|k| k.as_raw_fd())
+            } else {
+                None
+            }
+        };
+        if want == self.kick_fds[i] {
+            return Ok(());
+        }
+        self.unregister_kick(i);
+        if let Some(fd) = want {
+            q.epoll
+                .ctl(ControlOperation::Add, fd, EpollEvent::new(EventSet::IN, EV_KICK))
+                .map_err(VuError::ReqHandlerError)?;
+            self.kick_fds[i] = Some(fd);
+            q.wake();
+        }
+        Ok(())
+    }
+
+    /// Takes the kick eventfd out of the epoll (before the vring lets go of it).
+    fn unregister_kick(&mut self, i: usize) {
+        if let Some(fd) = self.kick_fds[i].take() {
+            let _ = self.queues[i].epoll.ctl(
+                ControlOperation::Delete,
+                fd,
+                EpollEvent::new(EventSet::IN, EV_KICK),
+            );
+        }
+    }
+
+    /// A ring with a kick eventfd that is not started yet starts: in-flight requests of a
+    /// previous backend process are taken back from the inflight region first.
+    fn start_ring_if_ready(&mut self, i: usize) -> VuResult<()> {
+        let q = self.queues[i].clone();
+        {
+            // Under the worker lock: the queue thread sees the ring started only once its
+            // avail index accounts for the requests to resubmit.
+            let mut w = lock(&q.worker);
+            let needs_start = {
+                let st = q.vring.get_ref();
+                !st.get_queue().ready() && st.get_kick().is_some()
+            };
+            if !needs_start {
+                return Ok(());
+            }
+            q.vring.set_queue_ready(true);
+            let mem = self.mem.memory();
+            let mut st = q.vring.get_mut();
+            let resubmit = w.start_ring(st.get_queue_mut(), &*mem);
+            let queue = st.get_queue();
+            tracing::debug!(
+                queue = i,
+                size = queue.size(),
+                next_avail = queue.next_avail(),
+                next_used = queue.next_used(),
+                resubmit,
+                inflight_tracking = w.tracks_inflight(),
+                "ring started"
+            );
+        }
+        self.update_registration(i)
+    }
+
+    fn vmm_va_to_gpa(&self, va: u64) -> VuResult<u64> {
+        self.mappings
+            .iter()
+            .find(|m| va >= m.vmm_addr && va - m.vmm_addr < m.size)
+            .map(|m| va - m.vmm_addr + m.gpa_base)
+            .ok_or_else(|| handler_error(format!("ring address {va:#x} is in no guest RAM region")))
+    }
+
+    /// Checks a new memory map (every region registrable with nvmed) without touching anything.
+    fn check_memory(new: &GuestMemoryMmap) -> VuResult<RegionFiles> {
+        region_files(new).map_err(|e| {
+            tracing::error!("{e}");
+            handler_error(e)
+        })
+    }
+
+    /// Makes the new memory map current and registers its regions with every queue's session.
+    fn apply_memory(&mut self, new: GuestMemoryMmap, files: &RegionFiles) -> VuResult<()> {
+        self.mem.lock().unwrap_or_else(|p| p.into_inner()).replace(new);
+        for q in &self.queues {
+            lock(&q.worker).sync_memory(files).map_err(|e| {
+                tracing::error!(queue = q.index, "{e}");
+                handler_error(e)
+            })?;
+        }
+        tracing::info!(
+            regions = files.len(),
+            bytes = files.iter().map(|(s, _)| s.len).sum::<u64>(),
+            "guest RAM registered with nvmed"
+        );
+        Ok(())
+    }
+}
+
+impl Drop for BlkDevice {
+    fn drop(&mut self) {
+        self.stop_threads();
+    }
+}
+
+impl VhostUserBackendReqHandlerMut for BlkDevice {
+    fn set_owner(&mut self) -> VuResult<()> {
+        if self.owned {
+            return Err(VuError::InvalidOperation("already claimed"));
+        }
+        self.owned = true;
+        Ok(())
+    }
+
+    fn reset_owner(&mut self) -> VuResult<()> {
+        self.owned = false;
+        self.acked_features = 0;
+        self.acked_protocol_features = 0;
+        Ok(())
+    }
+
+    fn reset_device(&mut self) -> VuResult<()> {
+        for i in 0..self.queues.len() {
+            self.queues[i].vring.set_enabled(false);
+            self.update_registration(i)?;
+        }
+        self.drain_all();
+        self.acked_features = 0;
+        self.wce.store(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    fn get_features(&mut self) -> VuResult<u64> {
+        Ok(self.features())
+    }
+
+    fn set_features(&mut self, features: u64) -> VuResult<()> {
+        if features & !self.features() != 0 {
+            return Err(VuError::InvalidParam);
+        }
+        self.acked_features = features;
+        // Without PROTOCOL_FEATURES the rings start enabled.
+        if features & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() == 0 {
+            for i in 0..self.queues.len() {
+                self.queues[i].vring.set_enabled(true);
+                self.update_registration(i)?;
+            }
+        }
+        let event_idx = features & (1 << VIRTIO_RING_F_EVENT_IDX) != 0;
+        for q in &self.queues {
+            q.vring.set_queue_event_idx(event_idx);
+        }
+        Ok(())
+    }
+
+    fn set_mem_table(
+        &mut self,
+        ctx: &[VhostUserMemoryRegion],
+        files: Vec<File>,
+        postcopy_listening: Option<bool>,
+    ) -> VuResult<Option<Vec<VhostUserMemoryRegionBase>>> {
+        if postcopy_listening.is_some() {
+            return Err(VuError::InvalidOperation("postcopy not supported"));
+        }
+        let mut regions = Vec::new();
+        let mut mappings = Vec::new();
+        for (region, file) in ctx.iter().zip(files) {
+            let r = GuestRegionMmap::new(region.mmap_region(file)?, GuestAddress(region.guest_phys_addr))
+                .ok_or_else(|| handler_error("guest RAM region overflows the address space"))?;
+            regions.push(r);
+            mappings.push(AddrMapping {
+                vmm_addr: region.user_addr,
+                size: region.memory_size,
+                gpa_base: region.guest_phys_addr,
+            });
+        }
+        let new = GuestMemoryMmap::from_regions(regions).map_err(handler_error)?;
+        let files = Self::check_memory(&new)?;
+        self.apply_memory(new, &files)?;
+        self.mappings = mappings;
+        Ok(None)
+    }
+
+    fn set_vring_num(&mut self, index: u32, num: u32) -> VuResult<()> {
+        let q = self.queue(index)?;
+        if num == 0 || num as usize > MAX_QUEUE_SIZE {
+            tracing::error!("vring {index}: queue size {num} outside 1..={MAX_QUEUE_SIZE}");
+            return Err(VuError::InvalidParam);
+        }
+        q.vring.set_queue_size(num as u16);
+        Ok(())
+    }
+
+    fn set_vring_addr(
+        &mut self,
+        index: u32,
+        _flags: VhostUserVringAddrFlags,
+        descriptor: u64,
+        used: u64,
+        available: u64,
+        _log: u64,
+    ) -> VuResult<()> {
+        let q = self.queue(index)?;
+        if self.mappings.is_empty() {
+            return Err(VuError::InvalidParam);
+        }
+        let desc = self.vmm_va_to_gpa(descriptor)?;
+        let avail = self.vmm_va_to_gpa(available)?;
+        let used = self.vmm_va_to_gpa(used)?;
+        q.vring.set_queue_info(desc, avail, used).map_err(|_| VuError::InvalidParam)?;
+        // The used index the driver sees (0 after a driver reset).
+        let idx = q.vring.queue_used_idx().map_err(|_| VuError::BackendInternalError)?;
+        q.vring.set_queue_next_used(idx);
+        Ok(())
+    }
+
+    fn set_vring_base(&mut self, index: u32, base: u32) -> VuResult<()> {
+        let q = self.queue(index)?;
+        tracing::debug!(queue = index, base, "SET_VRING_BASE");
+        q.vring.set_queue_next_avail(base as u16);
+        Ok(())
+    }
+
+    fn get_vring_base(&mut self, index: u32) -> VuResult<VhostUserVringState> {
+        let q = self.queue(index)?;
+        // Stop the ring: no new request is taken, every taken one completes.
+        q.vring.set_queue_ready(false);
+        self.unregister_kick(index as usize);
+        q.drain();
+        let next_avail = q.vring.queue_next_avail();
+        q.vring.set_kick(None);
+        q.vring.set_call(None);
+        tracing::debug!(queue = index, next_avail, "ring stopped (GET_VRING_BASE)");
+        Ok(VhostUserVringState::new(index, u32::from(next_avail)))
+    }
+
+    fn set_vring_kick(&mut self, index: u8, fd: Option<File>) -> VuResult<()> {
+        let q = self.queue(u32::from(index))?;
+        let i = usize::from(index);
+        self.unregister_kick(i);
+        q.vring.set_kick(fd);
+        self.start_ring_if_ready(i)?;
+        self.update_registration(i)
+    }
+
+    fn set_vring_call(&mut self, index: u8, fd: Option<File>) -> VuResult<()> {
+        let q = self.queue(u32::from(index))?;
+        let signal = fd.is_some();
+        q.vring.set_call(fd);
+        // QEMU sets the call eventfd after the kick: requests resubmitted and completed in
+        // between could not be signalled. One interrupt more is harmless (the driver checks
+        // its used ring).
+        if signal {
+            if let Err(e) = q.vring.signal_used_queue() {
+                tracing::debug!(queue = index, "signalling the new call eventfd: {e}");
+            }
+        }
+        self.start_ring_if_ready(usize::from(index))
+    }
+
+    fn set_vring_err(&mut self, index: u8, fd: Option<File>) -> VuResult<()> {
+        self.queue(u32::from(index))?.vring.set_err(fd);
+        Ok(())
+    }
+
+    fn get_protocol_features(&mut self) -> VuResult<VhostUserProtocolFeatures> {
+        Ok(protocol_features())
+    }
+
+    fn set_protocol_features(&mut self, features: u64) -> VuResult<()> {
+        self.acked_protocol_features = features;
+        Ok(())
+    }
+
+    fn get_queue_num(&mut self) -> VuResult<u64> {
+        Ok(self.queues.len() as u64)
+    }
+
+    fn set_vring_enable(&mut self, index: u32, enable: bool) -> VuResult<()> {
+        if self.acked_features & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() == 0 {
+            return Err(VuError::InactiveFeature(VhostUserVirtioFeatures::PROTOCOL_FEATURES));
+        }
+        let q = self.queue(index)?;
+        q.vring.set_enabled(enable);
+        self.update_registration(index as usize)
+    }
+
+    fn get_config(&mut self, offset: u32, size: u32, _flags: VhostUserConfigFlags) -> VuResult<Vec<u8>> {
+        Ok(self.config(offset, size))
+    }
+
+    fn set_config(&mut self, offset: u32, buf: &[u8], _flags: VhostUserConfigFlags) -> VuResult<()> {
+        self.write_config(offset, buf).map_err(VuError::ReqHandlerError)
+    }
+
+    fn set_gpu_socket(&mut self, _gpu_backend: GpuBackend) -> VuResult<()> {
+        Err(VuError::InvalidOperation("not supported"))
+    }
+
+    fn get_shared_object(&mut self, _uuid: VhostUserSharedMsg) -> VuResult<File> {
+        Err(VuError::InvalidOperation("not supported"))
+    }
+
+    fn get_inflight_fd(&mut self, inflight: &VhostUserInflight) -> VuResult<(VhostUserInflight, File)> {
+        let (n, size) = (inflight.num_queues, inflight.queue_size);
+        if usize::from(n) > self.queues.len() || usize::from(size) > MAX_QUEUE_SIZE {
+            tracing::error!(
+                "GET_INFLIGHT_FD for {n} queues of {size} entries: this backend has {} queues of at most {MAX_QUEUE_SIZE}",
+                self.queues.len()
+            );
+            return Err(VuError::InvalidParam);
+        }
+        // QEMU keeps the memfd and hands it back with SET_INFLIGHT_FD, now and after every
+        // reconnection; the mapping made here only initialised it.
+        let (_region, file) = InflightRegion::create(n, size).map_err(|e| {
+            tracing::error!("{e}");
+            handler_error(e)
+        })?;
+        tracing::debug!(queues = n, queue_size = size, "inflight region created");
+        Ok((VhostUserInflight::new(region_len(n, size) as u64, 0, n, size), file))
+    }
+
+    fn set_inflight_fd(&mut self, inflight: &VhostUserInflight, file: File) -> VuResult<()> {
+        let (n, size) = (inflight.num_queues, inflight.queue_size);
+        if usize::from(n) > self.queues.len() {
+            tracing::error!("SET_INFLIGHT_FD for {n} queues: this backend has {}", self.queues.len());
+            return Err(VuError::InvalidParam);
+        }
+        for q in &self.queues {
+            if q.vring.get_ref().get_queue().ready() || lock(&q.worker).busy() > 0 {
+                return Err(VuError::InvalidOperation("inflight region replaced while a ring runs"));
+            }
+        }
+        let region =
+            InflightRegion::map(&file, inflight.mmap_offset, inflight.mmap_size, n, size).map_err(|e| {
+                tracing::error!("{e}");
+                handler_error(e)
+            })?;
+        let region = Arc::new(region);
+        for (i, q) in self.queues.iter().enumerate() {
+            let tracker = (i < usize::from(n)).then(|| region.queue(i as u16));
+            lock(&q.worker).set_inflight(tracker);
+        }
+        tracing::info!(
+            queues = n,
+            queue_size = size,
+            "inflight region attached: in-flight requests survive a restart"
+        );
+        self.inflight = Some(region);
+        Ok(())
+    }
+
+    fn get_max_mem_slots(&mut self) -> VuResult<u64> {
+        Ok(MAX_MEM_SLOTS)
+    }
+
+    fn add_mem_region(
+        &mut self,
+        region: &VhostUserSingleMemoryRegion,
+        fd: File,
+        postcopy_listening: Option<bool>,
+    ) -> VuResult<Option<VhostUserMemoryRegionBase>> {
+        if postcopy_listening.is_some() {
+            return Err(VuError::InvalidOperation("postcopy not supported"));
+        }
+        let r = GuestRegionMmap::new(region.mmap_region(fd)?, GuestAddress(region.guest_phys_addr))
+            .ok_or_else(|| handler_error("guest RAM region overflows the address space"))?;
+        let new = self.mem.memory().insert_region(Arc::new(r)).map_err(handler_error)?;
+        let files = Self::check_memory(&new)?;
+        self.apply_memory(new, &files)?;
+        self.mappings.push(AddrMapping {
+            vmm_addr: region.user_addr,
+            size: region.memory_size,
+            gpa_base: region.guest_phys_addr,
+        });
+        Ok(None)
+    }
+
+    fn remove_mem_region(&mut self, region: &VhostUserSingleMemoryRegion) -> VuResult<()> {
+        let (new, _) = self
+            .mem
+            .memory()
+            .remove_region(GuestAddress(region.guest_phys_addr), region.memory_size)
+            .map_err(handler_error)?;
+        let files = Self::check_memory(&new)?;
+        self.apply_memory(new, &files)?;
+        self.mappings.retain(|m| m.gpa_base != region.guest_phys_addr);
+        Ok(())
+    }
+
+    fn set_device_state_fd(
+        &mut self,
+        _direction: VhostTransferStateDirection,
+        _phase: VhostTransferStatePhase,
+        _fd: File,
+    ) -> VuResult<Option<File>> {
+        Err(VuError::InvalidOperation("not supported"))
+    }
+
+    fn check_device_state(&mut self) -> VuResult<()> {
+        Err(VuError::InvalidOperation("not supported"))
+    }
+
+    fn get_shmem_config(&mut self) -> VuResult<VhostUserShMemConfig> {
+        Err(VuError::InvalidOperation("not supported"))
+    }
+
+    fn set_log_base(&mut self, _log: &VhostUserLog, _file: File) -> VuResult<()> {
+        Err(VuError::InvalidOperation("not supported"))
+    }
+}

@@ -1,0 +1,68 @@
+//! # nvmed-vhost
+//!
+//! A vhost-user-blk backend that serves one nvmed namespace to QEMU. It is an ordinary,
+//! unprivileged nvmed client: guest RAM regions arrive from QEMU as memfds, each virtqueue's
+//! nvmed session registers them once, and guest reads and writes become nvmed requests that
+//! name (guest RAM buffer, offset) so the device DMAs straight into guest memory.
+//!
+//! * [`config`]: virtio features and configuration space from the namespace.
+//! * [`regions`]: guest physical address → (nvmed buffer, offset).
+//! * [`request`]: descriptor chain → request, with every malformation refused.
+//! * [`plan`]: request → nvmed requests (the one function to change for vectored I/O).
+//! * [`worker`]: one virtqueue's engine and nvmed session.
+//! * [`inflight`]: the inflight region shared with QEMU, so a restarted backend resubmits
+//!   what the previous one had in flight.
+//! * [`backend`]: the vhost-user protocol (this crate's own request handler) and the queue
+//!   threads.
+
+pub mod backend;
+pub mod config;
+pub mod error;
+pub mod inflight;
+pub mod plan;
+pub mod regions;
+pub mod request;
+pub mod worker;
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+pub use error::{Error, RegionError};
+use worker::QueueStats;
+
+/// Sum of the per-queue counters, as printed on SIGUSR1 and at exit.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct StatsSummary {
+    /// Requests completed.
+    pub requests: u64,
+    /// Requests completed with an error status.
+    pub errors: u64,
+    /// Bytes moved zero copy.
+    pub direct_bytes: u64,
+    /// Bytes copied through the bounce buffers.
+    pub bounced_bytes: u64,
+}
+
+impl StatsSummary {
+    /// Adds up queue counters.
+    pub fn of(queues: &[Arc<QueueStats>]) -> Self {
+        let mut s = Self::default();
+        for q in queues {
+            s.requests += q.requests.load(Ordering::Relaxed);
+            s.errors += q.errors.load(Ordering::Relaxed);
+            s.direct_bytes += q.direct_bytes.load(Ordering::Relaxed);
+            s.bounced_bytes += q.bounced_bytes.load(Ordering::Relaxed);
+        }
+        s
+    }
+}
+
+impl std::fmt::Display for StatsSummary {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "nvmed-vhost stats: requests={} errors={} direct_bytes={} bounced_bytes={}",
+            self.requests, self.errors, self.direct_bytes, self.bounced_bytes
+        )
+    }
+}

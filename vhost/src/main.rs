@@ -1,0 +1,189 @@
+//! `nvmed-vhost`: serve an nvmed namespace to QEMU as a vhost-user-blk device.
+
+use std::path::PathBuf;
+use std::sync::atomic::AtomicU8;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use clap::Parser;
+use nix::sys::signal::{SigSet, Signal};
+use nvmed_client::{NvmeRing, RingOptions};
+use nvmed_vhost::backend::BlkDevice;
+use nvmed_vhost::config::DiskGeometry;
+use nvmed_vhost::worker::{QueueStats, Worker, SQ_ENTRIES};
+use nvmed_vhost::{Error, StatsSummary};
+use vhost::vhost_user::{BackendListener, Error as VuError, Listener};
+
+/// Serve an nvmed namespace to QEMU as a vhost-user-blk disk, zero copy into guest RAM.
+///
+/// Start nvmed, then this backend, then QEMU with its guest RAM in a shared memfd:
+///
+///   nvmed --emulate --socket /tmp/nvmed.sock
+///   nvmed-vhost --socket /tmp/vhost.sock --nvmed /tmp/nvmed.sock --namespace 1 --num-queues 2
+///   qemu-system-x86_64 -machine q35,memory-backend=mem -m 512 \
+///     -object memory-backend-memfd,id=mem,size=512M,share=on \
+///     -chardev socket,id=c0,path=/tmp/vhost.sock,reconnect=1 \
+///     -device vhost-user-blk-pci,chardev=c0,num-queues=2 ...
+///
+/// One QEMU connection is served at a time; when it ends the backend waits for the next one
+/// (a restarted QEMU, or QEMU reconnecting with `-chardev ...,reconnect=1`). With
+/// reconnect=1 this process may be killed and started again (same options) while the guest
+/// runs: the guest sees a pause, and the requests it had in flight are resubmitted by the new
+/// process from the inflight region QEMU keeps. SIGUSR1 prints a
+/// stats line (requests, errors, bytes moved zero copy, bytes bounced); SIGTERM/SIGINT print it
+/// and exit. Logs go to stderr; NVMED_LOG=debug for more.
+#[derive(Debug, Parser)]
+#[command(version, verbatim_doc_comment)]
+struct Args {
+    /// vhost-user socket to listen on (QEMU's `-chardev socket,path=...`); replaced if it exists.
+    #[arg(long)]
+    socket: PathBuf,
+    /// nvmed's control socket.
+    #[arg(long, default_value = "/run/nvmed.sock")]
+    nvmed: PathBuf,
+    /// Namespace to serve (as nvmed lists it to this uid: a granted window appears as a whole
+    /// namespace).
+    #[arg(long)]
+    namespace: u32,
+    /// Virtqueues (each gets its own thread and its own nvmed session). Must be at least QEMU's
+    /// `num-queues`.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
+    num_queues: u16,
+    /// Offer a read-only disk (also implied by a read-only nvmed grant).
+    #[arg(long)]
+    read_only: bool,
+    /// Busy-poll each virtqueue this many microseconds (guest notifications off) after the last
+    /// request before sleeping: lower latency for a core's worth of CPU per busy queue.
+    #[arg(long, default_value_t = 0)]
+    poll_us: u64,
+}
+
+fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("NVMED_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        // Colours only on a terminal: logs redirected to a file stay plain text.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    let args = Args::parse();
+    if let Err(e) = run(&args) {
+        tracing::error!("{e}");
+        std::process::exit(1);
+    }
+}
+
+fn open_ring(args: &Args, what: &str) -> Result<NvmeRing, Error> {
+    let opts = RingOptions {
+        sq_entries: SQ_ENTRIES,
+        cq_entries: SQ_ENTRIES * 2,
+        client_name: format!("nvmed-vhost {what}"),
+        ..RingOptions::default()
+    };
+    Ok(NvmeRing::open_with(&args.nvmed, opts)?)
+}
+
+fn run(args: &Args) -> Result<(), Error> {
+    // Signals go to one thread (the mask is inherited by every thread started after this).
+    let mut sigs = SigSet::empty();
+    for s in [Signal::SIGUSR1, Signal::SIGTERM, Signal::SIGINT] {
+        sigs.add(s);
+    }
+    sigs.thread_block().map_err(|e| Error::Os { what: "blocking signals", source: e.into() })?;
+    let stats: Vec<Arc<QueueStats>> = (0..args.num_queues).map(|_| Arc::default()).collect();
+    {
+        let stats = stats.clone();
+        std::thread::Builder::new()
+            .name("signals".into())
+            .spawn(move || loop {
+                match sigs.wait() {
+                    Ok(Signal::SIGUSR1) => println!("{}", StatsSummary::of(&stats)),
+                    Ok(s) => {
+                        println!("{}", StatsSummary::of(&stats));
+                        tracing::info!("{s}: exiting");
+                        std::process::exit(0);
+                    }
+                    Err(e) => tracing::warn!("sigwait: {e}"),
+                }
+            })
+            .map_err(|e| Error::Os { what: "starting the signal thread", source: e })?;
+    }
+
+    let probe = open_ring(args, "probe")?;
+    let ns =
+        *probe.namespaces().iter().find(|n| n.nsid == args.namespace).ok_or_else(|| Error::NoNamespace {
+            nsid: args.namespace,
+            offered: probe.namespaces().iter().map(|n| n.nsid).collect(),
+        })?;
+    drop(probe);
+    if !ns.lba_size.is_power_of_two() || !(512..=65536).contains(&ns.lba_size) {
+        return Err(Error::LbaSize(ns.lba_size));
+    }
+    let geo = DiskGeometry::new(&ns, args.num_queues, args.read_only);
+    tracing::info!(
+        nsid = geo.nsid,
+        bytes = geo.size,
+        lba = geo.lba_size,
+        seg_max = geo.seg_max,
+        size_max = geo.size_max,
+        read_only = geo.read_only,
+        queues = geo.num_queues,
+        "serving nvmed namespace"
+    );
+
+    let mut listener = Listener::new(&args.socket, true)
+        .map_err(|e| Error::VhostUser(format!("listening on {}: {e}", args.socket.display())))?;
+    loop {
+        serve_one(args, geo, &stats, &mut listener)?;
+        println!("{}", StatsSummary::of(&stats));
+    }
+}
+
+/// Serves one frontend connection, from accept to disconnect.
+fn serve_one(
+    args: &Args,
+    geo: DiskGeometry,
+    stats: &[Arc<QueueStats>],
+    listener: &mut Listener,
+) -> Result<(), Error> {
+    // Fresh nvmed sessions per connection: the previous guest's RAM is unregistered with them.
+    let wce = Arc::new(AtomicU8::new(1));
+    let mut workers = Vec::new();
+    for (i, s) in stats.iter().enumerate() {
+        let ring = open_ring(args, &format!("queue {i}"))?;
+        workers.push(Worker::new(i, ring, geo, wce.clone(), s.clone())?);
+    }
+    let device = BlkDevice::new(geo, workers, wce, Duration::from_micros(args.poll_us))
+        .map_err(|e| Error::Os { what: "starting the queue threads", source: e })?;
+    let device = Arc::new(Mutex::new(device));
+    tracing::info!(socket = %args.socket.display(), "waiting for QEMU");
+    let mut backend_listener = BackendListener::new(listener, device.clone())
+        .map_err(|e| Error::VhostUser(format!("listening: {e}")))?;
+    let mut conn = loop {
+        match backend_listener.accept() {
+            Ok(Some(conn)) => break conn,
+            Ok(None) => continue,
+            Err(e) => return Err(Error::VhostUser(format!("accepting a connection: {e}"))),
+        }
+    };
+    tracing::info!("QEMU connected");
+    let end = loop {
+        if let Err(e) = conn.handle_request() {
+            break e;
+        }
+    };
+    match end {
+        VuError::Disconnected | VuError::PartialMessage | VuError::SocketBroken(_) => {
+            tracing::info!("QEMU disconnected")
+        }
+        // A malformed message, or a request the device refused (e.g. guest RAM that is not a
+        // sealed memfd): the connection is closed, the reason logged, the next one accepted.
+        e => tracing::error!("connection closed: {e}"),
+    }
+    drop(conn);
+    // Whatever the guest had in flight completes before its RAM is let go.
+    device.lock().unwrap_or_else(|p| p.into_inner()).shutdown();
+    Ok(())
+}

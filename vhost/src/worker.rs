@@ -1,0 +1,647 @@
+//! One virtqueue's request engine: its own nvmed session (ring, registered guest RAM, bounce
+//! buffer), the requests it has in flight and those waiting for room. Nothing here is shared
+//! with another queue.
+
+use std::collections::VecDeque;
+use std::fs::File;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use nvmed_client::{BrokerStatus, BufferId, Completion, MemfdBuffer, NvmeRing, Status};
+use slab::Slab;
+use virtio_queue::{Queue, QueueT};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
+
+use crate::config::DiskGeometry;
+use crate::error::RegionError;
+use crate::inflight::QueueInflight;
+use crate::plan::{self, BouncePool, Plan, PlanError};
+use crate::regions::{Region, RegionSpec, RegionTable};
+use crate::request::{self, gather, scatter, walk_chain, Op, Parsed, S_IOERR, S_UNSUPP};
+
+/// SQ entries of each queue's nvmed ring (a virtio request needs at most `seg_max` plus one
+/// per region boundary it crosses).
+pub const SQ_ENTRIES: u32 = 512;
+
+/// Counters of one queue (read by the stats line and by tests).
+#[derive(Debug, Default)]
+pub struct QueueStats {
+    /// virtio requests completed.
+    pub requests: AtomicU64,
+    /// Bytes moved between the device and guest RAM directly.
+    pub direct_bytes: AtomicU64,
+    /// Bytes copied through the bounce buffer.
+    pub bounced_bytes: AtomicU64,
+    /// Requests completed with an error status.
+    pub errors: AtomicU64,
+}
+
+impl QueueStats {
+    fn add(c: &AtomicU64, n: u64) {
+        c.fetch_add(n, Ordering::Relaxed);
+    }
+}
+
+/// Guest RAM regions of a memory table, checked, with their files.
+pub type RegionFiles = Vec<(RegionSpec, Arc<File>)>;
+
+/// Checks every region of a guest memory map (memfd, sealed, aligned) and describes it.
+pub fn region_files<M: GuestMemoryBackend>(mem: &M) -> Result<RegionFiles, RegionError> {
+    let mut out = Vec::new();
+    for r in mem.iter() {
+        let gpa = r.start_addr().0;
+        let fo = r.file_offset().ok_or(RegionError::NoFile { gpa })?;
+        let spec = RegionSpec::check(fo.file(), gpa, r.len(), fo.start())?;
+        out.push((spec, fo.arc().clone()));
+    }
+    Ok(out)
+}
+
+#[derive(Debug)]
+struct InFlight {
+    head: u16,
+    status_addr: u64,
+    read: bool,
+    data_len: u64,
+    remaining: u32,
+    status: u8,
+    plan: Plan,
+}
+
+/// A request parsed but waiting for SQ or bounce space.
+#[derive(Debug)]
+struct Waiting {
+    head: u16,
+    status_addr: u64,
+    op: Op,
+}
+
+/// What a call to [`Worker::run`] did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Progress {
+    /// Used entries were added (the guest may need a notification).
+    pub used: bool,
+    /// Any request was taken or completed.
+    pub any: bool,
+}
+
+/// The engine of one virtqueue.
+#[derive(Debug)]
+pub struct Worker {
+    index: usize,
+    ring: NvmeRing,
+    geo: DiskGeometry,
+    regions: RegionTable,
+    retiring: Vec<BufferId>,
+    pool: BouncePool,
+    pending: Slab<InFlight>,
+    backlog: VecDeque<Waiting>,
+    completions: Vec<Completion>,
+    descs: Vec<virtio_queue::desc::split::Descriptor>,
+    stats: Arc<QueueStats>,
+    wce: Arc<AtomicU8>,
+    dead: bool,
+    inflight: Option<QueueInflight>,
+    resubmit: VecDeque<u16>,
+}
+
+impl Worker {
+    /// A worker for queue `index` on its own nvmed session `ring`. `wce` is the guest's write
+    /// cache setting (0: write through, so writes use FUA).
+    pub fn new(
+        index: usize,
+        mut ring: NvmeRing,
+        geo: DiskGeometry,
+        wce: Arc<AtomicU8>,
+        stats: Arc<QueueStats>,
+    ) -> Result<Self, nvmed_client::Error> {
+        let pool_len = u64::from(geo.max_request);
+        let pool_buf = ring.alloc_buffer(pool_len as usize)?;
+        Ok(Self {
+            index,
+            ring,
+            geo,
+            regions: RegionTable::default(),
+            retiring: Vec::new(),
+            pool: BouncePool::new(pool_buf, pool_len),
+            pending: Slab::new(),
+            backlog: VecDeque::new(),
+            completions: Vec::new(),
+            descs: Vec::new(),
+            stats,
+            wce,
+            dead: false,
+            inflight: None,
+            resubmit: VecDeque::new(),
+        })
+    }
+
+    /// This queue's counters.
+    pub fn stats(&self) -> Arc<QueueStats> {
+        self.stats.clone()
+    }
+
+    /// Requests submitted to nvmed and not finished, plus those waiting for room or for
+    /// resubmission.
+    pub fn busy(&self) -> usize {
+        self.pending.len() + self.backlog.len() + self.resubmit.len()
+    }
+
+    /// Tracks this queue's requests in QEMU's inflight region from now on (SET_INFLIGHT_FD), or
+    /// stops tracking. Only while the queue has nothing in flight.
+    pub fn set_inflight(&mut self, tracker: Option<QueueInflight>) {
+        debug_assert_eq!(self.busy(), 0);
+        self.inflight = tracker;
+        self.resubmit.clear();
+    }
+
+    /// Whether requests are tracked in an inflight region.
+    pub fn tracks_inflight(&self) -> bool {
+        self.inflight.is_some()
+    }
+
+    /// The ring starts (its kick fd arrived): with an inflight region, takes back the requests
+    /// a previous backend process had taken and not put in the used ring, oldest first, and
+    /// points the queue past them (`used idx + their number`: every request taken from the
+    /// avail ring is either used or in flight). They are submitted again, before any new
+    /// request, by the next [`Worker::run`]. Returns their number.
+    pub fn start_ring<M: GuestMemoryBackend>(&mut self, q: &mut Queue, mem: &M) -> usize {
+        if self.busy() > 0 {
+            // This process still has requests from before the ring stopped (nvmed did not
+            // finish them within the drain timeout): they are its own, not to be taken again.
+            tracing::warn!(
+                queue = self.index,
+                busy = self.busy(),
+                "ring restarted with requests still in flight"
+            );
+            return 0;
+        }
+        let Some(t) = self.inflight.as_mut() else { return 0 };
+        let used = match q.used_idx(mem, Ordering::Acquire) {
+            Ok(u) => u.0,
+            Err(e) => {
+                tracing::error!(
+                    queue = self.index,
+                    "reading the used index to recover in-flight requests: {e}"
+                );
+                return 0;
+            }
+        };
+        let heads = t.recover(used);
+        let next_avail = used.wrapping_add(heads.len() as u16);
+        if next_avail != q.next_avail() {
+            tracing::debug!(
+                queue = self.index,
+                vring_base = q.next_avail(),
+                next_avail,
+                "next avail index taken from the inflight region"
+            );
+        }
+        q.set_next_used(used);
+        q.set_next_avail(next_avail);
+        if !heads.is_empty() {
+            tracing::info!(
+                queue = self.index,
+                requests = heads.len(),
+                "resubmitting requests a previous backend process had in flight"
+            );
+        }
+        let n = heads.len();
+        self.resubmit = heads.into();
+        n
+    }
+
+    /// Guest RAM regions registered with this queue's session.
+    pub fn regions(&self) -> &RegionTable {
+        &self.regions
+    }
+
+    /// Buffers of removed regions still waiting for their I/O to finish.
+    pub fn retiring(&self) -> &[BufferId] {
+        &self.retiring
+    }
+
+    /// The nvmed completion eventfd, for the queue thread's epoll.
+    pub fn completion_fd(&self) -> BorrowedFd<'_> {
+        self.ring.completion_fd()
+    }
+
+    /// The nvmed control socket (readable or hung up when nvmed exits).
+    pub fn control_fd(&self) -> BorrowedFd<'_> {
+        self.ring.control_socket()
+    }
+
+    /// Makes the registered regions match a new memory table: registers new regions once,
+    /// and retires removed ones (unregistered as soon as no I/O of theirs is in flight).
+    pub fn sync_memory(&mut self, wanted: &RegionFiles) -> Result<(), RegionError> {
+        let specs: Vec<RegionSpec> = wanted.iter().map(|(s, _)| *s).collect();
+        let (gone, new) = self.regions.diff(&specs);
+        self.retiring.extend(gone.iter().map(|r| r.buffer));
+        for spec in new {
+            let file = &wanted.iter().find(|(s, _)| *s == spec).expect("from wanted").1;
+            let err = |source| RegionError::Register { gpa: spec.gpa, len: spec.len, source };
+            let fd: OwnedFd = file
+                .as_fd()
+                .try_clone_to_owned()
+                .map_err(|e| err(nvmed_client::Error::Os { what: "dup", source: e }))?;
+            let buf =
+                MemfdBuffer::from_sealed_memfd_range(fd, spec.file_offset, spec.len as usize).map_err(err)?;
+            let buffer = self.ring.register_buffer(buf).map_err(err)?;
+            tracing::debug!(
+                queue = self.index,
+                gpa = spec.gpa,
+                len = spec.len,
+                buffer = buffer.0,
+                "registered guest RAM"
+            );
+            self.regions.insert(Region { spec, buffer });
+        }
+        self.unregister_retired();
+        Ok(())
+    }
+
+    fn unregister_retired(&mut self) {
+        let ring = &mut self.ring;
+        let index = self.index;
+        self.retiring.retain(|&id| match ring.unregister_buffer(id) {
+            Ok(_) => {
+                tracing::debug!(queue = index, buffer = id.0, "unregistered removed guest RAM");
+                false
+            }
+            Err(nvmed_client::Error::InFlight { .. }) => true,
+            Err(e) => {
+                tracing::warn!(queue = index, buffer = id.0, "unregistering removed guest RAM: {e}");
+                false
+            }
+        });
+    }
+
+    /// Reaps completions, retries waiting requests, and takes new requests from the virtqueue.
+    /// With `notify` it ends with guest notifications enabled (looping while requests keep
+    /// arriving); without, it leaves them disabled (busy polling).
+    pub fn run<M: GuestMemoryBackend>(&mut self, q: &mut Queue, mem: &M, notify: bool) -> Progress {
+        let mut p = Progress::default();
+        self.reap(q, mem, &mut p);
+        self.retry_backlog(q, mem, &mut p);
+        // Requests a previous process took come first, in the order it took them.
+        while self.backlog.is_empty() {
+            let Some(head) = self.resubmit.pop_front() else { break };
+            p.any = true;
+            let truncated = request::collect(
+                walk_chain(mem, GuestAddress(q.desc_table()), q.size(), head),
+                &mut self.descs,
+            );
+            let parsed = request::parse(head, &self.descs, truncated, mem, &self.geo);
+            self.start(parsed, q, mem, &mut p);
+        }
+        if self.backlog.is_empty() {
+            loop {
+                let _ = q.disable_notification(mem);
+                while self.backlog.is_empty() {
+                    let Some(chain) = q.pop_descriptor_chain(mem) else { break };
+                    p.any = true;
+                    let head = chain.head_index();
+                    // Recorded before anything is done for it: a restarted backend finds it.
+                    if let Some(t) = self.inflight.as_mut() {
+                        if !t.begin(head) {
+                            tracing::warn!(
+                                queue = self.index,
+                                head,
+                                desc_num = t.desc_num(),
+                                "head index outside the inflight region: not tracked"
+                            );
+                        }
+                    }
+                    let truncated = request::collect(chain, &mut self.descs);
+                    let parsed = request::parse(head, &self.descs, truncated, mem, &self.geo);
+                    self.start(parsed, q, mem, &mut p);
+                }
+                // Blocked on room: the completions that free it wake this queue again.
+                if !notify || !self.backlog.is_empty() {
+                    break;
+                }
+                match q.enable_notification(mem) {
+                    Ok(true) => continue,
+                    Ok(false) => break,
+                    Err(e) => {
+                        tracing::warn!(queue = self.index, "enabling notifications: {e}");
+                        break;
+                    }
+                }
+            }
+        }
+        if let Err(e) = self.ring.submit() {
+            self.fail_all(q, mem, &e, &mut p);
+        }
+        p
+    }
+
+    /// Before the queue thread sleeps: asks nvmed to signal the completion eventfd if requests
+    /// are in flight. Returns true when completions were already there (run again instead of
+    /// sleeping).
+    pub fn arm(&mut self) -> bool {
+        if self.pending.is_empty() || self.dead {
+            return false;
+        }
+        match self.ring.arm_completion_fd(&mut self.completions) {
+            Ok(n) => n > 0,
+            Err(e) => {
+                tracing::error!(queue = self.index, "nvmed ring: {e}");
+                true
+            }
+        }
+    }
+
+    /// After the completion eventfd woke the queue thread.
+    pub fn disarm(&mut self) {
+        self.ring.disarm_completion_fd();
+    }
+
+    /// Waits (up to `timeout`) until every request taken from the queue has completed and is in
+    /// the used ring: before the ring stops (GET_VRING_BASE), resets, or the frontend goes away.
+    pub fn drain<M: GuestMemoryBackend>(&mut self, q: &mut Queue, mem: &M, timeout: Duration) -> Progress {
+        let start = Instant::now();
+        let mut p = Progress::default();
+        while self.busy() > 0 {
+            let r = self.run(q, mem, false);
+            p.used |= r.used;
+            p.any |= r.any;
+            if self.pending.is_empty() {
+                continue;
+            }
+            let Some(left) = timeout.checked_sub(start.elapsed()) else {
+                tracing::error!(
+                    queue = self.index,
+                    in_flight = self.pending.len(),
+                    "requests still in flight at nvmed after {timeout:?}"
+                );
+                break;
+            };
+            if let Err(e) = self.ring.wait(1, &mut self.completions, Some(left)) {
+                if !matches!(e, nvmed_client::Error::Timeout) {
+                    self.fail_all(q, mem, &e, &mut p);
+                }
+            }
+        }
+        p
+    }
+
+    /// Parsed request: answer at once, or plan and submit it.
+    fn start<M: GuestMemoryBackend>(&mut self, parsed: Parsed, q: &mut Queue, mem: &M, p: &mut Progress) {
+        let Parsed { head, status, op } = parsed;
+        let Some(status_addr) = status else {
+            tracing::warn!(queue = self.index, head, "request without a usable status byte: {:?}", op.err());
+            self.stats.errors.fetch_add(1, Ordering::Relaxed);
+            self.put_used(q, mem, head, 0);
+            p.used = true;
+            return;
+        };
+        match op {
+            Err((status, why)) => {
+                tracing::debug!(queue = self.index, head, status, "refused request: {why}");
+                self.complete(q, mem, head, status_addr, status, 1, p);
+            }
+            Ok(Op::GetId { segs }) => {
+                let id = self.geo.serial();
+                let n = scatter(mem, &segs, &id).unwrap_or(0);
+                self.complete(q, mem, head, status_addr, 0, n as u32 + 1, p);
+            }
+            Ok(op) if self.dead => {
+                let _ = op;
+                self.complete(q, mem, head, status_addr, S_IOERR, 1, p);
+            }
+            Ok(op) => {
+                let w = Waiting { head, status_addr, op };
+                if let Err(w) = self.submit(w, q, mem, p) {
+                    self.backlog.push_back(w);
+                }
+            }
+        }
+    }
+
+    fn retry_backlog<M: GuestMemoryBackend>(&mut self, q: &mut Queue, mem: &M, p: &mut Progress) {
+        while let Some(w) = self.backlog.pop_front() {
+            if let Err(w) = self.submit(w, q, mem, p) {
+                self.backlog.push_front(w);
+                break;
+            }
+            p.any = true;
+        }
+    }
+
+    /// Plans and submits; gives the request back when there is no room for it yet.
+    fn submit<M: GuestMemoryBackend>(
+        &mut self,
+        w: Waiting,
+        q: &mut Queue,
+        mem: &M,
+        p: &mut Progress,
+    ) -> Result<(), Waiting> {
+        if self.dead {
+            self.complete(q, mem, w.head, w.status_addr, S_IOERR, 1, p);
+            return Ok(());
+        }
+        let fua = self.wce.load(Ordering::Relaxed) == 0;
+        let plan = match plan::build(&w.op, &self.geo, &self.regions, &mut self.pool, fua) {
+            Ok(plan) => plan,
+            Err(PlanError::Busy) => return Err(w),
+            Err(PlanError::Status(s, why)) => {
+                tracing::debug!(queue = self.index, head = w.head, "refused request: {why}");
+                self.complete(q, mem, w.head, w.status_addr, s, 1, p);
+                return Ok(());
+            }
+        };
+        if plan.ios.len() > SQ_ENTRIES as usize {
+            plan.release(&mut self.pool);
+            self.complete(q, mem, w.head, w.status_addr, S_IOERR, 1, p);
+            return Ok(());
+        }
+        if plan.ios.len() > self.ring.sq_space() {
+            plan.release(&mut self.pool);
+            return Err(w);
+        }
+        let read = matches!(w.op, Op::Read { .. });
+        if !read {
+            // Copy bounced stretches of a write into the bounce buffer.
+            for b in &plan.bounces {
+                let ok = self
+                    .ring
+                    .buffer_mut(self.pool.buffer(), b.pool_offset, b.len)
+                    .ok()
+                    .is_some_and(|dst| gather(mem, &b.guest, 0, dst).is_ok());
+                if !ok {
+                    plan.release(&mut self.pool);
+                    self.complete(q, mem, w.head, w.status_addr, S_IOERR, 1, p);
+                    return Ok(());
+                }
+            }
+        }
+        if plan.ios.is_empty() {
+            plan.release(&mut self.pool);
+            let used = if read { w.op.data_len() as u32 + 1 } else { 1 };
+            self.complete(q, mem, w.head, w.status_addr, 0, used, p);
+            return Ok(());
+        }
+        let ios = plan.ios.clone();
+        let key = self.pending.insert(InFlight {
+            head: w.head,
+            status_addr: w.status_addr,
+            read,
+            data_len: w.op.data_len(),
+            remaining: 0,
+            status: 0,
+            plan,
+        });
+        for io in ios {
+            match self.ring.prep(io.user_data(key as u64)) {
+                Ok(()) => self.pending[key].remaining += 1,
+                Err(e) => {
+                    tracing::error!(queue = self.index, "queueing an nvmed request: {e}");
+                    self.pending[key].status = S_IOERR;
+                    break;
+                }
+            }
+        }
+        if self.pending[key].remaining == 0 {
+            let f = self.pending.remove(key);
+            f.plan.release(&mut self.pool);
+            self.complete(q, mem, f.head, f.status_addr, S_IOERR, 1, p);
+        }
+        Ok(())
+    }
+
+    fn reap<M: GuestMemoryBackend>(&mut self, q: &mut Queue, mem: &M, p: &mut Progress) {
+        if !self.dead {
+            if let Err(e) = self.ring.poll(&mut self.completions) {
+                self.fail_all(q, mem, &e, p);
+                return;
+            }
+        }
+        if self.completions.is_empty() {
+            return;
+        }
+        p.any = true;
+        let done = std::mem::take(&mut self.completions);
+        for c in &done {
+            let key = c.user_data as usize;
+            let Some(f) = self.pending.get_mut(key) else {
+                tracing::error!(queue = self.index, key, "completion for an unknown request");
+                continue;
+            };
+            f.remaining -= 1;
+            if !c.status.is_success() && f.status == 0 {
+                tracing::debug!(queue = self.index, head = f.head, "nvmed request failed: {}", c.status);
+                f.status = virtio_status(c.status);
+            }
+            if f.remaining == 0 {
+                let f = self.pending.remove(key);
+                self.finish(f, q, mem, p);
+            }
+        }
+        self.completions = done;
+        self.completions.clear();
+        self.unregister_retired();
+    }
+
+    fn finish<M: GuestMemoryBackend>(&mut self, f: InFlight, q: &mut Queue, mem: &M, p: &mut Progress) {
+        let mut status = f.status;
+        if status == 0 && f.read {
+            for b in &f.plan.bounces {
+                let ok = self
+                    .ring
+                    .buffer(self.pool.buffer(), b.pool_offset, b.len)
+                    .ok()
+                    .is_some_and(|src| scatter(mem, &b.guest, src) == Ok(src.len()));
+                if !ok {
+                    status = S_IOERR;
+                }
+            }
+        }
+        if status == 0 {
+            let bounced = f.plan.bounced_bytes();
+            QueueStats::add(&self.stats.bounced_bytes, bounced);
+            QueueStats::add(&self.stats.direct_bytes, f.data_len - bounced.min(f.data_len));
+        }
+        f.plan.release(&mut self.pool);
+        let used = if f.read && status == 0 { f.data_len as u32 + 1 } else { 1 };
+        self.complete(q, mem, f.head, f.status_addr, status, used, p);
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn complete<M: GuestMemoryBackend>(
+        &mut self,
+        q: &mut Queue,
+        mem: &M,
+        head: u16,
+        status_addr: u64,
+        status: u8,
+        used_len: u32,
+        p: &mut Progress,
+    ) {
+        QueueStats::add(&self.stats.requests, 1);
+        if status != 0 {
+            QueueStats::add(&self.stats.errors, 1);
+        }
+        if let Err(e) = mem.write_obj(status, GuestAddress(status_addr)) {
+            tracing::warn!(queue = self.index, head, "writing the status byte: {e}");
+        }
+        self.put_used(q, mem, head, used_len);
+        p.used = true;
+        p.any = true;
+    }
+
+    /// Puts a request in the used ring (a batch of one), tracked in the inflight region: linked
+    /// as the last batch first, cleared once the used index is published.
+    fn put_used<M: GuestMemoryBackend>(&mut self, q: &mut Queue, mem: &M, head: u16, used_len: u32) {
+        if let Some(t) = self.inflight.as_mut() {
+            t.put_begin(head);
+        }
+        if let Err(e) = q.add_used(mem, head, used_len) {
+            tracing::warn!(queue = self.index, head, "add_used: {e}");
+        }
+        if let Some(t) = self.inflight.as_mut() {
+            t.put_end(head, q.next_used());
+        }
+    }
+
+    /// nvmed is gone or faulted this ring: nothing in flight will complete (the broker waited
+    /// for or reset the device before letting go of the memory), so fail every request.
+    fn fail_all<M: GuestMemoryBackend>(
+        &mut self,
+        q: &mut Queue,
+        mem: &M,
+        e: &nvmed_client::Error,
+        p: &mut Progress,
+    ) {
+        if !self.dead {
+            tracing::error!(
+                queue = self.index,
+                "nvmed session lost, failing every request of this queue: {e}"
+            );
+        }
+        self.dead = true;
+        self.completions.clear();
+        let keys: Vec<usize> = self.pending.iter().map(|(k, _)| k).collect();
+        for k in keys {
+            let f = self.pending.remove(k);
+            f.plan.release(&mut self.pool);
+            self.complete(q, mem, f.head, f.status_addr, S_IOERR, 1, p);
+        }
+        while let Some(w) = self.backlog.pop_front() {
+            self.complete(q, mem, w.head, w.status_addr, S_IOERR, 1, p);
+        }
+    }
+}
+
+/// The virtio status for a failed nvmed request: UNSUPP when the device or broker does not
+/// know the operation, IOERR otherwise.
+pub fn virtio_status(s: Status) -> u8 {
+    match s {
+        Status::Success => 0,
+        Status::Broker(BrokerStatus::InvalidOpcode) => S_UNSUPP,
+        Status::Nvme(n) if n.sct == 0 && n.sc == 1 => S_UNSUPP,
+        _ => S_IOERR,
+    }
+}

@@ -1,0 +1,480 @@
+//! End to end through the request path without vhost-user: a real nvmed broker (in-process, on
+//! the emulated controller), guest RAM in a sealed memfd split into two regions, a virtqueue
+//! built with virtio-queue's mock, and a queue `Worker` that parses, plans and submits.
+
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use nvmed_server::emulator::EmulatorMode;
+use nvmed_vhost::config::DiskGeometry;
+use nvmed_vhost::worker::{region_files, QueueStats, Worker};
+use nvmed_vhost::StatsSummary;
+use virtio_bindings::virtio_blk::*;
+use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
+use virtio_queue::desc::split::Descriptor;
+use virtio_queue::desc::RawDescriptor;
+use virtio_queue::mock::MockSplitQueue;
+use virtio_queue::{Queue, QueueT};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+mod common;
+use common::{broker, disk, guest_ram, ring, Env, MIB};
+
+const HDR: u64 = 0x8000;
+const STATUS: u64 = 0x9000;
+
+struct Guest<'a> {
+    mem: &'a GuestMemoryMmap,
+    vq: MockSplitQueue<'a, GuestMemoryMmap>,
+    q: Queue,
+    next_desc: u16,
+    submitted: u16,
+    worker: Worker,
+    stats: Arc<QueueStats>,
+}
+
+impl<'a> Guest<'a> {
+    fn new(env: &Env, mem: &'a GuestMemoryMmap, geo: Option<DiskGeometry>) -> Self {
+        let r = ring(env);
+        let ns = r.namespaces()[0];
+        let geo = geo.unwrap_or_else(|| DiskGeometry::new(&ns, 1, false));
+        let stats = Arc::new(QueueStats::default());
+        let mut worker = Worker::new(0, r, geo, Arc::new(AtomicU8::new(1)), stats.clone()).unwrap();
+        worker.sync_memory(&region_files(mem).unwrap()).unwrap();
+        let vq = MockSplitQueue::new(mem, 256);
+        let q: Queue = vq.create_queue().unwrap();
+        Self { mem, vq, q, next_desc: 0, submitted: 0, worker, stats }
+    }
+
+    /// Puts a request in the avail ring: header at HDR + 32*n, data descriptors, status byte at
+    /// STATUS + n. Returns n (its status slot).
+    fn push(&mut self, kind: u32, sector: u64, data: &[(u64, u32, bool)]) -> u16 {
+        let n = self.submitted;
+        let hdr = HDR + 32 * u64::from(n);
+        let mut h = [0u8; 16];
+        h[0..4].copy_from_slice(&kind.to_le_bytes());
+        h[8..16].copy_from_slice(&sector.to_le_bytes());
+        self.mem.write_slice(&h, GuestAddress(hdr)).unwrap();
+        self.mem.write_obj(0xffu8, GuestAddress(STATUS + u64::from(n))).unwrap();
+        let mut list = vec![(hdr, 16u32, false)];
+        list.extend_from_slice(data);
+        list.push((STATUS + u64::from(n), 1, true));
+        self.push_raw(&list, None);
+        n
+    }
+
+    /// Adds a chain of descriptors; `loop_to` makes the last one point back at that position.
+    fn push_raw(&mut self, list: &[(u64, u32, bool)], loop_to: Option<usize>) {
+        let base = self.next_desc;
+        let descs: Vec<RawDescriptor> = list
+            .iter()
+            .enumerate()
+            .map(|(i, &(addr, len, w))| {
+                let last = i + 1 == list.len();
+                let mut flags = if w { VRING_DESC_F_WRITE as u16 } else { 0 };
+                let mut next = 0;
+                if !last || loop_to.is_some() {
+                    flags |= VRING_DESC_F_NEXT as u16;
+                    next = base + if last { loop_to.unwrap() as u16 } else { i as u16 + 1 };
+                }
+                RawDescriptor::from(Descriptor::new(addr, len, flags, next))
+            })
+            .collect();
+        self.vq.add_desc_chains(&descs, base).unwrap();
+        self.next_desc += list.len() as u16;
+        self.submitted += 1;
+    }
+
+    /// Runs the worker until every pushed request is in the used ring.
+    fn drive(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while self.vq.used().idx().load() != self.submitted {
+            assert!(Instant::now() < deadline, "requests did not complete");
+            self.worker.run(&mut self.q, self.mem, true);
+            if self.worker.busy() > 0 {
+                std::thread::sleep(Duration::from_micros(200));
+            }
+        }
+        assert_eq!(self.worker.busy(), 0);
+    }
+
+    fn status(&self, n: u16) -> u8 {
+        self.mem.read_obj(GuestAddress(STATUS + u64::from(n))).unwrap()
+    }
+
+    fn used_len(&self, n: u16) -> u32 {
+        self.vq.used().ring().ref_at(n as usize).unwrap().load().len()
+    }
+
+    fn fill(&self, gpa: u64, len: usize, seed: u8) -> Vec<u8> {
+        let data: Vec<u8> = (0..len).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed)).collect();
+        self.mem.write_slice(&data, GuestAddress(gpa)).unwrap();
+        data
+    }
+
+    fn read(&self, segs: &[(u64, u32, bool)]) -> Vec<u8> {
+        let mut out = Vec::new();
+        for &(gpa, len, _) in segs {
+            let mut b = vec![0u8; len as usize];
+            self.mem.read_slice(&mut b, GuestAddress(gpa)).unwrap();
+            out.extend(b);
+        }
+        out
+    }
+}
+
+fn zero_copy_and_bounce(lba_size: u32, mode: EmulatorMode) -> StatsSummary {
+    let env = broker(lba_size, mode);
+    let mem = guest_ram();
+    let mut g = Guest::new(&env, &mem, None);
+    assert_eq!(g.worker.regions().regions().len(), 2);
+    // Write A: one 8 KiB descriptor across the boundary between the two regions.
+    let a_src = [(0x1f_f000u64, 8192u32, false)];
+    let a = g.fill(0x1f_f000, 8192, 1);
+    let wa = g.push(VIRTIO_BLK_T_OUT, 8, &a_src);
+    // Write B: 1 KiB + 3 KiB + 4 KiB, the first two not whole 4 KiB blocks.
+    let b_src = [(0x10_0400u64, 1024u32, false), (0x10_2000, 3072, false), (0x10_4000, 4096, false)];
+    let mut b = g.fill(0x10_0400, 1024, 2);
+    b.extend(g.fill(0x10_2000, 3072, 3));
+    b.extend(g.fill(0x10_4000, 4096, 4));
+    let wb = g.push(VIRTIO_BLK_T_OUT, 64, &b_src);
+    g.drive();
+    assert_eq!((g.status(wa), g.status(wb)), (0, 0));
+    assert_eq!(disk(&env, 8 * 512, 8192), a);
+    assert_eq!(disk(&env, 64 * 512, 8192), b);
+    // Read both back into other guest pages: A into one page-aligned buffer, B into 2 KiB + 6 KiB.
+    let ra_dst = [(0x30_0000u64, 8192u32, true)];
+    let rb_dst = [(0x31_0200u64, 2048u32, true), (0x32_0000, 6144, true)];
+    let ra = g.push(VIRTIO_BLK_T_IN, 8, &ra_dst);
+    let rb = g.push(VIRTIO_BLK_T_IN, 64, &rb_dst);
+    g.drive();
+    assert_eq!((g.status(ra), g.status(rb)), (0, 0));
+    assert_eq!(g.used_len(ra), 8193);
+    assert_eq!(g.read(&ra_dst), a);
+    assert_eq!(g.read(&rb_dst), b);
+    StatsSummary::of(&[g.stats.clone()])
+}
+
+#[test]
+fn page_aligned_io_is_zero_copy_512() {
+    let s = zero_copy_and_bounce(512, EmulatorMode::Sync);
+    assert_eq!(s.bounced_bytes, 0, "{s}");
+    assert_eq!(s.direct_bytes, 4 * 8192);
+    assert_eq!((s.requests, s.errors), (4, 0));
+}
+
+#[test]
+fn unaligned_segments_bounce_with_4k_lbas() {
+    // Write B bounces its first 4 KiB (1 KiB + 3 KiB); read B bounces all 8 KiB (2 KiB + 6 KiB).
+    let s = zero_copy_and_bounce(4096, EmulatorMode::Async { latency: Duration::from_micros(300) });
+    assert_eq!(s.bounced_bytes, 4096 + 8192, "{s}");
+    assert_eq!(s.direct_bytes, 4 * 8192 - 4096 - 8192);
+    assert_eq!((s.requests, s.errors), (4, 0));
+}
+
+#[test]
+fn bad_requests_fail_alone_and_the_queue_keeps_serving() {
+    let env = broker(512, EmulatorMode::Sync);
+    let mem = guest_ram();
+    let mut g = Guest::new(&env, &mem, None);
+    let good = |g: &mut Guest| g.push(VIRTIO_BLK_T_IN, 0, &[(0x30_0000, 4096, true)]);
+    let mut expect = vec![];
+    // A descriptor loop: header -> data -> data -> back to the first data descriptor.
+    g.push_raw(&[(HDR, 16, false), (0x30_0000, 512, true), (0x30_1000, 512, true)], Some(1));
+    expect.push((g.submitted - 1, None));
+    expect.push((good(&mut g), Some(0)));
+    expect.push((g.push(VIRTIO_BLK_T_IN, 0, &[(0x30_0000, 0, true)]), Some(S_IOERR)));
+    expect.push((g.push(VIRTIO_BLK_T_IN, 0, &[(0x50_0000, 512, true)]), Some(S_IOERR))); // outside RAM
+    expect.push((g.push(VIRTIO_BLK_T_IN, 0, &[(0x30_0000, 512, false)]), Some(S_IOERR))); // wrong direction
+    expect.push((g.push(VIRTIO_BLK_T_OUT, 0, &[(0x30_0000, 512, true)]), Some(S_IOERR))); // wrong direction
+    expect.push((g.push(VIRTIO_BLK_T_IN, 0, &[(0x30_0000, 100, true)]), Some(S_IOERR))); // not sectors
+    expect.push((g.push(VIRTIO_BLK_T_IN, 32767, &[(0x30_0000, 1024, true)]), Some(S_IOERR))); // past the end
+    expect
+        .push((g.push(VIRTIO_BLK_T_IN, 0, &[(0x30_0000, 512, true), (0x3f_ff00, 512, true)]), Some(S_IOERR))); // runs out of RAM
+    expect.push((g.push(77, 0, &[]), Some(S_UNSUPP)));
+    expect.push((g.push(VIRTIO_BLK_T_FLUSH, 0, &[]), Some(0)));
+    let id = g.push(VIRTIO_BLK_T_GET_ID, 0, &[(0x34_0000, 20, true)]);
+    expect.push((id, Some(0)));
+    expect.push((good(&mut g), Some(0)));
+    g.drive();
+    for (n, want) in expect {
+        match want {
+            Some(s) => assert_eq!(g.status(n), s, "request {n}"),
+            // The looping chain's last descriptor is not a status byte: returned with length 0.
+            None => assert_eq!(g.used_len(n), 0, "request {n}"),
+        }
+    }
+    assert_eq!(&g.read(&[(0x34_0000, 9, true)]), b"nvmed-ns1");
+    // A status descriptor that is device-readable: nothing can be reported, used length 0.
+    g.push_raw(&[(HDR, 16, false), (0x30_0000, 512, true), (STATUS, 1, false)], None);
+    let n = g.submitted - 1;
+    let ok = good(&mut g);
+    g.drive();
+    assert_eq!(g.used_len(n), 0);
+    assert_eq!(g.status(ok), 0);
+}
+
+const S_IOERR: u8 = VIRTIO_BLK_S_IOERR as u8;
+const S_UNSUPP: u8 = VIRTIO_BLK_S_UNSUPP as u8;
+
+#[test]
+fn discard_and_write_zeroes_reach_the_device() {
+    let env = broker(512, EmulatorMode::Sync);
+    let mem = guest_ram();
+    let mut g = Guest::new(&env, &mem, None);
+    g.fill(0x10_0000, 65536, 9);
+    let w = g.push(VIRTIO_BLK_T_OUT, 0, &[(0x10_0000, 65536, false)]);
+    g.drive();
+    assert_eq!(g.status(w), 0);
+    let seg = |sector: u64, num: u32, flags: u32| {
+        let mut s = [0u8; 16];
+        s[0..8].copy_from_slice(&sector.to_le_bytes());
+        s[8..12].copy_from_slice(&num.to_le_bytes());
+        s[12..16].copy_from_slice(&flags.to_le_bytes());
+        s
+    };
+    mem.write_slice(&seg(8, 8, VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP), GuestAddress(0x20_0000)).unwrap();
+    mem.write_slice(&seg(32, 16, 0), GuestAddress(0x20_0010)).unwrap();
+    let wz = g.push(VIRTIO_BLK_T_WRITE_ZEROES, 0, &[(0x20_0000, 32, false)]);
+    mem.write_slice(&seg(64, 64, 0), GuestAddress(0x20_1000)).unwrap();
+    let d = g.push(VIRTIO_BLK_T_DISCARD, 0, &[(0x20_1000, 16, false)]);
+    g.drive();
+    assert_eq!((g.status(wz), g.status(d)), (0, 0));
+    let on_disk = disk(&env, 0, 65536);
+    assert!(on_disk[4096..8192].iter().all(|&b| b == 0));
+    assert!(on_disk[16384..24576].iter().all(|&b| b == 0));
+    assert_eq!(on_disk[..4096], g.read(&[(0x10_0000, 4096, false)])[..]);
+    assert_eq!(on_disk[8192..16384], g.read(&[(0x10_2000, 8192, false)])[..]);
+}
+
+#[test]
+fn read_only_disk_refuses_writes_and_serves_reads() {
+    let env = broker(512, EmulatorMode::Sync);
+    let mem = guest_ram();
+    let ns = ring(&env).namespaces()[0];
+    let mut g = Guest::new(&env, &mem, Some(DiskGeometry::new(&ns, 1, true)));
+    let w = g.push(VIRTIO_BLK_T_OUT, 0, &[(0x10_0000, 4096, false)]);
+    let r = g.push(VIRTIO_BLK_T_IN, 0, &[(0x10_0000, 4096, true)]);
+    g.drive();
+    assert_eq!((g.status(w), g.status(r)), (S_IOERR, 0));
+}
+
+#[test]
+fn a_removed_region_is_unregistered_only_after_its_io_completes() {
+    let env = broker(512, EmulatorMode::Async { latency: Duration::from_millis(300) });
+    let mem = guest_ram();
+    let mut g = Guest::new(&env, &mem, None);
+    // A read into the region at GPA 2 MiB, in flight at the device for 300 ms.
+    let r = g.push(VIRTIO_BLK_T_IN, 0, &[(0x30_0000, 65536, true)]);
+    g.worker.run(&mut g.q, &mem, true);
+    assert_eq!(g.worker.busy(), 1);
+    // QEMU removes that region (REM_MEM_REG): only GPA 0..2 MiB stays.
+    let mut files = region_files(&mem).unwrap();
+    files.retain(|(s, _)| s.gpa == 0);
+    g.worker.sync_memory(&files).unwrap();
+    assert_eq!(g.worker.regions().regions().len(), 1);
+    assert_eq!(g.worker.retiring().len(), 1, "unregistered while its I/O was in flight");
+    g.drive();
+    assert_eq!(g.status(r), 0);
+    assert!(g.worker.retiring().is_empty(), "not unregistered after its I/O completed");
+    // Requests into the removed range now fail; the rest of RAM still works.
+    let bad = g.push(VIRTIO_BLK_T_IN, 0, &[(0x30_0000, 4096, true)]);
+    let good = g.push(VIRTIO_BLK_T_IN, 0, &[(0x10_0000, 4096, true)]);
+    g.drive();
+    assert_eq!((g.status(bad), g.status(good)), (S_IOERR, 0));
+}
+
+#[test]
+fn many_requests_in_flight_out_of_order_complete_once() {
+    let env = broker(512, EmulatorMode::Async { latency: Duration::from_micros(100) });
+    let mem = guest_ram();
+    let mut g = Guest::new(&env, &mem, None);
+    // 40 writes of 4 KiB, each with its own pattern, all in flight together on a device that
+    // completes out of order; then 40 reads back into other pages.
+    let count = 40u64;
+    let mut want = Vec::new();
+    for i in 0..count {
+        want.push(g.fill(0x10_0000 + i * 4096, 4096, i as u8));
+        g.push(VIRTIO_BLK_T_OUT, i * 8, &[(0x10_0000 + i * 4096, 4096, false)]);
+    }
+    g.drive();
+    for i in 0..count {
+        g.push(VIRTIO_BLK_T_IN, i * 8, &[(0x30_0000 + i * 4096, 4096, true)]);
+    }
+    g.drive();
+    for i in 0..count {
+        assert_eq!(g.read(&[(0x30_0000 + i * 4096, 4096, true)]), want[i as usize], "block {i}");
+    }
+    let s = StatsSummary::of(&[g.stats.clone()]);
+    assert_eq!((s.requests, s.errors, s.bounced_bytes), (2 * count, 0, 0));
+}
+
+#[test]
+fn completion_eventfd_wakes_a_sleeping_queue() {
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    let env = broker(512, EmulatorMode::Async { latency: Duration::from_millis(50) });
+    let mem = guest_ram();
+    let mut g = Guest::new(&env, &mem, None);
+    let r = g.push(VIRTIO_BLK_T_IN, 0, &[(0x30_0000, 4096, true)]);
+    g.worker.run(&mut g.q, &mem, true);
+    assert_eq!(g.worker.busy(), 1);
+    // Nothing completed yet: armed, the queue thread may sleep on the fd.
+    assert!(!g.worker.arm());
+    let mut fds = [PollFd::new(g.worker.completion_fd(), PollFlags::POLLIN)];
+    assert_eq!(poll(&mut fds, PollTimeout::from(5000u16)).unwrap(), 1, "no wakeup for the completion");
+    g.worker.disarm();
+    g.worker.run(&mut g.q, &mem, true);
+    assert_eq!(g.vq.used().idx().load(), 1);
+    assert_eq!(g.status(r), 0);
+    // Idle: nothing to arm for.
+    assert!(!g.worker.arm());
+}
+
+#[test]
+fn backend_config_space_and_features_follow_the_namespace() {
+    use nvmed_vhost::backend::BlkDevice;
+    use vhost::vhost_user::message::{VhostUserConfigFlags, VhostUserProtocolFeatures};
+    use vhost::vhost_user::VhostUserBackendReqHandlerMut;
+    let env = broker(4096, EmulatorMode::Sync);
+    let r = ring(&env);
+    let ns = r.namespaces()[0];
+    let geo = DiskGeometry::new(&ns, 1, false);
+    let wce = Arc::new(AtomicU8::new(1));
+    let w = Worker::new(0, r, geo, wce.clone(), Arc::default()).unwrap();
+    let mut b = BlkDevice::new(geo, vec![w], wce.clone(), Duration::ZERO).unwrap();
+    let flags = VhostUserConfigFlags::WRITABLE;
+    let cfg = b.get_config(0, 60, flags).unwrap();
+    assert_eq!(u64::from_le_bytes(cfg[0..8].try_into().unwrap()), 16 * MIB / 512);
+    assert_eq!(u32::from_le_bytes(cfg[20..24].try_into().unwrap()), 4096);
+    // A read at an offset, and one running past the end (zero filled).
+    assert_eq!(b.get_config(20, 4, flags).unwrap(), 4096u32.to_le_bytes());
+    assert_eq!(b.get_config(56, 16, flags).unwrap().len(), 16);
+    // The guest turns the write cache off: writes become FUA; nothing else is writable.
+    b.set_config(32, &[0], flags).unwrap();
+    assert_eq!(wce.load(Ordering::Relaxed), 0);
+    assert_eq!(b.get_config(32, 1, flags).unwrap(), [0]);
+    assert!(b.set_config(0, &[1, 2, 3, 4], flags).is_err());
+    let f = b.get_features().unwrap();
+    for bit in [
+        VIRTIO_BLK_F_FLUSH,
+        VIRTIO_BLK_F_DISCARD,
+        VIRTIO_BLK_F_WRITE_ZEROES,
+        VIRTIO_BLK_F_MQ,
+        VIRTIO_BLK_F_CONFIG_WCE,
+    ] {
+        assert_ne!(f & (1 << bit), 0, "feature {bit}");
+    }
+    assert_eq!(f & (1 << VIRTIO_BLK_F_RO), 0);
+    assert_eq!(b.get_queue_num().unwrap(), 1);
+    let pf = b.get_protocol_features().unwrap();
+    for want in [
+        VhostUserProtocolFeatures::INFLIGHT_SHMFD,
+        VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS,
+        VhostUserProtocolFeatures::RESET_DEVICE,
+        VhostUserProtocolFeatures::MQ,
+        VhostUserProtocolFeatures::CONFIG,
+    ] {
+        assert!(pf.contains(want), "{want:?}");
+    }
+    // A device reset restores write back.
+    b.reset_device().unwrap();
+    assert_eq!(wce.load(Ordering::Relaxed), 1);
+    b.shutdown();
+}
+
+/// The used ring's heads, in order.
+fn used_heads(g: &Guest) -> Vec<u32> {
+    (0..g.vq.used().idx().load())
+        .map(|i| g.vq.used().ring().ref_at(i as usize).unwrap().load().id())
+        .collect()
+}
+
+/// A backend process is killed with requests taken from the virtqueue and not completed (some
+/// taken after others that did complete); a new process gets the inflight region back, takes
+/// back exactly those, oldest first, and the guest sees every request completed once with the
+/// right data.
+fn restart_resubmits(mode: EmulatorMode) {
+    use nvmed_vhost::inflight::{region_len, InflightRegion};
+    let env = broker(512, mode);
+    let mem = guest_ram();
+    // GET_INFLIGHT_FD: QEMU keeps the memfd; SET_INFLIGHT_FD hands it to each process.
+    let (_created, file) = InflightRegion::create(1, 256).unwrap();
+    let attach =
+        || Arc::new(InflightRegion::map(&file, 0, region_len(1, 256) as u64, 1, 256).unwrap()).queue(0);
+    let mut g = Guest::new(&env, &mem, None);
+    g.worker.set_inflight(Some(attach()));
+    assert_eq!(g.worker.start_ring(&mut g.q, &mem), 0);
+    // Phase 1: four writes complete normally.
+    let mut want = Vec::new();
+    for i in 0..4u64 {
+        want.push(g.fill(0x10_0000 + i * 4096, 4096, i as u8));
+        g.push(VIRTIO_BLK_T_OUT, i * 8, &[(0x10_0000 + i * 4096, 4096, false)]);
+    }
+    g.drive();
+    // Phase 2: write, GET_ID (answered at once), write, write; taken and submitted, then the
+    // process dies before reaping any nvmed completion.
+    let mut taken = Vec::new();
+    for (n, i) in [(0usize, 4u64), (1, 0), (2, 5), (3, 6)] {
+        if n == 1 {
+            taken.push(g.push(VIRTIO_BLK_T_GET_ID, 0, &[(0x34_0000, 20, true)]));
+            continue;
+        }
+        want.push(g.fill(0x10_0000 + i * 4096, 4096, i as u8));
+        taken.push(g.push(VIRTIO_BLK_T_OUT, i * 8, &[(0x10_0000 + i * 4096, 4096, false)]));
+    }
+    g.worker.run(&mut g.q, &mem, true);
+    assert_eq!(g.worker.busy(), 3);
+    assert_eq!(g.vq.used().idx().load(), 5, "phase 1 and GET_ID used");
+    let heads_before = used_heads(&g);
+    // Killed: its nvmed session goes with it (nvmed finishes or drops what it had).
+    let ring2 = ring(&env);
+    let ns = ring2.namespaces()[0];
+    let mut w2 =
+        Worker::new(0, ring2, DiskGeometry::new(&ns, 1, false), Arc::new(AtomicU8::new(1)), g.stats.clone())
+            .unwrap();
+    w2.sync_memory(&region_files(&mem).unwrap()).unwrap();
+    drop(std::mem::replace(&mut g.worker, w2));
+    // QEMU reconnects: vring base = the used index (it could not ask the dead backend), the
+    // same ring addresses, SET_INFLIGHT_FD with the region, then the kick.
+    let mut q: Queue = g.vq.create_queue().unwrap();
+    q.set_next_avail(5);
+    q.set_next_used(5);
+    g.q = q;
+    g.worker.set_inflight(Some(attach()));
+    assert_eq!(g.worker.start_ring(&mut g.q, &mem), 3);
+    assert_eq!(g.q.next_avail(), 8, "used + in flight");
+    // One more request after the restart, then everything completes.
+    want.push(g.fill(0x10_0000 + 7 * 4096, 4096, 7));
+    let after = g.push(VIRTIO_BLK_T_OUT, 7 * 8, &[(0x10_0000 + 7 * 4096, 4096, false)]);
+    g.drive();
+    let heads = used_heads(&g);
+    assert_eq!(heads[..5], heads_before[..]);
+    // Every request exactly once in the used ring.
+    let mut sorted = heads.clone();
+    sorted.sort_unstable();
+    sorted.dedup();
+    assert_eq!(sorted.len(), heads.len(), "a request completed twice: {heads:?}");
+    assert_eq!(heads.len(), 9);
+    for n in taken.iter().chain([&after]) {
+        assert_eq!(g.status(*n), 0, "request {n}");
+    }
+    for (i, data) in want.iter().enumerate() {
+        assert_eq!(&disk(&env, i as u64 * 4096, 4096), data, "block {i}");
+    }
+    // Nothing left in flight in the region.
+    let mut t = attach();
+    assert!(t.recover(9).is_empty());
+}
+
+#[test]
+fn restart_resubmits_requests_the_device_had_finished() {
+    // The emulated controller finishes each command at its doorbell: the data reached the disk
+    // but the killed process never put the requests in the used ring.
+    restart_resubmits(EmulatorMode::Sync);
+}
+
+#[test]
+fn restart_resubmits_requests_still_at_the_device() {
+    restart_resubmits(EmulatorMode::Async { latency: Duration::from_millis(30) });
+}

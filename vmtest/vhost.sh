@@ -1,0 +1,344 @@
+#!/usr/bin/env bash
+# The vhost-user-blk test: real QEMU guests (software emulation, memfd guest RAM shared with the
+# backend) on vhost-user-blk backends, checked inside each guest (vhost-init.sh) and afterwards
+# on the host against the backend's own storage. See ../shared/docs/qemu-vhost-recipe.md.
+#
+#   bash vmtest/vhost.sh                 the test (what scripts/test.sh runs)
+#   bash vmtest/vhost.sh --bench [SECS]  the benchmark (what scripts/bench.sh --vhost runs)
+#
+# Variables:
+#   BACKEND=qsd|nvmed-vhost  the backend under test (default qsd, QEMU's qemu-storage-daemon, a
+#                            stand-in with the same socket interface until nvmed-vhost is merged).
+#                            nvmed-vhost: `nvmed --emulate` (memory namespaces) on a scratch
+#                            socket, one `nvmed-vhost --namespace N` per disk; the host reads the
+#                            namespaces back through nvmed (vmcheck dump). qsd: one raw image
+#                            file per "namespace" on tmpfs; the host reads the files.
+#   RESTART_TEST=auto|1|0    the backend SIGKILLed and restarted under a verified guest load
+#                            (QEMU reconnects: chardev reconnect=1). auto: on with nvmed-vhost,
+#                            off with qsd (it does not resubmit requests in flight at the kill).
+#   NVMED_VHOST=PATH         use this nvmed-vhost binary instead of building the workspace's.
+#   RESTART_NVMED_ARGS="..." nvmed options for the restart scenario (default: an asynchronous
+#                            device with 5 ms per command, so requests are in flight at the kill)
+#   NVMED_ARGS="..."         more nvmed options (nvmed-vhost), e.g. "--emulator-mode async": the
+#                            emulated controller then completes out of order, like hardware.
+#   BENCH_A=...              benchmark: the backend measured against qsd (default: $BACKEND).
+#   BENCH_ROUNDS=3           benchmark: runs per configuration (A and B alternating; medians).
+#   ONLY=parallel|restart    run only the parallel guests (A, B, C) or only the restart scenario.
+#   KEEP=1                   keep the scratch directory (images, sockets) for inspection.
+#
+# Scenarios: guests A and B at once, each on its own namespace (2 queues each): size, queue
+# count, ringbench-verified O_DIRECT random I/O (512 B to 1 MiB, QD1 to QD16, two pinned jobs
+# using both queues), flush, discard, write zeroes, ext4 (mkfs, files, remount, fstrim, e2fsck
+# clean), then a SHA-256 of the first $VHT_MIB MiB that the host compares with the namespace.
+# Guest C at the same time on a read-only backend of a third namespace the host filled with
+# random data: read-only flag, writes fail, reads return that data. Then (RESTART_TEST) guest R
+# on namespace 1: verified load while the backend is SIGKILLed and restarted.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+top=$(pwd)
+work="$top/target/vhosttest"
+mkdir -p "$work"
+log() { echo "vhosttest: $*"; }
+. vmtest/lib.sh
+
+BACKEND=${BACKEND:-nvmed-vhost}
+RESTART_TEST=${RESTART_TEST:-auto}
+VHT_MIB=${VHT_MIB:-16}
+disk_size=256M
+disk_bytes=$((256 << 20))
+mode=test
+secs=3
+if [ "${1:-}" = --bench ]; then
+    mode=bench
+    secs=${2:-3}
+fi
+BENCH_A=${BENCH_A:-$BACKEND}
+BENCH_ROUNDS=${BENCH_ROUNDS:-3}
+case $BACKEND in qsd | nvmed-vhost) ;; *) log "BACKEND must be qsd or nvmed-vhost"; exit 2 ;; esac
+case $BENCH_A in qsd | nvmed-vhost) ;; *) log "BENCH_A must be qsd or nvmed-vhost"; exit 2 ;; esac
+if [ "$RESTART_TEST" = auto ]; then
+    if [ "$BACKEND" = nvmed-vhost ]; then RESTART_TEST=1; else RESTART_TEST=0; fi
+fi
+uses_nvmed=0
+if [ "$BACKEND" = nvmed-vhost ] || { [ $mode = bench ] && [ "$BENCH_A" = nvmed-vhost ]; }; then uses_nvmed=1; fi
+
+# 1. Packages and the guest kernel (shared with vmtest/run.sh).
+vm_packages qemu-storage-daemon:qemu-system-common mke2fs:e2fsprogs e2fsck:e2fsprogs blkdiscard:util-linux
+vm_kernel
+
+# 2. Static binaries (the same build as vmtest/run.sh), and nvmed-vhost.
+log "building static binaries"
+vm_static_build -p nvmed-server --bin nvmed -p nvmed-vmtest --bin vmcheck -p ringbench --bin ringbench
+bins=$vm_bins
+vhost_bin=${NVMED_VHOST:-}
+if [ $uses_nvmed = 1 ] && [ -z "$vhost_bin" ]; then
+    [ -f vhost/Cargo.toml ] || { log "BACKEND=nvmed-vhost but there is no vhost/ crate here (set NVMED_VHOST=PATH)"; exit 2; }
+    pkg=$(sed -n 's/^name *= *"\(.*\)"/\1/p' vhost/Cargo.toml | head -1)
+    vm_static_build -p "$pkg" --bin nvmed-vhost
+    vhost_bin="$bins/nvmed-vhost"
+fi
+
+# 3. Initramfs: busybox, virtio-blk and ext4 modules, e2fsprogs and util-linux's blkdiscard
+#    (dynamic: copied with their libraries), ringbench.
+root="$work/root"
+vm_root "$root"
+virtio_mods="virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci virtio_blk"
+ext4_mods="crc16 mbcache jbd2 crc32c_generic ext4"
+vm_modules "$root" $virtio_mods $ext4_mods
+echo "$virtio_mods" > "$root/modules.virtio"
+echo "$ext4_mods" > "$root/modules.ext4"
+tools=()
+for t in mke2fs e2fsck blkdiscard; do tools+=("$(readlink -f "$(PATH=$PATH:/usr/sbin:/sbin command -v $t)")"); done
+vm_copy_dynamic "$root" "${tools[@]}"
+ln -sf mke2fs "$root$(dirname "${tools[0]}")/mkfs.ext4"
+[ -f /etc/mke2fs.conf ] && cp /etc/mke2fs.conf "$root/etc/"
+cp "$bins/ringbench" "$root/bin/"
+cp vmtest/vhost-init.sh "$root/init" && chmod +x "$root/init"
+vm_pack "$root" "$work/initrd.gz"
+
+# 4. Scratch: sockets, images (tmpfs), the broker.
+scratch=$(mktemp -d /dev/shm/nvmed-vhosttest.XXXXXX 2>/dev/null || mktemp -d)
+declare -A bpid=()   # backend id -> pid
+declare -A bkind=()  # backend id -> qsd|nvmed-vhost
+nvmed_pid=
+qemu_pids=()
+guests=()
+cleanup() {
+    local p
+    for p in "${guests[@]}"; do [ -f "$work/$p.pid" ] && kill "$(cat "$work/$p.pid")" 2>/dev/null || true; done
+    for p in "${qemu_pids[@]}" "${bpid[@]}" $nvmed_pid; do kill "$p" 2>/dev/null || true; done
+    wait 2>/dev/null || true
+    [ "${KEEP:-0}" = 1 ] && log "scratch kept in $scratch" || rm -rf "$scratch"
+}
+trap cleanup EXIT
+
+start_nvmed() { # namespaces
+    # shellcheck disable=SC2086 # NVMED_ARGS is a list of options
+    "$bins/nvmed" --emulate --namespaces "$1" --size $disk_size --socket "$scratch/nvmed.sock" ${NVMED_ARGS:-} \
+        > "$scratch/nvmed.out" 2> "$work/nvmed.log" &
+    nvmed_pid=$!
+    for _ in $(seq 100); do grep -q ready "$scratch/nvmed.out" 2>/dev/null && return 0; sleep 0.1; done
+    log "nvmed did not start:"; cat "$work/nvmed.log"; return 1
+}
+
+# backend_start KIND ID NSID QUEUES rw|ro: serves namespace NSID (qsd: the image ns$NSID.img)
+# on $scratch/ID.sock.
+backend_start() {
+    local kind=$1 id=$2 ns=$3 q=$4 rw=$5 sock="$scratch/$2.sock"
+    rm -f "$sock"
+    case $kind in
+        qsd)
+            local ro=off
+            [ "$rw" = ro ] && ro=on
+            [ -f "$scratch/ns$ns.img" ] || truncate -s $disk_size "$scratch/ns$ns.img"
+            qemu-storage-daemon \
+                --blockdev driver=file,node-name=file,filename="$scratch/ns$ns.img",discard=unmap,read-only=$ro \
+                --blockdev driver=raw,node-name=raw,file=file,discard=unmap,read-only=$ro \
+                --export type=vhost-user-blk,id=exp,node-name=raw,addr.type=unix,addr.path="$sock",writable=$([ $ro = on ] && echo off || echo on),num-queues="$q" \
+                >> "$work/$id.backend.log" 2>&1 &
+            ;;
+        nvmed-vhost)
+            local flag=()
+            [ "$rw" = ro ] && flag=(--read-only)
+            "$vhost_bin" --socket "$sock" --nvmed "$scratch/nvmed.sock" --namespace "$ns" --num-queues "$q" "${flag[@]}" \
+                >> "$work/$id.backend.log" 2>&1 &
+            ;;
+    esac
+    bpid[$id]=$!
+    bkind[$id]=$kind
+    for _ in $(seq 100); do
+        [ -S "$sock" ] && return 0
+        kill -0 "${bpid[$id]}" 2>/dev/null || break
+        sleep 0.05
+    done
+    log "backend $id ($kind) did not come up:"; cat "$work/$id.backend.log"; return 1
+}
+backend_stop() {
+    kill -TERM "${bpid[$1]}" 2>/dev/null || true
+    wait "${bpid[$1]}" 2>/dev/null || true
+    unset "bpid[$1]"
+}
+# The first MIB MiB of a namespace, as the backend stores it.
+host_sha() { # kind nsid mib
+    case $1 in
+        qsd) dd if="$scratch/ns$2.img" bs=1M count="$3" 2>/dev/null ;;
+        nvmed-vhost) "$bins/vmcheck" --socket "$scratch/nvmed.sock" --nsid "$2" dump --len $(($3 << 20)) ;;
+    esac | sha256sum | cut -d' ' -f1
+}
+host_load() { # kind nsid file
+    case $1 in
+        qsd) truncate -s $disk_size "$scratch/ns$2.img" && dd if="$3" of="$scratch/ns$2.img" conv=notrunc 2>/dev/null ;;
+        nvmed-vhost) "$bins/vmcheck" --socket "$scratch/nvmed.sock" --nsid "$2" load --file "$3" >/dev/null ;;
+    esac
+}
+
+# qemu_args SMP CMDLINE ID:QUEUES...: a guest on the given backends (vda, vdb, ... in that order).
+qemu_args() {
+    local smp=$1 cmdline=$2 i=0 d
+    shift 2
+    qargs=(-machine q35,accel=tcg,memory-backend=mem -cpu max -smp "$smp" -m 512
+        -object memory-backend-memfd,id=mem,size=512M,share=on
+        -nographic -no-reboot -nodefaults -serial stdio
+        -kernel "$vm_vmlinux" -initrd "$work/initrd.gz"
+        -append "console=ttyS0 quiet panic=-1 $cmdline")
+    for d in "$@"; do
+        qargs+=(-chardev "socket,id=c$i,path=$scratch/${d%%:*}.sock,reconnect=1"
+            -device "vhost-user-blk-pci,chardev=c$i,num-queues=${d#*:},addr=1$i.0")
+        i=$((i + 1))
+    done
+}
+# boot NAME TIMEOUT SMP CMDLINE DISKS...: in the background, console in $work/NAME.log, QEMU's
+# exit status in $work/NAME.rc.
+boot() {
+    local name=$1 tmo=$2
+    shift 2
+    qemu_args "$@"
+    qargs+=(-pidfile "$work/$name.pid")
+    rm -f "$work/$name.rc" "$work/$name.pid" "$work/$name.log" # a log of an earlier run must not be read as this one's
+    ( set +e; timeout "$tmo" qemu-system-x86_64 "${qargs[@]}" < /dev/null 2>&1 \
+        | sed -u 's/\r//g; s/Booting from ROM\.\./&\n/' > "$work/$name.log"
+      echo "${PIPESTATUS[0]}" > "$work/$name.rc" ) &
+    qemu_pids+=($!)
+    guests+=("$name")
+}
+
+failed=0
+passed=0
+host_check() { # name, command...
+    local check=$1
+    shift
+    if "$@"; then log "PASS $check"; passed=$((passed + 1)); else log "FAIL $check"; failed=$((failed + 1)); fi
+}
+# A guest's verdict: it finished, reported every check passed, and its disk checksum is what
+# the backend stores (checked while the backend's storage is still there).
+guest_verdict() { # name kind nsid
+    local g=$1 rc
+    rc=$(cat "$work/$g.rc" 2>/dev/null || echo "?")
+    grep -a -E 'VHOSTTEST|^  \||Kernel panic|qemu-system' "$work/$g.log" | sed "s/^/  [$g] /" || true
+    log "guest $g: qemu exit $rc"
+    guest_ok() {
+        [ "$rc" = 0 ] || { log "guest $g did not finish (qemu exit $rc, 124 = timeout); log: $work/$g.log"; return 1; }
+        grep -aq 'VHOSTTEST DONE failed=0' "$work/$g.log" && ! grep -aq 'VHOSTTEST FAIL' "$work/$g.log"
+    }
+    host_check "guest-$g-all-checks" guest_ok
+    sha_matches() { # kind nsid
+        local line want got
+        line=$(grep -a 'VHOSTTEST SHA256' "$work/$g.log" | tail -1)
+        [ -n "$line" ] || { log "guest $g printed no checksum"; return 1; }
+        want=${line##* }
+        got=$(host_sha "$1" "$2" "$VHT_MIB")
+        log "guest $g saw $want; the backend's storage has $got (first $VHT_MIB MiB, namespace $2)"
+        [ "$want" = "$got" ]
+    }
+    host_check "guest-$g-data-on-host-equals-guest-view" sha_matches "$2" "$3"
+}
+
+common="vht_bytes=$disk_bytes vht_mib=$VHT_MIB"
+
+# Guests A and B (read-write, 2 queues each, own namespace) and C (read-only, 1 queue) at once.
+scenario_parallel() {
+    # Namespace 3 gets random data first: the read-only guest must read exactly that.
+    head -c $((VHT_MIB << 20)) /dev/urandom > "$scratch/ro-pattern"
+    local ro_sha t0 g
+    ro_sha=$(sha256sum < "$scratch/ro-pattern" | cut -d' ' -f1)
+    host_load "$BACKEND" 3 "$scratch/ro-pattern"
+    backend_start "$BACKEND" A 1 2 rw
+    backend_start "$BACKEND" B 2 2 rw
+    backend_start "$BACKEND" C 3 1 ro
+    log "booting guests A, B (read-write, 2 queues) and C (read-only, 1 queue) at once (software emulation)"
+    t0=$(date +%s)
+    boot A 400 2 "vht_role=rw vht_queues=2 $common" A:2
+    boot B 400 2 "vht_role=rw vht_queues=2 $common" B:2
+    boot C 400 1 "vht_role=ro vht_queues=1 vht_sha=$ro_sha $common" C:1
+    wait "${qemu_pids[@]}" || true
+    qemu_pids=()
+    log "guests A, B, C ran $(( $(date +%s) - t0 )) s"
+    for g in A B C; do backend_stop $g; done
+    guest_verdict A "$BACKEND" 1
+    guest_verdict B "$BACKEND" 2
+    guest_verdict C "$BACKEND" 3
+    host_check "namespace-3-unchanged-by-read-only-guest" \
+        test "$(host_sha "$BACKEND" 3 "$VHT_MIB")" = "$ro_sha"
+}
+
+# Guest R on namespace 1: a verified load while its backend is SIGKILLed and started again.
+scenario_restart() {
+    local t0 k
+    if [ "$BACKEND" = nvmed-vhost ]; then
+        # A device that takes its time, so requests are really in flight when the backend dies
+        # and the restarted one must resubmit them (INFLIGHT_SHMFD).
+        kill "$nvmed_pid" && wait "$nvmed_pid" 2>/dev/null || true
+        NVMED_ARGS="${NVMED_ARGS:-} ${RESTART_NVMED_ARGS:---emulator-mode async --emulator-latency-us 5000}" start_nvmed 3
+    fi
+    backend_start "$BACKEND" R 1 2 rw
+    log "booting guest R: verified load while its backend is SIGKILLed and restarted"
+    t0=$(date +%s)
+    boot R 180 2 "vht_role=restart vht_queues=2 vht_secs=8 $common" R:2
+    for _ in $(seq 1200); do
+        grep -aq RESTART-BACKEND-NOW "$work/R.log" 2>/dev/null && break
+        [ -f "$work/R.rc" ] && break
+        sleep 0.1
+    done
+    if grep -aq RESTART-BACKEND-NOW "$work/R.log"; then
+        log "guest R's load is running (+$(( $(date +%s) - t0 )) s); SIGKILL of its backend in 2 s"
+        sleep 2
+        kill -KILL "${bpid[R]}"
+        wait "${bpid[R]}" 2>/dev/null || true
+        k=$(date +%s%N)
+        backend_start "$BACKEND" R 1 2 rw
+        log "backend R SIGKILLed under load and restarted in $(( ($(date +%s%N) - k) / 1000000 )) ms"
+    fi
+    wait "${qemu_pids[@]}" || true
+    qemu_pids=()
+    log "guest R ran $(( $(date +%s) - t0 )) s"
+    grep -a "resubmitting requests" "$work/R.backend.log" | sed 's/^/    /' || log "(no request was in flight at the kill)"
+    backend_stop R
+    guest_verdict R "$BACKEND" 1
+}
+
+if [ $mode = test ]; then
+    case ${ONLY:-} in
+        "") ;;
+        parallel) RESTART_TEST=0 ;;
+        restart) RESTART_TEST=1 ;;
+        *) log "ONLY must be parallel or restart"; exit 2 ;;
+    esac
+    log "backend: $BACKEND, restart scenario: $([ "$RESTART_TEST" = 1 ] && echo on || echo off)"
+    [ "$BACKEND" = nvmed-vhost ] && start_nvmed 3
+    [ "${ONLY:-parallel}" = parallel ] && scenario_parallel
+    if [ "$RESTART_TEST" = 1 ]; then
+        scenario_restart
+    else
+        log "SKIP backend-sigkill-restart (RESTART_TEST=0; with BACKEND=qsd it is off by default:" \
+            "qemu-storage-daemon does not track requests in flight for a restarted backend)"
+    fi
+    log "$passed passed, $failed failed (backend $BACKEND)"
+    [ $failed = 0 ] || exit 1
+    exit 0
+fi
+
+# --bench: one guest, four disks: A and B (BENCH_A vs qsd), each with 1 and with 2 queues; the
+# same boot measures every configuration, alternating A and B. A with nvmed-vhost serves
+# nvmed's emulated memory namespaces; qsd serves raw files on tmpfs.
+machine() {
+    echo "  machine $1: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)," \
+        "load $(cut -d' ' -f1-3 /proc/loadavg), $("$bins/ringbench" --pingpong 0.3 | sed 's/^ringbench: //')"
+}
+machine before
+[ "$BENCH_A" = nvmed-vhost ] && start_nvmed 2
+backend_start "$BENCH_A" a1 1 1 rw
+backend_start "$BENCH_A" a2 2 2 rw
+backend_start qsd b1 11 1 rw
+backend_start qsd b2 12 2 rw
+pids=()
+for d in a1 a2 b1 b2; do
+    p=${bpid[$d]}
+    [ "${bkind[$d]}" = nvmed-vhost ] && p="$p,$nvmed_pid"
+    pids+=(--pids "$d=$p")
+done
+log "benchmark: A = $BENCH_A, B = qsd; 4 KiB random read and write, QD1 and QD32, 1 queue (one job)" \
+    "and 2 queues (two jobs pinned to the two vCPUs, each at that depth); $secs s per run, $BENCH_ROUNDS rounds"
+qemu_args 2 "vht_role=bench vht_secs=$secs vht_rounds=$BENCH_ROUNDS vht_disks=a1,b1,a2,b2" a1:1 b1:1 a2:2 b2:2
+python3 vmtest/vhost_bench.py --log "$work/bench.log" --a "$BENCH_A" "${pids[@]}" -- \
+    timeout 900 qemu-system-x86_64 "${qargs[@]}"
+machine after
