@@ -8,175 +8,27 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use nvmed_client::{BrokerStatus, BufferId, Error, IoSegment, NvmeRing, Segment, Sqe, Stats, Status};
+use nvmed_client::testkit::{
+    vectored_round_trip, SegmentLayout as Kind, VectoredBuffers, VECTORED_DEPTH as DEPTH,
+};
+use nvmed_client::{BrokerStatus, BufferId, Error, IoSegment, NvmeRing, Segment, Sqe, Status};
 use nvmed_proto::{ControlError, Request};
 
 const MIB: u64 = 1 << 20;
-/// Each data buffer.
-const DATA_BUF: u64 = 8 * MIB;
-/// Bytes of one segment list slot in the list buffer (256 segments of 24 bytes).
-const LIST_SLOT: u64 = 256 * 24;
-/// Requests in flight at once.
-const DEPTH: usize = 8;
 
-/// How a layout's segments are placed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Kind {
-    /// PRP-able: the first segment ends on a page boundary, the others start on one, every
-    /// segment but the last is whole pages.
-    PageAligned,
-    /// 512-byte multiples at 512-byte offsets that are never page aligned.
-    Odd512,
-    /// Any length (mostly odd) at any byte offset.
-    Bytes,
-}
-
-/// Places segments of `kind` adding up to `total` bytes in `bufs`, never overlapping what
-/// `cursors` (one per buffer) already used.
-fn layout(rng: &mut Rng, kind: Kind, total: u64, bufs: &[BufferId], cursors: &mut [u64]) -> Vec<IoSegment> {
-    let mut segs = Vec::new();
-    let mut left = total;
-    while left > 0 {
-        let b = rng.below(bufs.len() as u64) as usize;
-        let len = match kind {
-            Kind::PageAligned if segs.is_empty() => (rng.below(8) + 1) * 512,
-            Kind::PageAligned => (rng.below(4) + 1) * 4096,
-            Kind::Odd512 => (rng.below(8) + 1) * 512,
-            Kind::Bytes => rng.below(1500) + 1,
-        }
-        .min(left);
-        // The last segments must fit the 256-segment limit.
-        let len = if segs.len() >= 200 { left } else { len };
-        let start = match kind {
-            // The first segment ends on a page boundary (if more follow).
-            Kind::PageAligned if segs.is_empty() && len < left => {
-                (cursors[b] + rng.below(4) * 4096).next_multiple_of(4096) + 4096 - len
-            }
-            Kind::PageAligned => (cursors[b] + rng.below(4) * 4096).next_multiple_of(4096),
-            Kind::Odd512 => {
-                let at = (cursors[b] + rng.below(8) * 512).next_multiple_of(512);
-                if at.is_multiple_of(4096) {
-                    at + 512
-                } else {
-                    at
-                }
-            }
-            Kind::Bytes => cursors[b] + rng.below(64),
-        };
-        assert!(start + len <= DATA_BUF, "data buffers too small for the layout");
-        cursors[b] = start + len;
-        segs.push(IoSegment::new(bufs[b], start, len as u32));
-        left -= len;
-    }
-    segs
-}
-
-struct Setup {
-    ring: NvmeRing,
-    ns: u32,
-    data: Vec<BufferId>,
-    lists: BufferId,
-    flat: BufferId,
-}
-
-fn setup(broker: &TestBroker) -> Setup {
+/// A session with buffers for requests up to `max_len` bytes.
+fn setup(broker: &TestBroker, max_len: u64) -> (NvmeRing, VectoredBuffers) {
     let mut ring = broker.connect_with(64, 128);
-    let ns = ring.namespaces()[0].nsid;
-    let data = (0..4).map(|_| ring.alloc_buffer(DATA_BUF as usize).unwrap()).collect();
-    let lists = ring.alloc_buffer((DEPTH as u64 * LIST_SLOT) as usize).unwrap();
-    let flat = ring.alloc_buffer(16 * MIB as usize).unwrap();
-    Setup { ring, ns, data, lists, flat }
-}
-
-/// Writes `rounds` batches of vectored writes with random `kind` layouts (sizes up to
-/// `max_len`), reads each extent back with a plain read and with a vectored read into another
-/// layout, and compares.
-fn round_trip(st: &mut Setup, kinds: &[Kind], seed: u64, rounds: usize, max_len: u64) {
-    let mut rng = Rng(seed);
-    let blocks = max_len / 512;
-    for round in 0..rounds {
-        let kind = kinds[round % kinds.len()];
-        let mut cursors = vec![0u64; st.data.len()];
-        // DEPTH disjoint extents of the namespace.
-        let extents: Vec<(u64, u64)> = (0..DEPTH as u64)
-            .map(|i| (i * 4 * MIB + rng.below(64) * 512, (rng.below(blocks) + 1) * 512))
-            .collect();
-        let writes: Vec<Vec<IoSegment>> =
-            extents.iter().map(|&(_, len)| layout(&mut rng, kind, len, &st.data, &mut cursors)).collect();
-        let mut expect = Vec::new();
-        for (i, segs) in writes.iter().enumerate() {
-            let mut bytes = vec![0u8; extents[i].1 as usize];
-            pattern(seed ^ (round as u64) << 16 ^ i as u64, &mut bytes);
-            let mut pos = 0;
-            for s in segs {
-                st.ring
-                    .buffer_mut(s.buffer, s.offset, u64::from(s.len))
-                    .unwrap()
-                    .copy_from_slice(&bytes[pos..pos + s.len as usize]);
-                pos += s.len as usize;
-            }
-            expect.push(bytes);
-        }
-        for (i, segs) in writes.iter().enumerate() {
-            let at = extents[i].0;
-            st.ring.prep_writev(st.ns, at, segs, st.lists, i as u64 * LIST_SLOT, i as u64).unwrap();
-        }
-        wait_all(&mut st.ring, DEPTH, "vectored write");
-        // Plain reads of each extent into the flat buffer.
-        for (i, &(at, len)) in extents.iter().enumerate() {
-            st.ring.read(st.ns, at, st.flat, i as u64 * 2 * MIB, len as u32).unwrap();
-            let got = st.ring.buffer(st.flat, i as u64 * 2 * MIB, len).unwrap();
-            assert!(got == &expect[i][..], "{kind:?} round {round}: extent {i} ({len} bytes) differs");
-        }
-        // Vectored reads into new layouts of the same kind (after clearing them).
-        let mut cursors = vec![0u64; st.data.len()];
-        let reads: Vec<Vec<IoSegment>> =
-            extents.iter().map(|&(_, len)| layout(&mut rng, kind, len, &st.data, &mut cursors)).collect();
-        for segs in &reads {
-            for s in segs {
-                st.ring.buffer_mut(s.buffer, s.offset, u64::from(s.len)).unwrap().fill(0xee);
-            }
-        }
-        for (i, segs) in reads.iter().enumerate() {
-            st.ring.prep_readv(st.ns, extents[i].0, segs, st.lists, i as u64 * LIST_SLOT, i as u64).unwrap();
-        }
-        wait_all(&mut st.ring, DEPTH, "vectored read");
-        for (i, segs) in reads.iter().enumerate() {
-            let mut pos = 0;
-            for (k, s) in segs.iter().enumerate() {
-                let got = st.ring.buffer(s.buffer, s.offset, u64::from(s.len)).unwrap();
-                assert!(
-                    got == &expect[i][pos..pos + s.len as usize],
-                    "{kind:?} round {round}: extent {i} segment {k} of {} ({s:?}) differs",
-                    segs.len()
-                );
-                pos += s.len as usize;
-            }
-        }
-    }
-}
-
-fn wait_all(ring: &mut NvmeRing, n: usize, what: &str) {
-    ring.submit().unwrap();
-    let mut out = Vec::new();
-    while out.len() < n {
-        ring.wait(n - out.len(), &mut out, Some(Duration::from_secs(30))).unwrap();
-    }
-    for c in &out {
-        assert_eq!(c.status, Status::Success, "{what} {c:?}");
-    }
-}
-
-fn stats(st: &mut Setup) -> Stats {
-    st.ring.stats().unwrap()
+    let bufs = VectoredBuffers::new(&mut ring, max_len).unwrap();
+    (ring, bufs)
 }
 
 #[test]
 fn page_aligned_segments_use_prps_and_never_bounce() {
     let broker = TestBroker::start(&[]);
-    let mut st = setup(&broker);
-    round_trip(&mut st, &[Kind::PageAligned], 0x51, 6, 1024 * 1024);
-    let s = stats(&mut st);
+    let (mut ring, bufs) = setup(&broker, MIB);
+    vectored_round_trip(&mut ring, &bufs, 0, &[Kind::PageAligned], 0x51, 6);
+    let s = ring.stats().unwrap();
     assert_eq!((s.bounced_bytes, s.broker_bounced_bytes), (0, 0), "{s:?}");
     assert_eq!(s.broker_sgl_commands, 0, "PRPs fit every layout: {s:?}");
     assert!(s.broker_vectored_prp_commands >= 6 * DEPTH as u64 * 2, "{s:?}");
@@ -186,9 +38,9 @@ fn page_aligned_segments_use_prps_and_never_bounce() {
 #[test]
 fn odd_segments_use_sgls_and_never_bounce() {
     let broker = TestBroker::start(&[]);
-    let mut st = setup(&broker);
-    round_trip(&mut st, &[Kind::Odd512, Kind::Bytes], 0x52, 6, 192 * 1024);
-    let s = stats(&mut st);
+    let (mut ring, bufs) = setup(&broker, 192 * 1024);
+    vectored_round_trip(&mut ring, &bufs, 0, &[Kind::Odd512, Kind::Bytes], 0x52, 6);
+    let s = ring.stats().unwrap();
     assert_eq!((s.bounced_bytes, s.broker_bounced_bytes), (0, 0), "{s:?}");
     assert!(s.broker_sgl_commands >= DEPTH as u64, "{s:?}");
 }
@@ -196,13 +48,13 @@ fn odd_segments_use_sgls_and_never_bounce() {
 #[test]
 fn without_sgl_support_odd_segments_are_bounced() {
     let broker = TestBroker::start(&["--emulator-no-sgl"]);
-    let mut st = setup(&broker);
+    let (mut ring, bufs) = setup(&broker, 512 * 1024);
     // Layouts PRPs can describe still go straight to client memory.
-    round_trip(&mut st, &[Kind::PageAligned], 0x53, 2, 512 * 1024);
-    let s = stats(&mut st);
+    vectored_round_trip(&mut ring, &bufs, 0, &[Kind::PageAligned], 0x53, 2);
+    let s = ring.stats().unwrap();
     assert_eq!((s.bounced_bytes, s.broker_sgl_commands), (0, 0), "{s:?}");
-    round_trip(&mut st, &[Kind::Odd512, Kind::Bytes], 0x54, 6, 192 * 1024);
-    let s = stats(&mut st);
+    vectored_round_trip(&mut ring, &bufs, 0, &[Kind::Odd512, Kind::Bytes], 0x54, 6);
+    let s = ring.stats().unwrap();
     assert!(s.bounced_bytes > 0 && s.bounced_bytes == s.broker_bounced_bytes, "{s:?}");
     assert_eq!(s.broker_sgl_commands, 0, "{s:?}");
 }
@@ -212,9 +64,9 @@ fn vectored_requests_above_mdts_are_split() {
     // 16 KiB device commands: pieces cut segments in the middle.
     for args in [&["--mdts", "2"][..], &["--mdts", "2", "--emulator-no-sgl"]] {
         let broker = TestBroker::start(args);
-        let mut st = setup(&broker);
-        round_trip(&mut st, &[Kind::PageAligned, Kind::Odd512, Kind::Bytes], 0x55, 6, 1024 * 1024);
-        let s = stats(&mut st);
+        let (mut ring, bufs) = setup(&broker, MIB);
+        vectored_round_trip(&mut ring, &bufs, 0, &[Kind::PageAligned, Kind::Odd512, Kind::Bytes], 0x55, 6);
+        let s = ring.stats().unwrap();
         assert_eq!(s.errors, 0, "{args:?}: {s:?}");
         assert_eq!(s.broker_bounced_bytes > 0, args.len() == 3, "{args:?}: {s:?}");
     }
@@ -235,9 +87,9 @@ fn bounced_requests_on_an_asynchronous_device() {
         "--queue-depth",
         "8",
     ]);
-    let mut st = setup(&broker);
-    round_trip(&mut st, &[Kind::Bytes, Kind::Odd512, Kind::PageAligned], 0x56, 6, 1024 * 1024);
-    let s = stats(&mut st);
+    let (mut ring, bufs) = setup(&broker, MIB);
+    vectored_round_trip(&mut ring, &bufs, 0, &[Kind::Bytes, Kind::Odd512, Kind::PageAligned], 0x56, 6);
+    let s = ring.stats().unwrap();
     assert!(s.bounced_bytes > 4 * MIB, "more than the bounce pool went through it: {s:?}");
 }
 

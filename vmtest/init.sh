@@ -54,6 +54,8 @@ check identify as_user vmcheck identify --size $DISK_BYTES --lba 512
 check verify-random-io as_user vmcheck verify --at-mib 0 --mib 8 --rounds 3
 # 48-64 MiB: used again later only by pattern-for-host, which writes after this.
 check max-transfer-prp-list as_user vmcheck max-transfer --at-mib 48
+# 24-27 MiB: vectored requests; QEMU's controller takes SGLs (Identify SGLS = 1).
+check vectored-prp-and-sgl as_user vmcheck vectored --at-mib 24 --expect-sgl
 two_clients() {
     as_user vmcheck verify --at-mib 8 --mib 4 --seed 2 --rounds 2 & a=$!
     as_user vmcheck verify --at-mib 12 --mib 4 --seed 3 --rounds 2 & b=$!

@@ -47,6 +47,21 @@ enum Scenario {
         #[arg(long)]
         lba: u32,
     },
+    /// Vectored (scatter-gather) requests with random segment layouts, verified: page-aligned
+    /// ones must go to the device with PRPs; odd ones with SGLs when `--expect-sgl` (QEMU's
+    /// controller supports them), else through the broker's bounce buffers. Nothing else may be
+    /// bounced.
+    Vectored {
+        /// Region start in MiB (about 2.5 MiB are used).
+        #[arg(long)]
+        at_mib: u64,
+        /// The controller supports SGLs: odd layouts must use them and bounce nothing.
+        #[arg(long)]
+        expect_sgl: bool,
+        /// Seed.
+        #[arg(long, default_value_t = 21)]
+        seed: u64,
+    },
     /// Random verified writes and reads over a region (1 block up to MDTS, PRP lists included).
     Verify {
         /// Region start in MiB.
@@ -196,6 +211,29 @@ fn run(ring: &mut NvmeRing, nsid: Option<u32>, check: Scenario) -> Result<(), St
         }
         Scenario::Verify { at_mib, mib, seed, rounds } => {
             random_write_read(ring, (at_mib << 20, mib << 20), seed, rounds);
+        }
+        Scenario::Vectored { at_mib, expect_sgl, seed } => {
+            use nvmed_client::testkit::{vectored_round_trip, SegmentLayout, VectoredBuffers};
+            let max_len = u64::from(ns.max_transfer).min(256 << 10);
+            let bufs = VectoredBuffers::new(ring, max_len).map_err(e)?;
+            let at = at_mib << 20;
+            vectored_round_trip(ring, &bufs, at, &[SegmentLayout::PageAligned], seed, 2);
+            let s = ring.stats().map_err(e)?;
+            println!("page-aligned layouts: {s:?}");
+            if s.broker_bounced_bytes != 0 || s.broker_sgl_commands != 0 {
+                return Err("page-aligned layouts did not go to the device with PRPs".into());
+            }
+            let odd = [SegmentLayout::Odd512, SegmentLayout::Bytes];
+            vectored_round_trip(ring, &bufs, at, &odd, seed + 1, 4);
+            let s = ring.stats().map_err(e)?;
+            println!("odd layouts: {s:?}");
+            match expect_sgl {
+                true if s.broker_sgl_commands == 0 || s.broker_bounced_bytes != 0 => {
+                    return Err("odd layouts did not go to the device with SGLs".into())
+                }
+                false if s.broker_bounced_bytes == 0 => return Err("odd layouts were not bounced".into()),
+                _ => {}
+            }
         }
         Scenario::MaxTransfer { at_mib } => {
             let len = ns.max_transfer;
