@@ -225,3 +225,84 @@ fn buffers_of_a_vectored_request_stay_busy_until_it_completes() {
     }
     ring.unregister_buffer(spare).unwrap();
 }
+
+/// Queues `n` bounced vectored writes (odd 512-byte segments, 256 KiB each, on a broker without
+/// SGLs) on `ring` and submits them without waiting.
+fn queue_bounced_writes(ring: &mut NvmeRing, n: u64) -> BufferId {
+    let ns = ring.namespaces()[0].nsid;
+    let data = ring.alloc_buffer((n * 320 * 1024) as usize).unwrap();
+    let lists = ring.alloc_buffer((n * 256 * 24) as usize).unwrap();
+    for i in 0..n {
+        let base = i * 320 * 1024;
+        let segs: Vec<IoSegment> =
+            (0..64).map(|k| IoSegment::new(data, base + k * 5120 + 512, 4096)).collect();
+        ring.prep_writev(ns, i * 256 * 1024, &segs, lists, i * 256 * 24, i).unwrap();
+    }
+    ring.submit().unwrap();
+    data
+}
+
+/// A client that goes away with bounced pieces at the device and more waiting for bounce
+/// slots: its session is released once they complete, and every bounce and segment list slot
+/// comes back (a leak would stall the next client's bounced requests).
+#[test]
+fn a_client_leaving_with_bounced_requests_in_flight_leaks_no_slots() {
+    let broker = TestBroker::start(&[
+        "--emulator-no-sgl",
+        "--emulator-mode",
+        "async",
+        "--emulator-latency-us",
+        "2000",
+        "--mdts",
+        "4", // 64 KiB pieces: 64 bounce slots, 4 pieces per request
+    ]);
+    for round in 0..3 {
+        let mut leaver = broker.connect_with(64, 128);
+        queue_bounced_writes(&mut leaver, 48); // 192 pieces for 64 bounce slots
+        wait_until("the requests to reach the broker", Duration::from_secs(5), || {
+            leaver.stats().unwrap().in_flight > 0
+        });
+        drop(leaver);
+        let mut next = broker.connect_with(64, 128);
+        let bufs = VectoredBuffers::new(&mut next, 256 * 1024).unwrap();
+        vectored_round_trip(&mut next, &bufs, 32 * MIB, &[Kind::Odd512, Kind::Bytes], 0x60 + round, 2);
+        wait_until("the leaver's session to be released", Duration::from_secs(10), || {
+            next.stats().unwrap().broker_sessions == 1
+        });
+        let s = next.stats().unwrap();
+        assert_eq!(s.broker_buffer_iova_bytes, s.buffer_bytes, "the leaver's buffers stayed mapped: {s:?}");
+    }
+}
+
+/// A controller reset with bounced pieces at the device: they fail with `DeviceReset`, their
+/// bounce slots come back, and bounced I/O works afterwards.
+#[test]
+fn a_reset_with_bounced_requests_in_flight_frees_their_slots() {
+    let broker = TestBroker::start(&[
+        "--emulator-no-sgl",
+        "--emulator-mode",
+        "async",
+        "--emulator-latency-us",
+        "200",
+        "--mdts",
+        "4",
+        "--inject",
+        "hang:30",
+        "--io-timeout-ms",
+        "300",
+    ]);
+    let mut ring = broker.connect_with(64, 128);
+    queue_bounced_writes(&mut ring, 48);
+    let mut out = Vec::new();
+    while out.len() < 48 {
+        ring.wait(48 - out.len(), &mut out, Some(Duration::from_secs(20))).unwrap();
+    }
+    let reset = out.iter().filter(|c| c.status == Status::Broker(BrokerStatus::DeviceReset)).count();
+    assert!(reset >= 1, "the hung piece's request was not failed by the reset: {out:?}");
+    assert!(out
+        .iter()
+        .all(|c| c.status.is_success() || c.status == Status::Broker(BrokerStatus::DeviceReset)));
+    let bufs = VectoredBuffers::new(&mut ring, 256 * 1024).unwrap();
+    vectored_round_trip(&mut ring, &bufs, 32 * MIB, &[Kind::Odd512, Kind::Bytes, Kind::PageAligned], 0x70, 3);
+    assert_eq!(ring.stats().unwrap().in_flight, 0);
+}
