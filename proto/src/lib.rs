@@ -41,6 +41,14 @@
 //! SQEs instead. A peer index claiming more than `entries` outstanding entries faults the ring.
 //! The sleep/wake handshake is implemented once, in [`wakeup`], for both sides.
 //!
+//! ## Vectored requests
+//!
+//! [`Opcode::ReadV`] and [`Opcode::WriteV`] move one extent of the namespace to or from up to
+//! [`MAX_SEGMENTS`] [`Segment`]s (24 bytes each: buffer id, offset, length, any alignment) listed
+//! in a registered buffer: the SQE's `buf_id`/`buf_offset` locate the list (8-byte aligned),
+//! `segments` counts its entries, and `len` is their total. The broker copies the list once,
+//! when it takes the entry, like the entry itself.
+//!
 //! ## Control socket
 //!
 //! A SOCK_SEQPACKET Unix socket; see [`control`] for the messages and [`transport`] for how file
