@@ -153,8 +153,8 @@ impl Worker {
     }
 
     /// Asks nvmed for this session's counters and updates `bounced_bytes` of the queue's stats
-    /// from them (a control-socket round trip: called when stats are printed, after a drain,
-    /// and by tests).
+    /// from them (a control-socket round trip: called when a connection ends, when a signal
+    /// asks for the stats line, and by tests).
     pub fn refresh_stats(&mut self) -> Result<Stats, nvmed_client::Error> {
         let s = self.ring.stats()?;
         self.stats.bounced_bytes.store(self.bounced_base + s.bounced_bytes, Ordering::Relaxed);
