@@ -31,7 +31,10 @@
 # using both queues), flush, discard, write zeroes, ext4 (mkfs, files, remount, fstrim, e2fsck
 # clean), then a SHA-256 of the first $VHT_MIB MiB that the host compares with the namespace.
 # Guest C at the same time on a read-only backend of a third namespace the host filled with
-# random data: read-only flag, writes fail, reads return that data. Then (RESTART_TEST) guest R
+# random data: read-only flag, writes fail, reads return that data. With nvmed-vhost, each of the
+# three backends' stats lines must show bounced_bytes=0 (zero-bounce-A/B/C: nvmed moved every
+# byte of that page-aligned guest I/O by PRPs or SGLs, none through its bounce buffers). Then
+# (RESTART_TEST) guest R
 # on namespace 1: verified load while the backend is SIGKILLed and restarted.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -242,6 +245,8 @@ scenario_parallel() {
     local ro_sha t0 g
     ro_sha=$(sha256sum < "$scratch/ro-pattern" | cut -d' ' -f1)
     host_load "$BACKEND" 3 "$scratch/ro-pattern"
+    # Fresh logs: the zero-bounce check reads every stats line of this run.
+    for g in A B C; do : > "$work/$g.backend.log"; done
     backend_start "$BACKEND" A 1 2 rw
     backend_start "$BACKEND" B 2 2 rw
     backend_start "$BACKEND" C 3 1 ro
@@ -259,6 +264,26 @@ scenario_parallel() {
     guest_verdict C "$BACKEND" 3
     host_check "namespace-3-unchanged-by-read-only-guest" \
         test "$(host_sha "$BACKEND" 3 "$VHT_MIB")" = "$ro_sha"
+    if [ "$BACKEND" = nvmed-vhost ]; then
+        for g in A B C; do host_check "zero-bounce-$g" zero_bounce $g; done
+    fi
+}
+
+# nvmed-vhost prints `nvmed-vhost stats: ... data_bytes=N bounced_bytes=M` when a connection
+# ends (after reading nvmed's per-session counters) and at SIGTERM. The guests' I/O is
+# page-aligned (O_DIRECT with aligned buffers, ext4, the page cache), so nvmed must have
+# bounced nothing: every request reached guest RAM by PRPs or SGLs.
+zero_bounce() { # backend id
+    local lines line data=0 d
+    lines=$(grep -a 'nvmed-vhost stats:' "$work/$1.backend.log" || true)
+    [ -n "$lines" ] || { log "backend $1 printed no stats line (log: $work/$1.backend.log)"; return 1; }
+    log "backend $1: $(echo "$lines" | tail -1 | sed 's/^.*stats: //')"
+    while read -r line; do
+        case " $line " in *" bounced_bytes=0 "*) ;; *) log "backend $1: nvmed bounced data: $line"; return 1 ;; esac
+        d=$(echo "$line" | sed -n 's/.* data_bytes=\([0-9]*\).*/\1/p')
+        [ "${d:-0}" -gt "$data" ] && data=$d
+    done <<< "$lines"
+    [ "$data" -gt 0 ] || { log "backend $1 moved no data: the check would prove nothing"; return 1; }
 }
 
 # Guest R on namespace 1: a verified load while its backend is SIGKILLed and started again.

@@ -282,6 +282,21 @@ impl BlkDevice {
     pub fn shutdown(&mut self) {
         self.drain_all();
         self.stop_threads();
+        self.refresh_stats(true);
+    }
+
+    /// Updates each queue's `bounced_bytes` from its nvmed session's counters. With `wait`
+    /// false, a queue whose thread is busy right now (its worker lock taken) keeps its last
+    /// value: the signal thread must not wait behind a busy-polling queue.
+    pub fn refresh_stats(&self, wait: bool) {
+        for q in &self.queues {
+            let w = if wait { Some(lock(&q.worker)) } else { q.worker.try_lock().ok() };
+            if let Some(mut w) = w {
+                if let Err(e) = w.refresh_stats() {
+                    tracing::debug!(queue = q.index, "reading the nvmed session's counters: {e}");
+                }
+            }
+        }
     }
 
     fn stop_threads(&mut self) {

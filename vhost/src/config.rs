@@ -1,6 +1,6 @@
 //! virtio-blk device features and configuration space, derived from the nvmed namespace.
 
-use nvmed_client::NamespaceInfo;
+use nvmed_client::{NamespaceInfo, MAX_SEGMENTS};
 use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_CONFIG_WCE, VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH,
     VIRTIO_BLK_F_MQ, VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_SIZE_MAX, VIRTIO_BLK_F_WRITE_ZEROES,
@@ -10,10 +10,13 @@ use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRE
 
 /// virtio-blk sector size: capacities and request offsets are in these units.
 pub const SECTOR: u64 = 512;
+/// Segments of an nvmed vectored request kept back from `seg_max` for descriptors split where
+/// they cross a guest RAM region boundary.
+pub const REGION_SPLIT_RESERVE: u32 = 2;
 /// Largest number of data segments per request we advertise (`seg_max`), when the namespace's
-/// transfer limit allows it. QEMU's default queue size is 128 and a request also needs a header
-/// and a status descriptor.
-pub const SEG_MAX: u32 = 126;
+/// transfer limit allows it: a read or write becomes one nvmed request of at most
+/// [`MAX_SEGMENTS`] segments (the guest uses indirect descriptors for long chains).
+pub const SEG_MAX: u32 = MAX_SEGMENTS as u32 - REGION_SPLIT_RESERVE;
 /// Discard / write-zeroes segments accepted in one request.
 pub const MAX_DISCARD_SEGS: u32 = 8;
 /// Largest discard of one segment in bytes (larger ones are split anyway).
@@ -48,7 +51,8 @@ pub struct DiskGeometry {
 
 impl DiskGeometry {
     /// Derives the device from the namespace nvmed granted. `seg_max * size_max` never exceeds
-    /// the namespace's `max_transfer`, so one virtio request always fits one nvmed request.
+    /// the namespace's `max_transfer` (the largest request nvmed accepts; it splits at the
+    /// controller's MDTS itself), so one virtio request always fits one nvmed request.
     pub fn new(ns: &NamespaceInfo, num_queues: u16, read_only: bool) -> Self {
         let max_transfer = ns.max_transfer.max(4096);
         let seg_max = SEG_MAX.min(max_transfer / 4096).max(1);
@@ -155,7 +159,7 @@ mod tests {
         let c = g.config_space(1);
         assert_eq!(u64::from_le_bytes(c[offset_of!(C, capacity)..][..8].try_into().unwrap()), 1000 * 8);
         assert_eq!(le32(&c, offset_of!(C, size_max)), g.size_max);
-        assert_eq!(le32(&c, offset_of!(C, seg_max)), 126);
+        assert_eq!(le32(&c, offset_of!(C, seg_max)), SEG_MAX);
         assert_eq!(le32(&c, offset_of!(C, blk_size)), 4096);
         assert_eq!(c[offset_of!(C, wce)], 1);
         assert_eq!(u16::from_le_bytes(c[offset_of!(C, num_queues)..][..2].try_into().unwrap()), 4);
@@ -178,7 +182,8 @@ mod tests {
             assert!(g.seg_max >= 1 && g.seg_max <= SEG_MAX);
         }
         let g = DiskGeometry::new(&ns(512, 1 << 20, 16 << 20, false), 1, false);
-        assert_eq!((g.seg_max, g.size_max), (126, 128 << 10));
+        assert_eq!((g.seg_max, g.size_max), (254, 64 << 10));
+        assert!(g.seg_max + REGION_SPLIT_RESERVE <= u32::from(MAX_SEGMENTS));
     }
 
     #[test]

@@ -8,7 +8,7 @@
 //! * [`config`]: virtio features and configuration space from the namespace.
 //! * [`regions`]: guest physical address → (nvmed buffer, offset).
 //! * [`request`]: descriptor chain → request, with every malformation refused.
-//! * [`plan`]: request → nvmed requests (the one function to change for vectored I/O).
+//! * [`plan`]: request → nvmed requests (one plain or vectored request per read or write).
 //! * [`worker`]: one virtqueue's engine and nvmed session.
 //! * [`inflight`]: the inflight region shared with QEMU, so a restarted backend resubmits
 //!   what the previous one had in flight.
@@ -37,9 +37,11 @@ pub struct StatsSummary {
     pub requests: u64,
     /// Requests completed with an error status.
     pub errors: u64,
-    /// Bytes moved zero copy.
-    pub direct_bytes: u64,
-    /// Bytes copied through the bounce buffers.
+    /// Data bytes of successful reads and writes (all moved by the device straight to or from
+    /// guest RAM, except `bounced_bytes`).
+    pub data_bytes: u64,
+    /// Bytes nvmed bounced through its own memory (its sessions' `bounced_bytes`): segment
+    /// layouts the controller could take neither as PRPs nor as SGLs.
     pub bounced_bytes: u64,
 }
 
@@ -50,7 +52,7 @@ impl StatsSummary {
         for q in queues {
             s.requests += q.requests.load(Ordering::Relaxed);
             s.errors += q.errors.load(Ordering::Relaxed);
-            s.direct_bytes += q.direct_bytes.load(Ordering::Relaxed);
+            s.data_bytes += q.data_bytes.load(Ordering::Relaxed);
             s.bounced_bytes += q.bounced_bytes.load(Ordering::Relaxed);
         }
         s
@@ -61,8 +63,8 @@ impl std::fmt::Display for StatsSummary {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "nvmed-vhost stats: requests={} errors={} direct_bytes={} bounced_bytes={}",
-            self.requests, self.errors, self.direct_bytes, self.bounced_bytes
+            "nvmed-vhost stats: requests={} errors={} data_bytes={} bounced_bytes={}",
+            self.requests, self.errors, self.data_bytes, self.bounced_bytes
         )
     }
 }

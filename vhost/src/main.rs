@@ -30,7 +30,7 @@ use vhost::vhost_user::{BackendListener, Error as VuError, Listener};
 /// reconnect=1 this process may be killed and started again (same options) while the guest
 /// runs: the guest sees a pause, and the requests it had in flight are resubmitted by the new
 /// process from the inflight region QEMU keeps. SIGUSR1 prints a
-/// stats line (requests, errors, bytes moved zero copy, bytes bounced); SIGTERM/SIGINT print it
+/// stats line (requests, errors, data bytes, bytes nvmed bounced); SIGTERM/SIGINT print it
 /// and exit. Logs go to stderr; NVMED_LOG=debug for more.
 #[derive(Debug, Parser)]
 #[command(version, verbatim_doc_comment)]
@@ -93,14 +93,29 @@ fn run(args: &Args) -> Result<(), Error> {
     }
     sigs.thread_block().map_err(|e| Error::Os { what: "blocking signals", source: e.into() })?;
     let stats: Vec<Arc<QueueStats>> = (0..args.num_queues).map(|_| Arc::default()).collect();
+    let current: Current = Arc::default();
     {
         let stats = stats.clone();
+        let current = current.clone();
+        // nvmed's bounce counters of the connection being served, if its device is not busy.
+        let refresh = move || {
+            let dev = current.lock().unwrap_or_else(|p| p.into_inner()).clone();
+            if let Some(dev) = dev {
+                if let Ok(d) = dev.try_lock() {
+                    d.refresh_stats(false);
+                }
+            }
+        };
         std::thread::Builder::new()
             .name("signals".into())
             .spawn(move || loop {
                 match sigs.wait() {
-                    Ok(Signal::SIGUSR1) => println!("{}", StatsSummary::of(&stats)),
+                    Ok(Signal::SIGUSR1) => {
+                        refresh();
+                        println!("{}", StatsSummary::of(&stats))
+                    }
                     Ok(s) => {
+                        refresh();
                         println!("{}", StatsSummary::of(&stats));
                         tracing::info!("{s}: exiting");
                         std::process::exit(0);
@@ -136,16 +151,20 @@ fn run(args: &Args) -> Result<(), Error> {
     let mut listener = Listener::new(&args.socket, true)
         .map_err(|e| Error::VhostUser(format!("listening on {}: {e}", args.socket.display())))?;
     loop {
-        serve_one(args, geo, &stats, &mut listener)?;
+        serve_one(args, geo, &stats, &current, &mut listener)?;
         println!("{}", StatsSummary::of(&stats));
     }
 }
+
+/// The device of the connection being served, for the signal thread's stats line.
+type Current = Arc<Mutex<Option<Arc<Mutex<BlkDevice>>>>>;
 
 /// Serves one frontend connection, from accept to disconnect.
 fn serve_one(
     args: &Args,
     geo: DiskGeometry,
     stats: &[Arc<QueueStats>],
+    current: &Current,
     listener: &mut Listener,
 ) -> Result<(), Error> {
     // Fresh nvmed sessions per connection: the previous guest's RAM is unregistered with them.
@@ -158,6 +177,7 @@ fn serve_one(
     let device = BlkDevice::new(geo, workers, wce, Duration::from_micros(args.poll_us))
         .map_err(|e| Error::Os { what: "starting the queue threads", source: e })?;
     let device = Arc::new(Mutex::new(device));
+    *current.lock().unwrap_or_else(|p| p.into_inner()) = Some(device.clone());
     tracing::info!(socket = %args.socket.display(), "waiting for QEMU");
     let mut backend_listener = BackendListener::new(listener, device.clone())
         .map_err(|e| Error::VhostUser(format!("listening: {e}")))?;
@@ -185,5 +205,6 @@ fn serve_one(
     drop(conn);
     // Whatever the guest had in flight completes before its RAM is let go.
     device.lock().unwrap_or_else(|p| p.into_inner()).shutdown();
+    *current.lock().unwrap_or_else(|p| p.into_inner()) = None;
     Ok(())
 }

@@ -1,36 +1,37 @@
 //! Turning one virtio-blk request into nvmed requests: the single place that decides how guest
 //! memory reaches the device.
 //!
-//! Data pieces (descriptors split at guest RAM region boundaries) whose length is a multiple of
-//! the LBA size become one nvmed Read/Write each, straight into guest RAM (zero copy;
-//! neighbouring pieces contiguous in one region are merged). A run of pieces that cannot be
-//! expressed that way (a length that is not a multiple of the LBA size, or an address that is
-//! not 4-byte aligned as NVMe PRPs require) is bounced: it gets a slice of the queue's own
-//! registered bounce buffer, copied from guest RAM before a write and into it after a read.
-//!
-//! When nvmed gains vectored requests (ReadV/WriteV), `build` is the function to change: one
-//! vectored request per virtio request, bounce only where a piece is not dword aligned.
+//! The data descriptors of an IN/OUT request, split at guest RAM region boundaries (and merged
+//! where neighbours are contiguous in one region), become ONE nvmed request naming guest RAM:
+//! a plain Read/Write when that is a single dword-aligned piece, else a vectored ReadV/WriteV
+//! whose segment list goes in the queue's list slot reserved for this request (a per-queue
+//! registered buffer of preallocated slots, one per request in flight). Pieces may have any
+//! length and alignment: nvmed moves the data with PRPs when the layout allows, with SGLs when
+//! the controller has them, and bounces through its own memory otherwise (counted in the
+//! session's `bounced_bytes`). The backend never copies data.
 
-use nvmed_client::{BufferId, Io};
+use nvmed_client::{BufferId, Io, IoSegment, MAX_SEGMENTS, SEGMENT_SIZE};
 
 use crate::config::{DiskGeometry, MAX_DISCARD_BYTES, MAX_WRITE_ZEROES_LBAS};
 use crate::regions::{Piece, RegionTable};
-use crate::request::{Op, Range, Seg, S_IOERR};
+use crate::request::{Op, Range, S_IOERR};
 
-/// Granularity of the bounce buffer allocator.
-pub const BOUNCE_PAGE: u64 = 4096;
+/// Bytes of one list slot: room for the longest segment list nvmed takes.
+pub const LIST_SLOT_BYTES: u64 = MAX_SEGMENTS as u64 * SEGMENT_SIZE;
 
-/// A queue's registered bounce buffer, handed out in pages (first fit).
+/// A queue's registered buffer of segment-list slots, one per vectored request in flight.
 #[derive(Debug)]
-pub struct BouncePool {
+pub struct ListPool {
     buffer: BufferId,
-    used: Vec<bool>,
+    free: Vec<u32>,
+    slots: u32,
 }
 
-impl BouncePool {
-    /// A pool over `len` bytes of registered buffer `buffer`.
-    pub fn new(buffer: BufferId, len: u64) -> Self {
-        Self { buffer, used: vec![false; (len / BOUNCE_PAGE) as usize] }
+impl ListPool {
+    /// A pool of `slots` slots of [`LIST_SLOT_BYTES`] in registered buffer `buffer` (at least
+    /// `slots * LIST_SLOT_BYTES` bytes).
+    pub fn new(buffer: BufferId, slots: u32) -> Self {
+        Self { buffer, free: (0..slots).rev().collect(), slots }
     }
 
     /// The registered buffer.
@@ -38,69 +39,45 @@ impl BouncePool {
         self.buffer
     }
 
-    /// Bytes in the pool.
-    pub fn capacity(&self) -> u64 {
-        self.used.len() as u64 * BOUNCE_PAGE
+    /// Takes a slot; `None` while every slot is in use.
+    pub fn alloc(&mut self) -> Option<u32> {
+        self.free.pop()
     }
 
-    /// Takes `len` bytes; `None` while not enough contiguous pages are free.
-    pub fn alloc(&mut self, len: u64) -> Option<u64> {
-        let pages = len.div_ceil(BOUNCE_PAGE).max(1) as usize;
-        let mut run = 0;
-        for i in 0..self.used.len() {
-            run = if self.used[i] { 0 } else { run + 1 };
-            if run == pages {
-                let first = i + 1 - pages;
-                self.used[first..=i].iter_mut().for_each(|u| *u = true);
-                return Some(first as u64 * BOUNCE_PAGE);
-            }
-        }
-        None
+    /// Gives back a slot [`ListPool::alloc`] returned.
+    pub fn free(&mut self, slot: u32) {
+        debug_assert!(slot < self.slots && !self.free.contains(&slot));
+        self.free.push(slot);
     }
 
-    /// Gives back what [`BouncePool::alloc`] returned.
-    pub fn free(&mut self, offset: u64, len: u64) {
-        let first = (offset / BOUNCE_PAGE) as usize;
-        let pages = len.div_ceil(BOUNCE_PAGE).max(1) as usize;
-        self.used[first..first + pages].iter_mut().for_each(|u| *u = false);
+    /// Byte offset of a slot in the buffer.
+    pub fn offset(slot: u32) -> u64 {
+        u64::from(slot) * LIST_SLOT_BYTES
     }
 
-    /// Pages in use.
+    /// Slots in use.
     pub fn in_use(&self) -> usize {
-        self.used.iter().filter(|u| **u).count()
+        (self.slots as usize) - self.free.len()
     }
-}
-
-/// A stretch of the request that goes through the bounce buffer.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Bounce {
-    /// Where in the bounce buffer.
-    pub pool_offset: u64,
-    /// Bytes (a multiple of the LBA size).
-    pub len: u64,
-    /// The guest memory it stands for, in order (`len` bytes in all).
-    pub guest: Vec<Seg>,
 }
 
 /// The nvmed requests for one virtio request.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Plan {
-    /// Requests to submit (user data filled in by the caller).
+    /// Requests to submit (user data filled in by the caller). A vectored one's list must be
+    /// written first: [`Plan::segments`] at [`ListPool::offset`] of [`Plan::list_slot`].
     pub ios: Vec<Io>,
-    /// Bounced stretches: copy in before submitting a write, copy out after a read.
-    pub bounces: Vec<Bounce>,
+    /// The segment list of the vectored request (empty for plain ones).
+    pub segments: Vec<IoSegment>,
+    /// The list slot the vectored request holds until it completes.
+    pub list_slot: Option<u32>,
 }
 
 impl Plan {
-    /// Bytes that go through the bounce buffer.
-    pub fn bounced_bytes(&self) -> u64 {
-        self.bounces.iter().map(|b| b.len).sum()
-    }
-
-    /// Gives the bounce space back (request finished or abandoned).
-    pub fn release(&self, pool: &mut BouncePool) {
-        for b in &self.bounces {
-            pool.free(b.pool_offset, b.len);
+    /// Gives the list slot back (request finished or abandoned).
+    pub fn release(&self, pool: &mut ListPool) {
+        if let Some(slot) = self.list_slot {
+            pool.free(slot);
         }
     }
 }
@@ -110,7 +87,7 @@ impl Plan {
 pub enum PlanError {
     /// Complete the request at once with this status.
     Status(u8, &'static str),
-    /// Not enough free bounce space right now: retry after completions.
+    /// No free list slot right now: retry after completions.
     Busy,
 }
 
@@ -120,7 +97,7 @@ pub fn build(
     op: &Op,
     geo: &DiskGeometry,
     regions: &RegionTable,
-    pool: &mut BouncePool,
+    pool: &mut ListPool,
     fua: bool,
 ) -> Result<Plan, PlanError> {
     let nsid = geo.nsid;
@@ -134,10 +111,7 @@ pub fn build(
                     .translate(s.gpa, s.len, &mut pieces)
                     .map_err(|_| PlanError::Status(S_IOERR, "data outside registered guest RAM"))?;
             }
-            if let Err(e) = data_ios(&mut plan, &pieces, *offset, write, fua, geo, pool) {
-                plan.release(pool);
-                return Err(e);
-            }
+            data_io(&mut plan, &pieces, *offset, write, fua, geo, pool)?;
         }
         Op::Flush => plan.ios.push(Io::flush(nsid)),
         Op::GetId { .. } => {}
@@ -168,76 +142,78 @@ fn chunks(ranges: &[Range], max: u64, mut f: impl FnMut(u64, u32)) {
     }
 }
 
-fn data_ios(
+fn data_io(
     plan: &mut Plan,
     pieces: &[Piece],
     disk_offset: u64,
     write: bool,
     fua: bool,
     geo: &DiskGeometry,
-    pool: &mut BouncePool,
+    pool: &mut ListPool,
 ) -> Result<(), PlanError> {
-    let lba = u64::from(geo.lba_size);
-    let nsid = geo.nsid;
-    let make = |off: u64, len: u32, buf: BufferId, buf_off: u64| {
-        if write {
-            let io = Io::write(nsid, off, len, buf, buf_off);
-            if fua {
-                io.fua()
-            } else {
-                io
+    // Neighbours contiguous in one registered buffer become one segment.
+    let mut segs: Vec<IoSegment> = Vec::with_capacity(pieces.len());
+    for p in pieces {
+        match segs.last_mut() {
+            Some(last)
+                if last.buffer == p.buffer
+                    && last.offset + u64::from(last.len) == p.buf_offset
+                    && u64::from(last.len) + u64::from(p.len) <= u64::from(u32::MAX) =>
+            {
+                last.len += p.len
             }
-        } else {
-            Io::read(nsid, off, len, buf, buf_off)
+            _ => segs.push(IoSegment::new(p.buffer, p.buf_offset, p.len)),
         }
-    };
-    let mut pos = 0u64; // bytes of the request done so far
-    let mut i = 0;
-    while i < pieces.len() {
-        let p = pieces[i];
-        let direct = u64::from(p.len).is_multiple_of(lba) && p.buf_offset.is_multiple_of(4);
-        if direct {
-            // Merge with the previous request when contiguous in the same buffer.
-            let merged = match plan.ios.last_mut() {
-                Some(last)
-                    if last.buffer == Some((p.buffer, p.buf_offset.wrapping_sub(u64::from(last.len))))
-                        && last.offset + u64::from(last.len) == disk_offset + pos
-                        && u64::from(last.len) + u64::from(p.len) <= u64::from(geo.max_request) =>
-                {
-                    last.len += p.len;
-                    true
-                }
-                _ => false,
-            };
-            if !merged {
-                plan.ios.push(make(disk_offset + pos, p.len, p.buffer, p.buf_offset));
-            }
-            pos += u64::from(p.len);
-            i += 1;
-            continue;
-        }
-        // A bounced stretch: take pieces until the stretch ends on an LBA boundary.
-        let start = pos;
-        let mut guest = Vec::new();
-        while i < pieces.len() {
-            guest.push(Seg { gpa: pieces[i].gpa, len: pieces[i].len });
-            pos += u64::from(pieces[i].len);
-            i += 1;
-            if pos.is_multiple_of(lba) {
-                break;
-            }
-        }
-        let len = pos - start;
-        if !len.is_multiple_of(lba) {
-            return Err(PlanError::Status(S_IOERR, "data length not a multiple of the logical block size"));
-        }
-        if len > pool.capacity() {
-            return Err(PlanError::Status(S_IOERR, "unaligned stretch larger than the bounce buffer"));
-        }
-        let pool_offset = pool.alloc(len).ok_or(PlanError::Busy)?;
-        plan.bounces.push(Bounce { pool_offset, len, guest });
-        plan.ios.push(make(disk_offset + start, len as u32, pool.buffer(), pool_offset));
     }
+    let total: u64 = segs.iter().map(|s| u64::from(s.len)).sum();
+    if total == 0 {
+        return Ok(()); // nothing to move (refused earlier by the parser; kept harmless)
+    }
+    if !total.is_multiple_of(u64::from(geo.lba_size)) {
+        return Err(PlanError::Status(S_IOERR, "data length not a multiple of the logical block size"));
+    }
+    if total > u64::from(geo.max_request) {
+        return Err(PlanError::Status(S_IOERR, "request larger than seg_max * size_max"));
+    }
+    let len = total as u32;
+    let nsid = geo.nsid;
+    if let [s] = segs[..] {
+        if s.offset.is_multiple_of(4) {
+            // One piece, dword aligned: a plain Read/Write.
+            let io = if write {
+                let io = Io::write(nsid, disk_offset, len, s.buffer, s.offset);
+                if fua {
+                    io.fua()
+                } else {
+                    io
+                }
+            } else {
+                Io::read(nsid, disk_offset, len, s.buffer, s.offset)
+            };
+            plan.ios.push(io);
+            return Ok(());
+        }
+    }
+    if segs.len() > usize::from(MAX_SEGMENTS) {
+        // seg_max leaves room for region-boundary splits; only a guest ignoring seg_max (or
+        // guest RAM cut into many adjacent regions) gets here.
+        return Err(PlanError::Status(S_IOERR, "more guest memory pieces than nvmed's MAX_SEGMENTS"));
+    }
+    let slot = pool.alloc().ok_or(PlanError::Busy)?;
+    let (list, at, count) = (pool.buffer(), ListPool::offset(slot), segs.len() as u16);
+    let io = if write {
+        let io = Io::writev(nsid, disk_offset, len, list, at, count);
+        if fua {
+            io.fua()
+        } else {
+            io
+        }
+    } else {
+        Io::readv(nsid, disk_offset, len, list, at, count)
+    };
+    plan.ios.push(io);
+    plan.segments = segs;
+    plan.list_slot = Some(slot);
     Ok(())
 }
 
@@ -247,6 +223,7 @@ mod tests {
 
     use super::*;
     use crate::regions::{Region, RegionSpec};
+    use crate::request::Seg;
 
     fn geo(lba_size: u32) -> DiskGeometry {
         DiskGeometry {
@@ -269,16 +246,35 @@ mod tests {
         t
     }
 
-    fn pool() -> BouncePool {
-        BouncePool::new(BufferId(9), 64 << 10)
+    fn pool() -> ListPool {
+        ListPool::new(BufferId(9), 4)
     }
 
     fn read(offset: u64, segs: &[(u64, u32)]) -> Op {
         Op::Read { offset, segs: segs.iter().map(|&(gpa, len)| Seg { gpa, len }).collect() }
     }
 
+    fn seg(buffer: u32, offset: u64, len: u32) -> IoSegment {
+        IoSegment::new(BufferId(buffer), offset, len)
+    }
+
     #[test]
-    fn page_aligned_io_is_zero_copy_and_merged_when_contiguous() {
+    fn one_contiguous_piece_is_a_plain_request() {
+        let mut p = pool();
+        // Two descriptors contiguous in guest RAM: merged into one plain read.
+        let plan =
+            build(&read(4096, &[(0x1000, 4096), (0x2000, 4096)]), &geo(512), &regions(), &mut p, false)
+                .unwrap();
+        assert_eq!(plan.ios, vec![Io::read(1, 4096, 8192, BufferId(1), 0x1000)]);
+        assert!(plan.segments.is_empty() && plan.list_slot.is_none());
+        assert_eq!(p.in_use(), 0);
+        let w = Op::Write { offset: 0, segs: vec![Seg { gpa: 0x10_0200, len: 1024 }] };
+        let plan = build(&w, &geo(512), &regions(), &mut p, true).unwrap();
+        assert_eq!(plan.ios, vec![Io::write(1, 0, 1024, BufferId(2), 0x200).fua()]);
+    }
+
+    #[test]
+    fn several_pieces_become_one_vectored_request_with_a_list_slot() {
         let mut p = pool();
         let plan = build(
             &read(4096, &[(0x1000, 4096), (0x2000, 4096), (0x8000, 4096)]),
@@ -288,76 +284,72 @@ mod tests {
             false,
         )
         .unwrap();
-        assert!(plan.bounces.is_empty());
-        assert_eq!(
-            plan.ios,
-            vec![
-                Io::read(1, 4096, 8192, BufferId(1), 0x1000),
-                Io::read(1, 4096 + 8192, 4096, BufferId(1), 0x8000)
-            ]
-        );
+        assert_eq!(plan.ios, vec![Io::readv(1, 4096, 12288, BufferId(9), 0, 2)]);
+        assert_eq!(plan.segments, vec![seg(1, 0x1000, 8192), seg(1, 0x8000, 4096)]);
+        assert_eq!(plan.list_slot, Some(0));
+        assert_eq!(p.in_use(), 1);
+        // The next request gets the next slot.
+        let w =
+            Op::Write { offset: 0, segs: vec![Seg { gpa: 0x1000, len: 512 }, Seg { gpa: 0x3000, len: 512 }] };
+        let plan2 = build(&w, &geo(512), &regions(), &mut p, true).unwrap();
+        assert_eq!(plan2.ios, vec![Io::writev(1, 0, 1024, BufferId(9), LIST_SLOT_BYTES, 2).fua()]);
+        assert_eq!(plan2.ios[0].op, Opcode::WriteV);
+        plan.release(&mut p);
+        plan2.release(&mut p);
         assert_eq!(p.in_use(), 0);
     }
 
     #[test]
-    fn a_segment_crossing_regions_becomes_one_request_per_region() {
+    fn a_segment_crossing_regions_is_two_segments_of_one_request() {
         let mut p = pool();
         let plan = build(&read(0, &[(0xff000, 8192)]), &geo(4096), &regions(), &mut p, false).unwrap();
-        assert_eq!(
-            plan.ios,
-            vec![Io::read(1, 0, 4096, BufferId(1), 0xff000), Io::read(1, 4096, 4096, BufferId(2), 0)]
-        );
+        assert_eq!(plan.ios, vec![Io::readv(1, 0, 8192, BufferId(9), 0, 2)]);
+        assert_eq!(plan.segments, vec![seg(1, 0xff000, 4096), seg(2, 0, 4096)]);
     }
 
     #[test]
-    fn unaligned_segments_bounce_until_an_lba_boundary() {
+    fn odd_lengths_and_alignments_go_to_nvmed_unchanged() {
         let mut p = pool();
-        // 4 KiB LBAs: 1 KiB + 3 KiB (bounced together), then a whole page (direct), then 2+2 KiB.
+        // 4 KiB LBAs: pieces that are not whole blocks, one not even dword aligned.
         let op = Op::Write {
             offset: 0,
             segs: vec![
                 Seg { gpa: 0x1000, len: 1024 },
                 Seg { gpa: 0x3000, len: 3072 },
                 Seg { gpa: 0x5000, len: 4096 },
-                Seg { gpa: 0x7000, len: 2048 },
-                Seg { gpa: 0x9800, len: 2048 },
+                Seg { gpa: 0x7001, len: 2047 },
+                Seg { gpa: 0x9800, len: 2049 },
             ],
         };
-        let plan = build(&op, &geo(4096), &regions(), &mut p, true).unwrap();
-        assert_eq!(plan.ios.len(), 3);
-        assert_eq!(plan.ios[0], Io::write(1, 0, 4096, BufferId(9), 0).fua());
-        assert_eq!(plan.ios[1], Io::write(1, 4096, 4096, BufferId(1), 0x5000).fua());
-        assert_eq!(plan.ios[2], Io::write(1, 8192, 4096, BufferId(9), 4096).fua());
-        assert_eq!(plan.bounced_bytes(), 8192);
-        assert_eq!(
-            plan.bounces[0].guest,
-            vec![Seg { gpa: 0x1000, len: 1024 }, Seg { gpa: 0x3000, len: 3072 }]
-        );
-        assert_eq!(p.in_use(), 2);
-        plan.release(&mut p);
-        assert_eq!(p.in_use(), 0);
-        // 512-byte LBAs: the same layout is all direct.
-        let plan = build(&op, &geo(512), &regions(), &mut p, false).unwrap();
-        assert!(plan.bounces.is_empty());
-        // Not dword aligned: bounced even with 512-byte LBAs.
+        let plan = build(&op, &geo(4096), &regions(), &mut p, false).unwrap();
+        assert_eq!(plan.ios, vec![Io::writev(1, 0, 12288, BufferId(9), 0, 5)]);
+        assert_eq!(plan.segments[3], seg(1, 0x7001, 2047));
+        // A single piece that is not dword aligned: vectored too (plain requests need 4 bytes).
         let plan = build(&read(0, &[(0x1002, 512)]), &geo(512), &regions(), &mut p, false).unwrap();
-        assert_eq!(plan.bounced_bytes(), 512);
-        assert_eq!(plan.ios[0].op, Opcode::Read);
+        assert_eq!(plan.ios, vec![Io::readv(1, 0, 512, BufferId(9), LIST_SLOT_BYTES, 1)]);
+        // Total not a multiple of the LBA size.
+        assert!(matches!(
+            build(&read(0, &[(0x1000, 512)]), &geo(4096), &regions(), &mut p, false),
+            Err(PlanError::Status(S_IOERR, _))
+        ));
+        assert_eq!(p.in_use(), 2);
     }
 
     #[test]
-    fn bounce_space_exhausted_is_busy_and_too_big_is_an_error() {
-        let mut p = BouncePool::new(BufferId(9), 8192);
-        let first = build(&read(0, &[(0x1000, 1024), (0x3000, 7168)]), &geo(4096), &regions(), &mut p, false)
-            .unwrap();
-        assert_eq!(first.bounced_bytes(), 8192);
-        assert_eq!(
-            build(&read(0, &[(0x1000, 1024), (0x3000, 3072)]), &geo(4096), &regions(), &mut p, false),
-            Err(PlanError::Busy)
-        );
+    fn no_free_slot_is_busy_and_bad_requests_are_errors() {
+        let mut p = ListPool::new(BufferId(9), 1);
+        let two = read(0, &[(0x1000, 512), (0x3000, 512)]);
+        let first = build(&two, &geo(512), &regions(), &mut p, false).unwrap();
+        assert_eq!(build(&two, &geo(512), &regions(), &mut p, false), Err(PlanError::Busy));
+        // Plain requests need no slot.
+        assert!(build(&read(0, &[(0x1000, 512)]), &geo(512), &regions(), &mut p, false).is_ok());
         first.release(&mut p);
+        assert!(build(&two, &geo(512), &regions(), &mut p, false).is_ok());
+        // More pieces than nvmed takes in one list.
+        let many: Vec<(u64, u32)> = (0..257).map(|i| (0x1000 + i * 0x1000, 512)).collect();
+        let mut p = pool();
         assert!(matches!(
-            build(&read(0, &[(0x1000, 1024), (0x3000, 11264)]), &geo(4096), &regions(), &mut p, false),
+            build(&read(0, &many), &geo(512), &regions(), &mut p, false),
             Err(PlanError::Status(S_IOERR, _))
         ));
         assert_eq!(p.in_use(), 0);

@@ -1,6 +1,6 @@
-//! One virtqueue's request engine: its own nvmed session (ring, registered guest RAM, bounce
-//! buffer), the requests it has in flight and those waiting for room. Nothing here is shared
-//! with another queue.
+//! One virtqueue's request engine: its own nvmed session (ring, registered guest RAM, segment
+//! list slots), the requests it has in flight and those waiting for room. Nothing here is
+//! shared with another queue.
 
 use std::collections::VecDeque;
 use std::fs::File;
@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use nvmed_client::{BrokerStatus, BufferId, Completion, MemfdBuffer, NvmeRing, Status};
+use nvmed_client::{BrokerStatus, BufferId, Completion, MemfdBuffer, NvmeRing, Stats, Status};
 use slab::Slab;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
@@ -17,22 +17,28 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 use crate::config::DiskGeometry;
 use crate::error::RegionError;
 use crate::inflight::QueueInflight;
-use crate::plan::{self, BouncePool, Plan, PlanError};
+use crate::plan::{self, ListPool, Plan, PlanError, LIST_SLOT_BYTES};
 use crate::regions::{Region, RegionSpec, RegionTable};
-use crate::request::{self, gather, scatter, walk_chain, Op, Parsed, S_IOERR, S_UNSUPP};
+use crate::request::{self, scatter, walk_chain, Op, Parsed, S_IOERR, S_UNSUPP};
 
-/// SQ entries of each queue's nvmed ring (a virtio request needs at most `seg_max` plus one
-/// per region boundary it crosses).
+/// SQ entries of each queue's nvmed ring (a read or write is one nvmed request; a discard or
+/// write zeroes at most a few).
 pub const SQ_ENTRIES: u32 = 512;
+
+/// Segment-list slots of each queue: vectored requests in flight at once (nvmed takes at most
+/// 192 per session anyway; more wait for a slot, in order).
+pub const LIST_SLOTS: u32 = 256;
 
 /// Counters of one queue (read by the stats line and by tests).
 #[derive(Debug, Default)]
 pub struct QueueStats {
     /// virtio requests completed.
     pub requests: AtomicU64,
-    /// Bytes moved between the device and guest RAM directly.
-    pub direct_bytes: AtomicU64,
-    /// Bytes copied through the bounce buffer.
+    /// Data bytes of successful reads and writes.
+    pub data_bytes: AtomicU64,
+    /// Bytes nvmed copied through its own bounce buffers for this queue's sessions (the
+    /// sessions' `bounced_bytes`, as of the last [`Worker::refresh_stats`]; the backend itself
+    /// copies no data).
     pub bounced_bytes: AtomicU64,
     /// Requests completed with an error status.
     pub errors: AtomicU64,
@@ -70,7 +76,7 @@ struct InFlight {
     plan: Plan,
 }
 
-/// A request parsed but waiting for SQ or bounce space.
+/// A request parsed but waiting for SQ space or a list slot.
 #[derive(Debug)]
 struct Waiting {
     head: u16,
@@ -95,7 +101,9 @@ pub struct Worker {
     geo: DiskGeometry,
     regions: RegionTable,
     retiring: Vec<BufferId>,
-    pool: BouncePool,
+    lists: ListPool,
+    /// `stats.bounced_bytes` when this session started (earlier sessions of the queue).
+    bounced_base: u64,
     pending: Slab<InFlight>,
     backlog: VecDeque<Waiting>,
     completions: Vec<Completion>,
@@ -117,15 +125,16 @@ impl Worker {
         wce: Arc<AtomicU8>,
         stats: Arc<QueueStats>,
     ) -> Result<Self, nvmed_client::Error> {
-        let pool_len = u64::from(geo.max_request);
-        let pool_buf = ring.alloc_buffer(pool_len as usize)?;
+        let lists = ring.alloc_buffer((u64::from(LIST_SLOTS) * LIST_SLOT_BYTES) as usize)?;
+        let bounced_base = stats.bounced_bytes.load(Ordering::Relaxed);
         Ok(Self {
             index,
             ring,
             geo,
             regions: RegionTable::default(),
             retiring: Vec::new(),
-            pool: BouncePool::new(pool_buf, pool_len),
+            lists: ListPool::new(lists, LIST_SLOTS),
+            bounced_base,
             pending: Slab::new(),
             backlog: VecDeque::new(),
             completions: Vec::new(),
@@ -141,6 +150,20 @@ impl Worker {
     /// This queue's counters.
     pub fn stats(&self) -> Arc<QueueStats> {
         self.stats.clone()
+    }
+
+    /// Asks nvmed for this session's counters and updates `bounced_bytes` of the queue's stats
+    /// from them (a control-socket round trip: called when a connection ends, when a signal
+    /// asks for the stats line, and by tests).
+    pub fn refresh_stats(&mut self) -> Result<Stats, nvmed_client::Error> {
+        let s = self.ring.stats()?;
+        self.stats.bounced_bytes.store(self.bounced_base + s.bounced_bytes, Ordering::Relaxed);
+        Ok(s)
+    }
+
+    /// Segment-list slots in use.
+    pub fn list_slots_in_use(&self) -> usize {
+        self.lists.in_use()
     }
 
     /// Requests submitted to nvmed and not finished, plus those waiting for room or for
@@ -444,7 +467,7 @@ impl Worker {
             return Ok(());
         }
         let fua = self.wce.load(Ordering::Relaxed) == 0;
-        let plan = match plan::build(&w.op, &self.geo, &self.regions, &mut self.pool, fua) {
+        let plan = match plan::build(&w.op, &self.geo, &self.regions, &mut self.lists, fua) {
             Ok(plan) => plan,
             Err(PlanError::Busy) => return Err(w),
             Err(PlanError::Status(s, why)) => {
@@ -454,32 +477,28 @@ impl Worker {
             }
         };
         if plan.ios.len() > SQ_ENTRIES as usize {
-            plan.release(&mut self.pool);
+            plan.release(&mut self.lists);
             self.complete(q, mem, w.head, w.status_addr, S_IOERR, 1, p);
             return Ok(());
         }
         if plan.ios.len() > self.ring.sq_space() {
-            plan.release(&mut self.pool);
+            plan.release(&mut self.lists);
             return Err(w);
         }
         let read = matches!(w.op, Op::Read { .. });
-        if !read {
-            // Copy bounced stretches of a write into the bounce buffer.
-            for b in &plan.bounces {
-                let ok = self
-                    .ring
-                    .buffer_mut(self.pool.buffer(), b.pool_offset, b.len)
-                    .ok()
-                    .is_some_and(|dst| gather(mem, &b.guest, 0, dst).is_ok());
-                if !ok {
-                    plan.release(&mut self.pool);
-                    self.complete(q, mem, w.head, w.status_addr, S_IOERR, 1, p);
-                    return Ok(());
-                }
+        if let Some(slot) = plan.list_slot {
+            // The vectored request's segment list, in the slot it holds until it completes.
+            if let Err(e) =
+                self.ring.write_segments(self.lists.buffer(), ListPool::offset(slot), &plan.segments)
+            {
+                tracing::error!(queue = self.index, "writing a segment list: {e}");
+                plan.release(&mut self.lists);
+                self.complete(q, mem, w.head, w.status_addr, S_IOERR, 1, p);
+                return Ok(());
             }
         }
         if plan.ios.is_empty() {
-            plan.release(&mut self.pool);
+            plan.release(&mut self.lists);
             let used = if read { w.op.data_len() as u32 + 1 } else { 1 };
             self.complete(q, mem, w.head, w.status_addr, 0, used, p);
             return Ok(());
@@ -506,7 +525,7 @@ impl Worker {
         }
         if self.pending[key].remaining == 0 {
             let f = self.pending.remove(key);
-            f.plan.release(&mut self.pool);
+            f.plan.release(&mut self.lists);
             self.complete(q, mem, f.head, f.status_addr, S_IOERR, 1, p);
         }
         Ok(())
@@ -546,25 +565,11 @@ impl Worker {
     }
 
     fn finish<M: GuestMemoryBackend>(&mut self, f: InFlight, q: &mut Queue, mem: &M, p: &mut Progress) {
-        let mut status = f.status;
-        if status == 0 && f.read {
-            for b in &f.plan.bounces {
-                let ok = self
-                    .ring
-                    .buffer(self.pool.buffer(), b.pool_offset, b.len)
-                    .ok()
-                    .is_some_and(|src| scatter(mem, &b.guest, src) == Ok(src.len()));
-                if !ok {
-                    status = S_IOERR;
-                }
-            }
-        }
+        let status = f.status;
         if status == 0 {
-            let bounced = f.plan.bounced_bytes();
-            QueueStats::add(&self.stats.bounced_bytes, bounced);
-            QueueStats::add(&self.stats.direct_bytes, f.data_len - bounced.min(f.data_len));
+            QueueStats::add(&self.stats.data_bytes, f.data_len);
         }
-        f.plan.release(&mut self.pool);
+        f.plan.release(&mut self.lists);
         let used = if f.read && status == 0 { f.data_len as u32 + 1 } else { 1 };
         self.complete(q, mem, f.head, f.status_addr, status, used, p);
     }
@@ -626,7 +631,7 @@ impl Worker {
         let keys: Vec<usize> = self.pending.iter().map(|(k, _)| k).collect();
         for k in keys {
             let f = self.pending.remove(k);
-            f.plan.release(&mut self.pool);
+            f.plan.release(&mut self.lists);
             self.complete(q, mem, f.head, f.status_addr, S_IOERR, 1, p);
         }
         while let Some(w) = self.backlog.pop_front() {

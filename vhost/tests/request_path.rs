@@ -19,7 +19,7 @@ use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 mod common;
-use common::{broker, disk, guest_ram, ring, Env, MIB};
+use common::{broker, broker_with, disk, guest_ram, ring, Env, MIB};
 
 const HDR: u64 = 0x8000;
 const STATUS: u64 = 0x9000;
@@ -30,6 +30,8 @@ struct Guest<'a> {
     q: Queue,
     next_desc: u16,
     submitted: u16,
+    /// Head descriptor of each request pushed, by request number.
+    heads: Vec<u16>,
     worker: Worker,
     stats: Arc<QueueStats>,
 }
@@ -44,7 +46,7 @@ impl<'a> Guest<'a> {
         worker.sync_memory(&region_files(mem).unwrap()).unwrap();
         let vq = MockSplitQueue::new(mem, 256);
         let q: Queue = vq.create_queue().unwrap();
-        Self { mem, vq, q, next_desc: 0, submitted: 0, worker, stats }
+        Self { mem, vq, q, next_desc: 0, submitted: 0, heads: Vec::new(), worker, stats }
     }
 
     /// Puts a request in the avail ring: header at HDR + 32*n, data descriptors, status byte at
@@ -82,6 +84,7 @@ impl<'a> Guest<'a> {
             })
             .collect();
         self.vq.add_desc_chains(&descs, base).unwrap();
+        self.heads.push(base);
         self.next_desc += list.len() as u16;
         self.submitted += 1;
     }
@@ -103,8 +106,14 @@ impl<'a> Guest<'a> {
         self.mem.read_obj(GuestAddress(STATUS + u64::from(n))).unwrap()
     }
 
+    /// Used length of request `n` (completions may be out of order).
     fn used_len(&self, n: u16) -> u32 {
-        self.vq.used().ring().ref_at(n as usize).unwrap().load().len()
+        let head = u32::from(self.heads[n as usize]);
+        (0..self.vq.used().idx().load())
+            .map(|i| self.vq.used().ring().ref_at(i as usize).unwrap().load())
+            .find(|e| e.id() == head)
+            .expect("request not in the used ring")
+            .len()
     }
 
     fn fill(&self, gpa: u64, len: usize, seed: u8) -> Vec<u8> {
@@ -124,53 +133,131 @@ impl<'a> Guest<'a> {
     }
 }
 
-fn zero_copy_and_bounce(lba_size: u32, mode: EmulatorMode) -> StatsSummary {
-    let env = broker(lba_size, mode);
+/// Data descriptors of a request: (guest address, length, device-writable).
+type Descs<'a> = &'a [(u64, u32, bool)];
+/// A write from the first descriptors at a sector, read back into the second.
+type WriteRead<'a> = (u64, Descs<'a>, Descs<'a>);
+
+/// Drives `requests` (write, then read back into other guest memory) and checks the data on
+/// the disk and in the guest. Returns the queue's counters and its nvmed session's.
+fn write_read_back(
+    lba_size: u32,
+    mode: EmulatorMode,
+    sgl: bool,
+    requests: &[WriteRead],
+) -> (StatsSummary, nvmed_client::Stats) {
+    let env = broker_with(lba_size, mode, sgl);
     let mem = guest_ram();
     let mut g = Guest::new(&env, &mem, None);
     assert_eq!(g.worker.regions().regions().len(), 2);
-    // Write A: one 8 KiB descriptor across the boundary between the two regions.
-    let a_src = [(0x1f_f000u64, 8192u32, false)];
-    let a = g.fill(0x1f_f000, 8192, 1);
-    let wa = g.push(VIRTIO_BLK_T_OUT, 8, &a_src);
-    // Write B: 1 KiB + 3 KiB + 4 KiB, the first two not whole 4 KiB blocks.
-    let b_src = [(0x10_0400u64, 1024u32, false), (0x10_2000, 3072, false), (0x10_4000, 4096, false)];
-    let mut b = g.fill(0x10_0400, 1024, 2);
-    b.extend(g.fill(0x10_2000, 3072, 3));
-    b.extend(g.fill(0x10_4000, 4096, 4));
-    let wb = g.push(VIRTIO_BLK_T_OUT, 64, &b_src);
+    let mut want = Vec::new();
+    let mut writes = Vec::new();
+    for (i, &(sector, src, _)) in requests.iter().enumerate() {
+        let mut data = Vec::new();
+        for (j, &(gpa, len, _)) in src.iter().enumerate() {
+            data.extend(g.fill(gpa, len as usize, (i * 16 + j) as u8));
+        }
+        writes.push(g.push(VIRTIO_BLK_T_OUT, sector, src));
+        want.push(data);
+    }
     g.drive();
-    assert_eq!((g.status(wa), g.status(wb)), (0, 0));
-    assert_eq!(disk(&env, 8 * 512, 8192), a);
-    assert_eq!(disk(&env, 64 * 512, 8192), b);
-    // Read both back into other guest pages: A into one page-aligned buffer, B into 2 KiB + 6 KiB.
-    let ra_dst = [(0x30_0000u64, 8192u32, true)];
-    let rb_dst = [(0x31_0200u64, 2048u32, true), (0x32_0000, 6144, true)];
-    let ra = g.push(VIRTIO_BLK_T_IN, 8, &ra_dst);
-    let rb = g.push(VIRTIO_BLK_T_IN, 64, &rb_dst);
+    for (i, &(sector, _, _)) in requests.iter().enumerate() {
+        assert_eq!(g.status(writes[i]), 0, "write {i}");
+        assert_eq!(disk(&env, sector * 512, want[i].len() as u32), want[i], "write {i} on the disk");
+    }
+    let mut reads = Vec::new();
+    for &(sector, _, dst) in requests {
+        reads.push(g.push(VIRTIO_BLK_T_IN, sector, dst));
+    }
     g.drive();
-    assert_eq!((g.status(ra), g.status(rb)), (0, 0));
-    assert_eq!(g.used_len(ra), 8193);
-    assert_eq!(g.read(&ra_dst), a);
-    assert_eq!(g.read(&rb_dst), b);
-    StatsSummary::of(&[g.stats.clone()])
+    for (i, &(_, _, dst)) in requests.iter().enumerate() {
+        assert_eq!(g.status(reads[i]), 0, "read {i}");
+        assert_eq!(g.used_len(reads[i]), want[i].len() as u32 + 1);
+        assert_eq!(g.read(dst), want[i], "read {i} in the guest");
+    }
+    assert_eq!(g.worker.list_slots_in_use(), 0);
+    let session = g.worker.refresh_stats().unwrap();
+    (StatsSummary::of(&[g.stats.clone()]), session)
+}
+
+/// Page-aligned guest buffers: a descriptor across the boundary of the two RAM regions, pages
+/// scattered in guest RAM, a single page, and (512-byte LBAs) a sector in a page.
+const ALIGNED: &[WriteRead] = &[
+    (8, &[(0x1f_f000, 8192, false)], &[(0x30_0000, 8192, true)]),
+    (
+        64,
+        &[(0x10_4000, 4096, false), (0x10_8000, 4096, false), (0x2a_0000, 16384, false)],
+        &[(0x31_0000, 12288, true), (0x1f_e000, 12288, true)],
+    ),
+    (128, &[(0x12_0000, 4096, false)], &[(0x33_0000, 4096, true)]),
+];
+
+#[test]
+fn page_aligned_io_bounces_nothing_even_without_sgls() {
+    for lba in [512, 4096] {
+        // PRP-only controller: every request, vectored or not, still reaches guest RAM directly.
+        let (s, session) = write_read_back(lba, EmulatorMode::Sync, false, ALIGNED);
+        assert_eq!((s.bounced_bytes, session.bounced_bytes), (0, 0), "{lba}: {s} {session:?}");
+        assert_eq!(session.broker_sgl_commands, 0);
+        assert!(session.broker_vectored_prp_commands >= 3, "{session:?}");
+        // One nvmed request per virtio request.
+        assert_eq!((s.requests, s.errors, session.submitted), (6, 0, 6), "{lba}: {s} {session:?}");
+        assert_eq!(s.data_bytes, 2 * (8192 + 24576 + 4096));
+    }
+    // A sector inside a page (what a 512-byte O_DIRECT request of a Linux guest looks like).
+    let sector: &[WriteRead] = &[(3, &[(0x11_0200, 512, false)], &[(0x34_0e00, 512, true)])];
+    let (s, session) = write_read_back(512, EmulatorMode::Sync, false, sector);
+    assert_eq!((s.bounced_bytes, session.submitted), (0, 2), "{s} {session:?}");
+}
+
+/// Odd layouts on a 4 KiB-LBA namespace: pieces that are not whole blocks (1 KiB + 3 KiB + a
+/// page; 2 KiB at an odd 512 + 6 KiB), and pieces of odd lengths at odd addresses summing to a
+/// block. Each request is one nvmed vectored request.
+const ODD: &[WriteRead] = &[
+    (
+        64,
+        &[(0x10_0400, 1024, false), (0x10_2000, 3072, false), (0x10_4000, 4096, false)],
+        &[(0x31_0200, 2048, true), (0x32_0000, 6144, true)],
+    ),
+    (
+        256,
+        &[(0x10_6003, 1000, false), (0x1f_fc01, 3096, false)],
+        &[(0x34_0001, 100, true), (0x34_1003, 3000, true), (0x1f_f005, 996, true)],
+    ),
+];
+
+#[test]
+fn odd_layouts_are_one_vectored_request_sgl_without_bouncing() {
+    let (s, session) =
+        write_read_back(4096, EmulatorMode::Async { latency: Duration::from_micros(300) }, true, ODD);
+    assert_eq!((s.bounced_bytes, session.bounced_bytes), (0, 0), "{s} {session:?}");
+    assert!(session.broker_sgl_commands >= 4, "{session:?}");
+    assert_eq!((s.requests, s.errors, session.submitted), (4, 0, 4), "{s} {session:?}");
+    assert_eq!(s.data_bytes, 2 * (8192 + 4096));
 }
 
 #[test]
-fn page_aligned_io_is_zero_copy_512() {
-    let s = zero_copy_and_bounce(512, EmulatorMode::Sync);
-    assert_eq!(s.bounced_bytes, 0, "{s}");
-    assert_eq!(s.direct_bytes, 4 * 8192);
-    assert_eq!((s.requests, s.errors), (4, 0));
+fn odd_layouts_are_bounced_by_nvmed_without_sgls() {
+    let (s, session) =
+        write_read_back(4096, EmulatorMode::Async { latency: Duration::from_micros(300) }, false, ODD);
+    assert!(s.bounced_bytes > 0 && s.bounced_bytes == session.bounced_bytes, "{s} {session:?}");
+    assert!(s.bounced_bytes <= 2 * (8192 + 4096), "{s}");
+    assert_eq!(session.broker_sgl_commands, 0);
+    assert_eq!((s.requests, s.errors, session.submitted), (4, 0, 4), "{s} {session:?}");
 }
 
 #[test]
-fn unaligned_segments_bounce_with_4k_lbas() {
-    // Write B bounces its first 4 KiB (1 KiB + 3 KiB); read B bounces all 8 KiB (2 KiB + 6 KiB).
-    let s = zero_copy_and_bounce(4096, EmulatorMode::Async { latency: Duration::from_micros(300) });
-    assert_eq!(s.bounced_bytes, 4096 + 8192, "{s}");
-    assert_eq!(s.direct_bytes, 4 * 8192 - 4096 - 8192);
-    assert_eq!((s.requests, s.errors), (4, 0));
+fn a_request_of_many_scattered_sectors_is_one_vectored_request() {
+    // 120 sectors, each at an odd 512-byte place of its own page, half in each RAM region.
+    let src: Vec<(u64, u32, bool)> =
+        (0..120u64).map(|i| (0x10_0000 + i * 0x3000 + (i % 7) * 512, 512, false)).collect();
+    let dst: Vec<(u64, u32, bool)> =
+        (0..120u64).map(|i| (0x20_0000 + i * 0x2000 + (i % 5) * 512 + 4, 512, true)).collect();
+    for sgl in [true, false] {
+        let (s, session) = write_read_back(512, EmulatorMode::Sync, sgl, &[(8, &src, &dst)]);
+        assert_eq!((s.requests, s.errors, session.submitted), (2, 0, 2), "{s} {session:?}");
+        assert_eq!(s.bounced_bytes == 0, sgl, "{s}");
+    }
 }
 
 #[test]
@@ -306,8 +393,10 @@ fn many_requests_in_flight_out_of_order_complete_once() {
     for i in 0..count {
         assert_eq!(g.read(&[(0x30_0000 + i * 4096, 4096, true)]), want[i as usize], "block {i}");
     }
+    let session = g.worker.refresh_stats().unwrap();
     let s = StatsSummary::of(&[g.stats.clone()]);
     assert_eq!((s.requests, s.errors, s.bounced_bytes), (2 * count, 0, 0));
+    assert_eq!(session.submitted, 2 * count);
 }
 
 #[test]

@@ -33,6 +33,12 @@ impl Drop for Env {
 
 /// nvmed on an emulated controller with one 16 MiB namespace.
 pub fn broker(lba_size: u32, mode: EmulatorMode) -> Env {
+    broker_with(lba_size, mode, true)
+}
+
+/// As [`broker`]; `sgl` false makes the controller PRP-only (like `--emulator-no-sgl`), so nvmed
+/// bounces the segment layouts PRPs cannot describe.
+pub fn broker_with(lba_size: u32, mode: EmulatorMode, sgl: bool) -> Env {
     static N: AtomicUsize = AtomicUsize::new(0);
     let dir = std::env::temp_dir().join(format!(
         "nvmed-vhost-test-{}-{}",
@@ -51,6 +57,7 @@ pub fn broker(lba_size: u32, mode: EmulatorMode) -> Env {
             mdts: 5,
             vectors: 2,
             mode,
+            sgl,
             ..Default::default()
         })
         .unwrap(),
