@@ -586,6 +586,21 @@ impl NvmeRing {
         Ok(total)
     }
 
+    /// Writes the segment list and builds the vectored request (`op` is ReadV or WriteV).
+    fn vectored(
+        &mut self,
+        op: Opcode,
+        nsid: u32,
+        offset: u64,
+        segments: &[IoSegment],
+        list: BufferId,
+        list_offset: u64,
+    ) -> Result<Io> {
+        let len = self.write_segments(list, list_offset, segments)?;
+        let io = Io::readv(nsid, offset, len, list, list_offset, segments.len() as u16);
+        Ok(Io { op, ..io })
+    }
+
     /// Writes the segment list (see [`NvmeRing::write_segments`]) and queues a vectored read
     /// of the segments' total length at `offset` of the namespace into them.
     pub fn prep_readv(
@@ -597,8 +612,7 @@ impl NvmeRing {
         list_offset: u64,
         user_data: u64,
     ) -> Result<()> {
-        let len = self.write_segments(list, list_offset, segments)?;
-        let io = Io::readv(nsid, offset, len, list, list_offset, segments.len() as u16);
+        let io = self.vectored(Opcode::ReadV, nsid, offset, segments, list, list_offset)?;
         self.prep(io.user_data(user_data))
     }
 
@@ -612,8 +626,7 @@ impl NvmeRing {
         list_offset: u64,
         user_data: u64,
     ) -> Result<()> {
-        let len = self.write_segments(list, list_offset, segments)?;
-        let io = Io::writev(nsid, offset, len, list, list_offset, segments.len() as u16);
+        let io = self.vectored(Opcode::WriteV, nsid, offset, segments, list, list_offset)?;
         self.prep(io.user_data(user_data))
     }
 
@@ -848,8 +861,7 @@ impl NvmeRing {
         list: BufferId,
         list_offset: u64,
     ) -> Result<()> {
-        let len = self.write_segments(list, list_offset, segments)?;
-        let io = Io::readv(nsid, offset, len, list, list_offset, segments.len() as u16);
+        let io = self.vectored(Opcode::ReadV, nsid, offset, segments, list, list_offset)?;
         self.run_one(io).map(drop)
     }
 
@@ -862,8 +874,7 @@ impl NvmeRing {
         list: BufferId,
         list_offset: u64,
     ) -> Result<()> {
-        let len = self.write_segments(list, list_offset, segments)?;
-        let io = Io::writev(nsid, offset, len, list, list_offset, segments.len() as u16);
+        let io = self.vectored(Opcode::WriteV, nsid, offset, segments, list, list_offset)?;
         self.run_one(io).map(drop)
     }
 
