@@ -337,7 +337,8 @@ if [ $mode = test ]; then
         log "SKIP backend-sigkill-restart (RESTART_TEST=0; with BACKEND=qsd it is off by default:" \
             "qemu-storage-daemon does not track requests in flight for a restarted backend)"
     fi
-    log "$passed passed, $failed failed (backend $BACKEND)"
+    log "backend: $BACKEND"
+    log "$passed passed, $failed failed"
     [ $failed = 0 ] || exit 1
     exit 0
 fi
