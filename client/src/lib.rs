@@ -511,10 +511,12 @@ impl NvmeRing {
         }
         let list_len = u64::from(count) * SEGMENT_SIZE;
         self.in_buffer(list.0, list_offset, list_len)?;
-        // Range lists of finished requests are reused: no allocation once warmed up.
-        let mut ranges = self.spare_ranges.pop().unwrap_or_default();
+        // Range lists of finished requests are reused, each made large enough for any request
+        // (about 6 KiB), so segment counts that vary never make one grow: no allocation once
+        // warmed up.
+        let mut ranges =
+            self.spare_ranges.pop().unwrap_or_else(|| Vec::with_capacity(usize::from(MAX_SEGMENTS) + 1));
         ranges.clear();
-        ranges.reserve(usize::from(count) + 1);
         ranges.push((list.0, list_offset, list_len));
         match self.read_segments(list, list_offset, count, len, &mut ranges) {
             Ok(()) => Ok(ranges),
