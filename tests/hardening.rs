@@ -186,6 +186,12 @@ fn registered_buffers_are_bounded_per_uid_and_in_all() {
     }
     assert!(mappings(pid(&broker)) >= before + 30);
     drop((a, b));
+    // The buffers count until the reaper has unmapped them, shortly after the sessions end.
+    let mut probe = broker.connect();
+    wait_until("the closed sessions' buffers to be released", Duration::from_secs(5), || {
+        probe.alloc_buffer(4096).is_ok()
+    });
+    drop(probe);
     others_unaffected(&mut broker);
 
     // Broker-wide (root's own per-uid limit set higher).
@@ -238,6 +244,12 @@ fn default_buffer_limit_leaves_room_in_vm_max_map_count() {
     };
     assert!(matches!(refusal, Error::Refused(ControlError::UidLimit { .. })), "{refusal:?}");
     assert_eq!(registered, per_uid);
+    drop(rings);
+    let mut probe = broker.connect();
+    wait_until("the sessions' buffers to be released", Duration::from_secs(10), || {
+        probe.alloc_buffer(4096).is_ok()
+    });
+    drop(probe);
     others_unaffected(&mut broker);
 }
 
