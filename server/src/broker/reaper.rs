@@ -31,11 +31,32 @@ impl Reaper {
         Ok((Self { tx }, thread))
     }
 
+    /// Drops `what` on the reaper thread, then answers `reply` (if any).
+    pub fn dispose_then_notify<T: Send + 'static>(
+        &self,
+        what: T,
+        reply: Option<std::sync::mpsc::Sender<()>>,
+    ) {
+        // A tuple drops its fields in order: `what` first, then the notifier.
+        self.dispose((what, Notify(reply)));
+    }
+
     /// Drops `what` on the reaper thread (inline if that thread is gone).
     pub fn dispose<T: Send + 'static>(&self, what: T) {
         if let Err(e) = self.tx.send(Box::new(what)) {
             warn!("reaper thread gone; releasing on the I/O thread");
             drop(e.0);
+        }
+    }
+}
+
+/// Answers its channel when dropped.
+struct Notify(Option<std::sync::mpsc::Sender<()>>);
+
+impl Drop for Notify {
+    fn drop(&mut self) {
+        if let Some(reply) = self.0.take() {
+            let _ = reply.send(());
         }
     }
 }

@@ -441,13 +441,14 @@ impl IoThread {
                 // The device may still write into these buffers: keep them mapped for good.
                 tracing::error!(session = s.id, in_flight = s.in_flight, "session ended with commands a failed device may still execute; keeping its buffers pinned");
                 self.zombies.push(s);
+                if let Some(reply) = reply {
+                    let _ = reply.send(());
+                }
             } else {
                 debug!(session = s.id, buffers = s.buffers.len(), "session released");
-                // DMA unmap happens on the reaper, after the last command completed.
-                self.reaper.dispose((std::mem::take(&mut s.buffers), s.ring.take()));
-            }
-            if let Some(reply) = reply {
-                let _ = reply.send(());
+                // DMA unmap happens on the reaper, after the last command completed; the session
+                // is reported ended once its memory is released.
+                self.reaper.dispose_then_notify((std::mem::take(&mut s.buffers), s.ring.take()), reply);
             }
         }
     }
