@@ -21,6 +21,7 @@
 #                            device with 5 ms per command, so requests are in flight at the kill)
 #   NVMED_ARGS="..."         more nvmed options (nvmed-vhost), e.g. "--emulator-mode async": the
 #                            emulated controller then completes out of order, like hardware.
+#   VHOST_ARGS="..."         more nvmed-vhost options, e.g. "--poll-us 50".
 #   BENCH_A=...              benchmark: the backend measured against qsd (default: $BACKEND).
 #   BENCH_ROUNDS=3           benchmark: runs per configuration (A and B alternating; medians).
 #   ONLY=parallel|restart    run only the parallel guests (A, B, C) or only the restart scenario.
@@ -143,8 +144,9 @@ backend_start() {
         nvmed-vhost)
             local flag=()
             [ "$rw" = ro ] && flag=(--read-only)
+            # shellcheck disable=SC2086 # VHOST_ARGS is a list of options
             "$vhost_bin" --socket "$sock" --nvmed "$scratch/nvmed.sock" --namespace "$ns" --num-queues "$q" "${flag[@]}" \
-                >> "$work/$id.backend.log" 2>&1 &
+                ${VHOST_ARGS:-} >> "$work/$id.backend.log" 2>&1 &
             ;;
     esac
     bpid[$id]=$!
