@@ -153,9 +153,9 @@ fn killed_client_scenario(args: &[&str]) {
     let mut survivor = broker.connect();
     let base_iova = survivor.stats().unwrap().broker_buffer_iova_bytes;
     // A child process hammering its own region with writes.
-    let mut child = std::process::Command::new(std::env::current_exe().unwrap())
-        .args(["--ignored", "--exact", "child_process_entry", "--nocapture", "--test-threads=1"])
-        .env("NVMED_TEST_CHILD_SOCKET", &broker.socket)
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_nvmed-test-peer"))
+        .arg("hammer")
+        .arg(&broker.socket)
         .stdout(std::process::Stdio::piped())
         .spawn()
         .unwrap();
@@ -184,31 +184,6 @@ fn killed_client_scenario(args: &[&str]) {
     let mine = stats.buffer_bytes;
     assert_eq!(stats.broker_buffer_iova_bytes, mine, "the killed client's IOVA mappings were not released");
     random_write_read(&mut survivor, (40 * MIB, 4 * MIB), 100, 2);
-}
-
-/// Not a test: the body of the child process spawned by
-/// `killed_client_is_drained_and_released_while_others_continue`.
-#[test]
-#[ignore = "helper process of killed_client_is_drained_and_released_while_others_continue; runs only when spawned by it"]
-fn child_process_entry() {
-    let Ok(socket) = std::env::var("NVMED_TEST_CHILD_SOCKET") else { return };
-    let mut ring = NvmeRing::open(&socket).unwrap();
-    let ns = ring.namespaces()[0].nsid;
-    let buf = ring.alloc_buffer(8 * MIB as usize).unwrap();
-    ring.buffer_mut(buf, 0, 8 * MIB).unwrap().fill(0x5a);
-    println!("HAMMERING");
-    let mut out = Vec::new();
-    let mut i = 0u64;
-    loop {
-        while ring.in_flight() < 64 {
-            let off = (i % 64) * 128 * 1024;
-            ring.prep(Io::write(ns, 48 * MIB + off, 128 * 1024, buf, off)).unwrap();
-            i += 1;
-        }
-        ring.submit().unwrap();
-        out.clear();
-        ring.wait(1, &mut out, None).unwrap();
-    }
 }
 
 #[test]

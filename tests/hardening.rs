@@ -83,7 +83,7 @@ fn others_unaffected(broker: &mut TestBroker) {
 
 // ---- Another uid, in a child process -----------------------------------------------------
 
-/// What [`uid_helper`] reports.
+/// What an `nvmed-test-peer hold` process reports.
 struct Helper {
     child: Child,
     held: usize,
@@ -97,12 +97,12 @@ impl Drop for Helper {
     }
 }
 
-/// Runs [`uid_helper`] as `uid`: it takes up to `n` connections (`mode` "connections", never
-/// saying Hello) or sessions ("sessions") and holds them until killed.
+/// Runs `nvmed-test-peer hold` as `uid`: it takes up to `n` connections (`mode` "connections",
+/// never saying Hello) or sessions ("sessions") and holds them until killed.
 fn as_uid(uid: u32, socket: &std::path::Path, mode: &str, n: usize) -> Helper {
-    let mut child = Command::new(std::env::current_exe().unwrap())
-        .args(["--ignored", "--exact", "uid_helper", "--nocapture", "--test-threads=1"])
-        .env("NVMED_HELPER", format!("{mode}:{n}:{}", socket.display()))
+    let mut child = Command::new(env!("CARGO_BIN_EXE_nvmed-test-peer"))
+        .args(["hold", mode, &n.to_string()])
+        .arg(socket)
         .uid(uid)
         .gid(uid)
         .stdout(Stdio::piped())
@@ -112,7 +112,6 @@ fn as_uid(uid: u32, socket: &std::path::Path, mode: &str, n: usize) -> Helper {
     let (mut held, mut refusal) = (0, None);
     for line in out.lines() {
         let line = line.unwrap();
-        // The test harness may print "test uid_helper ... " on the same line first.
         if let Some(i) = line.find("REFUSED ") {
             refusal = Some(line[i + 8..].to_string());
         }
@@ -122,48 +121,6 @@ fn as_uid(uid: u32, socket: &std::path::Path, mode: &str, n: usize) -> Helper {
         }
     }
     Helper { child, held, refusal }
-}
-
-/// Not a test: the body of the child processes of [`as_uid`].
-#[test]
-#[ignore = "helper process of the per-uid tests; does something only when they spawn it"]
-fn uid_helper() {
-    let Ok(spec) = std::env::var("NVMED_HELPER") else { return };
-    let mut parts = spec.splitn(3, ':');
-    let (mode, n, socket) = (parts.next().unwrap(), parts.next().unwrap(), parts.next().unwrap());
-    let n: usize = n.parse().unwrap();
-    let socket = std::path::Path::new(socket);
-    let mut conns = Vec::new();
-    let mut rings = Vec::new();
-    if mode == "connections" {
-        conns = (0..n).map(|_| raw_connect(socket)).collect();
-        std::thread::sleep(Duration::from_millis(300));
-        // A refused connection has the broker's explanation waiting; an accepted one is silent.
-        conns.retain(|c| {
-            let mut p = [nix::poll::PollFd::new(c.as_fd(), nix::poll::PollFlags::POLLIN)];
-            if nix::poll::poll(&mut p, nix::poll::PollTimeout::ZERO).unwrap() == 0 {
-                return true;
-            }
-            if let Ok(m) = transport::recv(c.as_fd()) {
-                if let Ok(Response::Error(e)) = decode::<Response>(&m.bytes) {
-                    println!("REFUSED {e:?}");
-                }
-            }
-            false
-        });
-    } else {
-        for _ in 0..n {
-            match NvmeRing::open(socket) {
-                Ok(r) => rings.push(r),
-                Err(e) => {
-                    println!("REFUSED {e:?}");
-                    break;
-                }
-            }
-        }
-    }
-    println!("HELD {}", conns.len() + rings.len());
-    std::thread::sleep(Duration::from_secs(600));
 }
 
 // ---- 1. Mappings are bounded ------------------------------------------------------------

@@ -1,0 +1,93 @@
+//! `nvmed-test-peer`: the client processes the end-to-end tests spawn (a client to SIGKILL
+//! mid-I/O, clients running as another uid). Not for users; built so the tests can run it.
+
+use std::os::fd::{AsFd, AsRawFd};
+use std::time::Duration;
+
+use nvmed_client::{Io, NvmeRing};
+use nvmed_proto::control::decode;
+use nvmed_proto::{transport, Response};
+
+const MIB: u64 = 1 << 20;
+
+fn usage() -> ! {
+    eprintln!("usage: nvmed-test-peer hammer SOCKET | hold connections|sessions N SOCKET");
+    std::process::exit(2)
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    match args.iter().map(String::as_str).collect::<Vec<_>>()[..] {
+        ["hammer", socket] => hammer(socket),
+        ["hold", mode, n, socket] => hold(mode, n.parse().unwrap_or_else(|_| usage()), socket),
+        _ => usage(),
+    }
+}
+
+/// Writes 128 KiB blocks at QD64 into 48..56 MiB of namespace 1 until killed.
+fn hammer(socket: &str) {
+    let mut ring = NvmeRing::open(socket).unwrap();
+    let ns = ring.namespaces()[0].nsid;
+    let buf = ring.alloc_buffer(8 * MIB as usize).unwrap();
+    ring.buffer_mut(buf, 0, 8 * MIB).unwrap().fill(0x5a);
+    println!("HAMMERING");
+    let mut out = Vec::new();
+    let mut i = 0u64;
+    loop {
+        while ring.in_flight() < 64 {
+            let off = (i % 64) * 128 * 1024;
+            ring.prep(Io::write(ns, 48 * MIB + off, 128 * 1024, buf, off)).unwrap();
+            i += 1;
+        }
+        ring.submit().unwrap();
+        out.clear();
+        ring.wait(1, &mut out, None).unwrap();
+    }
+}
+
+/// Takes up to `n` connections (never saying Hello) or sessions, prints `REFUSED <error>` for
+/// the first refusal and `HELD <count>`, then holds them until killed.
+fn hold(mode: &str, n: usize, socket: &str) {
+    use nix::sys::socket::{connect, socket as new_socket, AddressFamily, SockFlag, SockType, UnixAddr};
+    let path = std::path::Path::new(socket);
+    let mut conns = Vec::new();
+    let mut rings = Vec::new();
+    match mode {
+        "connections" => {
+            for _ in 0..n {
+                let s = new_socket(AddressFamily::Unix, SockType::SeqPacket, SockFlag::SOCK_CLOEXEC, None)
+                    .unwrap();
+                connect(s.as_raw_fd(), &UnixAddr::new(path).unwrap()).unwrap();
+                conns.push(s);
+            }
+            std::thread::sleep(Duration::from_millis(300));
+            // A refused connection has the broker's explanation waiting; an accepted one is silent.
+            conns.retain(|c| {
+                let mut p = [nix::poll::PollFd::new(c.as_fd(), nix::poll::PollFlags::POLLIN)];
+                if nix::poll::poll(&mut p, nix::poll::PollTimeout::ZERO).unwrap() == 0 {
+                    return true;
+                }
+                if let Ok(m) = transport::recv(c.as_fd()) {
+                    if let Ok(Response::Error(e)) = decode::<Response>(&m.bytes) {
+                        println!("REFUSED {e:?}");
+                    }
+                }
+                false
+            });
+        }
+        "sessions" => {
+            for _ in 0..n {
+                match NvmeRing::open(path) {
+                    Ok(r) => rings.push(r),
+                    Err(e) => {
+                        println!("REFUSED {e:?}");
+                        break;
+                    }
+                }
+            }
+        }
+        _ => usage(),
+    }
+    println!("HELD {}", conns.len() + rings.len());
+    std::thread::sleep(Duration::from_secs(600));
+}
