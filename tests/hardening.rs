@@ -83,6 +83,33 @@ fn others_unaffected(broker: &mut TestBroker) {
 
 // ---- Another uid, in a child process -----------------------------------------------------
 
+/// A copy of a built binary that other uids can run: the build directory may sit in a tree
+/// only root can enter (a checkout under a 0700 directory).
+fn runnable_by_anyone(bin: &str) -> std::path::PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    static DIR: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
+    let dir = DIR.get_or_init(|| {
+        let d = std::env::temp_dir().join(format!("nvmed-bins-{}", std::process::id()));
+        std::fs::create_dir_all(&d).unwrap();
+        std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o755)).unwrap();
+        d
+    });
+    let src = std::path::Path::new(bin);
+    let dst = dir.join(src.file_name().unwrap());
+    // Copy to a temporary name and rename, so concurrent tests never run a half-written file.
+    if !dst.exists() {
+        let tmp = dir.join(format!(
+            "{}.{:?}",
+            src.file_name().unwrap().to_string_lossy(),
+            std::thread::current().id()
+        ));
+        std::fs::copy(src, &tmp).unwrap();
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::fs::rename(&tmp, &dst).unwrap();
+    }
+    dst
+}
+
 /// What an `nvmed-test-peer hold` process reports.
 struct Helper {
     child: Child,
@@ -100,7 +127,7 @@ impl Drop for Helper {
 /// Runs `nvmed-test-peer hold` as `uid`: it takes up to `n` connections (`mode` "connections",
 /// never saying Hello) or sessions ("sessions") and holds them until killed.
 fn as_uid(uid: u32, socket: &std::path::Path, mode: &str, n: usize) -> Helper {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_nvmed-test-peer"))
+    let mut child = Command::new(runnable_by_anyone(env!("CARGO_BIN_EXE_nvmed-test-peer")))
         .args(["hold", mode, &n.to_string()])
         .arg(socket)
         .uid(uid)
@@ -770,7 +797,7 @@ fn a_client_thread_that_cannot_start_is_a_refusal_not_an_abort() {
         let ids = (Some(nix::unistd::Uid::from_raw(UID)), Some(nix::unistd::Gid::from_raw(UID)));
         nix::unistd::chown(&dir, ids.0, ids.1).unwrap();
         let socket = dir.join("nvmed.sock");
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_nvmed"));
+        let mut cmd = Command::new(runnable_by_anyone(env!("CARGO_BIN_EXE_nvmed")));
         cmd.args(["--emulate", "--size", "64M", "--socket-mode", "666", "--socket"])
             .arg(&socket)
             .env("NVMED_LOG", "warn")
