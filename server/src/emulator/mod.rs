@@ -36,7 +36,7 @@ use backend::Backend;
 use dma::{DmaFault, IovaTable};
 use inject::{FaultAction, FaultRule};
 
-use crate::device::{DeviceError, NvmeDevice};
+use crate::device::{DeviceError, Dma, NvmeDevice};
 use crate::nvme::spec::*;
 
 /// Most I/O queue pairs the emulated controller grants.
@@ -1080,6 +1080,19 @@ fn put_ascii(dst: &mut [u8], s: &str) {
     dst[..n].copy_from_slice(&s.as_bytes()[..n]);
 }
 
+impl Dma for EmulatedController {
+    unsafe fn dma_map(&self, iova: u64, host: *mut u8, len: u64) -> Result<(), DeviceError> {
+        self.inner.lock().dma.insert(iova, host, len)
+    }
+
+    fn dma_unmap(&self, iova: u64, len: u64) -> Result<(), DeviceError> {
+        let thread = std::thread::current().name().unwrap_or("unnamed").to_string();
+        let mut st = self.inner.lock();
+        *st.unmaps_by_thread.entry(thread).or_default() += 1;
+        st.dma.remove(iova, len)
+    }
+}
+
 impl NvmeDevice for EmulatedController {
     fn set_bus_master(&self, enabled: bool) -> Result<(), DeviceError> {
         if self.inner.wedge == Wedge::ResetAndBusMaster {
@@ -1154,17 +1167,6 @@ impl NvmeDevice for EmulatedController {
             o if o == REG_ACQ + 4 => st.acq = (st.acq & 0xffff_ffff) | (u64::from(value) << 32),
             _ => {}
         }
-    }
-
-    unsafe fn dma_map(&self, iova: u64, host: *mut u8, len: u64) -> Result<(), DeviceError> {
-        self.inner.lock().dma.insert(iova, host, len)
-    }
-
-    fn dma_unmap(&self, iova: u64, len: u64) -> Result<(), DeviceError> {
-        let thread = std::thread::current().name().unwrap_or("unnamed").to_string();
-        let mut st = self.inner.lock();
-        *st.unmaps_by_thread.entry(thread).or_default() += 1;
-        st.dma.remove(iova, len)
     }
 
     fn iova_ranges(&self) -> Vec<RangeInclusive<u64>> {
