@@ -136,6 +136,9 @@ def run_point(rb, base, clients, threads, has_io_threads, secs, extra, timeout):
         "broker_cpu": r.get("broker_cpu"),
         "ringbench_cpu": r.get("ringbench_cpu"),
         "wall_s": wall,
+        # The rest of ringbench's report (per-I/O-thread counters and the like), without the
+        # per-job lines.
+        "report": {k: v for k, v in r.items() if k not in ("jobs", "total")},
     }
 
 
