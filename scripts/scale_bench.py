@@ -426,7 +426,8 @@ def report(state, svg_path, json_path):
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
         print(f"machine: {machine['cores']} cores, {machine['cpu']}, kernel {machine['kernel']}, "
-              f"load {' '.join(machine['load_before'])} before, {' '.join(machine['load_after'])} after")
+              f"load {' '.join(machine['load_before'])} before ({' '.join(machine['load_after'])} after, "
+              "which counts this benchmark's own client threads)")
         print(f"machine state before: {pingpong_text(pp_before)}")
         print(f"machine state after:  {pingpong_text(pp_after)}")
         sess = "one session per client (--sessions)" if "--sessions" in extra else (
@@ -434,6 +435,12 @@ def report(state, svg_path, json_path):
         print(f"each point: one {secs} s run" + (f" (median of {repeat})" if repeat > 1 else "")
               + f" of `ringbench --embedded`, {sess}; throughput in M ops/s"
               + ("" if has_io_threads else "; this ringbench has no --io-threads: 2+ thread columns n/a"))
+        spreads = [(max(p["iops_all"]) / min(p["iops_all"]), k, c, t)
+                   for (k, c, t), p in results.items() if len(p.get("iops_all", [])) > 1 and min(p["iops_all"]) > 0]
+        if spreads:
+            w = max(spreads)
+            print(f"noise: the runs of one point differed by up to {w[0]:.1f}x (max/min: {w[1]}, {w[2]} clients, "
+                  f"{w[3]}T), median {statistics.median(x[0] for x in spreads):.2f}x over all points")
         print()
         hdr = ["clients"]
         for key, label, _ in sdefs:
