@@ -421,6 +421,7 @@ fn emulated(args: &Args, controller: u16) -> Result<Arc<dyn NvmeDevice>, Box<dyn
         wedge: args.emulator_wedge,
         mode,
         sgl: !args.emulator_no_sgl,
+        instance: controller,
     })?))
 }
 

@@ -52,7 +52,7 @@ pub trait Dma: Send + Sync {
 
 /// A PCIe NVMe controller: BAR0 registers, DMA through an IOMMU, interrupts as eventfds.
 pub trait NvmeDevice: Dma {
-    /// A human-readable name ("emulated", "0000:00:03.0").
+    /// A human-readable name ("emulated-0", "0000:00:03.0").
     fn name(&self) -> String;
 
     /// Reads a 32-bit BAR0 register.
