@@ -188,7 +188,11 @@ fn parse_groups(status: &str) -> Vec<u32> {
 
 /// Answers a peer that will not be served, then closes.
 fn refuse(sock: &OwnedFd, e: AdminError) {
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
     let _ = transport::send(sock.as_fd(), &encode(&AdminResponse::Error(e)), &[]);
+    // A peer sends its request right after connecting: give it a moment to arrive, so it is
+    // consumed below and not left unread.
+    let _ = poll(&mut [PollFd::new(sock.as_fd(), PollFlags::POLLIN)], PollTimeout::from(100u8));
     // Consume what the peer already sent: closing with unread data resets the connection and
     // the peer would not read the refusal.
     let mut scratch = [0u8; 64];
