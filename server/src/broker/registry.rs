@@ -65,6 +65,8 @@ impl SessionEntry {
 
     /// The operator's view of it.
     pub fn report(&self) -> SessionReport {
+        // Not inside the literal: the guard would live to its end, and `totals` locks again.
+        let rings = self.rings.lock().unwrap_or_else(|p| p.into_inner()).len() as u32;
         SessionReport {
             id: self.id,
             uid: self.uid,
@@ -73,7 +75,7 @@ impl SessionEntry {
             client: self.client.clone(),
             started_unix: self.started_unix,
             age_secs: self.started.elapsed().as_secs(),
-            rings: self.rings.lock().unwrap_or_else(|p| p.into_inner()).len() as u32,
+            rings,
             buffers: self.buffers.load(Ordering::Relaxed),
             registered_bytes: self.buffer_bytes.load(Ordering::Relaxed),
             counters: self.totals(),
