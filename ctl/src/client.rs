@@ -89,7 +89,10 @@ impl AdminClient {
         match connect(fd.as_raw_fd(), &addr) {
             Ok(()) => {}
             Err(nix::Error::EACCES) | Err(nix::Error::EPERM) => {
-                return Err(CtlError::PermissionDenied { path: self.path.clone(), group: socket_group(&self.path) })
+                return Err(CtlError::PermissionDenied {
+                    path: self.path.clone(),
+                    group: socket_group(&self.path),
+                })
             }
             Err(e @ (nix::Error::ENOENT | nix::Error::ECONNREFUSED | nix::Error::ENOTDIR)) => {
                 return Err(CtlError::NotRunning { path: self.path.clone(), reason: e.desc().to_lowercase() })

@@ -88,7 +88,8 @@ fn parse_secs(s: &str) -> Result<f64, String> {
 }
 
 fn parse_positive_secs(s: &str) -> Result<f64, String> {
-    parse_secs(s).and_then(|v| if v >= 0.05 { Ok(v) } else { Err("the interval must be at least 0.05 s".into()) })
+    parse_secs(s)
+        .and_then(|v| if v >= 0.05 { Ok(v) } else { Err("the interval must be at least 0.05 s".into()) })
 }
 
 fn main() {

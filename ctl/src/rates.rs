@@ -22,7 +22,11 @@ pub struct SessionRate {
 /// The sessions of `after` with their rates since `before`, `elapsed` apart. A session absent
 /// from `before` started within the interval: all its I/O counts. With no elapsed time the
 /// rates are 0.
-pub fn session_rates(before: &[SessionReport], after: &[SessionReport], elapsed: Duration) -> Vec<SessionRate> {
+pub fn session_rates(
+    before: &[SessionReport],
+    after: &[SessionReport],
+    elapsed: Duration,
+) -> Vec<SessionRate> {
     let secs = elapsed.as_secs_f64();
     let per_sec = |d: u64| if secs > 0.0 { d as f64 / secs } else { 0.0 };
     after

@@ -111,7 +111,8 @@ pub fn status(s: &StatusReport) -> String {
             ]
         })
         .collect();
-    let t = table(&["NSID", "CONTROLLER", "DEVICE NSID", "SIZE", "LBA"], &[true, true, true, true, true], &rows);
+    let t =
+        table(&["NSID", "CONTROLLER", "DEVICE NSID", "SIZE", "LBA"], &[true, true, true, true, true], &rows);
     indent(&mut out, &t);
     let rings: Vec<String> = s.io_threads.iter().map(|t| t.rings.to_string()).collect();
     let cmds: Vec<String> = s.io_threads.iter().map(|t| t.device_commands.to_string()).collect();
@@ -287,7 +288,11 @@ mod tests {
 
     #[test]
     fn tables_align() {
-        let t = table(&["ID", "NAME"], &[true, false], &[vec!["7".into(), "a".into()], vec!["10".into(), "bb".into()]]);
+        let t = table(
+            &["ID", "NAME"],
+            &[true, false],
+            &[vec!["7".into(), "a".into()], vec!["10".into(), "bb".into()]],
+        );
         assert_eq!(t, "ID  NAME\n 7  a\n10  bb\n");
     }
 }

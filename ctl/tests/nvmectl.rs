@@ -44,13 +44,20 @@ impl Env {
 fn broker(tweak: impl FnOnce(&mut BrokerConfig)) -> Env {
     use std::os::unix::fs::PermissionsExt;
     static N: AtomicUsize = AtomicUsize::new(0);
-    let dir = std::env::temp_dir().join(format!("nvmectl-test-{}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed)));
+    let dir = std::env::temp_dir().join(format!(
+        "nvmectl-test-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    ));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
     let device = Arc::new(
         EmulatedController::new(EmulatorConfig {
-            namespaces: vec![EmulatedNamespace { backend: Box::new(MemoryBackend::new(NAMESPACE).unwrap()), lba_size: 512 }],
+            namespaces: vec![EmulatedNamespace {
+                backend: Box::new(MemoryBackend::new(NAMESPACE).unwrap()),
+                lba_size: 512,
+            }],
             vectors: 3,
             ..Default::default()
         })
@@ -116,7 +123,10 @@ fn status_and_health_follow_the_io() {
     assert_eq!((c.model.as_str(), c.serial.as_str(), c.state.as_str()), (MODEL, "NVMED-EMU-0001", "running"));
     assert_eq!(c.firmware, env!("CARGO_PKG_VERSION"));
     assert_eq!(s.namespaces.len(), 1);
-    assert_eq!((s.namespaces[0].nsid, s.namespaces[0].size_bytes, s.namespaces[0].lba_size), (1, NAMESPACE, 512));
+    assert_eq!(
+        (s.namespaces[0].nsid, s.namespaces[0].size_bytes, s.namespaces[0].lba_size),
+        (1, NAMESPACE, 512)
+    );
     assert_eq!(s.io_threads.len(), 2);
     assert_eq!(s.queue_depth, 1024);
     assert_eq!(s.sessions, 0);
@@ -177,7 +187,10 @@ fn sessions_show_each_client_with_its_rings_while_eight_run_io() {
         assert_eq!(s.rings, if i == 0 { 3 } else { 1 });
         assert_eq!(s.buffers, s.rings as u64);
         assert_eq!(s.registered_bytes, u64::from(s.rings) << 20);
-        assert!(s.counters.completed > 0 && s.counters.bytes_written > 0 && s.counters.bytes_read > 0, "{s:?}");
+        assert!(
+            s.counters.completed > 0 && s.counters.bytes_written > 0 && s.counters.bytes_read > 0,
+            "{s:?}"
+        );
         assert!(s.counters.submitted >= s.counters.completed);
         assert_eq!(s.counters.errors, 0);
         assert!(r.iops > 0.0 && r.write_mb_s > 0.0, "session {} did I/O in the interval: {r:?}", s.id);
@@ -240,7 +253,8 @@ fn nvmectl(env: &Env, args: &[&str]) -> std::process::Output {
 
 fn json(out: &std::process::Output) -> serde_json::Value {
     assert!(out.status.success(), "nvmectl failed: {}", String::from_utf8_lossy(&out.stderr));
-    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stdout)))
+    serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stdout)))
 }
 
 #[test]
@@ -258,7 +272,10 @@ fn the_binary_prints_tables_and_json() {
     let out = nvmectl(&env, &["status"]);
     let text = String::from_utf8(out.stdout).unwrap();
     assert!(out.status.success());
-    assert!(text.contains(MODEL) && text.contains("NVMED-EMU-0001") && text.contains("Sessions: 2 of 64"), "{text}");
+    assert!(
+        text.contains(MODEL) && text.contains("NVMED-EMU-0001") && text.contains("Sessions: 2 of 64"),
+        "{text}"
+    );
 
     let list = json(&nvmectl(&env, &["sessions", "--json", "--interval", "0.2"]));
     let list = list.as_array().unwrap();
@@ -307,10 +324,18 @@ fn the_binary_prints_tables_and_json() {
     }
     // No broker at all: a clear message.
     let gone = env.dir.join("nothing.sock");
-    let out = Command::new(env!("CARGO_BIN_EXE_nvmectl")).arg("--admin-socket").arg(&gone).arg("status").output().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_nvmectl"))
+        .arg("--admin-socket")
+        .arg(&gone)
+        .arg("status")
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.starts_with("nvmectl: no broker is listening on") && err.contains("is nvmed running?"), "{err}");
+    assert!(
+        err.starts_with("nvmectl: no broker is listening on") && err.contains("is nvmed running?"),
+        "{err}"
+    );
 }
 
 /// A copy of the nvmectl binary other uids can run (the build tree may be closed to them).
@@ -340,7 +365,11 @@ fn as_uid(env: &Env, uid: u32, gid: u32) -> (Option<i32>, String, String) {
         .gid(gid)
         .output()
         .unwrap();
-    (out.status.code(), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into(),
+        String::from_utf8_lossy(&out.stderr).into(),
+    )
 }
 
 #[test]
@@ -353,7 +382,13 @@ fn only_operators_are_served() {
     let env = broker(|_| {});
     let (code, _, err) = as_uid(&env, 1000, 1000);
     assert_eq!(code, Some(1));
-    assert_eq!(err, format!("nvmectl: cannot connect to {}: permission denied; nvmectl needs root\n", env.admin.display()));
+    assert_eq!(
+        err,
+        format!(
+            "nvmectl: cannot connect to {}: permission denied; nvmectl needs root\n",
+            env.admin.display()
+        )
+    );
     drop(env);
 
     // A socket anyone can reach: the broker's own check refuses with its typed error.
@@ -378,7 +413,10 @@ fn only_operators_are_served() {
     assert!(out.contains(MODEL), "{out}");
     let (code, _, err) = as_uid(&env, 1000, 1000);
     assert_eq!(code, Some(1));
-    assert_eq!(err, "nvmectl: permission denied for uid 1000: nvmectl needs root or membership in group root\n");
+    assert_eq!(
+        err,
+        "nvmectl: permission denied for uid 1000: nvmectl needs root or membership in group root\n"
+    );
 }
 
 #[test]

@@ -281,8 +281,12 @@ mod tests {
 
     #[test]
     fn messages_round_trip() {
-        for r in [AdminRequest::Status, AdminRequest::Sessions, AdminRequest::Kill { session: 7 }, AdminRequest::Health]
-        {
+        for r in [
+            AdminRequest::Status,
+            AdminRequest::Sessions,
+            AdminRequest::Kill { session: 7 },
+            AdminRequest::Health,
+        ] {
             assert_eq!(decode::<AdminRequest>(&encode(&r)).unwrap(), r);
         }
         let s = SessionReport {

@@ -66,7 +66,11 @@ pub fn recv_sized(sock: BorrowedFd<'_>, max_bytes: usize) -> Result<Received, Tr
 }
 
 /// [`recv`] with control-message room for `fd_room` descriptors.
-fn recv_with_room(sock: BorrowedFd<'_>, fd_room: usize, max_bytes: usize) -> Result<Received, TransportError> {
+fn recv_with_room(
+    sock: BorrowedFd<'_>,
+    fd_room: usize,
+    max_bytes: usize,
+) -> Result<Received, TransportError> {
     let mut buf = vec![0u8; max_bytes];
     // SAFETY: CMSG_SPACE only computes a size.
     let room = unsafe { libc::CMSG_SPACE((fd_room * size_of::<RawFd>()) as libc::c_uint) } as usize;

@@ -468,7 +468,8 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     let mut config = BrokerConfig::new(&args.socket);
     config.socket_mode = args.socket_mode;
     config.socket_group = args.socket_group.clone();
-    config.admin_socket = Some(args.admin_socket.clone().unwrap_or_else(|| admin_socket_beside(&args.socket)));
+    config.admin_socket =
+        Some(args.admin_socket.clone().unwrap_or_else(|| admin_socket_beside(&args.socket)));
     config.admin_group = args.admin_group.clone();
     config.max_buffer_bytes_per_session = args.max_registered_bytes;
     config.max_buffer_bytes_total = args.max_registered_total;

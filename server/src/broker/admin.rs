@@ -124,8 +124,15 @@ fn accept_loop(
             }
         };
         if !authorized(&cred, group.as_ref()) {
-            warn!(uid = cred.uid(), pid = cred.pid(), "admin socket: refusing a peer that is not an operator");
-            refuse(&sock, AdminError::NotAuthorized { uid: cred.uid(), group: group.as_ref().map(|g| g.name.clone()) });
+            warn!(
+                uid = cred.uid(),
+                pid = cred.pid(),
+                "admin socket: refusing a peer that is not an operator"
+            );
+            refuse(
+                &sock,
+                AdminError::NotAuthorized { uid: cred.uid(), group: group.as_ref().map(|g| g.name.clone()) },
+            );
             continue;
         }
         let id = next_id.fetch_add(1, Ordering::Relaxed);
@@ -148,13 +155,14 @@ fn accept_loop(
             }
         }
         let (shared, l) = (shared.clone(), live.clone());
-        let spawned = std::thread::Builder::new().name(format!("nvmed-admin-{id}")).stack_size(256 << 10).spawn(
-            move || {
+        let spawned = std::thread::Builder::new()
+            .name(format!("nvmed-admin-{id}"))
+            .stack_size(256 << 10)
+            .spawn(move || {
                 serve(&shared, sock, cred);
                 l.conns.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
                 l.ended.notify_all();
-            },
-        );
+            });
         if let Err(e) = spawned {
             error!("admin socket: cannot start a thread: {e}");
             live.conns.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
@@ -256,7 +264,12 @@ fn handle(shared: &Arc<Shared>, req: AdminRequest, cred: &UnixCredentials) -> Ad
         }
         AdminRequest::Kill { session } => match kill(shared, session) {
             Ok(()) => {
-                info!(session, operator_uid = cred.uid(), operator_pid = cred.pid(), "session killed by an operator");
+                info!(
+                    session,
+                    operator_uid = cred.uid(),
+                    operator_pid = cred.pid(),
+                    "session killed by an operator"
+                );
                 AdminResponse::Killed
             }
             Err(e) => AdminResponse::Error(e),

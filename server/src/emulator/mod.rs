@@ -958,7 +958,11 @@ impl Inner {
         let numd = (u64::from(cmd.cdw11 & 0xffff) << 16 | u64::from(cmd.cdw10 >> 16)) + 1;
         let offset = u64::from(cmd.cdw12) | u64::from(cmd.cdw13) << 32;
         let len = numd * 4;
-        if lid != admin::LID_SMART || len > 4096 || offset % 4 != 0 || offset >= crate::nvme::smart::LEN as u64 {
+        if lid != admin::LID_SMART
+            || len > 4096
+            || offset % 4 != 0
+            || offset >= crate::nvme::smart::LEN as u64
+        {
             return err(0, sc::INVALID_FIELD);
         }
         let c = &self.counters;
