@@ -202,7 +202,7 @@ pub fn top(status: &StatusReport, list: &[SessionRate], interval_secs: f64) -> S
     let read: f64 = list.iter().map(|r| r.read_mb_s).sum();
     let write: f64 = list.iter().map(|r| r.write_mb_s).sum();
     let mut out = format!(
-        "nvmed {}, up {}, {} sessions, {} I/O threads; every {interval_secs}s: {iops:.0} IOPS, read {read:.1} MB/s, write {write:.1} MB/s\n\n",
+        "nvmed {}, up {}, sessions {}, I/O threads {}; every {interval_secs}s: {iops:.0} IOPS, read {read:.1} MB/s, write {write:.1} MB/s\n\n",
         status.version,
         duration(status.uptime_secs),
         status.sessions,
