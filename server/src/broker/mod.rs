@@ -6,6 +6,7 @@ mod io_thread;
 pub mod manager;
 mod quota;
 mod reaper;
+pub mod sched;
 mod session;
 pub mod validate;
 
