@@ -13,7 +13,7 @@ use nvmed_client::{BrokerStatus, Error, Io, NvmeRing, Sqe, Status};
 use nvmed_proto::control::{decode, encode};
 use nvmed_proto::layout::{CQ_HEAD_OFFSET, SQ_TAIL_OFFSET};
 use nvmed_proto::transport;
-use nvmed_proto::{ControlError, Request, Response, RingFault};
+use nvmed_proto::{ControlError, Request, Response, RingFault, PROTOCOL_VERSION};
 
 /// The broker is alive and another client can still do verified I/O.
 fn others_unaffected(broker: &mut TestBroker) {
@@ -114,9 +114,12 @@ fn unsealed_and_non_memfd_buffers_are_refused() {
     // Unknown buffer.
     let r = ring.control(&Request::UnregisterBuffer { buffer_id: 1234 }, &[]);
     assert!(matches!(r, Err(Error::Refused(ControlError::UnknownBuffer(1234)))), "{r:?}");
-    // A second ring.
-    let r = ring.control(&Request::CreateRing { sq_entries: 8, cq_entries: 8 }, &[]);
-    assert!(matches!(r, Err(Error::Refused(ControlError::RingExists))), "{r:?}");
+    // An I/O thread that does not exist.
+    let r = ring.control(&Request::CreateRing { sq_entries: 8, cq_entries: 8, thread: Some(1) }, &[]);
+    assert!(matches!(r, Err(Error::Refused(ControlError::NoSuchThread { thread: 1, threads: 1 }))), "{r:?}");
+    // Closing a ring the session does not have.
+    let r = ring.control(&Request::CloseRing { ring_id: 99 }, &[]);
+    assert!(matches!(r, Err(Error::Refused(ControlError::UnknownRing(99)))), "{r:?}");
     // The session is still fine.
     ring.stats().unwrap();
     others_unaffected(&mut broker);
@@ -146,8 +149,8 @@ fn malformed_oversized_and_fd_flooding_messages() {
         raw_call(&s, &hello(99), &[]),
         Response::Error(ControlError::VersionMismatch { client: 99, .. })
     ));
-    assert!(matches!(raw_call(&s, &hello(1), &[]), Response::Hello { .. }));
-    assert_eq!(raw_call(&s, &hello(1), &[]), Response::Error(ControlError::DuplicateHello));
+    assert!(matches!(raw_call(&s, &hello(PROTOCOL_VERSION), &[]), Response::Hello { .. }));
+    assert_eq!(raw_call(&s, &hello(PROTOCOL_VERSION), &[]), Response::Error(ControlError::DuplicateHello));
     // Garbage.
     assert!(matches!(raw_call(&s, &[0xff; 17], &[]), Response::Error(ControlError::Malformed(_))));
     // Oversized.
@@ -163,7 +166,8 @@ fn malformed_oversized_and_fd_flooding_messages() {
     // The connection still works.
     assert!(matches!(raw_call(&s, &encode(&Request::Stats), &[]), Response::Stats(_)));
     // Bad ring sizes.
-    let r = raw_call(&s, &encode(&Request::CreateRing { sq_entries: 3, cq_entries: 1 << 30 }), &[]);
+    let r =
+        raw_call(&s, &encode(&Request::CreateRing { sq_entries: 3, cq_entries: 1 << 30, thread: None }), &[]);
     assert!(matches!(r, Response::Error(ControlError::BadRingSize(_))), "{r:?}");
     others_unaffected(&mut broker);
 }

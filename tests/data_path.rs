@@ -7,8 +7,8 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use nvmed_client::testkit::{pattern, random_write_read, run_batch};
-use nvmed_client::{Error, Io, NvmeRing, Status};
-use nvmed_proto::{ControlError, NvmeStatus, Request, Response};
+use nvmed_client::{BrokerStatus, Error, Io, NvmeRing, Opcode, Sqe, Status};
+use nvmed_proto::{NvmeStatus, Request, Response};
 
 const MIB: u64 = 1 << 20;
 
@@ -103,30 +103,61 @@ fn delayed_completion_arrives_late_and_correct() {
 }
 
 #[test]
-fn buffer_with_io_in_flight_cannot_be_unregistered() {
-    // The first I/O never completes.
-    let broker = TestBroker::start(&["--inject", "hang:1"]);
+fn unregistering_a_buffer_with_io_in_flight_waits_for_the_io() {
+    // The first I/O is held for 1.5 s by the device.
+    let broker = TestBroker::start(&["--inject", "delay:1:1500"]);
     let mut ring = broker.connect();
     let ns = ring.namespaces()[0].nsid;
     let buf = ring.alloc_buffer(4096).unwrap();
     let other = ring.alloc_buffer(4096).unwrap();
-    ring.prep(Io::read(ns, 0, 4096, buf, 0)).unwrap();
+    ring.prep(Io::read(ns, 0, 4096, buf, 0).user_data(5)).unwrap();
     ring.submit().unwrap();
     // The library refuses to hand out the range or unregister the buffer...
     assert!(matches!(ring.buffer(buf, 0, 16), Err(Error::InFlight { .. })));
     assert!(matches!(ring.unregister_buffer(buf), Err(Error::InFlight { .. })));
-    // ...and so does the broker when asked directly.
-    let mut stats = ring.stats().unwrap();
     wait_until("the read to reach the device", Duration::from_secs(5), || {
-        stats = ring.stats().unwrap();
-        stats.in_flight == 1
+        ring.stats().unwrap().in_flight == 1
     });
-    match ring.control(&Request::UnregisterBuffer { buffer_id: buf.0 }, &[]) {
-        Err(Error::Refused(ControlError::BufferBusy { in_flight: 1, .. })) => {}
-        other => panic!("expected BufferBusy, got {other:?}"),
+    // ...and when asked directly, the broker answers only once no command uses the buffer: its
+    // memory is the client's again only then.
+    let session = ring.session();
+    let asked = Instant::now();
+    let unregister = std::thread::spawn(move || {
+        (session.control(&Request::UnregisterBuffer { buffer_id: buf.0 }, &[]), asked.elapsed())
+    });
+    // Meanwhile new requests may not use it (the broker refuses them), other buffers work.
+    std::thread::sleep(Duration::from_millis(200));
+    // SAFETY: the raw request names a buffer the broker is unregistering; no memory of this
+    // process is involved beyond the ring.
+    unsafe {
+        ring.prep_raw(Sqe {
+            opcode: Opcode::Read as u8,
+            nsid: ns,
+            len: 4096,
+            buf_id: buf.0,
+            user_data: 77,
+            ..Sqe::default()
+        })
     }
-    // Other buffers are unaffected.
-    ring.unregister_buffer(other).unwrap();
+    .unwrap();
+    ring.submit().unwrap();
+    let mut out = Vec::new();
+    while !out.iter().any(|c: &nvmed_client::Completion| c.user_data == 77) {
+        ring.wait(1, &mut out, Some(Duration::from_secs(5))).unwrap();
+    }
+    let refused = out.iter().find(|c| c.user_data == 77).unwrap();
+    assert_eq!(refused.status, Status::Broker(BrokerStatus::BadBuffer), "{refused:?}");
+    let (answer, waited) = unregister.join().unwrap();
+    answer.unwrap();
+    assert!(waited >= Duration::from_millis(1000), "answered after {waited:?}, before the read completed");
+    // The held read completed normally (before the answer).
+    while !out.iter().any(|c| c.user_data == 5) {
+        ring.wait(1, &mut out, Some(Duration::from_secs(5))).unwrap();
+    }
+    let held = out.iter().find(|c| c.user_data == 5).unwrap();
+    assert!(held.status.is_success(), "{held:?}");
+    ring.write(ns, 4096, other, 0, 4096).unwrap();
+    assert_eq!(ring.stats().unwrap().buffers, 1);
 }
 
 #[test]

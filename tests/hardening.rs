@@ -66,7 +66,11 @@ fn raw_call(s: &OwnedFd, bytes: &[u8], fds: &[std::os::fd::BorrowedFd<'_>]) -> R
 }
 
 fn hello(s: &OwnedFd) -> Response {
-    raw_call(s, &encode(&Request::Hello { version: 1, client_name: "raw".into() }), &[])
+    raw_call(
+        s,
+        &encode(&Request::Hello { version: nvmed_proto::PROTOCOL_VERSION, client_name: "raw".into() }),
+        &[],
+    )
 }
 
 /// The broker is alive and a new client can do verified I/O.
@@ -717,8 +721,12 @@ fn empty_datagrams_and_the_ring_memfd_as_a_buffer_are_refused() {
     assert_eq!(raw_call(&s, &[], &[]), Response::Error(ControlError::Malformed("empty message".into())));
     assert!(matches!(raw_call(&s, &encode(&Request::Stats), &[]), Response::Stats(_)));
     // The session's own ring memfd cannot be registered as a DMA buffer.
-    transport::send(s.as_fd(), &encode(&Request::CreateRing { sq_entries: 16, cq_entries: 16 }), &[])
-        .unwrap();
+    transport::send(
+        s.as_fd(),
+        &encode(&Request::CreateRing { sq_entries: 16, cq_entries: 16, thread: None }),
+        &[],
+    )
+    .unwrap();
     let m = transport::recv(s.as_fd()).unwrap();
     assert!(matches!(decode::<Response>(&m.bytes).unwrap(), Response::RingCreated { .. }));
     let ring_fd = m.fds[0].as_fd();

@@ -67,6 +67,21 @@ impl MemfdBuffer {
         &self.fd
     }
 
+    /// Copies bytes at `offset` out (bounds checked by the caller).
+    pub(crate) fn copy_out(&self, offset: usize, dst: &mut [u8]) {
+        self.mem.copy_out(offset, dst)
+    }
+
+    /// Copies bytes in at `offset` (bounds checked by the caller).
+    pub(crate) fn copy_in(&self, offset: usize, src: &[u8]) {
+        self.mem.copy_in(offset, src)
+    }
+
+    /// The start of the mapping.
+    pub(crate) fn as_ptr(&self) -> *mut u8 {
+        self.mem.as_ptr()
+    }
+
     /// Volatile read of a segment list entry at `offset` (8-byte aligned).
     pub(crate) fn read_segment(&self, offset: usize) -> nvmed_proto::Segment {
         self.mem.read(offset)

@@ -48,10 +48,11 @@
 
 mod buffer;
 mod error;
+mod session;
 #[cfg(feature = "testkit")]
 pub mod testkit;
 
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -60,8 +61,9 @@ use std::time::{Duration, Instant};
 pub use buffer::MemfdBuffer;
 pub use error::{Error, Result};
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
-use nix::sys::socket::{connect, socket, AddressFamily, SockFlag, SockType, UnixAddr};
-use nvmed_proto::control::{decode, encode};
+use session::{unexpected, SessionInner};
+pub use session::{NvmeSession, SessionOptions, SharedBuffer};
+
 use nvmed_proto::layout::{
     RingLayout, BROKER_CQ_WAIT, BROKER_FAULTED, BROKER_FLAGS_OFFSET, BROKER_NEED_WAKEUP, CLIENT_CQ_WAITING,
     FAULT_OFFSET, RING_MAGIC, RING_VERSION,
@@ -69,10 +71,10 @@ use nvmed_proto::layout::{
 use nvmed_proto::ring::{completion_ring, submission_ring, Consumer, Producer, SharedRing};
 use nvmed_proto::shm::SharedMemory;
 use nvmed_proto::wakeup::{announce_sleep, end_sleep, peer_flags, SharedFlags};
-use nvmed_proto::{transport, Cqe, Request, Response, RingFault, RingHeader, PROTOCOL_VERSION};
 pub use nvmed_proto::{
-    BrokerStatus, NamespaceInfo, NvmeStatus, Opcode, Segment, Sqe, Stats, Status, MAX_SEGMENTS,
+    BrokerStatus, IoThreadInfo, NamespaceInfo, NvmeStatus, Opcode, Segment, Sqe, Stats, Status, MAX_SEGMENTS,
 };
+use nvmed_proto::{Cqe, Request, Response, RingFault, RingHeader};
 use slab::Slab;
 
 /// Id of a registered buffer.
@@ -90,6 +92,8 @@ pub struct RingOptions {
     pub client_name: String,
     /// How long [`NvmeRing::wait`] spins before sleeping on the eventfd.
     pub spin: Duration,
+    /// The broker I/O thread to serve the ring (`None`: the least loaded).
+    pub thread: Option<u16>,
 }
 
 impl Default for RingOptions {
@@ -99,6 +103,7 @@ impl Default for RingOptions {
             cq_entries: 512,
             client_name: std::env::args().next().unwrap_or_else(|| "nvmed-client".into()),
             spin: Duration::from_micros(50),
+            thread: None,
         }
     }
 }
@@ -272,6 +277,9 @@ impl BufferTable {
     fn remove(&mut self, id: &u32) -> Option<ClientBuffer> {
         self.0.get_mut(*id as usize).and_then(Option::take)
     }
+    fn ids(&self) -> Vec<u32> {
+        (0..self.0.len() as u32).filter(|id| self.get(id).is_some()).collect()
+    }
 }
 
 /// Polls in a row that find no completion before [`NvmeRing::poll`] checks whether the ring
@@ -284,12 +292,14 @@ struct ClientBuffer {
     in_flight: u32,
 }
 
-/// A session with the broker and its ring.
+/// One ring of a session: submissions and completions through shared memory, served by one
+/// of the broker's I/O threads. Not shared between threads: give each thread its own ring
+/// ([`NvmeSession::new_ring`]); all rings of a session share its registered buffers.
 #[derive(Debug)]
 pub struct NvmeRing {
-    sock: OwnedFd,
-    session_id: u64,
-    namespaces: Vec<NamespaceInfo>,
+    session: Arc<SessionInner>,
+    ring_id: u32,
+    thread: u16,
     mem: Arc<SharedMemory>,
     sq: Producer<SharedRing<Sqe>>,
     cq: Consumer<SharedRing<Cqe>>,
@@ -305,27 +315,26 @@ pub struct NvmeRing {
 }
 
 impl NvmeRing {
-    /// Connects with default options.
+    /// Connects with default options: a new session with one ring.
     pub fn open(path: impl AsRef<Path>) -> Result<Self> {
         Self::open_with(path, RingOptions::default())
     }
 
-    /// Connects, says hello, lists namespaces and creates the ring.
+    /// Connects, says hello, lists namespaces and creates the session's first ring. More rings
+    /// of the same session: [`NvmeRing::session`], then [`NvmeSession::new_ring`].
     pub fn open_with(path: impl AsRef<Path>, opts: RingOptions) -> Result<Self> {
-        let path = path.as_ref();
-        let cerr = |source| Error::Connect { path: path.display().to_string(), source };
-        let sock =
-            socket(AddressFamily::Unix, SockType::SeqPacket, SockFlag::SOCK_CLOEXEC, None).map_err(cerr)?;
-        let addr = UnixAddr::new(path).map_err(cerr)?;
-        connect(sock.as_raw_fd(), &addr).map_err(cerr)?;
-        let (resp, _) =
-            call(&sock, &Request::Hello { version: PROTOCOL_VERSION, client_name: opts.client_name }, &[])?;
-        let Response::Hello { session_id, .. } = resp else { return Err(unexpected(resp)) };
-        let (resp, _) = call(&sock, &Request::ListNamespaces, &[])?;
-        let Response::Namespaces(namespaces) = resp else { return Err(unexpected(resp)) };
-        let req = Request::CreateRing { sq_entries: opts.sq_entries, cq_entries: opts.cq_entries };
-        let (resp, mut fds) = call(&sock, &req, &[])?;
-        let Response::RingCreated { sq_entries, cq_entries, size } = resp else {
+        let session = NvmeSession::open_with(path, SessionOptions { client_name: opts.client_name.clone() })?;
+        session.new_ring_with(opts)
+    }
+
+    pub(crate) fn create(session: Arc<SessionInner>, opts: RingOptions) -> Result<Self> {
+        let req = Request::CreateRing {
+            sq_entries: opts.sq_entries,
+            cq_entries: opts.cq_entries,
+            thread: opts.thread,
+        };
+        let (resp, mut fds) = session.call(&req, &[])?;
+        let Response::RingCreated { sq_entries, cq_entries, size, ring_id, thread } = resp else {
             return Err(unexpected(resp));
         };
         if fds.len() != 3 {
@@ -346,9 +355,9 @@ impl NvmeRing {
             return Err(Error::Protocol(format!("bad ring header {header:?}")));
         }
         Ok(Self {
-            sock,
-            session_id,
-            namespaces,
+            session,
+            ring_id,
+            thread,
             sq: Producer::new(submission_ring(mem.clone(), &layout), 0),
             cq: Consumer::new(completion_ring(mem.clone(), &layout), 0),
             mem,
@@ -362,14 +371,29 @@ impl NvmeRing {
         })
     }
 
+    /// The session this ring belongs to (for more rings, shared buffers, stats).
+    pub fn session(&self) -> NvmeSession {
+        NvmeSession::from_inner(self.session.clone())
+    }
+
     /// The broker's id for this session.
     pub fn session_id(&self) -> u64 {
-        self.session_id
+        self.session.session_id()
+    }
+
+    /// This ring's id in its session.
+    pub fn ring_id(&self) -> u32 {
+        self.ring_id
+    }
+
+    /// The broker I/O thread serving this ring.
+    pub fn io_thread(&self) -> u16 {
+        self.thread
     }
 
     /// Namespaces this client may use.
     pub fn namespaces(&self) -> &[NamespaceInfo] {
-        &self.namespaces
+        self.session.namespaces()
     }
 
     /// Requests prepared or submitted and not yet completed.
@@ -388,13 +412,10 @@ impl NvmeRing {
     }
 
     /// Registers a buffer (for example guest RAM from [`MemfdBuffer::from_sealed_memfd`]).
+    /// This ring owns it: [`NvmeRing::buffer`] and [`NvmeRing::buffer_mut`] reach it, checked
+    /// against this ring's I/O in flight. (A buffer for several rings: [`SharedBuffer`].)
     pub fn register_buffer(&mut self, buf: MemfdBuffer) -> Result<BufferId> {
-        let req = Request::RegisterBuffer { offset: buf.offset(), len: buf.len() as u64 };
-        let (resp, _) = call(&self.sock, &req, &[buf.fd().as_fd()])?;
-        let Response::BufferRegistered { buffer_id } = resp else { return Err(unexpected(resp)) };
-        if buffer_id >= 1 << 20 {
-            return Err(Error::Protocol(format!("implausible buffer id {buffer_id}")));
-        }
+        let buffer_id = session::register(&self.session, &buf)?;
         self.buffers.insert(buffer_id, ClientBuffer { mem: buf, in_flight: 0 });
         Ok(BufferId(buffer_id))
     }
@@ -405,7 +426,7 @@ impl NvmeRing {
         if b.in_flight > 0 {
             return Err(Error::InFlight { id: id.0, offset: 0, len: b.mem.len() as u64 });
         }
-        let (resp, _) = call(&self.sock, &Request::UnregisterBuffer { buffer_id: id.0 }, &[])?;
+        let (resp, _) = self.session.call(&Request::UnregisterBuffer { buffer_id: id.0 }, &[])?;
         let Response::BufferUnregistered = resp else { return Err(unexpected(resp)) };
         Ok(self.buffers.remove(&id.0).unwrap().mem)
     }
@@ -446,10 +467,13 @@ impl NvmeRing {
         Ok(unsafe { b.mem.slice_mut(offset as usize, len as usize) })
     }
 
-    /// Checks that `offset + len` lies inside buffer `id`.
+    /// Checks that `offset + len` lies inside buffer `id` (this ring's, or the session's
+    /// shared ones).
     fn in_buffer(&self, id: u32, offset: u64, len: u64) -> Result<()> {
-        let b = self.buffers.get(&id).ok_or(Error::UnknownBuffer(id))?;
-        let size = b.mem.len() as u64;
+        let size = match self.buffers.get(&id) {
+            Some(b) => b.mem.len() as u64,
+            None => self.session.shared_len(id).ok_or(Error::UnknownBuffer(id))?,
+        };
         if offset.checked_add(len).is_none_or(|e| e > size) {
             return Err(Error::OutOfBuffer { id, offset, len, size });
         }
@@ -535,7 +559,13 @@ impl NvmeRing {
         len: u32,
         ranges: &mut Vec<Range>,
     ) -> Result<()> {
-        let mem = &self.buffers.get(&list.0).expect("checked by the caller").mem;
+        let Some(list_buf) = self.buffers.get(&list.0) else {
+            return Err(Error::BadSegments(format!(
+                "the segment list must be in a buffer this ring registered, not in buffer {}",
+                list.0
+            )));
+        };
+        let mem = &list_buf.mem;
         let mut total = 0u64;
         for i in 0..u64::from(count) {
             let seg = mem.read_segment((list_offset + i * SEGMENT_SIZE) as usize);
@@ -647,7 +677,10 @@ impl NvmeRing {
             return Err(Error::SqFull);
         }
         for &(id, _, _) in ranges.as_slice() {
-            self.buffers.get_mut(&id).unwrap().in_flight += 1;
+            // Shared buffers are not this ring's to borrow-check.
+            if let Some(b) = self.buffers.get_mut(&id) {
+                b.in_flight += 1;
+            }
         }
         let tag = self.pending.insert(Pending { user_data: sqe.user_data, ranges });
         sqe.user_data = tag as u64;
@@ -683,9 +716,7 @@ impl NvmeRing {
 
     /// Whether the broker closed the control socket (it exited or was killed).
     fn broker_gone(&self) -> bool {
-        let mut fds = [PollFd::new(self.sock.as_fd(), PollFlags::POLLIN)];
-        matches!(poll(&mut fds, PollTimeout::ZERO), Ok(n) if n > 0)
-            && fds[0].revents().is_some_and(|r| !r.is_empty())
+        self.session.broker_gone()
     }
 
     /// Moves finished requests into `out` without blocking. Returns how many.
@@ -782,10 +813,10 @@ impl NvmeRing {
             };
             let mut fds = [
                 PollFd::new(self.complete_fd.as_fd(), PollFlags::POLLIN),
-                PollFd::new(self.sock.as_fd(), PollFlags::POLLIN),
+                PollFd::new(self.session.socket(), PollFlags::empty()),
             ];
             let _ = poll(&mut fds, remaining);
-            let sock_gone = fds[1].revents().is_some_and(|r| !r.is_empty());
+            let sock_gone = session::hung_up(&fds[1]);
             nvmed_proto::eventfd::drain(&self.complete_fd);
             end_sleep(&SharedFlags::client(&self.mem), CLIENT_CQ_WAITING);
             got += self.poll(out)?;
@@ -885,23 +916,19 @@ impl NvmeRing {
         self.run_one(Io::flush(nsid)).map(drop)
     }
 
-    /// Session and broker counters.
+    /// Session and broker counters (all rings of the session together).
     pub fn stats(&mut self) -> Result<Stats> {
-        let (resp, _) = call(&self.sock, &Request::Stats, &[])?;
-        match resp {
-            Response::Stats(s) => Ok(s),
-            r => Err(unexpected(r)),
-        }
+        self.session().stats()
     }
 
     /// Sends a raw control request (for testing the broker).
     pub fn control(&mut self, req: &Request, fds: &[std::os::fd::BorrowedFd<'_>]) -> Result<Response> {
-        call(&self.sock, req, fds).map(|(r, _)| r)
+        self.session.call(req, fds).map(|(r, _)| r)
     }
 
     /// The control socket (for testing the broker with hand-made datagrams).
     pub fn control_socket(&self) -> std::os::fd::BorrowedFd<'_> {
-        self.sock.as_fd()
+        self.session.socket()
     }
 
     /// Raw access to the ring mapping (for testing the broker against a hostile client).
@@ -910,27 +937,16 @@ impl NvmeRing {
     }
 }
 
-fn unexpected(r: Response) -> Error {
-    match r {
-        Response::Error(e) => Error::Refused(e),
-        other => Error::Protocol(format!("unexpected reply {other:?}")),
+impl Drop for NvmeRing {
+    /// Ends the ring (its I/O drains first) and unregisters the buffers it owns, unless the
+    /// session ends with it anyway (the broker then releases everything).
+    fn drop(&mut self) {
+        if Arc::strong_count(&self.session) == 1 {
+            return;
+        }
+        let _ = self.session.call(&Request::CloseRing { ring_id: self.ring_id }, &[]);
+        for id in self.buffers.ids() {
+            let _ = self.session.call(&Request::UnregisterBuffer { buffer_id: id }, &[]);
+        }
     }
-}
-
-fn call(
-    sock: &OwnedFd,
-    req: &Request,
-    fds: &[std::os::fd::BorrowedFd<'_>],
-) -> Result<(Response, Vec<OwnedFd>)> {
-    let sent = transport::send(sock.as_fd(), &encode(req), fds);
-    // A broker that refused the connection may have closed it after saying why: read that.
-    let msg = transport::recv(sock.as_fd()).map_err(|_| Error::BrokerGone)?;
-    if sent.is_err() && !matches!(decode::<Response>(&msg.bytes), Ok(Response::Error(_))) {
-        return Err(Error::BrokerGone);
-    }
-    let resp: Response = decode(&msg.bytes).map_err(|e| Error::Protocol(e.to_string()))?;
-    if let Response::Error(e) = resp {
-        return Err(Error::Refused(e));
-    }
-    Ok((resp, msg.fds))
 }

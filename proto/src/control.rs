@@ -7,7 +7,7 @@
 use serde::{Deserialize, Serialize};
 
 /// Version of the control protocol and ring layout a client speaks.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 /// Largest control datagram either side accepts.
 pub const MAX_MESSAGE_SIZE: usize = 4096;
 /// Most file descriptors one datagram may carry.
@@ -25,14 +25,25 @@ pub enum Request {
     },
     /// List the namespaces this client may use.
     ListNamespaces,
-    /// Create the session's ring; the reply carries the ring memfd, the submit eventfd
-    /// (client -> broker) and the completion eventfd (broker -> client), in that order.
+    /// Create a ring of the session (a session may have several, each served by one of the
+    /// broker's I/O threads, all sharing the session's buffers); the reply carries the ring
+    /// memfd, the submit eventfd (client -> broker) and the completion eventfd
+    /// (broker -> client), in that order.
     CreateRing {
         /// SQ entries (power of two).
         sq_entries: u32,
         /// CQ entries (power of two, at least `sq_entries`).
         cq_entries: u32,
+        /// The I/O thread to serve it (0-based); `None` lets the broker pick the least loaded.
+        thread: Option<u16>,
     },
+    /// End one ring of the session: its in-flight I/O is drained first.
+    CloseRing {
+        /// Id from [`Response::RingCreated`].
+        ring_id: u32,
+    },
+    /// The broker's I/O threads: how many, and how loaded.
+    IoThreads,
     /// Register `len` bytes at `offset` of the memfd attached to this message (sealed with
     /// F_SEAL_SHRINK) as a DMA buffer. A VMM registers each guest RAM region of its memfd this way.
     RegisterBuffer {
@@ -41,7 +52,8 @@ pub enum Request {
         /// Bytes to register; a multiple of 4096.
         len: u64,
     },
-    /// Unregister a buffer; refused while I/O on it is in flight.
+    /// Unregister a buffer: no new request may use it; answered once no request in flight
+    /// uses it any more (so its memory is the client's again).
     UnregisterBuffer {
         /// Id from [`Response::BufferRegistered`].
         buffer_id: u32,
@@ -72,7 +84,15 @@ pub enum Response {
         cq_entries: u32,
         /// Size of the ring memfd.
         size: u64,
+        /// The ring's id in the session.
+        ring_id: u32,
+        /// The I/O thread serving it.
+        thread: u16,
     },
+    /// Reply to [`Request::CloseRing`], once its I/O is drained.
+    RingClosed,
+    /// Reply to [`Request::IoThreads`].
+    IoThreads(Vec<IoThreadInfo>),
     /// Reply to [`Request::RegisterBuffer`].
     BufferRegistered {
         /// Id to put in [`crate::Sqe::buf_id`].
@@ -108,6 +128,15 @@ impl NamespaceInfo {
     pub fn size_bytes(&self) -> u64 {
         self.lba_count * u64::from(self.lba_size)
     }
+}
+
+/// One of the broker's I/O threads, as [`Request::IoThreads`] reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IoThreadInfo {
+    /// Rings it serves (of all sessions).
+    pub rings: u64,
+    /// Device commands its queue completed since the broker started.
+    pub device_commands: u64,
 }
 
 /// Counters returned by [`Request::Stats`].
@@ -147,6 +176,10 @@ pub struct Stats {
     pub broker_sgl_commands: u64,
     /// Device commands of vectored requests the broker sent with PRPs (for all sessions).
     pub broker_vectored_prp_commands: u64,
+    /// Rings of this session.
+    pub rings: u64,
+    /// The broker's I/O threads.
+    pub broker_io_threads: u64,
 }
 
 /// Why a control request failed.
@@ -210,17 +243,23 @@ pub enum ControlError {
     /// The buffer id is not registered by this session.
     #[error("unknown buffer id {0}")]
     UnknownBuffer(u32),
-    /// I/O on the buffer is still in flight.
-    #[error("buffer {buffer_id} has {in_flight} requests in flight")]
-    BufferBusy {
-        /// The buffer.
-        buffer_id: u32,
-        /// Requests still using it.
-        in_flight: u64,
+    /// The session has as many rings as it may.
+    #[error("at most {limit} rings per session")]
+    RingLimit {
+        /// The limit.
+        limit: u32,
     },
-    /// The session already has a ring.
-    #[error("this session already has a ring")]
-    RingExists,
+    /// The ring id is not one of this session's rings.
+    #[error("unknown ring id {0}")]
+    UnknownRing(u32),
+    /// The I/O thread asked for does not exist.
+    #[error("no I/O thread {thread}: the broker runs {threads}")]
+    NoSuchThread {
+        /// The thread asked for.
+        thread: u16,
+        /// How many there are.
+        threads: u16,
+    },
     /// Ring sizes refused.
     #[error("{0}")]
     BadRingSize(String),
@@ -264,7 +303,9 @@ mod tests {
     fn requests_round_trip() {
         let reqs = [
             Request::Hello { version: 1, client_name: "t".into() },
-            Request::CreateRing { sq_entries: 64, cq_entries: 128 },
+            Request::CreateRing { sq_entries: 64, cq_entries: 128, thread: Some(1) },
+            Request::CloseRing { ring_id: 3 },
+            Request::IoThreads,
             Request::RegisterBuffer { offset: 4096, len: 1 << 20 },
             Request::UnregisterBuffer { buffer_id: 7 },
             Request::Stats,

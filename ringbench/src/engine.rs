@@ -4,7 +4,7 @@ use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::Path;
 
 use io_uring::{opcode, types, IoUring};
-use nvmed_client::{BufferId, Io, NvmeRing};
+use nvmed_client::{BufferId, Io, NvmeRing, NvmeSession, RingOptions, SharedBuffer};
 
 /// Engine failures.
 #[derive(Debug, thiserror::Error)]
@@ -43,14 +43,30 @@ pub trait Engine {
 pub struct NvmedEngine {
     ring: NvmeRing,
     buf: BufferId,
+    /// Where this job's slots start in `buf`.
+    base: u64,
+    /// The job's slice of a buffer shared by every job of the session (if it is one).
+    shared: Option<SharedBuffer>,
     nsid: u32,
     bs: u32,
     nop: bool,
     done: Vec<nvmed_client::Completion>,
 }
 
+/// Ring options for a job of `iodepth`.
+fn ring_options(iodepth: usize, spin_us: u64) -> RingOptions {
+    let entries = (iodepth as u32).next_power_of_two().max(2);
+    RingOptions {
+        sq_entries: entries,
+        cq_entries: entries,
+        client_name: "ringbench".into(),
+        spin: std::time::Duration::from_micros(spin_us),
+        thread: None,
+    }
+}
+
 impl NvmedEngine {
-    /// Opens a session with a ring deep enough for `iodepth`.
+    /// Opens a session of its own with a ring deep enough for `iodepth`, and registers a buffer.
     pub fn open(
         socket: &Path,
         iodepth: usize,
@@ -58,17 +74,39 @@ impl NvmedEngine {
         nop: bool,
         spin_us: u64,
     ) -> Result<Self, EngineError> {
-        let entries = (iodepth as u32).next_power_of_two().max(2);
-        let opts = nvmed_client::RingOptions {
-            sq_entries: entries,
-            cq_entries: entries,
-            client_name: "ringbench".into(),
-            spin: std::time::Duration::from_micros(spin_us),
-        };
-        let mut ring = NvmeRing::open_with(socket, opts)?;
+        let mut ring = NvmeRing::open_with(socket, ring_options(iodepth, spin_us))?;
         let nsid = ring.namespaces().first().ok_or(EngineError::Failed("no namespace".into()))?.nsid;
         let buf = ring.alloc_buffer(iodepth * bs as usize)?;
-        Ok(Self { ring, buf, nsid, bs, nop, done: Vec::new() })
+        Ok(Self { ring, buf, base: 0, shared: None, nsid, bs, nop, done: Vec::new() })
+    }
+
+    /// A new ring of `session` (on the broker's least loaded I/O thread) whose slots are
+    /// `iodepth * bs` bytes at `base` of `shared`, a buffer all jobs of the session share.
+    pub fn on_session(
+        session: &NvmeSession,
+        shared: &SharedBuffer,
+        base: u64,
+        iodepth: usize,
+        bs: u32,
+        nop: bool,
+        spin_us: u64,
+    ) -> Result<Self, EngineError> {
+        let ring = session.new_ring_with(ring_options(iodepth, spin_us))?;
+        let nsid = ring.namespaces().first().ok_or(EngineError::Failed("no namespace".into()))?.nsid;
+        let end = base + (iodepth * bs as usize) as u64;
+        if end > shared.len() as u64 {
+            return Err(EngineError::Failed(format!("shared buffer too small: {end} > {}", shared.len())));
+        }
+        Ok(Self {
+            ring,
+            buf: shared.id(),
+            base,
+            shared: Some(shared.clone()),
+            nsid,
+            bs,
+            nop,
+            done: Vec::new(),
+        })
     }
 
     /// The namespace size in bytes.
@@ -82,6 +120,10 @@ impl NvmedEngine {
             .ok()
             .map(|c| c.pid())
     }
+
+    fn slot_offset(&self, slot: usize) -> u64 {
+        self.base + slot as u64 * u64::from(self.bs)
+    }
 }
 
 impl Engine for NvmedEngine {
@@ -89,16 +131,25 @@ impl Engine for NvmedEngine {
         !self.nop
     }
     fn slot_mut(&mut self, slot: usize) -> &mut [u8] {
-        let bs = u64::from(self.bs);
-        self.ring.buffer_mut(self.buf, slot as u64 * bs, bs).expect("slot has no I/O in flight")
+        let (at, bs) = (self.slot_offset(slot), self.bs as usize);
+        match &self.shared {
+            Some(shared) => {
+                assert!(at as usize + bs <= shared.len());
+                // SAFETY: in bounds (asserted). The slot is this job's alone (jobs get disjoint
+                // ranges of the shared buffer), no I/O on it is in flight (the Engine contract),
+                // and the borrow of `self` keeps this job from using the slot meanwhile.
+                unsafe { std::slice::from_raw_parts_mut(shared.as_ptr().add(at as usize), bs) }
+            }
+            None => self.ring.buffer_mut(self.buf, at, bs as u64).expect("slot has no I/O in flight"),
+        }
     }
     fn queue(&mut self, slot: usize, write: bool, offset: u64) -> Result<(), EngineError> {
         let io = if self.nop {
             Io::nop()
         } else if write {
-            Io::write(self.nsid, offset, self.bs, self.buf, slot as u64 * u64::from(self.bs))
+            Io::write(self.nsid, offset, self.bs, self.buf, self.slot_offset(slot))
         } else {
-            Io::read(self.nsid, offset, self.bs, self.buf, slot as u64 * u64::from(self.bs))
+            Io::read(self.nsid, offset, self.bs, self.buf, self.slot_offset(slot))
         };
         self.ring.prep(io.user_data(slot as u64))?;
         Ok(())

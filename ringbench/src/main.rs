@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use clap::{Parser, ValueEnum};
 use engine::{Done, Engine, EngineError, NvmedEngine, UringEngine};
 use hdrhistogram::Histogram;
+use nvmed_client::{IoThreadInfo, NvmeSession, SessionOptions};
 use serde::Serialize;
 use workload::{check_block, fill_block, Rw, Workload};
 
@@ -54,9 +55,17 @@ struct Args {
     /// Requests in flight per job.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=4096))]
     iodepth: u32,
-    /// Jobs (each its own client and ring, in its own thread).
+    /// Jobs, each in its own thread with its own ring. nvmed engines: the jobs share one
+    /// session and one registered buffer (each its own slice), their rings spread over the
+    /// broker's I/O threads; see --sessions.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=64))]
     numjobs: u32,
+    /// nvmed engines: a session (and buffer registration) per job instead of one shared.
+    #[arg(long)]
+    sessions: bool,
+    /// With --embedded: broker I/O threads (each with its own device queue).
+    #[arg(long, default_value_t = 1, requires = "embedded", value_parser = clap::value_parser!(u16).range(1..=64))]
+    io_threads: u16,
     /// Run each job in its own process instead of a thread.
     #[arg(long)]
     processes: bool,
@@ -181,6 +190,8 @@ struct Report {
     total: JobReport,
     ringbench_cpu: Cpu,
     broker_cpu: Option<Cpu>,
+    /// The broker's I/O threads after the run: rings served and device commands completed.
+    broker_io_threads: Option<Vec<IoThreadInfo>>,
 }
 
 struct JobOutcome {
@@ -463,7 +474,7 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         let sock = dir.join("nvmed.sock");
         let size = args.size.unwrap_or(1 << 30).max(args.offset + args.bs * u64::from(args.numjobs));
         let size = size.next_multiple_of(1 << 20);
-        embedded = Some(start_embedded(&sock, size, args.null)?);
+        embedded = Some(start_embedded(&sock, size, args.null, args.io_threads)?);
         sock
     } else {
         args.socket.clone()
@@ -611,6 +622,13 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         let _ = t.join();
     }
     let self_cpu1 = process_cpu();
+    let broker_io_threads = if nvmed {
+        NvmeSession::open_with(&socket, SessionOptions { client_name: "ringbench".into() })
+            .and_then(|s| s.io_threads())
+            .ok()
+    } else {
+        None
+    };
     let broker_cpu = broker_cpu0.map(|(u0, s0)| {
         let (u1, s1) = if embedded.is_some() {
             cpu_of(self_pid, Some("nvmed"))
@@ -651,6 +669,7 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         total: report(u32::MAX, &total, args.bs),
         ringbench_cpu: own,
         broker_cpu,
+        broker_io_threads,
     };
     if let Some(b) = embedded.take() {
         b.shutdown()?;
@@ -682,15 +701,39 @@ fn job_spec(args: &Args, j: u32, offset: u64, size: u64) -> JobSpec {
     }
 }
 
+/// Engines for every job: for nvmed, by default rings of one session sharing one buffer.
+fn open_engines(
+    args: &Args,
+    socket: &Path,
+) -> Result<Vec<Box<dyn Engine + Send>>, Box<dyn std::error::Error>> {
+    let nvmed = matches!(args.engine, EngineKind::Nvmed | EngineKind::NvmedNop);
+    if !nvmed || args.sessions {
+        return Ok((0..args.numjobs).map(|_| open_engine(args, socket)).collect::<Result<_, _>>()?);
+    }
+    let session = NvmeSession::open_with(socket, SessionOptions { client_name: "ringbench".into() })?;
+    let slice = u64::from(args.iodepth) * args.bs;
+    let shared = session.alloc_shared((slice * u64::from(args.numjobs)) as usize)?;
+    let mut engines: Vec<Box<dyn Engine + Send>> = Vec::new();
+    for j in 0..u64::from(args.numjobs) {
+        engines.push(Box::new(NvmedEngine::on_session(
+            &session,
+            &shared,
+            j * slice,
+            args.iodepth as usize,
+            args.bs as u32,
+            args.engine == EngineKind::NvmedNop,
+            args.spin_us,
+        )?));
+    }
+    Ok(engines)
+}
+
 fn run_threads(
     args: &Args,
     socket: &Path,
     per_job: u64,
 ) -> Result<Vec<JobOutcome>, Box<dyn std::error::Error>> {
-    let mut engines = Vec::new();
-    for _ in 0..args.numjobs {
-        engines.push(open_engine(args, socket)?);
-    }
+    let engines = open_engines(args, socket)?;
     let handles: Vec<_> = engines
         .into_iter()
         .enumerate()
@@ -808,6 +851,14 @@ fn print_report(r: &Report) {
     if let Some(b) = &r.broker_cpu {
         println!("  cpu: broker    user {:.2}s sys {:.2}s", b.user_s, b.sys_s);
     }
+    if let Some(t) = &r.broker_io_threads {
+        let each: Vec<String> = t
+            .iter()
+            .enumerate()
+            .map(|(i, t)| format!("#{i}: {} device commands", t.device_commands))
+            .collect();
+        println!("  broker I/O threads: {} ({})", t.len(), each.join(", "));
+    }
 }
 
 /// Pins the calling thread to one CPU (best effort).
@@ -870,6 +921,7 @@ fn start_embedded(
     socket: &Path,
     size: u64,
     null: bool,
+    io_threads: u16,
 ) -> Result<nvmed_server::broker::Broker, Box<dyn std::error::Error>> {
     use nvmed_server::emulator::backend::{Backend, MemoryBackend, NullBackend};
     use nvmed_server::emulator::{EmulatedController, EmulatedNamespace, EmulatorConfig};
@@ -879,9 +931,11 @@ fn start_embedded(
         Arc::new(EmulatedController::new(EmulatorConfig {
             namespaces: vec![EmulatedNamespace { backend, lba_size: 512 }],
             mdts: 7,
-            vectors: 2,
+            vectors: io_threads + 1,
             faults: vec![],
             ..Default::default()
         })?);
-    Ok(nvmed_server::broker::Broker::start(device, nvmed_server::broker::BrokerConfig::new(socket))?)
+    let config =
+        nvmed_server::broker::BrokerConfig { io_threads, ..nvmed_server::broker::BrokerConfig::new(socket) };
+    Ok(nvmed_server::broker::Broker::start(device, config)?)
 }

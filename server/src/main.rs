@@ -108,9 +108,24 @@ struct Args {
     #[arg(long, value_name = "MICROS")]
     emulator_latency_us: Option<u64>,
 
-    /// Entries of the device I/O queue.
+    /// Entries of each device I/O queue.
     #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u16).range(2..))]
     queue_depth: u16,
+
+    /// I/O threads: each owns its own device queue pair and interrupt vector and polls the
+    /// client rings placed on it (a new ring goes to the thread with the fewest). A number, or
+    /// `auto` for one per CPU of --cpus (without --cpus: per CPU this process may use). The
+    /// controller may grant fewer queues; nvmed then runs that many.
+    #[arg(long, default_value = "1", value_name = "N|auto", value_parser = parse_io_threads)]
+    io_threads: IoThreads,
+
+    /// Pin the I/O threads to these CPUs, one CPU each in turn, e.g. 2-5 or 0,2,4.
+    #[arg(long, value_name = "LIST", value_parser = parse_cpus)]
+    cpus: Option<CpuList>,
+
+    /// Most rings one session may have (each ring: a shared-memory mapping and two eventfds).
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..=4096))]
+    max_rings_per_session: u32,
 
     /// Microseconds the I/O thread keeps polling after the last work before it sleeps.
     #[arg(long, default_value_t = 200)]
@@ -200,6 +215,59 @@ enum ModeArg {
     /// doorbell, moves their data only when it completes them, and completes them out of order
     /// (after --emulator-latency-us)
     Async,
+}
+
+/// `--io-threads`.
+#[derive(Debug, Clone, Copy)]
+enum IoThreads {
+    Count(u16),
+    Auto,
+}
+
+fn parse_io_threads(s: &str) -> Result<IoThreads, String> {
+    if s == "auto" {
+        return Ok(IoThreads::Auto);
+    }
+    match s.parse::<u16>() {
+        Ok(n) if (1..=256).contains(&n) => Ok(IoThreads::Count(n)),
+        _ => Err("a number of I/O threads from 1 to 256, or auto".into()),
+    }
+}
+
+/// `--cpus`: CPU numbers in order.
+#[derive(Debug, Clone)]
+struct CpuList(Vec<usize>);
+
+fn parse_cpus(s: &str) -> Result<CpuList, String> {
+    let mut cpus = Vec::new();
+    for part in s.split(',').map(str::trim) {
+        let num = |t: &str| t.trim().parse::<usize>().map_err(|_| format!("bad CPU number {t:?} in {s:?}"));
+        match part.split_once('-') {
+            Some((a, b)) => {
+                let (a, b) = (num(a)?, num(b)?);
+                if a > b {
+                    return Err(format!("bad CPU range {part:?}"));
+                }
+                cpus.extend(a..=b);
+            }
+            None => cpus.push(num(part)?),
+        }
+    }
+    if cpus.is_empty() || cpus.iter().any(|&c| c >= 1024) {
+        return Err(format!("bad CPU list {s:?}"));
+    }
+    Ok(CpuList(cpus))
+}
+
+/// How many I/O threads `--io-threads` and `--cpus` ask for.
+fn io_thread_count(args: &Args) -> u16 {
+    match (args.io_threads, &args.cpus) {
+        (IoThreads::Count(n), _) => n,
+        (IoThreads::Auto, Some(c)) => c.0.len().clamp(1, 256) as u16,
+        (IoThreads::Auto, None) => {
+            std::thread::available_parallelism().map_or(1, |n| n.get()).clamp(1, 256) as u16
+        }
+    }
 }
 
 fn parse_octal(s: &str) -> Result<u32, String> {
@@ -336,7 +404,8 @@ fn emulated(args: &Args) -> Result<Arc<dyn NvmeDevice>, Box<dyn std::error::Erro
     Ok(Arc::new(EmulatedController::new(EmulatorConfig {
         namespaces,
         mdts: args.mdts,
-        vectors: 2,
+        // The admin queue's, and one per I/O thread.
+        vectors: io_thread_count(args) + 1,
         faults: args.faults.clone(),
         wedge: args.emulator_wedge,
         mode,
@@ -354,7 +423,8 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     let device: Arc<dyn NvmeDevice> = match &args.pci {
         Some(bdf) => {
             info!(bdf, "starting on a VFIO device");
-            Arc::new(nvmed_server::device::vfio::VfioNvme::open(bdf, 2)?)
+            // The admin queue's vector and one per I/O thread (fewer if the device has fewer).
+            Arc::new(nvmed_server::device::vfio::VfioNvme::open(bdf, io_thread_count(&args) + 1)?)
         }
         None => emulated(&args)?,
     };
@@ -378,6 +448,9 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     config.poll_idle = Duration::from_micros(args.poll_idle_us);
     config.io_timeout = Duration::from_millis(args.io_timeout_ms);
     config.interrupts = !args.no_interrupts;
+    config.io_threads = io_thread_count(&args);
+    config.cpus = args.cpus.clone().map(|c| c.0).unwrap_or_default();
+    config.max_rings_per_session = args.max_rings_per_session;
     config.policy = Policy { grants: args.grants, default: args.default_access };
     let broker = Broker::start(device, config)?;
     println!("nvmed: ready on {}", broker.socket().display());

@@ -61,7 +61,7 @@ impl RegisteredBuffer {
         space: &Arc<IovaSpace>,
         device: &Arc<dyn NvmeDevice>,
         ticket: Ticket,
-        not_this: Option<(u64, u64)>,
+        rings: &[(u64, u64)],
     ) -> Result<Self, ControlError> {
         let bad = |reason: &str| ControlError::BadBufferLength { len, reason: reason.to_string() };
         let seals = match fcntl(&fd, FcntlArg::F_GET_SEALS) {
@@ -74,7 +74,7 @@ impl RegisteredBuffer {
         if seals.intersects(SealFlag::F_SEAL_WRITE | SealFlag::F_SEAL_FUTURE_WRITE) {
             return Err(ControlError::NotWritable);
         }
-        if not_this.is_some() && file_identity(&fd) == not_this {
+        if file_identity(&fd).is_some_and(|id| rings.contains(&id)) {
             return Err(ControlError::Malformed(
                 "this memfd is the session's own ring, which cannot be a DMA buffer".into(),
             ));

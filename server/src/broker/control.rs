@@ -11,7 +11,8 @@ use nvmed_proto::control::{decode, encode, MAX_FDS_PER_MESSAGE, MAX_MESSAGE_SIZE
 use nvmed_proto::layout::RingLayout;
 use nvmed_proto::shm::SharedMemory;
 use nvmed_proto::transport::{self, TransportError};
-use nvmed_proto::{ControlError, NamespaceInfo, Request, Response, PROTOCOL_VERSION};
+use nvmed_proto::{ControlError, IoThreadInfo, NamespaceInfo, Request, Response, Stats, PROTOCOL_VERSION};
+use slab::Slab;
 use tracing::{debug, info, warn};
 
 use super::buffer::RegisteredBuffer;
@@ -21,19 +22,32 @@ use super::session::{RingIo, SessionCounters};
 use super::Shared;
 use crate::policy::NamespaceAccess;
 
+/// One ring of the session, served by one I/O thread.
+struct RingHandle {
+    ring_id: u32,
+    thread: usize,
+    key: usize,
+    counters: Arc<SessionCounters>,
+}
+
 struct Connection {
     shared: Arc<Shared>,
     sock: OwnedFd,
     uid: u32,
     pid: i32,
     id: u64,
-    key: Option<usize>,
+    /// Set by Hello.
+    started: bool,
     /// The session's quota unit, held until the session is released.
     session_ticket: Option<Ticket>,
     namespaces: Vec<NamespaceAccess>,
-    counters: Arc<SessionCounters>,
-    /// Identity of the session's ring memfd, once created (it may not come back as a buffer).
-    ring_identity: Option<(u64, u64)>,
+    rings: Vec<RingHandle>,
+    next_ring_id: u32,
+    /// Registered buffers; the slab key is the buffer id, the same on every ring.
+    buffers: Slab<Arc<RegisteredBuffer>>,
+    buffer_bytes: u64,
+    /// Identities of the session's ring memfds (they may not come back as buffers).
+    ring_identities: Vec<(u64, u64)>,
 }
 
 /// Serves one client until it leaves, then drains and releases its session.
@@ -45,11 +59,14 @@ pub fn serve(shared: Arc<Shared>, sock: OwnedFd, id: u64, uid: u32) {
         uid,
         pid,
         id,
-        key: None,
+        started: false,
         session_ticket: None,
         namespaces: Vec::new(),
-        counters: Arc::new(SessionCounters::default()),
-        ring_identity: None,
+        rings: Vec::new(),
+        next_ring_id: 0,
+        buffers: Slab::new(),
+        buffer_bytes: 0,
+        ring_identities: Vec::new(),
     };
     debug!(session = id, uid, pid, "client connected");
     // A connection that never says Hello must not hold its slot forever.
@@ -60,12 +77,8 @@ pub fn serve(shared: Arc<Shared>, sock: OwnedFd, id: u64, uid: u32) {
         return;
     }
     conn.run();
-    if let Some(key) = conn.key {
-        let (tx, rx) = channel();
-        if conn.shared.io_tx.lock().unwrap().send(IoRequest::CloseSession { key, reply: tx }).is_ok() {
-            conn.shared.kick();
-            let _ = rx.recv();
-        }
+    if conn.started {
+        conn.end_session();
         conn.shared.sessions.fetch_sub(1, Ordering::Relaxed);
         info!(session = id, uid, pid, "session ended; its I/O drained and its memory released");
     }
@@ -77,7 +90,7 @@ impl Connection {
             let msg = match transport::recv(self.sock.as_fd()) {
                 Ok(m) => m,
                 Err(TransportError::Closed) => return,
-                Err(TransportError::Io(nix::Error::EAGAIN)) if self.key.is_none() => {
+                Err(TransportError::Io(nix::Error::EAGAIN)) if !self.started => {
                     let seconds = self.shared.config.hello_timeout.as_secs();
                     info!(
                         session = self.id,
@@ -130,31 +143,65 @@ impl Connection {
         if !wants_fd && !fds.is_empty() {
             return (Response::Error(ControlError::UnexpectedFd), vec![]);
         }
+        let none = |r: Response| Ok((r, vec![]));
         let r = match req {
             Request::Hello { version, client_name } => self.hello(version, &client_name),
-            _ if self.key.is_none() => Err(ControlError::HelloRequired),
-            Request::ListNamespaces => Ok((Response::Namespaces(self.namespace_infos()), vec![])),
-            Request::CreateRing { sq_entries, cq_entries } => self.create_ring(sq_entries, cq_entries),
+            _ if !self.started => Err(ControlError::HelloRequired),
+            Request::ListNamespaces => none(Response::Namespaces(self.namespace_infos())),
+            Request::CreateRing { sq_entries, cq_entries, thread } => {
+                self.create_ring(sq_entries, cq_entries, thread)
+            }
+            Request::CloseRing { ring_id } => {
+                self.close_ring(ring_id).map(|()| (Response::RingClosed, vec![]))
+            }
+            Request::IoThreads => none(Response::IoThreads(
+                self.shared
+                    .pollers
+                    .iter()
+                    .map(|p| IoThreadInfo {
+                        rings: p.rings.load(Ordering::Relaxed) as u64,
+                        device_commands: p.counters.device_commands.load(Ordering::Relaxed),
+                    })
+                    .collect(),
+            )),
             Request::RegisterBuffer { offset, len } => self.register(offset, len, fds),
             Request::UnregisterBuffer { buffer_id } => self.unregister(buffer_id),
-            Request::Stats => {
-                let mut s = self.counters.snapshot();
-                s.broker_sessions = self.shared.quotas.held(Resource::Session);
-                s.broker_buffer_iova_bytes = self.shared.space.used(crate::iova::Area::Buffers);
-                s.device_dma_bytes = self.shared.device.dma_data_bytes();
-                let c = &self.shared.counters;
-                s.broker_bounced_bytes = c.bounced_bytes.load(Ordering::Relaxed);
-                s.broker_sgl_commands = c.sgl_commands.load(Ordering::Relaxed);
-                s.broker_vectored_prp_commands = c.vectored_prp_commands.load(Ordering::Relaxed);
-                Ok((Response::Stats(s), vec![]))
-            }
-            Request::Goodbye => Ok((Response::Goodbye, vec![])),
+            Request::Stats => none(Response::Stats(self.stats())),
+            Request::Goodbye => none(Response::Goodbye),
         };
         r.unwrap_or_else(|e| (Response::Error(e), vec![]))
     }
 
+    fn stats(&self) -> Stats {
+        let mut s = Stats::default();
+        for r in &self.rings {
+            let c = r.counters.snapshot();
+            s.submitted += c.submitted;
+            s.completed += c.completed;
+            s.errors += c.errors;
+            s.bytes_read += c.bytes_read;
+            s.bytes_written += c.bytes_written;
+            s.in_flight += c.in_flight;
+            s.bounced_bytes += c.bounced_bytes;
+        }
+        s.rings = self.rings.len() as u64;
+        s.buffers = self.buffers.len() as u64;
+        s.buffer_bytes = self.buffer_bytes;
+        s.broker_sessions = self.shared.quotas.held(Resource::Session);
+        s.broker_buffer_iova_bytes = self.shared.space.used(crate::iova::Area::Buffers);
+        s.device_dma_bytes = self.shared.device.dma_data_bytes();
+        s.broker_io_threads = self.shared.pollers.len() as u64;
+        for p in &self.shared.pollers {
+            let c = &p.counters;
+            s.broker_bounced_bytes += c.bounced_bytes.load(Ordering::Relaxed);
+            s.broker_sgl_commands += c.sgl_commands.load(Ordering::Relaxed);
+            s.broker_vectored_prp_commands += c.vectored_prp_commands.load(Ordering::Relaxed);
+        }
+        s
+    }
+
     fn hello(&mut self, version: u32, name: &str) -> Result<(Response, Vec<OwnedFd>), ControlError> {
-        if self.key.is_some() {
+        if self.started {
             return Err(ControlError::DuplicateHello);
         }
         if version != PROTOCOL_VERSION {
@@ -163,23 +210,7 @@ impl Connection {
         let ticket = self.shared.quotas.acquire(Resource::Session, self.uid)?;
         self.shared.sessions.fetch_add(1, Ordering::Relaxed);
         self.namespaces = self.shared.config.policy.access_for(self.uid, &self.shared.namespaces);
-        let (tx, rx) = channel();
-        let req = IoRequest::AddSession {
-            id: self.id,
-            namespaces: self.namespaces.clone(),
-            counters: self.counters.clone(),
-            reply: tx,
-        };
-        self.shared.request(req);
-        let key = rx.recv().map_err(|_| ControlError::Internal("I/O thread stopped".into()));
-        let key = match key {
-            Ok(k) => k,
-            Err(e) => {
-                self.shared.sessions.fetch_sub(1, Ordering::Relaxed);
-                return Err(e);
-            }
-        };
-        self.key = Some(key);
+        self.started = true;
         self.session_ticket = Some(ticket);
         // Said Hello: no deadline for the next requests.
         if let Err(e) = setsockopt(&self.sock, sockopt::ReceiveTimeout, &TimeVal::new(0, 0)) {
@@ -209,10 +240,24 @@ impl Connection {
             .collect()
     }
 
-    fn create_ring(&mut self, sq: u32, cq: u32) -> Result<(Response, Vec<OwnedFd>), ControlError> {
-        if self.ring_identity.is_some() {
-            return Err(ControlError::RingExists);
+    fn create_ring(
+        &mut self,
+        sq: u32,
+        cq: u32,
+        thread: Option<u16>,
+    ) -> Result<(Response, Vec<OwnedFd>), ControlError> {
+        let limit = self.shared.config.max_rings_per_session;
+        if self.rings.len() as u32 >= limit {
+            return Err(ControlError::RingLimit { limit });
         }
+        let threads = self.shared.pollers.len();
+        let thread = match thread {
+            Some(t) if usize::from(t) >= threads => {
+                return Err(ControlError::NoSuchThread { thread: t, threads: threads as u16 })
+            }
+            Some(t) => usize::from(t),
+            None => self.shared.least_loaded(),
+        };
         let layout = RingLayout::new(sq, cq).map_err(|e| ControlError::BadRingSize(e.to_string()))?;
         let internal = |what: &str, e: &dyn std::fmt::Display| ControlError::Internal(format!("{what}: {e}"));
         let memfd = memfd::MemfdOptions::new()
@@ -238,12 +283,88 @@ impl Connection {
             submit.try_clone().map_err(|e| internal("dup", &e))?,
             complete.try_clone().map_err(|e| internal("dup", &e))?,
         ];
+        let ring_id = self.next_ring_id;
+        let counters = Arc::new(SessionCounters::default());
         let (tx, rx) = channel();
-        let ring = Box::new(RingIo::new(mem, &layout, submit, complete));
-        self.shared.request(IoRequest::AddRing { key: self.key.unwrap(), ring, reply: tx });
-        rx.recv().map_err(|_| ControlError::Internal("I/O thread stopped".into()))?;
-        self.ring_identity = Some(identity.unwrap_or((u64::MAX, u64::MAX)));
-        Ok((Response::RingCreated { sq_entries: sq, cq_entries: cq, size: layout.total_size as u64 }, fds))
+        let poller = &self.shared.pollers[thread];
+        poller.request(IoRequest::AddRing {
+            session: self.id,
+            ring_id,
+            namespaces: self.namespaces.clone(),
+            counters: counters.clone(),
+            ring: Box::new(RingIo::new(mem, &layout, submit, complete)),
+            buffers: self.buffers.iter().map(|(id, b)| (id as u32, b.clone())).collect(),
+            reply: tx,
+        });
+        let key = rx.recv().map_err(|_| ControlError::Internal("I/O thread stopped".into()))?;
+        poller.rings.fetch_add(1, Ordering::Relaxed);
+        self.next_ring_id += 1;
+        self.rings.push(RingHandle { ring_id, thread, key, counters });
+        self.ring_identities.push(identity.unwrap_or((u64::MAX, u64::MAX)));
+        debug!(session = self.id, ring_id, thread, "ring created");
+        let resp = Response::RingCreated {
+            sq_entries: sq,
+            cq_entries: cq,
+            size: layout.total_size as u64,
+            ring_id,
+            thread: thread as u16,
+        };
+        Ok((resp, fds))
+    }
+
+    /// Ends one ring: its I/O drains first.
+    fn close_ring(&mut self, ring_id: u32) -> Result<(), ControlError> {
+        let i =
+            self.rings.iter().position(|r| r.ring_id == ring_id).ok_or(ControlError::UnknownRing(ring_id))?;
+        let ring = self.rings.swap_remove(i);
+        let (tx, rx) = channel();
+        let poller = &self.shared.pollers[ring.thread];
+        if poller.request(IoRequest::CloseRing { key: ring.key, reply: tx }) {
+            let _ = rx.recv();
+        }
+        poller.rings.fetch_sub(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Ends every ring (draining their I/O), then releases the session's buffers; returns once
+    /// they are unmapped.
+    fn end_session(&mut self) {
+        let pending: Vec<_> = self
+            .rings
+            .drain(..)
+            .filter_map(|ring| {
+                let (tx, rx) = channel();
+                let poller = &self.shared.pollers[ring.thread];
+                let sent = poller.request(IoRequest::CloseRing { key: ring.key, reply: tx });
+                poller.rings.fetch_sub(1, Ordering::Relaxed);
+                sent.then_some(rx)
+            })
+            .collect();
+        for rx in pending {
+            let _ = rx.recv();
+        }
+        // Every ring has drained and let go of the buffers: the session holds the last handles.
+        // One still shared is held by a ring a failed device may still write through: it stays
+        // mapped for good.
+        let mut unmap = Vec::new();
+        for (id, b) in std::mem::take(&mut self.buffers) {
+            match Arc::try_unwrap(b) {
+                Ok(b) => unmap.push(b),
+                Err(b) => {
+                    warn!(
+                        session = self.id,
+                        buffer_id = id,
+                        "buffer kept mapped: a failed device may still use it"
+                    );
+                    std::mem::forget(b);
+                }
+            }
+        }
+        if !unmap.is_empty() {
+            let (tx, rx) = channel();
+            self.shared.dispose_then_notify(unmap, tx);
+            let _ = rx.recv();
+        }
     }
 
     fn register(
@@ -257,19 +378,17 @@ impl Connection {
         }
         let fd = fds.pop().ok_or(ControlError::MissingFd)?;
         let cfg = &self.shared.config;
-        let count = self.counters.buffers.load(Ordering::Relaxed);
-        if count >= cfg.max_buffers_per_session {
+        if self.buffers.len() as u64 >= cfg.max_buffers_per_session {
             return Err(ControlError::BufferLimit(format!(
                 "at most {} buffers per session",
                 cfg.max_buffers_per_session
             )));
         }
-        let used = self.counters.buffer_bytes.load(Ordering::Relaxed);
-        let left = cfg.max_buffer_bytes_per_session.saturating_sub(used);
+        let left = cfg.max_buffer_bytes_per_session.saturating_sub(self.buffer_bytes);
         // Each buffer is one mapping in the broker: bounded per uid and in all, well below
         // vm.max_map_count, so mappings can never run out for the broker's own needs.
         let ticket = self.shared.quotas.acquire(Resource::Buffer, self.uid)?;
-        let buffer = RegisteredBuffer::register(
+        let buffer = Arc::new(RegisteredBuffer::register(
             fd,
             offset,
             len,
@@ -277,19 +396,68 @@ impl Connection {
             &self.shared.space,
             &self.shared.device,
             ticket,
-            self.ring_identity,
-        )?;
-        let (tx, rx) = channel();
-        self.shared.request(IoRequest::AddBuffer { key: self.key.unwrap(), buffer, reply: tx });
-        let buffer_id = rx.recv().map_err(|_| ControlError::Internal("I/O thread stopped".into()))?;
+            &self.ring_identities,
+        )?);
+        let entry = self.buffers.vacant_entry();
+        let buffer_id = entry.key() as u32;
+        entry.insert(buffer.clone());
+        self.buffer_bytes += buffer.len();
+        // Every ring of the session may use it once this returns.
+        let pending: Vec<_> = self
+            .rings
+            .iter()
+            .filter_map(|r| {
+                let (tx, rx) = channel();
+                let req =
+                    IoRequest::AddBuffer { key: r.key, id: buffer_id, buffer: buffer.clone(), reply: tx };
+                self.shared.pollers[r.thread].request(req).then_some(rx)
+            })
+            .collect();
+        for rx in pending {
+            rx.recv().map_err(|_| ControlError::Internal("I/O thread stopped".into()))?;
+        }
         debug!(session = self.id, buffer_id, len, "buffer registered");
         Ok((Response::BufferRegistered { buffer_id }, vec![]))
     }
 
     fn unregister(&mut self, buffer_id: u32) -> Result<(Response, Vec<OwnedFd>), ControlError> {
-        let (tx, rx) = channel();
-        self.shared.request(IoRequest::RemoveBuffer { key: self.key.unwrap(), buffer_id, reply: tx });
-        rx.recv().map_err(|_| ControlError::Internal("I/O thread stopped".into()))??;
-        Ok((Response::BufferUnregistered, vec![]))
+        if !self.buffers.contains(buffer_id as usize) {
+            return Err(ControlError::UnknownBuffer(buffer_id));
+        }
+        // No ring takes new requests on it; each answers once its commands on it are done.
+        let pending: Vec<_> = self
+            .rings
+            .iter()
+            .filter_map(|r| {
+                let (tx, rx) = channel();
+                let req = IoRequest::RetireBuffer { key: r.key, id: buffer_id, reply: tx };
+                self.shared.pollers[r.thread].request(req).then_some(rx)
+            })
+            .collect();
+        let mut drained = true;
+        for rx in pending {
+            drained &= rx.recv().is_ok();
+        }
+        let b = self.buffers.remove(buffer_id as usize);
+        self.buffer_bytes -= b.len();
+        match Arc::try_unwrap(b) {
+            Ok(b) if drained => {
+                let (tx, rx) = channel();
+                self.shared.dispose_then_notify(b, tx);
+                let _ = rx.recv();
+                Ok((Response::BufferUnregistered, vec![]))
+            }
+            Ok(b) => {
+                std::mem::forget(b);
+                Err(ControlError::Internal("an I/O thread stopped; the buffer stays mapped".into()))
+            }
+            Err(b) => {
+                // A ring of a failed device keeps it: it may still be written.
+                std::mem::forget(b);
+                Err(ControlError::ResourceExhausted(
+                    "the device failed with I/O on this buffer in flight; it stays mapped".into(),
+                ))
+            }
+        }
     }
 }

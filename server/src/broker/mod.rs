@@ -3,6 +3,7 @@
 mod buffer;
 mod control;
 mod io_thread;
+pub mod manager;
 mod quota;
 mod reaper;
 mod session;
@@ -13,7 +14,7 @@ pub use quota::{max_map_count, QuotaRequest, QuotaSettings};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{channel, Sender};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -65,6 +66,13 @@ pub struct BrokerConfig {
     pub quotas: QuotaSettings,
     /// How long a new connection may take to say Hello.
     pub hello_timeout: Duration,
+    /// I/O threads, each with its own device queue pair (fewer if the controller grants fewer
+    /// queues).
+    pub io_threads: u16,
+    /// CPUs to pin the I/O threads to, one each in turn (none: not pinned).
+    pub cpus: Vec<usize>,
+    /// Most rings one session may have.
+    pub max_rings_per_session: u32,
 }
 
 impl BrokerConfig {
@@ -85,6 +93,9 @@ impl BrokerConfig {
             interrupts: true,
             quotas: QuotaSettings::for_sessions(64),
             hello_timeout: Duration::from_secs(5),
+            io_threads: 1,
+            cpus: Vec::new(),
+            max_rings_per_session: 64,
         }
     }
 }
@@ -117,6 +128,26 @@ pub enum BrokerError {
     Iova(#[from] crate::iova::IovaError),
 }
 
+/// The control side's handle on one I/O thread.
+pub struct Poller {
+    tx: Mutex<Sender<IoRequest>>,
+    requests_pending: Arc<session::CachePadded<AtomicBool>>,
+    wake: Arc<OwnedFd>,
+    /// Rings it serves (placement picks the thread with the fewest).
+    rings: AtomicUsize,
+    counters: Arc<session::BrokerCounters>,
+}
+
+impl Poller {
+    /// Sends a request and wakes the thread; false if the thread is gone.
+    fn request(&self, req: IoRequest) -> bool {
+        let sent = self.tx.lock().unwrap_or_else(|p| p.into_inner()).send(req).is_ok();
+        self.requests_pending.store(true, Ordering::Release);
+        nvmed_proto::eventfd::signal(self.wake.as_fd());
+        sent
+    }
+}
+
 /// State shared by the control threads.
 pub struct Shared {
     config: BrokerConfig,
@@ -124,23 +155,39 @@ pub struct Shared {
     space: Arc<IovaSpace>,
     namespaces: Vec<Namespace>,
     limits: DeviceLimits,
-    io_tx: Mutex<Sender<IoRequest>>,
-    requests_pending: Arc<session::CachePadded<AtomicBool>>,
-    wake: Arc<OwnedFd>,
+    pollers: Vec<Poller>,
     sessions: AtomicU64,
     quotas: Arc<Quotas>,
-    counters: Arc<session::BrokerCounters>,
+    /// Where sessions' buffers go when they end (taken at shutdown).
+    reaper: Mutex<Option<Reaper>>,
+    /// Live connections, to close them at shutdown.
+    connections: Mutex<std::collections::HashMap<u64, OwnedFd>>,
+    /// Signalled when a connection ends.
+    connection_ended: std::sync::Condvar,
 }
 
 impl Shared {
-    fn kick(&self) {
-        nvmed_proto::eventfd::signal(self.wake.as_fd());
+    /// The I/O thread with the fewest rings.
+    fn least_loaded(&self) -> usize {
+        (0..self.pollers.len()).min_by_key(|&i| self.pollers[i].rings.load(Ordering::Relaxed)).unwrap_or(0)
     }
 
-    fn request(&self, req: IoRequest) {
-        let _ = self.io_tx.lock().unwrap().send(req);
-        self.requests_pending.store(true, Ordering::Release);
-        self.kick();
+    /// A connection's thread is done with it.
+    fn connection_done(&self, id: u64) {
+        self.connections.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
+        self.connection_ended.notify_all();
+    }
+
+    /// Drops `what` on the reaper thread (inline once the broker is shutting down).
+    fn dispose_then_notify<T: Send + 'static>(&self, what: T, reply: Sender<()>) {
+        let reaper = self.reaper.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        match reaper {
+            Some(r) => r.dispose_then_notify(what, Some(reply)),
+            None => {
+                drop(what);
+                let _ = reply.send(());
+            }
+        }
     }
 }
 
@@ -150,8 +197,9 @@ pub struct Broker {
     listener: OwnedFd,
     stopping: Arc<AtomicBool>,
     accept_thread: Option<JoinHandle<()>>,
-    io_thread: Option<JoinHandle<()>>,
+    io_threads: Vec<JoinHandle<()>>,
     reaper_thread: Option<JoinHandle<()>>,
+    ctrl: Arc<manager::ControllerShared>,
 }
 
 fn bind_socket(path: &Path, mode: u32, group: Option<&str>) -> Result<OwnedFd, BrokerError> {
@@ -182,7 +230,7 @@ fn bind_socket(path: &Path, mode: u32, group: Option<&str>) -> Result<OwnedFd, B
 }
 
 impl Broker {
-    /// Brings up the controller, creates the I/O queue, and starts serving on the socket.
+    /// Brings up the controller, creates the I/O queues, and starts serving on the socket.
     pub fn start(device: Arc<dyn NvmeDevice>, config: BrokerConfig) -> Result<Self, BrokerError> {
         let space = Arc::new(IovaSpace::new(&device.iova_ranges())?);
         space.set_buffer_limit(config.max_buffer_bytes_total);
@@ -195,38 +243,60 @@ impl Broker {
         };
         let mut controller = Controller::init(device.clone(), space.clone()).map_err(|e| unbind(e.into()))?;
         let info = controller.info().clone();
-        let (queue, vector, limits, bounce) =
-            match Self::create_queue(&mut controller, &device, &space, &config) {
-                Ok(q) => q,
-                Err(e) => {
-                    // Leave the controller shut down (CC.SHN), whatever went wrong.
-                    if let Err(e) = controller.shutdown() {
-                        error!("controller shutdown failed: {e}");
-                    }
-                    return Err(unbind(e));
+        let queues = match Self::create_queues(&mut controller, &device, &space, &config) {
+            Ok(q) => q,
+            Err(e) => {
+                // Leave the controller shut down (CC.SHN), whatever went wrong.
+                if let Err(e) = controller.shutdown() {
+                    error!("controller shutdown failed: {e}");
                 }
-            };
-        let wake = Arc::new(nvmed_proto::eventfd::new_eventfd()?);
-        let (tx, rx) = channel();
-        let requests_pending = Arc::new(session::CachePadded(AtomicBool::new(false)));
+                return Err(unbind(e));
+            }
+        };
+        let limits = queues.limits;
+        let ctrl = manager::ControllerShared::new(controller, queues.granted);
         let (reaper, reaper_thread) = Reaper::start()?;
-        let counters = Arc::new(session::BrokerCounters::default());
-        let io = IoThread::new(IoThreadSetup {
-            rx,
-            requests_pending: requests_pending.clone(),
-            wake: wake.clone(),
-            controller,
-            queue,
-            queue_depth: config.io_queue_depth,
-            vector,
-            limits,
-            poll_idle: config.poll_idle,
-            io_timeout: config.io_timeout,
-            reaper,
-            bounce,
-            counters: counters.clone(),
-        })?;
-        let io_thread = std::thread::Builder::new().name("nvmed-io".into()).spawn(move || io.run())?;
+        let mut pollers = Vec::new();
+        let mut threads = Vec::new();
+        for (i, q) in queues.threads.into_iter().enumerate() {
+            let wake = Arc::new(nvmed_proto::eventfd::new_eventfd()?);
+            let (tx, rx) = channel();
+            let requests_pending = Arc::new(session::CachePadded(AtomicBool::new(false)));
+            let counters = Arc::new(session::BrokerCounters::default());
+            let cpus = if config.cpus.is_empty() { vec![] } else { vec![config.cpus[i % config.cpus.len()]] };
+            let io = IoThread::new(IoThreadSetup {
+                index: i as u16,
+                rx,
+                requests_pending: requests_pending.clone(),
+                wake: wake.clone(),
+                ctrl: ctrl.clone(),
+                queue: q.queue,
+                qid: q.qid,
+                queue_depth: config.io_queue_depth,
+                vector: q.vector,
+                limits,
+                poll_idle: config.poll_idle,
+                io_timeout: config.io_timeout,
+                reaper: reaper.clone(),
+                bounce: q.bounce,
+                counters: counters.clone(),
+                cpus,
+            })?;
+            pollers.push(Poller {
+                tx: Mutex::new(tx),
+                requests_pending,
+                wake,
+                rings: AtomicUsize::new(0),
+                counters,
+            });
+            threads.push(io);
+        }
+        ctrl.set_wakes(pollers.iter().map(|p| p.wake.clone()).collect());
+        let mut io_threads = Vec::new();
+        for (i, io) in threads.into_iter().enumerate() {
+            io_threads
+                .push(std::thread::Builder::new().name(format!("nvmed-io-{i}")).spawn(move || io.run())?);
+        }
         let q = &config.quotas;
         info!(
             connections = q.total[0],
@@ -249,12 +319,12 @@ impl Broker {
             space,
             namespaces: info.namespaces.clone(),
             limits,
-            io_tx: Mutex::new(tx),
-            requests_pending,
-            wake,
+            pollers,
             sessions: AtomicU64::new(0),
             quotas: Quotas::new(config_quotas),
-            counters,
+            reaper: Mutex::new(Some(reaper)),
+            connections: Mutex::new(std::collections::HashMap::new()),
+            connection_ended: std::sync::Condvar::new(),
         });
         let stopping = Arc::new(AtomicBool::new(false));
         let accept_thread = {
@@ -265,43 +335,65 @@ impl Broker {
                 .name("nvmed-accept".into())
                 .spawn(move || accept_loop(lfd, shared, stopping))?
         };
-        info!(socket = %shared.config.socket.display(), "broker listening");
+        info!(socket = %shared.config.socket.display(), io_threads = shared.pollers.len(), "broker listening");
         Ok(Self {
             shared,
             listener,
             stopping,
             accept_thread: Some(accept_thread),
-            io_thread: Some(io_thread),
+            io_threads,
             reaper_thread: Some(reaper_thread),
+            ctrl,
         })
     }
 
-    /// Creates the I/O queue and derives the request limits from what the controller granted;
-    /// allocates the bounce buffers for vectored requests.
-    #[allow(clippy::type_complexity)]
-    fn create_queue(
+    /// Asks for one I/O queue per I/O thread, creates those the controller grants, and derives
+    /// the request limits from the queues really created; allocates each thread's bounce
+    /// buffers for vectored requests.
+    fn create_queues(
         controller: &mut Controller,
         device: &Arc<dyn NvmeDevice>,
         space: &Arc<IovaSpace>,
         config: &BrokerConfig,
-    ) -> Result<
-        (IoQueue<io_thread::split::InFlight>, Option<u16>, DeviceLimits, io_thread::vectored::BouncePool),
-        BrokerError,
-    > {
+    ) -> Result<Queues, BrokerError> {
         let info = controller.info().clone();
         if info.namespaces.is_empty() {
             return Err(BrokerError::NoNamespace(info.skipped));
         }
-        controller.request_io_queues(1)?;
-        let vector = match device.interrupt_vectors() {
-            _ if !config.interrupts => None,
-            0 => None,
-            1 => Some(0),
-            _ => Some(1),
-        };
-        let qp = controller.create_io_queue(1, config.io_queue_depth, vector)?;
-        let queue = IoQueue::new(qp, device, space).map_err(DriverError::from)?;
-        // Limits follow the queue really created (the controller may grant fewer entries than
+        let wanted = config.io_threads.max(1);
+        let granted = controller.request_io_queues(wanted)?;
+        let count = wanted.min(granted.max(1));
+        if count < wanted {
+            warn!(
+                wanted,
+                granted, "the controller grants fewer I/O queues than I/O threads asked for; running {count}"
+            );
+        }
+        let vectors = device.interrupt_vectors();
+        let mut threads = Vec::new();
+        let mut entries = u32::MAX;
+        for i in 0..count {
+            // Vector 0 belongs to the admin queue (polled); each thread gets its own after it.
+            // Threads beyond the device's vectors are polled (they sleep at most 1 ms).
+            let vector = match vectors {
+                _ if !config.interrupts => None,
+                0 => None,
+                1 if i == 0 => Some(0),
+                v if i + 1 < v => Some(i + 1),
+                _ => {
+                    warn!(thread = i, vectors, "no interrupt vector left for this I/O thread; it polls");
+                    None
+                }
+            };
+            let qid = i + 1;
+            let qp = controller.create_io_queue(qid, config.io_queue_depth, vector)?;
+            let queue = IoQueue::new(qp, device, space).map_err(DriverError::from)?;
+            entries = entries.min(queue.free_slots() as u32 + 1);
+            let bounce = io_thread::vectored::BouncePool::new(space, device, info.max_transfer)
+                .map_err(DriverError::from)?;
+            threads.push(ThreadQueue { queue, qid, vector, bounce });
+        }
+        // Limits follow the queues really created (the controller may grant fewer entries than
         // asked). A request above MDTS is split into device-sized commands that are admitted as
         // slots free up, so any request up to 16 MiB completes even on a tiny queue.
         let max_request = ((16u32 << 20) / info.max_transfer * info.max_transfer).max(info.max_transfer);
@@ -312,17 +404,16 @@ impl Broker {
             deallocate: info.dsm,
             sgl: info.sgl,
         };
-        let bounce = io_thread::vectored::BouncePool::new(space, device, info.max_transfer)
-            .map_err(DriverError::from)?;
         info!(
-            queue_entries = queue.free_slots() + 1,
+            io_threads = count,
+            queue_entries = entries,
             max_transfer = info.max_transfer,
             max_request,
             sgl = ?info.sgl,
-            bounce_slots = bounce.capacity(),
-            "I/O queue created"
+            bounce_slots = threads[0].bounce.capacity(),
+            "I/O queues created"
         );
-        Ok((queue, vector, limits, bounce))
+        Ok(Queues { threads, limits, granted: count })
     }
 
     /// The socket path.
@@ -330,26 +421,67 @@ impl Broker {
         &self.shared.config.socket
     }
 
-    /// Stops accepting, drains every session, deletes the I/O queue and shuts the controller down.
+    /// Stops accepting, ends every session (draining its I/O), deletes the I/O queues and
+    /// shuts the controller down.
     pub fn shutdown(mut self) -> Result<(), BrokerError> {
         self.stopping.store(true, Ordering::SeqCst);
         let _ = nix::sys::socket::shutdown(self.listener.as_raw_fd(), nix::sys::socket::Shutdown::Both);
         if let Some(t) = self.accept_thread.take() {
             let _ = t.join();
         }
-        let (tx, rx) = channel();
-        self.shared.request(IoRequest::Shutdown { reply: tx });
-        let _ = rx.recv();
-        if let Some(t) = self.io_thread.take() {
+        // Close every client connection: their control threads end their sessions (draining
+        // their I/O and releasing their buffers) while the I/O threads still run.
+        {
+            let mut conns = self.shared.connections.lock().unwrap_or_else(|p| p.into_inner());
+            for fd in conns.values() {
+                let _ = nix::sys::socket::shutdown(fd.as_raw_fd(), nix::sys::socket::Shutdown::Both);
+            }
+            while !conns.is_empty() {
+                conns = self.shared.connection_ended.wait(conns).unwrap_or_else(|p| p.into_inner());
+            }
+        }
+        let replies: Vec<_> = self
+            .shared
+            .pollers
+            .iter()
+            .map(|p| {
+                let (tx, rx) = channel();
+                p.request(IoRequest::Shutdown { reply: tx });
+                rx
+            })
+            .collect();
+        for rx in replies {
+            let _ = rx.recv();
+        }
+        for t in self.io_threads.drain(..) {
             let _ = t.join();
         }
-        // The I/O thread held the reaper's last handle: it ends once everything is unmapped.
+        if let Err(e) = self.ctrl.lock().shutdown() {
+            error!("controller shutdown failed: {e}");
+        }
+        // The I/O threads held the reaper's other handles: it ends once everything is unmapped.
+        self.shared.reaper.lock().unwrap_or_else(|p| p.into_inner()).take();
         if let Some(t) = self.reaper_thread.take() {
             let _ = t.join();
         }
         let _ = std::fs::remove_file(&self.shared.config.socket);
         Ok(())
     }
+}
+
+/// One I/O thread's queue, as created at start.
+struct ThreadQueue {
+    queue: IoQueue<io_thread::split::InFlight>,
+    qid: u16,
+    vector: Option<u16>,
+    bounce: io_thread::vectored::BouncePool,
+}
+
+/// What [`Broker::create_queues`] made.
+struct Queues {
+    threads: Vec<ThreadQueue>,
+    limits: DeviceLimits,
+    granted: u16,
 }
 
 fn accept_loop(listener: OwnedFd, shared: Arc<Shared>, stopping: Arc<AtomicBool>) {
@@ -389,6 +521,16 @@ fn accept_loop(listener: OwnedFd, shared: Arc<Shared>, stopping: Arc<AtomicBool>
             }
         };
         let id = next_id.fetch_add(1, Ordering::Relaxed);
+        // Kept so that shutdown can close it.
+        match sock.try_clone() {
+            Ok(dup) => {
+                shared.connections.lock().unwrap_or_else(|p| p.into_inner()).insert(id, dup);
+            }
+            Err(e) => {
+                warn!(uid, "cannot keep a handle on a connection: {e}; dropping it");
+                continue;
+            }
+        }
         let conn_shared = shared.clone();
         // Kept to explain a refusal if the thread cannot start (the closure owns `sock`).
         let spare = sock.try_clone();
@@ -396,10 +538,12 @@ fn accept_loop(listener: OwnedFd, shared: Arc<Shared>, stopping: Arc<AtomicBool>
             .name(format!("nvmed-client-{id}"))
             .stack_size(256 << 10)
             .spawn(move || {
-                control::serve(conn_shared, sock, id, uid);
+                control::serve(conn_shared.clone(), sock, id, uid);
                 drop(ticket);
+                conn_shared.connection_done(id);
             });
         if let Err(e) = spawned {
+            shared.connection_done(id);
             error!(uid, "cannot start a client thread: {e}; refusing that client");
             if let Ok(spare) = spare {
                 refuse(

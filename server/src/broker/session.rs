@@ -11,7 +11,6 @@ use nvmed_proto::ring::{completion_ring, submission_ring, Consumer, Producer, Sh
 use nvmed_proto::shm::SharedMemory;
 use nvmed_proto::wakeup::{peer_flags, SharedFlags};
 use nvmed_proto::{Cqe, RingFault, Sqe, Stats};
-use slab::Slab;
 
 use super::buffer::RegisteredBuffer;
 use super::io_thread::split::Partial;
@@ -43,10 +42,13 @@ pub struct SessionCounters {
     pub bounced_bytes: AtomicU64,
 }
 
-/// Broker-wide data path counters, written by the I/O thread only.
+/// Data path counters of one I/O thread, written by that thread only (the broker's figures are
+/// their sums).
 #[derive(Debug, Default)]
 #[repr(align(128))]
 pub struct BrokerCounters {
+    /// Device commands this thread's queue completed.
+    pub device_commands: AtomicU64,
     /// Bytes of vectored requests copied through bounce buffers.
     pub bounced_bytes: AtomicU64,
     /// Device commands sent with SGLs.
@@ -135,15 +137,97 @@ impl RingIo {
     }
 }
 
-/// A registered buffer and the commands using it.
+/// A registered buffer as one ring's I/O thread sees it, and the commands of that ring using it.
 pub struct BufferEntry {
-    /// The buffer.
-    pub buffer: RegisteredBuffer,
-    /// Requests at the device that use it (a vectored request counts once per segment in it).
+    /// The buffer (the session holds it too; every ring of the session may use it).
+    pub buffer: Arc<RegisteredBuffer>,
+    /// Requests of this ring at the device that use it (a vectored request counts once per
+    /// segment in it).
     pub in_flight: u32,
+    /// Set once the client unregistered it: no new request may use it; answered (and the entry
+    /// dropped) when the last command using it is done.
+    retired: bool,
+    /// Answered when the last command using a retired buffer is done.
+    waiter: Option<Sender<()>>,
 }
 
-/// The I/O thread's view of one client.
+/// One ring's view of its session's registered buffers, indexed by buffer id (ids are given by
+/// the session, the same on every ring).
+#[derive(Default)]
+pub struct BufferTable {
+    entries: Vec<Option<BufferEntry>>,
+}
+
+impl BufferTable {
+    /// The buffer with this id, if requests may still use it (not being unregistered).
+    pub fn lookup(&self, id: u32) -> Option<&BufferEntry> {
+        self.get(id).filter(|b| !b.retired)
+    }
+
+    /// The buffer with this id, also while it is being unregistered (for commands in flight).
+    pub fn get(&self, id: u32) -> Option<&BufferEntry> {
+        self.entries.get(id as usize)?.as_ref()
+    }
+
+    /// Adds a buffer under the id its session gave it.
+    pub fn insert(&mut self, id: u32, buffer: Arc<RegisteredBuffer>) {
+        let i = id as usize;
+        if self.entries.len() <= i {
+            self.entries.resize_with(i + 1, || None);
+        }
+        self.entries[i] = Some(BufferEntry { buffer, in_flight: 0, retired: false, waiter: None });
+    }
+
+    /// One more command uses the buffer.
+    pub fn acquire(&mut self, id: u32) {
+        if let Some(Some(b)) = self.entries.get_mut(id as usize) {
+            b.in_flight += 1;
+        }
+    }
+
+    /// A command using the buffer is done; a buffer being unregistered goes once unused.
+    pub fn release(&mut self, id: u32) {
+        let Some(slot) = self.entries.get_mut(id as usize) else { return };
+        let Some(b) = slot.as_mut() else { return };
+        b.in_flight -= 1;
+        if b.in_flight == 0 && b.retired {
+            if let Some(reply) = slot.take().and_then(|b| b.waiter) {
+                let _ = reply.send(());
+            }
+        }
+    }
+
+    /// No new request may use the buffer; `reply` is answered once no command of this ring
+    /// uses it any more (at once if none does).
+    pub fn retire(&mut self, id: u32, reply: Sender<()>) {
+        let Some(slot) = self.entries.get_mut(id as usize) else {
+            let _ = reply.send(());
+            return;
+        };
+        match slot {
+            Some(b) if b.in_flight > 0 => {
+                b.retired = true;
+                b.waiter = Some(reply);
+            }
+            _ => {
+                *slot = None;
+                let _ = reply.send(());
+            }
+        }
+    }
+
+    /// The device failed without confirming it stopped: buffers being unregistered will never
+    /// drain. Answers their waiters (the entries, and the buffers, stay for good).
+    pub fn give_up_retiring(&mut self) {
+        for b in self.entries.iter_mut().flatten() {
+            if let Some(reply) = b.waiter.take() {
+                let _ = reply.send(());
+            }
+        }
+    }
+}
+
+/// One ring of a client's session, as the I/O thread serving it sees it.
 pub struct Session {
     /// Session id (for logs).
     pub id: u64,
@@ -151,14 +235,16 @@ pub struct Session {
     pub namespaces: Vec<NamespaceAccess>,
     /// The ring, once created.
     pub ring: Option<RingIo>,
-    /// Registered buffers; the slab key is the buffer id.
-    pub buffers: Slab<BufferEntry>,
+    /// The session's registered buffers.
+    pub buffers: BufferTable,
     /// Requests taken and not completed (device commands, or pieces of them, outstanding).
     pub in_flight: u32,
     /// Device queue slots this session's commands occupy (bounded by the I/O thread's share).
     pub slots: u32,
     /// Pieces of a split request still waiting for device queue slots (or bounce buffers).
     pub partial: Option<Partial>,
+    /// This ring's id in its session (for logs).
+    pub ring_id: u32,
     /// Vectored requests in flight (each holds one of the I/O thread's segment list slots).
     pub vectored: u32,
     /// The ring was faulted; no more SQEs are taken.

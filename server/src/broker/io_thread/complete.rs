@@ -22,7 +22,7 @@ impl IoThread {
         let splits = &mut self.splits;
         let vecs = &mut self.vecs;
         let bounce = &mut self.bounce;
-        self.dq.queue.reap(REAP_BATCH, |ctx, status_field, _result| {
+        let n = self.dq.queue.reap(REAP_BATCH, |ctx, status_field, _result| {
             let status = if status_field & 0x7ff == 0 {
                 Status::Success
             } else {
@@ -35,7 +35,11 @@ impl IoThread {
             if let Some(status) = piece_done(splits, &ctx, status) {
                 complete(sessions, touched, vecs, ctx, status);
             }
-        })
+        });
+        if n > 0 {
+            bump(&self.broker_counters.device_commands, n as u64);
+        }
+        n
     }
 
     /// Publishes the CQEs pushed this round, one tail store per ring.
@@ -75,14 +79,12 @@ pub(super) fn complete(
     };
     s.in_flight -= 1;
     s.counters.in_flight.store(u64::from(s.in_flight), Ordering::Relaxed);
-    if let Some(b) = s.buffers.get_mut(ctx.buffer as usize) {
-        b.in_flight -= 1;
+    if ctx.buffer != u32::MAX {
+        s.buffers.release(ctx.buffer);
     }
     if ctx.vec != VEC_NONE {
         for seg in vecs.segs(ctx.vec) {
-            if let Some(b) = s.buffers.get_mut(seg.tag as usize) {
-                b.in_flight -= 1;
-            }
+            s.buffers.release(seg.tag);
         }
         vecs.release(ctx.vec);
         s.vectored -= 1;

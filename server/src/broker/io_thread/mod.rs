@@ -24,16 +24,17 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags};
-use nvmed_proto::{BrokerStatus, ControlError, RingFault};
+use nvmed_proto::{BrokerStatus, RingFault};
 use slab::Slab;
 use tracing::{debug, info, warn};
 
 use super::buffer::RegisteredBuffer;
+use super::manager::ControllerShared;
 use super::reaper::Reaper;
-use super::session::{bump, BrokerCounters, BufferEntry, CachePadded, RingIo, Session, SessionCounters};
+use super::session::{BrokerCounters, BufferTable, CachePadded, RingIo, Session, SessionCounters};
 use super::validate::DeviceLimits;
 use crate::device::NvmeDevice;
-use crate::nvme::{Controller, DmaSeg, IoQueue};
+use crate::nvme::{DmaSeg, IoQueue};
 use crate::policy::NamespaceAccess;
 use split::{InFlight, Split};
 use vectored::{BouncePool, VecPool, VEC_SLOTS};
@@ -45,54 +46,54 @@ const IRQ_TOKEN: u64 = u64::MAX - 1;
 
 /// Requests from the control side.
 pub enum IoRequest {
-    /// A new session; answers its key.
-    AddSession {
-        /// Session id.
-        id: u64,
-        /// Namespaces it may use.
-        namespaces: Vec<NamespaceAccess>,
-        /// Its counters.
-        counters: Arc<SessionCounters>,
-        /// Gets the session key.
-        reply: Sender<usize>,
-    },
-    /// Attach the session's ring.
+    /// Serve a ring of a session; answers its key on this thread.
     AddRing {
-        /// Session key.
-        key: usize,
+        /// Session id (for logs).
+        session: u64,
+        /// The ring's id in its session.
+        ring_id: u32,
+        /// Namespaces the session may use.
+        namespaces: Vec<NamespaceAccess>,
+        /// The ring's counters.
+        counters: Arc<SessionCounters>,
         /// The ring.
         ring: Box<RingIo>,
-        /// Acknowledged once the ring is being polled.
+        /// The session's buffers registered so far, by id.
+        buffers: Vec<(u32, Arc<RegisteredBuffer>)>,
+        /// Gets the ring's key, once it is being polled.
+        reply: Sender<usize>,
+    },
+    /// A buffer the session registered: usable from this ring too.
+    AddBuffer {
+        /// Ring key.
+        key: usize,
+        /// Its id in the session.
+        id: u32,
+        /// The buffer.
+        buffer: Arc<RegisteredBuffer>,
+        /// Answered once the ring may use it.
         reply: Sender<()>,
     },
-    /// Add a registered buffer; answers its id.
-    AddBuffer {
-        /// Session key.
-        key: usize,
-        /// The buffer.
-        buffer: RegisteredBuffer,
-        /// Gets the buffer id.
-        reply: Sender<u32>,
-    },
-    /// Remove a buffer unless I/O on it is in flight.
-    RemoveBuffer {
-        /// Session key.
+    /// The session unregisters a buffer: new requests may not use it; answered once no
+    /// command of this ring uses it.
+    RetireBuffer {
+        /// Ring key.
         key: usize,
         /// Buffer id.
-        buffer_id: u32,
-        /// Result.
-        reply: Sender<Result<(), ControlError>>,
+        id: u32,
+        /// Answered when no command of this ring uses it any more.
+        reply: Sender<()>,
     },
-    /// End a session: stop taking its SQEs, drain, release; answered when done.
-    CloseSession {
-        /// Session key.
+    /// Stop taking the ring's SQEs, drain it, release it; answered when done.
+    CloseRing {
+        /// Ring key.
         key: usize,
         /// Answered after release.
         reply: Sender<()>,
     },
-    /// Drain everything, delete the I/O queue and shut the controller down.
+    /// Drain everything and delete this thread's I/O queue.
     Shutdown {
-        /// Answered when the controller is shut down.
+        /// Answered when the queue is deleted.
         reply: Sender<()>,
     },
 }
@@ -116,16 +117,20 @@ impl DeviceQueue {
 
 /// What the I/O thread was set up with.
 pub struct IoThreadSetup {
+    /// Index of this thread among the controller's I/O threads (0-based).
+    pub index: u16,
     /// Control requests.
     pub rx: Receiver<IoRequest>,
     /// Set when a control request was sent.
     pub requests_pending: Arc<CachePadded<AtomicBool>>,
-    /// Written when a control request was sent.
+    /// Written when a control request was sent (or the controller was reset).
     pub wake: Arc<OwnedFd>,
-    /// The controller (admin queue).
-    pub controller: Controller,
-    /// The I/O queue.
+    /// The controller (admin queue, resets).
+    pub ctrl: Arc<ControllerShared>,
+    /// This thread's I/O queue.
     pub queue: IoQueue<InFlight>,
+    /// Its queue id.
+    pub qid: u16,
     /// Entries asked for when the queue is created again after a reset.
     pub queue_depth: u16,
     /// Its interrupt vector.
@@ -136,21 +141,27 @@ pub struct IoThreadSetup {
     pub poll_idle: Duration,
     /// Command timeout.
     pub io_timeout: Duration,
-    /// Where released buffers and rings go.
+    /// Where released rings go.
     pub reaper: Reaper,
     /// Bounce buffers for vectored pieces the device cannot reach directly.
     pub bounce: BouncePool,
-    /// Broker-wide data path counters.
+    /// This thread's data path counters.
     pub counters: Arc<BrokerCounters>,
+    /// CPUs to run on (all if empty).
+    pub cpus: Vec<usize>,
 }
 
 /// The I/O thread's state.
 pub struct IoThread {
+    index: u16,
     rx: Receiver<IoRequest>,
     requests_pending: Arc<CachePadded<AtomicBool>>,
     closing: usize,
     wake: Arc<OwnedFd>,
-    controller: Controller,
+    ctrl: Arc<ControllerShared>,
+    /// The controller's reset generation this thread's queue belongs to.
+    generation: u64,
+    qid: u16,
     dq: DeviceQueue,
     splits: Slab<Split>,
     queue_depth: u16,
@@ -166,11 +177,12 @@ pub struct IoThread {
     device: Arc<dyn NvmeDevice>,
     vector: Option<u16>,
     limits: DeviceLimits,
+    /// The rings served here (each with its view of its session).
     sessions: Slab<Session>,
-    /// Session keys in the order submissions are taken, rotated every round.
+    /// Ring keys in the order submissions are taken, rotated every round.
     order: Vec<usize>,
     next_first: usize,
-    /// Sessions whose commands a failed device may still be executing: never released.
+    /// Rings whose commands a failed device may still be executing: never released.
     zombies: Vec<Session>,
     epoll: Epoll,
     poll_idle: Duration,
@@ -183,23 +195,27 @@ pub struct IoThread {
     /// One piece's device runs, while its command is built.
     scratch: Box<[DmaSeg]>,
     broker_counters: Arc<BrokerCounters>,
+    cpus: Vec<usize>,
 }
 
 impl IoThread {
     /// Prepares the thread's state (run it with [`IoThread::run`]).
     pub fn new(setup: IoThreadSetup) -> std::io::Result<Self> {
-        let device = setup.controller.device().clone();
+        let device = setup.ctrl.device().clone();
         let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC)?;
         epoll.add(setup.wake.as_fd(), EpollEvent::new(EpollFlags::EPOLLIN, WAKE_TOKEN))?;
         if let Some(fd) = setup.vector.and_then(|v| device.interrupt_fd(v)) {
             epoll.add(fd, EpollEvent::new(EpollFlags::EPOLLIN, IRQ_TOKEN))?;
         }
         Ok(Self {
+            index: setup.index,
             rx: setup.rx,
             requests_pending: setup.requests_pending,
             closing: 0,
             wake: setup.wake,
-            controller: setup.controller,
+            generation: setup.ctrl.generation(),
+            ctrl: setup.ctrl,
+            qid: setup.qid,
             dq: DeviceQueue::new(setup.queue),
             splits: Slab::new(),
             queue_depth: setup.queue_depth,
@@ -225,11 +241,30 @@ impl IoThread {
             bounce: setup.bounce,
             scratch: vec![DmaSeg::default(); usize::from(nvmed_proto::MAX_SEGMENTS)].into_boxed_slice(),
             broker_counters: setup.counters,
+            cpus: setup.cpus,
         })
+    }
+
+    /// Pins the thread to its CPUs, if any were given.
+    fn pin(&self) {
+        if self.cpus.is_empty() {
+            return;
+        }
+        let mut set = nix::sched::CpuSet::new();
+        for &c in &self.cpus {
+            if let Err(e) = set.set(c) {
+                warn!(thread = self.index, cpu = c, "cannot pin to this CPU: {e}");
+            }
+        }
+        if let Err(e) = nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set) {
+            warn!(thread = self.index, cpus = ?self.cpus, "cannot pin the I/O thread: {e}");
+        }
     }
 
     /// Runs until a Shutdown request has been served.
     pub fn run(mut self) {
+        self.pin();
+        info!(thread = self.index, queue = self.qid, vector = ?self.vector, cpus = ?self.cpus, "I/O thread started");
         let mut idle_since: Option<Instant> = None;
         let mut idle_spins = 0u32;
         loop {
@@ -237,6 +272,10 @@ impl IoThread {
             let mut work = self.requests_pending.load(Ordering::Relaxed)
                 && self.requests_pending.swap(false, Ordering::Acquire)
                 && self.serve_requests();
+            // A reset by any thread stopped this thread's queue too: rebuild it first.
+            if self.ctrl.generation() != self.generation {
+                self.recover();
+            }
             work |= self.take_submissions();
             self.dq.queue.ring_doorbell();
             work |= self.reap() > 0;
@@ -296,12 +335,22 @@ impl IoThread {
             };
             any = true;
             match req {
-                IoRequest::AddSession { id, namespaces, counters, reply } => {
-                    let key = self.sessions.insert(Session {
-                        id,
+                IoRequest::AddRing { session, ring_id, namespaces, counters, ring, buffers, reply } => {
+                    let mut table = BufferTable::default();
+                    for (id, b) in buffers {
+                        table.insert(id, b);
+                    }
+                    let key = self.sessions.vacant_key();
+                    let ev = EpollEvent::new(EpollFlags::EPOLLIN, key as u64);
+                    if let Err(e) = self.epoll.add(ring.submit_fd.as_fd(), ev) {
+                        warn!(session, "epoll add failed: {e}");
+                    }
+                    self.sessions.insert(Session {
+                        id: session,
+                        ring_id,
                         namespaces,
-                        ring: None,
-                        buffers: Slab::new(),
+                        ring: Some(*ring),
+                        buffers: table,
                         in_flight: 0,
                         slots: 0,
                         partial: None,
@@ -313,45 +362,19 @@ impl IoThread {
                     self.order.push(key);
                     let _ = reply.send(key);
                 }
-                IoRequest::AddRing { key, ring, reply } => {
+                IoRequest::AddBuffer { key, id, buffer, reply } => {
                     if let Some(s) = self.sessions.get_mut(key) {
-                        let ev = EpollEvent::new(EpollFlags::EPOLLIN, key as u64);
-                        if let Err(e) = self.epoll.add(ring.submit_fd.as_fd(), ev) {
-                            warn!(session = s.id, "epoll add failed: {e}");
-                        }
-                        s.ring = Some(*ring);
+                        s.buffers.insert(id, buffer);
                     }
                     let _ = reply.send(());
                 }
-                IoRequest::AddBuffer { key, buffer, reply } => {
-                    if let Some(s) = self.sessions.get_mut(key) {
-                        bump(&s.counters.buffers, 1);
-                        bump(&s.counters.buffer_bytes, buffer.len());
-                        let id = s.buffers.insert(BufferEntry { buffer, in_flight: 0 });
-                        let _ = reply.send(id as u32);
+                IoRequest::RetireBuffer { key, id, reply } => match self.sessions.get_mut(key) {
+                    Some(s) => s.buffers.retire(id, reply),
+                    None => {
+                        let _ = reply.send(());
                     }
-                }
-                IoRequest::RemoveBuffer { key, buffer_id, reply } => {
-                    let r = match self.sessions.get_mut(key) {
-                        None => Err(ControlError::UnknownBuffer(buffer_id)),
-                        Some(s) => match s.buffers.get(buffer_id as usize) {
-                            None => Err(ControlError::UnknownBuffer(buffer_id)),
-                            Some(b) if b.in_flight > 0 => {
-                                Err(ControlError::BufferBusy { buffer_id, in_flight: u64::from(b.in_flight) })
-                            }
-                            Some(_) => {
-                                let b = s.buffers.remove(buffer_id as usize);
-                                bump(&s.counters.buffers, u64::MAX); // -1
-                                bump(&s.counters.buffer_bytes, b.buffer.len().wrapping_neg());
-                                // No command uses it: unmapping is the reaper's job.
-                                self.reaper.dispose(b);
-                                Ok(())
-                            }
-                        },
-                    };
-                    let _ = reply.send(r);
-                }
-                IoRequest::CloseSession { key, reply } => match self.sessions.get_mut(key) {
+                },
+                IoRequest::CloseRing { key, reply } => match self.sessions.get_mut(key) {
                     Some(s) => {
                         if s.closing.is_none() {
                             self.closing += 1;
@@ -368,25 +391,22 @@ impl IoThread {
     }
 
     fn stop(self) {
-        let IoThread { mut controller, dq, zombies, device_failed, .. } = self;
+        let IoThread { ctrl, dq, zombies, device_failed, index, .. } = self;
         if !device_failed {
-            if let Err(e) = controller.delete_io_queue(dq.queue.into_queue_pair()) {
-                warn!("deleting the I/O queue failed: {e}");
+            if let Err(e) = ctrl.delete_queue(dq.queue) {
+                warn!(thread = index, "deleting the I/O queue failed: {e}");
             }
         } else {
             std::mem::forget(dq); // its memory may still be written by the device
         }
-        if let Err(e) = controller.shutdown() {
-            tracing::error!("controller shutdown failed: {e}");
-        }
         if !zombies.is_empty() {
             tracing::error!(
-                sessions = zombies.len(),
+                rings = zombies.len(),
                 "the device never confirmed it stopped; their buffers stay mapped until exit"
             );
             std::mem::forget(zombies);
         }
-        info!("I/O thread stopped");
+        info!(thread = index, "I/O thread stopped");
     }
 
     fn begin_shutdown(&mut self, reply: Sender<()>) {
@@ -439,15 +459,20 @@ impl IoThread {
             let reply = s.closing.take().flatten();
             if dead {
                 // The device may still write into these buffers: keep them mapped for good.
-                tracing::error!(session = s.id, in_flight = s.in_flight, "session ended with commands a failed device may still execute; keeping its buffers pinned");
+                tracing::error!(
+                    session = s.id,
+                    ring = s.ring_id,
+                    in_flight = s.in_flight,
+                    "ring ended with commands a failed device may still execute; keeping its buffers pinned"
+                );
                 self.zombies.push(s);
                 if let Some(reply) = reply {
                     let _ = reply.send(());
                 }
             } else {
-                debug!(session = s.id, buffers = s.buffers.len(), "session released");
-                // DMA unmap happens on the reaper, after the last command completed; the session
-                // is reported ended once its memory is released.
+                debug!(session = s.id, ring = s.ring_id, "ring released");
+                // The ring's memory goes on the reaper; the buffers are the session's, which
+                // releases them once every ring of it has drained.
                 self.reaper.dispose_then_notify((std::mem::take(&mut s.buffers), s.ring.take()), reply);
             }
         }

@@ -1,9 +1,10 @@
 //! Command timeouts and controller resets.
 //!
-//! A command the device keeps longer than the timeout resets the controller. Before any command
+//! A command the device keeps longer than the timeout resets the controller (see
+//! [`crate::broker::manager`], which coordinates it across the I/O threads). Before any command
 //! it held is reported finished, the device must be seen to have stopped its DMA: Bus Master
 //! Enable is cleared first (as Linux disables the PCI device), then the controller is reset. If
-//! neither can be confirmed, the commands stay outstanding for good: their sessions are faulted
+//! neither can be confirmed, the commands stay outstanding for good: their rings are faulted
 //! with `DeviceFailed` and their buffers are never unmapped, because the device may still write
 //! to them.
 
@@ -16,7 +17,7 @@ use super::complete::{complete, release_slot};
 use super::split::{piece_done, pieces_done};
 use super::vectored::finish_bounce;
 use super::{DeviceQueue, IoThread, EPOCH};
-use crate::nvme::IoQueue;
+use crate::broker::manager::DeviceState;
 
 impl IoThread {
     /// Advances the timeout clock; resets the controller if a command is overdue.
@@ -38,33 +39,32 @@ impl IoThread {
         }
     }
 
-    /// A command timed out: stop the device's DMA, fail every command it held with
-    /// `DeviceReset` (only once it is stopped), and bring the I/O queue back.
+    /// A command timed out: reset the controller (unless another thread just did), then
+    /// bring this thread's queue back.
     pub(super) fn reset_device(&mut self) {
         error!(
+            thread = self.index,
             in_flight = self.dq.queue.in_flight(),
             timeout_ms = self.io_timeout.as_millis() as u64,
             "a command did not complete in time; resetting the controller"
         );
-        let bus_master_off = self.device.set_bus_master(false);
-        if let Err(e) = &bus_master_off {
-            error!("clearing Bus Master Enable failed: {e}");
-        }
-        let reset = self.controller.reset();
-        if let Err(e) = &reset {
-            error!("controller reset failed: {e}");
-        }
+        self.ctrl.reset(self.generation);
+        self.recover();
+    }
+
+    /// The controller was reset (by this thread or another): its DMA is stopped, or could not
+    /// be confirmed stopped. Fails every command this thread had at the device with
+    /// `DeviceReset` (only if stopped) and creates this thread's queue again.
+    pub(super) fn recover(&mut self) {
+        self.generation = self.ctrl.generation();
+        let state = self.ctrl.state();
         self.cancel_partials();
-        if reset.is_err() && bus_master_off.is_err() {
+        if state == DeviceState::FailedRunning {
             self.device_failed = true;
             self.dma_stopped = false;
-            error!(
-                in_flight = self.dq.queue.in_flight(),
-                "cannot confirm that the controller stopped its DMA: its commands never complete, \
-                 their sessions are faulted and their buffers stay pinned until nvmed exits"
-            );
             for key in self.order.iter().copied() {
                 let s = &mut self.sessions[key];
+                s.buffers.give_up_retiring();
                 if s.in_flight > 0 {
                     if let Some(ring) = s.ring.as_ref() {
                         ring.fault(RingFault::DeviceFailed);
@@ -77,7 +77,8 @@ impl IoThread {
         }
         // The controller is disabled or cut off from memory: nothing it was given can DMA now.
         for ctx in self.dq.queue.abandon_all() {
-            finish_bounce(&ctx, false, &self.vecs, &mut self.bounce, None);
+            let buffers = self.sessions.get(ctx.session as usize).map(|s| &s.buffers);
+            finish_bounce(&ctx, false, &self.vecs, &mut self.bounce, buffers);
             release_slot(&mut self.sessions, &ctx);
             if let Some(status) =
                 piece_done(&mut self.splits, &ctx, Status::Broker(BrokerStatus::DeviceReset))
@@ -85,22 +86,21 @@ impl IoThread {
                 complete(&mut self.sessions, &mut self.touched, &mut self.vecs, ctx, status);
             }
         }
-        let restored = reset.and_then(|()| {
-            self.device.set_bus_master(true).map_err(|e| {
-                crate::nvme::DriverError::Unsupported(format!("re-enabling Bus Master Enable: {e}"))
-            })?;
-            self.controller.request_io_queues(1)?;
-            let qp = self.controller.create_io_queue(1, self.queue_depth, self.vector)?;
-            IoQueue::new(qp, self.controller.device(), self.controller.iova_space()).map_err(Into::into)
-        });
-        match restored {
-            Ok(q) => {
-                self.dq = DeviceQueue::new(q);
-                info!("controller reset; I/O resumed");
-            }
-            Err(e) => {
-                error!("the controller did not come back after a reset: {e}; failing all I/O");
-                self.device_failed = true;
+        if state == DeviceState::FailedStopped {
+            self.device_failed = true;
+        } else {
+            match self.ctrl.create_queue(self.qid, self.queue_depth, self.vector) {
+                Ok(q) => {
+                    self.dq = DeviceQueue::new(q);
+                    info!(thread = self.index, queue = self.qid, "I/O queue created again; I/O resumed");
+                }
+                Err(e) => {
+                    error!(
+                        thread = self.index,
+                        "the I/O queue could not be created again: {e}; failing its I/O"
+                    );
+                    self.device_failed = true;
+                }
             }
         }
         self.publish_completions();

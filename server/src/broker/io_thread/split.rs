@@ -14,7 +14,7 @@ use nvmed_proto::{Opcode, Status};
 use slab::Slab;
 
 use super::vectored::{Blocked, VecIo, VecWork, NO_BOUNCE, VEC_NONE};
-use crate::broker::session::{BufferEntry, SessionCounters};
+use crate::broker::session::{BufferTable, SessionCounters};
 use crate::nvme::{Cursor, IoCommand, IoQueue};
 
 /// Per-command context kept while the device works.
@@ -145,7 +145,7 @@ pub fn admit(
     a: &mut Admission<'_>,
     partial: &mut Partial,
     slots: &mut u32,
-    buffers: &Slab<BufferEntry>,
+    buffers: &BufferTable,
     counters: &SessionCounters,
 ) -> bool {
     partial.waits_bounce = false;

@@ -118,7 +118,7 @@ impl IoThread {
             let decision = validate(
                 &sqe,
                 &s.namespaces,
-                |id| buffers.get(id as usize).map(|b| (b.buffer.iova(), b.buffer.len())),
+                |id| buffers.lookup(id).map(|b| (b.buffer.iova(), b.buffer.len())),
                 limits,
             );
             let op = Opcode::from_u8(sqe.opcode).unwrap_or(Opcode::Nop);
@@ -149,8 +149,8 @@ impl IoThread {
                     let mut p = Partial { work: Work::Plain(cmd), next: 0, pieces, ctx, waits_bounce: false };
                     let all_in = admit(&mut a, &mut p, &mut s.slots, &s.buffers, &s.counters);
                     s.in_flight += 1;
-                    if let Some(b) = buffer.and_then(|b| s.buffers.get_mut(b as usize)) {
-                        b.in_flight += 1;
+                    if let Some(b) = buffer {
+                        s.buffers.acquire(b);
                     }
                     taken += 1;
                     if !all_in {
@@ -167,12 +167,16 @@ impl IoThread {
                     let Some(slot) = vecs.alloc() else { break };
                     // Copy the segment list out of client memory once, into the slot, checking
                     // each copied segment. (`validate` placed the whole list inside its buffer.)
-                    let list = buffers[v.list_buf as usize].buffer.mem();
+                    let Some(list) = buffers.lookup(v.list_buf) else {
+                        vecs.release(slot); // not reached: `validate` found the list's buffer
+                        break;
+                    };
+                    let list = list.buffer.mem();
                     let checked = validate_segments(
                         v.count,
                         v.len,
                         |i| list.read::<Segment>((v.list_offset + i as u64 * SEGMENT_SIZE) as usize),
-                        |id| buffers.get(id as usize).map(|b| (b.buffer.iova(), b.buffer.len())),
+                        |id| buffers.lookup(id).map(|b| (b.buffer.iova(), b.buffer.len())),
                         vecs.slot_mut(slot),
                     );
                     match checked {
@@ -184,9 +188,7 @@ impl IoThread {
                             vecs.set_count(slot, v.count);
                             // Every buffer the request touches stays in use until it completes.
                             for seg in vecs.segs(slot) {
-                                if let Some(b) = s.buffers.get_mut(seg.tag as usize) {
-                                    b.in_flight += 1;
-                                }
+                                s.buffers.acquire(seg.tag);
                             }
                             s.vectored += 1;
                             let pieces = v.len.div_ceil(limits.max_transfer);

@@ -12,7 +12,6 @@
 
 use nvmed_proto::shm::SharedMemory;
 use nvmed_proto::MAX_SEGMENTS;
-use slab::Slab;
 
 use crate::device::NvmeDevice;
 use crate::iova::{DmaMemory, IovaError, IovaSpace};
@@ -20,7 +19,7 @@ use crate::nvme::vector::{self, walk};
 use crate::nvme::{Cursor, DmaSeg, IoQueue, RwCommand, SglSupport, Transfer};
 
 use super::split::InFlight;
-use crate::broker::session::{bump, BrokerCounters, BufferEntry, SessionCounters};
+use crate::broker::session::{bump, BrokerCounters, BufferTable, SessionCounters};
 
 /// Vectored requests the broker keeps in flight at once (all sessions together).
 pub const VEC_SLOTS: usize = 256;
@@ -170,8 +169,8 @@ pub struct VecIo<'a> {
 }
 
 /// Host memory of `len` bytes at offset `off` of segment `s`: the buffer mapping and offset.
-fn host<'b>(buffers: &'b Slab<BufferEntry>, s: &DmaSeg, off: u32) -> Option<(&'b SharedMemory, usize)> {
-    let b = &buffers.get(s.tag as usize)?.buffer;
+fn host<'b>(buffers: &'b BufferTable, s: &DmaSeg, off: u32) -> Option<(&'b SharedMemory, usize)> {
+    let b = &buffers.get(s.tag)?.buffer;
     Some((b.mem(), (s.iova - b.iova() + u64::from(off)) as usize))
 }
 
@@ -187,7 +186,7 @@ impl VecIo<'_> {
         k: u32,
         max_transfer: u32,
         ctx: InFlight,
-        buffers: &Slab<BufferEntry>,
+        buffers: &BufferTable,
         session: &SessionCounters,
     ) -> Result<(), Blocked> {
         if queue.free_slots() == 0 {
@@ -247,7 +246,7 @@ pub fn finish_bounce(
     success: bool,
     vecs: &VecPool,
     bounce: &mut BouncePool,
-    buffers: Option<&Slab<BufferEntry>>,
+    buffers: Option<&BufferTable>,
 ) {
     if ctx.bounce == NO_BOUNCE {
         return;

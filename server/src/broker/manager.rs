@@ -1,0 +1,161 @@
+//! The controller manager: the admin queue, and controller resets coordinated across the I/O
+//! threads.
+//!
+//! Each I/O thread owns its own I/O queue pair; only the admin queue is shared, behind a lock
+//! that the data path never takes (queue creation and deletion, resets). A reset is done once,
+//! by the first thread that finds a command overdue: it stops the device's DMA (Bus Master
+//! Enable off, then CC.EN=0), which stops every thread's queue at once, brings the controller
+//! back, then advances the reset generation and wakes every thread. Each thread, seeing a new
+//! generation, fails what it had in flight with `DeviceReset` (the device has stopped, so
+//! nothing can be written any more) and creates its queue again. The generation is read once
+//! per polling round, a load of a line written only by resets.
+
+use std::os::fd::OwnedFd;
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+
+use tracing::{error, info};
+
+use super::io_thread::split::InFlight;
+use crate::device::NvmeDevice;
+use crate::nvme::{Controller, DriverError, IoQueue};
+
+/// Where the controller stands after the last reset.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceState {
+    /// Working.
+    Running,
+    /// It could not be brought back, but it was seen to stop its DMA: commands fail with
+    /// `DeviceFault`, and what was in flight may be reported finished.
+    FailedStopped,
+    /// It could not be confirmed to have stopped: commands it held never complete, and their
+    /// sessions' buffers stay mapped.
+    FailedRunning,
+}
+
+/// The controller, shared by its I/O threads.
+pub struct ControllerShared {
+    controller: Mutex<Controller>,
+    device: Arc<dyn NvmeDevice>,
+    /// Bumped after every reset (successful or not).
+    generation: AtomicU64,
+    state: AtomicU8,
+    /// I/O queues the controller was asked for after a reset.
+    io_queues: u16,
+    /// The I/O threads' wakeup eventfds, set once they exist.
+    wakes: OnceLock<Vec<Arc<OwnedFd>>>,
+}
+
+impl std::fmt::Debug for ControllerShared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ControllerShared").field("generation", &self.generation()).finish()
+    }
+}
+
+impl ControllerShared {
+    /// Shares `controller`, which has granted `io_queues` I/O queues.
+    pub fn new(controller: Controller, io_queues: u16) -> Arc<Self> {
+        Arc::new(Self {
+            device: controller.device().clone(),
+            controller: Mutex::new(controller),
+            generation: AtomicU64::new(0),
+            state: AtomicU8::new(DeviceState::Running as u8),
+            io_queues,
+            wakes: OnceLock::new(),
+        })
+    }
+
+    /// Records the I/O threads' wakeup eventfds (once).
+    pub fn set_wakes(&self, wakes: Vec<Arc<OwnedFd>>) {
+        let _ = self.wakes.set(wakes);
+    }
+
+    /// The device.
+    pub fn device(&self) -> &Arc<dyn NvmeDevice> {
+        &self.device
+    }
+
+    /// The admin side, for the rare commands (never on the data path).
+    pub fn lock(&self) -> MutexGuard<'_, Controller> {
+        // A panic aborts the broker (panic = "abort"), so the lock is never poisoned in use.
+        self.controller.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The reset generation (see the module docs).
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+
+    /// The controller's state after the last reset.
+    pub fn state(&self) -> DeviceState {
+        match self.state.load(Ordering::Acquire) {
+            0 => DeviceState::Running,
+            1 => DeviceState::FailedStopped,
+            _ => DeviceState::FailedRunning,
+        }
+    }
+
+    /// Resets the controller unless another thread already did after generation `seen`.
+    /// Returns once the new generation is published.
+    pub fn reset(&self, seen: u64) {
+        let mut ctrl = self.lock();
+        if self.generation.load(Ordering::Acquire) != seen || self.state() != DeviceState::Running {
+            return; // someone reset it meanwhile (or it is beyond help)
+        }
+        let bus_master_off = self.device.set_bus_master(false);
+        if let Err(e) = &bus_master_off {
+            error!("clearing Bus Master Enable failed: {e}");
+        }
+        let reset = ctrl.reset();
+        if let Err(e) = &reset {
+            error!("controller reset failed: {e}");
+        }
+        let state = if reset.is_err() && bus_master_off.is_err() {
+            error!(
+                "cannot confirm that the controller stopped its DMA: its commands never complete, \
+                 their sessions are faulted and their buffers stay pinned until nvmed exits"
+            );
+            DeviceState::FailedRunning
+        } else {
+            let restored = reset.and_then(|()| {
+                self.device
+                    .set_bus_master(true)
+                    .map_err(|e| DriverError::Unsupported(format!("re-enabling Bus Master Enable: {e}")))?;
+                ctrl.request_io_queues(self.io_queues).map(|_| ())
+            });
+            match restored {
+                Ok(()) => {
+                    info!("controller reset; the I/O threads create their queues again");
+                    DeviceState::Running
+                }
+                Err(e) => {
+                    error!("the controller did not come back after a reset: {e}; failing all I/O");
+                    DeviceState::FailedStopped
+                }
+            }
+        };
+        self.state.store(state as u8, Ordering::Release);
+        self.generation.fetch_add(1, Ordering::AcqRel);
+        drop(ctrl);
+        for w in self.wakes.get().into_iter().flatten() {
+            nvmed_proto::eventfd::signal(w);
+        }
+    }
+
+    /// Creates I/O queue `qid` for an I/O thread.
+    pub fn create_queue(
+        &self,
+        qid: u16,
+        depth: u16,
+        vector: Option<u16>,
+    ) -> Result<IoQueue<InFlight>, DriverError> {
+        let mut ctrl = self.lock();
+        let qp = ctrl.create_io_queue(qid, depth, vector)?;
+        IoQueue::new(qp, ctrl.device(), ctrl.iova_space()).map_err(Into::into)
+    }
+
+    /// Deletes an I/O thread's queue (at shutdown).
+    pub fn delete_queue(&self, queue: IoQueue<InFlight>) -> Result<(), DriverError> {
+        self.lock().delete_io_queue(queue.into_queue_pair())
+    }
+}
