@@ -10,15 +10,18 @@
 #  6. (--vhost) In a VM: vhost-user-blk, nvmed-vhost (on nvmed's emulated memory namespace) vs
 #     qemu-storage-daemon (raw file on tmpfs), measured in the guest (vmtest/vhost.sh --bench;
 #     BENCH_A=qsd|nvmed-vhost picks the first column, default $BACKEND or qsd).
-# Usage: bash scripts/bench.sh [seconds-per-run] [--vm] [--vhost]
+#  7. (--scale) Client scaling: nvmed-nop and 4 KiB randread throughput for 1..64 clients with 1 and
+#     2 broker I/O threads, plus deep-batch nop (scripts/scale_bench.py; table, SVG chart, JSON).
+# Usage: bash scripts/bench.sh [seconds-per-run] [--vm] [--vhost] [--scale]
 set -euo pipefail
 cd "$(dirname "$0")/.."
-secs=3 vm=0 vhost=0
+secs=3 vm=0 vhost=0 scale=0
 for a in "$@"; do
     case $a in
         --vm) vm=1 ;;
         --vhost) vhost=1 ;;
-        *[!0-9.]* | "") echo "usage: bash scripts/bench.sh [seconds-per-run] [--vm] [--vhost]" >&2; exit 2 ;;
+        --scale) scale=1 ;;
+        *[!0-9.]* | "") echo "usage: bash scripts/bench.sh [seconds-per-run] [--vm] [--vhost] [--scale]" >&2; exit 2 ;;
         *) secs=$a ;;
     esac
 done
@@ -89,4 +92,11 @@ if [ $vhost = 1 ]; then
     bash vmtest/vhost.sh --bench "$secs" 2>&1 | grep -v '^vhosttest: building'
 else
     echo "6. vhost-user-blk in a VM: run 'bash scripts/bench.sh $secs --vhost' (or 'bash vmtest/vhost.sh --bench $secs')"
+fi
+echo
+if [ $scale = 1 ]; then
+    echo "7. client scaling (1..64 clients, 1 and 2 broker I/O threads): scripts/scale_bench.py"
+    python3 scripts/scale_bench.py --quiet --secs "$secs" --ringbench "$rb" 2>&1 | sed 's/^/  /'
+else
+    echo "7. client scaling: run 'bash scripts/bench.sh $secs --scale' (or 'python3 scripts/scale_bench.py --secs $secs')"
 fi

@@ -90,7 +90,10 @@ pub struct RingOptions {
     pub cq_entries: u32,
     /// Name shown in the broker's logs.
     pub client_name: String,
-    /// How long [`NvmeRing::wait`] spins before sleeping on the eventfd.
+    /// Longest [`NvmeRing::wait`] spins before sleeping on the eventfd. The ring adapts below
+    /// it: a wait that ends up sleeping halves the spin, one satisfied while spinning doubles it
+    /// again, so a client whose broker is busy elsewhere (more runnable threads than CPUs)
+    /// stops burning the CPU the broker needs.
     pub spin: Duration,
     /// The broker I/O thread to serve the ring (`None`: the least loaded).
     pub thread: Option<u16>,
@@ -310,6 +313,8 @@ pub struct NvmeRing {
     /// Range lists of finished vectored requests, reused so steady-state I/O allocates nothing.
     spare_ranges: Vec<Vec<Range>>,
     spin: Duration,
+    /// The spin of the next wait (adapts between zero and `spin`).
+    spin_now: Duration,
     /// Consecutive polls that found nothing (see [`NvmeRing::poll`]).
     empty_polls: u32,
 }
@@ -367,6 +372,7 @@ impl NvmeRing {
             pending: Slab::with_capacity(sq_entries as usize),
             spare_ranges: Vec::new(),
             spin: opts.spin,
+            spin_now: opts.spin,
             empty_polls: 0,
         })
     }
@@ -779,13 +785,19 @@ impl NvmeRing {
         let start = Instant::now();
         let mut got = self.poll(out)?;
         let mut spins = 0u32;
+        let mut spun_out = false;
         while got < min {
             // Spin first, reading the clock only every 64 polls.
             spins += 1;
-            if !spins.is_multiple_of(64) || start.elapsed() < self.spin {
+            if !spun_out && (!spins.is_multiple_of(64) || start.elapsed() < self.spin_now) {
                 std::hint::spin_loop();
                 got += self.poll(out)?;
                 continue;
+            }
+            if !spun_out {
+                // Spinning did not pay this time: spin less next time.
+                spun_out = true;
+                self.spin_now /= 2;
             }
             announce_sleep(&SharedFlags::client(&self.mem), CLIENT_CQ_WAITING);
             let n = self.poll(out);
@@ -823,6 +835,10 @@ impl NvmeRing {
             if sock_gone && got < min {
                 return Err(Error::BrokerGone);
             }
+        }
+        if !spun_out {
+            // Satisfied without sleeping: spinning pays, allow more of it.
+            self.spin_now = (self.spin_now * 2).max(Duration::from_micros(1)).min(self.spin);
         }
         Ok(got)
     }

@@ -121,6 +121,10 @@ pub struct NamespaceInfo {
     pub max_transfer: u32,
     /// Whether this client may only read.
     pub read_only: bool,
+    /// Index of the controller it lives on (in the broker's order of controllers).
+    pub controller: u16,
+    /// Its namespace id on that controller (`nsid` is broker-wide).
+    pub controller_nsid: u32,
 }
 
 impl NamespaceInfo {

@@ -48,9 +48,25 @@ pub struct NvmedEngine {
     /// The job's slice of a buffer shared by every job of the session (if it is one).
     shared: Option<SharedBuffer>,
     nsid: u32,
+    /// Bytes of that namespace.
+    ns_bytes: u64,
     bs: u32,
     nop: bool,
     done: Vec<nvmed_client::Completion>,
+}
+
+/// The namespace `nsid` (or the first) among those the broker lists.
+fn pick(ring: &NvmeRing, nsid: Option<u32>) -> Result<(u32, u64), EngineError> {
+    let list = ring.namespaces();
+    let ns = match nsid {
+        Some(id) => list.iter().find(|n| n.nsid == id),
+        None => list.first(),
+    };
+    let ns = ns.ok_or_else(|| {
+        let ids: Vec<u32> = list.iter().map(|n| n.nsid).collect();
+        EngineError::Failed(format!("no namespace {nsid:?} among those granted: {ids:?}"))
+    })?;
+    Ok((ns.nsid, ns.size_bytes()))
 }
 
 /// Ring options for a job of `iodepth`.
@@ -69,21 +85,24 @@ impl NvmedEngine {
     /// Opens a session of its own with a ring deep enough for `iodepth`, and registers a buffer.
     pub fn open(
         socket: &Path,
+        nsid: Option<u32>,
         iodepth: usize,
         bs: u32,
         nop: bool,
         spin_us: u64,
     ) -> Result<Self, EngineError> {
         let mut ring = NvmeRing::open_with(socket, ring_options(iodepth, spin_us))?;
-        let nsid = ring.namespaces().first().ok_or(EngineError::Failed("no namespace".into()))?.nsid;
+        let (nsid, ns_bytes) = pick(&ring, nsid)?;
         let buf = ring.alloc_buffer(iodepth * bs as usize)?;
-        Ok(Self { ring, buf, base: 0, shared: None, nsid, bs, nop, done: Vec::new() })
+        Ok(Self { ring, buf, base: 0, shared: None, nsid, ns_bytes, bs, nop, done: Vec::new() })
     }
 
     /// A new ring of `session` (on the broker's least loaded I/O thread) whose slots are
     /// `iodepth * bs` bytes at `base` of `shared`, a buffer all jobs of the session share.
+    #[allow(clippy::too_many_arguments)]
     pub fn on_session(
         session: &NvmeSession,
+        nsid: Option<u32>,
         shared: &SharedBuffer,
         base: u64,
         iodepth: usize,
@@ -92,7 +111,7 @@ impl NvmedEngine {
         spin_us: u64,
     ) -> Result<Self, EngineError> {
         let ring = session.new_ring_with(ring_options(iodepth, spin_us))?;
-        let nsid = ring.namespaces().first().ok_or(EngineError::Failed("no namespace".into()))?.nsid;
+        let (nsid, ns_bytes) = pick(&ring, nsid)?;
         let end = base + (iodepth * bs as usize) as u64;
         if end > shared.len() as u64 {
             return Err(EngineError::Failed(format!("shared buffer too small: {end} > {}", shared.len())));
@@ -103,6 +122,7 @@ impl NvmedEngine {
             base,
             shared: Some(shared.clone()),
             nsid,
+            ns_bytes,
             bs,
             nop,
             done: Vec::new(),
@@ -111,7 +131,7 @@ impl NvmedEngine {
 
     /// The namespace size in bytes.
     pub fn namespace_bytes(&self) -> u64 {
-        self.ring.namespaces()[0].size_bytes()
+        self.ns_bytes
     }
 
     /// The broker's pid (from SO_PEERCRED of the control socket).

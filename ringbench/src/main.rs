@@ -60,6 +60,9 @@ struct Args {
     /// broker's I/O threads; see --sessions.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=64))]
     numjobs: u32,
+    /// nvmed engines: the namespace (broker-wide id; default: the first one granted).
+    #[arg(long)]
+    nsid: Option<u32>,
     /// nvmed engines: a session (and buffer registration) per job instead of one shared.
     #[arg(long)]
     sessions: bool,
@@ -426,6 +429,7 @@ fn open_engine(args: &Args, socket: &Path) -> Result<Box<dyn Engine + Send>, Eng
     Ok(match args.engine {
         EngineKind::Nvmed | EngineKind::NvmedNop => Box::new(NvmedEngine::open(
             socket,
+            args.nsid,
             depth,
             bs as u32,
             args.engine == EngineKind::NvmedNop,
@@ -482,7 +486,7 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     // Size of the target.
     let target = match args.engine {
         EngineKind::Nvmed => {
-            let probe = NvmedEngine::open(&socket, 1, args.bs as u32, false, 0)?;
+            let probe = NvmedEngine::open(&socket, args.nsid, 1, args.bs as u32, false, 0)?;
             probe.namespace_bytes()
         }
         EngineKind::IoUringPassthru => {
@@ -533,7 +537,7 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         .into());
     }
     let broker_pid = if nvmed && embedded.is_none() {
-        NvmedEngine::open(&socket, 1, 4096, true, 0).ok().and_then(|e| e.broker_pid())
+        NvmedEngine::open(&socket, None, 1, 4096, true, 0).ok().and_then(|e| e.broker_pid())
     } else {
         None
     };
@@ -717,6 +721,7 @@ fn open_engines(
     for j in 0..u64::from(args.numjobs) {
         engines.push(Box::new(NvmedEngine::on_session(
             &session,
+            args.nsid,
             &shared,
             j * slice,
             args.iodepth as usize,
@@ -762,6 +767,9 @@ fn run_processes(
         let mut cmd = std::process::Command::new(&exe);
         cmd.arg("--engine").arg(name(args.engine.to_possible_value()));
         cmd.arg("--socket").arg(socket);
+        if let Some(n) = args.nsid {
+            cmd.args(["--nsid", &n.to_string()]);
+        }
         if let Some(f) = &args.filename {
             cmd.arg("--filename").arg(f);
         }

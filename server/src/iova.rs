@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use std::ops::RangeInclusive;
 use std::sync::{Arc, Mutex};
 
-use crate::device::{DeviceError, NvmeDevice};
+use crate::device::{DeviceError, Dma, NvmeDevice};
 
 /// Page size of all DMA mappings.
 pub const IOVA_PAGE: u64 = 4096;
@@ -168,10 +168,10 @@ impl IovaSpace {
     /// Allocates IOVA space in `area` and maps `host..host+len` there.
     ///
     /// # Safety
-    /// As [`NvmeDevice::dma_map`]: the host memory must outlive the returned mapping.
+    /// As [`Dma::dma_map`]: the host memory must outlive the returned mapping.
     pub unsafe fn map(
         self: &Arc<Self>,
-        device: &Arc<dyn NvmeDevice>,
+        device: &Arc<dyn Dma>,
         area: Area,
         host: *mut u8,
         len: u64,
@@ -197,7 +197,7 @@ impl IovaSpace {
 
 /// A live DMA mapping; unmapped from the device and returned to the allocator on drop.
 pub struct DmaMapping {
-    device: Arc<dyn NvmeDevice>,
+    device: Arc<dyn Dma>,
     space: Arc<IovaSpace>,
     area: Area,
     iova: u64,
@@ -280,6 +280,15 @@ mod tests {
     /// A device whose DMA unmap always fails.
     struct StuckIommu;
 
+    impl Dma for StuckIommu {
+        unsafe fn dma_map(&self, _: u64, _: *mut u8, _: u64) -> Result<(), DeviceError> {
+            Ok(())
+        }
+        fn dma_unmap(&self, iova: u64, len: u64) -> Result<(), DeviceError> {
+            Err(DeviceError::NotMapped { iova, len })
+        }
+    }
+
     impl NvmeDevice for StuckIommu {
         fn name(&self) -> String {
             "stuck".into()
@@ -288,12 +297,6 @@ mod tests {
             0
         }
         fn write32(&self, _: u64, _: u32) {}
-        unsafe fn dma_map(&self, _: u64, _: *mut u8, _: u64) -> Result<(), DeviceError> {
-            Ok(())
-        }
-        fn dma_unmap(&self, iova: u64, len: u64) -> Result<(), DeviceError> {
-            Err(DeviceError::NotMapped { iova, len })
-        }
         fn iova_ranges(&self) -> Vec<RangeInclusive<u64>> {
             vec![0..=(1 << 40) - 1]
         }
@@ -396,8 +399,9 @@ impl DmaMemory {
         let len = len.next_multiple_of(IOVA_PAGE as usize);
         let mem = nvmed_proto::shm::SharedMemory::anonymous(len)
             .map_err(|e| IovaError::Device(DeviceError::Other(format!("allocating DMA memory: {e}"))))?;
+        let device: Arc<dyn Dma> = device.clone();
         // SAFETY: `mem` is owned by the returned value and dropped after `mapping`.
-        let mapping = unsafe { space.map(device, Area::Internal, mem.as_ptr(), len as u64)? };
+        let mapping = unsafe { space.map(&device, Area::Internal, mem.as_ptr(), len as u64)? };
         Ok(Self { mapping: std::mem::ManuallyDrop::new(mapping), mem: std::mem::ManuallyDrop::new(mem) })
     }
 

@@ -45,8 +45,15 @@ struct Args {
     emulate: bool,
 
     /// Serve the NVMe controller at this PCI address (bound to vfio-pci), e.g. 0000:01:00.0.
+    /// Give it several times to serve several controllers from one broker: their namespaces
+    /// get broker-wide ids in that order (controller 0's first), and every I/O thread gets a
+    /// queue on each.
     #[arg(long, value_name = "BDF")]
-    pci: Option<String>,
+    pci: Vec<String>,
+
+    /// With --emulate: this many emulated controllers, each with --namespaces namespaces.
+    #[arg(long, default_value_t = 1, requires = "emulate", value_parser = clap::value_parser!(u16).range(1..=8))]
+    controllers: u16,
 
     /// Unix socket clients connect to.
     #[arg(long, default_value = "/run/nvmed.sock")]
@@ -83,7 +90,7 @@ struct Args {
     null: bool,
 
     /// Number of emulated namespaces, each of --size bytes (with --backing FILE, namespace N
-    /// above 1 lives in FILE.nsN).
+    /// above 1 lives in FILE.nsN, and those of controller C above 0 in FILE.cC, FILE.cC.nsN).
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=16))]
     namespaces: u32,
 
@@ -365,18 +372,22 @@ fn main() {
     }
 }
 
-fn emulated(args: &Args) -> Result<Arc<dyn NvmeDevice>, Box<dyn std::error::Error>> {
+fn emulated(args: &Args, controller: u16) -> Result<Arc<dyn NvmeDevice>, Box<dyn std::error::Error>> {
     if !args.size.is_multiple_of(u64::from(args.lba_size)) {
         return Err(format!("--size must be a multiple of the LBA size {}", args.lba_size).into());
     }
     let mut namespaces = Vec::new();
     for n in 1..=args.namespaces {
         let backend: Box<dyn Backend> = match (&args.backing, args.null) {
-            // Namespace 1 in FILE, namespace N in FILE.nsN.
-            (Some(path), _) if n == 1 => Box::new(FileBackend::open(path, Some(args.size))?),
+            // Namespace 1 in FILE, namespace N in FILE.nsN (FILE.cC... for controller C > 0).
             (Some(path), _) => {
                 let mut p = path.clone().into_os_string();
-                p.push(format!(".ns{n}"));
+                if controller > 0 {
+                    p.push(format!(".c{controller}"));
+                }
+                if n > 1 {
+                    p.push(format!(".ns{n}"));
+                }
                 Box::new(FileBackend::open(std::path::Path::new(&p), Some(args.size))?)
             }
             (None, true) => Box::new(NullBackend::new(args.size)),
@@ -410,6 +421,7 @@ fn emulated(args: &Args) -> Result<Arc<dyn NvmeDevice>, Box<dyn std::error::Erro
         wedge: args.emulator_wedge,
         mode,
         sgl: !args.emulator_no_sgl,
+        instance: controller,
     })?))
 }
 
@@ -420,14 +432,17 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     signals.add(Signal::SIGTERM);
     signals.thread_block()?;
 
-    let device: Arc<dyn NvmeDevice> = match &args.pci {
-        Some(bdf) => {
-            info!(bdf, "starting on a VFIO device");
-            // The admin queue's vector and one per I/O thread (fewer if the device has fewer).
-            Arc::new(nvmed_server::device::vfio::VfioNvme::open(bdf, io_thread_count(&args) + 1)?)
+    let mut devices: Vec<Arc<dyn NvmeDevice>> = Vec::new();
+    for bdf in &args.pci {
+        info!(bdf, "starting on a VFIO device");
+        // The admin queue's vector and one per I/O thread (fewer if the device has fewer).
+        devices.push(Arc::new(nvmed_server::device::vfio::VfioNvme::open(bdf, io_thread_count(&args) + 1)?));
+    }
+    if args.emulate {
+        for c in 0..args.controllers {
+            devices.push(emulated(&args, c)?);
         }
-        None => emulated(&args)?,
-    };
+    }
     let mut config = BrokerConfig::new(&args.socket);
     config.socket_mode = args.socket_mode;
     config.socket_group = args.socket_group.clone();
@@ -452,7 +467,7 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     config.cpus = args.cpus.clone().map(|c| c.0).unwrap_or_default();
     config.max_rings_per_session = args.max_rings_per_session;
     config.policy = Policy { grants: args.grants, default: args.default_access };
-    let broker = Broker::start(device, config)?;
+    let broker = Broker::start_many(devices, config)?;
     println!("nvmed: ready on {}", broker.socket().display());
     let sig = signals.wait()?;
     info!(signal = ?sig, "shutting down");

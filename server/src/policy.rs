@@ -70,11 +70,50 @@ pub struct Policy {
     pub default: DefaultAccess,
 }
 
+/// A namespace the broker serves: its broker-wide id (what clients and grants use; the
+/// namespaces of controller 0 first, then those of controller 1, ...) and where it lives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ServedNamespace {
+    /// Broker-wide namespace id (from 1).
+    pub nsid: u32,
+    /// Index of its controller (the order of `--pci`, or of `--controllers`).
+    pub controller: u16,
+    /// Its namespace id on that controller.
+    pub device_nsid: u32,
+    /// LBA size in bytes.
+    pub lba_size: u32,
+    /// Size in LBAs.
+    pub lba_count: u64,
+}
+
+impl ServedNamespace {
+    /// Numbers the namespaces of each controller, in controller order, from 1.
+    pub fn number(controllers: &[Vec<crate::nvme::Namespace>]) -> Vec<Self> {
+        let mut out = Vec::new();
+        for (c, list) in controllers.iter().enumerate() {
+            for ns in list {
+                out.push(Self {
+                    nsid: out.len() as u32 + 1,
+                    controller: c as u16,
+                    device_nsid: ns.nsid,
+                    lba_size: ns.lba_size,
+                    lba_count: ns.lba_count,
+                });
+            }
+        }
+        out
+    }
+}
+
 /// One namespace as one client may use it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct NamespaceAccess {
-    /// Namespace id on the controller (also what the client uses).
+    /// Broker-wide namespace id (what the client uses).
     pub nsid: u32,
+    /// Its controller.
+    pub controller: u16,
+    /// Its namespace id on that controller (what the device commands carry).
+    pub device_nsid: u32,
     /// First device LBA of the client's view.
     pub first_lba: u64,
     /// LBAs in the client's view.
@@ -86,14 +125,16 @@ pub struct NamespaceAccess {
 }
 
 impl Policy {
-    /// Resolves what `uid` may use among the controller's namespaces.
-    pub fn access_for(&self, uid: u32, namespaces: &[crate::nvme::Namespace]) -> Vec<NamespaceAccess> {
+    /// Resolves what `uid` may use among the broker's namespaces.
+    pub fn access_for(&self, uid: u32, namespaces: &[ServedNamespace]) -> Vec<NamespaceAccess> {
         let mine: Vec<&Grant> = self.grants.iter().filter(|g| g.uid == uid).collect();
         namespaces
             .iter()
             .filter_map(|ns| {
                 let whole = |read_only| NamespaceAccess {
                     nsid: ns.nsid,
+                    controller: ns.controller,
+                    device_nsid: ns.device_nsid,
                     first_lba: 0,
                     lba_count: ns.lba_count,
                     lba_size: ns.lba_size,
@@ -131,10 +172,11 @@ mod tests {
         assert!("1000".parse::<Grant>().is_err());
         assert!("1000:0".parse::<Grant>().is_err());
         assert!("1000:1:rw".parse::<Grant>().is_err());
-        let ns = [
-            Namespace { nsid: 1, lba_size: 512, lba_count: 5000 },
-            Namespace { nsid: 2, lba_size: 512, lba_count: 10 },
-        ];
+        let ns = ServedNamespace::number(&[
+            vec![Namespace { nsid: 1, lba_size: 512, lba_count: 5000 }],
+            vec![Namespace { nsid: 1, lba_size: 512, lba_count: 10 }],
+        ]);
+        assert_eq!((ns[1].nsid, ns[1].controller, ns[1].device_nsid), (2, 1, 1));
         let p = Policy { grants: vec![g], default: DefaultAccess::ReadWrite };
         let a = p.access_for(1000, &ns);
         assert_eq!(a.len(), 1);

@@ -43,7 +43,8 @@ impl TestBroker {
     pub fn spawn(dir: PathBuf, socket: PathBuf, args: &[String]) -> Self {
         let mut child = Command::new(env!("CARGO_BIN_EXE_nvmed"))
             .args(args)
-            .env("NVMED_LOG", "warn")
+            // NVMED_TEST_LOG=info (or debug) shows the brokers' logs when debugging a test.
+            .env("NVMED_LOG", std::env::var("NVMED_TEST_LOG").unwrap_or_else(|_| "warn".into()))
             .stdout(Stdio::piped())
             .spawn()
             .expect("start nvmed");

@@ -4,14 +4,14 @@
 use std::os::fd::{AsFd, AsRawFd};
 use std::time::Duration;
 
-use nvmed_client::{Io, NvmeRing};
+use nvmed_client::{Io, NvmeRing, NvmeSession, RingOptions};
 use nvmed_proto::control::decode;
 use nvmed_proto::{transport, Response};
 
 const MIB: u64 = 1 << 20;
 
 fn usage() -> ! {
-    eprintln!("usage: nvmed-test-peer hammer SOCKET | hold connections|sessions N SOCKET");
+    eprintln!("usage: nvmed-test-peer hammer|hammer-rings SOCKET | hold connections|sessions N SOCKET");
     std::process::exit(2)
 }
 
@@ -19,6 +19,7 @@ fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args.iter().map(String::as_str).collect::<Vec<_>>()[..] {
         ["hammer", socket] => hammer(socket),
+        ["hammer-rings", socket] => hammer_rings(socket),
         ["hold", mode, n, socket] => hold(mode, n.parse().unwrap_or_else(|_| usage()), socket),
         _ => usage(),
     }
@@ -42,6 +43,42 @@ fn hammer(socket: &str) {
         ring.submit().unwrap();
         out.clear();
         ring.wait(1, &mut out, None).unwrap();
+    }
+}
+
+/// One session, one 8 MiB shared buffer, two rings on I/O threads 0 and 1, each writing 64 KiB
+/// blocks at QD32 into its own 4 MiB of 48..56 MiB of namespace 1 until killed.
+fn hammer_rings(socket: &str) {
+    let session = NvmeSession::open(socket).unwrap();
+    let ns = session.namespaces()[0].nsid;
+    let shared = session.alloc_shared(8 * MIB as usize).unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    for t in 0..2u16 {
+        let mut ring =
+            session.new_ring_with(RingOptions { thread: Some(t), ..RingOptions::default() }).unwrap();
+        let (buf, tx) = (shared.id(), tx.clone());
+        std::thread::spawn(move || {
+            let base = u64::from(t) * 4 * MIB;
+            let mut out = Vec::new();
+            let mut i = 0u64;
+            loop {
+                while ring.in_flight() < 32 {
+                    let off = base + (i % 64) * 64 * 1024;
+                    ring.prep(Io::write(ns, 48 * MIB + off, 64 * 1024, buf, off)).unwrap();
+                    i += 1;
+                }
+                ring.submit().unwrap();
+                let _ = tx.send(());
+                out.clear();
+                ring.wait(1, &mut out, None).unwrap();
+            }
+        });
+    }
+    rx.recv().unwrap();
+    rx.recv().unwrap();
+    println!("HAMMERING");
+    loop {
+        std::thread::sleep(Duration::from_secs(1));
     }
 }
 

@@ -146,7 +146,15 @@ mod tests {
     use super::*;
 
     fn ns(lba_size: u32, lba_count: u64, max_transfer: u32, read_only: bool) -> NamespaceInfo {
-        NamespaceInfo { nsid: 3, lba_size, lba_count, max_transfer, read_only }
+        NamespaceInfo {
+            nsid: 3,
+            lba_size,
+            lba_count,
+            max_transfer,
+            read_only,
+            controller: 0,
+            controller_nsid: 3,
+        }
     }
 
     fn le32(c: &[u8], off: usize) -> u32 {

@@ -9,7 +9,7 @@ use nvmed_proto::shm::SharedMemory;
 use nvmed_proto::ControlError;
 
 use super::quota::Ticket;
-use crate::device::NvmeDevice;
+use crate::device::Dma;
 use crate::iova::{release_dma, Area, DmaMapping, IovaSpace, IOVA_PAGE};
 
 /// A registered buffer. Dropping it unmaps it from the device first, then from the broker (or,
@@ -59,7 +59,7 @@ impl RegisteredBuffer {
         len: u64,
         max_len: u64,
         space: &Arc<IovaSpace>,
-        device: &Arc<dyn NvmeDevice>,
+        device: &Arc<dyn Dma>,
         ticket: Ticket,
         rings: &[(u64, u64)],
     ) -> Result<Self, ControlError> {

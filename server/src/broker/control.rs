@@ -189,7 +189,8 @@ impl Connection {
         s.buffer_bytes = self.buffer_bytes;
         s.broker_sessions = self.shared.quotas.held(Resource::Session);
         s.broker_buffer_iova_bytes = self.shared.space.used(crate::iova::Area::Buffers);
-        s.device_dma_bytes = self.shared.device.dma_data_bytes();
+        s.device_dma_bytes =
+            self.shared.devices.iter().map(|d| d.dma_data_bytes()).try_fold(0u64, |a, b| b.map(|b| a + b));
         s.broker_io_threads = self.shared.pollers.len() as u64;
         for p in &self.shared.pollers {
             let c = &p.counters;
@@ -234,8 +235,10 @@ impl Connection {
                 nsid: n.nsid,
                 lba_size: n.lba_size,
                 lba_count: n.lba_count,
-                max_transfer: self.shared.limits.max_request,
+                max_transfer: self.shared.limits[usize::from(n.controller)].max_request,
                 read_only: n.read_only,
+                controller: n.controller,
+                controller_nsid: n.device_nsid,
             })
             .collect()
     }
@@ -394,7 +397,7 @@ impl Connection {
             len,
             left,
             &self.shared.space,
-            &self.shared.device,
+            &self.shared.dma,
             ticket,
             &self.ring_identities,
         )?);

@@ -31,8 +31,8 @@ use validate::DeviceLimits;
 
 use crate::device::NvmeDevice;
 use crate::iova::IovaSpace;
-use crate::nvme::{Controller, DriverError, IoQueue, Namespace};
-use crate::policy::Policy;
+use crate::nvme::{Controller, DriverError, IoQueue};
+use crate::policy::{Policy, ServedNamespace};
 
 /// Broker settings.
 #[derive(Debug, Clone)]
@@ -151,10 +151,13 @@ impl Poller {
 /// State shared by the control threads.
 pub struct Shared {
     config: BrokerConfig,
-    device: Arc<dyn NvmeDevice>,
+    devices: Vec<Arc<dyn NvmeDevice>>,
+    /// Where client buffers are mapped: every controller.
+    dma: Arc<dyn crate::device::Dma>,
     space: Arc<IovaSpace>,
-    namespaces: Vec<Namespace>,
-    limits: DeviceLimits,
+    namespaces: Vec<ServedNamespace>,
+    /// Each controller's limits.
+    limits: Vec<DeviceLimits>,
     pollers: Vec<Poller>,
     sessions: AtomicU64,
     quotas: Arc<Quotas>,
@@ -199,7 +202,7 @@ pub struct Broker {
     accept_thread: Option<JoinHandle<()>>,
     io_threads: Vec<JoinHandle<()>>,
     reaper_thread: Option<JoinHandle<()>>,
-    ctrl: Arc<manager::ControllerShared>,
+    ctrls: Vec<Arc<manager::ControllerShared>>,
 }
 
 fn bind_socket(path: &Path, mode: u32, group: Option<&str>) -> Result<OwnedFd, BrokerError> {
@@ -232,7 +235,17 @@ fn bind_socket(path: &Path, mode: u32, group: Option<&str>) -> Result<OwnedFd, B
 impl Broker {
     /// Brings up the controller, creates the I/O queues, and starts serving on the socket.
     pub fn start(device: Arc<dyn NvmeDevice>, config: BrokerConfig) -> Result<Self, BrokerError> {
-        let space = Arc::new(IovaSpace::new(&device.iova_ranges())?);
+        Self::start_many(vec![device], config)
+    }
+
+    /// Brings up every controller (their namespaces are numbered broker-wide in this order),
+    /// creates each I/O thread's queue on each of them, and starts serving on the socket.
+    pub fn start_many(devices: Vec<Arc<dyn NvmeDevice>>, config: BrokerConfig) -> Result<Self, BrokerError> {
+        assert!(!devices.is_empty(), "a broker needs a controller");
+        // One IOVA space for all: a client buffer is mapped at the same IOVA in every
+        // controller's IOMMU, so any thread may send it to any controller.
+        let ranges = intersect_ranges(devices.iter().map(|d| d.iova_ranges()));
+        let space = Arc::new(IovaSpace::new(&ranges)?);
         space.set_buffer_limit(config.max_buffer_bytes_total);
         // The socket first: its errors (in use, bad path) are the common ones, and must not
         // leave a controller enabled behind.
@@ -241,44 +254,67 @@ impl Broker {
             let _ = std::fs::remove_file(&config.socket);
             e
         };
-        let mut controller = Controller::init(device.clone(), space.clone()).map_err(|e| unbind(e.into()))?;
-        let info = controller.info().clone();
-        let queues = match Self::create_queues(&mut controller, &device, &space, &config) {
-            Ok(q) => q,
-            Err(e) => {
-                // Leave the controller shut down (CC.SHN), whatever went wrong.
-                if let Err(e) = controller.shutdown() {
+        let mut controllers = Vec::new();
+        let fail = |controllers: &mut Vec<Controller>, e: BrokerError| {
+            // Leave every controller shut down (CC.SHN), whatever went wrong.
+            for c in controllers.iter_mut() {
+                if let Err(e) = c.shutdown() {
                     error!("controller shutdown failed: {e}");
                 }
-                return Err(unbind(e));
             }
+            unbind(e)
         };
-        let limits = queues.limits;
-        let ctrl = manager::ControllerShared::new(controller, queues.granted);
+        for d in &devices {
+            match Controller::init(d.clone(), space.clone()) {
+                Ok(c) => controllers.push(c),
+                Err(e) => return Err(fail(&mut controllers, e.into())),
+            }
+        }
+        let namespaces = ServedNamespace::number(
+            &controllers.iter().map(|c| c.info().namespaces.clone()).collect::<Vec<_>>(),
+        );
+        if namespaces.is_empty() {
+            let skipped = controllers.iter().flat_map(|c| c.info().skipped.clone()).collect();
+            return Err(fail(&mut controllers, BrokerError::NoNamespace(skipped)));
+        }
+        let queues = match Self::create_queues(&mut controllers, &space, &config) {
+            Ok(q) => q,
+            Err(e) => return Err(fail(&mut controllers, e)),
+        };
+        let limits = queues.limits.clone();
+        let ctrls: Vec<_> =
+            controllers.into_iter().map(|c| manager::ControllerShared::new(c, queues.threads)).collect();
         let (reaper, reaper_thread) = Reaper::start()?;
         let mut pollers = Vec::new();
         let mut threads = Vec::new();
-        for (i, q) in queues.threads.into_iter().enumerate() {
+        for (i, thread_queues) in queues.per_thread.into_iter().enumerate() {
             let wake = Arc::new(nvmed_proto::eventfd::new_eventfd()?);
             let (tx, rx) = channel();
             let requests_pending = Arc::new(session::CachePadded(AtomicBool::new(false)));
             let counters = Arc::new(session::BrokerCounters::default());
             let cpus = if config.cpus.is_empty() { vec![] } else { vec![config.cpus[i % config.cpus.len()]] };
+            let ports = thread_queues
+                .into_iter()
+                .zip(&ctrls)
+                .map(|(q, ctrl)| io_thread::PortSetup {
+                    ctrl: ctrl.clone(),
+                    queue: q.queue,
+                    vector: q.vector,
+                    bounce: q.bounce,
+                })
+                .collect();
             let io = IoThread::new(IoThreadSetup {
                 index: i as u16,
                 rx,
                 requests_pending: requests_pending.clone(),
                 wake: wake.clone(),
-                ctrl: ctrl.clone(),
-                queue: q.queue,
-                qid: q.qid,
+                ports,
+                qid: i as u16 + 1,
                 queue_depth: config.io_queue_depth,
-                vector: q.vector,
-                limits,
+                limits: limits.clone(),
                 poll_idle: config.poll_idle,
                 io_timeout: config.io_timeout,
                 reaper: reaper.clone(),
-                bounce: q.bounce,
                 counters: counters.clone(),
                 cpus,
             })?;
@@ -291,7 +327,9 @@ impl Broker {
             });
             threads.push(io);
         }
-        ctrl.set_wakes(pollers.iter().map(|p| p.wake.clone()).collect());
+        for c in &ctrls {
+            c.set_wakes(pollers.iter().map(|p| p.wake.clone()).collect());
+        }
         let mut io_threads = Vec::new();
         for (i, io) in threads.into_iter().enumerate() {
             io_threads
@@ -309,15 +347,29 @@ impl Broker {
             max_map_count = max_map_count(),
             "client limits"
         );
-        for ns in &info.namespaces {
-            info!(nsid = ns.nsid, lba_size = ns.lba_size, blocks = ns.lba_count, "namespace");
+        for ns in &namespaces {
+            info!(
+                nsid = ns.nsid,
+                controller = ns.controller,
+                device = %devices[usize::from(ns.controller)].name(),
+                device_nsid = ns.device_nsid,
+                lba_size = ns.lba_size,
+                blocks = ns.lba_count,
+                "namespace"
+            );
         }
+        let dma: Arc<dyn crate::device::Dma> = if devices.len() == 1 {
+            devices[0].clone()
+        } else {
+            Arc::new(crate::device::fanout::Fanout::new(devices.clone()))
+        };
         let config_quotas = config.quotas;
         let shared = Arc::new(Shared {
             config,
-            device,
+            devices,
+            dma,
             space,
-            namespaces: info.namespaces.clone(),
+            namespaces,
             limits,
             pollers,
             sessions: AtomicU64::new(0),
@@ -335,7 +387,12 @@ impl Broker {
                 .name("nvmed-accept".into())
                 .spawn(move || accept_loop(lfd, shared, stopping))?
         };
-        info!(socket = %shared.config.socket.display(), io_threads = shared.pollers.len(), "broker listening");
+        info!(
+            socket = %shared.config.socket.display(),
+            controllers = ctrls.len(),
+            io_threads = shared.pollers.len(),
+            "broker listening"
+        );
         Ok(Self {
             shared,
             listener,
@@ -343,77 +400,90 @@ impl Broker {
             accept_thread: Some(accept_thread),
             io_threads,
             reaper_thread: Some(reaper_thread),
-            ctrl,
+            ctrls,
         })
     }
 
-    /// Asks for one I/O queue per I/O thread, creates those the controller grants, and derives
-    /// the request limits from the queues really created; allocates each thread's bounce
-    /// buffers for vectored requests.
+    /// Asks each controller for one I/O queue per I/O thread and creates them (as many threads
+    /// as every controller grants queues for); derives each controller's request limits from
+    /// the queues really created; allocates each thread's bounce buffers on each controller.
     fn create_queues(
-        controller: &mut Controller,
-        device: &Arc<dyn NvmeDevice>,
+        controllers: &mut [Controller],
         space: &Arc<IovaSpace>,
         config: &BrokerConfig,
     ) -> Result<Queues, BrokerError> {
-        let info = controller.info().clone();
-        if info.namespaces.is_empty() {
-            return Err(BrokerError::NoNamespace(info.skipped));
-        }
         let wanted = config.io_threads.max(1);
-        let granted = controller.request_io_queues(wanted)?;
-        let count = wanted.min(granted.max(1));
+        let mut count = wanted;
+        for c in controllers.iter_mut() {
+            let granted = c.request_io_queues(wanted)?;
+            if granted < wanted {
+                warn!(
+                    device = %c.device().name(),
+                    wanted,
+                    granted,
+                    "the controller grants fewer I/O queues than I/O threads asked for"
+                );
+            }
+            count = count.min(granted.max(1));
+        }
         if count < wanted {
             warn!(
                 wanted,
-                granted, "the controller grants fewer I/O queues than I/O threads asked for; running {count}"
+                running = count,
+                "running fewer I/O threads: each needs a queue on every controller"
             );
         }
-        let vectors = device.interrupt_vectors();
-        let mut threads = Vec::new();
-        let mut entries = u32::MAX;
-        for i in 0..count {
-            // Vector 0 belongs to the admin queue (polled); each thread gets its own after it.
-            // Threads beyond the device's vectors are polled (they sleep at most 1 ms).
-            let vector = match vectors {
-                _ if !config.interrupts => None,
-                0 => None,
-                1 if i == 0 => Some(0),
-                v if i + 1 < v => Some(i + 1),
-                _ => {
-                    warn!(thread = i, vectors, "no interrupt vector left for this I/O thread; it polls");
-                    None
-                }
-            };
-            let qid = i + 1;
-            let qp = controller.create_io_queue(qid, config.io_queue_depth, vector)?;
-            let queue = IoQueue::new(qp, device, space).map_err(DriverError::from)?;
-            entries = entries.min(queue.free_slots() as u32 + 1);
-            let bounce = io_thread::vectored::BouncePool::new(space, device, info.max_transfer)
-                .map_err(DriverError::from)?;
-            threads.push(ThreadQueue { queue, qid, vector, bounce });
+        let mut per_thread: Vec<Vec<ThreadQueue>> = (0..count).map(|_| Vec::new()).collect();
+        let mut limits = Vec::new();
+        for c in controllers.iter_mut() {
+            let info = c.info().clone();
+            let device = c.device().clone();
+            let vectors = device.interrupt_vectors();
+            let mut entries = u32::MAX;
+            for i in 0..count {
+                // Vector 0 belongs to the admin queue (polled); each thread gets its own after
+                // it. Threads beyond the device's vectors are polled (they sleep at most 1 ms).
+                let vector = match vectors {
+                    _ if !config.interrupts => None,
+                    0 => None,
+                    1 if i == 0 => Some(0),
+                    v if i + 1 < v => Some(i + 1),
+                    _ => {
+                        warn!(thread = i, vectors, "no interrupt vector left for this I/O thread; it polls");
+                        None
+                    }
+                };
+                let qp = c.create_io_queue(i + 1, config.io_queue_depth, vector)?;
+                let queue = IoQueue::new(qp, &device, space).map_err(DriverError::from)?;
+                entries = entries.min(queue.free_slots() as u32 + 1);
+                let bounce = io_thread::vectored::BouncePool::new(space, &device, info.max_transfer)
+                    .map_err(DriverError::from)?;
+                per_thread[usize::from(i)].push(ThreadQueue { queue, vector, bounce });
+            }
+            // Limits follow the queues really created (the controller may grant fewer entries
+            // than asked). A request above MDTS is split into device-sized commands that are
+            // admitted as slots free up, so any request up to 16 MiB completes even on a tiny
+            // queue.
+            let max_request = ((16u32 << 20) / info.max_transfer * info.max_transfer).max(info.max_transfer);
+            limits.push(DeviceLimits {
+                max_transfer: info.max_transfer,
+                max_request,
+                write_zeroes: info.write_zeroes,
+                deallocate: info.dsm,
+                sgl: info.sgl,
+            });
+            info!(
+                device = %device.name(),
+                io_threads = count,
+                queue_entries = entries,
+                max_transfer = info.max_transfer,
+                max_request,
+                sgl = ?info.sgl,
+                bounce_slots = per_thread[0].last().map_or(0, |q| q.bounce.capacity()),
+                "I/O queues created"
+            );
         }
-        // Limits follow the queues really created (the controller may grant fewer entries than
-        // asked). A request above MDTS is split into device-sized commands that are admitted as
-        // slots free up, so any request up to 16 MiB completes even on a tiny queue.
-        let max_request = ((16u32 << 20) / info.max_transfer * info.max_transfer).max(info.max_transfer);
-        let limits = DeviceLimits {
-            max_transfer: info.max_transfer,
-            max_request,
-            write_zeroes: info.write_zeroes,
-            deallocate: info.dsm,
-            sgl: info.sgl,
-        };
-        info!(
-            io_threads = count,
-            queue_entries = entries,
-            max_transfer = info.max_transfer,
-            max_request,
-            sgl = ?info.sgl,
-            bounce_slots = threads[0].bounce.capacity(),
-            "I/O queues created"
-        );
-        Ok(Queues { threads, limits, granted: count })
+        Ok(Queues { per_thread, limits, threads: count })
     }
 
     /// The socket path.
@@ -456,8 +526,10 @@ impl Broker {
         for t in self.io_threads.drain(..) {
             let _ = t.join();
         }
-        if let Err(e) = self.ctrl.lock().shutdown() {
-            error!("controller shutdown failed: {e}");
+        for c in &self.ctrls {
+            if let Err(e) = c.lock().shutdown() {
+                error!(device = %c.device().name(), "controller shutdown failed: {e}");
+            }
         }
         // The I/O threads held the reaper's other handles: it ends once everything is unmapped.
         self.shared.reaper.lock().unwrap_or_else(|p| p.into_inner()).take();
@@ -469,19 +541,40 @@ impl Broker {
     }
 }
 
-/// One I/O thread's queue, as created at start.
+/// One I/O thread's queue on one controller, as created at start.
 struct ThreadQueue {
     queue: IoQueue<io_thread::split::InFlight>,
-    qid: u16,
     vector: Option<u16>,
     bounce: io_thread::vectored::BouncePool,
 }
 
 /// What [`Broker::create_queues`] made.
 struct Queues {
-    threads: Vec<ThreadQueue>,
-    limits: DeviceLimits,
-    granted: u16,
+    /// Each thread's queue on each controller.
+    per_thread: Vec<Vec<ThreadQueue>>,
+    /// Each controller's limits.
+    limits: Vec<DeviceLimits>,
+    threads: u16,
+}
+
+/// The IOVA ranges every device accepts.
+fn intersect_ranges(
+    mut lists: impl Iterator<Item = Vec<std::ops::RangeInclusive<u64>>>,
+) -> Vec<std::ops::RangeInclusive<u64>> {
+    let mut acc = lists.next().unwrap_or_default();
+    for list in lists {
+        let mut next = Vec::new();
+        for a in &acc {
+            for b in &list {
+                let (lo, hi) = ((*a.start()).max(*b.start()), (*a.end()).min(*b.end()));
+                if lo <= hi {
+                    next.push(lo..=hi);
+                }
+            }
+        }
+        acc = next;
+    }
+    acc
 }
 
 fn accept_loop(listener: OwnedFd, shared: Arc<Shared>, stopping: Arc<AtomicBool>) {

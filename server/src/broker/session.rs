@@ -239,8 +239,9 @@ pub struct Session {
     pub buffers: BufferTable,
     /// Requests taken and not completed (device commands, or pieces of them, outstanding).
     pub in_flight: u32,
-    /// Device queue slots this session's commands occupy (bounded by the I/O thread's share).
-    pub slots: u32,
+    /// Device queue slots this ring's commands occupy on each controller (each bounded by the
+    /// ring's share of this thread's queue there).
+    pub slots: Vec<u32>,
     /// Pieces of a split request still waiting for device queue slots (or bounce buffers).
     pub partial: Option<Partial>,
     /// This ring's id in its session (for logs).

@@ -36,7 +36,9 @@ pub struct VectoredRequest {
     pub write: bool,
     /// Force unit access.
     pub fua: bool,
-    /// Namespace.
+    /// The namespace's controller.
+    pub controller: u16,
+    /// Namespace id on that controller.
     pub nsid: u32,
     /// Starting LBA on the device.
     pub slba: u64,
@@ -59,7 +61,9 @@ pub enum Validated {
     Nop,
     /// Send to the device.
     Device {
-        /// The command.
+        /// The controller to send it to.
+        controller: u16,
+        /// The command (with the namespace id of that controller).
         cmd: IoCommand,
         /// The buffer it uses, if any.
         buffer: Option<u32>,
@@ -70,12 +74,13 @@ pub enum Validated {
     Vectored(VectoredRequest),
 }
 
-/// Checks everything a client can get wrong. `buffer` maps a buffer id to (IOVA, length).
+/// Checks everything a client can get wrong. `buffer` maps a buffer id to (IOVA, length);
+/// `limits` holds each controller's.
 pub fn validate(
     sqe: &Sqe,
     namespaces: &[NamespaceAccess],
     buffer: impl Fn(u32) -> Option<(u64, u64)>,
-    limits: DeviceLimits,
+    limits: &[DeviceLimits],
 ) -> Result<Validated, BrokerStatus> {
     let op = Opcode::from_u8(sqe.opcode).ok_or(BrokerStatus::InvalidOpcode)?;
     if sqe.flags & !SQE_FLAGS_KNOWN != 0 || sqe.reserved1 != [0; 3] {
@@ -92,11 +97,14 @@ pub fn validate(
         return Ok(Validated::Nop);
     }
     let ns = namespaces.iter().find(|n| n.nsid == sqe.nsid).ok_or(BrokerStatus::InvalidNamespace)?;
+    let controller = ns.controller;
+    let limits = *limits.get(usize::from(controller)).ok_or(BrokerStatus::InvalidNamespace)?;
     if op.modifies_data() && ns.read_only {
         return Err(BrokerStatus::NotPermitted);
     }
+    let nsid = ns.device_nsid;
     if op == Opcode::Flush {
-        return Ok(Validated::Device { cmd: IoCommand::Flush { nsid: ns.nsid }, buffer: None, len: 0 });
+        return Ok(Validated::Device { controller, cmd: IoCommand::Flush { nsid }, buffer: None, len: 0 });
     }
     if sqe.len == 0 {
         return Err(BrokerStatus::ZeroLength);
@@ -111,7 +119,6 @@ pub fn validate(
         return Err(BrokerStatus::OutOfRange);
     }
     let slba = ns.first_lba + first;
-    let nsid = ns.nsid;
     let cmd = match op {
         Opcode::Read | Opcode::Write => {
             if sqe.len > limits.max_request {
@@ -130,7 +137,7 @@ pub fn validate(
             } else {
                 IoCommand::Write { nsid, slba, blocks, iova, len, fua }
             };
-            return Ok(Validated::Device { cmd, buffer: Some(sqe.buf_id), len });
+            return Ok(Validated::Device { controller, cmd, buffer: Some(sqe.buf_id), len });
         }
         Opcode::ReadV | Opcode::WriteV => {
             if sqe.len > limits.max_request {
@@ -149,6 +156,7 @@ pub fn validate(
             return Ok(Validated::Vectored(VectoredRequest {
                 write: op == Opcode::WriteV,
                 fua,
+                controller,
                 nsid,
                 slba,
                 blocks: blocks as u32,
@@ -175,7 +183,7 @@ pub fn validate(
         }
         Opcode::Nop | Opcode::Flush => unreachable!("handled above"),
     };
-    Ok(Validated::Device { cmd, buffer: None, len: sqe.len })
+    Ok(Validated::Device { controller, cmd, buffer: None, len: sqe.len })
 }
 
 /// Checks a vectored request's segment list: `read(i)` yields segment `i` (the caller's one
@@ -218,8 +226,24 @@ mod tests {
     use proptest::prelude::*;
 
     const NS: [NamespaceAccess; 2] = [
-        NamespaceAccess { nsid: 1, first_lba: 0, lba_count: 2048, lba_size: 512, read_only: false },
-        NamespaceAccess { nsid: 2, first_lba: 100, lba_count: 10, lba_size: 4096, read_only: true },
+        NamespaceAccess {
+            nsid: 1,
+            controller: 0,
+            device_nsid: 1,
+            first_lba: 0,
+            lba_count: 2048,
+            lba_size: 512,
+            read_only: false,
+        },
+        NamespaceAccess {
+            nsid: 2,
+            controller: 0,
+            device_nsid: 2,
+            first_lba: 100,
+            lba_count: 10,
+            lba_size: 4096,
+            read_only: true,
+        },
     ];
     const LIMITS: DeviceLimits = DeviceLimits {
         max_transfer: 64 << 10,
@@ -234,7 +258,23 @@ mod tests {
     }
 
     fn check(sqe: Sqe) -> Result<Validated, BrokerStatus> {
-        validate(&sqe, &NS, buf, LIMITS)
+        validate(&sqe, &NS, buf, &[LIMITS])
+    }
+
+    #[test]
+    fn commands_go_to_the_namespace_s_controller_with_its_own_nsid() {
+        // Broker namespace 7 is namespace 3 of controller 1, whose MDTS is smaller.
+        let ns = [NamespaceAccess { nsid: 7, controller: 1, device_nsid: 3, ..NS[0] }];
+        let small = DeviceLimits { max_request: 8192, ..LIMITS };
+        let v = validate(&Sqe::read(7, 0, 4096, 3, 0, 1), &ns, buf, &[LIMITS, small]).unwrap();
+        assert!(
+            matches!(v, Validated::Device { controller: 1, cmd: IoCommand::Read { nsid: 3, .. }, .. }),
+            "{v:?}"
+        );
+        let big = Sqe::read(7, 0, 16384, 3, 0, 1);
+        assert_eq!(validate(&big, &ns, buf, &[LIMITS, small]), Err(BrokerStatus::TooLarge));
+        // A controller the broker does not know is no namespace at all.
+        assert_eq!(validate(&big, &ns, buf, &[LIMITS]), Err(BrokerStatus::InvalidNamespace));
     }
 
     #[test]

@@ -6,6 +6,7 @@
 use std::ops::RangeInclusive;
 use std::os::fd::BorrowedFd;
 
+pub mod fanout;
 pub mod vfio;
 
 /// Errors of device access.
@@ -34,9 +35,24 @@ pub enum DeviceError {
     Other(String),
 }
 
+/// Where DMA mappings are made: one device's IOMMU, or several devices' at the same IOVA
+/// ([`fanout::Fanout`], for client buffers every controller of the broker may reach).
+pub trait Dma: Send + Sync {
+    /// Makes `len` bytes at `host` reachable by the device at `iova`.
+    ///
+    /// # Safety
+    /// `host..host+len` must stay mapped and must not be freed until [`Dma::dma_unmap`]
+    /// of the same range returns. The device may read and write it at any time until then.
+    unsafe fn dma_map(&self, iova: u64, host: *mut u8, len: u64) -> Result<(), DeviceError>;
+
+    /// Removes a mapping made by [`Dma::dma_map`]. After it returns the device can no
+    /// longer reach that memory.
+    fn dma_unmap(&self, iova: u64, len: u64) -> Result<(), DeviceError>;
+}
+
 /// A PCIe NVMe controller: BAR0 registers, DMA through an IOMMU, interrupts as eventfds.
-pub trait NvmeDevice: Send + Sync {
-    /// A human-readable name ("emulated", "0000:00:03.0").
+pub trait NvmeDevice: Dma {
+    /// A human-readable name ("emulated-0", "0000:00:03.0").
     fn name(&self) -> String;
 
     /// Reads a 32-bit BAR0 register.
@@ -57,17 +73,6 @@ pub trait NvmeDevice: Send + Sync {
         self.write32(offset, value as u32);
         self.write32(offset + 4, (value >> 32) as u32);
     }
-
-    /// Makes `len` bytes at `host` reachable by the device at `iova`.
-    ///
-    /// # Safety
-    /// `host..host+len` must stay mapped and must not be freed until [`NvmeDevice::dma_unmap`]
-    /// of the same range returns. The device may read and write it at any time until then.
-    unsafe fn dma_map(&self, iova: u64, host: *mut u8, len: u64) -> Result<(), DeviceError>;
-
-    /// Removes a mapping made by [`NvmeDevice::dma_map`]. After it returns the device can no
-    /// longer reach that memory.
-    fn dma_unmap(&self, iova: u64, len: u64) -> Result<(), DeviceError>;
 
     /// IOVA ranges the device (and its IOMMU) accepts for mappings.
     fn iova_ranges(&self) -> Vec<RangeInclusive<u64>>;

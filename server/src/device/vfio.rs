@@ -16,7 +16,7 @@ use std::sync::Arc;
 use vfio_ioctls::{VfioContainer, VfioDevice, VfioOps, VfioRegionInfoCap};
 use vmm_sys_util::eventfd::EventFd;
 
-use super::{DeviceError, NvmeDevice};
+use super::{DeviceError, Dma, NvmeDevice};
 
 const BAR0: u32 = 0;
 const CONFIG_REGION: u32 = 7;
@@ -358,6 +358,30 @@ impl Drop for VfioNvme {
     }
 }
 
+impl Dma for VfioNvme {
+    unsafe fn dma_map(&self, iova: u64, host: *mut u8, len: u64) -> Result<(), DeviceError> {
+        // SAFETY: forwarded from this function's contract.
+        unsafe { self.container.vfio_dma_map(iova, len as usize, host) }.map_err(|e| {
+            let mut reason = e.to_string();
+            if let Ok((soft, _)) = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_MEMLOCK) {
+                reason.push_str(&format!(
+                    " (RLIMIT_MEMLOCK is {soft} bytes; DMA mappings are pinned, so raise it with `ulimit -l` or \
+                     LimitMEMLOCK= above the registered buffer bytes plus 64 MiB, or run as root)"
+                ));
+            }
+            DeviceError::MapFailed { iova, len, reason }
+        })
+    }
+
+    fn dma_unmap(&self, iova: u64, len: u64) -> Result<(), DeviceError> {
+        self.container.vfio_dma_unmap(iova, len as usize).map_err(|e| DeviceError::MapFailed {
+            iova,
+            len,
+            reason: e.to_string(),
+        })
+    }
+}
+
 impl NvmeDevice for VfioNvme {
     fn name(&self) -> String {
         self.bdf.clone()
@@ -389,28 +413,6 @@ impl NvmeDevice for VfioNvme {
                 }
             }
         }
-    }
-
-    unsafe fn dma_map(&self, iova: u64, host: *mut u8, len: u64) -> Result<(), DeviceError> {
-        // SAFETY: forwarded from this function's contract.
-        unsafe { self.container.vfio_dma_map(iova, len as usize, host) }.map_err(|e| {
-            let mut reason = e.to_string();
-            if let Ok((soft, _)) = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_MEMLOCK) {
-                reason.push_str(&format!(
-                    " (RLIMIT_MEMLOCK is {soft} bytes; DMA mappings are pinned, so raise it with `ulimit -l` or \
-                     LimitMEMLOCK= above the registered buffer bytes plus 64 MiB, or run as root)"
-                ));
-            }
-            DeviceError::MapFailed { iova, len, reason }
-        })
-    }
-
-    fn dma_unmap(&self, iova: u64, len: u64) -> Result<(), DeviceError> {
-        self.container.vfio_dma_unmap(iova, len as usize).map_err(|e| DeviceError::MapFailed {
-            iova,
-            len,
-            reason: e.to_string(),
-        })
     }
 
     fn iova_ranges(&self) -> Vec<RangeInclusive<u64>> {

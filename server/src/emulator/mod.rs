@@ -36,7 +36,7 @@ use backend::Backend;
 use dma::{DmaFault, IovaTable};
 use inject::{FaultAction, FaultRule};
 
-use crate::device::{DeviceError, NvmeDevice};
+use crate::device::{DeviceError, Dma, NvmeDevice};
 use crate::nvme::spec::*;
 
 /// Most I/O queue pairs the emulated controller grants.
@@ -89,6 +89,8 @@ pub struct EmulatorConfig {
     /// Accept SGLs in I/O commands (reported in Identify SGLS, without alignment rules, as
     /// QEMU's NVMe model does). Off: PRPs only, like many real controllers.
     pub sgl: bool,
+    /// Which emulated controller of the broker this is (from 0): its serial number and name.
+    pub instance: u16,
 }
 
 /// Testing: how badly a controller ignores attempts to stop it.
@@ -115,6 +117,7 @@ impl Default for EmulatorConfig {
             wedge: Wedge::None,
             mode: EmulatorMode::Sync,
             sgl: true,
+            instance: 0,
         }
     }
 }
@@ -202,6 +205,7 @@ struct Inner {
     namespaces: Vec<EmulatedNamespace>,
     mdts: u8,
     sgl: bool,
+    instance: u16,
     faults: Vec<FaultRule>,
     wedge: Wedge,
     irq: Vec<OwnedFd>,
@@ -261,6 +265,7 @@ impl EmulatedController {
             host_waiting: AtomicUsize::new(0),
             namespaces: config.namespaces,
             mdts: config.mdts,
+            instance: config.instance,
             sgl: config.sgl,
             faults: config.faults,
             wedge: config.wedge,
@@ -811,7 +816,10 @@ impl Inner {
                 match cmd.cdw10 & 0xff {
                     admin::CNS_CONTROLLER => {
                         d[0..2].copy_from_slice(&0x1b36u16.to_le_bytes());
-                        put_ascii(&mut d[id_ctrl::SN..id_ctrl::SN + 20], "NVMED-EMU-0001");
+                        put_ascii(
+                            &mut d[id_ctrl::SN..id_ctrl::SN + 20],
+                            &format!("NVMED-EMU-{:04}", u32::from(self.instance) + 1),
+                        );
                         put_ascii(&mut d[id_ctrl::MN..id_ctrl::MN + 40], "nvmed emulated NVMe controller");
                         put_ascii(&mut d[id_ctrl::FR..id_ctrl::FR + 8], env!("CARGO_PKG_VERSION"));
                         d[id_ctrl::MDTS] = self.mdts;
@@ -1080,6 +1088,19 @@ fn put_ascii(dst: &mut [u8], s: &str) {
     dst[..n].copy_from_slice(&s.as_bytes()[..n]);
 }
 
+impl Dma for EmulatedController {
+    unsafe fn dma_map(&self, iova: u64, host: *mut u8, len: u64) -> Result<(), DeviceError> {
+        self.inner.lock().dma.insert(iova, host, len)
+    }
+
+    fn dma_unmap(&self, iova: u64, len: u64) -> Result<(), DeviceError> {
+        let thread = std::thread::current().name().unwrap_or("unnamed").to_string();
+        let mut st = self.inner.lock();
+        *st.unmaps_by_thread.entry(thread).or_default() += 1;
+        st.dma.remove(iova, len)
+    }
+}
+
 impl NvmeDevice for EmulatedController {
     fn set_bus_master(&self, enabled: bool) -> Result<(), DeviceError> {
         if self.inner.wedge == Wedge::ResetAndBusMaster {
@@ -1090,7 +1111,7 @@ impl NvmeDevice for EmulatedController {
     }
 
     fn name(&self) -> String {
-        "emulated".into()
+        format!("emulated-{}", self.inner.instance)
     }
 
     fn read32(&self, offset: u64) -> u32 {
@@ -1154,17 +1175,6 @@ impl NvmeDevice for EmulatedController {
             o if o == REG_ACQ + 4 => st.acq = (st.acq & 0xffff_ffff) | (u64::from(value) << 32),
             _ => {}
         }
-    }
-
-    unsafe fn dma_map(&self, iova: u64, host: *mut u8, len: u64) -> Result<(), DeviceError> {
-        self.inner.lock().dma.insert(iova, host, len)
-    }
-
-    fn dma_unmap(&self, iova: u64, len: u64) -> Result<(), DeviceError> {
-        let thread = std::thread::current().name().unwrap_or("unnamed").to_string();
-        let mut st = self.inner.lock();
-        *st.unmaps_by_thread.entry(thread).or_default() += 1;
-        st.dma.remove(iova, len)
     }
 
     fn iova_ranges(&self) -> Vec<RangeInclusive<u64>> {
@@ -1249,6 +1259,7 @@ mod tests {
                 mode,
                 wedge: Default::default(),
                 sgl,
+                instance: 0,
             })
             .unwrap(),
         );

@@ -15,31 +15,34 @@ use crate::broker::session::{bump, RingIo, Session};
 const REAP_BATCH: usize = 256;
 
 impl IoThread {
-    /// Reaps up to a batch of device completions; returns how many.
+    /// Reaps up to a batch of device completions from each controller; returns how many.
     pub(super) fn reap(&mut self) -> usize {
         let sessions = &mut self.sessions;
         let touched = &mut self.touched;
         let splits = &mut self.splits;
         let vecs = &mut self.vecs;
-        let bounce = &mut self.bounce;
-        let n = self.dq.queue.reap(REAP_BATCH, |ctx, status_field, _result| {
-            let status = if status_field & 0x7ff == 0 {
-                Status::Success
-            } else {
-                Status::Nvme(NvmeStatus::from_status_field(status_field))
-            };
-            // A bounced read's data reaches the client before its completion does.
-            let buffers = sessions.get(ctx.session as usize).map(|s| &s.buffers);
-            finish_bounce(&ctx, status.is_success(), vecs, bounce, buffers);
-            release_slot(sessions, &ctx);
-            if let Some(status) = piece_done(splits, &ctx, status) {
-                complete(sessions, touched, vecs, ctx, status);
-            }
-        });
-        if n > 0 {
-            bump(&self.broker_counters.device_commands, n as u64);
+        let mut total = 0;
+        for p in &mut self.ports {
+            let bounce = &mut p.bounce;
+            total += p.dq.queue.reap(REAP_BATCH, |ctx, status_field, _result| {
+                let status = if status_field & 0x7ff == 0 {
+                    Status::Success
+                } else {
+                    Status::Nvme(NvmeStatus::from_status_field(status_field))
+                };
+                // A bounced read's data reaches the client before its completion does.
+                let buffers = sessions.get(ctx.session as usize).map(|s| &s.buffers);
+                finish_bounce(&ctx, status.is_success(), vecs, bounce, buffers);
+                release_slot(sessions, &ctx);
+                if let Some(status) = piece_done(splits, &ctx, status) {
+                    complete(sessions, touched, vecs, ctx, status);
+                }
+            });
         }
-        n
+        if total > 0 {
+            bump(&self.broker_counters.device_commands, total as u64);
+        }
+        total
     }
 
     /// Publishes the CQEs pushed this round, one tail store per ring.
@@ -57,7 +60,7 @@ impl IoThread {
 /// A device command of this session finished (or was abandoned): its queue slot is free.
 pub(super) fn release_slot(sessions: &mut Slab<Session>, ctx: &InFlight) {
     if let Some(s) = sessions.get_mut(ctx.session as usize) {
-        s.slots -= 1;
+        s.slots[usize::from(ctx.ctrl)] -= 1;
     }
 }
 

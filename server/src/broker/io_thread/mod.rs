@@ -42,7 +42,8 @@ use vectored::{BouncePool, VecPool, VEC_SLOTS};
 /// `pause` instructions between two looks at the rings when idle.
 const IDLE_PAUSES: u32 = 1;
 const WAKE_TOKEN: u64 = u64::MAX;
-const IRQ_TOKEN: u64 = u64::MAX - 1;
+/// Interrupt of controller `c`: `IRQ_TOKEN + c` (ring keys are far below).
+const IRQ_TOKEN: u64 = 1 << 62;
 
 /// Requests from the control side.
 pub enum IoRequest {
@@ -125,30 +126,52 @@ pub struct IoThreadSetup {
     pub requests_pending: Arc<CachePadded<AtomicBool>>,
     /// Written when a control request was sent (or the controller was reset).
     pub wake: Arc<OwnedFd>,
-    /// The controller (admin queue, resets).
-    pub ctrl: Arc<ControllerShared>,
-    /// This thread's I/O queue.
-    pub queue: IoQueue<InFlight>,
-    /// Its queue id.
+    /// This thread's queue on each controller (by controller index).
+    pub ports: Vec<PortSetup>,
+    /// Its queue id (the same on every controller).
     pub qid: u16,
-    /// Entries asked for when the queue is created again after a reset.
+    /// Entries asked for when a queue is created again after a reset.
     pub queue_depth: u16,
-    /// Its interrupt vector.
-    pub vector: Option<u16>,
-    /// Request limits.
-    pub limits: DeviceLimits,
+    /// Each controller's request limits.
+    pub limits: Vec<DeviceLimits>,
     /// Polling time before sleeping.
     pub poll_idle: Duration,
     /// Command timeout.
     pub io_timeout: Duration,
     /// Where released rings go.
     pub reaper: Reaper,
-    /// Bounce buffers for vectored pieces the device cannot reach directly.
-    pub bounce: BouncePool,
     /// This thread's data path counters.
     pub counters: Arc<BrokerCounters>,
     /// CPUs to run on (all if empty).
     pub cpus: Vec<usize>,
+}
+
+/// An I/O thread's queue on one controller, as created at start.
+pub struct PortSetup {
+    /// The controller (admin queue, resets).
+    pub ctrl: Arc<ControllerShared>,
+    /// The queue.
+    pub queue: IoQueue<InFlight>,
+    /// Its interrupt vector.
+    pub vector: Option<u16>,
+    /// Bounce buffers for vectored pieces the device cannot reach directly.
+    pub bounce: BouncePool,
+}
+
+/// This thread's side of one controller: its queue pair there, and what follows from it.
+pub struct Port {
+    ctrl: Arc<ControllerShared>,
+    device: Arc<dyn NvmeDevice>,
+    /// The controller's reset generation this queue belongs to.
+    generation: u64,
+    dq: DeviceQueue,
+    vector: Option<u16>,
+    bounce: BouncePool,
+    /// The controller could not be brought back: its commands fail with `DeviceFault`.
+    device_failed: bool,
+    /// Whether the device was seen to stop its DMA when it failed. If not, commands it held
+    /// are never reported finished and their rings' buffers are never released.
+    dma_stopped: bool,
 }
 
 /// The I/O thread's state.
@@ -158,25 +181,16 @@ pub struct IoThread {
     requests_pending: Arc<CachePadded<AtomicBool>>,
     closing: usize,
     wake: Arc<OwnedFd>,
-    ctrl: Arc<ControllerShared>,
-    /// The controller's reset generation this thread's queue belongs to.
-    generation: u64,
+    /// Its queue on each controller, by controller index.
+    ports: Vec<Port>,
     qid: u16,
-    dq: DeviceQueue,
     splits: Slab<Split>,
     queue_depth: u16,
     io_timeout: Duration,
     epoch: u32,
     epoch_started: Instant,
     busy_rounds: u32,
-    /// The controller could not be brought back: device commands fail with `DeviceFault`.
-    device_failed: bool,
-    /// Whether the device was seen to stop its DMA when it failed. If not, commands it held
-    /// are never reported finished and their sessions' buffers are never released.
-    dma_stopped: bool,
-    device: Arc<dyn NvmeDevice>,
-    vector: Option<u16>,
-    limits: DeviceLimits,
+    limits: Vec<DeviceLimits>,
     /// The rings served here (each with its view of its session).
     sessions: Slab<Session>,
     /// Ring keys in the order submissions are taken, rotated every round.
@@ -191,7 +205,6 @@ pub struct IoThread {
     shutdown: Option<Sender<()>>,
     /// Segment lists of vectored requests in flight.
     vecs: VecPool,
-    bounce: BouncePool,
     /// One piece's device runs, while its command is built.
     scratch: Box<[DmaSeg]>,
     broker_counters: Arc<BrokerCounters>,
@@ -201,11 +214,24 @@ pub struct IoThread {
 impl IoThread {
     /// Prepares the thread's state (run it with [`IoThread::run`]).
     pub fn new(setup: IoThreadSetup) -> std::io::Result<Self> {
-        let device = setup.ctrl.device().clone();
         let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC)?;
         epoll.add(setup.wake.as_fd(), EpollEvent::new(EpollFlags::EPOLLIN, WAKE_TOKEN))?;
-        if let Some(fd) = setup.vector.and_then(|v| device.interrupt_fd(v)) {
-            epoll.add(fd, EpollEvent::new(EpollFlags::EPOLLIN, IRQ_TOKEN))?;
+        let mut ports = Vec::new();
+        for (c, p) in setup.ports.into_iter().enumerate() {
+            let device = p.ctrl.device().clone();
+            if let Some(fd) = p.vector.and_then(|v| device.interrupt_fd(v)) {
+                epoll.add(fd, EpollEvent::new(EpollFlags::EPOLLIN, IRQ_TOKEN + c as u64))?;
+            }
+            ports.push(Port {
+                generation: p.ctrl.generation(),
+                ctrl: p.ctrl,
+                device,
+                dq: DeviceQueue::new(p.queue),
+                vector: p.vector,
+                bounce: p.bounce,
+                device_failed: false,
+                dma_stopped: true,
+            });
         }
         Ok(Self {
             index: setup.index,
@@ -213,20 +239,14 @@ impl IoThread {
             requests_pending: setup.requests_pending,
             closing: 0,
             wake: setup.wake,
-            generation: setup.ctrl.generation(),
-            ctrl: setup.ctrl,
+            ports,
             qid: setup.qid,
-            dq: DeviceQueue::new(setup.queue),
             splits: Slab::new(),
             queue_depth: setup.queue_depth,
             io_timeout: setup.io_timeout,
             epoch: 0,
             epoch_started: Instant::now(),
             busy_rounds: 0,
-            device_failed: false,
-            dma_stopped: true,
-            device,
-            vector: setup.vector,
             limits: setup.limits,
             sessions: Slab::new(),
             order: Vec::new(),
@@ -238,7 +258,6 @@ impl IoThread {
             reaper: setup.reaper,
             shutdown: None,
             vecs: VecPool::new(VEC_SLOTS),
-            bounce: setup.bounce,
             scratch: vec![DmaSeg::default(); usize::from(nvmed_proto::MAX_SEGMENTS)].into_boxed_slice(),
             broker_counters: setup.counters,
             cpus: setup.cpus,
@@ -264,7 +283,15 @@ impl IoThread {
     /// Runs until a Shutdown request has been served.
     pub fn run(mut self) {
         self.pin();
-        info!(thread = self.index, queue = self.qid, vector = ?self.vector, cpus = ?self.cpus, "I/O thread started");
+        let vectors: Vec<Option<u16>> = self.ports.iter().map(|p| p.vector).collect();
+        info!(
+            thread = self.index,
+            queue = self.qid,
+            controllers = self.ports.len(),
+            ?vectors,
+            cpus = ?self.cpus,
+            "I/O thread started"
+        );
         let mut idle_since: Option<Instant> = None;
         let mut idle_spins = 0u32;
         loop {
@@ -272,17 +299,22 @@ impl IoThread {
             let mut work = self.requests_pending.load(Ordering::Relaxed)
                 && self.requests_pending.swap(false, Ordering::Acquire)
                 && self.serve_requests();
-            // A reset by any thread stopped this thread's queue too: rebuild it first.
-            if self.ctrl.generation() != self.generation {
-                self.recover();
+            // A reset by any thread stopped this thread's queue on that controller too: rebuild
+            // it first.
+            for c in 0..self.ports.len() {
+                if self.ports[c].ctrl.generation() != self.ports[c].generation {
+                    self.recover(c);
+                }
             }
             work |= self.take_submissions();
-            self.dq.queue.ring_doorbell();
+            for p in &mut self.ports {
+                p.dq.queue.ring_doorbell();
+            }
             work |= self.reap() > 0;
             self.publish_completions();
             self.release_closed_sessions();
             // Commands of a device that never stopped are not waited for: they never end.
-            let drained = self.dq.queue.in_flight() == 0 || !self.dma_stopped;
+            let drained = self.ports.iter().all(|p| p.dq.queue.in_flight() == 0 || !p.dma_stopped);
             if self.shutdown.is_some() && self.sessions.is_empty() && drained {
                 self.stop();
                 return;
@@ -352,7 +384,7 @@ impl IoThread {
                         ring: Some(*ring),
                         buffers: table,
                         in_flight: 0,
-                        slots: 0,
+                        slots: vec![0; self.ports.len()],
                         partial: None,
                         vectored: 0,
                         faulted: false,
@@ -391,13 +423,15 @@ impl IoThread {
     }
 
     fn stop(self) {
-        let IoThread { ctrl, dq, zombies, device_failed, index, .. } = self;
-        if !device_failed {
-            if let Err(e) = ctrl.delete_queue(dq.queue) {
-                warn!(thread = index, "deleting the I/O queue failed: {e}");
+        let IoThread { ports, zombies, index, .. } = self;
+        for (c, p) in ports.into_iter().enumerate() {
+            if !p.device_failed {
+                if let Err(e) = p.ctrl.delete_queue(p.dq.queue) {
+                    warn!(thread = index, controller = c, "deleting the I/O queue failed: {e}");
+                }
+            } else if !p.dma_stopped {
+                std::mem::forget(p.dq); // its memory may still be written by the device
             }
-        } else {
-            std::mem::forget(dq); // its memory may still be written by the device
         }
         if !zombies.is_empty() {
             tracing::error!(
@@ -444,7 +478,8 @@ impl IoThread {
                 }
             }
             let s = &mut self.sessions[key];
-            let dead = s.in_flight > 0 && !self.dma_stopped;
+            // Commands at a controller that failed without confirming it stopped never end.
+            let dead = self.ports.iter().zip(&s.slots).any(|(p, &n)| n > 0 && !p.dma_stopped);
             if s.in_flight > 0 && !dead {
                 i += 1;
                 continue;

@@ -20,7 +20,7 @@ use super::{DeviceQueue, IoThread, EPOCH};
 use crate::broker::manager::DeviceState;
 
 impl IoThread {
-    /// Advances the timeout clock; resets the controller if a command is overdue.
+    /// Advances the timeout clock; resets a controller whose command is overdue.
     pub(super) fn check_timeouts(&mut self, now: Instant) {
         let elapsed = now.duration_since(self.epoch_started);
         if elapsed < EPOCH {
@@ -29,43 +29,51 @@ impl IoThread {
         let ticks = (elapsed.as_millis() / EPOCH.as_millis()) as u32;
         self.epoch = self.epoch.wrapping_add(ticks);
         self.epoch_started += EPOCH * ticks;
-        if self.device_failed {
-            return; // nothing more to try; commands of a device that never stopped stay put
-        }
         let limit = (self.io_timeout.as_millis() / EPOCH.as_millis()).max(1) as u32;
         let epoch = self.epoch;
-        if self.dq.queue.in_flight_contexts().any(|c| epoch.wrapping_sub(c.epoch) > limit) {
-            self.reset_device();
+        for c in 0..self.ports.len() {
+            let p = &self.ports[c];
+            // A failed device has nothing more to try; commands of one that never stopped stay.
+            if !p.device_failed
+                && p.dq.queue.in_flight_contexts().any(|x| epoch.wrapping_sub(x.epoch) > limit)
+            {
+                self.reset_device(c);
+            }
         }
     }
 
-    /// A command timed out: reset the controller (unless another thread just did), then
-    /// bring this thread's queue back.
-    pub(super) fn reset_device(&mut self) {
+    /// A command timed out on controller `c`: reset it (unless another thread just did), then
+    /// bring this thread's queue there back.
+    pub(super) fn reset_device(&mut self, c: usize) {
+        let p = &self.ports[c];
         error!(
             thread = self.index,
-            in_flight = self.dq.queue.in_flight(),
+            controller = c,
+            device = %p.device.name(),
+            in_flight = p.dq.queue.in_flight(),
             timeout_ms = self.io_timeout.as_millis() as u64,
             "a command did not complete in time; resetting the controller"
         );
-        self.ctrl.reset(self.generation);
-        self.recover();
+        p.ctrl.reset(p.generation);
+        self.recover(c);
     }
 
-    /// The controller was reset (by this thread or another): its DMA is stopped, or could not
-    /// be confirmed stopped. Fails every command this thread had at the device with
-    /// `DeviceReset` (only if stopped) and creates this thread's queue again.
-    pub(super) fn recover(&mut self) {
-        self.generation = self.ctrl.generation();
-        let state = self.ctrl.state();
-        self.cancel_partials();
+    /// Controller `c` was reset (by this thread or another): its DMA is stopped, or could not
+    /// be confirmed stopped. Fails every command this thread had at it with `DeviceReset`
+    /// (only if stopped) and creates this thread's queue there again.
+    pub(super) fn recover(&mut self, c: usize) {
+        let p = &mut self.ports[c];
+        p.generation = p.ctrl.generation();
+        let state = p.ctrl.state();
+        self.cancel_partials(c);
         if state == DeviceState::FailedRunning {
-            self.device_failed = true;
-            self.dma_stopped = false;
+            let p = &mut self.ports[c];
+            p.device_failed = true;
+            p.dma_stopped = false;
             for key in self.order.iter().copied() {
                 let s = &mut self.sessions[key];
-                s.buffers.give_up_retiring();
-                if s.in_flight > 0 {
+                if s.slots[c] > 0 {
+                    s.buffers.give_up_retiring();
                     if let Some(ring) = s.ring.as_ref() {
                         ring.fault(RingFault::DeviceFailed);
                     }
@@ -76,9 +84,10 @@ impl IoThread {
             return;
         }
         // The controller is disabled or cut off from memory: nothing it was given can DMA now.
-        for ctx in self.dq.queue.abandon_all() {
+        let p = &mut self.ports[c];
+        for ctx in p.dq.queue.abandon_all() {
             let buffers = self.sessions.get(ctx.session as usize).map(|s| &s.buffers);
-            finish_bounce(&ctx, false, &self.vecs, &mut self.bounce, buffers);
+            finish_bounce(&ctx, false, &self.vecs, &mut p.bounce, buffers);
             release_slot(&mut self.sessions, &ctx);
             if let Some(status) =
                 piece_done(&mut self.splits, &ctx, Status::Broker(BrokerStatus::DeviceReset))
@@ -87,29 +96,39 @@ impl IoThread {
             }
         }
         if state == DeviceState::FailedStopped {
-            self.device_failed = true;
+            p.device_failed = true;
         } else {
-            match self.ctrl.create_queue(self.qid, self.queue_depth, self.vector) {
+            match p.ctrl.create_queue(self.qid, self.queue_depth, p.vector) {
                 Ok(q) => {
-                    self.dq = DeviceQueue::new(q);
-                    info!(thread = self.index, queue = self.qid, "I/O queue created again; I/O resumed");
+                    p.dq = DeviceQueue::new(q);
+                    info!(
+                        thread = self.index,
+                        controller = c,
+                        queue = self.qid,
+                        "I/O queue created again; I/O resumed"
+                    );
                 }
                 Err(e) => {
                     error!(
                         thread = self.index,
+                        controller = c,
                         "the I/O queue could not be created again: {e}; failing its I/O"
                     );
-                    self.device_failed = true;
+                    p.device_failed = true;
                 }
             }
         }
         self.publish_completions();
     }
 
-    /// Drops the pieces of split requests that were never given to the device.
-    fn cancel_partials(&mut self) {
+    /// Drops the pieces of split requests for controller `c` that were never given to it.
+    fn cancel_partials(&mut self, c: usize) {
         for key in self.order.iter().copied() {
-            let Some(p) = self.sessions[key].partial.take() else { continue };
+            let s = &mut self.sessions[key];
+            if s.partial.is_none_or(|p| usize::from(p.ctx.ctrl) != c) {
+                continue;
+            }
+            let Some(p) = s.partial.take() else { continue };
             let status = Status::Broker(BrokerStatus::DeviceReset);
             if let Some(status) = pieces_done(&mut self.splits, &p.ctx, p.pieces - p.next, status) {
                 complete(&mut self.sessions, &mut self.touched, &mut self.vecs, p.ctx, status);

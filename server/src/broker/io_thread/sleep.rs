@@ -23,29 +23,37 @@ impl IoThread {
                 announce_sleep(&SharedFlags::broker(&r.mem), BROKER_NEED_WAKEUP);
             }
         }
-        let in_flight = self.dq.queue.in_flight() > 0;
-        if let (true, Some(v)) = (in_flight, self.vector) {
-            self.device.interrupt_hint(v, true);
+        for p in &self.ports {
+            if let (true, Some(v)) = (p.dq.queue.in_flight() > 0, p.vector) {
+                p.device.interrupt_hint(v, true);
+            }
         }
-        // Orders the interrupt hint before the device CQ check; the announcements above carry
+        // Orders the interrupt hints before the device CQ checks; the announcements above carry
         // their own fences (pairs with the clients' fence after publishing).
         fence(Ordering::SeqCst);
-        let mut ready = self.dq.queue.has_completion();
-        // A failed device takes no command: requests complete at once with DeviceFault.
-        let device_room = self.device_failed || self.dq.queue.free_slots() > 0;
-        let cap = self.dq.session_slots;
+        let mut ready = self.ports.iter().any(|p| p.dq.queue.has_completion());
         let vec_cap = (self.vecs.capacity() - self.vecs.capacity() / 4) as u32;
+        let ports = &self.ports;
+        // Whether a command of this ring could go to controller `c` now (a failed device takes
+        // none: its requests complete at once with DeviceFault).
+        let room = |slots: &[u32], c: usize| {
+            let p = &ports[c];
+            p.device_failed || (p.dq.queue.free_slots() > 0 && slots[c] < p.dq.session_slots)
+        };
         for (_, s) in self.sessions.iter_mut() {
             let Some(r) = s.ring.as_mut() else { continue };
             if s.faulted || s.closing.is_some() {
                 continue;
             }
-            let can_admit = device_room && (s.slots < cap || self.device_failed);
             if let Some(p) = s.partial.as_ref() {
                 // A piece waiting for a bounce slot is woken by the completion that frees one.
-                ready |= can_admit && (!p.waits_bounce || self.bounce.available() > 0);
+                let c = usize::from(p.ctx.ctrl);
+                ready |= room(&s.slots, c) && (!p.waits_bounce || ports[c].bounce.available() > 0);
                 continue;
             }
+            // The next entry's controller is unknown until it is read: any with room will do
+            // (if its own has none, a completion there wakes us soon anyway).
+            let can_admit = (0..ports.len()).any(|c| room(&s.slots, c));
             if !r.sq.available().is_ok_and(|n| n > 0) && r.overflow.is_empty() {
                 continue;
             }
@@ -56,7 +64,7 @@ impl IoThread {
                 // Without a slot, commands are in flight: their completion frees one and wakes us.
                 // The same holds for segment list slots (the next entry may be vectored).
                 let vec_room = self.vecs.available() > 0 && s.vectored < vec_cap;
-                ready |= can_admit && (vec_room || self.device_failed);
+                ready |= can_admit && (vec_room || ports.iter().any(|p| p.device_failed));
                 continue;
             }
             // The CQ is full: the client must reap first. Ask it to wake us, then look again.
@@ -65,8 +73,10 @@ impl IoThread {
                 ready = true;
             }
         }
+        let in_flight = self.ports.iter().any(|p| p.dq.queue.in_flight() > 0);
+        let polled = self.ports.iter().any(|p| p.dq.queue.in_flight() > 0 && p.vector.is_none());
         if !ready {
-            let timeout: u16 = if in_flight && self.vector.is_none() {
+            let timeout: u16 = if polled {
                 1 // a polled queue: look again soon
             } else if in_flight {
                 100
@@ -80,8 +90,9 @@ impl IoThread {
                     WAKE_TOKEN => {
                         nvmed_proto::eventfd::drain(self.wake.as_fd());
                     }
-                    IRQ_TOKEN => {
-                        if let Some(fd) = self.vector.and_then(|v| self.device.interrupt_fd(v)) {
+                    t if t >= IRQ_TOKEN => {
+                        let Some(p) = self.ports.get((t - IRQ_TOKEN) as usize) else { continue };
+                        if let Some(fd) = p.vector.and_then(|v| p.device.interrupt_fd(v)) {
                             nvmed_proto::eventfd::drain(fd);
                         }
                     }
@@ -93,8 +104,10 @@ impl IoThread {
                 }
             }
         }
-        if let (true, Some(v)) = (in_flight, self.vector) {
-            self.device.interrupt_hint(v, false);
+        for p in &self.ports {
+            if let Some(v) = p.vector {
+                p.device.interrupt_hint(v, false);
+            }
         }
         for (_, s) in self.sessions.iter() {
             if let Some(r) = s.ring.as_ref() {

@@ -20,8 +20,10 @@ use crate::nvme::{Cursor, IoCommand, IoQueue};
 /// Per-command context kept while the device works.
 #[derive(Debug, Clone, Copy)]
 pub struct InFlight {
-    /// Session key.
+    /// Ring key.
     pub session: u32,
+    /// The controller the command went to.
+    pub ctrl: u16,
     /// Buffer id, or `u32::MAX` for commands without data.
     pub buffer: u32,
     /// The client's tag.
@@ -58,6 +60,7 @@ impl InFlight {
     ) -> Self {
         Self {
             session,
+            ctrl: 0,
             buffer,
             user_data,
             len,

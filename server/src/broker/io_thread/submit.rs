@@ -35,29 +35,37 @@ impl IoThread {
     }
 
     fn take_from(&mut self, key: usize) -> bool {
-        let limits = self.limits;
-        let cap = self.dq.session_slots;
-        let device_failed = self.device_failed;
         let epoch = self.epoch;
         let Some(s) = self.sessions.get_mut(key) else { return false };
         if s.faulted || s.closing.is_some() {
             return false;
         }
         let Some(ring) = s.ring.as_mut() else { return false };
-        // A session holds at most three quarters of the segment list slots, as of device slots.
+        // A ring holds at most three quarters of the segment list slots, as of device slots.
         let vec_cap = (self.vecs.capacity() - self.vecs.capacity() / 4) as u32;
-        let mut a = Admission {
-            queue: &mut self.dq.queue,
-            max_transfer: limits.max_transfer,
-            cap,
-            vec: VecIo {
-                vecs: &mut self.vecs,
-                bounce: &mut self.bounce,
-                sgl: limits.sgl,
-                scratch: &mut self.scratch,
-                counters: &self.broker_counters,
-            },
-        };
+        let ports = &mut self.ports;
+        let limits = &self.limits;
+        let vecs = &mut self.vecs;
+        let scratch = &mut self.scratch;
+        let counters = &*self.broker_counters;
+        // Where a command for controller `c` goes.
+        macro_rules! admission {
+            ($c:expr) => {{
+                let p = &mut ports[usize::from($c)];
+                Admission {
+                    queue: &mut p.dq.queue,
+                    max_transfer: limits[usize::from($c)].max_transfer,
+                    cap: p.dq.session_slots,
+                    vec: VecIo {
+                        vecs: &mut *vecs,
+                        bounce: &mut p.bounce,
+                        sgl: limits[usize::from($c)].sgl,
+                        scratch: &mut *scratch,
+                        counters,
+                    },
+                }
+            }};
+        }
         let mut took = false;
         // Retry completions that did not fit earlier.
         while let Some(&c) = ring.overflow.front() {
@@ -72,7 +80,8 @@ impl IoThread {
         // First the rest of a split request, as slots allow; nothing new before it is all in.
         if let Some(p) = s.partial.as_mut() {
             let before = p.next;
-            let all_in = admit(&mut a, p, &mut s.slots, &s.buffers, &s.counters);
+            let c = p.ctx.ctrl;
+            let all_in = admit(&mut admission!(c), p, &mut s.slots[usize::from(c)], &s.buffers, &s.counters);
             took |= p.next != before;
             if all_in {
                 s.partial = None;
@@ -122,32 +131,46 @@ impl IoThread {
                 limits,
             );
             let op = Opcode::from_u8(sqe.opcode).unwrap_or(Opcode::Nop);
+            let failed = |c: u16| ports[usize::from(c)].device_failed;
             let status = match decision {
                 Ok(Validated::Nop) => Status::Success,
-                Ok(Validated::Device { .. } | Validated::Vectored(_)) if device_failed => {
+                Ok(Validated::Device { controller: c, .. }) if failed(c) => {
                     Status::Broker(BrokerStatus::DeviceFault)
                 }
-                Ok(Validated::Device { cmd, buffer, len }) => {
-                    if a.queue.free_slots() == 0 || s.slots >= cap {
-                        break; // no slot for this session now: leave the entry for a later round
+                Ok(Validated::Vectored(v)) if failed(v.controller) => {
+                    Status::Broker(BrokerStatus::DeviceFault)
+                }
+                Ok(Validated::Device { controller: c, cmd, buffer, len }) => {
+                    let p = &ports[usize::from(c)];
+                    if p.dq.queue.free_slots() == 0 || s.slots[usize::from(c)] >= p.dq.session_slots {
+                        break; // no slot for this ring now: leave the entry for a later round
                     }
-                    let pieces = cmd.piece_count(limits.max_transfer);
+                    let pieces = cmd.piece_count(limits[usize::from(c)].max_transfer);
                     let split = if pieces > 1 {
                         self.splits.insert(Split { remaining: pieces, status: Status::Success }) as u32
                     } else {
                         WHOLE
                     };
-                    let ctx = InFlight::new(
-                        key as u32,
-                        buffer.unwrap_or(u32::MAX),
-                        sqe.user_data,
-                        len,
-                        op,
-                        epoch,
-                        split,
-                    );
+                    let ctx = InFlight {
+                        ctrl: c,
+                        ..InFlight::new(
+                            key as u32,
+                            buffer.unwrap_or(u32::MAX),
+                            sqe.user_data,
+                            len,
+                            op,
+                            epoch,
+                            split,
+                        )
+                    };
                     let mut p = Partial { work: Work::Plain(cmd), next: 0, pieces, ctx, waits_bounce: false };
-                    let all_in = admit(&mut a, &mut p, &mut s.slots, &s.buffers, &s.counters);
+                    let all_in = admit(
+                        &mut admission!(c),
+                        &mut p,
+                        &mut s.slots[usize::from(c)],
+                        &s.buffers,
+                        &s.counters,
+                    );
                     s.in_flight += 1;
                     if let Some(b) = buffer {
                         s.buffers.acquire(b);
@@ -160,8 +183,12 @@ impl IoThread {
                     continue;
                 }
                 Ok(Validated::Vectored(v)) => {
-                    let vecs = &mut *a.vec.vecs;
-                    if a.queue.free_slots() == 0 || s.slots >= cap || s.vectored >= vec_cap {
+                    let c = v.controller;
+                    let p = &ports[usize::from(c)];
+                    if p.dq.queue.free_slots() == 0
+                        || s.slots[usize::from(c)] >= p.dq.session_slots
+                        || s.vectored >= vec_cap
+                    {
                         break; // as above
                     }
                     let Some(slot) = vecs.alloc() else { break };
@@ -191,7 +218,7 @@ impl IoThread {
                                 s.buffers.acquire(seg.tag);
                             }
                             s.vectored += 1;
-                            let pieces = v.len.div_ceil(limits.max_transfer);
+                            let pieces = v.len.div_ceil(limits[usize::from(c)].max_transfer);
                             let split = if pieces > 1 {
                                 self.splits.insert(Split { remaining: pieces, status: Status::Success })
                                     as u32
@@ -200,6 +227,7 @@ impl IoThread {
                             };
                             let ctx = InFlight {
                                 vec: slot,
+                                ctrl: c,
                                 ..InFlight::new(key as u32, u32::MAX, sqe.user_data, v.len, op, epoch, split)
                             };
                             let rw = RwCommand {
@@ -211,7 +239,13 @@ impl IoThread {
                             };
                             let work = Work::Vectored(VecWork { rw, len: v.len, cursor: Cursor::default() });
                             let mut p = Partial { work, next: 0, pieces, ctx, waits_bounce: false };
-                            let all_in = admit(&mut a, &mut p, &mut s.slots, &s.buffers, &s.counters);
+                            let all_in = admit(
+                                &mut admission!(c),
+                                &mut p,
+                                &mut s.slots[usize::from(c)],
+                                &s.buffers,
+                                &s.counters,
+                            );
                             s.in_flight += 1;
                             taken += 1;
                             if !all_in {
