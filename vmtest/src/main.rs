@@ -364,7 +364,10 @@ fn run(ring: &mut NvmeRing, nsid: Option<u32>, check: Scenario) -> Result<(), St
         Scenario::IoThreads { expect, min_commands } => {
             let threads = ring.session().io_threads().map_err(e)?;
             for (i, t) in threads.iter().enumerate() {
-                println!("I/O thread {i}: {} rings, {} device commands completed", t.rings, t.device_commands);
+                println!(
+                    "I/O thread {i}: {} rings, {} device commands completed",
+                    t.rings, t.device_commands
+                );
             }
             if threads.len() != expect {
                 return Err(format!("the broker runs {} I/O threads, expected {expect}", threads.len()));
