@@ -537,3 +537,37 @@ fn grants_across_several_namespaces() {
     let e = ring.read(1, 0, buf, 0, 4096).unwrap_err();
     assert!(matches!(e, Error::Io(Status::Broker(nvmed_client::BrokerStatus::InvalidNamespace))), "{e:?}");
 }
+
+#[test]
+fn a_new_session_can_wait_for_a_killed_client_s_io_to_drain() {
+    // Every command spends a second at the device: the killed client's are still there.
+    let broker = TestBroker::start(&["--emulator-mode", "async", "--emulator-latency-us", "1000000"]);
+    let mut me = broker.connect();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_nvmed-test-peer"))
+        .arg("hammer")
+        .arg(&broker.socket)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    while !line.contains("HAMMERING") {
+        line.clear();
+        assert!(std::io::BufRead::read_line(&mut out, &mut line).unwrap() > 0, "child exited early");
+    }
+    // Its first writes reach the device within microseconds; they stay there a second.
+    std::thread::sleep(Duration::from_millis(200));
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let t = Instant::now();
+    let waited = me.session().await_drained(Duration::from_secs(20)).unwrap();
+    let took = t.elapsed();
+    assert_eq!(waited, 1, "the killed client's session was not waited for");
+    assert!(took >= Duration::from_millis(300), "returned after {took:?}, before its I/O could finish");
+    // Once it returns, the dead session is gone, memory and all.
+    let stats = me.stats().unwrap();
+    assert_eq!(stats.broker_sessions, 1);
+    assert_eq!(stats.broker_buffer_iova_bytes, stats.buffer_bytes);
+    // Nothing left to wait for.
+    assert_eq!(me.session().await_drained(Duration::from_secs(1)).unwrap(), 0);
+}

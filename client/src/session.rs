@@ -162,6 +162,18 @@ impl NvmeSession {
         }
     }
 
+    /// Waits until every other session of this uid whose client is gone (killed, crashed) has
+    /// finished at the device and released its memory; returns how many were still doing so.
+    /// A process restarted after a crash calls this before resubmitting the dead one's
+    /// requests, so an old command cannot land after its resubmitted copy.
+    pub fn await_drained(&self, timeout: std::time::Duration) -> Result<u32> {
+        let timeout_ms = timeout.as_millis().min(u128::from(u32::MAX)) as u32;
+        match self.inner.call(&Request::AwaitDrained { timeout_ms }, &[])?.0 {
+            Response::Drained { waited_for } => Ok(waited_for),
+            r => Err(unexpected(r)),
+        }
+    }
+
     /// Creates a sealed memfd buffer of `len` bytes (rounded up to 4 KiB) and registers it for
     /// every ring of the session.
     pub fn alloc_shared(&self, len: usize) -> Result<SharedBuffer> {

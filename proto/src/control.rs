@@ -44,6 +44,14 @@ pub enum Request {
     },
     /// The broker's I/O threads: how many, and how loaded.
     IoThreads,
+    /// Wait until every other session of this uid whose client is gone has released its
+    /// memory, so no command of theirs can still reach the device (a backend restarted after a
+    /// crash resubmits the dead one's requests only after this). Answered with
+    /// [`Response::Drained`], or [`ControlError::Timeout`].
+    AwaitDrained {
+        /// How long to wait at most, in milliseconds.
+        timeout_ms: u32,
+    },
     /// Register `len` bytes at `offset` of the memfd attached to this message (sealed with
     /// F_SEAL_SHRINK) as a DMA buffer. A VMM registers each guest RAM region of its memfd this way.
     RegisterBuffer {
@@ -93,6 +101,11 @@ pub enum Response {
     RingClosed,
     /// Reply to [`Request::IoThreads`].
     IoThreads(Vec<IoThreadInfo>),
+    /// Reply to [`Request::AwaitDrained`].
+    Drained {
+        /// Sessions that were still draining when asked.
+        waited_for: u32,
+    },
     /// Reply to [`Request::RegisterBuffer`].
     BufferRegistered {
         /// Id to put in [`crate::Sqe::buf_id`].
@@ -256,6 +269,9 @@ pub enum ControlError {
     /// The ring id is not one of this session's rings.
     #[error("unknown ring id {0}")]
     UnknownRing(u32),
+    /// A wait did not end in time.
+    #[error("timed out: {0}")]
+    Timeout(String),
     /// The I/O thread asked for does not exist.
     #[error("no I/O thread {thread}: the broker runs {threads}")]
     NoSuchThread {

@@ -75,6 +75,10 @@ fn main() {
     }
 }
 
+/// Longest wait for a dead backend's sessions to drain (nvmed resets a controller whose command
+/// takes longer than its --io-timeout-ms, 30 s by default).
+const DRAIN_WAIT: Duration = Duration::from_secs(60);
+
 fn open_ring(args: &Args, what: &str) -> Result<NvmeRing, Error> {
     let opts = RingOptions {
         sq_entries: SQ_ENTRIES,
@@ -172,6 +176,16 @@ fn serve_one(
     let mut workers = Vec::new();
     for (i, s) in stats.iter().enumerate() {
         let ring = open_ring(args, &format!("queue {i}"))?;
+        if i == 0 {
+            // A backend killed before us may have left requests at the device, which this
+            // process resubmits from the inflight region: let nvmed finish them first, so an
+            // old copy can never land after its resubmitted one.
+            match ring.session().await_drained(DRAIN_WAIT) {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(sessions = n, "waited for a previous backend's I/O to drain"),
+                Err(e) => tracing::warn!("a previous backend's I/O may still be at the device: {e}"),
+            }
+        }
         workers.push(Worker::new(i, ring, geo, wce.clone(), s.clone())?);
     }
     let device = BlkDevice::new(geo, workers, wce, Duration::from_micros(args.poll_us))

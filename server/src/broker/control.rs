@@ -164,6 +164,16 @@ impl Connection {
                     })
                     .collect(),
             )),
+            Request::AwaitDrained { timeout_ms } => {
+                let timeout = std::time::Duration::from_millis(u64::from(timeout_ms));
+                match self.shared.await_drained(self.uid, self.id, timeout) {
+                    Some(waited_for) => none(Response::Drained { waited_for }),
+                    None => Err(ControlError::Timeout(format!(
+                        "sessions of uid {} still releasing their memory after {timeout_ms} ms",
+                        self.uid
+                    ))),
+                }
+            }
             Request::RegisterBuffer { offset, len } => self.register(offset, len, fds),
             Request::UnregisterBuffer { buffer_id } => self.unregister(buffer_id),
             Request::Stats => none(Response::Stats(self.stats())),

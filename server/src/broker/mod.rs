@@ -6,6 +6,7 @@ mod io_thread;
 pub mod manager;
 mod quota;
 mod reaper;
+pub mod sched;
 mod session;
 pub mod validate;
 
@@ -163,8 +164,9 @@ pub struct Shared {
     quotas: Arc<Quotas>,
     /// Where sessions' buffers go when they end (taken at shutdown).
     reaper: Mutex<Option<Reaper>>,
-    /// Live connections, to close them at shutdown.
-    connections: Mutex<std::collections::HashMap<u64, OwnedFd>>,
+    /// Live connections (their uid and socket), to close them at shutdown and to tell which
+    /// are ending.
+    connections: Mutex<std::collections::HashMap<u64, (u32, OwnedFd)>>,
     /// Signalled when a connection ends.
     connection_ended: std::sync::Condvar,
 }
@@ -179,6 +181,29 @@ impl Shared {
     fn connection_done(&self, id: u64) {
         self.connections.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
         self.connection_ended.notify_all();
+    }
+
+    /// Waits until no other connection of `uid` whose client is gone (its socket hung up) is
+    /// still releasing its session; returns how many there were, or `None` on timeout.
+    fn await_drained(&self, uid: u32, me: u64, timeout: Duration) -> Option<u32> {
+        let deadline = std::time::Instant::now() + timeout;
+        let ending = |conns: &std::collections::HashMap<u64, (u32, OwnedFd)>| -> Vec<u64> {
+            conns
+                .iter()
+                .filter(|(&id, (u, fd))| *u == uid && id != me && hung_up(fd))
+                .map(|(&id, _)| id)
+                .collect()
+        };
+        let mut conns = self.connections.lock().unwrap_or_else(|p| p.into_inner());
+        let first = ending(&conns);
+        loop {
+            // Only those ending when asked are waited for (later ones are not our concern).
+            if !first.iter().any(|id| conns.contains_key(id)) {
+                return Some(first.len() as u32);
+            }
+            let left = deadline.checked_duration_since(std::time::Instant::now())?;
+            conns = self.connection_ended.wait_timeout(conns, left).unwrap_or_else(|p| p.into_inner()).0;
+        }
     }
 
     /// Drops `what` on the reaper thread (inline once the broker is shutting down).
@@ -503,7 +528,7 @@ impl Broker {
         // their I/O and releasing their buffers) while the I/O threads still run.
         {
             let mut conns = self.shared.connections.lock().unwrap_or_else(|p| p.into_inner());
-            for fd in conns.values() {
+            for (_, fd) in conns.values() {
                 let _ = nix::sys::socket::shutdown(fd.as_raw_fd(), nix::sys::socket::Shutdown::Both);
             }
             while !conns.is_empty() {
@@ -617,7 +642,7 @@ fn accept_loop(listener: OwnedFd, shared: Arc<Shared>, stopping: Arc<AtomicBool>
         // Kept so that shutdown can close it.
         match sock.try_clone() {
             Ok(dup) => {
-                shared.connections.lock().unwrap_or_else(|p| p.into_inner()).insert(id, dup);
+                shared.connections.lock().unwrap_or_else(|p| p.into_inner()).insert(id, (uid, dup));
             }
             Err(e) => {
                 warn!(uid, "cannot keep a handle on a connection: {e}; dropping it");
@@ -646,6 +671,14 @@ fn accept_loop(listener: OwnedFd, shared: Arc<Shared>, stopping: Arc<AtomicBool>
             }
         }
     }
+}
+
+/// Whether the peer of a connected socket is gone (POLLHUP: it closed, or its process died).
+fn hung_up(fd: &OwnedFd) -> bool {
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    let mut fds = [PollFd::new(fd.as_fd(), PollFlags::empty())];
+    matches!(poll(&mut fds, PollTimeout::ZERO), Ok(n) if n > 0)
+        && fds[0].revents().is_some_and(|r| r.intersects(PollFlags::POLLHUP | PollFlags::POLLERR))
 }
 
 /// Sends a refusal on a connection that will be closed without being served.
