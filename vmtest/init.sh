@@ -1,7 +1,8 @@
 #!/bin/sh
 # PID 1 of the VM test guest: binds the first NVMe controller to vfio-pci, runs nvmed on it as
-# root and the scenarios as an unprivileged user, and reports on the serial console. Then each
-# controller of the matrix (00:05.0 and up, set up by run.sh) gets its own nvmed.
+# root and the scenarios as an unprivileged user, and reports on the serial console. Then nvmed
+# serves it with two I/O threads, and it and a second controller (00:0d.0) in one broker. Then
+# each controller of the matrix (00:05.0 and up, set up by run.sh) gets its own nvmed.
 export PATH=/bin
 mount -t proc proc /proc
 mount -t sysfs sys /sys
@@ -9,8 +10,10 @@ mount -t devtmpfs dev /dev
 mount -t tmpfs tmp /tmp
 mkdir -p /run && mount -t tmpfs run /run
 VFIO_DEV=0000:00:03.0
+EXTRA_DEV=0000:00:0d.0
 MATRIX_SLOTS="05 06 07 08 09 0a 0b 0c"
 DISK_BYTES=$(cat /disk_bytes)
+EXTRA_BYTES=$(cat /extra_bytes)
 FAILED=0
 say() { echo "VMTEST $*"; }
 check() {
@@ -23,7 +26,7 @@ as_user() { su -s /bin/sh tester -c "$*"; }
 for m in $(cat /modules.vfio); do insmod /lib/modules/$m.ko || say "FAIL insmod $m"; done
 echo vfio-pci > /sys/bus/pci/devices/$VFIO_DEV/driver_override
 echo $VFIO_DEV > /sys/bus/pci/drivers_probe
-for s in $MATRIX_SLOTS; do
+for s in $MATRIX_SLOTS 0d; do
     echo vfio-pci > /sys/bus/pci/devices/0000:00:$s.0/driver_override
     echo 0000:00:$s.0 > /sys/bus/pci/drivers_probe
 done
@@ -38,6 +41,7 @@ ls /dev/vfio
 
 start_broker() {
     rm -f /tmp/nvmed.out
+    LOG_MARK=$(cat /tmp/nvmed.log 2>/dev/null | wc -l)
     nvmed --pci $VFIO_DEV --socket /run/nvmed.sock --socket-mode 666 $BROKER_ARGS > /tmp/nvmed.out 2>> /tmp/nvmed.log &
     BROKER=$!
     for i in $(seq 300); do grep -q ready /tmp/nvmed.out 2>/dev/null && return 0; sleep 0.1; done
@@ -48,6 +52,8 @@ stop_broker() {
     kill -TERM $BROKER
     wait $BROKER
 }
+# What the broker logged since start_broker last started it.
+broker_log() { tail -n +$((LOG_MARK + 1)) /tmp/nvmed.log; }
 
 check broker-starts-on-vfio start_broker
 check identify as_user vmcheck identify --size $DISK_BYTES --lba 512
@@ -131,7 +137,84 @@ for qd in 1 32; do
     cat /tmp/b1 /tmp/b2 /tmp/b3 | sed 's/^/  | /'
 done
 
-check broker-clean-shutdown stop_broker
+# Scale out (issue 8): --io-threads, and several --pci in one broker.
+t0=$(cut -d. -f1 /proc/uptime)
+# rb_verified OUTPUT JOBS: a ringbench --verify run (its output in OUTPUT, its exit status in
+# $rc) passed and each of its JOBS jobs verified reads (a mismatch fails ringbench).
+rb_verified() {
+    cat $1
+    [ $rc = 0 ] || { echo "ringbench --verify failed ($rc)"; return 1; }
+    [ "$(grep -c '^  job [0-9]*:.* reads verified' $1)" = $2 ] \
+        || { echo "not every one of the $2 jobs verified reads"; return 1; }
+}
+# 00:03.0 offers 4 I/O queue pairs (max_ioqpairs=4): two I/O threads must start, each with its
+# own device queue, and a verified ringbench load of 4 jobs (one session, a ring per job, rings
+# placed on the threads by load) must pass with every job verifying reads and both threads
+# completing commands (the broker's per-thread counters).
+io_threads_two() {
+    stop_broker || return 1
+    BROKER_ARGS="--io-threads 2"
+    start_broker; r=$?
+    BROKER_ARGS=
+    [ $r = 0 ] || return 1
+    broker_log | grep "I/O thread started" > /tmp/threads
+    sed 's/^[^ ]* *//; s/^/nvmed: /' /tmp/threads
+    [ "$(wc -l < /tmp/threads)" = 2 ] || { echo "expected 2 \"I/O thread started\" lines"; return 1; }
+    [ "$(grep -o 'queue=[0-9]*' /tmp/threads | sort -u | wc -l)" = 2 ] \
+        || { echo "the two I/O threads do not have a device queue each"; return 1; }
+    as_user ringbench --socket /run/nvmed.sock --rw randrw --bs 4k --iodepth 8 --numjobs 4 \
+        --runtime 2 --offset 36M --size 4M --verify > /tmp/rb 2>&1; rc=$?
+    rb_verified /tmp/rb 4 || return 1
+    as_user vmcheck io-threads --expect 2 --min-commands 100
+}
+check io-threads-two io_threads_two
+# One broker on two controllers (and two I/O threads, each with a queue pair on both):
+# 00:03.0's namespace is broker-wide nsid 1 (64 MiB), 00:0d.0's nsid 2 (16 MiB). Verified
+# ringbench loads on both at once, then a pattern written to nsid 2 (found again below by an
+# nvmed serving 00:0d.0 alone, and by the host in 00:0d.0's disk image, not in 00:03.0's).
+two_controllers() {
+    stop_broker || return 1
+    BROKER_ARGS="--pci $EXTRA_DEV --io-threads 2"
+    start_broker; r=$?
+    BROKER_ARGS=
+    [ $r = 0 ] || return 1
+    broker_log | grep -E "controller ready|namespace|I/O thread started" | sed 's/^[^ ]* *//; s/^/nvmed: /'
+    [ "$(broker_log | grep "I/O thread started" | grep -c "controllers=2")" = 2 ] \
+        || { echo "expected 2 I/O threads, each on both controllers"; return 1; }
+    as_user vmcheck --nsid 1 identify --size $DISK_BYTES --lba 512 || return 1
+    as_user vmcheck --nsid 2 identify --size $EXTRA_BYTES --lba 512 || return 1
+    rbargs="--rw randrw --bs 16k --iodepth 8 --numjobs 2 --runtime 2 --size 4M --verify"
+    as_user ringbench --nsid 1 --offset 44M $rbargs > /tmp/rb1 2>&1 & a=$!
+    as_user ringbench --nsid 2 --offset 0 $rbargs > /tmp/rb2 2>&1 & b=$!
+    wait $a; rc=$?
+    rb_verified /tmp/rb1 2 || r=1
+    wait $b; rc=$?
+    rb_verified /tmp/rb2 2 || r=1
+    [ $r = 0 ] || return 1
+    as_user vmcheck --nsid 2 write-pattern --offset 8388608 --len 65536 --seed 12
+}
+check two-controllers-one-broker two_controllers
+# Stopping a broker of two controllers shuts both down (CC.SHN).
+shutdown_both() {
+    stop_broker || return 1
+    n=$(broker_log | grep -c "controller shut down")
+    [ "$n" = 2 ] || { echo "$n controllers shut down, expected 2"; return 1; }
+}
+# On its own: the pattern written through the two-controller broker to nsid 2 is on 00:0d.0.
+extra_alone() {
+    rm -f /tmp/m.out /tmp/m.log
+    nvmed --pci $EXTRA_DEV --socket /run/m.sock --socket-mode 666 > /tmp/m.out 2> /tmp/m.log &
+    pid=$!
+    for i in $(seq 300); do grep -q ready /tmp/m.out 2>/dev/null && break; sleep 0.1; done
+    r=1
+    grep -q ready /tmp/m.out && as_user vmcheck --socket /run/m.sock identify --size $EXTRA_BYTES --lba 512 \
+        && as_user vmcheck --socket /run/m.sock check-pattern --offset 8388608 --len 65536 --seed 12 && r=0
+    kill -TERM $pid; wait $pid || r=1
+    return $r
+}
+check broker-clean-shutdown-two-controllers shutdown_both
+check second-controller-alone-has-the-data extra_alone
+echo "VMTEST TIME scale-out $(( $(cut -d. -f1 /proc/uptime) - t0 )) s"
 
 # The controller matrix: one nvmed per controller. It must offer exactly the expected
 # namespaces (vmcheck matrix --expect NSID:LBA_SIZE:BYTES), say in its log why it refuses each

@@ -855,7 +855,13 @@ impl NvmeRing {
     /// many completions that poll moved into `out`: when more than zero the ring is disarmed
     /// again and the caller handles them instead of sleeping; when zero it may sleep until the
     /// fd is readable and then calls [`NvmeRing::disarm_completion_fd`].
+    ///
+    /// A ring the broker faulted (or whose broker is gone) fails here, instead of arming a
+    /// sleep that no completion would end.
     pub fn arm_completion_fd(&mut self, out: &mut Vec<Completion>) -> Result<usize> {
+        if self.faulted() {
+            return Err(self.fault());
+        }
         announce_sleep(&SharedFlags::client(&self.mem), CLIENT_CQ_WAITING);
         let n = self.poll(out);
         if !matches!(n, Ok(0)) {

@@ -53,6 +53,8 @@ const WCE_OFFSET: u32 = 32;
 const EV_KICK: u64 = 0;
 const EV_COMPLETION: u64 = 1;
 const EV_WAKE: u64 = 2;
+/// The nvmed control socket hung up.
+const EV_CONTROL: u64 = 3;
 
 /// The protocol features offered.
 pub fn protocol_features() -> VhostUserProtocolFeatures {
@@ -158,6 +160,19 @@ impl QueueShared {
                         lock(&self.worker).disarm();
                         run = true;
                     }
+                    EV_CONTROL => {
+                        // Level-triggered and final: stop watching it, fail what is in flight.
+                        let mut w = lock(&self.worker);
+                        let fd = w.control_fd().as_raw_fd();
+                        let _ = self.epoll.ctl(ControlOperation::Delete, fd, EpollEvent::default());
+                        tracing::error!(
+                            queue = self.index,
+                            "nvmed closed the session; failing this queue's requests"
+                        );
+                        w.broker_gone();
+                        drop(w);
+                        run = true;
+                    }
                     EV_WAKE => {
                         let _ = self.wake.read();
                         if self.exit.load(Ordering::Acquire) {
@@ -246,6 +261,13 @@ impl BlkDevice {
                 ControlOperation::Add,
                 worker.completion_fd().as_raw_fd(),
                 EpollEvent::new(EventSet::IN, EV_COMPLETION),
+            )?;
+            // No events asked: only a hang-up (nvmed exited, or ended the session) is reported
+            // (replies to the queue's own requests on it are not).
+            epoll.ctl(
+                ControlOperation::Add,
+                worker.control_fd().as_raw_fd(),
+                EpollEvent::new(EventSet::empty(), EV_CONTROL),
             )?;
             let q = Arc::new(QueueShared {
                 index,

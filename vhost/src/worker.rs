@@ -111,6 +111,9 @@ pub struct Worker {
     stats: Arc<QueueStats>,
     wce: Arc<AtomicU8>,
     dead: bool,
+    /// Why the nvmed session is lost, noticed where the queue could not fail its requests yet
+    /// (they are failed at the next run).
+    lost: Option<nvmed_client::Error>,
     inflight: Option<QueueInflight>,
     resubmit: VecDeque<u16>,
 }
@@ -142,6 +145,7 @@ impl Worker {
             stats,
             wce,
             dead: false,
+            lost: None,
             inflight: None,
             resubmit: VecDeque::new(),
         })
@@ -371,9 +375,18 @@ impl Worker {
         match self.ring.arm_completion_fd(&mut self.completions) {
             Ok(n) => n > 0,
             Err(e) => {
-                tracing::error!(queue = self.index, "nvmed ring: {e}");
+                // Run again: that run fails every request (nothing more will complete).
+                self.lost = Some(e);
                 true
             }
+        }
+    }
+
+    /// nvmed closed the session's control socket (it exited, or an operator ended the
+    /// session): nothing in flight will complete; the next run fails every request.
+    pub fn broker_gone(&mut self) {
+        if !self.dead {
+            self.lost.get_or_insert(nvmed_client::Error::BrokerGone);
         }
     }
 
@@ -538,6 +551,14 @@ impl Worker {
                 return;
             }
         }
+        self.take_completions(q, mem, p);
+        // The session is lost: what completed above is done; nothing else will complete.
+        if let Some(e) = self.lost.take() {
+            self.fail_all(q, mem, &e, p);
+        }
+    }
+
+    fn take_completions<M: GuestMemoryBackend>(&mut self, q: &mut Queue, mem: &M, p: &mut Progress) {
         if self.completions.is_empty() {
             return;
         }

@@ -421,6 +421,36 @@ fn completion_eventfd_wakes_a_sleeping_queue() {
 }
 
 #[test]
+fn a_queue_learns_that_nvmed_ended_its_session_and_fails_what_is_left() {
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    let mut env = broker(512, EmulatorMode::Async { latency: Duration::from_millis(300) });
+    let mem = guest_ram();
+    let mut g = Guest::new(&env, &mem, None);
+    let r = g.push(VIRTIO_BLK_T_IN, 0, &[(0x30_0000, 4096, true)]);
+    g.worker.run(&mut g.q, &mem, true);
+    assert_eq!(g.worker.busy(), 1);
+    assert!(!g.worker.arm());
+    let stopping = env.stop_broker();
+    // The queue thread watches the control socket for nothing but its hang-up.
+    let mut fds = [PollFd::new(g.worker.control_fd(), PollFlags::empty())];
+    assert_eq!(poll(&mut fds, PollTimeout::from(5000u16)).unwrap(), 1, "no hang-up seen");
+    assert!(fds[0].revents().unwrap().contains(PollFlags::POLLHUP));
+    g.worker.disarm();
+    g.worker.broker_gone();
+    g.worker.run(&mut g.q, &mem, true);
+    // The request ended (with its data if nvmed finished it first, else IOERR), and the queue
+    // holds nothing: the guest sees an answer, not a hang.
+    assert_eq!(g.vq.used().idx().load(), 1);
+    assert!(matches!(g.status(r), 0 | 1), "status {}", g.status(r));
+    assert_eq!(g.worker.busy(), 0);
+    // Later requests fail at once.
+    let r2 = g.push(VIRTIO_BLK_T_IN, 8, &[(0x31_0000, 4096, true)]);
+    g.worker.run(&mut g.q, &mem, true);
+    assert_eq!((g.vq.used().idx().load(), g.status(r2)), (2, 1));
+    stopping.join().unwrap();
+}
+
+#[test]
 fn backend_config_space_and_features_follow_the_namespace() {
     use nvmed_vhost::backend::BlkDevice;
     use vhost::vhost_user::message::{VhostUserConfigFlags, VhostUserProtocolFeatures};

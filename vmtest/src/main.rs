@@ -144,6 +144,16 @@ enum Scenario {
         #[arg(long)]
         expect: u64,
     },
+    /// The broker runs exactly this many I/O threads and each one's device queue completed at
+    /// least `min_commands` commands since the broker started.
+    IoThreads {
+        /// Expected I/O threads.
+        #[arg(long)]
+        expect: usize,
+        /// Fewest device commands each thread must have completed.
+        #[arg(long)]
+        min_commands: u64,
+    },
 }
 
 fn main() {
@@ -351,6 +361,24 @@ fn run(ring: &mut NvmeRing, nsid: Option<u32>, check: Scenario) -> Result<(), St
             ring.flush(ns.nsid).map_err(e)?;
         }
         Scenario::CheckFile { .. } => unreachable!("handled without a broker"),
+        Scenario::IoThreads { expect, min_commands } => {
+            let threads = ring.session().io_threads().map_err(e)?;
+            for (i, t) in threads.iter().enumerate() {
+                println!(
+                    "I/O thread {i}: {} rings, {} device commands completed",
+                    t.rings, t.device_commands
+                );
+            }
+            if threads.len() != expect {
+                return Err(format!("the broker runs {} I/O threads, expected {expect}", threads.len()));
+            }
+            if let Some((i, t)) = threads.iter().enumerate().find(|(_, t)| t.device_commands < min_commands) {
+                return Err(format!(
+                    "I/O thread {i} completed {} device commands, expected at least {min_commands}",
+                    t.device_commands
+                ));
+            }
+        }
         Scenario::Sessions { expect } => {
             let mut s = ring.stats().map_err(e)?;
             for _ in 0..100 {

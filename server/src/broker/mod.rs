@@ -8,6 +8,7 @@ pub mod manager;
 mod quota;
 mod reaper;
 mod registry;
+pub mod sched;
 mod session;
 pub mod validate;
 

@@ -20,9 +20,18 @@ pub const MIB: u64 = 1 << 20;
 
 /// A broker and its scratch directory (removed on drop).
 pub struct Env {
-    _broker: Broker,
+    broker: Option<Broker>,
     pub dir: PathBuf,
     pub socket: PathBuf,
+}
+
+impl Env {
+    /// Shuts the broker down (it ends every session, draining its I/O first) on another
+    /// thread; returns that thread.
+    pub fn stop_broker(&mut self) -> std::thread::JoinHandle<()> {
+        let b = self.broker.take().expect("the broker runs");
+        std::thread::spawn(move || b.shutdown().unwrap())
+    }
 }
 
 impl Drop for Env {
@@ -63,7 +72,7 @@ pub fn broker_with(lba_size: u32, mode: EmulatorMode, sgl: bool) -> Env {
         .unwrap(),
     );
     let broker = Broker::start(device, BrokerConfig::new(&socket)).unwrap();
-    Env { _broker: broker, dir, socket }
+    Env { broker: Some(broker), dir, socket }
 }
 
 /// A session as nvmed-vhost opens them.
