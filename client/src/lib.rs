@@ -68,7 +68,7 @@ use nvmed_proto::layout::{
     RingLayout, BROKER_CQ_WAIT, BROKER_FAULTED, BROKER_FLAGS_OFFSET, BROKER_NEED_WAKEUP, CLIENT_CQ_WAITING,
     FAULT_OFFSET, RING_MAGIC, RING_VERSION,
 };
-use nvmed_proto::ring::{completion_ring, submission_ring, Consumer, Producer, SharedRing};
+use nvmed_proto::ring::{completion_ring, submission_ring, Consumer, Producer, SharedRing, PREFETCH_MAX};
 use nvmed_proto::shm::SharedMemory;
 use nvmed_proto::wakeup::{announce_sleep, end_sleep, peer_flags, SharedFlags};
 pub use nvmed_proto::{
@@ -255,6 +255,9 @@ impl Ranges {
 #[derive(Debug)]
 struct Pending {
     user_data: u64,
+    /// The SQ index its entry was written at: once it completes, the broker has consumed every
+    /// SQ entry up to this one.
+    sq_index: u32,
     ranges: Ranges,
 }
 
@@ -317,6 +320,10 @@ pub struct NvmeRing {
     spin_now: Duration,
     /// Consecutive polls that found nothing (see [`NvmeRing::poll`]).
     empty_polls: u32,
+    /// CQ entries.
+    cq_entries: u32,
+    /// Whether the broker may be holding SQEs back for want of CQ room (see [`NvmeRing::poll`]).
+    cq_wait_possible: bool,
 }
 
 impl NvmeRing {
@@ -374,6 +381,8 @@ impl NvmeRing {
             spin: opts.spin,
             spin_now: opts.spin,
             empty_polls: 0,
+            cq_entries,
+            cq_wait_possible: false,
         })
     }
 
@@ -679,8 +688,13 @@ impl NvmeRing {
     }
 
     fn push(&mut self, mut sqe: Sqe, ranges: Ranges) -> Result<()> {
-        if self.sq.free_at_least(1).map_err(|_| Error::RingFaulted(None))? == 0 {
-            return Err(Error::SqFull);
+        if self.sq.free_cached() == 0 {
+            // The broker's head is read only when the cached view says full; the slots it
+            // freed are then fetched for writing together (one overlapped wait, not one each).
+            if self.sq.free().map_err(|_| Error::RingFaulted(None))? == 0 {
+                return Err(Error::SqFull);
+            }
+            self.sq.prefetch_free(PREFETCH_MAX);
         }
         for &(id, _, _) in ranges.as_slice() {
             // Shared buffers are not this ring's to borrow-check.
@@ -688,7 +702,8 @@ impl NvmeRing {
                 b.in_flight += 1;
             }
         }
-        let tag = self.pending.insert(Pending { user_data: sqe.user_data, ranges });
+        let sq_index = self.sq.tail();
+        let tag = self.pending.insert(Pending { user_data: sqe.user_data, sq_index, ranges });
         sqe.user_data = tag as u64;
         self.sq.push_unchecked(sqe);
         Ok(())
@@ -701,6 +716,10 @@ impl NvmeRing {
             return Ok(0);
         }
         self.sq.publish();
+        if self.pending.len() > self.cq_entries as usize {
+            // More requests outstanding than the CQ holds: the broker may wait for CQ room.
+            self.cq_wait_possible = true;
+        }
         let flags = peer_flags(&SharedFlags::broker(&self.mem));
         if flags & BROKER_FAULTED != 0 {
             return Err(self.fault());
@@ -747,11 +766,15 @@ impl NvmeRing {
             return Ok(0);
         }
         self.empty_polls = 0;
+        self.cq.prefetch(avail);
         for i in 0..avail {
             let cqe = self.cq.read(i);
             let Some(p) = self.pending.try_remove(cqe.user_data as usize) else {
                 return Err(Error::Protocol(format!("completion for unknown tag {}", cqe.user_data)));
             };
+            // The broker copies an entry out (and consumes the SQ in order) before it completes
+            // it: the SQ slots up to this one are free, learnt without reading its head line.
+            self.sq.observe_head(p.sq_index.wrapping_add(1));
             for &(id, _, _) in p.ranges.as_slice() {
                 if let Some(b) = self.buffers.get_mut(&id) {
                     b.in_flight -= 1;
@@ -767,9 +790,24 @@ impl NvmeRing {
             });
         }
         self.cq.consume(avail);
+        // As many new requests are likely to follow: fetch their SQ slots for writing now.
+        self.sq.prefetch_free(avail);
         // The broker may be holding SQEs back until the CQ has room: tell it there is some now.
-        if peer_flags(&SharedFlags::broker(&self.mem)) & BROKER_CQ_WAIT != 0 {
-            nvmed_proto::eventfd::signal(&self.submit_fd);
+        // It can only be when requests beyond the CQ's size were once published: the broker
+        // counts (SQ tail it saw) - (CQ head it saw) as needing CQ room, and it reads the head
+        // after the tail (Acquire), so it sees at least the head stored before that tail was
+        // published; that difference is then at most the requests outstanding at the publish.
+        // So the fence and the look at the broker's flags are skipped while the ring never had
+        // more requests outstanding than CQ entries (`tests/loom_ring.rs` checks the ordering).
+        if self.cq_wait_possible {
+            if peer_flags(&SharedFlags::broker(&self.mem)) & BROKER_CQ_WAIT != 0 {
+                nvmed_proto::eventfd::signal(&self.submit_fd);
+            }
+            // The broker re-reads the head after announcing CQ_WAIT; the fence above pairs
+            // with its fence: either it was seen here, or it sees this head and finds room.
+            if self.pending.len() <= self.cq_entries as usize {
+                self.cq_wait_possible = false;
+            }
         }
         Ok(avail as usize)
     }

@@ -9,6 +9,14 @@
 //! Each side keeps its own index privately and never reads it back from shared memory, so a peer
 //! that scribbles over the index it does not own cannot move it. A peer index that claims more
 //! than `entries` outstanding entries is reported as [`RingError::Corrupt`].
+//!
+//! Cross-core traffic: a producer reads the consumer's head only when its cached copy says the
+//! ring is full, and may learn the head some other way ([`Producer::observe_head`]: the broker
+//! completes a request only after it has copied that request's SQ entry out, and it consumes the
+//! SQ in order, so a client that sees a completion knows the SQ slots up to that entry are free).
+//! Both sides prefetch a batch's entry lines together ([`Consumer::prefetch`],
+//! [`Producer::prefetch_free`]) so the transfers of a batch overlap instead of costing one miss
+//! per entry.
 
 use core::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -39,6 +47,39 @@ pub trait RingMemory {
     fn read_entry(&self, slot: u32) -> Self::Entry;
     /// Writes entry `slot` (already masked).
     fn write_entry(&self, slot: u32, entry: Self::Entry);
+    /// Hints that entry `slot` (already masked) will be read soon. Default: nothing.
+    fn prefetch_read(&self, _slot: u32) {}
+    /// Hints that entry `slot` (already masked) will be written soon. Default: nothing.
+    fn prefetch_write(&self, _slot: u32) {}
+}
+
+/// Most entries one prefetch call covers.
+pub const PREFETCH_MAX: u32 = 64;
+
+/// Prefetches the cache lines of entries `first..first + n` (free-running indices), one hint
+/// per line: the misses of a batch then overlap instead of being taken one entry at a time.
+fn prefetch_run<M: RingMemory>(mem: &M, first: u32, n: u32, write: bool) {
+    let n = n.min(mem.entries()).min(PREFETCH_MAX);
+    if n == 0 {
+        return;
+    }
+    let mask = mem.entries() - 1;
+    // Entries per 64-byte line (an entry never straddles lines: sizes divide 64).
+    let step = (64 / size_of::<M::Entry>().max(1)).max(1) as u32;
+    let hint = |i: u32| {
+        let slot = first.wrapping_add(i) & mask;
+        if write {
+            mem.prefetch_write(slot)
+        } else {
+            mem.prefetch_read(slot)
+        }
+    };
+    let mut i = 0;
+    while i < n {
+        hint(i);
+        i += step;
+    }
+    hint(n - 1); // the last line, when the run starts mid-line
 }
 
 /// The peer published an index that cannot be right.
@@ -77,16 +118,19 @@ pub struct Producer<M: RingMemory> {
 
 impl<M: RingMemory> Producer<M> {
     /// Starts producing at `tail` (zero on a fresh ring).
+    #[inline]
     pub fn new(mem: M, tail: u32) -> Self {
         Self { mem, tail, published: tail, cached_head: tail }
     }
 
     /// The underlying memory.
+    #[inline]
     pub fn memory(&self) -> &M {
         &self.mem
     }
 
     /// Free slots, counting entries pushed but not yet published (reads the consumer's head).
+    #[inline]
     pub fn free(&mut self) -> Result<u32, RingError> {
         let head = self.mem.load_head(Ordering::Acquire);
         let used = outstanding(head, self.tail, self.mem.entries())?;
@@ -96,11 +140,13 @@ impl<M: RingMemory> Producer<M> {
 
     /// Free slots as of the last head read: never more than [`Producer::free`] would say, and
     /// costs no access to the consumer's cache line.
+    #[inline]
     pub fn free_cached(&self) -> u32 {
         self.mem.entries() - self.tail.wrapping_sub(self.cached_head).min(self.mem.entries())
     }
 
     /// At least `want` free slots if there are, reading the head only when the cache says fewer.
+    #[inline]
     pub fn free_at_least(&mut self, want: u32) -> Result<u32, RingError> {
         let cached = self.free_cached();
         if cached >= want {
@@ -110,11 +156,13 @@ impl<M: RingMemory> Producer<M> {
     }
 
     /// Entries pushed and not yet consumed, as seen now.
+    #[inline]
     pub fn outstanding(&self) -> Result<u32, RingError> {
         outstanding(self.mem.load_head(Ordering::Acquire), self.tail, self.mem.entries())
     }
 
     /// Writes one entry without publishing it. Returns `Ok(false)` when the ring is full.
+    #[inline]
     pub fn push(&mut self, entry: M::Entry) -> Result<bool, RingError> {
         if self.free_at_least(1)? == 0 {
             return Ok(false);
@@ -124,17 +172,40 @@ impl<M: RingMemory> Producer<M> {
     }
 
     /// Writes one entry after the caller checked [`Producer::free`].
+    #[inline]
     pub fn push_unchecked(&mut self, entry: M::Entry) {
         self.mem.write_entry(self.tail & (self.mem.entries() - 1), entry);
         self.tail = self.tail.wrapping_add(1);
     }
 
+    /// Takes note that the consumer's head is at least `head`, learnt some other way than
+    /// reading it (the broker completes a request only after consuming its SQ entry). Ignored
+    /// unless it lies between the cached head and the tail, so a wrong value can only make the
+    /// producer read the head again, never overwrite an unconsumed entry... provided that
+    /// whoever reports it is right that the consumer is done with the entries before `head`.
+    #[inline]
+    pub fn observe_head(&mut self, head: u32) {
+        let ahead = head.wrapping_sub(self.cached_head);
+        if ahead <= self.tail.wrapping_sub(self.cached_head) {
+            self.cached_head = head;
+        }
+    }
+
+    /// Hints that up to `n` of the free slots (as of the last head read) are about to be
+    /// written, so their lines are fetched for writing together.
+    #[inline]
+    pub fn prefetch_free(&self, n: u32) {
+        prefetch_run(&self.mem, self.tail, n.min(self.free_cached()), true);
+    }
+
     /// Entries pushed since the last publish.
+    #[inline]
     pub fn unpublished(&self) -> u32 {
         self.tail.wrapping_sub(self.published)
     }
 
     /// Makes every pushed entry visible to the consumer (`Release` store of the tail).
+    #[inline]
     pub fn publish(&mut self) {
         if self.published != self.tail {
             self.mem.store_tail(self.tail, Ordering::Release);
@@ -143,6 +214,7 @@ impl<M: RingMemory> Producer<M> {
     }
 
     /// The private tail.
+    #[inline]
     pub fn tail(&self) -> u32 {
         self.tail
     }
@@ -157,26 +229,38 @@ pub struct Consumer<M: RingMemory> {
 
 impl<M: RingMemory> Consumer<M> {
     /// Starts consuming at `head` (zero on a fresh ring).
+    #[inline]
     pub fn new(mem: M, head: u32) -> Self {
         Self { mem, head }
     }
 
     /// The underlying memory.
+    #[inline]
     pub fn memory(&self) -> &M {
         &self.mem
     }
 
     /// Published entries not yet consumed (`Acquire` load of the tail).
+    #[inline]
     pub fn available(&self) -> Result<u32, RingError> {
         outstanding(self.head, self.mem.load_tail(Ordering::Acquire), self.mem.entries())
     }
 
     /// Copies the `n`th available entry out (the caller checked `n < available()`).
+    #[inline]
     pub fn read(&self, n: u32) -> M::Entry {
         self.mem.read_entry(self.head.wrapping_add(n) & (self.mem.entries() - 1))
     }
 
+    /// Hints that the next `n` entries (the caller checked `n <= available()`) are about to
+    /// be read, so their lines are fetched together.
+    #[inline]
+    pub fn prefetch(&self, n: u32) {
+        prefetch_run(&self.mem, self.head, n, false);
+    }
+
     /// Releases `n` entries to the producer (`Release` store of the head).
+    #[inline]
     pub fn consume(&mut self, n: u32) {
         if n > 0 {
             self.head = self.head.wrapping_add(n);
@@ -185,6 +269,7 @@ impl<M: RingMemory> Consumer<M> {
     }
 
     /// Copies out and releases one entry, if any.
+    #[inline]
     pub fn pop(&mut self) -> Result<Option<M::Entry>, RingError> {
         if self.available()? == 0 {
             return Ok(None);
@@ -195,6 +280,7 @@ impl<M: RingMemory> Consumer<M> {
     }
 
     /// The private head.
+    #[inline]
     pub fn head(&self) -> u32 {
         self.head
     }
@@ -213,6 +299,7 @@ pub struct SharedRing<E> {
 
 impl<E> SharedRing<E> {
     /// The mapping this ring lives in.
+    #[inline]
     pub fn mapping(&self) -> &Arc<SharedMemory> {
         &self.mem
     }
@@ -250,25 +337,40 @@ where
 {
     type Entry = E;
 
+    #[inline]
     fn entries(&self) -> u32 {
         self.entries
     }
+    #[inline]
     fn load_head(&self, order: Ordering) -> u32 {
         self.mem.load_u32(self.head_offset, order)
     }
+    #[inline]
     fn store_head(&self, value: u32, order: Ordering) {
         self.mem.store_u32(self.head_offset, value, order)
     }
+    #[inline]
     fn load_tail(&self, order: Ordering) -> u32 {
         self.mem.load_u32(self.tail_offset, order)
     }
+    #[inline]
     fn store_tail(&self, value: u32, order: Ordering) {
         self.mem.store_u32(self.tail_offset, value, order)
     }
+    #[inline]
     fn read_entry(&self, slot: u32) -> E {
         self.mem.read(self.entries_offset + slot as usize * size_of::<E>())
     }
+    #[inline]
     fn write_entry(&self, slot: u32, entry: E) {
         self.mem.write(self.entries_offset + slot as usize * size_of::<E>(), entry)
+    }
+    #[inline]
+    fn prefetch_read(&self, slot: u32) {
+        self.mem.prefetch_read(self.entries_offset + slot as usize * size_of::<E>())
+    }
+    #[inline]
+    fn prefetch_write(&self, slot: u32) {
+        self.mem.prefetch_write(self.entries_offset + slot as usize * size_of::<E>())
     }
 }

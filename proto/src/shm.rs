@@ -77,6 +77,7 @@ impl SharedMemory {
         self.ptr.as_ptr()
     }
 
+    #[inline]
     fn check(&self, offset: usize, size: usize, align: usize) -> *mut u8 {
         assert!(
             offset.checked_add(size).is_some_and(|end| end <= self.len),
@@ -89,6 +90,7 @@ impl SharedMemory {
     }
 
     /// Atomically loads the `u32` at `offset` (4-byte aligned).
+    #[inline]
     pub fn load_u32(&self, offset: usize, order: Ordering) -> u32 {
         let p = self.check(offset, 4, 4);
         // SAFETY: `p` is in bounds, aligned, and lives as long as `self`; the atomic reference
@@ -97,6 +99,7 @@ impl SharedMemory {
     }
 
     /// Atomically stores `value` at `offset` (4-byte aligned).
+    #[inline]
     pub fn store_u32(&self, offset: usize, value: u32, order: Ordering) {
         let p = self.check(offset, 4, 4);
         // SAFETY: as in `load_u32`.
@@ -104,6 +107,7 @@ impl SharedMemory {
     }
 
     /// Atomically ORs `bits` into the `u32` at `offset`.
+    #[inline]
     pub fn fetch_or_u32(&self, offset: usize, bits: u32, order: Ordering) -> u32 {
         let p = self.check(offset, 4, 4);
         // SAFETY: as in `load_u32`.
@@ -111,6 +115,7 @@ impl SharedMemory {
     }
 
     /// Atomically clears `bits` in the `u32` at `offset`.
+    #[inline]
     pub fn fetch_and_not_u32(&self, offset: usize, bits: u32, order: Ordering) -> u32 {
         let p = self.check(offset, 4, 4);
         // SAFETY: as in `load_u32`.
@@ -118,6 +123,7 @@ impl SharedMemory {
     }
 
     /// Copies a `T` out of the mapping (one volatile read; any bit pattern is a valid `T`).
+    #[inline]
     pub fn read<T: FromBytes>(&self, offset: usize) -> T {
         let p = self.check(offset, size_of::<T>(), align_of::<T>());
         // SAFETY: in bounds and aligned (checked); `T: FromBytes` accepts any bytes, so a value
@@ -126,10 +132,31 @@ impl SharedMemory {
     }
 
     /// Copies a `T` into the mapping (one volatile write).
+    #[inline]
     pub fn write<T: IntoBytes + Immutable>(&self, offset: usize, value: T) {
         let p = self.check(offset, size_of::<T>(), align_of::<T>());
         // SAFETY: in bounds and aligned (checked); nothing in this process holds a reference here.
         unsafe { std::ptr::write_volatile(p.cast::<T>(), value) }
+    }
+
+    /// Hints that the cache line holding `offset` will be read soon (a no-op where the target
+    /// has no prefetch instruction). Never faults; an offset past the end is ignored.
+    #[inline]
+    pub fn prefetch_read(&self, offset: usize) {
+        if offset < self.len {
+            // The pointer stays inside the mapping (checked); a prefetch reads nothing into Rust.
+            prefetch::read(self.ptr.as_ptr().wrapping_add(offset));
+        }
+    }
+
+    /// Hints that the cache line holding `offset` will be written soon: fetches it for writing
+    /// (PREFETCHW where the CPU has it), so the store that follows finds the line owned instead of
+    /// waiting for the other side's cache to give it up. Never faults; past the end is ignored.
+    #[inline]
+    pub fn prefetch_write(&self, offset: usize) {
+        if offset < self.len {
+            prefetch::write(self.ptr.as_ptr().wrapping_add(offset));
+        }
     }
 
     /// Copies `out.len()` bytes starting at `offset` into `out`.
@@ -192,4 +219,58 @@ impl Drop for SharedMemory {
             UNMAP_FAILURES.fetch_add(1, Ordering::Relaxed);
         }
     }
+}
+
+/// Cache prefetch hints. They never fault and change no memory, whatever the address.
+mod prefetch {
+    #[cfg(target_arch = "x86_64")]
+    #[inline]
+    pub(super) fn read(p: *const u8) {
+        // SAFETY: PREFETCHT0 only loads a line into the cache; it never faults or writes, for any
+        // address, and creates no reference.
+        unsafe {
+            core::arch::asm!("prefetcht0 [{p}]", p = in(reg) p, options(nostack, preserves_flags, readonly))
+        }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline]
+    pub(super) fn write(p: *const u8) {
+        if has_prefetchw() {
+            // SAFETY: PREFETCHW (present: checked) only brings a line into the cache in an
+            // exclusive state; it never faults or writes, for any address.
+            unsafe {
+                core::arch::asm!("prefetchw [{p}]", p = in(reg) p, options(nostack, preserves_flags, readonly))
+            }
+        } else {
+            read(p);
+        }
+    }
+
+    /// Whether the CPU has PREFETCHW (AMD since K8, Intel since Broadwell), detected once.
+    #[cfg(target_arch = "x86_64")]
+    #[inline]
+    fn has_prefetchw() -> bool {
+        use std::sync::atomic::{AtomicU8, Ordering};
+        static STATE: AtomicU8 = AtomicU8::new(0); // 0 unknown, 1 no, 2 yes
+        match STATE.load(Ordering::Relaxed) {
+            0 => {
+                // CPUID 8000_0001h ECX bit 8: PREFETCHW (AMD's 3DNowPrefetch, Intel's PRFCHW).
+                let max_ext = core::arch::x86_64::__cpuid(0x8000_0000).eax;
+                let yes =
+                    max_ext >= 0x8000_0001 && core::arch::x86_64::__cpuid(0x8000_0001).ecx & (1 << 8) != 0;
+                STATE.store(if yes { 2 } else { 1 }, Ordering::Relaxed);
+                yes
+            }
+            s => s == 2,
+        }
+    }
+
+    #[cfg(not(target_arch = "x86_64"))]
+    #[inline]
+    pub(super) fn read(_p: *const u8) {}
+
+    #[cfg(not(target_arch = "x86_64"))]
+    #[inline]
+    pub(super) fn write(_p: *const u8) {}
 }

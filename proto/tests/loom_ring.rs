@@ -182,3 +182,73 @@ fn sleep_wake_handshake_loses_no_wakeup() {
 fn without_the_fences_a_wakeup_is_lost() {
     handshake_model(false);
 }
+
+fn loom_ring(entries: usize) -> Handle {
+    Handle(Arc::new(LoomRing {
+        head: AtomicU32::new(0),
+        tail: AtomicU32::new(0),
+        slots: (0..entries).map(|_| UnsafeCell::new(0)).collect(),
+    }))
+}
+
+/// Why the client may skip its look at `BROKER_CQ_WAIT` after reaping while it never had more
+/// requests outstanding than CQ entries: a broker that sees an SQE published (SQ tail, Acquire)
+/// and then reads the CQ head sees at least the head the client stored before publishing it,
+/// so it always finds CQ room for what it sees and never has reason to wait for the client.
+/// `overcommit`: the client publishes a second request before reaping the first completion
+/// (two outstanding, one CQ entry), and then the broker can find no room (the assertion fails).
+fn cq_room_model(overcommit: bool) {
+    loom::model(move || {
+        let (sq, cq) = (loom_ring(2), loom_ring(1));
+        let (csq, ccq) = (sq.clone(), cq.clone());
+        let client = loom::thread::spawn(move || {
+            let mut sq = Producer::new(csq, 0);
+            let mut cq = Consumer::new(ccq, 0);
+            let mut reap = || loop {
+                if cq.pop().unwrap().is_some() {
+                    break;
+                }
+                loom::thread::yield_now();
+            };
+            assert!(sq.push(1).unwrap());
+            sq.publish();
+            if !overcommit {
+                reap();
+            }
+            assert!(sq.push(2).unwrap());
+            sq.publish();
+            if overcommit {
+                reap();
+            }
+            reap();
+        });
+        let mut sq = Consumer::new(sq, 0);
+        let mut cq = Producer::new(cq, 0);
+        for _ in 0..2 {
+            let available = loop {
+                match sq.available().unwrap() {
+                    0 => loom::thread::yield_now(),
+                    n => break n,
+                }
+            };
+            // The broker's test before taking (and before announcing CQ_WAIT): room for all.
+            assert!(cq.free().unwrap() >= available, "the broker would wait for CQ room");
+            let v = sq.read(0);
+            sq.consume(1);
+            assert!(cq.push(v).unwrap());
+            cq.publish();
+        }
+        client.join().unwrap();
+    });
+}
+
+#[test]
+fn within_cq_size_the_broker_always_finds_cq_room() {
+    cq_room_model(false);
+}
+
+#[test]
+#[should_panic(expected = "the broker would wait for CQ room")]
+fn beyond_cq_size_the_broker_may_find_no_room() {
+    cq_room_model(true);
+}

@@ -15,10 +15,18 @@ enum Op {
     Push(u8),
     Publish,
     Pop(u8),
+    /// The producer learns the consumer's head some other way (as the client does from
+    /// completions), possibly a stale value `.0` entries behind.
+    Observe(u8),
 }
 
 fn op() -> impl Strategy<Value = Op> {
-    prop_oneof![(1u8..20).prop_map(Op::Push), Just(Op::Publish), (1u8..20).prop_map(Op::Pop),]
+    prop_oneof![
+        (1u8..20).prop_map(Op::Push),
+        Just(Op::Publish),
+        (1u8..20).prop_map(Op::Pop),
+        (0u8..20).prop_map(Op::Observe),
+    ]
 }
 
 proptest! {
@@ -42,8 +50,14 @@ proptest! {
                     prop_assert_eq!(pushed, !full);
                     if pushed { pending.push(next); next += 1; }
                 },
-                Op::Publish => { prod.publish(); published.extend(pending.drain(..)); }
+                Op::Publish => {
+                    prod.publish();
+                    published.extend(pending.drain(..));
+                    prod.prefetch_free(16);
+                }
+                Op::Observe(behind) => prod.observe_head(cons.head().wrapping_sub(u32::from(behind))),
                 Op::Pop(n) => for _ in 0..n {
+                    cons.prefetch(cons.available().unwrap());
                     let got = cons.pop().unwrap().map(|e| e.user_data);
                     prop_assert_eq!(got, published.pop_front());
                 },
