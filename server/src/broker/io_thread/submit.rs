@@ -109,6 +109,9 @@ impl IoThread {
             }
             return took;
         }
+        // Ask for the SQE lines of the batch at once, before anything else that may miss (the
+        // client's CQ head below), so their transfers overlap instead of one miss per entry.
+        ring.sq.prefetch(available.min(TAKE_BATCH));
         // Room for every completion this ring may receive: never post more than fits.
         // The client's CQ head is read only when the cached view has too little room.
         let reserved = s.in_flight + ring.overflow.len() as u32;
@@ -122,9 +125,7 @@ impl IoThread {
         };
         let room = free.saturating_sub(reserved);
         let n = available.min(room).min(TAKE_BATCH);
-        // Ask for the batch's SQE lines (and the CQ lines its completions go to) all at once, so
-        // their transfers from the client's cache overlap instead of costing one miss per entry.
-        ring.sq.prefetch(n);
+        // The CQ lines this batch's completions go to, for writing.
         ring.cq.prefetch_free(n);
         let mut taken = 0;
         while taken < n {
