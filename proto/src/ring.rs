@@ -331,10 +331,45 @@ pub fn completion_ring(mem: Arc<SharedMemory>, layout: &RingLayout) -> SharedRin
     }
 }
 
-impl<E> RingMemory for SharedRing<E>
-where
-    E: Copy + zerocopy::FromBytes + zerocopy::IntoBytes + zerocopy::Immutable,
-{
+/// An entry type of a shared ring, and how it is written into the mapping.
+pub trait SharedEntry: Copy + zerocopy::FromBytes + zerocopy::IntoBytes + zerocopy::Immutable {
+    /// Writes `self` at `offset` of `mem` (default: one volatile copy).
+    #[inline]
+    fn store(&self, mem: &SharedMemory, offset: usize) {
+        mem.write(offset, *self)
+    }
+}
+
+impl SharedEntry for Cqe {}
+
+impl SharedEntry for Sqe {
+    /// Field by field into 8-byte words. The caller just built the entry with a store per
+    /// field; copying it with wide loads would make each load wait until those narrow stores
+    /// reach the cache (no store forwarding across several stores), i.e. behind every store
+    /// still queued, the previous entries' stores to shared lines included.
+    #[inline]
+    fn store(&self, mem: &SharedMemory, offset: usize) {
+        let [s0, s1] = self.segments.to_ne_bytes();
+        let [n0, n1, n2, n3] = self.nsid.to_ne_bytes();
+        let [l0, l1, l2, l3] = self.len.to_ne_bytes();
+        let [b0, b1, b2, b3] = self.buf_id.to_ne_bytes();
+        mem.write_words(
+            offset,
+            [
+                u64::from_ne_bytes([self.opcode, self.flags, s0, s1, n0, n1, n2, n3]),
+                self.user_data,
+                self.offset,
+                u64::from_ne_bytes([l0, l1, l2, l3, b0, b1, b2, b3]),
+                self.buf_offset,
+                self.reserved1[0],
+                self.reserved1[1],
+                self.reserved1[2],
+            ],
+        )
+    }
+}
+
+impl<E: SharedEntry> RingMemory for SharedRing<E> {
     type Entry = E;
 
     #[inline]
@@ -363,7 +398,7 @@ where
     }
     #[inline]
     fn write_entry(&self, slot: u32, entry: E) {
-        self.mem.write(self.entries_offset + slot as usize * size_of::<E>(), entry)
+        entry.store(&self.mem, self.entries_offset + slot as usize * size_of::<E>())
     }
     #[inline]
     fn prefetch_read(&self, slot: u32) {
@@ -372,5 +407,33 @@ where
     #[inline]
     fn prefetch_write(&self, slot: u32) {
         self.mem.prefetch_write(self.entries_offset + slot as usize * size_of::<E>())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sqe_store_by_words_writes_the_same_bytes() {
+        let mem = SharedMemory::anonymous(4096).unwrap();
+        let sqe = Sqe {
+            opcode: 0x81,
+            flags: 0x42,
+            segments: 0xa1b2,
+            nsid: 0x0102_0304,
+            user_data: 0x1111_2222_3333_4444,
+            offset: 0x5555_6666_7777_8888,
+            len: 0x99aa_bbcc,
+            buf_id: 0xddee_ff01,
+            buf_offset: 0x0203_0405_0607_0809,
+            reserved1: [0x0a0b, 0x0c0d, 0x0e0f],
+        };
+        sqe.store(&mem, 64);
+        let back: Sqe = mem.read(64);
+        assert_eq!(back, sqe);
+        let mut bytes = [0u8; 64];
+        mem.copy_out(64, &mut bytes);
+        assert_eq!(&bytes[..], zerocopy::IntoBytes::as_bytes(&sqe));
     }
 }

@@ -159,6 +159,17 @@ impl SharedMemory {
         }
     }
 
+    /// Writes `words` at `offset` (8-byte aligned), one volatile 8-byte store each.
+    #[inline]
+    pub fn write_words<const N: usize>(&self, offset: usize, words: [u64; N]) {
+        let p = self.check(offset, N * 8, 8).cast::<u64>();
+        for (i, w) in words.into_iter().enumerate() {
+            // SAFETY: `offset + 8 * N` is in bounds and 8-aligned (checked), so word `i < N` is
+            // too; nothing in this process holds a reference to the mapping.
+            unsafe { std::ptr::write_volatile(p.add(i), w) }
+        }
+    }
+
     /// Copies `out.len()` bytes starting at `offset` into `out`.
     pub fn copy_out(&self, offset: usize, out: &mut [u8]) {
         let p = self.check(offset, out.len(), 1);
