@@ -11,6 +11,7 @@ use nvmed_server::broker::{Broker, BrokerConfig};
 use nvmed_server::device::NvmeDevice;
 use nvmed_server::emulator::backend::{Backend, FileBackend, MemoryBackend, NullBackend};
 use nvmed_server::emulator::inject::FaultRule;
+use nvmed_server::emulator::model::{ModelSpec, PerfModel, Work};
 use nvmed_server::emulator::{EmulatedController, EmulatedNamespace, EmulatorConfig, EmulatorMode, Wedge};
 use nvmed_server::policy::{DefaultAccess, Grant, Policy};
 use tracing::{error, info};
@@ -105,15 +106,40 @@ struct Args {
     /// How the emulated controller runs I/O commands. `sync` is the fastest device there is;
     /// `async` behaves like real hardware, to test how the broker copes with a device that
     /// takes its time (a full device queue, data still moving after submission, completions out
-    /// of order, a reset with commands in flight).
-    #[arg(long, value_enum, default_value = "sync", value_name = "MODE")]
-    emulator_mode: ModeArg,
+    /// of order, a reset with commands in flight). [default: sync; async with --model]
+    #[arg(long, value_enum, value_name = "MODE")]
+    emulator_mode: Option<ModeArg>,
 
     /// With --emulator-mode async: least time in microseconds from fetching a command to
     /// completing it, data transfer included (default 0: as soon as the controller thread gets
     /// to it).
     #[arg(long, value_name = "MICROS")]
     emulator_latency_us: Option<u64>,
+
+    /// Give the emulated controller the speed of a real SSD instead of an infinitely fast one:
+    /// commands complete after a modelled service time, so queues build up (and fairness between
+    /// clients shows). Implies --emulator-mode async; replaces --emulator-latency-us.
+    ///
+    /// SPEC is KEY=VALUE pairs separated by commas, for example
+    ///
+    ///   --model latency-us=80,iops=600k,read-mbps=3000,write-mbps=1500,channels=64
+    ///
+    /// Every key is optional; numbers take the suffixes k (1000) and m (1000000).
+    ///   latency-us   media time of each read and write, in microseconds (default 0)
+    ///   channels     commands the device works on at once (default: no limit)
+    ///   iops         most commands started per second (default: no limit)
+    ///   read-mbps    most MB/s read, MB = 10^6 bytes (default: no limit)
+    ///   write-mbps   most MB/s written, a budget separate from reads' (default: no limit)
+    ///
+    /// A command starts when a channel is free and the caps allow it; a read or write then
+    /// takes latency-us plus its size at read-mbps or write-mbps, a flush, write zeroes or
+    /// deallocate 10 us. So at queue depth 1 a 4 KiB read takes latency-us + 4096 B / read-mbps,
+    /// and under load the device completes at most min(iops, channels / service time,
+    /// MB/s / request size) commands per second: for the iops cap to be reached, channels must
+    /// be at least iops x latency (600k x 80 us = 48). nvmed logs these peaks at startup.
+    #[arg(long, value_name = "SPEC", requires = "emulate", verbatim_doc_comment)]
+    #[arg(conflicts_with = "emulator_latency_us")]
+    model: Option<ModelSpec>,
 
     /// Entries of each device I/O queue.
     #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u16).range(2..))]
@@ -220,7 +246,7 @@ enum ModeArg {
     Sync,
     /// Like hardware: a controller thread ("nvme-emu-worker") fetches commands after the
     /// doorbell, moves their data only when it completes them, and completes them out of order
-    /// (after --emulator-latency-us)
+    /// (after --emulator-latency-us, or when --model says)
     Async,
 }
 
@@ -395,13 +421,33 @@ fn emulated(args: &Args, controller: u16) -> Result<Arc<dyn NvmeDevice>, Box<dyn
         };
         namespaces.push(EmulatedNamespace { backend, lba_size: args.lba_size });
     }
-    let mode = match (args.emulator_mode, args.emulator_latency_us) {
+    // --model implies async mode (and clap refuses it with --emulator-latency-us).
+    let mode_arg =
+        args.emulator_mode.unwrap_or(if args.model.is_some() { ModeArg::Async } else { ModeArg::Sync });
+    let mode = match (mode_arg, args.emulator_latency_us) {
+        (ModeArg::Sync, _) if args.model.is_some() => {
+            return Err("--model needs --emulator-mode async (the modelled device completes commands from \
+                        its own thread); leave --emulator-mode out or set it to async"
+                .into());
+        }
         (ModeArg::Sync, None) => EmulatorMode::Sync,
         (ModeArg::Sync, Some(_)) => {
             return Err("--emulator-latency-us needs --emulator-mode async".into());
         }
         (ModeArg::Async, us) => EmulatorMode::Async { latency: Duration::from_micros(us.unwrap_or(0)) },
     };
+    if let (Some(spec), 0) = (args.model, controller) {
+        let m = PerfModel::new(spec);
+        let mbps = |w, bytes: u64| m.peak_rate(w) * bytes as f64 / 1e6;
+        info!(
+            "performance model {spec}: 4 KiB reads take {:?} at queue depth 1 and peak at {:.0} IOPS; \
+             128 KiB reads peak at {:.0} MB/s, 128 KiB writes at {:.0} MB/s",
+            m.service_time(Work::Read(4096)),
+            m.peak_rate(Work::Read(4096)),
+            mbps(Work::Read(128 << 10), 128 << 10),
+            mbps(Work::Write(128 << 10), 128 << 10),
+        );
+    }
     info!(
         namespaces = args.namespaces,
         size = args.size,
@@ -422,6 +468,7 @@ fn emulated(args: &Args, controller: u16) -> Result<Arc<dyn NvmeDevice>, Box<dyn
         mode,
         sgl: !args.emulator_no_sgl,
         instance: controller,
+        model: args.model,
     })?))
 }
 

@@ -17,12 +17,19 @@
 //!   is fetched. A command completes only when its CQ has room; a CQ head doorbell lets the
 //!   worker go on. The admin queue stays synchronous.
 //!
+//!   With a performance model ([`EmulatorConfig::model`], `--model`), each command's completion
+//!   time comes from [`model::PerfModel`] (channels, service time, IOPS and bandwidth caps)
+//!   instead of the fixed latency, so queues build up as on a real SSD. A command then counts
+//!   as arrived when its doorbell was written, not when the worker fetched it, so a worker
+//!   thread that is scheduled late does not slow the modelled device down.
+//!
 //! In both modes the state lock is held across every DMA, so once CC.EN=0 (or a function reset)
 //! returns, no command fetched before it moves data or completes any more.
 
 pub mod backend;
 pub mod dma;
 pub mod inject;
+pub mod model;
 
 use std::collections::VecDeque;
 use std::ops::RangeInclusive;
@@ -35,6 +42,7 @@ use std::time::{Duration, Instant};
 use backend::Backend;
 use dma::{DmaFault, IovaTable};
 use inject::{FaultAction, FaultRule};
+use model::{ModelSpec, PerfModel, Work};
 
 use crate::device::{DeviceError, Dma, NvmeDevice};
 use crate::nvme::spec::*;
@@ -91,6 +99,10 @@ pub struct EmulatorConfig {
     pub sgl: bool,
     /// Which emulated controller of the broker this is (from 0): its serial number and name.
     pub instance: u16,
+    /// A performance model: commands complete when it says, not after the fixed latency of
+    /// [`EmulatorMode::Async`] (which it replaces). Needs the asynchronous mode:
+    /// [`EmulatedController::new`] refuses it in synchronous mode.
+    pub model: Option<ModelSpec>,
 }
 
 /// Testing: how badly a controller ignores attempts to stop it.
@@ -118,6 +130,7 @@ impl Default for EmulatorConfig {
             mode: EmulatorMode::Sync,
             sgl: true,
             instance: 0,
+            model: None,
         }
     }
 }
@@ -142,6 +155,10 @@ struct Sq {
     /// Last tail written to the doorbell (asynchronous mode only).
     tail: u16,
     cqid: u16,
+    /// With a performance model: the tails written to the doorbell and when, not yet fetched
+    /// up to. A command arrives at the device when its doorbell is written, however late the
+    /// worker thread gets to fetch it.
+    rung: VecDeque<(u16, Instant)>,
 }
 
 struct Cq {
@@ -192,6 +209,9 @@ struct State {
     in_flight: Vec<InFlight>,
     /// xorshift64* state choosing the completion order (asynchronous mode).
     rng: u64,
+    /// The performance model's state (asynchronous mode with a model); its times count from
+    /// [`Inner::epoch`].
+    model: Option<PerfModel>,
 }
 
 struct Inner {
@@ -212,6 +232,8 @@ struct Inner {
     irq_wanted: Vec<AtomicBool>,
     counters: EmulatorCounters,
     stop: AtomicBool,
+    /// Time zero of the performance model.
+    epoch: Instant,
 }
 
 /// The emulated controller; share it through an `Arc`.
@@ -238,6 +260,12 @@ fn err(sct: u8, sc_: u8) -> Outcome {
 impl EmulatedController {
     /// Builds a controller in the reset state (CC.EN=0).
     pub fn new(config: EmulatorConfig) -> std::io::Result<Self> {
+        if config.model.is_some() && config.mode == EmulatorMode::Sync {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "the emulated controller's performance model needs the asynchronous mode",
+            ));
+        }
         let vectors = config.vectors.max(1);
         let irq = (0..vectors).map(|_| nvmed_proto::eventfd::new_eventfd()).collect::<Result<Vec<_>, _>>()?;
         let inner = Arc::new(Inner {
@@ -258,6 +286,7 @@ impl EmulatedController {
                 generation: 0,
                 in_flight: Vec::new(),
                 rng: RNG_SEED,
+                model: config.model.map(PerfModel::new),
             }),
             timer_wake: Condvar::new(),
             worker_wake: Condvar::new(),
@@ -273,6 +302,7 @@ impl EmulatedController {
             irq,
             counters: EmulatorCounters::default(),
             stop: AtomicBool::new(false),
+            epoch: Instant::now(),
         });
         let weak = Arc::downgrade(&inner);
         let thread = match config.mode {
@@ -289,6 +319,11 @@ impl EmulatedController {
     /// The mode the controller runs in.
     pub fn mode(&self) -> EmulatorMode {
         self.inner.mode
+    }
+
+    /// The performance model, if any.
+    pub fn model(&self) -> Option<ModelSpec> {
+        self.inner.lock().model.as_ref().map(|m| *m.spec())
     }
 
     /// Commands fetched and not completed yet (asynchronous mode; always 0 in synchronous mode,
@@ -440,6 +475,9 @@ impl Inner {
         st.delayed.clear();
         // Fetched commands are dropped: never completed, their data never moved.
         st.in_flight.clear();
+        if let Some(m) = st.model.as_mut() {
+            m.reset(); // the commands it had scheduled are gone
+        }
         st.generation += 1;
         st.granted = 0;
         st.csts = 0;
@@ -458,7 +496,7 @@ impl Inner {
             st.csts |= CSTS_CFS;
             return;
         }
-        st.sqs[0] = Some(Sq { base: st.asq, size: asqs, head: 0, tail: 0, cqid: 0 });
+        st.sqs[0] = Some(Sq { base: st.asq, size: asqs, head: 0, tail: 0, cqid: 0, rung: VecDeque::new() });
         st.cqs[0] = Some(Cq {
             base: st.acq,
             size: acqs,
@@ -534,6 +572,12 @@ impl Inner {
             return;
         }
         sq.tail = tail;
+        if st.model.is_some() {
+            if sq.rung.len() >= usize::from(sq.size) {
+                sq.rung.pop_front(); // only a driver moving the tail backwards gets here
+            }
+            sq.rung.push_back((tail, Instant::now()));
+        }
         self.worker_wake.notify_one();
     }
 
@@ -554,20 +598,48 @@ impl Inner {
                 let addr = sq.base + u64::from(sq.head) * 64;
                 sq.head = (sq.head + 1) % sq.size;
                 let cqid = sq.cqid;
+                // When its doorbell was written (the oldest one not fetched up to covers it).
+                let arrived = sq.rung.front().map_or(now, |&(_, at)| at);
+                if sq.rung.front().is_some_and(|&(tail, _)| tail == sq.head) {
+                    sq.rung.pop_front();
+                }
                 let cmd: NvmeCommand = match st.dma.read(addr) {
                     Ok(c) => c,
                     Err(f) => return self.fault(st, f, "fetching a command"),
                 };
-                let mut due = now + latency;
+                let rule = self.io_rule(st);
+                if rule == Some(FaultAction::Hang) {
+                    continue;
+                }
+                let mut due = match st.model.as_mut() {
+                    Some(m) => {
+                        self.epoch
+                            + m.schedule(arrived.saturating_duration_since(self.epoch), self.work(&cmd))
+                    }
+                    None => now + latency,
+                };
                 let mut fail = None;
-                match self.io_rule(st) {
+                match rule {
                     Some(FaultAction::Fail { sct, sc: code }) => fail = Some(status_field(sct, code)),
                     Some(FaultAction::Delay(d)) => due += d,
-                    Some(FaultAction::Hang) => continue,
-                    Some(FaultAction::Panic) | None => {}
+                    Some(FaultAction::Hang | FaultAction::Panic) | None => {}
                 }
                 st.in_flight.push(InFlight { qid: qid as u16, cqid, cmd, due, fail });
             }
+        }
+    }
+
+    /// What an I/O command asks of the performance model: its data bytes for a read or write
+    /// (0 for an unknown namespace, which fails anyway), nothing for the others.
+    fn work(&self, cmd: &NvmeCommand) -> Work {
+        let bytes = || {
+            let blocks = u64::from(cmd.cdw12 & 0xffff) + 1;
+            self.namespace(cmd.nsid).map_or(0, |ns| blocks * u64::from(ns.lba_size))
+        };
+        match cmd.opcode {
+            io::READ => Work::Read(bytes()),
+            io::WRITE => Work::Write(bytes()),
+            _ => Work::Other,
         }
     }
 
@@ -911,8 +983,14 @@ impl Inner {
                 if cmd.cdw11 & 1 == 0 || !cmd.prp1.is_multiple_of(4096) {
                     return err(0, sc::INVALID_FIELD);
                 }
-                st.sqs[usize::from(qid)] =
-                    Some(Sq { base: cmd.prp1, size: size as u16, head: 0, tail: 0, cqid });
+                st.sqs[usize::from(qid)] = Some(Sq {
+                    base: cmd.prp1,
+                    size: size as u16,
+                    head: 0,
+                    tail: 0,
+                    cqid,
+                    rung: VecDeque::new(),
+                });
                 ok()
             }
             admin::DELETE_SQ => {
@@ -1250,19 +1328,23 @@ mod tests {
         backend: Box<dyn Backend>,
         sgl: bool,
     ) -> (Arc<EmulatedController>, Setup) {
-        let emu = Arc::new(
-            EmulatedController::new(EmulatorConfig {
-                namespaces: vec![EmulatedNamespace { backend, lba_size: 512 }],
-                mdts: 5,
-                vectors: 2,
-                faults,
-                mode,
-                wedge: Default::default(),
-                sgl,
-                instance: 0,
-            })
-            .unwrap(),
-        );
+        setup_from(EmulatorConfig {
+            namespaces: vec![EmulatedNamespace { backend, lba_size: 512 }],
+            mdts: 5,
+            vectors: 2,
+            faults,
+            mode,
+            wedge: Default::default(),
+            sgl,
+            instance: 0,
+            model: None,
+        })
+    }
+
+    /// A controller with one 1 MiB namespace of 512-byte blocks and MDTS 5, initialized, with
+    /// I/O queue 1 (64 entries).
+    fn setup_from(config: EmulatorConfig) -> (Arc<EmulatedController>, Setup) {
+        let emu = Arc::new(EmulatedController::new(config).unwrap());
         let dev: Arc<dyn NvmeDevice> = emu.clone();
         let space = Arc::new(IovaSpace::new(&dev.iova_ranges()).unwrap());
         let mut ctrl = Controller::init(dev.clone(), space.clone()).unwrap();
@@ -1667,6 +1749,55 @@ mod tests {
         }
         cids.sort_unstable();
         assert_eq!(cids, [0, 1, 2, 3, 4]);
+    }
+
+    #[test]
+    fn a_performance_model_sets_the_completion_times() {
+        let spec: ModelSpec = "latency-us=3000,channels=1".parse().unwrap();
+        let config = |mode| EmulatorConfig {
+            namespaces: vec![EmulatedNamespace {
+                backend: Box::new(MemoryBackend::new(1 << 20).unwrap()),
+                lba_size: 512,
+            }],
+            mdts: 5,
+            mode,
+            model: Some(spec),
+            ..Default::default()
+        };
+        let e = EmulatedController::new(config(EmulatorMode::Sync)).err().expect("sync mode with a model");
+        assert_eq!(e.kind(), std::io::ErrorKind::InvalidInput);
+        let (emu, (dev, space, _ctrl, mut q)) =
+            setup_from(config(EmulatorMode::Async { latency: Duration::from_secs(100) }));
+        assert_eq!(emu.model(), Some(spec));
+        let buf = DmaMemory::new(&space, &dev, 4 * 4096).unwrap();
+        let reads: Vec<_> = (0..4u64)
+            .map(|i| IoCommand::Read {
+                nsid: 1,
+                slba: i * 8,
+                blocks: 8,
+                iova: buf.iova() + i * 4096,
+                len: 4096,
+            })
+            .collect();
+        // One channel: the four reads complete one after the other, 3 ms apart (the model,
+        // not the 100 s latency of the mode, decides).
+        let start = Instant::now();
+        for (i, r) in reads.iter().enumerate() {
+            q.submit(r, i as u32).unwrap();
+        }
+        q.ring_doorbell();
+        let mut at = Vec::new();
+        let deadline = start + Duration::from_secs(5);
+        while at.len() < 4 {
+            assert!(Instant::now() < deadline, "{} of 4 completed", at.len());
+            q.reap(usize::MAX, |_, s, _| {
+                assert_eq!(s, 0);
+                at.push(start.elapsed());
+            });
+        }
+        for (i, t) in at.iter().enumerate() {
+            assert!(*t >= Duration::from_millis(3 * (i as u64 + 1)), "completion {i} after {t:?}");
+        }
     }
 
     /// Memory storage whose data transfers take `delay` each, counting them.
