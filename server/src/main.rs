@@ -210,8 +210,13 @@ struct Args {
     #[arg(long)]
     max_buffers_per_uid: Option<u64>,
 
-    /// Give a uid access to a namespace: UID:NSID[:FIRST_LBA+COUNT][:ro]. A uid with grants
-    /// sees only its granted namespaces (a window appears to it as a whole namespace).
+    /// Give a uid access to a namespace: UID:NSID[:FIRST_LBA+COUNT][:ro][:LIMITS]. A uid with
+    /// grants sees only its granted namespaces (a window appears to it as a whole namespace).
+    /// LIMITS share the device between tenants and cap them: weight=W (share of a busy device,
+    /// default 1), iops=N, read-mbps=N, write-mbps=N (MB = 10^6 bytes), qd=N (requests at the
+    /// device), per=uid (all its sessions together, default) or per=session; e.g.
+    /// --grant 1000:1:weight=3,iops=20k,write-mbps=100. A request held by a limit waits; it is
+    /// never failed. Grants of one uid on one controller's namespaces add up.
     #[arg(long = "grant", value_name = "GRANT")]
     grants: Vec<Grant>,
 

@@ -298,6 +298,21 @@ impl Connection {
         ];
         let ring_id = self.next_ring_id;
         let counters = Arc::new(SessionCounters::default());
+        // The ring's tenants get their limits split over the threads serving them: this one
+        // and those already serving them (told their new part).
+        let mut tenants = Vec::new();
+        let mut rescale = Vec::new();
+        {
+            let mut placement = self.shared.placement.lock().unwrap_or_else(|p| p.into_inner());
+            for (key, qos) in super::tenant::tenants_of(&self.namespaces, self.uid, self.id) {
+                let (limits, others) = placement.add(key, qos, thread, threads);
+                tenants.push((key, limits));
+                rescale.extend(others);
+            }
+        }
+        for (t, key, limits) in rescale {
+            self.shared.pollers[t].request(IoRequest::SetTenantLimits { key, limits });
+        }
         let (tx, rx) = channel();
         let poller = &self.shared.pollers[thread];
         poller.request(IoRequest::AddRing {
@@ -307,6 +322,7 @@ impl Connection {
             counters: counters.clone(),
             ring: Box::new(RingIo::new(mem, &layout, submit, complete)),
             buffers: self.buffers.iter().map(|(id, b)| (id as u32, b.clone())).collect(),
+            tenants,
             reply: tx,
         });
         let key = rx.recv().map_err(|_| ControlError::Internal("I/O thread stopped".into()))?;
@@ -336,15 +352,30 @@ impl Connection {
             let _ = rx.recv();
         }
         poller.rings.fetch_sub(1, Ordering::Relaxed);
+        self.forget_ring_tenants(ring.thread);
         Ok(())
+    }
+
+    /// A ring on `thread` is gone: its tenants' limits are split over fewer threads, maybe.
+    fn forget_ring_tenants(&self, thread: usize) {
+        let mut rescale = Vec::new();
+        {
+            let mut placement = self.shared.placement.lock().unwrap_or_else(|p| p.into_inner());
+            for (key, _) in super::tenant::tenants_of(&self.namespaces, self.uid, self.id) {
+                rescale.extend(placement.remove(key, thread));
+            }
+        }
+        for (t, key, limits) in rescale {
+            self.shared.pollers[t].request(IoRequest::SetTenantLimits { key, limits });
+        }
     }
 
     /// Ends every ring (draining their I/O), then releases the session's buffers; returns once
     /// they are unmapped.
     fn end_session(&mut self) {
-        let pending: Vec<_> = self
-            .rings
-            .drain(..)
+        let rings = std::mem::take(&mut self.rings);
+        let pending: Vec<_> = rings
+            .iter()
             .filter_map(|ring| {
                 let (tx, rx) = channel();
                 let poller = &self.shared.pollers[ring.thread];
@@ -355,6 +386,9 @@ impl Connection {
             .collect();
         for rx in pending {
             let _ = rx.recv();
+        }
+        for ring in &rings {
+            self.forget_ring_tenants(ring.thread);
         }
         // Every ring has drained and let go of the buffers: the session holds the last handles.
         // One still shared is held by a ring a failed device may still write through: it stays

@@ -8,6 +8,7 @@ mod quota;
 mod reaper;
 pub mod sched;
 mod session;
+mod tenant;
 pub mod validate;
 
 pub use quota::{max_map_count, QuotaRequest, QuotaSettings};
@@ -169,6 +170,8 @@ pub struct Shared {
     connections: Mutex<std::collections::HashMap<u64, (u32, OwnedFd)>>,
     /// Signalled when a connection ends.
     connection_ended: std::sync::Condvar,
+    /// Each tenant's rings per I/O thread (to split its limits between those threads).
+    placement: Mutex<tenant::Placement>,
 }
 
 impl Shared {
@@ -402,6 +405,7 @@ impl Broker {
             reaper: Mutex::new(Some(reaper)),
             connections: Mutex::new(std::collections::HashMap::new()),
             connection_ended: std::sync::Condvar::new(),
+            placement: Mutex::new(tenant::Placement::default()),
         });
         let stopping = Arc::new(AtomicBool::new(false));
         let accept_thread = {
