@@ -54,6 +54,7 @@
 //! A SOCK_SEQPACKET Unix socket; see [`control`] for the messages and [`transport`] for how file
 //! descriptors travel.
 
+pub mod admin;
 pub mod control;
 mod entry;
 pub mod eventfd;

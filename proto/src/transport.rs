@@ -56,12 +56,22 @@ pub const SCM_MAX_FD: usize = 253;
 /// every descriptor that arrived is owned by the result (and so closed when it is dropped), on
 /// every path: a peer cannot make this process keep descriptors by sending too many.
 pub fn recv(sock: BorrowedFd<'_>) -> Result<Received, TransportError> {
-    recv_with_room(sock, SCM_MAX_FD)
+    recv_with_room(sock, SCM_MAX_FD, MAX_MESSAGE_SIZE)
+}
+
+/// [`recv`] for datagrams of up to `max_bytes` (the admin socket's replies are larger than
+/// control messages); `truncated` then refers to `max_bytes`.
+pub fn recv_sized(sock: BorrowedFd<'_>, max_bytes: usize) -> Result<Received, TransportError> {
+    recv_with_room(sock, SCM_MAX_FD, max_bytes)
 }
 
 /// [`recv`] with control-message room for `fd_room` descriptors.
-fn recv_with_room(sock: BorrowedFd<'_>, fd_room: usize) -> Result<Received, TransportError> {
-    let mut buf = vec![0u8; MAX_MESSAGE_SIZE];
+fn recv_with_room(
+    sock: BorrowedFd<'_>,
+    fd_room: usize,
+    max_bytes: usize,
+) -> Result<Received, TransportError> {
+    let mut buf = vec![0u8; max_bytes];
     // SAFETY: CMSG_SPACE only computes a size.
     let room = unsafe { libc::CMSG_SPACE((fd_room * size_of::<RawFd>()) as libc::c_uint) } as usize;
     let mut cmsg_space = vec![0u8; room];
@@ -103,7 +113,7 @@ fn recv_with_room(sock: BorrowedFd<'_>, fd_room: usize) -> Result<Received, Tran
         if len == 0 && fds.is_empty() && !truncated && peer_closed(sock) {
             return Err(TransportError::Closed);
         }
-        buf.truncate(len.min(MAX_MESSAGE_SIZE));
+        buf.truncate(len.min(max_bytes));
         return Ok(Received { bytes: buf, fds, truncated, fds_truncated });
     }
 }
@@ -171,7 +181,7 @@ mod tests {
             let fds = [w.as_fd(); 6];
             send(a.as_fd(), b"x", &fds).unwrap();
             // Room for 2: the kernel installs 2 and cuts the rest; both must be owned.
-            let got = recv_with_room(b.as_fd(), 2).unwrap();
+            let got = recv_with_room(b.as_fd(), 2, MAX_MESSAGE_SIZE).unwrap();
             assert!(got.fds_truncated);
             assert_eq!(got.fds.len(), 2);
             assert_eq!(got.bytes, b"x");

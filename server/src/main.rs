@@ -68,6 +68,17 @@ struct Args {
     #[arg(long, value_name = "GROUP")]
     socket_group: Option<String>,
 
+    /// Unix socket for operators (`nvmectl`: status, sessions, kill, health) [default: beside
+    /// --socket, its name with -admin added: /run/nvmed-admin.sock for /run/nvmed.sock]. Mode
+    /// 0600; only root (and the uid nvmed runs as) may use it, unless --admin-group is given.
+    #[arg(long, value_name = "PATH")]
+    admin_socket: Option<PathBuf>,
+
+    /// Members of this group may use the admin socket too (it is then mode 0660, owned by
+    /// the group); the broker checks every peer's groups as well.
+    #[arg(long, value_name = "GROUP")]
+    admin_group: Option<String>,
+
     /// Most bytes one session may register (pinned memory with VFIO; suffixes K, M, G, T).
     #[arg(long, default_value = "4G", value_parser = parse_size)]
     max_registered_bytes: u64,
@@ -308,6 +319,17 @@ fn io_thread_count(args: &Args) -> u16 {
     }
 }
 
+/// The default admin socket: beside the client socket, `-admin` added to its name
+/// (`/run/nvmed.sock` -> `/run/nvmed-admin.sock`), so brokers in one directory do not collide.
+fn admin_socket_beside(socket: &std::path::Path) -> PathBuf {
+    let stem = socket.file_stem().map_or_else(|| "nvmed".into(), |s| s.to_string_lossy().into_owned());
+    let name = match socket.extension() {
+        Some(ext) => format!("{stem}-admin.{}", ext.to_string_lossy()),
+        None => format!("{stem}-admin"),
+    };
+    socket.with_file_name(name)
+}
+
 fn parse_octal(s: &str) -> Result<u32, String> {
     u32::from_str_radix(s, 8).map_err(|e| format!("not an octal mode: {e}"))
 }
@@ -498,6 +520,9 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     let mut config = BrokerConfig::new(&args.socket);
     config.socket_mode = args.socket_mode;
     config.socket_group = args.socket_group.clone();
+    config.admin_socket =
+        Some(args.admin_socket.clone().unwrap_or_else(|| admin_socket_beside(&args.socket)));
+    config.admin_group = args.admin_group.clone();
     config.max_buffer_bytes_per_session = args.max_registered_bytes;
     config.max_buffer_bytes_total = args.max_registered_total;
     config.max_sessions = args.max_sessions;

@@ -18,6 +18,7 @@ use tracing::{debug, info, warn};
 use super::buffer::RegisteredBuffer;
 use super::io_thread::IoRequest;
 use super::quota::{Resource, Ticket};
+use super::registry::Registered;
 use super::session::{RingIo, SessionCounters};
 use super::Shared;
 use crate::policy::NamespaceAccess;
@@ -48,6 +49,8 @@ struct Connection {
     buffer_bytes: u64,
     /// Identities of the session's ring memfds (they may not come back as buffers).
     ring_identities: Vec<(u64, u64)>,
+    /// Its entry in the live-session registry (from Hello until it is released).
+    registered: Option<Registered>,
 }
 
 /// Serves one client until it leaves, then drains and releases its session.
@@ -67,6 +70,7 @@ pub fn serve(shared: Arc<Shared>, sock: OwnedFd, id: u64, uid: u32) {
         buffers: Slab::new(),
         buffer_bytes: 0,
         ring_identities: Vec::new(),
+        registered: None,
     };
     debug!(session = id, uid, pid, "client connected");
     // A connection that never says Hello must not hold its slot forever.
@@ -79,6 +83,7 @@ pub fn serve(shared: Arc<Shared>, sock: OwnedFd, id: u64, uid: u32) {
     conn.run();
     if conn.started {
         conn.end_session();
+        conn.registered.take();
         conn.shared.sessions.fetch_sub(1, Ordering::Relaxed);
         info!(session = id, uid, pid, "session ended; its I/O drained and its memory released");
     }
@@ -223,6 +228,7 @@ impl Connection {
         self.namespaces = self.shared.config.policy.access_for(self.uid, &self.shared.namespaces);
         self.started = true;
         self.session_ticket = Some(ticket);
+        self.registered = Some(self.shared.registry.add(self.id, self.uid, self.pid, name));
         // Said Hello: no deadline for the next requests.
         if let Err(e) = setsockopt(&self.sock, sockopt::ReceiveTimeout, &TimeVal::new(0, 0)) {
             warn!(session = self.id, "cannot clear the Hello deadline: {e}");
@@ -328,6 +334,9 @@ impl Connection {
         let key = rx.recv().map_err(|_| ControlError::Internal("I/O thread stopped".into()))?;
         poller.rings.fetch_add(1, Ordering::Relaxed);
         self.next_ring_id += 1;
+        if let Some(r) = &self.registered {
+            r.add_ring(ring_id, counters.clone());
+        }
         self.rings.push(RingHandle { ring_id, thread, key, counters });
         self.ring_identities.push(identity.unwrap_or((u64::MAX, u64::MAX)));
         debug!(session = self.id, ring_id, thread, "ring created");
@@ -346,6 +355,9 @@ impl Connection {
         let i =
             self.rings.iter().position(|r| r.ring_id == ring_id).ok_or(ControlError::UnknownRing(ring_id))?;
         let ring = self.rings.swap_remove(i);
+        if let Some(r) = &self.registered {
+            r.remove_ring(ring_id);
+        }
         let (tx, rx) = channel();
         let poller = &self.shared.pollers[ring.thread];
         if poller.request(IoRequest::CloseRing { key: ring.key, reply: tx }) {
@@ -449,6 +461,7 @@ impl Connection {
         let buffer_id = entry.key() as u32;
         entry.insert(buffer.clone());
         self.buffer_bytes += buffer.len();
+        self.publish_buffers();
         // Every ring of the session may use it once this returns.
         let pending: Vec<_> = self
             .rings
@@ -465,6 +478,13 @@ impl Connection {
         }
         debug!(session = self.id, buffer_id, len, "buffer registered");
         Ok((Response::BufferRegistered { buffer_id }, vec![]))
+    }
+
+    /// Tells the registry the session's registration totals.
+    fn publish_buffers(&self) {
+        if let Some(r) = &self.registered {
+            r.set_buffers(self.buffers.len() as u64, self.buffer_bytes);
+        }
     }
 
     fn unregister(&mut self, buffer_id: u32) -> Result<(Response, Vec<OwnedFd>), ControlError> {
@@ -487,6 +507,7 @@ impl Connection {
         }
         let b = self.buffers.remove(buffer_id as usize);
         self.buffer_bytes -= b.len();
+        self.publish_buffers();
         match Arc::try_unwrap(b) {
             Ok(b) if drained => {
                 let (tx, rx) = channel();

@@ -1,11 +1,13 @@
 //! The broker: control socket, sessions, and the I/O thread.
 
+pub mod admin;
 mod buffer;
 mod control;
 mod io_thread;
 pub mod manager;
 mod quota;
 mod reaper;
+mod registry;
 pub mod sched;
 mod session;
 mod tenant;
@@ -75,6 +77,13 @@ pub struct BrokerConfig {
     pub cpus: Vec<usize>,
     /// Most rings one session may have.
     pub max_rings_per_session: u32,
+    /// The operators' socket (`nvmectl`); `None`: none.
+    pub admin_socket: Option<PathBuf>,
+    /// Group whose members may use the admin socket (then mode 0660), besides root.
+    pub admin_group: Option<String>,
+    /// Permission bits of the admin socket file instead of 0600 / 0660 (tests: let a peer that
+    /// is not an operator reach the broker's own check).
+    pub admin_socket_mode: Option<u32>,
 }
 
 impl BrokerConfig {
@@ -98,6 +107,9 @@ impl BrokerConfig {
             io_threads: 1,
             cpus: Vec::new(),
             max_rings_per_session: 64,
+            admin_socket: None,
+            admin_group: None,
+            admin_socket_mode: None,
         }
     }
 }
@@ -172,6 +184,16 @@ pub struct Shared {
     connection_ended: std::sync::Condvar,
     /// Each tenant's rings per I/O thread (to split its limits between those threads).
     placement: Mutex<tenant::Placement>,
+    /// The live sessions, for the operators.
+    registry: Arc<registry::Registry>,
+    /// The controllers (their admin queues), in broker order.
+    ctrls: Vec<Arc<manager::ControllerShared>>,
+    /// What Identify told about each controller.
+    infos: Vec<crate::nvme::ControllerInfo>,
+    /// Entries of each controller's I/O queues, as granted.
+    queue_entries: Vec<u32>,
+    /// When the broker started.
+    started: std::time::Instant,
 }
 
 impl Shared {
@@ -231,6 +253,7 @@ pub struct Broker {
     io_threads: Vec<JoinHandle<()>>,
     reaper_thread: Option<JoinHandle<()>>,
     ctrls: Vec<Arc<manager::ControllerShared>>,
+    admin: Option<admin::AdminServer>,
 }
 
 fn bind_socket(path: &Path, mode: u32, group: Option<&str>) -> Result<OwnedFd, BrokerError> {
@@ -260,7 +283,32 @@ fn bind_socket(path: &Path, mode: u32, group: Option<&str>) -> Result<OwnedFd, B
     Ok(fd)
 }
 
+/// Binds the admin socket, if configured: mode 0600, or 0660 and owned by the admin group.
+fn bind_admin(config: &BrokerConfig) -> Result<Option<(OwnedFd, Option<admin::AdminGroup>)>, BrokerError> {
+    let Some(path) = &config.admin_socket else { return Ok(None) };
+    let group = match &config.admin_group {
+        None => None,
+        Some(name) => {
+            let g = nix::unistd::Group::from_name(name)
+                .map_err(|e| BrokerError::Socket { path: path.clone(), source: e.into() })?
+                .ok_or_else(|| BrokerError::Socket {
+                    path: path.clone(),
+                    source: std::io::Error::other(format!("no group named {name:?} (--admin-group)")),
+                })?;
+            Some(admin::AdminGroup { name: name.clone(), gid: g.gid.as_raw() })
+        }
+    };
+    let mode = config.admin_socket_mode.unwrap_or(if group.is_some() { 0o660 } else { 0o600 });
+    let fd = bind_socket(path, mode, config.admin_group.as_deref())?;
+    Ok(Some((fd, group)))
+}
+
 impl Broker {
+    /// The admin socket path, if it has one.
+    pub fn admin_socket(&self) -> Option<&Path> {
+        self.shared.config.admin_socket.as_deref()
+    }
+
     /// Brings up the controller, creates the I/O queues, and starts serving on the socket.
     pub fn start(device: Arc<dyn NvmeDevice>, config: BrokerConfig) -> Result<Self, BrokerError> {
         Self::start_many(vec![device], config)
@@ -278,8 +326,18 @@ impl Broker {
         // The socket first: its errors (in use, bad path) are the common ones, and must not
         // leave a controller enabled behind.
         let listener = bind_socket(&config.socket, config.socket_mode, config.socket_group.as_deref())?;
+        let admin_listener = match bind_admin(&config) {
+            Ok(a) => a,
+            Err(e) => {
+                let _ = std::fs::remove_file(&config.socket);
+                return Err(e);
+            }
+        };
         let unbind = |e: BrokerError| {
             let _ = std::fs::remove_file(&config.socket);
+            if let Some(p) = &config.admin_socket {
+                let _ = std::fs::remove_file(p);
+            }
             e
         };
         let mut controllers = Vec::new();
@@ -310,6 +368,8 @@ impl Broker {
             Err(e) => return Err(fail(&mut controllers, e)),
         };
         let limits = queues.limits.clone();
+        let queue_entries = queues.entries.clone();
+        let infos: Vec<_> = controllers.iter().map(|c| c.info().clone()).collect();
         let ctrls: Vec<_> =
             controllers.into_iter().map(|c| manager::ControllerShared::new(c, queues.threads)).collect();
         let (reaper, reaper_thread) = Reaper::start()?;
@@ -406,6 +466,11 @@ impl Broker {
             connections: Mutex::new(std::collections::HashMap::new()),
             connection_ended: std::sync::Condvar::new(),
             placement: Mutex::new(tenant::Placement::default()),
+            registry: Arc::default(),
+            ctrls: ctrls.clone(),
+            infos,
+            queue_entries,
+            started: std::time::Instant::now(),
         });
         let stopping = Arc::new(AtomicBool::new(false));
         let accept_thread = {
@@ -415,6 +480,17 @@ impl Broker {
             std::thread::Builder::new()
                 .name("nvmed-accept".into())
                 .spawn(move || accept_loop(lfd, shared, stopping))?
+        };
+        let admin = match admin_listener {
+            Some((fd, group)) => {
+                info!(
+                    socket = %shared.config.admin_socket.as_deref().unwrap_or(Path::new("")).display(),
+                    group = group.as_ref().map(|g| g.name.as_str()),
+                    "admin socket listening (nvmectl)"
+                );
+                Some(admin::AdminServer::start(fd, shared.clone(), group, stopping.clone())?)
+            }
+            None => None,
         };
         info!(
             socket = %shared.config.socket.display(),
@@ -430,6 +506,7 @@ impl Broker {
             io_threads,
             reaper_thread: Some(reaper_thread),
             ctrls,
+            admin,
         })
     }
 
@@ -464,6 +541,7 @@ impl Broker {
         }
         let mut per_thread: Vec<Vec<ThreadQueue>> = (0..count).map(|_| Vec::new()).collect();
         let mut limits = Vec::new();
+        let mut entries_each = Vec::new();
         for c in controllers.iter_mut() {
             let info = c.info().clone();
             let device = c.device().clone();
@@ -494,6 +572,7 @@ impl Broker {
             // admitted as slots free up, so any request up to 16 MiB completes even on a tiny
             // queue.
             let max_request = ((16u32 << 20) / info.max_transfer * info.max_transfer).max(info.max_transfer);
+            entries_each.push(entries);
             limits.push(DeviceLimits {
                 max_transfer: info.max_transfer,
                 max_request,
@@ -512,7 +591,7 @@ impl Broker {
                 "I/O queues created"
             );
         }
-        Ok(Queues { per_thread, limits, threads: count })
+        Ok(Queues { per_thread, limits, threads: count, entries: entries_each })
     }
 
     /// The socket path.
@@ -527,6 +606,9 @@ impl Broker {
         let _ = nix::sys::socket::shutdown(self.listener.as_raw_fd(), nix::sys::socket::Shutdown::Both);
         if let Some(t) = self.accept_thread.take() {
             let _ = t.join();
+        }
+        if let Some(a) = self.admin.take() {
+            a.stop();
         }
         // Close every client connection: their control threads end their sessions (draining
         // their I/O and releasing their buffers) while the I/O threads still run.
@@ -566,6 +648,9 @@ impl Broker {
             let _ = t.join();
         }
         let _ = std::fs::remove_file(&self.shared.config.socket);
+        if let Some(p) = &self.shared.config.admin_socket {
+            let _ = std::fs::remove_file(p);
+        }
         Ok(())
     }
 }
@@ -584,6 +669,8 @@ struct Queues {
     /// Each controller's limits.
     limits: Vec<DeviceLimits>,
     threads: u16,
+    /// Entries of each controller's queues.
+    entries: Vec<u32>,
 }
 
 /// The IOVA ranges every device accepts.

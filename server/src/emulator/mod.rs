@@ -146,6 +146,10 @@ pub struct EmulatorCounters {
     pub bytes_from_host: AtomicU64,
     /// DMA faults (accesses to unmapped IOVAs).
     pub dma_faults: AtomicU64,
+    /// Read commands completed successfully (SMART host read commands).
+    pub read_commands: AtomicU64,
+    /// Write commands completed successfully (SMART host write commands).
+    pub write_commands: AtomicU64,
 }
 
 struct Sq {
@@ -232,6 +236,8 @@ struct Inner {
     irq_wanted: Vec<AtomicBool>,
     counters: EmulatorCounters,
     stop: AtomicBool,
+    /// When the controller was made (its power-on time in the SMART log).
+    created: Instant,
     /// Time zero of the performance model.
     epoch: Instant,
 }
@@ -302,6 +308,7 @@ impl EmulatedController {
             irq,
             counters: EmulatorCounters::default(),
             stop: AtomicBool::new(false),
+            created: Instant::now(),
             epoch: Instant::now(),
         });
         let weak = Arc::downgrade(&inner);
@@ -1017,8 +1024,46 @@ impl Inner {
                 ok()
             }
             admin::ABORT => Some((0, 1)), // "command not aborted"
+            admin::GET_LOG_PAGE => self.get_log_page(st, cmd),
             _ => err(0, sc::INVALID_OPCODE),
         }
+    }
+
+    /// Get Log Page: only the SMART / Health Information page (synthetic, but consistent with
+    /// what the controller did); other pages are an invalid field.
+    fn get_log_page(&self, st: &State, cmd: &NvmeCommand) -> Outcome {
+        let lid = (cmd.cdw10 & 0xff) as u8;
+        let numd = (u64::from(cmd.cdw11 & 0xffff) << 16 | u64::from(cmd.cdw10 >> 16)) + 1;
+        let offset = u64::from(cmd.cdw12) | u64::from(cmd.cdw13) << 32;
+        let len = numd * 4;
+        if lid != admin::LID_SMART
+            || len > 4096
+            || offset % 4 != 0
+            || offset >= crate::nvme::smart::LEN as u64
+        {
+            return err(0, sc::INVALID_FIELD);
+        }
+        let c = &self.counters;
+        let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let log = nvmed_proto::admin::SmartLog {
+            temperature_kelvin: 313,
+            available_spare: 100,
+            available_spare_threshold: 10,
+            data_units_read: nvmed_proto::admin::SmartLog::data_units(l(&c.bytes_to_host)),
+            data_units_written: nvmed_proto::admin::SmartLog::data_units(l(&c.bytes_from_host)),
+            host_read_commands: l(&c.read_commands),
+            host_write_commands: l(&c.write_commands),
+            power_cycles: 1,
+            power_on_hours: self.created.elapsed().as_secs() / 3600,
+            ..Default::default()
+        };
+        let page = crate::nvme::smart::encode(&log);
+        // Beyond the page's 512 bytes the transfer reads as zeroes.
+        let mut data = vec![0u8; len as usize];
+        let from = &page[offset as usize..];
+        let n = from.len().min(data.len());
+        data[..n].copy_from_slice(&from[..n]);
+        self.write_data(st, cmd, &data)
     }
 
     fn namespace(&self, nsid: u32) -> Option<&EmulatedNamespace> {
@@ -1112,6 +1157,9 @@ impl Inner {
                 let counter =
                     if read { &self.counters.bytes_to_host } else { &self.counters.bytes_from_host };
                 counter.fetch_add(len, Ordering::Relaxed);
+                let commands =
+                    if read { &self.counters.read_commands } else { &self.counters.write_commands };
+                commands.fetch_add(1, Ordering::Relaxed);
                 if !read && cmd.cdw12 & io::CDW12_FUA != 0 {
                     if let Err(e) = ns.backend.flush() {
                         return io_err(e);

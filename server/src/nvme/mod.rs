@@ -8,6 +8,7 @@ pub mod controller;
 pub mod io;
 pub mod prp;
 pub mod queue;
+pub mod smart;
 pub mod spec;
 pub mod vector;
 

@@ -78,6 +78,8 @@ impl Cap {
 pub mod admin {
     /// Delete I/O Submission Queue.
     pub const DELETE_SQ: u8 = 0x00;
+    /// Get Log Page.
+    pub const GET_LOG_PAGE: u8 = 0x02;
     /// Create I/O Submission Queue.
     pub const CREATE_SQ: u8 = 0x01;
     /// Delete I/O Completion Queue.
@@ -102,6 +104,10 @@ pub mod admin {
     pub const CNS_NS_DESCRIPTORS: u32 = 0x03;
     /// Feature: number of queues.
     pub const FEAT_NUM_QUEUES: u32 = 0x07;
+    /// Log page: SMART / Health Information (512 bytes).
+    pub const LID_SMART: u8 = 0x02;
+    /// Namespace id meaning "the controller as a whole" (all namespaces).
+    pub const NSID_ALL: u32 = 0xffff_ffff;
 }
 
 /// NVM command set I/O opcodes.

@@ -1,0 +1,181 @@
+//! Talking to the broker's admin socket.
+
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use nix::sys::socket::{connect, setsockopt, socket, sockopt, AddressFamily, SockFlag, SockType, UnixAddr};
+use nix::sys::time::TimeVal;
+use nvmed_proto::admin::{
+    decode, encode, AdminError, AdminRequest, AdminResponse, HealthReport, SessionReport, StatusReport,
+    MAX_ADMIN_MESSAGE,
+};
+use nvmed_proto::transport::{self, TransportError};
+
+/// Where nvmed puts its admin socket by default.
+pub const DEFAULT_ADMIN_SOCKET: &str = "/run/nvmed-admin.sock";
+
+/// How long to wait for a reply (a kill waits for the session's I/O to drain).
+const REPLY_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// What can go wrong.
+#[derive(Debug, thiserror::Error)]
+pub enum CtlError {
+    /// Nothing listens on the socket.
+    #[error("no broker is listening on {path} ({reason}); is nvmed running? (--admin-socket PATH)")]
+    NotRunning {
+        /// The socket path.
+        path: PathBuf,
+        /// The connect error.
+        reason: String,
+    },
+    /// The socket file's permissions keep this user out.
+    #[error("cannot connect to {path}: permission denied; nvmectl needs root{}", group_clause(.group))]
+    PermissionDenied {
+        /// The socket path.
+        path: PathBuf,
+        /// The group owning the socket file when it lets its group in.
+        group: Option<String>,
+    },
+    /// The broker refused the request.
+    #[error("{0}")]
+    Broker(#[from] AdminError),
+    /// The connection failed.
+    #[error("admin socket {path}: {reason}")]
+    Transport {
+        /// The socket path.
+        path: PathBuf,
+        /// What failed.
+        reason: String,
+    },
+    /// The broker answered something unexpected.
+    #[error("unexpected reply from the broker: {0}")]
+    Unexpected(String),
+}
+
+fn group_clause(group: &Option<String>) -> String {
+    match group {
+        Some(g) => format!(" or membership in group {g}"),
+        None => String::new(),
+    }
+}
+
+/// A client of the admin socket (one connection per request: the broker closes idle ones).
+#[derive(Debug, Clone)]
+pub struct AdminClient {
+    path: PathBuf,
+}
+
+impl AdminClient {
+    /// A client of the admin socket at `path`.
+    pub fn new(path: impl Into<PathBuf>) -> Self {
+        Self { path: path.into() }
+    }
+
+    /// The socket path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn transport(&self, reason: impl std::fmt::Display) -> CtlError {
+        CtlError::Transport { path: self.path.clone(), reason: reason.to_string() }
+    }
+
+    fn connect(&self) -> Result<OwnedFd, CtlError> {
+        let fd = socket(AddressFamily::Unix, SockType::SeqPacket, SockFlag::SOCK_CLOEXEC, None)
+            .map_err(|e| self.transport(e))?;
+        let addr = UnixAddr::new(&self.path).map_err(|e| self.transport(e))?;
+        match connect(fd.as_raw_fd(), &addr) {
+            Ok(()) => {}
+            Err(nix::Error::EACCES) | Err(nix::Error::EPERM) => {
+                return Err(CtlError::PermissionDenied {
+                    path: self.path.clone(),
+                    group: socket_group(&self.path),
+                })
+            }
+            Err(e @ (nix::Error::ENOENT | nix::Error::ECONNREFUSED | nix::Error::ENOTDIR)) => {
+                return Err(CtlError::NotRunning { path: self.path.clone(), reason: e.desc().to_lowercase() })
+            }
+            Err(e) => return Err(self.transport(e)),
+        }
+        let t = TimeVal::new(REPLY_TIMEOUT.as_secs() as _, 0);
+        setsockopt(&fd, sockopt::ReceiveTimeout, &t).map_err(|e| self.transport(e))?;
+        Ok(fd)
+    }
+
+    /// Sends one request and returns the reply (`AdminResponse::Error` as [`CtlError::Broker`]).
+    pub fn request(&self, req: &AdminRequest) -> Result<AdminResponse, CtlError> {
+        let fd = self.connect()?;
+        // A refused peer is answered and disconnected at once: its send may fail, and the
+        // refusal still waits to be read.
+        let sent = transport::send(fd.as_fd(), &encode(req), &[]);
+        let mut got = transport::recv_sized(fd.as_fd(), MAX_ADMIN_MESSAGE);
+        if matches!(got, Err(TransportError::Closed)) {
+            // A reset reported first; what was queued before it may still be there.
+            got = transport::recv_sized(fd.as_fd(), MAX_ADMIN_MESSAGE);
+        }
+        let msg = match got {
+            Ok(m) => m,
+            Err(TransportError::Io(nix::Error::EAGAIN)) => {
+                return Err(self.transport(format!("no reply within {} s", REPLY_TIMEOUT.as_secs())))
+            }
+            Err(e) => {
+                return Err(match sent {
+                    Err(s) => self.transport(format!("sending the request: {s}")),
+                    Ok(()) => self.transport(format!("the broker closed the connection ({e})")),
+                })
+            }
+        };
+        if msg.truncated {
+            return Err(self.transport(format!("reply longer than {MAX_ADMIN_MESSAGE} bytes")));
+        }
+        match decode::<AdminResponse>(&msg.bytes) {
+            Ok(AdminResponse::Error(e)) => Err(CtlError::Broker(e)),
+            Ok(r) => Ok(r),
+            Err(e) => Err(self.transport(format!("undecodable reply (another nvmed version?): {e}"))),
+        }
+    }
+
+    /// The broker's status.
+    pub fn status(&self) -> Result<StatusReport, CtlError> {
+        match self.request(&AdminRequest::Status)? {
+            AdminResponse::Status(s) => Ok(s),
+            other => Err(CtlError::Unexpected(format!("{other:?}"))),
+        }
+    }
+
+    /// The live sessions.
+    pub fn sessions(&self) -> Result<Vec<SessionReport>, CtlError> {
+        match self.request(&AdminRequest::Sessions)? {
+            AdminResponse::Sessions(s) => Ok(s),
+            other => Err(CtlError::Unexpected(format!("{other:?}"))),
+        }
+    }
+
+    /// Ends a session; returns once the broker has released it.
+    pub fn kill(&self, session: u64) -> Result<(), CtlError> {
+        match self.request(&AdminRequest::Kill { session })? {
+            AdminResponse::Killed => Ok(()),
+            other => Err(CtlError::Unexpected(format!("{other:?}"))),
+        }
+    }
+
+    /// Each controller's SMART / health data.
+    pub fn health(&self) -> Result<Vec<HealthReport>, CtlError> {
+        match self.request(&AdminRequest::Health)? {
+            AdminResponse::Health(h) => Ok(h),
+            other => Err(CtlError::Unexpected(format!("{other:?}"))),
+        }
+    }
+}
+
+/// The group owning the socket file, when its permissions let that group in.
+fn socket_group(path: &Path) -> Option<String> {
+    let meta = std::fs::metadata(path).ok()?;
+    if meta.mode() & 0o060 != 0o060 {
+        return None;
+    }
+    let gid = nix::unistd::Gid::from_raw(meta.gid());
+    Some(nix::unistd::Group::from_gid(gid).ok().flatten().map_or_else(|| gid.to_string(), |g| g.name))
+}

@@ -1,0 +1,78 @@
+//! Rates from two samples of the session list.
+
+use std::time::Duration;
+
+use nvmed_proto::admin::SessionReport;
+use serde::Serialize;
+
+/// A session with its rates over the last interval.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct SessionRate {
+    /// The session as the broker reported it (at the end of the interval).
+    #[serde(flatten)]
+    pub session: SessionReport,
+    /// Completions per second.
+    pub iops: f64,
+    /// Megabytes (10^6 bytes) read per second.
+    pub read_mb_s: f64,
+    /// Megabytes written per second.
+    pub write_mb_s: f64,
+}
+
+/// The sessions of `after` with their rates since `before`, `elapsed` apart. A session absent
+/// from `before` started within the interval: all its I/O counts. With no elapsed time the
+/// rates are 0.
+pub fn session_rates(
+    before: &[SessionReport],
+    after: &[SessionReport],
+    elapsed: Duration,
+) -> Vec<SessionRate> {
+    let secs = elapsed.as_secs_f64();
+    let per_sec = |d: u64| if secs > 0.0 { d as f64 / secs } else { 0.0 };
+    after
+        .iter()
+        .map(|s| {
+            let prev = before.iter().find(|b| b.id == s.id).map(|b| b.counters).unwrap_or_default();
+            let c = s.counters;
+            SessionRate {
+                session: s.clone(),
+                iops: per_sec(c.completed.saturating_sub(prev.completed)),
+                read_mb_s: per_sec(c.bytes_read.saturating_sub(prev.bytes_read)) / 1e6,
+                write_mb_s: per_sec(c.bytes_written.saturating_sub(prev.bytes_written)) / 1e6,
+            }
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use nvmed_proto::admin::Totals;
+
+    fn session(id: u64, completed: u64, bytes_read: u64) -> SessionReport {
+        SessionReport {
+            id,
+            uid: 0,
+            pid: 1,
+            command: "x".into(),
+            client: "y".into(),
+            started_unix: 0,
+            age_secs: 0,
+            rings: 1,
+            buffers: 0,
+            registered_bytes: 0,
+            counters: Totals { completed, bytes_read, ..Totals::default() },
+        }
+    }
+
+    #[test]
+    fn rates_from_two_samples() {
+        let before = [session(1, 100, 1_000_000), session(2, 5, 0)];
+        let after = [session(1, 300, 5_000_000), session(3, 50, 0)];
+        let r = session_rates(&before, &after, Duration::from_secs(2));
+        assert_eq!(r.len(), 2);
+        assert_eq!((r[0].iops, r[0].read_mb_s), (100.0, 2.0));
+        assert_eq!(r[1].iops, 25.0, "a new session's I/O all happened in the interval");
+        assert_eq!(session_rates(&before, &after, Duration::ZERO)[0].iops, 0.0);
+    }
+}

@@ -1,0 +1,454 @@
+//! nvmectl against a live broker (started in this process on an emulated controller): the
+//! library's requests, and the real `nvmectl` binary's output.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use nvmectl::{session_rates, AdminClient, CtlError};
+use nvmed_client::{NvmeRing, NvmeSession};
+use nvmed_proto::admin::{AdminError, SmartLog};
+use nvmed_server::broker::{Broker, BrokerConfig};
+use nvmed_server::emulator::backend::MemoryBackend;
+use nvmed_server::emulator::{EmulatedController, EmulatedNamespace, EmulatorConfig};
+
+const NAMESPACE: u64 = 64 << 20;
+const MODEL: &str = "nvmed emulated NVMe controller";
+
+struct Env {
+    broker: Option<Broker>,
+    dir: PathBuf,
+    admin: PathBuf,
+    socket: PathBuf,
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        if let Some(b) = self.broker.take() {
+            let _ = b.shutdown();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+impl Env {
+    fn client(&self) -> AdminClient {
+        AdminClient::new(&self.admin)
+    }
+}
+
+/// A broker with 2 I/O threads on one emulated controller, its admin socket in a fresh
+/// directory (other uids may enter it).
+fn broker(tweak: impl FnOnce(&mut BrokerConfig)) -> Env {
+    use std::os::unix::fs::PermissionsExt;
+    static N: AtomicUsize = AtomicUsize::new(0);
+    let dir = std::env::temp_dir().join(format!(
+        "nvmectl-test-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    ));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let device = Arc::new(
+        EmulatedController::new(EmulatorConfig {
+            namespaces: vec![EmulatedNamespace {
+                backend: Box::new(MemoryBackend::new(NAMESPACE).unwrap()),
+                lba_size: 512,
+            }],
+            vectors: 3,
+            ..Default::default()
+        })
+        .unwrap(),
+    );
+    let socket = dir.join("nvmed.sock");
+    let admin = dir.join("nvmed-admin.sock");
+    let mut config = BrokerConfig::new(&socket);
+    config.admin_socket = Some(admin.clone());
+    config.io_threads = 2;
+    tweak(&mut config);
+    let broker = Broker::start(device, config).unwrap();
+    Env { broker: Some(broker), dir, admin, socket }
+}
+
+/// A client thread that writes and reads 4 KiB blocks until `stop`, on `rings` rings of one
+/// session; returns the session id once it has done some I/O, and how many I/Os it completed
+/// (or the error that ended it) at the end.
+struct Worker {
+    session: u64,
+    thread: std::thread::JoinHandle<Result<u64, nvmed_client::Error>>,
+}
+
+fn worker(socket: &Path, rings: usize, slot: u64, stop: Arc<AtomicBool>) -> Worker {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let socket = socket.to_path_buf();
+    let thread = std::thread::spawn(move || {
+        let session = NvmeSession::open(&socket)?;
+        let mut rings: Vec<NvmeRing> = (0..rings).map(|_| session.new_ring()).collect::<Result<_, _>>()?;
+        let mut bufs = Vec::new();
+        for r in &mut rings {
+            bufs.push(r.alloc_buffer(1 << 20)?);
+        }
+        let mut done = 0u64;
+        let base = slot * (1 << 20);
+        let mut announced = false;
+        while !stop.load(Ordering::Relaxed) {
+            for (r, &b) in rings.iter_mut().zip(&bufs) {
+                let off = (done % 256) * 4096;
+                r.write(1, base + off, b, off, 4096)?;
+                r.read(1, base + off, b, off, 4096)?;
+                done += 2;
+            }
+            if !announced {
+                tx.send(session.session_id()).unwrap();
+                announced = true;
+            }
+        }
+        Ok(done)
+    });
+    let session = rx.recv_timeout(Duration::from_secs(20)).expect("the client started I/O");
+    Worker { session, thread }
+}
+
+#[test]
+fn status_and_health_follow_the_io() {
+    let env = broker(|_| {});
+    let ctl = env.client();
+    let s = ctl.status().unwrap();
+    assert_eq!(s.version, env!("CARGO_PKG_VERSION"));
+    assert_eq!(s.controllers.len(), 1);
+    let c = &s.controllers[0];
+    assert_eq!((c.model.as_str(), c.serial.as_str(), c.state.as_str()), (MODEL, "NVMED-EMU-0001", "running"));
+    assert_eq!(c.firmware, env!("CARGO_PKG_VERSION"));
+    assert_eq!(s.namespaces.len(), 1);
+    assert_eq!(
+        (s.namespaces[0].nsid, s.namespaces[0].size_bytes, s.namespaces[0].lba_size),
+        (1, NAMESPACE, 512)
+    );
+    assert_eq!(s.io_threads.len(), 2);
+    assert_eq!(s.queue_depth, 1024);
+    assert_eq!(s.sessions, 0);
+
+    let before = ctl.health().unwrap();
+    let h = before[0].smart.expect("the emulator answers the SMART log");
+    assert_eq!((h.temperature_kelvin, h.temperature_celsius), (313, 40));
+    assert_eq!((h.available_spare, h.available_spare_threshold, h.percentage_used), (100, 10, 0));
+    assert_eq!((h.power_cycles, h.unsafe_shutdowns, h.media_errors, h.critical_warning), (1, 0, 0, 0));
+    assert_eq!((h.data_units_written, h.host_write_commands), (0, 0));
+
+    // 3 MiB + 4 KiB written in 25 commands, 1 MiB read in 8.
+    let mut ring = NvmeRing::open(&env.socket).unwrap();
+    let buf = ring.alloc_buffer(4 << 20).unwrap();
+    for i in 0..24u64 {
+        ring.write(1, i * (128 << 10), buf, 0, 128 << 10).unwrap();
+    }
+    ring.write(1, 8 << 20, buf, 0, 4096).unwrap();
+    for i in 0..8u64 {
+        ring.read(1, i * (128 << 10), buf, 0, 128 << 10).unwrap();
+    }
+    let written = (3u64 << 20) + 4096;
+    let s = ctl.status().unwrap();
+    assert_eq!(s.sessions, 1);
+    assert_eq!((s.totals.bytes_written, s.totals.bytes_read, s.totals.completed), (written, 1 << 20, 33));
+    assert_eq!(s.registered_buffers, 1);
+    assert!(s.registered_bytes >= 4 << 20, "{}", s.registered_bytes);
+    assert_eq!(s.io_threads.iter().map(|t| t.rings).sum::<u64>(), 1);
+
+    let h = ctl.health().unwrap()[0].smart.unwrap();
+    assert_eq!(h.data_units_written, SmartLog::data_units(written));
+    assert_eq!(h.data_units_written, 7, "3149824 bytes are 6.15 units, rounded up");
+    assert_eq!(h.data_units_read, SmartLog::data_units(1 << 20));
+    assert_eq!((h.host_write_commands, h.host_read_commands), (25, 8));
+    assert_eq!(h.temperature_kelvin, 313);
+}
+
+#[test]
+fn sessions_show_each_client_with_its_rings_while_eight_run_io() {
+    let env = broker(|_| {});
+    let stop = Arc::new(AtomicBool::new(false));
+    // Client 0 has 3 rings, the others one each.
+    let workers: Vec<Worker> =
+        (0..8).map(|i| worker(&env.socket, if i == 0 { 3 } else { 1 }, i, stop.clone())).collect();
+    let ctl = env.client();
+    let first = ctl.sessions().unwrap();
+    let t = Instant::now();
+    std::thread::sleep(Duration::from_millis(300));
+    let second = ctl.sessions().unwrap();
+    let rates = session_rates(&first, &second, t.elapsed());
+    assert_eq!(second.len(), 8, "{second:#?}");
+    let me = std::fs::read_to_string("/proc/self/comm").unwrap().trim_end().to_string();
+    for (i, w) in workers.iter().enumerate() {
+        let r = rates.iter().find(|r| r.session.id == w.session).expect("every client's session is listed");
+        let s = &r.session;
+        assert_eq!((s.uid, s.pid), (nix::unistd::getuid().as_raw(), std::process::id() as i32));
+        assert_eq!(s.command, me);
+        assert_eq!(s.rings, if i == 0 { 3 } else { 1 });
+        assert_eq!(s.buffers, s.rings as u64);
+        assert_eq!(s.registered_bytes, u64::from(s.rings) << 20);
+        assert!(
+            s.counters.completed > 0 && s.counters.bytes_written > 0 && s.counters.bytes_read > 0,
+            "{s:?}"
+        );
+        assert!(s.counters.submitted >= s.counters.completed);
+        assert_eq!(s.counters.errors, 0);
+        assert!(r.iops > 0.0 && r.write_mb_s > 0.0, "session {} did I/O in the interval: {r:?}", s.id);
+    }
+    let status = ctl.status().unwrap();
+    assert_eq!(status.sessions, 8);
+    assert_eq!(status.io_threads.iter().map(|t| t.rings).sum::<u64>(), 10);
+    stop.store(true, Ordering::Relaxed);
+    for w in workers {
+        assert!(w.thread.join().unwrap().unwrap() > 0);
+    }
+}
+
+#[test]
+fn kill_ends_one_session_and_the_others_go_on() {
+    let env = broker(|_| {});
+    let stop = Arc::new(AtomicBool::new(false));
+    let workers: Vec<Worker> = (0..3).map(|i| worker(&env.socket, 1, i, stop.clone())).collect();
+    let ctl = env.client();
+    let victim = workers[1].session;
+    ctl.kill(victim).unwrap();
+    // Released when the kill returns: gone from the list at once.
+    let after = ctl.sessions().unwrap();
+    assert!(after.iter().all(|s| s.id != victim), "{after:#?}");
+    assert_eq!(after.len(), 2);
+    // Its client's I/O fails: its rings are closed, its connection gone.
+    let mut workers = workers;
+    let killed = workers.remove(1);
+    match killed.thread.join().unwrap() {
+        Err(nvmed_client::Error::BrokerGone) | Err(nvmed_client::Error::RingFaulted(_)) => {}
+        other => panic!("the killed client should see its session end, got {other:?}"),
+    }
+    // The others go on.
+    let done: Vec<u64> = after.iter().map(|s| s.counters.completed).collect();
+    std::thread::sleep(Duration::from_millis(200));
+    let later = ctl.sessions().unwrap();
+    for (s, before) in later.iter().zip(&done) {
+        assert!(s.counters.completed > *before, "session {} stalled after the kill", s.id);
+    }
+    // An unknown or already killed session is a typed error.
+    match ctl.kill(victim) {
+        Err(CtlError::Broker(AdminError::UnknownSession(id))) => assert_eq!(id, victim),
+        other => panic!("{other:?}"),
+    }
+    stop.store(true, Ordering::Relaxed);
+    for w in workers {
+        assert!(w.thread.join().unwrap().unwrap() > 0);
+    }
+    assert_eq!(ctl.status().unwrap().registered_buffers, 0);
+}
+
+fn nvmectl(env: &Env, args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_nvmectl"))
+        .arg("--admin-socket")
+        .arg(&env.admin)
+        .args(args)
+        .output()
+        .expect("run nvmectl")
+}
+
+fn json(out: &std::process::Output) -> serde_json::Value {
+    assert!(out.status.success(), "nvmectl failed: {}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stdout)))
+}
+
+#[test]
+fn the_binary_prints_tables_and_json() {
+    let env = broker(|_| {});
+    let stop = Arc::new(AtomicBool::new(false));
+    let workers: Vec<Worker> = (0..2).map(|i| worker(&env.socket, 2, i, stop.clone())).collect();
+
+    let s = json(&nvmectl(&env, &["status", "--json"]));
+    assert_eq!(s["controllers"][0]["model"], MODEL);
+    assert_eq!(s["namespaces"][0]["size_bytes"], NAMESPACE);
+    assert_eq!(s["sessions"], 2);
+    assert_eq!(s["io_threads"].as_array().unwrap().len(), 2);
+
+    let out = nvmectl(&env, &["status"]);
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(out.status.success());
+    assert!(
+        text.contains(MODEL) && text.contains("NVMED-EMU-0001") && text.contains("Sessions: 2 of 64"),
+        "{text}"
+    );
+
+    let list = json(&nvmectl(&env, &["sessions", "--json", "--interval", "0.2"]));
+    let list = list.as_array().unwrap();
+    assert_eq!(list.len(), 2);
+    for (s, w) in list.iter().zip(&workers) {
+        assert_eq!(s["id"], w.session);
+        assert_eq!(s["rings"], 2);
+        assert_eq!(s["registered_bytes"], 2u64 << 20);
+        assert!(s["iops"].as_f64().unwrap() > 0.0, "{s}");
+        assert!(s["counters"]["completed"].as_u64().unwrap() > 0);
+    }
+
+    let out = nvmectl(&env, &["sessions", "--interval", "0.1"]);
+    let text = String::from_utf8(out.stdout).unwrap();
+    let header = text.lines().next().unwrap();
+    assert!(header.starts_with("ID") && header.contains("IOPS") && header.contains("REGISTERED"), "{text}");
+    assert_eq!(text.lines().count(), 3, "{text}");
+    let row: Vec<&str> = text.lines().nth(1).unwrap().split_whitespace().collect();
+    assert_eq!(row[0], workers[0].session.to_string());
+
+    let top = nvmectl(&env, &["top", "--json", "--iterations", "2", "--interval", "0.1"]);
+    assert!(top.status.success());
+    let lines: Vec<serde_json::Value> =
+        String::from_utf8(top.stdout).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(lines.len(), 2);
+    assert_eq!(lines[1]["sessions"].as_array().unwrap().len(), 2);
+    let top = nvmectl(&env, &["top", "--iterations", "2", "--interval", "0.1"]);
+    let text = String::from_utf8(top.stdout).unwrap();
+    assert_eq!(text.matches("IOPS, read").count(), 2, "{text}");
+
+    let h = json(&nvmectl(&env, &["health", "--json"]));
+    assert_eq!(h[0]["smart"]["temperature_kelvin"], 313);
+    assert!(h[0]["smart"]["data_units_written"].as_u64().unwrap() > 0);
+    let text = String::from_utf8(nvmectl(&env, &["health"]).stdout).unwrap();
+    assert!(text.contains("313 K (40 °C)"), "{text}");
+
+    let k = json(&nvmectl(&env, &["kill", &workers[0].session.to_string(), "--json"]));
+    assert_eq!(k["killed"], workers[0].session);
+    let out = nvmectl(&env, &["kill", "999999"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(String::from_utf8_lossy(&out.stderr), "nvmectl: no session 999999 (see `nvmectl sessions`)\n");
+
+    stop.store(true, Ordering::Relaxed);
+    for w in workers {
+        let _ = w.thread.join().unwrap();
+    }
+    // No broker at all: a clear message.
+    let gone = env.dir.join("nothing.sock");
+    let out = Command::new(env!("CARGO_BIN_EXE_nvmectl"))
+        .arg("--admin-socket")
+        .arg(&gone)
+        .arg("status")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.starts_with("nvmectl: no broker is listening on") && err.contains("is nvmed running?"),
+        "{err}"
+    );
+}
+
+/// A copy of the nvmectl binary other uids can run (the build tree may be closed to them).
+fn runnable_by_anyone() -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = std::env::temp_dir().join(format!("nvmectl-bin-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let dst = dir.join("nvmectl");
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let tmp = dir.join("nvmectl.tmp");
+        std::fs::copy(env!("CARGO_BIN_EXE_nvmectl"), &tmp).unwrap();
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::fs::rename(&tmp, &dst).unwrap();
+    });
+    dst
+}
+
+fn as_uid(env: &Env, uid: u32, gid: u32) -> (Option<i32>, String, String) {
+    use std::os::unix::process::CommandExt;
+    let out = Command::new(runnable_by_anyone())
+        .arg("--admin-socket")
+        .arg(&env.admin)
+        .arg("status")
+        .uid(uid)
+        .gid(gid)
+        .output()
+        .unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into(),
+        String::from_utf8_lossy(&out.stderr).into(),
+    )
+}
+
+#[test]
+fn only_operators_are_served() {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("skipped: needs root to run nvmectl as another uid");
+        return;
+    }
+    // The socket file keeps other users out (mode 0600): a clear message from nvmectl.
+    let env = broker(|_| {});
+    let (code, _, err) = as_uid(&env, 1000, 1000);
+    assert_eq!(code, Some(1));
+    assert_eq!(
+        err,
+        format!(
+            "nvmectl: cannot connect to {}: permission denied; nvmectl needs root\n",
+            env.admin.display()
+        )
+    );
+    drop(env);
+
+    // A socket anyone can reach: the broker's own check refuses with its typed error.
+    let env = broker(|c| c.admin_socket_mode = Some(0o666));
+    let (code, out, err) = as_uid(&env, 1000, 1000);
+    assert_eq!((code, out.as_str()), (Some(1), ""));
+    assert_eq!(
+        err,
+        "nvmectl: permission denied for uid 1000: nvmectl needs root (the broker was started without --admin-group)\n"
+    );
+    // Root still is served, and the refusals left nothing behind.
+    assert_eq!(env.client().status().unwrap().sessions, 0);
+    drop(env);
+
+    // With an admin group: a member (here by its gid) is served, others are told the group.
+    let env = broker(|c| {
+        c.admin_group = Some("root".into());
+        c.admin_socket_mode = Some(0o666);
+    });
+    let (code, out, err) = as_uid(&env, 1000, 0);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(out.contains(MODEL), "{out}");
+    let (code, _, err) = as_uid(&env, 1000, 1000);
+    assert_eq!(code, Some(1));
+    assert_eq!(
+        err,
+        "nvmectl: permission denied for uid 1000: nvmectl needs root or membership in group root\n"
+    );
+}
+
+#[test]
+fn admin_connections_are_bounded_and_idle_ones_do_not_block_others() {
+    use std::os::fd::AsRawFd;
+    let env = broker(|_| {});
+    // Eight idle connections hold every slot: a ninth is told to try again.
+    let addr = nix::sys::socket::UnixAddr::new(&env.admin).unwrap();
+    let open = || {
+        let fd = nix::sys::socket::socket(
+            nix::sys::socket::AddressFamily::Unix,
+            nix::sys::socket::SockType::SeqPacket,
+            nix::sys::socket::SockFlag::SOCK_CLOEXEC,
+            None,
+        )
+        .unwrap();
+        nix::sys::socket::connect(fd.as_raw_fd(), &addr).unwrap();
+        fd
+    };
+    let held: Vec<_> = (0..8).map(|_| open()).collect();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        match env.client().status() {
+            Err(CtlError::Broker(AdminError::Busy { limit: 8 })) => break,
+            Ok(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
+            other => panic!("{other:?}"),
+        }
+    }
+    drop(held);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while env.client().status().is_err() {
+        assert!(Instant::now() < deadline, "admin slots were not given back");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}

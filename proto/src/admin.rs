@@ -1,0 +1,341 @@
+//! The operator protocol: what `nvmectl` asks the broker on its admin socket.
+//!
+//! A separate SOCK_SEQPACKET Unix socket (by default `nvmed-admin.sock` beside the client
+//! socket, mode 0600, or 0660 with `--admin-group`), with the client socket's framing: each
+//! datagram is one postcard-encoded [`AdminRequest`] or [`AdminResponse`], no file descriptors.
+//! Only root (or the broker's own uid) and members of the admin group are served; anyone else
+//! gets [`AdminError::NotAuthorized`] and the connection closes. Responses may be larger than
+//! client control messages (a session list): at most [`MAX_ADMIN_MESSAGE`] bytes.
+
+use serde::{Deserialize, Serialize};
+
+/// Largest admin datagram (a response listing many sessions); requests are tiny.
+pub const MAX_ADMIN_MESSAGE: usize = 1 << 20;
+
+/// A request from `nvmectl` to the broker.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum AdminRequest {
+    /// The broker, its controllers, namespaces, I/O threads and totals.
+    Status,
+    /// Every live session with its counters.
+    Sessions,
+    /// End a session as if its client had disconnected (its I/O drains, its memory is released).
+    Kill {
+        /// The session id (as [`SessionReport::id`] and the broker's logs show it).
+        session: u64,
+    },
+    /// Each controller's SMART / Health Information log page.
+    Health,
+}
+
+/// A response from the broker to `nvmectl`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum AdminResponse {
+    /// Reply to [`AdminRequest::Status`].
+    Status(StatusReport),
+    /// Reply to [`AdminRequest::Sessions`].
+    Sessions(Vec<SessionReport>),
+    /// Reply to [`AdminRequest::Kill`], once the session is released.
+    Killed,
+    /// Reply to [`AdminRequest::Health`], one per controller.
+    Health(Vec<HealthReport>),
+    /// The request failed.
+    Error(AdminError),
+}
+
+/// Why an admin request failed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+pub enum AdminError {
+    /// The peer is neither root nor in the admin group.
+    #[error("permission denied for uid {uid}: nvmectl needs root{}", group_clause(.group))]
+    NotAuthorized {
+        /// The peer's uid.
+        uid: u32,
+        /// The broker's `--admin-group`, if any.
+        group: Option<String>,
+    },
+    /// Too many admin connections are open.
+    #[error("the broker serves at most {limit} admin connections at once; try again")]
+    Busy {
+        /// The limit.
+        limit: usize,
+    },
+    /// No live session has this id.
+    #[error("no session {0} (see `nvmectl sessions`)")]
+    UnknownSession(u64),
+    /// A wait did not end in time.
+    #[error("timed out: {0}")]
+    Timeout(String),
+    /// The datagram did not decode as a request.
+    #[error("malformed admin request: {0}")]
+    Malformed(String),
+    /// The reply would be larger than [`MAX_ADMIN_MESSAGE`].
+    #[error("the reply would exceed {limit} bytes")]
+    TooLarge {
+        /// [`MAX_ADMIN_MESSAGE`].
+        limit: usize,
+    },
+    /// The broker failed for its own reasons.
+    #[error("broker error: {0}")]
+    Internal(String),
+}
+
+fn group_clause(group: &Option<String>) -> String {
+    match group {
+        Some(g) => format!(" or membership in group {g}"),
+        None => " (the broker was started without --admin-group)".into(),
+    }
+}
+
+/// The broker at a glance.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StatusReport {
+    /// nvmed's version.
+    pub version: String,
+    /// Seconds since the broker started.
+    pub uptime_secs: u64,
+    /// Its controllers, in broker order.
+    pub controllers: Vec<ControllerReport>,
+    /// Namespaces served, with their broker-wide ids.
+    pub namespaces: Vec<NamespaceReport>,
+    /// Its I/O threads.
+    pub io_threads: Vec<crate::IoThreadInfo>,
+    /// Entries asked for each device I/O queue (`--queue-depth`).
+    pub queue_depth: u32,
+    /// Live sessions.
+    pub sessions: u64,
+    /// Most sessions (`--max-sessions`).
+    pub max_sessions: u64,
+    /// Counters summed over the live sessions.
+    pub totals: Totals,
+    /// Buffers registered by the live sessions.
+    pub registered_buffers: u64,
+    /// Bytes of IOVA space mapped for client buffers.
+    pub registered_bytes: u64,
+}
+
+/// One controller.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ControllerReport {
+    /// Its index (as [`NamespaceReport::controller`]).
+    pub index: u16,
+    /// The device (PCI address, or `emulated-N`).
+    pub device: String,
+    /// Model number (Identify).
+    pub model: String,
+    /// Serial number.
+    pub serial: String,
+    /// Firmware revision.
+    pub firmware: String,
+    /// Largest single device transfer in bytes (MDTS).
+    pub max_transfer: u32,
+    /// Entries of each I/O queue the controller really granted.
+    pub queue_entries: u32,
+    /// `running`, or how it failed after a reset.
+    pub state: String,
+}
+
+/// One served namespace.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NamespaceReport {
+    /// Broker-wide namespace id.
+    pub nsid: u32,
+    /// Controller index.
+    pub controller: u16,
+    /// Its id on that controller.
+    pub device_nsid: u32,
+    /// Size in bytes.
+    pub size_bytes: u64,
+    /// LBA size in bytes.
+    pub lba_size: u32,
+}
+
+/// Counters of one session or all of them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Totals {
+    /// Requests taken off the SQs.
+    pub submitted: u64,
+    /// Completions posted.
+    pub completed: u64,
+    /// Completions with an error status.
+    pub errors: u64,
+    /// Bytes read by successful reads.
+    pub bytes_read: u64,
+    /// Bytes written by successful writes.
+    pub bytes_written: u64,
+    /// Requests at the device now.
+    pub in_flight: u64,
+}
+
+/// One live session.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SessionReport {
+    /// Session id (the connection id in the broker's logs).
+    pub id: u64,
+    /// The client's uid.
+    pub uid: u32,
+    /// The client's pid (at connect).
+    pub pid: i32,
+    /// Its command name (`/proc/PID/comm` at Hello; empty if unknown).
+    pub command: String,
+    /// The name the client gave in Hello.
+    pub client: String,
+    /// When the session started, in seconds since the Unix epoch.
+    pub started_unix: u64,
+    /// Seconds since it started.
+    pub age_secs: u64,
+    /// Its rings.
+    pub rings: u32,
+    /// Its registered buffers.
+    pub buffers: u64,
+    /// Bytes it registered.
+    pub registered_bytes: u64,
+    /// Its counters, summed over its rings.
+    pub counters: Totals,
+}
+
+/// One controller's health.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HealthReport {
+    /// Controller index.
+    pub controller: u16,
+    /// The device.
+    pub device: String,
+    /// Model number.
+    pub model: String,
+    /// Serial number.
+    pub serial: String,
+    /// The decoded log page (`None` if it could not be read: see `error`).
+    pub smart: Option<SmartLog>,
+    /// Why the log page could not be read.
+    pub error: Option<String>,
+}
+
+/// The SMART / Health Information log page (Get Log Page, LID 02h), decoded. The 128-bit
+/// counters of the page are reported saturated to 64 bits.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SmartLog {
+    /// Critical Warning bits (0: spare below threshold, 1: temperature, 2: reliability
+    /// degraded, 3: read-only, 4: volatile memory backup failed, 5: persistent memory read-only).
+    pub critical_warning: u8,
+    /// Composite temperature in kelvin.
+    pub temperature_kelvin: u16,
+    /// Composite temperature in degrees Celsius.
+    pub temperature_celsius: i32,
+    /// Available spare, percent.
+    pub available_spare: u8,
+    /// Available spare threshold, percent.
+    pub available_spare_threshold: u8,
+    /// Percentage of the rated endurance used (may exceed 100).
+    pub percentage_used: u8,
+    /// Data read by hosts, in units of 1000 × 512 bytes, rounded up.
+    pub data_units_read: u64,
+    /// Data written by hosts, in units of 1000 × 512 bytes, rounded up.
+    pub data_units_written: u64,
+    /// Read commands completed.
+    pub host_read_commands: u64,
+    /// Write commands completed.
+    pub host_write_commands: u64,
+    /// Minutes the controller was busy with I/O.
+    pub controller_busy_minutes: u64,
+    /// Power cycles.
+    pub power_cycles: u64,
+    /// Power-on hours.
+    pub power_on_hours: u64,
+    /// Unsafe shutdowns.
+    pub unsafe_shutdowns: u64,
+    /// Unrecovered data integrity errors.
+    pub media_errors: u64,
+    /// Error Information log entries over the controller's life.
+    pub error_log_entries: u64,
+}
+
+/// Bytes in one SMART data unit (1000 units of 512 bytes).
+pub const SMART_DATA_UNIT: u64 = 512_000;
+
+impl SmartLog {
+    /// Data units for `bytes` (rounded up, as the log page counts them).
+    pub fn data_units(bytes: u64) -> u64 {
+        bytes.div_ceil(SMART_DATA_UNIT)
+    }
+
+    /// Bytes the data units stand for (upper bound).
+    pub fn bytes(units: u64) -> u64 {
+        units.saturating_mul(SMART_DATA_UNIT)
+    }
+}
+
+/// Encodes an admin message.
+pub fn encode<T: Serialize>(msg: &T) -> Vec<u8> {
+    postcard::to_stdvec(msg).expect("admin messages always serialize")
+}
+
+/// Decodes an admin message, mapping failures to [`AdminError::Malformed`].
+pub fn decode<'a, T: Deserialize<'a>>(bytes: &'a [u8]) -> Result<T, AdminError> {
+    postcard::from_bytes(bytes).map_err(|e| AdminError::Malformed(e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn messages_round_trip() {
+        for r in [
+            AdminRequest::Status,
+            AdminRequest::Sessions,
+            AdminRequest::Kill { session: 7 },
+            AdminRequest::Health,
+        ] {
+            assert_eq!(decode::<AdminRequest>(&encode(&r)).unwrap(), r);
+        }
+        let s = SessionReport {
+            id: 3,
+            uid: 1000,
+            pid: 42,
+            command: "fio".into(),
+            client: "ringbench".into(),
+            started_unix: 1,
+            age_secs: 2,
+            rings: 2,
+            buffers: 1,
+            registered_bytes: 4096,
+            counters: Totals { submitted: 9, completed: 8, ..Totals::default() },
+        };
+        let h = HealthReport {
+            controller: 0,
+            device: "emulated-0".into(),
+            model: "m".into(),
+            serial: "s".into(),
+            smart: Some(SmartLog { temperature_kelvin: 313, temperature_celsius: 40, ..SmartLog::default() }),
+            error: None,
+        };
+        for r in [
+            AdminResponse::Sessions(vec![s]),
+            AdminResponse::Killed,
+            AdminResponse::Health(vec![h]),
+            AdminResponse::Error(AdminError::NotAuthorized { uid: 1000, group: Some("adm".into()) }),
+        ] {
+            assert_eq!(decode::<AdminResponse>(&encode(&r)).unwrap(), r);
+        }
+    }
+
+    #[test]
+    fn refusal_names_the_group() {
+        let e = AdminError::NotAuthorized { uid: 1000, group: Some("nvmed-admin".into()) };
+        assert_eq!(
+            e.to_string(),
+            "permission denied for uid 1000: nvmectl needs root or membership in group nvmed-admin"
+        );
+        let e = AdminError::NotAuthorized { uid: 1000, group: None };
+        assert!(e.to_string().contains("nvmectl needs root (the broker was started without --admin-group)"));
+    }
+
+    #[test]
+    fn data_units_round_up() {
+        assert_eq!(SmartLog::data_units(0), 0);
+        assert_eq!(SmartLog::data_units(1), 1);
+        assert_eq!(SmartLog::data_units(512_000), 1);
+        assert_eq!(SmartLog::data_units(512_001), 2);
+    }
+}

@@ -1,0 +1,186 @@
+//! The live sessions, as the operator sees them (`nvmectl sessions`).
+//!
+//! Control plane only: a control thread adds its session at Hello, its rings as it creates and
+//! closes them, its registration totals as they change, and removes the session once it is
+//! released. The I/O threads never touch the registry; a report reads their per-ring counters
+//! with relaxed loads, as `Stats` does.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Instant, SystemTime};
+
+use nvmed_proto::admin::{SessionReport, Totals};
+
+use super::session::SessionCounters;
+
+/// One live session.
+#[derive(Debug)]
+pub struct SessionEntry {
+    id: u64,
+    uid: u32,
+    pid: i32,
+    command: String,
+    client: String,
+    started_unix: u64,
+    started: Instant,
+    /// Its rings' counters, by ring id.
+    rings: Mutex<Vec<(u32, Arc<SessionCounters>)>>,
+    buffers: AtomicU64,
+    buffer_bytes: AtomicU64,
+}
+
+impl SessionEntry {
+    /// A ring was created.
+    pub fn add_ring(&self, ring_id: u32, counters: Arc<SessionCounters>) {
+        self.rings.lock().unwrap_or_else(|p| p.into_inner()).push((ring_id, counters));
+    }
+
+    /// A ring was closed.
+    pub fn remove_ring(&self, ring_id: u32) {
+        self.rings.lock().unwrap_or_else(|p| p.into_inner()).retain(|(id, _)| *id != ring_id);
+    }
+
+    /// The session's registered buffers changed.
+    pub fn set_buffers(&self, count: u64, bytes: u64) {
+        self.buffers.store(count, Ordering::Relaxed);
+        self.buffer_bytes.store(bytes, Ordering::Relaxed);
+    }
+
+    /// Its counters, summed over its rings.
+    pub fn totals(&self) -> Totals {
+        let rings = self.rings.lock().unwrap_or_else(|p| p.into_inner());
+        let mut t = Totals::default();
+        for (_, c) in rings.iter() {
+            let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
+            t.submitted += l(&c.submitted);
+            t.completed += l(&c.completed);
+            t.errors += l(&c.errors);
+            t.bytes_read += l(&c.bytes_read);
+            t.bytes_written += l(&c.bytes_written);
+            t.in_flight += l(&c.in_flight);
+        }
+        t
+    }
+
+    /// The operator's view of it.
+    pub fn report(&self) -> SessionReport {
+        // Not inside the literal: the guard would live to its end, and `totals` locks again.
+        let rings = self.rings.lock().unwrap_or_else(|p| p.into_inner()).len() as u32;
+        SessionReport {
+            id: self.id,
+            uid: self.uid,
+            pid: self.pid,
+            command: self.command.clone(),
+            client: self.client.clone(),
+            started_unix: self.started_unix,
+            age_secs: self.started.elapsed().as_secs(),
+            rings,
+            buffers: self.buffers.load(Ordering::Relaxed),
+            registered_bytes: self.buffer_bytes.load(Ordering::Relaxed),
+            counters: self.totals(),
+        }
+    }
+
+    /// Buffers it registered.
+    pub fn buffers(&self) -> u64 {
+        self.buffers.load(Ordering::Relaxed)
+    }
+}
+
+/// The live sessions, by id.
+#[derive(Debug, Default)]
+pub struct Registry {
+    sessions: Mutex<BTreeMap<u64, Arc<SessionEntry>>>,
+}
+
+/// Removes its session from the registry when dropped.
+#[derive(Debug)]
+pub struct Registered {
+    registry: Arc<Registry>,
+    entry: Arc<SessionEntry>,
+}
+
+impl std::ops::Deref for Registered {
+    type Target = SessionEntry;
+    fn deref(&self) -> &SessionEntry {
+        &self.entry
+    }
+}
+
+impl Drop for Registered {
+    fn drop(&mut self) {
+        self.registry.sessions.lock().unwrap_or_else(|p| p.into_inner()).remove(&self.entry.id);
+    }
+}
+
+impl Registry {
+    /// Adds session `id` (at Hello); it stays listed until the handle is dropped.
+    pub fn add(self: &Arc<Self>, id: u64, uid: u32, pid: i32, client: &str) -> Registered {
+        let started_unix =
+            SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        let entry = Arc::new(SessionEntry {
+            id,
+            uid,
+            pid,
+            command: command_name(pid),
+            client: client.chars().take(64).collect(),
+            started_unix,
+            started: Instant::now(),
+            rings: Mutex::new(Vec::new()),
+            buffers: AtomicU64::new(0),
+            buffer_bytes: AtomicU64::new(0),
+        });
+        self.sessions.lock().unwrap_or_else(|p| p.into_inner()).insert(id, entry.clone());
+        Registered { registry: self.clone(), entry }
+    }
+
+    /// The live sessions, in id order.
+    pub fn list(&self) -> Vec<Arc<SessionEntry>> {
+        self.sessions.lock().unwrap_or_else(|p| p.into_inner()).values().cloned().collect()
+    }
+
+    /// Whether session `id` is live.
+    pub fn contains(&self, id: u64) -> bool {
+        self.sessions.lock().unwrap_or_else(|p| p.into_inner()).contains_key(&id)
+    }
+}
+
+/// A process's command name (`/proc/PID/comm`), best effort: empty if it cannot be read.
+fn command_name(pid: i32) -> String {
+    if pid <= 0 {
+        return String::new();
+    }
+    std::fs::read_to_string(format!("/proc/{pid}/comm")).map(|s| s.trim_end().to_string()).unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sessions_are_listed_until_released_with_their_rings_summed() {
+        let reg = Arc::new(Registry::default());
+        let a = reg.add(3, 1000, std::process::id() as i32, "test");
+        let b = reg.add(1, 0, 0, "other");
+        assert_eq!(reg.list().iter().map(|e| e.id).collect::<Vec<_>>(), vec![1, 3]);
+        assert!(!a.command.is_empty(), "this process's command name");
+        let (r0, r1) = (Arc::new(SessionCounters::default()), Arc::new(SessionCounters::default()));
+        r0.completed.store(5, Ordering::Relaxed);
+        r1.completed.store(7, Ordering::Relaxed);
+        r1.bytes_written.store(4096, Ordering::Relaxed);
+        a.add_ring(0, r0);
+        a.add_ring(1, r1);
+        a.set_buffers(2, 8192);
+        let rep = a.report();
+        assert_eq!((rep.rings, rep.buffers, rep.registered_bytes), (2, 2, 8192));
+        assert_eq!((rep.counters.completed, rep.counters.bytes_written), (12, 4096));
+        a.remove_ring(0);
+        assert_eq!(a.report().counters.completed, 7);
+        drop(a);
+        assert!(!reg.contains(3));
+        assert!(reg.contains(1));
+        drop(b);
+        assert!(reg.list().is_empty());
+    }
+}
