@@ -823,8 +823,7 @@ mod tests {
             ),
         ] {
             for irregular in [false, true] {
-                let st =
-                    run_limited(limits, load, 10 * S, || if irregular { r() % (2 * MS) } else { MS });
+                let st = run_limited(limits, load, 10 * S, || if irregular { r() % (2 * MS) } else { MS });
                 let moved = (st.read_bytes + st.write_bytes) as f64;
                 assert!((moved / (rate * 10.0) - 1.0).abs() < 0.01, "{name}: moved {moved}");
                 // Depth 10 ms of the rate; at most rate * t + depth.

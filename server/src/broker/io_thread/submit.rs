@@ -40,8 +40,10 @@ impl IoThread {
                 continue;
             }
             let Some(ring) = s.ring.as_mut() else { continue };
-            let wants =
-                s.partial.is_some() || !ring.overflow.is_empty() || ring.sq.available().is_ok_and(|a| a > 0);
+            // A corrupt tail counts as work: taking from the ring faults it.
+            let wants = s.partial.is_some()
+                || !ring.overflow.is_empty()
+                || ring.sq.available().map_or(true, |a| a > 0);
             if !wants {
                 if ring.dirty {
                     self.touched.push(key);
