@@ -161,6 +161,14 @@ impl AdminClient {
         }
     }
 
+    /// Makes the broker read its configuration again; returns (sessions updated, ended).
+    pub fn reload(&self) -> Result<(u64, u64), CtlError> {
+        match self.request(&AdminRequest::Reload)? {
+            AdminResponse::Reloaded { updated, ended } => Ok((updated, ended)),
+            other => Err(CtlError::Unexpected(format!("{other:?}"))),
+        }
+    }
+
     /// Each controller's SMART / health data.
     pub fn health(&self) -> Result<Vec<HealthReport>, CtlError> {
         match self.request(&AdminRequest::Health)? {

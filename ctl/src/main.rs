@@ -19,6 +19,7 @@ use serde::Serialize;
 ///   nvmectl top                    the same, refreshed every second (Ctrl-C to quit)
 ///   nvmectl kill 12                end session 12 as if its client had disconnected
 ///   nvmectl health                 each controller's SMART / health data
+///   nvmectl reload                 put the grants of nvmed's configuration in force now
 ///   nvmectl status --json | jq .   machine-readable output
 ///
 /// If nvmed runs with --socket /tmp/nvmed.sock, its admin socket is /tmp/nvmed-admin.sock:
@@ -78,6 +79,12 @@ enum Command {
     /// The SMART / Health Information log page: critical warnings, temperature, spare, wear,
     /// data read and written, power-on hours, unsafe shutdowns, media errors.
     Health,
+    /// Read nvmed's configuration again and put its grants and limits in force (as SIGHUP does)
+    ///
+    /// Connected sessions keep going with the new grants; a session that lost a namespace is
+    /// ended after its I/O drains. A configuration that does not parse is refused with the
+    /// reason, and the grants in force stay.
+    Reload,
 }
 
 fn parse_secs(s: &str) -> Result<f64, String> {
@@ -140,6 +147,14 @@ fn run(cli: Cli) -> Result<(), CtlError> {
                 print_json(&serde_json::json!({ "killed": session }))?;
             } else {
                 println!("session {session} ended");
+            }
+        }
+        Command::Reload => {
+            let (updated, ended) = client.reload()?;
+            if cli.json {
+                print_json(&serde_json::json!({ "updated": updated, "ended": ended }))?;
+            } else {
+                println!("grants reloaded: {updated} sessions updated, {ended} ended");
             }
         }
         Command::Health => {

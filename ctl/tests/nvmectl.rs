@@ -452,3 +452,30 @@ fn admin_connections_are_bounded_and_idle_ones_do_not_block_others() {
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+#[test]
+fn reload_puts_new_grants_in_force_or_says_why_not() {
+    use nvmed_server::policy::{DefaultAccess, Policy};
+    let env = broker(|_| {});
+    // Without a configuration to read again, the operator is told so.
+    let e = env.client().reload().unwrap_err().to_string();
+    assert!(e.contains("without a configuration"), "{e}");
+    // A client connected before the reload keeps its session; its namespace window changes.
+    let ring = nvmed_client::NvmeRing::open(&env.socket).unwrap();
+    assert_eq!(ring.namespaces()[0].lba_count, NAMESPACE / 512);
+    let next = Arc::new(std::sync::Mutex::new(Ok(Policy {
+        grants: vec!["0:1:0+2048:weight=2".parse().unwrap()],
+        default: DefaultAccess::None,
+    })));
+    let source = next.clone();
+    env.broker.as_ref().unwrap().set_reloader(Box::new(move || source.lock().unwrap().clone()));
+    assert_eq!(env.client().reload().unwrap(), (1, 0));
+    let session = ring.session();
+    let list = session.control(&nvmed_proto::Request::ListNamespaces, &[]).unwrap();
+    let nvmed_proto::Response::Namespaces(list) = list else { panic!("{list:?}") };
+    assert_eq!(list[0].lba_count, 2048, "the new window is in force for the same session");
+    // A configuration the reloader refuses: the reason reaches the operator.
+    *next.lock().unwrap() = Err("grant 0:1:iops=lots: not a positive number".into());
+    let e = env.client().reload().unwrap_err().to_string();
+    assert!(e.contains("previous grants stay") && e.contains("iops=lots"), "{e}");
+}

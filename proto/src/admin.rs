@@ -26,6 +26,8 @@ pub enum AdminRequest {
     },
     /// Each controller's SMART / Health Information log page.
     Health,
+    /// Read the configuration again and put its grants and limits in force (as SIGHUP does).
+    Reload,
 }
 
 /// A response from the broker to `nvmectl`.
@@ -39,6 +41,13 @@ pub enum AdminResponse {
     Killed,
     /// Reply to [`AdminRequest::Health`], one per controller.
     Health(Vec<HealthReport>),
+    /// Reply to [`AdminRequest::Reload`].
+    Reloaded {
+        /// Sessions whose grants changed and were updated in place.
+        updated: u64,
+        /// Sessions ended because they lost a namespace.
+        ended: u64,
+    },
     /// The request failed.
     Error(AdminError),
 }
@@ -66,6 +75,9 @@ pub enum AdminError {
     /// A wait did not end in time.
     #[error("timed out: {0}")]
     Timeout(String),
+    /// The configuration could not be reloaded; the grants in force are unchanged.
+    #[error("reload refused, the previous grants stay in force: {0}")]
+    Reload(String),
     /// The datagram did not decode as a request.
     #[error("malformed admin request: {0}")]
     Malformed(String),

@@ -275,6 +275,13 @@ fn handle(shared: &Arc<Shared>, req: AdminRequest, cred: &UnixCredentials) -> Ad
             Err(e) => AdminResponse::Error(e),
         },
         AdminRequest::Health => AdminResponse::Health(health(shared)),
+        AdminRequest::Reload => match shared.reload_from_source() {
+            Ok(r) => {
+                info!(operator_uid = cred.uid(), "grants reloaded by an operator");
+                AdminResponse::Reloaded { updated: r.updated as u64, ended: r.ended as u64 }
+            }
+            Err(e) => AdminResponse::Error(AdminError::Reload(e)),
+        },
     }
 }
 
