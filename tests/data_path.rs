@@ -571,3 +571,18 @@ fn a_new_session_can_wait_for_a_killed_client_s_io_to_drain() {
     // Nothing left to wait for.
     assert_eq!(me.session().await_drained(Duration::from_secs(1)).unwrap(), 0);
 }
+
+#[test]
+fn a_client_sees_the_health_of_its_own_controllers_only() {
+    // Two controllers; uid 0 (the tests) is granted only namespace 2, on controller 1.
+    let broker = TestBroker::start(&["--controllers", "2", "--grant", "0:2"]);
+    let mut ring = broker.connect();
+    let h = ring.health().unwrap();
+    assert_eq!(h.len(), 1, "{h:?}");
+    assert_eq!(h[0].controller, 1);
+    assert!(h[0].model.contains("emulated"), "{h:?}");
+    let smart = h[0].smart.as_ref().unwrap();
+    assert_eq!((smart.temperature_kelvin, smart.available_spare), (313, 100));
+    // Asked again at once: the same (cached) answer, without another admin command.
+    assert_eq!(ring.health().unwrap(), h);
+}

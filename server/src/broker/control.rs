@@ -11,7 +11,9 @@ use nvmed_proto::control::{decode, encode, MAX_FDS_PER_MESSAGE, MAX_MESSAGE_SIZE
 use nvmed_proto::layout::RingLayout;
 use nvmed_proto::shm::SharedMemory;
 use nvmed_proto::transport::{self, TransportError};
-use nvmed_proto::{ControlError, IoThreadInfo, NamespaceInfo, Request, Response, Stats, PROTOCOL_VERSION};
+use nvmed_proto::{
+    ControlError, HealthSummary, IoThreadInfo, NamespaceInfo, Request, Response, Stats, PROTOCOL_VERSION,
+};
 use slab::Slab;
 use tracing::{debug, info, warn};
 
@@ -169,6 +171,27 @@ impl Connection {
                     })
                     .collect(),
             )),
+            Request::Health => {
+                if let Some(r) = &self.registered {
+                    self.namespaces = r.access().namespaces.clone();
+                }
+                let mut controllers: Vec<u16> = self.namespaces.iter().map(|n| n.controller).collect();
+                controllers.sort_unstable();
+                controllers.dedup();
+                let list = controllers
+                    .into_iter()
+                    .map(|c| {
+                        let info = &self.shared.infos[usize::from(c)];
+                        HealthSummary {
+                            controller: c,
+                            model: info.model.clone(),
+                            firmware: info.firmware.clone(),
+                            smart: self.shared.smart(usize::from(c)),
+                        }
+                    })
+                    .collect();
+                none(Response::Health(list))
+            }
             Request::AwaitDrained { timeout_ms } => {
                 let timeout = std::time::Duration::from_millis(u64::from(timeout_ms));
                 match self.shared.await_drained(self.uid, self.id, timeout) {

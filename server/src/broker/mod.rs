@@ -188,6 +188,9 @@ pub struct Shared {
     policy: std::sync::RwLock<Policy>,
     /// Reads the grants again from where they came from (the daemon's configuration).
     reloader: Mutex<Option<Reloader>>,
+    /// Each controller's last SMART log and when it was read (clients may ask often; the admin
+    /// queue is asked at most once a second).
+    smart: Mutex<Vec<Option<(std::time::Instant, Result<nvmed_proto::admin::SmartLog, String>)>>>,
     /// The live sessions, for the operators.
     registry: Arc<registry::Registry>,
     /// The controllers (their admin queues), in broker order.
@@ -214,6 +217,26 @@ pub struct ReloadReport {
 }
 
 impl Shared {
+    /// Controller `c`'s SMART log, read again if the last one is over a second old.
+    fn smart(&self, c: usize) -> Result<nvmed_proto::admin::SmartLog, String> {
+        let mut cache = self.smart.lock().unwrap_or_else(|p| p.into_inner());
+        if cache.len() < self.ctrls.len() {
+            cache.resize(self.ctrls.len(), None);
+        }
+        if let Some((at, r)) = &cache[c] {
+            if at.elapsed() < Duration::from_secs(1) {
+                return r.clone();
+            }
+        }
+        let ctrl = &self.ctrls[c];
+        let r = match ctrl.state() {
+            manager::DeviceState::Running => ctrl.lock().smart_log().map_err(|e| e.to_string()),
+            s => Err(format!("the controller is {s:?}")),
+        };
+        cache[c] = Some((std::time::Instant::now(), r.clone()));
+        r
+    }
+
     /// Reloads through the reloader, if the broker has one.
     fn reload_from_source(&self) -> Result<ReloadReport, String> {
         let policy = match &*self.reloader.lock().unwrap_or_else(|p| p.into_inner()) {
@@ -543,6 +566,7 @@ impl Broker {
             placement: Mutex::new(tenant::Placement::default()),
             policy,
             reloader: Mutex::new(None),
+            smart: Mutex::new(Vec::new()),
             registry: Arc::default(),
             ctrls: ctrls.clone(),
             infos,
