@@ -190,7 +190,7 @@ pub struct Shared {
     reloader: Mutex<Option<Reloader>>,
     /// Each controller's last SMART log and when it was read (clients may ask often; the admin
     /// queue is asked at most once a second).
-    smart: Mutex<Vec<Option<(std::time::Instant, Result<nvmed_proto::admin::SmartLog, String>)>>>,
+    smart: Mutex<Vec<Option<SmartRead>>>,
     /// The live sessions, for the operators.
     registry: Arc<registry::Registry>,
     /// The controllers (their admin queues), in broker order.
@@ -202,6 +202,9 @@ pub struct Shared {
     /// When the broker started.
     started: std::time::Instant,
 }
+
+/// A controller's SMART log (or why it could not be read), and when it was read.
+type SmartRead = (std::time::Instant, Result<nvmed_proto::admin::SmartLog, String>);
 
 /// Reads the grants again (e.g. the daemon's command line and configuration file); an error
 /// says why the configuration is refused.
