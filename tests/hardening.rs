@@ -87,33 +87,6 @@ fn others_unaffected(broker: &mut TestBroker) {
 
 // ---- Another uid, in a child process -----------------------------------------------------
 
-/// A copy of a built binary that other uids can run: the build directory may sit in a tree
-/// only root can enter (a checkout under a 0700 directory).
-fn runnable_by_anyone(bin: &str) -> std::path::PathBuf {
-    use std::os::unix::fs::PermissionsExt;
-    static DIR: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
-    let dir = DIR.get_or_init(|| {
-        let d = std::env::temp_dir().join(format!("nvmed-bins-{}", std::process::id()));
-        std::fs::create_dir_all(&d).unwrap();
-        std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o755)).unwrap();
-        d
-    });
-    let src = std::path::Path::new(bin);
-    let dst = dir.join(src.file_name().unwrap());
-    // Copy to a temporary name and rename, so concurrent tests never run a half-written file.
-    if !dst.exists() {
-        let tmp = dir.join(format!(
-            "{}.{:?}",
-            src.file_name().unwrap().to_string_lossy(),
-            std::thread::current().id()
-        ));
-        std::fs::copy(src, &tmp).unwrap();
-        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o755)).unwrap();
-        std::fs::rename(&tmp, &dst).unwrap();
-    }
-    dst
-}
-
 /// What an `nvmed-test-peer hold` process reports.
 struct Helper {
     child: Child,

@@ -16,25 +16,150 @@ pub struct Grant {
     pub window: Option<(u64, u64)>,
     /// Reads only.
     pub read_only: bool,
+    /// Share of the device and limits (weight 1 and none by default).
+    pub qos: Qos,
+}
+
+/// Whose I/O a grant's limits count together.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum QosScope {
+    /// All sessions of the uid together.
+    #[default]
+    Uid,
+    /// Each session on its own.
+    Session,
+}
+
+/// A grant's share of the device and its limits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Qos {
+    /// Share of a saturated device relative to other tenants (at least 1).
+    pub weight: u32,
+    /// Most I/Os per second.
+    pub iops: Option<u64>,
+    /// Most bytes read per second.
+    pub read_bytes_per_s: Option<u64>,
+    /// Most bytes written per second.
+    pub write_bytes_per_s: Option<u64>,
+    /// Most requests at the device at once.
+    pub max_in_flight: Option<u32>,
+    /// Whose I/O the limits count together.
+    pub scope: QosScope,
+}
+
+impl Qos {
+    /// Weight 1, no limits, counted per uid.
+    pub const DEFAULT: Qos = Qos {
+        weight: 1,
+        iops: None,
+        read_bytes_per_s: None,
+        write_bytes_per_s: None,
+        max_in_flight: None,
+        scope: QosScope::Uid,
+    };
+}
+
+impl Default for Qos {
+    fn default() -> Self {
+        Self::DEFAULT
+    }
+}
+
+impl std::fmt::Display for Qos {
+    /// The `--grant` form, e.g. `weight=3,iops=20000,read-mbps=100,per=uid`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "weight={}", self.weight)?;
+        if let Some(n) = self.iops {
+            write!(f, ",iops={n}")?;
+        }
+        if let Some(n) = self.read_bytes_per_s {
+            write!(f, ",read-mbps={}", n / 1_000_000)?;
+        }
+        if let Some(n) = self.write_bytes_per_s {
+            write!(f, ",write-mbps={}", n / 1_000_000)?;
+        }
+        if let Some(n) = self.max_in_flight {
+            write!(f, ",qd={n}")?;
+        }
+        f.write_str(match self.scope {
+            QosScope::Uid => ",per=uid",
+            QosScope::Session => ",per=session",
+        })
+    }
+}
+
+impl FromStr for Qos {
+    type Err = String;
+
+    /// `weight=3,iops=20k,read-mbps=100,write-mbps=50,qd=64,per=session` (any subset; k and m
+    /// suffixes on iops; MB/s are 10^6 bytes).
+    fn from_str(s: &str) -> Result<Self, String> {
+        let mut q = Qos::default();
+        for item in s.split(',').filter(|i| !i.is_empty()) {
+            let (k, v) = item.split_once('=').ok_or_else(|| format!("{item:?} is not KEY=VALUE"))?;
+            let num = |v: &str| -> Result<u64, String> {
+                let (n, mult) = match v.chars().last() {
+                    Some('k' | 'K') => (&v[..v.len() - 1], 1_000),
+                    Some('m' | 'M') => (&v[..v.len() - 1], 1_000_000),
+                    _ => (v, 1),
+                };
+                n.parse::<u64>()
+                    .ok()
+                    .and_then(|n| n.checked_mul(mult))
+                    .filter(|&n| n > 0)
+                    .ok_or_else(|| format!("{k}={v}: not a positive number"))
+            };
+            match k {
+                "weight" => q.weight = num(v)?.min(10_000) as u32,
+                "iops" => q.iops = Some(num(v)?),
+                "read-mbps" => q.read_bytes_per_s = Some(num(v)?.saturating_mul(1_000_000)),
+                "write-mbps" => q.write_bytes_per_s = Some(num(v)?.saturating_mul(1_000_000)),
+                "qd" => q.max_in_flight = Some(num(v)?.min(u64::from(u32::MAX)) as u32),
+                "per" => {
+                    q.scope = match v {
+                        "uid" => QosScope::Uid,
+                        "session" => QosScope::Session,
+                        _ => return Err(format!("per={v}: expected uid or session")),
+                    }
+                }
+                _ => {
+                    return Err(format!(
+                        "unknown limit {k:?} (known: weight, iops, read-mbps, write-mbps, qd, per)"
+                    ))
+                }
+            }
+        }
+        Ok(q)
+    }
 }
 
 /// A grant that does not parse.
 #[derive(Debug, thiserror::Error)]
-#[error("bad grant {0:?}: expected UID:NSID[:FIRST_LBA+COUNT][:ro]")]
-pub struct BadGrant(String);
+#[error("bad grant {0:?}: expected UID:NSID[:FIRST_LBA+COUNT][:ro][:weight=W,iops=N,read-mbps=N,write-mbps=N,qd=N,per=uid|session]{why}", why = reason(.1))]
+pub struct BadGrant(String, String);
+
+fn reason(why: &str) -> String {
+    if why.is_empty() {
+        String::new()
+    } else {
+        format!(" ({why})")
+    }
+}
 
 impl FromStr for Grant {
     type Err = BadGrant;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let bad = || BadGrant(s.to_string());
+        let bad = || BadGrant(s.to_string(), String::new());
         let mut parts = s.split(':');
         let uid = parts.next().and_then(|p| p.parse().ok()).ok_or_else(bad)?;
         let nsid = parts.next().and_then(|p| p.parse().ok()).filter(|&n| n > 0).ok_or_else(bad)?;
-        let mut g = Grant { uid, nsid, window: None, read_only: false };
+        let mut g = Grant { uid, nsid, window: None, read_only: false, qos: Qos::default() };
         for p in parts {
             if p == "ro" {
                 g.read_only = true;
+            } else if p.contains('=') {
+                g.qos = p.parse().map_err(|e| BadGrant(s.to_string(), e))?;
             } else if let Some((a, b)) = p.split_once('+') {
                 let first: u64 = a.parse().map_err(|_| bad())?;
                 let count: u64 = b.parse().map_err(|_| bad())?;
@@ -122,6 +247,8 @@ pub struct NamespaceAccess {
     pub lba_size: u32,
     /// Reads only.
     pub read_only: bool,
+    /// Share and limits (from the grant; the defaults for a uid without grants).
+    pub qos: Qos,
 }
 
 impl Policy {
@@ -139,6 +266,7 @@ impl Policy {
                     lba_count: ns.lba_count,
                     lba_size: ns.lba_size,
                     read_only,
+                    qos: Qos::default(),
                 };
                 if mine.is_empty() {
                     return match self.default {
@@ -149,6 +277,7 @@ impl Policy {
                 }
                 let g = mine.iter().find(|g| g.nsid == ns.nsid)?;
                 let mut a = whole(g.read_only);
+                a.qos = g.qos;
                 if let Some((first, count)) = g.window {
                     let first = first.min(ns.lba_count);
                     a.first_lba = first;
@@ -168,7 +297,26 @@ mod tests {
     #[test]
     fn grants_parse_and_resolve() {
         let g: Grant = "1000:1:2048+4096:ro".parse().unwrap();
-        assert_eq!(g, Grant { uid: 1000, nsid: 1, window: Some((2048, 4096)), read_only: true });
+        assert_eq!(
+            g,
+            Grant { uid: 1000, nsid: 1, window: Some((2048, 4096)), read_only: true, qos: Qos::default() }
+        );
+        let l: Grant = "1000:2:weight=3,iops=20k,read-mbps=100,qd=8,per=session".parse().unwrap();
+        assert_eq!(
+            l.qos,
+            Qos {
+                weight: 3,
+                iops: Some(20_000),
+                read_bytes_per_s: Some(100_000_000),
+                write_bytes_per_s: None,
+                max_in_flight: Some(8),
+                scope: QosScope::Session
+            }
+        );
+        for bad in ["1000:1:iops=0", "1000:1:iops=x", "1000:1:speed=3", "1000:1:per=host"] {
+            let e = bad.parse::<Grant>().unwrap_err().to_string();
+            assert!(e.contains('('), "{bad}: the reason is missing from {e:?}");
+        }
         assert!("1000".parse::<Grant>().is_err());
         assert!("1000:0".parse::<Grant>().is_err());
         assert!("1000:1:rw".parse::<Grant>().is_err());

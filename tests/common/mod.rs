@@ -115,3 +115,48 @@ pub fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// A copy of a built binary that other uids can run: the build directory may sit in a tree
+/// only root can enter (a checkout under a 0700 directory).
+pub fn runnable_by_anyone(bin: &str) -> std::path::PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    static DIR: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
+    let dir = DIR.get_or_init(|| {
+        let d = std::env::temp_dir().join(format!("nvmed-bins-{}", std::process::id()));
+        std::fs::create_dir_all(&d).unwrap();
+        std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o755)).unwrap();
+        d
+    });
+    let src = std::path::Path::new(bin);
+    let dst = dir.join(src.file_name().unwrap());
+    // Copy to a temporary name and rename, so concurrent tests never run a half-written file.
+    if !dst.exists() {
+        let tmp = dir.join(format!(
+            "{}.{:?}",
+            src.file_name().unwrap().to_string_lossy(),
+            std::thread::current().id()
+        ));
+        std::fs::copy(src, &tmp).unwrap();
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::fs::rename(&tmp, &dst).unwrap();
+    }
+    dst
+}
+
+/// Starts `nvmed-test-peer MODE SOCKET` (`hammer` or `hammer-rings`) and returns once it says it
+/// is hammering the broker with writes.
+pub fn start_hammer(mode: &str, socket: &std::path::Path) -> Child {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_nvmed-test-peer"))
+        .arg(mode)
+        .arg(socket)
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    while !line.contains("HAMMERING") {
+        line.clear();
+        assert!(out.read_line(&mut line).unwrap() > 0, "nvmed-test-peer {mode} exited early");
+    }
+    child
+}

@@ -11,7 +11,9 @@ use nvmed_proto::{transport, Response};
 const MIB: u64 = 1 << 20;
 
 fn usage() -> ! {
-    eprintln!("usage: nvmed-test-peer hammer|hammer-rings SOCKET | hold connections|sessions N SOCKET");
+    eprintln!(
+        "usage: nvmed-test-peer hammer|hammer-rings SOCKET | hold connections|sessions N SOCKET | load SOCKET SECS QD"
+    );
     std::process::exit(2)
 }
 
@@ -20,6 +22,9 @@ fn main() {
     match args.iter().map(String::as_str).collect::<Vec<_>>()[..] {
         ["hammer", socket] => hammer(socket),
         ["hammer-rings", socket] => hammer_rings(socket),
+        ["load", socket, secs, qd] => {
+            load(socket, secs.parse().unwrap_or_else(|_| usage()), qd.parse().unwrap_or_else(|_| usage()))
+        }
         ["hold", mode, n, socket] => hold(mode, n.parse().unwrap_or_else(|_| usage()), socket),
         _ => usage(),
     }
@@ -44,6 +49,34 @@ fn hammer(socket: &str) {
         out.clear();
         ring.wait(1, &mut out, None).unwrap();
     }
+}
+
+/// 4 KiB reads at depth `qd` over the first 32 MiB of namespace 1 for `secs` seconds (after a
+/// line `LOADING`); prints `IOS <completed>` at the end.
+fn load(socket: &str, secs: f64, qd: usize) {
+    let mut ring = NvmeRing::open(socket).unwrap();
+    let ns = ring.namespaces()[0].nsid;
+    let buf = ring.alloc_buffer(qd * 4096).unwrap();
+    println!("LOADING");
+    let end = std::time::Instant::now() + Duration::from_secs_f64(secs);
+    let (mut out, mut done, mut next) = (Vec::new(), 0u64, 0u64);
+    let mut free: Vec<u64> = (0..qd as u64).collect();
+    while std::time::Instant::now() < end {
+        while let Some(slot) = free.pop() {
+            let off = (next * 7919 % 8192) * 4096;
+            ring.prep(Io::read(ns, off, 4096, buf, slot * 4096).user_data(slot)).unwrap();
+            next += 1;
+        }
+        ring.submit().unwrap();
+        out.clear();
+        ring.wait(1, &mut out, Some(Duration::from_secs(5))).unwrap();
+        for c in &out {
+            assert!(c.status.is_success(), "{c:?}");
+            free.push(c.user_data);
+        }
+        done += out.len() as u64;
+    }
+    println!("IOS {done}");
 }
 
 /// One session, one 8 MiB shared buffer, two rings on I/O threads 0 and 1, each writing 64 KiB

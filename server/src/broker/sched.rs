@@ -132,7 +132,7 @@ pub struct TenantId {
 }
 
 /// What a tenant is allowed.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct TenantLimits {
     /// Share against other tenants (0 is taken as 1).
     pub weight: u32,
@@ -503,6 +503,16 @@ impl Scheduler {
         self.in_flight -= 1;
     }
 
+    /// Whether [`try_dispatch`](Self::try_dispatch) could let this tenant go now as far as
+    /// its limits, queue-depth cap, slot share and the device queue go (its deficit aside):
+    /// for a caller deciding whether to sleep.
+    pub fn can_dispatch(&self, id: TenantId, now: u64) -> bool {
+        let t = &self.tenants[self.index(id)];
+        self.in_flight < self.config.device_slots
+            && t.throttled_until <= now
+            && t.stats.in_flight < t.max_in_flight.min(self.share_of(t))
+    }
+
     /// A tenant's figures.
     pub fn stats(&self, id: TenantId) -> TenantStats {
         let t = &self.tenants[self.index(id)];
@@ -787,7 +797,7 @@ mod tests {
             ("0-20 us", Box::new(move || r2() % (20 * US))),
         ];
         for (name, tick) in ticks {
-            let st = run_limited(limits.clone(), READ_4K, 10 * S, tick);
+            let st = run_limited(limits, READ_4K, 10 * S, tick);
             // Exactly: the full bucket (10 ms, 200 requests) plus 20k per second.
             assert!(st.dispatched <= 200_200, "{name}: {}", st.dispatched);
             assert!(st.dispatched.abs_diff(200_000) <= 2_000, "{name}: {}", st.dispatched);
@@ -813,8 +823,7 @@ mod tests {
             ),
         ] {
             for irregular in [false, true] {
-                let st =
-                    run_limited(limits.clone(), load, 10 * S, || if irregular { r() % (2 * MS) } else { MS });
+                let st = run_limited(limits, load, 10 * S, || if irregular { r() % (2 * MS) } else { MS });
                 let moved = (st.read_bytes + st.write_bytes) as f64;
                 assert!((moved / (rate * 10.0) - 1.0).abs() < 0.01, "{name}: moved {moved}");
                 // Depth 10 ms of the rate; at most rate * t + depth.
@@ -1190,7 +1199,7 @@ mod tests {
             ops in proptest::collection::vec(op(), 1..400),
         ) {
             let mut s = Scheduler::new(SchedConfig::new(slots));
-            let ids: Vec<TenantId> = lims.iter().map(|l| s.add_tenant(l.clone())).collect();
+            let ids: Vec<TenantId> = lims.iter().map(|l| s.add_tenant(*l)).collect();
             let mut active = [false; 3];
             let mut now = 0u64;
             // Per tenant, what went: `(time, tokens)` for its iops, read and write buckets.

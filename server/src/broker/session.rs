@@ -242,6 +242,8 @@ pub struct Session {
     /// Device queue slots this ring's commands occupy on each controller (each bounded by the
     /// ring's share of this thread's queue there).
     pub slots: Vec<u32>,
+    /// Its tenant on each controller (by controller index), for the schedulers.
+    pub tenants: Vec<Option<(super::tenant::TenantKey, super::sched::TenantId)>>,
     /// Pieces of a split request still waiting for device queue slots (or bounce buffers).
     pub partial: Option<Partial>,
     /// This ring's id in its session (for logs).

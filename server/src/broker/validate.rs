@@ -234,6 +234,7 @@ mod tests {
             lba_count: 2048,
             lba_size: 512,
             read_only: false,
+            qos: crate::policy::Qos::DEFAULT,
         },
         NamespaceAccess {
             nsid: 2,
@@ -243,6 +244,7 @@ mod tests {
             lba_count: 10,
             lba_size: 4096,
             read_only: true,
+            qos: crate::policy::Qos::DEFAULT,
         },
     ];
     const LIMITS: DeviceLimits = DeviceLimits {

@@ -9,6 +9,7 @@ use tracing::warn;
 use super::split::{piece_done, InFlight};
 use super::vectored::{finish_bounce, VecPool, VEC_NONE};
 use super::IoThread;
+use crate::broker::sched::Scheduler;
 use crate::broker::session::{bump, RingIo, Session};
 
 /// Most completions reaped per round.
@@ -24,6 +25,7 @@ impl IoThread {
         let mut total = 0;
         for p in &mut self.ports {
             let bounce = &mut p.bounce;
+            let sched = &mut p.sched;
             total += p.dq.queue.reap(REAP_BATCH, |ctx, status_field, _result| {
                 let status = if status_field & 0x7ff == 0 {
                     Status::Success
@@ -35,7 +37,7 @@ impl IoThread {
                 finish_bounce(&ctx, status.is_success(), vecs, bounce, buffers);
                 release_slot(sessions, &ctx);
                 if let Some(status) = piece_done(splits, &ctx, status) {
-                    complete(sessions, touched, vecs, ctx, status);
+                    complete(sessions, touched, vecs, sched, ctx, status);
                 }
             });
         }
@@ -70,9 +72,13 @@ pub(super) fn complete(
     sessions: &mut Slab<Session>,
     touched: &mut Vec<usize>,
     vecs: &mut VecPool,
+    sched: &mut Scheduler,
     ctx: InFlight,
     status: Status,
 ) {
+    if let Some(t) = ctx.tenant {
+        sched.complete(t);
+    }
     let Some(s) = sessions.get_mut(ctx.session as usize) else {
         warn!("completion for a session that no longer exists");
         if ctx.vec != VEC_NONE {

@@ -31,7 +31,9 @@ use tracing::{debug, info, warn};
 use super::buffer::RegisteredBuffer;
 use super::manager::ControllerShared;
 use super::reaper::Reaper;
+use super::sched::{SchedConfig, Scheduler, TenantId, TenantLimits};
 use super::session::{BrokerCounters, BufferTable, CachePadded, RingIo, Session, SessionCounters};
+use super::tenant::TenantKey;
 use super::validate::DeviceLimits;
 use crate::device::NvmeDevice;
 use crate::nvme::{DmaSeg, IoQueue};
@@ -61,8 +63,24 @@ pub enum IoRequest {
         ring: Box<RingIo>,
         /// The session's buffers registered so far, by id.
         buffers: Vec<(u32, Arc<RegisteredBuffer>)>,
+        /// Its tenant on each controller it may use, with the limits this thread enforces.
+        tenants: Vec<(TenantKey, TenantLimits)>,
         /// Gets the ring's key, once it is being polled.
         reply: Sender<usize>,
+    },
+    /// The session's grants changed: the namespaces (windows, read-only) its ring may use now.
+    UpdateRing {
+        /// Ring key.
+        key: usize,
+        /// What it may use.
+        namespaces: Vec<NamespaceAccess>,
+    },
+    /// A tenant's rings moved between threads: the limits this thread enforces for it now.
+    SetTenantLimits {
+        /// The tenant.
+        key: TenantKey,
+        /// Its limits here.
+        limits: TenantLimits,
     },
     /// A buffer the session registered: usable from this ring too.
     AddBuffer {
@@ -172,6 +190,12 @@ pub struct Port {
     /// Whether the device was seen to stop its DMA when it failed. If not, commands it held
     /// are never reported finished and their rings' buffers are never released.
     dma_stopped: bool,
+    /// Shares this queue between the tenants of this thread's rings.
+    sched: Scheduler,
+    /// Those tenants' scheduler ids.
+    tenants: std::collections::HashMap<TenantKey, TenantId>,
+    /// Each tenant's rings here (ring keys), and where its next visit starts among them.
+    tenant_rings: std::collections::HashMap<TenantId, (Vec<usize>, usize)>,
 }
 
 /// The I/O thread's state.
@@ -209,6 +233,12 @@ pub struct IoThread {
     scratch: Box<[DmaSeg]>,
     broker_counters: Arc<BrokerCounters>,
     cpus: Vec<usize>,
+    /// The schedulers' time origin.
+    started: Instant,
+    /// Ring keys of the tenant being visited (reused: no allocation per round).
+    visit: Vec<usize>,
+    /// Earliest time (schedulers' clock) a rate limit lets a tenant with work go again.
+    throttled_until: Option<u64>,
 }
 
 impl IoThread {
@@ -222,10 +252,14 @@ impl IoThread {
             if let Some(fd) = p.vector.and_then(|v| device.interrupt_fd(v)) {
                 epoll.add(fd, EpollEvent::new(EpollFlags::EPOLLIN, IRQ_TOKEN + c as u64))?;
             }
+            let slots = p.queue.free_slots() as u32;
             ports.push(Port {
                 generation: p.ctrl.generation(),
                 ctrl: p.ctrl,
                 device,
+                sched: Scheduler::new(SchedConfig::new(slots)),
+                tenants: std::collections::HashMap::new(),
+                tenant_rings: std::collections::HashMap::new(),
                 dq: DeviceQueue::new(p.queue),
                 vector: p.vector,
                 bounce: p.bounce,
@@ -261,7 +295,15 @@ impl IoThread {
             scratch: vec![DmaSeg::default(); usize::from(nvmed_proto::MAX_SEGMENTS)].into_boxed_slice(),
             broker_counters: setup.counters,
             cpus: setup.cpus,
+            started: Instant::now(),
+            visit: Vec::new(),
+            throttled_until: None,
         })
+    }
+
+    /// Nanoseconds since the thread started (the schedulers' clock).
+    fn now_ns(&self) -> u64 {
+        self.started.elapsed().as_nanos() as u64
     }
 
     /// Pins the thread to its CPUs, if any were given.
@@ -367,12 +409,30 @@ impl IoThread {
             };
             any = true;
             match req {
-                IoRequest::AddRing { session, ring_id, namespaces, counters, ring, buffers, reply } => {
+                IoRequest::AddRing {
+                    session,
+                    ring_id,
+                    namespaces,
+                    counters,
+                    ring,
+                    buffers,
+                    tenants,
+                    reply,
+                } => {
                     let mut table = BufferTable::default();
                     for (id, b) in buffers {
                         table.insert(id, b);
                     }
                     let key = self.sessions.vacant_key();
+                    let now = self.now_ns();
+                    let mut ring_tenants = vec![None; self.ports.len()];
+                    for (tk, limits) in tenants {
+                        let Some(port) = self.ports.get_mut(usize::from(tk.controller)) else { continue };
+                        let id = *port.tenants.entry(tk).or_insert_with(|| port.sched.add_tenant(limits));
+                        port.sched.set_limits(id, now, limits);
+                        port.tenant_rings.entry(id).or_default().0.push(key);
+                        ring_tenants[usize::from(tk.controller)] = Some((tk, id));
+                    }
                     let ev = EpollEvent::new(EpollFlags::EPOLLIN, key as u64);
                     if let Err(e) = self.epoll.add(ring.submit_fd.as_fd(), ev) {
                         warn!(session, "epoll add failed: {e}");
@@ -385,6 +445,7 @@ impl IoThread {
                         buffers: table,
                         in_flight: 0,
                         slots: vec![0; self.ports.len()],
+                        tenants: ring_tenants,
                         partial: None,
                         vectored: 0,
                         faulted: false,
@@ -417,6 +478,19 @@ impl IoThread {
                         let _ = reply.send(());
                     }
                 },
+                IoRequest::UpdateRing { key, namespaces } => {
+                    if let Some(s) = self.sessions.get_mut(key) {
+                        s.namespaces = namespaces;
+                    }
+                }
+                IoRequest::SetTenantLimits { key, limits } => {
+                    let now = self.now_ns();
+                    if let Some(port) = self.ports.get_mut(usize::from(key.controller)) {
+                        if let Some(&id) = port.tenants.get(&key) {
+                            port.sched.set_limits(id, now, limits);
+                        }
+                    }
+                }
                 IoRequest::Shutdown { reply } => self.begin_shutdown(reply),
             }
         }
@@ -474,7 +548,15 @@ impl IoThread {
                     p.pieces - p.next,
                     nvmed_proto::Status::Broker(BrokerStatus::DeviceReset),
                 ) {
-                    complete::complete(&mut self.sessions, &mut self.touched, &mut self.vecs, p.ctx, status);
+                    let sched = &mut self.ports[usize::from(p.ctx.ctrl)].sched;
+                    complete::complete(
+                        &mut self.sessions,
+                        &mut self.touched,
+                        &mut self.vecs,
+                        sched,
+                        p.ctx,
+                        status,
+                    );
                 }
             }
             let s = &mut self.sessions[key];
@@ -487,6 +569,18 @@ impl IoThread {
             self.closing -= 1;
             self.order.swap_remove(i);
             let mut s = self.sessions.remove(key);
+            for &(tk, id) in s.tenants.iter().flatten() {
+                let port = &mut self.ports[usize::from(tk.controller)];
+                if let Some((rings, _)) = port.tenant_rings.get_mut(&id) {
+                    rings.retain(|&r| r != key);
+                    // A tenant of a failed device keeps its slots: they are never given back.
+                    if rings.is_empty() && !dead {
+                        port.tenant_rings.remove(&id);
+                        port.tenants.remove(&tk);
+                        port.sched.remove_tenant(id);
+                    }
+                }
+            }
             if let Some(ring) = s.ring.as_ref() {
                 let _ = self.epoll.delete(ring.submit_fd.as_fd());
                 ring.fault(if dead { RingFault::DeviceFailed } else { RingFault::Closed });

@@ -92,7 +92,7 @@ impl IoThread {
             if let Some(status) =
                 piece_done(&mut self.splits, &ctx, Status::Broker(BrokerStatus::DeviceReset))
             {
-                complete(&mut self.sessions, &mut self.touched, &mut self.vecs, ctx, status);
+                complete(&mut self.sessions, &mut self.touched, &mut self.vecs, &mut p.sched, ctx, status);
             }
         }
         if state == DeviceState::FailedStopped {
@@ -131,7 +131,8 @@ impl IoThread {
             let Some(p) = s.partial.take() else { continue };
             let status = Status::Broker(BrokerStatus::DeviceReset);
             if let Some(status) = pieces_done(&mut self.splits, &p.ctx, p.pieces - p.next, status) {
-                complete(&mut self.sessions, &mut self.touched, &mut self.vecs, p.ctx, status);
+                let sched = &mut self.ports[usize::from(p.ctx.ctrl)].sched;
+                complete(&mut self.sessions, &mut self.touched, &mut self.vecs, sched, p.ctx, status);
             }
         }
     }

@@ -34,12 +34,20 @@ impl IoThread {
         let mut ready = self.ports.iter().any(|p| p.dq.queue.has_completion());
         let vec_cap = (self.vecs.capacity() - self.vecs.capacity() / 4) as u32;
         let ports = &self.ports;
+        let now = self.started.elapsed().as_nanos() as u64;
         // Whether a command of this ring could go to controller `c` now (a failed device takes
-        // none: its requests complete at once with DeviceFault).
-        let room = |slots: &[u32], c: usize| {
-            let p = &ports[c];
-            p.device_failed || (p.dq.queue.free_slots() > 0 && slots[c] < p.dq.session_slots)
-        };
+        // none: its requests complete at once with DeviceFault), its tenant there included (a
+        // tenant held by a limit or at its share is woken by the limit's timer or a completion).
+        let room =
+            |slots: &[u32],
+             tenants: &[Option<(crate::broker::tenant::TenantKey, crate::broker::sched::TenantId)>],
+             c: usize| {
+                let p = &ports[c];
+                p.device_failed
+                    || (p.dq.queue.free_slots() > 0
+                        && slots[c] < p.dq.session_slots
+                        && tenants[c].is_none_or(|(_, t)| p.sched.can_dispatch(t, now)))
+            };
         for (_, s) in self.sessions.iter_mut() {
             let Some(r) = s.ring.as_mut() else { continue };
             if s.faulted || s.closing.is_some() {
@@ -48,12 +56,13 @@ impl IoThread {
             if let Some(p) = s.partial.as_ref() {
                 // A piece waiting for a bounce slot is woken by the completion that frees one.
                 let c = usize::from(p.ctx.ctrl);
-                ready |= room(&s.slots, c) && (!p.waits_bounce || ports[c].bounce.available() > 0);
+                ready |=
+                    room(&s.slots, &s.tenants, c) && (!p.waits_bounce || ports[c].bounce.available() > 0);
                 continue;
             }
             // The next entry's controller is unknown until it is read: any with room will do
             // (if its own has none, a completion there wakes us soon anyway).
-            let can_admit = (0..ports.len()).any(|c| room(&s.slots, c));
+            let can_admit = (0..ports.len()).any(|c| room(&s.slots, &s.tenants, c));
             if !r.sq.available().is_ok_and(|n| n > 0) && r.overflow.is_empty() {
                 continue;
             }
@@ -76,13 +85,18 @@ impl IoThread {
         let in_flight = self.ports.iter().any(|p| p.dq.queue.in_flight() > 0);
         let polled = self.ports.iter().any(|p| p.dq.queue.in_flight() > 0 && p.vector.is_none());
         if !ready {
-            let timeout: u16 = if polled {
+            let mut timeout: u16 = if polled {
                 1 // a polled queue: look again soon
             } else if in_flight {
                 100
             } else {
                 1000
             };
+            // A tenant held by a rate limit may go again then.
+            if let Some(until) = self.throttled_until {
+                let ms = until.saturating_sub(now).div_ceil(1_000_000).max(1);
+                timeout = timeout.min(ms.min(u64::from(u16::MAX)) as u16);
+            }
             let mut events = [EpollEvent::empty(); 32];
             let n = self.epoll.wait(&mut events, EpollTimeout::from(timeout)).unwrap_or(0);
             for ev in &events[..n] {

@@ -24,6 +24,9 @@ pub struct InFlight {
     pub session: u32,
     /// The controller the command went to.
     pub ctrl: u16,
+    /// The scheduler tenant charged for the request (its slot is given back when the whole
+    /// request completes).
+    pub tenant: Option<crate::broker::sched::TenantId>,
     /// Buffer id, or `u32::MAX` for commands without data.
     pub buffer: u32,
     /// The client's tag.
@@ -61,6 +64,7 @@ impl InFlight {
         Self {
             session,
             ctrl: 0,
+            tenant: None,
             buffer,
             user_data,
             len,

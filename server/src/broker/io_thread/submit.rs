@@ -10,6 +10,7 @@ use nvmed_proto::{BrokerStatus, Cqe, Opcode, RingFault, Segment, Status};
 use super::split::{admit, Admission, InFlight, Partial, Split, Work, WHOLE};
 use super::vectored::{VecIo, VecWork};
 use super::{complete, IoThread};
+use crate::broker::sched::Dispatch;
 use crate::broker::session::bump;
 use crate::broker::validate::{validate, validate_segments, Validated, SEGMENT_SIZE};
 use crate::nvme::{Cursor, RwCommand};
@@ -18,32 +19,93 @@ use crate::nvme::{Cursor, RwCommand};
 const TAKE_BATCH: u32 = 64;
 
 impl IoThread {
-    /// One round over every session; returns whether anything was taken or admitted.
+    /// One round: each ring with work makes its tenants want a turn; each controller's
+    /// scheduler then hands out turns (deficit round robin by weight, within each tenant's
+    /// limits and share of the queue), and a turn takes SQEs from that tenant's rings. Rings
+    /// without a tenant (no namespace) are visited in turn. Returns whether anything was taken
+    /// or admitted.
     pub(super) fn take_submissions(&mut self) -> bool {
         let n = self.order.len();
         if n == 0 {
             return false;
         }
-        // Rotating start, without a division per ring (`order` may have shrunk since).
-        let first = if self.next_first < n { self.next_first } else { 0 };
+        let first = self.next_first % n;
         self.next_first = first + 1;
         let mut took = false;
-        for i in first..n {
-            took |= self.take_from(self.order[i]);
+        let mut wanted = false;
+        for i in 0..n {
+            let key = self.order[(first + i) % n];
+            let s = &mut self.sessions[key];
+            if s.faulted || s.closing.is_some() {
+                continue;
+            }
+            let Some(ring) = s.ring.as_mut() else { continue };
+            // A corrupt tail counts as work: taking from the ring faults it.
+            let wants = s.partial.is_some()
+                || !ring.overflow.is_empty()
+                || ring.sq.available().map_or(true, |a| a > 0);
+            if !wants {
+                if ring.dirty {
+                    self.touched.push(key);
+                }
+                continue;
+            }
+            if s.tenants.iter().all(Option::is_none) {
+                took |= self.take_from(key, 0).0;
+                continue;
+            }
+            for &(tk, id) in s.tenants.iter().flatten() {
+                self.ports[usize::from(tk.controller)].sched.set_has_work(id, true);
+            }
+            wanted = true;
         }
-        for i in 0..first {
-            took |= self.take_from(self.order[i]);
+        if !wanted {
+            return took;
+        }
+        let now = self.now_ns();
+        self.throttled_until = None;
+        for c in 0..self.ports.len() {
+            // Each tenant at most twice per round: then back to reaping.
+            for _ in 0..2 * self.ports[c].tenant_rings.len() {
+                let Some(t) = self.ports[c].sched.next_tenant(now) else { break };
+                let mut visit = std::mem::take(&mut self.visit);
+                visit.clear();
+                let start = match self.ports[c].tenant_rings.get_mut(&t) {
+                    Some((rings, next)) => {
+                        visit.extend_from_slice(rings);
+                        *next = next.wrapping_add(1);
+                        *next
+                    }
+                    None => 0,
+                };
+                let mut more = false;
+                let count = visit.len();
+                for j in 0..count {
+                    let (t_took, t_more) = self.take_from(visit[(start + j) % count], now);
+                    took |= t_took;
+                    more |= t_more;
+                }
+                self.visit = visit;
+                if !more {
+                    self.ports[c].sched.set_has_work(t, false);
+                }
+            }
+            if let Some(w) = self.ports[c].sched.next_wakeup(now) {
+                self.throttled_until = Some(self.throttled_until.map_or(w, |u| u.min(w)));
+            }
         }
         took
     }
 
-    fn take_from(&mut self, key: usize) -> bool {
+    /// Takes what it may from one ring at `now` (schedulers' clock); returns whether anything
+    /// was taken or admitted, and whether the ring still has work it could not take.
+    fn take_from(&mut self, key: usize, now: u64) -> (bool, bool) {
         let epoch = self.epoch;
-        let Some(s) = self.sessions.get_mut(key) else { return false };
+        let Some(s) = self.sessions.get_mut(key) else { return (false, false) };
         if s.faulted || s.closing.is_some() {
-            return false;
+            return (false, false);
         }
-        let Some(ring) = s.ring.as_mut() else { return false };
+        let Some(ring) = s.ring.as_mut() else { return (false, false) };
         // A ring holds at most three quarters of the segment list slots, as of device slots.
         let vec_cap = (self.vecs.capacity() - self.vecs.capacity() / 4) as u32;
         let ports = &mut self.ports;
@@ -92,7 +154,7 @@ impl IoThread {
                 if ring.dirty {
                     self.touched.push(key);
                 }
-                return took;
+                return (took, true);
             }
         }
         let available = match ring.sq.available() {
@@ -100,14 +162,14 @@ impl IoThread {
             Err(e) => {
                 complete::fault(s.id, ring, RingFault::SqTailCorrupt, e);
                 s.faulted = true;
-                return took;
+                return (took, false);
             }
         };
         if available == 0 {
             if ring.dirty {
                 self.touched.push(key);
             }
-            return took;
+            return (took, false);
         }
         // Ask for the SQE lines of the batch at once, before anything else that may miss (the
         // client's CQ head below), so their transfers overlap instead of one miss per entry.
@@ -120,7 +182,7 @@ impl IoThread {
             Err(e) => {
                 complete::fault(s.id, ring, RingFault::CqHeadCorrupt, e);
                 s.faulted = true;
-                return took;
+                return (took, false);
             }
         };
         let room = free.saturating_sub(reserved);
@@ -128,6 +190,8 @@ impl IoThread {
         // The CQ lines this batch's completions go to, for writing.
         ring.cq.prefetch_free(n);
         let mut taken = 0;
+        // Held back by the scheduler (this tenant's turn is over, or a limit holds it).
+        let mut held = false;
         while taken < n {
             // Copy the entry out of shared memory once; validate only the copy.
             let sqe = ring.sq.read(taken);
@@ -149,9 +213,18 @@ impl IoThread {
                     Status::Broker(BrokerStatus::DeviceFault)
                 }
                 Ok(Validated::Device { controller: c, cmd, buffer, len }) => {
-                    let p = &ports[usize::from(c)];
+                    let p = &mut ports[usize::from(c)];
                     if p.dq.queue.free_slots() == 0 || s.slots[usize::from(c)] >= p.dq.session_slots {
                         break; // no slot for this ring now: leave the entry for a later round
+                    }
+                    let tenant = s.tenants[usize::from(c)].map(|(_, t)| t);
+                    if let Some(t) = tenant {
+                        let bytes =
+                            if matches!(op, Opcode::Read | Opcode::Write) { u64::from(len) } else { 0 };
+                        if p.sched.try_dispatch(t, now, bytes, op.modifies_data()) != Dispatch::Go {
+                            held = true;
+                            break; // the entry waits for this tenant's next turn
+                        }
                     }
                     let pieces = cmd.piece_count(limits[usize::from(c)].max_transfer);
                     let split = if pieces > 1 {
@@ -161,6 +234,7 @@ impl IoThread {
                     };
                     let ctx = InFlight {
                         ctrl: c,
+                        tenant,
                         ..InFlight::new(
                             key as u32,
                             buffer.unwrap_or(u32::MAX),
@@ -220,6 +294,15 @@ impl IoThread {
                             Status::Broker(e)
                         }
                         Ok(()) => {
+                            let tenant = s.tenants[usize::from(c)].map(|(_, t)| t);
+                            if let Some(t) = tenant {
+                                let sched = &mut ports[usize::from(c)].sched;
+                                if sched.try_dispatch(t, now, u64::from(v.len), v.write) != Dispatch::Go {
+                                    vecs.release(slot);
+                                    held = true;
+                                    break; // as above (the list is copied again next time)
+                                }
+                            }
                             vecs.set_count(slot, v.count);
                             // Every buffer the request touches stays in use until it completes.
                             for seg in vecs.segs(slot) {
@@ -236,6 +319,7 @@ impl IoThread {
                             let ctx = InFlight {
                                 vec: slot,
                                 ctrl: c,
+                                tenant,
                                 ..InFlight::new(key as u32, u32::MAX, sqe.user_data, v.len, op, epoch, split)
                             };
                             let rw = RwCommand {
@@ -284,6 +368,6 @@ impl IoThread {
         if ring.dirty {
             self.touched.push(key);
         }
-        took
+        (took, held || taken < available || s.partial.is_some())
     }
 }

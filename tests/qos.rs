@@ -1,0 +1,203 @@
+//! Sharing one device between tenants: limits per grant, split over the I/O threads that serve
+//! a tenant, and weights on a busy device (issue 9).
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::os::unix::process::CommandExt;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+use nvmed_client::{Io, NvmeRing, NvmeSession, RingOptions};
+
+/// 4 KiB reads at depth `qd` on `ring` for `secs`; returns how many completed.
+fn reads_for(ring: &mut NvmeRing, qd: u64, secs: f64) -> u64 {
+    let ns = ring.namespaces()[0].nsid;
+    let buf = ring.alloc_buffer((qd * 4096) as usize).unwrap();
+    let end = Instant::now() + Duration::from_secs_f64(secs);
+    let (mut out, mut done, mut next) = (Vec::new(), 0u64, 0u64);
+    let mut free: Vec<u64> = (0..qd).collect();
+    while Instant::now() < end {
+        while let Some(slot) = free.pop() {
+            ring.prep(Io::read(ns, (next % 4096) * 4096, 4096, buf, slot * 4096).user_data(slot)).unwrap();
+            next += 1;
+        }
+        ring.submit().unwrap();
+        out.clear();
+        ring.wait(1, &mut out, Some(Duration::from_secs(5))).unwrap();
+        for c in &out {
+            assert!(c.status.is_success(), "{c:?}");
+            free.push(c.user_data);
+        }
+        done += out.len() as u64;
+    }
+    // Drain what is still in flight (not counted).
+    while ring.in_flight() > 0 {
+        out.clear();
+        ring.wait(1, &mut out, Some(Duration::from_secs(5))).unwrap();
+    }
+    done
+}
+
+#[test]
+fn an_iops_limit_holds_at_any_depth() {
+    // Tests run as root: the grant is uid 0's.
+    let broker = TestBroker::start(&["--grant", "0:1:iops=2k"]);
+    let mut ring = broker.connect();
+    let secs = 2.0;
+    let done = reads_for(&mut ring, 32, secs);
+    let rate = done as f64 / secs;
+    // At most the rate plus one 10 ms burst; the device could do 100x more.
+    assert!(done <= 2000 * 2 + 20 + 2, "{done} reads in {secs} s: above the limit");
+    assert!(rate >= 2000.0 * 0.9, "{rate:.0} IOPS: far below the limit");
+}
+
+#[test]
+fn a_limit_is_shared_by_the_tenant_s_rings_on_every_thread() {
+    let broker = TestBroker::start(&["--io-threads", "2", "--grant", "0:1:iops=2k"]);
+    let session = NvmeSession::open(&broker.socket).unwrap();
+    let secs = 2.0;
+    let workers: Vec<_> = [0u16, 1]
+        .into_iter()
+        .map(|t| {
+            let mut ring =
+                session.new_ring_with(RingOptions { thread: Some(t), ..RingOptions::default() }).unwrap();
+            std::thread::spawn(move || reads_for(&mut ring, 16, secs))
+        })
+        .collect();
+    let counts: Vec<u64> = workers.into_iter().map(|w| w.join().unwrap()).collect();
+    let total: u64 = counts.iter().sum();
+    // The two threads each enforce half of the tenant's limit.
+    assert!(total <= 2000 * 2 + 2 * 20 + 4, "{counts:?}: above the tenant's limit");
+    assert!(total as f64 >= 2000.0 * secs * 0.9, "{counts:?}: far below the tenant's limit");
+    for c in &counts {
+        assert!((*c as f64) >= 1000.0 * secs * 0.8, "{counts:?}: one thread starved");
+    }
+}
+
+#[test]
+fn a_queue_depth_cap_holds() {
+    // A slow device: with qd=4 at most 4 reads are at the device at once, so at 20 ms each at
+    // most 200 complete per second whatever depth the client asks for.
+    let broker = TestBroker::start(&[
+        "--emulator-mode",
+        "async",
+        "--emulator-latency-us",
+        "20000",
+        "--grant",
+        "0:1:qd=4",
+    ]);
+    let mut ring = broker.connect();
+    let done = reads_for(&mut ring, 32, 1.0);
+    assert!(done <= 4 * 50 + 8, "{done} reads in 1 s: more than 4 at a time");
+    assert!(done >= 4 * 50 / 2, "{done} reads in 1 s");
+}
+
+/// Runs `nvmed-test-peer load` as `uid` for `secs` at depth `qd`; returns the child, started.
+fn load_as(uid: u32, socket: &std::path::Path, secs: f64, qd: usize) -> std::process::Child {
+    let mut child = Command::new(runnable_by_anyone(env!("CARGO_BIN_EXE_nvmed-test-peer")))
+        .arg("load")
+        .arg(socket)
+        .args([secs.to_string(), qd.to_string()])
+        .uid(uid)
+        .gid(uid)
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    while !line.contains("LOADING") {
+        line.clear();
+        assert!(out.read_line(&mut line).unwrap() > 0, "load peer exited early");
+    }
+    // Keep reading its output in the background through the child's stdout later.
+    child.stdout = Some(out.into_inner());
+    child
+}
+
+fn ios_of(mut child: std::process::Child) -> u64 {
+    let out = BufReader::new(child.stdout.take().unwrap());
+    let n = out
+        .lines()
+        .map_while(Result::ok)
+        .find_map(|l| l.strip_prefix("IOS ").map(|n| n.trim().parse::<u64>().unwrap()))
+        .expect("the load peer did not report");
+    assert!(child.wait().unwrap().success());
+    n
+}
+
+#[test]
+fn weights_split_a_busy_device() {
+    // A device that does 10k IOPS, behind a 32-entry queue: the broker decides who gets the
+    // slots. uid 1000 has weight 1, uid 1001 weight 3.
+    let broker = TestBroker::start(&[
+        "--socket-mode",
+        "666",
+        "--model",
+        "latency-us=200,iops=10k,channels=64",
+        "--queue-depth",
+        "32",
+        "--grant",
+        "1000:1:weight=1",
+        "--grant",
+        "1001:1:weight=3",
+    ]);
+    let secs = 3.0;
+    let a = load_as(1000, &broker.socket, secs, 32);
+    let b = load_as(1001, &broker.socket, secs, 32);
+    let (a, b) = (ios_of(a), ios_of(b));
+    let share = a as f64 / (a + b) as f64;
+    assert!((0.20..=0.30).contains(&share), "weight 1 got {a}, weight 3 got {b}: share {share:.3}");
+}
+
+/// `--config FILE` with these grants.
+fn config_with(dir: &std::path::Path, grants: &[&str]) -> std::path::PathBuf {
+    let path = dir.join("nvmed.toml");
+    let list: Vec<String> = grants.iter().map(|g| format!("{g:?}")).collect();
+    std::fs::write(&path, format!("grant = [{}]\n", list.join(", "))).unwrap();
+    path
+}
+
+#[test]
+fn sighup_puts_new_limits_in_force_without_reconnecting_and_refuses_a_bad_file() {
+    let dir = scratch_dir();
+    let config = config_with(&dir, &["0:1:iops=1k"]);
+    let config_arg = config.to_str().unwrap().to_string();
+    let mut broker = TestBroker::start_in(dir.clone(), &["--config", &config_arg, "--namespaces", "2"]);
+    let mut ring = broker.connect();
+    let pid = broker.child.as_ref().unwrap().id();
+    let before = reads_for(&mut ring, 16, 1.0);
+    assert!(before <= 1000 + 12, "{before} reads in 1 s at 1k IOPS");
+    // The same connection, after the limit is raised.
+    config_with(&dir, &["0:1:iops=4k"]);
+    send_signal(pid, libc::SIGHUP);
+    std::thread::sleep(Duration::from_millis(200));
+    let after = reads_for(&mut ring, 16, 1.0);
+    assert!((3000..=4000 + 45).contains(&after), "{after} reads in 1 s at 4k IOPS");
+    // A file that does not parse is refused: the 4k limit stays.
+    std::fs::write(&config, "grant = [\"0:1:iops=lots\"]\n").unwrap();
+    send_signal(pid, libc::SIGHUP);
+    std::thread::sleep(Duration::from_millis(200));
+    let still = reads_for(&mut ring, 16, 1.0);
+    assert!((3000..=4000 + 45).contains(&still), "{still} reads in 1 s after a refused reload");
+    assert!(broker.alive());
+    // Namespace 1 withdrawn: the session ends (after its I/O drains); a new one sees only 2.
+    config_with(&dir, &["0:2"]);
+    send_signal(pid, libc::SIGHUP);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let ended = loop {
+        let ns = ring.namespaces()[0].nsid;
+        let buf = ring.alloc_buffer(4096);
+        let r = buf.and_then(|b| ring.read(ns, 0, b, 0, 4096));
+        if r.is_err() {
+            break r;
+        }
+        assert!(Instant::now() < deadline, "the session outlived the withdrawn grant");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(ended.is_err());
+    let fresh = broker.connect();
+    let ids: Vec<u32> = fresh.namespaces().iter().map(|n| n.nsid).collect();
+    assert_eq!(ids, vec![2]);
+}
