@@ -640,7 +640,8 @@ impl Scheduler {
         if self.config.contended_cost == u64::MAX {
             return true;
         }
-        let budget = u128::from(self.config.contended_cost) * u128::from(t.weight) / u128::from(self.busy_total(t));
+        let budget =
+            u128::from(self.config.contended_cost) * u128::from(t.weight) / u128::from(self.busy_total(t));
         u128::from(t.cost_in_flight + cost) <= budget
     }
 

@@ -260,7 +260,10 @@ impl IoThread {
                 generation: p.ctrl.generation(),
                 ctrl: p.ctrl,
                 device,
-                sched: Scheduler::new(SchedConfig { contended_cost: setup.contended_cost, ..SchedConfig::new(slots) }),
+                sched: Scheduler::new(SchedConfig {
+                    contended_cost: setup.contended_cost,
+                    ..SchedConfig::new(slots)
+                }),
                 tenants: std::collections::HashMap::new(),
                 tenant_rings: std::collections::HashMap::new(),
                 dq: DeviceQueue::new(p.queue),
