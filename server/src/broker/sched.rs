@@ -77,6 +77,10 @@ pub const DEFAULT_QUANTUM: u64 =
 /// weight, so it is off unless asked for.
 pub const DEFAULT_CONTENDED_COST: u64 = u64::MAX;
 
+/// Default linger: 2 ms, several device latencies and well above a client's time between two
+/// requests.
+pub const DEFAULT_LINGER_NS: u64 = 2_000_000;
+
 /// Default bucket depth in time: 10 ms of the rate (short enough to hold a limit within a
 /// fraction of a second, long enough to absorb a 1 ms tick and the batching of a poll loop).
 pub const DEFAULT_BURST_NS: u64 = 10_000_000;
@@ -105,6 +109,9 @@ pub struct SchedConfig {
     /// weight (each may always have one request there). What a request waits behind at an
     /// in-order device is bounded by this, however deep another tenant's queue is.
     pub contended_cost: u64,
+    /// How long a tenant still counts as busy after its last request completed (a tenant at
+    /// QD1 is idle for a moment between two requests: it must not lose its share then).
+    pub linger_ns: u64,
 }
 
 impl SchedConfig {
@@ -117,6 +124,7 @@ impl SchedConfig {
             burst_min_bytes: DEFAULT_BURST_MIN_BYTES,
             write_cost_percent: DEFAULT_WRITE_COST_PERCENT,
             contended_cost: DEFAULT_CONTENDED_COST,
+            linger_ns: DEFAULT_LINGER_NS,
         }
     }
 
@@ -269,6 +277,9 @@ struct Tenant {
     last_cost: u64,
     /// Cost of its requests at the device.
     cost_in_flight: u64,
+    /// Still counted busy after its last request (`Some(0)`: since now, the next look sets
+    /// the end).
+    linger_until: Option<u64>,
     /// In the ring of tenants with work.
     active: bool,
     prev: usize,
@@ -369,6 +380,7 @@ impl Scheduler {
             deficit: 0,
             last_cost: 0,
             cost_in_flight: 0,
+            linger_until: None,
             active: false,
             prev: NIL,
             next: NIL,
@@ -444,6 +456,7 @@ impl Scheduler {
     /// caller then offers that tenant's requests to [`try_dispatch`](Self::try_dispatch) until
     /// one is not [`Dispatch::Go`]. One tenant alone is returned again and again.
     pub fn next_tenant(&mut self, now: u64) -> Option<TenantId> {
+        self.expire_lingering(now);
         if self.cursor == NIL || self.in_flight >= self.config.device_slots {
             return None;
         }
@@ -527,6 +540,7 @@ impl Scheduler {
         s.dispatched_cost += cost;
         s.in_flight += 1;
         t.cost_in_flight += cost;
+        t.linger_until = None;
         self.in_flight += 1;
         self.busy_after(i, was, w);
         Dispatch::Go
@@ -559,6 +573,9 @@ impl Scheduler {
         t.cost_in_flight = t.cost_in_flight.saturating_sub(cost);
         if t.stats.in_flight == 0 {
             t.cost_in_flight = 0;
+            if !t.active && self.config.linger_ns > 0 {
+                t.linger_until = Some(0);
+            }
         }
         self.in_flight -= 1;
         self.busy_after(i, was, w);
@@ -645,6 +662,25 @@ impl Scheduler {
         u128::from(t.cost_in_flight + cost) <= budget
     }
 
+    /// Ends the linger of tenants idle for long enough (and starts the clock of those that just
+    /// became idle).
+    fn expire_lingering(&mut self, now: u64) {
+        let linger = self.config.linger_ns;
+        let mut ended = Vec::new();
+        for (i, t) in self.tenants.iter_mut() {
+            match t.linger_until {
+                Some(0) => t.linger_until = Some(now.saturating_add(linger).max(1)),
+                Some(until) if until <= now => ended.push(i),
+                _ => {}
+            }
+        }
+        for i in ended {
+            let (was, w) = self.busy_before(i);
+            self.tenants[i].linger_until = None;
+            self.busy_after(i, was, w);
+        }
+    }
+
     /// Whether tenant `i` is busy now, and its weight (before a change).
     fn busy_before(&self, i: usize) -> (bool, u64) {
         let t = &self.tenants[i];
@@ -692,7 +728,11 @@ impl Scheduler {
             return;
         }
         let (was, w) = self.busy_before(i);
+        let linger = self.config.linger_ns > 0;
         let t = &mut self.tenants[i];
+        if t.stats.in_flight == 0 && linger {
+            t.linger_until = Some(0);
+        }
         let (p, n) = (t.prev, t.next);
         (t.prev, t.next, t.active) = (NIL, NIL, false);
         self.active_weight -= t.weight;
@@ -709,9 +749,9 @@ impl Scheduler {
     }
 }
 
-/// Busy: with work waiting, or with requests at the device.
+/// Busy: with work waiting, or with requests at the device, or had some a moment ago.
 fn busy(t: &Tenant) -> bool {
-    t.active || t.stats.in_flight > 0
+    t.active || t.stats.in_flight > 0 || t.linger_until.is_some()
 }
 
 #[cfg(test)]
@@ -1085,6 +1125,10 @@ mod tests {
         s.set_has_work(writer, true);
         assert_eq!(s.slot_share(writer), 16);
         s.complete(reader, 4096, false);
+        // It still counts for a moment (a QD1 client between two requests), then no more.
+        s.next_tenant(0);
+        assert_eq!(s.slot_share(writer), 16, "the reader lingers");
+        s.next_tenant(DEFAULT_LINGER_NS + 1);
         assert_eq!(s.slot_share(writer), 32, "the reader is idle again");
     }
 
@@ -1117,8 +1161,9 @@ mod tests {
         assert_eq!(s.try_dispatch(writer, 0, 128 << 10, true), Dispatch::Later);
         s.complete(reader, 4096, false);
         s.set_has_work(reader, false);
-        // The reader gone idle: the writer may queue deeper again (at its next turn).
-        assert_eq!(s.next_tenant(0), Some(writer));
+        // The reader gone idle (after its linger): the writer may queue deeper again.
+        assert_eq!(s.next_tenant(0), None, "the writer is at its part while the reader lingers");
+        assert_eq!(s.next_tenant(DEFAULT_LINGER_NS + 1), Some(writer));
         assert_eq!(s.try_dispatch(writer, 0, 128 << 10, true), Dispatch::Go);
     }
 
