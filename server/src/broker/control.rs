@@ -355,13 +355,14 @@ impl Connection {
         let i =
             self.rings.iter().position(|r| r.ring_id == ring_id).ok_or(ControlError::UnknownRing(ring_id))?;
         let ring = self.rings.swap_remove(i);
-        if let Some(r) = &self.registered {
-            r.remove_ring(ring_id);
-        }
         let (tx, rx) = channel();
         let poller = &self.shared.pollers[ring.thread];
         if poller.request(IoRequest::CloseRing { key: ring.key, reply: tx }) {
             let _ = rx.recv();
+        }
+        // Drained: its counters are final, and stay in the session's totals.
+        if let Some(r) = &self.registered {
+            r.remove_ring(ring_id);
         }
         poller.rings.fetch_sub(1, Ordering::Relaxed);
         self.forget_ring_tenants(ring.thread);
