@@ -184,18 +184,7 @@ fn killed_client_scenario(args: &[&str]) {
     let mut survivor = broker.connect();
     let base_iova = survivor.stats().unwrap().broker_buffer_iova_bytes;
     // A child process hammering its own region with writes.
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_nvmed-test-peer"))
-        .arg("hammer")
-        .arg(&broker.socket)
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
-    let mut line = String::new();
-    while !line.contains("HAMMERING") {
-        line.clear();
-        assert!(std::io::BufRead::read_line(&mut out, &mut line).unwrap() > 0, "child exited early");
-    }
+    let mut child = start_hammer("hammer", &broker.socket);
     let peak = survivor.stats().unwrap();
     assert_eq!(peak.broker_sessions, 2);
     assert!(peak.broker_buffer_iova_bytes >= base_iova + 8 * MIB);
@@ -543,18 +532,7 @@ fn a_new_session_can_wait_for_a_killed_client_s_io_to_drain() {
     // Every command spends a second at the device: the killed client's are still there.
     let broker = TestBroker::start(&["--emulator-mode", "async", "--emulator-latency-us", "1000000"]);
     let mut me = broker.connect();
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_nvmed-test-peer"))
-        .arg("hammer")
-        .arg(&broker.socket)
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
-    let mut line = String::new();
-    while !line.contains("HAMMERING") {
-        line.clear();
-        assert!(std::io::BufRead::read_line(&mut out, &mut line).unwrap() > 0, "child exited early");
-    }
+    let mut child = start_hammer("hammer", &broker.socket);
     // Its first writes reach the device within microseconds; they stay there a second.
     std::thread::sleep(Duration::from_millis(200));
     child.kill().unwrap();
@@ -570,4 +548,19 @@ fn a_new_session_can_wait_for_a_killed_client_s_io_to_drain() {
     assert_eq!(stats.broker_buffer_iova_bytes, stats.buffer_bytes);
     // Nothing left to wait for.
     assert_eq!(me.session().await_drained(Duration::from_secs(1)).unwrap(), 0);
+}
+
+#[test]
+fn a_client_sees_the_health_of_its_own_controllers_only() {
+    // Two controllers; uid 0 (the tests) is granted only namespace 2, on controller 1.
+    let broker = TestBroker::start(&["--controllers", "2", "--grant", "0:2"]);
+    let mut ring = broker.connect();
+    let h = ring.health().unwrap();
+    assert_eq!(h.len(), 1, "{h:?}");
+    assert_eq!(h[0].controller, 1);
+    assert!(h[0].model.contains("emulated"), "{h:?}");
+    let smart = h[0].smart.as_ref().unwrap();
+    assert_eq!((smart.temperature_kelvin, smart.available_spare), (313, 100));
+    // Asked again at once: the same (cached) answer, without another admin command.
+    assert_eq!(ring.health().unwrap(), h);
 }

@@ -150,3 +150,54 @@ fn weights_split_a_busy_device() {
     let share = a as f64 / (a + b) as f64;
     assert!((0.20..=0.30).contains(&share), "weight 1 got {a}, weight 3 got {b}: share {share:.3}");
 }
+
+/// `--config FILE` with these grants.
+fn config_with(dir: &std::path::Path, grants: &[&str]) -> std::path::PathBuf {
+    let path = dir.join("nvmed.toml");
+    let list: Vec<String> = grants.iter().map(|g| format!("{g:?}")).collect();
+    std::fs::write(&path, format!("grant = [{}]\n", list.join(", "))).unwrap();
+    path
+}
+
+#[test]
+fn sighup_puts_new_limits_in_force_without_reconnecting_and_refuses_a_bad_file() {
+    let dir = scratch_dir();
+    let config = config_with(&dir, &["0:1:iops=1k"]);
+    let config_arg = config.to_str().unwrap().to_string();
+    let mut broker = TestBroker::start_in(dir.clone(), &["--config", &config_arg, "--namespaces", "2"]);
+    let mut ring = broker.connect();
+    let pid = broker.child.as_ref().unwrap().id();
+    let before = reads_for(&mut ring, 16, 1.0);
+    assert!(before <= 1000 + 12, "{before} reads in 1 s at 1k IOPS");
+    // The same connection, after the limit is raised.
+    config_with(&dir, &["0:1:iops=4k"]);
+    send_signal(pid, libc::SIGHUP);
+    std::thread::sleep(Duration::from_millis(200));
+    let after = reads_for(&mut ring, 16, 1.0);
+    assert!((3000..=4000 + 45).contains(&after), "{after} reads in 1 s at 4k IOPS");
+    // A file that does not parse is refused: the 4k limit stays.
+    std::fs::write(&config, "grant = [\"0:1:iops=lots\"]\n").unwrap();
+    send_signal(pid, libc::SIGHUP);
+    std::thread::sleep(Duration::from_millis(200));
+    let still = reads_for(&mut ring, 16, 1.0);
+    assert!((3000..=4000 + 45).contains(&still), "{still} reads in 1 s after a refused reload");
+    assert!(broker.alive());
+    // Namespace 1 withdrawn: the session ends (after its I/O drains); a new one sees only 2.
+    config_with(&dir, &["0:2"]);
+    send_signal(pid, libc::SIGHUP);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let ended = loop {
+        let ns = ring.namespaces()[0].nsid;
+        let buf = ring.alloc_buffer(4096);
+        let r = buf.and_then(|b| ring.read(ns, 0, b, 0, 4096));
+        if r.is_err() {
+            break r;
+        }
+        assert!(Instant::now() < deadline, "the session outlived the withdrawn grant");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(ended.is_err());
+    let fresh = broker.connect();
+    let ids: Vec<u32> = fresh.namespaces().iter().map(|n| n.nsid).collect();
+    assert_eq!(ids, vec![2]);
+}

@@ -114,18 +114,7 @@ fn a_client_killed_with_rings_on_two_threads_is_drained_and_released() {
     let broker =
         TestBroker::start(&["--io-threads", "2", "--emulator-mode", "async", "--emulator-latency-us", "500"]);
     let mut survivor = broker.connect();
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_nvmed-test-peer"))
-        .arg("hammer-rings")
-        .arg(&broker.socket)
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
-    let mut line = String::new();
-    while !line.contains("HAMMERING") {
-        line.clear();
-        assert!(std::io::BufRead::read_line(&mut out, &mut line).unwrap() > 0, "child exited early");
-    }
+    let mut child = start_hammer("hammer-rings", &broker.socket);
     // Both of its rings have commands at the device.
     wait_until("both threads to have the child's commands", Duration::from_secs(5), || {
         survivor.session().io_threads().unwrap().iter().all(|t| t.device_commands > 100)

@@ -72,7 +72,8 @@ use nvmed_proto::ring::{completion_ring, submission_ring, Consumer, Producer, Sh
 use nvmed_proto::shm::SharedMemory;
 use nvmed_proto::wakeup::{announce_sleep, end_sleep, peer_flags, SharedFlags};
 pub use nvmed_proto::{
-    BrokerStatus, IoThreadInfo, NamespaceInfo, NvmeStatus, Opcode, Segment, Sqe, Stats, Status, MAX_SEGMENTS,
+    BrokerStatus, HealthSummary, IoThreadInfo, NamespaceInfo, NvmeStatus, Opcode, Segment, Sqe, Stats,
+    Status, MAX_SEGMENTS,
 };
 use nvmed_proto::{Cqe, Request, Response, RingFault, RingHeader};
 use slab::Slab;
@@ -941,6 +942,11 @@ impl NvmeRing {
     /// Session and broker counters (all rings of the session together).
     pub fn stats(&mut self) -> Result<Stats> {
         self.session().stats()
+    }
+
+    /// A health summary of the controllers holding this session's namespaces.
+    pub fn health(&mut self) -> Result<Vec<nvmed_proto::HealthSummary>> {
+        self.session().health()
     }
 
     /// Sends a raw control request (for testing the broker).

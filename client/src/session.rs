@@ -162,6 +162,15 @@ impl NvmeSession {
         }
     }
 
+    /// A health summary (model, firmware, SMART log at most a second old) of each controller
+    /// holding a namespace this session may use.
+    pub fn health(&self) -> Result<Vec<nvmed_proto::HealthSummary>> {
+        match self.inner.call(&Request::Health, &[])?.0 {
+            Response::Health(h) => Ok(h),
+            r => Err(unexpected(r)),
+        }
+    }
+
     /// Waits until every other session of this uid whose client is gone (killed, crashed) has
     /// finished at the device and released its memory; returns how many were still doing so.
     /// A process restarted after a crash calls this before resubmitting the dead one's

@@ -161,6 +161,30 @@ impl AdminClient {
         }
     }
 
+    /// Makes the broker read its configuration again; returns (sessions updated, ended).
+    pub fn reload(&self) -> Result<(u64, u64), CtlError> {
+        match self.request(&AdminRequest::Reload)? {
+            AdminResponse::Reloaded { updated, ended } => Ok((updated, ended)),
+            other => Err(CtlError::Unexpected(format!("{other:?}"))),
+        }
+    }
+
+    /// The grants in force: (grants, access of uids without grants).
+    pub fn limits(&self) -> Result<(Vec<nvmed_proto::admin::GrantReport>, String), CtlError> {
+        match self.request(&AdminRequest::Limits)? {
+            AdminResponse::Limits { grants, default_access } => Ok((grants, default_access)),
+            other => Err(CtlError::Unexpected(format!("{other:?}"))),
+        }
+    }
+
+    /// Changes one grant's limits now; returns (sessions updated, ended).
+    pub fn set_limits(&self, uid: u32, nsid: u32, limits: &str) -> Result<(u64, u64), CtlError> {
+        match self.request(&AdminRequest::SetLimits { uid, nsid, limits: limits.to_string() })? {
+            AdminResponse::Reloaded { updated, ended } => Ok((updated, ended)),
+            other => Err(CtlError::Unexpected(format!("{other:?}"))),
+        }
+    }
+
     /// Each controller's SMART / health data.
     pub fn health(&self) -> Result<Vec<HealthReport>, CtlError> {
         match self.request(&AdminRequest::Health)? {

@@ -19,6 +19,9 @@ use serde::Serialize;
 ///   nvmectl top                    the same, refreshed every second (Ctrl-C to quit)
 ///   nvmectl kill 12                end session 12 as if its client had disconnected
 ///   nvmectl health                 each controller's SMART / health data
+///   nvmectl reload                 put the grants of nvmed's configuration in force now
+///   nvmectl limits                 the grants and their limits
+///   nvmectl limits 1000 1 iops=5k  change uid 1000's limits on namespace 1 now
 ///   nvmectl status --json | jq .   machine-readable output
 ///
 /// If nvmed runs with --socket /tmp/nvmed.sock, its admin socket is /tmp/nvmed-admin.sock:
@@ -78,6 +81,27 @@ enum Command {
     /// The SMART / Health Information log page: critical warnings, temperature, spare, wear,
     /// data read and written, power-on hours, unsafe shutdowns, media errors.
     Health,
+    /// Read nvmed's configuration again and put its grants and limits in force (as SIGHUP does)
+    ///
+    /// Connected sessions keep going with the new grants; a session that lost a namespace is
+    /// ended after its I/O drains. A configuration that does not parse is refused with the
+    /// reason, and the grants in force stay.
+    Reload,
+    /// Show the grants and their limits, or change one grant's limits now
+    ///
+    /// Without arguments: every grant (uid, namespace, window, read-only, limits). With
+    /// UID NSID LIMITS: that grant's share and limits become LIMITS (as in nvmed --grant, e.g.
+    /// weight=3,iops=20k,write-mbps=100,qd=64) for its connected sessions' next requests. The
+    /// change lives until nvmed reads its configuration again (reload, SIGHUP, restart).
+    Limits {
+        /// The grant's uid.
+        #[arg(requires_all = ["nsid", "limits"])]
+        uid: Option<u32>,
+        /// The grant's namespace.
+        nsid: Option<u32>,
+        /// The new limits.
+        limits: Option<String>,
+    },
 }
 
 fn parse_secs(s: &str) -> Result<f64, String> {
@@ -140,6 +164,36 @@ fn run(cli: Cli) -> Result<(), CtlError> {
                 print_json(&serde_json::json!({ "killed": session }))?;
             } else {
                 println!("session {session} ended");
+            }
+        }
+        Command::Limits { uid: Some(uid), nsid: Some(nsid), limits: Some(limits) } => {
+            let (updated, ended) = client.set_limits(uid, nsid, &limits)?;
+            if cli.json {
+                print_json(&serde_json::json!({ "updated": updated, "ended": ended }))?;
+            } else {
+                println!("limits of uid {uid} on namespace {nsid} now {limits}: {updated} sessions updated");
+            }
+        }
+        Command::Limits { .. } => {
+            let (grants, default_access) = client.limits()?;
+            if cli.json {
+                print_json(&serde_json::json!({ "grants": grants, "default_access": default_access }))?;
+            } else {
+                println!("{:>8} {:>5} {:>22} {:>3}  LIMITS", "UID", "NSID", "WINDOW", "RO");
+                for g in &grants {
+                    let window = g.window.map_or("whole".to_string(), |(a, n)| format!("{a}+{n}"));
+                    let ro = if g.read_only { "ro" } else { "" };
+                    println!("{:>8} {:>5} {:>22} {:>3}  {}", g.uid, g.nsid, window, ro, g.limits);
+                }
+                println!("uids without grants: {default_access}");
+            }
+        }
+        Command::Reload => {
+            let (updated, ended) = client.reload()?;
+            if cli.json {
+                print_json(&serde_json::json!({ "updated": updated, "ended": ended }))?;
+            } else {
+                println!("grants reloaded: {updated} sessions updated, {ended} ended");
             }
         }
         Command::Health => {

@@ -452,3 +452,52 @@ fn admin_connections_are_bounded_and_idle_ones_do_not_block_others() {
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+#[test]
+fn reload_puts_new_grants_in_force_or_says_why_not() {
+    use nvmed_server::policy::{DefaultAccess, Policy};
+    let env = broker(|_| {});
+    // Without a configuration to read again, the operator is told so.
+    let e = env.client().reload().unwrap_err().to_string();
+    assert!(e.contains("without a configuration"), "{e}");
+    // A client connected before the reload keeps its session; its namespace window changes.
+    let ring = nvmed_client::NvmeRing::open(&env.socket).unwrap();
+    assert_eq!(ring.namespaces()[0].lba_count, NAMESPACE / 512);
+    let next = Arc::new(std::sync::Mutex::new(Ok(Policy {
+        grants: vec!["0:1:0+2048:weight=2".parse().unwrap()],
+        default: DefaultAccess::None,
+    })));
+    let source = next.clone();
+    env.broker.as_ref().unwrap().set_reloader(Box::new(move || source.lock().unwrap().clone()));
+    assert_eq!(env.client().reload().unwrap(), (1, 0));
+    let session = ring.session();
+    let list = session.control(&nvmed_proto::Request::ListNamespaces, &[]).unwrap();
+    let nvmed_proto::Response::Namespaces(list) = list else { panic!("{list:?}") };
+    assert_eq!(list[0].lba_count, 2048, "the new window is in force for the same session");
+    // A configuration the reloader refuses: the reason reaches the operator.
+    *next.lock().unwrap() = Err("grant 0:1:iops=lots: not a positive number".into());
+    let e = env.client().reload().unwrap_err().to_string();
+    assert!(e.contains("previous grants stay") && e.contains("iops=lots"), "{e}");
+}
+
+#[test]
+fn limits_are_shown_and_changed_at_run_time() {
+    use nvmed_server::policy::{DefaultAccess, Policy};
+    let env = broker(|c| {
+        c.policy = Policy { grants: vec!["0:1:iops=1k".parse().unwrap()], default: DefaultAccess::None };
+    });
+    let _ring = nvmed_client::NvmeRing::open(&env.socket).unwrap();
+    let (grants, default_access) = env.client().limits().unwrap();
+    assert_eq!(default_access, "none");
+    assert_eq!((grants.len(), grants[0].uid, grants[0].nsid), (1, 0, 1));
+    assert_eq!(grants[0].limits, "weight=1,iops=1000,per=uid");
+    // Changed for the connected session at once.
+    assert_eq!(env.client().set_limits(0, 1, "weight=2,iops=4k,qd=8").unwrap(), (1, 0));
+    assert_eq!(env.client().limits().unwrap().0[0].limits, "weight=2,iops=4000,qd=8,per=uid");
+    // Mistakes are refused with the reason; nothing changes.
+    let e = env.client().set_limits(0, 1, "iops=lots").unwrap_err().to_string();
+    assert!(e.contains("iops=lots"), "{e}");
+    let e = env.client().set_limits(0, 9, "iops=1k").unwrap_err().to_string();
+    assert!(e.contains("no grant for uid 0 on namespace 9"), "{e}");
+    assert_eq!(env.client().limits().unwrap().0[0].limits, "weight=2,iops=4000,qd=8,per=uid");
+}

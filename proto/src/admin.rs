@@ -26,6 +26,34 @@ pub enum AdminRequest {
     },
     /// Each controller's SMART / Health Information log page.
     Health,
+    /// Read the configuration again and put its grants and limits in force (as SIGHUP does).
+    Reload,
+    /// The grants in force, with their limits.
+    Limits,
+    /// Change one grant's share and limits now (in memory: the next reload reads the file).
+    SetLimits {
+        /// The grant's uid.
+        uid: u32,
+        /// The grant's namespace (broker-wide id).
+        nsid: u32,
+        /// The new limits, as in `--grant`: `weight=3,iops=20k,read-mbps=100,qd=64,per=uid`.
+        limits: String,
+    },
+}
+
+/// A grant in force, as `nvmectl limits` shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GrantReport {
+    /// The uid.
+    pub uid: u32,
+    /// The namespace (broker-wide id).
+    pub nsid: u32,
+    /// First LBA and LBAs of its window, if it has one.
+    pub window: Option<(u64, u64)>,
+    /// Reads only.
+    pub read_only: bool,
+    /// Its share and limits, as in `--grant`.
+    pub limits: String,
 }
 
 /// A response from the broker to `nvmectl`.
@@ -39,6 +67,20 @@ pub enum AdminResponse {
     Killed,
     /// Reply to [`AdminRequest::Health`], one per controller.
     Health(Vec<HealthReport>),
+    /// Reply to [`AdminRequest::Limits`]: the grants, and the access of uids without any.
+    Limits {
+        /// The grants.
+        grants: Vec<GrantReport>,
+        /// Access of uids without grants (`read-write`, `read-only` or `none`).
+        default_access: String,
+    },
+    /// Reply to [`AdminRequest::Reload`] and [`AdminRequest::SetLimits`].
+    Reloaded {
+        /// Sessions whose grants changed and were updated in place.
+        updated: u64,
+        /// Sessions ended because they lost a namespace.
+        ended: u64,
+    },
     /// The request failed.
     Error(AdminError),
 }
@@ -66,6 +108,17 @@ pub enum AdminError {
     /// A wait did not end in time.
     #[error("timed out: {0}")]
     Timeout(String),
+    /// No grant of that uid on that namespace.
+    #[error("no grant for uid {uid} on namespace {nsid} (see `nvmectl limits`)")]
+    UnknownGrant {
+        /// The uid.
+        uid: u32,
+        /// The namespace.
+        nsid: u32,
+    },
+    /// The configuration could not be reloaded; the grants in force are unchanged.
+    #[error("reload refused, the previous grants stay in force: {0}")]
+    Reload(String),
     /// The datagram did not decode as a request.
     #[error("malformed admin request: {0}")]
     Malformed(String),

@@ -44,6 +44,9 @@ pub enum Request {
     },
     /// The broker's I/O threads: how many, and how loaded.
     IoThreads,
+    /// A health summary of the controllers holding this session's namespaces (nothing about
+    /// other tenants). Answered with [`Response::Health`].
+    Health,
     /// Wait until every other session of this uid whose client is gone has released its
     /// memory, so no command of theirs can still reach the device (a backend restarted after a
     /// crash resubmits the dead one's requests only after this). Answered with
@@ -101,6 +104,8 @@ pub enum Response {
     RingClosed,
     /// Reply to [`Request::IoThreads`].
     IoThreads(Vec<IoThreadInfo>),
+    /// Reply to [`Request::Health`]: one per controller this session may use.
+    Health(Vec<HealthSummary>),
     /// Reply to [`Request::AwaitDrained`].
     Drained {
         /// Sessions that were still draining when asked.
@@ -145,6 +150,20 @@ impl NamespaceInfo {
     pub fn size_bytes(&self) -> u64 {
         self.lba_count * u64::from(self.lba_size)
     }
+}
+
+/// A controller's health, as any client of it may see it (`nvmectl health` has the whole log).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HealthSummary {
+    /// Controller index (as [`NamespaceInfo::controller`]).
+    pub controller: u16,
+    /// Model number.
+    pub model: String,
+    /// Firmware revision.
+    pub firmware: String,
+    /// The SMART / Health Information log (at most about a second old), or why it could not be
+    /// read.
+    pub smart: Result<crate::admin::SmartLog, String>,
 }
 
 /// One of the broker's I/O threads, as [`Request::IoThreads`] reports it.

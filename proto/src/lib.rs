@@ -65,7 +65,9 @@ mod status;
 pub mod transport;
 pub mod wakeup;
 
-pub use control::{ControlError, IoThreadInfo, NamespaceInfo, Request, Response, Stats, PROTOCOL_VERSION};
+pub use control::{
+    ControlError, HealthSummary, IoThreadInfo, NamespaceInfo, Request, Response, Stats, PROTOCOL_VERSION,
+};
 pub use entry::{Cqe, Opcode, Segment, Sqe, MAX_SEGMENTS, SQE_FLAGS_KNOWN, SQE_FLAG_FUA};
 pub use layout::{RingFault, RingHeader, RingLayout};
 pub use status::{BrokerStatus, NvmeStatus, Status};

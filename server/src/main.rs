@@ -32,7 +32,10 @@ use tracing::{error, info};
 ///
 /// Every option can also come from a TOML file given with --config, keyed by the long option
 /// name (pci = "0000:01:00.0", socket-mode = "660", grant = ["1000:1"], no-interrupts = true);
-/// options on the command line win.
+/// options on the command line win. SIGHUP (or `nvmectl reload`) reads the file again and puts
+/// its grants and limits in force without dropping connected sessions (a session that lost a
+/// namespace is ended once its I/O drains); a file that does not parse is refused with the
+/// reason and the grants in force stay.
 #[derive(Debug, Parser)]
 #[command(version, verbatim_doc_comment, args_override_self = true)]
 #[command(group(clap::ArgGroup::new("device").required(true).args(["emulate", "pci"])))]
@@ -427,7 +430,7 @@ fn main() {
         }
     };
     let args = Args::parse_from(argv.iter().take(1).chain(&from_config).chain(argv.iter().skip(1)));
-    if let Err(e) = run(args) {
+    if let Err(e) = run(args, argv) {
         error!("{e}");
         eprintln!("nvmed: {e}");
         std::process::exit(1);
@@ -508,11 +511,21 @@ fn emulated(args: &Args, controller: u16) -> Result<Arc<dyn NvmeDevice>, Box<dyn
     })?))
 }
 
-fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
+/// The grants of the command line and configuration file as they read now (for a reload:
+/// other options changed in the file take effect at the next start).
+fn read_policy(argv: &[String]) -> Result<Policy, String> {
+    let from_config = config_args(argv)?;
+    let args = Args::try_parse_from(argv.iter().take(1).chain(&from_config).chain(argv.iter().skip(1)))
+        .map_err(|e| e.to_string().lines().next().unwrap_or("bad options").to_string())?;
+    Ok(Policy { grants: args.grants, default: args.default_access })
+}
+
+fn run(args: Args, argv: Vec<String>) -> Result<(), Box<dyn std::error::Error>> {
     // Block SIGINT/SIGTERM before any thread starts, so only sigwait below sees them.
     let mut signals = SigSet::empty();
     signals.add(Signal::SIGINT);
     signals.add(Signal::SIGTERM);
+    signals.add(Signal::SIGHUP);
     signals.thread_block()?;
 
     let mut devices: Vec<Arc<dyn NvmeDevice>> = Vec::new();
@@ -555,13 +568,23 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     config.max_rings_per_session = args.max_rings_per_session;
     config.policy = Policy { grants: args.grants, default: args.default_access };
     let broker = Broker::start_many(devices, config)?;
+    broker.set_reloader(Box::new(move || read_policy(&argv)));
     match broker.metrics_addr() {
         Some(addr) => {
             println!("nvmed: ready on {}, metrics on http://{addr}/metrics", broker.socket().display())
         }
         None => println!("nvmed: ready on {}", broker.socket().display()),
     }
-    let sig = signals.wait()?;
+    let sig = loop {
+        match signals.wait()? {
+            // SIGHUP: the grants and limits of the configuration as it reads now.
+            Signal::SIGHUP => match broker.reload_from_source() {
+                Ok(r) => info!(updated = r.updated, ended = r.ended, "SIGHUP: grants reloaded"),
+                Err(e) => error!("SIGHUP: reload refused, the previous grants stay in force: {e}"),
+            },
+            sig => break sig,
+        }
+    };
     info!(signal = ?sig, "shutting down");
     broker.shutdown()?;
     info!("clean shutdown");

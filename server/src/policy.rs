@@ -65,6 +65,29 @@ impl Default for Qos {
     }
 }
 
+impl std::fmt::Display for Qos {
+    /// The `--grant` form, e.g. `weight=3,iops=20000,read-mbps=100,per=uid`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "weight={}", self.weight)?;
+        if let Some(n) = self.iops {
+            write!(f, ",iops={n}")?;
+        }
+        if let Some(n) = self.read_bytes_per_s {
+            write!(f, ",read-mbps={}", n / 1_000_000)?;
+        }
+        if let Some(n) = self.write_bytes_per_s {
+            write!(f, ",write-mbps={}", n / 1_000_000)?;
+        }
+        if let Some(n) = self.max_in_flight {
+            write!(f, ",qd={n}")?;
+        }
+        f.write_str(match self.scope {
+            QosScope::Uid => ",per=uid",
+            QosScope::Session => ",per=session",
+        })
+    }
+}
+
 impl FromStr for Qos {
     type Err = String;
 

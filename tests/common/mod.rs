@@ -144,3 +144,21 @@ pub fn runnable_by_anyone(bin: &str) -> std::path::PathBuf {
     }
     dst
 }
+
+/// Starts `nvmed-test-peer MODE SOCKET` (`hammer` or `hammer-rings`) and returns once it says it
+/// is hammering the broker with writes.
+pub fn start_hammer(mode: &str, socket: &std::path::Path) -> Child {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_nvmed-test-peer"))
+        .arg(mode)
+        .arg(socket)
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    while !line.contains("HAMMERING") {
+        line.clear();
+        assert!(out.read_line(&mut line).unwrap() > 0, "nvmed-test-peer {mode} exited early");
+    }
+    child
+}

@@ -17,8 +17,8 @@ use std::time::{Duration, Instant};
 use nix::sys::socket::{accept4, getsockopt, setsockopt, sockopt, SockFlag, UnixCredentials};
 use nix::sys::time::TimeVal;
 use nvmed_proto::admin::{
-    decode, encode, AdminError, AdminRequest, AdminResponse, ControllerReport, HealthReport, NamespaceReport,
-    StatusReport, Totals, MAX_ADMIN_MESSAGE,
+    decode, encode, AdminError, AdminRequest, AdminResponse, ControllerReport, GrantReport, HealthReport,
+    NamespaceReport, StatusReport, Totals, MAX_ADMIN_MESSAGE,
 };
 use nvmed_proto::transport::{self, TransportError};
 use nvmed_proto::IoThreadInfo;
@@ -275,6 +275,44 @@ fn handle(shared: &Arc<Shared>, req: AdminRequest, cred: &UnixCredentials) -> Ad
             Err(e) => AdminResponse::Error(e),
         },
         AdminRequest::Health => AdminResponse::Health(health(shared)),
+        AdminRequest::Limits => {
+            let policy = shared.policy.read().unwrap_or_else(|p| p.into_inner()).clone();
+            AdminResponse::Limits {
+                grants: policy
+                    .grants
+                    .iter()
+                    .map(|g| GrantReport {
+                        uid: g.uid,
+                        nsid: g.nsid,
+                        window: g.window,
+                        read_only: g.read_only,
+                        limits: g.qos.to_string(),
+                    })
+                    .collect(),
+                default_access: format!("{:?}", policy.default).to_lowercase(),
+            }
+        }
+        AdminRequest::SetLimits { uid, nsid, limits } => {
+            let qos: crate::policy::Qos = match limits.parse() {
+                Ok(q) => q,
+                Err(e) => return AdminResponse::Error(AdminError::Reload(e)),
+            };
+            let mut policy = shared.policy.read().unwrap_or_else(|p| p.into_inner()).clone();
+            let Some(g) = policy.grants.iter_mut().find(|g| g.uid == uid && g.nsid == nsid) else {
+                return AdminResponse::Error(AdminError::UnknownGrant { uid, nsid });
+            };
+            g.qos = qos;
+            let r = shared.reload(policy);
+            info!(operator_uid = cred.uid(), uid, nsid, limits = %qos, "limits changed by an operator");
+            AdminResponse::Reloaded { updated: r.updated as u64, ended: r.ended as u64 }
+        }
+        AdminRequest::Reload => match shared.reload_from_source() {
+            Ok(r) => {
+                info!(operator_uid = cred.uid(), "grants reloaded by an operator");
+                AdminResponse::Reloaded { updated: r.updated as u64, ended: r.ended as u64 }
+            }
+            Err(e) => AdminResponse::Error(AdminError::Reload(e)),
+        },
     }
 }
 

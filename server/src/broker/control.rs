@@ -11,7 +11,9 @@ use nvmed_proto::control::{decode, encode, MAX_FDS_PER_MESSAGE, MAX_MESSAGE_SIZE
 use nvmed_proto::layout::RingLayout;
 use nvmed_proto::shm::SharedMemory;
 use nvmed_proto::transport::{self, TransportError};
-use nvmed_proto::{ControlError, IoThreadInfo, NamespaceInfo, Request, Response, Stats, PROTOCOL_VERSION};
+use nvmed_proto::{
+    ControlError, HealthSummary, IoThreadInfo, NamespaceInfo, Request, Response, Stats, PROTOCOL_VERSION,
+};
 use slab::Slab;
 use tracing::{debug, info, warn};
 
@@ -169,6 +171,27 @@ impl Connection {
                     })
                     .collect(),
             )),
+            Request::Health => {
+                if let Some(r) = &self.registered {
+                    self.namespaces = r.access().namespaces.clone();
+                }
+                let mut controllers: Vec<u16> = self.namespaces.iter().map(|n| n.controller).collect();
+                controllers.sort_unstable();
+                controllers.dedup();
+                let list = controllers
+                    .into_iter()
+                    .map(|c| {
+                        let info = &self.shared.infos[usize::from(c)];
+                        HealthSummary {
+                            controller: c,
+                            model: info.model.clone(),
+                            firmware: info.firmware.clone(),
+                            smart: self.shared.smart(usize::from(c)),
+                        }
+                    })
+                    .collect();
+                none(Response::Health(list))
+            }
             Request::AwaitDrained { timeout_ms } => {
                 let timeout = std::time::Duration::from_millis(u64::from(timeout_ms));
                 match self.shared.await_drained(self.uid, self.id, timeout) {
@@ -225,10 +248,12 @@ impl Connection {
         }
         let ticket = self.shared.quotas.acquire(Resource::Session, self.uid)?;
         self.shared.sessions.fetch_add(1, Ordering::Relaxed);
-        self.namespaces = self.shared.config.policy.access_for(self.uid, &self.shared.namespaces);
+        let policy = self.shared.policy.read().unwrap_or_else(|p| p.into_inner()).clone();
+        self.namespaces = policy.access_for(self.uid, &self.shared.namespaces);
         self.started = true;
         self.session_ticket = Some(ticket);
-        self.registered = Some(self.shared.registry.add(self.id, self.uid, self.pid, name));
+        self.registered =
+            Some(self.shared.registry.add(self.id, self.uid, self.pid, name, self.namespaces.clone()));
         // Said Hello: no deadline for the next requests.
         if let Err(e) = setsockopt(&self.sock, sockopt::ReceiveTimeout, &TimeVal::new(0, 0)) {
             warn!(session = self.id, "cannot clear the Hello deadline: {e}");
@@ -244,7 +269,10 @@ impl Connection {
         Ok((Response::Hello { version: PROTOCOL_VERSION, session_id: self.id }, vec![]))
     }
 
-    fn namespace_infos(&self) -> Vec<NamespaceInfo> {
+    fn namespace_infos(&mut self) -> Vec<NamespaceInfo> {
+        if let Some(r) = &self.registered {
+            self.namespaces = r.access().namespaces.clone();
+        }
         self.namespaces
             .iter()
             .map(|n| NamespaceInfo {
@@ -304,6 +332,13 @@ impl Connection {
         ];
         let ring_id = self.next_ring_id;
         let counters = Arc::new(SessionCounters::default());
+        // The grants may change (a reload) while the ring is being added: hold them until the
+        // ring is listed, so it is told of any later change.
+        let entry = self.registered.as_ref().map(|r| r.entry());
+        let mut access = entry.as_ref().map(|e| e.access());
+        if let Some(a) = access.as_ref() {
+            self.namespaces = a.namespaces.clone();
+        }
         // The ring's tenants get their limits split over the threads serving them: this one
         // and those already serving them (told their new part).
         let mut tenants = Vec::new();
@@ -338,6 +373,10 @@ impl Connection {
             r.add_ring(ring_id, counters.clone());
         }
         self.rings.push(RingHandle { ring_id, thread, key, counters });
+        if let Some(a) = access.as_mut() {
+            a.rings.push((ring_id, thread, key));
+        }
+        drop(access);
         self.ring_identities.push(identity.unwrap_or((u64::MAX, u64::MAX)));
         debug!(session = self.id, ring_id, thread, "ring created");
         let resp = Response::RingCreated {
@@ -355,6 +394,11 @@ impl Connection {
         let i =
             self.rings.iter().position(|r| r.ring_id == ring_id).ok_or(ControlError::UnknownRing(ring_id))?;
         let ring = self.rings.swap_remove(i);
+        if let Some(r) = &self.registered {
+            let mut a = r.access();
+            a.rings.retain(|&(id, _, _)| id != ring_id);
+            self.namespaces = a.namespaces.clone();
+        }
         let (tx, rx) = channel();
         let poller = &self.shared.pollers[ring.thread];
         if poller.request(IoRequest::CloseRing { key: ring.key, reply: tx }) {
@@ -386,6 +430,11 @@ impl Connection {
     /// Ends every ring (draining their I/O), then releases the session's buffers; returns once
     /// they are unmapped.
     fn end_session(&mut self) {
+        if let Some(r) = &self.registered {
+            let mut a = r.access();
+            a.rings.clear();
+            self.namespaces = a.namespaces.clone();
+        }
         let rings = std::mem::take(&mut self.rings);
         let pending: Vec<_> = rings
             .iter()

@@ -198,20 +198,16 @@ fn health_loop(shared: &Shared, cache: &HealthCache, asked: &Receiver<()>) {
             .unwrap_or_else(|p| p.into_inner())
             .is_some_and(|t| t.elapsed() < HEALTH_MAX_AGE);
         if !fresh {
-            let mut readings = Vec::with_capacity(shared.ctrls.len());
-            for (i, c) in shared.ctrls.iter().enumerate() {
-                let reading = match c.state() {
-                    DeviceState::Running => match c.lock().smart_log() {
-                        Ok(smart) => Some(HealthReading { smart, at: Instant::now() }),
-                        Err(e) => {
-                            warn!(controller = i, "metrics: reading the SMART / health log failed: {e}");
-                            None
-                        }
-                    },
-                    _ => None,
-                };
-                readings.push(reading);
-            }
+            // Through the broker's SMART cache, which clients' health requests share.
+            let readings = (0..shared.ctrls.len())
+                .map(|i| match shared.smart(i) {
+                    Ok(smart) => Some(HealthReading { smart, at: Instant::now() }),
+                    Err(e) => {
+                        debug!(controller = i, "metrics: no SMART / health reading: {e}");
+                        None
+                    }
+                })
+                .collect();
             *cache.readings.lock().unwrap_or_else(|p| p.into_inner()) = readings;
             *cache.refreshed.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
         }

@@ -196,6 +196,13 @@ pub struct Shared {
     connection_ended: std::sync::Condvar,
     /// Each tenant's rings per I/O thread (to split its limits between those threads).
     placement: Mutex<tenant::Placement>,
+    /// The grants in force (replaced by a reload).
+    policy: std::sync::RwLock<Policy>,
+    /// Reads the grants again from where they came from (the daemon's configuration).
+    reloader: Mutex<Option<Reloader>>,
+    /// Each controller's last SMART log and when it was read (clients may ask often; the admin
+    /// queue is asked at most once a second).
+    smart: Mutex<Vec<Option<SmartRead>>>,
     /// The live sessions, for the operators.
     registry: Arc<registry::Registry>,
     /// The controllers (their admin queues), in broker order.
@@ -208,7 +215,100 @@ pub struct Shared {
     started: std::time::Instant,
 }
 
+/// A controller's SMART log (or why it could not be read), and when it was read.
+type SmartRead = (std::time::Instant, Result<nvmed_proto::admin::SmartLog, String>);
+
+/// Reads the grants again (e.g. the daemon's command line and configuration file); an error
+/// says why the configuration is refused.
+pub type Reloader = Box<dyn Fn() -> Result<Policy, String> + Send>;
+
+/// What a reload did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ReloadReport {
+    /// Sessions whose grants changed and were updated in place.
+    pub updated: usize,
+    /// Sessions ended because they lost a namespace or changed tenant.
+    pub ended: usize,
+}
+
 impl Shared {
+    /// Controller `c`'s SMART log, read again if the last one is over a second old.
+    fn smart(&self, c: usize) -> Result<nvmed_proto::admin::SmartLog, String> {
+        let mut cache = self.smart.lock().unwrap_or_else(|p| p.into_inner());
+        if cache.len() < self.ctrls.len() {
+            cache.resize(self.ctrls.len(), None);
+        }
+        if let Some((at, r)) = &cache[c] {
+            if at.elapsed() < Duration::from_secs(1) {
+                return r.clone();
+            }
+        }
+        let ctrl = &self.ctrls[c];
+        let r = match ctrl.state() {
+            manager::DeviceState::Running => ctrl.lock().smart_log().map_err(|e| e.to_string()),
+            s => Err(format!("the controller is {s:?}")),
+        };
+        cache[c] = Some((std::time::Instant::now(), r.clone()));
+        r
+    }
+
+    /// Reloads through the reloader, if the broker has one.
+    fn reload_from_source(&self) -> Result<ReloadReport, String> {
+        let policy = match &*self.reloader.lock().unwrap_or_else(|p| p.into_inner()) {
+            Some(r) => r()?,
+            None => return Err("this broker was started without a configuration to read again".into()),
+        };
+        Ok(self.reload(policy))
+    }
+
+    fn reload(&self, policy: Policy) -> ReloadReport {
+        *self.policy.write().unwrap_or_else(|p| p.into_inner()) = policy.clone();
+        let mut report = ReloadReport::default();
+        for entry in self.registry.list() {
+            let new = policy.access_for(entry.uid(), &self.namespaces);
+            let mut access = entry.access();
+            if access.namespaces == new {
+                continue;
+            }
+            let keys = |ns: &[crate::policy::NamespaceAccess]| -> Vec<tenant::TenantKey> {
+                tenant::tenants_of(ns, entry.uid(), entry.id()).into_iter().map(|(k, _)| k).collect()
+            };
+            let lost = access.namespaces.iter().any(|old| !new.iter().any(|n| n.nsid == old.nsid));
+            if lost || keys(&access.namespaces) != keys(&new) {
+                // Ended like a disconnect: its control thread drains and releases it.
+                if let Some((_, fd)) =
+                    self.connections.lock().unwrap_or_else(|p| p.into_inner()).get(&entry.id())
+                {
+                    let _ = nix::sys::socket::shutdown(fd.as_raw_fd(), nix::sys::socket::Shutdown::Both);
+                }
+                info!(
+                    session = entry.id(),
+                    uid = entry.uid(),
+                    "grants changed: a namespace was withdrawn; ending the session"
+                );
+                report.ended += 1;
+                continue;
+            }
+            for &(_, thread, key) in &access.rings {
+                self.pollers[thread].request(IoRequest::UpdateRing { key, namespaces: new.clone() });
+            }
+            let mut rescale = Vec::new();
+            {
+                let mut placement = self.placement.lock().unwrap_or_else(|p| p.into_inner());
+                for (key, qos) in tenant::tenants_of(&new, entry.uid(), entry.id()) {
+                    rescale.extend(placement.update(key, qos));
+                }
+            }
+            for (t, key, limits) in rescale {
+                self.pollers[t].request(IoRequest::SetTenantLimits { key, limits });
+            }
+            access.namespaces = new;
+            report.updated += 1;
+        }
+        info!(updated = report.updated, ended = report.ended, "grants reloaded");
+        report
+    }
+
     /// The I/O thread with the fewest rings.
     fn least_loaded(&self) -> usize {
         (0..self.pollers.len()).min_by_key(|&i| self.pollers[i].rings.load(Ordering::Relaxed)).unwrap_or(0)
@@ -483,6 +583,7 @@ impl Broker {
             Arc::new(crate::device::fanout::Fanout::new(devices.clone()))
         };
         let config_quotas = config.quotas;
+        let policy = std::sync::RwLock::new(config.policy.clone());
         let shared = Arc::new(Shared {
             config,
             devices,
@@ -497,6 +598,9 @@ impl Broker {
             connections: Mutex::new(std::collections::HashMap::new()),
             connection_ended: std::sync::Condvar::new(),
             placement: Mutex::new(tenant::Placement::default()),
+            policy,
+            reloader: Mutex::new(None),
+            smart: Mutex::new(Vec::new()),
             registry: Arc::default(),
             ctrls: ctrls.clone(),
             infos,
@@ -628,6 +732,25 @@ impl Broker {
             );
         }
         Ok(Queues { per_thread, limits, threads: count, entries: entries_each })
+    }
+
+    /// Puts new grants in force. Connected sessions keep going: a session whose namespaces,
+    /// windows or limits changed gets them for its next requests; a session that lost a
+    /// namespace (or whose tenant changes, e.g. `per=uid` to `per=session`) is ended, after its
+    /// I/O drains, as if it had disconnected.
+    pub fn reload(&self, policy: Policy) -> ReloadReport {
+        self.shared.reload(policy)
+    }
+
+    /// Sets how [`Broker::reload_from_source`] (and `nvmectl reload`) reads the grants again.
+    pub fn set_reloader(&self, reloader: Reloader) {
+        *self.shared.reloader.lock().unwrap_or_else(|p| p.into_inner()) = Some(reloader);
+    }
+
+    /// Reads the grants again through the reloader and puts them in force; an error says why
+    /// they were refused (the grants in force stay).
+    pub fn reload_from_source(&self) -> Result<ReloadReport, String> {
+        self.shared.reload_from_source()
     }
 
     /// The socket path.

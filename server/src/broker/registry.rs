@@ -14,6 +14,15 @@ use nvmed_proto::admin::{SessionReport, Totals};
 
 use super::session::SessionCounters;
 
+/// A session's grants as resolved now, and its rings (to tell them when the grants change).
+#[derive(Debug, Default)]
+pub struct Access {
+    /// The namespaces it may use.
+    pub namespaces: Vec<crate::policy::NamespaceAccess>,
+    /// Its rings: ring id, I/O thread, key on that thread.
+    pub rings: Vec<(u32, usize, usize)>,
+}
+
 /// One live session.
 #[derive(Debug)]
 pub struct SessionEntry {
@@ -28,11 +37,28 @@ pub struct SessionEntry {
     rings: Mutex<Vec<(u32, Arc<SessionCounters>)>>,
     /// What its closed rings did (their final counters), so its totals never go down.
     closed: Mutex<Totals>,
+    /// What it may use, and where its rings are: what a reload of the grants changes.
+    access: Mutex<Access>,
     buffers: AtomicU64,
     buffer_bytes: AtomicU64,
 }
 
 impl SessionEntry {
+    /// Its session id.
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// Its uid.
+    pub fn uid(&self) -> u32 {
+        self.uid
+    }
+
+    /// Its grants and rings (held while a ring is created or the grants change).
+    pub fn access(&self) -> std::sync::MutexGuard<'_, Access> {
+        self.access.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     /// A ring was created.
     pub fn add_ring(&self, ring_id: u32, counters: Arc<SessionCounters>) {
         self.rings.lock().unwrap_or_else(|p| p.into_inner()).push((ring_id, counters));
@@ -62,16 +88,6 @@ impl SessionEntry {
             add(&mut t, &ring_totals(c));
         }
         t
-    }
-
-    /// Its id (the connection id in the logs).
-    pub fn id(&self) -> u64 {
-        self.id
-    }
-
-    /// Its uid.
-    pub fn uid(&self) -> u32 {
-        self.uid
     }
 
     /// The name the client gave at Hello.
@@ -169,6 +185,13 @@ impl std::ops::Deref for Registered {
     }
 }
 
+impl Registered {
+    /// The entry itself (to lock its access while the connection changes).
+    pub fn entry(&self) -> Arc<SessionEntry> {
+        self.entry.clone()
+    }
+}
+
 impl Drop for Registered {
     fn drop(&mut self) {
         self.registry.sessions.lock().unwrap_or_else(|p| p.into_inner()).remove(&self.entry.id);
@@ -184,7 +207,14 @@ impl Drop for Registered {
 
 impl Registry {
     /// Adds session `id` (at Hello); it stays listed until the handle is dropped.
-    pub fn add(self: &Arc<Self>, id: u64, uid: u32, pid: i32, client: &str) -> Registered {
+    pub fn add(
+        self: &Arc<Self>,
+        id: u64,
+        uid: u32,
+        pid: i32,
+        client: &str,
+        namespaces: Vec<crate::policy::NamespaceAccess>,
+    ) -> Registered {
         let started_unix =
             SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_secs());
         let entry = Arc::new(SessionEntry {
@@ -197,6 +227,7 @@ impl Registry {
             started: Instant::now(),
             rings: Mutex::new(Vec::new()),
             closed: Mutex::new(Totals::default()),
+            access: Mutex::new(Access { namespaces, rings: Vec::new() }),
             buffers: AtomicU64::new(0),
             buffer_bytes: AtomicU64::new(0),
         });
@@ -235,8 +266,8 @@ mod tests {
     #[test]
     fn sessions_are_listed_until_released_with_their_rings_summed() {
         let reg = Arc::new(Registry::default());
-        let a = reg.add(3, 1000, std::process::id() as i32, "test");
-        let b = reg.add(1, 0, 0, "other");
+        let a = reg.add(3, 1000, std::process::id() as i32, "test", vec![]);
+        let b = reg.add(1, 0, 0, "other", vec![]);
         assert_eq!(reg.list().iter().map(|e| e.id).collect::<Vec<_>>(), vec![1, 3]);
         assert!(!a.command.is_empty(), "this process's command name");
         let (r0, r1) = (Arc::new(SessionCounters::default()), Arc::new(SessionCounters::default()));

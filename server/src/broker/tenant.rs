@@ -122,6 +122,18 @@ impl Placement {
         (limits, rescale)
     }
 
+    /// The tenant's grants changed: the limits every thread serving it must now enforce.
+    pub fn update(&mut self, key: TenantKey, qos: Qos) -> Vec<Rescale> {
+        let Some((stored, counts)) = self.rings.get_mut(&key) else { return Vec::new() };
+        if *stored == qos {
+            return Vec::new();
+        }
+        *stored = qos;
+        let k = counts.iter().filter(|&&n| n > 0).count();
+        let limits = limits_per_thread(&qos, k as u32);
+        (0..counts.len()).filter(|&t| counts[t] > 0).map(|t| (t, key, limits)).collect()
+    }
+
     /// A ring of the tenant on `thread` closed. Returns the limits the other threads serving
     /// it must now enforce.
     pub fn remove(&mut self, key: TenantKey, thread: usize) -> Vec<Rescale> {

@@ -68,6 +68,13 @@ pub enum IoRequest {
         /// Gets the ring's key, once it is being polled.
         reply: Sender<usize>,
     },
+    /// The session's grants changed: the namespaces (windows, read-only) its ring may use now.
+    UpdateRing {
+        /// Ring key.
+        key: usize,
+        /// What it may use.
+        namespaces: Vec<NamespaceAccess>,
+    },
     /// A tenant's rings moved between threads: the limits this thread enforces for it now.
     SetTenantLimits {
         /// The tenant.
@@ -477,6 +484,11 @@ impl IoThread {
                         let _ = reply.send(());
                     }
                 },
+                IoRequest::UpdateRing { key, namespaces } => {
+                    if let Some(s) = self.sessions.get_mut(key) {
+                        s.namespaces = namespaces;
+                    }
+                }
                 IoRequest::SetTenantLimits { key, limits } => {
                     let now = self.now_ns();
                     if let Some(port) = self.ports.get_mut(usize::from(key.controller)) {
