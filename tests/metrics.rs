@@ -321,8 +321,10 @@ fn scrapes_follow_the_clients_and_match_their_counts() {
     let done: Vec<(NvmeRing, Counts)> = clients.into_iter().map(|c| c.join().unwrap()).collect();
     let peer_ios: u64 = peers.into_iter().map(ios_of).sum();
     // The peers' sessions end once their I/O drained; then the figures are final.
-    common::wait_until("the peers' sessions to end", Duration::from_secs(10), || {
-        scrape(&agent, addr).get("nvmed_sessions", &[]) == CLIENTS as f64
+    common::wait_until("the peers' sessions and connections to end", Duration::from_secs(10), || {
+        let m = scrape(&agent, addr);
+        // The connection's quota goes just after the session's end is recorded.
+        m.get("nvmed_sessions", &[]) == CLIENTS as f64 && m.get("nvmed_connections", &[]) == CLIENTS as f64
     });
     // The schedulers' figures are kept for 100 ms.
     std::thread::sleep(Duration::from_millis(300));

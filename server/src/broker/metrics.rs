@@ -10,7 +10,7 @@
 //! * **The QoS schedulers' figures** (per tenant: dispatched requests, time held by a limit,
 //!   requests in flight) and each device queue's commands in flight live inside each I/O
 //!   thread. A scrape asks each thread for them over its control channel
-//!   ([`IoRequest::Sample`]), as the control threads ask for everything else, and keeps the
+//!   (`IoRequest::Sample`), as the control threads ask for everything else, and keeps the
 //!   answer for [`SAMPLE_MAX_AGE`], so however often scrapes come an I/O thread answers at
 //!   most 10 of these a second (a control request costs it a channel receive, never a wait).
 //!   A thread that does not answer within [`SAMPLE_WAIT`] keeps its previous figures.
@@ -90,7 +90,7 @@ pub struct TenantSample {
     pub in_flight: u32,
 }
 
-/// What an I/O thread answers to [`IoRequest::Sample`].
+/// What an I/O thread answers to a sample request (`IoRequest::Sample`).
 #[derive(Debug, Clone, Default)]
 pub struct ThreadSample {
     /// The tenants of its rings, on each controller.
@@ -914,6 +914,14 @@ impl Conn {
             }
         }
         let _ = self.stream.shutdown(std::net::Shutdown::Write);
+        // Closing with unread input resets the connection, and the peer could lose the answer
+        // (a refused oversized request): read what is already there first (a bounded amount).
+        let mut chunk = [0u8; 4096];
+        for _ in 0..16 {
+            if !matches!(self.stream.read(&mut chunk), Ok(n) if n > 0) {
+                break;
+            }
+        }
         Next::Close
     }
 }
