@@ -12,16 +12,20 @@
 #     BENCH_A=qsd|nvmed-vhost picks the first column, default $BACKEND or qsd).
 #  7. (--scale) Client scaling: nvmed-nop and 4 KiB randread throughput for 1..64 clients with 1 and
 #     2 broker I/O threads, plus deep-batch nop (scripts/scale_bench.py; table, SVG chart, JSON).
-# Usage: bash scripts/bench.sh [seconds-per-run] [--vm] [--vhost] [--scale]
+#  8. (--qos, as root) QoS between tenants (uids 1000 and 1001) on a modelled device: a QD1 reader's
+#     latency beside a QD256 writer, iops/read-mbps limit accuracy, a 1:3 weight split
+#     (scripts/qos_bench.py; fixed run lengths, about 100 s; tables, SVG chart, JSON).
+# Usage: bash scripts/bench.sh [seconds-per-run] [--vm] [--vhost] [--scale] [--qos]
 set -euo pipefail
 cd "$(dirname "$0")/.."
-secs=3 vm=0 vhost=0 scale=0
+secs=3 vm=0 vhost=0 scale=0 qos=0
 for a in "$@"; do
     case $a in
         --vm) vm=1 ;;
         --vhost) vhost=1 ;;
         --scale) scale=1 ;;
-        *[!0-9.]* | "") echo "usage: bash scripts/bench.sh [seconds-per-run] [--vm] [--vhost] [--scale]" >&2; exit 2 ;;
+        --qos) qos=1 ;;
+        *[!0-9.]* | "") echo "usage: bash scripts/bench.sh [seconds-per-run] [--vm] [--vhost] [--scale] [--qos]" >&2; exit 2 ;;
         *) secs=$a ;;
     esac
 done
@@ -99,4 +103,11 @@ if [ $scale = 1 ]; then
     python3 scripts/scale_bench.py --quiet --secs "$secs" --ringbench "$rb" 2>&1 | sed 's/^/  /'
 else
     echo "7. client scaling: run 'bash scripts/bench.sh $secs --scale' (or 'python3 scripts/scale_bench.py --secs $secs')"
+fi
+echo
+if [ $qos = 1 ]; then
+    echo "8. QoS between tenants on a modelled device (latency isolation, limits, weights): scripts/qos_bench.py"
+    python3 scripts/qos_bench.py --quiet --ringbench "$rb" --nvmed "$tdir/release/nvmed" 2>&1 | sed 's/^/  /'
+else
+    echo "8. QoS between tenants: run 'sudo bash scripts/bench.sh $secs --qos' (or 'sudo python3 scripts/qos_bench.py')"
 fi

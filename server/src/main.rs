@@ -179,6 +179,15 @@ struct Args {
     #[arg(long, value_name = "LIST", value_parser = parse_cpus)]
     cpus: Option<CpuList>,
 
+    /// While several tenants have I/O at a controller, cap what they may have queued there
+    /// together, in KiB of transfer (shared by weight; each always may have one request
+    /// there). On a device that serves in order this bounds how long a light tenant's request
+    /// waits behind a heavy one's queue (e.g. 512: a 4 KiB read waits behind at most about
+    /// 512 KiB of others' I/O); it costs the heavy tenant throughput while they contend.
+    /// Default: no cap (tenants are kept to their weight's share of queue slots only).
+    #[arg(long, value_name = "KIB")]
+    contended_queue_kib: Option<u64>,
+
     /// Most rings one session may have (each ring: a shared-memory mapping and two eventfds).
     #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..=4096))]
     max_rings_per_session: u32,
@@ -566,6 +575,8 @@ fn run(args: Args, argv: Vec<String>) -> Result<(), Box<dyn std::error::Error>> 
     config.io_threads = io_thread_count(&args);
     config.cpus = args.cpus.clone().map(|c| c.0).unwrap_or_default();
     config.max_rings_per_session = args.max_rings_per_session;
+    // In the scheduler's cost units (512 bytes of transfer).
+    config.contended_cost = args.contended_queue_kib.map_or(u64::MAX, |k| k.saturating_mul(2).max(1));
     config.policy = Policy { grants: args.grants, default: args.default_access };
     let broker = Broker::start_many(devices, config)?;
     broker.set_reloader(Box::new(move || read_policy(&argv)));

@@ -78,6 +78,10 @@ pub struct BrokerConfig {
     pub cpus: Vec<usize>,
     /// Most rings one session may have.
     pub max_rings_per_session: u32,
+    /// While tenants contend, the cost all of them together may have at a device (shared by
+    /// weight; each may always have one request there), in 512-byte units of the scheduler's
+    /// cost; `u64::MAX`: no cap.
+    pub contended_cost: u64,
     /// The operators' socket (`nvmectl`); `None`: none.
     pub admin_socket: Option<PathBuf>,
     /// Group whose members may use the admin socket (then mode 0660), besides root.
@@ -110,6 +114,7 @@ impl BrokerConfig {
             io_threads: 1,
             cpus: Vec::new(),
             max_rings_per_session: 64,
+            contended_cost: u64::MAX,
             admin_socket: None,
             admin_group: None,
             admin_socket_mode: None,
@@ -536,6 +541,7 @@ impl Broker {
                 reaper: reaper.clone(),
                 counters: counters.clone(),
                 cpus,
+                contended_cost: config.contended_cost,
             })?;
             pollers.push(Poller {
                 tx: Mutex::new(tx),

@@ -168,6 +168,9 @@ pub struct IoThreadSetup {
     pub counters: Arc<BrokerCounters>,
     /// CPUs to run on (all if empty).
     pub cpus: Vec<usize>,
+    /// The schedulers' cap on a contended tenant's cost at the device
+    /// ([`super::sched::SchedConfig::contended_cost`]).
+    pub contended_cost: u64,
 }
 
 /// An I/O thread's queue on one controller, as created at start.
@@ -263,7 +266,10 @@ impl IoThread {
                 generation: p.ctrl.generation(),
                 ctrl: p.ctrl,
                 device,
-                sched: Scheduler::new(SchedConfig::new(slots)),
+                sched: Scheduler::new(SchedConfig {
+                    contended_cost: setup.contended_cost,
+                    ..SchedConfig::new(slots)
+                }),
                 tenants: std::collections::HashMap::new(),
                 tenant_rings: std::collections::HashMap::new(),
                 dq: DeviceQueue::new(p.queue),
