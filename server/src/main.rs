@@ -82,6 +82,15 @@ struct Args {
     #[arg(long, value_name = "GROUP")]
     admin_group: Option<String>,
 
+    /// Serve Prometheus metrics over HTTP at this address: GET /metrics answers the OpenMetrics
+    /// text format (per session and per uid I/O counters and bytes, in-flight requests, each QoS
+    /// tenant's dispatched requests and throttled time, I/O thread and device queue figures,
+    /// registered bytes, SMART health read at most every 5 s). E.g. 127.0.0.1:9464; port 0
+    /// picks a free port (printed on the ready line). No authentication: keep it on loopback or
+    /// a trusted network.
+    #[arg(long, value_name = "ADDR:PORT")]
+    metrics_listen: Option<std::net::SocketAddr>,
+
     /// Most bytes one session may register (pinned memory with VFIO; suffixes K, M, G, T).
     #[arg(long, default_value = "4G", value_parser = parse_size)]
     max_registered_bytes: u64,
@@ -545,6 +554,7 @@ fn run(args: Args, argv: Vec<String>) -> Result<(), Box<dyn std::error::Error>> 
     config.admin_socket =
         Some(args.admin_socket.clone().unwrap_or_else(|| admin_socket_beside(&args.socket)));
     config.admin_group = args.admin_group.clone();
+    config.metrics_listen = args.metrics_listen;
     config.max_buffer_bytes_per_session = args.max_registered_bytes;
     config.max_buffer_bytes_total = args.max_registered_total;
     config.max_sessions = args.max_sessions;
@@ -570,7 +580,12 @@ fn run(args: Args, argv: Vec<String>) -> Result<(), Box<dyn std::error::Error>> 
     config.policy = Policy { grants: args.grants, default: args.default_access };
     let broker = Broker::start_many(devices, config)?;
     broker.set_reloader(Box::new(move || read_policy(&argv)));
-    println!("nvmed: ready on {}", broker.socket().display());
+    match broker.metrics_addr() {
+        Some(addr) => {
+            println!("nvmed: ready on {}, metrics on http://{addr}/metrics", broker.socket().display())
+        }
+        None => println!("nvmed: ready on {}", broker.socket().display()),
+    }
     let sig = loop {
         match signals.wait()? {
             // SIGHUP: the grants and limits of the configuration as it reads now.

@@ -110,6 +110,12 @@ pub enum IoRequest {
         /// Answered after release.
         reply: Sender<()>,
     },
+    /// The metrics endpoint's look at this thread's schedulers and device queues (asked at
+    /// most every [`crate::broker::metrics::SAMPLE_MAX_AGE`], never on the I/O path).
+    Sample {
+        /// Gets the figures.
+        reply: Sender<crate::broker::metrics::ThreadSample>,
+    },
     /// Drain everything and delete this thread's I/O queue.
     Shutdown {
         /// Answered when the queue is deleted.
@@ -497,9 +503,33 @@ impl IoThread {
                         }
                     }
                 }
+                IoRequest::Sample { reply } => {
+                    let _ = reply.send(self.sample());
+                }
                 IoRequest::Shutdown { reply } => self.begin_shutdown(reply),
             }
         }
+    }
+
+    /// Each tenant's scheduler figures and each device queue's commands in flight.
+    fn sample(&self) -> crate::broker::metrics::ThreadSample {
+        use crate::broker::metrics::{TenantSample, ThreadSample};
+        let mut tenants = Vec::new();
+        for p in &self.ports {
+            for (&key, &id) in &p.tenants {
+                let s = p.sched.stats(id);
+                tenants.push(TenantSample {
+                    key,
+                    dispatched: s.dispatched,
+                    read_bytes: s.read_bytes,
+                    write_bytes: s.write_bytes,
+                    throttled_ns: s.throttled_ns,
+                    in_flight: s.in_flight,
+                });
+            }
+        }
+        let queue_in_flight = self.ports.iter().map(|p| p.dq.queue.in_flight() as u64).collect();
+        ThreadSample { tenants, queue_in_flight }
     }
 
     fn stop(self) {
