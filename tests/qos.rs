@@ -129,13 +129,14 @@ fn ios_of(mut child: std::process::Child) -> u64 {
 
 #[test]
 fn weights_split_a_busy_device() {
-    // A device that does 10k IOPS, behind a 32-entry queue: the broker decides who gets the
-    // slots. uid 1000 has weight 1, uid 1001 weight 3.
+    // A device that does 4k IOPS (slow enough to stay the bottleneck however busy the machine
+    // running the test is), behind a 32-entry queue: the broker decides who gets the slots.
+    // uid 1000 has weight 1, uid 1001 weight 3.
     let broker = TestBroker::start(&[
         "--socket-mode",
         "666",
         "--model",
-        "latency-us=200,iops=10k,channels=64",
+        "latency-us=200,iops=4k,channels=64",
         "--queue-depth",
         "32",
         "--grant",

@@ -137,6 +137,57 @@ for qd in 1 32; do
     cat /tmp/b1 /tmp/b2 /tmp/b3 | sed 's/^/  | /'
 done
 
+# nvmectl (issue 9) on the broker serving 00:03.0 (as root: the admin socket is 0600): status
+# and health must show what QEMU's controller itself reports, cross-checked with the kernel
+# driver's view of its twin 00:04.0 (same QEMU: same model and firmware) and with QEMU's SMART
+# code (hw/nvme/ctrl.c, nvme_smart_info: temperature fixed at 0x143 = 323 K, spare fields left
+# 0, data and commands counted per namespace since QEMU started). sessions must list a running
+# ringbench, and the SMART counters must grow by exactly that run's I/O.
+t0=$(cut -d. -f1 /proc/uptime)
+ADMIN_SOCK=/run/nvmed-admin.sock # nvmed's default: beside --socket /run/nvmed.sock
+ctl() { nvmectl --admin-socket $ADMIN_SOCK "$@"; }
+# vmcheck_qemu CHECK ARGS...: a vmcheck ctl-* check that nvmectl shows QEMU's controller.
+vmcheck_qemu() { c=$1; shift; vmcheck $c --device $VFIO_DEV --model "QEMU NVMe Ctrl" --serial nvmed0 "$@"; }
+QEMU_SMART="--kelvin 323 --spare 0 --spare-threshold 0"
+ctl_status() {
+    ctl status --json > /tmp/status.json || return 1
+    fw=$(cat /sys/class/nvme/nvme0/firmware_rev)
+    echo "the kernel's nvme0 (00:04.0): model \"$(cat /sys/class/nvme/nvme0/model)\" firmware \"$fw\""
+    # QEMU's default MDTS is 7: 2^7 pages of 4 KiB.
+    vmcheck_qemu ctl-status --file /tmp/status.json --firmware "$fw" --max-transfer 524288 \
+        --expect 1:512:$DISK_BYTES
+}
+check nvmectl-status-identify ctl_status
+ctl_health() {
+    ctl health --json > /tmp/health0.json || return 1
+    vmcheck_qemu ctl-health --file /tmp/health0.json $QEMU_SMART
+}
+check nvmectl-health-smart ctl_health
+ctl_sessions() {
+    ctl health --json > /tmp/health1.json || return 1
+    # su execs the shell, which execs ringbench: $! is ringbench's pid.
+    su -s /bin/sh tester -c "exec ringbench --socket /run/nvmed.sock --rw randrw --bs 64k --iodepth 4 \
+        --numjobs 2 --runtime 3 --offset 28M --size 4M --output-format json" > /tmp/rb.json 2> /tmp/rb.err &
+    rb=$!
+    for i in $(seq 50); do
+        ctl sessions --interval 0 --json > /tmp/sessions.json \
+            && grep '"rings": 2' /tmp/sessions.json > /dev/null && break
+        sleep 0.1
+    done
+    ctl sessions --interval 0.5 --json > /tmp/sessions.json; r=$?
+    comm=$(cat /proc/$rb/comm)
+    wait $rb || { echo "ringbench failed"; cat /tmp/rb.err; return 1; }
+    [ $r = 0 ] || return 1
+    [ "$comm" = ringbench ] || { echo "pid $rb is \"$comm\", not a running ringbench"; return 1; }
+    vmcheck ctl-sessions --file /tmp/sessions.json --pid $rb --uid 1000 --rings 2 || r=1
+    ctl health --json > /tmp/health2.json || return 1
+    vmcheck_qemu ctl-health --file /tmp/health2.json $QEMU_SMART \
+        --since /tmp/health1.json --ringbench /tmp/rb.json || r=1
+    return $r
+}
+check nvmectl-sessions-and-smart-counters ctl_sessions
+echo "VMTEST TIME nvmectl $(( $(cut -d. -f1 /proc/uptime) - t0 )) s"
+
 # Scale out (issue 8): --io-threads, and several --pci in one broker.
 t0=$(cut -d. -f1 /proc/uptime)
 # rb_verified OUTPUT JOBS: a ringbench --verify run (its output in OUTPUT, its exit status in

@@ -17,7 +17,8 @@ vm_kernel
 
 # 3. Static binaries.
 log "building static binaries"
-vm_static_build -p nvmed-server --bin nvmed -p nvmed-vmtest --bin vmcheck -p ringbench --bin ringbench
+vm_static_build -p nvmed-server --bin nvmed -p nvmed-vmtest --bin vmcheck -p ringbench --bin ringbench \
+    -p nvmectl --bin nvmectl
 bins=$vm_bins
 
 # 4. Initramfs.
@@ -32,7 +33,7 @@ echo "$vfio_mods" > "$root/modules.vfio"
 echo "$nvme_mods" > "$root/modules.nvme"
 echo "$disk_bytes" > "$root/disk_bytes"
 echo "$extra_bytes" > "$root/extra_bytes"
-cp "$bins/nvmed" "$bins/vmcheck" "$bins/ringbench" "$root/bin/"
+cp "$bins/nvmed" "$bins/vmcheck" "$bins/ringbench" "$bins/nvmectl" "$root/bin/"
 cp vmtest/init.sh "$root/init" && chmod +x "$root/init"
 (cd "$root" && find . | cpio -o -H newc --quiet | gzip -1 > "$work/initrd.gz")
 

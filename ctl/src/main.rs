@@ -117,6 +117,12 @@ fn parse_positive_secs(s: &str) -> Result<f64, String> {
 }
 
 fn main() {
+    // Like other command-line tools, end quietly when the reader of our output goes away
+    // (`nvmectl top --json | head`) instead of panicking on the failed write.
+    // SAFETY: called before any other thread exists; SIG_DFL installs no Rust handler.
+    let _ = unsafe {
+        nix::sys::signal::signal(nix::sys::signal::Signal::SIGPIPE, nix::sys::signal::SigHandler::SigDfl)
+    };
     let cli = Cli::parse();
     if let Err(e) = run(cli) {
         eprintln!("nvmectl: {e}");

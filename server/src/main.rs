@@ -82,6 +82,15 @@ struct Args {
     #[arg(long, value_name = "GROUP")]
     admin_group: Option<String>,
 
+    /// Serve Prometheus metrics over HTTP at this address: GET /metrics answers the OpenMetrics
+    /// text format (per session and per uid I/O counters and bytes, in-flight requests, each QoS
+    /// tenant's dispatched requests and throttled time, I/O thread and device queue figures,
+    /// registered bytes, SMART health read at most every 5 s). E.g. 127.0.0.1:9464; port 0
+    /// picks a free port (printed on the ready line). No authentication: keep it on loopback or
+    /// a trusted network.
+    #[arg(long, value_name = "ADDR:PORT")]
+    metrics_listen: Option<std::net::SocketAddr>,
+
     /// Most bytes one session may register (pinned memory with VFIO; suffixes K, M, G, T).
     #[arg(long, default_value = "4G", value_parser = parse_size)]
     max_registered_bytes: u64,
@@ -169,6 +178,15 @@ struct Args {
     /// Pin the I/O threads to these CPUs, one CPU each in turn, e.g. 2-5 or 0,2,4.
     #[arg(long, value_name = "LIST", value_parser = parse_cpus)]
     cpus: Option<CpuList>,
+
+    /// While several tenants have I/O at a controller, cap what they may have queued there
+    /// together, in KiB of transfer (shared by weight; each always may have one request
+    /// there). On a device that serves in order this bounds how long a light tenant's request
+    /// waits behind a heavy one's queue (e.g. 512: a 4 KiB read waits behind at most about
+    /// 512 KiB of others' I/O); it costs the heavy tenant throughput while they contend.
+    /// Default: no cap (tenants are kept to their weight's share of queue slots only).
+    #[arg(long, value_name = "KIB")]
+    contended_queue_kib: Option<u64>,
 
     /// Most rings one session may have (each ring: a shared-memory mapping and two eventfds).
     #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..=4096))]
@@ -536,6 +554,7 @@ fn run(args: Args, argv: Vec<String>) -> Result<(), Box<dyn std::error::Error>> 
     config.admin_socket =
         Some(args.admin_socket.clone().unwrap_or_else(|| admin_socket_beside(&args.socket)));
     config.admin_group = args.admin_group.clone();
+    config.metrics_listen = args.metrics_listen;
     config.max_buffer_bytes_per_session = args.max_registered_bytes;
     config.max_buffer_bytes_total = args.max_registered_total;
     config.max_sessions = args.max_sessions;
@@ -556,10 +575,17 @@ fn run(args: Args, argv: Vec<String>) -> Result<(), Box<dyn std::error::Error>> 
     config.io_threads = io_thread_count(&args);
     config.cpus = args.cpus.clone().map(|c| c.0).unwrap_or_default();
     config.max_rings_per_session = args.max_rings_per_session;
+    // In the scheduler's cost units (512 bytes of transfer).
+    config.contended_cost = args.contended_queue_kib.map_or(u64::MAX, |k| k.saturating_mul(2).max(1));
     config.policy = Policy { grants: args.grants, default: args.default_access };
     let broker = Broker::start_many(devices, config)?;
     broker.set_reloader(Box::new(move || read_policy(&argv)));
-    println!("nvmed: ready on {}", broker.socket().display());
+    match broker.metrics_addr() {
+        Some(addr) => {
+            println!("nvmed: ready on {}, metrics on http://{addr}/metrics", broker.socket().display())
+        }
+        None => println!("nvmed: ready on {}", broker.socket().display()),
+    }
     let sig = loop {
         match signals.wait()? {
             // SIGHUP: the grants and limits of the configuration as it reads now.

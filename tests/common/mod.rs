@@ -13,6 +13,8 @@ pub struct TestBroker {
     pub child: Option<Child>,
     pub dir: PathBuf,
     pub socket: PathBuf,
+    /// The line nvmed printed when it was ready (it names the metrics address, if any).
+    pub ready: String,
 }
 
 static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
@@ -51,7 +53,7 @@ impl TestBroker {
         let mut line = String::new();
         BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
         assert!(line.contains("ready"), "nvmed did not start with {args:?}: {line:?}");
-        Self { child: Some(child), dir, socket }
+        Self { child: Some(child), dir, socket, ready: line.trim_end().to_string() }
     }
 
     pub fn connect(&self) -> NvmeRing {

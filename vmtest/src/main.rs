@@ -2,6 +2,9 @@
 //! Each prints one `VMCHECK PASS <name>` line or fails with a message and a non-zero exit.
 //! `dump` and `load` move raw namespace contents to stdout / from a file (the vhost-user-blk
 //! test reads a namespace through nvmed on the host to compare it with what a guest saw).
+//! `ctl-*` check what `nvmectl --json` printed (files) and need no broker connection.
+
+mod ctl;
 
 use std::time::Duration;
 
@@ -20,6 +23,23 @@ struct Args {
     nsid: Option<u32>,
     #[command(subcommand)]
     check: Scenario,
+}
+
+/// The controller nvmectl must report.
+#[derive(Debug, Clone, clap::Args)]
+struct CtlController {
+    /// nvmectl's output (`--json`).
+    #[arg(long)]
+    file: String,
+    /// The controller's PCI address.
+    #[arg(long)]
+    device: String,
+    /// Its model number (Identify Controller).
+    #[arg(long)]
+    model: String,
+    /// Its serial number.
+    #[arg(long)]
+    serial: String,
 }
 
 /// Where a test pattern lives.
@@ -144,6 +164,61 @@ enum Scenario {
         #[arg(long)]
         expect: u64,
     },
+    /// `nvmectl status --json` shows this controller (Identify data), running, with exactly
+    /// the expected namespaces.
+    CtlStatus {
+        #[command(flatten)]
+        ctrl: CtlController,
+        /// Its firmware revision (non-empty).
+        #[arg(long)]
+        firmware: String,
+        /// Its maximum transfer in bytes (MDTS).
+        #[arg(long)]
+        max_transfer: u32,
+        /// An expected namespace as NSID:LBA_SIZE:BYTES; repeat for each, in NSID order.
+        #[arg(long = "expect", value_parser = parse_namespace, required = true)]
+        expect: Vec<(u32, u32, u64)>,
+    },
+    /// `nvmectl health --json` shows this controller's SMART log as QEMU fills it, with data
+    /// and commands counted; with `--since`, grown by exactly a ringbench run's I/O.
+    CtlHealth {
+        #[command(flatten)]
+        ctrl: CtlController,
+        /// Expected composite temperature in kelvin.
+        #[arg(long)]
+        kelvin: u16,
+        /// Expected available spare, percent.
+        #[arg(long)]
+        spare: u8,
+        /// Expected available spare threshold, percent.
+        #[arg(long)]
+        spare_threshold: u8,
+        /// `nvmectl health --json` taken before the ringbench run of `--ringbench`.
+        #[arg(long, requires = "ringbench")]
+        since: Option<String>,
+        /// That ringbench run's `--output-format json` report.
+        #[arg(long, requires = "since")]
+        ringbench: Option<String>,
+    },
+    /// `nvmectl sessions --json`, taken while a randrw ringbench ran, lists it as the only
+    /// session, with its pid, command, uid, rings, counters and nonzero rates.
+    CtlSessions {
+        /// nvmectl's output.
+        #[arg(long)]
+        file: String,
+        /// The ringbench process.
+        #[arg(long)]
+        pid: i32,
+        /// Its command name.
+        #[arg(long, default_value = "ringbench")]
+        command: String,
+        /// Its uid.
+        #[arg(long)]
+        uid: u32,
+        /// Its rings (one per job).
+        #[arg(long)]
+        rings: u32,
+    },
     /// The broker runs exactly this many I/O threads and each one's device queue completed at
     /// least `min_commands` commands since the broker started.
     IoThreads {
@@ -172,6 +247,13 @@ fn main() {
         println!("VMCHECK PASS {name}");
         return;
     }
+    if let Some(result) = check_nvmectl_output(&args.check) {
+        match result {
+            Ok(()) => println!("VMCHECK PASS {name}"),
+            Err(e) => fail(&name, &e),
+        }
+        return;
+    }
     let mut ring = match NvmeRing::open(&args.socket) {
         Ok(r) => r,
         Err(e) => fail(&name, &format!("open: {e}")),
@@ -185,6 +267,27 @@ fn main() {
     } else {
         println!("VMCHECK PASS {name}");
     }
+}
+
+/// The `ctl-*` checks (no broker connection); `None` for any other scenario.
+fn check_nvmectl_output(check: &Scenario) -> Option<Result<(), String>> {
+    fn want(c: &CtlController) -> ctl::ExpectController<'_> {
+        ctl::ExpectController { device: &c.device, model: &c.model, serial: &c.serial }
+    }
+    Some(match check {
+        Scenario::CtlStatus { ctrl, firmware, max_transfer, expect } => {
+            ctl::status(&ctrl.file, &want(ctrl), firmware, *max_transfer, expect)
+        }
+        Scenario::CtlHealth { ctrl, kelvin, spare, spare_threshold, since, ringbench } => {
+            let smart =
+                ctl::ExpectSmart { kelvin: *kelvin, spare: *spare, spare_threshold: *spare_threshold };
+            ctl::health(&ctrl.file, &want(ctrl), &smart, since.as_deref().zip(ringbench.as_deref()))
+        }
+        Scenario::CtlSessions { file, pid, command, uid, rings } => {
+            ctl::sessions(file, *pid, command, *uid, *rings)
+        }
+        _ => return None,
+    })
 }
 
 fn parse_namespace(s: &str) -> Result<(u32, u32, u64), String> {
@@ -360,7 +463,10 @@ fn run(ring: &mut NvmeRing, nsid: Option<u32>, check: Scenario) -> Result<(), St
             }
             ring.flush(ns.nsid).map_err(e)?;
         }
-        Scenario::CheckFile { .. } => unreachable!("handled without a broker"),
+        Scenario::CheckFile { .. }
+        | Scenario::CtlStatus { .. }
+        | Scenario::CtlHealth { .. }
+        | Scenario::CtlSessions { .. } => unreachable!("handled without a broker"),
         Scenario::IoThreads { expect, min_commands } => {
             let threads = ring.session().io_threads().map_err(e)?;
             for (i, t) in threads.iter().enumerate() {

@@ -395,7 +395,6 @@ impl Connection {
             self.rings.iter().position(|r| r.ring_id == ring_id).ok_or(ControlError::UnknownRing(ring_id))?;
         let ring = self.rings.swap_remove(i);
         if let Some(r) = &self.registered {
-            r.remove_ring(ring_id);
             let mut a = r.access();
             a.rings.retain(|&(id, _, _)| id != ring_id);
             self.namespaces = a.namespaces.clone();
@@ -404,6 +403,10 @@ impl Connection {
         let poller = &self.shared.pollers[ring.thread];
         if poller.request(IoRequest::CloseRing { key: ring.key, reply: tx }) {
             let _ = rx.recv();
+        }
+        // Drained: its counters are final, and stay in the session's totals.
+        if let Some(r) = &self.registered {
+            r.remove_ring(ring_id);
         }
         poller.rings.fetch_sub(1, Ordering::Relaxed);
         self.forget_ring_tenants(ring.thread);

@@ -5,6 +5,7 @@ mod buffer;
 mod control;
 mod io_thread;
 pub mod manager;
+pub mod metrics;
 mod quota;
 mod reaper;
 mod registry;
@@ -77,6 +78,10 @@ pub struct BrokerConfig {
     pub cpus: Vec<usize>,
     /// Most rings one session may have.
     pub max_rings_per_session: u32,
+    /// While tenants contend, the cost all of them together may have at a device (shared by
+    /// weight; each may always have one request there), in 512-byte units of the scheduler's
+    /// cost; `u64::MAX`: no cap.
+    pub contended_cost: u64,
     /// The operators' socket (`nvmectl`); `None`: none.
     pub admin_socket: Option<PathBuf>,
     /// Group whose members may use the admin socket (then mode 0660), besides root.
@@ -84,6 +89,8 @@ pub struct BrokerConfig {
     /// Permission bits of the admin socket file instead of 0600 / 0660 (tests: let a peer that
     /// is not an operator reach the broker's own check).
     pub admin_socket_mode: Option<u32>,
+    /// Where to serve Prometheus metrics over HTTP (`GET /metrics`); `None`: nowhere.
+    pub metrics_listen: Option<std::net::SocketAddr>,
 }
 
 impl BrokerConfig {
@@ -107,9 +114,11 @@ impl BrokerConfig {
             io_threads: 1,
             cpus: Vec::new(),
             max_rings_per_session: 64,
+            contended_cost: u64::MAX,
             admin_socket: None,
             admin_group: None,
             admin_socket_mode: None,
+            metrics_listen: None,
         }
     }
 }
@@ -128,6 +137,14 @@ pub enum BrokerError {
     Socket {
         /// The path.
         path: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// The metrics endpoint cannot listen.
+    #[error("metrics endpoint {addr}: {source}")]
+    Metrics {
+        /// The address asked for.
+        addr: std::net::SocketAddr,
         /// The cause.
         source: std::io::Error,
     },
@@ -354,6 +371,7 @@ pub struct Broker {
     reaper_thread: Option<JoinHandle<()>>,
     ctrls: Vec<Arc<manager::ControllerShared>>,
     admin: Option<admin::AdminServer>,
+    metrics: Option<metrics::MetricsServer>,
 }
 
 fn bind_socket(path: &Path, mode: u32, group: Option<&str>) -> Result<OwnedFd, BrokerError> {
@@ -404,6 +422,11 @@ fn bind_admin(config: &BrokerConfig) -> Result<Option<(OwnedFd, Option<admin::Ad
 }
 
 impl Broker {
+    /// Where the metrics endpoint listens, if it does (the port chosen, if 0 was asked for).
+    pub fn metrics_addr(&self) -> Option<std::net::SocketAddr> {
+        self.metrics.as_ref().map(|m| m.local_addr())
+    }
+
     /// The admin socket path, if it has one.
     pub fn admin_socket(&self) -> Option<&Path> {
         self.shared.config.admin_socket.as_deref()
@@ -432,6 +455,19 @@ impl Broker {
                 let _ = std::fs::remove_file(&config.socket);
                 return Err(e);
             }
+        };
+        let metrics_listener = match config.metrics_listen {
+            None => None,
+            Some(addr) => match std::net::TcpListener::bind(addr) {
+                Ok(l) => Some(l),
+                Err(source) => {
+                    let _ = std::fs::remove_file(&config.socket);
+                    if let Some(p) = &config.admin_socket {
+                        let _ = std::fs::remove_file(p);
+                    }
+                    return Err(BrokerError::Metrics { addr, source });
+                }
+            },
         };
         let unbind = |e: BrokerError| {
             let _ = std::fs::remove_file(&config.socket);
@@ -505,6 +541,7 @@ impl Broker {
                 reaper: reaper.clone(),
                 counters: counters.clone(),
                 cpus,
+                contended_cost: config.contended_cost,
             })?;
             pollers.push(Poller {
                 tx: Mutex::new(tx),
@@ -596,6 +633,10 @@ impl Broker {
             }
             None => None,
         };
+        let metrics = match metrics_listener {
+            Some(l) => Some(metrics::MetricsServer::start(l, shared.clone())?),
+            None => None,
+        };
         info!(
             socket = %shared.config.socket.display(),
             controllers = ctrls.len(),
@@ -611,6 +652,7 @@ impl Broker {
             reaper_thread: Some(reaper_thread),
             ctrls,
             admin,
+            metrics,
         })
     }
 
@@ -732,6 +774,9 @@ impl Broker {
         }
         if let Some(a) = self.admin.take() {
             a.stop();
+        }
+        if let Some(m) = self.metrics.take() {
+            m.stop();
         }
         // Close every client connection: their control threads end their sessions (draining
         // their I/O and releasing their buffers) while the I/O threads still run.

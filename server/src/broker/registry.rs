@@ -35,6 +35,8 @@ pub struct SessionEntry {
     started: Instant,
     /// Its rings' counters, by ring id.
     rings: Mutex<Vec<(u32, Arc<SessionCounters>)>>,
+    /// What its closed rings did (their final counters), so its totals never go down.
+    closed: Mutex<Totals>,
     /// What it may use, and where its rings are: what a reload of the grants changes.
     access: Mutex<Access>,
     buffers: AtomicU64,
@@ -62,9 +64,14 @@ impl SessionEntry {
         self.rings.lock().unwrap_or_else(|p| p.into_inner()).push((ring_id, counters));
     }
 
-    /// A ring was closed.
+    /// A ring was closed (and has drained: its counters are final); what it did stays in the
+    /// session's totals.
     pub fn remove_ring(&self, ring_id: u32) {
-        self.rings.lock().unwrap_or_else(|p| p.into_inner()).retain(|(id, _)| *id != ring_id);
+        let mut rings = self.rings.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(i) = rings.iter().position(|(id, _)| *id == ring_id) else { return };
+        let (_, c) = rings.swap_remove(i);
+        drop(rings);
+        add(&mut self.closed.lock().unwrap_or_else(|p| p.into_inner()), &ring_totals(&c));
     }
 
     /// The session's registered buffers changed.
@@ -73,20 +80,29 @@ impl SessionEntry {
         self.buffer_bytes.store(bytes, Ordering::Relaxed);
     }
 
-    /// Its counters, summed over its rings.
+    /// Its counters, summed over its rings (those it closed included).
     pub fn totals(&self) -> Totals {
+        let mut t = *self.closed.lock().unwrap_or_else(|p| p.into_inner());
         let rings = self.rings.lock().unwrap_or_else(|p| p.into_inner());
-        let mut t = Totals::default();
         for (_, c) in rings.iter() {
-            let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
-            t.submitted += l(&c.submitted);
-            t.completed += l(&c.completed);
-            t.errors += l(&c.errors);
-            t.bytes_read += l(&c.bytes_read);
-            t.bytes_written += l(&c.bytes_written);
-            t.in_flight += l(&c.in_flight);
+            add(&mut t, &ring_totals(c));
         }
         t
+    }
+
+    /// The name the client gave at Hello.
+    pub fn client(&self) -> &str {
+        &self.client
+    }
+
+    /// Its open rings.
+    pub fn ring_count(&self) -> usize {
+        self.rings.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+
+    /// Bytes it registered.
+    pub fn buffer_bytes(&self) -> u64 {
+        self.buffer_bytes.load(Ordering::Relaxed)
     }
 
     /// The operator's view of it.
@@ -114,10 +130,45 @@ impl SessionEntry {
     }
 }
 
+/// One ring's counters (relaxed loads of what its I/O thread writes).
+fn ring_totals(c: &SessionCounters) -> Totals {
+    let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
+    Totals {
+        submitted: l(&c.submitted),
+        completed: l(&c.completed),
+        errors: l(&c.errors),
+        bytes_read: l(&c.bytes_read),
+        bytes_written: l(&c.bytes_written),
+        in_flight: l(&c.in_flight),
+    }
+}
+
+/// Adds `b` to `a`.
+fn add(a: &mut Totals, b: &Totals) {
+    a.submitted += b.submitted;
+    a.completed += b.completed;
+    a.errors += b.errors;
+    a.bytes_read += b.bytes_read;
+    a.bytes_written += b.bytes_written;
+    a.in_flight += b.in_flight;
+}
+
 /// The live sessions, by id.
 #[derive(Debug, Default)]
 pub struct Registry {
     sessions: Mutex<BTreeMap<u64, Arc<SessionEntry>>>,
+    /// What the sessions that ended did, per uid (their final totals), so that per-uid and
+    /// broker-wide figures only ever grow.
+    ended: Mutex<BTreeMap<u32, Ended>>,
+}
+
+/// What the ended sessions of one uid did.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Ended {
+    /// Their counters (`in_flight` is 0: they drained).
+    pub totals: Totals,
+    /// How many.
+    pub sessions: u64,
 }
 
 /// Removes its session from the registry when dropped.
@@ -144,6 +195,13 @@ impl Registered {
 impl Drop for Registered {
     fn drop(&mut self) {
         self.registry.sessions.lock().unwrap_or_else(|p| p.into_inner()).remove(&self.entry.id);
+        // Dropped once the session was released (its rings drained): its counters are final.
+        let mut t = self.entry.totals();
+        t.in_flight = 0;
+        let mut ended = self.registry.ended.lock().unwrap_or_else(|p| p.into_inner());
+        let e = ended.entry(self.entry.uid).or_default();
+        add(&mut e.totals, &t);
+        e.sessions += 1;
     }
 }
 
@@ -168,6 +226,7 @@ impl Registry {
             started_unix,
             started: Instant::now(),
             rings: Mutex::new(Vec::new()),
+            closed: Mutex::new(Totals::default()),
             access: Mutex::new(Access { namespaces, rings: Vec::new() }),
             buffers: AtomicU64::new(0),
             buffer_bytes: AtomicU64::new(0),
@@ -179,6 +238,11 @@ impl Registry {
     /// The live sessions, in id order.
     pub fn list(&self) -> Vec<Arc<SessionEntry>> {
         self.sessions.lock().unwrap_or_else(|p| p.into_inner()).values().cloned().collect()
+    }
+
+    /// What the ended sessions did, per uid.
+    pub fn ended(&self) -> BTreeMap<u32, Ended> {
+        self.ended.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     /// Whether session `id` is live.
@@ -217,9 +281,12 @@ mod tests {
         assert_eq!((rep.rings, rep.buffers, rep.registered_bytes), (2, 2, 8192));
         assert_eq!((rep.counters.completed, rep.counters.bytes_written), (12, 4096));
         a.remove_ring(0);
-        assert_eq!(a.report().counters.completed, 7);
+        assert_eq!(a.report().rings, 1);
+        assert_eq!(a.report().counters.completed, 12, "a closed ring's work stays counted");
         drop(a);
         assert!(!reg.contains(3));
+        let ended = reg.ended();
+        assert_eq!((ended[&1000].sessions, ended[&1000].totals.completed), (1, 12));
         assert!(reg.contains(1));
         drop(b);
         assert!(reg.list().is_empty());

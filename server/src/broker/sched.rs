@@ -71,6 +71,16 @@ pub const DEFAULT_WRITE_COST_PERCENT: u32 = 200;
 pub const DEFAULT_QUANTUM: u64 =
     BASE_COST + (128 << 10) / COST_UNIT_BYTES * DEFAULT_WRITE_COST_PERCENT as u64 / 100;
 
+/// Default cost at the device while tenants contend: no cap. A cap (e.g. 64 reads of 4 KiB) bounds
+/// what a request waits behind at a device that serves in order, however deep another tenant's
+/// queue; but on a device that serves in parallel it gives large requests fewer slots than their
+/// weight, so it is off unless asked for.
+pub const DEFAULT_CONTENDED_COST: u64 = u64::MAX;
+
+/// Default linger: 2 ms, several device latencies and well above a client's time between two
+/// requests.
+pub const DEFAULT_LINGER_NS: u64 = 2_000_000;
+
 /// Default bucket depth in time: 10 ms of the rate (short enough to hold a limit within a
 /// fraction of a second, long enough to absorb a 1 ms tick and the batching of a poll loop).
 pub const DEFAULT_BURST_NS: u64 = 10_000_000;
@@ -95,6 +105,13 @@ pub struct SchedConfig {
     pub burst_min_bytes: u64,
     /// Weight of written bytes in the cost, in percent of read bytes.
     pub write_cost_percent: u32,
+    /// Cost all tenants together may have at the device while more than one is busy, shared by
+    /// weight (each may always have one request there). What a request waits behind at an
+    /// in-order device is bounded by this, however deep another tenant's queue is.
+    pub contended_cost: u64,
+    /// How long a tenant still counts as busy after its last request completed (a tenant at
+    /// QD1 is idle for a moment between two requests: it must not lose its share then).
+    pub linger_ns: u64,
 }
 
 impl SchedConfig {
@@ -106,6 +123,8 @@ impl SchedConfig {
             burst_ns: DEFAULT_BURST_NS,
             burst_min_bytes: DEFAULT_BURST_MIN_BYTES,
             write_cost_percent: DEFAULT_WRITE_COST_PERCENT,
+            contended_cost: DEFAULT_CONTENDED_COST,
+            linger_ns: DEFAULT_LINGER_NS,
         }
     }
 
@@ -256,6 +275,11 @@ struct Tenant {
     deficit: u64,
     /// Cost of the request it last asked for (bounds the deficit it may hoard).
     last_cost: u64,
+    /// Cost of its requests at the device.
+    cost_in_flight: u64,
+    /// Still counted busy after its last request (`Some(0)`: since now, the next look sets
+    /// the end).
+    linger_until: Option<u64>,
     /// In the ring of tenants with work.
     active: bool,
     prev: usize,
@@ -314,6 +338,10 @@ pub struct Scheduler {
     cursor: usize,
     /// Sum of the weights of the tenants with work.
     active_weight: u64,
+    /// Sum of the weights of the busy tenants (with work, or with requests at the device).
+    busy_weight: u64,
+    /// How many tenants are busy.
+    busy: u32,
     /// Requests in flight, all tenants.
     in_flight: u32,
 }
@@ -323,7 +351,16 @@ impl Scheduler {
     pub fn new(mut config: SchedConfig) -> Self {
         config.device_slots = config.device_slots.max(1);
         config.quantum = config.quantum.max(1);
-        Self { config, tenants: Slab::new(), next_generation: 0, cursor: NIL, active_weight: 0, in_flight: 0 }
+        Self {
+            config,
+            tenants: Slab::new(),
+            next_generation: 0,
+            cursor: NIL,
+            active_weight: 0,
+            busy_weight: 0,
+            busy: 0,
+            in_flight: 0,
+        }
     }
 
     /// The settings in use.
@@ -342,6 +379,8 @@ impl Scheduler {
             max_in_flight: u32::MAX,
             deficit: 0,
             last_cost: 0,
+            cost_in_flight: 0,
+            linger_until: None,
             active: false,
             prev: NIL,
             next: NIL,
@@ -365,7 +404,12 @@ impl Scheduler {
     pub fn remove_tenant(&mut self, id: TenantId) -> TenantStats {
         let i = self.index(id);
         self.unlink(i);
+        let (was, w) = self.busy_before(i);
         let t = self.tenants.remove(i);
+        if was {
+            self.busy_weight -= w;
+            self.busy -= 1;
+        }
         self.in_flight -= t.stats.in_flight;
         TenantStats { deficit: t.deficit, ..t.stats }
     }
@@ -376,6 +420,7 @@ impl Scheduler {
     /// (ask again: the new limits decide; a request still held stays counted as throttled).
     pub fn set_limits(&mut self, id: TenantId, now: u64, limits: TenantLimits) {
         let i = self.index(id);
+        let (was, w) = self.busy_before(i);
         let t = &mut self.tenants[i];
         let old_weight = t.weight;
         t.apply(limits, Some(now), &self.config);
@@ -383,6 +428,7 @@ impl Scheduler {
         if t.active {
             self.active_weight = self.active_weight - old_weight + t.weight;
         }
+        self.busy_after(i, was, w);
     }
 
     /// A tenant's current limits.
@@ -410,6 +456,7 @@ impl Scheduler {
     /// caller then offers that tenant's requests to [`try_dispatch`](Self::try_dispatch) until
     /// one is not [`Dispatch::Go`]. One tenant alone is returned again and again.
     pub fn next_tenant(&mut self, now: u64) -> Option<TenantId> {
+        self.expire_lingering(now);
         if self.cursor == NIL || self.in_flight >= self.config.device_slots {
             return None;
         }
@@ -418,7 +465,10 @@ impl Scheduler {
         loop {
             let t = &self.tenants[i];
             let next = t.next;
-            if t.throttled_until <= now && t.stats.in_flight < t.max_in_flight.min(self.share_of(t)) {
+            if t.throttled_until <= now
+                && t.stats.in_flight < t.max_in_flight.min(self.share_of(t))
+                && self.cost_room(t, t.last_cost)
+            {
                 let grant = t.grant(self.config.quantum);
                 self.cursor = next;
                 let t = &mut self.tenants[i];
@@ -441,9 +491,11 @@ impl Scheduler {
         let cost = self.config.cost(bytes, write);
         let device_full = self.in_flight >= self.config.device_slots;
         let share = self.share_of(&self.tenants[i]);
+        let room = self.cost_room(&self.tenants[i], cost);
+        let (was, w) = self.busy_before(i);
         let t = &mut self.tenants[i];
         t.last_cost = cost;
-        if device_full || t.stats.in_flight >= t.max_in_flight.min(share) {
+        if device_full || t.stats.in_flight >= t.max_in_flight.min(share) || !room {
             return Dispatch::Later;
         }
         let mut until: Option<u64> = None;
@@ -487,20 +539,46 @@ impl Scheduler {
         s.dispatched += 1;
         s.dispatched_cost += cost;
         s.in_flight += 1;
+        t.cost_in_flight += cost;
+        t.linger_until = None;
         self.in_flight += 1;
+        self.busy_after(i, was, w);
         Dispatch::Go
     }
 
-    /// A request of this tenant completed: its slot is free again.
+    /// A request of this tenant completed (`bytes` and `write` as it was dispatched with): its
+    /// slot and its cost at the device are free again.
     ///
     /// # Panics
     /// If the tenant has nothing in flight.
-    pub fn complete(&mut self, id: TenantId) {
+    pub fn complete(&mut self, id: TenantId, bytes: u64, write: bool) {
+        let cost = self.config.cost(bytes, write);
+        self.complete_cost(id, cost);
+    }
+
+    /// Tests: a request of a tenant whose requests all cost the same completed.
+    #[cfg(test)]
+    fn complete_uniform(&mut self, id: TenantId) {
+        let t = &self.tenants[self.index(id)];
+        let cost = t.cost_in_flight / u64::from(t.stats.in_flight.max(1));
+        self.complete_cost(id, cost);
+    }
+
+    fn complete_cost(&mut self, id: TenantId, cost: u64) {
         let i = self.index(id);
-        let s = &mut self.tenants[i].stats;
-        assert!(s.in_flight > 0, "completion without a request in flight");
-        s.in_flight -= 1;
+        let (was, w) = self.busy_before(i);
+        let t = &mut self.tenants[i];
+        assert!(t.stats.in_flight > 0, "completion without a request in flight");
+        t.stats.in_flight -= 1;
+        t.cost_in_flight = t.cost_in_flight.saturating_sub(cost);
+        if t.stats.in_flight == 0 {
+            t.cost_in_flight = 0;
+            if !t.active && self.config.linger_ns > 0 {
+                t.linger_until = Some(0);
+            }
+        }
         self.in_flight -= 1;
+        self.busy_after(i, was, w);
     }
 
     /// Whether [`try_dispatch`](Self::try_dispatch) could let this tenant go now as far as
@@ -511,6 +589,7 @@ impl Scheduler {
         self.in_flight < self.config.device_slots
             && t.throttled_until <= now
             && t.stats.in_flight < t.max_in_flight.min(self.share_of(t))
+            && self.cost_room(t, t.last_cost)
     }
 
     /// A tenant's figures.
@@ -553,10 +632,73 @@ impl Scheduler {
         }
     }
 
+    /// The busy weight with `t` counted in.
+    fn busy_total(&self, t: &Tenant) -> u64 {
+        if busy(t) {
+            self.busy_weight
+        } else {
+            self.busy_weight + t.weight
+        }
+    }
+
     fn share_of(&self, t: &Tenant) -> u32 {
-        let total = if t.active { self.active_weight } else { self.active_weight + t.weight };
-        let share = u64::from(self.config.device_slots) * t.weight / total;
+        let share = u64::from(self.config.device_slots) * t.weight / self.busy_total(t).max(1);
         u32::try_from(share).unwrap_or(u32::MAX).max(1)
+    }
+
+    /// Whether `t` may add a request of `cost` at the device: always if it has none there or no
+    /// other tenant is busy; else while its cost there stays within its weight's part of
+    /// [`SchedConfig::contended_cost`].
+    fn cost_room(&self, t: &Tenant, cost: u64) -> bool {
+        let others = self.busy - u32::from(busy(t));
+        if t.cost_in_flight == 0 || others == 0 {
+            return true;
+        }
+        if self.config.contended_cost == u64::MAX {
+            return true;
+        }
+        let budget =
+            u128::from(self.config.contended_cost) * u128::from(t.weight) / u128::from(self.busy_total(t));
+        u128::from(t.cost_in_flight + cost) <= budget
+    }
+
+    /// Ends the linger of tenants idle for long enough (and starts the clock of those that just
+    /// became idle).
+    fn expire_lingering(&mut self, now: u64) {
+        let linger = self.config.linger_ns;
+        let mut ended = Vec::new();
+        for (i, t) in self.tenants.iter_mut() {
+            match t.linger_until {
+                Some(0) => t.linger_until = Some(now.saturating_add(linger).max(1)),
+                Some(until) if until <= now => ended.push(i),
+                _ => {}
+            }
+        }
+        for i in ended {
+            let (was, w) = self.busy_before(i);
+            self.tenants[i].linger_until = None;
+            self.busy_after(i, was, w);
+        }
+    }
+
+    /// Whether tenant `i` is busy now, and its weight (before a change).
+    fn busy_before(&self, i: usize) -> (bool, u64) {
+        let t = &self.tenants[i];
+        (busy(t), t.weight)
+    }
+
+    /// Accounts tenant `i`'s busy state after a change (`was`, `weight`: before it).
+    fn busy_after(&mut self, i: usize, was: bool, weight: u64) {
+        let t = &self.tenants[i];
+        let (now, w) = (busy(t), t.weight);
+        if was {
+            self.busy_weight -= weight;
+            self.busy -= 1;
+        }
+        if now {
+            self.busy_weight += w;
+            self.busy += 1;
+        }
     }
 
     /// Puts a tenant at the end of the round (before the cursor).
@@ -564,6 +706,7 @@ impl Scheduler {
         if self.tenants[i].active {
             return;
         }
+        let (was, w) = self.busy_before(i);
         if self.cursor == NIL {
             let t = &mut self.tenants[i];
             (t.prev, t.next) = (i, i);
@@ -577,12 +720,18 @@ impl Scheduler {
         }
         self.tenants[i].active = true;
         self.active_weight += self.tenants[i].weight;
+        self.busy_after(i, was, w);
     }
 
     fn unlink(&mut self, i: usize) {
-        let t = &mut self.tenants[i];
-        if !t.active {
+        if !self.tenants[i].active {
             return;
+        }
+        let (was, w) = self.busy_before(i);
+        let linger = self.config.linger_ns > 0;
+        let t = &mut self.tenants[i];
+        if t.stats.in_flight == 0 && linger {
+            t.linger_until = Some(0);
         }
         let (p, n) = (t.prev, t.next);
         (t.prev, t.next, t.active) = (NIL, NIL, false);
@@ -596,7 +745,13 @@ impl Scheduler {
                 self.cursor = n;
             }
         }
+        self.busy_after(i, was, w);
     }
+}
+
+/// Busy: with work waiting, or with requests at the device, or had some a moment ago.
+fn busy(t: &Tenant) -> bool {
+    t.active || t.stats.in_flight > 0 || t.linger_until.is_some()
 }
 
 #[cfg(test)]
@@ -657,7 +812,7 @@ mod tests {
             let l = load_of(loads, t);
             let mut went = 0;
             while s.try_dispatch(t, now, l.bytes, l.write) == Dispatch::Go {
-                s.complete(t);
+                s.complete_uniform(t);
                 went += 1;
             }
             seen.push((t, went));
@@ -686,7 +841,7 @@ mod tests {
             self.running.retain_mut(|(t, left)| {
                 *left = left.saturating_sub(per_slot);
                 if *left == 0 {
-                    s.complete(*t);
+                    s.complete_uniform(*t);
                 }
                 *left > 0
             });
@@ -767,7 +922,7 @@ mod tests {
         s.set_has_work(t, true);
         let mut now = 0;
         while now <= end {
-            fill(&mut s, now, &[(t, load)], |s, t| s.complete(t));
+            fill(&mut s, now, &[(t, load)], |s, t| s.complete_uniform(t));
             now += tick();
         }
         s.stats(t)
@@ -854,19 +1009,19 @@ mod tests {
         s.set_has_work(t, true);
         let load = [(t, READ_4K)];
         for k in 0..=1000 {
-            fill(&mut s, k * MS, &load, |s, t| s.complete(t));
+            fill(&mut s, k * MS, &load, |s, t| s.complete_uniform(t));
         }
         let before = s.stats(t).dispatched;
         assert!(before <= 1010);
         // Idle for a second, then all it may at once: the bucket, no more.
         let start = 2 * S;
-        fill(&mut s, start, &load, |s, t| s.complete(t));
+        fill(&mut s, start, &load, |s, t| s.complete_uniform(t));
         assert_eq!(s.stats(t).dispatched - before, 10);
         let mut now = start;
         let mut r = rng(99);
         while now < start + S {
             now += r() % (2 * MS);
-            fill(&mut s, now, &load, |s, t| s.complete(t));
+            fill(&mut s, now, &load, |s, t| s.complete_uniform(t));
             let allowed = 10 + 1000 * (now - start) / S;
             assert!(s.stats(t).dispatched - before <= allowed, "at {now}");
         }
@@ -876,9 +1031,9 @@ mod tests {
         let t = s.add_tenant(TenantLimits { read_bytes_per_s: Some(100_000_000), ..TenantLimits::default() });
         s.set_has_work(t, true);
         let load = [(t, READ_4K)];
-        fill(&mut s, 0, &load, |s, t| s.complete(t));
+        fill(&mut s, 0, &load, |s, t| s.complete_uniform(t));
         assert_eq!(s.stats(t).dispatched, 1_000_000 / 4096);
-        fill(&mut s, S, &load, |s, t| s.complete(t));
+        fill(&mut s, S, &load, |s, t| s.complete_uniform(t));
         let second = s.stats(t).dispatched;
         // One second on: the leftover 576 bytes plus a full bucket, never the second's worth.
         assert_eq!(second, 2 * (1_000_000 / 4096));
@@ -893,7 +1048,7 @@ mod tests {
         // The bucket holds 128 KiB (10 ms of 100 KB/s is less); 1 MiB still goes when it is full.
         assert_eq!(offer(&mut s, t, 0, mib, false), Dispatch::Go);
         assert_eq!(s.stats(t).read_bytes, mib);
-        s.complete(t);
+        s.complete_uniform(t);
         // Now in debt by 1 MiB - 128 KiB: a 4 KiB read waits until the debt is paid and 4 KiB more.
         let small = (mib - (128 << 10) + 4096) * S / 100_000;
         assert_eq!(s.try_dispatch(t, 0, 4096, false), Dispatch::Wait { until_ns: small });
@@ -957,6 +1112,62 @@ mod tests {
     }
 
     #[test]
+    fn a_tenant_with_requests_at_the_device_counts_for_the_slot_shares() {
+        let mut s = Scheduler::new(SchedConfig::new(32));
+        let writer = s.add_tenant(TenantLimits::default());
+        let reader = s.add_tenant(TenantLimits::default());
+        // The reader's one request is at the device; it has nothing waiting.
+        s.set_has_work(reader, true);
+        assert_eq!(s.next_tenant(0), Some(reader));
+        assert_eq!(s.try_dispatch(reader, 0, 4096, false), Dispatch::Go);
+        s.set_has_work(reader, false);
+        // The writer alone has work, but the reader is busy: half the slots each.
+        s.set_has_work(writer, true);
+        assert_eq!(s.slot_share(writer), 16);
+        s.complete(reader, 4096, false);
+        // It still counts for a moment (a QD1 client between two requests), then no more.
+        s.next_tenant(0);
+        assert_eq!(s.slot_share(writer), 16, "the reader lingers");
+        s.next_tenant(DEFAULT_LINGER_NS + 1);
+        assert_eq!(s.slot_share(writer), 32, "the reader is idle again");
+    }
+
+    #[test]
+    fn a_contended_cost_cap_keeps_a_heavy_queue_short_beside_a_light_tenant() {
+        let mut s = Scheduler::new(SchedConfig { contended_cost: 1024, ..SchedConfig::new(32) });
+        let writer = s.add_tenant(TenantLimits::default());
+        let reader = s.add_tenant(TenantLimits::default());
+        s.set_has_work(writer, true);
+        // Alone, the writer may fill the queue.
+        let mut n = 0;
+        while s.next_tenant(0) == Some(writer) && s.try_dispatch(writer, 0, 128 << 10, true) == Dispatch::Go {
+            n += 1;
+            if n == 3 {
+                break;
+            }
+        }
+        assert_eq!(n, 3);
+        for _ in 0..3 {
+            s.complete(writer, 128 << 10, true);
+        }
+        // With the reader busy, the writer keeps at most its part of the cap (here: one write,
+        // the least it may always have), so a read never waits behind a deep queue of writes.
+        s.set_has_work(reader, true);
+        // A round visits both (deficits granted), in whatever order.
+        let visited = [s.next_tenant(0), s.next_tenant(0)];
+        assert!(visited.contains(&Some(reader)) && visited.contains(&Some(writer)), "{visited:?}");
+        assert_eq!(s.try_dispatch(reader, 0, 4096, false), Dispatch::Go);
+        assert_eq!(s.try_dispatch(writer, 0, 128 << 10, true), Dispatch::Go);
+        assert_eq!(s.try_dispatch(writer, 0, 128 << 10, true), Dispatch::Later);
+        s.complete(reader, 4096, false);
+        s.set_has_work(reader, false);
+        // The reader gone idle (after its linger): the writer may queue deeper again.
+        assert_eq!(s.next_tenant(0), None, "the writer is at its part while the reader lingers");
+        assert_eq!(s.next_tenant(DEFAULT_LINGER_NS + 1), Some(writer));
+        assert_eq!(s.try_dispatch(writer, 0, 128 << 10, true), Dispatch::Go);
+    }
+
+    #[test]
     fn a_light_tenant_is_never_starved() {
         let mut s = Scheduler::new(SchedConfig::new(64));
         let light = s.add_tenant(weighted(1));
@@ -997,7 +1208,7 @@ mod tests {
         assert_eq!(gone, 4);
         assert_eq!(s.next_tenant(0), None);
         assert_eq!(s.try_dispatch(t, 0, 4096, false), Dispatch::Later);
-        s.complete(t);
+        s.complete_uniform(t);
         assert_eq!(s.next_tenant(0), Some(t));
         assert_eq!(s.try_dispatch(t, 0, 4096, false), Dispatch::Go);
         assert_eq!(s.try_dispatch(t, 0, 4096, false), Dispatch::Later);
@@ -1027,12 +1238,12 @@ mod tests {
         assert_eq!((s.slot_share(a), s.slot_share(b)), (16, 48));
         assert_eq!(s.next_tenant(0), None); // the queue is full
         for _ in 0..10 {
-            s.complete(a);
+            s.complete_uniform(a);
         }
         fill(&mut s, 0, &loads, |_, _| {});
         assert_eq!((s.stats(a).in_flight, s.stats(b).in_flight), (54, 10));
         for _ in 0..54 {
-            s.complete(a);
+            s.complete_uniform(a);
         }
         fill(&mut s, 0, &loads, |_, _| {});
         assert_eq!((s.stats(a).in_flight, s.stats(b).in_flight), (16, 48));
@@ -1053,7 +1264,7 @@ mod tests {
         let t = s.add_tenant(TenantLimits { iops: Some(1000), ..TenantLimits::default() });
         s.set_has_work(t, true);
         let load = [(t, READ_4K)];
-        fill(&mut s, 0, &load, |s, t| s.complete(t));
+        fill(&mut s, 0, &load, |s, t| s.complete_uniform(t));
         assert_eq!(s.stats(t).dispatched, 10);
         assert_eq!(s.try_dispatch(t, 0, 4096, false), Dispatch::Wait { until_ns: MS });
         // Raised at 0.5 ms: the bucket keeps its level (0.5 requests), the new rate fills the rest.
@@ -1062,14 +1273,14 @@ mod tests {
         assert_eq!(s.try_dispatch(t, MS / 2, 4096, false), Dispatch::Wait { until_ns: MS / 2 + 500 });
         assert_eq!(offer(&mut s, t, MS / 2 + 500, 4096, false), Dispatch::Go);
         assert_eq!(s.stats(t).throttled_ns, MS / 2 + 500);
-        s.complete(t);
+        s.complete_uniform(t);
         // Lowered: credit above the new depth is dropped, so one second at 10 IOPS allows at
         // most the 1-request bucket and 10 more (10 here: the full bucket overflows until the
         // first tick).
         s.set_limits(t, MS, TenantLimits { iops: Some(10), ..TenantLimits::default() });
         let before = s.stats(t).dispatched;
         for k in 1..=1000 {
-            fill(&mut s, MS + k * MS, &load, |s, t| s.complete(t));
+            fill(&mut s, MS + k * MS, &load, |s, t| s.complete_uniform(t));
         }
         assert_eq!(s.stats(t).dispatched - before, 10);
         // Lifted while held: goes at once.
@@ -1263,7 +1474,7 @@ mod tests {
                     }
                     Op::Complete { tenant } => {
                         if s.stats(ids[tenant]).in_flight > 0 {
-                            s.complete(ids[tenant]);
+                            s.complete_uniform(ids[tenant]);
                         }
                     }
                     Op::HasWork { tenant, yes } => {

@@ -25,6 +25,18 @@ pub struct TenantKey {
 
 const SESSION_BIT: u64 = 1 << 63;
 
+impl TenantKey {
+    /// The uid, for a tenant that is a uid.
+    pub fn uid(&self) -> Option<u32> {
+        (self.owner & SESSION_BIT == 0).then_some(self.owner as u32)
+    }
+
+    /// The session id, for a tenant that is one session (`per=session`).
+    pub fn session(&self) -> Option<u64> {
+        (self.owner & SESSION_BIT != 0).then_some(self.owner & !SESSION_BIT)
+    }
+}
+
 /// The tenants of a session with these namespaces: one per controller it may use, with the
 /// share and limits of its grants there.
 pub fn tenants_of(namespaces: &[NamespaceAccess], uid: u32, session: u64) -> Vec<(TenantKey, Qos)> {
@@ -168,6 +180,8 @@ mod tests {
         let s = Qos { scope: QosScope::Session, ..Qos::DEFAULT };
         let t = tenants_of(&[ns(1, 0, s)], 1000, 7);
         assert_eq!(t[0].0.owner, SESSION_BIT | 7);
+        assert_eq!((t[0].0.session(), t[0].0.uid()), (Some(7), None));
+        assert_eq!(TenantKey { owner: 1000, controller: 0 }.uid(), Some(1000));
     }
 
     #[test]

@@ -77,7 +77,13 @@ pub(super) fn complete(
     status: Status,
 ) {
     if let Some(t) = ctx.tenant {
-        sched.complete(t);
+        // As the request was charged when dispatched (see `submit`).
+        let bytes = if matches!(ctx.op, Opcode::Read | Opcode::Write | Opcode::ReadV | Opcode::WriteV) {
+            u64::from(ctx.len)
+        } else {
+            0
+        };
+        sched.complete(t, bytes, ctx.op.modifies_data());
     }
     let Some(s) = sessions.get_mut(ctx.session as usize) else {
         warn!("completion for a session that no longer exists");

@@ -110,6 +110,12 @@ pub enum IoRequest {
         /// Answered after release.
         reply: Sender<()>,
     },
+    /// The metrics endpoint's look at this thread's schedulers and device queues (asked at
+    /// most every [`crate::broker::metrics::SAMPLE_MAX_AGE`], never on the I/O path).
+    Sample {
+        /// Gets the figures.
+        reply: Sender<crate::broker::metrics::ThreadSample>,
+    },
     /// Drain everything and delete this thread's I/O queue.
     Shutdown {
         /// Answered when the queue is deleted.
@@ -162,6 +168,9 @@ pub struct IoThreadSetup {
     pub counters: Arc<BrokerCounters>,
     /// CPUs to run on (all if empty).
     pub cpus: Vec<usize>,
+    /// The schedulers' cap on a contended tenant's cost at the device
+    /// ([`super::sched::SchedConfig::contended_cost`]).
+    pub contended_cost: u64,
 }
 
 /// An I/O thread's queue on one controller, as created at start.
@@ -257,7 +266,10 @@ impl IoThread {
                 generation: p.ctrl.generation(),
                 ctrl: p.ctrl,
                 device,
-                sched: Scheduler::new(SchedConfig::new(slots)),
+                sched: Scheduler::new(SchedConfig {
+                    contended_cost: setup.contended_cost,
+                    ..SchedConfig::new(slots)
+                }),
                 tenants: std::collections::HashMap::new(),
                 tenant_rings: std::collections::HashMap::new(),
                 dq: DeviceQueue::new(p.queue),
@@ -491,9 +503,33 @@ impl IoThread {
                         }
                     }
                 }
+                IoRequest::Sample { reply } => {
+                    let _ = reply.send(self.sample());
+                }
                 IoRequest::Shutdown { reply } => self.begin_shutdown(reply),
             }
         }
+    }
+
+    /// Each tenant's scheduler figures and each device queue's commands in flight.
+    fn sample(&self) -> crate::broker::metrics::ThreadSample {
+        use crate::broker::metrics::{TenantSample, ThreadSample};
+        let mut tenants = Vec::new();
+        for p in &self.ports {
+            for (&key, &id) in &p.tenants {
+                let s = p.sched.stats(id);
+                tenants.push(TenantSample {
+                    key,
+                    dispatched: s.dispatched,
+                    read_bytes: s.read_bytes,
+                    write_bytes: s.write_bytes,
+                    throttled_ns: s.throttled_ns,
+                    in_flight: s.in_flight,
+                });
+            }
+        }
+        let queue_in_flight = self.ports.iter().map(|p| p.dq.queue.in_flight() as u64).collect();
+        ThreadSample { tenants, queue_in_flight }
     }
 
     fn stop(self) {
