@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use nvmed_proto::admin::SessionReport;
+use nvmed_proto::admin::{latency_percentile, SessionReport};
 use serde::Serialize;
 
 /// A session with its rates over the last interval.
@@ -17,6 +17,11 @@ pub struct SessionRate {
     pub read_mb_s: f64,
     /// Megabytes written per second.
     pub write_mb_s: f64,
+    /// Median latency of the requests completed in the interval, microseconds (upper bound
+    /// of its power-of-two bucket); `None` if none completed.
+    pub p50_us: Option<u64>,
+    /// 99th percentile, likewise.
+    pub p99_us: Option<u64>,
 }
 
 /// The sessions of `after` with their rates since `before`, `elapsed` apart. A session absent
@@ -34,8 +39,16 @@ pub fn session_rates(
         .map(|s| {
             let prev = before.iter().find(|b| b.id == s.id).map(|b| b.counters).unwrap_or_default();
             let c = s.counters;
+            let window: Vec<u64> = c
+                .latency_log2_us
+                .iter()
+                .zip(&prev.latency_log2_us)
+                .map(|(a, b)| a.saturating_sub(*b))
+                .collect();
             SessionRate {
                 session: s.clone(),
+                p50_us: latency_percentile(&window, 0.5),
+                p99_us: latency_percentile(&window, 0.99),
                 iops: per_sec(c.completed.saturating_sub(prev.completed)),
                 read_mb_s: per_sec(c.bytes_read.saturating_sub(prev.bytes_read)) / 1e6,
                 write_mb_s: per_sec(c.bytes_written.saturating_sub(prev.bytes_written)) / 1e6,

@@ -169,6 +169,8 @@ pub fn sessions(list: &[SessionRate], rates: bool) -> String {
                 if rates { format!("{:.0}", r.iops) } else { "-".into() },
                 rate(r.read_mb_s),
                 rate(r.write_mb_s),
+                r.p50_us.map_or("-".into(), |v| v.to_string()),
+                r.p99_us.map_or("-".into(), |v| v.to_string()),
                 s.counters.errors.to_string(),
                 duration(s.age_secs),
             ]
@@ -188,6 +190,8 @@ pub fn sessions(list: &[SessionRate], rates: bool) -> String {
             "IOPS",
             "READ MB/s",
             "WRITE MB/s",
+            "P50 us",
+            "P99 us",
             "ERRORS",
             "AGE",
         ],

@@ -194,6 +194,11 @@ fn sessions_show_each_client_with_its_rings_while_eight_run_io() {
         assert!(s.counters.submitted >= s.counters.completed);
         assert_eq!(s.counters.errors, 0);
         assert!(r.iops > 0.0 && r.write_mb_s > 0.0, "session {} did I/O in the interval: {r:?}", s.id);
+        // Every completed device request has its latency counted; percentiles follow.
+        let counted: u64 = s.counters.latency_log2_us.iter().sum();
+        assert!(counted > 0 && counted <= s.counters.completed, "{counted} of {}", s.counters.completed);
+        let (p50, p99) = (r.p50_us.expect("a median"), r.p99_us.expect("a p99"));
+        assert!(p50 <= p99 && p99 <= 1 << 24, "p50 {p50} p99 {p99}");
     }
     let status = ctl.status().unwrap();
     assert_eq!(status.sessions, 8);

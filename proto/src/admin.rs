@@ -58,6 +58,8 @@ pub struct GrantReport {
 
 /// A response from the broker to `nvmectl`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+// One per operator request, never stored in bulk: the size of the largest variant does not matter.
+#[allow(clippy::large_enum_variant)]
 pub enum AdminResponse {
     /// Reply to [`AdminRequest::Status`].
     Status(StatusReport),
@@ -218,6 +220,36 @@ pub struct Totals {
     pub bytes_written: u64,
     /// Requests at the device now.
     pub in_flight: u64,
+    /// Completed device requests by latency (taken to posted): bucket `i` counts those that
+    /// took from `2^i` to `2^(i+1)` microseconds (bucket 0 also below 1 µs, the last one
+    /// everything above). See [`latency_percentile`].
+    pub latency_log2_us: [u64; LATENCY_BUCKETS],
+}
+
+/// Buckets of [`Totals::latency_log2_us`].
+pub const LATENCY_BUCKETS: usize = 24;
+
+/// The bucket of a latency of `us` microseconds.
+pub fn latency_bucket(us: u32) -> usize {
+    (31 - us.max(1).leading_zeros() as usize).min(LATENCY_BUCKETS - 1)
+}
+
+/// The latency (upper bound of its bucket, in microseconds) below which fraction `p` (0 to 1)
+/// of the requests counted in `buckets` completed; `None` if none were counted.
+pub fn latency_percentile(buckets: &[u64], p: f64) -> Option<u64> {
+    let total: u64 = buckets.iter().sum();
+    if total == 0 {
+        return None;
+    }
+    let want = ((total as f64) * p).ceil().max(1.0) as u64;
+    let mut seen = 0;
+    for (i, &n) in buckets.iter().enumerate() {
+        seen += n;
+        if seen >= want {
+            return Some(2u64 << i);
+        }
+    }
+    Some(2u64 << (buckets.len() - 1))
 }
 
 /// One live session.
@@ -331,6 +363,21 @@ pub fn decode<'a, T: Deserialize<'a>>(bytes: &'a [u8]) -> Result<T, AdminError> 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn latency_buckets_and_percentiles() {
+        assert_eq!(
+            (latency_bucket(0), latency_bucket(1), latency_bucket(3), latency_bucket(1024)),
+            (0, 0, 1, 10)
+        );
+        assert_eq!(latency_bucket(u32::MAX), LATENCY_BUCKETS - 1);
+        let mut b = [0u64; LATENCY_BUCKETS];
+        b[latency_bucket(200)] = 98; // 128-255 us
+        b[latency_bucket(9000)] = 2; // 8192-16383 us
+        assert_eq!(latency_percentile(&b, 0.5), Some(256));
+        assert_eq!(latency_percentile(&b, 0.99), Some(16384));
+        assert_eq!(latency_percentile(&[0; LATENCY_BUCKETS], 0.5), None);
+    }
 
     #[test]
     fn messages_round_trip() {

@@ -140,6 +140,7 @@ fn ring_totals(c: &SessionCounters) -> Totals {
         bytes_read: l(&c.bytes_read),
         bytes_written: l(&c.bytes_written),
         in_flight: l(&c.in_flight),
+        latency_log2_us: std::array::from_fn(|i| l(&c.latency_log2_us[i])),
     }
 }
 
@@ -148,6 +149,9 @@ fn add(a: &mut Totals, b: &Totals) {
     a.submitted += b.submitted;
     a.completed += b.completed;
     a.errors += b.errors;
+    for (x, y) in a.latency_log2_us.iter_mut().zip(&b.latency_log2_us) {
+        *x += y;
+    }
     a.bytes_read += b.bytes_read;
     a.bytes_written += b.bytes_written;
     a.in_flight += b.in_flight;

@@ -40,6 +40,9 @@ pub struct SessionCounters {
     pub buffer_bytes: AtomicU64,
     /// Bytes of vectored requests copied through bounce buffers.
     pub bounced_bytes: AtomicU64,
+    /// Completed device requests by latency, log2 microsecond buckets
+    /// ([`nvmed_proto::admin::latency_bucket`]).
+    pub latency_log2_us: [AtomicU64; nvmed_proto::admin::LATENCY_BUCKETS],
 }
 
 /// Data path counters of one I/O thread, written by that thread only (the broker's figures are

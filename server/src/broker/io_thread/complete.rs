@@ -23,6 +23,9 @@ impl IoThread {
         let splits = &mut self.splits;
         let vecs = &mut self.vecs;
         let mut total = 0;
+        let started = self.started;
+        // The clock is read once per batch, and only if something completed.
+        let mut now_us: Option<u32> = None;
         for p in &mut self.ports {
             let bounce = &mut p.bounce;
             let sched = &mut p.sched;
@@ -37,7 +40,8 @@ impl IoThread {
                 finish_bounce(&ctx, status.is_success(), vecs, bounce, buffers);
                 release_slot(sessions, &ctx);
                 if let Some(status) = piece_done(splits, &ctx, status) {
-                    complete(sessions, touched, vecs, sched, ctx, status);
+                    let now = *now_us.get_or_insert_with(|| started.elapsed().as_micros() as u32);
+                    complete(sessions, touched, vecs, sched, now, ctx, status);
                 }
             });
         }
@@ -73,6 +77,7 @@ pub(super) fn complete(
     touched: &mut Vec<usize>,
     vecs: &mut VecPool,
     sched: &mut Scheduler,
+    now_us: u32,
     ctx: InFlight,
     status: Status,
 ) {
@@ -105,6 +110,8 @@ pub(super) fn complete(
         s.vectored -= 1;
     }
     bump(&s.counters.completed, 1);
+    let latency = nvmed_proto::admin::latency_bucket(now_us.wrapping_sub(ctx.start_us));
+    bump(&s.counters.latency_log2_us[latency], 1);
     if status.is_success() {
         match ctx.op {
             Opcode::Read | Opcode::ReadV => bump(&s.counters.bytes_read, u64::from(ctx.len)),

@@ -584,12 +584,14 @@ impl IoThread {
                     p.pieces - p.next,
                     nvmed_proto::Status::Broker(BrokerStatus::DeviceReset),
                 ) {
+                    let now_us = self.started.elapsed().as_micros() as u32;
                     let sched = &mut self.ports[usize::from(p.ctx.ctrl)].sched;
                     complete::complete(
                         &mut self.sessions,
                         &mut self.touched,
                         &mut self.vecs,
                         sched,
+                        now_us,
                         p.ctx,
                         status,
                     );

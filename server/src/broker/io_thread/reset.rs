@@ -92,7 +92,16 @@ impl IoThread {
             if let Some(status) =
                 piece_done(&mut self.splits, &ctx, Status::Broker(BrokerStatus::DeviceReset))
             {
-                complete(&mut self.sessions, &mut self.touched, &mut self.vecs, &mut p.sched, ctx, status);
+                let now_us = self.started.elapsed().as_micros() as u32;
+                complete(
+                    &mut self.sessions,
+                    &mut self.touched,
+                    &mut self.vecs,
+                    &mut p.sched,
+                    now_us,
+                    ctx,
+                    status,
+                );
             }
         }
         if state == DeviceState::FailedStopped {
@@ -131,8 +140,9 @@ impl IoThread {
             let Some(p) = s.partial.take() else { continue };
             let status = Status::Broker(BrokerStatus::DeviceReset);
             if let Some(status) = pieces_done(&mut self.splits, &p.ctx, p.pieces - p.next, status) {
+                let now_us = self.started.elapsed().as_micros() as u32;
                 let sched = &mut self.ports[usize::from(p.ctx.ctrl)].sched;
-                complete(&mut self.sessions, &mut self.touched, &mut self.vecs, sched, p.ctx, status);
+                complete(&mut self.sessions, &mut self.touched, &mut self.vecs, sched, now_us, p.ctx, status);
             }
         }
     }

@@ -24,6 +24,8 @@ pub struct InFlight {
     pub session: u32,
     /// The controller the command went to.
     pub ctrl: u16,
+    /// When the request was taken (microseconds on the thread's clock, wrapping).
+    pub start_us: u32,
     /// The scheduler tenant charged for the request (its slot is given back when the whole
     /// request completes).
     pub tenant: Option<crate::broker::sched::TenantId>,
@@ -64,6 +66,7 @@ impl InFlight {
         Self {
             session,
             ctrl: 0,
+            start_us: 0,
             tenant: None,
             buffer,
             user_data,

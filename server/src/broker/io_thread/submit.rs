@@ -235,6 +235,7 @@ impl IoThread {
                     let ctx = InFlight {
                         ctrl: c,
                         tenant,
+                        start_us: (now / 1000) as u32,
                         ..InFlight::new(
                             key as u32,
                             buffer.unwrap_or(u32::MAX),
@@ -320,6 +321,7 @@ impl IoThread {
                                 vec: slot,
                                 ctrl: c,
                                 tenant,
+                                start_us: (now / 1000) as u32,
                                 ..InFlight::new(key as u32, u32::MAX, sqe.user_data, v.len, op, epoch, split)
                             };
                             let rw = RwCommand {
