@@ -195,7 +195,7 @@ pub fn sessions(list: &[SessionRate], rates: bool) -> String {
             "ERRORS",
             "AGE",
         ],
-        &[true, true, true, false, false, true, true, true, true, true, true, true, true, true],
+        &[true, true, true, false, false, true, true, true, true, true, true, true, true, true, true, true],
         &rows,
     )
 }
