@@ -8,13 +8,12 @@
 mod common;
 
 use std::collections::HashSet;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::os::unix::process::CommandExt;
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::time::{Duration, Instant};
 
-use common::{runnable_by_anyone, TestBroker};
+use common::{ios_of, load_as, TestBroker};
 use nvmed_client::{Io, NvmeRing, RingOptions};
 
 const KIB: u64 = 1 << 10;
@@ -184,38 +183,6 @@ fn scrape(agent: &ureq::Agent, addr: SocketAddr) -> Metrics {
     Metrics::parse(&resp.body_mut().read_to_string().unwrap())
 }
 
-/// Runs `nvmed-test-peer load` (4 KiB reads) as `uid` for `secs`, once it is loading.
-fn load_as(uid: u32, socket: &std::path::Path, secs: f64) -> Child {
-    let mut child = Command::new(runnable_by_anyone(env!("CARGO_BIN_EXE_nvmed-test-peer")))
-        .arg("load")
-        .arg(socket)
-        .args([secs.to_string(), PEER_QD.to_string()])
-        .uid(uid)
-        .gid(uid)
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut out = BufReader::new(child.stdout.take().unwrap());
-    let mut line = String::new();
-    while !line.contains("LOADING") {
-        line.clear();
-        assert!(out.read_line(&mut line).unwrap() > 0, "load peer exited early");
-    }
-    child.stdout = Some(out.into_inner());
-    child
-}
-
-fn ios_of(mut child: Child) -> u64 {
-    let out = BufReader::new(child.stdout.take().unwrap());
-    let n = out
-        .lines()
-        .map_while(Result::ok)
-        .find_map(|l| l.strip_prefix("IOS ").map(|n| n.trim().parse::<u64>().unwrap()))
-        .expect("the load peer did not report");
-    assert!(child.wait().unwrap().success());
-    n
-}
-
 /// `IOS` 4 KiB I/Os at depth 4 in its own MiB of namespace 1, alternating writes and reads.
 fn client_io(ring: &mut NvmeRing, index: u64) -> Counts {
     let ns = ring.namespaces()[0].nsid;
@@ -282,7 +249,8 @@ fn scrapes_follow_the_clients_and_match_their_counts() {
     assert_eq!(idle.matching("nvmed_thread_rings", &[]).count(), 2, "one per I/O thread");
 
     // 8 clients: 6 sessions here (uid 0), 2 peer processes as uid 1000.
-    let peers: Vec<Child> = (0..PEERS).map(|_| load_as(1000, &broker.socket, 1.5)).collect();
+    let peers: Vec<Child> =
+        (0..PEERS).map(|_| load_as(1000, &broker.socket, 1.5, PEER_QD as usize)).collect();
     let clients: Vec<_> = (0..CLIENTS)
         .map(|i| {
             let socket = broker.socket.clone();

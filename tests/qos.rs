@@ -3,9 +3,6 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
-use std::os::unix::process::CommandExt;
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -92,39 +89,6 @@ fn a_queue_depth_cap_holds() {
     let done = reads_for(&mut ring, 32, 1.0);
     assert!(done <= 4 * 50 + 8, "{done} reads in 1 s: more than 4 at a time");
     assert!(done >= 4 * 50 / 2, "{done} reads in 1 s");
-}
-
-/// Runs `nvmed-test-peer load` as `uid` for `secs` at depth `qd`; returns the child, started.
-fn load_as(uid: u32, socket: &std::path::Path, secs: f64, qd: usize) -> std::process::Child {
-    let mut child = Command::new(runnable_by_anyone(env!("CARGO_BIN_EXE_nvmed-test-peer")))
-        .arg("load")
-        .arg(socket)
-        .args([secs.to_string(), qd.to_string()])
-        .uid(uid)
-        .gid(uid)
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut out = BufReader::new(child.stdout.take().unwrap());
-    let mut line = String::new();
-    while !line.contains("LOADING") {
-        line.clear();
-        assert!(out.read_line(&mut line).unwrap() > 0, "load peer exited early");
-    }
-    // Keep reading its output in the background through the child's stdout later.
-    child.stdout = Some(out.into_inner());
-    child
-}
-
-fn ios_of(mut child: std::process::Child) -> u64 {
-    let out = BufReader::new(child.stdout.take().unwrap());
-    let n = out
-        .lines()
-        .map_while(Result::ok)
-        .find_map(|l| l.strip_prefix("IOS ").map(|n| n.trim().parse::<u64>().unwrap()))
-        .expect("the load peer did not report");
-    assert!(child.wait().unwrap().success());
-    n
 }
 
 #[test]

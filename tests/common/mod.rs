@@ -162,3 +162,37 @@ pub fn start_hammer(mode: &str, socket: &std::path::Path) -> Child {
     }
     child
 }
+
+/// Runs `nvmed-test-peer load` as `uid` for `secs` at depth `qd`; returns the child, started.
+pub fn load_as(uid: u32, socket: &std::path::Path, secs: f64, qd: usize) -> Child {
+    use std::os::unix::process::CommandExt;
+    let mut child = Command::new(runnable_by_anyone(env!("CARGO_BIN_EXE_nvmed-test-peer")))
+        .arg("load")
+        .arg(socket)
+        .args([secs.to_string(), qd.to_string()])
+        .uid(uid)
+        .gid(uid)
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    while !line.contains("LOADING") {
+        line.clear();
+        assert!(out.read_line(&mut line).unwrap() > 0, "load peer exited early");
+    }
+    // Keep reading its output in the background through the child's stdout later.
+    child.stdout = Some(out.into_inner());
+    child
+}
+
+pub fn ios_of(mut child: Child) -> u64 {
+    let out = BufReader::new(child.stdout.take().unwrap());
+    let n = out
+        .lines()
+        .map_while(Result::ok)
+        .find_map(|l| l.strip_prefix("IOS ").map(|n| n.trim().parse::<u64>().unwrap()))
+        .expect("the load peer did not report");
+    assert!(child.wait().unwrap().success());
+    n
+}
