@@ -40,6 +40,8 @@ struct Counts {
 /// A parsed scrape.
 struct Metrics {
     samples: Vec<prometheus_parse::Sample>,
+    /// The scrape as text (histograms are checked there).
+    text: String,
 }
 
 fn value(v: &prometheus_parse::Value) -> f64 {
@@ -55,8 +57,17 @@ impl Metrics {
     fn parse(text: &str) -> Self {
         let sample_lines = check_structure(text);
         let scrape = prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_string()))).unwrap();
-        assert_eq!(scrape.samples.len(), sample_lines, "prometheus-parse left samples out");
-        Metrics { samples: scrape.samples }
+        let histogram = |m: &str| m.contains("_latency_seconds");
+        let plain = scrape.samples.iter().filter(|s| !histogram(&s.metric)).count();
+        assert_eq!(plain, sample_lines, "prometheus-parse left samples out");
+        Metrics { samples: scrape.samples, text: text.to_string() }
+    }
+
+    /// The value of the text line `name{labels...}` (labels in the order written).
+    fn line(&self, name: &str, labels: &str) -> f64 {
+        let key = format!("{name}{{{labels}}} ");
+        let l = self.text.lines().find(|l| l.starts_with(&key)).unwrap_or_else(|| panic!("no {key}"));
+        l[key.len()..].parse().unwrap()
     }
 
     /// The samples of `name` whose labels include `labels`.
@@ -87,10 +98,11 @@ impl Metrics {
     }
 }
 
-/// Checks the OpenMetrics text strictly: `# HELP` then `# TYPE` (counter or gauge) before each
-/// family's samples, each sample of the family being described (`_total` for counters), label
-/// sets well formed with escapes, no sample twice, finite non-negative values, and `# EOF`
-/// last. Returns how many samples there are.
+/// Checks the OpenMetrics text strictly: `# HELP` then `# TYPE` (counter, gauge or histogram)
+/// before each family's samples, each sample of the family being described (`_total` for
+/// counters; `_bucket` with `le`, `_sum` and `_count` for histograms), label sets well formed
+/// with escapes, no sample twice, finite non-negative values, and `# EOF` last. Returns how many
+/// samples there are outside histograms.
 fn check_structure(text: &str) -> usize {
     assert!(text.ends_with("# EOF\n"), "no # EOF at the end");
     let lines: Vec<&str> = text.lines().collect();
@@ -110,7 +122,7 @@ fn check_structure(text: &str) -> usize {
         if let Some(rest) = line.strip_prefix("# TYPE ") {
             let (name, kind) = rest.split_once(' ').expect(line);
             assert_eq!(help.as_deref(), Some(name), "TYPE without its HELP: {line}");
-            assert!(kind == "counter" || kind == "gauge", "{line}");
+            assert!(kind == "counter" || kind == "gauge" || kind == "histogram", "{line}");
             family = Some((name.to_string(), kind.to_string()));
             continue;
         }
@@ -118,14 +130,21 @@ fn check_structure(text: &str) -> usize {
         let (fam, kind) = family.as_ref().unwrap_or_else(|| panic!("sample before any family: {line}"));
         let (series, val) = line.rsplit_once(' ').expect(line);
         let name = series.split('{').next().unwrap();
-        let want = if kind == "counter" { format!("{fam}_total") } else { fam.clone() };
-        assert_eq!(name, want, "sample outside its family: {line}");
-        if let Some(labels) = series.strip_prefix(name).filter(|l| !l.is_empty()) {
-            parse_labels(labels).unwrap_or_else(|e| panic!("{e}: {line}"));
+        let mut labels = Vec::new();
+        if let Some(l) = series.strip_prefix(name).filter(|l| !l.is_empty()) {
+            labels = parse_labels(l).unwrap_or_else(|e| panic!("{e}: {line}"));
         }
         let v: f64 = val.parse().unwrap_or_else(|_| panic!("bad value: {line}"));
         assert!(v.is_finite() && v >= 0.0, "{line}");
         assert!(seen.insert(series.to_string()), "sample twice: {line}");
+        if kind == "histogram" {
+            let bucket = name == format!("{fam}_bucket");
+            assert!(bucket || name == format!("{fam}_sum") || name == format!("{fam}_count"), "{line}");
+            assert_eq!(bucket, labels.iter().any(|(k, _)| k == "le"), "le on buckets only: {line}");
+            continue; // histograms are checked from the text, not counted here
+        }
+        let want = if kind == "counter" { format!("{fam}_total") } else { fam.clone() };
+        assert_eq!(name, want, "sample outside its family: {line}");
         samples += 1;
     }
     samples
@@ -314,6 +333,21 @@ fn scrapes_follow_the_clients_and_match_their_counts() {
         assert_eq!(m.get("nvmed_session_rings", &l), 1.0);
         assert_eq!(m.get("nvmed_session_registered_buffers", &l), 1.0);
         assert_eq!(m.get("nvmed_session_registered_bytes", &l), BUF as f64);
+        // Every request was a device request: each has its latency in the histogram.
+        let hl = format!("session=\"{sid}\",uid=\"0\",client=\"{name}\"");
+        assert_eq!(m.line("nvmed_session_request_latency_seconds_count", &hl), c.completed as f64);
+        let inf = m
+            .text
+            .lines()
+            .find(|l| {
+                l.starts_with("nvmed_session_request_latency_seconds_bucket{")
+                    && l.contains(&hl)
+                    && l.contains("le=\"+Inf\"")
+            })
+            .and_then(|l| l.rsplit_once(' '))
+            .map(|(_, v)| v.parse::<f64>().unwrap());
+        assert_eq!(inf, Some(c.completed as f64), "the +Inf bucket counts them all");
+        assert!(m.line("nvmed_session_request_latency_seconds_sum", &hl) > 0.0);
         uid0.submitted += c.submitted;
         uid0.completed += c.completed;
         uid0.read += c.read;

@@ -224,6 +224,8 @@ pub struct Totals {
     /// took from `2^i` to `2^(i+1)` microseconds (bucket 0 also below 1 µs, the last one
     /// everything above). See [`latency_percentile`].
     pub latency_log2_us: [u64; LATENCY_BUCKETS],
+    /// Sum of those requests' latencies, microseconds.
+    pub latency_sum_us: u64,
 }
 
 /// Buckets of [`Totals::latency_log2_us`].

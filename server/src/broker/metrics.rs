@@ -53,6 +53,7 @@ use tracing::{debug, info, warn};
 use super::io_thread::IoRequest;
 use super::manager::DeviceState;
 use super::quota::Resource;
+use super::registry::add;
 use super::tenant::TenantKey;
 use super::Shared;
 
@@ -344,15 +345,6 @@ impl Scraper {
     }
 }
 
-fn add(a: &mut Totals, b: &Totals) {
-    a.submitted += b.submitted;
-    a.completed += b.completed;
-    a.errors += b.errors;
-    a.bytes_read += b.bytes_read;
-    a.bytes_written += b.bytes_written;
-    a.in_flight += b.in_flight;
-}
-
 #[derive(Debug)]
 struct SessionRow {
     id: u64,
@@ -431,6 +423,31 @@ where
             MetricType::Counter => ConstCounter::new(v).encode(f)?,
             _ => ConstGauge::new(v).encode(f)?,
         }
+    }
+    Ok(())
+}
+
+/// Writes a histogram family from the rings' log2-microsecond latency buckets (their exact sum
+/// kept beside them).
+fn latency_family<'a>(
+    enc: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    rows: impl IntoIterator<Item = (Labels, &'a Totals)>,
+) -> Result<(), std::fmt::Error> {
+    let mut m = enc.encode_descriptor(name, help, None, MetricType::Histogram)?;
+    for (labels, t) in rows {
+        let last = t.latency_log2_us.len() - 1;
+        let buckets: Vec<(f64, u64)> = t
+            .latency_log2_us
+            .iter()
+            .enumerate()
+            .map(|(i, &n)| (if i == last { f64::INFINITY } else { (2u64 << i) as f64 / 1e6 }, n))
+            .collect();
+        let count = t.latency_log2_us.iter().sum();
+        let sum = t.latency_sum_us as f64 / 1e6;
+        m.encode_family(&labels)?
+            .encode_histogram::<prometheus_client::encoding::NoLabelSet>(sum, count, &buckets, None)?;
     }
     Ok(())
 }
@@ -567,6 +584,18 @@ impl Collector for Snapshot {
             "Bytes registered per session",
             Gauge,
             per_session(|s| s.buffer_bytes),
+        )?;
+        latency_family(
+            e,
+            "nvmed_session_request_latency_seconds",
+            "Device requests from taken to completed, per session",
+            self.sessions.iter().map(|s| (labels(s), &s.totals)),
+        )?;
+        latency_family(
+            e,
+            "nvmed_uid_request_latency_seconds",
+            "Device requests from taken to completed, per uid (ended sessions included)",
+            self.uids.iter().map(|(uid, u)| (vec![("uid", uid.to_string())], &u.totals)),
         )?;
 
         // Per I/O thread.

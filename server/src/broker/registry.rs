@@ -141,17 +141,19 @@ fn ring_totals(c: &SessionCounters) -> Totals {
         bytes_written: l(&c.bytes_written),
         in_flight: l(&c.in_flight),
         latency_log2_us: std::array::from_fn(|i| l(&c.latency_log2_us[i])),
+        latency_sum_us: l(&c.latency_sum_us),
     }
 }
 
 /// Adds `b` to `a`.
-fn add(a: &mut Totals, b: &Totals) {
+pub(super) fn add(a: &mut Totals, b: &Totals) {
     a.submitted += b.submitted;
     a.completed += b.completed;
     a.errors += b.errors;
     for (x, y) in a.latency_log2_us.iter_mut().zip(&b.latency_log2_us) {
         *x += y;
     }
+    a.latency_sum_us += b.latency_sum_us;
     a.bytes_read += b.bytes_read;
     a.bytes_written += b.bytes_written;
     a.in_flight += b.in_flight;

@@ -43,6 +43,8 @@ pub struct SessionCounters {
     /// Completed device requests by latency, log2 microsecond buckets
     /// ([`nvmed_proto::admin::latency_bucket`]).
     pub latency_log2_us: [AtomicU64; nvmed_proto::admin::LATENCY_BUCKETS],
+    /// Sum of their latencies, microseconds.
+    pub latency_sum_us: AtomicU64,
 }
 
 /// Data path counters of one I/O thread, written by that thread only (the broker's figures are

@@ -110,8 +110,9 @@ pub(super) fn complete(
         s.vectored -= 1;
     }
     bump(&s.counters.completed, 1);
-    let latency = nvmed_proto::admin::latency_bucket(now_us.wrapping_sub(ctx.start_us));
-    bump(&s.counters.latency_log2_us[latency], 1);
+    let latency_us = now_us.wrapping_sub(ctx.start_us);
+    bump(&s.counters.latency_log2_us[nvmed_proto::admin::latency_bucket(latency_us)], 1);
+    bump(&s.counters.latency_sum_us, u64::from(latency_us));
     if status.is_success() {
         match ctx.op {
             Opcode::Read | Opcode::ReadV => bump(&s.counters.bytes_read, u64::from(ctx.len)),
