@@ -21,7 +21,6 @@ use nvmed_proto::admin::{
     NamespaceReport, StatusReport, Totals, MAX_ADMIN_MESSAGE,
 };
 use nvmed_proto::transport::{self, TransportError};
-use nvmed_proto::IoThreadInfo;
 use tracing::{debug, error, info, warn};
 
 use super::manager::DeviceState;
@@ -361,14 +360,7 @@ fn status(shared: &Shared) -> StatusReport {
                 lba_size: n.lba_size,
             })
             .collect(),
-        io_threads: shared
-            .pollers
-            .iter()
-            .map(|p| IoThreadInfo {
-                rings: p.rings.load(Ordering::Relaxed) as u64,
-                device_commands: p.counters.device_commands.load(Ordering::Relaxed),
-            })
-            .collect(),
+        io_threads: shared.io_thread_infos(),
         queue_depth: u32::from(shared.config.io_queue_depth),
         sessions: sessions.len() as u64,
         max_sessions: shared.config.max_sessions as u64,

@@ -11,9 +11,7 @@ use nvmed_proto::control::{decode, encode, MAX_FDS_PER_MESSAGE, MAX_MESSAGE_SIZE
 use nvmed_proto::layout::RingLayout;
 use nvmed_proto::shm::SharedMemory;
 use nvmed_proto::transport::{self, TransportError};
-use nvmed_proto::{
-    ControlError, HealthSummary, IoThreadInfo, NamespaceInfo, Request, Response, Stats, PROTOCOL_VERSION,
-};
+use nvmed_proto::{ControlError, HealthSummary, NamespaceInfo, Request, Response, Stats, PROTOCOL_VERSION};
 use slab::Slab;
 use tracing::{debug, info, warn};
 
@@ -161,20 +159,9 @@ impl Connection {
             Request::CloseRing { ring_id } => {
                 self.close_ring(ring_id).map(|()| (Response::RingClosed, vec![]))
             }
-            Request::IoThreads => none(Response::IoThreads(
-                self.shared
-                    .pollers
-                    .iter()
-                    .map(|p| IoThreadInfo {
-                        rings: p.rings.load(Ordering::Relaxed) as u64,
-                        device_commands: p.counters.device_commands.load(Ordering::Relaxed),
-                    })
-                    .collect(),
-            )),
+            Request::IoThreads => none(Response::IoThreads(self.shared.io_thread_infos())),
             Request::Health => {
-                if let Some(r) = &self.registered {
-                    self.namespaces = r.access().namespaces.clone();
-                }
+                self.refresh_namespaces();
                 let mut controllers: Vec<u16> = self.namespaces.iter().map(|n| n.controller).collect();
                 controllers.sort_unstable();
                 controllers.dedup();
@@ -269,10 +256,15 @@ impl Connection {
         Ok((Response::Hello { version: PROTOCOL_VERSION, session_id: self.id }, vec![]))
     }
 
-    fn namespace_infos(&mut self) -> Vec<NamespaceInfo> {
+    /// The namespaces as the grants in force give them (a reload may have changed them).
+    fn refresh_namespaces(&mut self) {
         if let Some(r) = &self.registered {
             self.namespaces = r.access().namespaces.clone();
         }
+    }
+
+    fn namespace_infos(&mut self) -> Vec<NamespaceInfo> {
+        self.refresh_namespaces();
         self.namespaces
             .iter()
             .map(|n| NamespaceInfo {

@@ -314,6 +314,17 @@ impl Shared {
         report
     }
 
+    /// Each I/O thread's rings and device commands (for clients and operators).
+    fn io_thread_infos(&self) -> Vec<nvmed_proto::IoThreadInfo> {
+        self.pollers
+            .iter()
+            .map(|p| nvmed_proto::IoThreadInfo {
+                rings: p.rings.load(Ordering::Relaxed) as u64,
+                device_commands: p.counters.device_commands.load(Ordering::Relaxed),
+            })
+            .collect()
+    }
+
     /// The I/O thread with the fewest rings.
     fn least_loaded(&self) -> usize {
         (0..self.pollers.len()).min_by_key(|&i| self.pollers[i].rings.load(Ordering::Relaxed)).unwrap_or(0)
