@@ -5,9 +5,11 @@
 #                                                          symbol versions of capi/nvmed.map)
 #   <target>/<profile>/libfio_nvmed.so                    (fio external engine, C, on libnvmed)
 #
-# Usage: scripts/build_capi.sh [--release] [--no-cargo] [--no-fio]
-#   --no-cargo  the crate is already built (the tests call this from inside `cargo test`)
-#   --no-fio    only the library
+# Usage: scripts/build_capi.sh [--release] [--no-cargo] [--libdir DIR] [--no-fio]
+#   --no-cargo    the crate is already built
+#   --libdir DIR  the built libnvmed.a and libnvmed.so are in DIR (not <target>/<profile>); the
+#                 outputs go there too; implies --no-cargo (the tests use this from `cargo test`)
+#   --no-fio      only the library
 #
 # The engine is compiled against the headers of the fio the machine runs: the source package of
 # the installed fio version (`apt-get source fio`, which needs a deb-src entry for the suite and
@@ -19,19 +21,22 @@ profile=debug
 cargo_flags=()
 run_cargo=1
 build_fio=1
-for a in "$@"; do
+libdir=
+while [ $# -gt 0 ]; do
+    a=$1; shift
     case "$a" in
         --release) profile=release; cargo_flags+=(--release) ;;
         --no-cargo) run_cargo=0 ;;
+        --libdir) libdir=$1; shift; run_cargo=0 ;;
         --no-fio) build_fio=0 ;;
-        -h|--help) sed -n '2,16p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,18p' "$0"; exit 0 ;;
         *) echo "unknown argument $a" >&2; exit 2 ;;
     esac
 done
 
 target=${CARGO_TARGET_DIR:-target}
 target=$(cd "$(dirname "$target")" && echo "$PWD/$(basename "$target")")
-out="$target/$profile"
+out=${libdir:-$target/$profile}
 if [ "$run_cargo" = 1 ]; then
     cargo build -p nvmed-capi "${cargo_flags[@]}"
 fi
@@ -56,7 +61,9 @@ if ! command -v fio >/dev/null; then
 fi
 fio_ver=$(dpkg-query -W -f='${Version}' fio)      # e.g. 3.33-3
 upstream=${fio_ver%-*}; upstream=${upstream#*:}
-src="$target/fio-src/fio-$fio_ver"
+cache=$target/fio-src
+[ -z "$libdir" ] || cache="$(cd "$libdir/.." && pwd)/fio-src"
+src="$cache/fio-$fio_ver"
 if [ ! -f "$src/fio-$upstream/config-host.h" ]; then
     echo "fetching the source of fio $fio_ver for its headers into $src"
     rm -rf "$src"; mkdir -p "$src"
