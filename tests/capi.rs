@@ -123,3 +123,53 @@ fn the_library_exports_only_its_api_and_the_pkg_config_file_points_at_it() {
         "libnvmed.so exports more than its API: {exported:?}"
     );
 }
+
+#[test]
+fn the_versioned_library_carries_the_symbol_versions_and_soname_of_the_policy() {
+    let dir = csupport::lib_dir();
+    let out = std::process::Command::new("bash")
+        .arg(csupport::repo().join("scripts/build_capi.sh"))
+        .args(["--no-fio", "--libdir"])
+        .arg(&dir)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let so = dir.join("libnvmed.so.0.1");
+    let dump = std::process::Command::new("objdump").arg("-T").arg(&so).output().unwrap();
+    let dump = String::from_utf8_lossy(&dump.stdout);
+    let defined: Vec<&str> =
+        dump.lines().filter(|l| l.contains(" DF .text") || l.contains(" DO .")).collect();
+    assert!(defined.iter().any(|l| l.ends_with(" nvmed_open")), "{dump}");
+    for l in &defined {
+        assert!(l.contains("NVMED_0.1") && l.contains(" nvmed_"), "a symbol outside the policy: {l}");
+    }
+    let dynamic = std::process::Command::new("readelf").arg("-d").arg(&so).output().unwrap();
+    assert!(String::from_utf8_lossy(&dynamic.stdout).contains("Library soname: [libnvmed.so.0.1]"));
+    // A C program links against it and gets the versioned symbols.
+    let tmp = common::scratch_dir();
+    let src = tmp.join("v.c");
+    std::fs::write(
+        &src,
+        "#include \"nvmed.h\"\nint main(void) { return nvmed_version() == NVMED_VERSION ? 0 : 1; }\n",
+    )
+    .unwrap();
+    let exe = tmp.join("v");
+    let st = std::process::Command::new("cc")
+        .arg(format!("-I{}", csupport::repo().join("capi/include").display()))
+        .arg(&src)
+        .arg("-o")
+        .arg(&exe)
+        .arg(&so)
+        .arg(format!("-Wl,-rpath,{}", dir.display()))
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let needed = std::process::Command::new("objdump").arg("-T").arg(&exe).output().unwrap();
+    assert!(String::from_utf8_lossy(&needed.stdout)
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .windows(2)
+        .any(|w| w == ["(NVMED_0.1)", "nvmed_version"]));
+    assert!(std::process::Command::new(&exe).status().unwrap().success());
+    let _ = std::fs::remove_dir_all(tmp);
+}

@@ -20,7 +20,8 @@
 //! has (sealed with `F_SEAL_SHRINK`). The device moves data straight to and from that memory:
 //! do not touch a range while a request using it is in flight.
 
-#![allow(non_camel_case_types)]
+// C names for C types, and C functions that take a request's fields as arguments.
+#![allow(non_camel_case_types, clippy::too_many_arguments)]
 
 mod ffi;
 
