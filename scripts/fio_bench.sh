@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# fio on nvmed (the external engine) against two peers measured in the same run (not a test):
+#  a. fio --ioengine=io_uring, O_DIRECT with registered file and buffers, on a tmpfs file: the
+#     same peer as BENCHMARKS.md section 2 (what a user would otherwise use for a RAM-backed file);
+#  b. ringbench on the same nvmed with the same workload: the two load tools should agree (the
+#     fio engine adds fio's own per-I/O work, not a different path through nvmed).
+# nvmed runs as its own process (emulated controller, memory, 256 MiB, one I/O thread) for both
+# fio and ringbench. 4 KiB random reads and writes at QD1 and QD32, one job.
+# Usage: bash scripts/fio_bench.sh [seconds-per-run]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+secs=${1:-3}
+tdir=${CARGO_TARGET_DIR:-target}
+cargo build --release -p nvmed-capi -p ringbench -p nvmed-server --bin nvmed --bin ringbench >/dev/null 2>&1
+bash scripts/build_capi.sh --release --no-cargo >/dev/null
+engine=$(cd "$tdir/release" && pwd)/libfio_nvmed.so
+rb=$tdir/release/ringbench
+tmp=$(mktemp -d /dev/shm/nvmed-fio-bench.XXXXXX 2>/dev/null || mktemp -d)
+nvmed_pid=
+trap 'kill $nvmed_pid 2>/dev/null || true; rm -rf "$tmp"' EXIT
+
+"$tdir/release/nvmed" --emulate --size 256M --socket "$tmp/nvmed.sock" >"$tmp/ready" 2>/dev/null &
+nvmed_pid=$!
+for _ in $(seq 100); do grep -q ready "$tmp/ready" 2>/dev/null && break; sleep 0.05; done
+
+echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), kernel $(uname -r)," \
+    "load $(cut -d' ' -f1-3 /proc/loadavg); $(fio --version)"
+echo "machine state: $("$rb" --pingpong 0.5 | sed 's/^ringbench: //')"
+echo "each figure: one ${secs} s run, 4 KiB, one job; nvmed: separate process, emulated memory namespace"
+
+fio_run() {
+    fio --name=bench --bs=4k --size=256m --time_based --runtime="$secs" --norandommap --randrepeat=0 \
+        --output-format=json "$@" 2>/dev/null | sed -n '/^{/,$p'
+}
+fio_iops() { python3 -c 'import json,sys; j=json.load(sys.stdin)["jobs"][0]; print(j["read"]["iops"]+j["write"]["iops"])'; }
+rb_iops() { python3 -c 'import json,sys; print(json.load(sys.stdin)["total"]["iops"])'; }
+
+# tmpfs file for io_uring, written once.
+fio --name=layout --filename="$tmp/f.img" --size=256m --rw=write --bs=1m --output=/dev/null
+
+printf '\n| workload | fio on nvmed (wait) | fio on nvmed (busy_poll) | fio io_uring O_DIRECT tmpfs | nvmed / io_uring | ringbench on nvmed | fio / ringbench |\n'
+printf '|---|---|---|---|---|---|---|\n'
+for rw in randread randwrite; do
+    for qd in 1 32; do
+        nv=$(fio_run --ioengine=external:"$engine" --filename="$tmp/nvmed.sock" --rw=$rw --iodepth=$qd | fio_iops)
+        nvp=$(fio_run --ioengine=external:"$engine" --filename="$tmp/nvmed.sock" --busy_poll --rw=$rw --iodepth=$qd | fio_iops)
+        iu=$(fio_run --ioengine=io_uring --filename="$tmp/f.img" --direct=1 --registerfiles --fixedbufs \
+            --rw=$rw --iodepth=$qd | fio_iops)
+        rbi=$("$rb" --socket "$tmp/nvmed.sock" --rw $rw --bs 4k --iodepth $qd --size 256M --runtime "$secs" \
+            --output-format json | rb_iops)
+        python3 - "$rw" "$qd" "$nv" "$nvp" "$iu" "$rbi" <<'PY'
+import sys
+rw, qd = sys.argv[1], sys.argv[2]
+nv, nvp, iu, rb = map(float, sys.argv[3:])
+k = lambda v: f"{v/1e3:.1f} kIOPS"
+print(f"| {rw} QD{qd} | {k(nv)} | {k(nvp)} | {k(iu)} | {nv/iu:.2f}x | {k(rb)} | {nv/rb:.2f} |")
+PY
+    done
+done
