@@ -11,8 +11,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 secs=${1:-3}
 tdir=${CARGO_TARGET_DIR:-target}
-cargo build --release -p nvmed-capi -p ringbench -p nvmed-server --bin nvmed --bin ringbench >/dev/null 2>&1
-bash scripts/build_capi.sh --release --no-cargo >/dev/null
+cargo build --release -p ringbench -p nvmed-server --bin nvmed --bin ringbench >/dev/null 2>&1
+bash scripts/build_capi.sh --release >/dev/null 2>&1
 engine=$(cd "$tdir/release" && pwd)/libfio_nvmed.so
 rb=$tdir/release/ringbench
 tmp=$(mktemp -d /dev/shm/nvmed-fio-bench.XXXXXX 2>/dev/null || mktemp -d)
@@ -38,22 +38,32 @@ rb_iops() { python3 -c 'import json,sys; print(json.load(sys.stdin)["total"]["io
 # tmpfs file for io_uring, written once.
 fio --name=layout --filename="$tmp/f.img" --size=256m --rw=write --bs=1m --output=/dev/null
 
-printf '\n| workload | fio on nvmed (wait) | fio on nvmed (busy_poll) | fio io_uring O_DIRECT tmpfs | nvmed / io_uring | ringbench on nvmed | fio / ringbench |\n'
-printf '|---|---|---|---|---|---|---|\n'
+printf '\n| workload | fio on nvmed | fio on nvmed, batched | fio on nvmed, busy_poll | ringbench on nvmed | fio / ringbench (batched) | fio io_uring O_DIRECT tmpfs | fio nvmed / io_uring | fio null engine |\n'
+printf '|---|---|---|---|---|---|---|---|---|\n'
+nvfio() { fio_run --ioengine=external:"$engine" --filename="$tmp/nvmed.sock" "$@" | fio_iops; }
 for rw in randread randwrite; do
     for qd in 1 32; do
-        nv=$(fio_run --ioengine=external:"$engine" --filename="$tmp/nvmed.sock" --rw=$rw --iodepth=$qd | fio_iops)
-        nvp=$(fio_run --ioengine=external:"$engine" --filename="$tmp/nvmed.sock" --busy_poll --rw=$rw --iodepth=$qd | fio_iops)
-        iu=$(fio_run --ioengine=io_uring --filename="$tmp/f.img" --direct=1 --registerfiles --fixedbufs \
-            --rw=$rw --iodepth=$qd | fio_iops)
+        nv=$(nvfio --rw=$rw --iodepth=$qd)
+        # fio's default submits each I/O alone (iodepth_batch_submit=1); batched: as ringbench does.
+        if [ $qd -gt 1 ]; then
+            nvb=$(nvfio --rw=$rw --iodepth=$qd --iodepth_batch_submit=16 --iodepth_batch_complete_max=$qd)
+        else
+            nvb=$nv
+        fi
+        nvp=$(nvfio --busy_poll --rw=$rw --iodepth=$qd)
         rbi=$("$rb" --socket "$tmp/nvmed.sock" --rw $rw --bs 4k --iodepth $qd --size 256M --runtime "$secs" \
             --output-format json | rb_iops)
-        python3 - "$rw" "$qd" "$nv" "$nvp" "$iu" "$rbi" <<'PY'
+        iu=$(fio_run --ioengine=io_uring --filename="$tmp/f.img" --direct=1 --registerfiles --fixedbufs \
+            --rw=$rw --iodepth=$qd | fio_iops)
+        null=$(fio_run --ioengine=null --rw=$rw --iodepth=$qd | fio_iops)
+        python3 - "$rw" "$qd" "$nv" "$nvb" "$nvp" "$rbi" "$iu" "$null" <<'PY'
 import sys
 rw, qd = sys.argv[1], sys.argv[2]
-nv, nvp, iu, rb = map(float, sys.argv[3:])
-k = lambda v: f"{v/1e3:.1f} kIOPS"
-print(f"| {rw} QD{qd} | {k(nv)} | {k(nvp)} | {k(iu)} | {nv/iu:.2f}x | {k(rb)} | {nv/rb:.2f} |")
+nv, nvb, nvp, rb, iu, null = map(float, sys.argv[3:])
+k = lambda v: f"{v/1e3:.1f}k"
+batched = f"{k(nvb)}" if qd != "1" else "(same)"
+print(f"| {rw} QD{qd} | {k(nv)} | {batched} | {k(nvp)} | {k(rb)} | {nv/rb:.2f} ({nvb/rb:.2f}) | {k(iu)} | {nv/iu:.2f}x | {k(null)} |")
 PY
     done
 done
+echo "(IOPS; batched: --iodepth_batch_submit=16 --iodepth_batch_complete_max=QD; the null engine is fio's own ceiling)"

@@ -286,10 +286,11 @@ static enum fio_q_status fio_nvmed_queue(struct thread_data *td, struct io_u *io
 			return FIO_Q_COMPLETED;
 		}
 		buf_off = (uint64_t)(p - base);
-		if (io_u->xfer_buflen > UINT32_MAX) {
-			io_u->error = EINVAL;
-			return FIO_Q_COMPLETED;
-		}
+	}
+	if (io_u->xfer_buflen > UINT32_MAX) {
+		log_err("nvmed: a request of %llu bytes is above 4 GiB - 1\n", io_u->xfer_buflen);
+		io_u->error = EINVAL;
+		return FIO_Q_COMPLETED;
 	}
 	switch (io_u->ddir) {
 	case DDIR_READ:
