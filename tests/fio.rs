@@ -74,6 +74,9 @@ fn fio(engine: &Path, socket: &Path, args: &[&str]) -> FioRun {
         .args(args)
         .env("NVMED_FIO_ENGINE", engine)
         .env("NVMED_SOCKET", socket)
+        // The engine finds libnvmed.so beside itself (runpath $ORIGIN); cargo's LD_LIBRARY_PATH
+        // would win over that and could load another build's.
+        .env_remove("LD_LIBRARY_PATH")
         .output()
         .expect("run fio");
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();

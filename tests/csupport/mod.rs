@@ -52,8 +52,14 @@ pub struct Output {
     pub text: String,
 }
 
+/// Runs a program built by [`compile_c`]. Without cargo's LD_LIBRARY_PATH: it would win over the
+/// program's runpath and could load another build's libnvmed.so.
 pub fn run(exe: &Path, args: &[&str]) -> Output {
-    let out = Command::new(exe).args(args).output().unwrap_or_else(|e| panic!("run {}: {e}", exe.display()));
+    let out = Command::new(exe)
+        .args(args)
+        .env_remove("LD_LIBRARY_PATH")
+        .output()
+        .unwrap_or_else(|e| panic!("run {}: {e}", exe.display()));
     Output {
         status: out.status,
         text: format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)),
