@@ -30,15 +30,22 @@ echo "each figure: one ${secs} s run, 4 KiB, one job; nvmed: separate process, e
 
 fio_run() {
     fio --name=bench --bs=4k --size=256m --time_based --runtime="$secs" --norandommap --randrepeat=0 \
-        --output-format=json "$@" 2>/dev/null | sed -n '/^{/,$p'
+        --lat_percentiles=1 --output-format=json "$@" 2>/dev/null | sed -n '/^{/,$p'
 }
-fio_iops() { python3 -c 'import json,sys; j=json.load(sys.stdin)["jobs"][0]; print(j["read"]["iops"]+j["write"]["iops"])'; }
-rb_iops() { python3 -c 'import json,sys; print(json.load(sys.stdin)["total"]["iops"])'; }
+# "IOPS p50-latency-ns" of a fio JSON report (submission to completion, as ringbench measures).
+fio_iops() {
+    python3 -c '
+import json, sys
+j = json.load(sys.stdin)["jobs"][0]
+d = j["read"] if j["read"]["iops"] >= j["write"]["iops"] else j["write"]
+print(j["read"]["iops"] + j["write"]["iops"], d["lat_ns"]["percentile"]["50.000000"])'
+}
+rb_iops() { python3 -c 'import json,sys; t=json.load(sys.stdin)["total"]; print(t["iops"], t["latency"]["p50_ns"])'; }
 
 # tmpfs file for io_uring, written once.
 fio --name=layout --filename="$tmp/f.img" --size=256m --rw=write --bs=1m --output=/dev/null
 
-printf '\n| workload | fio on nvmed | fio on nvmed, batched | fio on nvmed, busy_poll | ringbench on nvmed | fio / ringbench (batched) | fio io_uring O_DIRECT tmpfs | fio nvmed / io_uring | fio null engine |\n'
+printf '\n| workload | fio on nvmed | fio on nvmed, batched | fio on nvmed, busy_poll | ringbench on nvmed | fio / ringbench: IOPS (batched), p50 | fio io_uring O_DIRECT tmpfs | fio nvmed / io_uring: IOPS, p50 | fio null engine |\n'
 printf '|---|---|---|---|---|---|---|---|---|\n'
 nvfio() { fio_run --ioengine=external:"$engine" --filename="$tmp/nvmed.sock" "$@" | fio_iops; }
 for rw in randread randwrite; do
@@ -56,14 +63,16 @@ for rw in randread randwrite; do
         iu=$(fio_run --ioengine=io_uring --filename="$tmp/f.img" --direct=1 --registerfiles --fixedbufs \
             --rw=$rw --iodepth=$qd | fio_iops)
         null=$(fio_run --ioengine=null --rw=$rw --iodepth=$qd | fio_iops)
-        python3 - "$rw" "$qd" "$nv" "$nvb" "$nvp" "$rbi" "$iu" "$null" <<'PY'
+        python3 - "$rw" "$qd" $nv $nvb $nvp $rbi $iu $null <<'PY'
 import sys
 rw, qd = sys.argv[1], sys.argv[2]
-nv, nvb, nvp, rb, iu, null = map(float, sys.argv[3:])
+nv, nvl, nvb, _, nvp, _, rb, rbl, iu, iul, null, _ = map(float, sys.argv[3:])
 k = lambda v: f"{v/1e3:.1f}k"
+us = lambda v: f"{v/1e3:.1f} us"
 batched = f"{k(nvb)}" if qd != "1" else "(same)"
-print(f"| {rw} QD{qd} | {k(nv)} | {batched} | {k(nvp)} | {k(rb)} | {nv/rb:.2f} ({nvb/rb:.2f}) | {k(iu)} | {nv/iu:.2f}x | {k(null)} |")
+print(f"| {rw} QD{qd} | {k(nv)}, p50 {us(nvl)} | {batched} | {k(nvp)} | {k(rb)}, p50 {us(rbl)} | "
+      f"{nv/rb:.2f} ({nvb/rb:.2f}), {nvl/rbl:.2f} | {k(iu)}, p50 {us(iul)} | {nv/iu:.2f}x, {nvl/iul:.2f}x | {k(null)} |")
 PY
     done
 done
-echo "(IOPS; batched: --iodepth_batch_submit=16 --iodepth_batch_complete_max=QD; the null engine is fio's own ceiling)"
+echo "(IOPS and median latency; batched: --iodepth_batch_submit=16 --iodepth_batch_complete_max=QD; the null engine is fio's own ceiling)"

@@ -122,6 +122,12 @@ fn the_example_job_files_run_and_verify_on_nvmed() {
             "trim"
         ]
     );
+    // Zero copy: the device moved exactly the bytes fio counted, by DMA straight into fio's
+    // registered buffers (nothing bounced, nothing copied by the broker).
+    let moved: u64 = jobs.iter().map(|j| bytes(j, "read") + bytes(j, "write")).sum();
+    let stats = broker.connect().stats().unwrap();
+    assert_eq!(stats.device_dma_bytes, Some(moved), "{stats:?}");
+    assert_eq!(stats.broker_bounced_bytes, 0);
     const REGION: u64 = 16 << 20;
     for j in &jobs {
         let name = j["jobname"].as_str().unwrap();
