@@ -21,8 +21,10 @@ RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --quiet
 echo "== fio and its source package for the fio engine tests (issue 11)"
 if ! grep -rqsE '^(Types: *deb-src|deb-src )' /etc/apt/sources.list /etc/apt/sources.list.d/; then
     . /etc/os-release
-    printf 'Types: deb-src\nURIs: http://deb.debian.org/debian\nSuites: %s %s-updates\nComponents: main\nSigned-By: /usr/share/keyrings/debian-archive-keyring.gpg\n' \
-        "$VERSION_CODENAME" "$VERSION_CODENAME" >/etc/apt/sources.list.d/nvmed-deb-src.sources
+    printf 'Types: deb-src\nURIs: %s\nSuites: %s\nComponents: main\nSigned-By: /usr/share/keyrings/debian-archive-keyring.gpg\n\n' \
+        http://deb.debian.org/debian "$VERSION_CODENAME $VERSION_CODENAME-updates" \
+        http://deb.debian.org/debian-security "$VERSION_CODENAME-security" \
+        >/etc/apt/sources.list.d/nvmed-deb-src.sources
     apt-get update -qq
 fi
 if ! command -v fio >/dev/null || ! command -v dpkg-source >/dev/null; then
