@@ -14,6 +14,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <inttypes.h>
+#include <poll.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -147,6 +148,31 @@ int main(int argc, char **argv)
 	printf("write zeroes: verified\n");
 	check(nvmed_prep_deallocate(ring, ns.nsid, off, LEN, 7), "prep deallocate");
 	run(ring, 1, "deallocate");
+
+	/* An event loop's way: sleep in poll(2) on the completion eventfd instead of nvmed_wait. */
+	int efd = check(nvmed_completion_fd(ring), "completion fd");
+	check(nvmed_prep_read(ring, ns.nsid, off, 4096, buf.id, LEN, 12), "prep read");
+	check(nvmed_submit(ring), "submit");
+	nvmed_completion ev;
+	int got = 0, sleeps = 0;
+	while (!got) {
+		got = check(nvmed_arm_completion_fd(ring, &ev, 1), "arm");
+		if (got)
+			break; /* it completed before we slept: the ring is disarmed already */
+		struct pollfd pfd = {.fd = efd, .events = POLLIN};
+		if (poll(&pfd, 1, 5000) != 1) {
+			fprintf(stderr, "no wakeup from the completion fd\n");
+			return 1;
+		}
+		sleeps++;
+		check(nvmed_disarm_completion_fd(ring), "disarm");
+		got = check(nvmed_poll(ring, &ev, 1), "poll");
+	}
+	if (ev.user_data != 12 || ev.status != 0) {
+		fprintf(stderr, "event loop: unexpected completion %" PRIu64 " status %#x\n", ev.user_data, ev.status);
+		return 1;
+	}
+	printf("event loop: completion %" PRIu64 " after %d sleep(s) on fd %d\n", ev.user_data, sleeps, efd);
 
 	/* Failures: a typed code and the text of what went wrong. */
 	int rc = nvmed_prep_read(ring, 99, 0, 4096, buf.id, 0, 8);
