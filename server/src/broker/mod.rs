@@ -206,6 +206,9 @@ pub struct Shared {
     connections: Mutex<std::collections::HashMap<u64, (u32, OwnedFd)>>,
     /// Signalled when a connection ends.
     connection_ended: std::sync::Condvar,
+    /// Sessions an operator ended (`nvmectl kill`): their rings say so, and their clients may
+    /// not resume them.
+    killed: Mutex<KilledSessions>,
     /// Each tenant's rings per I/O thread (to split its limits between those threads).
     placement: Mutex<tenant::Placement>,
     /// The grants in force (replaced by a reload).
@@ -622,6 +625,7 @@ impl Broker {
             reaper: Mutex::new(Some(reaper)),
             connections: Mutex::new(std::collections::HashMap::new()),
             connection_ended: std::sync::Condvar::new(),
+            killed: Mutex::new(KilledSessions::default()),
             placement: Mutex::new(tenant::Placement::default()),
             policy,
             reloader: Mutex::new(None),
@@ -970,4 +974,26 @@ fn refuse(sock: &OwnedFd, e: ControlError) {
     while nix::sys::socket::recv(sock.as_raw_fd(), &mut scratch, nix::sys::socket::MsgFlags::MSG_DONTWAIT)
         .is_ok_and(|n| n > 0)
     {}
+}
+
+/// The sessions an operator ended, the most recent [`KilledSessions::KEPT`] of them.
+#[derive(Debug, Default)]
+pub struct KilledSessions {
+    ids: std::collections::VecDeque<u64>,
+}
+
+impl KilledSessions {
+    /// How many are remembered (the oldest is forgotten first).
+    pub const KEPT: usize = 4096;
+
+    fn add(&mut self, id: u64) {
+        if self.ids.len() == Self::KEPT {
+            self.ids.pop_front();
+        }
+        self.ids.push_back(id);
+    }
+
+    fn contains(&self, id: u64) -> bool {
+        self.ids.contains(&id)
+    }
 }
