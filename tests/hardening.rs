@@ -807,7 +807,7 @@ fn a_client_thread_that_cannot_start_is_a_refusal_not_an_abort() {
         }
         let mut child = cmd.spawn().unwrap();
         let out = child.stdout.take().unwrap();
-        let mut broker = TestBroker { child: Some(child), dir, socket, ready: String::new() };
+        let mut broker = TestBroker { child: Some(child), dir, socket, ready: String::new(), args: vec![] };
         let mut line = String::new();
         BufReader::new(out).read_line(&mut line).unwrap();
         assert!(line.contains("ready"), "{line:?}");
