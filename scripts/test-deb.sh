@@ -9,7 +9,7 @@
 #     a granted uid (1000, in the socket's group) must run a verified ringbench, an ungranted one
 #     must be refused, and SIGTERM must end it cleanly,
 #   - if nvmed supports socket activation (LISTEN_FDS in server/src), starts it the way systemd
-#     does with nvmed.socket (the socket made from the installed unit's ListenStream, SocketMode
+#     does with nvmed.socket (the socket made from the installed unit's ListenSequentialPacket, SocketMode
 #     and SocketGroup, passed as fd 3) and checks that clients are served on that very socket,
 #   - removes and purges the package (the conffile stays on remove, goes on purge).
 # systemd is not needed. Needs root (chroot, mount).
@@ -168,21 +168,24 @@ stop_nvmed
 [ -e "$root$socket" ] && fail "$socket left behind after SIGTERM"
 
 # 6. Socket activation, as systemd does it with nvmed.socket.
-if grep -rq LISTEN_FDS server/src; then
+# (SOCKET_ACTIVATION=1 runs it regardless, =0 skips it.)
+activation=${SOCKET_ACTIVATION:-auto}
+if [ "$activation" = auto ]; then grep -rq LISTEN_FDS server/src && activation=1 || activation=0; fi
+if [ "$activation" = 1 ]; then
     phase "socket activation (nvmed.socket)"
-    listen=$(sed -n 's/^ListenStream=//p' "$sock_unit")
+    listen=$(sed -n 's/^ListenSequentialPacket=//p' "$sock_unit")
     [ "$listen" = "$socket" ] || fail "nvmed.socket listens on $listen, the configuration on $socket"
     smode=$(sed -n 's/^SocketMode=//p' "$sock_unit")
     sgroup=$(sed -n 's/^SocketGroup=//p' "$sock_unit")
     # python3 makes the listening socket, chroots and execs ExecStart with it as fd 3.
     cat > "$work/activate.py" <<'PY'
-import grp, os, socket, sys
+import grp, os, socket, subprocess, sys
 root, path, mode, group, argv = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5:]
 os.chroot(root)
 os.chdir("/")
 if os.path.exists(path):
     os.unlink(path)
-s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
 s.bind(path)
 os.chmod(path, int(mode, 8))
 os.chown(path, -1, grp.getgrnam(group).gr_gid)  # the chroot's /etc/group
@@ -190,14 +193,16 @@ s.listen(socket.SOMAXCONN)
 os.dup2(s.fileno(), 3, inheritable=True)
 env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LISTEN_FDS": "1", "LISTEN_PID": str(os.getpid()),
        "LISTEN_FDNAMES": "nvmed.socket"}
-print(os.stat(path).st_ino, file=sys.stderr, flush=True)
+# Which file this is: inode and birth time (a replacement may reuse the inode number).
+print(subprocess.run(["stat", "-c", "%i %w", path], capture_output=True, text=True, check=True).stdout.strip(),
+      file=sys.stderr, flush=True)
 os.execve(argv[0], argv, env)
 PY
     # shellcheck disable=SC2086
     start_nvmed python3 "$work/activate.py" "$root" "$listen" "$smode" "$sgroup" $exec_start
-    inode=$(head -1 "$work/nvmed.err")
+    made=$(head -1 "$work/nvmed.err")
     check_clients
-    [ "$(stat -c %i "$root$socket")" = "$inode" ] || fail "nvmed replaced the activated socket $socket"
+    [ "$(stat -c '%i %w' "$root$socket")" = "$made" ] || fail "nvmed replaced the activated socket $socket"
     stop_nvmed
 else
     log "socket activation: skipped (nvmed does not read LISTEN_FDS yet)"
