@@ -58,33 +58,117 @@ struct Args {
     prefix: PathBuf,
 }
 
-/// A program whose documentation is generated: its command, name and man section.
+/// A program whose documentation is generated: its command, man section, and the sections its
+/// page gets beyond what clap knows.
 struct Program {
     cmd: clap::Command,
     section: &'static str,
+    /// FILES: path and what it is.
+    files: &'static [(&'static str, &'static str)],
+    /// ENVIRONMENT: variable and what it does.
+    env: &'static [(&'static str, &'static str)],
 }
+
+const PROGRAMS: [(&str, &str); 4] =
+    [("nvmed", "8"), ("nvmectl", "8"), ("ringbench", "1"), ("nvmed-vhost", "1")];
+
+const NVMED_LOG: (&str, &str) =
+    ("NVMED_LOG", "What to log (to stderr): a tracing EnvFilter expression, e.g. debug; default info.");
 
 fn programs() -> Vec<Program> {
     // clap's derive names a command after its package (nvmed-server); name each after its binary.
     let named = |cmd: clap::Command, name: &'static str| cmd.name(name).bin_name(name);
     vec![
-        Program { cmd: named(nvmed_cli::Args::command(), "nvmed"), section: "8" },
-        Program { cmd: named(nvmectl_cli::Cli::command(), "nvmectl"), section: "8" },
-        Program { cmd: named(ringbench::cli::Args::command(), "ringbench"), section: "1" },
-        Program { cmd: named(vhost_cli::Args::command(), "nvmed-vhost"), section: "1" },
+        Program {
+            cmd: named(nvmed_cli::Args::command(), "nvmed"),
+            section: "8",
+            files: &[
+                (
+                    "/etc/nvmed/nvmed.toml",
+                    "The configuration the packaged nvmed.service gives with --config.",
+                ),
+                ("/run/nvmed.sock", "The clients' socket (--socket)."),
+                ("/run/nvmed-admin.sock", "The operators' socket, for nvmectl (--admin-socket)."),
+                (
+                    "/usr/lib/systemd/system/nvmed.service, nvmed.socket",
+                    "The systemd units; with nvmed.socket enabled, systemd owns the clients' socket \
+                     and passes it to nvmed.",
+                ),
+            ],
+            env: &[NVMED_LOG],
+        },
+        Program {
+            cmd: named(nvmectl_cli::Cli::command(), "nvmectl"),
+            section: "8",
+            files: &[("/run/nvmed-admin.sock", "The broker's admin socket (--admin-socket).")],
+            env: &[],
+        },
+        Program {
+            cmd: named(ringbench::cli::Args::command(), "ringbench"),
+            section: "1",
+            files: &[],
+            env: &[],
+        },
+        Program {
+            cmd: named(vhost_cli::Args::command(), "nvmed-vhost"),
+            section: "1",
+            files: &[],
+            env: &[NVMED_LOG],
+        },
     ]
 }
 
-/// Writes `cmd`'s page and one per visible subcommand (`nvmectl-status.8`), returning the paths.
-fn man_pages(cmd: clap::Command, section: &str, dir: &Path) -> io::Result<Vec<PathBuf>> {
+/// Text for roff: backslashes and hyphens escaped, no line starting with a control character.
+fn roff_text(s: &str) -> String {
+    let s = s.replace('\\', "\\e").replace('-', "\\-");
+    if s.starts_with(['.', '\'']) {
+        format!("\\&{s}")
+    } else {
+        s
+    }
+}
+
+/// The FILES, ENVIRONMENT and SEE ALSO sections of `name`'s page.
+fn extra_sections(name: &str, files: &[(&str, &str)], env: &[(&str, &str)]) -> String {
+    let mut out = String::new();
+    for (title, items) in [("FILES", files), ("ENVIRONMENT", env)] {
+        if items.is_empty() {
+            continue;
+        }
+        out.push_str(&format!(".SH {title}\n"));
+        for (item, text) in items {
+            out.push_str(&format!(".TP\n\\fB{}\\fR\n{}\n", roff_text(item), roff_text(text)));
+        }
+    }
+    let others: Vec<String> = PROGRAMS
+        .iter()
+        .filter(|(other, _)| *other != name)
+        .map(|(other, sec)| format!("\\fB{}\\fR({sec})", roff_text(other)))
+        .collect();
+    out.push_str(&format!(".SH \"SEE ALSO\"\n{}\n", others.join(", ")));
+    out
+}
+
+/// Writes the page of `cmd` (`p`'s command or one of its subcommands) and one per visible
+/// subcommand (`nvmectl-status.8`), returning the paths.
+fn man_pages(cmd: clap::Command, p: &Program, dir: &Path) -> io::Result<Vec<PathBuf>> {
     let mut cmd = cmd.disable_help_subcommand(true);
     cmd.build();
     let mut written = Vec::new();
     for sub in cmd.get_subcommands().filter(|s| !s.is_hide_set()) {
-        written.extend(man_pages(sub.clone(), section, dir)?);
+        written.extend(man_pages(sub.clone(), p, dir)?);
     }
-    let man = clap_mangen::Man::new(cmd).section(section).manual("nvmed");
-    written.push(man.generate_to(dir)?);
+    let name = cmd.get_display_name().unwrap_or_else(|| cmd.get_name()).to_string();
+    let man = clap_mangen::Man::new(cmd)
+        .section(p.section)
+        .manual("nvmed")
+        .source(concat!("nvmed ", env!("CARGO_PKG_VERSION")));
+    let path = dir.join(man.get_filename());
+    let mut page = Vec::new();
+    man.render(&mut page)?;
+    page.extend_from_slice(extra_sections(&name, p.files, p.env).as_bytes());
+    fs::write(&path, page)?;
+    written.push(path);
     Ok(written)
 }
 
@@ -113,7 +197,7 @@ fn run(args: &Args) -> io::Result<()> {
     for p in programs() {
         let dir = share.join(format!("man/man{}", p.section));
         fs::create_dir_all(&dir)?;
-        let mut written = man_pages(p.cmd.clone(), p.section, &dir)?;
+        let mut written = man_pages(p.cmd.clone(), &p, &dir)?;
         written.extend(completions(&p.cmd, &share)?);
         for path in written {
             println!("{}", path.display());
