@@ -63,6 +63,19 @@ pub(crate) struct Args {
     /// With --embedded: broker I/O threads (each with its own device queue).
     #[arg(long, default_value_t = 1, requires = "embedded", value_parser = clap::value_parser!(u16).range(1..=64))]
     pub(crate) io_threads: u16,
+    /// With --embedded, testing recovery: inject a fault into the emulated controller, as
+    /// `nvmed --inject` (e.g. hang:500, stuck:500, fatal:500, retry:500, gone:500); repeatable.
+    /// The report then has the broker's resets, aborts and retries.
+    #[arg(long = "inject", value_name = "RULE", requires = "embedded")]
+    pub(crate) inject: Vec<nvmed_server::emulator::inject::FaultRule>,
+    /// With --embedded: milliseconds before a command at the device is aborted (or its
+    /// controller reset).
+    #[arg(long, requires = "embedded", value_parser = clap::value_parser!(u64).range(100..))]
+    pub(crate) io_timeout_ms: Option<u64>,
+    /// With --embedded: the emulated controller completes commands asynchronously, out of
+    /// order, this many microseconds after it fetches them (like hardware).
+    #[arg(long, requires = "embedded")]
+    pub(crate) device_latency_us: Option<u64>,
     /// Run each job in its own process instead of a thread.
     #[arg(long)]
     pub(crate) processes: bool,

@@ -236,6 +236,8 @@ fn run(args: Args, argv: Vec<String>) -> Result<(), Box<dyn std::error::Error>> 
     config.io_queue_depth = args.queue_depth;
     config.poll_idle = Duration::from_micros(args.poll_idle_us);
     config.io_timeout = Duration::from_millis(args.io_timeout_ms);
+    config.io_tries = args.io_tries;
+    config.aborts = !args.no_abort;
     config.interrupts = !args.no_interrupts;
     config.io_threads = io_thread_count(&args);
     config.cpus = args.cpus.clone().map(|c| c.0).unwrap_or_default();
