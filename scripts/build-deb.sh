@@ -13,7 +13,8 @@
 # vm_static_build in vmtest/lib.sh (static, so the package needs nothing but a kernel, and runs
 # on any glibc), so after vmtest/run.sh and vmtest/vhost.sh nothing is compiled again, and
 # before them this build is theirs. NVMED_DEB_BINS=DIR takes the four binaries from DIR instead.
-# NVMED_DEB_COMPRESS=gzip makes a larger package faster than the default xz (the test uses it).
+# NVMED_PKG=PATH runs that nvmed-pkg binary instead of `cargo run -p nvmed-pkg` (test-deb.sh
+# gives the one `cargo test --workspace` builds). NVMED_DEB_COMPRESS=gzip makes a larger package faster than the default xz (the test uses it).
 # Maintainer scripts only tell a running systemd to reload its units (and stop nvmed on
 # removal); nothing is enabled or started.
 set -euo pipefail
@@ -53,7 +54,11 @@ chmod 755 "$stage/usr/sbin/nvmed" "$stage/usr/bin/"*
 
 # 2. Man pages and completions, from the programs' clap definitions.
 log "generating man pages and completions"
-cargo run -q -p nvmed-pkg -- --root "$stage" --prefix /usr >/dev/null
+if [ -n "${NVMED_PKG:-}" ]; then
+    "$NVMED_PKG" --root "$stage" --prefix /usr >/dev/null
+else
+    cargo run -q -p nvmed-pkg -- --root "$stage" --prefix /usr >/dev/null
+fi
 find "$stage/usr/share/man" -type f -name '*.[18]' -exec gzip -9n {} +
 
 # 3. systemd units and the configuration.

@@ -30,7 +30,18 @@ phase() { log "[$((SECONDS - t0)) s] $*"; }
 
 # 1. The package.
 phase "building the package"
-deb=$(NVMED_DEB_COMPRESS=gzip bash scripts/build-deb.sh | tail -1)
+# The man page generator as `cargo test --workspace` builds it (pkg/tests runs it): after that
+# (scripts/test.sh) nothing is compiled, where `cargo run -p nvmed-pkg` would build its
+# dependencies again with other features.
+gen=$(cargo test --workspace --no-run -q --message-format=json-render-diagnostics | python3 -c '
+import json, sys
+for line in sys.stdin:
+    m = json.loads(line)
+    t = m.get("target", {})
+    if m.get("reason") == "compiler-artifact" and t.get("name") == "nvmed-pkg" and "bin" in t.get("kind", []):
+        print(m["executable"])')
+[ -x "$gen" ] || fail "cargo test --workspace --no-run built no nvmed-pkg"
+deb=$(NVMED_PKG=$gen NVMED_DEB_COMPRESS=gzip bash scripts/build-deb.sh | tail -1)
 [ -f "$deb" ] || fail "build-deb.sh made no package"
 
 # 2. A clean root: debootstrap once, then a fresh copy of it for every run.
@@ -59,7 +70,7 @@ cleanup() {
 }
 trap cleanup EXIT
 [ -d "$root/proc" ] && mountpoint -q "$root/proc" && umount "$root/proc"
-rm -rf "$root"
+rm -rf --one-file-system "$root"
 cp -a --reflink=auto "$base" "$root"
 mount -t proc proc "$root/proc"
 # chroot with the clean environment systemd gives a service.
