@@ -44,13 +44,14 @@ for line in sys.stdin:
 deb=$(NVMED_PKG=$gen NVMED_DEB_COMPRESS=gzip bash scripts/build-deb.sh | tail -1)
 [ -f "$deb" ] || fail "build-deb.sh made no package"
 
-# 2. A clean root: debootstrap once, then a fresh copy of it for every run.
+# 2. A clean root: debootstrap once, then a fresh overlay (or copy) of it for every run.
 suite=$(. /etc/os-release && echo "${VERSION_CODENAME:-bookworm}")
 if [ ! -f "$base/.nvmed-base-ok" ]; then
     if ! PATH=$PATH:/usr/sbin command -v debootstrap >/dev/null; then
         phase "installing debootstrap"
-        apt-get update -qq
-        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq debootstrap >/dev/null
+        export DEBIAN_FRONTEND=noninteractive
+        apt-get install -y -qq debootstrap >/dev/null 2>&1 \
+            || { apt-get update -qq && apt-get install -y -qq debootstrap >/dev/null; }
     fi
     phase "debootstrap --variant=minbase $suite (once; cached in $base)"
     rm -rf "$base"
@@ -66,12 +67,17 @@ cleanup() {
         wait "$nvmed_pid" 2>/dev/null || true
     fi
     mountpoint -q "$root/proc" && umount "$root/proc"
+    mountpoint -q "$root" && umount "$root"
     return 0
 }
 trap cleanup EXIT
-[ -d "$root/proc" ] && mountpoint -q "$root/proc" && umount "$root/proc"
-rm -rf --one-file-system "$root"
-cp -a --reflink=auto "$base" "$root"
+cleanup
+# The run's root: an overlay on the base (its writes go to $work/upper), or a copy of it.
+rm -rf --one-file-system "$root" "$work/upper" "$work/overlay-work"
+mkdir -p "$root" "$work/upper" "$work/overlay-work"
+if ! mount -t overlay overlay -o "lowerdir=$base,upperdir=$work/upper,workdir=$work/overlay-work" "$root" 2>/dev/null; then
+    cp -a --reflink=auto "$base/." "$root"
+fi
 mount -t proc proc "$root/proc"
 # chroot with the clean environment systemd gives a service.
 in_root=(env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME=/root LANG=C chroot)
@@ -201,7 +207,9 @@ s.bind(path)
 os.chmod(path, int(mode, 8))
 os.chown(path, -1, grp.getgrnam(group).gr_gid)  # the chroot's /etc/group
 s.listen(socket.SOMAXCONN)
-os.dup2(s.fileno(), 3, inheritable=True)
+if s.fileno() != 3:
+    os.dup2(s.fileno(), 3)
+os.set_inheritable(3, True)  # (dup2 onto itself would keep close-on-exec)
 env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LISTEN_FDS": "1", "LISTEN_PID": str(os.getpid()),
        "LISTEN_FDNAMES": "nvmed.socket"}
 # Which file this is: inode and birth time (a replacement may reuse the inode number).
