@@ -8,9 +8,9 @@
 #     (pci commented out, emulate = true): it must become ready, `nvmectl status` must answer,
 #     a granted uid (1000, in the socket's group) must run a verified ringbench, an ungranted one
 #     must be refused, and SIGTERM must end it cleanly,
-#   - if nvmed supports socket activation (LISTEN_FDS in server/src), starts it the way systemd
-#     does with nvmed.socket (the socket made from the installed unit's ListenSequentialPacket, SocketMode
-#     and SocketGroup, passed as fd 3) and checks that clients are served on that very socket,
+#   - starts it the way systemd does with nvmed.socket (the socket made from the installed unit's
+#     ListenSequentialPacket, SocketMode and SocketGroup, passed as fd 3 with LISTEN_FDS) and
+#     checks that clients are served on that very socket, which stays when nvmed stops,
 #   - removes and purges the package (the conffile stays on remove, goes on purge).
 # systemd is not needed. Needs root (chroot, mount).
 set -euo pipefail
@@ -185,10 +185,8 @@ stop_nvmed
 [ -e "$root$socket" ] && fail "$socket left behind after SIGTERM"
 
 # 6. Socket activation, as systemd does it with nvmed.socket.
-# (SOCKET_ACTIVATION=1 runs it regardless, =0 skips it.)
-activation=${SOCKET_ACTIVATION:-auto}
-if [ "$activation" = auto ]; then grep -rq LISTEN_FDS server/src && activation=1 || activation=0; fi
-if [ "$activation" = 1 ]; then
+# (SOCKET_ACTIVATION=0 skips it.)
+if [ "${SOCKET_ACTIVATION:-1}" = 1 ]; then
     phase "socket activation (nvmed.socket)"
     listen=$(sed -n 's/^ListenSequentialPacket=//p' "$sock_unit")
     [ "$listen" = "$socket" ] || fail "nvmed.socket listens on $listen, the configuration on $socket"
@@ -223,8 +221,9 @@ PY
     check_clients
     [ "$(stat -c '%i %w' "$root$socket")" = "$made" ] || fail "nvmed replaced the activated socket $socket"
     stop_nvmed
+    [ -S "$root$socket" ] || fail "nvmed removed $socket, which the service manager owns"
 else
-    log "socket activation: skipped (nvmed does not read LISTEN_FDS yet)"
+    log "socket activation: skipped (SOCKET_ACTIVATION=$SOCKET_ACTIVATION)"
 fi
 
 # 7. Remove, purge.
