@@ -31,7 +31,7 @@ for s in $MATRIX_SLOTS 0d; do
     echo 0000:00:$s.0 > /sys/bus/pci/drivers_probe
 done
 # The hot-pluggable controller, behind the PCIe root port at 00:0e.0 (scenario surprise-removal).
-HOT_DEV=$(ls -d /sys/bus/pci/devices/0000:00:0e.0/0000:* 2>/dev/null | head -1)
+HOT_DEV=$(ls -d /sys/bus/pci/devices/0000:00:0e.0/0000:??:??.? 2>/dev/null | head -1)
 HOT_DEV=${HOT_DEV##*/}
 if [ -n "$HOT_DEV" ]; then
     echo vfio-pci > /sys/bus/pci/devices/$HOT_DEV/driver_override
@@ -386,9 +386,14 @@ surprise_removal() {
         --verify > /tmp/rbh 2>&1 &
     rb=$!
     sleep 2
-    say "UNPLUG-NOW"
     r=0
-    for i in $(seq 900); do [ -e /sys/bus/pci/devices/$HOT_DEV ] || break; sleep 0.1; done
+    # (Said again while waiting: a guest idle on the serial console may leave its last line
+    # unsent; the host acts on the first one it sees.)
+    for i in $(seq 900); do
+        [ -e /sys/bus/pci/devices/$HOT_DEV ] || break
+        [ $((i % 10)) = 1 ] && say "UNPLUG-NOW"
+        sleep 0.1
+    done
     if [ -e /sys/bus/pci/devices/$HOT_DEV ]; then echo "$HOT_DEV was not removed in 90 s"; r=1; fi
     wait $rb; rc=$?
     cat /tmp/rbh
@@ -411,6 +416,7 @@ power_cut() {
 }
 check durable-writes-before-power-cut power_cut
 say "DONE failed=$FAILED"
-say "POWER-CUT-NOW"
-sleep 600
+# Until the host cuts the power (said again: a guest idle on the serial console may leave its
+# last line unsent).
+for i in $(seq 600); do say "POWER-CUT-NOW"; sleep 1; done
 poweroff -f
