@@ -175,7 +175,7 @@ impl ControllerShared {
         if self.generation.load(Ordering::Acquire) != seen || self.state() == DeviceState::Gone {
             return;
         }
-        error!(device = %self.device.name(), "the controller is gone (its registers read as all ones); failing all of its I/O");
+        error!(device = %self.device.name(), "the controller is gone; failing all of its I/O");
         let _ = self.device.set_bus_master(false);
         self.state.store(DeviceState::Gone as u8, Ordering::Release);
         self.generation.fetch_add(1, Ordering::AcqRel);

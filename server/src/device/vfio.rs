@@ -411,6 +411,10 @@ impl Drop for VfioNvme {
 
 impl Dma for VfioNvme {
     unsafe fn dma_map(&self, iova: u64, host: *mut u8, len: u64) -> Result<(), DeviceError> {
+        if self.released.load(Ordering::Acquire) {
+            // Gone with its IOMMU domain: nothing can reach this memory through it.
+            return Ok(());
+        }
         // SAFETY: forwarded from this function's contract.
         unsafe { self.container.vfio_dma_map(iova, len as usize, host) }.map_err(|e| {
             let mut reason = e.to_string();
@@ -425,6 +429,10 @@ impl Dma for VfioNvme {
     }
 
     fn dma_unmap(&self, iova: u64, len: u64) -> Result<(), DeviceError> {
+        if self.released.load(Ordering::Acquire) {
+            // Its IOMMU domain went with it (the kernel unpinned what it mapped).
+            return Ok(());
+        }
         self.container.vfio_dma_unmap(iova, len as usize).map_err(|e| DeviceError::MapFailed {
             iova,
             len,
