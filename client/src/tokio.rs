@@ -342,6 +342,21 @@ enum Step {
     Exit,
 }
 
+/// Lets the runtime run other tasks, then polls again (a self-wake: the runtime queues the
+/// task behind the others, without the reactor poll of `tokio::task::yield_now`).
+async fn spin_once() {
+    let mut yielded = false;
+    poll_fn(|cx| {
+        if yielded {
+            return Poll::Ready(());
+        }
+        yielded = true;
+        cx.waker().wake_by_ref();
+        Poll::Pending
+    })
+    .await
+}
+
 /// The driver task of one ring: polls while requests are in flight, sleeps on the completion
 /// eventfd when polling finds nothing for a while.
 async fn drive(shared: Arc<Shared>) {
@@ -359,7 +374,7 @@ async fn drive(shared: Arc<Shared>) {
                     // Someone else holds it (and reaps meanwhile): look again soon.
                     Err(TryLockError::WouldBlock) => {}
                 }
-                ::tokio::task::yield_now().await;
+                spin_once().await;
             };
             let st = &mut *guard;
             let n = shared.reap(st, &mut wakers, None);
@@ -407,7 +422,7 @@ async fn drive(shared: Arc<Shared>) {
         match step {
             Step::Exit => break,
             Step::Idle => shared.notify.notified().await,
-            Step::Spin => ::tokio::task::yield_now().await,
+            Step::Spin => spin_once().await,
             Step::Sleep => {
                 let woken = shared.sleep().await;
                 let mut guard = shared.lock();
