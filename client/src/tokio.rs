@@ -116,6 +116,7 @@ pub struct AsyncCounters {
     /// Futures dropped before their request completed.
     pub abandoned: u64,
     /// Requests of dropped futures still in flight: each holds its buffer until it completes.
+    /// Also counts the requests in flight when the ring failed, whose buffers it keeps.
     pub abandoned_in_flight: u64,
     /// Requests in flight now.
     pub in_flight: u64,
@@ -578,11 +579,16 @@ impl AsyncNvmeRing {
 
     /// Unregisters the buffers the pool holds (no [`IoBuf`] uses them); returns how many.
     pub fn trim_buffers(&self) -> Result<usize> {
-        let free = std::mem::take(&mut *lock(&self.shared().pool));
+        let mut free = std::mem::take(&mut *lock(&self.shared().pool));
         let n = free.len();
         let mut st = self.shared().lock();
-        for p in free {
-            st.ring.unregister_buffer(p.id)?;
+        while let Some(p) = free.pop() {
+            if let Err(e) = st.ring.unregister_buffer(p.id) {
+                // Those not unregistered stay in the pool.
+                free.push(p);
+                lock(&self.shared().pool).append(&mut free);
+                return Err(e);
+            }
         }
         Ok(n)
     }
@@ -665,6 +671,7 @@ impl AsyncNvmeRing {
                 return (Err(e), buf);
             }
         }
+        let mut wakers = Vec::new();
         let key = {
             let mut guard = shared.lock();
             let st = &mut *guard;
@@ -684,7 +691,6 @@ impl AsyncNvmeRing {
             st.counters.submitted += 1;
             st.counters.peak_in_flight = st.counters.peak_in_flight.max(st.ring.in_flight() as u64);
             if let Err(e) = st.ring.submit() {
-                let mut wakers = Vec::new();
                 shared.fail(st, e, &mut wakers);
             }
             if std::mem::take(&mut st.driver_idle) {
@@ -692,6 +698,9 @@ impl AsyncNvmeRing {
             }
             key
         };
+        for w in wakers {
+            w.wake();
+        }
         let mut flight = InFlight { shared, key, buf, finished: false };
         let result = poll_fn(|cx| flight.poll_completion(cx)).await;
         (result, flight.buf.take())
