@@ -74,8 +74,8 @@ use nvmed_proto::ring::{completion_ring, submission_ring, Consumer, Producer, Sh
 use nvmed_proto::shm::SharedMemory;
 use nvmed_proto::wakeup::{announce_sleep, end_sleep, peer_flags, SharedFlags};
 pub use nvmed_proto::{
-    BrokerStatus, HealthSummary, IoThreadInfo, NamespaceInfo, NvmeStatus, Opcode, Segment, Sqe, Stats,
-    Status, MAX_SEGMENTS,
+    BrokerStatus, ControllerState, HealthSummary, IoThreadInfo, NamespaceInfo, NvmeStatus, Opcode, Segment,
+    Sqe, Stats, Status, MAX_SEGMENTS,
 };
 use nvmed_proto::{Cqe, Request, Response, RingFault, RingHeader};
 use slab::Slab;

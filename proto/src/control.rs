@@ -7,7 +7,7 @@
 use serde::{Deserialize, Serialize};
 
 /// Version of the control protocol and ring layout a client speaks.
-pub const PROTOCOL_VERSION: u32 = 2;
+pub const PROTOCOL_VERSION: u32 = 3;
 /// Largest control datagram either side accepts.
 pub const MAX_MESSAGE_SIZE: usize = 4096;
 /// Most file descriptors one datagram may carry.
@@ -143,6 +143,23 @@ pub struct NamespaceInfo {
     pub controller: u16,
     /// Its namespace id on that controller (`nsid` is broker-wide).
     pub controller_nsid: u32,
+    /// The controller has a volatile write cache: a write is durable (survives a power cut)
+    /// once it completed with FUA, or once a Flush submitted after its completion completed.
+    /// Without one, every completed write is durable.
+    pub volatile_write_cache: bool,
+    /// Whether its controller works.
+    pub state: ControllerState,
+}
+
+/// How a namespace's controller stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ControllerState {
+    /// Working (commands that time out are aborted or the controller reset, and sent again).
+    Running,
+    /// It failed and could not be brought back: I/O fails with `DeviceFault`.
+    Failed,
+    /// It was removed: I/O fails with `DeviceGone`.
+    Gone,
 }
 
 impl NamespaceInfo {
@@ -216,6 +233,12 @@ pub struct Stats {
     pub rings: u64,
     /// The broker's I/O threads.
     pub broker_io_threads: u64,
+    /// Controller resets (and devices found gone) since the broker started.
+    pub broker_resets: u64,
+    /// NVMe Aborts the broker sent for commands that timed out.
+    pub broker_aborts: u64,
+    /// Device commands sent again (after a retryable status or a reset).
+    pub broker_retries: u64,
 }
 
 /// Why a control request failed.

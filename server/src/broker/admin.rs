@@ -375,6 +375,7 @@ fn state_name(s: DeviceState) -> &'static str {
         DeviceState::Running => "running",
         DeviceState::FailedStopped => "failed (stopped)",
         DeviceState::FailedRunning => "failed (not confirmed stopped)",
+        DeviceState::Gone => "gone (removed)",
     }
 }
 

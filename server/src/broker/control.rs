@@ -11,12 +11,15 @@ use nvmed_proto::control::{decode, encode, MAX_FDS_PER_MESSAGE, MAX_MESSAGE_SIZE
 use nvmed_proto::layout::RingLayout;
 use nvmed_proto::shm::SharedMemory;
 use nvmed_proto::transport::{self, TransportError};
-use nvmed_proto::{ControlError, HealthSummary, NamespaceInfo, Request, Response, Stats, PROTOCOL_VERSION};
+use nvmed_proto::{
+    ControlError, ControllerState, HealthSummary, NamespaceInfo, Request, Response, Stats, PROTOCOL_VERSION,
+};
 use slab::Slab;
 use tracing::{debug, info, warn};
 
 use super::buffer::RegisteredBuffer;
 use super::io_thread::IoRequest;
+use super::manager::DeviceState;
 use super::quota::{Resource, Ticket};
 use super::registry::Registered;
 use super::session::{RingIo, SessionCounters};
@@ -222,7 +225,10 @@ impl Connection {
             s.broker_bounced_bytes += c.bounced_bytes.load(Ordering::Relaxed);
             s.broker_sgl_commands += c.sgl_commands.load(Ordering::Relaxed);
             s.broker_vectored_prp_commands += c.vectored_prp_commands.load(Ordering::Relaxed);
+            s.broker_aborts += c.aborts.load(Ordering::Relaxed);
+            s.broker_retries += c.retries.load(Ordering::Relaxed);
         }
+        s.broker_resets = self.shared.ctrls.iter().map(|c| c.generation()).sum();
         s
     }
 
@@ -275,6 +281,12 @@ impl Connection {
                 read_only: n.read_only,
                 controller: n.controller,
                 controller_nsid: n.device_nsid,
+                volatile_write_cache: self.shared.limits[usize::from(n.controller)].volatile_write_cache,
+                state: match self.shared.ctrls[usize::from(n.controller)].state() {
+                    DeviceState::Running => ControllerState::Running,
+                    DeviceState::Gone => ControllerState::Gone,
+                    DeviceState::FailedStopped | DeviceState::FailedRunning => ControllerState::Failed,
+                },
             })
             .collect()
     }

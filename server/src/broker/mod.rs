@@ -62,8 +62,13 @@ pub struct BrokerConfig {
     pub max_buffer_bytes_per_session: u64,
     /// Most bytes all sessions together may register.
     pub max_buffer_bytes_total: u64,
-    /// A command the device has not completed after this long resets the controller.
+    /// A command the device has not completed after this long is aborted (and its controller
+    /// reset if that does not end it).
     pub io_timeout: Duration,
+    /// How often a command is sent to the device at most (retryable statuses, resets).
+    pub io_tries: u8,
+    /// Abort a command that timed out before resetting the controller.
+    pub aborts: bool,
     /// Let the I/O queue raise interrupts, so the broker can sleep while I/O is in flight.
     /// Without them the queue is purely polled (fewer interrupts to pay for, e.g. in a VM).
     pub interrupts: bool,
@@ -108,6 +113,8 @@ impl BrokerConfig {
             max_buffer_bytes_per_session: 4 << 30,
             max_buffer_bytes_total: 16 << 30,
             io_timeout: Duration::from_secs(30),
+            io_tries: 6,
+            aborts: true,
             interrupts: true,
             quotas: QuotaSettings::for_sessions(64),
             hello_timeout: Duration::from_secs(5),
@@ -545,7 +552,6 @@ impl Broker {
                 wake: wake.clone(),
                 ports,
                 qid: i as u16 + 1,
-                queue_depth: config.io_queue_depth,
                 limits: limits.clone(),
                 poll_idle: config.poll_idle,
                 io_timeout: config.io_timeout,
@@ -553,6 +559,8 @@ impl Broker {
                 counters: counters.clone(),
                 cpus,
                 contended_cost: config.contended_cost,
+                retry: crate::nvme::io::RetryPolicy { max_tries: config.io_tries, ..Default::default() },
+                aborts: config.aborts,
             })?;
             pollers.push(Poller {
                 tx: Mutex::new(tx),
@@ -736,6 +744,7 @@ impl Broker {
                 write_zeroes: info.write_zeroes,
                 deallocate: info.dsm,
                 sgl: info.sgl,
+                volatile_write_cache: info.volatile_write_cache,
             });
             info!(
                 device = %device.name(),

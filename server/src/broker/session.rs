@@ -60,6 +60,10 @@ pub struct BrokerCounters {
     pub sgl_commands: AtomicU64,
     /// Device commands of vectored requests sent with PRPs.
     pub vectored_prp_commands: AtomicU64,
+    /// NVMe Aborts sent for commands that timed out.
+    pub aborts: AtomicU64,
+    /// Device commands sent again (after a retryable status, or after a controller reset).
+    pub retries: AtomicU64,
 }
 
 /// Adds to a counter that only one thread writes (no read-modify-write instruction needed).
