@@ -290,6 +290,80 @@ async fn aborted_tasks_release_their_buffers_at_completion() {
         .await;
 }
 
+/// 500 tasks reading verified blocks with random timeouts (0 to 20 ms against a 100 us
+/// device), so futures are dropped at every point of their life (waiting for an entry, queued,
+/// completed but not yet polled): every read that returns has the right data, each dropped
+/// request in flight is accounted for and completes, and every buffer comes back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn random_cancellation_under_load() {
+    let broker = TestBroker::start(&["--emulator-mode", "async", "--emulator-latency-us", "100"]);
+    const TASKS: usize = 500;
+    const READS: usize = 8;
+    let mut sync = broker.connect();
+    let nsid = sync.namespaces()[0].nsid;
+    let all = sync.alloc_buffer(TASKS * BLOCK).unwrap();
+    pattern(42, sync.buffer_mut(all, 0, (TASKS * BLOCK) as u64).unwrap());
+    for at in (0..TASKS * BLOCK).step_by(256 << 10) {
+        let n = (TASKS * BLOCK - at).min(256 << 10) as u32;
+        sync.write(nsid, at as u64, all, at as u64, n).unwrap();
+    }
+    let expected = std::sync::Arc::new(sync.buffer(all, 0, (TASKS * BLOCK) as u64).unwrap().to_vec());
+    let ring = AsyncNvmeRing::new(broker.connect()).unwrap();
+    // One registration: READS blocks per task, a fresh one after each timeout.
+    let mut pieces = ring.alloc_buffer(TASKS * READS * BLOCK).unwrap().into_chunks(BLOCK);
+    let tasks: Vec<_> = (0..TASKS)
+        .map(|task| {
+            let (ring, expected) = (ring.clone(), expected.clone());
+            let mut stock = pieces.split_off(pieces.len() - READS);
+            tokio::spawn(async move {
+                let mut rng = Rng(task as u64 * 7919 + 1);
+                let (mut ok, mut timed_out) = (0u64, 0u64);
+                for _ in 0..READS {
+                    let block = rng.below(TASKS as u64) as usize;
+                    let b = stock.pop().unwrap();
+                    let wait = Duration::from_micros(rng.below(20_000));
+                    match tokio::time::timeout(wait, ring.read(nsid, (block * BLOCK) as u64, b)).await {
+                        Ok(r) => {
+                            let (n, b) = r.unwrap();
+                            assert_eq!(n as usize, BLOCK);
+                            assert!(
+                                b[..] == expected[block * BLOCK..][..BLOCK],
+                                "task {task}: block {block}"
+                            );
+                            stock.push(b);
+                            ok += 1;
+                        }
+                        Err(_) => timed_out += 1,
+                    }
+                }
+                (ok, timed_out)
+            })
+        })
+        .collect();
+    let (mut ok, mut timed_out) = (0, 0);
+    for t in tasks {
+        let (o, d) = t.await.unwrap();
+        ok += o;
+        timed_out += d;
+    }
+    assert_eq!(ok + timed_out, (TASKS * READS) as u64);
+    eventually("the dropped requests to complete", Duration::from_secs(10), || {
+        ring.counters().abandoned_in_flight == 0
+    })
+    .await;
+    let c = ring.counters();
+    assert!(c.abandoned <= timed_out, "{c:?}");
+    // Submitted: those that returned, those dropped in flight, and those dropped after their
+    // completion arrived but before their future saw it.
+    assert!(c.submitted >= ok + c.abandoned && c.submitted <= ok + timed_out, "{c:?}");
+    assert_eq!(c.in_flight, 0);
+    // The registration is back in the pool: no piece of it is in use any more.
+    assert_eq!(c.pooled_buffers, 1, "{c:?}");
+    assert_eq!(ring.session().stats().unwrap().completed, c.submitted);
+    ring.nop().await.unwrap();
+    eprintln!("{ok} reads returned, {timed_out} timed out ({} of them in flight): {c:?}", c.abandoned);
+}
+
 /// Broker and device errors come back as the client's typed errors, with the buffer.
 #[tokio::test]
 async fn errors_come_back_typed_with_the_buffer() {
