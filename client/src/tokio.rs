@@ -343,6 +343,10 @@ enum Step {
     Exit,
 }
 
+/// Polls the driver makes after the last completion before it may sleep, however short its
+/// spin has become (as [`NvmeRing::wait`] polls 64 times before it looks at the clock).
+const MIN_SPINS: u32 = 16;
+
 /// Lets the runtime run other tasks, then polls again (a self-wake: the runtime queues the
 /// task behind the others, without the reactor poll of `tokio::task::yield_now`).
 async fn spin_once() {
@@ -362,10 +366,14 @@ async fn spin_once() {
 /// eventfd when polling finds nothing for a while.
 async fn drive(shared: Arc<Shared>) {
     let mut wakers = Vec::new();
-    // When polling last found a completion (or the driver woke up).
+    // Completions taken so far (by the futures or the driver) when the driver last looked:
+    // while others take them, the ring is busy even if the driver finds none itself.
+    let mut seen = 0u64;
+    // When the driver last saw completions taken (or woke up), and its polls since then.
     let mut since = Instant::now();
-    // Whether the polls since then found nothing: a completion now means spinning paid off.
-    let mut spinning = false;
+    let mut spins = 0u32;
+    // Whether it slept since: completions taken without sleeping mean spinning pays.
+    let mut slept = false;
     loop {
         let step = {
             let mut guard = loop {
@@ -380,12 +388,15 @@ async fn drive(shared: Arc<Shared>) {
             let st = &mut *guard;
             let n = shared.reap(st, &mut wakers, None);
             st.counters.reaped_by_driver += n as u64;
-            if n > 0 {
-                if spinning {
+            let taken = st.counters.reaped_by_futures + st.counters.reaped_by_driver;
+            if taken != seen {
+                seen = taken;
+                since = Instant::now();
+                spins = 0;
+                if !slept {
                     st.spin_now = (st.spin_now * 2).max(Duration::from_micros(1)).min(st.spin);
                 }
-                since = Instant::now();
-                spinning = false;
+                slept = false;
             }
             if st.failed.is_some() || st.ring.in_flight() == 0 {
                 if st.closed {
@@ -394,8 +405,8 @@ async fn drive(shared: Arc<Shared>) {
                     st.driver_idle = true;
                     Step::Idle
                 }
-            } else if n > 0 || since.elapsed() < st.spin_now {
-                spinning |= n == 0;
+            } else if spins < MIN_SPINS || since.elapsed() < st.spin_now {
+                spins += 1;
                 Step::Spin
             } else {
                 st.out.clear();
@@ -407,7 +418,6 @@ async fn drive(shared: Arc<Shared>) {
                     Ok(_) => {
                         let n = shared.dispatch(st, &mut wakers, None);
                         st.counters.reaped_by_driver += n as u64;
-                        since = Instant::now();
                         Step::Spin
                     }
                     Err(e) => {
@@ -422,23 +432,26 @@ async fn drive(shared: Arc<Shared>) {
         }
         match step {
             Step::Exit => break,
-            Step::Idle => shared.notify.notified().await,
+            Step::Idle => {
+                shared.notify.notified().await;
+                (since, spins) = (Instant::now(), 0);
+            }
             Step::Spin => spin_once().await,
             Step::Sleep => {
                 let woken = shared.sleep().await;
                 let mut guard = shared.lock();
                 let st = &mut *guard;
                 st.ring.disarm_completion_fd();
-                // Sleeping was needed: spin less next time.
+                // Spinning did not pay this time: spin less next time.
                 st.spin_now /= 2;
+                slept = true;
                 let n = shared.reap(st, &mut wakers, None);
                 st.counters.reaped_by_driver += n as u64;
                 if n == 0 && woken == Woken::Control && st.ring.in_flight() > 0 && shared.broker_gone() {
                     shared.fail(st, Error::BrokerGone, &mut wakers);
                 }
                 drop(guard);
-                since = Instant::now();
-                spinning = false;
+                (since, spins) = (Instant::now(), 0);
                 for w in wakers.drain(..) {
                     w.wake();
                 }
