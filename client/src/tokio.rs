@@ -60,10 +60,12 @@
 //! # Requirements
 //!
 //! [`AsyncNvmeRing::new`] must be called inside a tokio runtime with its I/O driver enabled
-//! (`enable_io`, or `enable_all`; `#[tokio::main]` does); the ring's futures then run on that
-//! runtime, a multi-threaded one or not. Setting up ([`AsyncNvmeRing::open`],
-//! [`AsyncNvmeRing::alloc_buffer`]) makes blocking round trips to the broker: do it once, not
-//! per request.
+//! (`enable_io`, or `enable_all`; `#[tokio::main]` does), multi-threaded or not; the driver task
+//! runs there for as long as the ring lives, so requests complete only while that runtime runs.
+//! Setting up ([`AsyncNvmeRing::open`], [`AsyncNvmeRing::alloc_buffer`],
+//! [`AsyncNvmeRing::trim_buffers`]) makes blocking round trips to the broker: do it once, not
+//! per request. When the last handle is dropped, the driver waits for the requests of dropped
+//! futures still in flight, then closes the ring on tokio's blocking pool.
 
 use std::future::{poll_fn, Future};
 use std::ops::{Bound, Deref, DerefMut, RangeBounds};
