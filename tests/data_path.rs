@@ -276,7 +276,7 @@ fn nops_round_trip_and_ring_wraps() {
 #[test]
 fn clean_shutdown_on_sigterm_with_clients_connected() {
     let mut broker = TestBroker::start(&[]);
-    let mut ring = broker.connect();
+    let mut ring = broker.connect_once();
     let buf = ring.alloc_buffer(4096).unwrap();
     ring.write(1, 0, buf, 0, 4096).unwrap();
     assert!(broker.stop(), "nvmed did not exit 0 on SIGTERM");

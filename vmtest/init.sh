@@ -54,6 +54,14 @@ stop_broker() {
 }
 # What the broker logged since start_broker last started it.
 broker_log() { tail -n +$((LOG_MARK + 1)) /tmp/nvmed.log; }
+# rb_verified OUTPUT JOBS: a ringbench --verify run (its output in OUTPUT, its exit status in
+# $rc) passed and each of its JOBS jobs verified reads (a mismatch fails ringbench).
+rb_verified() {
+    cat $1
+    [ $rc = 0 ] || { echo "ringbench --verify failed ($rc)"; return 1; }
+    [ "$(grep -c '^  job [0-9]*:.* reads verified' $1)" = $2 ] \
+        || { echo "not every one of the $2 jobs verified reads"; return 1; }
+}
 
 check broker-starts-on-vfio start_broker
 check identify as_user vmcheck identify --size $DISK_BYTES --lba 512
@@ -88,6 +96,22 @@ restart() {
     as_user vmcheck check-pattern --offset 33554432 --len 524288 --seed 5
 }
 check restart-keeps-data restart
+# Resilience (issue 10): the broker is SIGKILLed in the middle of a verified ringbench load and
+# started again; the kernel reset the device when the dead broker's VFIO fds closed, the new
+# broker resets and reuses it, and the clients reconnect and send again what had not completed:
+# ringbench ends with no error and no mismatch, and says it reconnected.
+broker_killed_mid_io() {
+    as_user ringbench --socket /run/nvmed.sock --rw randrw --bs 4k --iodepth 8 --numjobs 2 \
+        --runtime 5 --offset 56M --size 4M --verify > /tmp/rbk 2>&1 &
+    rb=$!
+    sleep 2
+    kill -9 $BROKER; wait $BROKER 2>/dev/null
+    start_broker || return 1
+    wait $rb; rc=$?
+    rb_verified /tmp/rbk 2 || return 1
+    grep -q "the clients reconnected 1 time" /tmp/rbk || { echo "ringbench did not reconnect"; return 1; }
+}
+check broker-sigkilled-mid-io-clients-reconnect broker_killed_mid_io
 check pattern-for-host as_user vmcheck write-pattern --offset 50331648 --len 65536 --seed 6
 not_vfio() {
     nvmed --pci 0000:00:04.0 --socket /tmp/x.sock > /tmp/err 2>&1 && return 1
@@ -190,14 +214,6 @@ echo "VMTEST TIME nvmectl $(( $(cut -d. -f1 /proc/uptime) - t0 )) s"
 
 # Scale out (issue 8): --io-threads, and several --pci in one broker.
 t0=$(cut -d. -f1 /proc/uptime)
-# rb_verified OUTPUT JOBS: a ringbench --verify run (its output in OUTPUT, its exit status in
-# $rc) passed and each of its JOBS jobs verified reads (a mismatch fails ringbench).
-rb_verified() {
-    cat $1
-    [ $rc = 0 ] || { echo "ringbench --verify failed ($rc)"; return 1; }
-    [ "$(grep -c '^  job [0-9]*:.* reads verified' $1)" = $2 ] \
-        || { echo "not every one of the $2 jobs verified reads"; return 1; }
-}
 # 00:03.0 offers 4 I/O queue pairs (max_ioqpairs=4): two I/O threads must start, each with its
 # own device queue, and a verified ringbench load of 4 jobs (one session, a ring per job, rings
 # placed on the threads by load) must pass with every job verifying reads and both threads
@@ -347,6 +363,15 @@ check matrix-only-namespace-unusable matrix_refuses 0c \
     "the controller has no usable namespace: namespace 1: LBA size 16384 bytes exceeds the controller's maximum transfer of 8192 bytes"
 echo "VMTEST TIME matrix $(( $(cut -d. -f1 /proc/uptime) - t0 )) s"
 sed 's/^/  nvmed| /' /tmp/nvmed.log | tail -40
+# Durability, last (it ends the guest): a write completed with FUA and a write followed by a
+# completed Flush, through nvmed on 00:03.0; then the host kills QEMU with SIGKILL (a power cut
+# for the guest: no shutdown, no sync) and finds both in the disk image (run.sh).
+power_cut() {
+    start_broker || return 1
+    as_user vmcheck write-durable --offset 62914560 --len 65536 --seed 21
+}
+check durable-writes-before-power-cut power_cut
 say "DONE failed=$FAILED"
-sync
+say "POWER-CUT-NOW"
+sleep 600
 poweroff -f

@@ -64,8 +64,22 @@ disk lba16k 8M;  ctrl lba16k 0c.0 drive=mx-lba16k,mdts=1,logical_block_size=1638
 # --io-threads 2 takes one per I/O thread (scenario io-threads-two in init.sh).
 log "booting (software emulation)"
 start=$(date +%s)
+rm -f "$work/qemu.pid" "$work/console.log"
+# The guest's last scenario asks for a power cut (POWER-CUT-NOW on the console): QEMU is then
+# killed with SIGKILL, as a power cut ends it, and the disk image is checked below.
+(
+    for i in $(seq 1800); do
+        if grep -aq 'VMTEST POWER-CUT-NOW' "$work/console.log" 2>/dev/null; then
+            kill -9 "$(cat "$work/qemu.pid")" && echo "vmtest: power cut (QEMU SIGKILLed)"
+            exit 0
+        fi
+        sleep 0.5
+    done
+) &
+cutter=$!
 set +e
-timeout 900 qemu-system-x86_64 -machine q35,kernel-irqchip=split,accel=tcg -cpu max -m 1024 -smp 2 \
+timeout 900 qemu-system-x86_64 -pidfile "$work/qemu.pid" \
+    -machine q35,kernel-irqchip=split,accel=tcg -cpu max -m 1024 -smp 2 \
     -nographic -no-reboot -device intel-iommu,intremap=on \
     -kernel "$work/vmlinux" -initrd "$work/initrd.gz" \
     -append "console=ttyS0 intel_iommu=on iommu=pt quiet panic=-1" \
@@ -76,6 +90,7 @@ timeout 900 qemu-system-x86_64 -machine q35,kernel-irqchip=split,accel=tcg -cpu 
     < /dev/null 2>&1 | tr -d '\r' | tee "$work/console.log" | grep --line-buffered -E 'VMTEST|  \||VMCHECK|panic|Kernel'
 rc=${PIPESTATUS[0]}
 set -e
+kill $cutter 2>/dev/null || true
 log "guest ran $(( $(date +%s) - start )) s (qemu exit $rc)"
 
 # 6. Verdict.
@@ -90,6 +105,13 @@ if grep -aq 'VMTEST FAIL' "$work/console.log"; then log "FAILED"; exit 1; fi
 if "$bins/vmcheck" check-file --file "$work/disk.img" --offset 8388608 --len 65536 --seed 12 >/dev/null 2>&1; then
     log "the data written to namespace 2 is on the first controller's disk image"; exit 1
 fi
+# The durable writes made just before the power cut (scenario durable-writes-before-power-cut):
+# pattern 21 written with FUA at 60 MiB, pattern 22 written and then flushed at 60 MiB + 64 KiB.
+grep -aq 'VMTEST POWER-CUT-NOW' "$work/console.log" || { log "the guest never asked for the power cut"; exit 1; }
+"$bins/vmcheck" check-file --file "$work/disk.img" --offset 62914560 --len 65536 --seed 21 \
+    || { log "a write completed with FUA is not on the disk after the power cut"; exit 1; }
+"$bins/vmcheck" check-file --file "$work/disk.img" --offset 62980096 --len 65536 --seed 22 \
+    || { log "a flushed write is not on the disk after the power cut"; exit 1; }
 passed=$(grep -ac 'VMTEST PASS' "$work/console.log")
 log "all scenarios passed"
 echo "vmtest: $passed passed, 0 failed"

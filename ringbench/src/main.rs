@@ -192,10 +192,13 @@ struct ChildReport {
     verified: u64,
     seconds: f64,
     histogram_hex: String,
+    reconnects: u64,
 }
 
 #[derive(Debug, Serialize)]
 struct Report {
+    /// Times the jobs' sessions connected again to a restarted broker (the most of any job).
+    reconnects: u64,
     engine: EngineKind,
     rw: Rw,
     bs: u64,
@@ -232,6 +235,8 @@ struct JobOutcome {
     writes: u64,
     verified: u64,
     elapsed: Duration,
+    /// Times the job's session connected again to a restarted broker.
+    reconnects: u64,
 }
 
 struct JobSpec {
@@ -384,7 +389,8 @@ fn run_job(engine: &mut dyn Engine, mut spec: JobSpec) -> Result<JobOutcome, Eng
         }
         engine.submit()?;
     }
-    Ok(JobOutcome { hist, reads, writes, verified, elapsed: begin.elapsed() })
+    let reconnects = engine.reconnects();
+    Ok(JobOutcome { hist, reads, writes, verified, elapsed: begin.elapsed(), reconnects })
 }
 
 fn report(job: u32, o: &JobOutcome, bs: u64) -> JobReport {
@@ -626,6 +632,7 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
             verified: o.verified,
             seconds: o.elapsed.as_secs_f64(),
             histogram_hex,
+            reconnects: o.reconnects,
         };
         println!("{}", serde_json::to_string(&r)?);
         return Ok(());
@@ -656,9 +663,12 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     }
     let self_cpu1 = process_cpu();
     let broker_io_threads = if nvmed {
-        NvmeSession::open_with(&socket, SessionOptions { client_name: "ringbench".into() })
-            .and_then(|s| s.io_threads())
-            .ok()
+        NvmeSession::open_with(
+            &socket,
+            SessionOptions { client_name: "ringbench".into(), ..Default::default() },
+        )
+        .and_then(|s| s.io_threads())
+        .ok()
     } else {
         None
     };
@@ -684,8 +694,10 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         writes: 0,
         verified: 0,
         elapsed: Duration::ZERO,
+        reconnects: 0,
     };
     for o in &outcomes {
+        total.reconnects = total.reconnects.max(o.reconnects);
         total.hist.add(&o.hist).unwrap();
         total.reads += o.reads;
         total.writes += o.writes;
@@ -693,6 +705,7 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         total.elapsed = total.elapsed.max(o.elapsed);
     }
     let rep = Report {
+        reconnects: total.reconnects,
         engine: args.engine,
         rw: args.rw,
         bs: args.bs,
@@ -745,7 +758,10 @@ fn open_engines(
     if !nvmed || args.sessions {
         return Ok((0..args.numjobs).map(|_| open_engine(args, socket)).collect::<Result<_, _>>()?);
     }
-    let session = NvmeSession::open_with(socket, SessionOptions { client_name: "ringbench".into() })?;
+    let session = NvmeSession::open_with(
+        socket,
+        SessionOptions { client_name: "ringbench".into(), ..Default::default() },
+    )?;
     let slice = u64::from(args.iodepth) * args.bs;
     let shared = session.alloc_shared((slice * u64::from(args.numjobs)) as usize)?;
     let mut engines: Vec<Box<dyn Engine + Send>> = Vec::new();
@@ -837,6 +853,7 @@ fn run_processes(
             writes: r.writes,
             verified: r.verified,
             elapsed: Duration::from_secs_f64(r.seconds),
+            reconnects: r.reconnects,
         });
     }
     Ok(outcomes)
@@ -852,6 +869,9 @@ fn print_report(r: &Report) {
         r.numjobs,
         if r.verify { " verify" } else { "" }
     );
+    if r.reconnects > 0 {
+        println!("ringbench: the broker went away; the clients reconnected {} time(s)", r.reconnects);
+    }
     let line = |name: String, j: &JobReport| {
         let l = &j.latency;
         println!(
@@ -958,7 +978,10 @@ fn pingpong(secs: f64) -> Result<(f64, f64, u64), Box<dyn std::error::Error>> {
 /// The embedded broker's recovery counters, once the jobs' sessions are released (waits up to
 /// 5 s for that; the figures say what was still held then).
 fn recovery(socket: &Path) -> Result<Recovery, Box<dyn std::error::Error>> {
-    let session = NvmeSession::open_with(socket, SessionOptions { client_name: "ringbench-report".into() })?;
+    let session = NvmeSession::open_with(
+        socket,
+        SessionOptions { client_name: "ringbench-report".into(), ..Default::default() },
+    )?;
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
         let s = session.stats()?;

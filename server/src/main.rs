@@ -431,6 +431,14 @@ fn config_args(argv: &[String]) -> Result<Vec<String>, String> {
 }
 
 fn main() {
+    // Before any thread exists (it edits the environment).
+    let activated = match nvmed_server::activation::take_listener() {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("nvmed: {e}");
+            std::process::exit(2);
+        }
+    };
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("NVMED_LOG").unwrap_or_else(|_| "info".into()),
@@ -456,7 +464,7 @@ fn main() {
         }
     };
     let args = Args::parse_from(argv.iter().take(1).chain(&from_config).chain(argv.iter().skip(1)));
-    if let Err(e) = run(args, argv) {
+    if let Err(e) = run(args, argv, activated) {
         error!("{e}");
         eprintln!("nvmed: {e}");
         std::process::exit(1);
@@ -546,7 +554,11 @@ fn read_policy(argv: &[String]) -> Result<Policy, String> {
     Ok(Policy { grants: args.grants, default: args.default_access })
 }
 
-fn run(args: Args, argv: Vec<String>) -> Result<(), Box<dyn std::error::Error>> {
+fn run(
+    args: Args,
+    argv: Vec<String>,
+    activated: Option<std::os::fd::OwnedFd>,
+) -> Result<(), Box<dyn std::error::Error>> {
     // Block SIGINT/SIGTERM before any thread starts, so only sigwait below sees them.
     let mut signals = SigSet::empty();
     signals.add(Signal::SIGINT);
@@ -566,6 +578,7 @@ fn run(args: Args, argv: Vec<String>) -> Result<(), Box<dyn std::error::Error>> 
         }
     }
     let mut config = BrokerConfig::new(&args.socket);
+    config.listener = activated.map(Arc::new);
     config.socket_mode = args.socket_mode;
     config.socket_group = args.socket_group.clone();
     config.admin_socket =
