@@ -410,12 +410,13 @@ async fn errors_come_back_typed_with_the_buffer() {
     assert_eq!(n as usize, BLOCK);
 }
 
-/// The broker dies with a read in flight (one the device never completes): the future ends
-/// with BrokerGone and without its buffer; later requests fail at once.
+/// The broker dies with a read in flight (one the device never completes), and the session
+/// does not reconnect: the future ends with BrokerGone and without its buffer; later requests
+/// fail at once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_broker_that_dies_ends_the_futures_in_flight() {
     let mut broker = TestBroker::start(&["--inject", "hang:1"]);
-    let ring = AsyncNvmeRing::new(broker.connect()).unwrap();
+    let ring = AsyncNvmeRing::new(broker.connect_once()).unwrap();
     let nsid = ring.namespaces()[0].nsid;
     let buf = ring.alloc_buffer(BLOCK).unwrap();
     let read = tokio::spawn({
@@ -433,6 +434,49 @@ async fn a_broker_that_dies_ends_the_futures_in_flight() {
     assert!(matches!(e.error, Error::BrokerGone), "{e:?}");
     assert!(e.buf.is_none(), "the device might still write a buffer whose request never completed");
     assert!(matches!(ring.nop().await, Err(Error::BrokerGone)));
+}
+
+/// The broker is killed with 64 writes at the device and started again: the session
+/// reconnects, the ring sends the writes again, every future completes with its buffer, the
+/// data is on the (file-backed) device, and the driver sleeps on the new broker's eventfd.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_in_flight_survive_a_broker_restart() {
+    let dir = scratch_dir();
+    let file = dir.join("disk.img").to_str().unwrap().to_string();
+    let args = ["--backing", &file, "--emulator-mode", "async", "--emulator-latency-us", "50000"];
+    let mut broker = TestBroker::start_in(dir, &args);
+    let ring = AsyncNvmeRing::new(broker.connect()).unwrap();
+    let nsid = ring.namespaces()[0].nsid;
+    const N: usize = 64;
+    let tasks: Vec<_> = ring
+        .alloc_buffer(N * BLOCK)
+        .unwrap()
+        .into_chunks(BLOCK)
+        .into_iter()
+        .enumerate()
+        .map(|(i, mut buf)| {
+            let ring = ring.clone();
+            pattern(i as u64, &mut buf);
+            tokio::spawn(async move { ring.write(nsid, (i * BLOCK) as u64, buf).await.map(|(n, _)| n) })
+        })
+        .collect();
+    eventually("the writes in flight", Duration::from_secs(10), || ring.counters().in_flight == N as u64)
+        .await;
+    broker.kill9();
+    broker.restart();
+    for t in tasks {
+        let n = tokio::time::timeout(Duration::from_secs(30), t).await.expect("completes").unwrap().unwrap();
+        assert_eq!(n as usize, BLOCK);
+    }
+    assert_eq!(ring.session().reconnects(), 1);
+    let sleeps = ring.counters().sleeps;
+    let (_, back) = ring.read(nsid, 0, ring.alloc_buffer(N * BLOCK).unwrap()).await.unwrap();
+    for (i, block) in back.chunks(BLOCK).enumerate() {
+        assert!(block == &patterned(i as u64, BLOCK)[..], "block {i}");
+    }
+    assert!(ring.counters().sleeps > sleeps, "a 50 ms read puts the driver to sleep on the new eventfd");
+    let c = ring.counters();
+    assert_eq!((c.in_flight, c.abandoned_in_flight), (0, 0), "{c:?}");
 }
 
 #[test]

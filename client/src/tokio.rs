@@ -69,7 +69,7 @@
 
 use std::future::{poll_fn, Future};
 use std::ops::{Bound, Deref, DerefMut, RangeBounds};
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::Path;
 use std::pin::pin;
 use std::sync::{Arc, Mutex, MutexGuard, TryLockError, Weak};
@@ -165,10 +165,6 @@ struct Shared {
     slots: Semaphore,
     /// Wakes the driver task when it is idle (a request was queued) or must exit.
     notify: Notify,
-    /// The ring's completion eventfd (a duplicate), registered with the reactor.
-    completion_fd: AsyncFd<OwnedFd>,
-    /// The session's control socket (a duplicate), to learn the broker hung up.
-    control_fd: AsyncFd<OwnedFd>,
     /// The ring's submission queue entries.
     entries: usize,
 }
@@ -293,18 +289,58 @@ impl Shared {
         }
         self.slots.close();
     }
+}
+
+/// What the driver sleeps on: duplicates of the ring's completion eventfd and control socket,
+/// registered with the reactor. A ring that reconnected to a restarted broker has new ones.
+#[derive(Debug)]
+struct Fds {
+    completion: AsyncFd<OwnedFd>,
+    control: AsyncFd<OwnedFd>,
+    /// The control socket's inode: whether the ring's socket is still this one.
+    socket: u64,
+}
+
+/// The inode of a socket (each socket has its own).
+fn inode(fd: BorrowedFd<'_>) -> Result<u64> {
+    Ok(nix::sys::stat::fstat(fd).map_err(|e| Error::Os { what: "fstat", source: e.into() })?.st_ino)
+}
+
+impl Fds {
+    /// Registers (duplicates of) the ring's descriptors with the current runtime's reactor.
+    fn of(ring: &NvmeRing) -> Result<Self> {
+        let socket = inode(ring.control_socket())?;
+        let completion =
+            ring.completion_fd().try_clone_to_owned().map_err(os("dup the completion eventfd"))?;
+        let control = ring.control_socket().try_clone_to_owned().map_err(os("dup the control socket"))?;
+        // SAFETY: each `OwnedFd` is a valid descriptor the `AsyncFd` owns: nothing else closes
+        // or replaces it while it is registered, and its `as_raw_fd` never changes.
+        let completion =
+            unsafe { AsyncFd::register_with_interest(completion, Interest::READABLE) }.map_err(|e| {
+                Error::Os { what: "registering the completion eventfd with tokio", source: e.into() }
+            })?;
+        // SAFETY: as above.
+        let control = unsafe { AsyncFd::register_with_interest(control, Interest::READABLE) }
+            .map_err(|e| Error::Os { what: "registering the control socket with tokio", source: e.into() })?;
+        Ok(Self { completion, control, socket })
+    }
+
+    /// Whether these are still the ring's (it has not reconnected since).
+    fn current(&self, ring: &NvmeRing) -> bool {
+        inode(ring.control_socket()).is_ok_and(|i| i == self.socket)
+    }
 
     /// Sleeps until the completion eventfd or the control socket is readable, or `notify`.
-    async fn sleep(&self) -> Woken {
-        let mut notified = pin!(self.notify.notified());
+    async fn sleep(&self, notify: &Notify) -> Woken {
+        let mut notified = pin!(notify.notified());
         poll_fn(|cx| {
-            if let Poll::Ready(r) = self.completion_fd.poll_read_ready(cx) {
+            if let Poll::Ready(r) = self.completion.poll_read_ready(cx) {
                 if let Ok(mut guard) = r {
                     guard.clear_ready();
                 }
                 return Poll::Ready(Woken::Completion);
             }
-            if let Poll::Ready(r) = self.control_fd.poll_read_ready(cx) {
+            if let Poll::Ready(r) = self.control.poll_read_ready(cx) {
                 if let Ok(mut guard) = r {
                     guard.clear_ready();
                 }
@@ -320,7 +356,7 @@ impl Shared {
 
     /// Whether the broker hung up the control socket.
     fn broker_gone(&self) -> bool {
-        let mut fds = [PollFd::new(self.control_fd.get_ref().as_fd(), PollFlags::empty())];
+        let mut fds = [PollFd::new(self.control.get_ref().as_fd(), PollFlags::empty())];
         matches!(nix::poll::poll(&mut fds, PollTimeout::ZERO), Ok(n) if n > 0)
             && fds[0].revents().is_some_and(|r| r.intersects(PollFlags::POLLHUP | PollFlags::POLLERR))
     }
@@ -366,7 +402,7 @@ async fn spin_once() {
 
 /// The driver task of one ring: polls while requests are in flight, sleeps on the completion
 /// eventfd when polling finds nothing for a while.
-async fn drive(shared: Arc<Shared>) {
+async fn drive(shared: Arc<Shared>, mut fds: Fds) {
     let mut wakers = Vec::new();
     // Completions taken so far (by the futures or the driver) when the driver last looked:
     // while others take them, the ring is busy even if the driver finds none itself.
@@ -415,7 +451,22 @@ async fn drive(shared: Arc<Shared>) {
                 match st.ring.arm_completion_fd(&mut st.out) {
                     Ok(0) => {
                         st.counters.sleeps += 1;
-                        Step::Sleep
+                        if fds.current(&st.ring) {
+                            Step::Sleep
+                        } else {
+                            // The ring reconnected to a new broker: sleep on its new descriptors.
+                            match Fds::of(&st.ring) {
+                                Ok(new) => {
+                                    fds = new;
+                                    Step::Sleep
+                                }
+                                Err(e) => {
+                                    st.ring.disarm_completion_fd();
+                                    shared.fail(st, e, &mut wakers);
+                                    Step::Spin
+                                }
+                            }
+                        }
                     }
                     Ok(_) => {
                         let n = shared.dispatch(st, &mut wakers, None);
@@ -440,19 +491,40 @@ async fn drive(shared: Arc<Shared>) {
             }
             Step::Spin => spin_once().await,
             Step::Sleep => {
-                let woken = shared.sleep().await;
-                let mut guard = shared.lock();
-                let st = &mut *guard;
-                st.ring.disarm_completion_fd();
-                // Spinning did not pay this time: spin less next time.
-                st.spin_now /= 2;
-                slept = true;
-                let n = shared.reap(st, &mut wakers, None);
-                st.counters.reaped_by_driver += n as u64;
-                if n == 0 && woken == Woken::Control && st.ring.in_flight() > 0 && shared.broker_gone() {
-                    shared.fail(st, Error::BrokerGone, &mut wakers);
+                let woken = fds.sleep(&shared.notify).await;
+                let gone = {
+                    let mut guard = shared.lock();
+                    let st = &mut *guard;
+                    st.ring.disarm_completion_fd();
+                    // Spinning did not pay this time: spin less next time.
+                    st.spin_now /= 2;
+                    slept = true;
+                    let n = shared.reap(st, &mut wakers, None);
+                    st.counters.reaped_by_driver += n as u64;
+                    n == 0 && woken == Woken::Control && st.ring.in_flight() > 0 && fds.broker_gone()
+                };
+                if gone {
+                    // The ring finds out (on one of its periodic checks) and reconnects if its
+                    // session does (`Reconnect`), sending its requests again; or it fails with
+                    // BrokerGone. Both may block (a reconnect retries for a while): off the
+                    // worker threads.
+                    let shared = shared.clone();
+                    let recovered = ::tokio::task::spawn_blocking(move || {
+                        let mut wakers = Vec::new();
+                        let mut guard = shared.lock();
+                        let st = &mut *guard;
+                        for _ in 0..=crate::EMPTY_POLLS_BEFORE_CHECK {
+                            let n = shared.reap(st, &mut wakers, None);
+                            st.counters.reaped_by_driver += n as u64;
+                            if n > 0 || st.failed.is_some() {
+                                break;
+                            }
+                        }
+                        wakers
+                    })
+                    .await;
+                    wakers.extend(recovered.into_iter().flatten());
                 }
-                drop(guard);
                 (since, spins) = (Instant::now(), 0);
                 for w in wakers.drain(..) {
                     w.wake();
@@ -494,18 +566,7 @@ impl AsyncNvmeRing {
         if entries == 0 {
             return Err(Error::Protocol("the ring has no free submission entry".into()));
         }
-        let completion =
-            ring.completion_fd().try_clone_to_owned().map_err(os("dup the completion eventfd"))?;
-        let control = ring.control_socket().try_clone_to_owned().map_err(os("dup the control socket"))?;
-        // SAFETY: each `OwnedFd` is a valid descriptor the `AsyncFd` owns: nothing else closes
-        // or replaces it while it is registered, and its `as_raw_fd` never changes.
-        let completion_fd =
-            unsafe { AsyncFd::register_with_interest(completion, Interest::READABLE) }.map_err(|e| {
-                Error::Os { what: "registering the completion eventfd with tokio", source: e.into() }
-            })?;
-        // SAFETY: as above.
-        let control_fd = unsafe { AsyncFd::register_with_interest(control, Interest::READABLE) }
-            .map_err(|e| Error::Os { what: "registering the control socket with tokio", source: e.into() })?;
+        let fds = Fds::of(&ring)?;
         let session = ring.session();
         let shared = Arc::new(Shared {
             state: Mutex::new(State {
@@ -522,12 +583,10 @@ impl AsyncNvmeRing {
             pool: Mutex::new(Vec::new()),
             slots: Semaphore::new(entries),
             notify: Notify::new(),
-            completion_fd,
-            control_fd,
             entries,
             session,
         });
-        runtime.spawn(drive(shared.clone()));
+        runtime.spawn(drive(shared.clone(), fds));
         Ok(Self { handle: Arc::new(Handle { shared }) })
     }
 
