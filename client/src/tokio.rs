@@ -51,11 +51,15 @@
 //! the memory, reuse it or unregister it. [`AsyncCounters::abandoned_in_flight`] counts such
 //! requests. The request itself still happens: a dropped write may still land.
 //!
-//! If the ring fails (the broker faulted it or exited), every future still waiting ends with
-//! that error ([`Error::RingFaulted`], [`Error::BrokerGone`]) and *without* its buffer
-//! ([`BufError::buf`] is `None`): nobody can say whether the device is done with it, so it
-//! stays held until the ring is dropped. A request the device completed with an error status
-//! ends with [`Error::Io`] and gives its buffer back.
+//! A broker that exits is no failure when the session reconnects ([`crate::Reconnect`], on by
+//! default): the driver lets the ring connect again (off the runtime's worker threads), the ring
+//! sends the requests that had not completed to the new broker, and their futures complete as
+//! usual. If the ring fails (the broker faulted it, or exited and the session does not
+//! reconnect, or reconnecting failed), every future still waiting ends with that error
+//! ([`Error::RingFaulted`], [`Error::BrokerGone`], [`Error::ReconnectFailed`]) and *without*
+//! its buffer ([`BufError::buf`] is `None`): nobody can say whether the device is done with it,
+//! so it stays held until the ring is dropped. A request the device completed with an error
+//! status ends with [`Error::Io`] and gives its buffer back.
 //!
 //! # Requirements
 //!
@@ -210,6 +214,9 @@ fn same_error(e: &Error) -> Error {
     match e {
         Error::RingFaulted(f) => Error::RingFaulted(*f),
         Error::BrokerGone => Error::BrokerGone,
+        Error::ReconnectFailed { after, reason } => {
+            Error::ReconnectFailed { after: *after, reason: reason.clone() }
+        }
         other => Error::Protocol(other.to_string()),
     }
 }
