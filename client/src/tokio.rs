@@ -248,8 +248,10 @@ impl Shared {
         match st.ring.poll(&mut st.out) {
             Ok(_) => self.dispatch(st, wakers, me),
             Err(e) => {
+                // What the ring took before failing (from an old broker's CQ, say) still counts.
+                let n = self.dispatch(st, wakers, me);
                 self.fail(st, e, wakers);
-                0
+                n
             }
         }
     }
