@@ -65,10 +65,33 @@ disk lba16k 8M;  ctrl lba16k 0c.0 drive=mx-lba16k,mdts=1,logical_block_size=1638
 log "booting (software emulation)"
 start=$(date +%s)
 rm -f "$work/qemu.pid" "$work/console.log"
-# The guest's last scenario asks for a power cut (POWER-CUT-NOW on the console): QEMU is then
+# The guest asks for the hot-pluggable controller to be removed (UNPLUG-NOW on the console):
+# device_del through QMP. Its last scenario asks for a power cut (POWER-CUT-NOW): QEMU is then
 # killed with SIGKILL, as a power cut ends it, and the disk image is checked below.
+qmp() {
+    python3 - "$work/qmp.sock" "$@" <<'PY'
+import json, socket, sys
+s = socket.socket(socket.AF_UNIX)
+s.connect(sys.argv[1])
+f = s.makefile("rw")
+f.readline()  # greeting
+for cmd in [{"execute": "qmp_capabilities"}, json.loads(sys.argv[2])]:
+    f.write(json.dumps(cmd) + "\n")
+    f.flush()
+    while True:
+        reply = json.loads(f.readline())
+        if "event" not in reply:
+            break
+    print("vmtest: qmp", cmd["execute"], "->", reply)
+PY
+}
 (
+    unplugged=0
     for i in $(seq 1800); do
+        if [ $unplugged = 0 ] && grep -aq 'VMTEST UNPLUG-NOW' "$work/console.log" 2>/dev/null; then
+            qmp '{"execute": "device_del", "arguments": {"id": "hotnvme"}}'
+            unplugged=1
+        fi
         if grep -aq 'VMTEST POWER-CUT-NOW' "$work/console.log" 2>/dev/null; then
             kill -9 "$(cat "$work/qemu.pid")" && echo "vmtest: power cut (QEMU SIGKILLed)"
             exit 0
@@ -78,7 +101,8 @@ rm -f "$work/qemu.pid" "$work/console.log"
 ) &
 cutter=$!
 set +e
-timeout 900 qemu-system-x86_64 -pidfile "$work/qemu.pid" \
+truncate -s 16M "$work/hot.img"
+timeout 900 qemu-system-x86_64 -pidfile "$work/qemu.pid" -qmp "unix:$work/qmp.sock,server=on,wait=off" \
     -machine q35,kernel-irqchip=split,accel=tcg -cpu max -m 1024 -smp 2 \
     -nographic -no-reboot -device intel-iommu,intremap=on \
     -kernel "$work/vmlinux" -initrd "$work/initrd.gz" \
@@ -87,6 +111,8 @@ timeout 900 qemu-system-x86_64 -pidfile "$work/qemu.pid" \
     -drive file="$work/disk2.img",if=none,id=nvm2,format=raw -device nvme,serial=kernel0,drive=nvm2,addr=04.0 \
     "${matrix[@]}" \
     -drive file="$work/disk3.img",if=none,id=nvm3,format=raw -device nvme,serial=nvmed1,drive=nvm3,addr=0d.0 \
+    -device pcie-root-port,id=rp0,chassis=1,slot=1,addr=0e.0 \
+    -drive file="$work/hot.img",if=none,id=hot,format=raw -device nvme,id=hotnvme,bus=rp0,serial=hot0,drive=hot \
     < /dev/null 2>&1 | tr -d '\r' | tee "$work/console.log" | grep --line-buffered -E 'VMTEST|  \||VMCHECK|panic|Kernel'
 rc=${PIPESTATUS[0]}
 set -e

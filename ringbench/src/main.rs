@@ -673,7 +673,10 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         None
     };
     let broker_recovery = embedded.is_some().then(|| recovery(&socket)).transpose()?;
-    let broker_cpu = broker_cpu0.map(|(u0, s0)| {
+    // A broker that was restarted during the run (the clients reconnected) is not the one
+    // measured at the start: its CPU time is not reported.
+    let restarted = outcomes.iter().any(|o| o.reconnects > 0);
+    let broker_cpu = broker_cpu0.filter(|_| !restarted).map(|(u0, s0)| {
         let (u1, s1) = if embedded.is_some() {
             cpu_of(self_pid, Some("nvmed"))
         } else {

@@ -399,6 +399,8 @@ pub struct Broker {
     metrics: Option<metrics::MetricsServer>,
     /// (device, inode) of the socket file it bound.
     socket_id: Option<(u64, u64)>,
+    /// Threads waiting for a controller's hot unplug.
+    unplug_watchers: Vec<JoinHandle<()>>,
 }
 
 /// (device, inode) of a file.
@@ -681,6 +683,10 @@ impl Broker {
             started: std::time::Instant::now(),
         });
         let stopping = Arc::new(AtomicBool::new(false));
+        let mut unplug_watchers = Vec::new();
+        for c in &ctrls {
+            unplug_watchers.extend(c.watch_removal(stopping.clone())?);
+        }
         let accept_thread = {
             let shared = shared.clone();
             let stopping = stopping.clone();
@@ -721,6 +727,7 @@ impl Broker {
             admin,
             metrics,
             socket_id,
+            unplug_watchers,
         })
     }
 
@@ -838,6 +845,9 @@ impl Broker {
     pub fn shutdown(mut self) -> Result<(), BrokerError> {
         self.stopping.store(true, Ordering::SeqCst);
         let _ = nix::sys::socket::shutdown(self.listener.as_raw_fd(), nix::sys::socket::Shutdown::Both);
+        for t in std::mem::take(&mut self.unplug_watchers) {
+            let _ = t.join();
+        }
         if let Some(t) = self.accept_thread.take() {
             let _ = t.join();
         }
