@@ -245,15 +245,18 @@ impl Shared {
             return 0;
         }
         st.out.clear();
-        match st.ring.poll(&mut st.out) {
-            Ok(_) => self.dispatch(st, wakers, me),
-            Err(e) => {
-                // What the ring took before failing (from an old broker's CQ, say) still counts.
-                let n = self.dispatch(st, wakers, me);
-                self.fail(st, e, wakers);
-                n
-            }
+        let r = st.ring.poll(&mut st.out);
+        self.settle(st, r, wakers, me)
+    }
+
+    /// Hands out the completions a ring call put in `st.out`, then fails the ring if the call
+    /// failed (what it took before failing, from an old broker's CQ say, still counts).
+    fn settle(&self, st: &mut State, r: Result<usize>, wakers: &mut Vec<Waker>, me: Option<usize>) -> usize {
+        let n = self.dispatch(st, wakers, me);
+        if let Err(e) = r {
+            self.fail(st, e, wakers);
         }
+        n
     }
 
     /// Hands out the completions in `st.out`.
@@ -513,21 +516,22 @@ async fn drive(shared: Arc<Shared>, mut fds: Fds) {
                     n == 0 && woken == Woken::Control && st.ring.in_flight() > 0 && fds.broker_gone()
                 };
                 if gone {
-                    // The ring finds out (on one of its periodic checks) and reconnects if its
-                    // session does (`Reconnect`), sending its requests again; or it fails with
-                    // BrokerGone. Both may block (a reconnect retries for a while): off the
-                    // worker threads.
-                    let shared = shared.clone();
+                    // The ring connects again if its session does (`Reconnect`), sending its
+                    // requests again, or fails with BrokerGone. A reconnect may take a while
+                    // (it retries until a broker answers): off the worker threads.
+                    let (shared, socket) = (shared.clone(), fds.socket);
                     let recovered = ::tokio::task::spawn_blocking(move || {
                         let mut wakers = Vec::new();
                         let mut guard = shared.lock();
                         let st = &mut *guard;
-                        for _ in 0..=crate::EMPTY_POLLS_BEFORE_CHECK {
-                            let n = shared.reap(st, &mut wakers, None);
+                        // Unless a future's poll found the broker gone first and the ring
+                        // connected again meanwhile (its socket is no longer the one that hung up).
+                        let same = inode(st.ring.control_socket()).is_ok_and(|i| i == socket);
+                        if st.failed.is_none() && same {
+                            st.out.clear();
+                            let r = st.ring.reconnect(&mut st.out);
+                            let n = shared.settle(st, r, &mut wakers, None);
                             st.counters.reaped_by_driver += n as u64;
-                            if n > 0 || st.failed.is_some() {
-                                break;
-                            }
                         }
                         wakers
                     })
