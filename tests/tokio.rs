@@ -155,6 +155,39 @@ async fn requests_beyond_the_entries_wait_for_room() {
     assert!(c.waited_for_entry > TASKS as u64 / 2, "{c:?}");
 }
 
+/// The same on a current-thread runtime: 2000 tasks and the driver share one thread.
+#[tokio::test]
+async fn a_current_thread_runtime_serves_thousands_of_futures() {
+    let broker = TestBroker::start(&["--emulator-mode", "async", "--emulator-latency-us", "100"]);
+    let ring = AsyncNvmeRing::new(broker.connect()).unwrap();
+    let nsid = ring.namespaces()[0].nsid;
+    const TASKS: usize = 2000;
+    let tasks: Vec<_> = ring
+        .alloc_buffer(TASKS * 512)
+        .unwrap()
+        .into_chunks(512)
+        .into_iter()
+        .enumerate()
+        .map(|(task, mut buf)| {
+            let ring = ring.clone();
+            tokio::spawn(async move {
+                let offset = (task * 512) as u64;
+                pattern(task as u64 + 1000, &mut buf);
+                let (_, mut buf) = ring.write(nsid, offset, buf).await.unwrap();
+                buf.fill(0);
+                let (_, buf) = ring.read(nsid, offset, buf).await.unwrap();
+                assert!(buf[..] == patterned(task as u64 + 1000, 512)[..], "task {task}");
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let c = ring.counters();
+    assert_eq!(c.submitted, 2 * TASKS as u64);
+    assert!(c.peak_in_flight > 64 && c.waited_for_entry > 0, "{c:?}");
+}
+
 /// A future dropped while its read is in flight: the ring holds the buffer (no allocation gets
 /// it, it stays registered) until the device completes the read 500 ms later; meanwhile the
 /// ring serves other requests; then the registration is free for reuse.
