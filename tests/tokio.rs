@@ -436,11 +436,17 @@ async fn errors_come_back_typed_with_the_buffer() {
         Ok(buf)
     }
     assert!(matches!(via_question_mark(&ring, buf).await, Err(Error::Io(_))));
-    // The ring still works.
+    // The ring still works, every kind of request.
+    let mut buf = ring.alloc_buffer(2 * BLOCK).unwrap();
+    pattern(5, &mut buf);
+    let (n, buf) = ring.write_fua(ns.nsid, 0, buf).await.unwrap();
+    assert_eq!(n as usize, 2 * BLOCK);
     ring.flush(ns.nsid).await.unwrap();
-    ring.deallocate(ns.nsid, 0, 4096).await.unwrap();
-    let (n, _) = ring.write(ns.nsid, 0, ring.alloc_buffer(BLOCK).unwrap()).await.unwrap();
-    assert_eq!(n as usize, BLOCK);
+    ring.write_zeroes(ns.nsid, BLOCK as u64, BLOCK as u32).await.unwrap();
+    ring.nop().await.unwrap();
+    let (_, back) = ring.read(ns.nsid, 0, ring.alloc_buffer(2 * BLOCK).unwrap()).await.unwrap();
+    assert!(back[..BLOCK] == buf[..BLOCK] && back[BLOCK..].iter().all(|&b| b == 0));
+    ring.deallocate(ns.nsid, 0, 2 * BLOCK as u32).await.unwrap();
 }
 
 /// The broker dies with a read in flight (one the device never completes), and the session
