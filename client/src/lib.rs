@@ -51,6 +51,8 @@ mod error;
 mod session;
 #[cfg(feature = "testkit")]
 pub mod testkit;
+#[cfg(feature = "tokio")]
+pub mod tokio;
 
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::Path;
