@@ -22,6 +22,9 @@ pub enum Request {
         version: u32,
         /// Free-form name for logs.
         client_name: String,
+        /// The session this one continues, when a client connects again after its broker went
+        /// away (refused if an operator ended that session).
+        resumes: Option<u64>,
     },
     /// List the namespaces this client may use.
     ListNamespaces,
@@ -62,6 +65,9 @@ pub enum Request {
         offset: u64,
         /// Bytes to register; a multiple of 4096.
         len: u64,
+        /// The id it must get (a client registering its buffers again after reconnecting to a
+        /// restarted broker, so requests naming them need no change); `None`: any free id.
+        id: Option<u32>,
     },
     /// Unregister a buffer: no new request may use it; answered once no request in flight
     /// uses it any more (so its memory is the client's again).
@@ -299,6 +305,17 @@ pub enum ControlError {
     /// The session reached its registration limits.
     #[error("buffer limit reached: {0}")]
     BufferLimit(String),
+    /// The session a client tried to resume was ended by an operator (`nvmectl kill`).
+    #[error("session {0} was ended by an operator; not resuming it")]
+    SessionKilled(u64),
+    /// A buffer id asked for is in use, or too large.
+    #[error("buffer id {id} is taken, or not below the session's buffer limit {limit}")]
+    BufferIdUnavailable {
+        /// The id asked for.
+        id: u32,
+        /// Ids must be below this.
+        limit: u64,
+    },
     /// The buffer id is not registered by this session.
     #[error("unknown buffer id {0}")]
     UnknownBuffer(u32),
@@ -364,11 +381,11 @@ mod tests {
     #[test]
     fn requests_round_trip() {
         let reqs = [
-            Request::Hello { version: 1, client_name: "t".into() },
+            Request::Hello { version: 1, client_name: "t".into(), resumes: Some(4) },
             Request::CreateRing { sq_entries: 64, cq_entries: 128, thread: Some(1) },
             Request::CloseRing { ring_id: 3 },
             Request::IoThreads,
-            Request::RegisterBuffer { offset: 4096, len: 1 << 20 },
+            Request::RegisterBuffer { offset: 4096, len: 1 << 20, id: Some(3) },
             Request::UnregisterBuffer { buffer_id: 7 },
             Request::Stats,
         ];

@@ -263,6 +263,8 @@ pub struct Session {
     pub faulted: bool,
     /// Set when the session ends: drain, then release and answer.
     pub closing: Option<Option<Sender<()>>>,
+    /// What the ring's fault word says once it is closed.
+    pub close_fault: nvmed_proto::RingFault,
     /// Counters.
     pub counters: Arc<SessionCounters>,
 }

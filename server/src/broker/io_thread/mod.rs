@@ -108,6 +108,8 @@ pub enum IoRequest {
     CloseRing {
         /// Ring key.
         key: usize,
+        /// Why, as the ring's fault word will say once it is closed (`Closed`, or `Killed`).
+        fault: RingFault,
         /// Answered after release.
         reply: Sender<()>,
     },
@@ -479,6 +481,7 @@ impl IoThread {
                         vectored: 0,
                         faulted: false,
                         closing: None,
+                        close_fault: RingFault::Closed,
                         counters,
                     });
                     self.order.push(key);
@@ -496,8 +499,9 @@ impl IoThread {
                         let _ = reply.send(());
                     }
                 },
-                IoRequest::CloseRing { key, reply } => match self.sessions.get_mut(key) {
+                IoRequest::CloseRing { key, fault, reply } => match self.sessions.get_mut(key) {
                     Some(s) => {
+                        s.close_fault = fault;
                         if s.closing.is_none() {
                             self.closing += 1;
                         }
@@ -638,7 +642,7 @@ impl IoThread {
             }
             if let Some(ring) = s.ring.as_ref() {
                 let _ = self.epoll.delete(ring.submit_fd.as_fd());
-                ring.fault(if dead { RingFault::DeviceFailed } else { RingFault::Closed });
+                ring.fault(if dead { RingFault::DeviceFailed } else { s.close_fault });
             }
             let reply = s.closing.take().flatten();
             if dead {
