@@ -72,6 +72,8 @@ struct FioRun {
 fn fio(engine: &Path, socket: &Path, args: &[&str]) -> FioRun {
     let out = Command::new("fio")
         .args(args)
+        // Verify state files and the like go to the broker's scratch directory, not the source tree.
+        .current_dir(socket.parent().unwrap())
         .env("NVMED_FIO_ENGINE", engine)
         .env("NVMED_SOCKET", socket)
         // The engine finds libnvmed.so beside itself (runpath $ORIGIN); cargo's LD_LIBRARY_PATH
