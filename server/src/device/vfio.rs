@@ -543,7 +543,16 @@ impl NvmeDevice for VfioNvme {
             let _ = d.disable_msix();
             let _ = d.disable_irq(REQ_IRQ_INDEX);
         }
-        *device = None; // closes the device fd: the kernel may complete the removal
+        if let Some(d) = device.take() {
+            // Close the device fd (the kernel may then complete the removal) without dropping
+            // the VfioDevice: its Drop looks the device's IOMMU group up in sysfs, which a device
+            // being removed may no longer have (vfio-ioctls then panics), and cannot give the
+            // group back to the container in that state anyway. The group stays open.
+            // SAFETY: the fd is the device's own, closed once here; `d` is forgotten right
+            // after, so nothing uses or closes it again.
+            unsafe { libc::close(d.as_raw_fd()) };
+            std::mem::forget(d);
+        }
         tracing::warn!(bdf = %self.bdf, "device released to the kernel (hot unplug)");
     }
 }
