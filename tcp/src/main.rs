@@ -1,0 +1,2 @@
+//! nvmed-tcp: serve nvmed namespaces over NVMe/TCP.
+fn main() {}
