@@ -6,4 +6,12 @@
 //! queue, with the queue's data buffer registered once, so data moves socket -> registered
 //! buffer -> device DMA with no other copy.
 
+pub mod config;
+pub mod ctrl;
+mod ioq;
 pub mod pdu;
+pub mod server;
+
+pub use config::{Config, ConfigError, ConfigFile, HostAccess};
+pub use server::{serve, ConnError, Target};
+pub mod initiator;

@@ -167,7 +167,9 @@ pub mod sgl {
 }
 
 /// A 16-byte NVMe completion queue entry.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Default, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned,
+)]
 #[repr(C)]
 pub struct NvmeCqe {
     /// Command specific result (DW0 and DW1).
@@ -432,7 +434,10 @@ pub fn check_common(
     let (hlen, pdo) = (usize::from(h.hlen), usize::from(h.pdo));
     let allowed = match rx {
         Receiver::Controller => {
-            matches!(t, pdu_type::IC_REQ | pdu_type::H2C_TERM_REQ | pdu_type::CAPSULE_CMD | pdu_type::H2C_DATA)
+            matches!(
+                t,
+                pdu_type::IC_REQ | pdu_type::H2C_TERM_REQ | pdu_type::CAPSULE_CMD | pdu_type::H2C_DATA
+            )
         }
         Receiver::Host => matches!(
             t,
@@ -615,8 +620,12 @@ pub fn decode_header(bytes: &[u8], layout: &Layout) -> Result<Header, PduError> 
                 Header::IcResp(ic)
             }
         }
-        pdu_type::H2C_TERM_REQ => Header::H2cTermReq(TermReqPdu::read_from_bytes(head).map_err(short("len"))?),
-        pdu_type::C2H_TERM_REQ => Header::C2hTermReq(TermReqPdu::read_from_bytes(head).map_err(short("len"))?),
+        pdu_type::H2C_TERM_REQ => {
+            Header::H2cTermReq(TermReqPdu::read_from_bytes(head).map_err(short("len"))?)
+        }
+        pdu_type::C2H_TERM_REQ => {
+            Header::C2hTermReq(TermReqPdu::read_from_bytes(head).map_err(short("len"))?)
+        }
         pdu_type::CAPSULE_CMD => Header::CapsuleCmd(CapsuleCmd::read_from_bytes(head).map_err(short("len"))?),
         pdu_type::CAPSULE_RESP => {
             Header::CapsuleResp(CapsuleResp::read_from_bytes(head).map_err(short("len"))?)
@@ -657,7 +666,12 @@ pub struct Parsed<'a> {
 }
 
 /// Parses one whole PDU at the start of `buf`.
-pub fn parse<'a>(buf: &'a [u8], rx: Receiver, dg: Option<Digests>, limits: &Limits) -> Result<Parsed<'a>, PduError> {
+pub fn parse<'a>(
+    buf: &'a [u8],
+    rx: Receiver,
+    dg: Option<Digests>,
+    limits: &Limits,
+) -> Result<Parsed<'a>, PduError> {
     if buf.len() < COMMON_LEN {
         return Err(PduError::Truncated { have: buf.len(), need: COMMON_LEN });
     }
@@ -721,7 +735,8 @@ fn hd_flag(dg: Digests) -> u8 {
 /// Appends a response capsule.
 pub fn push_capsule_resp(out: &mut Vec<u8>, dg: Digests, cqe: NvmeCqe) {
     let plen = SHORT_HLEN + dg.hd();
-    let p = CapsuleResp { hdr: CommonHeader::new(pdu_type::CAPSULE_RESP, hd_flag(dg), SHORT_HLEN, 0, plen), cqe };
+    let p =
+        CapsuleResp { hdr: CommonHeader::new(pdu_type::CAPSULE_RESP, hd_flag(dg), SHORT_HLEN, 0, plen), cqe };
     push_header(out, p.as_bytes(), dg, 0);
 }
 
@@ -774,11 +789,8 @@ pub fn push_data_header(
 /// Appends the header part of a command capsule with `data_len` bytes of in-capsule data
 /// (which the caller sends next, then its digest when `dg.data` and `data_len > 0`).
 pub fn push_capsule_cmd(out: &mut Vec<u8>, dg: Digests, cmd: NvmeCmd, data_len: usize) {
-    let (pdo, dd) = if data_len > 0 {
-        (CMD_HLEN + dg.hd(), if dg.data { DIGEST_LEN } else { 0 })
-    } else {
-        (0, 0)
-    };
+    let (pdo, dd) =
+        if data_len > 0 { (CMD_HLEN + dg.hd(), if dg.data { DIGEST_LEN } else { 0 }) } else { (0, 0) };
     let mut f = hd_flag(dg);
     if data_len > 0 && dg.data {
         f |= flags::DDGST;
@@ -847,10 +859,7 @@ mod tests {
         assert_eq!(Digests::from_bits(ic.digest), BOTH);
         assert_eq!(ic.max.get(), 0);
         // A second ICReq after initialisation is a sequence error.
-        assert_eq!(
-            parse(&b, Receiver::Controller, Some(BOTH), &LIM).unwrap_err().fes(),
-            fes::SEQUENCE
-        );
+        assert_eq!(parse(&b, Receiver::Controller, Some(BOTH), &LIM).unwrap_err().fes(), fes::SEQUENCE);
         // PFV 1 is unsupported; HLEN 127 is a bad field at byte 2.
         let mut bad = b.clone();
         bad[8] = 1;
@@ -963,7 +972,11 @@ mod tests {
     fn r2t_resp_and_term_req() {
         let mut v = Vec::new();
         push_r2t(&mut v, BOTH, 5, 2, 8192, 65536);
-        push_capsule_resp(&mut v, BOTH, NvmeCqe { cid: U16::new(5), status: U16::new(2 << 1), ..Default::default() });
+        push_capsule_resp(
+            &mut v,
+            BOTH,
+            NvmeCqe { cid: U16::new(5), status: U16::new(2 << 1), ..Default::default() },
+        );
         push_term_req(&mut v, true, fes::HEADER_DIGEST, 0, &[0xee; 200]);
         let p = parse(&v, Receiver::Host, Some(BOTH), &LIM).unwrap();
         assert!(matches!(p.header, Header::R2t(r) if r.r2tl.get() == 65536 && r.ttag.get() == 2));
@@ -979,7 +992,8 @@ mod tests {
     }
 
     fn valid_pdus() -> Vec<Vec<u8>> {
-        let mut all = vec![ic_req(BOTH, 0, 0).as_bytes().to_vec(), capsule(BOTH, &[9; 300]), capsule(BOTH, &[])];
+        let mut all =
+            vec![ic_req(BOTH, 0, 0).as_bytes().to_vec(), capsule(BOTH, &[9; 300]), capsule(BOTH, &[])];
         let mut v = Vec::new();
         push_data_header(&mut v, BOTH, 0, false, 3, 9, 0, 16, true);
         v.extend_from_slice(&[7; 16]);
