@@ -67,8 +67,13 @@ fn ok(d: Done) -> Done {
 
 /// Admin queue up to an enabled controller with `queues` I/O queues granted.
 fn admin(f: &Fixture, dg: Digests, hostnqn: &str, queues: u16) -> Initiator {
+    admin_kato(f, dg, hostnqn, queues, 5000)
+}
+
+fn admin_kato(f: &Fixture, dg: Digests, hostnqn: &str, queues: u16, kato_ms: u32) -> Initiator {
     let mut o = opts(0, 0xffff, dg);
     o.hostnqn = hostnqn.into();
+    o.kato_ms = kato_ms;
     let mut a = Initiator::connect(f.addr, &o).expect("admin connect");
     let cap = a.property_get(prop::CAP, true).unwrap();
     assert_eq!(cap & 0xffff, 127, "MQES");
@@ -364,4 +369,36 @@ fn keep_alive_timeout_and_connection_cap() {
     let mut a = Initiator::connect(f.addr, &opts(0, 0xffff, Digests::default())).unwrap();
     assert!(a.property_get(prop::CAP, true).is_ok());
     drop(f.rt);
+}
+
+#[test]
+fn host_that_stops_reading_is_disconnected() {
+    let f = fixture(|c| c.io_timeout = Duration::from_secs(2));
+    // No keep alive timeout: only the stall may end the connection.
+    let a = admin_kato(&f, Digests::default(), HOST, 2, 0);
+    let mut q = io_queue(&f, &a, 1, Digests::default(), HOST).unwrap();
+    let mut other = io_queue(&f, &a, 2, Digests::default(), HOST).unwrap();
+    let small: libc::c_int = 4096;
+    // SAFETY: setsockopt reads `small` (an int of the size given) and touches nothing else.
+    let r = unsafe {
+        libc::setsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(q.stream()),
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUF,
+            (&small as *const libc::c_int).cast(),
+            size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(r, 0);
+    // 64 reads of 128 KiB (8 MiB) that are never read: more than the socket buffers hold.
+    for k in 0..64u64 {
+        q.submit(rw(false, 1, k * 256, 128 << 10), None, 128 << 10).unwrap();
+    }
+    let before = f.target.connections();
+    common::wait_until("the stalled connection closed", Duration::from_secs(15), || {
+        f.target.connections() < before
+    });
+    // The other queue of the same controller is untouched.
+    ok(other.run(rw(false, 1, 0, 4096), None, 4096).unwrap());
+    assert_eq!(f.target.controllers(), 1);
 }
