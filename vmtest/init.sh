@@ -347,6 +347,7 @@ check matrix-only-namespace-unusable matrix_refuses 0c \
     "the controller has no usable namespace: namespace 1: LBA size 16384 bytes exceeds the controller's maximum transfer of 8192 bytes"
 echo "VMTEST TIME matrix $(( $(cut -d. -f1 /proc/uptime) - t0 )) s"
 sed 's/^/  nvmed| /' /tmp/nvmed.log | tail -40
+[ -f /tcp.sh ] && . /tcp.sh # nvmed-tcp: the guest kernel's NVMe/TCP initiator (vmtest/tcp.sh)
 say "DONE failed=$FAILED"
 sync
 poweroff -f

@@ -2,7 +2,7 @@
 # the nvmed-tcp scenario (vmtest/tcp.sh, run by init.sh) needs: nvmed-tcp and blkcheck, the
 # guest kernel's NVMe/TCP initiator and ext4 modules, mke2fs/e2fsck, and the scenario itself.
 vm_packages mke2fs:e2fsprogs
-vm_static_build -p nvmed-tcp --bin nvmed-tcp -p nvmed-vmtest --bin blkcheck
+# (run.sh builds nvmed-tcp and blkcheck with the other static binaries.)
 tcp_mods="crc32c_generic nvme-fabrics nvme-tcp crc16 mbcache jbd2 ext4"
 vm_modules "$root" $tcp_mods
 echo "$tcp_mods" > "$root/modules.tcp"

@@ -9,6 +9,9 @@ TCP_HOST=nqn.2014-08.org.nvmexpress:uuid:6e766d65-6474-6370-0000-000000000001
 TCP_OTHER=nqn.2014-08.org.nvmexpress:uuid:6e766d65-6474-6370-0000-000000000002
 TCP_BYTES=$((96 << 20))
 TCP_DEV=
+# e2fsprogs' tools (copied from the host at their paths; busybox's mke2fs applet is in /bin).
+MKE2FS=$(ls /usr/sbin/mke2fs /sbin/mke2fs 2>/dev/null | head -1)
+E2FSCK=$(ls /usr/sbin/e2fsck /sbin/e2fsck 2>/dev/null | head -1)
 
 tcp_setup() {
     for m in $(cat /modules.tcp); do insmod /lib/modules/$m.ko || { echo "insmod $m failed"; return 1; }; done
@@ -66,22 +69,23 @@ tcp_reconnect() {
         --sizes 4096,8192,65536,131072,1048576
 }
 tcp_fs() {
-    mke2fs -q -F -t ext4 $TCP_DEV || return 1
-    e2fsck -fn $TCP_DEV || return 1
+    $MKE2FS -q -F -t ext4 $TCP_DEV || return 1
+    $E2FSCK -fn $TCP_DEV || return 1
     mkdir -p /mnt/tcp && mount -t ext4 $TCP_DEV /mnt/tcp || return 1
     dd if=/dev/urandom of=/tmp/tcp-file bs=1M count=8 2>/dev/null
     cp /tmp/tcp-file /mnt/tcp/file && sync && umount /mnt/tcp || return 1
     echo 3 > /proc/sys/vm/drop_caches
     mount -t ext4 $TCP_DEV /mnt/tcp && cmp /tmp/tcp-file /mnt/tcp/file && umount /mnt/tcp || return 1
-    e2fsck -fn $TCP_DEV
+    $E2FSCK -fn $TCP_DEV
 }
 tcp_digests() {
     tcp_disconnect || return 1
     before=$(tcp_queues)
     tcp_connect $TCP_HOST ",hdr_digest,data_digest,nr_write_queues=2" || return 1
-    tcp_size && blkcheck --dev $TCP_DEV --mib 16 --threads 8 --seed 3 --sizes 512,8192,131072,1048576 || return 1
-    q=$(( $(tcp_queues) - before )); echo "I/O queues of this controller: $q"; [ "$q" -ge 4 ] || return 1
-    e2fsck -fn $TCP_DEV
+    # The filesystem written without digests reads back clean with them; then new verified I/O.
+    tcp_size && $E2FSCK -fn $TCP_DEV || return 1
+    blkcheck --dev $TCP_DEV --mib 16 --threads 8 --seed 3 --sizes 512,8192,131072,1048576 || return 1
+    q=$(( $(tcp_queues) - before )); echo "I/O queues of this controller: $q"; [ "$q" -ge 4 ]
 }
 tcp_refused() {
     tcp_disconnect || return 1

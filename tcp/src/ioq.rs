@@ -612,8 +612,12 @@ impl Queue {
                 if deallocate && ns.read_only {
                     return Err(sc::NS_WRITE_PROTECTED | sc::DNR);
                 }
-                s.len = ranges * 16;
-                host_data(ranges * 16)?;
+                // The host may send more than the ranges (a whole page, say): up to 4 KiB.
+                if sgl_len < ranges * 16 || sgl_len > 4096 {
+                    return Err(sc::SGL_INVALID_DATA_LEN | sc::DNR);
+                }
+                s.len = sgl_len;
+                host_data(sgl_len)?;
             }
         }
         Ok(())
