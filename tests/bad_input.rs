@@ -78,36 +78,36 @@ fn unsealed_and_non_memfd_buffers_are_refused() {
     // A memfd without F_SEAL_SHRINK.
     let m = memfd::MemfdOptions::new().allow_sealing(true).create("unsealed").unwrap();
     m.as_file().set_len(8192).unwrap();
-    let r = ring.control(&Request::RegisterBuffer { offset: 0, len: 8192 }, &[m.as_file().as_fd()]);
+    let r = ring.control(&Request::RegisterBuffer { offset: 0, len: 8192, id: None }, &[m.as_file().as_fd()]);
     assert!(matches!(r, Err(Error::Refused(ControlError::NotSealed))), "{r:?}");
     assert!(r.unwrap_err().to_string().contains("F_SEAL_SHRINK"));
     // A regular file.
     let dir = scratch_dir();
     let mut f = std::fs::File::create(dir.join("f")).unwrap();
     f.write_all(&[0; 8192]).unwrap();
-    let r = ring.control(&Request::RegisterBuffer { offset: 0, len: 8192 }, &[f.as_fd()]);
+    let r = ring.control(&Request::RegisterBuffer { offset: 0, len: 8192, id: None }, &[f.as_fd()]);
     assert!(matches!(r, Err(Error::Refused(ControlError::NotMemfd))), "{r:?}");
     // A pipe.
     let (rd, _wr) = nix::unistd::pipe().unwrap();
-    let r = ring.control(&Request::RegisterBuffer { offset: 0, len: 4096 }, &[rd.as_fd()]);
+    let r = ring.control(&Request::RegisterBuffer { offset: 0, len: 4096, id: None }, &[rd.as_fd()]);
     assert!(matches!(r, Err(Error::Refused(ControlError::NotMemfd))), "{r:?}");
     // Sealed, but lengths that do not fit.
     let m = memfd::MemfdOptions::new().allow_sealing(true).create("small").unwrap();
     m.as_file().set_len(8192).unwrap();
     m.add_seals(&[memfd::FileSeal::SealShrink]).unwrap();
     for (offset, len) in [(4096, 8192), (100, 4096), (8192, 4096)] {
-        let r = ring.control(&Request::RegisterBuffer { offset, len }, &[m.as_file().as_fd()]);
+        let r = ring.control(&Request::RegisterBuffer { offset, len, id: None }, &[m.as_file().as_fd()]);
         assert!(
             matches!(r, Err(Error::Refused(ControlError::BadBufferLength { .. }))),
             "{offset}+{len}: {r:?}"
         );
     }
     for len in [0u64, 100, 16384] {
-        let r = ring.control(&Request::RegisterBuffer { offset: 0, len }, &[m.as_file().as_fd()]);
+        let r = ring.control(&Request::RegisterBuffer { offset: 0, len, id: None }, &[m.as_file().as_fd()]);
         assert!(matches!(r, Err(Error::Refused(ControlError::BadBufferLength { .. }))), "{len}: {r:?}");
     }
     // No fd, or an fd where none belongs.
-    let r = ring.control(&Request::RegisterBuffer { offset: 0, len: 4096 }, &[]);
+    let r = ring.control(&Request::RegisterBuffer { offset: 0, len: 4096, id: None }, &[]);
     assert!(matches!(r, Err(Error::Refused(ControlError::MissingFd))), "{r:?}");
     let r = ring.control(&Request::Stats, &[m.as_file().as_fd()]);
     assert!(matches!(r, Err(Error::Refused(ControlError::UnexpectedFd))), "{r:?}");
@@ -144,7 +144,7 @@ fn malformed_oversized_and_fd_flooding_messages() {
     // Before Hello.
     assert_eq!(raw_call(&s, &encode(&Request::Stats), &[]), Response::Error(ControlError::HelloRequired));
     // Wrong version.
-    let hello = |v| encode(&Request::Hello { version: v, client_name: "raw".into() });
+    let hello = |v| encode(&Request::Hello { version: v, client_name: "raw".into(), resumes: None });
     assert!(matches!(
         raw_call(&s, &hello(99), &[]),
         Response::Error(ControlError::VersionMismatch { client: 99, .. })
@@ -161,7 +161,7 @@ fn malformed_oversized_and_fd_flooding_messages() {
     // Too many fds in one message.
     let fds: Vec<OwnedFd> = (0..8).map(|_| nvmed_proto::eventfd::new_eventfd().unwrap()).collect();
     let borrowed: Vec<_> = fds.iter().map(|f| f.as_fd()).collect();
-    let r = raw_call(&s, &encode(&Request::RegisterBuffer { offset: 0, len: 4096 }), &borrowed);
+    let r = raw_call(&s, &encode(&Request::RegisterBuffer { offset: 0, len: 4096, id: None }), &borrowed);
     assert!(matches!(r, Response::Error(ControlError::TooManyFds { .. })), "{r:?}");
     // The connection still works.
     assert!(matches!(raw_call(&s, &encode(&Request::Stats), &[]), Response::Stats(_)));
@@ -373,6 +373,6 @@ fn write_sealed_memfd_is_refused() {
     let m = memfd::MemfdOptions::new().allow_sealing(true).create("ro").unwrap();
     m.as_file().set_len(4096).unwrap();
     m.add_seals(&[memfd::FileSeal::SealShrink, memfd::FileSeal::SealWrite]).unwrap();
-    let r = ring.control(&Request::RegisterBuffer { offset: 0, len: 4096 }, &[m.as_file().as_fd()]);
+    let r = ring.control(&Request::RegisterBuffer { offset: 0, len: 4096, id: None }, &[m.as_file().as_fd()]);
     assert!(matches!(r, Err(Error::Refused(ControlError::NotWritable))), "{r:?}");
 }

@@ -276,7 +276,7 @@ fn nops_round_trip_and_ring_wraps() {
 #[test]
 fn clean_shutdown_on_sigterm_with_clients_connected() {
     let mut broker = TestBroker::start(&[]);
-    let mut ring = broker.connect();
+    let mut ring = broker.connect_once();
     let buf = ring.alloc_buffer(4096).unwrap();
     ring.write(1, 0, buf, 0, 4096).unwrap();
     assert!(broker.stop(), "nvmed did not exit 0 on SIGTERM");
@@ -316,26 +316,108 @@ fn data_moves_by_device_dma_only() {
     assert_eq!(dma, moved, "the device moved {dma} bytes for {moved} bytes of I/O");
 }
 
-#[test]
-fn a_command_that_never_completes_resets_the_controller() {
-    // The 2nd I/O command is swallowed by the device; after 300 ms the broker resets the
-    // controller, fails that command with DeviceReset, and serves on.
-    let broker = TestBroker::start(&["--inject", "hang:2", "--io-timeout-ms", "300"]);
-    let mut ring = broker.connect();
+/// Writes a pattern at 0, then reads it back into the second half of `buf` with the fault the
+/// broker was started with in the way; returns the read's outcome and how long it took.
+fn read_through_fault(ring: &mut NvmeRing) -> (Result<(), Error>, Duration) {
     let ns = ring.namespaces()[0].nsid;
-    let buf = ring.alloc_buffer(8192).unwrap();
+    let buf = nvmed_client::BufferId(ring.alloc_buffer(8192).unwrap().0);
     pattern(11, ring.buffer_mut(buf, 0, 4096).unwrap());
     ring.write(ns, 0, buf, 0, 4096).unwrap();
     let t = Instant::now();
-    match ring.read(ns, 0, buf, 4096, 4096) {
+    let r = ring.read(ns, 0, buf, 4096, 4096);
+    let took = t.elapsed();
+    if r.is_ok() {
+        assert_eq!(ring.buffer(buf, 0, 4096).unwrap(), ring.buffer(buf, 4096, 4096).unwrap(), "data differs");
+    }
+    (r, took)
+}
+
+#[test]
+fn a_command_that_times_out_is_aborted_and_sent_again() {
+    // The 2nd I/O command is swallowed by the device; after 300 ms the broker aborts it, the
+    // controller completes it with Command Abort Requested, and the broker sends it again: the
+    // client sees latency, not an error, and no reset happened.
+    let broker = TestBroker::start(&["--inject", "hang:2", "--io-timeout-ms", "300"]);
+    let mut ring = broker.connect();
+    let (r, took) = read_through_fault(&mut ring);
+    r.unwrap();
+    assert!(took >= Duration::from_millis(250), "{took:?}");
+    let s = ring.stats().unwrap();
+    assert_eq!((s.broker_aborts, s.broker_resets), (1, 0));
+}
+
+#[test]
+fn a_command_the_controller_will_not_abort_resets_it_and_is_sent_again() {
+    let broker = TestBroker::start(&["--inject", "stuck:2", "--io-timeout-ms", "300"]);
+    let mut ring = broker.connect();
+    let (r, took) = read_through_fault(&mut ring);
+    r.unwrap();
+    assert!(took >= Duration::from_millis(250), "{took:?}");
+    let s = ring.stats().unwrap();
+    assert_eq!((s.broker_aborts, s.broker_resets), (1, 1));
+    assert!(s.broker_retries >= 1);
+}
+
+#[test]
+fn without_abort_a_timeout_resets_at_once() {
+    let broker = TestBroker::start(&["--inject", "hang:2", "--io-timeout-ms", "300", "--no-abort"]);
+    let mut ring = broker.connect();
+    read_through_fault(&mut ring).0.unwrap();
+    let s = ring.stats().unwrap();
+    assert_eq!((s.broker_aborts, s.broker_resets), (0, 1));
+}
+
+#[test]
+fn a_fatal_controller_status_resets_it_and_the_command_is_sent_again() {
+    let broker = TestBroker::start(&["--inject", "fatal:2", "--io-timeout-ms", "300"]);
+    let mut ring = broker.connect();
+    read_through_fault(&mut ring).0.unwrap();
+    assert_eq!(ring.stats().unwrap().broker_resets, 1);
+}
+
+#[test]
+fn a_retryable_status_is_retried_and_succeeds() {
+    let broker = TestBroker::start(&["--inject", "retry:2", "--inject", "retry:3"]);
+    let mut ring = broker.connect();
+    read_through_fault(&mut ring).0.unwrap();
+    let s = ring.stats().unwrap();
+    assert_eq!((s.broker_retries, s.broker_resets, s.errors), (2, 0, 0));
+}
+
+#[test]
+fn a_retryable_status_on_every_try_reaches_the_client() {
+    // Tries 2, 3 and 4 all fail retryably; with --io-tries 3 the client gets the status.
+    let broker = TestBroker::start(&[
+        "--io-tries",
+        "3",
+        "--inject",
+        "retry:2",
+        "--inject",
+        "retry:3",
+        "--inject",
+        "retry:4",
+    ]);
+    let mut ring = broker.connect();
+    match read_through_fault(&mut ring).0 {
+        Err(Error::Io(Status::Nvme(s))) => assert_eq!((s.sct, s.sc, s.dnr), (0, 0x82, false), "{s:?}"),
+        other => panic!("expected Namespace Not Ready, got {other:?}"),
+    }
+    // The next read is a new request with its own tries.
+    read_through_fault(&mut ring).0.unwrap();
+}
+
+#[test]
+fn a_command_out_of_tries_fails_with_device_reset_and_the_device_serves_on() {
+    // With one try, the command the controller would not abort fails with DeviceReset.
+    let broker = TestBroker::start(&["--inject", "stuck:2", "--io-timeout-ms", "300", "--io-tries", "1"]);
+    let mut ring = broker.connect();
+    match read_through_fault(&mut ring).0 {
         Err(Error::Io(Status::Broker(nvmed_client::BrokerStatus::DeviceReset))) => {}
         other => panic!("expected DeviceReset, got {other:?}"),
     }
-    assert!(t.elapsed() >= Duration::from_millis(250));
     // The controller is back and the data written before the reset is there.
-    ring.read(ns, 0, buf, 4096, 4096).unwrap();
-    assert_eq!(ring.buffer(buf, 0, 4096).unwrap(), ring.buffer(buf, 4096, 4096).unwrap());
-    // A session whose command was aborted can leave and be released.
+    read_through_fault(&mut ring).0.unwrap();
+    // A session whose command was failed can leave and be released.
     let stats = ring.stats().unwrap();
     assert_eq!(stats.in_flight, 0);
     drop(ring);
@@ -345,6 +427,70 @@ fn a_command_that_never_completes_resets_the_controller() {
         s = other.stats().unwrap();
         s.broker_sessions == 1
     });
+}
+
+#[test]
+fn a_media_error_is_passed_through_untried_and_a_write_repairs_the_block() {
+    // LBA 8 (512-byte blocks: bytes 4096..4608) reads with an unrecovered read error.
+    let broker = TestBroker::start(&["--inject", "media:8"]);
+    let mut ring = broker.connect();
+    let ns = ring.namespaces()[0].nsid;
+    let buf = ring.alloc_buffer(8192).unwrap();
+    ring.read(ns, 0, buf, 0, 4096).unwrap();
+    match ring.read(ns, 0, buf, 0, 8192) {
+        Err(Error::Io(Status::Nvme(s))) => assert_eq!((s.sct, s.sc, s.dnr), (2, 0x81, true), "{s:?}"),
+        other => panic!("expected the media error, got {other:?}"),
+    }
+    assert_eq!(ring.stats().unwrap().broker_retries, 0, "a Do Not Retry status was retried");
+    pattern(3, ring.buffer_mut(buf, 0, 4096).unwrap());
+    ring.write(ns, 4096, buf, 0, 4096).unwrap();
+    ring.read(ns, 4096, buf, 4096, 4096).unwrap();
+    assert_eq!(ring.buffer(buf, 0, 4096).unwrap(), ring.buffer(buf, 4096, 4096).unwrap());
+}
+
+#[test]
+fn a_device_that_disappears_fails_everything_with_device_gone() {
+    // The 2nd command finds the device gone: it never completes, the broker finds out at its
+    // timeout (registers read as all ones) and fails it; later requests fail at once; the
+    // control socket still answers, and says so; SIGTERM still ends the broker cleanly.
+    let mut broker = TestBroker::start(&["--inject", "gone:2", "--io-timeout-ms", "300"]);
+    let mut ring = broker.connect();
+    let gone = Status::Broker(nvmed_client::BrokerStatus::DeviceGone);
+    match read_through_fault(&mut ring).0 {
+        Err(Error::Io(s)) if s == gone => {}
+        other => panic!("expected DeviceGone, got {other:?}"),
+    }
+    let buf = ring.alloc_buffer(4096).unwrap();
+    let t = Instant::now();
+    match ring.read(1, 0, buf, 0, 4096) {
+        Err(Error::Io(s)) if s == gone => {}
+        other => panic!("expected DeviceGone, got {other:?}"),
+    }
+    assert!(t.elapsed() < Duration::from_millis(200), "a request to a gone device waited");
+    let Response::Namespaces(list) = ring.control(&Request::ListNamespaces, &[]).unwrap() else {
+        panic!("no namespace list")
+    };
+    assert_eq!(list[0].state, nvmed_client::ControllerState::Gone);
+    // Idle, it sleeps rather than spins.
+    let pid = broker.child.as_ref().unwrap().id();
+    let cpu = || {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+        let f: Vec<u64> = stat
+            .rsplit(')')
+            .next()
+            .unwrap()
+            .split_whitespace()
+            .skip(11)
+            .take(2)
+            .map(|x| x.parse().unwrap())
+            .collect();
+        f[0] + f[1]
+    };
+    let before = cpu();
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(cpu() - before < 30, "the broker spins on a gone device");
+    drop(ring);
+    assert!(broker.stop(), "nvmed did not exit cleanly with its device gone");
 }
 
 #[test]

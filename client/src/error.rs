@@ -19,9 +19,17 @@ pub enum Error {
     /// The broker answered something the protocol does not allow here.
     #[error("protocol violation by the broker: {0}")]
     Protocol(String),
-    /// The connection to the broker is gone.
+    /// The connection to the broker is gone (and reconnecting is off).
     #[error("the broker closed the connection")]
     BrokerGone,
+    /// The broker went away and the session could not connect again.
+    #[error("the broker went away and reconnecting failed after {after:?}: {reason}")]
+    ReconnectFailed {
+        /// How long it tried.
+        after: std::time::Duration,
+        /// The last attempt's error.
+        reason: String,
+    },
     /// The broker stopped serving this ring.
     #[error("the broker stopped serving this ring: {0:?}")]
     RingFaulted(Option<RingFault>),

@@ -62,7 +62,7 @@ pub use buffer::MemfdBuffer;
 pub use error::{Error, Result};
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use session::{unexpected, SessionInner};
-pub use session::{NvmeSession, SessionOptions, SharedBuffer};
+pub use session::{NvmeSession, Reconnect, SessionOptions, SharedBuffer};
 
 use nvmed_proto::layout::{
     RingLayout, BROKER_CQ_WAIT, BROKER_FAULTED, BROKER_FLAGS_OFFSET, BROKER_NEED_WAKEUP, CLIENT_CQ_WAITING,
@@ -72,8 +72,8 @@ use nvmed_proto::ring::{completion_ring, submission_ring, Consumer, Producer, Sh
 use nvmed_proto::shm::SharedMemory;
 use nvmed_proto::wakeup::{announce_sleep, end_sleep, peer_flags, SharedFlags};
 pub use nvmed_proto::{
-    BrokerStatus, HealthSummary, IoThreadInfo, NamespaceInfo, NvmeStatus, Opcode, Segment, Sqe, Stats,
-    Status, MAX_SEGMENTS,
+    BrokerStatus, ControllerState, HealthSummary, IoThreadInfo, NamespaceInfo, NvmeStatus, Opcode, Segment,
+    Sqe, Stats, Status, MAX_SEGMENTS,
 };
 use nvmed_proto::{Cqe, Request, Response, RingFault, RingHeader};
 use slab::Slab;
@@ -98,6 +98,8 @@ pub struct RingOptions {
     pub spin: Duration,
     /// The broker I/O thread to serve the ring (`None`: the least loaded).
     pub thread: Option<u16>,
+    /// What a session opened with [`NvmeRing::open_with`] does when its broker goes away.
+    pub reconnect: Reconnect,
 }
 
 impl Default for RingOptions {
@@ -108,6 +110,7 @@ impl Default for RingOptions {
             client_name: std::env::args().next().unwrap_or_else(|| "nvmed-client".into()),
             spin: Duration::from_micros(50),
             thread: None,
+            reconnect: Reconnect::default(),
         }
     }
 }
@@ -255,6 +258,9 @@ impl Ranges {
 
 #[derive(Debug)]
 struct Pending {
+    /// The entry as submitted (its `user_data` is the library's tag), to send it again after
+    /// a reconnect.
+    sqe: Sqe,
     user_data: u64,
     /// The SQ index its entry was written at: once it completes, the broker has consumed every
     /// SQ entry up to this one.
@@ -305,6 +311,13 @@ struct ClientBuffer {
 #[derive(Debug)]
 pub struct NvmeRing {
     session: Arc<SessionInner>,
+    /// The control connection this ring was created on, and its epoch (see
+    /// [`NvmeRing::reconnects`]).
+    sock: Arc<OwnedFd>,
+    epoch: u64,
+    /// What it was created with, to create it again after a reconnect.
+    sq_entries: u32,
+    thread_wanted: Option<u16>,
     ring_id: u32,
     thread: u16,
     mem: Arc<SharedMemory>,
@@ -336,16 +349,128 @@ impl NvmeRing {
     /// Connects, says hello, lists namespaces and creates the session's first ring. More rings
     /// of the same session: [`NvmeRing::session`], then [`NvmeSession::new_ring`].
     pub fn open_with(path: impl AsRef<Path>, opts: RingOptions) -> Result<Self> {
-        let session = NvmeSession::open_with(path, SessionOptions { client_name: opts.client_name.clone() })?;
+        let session = NvmeSession::open_with(
+            path,
+            SessionOptions { client_name: opts.client_name.clone(), reconnect: opts.reconnect },
+        )?;
         session.new_ring_with(opts)
     }
 
     pub(crate) fn create(session: Arc<SessionInner>, opts: RingOptions) -> Result<Self> {
-        let req = Request::CreateRing {
+        let a = Attached::create(&session, opts.sq_entries, opts.cq_entries, opts.thread)?;
+        let (sock, epoch) = session.connection();
+        Ok(Self {
+            session,
+            sock,
+            epoch,
             sq_entries: opts.sq_entries,
-            cq_entries: opts.cq_entries,
-            thread: opts.thread,
-        };
+            thread_wanted: opts.thread,
+            ring_id: a.ring_id,
+            thread: a.thread,
+            sq: a.sq,
+            cq: a.cq,
+            mem: a.mem,
+            submit_fd: a.submit_fd,
+            complete_fd: a.complete_fd,
+            buffers: BufferTable::default(),
+            pending: Slab::with_capacity(a.sq_entries as usize),
+            spare_ranges: Vec::new(),
+            spin: opts.spin,
+            spin_now: opts.spin,
+            empty_polls: 0,
+            cq_entries: a.cq_entries,
+            cq_wait_possible: false,
+        })
+    }
+
+    /// Times this ring's session connected again after its broker went away (see
+    /// [`Reconnect`]); the ring then created itself again and sent its requests again.
+    pub fn reconnects(&self) -> u64 {
+        self.session.reconnects()
+    }
+
+    /// The broker went away (or another handle of the session already connected to a new one):
+    /// takes what the old broker completed, makes sure the session is connected again, creates
+    /// the ring again, and sends every request that had not completed, in the order they were
+    /// first sent. Completions gathered meanwhile go to `out`; returns how many.
+    fn recover(&mut self, out: &mut Vec<Completion>) -> Result<usize> {
+        // A ring an operator ended, or that broke, does not come back.
+        if self.faulted() {
+            let fault = RingFault::from_code(self.mem.load_u32(FAULT_OFFSET, Ordering::Acquire));
+            if fault != Some(RingFault::Closed) {
+                return Err(Error::RingFaulted(fault));
+            }
+        }
+        if !self.session.reconnect.enabled {
+            return Err(Error::BrokerGone);
+        }
+        // What the old broker finished is in the old CQ: those must not be sent again.
+        let mut got = self.take_completions(out)?;
+        self.session.reconnect(self.epoch)?;
+        let a = Attached::create(&self.session, self.sq_entries, self.cq_entries, self.thread_wanted)?;
+        (self.sock, self.epoch) = self.session.connection();
+        self.ring_id = a.ring_id;
+        self.thread = a.thread;
+        self.sq = a.sq;
+        self.cq = a.cq;
+        self.mem = a.mem;
+        self.submit_fd = a.submit_fd;
+        self.complete_fd = a.complete_fd;
+        self.cq_entries = a.cq_entries;
+        self.cq_wait_possible = true;
+        self.empty_polls = 0;
+        // Oldest first: the tags ordered by how long ago their entries were written.
+        let tail = self.sq.tail();
+        let mut order: Vec<(u32, usize)> =
+            self.pending.iter().map(|(tag, p)| (tail.wrapping_sub(p.sq_index), tag)).collect();
+        order.sort_unstable_by_key(|&(age, _)| std::cmp::Reverse(age));
+        for (_, tag) in order {
+            while self.sq.free().map_err(|_| Error::RingFaulted(None))? == 0 {
+                // More requests than the new SQ holds: let the broker take some.
+                self.submit()?;
+                got += self.take_completions(out)?;
+                std::thread::yield_now();
+            }
+            // Completed meanwhile? (Only requests sent again can complete here.)
+            let Some(p) = self.pending.get_mut(tag) else { continue };
+            p.sq_index = self.sq.tail();
+            let sqe = p.sqe;
+            self.sq.push_unchecked(sqe);
+        }
+        self.submit()?;
+        Ok(got)
+    }
+
+    /// Moves every completion in the CQ into `out`.
+    fn take_completions(&mut self, out: &mut Vec<Completion>) -> Result<usize> {
+        let mut got = 0;
+        loop {
+            let n = self.reap(out)?;
+            if n == 0 {
+                return Ok(got);
+            }
+            got += n;
+        }
+    }
+}
+
+/// A ring as the broker created it.
+struct Attached {
+    ring_id: u32,
+    thread: u16,
+    sq_entries: u32,
+    cq_entries: u32,
+    mem: Arc<SharedMemory>,
+    sq: Producer<SharedRing<Sqe>>,
+    cq: Consumer<SharedRing<Cqe>>,
+    submit_fd: OwnedFd,
+    complete_fd: OwnedFd,
+}
+
+impl Attached {
+    /// Asks the broker for a ring and maps it.
+    fn create(session: &SessionInner, sq_entries: u32, cq_entries: u32, thread: Option<u16>) -> Result<Self> {
+        let req = Request::CreateRing { sq_entries, cq_entries, thread };
         let (resp, mut fds) = session.call(&req, &[])?;
         let Response::RingCreated { sq_entries, cq_entries, size, ring_id, thread } = resp else {
             return Err(unexpected(resp));
@@ -368,25 +493,20 @@ impl NvmeRing {
             return Err(Error::Protocol(format!("bad ring header {header:?}")));
         }
         Ok(Self {
-            session,
             ring_id,
             thread,
+            sq_entries,
+            cq_entries,
             sq: Producer::new(submission_ring(mem.clone(), &layout), 0),
             cq: Consumer::new(completion_ring(mem.clone(), &layout), 0),
             mem,
             submit_fd,
             complete_fd,
-            buffers: BufferTable::default(),
-            pending: Slab::with_capacity(sq_entries as usize),
-            spare_ranges: Vec::new(),
-            spin: opts.spin,
-            spin_now: opts.spin,
-            empty_polls: 0,
-            cq_entries,
-            cq_wait_possible: false,
         })
     }
+}
 
+impl NvmeRing {
     /// The session this ring belongs to (for more rings, shared buffers, stats).
     pub fn session(&self) -> NvmeSession {
         NvmeSession::from_inner(self.session.clone())
@@ -442,8 +562,7 @@ impl NvmeRing {
         if b.in_flight > 0 {
             return Err(Error::InFlight { id: id.0, offset: 0, len: b.mem.len() as u64 });
         }
-        let (resp, _) = self.session.call(&Request::UnregisterBuffer { buffer_id: id.0 }, &[])?;
-        let Response::BufferUnregistered = resp else { return Err(unexpected(resp)) };
+        session::unregister(&self.session, id.0, true)?;
         Ok(self.buffers.remove(&id.0).unwrap().mem)
     }
 
@@ -704,8 +823,9 @@ impl NvmeRing {
             }
         }
         let sq_index = self.sq.tail();
-        let tag = self.pending.insert(Pending { user_data: sqe.user_data, sq_index, ranges });
-        sqe.user_data = tag as u64;
+        let entry = self.pending.vacant_entry();
+        let user_data = std::mem::replace(&mut sqe.user_data, entry.key() as u64);
+        entry.insert(Pending { sqe, user_data, sq_index, ranges });
         self.sq.push_unchecked(sqe);
         Ok(())
     }
@@ -723,7 +843,9 @@ impl NvmeRing {
         }
         let flags = peer_flags(&SharedFlags::broker(&self.mem));
         if flags & BROKER_FAULTED != 0 {
-            return Err(self.fault());
+            if let Some(e) = self.fault_error() {
+                return Err(e);
+            }
         }
         if flags & BROKER_NEED_WAKEUP != 0 {
             nvmed_proto::eventfd::signal(&self.submit_fd);
@@ -736,34 +858,57 @@ impl NvmeRing {
         Error::RingFaulted(RingFault::from_code(self.mem.load_u32(FAULT_OFFSET, Ordering::Acquire)))
     }
 
+    /// The error a faulted ring fails with, if it is faulted. A ring closed by a broker shutting
+    /// down is not an error when the session reconnects: its requests are sent again to the
+    /// next broker once this one is gone.
+    fn fault_error(&self) -> Option<Error> {
+        if !self.faulted() {
+            return None;
+        }
+        match self.fault() {
+            Error::RingFaulted(Some(RingFault::Closed)) if self.session.reconnect.enabled => None,
+            e => Some(e),
+        }
+    }
+
     fn faulted(&self) -> bool {
         self.mem.load_u32(BROKER_FLAGS_OFFSET, Ordering::Acquire) & BROKER_FAULTED != 0
     }
 
-    /// Whether the broker closed the control socket (it exited or was killed).
+    /// Whether the broker closed this ring's control connection (it exited or was killed).
     fn broker_gone(&self) -> bool {
-        self.session.broker_gone()
+        session::closed(self.sock.as_fd())
     }
 
     /// Moves finished requests into `out` without blocking. Returns how many.
     ///
     /// A client that only polls still learns that the ring is gone: every
     /// [`EMPTY_POLLS_BEFORE_CHECK`] polls in a row that find nothing, `poll` looks at the ring's
-    /// fault flag ([`Error::RingFaulted`]) and at the control socket ([`Error::BrokerGone`] when
-    /// the broker exited; the broker never writes to the socket unasked).
+    /// fault flag ([`Error::RingFaulted`]) and at the control socket (the broker never writes to
+    /// it unasked). A broker gone is reconnected to ([`Reconnect`], the requests not completed
+    /// are sent again), or is [`Error::BrokerGone`].
     pub fn poll(&mut self, out: &mut Vec<Completion>) -> Result<usize> {
         let avail = self.cq.available().map_err(|_| Error::Protocol("broker CQ tail corrupt".into()))?;
         if avail == 0 {
             self.empty_polls += 1;
             if self.empty_polls >= EMPTY_POLLS_BEFORE_CHECK {
                 self.empty_polls = 0;
-                if self.faulted() {
-                    return Err(self.fault());
+                if self.broker_gone() || self.epoch != self.session.epoch() {
+                    return self.recover(out);
                 }
-                if self.broker_gone() {
-                    return Err(Error::BrokerGone);
+                if let Some(e) = self.fault_error() {
+                    return Err(e);
                 }
             }
+            return Ok(0);
+        }
+        self.reap(out)
+    }
+
+    /// Moves the completions in the CQ now into `out`; returns how many.
+    fn reap(&mut self, out: &mut Vec<Completion>) -> Result<usize> {
+        let avail = self.cq.available().map_err(|_| Error::Protocol("broker CQ tail corrupt".into()))?;
+        if avail == 0 {
             return Ok(0);
         }
         self.empty_polls = 0;
@@ -848,9 +993,9 @@ impl NvmeRing {
             if got >= min {
                 break;
             }
-            if self.faulted() {
+            if let Some(e) = self.fault_error() {
                 end_sleep(&SharedFlags::client(&self.mem), CLIENT_CQ_WAITING);
-                return Err(self.fault());
+                return Err(e);
             }
             let remaining = match timeout {
                 Some(t) => match t.checked_sub(start.elapsed()) {
@@ -864,7 +1009,7 @@ impl NvmeRing {
             };
             let mut fds = [
                 PollFd::new(self.complete_fd.as_fd(), PollFlags::POLLIN),
-                PollFd::new(self.session.socket(), PollFlags::empty()),
+                PollFd::new(self.sock.as_fd(), PollFlags::empty()),
             ];
             let _ = poll(&mut fds, remaining);
             let sock_gone = session::hung_up(&fds[1]);
@@ -872,7 +1017,7 @@ impl NvmeRing {
             end_sleep(&SharedFlags::client(&self.mem), CLIENT_CQ_WAITING);
             got += self.poll(out)?;
             if sock_gone && got < min {
-                return Err(Error::BrokerGone);
+                got += self.recover(out)?;
             }
         }
         if !spun_out {
@@ -898,8 +1043,8 @@ impl NvmeRing {
     /// A ring the broker faulted (or whose broker is gone) fails here, instead of arming a
     /// sleep that no completion would end.
     pub fn arm_completion_fd(&mut self, out: &mut Vec<Completion>) -> Result<usize> {
-        if self.faulted() {
-            return Err(self.fault());
+        if let Some(e) = self.fault_error() {
+            return Err(e);
         }
         announce_sleep(&SharedFlags::client(&self.mem), CLIENT_CQ_WAITING);
         let n = self.poll(out);
@@ -994,7 +1139,7 @@ impl NvmeRing {
 
     /// The control socket (for testing the broker with hand-made datagrams).
     pub fn control_socket(&self) -> std::os::fd::BorrowedFd<'_> {
-        self.session.socket()
+        self.sock.as_fd()
     }
 
     /// Raw access to the ring mapping (for testing the broker against a hostile client).
@@ -1010,9 +1155,12 @@ impl Drop for NvmeRing {
         if Arc::strong_count(&self.session) == 1 {
             return;
         }
-        let _ = self.session.call(&Request::CloseRing { ring_id: self.ring_id }, &[]);
+        // (Never reconnecting for that: a broker gone has released them already.)
+        if self.epoch == self.session.epoch() {
+            let _ = self.session.call_once(&Request::CloseRing { ring_id: self.ring_id }, &[]);
+        }
         for id in self.buffers.ids() {
-            let _ = self.session.call(&Request::UnregisterBuffer { buffer_id: id }, &[]);
+            let _ = session::unregister(&self.session, id, false);
         }
     }
 }

@@ -4,14 +4,27 @@
 //! limits. It may have several rings ([`NvmeSession::new_ring`]), each served by one of the
 //! broker's I/O threads, so the threads of one application each drive their own ring without
 //! sharing anything on the I/O path, and all use the same registered memory.
+//!
+//! ## Reconnecting
+//!
+//! When the broker goes away (it crashed, was killed, or is being restarted), the session
+//! connects again on its own ([`Reconnect`]): it retries with a growing backoff until a broker
+//! answers or its budget runs out, says hello, checks that the namespaces are the same, and
+//! registers every buffer again under the same id (it keeps a duplicate of each buffer's memfd
+//! for that). Each ring then creates itself again and sends every request that had not
+//! completed (see [`crate::NvmeRing`]). Block I/O is idempotent, so a request the old broker
+//! had already given the device may run twice; none is lost, and each completes once. A session
+//! an operator ended (`nvmectl kill`) does not come back.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
-use nix::sys::socket::{connect, socket, AddressFamily, SockFlag, SockType, UnixAddr};
+use nix::sys::socket::{connect as connect_unix, socket, AddressFamily, SockFlag, SockType, UnixAddr};
 use nvmed_proto::control::{decode, encode};
 use nvmed_proto::{transport, IoThreadInfo, NamespaceInfo, Request, Response, Stats, PROTOCOL_VERSION};
 
@@ -24,24 +37,87 @@ use crate::{BufferId, NvmeRing, RingOptions};
 pub struct SessionOptions {
     /// Name shown in the broker's logs.
     pub client_name: String,
+    /// What to do when the broker goes away.
+    pub reconnect: Reconnect,
 }
 
 impl Default for SessionOptions {
     fn default() -> Self {
-        Self { client_name: std::env::args().next().unwrap_or_else(|| "nvmed-client".into()) }
+        Self {
+            client_name: std::env::args().next().unwrap_or_else(|| "nvmed-client".into()),
+            reconnect: Reconnect::default(),
+        }
     }
+}
+
+/// How a session connects again when its broker goes away (see the module docs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Reconnect {
+    /// Connect again at all. Off: the broker going away fails the session's calls and rings
+    /// with [`Error::BrokerGone`]. The environment variable `NVMED_RECONNECT=0` turns it off
+    /// for every session of the process.
+    pub enabled: bool,
+    /// First wait between two attempts (doubling after each, up to `max_backoff`).
+    pub backoff: Duration,
+    /// Longest wait between two attempts.
+    pub max_backoff: Duration,
+    /// Give up this long after the broker was found gone: [`Error::ReconnectFailed`].
+    pub budget: Duration,
+}
+
+impl Default for Reconnect {
+    fn default() -> Self {
+        let enabled = std::env::var("NVMED_RECONNECT").map_or(true, |v| v != "0");
+        Self {
+            enabled,
+            backoff: Duration::from_millis(10),
+            max_backoff: Duration::from_secs(1),
+            budget: Duration::from_secs(30),
+        }
+    }
+}
+
+impl Reconnect {
+    /// Never reconnect.
+    pub fn off() -> Self {
+        Self { enabled: false, ..Self::default() }
+    }
+}
+
+/// The control connection of the session's current broker.
+#[derive(Debug)]
+struct Conn {
+    sock: Arc<OwnedFd>,
+    /// Bumped by each reconnect.
+    epoch: u64,
+}
+
+/// A registered buffer, as needed to register it again after a reconnect.
+#[derive(Debug)]
+struct Registration {
+    fd: OwnedFd,
+    offset: u64,
+    len: u64,
 }
 
 /// What the session's handles share.
 #[derive(Debug)]
 pub(crate) struct SessionInner {
-    sock: OwnedFd,
-    /// One request and its reply at a time on the socket.
-    calls: Mutex<()>,
-    session_id: u64,
+    path: PathBuf,
+    client_name: String,
+    pub(crate) reconnect: Reconnect,
+    /// The connection; held for a request and its reply (one at a time on the socket), and
+    /// while reconnecting.
+    conn: Mutex<Conn>,
+    session_id: AtomicU64,
+    reconnects: AtomicU64,
+    /// The connection's epoch, readable without waiting for a call in progress.
+    epoch: AtomicU64,
     namespaces: Vec<NamespaceInfo>,
     /// Buffers registered for every ring ([`SharedBuffer`]): id -> length.
     shared: Mutex<HashMap<u32, u64>>,
+    /// Every buffer registered (shared and rings' own), by id.
+    registrations: Mutex<BTreeMap<u32, Registration>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -49,18 +125,117 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl SessionInner {
-    /// One control request and its reply.
+    /// One control request and its reply; if the broker is gone, connects again (when
+    /// allowed) and sends it to the new broker.
     pub(crate) fn call(&self, req: &Request, fds: &[BorrowedFd<'_>]) -> Result<(Response, Vec<OwnedFd>)> {
-        let _one_at_a_time = lock(&self.calls);
-        call(&self.sock, req, fds)
+        let mut conn = lock(&self.conn);
+        match call(&conn.sock, req, fds) {
+            Err(Error::BrokerGone) if self.reconnect.enabled => {
+                let epoch = conn.epoch;
+                self.reconnect_locked(&mut conn, epoch)?;
+                call(&conn.sock, req, fds)
+            }
+            r => r,
+        }
     }
 
-    pub(crate) fn socket(&self) -> BorrowedFd<'_> {
-        self.sock.as_fd()
+    /// One control request and its reply, never reconnecting (for releasing things: a gone
+    /// broker has released them already).
+    pub(crate) fn call_once(
+        &self,
+        req: &Request,
+        fds: &[BorrowedFd<'_>],
+    ) -> Result<(Response, Vec<OwnedFd>)> {
+        let conn = lock(&self.conn);
+        call(&conn.sock, req, fds)
+    }
+
+    /// The current connection's socket and epoch.
+    pub(crate) fn connection(&self) -> (Arc<OwnedFd>, u64) {
+        let conn = lock(&self.conn);
+        (conn.sock.clone(), conn.epoch)
+    }
+
+    /// Makes sure the session is connected to a broker newer than connection `epoch` (the one
+    /// a ring found gone): connects again unless another handle already did.
+    pub(crate) fn reconnect(&self, epoch: u64) -> Result<()> {
+        let mut conn = lock(&self.conn);
+        self.reconnect_locked(&mut conn, epoch)
+    }
+
+    fn reconnect_locked(&self, conn: &mut Conn, epoch: u64) -> Result<()> {
+        if conn.epoch != epoch {
+            return Ok(()); // another handle already connected again
+        }
+        if !self.reconnect.enabled {
+            return Err(Error::BrokerGone);
+        }
+        let started = Instant::now();
+        let mut wait = self.reconnect.backoff;
+        loop {
+            match self.connect_again() {
+                Ok((sock, session_id)) => {
+                    conn.sock = Arc::new(sock);
+                    conn.epoch += 1;
+                    self.epoch.store(conn.epoch, Ordering::Release);
+                    self.session_id.store(session_id, Ordering::Relaxed);
+                    self.reconnects.fetch_add(1, Ordering::Relaxed);
+                    return Ok(());
+                }
+                Err(e @ (Error::Connect { .. } | Error::BrokerGone)) => {
+                    if started.elapsed() + wait > self.reconnect.budget {
+                        return Err(Error::ReconnectFailed {
+                            after: started.elapsed(),
+                            reason: e.to_string(),
+                        });
+                    }
+                    std::thread::sleep(wait);
+                    wait = (wait * 2).min(self.reconnect.max_backoff);
+                }
+                // An operator ended this session: that is the answer.
+                Err(e @ Error::Refused(nvmed_proto::ControlError::SessionKilled(_))) => return Err(e),
+                // A broker answered, but this session cannot go on there.
+                Err(e) => {
+                    return Err(Error::ReconnectFailed { after: started.elapsed(), reason: e.to_string() })
+                }
+            }
+        }
+    }
+
+    /// One attempt: connect, hello, the same namespaces, every buffer registered again under
+    /// its id.
+    fn connect_again(&self) -> Result<(OwnedFd, u64)> {
+        let (sock, session_id, namespaces) = connect(&self.path, &self.client_name, Some(self.session_id()))?;
+        let key = |n: &NamespaceInfo| (n.nsid, n.lba_size, n.lba_count);
+        if !namespaces.iter().map(key).eq(self.namespaces.iter().map(key)) {
+            return Err(Error::Protocol(format!(
+                "the broker serves other namespaces now: {:?}, was {:?}",
+                namespaces.iter().map(key).collect::<Vec<_>>(),
+                self.namespaces.iter().map(key).collect::<Vec<_>>()
+            )));
+        }
+        for (&id, r) in lock(&self.registrations).iter() {
+            let req = Request::RegisterBuffer { offset: r.offset, len: r.len, id: Some(id) };
+            let (resp, _) = call(&sock, &req, &[r.fd.as_fd()])?;
+            if !matches!(resp, Response::BufferRegistered { buffer_id } if buffer_id == id) {
+                return Err(unexpected(resp));
+            }
+        }
+        Ok((sock, session_id))
     }
 
     pub(crate) fn session_id(&self) -> u64 {
-        self.session_id
+        self.session_id.load(Ordering::Relaxed)
+    }
+
+    /// The current connection's epoch (without waiting for a call in progress).
+    pub(crate) fn epoch(&self) -> u64 {
+        self.epoch.load(Ordering::Acquire)
+    }
+
+    /// Times the session connected again.
+    pub(crate) fn reconnects(&self) -> u64 {
+        self.reconnects.load(Ordering::Relaxed)
     }
 
     pub(crate) fn namespaces(&self) -> &[NamespaceInfo] {
@@ -71,14 +246,33 @@ impl SessionInner {
     pub(crate) fn shared_len(&self, id: u32) -> Option<u64> {
         lock(&self.shared).get(&id).copied()
     }
+}
 
-    /// Whether the broker closed the connection (it exited or was killed). Looks only for the
-    /// hang-up (POLLHUP: the peer closed; it is always reported), so a reply another thread is
-    /// about to read does not count.
-    pub(crate) fn broker_gone(&self) -> bool {
-        let mut fds = [PollFd::new(self.sock.as_fd(), PollFlags::empty())];
-        matches!(poll(&mut fds, PollTimeout::ZERO), Ok(n) if n > 0) && hung_up(&fds[0])
-    }
+/// Whether the broker closed connection `sock` (it exited or was killed). Looks only for the
+/// hang-up (POLLHUP: the peer closed; it is always reported), so a reply another thread is
+/// about to read does not count.
+pub(crate) fn closed(sock: BorrowedFd<'_>) -> bool {
+    let mut fds = [PollFd::new(sock, PollFlags::empty())];
+    matches!(poll(&mut fds, PollTimeout::ZERO), Ok(n) if n > 0) && hung_up(&fds[0])
+}
+
+/// Connects to the broker at `path`, says hello and lists the namespaces.
+fn connect(
+    path: &Path,
+    client_name: &str,
+    resumes: Option<u64>,
+) -> Result<(OwnedFd, u64, Vec<NamespaceInfo>)> {
+    let cerr = |source| Error::Connect { path: path.display().to_string(), source };
+    let sock =
+        socket(AddressFamily::Unix, SockType::SeqPacket, SockFlag::SOCK_CLOEXEC, None).map_err(cerr)?;
+    let addr = UnixAddr::new(path).map_err(cerr)?;
+    connect_unix(sock.as_raw_fd(), &addr).map_err(cerr)?;
+    let hello = Request::Hello { version: PROTOCOL_VERSION, client_name: client_name.to_string(), resumes };
+    let (resp, _) = call(&sock, &hello, &[])?;
+    let Response::Hello { session_id, .. } = resp else { return Err(unexpected(resp)) };
+    let (resp, _) = call(&sock, &Request::ListNamespaces, &[])?;
+    let Response::Namespaces(namespaces) = resp else { return Err(unexpected(resp)) };
+    Ok((sock, session_id, namespaces))
 }
 
 /// Whether a polled socket reports the peer gone.
@@ -106,24 +300,25 @@ impl NvmeSession {
     /// Connects, says hello and lists the namespaces.
     pub fn open_with(path: impl AsRef<Path>, opts: SessionOptions) -> Result<Self> {
         let path = path.as_ref();
-        let cerr = |source| Error::Connect { path: path.display().to_string(), source };
-        let sock =
-            socket(AddressFamily::Unix, SockType::SeqPacket, SockFlag::SOCK_CLOEXEC, None).map_err(cerr)?;
-        let addr = UnixAddr::new(path).map_err(cerr)?;
-        connect(sock.as_raw_fd(), &addr).map_err(cerr)?;
-        let (resp, _) =
-            call(&sock, &Request::Hello { version: PROTOCOL_VERSION, client_name: opts.client_name }, &[])?;
-        let Response::Hello { session_id, .. } = resp else { return Err(unexpected(resp)) };
-        let (resp, _) = call(&sock, &Request::ListNamespaces, &[])?;
-        let Response::Namespaces(namespaces) = resp else { return Err(unexpected(resp)) };
+        let (sock, session_id, namespaces) = connect(path, &opts.client_name, None)?;
         let inner = SessionInner {
-            sock,
-            calls: Mutex::new(()),
-            session_id,
+            path: path.to_path_buf(),
+            client_name: opts.client_name,
+            reconnect: opts.reconnect,
+            conn: Mutex::new(Conn { sock: Arc::new(sock), epoch: 0 }),
+            session_id: AtomicU64::new(session_id),
+            reconnects: AtomicU64::new(0),
+            epoch: AtomicU64::new(0),
             namespaces,
             shared: Mutex::new(HashMap::new()),
+            registrations: Mutex::new(BTreeMap::new()),
         };
         Ok(Self { inner: Arc::new(inner) })
+    }
+
+    /// Times this session connected again after its broker went away.
+    pub fn reconnects(&self) -> u64 {
+        self.inner.reconnects()
     }
 
     /// A new ring of this session, on the I/O thread the broker picks (the least loaded).
@@ -136,9 +331,9 @@ impl NvmeSession {
         NvmeRing::create(self.inner.clone(), opts)
     }
 
-    /// The broker's id for this session.
+    /// The broker's id for this session (a new one after each reconnect).
     pub fn session_id(&self) -> u64 {
-        self.inner.session_id
+        self.inner.session_id()
     }
 
     /// Namespaces this session may use.
@@ -204,13 +399,34 @@ impl NvmeSession {
 
 /// Registers a buffer; returns its id.
 pub(crate) fn register(session: &SessionInner, buf: &MemfdBuffer) -> Result<u32> {
-    let req = Request::RegisterBuffer { offset: buf.offset(), len: buf.len() as u64 };
+    let (offset, len) = (buf.offset(), buf.len() as u64);
+    // Kept to register it again after a reconnect.
+    let fd = buf.fd().try_clone().map_err(crate::error::os("dup buffer memfd"))?;
+    let req = Request::RegisterBuffer { offset, len, id: None };
     let (resp, _) = session.call(&req, &[buf.fd().as_fd()])?;
     let Response::BufferRegistered { buffer_id } = resp else { return Err(unexpected(resp)) };
     if buffer_id >= 1 << 20 {
         return Err(Error::Protocol(format!("implausible buffer id {buffer_id}")));
     }
+    lock(&session.registrations).insert(buffer_id, Registration { fd, offset, len });
     Ok(buffer_id)
+}
+
+/// Unregisters buffer `id` (answered once no request uses it). A broker gone has released it
+/// already: `reconnect` says whether to connect again for it.
+pub(crate) fn unregister(session: &SessionInner, id: u32, reconnect: bool) -> Result<()> {
+    lock(&session.registrations).remove(&id);
+    let req = Request::UnregisterBuffer { buffer_id: id };
+    let r = if reconnect { session.call(&req, &[]) } else { session.call_once(&req, &[]) };
+    match r {
+        Ok((Response::BufferUnregistered, _)) => Ok(()),
+        // Not registered again after a reconnect (it was being unregistered): it is gone.
+        Err(Error::Refused(nvmed_proto::ControlError::UnknownBuffer(_))) if session.reconnects() > 0 => {
+            Ok(())
+        }
+        Ok((resp, _)) => Err(unexpected(resp)),
+        Err(e) => Err(e),
+    }
 }
 
 /// A buffer registered for every ring of a session, usable in requests of any of them.
@@ -235,7 +451,7 @@ impl Drop for SharedInner {
     fn drop(&mut self) {
         lock(&self.session.shared).remove(&self.id);
         // Answered once no request uses it any more; a broker gone has released it already.
-        let _ = self.session.call(&Request::UnregisterBuffer { buffer_id: self.id }, &[]);
+        let _ = unregister(&self.session, self.id, false);
     }
 }
 

@@ -225,7 +225,9 @@ fn kill_ends_one_session_and_the_others_go_on() {
     let mut workers = workers;
     let killed = workers.remove(1);
     match killed.thread.join().unwrap() {
-        Err(nvmed_client::Error::BrokerGone) | Err(nvmed_client::Error::RingFaulted(_)) => {}
+        Err(nvmed_client::Error::BrokerGone)
+        | Err(nvmed_client::Error::RingFaulted(_))
+        | Err(nvmed_client::Error::Refused(nvmed_proto::ControlError::SessionKilled(_))) => {}
         other => panic!("the killed client should see its session end, got {other:?}"),
     }
     // The others go on.

@@ -7,7 +7,7 @@
 use serde::{Deserialize, Serialize};
 
 /// Version of the control protocol and ring layout a client speaks.
-pub const PROTOCOL_VERSION: u32 = 2;
+pub const PROTOCOL_VERSION: u32 = 3;
 /// Largest control datagram either side accepts.
 pub const MAX_MESSAGE_SIZE: usize = 4096;
 /// Most file descriptors one datagram may carry.
@@ -22,6 +22,9 @@ pub enum Request {
         version: u32,
         /// Free-form name for logs.
         client_name: String,
+        /// The session this one continues, when a client connects again after its broker went
+        /// away (refused if an operator ended that session).
+        resumes: Option<u64>,
     },
     /// List the namespaces this client may use.
     ListNamespaces,
@@ -62,6 +65,9 @@ pub enum Request {
         offset: u64,
         /// Bytes to register; a multiple of 4096.
         len: u64,
+        /// The id it must get (a client registering its buffers again after reconnecting to a
+        /// restarted broker, so requests naming them need no change); `None`: any free id.
+        id: Option<u32>,
     },
     /// Unregister a buffer: no new request may use it; answered once no request in flight
     /// uses it any more (so its memory is the client's again).
@@ -143,6 +149,23 @@ pub struct NamespaceInfo {
     pub controller: u16,
     /// Its namespace id on that controller (`nsid` is broker-wide).
     pub controller_nsid: u32,
+    /// The controller has a volatile write cache: a write is durable (survives a power cut)
+    /// once it completed with FUA, or once a Flush submitted after its completion completed.
+    /// Without one, every completed write is durable.
+    pub volatile_write_cache: bool,
+    /// Whether its controller works.
+    pub state: ControllerState,
+}
+
+/// How a namespace's controller stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ControllerState {
+    /// Working (commands that time out are aborted or the controller reset, and sent again).
+    Running,
+    /// It failed and could not be brought back: I/O fails with `DeviceFault`.
+    Failed,
+    /// It was removed: I/O fails with `DeviceGone`.
+    Gone,
 }
 
 impl NamespaceInfo {
@@ -216,6 +239,12 @@ pub struct Stats {
     pub rings: u64,
     /// The broker's I/O threads.
     pub broker_io_threads: u64,
+    /// Controller resets (and devices found gone) since the broker started.
+    pub broker_resets: u64,
+    /// NVMe Aborts the broker sent for commands that timed out.
+    pub broker_aborts: u64,
+    /// Device commands sent again (after a retryable status or a reset).
+    pub broker_retries: u64,
 }
 
 /// Why a control request failed.
@@ -276,6 +305,17 @@ pub enum ControlError {
     /// The session reached its registration limits.
     #[error("buffer limit reached: {0}")]
     BufferLimit(String),
+    /// The session a client tried to resume was ended by an operator (`nvmectl kill`).
+    #[error("session {0} was ended by an operator; not resuming it")]
+    SessionKilled(u64),
+    /// A buffer id asked for is in use, or too large.
+    #[error("buffer id {id} is taken, or not below the session's buffer limit {limit}")]
+    BufferIdUnavailable {
+        /// The id asked for.
+        id: u32,
+        /// Ids must be below this.
+        limit: u64,
+    },
     /// The buffer id is not registered by this session.
     #[error("unknown buffer id {0}")]
     UnknownBuffer(u32),
@@ -341,11 +381,11 @@ mod tests {
     #[test]
     fn requests_round_trip() {
         let reqs = [
-            Request::Hello { version: 1, client_name: "t".into() },
+            Request::Hello { version: 1, client_name: "t".into(), resumes: Some(4) },
             Request::CreateRing { sq_entries: 64, cq_entries: 128, thread: Some(1) },
             Request::CloseRing { ring_id: 3 },
             Request::IoThreads,
-            Request::RegisterBuffer { offset: 4096, len: 1 << 20 },
+            Request::RegisterBuffer { offset: 4096, len: 1 << 20, id: Some(3) },
             Request::UnregisterBuffer { buffer_id: 7 },
             Request::Stats,
         ];

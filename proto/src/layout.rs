@@ -56,6 +56,8 @@ pub enum RingFault {
     /// The controller failed and the broker could not confirm that it stopped its DMA: the
     /// ring's requests will never complete and its buffers stay pinned until the broker exits.
     DeviceFailed = 4,
+    /// An operator ended the session (`nvmectl kill`): a client must not reconnect on its own.
+    Killed = 5,
 }
 
 impl RingFault {
@@ -66,6 +68,7 @@ impl RingFault {
             2 => Some(Self::CqHeadCorrupt),
             3 => Some(Self::Closed),
             4 => Some(Self::DeviceFailed),
+            5 => Some(Self::Killed),
             _ => None,
         }
     }

@@ -66,7 +66,8 @@ pub mod transport;
 pub mod wakeup;
 
 pub use control::{
-    ControlError, HealthSummary, IoThreadInfo, NamespaceInfo, Request, Response, Stats, PROTOCOL_VERSION,
+    ControlError, ControllerState, HealthSummary, IoThreadInfo, NamespaceInfo, Request, Response, Stats,
+    PROTOCOL_VERSION,
 };
 pub use entry::{Cqe, Opcode, Segment, Sqe, MAX_SEGMENTS, SQE_FLAGS_KNOWN, SQE_FLAG_FUA};
 pub use layout::{RingFault, RingHeader, RingLayout};

@@ -40,6 +40,8 @@ pub enum BrokerStatus {
     SegmentListRange = 14,
     /// A segment of zero length, or segment lengths that do not add up to the request's `len`.
     SegmentLength = 15,
+    /// The controller is gone (surprise removal): nothing can reach it any more.
+    DeviceGone = 16,
 }
 
 impl BrokerStatus {
@@ -62,6 +64,7 @@ impl BrokerStatus {
             13 => BadSegmentCount,
             14 => SegmentListRange,
             15 => SegmentLength,
+            16 => DeviceGone,
             _ => return None,
         })
     }
@@ -82,6 +85,7 @@ impl BrokerStatus {
             NotPermitted => "operation not permitted for this client",
             DeviceReset => "aborted because the controller was reset",
             DeviceFault => "controller failed",
+            DeviceGone => "the controller is gone (removed)",
             BadSegmentCount => "segment count is zero or above 256",
             SegmentListRange => "segment list not 8-byte aligned or not inside its buffer",
             SegmentLength => {

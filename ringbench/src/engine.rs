@@ -37,6 +37,10 @@ pub trait Engine {
     fn submit(&mut self) -> Result<(), EngineError>;
     /// Waits for at least `min` completions.
     fn reap(&mut self, min: usize, out: &mut Vec<Done>) -> Result<(), EngineError>;
+    /// Times the engine connected again to a restarted broker.
+    fn reconnects(&self) -> u64 {
+        0
+    }
 }
 
 /// nvmed through the client library (reads/writes, or broker no-ops).
@@ -78,6 +82,7 @@ fn ring_options(iodepth: usize, spin_us: u64) -> RingOptions {
         client_name: "ringbench".into(),
         spin: std::time::Duration::from_micros(spin_us),
         thread: None,
+        ..Default::default()
     }
 }
 
@@ -177,6 +182,9 @@ impl Engine for NvmedEngine {
     fn submit(&mut self) -> Result<(), EngineError> {
         self.ring.submit()?;
         Ok(())
+    }
+    fn reconnects(&self) -> u64 {
+        self.ring.reconnects()
     }
     fn reap(&mut self, min: usize, out: &mut Vec<Done>) -> Result<(), EngineError> {
         self.done.clear();

@@ -69,6 +69,19 @@ struct Args {
     /// With --embedded: broker I/O threads (each with its own device queue).
     #[arg(long, default_value_t = 1, requires = "embedded", value_parser = clap::value_parser!(u16).range(1..=64))]
     io_threads: u16,
+    /// With --embedded, testing recovery: inject a fault into the emulated controller, as
+    /// `nvmed --inject` (e.g. hang:500, stuck:500, fatal:500, retry:500, gone:500); repeatable.
+    /// The report then has the broker's resets, aborts and retries.
+    #[arg(long = "inject", value_name = "RULE", requires = "embedded")]
+    inject: Vec<nvmed_server::emulator::inject::FaultRule>,
+    /// With --embedded: milliseconds before a command at the device is aborted (or its
+    /// controller reset).
+    #[arg(long, requires = "embedded", value_parser = clap::value_parser!(u64).range(100..))]
+    io_timeout_ms: Option<u64>,
+    /// With --embedded: the emulated controller completes commands asynchronously, out of
+    /// order, this many microseconds after it fetches them (like hardware).
+    #[arg(long, requires = "embedded")]
+    device_latency_us: Option<u64>,
     /// Run each job in its own process instead of a thread.
     #[arg(long)]
     processes: bool,
@@ -179,10 +192,13 @@ struct ChildReport {
     verified: u64,
     seconds: f64,
     histogram_hex: String,
+    reconnects: u64,
 }
 
 #[derive(Debug, Serialize)]
 struct Report {
+    /// Times the jobs' sessions connected again to a restarted broker (the most of any job).
+    reconnects: u64,
     engine: EngineKind,
     rw: Rw,
     bs: u64,
@@ -195,6 +211,22 @@ struct Report {
     broker_cpu: Option<Cpu>,
     /// The broker's I/O threads after the run: rings served and device commands completed.
     broker_io_threads: Option<Vec<IoThreadInfo>>,
+    /// With --embedded: what the broker recovered from, and what it still holds once the jobs
+    /// left.
+    broker_recovery: Option<Recovery>,
+}
+
+/// The embedded broker's recovery figures after a run.
+#[derive(Debug, Serialize)]
+struct Recovery {
+    resets: u64,
+    aborts: u64,
+    retries: u64,
+    /// IOVA bytes still mapped for client buffers after every job closed (0 when all were
+    /// released).
+    buffer_iova_bytes_after: u64,
+    /// Sessions still open after every job closed (0 when all were released).
+    sessions_after: u64,
 }
 
 struct JobOutcome {
@@ -203,6 +235,8 @@ struct JobOutcome {
     writes: u64,
     verified: u64,
     elapsed: Duration,
+    /// Times the job's session connected again to a restarted broker.
+    reconnects: u64,
 }
 
 struct JobSpec {
@@ -355,7 +389,8 @@ fn run_job(engine: &mut dyn Engine, mut spec: JobSpec) -> Result<JobOutcome, Eng
         }
         engine.submit()?;
     }
-    Ok(JobOutcome { hist, reads, writes, verified, elapsed: begin.elapsed() })
+    let reconnects = engine.reconnects();
+    Ok(JobOutcome { hist, reads, writes, verified, elapsed: begin.elapsed(), reconnects })
 }
 
 fn report(job: u32, o: &JobOutcome, bs: u64) -> JobReport {
@@ -478,7 +513,7 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         let sock = dir.join("nvmed.sock");
         let size = args.size.unwrap_or(1 << 30).max(args.offset + args.bs * u64::from(args.numjobs));
         let size = size.next_multiple_of(1 << 20);
-        embedded = Some(start_embedded(&sock, size, args.null, args.io_threads)?);
+        embedded = Some(start_embedded(&sock, size, &args)?);
         sock
     } else {
         args.socket.clone()
@@ -597,6 +632,7 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
             verified: o.verified,
             seconds: o.elapsed.as_secs_f64(),
             histogram_hex,
+            reconnects: o.reconnects,
         };
         println!("{}", serde_json::to_string(&r)?);
         return Ok(());
@@ -627,12 +663,16 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     }
     let self_cpu1 = process_cpu();
     let broker_io_threads = if nvmed {
-        NvmeSession::open_with(&socket, SessionOptions { client_name: "ringbench".into() })
-            .and_then(|s| s.io_threads())
-            .ok()
+        NvmeSession::open_with(
+            &socket,
+            SessionOptions { client_name: "ringbench".into(), ..Default::default() },
+        )
+        .and_then(|s| s.io_threads())
+        .ok()
     } else {
         None
     };
+    let broker_recovery = embedded.is_some().then(|| recovery(&socket)).transpose()?;
     let broker_cpu = broker_cpu0.map(|(u0, s0)| {
         let (u1, s1) = if embedded.is_some() {
             cpu_of(self_pid, Some("nvmed"))
@@ -654,8 +694,10 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         writes: 0,
         verified: 0,
         elapsed: Duration::ZERO,
+        reconnects: 0,
     };
     for o in &outcomes {
+        total.reconnects = total.reconnects.max(o.reconnects);
         total.hist.add(&o.hist).unwrap();
         total.reads += o.reads;
         total.writes += o.writes;
@@ -663,6 +705,7 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         total.elapsed = total.elapsed.max(o.elapsed);
     }
     let rep = Report {
+        reconnects: total.reconnects,
         engine: args.engine,
         rw: args.rw,
         bs: args.bs,
@@ -674,6 +717,7 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         ringbench_cpu: own,
         broker_cpu,
         broker_io_threads,
+        broker_recovery,
     };
     if let Some(b) = embedded.take() {
         b.shutdown()?;
@@ -714,7 +758,10 @@ fn open_engines(
     if !nvmed || args.sessions {
         return Ok((0..args.numjobs).map(|_| open_engine(args, socket)).collect::<Result<_, _>>()?);
     }
-    let session = NvmeSession::open_with(socket, SessionOptions { client_name: "ringbench".into() })?;
+    let session = NvmeSession::open_with(
+        socket,
+        SessionOptions { client_name: "ringbench".into(), ..Default::default() },
+    )?;
     let slice = u64::from(args.iodepth) * args.bs;
     let shared = session.alloc_shared((slice * u64::from(args.numjobs)) as usize)?;
     let mut engines: Vec<Box<dyn Engine + Send>> = Vec::new();
@@ -806,6 +853,7 @@ fn run_processes(
             writes: r.writes,
             verified: r.verified,
             elapsed: Duration::from_secs_f64(r.seconds),
+            reconnects: r.reconnects,
         });
     }
     Ok(outcomes)
@@ -821,6 +869,9 @@ fn print_report(r: &Report) {
         r.numjobs,
         if r.verify { " verify" } else { "" }
     );
+    if r.reconnects > 0 {
+        println!("ringbench: the broker went away; the clients reconnected {} time(s)", r.reconnects);
+    }
     let line = |name: String, j: &JobReport| {
         let l = &j.latency;
         println!(
@@ -924,15 +975,38 @@ fn pingpong(secs: f64) -> Result<(f64, f64, u64), Box<dyn std::error::Error>> {
     Ok((batches[batches.len() / 2], batches[0], batches.len() as u64 * 1000))
 }
 
+/// The embedded broker's recovery counters, once the jobs' sessions are released (waits up to
+/// 5 s for that; the figures say what was still held then).
+fn recovery(socket: &Path) -> Result<Recovery, Box<dyn std::error::Error>> {
+    let session = NvmeSession::open_with(
+        socket,
+        SessionOptions { client_name: "ringbench-report".into(), ..Default::default() },
+    )?;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let s = session.stats()?;
+        if (s.broker_buffer_iova_bytes == 0 && s.broker_sessions == 1) || Instant::now() > deadline {
+            return Ok(Recovery {
+                resets: s.broker_resets,
+                aborts: s.broker_aborts,
+                retries: s.broker_retries,
+                buffer_iova_bytes_after: s.broker_buffer_iova_bytes,
+                sessions_after: s.broker_sessions - 1,
+            });
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// An in-process broker on an emulated controller.
 fn start_embedded(
     socket: &Path,
     size: u64,
-    null: bool,
-    io_threads: u16,
+    args: &Args,
 ) -> Result<nvmed_server::broker::Broker, Box<dyn std::error::Error>> {
+    let (null, io_threads) = (args.null, args.io_threads);
     use nvmed_server::emulator::backend::{Backend, MemoryBackend, NullBackend};
-    use nvmed_server::emulator::{EmulatedController, EmulatedNamespace, EmulatorConfig};
+    use nvmed_server::emulator::{EmulatedController, EmulatedNamespace, EmulatorConfig, EmulatorMode};
     let backend: Box<dyn Backend> =
         if null { Box::new(NullBackend::new(size)) } else { Box::new(MemoryBackend::new(size)?) };
     let device: Arc<dyn nvmed_server::device::NvmeDevice> =
@@ -940,10 +1014,17 @@ fn start_embedded(
             namespaces: vec![EmulatedNamespace { backend, lba_size: 512 }],
             mdts: 7,
             vectors: io_threads + 1,
-            faults: vec![],
+            faults: args.inject.clone(),
+            mode: match args.device_latency_us {
+                Some(us) => EmulatorMode::Async { latency: Duration::from_micros(us) },
+                None => EmulatorMode::Sync,
+            },
             ..Default::default()
         })?);
-    let config =
+    let mut config =
         nvmed_server::broker::BrokerConfig { io_threads, ..nvmed_server::broker::BrokerConfig::new(socket) };
+    if let Some(ms) = args.io_timeout_ms {
+        config.io_timeout = Duration::from_millis(ms);
+    }
     Ok(nvmed_server::broker::Broker::start(device, config)?)
 }

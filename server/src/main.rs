@@ -196,10 +196,22 @@ struct Args {
     #[arg(long, default_value_t = 200)]
     poll_idle_us: u64,
 
-    /// Milliseconds a command may stay at the device before the controller is reset (its
-    /// commands then fail with "aborted because the controller was reset").
+    /// Milliseconds a command may stay at the device before it is aborted (NVMe Abort; the
+    /// controller is reset if that does not end it, or with --no-abort). Either way the command
+    /// is sent again: clients see latency, not errors, unless it runs out of --io-tries.
     #[arg(long, default_value_t = 30_000, value_parser = clap::value_parser!(u64).range(100..))]
     io_timeout_ms: u64,
+
+    /// How many times one command is sent to the device at most: after a retryable error
+    /// status (Do Not Retry clear, e.g. namespace not ready; with a backoff from 1 ms, doubling)
+    /// or after a controller reset. A command that fails its last try completes with its error
+    /// ("aborted because the controller was reset" after a reset). 1: never retry.
+    #[arg(long, default_value_t = 6, value_parser = clap::value_parser!(u8).range(1..))]
+    io_tries: u8,
+
+    /// Reset the controller at once when a command times out, without trying NVMe Abort first.
+    #[arg(long)]
+    no_abort: bool,
 
     /// Create the I/O queue without interrupts and poll it only. Saves an interrupt per
     /// command (worth it in VMs); while I/O is in flight an idle broker then looks every 1 ms.
@@ -256,11 +268,16 @@ struct Args {
     #[arg(long, value_enum, default_value = "read-write")]
     default_access: DefaultAccess,
 
-    /// Testing: inject a fault into the emulated controller: fail:N:SCT:SC (the Nth I/O
-    /// command completes with that status), delay:N:MILLIS (completes that much later; in async
-    /// mode its data moves late too), hang:N (never completes), or panic:N (the emulated
-    /// controller panics on the Nth I/O command, in the thread running it: the broker's I/O
-    /// thread in sync mode, the controller thread in async mode).
+    /// Testing: inject a fault into the emulated controller (repeatable): fail:N:SCT:SC (the
+    /// Nth I/O command completes with that status, Do Not Retry set), retry:N (the Nth fails
+    /// with Namespace Not Ready, retryable), delay:N:MILLIS (completes that much later; in async
+    /// mode its data moves late too), hang:N (never completes, but an NVMe Abort ends it),
+    /// stuck:N (never completes, and the controller refuses to abort it: only a reset ends it),
+    /// fatal:N (the controller sets CSTS.CFS and stops), gone:N (the device disappears: its
+    /// registers read as all ones), media:LBA[:NSID] (reads of that block fail with an
+    /// unrecovered read error until it is written), or panic:N (the emulated controller panics
+    /// on the Nth I/O command, in the thread running it: the broker's I/O thread in sync mode,
+    /// the controller thread in async mode).
     #[arg(long = "inject", value_name = "RULE")]
     faults: Vec<FaultRule>,
 
@@ -571,6 +588,8 @@ fn run(args: Args, argv: Vec<String>) -> Result<(), Box<dyn std::error::Error>> 
     config.io_queue_depth = args.queue_depth;
     config.poll_idle = Duration::from_micros(args.poll_idle_us);
     config.io_timeout = Duration::from_millis(args.io_timeout_ms);
+    config.io_tries = args.io_tries;
+    config.aborts = !args.no_abort;
     config.interrupts = !args.no_interrupts;
     config.io_threads = io_thread_count(&args);
     config.cpus = args.cpus.clone().map(|c| c.0).unwrap_or_default();

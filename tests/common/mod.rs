@@ -15,6 +15,8 @@ pub struct TestBroker {
     pub socket: PathBuf,
     /// The line nvmed printed when it was ready (it names the metrics address, if any).
     pub ready: String,
+    /// What it was started with (to start it again).
+    pub args: Vec<String>,
 }
 
 static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
@@ -53,11 +55,35 @@ impl TestBroker {
         let mut line = String::new();
         BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
         assert!(line.contains("ready"), "nvmed did not start with {args:?}: {line:?}");
-        Self { child: Some(child), dir, socket, ready: line.trim_end().to_string() }
+        Self { child: Some(child), dir, socket, ready: line.trim_end().to_string(), args: args.to_vec() }
+    }
+
+    /// SIGKILLs the broker (as a crash would end it) and waits for it.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts the broker again with the same arguments (after [`TestBroker::kill9`] or
+    /// [`TestBroker::stop`]) and waits until it is ready.
+    pub fn restart(&mut self) {
+        assert!(self.child.is_none(), "the broker still runs");
+        let again = Self::spawn(self.dir.clone(), self.socket.clone(), &self.args);
+        let mut again = std::mem::ManuallyDrop::new(again);
+        self.child = again.child.take();
+        self.ready = std::mem::take(&mut again.ready);
     }
 
     pub fn connect(&self) -> NvmeRing {
         NvmeRing::open(&self.socket).expect("connect to the broker")
+    }
+
+    /// A client that does not reconnect when the broker goes away.
+    pub fn connect_once(&self) -> NvmeRing {
+        let opts = RingOptions { reconnect: nvmed_client::Reconnect::off(), ..RingOptions::default() };
+        NvmeRing::open_with(&self.socket, opts).expect("connect to the broker")
     }
 
     pub fn connect_with(&self, sq: u32, cq: u32) -> NvmeRing {

@@ -154,6 +154,8 @@ mod tests {
             read_only,
             controller: 0,
             controller_nsid: 3,
+            volatile_write_cache: true,
+            state: nvmed_client::ControllerState::Running,
         }
     }
 

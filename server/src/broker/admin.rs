@@ -375,6 +375,7 @@ fn state_name(s: DeviceState) -> &'static str {
         DeviceState::Running => "running",
         DeviceState::FailedStopped => "failed (stopped)",
         DeviceState::FailedRunning => "failed (not confirmed stopped)",
+        DeviceState::Gone => "gone (removed)",
     }
 }
 
@@ -389,6 +390,7 @@ fn kill(shared: &Shared, id: u64) -> Result<(), AdminError> {
     let mut conns = shared.connections.lock().unwrap_or_else(|p| p.into_inner());
     match conns.get(&id) {
         Some((_, fd)) => {
+            shared.killed.lock().unwrap_or_else(|p| p.into_inner()).add(id);
             let _ = nix::sys::socket::shutdown(fd.as_raw_fd(), nix::sys::socket::Shutdown::Both);
         }
         None => return Ok(()), // released meanwhile

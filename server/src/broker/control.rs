@@ -11,12 +11,15 @@ use nvmed_proto::control::{decode, encode, MAX_FDS_PER_MESSAGE, MAX_MESSAGE_SIZE
 use nvmed_proto::layout::RingLayout;
 use nvmed_proto::shm::SharedMemory;
 use nvmed_proto::transport::{self, TransportError};
-use nvmed_proto::{ControlError, HealthSummary, NamespaceInfo, Request, Response, Stats, PROTOCOL_VERSION};
-use slab::Slab;
+use nvmed_proto::{
+    ControlError, ControllerState, HealthSummary, NamespaceInfo, Request, Response, RingFault, Stats,
+    PROTOCOL_VERSION,
+};
 use tracing::{debug, info, warn};
 
 use super::buffer::RegisteredBuffer;
 use super::io_thread::IoRequest;
+use super::manager::DeviceState;
 use super::quota::{Resource, Ticket};
 use super::registry::Registered;
 use super::session::{RingIo, SessionCounters};
@@ -45,7 +48,7 @@ struct Connection {
     rings: Vec<RingHandle>,
     next_ring_id: u32,
     /// Registered buffers; the slab key is the buffer id, the same on every ring.
-    buffers: Slab<Arc<RegisteredBuffer>>,
+    buffers: IdTable<Arc<RegisteredBuffer>>,
     buffer_bytes: u64,
     /// Identities of the session's ring memfds (they may not come back as buffers).
     ring_identities: Vec<(u64, u64)>,
@@ -67,7 +70,7 @@ pub fn serve(shared: Arc<Shared>, sock: OwnedFd, id: u64, uid: u32) {
         namespaces: Vec::new(),
         rings: Vec::new(),
         next_ring_id: 0,
-        buffers: Slab::new(),
+        buffers: IdTable::default(),
         buffer_bytes: 0,
         ring_identities: Vec::new(),
         registered: None,
@@ -150,7 +153,7 @@ impl Connection {
         }
         let none = |r: Response| Ok((r, vec![]));
         let r = match req {
-            Request::Hello { version, client_name } => self.hello(version, &client_name),
+            Request::Hello { version, client_name, resumes } => self.hello(version, &client_name, resumes),
             _ if !self.started => Err(ControlError::HelloRequired),
             Request::ListNamespaces => none(Response::Namespaces(self.namespace_infos())),
             Request::CreateRing { sq_entries, cq_entries, thread } => {
@@ -189,7 +192,7 @@ impl Connection {
                     ))),
                 }
             }
-            Request::RegisterBuffer { offset, len } => self.register(offset, len, fds),
+            Request::RegisterBuffer { offset, len, id } => self.register(offset, len, id, fds),
             Request::UnregisterBuffer { buffer_id } => self.unregister(buffer_id),
             Request::Stats => none(Response::Stats(self.stats())),
             Request::Goodbye => none(Response::Goodbye),
@@ -222,16 +225,30 @@ impl Connection {
             s.broker_bounced_bytes += c.bounced_bytes.load(Ordering::Relaxed);
             s.broker_sgl_commands += c.sgl_commands.load(Ordering::Relaxed);
             s.broker_vectored_prp_commands += c.vectored_prp_commands.load(Ordering::Relaxed);
+            s.broker_aborts += c.aborts.load(Ordering::Relaxed);
+            s.broker_retries += c.retries.load(Ordering::Relaxed);
         }
+        s.broker_resets = self.shared.ctrls.iter().map(|c| c.generation()).sum();
         s
     }
 
-    fn hello(&mut self, version: u32, name: &str) -> Result<(Response, Vec<OwnedFd>), ControlError> {
+    fn hello(
+        &mut self,
+        version: u32,
+        name: &str,
+        resumes: Option<u64>,
+    ) -> Result<(Response, Vec<OwnedFd>), ControlError> {
         if self.started {
             return Err(ControlError::DuplicateHello);
         }
         if version != PROTOCOL_VERSION {
             return Err(ControlError::VersionMismatch { client: version, broker: PROTOCOL_VERSION });
+        }
+        if let Some(old) = resumes {
+            if self.shared.killed.lock().unwrap_or_else(|p| p.into_inner()).contains(old) {
+                return Err(ControlError::SessionKilled(old));
+            }
+            info!(session = self.id, resumes = old, "a client reconnects");
         }
         let ticket = self.shared.quotas.acquire(Resource::Session, self.uid)?;
         self.shared.sessions.fetch_add(1, Ordering::Relaxed);
@@ -275,6 +292,12 @@ impl Connection {
                 read_only: n.read_only,
                 controller: n.controller,
                 controller_nsid: n.device_nsid,
+                volatile_write_cache: self.shared.limits[usize::from(n.controller)].volatile_write_cache,
+                state: match self.shared.ctrls[usize::from(n.controller)].state() {
+                    DeviceState::Running => ControllerState::Running,
+                    DeviceState::Gone => ControllerState::Gone,
+                    DeviceState::FailedStopped | DeviceState::FailedRunning => ControllerState::Failed,
+                },
             })
             .collect()
     }
@@ -393,7 +416,7 @@ impl Connection {
         }
         let (tx, rx) = channel();
         let poller = &self.shared.pollers[ring.thread];
-        if poller.request(IoRequest::CloseRing { key: ring.key, reply: tx }) {
+        if poller.request(IoRequest::CloseRing { key: ring.key, fault: RingFault::Closed, reply: tx }) {
             let _ = rx.recv();
         }
         // Drained: its counters are final, and stay in the session's totals.
@@ -428,12 +451,15 @@ impl Connection {
             self.namespaces = a.namespaces.clone();
         }
         let rings = std::mem::take(&mut self.rings);
+        // An operator's kill says so in the rings, so the client does not come back on its own.
+        let killed = self.shared.killed.lock().unwrap_or_else(|p| p.into_inner()).contains(self.id);
+        let fault = if killed { RingFault::Killed } else { RingFault::Closed };
         let pending: Vec<_> = rings
             .iter()
             .filter_map(|ring| {
                 let (tx, rx) = channel();
                 let poller = &self.shared.pollers[ring.thread];
-                let sent = poller.request(IoRequest::CloseRing { key: ring.key, reply: tx });
+                let sent = poller.request(IoRequest::CloseRing { key: ring.key, fault, reply: tx });
                 poller.rings.fetch_sub(1, Ordering::Relaxed);
                 sent.then_some(rx)
             })
@@ -472,6 +498,7 @@ impl Connection {
         &mut self,
         offset: u64,
         len: u64,
+        wanted: Option<u32>,
         mut fds: Vec<OwnedFd>,
     ) -> Result<(Response, Vec<OwnedFd>), ControlError> {
         if fds.len() > 1 {
@@ -484,6 +511,13 @@ impl Connection {
                 "at most {} buffers per session",
                 cfg.max_buffers_per_session
             )));
+        }
+        // An id asked for must be free and below the limit (ids the broker hands out always
+        // are, so a client registering again after a restart gets the ones it had).
+        if let Some(id) = wanted {
+            if u64::from(id) >= cfg.max_buffers_per_session || self.buffers.contains(id as usize) {
+                return Err(ControlError::BufferIdUnavailable { id, limit: cfg.max_buffers_per_session });
+            }
         }
         let left = cfg.max_buffer_bytes_per_session.saturating_sub(self.buffer_bytes);
         // Each buffer is one mapping in the broker: bounded per uid and in all, well below
@@ -499,9 +533,7 @@ impl Connection {
             ticket,
             &self.ring_identities,
         )?);
-        let entry = self.buffers.vacant_entry();
-        let buffer_id = entry.key() as u32;
-        entry.insert(buffer.clone());
+        let buffer_id = self.buffers.insert(wanted, buffer.clone());
         self.buffer_bytes += buffer.len();
         self.publish_buffers();
         // Every ring of the session may use it once this returns.
@@ -569,5 +601,85 @@ impl Connection {
                 ))
             }
         }
+    }
+}
+
+/// A session's buffers by id: the smallest free id, or the one the client asks for.
+#[derive(Debug)]
+struct IdTable<T> {
+    slots: Vec<Option<T>>,
+    len: usize,
+}
+
+impl<T> Default for IdTable<T> {
+    fn default() -> Self {
+        Self { slots: Vec::new(), len: 0 }
+    }
+}
+
+impl<T> IdTable<T> {
+    fn len(&self) -> usize {
+        self.len
+    }
+
+    fn contains(&self, id: usize) -> bool {
+        self.slots.get(id).is_some_and(Option::is_some)
+    }
+
+    /// Stores `v` at `wanted` (which must be free) or at the smallest free id; returns the id.
+    fn insert(&mut self, wanted: Option<u32>, v: T) -> u32 {
+        let id = match wanted {
+            Some(id) => id as usize,
+            None => self.slots.iter().position(Option::is_none).unwrap_or(self.slots.len()),
+        };
+        if self.slots.len() <= id {
+            self.slots.resize_with(id + 1, || None);
+        }
+        debug_assert!(self.slots[id].is_none());
+        self.slots[id] = Some(v);
+        self.len += 1;
+        id as u32
+    }
+
+    /// Removes id `id` (which must be present).
+    fn remove(&mut self, id: usize) -> T {
+        let v = self.slots[id].take().expect("present");
+        self.len -= 1;
+        v
+    }
+
+    fn iter(&self) -> impl Iterator<Item = (usize, &T)> {
+        self.slots.iter().enumerate().filter_map(|(i, v)| v.as_ref().map(|v| (i, v)))
+    }
+}
+
+impl<T> IntoIterator for IdTable<T> {
+    type Item = (usize, T);
+    type IntoIter = std::iter::FilterMap<
+        std::iter::Enumerate<std::vec::IntoIter<Option<T>>>,
+        fn((usize, Option<T>)) -> Option<(usize, T)>,
+    >;
+
+    fn into_iter(self) -> Self::IntoIter {
+        self.slots.into_iter().enumerate().filter_map(|(i, v)| v.map(|v| (i, v)))
+    }
+}
+
+#[cfg(test)]
+mod id_table_tests {
+    use super::IdTable;
+
+    #[test]
+    fn smallest_free_id_or_the_one_asked_for() {
+        let mut t = IdTable::default();
+        assert_eq!(t.insert(None, 'a'), 0);
+        assert_eq!(t.insert(Some(5), 'f'), 5);
+        assert_eq!(t.insert(None, 'b'), 1);
+        assert!(t.contains(5) && !t.contains(4) && !t.contains(99));
+        assert_eq!(t.remove(0), 'a');
+        assert_eq!(t.insert(None, 'c'), 0);
+        assert_eq!(t.len(), 3);
+        let all: Vec<_> = t.into_iter().collect();
+        assert_eq!(all, vec![(0, 'c'), (1, 'b'), (5, 'f')]);
     }
 }

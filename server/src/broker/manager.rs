@@ -2,13 +2,17 @@
 //! threads.
 //!
 //! Each I/O thread owns its own I/O queue pair; only the admin queue is shared, behind a lock
-//! that the data path never takes (queue creation and deletion, resets). A reset is done once,
-//! by the first thread that finds a command overdue: it stops the device's DMA (Bus Master
-//! Enable off, then CC.EN=0), which stops every thread's queue at once, brings the controller
-//! back, then advances the reset generation and wakes every thread. Each thread, seeing a new
-//! generation, fails what it had in flight with `DeviceReset` (the device has stopped, so
-//! nothing can be written any more) and creates its queue again. The generation is read once
-//! per polling round, a load of a line written only by resets.
+//! that the data path never takes (queue creation and deletion, aborts, resets). A command that
+//! times out is first aborted (NVMe Abort); if that fails, or the controller reports a fatal
+//! status, the controller is reset, once, by the first thread that decides to: it stops the
+//! device's DMA (Bus Master Enable off, then CC.EN=0), which stops every thread's queue at
+//! once, brings the controller back, then advances the reset generation and wakes every thread.
+//! Each thread, seeing a new generation, creates its queue again at the same addresses and sends
+//! every command it had in flight again (see [`crate::nvme::IoQueue::restart`]): clients see
+//! latency, not errors; only a command that has used up its tries fails, with `DeviceReset`.
+//! A controller whose registers read as all ones is gone (surprise removal): everything fails
+//! with `DeviceGone`. The generation is read once per polling round, a load of a line written
+//! only by resets.
 
 use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
@@ -31,6 +35,9 @@ pub enum DeviceState {
     /// It could not be confirmed to have stopped: commands it held never complete, and their
     /// sessions' buffers stay mapped.
     FailedRunning,
+    /// It is gone (surprise removal, or VFIO asked for it back): commands fail with
+    /// `DeviceGone`; it can no longer reach memory.
+    Gone,
 }
 
 /// The controller, shared by its I/O threads.
@@ -91,7 +98,8 @@ impl ControllerShared {
         match self.state.load(Ordering::Acquire) {
             0 => DeviceState::Running,
             1 => DeviceState::FailedStopped,
-            _ => DeviceState::FailedRunning,
+            2 => DeviceState::FailedRunning,
+            _ => DeviceState::Gone,
         }
     }
 
@@ -101,6 +109,10 @@ impl ControllerShared {
         let mut ctrl = self.lock();
         if self.generation.load(Ordering::Acquire) != seen || self.state() != DeviceState::Running {
             return; // someone reset it meanwhile (or it is beyond help)
+        }
+        if self.csts() == u32::MAX {
+            drop(ctrl);
+            return self.gone(seen);
         }
         let bus_master_off = self.device.set_bus_master(false);
         if let Err(e) = &bus_master_off {
@@ -140,6 +152,43 @@ impl ControllerShared {
         for w in self.wakes.get().into_iter().flatten() {
             nvmed_proto::eventfd::signal(w);
         }
+    }
+
+    /// The controller's status register (all ones: the device is gone).
+    pub fn csts(&self) -> u32 {
+        self.device.read32(crate::nvme::spec::REG_CSTS)
+    }
+
+    /// Asks the controller to abort command `cid` of queue `qid`; returns whether it did.
+    pub fn abort(&self, qid: u16, cid: u16) -> Result<bool, DriverError> {
+        self.lock().abort(qid, cid)
+    }
+
+    /// The device is gone (unless already known, or reset since generation `seen`): stops
+    /// what can be stopped, records it, advances the generation and wakes every thread.
+    pub fn gone(&self, seen: u64) {
+        let _ctrl = self.lock();
+        if self.generation.load(Ordering::Acquire) != seen || self.state() == DeviceState::Gone {
+            return;
+        }
+        error!(device = %self.device.name(), "the controller is gone (its registers read as all ones); failing all of its I/O");
+        let _ = self.device.set_bus_master(false);
+        self.state.store(DeviceState::Gone as u8, Ordering::Release);
+        self.generation.fetch_add(1, Ordering::AcqRel);
+        drop(_ctrl);
+        for w in self.wakes.get().into_iter().flatten() {
+            nvmed_proto::eventfd::signal(w);
+        }
+    }
+
+    /// After a reset: creates an I/O thread's queue again at the same addresses (its commands
+    /// are then sent again with [`IoQueue::restart`]).
+    pub fn recreate_queue(
+        &self,
+        queue: &mut IoQueue<InFlight>,
+        vector: Option<u16>,
+    ) -> Result<(), DriverError> {
+        self.lock().recreate_io_queue(queue.queue_pair_mut(), vector)
     }
 
     /// Creates I/O queue `qid` for an I/O thread.

@@ -62,8 +62,13 @@ pub struct BrokerConfig {
     pub max_buffer_bytes_per_session: u64,
     /// Most bytes all sessions together may register.
     pub max_buffer_bytes_total: u64,
-    /// A command the device has not completed after this long resets the controller.
+    /// A command the device has not completed after this long is aborted (and its controller
+    /// reset if that does not end it).
     pub io_timeout: Duration,
+    /// How often a command is sent to the device at most (retryable statuses, resets).
+    pub io_tries: u8,
+    /// Abort a command that timed out before resetting the controller.
+    pub aborts: bool,
     /// Let the I/O queue raise interrupts, so the broker can sleep while I/O is in flight.
     /// Without them the queue is purely polled (fewer interrupts to pay for, e.g. in a VM).
     pub interrupts: bool,
@@ -108,6 +113,8 @@ impl BrokerConfig {
             max_buffer_bytes_per_session: 4 << 30,
             max_buffer_bytes_total: 16 << 30,
             io_timeout: Duration::from_secs(30),
+            io_tries: 6,
+            aborts: true,
             interrupts: true,
             quotas: QuotaSettings::for_sessions(64),
             hello_timeout: Duration::from_secs(5),
@@ -199,6 +206,9 @@ pub struct Shared {
     connections: Mutex<std::collections::HashMap<u64, (u32, OwnedFd)>>,
     /// Signalled when a connection ends.
     connection_ended: std::sync::Condvar,
+    /// Sessions an operator ended (`nvmectl kill`): their rings say so, and their clients may
+    /// not resume them.
+    killed: Mutex<KilledSessions>,
     /// Each tenant's rings per I/O thread (to split its limits between those threads).
     placement: Mutex<tenant::Placement>,
     /// The grants in force (replaced by a reload).
@@ -545,7 +555,6 @@ impl Broker {
                 wake: wake.clone(),
                 ports,
                 qid: i as u16 + 1,
-                queue_depth: config.io_queue_depth,
                 limits: limits.clone(),
                 poll_idle: config.poll_idle,
                 io_timeout: config.io_timeout,
@@ -553,6 +562,8 @@ impl Broker {
                 counters: counters.clone(),
                 cpus,
                 contended_cost: config.contended_cost,
+                retry: crate::nvme::io::RetryPolicy { max_tries: config.io_tries, ..Default::default() },
+                aborts: config.aborts,
             })?;
             pollers.push(Poller {
                 tx: Mutex::new(tx),
@@ -614,6 +625,7 @@ impl Broker {
             reaper: Mutex::new(Some(reaper)),
             connections: Mutex::new(std::collections::HashMap::new()),
             connection_ended: std::sync::Condvar::new(),
+            killed: Mutex::new(KilledSessions::default()),
             placement: Mutex::new(tenant::Placement::default()),
             policy,
             reloader: Mutex::new(None),
@@ -736,6 +748,7 @@ impl Broker {
                 write_zeroes: info.write_zeroes,
                 deallocate: info.dsm,
                 sgl: info.sgl,
+                volatile_write_cache: info.volatile_write_cache,
             });
             info!(
                 device = %device.name(),
@@ -961,4 +974,26 @@ fn refuse(sock: &OwnedFd, e: ControlError) {
     while nix::sys::socket::recv(sock.as_raw_fd(), &mut scratch, nix::sys::socket::MsgFlags::MSG_DONTWAIT)
         .is_ok_and(|n| n > 0)
     {}
+}
+
+/// The sessions an operator ended, the most recent [`KilledSessions::KEPT`] of them.
+#[derive(Debug, Default)]
+pub struct KilledSessions {
+    ids: std::collections::VecDeque<u64>,
+}
+
+impl KilledSessions {
+    /// How many are remembered (the oldest is forgotten first).
+    pub const KEPT: usize = 4096;
+
+    fn add(&mut self, id: u64) {
+        if self.ids.len() == Self::KEPT {
+            self.ids.pop_front();
+        }
+        self.ids.push_back(id);
+    }
+
+    fn contains(&self, id: u64) -> bool {
+        self.ids.contains(&id)
+    }
 }

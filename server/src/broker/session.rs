@@ -60,6 +60,10 @@ pub struct BrokerCounters {
     pub sgl_commands: AtomicU64,
     /// Device commands of vectored requests sent with PRPs.
     pub vectored_prp_commands: AtomicU64,
+    /// NVMe Aborts sent for commands that timed out.
+    pub aborts: AtomicU64,
+    /// Device commands sent again (after a retryable status, or after a controller reset).
+    pub retries: AtomicU64,
 }
 
 /// Adds to a counter that only one thread writes (no read-modify-write instruction needed).
@@ -259,6 +263,8 @@ pub struct Session {
     pub faulted: bool,
     /// Set when the session ends: drain, then release and answer.
     pub closing: Option<Option<Sender<()>>>,
+    /// What the ring's fault word says once it is closed.
+    pub close_fault: nvmed_proto::RingFault,
     /// Counters.
     pub counters: Arc<SessionCounters>,
 }

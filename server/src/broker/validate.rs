@@ -26,6 +26,9 @@ pub struct DeviceLimits {
     pub deallocate: bool,
     /// SGL support for I/O commands.
     pub sgl: SglSupport,
+    /// The controller has a volatile write cache (writes are durable only with FUA or after a
+    /// Flush).
+    pub volatile_write_cache: bool,
 }
 
 /// A vectored request whose entry passed validation; its segment list is checked by
@@ -253,6 +256,7 @@ mod tests {
         write_zeroes: true,
         deallocate: true,
         sgl: SglSupport::Byte,
+        volatile_write_cache: true,
     };
 
     fn buf(id: u32) -> Option<(u64, u64)> {

@@ -1,5 +1,6 @@
-//! Error injection for tests: make the Nth I/O command fail, complete late, never complete, or
-//! make the emulated controller panic.
+//! Error injection for tests: make the Nth I/O command fail (for good or retryably), complete
+//! late, never complete (abortable or not), make the controller fatal or disappear, make reads of
+//! chosen LBAs fail with a media error, or make the emulated controller panic.
 
 use std::str::FromStr;
 use std::time::Duration;
@@ -16,8 +17,18 @@ pub enum FaultAction {
     },
     /// Execute, but post the completion this much later.
     Delay(Duration),
-    /// Never complete (until the controller is reset).
+    /// Never complete (until the controller is reset), but an NVMe Abort of it succeeds: it
+    /// then completes with "Command Abort Requested".
     Hang,
+    /// Never complete, and refuse to abort it ("not aborted"): only a reset ends it.
+    Stuck,
+    /// Fail with a retryable status (Namespace Not Ready, DNR clear): a retry succeeds.
+    Retry,
+    /// The controller becomes fatal (CSTS.CFS) on fetching it, and never completes it.
+    Fatal,
+    /// The device disappears (surprise removal): every register reads as all ones, nothing
+    /// completes any more, and its DMA stops.
+    Gone,
     /// Panic in the thread running the emulated controller when it fetches the command: the
     /// doorbell writer's thread in synchronous mode (the broker's I/O thread), the controller's
     /// worker thread in asynchronous mode. For testing what a panicking thread does to the
@@ -25,18 +36,25 @@ pub enum FaultAction {
     Panic,
 }
 
-/// Applies `action` to the `nth` I/O command the controller receives (counting from 1).
+/// Applies `action` to the `nth` I/O command the controller receives (counting from 1), or
+/// (`media:LBA[:NSID]`) makes reads covering an LBA fail with an unrecovered read error (Media
+/// and Data Integrity Errors / 0x81, DNR set) until a write or write zeroes covers it again.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct FaultRule {
-    /// Which I/O command (1-based, over all I/O queues).
+    /// Which I/O command (1-based, over all I/O queues); 0 for a media rule.
     pub nth: u64,
     /// What to do to it.
     pub action: FaultAction,
+    /// A media rule's bad block: (namespace id, LBA).
+    pub bad_block: Option<(u32, u64)>,
 }
 
 /// A fault rule that does not parse.
 #[derive(Debug, thiserror::Error)]
-#[error("bad fault rule {0:?}: expected fail:N:SCT:SC, delay:N:MILLIS, hang:N or panic:N")]
+#[error(
+    "bad fault rule {0:?}: expected fail:N:SCT:SC, retry:N, delay:N:MILLIS, hang:N, stuck:N, \
+     fatal:N, gone:N, panic:N or media:LBA[:NSID]"
+)]
 pub struct BadFaultRule(String);
 
 fn num(s: &str) -> Option<u64> {
@@ -52,6 +70,18 @@ impl FromStr for FaultRule {
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let bad = || BadFaultRule(s.to_string());
         let parts: Vec<&str> = s.split(':').collect();
+        if parts[0] == "media" {
+            let lba = parts.get(1).and_then(|p| num(p)).ok_or_else(bad)?;
+            let nsid = match parts.get(2) {
+                Some(p) => num(p).filter(|&n| n > 0 && n <= u64::from(u32::MAX)).ok_or_else(bad)? as u32,
+                None => 1,
+            };
+            if parts.len() > 3 {
+                return Err(bad());
+            }
+            let action = FaultAction::Fail { sct: 2, sc: 0x81 };
+            return Ok(FaultRule { nth: 0, action, bad_block: Some((nsid, lba)) });
+        }
         let nth = parts.get(1).and_then(|p| num(p)).filter(|&n| n > 0).ok_or_else(bad)?;
         let action = match (parts[0], parts.len()) {
             ("fail", 4) => FaultAction::Fail {
@@ -60,10 +90,14 @@ impl FromStr for FaultRule {
             },
             ("delay", 3) => FaultAction::Delay(Duration::from_millis(num(parts[2]).ok_or_else(bad)?)),
             ("hang", 2) => FaultAction::Hang,
+            ("stuck", 2) => FaultAction::Stuck,
+            ("retry", 2) => FaultAction::Retry,
+            ("fatal", 2) => FaultAction::Fatal,
+            ("gone", 2) => FaultAction::Gone,
             ("panic", 2) => FaultAction::Panic,
             _ => return Err(bad()),
         };
-        Ok(FaultRule { nth, action })
+        Ok(FaultRule { nth, action, bad_block: None })
     }
 }
 
@@ -75,16 +109,37 @@ mod tests {
     fn parses_rules() {
         assert_eq!(
             "fail:3:2:0x81".parse::<FaultRule>().unwrap(),
-            FaultRule { nth: 3, action: FaultAction::Fail { sct: 2, sc: 0x81 } }
+            FaultRule { nth: 3, action: FaultAction::Fail { sct: 2, sc: 0x81 }, bad_block: None }
         );
+        assert_eq!("stuck:2".parse::<FaultRule>().unwrap().action, FaultAction::Stuck);
+        assert_eq!("retry:2".parse::<FaultRule>().unwrap().action, FaultAction::Retry);
+        assert_eq!("fatal:2".parse::<FaultRule>().unwrap().action, FaultAction::Fatal);
+        assert_eq!("gone:2".parse::<FaultRule>().unwrap().action, FaultAction::Gone);
+        assert_eq!("media:0x10".parse::<FaultRule>().unwrap().bad_block, Some((1, 16)));
+        assert_eq!("media:7:2".parse::<FaultRule>().unwrap().bad_block, Some((2, 7)));
         assert_eq!(
             "delay:1:20".parse::<FaultRule>().unwrap().action,
             FaultAction::Delay(Duration::from_millis(20))
         );
         assert_eq!("hang:9".parse::<FaultRule>().unwrap().action, FaultAction::Hang);
-        assert_eq!("panic:4".parse::<FaultRule>().unwrap(), FaultRule { nth: 4, action: FaultAction::Panic });
-        for bad in ["fail:0:1:1", "fail:1:9:1", "boom:1", "delay:1", "hang", "panic", "panic:0", "panic:1:2"]
-        {
+        assert_eq!(
+            "panic:4".parse::<FaultRule>().unwrap(),
+            FaultRule { nth: 4, action: FaultAction::Panic, bad_block: None }
+        );
+        for bad in [
+            "fail:0:1:1",
+            "fail:1:9:1",
+            "boom:1",
+            "delay:1",
+            "hang",
+            "panic",
+            "panic:0",
+            "panic:1:2",
+            "media",
+            "media:1:0",
+            "media:1:1:1",
+            "gone:0",
+        ] {
             assert!(bad.parse::<FaultRule>().is_err(), "{bad}");
         }
     }

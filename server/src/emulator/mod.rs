@@ -194,8 +194,23 @@ struct InFlight {
     fail: Option<u16>,
 }
 
+/// A command that never completes on its own (`hang:` and `stuck:` faults).
+struct Hung {
+    qid: u16,
+    cqid: u16,
+    cid: u16,
+    /// An NVMe Abort of it succeeds.
+    abortable: bool,
+}
+
 struct State {
     cc: u32,
+    /// Hung commands, until aborted or the controller is reset.
+    hung: Vec<Hung>,
+    /// The device was removed: registers read as all ones, nothing runs any more.
+    gone: bool,
+    /// Blocks whose reads fail with a media error (namespace id, LBA), until written.
+    bad_blocks: std::collections::BTreeSet<(u32, u64)>,
     unmaps_by_thread: std::collections::BTreeMap<String, u64>,
     csts: u32,
     aqa: u32,
@@ -256,6 +271,11 @@ const IDLE_WAIT: Duration = Duration::from_millis(200);
 
 type Outcome = Option<(u16, u32)>; // (status field, result); None = no completion now
 
+/// Namespace Not Ready (generic), DNR clear: the host may try again.
+const RETRYABLE_STATUS: u16 = 0x82;
+/// Command Abort Requested (generic), DNR clear.
+const ABORTED_STATUS: u16 = 0x07;
+
 fn ok() -> Outcome {
     Some((0, 0))
 }
@@ -277,6 +297,9 @@ impl EmulatedController {
         let inner = Arc::new(Inner {
             state: Mutex::new(State {
                 cc: 0,
+                hung: Vec::new(),
+                gone: false,
+                bad_blocks: config.faults.iter().filter_map(|r| r.bad_block).collect(),
                 csts: 0,
                 aqa: 0,
                 asq: 0,
@@ -480,6 +503,7 @@ impl Inner {
             *q = None;
         }
         st.delayed.clear();
+        st.hung.clear();
         // Fetched commands are dropped: never completed, their data never moved.
         st.in_flight.clear();
         if let Some(m) = st.model.as_mut() {
@@ -547,7 +571,7 @@ impl Inner {
 
     fn sq_doorbell(&self, st: &mut State, qid: u16, tail: u16) {
         loop {
-            if st.csts & (CSTS_RDY | CSTS_CFS) != CSTS_RDY {
+            if st.gone || st.csts & (CSTS_RDY | CSTS_CFS) != CSTS_RDY {
                 return;
             }
             let Some(sq) = st.sqs.get_mut(usize::from(qid)).and_then(|q| q.as_mut()) else { return };
@@ -595,7 +619,7 @@ impl Inner {
         let now = Instant::now();
         for qid in 1..st.sqs.len() {
             loop {
-                if st.csts & (CSTS_RDY | CSTS_CFS) != CSTS_RDY {
+                if st.gone || st.csts & (CSTS_RDY | CSTS_CFS) != CSTS_RDY {
                     return;
                 }
                 let Some(sq) = st.sqs[qid].as_mut() else { break };
@@ -615,7 +639,19 @@ impl Inner {
                     Err(f) => return self.fault(st, f, "fetching a command"),
                 };
                 let rule = self.io_rule(st);
-                if rule == Some(FaultAction::Hang) {
+                if let Some(outcome) = Self::fault_before_run(st, rule, qid as u16, cqid, cmd.cid) {
+                    if let Some((status, result)) = outcome {
+                        let sq_head = st.sqs[qid].as_ref().map_or(0, |s| s.head);
+                        let entry = NvmeCompletion {
+                            result,
+                            reserved: 0,
+                            sq_head,
+                            sq_id: qid as u16,
+                            cid: cmd.cid,
+                            status,
+                        };
+                        self.post(st, cqid, entry);
+                    }
                     continue;
                 }
                 let mut due = match st.model.as_mut() {
@@ -629,7 +665,7 @@ impl Inner {
                 match rule {
                     Some(FaultAction::Fail { sct, sc: code }) => fail = Some(status_field(sct, code)),
                     Some(FaultAction::Delay(d)) => due += d,
-                    Some(FaultAction::Hang | FaultAction::Panic) | None => {}
+                    Some(_) | None => {}
                 }
                 st.in_flight.push(InFlight { qid: qid as u16, cqid, cmd, due, fail });
             }
@@ -696,7 +732,10 @@ impl Inner {
         let c = st.in_flight.swap_remove(index);
         let outcome = match c.fail {
             Some(status) => Some((status, 0)),
-            None => self.execute_io(st, &c.cmd),
+            None => match self.media_error(st, &c.cmd) {
+                Some(e) => e,
+                None => self.execute_io(st, &c.cmd),
+            },
         };
         if let Some((status, result)) = outcome {
             let sq_head = st.sqs[usize::from(c.qid)].as_ref().map_or(0, |s| s.head);
@@ -1009,6 +1048,7 @@ impl Inner {
                 // Commands of this queue still waiting (delayed or hung) are dropped with it.
                 let sqid = qid as u16;
                 st.delayed.retain(|d| d.entry.sq_id != sqid);
+                st.hung.retain(|h| h.qid != sqid);
                 st.in_flight.retain(|c| c.qid != sqid);
                 ok()
             }
@@ -1023,7 +1063,23 @@ impl Inner {
                 st.cqs[usize::from(qid)] = None;
                 ok()
             }
-            admin::ABORT => Some((0, 1)), // "command not aborted"
+            admin::ABORT => {
+                let (sqid, cid) = ((cmd.cdw10 & 0xffff) as u16, (cmd.cdw10 >> 16) as u16);
+                let found = st.hung.iter().position(|h| h.qid == sqid && h.cid == cid && h.abortable);
+                let Some(i) = found else { return Some((0, 1)) }; // "command not aborted"
+                let h = st.hung.swap_remove(i);
+                let sq_head = st.sqs[usize::from(h.qid)].as_ref().map_or(0, |s| s.head);
+                let entry = NvmeCompletion {
+                    result: 0,
+                    reserved: 0,
+                    sq_head,
+                    sq_id: h.qid,
+                    cid: h.cid,
+                    status: ABORTED_STATUS,
+                };
+                self.post(st, h.cqid, entry);
+                Some((0, 0)) // aborted
+            }
             admin::GET_LOG_PAGE => self.get_log_page(st, cmd),
             _ => err(0, sc::INVALID_OPCODE),
         }
@@ -1086,10 +1142,13 @@ impl Inner {
         if let Some(FaultAction::Fail { sct, sc: code }) = rule {
             return err(sct, code);
         }
-        if rule == Some(FaultAction::Hang) {
-            return None;
+        if let Some(outcome) = Self::fault_before_run(st, rule, qid, cqid, cmd.cid) {
+            return outcome;
         }
-        let outcome = self.execute_io(st, cmd);
+        let outcome = match self.media_error(st, cmd) {
+            Some(e) => e,
+            None => self.execute_io(st, cmd),
+        };
         if let (Some(FaultAction::Delay(d)), Some((status, result))) = (rule, outcome) {
             let entry = NvmeCompletion {
                 result,
@@ -1105,6 +1164,61 @@ impl Inner {
             return None;
         }
         outcome
+    }
+
+    /// What the faults that stop a command before it runs do with it: `Some(outcome)` if it
+    /// does not run (`Some(None)`: it never completes).
+    fn fault_before_run(
+        st: &mut State,
+        rule: Option<FaultAction>,
+        qid: u16,
+        cqid: u16,
+        cid: u16,
+    ) -> Option<Outcome> {
+        match rule? {
+            FaultAction::Hang | FaultAction::Stuck => {
+                let abortable = rule == Some(FaultAction::Hang);
+                st.hung.push(Hung { qid, cqid, cid, abortable });
+                Some(None)
+            }
+            FaultAction::Retry => Some(Some((RETRYABLE_STATUS, 0))),
+            FaultAction::Fatal => {
+                tracing::warn!("emulated controller: injected fatal status (CSTS.CFS)");
+                st.csts |= CSTS_CFS;
+                Some(None)
+            }
+            FaultAction::Gone => {
+                tracing::warn!("emulated controller: injected surprise removal");
+                st.gone = true;
+                st.in_flight.clear();
+                st.delayed.clear();
+                st.hung.clear();
+                Some(None)
+            }
+            FaultAction::Fail { .. } | FaultAction::Delay(_) | FaultAction::Panic => None,
+        }
+    }
+
+    /// A read covering a bad block fails with an unrecovered read error (DNR set); a write or
+    /// write zeroes covering one repairs it (as a drive remaps a block on write).
+    fn media_error(&self, st: &mut State, cmd: &NvmeCommand) -> Option<Outcome> {
+        if st.bad_blocks.is_empty() {
+            return None;
+        }
+        let slba = u64::from(cmd.cdw10) | (u64::from(cmd.cdw11) << 32);
+        let end = slba.saturating_add(u64::from(cmd.cdw12 & 0xffff) + 1);
+        let range = (cmd.nsid, slba)..(cmd.nsid, end);
+        match cmd.opcode {
+            io::READ => st.bad_blocks.range(range).next().map(|_| err(2, 0x81)),
+            io::WRITE | io::WRITE_ZEROES => {
+                let hit: Vec<_> = st.bad_blocks.range(range).copied().collect();
+                for b in hit {
+                    st.bad_blocks.remove(&b);
+                }
+                None
+            }
+            _ => None,
+        }
     }
 
     fn execute_io(&self, st: &State, cmd: &NvmeCommand) -> Outcome {
@@ -1242,6 +1356,9 @@ impl NvmeDevice for EmulatedController {
 
     fn read32(&self, offset: u64) -> u32 {
         let st = self.inner.lock();
+        if st.gone {
+            return u32::MAX;
+        }
         let cap = self.inner.cap();
         match offset {
             o if o == REG_CAP => cap as u32,
@@ -1263,6 +1380,9 @@ impl NvmeDevice for EmulatedController {
         let inner = &self.inner;
         let mut st = inner.lock();
         let st = &mut *st;
+        if st.gone {
+            return;
+        }
         match offset {
             o if o >= REG_DOORBELL_BASE => {
                 let idx = (o - REG_DOORBELL_BASE) / 4;
@@ -1329,6 +1449,9 @@ impl NvmeDevice for EmulatedController {
     fn function_reset(&self) -> Result<(), DeviceError> {
         if self.inner.wedge != Wedge::None {
             return Err(DeviceError::Other("emulated controller wedged: function reset failed".into()));
+        }
+        if self.inner.lock().gone {
+            return Err(DeviceError::Other("emulated controller removed: function reset failed".into()));
         }
         let mut st = self.inner.lock();
         st.dma.set_blocked(false);
@@ -1445,7 +1568,7 @@ mod tests {
 
     #[test]
     fn injected_status_and_shutdown() {
-        let rule = FaultRule { nth: 2, action: FaultAction::Fail { sct: 2, sc: 0x80 } };
+        let rule = FaultRule { nth: 2, action: FaultAction::Fail { sct: 2, sc: 0x80 }, bad_block: None };
         let (dev, space, mut ctrl, mut q) = setup(vec![rule]);
         let buf = DmaMemory::new(&space, &dev, 4096).unwrap();
         let w = IoCommand::Write { nsid: 1, slba: 8, blocks: 8, iova: buf.iova(), len: 4096, fua: false };
@@ -1535,7 +1658,7 @@ mod tests {
     #[test]
     #[should_panic(expected = "emulated controller: injected panic on I/O command 2")]
     fn injected_panic_in_the_doorbell_writer() {
-        let rule = FaultRule { nth: 2, action: FaultAction::Panic };
+        let rule = FaultRule { nth: 2, action: FaultAction::Panic, bad_block: None };
         let (dev, space, _ctrl, mut q) = setup(vec![rule]);
         let buf = DmaMemory::new(&space, &dev, 4096).unwrap();
         let r = IoCommand::Read { nsid: 1, slba: 0, blocks: 8, iova: buf.iova(), len: 4096 };
@@ -1545,7 +1668,7 @@ mod tests {
 
     #[test]
     fn async_injected_panic_ends_the_worker_thread() {
-        let rule = FaultRule { nth: 1, action: FaultAction::Panic };
+        let rule = FaultRule { nth: 1, action: FaultAction::Panic, bad_block: None };
         let backend = Box::new(MemoryBackend::new(1 << 20).unwrap());
         let mode = EmulatorMode::Async { latency: Duration::ZERO };
         let (emu, (dev, space, _ctrl, mut q)) = setup_emulator(vec![rule], mode, backend);

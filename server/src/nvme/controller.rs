@@ -425,7 +425,35 @@ impl Controller {
         }
         let depth = depth.min(self.cap.mqes().min(u32::from(u16::MAX)) as u16).max(2);
         let qp = QueuePair::new(&self.device, &self.space, qid, depth, self.dstrd())?;
-        let size = u32::from(depth - 1) << 16;
+        self.register_io_queue(&qp, vector)?;
+        Ok(qp)
+    }
+
+    /// After a controller reset: creates queue pair `qp` again at the device, at the same
+    /// addresses, empty (its commands are then sent again: [`crate::nvme::IoQueue::restart`]).
+    pub fn recreate_io_queue(&mut self, qp: &mut QueuePair, vector: Option<u16>) -> Result<(), DriverError> {
+        if qp.qid() == 0 || qp.qid() > self.io_queues_granted {
+            return Err(DriverError::Unsupported(format!("queue {} not granted", qp.qid())));
+        }
+        qp.reset();
+        self.register_io_queue(qp, vector)
+    }
+
+    /// Asks the controller to abort command `cid` of submission queue `sqid`; returns whether
+    /// it says it did (the command then completes with Command Abort Requested).
+    pub fn abort(&mut self, sqid: u16, cid: u16) -> Result<bool, DriverError> {
+        let c = self.admin_command(NvmeCommand {
+            opcode: admin::ABORT,
+            cdw10: (u32::from(cid) << 16) | u32::from(sqid),
+            ..Default::default()
+        })?;
+        Ok(c.result & 1 == 0)
+    }
+
+    /// Create I/O Completion Queue and Create I/O Submission Queue for `qp`.
+    fn register_io_queue(&mut self, qp: &QueuePair, vector: Option<u16>) -> Result<(), DriverError> {
+        let qid = qp.qid();
+        let size = u32::from(qp.depth() - 1) << 16;
         self.admin_command(NvmeCommand {
             opcode: admin::CREATE_CQ,
             prp1: qp.cq_iova(),
@@ -443,7 +471,7 @@ impl Controller {
             cdw11: (u32::from(qid) << 16) | 1, // CQID | PC
             ..Default::default()
         })?;
-        Ok(qp)
+        Ok(())
     }
 
     /// Deletes an I/O queue pair (SQ first, then CQ).

@@ -1,6 +1,20 @@
-//! An I/O queue pair with command ids, per-command PRP list pages and completion dispatch.
+//! An I/O queue pair with command ids, per-command PRP list pages, completion dispatch, and
+//! the driver's retries.
+//!
+//! The queue keeps a copy of every command at the device (its 64 bytes; its PRP or SGL list
+//! stays in the command's own list page until it completes), so it can send it again:
+//! - a completion with a retryable status (DNR clear: e.g. Namespace Not Ready, Command Abort
+//!   Requested) is not reported; the command goes out again after a backoff (1 ms, doubling),
+//!   until it has been sent [`RetryPolicy::max_tries`] times;
+//! - after a controller reset, [`IoQueue::restart`] sends every command that was at the device
+//!   again on the queue pair created anew at the same addresses, keeping its command id, its
+//!   context and its data: the caller sees latency, not an error.
+//!
+//! Timeouts count in epochs the caller advances ([`IoQueue::set_epoch`]); a command sent again
+//! starts a new timeout.
 
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use slab::Slab;
 
@@ -117,12 +131,68 @@ impl IoCommand {
     }
 }
 
+/// How the driver retries commands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RetryPolicy {
+    /// Most times one command is sent (1: never again).
+    pub max_tries: u8,
+    /// Wait before the first retry of a retryable status (doubling with each try, at most
+    /// [`MAX_BACKOFF`]).
+    pub backoff: Duration,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        Self { max_tries: 6, backoff: Duration::from_millis(1) }
+    }
+}
+
+/// Longest wait before a retry.
+pub const MAX_BACKOFF: Duration = Duration::from_millis(100);
+
+/// Do Not Retry, in a completion's status field.
+pub const STATUS_DNR: u16 = 1 << 14;
+
+/// Whether a completion status field is an error the host may try again.
+pub fn retryable(status_field: u16) -> bool {
+    status_field & 0x7ff != 0 && status_field & STATUS_DNR == 0
+}
+
+/// What the queue keeps of a command at the device.
+#[derive(Debug, Clone, Copy, Default)]
+struct Sent {
+    cmd: NvmeCommand,
+    /// Times sent.
+    tries: u8,
+    /// Timeout epoch of the last sending.
+    epoch: u32,
+    /// An Abort was asked for it (since the last sending).
+    abort_sent: bool,
+    /// Waiting for its retry (not at the device).
+    waiting: bool,
+}
+
+/// A command at the device longer than the timeout (see [`IoQueue::overdue`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Overdue {
+    /// Its command id.
+    pub cid: u16,
+    /// An Abort was already asked for it, a timeout ago or more.
+    pub abort_sent: bool,
+}
+
 /// An I/O queue pair whose command ids index a slab of per-command context `T`.
 pub struct IoQueue<T> {
     qp: QueuePair,
     lists: DmaMemory,
     slots: Slab<T>,
     capacity: usize,
+    sent: Box<[Sent]>,
+    /// Commands waiting for their retry, and when it is due.
+    retries: Vec<(u16, Instant)>,
+    policy: RetryPolicy,
+    epoch: u32,
+    retried: u64,
 }
 
 impl<T> IoQueue<T> {
@@ -134,7 +204,49 @@ impl<T> IoQueue<T> {
     ) -> Result<Self, IovaError> {
         let capacity = usize::from(qp.depth()) - 1;
         let lists = DmaMemory::new(space, device, capacity * prp::PAGE as usize)?;
-        Ok(Self { qp, lists, slots: Slab::with_capacity(capacity), capacity })
+        Ok(Self {
+            qp,
+            lists,
+            slots: Slab::with_capacity(capacity),
+            capacity,
+            sent: vec![Sent::default(); capacity].into_boxed_slice(),
+            retries: Vec::new(),
+            policy: RetryPolicy::default(),
+            epoch: 0,
+            retried: 0,
+        })
+    }
+
+    /// Sets how commands are retried.
+    pub fn set_retry_policy(&mut self, policy: RetryPolicy) {
+        self.policy = RetryPolicy { max_tries: policy.max_tries.max(1), ..policy };
+    }
+
+    /// Advances the timeout clock (commands sent from now on carry `epoch`).
+    pub fn set_epoch(&mut self, epoch: u32) {
+        self.epoch = epoch;
+    }
+
+    /// Commands sent again so far (retryable statuses and resets).
+    pub fn retried(&self) -> u64 {
+        self.retried
+    }
+
+    /// Records command `cid` as sent for the first time and queues it.
+    fn send_first(&mut self, cid: usize, c: &NvmeCommand) {
+        self.sent[cid] = Sent { cmd: *c, tries: 1, epoch: self.epoch, abort_sent: false, waiting: false };
+        self.qp.push(c);
+    }
+
+    /// Queues command `cid` again.
+    fn send_again(&mut self, cid: usize) {
+        let s = &mut self.sent[cid];
+        s.tries = s.tries.saturating_add(1);
+        s.epoch = self.epoch;
+        s.abort_sent = false;
+        s.waiting = false;
+        self.retried += 1;
+        self.qp.push(&s.cmd);
     }
 
     /// Commands that can still be submitted.
@@ -194,7 +306,7 @@ impl<T> IoQueue<T> {
                 c.cdw11 = io::DSM_DEALLOCATE;
             }
         }
-        self.qp.push(&c);
+        self.send_first(cid, &c);
         Ok(())
     }
 
@@ -240,7 +352,7 @@ impl<T> IoQueue<T> {
         if cmd.write && cmd.fua {
             c.cdw12 |= io::CDW12_FUA;
         }
-        self.qp.push(&c);
+        self.send_first(cid, &c);
         Ok(())
     }
 
@@ -255,17 +367,112 @@ impl<T> IoQueue<T> {
     }
 
     /// Hands up to `max` completions to `f` as (context, NVMe status field, result dword).
-    /// A completion with an unknown command id is logged and dropped.
+    /// A retryable error of a command that may be sent again is not handed over: the command
+    /// waits for its retry (see [`IoQueue::resubmit_due`]). A completion with an unknown
+    /// command id is logged and dropped.
     pub fn reap(&mut self, max: usize, mut f: impl FnMut(T, u16, u32)) -> usize {
         let slots = &mut self.slots;
-        self.qp.reap(max, |c| match slots.try_remove(usize::from(c.cid)) {
-            Some(ctx) => f(ctx, c.status_field(), c.result),
-            None => tracing::error!(cid = c.cid, "completion for a command id not in flight"),
+        let sent = &mut self.sent;
+        let retries = &mut self.retries;
+        let policy = self.policy;
+        self.qp.reap(max, |c| {
+            let cid = usize::from(c.cid);
+            if !slots.contains(cid) || sent[cid].waiting {
+                tracing::error!(cid = c.cid, "completion for a command id not in flight");
+                return;
+            }
+            let status = c.status_field();
+            let s = &mut sent[cid];
+            if retryable(status) && s.tries < policy.max_tries {
+                let wait = policy.backoff.saturating_mul(1 << (s.tries - 1).min(16)).min(MAX_BACKOFF);
+                tracing::debug!(
+                    cid,
+                    status = format_args!("{status:#x}"),
+                    tries = s.tries,
+                    "retryable status; trying again"
+                );
+                s.waiting = true;
+                retries.push((c.cid, Instant::now() + wait));
+                return;
+            }
+            f(slots.remove(cid), status, c.result)
         })
     }
 
-    /// Removes every in-flight context (after the controller was reset and will never complete them).
+    /// Sends again the commands whose retry is due at `now`; returns how many (ring the
+    /// doorbell afterwards).
+    pub fn resubmit_due(&mut self, now: Instant) -> usize {
+        let mut n = 0;
+        let mut i = 0;
+        while i < self.retries.len() {
+            if self.retries[i].1 <= now {
+                let (cid, _) = self.retries.swap_remove(i);
+                self.send_again(usize::from(cid));
+                n += 1;
+            } else {
+                i += 1;
+            }
+        }
+        n
+    }
+
+    /// Whether commands wait for their retry.
+    pub fn has_retries(&self) -> bool {
+        !self.retries.is_empty()
+    }
+
+    /// When the next retry is due, if one waits.
+    pub fn next_retry(&self) -> Option<Instant> {
+        self.retries.iter().map(|r| r.1).min()
+    }
+
+    /// Commands at the device (not waiting for a retry) sent more than `limit` epochs ago.
+    pub fn overdue(&self, limit: u32) -> impl Iterator<Item = Overdue> + '_ {
+        self.slots.iter().filter_map(move |(cid, _)| {
+            let s = &self.sent[cid];
+            (!s.waiting && self.epoch.wrapping_sub(s.epoch) > limit)
+                .then_some(Overdue { cid: cid as u16, abort_sent: s.abort_sent })
+        })
+    }
+
+    /// Notes that an Abort was asked for command `cid`: its timeout starts again, and if it is
+    /// overdue once more, [`Overdue::abort_sent`] says so.
+    pub fn abort_sent(&mut self, cid: u16) {
+        if let Some(s) = self.sent.get_mut(usize::from(cid)) {
+            s.abort_sent = true;
+            s.epoch = self.epoch;
+        }
+    }
+
+    /// After a controller reset, once the queue pair was created again at the device
+    /// ([`IoQueue::queue_pair_mut`], [`crate::nvme::Controller::recreate_io_queue`]): sends every
+    /// command that was in flight again (those waiting for a retry too), except the ones sent
+    /// [`RetryPolicy::max_tries`] times already, whose contexts are returned (finished: the
+    /// device stopped, so it will not touch their memory any more).
+    pub fn restart(&mut self) -> Vec<T> {
+        self.retries.clear();
+        let cids: Vec<usize> = self.slots.iter().map(|(cid, _)| cid).collect();
+        let mut given_up = Vec::new();
+        for cid in cids {
+            if self.sent[cid].tries >= self.policy.max_tries {
+                given_up.push(self.slots.remove(cid));
+            } else {
+                self.send_again(cid);
+            }
+        }
+        self.qp.ring_doorbell();
+        given_up
+    }
+
+    /// The queue pair (to create it again after a controller reset).
+    pub fn queue_pair_mut(&mut self) -> &mut QueuePair {
+        &mut self.qp
+    }
+
+    /// Removes every in-flight context (after the controller was reset and will never complete
+    /// them, or is gone).
     pub fn abandon_all(&mut self) -> Vec<T> {
+        self.retries.clear();
         self.slots.drain().collect()
     }
 

@@ -36,6 +36,7 @@ use super::session::{BrokerCounters, BufferTable, CachePadded, RingIo, Session, 
 use super::tenant::TenantKey;
 use super::validate::DeviceLimits;
 use crate::device::NvmeDevice;
+use crate::nvme::io::RetryPolicy;
 use crate::nvme::{DmaSeg, IoQueue};
 use crate::policy::NamespaceAccess;
 use split::{InFlight, Split};
@@ -107,6 +108,8 @@ pub enum IoRequest {
     CloseRing {
         /// Ring key.
         key: usize,
+        /// Why, as the ring's fault word will say once it is closed (`Closed`, or `Killed`).
+        fault: RingFault,
         /// Answered after release.
         reply: Sender<()>,
     },
@@ -154,8 +157,6 @@ pub struct IoThreadSetup {
     pub ports: Vec<PortSetup>,
     /// Its queue id (the same on every controller).
     pub qid: u16,
-    /// Entries asked for when a queue is created again after a reset.
-    pub queue_depth: u16,
     /// Each controller's request limits.
     pub limits: Vec<DeviceLimits>,
     /// Polling time before sleeping.
@@ -171,6 +172,10 @@ pub struct IoThreadSetup {
     /// The schedulers' cap on a contended tenant's cost at the device
     /// ([`super::sched::SchedConfig::contended_cost`]).
     pub contended_cost: u64,
+    /// How the device queues retry commands.
+    pub retry: RetryPolicy,
+    /// Abort a command that timed out before resetting its controller.
+    pub aborts: bool,
 }
 
 /// An I/O thread's queue on one controller, as created at start.
@@ -194,8 +199,11 @@ pub struct Port {
     dq: DeviceQueue,
     vector: Option<u16>,
     bounce: BouncePool,
-    /// The controller could not be brought back: its commands fail with `DeviceFault`.
+    /// The controller could not be brought back: its commands fail with `DeviceFault` (or
+    /// `DeviceGone`).
     device_failed: bool,
+    /// The controller is gone (surprise removal).
+    gone: bool,
     /// Whether the device was seen to stop its DMA when it failed. If not, commands it held
     /// are never reported finished and their rings' buffers are never released.
     dma_stopped: bool,
@@ -218,8 +226,9 @@ pub struct IoThread {
     ports: Vec<Port>,
     qid: u16,
     splits: Slab<Split>,
-    queue_depth: u16,
     io_timeout: Duration,
+    /// Abort overdue commands before resetting (else reset at once).
+    aborts: bool,
     epoch: u32,
     epoch_started: Instant,
     busy_rounds: u32,
@@ -256,7 +265,8 @@ impl IoThread {
         let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC)?;
         epoll.add(setup.wake.as_fd(), EpollEvent::new(EpollFlags::EPOLLIN, WAKE_TOKEN))?;
         let mut ports = Vec::new();
-        for (c, p) in setup.ports.into_iter().enumerate() {
+        for (c, mut p) in setup.ports.into_iter().enumerate() {
+            p.queue.set_retry_policy(setup.retry);
             let device = p.ctrl.device().clone();
             if let Some(fd) = p.vector.and_then(|v| device.interrupt_fd(v)) {
                 epoll.add(fd, EpollEvent::new(EpollFlags::EPOLLIN, IRQ_TOKEN + c as u64))?;
@@ -276,6 +286,7 @@ impl IoThread {
                 vector: p.vector,
                 bounce: p.bounce,
                 device_failed: false,
+                gone: false,
                 dma_stopped: true,
             });
         }
@@ -288,8 +299,8 @@ impl IoThread {
             ports,
             qid: setup.qid,
             splits: Slab::new(),
-            queue_depth: setup.queue_depth,
             io_timeout: setup.io_timeout,
+            aborts: setup.aborts,
             epoch: 0,
             epoch_started: Instant::now(),
             busy_rounds: 0,
@@ -361,8 +372,16 @@ impl IoThread {
                 }
             }
             work |= self.take_submissions();
+            let mut resent = false;
             for p in &mut self.ports {
+                if p.dq.queue.has_retries() {
+                    resent |= p.dq.queue.resubmit_due(Instant::now()) > 0;
+                }
                 p.dq.queue.ring_doorbell();
+            }
+            if resent {
+                self.publish_retries();
+                work = true;
             }
             work |= self.reap() > 0;
             self.publish_completions();
@@ -462,6 +481,7 @@ impl IoThread {
                         vectored: 0,
                         faulted: false,
                         closing: None,
+                        close_fault: RingFault::Closed,
                         counters,
                     });
                     self.order.push(key);
@@ -479,8 +499,9 @@ impl IoThread {
                         let _ = reply.send(());
                     }
                 },
-                IoRequest::CloseRing { key, reply } => match self.sessions.get_mut(key) {
+                IoRequest::CloseRing { key, fault, reply } => match self.sessions.get_mut(key) {
                     Some(s) => {
+                        s.close_fault = fault;
                         if s.closing.is_none() {
                             self.closing += 1;
                         }
@@ -621,7 +642,7 @@ impl IoThread {
             }
             if let Some(ring) = s.ring.as_ref() {
                 let _ = self.epoll.delete(ring.submit_fd.as_fd());
-                ring.fault(if dead { RingFault::DeviceFailed } else { RingFault::Closed });
+                ring.fault(if dead { RingFault::DeviceFailed } else { s.close_fault });
             }
             let reply = s.closing.take().flatten();
             if dead {

@@ -1,26 +1,36 @@
-//! Command timeouts and controller resets.
+//! Command timeouts, aborts, controller resets, and a controller gone.
 //!
-//! A command the device keeps longer than the timeout resets the controller (see
-//! [`crate::broker::manager`], which coordinates it across the I/O threads). Before any command
-//! it held is reported finished, the device must be seen to have stopped its DMA: Bus Master
-//! Enable is cleared first (as Linux disables the PCI device), then the controller is reset. If
-//! neither can be confirmed, the commands stay outstanding for good: their rings are faulted
-//! with `DeviceFailed` and their buffers are never unmapped, because the device may still write
-//! to them.
+//! A command the device keeps longer than the timeout is aborted (NVMe Abort): the controller
+//! then completes it with Command Abort Requested, and the driver sends it again (see
+//! [`crate::nvme::io`]). If the controller refuses or fails the abort, if the command is
+//! overdue again after its abort, if many commands are overdue at once (a stuck controller),
+//! or if it reports a fatal status (CSTS.CFS), the controller is reset (see
+//! [`crate::broker::manager`], which coordinates it across the I/O threads), and every command
+//! that was in flight is sent again on the new queue. Before any command it held is reported
+//! finished, the device must be seen to have stopped its DMA: Bus Master Enable is cleared
+//! first (as Linux disables the PCI device), then the controller is reset. If neither can be
+//! confirmed, the commands stay outstanding for good: their rings are faulted with
+//! `DeviceFailed` and their buffers are never unmapped, because the device may still write to
+//! them. A controller whose registers read as all ones is gone: its commands fail with
+//! `DeviceGone` (it can no longer reach memory).
 
 use std::time::Instant;
 
 use nvmed_proto::{BrokerStatus, RingFault, Status};
-use tracing::{error, info};
+use tracing::{error, info, warn};
 
 use super::complete::{complete, release_slot};
-use super::split::{piece_done, pieces_done};
+use super::split::{piece_done, pieces_done, InFlight};
 use super::vectored::finish_bounce;
-use super::{DeviceQueue, IoThread, EPOCH};
+use super::{IoThread, EPOCH};
 use crate::broker::manager::DeviceState;
+use crate::nvme::spec::CSTS_CFS;
+
+/// More commands than this overdue at once: the controller is stuck, reset it without aborts.
+const MAX_ABORTS: usize = 4;
 
 impl IoThread {
-    /// Advances the timeout clock; resets a controller whose command is overdue.
+    /// Advances the timeout clock; aborts overdue commands, or resets their controller.
     pub(super) fn check_timeouts(&mut self, now: Instant) {
         let elapsed = now.duration_since(self.epoch_started);
         if elapsed < EPOCH {
@@ -30,21 +40,73 @@ impl IoThread {
         self.epoch = self.epoch.wrapping_add(ticks);
         self.epoch_started += EPOCH * ticks;
         let limit = (self.io_timeout.as_millis() / EPOCH.as_millis()).max(1) as u32;
-        let epoch = self.epoch;
         for c in 0..self.ports.len() {
-            let p = &self.ports[c];
+            let p = &mut self.ports[c];
+            p.dq.queue.set_epoch(self.epoch);
             // A failed device has nothing more to try; commands of one that never stopped stay.
-            if !p.device_failed
-                && p.dq.queue.in_flight_contexts().any(|x| epoch.wrapping_sub(x.epoch) > limit)
-            {
-                self.reset_device(c);
+            if p.device_failed {
+                continue;
+            }
+            let mut overdue = p.dq.queue.overdue(limit).peekable();
+            if overdue.peek().is_none() {
+                continue;
+            }
+            let overdue: Vec<_> = overdue.collect();
+            let csts = p.ctrl.csts();
+            if csts == u32::MAX {
+                p.ctrl.gone(p.generation);
+                self.recover(c);
+                continue;
+            }
+            let why = if csts & CSTS_CFS != 0 {
+                Some("the controller reports a fatal status (CSTS.CFS)")
+            } else if overdue.iter().any(|o| o.abort_sent) {
+                Some("a command did not complete after it was aborted")
+            } else if overdue.len() > MAX_ABORTS || !self.aborts {
+                Some("commands did not complete in time")
+            } else {
+                self.abort_overdue(c, &overdue)
+            };
+            if let Some(why) = why {
+                self.reset_device(c, why);
             }
         }
     }
 
-    /// A command timed out on controller `c`: reset it (unless another thread just did), then
+    /// Publishes how many commands the device queues sent again.
+    pub(super) fn publish_retries(&self) {
+        let n = self.ports.iter().map(|p| p.dq.queue.retried()).sum();
+        self.broker_counters.retries.store(n, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Aborts the overdue commands of controller `c`; returns why the controller must be reset
+    /// instead, if it must.
+    fn abort_overdue(&mut self, c: usize, overdue: &[crate::nvme::io::Overdue]) -> Option<&'static str> {
+        let p = &mut self.ports[c];
+        for o in overdue {
+            warn!(
+                thread = self.index,
+                controller = c,
+                cid = o.cid,
+                timeout_ms = self.io_timeout.as_millis() as u64,
+                "a command did not complete in time; aborting it"
+            );
+            self.broker_counters.aborts.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            match p.ctrl.abort(self.qid, o.cid) {
+                Ok(true) => p.dq.queue.abort_sent(o.cid),
+                Ok(false) => return Some("the controller did not abort a command that timed out"),
+                Err(e) => {
+                    error!(thread = self.index, controller = c, "Abort failed: {e}");
+                    return Some("an Abort command failed");
+                }
+            }
+        }
+        None
+    }
+
+    /// Controller `c` must be reset (`why`): reset it (unless another thread just did), then
     /// bring this thread's queue there back.
-    pub(super) fn reset_device(&mut self, c: usize) {
+    pub(super) fn reset_device(&mut self, c: usize, why: &str) {
         let p = &self.ports[c];
         error!(
             thread = self.index,
@@ -52,21 +114,22 @@ impl IoThread {
             device = %p.device.name(),
             in_flight = p.dq.queue.in_flight(),
             timeout_ms = self.io_timeout.as_millis() as u64,
-            "a command did not complete in time; resetting the controller"
+            "{why}; resetting the controller"
         );
         p.ctrl.reset(p.generation);
         self.recover(c);
     }
 
     /// Controller `c` was reset (by this thread or another): its DMA is stopped, or could not
-    /// be confirmed stopped. Fails every command this thread had at it with `DeviceReset`
-    /// (only if stopped) and creates this thread's queue there again.
+    /// be confirmed stopped, or it is gone. Creates this thread's queue there again and sends
+    /// every command again (failing with `DeviceReset` those out of tries), or fails them all
+    /// if the controller did not come back (only if it stopped).
     pub(super) fn recover(&mut self, c: usize) {
         let p = &mut self.ports[c];
         p.generation = p.ctrl.generation();
         let state = p.ctrl.state();
-        self.cancel_partials(c);
         if state == DeviceState::FailedRunning {
+            self.cancel_partials(c, Status::Broker(BrokerStatus::DeviceFault));
             let p = &mut self.ports[c];
             p.device_failed = true;
             p.dma_stopped = false;
@@ -84,14 +147,57 @@ impl IoThread {
             return;
         }
         // The controller is disabled or cut off from memory: nothing it was given can DMA now.
+        let failed = match state {
+            DeviceState::Gone => Some(BrokerStatus::DeviceGone),
+            DeviceState::FailedStopped => Some(BrokerStatus::DeviceReset),
+            _ => {
+                let p = &mut self.ports[c];
+                match p.ctrl.recreate_queue(&mut p.dq.queue, p.vector) {
+                    Ok(()) => {
+                        let in_flight = p.dq.queue.in_flight();
+                        let given_up = p.dq.queue.restart();
+                        info!(
+                            thread = self.index,
+                            controller = c,
+                            queue = self.qid,
+                            resent = in_flight - given_up.len(),
+                            given_up = given_up.len(),
+                            "I/O queue created again; its commands were sent again"
+                        );
+                        self.fail_contexts(c, given_up, Status::Broker(BrokerStatus::DeviceReset));
+                        self.publish_retries();
+                        None
+                    }
+                    Err(e) => {
+                        error!(
+                            thread = self.index,
+                            controller = c,
+                            "the I/O queue could not be created again: {e}; failing its I/O"
+                        );
+                        Some(BrokerStatus::DeviceReset)
+                    }
+                }
+            }
+        };
+        if let Some(status) = failed {
+            self.ports[c].device_failed = true;
+            self.ports[c].gone = state == DeviceState::Gone;
+            let all = self.ports[c].dq.queue.abandon_all();
+            self.fail_contexts(c, all, Status::Broker(status));
+            self.cancel_partials(c, Status::Broker(status));
+        }
+        self.publish_completions();
+    }
+
+    /// Completes commands of controller `c` that the device will never complete, with
+    /// `status` (their DMA is stopped).
+    fn fail_contexts(&mut self, c: usize, ctxs: Vec<InFlight>, status: Status) {
         let p = &mut self.ports[c];
-        for ctx in p.dq.queue.abandon_all() {
+        for ctx in ctxs {
             let buffers = self.sessions.get(ctx.session as usize).map(|s| &s.buffers);
             finish_bounce(&ctx, false, &self.vecs, &mut p.bounce, buffers);
             release_slot(&mut self.sessions, &ctx);
-            if let Some(status) =
-                piece_done(&mut self.splits, &ctx, Status::Broker(BrokerStatus::DeviceReset))
-            {
+            if let Some(status) = piece_done(&mut self.splits, &ctx, status) {
                 let now_us = self.started.elapsed().as_micros() as u32;
                 complete(
                     &mut self.sessions,
@@ -104,41 +210,17 @@ impl IoThread {
                 );
             }
         }
-        if state == DeviceState::FailedStopped {
-            p.device_failed = true;
-        } else {
-            match p.ctrl.create_queue(self.qid, self.queue_depth, p.vector) {
-                Ok(q) => {
-                    p.dq = DeviceQueue::new(q);
-                    info!(
-                        thread = self.index,
-                        controller = c,
-                        queue = self.qid,
-                        "I/O queue created again; I/O resumed"
-                    );
-                }
-                Err(e) => {
-                    error!(
-                        thread = self.index,
-                        controller = c,
-                        "the I/O queue could not be created again: {e}; failing its I/O"
-                    );
-                    p.device_failed = true;
-                }
-            }
-        }
-        self.publish_completions();
     }
 
-    /// Drops the pieces of split requests for controller `c` that were never given to it.
-    fn cancel_partials(&mut self, c: usize) {
+    /// Fails with `status` the pieces of split requests for controller `c` that were never
+    /// given to it.
+    fn cancel_partials(&mut self, c: usize, status: Status) {
         for key in self.order.iter().copied() {
             let s = &mut self.sessions[key];
             if s.partial.is_none_or(|p| usize::from(p.ctx.ctrl) != c) {
                 continue;
             }
             let Some(p) = s.partial.take() else { continue };
-            let status = Status::Broker(BrokerStatus::DeviceReset);
             if let Some(status) = pieces_done(&mut self.splits, &p.ctx, p.pieces - p.next, status) {
                 let now_us = self.started.elapsed().as_micros() as u32;
                 let sched = &mut self.ports[usize::from(p.ctx.ctrl)].sched;

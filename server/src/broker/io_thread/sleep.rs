@@ -9,6 +9,7 @@
 
 use std::os::fd::AsFd;
 use std::sync::atomic::{fence, Ordering};
+use std::time::Instant;
 
 use nix::sys::epoll::{EpollEvent, EpollTimeout};
 use nvmed_proto::layout::{BROKER_CQ_WAIT, BROKER_NEED_WAKEUP};
@@ -92,6 +93,11 @@ impl IoThread {
             } else {
                 1000
             };
+            // A command waiting for its retry goes again then.
+            if let Some(due) = self.ports.iter().filter_map(|p| p.dq.queue.next_retry()).min() {
+                let ms = due.saturating_duration_since(Instant::now()).as_millis().max(1);
+                timeout = timeout.min(ms.min(u128::from(u16::MAX)) as u16);
+            }
             // A tenant held by a rate limit may go again then.
             if let Some(until) = self.throttled_until {
                 let ms = until.saturating_sub(now).div_ceil(1_000_000).max(1);

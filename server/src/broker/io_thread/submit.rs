@@ -204,14 +204,17 @@ impl IoThread {
             );
             let op = Opcode::from_u8(sqe.opcode).unwrap_or(Opcode::Nop);
             let failed = |c: u16| ports[usize::from(c)].device_failed;
+            let failure = |c: u16| {
+                Status::Broker(if ports[usize::from(c)].gone {
+                    BrokerStatus::DeviceGone
+                } else {
+                    BrokerStatus::DeviceFault
+                })
+            };
             let status = match decision {
                 Ok(Validated::Nop) => Status::Success,
-                Ok(Validated::Device { controller: c, .. }) if failed(c) => {
-                    Status::Broker(BrokerStatus::DeviceFault)
-                }
-                Ok(Validated::Vectored(v)) if failed(v.controller) => {
-                    Status::Broker(BrokerStatus::DeviceFault)
-                }
+                Ok(Validated::Device { controller: c, .. }) if failed(c) => failure(c),
+                Ok(Validated::Vectored(v)) if failed(v.controller) => failure(v.controller),
                 Ok(Validated::Device { controller: c, cmd, buffer, len }) => {
                     let p = &mut ports[usize::from(c)];
                     if p.dq.queue.free_slots() == 0 || s.slots[usize::from(c)] >= p.dq.session_slots {

@@ -1,0 +1,150 @@
+//! Clients never notice a broker restart: the client library connects again, creates its rings
+//! again, registers its buffers again under the same ids and sends every request that had not
+//! completed. A broker that never comes back ends in a clear error after the backoff budget.
+
+mod common;
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::*;
+use nvmed_client::testkit::pattern;
+use nvmed_client::{Error, Io, NvmeRing, NvmeSession, Reconnect, RingOptions, SessionOptions};
+
+const MIB: u64 = 1 << 20;
+
+/// A broker on a backing file (so data outlives the process), with a device slow enough that
+/// requests are at the device when it is killed.
+fn persistent_broker(latency_us: &str) -> TestBroker {
+    let dir = scratch_dir();
+    let file = dir.join("disk.img");
+    let file = file.to_str().unwrap().to_string();
+    TestBroker::start_in(
+        dir,
+        &["--backing", &file, "--emulator-mode", "async", "--emulator-latency-us", latency_us],
+    )
+}
+
+#[test]
+fn a_client_goes_on_through_a_broker_killed_and_restarted() {
+    let mut broker = persistent_broker("50000");
+    let mut ring = broker.connect();
+    let ns = ring.namespaces()[0].nsid;
+    let buf = ring.alloc_buffer((64 * 4096) as usize).unwrap();
+    let spare = ring.alloc_buffer(4096).unwrap();
+    ring.unregister_buffer(spare).unwrap(); // a hole in the ids: the others must keep theirs
+    let back = ring.alloc_buffer((64 * 4096) as usize).unwrap();
+    pattern(7, ring.buffer_mut(buf, 0, 64 * 4096).unwrap());
+    // 64 writes at the device (50 ms each) when the broker is killed.
+    for i in 0..64u64 {
+        ring.prep(Io::write(ns, i * 4096, 4096, buf, i * 4096).user_data(i)).unwrap();
+    }
+    ring.submit().unwrap();
+    std::thread::sleep(Duration::from_millis(10));
+    broker.kill9();
+    let t = Instant::now();
+    broker.restart();
+    // The application only waits: its completions come, from the new broker.
+    let mut out = Vec::new();
+    while out.len() < 64 {
+        ring.wait(64 - out.len(), &mut out, Some(Duration::from_secs(20))).unwrap();
+    }
+    let mut tags: Vec<u64> = out.iter().map(|c| c.user_data).collect();
+    tags.sort_unstable();
+    assert_eq!(tags, (0..64).collect::<Vec<_>>(), "each request completes exactly once");
+    assert!(out.iter().all(|c| c.status.is_success()), "{out:?}");
+    assert_eq!(ring.reconnects(), 1);
+    eprintln!("recovered in {:?}", t.elapsed());
+    // The data is there, read through the same buffer ids.
+    ring.read(ns, 0, back, 0, 64 * 4096).unwrap();
+    assert!(ring.buffer(back, 0, 64 * 4096).unwrap() == ring.buffer(buf, 0, 64 * 4096).unwrap());
+    let stats = ring.stats().unwrap();
+    assert_eq!((stats.buffers, stats.in_flight, stats.rings), (2, 0, 1));
+}
+
+#[test]
+fn several_rings_and_shared_buffers_come_back_together() {
+    let mut broker = persistent_broker("1000");
+    let session = NvmeSession::open(&broker.socket).unwrap();
+    let shared = session.alloc_shared(MIB as usize).unwrap();
+    let mut rings: Vec<NvmeRing> = (0..2).map(|_| session.new_ring().unwrap()).collect();
+    let ns = session.namespaces()[0].nsid;
+    let data: Vec<u8> = (0..MIB).map(|i| (i * 7 % 251) as u8).collect();
+    shared.write_at(0, &data).unwrap();
+    rings[0].write(ns, 0, shared.id(), 0, (MIB / 2) as u32).unwrap();
+    broker.kill9();
+    broker.restart();
+    // Ring 1 learns of the new broker while ring 0 was the one to reconnect, or the reverse.
+    rings[1].write(ns, MIB / 2, shared.id(), MIB / 2, (MIB / 2) as u32).unwrap();
+    rings[0].read(ns, 0, shared.id(), 0, MIB as u32).unwrap();
+    let mut back = vec![0u8; MIB as usize];
+    shared.read_at(0, &mut back).unwrap();
+    assert!(back == data);
+    assert_eq!(session.reconnects(), 1, "one reconnect for the whole session");
+    assert_eq!(session.stats().unwrap().rings, 2);
+}
+
+#[test]
+fn a_broker_that_never_returns_ends_in_a_clear_error() {
+    let mut broker = TestBroker::start(&[]);
+    let reconnect = Reconnect { budget: Duration::from_millis(500), ..Reconnect::default() };
+    let opts = RingOptions { reconnect, ..RingOptions::default() };
+    let mut ring = NvmeRing::open_with(&broker.socket, opts).unwrap();
+    let buf = ring.alloc_buffer(4096).unwrap();
+    broker.kill9();
+    let t = Instant::now();
+    match ring.read(1, 0, buf, 0, 4096) {
+        Err(Error::ReconnectFailed { .. }) => {}
+        other => panic!("expected ReconnectFailed, got {other:?}"),
+    }
+    assert!(t.elapsed() < Duration::from_secs(5), "gave up after {:?}", t.elapsed());
+    // Session calls give up the same way.
+    let s = NvmeSession::open_with(&broker.socket, SessionOptions::default());
+    assert!(matches!(s, Err(Error::Connect { .. })), "{s:?}");
+}
+
+#[test]
+fn a_clean_restart_is_survived_too() {
+    let mut broker = persistent_broker("100");
+    let mut ring = broker.connect();
+    let ns = ring.namespaces()[0].nsid;
+    let buf = ring.alloc_buffer(8192).unwrap();
+    pattern(3, ring.buffer_mut(buf, 0, 4096).unwrap());
+    ring.write(ns, 0, buf, 0, 4096).unwrap();
+    assert!(broker.stop(), "SIGTERM");
+    broker.restart();
+    ring.read(ns, 0, buf, 4096, 4096).unwrap();
+    assert_eq!(ring.buffer(buf, 0, 4096).unwrap(), ring.buffer(buf, 4096, 4096).unwrap());
+    assert_eq!(ring.reconnects(), 1);
+}
+
+/// `ringbench`, built beside `nvmed` by `cargo test --workspace` (scripts/test.sh).
+fn ringbench() -> std::path::PathBuf {
+    let nvmed = std::path::Path::new(env!("CARGO_BIN_EXE_nvmed"));
+    let rb = nvmed.with_file_name("ringbench");
+    assert!(rb.exists(), "{} missing: build it first (cargo build -p ringbench)", rb.display());
+    rb
+}
+
+#[test]
+fn ringbench_verify_survives_kill_dash_nine_of_the_broker() {
+    let mut broker = persistent_broker("200");
+    let child = Command::new(ringbench())
+        .args(["--socket", broker.socket.to_str().unwrap(), "--rw", "randrw", "--bs", "4k"])
+        .args(["--iodepth", "16", "--numjobs", "4", "--size", "32M", "--runtime", "4", "--verify"])
+        .args(["--output-format", "json"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(1200));
+    broker.kill9();
+    std::thread::sleep(Duration::from_millis(200)); // nobody listening for a while
+    broker.restart();
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "ringbench failed across the restart: {err}");
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(r["total"]["verified_reads"].as_u64().unwrap() > 100, "{}", r["total"]);
+    assert!(r["reconnects"].as_u64().unwrap() >= 1, "ringbench reports no reconnect: {r}");
+}
