@@ -145,6 +145,7 @@ pub(crate) async fn run(
             client_name: name,
             spin: Duration::ZERO,
             thread: None,
+            ..RingOptions::default()
         };
         let mut ring = session.new_ring_with(opts)?;
         let buf = ring.alloc_buffer(usize::from(depth) * slot_size as usize)?;

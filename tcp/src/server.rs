@@ -387,7 +387,7 @@ async fn create_controller(
     let path = target.cfg.nvmed_socket.clone();
     let name = format!("nvmed-tcp {hostnqn}");
     let session = tokio::task::spawn_blocking(move || {
-        NvmeSession::open_with(path, SessionOptions { client_name: name })
+        NvmeSession::open_with(path, SessionOptions { client_name: name, ..SessionOptions::default() })
     })
     .await
     .map_err(|e| e.to_string())?
