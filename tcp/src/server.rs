@@ -350,7 +350,7 @@ async fn connect(
         let _ = kato;
         let ctrl = create_controller(target, hostnqn, allowed.map(<[u32]>::to_vec), read_only)
             .await
-            .map_err(|e| (sc::INTERNAL, 0, e))?;
+            .map_err(|e| (sc::CONNECT_CTRL_BUSY, 0, e))?;
         Ok((ctrl, 0, sqsize))
     } else {
         if sqsize == 0 || sqsize > max_sq {
