@@ -214,6 +214,9 @@ fn verified_io_digests_off_and_on() {
     {
         session(&f, dg);
     }
+    // The same with the I/O queues polling their rings before they sleep.
+    let f = fixture(|c| c.poll = Duration::from_micros(50));
+    session(&f, Digests { header: false, data: true });
 }
 
 #[test]

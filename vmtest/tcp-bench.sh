@@ -4,7 +4,7 @@
 # target, nvmet-tcp, on a RAM disk (brd), both over loopback: random 4 KiB reads and writes at
 # queue depth 1 and 32 (synchronous O_DIRECT threads), with the CPU time of the whole guest per
 # I/O. Prints the ratios nvmed-tcp / nvmet-tcp. Uses KVM when /dev/kvm is usable, else TCG.
-#   bash vmtest/tcp-bench.sh [SECONDS_PER_RUN]     (NVMED_ARGS="..." adds nvmed options)
+#   bash vmtest/tcp-bench.sh [SECONDS_PER_RUN]     (NVMED_ARGS="..." and TCP_ARGS="..." add options)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 top=$(pwd)
@@ -25,6 +25,7 @@ vm_modules "$root" $mods
 echo "$mods" > "$root/modules"
 echo "$secs" > "$root/secs"
 echo "${NVMED_ARGS:-}" > "$root/nvmed_args"
+echo "${TCP_ARGS:-}" > "$root/tcp_args"
 cp "$vm_bins/nvmed" "$vm_bins/nvmed-tcp" "$vm_bins/blkcheck" "$root/bin/"
 cat > "$root/init" <<'INIT'
 #!/bin/sh
@@ -41,7 +42,7 @@ HOST=nqn.2014-08.org.nvmexpress:uuid:6e766d65-6474-6370-0000-0000000000be
 nvmed --emulate --size 268435456 --socket /run/nvmed.sock $(cat /nvmed_args) > /tmp/nvmed.out 2> /tmp/nvmed.log &
 for i in $(seq 100); do grep -q ready /tmp/nvmed.out 2>/dev/null && break; sleep 0.1; done
 nvmed-tcp --listen 127.0.0.1:4420 --nvmed /run/nvmed.sock --subsystem nqn.2026-01.io.nvmed:bench \
-    --allow-host $HOST > /tmp/tcp.out 2> /tmp/tcp.log &
+    --allow-host $HOST $(cat /tcp_args) > /tmp/tcp.out 2> /tmp/tcp.log &
 for i in $(seq 100); do grep -q ready /tmp/tcp.out 2>/dev/null && break; sleep 0.1; done
 # nvmet-tcp on 4421, on /dev/ram0 (256 MiB).
 mount -t configfs none /sys/kernel/config
@@ -94,14 +95,14 @@ if ! { [ -w /dev/kvm ] && boot kvm host; }; then
     accel=tcg
     boot tcg max || { log "the guest did not finish (see $work/console.log)"; exit 1; }
 fi
-python3 - "$work/console.log" "$accel" "${NVMED_ARGS:-}" <<'PY'
+python3 - "$work/console.log" "$accel" "nvmed ${NVMED_ARGS:-(defaults)}, nvmed-tcp ${TCP_ARGS:-(defaults)}" <<'PY'
 import re, sys
 rows = {}
 for line in open(sys.argv[1], errors="replace"):
     m = re.search(r"BLKBENCH (\S+) (\S+) qd=(\d+) iops=(\d+) cpu_s=\S+ cpu_us_per_io=([\d.]+)", line)
     if m:
         rows[(m[1], m[2], int(m[3]))] = (int(m[4]), float(m[5]))
-print(f"\nguest: 2 vCPUs ({sys.argv[2]}), kernel nvme-tcp initiator over loopback, 4 KiB random I/O, nvmed options: {sys.argv[3] or '(defaults)'}")
+print(f"\nguest: 2 vCPUs ({sys.argv[2]}), kernel nvme-tcp initiator over loopback, 4 KiB random I/O; options: {sys.argv[3]}")
 print(f"{'workload':<16}{'nvmed-tcp IOPS':>15}{'nvmet-tcp IOPS':>15}{'ratio':>7}{'CPU us/IO nvmed':>17}{'CPU us/IO nvmet':>17}")
 for rw in ("randread", "randwrite"):
     for qd in (1, 32):

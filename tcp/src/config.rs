@@ -88,6 +88,8 @@ pub struct Config {
     /// A host that does not read what is sent to it for this long is disconnected; also the
     /// time allowed for ICReq and Connect.
     pub io_timeout: Duration,
+    /// How long an I/O queue polls its ring for completions before it sleeps on the eventfd.
+    pub poll: Duration,
 }
 
 impl Config {
@@ -105,6 +107,7 @@ impl Config {
             max_io_queues: 16,
             max_connections: 512,
             io_timeout: Duration::from_secs(30),
+            poll: Duration::ZERO,
         }
     }
 

@@ -63,6 +63,10 @@ struct Args {
     /// Seconds a host may leave what is sent to it unread (and to send ICReq and Connect).
     #[arg(long, default_value_t = 30)]
     io_timeout_s: u64,
+    /// Microseconds an I/O queue polls for completions before sleeping (saves a wakeup per I/O
+    /// at low queue depth; costs CPU, and delays the queue's other connections on that thread).
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u64).range(0..=1000))]
+    poll_us: u64,
 }
 
 fn main() -> std::process::ExitCode {
@@ -99,6 +103,7 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     cfg.max_io_queues = args.max_io_queues;
     cfg.max_connections = args.max_connections;
     cfg.io_timeout = Duration::from_secs(args.io_timeout_s.max(1));
+    cfg.poll = Duration::from_micros(args.poll_us);
     cfg.validate()?;
     if cfg.hosts.is_empty() && !cfg.allow_any_host {
         return Err("no host may connect: give --allow-host, --config or --allow-any-host".into());
