@@ -59,6 +59,7 @@ ln -s $k/subsystems/kbench $k/ports/1/subsystems/kbench
 dev_of() {
     for i in $(seq 100); do
         for b in /sys/block/nvme*n*; do
+            [ -e "$b" ] || continue
             n=${b##*/}; case $n in *c*) continue ;; esac
             [ "$(cat $b/device/subsysnqn 2>/dev/null)" = $1 ] && [ -b /dev/$n ] && { echo /dev/$n; return; }
         done

@@ -32,6 +32,7 @@ tcp_connect() {
     TCP_DEV=
     for i in $(seq 100); do
         for b in /sys/block/nvme*n*; do
+            [ -e "$b" ] || continue
             n=${b##*/}
             case $n in *c*) continue ;; esac
             [ "$(cat $b/device/subsysnqn 2>/dev/null)" = $TCP_NQN ] && [ -b /dev/$n ] && TCP_DEV=/dev/$n

@@ -20,7 +20,7 @@ use tracing::{debug, info, warn};
 
 use crate::ctrl::{admin_op, fctype, sc, NsView};
 use crate::pdu::{self, DataPdu, Digests, Header, Layout, Limits, NvmeCmd, PduError, Receiver, MAX_HEADER};
-use crate::server::{cqe, lock, ConnError, ConnParams, CtrlShared, Target, MAX_H2C_DATA};
+use crate::server::{cqe, lock, sleep_until_opt, ConnError, ConnParams, CtrlShared, Target, MAX_H2C_DATA};
 
 /// I/O opcodes.
 mod io_op {
@@ -121,7 +121,9 @@ struct Queue {
     comps: Vec<Completion>,
     scratch: Vec<u8>,
     closing: bool,
-    last_tx_progress: Instant,
+    /// Since when queued output has been waiting for the socket without progress (`None`:
+    /// output moved since the last wait). Taken lazily: no clock read per I/O.
+    stall_since: Option<Instant>,
 }
 
 /// Serves I/O queue `qid` of `ctrl` after its Connect (answered here once the ring exists).
@@ -196,7 +198,7 @@ pub(crate) async fn run(
         comps: Vec::new(),
         scratch: vec![0; 64 << 10],
         closing: false,
-        last_tx_progress: Instant::now(),
+        stall_since: None,
     };
     let cntlid = u64::from(ctrl.cntlid);
     q.push_bytes(|out| pdu::push_capsule_resp(out, params.dg, cqe(cid, sc::SUCCESS, cntlid, 1, qid)));
@@ -277,14 +279,14 @@ impl Queue {
                 }
             }
             let want_write = !self.tx.is_empty();
-            let stall = self.last_tx_progress + io_timeout;
+            let stall = want_write.then(|| *self.stall_since.get_or_insert_with(Instant::now) + io_timeout);
             let stalled = tokio::select! {
                 r = self.stream.readable() => { r?; false }
                 r = self.stream.writable(), if want_write => { r?; false }
                 g = cfd.readable(), if armed => { g?.clear_ready(); false }
                 _ = alive.changed() => false,
                 _ = ready.changed() => false,
-                _ = tokio::time::sleep_until(stall), if want_write => true,
+                _ = sleep_until_opt(stall), if want_write => true,
             };
             if armed {
                 self.ring.disarm_completion_fd();
@@ -821,7 +823,7 @@ impl Queue {
                 self.free_slot(slot);
             }
             if self.tx.is_empty() {
-                self.last_tx_progress = Instant::now();
+                self.stall_since = None;
                 return Ok(());
             }
             let mut iov: [IoSlice<'_>; 16] = [IoSlice::new(&[]); 16];
@@ -844,7 +846,7 @@ impl Queue {
                 Err(e) if e.kind() == ErrorKind::WouldBlock => return Ok(()),
                 Err(e) => return Err(e.into()),
             };
-            self.last_tx_progress = Instant::now();
+            self.stall_since = None;
             while wrote > 0 {
                 match self.tx.front_mut() {
                     Some(Tx::Bytes(v, sent)) => {

@@ -67,6 +67,10 @@ struct Args {
     /// at low queue depth; costs CPU, and delays the queue's other connections on that thread).
     #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u64).range(0..=1000))]
     poll_us: u64,
+    /// Threads serving the sockets (every connection is a task; the data moves in nvmed's I/O
+    /// threads, so one is often enough, and fewer threads mean fewer cross-thread wakeups).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=256))]
+    threads: u16,
 }
 
 fn main() -> std::process::ExitCode {
@@ -112,7 +116,10 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     let probe = nvmed_client::NvmeSession::open(&cfg.nvmed_socket)?;
     let ns: Vec<u32> = probe.namespaces().iter().map(|n| n.nsid).collect();
     drop(probe);
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(usize::from(args.threads))
+        .enable_all()
+        .build()?;
     rt.block_on(async move {
         let listener = tokio::net::TcpListener::bind(args.listen).await?;
         info!(

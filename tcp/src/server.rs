@@ -580,7 +580,7 @@ async fn smart_of(shared: &Arc<CtrlShared>) -> Option<nvmed_proto::admin::SmartL
     h.into_iter().find(|h| h.controller == c)?.smart.ok()
 }
 
-async fn sleep_until_opt(t: Option<Instant>) {
+pub(crate) async fn sleep_until_opt(t: Option<Instant>) {
     match t {
         Some(t) => tokio::time::sleep_until(t).await,
         None => std::future::pending().await,
