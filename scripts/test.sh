@@ -25,3 +25,7 @@ bash vmtest/run.sh
 
 echo "== vhost-user-blk test: guests on vhost-user-blk backends (BACKEND=${BACKEND:-nvmed-vhost}; software emulation)"
 bash vmtest/vhost.sh
+
+echo "== Debian package: build the .deb (reusing the VM tests' static release binaries), dpkg -i in a clean"
+echo "   debootstrap'd root, nvmed.service's ExecStart on the emulated controller, clients, man pages, completions"
+bash scripts/test-deb.sh

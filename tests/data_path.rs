@@ -435,6 +435,9 @@ fn a_media_error_is_passed_through_untried_and_a_write_repairs_the_block() {
     let broker = TestBroker::start(&["--inject", "media:8"]);
     let mut ring = broker.connect();
     let ns = ring.namespaces()[0].nsid;
+    // (The emulated controller reports a volatile write cache, as most SSDs, and runs.)
+    assert!(ring.namespaces()[0].volatile_write_cache);
+    assert_eq!(ring.namespaces()[0].state, nvmed_client::ControllerState::Running);
     let buf = ring.alloc_buffer(8192).unwrap();
     ring.read(ns, 0, buf, 0, 4096).unwrap();
     match ring.read(ns, 0, buf, 0, 8192) {

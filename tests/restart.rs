@@ -148,3 +148,65 @@ fn ringbench_verify_survives_kill_dash_nine_of_the_broker() {
     assert!(r["total"]["verified_reads"].as_u64().unwrap() > 100, "{}", r["total"]);
     assert!(r["reconnects"].as_u64().unwrap() >= 1, "ringbench reports no reconnect: {r}");
 }
+
+/// Starts `nvmed` as systemd would with a `.socket` unit: the listening socket as fd 3,
+/// `LISTEN_FDS=1` and `LISTEN_PID` its own pid.
+fn start_activated(listener: &std::os::fd::OwnedFd, socket: &std::path::Path) -> std::process::Child {
+    use std::io::BufRead;
+    use std::os::fd::AsRawFd;
+    use std::os::unix::process::CommandExt;
+    let fd = listener.as_raw_fd();
+    let mut cmd = Command::new("sh");
+    cmd.args(["-c", "LISTEN_PID=$$ LISTEN_FDS=1 exec \"$0\" \"$@\"", env!("CARGO_BIN_EXE_nvmed")])
+        .args(["--emulate", "--size", "16M", "--socket", socket.to_str().unwrap()])
+        .env("NVMED_LOG", "warn")
+        .stdout(std::process::Stdio::piped());
+    // SAFETY: between fork and exec the child only calls dup2 (async-signal-safe) on
+    // descriptors it owns: the listener becomes its fd 3, without close-on-exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::dup2(fd, 3) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().unwrap();
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    assert!(line.contains("ready"), "nvmed did not start on the passed socket: {line:?}");
+    child
+}
+
+#[test]
+fn socket_activation_keeps_connects_waiting_across_a_restart() {
+    use nix::sys::socket::{bind, listen, socket, AddressFamily, Backlog, SockFlag, SockType, UnixAddr};
+    use std::os::fd::AsRawFd;
+    let dir = scratch_dir();
+    let path = dir.join("activated.sock");
+    // The service manager's socket: it outlives every broker process.
+    let listener = socket(AddressFamily::Unix, SockType::SeqPacket, SockFlag::empty(), None).unwrap();
+    bind(listener.as_raw_fd(), &UnixAddr::new(&path).unwrap()).unwrap();
+    listen(&listener, Backlog::new(16).unwrap()).unwrap();
+    let mut broker = start_activated(&listener, &path);
+    let mut ring = NvmeRing::open(&path).unwrap();
+    let buf = ring.alloc_buffer(4096).unwrap();
+    ring.write(1, 0, buf, 0, 4096).unwrap();
+    broker.kill().unwrap();
+    broker.wait().unwrap();
+    assert!(path.exists(), "the activated socket's file must stay");
+    // A client that connects while no broker runs waits in the backlog...
+    let late = std::thread::spawn({
+        let path = path.clone();
+        move || NvmeSession::open(&path).map(|s| s.namespaces().len())
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(!late.is_finished(), "nobody serves the socket, yet the client was answered");
+    // ...and is served by the next broker, as is the client that was there before.
+    let mut broker = start_activated(&listener, &path);
+    assert_eq!(late.join().unwrap().unwrap(), 1);
+    ring.read(1, 0, buf, 0, 4096).unwrap();
+    assert_eq!(ring.reconnects(), 1);
+    broker.kill().unwrap();
+    broker.wait().unwrap();
+}

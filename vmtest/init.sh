@@ -30,6 +30,13 @@ for s in $MATRIX_SLOTS 0d; do
     echo vfio-pci > /sys/bus/pci/devices/0000:00:$s.0/driver_override
     echo 0000:00:$s.0 > /sys/bus/pci/drivers_probe
 done
+# The hot-pluggable controller, behind the PCIe root port at 00:0e.0 (scenario surprise-removal).
+HOT_DEV=$(ls -d /sys/bus/pci/devices/0000:00:0e.0/0000:??:??.? 2>/dev/null | head -1)
+HOT_DEV=${HOT_DEV##*/}
+if [ -n "$HOT_DEV" ]; then
+    echo vfio-pci > /sys/bus/pci/devices/$HOT_DEV/driver_override
+    echo $HOT_DEV > /sys/bus/pci/drivers_probe
+fi
 for m in $(cat /modules.nvme); do
     if [ "$m" = nvme ]; then insmod /lib/modules/$m.ko poll_queues=1; else insmod /lib/modules/$m.ko; fi
 done
@@ -54,6 +61,14 @@ stop_broker() {
 }
 # What the broker logged since start_broker last started it.
 broker_log() { tail -n +$((LOG_MARK + 1)) /tmp/nvmed.log; }
+# rb_verified OUTPUT JOBS: a ringbench --verify run (its output in OUTPUT, its exit status in
+# $rc) passed and each of its JOBS jobs verified reads (a mismatch fails ringbench).
+rb_verified() {
+    cat $1
+    [ $rc = 0 ] || { echo "ringbench --verify failed ($rc)"; return 1; }
+    [ "$(grep -c '^  job [0-9]*:.* reads verified' $1)" = $2 ] \
+        || { echo "not every one of the $2 jobs verified reads"; return 1; }
+}
 
 check broker-starts-on-vfio start_broker
 check identify as_user vmcheck identify --size $DISK_BYTES --lba 512
@@ -88,6 +103,22 @@ restart() {
     as_user vmcheck check-pattern --offset 33554432 --len 524288 --seed 5
 }
 check restart-keeps-data restart
+# Resilience (issue 10): the broker is SIGKILLed in the middle of a verified ringbench load and
+# started again; the kernel reset the device when the dead broker's VFIO fds closed, the new
+# broker resets and reuses it, and the clients reconnect and send again what had not completed:
+# ringbench ends with no error and no mismatch, and says it reconnected.
+broker_killed_mid_io() {
+    as_user ringbench --socket /run/nvmed.sock --rw randrw --bs 4k --iodepth 8 --numjobs 2 \
+        --runtime 5 --offset 56M --size 4M --verify > /tmp/rbk 2>&1 &
+    rb=$!
+    sleep 2
+    kill -9 $BROKER; wait $BROKER 2>/dev/null
+    start_broker || return 1
+    wait $rb; rc=$?
+    rb_verified /tmp/rbk 2 || return 1
+    grep -q "the clients reconnected 1 time" /tmp/rbk || { echo "ringbench did not reconnect"; return 1; }
+}
+check broker-sigkilled-mid-io-clients-reconnect broker_killed_mid_io
 check pattern-for-host as_user vmcheck write-pattern --offset 50331648 --len 65536 --seed 6
 not_vfio() {
     nvmed --pci 0000:00:04.0 --socket /tmp/x.sock > /tmp/err 2>&1 && return 1
@@ -190,14 +221,6 @@ echo "VMTEST TIME nvmectl $(( $(cut -d. -f1 /proc/uptime) - t0 )) s"
 
 # Scale out (issue 8): --io-threads, and several --pci in one broker.
 t0=$(cut -d. -f1 /proc/uptime)
-# rb_verified OUTPUT JOBS: a ringbench --verify run (its output in OUTPUT, its exit status in
-# $rc) passed and each of its JOBS jobs verified reads (a mismatch fails ringbench).
-rb_verified() {
-    cat $1
-    [ $rc = 0 ] || { echo "ringbench --verify failed ($rc)"; return 1; }
-    [ "$(grep -c '^  job [0-9]*:.* reads verified' $1)" = $2 ] \
-        || { echo "not every one of the $2 jobs verified reads"; return 1; }
-}
 # 00:03.0 offers 4 I/O queue pairs (max_ioqpairs=4): two I/O threads must start, each with its
 # own device queue, and a verified ringbench load of 4 jobs (one session, a ring per job, rings
 # placed on the threads by load) must pass with every job verifying reads and both threads
@@ -347,7 +370,56 @@ check matrix-only-namespace-unusable matrix_refuses 0c \
     "the controller has no usable namespace: namespace 1: LBA size 16384 bytes exceeds the controller's maximum transfer of 8192 bytes"
 echo "VMTEST TIME matrix $(( $(cut -d. -f1 /proc/uptime) - t0 )) s"
 sed 's/^/  nvmed| /' /tmp/nvmed.log | tail -40
+# Surprise removal (issue 10): the host deletes the hot-pluggable controller (QEMU device_del)
+# while nvmed serves it a verified ringbench load. The guest's pciehp removes it; vfio-pci asks
+# nvmed for it back; nvmed stops its DMA, fails everything with DeviceGone, releases it, and the
+# removal completes. ringbench fails with the clear error, nothing hangs, the broker still
+# answers (ListNamespaces: Gone) and exits 0 on SIGTERM.
+surprise_removal() {
+    [ -n "$HOT_DEV" ] || { echo "no controller behind the root port 00:0e.0"; return 1; }
+    rm -f /tmp/h.out
+    nvmed --pci $HOT_DEV --socket /run/h.sock --socket-mode 666 > /tmp/h.out 2> /tmp/h.log &
+    hp=$!
+    for i in $(seq 300); do grep -q ready /tmp/h.out 2>/dev/null && break; sleep 0.1; done
+    grep -q ready /tmp/h.out || { cat /tmp/h.log; return 1; }
+    as_user ringbench --socket /run/h.sock --rw randrw --bs 4k --iodepth 8 --runtime 60 --size 4M \
+        --verify > /tmp/rbh 2>&1 &
+    rb=$!
+    sleep 2
+    r=0
+    # (Said again while waiting: a guest idle on the serial console may leave its last line
+    # unsent; the host acts on the first one it sees.)
+    for i in $(seq 900); do
+        [ -e /sys/bus/pci/devices/$HOT_DEV ] || break
+        # (To the console itself: this check's output is collected for later.)
+        [ $((i % 10)) = 1 ] && say "UNPLUG-NOW" > /dev/console
+        sleep 0.1
+    done
+    if [ -e /sys/bus/pci/devices/$HOT_DEV ]; then echo "$HOT_DEV was not removed in 90 s"; r=1; fi
+    wait $rb; rc=$?
+    cat /tmp/rbh
+    [ $rc != 0 ] && grep -q "the controller is gone" /tmp/rbh \
+        || { echo "ringbench did not end with DeviceGone ($rc)"; r=1; }
+    as_user vmcheck --socket /run/h.sock expect-gone || r=1
+    kill -TERM $hp; wait $hp; rc=$?
+    [ $rc = 0 ] || { echo "nvmed exited $rc after SIGTERM"; r=1; }
+    grep -E "WARN|ERROR" /tmp/h.log | sed 's/^[^ ]* *//; s/^/nvmed: /' | head -20
+    return $r
+}
+check surprise-removal-device-del surprise_removal
+
 [ -f /tcp.sh ] && . /tcp.sh # nvmed-tcp: the guest kernel's NVMe/TCP initiator (vmtest/tcp.sh)
+
+# Durability, last (it ends the guest): a write completed with FUA and a write followed by a
+# completed Flush, through nvmed on 00:03.0; then the host kills QEMU with SIGKILL (a power cut
+# for the guest: no shutdown, no sync) and finds both in the disk image (run.sh).
+power_cut() {
+    start_broker || return 1
+    as_user vmcheck write-durable --offset 62914560 --len 65536 --seed 21
+}
+check durable-writes-before-power-cut power_cut
 say "DONE failed=$FAILED"
-sync
+# Until the host cuts the power (said again: a guest idle on the serial console may leave its
+# last line unsent).
+for i in $(seq 600); do say "POWER-CUT-NOW"; sleep 1; done
 poweroff -f

@@ -65,8 +65,46 @@ disk lba16k 8M;  ctrl lba16k 0c.0 drive=mx-lba16k,mdts=1,logical_block_size=1638
 # --io-threads 2 takes one per I/O thread (scenario io-threads-two in init.sh).
 log "booting (software emulation)"
 start=$(date +%s)
+rm -f "$work/qemu.pid" "$work/console.log"
+# The guest asks for the hot-pluggable controller to be removed (UNPLUG-NOW on the console):
+# device_del through QMP. Its last scenario asks for a power cut (POWER-CUT-NOW): QEMU is then
+# killed with SIGKILL, as a power cut ends it, and the disk image is checked below.
+qmp() {
+    python3 - "$work/qmp.sock" "$@" <<'PY'
+import json, socket, sys
+s = socket.socket(socket.AF_UNIX)
+s.connect(sys.argv[1])
+f = s.makefile("rw")
+f.readline()  # greeting
+for cmd in [{"execute": "qmp_capabilities"}, json.loads(sys.argv[2])]:
+    f.write(json.dumps(cmd) + "\n")
+    f.flush()
+    while True:
+        reply = json.loads(f.readline())
+        if "event" not in reply:
+            break
+    print("vmtest: qmp", cmd["execute"], "->", reply)
+PY
+}
+(
+    unplugged=0
+    for i in $(seq 1800); do
+        if [ $unplugged = 0 ] && grep -aq 'VMTEST UNPLUG-NOW' "$work/console.log" 2>/dev/null; then
+            qmp '{"execute": "device_del", "arguments": {"id": "hotnvme"}}'
+            unplugged=1
+        fi
+        if grep -aq 'VMTEST POWER-CUT-NOW' "$work/console.log" 2>/dev/null; then
+            kill -9 "$(cat "$work/qemu.pid")" && echo "vmtest: power cut (QEMU SIGKILLed)"
+            exit 0
+        fi
+        sleep 0.5
+    done
+) &
+cutter=$!
 set +e
-timeout 900 qemu-system-x86_64 -machine q35,kernel-irqchip=split,accel=tcg -cpu max -m 1024 -smp 2 \
+truncate -s 16M "$work/hot.img"
+timeout 900 qemu-system-x86_64 -pidfile "$work/qemu.pid" -qmp "unix:$work/qmp.sock,server=on,wait=off" \
+    -machine q35,kernel-irqchip=split,accel=tcg -cpu max -m 1024 -smp 2 \
     -nographic -no-reboot -device intel-iommu,intremap=on \
     -kernel "$work/vmlinux" -initrd "$work/initrd.gz" \
     -append "console=ttyS0 intel_iommu=on iommu=pt quiet panic=-1" \
@@ -74,9 +112,12 @@ timeout 900 qemu-system-x86_64 -machine q35,kernel-irqchip=split,accel=tcg -cpu 
     -drive file="$work/disk2.img",if=none,id=nvm2,format=raw -device nvme,serial=kernel0,drive=nvm2,addr=04.0 \
     "${matrix[@]}" \
     -drive file="$work/disk3.img",if=none,id=nvm3,format=raw -device nvme,serial=nvmed1,drive=nvm3,addr=0d.0 \
+    -device pcie-root-port,id=rp0,chassis=1,slot=1,addr=0e.0 \
+    -drive file="$work/hot.img",if=none,id=hot,format=raw -device nvme,id=hotnvme,bus=rp0,serial=hot0,drive=hot \
     < /dev/null 2>&1 | tr -d '\r' | tee "$work/console.log" | grep --line-buffered -E 'VMTEST|  \||VMCHECK|panic|Kernel'
 rc=${PIPESTATUS[0]}
 set -e
+kill $cutter 2>/dev/null || true
 log "guest ran $(( $(date +%s) - start )) s (qemu exit $rc)"
 
 # 6. Verdict.
@@ -91,6 +132,13 @@ if grep -aq 'VMTEST FAIL' "$work/console.log"; then log "FAILED"; exit 1; fi
 if "$bins/vmcheck" check-file --file "$work/disk.img" --offset 8388608 --len 65536 --seed 12 >/dev/null 2>&1; then
     log "the data written to namespace 2 is on the first controller's disk image"; exit 1
 fi
+# The durable writes made just before the power cut (scenario durable-writes-before-power-cut):
+# pattern 21 written with FUA at 60 MiB, pattern 22 written and then flushed at 60 MiB + 64 KiB.
+grep -aq 'VMTEST POWER-CUT-NOW' "$work/console.log" || { log "the guest never asked for the power cut"; exit 1; }
+"$bins/vmcheck" check-file --file "$work/disk.img" --offset 62914560 --len 65536 --seed 21 \
+    || { log "a write completed with FUA is not on the disk after the power cut"; exit 1; }
+"$bins/vmcheck" check-file --file "$work/disk.img" --offset 62980096 --len 65536 --seed 22 \
+    || { log "a flushed write is not on the disk after the power cut"; exit 1; }
 passed=$(grep -ac 'VMTEST PASS' "$work/console.log")
 log "all scenarios passed"
 echo "vmtest: $passed passed, 0 failed"

@@ -78,6 +78,15 @@ pub enum Error {
     /// A wait timed out.
     #[error("timed out waiting for completions")]
     Timeout,
+    /// A request longer than one ring entry can describe.
+    #[error("a request of {len} bytes is longer than one request can be (4 GiB - 1)")]
+    TooLong {
+        /// The length asked for.
+        len: u64,
+    },
+    /// The ring has requests in flight, and the operation needs an idle ring.
+    #[error("the ring has {0} requests in flight; it must be idle")]
+    RingBusy(usize),
 }
 
 /// Shorthand.

@@ -51,6 +51,8 @@ mod error;
 mod session;
 #[cfg(feature = "testkit")]
 pub mod testkit;
+#[cfg(feature = "tokio")]
+pub mod tokio;
 
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::Path;
@@ -439,6 +441,16 @@ impl NvmeRing {
         }
         self.submit()?;
         Ok(got)
+    }
+
+    /// For a caller that watches [`NvmeRing::control_socket`] in its own event loop: when it
+    /// reports a hang-up (the broker went away), this reconnects as [`NvmeRing::poll`] would
+    /// ([`Reconnect`]): the session connects again, the ring is created again and the requests
+    /// not completed are sent again; completions taken meanwhile go to `out`. Afterwards
+    /// [`NvmeRing::completion_fd`] and [`NvmeRing::control_socket`] are new descriptors (the old
+    /// ones are closed): register those again.
+    pub fn reconnect(&mut self, out: &mut Vec<Completion>) -> Result<usize> {
+        self.recover(out)
     }
 
     /// Moves every completion in the CQ into `out`.

@@ -1,120 +1,14 @@
 //! `nvmectl`: look at and manage a running nvmed through its admin socket.
 
 use std::io::{IsTerminal, Write};
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use clap::{Parser, Subcommand};
-use nvmectl::{render, session_rates, AdminClient, CtlError, DEFAULT_ADMIN_SOCKET};
+use clap::Parser;
+use nvmectl::{render, session_rates, AdminClient, CtlError};
 use serde::Serialize;
 
-/// nvmectl shows what a running nvmed broker is doing and lets an operator end a client's
-/// session. It talks to the broker's admin socket, which only root (and members of nvmed's
-/// --admin-group) may use.
-///
-/// Examples:
-///
-///   nvmectl status                 controllers, namespaces, I/O threads, totals
-///   nvmectl sessions               who is connected, with IOPS and MB/s over 1 s
-///   nvmectl top                    the same, refreshed every second (Ctrl-C to quit)
-///   nvmectl kill 12                end session 12 as if its client had disconnected
-///   nvmectl health                 each controller's SMART / health data
-///   nvmectl reload                 put the grants of nvmed's configuration in force now
-///   nvmectl limits                 the grants and their limits
-///   nvmectl limits 1000 1 iops=5k  change uid 1000's limits on namespace 1 now
-///   nvmectl status --json | jq .   machine-readable output
-///
-/// If nvmed runs with --socket /tmp/nvmed.sock, its admin socket is /tmp/nvmed-admin.sock:
-///
-///   nvmectl --admin-socket /tmp/nvmed-admin.sock status
-#[derive(Debug, Parser)]
-#[command(version, verbatim_doc_comment)]
-struct Cli {
-    /// The broker's admin socket (nvmed --admin-socket).
-    #[arg(long, global = true, value_name = "PATH", default_value = DEFAULT_ADMIN_SOCKET)]
-    admin_socket: PathBuf,
-
-    /// Print the broker's answer as JSON instead of a table.
-    #[arg(long, global = true)]
-    json: bool,
-
-    #[command(subcommand)]
-    command: Command,
-}
-
-#[derive(Debug, Subcommand)]
-enum Command {
-    /// Broker overview: controllers, namespaces, I/O threads, totals
-    ///
-    /// Version and uptime, each controller (model, serial, firmware, queue size, state), the
-    /// namespaces (broker-wide id, controller, size), the I/O threads and queue depth, the
-    /// sessions, the totals of the live sessions and the registered memory.
-    Status,
-    /// Connected clients, with IOPS and MB/s
-    ///
-    /// One line per live session: id, uid, pid, command, client name, rings, registered
-    /// buffers and bytes, requests in flight, and IOPS and MB/s measured over --interval.
-    Sessions {
-        /// Seconds between the two samples the rates come from (0: one sample, no rates).
-        #[arg(long, default_value = "1", value_name = "SECONDS", value_parser = parse_secs)]
-        interval: f64,
-    },
-    /// The session table, refreshed every --interval until Ctrl-C (like top or iostat)
-    Top {
-        /// Seconds between refreshes.
-        #[arg(long, default_value = "1", value_name = "SECONDS", value_parser = parse_positive_secs)]
-        interval: f64,
-        /// Stop after this many refreshes.
-        #[arg(long, value_name = "N")]
-        iterations: Option<u64>,
-    },
-    /// End a session as if its client had disconnected
-    ///
-    /// Its I/O drains, its buffers are released, and its client sees its rings closed.
-    /// Returns once the broker has released it.
-    Kill {
-        /// The session id (the ID column of `nvmectl sessions`).
-        session: u64,
-    },
-    /// Each controller's SMART / health data
-    ///
-    /// The SMART / Health Information log page: critical warnings, temperature, spare, wear,
-    /// data read and written, power-on hours, unsafe shutdowns, media errors.
-    Health,
-    /// Read nvmed's configuration again and put its grants and limits in force (as SIGHUP does)
-    ///
-    /// Connected sessions keep going with the new grants; a session that lost a namespace is
-    /// ended after its I/O drains. A configuration that does not parse is refused with the
-    /// reason, and the grants in force stay.
-    Reload,
-    /// Show the grants and their limits, or change one grant's limits now
-    ///
-    /// Without arguments: every grant (uid, namespace, window, read-only, limits). With
-    /// UID NSID LIMITS: that grant's share and limits become LIMITS (as in nvmed --grant, e.g.
-    /// weight=3,iops=20k,write-mbps=100,qd=64) for its connected sessions' next requests. The
-    /// change lives until nvmed reads its configuration again (reload, SIGHUP, restart).
-    Limits {
-        /// The grant's uid.
-        #[arg(requires_all = ["nsid", "limits"])]
-        uid: Option<u32>,
-        /// The grant's namespace.
-        nsid: Option<u32>,
-        /// The new limits.
-        limits: Option<String>,
-    },
-}
-
-fn parse_secs(s: &str) -> Result<f64, String> {
-    match s.parse::<f64>() {
-        Ok(v) if v.is_finite() && (0.0..=3600.0).contains(&v) => Ok(v),
-        _ => Err(format!("{s:?} is not a number of seconds from 0 to 3600")),
-    }
-}
-
-fn parse_positive_secs(s: &str) -> Result<f64, String> {
-    parse_secs(s)
-        .and_then(|v| if v >= 0.05 { Ok(v) } else { Err("the interval must be at least 0.05 s".into()) })
-}
+mod cli;
+use cli::{Cli, Command};
 
 fn main() {
     // Like other command-line tools, end quietly when the reader of our output goes away

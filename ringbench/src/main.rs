@@ -3,7 +3,7 @@
 mod engine;
 mod workload;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -14,143 +14,8 @@ use nvmed_client::{IoThreadInfo, NvmeSession, SessionOptions};
 use serde::Serialize;
 use workload::{check_block, fill_block, Rw, Workload};
 
-/// Load generator for nvmed, with fio's option names. Each job is its own client with its own
-/// ring (in a thread) and works on its own slice of the range.
-///
-/// Without any broker running, `ringbench --embedded` starts one in-process on an emulated
-/// controller:
-///
-///   ringbench --embedded --rw randrw --bs 4k --iodepth 32 --runtime 5 --verify
-///
-/// The same workload through the kernel:
-///
-///   ringbench --engine io-uring --filename /dev/shm/f --size 256M --rw randread
-#[derive(Debug, Parser)]
-#[command(version, verbatim_doc_comment)]
-struct Args {
-    /// I/O engine.
-    #[arg(long, value_enum, default_value = "nvmed")]
-    engine: EngineKind,
-    /// nvmed socket (engines nvmed and nvmed-nop).
-    #[arg(long, default_value = "/run/nvmed.sock")]
-    socket: PathBuf,
-    /// Start a broker in this process on an emulated controller instead of using --socket.
-    #[arg(long)]
-    embedded: bool,
-    /// With --embedded: a null namespace (no data movement), to measure the broker alone.
-    #[arg(long, requires = "embedded")]
-    null: bool,
-    /// File or block device (engine io-uring).
-    #[arg(long)]
-    filename: Option<PathBuf>,
-    /// Access pattern.
-    #[arg(long, value_enum, default_value = "randread")]
-    rw: Rw,
-    /// Percentage of reads for randrw.
-    #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u32).range(0..=100))]
-    rwmixread: u32,
-    /// Block size (suffixes k, m).
-    #[arg(long, default_value = "4k", value_parser = parse_size)]
-    bs: u64,
-    /// Requests in flight per job.
-    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=4096))]
-    iodepth: u32,
-    /// Jobs, each in its own thread with its own ring. nvmed engines: the jobs share one
-    /// session and one registered buffer (each its own slice), their rings spread over the
-    /// broker's I/O threads; see --sessions.
-    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=64))]
-    numjobs: u32,
-    /// nvmed engines: the namespace (broker-wide id; default: the first one granted).
-    #[arg(long)]
-    nsid: Option<u32>,
-    /// nvmed engines: a session (and buffer registration) per job instead of one shared.
-    #[arg(long)]
-    sessions: bool,
-    /// With --embedded: broker I/O threads (each with its own device queue).
-    #[arg(long, default_value_t = 1, requires = "embedded", value_parser = clap::value_parser!(u16).range(1..=64))]
-    io_threads: u16,
-    /// With --embedded, testing recovery: inject a fault into the emulated controller, as
-    /// `nvmed --inject` (e.g. hang:500, stuck:500, fatal:500, retry:500, gone:500); repeatable.
-    /// The report then has the broker's resets, aborts and retries.
-    #[arg(long = "inject", value_name = "RULE", requires = "embedded")]
-    inject: Vec<nvmed_server::emulator::inject::FaultRule>,
-    /// With --embedded: milliseconds before a command at the device is aborted (or its
-    /// controller reset).
-    #[arg(long, requires = "embedded", value_parser = clap::value_parser!(u64).range(100..))]
-    io_timeout_ms: Option<u64>,
-    /// With --embedded: the emulated controller completes commands asynchronously, out of
-    /// order, this many microseconds after it fetches them (like hardware).
-    #[arg(long, requires = "embedded")]
-    device_latency_us: Option<u64>,
-    /// Run each job in its own process instead of a thread.
-    #[arg(long)]
-    processes: bool,
-    /// Internal: this process is job N of a --processes run.
-    #[arg(long, hide = true)]
-    child_job: Option<u32>,
-    /// Seconds to run (ignored with --number-ios).
-    #[arg(long, default_value_t = 5.0)]
-    runtime: f64,
-    /// Stop each job after this many I/Os.
-    #[arg(long)]
-    number_ios: Option<u64>,
-    /// Bytes of the target to use (default: all of it, or 256M for io-uring on a new file).
-    #[arg(long, value_parser = parse_size)]
-    size: Option<u64>,
-    /// Byte offset where the range starts.
-    #[arg(long, default_value = "0", value_parser = parse_size)]
-    offset: u64,
-    /// Write a self-checking pattern in every block and check every block read.
-    #[arg(long)]
-    verify: bool,
-    /// Output format.
-    #[arg(long, value_enum, default_value = "normal")]
-    output_format: OutputFormat,
-    /// nvmed engines: microseconds a waiting client spins before sleeping on its eventfd.
-    #[arg(long, default_value_t = 50)]
-    spin_us: u64,
-    /// Connect --numjobs clients, do no I/O for this many seconds, and report the broker's CPU
-    /// use meanwhile (it should sleep).
-    #[arg(long, value_name = "SECONDS")]
-    idle: Option<f64>,
-    /// Machine state only: bounce a cache line between two threads pinned to CPUs 0 and 1 for
-    /// this many seconds and print the round trip (what every shared-ring exchange pays; on a
-    /// shared VM it shows whether the vCPUs are really running side by side), then exit.
-    #[arg(long, value_name = "SECONDS")]
-    pingpong: Option<f64>,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
-#[serde(rename_all = "kebab-case")]
-enum EngineKind {
-    /// nvmed reads and writes through the client library.
-    Nvmed,
-    /// nvmed no-op requests: the ring round trip through the broker, no device.
-    NvmedNop,
-    /// Linux io_uring, O_DIRECT, registered file and buffer.
-    IoUring,
-    /// Linux io_uring NOPs: the kernel ring's own overhead.
-    IoUringNop,
-    /// Linux io_uring NVMe passthrough on /dev/ngXnY (--filename).
-    IoUringPassthru,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-enum OutputFormat {
-    Normal,
-    Json,
-}
-
-fn parse_size(s: &str) -> Result<u64, String> {
-    let s = s.trim();
-    let (num, mult) = match s.chars().last() {
-        Some('k' | 'K') => (&s[..s.len() - 1], 1u64 << 10),
-        Some('m' | 'M') => (&s[..s.len() - 1], 1 << 20),
-        Some('g' | 'G') => (&s[..s.len() - 1], 1 << 30),
-        _ => (s, 1),
-    };
-    num.parse::<u64>().map(|v| v * mult).map_err(|e| format!("bad size {s:?}: {e}"))
-}
+mod cli;
+use cli::{Args, EngineKind, OutputFormat};
 
 #[derive(Debug, Serialize)]
 struct Latency {
@@ -673,7 +538,10 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         None
     };
     let broker_recovery = embedded.is_some().then(|| recovery(&socket)).transpose()?;
-    let broker_cpu = broker_cpu0.map(|(u0, s0)| {
+    // A broker that was restarted during the run (the clients reconnected) is not the one
+    // measured at the start: its CPU time is not reported.
+    let restarted = outcomes.iter().any(|o| o.reconnects > 0);
+    let broker_cpu = broker_cpu0.filter(|_| !restarted).map(|(u0, s0)| {
         let (u1, s1) = if embedded.is_some() {
             cpu_of(self_pid, Some("nvmed"))
         } else {

@@ -99,10 +99,11 @@ fn slow_commands_only_take_longer() {
 
 #[test]
 fn several_faults_in_one_run() {
-    // (One reset may end both the stuck command and the fatal status, if they come together.)
+    // (One reset may end both the stuck command and the fatal status if they come together, and
+    // on a loaded machine may even come before the hung command's abort and send it again.)
     let rec = survives(&["hang:200", "retry:700", "stuck:1500", "fatal:3000"]);
-    assert!(count(&rec, "aborts") >= 1, "{rec}");
     assert!((1..=2).contains(&count(&rec, "resets")), "{rec}");
+    assert!(count(&rec, "retries") >= 2, "{rec}");
 }
 
 #[test]

@@ -9,7 +9,9 @@
 //! * [`emulator`]: the register-level emulated controller.
 //! * [`broker`]: sessions, rings, the I/O poller and the control socket.
 //! * [`policy`]: what each client may do.
+//! * [`activation`]: the listening socket systemd passes (socket activation).
 
+pub mod activation;
 pub mod broker;
 pub mod device;
 pub mod emulator;

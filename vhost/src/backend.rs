@@ -161,15 +161,49 @@ impl QueueShared {
                         run = true;
                     }
                     EV_CONTROL => {
-                        // Level-triggered and final: stop watching it, fail what is in flight.
+                        // Level-triggered: stop watching these descriptors; reconnect to a
+                        // restarted nvmed (the queue's requests are sent again), or fail what is
+                        // in flight.
                         let mut w = lock(&self.worker);
-                        let fd = w.control_fd().as_raw_fd();
-                        let _ = self.epoll.ctl(ControlOperation::Delete, fd, EpollEvent::default());
-                        tracing::error!(
-                            queue = self.index,
-                            "nvmed closed the session; failing this queue's requests"
-                        );
-                        w.broker_gone();
+                        for fd in [w.control_fd().as_raw_fd(), w.completion_fd().as_raw_fd()] {
+                            let _ = self.epoll.ctl(ControlOperation::Delete, fd, EpollEvent::default());
+                        }
+                        tracing::warn!(queue = self.index, "nvmed closed the session; reconnecting");
+                        match w.reconnect() {
+                            Ok(()) => {
+                                let watched = self
+                                    .epoll
+                                    .ctl(
+                                        ControlOperation::Add,
+                                        w.completion_fd().as_raw_fd(),
+                                        EpollEvent::new(EventSet::IN, EV_COMPLETION),
+                                    )
+                                    .and_then(|()| {
+                                        self.epoll.ctl(
+                                            ControlOperation::Add,
+                                            w.control_fd().as_raw_fd(),
+                                            EpollEvent::new(EventSet::empty(), EV_CONTROL),
+                                        )
+                                    });
+                                match watched {
+                                    Ok(()) => tracing::info!(
+                                        queue = self.index,
+                                        "reconnected to nvmed; requests in flight sent again"
+                                    ),
+                                    Err(e) => {
+                                        tracing::error!(queue = self.index, "watching the new session: {e}");
+                                        w.broker_gone();
+                                    }
+                                }
+                            }
+                            Err(e) => {
+                                tracing::error!(
+                                    queue = self.index,
+                                    "nvmed is gone ({e}); failing this queue's requests"
+                                );
+                                w.broker_gone();
+                            }
+                        }
                         drop(w);
                         run = true;
                     }

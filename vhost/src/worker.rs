@@ -390,6 +390,16 @@ impl Worker {
         }
     }
 
+    /// nvmed closed the session's control socket: connect to the broker again (a restarted
+    /// nvmed), create the ring again and send again what was in flight. Afterwards the
+    /// completion eventfd and the control socket are new: the queue thread registers them again.
+    pub fn reconnect(&mut self) -> Result<(), nvmed_client::Error> {
+        if self.dead {
+            return Err(nvmed_client::Error::BrokerGone);
+        }
+        self.ring.reconnect(&mut self.completions).map(drop)
+    }
+
     /// After the completion eventfd woke the queue thread.
     pub fn disarm(&mut self) {
         self.ring.disarm_completion_fd();

@@ -451,6 +451,30 @@ fn a_queue_learns_that_nvmed_ended_its_session_and_fails_what_is_left() {
 }
 
 #[test]
+fn a_queue_reconnects_to_a_restarted_nvmed_and_goes_on() {
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    let mode = EmulatorMode::Async { latency: Duration::from_millis(1) };
+    let mut env = broker(512, mode);
+    let mem = guest_ram();
+    let mut g = Guest::new(&env, &mem, None);
+    let data = g.fill(0x30_0000, 4096, 7);
+    let w = g.push(VIRTIO_BLK_T_OUT, 0, &[(0x30_0000, 4096, false)]);
+    g.drive();
+    assert_eq!(g.status(w), 0);
+    env.stop_broker().join().unwrap();
+    let mut fds = [PollFd::new(g.worker.control_fd(), PollFlags::empty())];
+    assert_eq!(poll(&mut fds, PollTimeout::from(5000u16)).unwrap(), 1, "no hang-up seen");
+    env.restart_broker(512, mode);
+    // What the queue thread does on the hang-up: connect again, then serve as before.
+    g.worker.reconnect().unwrap();
+    let w = g.push(VIRTIO_BLK_T_OUT, 16, &[(0x30_0000, 4096, false)]);
+    let r = g.push(VIRTIO_BLK_T_IN, 16, &[(0x32_0000, 4096, true)]);
+    g.drive();
+    assert_eq!((g.status(w), g.status(r)), (0, 0));
+    assert_eq!(g.read(&[(0x32_0000, 4096, true)]), data);
+}
+
+#[test]
 fn backend_config_space_and_features_follow_the_namespace() {
     use nvmed_vhost::backend::BlkDevice;
     use vhost::vhost_user::message::{VhostUserConfigFlags, VhostUserProtocolFeatures};

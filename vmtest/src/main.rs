@@ -114,6 +114,13 @@ enum Scenario {
     WritePattern(PatternAt),
     /// Reads and checks a pattern written by write-pattern.
     CheckPattern(PatternAt),
+    /// Surprise removal: the broker says the namespace's controller is gone, and a read fails
+    /// at once with DeviceGone.
+    ExpectGone,
+    /// Durability: checks that the namespace reports a volatile write cache, then writes
+    /// pattern SEED with FUA at OFFSET and pattern SEED+1 at OFFSET+LEN without FUA followed by
+    /// a Flush; both are durable once this prints DURABLE (the host then cuts the power).
+    WriteDurable(PatternAt),
     /// Host side: checks a pattern in a raw disk image (no broker involved).
     CheckFile {
         /// The image.
@@ -389,6 +396,36 @@ fn run(ring: &mut NvmeRing, nsid: Option<u32>, check: Scenario) -> Result<(), St
             pattern(seed, ring.buffer_mut(buf, 0, u64::from(len)).map_err(e)?);
             ring.write(ns.nsid, offset, buf, 0, len).map_err(e)?;
             ring.flush(ns.nsid).map_err(e)?;
+        }
+        Scenario::ExpectGone => {
+            if ns.state != nvmed_client::ControllerState::Gone {
+                return Err(format!("ListNamespaces says the controller is {:?}, not Gone", ns.state));
+            }
+            let buf = ring.alloc_buffer(4096).map_err(e)?;
+            let t = std::time::Instant::now();
+            match ring.read(ns.nsid, 0, buf, 0, 4096) {
+                Err(nvmed_client::Error::Io(Status::Broker(nvmed_client::BrokerStatus::DeviceGone))) => {}
+                other => return Err(format!("a read of a gone controller gave {other:?}")),
+            }
+            println!("gone: ListNamespaces says Gone, a read fails with DeviceGone in {:?}", t.elapsed());
+        }
+        Scenario::WriteDurable(PatternAt { offset, len, seed }) => {
+            if !ns.volatile_write_cache {
+                return Err("the controller reports no volatile write cache (QEMU's has one)".into());
+            }
+            let buf = ring.alloc_buffer(2 * len as usize).map_err(e)?;
+            pattern(seed, ring.buffer_mut(buf, 0, u64::from(len)).map_err(e)?);
+            pattern(seed + 1, ring.buffer_mut(buf, u64::from(len), u64::from(len)).map_err(e)?);
+            let mut out = Vec::new();
+            ring.prep(Io::write(ns.nsid, offset, len, buf, 0).fua().user_data(1)).map_err(e)?;
+            ring.submit().map_err(e)?;
+            ring.wait(1, &mut out, None).map_err(e)?;
+            ring.write(ns.nsid, offset + u64::from(len), buf, u64::from(len), len).map_err(e)?;
+            ring.flush(ns.nsid).map_err(e)?;
+            if !out[0].status.is_success() {
+                return Err(format!("the FUA write failed: {:?}", out[0].status));
+            }
+            println!("DURABLE: FUA write at {offset}, flushed write at {}", offset + u64::from(len));
         }
         Scenario::CheckPattern(PatternAt { offset, len, seed }) => {
             let buf = ring.alloc_buffer(len as usize).map_err(e)?;

@@ -15,8 +15,9 @@
 //! only by resets.
 
 use std::os::fd::OwnedFd;
-use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::time::{Duration, Instant};
 
 use tracing::{error, info};
 
@@ -51,6 +52,8 @@ pub struct ControllerShared {
     io_queues: u16,
     /// The I/O threads' wakeup eventfds, set once they exist.
     wakes: OnceLock<Vec<Arc<OwnedFd>>>,
+    /// I/O threads that have failed their commands at a gone controller and stopped using it.
+    gone_acks: AtomicUsize,
 }
 
 impl std::fmt::Debug for ControllerShared {
@@ -69,6 +72,7 @@ impl ControllerShared {
             state: AtomicU8::new(DeviceState::Running as u8),
             io_queues,
             wakes: OnceLock::new(),
+            gone_acks: AtomicUsize::new(0),
         })
     }
 
@@ -171,7 +175,7 @@ impl ControllerShared {
         if self.generation.load(Ordering::Acquire) != seen || self.state() == DeviceState::Gone {
             return;
         }
-        error!(device = %self.device.name(), "the controller is gone (its registers read as all ones); failing all of its I/O");
+        error!(device = %self.device.name(), "the controller is gone; failing all of its I/O");
         let _ = self.device.set_bus_master(false);
         self.state.store(DeviceState::Gone as u8, Ordering::Release);
         self.generation.fetch_add(1, Ordering::AcqRel);
@@ -179,6 +183,55 @@ impl ControllerShared {
         for w in self.wakes.get().into_iter().flatten() {
             nvmed_proto::eventfd::signal(w);
         }
+    }
+
+    /// An I/O thread has failed what it had at this gone controller and no longer uses it.
+    pub fn ack_gone(&self) {
+        self.gone_acks.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// Watches for the platform asking for the device back (a hot unplug), if it can: then the
+    /// controller is gone for the broker ([`ControllerShared::gone`]), and once every I/O
+    /// thread has stopped using it (or after 10 s), the device is released so the removal can
+    /// complete. Ends when `stop` is set.
+    pub fn watch_removal(
+        self: &Arc<Self>,
+        stop: Arc<AtomicBool>,
+    ) -> std::io::Result<Option<std::thread::JoinHandle<()>>> {
+        if self.device.removal_fd().is_none() {
+            return Ok(None);
+        }
+        let me = self.clone();
+        std::thread::Builder::new()
+            .name("nvmed-unplug".into())
+            .spawn(move || me.removal_watch(&stop))
+            .map(Some)
+    }
+
+    fn removal_watch(&self, stop: &AtomicBool) {
+        use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+        let Some(fd) = self.device.removal_fd() else { return };
+        loop {
+            if stop.load(Ordering::SeqCst) {
+                return;
+            }
+            let mut fds = [PollFd::new(fd, PollFlags::POLLIN)];
+            if !matches!(poll(&mut fds, PollTimeout::from(500u16)), Ok(n) if n > 0) {
+                continue;
+            }
+            nvmed_proto::eventfd::drain(fd);
+            break;
+        }
+        error!(device = %self.device.name(), "the platform asks for the controller back (hot unplug)");
+        self.gone(self.generation());
+        let threads = self.wakes.get().map_or(0, Vec::len);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while self.gone_acks.load(Ordering::Acquire) < threads && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        // No admin command in progress either.
+        let _admin = self.lock();
+        self.device.release();
     }
 
     /// After a reset: creates an I/O thread's queue again at the same addresses (its commands

@@ -312,6 +312,7 @@ impl Scraper {
                 serial: info.serial.clone(),
                 firmware: info.firmware.clone(),
                 running: c.state() == DeviceState::Running,
+                resets: c.generation(),
                 queue_entries: sh.queue_entries.get(i).copied().unwrap_or(0),
                 health: health.get(i).cloned().flatten(),
             })
@@ -327,6 +328,8 @@ impl Scraper {
                     bounced_bytes: l(&p.counters.bounced_bytes),
                     sgl_commands: l(&p.counters.sgl_commands),
                     vectored_prp_commands: l(&p.counters.vectored_prp_commands),
+                    aborts: l(&p.counters.aborts),
+                    retries: l(&p.counters.retries),
                 }
             })
             .collect();
@@ -372,6 +375,7 @@ struct ControllerRow {
     serial: String,
     firmware: String,
     running: bool,
+    resets: u64,
     queue_entries: u32,
     health: Option<HealthReading>,
 }
@@ -383,6 +387,8 @@ struct ThreadRow {
     bounced_bytes: u64,
     sgl_commands: u64,
     vectored_prp_commands: u64,
+    aborts: u64,
+    retries: u64,
 }
 
 /// What one scrape reports, gathered before encoding.
@@ -619,6 +625,20 @@ impl Collector for Snapshot {
         )?;
         family(
             e,
+            "nvmed_thread_aborts",
+            "NVMe Aborts sent for commands that timed out",
+            Counter,
+            per_thread(|t| t.aborts),
+        )?;
+        family(
+            e,
+            "nvmed_thread_retries",
+            "Device commands sent again (after a retryable status or a controller reset)",
+            Counter,
+            per_thread(|t| t.retries),
+        )?;
+        family(
+            e,
             "nvmed_thread_sgl_commands",
             "Device commands sent with SGLs",
             Counter,
@@ -711,6 +731,13 @@ impl Collector for Snapshot {
             "1 if the controller is running, 0 if it failed",
             Gauge,
             per_ctrl(|c| u64::from(c.running)),
+        )?;
+        family(
+            e,
+            "nvmed_controller_resets",
+            "Controller resets since the broker started (a removal counts as one)",
+            Counter,
+            per_ctrl(|c| c.resets),
         )?;
         family(
             e,
@@ -1095,6 +1122,8 @@ mod tests {
                 bounced_bytes: 0,
                 sgl_commands: 0,
                 vectored_prp_commands: 0,
+                aborts: 0,
+                retries: 0,
             }],
             threads: vec![ThreadSample {
                 tenants: vec![

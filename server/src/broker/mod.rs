@@ -96,6 +96,9 @@ pub struct BrokerConfig {
     pub admin_socket_mode: Option<u32>,
     /// Where to serve Prometheus metrics over HTTP (`GET /metrics`); `None`: nowhere.
     pub metrics_listen: Option<std::net::SocketAddr>,
+    /// A listening socket to serve instead of binding `socket` (systemd socket activation:
+    /// [`crate::activation`]); its path is then the service manager's, never removed here.
+    pub listener: Option<Arc<OwnedFd>>,
 }
 
 impl BrokerConfig {
@@ -126,6 +129,7 @@ impl BrokerConfig {
             admin_group: None,
             admin_socket_mode: None,
             metrics_listen: None,
+            listener: None,
         }
     }
 }
@@ -393,32 +397,61 @@ pub struct Broker {
     ctrls: Vec<Arc<manager::ControllerShared>>,
     admin: Option<admin::AdminServer>,
     metrics: Option<metrics::MetricsServer>,
+    /// (device, inode) of the socket file it bound.
+    socket_id: Option<(u64, u64)>,
+    /// Threads waiting for a controller's hot unplug.
+    unplug_watchers: Vec<JoinHandle<()>>,
 }
 
+/// (device, inode) of a file.
+fn file_id(path: &Path) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::symlink_metadata(path).ok().map(|m| (m.dev(), m.ino()))
+}
+
+/// Whether `path` is still the file `id` names.
+fn same_file(path: &Path, id: Option<(u64, u64)>) -> bool {
+    id.is_some() && file_id(path) == id
+}
+
+/// Binds a listening socket at `path`, atomically: it is bound at a temporary name beside it,
+/// given its mode and group, and listening before it is renamed over `path`, so a client never
+/// finds a socket file that refuses it or has the wrong permissions (a stale one from a broker
+/// that died is replaced in one step; a live broker's is left alone).
 fn bind_socket(path: &Path, mode: u32, group: Option<&str>) -> Result<OwnedFd, BrokerError> {
     let err = |source| BrokerError::Socket { path: path.to_path_buf(), source };
     let fd = socket(AddressFamily::Unix, SockType::SeqPacket, SockFlag::SOCK_CLOEXEC, None)
         .map_err(|e| err(e.into()))?;
     if path.exists() {
-        // A live broker answers; a stale socket file is removed.
+        // A live broker answers; a stale socket file is replaced below.
         let probe = socket(AddressFamily::Unix, SockType::SeqPacket, SockFlag::SOCK_CLOEXEC, None)
             .map_err(|e| err(e.into()))?;
         let addr = UnixAddr::new(path).map_err(|e| err(e.into()))?;
         if nix::sys::socket::connect(probe.as_raw_fd(), &addr).is_ok() {
             return Err(BrokerError::SocketInUse(path.to_path_buf()));
         }
-        std::fs::remove_file(path).map_err(err)?;
     }
-    let addr = UnixAddr::new(path).map_err(|e| err(e.into()))?;
-    bind(fd.as_raw_fd(), &addr).map_err(|e| err(e.into()))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(err)?;
-    if let Some(name) = group {
-        let g = nix::unistd::Group::from_name(name)
-            .map_err(|e| err(e.into()))?
-            .ok_or_else(|| err(std::io::Error::other(format!("no group named {name:?}"))))?;
-        nix::unistd::chown(path, None, Some(g.gid)).map_err(|e| err(e.into()))?;
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(format!(".new-{}", std::process::id()));
+    let tmp = std::path::PathBuf::from(tmp);
+    let _ = std::fs::remove_file(&tmp);
+    let placed = (|| {
+        let addr = UnixAddr::new(&tmp).map_err(|e| err(e.into()))?;
+        bind(fd.as_raw_fd(), &addr).map_err(|e| err(e.into()))?;
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(mode)).map_err(err)?;
+        if let Some(name) = group {
+            let g = nix::unistd::Group::from_name(name)
+                .map_err(|e| err(e.into()))?
+                .ok_or_else(|| err(std::io::Error::other(format!("no group named {name:?}"))))?;
+            nix::unistd::chown(&tmp, None, Some(g.gid)).map_err(|e| err(e.into()))?;
+        }
+        listen(&fd, Backlog::new(128).unwrap()).map_err(|e| err(e.into()))?;
+        std::fs::rename(&tmp, path).map_err(err)
+    })();
+    if let Err(e) = placed {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
     }
-    listen(&fd, Backlog::new(128).unwrap()).map_err(|e| err(e.into()))?;
     Ok(fd)
 }
 
@@ -469,11 +502,20 @@ impl Broker {
         space.set_buffer_limit(config.max_buffer_bytes_total);
         // The socket first: its errors (in use, bad path) are the common ones, and must not
         // leave a controller enabled behind.
-        let listener = bind_socket(&config.socket, config.socket_mode, config.socket_group.as_deref())?;
+        let listener = match &config.listener {
+            Some(fd) => fd
+                .try_clone()
+                .map_err(|source| BrokerError::Socket { path: config.socket.clone(), source })?,
+            None => bind_socket(&config.socket, config.socket_mode, config.socket_group.as_deref())?,
+        };
+        let ours = config.listener.is_none();
+        let socket_id = if ours { file_id(&config.socket) } else { None };
         let admin_listener = match bind_admin(&config) {
             Ok(a) => a,
             Err(e) => {
-                let _ = std::fs::remove_file(&config.socket);
+                if ours {
+                    let _ = std::fs::remove_file(&config.socket);
+                }
                 return Err(e);
             }
         };
@@ -482,7 +524,9 @@ impl Broker {
             Some(addr) => match std::net::TcpListener::bind(addr) {
                 Ok(l) => Some(l),
                 Err(source) => {
-                    let _ = std::fs::remove_file(&config.socket);
+                    if ours {
+                        let _ = std::fs::remove_file(&config.socket);
+                    }
                     if let Some(p) = &config.admin_socket {
                         let _ = std::fs::remove_file(p);
                     }
@@ -491,7 +535,9 @@ impl Broker {
             },
         };
         let unbind = |e: BrokerError| {
-            let _ = std::fs::remove_file(&config.socket);
+            if ours {
+                let _ = std::fs::remove_file(&config.socket);
+            }
             if let Some(p) = &config.admin_socket {
                 let _ = std::fs::remove_file(p);
             }
@@ -637,6 +683,10 @@ impl Broker {
             started: std::time::Instant::now(),
         });
         let stopping = Arc::new(AtomicBool::new(false));
+        let mut unplug_watchers = Vec::new();
+        for c in &ctrls {
+            unplug_watchers.extend(c.watch_removal(stopping.clone())?);
+        }
         let accept_thread = {
             let shared = shared.clone();
             let stopping = stopping.clone();
@@ -676,6 +726,8 @@ impl Broker {
             ctrls,
             admin,
             metrics,
+            socket_id,
+            unplug_watchers,
         })
     }
 
@@ -793,6 +845,9 @@ impl Broker {
     pub fn shutdown(mut self) -> Result<(), BrokerError> {
         self.stopping.store(true, Ordering::SeqCst);
         let _ = nix::sys::socket::shutdown(self.listener.as_raw_fd(), nix::sys::socket::Shutdown::Both);
+        for t in std::mem::take(&mut self.unplug_watchers) {
+            let _ = t.join();
+        }
         if let Some(t) = self.accept_thread.take() {
             let _ = t.join();
         }
@@ -839,7 +894,11 @@ impl Broker {
         if let Some(t) = self.reaper_thread.take() {
             let _ = t.join();
         }
-        let _ = std::fs::remove_file(&self.shared.config.socket);
+        // Only the file this broker bound (not a socket-activated one, nor one a newer broker
+        // already put in its place).
+        if self.shared.config.listener.is_none() && same_file(&self.shared.config.socket, self.socket_id) {
+            let _ = std::fs::remove_file(&self.shared.config.socket);
+        }
         if let Some(p) = &self.shared.config.admin_socket {
             let _ = std::fs::remove_file(p);
         }

@@ -101,4 +101,15 @@ pub trait NvmeDevice: Dma {
     /// controller dead (as Linux disables the PCI device first), so no completion is reported
     /// while the device could still write to that memory.
     fn set_bus_master(&self, enabled: bool) -> Result<(), DeviceError>;
+
+    /// An eventfd the platform signals when it wants the device back (a hot unplug: VFIO's
+    /// device request). `None`: it never asks.
+    fn removal_fd(&self) -> Option<BorrowedFd<'_>> {
+        None
+    }
+
+    /// Gives the device back to the platform, once its DMA is stopped and no thread uses it
+    /// any more: from then on every register reads as all ones and writes go nowhere, and the
+    /// device's file descriptors are closed, so the removal can complete.
+    fn release(&self) {}
 }

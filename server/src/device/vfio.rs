@@ -3,6 +3,12 @@
 //! BAR0 is mmapped where the kernel allows it (honouring sparse-mmap areas) and reached with
 //! volatile 32-bit accesses; anything not mmapped goes through pread/pwrite on the device fd.
 //! DMA mappings go through the container; MSI-X vectors are wired to eventfds.
+//!
+//! Hot unplug: the kernel asks for the device back through the VFIO device request interrupt
+//! (an eventfd, [`NvmeDevice::removal_fd`]). Once the broker stopped using it,
+//! [`NvmeDevice::release`] swaps every BAR mapping for anonymous memory full of ones (so a late
+//! register access reads all ones, as from a removed device, instead of faulting) and closes the
+//! device, so the removal completes.
 
 use std::fs;
 use std::io;
@@ -11,7 +17,8 @@ use std::os::fd::{AsRawFd, BorrowedFd};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::ptr::NonNull;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, RwLock, RwLockReadGuard};
 
 use vfio_ioctls::{VfioContainer, VfioDevice, VfioOps, VfioRegionInfoCap};
 use vmm_sys_util::eventfd::EventFd;
@@ -21,6 +28,8 @@ use super::{DeviceError, Dma, NvmeDevice};
 const BAR0: u32 = 0;
 const CONFIG_REGION: u32 = 7;
 const MSIX_IRQ_INDEX: u32 = 2;
+/// VFIO_PCI_REQ_IRQ_INDEX: the kernel wants the device back (hot unplug).
+const REQ_IRQ_INDEX: u32 = 4;
 const REGION_FLAG_MMAP: u32 = 1 << 2;
 const PCI_COMMAND: u64 = 0x04;
 const PCI_COMMAND_MEMORY: u16 = 1 << 1;
@@ -158,8 +167,12 @@ struct BarMapping {
 /// An NVMe controller behind vfio-pci.
 pub struct VfioNvme {
     bdf: String,
-    // Declared before the container so the device fd closes first.
-    device: VfioDevice,
+    // Declared before the container so the device fd closes first. `None` once released.
+    device: RwLock<Option<VfioDevice>>,
+    /// Released: BAR accesses go nowhere (all ones).
+    released: AtomicBool,
+    /// Signalled by the kernel when it wants the device back.
+    request: Option<EventFd>,
     container: Arc<VfioContainer>,
     bar: Vec<BarMapping>,
     bar_file_offset: u64,
@@ -184,7 +197,9 @@ impl VfioNvme {
         let bar_file_offset = device.get_region_offset(BAR0);
         let mut me = Self {
             bdf: bdf.into(),
-            device,
+            device: RwLock::new(Some(device)),
+            released: AtomicBool::new(false),
+            request: None,
             container,
             bar: Vec::new(),
             bar_file_offset,
@@ -195,35 +210,62 @@ impl VfioNvme {
         me.enable_bus_master()?;
         me.iova_ranges = me.read_iova_ranges()?;
         tracing::info!(bdf, ranges = ?me.iova_ranges, "VFIO device opened");
-        let available = me.device.get_irq_info(MSIX_IRQ_INDEX).map_or(0, |i| i.count);
+        let guard = me.device.read().unwrap_or_else(|p| p.into_inner());
+        let dev = guard.as_ref().expect("just opened");
+        let available = dev.get_irq_info(MSIX_IRQ_INDEX).map_or(0, |i| i.count);
         let n = u32::from(vectors).min(available);
         if n > 0 {
             let fds: Vec<EventFd> = (0..n)
                 .map(|_| EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC))
                 .collect::<Result<_, _>>()
                 .map_err(|e| VfioSetupError::Vfio(format!("eventfd: {e}")))?;
-            me.device.enable_msix(fds.iter().collect()).map_err(verr)?;
+            dev.enable_msix(fds.iter().collect()).map_err(verr)?;
             me.irqs = fds;
         } else {
             tracing::warn!(
                 "no MSI-X vectors: the broker will poll with timeouts instead of sleeping on interrupts"
             );
         }
+        let request = if dev.get_irq_info(REQ_IRQ_INDEX).is_some_and(|i| i.count > 0) {
+            let fd = EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)
+                .map_err(|e| VfioSetupError::Vfio(format!("eventfd: {e}")))?;
+            match dev.enable_irq(REQ_IRQ_INDEX, vec![&fd]) {
+                Ok(()) => Some(fd),
+                Err(e) => {
+                    tracing::warn!(
+                        "no device request interrupt ({e}): a hot unplug will wait for nvmed to exit"
+                    );
+                    None
+                }
+            }
+        } else {
+            None
+        };
+        drop(guard);
+        me.request = request;
         Ok(me)
     }
 
+    /// The device, unless it was released.
+    fn dev(&self) -> Option<DeviceGuard<'_>> {
+        let g = self.device.read().unwrap_or_else(|p| p.into_inner());
+        g.is_some().then_some(DeviceGuard(g))
+    }
+
     fn map_bar0(&mut self) -> Result<(), VfioSetupError> {
-        let size = self.device.get_region_size(BAR0);
+        let guard = self.device.read().unwrap_or_else(|p| p.into_inner());
+        let device = guard.as_ref().expect("not released while opening");
+        let size = device.get_region_size(BAR0);
         if size < 0x2000 {
             return Err(VfioSetupError::Vfio(format!(
                 "BAR0 of {size:#x} bytes is too small for an NVMe controller"
             )));
         }
-        if self.device.get_region_flags(BAR0) & REGION_FLAG_MMAP == 0 {
+        if device.get_region_flags(BAR0) & REGION_FLAG_MMAP == 0 {
             tracing::warn!("BAR0 is not mmappable; registers go through pread/pwrite");
             return Ok(());
         }
-        let caps = self.device.get_region_caps(BAR0);
+        let caps = device.get_region_caps(BAR0);
         let areas: Vec<(u64, u64)> = match caps.iter().find_map(|c| match c {
             VfioRegionInfoCap::SparseMmap(s) => Some(s.areas.iter().map(|a| (a.offset, a.size)).collect()),
             _ => None,
@@ -231,6 +273,7 @@ impl VfioNvme {
             Some(areas) if !caps.contains(&VfioRegionInfoCap::MsixMappable) => areas,
             _ => vec![(0, size)],
         };
+        let mut bars = Vec::new();
         for (offset, len) in areas.into_iter().filter(|&(_, l)| l > 0) {
             // SAFETY: maps a range of the device fd the kernel declared mmappable; the mapping
             // is owned by `self.bar` and unmapped in Drop.
@@ -240,7 +283,7 @@ impl VfioNvme {
                     len as usize,
                     libc::PROT_READ | libc::PROT_WRITE,
                     libc::MAP_SHARED,
-                    self.device.as_raw_fd(),
+                    device.as_raw_fd(),
                     (self.bar_file_offset + offset) as libc::off_t,
                 )
             };
@@ -253,15 +296,19 @@ impl VfioNvme {
                 );
                 continue;
             }
-            self.bar.push(BarMapping { offset, len, ptr: NonNull::new(p.cast()).unwrap() });
+            bars.push(BarMapping { offset, len, ptr: NonNull::new(p.cast()).unwrap() });
         }
+        drop(guard);
+        self.bar = bars;
         Ok(())
     }
 
-    fn config_file(&self) -> std::mem::ManuallyDrop<fs::File> {
+    /// The device fd as a File (not owned), while `device` keeps it open.
+    fn config_file(device: &VfioDevice) -> std::mem::ManuallyDrop<fs::File> {
         use std::os::fd::FromRawFd;
-        // SAFETY: borrows the device fd as a File without taking ownership (ManuallyDrop).
-        std::mem::ManuallyDrop::new(unsafe { fs::File::from_raw_fd(self.device.as_raw_fd()) })
+        // SAFETY: borrows the device fd as a File without taking ownership (ManuallyDrop); the
+        // caller holds `device` (and so the fd) for as long as it uses the File.
+        std::mem::ManuallyDrop::new(unsafe { fs::File::from_raw_fd(device.as_raw_fd()) })
     }
 
     fn enable_bus_master(&self) -> Result<(), VfioSetupError> {
@@ -270,8 +317,9 @@ impl VfioNvme {
 
     /// Sets `set` and clears `clear` in the PCI COMMAND register, and reads it back to confirm.
     fn update_command(&self, set: u16, clear: u16) -> Result<(), String> {
-        let base = self.device.get_region_offset(CONFIG_REGION);
-        let f = self.config_file();
+        let Some(device) = self.dev() else { return Err("the device was released".into()) };
+        let base = device.get_region_offset(CONFIG_REGION);
+        let f = Self::config_file(&device);
         let read = |f: &fs::File| {
             let mut cmd = [0u8; 2];
             f.read_exact_at(&mut cmd, base + PCI_COMMAND)
@@ -350,9 +398,12 @@ impl VfioNvme {
 
 impl Drop for VfioNvme {
     fn drop(&mut self) {
-        let _ = self.device.disable_msix();
+        if let Some(d) = self.dev() {
+            let _ = d.disable_msix();
+        }
         for m in &self.bar {
-            // SAFETY: unmaps exactly what map_bar0 mapped; no references into it exist.
+            // SAFETY: unmaps exactly what map_bar0 mapped (or what release put in its place);
+            // no references into it exist.
             unsafe { libc::munmap(m.ptr.as_ptr().cast(), m.len as usize) };
         }
     }
@@ -360,6 +411,10 @@ impl Drop for VfioNvme {
 
 impl Dma for VfioNvme {
     unsafe fn dma_map(&self, iova: u64, host: *mut u8, len: u64) -> Result<(), DeviceError> {
+        if self.released.load(Ordering::Acquire) {
+            // Gone with its IOMMU domain: nothing can reach this memory through it.
+            return Ok(());
+        }
         // SAFETY: forwarded from this function's contract.
         unsafe { self.container.vfio_dma_map(iova, len as usize, host) }.map_err(|e| {
             let mut reason = e.to_string();
@@ -374,6 +429,10 @@ impl Dma for VfioNvme {
     }
 
     fn dma_unmap(&self, iova: u64, len: u64) -> Result<(), DeviceError> {
+        if self.released.load(Ordering::Acquire) {
+            // Its IOMMU domain went with it (the kernel unpinned what it mapped).
+            return Ok(());
+        }
         self.container.vfio_dma_unmap(iova, len as usize).map_err(|e| DeviceError::MapFailed {
             iova,
             len,
@@ -392,8 +451,9 @@ impl NvmeDevice for VfioNvme {
             // SAFETY: an aligned register inside the BAR mapping; device memory is read volatile.
             Some(p) => unsafe { std::ptr::read_volatile(p) },
             None => {
+                let Some(device) = self.dev() else { return u32::MAX };
                 let mut b = [0u8; 4];
-                match self.config_file().read_exact_at(&mut b, self.bar_file_offset + offset) {
+                match Self::config_file(&device).read_exact_at(&mut b, self.bar_file_offset + offset) {
                     Ok(()) => u32::from_le_bytes(b),
                     Err(_) => u32::MAX,
                 }
@@ -406,8 +466,9 @@ impl NvmeDevice for VfioNvme {
             // SAFETY: an aligned register inside the BAR mapping; device memory is written volatile.
             Some(p) => unsafe { std::ptr::write_volatile(p, value) },
             None => {
-                if let Err(e) =
-                    self.config_file().write_all_at(&value.to_le_bytes(), self.bar_file_offset + offset)
+                let Some(device) = self.dev() else { return };
+                if let Err(e) = Self::config_file(&device)
+                    .write_all_at(&value.to_le_bytes(), self.bar_file_offset + offset)
                 {
                     tracing::error!(offset, "BAR0 write failed: {e}");
                 }
@@ -435,7 +496,12 @@ impl NvmeDevice for VfioNvme {
         // worked, so the ioctl is issued here and its result checked.
         const VFIO_DEVICE_RESET: libc::c_ulong = 0x3b6f; // _IO(';', 100 + 11)
                                                          // SAFETY: VFIO_DEVICE_RESET takes no argument; the fd is the open VFIO device.
-        let r = unsafe { libc::ioctl(self.device.as_raw_fd(), VFIO_DEVICE_RESET as _) };
+        let Some(device) = self.dev() else {
+            return Err(DeviceError::Other("the device was released".into()));
+        };
+        // SAFETY: VFIO_DEVICE_RESET takes no argument; the fd is the open VFIO device.
+        let r = unsafe { libc::ioctl(device.as_raw_fd(), VFIO_DEVICE_RESET as _) };
+        drop(device);
         if r != 0 {
             return Err(DeviceError::Other(format!(
                 "VFIO_DEVICE_RESET failed: {}",
@@ -452,5 +518,86 @@ impl NvmeDevice for VfioNvme {
             self.update_command(0, PCI_COMMAND_MASTER)
         };
         r.map_err(DeviceError::Other)
+    }
+
+    fn removal_fd(&self) -> Option<BorrowedFd<'_>> {
+        self.request.as_ref().map(|e| {
+            // SAFETY: the eventfd is owned by `self` and outlives the returned borrow.
+            unsafe { BorrowedFd::borrow_raw(e.as_raw_fd()) }
+        })
+    }
+
+    fn release(&self) {
+        let mut device = self.device.write().unwrap_or_else(|p| p.into_inner());
+        if device.is_none() {
+            return;
+        }
+        for m in &self.bar {
+            if let Err(e) = bar::replace_with_ones(m.ptr, m.len as usize) {
+                tracing::error!(bdf = %self.bdf, "cannot swap out a BAR mapping ({e}); the removal waits for nvmed to exit");
+                return;
+            }
+        }
+        self.released.store(true, Ordering::Release);
+        if let Some(d) = device.as_ref() {
+            let _ = d.disable_msix();
+            let _ = d.disable_irq(REQ_IRQ_INDEX);
+        }
+        *device = None; // closes the device fd: the kernel may complete the removal
+        tracing::warn!(bdf = %self.bdf, "device released to the kernel (hot unplug)");
+    }
+}
+
+/// A read guard on a device that was not released.
+struct DeviceGuard<'a>(RwLockReadGuard<'a, Option<VfioDevice>>);
+
+impl std::ops::Deref for DeviceGuard<'_> {
+    type Target = VfioDevice;
+    fn deref(&self) -> &VfioDevice {
+        self.0.as_ref().expect("checked when made")
+    }
+}
+
+/// Swapping a BAR mapping for memory that reads as a removed device.
+mod bar {
+    use std::ptr::NonNull;
+
+    /// Replaces the `len` bytes mapped at `at` with anonymous memory full of ones, in one step
+    /// (other threads see either the BAR or the ones, never a hole).
+    pub fn replace_with_ones(at: NonNull<u8>, len: usize) -> std::io::Result<()> {
+        // SAFETY: a new private anonymous mapping, owned here until moved below.
+        let tmp = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        if tmp == libc::MAP_FAILED {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: `tmp` is `len` writable bytes just mapped, referenced by nothing else.
+        unsafe { std::ptr::write_bytes(tmp.cast::<u8>(), 0xff, len) };
+        // SAFETY: moves the filled pages over the BAR mapping at `at` (same length), which
+        // mremap unmaps atomically; only volatile register accesses ever reach that range.
+        let moved = unsafe {
+            libc::mremap(
+                tmp,
+                len,
+                len,
+                libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED,
+                at.as_ptr().cast::<libc::c_void>(),
+            )
+        };
+        if moved == libc::MAP_FAILED {
+            let e = std::io::Error::last_os_error();
+            // SAFETY: `tmp` is still ours: unmap it.
+            unsafe { libc::munmap(tmp, len) };
+            return Err(e);
+        }
+        Ok(())
     }
 }

@@ -47,6 +47,28 @@ pub fn broker(lba_size: u32, mode: EmulatorMode) -> Env {
 
 /// As [`broker`]; `sgl` false makes the controller PRP-only (like `--emulator-no-sgl`), so nvmed
 /// bounces the segment layouts PRPs cannot describe.
+impl Env {
+    /// Starts a new broker (a fresh emulated controller) on the same socket, after
+    /// [`Env::stop_broker`].
+    pub fn restart_broker(&mut self, lba_size: u32, mode: EmulatorMode) {
+        assert!(self.broker.is_none());
+        let device = Arc::new(
+            EmulatedController::new(EmulatorConfig {
+                namespaces: vec![EmulatedNamespace {
+                    backend: Box::new(MemoryBackend::new(16 * MIB).unwrap()),
+                    lba_size,
+                }],
+                mdts: 5,
+                vectors: 2,
+                mode,
+                ..Default::default()
+            })
+            .unwrap(),
+        );
+        self.broker = Some(Broker::start(device, BrokerConfig::new(&self.socket)).unwrap());
+    }
+}
+
 pub fn broker_with(lba_size: u32, mode: EmulatorMode, sgl: bool) -> Env {
     static N: AtomicUsize = AtomicUsize::new(0);
     let dir = std::env::temp_dir().join(format!(

@@ -27,6 +27,10 @@ impl IoThread {
         // The clock is read once per batch, and only if something completed.
         let mut now_us: Option<u32> = None;
         for p in &mut self.ports {
+            if p.gone {
+                // Everything it held was failed already; what it may still have posted is stale.
+                continue;
+            }
             let bounce = &mut p.bounce;
             let sched = &mut p.sched;
             total += p.dq.queue.reap(REAP_BATCH, |ctx, status_field, _result| {

@@ -185,6 +185,9 @@ impl IoThread {
             let all = self.ports[c].dq.queue.abandon_all();
             self.fail_contexts(c, all, Status::Broker(status));
             self.cancel_partials(c, Status::Broker(status));
+            if state == DeviceState::Gone {
+                self.ports[c].ctrl.ack_gone();
+            }
         }
         self.publish_completions();
     }
