@@ -21,6 +21,8 @@ use zerocopy::little_endian::U32;
 const SUBNQN: &str = "nqn.2026-01.io.nvmed:test";
 const HOST: &str = "nqn.2014-08.org.nvmexpress:uuid:00000000-0000-0000-0000-000000000001";
 const RO_HOST: &str = "nqn.2014-08.org.nvmexpress:uuid:00000000-0000-0000-0000-000000000002";
+/// Allowed in, but only to namespace 2 (which this nvmed does not have).
+const NS2_HOST: &str = "nqn.2014-08.org.nvmexpress:uuid:00000000-0000-0000-0000-000000000003";
 const LBA: u64 = 512;
 
 struct Fixture {
@@ -36,6 +38,7 @@ fn fixture(tune: impl FnOnce(&mut Config)) -> Fixture {
     cfg.hosts = vec![
         HostAccess { nqn: HOST.into(), namespaces: None, read_only: false },
         HostAccess { nqn: RO_HOST.into(), namespaces: None, read_only: true },
+        HostAccess { nqn: NS2_HOST.into(), namespaces: Some(vec![2]), read_only: false },
     ];
     cfg.io_timeout = Duration::from_secs(5);
     tune(&mut cfg);
@@ -244,6 +247,11 @@ fn access_by_host_nqn() {
     let d = q.run(rw(true, 1, 0, 65536), Some(vec![1; 65536]), 0).unwrap();
     assert_eq!(d.status(), sc::NS_WRITE_PROTECTED | sc::DNR, "refused before any R2T");
     ok(q.run(rw(false, 1, 0, 4096), None, 4096).unwrap());
+    // A host whose namespace list does not include nvmed's namespace 1 does not see it.
+    let mut a = admin(&f, Digests::default(), NS2_HOST, 1);
+    assert_eq!(&identify(&mut a, 2, 0)[..4], &[0; 4], "no active namespace");
+    let mut q = io_queue(&f, &a, 1, Digests::default(), NS2_HOST).unwrap();
+    assert_eq!(q.run(rw(false, 1, 0, 4096), None, 4096).unwrap().status(), sc::INVALID_NS | sc::DNR);
 }
 
 /// Expects a C2HTermReq with `want` and then the end of the connection.
@@ -404,4 +412,30 @@ fn host_that_stops_reading_is_disconnected() {
     // The other queue of the same controller is untouched.
     ok(other.run(rw(false, 1, 0, 4096), None, 4096).unwrap());
     assert_eq!(f.target.controllers(), 1);
+}
+
+#[test]
+fn many_connections_each_with_its_own_ring() {
+    let f = fixture(|_| {});
+    let mut conns = Vec::new();
+    for c in 0..4u64 {
+        let a = admin_kato(&f, Digests::default(), HOST, 16, 0);
+        for qid in 1..=16u16 {
+            let mut q = io_queue(&f, &a, qid, Digests::default(), HOST).expect("I/O queue");
+            let lba = (c * 16 + u64::from(qid)) * 64;
+            let w = data(lba, 4096);
+            ok(q.run(rw(true, 1, lba, 4096), Some(w.clone()), 0).unwrap());
+            conns.push((q, lba, w));
+        }
+        conns.push((a, 0, Vec::new()));
+    }
+    assert_eq!(f.target.controllers(), 4);
+    assert_eq!(f.target.connections(), 68);
+    for (q, lba, w) in conns.iter_mut().filter(|(_, _, w)| !w.is_empty()) {
+        assert!(ok(q.run(rw(false, 1, *lba, 4096), None, 4096).unwrap()).data == *w);
+    }
+    drop(conns);
+    common::wait_until("all closed", Duration::from_secs(20), || {
+        f.target.connections() == 0 && f.target.controllers() == 0
+    });
 }
