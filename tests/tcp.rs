@@ -217,6 +217,19 @@ fn verified_io_digests_off_and_on() {
     {
         session(&f, dg);
     }
+    // Connect data and every write sent after an R2T (no in-capsule data at all).
+    let mut o = opts(0, 0xffff, Digests { header: true, data: true });
+    o.in_capsule = 0;
+    let mut a = Initiator::connect(f.addr, &o).expect("Connect with its data after an R2T");
+    a.property_set(prop::CC, 1 | (6 << 16) | (4 << 20)).unwrap();
+    ok(a.run(command(admin_op::SET_FEATURES, 0, [0x07, 0, 0, 0, 0, 0]), None, 0).unwrap());
+    let mut o = opts(1, a.cntlid, Digests { header: true, data: true });
+    o.in_capsule = 0;
+    let mut q = Initiator::connect(f.addr, &o).unwrap();
+    let w = data(77, 512);
+    ok(q.run(rw(true, 1, 5000, 512), Some(w.clone()), 0).unwrap());
+    assert_eq!(ok(q.run(rw(false, 1, 5000, 512), None, 512).unwrap()).data, w);
+    drop((a, q));
     // The same with the I/O queues polling their rings before they sleep.
     let f = fixture(|c| c.poll = Duration::from_micros(50));
     session(&f, Digests { header: false, data: true });

@@ -56,7 +56,8 @@ pub struct ConnectOptions {
     pub kato_ms: u32,
     /// Digests to ask for.
     pub digests: Digests,
-    /// Most in-capsule write data (from the controller's IOCCSZ; 0: always R2T).
+    /// Most in-capsule write data (from the controller's IOCCSZ; 0: always R2T, the Connect's
+    /// data too).
     pub in_capsule: usize,
 }
 
@@ -130,7 +131,8 @@ impl Initiator {
         data[16..18].copy_from_slice(&o.cntlid.to_le_bytes());
         data[256..256 + o.subnqn.len()].copy_from_slice(o.subnqn.as_bytes());
         data[512..512 + o.hostnqn.len()].copy_from_slice(o.hostnqn.as_bytes());
-        me.in_capsule = 8192;
+        // (`in_capsule` 0: even the Connect data goes after an R2T.)
+        me.in_capsule = if o.in_capsule == 0 { 0 } else { 8192 };
         let d = me.run(c, Some(data), 0)?;
         if d.status() != 0 {
             return Err(InitError::Status(d.status()));

@@ -263,13 +263,27 @@ async fn handle(target: &Arc<Target>, mut stream: TcpStream) -> Result<(), ConnE
         }
     };
     let cid = cmd.cid.get();
-    let refuse = |status: u16, result: u64, why: String| async move { (status, result, why) };
-    let outcome = if cmd.opcode != admin_op::FABRICS || cmd.nsid.as_bytes()[0] != fctype::CONNECT {
-        Err(refuse(sc::CMD_SEQ_ERROR | sc::DNR, 0, "first command is not Connect".into()).await)
-    } else if !first.data_digest_ok {
-        Err(refuse(sc::TRANSIENT_TRANSPORT, 0, "Connect data digest mismatch".into()).await)
+    let is_connect = cmd.opcode == admin_op::FABRICS && cmd.nsid.as_bytes()[0] == fctype::CONNECT;
+    let mut data = first.data;
+    let mut digest_ok = first.data_digest_ok;
+    if is_connect && data.is_empty() && cmd.sgl_type == pdu::sgl::TRANSPORT && cmd.sgl_len.get() == 1024 {
+        // The host did not put the Connect data in the capsule: ask for it.
+        match timeout(t, connect_data_by_r2t(&mut stream, dg, cid, &limits)).await {
+            Err(_) => return Err(ConnError::Timeout("Connect data")),
+            Ok(Err((ConnError::Pdu(e), head))) => {
+                term_req(&mut stream, &e, &head).await;
+                return Err(e.into());
+            }
+            Ok(Err((e, _))) => return Err(e),
+            Ok(Ok((d, ok))) => (data, digest_ok) = (d, ok),
+        }
+    }
+    let outcome = if !is_connect {
+        Err((sc::CMD_SEQ_ERROR | sc::DNR, 0, "first command is not Connect".into()))
+    } else if !digest_ok {
+        Err((sc::TRANSIENT_TRANSPORT, 0, "Connect data digest mismatch".into()))
     } else {
-        connect(target, &cmd, &first.data).await
+        connect(target, &cmd, &data).await
     };
     let (ctrl, qid, sqsize) = match outcome {
         Ok(v) => v,
@@ -298,6 +312,39 @@ async fn handle(target: &Arc<Target>, mut stream: TcpStream) -> Result<(), ConnE
         lock(&ctrl.queues).1.remove(&qid);
         r
     }
+}
+
+/// Sends an R2T for a Connect's 1024 bytes of data and collects them from H2CData PDUs:
+/// the data and whether every data digest matched.
+async fn connect_data_by_r2t(
+    stream: &mut TcpStream,
+    dg: Digests,
+    cid: u16,
+    limits: &Limits,
+) -> Result<(Vec<u8>, bool), (ConnError, Vec<u8>)> {
+    let mut out = Vec::new();
+    pdu::push_r2t(&mut out, dg, cid, 0, 0, 1024);
+    stream.write_all(&out).await.map_err(|e| (e.into(), Vec::new()))?;
+    let mut data = Vec::with_capacity(1024);
+    let mut ok = true;
+    while data.len() < 1024 {
+        let p = read_pdu(stream, Some(dg), limits).await?;
+        let Header::H2cData(d) = p.header else {
+            return Err((PduError::Sequence("expected H2CData for the Connect's R2T").into(), p.head));
+        };
+        if d.cccid.get() != cid || d.ttag.get() != 0 {
+            return Err((
+                PduError::HeaderField { offset: 8, what: "H2CData for no outstanding R2T" }.into(),
+                p.head,
+            ));
+        }
+        if d.datao.get() as usize != data.len() || data.len() + p.data.len() > 1024 {
+            return Err((PduError::DataOutOfRange("H2CData outside the Connect's data").into(), p.head));
+        }
+        ok &= p.data_digest_ok;
+        data.extend_from_slice(&p.data);
+    }
+    Ok((data, ok))
 }
 
 type Refusal = (u16, u64, String);
