@@ -281,7 +281,7 @@ fn expect_term(q: &mut Initiator, want: u16) {
 fn bad_input_ends_only_that_connection() {
     let f = fixture(|_| {});
     let dg = Digests { header: true, data: true };
-    let a = admin(&f, dg, HOST, 4);
+    let a = admin(&f, dg, HOST, 5);
     let mut good = io_queue(&f, &a, 1, dg, HOST).unwrap();
     let w = data(1, 65536);
     ok(good.run(rw(true, 1, 0, 65536), Some(w.clone()), 0).unwrap());
@@ -352,6 +352,14 @@ fn bad_input_ends_only_that_connection() {
         q.send_raw(junk).unwrap();
         expect_term(&mut q, fes::INVALID_HEADER);
     }
+
+    // The host ends a connection itself with an H2CTermReq: it is closed, nothing sent back.
+    let mut q = io_queue(&f, &a, 5, dg, HOST).unwrap();
+    let mut term = Vec::new();
+    pdu::push_term_req(&mut term, false, fes::SEQUENCE, 0, &[0; 24]);
+    q.send_raw(&term).unwrap();
+    let mut b = [0u8; 1];
+    assert_eq!(q.stream().read(&mut b).unwrap_or(0), 0, "closed without a reply");
 
     // The good queue never noticed.
     assert!(ok(good.run(rw(false, 1, 0, 65536), None, 65536).unwrap()).data == w);

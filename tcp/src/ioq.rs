@@ -324,7 +324,10 @@ impl Queue {
         for _ in 0..256 {
             match self.rx {
                 Rx::Header => {
-                    let need = self.hlayout.map_or(pdu::COMMON_LEN, |l| l.data_offset);
+                    // Until the common header is known, ask for the shortest header a host sends
+                    // here (24 bytes and its digest): an H2CData header then comes in one call.
+                    let shortest = pdu::SHORT_HLEN + if self.dg.header { pdu::DIGEST_LEN } else { 0 };
+                    let need = self.hlayout.map_or(shortest, |l| l.data_offset);
                     let n = match self.stream.try_read(&mut self.hbuf[self.hhave..need]) {
                         Ok(0) => return Err(ConnError::Closed),
                         Ok(n) => n,
@@ -332,7 +335,7 @@ impl Queue {
                         Err(e) => return Err(e.into()),
                     };
                     self.hhave += n;
-                    if self.hlayout.is_none() && self.hhave == pdu::COMMON_LEN {
+                    if self.hlayout.is_none() && self.hhave >= pdu::COMMON_LEN {
                         let common = self.hbuf[..pdu::COMMON_LEN].try_into().unwrap();
                         self.hlayout = Some(pdu::check_common(
                             common,
@@ -342,7 +345,13 @@ impl Queue {
                         )?);
                     }
                     if let Some(layout) = self.hlayout {
-                        if self.hhave == layout.data_offset {
+                        if layout.pdu_type == pdu::pdu_type::H2C_TERM_REQ {
+                            // (Read past its header, maybe: it ends the connection anyway.)
+                            let fes = u16::from_le_bytes([self.hbuf[8], self.hbuf[9]]);
+                            if self.hhave >= 10 {
+                                return Err(ConnError::HostTerminated(fes));
+                            }
+                        } else if self.hhave == layout.data_offset {
                             let header = pdu::decode_header(&self.hbuf[..self.hhave], &layout)?;
                             self.on_pdu(header, layout)?;
                             if matches!(self.rx, Rx::Header) {
