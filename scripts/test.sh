@@ -13,6 +13,27 @@ cargo clippy --workspace --all-targets -- -D warnings
 echo "== cargo doc (warnings are errors)"
 RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --quiet
 
+# ---- issue 11: C library and fio engine (branch capi) --------------------------------------
+# The fio tests (tests/fio.rs, run by `cargo test` below) need fio, and the fio engine is built
+# against the headers of the installed fio's own source package: a deb-src entry for this suite
+# and dpkg-dev (for `apt-get source`). NVMED_REQUIRE_FIO=1 makes the tests fail, not skip,
+# when fio is missing.
+echo "== fio and its source package for the fio engine tests (issue 11)"
+if ! grep -rqsE '^(Types: *deb-src|deb-src )' /etc/apt/sources.list /etc/apt/sources.list.d/; then
+    . /etc/os-release
+    printf 'Types: deb-src\nURIs: %s\nSuites: %s\nComponents: main\nSigned-By: /usr/share/keyrings/debian-archive-keyring.gpg\n\n' \
+        http://deb.debian.org/debian "$VERSION_CODENAME $VERSION_CODENAME-updates" \
+        http://deb.debian.org/debian-security "$VERSION_CODENAME-security" \
+        >/etc/apt/sources.list.d/nvmed-deb-src.sources
+    apt-get update -qq
+fi
+if ! command -v fio >/dev/null || ! command -v dpkg-source >/dev/null; then
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends fio dpkg-dev >/dev/null
+fi
+export NVMED_REQUIRE_FIO=1
+# ---- end of issue 11 block -----------------------------------------------------------------
+
 echo "== cargo test (unit, property and end-to-end tests against a real nvmed process)"
 cargo test --workspace
 

@@ -77,8 +77,12 @@ impl MemfdBuffer {
         self.mem.copy_in(offset, src)
     }
 
-    /// The start of the mapping.
-    pub(crate) fn as_ptr(&self) -> *mut u8 {
+    /// The start of the mapping, for callers that cannot take the checked views (the C library
+    /// hands it to C code). The address stays valid while the buffer lives, also after it moved
+    /// into a ring by [`crate::NvmeRing::register_buffer`] (until it is unregistered or the ring
+    /// is dropped). Whoever writes or reads through it must keep away from ranges the device may
+    /// be using (requests in flight), which the ring cannot check for them.
+    pub fn as_ptr(&self) -> *mut u8 {
         self.mem.as_ptr()
     }
 

@@ -128,15 +128,21 @@ impl SessionInner {
     /// One control request and its reply; if the broker is gone, connects again (when
     /// allowed) and sends it to the new broker.
     pub(crate) fn call(&self, req: &Request, fds: &[BorrowedFd<'_>]) -> Result<(Response, Vec<OwnedFd>)> {
+        self.call_epoch(req, fds).map(|(r, fds, _)| (r, fds))
+    }
+
+    /// As [`SessionInner::call`], also saying which connection (epoch) answered.
+    fn call_epoch(&self, req: &Request, fds: &[BorrowedFd<'_>]) -> Result<(Response, Vec<OwnedFd>, u64)> {
         let mut conn = lock(&self.conn);
-        match call(&conn.sock, req, fds) {
+        let r = match call(&conn.sock, req, fds) {
             Err(Error::BrokerGone) if self.reconnect.enabled => {
                 let epoch = conn.epoch;
                 self.reconnect_locked(&mut conn, epoch)?;
                 call(&conn.sock, req, fds)
             }
             r => r,
-        }
+        };
+        r.map(|(resp, fds)| (resp, fds, conn.epoch))
     }
 
     /// One control request and its reply, never reconnecting (for releasing things: a gone
@@ -403,12 +409,22 @@ pub(crate) fn register(session: &SessionInner, buf: &MemfdBuffer) -> Result<u32>
     // Kept to register it again after a reconnect.
     let fd = buf.fd().try_clone().map_err(crate::error::os("dup buffer memfd"))?;
     let req = Request::RegisterBuffer { offset, len, id: None };
-    let (resp, _) = session.call(&req, &[buf.fd().as_fd()])?;
+    let (resp, _, answered) = session.call_epoch(&req, &[buf.fd().as_fd()])?;
     let Response::BufferRegistered { buffer_id } = resp else { return Err(unexpected(resp)) };
     if buffer_id >= 1 << 20 {
         return Err(Error::Protocol(format!("implausible buffer id {buffer_id}")));
     }
     lock(&session.registrations).insert(buffer_id, Registration { fd, offset, len });
+    if session.epoch() != answered {
+        // Another handle connected to a new broker between the answer and the line above: the
+        // new broker may not have this buffer (if the reconnect came after it was recorded, it
+        // has it, and says the id is taken).
+        let again = Request::RegisterBuffer { offset, len, id: Some(buffer_id) };
+        match session.call(&again, &[buf.fd().as_fd()]) {
+            Ok(_) | Err(Error::Refused(nvmed_proto::ControlError::BufferIdUnavailable { .. })) => {}
+            Err(e) => return Err(e),
+        }
+    }
     Ok(buffer_id)
 }
 

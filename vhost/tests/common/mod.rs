@@ -52,33 +52,12 @@ impl Env {
     /// [`Env::stop_broker`].
     pub fn restart_broker(&mut self, lba_size: u32, mode: EmulatorMode) {
         assert!(self.broker.is_none());
-        let device = Arc::new(
-            EmulatedController::new(EmulatorConfig {
-                namespaces: vec![EmulatedNamespace {
-                    backend: Box::new(MemoryBackend::new(16 * MIB).unwrap()),
-                    lba_size,
-                }],
-                mdts: 5,
-                vectors: 2,
-                mode,
-                ..Default::default()
-            })
-            .unwrap(),
-        );
-        self.broker = Some(Broker::start(device, BrokerConfig::new(&self.socket)).unwrap());
+        self.broker = Some(start_broker(&self.socket, lba_size, mode, true));
     }
 }
 
-pub fn broker_with(lba_size: u32, mode: EmulatorMode, sgl: bool) -> Env {
-    static N: AtomicUsize = AtomicUsize::new(0);
-    let dir = std::env::temp_dir().join(format!(
-        "nvmed-vhost-test-{}-{}",
-        std::process::id(),
-        N.fetch_add(1, Ordering::Relaxed)
-    ));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    let socket = dir.join("nvmed.sock");
+/// A broker on a fresh emulated controller (16 MiB in memory), listening on `socket`.
+fn start_broker(socket: &std::path::Path, lba_size: u32, mode: EmulatorMode, sgl: bool) -> Broker {
     let device = Arc::new(
         EmulatedController::new(EmulatorConfig {
             namespaces: vec![EmulatedNamespace {
@@ -93,7 +72,20 @@ pub fn broker_with(lba_size: u32, mode: EmulatorMode, sgl: bool) -> Env {
         })
         .unwrap(),
     );
-    let broker = Broker::start(device, BrokerConfig::new(&socket)).unwrap();
+    Broker::start(device, BrokerConfig::new(socket)).unwrap()
+}
+
+pub fn broker_with(lba_size: u32, mode: EmulatorMode, sgl: bool) -> Env {
+    static N: AtomicUsize = AtomicUsize::new(0);
+    let dir = std::env::temp_dir().join(format!(
+        "nvmed-vhost-test-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    ));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let socket = dir.join("nvmed.sock");
+    let broker = start_broker(&socket, lba_size, mode, sgl);
     Env { broker: Some(broker), dir, socket }
 }
 
