@@ -408,6 +408,8 @@ surprise_removal() {
 }
 check surprise-removal-device-del surprise_removal
 
+[ -f /tcp.sh ] && . /tcp.sh # nvmed-tcp: the guest kernel's NVMe/TCP initiator (vmtest/tcp.sh)
+
 # Durability, last (it ends the guest): a write completed with FUA and a write followed by a
 # completed Flush, through nvmed on 00:03.0; then the host kills QEMU with SIGKILL (a power cut
 # for the guest: no shutdown, no sync) and finds both in the disk image (run.sh).

@@ -18,7 +18,7 @@ vm_kernel
 # 3. Static binaries.
 log "building static binaries"
 vm_static_build -p nvmed-server --bin nvmed -p nvmed-vmtest --bin vmcheck -p ringbench --bin ringbench \
-    -p nvmectl --bin nvmectl
+    -p nvmectl --bin nvmectl -p nvmed-tcp --bin nvmed-tcp -p nvmed-vmtest --bin blkcheck
 bins=$vm_bins
 
 # 4. Initramfs.
@@ -35,6 +35,7 @@ echo "$disk_bytes" > "$root/disk_bytes"
 echo "$extra_bytes" > "$root/extra_bytes"
 cp "$bins/nvmed" "$bins/vmcheck" "$bins/ringbench" "$bins/nvmectl" "$root/bin/"
 cp vmtest/init.sh "$root/init" && chmod +x "$root/init"
+. vmtest/tcp-host.sh # the nvmed-tcp scenario's files (vmtest/tcp.sh, run by init.sh)
 (cd "$root" && find . | cpio -o -H newc --quiet | gzip -1 > "$work/initrd.gz")
 
 # 5. Boot once, run everything.

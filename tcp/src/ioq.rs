@@ -1,0 +1,882 @@
+//! An I/O queue: one TCP connection, one nvmed ring, one registered buffer cut into one slot of
+//! MDTS bytes per queue entry. Write data is read from the socket straight into the command's
+//! slot (in-capsule, or H2CData after an R2T) and the device DMAs it from there; read data is
+//! DMA'd into the slot and written to the socket from it. The loop never blocks: it reads what
+//! the socket has, submits, reaps completions, writes what the socket takes, then sleeps on
+//! whichever of socket and completion eventfd it needs.
+
+use std::collections::{HashMap, VecDeque};
+use std::io::{ErrorKind, IoSlice};
+use std::os::fd::OwnedFd;
+use std::sync::Arc;
+use std::time::Duration;
+
+use nvmed_client::{BrokerStatus, BufferId, Completion, Io, NvmeRing, RingOptions, Status};
+use tokio::io::unix::AsyncFd;
+use tokio::io::Interest;
+use tokio::net::TcpStream;
+use tokio::time::{timeout, Instant};
+use tracing::{debug, info, warn};
+
+use crate::ctrl::{admin_op, fctype, sc, NsView};
+use crate::pdu::{self, DataPdu, Digests, Header, Layout, Limits, NvmeCmd, PduError, Receiver, MAX_HEADER};
+use crate::server::{cqe, lock, sleep_until_opt, ConnError, ConnParams, CtrlShared, Target, MAX_H2C_DATA};
+
+/// I/O opcodes.
+mod io_op {
+    pub const FLUSH: u8 = 0x00;
+    pub const WRITE: u8 = 0x01;
+    pub const READ: u8 = 0x02;
+    pub const WRITE_ZEROES: u8 = 0x08;
+    pub const DSM: u8 = 0x09;
+}
+
+/// Largest deallocate sent to the broker at once.
+const DEALLOC_CHUNK: u64 = 1 << 30;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+enum Kind {
+    #[default]
+    Read,
+    Write,
+    Flush,
+    WriteZeroes,
+    Dsm {
+        ranges: u32,
+        deallocate: bool,
+    },
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+struct Slot {
+    busy: bool,
+    cid: u16,
+    kind: Kind,
+    nsid: u32,
+    lba_size: u32,
+    lba_count: u64,
+    offset: u64,
+    /// Bytes the command moves (the host's data for writes and DSM).
+    len: u32,
+    fua: bool,
+    /// Host data received so far.
+    received: u32,
+    awaiting_h2c: bool,
+    digest_bad: bool,
+    /// Ring requests in flight.
+    pending: u32,
+    status: u16,
+    zero_fallback: bool,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum DataTarget {
+    InCapsule { slot: u16 },
+    H2c { slot: u16, len: u32 },
+    Discard { slot: Option<u16> },
+    TermReq { fes: u16 },
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Rx {
+    Header,
+    Data { target: DataTarget, at: u64, remaining: u32, crc: u32 },
+    Digest { target: DataTarget, have: usize, buf: [u8; 4], crc: u32 },
+}
+
+#[derive(Debug)]
+enum Tx {
+    Bytes(Vec<u8>, usize),
+    /// `len` bytes of the data buffer at `at`, `sent` of them written.
+    Data {
+        at: u64,
+        len: u32,
+        sent: u32,
+    },
+    /// The command in this slot is fully answered: free it.
+    Free(u16),
+}
+
+struct Queue {
+    stream: TcpStream,
+    ring: NvmeRing,
+    buf: BufferId,
+    dg: Digests,
+    hpda: u8,
+    qid: u16,
+    depth: u16,
+    sqhd: u16,
+    slot_size: u32,
+    ns: Arc<Vec<NsView>>,
+    slots: Vec<Slot>,
+    free: Vec<u16>,
+    cids: HashMap<u16, u16>,
+    limits: Limits,
+    hbuf: [u8; MAX_HEADER],
+    hhave: usize,
+    hlayout: Option<Layout>,
+    rx: Rx,
+    tx: VecDeque<Tx>,
+    backlog: VecDeque<Io>,
+    comps: Vec<Completion>,
+    scratch: Vec<u8>,
+    closing: bool,
+    /// Since when queued output has been waiting for the socket without progress (`None`:
+    /// output moved since the last wait). Taken lazily: no clock read per I/O.
+    stall_since: Option<Instant>,
+}
+
+/// Serves I/O queue `qid` of `ctrl` after its Connect (answered here once the ring exists).
+pub(crate) async fn run(
+    target: &Arc<Target>,
+    ctrl: &Arc<CtrlShared>,
+    stream: TcpStream,
+    params: ConnParams,
+    qid: u16,
+    sqsize: u16,
+    cid: u16,
+) -> Result<(), ConnError> {
+    let depth = sqsize + 1;
+    let slot_size = ctrl.max_transfer;
+    let session = ctrl.session.clone();
+    let name = format!("nvmed-tcp cntlid {} q{qid}", ctrl.cntlid);
+    let made = tokio::task::spawn_blocking(move || {
+        let opts = RingOptions {
+            sq_entries: 256,
+            cq_entries: 512,
+            client_name: name,
+            spin: Duration::ZERO,
+            thread: None,
+            ..RingOptions::default()
+        };
+        let mut ring = session.new_ring_with(opts)?;
+        let buf = ring.alloc_buffer(usize::from(depth) * slot_size as usize)?;
+        Ok::<_, nvmed_client::Error>((ring, buf))
+    })
+    .await
+    .map_err(|e| ConnError::Io(std::io::Error::other(e)))?;
+    let mut stream = stream;
+    let (ring, buf) = match made {
+        Ok(v) => v,
+        Err(e) => {
+            // Answer the Connect with an error instead of the success prepared.
+            let mut out = Vec::new();
+            pdu::push_capsule_resp(&mut out, params.dg, cqe(cid, sc::CONNECT_CTRL_BUSY, 0, 1, qid));
+            let _ = tokio::io::AsyncWriteExt::write_all(&mut stream, &out).await;
+            return Err(e.into());
+        }
+    };
+    let cfd: OwnedFd = ring.completion_fd().try_clone_to_owned()?;
+    // SAFETY: an OwnedFd is open until dropped and always returns the same descriptor; the
+    // AsyncFd owns it, so it stays open and unchanged for the AsyncFd's whole life.
+    let cfd = unsafe { AsyncFd::register_with_interest(cfd, Interest::READABLE) }
+        .map_err(|e| ConnError::Io(std::io::Error::other(e.to_string())))?;
+    let mut q = Queue {
+        stream,
+        ring,
+        buf,
+        dg: params.dg,
+        hpda: params.hpda,
+        qid,
+        depth,
+        sqhd: 1,
+        slot_size,
+        ns: ctrl.namespaces.clone(),
+        slots: vec![Slot::default(); usize::from(depth)],
+        free: (0..depth).rev().collect(),
+        cids: HashMap::new(),
+        limits: Limits {
+            max_in_capsule: target.cfg.in_capsule as usize,
+            max_data_pdu: MAX_H2C_DATA as usize,
+        },
+        hbuf: [0; MAX_HEADER],
+        hhave: 0,
+        hlayout: None,
+        rx: Rx::Header,
+        tx: VecDeque::new(),
+        backlog: VecDeque::new(),
+        comps: Vec::new(),
+        scratch: vec![0; 64 << 10],
+        closing: false,
+        stall_since: None,
+    };
+    let cntlid = u64::from(ctrl.cntlid);
+    q.push_bytes(|out| pdu::push_capsule_resp(out, params.dg, cqe(cid, sc::SUCCESS, cntlid, 1, qid)));
+    info!(cntlid = ctrl.cntlid, qid, depth, "I/O queue connected");
+    let mut alive = ctrl.alive.subscribe();
+    let mut ready = ctrl.ready.subscribe();
+    let r = q.serve(&cfd, &mut alive, &mut ready, target.cfg.io_timeout, target.cfg.poll).await;
+    if let Err(ConnError::Pdu(e)) = &r {
+        q.terminate(e).await;
+    }
+    // The queue id is free again before the host sees the connection close.
+    lock(&ctrl.queues).1.remove(&qid);
+    let ring = q.ring;
+    drop(cfd);
+    // Dropping a ring waits for its I/O to drain: off the async workers.
+    let _ = tokio::task::spawn_blocking(move || drop(ring)).await;
+    debug!(qid, "I/O queue closed");
+    r
+}
+
+fn map_status(s: Status) -> u16 {
+    match s {
+        Status::Success => sc::SUCCESS,
+        Status::Nvme(n) => (u16::from(n.sct & 7) << 8) | u16::from(n.sc) | if n.dnr { sc::DNR } else { 0 },
+        Status::Broker(b) => match b {
+            BrokerStatus::OutOfRange => sc::LBA_RANGE | sc::DNR,
+            BrokerStatus::NotPermitted => sc::NS_WRITE_PROTECTED | sc::DNR,
+            BrokerStatus::InvalidNamespace => sc::INVALID_NS | sc::DNR,
+            BrokerStatus::InvalidOpcode => sc::INVALID_OPCODE | sc::DNR,
+            BrokerStatus::DeviceReset => sc::INTERNAL,
+            BrokerStatus::DeviceFault => sc::INTERNAL | sc::DNR,
+            _ => sc::INVALID_FIELD | sc::DNR,
+        },
+        Status::Unknown(_) => sc::INTERNAL | sc::DNR,
+    }
+}
+
+impl Queue {
+    async fn serve(
+        &mut self,
+        cfd: &AsyncFd<OwnedFd>,
+        alive: &mut tokio::sync::watch::Receiver<bool>,
+        ready: &mut tokio::sync::watch::Receiver<bool>,
+        io_timeout: Duration,
+        spin: Duration,
+    ) -> Result<(), ConnError> {
+        loop {
+            self.read_some()?;
+            self.pump()?;
+            self.write_some()?;
+            if self.closing && self.tx.is_empty() {
+                return Ok(());
+            }
+            if !*alive.borrow() || !*ready.borrow() {
+                return Err(ConnError::ControllerGone);
+            }
+            let armed = self.ring.in_flight() > 0;
+            if armed && !spin.is_zero() && self.tx.is_empty() {
+                // Poll the ring a little before sleeping: a fast device answers within it, and
+                // a completion seen here costs no eventfd round trip.
+                let until = std::time::Instant::now() + spin;
+                let mut got = 0;
+                while got == 0 && std::time::Instant::now() < until {
+                    std::hint::spin_loop();
+                    got = self.pump()?;
+                }
+                if got > 0 {
+                    continue;
+                }
+            }
+            if armed {
+                let mut comps = std::mem::take(&mut self.comps);
+                let n = self.ring.arm_completion_fd(&mut comps)?;
+                self.comps = comps;
+                if n > 0 {
+                    self.handle_completions()?;
+                    continue;
+                }
+            }
+            let want_write = !self.tx.is_empty();
+            let stall = want_write.then(|| *self.stall_since.get_or_insert_with(Instant::now) + io_timeout);
+            let stalled = tokio::select! {
+                r = self.stream.readable() => { r?; false }
+                r = self.stream.writable(), if want_write => { r?; false }
+                g = cfd.readable(), if armed => { g?.clear_ready(); false }
+                _ = alive.changed() => false,
+                _ = ready.changed() => false,
+                _ = sleep_until_opt(stall), if want_write => true,
+            };
+            if armed {
+                self.ring.disarm_completion_fd();
+            }
+            if stalled {
+                warn!(qid = self.qid, "host stopped reading for {io_timeout:?}: closing the queue");
+                return Err(ConnError::Timeout("host not reading"));
+            }
+        }
+    }
+
+    /// Sends a C2HTermReq after what is queued (never inside a half-sent PDU), then closes.
+    async fn terminate(&mut self, e: &PduError) {
+        warn!(qid = self.qid, "terminating the connection: {e}");
+        let mut out = Vec::new();
+        pdu::push_term_req(&mut out, true, e.fes(), e.fei(), &self.hbuf[..self.hhave]);
+        self.tx.push_back(Tx::Bytes(out, 0));
+        let _ = timeout(Duration::from_secs(1), async {
+            while !self.tx.is_empty() {
+                if self.write_some().is_err() || self.stream.writable().await.is_err() {
+                    return;
+                }
+            }
+        })
+        .await;
+    }
+
+    fn slot_at(&self, slot: u16) -> u64 {
+        u64::from(slot) * u64::from(self.slot_size)
+    }
+
+    // ---- receiving ----
+
+    fn read_some(&mut self) -> Result<(), ConnError> {
+        for _ in 0..256 {
+            match self.rx {
+                Rx::Header => {
+                    // Until the common header is known, ask for the shortest header a host sends
+                    // here (24 bytes and its digest): an H2CData header then comes in one call.
+                    let shortest = pdu::SHORT_HLEN + if self.dg.header { pdu::DIGEST_LEN } else { 0 };
+                    let need = self.hlayout.map_or(shortest, |l| l.data_offset);
+                    let n = match self.stream.try_read(&mut self.hbuf[self.hhave..need]) {
+                        Ok(0) => return Err(ConnError::Closed),
+                        Ok(n) => n,
+                        Err(e) if e.kind() == ErrorKind::WouldBlock => return Ok(()),
+                        Err(e) => return Err(e.into()),
+                    };
+                    self.hhave += n;
+                    if self.hlayout.is_none() && self.hhave >= pdu::COMMON_LEN {
+                        let common = self.hbuf[..pdu::COMMON_LEN].try_into().unwrap();
+                        self.hlayout = Some(pdu::check_common(
+                            common,
+                            Receiver::Controller,
+                            Some(self.dg),
+                            &self.limits,
+                        )?);
+                    }
+                    if let Some(layout) = self.hlayout {
+                        if layout.pdu_type == pdu::pdu_type::H2C_TERM_REQ {
+                            // (Read past its header, maybe: it ends the connection anyway.)
+                            let fes = u16::from_le_bytes([self.hbuf[8], self.hbuf[9]]);
+                            if self.hhave >= 10 {
+                                return Err(ConnError::HostTerminated(fes));
+                            }
+                        } else if self.hhave == layout.data_offset {
+                            let header = pdu::decode_header(&self.hbuf[..self.hhave], &layout)?;
+                            self.on_pdu(header, layout)?;
+                            if matches!(self.rx, Rx::Header) {
+                                self.hhave = 0;
+                                self.hlayout = None;
+                            }
+                        }
+                    }
+                }
+                Rx::Data { target, at, remaining, crc } => {
+                    let dest: &mut [u8] = match target {
+                        DataTarget::InCapsule { .. } | DataTarget::H2c { .. } => {
+                            self.ring.buffer_mut(self.buf, at, u64::from(remaining))?
+                        }
+                        _ => {
+                            let n = (remaining as usize).min(self.scratch.len());
+                            &mut self.scratch[..n]
+                        }
+                    };
+                    let n = match self.stream.try_read(dest) {
+                        Ok(0) => return Err(ConnError::Closed),
+                        Ok(n) => n,
+                        Err(e) if e.kind() == ErrorKind::WouldBlock => return Ok(()),
+                        Err(e) => return Err(e.into()),
+                    };
+                    let crc = if self.dg.data { pdu::crc_append(crc, &dest[..n]) } else { 0 };
+                    let remaining = remaining - n as u32;
+                    if remaining > 0 {
+                        self.rx = Rx::Data { target, at: at + n as u64, remaining, crc };
+                    } else if self.dg.data && !matches!(target, DataTarget::TermReq { .. }) {
+                        self.rx = Rx::Digest { target, have: 0, buf: [0; 4], crc };
+                    } else {
+                        self.data_done(target, true)?;
+                    }
+                }
+                Rx::Digest { target, mut have, mut buf, crc } => {
+                    let n = match self.stream.try_read(&mut buf[have..]) {
+                        Ok(0) => return Err(ConnError::Closed),
+                        Ok(n) => n,
+                        Err(e) if e.kind() == ErrorKind::WouldBlock => return Ok(()),
+                        Err(e) => return Err(e.into()),
+                    };
+                    have += n;
+                    if have < 4 {
+                        self.rx = Rx::Digest { target, have, buf, crc };
+                    } else {
+                        let ok = u32::from_le_bytes(buf) == crc;
+                        if !ok {
+                            warn!(
+                                qid = self.qid,
+                                "data digest mismatch: the command fails with a transient transport error"
+                            );
+                        }
+                        self.data_done(target, ok)?;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Data of the current PDU fully received (digest checked).
+    fn data_done(&mut self, target: DataTarget, digest_ok: bool) -> Result<(), ConnError> {
+        self.rx = Rx::Header;
+        self.hhave = 0;
+        self.hlayout = None;
+        match target {
+            DataTarget::InCapsule { slot } => {
+                let s = &mut self.slots[usize::from(slot)];
+                s.received = s.len;
+                if digest_ok {
+                    self.execute(slot)?;
+                } else {
+                    self.respond(slot, sc::TRANSIENT_TRANSPORT);
+                }
+            }
+            DataTarget::H2c { slot, len } => {
+                let s = &mut self.slots[usize::from(slot)];
+                s.received += len;
+                s.digest_bad |= !digest_ok;
+                if s.received == s.len {
+                    s.awaiting_h2c = false;
+                    if s.digest_bad {
+                        self.respond(slot, sc::TRANSIENT_TRANSPORT);
+                    } else {
+                        self.execute(slot)?;
+                    }
+                }
+            }
+            DataTarget::Discard { slot: Some(slot) } => {
+                let status = self.slots[usize::from(slot)].status;
+                self.respond(slot, status);
+            }
+            DataTarget::Discard { slot: None } => {}
+            DataTarget::TermReq { fes } => return Err(ConnError::HostTerminated(fes)),
+        }
+        Ok(())
+    }
+
+    fn start_data(&mut self, target: DataTarget, at: u64, len: usize) -> Result<(), ConnError> {
+        if len == 0 {
+            return self.data_done(target, true);
+        }
+        self.rx = Rx::Data { target, at, remaining: len as u32, crc: 0 };
+        Ok(())
+    }
+
+    fn on_pdu(&mut self, header: Header, layout: Layout) -> Result<(), ConnError> {
+        match header {
+            Header::CapsuleCmd(c) => self.on_command(c.cmd, layout),
+            Header::H2cData(d) => self.on_h2c(d),
+            Header::H2cTermReq(t) => {
+                self.start_data(DataTarget::TermReq { fes: t.fes.get() }, 0, layout.data_len)
+            }
+            _ => Err(PduError::Sequence("unexpected PDU on an I/O queue").into()),
+        }
+    }
+
+    fn on_h2c(&mut self, d: DataPdu) -> Result<(), ConnError> {
+        let slot = d.ttag.get();
+        let s = self.slots.get(usize::from(slot)).copied().unwrap_or_default();
+        if !s.busy || !s.awaiting_h2c {
+            return Err(PduError::HeaderField { offset: 10, what: "H2CData for no outstanding R2T" }.into());
+        }
+        if s.cid != d.cccid.get() {
+            return Err(PduError::HeaderField {
+                offset: 8,
+                what: "H2CData command id does not match the R2T",
+            }
+            .into());
+        }
+        let (datao, datal) = (d.datao.get(), d.datal.get());
+        if datao != s.received {
+            return Err(PduError::DataOutOfRange("H2CData offset is not where the last one ended").into());
+        }
+        if u64::from(datao) + u64::from(datal) > u64::from(s.len) {
+            return Err(PduError::DataOutOfRange("H2CData beyond the command's length").into());
+        }
+        let at = self.slot_at(slot) + u64::from(datao);
+        self.start_data(DataTarget::H2c { slot, len: datal }, at, datal as usize)
+    }
+
+    fn on_command(&mut self, cmd: NvmeCmd, layout: Layout) -> Result<(), ConnError> {
+        self.sqhd = (self.sqhd + 1) % self.depth;
+        let cid = cmd.cid.get();
+        if cmd.opcode == admin_op::FABRICS {
+            let status = if cmd.nsid.get() as u8 == fctype::DISCONNECT {
+                self.closing = true;
+                sc::SUCCESS
+            } else {
+                sc::INVALID_OPCODE | sc::DNR
+            };
+            self.push_resp(cid, status);
+            return self.start_data(DataTarget::Discard { slot: None }, 0, layout.data_len);
+        }
+        if self.cids.contains_key(&cid) {
+            return Err(PduError::HeaderField { offset: 10, what: "command id already in use" }.into());
+        }
+        let Some(slot) = self.free.pop() else {
+            return Err(PduError::Sequence("more commands outstanding than the queue size").into());
+        };
+        self.cids.insert(cid, slot);
+        self.slots[usize::from(slot)] = Slot { busy: true, cid, ..Slot::default() };
+        match self.plan(&cmd, layout.data_len, slot) {
+            Err(status) => {
+                self.slots[usize::from(slot)].status = status;
+                if layout.data_len > 0 {
+                    self.start_data(DataTarget::Discard { slot: Some(slot) }, 0, layout.data_len)
+                } else {
+                    self.respond(slot, status);
+                    Ok(())
+                }
+            }
+            Ok(()) => {
+                let s = self.slots[usize::from(slot)];
+                let host_data = matches!(s.kind, Kind::Write | Kind::Dsm { .. });
+                if host_data && layout.data_len > 0 {
+                    self.start_data(DataTarget::InCapsule { slot }, self.slot_at(slot), layout.data_len)
+                } else if host_data {
+                    self.slots[usize::from(slot)].awaiting_h2c = true;
+                    let (dg, len) = (self.dg, s.len);
+                    self.push_bytes(|out| pdu::push_r2t(out, dg, cid, slot, 0, len));
+                    Ok(())
+                } else {
+                    self.execute(slot)
+                }
+            }
+        }
+    }
+
+    /// Checks a command and fills its slot; `Err(status)` to refuse it.
+    fn plan(&mut self, cmd: &NvmeCmd, in_capsule: usize, slot: u16) -> Result<(), u16> {
+        let nsid = cmd.nsid.get();
+        let op = cmd.opcode;
+        if !matches!(op, io_op::FLUSH | io_op::WRITE | io_op::READ | io_op::WRITE_ZEROES | io_op::DSM) {
+            return Err(sc::INVALID_OPCODE | sc::DNR);
+        }
+        let s = &mut self.slots[usize::from(slot)];
+        s.nsid = nsid;
+        if op == io_op::FLUSH && nsid == 0xffff_ffff {
+            s.kind = Kind::Flush;
+            return if in_capsule > 0 { Err(sc::INVALID_FIELD | sc::DNR) } else { Ok(()) };
+        }
+        let ns = self.ns.iter().find(|n| n.nsid == nsid).ok_or(sc::INVALID_NS | sc::DNR)?;
+        s.lba_size = ns.lba_size;
+        s.lba_count = ns.lba_count;
+        let slba = u64::from(cmd.cdw(10)) | (u64::from(cmd.cdw(11)) << 32);
+        let nlb = u64::from(cmd.cdw(12) & 0xffff) + 1;
+        s.fua = cmd.cdw(12) & (1 << 30) != 0;
+        let sgl_type = cmd.sgl_type;
+        let sgl_len = cmd.sgl_len.get();
+        let host_data = |len: u32| -> Result<(), u16> {
+            if in_capsule > 0 {
+                if sgl_type != pdu::sgl::IN_CAPSULE {
+                    return Err(sc::SGL_INVALID_TYPE | sc::DNR);
+                }
+                if cmd.sgl_addr.get() != 0 {
+                    return Err(sc::SGL_INVALID_OFFSET | sc::DNR);
+                }
+                if sgl_len != len || in_capsule != len as usize {
+                    return Err(sc::SGL_INVALID_DATA_LEN | sc::DNR);
+                }
+            } else {
+                if sgl_type != pdu::sgl::TRANSPORT {
+                    return Err(sc::SGL_INVALID_TYPE | sc::DNR);
+                }
+                if sgl_len != len {
+                    return Err(sc::SGL_INVALID_DATA_LEN | sc::DNR);
+                }
+            }
+            Ok(())
+        };
+        let range = |s: &mut Slot| -> Result<u32, u16> {
+            if slba.checked_add(nlb).is_none_or(|end| end > ns.lba_count) {
+                return Err(sc::LBA_RANGE | sc::DNR);
+            }
+            let len = nlb * u64::from(ns.lba_size);
+            if len > u64::from(self.slot_size) {
+                return Err(sc::INVALID_FIELD | sc::DNR);
+            }
+            s.offset = slba * u64::from(ns.lba_size);
+            s.len = len as u32;
+            Ok(len as u32)
+        };
+        match op {
+            io_op::FLUSH => {
+                s.kind = Kind::Flush;
+                if in_capsule > 0 {
+                    return Err(sc::INVALID_FIELD | sc::DNR);
+                }
+            }
+            io_op::READ => {
+                s.kind = Kind::Read;
+                let len = range(s)?;
+                if in_capsule > 0 || sgl_type != pdu::sgl::TRANSPORT {
+                    return Err(sc::SGL_INVALID_TYPE | sc::DNR);
+                }
+                if sgl_len != len {
+                    return Err(sc::SGL_INVALID_DATA_LEN | sc::DNR);
+                }
+            }
+            io_op::WRITE => {
+                s.kind = Kind::Write;
+                if ns.read_only {
+                    return Err(sc::NS_WRITE_PROTECTED | sc::DNR);
+                }
+                let len = range(s)?;
+                host_data(len)?;
+            }
+            io_op::WRITE_ZEROES => {
+                s.kind = Kind::WriteZeroes;
+                if ns.read_only {
+                    return Err(sc::NS_WRITE_PROTECTED | sc::DNR);
+                }
+                range(s)?;
+                if in_capsule > 0 {
+                    return Err(sc::INVALID_FIELD | sc::DNR);
+                }
+            }
+            _ => {
+                let ranges = (cmd.cdw(10) & 0xff) + 1;
+                let deallocate = cmd.cdw(11) & (1 << 2) != 0;
+                s.kind = Kind::Dsm { ranges, deallocate };
+                if deallocate && ns.read_only {
+                    return Err(sc::NS_WRITE_PROTECTED | sc::DNR);
+                }
+                // The host may send more than the ranges (a whole page, say): up to 4 KiB.
+                if sgl_len < ranges * 16 || sgl_len > 4096 {
+                    return Err(sc::SGL_INVALID_DATA_LEN | sc::DNR);
+                }
+                s.len = sgl_len;
+                host_data(sgl_len)?;
+            }
+        }
+        Ok(())
+    }
+
+    // ---- executing ----
+
+    fn submit_io(&mut self, io: Io) -> Result<(), ConnError> {
+        if self.backlog.is_empty() {
+            match self.ring.prep(io) {
+                Ok(()) => return Ok(()),
+                Err(nvmed_client::Error::SqFull) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        self.backlog.push_back(io);
+        Ok(())
+    }
+
+    fn execute(&mut self, slot: u16) -> Result<(), ConnError> {
+        let s = self.slots[usize::from(slot)];
+        let (buf, at, ud) = (self.buf, self.slot_at(slot), u64::from(slot));
+        let mut ios: Vec<Io> = Vec::new();
+        match s.kind {
+            Kind::Read => ios.push(Io::read(s.nsid, s.offset, s.len, buf, at)),
+            Kind::Write => {
+                let io = Io::write(s.nsid, s.offset, s.len, buf, at);
+                ios.push(if s.fua { io.fua() } else { io });
+            }
+            Kind::Flush if s.nsid == 0xffff_ffff => ios.extend(self.ns.iter().map(|n| Io::flush(n.nsid))),
+            Kind::Flush => ios.push(Io::flush(s.nsid)),
+            Kind::WriteZeroes => {
+                let io = Io::write_zeroes(s.nsid, s.offset, s.len);
+                ios.push(if s.fua { io.fua() } else { io });
+            }
+            Kind::Dsm { ranges, deallocate } => {
+                if deallocate {
+                    let list = self.ring.buffer(buf, at, u64::from(ranges) * 16)?.to_vec();
+                    for r in list.chunks_exact(16) {
+                        let nlb = u64::from(u32::from_le_bytes(r[4..8].try_into().unwrap()));
+                        let slba = u64::from_le_bytes(r[8..16].try_into().unwrap());
+                        if nlb == 0 {
+                            continue;
+                        }
+                        if slba.checked_add(nlb).is_none_or(|end| end > s.lba_count) {
+                            self.respond(slot, sc::LBA_RANGE | sc::DNR);
+                            return Ok(());
+                        }
+                        let (mut off, end) =
+                            (slba * u64::from(s.lba_size), (slba + nlb) * u64::from(s.lba_size));
+                        while off < end {
+                            let n = (end - off).min(DEALLOC_CHUNK);
+                            ios.push(Io::deallocate(s.nsid, off, n as u32));
+                            off += n;
+                        }
+                    }
+                }
+            }
+        }
+        if ios.is_empty() {
+            self.respond(slot, sc::SUCCESS);
+            return Ok(());
+        }
+        self.slots[usize::from(slot)].pending = ios.len() as u32;
+        for io in ios {
+            self.submit_io(io.user_data(ud))?;
+        }
+        Ok(())
+    }
+
+    /// Submits, reaps and refills until nothing moves.
+    /// Returns how many completions it handled.
+    fn pump(&mut self) -> Result<usize, ConnError> {
+        let mut handled = 0;
+        loop {
+            self.ring.submit()?;
+            let mut comps = std::mem::take(&mut self.comps);
+            let n = self.ring.poll(&mut comps)?;
+            self.comps = comps;
+            self.handle_completions()?;
+            handled += n;
+            let mut moved = false;
+            while let Some(io) = self.backlog.front().copied() {
+                match self.ring.prep(io) {
+                    Ok(()) => {
+                        self.backlog.pop_front();
+                        moved = true;
+                    }
+                    Err(nvmed_client::Error::SqFull) => break,
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            if n == 0 && !moved {
+                return Ok(handled);
+            }
+        }
+    }
+
+    fn handle_completions(&mut self) -> Result<(), ConnError> {
+        let comps = std::mem::take(&mut self.comps);
+        for c in &comps {
+            self.on_completion(c)?;
+        }
+        self.comps = comps;
+        self.comps.clear();
+        Ok(())
+    }
+
+    fn on_completion(&mut self, c: &Completion) -> Result<(), ConnError> {
+        let slot = c.user_data as u16;
+        let s = self.slots[usize::from(slot)];
+        let unsupported = c.status == Status::Broker(BrokerStatus::InvalidOpcode);
+        let mut pending = s.pending - 1;
+        let mut status = s.status;
+        if unsupported && s.kind == Kind::WriteZeroes && !s.zero_fallback {
+            // The device has no Write Zeroes: write a zeroed slot instead (at most MDTS).
+            let at = self.slot_at(slot);
+            self.ring.buffer_mut(self.buf, at, u64::from(s.len))?.fill(0);
+            let io = Io::write(s.nsid, s.offset, s.len, self.buf, at).user_data(u64::from(slot));
+            self.slots[usize::from(slot)].zero_fallback = true;
+            pending += 1;
+            self.submit_io(if s.fua { io.fua() } else { io })?;
+        } else if unsupported && matches!(s.kind, Kind::Dsm { .. }) {
+            // Deallocate is advisory.
+        } else if c.status != Status::Success && status == sc::SUCCESS {
+            status = map_status(c.status);
+            debug!(qid = self.qid, cid = s.cid, ?c.status, "command failed");
+        }
+        let sl = &mut self.slots[usize::from(slot)];
+        sl.pending = pending;
+        sl.status = status;
+        if pending == 0 {
+            if status == sc::SUCCESS && s.kind == Kind::Read {
+                let at = self.slot_at(slot);
+                let (dg, hpda, cid, len) = (self.dg, self.hpda, s.cid, s.len);
+                self.push_bytes(|out| pdu::push_data_header(out, dg, hpda, true, cid, 0, 0, len, true));
+                self.tx.push_back(Tx::Data { at, len, sent: 0 });
+                if dg.data {
+                    let crc = pdu::crc(self.ring.buffer(self.buf, at, u64::from(len))?);
+                    self.tx.push_back(Tx::Bytes(crc.to_le_bytes().to_vec(), 0));
+                }
+            }
+            self.respond(slot, status);
+        }
+        Ok(())
+    }
+
+    // ---- sending ----
+
+    fn push_bytes(&mut self, f: impl FnOnce(&mut Vec<u8>)) {
+        if let Some(Tx::Bytes(v, _)) = self.tx.back_mut() {
+            if v.len() < 4096 {
+                f(v);
+                return;
+            }
+        }
+        let mut v = Vec::with_capacity(128);
+        f(&mut v);
+        self.tx.push_back(Tx::Bytes(v, 0));
+    }
+
+    fn push_resp(&mut self, cid: u16, status: u16) {
+        let (dg, c) = (self.dg, cqe(cid, status, 0, self.sqhd, self.qid));
+        self.push_bytes(|out| pdu::push_capsule_resp(out, dg, c));
+    }
+
+    /// Answers the command in `slot` and frees the slot once the answer is sent.
+    fn respond(&mut self, slot: u16, status: u16) {
+        let cid = self.slots[usize::from(slot)].cid;
+        self.push_resp(cid, status);
+        self.tx.push_back(Tx::Free(slot));
+    }
+
+    fn free_slot(&mut self, slot: u16) {
+        let s = &mut self.slots[usize::from(slot)];
+        s.busy = false;
+        self.cids.remove(&s.cid);
+        self.free.push(slot);
+    }
+
+    fn write_some(&mut self) -> Result<(), ConnError> {
+        loop {
+            while let Some(Tx::Free(slot)) = self.tx.front() {
+                let slot = *slot;
+                self.tx.pop_front();
+                self.free_slot(slot);
+            }
+            if self.tx.is_empty() {
+                self.stall_since = None;
+                return Ok(());
+            }
+            let mut iov: [IoSlice<'_>; 16] = [IoSlice::new(&[]); 16];
+            let mut n = 0;
+            for item in self.tx.iter().take(16) {
+                iov[n] = match item {
+                    Tx::Bytes(v, sent) => IoSlice::new(&v[*sent..]),
+                    Tx::Data { at, len, sent } => IoSlice::new(self.ring.buffer(
+                        self.buf,
+                        at + u64::from(*sent),
+                        u64::from(len - sent),
+                    )?),
+                    Tx::Free(_) => break,
+                };
+                n += 1;
+            }
+            let mut wrote = match self.stream.try_write_vectored(&iov[..n]) {
+                Ok(0) => return Err(ConnError::Closed),
+                Ok(w) => w,
+                Err(e) if e.kind() == ErrorKind::WouldBlock => return Ok(()),
+                Err(e) => return Err(e.into()),
+            };
+            self.stall_since = None;
+            while wrote > 0 {
+                match self.tx.front_mut() {
+                    Some(Tx::Bytes(v, sent)) => {
+                        let k = (v.len() - *sent).min(wrote);
+                        *sent += k;
+                        wrote -= k;
+                        if *sent == v.len() {
+                            self.tx.pop_front();
+                        }
+                    }
+                    Some(Tx::Data { len, sent, .. }) => {
+                        let k = ((*len - *sent) as usize).min(wrote);
+                        *sent += k as u32;
+                        wrote -= k;
+                        if *sent == *len {
+                            self.tx.pop_front();
+                        }
+                    }
+                    _ => unreachable!("written bytes beyond the queued PDUs"),
+                }
+            }
+        }
+    }
+}

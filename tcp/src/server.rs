@@ -1,0 +1,642 @@
+//! The listener, the connection handshake (ICReq/ICResp, fabrics Connect) and the admin queue.
+//! I/O queues continue in the private `ioq` module.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use nvmed_client::{NvmeSession, SessionOptions};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, watch, Semaphore};
+use tokio::time::{timeout, Instant};
+use tracing::{debug, info, warn};
+use zerocopy::little_endian::{U16, U64};
+use zerocopy::IntoBytes;
+
+use crate::config::Config;
+use crate::ctrl::{admin_op, fctype, sc, Controller, CtrlParams, NsView, Reply};
+use crate::pdu::{self, Digests, Header, Limits, NvmeCmd, NvmeCqe, PduError, Receiver};
+
+/// Why a connection ended.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnError {
+    /// A socket error.
+    #[error("socket: {0}")]
+    Io(#[from] std::io::Error),
+    /// The host sent a bad PDU (a C2HTermReq was sent).
+    #[error("fatal protocol error: {0}")]
+    Pdu(#[from] PduError),
+    /// The host terminated the connection with an H2CTermReq.
+    #[error("host sent H2CTermReq (fatal error status {0:#x})")]
+    HostTerminated(u16),
+    /// The host closed the connection.
+    #[error("host closed the connection")]
+    Closed,
+    /// A deadline passed.
+    #[error("timed out: {0}")]
+    Timeout(&'static str),
+    /// The broker failed us.
+    #[error("nvmed: {0}")]
+    Broker(#[from] nvmed_client::Error),
+    /// The controller this queue belongs to went away.
+    #[error("controller gone")]
+    ControllerGone,
+    /// The first command was not a valid Connect (it was answered with an error).
+    #[error("connect refused: {0}")]
+    ConnectRefused(String),
+}
+
+/// The shared state of one controller (one association).
+#[derive(Debug)]
+pub struct CtrlShared {
+    /// Controller id.
+    pub cntlid: u16,
+    /// The host's NQN.
+    pub hostnqn: String,
+    /// Its nvmed session: every I/O queue gets a ring of it.
+    pub session: NvmeSession,
+    /// Namespaces the host sees.
+    pub namespaces: Arc<Vec<NsView>>,
+    /// Largest transfer.
+    pub max_transfer: u32,
+    /// I/O queues: granted count and connected ids.
+    pub queues: Mutex<(u16, HashSet<u16>)>,
+    /// Becomes false when the controller goes (its I/O queues close).
+    pub alive: watch::Sender<bool>,
+    /// Whether the host enabled it (CSTS.RDY).
+    pub ready: watch::Sender<bool>,
+}
+
+/// The target: its configuration and live controllers.
+#[derive(Debug)]
+pub struct Target {
+    /// Configuration.
+    pub cfg: Config,
+    ctrls: Mutex<HashMap<u16, Arc<CtrlShared>>>,
+    next_cntlid: Mutex<u16>,
+    conns: Arc<Semaphore>,
+}
+
+impl Target {
+    /// A target with no controllers yet.
+    pub fn new(cfg: Config) -> Arc<Self> {
+        let conns = Arc::new(Semaphore::new(cfg.max_connections));
+        Arc::new(Self { cfg, ctrls: Mutex::new(HashMap::new()), next_cntlid: Mutex::new(1), conns })
+    }
+
+    /// Live controllers.
+    pub fn controllers(&self) -> usize {
+        lock(&self.ctrls).len()
+    }
+
+    /// Connections open now.
+    pub fn connections(&self) -> usize {
+        self.cfg.max_connections - self.conns.available_permits()
+    }
+
+    fn limits(&self) -> Limits {
+        Limits {
+            max_in_capsule: (self.cfg.in_capsule as usize).max(8192),
+            max_data_pdu: MAX_H2C_DATA as usize,
+        }
+    }
+
+    fn alloc_cntlid(&self) -> Option<u16> {
+        let ctrls = lock(&self.ctrls);
+        let mut next = lock(&self.next_cntlid);
+        for _ in 0..0xffef {
+            let id = *next;
+            *next = if id >= 0xffef { 1 } else { id + 1 };
+            if !ctrls.contains_key(&id) {
+                return Some(id);
+            }
+        }
+        None
+    }
+}
+
+/// MAXH2CDATA announced in ICResp.
+pub const MAX_H2C_DATA: u32 = 128 << 10;
+
+pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Accepts connections forever, each in its own task; beyond `max_connections` a new
+/// connection is closed at once.
+pub async fn serve(target: Arc<Target>, listener: TcpListener) -> std::io::Result<()> {
+    loop {
+        let (stream, peer) = listener.accept().await?;
+        let Ok(permit) = target.conns.clone().try_acquire_owned() else {
+            warn!(%peer, max = target.cfg.max_connections, "connection limit reached, closing the new connection");
+            drop(stream);
+            continue;
+        };
+        let target = target.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            let _ = stream.set_nodelay(true);
+            match handle(&target, stream).await {
+                Ok(()) | Err(ConnError::Closed) => debug!(%peer, "connection closed"),
+                Err(e) => info!(%peer, "connection ended: {e}"),
+            }
+        });
+    }
+}
+
+/// Sends a C2HTermReq for `e` (best effort, the connection ends anyway).
+pub(crate) async fn term_req<W: AsyncWrite + Unpin>(w: &mut W, e: &PduError, offending: &[u8]) {
+    warn!("terminating the connection: {e}");
+    let mut out = Vec::new();
+    pdu::push_term_req(&mut out, true, e.fes(), e.fei(), offending);
+    let _ = timeout(Duration::from_secs(1), w.write_all(&out)).await;
+    let _ = timeout(Duration::from_secs(1), w.shutdown()).await;
+}
+
+/// One whole PDU read into memory.
+pub(crate) struct WholePdu {
+    pub header: Header,
+    pub head: Vec<u8>,
+    pub data: Vec<u8>,
+    pub data_digest_ok: bool,
+}
+
+/// Reads one PDU (header and data into memory, bounded by `limits`).
+pub(crate) async fn read_pdu<R: AsyncRead + Unpin>(
+    r: &mut R,
+    dg: Option<Digests>,
+    limits: &Limits,
+) -> Result<WholePdu, (ConnError, Vec<u8>)> {
+    let mut head = vec![0u8; pdu::COMMON_LEN];
+    match r.read_exact(&mut head).await {
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Err((ConnError::Closed, head)),
+        Err(e) => return Err((e.into(), head)),
+    }
+    let layout = match pdu::check_common(head[..8].try_into().unwrap(), Receiver::Controller, dg, limits) {
+        Ok(l) => l,
+        Err(e) => return Err((e.into(), head)),
+    };
+    head.resize(layout.data_offset, 0);
+    if let Err(e) = r.read_exact(&mut head[pdu::COMMON_LEN..]).await {
+        return Err((e.into(), head));
+    }
+    let header = match pdu::decode_header(&head, &layout) {
+        Ok(h) => h,
+        Err(e) => return Err((e.into(), head)),
+    };
+    let mut data = vec![0u8; layout.data_len];
+    if let Err(e) = r.read_exact(&mut data).await {
+        return Err((e.into(), head));
+    }
+    let mut data_digest_ok = true;
+    if layout.data_digest {
+        let mut d = [0u8; 4];
+        if let Err(e) = r.read_exact(&mut d).await {
+            return Err((e.into(), head));
+        }
+        data_digest_ok = u32::from_le_bytes(d) == pdu::crc(&data);
+    }
+    Ok(WholePdu { header, head, data, data_digest_ok })
+}
+
+/// A completion for command `cid`.
+pub(crate) fn cqe(cid: u16, status: u16, result: u64, sqhd: u16, sqid: u16) -> NvmeCqe {
+    NvmeCqe {
+        result: U64::new(result),
+        sqhd: U16::new(sqhd),
+        sqid: U16::new(sqid),
+        cid: U16::new(cid),
+        status: U16::new(status << 1),
+    }
+}
+
+/// The negotiated connection parameters.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct ConnParams {
+    pub dg: Digests,
+    pub hpda: u8,
+}
+
+async fn handle(target: &Arc<Target>, mut stream: TcpStream) -> Result<(), ConnError> {
+    let t = target.cfg.io_timeout;
+    let limits = target.limits();
+    // ICReq -> ICResp.
+    let ic = match timeout(t, read_pdu(&mut stream, None, &limits)).await {
+        Err(_) => return Err(ConnError::Timeout("ICReq")),
+        Ok(Err((ConnError::Pdu(e), head))) => {
+            term_req(&mut stream, &e, &head).await;
+            return Err(e.into());
+        }
+        Ok(Err((e, _))) => return Err(e),
+        Ok(Ok(p)) => p,
+    };
+    let req = match ic.header {
+        Header::IcReq(r) => r,
+        Header::H2cTermReq(t) => return Err(ConnError::HostTerminated(t.fes.get())),
+        _ => unreachable!("check_common allows only ICReq and TermReq first"),
+    };
+    let dg = Digests::from_bits(req.digest);
+    let params = ConnParams { dg, hpda: req.hpda_cpda };
+    let resp = pdu::ic_resp(dg, 0, MAX_H2C_DATA);
+    stream.write_all(resp.as_bytes()).await?;
+    debug!(?dg, hpda = req.hpda_cpda, "connection initialised");
+
+    // The first capsule must be a Connect with its data in the capsule.
+    let first = match timeout(t, read_pdu(&mut stream, Some(dg), &limits)).await {
+        Err(_) => return Err(ConnError::Timeout("Connect")),
+        Ok(Err((ConnError::Pdu(e), head))) => {
+            term_req(&mut stream, &e, &head).await;
+            return Err(e.into());
+        }
+        Ok(Err((e, _))) => return Err(e),
+        Ok(Ok(p)) => p,
+    };
+    let cmd = match first.header {
+        Header::CapsuleCmd(c) => c.cmd,
+        Header::H2cTermReq(t) => return Err(ConnError::HostTerminated(t.fes.get())),
+        _ => {
+            let e = PduError::Sequence("expected a Connect command capsule");
+            term_req(&mut stream, &e, &first.head).await;
+            return Err(e.into());
+        }
+    };
+    let cid = cmd.cid.get();
+    let is_connect = cmd.opcode == admin_op::FABRICS && cmd.nsid.as_bytes()[0] == fctype::CONNECT;
+    let mut data = first.data;
+    let mut digest_ok = first.data_digest_ok;
+    if is_connect && data.is_empty() && cmd.sgl_type == pdu::sgl::TRANSPORT && cmd.sgl_len.get() == 1024 {
+        // The host did not put the Connect data in the capsule: ask for it.
+        match timeout(t, connect_data_by_r2t(&mut stream, dg, cid, &limits)).await {
+            Err(_) => return Err(ConnError::Timeout("Connect data")),
+            Ok(Err((ConnError::Pdu(e), head))) => {
+                term_req(&mut stream, &e, &head).await;
+                return Err(e.into());
+            }
+            Ok(Err((e, _))) => return Err(e),
+            Ok(Ok((d, ok))) => (data, digest_ok) = (d, ok),
+        }
+    }
+    let outcome = if !is_connect {
+        Err((sc::CMD_SEQ_ERROR | sc::DNR, 0, "first command is not Connect".into()))
+    } else if !digest_ok {
+        Err((sc::TRANSIENT_TRANSPORT, 0, "Connect data digest mismatch".into()))
+    } else {
+        connect(target, &cmd, &data).await
+    };
+    let (ctrl, qid, sqsize) = match outcome {
+        Ok(v) => v,
+        Err((status, result, why)) => {
+            warn!("Connect refused: {why}");
+            let mut out = Vec::new();
+            pdu::push_capsule_resp(&mut out, dg, cqe(cid, status, result, 1, 0));
+            stream.write_all(&out).await?;
+            let _ = stream.shutdown().await;
+            return Err(ConnError::ConnectRefused(why));
+        }
+    };
+    if qid == 0 {
+        let mut out = Vec::new();
+        pdu::push_capsule_resp(&mut out, dg, cqe(cid, 0, u64::from(ctrl.cntlid), 1, qid));
+        stream.write_all(&out).await?;
+        info!(cntlid = ctrl.cntlid, host = %ctrl.hostnqn, "controller created");
+        let kato = u32::from_le_bytes(cmd.as_bytes()[48..52].try_into().unwrap());
+        let r = admin_queue(target, &ctrl, stream, params, sqsize, kato).await;
+        lock(&target.ctrls).remove(&ctrl.cntlid);
+        ctrl.alive.send_replace(false);
+        info!(cntlid = ctrl.cntlid, "controller removed");
+        r
+    } else {
+        let r = crate::ioq::run(target, &ctrl, stream, params, qid, sqsize, cid).await;
+        lock(&ctrl.queues).1.remove(&qid);
+        r
+    }
+}
+
+/// Sends an R2T for a Connect's 1024 bytes of data and collects them from H2CData PDUs:
+/// the data and whether every data digest matched.
+async fn connect_data_by_r2t(
+    stream: &mut TcpStream,
+    dg: Digests,
+    cid: u16,
+    limits: &Limits,
+) -> Result<(Vec<u8>, bool), (ConnError, Vec<u8>)> {
+    let mut out = Vec::new();
+    pdu::push_r2t(&mut out, dg, cid, 0, 0, 1024);
+    stream.write_all(&out).await.map_err(|e| (e.into(), Vec::new()))?;
+    let mut data = Vec::with_capacity(1024);
+    let mut ok = true;
+    while data.len() < 1024 {
+        let p = read_pdu(stream, Some(dg), limits).await?;
+        let Header::H2cData(d) = p.header else {
+            return Err((PduError::Sequence("expected H2CData for the Connect's R2T").into(), p.head));
+        };
+        if d.cccid.get() != cid || d.ttag.get() != 0 {
+            return Err((
+                PduError::HeaderField { offset: 8, what: "H2CData for no outstanding R2T" }.into(),
+                p.head,
+            ));
+        }
+        if d.datao.get() as usize != data.len() || data.len() + p.data.len() > 1024 {
+            return Err((PduError::DataOutOfRange("H2CData outside the Connect's data").into(), p.head));
+        }
+        ok &= p.data_digest_ok;
+        data.extend_from_slice(&p.data);
+    }
+    Ok((data, ok))
+}
+
+type Refusal = (u16, u64, String);
+
+/// Connect invalid parameters: IATTR (1: in the data) and the offending byte offset.
+fn invalid_param(in_data: bool, offset: u16, why: String) -> Refusal {
+    let result = u64::from(offset) << 16 | u64::from(in_data);
+    (sc::CONNECT_INVALID_PARAM | sc::DNR, result, why)
+}
+
+fn nqn_field(b: &[u8]) -> String {
+    let end = b.iter().position(|&c| c == 0).unwrap_or(b.len());
+    String::from_utf8_lossy(&b[..end]).into_owned()
+}
+
+/// Handles a fabrics Connect: `(controller, qid, sqsize)` or the refusal to answer.
+async fn connect(
+    target: &Arc<Target>,
+    cmd: &NvmeCmd,
+    data: &[u8],
+) -> Result<(Arc<CtrlShared>, u16, u16), Refusal> {
+    let b = cmd.as_bytes();
+    let recfmt = u16::from_le_bytes([b[40], b[41]]);
+    let qid = u16::from_le_bytes([b[42], b[43]]);
+    let sqsize = u16::from_le_bytes([b[44], b[45]]);
+    let kato = u32::from_le_bytes(b[48..52].try_into().unwrap());
+    if recfmt != 0 {
+        return Err((sc::CONNECT_FORMAT | sc::DNR, 0, format!("record format {recfmt}")));
+    }
+    if data.len() != 1024 {
+        return Err(invalid_param(false, 24, format!("Connect data of {} bytes in the capsule", data.len())));
+    }
+    let cntlid = u16::from_le_bytes([data[16], data[17]]);
+    let subnqn = nqn_field(&data[256..512]);
+    let hostnqn = nqn_field(&data[512..768]);
+    if subnqn != target.cfg.subnqn {
+        return Err(invalid_param(true, 256, format!("unknown subsystem {subnqn:?}")));
+    }
+    let Some((allowed, read_only)) = target.cfg.access(&hostnqn) else {
+        return Err((sc::CONNECT_INVALID_HOST | sc::DNR, 0, format!("host {hostnqn:?} is not allowed")));
+    };
+    let max_sq = target.cfg.queue_size - 1;
+    if qid == 0 {
+        if !(31..=max_sq.max(31)).contains(&sqsize) {
+            return Err(invalid_param(false, 44, format!("admin SQSIZE {sqsize}")));
+        }
+        if cntlid != 0xffff && cntlid != 0xfffe {
+            return Err(invalid_param(true, 16, format!("static controller id {cntlid} asked")));
+        }
+        let _ = kato;
+        let ctrl = create_controller(target, hostnqn, allowed.map(<[u32]>::to_vec), read_only)
+            .await
+            .map_err(|e| (sc::CONNECT_CTRL_BUSY, 0, e))?;
+        Ok((ctrl, 0, sqsize))
+    } else {
+        if sqsize == 0 || sqsize > max_sq {
+            return Err(invalid_param(false, 44, format!("I/O SQSIZE {sqsize}")));
+        }
+        let ctrl = lock(&target.ctrls).get(&cntlid).cloned();
+        let Some(ctrl) = ctrl else {
+            return Err(invalid_param(true, 16, format!("no controller {cntlid}")));
+        };
+        if ctrl.hostnqn != hostnqn {
+            return Err(invalid_param(true, 512, "host NQN differs from the controller's".into()));
+        }
+        if !*ctrl.ready.borrow() {
+            return Err((sc::CMD_SEQ_ERROR | sc::DNR, 0, "controller not enabled".into()));
+        }
+        let mut q = lock(&ctrl.queues);
+        if qid > q.0 {
+            return Err(invalid_param(false, 42, format!("queue {qid} beyond the {} granted", q.0)));
+        }
+        if !q.1.insert(qid) {
+            return Err(invalid_param(false, 42, format!("queue {qid} already connected")));
+        }
+        drop(q);
+        Ok((ctrl, qid, sqsize))
+    }
+}
+
+async fn create_controller(
+    target: &Arc<Target>,
+    hostnqn: String,
+    allowed: Option<Vec<u32>>,
+    read_only: bool,
+) -> Result<Arc<CtrlShared>, String> {
+    let path = target.cfg.nvmed_socket.clone();
+    let name = format!("nvmed-tcp {hostnqn}");
+    let session = tokio::task::spawn_blocking(move || {
+        NvmeSession::open_with(path, SessionOptions { client_name: name, ..SessionOptions::default() })
+    })
+    .await
+    .map_err(|e| e.to_string())?
+    .map_err(|e| format!("nvmed session: {e}"))?;
+    let mut namespaces = Vec::new();
+    let mut max_transfer = target.cfg.max_transfer;
+    for n in session.namespaces() {
+        if target.cfg.namespaces.as_ref().is_some_and(|l| !l.contains(&n.nsid)) {
+            continue;
+        }
+        if allowed.as_ref().is_some_and(|l| !l.contains(&n.nsid)) {
+            continue;
+        }
+        let mt = n.max_transfer.max(4096);
+        max_transfer = max_transfer.min(1 << (31 - mt.leading_zeros()));
+        namespaces.push(NsView::new(
+            &target.cfg.subnqn,
+            n.nsid,
+            n.lba_size,
+            n.lba_count,
+            read_only || n.read_only,
+        ));
+    }
+    namespaces.sort_by_key(|n| n.nsid);
+    let cntlid = target.alloc_cntlid().ok_or("no controller id free")?;
+    let ctrl = Arc::new(CtrlShared {
+        cntlid,
+        hostnqn,
+        session,
+        namespaces: Arc::new(namespaces),
+        max_transfer,
+        queues: Mutex::new((0, HashSet::new())),
+        alive: watch::channel(true).0,
+        ready: watch::channel(false).0,
+    });
+    lock(&target.ctrls).insert(cntlid, ctrl.clone());
+    Ok(ctrl)
+}
+
+enum AdminEvent {
+    Pdu(WholePdu),
+    Fatal(ConnError, Vec<u8>),
+}
+
+async fn admin_reader<R: AsyncRead + Unpin>(
+    mut r: R,
+    dg: Digests,
+    limits: Limits,
+    tx: mpsc::Sender<AdminEvent>,
+) {
+    loop {
+        let ev = match read_pdu(&mut r, Some(dg), &limits).await {
+            Ok(p) => AdminEvent::Pdu(p),
+            Err((e, head)) => AdminEvent::Fatal(e, head),
+        };
+        let end = matches!(ev, AdminEvent::Fatal(..));
+        if tx.send(ev).await.is_err() || end {
+            return;
+        }
+    }
+}
+
+async fn admin_queue(
+    target: &Arc<Target>,
+    shared: &Arc<CtrlShared>,
+    stream: TcpStream,
+    params: ConnParams,
+    sqsize: u16,
+    kato_ms: u32,
+) -> Result<(), ConnError> {
+    let (rd, mut wr) = stream.into_split();
+    let (tx, mut rx) = mpsc::channel(4);
+    let reader = tokio::spawn(admin_reader(rd, params.dg, target.limits(), tx));
+    let _abort = AbortOnDrop(reader);
+    let cfg = &target.cfg;
+    let ctrl_params = CtrlParams {
+        subnqn: cfg.subnqn.clone(),
+        cntlid: shared.cntlid,
+        queue_size: cfg.queue_size,
+        max_transfer: shared.max_transfer,
+        in_capsule: cfg.in_capsule,
+        max_io_queues: cfg.max_io_queues,
+        serial: format!("{:08x}{:04x}", pdu::crc(cfg.subnqn.as_bytes()), shared.cntlid),
+        oncs: (1 << 2) | (1 << 3),
+    };
+    let mut ctrl = Controller::new(ctrl_params, shared.namespaces.to_vec(), kato_ms);
+    let mut sqhd: u16 = 1;
+    let mut last_heard = Instant::now();
+    let mut out = Vec::new();
+    let send_to = cfg.io_timeout;
+    loop {
+        // The keep alive timeout, with the slack the spec allows for the host's timer.
+        let ka = (ctrl.kato_ms > 0)
+            .then(|| last_heard + Duration::from_millis(u64::from(ctrl.kato_ms) * 3 / 2 + 1000));
+        let ev = tokio::select! {
+            ev = rx.recv() => ev,
+            _ = sleep_until_opt(ka) => {
+                warn!(cntlid = shared.cntlid, kato_ms = ctrl.kato_ms, "keep alive timeout: removing the controller");
+                return Err(ConnError::Timeout("keep alive"));
+            }
+        };
+        let p = match ev {
+            None => return Err(ConnError::Closed),
+            Some(AdminEvent::Fatal(ConnError::Pdu(e), head)) => {
+                term_req(&mut wr, &e, &head).await;
+                return Err(e.into());
+            }
+            Some(AdminEvent::Fatal(e, _)) => return Err(e),
+            Some(AdminEvent::Pdu(p)) => p,
+        };
+        last_heard = Instant::now();
+        let cmd = match p.header {
+            Header::CapsuleCmd(c) => c.cmd,
+            Header::H2cTermReq(t) => return Err(ConnError::HostTerminated(t.fes.get())),
+            _ => {
+                let e = PduError::Sequence("H2CData on the admin queue, which sends no R2T");
+                term_req(&mut wr, &e, &p.head).await;
+                return Err(e.into());
+            }
+        };
+        sqhd = (sqhd + 1) % (sqsize + 1);
+        let cid = cmd.cid.get();
+        let reply = if !p.data_digest_ok {
+            Reply::Done { status: sc::TRANSIENT_TRANSPORT, result: 0, data: Vec::new() }
+        } else if cmd.opcode == admin_op::FABRICS {
+            let b = cmd.as_bytes();
+            let eight = b[40] & 1 != 0;
+            let offset = u32::from_le_bytes(b[44..48].try_into().unwrap());
+            match b[4] {
+                fctype::PROPERTY_GET => ctrl.property_get(offset, eight),
+                fctype::PROPERTY_SET => {
+                    let value = u64::from_le_bytes(b[48..56].try_into().unwrap());
+                    let (r, disabled) = ctrl.property_set(offset, eight, value);
+                    shared.ready.send_replace(ctrl.ready());
+                    if disabled {
+                        // A controller reset: its I/O queues go; the host connects them again.
+                        lock(&shared.queues).0 = 0;
+                        ctrl.io_queues = 0;
+                    }
+                    r
+                }
+                fctype::CONNECT => Reply::err(sc::CMD_SEQ_ERROR),
+                _ => Reply::err(sc::INVALID_FIELD),
+            }
+        } else if !p.data.is_empty() {
+            // No admin command this target supports takes data from the host.
+            Reply::err(sc::INVALID_FIELD)
+        } else {
+            if cmd.opcode == admin_op::GET_LOG_PAGE && cmd.cdw(10) as u8 == 0x02 {
+                ctrl.smart = smart_of(shared).await;
+            }
+            let r = ctrl.admin(&cmd);
+            if cmd.opcode == admin_op::SET_FEATURES && cmd.cdw(10) as u8 == 0x07 {
+                lock(&shared.queues).0 = ctrl.io_queues;
+            }
+            r
+        };
+        let Reply::Done { status, result, data } = reply else { continue };
+        out.clear();
+        let mut status = status;
+        let sgl_len = cmd.sgl_len.get() as usize;
+        if !data.is_empty() && status == 0 {
+            if cmd.sgl_type != pdu::sgl::TRANSPORT {
+                status = sc::SGL_INVALID_TYPE | sc::DNR;
+            } else {
+                let n = data.len().min(sgl_len);
+                if n > 0 {
+                    pdu::push_data_header(&mut out, params.dg, params.hpda, true, cid, 0, 0, n as u32, true);
+                    out.extend_from_slice(&data[..n]);
+                    if params.dg.data {
+                        out.extend_from_slice(&pdu::crc(&data[..n]).to_le_bytes());
+                    }
+                }
+            }
+        }
+        pdu::push_capsule_resp(&mut out, params.dg, cqe(cid, status, result, sqhd, 0));
+        match timeout(send_to, wr.write_all(&out)).await {
+            Err(_) => return Err(ConnError::Timeout("host not reading")),
+            Ok(r) => r?,
+        }
+    }
+}
+
+async fn smart_of(shared: &Arc<CtrlShared>) -> Option<nvmed_proto::admin::SmartLog> {
+    let controller =
+        shared.session.namespaces().iter().find(|n| shared.namespaces.iter().any(|v| v.nsid == n.nsid))?;
+    let c = controller.controller;
+    let session = shared.session.clone();
+    let h = tokio::task::spawn_blocking(move || session.health()).await.ok()?.ok()?;
+    h.into_iter().find(|h| h.controller == c)?.smart.ok()
+}
+
+pub(crate) async fn sleep_until_opt(t: Option<Instant>) {
+    match t {
+        Some(t) => tokio::time::sleep_until(t).await,
+        None => std::future::pending().await,
+    }
+}
+
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}

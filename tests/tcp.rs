@@ -1,0 +1,462 @@
+//! nvmed-tcp end to end: the target runs in-process against a real `nvmed --emulate`, and the
+//! crate's small initiator connects over loopback: handshake, Connect and access checks,
+//! properties, Identify, features, verified I/O (in-capsule and R2T writes, several queues,
+//! several commands in flight) with digests off and on, and bad input that must end only the
+//! connection that sent it, with the right C2HTermReq.
+
+mod common;
+
+use std::io::Read;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::{pattern, TestBroker};
+use nvmed_tcp::ctrl::{admin_op, prop, sc};
+use nvmed_tcp::initiator::{command, ConnectOptions, Done, InitError, Initiator};
+use nvmed_tcp::pdu::{self, fes, Digests, Header, NvmeCmd};
+use nvmed_tcp::{Config, HostAccess, Target};
+use zerocopy::little_endian::U32;
+
+const SUBNQN: &str = "nqn.2026-01.io.nvmed:test";
+const HOST: &str = "nqn.2014-08.org.nvmexpress:uuid:00000000-0000-0000-0000-000000000001";
+const RO_HOST: &str = "nqn.2014-08.org.nvmexpress:uuid:00000000-0000-0000-0000-000000000002";
+/// Allowed in, but only to namespace 2 (which this nvmed does not have).
+const NS2_HOST: &str = "nqn.2014-08.org.nvmexpress:uuid:00000000-0000-0000-0000-000000000003";
+const LBA: u64 = 512;
+
+struct Fixture {
+    _broker: TestBroker,
+    rt: tokio::runtime::Runtime,
+    addr: SocketAddr,
+    target: Arc<Target>,
+}
+
+fn fixture(tune: impl FnOnce(&mut Config)) -> Fixture {
+    let broker = TestBroker::start(&[]);
+    let mut cfg = Config::new(SUBNQN, &broker.socket);
+    cfg.hosts = vec![
+        HostAccess { nqn: HOST.into(), namespaces: None, read_only: false },
+        HostAccess { nqn: RO_HOST.into(), namespaces: None, read_only: true },
+        HostAccess { nqn: NS2_HOST.into(), namespaces: Some(vec![2]), read_only: false },
+    ];
+    cfg.io_timeout = Duration::from_secs(5);
+    tune(&mut cfg);
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let listener = rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).unwrap();
+    let addr = listener.local_addr().unwrap();
+    let target = Target::new(cfg);
+    rt.spawn(nvmed_tcp::serve(target.clone(), listener));
+    Fixture { _broker: broker, rt, addr, target }
+}
+
+fn opts(qid: u16, cntlid: u16, dg: Digests) -> ConnectOptions {
+    ConnectOptions {
+        subnqn: SUBNQN.into(),
+        hostnqn: HOST.into(),
+        qid,
+        cntlid,
+        sqsize: if qid == 0 { 31 } else { 63 },
+        kato_ms: 5000,
+        digests: dg,
+        in_capsule: 8192,
+    }
+}
+
+fn ok(d: Done) -> Done {
+    assert_eq!(d.status(), 0, "command failed: {d:?}");
+    d
+}
+
+/// Admin queue up to an enabled controller with `queues` I/O queues granted.
+fn admin(f: &Fixture, dg: Digests, hostnqn: &str, queues: u16) -> Initiator {
+    admin_kato(f, dg, hostnqn, queues, 5000)
+}
+
+fn admin_kato(f: &Fixture, dg: Digests, hostnqn: &str, queues: u16, kato_ms: u32) -> Initiator {
+    let mut o = opts(0, 0xffff, dg);
+    o.hostnqn = hostnqn.into();
+    o.kato_ms = kato_ms;
+    let mut a = Initiator::connect(f.addr, &o).expect("admin connect");
+    let cap = a.property_get(prop::CAP, true).unwrap();
+    assert_eq!(cap & 0xffff, 127, "MQES");
+    assert_eq!(a.property_get(prop::VS, false).unwrap(), 0x10300);
+    a.property_set(prop::CC, 1 | (6 << 16) | (4 << 20)).unwrap();
+    assert_eq!(a.property_get(prop::CSTS, false).unwrap() & 1, 1, "RDY");
+    let n = u32::from(queues - 1);
+    let d =
+        ok(a.run(command(admin_op::SET_FEATURES, 0, [0x07, n | (n << 16), 0, 0, 0, 0]), None, 0).unwrap());
+    assert_eq!(d.cqe.result.get(), u64::from(n | (n << 16)));
+    a
+}
+
+fn io_queue(
+    f: &Fixture,
+    a: &Initiator,
+    qid: u16,
+    dg: Digests,
+    hostnqn: &str,
+) -> Result<Initiator, InitError> {
+    let mut o = opts(qid, a.cntlid, dg);
+    o.hostnqn = hostnqn.into();
+    Initiator::connect(f.addr, &o)
+}
+
+fn rw(write: bool, nsid: u32, lba: u64, len: usize) -> NvmeCmd {
+    let nlb = (len as u64 / LBA - 1) as u32;
+    command(if write { 0x01 } else { 0x02 }, nsid, [lba as u32, (lba >> 32) as u32, nlb, 0, 0, 0])
+}
+
+fn data(seed: u64, len: usize) -> Vec<u8> {
+    let mut v = vec![0u8; len];
+    pattern(seed, &mut v);
+    v
+}
+
+fn identify(a: &mut Initiator, cns: u32, nsid: u32) -> Vec<u8> {
+    ok(a.run(command(admin_op::IDENTIFY, nsid, [cns, 0, 0, 0, 0, 0]), None, 4096).unwrap()).data
+}
+
+fn session(f: &Fixture, dg: Digests) {
+    let mut a = admin(f, dg, HOST, 2);
+    let id = identify(&mut a, 1, 0);
+    assert_eq!(u16::from_le_bytes([id[78], id[79]]), a.cntlid, "Identify cntlid matches Connect");
+    assert_eq!(&id[768..768 + SUBNQN.len()], SUBNQN.as_bytes());
+    assert_eq!(u32::from_le_bytes(id[1792..1796].try_into().unwrap()), (64 + 8192) / 16);
+    let list = identify(&mut a, 2, 0);
+    let nsid = u32::from_le_bytes(list[..4].try_into().unwrap());
+    assert_eq!(nsid, 1);
+    assert_eq!(&list[4..8], &[0; 4], "one namespace");
+    let ns = identify(&mut a, 0, nsid);
+    assert_eq!(u64::from_le_bytes(ns[..8].try_into().unwrap()), (64 << 20) / LBA, "size from nvmed");
+    let desc = identify(&mut a, 3, nsid);
+    assert_eq!(&desc[4..20], &ns[104..120], "NGUID");
+    // Unsupported CNS: Invalid Field.
+    let d = a.run(command(admin_op::IDENTIFY, 0, [0x10, 0, 0, 0, 0, 0]), None, 4096).unwrap();
+    assert_eq!(d.status(), sc::INVALID_FIELD | sc::DNR);
+    let smart = ok(a
+        .run(command(admin_op::GET_LOG_PAGE, 0xffff_ffff, [0x02 | (127 << 16), 0, 0, 0, 0, 0]), None, 512)
+        .unwrap());
+    assert_eq!(smart.data.len(), 512);
+    ok(a.run(command(admin_op::KEEP_ALIVE, 0, [0; 6]), None, 0).unwrap());
+
+    let mut q1 = io_queue(f, &a, 1, dg, HOST).expect("I/O queue 1");
+    let mut q2 = io_queue(f, &a, 2, dg, HOST).expect("I/O queue 2");
+    // Queue 3 was not granted; queue 1 is taken.
+    assert!(
+        matches!(io_queue(f, &a, 3, dg, HOST), Err(InitError::Status(s)) if s == sc::CONNECT_INVALID_PARAM | sc::DNR)
+    );
+    assert!(matches!(io_queue(f, &a, 1, dg, HOST), Err(InitError::Status(_))));
+
+    // One command at a time, sizes from one block (in-capsule) to MDTS (R2T).
+    let mut lba = 0u64;
+    for (i, len) in [512usize, 4096, 8192, 12288, 65536, 131072].into_iter().enumerate() {
+        let w = data(i as u64 + 100, len);
+        ok(q1.run(rw(true, nsid, lba, len), Some(w.clone()), 0).unwrap());
+        let r = ok(q2.run(rw(false, nsid, lba, len), None, len).unwrap());
+        assert!(r.data == w, "read back {len} bytes at LBA {lba}");
+        lba += len as u64 / LBA;
+    }
+    // 32 writes in flight on each queue, then 32 reads, verified.
+    for (q, base) in [(&mut q1, 4096u64), (&mut q2, 8192)] {
+        let mut cids = Vec::new();
+        for k in 0..32u64 {
+            let len = 4096 * (1 + (k as usize % 8));
+            cids.push(q.submit(rw(true, nsid, base + k * 64, len), Some(data(base + k, len)), 0).unwrap());
+        }
+        for _ in 0..32 {
+            let (cid, d) = q.complete().unwrap();
+            assert!(cids.contains(&cid));
+            ok(d);
+        }
+        let mut want = std::collections::HashMap::new();
+        for k in 0..32u64 {
+            let len = 4096 * (1 + (k as usize % 8));
+            want.insert(
+                q.submit(rw(false, nsid, base + k * 64, len), None, len).unwrap(),
+                data(base + k, len),
+            );
+        }
+        for _ in 0..32 {
+            let (cid, d) = q.complete().unwrap();
+            assert!(ok(d).data == want[&cid], "queued read {cid}");
+        }
+    }
+    // Write Zeroes, Dataset Management (deallocate), Flush.
+    ok(q1.run(rw(true, nsid, 100, 8192), Some(data(7, 8192)), 0).unwrap());
+    ok(q1.run(command(0x08, nsid, [100, 0, 15, 0, 0, 0]), None, 0).unwrap());
+    assert_eq!(ok(q1.run(rw(false, nsid, 100, 8192), None, 8192).unwrap()).data, vec![0; 8192]);
+    let mut ranges = vec![0u8; 32];
+    ranges[4..8].copy_from_slice(&8u32.to_le_bytes());
+    ranges[8..16].copy_from_slice(&200u64.to_le_bytes());
+    ranges[20..24].copy_from_slice(&16u32.to_le_bytes());
+    ranges[24..32].copy_from_slice(&300u64.to_le_bytes());
+    ok(q1.run(command(0x09, nsid, [1, 1 << 2, 0, 0, 0, 0]), Some(ranges), 0).unwrap());
+    ok(q2.run(command(0x00, nsid, [0; 6]), None, 0).unwrap());
+    // Errors: out of range, above MDTS, unknown namespace, unknown opcode.
+    let end = (64 << 20) / LBA;
+    assert_eq!(q1.run(rw(false, nsid, end - 1, 1024), None, 1024).unwrap().status(), sc::LBA_RANGE | sc::DNR);
+    assert_eq!(
+        q1.run(rw(false, nsid, 0, 256 << 10), None, 256 << 10).unwrap().status(),
+        sc::INVALID_FIELD | sc::DNR
+    );
+    assert_eq!(q1.run(rw(false, 9, 0, 512), None, 512).unwrap().status(), sc::INVALID_NS | sc::DNR);
+    assert_eq!(q1.run(command(0x7e, nsid, [0; 6]), None, 0).unwrap().status(), sc::INVALID_OPCODE | sc::DNR);
+    // The queues still work after refused commands.
+    ok(q1.run(rw(false, nsid, 0, 512), None, 512).unwrap());
+    // Normal shutdown.
+    a.property_set(prop::CC, 1 | (6 << 16) | (4 << 20) | (1 << 14)).unwrap();
+    assert_eq!((a.property_get(prop::CSTS, false).unwrap() >> 2) & 3, 2, "shutdown complete");
+}
+
+#[test]
+fn verified_io_digests_off_and_on() {
+    let f = fixture(|_| {});
+    for dg in
+        [Digests::default(), Digests { header: true, data: true }, Digests { header: true, data: false }]
+    {
+        session(&f, dg);
+    }
+    // Connect data and every write sent after an R2T (no in-capsule data at all).
+    let mut o = opts(0, 0xffff, Digests { header: true, data: true });
+    o.in_capsule = 0;
+    let mut a = Initiator::connect(f.addr, &o).expect("Connect with its data after an R2T");
+    a.property_set(prop::CC, 1 | (6 << 16) | (4 << 20)).unwrap();
+    ok(a.run(command(admin_op::SET_FEATURES, 0, [0x07, 0, 0, 0, 0, 0]), None, 0).unwrap());
+    let mut o = opts(1, a.cntlid, Digests { header: true, data: true });
+    o.in_capsule = 0;
+    let mut q = Initiator::connect(f.addr, &o).unwrap();
+    let w = data(77, 512);
+    ok(q.run(rw(true, 1, 5000, 512), Some(w.clone()), 0).unwrap());
+    assert_eq!(ok(q.run(rw(false, 1, 5000, 512), None, 512).unwrap()).data, w);
+    drop((a, q));
+    // The same with the I/O queues polling their rings before they sleep.
+    let f = fixture(|c| c.poll = Duration::from_micros(50));
+    session(&f, Digests { header: false, data: true });
+}
+
+#[test]
+fn access_by_host_nqn() {
+    let f = fixture(|c| c.namespaces = Some(vec![1]));
+    let mut o = opts(0, 0xffff, Digests::default());
+    o.hostnqn = "nqn.2014-08.org.example:intruder".into();
+    assert!(
+        matches!(Initiator::connect(f.addr, &o), Err(InitError::Status(s)) if s == sc::CONNECT_INVALID_HOST | sc::DNR)
+    );
+    let mut o = opts(0, 0xffff, Digests::default());
+    o.subnqn = "nqn.2026-01.io.nvmed:other".into();
+    assert!(
+        matches!(Initiator::connect(f.addr, &o), Err(InitError::Status(s)) if s == sc::CONNECT_INVALID_PARAM | sc::DNR)
+    );
+    // A read-only host reads but may not write, and sees the namespace write protected.
+    let mut a = admin(&f, Digests::default(), RO_HOST, 1);
+    assert_eq!(identify(&mut a, 0, 1)[99], 1);
+    // An I/O queue of another host's controller is refused.
+    assert!(io_queue(&f, &a, 1, Digests::default(), HOST).is_err());
+    let mut q = io_queue(&f, &a, 1, Digests::default(), RO_HOST).unwrap();
+    ok(q.run(rw(false, 1, 0, 4096), None, 4096).unwrap());
+    let d = q.run(rw(true, 1, 0, 4096), Some(vec![1; 4096]), 0).unwrap();
+    assert_eq!(d.status(), sc::NS_WRITE_PROTECTED | sc::DNR);
+    let d = q.run(rw(true, 1, 0, 65536), Some(vec![1; 65536]), 0).unwrap();
+    assert_eq!(d.status(), sc::NS_WRITE_PROTECTED | sc::DNR, "refused before any R2T");
+    ok(q.run(rw(false, 1, 0, 4096), None, 4096).unwrap());
+    // A host whose namespace list does not include nvmed's namespace 1 does not see it.
+    let mut a = admin(&f, Digests::default(), NS2_HOST, 1);
+    assert_eq!(&identify(&mut a, 2, 0)[..4], &[0; 4], "no active namespace");
+    let mut q = io_queue(&f, &a, 1, Digests::default(), NS2_HOST).unwrap();
+    assert_eq!(q.run(rw(false, 1, 0, 4096), None, 4096).unwrap().status(), sc::INVALID_NS | sc::DNR);
+}
+
+/// Expects a C2HTermReq with `want` and then the end of the connection.
+fn expect_term(q: &mut Initiator, want: u16) {
+    match q.next_pdu() {
+        Err(InitError::Terminated { fes, .. }) => assert_eq!(fes, want),
+        other => panic!("expected C2HTermReq {want}, got {other:?}"),
+    }
+    let mut b = [0u8; 1];
+    assert_eq!(q.stream().read(&mut b).unwrap_or(0), 0, "connection closed");
+}
+
+#[test]
+fn bad_input_ends_only_that_connection() {
+    let f = fixture(|_| {});
+    let dg = Digests { header: true, data: true };
+    let a = admin(&f, dg, HOST, 5);
+    let mut good = io_queue(&f, &a, 1, dg, HOST).unwrap();
+    let w = data(1, 65536);
+    ok(good.run(rw(true, 1, 0, 65536), Some(w.clone()), 0).unwrap());
+
+    // A header with a wrong HLEN.
+    let mut q = io_queue(&f, &a, 2, dg, HOST).unwrap();
+    let mut bad = Vec::new();
+    pdu::push_capsule_cmd(&mut bad, dg, rw(false, 1, 0, 512), 0);
+    bad[2] = 70;
+    q.send_raw(&bad).unwrap();
+    expect_term(&mut q, fes::INVALID_HEADER);
+
+    // A header digest that does not match.
+    let mut q = io_queue(&f, &a, 2, dg, HOST).unwrap();
+    let mut bad = Vec::new();
+    pdu::push_capsule_cmd(&mut bad, dg, rw(false, 1, 0, 512), 0);
+    bad[20] ^= 0xff;
+    q.send_raw(&bad).unwrap();
+    expect_term(&mut q, fes::HEADER_DIGEST);
+
+    // H2CData no R2T asked for.
+    let mut q = io_queue(&f, &a, 2, dg, HOST).unwrap();
+    let mut bad = Vec::new();
+    pdu::push_data_header(&mut bad, dg, 0, false, 5, 3, 0, 16, true);
+    bad.extend_from_slice(&[0; 16]);
+    bad.extend_from_slice(&pdu::crc(&[0; 16]).to_le_bytes());
+    q.send_raw(&bad).unwrap();
+    expect_term(&mut q, fes::INVALID_HEADER);
+
+    // Data beyond the command's length: a 4 KiB write answered by R2T, then 8 KiB of H2CData.
+    let mut q = io_queue(&f, &a, 2, dg, HOST).unwrap();
+    let mut cmd = rw(true, 1, 0, 4096);
+    cmd.cid = 9.into();
+    cmd.sgl_type = pdu::sgl::TRANSPORT;
+    cmd.sgl_len = U32::new(4096);
+    let mut out = Vec::new();
+    pdu::push_capsule_cmd(&mut out, dg, cmd, 0);
+    q.send_raw(&out).unwrap();
+    let (h, _) = q.next_pdu().unwrap();
+    let Header::R2t(r) = h else { panic!("expected R2T, got {h:?}") };
+    let mut bad = Vec::new();
+    pdu::push_data_header(&mut bad, dg, 0, false, 9, r.ttag.get(), 0, 8192, true);
+    bad.extend_from_slice(&[0; 8192]);
+    bad.extend_from_slice(&pdu::crc(&[0; 8192]).to_le_bytes());
+    q.send_raw(&bad).unwrap();
+    expect_term(&mut q, fes::DATA_OUT_OF_RANGE);
+
+    // A data digest that does not match fails the command, not the connection.
+    let mut q = io_queue(&f, &a, 2, dg, HOST).unwrap();
+    let mut cmd = rw(true, 1, 1000, 512);
+    cmd.sgl_type = pdu::sgl::IN_CAPSULE;
+    cmd.sgl_len = U32::new(512);
+    let mut out = Vec::new();
+    pdu::push_capsule_cmd(&mut out, dg, cmd, 512);
+    out.extend_from_slice(&[0xaa; 512]);
+    out.extend_from_slice(&0xdead_beefu32.to_le_bytes());
+    q.send_raw(&out).unwrap();
+    let (h, _) = q.next_pdu().unwrap();
+    let Header::CapsuleResp(r) = h else { panic!("{h:?}") };
+    assert_eq!(r.cqe.status.get() >> 1, sc::TRANSIENT_TRANSPORT);
+    ok(q.run(rw(false, 1, 0, 512), None, 512).unwrap());
+    drop(q);
+
+    // An unknown PDU type, and garbage.
+    // (Queue 2 may still be closing on the target's side: use 3 and 4.)
+    for (qid, junk) in [(3, &[0x0au8, 0, 24, 0, 24, 0, 0, 0][..]), (4, &[0xff; 64][..])] {
+        let mut q = io_queue(&f, &a, qid, dg, HOST).unwrap();
+        q.send_raw(junk).unwrap();
+        expect_term(&mut q, fes::INVALID_HEADER);
+    }
+
+    // The host ends a connection itself with an H2CTermReq: it is closed, nothing sent back.
+    let mut q = io_queue(&f, &a, 5, dg, HOST).unwrap();
+    let mut term = Vec::new();
+    pdu::push_term_req(&mut term, false, fes::SEQUENCE, 0, &[0; 24]);
+    q.send_raw(&term).unwrap();
+    let mut b = [0u8; 1];
+    assert_eq!(q.stream().read(&mut b).unwrap_or(0), 0, "closed without a reply");
+
+    // The good queue never noticed.
+    assert!(ok(good.run(rw(false, 1, 0, 65536), None, 65536).unwrap()).data == w);
+}
+
+#[test]
+fn keep_alive_timeout_and_connection_cap() {
+    let f = fixture(|c| c.max_connections = 3);
+    let mut o = opts(0, 0xffff, Digests::default());
+    o.kato_ms = 300;
+    let mut a = Initiator::connect(f.addr, &o).unwrap();
+    a.property_set(prop::CC, 1 | (6 << 16) | (4 << 20)).unwrap();
+    ok(a.run(command(admin_op::SET_FEATURES, 0, [0x07, 0, 0, 0, 0, 0]), None, 0).unwrap());
+    let q = io_queue(&f, &a, 1, Digests::default(), HOST).unwrap();
+    // Keep alives keep it; silence beyond KATO (and the slack) removes it with its queue.
+    for _ in 0..4 {
+        std::thread::sleep(Duration::from_millis(200));
+        ok(a.run(command(admin_op::KEEP_ALIVE, 0, [0; 6]), None, 0).unwrap());
+    }
+    assert_eq!(f.target.controllers(), 1);
+    let start = Instant::now();
+    let mut b = [0u8; 1];
+    let n = a.stream().read(&mut b).unwrap_or(0);
+    assert_eq!(n, 0, "admin connection closed");
+    assert!(start.elapsed() < Duration::from_secs(4));
+    let n = q.stream().read(&mut b).unwrap_or(0);
+    assert_eq!(n, 0, "its I/O queue closed too");
+    common::wait_until("controller removed", Duration::from_secs(5), || f.target.controllers() == 0);
+
+    // Three connections at most: the fourth is closed at once, and a slot frees on close.
+    common::wait_until("connections closed", Duration::from_secs(5), || f.target.connections() == 0);
+    let held: Vec<_> = (0..3).map(|_| std::net::TcpStream::connect(f.addr).unwrap()).collect();
+    common::wait_until("3 connections", Duration::from_secs(5), || f.target.connections() == 3);
+    let mut extra = std::net::TcpStream::connect(f.addr).unwrap();
+    extra.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    assert_eq!(extra.read(&mut b).unwrap_or(0), 0, "fourth connection refused");
+    drop(held);
+    common::wait_until("slots free", Duration::from_secs(10), || f.target.connections() == 0);
+    let mut a = Initiator::connect(f.addr, &opts(0, 0xffff, Digests::default())).unwrap();
+    assert!(a.property_get(prop::CAP, true).is_ok());
+    drop(f.rt);
+}
+
+#[test]
+fn host_that_stops_reading_is_disconnected() {
+    let f = fixture(|c| c.io_timeout = Duration::from_secs(2));
+    // No keep alive timeout: only the stall may end the connection.
+    let a = admin_kato(&f, Digests::default(), HOST, 2, 0);
+    let mut q = io_queue(&f, &a, 1, Digests::default(), HOST).unwrap();
+    let mut other = io_queue(&f, &a, 2, Digests::default(), HOST).unwrap();
+    let small: libc::c_int = 4096;
+    // SAFETY: setsockopt reads `small` (an int of the size given) and touches nothing else.
+    let r = unsafe {
+        libc::setsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(q.stream()),
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUF,
+            (&small as *const libc::c_int).cast(),
+            size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(r, 0);
+    // 64 reads of 128 KiB (8 MiB) that are never read: more than the socket buffers hold.
+    for k in 0..64u64 {
+        q.submit(rw(false, 1, k * 256, 128 << 10), None, 128 << 10).unwrap();
+    }
+    let before = f.target.connections();
+    common::wait_until("the stalled connection closed", Duration::from_secs(15), || {
+        f.target.connections() < before
+    });
+    // The other queue of the same controller is untouched.
+    ok(other.run(rw(false, 1, 0, 4096), None, 4096).unwrap());
+    assert_eq!(f.target.controllers(), 1);
+}
+
+#[test]
+fn many_connections_each_with_its_own_ring() {
+    let f = fixture(|_| {});
+    let mut conns = Vec::new();
+    for c in 0..4u64 {
+        let a = admin_kato(&f, Digests::default(), HOST, 16, 0);
+        for qid in 1..=16u16 {
+            let mut q = io_queue(&f, &a, qid, Digests::default(), HOST).expect("I/O queue");
+            let lba = (c * 16 + u64::from(qid)) * 64;
+            let w = data(lba, 4096);
+            ok(q.run(rw(true, 1, lba, 4096), Some(w.clone()), 0).unwrap());
+            conns.push((q, lba, w));
+        }
+        conns.push((a, 0, Vec::new()));
+    }
+    assert_eq!(f.target.controllers(), 4);
+    assert_eq!(f.target.connections(), 68);
+    for (q, lba, w) in conns.iter_mut().filter(|(_, _, w)| !w.is_empty()) {
+        assert!(ok(q.run(rw(false, 1, *lba, 4096), None, 4096).unwrap()).data == *w);
+    }
+    drop(conns);
+    common::wait_until("all closed", Duration::from_secs(20), || {
+        f.target.connections() == 0 && f.target.controllers() == 0
+    });
+}
