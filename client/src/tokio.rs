@@ -1025,11 +1025,12 @@ impl IoBuf {
 impl Deref for IoBuf {
     type Target = [u8];
     fn deref(&self) -> &[u8] {
+        // The pieces of a region never overlap and are not clonable, so no other reference
+        // reaches these bytes; the device touches them only while a request owns this buffer
+        // (moved into its future, or into the ring if the future was dropped), never while the
+        // caller holds it.
         // SAFETY: `off + len` lies inside the region's mapping, which lives as long as the
-        // region. The pieces of a region never overlap and are not clonable, so no other
-        // reference reaches these bytes; the device touches them only while a request owns this
-        // buffer (moved into its future, or into the ring if the future was dropped), never
-        // while the caller holds it.
+        // region; no one else reaches these bytes now (above).
         unsafe { std::slice::from_raw_parts(self.region.ptr().add(self.off), self.len) }
     }
 }
