@@ -51,7 +51,8 @@ pub(crate) enum Command {
     /// Connected clients, with IOPS and MB/s
     ///
     /// One line per live session: id, uid, pid, command, client name, rings, registered
-    /// buffers and bytes, requests in flight, and IOPS and MB/s measured over --interval.
+    /// buffers and bytes, requests in flight, IOPS and MB/s measured over --interval, errors,
+    /// the share of the interval its requests were held by rate limits (THROTTLED), and age.
     Sessions {
         /// Seconds between the two samples the rates come from (0: one sample, no rates).
         #[arg(long, default_value = "1", value_name = "SECONDS", value_parser = parse_secs)]

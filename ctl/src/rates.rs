@@ -22,6 +22,9 @@ pub struct SessionRate {
     pub p50_us: Option<u64>,
     /// 99th percentile, likewise.
     pub p99_us: Option<u64>,
+    /// Share of the interval its requests waited for rate limits (throttled time over elapsed
+    /// time; a session with several rings can exceed 1).
+    pub throttled_share: f64,
 }
 
 /// The sessions of `after` with their rates since `before`, `elapsed` apart. A session absent
@@ -52,6 +55,7 @@ pub fn session_rates(
                 iops: per_sec(c.completed.saturating_sub(prev.completed)),
                 read_mb_s: per_sec(c.bytes_read.saturating_sub(prev.bytes_read)) / 1e6,
                 write_mb_s: per_sec(c.bytes_written.saturating_sub(prev.bytes_written)) / 1e6,
+                throttled_share: per_sec(c.throttled_ns.saturating_sub(prev.throttled_ns)) / 1e9,
             }
         })
         .collect()
@@ -63,6 +67,10 @@ mod tests {
     use nvmed_proto::admin::Totals;
 
     fn session(id: u64, completed: u64, bytes_read: u64) -> SessionReport {
+        throttled(id, completed, bytes_read, 0)
+    }
+
+    fn throttled(id: u64, completed: u64, bytes_read: u64, throttled_ns: u64) -> SessionReport {
         SessionReport {
             id,
             uid: 0,
@@ -74,7 +82,7 @@ mod tests {
             rings: 1,
             buffers: 0,
             registered_bytes: 0,
-            counters: Totals { completed, bytes_read, ..Totals::default() },
+            counters: Totals { completed, bytes_read, throttled_ns, ..Totals::default() },
         }
     }
 
@@ -87,5 +95,13 @@ mod tests {
         assert_eq!((r[0].iops, r[0].read_mb_s), (100.0, 2.0));
         assert_eq!(r[1].iops, 25.0, "a new session's I/O all happened in the interval");
         assert_eq!(session_rates(&before, &after, Duration::ZERO)[0].iops, 0.0);
+    }
+
+    #[test]
+    fn throttled_share_of_the_interval() {
+        let before = [throttled(1, 0, 0, 250_000_000)];
+        let after = [throttled(1, 0, 0, 1_250_000_000)];
+        let r = session_rates(&before, &after, Duration::from_secs(2));
+        assert_eq!(r[0].throttled_share, 0.5, "1 s held in 2 s");
     }
 }

@@ -172,6 +172,11 @@ pub fn sessions(list: &[SessionRate], rates: bool) -> String {
                 r.p50_us.map_or("-".into(), |v| v.to_string()),
                 r.p99_us.map_or("-".into(), |v| v.to_string()),
                 s.counters.errors.to_string(),
+                if rates {
+                    format!("{:.0}%", r.throttled_share * 100.0)
+                } else {
+                    format!("{:.1}s", s.counters.throttled_ns as f64 / 1e9)
+                },
                 duration(s.age_secs),
             ]
         })
@@ -193,9 +198,13 @@ pub fn sessions(list: &[SessionRate], rates: bool) -> String {
             "P50 us",
             "P99 us",
             "ERRORS",
+            "THROTTLED",
             "AGE",
         ],
-        &[true, true, true, false, false, true, true, true, true, true, true, true, true, true, true, true],
+        &[
+            true, true, true, false, false, true, true, true, true, true, true, true, true, true, true, true,
+            true,
+        ],
         &rows,
     )
 }

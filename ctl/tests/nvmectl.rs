@@ -193,6 +193,7 @@ fn sessions_show_each_client_with_its_rings_while_eight_run_io() {
         );
         assert!(s.counters.submitted >= s.counters.completed);
         assert_eq!(s.counters.errors, 0);
+        assert_eq!(s.counters.throttled_ns, 0, "no limits, nothing held");
         assert!(r.iops > 0.0 && r.write_mb_s > 0.0, "session {} did I/O in the interval: {r:?}", s.id);
         // Every completed device request has its latency counted; percentiles follow.
         let counted: u64 = s.counters.latency_log2_us.iter().sum();
@@ -507,4 +508,40 @@ fn limits_are_shown_and_changed_at_run_time() {
     let e = env.client().set_limits(0, 9, "iops=1k").unwrap_err().to_string();
     assert!(e.contains("no grant for uid 0 on namespace 9"), "{e}");
     assert_eq!(env.client().limits().unwrap().0[0].limits, "weight=2,iops=4000,qd=8,per=uid");
+}
+
+#[test]
+fn sessions_show_the_time_held_by_limits() {
+    use nvmed_server::policy::{DefaultAccess, Policy};
+    // 500 IOPS for uid 0 (the tests' uid): a client asking faster waits about 2 ms per request.
+    let env = broker(|c| {
+        c.policy = Policy { grants: vec!["0:1:iops=500".parse().unwrap()], default: DefaultAccess::None };
+    });
+    let stop = Arc::new(AtomicBool::new(false));
+    let w = worker(&env.socket, 1, 0, stop.clone());
+    let ctl = env.client();
+    let first = ctl.sessions().unwrap();
+    let t = Instant::now();
+    std::thread::sleep(Duration::from_millis(600));
+    let second = ctl.sessions().unwrap();
+    let rates = session_rates(&first, &second, t.elapsed());
+    let r = rates.iter().find(|r| r.session.id == w.session).unwrap();
+    // A synchronous client at 500 IOPS: each request is held until its token comes, which is
+    // most of the time (a held request counts once it goes, so the share can lag a little).
+    assert!(r.iops < 600.0, "the limit holds: {r:?}");
+    assert!(r.throttled_share > 0.3 && r.throttled_share <= 1.05, "{r:?}");
+    let out = nvmectl(&env, &["sessions"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    let header = text.lines().next().unwrap();
+    let col = header.split_whitespace().position(|c| c == "THROTTLED").expect("a THROTTLED column");
+    // One session: its row's THROTTLED cell (headers of two words shift the cells: count from
+    // the end, AGE is last).
+    let cells: Vec<&str> = text.lines().nth(1).unwrap().split_whitespace().collect();
+    let from_end = header.split_whitespace().count() - col;
+    // `sessions` samples twice (--interval, 1 s): the share of that second, in percent.
+    let cell = cells[cells.len() - from_end];
+    let held: f64 = cell.strip_suffix('%').and_then(|c| c.parse().ok()).expect("a percentage");
+    assert!(held > 30.0, "{text}");
+    stop.store(true, Ordering::Relaxed);
+    assert!(w.thread.join().unwrap().unwrap() > 0);
 }

@@ -226,6 +226,9 @@ pub struct Totals {
     pub latency_log2_us: [u64; LATENCY_BUCKETS],
     /// Sum of those requests' latencies, microseconds.
     pub latency_sum_us: u64,
+    /// Time requests waited for rate limits (a grant's IOPS or MB/s), nanoseconds: for a
+    /// session, the time its rings had a request held back by its tenant's limits.
+    pub throttled_ns: u64,
 }
 
 /// Buckets of [`Totals::latency_log2_us`].

@@ -142,6 +142,7 @@ fn ring_totals(c: &SessionCounters) -> Totals {
         in_flight: l(&c.in_flight),
         latency_log2_us: std::array::from_fn(|i| l(&c.latency_log2_us[i])),
         latency_sum_us: l(&c.latency_sum_us),
+        throttled_ns: l(&c.throttled_ns),
     }
 }
 
@@ -157,6 +158,7 @@ pub(super) fn add(a: &mut Totals, b: &Totals) {
     a.bytes_read += b.bytes_read;
     a.bytes_written += b.bytes_written;
     a.in_flight += b.in_flight;
+    a.throttled_ns += b.throttled_ns;
 }
 
 /// The live sessions, by id.

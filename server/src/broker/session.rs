@@ -45,6 +45,8 @@ pub struct SessionCounters {
     pub latency_log2_us: [AtomicU64; nvmed_proto::admin::LATENCY_BUCKETS],
     /// Sum of their latencies, microseconds.
     pub latency_sum_us: AtomicU64,
+    /// Time its requests waited for its tenant's rate limits (holds that ended), nanoseconds.
+    pub throttled_ns: AtomicU64,
 }
 
 /// Data path counters of one I/O thread, written by that thread only (the broker's figures are
@@ -265,6 +267,9 @@ pub struct Session {
     pub closing: Option<Option<Sender<()>>>,
     /// What the ring's fault word says once it is closed.
     pub close_fault: nvmed_proto::RingFault,
+    /// Since when (schedulers' clock) its next request has been held by its tenant's rate
+    /// limits; the hold ends, and counts in `counters.throttled_ns`, when a request goes.
+    pub held_since: Option<u64>,
     /// Counters.
     pub counters: Arc<SessionCounters>,
 }

@@ -482,6 +482,7 @@ impl IoThread {
                         faulted: false,
                         closing: None,
                         close_fault: RingFault::Closed,
+                        held_since: None,
                         counters,
                     });
                     self.order.push(key);

@@ -11,7 +11,7 @@ use super::split::{admit, Admission, InFlight, Partial, Split, Work, WHOLE};
 use super::vectored::{VecIo, VecWork};
 use super::{complete, IoThread};
 use crate::broker::sched::Dispatch;
-use crate::broker::session::bump;
+use crate::broker::session::{bump, SessionCounters};
 use crate::broker::validate::{validate, validate_segments, Validated, SEGMENT_SIZE};
 use crate::nvme::{Cursor, RwCommand};
 
@@ -224,7 +224,8 @@ impl IoThread {
                     if let Some(t) = tenant {
                         let bytes =
                             if matches!(op, Opcode::Read | Opcode::Write) { u64::from(len) } else { 0 };
-                        if p.sched.try_dispatch(t, now, bytes, op.modifies_data()) != Dispatch::Go {
+                        let d = p.sched.try_dispatch(t, now, bytes, op.modifies_data());
+                        if !throttle_clock(&mut s.held_since, d, now, &s.counters) {
                             held = true;
                             break; // the entry waits for this tenant's next turn
                         }
@@ -301,7 +302,8 @@ impl IoThread {
                             let tenant = s.tenants[usize::from(c)].map(|(_, t)| t);
                             if let Some(t) = tenant {
                                 let sched = &mut ports[usize::from(c)].sched;
-                                if sched.try_dispatch(t, now, u64::from(v.len), v.write) != Dispatch::Go {
+                                let d = sched.try_dispatch(t, now, u64::from(v.len), v.write);
+                                if !throttle_clock(&mut s.held_since, d, now, &s.counters) {
                                     vecs.release(slot);
                                     held = true;
                                     break; // as above (the list is copied again next time)
@@ -374,5 +376,24 @@ impl IoThread {
             self.touched.push(key);
         }
         (took, held || taken < available || s.partial.is_some())
+    }
+}
+
+/// Keeps a ring's throttled time: a `Wait` (a rate limit) opens a hold, the next `Go` closes it
+/// and adds it to the ring's counters (`Later`, a turn or a slot share, neither opens nor closes
+/// one). Returns whether the request goes.
+fn throttle_clock(held_since: &mut Option<u64>, d: Dispatch, now: u64, counters: &SessionCounters) -> bool {
+    match d {
+        Dispatch::Go => {
+            if let Some(since) = held_since.take() {
+                bump(&counters.throttled_ns, now.saturating_sub(since));
+            }
+            true
+        }
+        Dispatch::Wait { .. } => {
+            held_since.get_or_insert(now);
+            false
+        }
+        Dispatch::Later => false,
     }
 }
