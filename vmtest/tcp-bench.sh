@@ -4,7 +4,8 @@
 # target, nvmet-tcp, on a RAM disk (brd), both over loopback: random 4 KiB reads and writes at
 # queue depth 1 and 32 (synchronous O_DIRECT threads), with the CPU time of the whole guest per
 # I/O. Prints the ratios nvmed-tcp / nvmet-tcp. Uses KVM when /dev/kvm is usable, else TCG.
-#   bash vmtest/tcp-bench.sh [SECONDS_PER_RUN]     (NVMED_ARGS="..." and TCP_ARGS="..." add options)
+#   bash vmtest/tcp-bench.sh [SECONDS_PER_RUN]     (NVMED_ARGS="..." and TCP_ARGS="..." add options,
+#   GUEST_APPEND="..." adds to the guest kernel's command line)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 top=$(pwd)
@@ -36,6 +37,7 @@ for m in $(cat /modules); do
     if [ $m = brd ]; then insmod /lib/modules/$m.ko rd_nr=1 rd_size=262144; else insmod /lib/modules/$m.ko; fi
 done
 ip link set lo up
+echo "BENCH clocksource $(cat /sys/devices/system/clocksource/clocksource0/current_clocksource)"
 SECS=$(cat /secs)
 HOST=nqn.2014-08.org.nvmexpress:uuid:6e766d65-6474-6370-0000-0000000000be
 # nvmed-tcp on 4420, in front of nvmed's emulated 256 MiB namespace.
@@ -72,7 +74,13 @@ run() { # LABEL PORT NQN
     [ -n "$d" ] || { echo "BENCH FAIL no device for $3"; return; }
     blkcheck --dev $d --mib 256 --threads 4 --seed 9 --sizes 1048576 > /dev/null # written once
     for rw in randread randwrite; do
-        for qd in 1 32; do blkcheck --dev $d --mib 256 --bench $rw --threads $qd --secs $SECS --label $1; done
+        for qd in 1 32; do
+            blkcheck --dev $d --mib 256 --bench $rw --threads $qd --secs $SECS --label $1 &
+            if [ $rw = randread ]; then # where the guest's CPU goes, halfway through
+                sleep $((SECS / 2)); top -b -n 1 | head -14 | sed "s/^/BENCH top $1 qd$qd: /"
+            fi
+            wait
+        done
     done
     for c in /sys/class/nvme/nvme*; do [ "$(cat $c/subsysnqn)" = $3 ] && echo 1 > $c/delete_controller; done
     sleep 1
@@ -87,7 +95,7 @@ vm_pack "$root" "$work/initrd.gz"
 boot() { # ACCEL CPU
     log "booting ($1, $secs s per run)"
     timeout 900 qemu-system-x86_64 -machine q35,accel=$1 -cpu $2 -m 1024 -smp 2 -nographic -no-reboot \
-        -kernel "$vm_vmlinux" -initrd "$work/initrd.gz" -append "console=ttyS0 quiet panic=-1" \
+        -kernel "$vm_vmlinux" -initrd "$work/initrd.gz" -append "console=ttyS0 quiet panic=-1 ${GUEST_APPEND:-}" \
         < /dev/null 2>&1 | tr -d '\r' | tee "$work/console.log" | grep -a --line-buffered -E "BLKBENCH|BENCH" || true
     grep -aq "BENCH DONE" "$work/console.log"
 }

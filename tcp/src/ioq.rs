@@ -31,6 +31,9 @@ mod io_op {
     pub const DSM: u8 = 0x09;
 }
 
+/// Most pieces of output gathered into one `writev`.
+const MAX_IOV: usize = 64;
+
 /// Largest deallocate sent to the broker at once.
 const DEALLOC_CHUNK: u64 = 1 << 30;
 
@@ -112,6 +115,8 @@ struct Queue {
     free: Vec<u16>,
     cids: HashMap<u16, u16>,
     limits: Limits,
+    /// Socket input read ahead of the PDU being parsed.
+    staged: Staging,
     hbuf: [u8; MAX_HEADER],
     hhave: usize,
     hlayout: Option<Layout>,
@@ -124,6 +129,54 @@ struct Queue {
     /// Since when queued output has been waiting for the socket without progress (`None`:
     /// output moved since the last wait). Taken lazily: no clock read per I/O.
     stall_since: Option<Instant>,
+}
+
+/// Socket input is read in large pieces and parsed from here, so a batch of small PDUs costs one
+/// `recv`, not two or three each; data of at least [`Staging::DIRECT`] bytes that is not read
+/// ahead goes straight from the socket into its slot.
+struct Staging {
+    buf: Box<[u8]>,
+    start: usize,
+    end: usize,
+    /// The last `recv` returned less than asked: the socket has nothing more now.
+    drained: bool,
+}
+
+impl Staging {
+    const SIZE: usize = 64 << 10;
+    const DIRECT: usize = 16 << 10;
+
+    fn new() -> Self {
+        Staging { buf: vec![0; Self::SIZE].into_boxed_slice(), start: 0, end: 0, drained: false }
+    }
+
+    /// Fills (part of) `dest`, which is not empty: from what was read ahead, else from the
+    /// socket. `Ok(0)`: the peer closed. `WouldBlock`: nothing to read now (after a short read
+    /// the socket's readiness is cleared without another `recv`).
+    fn read(&mut self, stream: &TcpStream, dest: &mut [u8]) -> std::io::Result<usize> {
+        if self.start == self.end {
+            if self.drained {
+                // Tokio keeps the socket readable until it sees WouldBlock: tell it so without
+                // a system call (a readiness event that came after our recv is kept).
+                return stream.try_io(Interest::READABLE, || Err(ErrorKind::WouldBlock.into()));
+            }
+            if dest.len() >= Self::DIRECT {
+                let n = stream.try_read(dest)?;
+                self.drained = n < dest.len();
+                return Ok(n);
+            }
+            let n = stream.try_read(&mut self.buf)?;
+            self.drained = n < self.buf.len();
+            if n == 0 {
+                return Ok(0);
+            }
+            (self.start, self.end) = (0, n);
+        }
+        let k = dest.len().min(self.end - self.start);
+        dest[..k].copy_from_slice(&self.buf[self.start..self.start + k]);
+        self.start += k;
+        Ok(k)
+    }
 }
 
 /// Serves I/O queue `qid` of `ctrl` after its Connect (answered here once the ring exists).
@@ -189,6 +242,7 @@ pub(crate) async fn run(
             max_in_capsule: target.cfg.in_capsule as usize,
             max_data_pdu: MAX_H2C_DATA as usize,
         },
+        staged: Staging::new(),
         hbuf: [0; MAX_HEADER],
         hhave: 0,
         hlayout: None,
@@ -259,11 +313,14 @@ impl Queue {
             if armed && !spin.is_zero() && self.tx.is_empty() {
                 // Poll the ring a little before sleeping: a fast device answers within it, and
                 // a completion seen here costs no eventfd round trip.
+                // The clock is read every 64 polls only (in some VMs each read is a system call).
                 let until = std::time::Instant::now() + spin;
                 let mut got = 0;
-                while got == 0 && std::time::Instant::now() < until {
+                let mut polls = 0u32;
+                while got == 0 && (polls % 64 != 0 || std::time::Instant::now() < until) {
                     std::hint::spin_loop();
                     got = self.pump()?;
+                    polls = polls.wrapping_add(1);
                 }
                 if got > 0 {
                     continue;
@@ -321,6 +378,7 @@ impl Queue {
     // ---- receiving ----
 
     fn read_some(&mut self) -> Result<(), ConnError> {
+        self.staged.drained = false;
         for _ in 0..256 {
             match self.rx {
                 Rx::Header => {
@@ -328,7 +386,7 @@ impl Queue {
                     // here (24 bytes and its digest): an H2CData header then comes in one call.
                     let shortest = pdu::SHORT_HLEN + if self.dg.header { pdu::DIGEST_LEN } else { 0 };
                     let need = self.hlayout.map_or(shortest, |l| l.data_offset);
-                    let n = match self.stream.try_read(&mut self.hbuf[self.hhave..need]) {
+                    let n = match self.staged.read(&self.stream, &mut self.hbuf[self.hhave..need]) {
                         Ok(0) => return Err(ConnError::Closed),
                         Ok(n) => n,
                         Err(e) if e.kind() == ErrorKind::WouldBlock => return Ok(()),
@@ -371,7 +429,7 @@ impl Queue {
                             &mut self.scratch[..n]
                         }
                     };
-                    let n = match self.stream.try_read(dest) {
+                    let n = match self.staged.read(&self.stream, dest) {
                         Ok(0) => return Err(ConnError::Closed),
                         Ok(n) => n,
                         Err(e) if e.kind() == ErrorKind::WouldBlock => return Ok(()),
@@ -388,7 +446,7 @@ impl Queue {
                     }
                 }
                 Rx::Digest { target, mut have, mut buf, crc } => {
-                    let n = match self.stream.try_read(&mut buf[have..]) {
+                    let n = match self.staged.read(&self.stream, &mut buf[have..]) {
                         Ok(0) => return Err(ConnError::Closed),
                         Ok(n) => n,
                         Err(e) if e.kind() == ErrorKind::WouldBlock => return Ok(()),
@@ -794,13 +852,16 @@ impl Queue {
     // ---- sending ----
 
     fn push_bytes(&mut self, f: impl FnOnce(&mut Vec<u8>)) {
-        if let Some(Tx::Bytes(v, _)) = self.tx.back_mut() {
+        // Append to the last bytes queued, past the slots waiting to be freed after them
+        // (freeing a slot a little later is harmless): answers go out in few large writes.
+        let last = self.tx.iter_mut().rev().find(|t| !matches!(t, Tx::Free(_)));
+        if let Some(Tx::Bytes(v, _)) = last {
             if v.len() < 4096 {
                 f(v);
                 return;
             }
         }
-        let mut v = Vec::with_capacity(128);
+        let mut v = Vec::with_capacity(512);
         f(&mut v);
         self.tx.push_back(Tx::Bytes(v, 0));
     }
@@ -835,9 +896,14 @@ impl Queue {
                 self.stall_since = None;
                 return Ok(());
             }
-            let mut iov: [IoSlice<'_>; 16] = [IoSlice::new(&[]); 16];
+            // Everything queued in one writev (slots to free are skipped here and freed below,
+            // once the bytes before them are written).
+            let mut iov: [IoSlice<'_>; MAX_IOV] = [IoSlice::new(&[]); MAX_IOV];
             let mut n = 0;
-            for item in self.tx.iter().take(16) {
+            for item in self.tx.iter() {
+                if n == MAX_IOV {
+                    break;
+                }
                 iov[n] = match item {
                     Tx::Bytes(v, sent) => IoSlice::new(&v[*sent..]),
                     Tx::Data { at, len, sent } => IoSlice::new(self.ring.buffer(
@@ -845,7 +911,7 @@ impl Queue {
                         at + u64::from(*sent),
                         u64::from(len - sent),
                     )?),
-                    Tx::Free(_) => break,
+                    Tx::Free(_) => continue,
                 };
                 n += 1;
             }
@@ -874,7 +940,12 @@ impl Queue {
                             self.tx.pop_front();
                         }
                     }
-                    _ => unreachable!("written bytes beyond the queued PDUs"),
+                    Some(Tx::Free(slot)) => {
+                        let slot = *slot;
+                        self.tx.pop_front();
+                        self.free_slot(slot);
+                    }
+                    None => unreachable!("written bytes beyond the queued PDUs"),
                 }
             }
         }

@@ -116,10 +116,16 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     let probe = nvmed_client::NvmeSession::open(&cfg.nvmed_socket)?;
     let ns: Vec<u32> = probe.namespaces().iter().map(|n| n.nsid).collect();
     drop(probe);
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(usize::from(args.threads))
-        .enable_all()
-        .build()?;
+    // One thread: tokio's current-thread scheduler (the sockets are served on this thread, which
+    // parks and wakes more cheaply than a multi-thread runtime's worker).
+    let rt = if args.threads == 1 {
+        tokio::runtime::Builder::new_current_thread().enable_all().build()?
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(usize::from(args.threads))
+            .enable_all()
+            .build()?
+    };
     rt.block_on(async move {
         let listener = tokio::net::TcpListener::bind(args.listen).await?;
         info!(
