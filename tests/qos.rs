@@ -197,12 +197,14 @@ fn a_per_uid_limit_binds_the_uid_s_sessions_together_and_a_per_session_one_each_
     let broker = TestBroker::start(&["--grant", "0:1:iops=2k"]);
     let counts = together(vec![broker.connect(), broker.connect()], 16, secs);
     let total: u64 = counts.iter().sum();
+    eprintln!("per=uid: {counts:?} in {secs} s");
     assert!(total as f64 <= limit * 1.05 + 40.0, "{counts:?} in {secs} s: above the uid's 2k IOPS");
     assert!(total as f64 >= limit * 0.85, "{counts:?} in {secs} s: far below the uid's 2k IOPS");
     drop(broker);
     // The same with per=session: each has its own 2k.
     let broker = TestBroker::start(&["--grant", "0:1:iops=2k,per=session"]);
     let counts = together(vec![broker.connect(), broker.connect()], 16, secs);
+    eprintln!("per=session: {counts:?} in {secs} s");
     for &c in &counts {
         assert!(c as f64 <= limit * 1.05 + 40.0, "{counts:?} in {secs} s: a session above its 2k IOPS");
         assert!(c as f64 >= limit * 0.85, "{counts:?} in {secs} s: a session far below its 2k IOPS");
@@ -220,6 +222,7 @@ fn read_and_write_bandwidth_limits_each_hold() {
         let done = io_for(&mut ring, 8, secs, 128 << 10, write);
         let rate = (done * (128 << 10)) as f64 / secs / 1e6;
         let what = if write { "writes" } else { "reads" };
+        eprintln!("{what}: {rate:.1} MB/s under a {mbps} MB/s limit");
         // At most the rate plus a burst of a few requests; at least most of it.
         let most = mbps * 1.05 + 4.0 * f64::from(128 << 10) / 1e6 / secs;
         assert!(rate <= most, "{what}: {rate:.1} MB/s above the {mbps} MB/s limit");

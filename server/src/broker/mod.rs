@@ -237,8 +237,12 @@ pub struct Shared {
     started: std::time::Instant,
     /// Tests: called where a race with a reload would hurt (see [`HookPoint`]).
     #[cfg(test)]
-    hook: Mutex<Option<Arc<dyn Fn(HookPoint) + Send + Sync>>>,
+    hook: Mutex<Option<Hook>>,
 }
+
+/// A test hook (see [`HookPoint`]).
+#[cfg(test)]
+type Hook = Arc<dyn Fn(HookPoint) + Send + Sync>;
 
 /// Where [`Shared::hook`] is called (tests only).
 #[cfg(test)]
