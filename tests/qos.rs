@@ -10,14 +10,27 @@ use nvmed_client::{Io, NvmeRing, NvmeSession, RingOptions};
 
 /// 4 KiB reads at depth `qd` on `ring` for `secs`; returns how many completed.
 fn reads_for(ring: &mut NvmeRing, qd: u64, secs: f64) -> u64 {
+    io_for(ring, qd, secs, 4096, false)
+}
+
+/// Requests of `size` bytes (reads, or writes) at depth `qd` on `ring` for `secs`; returns how
+/// many completed.
+fn io_for(ring: &mut NvmeRing, qd: u64, secs: f64, size: u64, write: bool) -> u64 {
     let ns = ring.namespaces()[0].nsid;
-    let buf = ring.alloc_buffer((qd * 4096) as usize).unwrap();
+    let buf = ring.alloc_buffer((qd * size) as usize).unwrap();
+    let blocks = (32 << 20) / size;
     let end = Instant::now() + Duration::from_secs_f64(secs);
     let (mut out, mut done, mut next) = (Vec::new(), 0u64, 0u64);
     let mut free: Vec<u64> = (0..qd).collect();
     while Instant::now() < end {
         while let Some(slot) = free.pop() {
-            ring.prep(Io::read(ns, (next % 4096) * 4096, 4096, buf, slot * 4096).user_data(slot)).unwrap();
+            let (offset, at) = ((next % blocks) * size, slot * size);
+            let io = if write {
+                Io::write(ns, offset, size as u32, buf, at)
+            } else {
+                Io::read(ns, offset, size as u32, buf, at)
+            };
+            ring.prep(io.user_data(slot)).unwrap();
             next += 1;
         }
         ring.submit().unwrap();
@@ -165,4 +178,77 @@ fn sighup_puts_new_limits_in_force_without_reconnecting_and_refuses_a_bad_file()
     let fresh = broker.connect();
     let ids: Vec<u32> = fresh.namespaces().iter().map(|n| n.nsid).collect();
     assert_eq!(ids, vec![2]);
+}
+
+/// `io_for` on each ring at once, each on its own thread; returns each ring's count.
+fn together(rings: Vec<NvmeRing>, qd: u64, secs: f64) -> Vec<u64> {
+    let workers: Vec<_> = rings
+        .into_iter()
+        .map(|mut ring| std::thread::spawn(move || io_for(&mut ring, qd, secs, 4096, false)))
+        .collect();
+    workers.into_iter().map(|w| w.join().unwrap()).collect()
+}
+
+#[test]
+fn a_per_uid_limit_binds_the_uid_s_sessions_together_and_a_per_session_one_each_alone() {
+    let secs = 1.5;
+    let limit = 2000.0 * secs;
+    // Two sessions of uid 0 (the tests' uid) under one per-uid limit: 2k IOPS between them.
+    let broker = TestBroker::start(&["--grant", "0:1:iops=2k"]);
+    let counts = together(vec![broker.connect(), broker.connect()], 16, secs);
+    let total: u64 = counts.iter().sum();
+    eprintln!("per=uid: {counts:?} in {secs} s");
+    assert!(total as f64 <= limit * 1.05 + 40.0, "{counts:?} in {secs} s: above the uid's 2k IOPS");
+    assert!(total as f64 >= limit * 0.85, "{counts:?} in {secs} s: far below the uid's 2k IOPS");
+    drop(broker);
+    // The same with per=session: each has its own 2k.
+    let broker = TestBroker::start(&["--grant", "0:1:iops=2k,per=session"]);
+    let counts = together(vec![broker.connect(), broker.connect()], 16, secs);
+    eprintln!("per=session: {counts:?} in {secs} s");
+    for &c in &counts {
+        assert!(c as f64 <= limit * 1.05 + 40.0, "{counts:?} in {secs} s: a session above its 2k IOPS");
+        assert!(c as f64 >= limit * 0.85, "{counts:?} in {secs} s: a session far below its 2k IOPS");
+    }
+}
+
+#[test]
+fn read_and_write_bandwidth_limits_each_hold() {
+    // 20 MB/s of reads and 10 MB/s of writes, in 128 KiB requests at depth 8 (the emulated
+    // device moves hundreds of MB/s).
+    let broker = TestBroker::start(&["--grant", "0:1:read-mbps=20,write-mbps=10"]);
+    let mut ring = broker.connect();
+    let secs = 1.5;
+    for (write, mbps) in [(false, 20.0), (true, 10.0)] {
+        let done = io_for(&mut ring, 8, secs, 128 << 10, write);
+        let rate = (done * (128 << 10)) as f64 / secs / 1e6;
+        let what = if write { "writes" } else { "reads" };
+        eprintln!("{what}: {rate:.1} MB/s under a {mbps} MB/s limit");
+        // At most the rate plus a burst of a few requests; at least most of it.
+        let most = mbps * 1.05 + 4.0 * f64::from(128 << 10) / 1e6 / secs;
+        assert!(rate <= most, "{what}: {rate:.1} MB/s above the {mbps} MB/s limit");
+        assert!(rate >= mbps * 0.85, "{what}: {rate:.1} MB/s far below the {mbps} MB/s limit");
+    }
+}
+
+#[test]
+fn grants_for_a_namespace_not_served_or_twice_stop_the_start_with_the_reason() {
+    for (grants, why) in [
+        (&["0:1", "0:3:iops=1k"][..], "grant 0:3:weight=1,iops=1000,per=uid names namespace 3, which this broker does not serve (it serves namespaces 1-2)"),
+        (&["0:1:iops=1k", "0:1:ro"][..], "both give uid 0 namespace 1: a uid may have one grant per namespace"),
+    ] {
+        let dir = scratch_dir();
+        let socket = dir.join("nvmed.sock");
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_nvmed"));
+        cmd.args(["--emulate", "--namespaces", "2", "--size", "1M", "--socket", socket.to_str().unwrap()]);
+        for g in grants {
+            cmd.args(["--grant", g]);
+        }
+        let out = cmd.env("NVMED_LOG", "off").output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{grants:?} accepted: {stderr}");
+        assert!(stderr.contains(why), "{grants:?}: {stderr}");
+        assert!(!String::from_utf8_lossy(&out.stdout).contains("ready"));
+        assert!(!socket.exists(), "the socket was left behind");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

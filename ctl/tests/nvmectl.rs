@@ -42,6 +42,11 @@ impl Env {
 /// A broker with 2 I/O threads on one emulated controller, its admin socket in a fresh
 /// directory (other uids may enter it).
 fn broker(tweak: impl FnOnce(&mut BrokerConfig)) -> Env {
+    broker_on(|_| {}, tweak)
+}
+
+/// As [`broker`], the emulated controller set up by `device` first.
+fn broker_on(device: impl FnOnce(&mut EmulatorConfig), tweak: impl FnOnce(&mut BrokerConfig)) -> Env {
     use std::os::unix::fs::PermissionsExt;
     static N: AtomicUsize = AtomicUsize::new(0);
     let dir = std::env::temp_dir().join(format!(
@@ -52,17 +57,16 @@ fn broker(tweak: impl FnOnce(&mut BrokerConfig)) -> Env {
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
-    let device = Arc::new(
-        EmulatedController::new(EmulatorConfig {
-            namespaces: vec![EmulatedNamespace {
-                backend: Box::new(MemoryBackend::new(NAMESPACE).unwrap()),
-                lba_size: 512,
-            }],
-            vectors: 3,
-            ..Default::default()
-        })
-        .unwrap(),
-    );
+    let mut emulator = EmulatorConfig {
+        namespaces: vec![EmulatedNamespace {
+            backend: Box::new(MemoryBackend::new(NAMESPACE).unwrap()),
+            lba_size: 512,
+        }],
+        vectors: 3,
+        ..Default::default()
+    };
+    device(&mut emulator);
+    let device = Arc::new(EmulatedController::new(emulator).unwrap());
     let socket = dir.join("nvmed.sock");
     let admin = dir.join("nvmed-admin.sock");
     let mut config = BrokerConfig::new(&socket);
@@ -544,4 +548,191 @@ fn sessions_show_the_time_held_by_limits() {
     assert!(held > 30.0, "{text}");
     stop.store(true, Ordering::Relaxed);
     assert!(w.thread.join().unwrap().unwrap() > 0);
+}
+
+/// 4 KiB reads at depth `qd` on `ring` for `secs`; returns how many completed (all must
+/// succeed).
+fn reads_for(ring: &mut NvmeRing, qd: u64, secs: f64) -> u64 {
+    use nvmed_client::Io;
+    let buf = ring.alloc_buffer((qd * 4096) as usize).unwrap();
+    let end = Instant::now() + Duration::from_secs_f64(secs);
+    let (mut out, mut done, mut next) = (Vec::new(), 0u64, 0u64);
+    let mut free: Vec<u64> = (0..qd).collect();
+    while Instant::now() < end {
+        while let Some(slot) = free.pop() {
+            ring.prep(Io::read(1, (next % 4096) * 4096, 4096, buf, slot * 4096).user_data(slot)).unwrap();
+            next += 1;
+        }
+        ring.submit().unwrap();
+        out.clear();
+        ring.wait(1, &mut out, Some(Duration::from_secs(5))).unwrap();
+        for c in &out {
+            assert!(c.status.is_success(), "{c:?}");
+            free.push(c.user_data);
+        }
+        done += out.len() as u64;
+    }
+    while ring.in_flight() > 0 {
+        out.clear();
+        ring.wait(1, &mut out, Some(Duration::from_secs(5))).unwrap();
+    }
+    ring.unregister_buffer(buf).unwrap();
+    done
+}
+
+#[test]
+fn limits_change_a_running_session_s_rate_and_the_binaries_show_and_change_them() {
+    use nvmed_server::policy::{DefaultAccess, Policy};
+    let grants = |g: &[&str]| Policy {
+        grants: g.iter().map(|g| g.parse().unwrap()).collect(),
+        default: DefaultAccess::None,
+    };
+    let env = broker(|c| c.policy = grants(&["0:1:iops=500"]));
+    let source = Arc::new(std::sync::Mutex::new(grants(&["0:1:iops=500"])));
+    let s = source.clone();
+    env.broker.as_ref().unwrap().set_reloader(Box::new(move || Ok(s.lock().unwrap().clone())));
+    let mut ring = NvmeRing::open(&env.socket).unwrap();
+    let id = ring.session().session_id();
+    let secs = 1.0;
+    let before = reads_for(&mut ring, 16, secs) as f64 / secs;
+    // Through the library: the same session, four times the rate.
+    assert_eq!(env.client().set_limits(0, 1, "iops=2k").unwrap(), (1, 0));
+    let after = reads_for(&mut ring, 16, secs) as f64 / secs;
+    eprintln!("iops=500: {before:.0} IOPS; iops=2k: {after:.0} IOPS");
+    assert!((400.0..=500.0 * 1.05 + 20.0).contains(&before), "{before:.0} IOPS under iops=500");
+    assert!((1600.0..=2000.0 * 1.05 + 20.0).contains(&after), "{after:.0} IOPS under iops=2k");
+    assert_eq!((ring.session().session_id(), ring.reconnects()), (id, 0), "the session was not replaced");
+
+    // The binary: show them (JSON and table), change them (JSON and text).
+    let j = json(&nvmectl(&env, &["limits", "--json"]));
+    assert_eq!(j["default_access"], "none");
+    assert_eq!(j["grants"][0]["limits"], "weight=1,iops=2000,per=uid");
+    assert_eq!((j["grants"][0]["uid"].as_u64(), j["grants"][0]["nsid"].as_u64()), (Some(0), Some(1)));
+    let out = nvmectl(&env, &["limits"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    let header: Vec<&str> = text.lines().next().unwrap().split_whitespace().collect();
+    assert_eq!(header, ["UID", "NSID", "WINDOW", "RO", "LIMITS"], "{text}");
+    let row: Vec<&str> = text.lines().nth(1).unwrap().split_whitespace().collect();
+    assert_eq!(row, ["0", "1", "whole", "weight=1,iops=2000,per=uid"], "{text}");
+    assert_eq!(text.lines().last(), Some("uids without grants: none"), "{text}");
+    let j = json(&nvmectl(&env, &["limits", "0", "1", "iops=1k", "--json"]));
+    assert_eq!((j["updated"].as_u64(), j["ended"].as_u64()), (Some(1), Some(0)), "{j}");
+    let out = nvmectl(&env, &["limits", "0", "1", "iops=1k,qd=8"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success() && text.contains("now iops=1k,qd=8: 1 sessions updated"), "{text}");
+    let out = nvmectl(&env, &["limits", "0", "2", "iops=1k"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no grant for uid 0 on namespace 2"));
+
+    // Reload: the configuration's grants again (the limits change is gone), JSON and text.
+    *source.lock().unwrap() = grants(&["0:1:iops=800"]);
+    let j = json(&nvmectl(&env, &["reload", "--json"]));
+    assert_eq!((j["updated"].as_u64(), j["ended"].as_u64()), (Some(1), Some(0)), "{j}");
+    let out = nvmectl(&env, &["reload"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success() && text.contains("grants reloaded: 0 sessions updated, 0 ended"), "{text}");
+    // Refused configurations: the reason, and the grants in force stay.
+    for (bad, why) in [
+        (
+            &["0:1:iops=5k", "0:9"][..],
+            "names namespace 9, which this broker does not serve (it serves namespace 1)",
+        ),
+        (&["0:1:iops=5k", "0:1:ro"][..], "a uid may have one grant per namespace"),
+    ] {
+        *source.lock().unwrap() = grants(bad);
+        for args in [&["reload"][..], &["reload", "--json"][..]] {
+            let out = nvmectl(&env, args);
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(out.status.code(), Some(1), "{args:?} {bad:?}: {stderr}");
+            assert!(
+                stderr.contains("reload refused, the previous grants stay in force") && stderr.contains(why),
+                "{stderr}"
+            );
+        }
+        let j = json(&nvmectl(&env, &["limits", "--json"]));
+        assert_eq!(j["grants"].as_array().unwrap().len(), 1, "{j}");
+        assert_eq!(j["grants"][0]["limits"], "weight=1,iops=800,per=uid");
+    }
+    let held = reads_for(&mut ring, 16, 0.5) as f64 / 0.5;
+    assert!(held <= 800.0 * 1.05 + 40.0, "{held:.0} IOPS after refused reloads: the 800 limit is gone");
+    assert_eq!(ring.session().session_id(), id);
+}
+
+#[test]
+fn a_withdrawn_grant_ends_the_session_after_its_io_in_flight_completes() {
+    use nvmed_client::{Io, Reconnect, RingOptions};
+    use nvmed_server::emulator::EmulatorMode;
+    use nvmed_server::policy::{DefaultAccess, Policy};
+    const QD: u64 = 32;
+    // Every command takes 400 ms at the device: the reload lands while all 32 are there.
+    let env = broker_on(
+        |e| e.mode = EmulatorMode::Async { latency: Duration::from_millis(400) },
+        |c| c.policy = Policy { grants: vec!["0:1".parse().unwrap()], default: DefaultAccess::None },
+    );
+    let next = Policy { grants: vec!["1000:1".parse().unwrap()], default: DefaultAccess::None };
+    env.broker.as_ref().unwrap().set_reloader(Box::new(move || Ok(next.clone())));
+    let opts = RingOptions { reconnect: Reconnect::off(), ..RingOptions::default() };
+    let mut ring = NvmeRing::open_with(&env.socket, opts).unwrap();
+    let id = ring.session().session_id();
+    let buf = ring.alloc_buffer((QD * 4096) as usize).unwrap();
+    for i in 0..QD {
+        ring.prep(Io::read(1, i * 4096, 4096, buf, i * 4096).user_data(i)).unwrap();
+    }
+    ring.submit().unwrap();
+    let ctl = env.client();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while ctl.sessions().unwrap().iter().find(|s| s.id == id).map(|s| s.counters.in_flight) != Some(QD) {
+        assert!(Instant::now() < deadline, "the reads never got to the device");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert!(ctl.status().unwrap().registered_bytes >= QD * 4096);
+    assert_eq!(ctl.reload().unwrap(), (0, 1), "the session loses its grant");
+    // Still there while its reads are at the device.
+    assert!(ctl.sessions().unwrap().iter().any(|s| s.id == id), "ended before its I/O drained");
+    // Every read completes, successfully; then the session is over.
+    let (mut out, mut ended) = (Vec::new(), None);
+    while out.len() < QD as usize {
+        if let Err(e) = ring.wait(QD as usize - out.len(), &mut out, Some(Duration::from_secs(5))) {
+            // The ring says it is closed once drained: what it completed is in its CQ.
+            ring.poll(&mut out).unwrap();
+            ended = Some(e);
+            break;
+        }
+    }
+    let mut tags: Vec<u64> = out.iter().map(|c| c.user_data).collect();
+    tags.sort_unstable();
+    assert_eq!(tags, (0..QD).collect::<Vec<_>>(), "in-flight reads lost: {ended:?}");
+    assert!(out.iter().all(|c| c.status.is_success()), "{out:?}");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let ended = match ended {
+        Some(e) => e,
+        None => loop {
+            if let Err(e) = ring.read(1, 0, buf, 0, 4096) {
+                break e;
+            }
+            assert!(Instant::now() < deadline, "the session outlived its withdrawn grant");
+        },
+    };
+    assert!(
+        matches!(
+            ended,
+            nvmed_client::Error::RingFaulted(Some(nvmed_proto::RingFault::Closed))
+                | nvmed_client::Error::BrokerGone
+        ),
+        "{ended:?}"
+    );
+    // Released: gone from the registry, its memory unregistered.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let s = ctl.status().unwrap();
+        if s.sessions == 0 && s.registered_bytes == 0 && s.registered_buffers == 0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "not released: {s:?}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(ctl.sessions().unwrap().is_empty());
+    let j = json(&nvmectl(&env, &["status", "--json"]));
+    assert_eq!((j["sessions"].as_u64(), j["registered_bytes"].as_u64()), (Some(0), Some(0)), "{j}");
 }

@@ -27,8 +27,9 @@ use nvmed_server::policy::{DefaultAccess, Grant};
 /// name (pci = "0000:01:00.0", socket-mode = "660", grant = ["1000:1"], no-interrupts = true);
 /// options on the command line win. SIGHUP (or `nvmectl reload`) reads the file again and puts
 /// its grants and limits in force without dropping connected sessions (a session that lost a
-/// namespace is ended once its I/O drains); a file that does not parse is refused with the
-/// reason and the grants in force stay.
+/// namespace is ended once its I/O drains); a file that does not parse, or whose grants name a
+/// namespace nvmed does not serve or give one uid a namespace twice, is refused with the reason
+/// and the grants in force stay (at start: nvmed exits with the reason).
 #[derive(Debug, Parser)]
 #[command(version, verbatim_doc_comment, args_override_self = true)]
 #[command(group(clap::ArgGroup::new("device").required(true).args(["emulate", "pci"])))]
@@ -253,7 +254,8 @@ pub(crate) struct Args {
     /// default 1), iops=N, read-mbps=N, write-mbps=N (MB = 10^6 bytes), qd=N (requests at the
     /// device), per=uid (all its sessions together, default) or per=session; e.g.
     /// --grant 1000:1:weight=3,iops=20k,write-mbps=100. A request held by a limit waits; it is
-    /// never failed. Grants of one uid on one controller's namespaces add up.
+    /// never failed. Grants of one uid on one controller's namespaces add up. One grant per uid
+    /// and namespace, and only namespaces nvmed serves (anything else is refused).
     #[arg(long = "grant", value_name = "GRANT")]
     pub(crate) grants: Vec<Grant>,
 

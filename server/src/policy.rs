@@ -251,7 +251,88 @@ pub struct NamespaceAccess {
     pub qos: Qos,
 }
 
+/// Grants the broker refuses to put in force (at start, or on a reload: the grants in force
+/// then stay).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PolicyError {
+    /// A grant names a namespace the broker does not serve.
+    #[error("grant {grant} names namespace {nsid}, which this broker does not serve (it serves {served})")]
+    UnknownNamespace {
+        /// The grant, as written.
+        grant: String,
+        /// The namespace it names.
+        nsid: u32,
+        /// The namespaces served, e.g. `namespaces 1-2`.
+        served: String,
+    },
+    /// Two grants for the same uid on the same namespace (which one would apply?).
+    #[error(
+        "grants {first} and {second} both give uid {uid} namespace {nsid}: a uid may have one grant per namespace"
+    )]
+    Duplicate {
+        /// The first grant, as written.
+        first: String,
+        /// The second one.
+        second: String,
+        /// Their uid.
+        uid: u32,
+        /// Their namespace.
+        nsid: u32,
+    },
+}
+
+impl std::fmt::Display for Grant {
+    /// The `--grant` form: `UID:NSID[:FIRST+COUNT][:ro]:LIMITS`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}:{}", self.uid, self.nsid)?;
+        if let Some((first, count)) = self.window {
+            write!(f, ":{first}+{count}")?;
+        }
+        if self.read_only {
+            f.write_str(":ro")?;
+        }
+        write!(f, ":{}", self.qos)
+    }
+}
+
+/// `namespace 1`, `namespaces 1-3`, `namespaces 1, 3` (ids in order).
+fn served_list(namespaces: &[ServedNamespace]) -> String {
+    let ids: Vec<u32> = namespaces.iter().map(|n| n.nsid).collect();
+    match ids.as_slice() {
+        [] => "no namespace".into(),
+        [one] => format!("namespace {one}"),
+        [first, .., last] if ids.windows(2).all(|w| w[1] == w[0] + 1) => {
+            format!("namespaces {first}-{last}")
+        }
+        _ => format!("namespaces {}", ids.iter().map(u32::to_string).collect::<Vec<_>>().join(", ")),
+    }
+}
+
 impl Policy {
+    /// Whether these grants can be put in force on a broker serving `namespaces`: every grant
+    /// names a namespace served, and no uid has two grants on one namespace.
+    pub fn check(&self, namespaces: &[ServedNamespace]) -> Result<(), PolicyError> {
+        let mut seen: std::collections::HashMap<(u32, u32), &Grant> = std::collections::HashMap::new();
+        for g in &self.grants {
+            if !namespaces.iter().any(|n| n.nsid == g.nsid) {
+                return Err(PolicyError::UnknownNamespace {
+                    grant: g.to_string(),
+                    nsid: g.nsid,
+                    served: served_list(namespaces),
+                });
+            }
+            if let Some(first) = seen.insert((g.uid, g.nsid), g) {
+                return Err(PolicyError::Duplicate {
+                    first: first.to_string(),
+                    second: g.to_string(),
+                    uid: g.uid,
+                    nsid: g.nsid,
+                });
+            }
+        }
+        Ok(())
+    }
+
     /// Resolves what `uid` may use among the broker's namespaces.
     pub fn access_for(&self, uid: u32, namespaces: &[ServedNamespace]) -> Vec<NamespaceAccess> {
         let mine: Vec<&Grant> = self.grants.iter().filter(|g| g.uid == uid).collect();
@@ -332,5 +413,44 @@ mod tests {
         assert_eq!(p.access_for(0, &ns).len(), 2);
         let none = Policy { grants: vec![], default: DefaultAccess::None };
         assert!(none.access_for(0, &ns).is_empty());
+    }
+
+    #[test]
+    fn grants_for_namespaces_not_served_or_twice_are_refused() {
+        let ns = ServedNamespace::number(&[vec![
+            Namespace { nsid: 1, lba_size: 512, lba_count: 5000 },
+            Namespace { nsid: 2, lba_size: 512, lba_count: 5000 },
+        ]]);
+        let policy = |grants: &[&str]| Policy {
+            grants: grants.iter().map(|g| g.parse().unwrap()).collect(),
+            default: DefaultAccess::None,
+        };
+        policy(&["1000:1", "1000:2:ro", "1001:1:iops=1k"]).check(&ns).unwrap();
+        policy(&[]).check(&ns).unwrap();
+        let e = policy(&["1000:1", "1000:3:iops=1k"]).check(&ns).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "grant 1000:3:weight=1,iops=1000,per=uid names namespace 3, which this broker does not serve \
+             (it serves namespaces 1-2)"
+        );
+        let e = policy(&["1000:1:0+10", "1001:1", "1000:1:ro"]).check(&ns).unwrap_err();
+        assert_eq!(
+            e,
+            PolicyError::Duplicate {
+                first: "1000:1:0+10:weight=1,per=uid".into(),
+                second: "1000:1:ro:weight=1,per=uid".into(),
+                uid: 1000,
+                nsid: 1
+            }
+        );
+        assert!(e.to_string().contains("one grant per namespace"), "{e}");
+        // Served lists as the operator reads them.
+        assert_eq!(served_list(&ns[..1]), "namespace 1");
+        let mut gap = ns.clone();
+        gap[1].nsid = 4;
+        assert_eq!(served_list(&gap), "namespaces 1, 4");
+        // The written form parses back to the same grant.
+        let g: Grant = "7:2:8+16:ro:weight=3,iops=5k,qd=4,per=session".parse().unwrap();
+        assert_eq!(g.to_string().parse::<Grant>().unwrap(), g);
     }
 }

@@ -275,7 +275,7 @@ fn handle(shared: &Arc<Shared>, req: AdminRequest, cred: &UnixCredentials) -> Ad
         },
         AdminRequest::Health => AdminResponse::Health(health(shared)),
         AdminRequest::Limits => {
-            let policy = shared.policy.read().unwrap_or_else(|p| p.into_inner()).clone();
+            let policy = shared.policy_read().clone();
             AdminResponse::Limits {
                 grants: policy
                     .grants
@@ -296,14 +296,13 @@ fn handle(shared: &Arc<Shared>, req: AdminRequest, cred: &UnixCredentials) -> Ad
                 Ok(q) => q,
                 Err(e) => return AdminResponse::Error(AdminError::Reload(e)),
             };
-            let mut policy = shared.policy.read().unwrap_or_else(|p| p.into_inner()).clone();
-            let Some(g) = policy.grants.iter_mut().find(|g| g.uid == uid && g.nsid == nsid) else {
-                return AdminResponse::Error(AdminError::UnknownGrant { uid, nsid });
-            };
-            g.qos = qos;
-            let r = shared.reload(policy);
-            info!(operator_uid = cred.uid(), uid, nsid, limits = %qos, "limits changed by an operator");
-            AdminResponse::Reloaded { updated: r.updated as u64, ended: r.ended as u64 }
+            match shared.set_limits(uid, nsid, qos) {
+                Ok(r) => {
+                    info!(operator_uid = cred.uid(), uid, nsid, limits = %qos, "limits changed by an operator");
+                    AdminResponse::Reloaded { updated: r.updated as u64, ended: r.ended as u64 }
+                }
+                Err(e) => AdminResponse::Error(e),
+            }
         }
         AdminRequest::Reload => match shared.reload_from_source() {
             Ok(r) => {

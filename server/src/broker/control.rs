@@ -252,12 +252,17 @@ impl Connection {
         }
         let ticket = self.shared.quotas.acquire(Resource::Session, self.uid)?;
         self.shared.sessions.fetch_add(1, Ordering::Relaxed);
-        let policy = self.shared.policy.read().unwrap_or_else(|p| p.into_inner()).clone();
+        // Resolved and registered under the grants' lock: a reload either ran before (and
+        // these are its grants) or waits and then finds the session registered.
+        let policy = self.shared.policy_read();
         self.namespaces = policy.access_for(self.uid, &self.shared.namespaces);
-        self.started = true;
-        self.session_ticket = Some(ticket);
+        #[cfg(test)]
+        self.shared.hook(super::HookPoint::HelloResolved);
         self.registered =
             Some(self.shared.registry.add(self.id, self.uid, self.pid, name, self.namespaces.clone()));
+        drop(policy);
+        self.started = true;
+        self.session_ticket = Some(ticket);
         // Said Hello: no deadline for the next requests.
         if let Err(e) = setsockopt(&self.sock, sockopt::ReceiveTimeout, &TimeVal::new(0, 0)) {
             warn!(session = self.id, "cannot clear the Hello deadline: {e}");

@@ -168,6 +168,9 @@ pub enum BrokerError {
     /// IOVA space setup failed.
     #[error("IOVA space: {0}")]
     Iova(#[from] crate::iova::IovaError),
+    /// The grants cannot be put in force on these namespaces.
+    #[error("refusing the grants: {0}")]
+    Policy(#[from] crate::policy::PolicyError),
 }
 
 /// The control side's handle on one I/O thread.
@@ -232,6 +235,23 @@ pub struct Shared {
     queue_entries: Vec<u32>,
     /// When the broker started.
     started: std::time::Instant,
+    /// Tests: called where a race with a reload would hurt (see [`HookPoint`]).
+    #[cfg(test)]
+    hook: Mutex<Option<Hook>>,
+}
+
+/// A test hook (see [`HookPoint`]).
+#[cfg(test)]
+type Hook = Arc<dyn Fn(HookPoint) + Send + Sync>;
+
+/// Where [`Shared::hook`] is called (tests only).
+#[cfg(test)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum HookPoint {
+    /// Hello resolved the session's access, before the session is registered.
+    HelloResolved,
+    /// A limits change read the grants in force, before it puts the changed ones in force.
+    SetLimitsRead,
 }
 
 /// A controller's SMART log (or why it could not be read), and when it was read.
@@ -271,17 +291,69 @@ impl Shared {
         r
     }
 
-    /// Reloads through the reloader, if the broker has one.
+    /// Tests: runs the hook set for this point, if any.
+    #[cfg(test)]
+    fn hook(&self, at: HookPoint) {
+        let hook = self.hook.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        if let Some(h) = hook {
+            h(at);
+        }
+    }
+
+    /// Reloads through the reloader, if the broker has one. The reloader stays locked until
+    /// the grants it read are in force, so two reloads (SIGHUP and `nvmectl reload`) put theirs
+    /// in force in the order they read them.
     fn reload_from_source(&self) -> Result<ReloadReport, String> {
-        let policy = match &*self.reloader.lock().unwrap_or_else(|p| p.into_inner()) {
+        let reloader = self.reloader.lock().unwrap_or_else(|p| p.into_inner());
+        let policy = match &*reloader {
             Some(r) => r()?,
             None => return Err("this broker was started without a configuration to read again".into()),
         };
-        Ok(self.reload(policy))
+        self.reload(policy)
     }
 
-    fn reload(&self, policy: Policy) -> ReloadReport {
-        *self.policy.write().unwrap_or_else(|p| p.into_inner()) = policy.clone();
+    /// The grants in force, for reading (a session's access is resolved under this lock, and a
+    /// reload holds it for writing until every session has its new grants).
+    fn policy_read(&self) -> std::sync::RwLockReadGuard<'_, Policy> {
+        self.policy.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Checks `policy` and puts it in force; an error says why it is refused (the grants in
+    /// force stay).
+    fn reload(&self, policy: Policy) -> Result<ReloadReport, String> {
+        let mut current = self.policy.write().unwrap_or_else(|p| p.into_inner());
+        self.put_in_force(&mut current, policy)
+    }
+
+    /// Changes one grant's limits (`nvmectl limits UID NSID LIMITS`): read, changed and put in
+    /// force under one write lock, so a reload cannot slip in between and be undone.
+    fn set_limits(
+        &self,
+        uid: u32,
+        nsid: u32,
+        qos: crate::policy::Qos,
+    ) -> Result<ReloadReport, nvmed_proto::admin::AdminError> {
+        let mut current = self.policy.write().unwrap_or_else(|p| p.into_inner());
+        let mut policy = current.clone();
+        #[cfg(test)]
+        self.hook(HookPoint::SetLimitsRead);
+        let Some(g) = policy.grants.iter_mut().find(|g| g.uid == uid && g.nsid == nsid) else {
+            return Err(nvmed_proto::admin::AdminError::UnknownGrant { uid, nsid });
+        };
+        g.qos = qos;
+        self.put_in_force(&mut current, policy).map_err(nvmed_proto::admin::AdminError::Reload)
+    }
+
+    /// Puts `policy` in force (the caller holds the write lock, `current`): every registered
+    /// session gets its new grants before the lock is let go, and a session saying Hello
+    /// meanwhile waits for the lock, so it is either registered before (and updated here) or
+    /// resolves its access from the new grants. Nothing on the I/O path takes this lock.
+    fn put_in_force(&self, current: &mut Policy, policy: Policy) -> Result<ReloadReport, String> {
+        if let Err(e) = policy.check(&self.namespaces) {
+            warn!("grants refused, those in force stay: {e}");
+            return Err(e.to_string());
+        }
+        *current = policy.clone();
         let mut report = ReloadReport::default();
         for entry in self.registry.list() {
             let new = policy.access_for(entry.uid(), &self.namespaces);
@@ -294,11 +366,14 @@ impl Shared {
             };
             let lost = access.namespaces.iter().any(|old| !new.iter().any(|n| n.nsid == old.nsid));
             if lost || keys(&access.namespaces) != keys(&new) {
-                // Ended like a disconnect: its control thread drains and releases it.
+                // Ended like a disconnect, but only its receiving side is shut: its control
+                // thread sees the end, drains the rings (their I/O in flight completes into
+                // their CQs, then they say Closed) and releases the session; its client sees
+                // the connection close only after that, when the broker closes the socket.
                 if let Some((_, fd)) =
                     self.connections.lock().unwrap_or_else(|p| p.into_inner()).get(&entry.id())
                 {
-                    let _ = nix::sys::socket::shutdown(fd.as_raw_fd(), nix::sys::socket::Shutdown::Both);
+                    let _ = nix::sys::socket::shutdown(fd.as_raw_fd(), nix::sys::socket::Shutdown::Read);
                 }
                 info!(
                     session = entry.id(),
@@ -325,7 +400,7 @@ impl Shared {
             report.updated += 1;
         }
         info!(updated = report.updated, ended = report.ended, "grants reloaded");
-        report
+        Ok(report)
     }
 
     /// Each I/O thread's rings and device commands (for clients and operators).
@@ -566,6 +641,9 @@ impl Broker {
             let skipped = controllers.iter().flat_map(|c| c.info().skipped.clone()).collect();
             return Err(fail(&mut controllers, BrokerError::NoNamespace(skipped)));
         }
+        if let Err(e) = config.policy.check(&namespaces) {
+            return Err(fail(&mut controllers, e.into()));
+        }
         let queues = match Self::create_queues(&mut controllers, &space, &config) {
             Ok(q) => q,
             Err(e) => return Err(fail(&mut controllers, e)),
@@ -681,6 +759,8 @@ impl Broker {
             infos,
             queue_entries,
             started: std::time::Instant::now(),
+            #[cfg(test)]
+            hook: Mutex::new(None),
         });
         let stopping = Arc::new(AtomicBool::new(false));
         let mut unplug_watchers = Vec::new();
@@ -819,8 +899,10 @@ impl Broker {
     /// Puts new grants in force. Connected sessions keep going: a session whose namespaces,
     /// windows or limits changed gets them for its next requests; a session that lost a
     /// namespace (or whose tenant changes, e.g. `per=uid` to `per=session`) is ended, after its
-    /// I/O drains, as if it had disconnected.
-    pub fn reload(&self, policy: Policy) -> ReloadReport {
+    /// I/O drains, as if it had disconnected. Grants naming a namespace the broker does not
+    /// serve, or two grants of one uid on one namespace, are refused with the reason (the
+    /// grants in force stay).
+    pub fn reload(&self, policy: Policy) -> Result<ReloadReport, String> {
         self.shared.reload(policy)
     }
 
@@ -1054,5 +1136,185 @@ impl KilledSessions {
 
     fn contains(&self, id: u64) -> bool {
         self.ids.contains(&id)
+    }
+}
+
+#[cfg(test)]
+mod reload_tests {
+    //! Reloads against sessions connecting and limits changing at the same time: a hook stops
+    //! the other side at the worst moment and starts the reload there.
+    use super::*;
+    use crate::emulator::backend::MemoryBackend;
+    use crate::emulator::{EmulatedController, EmulatedNamespace, EmulatorConfig};
+    use crate::policy::{DefaultAccess, Policy};
+
+    /// A broker on an emulated controller with two 1 MiB namespaces and these grants.
+    fn broker(policy: Policy) -> Result<(Broker, PathBuf), BrokerError> {
+        static N: AtomicUsize = AtomicUsize::new(0);
+        let dir = std::env::temp_dir().join(format!(
+            "nvmed-reload-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let namespaces = (0..2)
+            .map(|_| EmulatedNamespace {
+                backend: Box::new(MemoryBackend::new(1 << 20).unwrap()),
+                lba_size: 512,
+            })
+            .collect();
+        let device = Arc::new(EmulatedController::new(EmulatorConfig {
+            namespaces,
+            vectors: 2,
+            ..Default::default()
+        })?);
+        let mut config = BrokerConfig::new(dir.join("nvmed.sock"));
+        config.policy = policy;
+        let socket = config.socket.clone();
+        let started = Broker::start(device, config);
+        if started.is_err() {
+            let _ = std::fs::remove_dir_all(&dir);
+        }
+        started.map(|b| (b, socket))
+    }
+
+    fn stop(broker: Broker, socket: &Path) {
+        broker.shutdown().unwrap();
+        let _ = std::fs::remove_dir_all(socket.parent().unwrap());
+    }
+
+    fn policy(grants: &[String]) -> Policy {
+        Policy { grants: grants.iter().map(|g| g.parse().unwrap()).collect(), default: DefaultAccess::None }
+    }
+
+    /// Sets a hook that, the first time `at` is reached, starts `reload` on another thread and
+    /// gives it 300 ms to finish (it cannot while the lock is held: the fix). Returns the
+    /// reload's outcome once joined.
+    fn reload_at(
+        broker: &Broker,
+        at: HookPoint,
+        next: Policy,
+    ) -> std::sync::mpsc::Receiver<Result<ReloadReport, String>> {
+        let (tx, rx) = channel();
+        let shared = Arc::downgrade(&broker.shared);
+        let fired = AtomicBool::new(false);
+        let tx = Mutex::new(Some(tx));
+        let hook = move |point: HookPoint| {
+            if point != at || fired.swap(true, Ordering::SeqCst) {
+                return;
+            }
+            let shared = shared.upgrade().unwrap();
+            let next = next.clone();
+            let tx = tx.lock().unwrap().take().unwrap();
+            let (done_tx, done_rx) = channel();
+            std::thread::spawn(move || {
+                let r = shared.reload(next);
+                let _ = done_tx.send(());
+                tx.send(r).unwrap();
+            });
+            // Without the lock held across, the reload finishes well within this.
+            let _ = done_rx.recv_timeout(Duration::from_millis(300));
+        };
+        *broker.shared.hook.lock().unwrap() = Some(Arc::new(hook));
+        rx
+    }
+
+    #[test]
+    fn a_reload_during_hello_reaches_the_new_session() {
+        let uid = nix::unistd::getuid().as_raw();
+        let (broker, socket) = broker(policy(&[format!("{uid}:1:iops=1k")])).unwrap();
+        let reloaded = reload_at(&broker, HookPoint::HelloResolved, policy(&[format!("{uid}:1:iops=3k")]));
+        // Hello resolves the session's access from the 1k grant; the reload to 3k starts right
+        // then.
+        let session = nvmed_client::NvmeSession::open(&socket).unwrap();
+        let report = reloaded.recv_timeout(Duration::from_secs(10)).unwrap().unwrap();
+        let entry =
+            broker.shared.registry.list().into_iter().find(|e| e.id() == session.session_id()).unwrap();
+        let iops = entry.access().namespaces[0].qos.iops;
+        assert_eq!(iops, Some(3000), "the session kept the grant a reload replaced ({report:?})");
+        assert_eq!(report, ReloadReport { updated: 1, ended: 0 });
+        // Sessions connecting later get the reloaded grant too.
+        let later = nvmed_client::NvmeSession::open(&socket).unwrap();
+        let entry = broker.shared.registry.list().into_iter().find(|e| e.id() == later.session_id()).unwrap();
+        assert_eq!(entry.access().namespaces[0].qos.iops, Some(3000));
+        drop((session, later));
+        stop(broker, &socket);
+    }
+
+    #[test]
+    fn a_reload_during_hello_ends_a_session_whose_grant_it_withdraws() {
+        let uid = nix::unistd::getuid().as_raw();
+        let (broker, socket) = broker(policy(&[format!("{uid}:1")])).unwrap();
+        // Namespace 1 withdrawn (2 granted instead) while the session says Hello.
+        let reloaded = reload_at(&broker, HookPoint::HelloResolved, policy(&[format!("{uid}:2")]));
+        let opts = nvmed_client::SessionOptions {
+            reconnect: nvmed_client::Reconnect::off(),
+            ..nvmed_client::SessionOptions::default()
+        };
+        // It may connect (and be ended right after) or already be refused its namespace list.
+        let session = nvmed_client::NvmeSession::open_with(&socket, opts);
+        let report = reloaded.recv_timeout(Duration::from_secs(10)).unwrap().unwrap();
+        assert_eq!(report.ended, 1, "the reload missed the session saying Hello");
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while !broker.shared.registry.list().is_empty() {
+            assert!(std::time::Instant::now() < deadline, "the session outlived its withdrawn grant");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        if let Ok(s) = session {
+            assert!(s.new_ring().is_err(), "a session whose grant was withdrawn still works");
+        }
+        stop(broker, &socket);
+    }
+
+    #[test]
+    fn a_reload_during_a_limits_change_is_not_undone_by_it() {
+        let uid = nix::unistd::getuid().as_raw();
+        let (broker, socket) = broker(policy(&[format!("{uid}:1:iops=1k")])).unwrap();
+        let from_file = policy(&[format!("{uid}:1:iops=1k"), format!("{uid}:2:ro")]);
+        let reloaded = reload_at(&broker, HookPoint::SetLimitsRead, from_file.clone());
+        let qos = "iops=2k".parse().unwrap();
+        broker.shared.set_limits(uid, 1, qos).unwrap();
+        reloaded.recv_timeout(Duration::from_secs(10)).unwrap().unwrap();
+        // The limits change went first; the reload after it put the file's grants in force.
+        // Without one lock across both, the change would have put back the grants it read
+        // before the reload, dropping the reload's second grant.
+        assert_eq!(broker.shared.policy_read().grants, from_file.grants);
+        stop(broker, &socket);
+    }
+
+    #[test]
+    fn grants_for_namespaces_not_served_or_twice_are_refused_at_start_and_reload() {
+        let uid = nix::unistd::getuid().as_raw();
+        match broker(policy(&[format!("{uid}:3")])) {
+            Err(e @ BrokerError::Policy(_)) => {
+                let msg = e.to_string();
+                assert!(msg.contains("names namespace 3") && msg.contains("namespaces 1-2"), "{msg}")
+            }
+            Err(e) => panic!("refused for another reason: {e}"),
+            Ok(_) => panic!("a grant of namespace 3 was accepted on a broker serving 2"),
+        }
+        let good = policy(&[format!("{uid}:1:iops=1k")]);
+        let (broker, socket) = broker(good.clone()).unwrap();
+        let session = nvmed_client::NvmeSession::open(&socket).unwrap();
+        for (bad, why) in [
+            (policy(&[format!("{uid}:1"), format!("{uid}:9")]), "names namespace 9"),
+            (policy(&[format!("{uid}:1:iops=5k"), format!("{uid}:1:ro")]), "one grant per namespace"),
+        ] {
+            let e = broker.reload(bad).unwrap_err();
+            assert!(e.contains(why), "{e}");
+            assert_eq!(
+                broker.shared.policy_read().grants,
+                good.grants,
+                "a refused reload changed the grants"
+            );
+            let entry = broker.shared.registry.list().pop().unwrap();
+            assert_eq!(entry.access().namespaces[0].qos.iops, Some(1000));
+        }
+        // A limits change cannot make them so either (it only changes limits), and an unknown
+        // grant is refused with its own error.
+        assert!(broker.shared.set_limits(uid, 2, crate::policy::Qos::default()).is_err());
+        drop(session);
+        stop(broker, &socket);
     }
 }
