@@ -7,7 +7,9 @@ device) and runs `ringbench` against it as other uids (tenants are uids; default
 through setpriv), one broker per configuration:
 
   1. latency isolation: a QD1 4 KiB random reader (uid A) alone, then with a QD256 128 KiB
-     random writer (uid B) beside it, with equal weights and with the reader at weight 4;
+     random writer (uid B) beside it, with equal weights and with the reader at weight 4, each
+     without and with nvmed's cap on what contending tenants keep queued at the device
+     (--contended-queue-kib, default 256 KiB here);
      p50/p99 of the reader and p99(with writer) / p99(alone) (goal <= 2x). Three more rows,
      informative: the writer capped to 2 requests at the device (--grant B:1:qd=2), the writer
      capped below the device's write bandwidth (--grant B:1:write-mbps=100), the reader alone
@@ -270,19 +272,23 @@ def part1(env, a):
     uid_r, uid_w = a.uids
     reader = ["--rw", "randread", "--bs", "4k", "--iodepth", "1"]
     writer = ["--rw", "randwrite", "--bs", "128k", "--iodepth", "256"]
+    ccap = ["--contended-queue-kib", str(a.contended_kib)]
     cases = [
-        ("alone", "reader alone", [], False),
-        ("equal", "+ writer, equal weights", [], True),
-        ("w4", "+ writer, reader weight 4", [f"{uid_r}:1:weight=4"], True),
-        ("qd", f"+ writer capped at qd={a.writer_qd} (informative)", [f"{uid_w}:1:qd={a.writer_qd}"], True),
+        ("alone", "reader alone", [], False, []),
+        ("equal", "+ writer, equal weights", [], True, []),
+        ("w4", "+ writer, reader weight 4", [f"{uid_r}:1:weight=4"], True, []),
+        ("ccap", f"+ writer, --contended-queue-kib {a.contended_kib}, equal weights", [], True, ccap),
+        ("ccap4", f"+ writer, --contended-queue-kib {a.contended_kib}, reader weight 4",
+         [f"{uid_r}:1:weight=4"], True, ccap),
+        ("qd", f"+ writer capped at qd={a.writer_qd} (informative)", [f"{uid_w}:1:qd={a.writer_qd}"], True, []),
         ("cap", f"+ writer capped at write-mbps={a.writer_cap_mbps} (informative)",
-         [f"{uid_w}:1:write-mbps={a.writer_cap_mbps}"], True),
-        ("alone2", "reader alone, again (noise check)", [], False),
+         [f"{uid_w}:1:write-mbps={a.writer_cap_mbps}"], True, []),
+        ("alone2", "reader alone, again (noise check)", [], False, []),
     ]
     rows = []
-    for key, label, grants, with_writer in cases:
+    for key, label, grants, with_writer, extra in cases:
         log(f"  part 1: {label} ({a.latency_secs} s)", True)
-        b = env.broker(grants)
+        b = env.broker(grants, extra)
         try:
             w = None
             pressure = Pressure()
@@ -375,9 +381,9 @@ class Env:
         os.chmod(self.rb, 0o755)
         self.root_rb = bins["ringbench"]
 
-    def broker(self, grants):
+    def broker(self, grants, extra=()):
         return Broker(self.nvmed, self.tmp, self.a.model, self.a.queue_depth, grants, self.a.size,
-                      self.a.nvmed_args.split())
+                      self.a.nvmed_args.split() + list(extra))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -643,7 +649,8 @@ def draw_part1(out, p, x0, y0, pw, ph):
     bw = min(46, gw / 3)
     short = {"alone": ("reader", "alone"), "equal": ("+ writer,", "equal weights"),
              "w4": ("+ writer,", "reader weight 4"), "qd": ("+ writer,", "its qd capped"),
-             "cap": ("+ writer,", "its MB/s capped"), "alone2": ("reader", "alone again")}
+             "cap": ("+ writer,", "its MB/s capped"), "alone2": ("reader", "alone again"),
+             "ccap": ("+ writer, cap", "equal weights"), "ccap4": ("+ writer, cap", "reader weight 4")}
     for i, c in enumerate(cases):
         cx = x0 + gw * (i + 0.5)
         for j, (k, color) in enumerate((("p50_ns", C_A), ("p99_ns", C_B))):
@@ -792,6 +799,8 @@ def main():
     ap.add_argument("--read-mbps-limit", type=int, default=100, help="part 2 read-mbps grant (default 100)")
     ap.add_argument("--writer-qd", type=int, default=2,
                     help="part 1, informative case: the writer's qd grant (default 2)")
+    ap.add_argument("--contended-kib", type=int, default=256,
+                    help="part 1: the --contended-queue-kib of the two capped cases (default 256)")
     ap.add_argument("--writer-cap-mbps", type=int, default=100,
                     help="part 1, last case: the writer's write-mbps grant (default 100)")
     ap.add_argument("--svg", default=os.path.join(TARGET, "qos.svg"), help="chart (default <cargo target dir>/qos.svg)")

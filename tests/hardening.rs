@@ -347,6 +347,54 @@ fn hugetlb_memfds_register_only_whole_huge_pages() {
 
 // ---- 4. No uid can lock the others out ---------------------------------------------------
 
+/// What `nvmed-test-peer stats` prints, run as `uid` (or as this process's uid with `None`).
+fn peer_stats(uid: Option<u32>, socket: &std::path::Path) -> std::collections::HashMap<String, String> {
+    let mut cmd = Command::new(runnable_by_anyone(env!("CARGO_BIN_EXE_nvmed-test-peer")));
+    cmd.arg("stats").arg(socket);
+    if let Some(uid) = uid {
+        cmd.uid(uid).gid(uid);
+    }
+    let out = cmd.output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = text.lines().find_map(|l| l.strip_prefix("STATS ")).expect("a STATS line");
+    line.split_whitespace()
+        .filter_map(|kv| kv.split_once('='))
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+#[test]
+fn a_client_learns_nothing_of_other_tenants() {
+    let broker = TestBroker::start(&["--socket-mode", "666"]);
+    // Another tenant's activity: a session kept open with I/O done and a buffer registered.
+    let mut other = NvmeRing::open(&broker.socket).unwrap();
+    let b = other.alloc_buffer(1 << 20).unwrap();
+    for i in 0..64 {
+        other.write(1, i << 20, b, 0, 1 << 20).unwrap();
+    }
+    let user = peer_stats(Some(1000), &broker.socket);
+    // Its own figures, in full.
+    assert_eq!((user["completed"].as_str(), user["bytes_read"].as_str()), ("2", "4096"), "{user:?}");
+    // Nothing broker-wide, and the health log without the device's activity counters.
+    assert_eq!(user["broker_wide"], "false", "{user:?}");
+    for k in ["broker_sessions", "device_dma_bytes", "broker_buffer_iova_bytes", "thread_device_commands"] {
+        assert_eq!(user[k], "0", "{k} tells of other tenants: {user:?}");
+    }
+    assert_eq!(user["activity_hidden"], "true");
+    assert_eq!((user["data_units_read"].as_str(), user["host_write_commands"].as_str()), ("0", "0"));
+    assert_eq!(user["temperature_kelvin"], "313", "health figures stay");
+    // An operator (root, as the broker runs) sees the broker's figures.
+    let root = peer_stats(None, &broker.socket);
+    assert_eq!(root["broker_wide"], "true", "{root:?}");
+    assert!(root["broker_sessions"].parse::<u64>().unwrap() >= 2, "{root:?}");
+    assert!(root["device_dma_bytes"].parse::<u64>().unwrap() >= 64 << 20, "{root:?}");
+    assert!(root["thread_device_commands"].parse::<u64>().unwrap() >= 64, "{root:?}");
+    assert_eq!(root["activity_hidden"], "false");
+    assert!(root["host_write_commands"].parse::<u64>().unwrap() >= 64, "{root:?}");
+    drop(other);
+}
+
 #[test]
 fn one_uid_cannot_take_every_connection_or_session() {
     let mut broker = TestBroker::start(&[

@@ -76,10 +76,11 @@ run() { # LABEL PORT NQN
     for rw in randread randwrite; do
         for qd in 1 32; do
             blkcheck --dev $d --mib 256 --bench $rw --threads $qd --secs $SECS --label $1 &
+            b=$!
             if [ $rw = randread ]; then # where the guest's CPU goes, halfway through
                 sleep $((SECS / 2)); top -b -n 1 | head -14 | sed "s/^/BENCH top $1 qd$qd: /"
             fi
-            wait
+            wait $b
         done
     done
     for c in /sys/class/nvme/nvme*; do [ "$(cat $c/subsysnqn)" = $3 ] && echo 1 > $c/delete_controller; done

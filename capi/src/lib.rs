@@ -199,7 +199,8 @@ pub struct nvmed_stats {
     pub bounced_bytes: u64,
     /// Rings of this session.
     pub rings: u64,
-    /// Sessions connected to the broker.
+    /// Sessions connected to the broker (0 unless the caller is root or the broker's own
+    /// uid: other clients learn nothing of other tenants).
     pub broker_sessions: u64,
 }
 

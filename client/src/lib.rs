@@ -971,7 +971,9 @@ impl NvmeRing {
     }
 
     /// Waits until at least `min` completions were moved into `out` (spinning briefly, then
-    /// sleeping on the completion eventfd). `None` waits forever.
+    /// sleeping on the completion eventfd). `None` waits forever. On an error, the completions
+    /// already moved into `out` (with a faulted ring: every completion the broker posted) stay
+    /// there.
     pub fn wait(
         &mut self,
         min: usize,
@@ -1007,6 +1009,9 @@ impl NvmeRing {
             }
             if let Some(e) = self.fault_error() {
                 end_sleep(&SharedFlags::client(&self.mem), CLIENT_CQ_WAITING);
+                // The broker posts a closing ring's last completions before its fault word:
+                // move those that came after the poll above into `out` too, then report it.
+                let _ = self.reap(out);
                 return Err(e);
             }
             let remaining = match timeout {

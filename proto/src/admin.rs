@@ -344,6 +344,17 @@ pub struct SmartLog {
 pub const SMART_DATA_UNIT: u64 = 512_000;
 
 impl SmartLog {
+    /// Zeroes the counters of the device's activity (data units and commands read and
+    /// written, busy minutes), which tell one tenant what the others do; the health figures
+    /// (warnings, temperature, spare, wear, errors, power) stay.
+    pub fn hide_activity(&mut self) {
+        self.data_units_read = 0;
+        self.data_units_written = 0;
+        self.host_read_commands = 0;
+        self.host_write_commands = 0;
+        self.controller_busy_minutes = 0;
+    }
+
     /// Data units for `bytes` (rounded up, as the log page counts them).
     pub fn data_units(bytes: u64) -> u64 {
         bytes.div_ceil(SMART_DATA_UNIT)

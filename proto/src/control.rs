@@ -185,8 +185,12 @@ pub struct HealthSummary {
     /// Firmware revision.
     pub firmware: String,
     /// The SMART / Health Information log (at most about a second old), or why it could not be
-    /// read.
+    /// read. For clients other than operators (root, the broker's uid) the counters of the
+    /// device's whole activity, which include other tenants', are 0: see
+    /// [`crate::admin::SmartLog::hide_activity`].
     pub smart: Result<crate::admin::SmartLog, String>,
+    /// Whether those counters were hidden.
+    pub activity_hidden: bool,
 }
 
 /// One of the broker's I/O threads, as [`Request::IoThreads`] reports it.
@@ -194,7 +198,8 @@ pub struct HealthSummary {
 pub struct IoThreadInfo {
     /// Rings it serves (of all sessions).
     pub rings: u64,
-    /// Device commands its queue completed since the broker started.
+    /// Device commands its queue completed since the broker started (0 for clients other than
+    /// operators: other tenants' work).
     pub device_commands: u64,
 }
 
@@ -220,6 +225,12 @@ pub struct Stats {
     /// Bytes of this session's vectored requests the broker copied through its bounce buffers
     /// (segment layouts the device could take neither as PRPs nor as SGLs).
     pub bounced_bytes: u64,
+    /// Time this session's requests waited for its grant's rate limits, nanoseconds.
+    pub throttled_ns: u64,
+    /// Whether the broker-wide figures below (`device_dma_bytes` and the `broker_*` counters
+    /// but `broker_io_threads`) were filled: only for operators (root, or the uid the broker
+    /// runs as); other clients learn nothing of other tenants and see them as 0 / `None`.
+    pub broker_wide: bool,
     /// Data bytes the device moved by DMA to or from host memory, for all clients, when the
     /// device counts them (the emulated controller does). Equal to the bytes read and written:
     /// the device reaches client buffers directly (or, for bounced vectored requests, the

@@ -859,7 +859,7 @@ fn recovery(socket: &Path) -> Result<Recovery, Box<dyn std::error::Error>> {
                 aborts: s.broker_aborts,
                 retries: s.broker_retries,
                 buffer_iova_bytes_after: s.broker_buffer_iova_bytes,
-                sessions_after: s.broker_sessions - 1,
+                sessions_after: s.broker_sessions.saturating_sub(1),
             });
         }
         std::thread::sleep(Duration::from_millis(20));

@@ -186,7 +186,9 @@ pub(crate) struct Args {
     #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..=4096))]
     pub(crate) max_rings_per_session: u32,
 
-    /// Microseconds the I/O thread keeps polling after the last work before it sleeps.
+    /// Most microseconds the I/O thread keeps polling after the last work before it sleeps
+    /// (adaptive below that: it polls longer while work comes back soon after a sleep, and
+    /// stops polling while the sleeps last longer than this).
     #[arg(long, default_value_t = 200)]
     pub(crate) poll_idle_us: u64,
 

@@ -131,6 +131,21 @@ struct Queue {
     stall_since: Option<Instant>,
 }
 
+/// The next completion poll after sleeping `slept` for a completion: one that came within
+/// `max` would have been caught by polling longer, so the poll doubles (from 5 µs, up to `max`);
+/// a later one means the poll spun for nothing, so it halves (to none below 5 µs). (KVM adapts
+/// its halt polling the same way.)
+fn adapt_poll(poll: Duration, slept: Duration, max: Duration) -> Duration {
+    const START: Duration = Duration::from_micros(5);
+    if slept < max {
+        (poll * 2).max(START).min(max)
+    } else if poll / 2 < START {
+        Duration::ZERO
+    } else {
+        poll / 2
+    }
+}
+
 /// Socket input is read in large pieces and parsed from here, so a batch of small PDUs costs one
 /// `recv`, not two or three each; data of at least [`Staging::DIRECT`] bytes that is not read
 /// ahead goes straight from the socket into its slot.
@@ -299,6 +314,9 @@ impl Queue {
         io_timeout: Duration,
         spin: Duration,
     ) -> Result<(), ConnError> {
+        // The completion poll before sleeping: adapted to how long completions take, at most
+        // `spin` (`--poll-us`).
+        let mut poll = spin;
         loop {
             self.read_some()?;
             self.pump()?;
@@ -310,11 +328,11 @@ impl Queue {
                 return Err(ConnError::ControllerGone);
             }
             let armed = self.ring.in_flight() > 0;
-            if armed && !spin.is_zero() && self.tx.is_empty() {
+            if armed && !poll.is_zero() && self.tx.is_empty() {
                 // Poll the ring a little before sleeping: a fast device answers within it, and
-                // a completion seen here costs no eventfd round trip.
+                // a completion seen here costs no eventfd round trip and no sleep.
                 // The clock is read every 64 polls only (in some VMs each read is a system call).
-                let until = std::time::Instant::now() + spin;
+                let until = std::time::Instant::now() + poll;
                 let mut got = 0;
                 let mut polls = 0u32;
                 while got == 0 && (polls % 64 != 0 || std::time::Instant::now() < until) {
@@ -337,14 +355,19 @@ impl Queue {
             }
             let want_write = !self.tx.is_empty();
             let stall = want_write.then(|| *self.stall_since.get_or_insert_with(Instant::now) + io_timeout);
+            let asleep = (armed && !spin.is_zero()).then(std::time::Instant::now);
+            let mut completed = false;
             let stalled = tokio::select! {
                 r = self.stream.readable() => { r?; false }
                 r = self.stream.writable(), if want_write => { r?; false }
-                g = cfd.readable(), if armed => { g?.clear_ready(); false }
+                g = cfd.readable(), if armed => { g?.clear_ready(); completed = true; false }
                 _ = alive.changed() => false,
                 _ = ready.changed() => false,
                 _ = sleep_until_opt(stall), if want_write => true,
             };
+            if let (Some(t), true) = (asleep, completed) {
+                poll = adapt_poll(poll, t.elapsed(), spin);
+            }
             if armed {
                 self.ring.disarm_completion_fd();
             }
@@ -949,5 +972,25 @@ impl Queue {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_completion_poll_follows_how_long_completions_take() {
+        let max = Duration::from_micros(50);
+        let mut p = max;
+        for want in [25, 12, 6, 0, 0] {
+            p = adapt_poll(p, Duration::from_micros(400), max);
+            assert_eq!(p.as_micros(), want, "slow completions: poll less");
+        }
+        for want in [5, 10, 20, 40, 50, 50] {
+            p = adapt_poll(p, Duration::from_micros(30), max);
+            assert_eq!(p.as_micros(), want, "quick ones: poll more");
+        }
+        assert_eq!(adapt_poll(Duration::ZERO, Duration::ZERO, Duration::ZERO), Duration::ZERO);
     }
 }

@@ -63,9 +63,10 @@ struct Args {
     /// Seconds a host may leave what is sent to it unread (and to send ICReq and Connect).
     #[arg(long, default_value_t = 30)]
     io_timeout_s: u64,
-    /// Microseconds an I/O queue polls for completions before sleeping (saves a wakeup per I/O
-    /// at low queue depth; costs CPU, and delays the queue's other connections on that thread).
-    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u64).range(0..=1000))]
+    /// Most microseconds an I/O queue polls for completions before sleeping (saves a sleep and
+    /// a wakeup per I/O at low queue depth; adaptive below that: it shrinks, to none, while
+    /// completions take longer; 0: never poll).
+    #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u64).range(0..=1000))]
     poll_us: u64,
     /// Threads serving the sockets (every connection is a task; the data moves in nvmed's I/O
     /// threads, so one is often enough, and fewer threads mean fewer cross-thread wakeups).

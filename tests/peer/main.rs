@@ -12,7 +12,7 @@ const MIB: u64 = 1 << 20;
 
 fn usage() -> ! {
     eprintln!(
-        "usage: nvmed-test-peer hammer|hammer-rings SOCKET | hold connections|sessions N SOCKET | load SOCKET SECS QD"
+        "usage: nvmed-test-peer hammer|hammer-rings SOCKET | hold connections|sessions N SOCKET | load SOCKET SECS QD | stats SOCKET"
     );
     std::process::exit(2)
 }
@@ -26,6 +26,7 @@ fn main() {
             load(socket, secs.parse().unwrap_or_else(|_| usage()), qd.parse().unwrap_or_else(|_| usage()))
         }
         ["hold", mode, n, socket] => hold(mode, n.parse().unwrap_or_else(|_| usage()), socket),
+        ["stats", socket] => stats(socket),
         _ => usage(),
     }
 }
@@ -113,6 +114,37 @@ fn hammer_rings(socket: &str) {
     loop {
         std::thread::sleep(Duration::from_secs(1));
     }
+}
+
+/// Writes and reads one 4 KiB block, then prints what the broker tells this client about
+/// itself and about the broker: one line `STATS key=value ...`.
+fn stats(socket: &str) {
+    let session = NvmeSession::open(socket).unwrap();
+    let mut ring = session.new_ring().unwrap();
+    let ns = ring.namespaces()[0].nsid;
+    let buf = ring.alloc_buffer(4096).unwrap();
+    ring.write(ns, 0, buf, 0, 4096).unwrap();
+    ring.read(ns, 0, buf, 0, 4096).unwrap();
+    let s = session.stats().unwrap();
+    let threads = session.io_threads().unwrap();
+    let health = session.health().unwrap();
+    let smart = health[0].smart.clone().unwrap();
+    println!(
+        "STATS completed={} bytes_read={} broker_wide={} broker_sessions={} device_dma_bytes={} \
+         broker_buffer_iova_bytes={} thread_device_commands={} activity_hidden={} data_units_read={} \
+         host_write_commands={} temperature_kelvin={}",
+        s.completed,
+        s.bytes_read,
+        s.broker_wide,
+        s.broker_sessions,
+        s.device_dma_bytes.unwrap_or(0),
+        s.broker_buffer_iova_bytes,
+        threads.iter().map(|t| t.device_commands).sum::<u64>(),
+        health[0].activity_hidden,
+        smart.data_units_read,
+        smart.host_write_commands,
+        smart.temperature_kelvin,
+    );
 }
 
 /// Takes up to `n` connections (never saying Hello) or sessions, prints `REFUSED <error>` for

@@ -40,6 +40,9 @@ struct Connection {
     uid: u32,
     pid: i32,
     id: u64,
+    /// Root or the broker's own uid: sees broker-wide figures (other tenants' activity) in
+    /// Stats, Health and IoThreads; other clients see their own session's only.
+    operator: bool,
     /// Set by Hello.
     started: bool,
     /// The session's quota unit, held until the session is released.
@@ -65,6 +68,7 @@ pub fn serve(shared: Arc<Shared>, sock: OwnedFd, id: u64, uid: u32) {
         uid,
         pid,
         id,
+        operator: uid == 0 || uid == nix::unistd::geteuid().as_raw(),
         started: false,
         session_ticket: None,
         namespaces: Vec::new(),
@@ -162,7 +166,14 @@ impl Connection {
             Request::CloseRing { ring_id } => {
                 self.close_ring(ring_id).map(|()| (Response::RingClosed, vec![]))
             }
-            Request::IoThreads => none(Response::IoThreads(self.shared.io_thread_infos())),
+            Request::IoThreads => {
+                let mut infos = self.shared.io_thread_infos();
+                if !self.operator {
+                    // Ring counts guide placement; the device work of others is theirs.
+                    infos.iter_mut().for_each(|i| i.device_commands = 0);
+                }
+                none(Response::IoThreads(infos))
+            }
             Request::Health => {
                 self.refresh_namespaces();
                 let mut controllers: Vec<u16> = self.namespaces.iter().map(|n| n.controller).collect();
@@ -176,7 +187,13 @@ impl Connection {
                             controller: c,
                             model: info.model.clone(),
                             firmware: info.firmware.clone(),
-                            smart: self.shared.smart(usize::from(c)),
+                            smart: self.shared.smart(usize::from(c)).map(|mut s| {
+                                if !self.operator {
+                                    s.hide_activity();
+                                }
+                                s
+                            }),
+                            activity_hidden: !self.operator,
                         }
                     })
                     .collect();
@@ -211,15 +228,20 @@ impl Connection {
             s.bytes_written += c.bytes_written;
             s.in_flight += c.in_flight;
             s.bounced_bytes += c.bounced_bytes;
+            s.throttled_ns += c.throttled_ns;
         }
         s.rings = self.rings.len() as u64;
         s.buffers = self.buffers.len() as u64;
         s.buffer_bytes = self.buffer_bytes;
+        s.broker_io_threads = self.shared.pollers.len() as u64;
+        if !self.operator {
+            return s; // nothing about other tenants
+        }
+        s.broker_wide = true;
         s.broker_sessions = self.shared.quotas.held(Resource::Session);
         s.broker_buffer_iova_bytes = self.shared.space.used(crate::iova::Area::Buffers);
         s.device_dma_bytes =
             self.shared.devices.iter().map(|d| d.dma_data_bytes()).try_fold(0u64, |a, b| b.map(|b| a + b));
-        s.broker_io_threads = self.shared.pollers.len() as u64;
         for p in &self.shared.pollers {
             let c = &p.counters;
             s.broker_bounced_bytes += c.bounced_bytes.load(Ordering::Relaxed);

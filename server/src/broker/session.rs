@@ -87,6 +87,7 @@ impl SessionCounters {
             buffers: l(&self.buffers),
             buffer_bytes: l(&self.buffer_bytes),
             bounced_bytes: l(&self.bounced_bytes),
+            throttled_ns: l(&self.throttled_ns),
             ..Stats::default()
         }
     }

@@ -2,7 +2,8 @@
 //!
 //! It owns all data-plane state, so the hot path takes no lock and makes no syscall while
 //! busy: it polls the rings and the device completion queue, and sleeps on eventfds (clients'
-//! submit eventfds, the device interrupt, the control wakeup) only after `poll_idle` without work.
+//! submit eventfds, the device interrupt, the control wakeup) only after polling a while without
+//! work (at most `poll_idle`, less when sleeps show that polling does not pay).
 //!
 //! The jobs live in their own files: [`submit`] (taking SQEs fairly and admitting commands),
 //! [`complete`] (reaping the device and posting CQEs), [`split`] (requests carried by several
@@ -358,6 +359,9 @@ impl IoThread {
             "I/O thread started"
         );
         let mut idle_since: Option<Instant> = None;
+        // How long to poll without work before sleeping: adapted to how long the sleeps last
+        // (see `sleep::adapt_poll`), at most `poll_idle`.
+        let mut window = self.poll_idle;
         let mut idle_spins = 0u32;
         loop {
             // Control requests are rare: look at the channel only when one was announced.
@@ -415,8 +419,9 @@ impl IoThread {
             self.check_timeouts(now);
             match idle_since {
                 None => idle_since = Some(now),
-                Some(t) if now.duration_since(t) >= self.poll_idle => {
+                Some(t) if now.duration_since(t) >= window => {
                     self.sleep();
+                    window = sleep::adapt_poll(window, now.elapsed(), self.poll_idle);
                     self.serve_requests(); // also notices a broker that went away
                     idle_since = None;
                 }
