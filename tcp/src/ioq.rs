@@ -335,7 +335,7 @@ impl Queue {
                 let until = std::time::Instant::now() + poll;
                 let mut got = 0;
                 let mut polls = 0u32;
-                while got == 0 && (polls % 64 != 0 || std::time::Instant::now() < until) {
+                while got == 0 && (!polls.is_multiple_of(64) || std::time::Instant::now() < until) {
                     std::hint::spin_loop();
                     got = self.pump()?;
                     polls = polls.wrapping_add(1);
