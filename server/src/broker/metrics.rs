@@ -579,6 +579,13 @@ impl Collector for Snapshot {
         family(e, "nvmed_session_rings", "Open rings per session", Gauge, per_session(|s| s.rings))?;
         family(
             e,
+            "nvmed_session_throttled_seconds",
+            "Time each session's rings had a request held by its grant's rate limits (holds that ended)",
+            Counter,
+            self.sessions.iter().map(|s| (labels(s), s.totals.throttled_ns as f64 / 1e9)),
+        )?;
+        family(
+            e,
             "nvmed_session_registered_buffers",
             "Buffers registered per session",
             Gauge,
@@ -1103,6 +1110,7 @@ mod tests {
                     completed: 9,
                     in_flight: 1,
                     bytes_read: 4096,
+                    throttled_ns: 250_000_000,
                     ..Totals::default()
                 },
             }],
@@ -1152,6 +1160,7 @@ mod tests {
         for line in [
             "# TYPE nvmed_session_requests_submitted counter",
             "nvmed_session_requests_submitted_total{session=\"3\",uid=\"1000\",client=\"a \\\"quoted\\\" name\"} 10",
+            "nvmed_session_throttled_seconds_total{session=\"3\",uid=\"1000\",client=\"a \\\"quoted\\\" name\"} 0.25",
             "nvmed_uid_requests_submitted_total{uid=\"1000\"} 15",
             "nvmed_requests_submitted_total 15",
             "nvmed_sessions_ended_total 1",
