@@ -186,11 +186,16 @@ pub(crate) struct Args {
     #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..=4096))]
     pub(crate) max_rings_per_session: u32,
 
-    /// Most microseconds the I/O thread keeps polling after the last work before it sleeps
-    /// (adaptive below that: it polls longer while work comes back soon after a sleep, and
-    /// stops polling while the sleeps last longer than this).
+    /// Most microseconds the I/O thread keeps polling after the last work before it sleeps, while
+    /// commands are at the device (adaptive below that: it polls longer while work comes back
+    /// soon after a sleep, and stops polling while the sleeps last longer than this).
     #[arg(long, default_value_t = 200)]
     pub(crate) poll_idle_us: u64,
+
+    /// The same while no command is at the device, i.e. while the I/O thread waits for clients
+    /// only (their next request may be far off: polling for it takes CPU from them).
+    #[arg(long, default_value_t = 50)]
+    pub(crate) poll_clients_us: u64,
 
     /// Milliseconds a command may stay at the device before it is aborted (NVMe Abort; the
     /// controller is reset if that does not end it, or with --no-abort). Either way the command

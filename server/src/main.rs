@@ -248,6 +248,7 @@ fn run(
     config.hello_timeout = Duration::from_secs(args.hello_timeout_s);
     config.io_queue_depth = args.queue_depth;
     config.poll_idle = Duration::from_micros(args.poll_idle_us);
+    config.poll_clients = Duration::from_micros(args.poll_clients_us);
     config.io_timeout = Duration::from_millis(args.io_timeout_ms);
     config.io_tries = args.io_tries;
     config.aborts = !args.no_abort;

@@ -52,8 +52,11 @@ pub struct BrokerConfig {
     pub max_sessions: usize,
     /// Entries of the device I/O queue.
     pub io_queue_depth: u16,
-    /// How long the I/O thread keeps polling without work before it sleeps.
+    /// Longest the I/O thread keeps polling without work before it sleeps while commands are at
+    /// the device (adaptive below that: see `io_thread::sleep::adapt_poll`).
     pub poll_idle: Duration,
+    /// The same while no command is at the device (waiting for clients only).
+    pub poll_clients: Duration,
     /// Access rules.
     pub policy: Policy,
     /// Most buffers one session may register.
@@ -111,6 +114,7 @@ impl BrokerConfig {
             max_sessions: 64,
             io_queue_depth: 1024,
             poll_idle: Duration::from_micros(200),
+            poll_clients: Duration::from_micros(50),
             policy: Policy { grants: vec![], default: crate::policy::DefaultAccess::ReadWrite },
             max_buffers_per_session: 1024,
             max_buffer_bytes_per_session: 4 << 30,
@@ -681,6 +685,7 @@ impl Broker {
                 qid: i as u16 + 1,
                 limits: limits.clone(),
                 poll_idle: config.poll_idle,
+                poll_clients: config.poll_clients,
                 io_timeout: config.io_timeout,
                 reaper: reaper.clone(),
                 counters: counters.clone(),

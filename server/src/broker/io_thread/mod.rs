@@ -160,8 +160,10 @@ pub struct IoThreadSetup {
     pub qid: u16,
     /// Each controller's request limits.
     pub limits: Vec<DeviceLimits>,
-    /// Polling time before sleeping.
+    /// Longest poll before sleeping, with commands at the device.
     pub poll_idle: Duration,
+    /// Longest poll before sleeping, with none.
+    pub poll_clients: Duration,
     /// Command timeout.
     pub io_timeout: Duration,
     /// Where released rings go.
@@ -243,6 +245,7 @@ pub struct IoThread {
     zombies: Vec<Session>,
     epoll: Epoll,
     poll_idle: Duration,
+    poll_clients: Duration,
     touched: Vec<usize>,
     reaper: Reaper,
     shutdown: Option<Sender<()>>,
@@ -312,6 +315,7 @@ impl IoThread {
             zombies: Vec::new(),
             epoll,
             poll_idle: setup.poll_idle,
+            poll_clients: setup.poll_clients,
             touched: Vec::new(),
             reaper: setup.reaper,
             shutdown: None,
@@ -359,9 +363,11 @@ impl IoThread {
             "I/O thread started"
         );
         let mut idle_since: Option<Instant> = None;
-        // How long to poll without work before sleeping: adapted to how long the sleeps last
-        // (see `sleep::adapt_poll`), at most `poll_idle`.
-        let mut window = self.poll_idle;
+        // How long to poll without work before sleeping, adapted to how long the sleeps last
+        // (see `sleep::adapt_poll`): one window while commands are at the device (their
+        // completions are sure to come, and soon: at most `poll_idle`), one while waiting for
+        // clients only (whose next request may never come: at most `poll_clients`).
+        let mut windows = [self.poll_idle, self.poll_clients];
         let mut idle_spins = 0u32;
         loop {
             // Control requests are rare: look at the channel only when one was announced.
@@ -417,15 +423,18 @@ impl IoThread {
             }
             let now = Instant::now();
             self.check_timeouts(now);
-            match idle_since {
-                None => idle_since = Some(now),
-                Some(t) if now.duration_since(t) >= window => {
-                    self.sleep();
-                    window = sleep::adapt_poll(window, now.elapsed(), self.poll_idle);
-                    self.serve_requests(); // also notices a broker that went away
-                    idle_since = None;
-                }
-                Some(_) => {}
+            let Some(t) = idle_since else {
+                idle_since = Some(now);
+                continue;
+            };
+            // 0: commands are at the device; 1: waiting for clients only.
+            let waits = usize::from(self.ports.iter().all(|p| p.dq.queue.in_flight() == 0));
+            if now.duration_since(t) >= windows[waits] {
+                self.sleep();
+                let max = [self.poll_idle, self.poll_clients][waits];
+                windows[waits] = sleep::adapt_poll(windows[waits], now.elapsed(), max);
+                self.serve_requests(); // also notices a broker that went away
+                idle_since = None;
             }
         }
     }
