@@ -90,6 +90,9 @@ pub struct Config {
     pub io_timeout: Duration,
     /// How long an I/O queue polls its ring for completions before it sleeps on the eventfd.
     pub poll: Duration,
+    /// Where hosts reach the subsystem's I/O controllers (the address the discovery log
+    /// gives): `None`, or an unspecified IP, for the address the discovery connection came to.
+    pub io_addr: Option<std::net::SocketAddr>,
 }
 
 impl Config {
@@ -108,6 +111,7 @@ impl Config {
             max_connections: 512,
             io_timeout: Duration::from_secs(30),
             poll: Duration::ZERO,
+            io_addr: None,
         }
     }
 
