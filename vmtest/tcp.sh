@@ -13,6 +13,7 @@ TCP_DEV=
 # e2fsprogs' tools (copied from the host at their paths; busybox's mke2fs applet is in /bin).
 MKE2FS=$(ls /usr/sbin/mke2fs /sbin/mke2fs 2>/dev/null | head -1)
 E2FSCK=$(ls /usr/sbin/e2fsck /sbin/e2fsck 2>/dev/null | head -1)
+NVME=$(ls /usr/sbin/nvme /sbin/nvme 2>/dev/null | head -1)
 
 tcp_setup() {
     for m in $(cat /modules.tcp); do insmod /lib/modules/$m.ko || { echo "insmod $m failed"; return 1; }; done
@@ -96,14 +97,15 @@ tcp_digests() {
 # lists the subsystem to the allowed host and nothing to another; connect-all then connects
 # to what it lists, and the namespace serves verified I/O.
 tcp_discovery() {
+    [ -x "$NVME" ] || { echo "nvme-cli is not in the initramfs"; return 1; }
     tcp_disconnect || return 1
-    nvme discover -t tcp -a 127.0.0.1 -s 8009 -q $TCP_HOST > /tmp/disc.out 2>&1
+    $NVME discover -t tcp -a 127.0.0.1 -s 8009 -q $TCP_HOST > /tmp/disc.out 2>&1
     cat /tmp/disc.out
     grep -q "subnqn: *$TCP_NQN" /tmp/disc.out || { echo "the subsystem is not listed"; return 1; }
     grep -q "trsvcid: *4420" /tmp/disc.out && grep -q "traddr: *127.0.0.1" /tmp/disc.out || return 1
-    nvme discover -t tcp -a 127.0.0.1 -s 8009 -q $TCP_OTHER > /tmp/disc2.out 2>&1
+    $NVME discover -t tcp -a 127.0.0.1 -s 8009 -q $TCP_OTHER > /tmp/disc2.out 2>&1
     if grep -q "subnqn: *$TCP_NQN" /tmp/disc2.out; then echo "listed to $TCP_OTHER"; return 1; fi
-    nvme connect-all -t tcp -a 127.0.0.1 -s 8009 -q $TCP_HOST || return 1
+    $NVME connect-all -t tcp -a 127.0.0.1 -s 8009 -q $TCP_HOST || return 1
     tcp_find_dev || return 1
     blkcheck --dev $TCP_DEV --mib 8 --threads 2 --seed 7 --sizes 4096,65536
 }

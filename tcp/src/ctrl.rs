@@ -516,7 +516,7 @@ pub struct DiscoveryEntry {
 
 /// The Discovery log page (LID 70h): a 1024-byte header (generation counter, number of
 /// records, record format 0) and one 1024-byte record per entry: TCP, IPv4 or IPv6, an NVM
-/// subsystem, secure channel not required, port 1, dynamic controllers, admin queue of 32,
+/// subsystem, no secure channel (TLS is not offered), port 1, dynamic controllers, admin queue of 32,
 /// service id (port) and address as ASCII, no TCP security (TSAS.SECTYPE 0).
 pub fn discovery_log(entries: &[DiscoveryEntry], genctr: u64) -> Vec<u8> {
     let mut d = vec![0u8; 1024 * (1 + entries.len())];
@@ -527,7 +527,9 @@ pub fn discovery_log(entries: &[DiscoveryEntry], genctr: u64) -> Vec<u8> {
         r[0] = 3; // TRTYPE: TCP
         r[1] = if e.addr.is_ipv4() { 1 } else { 2 }; // ADRFAM
         r[2] = 2; // SUBTYPE: NVM subsystem
-        r[3] = 2; // TREQ: secure channel not required
+        // TREQ 0: secure channel not specified (10b, "not required", would say TLS is offered,
+        // and hosts would ask for it).
+        r[3] = 0;
         put16(r, 4, 1); // PORTID
         put16(r, 6, 0xffff); // CNTLID: dynamic
         put16(r, 8, 32); // ASQSZ
@@ -778,6 +780,7 @@ mod tests {
         assert_eq!(all, log);
         let r = &all[1024..];
         assert_eq!((r[0], r[1], r[2]), (3, 1, 2), "TCP, IPv4, NVM subsystem");
+        assert_eq!(r[3], 0, "TREQ: no secure channel (\"not required\" would offer TLS)");
         assert_eq!(u16::from_le_bytes([r[6], r[7]]), 0xffff, "dynamic controllers");
         let text = |b: &[u8]| String::from_utf8(b.iter().copied().take_while(|&c| c != 0).collect()).unwrap();
         assert_eq!(text(&r[32..64]), "4420");
