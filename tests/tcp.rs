@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::{pattern, TestBroker};
-use nvmed_tcp::ctrl::{admin_op, prop, sc};
+use nvmed_tcp::ctrl::{admin_op, prop, sc, DISCOVERY_NQN};
 use nvmed_tcp::initiator::{command, ConnectOptions, Done, InitError, Initiator};
 use nvmed_tcp::pdu::{self, fes, Digests, Header, NvmeCmd};
 use nvmed_tcp::{Config, HostAccess, Target};
@@ -628,4 +628,61 @@ fn nvmed_gone_for_good_fails_commands_retryably() {
     // The controller itself stays (a host may connect its queues again once nvmed is back).
     ok(a.run(command(admin_op::KEEP_ALIVE, 0, [0; 6]), None, 0).unwrap());
     assert_eq!(f.target.controllers(), 1);
+}
+
+#[test]
+fn discovery_lists_the_subsystem_to_allowed_hosts_only() {
+    let f = fixture(|_| {});
+    let discover = |hostnqn: &str| -> (Vec<u8>, Initiator) {
+        let mut o = opts(0, 0xffff, Digests::default());
+        o.subnqn = DISCOVERY_NQN.into();
+        o.hostnqn = hostnqn.into();
+        o.kato_ms = 0;
+        let mut a = Initiator::connect(f.addr, &o).expect("discovery connect");
+        a.property_set(prop::CC, 1 | (6 << 16) | (4 << 20)).unwrap();
+        assert_eq!(a.property_get(prop::CSTS, false).unwrap() & 1, 1, "RDY");
+        let id = identify(&mut a, 1, 0);
+        assert_eq!(id[111], 2, "CNTRLTYPE: discovery");
+        assert!(id[768..].starts_with(DISCOVERY_NQN.as_bytes()));
+        // The header, then the whole log (as nvme-cli reads it).
+        let numd = |bytes: u32| (bytes / 4 - 1) << 16;
+        let head = ok(a
+            .run(command(admin_op::GET_LOG_PAGE, 0, [0x70 | numd(1024), 0, 0, 0, 0, 0]), None, 1024)
+            .unwrap())
+        .data;
+        let records = u64::from_le_bytes(head[8..16].try_into().unwrap()) as u32;
+        let all = ok(a
+            .run(
+                command(admin_op::GET_LOG_PAGE, 0, [0x70 | numd(1024 * (1 + records)), 0, 0, 0, 0, 0]),
+                None,
+                1024 * (1 + records as usize),
+            )
+            .unwrap())
+        .data;
+        (all, a)
+    };
+    let (log, mut a) = discover(HOST);
+    assert_eq!(u64::from_le_bytes(log[8..16].try_into().unwrap()), 1, "one subsystem");
+    let r = &log[1024..2048];
+    let text = |b: &[u8]| String::from_utf8(b.iter().copied().take_while(|&c| c != 0).collect()).unwrap();
+    assert_eq!((r[0], r[1], r[2]), (3, 1, 2), "TCP, IPv4, NVM subsystem");
+    assert_eq!(text(&r[256..512]), SUBNQN);
+    assert_eq!(text(&r[512..768]), f.addr.ip().to_string(), "the address the host came to");
+    assert_eq!(text(&r[32..64]), f.addr.port().to_string());
+    // No namespaces, no I/O queues on a discovery controller.
+    let d = a.run(command(admin_op::IDENTIFY, 1, [0, 0, 0, 0, 0, 0]), None, 4096).unwrap();
+    assert_eq!(d.status(), sc::INVALID_FIELD | sc::DNR);
+    let mut o = opts(1, a.cntlid, Digests::default());
+    o.subnqn = DISCOVERY_NQN.into();
+    assert!(Initiator::connect(f.addr, &o).is_err(), "no I/O queue on the discovery NQN");
+    assert!(io_queue(&f, &a, 1, Digests::default(), HOST).is_err(), "nor under the subsystem's NQN");
+    // What the log lists works: connect to it.
+    let addr: SocketAddr = format!("{}:{}", text(&r[512..768]), text(&r[32..64])).parse().unwrap();
+    assert_eq!(addr, f.addr);
+    let mut io = admin(&f, Digests::default(), HOST, 1);
+    assert_eq!(identify(&mut io, 1, 0)[111], 1, "an I/O controller");
+    // A host not allowed in learns nothing.
+    let (log, _a) = discover("nqn.2014-08.org.example:stranger");
+    assert_eq!(u64::from_le_bytes(log[8..16].try_into().unwrap()), 0, "no records for a stranger");
+    assert_eq!(log.len(), 1024);
 }

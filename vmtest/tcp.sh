@@ -3,7 +3,8 @@
 # initiator connecting through /dev/nvme-fabrics (what `nvme connect` writes): the namespace's
 # size in sysfs, verified direct I/O at several sizes with 1 and 8 threads over every I/O
 # queue, the data again after disconnect and reconnect, mkfs + mount + fsck, header and data
-# digests, more I/O queues, and a host NQN that is not allowed.
+# digests, more I/O queues, nvme-cli's discover and connect-all through the discovery
+# controller, and a host NQN that is not allowed.
 TCP_NQN=nqn.2026-01.io.nvmed:vmtest
 TCP_HOST=nqn.2014-08.org.nvmexpress:uuid:6e766d65-6474-6370-0000-000000000001
 TCP_OTHER=nqn.2014-08.org.nvmexpress:uuid:6e766d65-6474-6370-0000-000000000002
@@ -20,8 +21,8 @@ tcp_setup() {
     TCP_BROKER=$!
     for i in $(seq 100); do grep -q ready /tmp/tcp-nvmed.out 2>/dev/null && break; sleep 0.1; done
     grep -q ready /tmp/tcp-nvmed.out || { cat /tmp/tcp-nvmed.log; return 1; }
-    nvmed-tcp --listen 127.0.0.1:4420 --nvmed /run/tcp-nvmed.sock --subsystem $TCP_NQN \
-        --allow-host $TCP_HOST > /tmp/tcp.out 2> /tmp/tcp.log &
+    nvmed-tcp --listen 127.0.0.1:4420 --discovery-listen 127.0.0.1:8009 --nvmed /run/tcp-nvmed.sock \
+        --subsystem $TCP_NQN --allow-host $TCP_HOST > /tmp/tcp.out 2> /tmp/tcp.log &
     TCP_TARGET=$!
     for i in $(seq 100); do grep -q ready /tmp/tcp.out 2>/dev/null && break; sleep 0.1; done
     grep -q ready /tmp/tcp.out || { cat /tmp/tcp.log; return 1; }
@@ -29,6 +30,9 @@ tcp_setup() {
 # tcp_connect HOSTNQN [,OPTIONS]: connects and sets TCP_DEV (the namespace's block device).
 tcp_connect() {
     echo "transport=tcp,traddr=127.0.0.1,trsvcid=4420,nqn=$TCP_NQN,hostnqn=$1$2" > /dev/nvme-fabrics || return 1
+    tcp_find_dev
+}
+tcp_find_dev() {
     TCP_DEV=
     for i in $(seq 100); do
         for b in /sys/block/nvme*n*; do
@@ -88,6 +92,21 @@ tcp_digests() {
     blkcheck --dev $TCP_DEV --mib 16 --threads 8 --seed 3 --sizes 512,8192,131072,1048576 || return 1
     q=$(( $(tcp_queues) - before )); echo "I/O queues of this controller: $q"; [ "$q" -ge 4 ]
 }
+# nvme-cli's discovery (Debian's nvme, copied from the host): the discovery controller on 8009
+# lists the subsystem to the allowed host and nothing to another; connect-all then connects
+# to what it lists, and the namespace serves verified I/O.
+tcp_discovery() {
+    tcp_disconnect || return 1
+    nvme discover -t tcp -a 127.0.0.1 -s 8009 -q $TCP_HOST > /tmp/disc.out 2>&1
+    cat /tmp/disc.out
+    grep -q "subnqn: *$TCP_NQN" /tmp/disc.out || { echo "the subsystem is not listed"; return 1; }
+    grep -q "trsvcid: *4420" /tmp/disc.out && grep -q "traddr: *127.0.0.1" /tmp/disc.out || return 1
+    nvme discover -t tcp -a 127.0.0.1 -s 8009 -q $TCP_OTHER > /tmp/disc2.out 2>&1
+    if grep -q "subnqn: *$TCP_NQN" /tmp/disc2.out; then echo "listed to $TCP_OTHER"; return 1; fi
+    nvme connect-all -t tcp -a 127.0.0.1 -s 8009 -q $TCP_HOST || return 1
+    tcp_find_dev || return 1
+    blkcheck --dev $TCP_DEV --mib 8 --threads 2 --seed 7 --sizes 4096,65536
+}
 tcp_refused() {
     tcp_disconnect || return 1
     if tcp_connect $TCP_OTHER 2>/dev/null; then echo "host $TCP_OTHER was let in"; return 1; fi
@@ -106,6 +125,7 @@ check tcp-verified-io tcp_io
 check tcp-disconnect-reconnect tcp_reconnect
 check tcp-mkfs-mount-fsck tcp_fs
 check tcp-digests-more-queues tcp_digests
+check tcp-discovery-nvme-cli tcp_discovery
 check tcp-host-refused tcp_refused
 tcp_stop
 grep -E "WARN|ERROR" /tmp/tcp.log | tail -20 | sed 's/^/  nvmed-tcp| /'

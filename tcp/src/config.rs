@@ -94,6 +94,9 @@ pub struct Config {
     /// bounds the pause a host sees; after it, commands in flight fail with Namespace Not
     /// Ready, which hosts retry).
     pub reconnect: nvmed_client::Reconnect,
+    /// Where hosts reach the subsystem's I/O controllers (the address the discovery log
+    /// gives): `None`, or an unspecified IP, for the address the discovery connection came to.
+    pub io_addr: Option<std::net::SocketAddr>,
 }
 
 impl Config {
@@ -113,6 +116,7 @@ impl Config {
             io_timeout: Duration::from_secs(30),
             poll: Duration::ZERO,
             reconnect: nvmed_client::Reconnect::default(),
+            io_addr: None,
         }
     }
 

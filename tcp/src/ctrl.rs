@@ -165,6 +165,9 @@ pub struct CtrlParams {
     pub serial: String,
     /// Whether write zeroes and deallocate are offered (ONCS).
     pub oncs: u16,
+    /// A discovery controller: the Discovery log page (LID 70h) it serves; it has no
+    /// namespaces and no I/O queues.
+    pub discovery: Option<Vec<u8>>,
 }
 
 /// What an admin command produced.
@@ -325,14 +328,20 @@ impl Controller {
         self.namespaces.iter().find(|n| n.nsid == nsid)
     }
 
-    /// The highest namespace id (Identify NN).
+    /// The highest namespace id (Identify NN; 0 for a discovery controller).
     pub fn nn(&self) -> u32 {
+        if self.params.discovery.is_some() {
+            return 0;
+        }
         self.namespaces.iter().map(|n| n.nsid).max().unwrap_or(0).max(1)
     }
 
     fn identify(&self, cmd: &NvmeCmd) -> Reply {
         let cns = cmd.cdw(10) as u8;
         let nsid = cmd.nsid.get();
+        if self.params.discovery.is_some() && cns != 0x01 {
+            return Reply::err(sc::INVALID_FIELD); // a discovery controller has no namespaces
+        }
         match cns {
             0x00 => {
                 if nsid == 0 || (nsid > self.nn() && nsid != 0xffff_ffff) {
@@ -372,7 +381,7 @@ impl Controller {
         d[77] = (p.max_transfer / 4096).trailing_zeros() as u8; // MDTS in 4 KiB pages
         put16(&mut d, 78, p.cntlid);
         put32(&mut d, 80, VERSION);
-        d[111] = 1; // CNTRLTYPE: I/O controller
+        d[111] = if p.discovery.is_some() { 2 } else { 1 }; // CNTRLTYPE: discovery or I/O controller
         d[258] = 3; // ACL
         d[259] = (MAX_AERS - 1) as u8; // AERL
         d[261] = 1 << 2; // LPA: extended data for Get Log Page
@@ -399,12 +408,16 @@ impl Controller {
         let numd = (u64::from(cmd.cdw(10) >> 16) | (u64::from(cmd.cdw(11) & 0xffff) << 16)) + 1;
         let len = numd * 4;
         let offset = u64::from(cmd.cdw(12)) | (u64::from(cmd.cdw(13)) << 32);
-        let page = match lid {
-            0x01 => vec![0u8; 64],
-            0x02 => self.smart_log(),
-            0x03 => vec![0u8; 512],
-            0x04 => vec![0u8; 4096],
-            _ => return Reply::err(sc::INVALID_LOG_PAGE),
+        let page = match (lid, &self.params.discovery) {
+            (0x70, Some(log)) => log.clone(),
+            (0x70, None) | (0x02..=0x04, Some(_)) => return Reply::err(sc::INVALID_LOG_PAGE),
+            (lid, _) => match lid {
+                0x01 => vec![0u8; 64],
+                0x02 => self.smart_log(),
+                0x03 => vec![0u8; 512],
+                0x04 => vec![0u8; 4096],
+                _ => return Reply::err(sc::INVALID_LOG_PAGE),
+            },
         };
         if len > 65536 || !offset.is_multiple_of(4) || offset > page.len() as u64 {
             return Reply::err(sc::INVALID_FIELD);
@@ -491,6 +504,42 @@ impl Controller {
     }
 }
 
+/// The well-known NQN of discovery subsystems.
+pub const DISCOVERY_NQN: &str = "nqn.2014-08.org.nvmexpress.discovery";
+
+/// One subsystem a discovery log lists: reachable over TCP at `addr`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiscoveryEntry {
+    /// Its NQN.
+    pub subnqn: String,
+    /// Where its controllers are reached.
+    pub addr: std::net::SocketAddr,
+}
+
+/// The Discovery log page (LID 70h): a 1024-byte header (generation counter, number of
+/// records, record format 0) and one 1024-byte record per entry: TCP, IPv4 or IPv6, an NVM
+/// subsystem, secure channel not required, port 1, dynamic controllers, admin queue of 32,
+/// service id (port) and address as ASCII, no TCP security (TSAS.SECTYPE 0).
+pub fn discovery_log(entries: &[DiscoveryEntry], genctr: u64) -> Vec<u8> {
+    let mut d = vec![0u8; 1024 * (1 + entries.len())];
+    put64(&mut d, 0, genctr);
+    put64(&mut d, 8, entries.len() as u64);
+    for (i, e) in entries.iter().enumerate() {
+        let r = &mut d[1024 * (i + 1)..1024 * (i + 2)];
+        r[0] = 3; // TRTYPE: TCP
+        r[1] = if e.addr.is_ipv4() { 1 } else { 2 }; // ADRFAM
+        r[2] = 2; // SUBTYPE: NVM subsystem
+        r[3] = 2; // TREQ: secure channel not required
+        put16(r, 4, 1); // PORTID
+        put16(r, 6, 0xffff); // CNTLID: dynamic
+        put16(r, 8, 32); // ASQSZ
+        ascii_nul(&mut r[32..64], &e.addr.port().to_string()); // TRSVCID
+        ascii_nul(&mut r[256..512], &e.subnqn);
+        ascii_nul(&mut r[512..768], &e.addr.ip().to_string()); // TRADDR
+    }
+    d
+}
+
 /// The Identify Namespace data structure.
 pub fn identify_ns(n: &NsView) -> Vec<u8> {
     let mut d = vec![0u8; 4096];
@@ -557,6 +606,7 @@ mod tests {
             max_io_queues: 8,
             serial: "abc".into(),
             oncs: 0x0c,
+            discovery: None,
         };
         let ns =
             vec![NsView::new(&p.subnqn, 1, 512, 1 << 20, false), NsView::new(&p.subnqn, 4, 4096, 100, true)];
@@ -705,5 +755,51 @@ mod tests {
         assert_eq!(c.admin(&cmd(admin_op::ASYNC_EVENT, 0, 0, 0)), Reply::err(sc::AER_LIMIT));
         assert_eq!(c.admin(&cmd(admin_op::KEEP_ALIVE, 0, 0, 0)), Reply::ok(0));
         assert_eq!(c.admin(&cmd(0xC0, 0, 0, 0)), Reply::err(sc::INVALID_OPCODE));
+    }
+
+    #[test]
+    fn a_discovery_controller_lists_the_subsystem() {
+        let addr: std::net::SocketAddr = "10.0.2.15:4420".parse().unwrap();
+        let entries = [DiscoveryEntry { subnqn: "nqn.2026-01.io.nvmed:test".into(), addr }];
+        let log = discovery_log(&entries, 7);
+        let mut c = ctrl();
+        c.params.discovery = Some(log.clone());
+        c.params.subnqn = DISCOVERY_NQN.into();
+        enable(&mut c);
+        let id = data(c.admin(&cmd(admin_op::IDENTIFY, 0, 1, 0)));
+        assert_eq!(id[111], 2, "CNTRLTYPE: discovery");
+        assert_eq!(u32::from_le_bytes(id[516..520].try_into().unwrap()), 0, "no namespaces");
+        assert!(id[768..].starts_with(DISCOVERY_NQN.as_bytes()));
+        assert_eq!(c.admin(&cmd(admin_op::IDENTIFY, 1, 0, 0)), Reply::err(sc::INVALID_FIELD));
+        // Header, then one record: read in two pieces as hosts do (header first, then all).
+        let numd = |bytes: u32| (bytes / 4 - 1) << 16;
+        let head = data(c.admin(&cmd(admin_op::GET_LOG_PAGE, 0, 0x70 | numd(1024), 0)));
+        assert_eq!(u64::from_le_bytes(head[0..8].try_into().unwrap()), 7, "GENCTR");
+        assert_eq!(u64::from_le_bytes(head[8..16].try_into().unwrap()), 1, "NUMREC");
+        let all = data(c.admin(&cmd(admin_op::GET_LOG_PAGE, 0, 0x70 | numd(2048), 0)));
+        assert_eq!(all, log);
+        let r = &all[1024..];
+        assert_eq!((r[0], r[1], r[2]), (3, 1, 2), "TCP, IPv4, NVM subsystem");
+        assert_eq!(u16::from_le_bytes([r[6], r[7]]), 0xffff, "dynamic controllers");
+        let text = |b: &[u8]| String::from_utf8(b.iter().copied().take_while(|&c| c != 0).collect()).unwrap();
+        assert_eq!(text(&r[32..64]), "4420");
+        assert_eq!(text(&r[256..512]), "nqn.2026-01.io.nvmed:test");
+        assert_eq!(text(&r[512..768]), "10.0.2.15");
+        // The second record alone, by offset.
+        let mut at = cmd(admin_op::GET_LOG_PAGE, 0, 0x70 | numd(1024), 0);
+        at.cdw[2] = 1024.into();
+        assert_eq!(data(c.admin(&at)), log[1024..]);
+        // Not the I/O controller's pages.
+        assert_eq!(
+            c.admin(&cmd(admin_op::GET_LOG_PAGE, 0, 0x02 | numd(512), 0)),
+            Reply::err(sc::INVALID_LOG_PAGE)
+        );
+        // And an I/O controller has no discovery log.
+        let mut io = ctrl();
+        enable(&mut io);
+        assert_eq!(
+            io.admin(&cmd(admin_op::GET_LOG_PAGE, 0, 0x70 | numd(1024), 0)),
+            Reply::err(sc::INVALID_LOG_PAGE)
+        );
     }
 }

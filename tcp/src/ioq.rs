@@ -206,7 +206,8 @@ pub(crate) async fn run(
 ) -> Result<(), ConnError> {
     let depth = sqsize + 1;
     let slot_size = ctrl.max_transfer;
-    let session = ctrl.session.clone();
+    // (A discovery controller has no session, and no I/O queues: `connect` refuses them.)
+    let Some(session) = ctrl.session.clone() else { return Err(ConnError::ControllerGone) };
     let name = format!("nvmed-tcp cntlid {} q{qid}", ctrl.cntlid);
     let made = tokio::task::spawn_blocking(move || {
         let opts = RingOptions {

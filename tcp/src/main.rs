@@ -18,12 +18,18 @@ use tracing::{error, info};
 ///
 /// Connect from a Linux host: nvme connect -t tcp -a ADDR -s 4420 -n NQN (or write
 /// "transport=tcp,traddr=ADDR,trsvcid=4420,nqn=NQN,hostnqn=HOSTNQN" to /dev/nvme-fabrics).
+/// Discovery (`nvme discover -t tcp -a ADDR -s 4420`, or -s 8009 with --discovery-listen)
+/// answers with this subsystem for the hosts allowed to use it.
 #[derive(Debug, Parser)]
 #[command(version)]
 struct Args {
-    /// Address to listen on.
+    /// Address to listen on (hosts may also ask it for the discovery log).
     #[arg(long, default_value = "127.0.0.1:4420")]
     listen: SocketAddr,
+    /// Also listen here for discovery only, e.g. 0.0.0.0:8009 (the well-known discovery port):
+    /// `nvme discover -t tcp -a ADDR -s 8009` then lists this subsystem to the hosts allowed.
+    #[arg(long, value_name = "ADDR")]
+    discovery_listen: Option<SocketAddr>,
     /// The nvmed broker's socket.
     #[arg(long, default_value = "/run/nvmed.sock")]
     nvmed: PathBuf,
@@ -140,16 +146,30 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     };
     rt.block_on(async move {
         let listener = tokio::net::TcpListener::bind(args.listen).await?;
+        let discovery = match args.discovery_listen {
+            Some(a) => Some(tokio::net::TcpListener::bind(a).await?),
+            None => None,
+        };
+        // The discovery log gives the address hosts reach the I/O controllers at.
+        cfg.io_addr = Some(listener.local_addr()?);
         info!(
             listen = %listener.local_addr()?,
+            discovery = ?discovery.as_ref().map(|d| d.local_addr()).transpose()?,
             subsystem = %cfg.subnqn,
             nvmed_namespaces = ?ns,
             "ready"
         );
         println!("ready");
         let target = Target::new(cfg);
+        let discover = async {
+            match discovery {
+                Some(d) => nvmed_tcp::serve(target.clone(), d).await,
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
-            r = nvmed_tcp::serve(target, listener) => r?,
+            r = nvmed_tcp::serve(target.clone(), listener) => r?,
+            r = discover => r?,
             _ = tokio::signal::ctrl_c() => info!("interrupted"),
             _ = sigterm() => info!("terminated"),
         }

@@ -15,7 +15,9 @@ use zerocopy::little_endian::{U16, U64};
 use zerocopy::IntoBytes;
 
 use crate::config::Config;
-use crate::ctrl::{admin_op, fctype, sc, Controller, CtrlParams, NsView, Reply};
+use crate::ctrl::{
+    admin_op, discovery_log, fctype, sc, Controller, CtrlParams, DiscoveryEntry, NsView, Reply, DISCOVERY_NQN,
+};
 use crate::pdu::{self, Digests, Header, Limits, NvmeCmd, NvmeCqe, PduError, Receiver};
 
 /// Why a connection ended.
@@ -54,8 +56,11 @@ pub struct CtrlShared {
     pub cntlid: u16,
     /// The host's NQN.
     pub hostnqn: String,
-    /// Its nvmed session: every I/O queue gets a ring of it.
-    pub session: NvmeSession,
+    /// Its nvmed session: every I/O queue gets a ring of it (`None` for a discovery
+    /// controller, which has no I/O queues).
+    pub session: Option<NvmeSession>,
+    /// A discovery controller (its host connected to the discovery NQN).
+    pub discovery: bool,
     /// Namespaces the host sees.
     pub namespaces: Arc<Vec<NsView>>,
     /// Largest transfer.
@@ -380,13 +385,40 @@ async fn connect(
     let cntlid = u16::from_le_bytes([data[16], data[17]]);
     let subnqn = nqn_field(&data[256..512]);
     let hostnqn = nqn_field(&data[512..768]);
+    if subnqn == DISCOVERY_NQN {
+        // Any host may ask what it can reach (the log lists only what it may use).
+        if qid != 0 {
+            return Err(invalid_param(false, 42, "a discovery controller has no I/O queues".into()));
+        }
+        if cntlid != 0xffff && cntlid != 0xfffe {
+            return Err(invalid_param(true, 16, format!("static controller id {cntlid} asked")));
+        }
+        if !(31..=max_sq_of(target).max(31)).contains(&sqsize) {
+            return Err(invalid_param(false, 44, format!("admin SQSIZE {sqsize}")));
+        }
+        let cntlid =
+            target.alloc_cntlid().ok_or((sc::CONNECT_CTRL_BUSY, 0, "no controller id free".into()))?;
+        let ctrl = Arc::new(CtrlShared {
+            cntlid,
+            hostnqn,
+            session: None,
+            discovery: true,
+            namespaces: Arc::new(Vec::new()),
+            max_transfer: target.cfg.max_transfer,
+            queues: Mutex::new((0, HashSet::new())),
+            alive: watch::channel(true).0,
+            ready: watch::channel(false).0,
+        });
+        lock(&target.ctrls).insert(cntlid, ctrl.clone());
+        return Ok((ctrl, 0, sqsize));
+    }
     if subnqn != target.cfg.subnqn {
         return Err(invalid_param(true, 256, format!("unknown subsystem {subnqn:?}")));
     }
     let Some((allowed, read_only)) = target.cfg.access(&hostnqn) else {
         return Err((sc::CONNECT_INVALID_HOST | sc::DNR, 0, format!("host {hostnqn:?} is not allowed")));
     };
-    let max_sq = target.cfg.queue_size - 1;
+    let max_sq = max_sq_of(target);
     if qid == 0 {
         if !(31..=max_sq.max(31)).contains(&sqsize) {
             return Err(invalid_param(false, 44, format!("admin SQSIZE {sqsize}")));
@@ -410,6 +442,9 @@ async fn connect(
         if ctrl.hostnqn != hostnqn {
             return Err(invalid_param(true, 512, "host NQN differs from the controller's".into()));
         }
+        if ctrl.discovery {
+            return Err(invalid_param(true, 16, format!("controller {cntlid} is a discovery controller")));
+        }
         if !*ctrl.ready.borrow() {
             return Err((sc::CMD_SEQ_ERROR | sc::DNR, 0, "controller not enabled".into()));
         }
@@ -423,6 +458,10 @@ async fn connect(
         drop(q);
         Ok((ctrl, qid, sqsize))
     }
+}
+
+fn max_sq_of(target: &Target) -> u16 {
+    target.cfg.queue_size - 1
 }
 
 async fn create_controller(
@@ -464,7 +503,8 @@ async fn create_controller(
     let ctrl = Arc::new(CtrlShared {
         cntlid,
         hostnqn,
-        session,
+        session: Some(session),
+        discovery: false,
         namespaces: Arc::new(namespaces),
         max_transfer,
         queues: Mutex::new((0, HashSet::new())),
@@ -506,20 +546,35 @@ async fn admin_queue(
     sqsize: u16,
     kato_ms: u32,
 ) -> Result<(), ConnError> {
+    let local = stream.local_addr()?;
     let (rd, mut wr) = stream.into_split();
     let (tx, mut rx) = mpsc::channel(4);
     let reader = tokio::spawn(admin_reader(rd, params.dg, target.limits(), tx));
     let _abort = AbortOnDrop(reader);
     let cfg = &target.cfg;
+    // A discovery controller lists the subsystem if its host may use it.
+    let discovery = shared.discovery.then(|| {
+        let mut addr = cfg.io_addr.unwrap_or(local);
+        if addr.ip().is_unspecified() {
+            addr.set_ip(local.ip());
+        }
+        let entries: Vec<DiscoveryEntry> = cfg
+            .access(&shared.hostnqn)
+            .map(|_| DiscoveryEntry { subnqn: cfg.subnqn.clone(), addr })
+            .into_iter()
+            .collect();
+        discovery_log(&entries, 1)
+    });
     let ctrl_params = CtrlParams {
-        subnqn: cfg.subnqn.clone(),
+        subnqn: if shared.discovery { DISCOVERY_NQN.to_string() } else { cfg.subnqn.clone() },
         cntlid: shared.cntlid,
         queue_size: cfg.queue_size,
         max_transfer: shared.max_transfer,
         in_capsule: cfg.in_capsule,
         max_io_queues: cfg.max_io_queues,
         serial: format!("{:08x}{:04x}", pdu::crc(cfg.subnqn.as_bytes()), shared.cntlid),
-        oncs: (1 << 2) | (1 << 3),
+        oncs: if shared.discovery { 0 } else { (1 << 2) | (1 << 3) },
+        discovery,
     };
     let mut ctrl = Controller::new(ctrl_params, shared.namespaces.to_vec(), kato_ms);
     let mut sqhd: u16 = 1;
@@ -620,10 +675,10 @@ async fn admin_queue(
 }
 
 async fn smart_of(shared: &Arc<CtrlShared>) -> Option<nvmed_proto::admin::SmartLog> {
+    let session = shared.session.clone()?;
     let controller =
-        shared.session.namespaces().iter().find(|n| shared.namespaces.iter().any(|v| v.nsid == n.nsid))?;
+        session.namespaces().iter().find(|n| shared.namespaces.iter().any(|v| v.nsid == n.nsid))?;
     let c = controller.controller;
-    let session = shared.session.clone();
     // While nvmed is away (restarting) the session waits for it: answer without the log
     // instead of holding up the admin queue (and its keep alives).
     let health = tokio::task::spawn_blocking(move || session.health());
