@@ -1,8 +1,8 @@
 //! nvmed-tcp end to end: the target runs in-process against a real `nvmed --emulate`, and the
 //! crate's small initiator connects over loopback: handshake, Connect and access checks,
 //! properties, Identify, features, verified I/O (in-capsule and R2T writes, several queues,
-//! several commands in flight) with digests off and on, and bad input that must end only the
-//! connection that sent it, with the right C2HTermReq.
+//! several commands in flight) with digests off and on, bad input that must end only the
+//! connection that sent it, with the right C2HTermReq, and nvmed restarts under I/O in flight.
 
 mod common;
 
@@ -26,14 +26,17 @@ const NS2_HOST: &str = "nqn.2014-08.org.nvmexpress:uuid:00000000-0000-0000-0000-
 const LBA: u64 = 512;
 
 struct Fixture {
-    _broker: TestBroker,
+    broker: TestBroker,
     rt: tokio::runtime::Runtime,
     addr: SocketAddr,
     target: Arc<Target>,
 }
 
 fn fixture(tune: impl FnOnce(&mut Config)) -> Fixture {
-    let broker = TestBroker::start(&[]);
+    fixture_on(TestBroker::start(&[]), tune)
+}
+
+fn fixture_on(broker: TestBroker, tune: impl FnOnce(&mut Config)) -> Fixture {
     let mut cfg = Config::new(SUBNQN, &broker.socket);
     cfg.hosts = vec![
         HostAccess { nqn: HOST.into(), namespaces: None, read_only: false },
@@ -47,7 +50,7 @@ fn fixture(tune: impl FnOnce(&mut Config)) -> Fixture {
     let addr = listener.local_addr().unwrap();
     let target = Target::new(cfg);
     rt.spawn(nvmed_tcp::serve(target.clone(), listener));
-    Fixture { _broker: broker, rt, addr, target }
+    Fixture { broker, rt, addr, target }
 }
 
 fn opts(qid: u16, cntlid: u16, dg: Digests) -> ConnectOptions {
@@ -459,6 +462,172 @@ fn many_connections_each_with_its_own_ring() {
     common::wait_until("all closed", Duration::from_secs(20), || {
         f.target.connections() == 0 && f.target.controllers() == 0
     });
+}
+
+/// A broker on a backing file (data outlives the process) with a device slow enough that
+/// commands are at it when the broker is killed.
+fn persistent_broker(latency_us: &str) -> TestBroker {
+    let dir = common::scratch_dir();
+    let file = dir.join("disk.img").to_str().unwrap().to_string();
+    TestBroker::start_in(
+        dir,
+        &["--backing", &file, "--emulator-mode", "async", "--emulator-latency-us", latency_us],
+    )
+}
+
+/// Submits `cmds` (write data, or a read of that length) on `q` at once and completes them all.
+fn queue_depth(q: &mut Initiator, cmds: Vec<(NvmeCmd, Option<Vec<u8>>, usize)>) -> Vec<(u16, Done)> {
+    let n = cmds.len();
+    let mut cids = Vec::new();
+    for (c, w, r) in cmds {
+        cids.push(q.submit(c, w, r).unwrap());
+    }
+    let mut done: Vec<(u16, Done)> = (0..n).map(|_| q.complete().unwrap()).collect();
+    done.sort_by_key(|(cid, _)| cids.iter().position(|c| c == cid).expect("a command of ours"));
+    done
+}
+
+/// Eight writes (in-capsule and after an R2T) per queue, then eight reads, with nvmed killed
+/// (SIGKILL) while they are at the device and started again on the same socket: every command
+/// completes successfully, the data reads back, and the admin queue kept answering meanwhile.
+#[test]
+fn io_rides_through_an_nvmed_restart() {
+    // The target on one current-thread runtime, as nvmed-tcp runs by default: a queue waiting
+    // for nvmed must not hold up the others or the admin queue.
+    let broker = persistent_broker("20000");
+    let mut f = fixture_on(broker, |_| {});
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let addr = listener.local_addr().unwrap();
+    let target = Target::new(f.target.cfg.clone());
+    let served = target.clone();
+    let thread = std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(async move {
+            let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+            tokio::select! {
+                _ = nvmed_tcp::serve(served, listener) => {}
+                _ = stopped => {}
+            }
+        });
+    });
+    f.addr = addr;
+    let mut a = admin(&f, Digests::default(), HOST, 2);
+    let mut qs = [
+        io_queue(&f, &a, 1, Digests::default(), HOST).unwrap(),
+        io_queue(&f, &a, 2, Digests::default(), HOST).unwrap(),
+    ];
+    // Block ranges per queue and command: 8 commands of 4 to 32 KiB.
+    let place = |q: usize, k: usize| ((q * 8 + k) as u64 * 64, 4096 * (1 + k % 8));
+    let round = |f: &mut Fixture, a: &mut Initiator, qs: &mut [Initiator; 2], write: bool, seed: u64| {
+        // Submit on both queues, kill nvmed while the commands are at the device (20 ms each).
+        let mut cids = [Vec::new(), Vec::new()];
+        for (qi, q) in qs.iter_mut().enumerate() {
+            for k in 0..8 {
+                let (lba, len) = place(qi, k);
+                let cmd = rw(write, 1, lba, len);
+                let cid = if write {
+                    q.submit(cmd, Some(data(seed + lba, len)), 0)
+                } else {
+                    q.submit(cmd, None, len)
+                };
+                cids[qi].push(cid.unwrap());
+            }
+        }
+        std::thread::sleep(Duration::from_millis(5));
+        f.broker.kill9();
+        let down = Instant::now();
+        // The controller stays: keep alives and Identify are answered while nvmed is away.
+        ok(a.run(command(admin_op::KEEP_ALIVE, 0, [0; 6]), None, 0).unwrap());
+        assert_eq!(identify(a, 0, 1)[..8], ((64u64 << 20) / LBA).to_le_bytes());
+        assert!(down.elapsed() < Duration::from_secs(2), "admin queue held up: {:?}", down.elapsed());
+        std::thread::sleep(Duration::from_millis(300));
+        f.broker.restart();
+        for (qi, q) in qs.iter_mut().enumerate() {
+            let mut got = Vec::new();
+            for _ in 0..8 {
+                let (cid, d) = q.complete().unwrap();
+                let k = cids[qi].iter().position(|&c| c == cid).expect("a command of ours");
+                assert_eq!(d.status(), 0, "queue {} command {k} failed across the restart", qi + 1);
+                if !write {
+                    let (lba, len) = place(qi, k);
+                    assert!(d.data == data(seed + lba, len), "queue {} read {k} after the restart", qi + 1);
+                }
+                got.push(k);
+            }
+            got.sort_unstable();
+            assert_eq!(got, (0..8).collect::<Vec<_>>(), "each command completes once");
+        }
+        eprintln!(
+            "{} round: nvmed down to all done in {:?}",
+            if write { "write" } else { "read" },
+            down.elapsed()
+        );
+    };
+    round(&mut f, &mut a, &mut qs, true, 1000);
+    round(&mut f, &mut a, &mut qs, false, 1000);
+    // Crossed over: each queue reads what the other wrote, and the queues still serve.
+    for (qi, q) in qs.iter_mut().enumerate() {
+        let other = 1 - qi;
+        let cmds = (0..8)
+            .map(|k| {
+                let (lba, len) = place(other, k);
+                (rw(false, 1, lba, len), None, len)
+            })
+            .collect();
+        for (k, (_, d)) in queue_depth(q, cmds).into_iter().enumerate() {
+            let (lba, len) = place(other, k);
+            assert!(
+                ok(d).data == data(1000 + lba, len),
+                "queue {} reads queue {}'s block {k}",
+                qi + 1,
+                other + 1
+            );
+        }
+    }
+    assert_eq!(target.controllers(), 1);
+    drop((qs, a));
+    let _ = stop.send(());
+    thread.join().unwrap();
+}
+
+/// nvmed killed and not started again: the commands that were at it fail with Namespace Not
+/// Ready, Do Not Retry clear (the host retries them later or elsewhere), once the reconnect
+/// budget is spent; the queue then closes, and the controller (admin queue) stays.
+#[test]
+fn nvmed_gone_for_good_fails_commands_retryably() {
+    let broker = persistent_broker("200000");
+    let mut f = fixture_on(broker, |c| {
+        c.reconnect =
+            nvmed_client::Reconnect { budget: Duration::from_secs(1), ..nvmed_client::Reconnect::default() };
+    });
+    let mut a = admin(&f, Digests::default(), HOST, 1);
+    let mut q = io_queue(&f, &a, 1, Digests::default(), HOST).unwrap();
+    ok(q.run(rw(true, 1, 0, 4096), Some(data(5, 4096)), 0).unwrap());
+    for k in 0..4u64 {
+        q.submit(
+            rw(k % 2 == 0, 1, k * 8, 4096),
+            (k % 2 == 0).then(|| data(k, 4096)),
+            if k % 2 == 0 { 0 } else { 4096 },
+        )
+        .unwrap();
+    }
+    std::thread::sleep(Duration::from_millis(20));
+    f.broker.kill9();
+    let down = Instant::now();
+    for _ in 0..4 {
+        let (_, d) = q.complete().unwrap();
+        assert_eq!(d.status(), sc::NS_NOT_READY, "retryable status (DNR clear), got {:#x}", d.status());
+    }
+    let after = down.elapsed();
+    assert!(after < Duration::from_secs(4), "failed after {after:?}, beyond the 1 s budget");
+    eprintln!("commands failed {after:?} after nvmed went away");
+    let mut b = [0u8; 1];
+    assert_eq!(q.stream().read(&mut b).unwrap_or(0), 0, "the queue closed");
+    // The controller itself stays (a host may connect its queues again once nvmed is back).
+    ok(a.run(command(admin_op::KEEP_ALIVE, 0, [0; 6]), None, 0).unwrap());
+    assert_eq!(f.target.controllers(), 1);
 }
 
 #[test]

@@ -340,6 +340,8 @@ pub struct NvmeRing {
     cq_entries: u32,
     /// Whether the broker may be holding SQEs back for want of CQ room (see [`NvmeRing::poll`]).
     cq_wait_possible: bool,
+    /// Whether [`NvmeRing::poll`] reconnects itself (see [`NvmeRing::set_reconnect_in_poll`]).
+    reconnect_in_poll: bool,
 }
 
 impl NvmeRing {
@@ -382,6 +384,7 @@ impl NvmeRing {
             empty_polls: 0,
             cq_entries: a.cq_entries,
             cq_wait_possible: false,
+            reconnect_in_poll: true,
         })
     }
 
@@ -451,6 +454,17 @@ impl NvmeRing {
     /// ones are closed): register those again.
     pub fn reconnect(&mut self, out: &mut Vec<Completion>) -> Result<usize> {
         self.recover(out)
+    }
+
+    /// Whether [`NvmeRing::poll`] (and so [`NvmeRing::arm_completion_fd`]) connects again
+    /// itself when it finds the broker gone (on, the default), blocking until a broker answers
+    /// or the [`Reconnect`] budget runs out. An event loop that must not block (one thread
+    /// serving many rings and sockets) turns it off: `poll` then fails with
+    /// [`Error::BrokerGone`] instead, leaving the ring as it was (nothing completed is lost),
+    /// and the caller runs [`NvmeRing::reconnect`] where blocking is fine, such as a blocking
+    /// thread pool.
+    pub fn set_reconnect_in_poll(&mut self, on: bool) {
+        self.reconnect_in_poll = on;
     }
 
     /// Moves every completion in the CQ into `out`.
@@ -906,6 +920,9 @@ impl NvmeRing {
             if self.empty_polls >= EMPTY_POLLS_BEFORE_CHECK {
                 self.empty_polls = 0;
                 if self.broker_gone() || self.epoch != self.session.epoch() {
+                    if !self.reconnect_in_poll {
+                        return Err(Error::BrokerGone);
+                    }
                     return self.recover(out);
                 }
                 if let Some(e) = self.fault_error() {

@@ -90,6 +90,10 @@ pub struct Config {
     pub io_timeout: Duration,
     /// How long an I/O queue polls its ring for completions before it sleeps on the eventfd.
     pub poll: Duration,
+    /// How the controllers' nvmed sessions connect again to a restarted broker (its budget
+    /// bounds the pause a host sees; after it, commands in flight fail with Namespace Not
+    /// Ready, which hosts retry).
+    pub reconnect: nvmed_client::Reconnect,
     /// Where hosts reach the subsystem's I/O controllers (the address the discovery log
     /// gives): `None`, or an unspecified IP, for the address the discovery connection came to.
     pub io_addr: Option<std::net::SocketAddr>,
@@ -111,6 +115,7 @@ impl Config {
             max_connections: 512,
             io_timeout: Duration::from_secs(30),
             poll: Duration::ZERO,
+            reconnect: nvmed_client::Reconnect::default(),
             io_addr: None,
         }
     }

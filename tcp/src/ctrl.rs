@@ -34,6 +34,8 @@ pub mod sc {
     pub const TRANSIENT_TRANSPORT: u16 = 0x22;
     /// LBA out of range.
     pub const LBA_RANGE: u16 = 0x80;
+    /// Namespace not ready (with DNR clear: retry later; nvmed-tcp's answer while nvmed is gone).
+    pub const NS_NOT_READY: u16 = 0x82;
     /// Asynchronous event request limit exceeded.
     pub const AER_LIMIT: u16 = 0x105;
     /// Invalid log page.

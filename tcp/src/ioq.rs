@@ -225,7 +225,7 @@ pub(crate) async fn run(
     .await
     .map_err(|e| ConnError::Io(std::io::Error::other(e)))?;
     let mut stream = stream;
-    let (ring, buf) = match made {
+    let (mut ring, buf) = match made {
         Ok(v) => v,
         Err(e) => {
             // Answer the Connect with an error instead of the success prepared.
@@ -235,11 +235,9 @@ pub(crate) async fn run(
             return Err(e.into());
         }
     };
-    let cfd: OwnedFd = ring.completion_fd().try_clone_to_owned()?;
-    // SAFETY: an OwnedFd is open until dropped and always returns the same descriptor; the
-    // AsyncFd owns it, so it stays open and unchanged for the AsyncFd's whole life.
-    let cfd = unsafe { AsyncFd::register_with_interest(cfd, Interest::READABLE) }
-        .map_err(|e| ConnError::Io(std::io::Error::other(e.to_string())))?;
+    // A gone nvmed is noticed on the control socket and reconnected to off this thread (below).
+    ring.set_reconnect_in_poll(false);
+    let mut fds = RingFds::of(&ring)?;
     let mut q = Queue {
         stream,
         ring,
@@ -275,18 +273,87 @@ pub(crate) async fn run(
     info!(cntlid = ctrl.cntlid, qid, depth, "I/O queue connected");
     let mut alive = ctrl.alive.subscribe();
     let mut ready = ctrl.ready.subscribe();
-    let r = q.serve(&cfd, &mut alive, &mut ready, target.cfg.io_timeout, target.cfg.poll).await;
+    let (io_timeout, spin) = (target.cfg.io_timeout, target.cfg.poll);
+    let mut r = q.serve(&fds, &mut alive, &mut ready, io_timeout, spin).await;
+    // nvmed went away (killed, crashed, restarted for an upgrade): wait for it, off the async
+    // thread (it serves every connection), with the ring moved there and back. The ring sends
+    // the requests in flight again to the new nvmed (same buffer ids); the host sees a pause.
+    while matches!(&r, Err(ConnError::Broker(e)) if broker_lost(e)) {
+        drop(fds);
+        let in_flight = q.ring.in_flight();
+        warn!(cntlid, qid, in_flight, "nvmed went away: waiting for it to come back");
+        let started = Instant::now();
+        let (back, reconnected) = tokio::task::spawn_blocking(move || {
+            let mut q = q;
+            let mut comps = std::mem::take(&mut q.comps);
+            let r = q.ring.reconnect(&mut comps);
+            q.comps = comps; // handled by the next pump
+            (q, r)
+        })
+        .await
+        .map_err(|e| ConnError::Io(std::io::Error::other(e)))?;
+        q = back;
+        fds = match reconnected.map_err(ConnError::from).and_then(|_| Ok(RingFds::of(&q.ring)?)) {
+            Ok(f) => f,
+            Err(e) => {
+                // Gone for good (or not within the reconnect budget): the commands at nvmed
+                // fail with a status the host retries (on this controller once nvmed is back,
+                // or on another path), and the queue closes.
+                warn!(
+                    cntlid,
+                    qid, "nvmed did not come back ({e}): failing {in_flight} commands, closing the queue"
+                );
+                q.fail_in_flight(sc::NS_NOT_READY);
+                q.flush().await;
+                r = Err(e);
+                break;
+            }
+        };
+        info!(cntlid, qid, after = ?started.elapsed(), "reconnected to nvmed; commands in flight sent again");
+        r = q.serve(&fds, &mut alive, &mut ready, io_timeout, spin).await;
+    }
     if let Err(ConnError::Pdu(e)) = &r {
         q.terminate(e).await;
     }
     // The queue id is free again before the host sees the connection close.
     lock(&ctrl.queues).1.remove(&qid);
     let ring = q.ring;
-    drop(cfd);
     // Dropping a ring waits for its I/O to drain: off the async workers.
     let _ = tokio::task::spawn_blocking(move || drop(ring)).await;
     debug!(qid, "I/O queue closed");
     r
+}
+
+/// Whether a ring error means nvmed went away (and the ring may connect again).
+fn broker_lost(e: &nvmed_client::Error) -> bool {
+    matches!(
+        e,
+        nvmed_client::Error::BrokerGone
+            | nvmed_client::Error::RingFaulted(Some(nvmed_proto::RingFault::Closed))
+    )
+}
+
+/// What an I/O queue sleeps on besides its socket: duplicates of its ring's completion eventfd
+/// and of its session's control socket (nvmed never writes to that unasked; its hang-up says
+/// nvmed went away), registered with the reactor. A ring that connected again has new ones.
+struct RingFds {
+    completion: AsyncFd<OwnedFd>,
+    control: AsyncFd<OwnedFd>,
+}
+
+impl RingFds {
+    fn of(ring: &NvmeRing) -> std::io::Result<Self> {
+        let register = |fd: OwnedFd| {
+            // SAFETY: an OwnedFd is open until dropped and always returns the same descriptor;
+            // the AsyncFd owns it, so it stays open and unchanged for the AsyncFd's whole life.
+            unsafe { AsyncFd::register_with_interest(fd, Interest::READABLE) }
+                .map_err(|e| std::io::Error::other(e.to_string()))
+        };
+        Ok(RingFds {
+            completion: register(ring.completion_fd().try_clone_to_owned()?)?,
+            control: register(ring.control_socket().try_clone_to_owned()?)?,
+        })
+    }
 }
 
 fn map_status(s: Status) -> u16 {
@@ -307,9 +374,11 @@ fn map_status(s: Status) -> u16 {
 }
 
 impl Queue {
+    /// Serves the queue until it ends, or until nvmed goes away (`ConnError::Broker` with an
+    /// error [`broker_lost`] accepts: the caller reconnects and serves again).
     async fn serve(
         &mut self,
-        cfd: &AsyncFd<OwnedFd>,
+        fds: &RingFds,
         alive: &mut tokio::sync::watch::Receiver<bool>,
         ready: &mut tokio::sync::watch::Receiver<bool>,
         io_timeout: Duration,
@@ -358,10 +427,20 @@ impl Queue {
             let stall = want_write.then(|| *self.stall_since.get_or_insert_with(Instant::now) + io_timeout);
             let asleep = (armed && !spin.is_zero()).then(std::time::Instant::now);
             let mut completed = false;
+            let mut broker_gone = false;
             let stalled = tokio::select! {
                 r = self.stream.readable() => { r?; false }
                 r = self.stream.writable(), if want_write => { r?; false }
-                g = cfd.readable(), if armed => { g?.clear_ready(); completed = true; false }
+                g = fds.completion.readable(), if armed => { g?.clear_ready(); completed = true; false }
+                g = fds.control.readable() => {
+                    // Readable also when a control call of another task got its reply.
+                    let mut g = g?;
+                    broker_gone = g.ready().is_read_closed();
+                    if !broker_gone {
+                        g.clear_ready();
+                    }
+                    false
+                }
                 _ = alive.changed() => false,
                 _ = ready.changed() => false,
                 _ = sleep_until_opt(stall), if want_write => true,
@@ -372,11 +451,39 @@ impl Queue {
             if armed {
                 self.ring.disarm_completion_fd();
             }
+            if broker_gone {
+                return Err(nvmed_client::Error::BrokerGone.into());
+            }
             if stalled {
                 warn!(qid = self.qid, "host stopped reading for {io_timeout:?}: closing the queue");
                 return Err(ConnError::Timeout("host not reading"));
             }
         }
+    }
+
+    /// Answers every command at nvmed with `status` (nvmed is gone: nothing of them will
+    /// complete) and forgets what was not sent to it yet.
+    fn fail_in_flight(&mut self, status: u16) {
+        self.backlog.clear();
+        for slot in 0..self.depth {
+            let s = &mut self.slots[usize::from(slot)];
+            if s.busy && s.pending > 0 {
+                s.pending = 0;
+                self.respond(slot, status);
+            }
+        }
+    }
+
+    /// Writes what is queued (for at most a second), before the queue closes.
+    async fn flush(&mut self) {
+        let _ = timeout(Duration::from_secs(1), async {
+            while !self.tx.is_empty() {
+                if self.write_some().is_err() || self.stream.writable().await.is_err() {
+                    return;
+                }
+            }
+        })
+        .await;
     }
 
     /// Sends a C2HTermReq after what is queued (never inside a half-sent PDU), then closes.

@@ -78,6 +78,12 @@ struct Args {
     /// threads, so one is often enough, and fewer threads mean fewer cross-thread wakeups).
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=256))]
     threads: u16,
+    /// Seconds to wait for a restarted nvmed when it goes away (killed, crashed, upgraded):
+    /// meanwhile the queues pause (hosts see latency, not errors), and the commands that were in
+    /// flight are sent again to the new nvmed. After it, those commands fail with Namespace Not
+    /// Ready (retryable) and the queue closes. 0: do not wait (also NVMED_RECONNECT=0).
+    #[arg(long, value_name = "SECS", default_value_t = 30)]
+    reconnect_secs: u64,
 }
 
 fn main() -> std::process::ExitCode {
@@ -115,6 +121,11 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     cfg.max_connections = args.max_connections;
     cfg.io_timeout = Duration::from_secs(args.io_timeout_s.max(1));
     cfg.poll = Duration::from_micros(args.poll_us);
+    if args.reconnect_secs == 0 {
+        cfg.reconnect = nvmed_client::Reconnect::off();
+    } else {
+        cfg.reconnect.budget = Duration::from_secs(args.reconnect_secs);
+    }
     cfg.validate()?;
     if cfg.hosts.is_empty() && !cfg.allow_any_host {
         return Err("no host may connect: give --allow-host, --config or --allow-any-host".into());

@@ -472,8 +472,9 @@ async fn create_controller(
 ) -> Result<Arc<CtrlShared>, String> {
     let path = target.cfg.nvmed_socket.clone();
     let name = format!("nvmed-tcp {hostnqn}");
+    let reconnect = target.cfg.reconnect;
     let session = tokio::task::spawn_blocking(move || {
-        NvmeSession::open_with(path, SessionOptions { client_name: name, ..SessionOptions::default() })
+        NvmeSession::open_with(path, SessionOptions { client_name: name, reconnect })
     })
     .await
     .map_err(|e| e.to_string())?
@@ -678,7 +679,10 @@ async fn smart_of(shared: &Arc<CtrlShared>) -> Option<nvmed_proto::admin::SmartL
     let controller =
         session.namespaces().iter().find(|n| shared.namespaces.iter().any(|v| v.nsid == n.nsid))?;
     let c = controller.controller;
-    let h = tokio::task::spawn_blocking(move || session.health()).await.ok()?.ok()?;
+    // While nvmed is away (restarting) the session waits for it: answer without the log
+    // instead of holding up the admin queue (and its keep alives).
+    let health = tokio::task::spawn_blocking(move || session.health());
+    let h = timeout(Duration::from_secs(1), health).await.ok()?.ok()?.ok()?;
     h.into_iter().find(|h| h.controller == c)?.smart.ok()
 }
 
