@@ -164,8 +164,8 @@ typedef struct nvmed_stats {
   uint64_t bounced_bytes;
   // Rings of this session.
   uint64_t rings;
-  // Sessions connected to the broker (0 unless the caller is root or the broker's own
-  // uid: other clients learn nothing of other tenants).
+  // Sessions connected to the broker (0 unless the caller is an operator: root, the
+  // broker's own uid, or a member of its admin group; others learn nothing of other tenants).
   uint64_t broker_sessions;
 } nvmed_stats;
 

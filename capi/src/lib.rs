@@ -199,8 +199,8 @@ pub struct nvmed_stats {
     pub bounced_bytes: u64,
     /// Rings of this session.
     pub rings: u64,
-    /// Sessions connected to the broker (0 unless the caller is root or the broker's own
-    /// uid: other clients learn nothing of other tenants).
+    /// Sessions connected to the broker (0 unless the caller is an operator: root, the
+    /// broker's own uid, or a member of its admin group; others learn nothing of other tenants).
     pub broker_sessions: u64,
 }
 

@@ -185,8 +185,8 @@ pub struct HealthSummary {
     /// Firmware revision.
     pub firmware: String,
     /// The SMART / Health Information log (at most about a second old), or why it could not be
-    /// read. For clients other than operators (root, the broker's uid) the counters of the
-    /// device's whole activity, which include other tenants', are 0: see
+    /// read. For clients other than operators (root, the broker's uid, its admin group) the
+    /// counters of the device's whole activity, which include other tenants', are 0: see
     /// [`crate::admin::SmartLog::hide_activity`].
     pub smart: Result<crate::admin::SmartLog, String>,
     /// Whether those counters were hidden.
@@ -228,8 +228,9 @@ pub struct Stats {
     /// Time this session's requests waited for its grant's rate limits, nanoseconds.
     pub throttled_ns: u64,
     /// Whether the broker-wide figures below (`device_dma_bytes` and the `broker_*` counters
-    /// but `broker_io_threads`) were filled: only for operators (root, or the uid the broker
-    /// runs as); other clients learn nothing of other tenants and see them as 0 / `None`.
+    /// but `broker_io_threads`) were filled: only for operators (root, the uid the broker runs
+    /// as, members of its `--admin-group`); other clients learn nothing of other tenants and
+    /// see them as 0 / `None`.
     pub broker_wide: bool,
     /// Data bytes the device moved by DMA to or from host memory, for all clients, when the
     /// device counts them (the emulated controller does). Equal to the bytes read and written:

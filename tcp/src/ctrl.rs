@@ -529,8 +529,8 @@ pub fn discovery_log(entries: &[DiscoveryEntry], genctr: u64) -> Vec<u8> {
         r[0] = 3; // TRTYPE: TCP
         r[1] = if e.addr.is_ipv4() { 1 } else { 2 }; // ADRFAM
         r[2] = 2; // SUBTYPE: NVM subsystem
-        // TREQ 0: secure channel not specified (10b, "not required", would say TLS is offered,
-        // and hosts would ask for it).
+                  // TREQ 0: secure channel not specified (10b, "not required", would say TLS is offered,
+                  // and hosts would ask for it).
         r[3] = 0;
         put16(r, 4, 1); // PORTID
         put16(r, 6, 0xffff); // CNTLID: dynamic

@@ -170,7 +170,7 @@ fn accept_loop(
 }
 
 /// Root, the broker's own uid, or a member of the admin group.
-fn authorized(cred: &UnixCredentials, group: Option<&AdminGroup>) -> bool {
+pub(super) fn authorized(cred: &UnixCredentials, group: Option<&AdminGroup>) -> bool {
     if cred.uid() == 0 || cred.uid() == nix::unistd::geteuid().as_raw() {
         return true;
     }

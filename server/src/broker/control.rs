@@ -40,8 +40,9 @@ struct Connection {
     uid: u32,
     pid: i32,
     id: u64,
-    /// Root or the broker's own uid: sees broker-wide figures (other tenants' activity) in
-    /// Stats, Health and IoThreads; other clients see their own session's only.
+    /// An operator (root, the broker's own uid, or a member of `--admin-group`: who may use
+    /// the admin socket) sees broker-wide figures (other tenants' activity) in Stats, Health
+    /// and IoThreads; other clients see their own session's only.
     operator: bool,
     /// Set by Hello.
     started: bool,
@@ -61,14 +62,16 @@ struct Connection {
 
 /// Serves one client until it leaves, then drains and releases its session.
 pub fn serve(shared: Arc<Shared>, sock: OwnedFd, id: u64, uid: u32) {
-    let pid = getsockopt(&sock, sockopt::PeerCredentials).map_or(0, |c| c.pid());
+    let cred = getsockopt(&sock, sockopt::PeerCredentials).ok();
+    let pid = cred.map_or(0, |c| c.pid());
+    let operator = cred.is_some_and(|c| super::admin::authorized(&c, shared.admin_group.as_ref()));
     let mut conn = Connection {
         shared,
         sock,
         uid,
         pid,
         id,
-        operator: uid == 0 || uid == nix::unistd::geteuid().as_raw(),
+        operator,
         started: false,
         session_ticket: None,
         namespaces: Vec::new(),

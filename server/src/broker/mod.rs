@@ -239,6 +239,8 @@ pub struct Shared {
     queue_entries: Vec<u32>,
     /// When the broker started.
     started: std::time::Instant,
+    /// The admin group (`--admin-group`), whose members are operators like root.
+    admin_group: Option<admin::AdminGroup>,
     /// Tests: called where a race with a reload would hurt (see [`HookPoint`]).
     #[cfg(test)]
     hook: Mutex<Option<Hook>>,
@@ -764,6 +766,7 @@ impl Broker {
             infos,
             queue_entries,
             started: std::time::Instant::now(),
+            admin_group: admin_listener.as_ref().and_then(|(_, g)| g.clone()),
             #[cfg(test)]
             hook: Mutex::new(None),
         });
