@@ -112,6 +112,10 @@ pub(crate) struct Args {
     /// shared VM it shows whether the vCPUs are really running side by side), then exit.
     #[arg(long, value_name = "SECONDS")]
     pub(crate) pingpong: Option<f64>,
+    /// After the run, measure that cross-core ping-pong for this many seconds and print it
+    /// beside the results (the state of the machine the figures came from; 0: skip).
+    #[arg(long, value_name = "SECONDS", default_value_t = 0.1)]
+    pub(crate) machine_state: f64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]

@@ -79,6 +79,10 @@ struct Report {
     /// With --embedded: what the broker recovered from, and what it still holds once the jobs
     /// left.
     broker_recovery: Option<Recovery>,
+    /// Median cross-core (CPU 0 <-> CPU 1) cache-line ping-pong round trip measured right
+    /// after the run (--machine-state), ns: what every shared-ring exchange pays on this
+    /// machine at the time.
+    pingpong_round_trip_ns: Option<f64>,
 }
 
 /// The embedded broker's recovery figures after a run.
@@ -586,10 +590,15 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         broker_cpu,
         broker_io_threads,
         broker_recovery,
+        pingpong_round_trip_ns: None,
     };
     if let Some(b) = embedded.take() {
         b.shutdown()?;
         let _ = std::fs::remove_dir_all(&dir);
+    }
+    let mut rep = rep;
+    if args.machine_state > 0.0 {
+        rep.pingpong_round_trip_ns = pingpong(args.machine_state).ok().map(|(median, _, _)| median);
     }
     match args.output_format {
         OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&rep)?),
@@ -785,6 +794,11 @@ fn print_report(r: &Report) {
             .map(|(i, t)| format!("#{i}: {} device commands", t.device_commands))
             .collect();
         println!("  broker I/O threads: {} ({})", t.len(), each.join(", "));
+    }
+    if let Some(ns) = r.pingpong_round_trip_ns {
+        println!(
+            "  machine: cross-core ping-pong (CPU 0 <-> CPU 1) round trip median {ns:.0} ns, after the run"
+        );
     }
 }
 

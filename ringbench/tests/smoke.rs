@@ -41,6 +41,12 @@ fn embedded_randrw_with_verify() {
     assert!(lat["p99_ns"].as_u64().unwrap() <= lat["max_ns"].as_u64().unwrap());
     assert_eq!(r["jobs"].as_array().unwrap().len(), 2);
     assert!(r["broker_cpu"].is_object());
+    // The machine's state beside the figures (needs two CPUs to bounce a line between).
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let pp = r["pingpong_round_trip_ns"].as_f64();
+    if cpus >= 2 {
+        assert!(pp.is_some_and(|ns| ns > 0.0 && ns < 1e6), "ping-pong: {pp:?}");
+    }
 }
 
 #[test]
