@@ -155,6 +155,9 @@ struct Staging {
     end: usize,
     /// The last `recv` returned less than asked: the socket has nothing more now.
     drained: bool,
+    /// Whether a short read may clear the socket's readiness without another `recv` (see
+    /// [`Staging::read`]).
+    skip_eagain: bool,
 }
 
 impl Staging {
@@ -162,17 +165,24 @@ impl Staging {
     const DIRECT: usize = 16 << 10;
 
     fn new() -> Self {
-        Staging { buf: vec![0; Self::SIZE].into_boxed_slice(), start: 0, end: 0, drained: false }
+        // Only on a current-thread runtime: there the I/O driver never runs while this task
+        // does, so no readiness event can arrive between the short `recv` and the clearing
+        // below. A multi-thread runtime's driver may run on another thread meanwhile; clearing
+        // a readiness it just set would lose that wakeup, so there the next `recv` (which
+        // returns EAGAIN) clears it, as tokio's `try_read` does safely.
+        let skip_eagain = tokio::runtime::Handle::try_current()
+            .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::CurrentThread);
+        Staging { buf: vec![0; Self::SIZE].into_boxed_slice(), start: 0, end: 0, drained: false, skip_eagain }
     }
 
     /// Fills (part of) `dest`, which is not empty: from what was read ahead, else from the
-    /// socket. `Ok(0)`: the peer closed. `WouldBlock`: nothing to read now (after a short read
-    /// the socket's readiness is cleared without another `recv`).
+    /// socket. `Ok(0)`: the peer closed. `WouldBlock`: nothing to read now (on a current-thread
+    /// runtime, after a short read the socket's readiness is cleared without another `recv`).
     fn read(&mut self, stream: &TcpStream, dest: &mut [u8]) -> std::io::Result<usize> {
         if self.start == self.end {
-            if self.drained {
+            if self.drained && self.skip_eagain {
                 // Tokio keeps the socket readable until it sees WouldBlock: tell it so without
-                // a system call (a readiness event that came after our recv is kept).
+                // a system call.
                 return stream.try_io(Interest::READABLE, || Err(ErrorKind::WouldBlock.into()));
             }
             if dest.len() >= Self::DIRECT {
