@@ -87,7 +87,8 @@ boot_guest() {
     start=$(date +%s)
     rm -f "$work/qemu.pid" "$work/console.log"
     # The guest asks for the hot-pluggable controller to be removed (UNPLUG-NOW on the console):
-    # device_del through QMP. Its last scenario asks for a power cut (POWER-CUT-NOW): QEMU is then
+    # device_del through QMP. (`tr` writes the console line by line (stdbuf -oL): with its
+    # default 4 KiB buffer the marker could wait in it until the guest gave up.) Its last scenario asks for a power cut (POWER-CUT-NOW): QEMU is then
     # killed with SIGKILL, as a power cut ends it, and the disk image is checked below.
     (
         unplugged=0
@@ -117,7 +118,7 @@ boot_guest() {
         -drive file="$work/disk3.img",if=none,id=nvm3,format=raw -device nvme,serial=nvmed1,drive=nvm3,addr=0d.0 \
         -device pcie-root-port,id=rp0,chassis=1,slot=1,addr=0e.0 \
         -drive file="$work/hot.img",if=none,id=hot,format=raw -device nvme,id=hotnvme,bus=rp0,serial=hot0,drive=hot \
-        < /dev/null 2>&1 | tr -d '\r' | tee "$work/console.log" | grep --line-buffered -E 'VMTEST|  \||VMCHECK|panic|Kernel'
+        < /dev/null 2>&1 | stdbuf -oL tr -d '\r' | tee "$work/console.log" | grep --line-buffered -E 'VMTEST|  \||VMCHECK|panic|Kernel'
     rc=${PIPESTATUS[0]}
     set -e
     kill $cutter 2>/dev/null || true

@@ -97,7 +97,7 @@ boot() { # ACCEL CPU
     log "booting ($1, $secs s per run)"
     timeout 900 qemu-system-x86_64 -machine q35,accel=$1 -cpu $2 -m 1024 -smp 2 -nographic -no-reboot \
         -kernel "$vm_vmlinux" -initrd "$work/initrd.gz" -append "console=ttyS0 quiet panic=-1 ${GUEST_APPEND:-}" \
-        < /dev/null 2>&1 | tr -d '\r' | tee "$work/console.log" | grep -a --line-buffered -E "BLKBENCH|BENCH" || true
+        < /dev/null 2>&1 | stdbuf -oL tr -d '\r' | tee "$work/console.log" | grep -a --line-buffered -E "BLKBENCH|BENCH" || true
     grep -aq "BENCH DONE" "$work/console.log"
 }
 accel=kvm
