@@ -6,49 +6,8 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::*;
-use nvmed_client::{Io, NvmeRing, NvmeSession, RingOptions};
-
-/// 4 KiB reads at depth `qd` on `ring` for `secs`; returns how many completed.
-fn reads_for(ring: &mut NvmeRing, qd: u64, secs: f64) -> u64 {
-    io_for(ring, qd, secs, 4096, false)
-}
-
-/// Requests of `size` bytes (reads, or writes) at depth `qd` on `ring` for `secs`; returns how
-/// many completed.
-fn io_for(ring: &mut NvmeRing, qd: u64, secs: f64, size: u64, write: bool) -> u64 {
-    let ns = ring.namespaces()[0].nsid;
-    let buf = ring.alloc_buffer((qd * size) as usize).unwrap();
-    let blocks = (32 << 20) / size;
-    let end = Instant::now() + Duration::from_secs_f64(secs);
-    let (mut out, mut done, mut next) = (Vec::new(), 0u64, 0u64);
-    let mut free: Vec<u64> = (0..qd).collect();
-    while Instant::now() < end {
-        while let Some(slot) = free.pop() {
-            let (offset, at) = ((next % blocks) * size, slot * size);
-            let io = if write {
-                Io::write(ns, offset, size as u32, buf, at)
-            } else {
-                Io::read(ns, offset, size as u32, buf, at)
-            };
-            ring.prep(io.user_data(slot)).unwrap();
-            next += 1;
-        }
-        ring.submit().unwrap();
-        out.clear();
-        ring.wait(1, &mut out, Some(Duration::from_secs(5))).unwrap();
-        for c in &out {
-            assert!(c.status.is_success(), "{c:?}");
-            free.push(c.user_data);
-        }
-        done += out.len() as u64;
-    }
-    // Drain what is still in flight (not counted).
-    while ring.in_flight() > 0 {
-        out.clear();
-        ring.wait(1, &mut out, Some(Duration::from_secs(5))).unwrap();
-    }
-    done
-}
+use nvmed_client::testkit::{io_for, reads_for};
+use nvmed_client::{NvmeRing, NvmeSession, RingOptions};
 
 #[test]
 fn an_iops_limit_holds_at_any_depth() {

@@ -2,7 +2,7 @@
 //! Enabled by the `testkit` feature; they panic with a description on any mismatch.
 
 use std::collections::HashMap;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::{BufferId, Completion, Io, IoSegment, NvmeRing, Status};
 
@@ -302,4 +302,48 @@ pub fn vectored_round_trip(
             }
         }
     }
+}
+
+/// 4 KiB reads at depth `qd` on `ring` for `secs` (over the first 32 MiB of its first
+/// namespace); returns how many completed. See [`io_for`].
+pub fn reads_for(ring: &mut NvmeRing, qd: u64, secs: f64) -> u64 {
+    io_for(ring, qd, secs, 4096, false)
+}
+
+/// Requests of `size` bytes (reads, or writes) at depth `qd` on `ring` for `secs`, over the
+/// first 32 MiB of the ring's first namespace; returns how many completed (each must succeed).
+/// What is still in flight at the end is drained (not counted) and the buffer unregistered.
+pub fn io_for(ring: &mut NvmeRing, qd: u64, secs: f64, size: u64, write: bool) -> u64 {
+    let ns = ring.namespaces()[0].nsid;
+    let buf = ring.alloc_buffer((qd * size) as usize).unwrap();
+    let blocks = (32 * MIB) / size;
+    let end = Instant::now() + Duration::from_secs_f64(secs);
+    let (mut out, mut done, mut next) = (Vec::new(), 0u64, 0u64);
+    let mut free: Vec<u64> = (0..qd).collect();
+    while Instant::now() < end {
+        while let Some(slot) = free.pop() {
+            let (offset, at) = ((next % blocks) * size, slot * size);
+            let io = if write {
+                Io::write(ns, offset, size as u32, buf, at)
+            } else {
+                Io::read(ns, offset, size as u32, buf, at)
+            };
+            ring.prep(io.user_data(slot)).unwrap();
+            next += 1;
+        }
+        ring.submit().unwrap();
+        out.clear();
+        ring.wait(1, &mut out, Some(Duration::from_secs(5))).unwrap();
+        for c in &out {
+            assert!(c.status.is_success(), "{c:?}");
+            free.push(c.user_data);
+        }
+        done += out.len() as u64;
+    }
+    while ring.in_flight() > 0 {
+        out.clear();
+        ring.wait(1, &mut out, Some(Duration::from_secs(5))).unwrap();
+    }
+    ring.unregister_buffer(buf).unwrap();
+    done
 }

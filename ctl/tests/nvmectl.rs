@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use nvmectl::{session_rates, AdminClient, CtlError};
+use nvmed_client::testkit::reads_for;
 use nvmed_client::{NvmeRing, NvmeSession};
 use nvmed_proto::admin::{AdminError, SmartLog};
 use nvmed_server::broker::{Broker, BrokerConfig};
@@ -548,36 +549,6 @@ fn sessions_show_the_time_held_by_limits() {
     assert!(held > 30.0, "{text}");
     stop.store(true, Ordering::Relaxed);
     assert!(w.thread.join().unwrap().unwrap() > 0);
-}
-
-/// 4 KiB reads at depth `qd` on `ring` for `secs`; returns how many completed (all must
-/// succeed).
-fn reads_for(ring: &mut NvmeRing, qd: u64, secs: f64) -> u64 {
-    use nvmed_client::Io;
-    let buf = ring.alloc_buffer((qd * 4096) as usize).unwrap();
-    let end = Instant::now() + Duration::from_secs_f64(secs);
-    let (mut out, mut done, mut next) = (Vec::new(), 0u64, 0u64);
-    let mut free: Vec<u64> = (0..qd).collect();
-    while Instant::now() < end {
-        while let Some(slot) = free.pop() {
-            ring.prep(Io::read(1, (next % 4096) * 4096, 4096, buf, slot * 4096).user_data(slot)).unwrap();
-            next += 1;
-        }
-        ring.submit().unwrap();
-        out.clear();
-        ring.wait(1, &mut out, Some(Duration::from_secs(5))).unwrap();
-        for c in &out {
-            assert!(c.status.is_success(), "{c:?}");
-            free.push(c.user_data);
-        }
-        done += out.len() as u64;
-    }
-    while ring.in_flight() > 0 {
-        out.clear();
-        ring.wait(1, &mut out, Some(Duration::from_secs(5))).unwrap();
-    }
-    ring.unregister_buffer(buf).unwrap();
-    done
 }
 
 #[test]
