@@ -514,9 +514,7 @@ fn a_client_that_never_reaps_leaves_the_broker_idle_and_is_served_when_it_does()
         ring.prep(Io::nop().user_data(i)).unwrap();
     }
     ring.submit().unwrap();
-    let cq_tail =
-        |r: &NvmeRing| r.ring_memory().load_u32(nvmed_proto::layout::CQ_TAIL_OFFSET, Ordering::Acquire);
-    wait_until("the CQ to fill", Duration::from_secs(5), || cq_tail(&ring) == 16);
+    wait_until("the CQ to fill", Duration::from_secs(5), || ring.ready_completions() == 16);
     // 16 more that cannot be taken until the client reaps.
     for i in 16..32 {
         ring.prep(Io::nop().user_data(i)).unwrap();

@@ -906,6 +906,15 @@ impl NvmeRing {
         session::closed(self.sock.as_fd())
     }
 
+    /// Completions waiting in the CQ, not yet moved out by [`NvmeRing::poll`] (or
+    /// [`NvmeRing::wait`]). Looks no further than this ring's requests in flight: the entries
+    /// past those are not written yet, and reading their cache line would only take it away
+    /// from the broker that is about to write it.
+    pub fn ready_completions(&mut self) -> usize {
+        let max = self.pending.len().min(self.cq_entries as usize) as u32;
+        self.cq.ready(max) as usize
+    }
+
     /// Moves finished requests into `out` without blocking. Returns how many.
     ///
     /// A client that only polls still learns that the ring is gone: every
@@ -914,8 +923,7 @@ impl NvmeRing {
     /// it unasked). A broker gone is reconnected to ([`Reconnect`], the requests not completed
     /// are sent again), or is [`Error::BrokerGone`].
     pub fn poll(&mut self, out: &mut Vec<Completion>) -> Result<usize> {
-        let avail = self.cq.available().map_err(|_| Error::Protocol("broker CQ tail corrupt".into()))?;
-        if avail == 0 {
+        if self.ready_completions() == 0 {
             self.empty_polls += 1;
             if self.empty_polls >= EMPTY_POLLS_BEFORE_CHECK {
                 self.empty_polls = 0;
@@ -936,12 +944,11 @@ impl NvmeRing {
 
     /// Moves the completions in the CQ now into `out`; returns how many.
     fn reap(&mut self, out: &mut Vec<Completion>) -> Result<usize> {
-        let avail = self.cq.available().map_err(|_| Error::Protocol("broker CQ tail corrupt".into()))?;
+        let avail = self.ready_completions() as u32;
         if avail == 0 {
             return Ok(0);
         }
         self.empty_polls = 0;
-        self.cq.prefetch(avail);
         for i in 0..avail {
             let cqe = self.cq.read(i);
             let Some(p) = self.pending.try_remove(cqe.user_data as usize) else {
@@ -960,7 +967,7 @@ impl NvmeRing {
             }
             out.push(Completion {
                 user_data: p.user_data,
-                status: Status::decode(cqe.status),
+                status: Status::decode(cqe.status_word()),
                 result: cqe.result,
             });
         }

@@ -7,7 +7,7 @@
 use serde::{Deserialize, Serialize};
 
 /// Version of the control protocol and ring layout a client speaks.
-pub const PROTOCOL_VERSION: u32 = 3;
+pub const PROTOCOL_VERSION: u32 = 4;
 /// Largest control datagram either side accepts.
 pub const MAX_MESSAGE_SIZE: usize = 4096;
 /// Most file descriptors one datagram may carry.

@@ -135,10 +135,18 @@ pub struct Sqe {
     /// Byte offset inside the registered buffer: of the data, or of the segment list.
     pub buf_offset: u64,
     /// Reserved, must be zero.
-    pub reserved1: [u64; 3],
+    pub reserved1: [u64; 2],
+    /// Reserved, must be zero.
+    pub reserved2: u32,
+    /// The ring's publication tag ([`Sqe::seq_for`] of the entry's index), written by the ring
+    /// layer when the entry is published: any value a caller puts here is ignored.
+    pub seq: u32,
 }
 
 /// A completion queue entry (16 bytes), written by the broker.
+///
+/// Bit 31 of `status` is the ring's phase tag ([`CQE_PHASE`]), set by the ring layer; decode
+/// [`Cqe::status_word`], not `status`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout)]
 #[repr(C)]
 pub struct Cqe {
@@ -150,12 +158,29 @@ pub struct Cqe {
     pub result: u32,
 }
 
+/// Byte offset of [`Sqe::seq`] inside an entry: the word whose store publishes the entry.
+pub const SQE_SEQ_OFFSET: usize = 60;
+/// Byte offset of the 8-byte word (`status` and `result`) whose store publishes a [`Cqe`].
+pub const CQE_TAG_OFFSET: usize = 8;
+/// The phase bit of a [`Cqe`]'s `status`: set in the ring's even laps, clear in its odd laps.
+pub const CQE_PHASE: u32 = 1 << 31;
+
 const _: () = assert!(core::mem::size_of::<Sqe>() == 64);
+const _: () = assert!(core::mem::offset_of!(Sqe, seq) == SQE_SEQ_OFFSET);
+const _: () = assert!(core::mem::offset_of!(Sqe, reserved2) == 56);
+const _: () = assert!(core::mem::offset_of!(Cqe, status) == CQE_TAG_OFFSET);
 const _: () = assert!(core::mem::align_of::<Sqe>() == 8);
 const _: () = assert!(core::mem::size_of::<Cqe>() == 16);
 const _: () = assert!(core::mem::align_of::<Cqe>() == 8);
 
 impl Sqe {
+    /// The publication tag of the entry at free-running index `index`: `index + 1`, so that
+    /// neither zeroed memory nor the entry a lap earlier (`index + 1 - entries`) matches it.
+    #[inline]
+    pub const fn seq_for(index: u32) -> u32 {
+        index.wrapping_add(1)
+    }
+
     fn with(opcode: Opcode, nsid: u32, offset: u64, len: u32, user_data: u64) -> Self {
         Self { opcode: opcode as u8, nsid, offset, len, user_data, ..Self::default() }
     }
@@ -230,5 +255,59 @@ impl Sqe {
     pub fn fua(mut self) -> Self {
         self.flags |= SQE_FLAG_FUA;
         self
+    }
+}
+
+impl Cqe {
+    /// The phase a published entry at free-running index `index` of a ring of `entries`
+    /// (a power of two) carries: [`CQE_PHASE`] in even laps, 0 in odd ones. Zeroed memory is
+    /// therefore unpublished for the first lap, and the entry of the previous lap is stale. The
+    /// parity stays consistent across the u32 wrap because `2^32 / entries` is even.
+    #[inline]
+    pub const fn phase_for(index: u32, entries: u32) -> u32 {
+        if index & entries == 0 {
+            CQE_PHASE
+        } else {
+            0
+        }
+    }
+
+    /// The status word without the ring's phase bit: what [`crate::Status::decode`] takes.
+    #[inline]
+    pub const fn status_word(&self) -> u32 {
+        self.status & !CQE_PHASE
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tags_differ_between_laps_across_the_u32_wrap() {
+        for entries in [2u32, 8, 8192] {
+            for start in [0u32, 1, entries - 1, u32::MAX - 2 * entries, u32::MAX - entries + 1] {
+                for k in 0..2 * entries {
+                    let i = start.wrapping_add(k);
+                    let next_lap = i.wrapping_add(entries);
+                    assert_ne!(Sqe::seq_for(i), Sqe::seq_for(next_lap));
+                    assert_ne!(Cqe::phase_for(i, entries), Cqe::phase_for(next_lap, entries));
+                    // Constant within a lap: the slot-0 entry of a lap decides it.
+                    let lap_start = i & !(entries - 1);
+                    assert_eq!(Cqe::phase_for(i, entries), Cqe::phase_for(lap_start, entries));
+                }
+            }
+            // Zeroed memory is never a published first-lap entry.
+            for i in 0..entries {
+                assert_ne!(Sqe::seq_for(i), 0);
+                assert_eq!(Cqe::phase_for(i, entries), CQE_PHASE);
+            }
+        }
+    }
+
+    #[test]
+    fn status_word_strips_the_phase() {
+        let c = Cqe { user_data: 1, status: CQE_PHASE | 0x0102_0304, result: 9 };
+        assert_eq!(c.status_word(), 0x0102_0304);
     }
 }

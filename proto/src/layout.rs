@@ -7,7 +7,7 @@ use crate::{Cqe, Sqe};
 /// `"NVMR"` in little-endian, the first word of every ring memfd.
 pub const RING_MAGIC: u32 = u32::from_le_bytes(*b"NVMR");
 /// Version of the ring layout described here.
-pub const RING_VERSION: u32 = 1;
+pub const RING_VERSION: u32 = 2;
 /// Page size used to align the entry arrays and the total size.
 pub const PAGE_SIZE: usize = 4096;
 /// Largest SQ the broker accepts.
@@ -17,12 +17,12 @@ pub const MAX_CQ_ENTRIES: u32 = 8192;
 
 /// Offset of the SQ head (written by the broker).
 pub const SQ_HEAD_OFFSET: usize = 64;
-/// Offset of the SQ tail (written by the client).
-pub const SQ_TAIL_OFFSET: usize = 128;
+// Offset 128 (the SQ tail of ring version 1) is reserved and stays zero: entries carry their
+// own publication tag ([`crate::Sqe::seq`]).
 /// Offset of the CQ head (written by the client).
 pub const CQ_HEAD_OFFSET: usize = 192;
-/// Offset of the CQ tail (written by the broker).
-pub const CQ_TAIL_OFFSET: usize = 256;
+// Offset 256 (the CQ tail of ring version 1) is reserved and stays zero: each completion
+// carries its own phase bit ([`crate::CQE_PHASE`]).
 /// Offset of the broker's flags word (`BROKER_*` bits, written by the broker).
 pub const BROKER_FLAGS_OFFSET: usize = 320;
 /// Offset of the client's flags word (`CLIENT_*` bits, written by the client).
@@ -47,7 +47,9 @@ pub const CLIENT_CQ_WAITING: u32 = 1 << 0;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[repr(u32)]
 pub enum RingFault {
-    /// SQ tail moved more than the ring's size past the broker's head.
+    /// SQ tail moved more than the ring's size past the broker's head (ring version 1 only:
+    /// since version 2 an entry with a wrong tag is simply not published, so this is never
+    /// raised; the code stays reserved).
     SqTailCorrupt = 1,
     /// CQ head is more than the ring's size behind, or ahead of, the broker's tail.
     CqHeadCorrupt = 2,
@@ -171,15 +173,8 @@ mod tests {
         assert_eq!(l.cq_entries_offset, 4096 + 256 * 64);
         assert_eq!(l.total_size, l.cq_entries_offset + 512 * 16);
         assert_eq!(l.total_size % PAGE_SIZE, 0);
-        let offsets = [
-            SQ_HEAD_OFFSET,
-            SQ_TAIL_OFFSET,
-            CQ_HEAD_OFFSET,
-            CQ_TAIL_OFFSET,
-            BROKER_FLAGS_OFFSET,
-            CLIENT_FLAGS_OFFSET,
-            FAULT_OFFSET,
-        ];
+        let offsets =
+            [SQ_HEAD_OFFSET, CQ_HEAD_OFFSET, BROKER_FLAGS_OFFSET, CLIENT_FLAGS_OFFSET, FAULT_OFFSET];
         for w in offsets.windows(2) {
             assert!(w[1] - w[0] >= 64, "index words share a cache line");
         }

@@ -69,6 +69,9 @@ pub use control::{
     ControlError, ControllerState, HealthSummary, IoThreadInfo, NamespaceInfo, Request, Response, Stats,
     PROTOCOL_VERSION,
 };
-pub use entry::{Cqe, Opcode, Segment, Sqe, MAX_SEGMENTS, SQE_FLAGS_KNOWN, SQE_FLAG_FUA};
+pub use entry::{
+    Cqe, Opcode, Segment, Sqe, CQE_PHASE, CQE_TAG_OFFSET, MAX_SEGMENTS, SQE_FLAGS_KNOWN, SQE_FLAG_FUA,
+    SQE_SEQ_OFFSET,
+};
 pub use layout::{RingFault, RingHeader, RingLayout};
 pub use status::{BrokerStatus, NvmeStatus, Status};

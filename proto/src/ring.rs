@@ -1,56 +1,71 @@
-//! The single-producer/single-consumer index protocol shared by the SQ and the CQ.
+//! The single-producer/single-consumer protocol shared by the SQ and the CQ.
 //!
-//! Both rings use free-running 32-bit indices: `tail - head` (wrapping) is the number of
-//! published, unconsumed entries, and an entry lives at `index & (entries - 1)`.
-//! The producer writes entries, then publishes the tail with `Release`; the consumer loads the
-//! tail with `Acquire`, copies the entries out, then publishes its head with `Release`; the
-//! producer loads the head with `Acquire` before reusing slots.
+//! Both rings use free-running 32-bit indices; an entry lives at `index & (entries - 1)`. There
+//! is no tail word: every entry carries its own publication tag, written last with `Release`
+//! (the SQ's [`Sqe::seq`] = index + 1, the CQ's phase bit [`crate::CQE_PHASE`] in `status`, as
+//! NVMe's completion queues do). The consumer loads the tag of the slot it expects next with
+//! `Acquire`; if it is the one that index's entry must carry, the entry is published and its
+//! copy can be read. So one cache-line transfer brings both the signal and the data, instead of
+//! an index line and then the entry lines. The consumer releases slots by storing its head with
+//! `Release`; the producer loads it with `Acquire` before reusing slots.
+//!
+//! The producer writes an entry's body when it is pushed and stages its tag; [`Producer::publish`]
+//! stores the staged tags in index order, so entries become visible exactly at publish (as with
+//! a tail store), and a batch's entries are finished together.
 //!
 //! Each side keeps its own index privately and never reads it back from shared memory, so a peer
-//! that scribbles over the index it does not own cannot move it. A peer index that claims more
-//! than `entries` outstanding entries is reported as [`RingError::Corrupt`].
+//! that scribbles over the index or tags it does not own cannot move it: a wrong tag only means
+//! "not published yet", and a head that claims more than `entries` outstanding entries is
+//! reported as [`RingError::Corrupt`].
+//!
+//! Wrap-around: a consumer never looks more than `entries` ahead, and flow control (the heads)
+//! keeps the producer within one lap, so a slot holds either the expected entry or the previous
+//! lap's, whose tag differs. A ring must start at index 0 on zeroed memory (or on memory whose
+//! previous lap was written): zero is no first-lap entry's tag.
 //!
 //! Cross-core traffic: a producer reads the consumer's head only when its cached copy says the
 //! ring is full, and may learn the head some other way ([`Producer::observe_head`]: the broker
 //! completes a request only after it has copied that request's SQ entry out, and it consumes the
 //! SQ in order, so a client that sees a completion knows the SQ slots up to that entry are free).
-//! Both sides prefetch a batch's entry lines together ([`Consumer::prefetch`],
-//! [`Producer::prefetch_free`]) so the transfers of a batch overlap instead of costing one miss
-//! per entry.
+//! A consumer that finds the next entry published prefetches as many lines as its previous batch
+//! had, and the producer prefetches free slots for writing ([`Producer::prefetch_free`]), so the
+//! transfers of a batch overlap instead of costing one miss per entry.
 
 use core::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use crate::layout::{
-    RingLayout, CQ_HEAD_OFFSET, CQ_TAIL_OFFSET, SQ_ENTRIES_OFFSET, SQ_HEAD_OFFSET, SQ_TAIL_OFFSET,
-};
+use crate::entry::{CQE_PHASE, CQE_TAG_OFFSET, SQE_SEQ_OFFSET};
+use crate::layout::{RingLayout, CQ_HEAD_OFFSET, SQ_ENTRIES_OFFSET, SQ_HEAD_OFFSET};
 use crate::shm::SharedMemory;
 use crate::{Cqe, Sqe};
 
-/// The memory a ring lives in: two index words and an entry array.
+/// The memory a ring lives in: a head word and an entry array whose entries carry tags.
 ///
 /// Implemented for shared memory ([`SharedRing`]) and, in tests, for loom-checked memory.
+/// Entries are addressed by free-running index; implementations mask it themselves.
 pub trait RingMemory {
     /// The entry type.
     type Entry: Copy;
+    /// The value whose store publishes an entry.
+    type Tag: Copy;
     /// Number of entries (a power of two, from the trusted local layout).
     fn entries(&self) -> u32;
     /// Loads the head word.
     fn load_head(&self, order: Ordering) -> u32;
     /// Stores the head word.
     fn store_head(&self, value: u32, order: Ordering);
-    /// Loads the tail word.
-    fn load_tail(&self, order: Ordering) -> u32;
-    /// Stores the tail word.
-    fn store_tail(&self, value: u32, order: Ordering);
-    /// Copies entry `slot` (already masked) out.
-    fn read_entry(&self, slot: u32) -> Self::Entry;
-    /// Writes entry `slot` (already masked).
-    fn write_entry(&self, slot: u32, entry: Self::Entry);
-    /// Hints that entry `slot` (already masked) will be read soon. Default: nothing.
-    fn prefetch_read(&self, _slot: u32) {}
-    /// Hints that entry `slot` (already masked) will be written soon. Default: nothing.
-    fn prefetch_write(&self, _slot: u32) {}
+    /// Writes everything of entry `index` but its tag word; returns the tag that publishes it.
+    fn write_body(&self, index: u32, entry: Self::Entry) -> Self::Tag;
+    /// Publishes entry `index`: stores its tag with `Release`.
+    fn store_tag(&self, index: u32, tag: Self::Tag);
+    /// Whether entry `index` is published (`Acquire` load of its slot's tag).
+    fn is_published(&self, index: u32) -> bool;
+    /// Copies entry `index` out (the caller saw it published).
+    fn read_entry(&self, index: u32) -> Self::Entry;
+    /// Hints that entry `index` will be read soon. Default: nothing.
+    fn prefetch_read(&self, _index: u32) {}
+    /// Hints that entry `index` will be written soon. Default: nothing.
+    fn prefetch_write(&self, _index: u32) {}
 }
 
 /// Most entries one prefetch call covers.
@@ -63,15 +78,14 @@ fn prefetch_run<M: RingMemory>(mem: &M, first: u32, n: u32, write: bool) {
     if n == 0 {
         return;
     }
-    let mask = mem.entries() - 1;
     // Entries per 64-byte line (an entry never straddles lines: sizes divide 64).
     let step = (64 / size_of::<M::Entry>().max(1)).max(1) as u32;
     let hint = |i: u32| {
-        let slot = first.wrapping_add(i) & mask;
+        let index = first.wrapping_add(i);
         if write {
-            mem.prefetch_write(slot)
+            mem.prefetch_write(index)
         } else {
-            mem.prefetch_read(slot)
+            mem.prefetch_read(index)
         }
     };
     let mut i = 0;
@@ -114,13 +128,16 @@ pub struct Producer<M: RingMemory> {
     published: u32,
     // Last head seen; the consumer's cache line is read again only when this says "full".
     cached_head: u32,
+    // Tags of the entries `published..tail`, stored by `publish` (capacity: the ring's size).
+    staged: Vec<M::Tag>,
 }
 
 impl<M: RingMemory> Producer<M> {
     /// Starts producing at `tail` (zero on a fresh ring).
     #[inline]
     pub fn new(mem: M, tail: u32) -> Self {
-        Self { mem, tail, published: tail, cached_head: tail }
+        let staged = Vec::with_capacity(mem.entries() as usize);
+        Self { mem, tail, published: tail, cached_head: tail, staged }
     }
 
     /// The underlying memory.
@@ -171,10 +188,12 @@ impl<M: RingMemory> Producer<M> {
         Ok(true)
     }
 
-    /// Writes one entry after the caller checked [`Producer::free`].
+    /// Writes one entry (all but its tag) after the caller checked [`Producer::free`].
     #[inline]
     pub fn push_unchecked(&mut self, entry: M::Entry) {
-        self.mem.write_entry(self.tail & (self.mem.entries() - 1), entry);
+        debug_assert!(self.staged.len() < self.mem.entries() as usize);
+        let tag = self.mem.write_body(self.tail, entry);
+        self.staged.push(tag);
         self.tail = self.tail.wrapping_add(1);
     }
 
@@ -204,13 +223,16 @@ impl<M: RingMemory> Producer<M> {
         self.tail.wrapping_sub(self.published)
     }
 
-    /// Makes every pushed entry visible to the consumer (`Release` store of the tail).
+    /// Makes every pushed entry visible to the consumer: stores their tags in index order,
+    /// each with `Release`.
     #[inline]
     pub fn publish(&mut self) {
-        if self.published != self.tail {
-            self.mem.store_tail(self.tail, Ordering::Release);
-            self.published = self.tail;
+        let mut index = self.published;
+        for tag in self.staged.drain(..) {
+            self.mem.store_tag(index, tag);
+            index = index.wrapping_add(1);
         }
+        self.published = self.tail;
     }
 
     /// The private tail.
@@ -225,13 +247,17 @@ impl<M: RingMemory> Producer<M> {
 pub struct Consumer<M: RingMemory> {
     mem: M,
     head: u32,
+    // Entries from `head` already seen published (never a cached "not published").
+    seen: u32,
+    // How many were found in the last scan: that many lines are prefetched on the next one.
+    last_batch: u32,
 }
 
 impl<M: RingMemory> Consumer<M> {
     /// Starts consuming at `head` (zero on a fresh ring).
     #[inline]
     pub fn new(mem: M, head: u32) -> Self {
-        Self { mem, head }
+        Self { mem, head, seen: 0, last_batch: 1 }
     }
 
     /// The underlying memory.
@@ -240,43 +266,59 @@ impl<M: RingMemory> Consumer<M> {
         &self.mem
     }
 
-    /// Published entries not yet consumed (`Acquire` load of the tail).
+    /// How many entries from the head, up to `max` (and the ring's size), are published: the
+    /// length of the run of entries whose tags are the expected ones. Reads the tag of the next
+    /// unseen entry with `Acquire`; only when the first is published does it look further
+    /// (after prefetching as many lines as the last batch had).
     #[inline]
-    pub fn available(&self) -> Result<u32, RingError> {
-        outstanding(self.head, self.mem.load_tail(Ordering::Acquire), self.mem.entries())
+    pub fn ready(&mut self, max: u32) -> u32 {
+        let max = max.min(self.mem.entries());
+        if self.seen < max {
+            if self.seen == 0 {
+                if !self.mem.is_published(self.head) {
+                    return 0;
+                }
+                self.seen = 1;
+                // A batch is likely behind it: fetch its lines together, only now.
+                let more = self.last_batch.min(max).saturating_sub(1);
+                prefetch_run(&self.mem, self.head.wrapping_add(1), more, false);
+            }
+            while self.seen < max && self.mem.is_published(self.head.wrapping_add(self.seen)) {
+                self.seen += 1;
+            }
+            self.last_batch = self.seen;
+        }
+        self.seen.min(max)
     }
 
-    /// Copies the `n`th available entry out (the caller checked `n < available()`).
+    /// Copies the `n`th entry from the head out (the caller saw `n < ready(..)`).
     #[inline]
     pub fn read(&self, n: u32) -> M::Entry {
-        self.mem.read_entry(self.head.wrapping_add(n) & (self.mem.entries() - 1))
+        debug_assert!(n < self.seen, "reading an entry not seen published");
+        self.mem.read_entry(self.head.wrapping_add(n))
     }
 
-    /// Hints that the next `n` entries (the caller checked `n <= available()`) are about to
-    /// be read, so their lines are fetched together.
-    #[inline]
-    pub fn prefetch(&self, n: u32) {
-        prefetch_run(&self.mem, self.head, n, false);
-    }
-
-    /// Releases `n` entries to the producer (`Release` store of the head).
+    /// Releases `n` entries (at most those seen ready) to the producer (`Release` store of the
+    /// head).
     #[inline]
     pub fn consume(&mut self, n: u32) {
         if n > 0 {
+            debug_assert!(n <= self.seen, "consuming entries not seen published");
+            self.seen = self.seen.saturating_sub(n);
             self.head = self.head.wrapping_add(n);
             self.mem.store_head(self.head, Ordering::Release);
         }
     }
 
-    /// Copies out and releases one entry, if any.
+    /// Copies out and releases one entry, if one is published.
     #[inline]
-    pub fn pop(&mut self) -> Result<Option<M::Entry>, RingError> {
-        if self.available()? == 0 {
-            return Ok(None);
+    pub fn pop(&mut self) -> Option<M::Entry> {
+        if self.ready(1) == 0 {
+            return None;
         }
         let e = self.read(0);
         self.consume(1);
-        Ok(Some(e))
+        Some(e)
     }
 
     /// The private head.
@@ -291,7 +333,6 @@ impl<M: RingMemory> Consumer<M> {
 pub struct SharedRing<E> {
     mem: Arc<SharedMemory>,
     head_offset: usize,
-    tail_offset: usize,
     entries_offset: usize,
     entries: u32,
     _entry: core::marker::PhantomData<fn() -> E>,
@@ -303,6 +344,11 @@ impl<E> SharedRing<E> {
     pub fn mapping(&self) -> &Arc<SharedMemory> {
         &self.mem
     }
+
+    #[inline]
+    fn offset(&self, index: u32) -> usize {
+        self.entries_offset + (index & (self.entries - 1)) as usize * size_of::<E>()
+    }
 }
 
 /// The submission ring of a mapped ring memfd.
@@ -311,7 +357,6 @@ pub fn submission_ring(mem: Arc<SharedMemory>, layout: &RingLayout) -> SharedRin
     SharedRing {
         mem,
         head_offset: SQ_HEAD_OFFSET,
-        tail_offset: SQ_TAIL_OFFSET,
         entries_offset: SQ_ENTRIES_OFFSET,
         entries: layout.sq_entries,
         _entry: core::marker::PhantomData,
@@ -324,31 +369,61 @@ pub fn completion_ring(mem: Arc<SharedMemory>, layout: &RingLayout) -> SharedRin
     SharedRing {
         mem,
         head_offset: CQ_HEAD_OFFSET,
-        tail_offset: CQ_TAIL_OFFSET,
         entries_offset: layout.cq_entries_offset,
         entries: layout.cq_entries,
         _entry: core::marker::PhantomData,
     }
 }
 
-/// An entry type of a shared ring, and how it is written into the mapping.
+/// An entry type of a shared ring: how it is written into the mapping and how it is tagged.
 pub trait SharedEntry: Copy + zerocopy::FromBytes + zerocopy::IntoBytes + zerocopy::Immutable {
-    /// Writes `self` at `offset` of `mem` (default: one volatile copy).
+    /// The value whose store publishes an entry.
+    type Tag: Copy;
+    /// Writes all of `self` but the tag word at `offset`, as entry `index` of a ring of
+    /// `entries`; returns the tag that publishes it.
+    fn write_body(&self, mem: &SharedMemory, offset: usize, index: u32, entries: u32) -> Self::Tag;
+    /// Stores `tag` into the entry at `offset` with `Release`.
+    fn store_tag(mem: &SharedMemory, offset: usize, tag: Self::Tag);
+    /// Whether the entry at `offset` carries the tag of entry `index` (`Acquire` load).
+    fn is_published(mem: &SharedMemory, offset: usize, index: u32, entries: u32) -> bool;
+}
+
+impl SharedEntry for Cqe {
+    /// The 8-byte word of `status` and `result`, with the phase bit of `index`'s lap.
+    type Tag = u64;
+
     #[inline]
-    fn store(&self, mem: &SharedMemory, offset: usize) {
-        mem.write(offset, *self)
+    fn write_body(&self, mem: &SharedMemory, offset: usize, index: u32, entries: u32) -> u64 {
+        mem.write::<u64>(offset, self.user_data);
+        let status = (self.status & !CQE_PHASE) | Cqe::phase_for(index, entries);
+        let [s0, s1, s2, s3] = status.to_ne_bytes();
+        let [r0, r1, r2, r3] = self.result.to_ne_bytes();
+        u64::from_ne_bytes([s0, s1, s2, s3, r0, r1, r2, r3])
+    }
+
+    #[inline]
+    fn store_tag(mem: &SharedMemory, offset: usize, tag: u64) {
+        mem.store_u64(offset + CQE_TAG_OFFSET, tag, Ordering::Release)
+    }
+
+    #[inline]
+    fn is_published(mem: &SharedMemory, offset: usize, index: u32, entries: u32) -> bool {
+        let word = mem.load_u64(offset + CQE_TAG_OFFSET, Ordering::Acquire);
+        let [s0, s1, s2, s3, ..] = word.to_ne_bytes();
+        u32::from_ne_bytes([s0, s1, s2, s3]) & CQE_PHASE == Cqe::phase_for(index, entries)
     }
 }
 
-impl SharedEntry for Cqe {}
-
 impl SharedEntry for Sqe {
+    /// [`Sqe::seq_for`] the entry's index.
+    type Tag = u32;
+
     /// Field by field into 8-byte words. The caller just built the entry with a store per
     /// field; copying it with wide loads would make each load wait until those narrow stores
     /// reach the cache (no store forwarding across several stores), i.e. behind every store
     /// still queued, the previous entries' stores to shared lines included.
     #[inline]
-    fn store(&self, mem: &SharedMemory, offset: usize) {
+    fn write_body(&self, mem: &SharedMemory, offset: usize, index: u32, _entries: u32) -> u32 {
         let [s0, s1] = self.segments.to_ne_bytes();
         let [n0, n1, n2, n3] = self.nsid.to_ne_bytes();
         let [l0, l1, l2, l3] = self.len.to_ne_bytes();
@@ -363,14 +438,26 @@ impl SharedEntry for Sqe {
                 self.buf_offset,
                 self.reserved1[0],
                 self.reserved1[1],
-                self.reserved1[2],
             ],
-        )
+        );
+        mem.write::<u32>(offset + 56, self.reserved2);
+        Sqe::seq_for(index)
+    }
+
+    #[inline]
+    fn store_tag(mem: &SharedMemory, offset: usize, tag: u32) {
+        mem.store_u32(offset + SQE_SEQ_OFFSET, tag, Ordering::Release)
+    }
+
+    #[inline]
+    fn is_published(mem: &SharedMemory, offset: usize, index: u32, _entries: u32) -> bool {
+        mem.load_u32(offset + SQE_SEQ_OFFSET, Ordering::Acquire) == Sqe::seq_for(index)
     }
 }
 
 impl<E: SharedEntry> RingMemory for SharedRing<E> {
     type Entry = E;
+    type Tag = E::Tag;
 
     #[inline]
     fn entries(&self) -> u32 {
@@ -385,28 +472,28 @@ impl<E: SharedEntry> RingMemory for SharedRing<E> {
         self.mem.store_u32(self.head_offset, value, order)
     }
     #[inline]
-    fn load_tail(&self, order: Ordering) -> u32 {
-        self.mem.load_u32(self.tail_offset, order)
+    fn write_body(&self, index: u32, entry: E) -> E::Tag {
+        entry.write_body(&self.mem, self.offset(index), index, self.entries)
     }
     #[inline]
-    fn store_tail(&self, value: u32, order: Ordering) {
-        self.mem.store_u32(self.tail_offset, value, order)
+    fn store_tag(&self, index: u32, tag: E::Tag) {
+        E::store_tag(&self.mem, self.offset(index), tag)
     }
     #[inline]
-    fn read_entry(&self, slot: u32) -> E {
-        self.mem.read(self.entries_offset + slot as usize * size_of::<E>())
+    fn is_published(&self, index: u32) -> bool {
+        E::is_published(&self.mem, self.offset(index), index, self.entries)
     }
     #[inline]
-    fn write_entry(&self, slot: u32, entry: E) {
-        entry.store(&self.mem, self.entries_offset + slot as usize * size_of::<E>())
+    fn read_entry(&self, index: u32) -> E {
+        self.mem.read(self.offset(index))
     }
     #[inline]
-    fn prefetch_read(&self, slot: u32) {
-        self.mem.prefetch_read(self.entries_offset + slot as usize * size_of::<E>())
+    fn prefetch_read(&self, index: u32) {
+        self.mem.prefetch_read(self.offset(index))
     }
     #[inline]
-    fn prefetch_write(&self, slot: u32) {
-        self.mem.prefetch_write(self.entries_offset + slot as usize * size_of::<E>())
+    fn prefetch_write(&self, index: u32) {
+        self.mem.prefetch_write(self.offset(index))
     }
 }
 
@@ -414,9 +501,15 @@ impl<E: SharedEntry> RingMemory for SharedRing<E> {
 mod tests {
     use super::*;
 
+    fn ring_mem(sq: u32, cq: u32) -> (Arc<SharedMemory>, RingLayout) {
+        let layout = RingLayout::new(sq, cq).unwrap();
+        (Arc::new(SharedMemory::anonymous(layout.total_size).unwrap()), layout)
+    }
+
     #[test]
-    fn sqe_store_by_words_writes_the_same_bytes() {
-        let mem = SharedMemory::anonymous(4096).unwrap();
+    fn sqe_body_then_seq() {
+        let (mem, layout) = ring_mem(4, 4);
+        let ring = submission_ring(mem.clone(), &layout);
         let sqe = Sqe {
             opcode: 0x81,
             flags: 0x42,
@@ -427,13 +520,103 @@ mod tests {
             len: 0x99aa_bbcc,
             buf_id: 0xddee_ff01,
             buf_offset: 0x0203_0405_0607_0809,
-            reserved1: [0x0a0b, 0x0c0d, 0x0e0f],
+            reserved1: [0x0a0b, 0x0c0d],
+            reserved2: 0x0e0f,
+            seq: 0xdead, // ignored: the ring writes the tag
         };
-        sqe.store(&mem, 64);
-        let back: Sqe = mem.read(64);
-        assert_eq!(back, sqe);
+        let index = 6; // slot 2, second lap
+        let tag = ring.write_body(index, sqe);
+        assert!(!ring.is_published(index), "visible before its tag");
+        ring.store_tag(index, tag);
+        assert!(ring.is_published(index));
+        assert!(!ring.is_published(index + 4), "a lap later is not this entry");
+        assert!(!ring.is_published(index - 4), "a lap earlier is not this entry");
+        let back = ring.read_entry(index);
+        assert_eq!(back, Sqe { seq: Sqe::seq_for(index), ..sqe });
         let mut bytes = [0u8; 64];
-        mem.copy_out(64, &mut bytes);
-        assert_eq!(&bytes[..], zerocopy::IntoBytes::as_bytes(&sqe));
+        mem.copy_out(SQ_ENTRIES_OFFSET + 2 * 64, &mut bytes);
+        assert_eq!(&bytes[..], zerocopy::IntoBytes::as_bytes(&back));
+    }
+
+    #[test]
+    fn cqe_phase_is_set_by_the_ring_and_stripped_on_decode() {
+        let (mem, layout) = ring_mem(4, 4);
+        let ring = completion_ring(mem, &layout);
+        for (index, phase) in [(1u32, CQE_PHASE), (5, 0), (9, CQE_PHASE)] {
+            let cqe = Cqe { user_data: 7, status: CQE_PHASE | 0x0200_0005, result: 4096 };
+            let tag = ring.write_body(index, cqe);
+            assert!(!ring.is_published(index));
+            ring.store_tag(index, tag);
+            assert!(ring.is_published(index));
+            let back = ring.read_entry(index);
+            assert_eq!(back.status & CQE_PHASE, phase);
+            assert_eq!((back.user_data, back.status_word(), back.result), (7, 0x0200_0005, 4096));
+        }
+    }
+
+    /// Push, publish, scan, read and consume over many laps, from index 0 and from just
+    /// before the u32 wrap (after writing the previous lap, as a ring that got there would).
+    #[test]
+    fn both_rings_over_many_laps_and_the_wrap() {
+        for start in [0u32, u32::MAX - 5] {
+            let (mem, layout) = ring_mem(4, 4);
+            let mut sq = Producer::new(submission_ring(mem.clone(), &layout), start.wrapping_sub(4));
+            let mut cq = Producer::new(completion_ring(mem.clone(), &layout), start.wrapping_sub(4));
+            if start != 0 {
+                // The previous lap's entries, published and consumed.
+                for i in 0..4 {
+                    sq.push_unchecked(Sqe::nop(i));
+                    cq.push_unchecked(Cqe { user_data: i, ..Cqe::default() });
+                }
+                sq.publish();
+                cq.publish();
+                mem.store_u32(SQ_HEAD_OFFSET, start, Ordering::Relaxed);
+                mem.store_u32(CQ_HEAD_OFFSET, start, Ordering::Relaxed);
+            } else {
+                sq = Producer::new(submission_ring(mem.clone(), &layout), 0);
+                cq = Producer::new(completion_ring(mem.clone(), &layout), 0);
+            }
+            let mut sc = Consumer::new(submission_ring(mem.clone(), &layout), start);
+            let mut cc = Consumer::new(completion_ring(mem.clone(), &layout), start);
+            let mut next = 0u64;
+            let mut expect = 0u64;
+            for round in 0..40u32 {
+                let n = round % 4 + 1;
+                assert_eq!(sq.free().unwrap(), 4);
+                for _ in 0..n {
+                    assert!(sq.push(Sqe::nop(next)).unwrap());
+                    assert!(cq.push(Cqe { user_data: next, status: 3, result: 1 }).unwrap());
+                    next += 1;
+                }
+                assert_eq!((sc.ready(16), cc.ready(16)), (0, 0), "nothing before publish");
+                sq.publish();
+                cq.publish();
+                assert_eq!(sc.ready(2), n.min(2), "bounded by max");
+                assert_eq!((sc.ready(16), cc.ready(16)), (n, n), "bounded by what was published");
+                for i in 0..n {
+                    assert_eq!(sc.read(i).user_data, expect + u64::from(i));
+                    let c = cc.read(i);
+                    assert_eq!((c.user_data, c.status_word(), c.result), (expect + u64::from(i), 3, 1));
+                }
+                sc.consume(n);
+                cc.consume(n);
+                expect += u64::from(n);
+                assert_eq!((sc.ready(16), cc.ready(16)), (0, 0), "stale lap not taken");
+            }
+        }
+    }
+
+    #[test]
+    fn a_wrong_seq_is_not_published() {
+        let (mem, layout) = ring_mem(4, 4);
+        let mut c = Consumer::new(submission_ring(mem.clone(), &layout), 0);
+        for bogus in [0u32, 2, 5, u32::MAX] {
+            mem.store_u32(SQ_ENTRIES_OFFSET + SQE_SEQ_OFFSET, bogus, Ordering::Relaxed);
+            assert_eq!(c.ready(4), 0);
+        }
+        mem.store_u32(SQ_ENTRIES_OFFSET + SQE_SEQ_OFFSET, 1, Ordering::Relaxed);
+        assert_eq!(c.ready(4), 1);
+        assert!(c.pop().is_some());
+        assert_eq!(c.ready(4), 0);
     }
 }

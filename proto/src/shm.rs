@@ -7,7 +7,7 @@
 use std::io;
 use std::os::fd::BorrowedFd;
 use std::ptr::NonNull;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
 use zerocopy::{FromBytes, Immutable, IntoBytes};
 
@@ -104,6 +104,22 @@ impl SharedMemory {
         let p = self.check(offset, 4, 4);
         // SAFETY: as in `load_u32`.
         unsafe { AtomicU32::from_ptr(p.cast()) }.store(value, order)
+    }
+
+    /// Atomically loads the `u64` at `offset` (8-byte aligned).
+    #[inline]
+    pub fn load_u64(&self, offset: usize, order: Ordering) -> u64 {
+        let p = self.check(offset, 8, 8);
+        // SAFETY: as in `load_u32` (8 bytes in bounds, 8-aligned).
+        unsafe { AtomicU64::from_ptr(p.cast()) }.load(order)
+    }
+
+    /// Atomically stores `value` at `offset` (8-byte aligned).
+    #[inline]
+    pub fn store_u64(&self, offset: usize, value: u64, order: Ordering) {
+        let p = self.check(offset, 8, 8);
+        // SAFETY: as in `load_u64`.
+        unsafe { AtomicU64::from_ptr(p.cast()) }.store(value, order)
     }
 
     /// Atomically ORs `bits` into the `u32` at `offset`.

@@ -1,6 +1,6 @@
-//! Loom model of the ring's head/tail publication: every interleaving allowed by the memory
-//! model delivers each entry exactly once, in order, and never lets the producer overwrite a
-//! slot the consumer has not finished reading.
+//! Loom model of the ring's publication by per-entry tags (sequence numbers or phase bits) and
+//! heads: every interleaving allowed by the memory model delivers each entry exactly once, in
+//! order, and never lets the producer overwrite a slot the consumer has not finished reading.
 //!
 //! Run with `RUSTFLAGS="--cfg loom" cargo test -p nvmed-proto --test loom_ring --release`.
 #![cfg(loom)]
@@ -14,15 +14,49 @@ use nvmed_proto::ring::{Consumer, Producer, RingMemory};
 
 struct LoomRing {
     head: AtomicU32,
-    tail: AtomicU32,
+    tags: Vec<AtomicU32>,
     slots: Vec<UnsafeCell<u64>>,
+    /// Tag by NVMe-style phase bit (flips every lap) instead of a sequence number.
+    phase: bool,
+    /// Publish and look with `Relaxed` instead of `Release`/`Acquire` (the bug loom must find).
+    weak: bool,
 }
 
 #[derive(Clone)]
 struct Handle(Arc<LoomRing>);
 
+impl Handle {
+    fn new(entries: usize, phase: bool, weak: bool) -> Self {
+        Handle(Arc::new(LoomRing {
+            head: AtomicU32::new(0),
+            tags: (0..entries).map(|_| AtomicU32::new(0)).collect(),
+            slots: (0..entries).map(|_| UnsafeCell::new(0)).collect(),
+            phase,
+            weak,
+        }))
+    }
+    fn slot(&self, index: u32) -> usize {
+        (index & (self.entries() - 1)) as usize
+    }
+    fn tag_for(&self, index: u32) -> u32 {
+        if self.0.phase {
+            u32::from(index & self.entries() == 0)
+        } else {
+            index.wrapping_add(1)
+        }
+    }
+    fn order(&self, strong: Ordering) -> Ordering {
+        if self.0.weak {
+            Ordering::Relaxed
+        } else {
+            strong
+        }
+    }
+}
+
 impl RingMemory for Handle {
     type Entry = u64;
+    type Tag = u32;
     fn entries(&self) -> u32 {
         self.0.slots.len() as u32
     }
@@ -32,30 +66,27 @@ impl RingMemory for Handle {
     fn store_head(&self, v: u32, o: Ordering) {
         self.0.head.store(v, o)
     }
-    fn load_tail(&self, o: Ordering) -> u32 {
-        self.0.tail.load(o)
-    }
-    fn store_tail(&self, v: u32, o: Ordering) {
-        self.0.tail.store(v, o)
-    }
-    fn read_entry(&self, slot: u32) -> u64 {
-        // SAFETY: loom checks that this read does not race with a write to the same slot.
-        self.0.slots[slot as usize].with(|p| unsafe { *p })
-    }
-    fn write_entry(&self, slot: u32, e: u64) {
+    fn write_body(&self, index: u32, e: u64) -> u32 {
         // SAFETY: loom checks that this write does not race with any access to the same slot.
-        self.0.slots[slot as usize].with_mut(|p| unsafe { *p = e })
+        self.0.slots[self.slot(index)].with_mut(|p| unsafe { *p = e });
+        self.tag_for(index)
+    }
+    fn store_tag(&self, index: u32, tag: u32) {
+        self.0.tags[self.slot(index)].store(tag, self.order(Ordering::Release))
+    }
+    fn is_published(&self, index: u32) -> bool {
+        self.0.tags[self.slot(index)].load(self.order(Ordering::Acquire)) == self.tag_for(index)
+    }
+    fn read_entry(&self, index: u32) -> u64 {
+        // SAFETY: loom checks that this read does not race with a write to the same slot.
+        self.0.slots[self.slot(index)].with(|p| unsafe { *p })
     }
 }
 
-#[test]
-fn publication_is_ordered_and_race_free() {
-    loom::model(|| {
-        let ring = Handle(Arc::new(LoomRing {
-            head: AtomicU32::new(0),
-            tail: AtomicU32::new(0),
-            slots: (0..2).map(|_| UnsafeCell::new(0)).collect(),
-        }));
+/// Each entry delivered once, in order, with no data race, over `entries` slots.
+fn publication_model(entries: usize, phase: bool, weak: bool) {
+    loom::model(move || {
+        let ring = Handle::new(entries, phase, weak);
         const N: u64 = 3;
         let producer_mem = ring.clone();
         let t = loom::thread::spawn(move || {
@@ -73,7 +104,7 @@ fn publication_is_ordered_and_race_free() {
         let mut c = Consumer::new(ring, 0);
         let mut expect = 1;
         while expect <= N {
-            match c.pop().unwrap() {
+            match c.pop() {
                 Some(v) => {
                     assert_eq!(v, expect);
                     expect += 1;
@@ -83,6 +114,30 @@ fn publication_is_ordered_and_race_free() {
         }
         t.join().unwrap();
     });
+}
+
+#[test]
+fn publication_by_seq_is_ordered_and_race_free() {
+    publication_model(2, false, false);
+}
+
+#[test]
+fn publication_by_phase_is_ordered_and_race_free() {
+    publication_model(2, true, false);
+}
+
+/// One slot: the phase flips with every entry, the tightest wrap-around there is.
+#[test]
+fn publication_by_phase_in_one_slot_is_ordered_and_race_free() {
+    publication_model(1, true, false);
+}
+
+/// The model catches a tag stored or loaded without `Release`/`Acquire`: the entry's copy then
+/// races with its write.
+#[test]
+#[should_panic(expected = "Causality violation")]
+fn without_release_acquire_the_entry_read_races() {
+    publication_model(2, false, true);
 }
 
 /// A flags word in loom memory.
@@ -127,11 +182,7 @@ fn handshake_model(use_real_fences: bool) {
     use nvmed_proto::wakeup::{announce_sleep, end_sleep, peer_flags, FlagWord};
     const NEED_WAKEUP: u32 = 1;
     loom::model(move || {
-        let ring = Handle(Arc::new(LoomRing {
-            head: AtomicU32::new(0),
-            tail: AtomicU32::new(0),
-            slots: (0..2).map(|_| UnsafeCell::new(0)).collect(),
-        }));
+        let ring = Handle::new(2, false, false);
         let flags = Arc::new(LoomFlags(AtomicU32::new(0)));
         let efd =
             Arc::new(EventFd { signalled: loom::sync::Mutex::new(false), cond: loom::sync::Condvar::new() });
@@ -150,7 +201,7 @@ fn handshake_model(use_real_fences: bool) {
         let mut c = Consumer::new(ring, 0);
         let mut got = 0;
         while got < 2 {
-            if c.pop().unwrap().is_some() {
+            if c.pop().is_some() {
                 got += 1;
                 continue;
             }
@@ -159,7 +210,7 @@ fn handshake_model(use_real_fences: bool) {
             } else {
                 flags.set(NEED_WAKEUP);
             }
-            if c.available().unwrap() > 0 {
+            if c.ready(1) > 0 {
                 end_sleep(&*flags, NEED_WAKEUP);
                 continue;
             }
@@ -184,15 +235,11 @@ fn without_the_fences_a_wakeup_is_lost() {
 }
 
 fn loom_ring(entries: usize) -> Handle {
-    Handle(Arc::new(LoomRing {
-        head: AtomicU32::new(0),
-        tail: AtomicU32::new(0),
-        slots: (0..entries).map(|_| UnsafeCell::new(0)).collect(),
-    }))
+    Handle::new(entries, false, false)
 }
 
 /// Why the client may skip its look at `BROKER_CQ_WAIT` after reaping while it never had more
-/// requests outstanding than CQ entries: a broker that sees an SQE published (SQ tail, Acquire)
+/// requests outstanding than CQ entries: a broker that sees an SQE published (its tag, Acquire)
 /// and then reads the CQ head sees at least the head the client stored before publishing it,
 /// so it always finds CQ room for what it sees and never has reason to wait for the client.
 /// `overcommit`: the client publishes a second request before reaping the first completion
@@ -205,7 +252,7 @@ fn cq_room_model(overcommit: bool) {
             let mut sq = Producer::new(csq, 0);
             let mut cq = Consumer::new(ccq, 0);
             let mut reap = || loop {
-                if cq.pop().unwrap().is_some() {
+                if cq.pop().is_some() {
                     break;
                 }
                 loom::thread::yield_now();
@@ -226,7 +273,7 @@ fn cq_room_model(overcommit: bool) {
         let mut cq = Producer::new(cq, 0);
         for _ in 0..2 {
             let available = loop {
-                match sq.available().unwrap() {
+                match sq.ready(2) {
                     0 => loom::thread::yield_now(),
                     n => break n,
                 }

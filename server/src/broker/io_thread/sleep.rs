@@ -86,7 +86,7 @@ impl IoThread {
             // The next entry's controller is unknown until it is read: any with room will do
             // (if its own has none, a completion there wakes us soon anyway).
             let can_admit = (0..ports.len()).any(|c| room(&s.slots, &s.tenants, c));
-            if !r.sq.available().is_ok_and(|n| n > 0) && r.overflow.is_empty() {
+            if r.sq.ready(1) == 0 && r.overflow.is_empty() {
                 continue;
             }
             let cq_room = |r: &mut crate::broker::session::RingIo, in_flight: u32| {

@@ -40,10 +40,7 @@ impl IoThread {
                 continue;
             }
             let Some(ring) = s.ring.as_mut() else { continue };
-            // A corrupt tail counts as work: taking from the ring faults it.
-            let wants = s.partial.is_some()
-                || !ring.overflow.is_empty()
-                || ring.sq.available().map_or(true, |a| a > 0);
+            let wants = s.partial.is_some() || !ring.overflow.is_empty() || ring.sq.ready(1) > 0;
             if !wants {
                 if ring.dirty {
                     self.touched.push(key);
@@ -157,23 +154,15 @@ impl IoThread {
                 return (took, true);
             }
         }
-        let available = match ring.sq.available() {
-            Ok(n) => n,
-            Err(e) => {
-                complete::fault(s.id, ring, RingFault::SqTailCorrupt, e);
-                s.faulted = true;
-                return (took, false);
-            }
-        };
+        // The entries whose tags say published, at most a batch (`ready` fetched their lines
+        // together, before anything else that may miss: the client's CQ head below).
+        let available = ring.sq.ready(TAKE_BATCH);
         if available == 0 {
             if ring.dirty {
                 self.touched.push(key);
             }
             return (took, false);
         }
-        // Ask for the SQE lines of the batch at once, before anything else that may miss (the
-        // client's CQ head below), so their transfers overlap instead of one miss per entry.
-        ring.sq.prefetch(available.min(TAKE_BATCH));
         // Room for every completion this ring may receive: never post more than fits.
         // The client's CQ head is read only when the cached view has too little room.
         let reserved = s.in_flight + ring.overflow.len() as u32;
