@@ -9,9 +9,11 @@
 //! an index line and then the entry lines. The consumer releases slots by storing its head with
 //! `Release`; the producer loads it with `Acquire` before reusing slots.
 //!
-//! The producer writes an entry's body when it is pushed and stages its tag; [`Producer::publish`]
-//! stores the staged tags in index order, so entries become visible exactly at publish (as with
-//! a tail store), and a batch's entries are finished together.
+//! The producer stages each entry's tag when it is pushed (an SQE's body is written then, a
+//! CQE is staged whole); [`Producer::publish`] stores the staged tags in index order, so entries
+//! become visible exactly at publish (as with a tail store), and a batch's entries are finished
+//! together: a CQ line the client is polling moves to the broker once per publish, not once per
+//! completion written into it.
 //!
 //! Each side keeps its own index privately and never reads it back from shared memory, so a peer
 //! that scribbles over the index or tags it does not own cannot move it: a wrong tag only means
@@ -54,7 +56,8 @@ pub trait RingMemory {
     fn load_head(&self, order: Ordering) -> u32;
     /// Stores the head word.
     fn store_head(&self, value: u32, order: Ordering);
-    /// Writes everything of entry `index` but its tag word; returns the tag that publishes it.
+    /// Writes entry `index` except what publishes it; returns what does (the tag, and for
+    /// entries written whole at publish, the entry).
     fn write_body(&self, index: u32, entry: Self::Entry) -> Self::Tag;
     /// Publishes entry `index`: stores its tag with `Release`.
     fn store_tag(&self, index: u32, tag: Self::Tag);
@@ -379,31 +382,36 @@ pub fn completion_ring(mem: Arc<SharedMemory>, layout: &RingLayout) -> SharedRin
 pub trait SharedEntry: Copy + zerocopy::FromBytes + zerocopy::IntoBytes + zerocopy::Immutable {
     /// The value whose store publishes an entry.
     type Tag: Copy;
-    /// Writes all of `self` but the tag word at `offset`, as entry `index` of a ring of
-    /// `entries`; returns the tag that publishes it.
+    /// Writes what of `self` goes before the tag (all but the tag word, or nothing) at
+    /// `offset`, as entry `index` of a ring of `entries`; returns the tag that publishes it
+    /// (with whatever of the entry was not written yet).
     fn write_body(&self, mem: &SharedMemory, offset: usize, index: u32, entries: u32) -> Self::Tag;
-    /// Stores `tag` into the entry at `offset` with `Release`.
+    /// Stores `tag` into the entry at `offset`, its publishing word last with `Release`.
     fn store_tag(mem: &SharedMemory, offset: usize, tag: Self::Tag);
     /// Whether the entry at `offset` carries the tag of entry `index` (`Acquire` load).
     fn is_published(mem: &SharedMemory, offset: usize, index: u32, entries: u32) -> bool;
 }
 
 impl SharedEntry for Cqe {
-    /// The 8-byte word of `status` and `result`, with the phase bit of `index`'s lap.
-    type Tag = u64;
+    /// The whole entry, with the phase bit of `index`'s lap: nothing of a CQE is written
+    /// before it is published. The client polls the line of the next CQE, which holds four:
+    /// writing each entry as it completes would let the client take that line away between
+    /// the broker's stores (a transfer each); written at publish, a line goes over once.
+    type Tag = Cqe;
 
     #[inline]
-    fn write_body(&self, mem: &SharedMemory, offset: usize, index: u32, entries: u32) -> u64 {
-        mem.write::<u64>(offset, self.user_data);
-        let status = (self.status & !CQE_PHASE) | Cqe::phase_for(index, entries);
-        let [s0, s1, s2, s3] = status.to_ne_bytes();
-        let [r0, r1, r2, r3] = self.result.to_ne_bytes();
-        u64::from_ne_bytes([s0, s1, s2, s3, r0, r1, r2, r3])
+    fn write_body(&self, _mem: &SharedMemory, _offset: usize, index: u32, entries: u32) -> Cqe {
+        Cqe { status: (self.status & !CQE_PHASE) | Cqe::phase_for(index, entries), ..*self }
     }
 
+    /// `user_data`, then the word of `status` and `result` with `Release`.
     #[inline]
-    fn store_tag(mem: &SharedMemory, offset: usize, tag: u64) {
-        mem.store_u64(offset + CQE_TAG_OFFSET, tag, Ordering::Release)
+    fn store_tag(mem: &SharedMemory, offset: usize, tag: Cqe) {
+        mem.write::<u64>(offset, tag.user_data);
+        let [s0, s1, s2, s3] = tag.status.to_ne_bytes();
+        let [r0, r1, r2, r3] = tag.result.to_ne_bytes();
+        let word = u64::from_ne_bytes([s0, s1, s2, s3, r0, r1, r2, r3]);
+        mem.store_u64(offset + CQE_TAG_OFFSET, word, Ordering::Release)
     }
 
     #[inline]

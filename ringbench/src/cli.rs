@@ -49,6 +49,13 @@ pub(crate) struct Args {
     /// Requests in flight per job.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=4096))]
     pub(crate) iodepth: u32,
+    /// Requests re-queued after a reap are handed over (submitted) every this many, as fio's
+    /// iodepth_batch_submit. 0: the engine's choice, which is 8 for nvmed engines (publishing
+    /// costs one store per entry and a fence, and handing requests over early lets the broker
+    /// work on them while the rest are prepared) and all of them at once for io_uring (each
+    /// submit is a system call).
+    #[arg(long, default_value_t = 0)]
+    pub(crate) submit_batch: u32,
     /// Jobs, each in its own thread with its own ring. nvmed engines: the jobs share one
     /// session and one registered buffer (each its own slice), their rings spread over the
     /// broker's I/O threads; see --sessions.

@@ -68,6 +68,8 @@ struct Report {
     rw: Rw,
     bs: u64,
     iodepth: u32,
+    /// Re-queued requests submitted every this many (--submit-batch, after the engine's choice).
+    submit_batch: u64,
     numjobs: u32,
     verify: bool,
     jobs: Vec<JobReport>,
@@ -112,6 +114,8 @@ struct JobSpec {
     id: u32,
     workload: Workload,
     iodepth: usize,
+    /// Re-queued requests are submitted every this many (and after each reap's last).
+    submit_batch: usize,
     bs: usize,
     verify: bool,
     runtime: Duration,
@@ -220,6 +224,7 @@ fn run_job(engine: &mut dyn Engine, mut spec: JobSpec) -> Result<JobOutcome, Eng
     engine.submit()?;
     let mut done: Vec<Done> = Vec::with_capacity(spec.iodepth);
     let mut in_flight = issued as usize;
+    let mut queued = 0usize;
     while in_flight > 0 {
         done.clear();
         engine.reap(1, &mut done)?;
@@ -254,9 +259,15 @@ fn run_job(engine: &mut dyn Engine, mut spec: JobSpec) -> Result<JobOutcome, Eng
                 // Re-issued right away: the reap time is its submission time (one clock read per batch).
                 start_slot(engine, &mut spec, &mut slots, slot, &mut issued, verify, now)?;
                 in_flight += 1;
+                queued += 1;
+                if queued == spec.submit_batch {
+                    engine.submit()?;
+                    queued = 0;
+                }
             }
         }
         engine.submit()?;
+        queued = 0;
     }
     let reconnects = engine.reconnects();
     Ok(JobOutcome { hist, reads, writes, verified, elapsed: begin.elapsed(), reconnects })
@@ -582,6 +593,7 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         rw: args.rw,
         bs: args.bs,
         iodepth: args.iodepth,
+        submit_batch: job_spec(&args, 0, 0, 0).submit_batch.min(args.iodepth as usize) as u64,
         numjobs: args.numjobs,
         verify: args.verify,
         jobs: outcomes.iter().enumerate().map(|(j, o)| report(j as u32, o, args.bs)).collect(),
@@ -619,6 +631,11 @@ fn job_spec(args: &Args, j: u32, offset: u64, size: u64) -> JobSpec {
             0x1234_5678 + u64::from(j) * 0x9e37_79b9,
         ),
         iodepth: args.iodepth as usize,
+        submit_batch: match (args.submit_batch, args.engine) {
+            (0, EngineKind::Nvmed | EngineKind::NvmedNop) => 8,
+            (0, _) => usize::MAX,
+            (n, _) => n as usize,
+        },
         bs: args.bs as usize,
         verify: args.verify,
         runtime: Duration::from_secs_f64(args.runtime),
@@ -700,6 +717,7 @@ fn run_processes(
         cmd.arg("--rw").arg(name(args.rw.to_possible_value()));
         cmd.args(["--rwmixread", &args.rwmixread.to_string(), "--bs", &args.bs.to_string()]);
         cmd.args(["--iodepth", &args.iodepth.to_string(), "--runtime", &args.runtime.to_string()]);
+        cmd.args(["--submit-batch", &args.submit_batch.to_string()]);
         if let Some(n) = args.number_ios {
             cmd.args(["--number-ios", &n.to_string()]);
         }
@@ -738,11 +756,12 @@ fn run_processes(
 
 fn print_report(r: &Report) {
     println!(
-        "ringbench: engine={:?} rw={:?} bs={} iodepth={} numjobs={}{}",
+        "ringbench: engine={:?} rw={:?} bs={} iodepth={} submit_batch={} numjobs={}{}",
         r.engine,
         r.rw,
         r.bs,
         r.iodepth,
+        r.submit_batch,
         r.numjobs,
         if r.verify { " verify" } else { "" }
     );

@@ -47,6 +47,24 @@ fn embedded_randrw_with_verify() {
     if cpus >= 2 {
         assert!(pp.is_some_and(|ns| ns > 0.0 && ns < 1e6), "ping-pong: {pp:?}");
     }
+    assert_eq!(r["submit_batch"], 8, "nvmed engines hand requests over every 8 by default");
+}
+
+#[test]
+fn submit_batch_is_the_engines_choice_or_the_users() {
+    let common = ["--embedded", "--null", "--iodepth", "16", "--number-ios", "2000", "--machine-state", "0"];
+    let with = |engine: &str, extra: &[&str]| {
+        let mut a = common.to_vec();
+        a.extend_from_slice(&["--engine", engine]);
+        a.extend_from_slice(extra);
+        run(&a)
+    };
+    // io_uring: all re-queued requests in one system call; any user value is taken as given.
+    assert_eq!(with("io-uring-nop", &[])["submit_batch"], 16);
+    for (engine, n) in [("nvmed-nop", 3), ("io-uring-nop", 5)] {
+        let r = with(engine, &["--submit-batch", &n.to_string()]);
+        assert_eq!((r["submit_batch"].as_u64(), r["total"]["ios"].as_u64()), (Some(n), Some(2000)));
+    }
 }
 
 #[test]
