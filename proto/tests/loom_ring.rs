@@ -20,6 +20,8 @@ struct LoomRing {
     phase: bool,
     /// Publish and look with `Relaxed` instead of `Release`/`Acquire` (the bug loom must find).
     weak: bool,
+    /// Write the entry at publish, just before its tag (as the CQ does), instead of at push.
+    whole_at_publish: bool,
 }
 
 #[derive(Clone)]
@@ -27,12 +29,16 @@ struct Handle(Arc<LoomRing>);
 
 impl Handle {
     fn new(entries: usize, phase: bool, weak: bool) -> Self {
+        Self::with(entries, phase, weak, false)
+    }
+    fn with(entries: usize, phase: bool, weak: bool, whole_at_publish: bool) -> Self {
         Handle(Arc::new(LoomRing {
             head: AtomicU32::new(0),
             tags: (0..entries).map(|_| AtomicU32::new(0)).collect(),
             slots: (0..entries).map(|_| UnsafeCell::new(0)).collect(),
             phase,
             weak,
+            whole_at_publish,
         }))
     }
     fn slot(&self, index: u32) -> usize {
@@ -56,7 +62,8 @@ impl Handle {
 
 impl RingMemory for Handle {
     type Entry = u64;
-    type Tag = u32;
+    /// The tag, and the entry when it is written at publish.
+    type Tag = (u32, Option<u64>);
     fn entries(&self) -> u32 {
         self.0.slots.len() as u32
     }
@@ -66,12 +73,19 @@ impl RingMemory for Handle {
     fn store_head(&self, v: u32, o: Ordering) {
         self.0.head.store(v, o)
     }
-    fn write_body(&self, index: u32, e: u64) -> u32 {
+    fn write_body(&self, index: u32, e: u64) -> (u32, Option<u64>) {
+        if self.0.whole_at_publish {
+            return (self.tag_for(index), Some(e));
+        }
         // SAFETY: loom checks that this write does not race with any access to the same slot.
         self.0.slots[self.slot(index)].with_mut(|p| unsafe { *p = e });
-        self.tag_for(index)
+        (self.tag_for(index), None)
     }
-    fn store_tag(&self, index: u32, tag: u32) {
+    fn store_tag(&self, index: u32, (tag, entry): (u32, Option<u64>)) {
+        if let Some(e) = entry {
+            // SAFETY: as in `write_body`.
+            self.0.slots[self.slot(index)].with_mut(|p| unsafe { *p = e });
+        }
         self.0.tags[self.slot(index)].store(tag, self.order(Ordering::Release))
     }
     fn is_published(&self, index: u32) -> bool {
@@ -85,8 +99,12 @@ impl RingMemory for Handle {
 
 /// Each entry delivered once, in order, with no data race, over `entries` slots.
 fn publication_model(entries: usize, phase: bool, weak: bool) {
+    publication_model_with(entries, phase, weak, false)
+}
+
+fn publication_model_with(entries: usize, phase: bool, weak: bool, whole_at_publish: bool) {
     loom::model(move || {
-        let ring = Handle::new(entries, phase, weak);
+        let ring = Handle::with(entries, phase, weak, whole_at_publish);
         const N: u64 = 3;
         let producer_mem = ring.clone();
         let t = loom::thread::spawn(move || {
@@ -124,6 +142,13 @@ fn publication_by_seq_is_ordered_and_race_free() {
 #[test]
 fn publication_by_phase_is_ordered_and_race_free() {
     publication_model(2, true, false);
+}
+
+/// The CQ's way: the whole entry written at publish, just before its phase bit.
+#[test]
+fn whole_entries_written_at_publish_are_ordered_and_race_free() {
+    publication_model_with(2, true, false, true);
+    publication_model_with(1, true, false, true);
 }
 
 /// One slot: the phase flips with every entry, the tightest wrap-around there is.
