@@ -136,8 +136,11 @@ pub struct Sqe {
     pub buf_offset: u64,
     /// Reserved, must be zero.
     pub reserved1: [u64; 2],
-    /// Reserved, must be zero.
-    pub reserved2: u32,
+    /// Written by the ring layer when the entry is published (any value a caller puts here is
+    /// ignored): on the first entry of a submit, how many entries that submit published,
+    /// counting this one; zero on the others. A hint that lets the broker take a batch without
+    /// looking at the slot after it; never trusted beyond that.
+    pub batch: u32,
     /// The ring's publication tag ([`Sqe::seq_for`] of the entry's index), written by the ring
     /// layer when the entry is published: any value a caller puts here is ignored.
     pub seq: u32,
@@ -158,8 +161,11 @@ pub struct Cqe {
     pub result: u32,
 }
 
-/// Byte offset of [`Sqe::seq`] inside an entry: the word whose store publishes the entry.
+/// Byte offset of [`Sqe::seq`] inside an entry.
 pub const SQE_SEQ_OFFSET: usize = 60;
+/// Byte offset of the 8-byte word ([`Sqe::batch`] then [`Sqe::seq`]) whose store publishes an
+/// [`Sqe`].
+pub const SQE_TAG_OFFSET: usize = 56;
 /// Byte offset of the 8-byte word (`status` and `result`) whose store publishes a [`Cqe`].
 pub const CQE_TAG_OFFSET: usize = 8;
 /// The phase bit of a [`Cqe`]'s `status`: set in the ring's even laps, clear in its odd laps.
@@ -167,7 +173,7 @@ pub const CQE_PHASE: u32 = 1 << 31;
 
 const _: () = assert!(core::mem::size_of::<Sqe>() == 64);
 const _: () = assert!(core::mem::offset_of!(Sqe, seq) == SQE_SEQ_OFFSET);
-const _: () = assert!(core::mem::offset_of!(Sqe, reserved2) == 56);
+const _: () = assert!(core::mem::offset_of!(Sqe, batch) == SQE_TAG_OFFSET);
 const _: () = assert!(core::mem::offset_of!(Cqe, status) == CQE_TAG_OFFSET);
 const _: () = assert!(core::mem::align_of::<Sqe>() == 8);
 const _: () = assert!(core::mem::size_of::<Cqe>() == 16);

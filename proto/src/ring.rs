@@ -10,10 +10,13 @@
 //! `Release`; the producer loads it with `Acquire` before reusing slots.
 //!
 //! The producer stages each entry's tag when it is pushed (an SQE's body is written then, a
-//! CQE is staged whole); [`Producer::publish`] stores the staged tags in index order, so entries
-//! become visible exactly at publish (as with a tail store), and a batch's entries are finished
-//! together: a CQ line the client is polling moves to the broker once per publish, not once per
-//! completion written into it.
+//! CQE is staged whole); [`Producer::publish`] stores the staged tags, the first entry's last,
+//! so entries become visible exactly at publish (as with a tail store) and a consumer, which
+//! looks at the first before the others, finds a whole batch or none of it. A batch's entries
+//! are finished together: a CQ line the client is polling moves to the broker once per
+//! publish, not once per completion written into it. An SQE has room for the batch's size
+//! ([`Sqe::batch`], on the first entry): the broker then reads a batch to its end without
+//! looking at the slot after it, the line the client writes next.
 //!
 //! Each side keeps its own index privately and never reads it back from shared memory, so a peer
 //! that scribbles over the index or tags it does not own cannot move it: a wrong tag only means
@@ -36,7 +39,7 @@
 use core::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use crate::entry::{CQE_PHASE, CQE_TAG_OFFSET, SQE_SEQ_OFFSET};
+use crate::entry::{CQE_PHASE, CQE_TAG_OFFSET, SQE_TAG_OFFSET};
 use crate::layout::{RingLayout, CQ_HEAD_OFFSET, SQ_ENTRIES_OFFSET, SQ_HEAD_OFFSET};
 use crate::shm::SharedMemory;
 use crate::{Cqe, Sqe};
@@ -59,10 +62,13 @@ pub trait RingMemory {
     /// Writes entry `index` except what publishes it; returns what does (the tag, and for
     /// entries written whole at publish, the entry).
     fn write_body(&self, index: u32, entry: Self::Entry) -> Self::Tag;
-    /// Publishes entry `index`: stores its tag with `Release`.
-    fn store_tag(&self, index: u32, tag: Self::Tag);
-    /// Whether entry `index` is published (`Acquire` load of its slot's tag).
-    fn is_published(&self, index: u32) -> bool;
+    /// Publishes entry `index`: stores its tag with `Release`. `batch` is the number of
+    /// entries this publish makes visible when `index` is the first of them, else 0 (a hint
+    /// for the consumer, stored where the entry type has room for it).
+    fn store_tag(&self, index: u32, tag: Self::Tag, batch: u32);
+    /// Whether entry `index` is published (`Acquire` load of its slot's tag): `None` if not,
+    /// else the batch hint stored with it (0 when there is none).
+    fn published(&self, index: u32) -> Option<u32>;
     /// Copies entry `index` out (the caller saw it published).
     fn read_entry(&self, index: u32) -> Self::Entry;
     /// Hints that entry `index` will be read soon. Default: nothing.
@@ -226,15 +232,20 @@ impl<M: RingMemory> Producer<M> {
         self.tail.wrapping_sub(self.published)
     }
 
-    /// Makes every pushed entry visible to the consumer: stores their tags in index order,
-    /// each with `Release`.
+    /// Makes every pushed entry visible to the consumer: stores their tags, each with
+    /// `Release`, the first one last and with the batch's size. A consumer looks at the first
+    /// entry before the others, so it finds the whole batch or none of it, and knows where the
+    /// batch ends without looking at the slot after it.
     #[inline]
     pub fn publish(&mut self) {
-        let mut index = self.published;
-        for tag in self.staged.drain(..) {
-            self.mem.store_tag(index, tag);
-            index = index.wrapping_add(1);
+        let n = self.staged.len() as u32;
+        let first = self.published;
+        let mut tags = self.staged.drain(..);
+        let Some(first_tag) = tags.next() else { return };
+        for (i, tag) in tags.enumerate() {
+            self.mem.store_tag(first.wrapping_add(i as u32 + 1), tag, 0);
         }
+        self.mem.store_tag(first, first_tag, n);
         self.published = self.tail;
     }
 
@@ -252,7 +263,11 @@ pub struct Consumer<M: RingMemory> {
     head: u32,
     // Entries from `head` already seen published (never a cached "not published").
     seen: u32,
-    // How many were found in the last scan: that many lines are prefetched on the next one.
+    // Entries from `head` that the producer said it published together (the batch hint of the
+    // batch `head` is in; 0: no hint, look until an entry is not published).
+    announced: u32,
+    // How many were found in the last scan: that many lines are prefetched on the next one
+    // when there is no hint.
     last_batch: u32,
 }
 
@@ -260,7 +275,7 @@ impl<M: RingMemory> Consumer<M> {
     /// Starts consuming at `head` (zero on a fresh ring).
     #[inline]
     pub fn new(mem: M, head: u32) -> Self {
-        Self { mem, head, seen: 0, last_batch: 1 }
+        Self { mem, head, seen: 0, announced: 0, last_batch: 1 }
     }
 
     /// The underlying memory.
@@ -271,22 +286,28 @@ impl<M: RingMemory> Consumer<M> {
 
     /// How many entries from the head, up to `max` (and the ring's size), are published: the
     /// length of the run of entries whose tags are the expected ones. Reads the tag of the next
-    /// unseen entry with `Acquire`; only when the first is published does it look further
-    /// (after prefetching as many lines as the last batch had).
+    /// unseen entry with `Acquire`; only when the first is published does it look further,
+    /// after prefetching the lines of the batch. A batch whose first entry carries its size
+    /// (the SQ's) is read to its end and no further, so the slot after it (the producer's next)
+    /// is not touched; without a size it looks until an entry is not published.
     #[inline]
     pub fn ready(&mut self, max: u32) -> u32 {
-        let max = max.min(self.mem.entries());
+        let entries = self.mem.entries();
+        let max = max.min(entries);
         if self.seen < max {
             if self.seen == 0 {
-                if !self.mem.is_published(self.head) {
-                    return 0;
-                }
+                let Some(batch) = self.mem.published(self.head) else { return 0 };
                 self.seen = 1;
-                // A batch is likely behind it: fetch its lines together, only now.
-                let more = self.last_batch.min(max).saturating_sub(1);
-                prefetch_run(&self.mem, self.head.wrapping_add(1), more, false);
+                if self.announced == 0 {
+                    // `head` starts a batch: its hint (untrusted, only bounds the look) says
+                    // how far the batch goes.
+                    self.announced = batch.min(entries);
+                }
+                let more = if self.announced > 0 { self.announced } else { self.last_batch };
+                prefetch_run(&self.mem, self.head.wrapping_add(1), more.min(max).saturating_sub(1), false);
             }
-            while self.seen < max && self.mem.is_published(self.head.wrapping_add(self.seen)) {
+            let limit = if self.announced > 0 { self.announced.min(max) } else { max };
+            while self.seen < limit && self.mem.published(self.head.wrapping_add(self.seen)).is_some() {
                 self.seen += 1;
             }
             self.last_batch = self.seen;
@@ -308,6 +329,7 @@ impl<M: RingMemory> Consumer<M> {
         if n > 0 {
             debug_assert!(n <= self.seen, "consuming entries not seen published");
             self.seen = self.seen.saturating_sub(n);
+            self.announced = self.announced.saturating_sub(n);
             self.head = self.head.wrapping_add(n);
             self.mem.store_head(self.head, Ordering::Release);
         }
@@ -386,10 +408,12 @@ pub trait SharedEntry: Copy + zerocopy::FromBytes + zerocopy::IntoBytes + zeroco
     /// `offset`, as entry `index` of a ring of `entries`; returns the tag that publishes it
     /// (with whatever of the entry was not written yet).
     fn write_body(&self, mem: &SharedMemory, offset: usize, index: u32, entries: u32) -> Self::Tag;
-    /// Stores `tag` into the entry at `offset`, its publishing word last with `Release`.
-    fn store_tag(mem: &SharedMemory, offset: usize, tag: Self::Tag);
-    /// Whether the entry at `offset` carries the tag of entry `index` (`Acquire` load).
-    fn is_published(mem: &SharedMemory, offset: usize, index: u32, entries: u32) -> bool;
+    /// Stores `tag` into the entry at `offset`, its publishing word last with `Release`, with
+    /// the batch hint `batch` where the entry has room for one.
+    fn store_tag(mem: &SharedMemory, offset: usize, tag: Self::Tag, batch: u32);
+    /// Whether the entry at `offset` carries the tag of entry `index` (`Acquire` load), and
+    /// then its batch hint (0 where the entry has none).
+    fn published(mem: &SharedMemory, offset: usize, index: u32, entries: u32) -> Option<u32>;
 }
 
 impl SharedEntry for Cqe {
@@ -404,9 +428,10 @@ impl SharedEntry for Cqe {
         Cqe { status: (self.status & !CQE_PHASE) | Cqe::phase_for(index, entries), ..*self }
     }
 
-    /// `user_data`, then the word of `status` and `result` with `Release`.
+    /// `user_data`, then the word of `status` and `result` with `Release` (no room for a
+    /// batch hint).
     #[inline]
-    fn store_tag(mem: &SharedMemory, offset: usize, tag: Cqe) {
+    fn store_tag(mem: &SharedMemory, offset: usize, tag: Cqe, _batch: u32) {
         mem.write::<u64>(offset, tag.user_data);
         let [s0, s1, s2, s3] = tag.status.to_ne_bytes();
         let [r0, r1, r2, r3] = tag.result.to_ne_bytes();
@@ -415,16 +440,18 @@ impl SharedEntry for Cqe {
     }
 
     #[inline]
-    fn is_published(mem: &SharedMemory, offset: usize, index: u32, entries: u32) -> bool {
+    fn published(mem: &SharedMemory, offset: usize, index: u32, entries: u32) -> Option<u32> {
         let word = mem.load_u64(offset + CQE_TAG_OFFSET, Ordering::Acquire);
         let [s0, s1, s2, s3, ..] = word.to_ne_bytes();
-        u32::from_ne_bytes([s0, s1, s2, s3]) & CQE_PHASE == Cqe::phase_for(index, entries)
+        (u32::from_ne_bytes([s0, s1, s2, s3]) & CQE_PHASE == Cqe::phase_for(index, entries)).then_some(0)
     }
 }
 
 impl SharedEntry for Sqe {
     /// [`Sqe::seq_for`] the entry's index.
     type Tag = u32;
+
+    // The tag word is bytes 56..64: `batch`, then `seq`, stored together.
 
     /// Field by field into 8-byte words. The caller just built the entry with a store per
     /// field; copying it with wide loads would make each load wait until those narrow stores
@@ -448,18 +475,23 @@ impl SharedEntry for Sqe {
                 self.reserved1[1],
             ],
         );
-        mem.write::<u32>(offset + 56, self.reserved2);
         Sqe::seq_for(index)
     }
 
     #[inline]
-    fn store_tag(mem: &SharedMemory, offset: usize, tag: u32) {
-        mem.store_u32(offset + SQE_SEQ_OFFSET, tag, Ordering::Release)
+    fn store_tag(mem: &SharedMemory, offset: usize, seq: u32, batch: u32) {
+        let [b0, b1, b2, b3] = batch.to_ne_bytes();
+        let [q0, q1, q2, q3] = seq.to_ne_bytes();
+        let word = u64::from_ne_bytes([b0, b1, b2, b3, q0, q1, q2, q3]);
+        mem.store_u64(offset + SQE_TAG_OFFSET, word, Ordering::Release)
     }
 
     #[inline]
-    fn is_published(mem: &SharedMemory, offset: usize, index: u32, _entries: u32) -> bool {
-        mem.load_u32(offset + SQE_SEQ_OFFSET, Ordering::Acquire) == Sqe::seq_for(index)
+    fn published(mem: &SharedMemory, offset: usize, index: u32, _entries: u32) -> Option<u32> {
+        let [b0, b1, b2, b3, q0, q1, q2, q3] =
+            mem.load_u64(offset + SQE_TAG_OFFSET, Ordering::Acquire).to_ne_bytes();
+        (u32::from_ne_bytes([q0, q1, q2, q3]) == Sqe::seq_for(index))
+            .then(|| u32::from_ne_bytes([b0, b1, b2, b3]))
     }
 }
 
@@ -484,12 +516,12 @@ impl<E: SharedEntry> RingMemory for SharedRing<E> {
         entry.write_body(&self.mem, self.offset(index), index, self.entries)
     }
     #[inline]
-    fn store_tag(&self, index: u32, tag: E::Tag) {
-        E::store_tag(&self.mem, self.offset(index), tag)
+    fn store_tag(&self, index: u32, tag: E::Tag, batch: u32) {
+        E::store_tag(&self.mem, self.offset(index), tag, batch)
     }
     #[inline]
-    fn is_published(&self, index: u32) -> bool {
-        E::is_published(&self.mem, self.offset(index), index, self.entries)
+    fn published(&self, index: u32) -> Option<u32> {
+        E::published(&self.mem, self.offset(index), index, self.entries)
     }
     #[inline]
     fn read_entry(&self, index: u32) -> E {
@@ -508,6 +540,7 @@ impl<E: SharedEntry> RingMemory for SharedRing<E> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::entry::SQE_SEQ_OFFSET;
 
     fn ring_mem(sq: u32, cq: u32) -> (Arc<SharedMemory>, RingLayout) {
         let layout = RingLayout::new(sq, cq).unwrap();
@@ -529,18 +562,18 @@ mod tests {
             buf_id: 0xddee_ff01,
             buf_offset: 0x0203_0405_0607_0809,
             reserved1: [0x0a0b, 0x0c0d],
-            reserved2: 0x0e0f,
-            seq: 0xdead, // ignored: the ring writes the tag
+            batch: 0x0e0f, // ignored: the ring writes the hint
+            seq: 0xdead,   // and the tag
         };
         let index = 6; // slot 2, second lap
         let tag = ring.write_body(index, sqe);
-        assert!(!ring.is_published(index), "visible before its tag");
-        ring.store_tag(index, tag);
-        assert!(ring.is_published(index));
-        assert!(!ring.is_published(index + 4), "a lap later is not this entry");
-        assert!(!ring.is_published(index - 4), "a lap earlier is not this entry");
+        assert_eq!(ring.published(index), None, "visible before its tag");
+        ring.store_tag(index, tag, 3);
+        assert_eq!(ring.published(index), Some(3), "published, with its batch hint");
+        assert_eq!(ring.published(index + 4), None, "a lap later is not this entry");
+        assert_eq!(ring.published(index - 4), None, "a lap earlier is not this entry");
         let back = ring.read_entry(index);
-        assert_eq!(back, Sqe { seq: Sqe::seq_for(index), ..sqe });
+        assert_eq!(back, Sqe { seq: Sqe::seq_for(index), batch: 3, ..sqe });
         let mut bytes = [0u8; 64];
         mem.copy_out(SQ_ENTRIES_OFFSET + 2 * 64, &mut bytes);
         assert_eq!(&bytes[..], zerocopy::IntoBytes::as_bytes(&back));
@@ -553,9 +586,9 @@ mod tests {
         for (index, phase) in [(1u32, CQE_PHASE), (5, 0), (9, CQE_PHASE)] {
             let cqe = Cqe { user_data: 7, status: CQE_PHASE | 0x0200_0005, result: 4096 };
             let tag = ring.write_body(index, cqe);
-            assert!(!ring.is_published(index));
-            ring.store_tag(index, tag);
-            assert!(ring.is_published(index));
+            assert_eq!(ring.published(index), None);
+            ring.store_tag(index, tag, 5);
+            assert_eq!(ring.published(index), Some(0), "a CQE has no room for a hint");
             let back = ring.read_entry(index);
             assert_eq!(back.status & CQE_PHASE, phase);
             assert_eq!((back.user_data, back.status_word(), back.result), (7, 0x0200_0005, 4096));
@@ -619,6 +652,8 @@ mod tests {
         let (mem, layout) = ring_mem(4, 4);
         let mut c = Consumer::new(submission_ring(mem.clone(), &layout), 0);
         for bogus in [0u32, 2, 5, u32::MAX] {
+            // (The seq is the upper half of the tag word: a u32 store there is what a client
+            // scribbling on it would do.)
             mem.store_u32(SQ_ENTRIES_OFFSET + SQE_SEQ_OFFSET, bogus, Ordering::Relaxed);
             assert_eq!(c.ready(4), 0);
         }
@@ -626,5 +661,78 @@ mod tests {
         assert_eq!(c.ready(4), 1);
         assert!(c.pop().is_some());
         assert_eq!(c.ready(4), 0);
+    }
+
+    /// Memory that records which entries the consumer looked at.
+    struct Watched {
+        tags: std::cell::RefCell<Vec<(u32, u32)>>,
+        looked: std::cell::RefCell<Vec<u32>>,
+    }
+
+    impl RingMemory for &Watched {
+        type Entry = u32;
+        type Tag = u32;
+        fn entries(&self) -> u32 {
+            8
+        }
+        fn load_head(&self, _: Ordering) -> u32 {
+            0
+        }
+        fn store_head(&self, _: u32, _: Ordering) {}
+        fn write_body(&self, index: u32, _: u32) -> u32 {
+            index + 1
+        }
+        fn store_tag(&self, index: u32, tag: u32, batch: u32) {
+            self.tags.borrow_mut()[(index % 8) as usize] = (tag, batch);
+        }
+        fn published(&self, index: u32) -> Option<u32> {
+            self.looked.borrow_mut().push(index);
+            let (tag, batch) = self.tags.borrow()[(index % 8) as usize];
+            (tag == index + 1).then_some(batch)
+        }
+        fn read_entry(&self, index: u32) -> u32 {
+            index
+        }
+    }
+
+    /// A batch published together is taken whole, and the slot after it (where the producer
+    /// writes next) is never looked at; without a hint the consumer looks until an entry is
+    /// not published.
+    #[test]
+    fn a_batch_is_read_to_its_announced_end_and_no_further() {
+        let mem = Watched { tags: vec![(0, 0); 8].into(), looked: Vec::new().into() };
+        let mut p = Producer::new(&mem, 0);
+        let mut c = Consumer::new(&mem, 0);
+        for i in 0..3 {
+            assert!(p.push(i).unwrap());
+        }
+        p.publish();
+        assert_eq!(mem.tags.borrow()[0], (1, 3), "the first entry carries the batch's size");
+        assert_eq!(mem.tags.borrow()[1], (2, 0));
+        assert_eq!(c.ready(64), 3);
+        assert_eq!(*mem.looked.borrow(), [0, 1, 2], "looked past the batch");
+        // Partly consumed: the rest of the batch, still no look beyond it.
+        c.consume(2);
+        assert_eq!(c.ready(64), 1);
+        c.consume(1);
+        mem.looked.borrow_mut().clear();
+        assert_eq!(c.ready(64), 0);
+        assert_eq!(*mem.looked.borrow(), [3], "an empty ring costs one look at the next slot");
+        // Two batches published before the consumer looks: taken one batch per look.
+        p.push(10).unwrap();
+        p.publish();
+        p.push(11).unwrap();
+        p.push(12).unwrap();
+        p.publish();
+        assert_eq!(c.ready(64), 1);
+        c.consume(1);
+        assert_eq!(c.ready(64), 2);
+        c.consume(2);
+        // A hint of 0 (a CQE's, or a hostile one): look until an entry is not published.
+        mem.tags.borrow_mut()[6] = (7, 0);
+        mem.tags.borrow_mut()[7] = (8, 0);
+        mem.looked.borrow_mut().clear();
+        assert_eq!(c.ready(64), 2);
+        assert_eq!(*mem.looked.borrow(), [6, 7, 8]);
     }
 }

@@ -81,15 +81,16 @@ impl RingMemory for Handle {
         self.0.slots[self.slot(index)].with_mut(|p| unsafe { *p = e });
         (self.tag_for(index), None)
     }
-    fn store_tag(&self, index: u32, (tag, entry): (u32, Option<u64>)) {
+    fn store_tag(&self, index: u32, (tag, entry): (u32, Option<u64>), _batch: u32) {
         if let Some(e) = entry {
             // SAFETY: as in `write_body`.
             self.0.slots[self.slot(index)].with_mut(|p| unsafe { *p = e });
         }
         self.0.tags[self.slot(index)].store(tag, self.order(Ordering::Release))
     }
-    fn is_published(&self, index: u32) -> bool {
-        self.0.tags[self.slot(index)].load(self.order(Ordering::Acquire)) == self.tag_for(index)
+    fn published(&self, index: u32) -> Option<u32> {
+        (self.0.tags[self.slot(index)].load(self.order(Ordering::Acquire)) == self.tag_for(index))
+            .then_some(0)
     }
     fn read_entry(&self, index: u32) -> u64 {
         // SAFETY: loom checks that this read does not race with a write to the same slot.

@@ -86,7 +86,7 @@ pub fn validate(
     limits: &[DeviceLimits],
 ) -> Result<Validated, BrokerStatus> {
     let op = Opcode::from_u8(sqe.opcode).ok_or(BrokerStatus::InvalidOpcode)?;
-    if sqe.flags & !SQE_FLAGS_KNOWN != 0 || sqe.reserved1 != [0; 2] || sqe.reserved2 != 0 {
+    if sqe.flags & !SQE_FLAGS_KNOWN != 0 || sqe.reserved1 != [0; 2] {
         return Err(BrokerStatus::InvalidField);
     }
     if sqe.segments != 0 && !op.is_vectored() {
@@ -292,9 +292,8 @@ mod tests {
         assert_eq!(check(Sqe { flags: 0x80, ..good }), Err(InvalidField));
         assert_eq!(check(good.fua()), Err(InvalidField));
         assert_eq!(check(Sqe { reserved1: [0, 1], ..good }), Err(InvalidField));
-        assert_eq!(check(Sqe { reserved2: 1, ..good }), Err(InvalidField));
-        // The ring's tag is not the client's to set: any value is ignored.
-        assert!(check(Sqe { seq: 0xdead_beef, ..good }).is_ok());
+        // The ring's tag and batch hint are not the client's to set: any value is ignored.
+        assert!(check(Sqe { seq: 0xdead_beef, batch: 7, ..good }).is_ok());
         assert_eq!(check(Sqe { segments: 1, ..good }), Err(InvalidField));
         assert_eq!(check(Sqe { nsid: 9, ..good }), Err(InvalidNamespace));
         assert_eq!(check(Sqe { buf_id: 4, ..good }), Err(BadBuffer));
@@ -418,7 +417,7 @@ mod tests {
         fn accepted_commands_stay_in_bounds(bytes in proptest::collection::vec(any::<u8>(), 64), small in any::<bool>()) {
             let mut sqe: Sqe = zerocopy::FromBytes::read_from_bytes(&bytes[..]).unwrap();
             if small {
-                sqe.segments = 0; sqe.reserved1 = [0; 2]; sqe.reserved2 = 0; sqe.flags &= 1; sqe.opcode %= 6;
+                sqe.segments = 0; sqe.reserved1 = [0; 2]; sqe.flags &= 1; sqe.opcode %= 6;
                 sqe.nsid %= 3; sqe.buf_id %= 5; sqe.len %= 70000; sqe.offset %= 1 << 21; sqe.buf_offset %= 70000;
             }
             if let Ok(Validated::Device { cmd, .. }) = check(sqe) {
