@@ -976,9 +976,10 @@ impl NvmeRing {
         self.sq.prefetch_free(avail);
         // The broker may be holding SQEs back until the CQ has room: tell it there is some now.
         // It can only be when requests beyond the CQ's size were once published: the broker
-        // counts (SQ tail it saw) - (CQ head it saw) as needing CQ room, and it reads the head
-        // after the tail (Acquire), so it sees at least the head stored before that tail was
-        // published; that difference is then at most the requests outstanding at the publish.
+        // counts the SQEs it saw published plus those in flight as needing CQ room, and it reads
+        // the CQ head after the newest SQE's tag (Acquire), so it sees at least the head stored
+        // before that SQE was published; what it counts is then at most the requests
+        // outstanding at that publish.
         // So the fence and the look at the broker's flags are skipped while the ring never had
         // more requests outstanding than CQ entries (`tests/loom_ring.rs` checks the ordering).
         if self.cq_wait_possible {
