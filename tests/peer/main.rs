@@ -56,27 +56,8 @@ fn hammer(socket: &str) {
 /// line `LOADING`); prints `IOS <completed>` at the end.
 fn load(socket: &str, secs: f64, qd: usize) {
     let mut ring = NvmeRing::open(socket).unwrap();
-    let ns = ring.namespaces()[0].nsid;
-    let buf = ring.alloc_buffer(qd * 4096).unwrap();
     println!("LOADING");
-    let end = std::time::Instant::now() + Duration::from_secs_f64(secs);
-    let (mut out, mut done, mut next) = (Vec::new(), 0u64, 0u64);
-    let mut free: Vec<u64> = (0..qd as u64).collect();
-    while std::time::Instant::now() < end {
-        while let Some(slot) = free.pop() {
-            let off = (next * 7919 % 8192) * 4096;
-            ring.prep(Io::read(ns, off, 4096, buf, slot * 4096).user_data(slot)).unwrap();
-            next += 1;
-        }
-        ring.submit().unwrap();
-        out.clear();
-        ring.wait(1, &mut out, Some(Duration::from_secs(5))).unwrap();
-        for c in &out {
-            assert!(c.status.is_success(), "{c:?}");
-            free.push(c.user_data);
-        }
-        done += out.len() as u64;
-    }
+    let done = nvmed_client::testkit::reads_for(&mut ring, qd as u64, secs);
     println!("IOS {done}");
 }
 
