@@ -412,6 +412,8 @@ impl NvmeRing {
         // What the old broker finished is in the old CQ: those must not be sent again.
         let mut got = self.take_completions(out)?;
         self.session.reconnect(self.epoch)?;
+        // The old ring's tail orders the requests by age (the new ring starts at 0).
+        let old_tail = self.sq.tail();
         let a = Attached::create(&self.session, self.sq_entries, self.cq_entries, self.thread_wanted)?;
         (self.sock, self.epoch) = self.session.connection();
         self.ring_id = a.ring_id;
@@ -425,9 +427,8 @@ impl NvmeRing {
         self.cq_wait_possible = true;
         self.empty_polls = 0;
         // Oldest first: the tags ordered by how long ago their entries were written.
-        let tail = self.sq.tail();
         let mut order: Vec<(u32, usize)> =
-            self.pending.iter().map(|(tag, p)| (tail.wrapping_sub(p.sq_index), tag)).collect();
+            self.pending.iter().map(|(tag, p)| (old_tail.wrapping_sub(p.sq_index), tag)).collect();
         order.sort_unstable_by_key(|&(age, _)| std::cmp::Reverse(age));
         for (_, tag) in order {
             while self.sq.free().map_err(|_| Error::RingFaulted(None))? == 0 {

@@ -32,7 +32,7 @@ pub const FAULT_OFFSET: usize = 448;
 /// Offset of the SQ entry array.
 pub const SQ_ENTRIES_OFFSET: usize = PAGE_SIZE;
 
-/// Broker flag: the broker is going to sleep; write the submit eventfd after publishing the SQ tail.
+/// Broker flag: the broker is going to sleep; write the submit eventfd after publishing SQEs.
 pub const BROKER_NEED_WAKEUP: u32 = 1 << 0;
 /// Broker flag: the broker stopped serving this ring; the reason is at [`FAULT_OFFSET`].
 pub const BROKER_FAULTED: u32 = 1 << 1;
@@ -40,7 +40,7 @@ pub const BROKER_FAULTED: u32 = 1 << 1;
 /// their completions, and sleeps until the client frees CQ space: after moving the CQ head, the
 /// client writes the submit eventfd (same handshake as [`BROKER_NEED_WAKEUP`]).
 pub const BROKER_CQ_WAIT: u32 = 1 << 2;
-/// Client flag: the client sleeps on the completion eventfd; write it after publishing the CQ tail.
+/// Client flag: the client sleeps on the completion eventfd; write it after publishing CQEs.
 pub const CLIENT_CQ_WAITING: u32 = 1 << 0;
 
 /// Why the broker stopped serving a ring.

@@ -156,12 +156,19 @@ impl<M: RingMemory> Producer<M> {
     }
 
     /// Free slots, counting entries pushed but not yet published (reads the consumer's head).
+    /// A head ahead of the published entries (no consumer can have taken an entry it could not
+    /// see) or more than a ring behind them is [`RingError::Corrupt`]: staged entries never
+    /// outnumber the ring, whatever the consumer writes.
     #[inline]
     pub fn free(&mut self) -> Result<u32, RingError> {
         let head = self.mem.load_head(Ordering::Acquire);
-        let used = outstanding(head, self.tail, self.mem.entries())?;
+        let entries = self.mem.entries();
+        let used = outstanding(head, self.published, entries)? + self.unpublished();
+        if used > entries {
+            return Err(RingError::Corrupt { head, tail: self.tail, entries });
+        }
         self.cached_head = head;
-        Ok(self.mem.entries() - used)
+        Ok(entries - used)
     }
 
     /// Free slots as of the last head read: never more than [`Producer::free`] would say, and
@@ -184,7 +191,8 @@ impl<M: RingMemory> Producer<M> {
     /// Entries pushed and not yet consumed, as seen now.
     #[inline]
     pub fn outstanding(&self) -> Result<u32, RingError> {
-        outstanding(self.mem.load_head(Ordering::Acquire), self.tail, self.mem.entries())
+        let used = outstanding(self.mem.load_head(Ordering::Acquire), self.published, self.mem.entries())?;
+        Ok(used + self.unpublished())
     }
 
     /// Writes one entry without publishing it. Returns `Ok(false)` when the ring is full.
@@ -200,7 +208,7 @@ impl<M: RingMemory> Producer<M> {
     /// Writes one entry (all but its tag) after the caller checked [`Producer::free`].
     #[inline]
     pub fn push_unchecked(&mut self, entry: M::Entry) {
-        debug_assert!(self.staged.len() < self.mem.entries() as usize);
+        debug_assert!(self.staged.len() < self.mem.entries() as usize, "pushed without room");
         let tag = self.mem.write_body(self.tail, entry);
         self.staged.push(tag);
         self.tail = self.tail.wrapping_add(1);
@@ -208,13 +216,14 @@ impl<M: RingMemory> Producer<M> {
 
     /// Takes note that the consumer's head is at least `head`, learnt some other way than
     /// reading it (the broker completes a request only after consuming its SQ entry). Ignored
-    /// unless it lies between the cached head and the tail, so a wrong value can only make the
-    /// producer read the head again, never overwrite an unconsumed entry... provided that
-    /// whoever reports it is right that the consumer is done with the entries before `head`.
+    /// unless it lies between the cached head and the published entries, so a wrong value can
+    /// only make the producer read the head again, never overwrite an unconsumed entry...
+    /// provided that whoever reports it is right that the consumer is done with the entries
+    /// before `head`.
     #[inline]
     pub fn observe_head(&mut self, head: u32) {
         let ahead = head.wrapping_sub(self.cached_head);
-        if ahead <= self.tail.wrapping_sub(self.cached_head) {
+        if ahead <= self.published.wrapping_sub(self.cached_head) {
             self.cached_head = head;
         }
     }
@@ -303,8 +312,10 @@ impl<M: RingMemory> Consumer<M> {
                     // how far the batch goes.
                     self.announced = batch.min(entries);
                 }
-                let more = if self.announced > 0 { self.announced } else { self.last_batch };
-                prefetch_run(&self.mem, self.head.wrapping_add(1), more.min(max).saturating_sub(1), false);
+                // Not bounded by `max`: a first look is often `ready(1)` ("any work?"), and the
+                // take that follows finds the lines on their way.
+                let more = if self.announced > 0 { self.announced } else { self.last_batch.min(max) };
+                prefetch_run(&self.mem, self.head.wrapping_add(1), more.saturating_sub(1), false);
             }
             let limit = if self.announced > 0 { self.announced.min(max) } else { max };
             while self.seen < limit && self.mem.published(self.head.wrapping_add(self.seen)).is_some() {
@@ -667,6 +678,7 @@ mod tests {
     struct Watched {
         tags: std::cell::RefCell<Vec<(u32, u32)>>,
         looked: std::cell::RefCell<Vec<u32>>,
+        prefetched: std::cell::RefCell<Vec<u32>>,
     }
 
     impl RingMemory for &Watched {
@@ -693,6 +705,9 @@ mod tests {
         fn read_entry(&self, index: u32) -> u32 {
             index
         }
+        fn prefetch_read(&self, index: u32) {
+            self.prefetched.borrow_mut().push(index);
+        }
     }
 
     /// A batch published together is taken whole, and the slot after it (where the producer
@@ -700,7 +715,11 @@ mod tests {
     /// not published.
     #[test]
     fn a_batch_is_read_to_its_announced_end_and_no_further() {
-        let mem = Watched { tags: vec![(0, 0); 8].into(), looked: Vec::new().into() };
+        let mem = Watched {
+            tags: vec![(0, 0); 8].into(),
+            looked: Vec::new().into(),
+            prefetched: Vec::new().into(),
+        };
         let mut p = Producer::new(&mem, 0);
         let mut c = Consumer::new(&mem, 0);
         for i in 0..3 {
@@ -709,6 +728,9 @@ mod tests {
         p.publish();
         assert_eq!(mem.tags.borrow()[0], (1, 3), "the first entry carries the batch's size");
         assert_eq!(mem.tags.borrow()[1], (2, 0));
+        // "Any work?" first, as the broker asks: the batch's other lines are fetched already.
+        assert_eq!(c.ready(1), 1);
+        assert_eq!(mem.prefetched.borrow().last(), Some(&2), "the batch's last entry was not prefetched");
         assert_eq!(c.ready(64), 3);
         assert_eq!(*mem.looked.borrow(), [0, 1, 2], "looked past the batch");
         // Partly consumed: the rest of the batch, still no look beyond it.
@@ -734,5 +756,31 @@ mod tests {
         mem.looked.borrow_mut().clear();
         assert_eq!(c.ready(64), 2);
         assert_eq!(*mem.looked.borrow(), [6, 7, 8]);
+    }
+
+    /// A consumer head ahead of what was published, or a ring behind, is corrupt: the producer
+    /// never counts staged entries as consumed, so it never stages more than the ring holds.
+    #[test]
+    fn a_head_ahead_of_what_was_published_is_corrupt() {
+        let (mem, layout) = ring_mem(4, 4);
+        let mut cq = Producer::new(completion_ring(mem.clone(), &layout), 0);
+        for i in 0..4 {
+            assert!(cq.push(Cqe { user_data: i, ..Cqe::default() }).unwrap());
+        }
+        // Before the publish, a hostile client claims it consumed all four.
+        mem.store_u32(CQ_HEAD_OFFSET, 4, Ordering::Relaxed);
+        assert!(matches!(cq.free(), Err(RingError::Corrupt { .. })));
+        assert!(matches!(cq.push(Cqe::default()), Err(RingError::Corrupt { .. })));
+        cq.publish();
+        // Published now: the same head is honest, and frees the four slots.
+        assert_eq!(cq.free().unwrap(), 4);
+        mem.store_u32(CQ_HEAD_OFFSET, 4u32.wrapping_sub(8), Ordering::Relaxed);
+        assert!(matches!(cq.free(), Err(RingError::Corrupt { .. })), "a head a ring behind");
+        // Hearing of a head beyond the published entries is ignored.
+        mem.store_u32(CQ_HEAD_OFFSET, 4, Ordering::Relaxed);
+        assert_eq!(cq.free().unwrap(), 4);
+        assert!(cq.push(Cqe::default()).unwrap());
+        cq.observe_head(5);
+        assert_eq!(cq.free_cached(), 3, "an unpublished entry counted as consumed");
     }
 }

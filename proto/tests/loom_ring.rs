@@ -81,16 +81,17 @@ impl RingMemory for Handle {
         self.0.slots[self.slot(index)].with_mut(|p| unsafe { *p = e });
         (self.tag_for(index), None)
     }
-    fn store_tag(&self, index: u32, (tag, entry): (u32, Option<u64>), _batch: u32) {
+    fn store_tag(&self, index: u32, (tag, entry): (u32, Option<u64>), batch: u32) {
         if let Some(e) = entry {
             // SAFETY: as in `write_body`.
             self.0.slots[self.slot(index)].with_mut(|p| unsafe { *p = e });
         }
-        self.0.tags[self.slot(index)].store(tag, self.order(Ordering::Release))
+        // The batch hint rides in the same word, as in the SQE's tag word.
+        self.0.tags[self.slot(index)].store(tag | (batch << 16), self.order(Ordering::Release))
     }
     fn published(&self, index: u32) -> Option<u32> {
-        (self.0.tags[self.slot(index)].load(self.order(Ordering::Acquire)) == self.tag_for(index))
-            .then_some(0)
+        let word = self.0.tags[self.slot(index)].load(self.order(Ordering::Acquire));
+        (word & 0xffff == self.tag_for(index)).then_some(word >> 16)
     }
     fn read_entry(&self, index: u32) -> u64 {
         // SAFETY: loom checks that this read does not race with a write to the same slot.
@@ -143,6 +144,46 @@ fn publication_by_seq_is_ordered_and_race_free() {
 #[test]
 fn publication_by_phase_is_ordered_and_race_free() {
     publication_model(2, true, false);
+}
+
+/// Several entries per publish: the first entry's tag (with the batch's size) is stored last,
+/// and the consumer, having seen it, reads the rest of the batch on the strength of that one
+/// `Acquire`: two batches (two entries, then one) over two slots, by seq and by phase.
+#[test]
+fn batches_published_first_entry_last_are_ordered_and_race_free() {
+    for phase in [false, true] {
+        loom::model(move || {
+            let ring = Handle::new(2, phase, false);
+            let producer_mem = ring.clone();
+            let t = loom::thread::spawn(move || {
+                let mut p = Producer::new(producer_mem, 0);
+                assert!(p.push(1).unwrap() && p.push(2).unwrap());
+                p.publish();
+                while !p.push(3).unwrap() {
+                    loom::thread::yield_now();
+                }
+                p.publish();
+            });
+            let mut c = Consumer::new(ring, 0);
+            let mut expect = 1;
+            while expect <= 3 {
+                let n = c.ready(2);
+                if n == 0 {
+                    loom::thread::yield_now();
+                    continue;
+                }
+                if expect == 1 {
+                    assert_eq!(n, 2, "the first batch seen in part");
+                }
+                for i in 0..n {
+                    assert_eq!(c.read(i), expect + u64::from(i));
+                }
+                c.consume(n);
+                expect += u64::from(n);
+            }
+            t.join().unwrap();
+        });
+    }
 }
 
 /// The CQ's way: the whole entry written at publish, just before its phase bit.

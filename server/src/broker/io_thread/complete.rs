@@ -55,7 +55,8 @@ impl IoThread {
         total
     }
 
-    /// Publishes the CQEs pushed this round, one tail store per ring.
+    /// Publishes the CQEs pushed this round (written whole, first entry last) and wakes the
+    /// clients that sleep, one fence per ring.
     pub(super) fn publish_completions(&mut self) {
         for key in self.touched.drain(..) {
             if let Some(ring) = self.sessions.get_mut(key).and_then(|s| s.ring.as_mut()) {

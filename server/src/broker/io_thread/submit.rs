@@ -154,217 +154,234 @@ impl IoThread {
                 return (took, true);
             }
         }
-        // The entries whose tags say published, at most a batch (`ready` fetched their lines
-        // together, before anything else that may miss: the client's CQ head below).
-        let available = ring.sq.ready(TAKE_BATCH);
-        if available == 0 {
-            if ring.dirty {
-                self.touched.push(key);
-            }
-            return (took, false);
-        }
-        // Room for every completion this ring may receive: never post more than fits.
-        // The client's CQ head is read only when the cached view has too little room.
-        let reserved = s.in_flight + ring.overflow.len() as u32;
-        let free = match ring.cq.free_at_least(reserved + available.min(TAKE_BATCH)) {
-            Ok(f) => f,
-            Err(e) => {
-                complete::fault(s.id, ring, RingFault::CqHeadCorrupt, e);
-                s.faulted = true;
-                return (took, false);
-            }
-        };
-        let room = free.saturating_sub(reserved);
-        let n = available.min(room).min(TAKE_BATCH);
-        // The CQ lines this batch's completions go to, for writing.
-        ring.cq.prefetch_free(n);
-        let mut taken = 0;
         // Held back by the scheduler (this tenant's turn is over, or a limit holds it).
         let mut held = false;
-        while taken < n {
-            // Copy the entry out of shared memory once; validate only the copy.
-            let sqe = ring.sq.read(taken);
-            let buffers = &s.buffers;
-            let decision = validate(
-                &sqe,
-                &s.namespaces,
-                |id| buffers.lookup(id).map(|b| (b.buffer.iova(), b.buffer.len())),
-                limits,
-            );
-            let op = Opcode::from_u8(sqe.opcode).unwrap_or(Opcode::Nop);
-            let failed = |c: u16| ports[usize::from(c)].device_failed;
-            let failure = |c: u16| {
-                Status::Broker(if ports[usize::from(c)].gone {
-                    BrokerStatus::DeviceGone
-                } else {
-                    BrokerStatus::DeviceFault
-                })
-            };
-            let status = match decision {
-                Ok(Validated::Nop) => Status::Success,
-                Ok(Validated::Device { controller: c, .. }) if failed(c) => failure(c),
-                Ok(Validated::Vectored(v)) if failed(v.controller) => failure(v.controller),
-                Ok(Validated::Device { controller: c, cmd, buffer, len }) => {
-                    let p = &mut ports[usize::from(c)];
-                    if p.dq.queue.free_slots() == 0 || s.slots[usize::from(c)] >= p.dq.session_slots {
-                        break; // no slot for this ring now: leave the entry for a later round
-                    }
-                    let tenant = s.tenants[usize::from(c)].map(|(_, t)| t);
-                    if let Some(t) = tenant {
-                        let bytes =
-                            if matches!(op, Opcode::Read | Opcode::Write) { u64::from(len) } else { 0 };
-                        let d = p.sched.try_dispatch(t, now, bytes, op.modifies_data());
-                        if !throttle_clock(&mut s.held_since, d, now, &s.counters) {
-                            held = true;
-                            break; // the entry waits for this tenant's next turn
-                        }
-                    }
-                    let pieces = cmd.piece_count(limits[usize::from(c)].max_transfer);
-                    let split = if pieces > 1 {
-                        self.splits.insert(Split { remaining: pieces, status: Status::Success }) as u32
-                    } else {
-                        WHOLE
-                    };
-                    let ctx = InFlight {
-                        ctrl: c,
-                        tenant,
-                        start_us: (now / 1000) as u32,
-                        ..InFlight::new(
-                            key as u32,
-                            buffer.unwrap_or(u32::MAX),
-                            sqe.user_data,
-                            len,
-                            op,
-                            epoch,
-                            split,
-                        )
-                    };
-                    let mut p = Partial { work: Work::Plain(cmd), next: 0, pieces, ctx, waits_bounce: false };
-                    let all_in = admit(
-                        &mut admission!(c),
-                        &mut p,
-                        &mut s.slots[usize::from(c)],
-                        &s.buffers,
-                        &s.counters,
-                    );
-                    s.in_flight += 1;
-                    if let Some(b) = buffer {
-                        s.buffers.acquire(b);
-                    }
-                    taken += 1;
-                    if !all_in {
-                        s.partial = Some(p);
-                        break;
-                    }
-                    continue;
-                }
-                Ok(Validated::Vectored(v)) => {
-                    let c = v.controller;
-                    let p = &ports[usize::from(c)];
-                    if p.dq.queue.free_slots() == 0
-                        || s.slots[usize::from(c)] >= p.dq.session_slots
-                        || s.vectored >= vec_cap
-                    {
-                        break; // as above
-                    }
-                    let Some(slot) = vecs.alloc() else { break };
-                    // Copy the segment list out of client memory once, into the slot, checking
-                    // each copied segment. (`validate` placed the whole list inside its buffer.)
-                    let Some(list) = buffers.lookup(v.list_buf) else {
-                        vecs.release(slot); // not reached: `validate` found the list's buffer
-                        break;
-                    };
-                    let list = list.buffer.mem();
-                    let checked = validate_segments(
-                        v.count,
-                        v.len,
-                        |i| list.read::<Segment>((v.list_offset + i as u64 * SEGMENT_SIZE) as usize),
-                        |id| buffers.lookup(id).map(|b| (b.buffer.iova(), b.buffer.len())),
-                        vecs.slot_mut(slot),
-                    );
-                    match checked {
-                        Err(e) => {
-                            vecs.release(slot);
-                            Status::Broker(e)
-                        }
-                        Ok(()) => {
-                            let tenant = s.tenants[usize::from(c)].map(|(_, t)| t);
-                            if let Some(t) = tenant {
-                                let sched = &mut ports[usize::from(c)].sched;
-                                let d = sched.try_dispatch(t, now, u64::from(v.len), v.write);
-                                if !throttle_clock(&mut s.held_since, d, now, &s.counters) {
-                                    vecs.release(slot);
-                                    held = true;
-                                    break; // as above (the list is copied again next time)
-                                }
-                            }
-                            vecs.set_count(slot, v.count);
-                            // Every buffer the request touches stays in use until it completes.
-                            for seg in vecs.segs(slot) {
-                                s.buffers.acquire(seg.tag);
-                            }
-                            s.vectored += 1;
-                            let pieces = v.len.div_ceil(limits[usize::from(c)].max_transfer);
-                            let split = if pieces > 1 {
-                                self.splits.insert(Split { remaining: pieces, status: Status::Success })
-                                    as u32
-                            } else {
-                                WHOLE
-                            };
-                            let ctx = InFlight {
-                                vec: slot,
-                                ctrl: c,
-                                tenant,
-                                start_us: (now / 1000) as u32,
-                                ..InFlight::new(key as u32, u32::MAX, sqe.user_data, v.len, op, epoch, split)
-                            };
-                            let rw = RwCommand {
-                                write: v.write,
-                                nsid: v.nsid,
-                                slba: v.slba,
-                                blocks: v.blocks,
-                                fua: v.fua,
-                            };
-                            let work = Work::Vectored(VecWork { rw, len: v.len, cursor: Cursor::default() });
-                            let mut p = Partial { work, next: 0, pieces, ctx, waits_bounce: false };
-                            let all_in = admit(
-                                &mut admission!(c),
-                                &mut p,
-                                &mut s.slots[usize::from(c)],
-                                &s.buffers,
-                                &s.counters,
-                            );
-                            s.in_flight += 1;
-                            taken += 1;
-                            if !all_in {
-                                s.partial = Some(p);
-                                break;
-                            }
-                            continue;
-                        }
-                    }
-                }
-                Err(b) => Status::Broker(b),
-            };
-            // Completed without the device; room was reserved above.
-            let _ = ring.cq.push(Cqe { user_data: sqe.user_data, status: status.encode(), result: 0 });
-            ring.dirty = true;
-            bump(&s.counters.completed, 1);
-            if !status.is_success() {
-                bump(&s.counters.errors, 1);
+        let mut taken_all = 0u32;
+        // Whether the ring still has work it could not take.
+        let more = loop {
+            // The entries of the next published batch (`ready` fetched their lines together,
+            // before anything else that may miss: the client's CQ head below).
+            let available = ring.sq.ready(TAKE_BATCH - taken_all);
+            if available == 0 {
+                break false;
             }
-            taken += 1;
-        }
-        if taken > 0 {
-            ring.sq.consume(taken);
-            bump(&s.counters.submitted, u64::from(taken));
-            s.counters.in_flight.store(u64::from(s.in_flight), Ordering::Relaxed);
-            took = true;
-        }
+            // Room for every completion this ring may receive: never post more than fits.
+            // The client's CQ head is read only when the cached view has too little room.
+            let reserved = s.in_flight + ring.overflow.len() as u32;
+            let free = match ring.cq.free_at_least(reserved + available) {
+                Ok(f) => f,
+                Err(e) => {
+                    complete::fault(s.id, ring, RingFault::CqHeadCorrupt, e);
+                    s.faulted = true;
+                    return (took, false);
+                }
+            };
+            let room = free.saturating_sub(reserved);
+            let n = available.min(room);
+            let mut taken = 0;
+            while taken < n {
+                // Copy the entry out of shared memory once; validate only the copy.
+                let sqe = ring.sq.read(taken);
+                let buffers = &s.buffers;
+                let decision = validate(
+                    &sqe,
+                    &s.namespaces,
+                    |id| buffers.lookup(id).map(|b| (b.buffer.iova(), b.buffer.len())),
+                    limits,
+                );
+                let op = Opcode::from_u8(sqe.opcode).unwrap_or(Opcode::Nop);
+                let failed = |c: u16| ports[usize::from(c)].device_failed;
+                let failure = |c: u16| {
+                    Status::Broker(if ports[usize::from(c)].gone {
+                        BrokerStatus::DeviceGone
+                    } else {
+                        BrokerStatus::DeviceFault
+                    })
+                };
+                let status = match decision {
+                    Ok(Validated::Nop) => Status::Success,
+                    Ok(Validated::Device { controller: c, .. }) if failed(c) => failure(c),
+                    Ok(Validated::Vectored(v)) if failed(v.controller) => failure(v.controller),
+                    Ok(Validated::Device { controller: c, cmd, buffer, len }) => {
+                        let p = &mut ports[usize::from(c)];
+                        if p.dq.queue.free_slots() == 0 || s.slots[usize::from(c)] >= p.dq.session_slots {
+                            break; // no slot for this ring now: leave the entry for a later round
+                        }
+                        let tenant = s.tenants[usize::from(c)].map(|(_, t)| t);
+                        if let Some(t) = tenant {
+                            let bytes =
+                                if matches!(op, Opcode::Read | Opcode::Write) { u64::from(len) } else { 0 };
+                            let d = p.sched.try_dispatch(t, now, bytes, op.modifies_data());
+                            if !throttle_clock(&mut s.held_since, d, now, &s.counters) {
+                                held = true;
+                                break; // the entry waits for this tenant's next turn
+                            }
+                        }
+                        let pieces = cmd.piece_count(limits[usize::from(c)].max_transfer);
+                        let split = if pieces > 1 {
+                            self.splits.insert(Split { remaining: pieces, status: Status::Success }) as u32
+                        } else {
+                            WHOLE
+                        };
+                        let ctx = InFlight {
+                            ctrl: c,
+                            tenant,
+                            start_us: (now / 1000) as u32,
+                            ..InFlight::new(
+                                key as u32,
+                                buffer.unwrap_or(u32::MAX),
+                                sqe.user_data,
+                                len,
+                                op,
+                                epoch,
+                                split,
+                            )
+                        };
+                        let mut p =
+                            Partial { work: Work::Plain(cmd), next: 0, pieces, ctx, waits_bounce: false };
+                        let all_in = admit(
+                            &mut admission!(c),
+                            &mut p,
+                            &mut s.slots[usize::from(c)],
+                            &s.buffers,
+                            &s.counters,
+                        );
+                        s.in_flight += 1;
+                        if let Some(b) = buffer {
+                            s.buffers.acquire(b);
+                        }
+                        taken += 1;
+                        if !all_in {
+                            s.partial = Some(p);
+                            break;
+                        }
+                        continue;
+                    }
+                    Ok(Validated::Vectored(v)) => {
+                        let c = v.controller;
+                        let p = &ports[usize::from(c)];
+                        if p.dq.queue.free_slots() == 0
+                            || s.slots[usize::from(c)] >= p.dq.session_slots
+                            || s.vectored >= vec_cap
+                        {
+                            break; // as above
+                        }
+                        let Some(slot) = vecs.alloc() else { break };
+                        // Copy the segment list out of client memory once, into the slot, checking
+                        // each copied segment. (`validate` placed the whole list inside its buffer.)
+                        let Some(list) = buffers.lookup(v.list_buf) else {
+                            vecs.release(slot); // not reached: `validate` found the list's buffer
+                            break;
+                        };
+                        let list = list.buffer.mem();
+                        let checked = validate_segments(
+                            v.count,
+                            v.len,
+                            |i| list.read::<Segment>((v.list_offset + i as u64 * SEGMENT_SIZE) as usize),
+                            |id| buffers.lookup(id).map(|b| (b.buffer.iova(), b.buffer.len())),
+                            vecs.slot_mut(slot),
+                        );
+                        match checked {
+                            Err(e) => {
+                                vecs.release(slot);
+                                Status::Broker(e)
+                            }
+                            Ok(()) => {
+                                let tenant = s.tenants[usize::from(c)].map(|(_, t)| t);
+                                if let Some(t) = tenant {
+                                    let sched = &mut ports[usize::from(c)].sched;
+                                    let d = sched.try_dispatch(t, now, u64::from(v.len), v.write);
+                                    if !throttle_clock(&mut s.held_since, d, now, &s.counters) {
+                                        vecs.release(slot);
+                                        held = true;
+                                        break; // as above (the list is copied again next time)
+                                    }
+                                }
+                                vecs.set_count(slot, v.count);
+                                // Every buffer the request touches stays in use until it completes.
+                                for seg in vecs.segs(slot) {
+                                    s.buffers.acquire(seg.tag);
+                                }
+                                s.vectored += 1;
+                                let pieces = v.len.div_ceil(limits[usize::from(c)].max_transfer);
+                                let split = if pieces > 1 {
+                                    self.splits.insert(Split { remaining: pieces, status: Status::Success })
+                                        as u32
+                                } else {
+                                    WHOLE
+                                };
+                                let ctx = InFlight {
+                                    vec: slot,
+                                    ctrl: c,
+                                    tenant,
+                                    start_us: (now / 1000) as u32,
+                                    ..InFlight::new(
+                                        key as u32,
+                                        u32::MAX,
+                                        sqe.user_data,
+                                        v.len,
+                                        op,
+                                        epoch,
+                                        split,
+                                    )
+                                };
+                                let rw = RwCommand {
+                                    write: v.write,
+                                    nsid: v.nsid,
+                                    slba: v.slba,
+                                    blocks: v.blocks,
+                                    fua: v.fua,
+                                };
+                                let work =
+                                    Work::Vectored(VecWork { rw, len: v.len, cursor: Cursor::default() });
+                                let mut p = Partial { work, next: 0, pieces, ctx, waits_bounce: false };
+                                let all_in = admit(
+                                    &mut admission!(c),
+                                    &mut p,
+                                    &mut s.slots[usize::from(c)],
+                                    &s.buffers,
+                                    &s.counters,
+                                );
+                                s.in_flight += 1;
+                                taken += 1;
+                                if !all_in {
+                                    s.partial = Some(p);
+                                    break;
+                                }
+                                continue;
+                            }
+                        }
+                    }
+                    Err(b) => Status::Broker(b),
+                };
+                // Completed without the device; room was reserved above.
+                let _ = ring.cq.push(Cqe { user_data: sqe.user_data, status: status.encode(), result: 0 });
+                ring.dirty = true;
+                bump(&s.counters.completed, 1);
+                if !status.is_success() {
+                    bump(&s.counters.errors, 1);
+                }
+                taken += 1;
+            }
+            if taken > 0 {
+                ring.sq.consume(taken);
+                bump(&s.counters.submitted, u64::from(taken));
+                s.counters.in_flight.store(u64::from(s.in_flight), Ordering::Relaxed);
+                took = true;
+            }
+            taken_all += taken;
+            if held || taken < available || s.partial.is_some() || taken_all >= TAKE_BATCH {
+                break true;
+            }
+            // The whole batch is taken: its completions go out now (the wakeup check follows
+            // with the round's `RingIo::publish`), before the look at the next slot, which at
+            // low depth is the line the client is about to write.
+            ring.cq.publish();
+        };
         if ring.dirty {
             self.touched.push(key);
         }
-        (took, held || taken < available || s.partial.is_some())
+        (took, more)
     }
 }
 
