@@ -150,6 +150,36 @@ pub struct TenantId {
     generation: u32,
 }
 
+/// Hashes [`TenantId`]s in a multiply per word. Maps keyed by them are looked up once per
+/// scheduling round on the I/O path; the standard SipHash resists hash flooding, which ids the
+/// scheduler hands out itself do not need, and cost about as much as the rest of a round's
+/// bookkeeping.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct TenantIdHasher(u64);
+
+impl std::hash::Hasher for TenantIdHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.write_u64(u64::from(b));
+        }
+    }
+    fn write_u32(&mut self, v: u32) {
+        self.write_u64(u64::from(v));
+    }
+    fn write_u64(&mut self, v: u64) {
+        // Fibonacci hashing: the multiply spreads the words over the high bits, which the
+        // table's control bytes use, and the rotation over the low ones, which pick the bucket.
+        self.0 = (self.0.rotate_left(29) ^ v).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    }
+    fn finish(&self) -> u64 {
+        self.0 ^ (self.0 >> 32)
+    }
+}
+
+/// A map keyed by [`TenantId`] with [`TenantIdHasher`].
+pub type TenantIdMap<V> =
+    std::collections::HashMap<TenantId, V, std::hash::BuildHasherDefault<TenantIdHasher>>;
+
 /// What a tenant is allowed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct TenantLimits {
@@ -757,6 +787,25 @@ fn busy(t: &Tenant) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tenant_id_map_finds_every_id_and_spreads_them() {
+        let mut m: TenantIdMap<u32> = TenantIdMap::default();
+        let ids: Vec<TenantId> =
+            (0..4096u32).map(|i| TenantId { index: i % 512, generation: i / 512 }).collect();
+        for (n, id) in ids.iter().enumerate() {
+            assert!(m.insert(*id, n as u32).is_none(), "two ids taken for one");
+        }
+        for (n, id) in ids.iter().enumerate() {
+            assert_eq!(m.get(id), Some(&(n as u32)));
+        }
+        // The low bits pick the bucket: consecutive ids must not pile into a few.
+        use std::hash::BuildHasher;
+        let b = std::hash::BuildHasherDefault::<TenantIdHasher>::default();
+        let buckets: std::collections::HashSet<u64> =
+            ids[..512].iter().map(|id| b.hash_one(id) & 1023).collect();
+        assert!(buckets.len() > 300, "512 ids in {} of 1024 buckets", buckets.len());
+    }
     use proptest::prelude::*;
 
     const US: u64 = 1_000;

@@ -215,7 +215,7 @@ pub struct Port {
     /// Those tenants' scheduler ids.
     tenants: std::collections::HashMap<TenantKey, TenantId>,
     /// Each tenant's rings here (ring keys), and where its next visit starts among them.
-    tenant_rings: std::collections::HashMap<TenantId, (Vec<usize>, usize)>,
+    tenant_rings: crate::broker::sched::TenantIdMap<(Vec<usize>, usize)>,
 }
 
 /// The I/O thread's state.
@@ -285,7 +285,7 @@ impl IoThread {
                     ..SchedConfig::new(slots)
                 }),
                 tenants: std::collections::HashMap::new(),
-                tenant_rings: std::collections::HashMap::new(),
+                tenant_rings: Default::default(),
                 dq: DeviceQueue::new(p.queue),
                 vector: p.vector,
                 bounce: p.bounce,
