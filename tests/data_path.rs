@@ -622,6 +622,77 @@ fn a_client_that_stopped_waiting_does_not_ask_for_wakeups() {
 }
 
 #[test]
+fn a_client_with_a_wake_index_is_woken_once_its_completions_are_all_there() {
+    // The sleep a client announces names the CQ index it waits for (wait(min) does this): the
+    // broker publishes the completions of four reads one by one, 100 ms apart, and writes the
+    // completion eventfd only with the fourth.
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    use nvmed_proto::layout::{
+        CLIENT_CQ_WAITING, CLIENT_CQ_WAKE_AT, CLIENT_FLAGS_OFFSET, CLIENT_WAKE_AT_OFFSET,
+    };
+    use std::sync::atomic::Ordering;
+    let broker = TestBroker::start(&["--emulator-mode", "async", "--emulator-latency-us", "200000"]);
+    let mut ring = broker.connect();
+    let ns = ring.namespaces()[0].nsid;
+    let buf = ring.alloc_buffer(4 * 4096).unwrap();
+    // Announce the sleep by hand (as `wait(4)` would: wake index = head 0 + 4).
+    ring.ring_memory().store_u32(CLIENT_WAKE_AT_OFFSET, 4, Ordering::Relaxed);
+    ring.ring_memory().fetch_or_u32(
+        CLIENT_FLAGS_OFFSET,
+        CLIENT_CQ_WAITING | CLIENT_CQ_WAKE_AT,
+        Ordering::SeqCst,
+    );
+    for i in 0..4u64 {
+        ring.prep(Io::read(ns, i * 4096, 4096, buf, i * 4096).user_data(i)).unwrap();
+        ring.submit().unwrap();
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let readable = |ring: &NvmeRing| {
+        let mut fds = [PollFd::new(ring.completion_fd(), PollFlags::POLLIN)];
+        poll(&mut fds, PollTimeout::ZERO).unwrap() > 0
+    };
+    let (start, mut partial) = (Instant::now(), 0);
+    loop {
+        // The eventfd first, then the CQ: a signal is written only after the fourth completion
+        // was published, so a readable eventfd means all four are there.
+        let signalled = readable(&ring);
+        let ready = ring.ready_completions();
+        if signalled {
+            assert_eq!(ready, 4, "woken with {ready} of the 4 completions waited for");
+            break;
+        }
+        if (1..4).contains(&ready) {
+            partial += 1;
+        }
+        assert!(start.elapsed() < Duration::from_secs(20), "never woken ({ready} completions ready)");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert!(partial > 0, "never saw some but not all completions: the test proved nothing");
+    ring.ring_memory().fetch_and_not_u32(
+        CLIENT_FLAGS_OFFSET,
+        CLIENT_CQ_WAITING | CLIENT_CQ_WAKE_AT,
+        Ordering::SeqCst,
+    );
+    let mut out = Vec::new();
+    assert_eq!(ring.wait(4, &mut out, Some(Duration::from_secs(5))).unwrap(), 4);
+    assert!(out.iter().all(|c| c.status.is_success()));
+
+    // And wait(min) itself: four more reads spread out, one wait for all of them.
+    let opts = nvmed_client::RingOptions { spin: Duration::ZERO, ..Default::default() };
+    let mut ring = NvmeRing::open_with(&broker.socket, opts).unwrap();
+    let buf = ring.alloc_buffer(4 * 4096).unwrap();
+    for i in 0..4u64 {
+        ring.prep(Io::read(ns, i * 4096, 4096, buf, i * 4096).user_data(i)).unwrap();
+        ring.submit().unwrap();
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    out.clear();
+    assert_eq!(ring.wait(4, &mut out, Some(Duration::from_secs(10))).unwrap(), 4);
+    let flags = ring.ring_memory().load_u32(CLIENT_FLAGS_OFFSET, Ordering::Acquire);
+    assert_eq!(flags & (CLIENT_CQ_WAITING | CLIENT_CQ_WAKE_AT), 0, "sleep bits left set after the wait");
+}
+
+#[test]
 fn guest_ram_regions_at_offsets_of_one_memfd() {
     // A VMM keeps guest RAM in one memfd and registers each region at its offset.
     let broker = TestBroker::start(&[]);

@@ -68,11 +68,11 @@ pub use session::{NvmeSession, Reconnect, SessionOptions, SharedBuffer};
 
 use nvmed_proto::layout::{
     RingLayout, BROKER_CQ_WAIT, BROKER_FAULTED, BROKER_FLAGS_OFFSET, BROKER_NEED_WAKEUP, CLIENT_CQ_WAITING,
-    FAULT_OFFSET, RING_MAGIC, RING_VERSION,
+    CLIENT_CQ_WAKE_AT, FAULT_OFFSET, RING_MAGIC, RING_VERSION,
 };
 use nvmed_proto::ring::{completion_ring, submission_ring, Consumer, Producer, SharedRing, PREFETCH_MAX};
 use nvmed_proto::shm::SharedMemory;
-use nvmed_proto::wakeup::{announce_sleep, end_sleep, peer_flags, SharedFlags};
+use nvmed_proto::wakeup::{announce_sleep, announce_sleep_until, end_sleep, peer_flags, SharedFlags};
 pub use nvmed_proto::{
     BrokerStatus, ControllerState, HealthSummary, IoThreadInfo, NamespaceInfo, NvmeStatus, Opcode, Segment,
     Sqe, Stats, Status, MAX_SEGMENTS,
@@ -96,7 +96,11 @@ pub struct RingOptions {
     /// Longest [`NvmeRing::wait`] spins before sleeping on the eventfd. The ring adapts below
     /// it: a wait that ends up sleeping halves the spin, one satisfied while spinning doubles it
     /// again, so a client whose broker is busy elsewhere (more runnable threads than CPUs)
-    /// stops burning the CPU the broker needs.
+    /// stops burning the CPU the broker needs. Past its first few microseconds a spinning wait
+    /// also yields the CPU every 64 looks (`sched_yield`); time other threads ran meanwhile
+    /// does not count as spinning (up to 16 spins' worth of wall time), so clients sharing
+    /// few CPUs with each other and the broker take turns instead of waiting for eventfd
+    /// wakeups.
     pub spin: Duration,
     /// The broker I/O thread to serve the ring (`None`: the least loaded).
     pub thread: Option<u16>,
@@ -268,6 +272,38 @@ struct Pending {
     /// SQ entry up to this one.
     sq_index: u32,
     ranges: Ranges,
+}
+
+/// How long a wait spins before it also starts yielding the CPU between looks: longer than a
+/// round trip through an idle broker, so a lone client's wait never makes the system call.
+const YIELD_AFTER: Duration = Duration::from_micros(5);
+
+/// How much longer than its spin budget a wait may go on spinning and yielding (see
+/// [`NvmeRing::wait`]) before it sleeps.
+const YIELD_WALL_FACTOR: u32 = 16;
+
+/// Whether a wait that began `elapsed` ago, `given` of which other threads ran in its yields,
+/// may spin on: its own spinning is within the spin budget, and the whole wait within
+/// `YIELD_WALL_FACTOR` times it (threads that all wait, yielding to one another, then sleep
+/// too).
+fn spinning_allowed(elapsed: Duration, given: Duration, budget: Duration) -> bool {
+    elapsed.saturating_sub(given) < budget && elapsed < budget * YIELD_WALL_FACTOR
+}
+
+/// Offers the CPU to another runnable thread (`sched_yield`) and returns how long others ran
+/// meanwhile (zero when it came straight back). Clients sharing few CPUs with each other and
+/// with the broker then take turns instead of each burning its spin: the one that runs next
+/// likely has completions to reap, and nobody needs an eventfd wakeup.
+fn yield_cpu() -> Duration {
+    let t = Instant::now();
+    std::thread::yield_now();
+    let d = t.elapsed();
+    // A yield with nobody else to run is a bare system call, well under this.
+    if d > Duration::from_micros(2) {
+        d
+    } else {
+        Duration::ZERO
+    }
 }
 
 /// Registered buffers by id. Ids are small dense integers the broker hands out, so a vector
@@ -996,8 +1032,9 @@ impl NvmeRing {
         Ok(avail as usize)
     }
 
-    /// Waits until at least `min` completions were moved into `out` (spinning briefly, then
-    /// sleeping on the completion eventfd). `None` waits forever. On an error, the completions
+    /// Waits until at least `min` completions were moved into `out` (spinning briefly, see
+    /// [`RingOptions::spin`], then sleeping on the completion eventfd, asking the broker to
+    /// write it only once the CQ holds what the wait still needs). `None` waits forever. On an error, the completions
     /// already moved into `out` (with a faulted ring: every completion the broker posted) stay
     /// there.
     pub fn wait(
@@ -1010,11 +1047,24 @@ impl NvmeRing {
         let mut got = self.poll(out)?;
         let mut spins = 0u32;
         let mut spun_out = false;
+        // Time this wait's yields gave to other threads: not spent spinning.
+        let mut given = Duration::ZERO;
         while got < min {
-            // Spin first, reading the clock only every 64 polls.
+            // Spin first, reading the clock only every 64 polls, and then also offering the CPU
+            // to other threads (see `yield_cpu`).
             spins += 1;
-            if !spun_out && (!spins.is_multiple_of(64) || start.elapsed() < self.spin_now) {
+            if !spins.is_multiple_of(64) && !spun_out {
                 std::hint::spin_loop();
+                got += self.poll(out)?;
+                continue;
+            }
+            let elapsed = start.elapsed();
+            if !spun_out && spinning_allowed(elapsed, given, self.spin_now) {
+                if elapsed >= YIELD_AFTER {
+                    given += yield_cpu();
+                } else {
+                    std::hint::spin_loop();
+                }
                 got += self.poll(out)?;
                 continue;
             }
@@ -1023,18 +1073,26 @@ impl NvmeRing {
                 spun_out = true;
                 self.spin_now /= 2;
             }
-            announce_sleep(&SharedFlags::client(&self.mem), CLIENT_CQ_WAITING);
+            // Woken once the CQ holds what this wait needs (never more than is in flight), not
+            // at each completion: many clients sharing few CPUs then sleep through a batch.
+            let need = (min - got).min(self.pending.len()).max(1) as u32;
+            announce_sleep_until(
+                &SharedFlags::client(&self.mem),
+                CLIENT_CQ_WAITING,
+                CLIENT_CQ_WAKE_AT,
+                self.cq.head().wrapping_add(need),
+            );
             let n = self.poll(out);
             if n.as_ref().map_or(true, |n| got + n >= min) {
                 // Done (or failed) without sleeping: stop asking the broker for wakeups.
-                end_sleep(&SharedFlags::client(&self.mem), CLIENT_CQ_WAITING);
+                end_sleep(&SharedFlags::client(&self.mem), CLIENT_CQ_WAITING | CLIENT_CQ_WAKE_AT);
             }
             got += n?;
             if got >= min {
                 break;
             }
             if let Some(e) = self.fault_error() {
-                end_sleep(&SharedFlags::client(&self.mem), CLIENT_CQ_WAITING);
+                end_sleep(&SharedFlags::client(&self.mem), CLIENT_CQ_WAITING | CLIENT_CQ_WAKE_AT);
                 // The broker posts a closing ring's last completions before its fault word:
                 // move those that came after the poll above into `out` too, then report it.
                 let _ = self.reap(out);
@@ -1044,7 +1102,7 @@ impl NvmeRing {
                 Some(t) => match t.checked_sub(start.elapsed()) {
                     Some(r) => PollTimeout::try_from(r.as_millis().clamp(1, 60_000) as i32).unwrap(),
                     None => {
-                        end_sleep(&SharedFlags::client(&self.mem), CLIENT_CQ_WAITING);
+                        end_sleep(&SharedFlags::client(&self.mem), CLIENT_CQ_WAITING | CLIENT_CQ_WAKE_AT);
                         return Err(Error::Timeout);
                     }
                 },
@@ -1057,7 +1115,7 @@ impl NvmeRing {
             let _ = poll(&mut fds, remaining);
             let sock_gone = session::hung_up(&fds[1]);
             nvmed_proto::eventfd::drain(&self.complete_fd);
-            end_sleep(&SharedFlags::client(&self.mem), CLIENT_CQ_WAITING);
+            end_sleep(&SharedFlags::client(&self.mem), CLIENT_CQ_WAITING | CLIENT_CQ_WAKE_AT);
             got += self.poll(out)?;
             if sock_gone && got < min {
                 got += self.recover(out)?;
@@ -1092,7 +1150,7 @@ impl NvmeRing {
         announce_sleep(&SharedFlags::client(&self.mem), CLIENT_CQ_WAITING);
         let n = self.poll(out);
         if !matches!(n, Ok(0)) {
-            end_sleep(&SharedFlags::client(&self.mem), CLIENT_CQ_WAITING);
+            end_sleep(&SharedFlags::client(&self.mem), CLIENT_CQ_WAITING | CLIENT_CQ_WAKE_AT);
         }
         n
     }
@@ -1101,7 +1159,7 @@ impl NvmeRing {
     /// broker's wakeups. Poll afterwards.
     pub fn disarm_completion_fd(&mut self) {
         nvmed_proto::eventfd::drain(&self.complete_fd);
-        end_sleep(&SharedFlags::client(&self.mem), CLIENT_CQ_WAITING);
+        end_sleep(&SharedFlags::client(&self.mem), CLIENT_CQ_WAITING | CLIENT_CQ_WAKE_AT);
     }
 
     /// Runs one request to completion (submitting anything else prepared too).
@@ -1205,5 +1263,25 @@ impl Drop for NvmeRing {
         for id in self.buffers.ids() {
             let _ = session::unregister(&self.session, id, false);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_wait_spins_on_its_own_budget_and_yields_do_not_count() {
+        let us = Duration::from_micros;
+        // Own spinning within the budget: go on; past it: sleep.
+        assert!(spinning_allowed(us(30), Duration::ZERO, us(50)));
+        assert!(!spinning_allowed(us(50), Duration::ZERO, us(50)));
+        // 200 us waited, 180 of them other threads ran in this wait's yields: 20 us spun.
+        assert!(spinning_allowed(us(200), us(180), us(50)));
+        // But never past YIELD_WALL_FACTOR budgets of wall time, however much was given away.
+        let wall = us(50) * YIELD_WALL_FACTOR;
+        assert!(!spinning_allowed(wall, wall, us(50)));
+        // No budget: no spinning at all.
+        assert!(!spinning_allowed(Duration::ZERO, Duration::ZERO, Duration::ZERO));
     }
 }

@@ -27,6 +27,13 @@ pub const CQ_HEAD_OFFSET: usize = 192;
 pub const BROKER_FLAGS_OFFSET: usize = 320;
 /// Offset of the client's flags word (`CLIENT_*` bits, written by the client).
 pub const CLIENT_FLAGS_OFFSET: usize = 384;
+/// Offset of the client's wake index (u32, written by the client, same cache line as its
+/// flags): with [`CLIENT_CQ_WAKE_AT`] set, the broker wakes a sleeping client only once the
+/// CQ entries it published reach this index.
+pub const CLIENT_WAKE_AT_OFFSET: usize = 388;
+// The wake index travels with the client's flags (the broker reads both together), after them.
+const _: () = assert!(CLIENT_WAKE_AT_OFFSET / 64 == CLIENT_FLAGS_OFFSET / 64);
+const _: () = assert!(CLIENT_WAKE_AT_OFFSET >= CLIENT_FLAGS_OFFSET + 4);
 /// Offset of the fault reason word (a [`RingFault`] code, written by the broker).
 pub const FAULT_OFFSET: usize = 448;
 /// Offset of the SQ entry array.
@@ -42,6 +49,11 @@ pub const BROKER_FAULTED: u32 = 1 << 1;
 pub const BROKER_CQ_WAIT: u32 = 1 << 2;
 /// Client flag: the client sleeps on the completion eventfd; write it after publishing CQEs.
 pub const CLIENT_CQ_WAITING: u32 = 1 << 0;
+/// Client flag, set with [`CLIENT_CQ_WAITING`]: the client wants to be woken only once the CQ
+/// holds the entries up to its wake index ([`CLIENT_WAKE_AT_OFFSET`]: the index one past the
+/// last entry it waits for), like io_uring's `min_complete`. Without it, any completion wakes
+/// it.
+pub const CLIENT_CQ_WAKE_AT: u32 = 1 << 1;
 
 /// Why the broker stopped serving a ring.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

@@ -6,40 +6,50 @@
 //! ## The ring memfd
 //!
 //! The broker creates one memfd per ring, seals it against shrinking and growing, and sends it
-//! to the client with two eventfds. Layout (all offsets in bytes, little-endian):
+//! to the client with two eventfds. Layout (ring version 2; all offsets in bytes,
+//! little-endian):
 //!
 //! ```text
 //! 0      RingHeader        magic "NVMR", version, entry counts, masks, array offsets, size
 //! 64     SQ head   u32     written by the broker  (own cache line)
-//! 128    SQ tail   u32     written by the client
 //! 192    CQ head   u32     written by the client
-//! 256    CQ tail   u32     written by the broker
-//! 320    broker flags u32  BROKER_NEED_WAKEUP, BROKER_FAULTED
-//! 384    client flags u32  CLIENT_CQ_WAITING
+//! 320    broker flags u32  BROKER_NEED_WAKEUP, BROKER_FAULTED, BROKER_CQ_WAIT
+//! 384    client flags u32  CLIENT_CQ_WAITING, CLIENT_CQ_WAKE_AT
+//! 388    wake index u32    written by the client (with CLIENT_CQ_WAKE_AT)
 //! 448    fault reason u32  RingFault code once BROKER_FAULTED is set
 //! 4096   SQ entries        sq_entries x 64-byte Sqe
 //! ...    CQ entries        cq_entries x 16-byte Cqe (page aligned)
 //! ```
 //!
+//! Offsets 128 and 256 (ring version 1's tails) are reserved and stay zero: entries carry their
+//! own publication tags.
+//!
 //! ## Memory ordering
 //!
 //! Indices are free-running `u32`s; slot = index & (entries - 1).
 //!
-//! * **Submitting** (client): write SQEs at `sq_tail..`, then store the SQ tail with `Release`.
-//!   Then issue a `SeqCst` fence and load the broker flags; if `BROKER_NEED_WAKEUP` is set, write
-//!   1 to the submit eventfd.
-//! * **Taking** (broker): load the SQ tail with `Acquire`, copy each SQE out **once** and validate
-//!   the copy, then store the SQ head with `Release`. Before sleeping the broker sets
-//!   `BROKER_NEED_WAKEUP`, issues a `SeqCst` fence and loads the SQ tail again.
-//! * **Completing** (broker): write CQEs, store the CQ tail with `Release`, `SeqCst` fence, load
-//!   the client flags; if `CLIENT_CQ_WAITING` is set, write the completion eventfd.
-//! * **Reaping** (client): load the CQ tail with `Acquire`, copy CQEs out, store the CQ head with
-//!   `Release`. Before blocking, set `CLIENT_CQ_WAITING`, `SeqCst` fence, load the CQ tail again.
+//! * **Submitting** (client): write the SQE's bytes 0..56, then store its tag word (bytes
+//!   56..64: `batch`, `seq = index + 1`) with `Release`; in a batch, the first entry's tag last,
+//!   carrying the batch's size. Then a `SeqCst` fence and a load of the broker flags; if
+//!   `BROKER_NEED_WAKEUP` is set, write 1 to the submit eventfd.
+//! * **Taking** (broker): load the next slot's tag with `Acquire`; an entry whose `seq` is not
+//!   its index + 1 is not published. Copy each SQE out **once**, validate the copy, then store
+//!   the SQ head with `Release`. Before sleeping the broker sets `BROKER_NEED_WAKEUP`, issues a
+//!   `SeqCst` fence and looks at the next slot again.
+//! * **Completing** (broker): write each CQE whole, its word at 8 (`status` with the phase bit
+//!   31, and `result`) with `Release`, the batch's first entry last; then a `SeqCst` fence and a
+//!   load of the client flags: if `CLIENT_CQ_WAITING` is set (and, with `CLIENT_CQ_WAKE_AT`, the
+//!   published entries reach the wake index), write the completion eventfd.
+//! * **Reaping** (client): load a CQE's word at 8 with `Acquire`; it is published when its phase
+//!   bit is 1 in even laps and 0 in odd ones. Copy it out, store the CQ head with `Release`.
+//!   Before blocking, store the wake index (the CQ index one past the last completion waited
+//!   for), set `CLIENT_CQ_WAITING | CLIENT_CQ_WAKE_AT`, `SeqCst` fence, look at the next CQE
+//!   once more.
 //!
 //! Each side trusts only the indices it owns; it keeps them privately and never reads them back.
 //! The broker never posts more completions than the CQ has room for: it stops taking a client's
-//! SQEs instead. A peer index claiming more than `entries` outstanding entries faults the ring.
-//! The sleep/wake handshake is implemented once, in [`wakeup`], for both sides.
+//! SQEs instead. A CQ head more than a ring behind, or ahead of, what the broker published faults
+//! the ring. The sleep/wake handshake is implemented once, in [`wakeup`], for both sides.
 //!
 //! ## Vectored requests
 //!

@@ -6,6 +6,12 @@
 //! set, it writes the eventfd. The two fences make it impossible for both to miss each other (a
 //! store-buffer/Dekker pattern), so no wakeup is lost and a busy peer makes no system call.
 //! `tests/loom_ring.rs` checks this with loom, and checks that it fails without the fences.
+//!
+//! A sleeper may also name how much work it waits for (a *wake index*, stored before its bit
+//! is set, like io_uring's `min_complete`): the waker then signals only once what it published
+//! reaches that index ([`wake_due`]), so a client waiting for eight completions is woken once,
+//! not eight times. The waker reads the index after seeing the bit (`Acquire`), so it reads the
+//! index of that sleep or of a later one.
 
 #[cfg(not(loom))]
 use core::sync::atomic::fence;
@@ -14,7 +20,11 @@ use core::sync::atomic::Ordering;
 #[cfg(loom)]
 use loom::sync::atomic::fence;
 
-use crate::layout::{BROKER_FLAGS_OFFSET, CLIENT_FLAGS_OFFSET};
+use crate::layout::{BROKER_FLAGS_OFFSET, CLIENT_FLAGS_OFFSET, CLIENT_WAKE_AT_OFFSET};
+
+/// Where a flags word's wake index sits relative to it (only the client's is used; the
+/// broker's would land in its own flags line, unused).
+const WAKE_AT_FROM_FLAGS: usize = CLIENT_WAKE_AT_OFFSET - CLIENT_FLAGS_OFFSET;
 use crate::shm::SharedMemory;
 
 /// A flags word one side sets before sleeping and the other side reads after publishing.
@@ -25,12 +35,41 @@ pub trait FlagWord {
     fn clear(&self, bits: u32);
     /// Reads the word (ordering provided by the caller's fence).
     fn load(&self) -> u32;
+    /// Stores the sleeper's wake index (`Relaxed`: the `SeqCst` set of its bit that follows
+    /// publishes it).
+    fn set_wake_at(&self, index: u32);
+    /// Reads the wake index (`Relaxed`; [`wake_due`] orders it after the flags).
+    fn wake_at(&self) -> u32;
 }
 
 /// Sleeper: announces the sleep. Look for work once more afterwards; block only if none.
 pub fn announce_sleep(flags: &impl FlagWord, bit: u32) {
     flags.set(bit);
     fence(Ordering::SeqCst);
+}
+
+/// Sleeper: announces a sleep that only the work up to `index` (a free-running ring index, one
+/// past the last entry waited for) should end: stores the index, then sets `bit | wake_at_bit`.
+pub fn announce_sleep_until(flags: &impl FlagWord, bit: u32, wake_at_bit: u32, index: u32) {
+    flags.set_wake_at(index);
+    announce_sleep(flags, bit | wake_at_bit);
+}
+
+/// Waker: after publishing entries up to `published` (one past the last), whether to signal:
+/// the peer's `bit` is set, and either `wake_at_bit` is not set or `published` reached the
+/// peer's wake index (compared as free-running indices: at most 2^31 apart).
+pub fn wake_due(flags: &impl FlagWord, bit: u32, wake_at_bit: u32, published: u32) -> bool {
+    let f = peer_flags(flags);
+    if f & bit == 0 {
+        return false;
+    }
+    if f & wake_at_bit == 0 {
+        return true;
+    }
+    // Pairs with the sleeper's `SeqCst` set of the bits: the index read is the one stored
+    // before them (or a newer sleep's).
+    fence(Ordering::Acquire);
+    published.wrapping_sub(flags.wake_at()) as i32 >= 0
 }
 
 /// Sleeper: awake again (or found work after announcing): stop asking for wakeups.
@@ -57,7 +96,7 @@ impl<'a> SharedFlags<'a> {
         Self { mem, offset: BROKER_FLAGS_OFFSET }
     }
 
-    /// The client's flags word (`CLIENT_*` bits).
+    /// The client's flags word (`CLIENT_*` bits), with its wake index.
     pub fn client(mem: &'a SharedMemory) -> Self {
         Self { mem, offset: CLIENT_FLAGS_OFFSET }
     }
@@ -72,5 +111,11 @@ impl FlagWord for SharedFlags<'_> {
     }
     fn load(&self) -> u32 {
         self.mem.load_u32(self.offset, Ordering::Relaxed)
+    }
+    fn set_wake_at(&self, index: u32) {
+        self.mem.store_u32(self.offset + WAKE_AT_FROM_FLAGS, index, Ordering::Relaxed);
+    }
+    fn wake_at(&self) -> u32 {
+        self.mem.load_u32(self.offset + WAKE_AT_FROM_FLAGS, Ordering::Relaxed)
     }
 }

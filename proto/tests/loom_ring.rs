@@ -207,8 +207,14 @@ fn without_release_acquire_the_entry_read_races() {
     publication_model(2, false, true);
 }
 
-/// A flags word in loom memory.
-struct LoomFlags(AtomicU32);
+/// A flags word in loom memory, with its wake index.
+struct LoomFlags(AtomicU32, AtomicU32);
+
+impl LoomFlags {
+    fn new() -> Self {
+        Self(AtomicU32::new(0), AtomicU32::new(0))
+    }
+}
 
 impl nvmed_proto::wakeup::FlagWord for LoomFlags {
     fn set(&self, bits: u32) {
@@ -219,6 +225,12 @@ impl nvmed_proto::wakeup::FlagWord for LoomFlags {
     }
     fn load(&self) -> u32 {
         self.0.load(Ordering::Relaxed)
+    }
+    fn set_wake_at(&self, index: u32) {
+        self.1.store(index, Ordering::Relaxed);
+    }
+    fn wake_at(&self) -> u32 {
+        self.1.load(Ordering::Relaxed)
     }
 }
 
@@ -250,7 +262,7 @@ fn handshake_model(use_real_fences: bool) {
     const NEED_WAKEUP: u32 = 1;
     loom::model(move || {
         let ring = Handle::new(2, false, false);
-        let flags = Arc::new(LoomFlags(AtomicU32::new(0)));
+        let flags = Arc::new(LoomFlags::new());
         let efd =
             Arc::new(EventFd { signalled: loom::sync::Mutex::new(false), cond: loom::sync::Condvar::new() });
         let (pm, pf, pe) = (ring.clone(), flags.clone(), efd.clone());
@@ -299,6 +311,74 @@ fn sleep_wake_handshake_loses_no_wakeup() {
 #[should_panic(expected = "deadlock; threads = [(Id(0), Blocked(Location(None))), (Id(1), Terminated)]")]
 fn without_the_fences_a_wakeup_is_lost() {
     handshake_model(false);
+}
+
+/// A client waiting for two completions with a wake index (`wait(2)`), the broker publishing
+/// them one at a time and signalling only when [`wake_due`] says the index is reached: no
+/// wakeup is lost (the client would block forever), and a sleep whose index is not reached
+/// yet is not ended early (counted: the client never wakes with fewer than it asked for,
+/// unless it sleeps twice).
+///
+/// [`wake_due`]: nvmed_proto::wakeup::wake_due
+fn wake_index_model(two_publishes: bool) {
+    use nvmed_proto::wakeup::{announce_sleep_until, end_sleep, wake_due};
+    const WAITING: u32 = 1;
+    const WAKE_AT: u32 = 2;
+    loom::model(move || {
+        let ring = Handle::new(2, true, false);
+        let flags = Arc::new(LoomFlags::new());
+        let efd =
+            Arc::new(EventFd { signalled: loom::sync::Mutex::new(false), cond: loom::sync::Condvar::new() });
+        let (pm, pf, pe) = (ring.clone(), flags.clone(), efd.clone());
+        let producer = loom::thread::spawn(move || {
+            let mut p = Producer::new(pm, 0);
+            let mut signals = 0;
+            for v in 1..=2u64 {
+                assert!(p.push(v).unwrap());
+                if two_publishes || v == 2 {
+                    p.publish();
+                    if wake_due(&*pf, WAITING, WAKE_AT, p.tail()) {
+                        pe.signal();
+                        signals += 1;
+                    }
+                }
+            }
+            signals
+        });
+        let mut c = Consumer::new(ring, 0);
+        let mut got = 0u32;
+        let mut sleeps = 0;
+        while got < 2 {
+            let n = c.ready(2 - got);
+            if n > 0 {
+                c.consume(n);
+                got += n;
+                continue;
+            }
+            announce_sleep_until(&*flags, WAITING, WAKE_AT, c.head().wrapping_add(2 - got));
+            if c.ready(1) > 0 {
+                end_sleep(&*flags, WAITING | WAKE_AT);
+                continue;
+            }
+            efd.wait();
+            sleeps += 1;
+            end_sleep(&*flags, WAITING | WAKE_AT);
+        }
+        let signals = producer.join().unwrap();
+        // One signal at most: the first publish (one entry of the two waited for) never wakes.
+        assert!(signals <= 1, "woken before the wake index was reached");
+        assert!(sleeps <= 1);
+    });
+}
+
+#[test]
+fn a_wake_index_loses_no_wakeup_and_wakes_once() {
+    wake_index_model(true);
+}
+
+#[test]
+fn a_wake_index_reached_in_one_publish_wakes() {
+    wake_index_model(false);
 }
 
 fn loom_ring(entries: usize) -> Handle {

@@ -56,6 +56,12 @@ pub(crate) struct Args {
     /// submit is a system call).
     #[arg(long, default_value_t = 0)]
     pub(crate) submit_batch: u32,
+    /// Each reap waits for at least this many completions (or all in flight, if fewer), as
+    /// fio's iodepth_batch_complete_min. Sleeping clients are woken once that many are there
+    /// (nvmed: the ring's wake index; io_uring: min_complete), so many jobs sharing few CPUs
+    /// switch less. 1: reap whatever is done.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=4096))]
+    pub(crate) complete_min: u32,
     /// Jobs, each in its own thread with its own ring. nvmed engines: the jobs share one
     /// session and one registered buffer (each its own slice), their rings spread over the
     /// broker's I/O threads; see --sessions.

@@ -70,6 +70,8 @@ struct Report {
     iodepth: u32,
     /// Re-queued requests submitted every this many (--submit-batch, after the engine's choice).
     submit_batch: u64,
+    /// Each reap waited for at least this many completions (--complete-min, at most the depth).
+    complete_min: u64,
     numjobs: u32,
     verify: bool,
     jobs: Vec<JobReport>,
@@ -116,6 +118,8 @@ struct JobSpec {
     iodepth: usize,
     /// Re-queued requests are submitted every this many (and after each reap's last).
     submit_batch: usize,
+    /// Each reap waits for at least this many completions (or all in flight, if fewer).
+    complete_min: usize,
     bs: usize,
     verify: bool,
     runtime: Duration,
@@ -227,7 +231,7 @@ fn run_job(engine: &mut dyn Engine, mut spec: JobSpec) -> Result<JobOutcome, Eng
     let mut queued = 0usize;
     while in_flight > 0 {
         done.clear();
-        engine.reap(1, &mut done)?;
+        engine.reap(spec.complete_min.min(in_flight), &mut done)?;
         let now = Instant::now();
         let in_time = now < deadline; // one clock read per reaped batch
         let more = |issued: u64| limit.map_or(in_time, |n| issued < n);
@@ -594,6 +598,7 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         bs: args.bs,
         iodepth: args.iodepth,
         submit_batch: job_spec(&args, 0, 0, 0).submit_batch.min(args.iodepth as usize) as u64,
+        complete_min: u64::from(args.complete_min.min(args.iodepth)),
         numjobs: args.numjobs,
         verify: args.verify,
         jobs: outcomes.iter().enumerate().map(|(j, o)| report(j as u32, o, args.bs)).collect(),
@@ -636,6 +641,7 @@ fn job_spec(args: &Args, j: u32, offset: u64, size: u64) -> JobSpec {
             (0, _) => usize::MAX,
             (n, _) => n as usize,
         },
+        complete_min: args.complete_min as usize,
         bs: args.bs as usize,
         verify: args.verify,
         runtime: Duration::from_secs_f64(args.runtime),
@@ -718,6 +724,7 @@ fn run_processes(
         cmd.args(["--rwmixread", &args.rwmixread.to_string(), "--bs", &args.bs.to_string()]);
         cmd.args(["--iodepth", &args.iodepth.to_string(), "--runtime", &args.runtime.to_string()]);
         cmd.args(["--submit-batch", &args.submit_batch.to_string()]);
+        cmd.args(["--complete-min", &args.complete_min.to_string()]);
         if let Some(n) = args.number_ios {
             cmd.args(["--number-ios", &n.to_string()]);
         }
@@ -756,12 +763,13 @@ fn run_processes(
 
 fn print_report(r: &Report) {
     println!(
-        "ringbench: engine={:?} rw={:?} bs={} iodepth={} submit_batch={} numjobs={}{}",
+        "ringbench: engine={:?} rw={:?} bs={} iodepth={} submit_batch={} complete_min={} numjobs={}{}",
         r.engine,
         r.rw,
         r.bs,
         r.iodepth,
         r.submit_batch,
+        r.complete_min,
         r.numjobs,
         if r.verify { " verify" } else { "" }
     );

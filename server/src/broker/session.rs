@@ -6,10 +6,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::Sender;
 use std::sync::Arc;
 
-use nvmed_proto::layout::{RingLayout, BROKER_FAULTED, BROKER_FLAGS_OFFSET, CLIENT_CQ_WAITING, FAULT_OFFSET};
+use nvmed_proto::layout::{
+    RingLayout, BROKER_FAULTED, BROKER_FLAGS_OFFSET, CLIENT_CQ_WAITING, CLIENT_CQ_WAKE_AT, FAULT_OFFSET,
+};
 use nvmed_proto::ring::{completion_ring, submission_ring, Consumer, Producer, SharedRing};
 use nvmed_proto::shm::SharedMemory;
-use nvmed_proto::wakeup::{peer_flags, SharedFlags};
+use nvmed_proto::wakeup::{wake_due, SharedFlags};
 use nvmed_proto::{Cqe, RingFault, Sqe, Stats};
 
 use super::buffer::RegisteredBuffer;
@@ -139,11 +141,12 @@ impl RingIo {
         nvmed_proto::eventfd::signal(&self.complete_fd);
     }
 
-    /// Publishes pushed CQEs and wakes the client if it sleeps.
+    /// Publishes pushed CQEs and wakes the client if it sleeps (and, when it named a wake
+    /// index, once the CQ reaches it).
     pub fn publish(&mut self) {
         self.dirty = false;
         self.cq.publish();
-        if peer_flags(&SharedFlags::client(&self.mem)) & CLIENT_CQ_WAITING != 0 {
+        if wake_due(&SharedFlags::client(&self.mem), CLIENT_CQ_WAITING, CLIENT_CQ_WAKE_AT, self.cq.tail()) {
             nvmed_proto::eventfd::signal(&self.complete_fd);
         }
     }

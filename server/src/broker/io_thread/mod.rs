@@ -45,6 +45,9 @@ use vectored::{BouncePool, VecPool, VEC_SLOTS};
 
 /// `pause` instructions between two looks at the rings when idle.
 const IDLE_PAUSES: u32 = 1;
+/// How long the idle loop polls before it also yields the CPU between looks (see
+/// [`IoThread::run`]): longer than a busy client takes between two requests.
+const YIELD_AFTER: Duration = Duration::from_micros(5);
 const WAKE_TOKEN: u64 = u64::MAX;
 /// Interrupt of controller `c`: `IRQ_TOKEN + c` (ring keys are far below).
 const IRQ_TOKEN: u64 = 1 << 62;
@@ -427,6 +430,14 @@ impl IoThread {
                 idle_since = Some(now);
                 continue;
             };
+            // Idle for a while (not just between two requests of a busy client): offer the CPU
+            // to any other runnable thread every 64 looks. On a machine with fewer CPUs than
+            // busy threads, a client (or another I/O thread) sharing this CPU has the work this
+            // loop waits for, and would otherwise wait for this spin's time slice to end. With
+            // nobody else to run it is a bare system call.
+            if now.duration_since(t) >= YIELD_AFTER {
+                std::thread::yield_now();
+            }
             // 0: commands are at the device; 1: waiting for clients only.
             let waits = usize::from(self.ports.iter().all(|p| p.dq.queue.in_flight() == 0));
             if now.duration_since(t) >= windows[waits] {

@@ -29,12 +29,15 @@ impl IoThread {
         if n == 0 {
             return false;
         }
-        let first = self.next_first % n;
+        // Rotations by compare and subtract: a division per ring per round costs more than the
+        // rest of a look at an idle ring.
+        let first = if self.next_first >= n { 0 } else { self.next_first };
         self.next_first = first + 1;
         let mut took = false;
         let mut wanted = false;
         for i in 0..n {
-            let key = self.order[(first + i) % n];
+            let at = first + i;
+            let key = self.order[if at >= n { at - n } else { at }];
             let s = &mut self.sessions[key];
             if s.faulted || s.closing.is_some() {
                 continue;
@@ -77,8 +80,11 @@ impl IoThread {
                 };
                 let mut more = false;
                 let count = visit.len();
+                let start = if count > 1 { start % count } else { 0 };
                 for j in 0..count {
-                    let (t_took, t_more) = self.take_from(visit[(start + j) % count], now);
+                    let at = start + j;
+                    let (t_took, t_more) =
+                        self.take_from(visit[if at >= count { at - count } else { at }], now);
                     took |= t_took;
                     more |= t_more;
                 }
