@@ -72,7 +72,9 @@ use nvmed_proto::layout::{
 };
 use nvmed_proto::ring::{completion_ring, submission_ring, Consumer, Producer, SharedRing, PREFETCH_MAX};
 use nvmed_proto::shm::SharedMemory;
-use nvmed_proto::wakeup::{announce_sleep, announce_sleep_until, end_sleep, peer_flags, SharedFlags};
+use nvmed_proto::wakeup::{
+    announce_sleep, announce_sleep_until, end_sleep, peer_flags, yield_cpu, SharedFlags, YIELD_AFTER,
+};
 pub use nvmed_proto::{
     BrokerStatus, ControllerState, HealthSummary, IoThreadInfo, NamespaceInfo, NvmeStatus, Opcode, Segment,
     Sqe, Stats, Status, MAX_SEGMENTS,
@@ -274,10 +276,6 @@ struct Pending {
     ranges: Ranges,
 }
 
-/// How long a wait spins before it also starts yielding the CPU between looks: longer than a
-/// round trip through an idle broker, so a lone client's wait never makes the system call.
-const YIELD_AFTER: Duration = Duration::from_micros(5);
-
 /// How much longer than its spin budget a wait may go on spinning and yielding (see
 /// [`NvmeRing::wait`]) before it sleeps.
 const YIELD_WALL_FACTOR: u32 = 16;
@@ -288,22 +286,6 @@ const YIELD_WALL_FACTOR: u32 = 16;
 /// too).
 fn spinning_allowed(elapsed: Duration, given: Duration, budget: Duration) -> bool {
     elapsed.saturating_sub(given) < budget && elapsed < budget * YIELD_WALL_FACTOR
-}
-
-/// Offers the CPU to another runnable thread (`sched_yield`) and returns how long others ran
-/// meanwhile (zero when it came straight back). Clients sharing few CPUs with each other and
-/// with the broker then take turns instead of each burning its spin: the one that runs next
-/// likely has completions to reap, and nobody needs an eventfd wakeup.
-fn yield_cpu() -> Duration {
-    let t = Instant::now();
-    std::thread::yield_now();
-    let d = t.elapsed();
-    // A yield with nobody else to run is a bare system call, well under this.
-    if d > Duration::from_micros(2) {
-        d
-    } else {
-        Duration::ZERO
-    }
 }
 
 /// Registered buffers by id. Ids are small dense integers the broker hands out, so a vector
@@ -372,6 +354,9 @@ pub struct NvmeRing {
     spin_now: Duration,
     /// Consecutive polls that found nothing (see [`NvmeRing::poll`]).
     empty_polls: u32,
+    /// The last yield of a wait gave the CPU to another thread: the next wait yields at its
+    /// first chance instead of after `YIELD_AFTER`.
+    yield_early: bool,
     /// CQ entries.
     cq_entries: u32,
     /// Whether the broker may be holding SQEs back for want of CQ room (see [`NvmeRing::poll`]).
@@ -418,6 +403,7 @@ impl NvmeRing {
             spin: opts.spin,
             spin_now: opts.spin,
             empty_polls: 0,
+            yield_early: false,
             cq_entries: a.cq_entries,
             cq_wait_possible: false,
             reconnect_in_poll: true,
@@ -1060,8 +1046,11 @@ impl NvmeRing {
             }
             let elapsed = start.elapsed();
             if !spun_out && spinning_allowed(elapsed, given, self.spin_now) {
-                if elapsed >= YIELD_AFTER {
-                    given += yield_cpu();
+                if self.yield_early || elapsed >= YIELD_AFTER {
+                    let d = yield_cpu();
+                    // Others were waiting for this CPU: offer it at once next time too.
+                    self.yield_early = !d.is_zero();
+                    given += d;
                 } else {
                     std::hint::spin_loop();
                 }

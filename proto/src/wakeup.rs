@@ -119,3 +119,25 @@ impl FlagWord for SharedFlags<'_> {
         self.mem.load_u32(self.offset + WAKE_AT_FROM_FLAGS, Ordering::Relaxed)
     }
 }
+
+/// How long a waiting side polls before it also offers its CPU to other threads ([`yield_cpu`]):
+/// longer than a round trip through an idle peer, so a lone client and its I/O thread never
+/// make the system call between two requests.
+#[cfg(not(loom))]
+pub const YIELD_AFTER: std::time::Duration = std::time::Duration::from_micros(5);
+
+/// Offers the CPU to another runnable thread (`sched_yield`) and returns how long others ran
+/// meanwhile (zero when it came straight back: a bare system call, well under 2 us). Clients and
+/// I/O threads sharing few CPUs then take turns instead of each burning its spin: the thread
+/// that runs next likely has the work this one waits for, and nobody needs an eventfd wakeup.
+#[cfg(not(loom))]
+pub fn yield_cpu() -> std::time::Duration {
+    let t = std::time::Instant::now();
+    std::thread::yield_now();
+    let d = t.elapsed();
+    if d > std::time::Duration::from_micros(2) {
+        d
+    } else {
+        std::time::Duration::ZERO
+    }
+}

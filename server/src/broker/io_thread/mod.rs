@@ -25,6 +25,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags};
+use nvmed_proto::wakeup::{yield_cpu, YIELD_AFTER};
 use nvmed_proto::{BrokerStatus, RingFault};
 use slab::Slab;
 use tracing::{debug, info, warn};
@@ -45,9 +46,6 @@ use vectored::{BouncePool, VecPool, VEC_SLOTS};
 
 /// `pause` instructions between two looks at the rings when idle.
 const IDLE_PAUSES: u32 = 1;
-/// How long the idle loop polls before it also yields the CPU between looks (see
-/// [`IoThread::run`]): longer than a busy client takes between two requests.
-const YIELD_AFTER: Duration = Duration::from_micros(5);
 const WAKE_TOKEN: u64 = u64::MAX;
 /// Interrupt of controller `c`: `IRQ_TOKEN + c` (ring keys are far below).
 const IRQ_TOKEN: u64 = 1 << 62;
@@ -372,6 +370,7 @@ impl IoThread {
         // clients only (whose next request may never come: at most `poll_clients`).
         let mut windows = [self.poll_idle, self.poll_clients];
         let mut idle_spins = 0u32;
+        let mut yield_early = false;
         loop {
             // Control requests are rare: look at the channel only when one was announced.
             let mut work = self.requests_pending.load(Ordering::Relaxed)
@@ -426,18 +425,19 @@ impl IoThread {
             }
             let now = Instant::now();
             self.check_timeouts(now);
+            // Idle for a while (not just between two requests of a busy client), or the last
+            // yield found others waiting for this CPU: offer it to any other runnable thread
+            // every 64 looks. On a machine with fewer CPUs than busy threads, a client (or
+            // another I/O thread) sharing this CPU has the work this loop waits for, and would
+            // otherwise wait for this spin's time slice to end. With nobody else to run it is a
+            // bare system call.
+            if yield_early || idle_since.is_some_and(|t| now.duration_since(t) >= YIELD_AFTER) {
+                yield_early = !yield_cpu().is_zero();
+            }
             let Some(t) = idle_since else {
                 idle_since = Some(now);
                 continue;
             };
-            // Idle for a while (not just between two requests of a busy client): offer the CPU
-            // to any other runnable thread every 64 looks. On a machine with fewer CPUs than
-            // busy threads, a client (or another I/O thread) sharing this CPU has the work this
-            // loop waits for, and would otherwise wait for this spin's time slice to end. With
-            // nobody else to run it is a bare system call.
-            if now.duration_since(t) >= YIELD_AFTER {
-                std::thread::yield_now();
-            }
             // 0: commands are at the device; 1: waiting for clients only.
             let waits = usize::from(self.ports.iter().all(|p| p.dq.queue.in_flight() == 0));
             if now.duration_since(t) >= windows[waits] {
