@@ -53,28 +53,26 @@ mod session;
 pub mod testkit;
 #[cfg(feature = "tokio")]
 pub mod tokio;
+mod wait;
 
-use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, OwnedFd};
 use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 pub use buffer::MemfdBuffer;
 pub use error::{Error, Result};
-use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use session::{unexpected, SessionInner};
 pub use session::{NvmeSession, Reconnect, SessionOptions, SharedBuffer};
 
 use nvmed_proto::layout::{
-    RingLayout, BROKER_CQ_WAIT, BROKER_FAULTED, BROKER_FLAGS_OFFSET, BROKER_NEED_WAKEUP, CLIENT_CQ_WAITING,
-    CLIENT_CQ_WAKE_AT, FAULT_OFFSET, RING_MAGIC, RING_VERSION,
+    RingLayout, BROKER_CQ_WAIT, BROKER_FAULTED, BROKER_FLAGS_OFFSET, BROKER_NEED_WAKEUP, FAULT_OFFSET,
+    RING_MAGIC, RING_VERSION,
 };
 use nvmed_proto::ring::{completion_ring, submission_ring, Consumer, Producer, SharedRing, PREFETCH_MAX};
 use nvmed_proto::shm::SharedMemory;
-use nvmed_proto::wakeup::{
-    announce_sleep, announce_sleep_until, end_sleep, peer_flags, yield_cpu, SharedFlags, YIELD_AFTER,
-};
+use nvmed_proto::wakeup::{peer_flags, SharedFlags};
 pub use nvmed_proto::{
     BrokerStatus, ControllerState, HealthSummary, IoThreadInfo, NamespaceInfo, NvmeStatus, Opcode, Segment,
     Sqe, Stats, Status, MAX_SEGMENTS,
@@ -274,18 +272,6 @@ struct Pending {
     /// SQ entry up to this one.
     sq_index: u32,
     ranges: Ranges,
-}
-
-/// How much longer than its spin budget a wait may go on spinning and yielding (see
-/// [`NvmeRing::wait`]) before it sleeps.
-const YIELD_WALL_FACTOR: u32 = 16;
-
-/// Whether a wait that began `elapsed` ago, `given` of which other threads ran in its yields,
-/// may spin on: its own spinning is within the spin budget, and the whole wait within
-/// `YIELD_WALL_FACTOR` times it (threads that all wait, yielding to one another, then sleep
-/// too).
-fn spinning_allowed(elapsed: Duration, given: Duration, budget: Duration) -> bool {
-    elapsed.saturating_sub(given) < budget && elapsed < budget * YIELD_WALL_FACTOR
 }
 
 /// Registered buffers by id. Ids are small dense integers the broker hands out, so a vector
@@ -1018,139 +1004,6 @@ impl NvmeRing {
         Ok(avail as usize)
     }
 
-    /// Waits until at least `min` completions were moved into `out` (spinning briefly, see
-    /// [`RingOptions::spin`], then sleeping on the completion eventfd, asking the broker to
-    /// write it only once the CQ holds what the wait still needs). `None` waits forever. On an error, the completions
-    /// already moved into `out` (with a faulted ring: every completion the broker posted) stay
-    /// there.
-    pub fn wait(
-        &mut self,
-        min: usize,
-        out: &mut Vec<Completion>,
-        timeout: Option<Duration>,
-    ) -> Result<usize> {
-        let start = Instant::now();
-        let mut got = self.poll(out)?;
-        let mut spins = 0u32;
-        let mut spun_out = false;
-        // Time this wait's yields gave to other threads: not spent spinning.
-        let mut given = Duration::ZERO;
-        while got < min {
-            // Spin first, reading the clock only every 64 polls, and then also offering the CPU
-            // to other threads (see `yield_cpu`).
-            spins += 1;
-            if !spins.is_multiple_of(64) && !spun_out {
-                std::hint::spin_loop();
-                got += self.poll(out)?;
-                continue;
-            }
-            let elapsed = start.elapsed();
-            if !spun_out && spinning_allowed(elapsed, given, self.spin_now) {
-                if self.yield_early || elapsed >= YIELD_AFTER {
-                    let d = yield_cpu();
-                    // Others were waiting for this CPU: offer it at once next time too.
-                    self.yield_early = !d.is_zero();
-                    given += d;
-                } else {
-                    std::hint::spin_loop();
-                }
-                got += self.poll(out)?;
-                continue;
-            }
-            if !spun_out {
-                // Spinning did not pay this time: spin less next time.
-                spun_out = true;
-                self.spin_now /= 2;
-            }
-            // Woken once the CQ holds what this wait needs (never more than is in flight), not
-            // at each completion: many clients sharing few CPUs then sleep through a batch.
-            let need = (min - got).min(self.pending.len()).max(1) as u32;
-            announce_sleep_until(
-                &SharedFlags::client(&self.mem),
-                CLIENT_CQ_WAITING,
-                CLIENT_CQ_WAKE_AT,
-                self.cq.head().wrapping_add(need),
-            );
-            let n = self.poll(out);
-            if n.as_ref().map_or(true, |n| got + n >= min) {
-                // Done (or failed) without sleeping: stop asking the broker for wakeups.
-                end_sleep(&SharedFlags::client(&self.mem), CLIENT_CQ_WAITING | CLIENT_CQ_WAKE_AT);
-            }
-            got += n?;
-            if got >= min {
-                break;
-            }
-            if let Some(e) = self.fault_error() {
-                end_sleep(&SharedFlags::client(&self.mem), CLIENT_CQ_WAITING | CLIENT_CQ_WAKE_AT);
-                // The broker posts a closing ring's last completions before its fault word:
-                // move those that came after the poll above into `out` too, then report it.
-                let _ = self.reap(out);
-                return Err(e);
-            }
-            let remaining = match timeout {
-                Some(t) => match t.checked_sub(start.elapsed()) {
-                    Some(r) => PollTimeout::try_from(r.as_millis().clamp(1, 60_000) as i32).unwrap(),
-                    None => {
-                        end_sleep(&SharedFlags::client(&self.mem), CLIENT_CQ_WAITING | CLIENT_CQ_WAKE_AT);
-                        return Err(Error::Timeout);
-                    }
-                },
-                None => PollTimeout::from(1000u16),
-            };
-            let mut fds = [
-                PollFd::new(self.complete_fd.as_fd(), PollFlags::POLLIN),
-                PollFd::new(self.sock.as_fd(), PollFlags::empty()),
-            ];
-            let _ = poll(&mut fds, remaining);
-            let sock_gone = session::hung_up(&fds[1]);
-            nvmed_proto::eventfd::drain(&self.complete_fd);
-            end_sleep(&SharedFlags::client(&self.mem), CLIENT_CQ_WAITING | CLIENT_CQ_WAKE_AT);
-            got += self.poll(out)?;
-            if sock_gone && got < min {
-                got += self.recover(out)?;
-            }
-        }
-        if !spun_out {
-            // Satisfied without sleeping: spinning pays, allow more of it.
-            self.spin_now = (self.spin_now * 2).max(Duration::from_micros(1)).min(self.spin);
-        }
-        Ok(got)
-    }
-
-    /// The completion eventfd, for a caller that sleeps in its own event loop (epoll) instead of
-    /// in [`NvmeRing::wait`]. The broker writes it only while the ring is armed with
-    /// [`NvmeRing::arm_completion_fd`], so a busy ring costs no eventfd write per completion.
-    pub fn completion_fd(&self) -> BorrowedFd<'_> {
-        self.complete_fd.as_fd()
-    }
-
-    /// Asks the broker to write [`NvmeRing::completion_fd`] at the next completion, then polls
-    /// once more (a completion posted just before the request would not write it). Returns how
-    /// many completions that poll moved into `out`: when more than zero the ring is disarmed
-    /// again and the caller handles them instead of sleeping; when zero it may sleep until the
-    /// fd is readable and then calls [`NvmeRing::disarm_completion_fd`].
-    ///
-    /// A ring the broker faulted (or whose broker is gone) fails here, instead of arming a
-    /// sleep that no completion would end.
-    pub fn arm_completion_fd(&mut self, out: &mut Vec<Completion>) -> Result<usize> {
-        if let Some(e) = self.fault_error() {
-            return Err(e);
-        }
-        announce_sleep(&SharedFlags::client(&self.mem), CLIENT_CQ_WAITING);
-        let n = self.poll(out);
-        if !matches!(n, Ok(0)) {
-            end_sleep(&SharedFlags::client(&self.mem), CLIENT_CQ_WAITING | CLIENT_CQ_WAKE_AT);
-        }
-        n
-    }
-
-    /// Ends a sleep begun with [`NvmeRing::arm_completion_fd`]: empties the eventfd and stops the
-    /// broker's wakeups. Poll afterwards.
-    pub fn disarm_completion_fd(&mut self) {
-        nvmed_proto::eventfd::drain(&self.complete_fd);
-        end_sleep(&SharedFlags::client(&self.mem), CLIENT_CQ_WAITING | CLIENT_CQ_WAKE_AT);
-    }
-
     /// Runs one request to completion (submitting anything else prepared too).
     fn run_one(&mut self, io: Io) -> Result<Completion> {
         const MARK: u64 = u64::MAX - 7;
@@ -1252,25 +1105,5 @@ impl Drop for NvmeRing {
         for id in self.buffers.ids() {
             let _ = session::unregister(&self.session, id, false);
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_wait_spins_on_its_own_budget_and_yields_do_not_count() {
-        let us = Duration::from_micros;
-        // Own spinning within the budget: go on; past it: sleep.
-        assert!(spinning_allowed(us(30), Duration::ZERO, us(50)));
-        assert!(!spinning_allowed(us(50), Duration::ZERO, us(50)));
-        // 200 us waited, 180 of them other threads ran in this wait's yields: 20 us spun.
-        assert!(spinning_allowed(us(200), us(180), us(50)));
-        // But never past YIELD_WALL_FACTOR budgets of wall time, however much was given away.
-        let wall = us(50) * YIELD_WALL_FACTOR;
-        assert!(!spinning_allowed(wall, wall, us(50)));
-        // No budget: no spinning at all.
-        assert!(!spinning_allowed(Duration::ZERO, Duration::ZERO, Duration::ZERO));
     }
 }
