@@ -687,9 +687,37 @@ fn a_client_with_a_wake_index_is_woken_once_its_completions_are_all_there() {
         std::thread::sleep(Duration::from_millis(20));
     }
     out.clear();
+    // The last read completes about 260 ms after the first was sent. A wait whose index is
+    // never reached only ends through its 1 s fallback poll.
+    let t = Instant::now();
     assert_eq!(ring.wait(4, &mut out, Some(Duration::from_secs(10))).unwrap(), 4);
+    assert!(t.elapsed() < Duration::from_millis(900), "woken by the 1 s fallback, not the broker");
     let flags = ring.ring_memory().load_u32(CLIENT_FLAGS_OFFSET, Ordering::Acquire);
     assert_eq!(flags & (CLIENT_CQ_WAITING | CLIENT_CQ_WAKE_AT), 0, "sleep bits left set after the wait");
+
+    // More outstanding than the CQ holds: 8 reads at the device fill an 8-entry CQ's room, 8
+    // more wait in the SQ until those are reaped. wait(16) must ask to be woken at a full CQ
+    // (8), not at 16, which the broker never reaches before the client reaps.
+    let opts = nvmed_client::RingOptions {
+        spin: Duration::ZERO,
+        sq_entries: 8,
+        cq_entries: 8,
+        ..Default::default()
+    };
+    let mut ring = NvmeRing::open_with(&broker.socket, opts).unwrap();
+    let buf = ring.alloc_buffer(16 * 4096).unwrap();
+    for i in 0..16u64 {
+        ring.prep(Io::read(ns, i * 4096, 4096, buf, i * 4096).user_data(i)).unwrap();
+        if i % 8 == 7 {
+            ring.submit().unwrap();
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    out.clear();
+    let t = Instant::now();
+    assert_eq!(ring.wait(16, &mut out, Some(Duration::from_secs(10))).unwrap(), 16);
+    // Two rounds of the 200 ms device latency, well under the 1 s fallback.
+    assert!(t.elapsed() < Duration::from_millis(900), "a wake index past the CQ's size was never reached");
 }
 
 #[test]

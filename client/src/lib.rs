@@ -96,11 +96,12 @@ pub struct RingOptions {
     /// Longest [`NvmeRing::wait`] spins before sleeping on the eventfd. The ring adapts below
     /// it: a wait that ends up sleeping halves the spin, one satisfied while spinning doubles it
     /// again, so a client whose broker is busy elsewhere (more runnable threads than CPUs)
-    /// stops burning the CPU the broker needs. Past its first few microseconds a spinning wait
-    /// also yields the CPU every 64 looks (`sched_yield`); time other threads ran meanwhile
-    /// does not count as spinning (up to 16 spins' worth of wall time), so clients sharing
-    /// few CPUs with each other and the broker take turns instead of waiting for eventfd
-    /// wakeups.
+    /// stops burning the CPU the broker needs. Past its first 5 µs (or at once, when the
+    /// ring's last yield let another thread run) a spinning wait also yields the CPU every 64
+    /// looks (`sched_yield`), and it yields once more before it sleeps; time other threads ran
+    /// meanwhile does not count as spinning (up to 16 times the current spin of wall time), so
+    /// clients sharing few CPUs with each other and the broker take turns instead of waiting
+    /// for eventfd wakeups.
     pub spin: Duration,
     /// The broker I/O thread to serve the ring (`None`: the least loaded).
     pub thread: Option<u16>,

@@ -22,7 +22,7 @@ const YIELD_WALL_FACTOR: u32 = 16;
 /// `YIELD_WALL_FACTOR` times it (threads that all wait, yielding to one another, then sleep
 /// too).
 fn spinning_allowed(elapsed: Duration, given: Duration, budget: Duration) -> bool {
-    elapsed.saturating_sub(given) < budget && elapsed < budget * YIELD_WALL_FACTOR
+    elapsed.saturating_sub(given) < budget && elapsed < budget.saturating_mul(YIELD_WALL_FACTOR)
 }
 
 impl NvmeRing {
@@ -41,6 +41,8 @@ impl NvmeRing {
         let mut got = self.poll(out)?;
         let mut spins = 0u32;
         let mut spun_out = false;
+        // Satisfied by the yield made before sleeping (see below).
+        let mut last_chance = false;
         // Time this wait's yields gave to other threads: not spent spinning.
         let mut given = Duration::ZERO;
         while got < min {
@@ -66,13 +68,25 @@ impl NvmeRing {
                 continue;
             }
             if !spun_out {
-                // Spinning did not pay this time: spin less next time.
                 spun_out = true;
+                // Before sleeping, let the threads that share this CPU run once: among many busy
+                // threads the completions often come meanwhile, and a wait that needed no sleep
+                // lets the ring spin (and yield) again next time, instead of a ring that once
+                // slept sleeping for good while its neighbours take turns.
+                if self.spin > Duration::ZERO && !yield_cpu().is_zero() {
+                    got += self.poll(out)?;
+                    if got >= min {
+                        last_chance = true;
+                        break;
+                    }
+                }
+                // Spinning did not pay this time: spin less next time.
                 self.spin_now /= 2;
             }
-            // Woken once the CQ holds what this wait needs (never more than is in flight), not
-            // at each completion: many clients sharing few CPUs then sleep through a batch.
-            let need = (min - got).min(self.pending.len()).max(1) as u32;
+            // Woken once the CQ holds what this wait needs, not at each completion: many clients
+            // sharing few CPUs then sleep through a batch. Never more than is outstanding, nor
+            // more than the CQ holds (the broker stops at a full CQ until it is reaped).
+            let need = (min - got).min(self.pending.len()).min(self.cq_entries as usize).max(1) as u32;
             announce_sleep_until(
                 &SharedFlags::client(&self.mem),
                 CLIENT_CQ_WAITING,
@@ -84,9 +98,17 @@ impl NvmeRing {
                 // Done (or failed) without sleeping: stop asking the broker for wakeups.
                 end_sleep(&SharedFlags::client(&self.mem), CLIENT_CQ_WAITING | CLIENT_CQ_WAKE_AT);
             }
-            got += n?;
+            let n = n?;
+            got += n;
             if got >= min {
                 break;
+            }
+            if n > 0 {
+                // A poll reads one published batch and stops at its end without looking at
+                // the slot after it, which the broker may have filled before it saw the bits:
+                // only a look that finds nothing makes sleeping safe. Look again (announcing
+                // the index anew) before sleeping.
+                continue;
             }
             if let Some(e) = self.fault_error() {
                 end_sleep(&SharedFlags::client(&self.mem), CLIENT_CQ_WAITING | CLIENT_CQ_WAKE_AT);
@@ -118,7 +140,7 @@ impl NvmeRing {
                 got += self.recover(out)?;
             }
         }
-        if !spun_out {
+        if !spun_out || last_chance {
             // Satisfied without sleeping: spinning pays, allow more of it.
             self.spin_now = (self.spin_now * 2).max(Duration::from_micros(1)).min(self.spin);
         }

@@ -51,8 +51,8 @@ pub const BROKER_CQ_WAIT: u32 = 1 << 2;
 pub const CLIENT_CQ_WAITING: u32 = 1 << 0;
 /// Client flag, set with [`CLIENT_CQ_WAITING`]: the client wants to be woken only once the CQ
 /// holds the entries up to its wake index ([`CLIENT_WAKE_AT_OFFSET`]: the index one past the
-/// last entry it waits for), like io_uring's `min_complete`. Without it, any completion wakes
-/// it.
+/// last entry it waits for, at most `cq_entries` past its head: the broker stops at a full CQ),
+/// like io_uring's `min_complete`. Without it, any completion wakes it.
 pub const CLIENT_CQ_WAKE_AT: u32 = 1 << 1;
 
 /// Why the broker stopped serving a ring.

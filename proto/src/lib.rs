@@ -42,9 +42,10 @@
 //!   published entries reach the wake index), write the completion eventfd.
 //! * **Reaping** (client): load a CQE's word at 8 with `Acquire`; it is published when its phase
 //!   bit is 1 in even laps and 0 in odd ones. Copy it out, store the CQ head with `Release`.
-//!   Before blocking, store the wake index (the CQ index one past the last completion waited
-//!   for), set `CLIENT_CQ_WAITING | CLIENT_CQ_WAKE_AT`, `SeqCst` fence, look at the next CQE
-//!   once more.
+//!   Before blocking, set `CLIENT_CQ_WAITING` (any completion wakes), or first store the wake
+//!   index (the CQ index one past the last completion waited for: at most `cq_entries` past the
+//!   head, and no further than what was submitted) and set `CLIENT_CQ_WAITING |
+//!   CLIENT_CQ_WAKE_AT`; then a `SeqCst` fence and a look at the next CQE once more.
 //!
 //! Each side trusts only the indices it owns; it keeps them privately and never reads them back.
 //! The broker never posts more completions than the CQ has room for: it stops taking a client's

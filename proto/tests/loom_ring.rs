@@ -355,9 +355,21 @@ fn wake_index_model(two_publishes: bool) {
                 got += n;
                 continue;
             }
+            // As `NvmeRing::wait`: announce, look again, take what is there; asleep with the same
+            // index if that was not all (the index still names the last entry waited for).
             announce_sleep_until(&*flags, WAITING, WAKE_AT, c.head().wrapping_add(2 - got));
-            if c.ready(1) > 0 {
+            let n = c.ready(2 - got);
+            c.consume(n);
+            got += n;
+            if got == 2 {
                 end_sleep(&*flags, WAITING | WAKE_AT);
+                break;
+            }
+            if n > 0 {
+                // A look reads one published batch and stops at its end: only a look that
+                // found nothing makes sleeping safe. (Sleeping here instead, as `wait` once did,
+                // deadlocks this model: the second batch, published before the bits were set,
+                // is never looked at and never signalled.)
                 continue;
             }
             efd.wait();

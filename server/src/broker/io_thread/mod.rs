@@ -441,9 +441,11 @@ impl IoThread {
             // 0: commands are at the device; 1: waiting for clients only.
             let waits = usize::from(self.ports.iter().all(|p| p.dq.queue.in_flight() == 0));
             if now.duration_since(t) >= windows[waits] {
+                // Timed from here: `now` may predate a yield that let other threads run.
+                let before = Instant::now();
                 self.sleep();
                 let max = [self.poll_idle, self.poll_clients][waits];
-                windows[waits] = sleep::adapt_poll(windows[waits], now.elapsed(), max);
+                windows[waits] = sleep::adapt_poll(windows[waits], before.elapsed(), max);
                 self.serve_requests(); // also notices a broker that went away
                 idle_since = None;
             }
