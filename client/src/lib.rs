@@ -843,6 +843,9 @@ impl NvmeRing {
         self.push(sqe, Ranges::None)
     }
 
+    // Inlined into `prep`: the entry is then built where it is copied, not assembled on the
+    // stack field by field and read back whole (a store-forwarding stall per request).
+    #[inline(always)]
     fn push(&mut self, mut sqe: Sqe, ranges: Ranges) -> Result<()> {
         if self.sq.free_cached() == 0 {
             // The broker's head is read only when the cached view says full; the slots it

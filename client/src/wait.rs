@@ -37,8 +37,13 @@ impl NvmeRing {
         out: &mut Vec<Completion>,
         timeout: Option<Duration>,
     ) -> Result<usize> {
-        let start = Instant::now();
         let mut got = self.poll(out)?;
+        if got >= min {
+            // Satisfied at once (a busy ring): no clock read.
+            self.spin_paid();
+            return Ok(got);
+        }
+        let start = Instant::now();
         let mut spins = 0u32;
         let mut spun_out = false;
         // Satisfied by the yield made before sleeping (see below).
@@ -141,10 +146,14 @@ impl NvmeRing {
             }
         }
         if !spun_out || last_chance {
-            // Satisfied without sleeping: spinning pays, allow more of it.
-            self.spin_now = (self.spin_now * 2).max(Duration::from_micros(1)).min(self.spin);
+            self.spin_paid();
         }
         Ok(got)
+    }
+
+    /// A wait was satisfied without sleeping: spinning pays, allow more of it.
+    fn spin_paid(&mut self) {
+        self.spin_now = (self.spin_now * 2).max(Duration::from_micros(1)).min(self.spin);
     }
 
     /// The completion eventfd, for a caller that sleeps in its own event loop (epoll) instead of
