@@ -241,6 +241,9 @@ struct EventFd {
 }
 
 impl EventFd {
+    fn new() -> Self {
+        Self { signalled: loom::sync::Mutex::new(false), cond: loom::sync::Condvar::new() }
+    }
     fn signal(&self) {
         *self.signalled.lock().unwrap() = true;
         self.cond.notify_one();
@@ -263,8 +266,7 @@ fn handshake_model(use_real_fences: bool) {
     loom::model(move || {
         let ring = Handle::new(2, false, false);
         let flags = Arc::new(LoomFlags::new());
-        let efd =
-            Arc::new(EventFd { signalled: loom::sync::Mutex::new(false), cond: loom::sync::Condvar::new() });
+        let efd = Arc::new(EventFd::new());
         let (pm, pf, pe) = (ring.clone(), flags.clone(), efd.clone());
         let producer = loom::thread::spawn(move || {
             let mut p = Producer::new(pm, 0);
@@ -327,8 +329,7 @@ fn wake_index_model(two_publishes: bool) {
     loom::model(move || {
         let ring = Handle::new(2, true, false);
         let flags = Arc::new(LoomFlags::new());
-        let efd =
-            Arc::new(EventFd { signalled: loom::sync::Mutex::new(false), cond: loom::sync::Condvar::new() });
+        let efd = Arc::new(EventFd::new());
         let (pm, pf, pe) = (ring.clone(), flags.clone(), efd.clone());
         let producer = loom::thread::spawn(move || {
             let mut p = Producer::new(pm, 0);
