@@ -129,6 +129,7 @@ fn steady_state_vectored_io_allocates_nothing() {
     let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
     for sgl in [true, false] {
         let dir = std::env::temp_dir().join(format!("nvmed-hot-v{sgl}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir); // one left by an earlier process with this pid
         std::fs::create_dir_all(&dir).unwrap();
         let broker = start(&dir, sgl);
         let mut ring = NvmeRing::open(dir.join("s.sock")).unwrap();
@@ -159,6 +160,7 @@ fn steady_state_vectored_io_allocates_nothing() {
 fn steady_state_io_allocates_nothing() {
     let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
     let dir = std::env::temp_dir().join(format!("nvmed-hot-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir); // one left by an earlier process with this pid
     std::fs::create_dir_all(&dir).unwrap();
     let broker = start(&dir, true);
     let mut ring = NvmeRing::open(dir.join("s.sock")).unwrap();

@@ -144,13 +144,30 @@ pub fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
     }
 }
 
+/// `$TMPDIR/{prefix}-{pid}`, empty: a directory of that name left by an earlier process with
+/// the same pid (other builds' binaries: a stale `nvmed-test-peer` speaks an older protocol) is
+/// removed, and so are those of processes that no longer run.
+pub fn fresh_pid_dir(prefix: &str) -> std::path::PathBuf {
+    let tmp = std::env::temp_dir();
+    let stale = std::fs::read_dir(&tmp).into_iter().flatten().flatten().filter_map(|e| {
+        let name = e.file_name().into_string().ok()?;
+        let pid = name.strip_prefix(prefix)?.strip_prefix('-')?.parse::<u32>().ok()?;
+        let gone = !std::path::Path::new(&format!("/proc/{pid}")).exists();
+        (gone || pid == std::process::id()).then(|| e.path())
+    });
+    for d in stale {
+        let _ = std::fs::remove_dir_all(d);
+    }
+    tmp.join(format!("{prefix}-{}", std::process::id()))
+}
+
 /// A copy of a built binary that other uids can run: the build directory may sit in a tree
 /// only root can enter (a checkout under a 0700 directory).
 pub fn runnable_by_anyone(bin: &str) -> std::path::PathBuf {
     use std::os::unix::fs::PermissionsExt;
     static DIR: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
     let dir = DIR.get_or_init(|| {
-        let d = std::env::temp_dir().join(format!("nvmed-bins-{}", std::process::id()));
+        let d = fresh_pid_dir("nvmed-bins");
         std::fs::create_dir_all(&d).unwrap();
         std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o755)).unwrap();
         d
