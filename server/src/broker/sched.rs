@@ -374,6 +374,15 @@ pub struct Scheduler {
     busy: u32,
     /// Requests in flight, all tenants.
     in_flight: u32,
+    /// Tenants whose linger started (`linger_until` set to `Some(0)`): the next look sets its
+    /// end. (A tenant removed or busy again since is skipped.)
+    linger_starts: Vec<usize>,
+    /// No linger ends before this (it may end later: a tenant that got work again stops
+    /// lingering without updating it). Rounds before it skip the look at every tenant.
+    linger_next: u64,
+    /// No tenant is held by a limit from this time on (the latest `throttled_until` a `Wait`
+    /// set): rounds after it skip the look at every tenant for the next wakeup.
+    throttled_max: u64,
 }
 
 impl Scheduler {
@@ -390,6 +399,9 @@ impl Scheduler {
             busy_weight: 0,
             busy: 0,
             in_flight: 0,
+            linger_starts: Vec::new(),
+            linger_next: u64::MAX,
+            throttled_max: 0,
         }
     }
 
@@ -543,6 +555,7 @@ impl Scheduler {
         if let Some(until) = until {
             t.throttled_since.get_or_insert(now);
             t.throttled_until = until;
+            self.throttled_max = self.throttled_max.max(until);
             return Dispatch::Wait { until_ns: until };
         }
         if t.deficit < cost {
@@ -603,8 +616,8 @@ impl Scheduler {
         t.cost_in_flight = t.cost_in_flight.saturating_sub(cost);
         if t.stats.in_flight == 0 {
             t.cost_in_flight = 0;
-            if !t.active && self.config.linger_ns > 0 {
-                t.linger_until = Some(0);
+            if !t.active && self.config.linger_ns > 0 && t.linger_until.replace(0) != Some(0) {
+                self.linger_starts.push(i);
             }
         }
         self.in_flight -= 1;
@@ -637,11 +650,19 @@ impl Scheduler {
     /// if any: when to wake up if [`next_tenant`](Self::next_tenant) found nobody and no
     /// completion is pending.
     pub fn next_wakeup(&self, now: u64) -> Option<u64> {
+        if now >= self.throttled_max {
+            return None; // every hold has ended
+        }
         self.tenants
             .iter()
             .filter(|(_, t)| t.active && t.throttled_until > now)
             .map(|(_, t)| t.throttled_until)
             .min()
+    }
+
+    /// Whether some tenant has work (said so with [`set_has_work`](Self::set_has_work)).
+    pub fn any_with_work(&self) -> bool {
+        self.cursor != NIL
     }
 
     /// Requests in flight, all tenants.
@@ -695,15 +716,28 @@ impl Scheduler {
     /// Ends the linger of tenants idle for long enough (and starts the clock of those that just
     /// became idle).
     fn expire_lingering(&mut self, now: u64) {
-        let linger = self.config.linger_ns;
-        let mut ended = Vec::new();
-        for (i, t) in self.tenants.iter_mut() {
-            match t.linger_until {
-                Some(0) => t.linger_until = Some(now.saturating_add(linger).max(1)),
-                Some(until) if until <= now => ended.push(i),
-                _ => {}
+        // Called every round: lingers that started are given their end; every tenant is looked
+        // at only once one may have ended.
+        let until = now.saturating_add(self.config.linger_ns).max(1);
+        for i in self.linger_starts.drain(..) {
+            if let Some(t) = self.tenants.get_mut(i).filter(|t| t.linger_until == Some(0)) {
+                t.linger_until = Some(until);
+                self.linger_next = self.linger_next.min(until);
             }
         }
+        if now < self.linger_next {
+            return;
+        }
+        let mut ended = Vec::new();
+        let mut next = u64::MAX;
+        for (i, t) in self.tenants.iter() {
+            match t.linger_until {
+                Some(until) if until <= now => ended.push(i),
+                Some(until) => next = next.min(until),
+                None => {}
+            }
+        }
+        self.linger_next = next;
         for i in ended {
             let (was, w) = self.busy_before(i);
             self.tenants[i].linger_until = None;
@@ -760,8 +794,8 @@ impl Scheduler {
         let (was, w) = self.busy_before(i);
         let linger = self.config.linger_ns > 0;
         let t = &mut self.tenants[i];
-        if t.stats.in_flight == 0 && linger {
-            t.linger_until = Some(0);
+        if t.stats.in_flight == 0 && linger && t.linger_until.replace(0) != Some(0) {
+            self.linger_starts.push(i);
         }
         let (p, n) = (t.prev, t.next);
         (t.prev, t.next, t.active) = (NIL, NIL, false);
@@ -1179,6 +1213,51 @@ mod tests {
         assert_eq!(s.slot_share(writer), 16, "the reader lingers");
         s.next_tenant(DEFAULT_LINGER_NS + 1);
         assert_eq!(s.slot_share(writer), 32, "the reader is idle again");
+    }
+
+    #[test]
+    fn each_linger_ends_at_its_own_time_and_a_removed_tenant_stops_counting() {
+        const L: u64 = DEFAULT_LINGER_NS;
+        let mut s = Scheduler::new(SchedConfig::new(60));
+        let w = s.add_tenant(TenantLimits::default());
+        let [a, b, c] = [(); 3].map(|()| s.add_tenant(TenantLimits::default()));
+        // a, b and c each have one request at the device and nothing waiting.
+        for t in [a, b, c] {
+            s.set_has_work(t, true);
+            assert_eq!(offer(&mut s, t, 0, 4096, false), Dispatch::Go);
+            s.set_has_work(t, false);
+        }
+        s.set_has_work(w, true);
+        assert_eq!(s.slot_share(w), 15, "four busy tenants");
+        s.complete(a, 4096, false);
+        s.next_tenant(0); // a lingers until L
+        s.complete(b, 4096, false);
+        s.next_tenant(L / 2); // b until L / 2 + L
+        s.complete(c, 4096, false);
+        s.remove_tenant(c); // c lingered: removed, it counts no more
+        assert_eq!(s.slot_share(w), 20);
+        s.next_tenant(L - 1);
+        assert_eq!(s.slot_share(w), 20, "a and b linger");
+        s.next_tenant(L);
+        assert_eq!(s.slot_share(w), 30, "a's linger ended, b's not");
+        s.next_tenant(L / 2 + L - 1);
+        assert_eq!(s.slot_share(w), 30);
+        s.next_tenant(L / 2 + L);
+        assert_eq!(s.slot_share(w), 60, "only w is busy");
+        // A tenant that becomes busy again while it lingers stops lingering, and lingers anew
+        // from its next idle time.
+        s.set_has_work(w, false);
+        s.set_has_work(a, true);
+        assert_eq!(offer(&mut s, a, 2 * L, 4096, false), Dispatch::Go);
+        s.set_has_work(a, false);
+        s.set_has_work(w, true);
+        s.complete(a, 4096, false);
+        s.next_tenant(3 * L);
+        assert_eq!(s.slot_share(w), 30);
+        s.next_tenant(4 * L - 1);
+        assert_eq!(s.slot_share(w), 30, "lingers from 3L, not from its first linger");
+        s.next_tenant(4 * L);
+        assert_eq!(s.slot_share(w), 60);
     }
 
     #[test]
