@@ -235,12 +235,23 @@ fn run_job(engine: &mut dyn Engine, mut spec: JobSpec) -> Result<JobOutcome, Eng
         let now = Instant::now();
         let in_time = now < deadline; // one clock read per reaped batch
         let more = |issued: u64| limit.map_or(in_time, |n| issued < n);
+        // Requests started together (one batch) and reaped together have one latency: one
+        // histogram entry per run of them, not one per request.
+        let mut run: Option<(Instant, u64)> = None;
         for &(slot, ref res) in &done {
             in_flight -= 1;
             if let Err(e) = res {
                 return Err(EngineError::Failed(e.clone()));
             }
-            let _ = hist.record(now.duration_since(slots.started[slot]).as_nanos().max(1) as u64);
+            let started = slots.started[slot];
+            match run.as_mut() {
+                Some((at, n)) if *at == started => *n += 1,
+                _ => {
+                    if let Some((at, n)) = run.replace((started, 1)) {
+                        let _ = hist.record_n(now.duration_since(at).as_nanos().max(1) as u64, n);
+                    }
+                }
+            }
             let (write, offset, check) = slots.kind[slot];
             if verify {
                 set_bit(&mut slots.busy, spec.workload.block_index(offset), false);
@@ -270,9 +281,13 @@ fn run_job(engine: &mut dyn Engine, mut spec: JobSpec) -> Result<JobOutcome, Eng
                 }
             }
         }
+        if let Some((at, n)) = run {
+            let _ = hist.record_n(now.duration_since(at).as_nanos().max(1) as u64, n);
+        }
         engine.submit()?;
         queued = 0;
     }
+    debug_assert_eq!(hist.len(), reads + writes, "one latency recorded per request");
     let reconnects = engine.reconnects();
     Ok(JobOutcome { hist, reads, writes, verified, elapsed: begin.elapsed(), reconnects })
 }

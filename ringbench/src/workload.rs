@@ -52,6 +52,11 @@ impl Workload {
         self.rng
     }
 
+    /// A random number below `n` (multiply and shift: no division per I/O).
+    fn below(&mut self, n: u64) -> u64 {
+        ((u128::from(self.rand()) * u128::from(n)) >> 64) as u64
+    }
+
     /// Blocks in the range.
     pub fn blocks(&self) -> u64 {
         self.blocks
@@ -69,13 +74,13 @@ impl Workload {
             Rw::Write => (true, false),
             Rw::Randread => (false, true),
             Rw::Randwrite => (true, true),
-            Rw::Randrw => (self.rand() % 100 >= u64::from(self.rwmixread), true),
+            Rw::Randrw => (self.below(100) >= u64::from(self.rwmixread), true),
         };
         let block = if random {
-            self.rand() % self.blocks
+            self.below(self.blocks)
         } else {
             let b = self.cursor;
-            self.cursor = (self.cursor + 1) % self.blocks;
+            self.cursor = if self.cursor + 1 == self.blocks { 0 } else { self.cursor + 1 };
             b
         };
         NextIo { write, offset: self.start + block * self.bs }
