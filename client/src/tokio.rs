@@ -503,13 +503,15 @@ async fn drive(shared: Arc<Shared>, mut fds: Fds) {
             }
             Step::Spin => spin_once().await,
             Step::Sleep => {
+                let slept_from = Instant::now();
                 let woken = fds.sleep(&shared.notify).await;
                 let gone = {
                     let mut guard = shared.lock();
                     let st = &mut *guard;
                     st.ring.disarm_completion_fd();
-                    // Spinning did not pay this time: spin less next time.
-                    st.spin_now /= 2;
+                    // Spin longer next time if spinning would have caught this wakeup, less if
+                    // not (see `nvmed_proto::wakeup::adapt_poll`).
+                    st.spin_now = nvmed_proto::wakeup::adapt_poll(st.spin_now, slept_from.elapsed(), st.spin);
                     slept = true;
                     let n = shared.reap(st, &mut wakers, None);
                     st.counters.reaped_by_driver += n as u64;

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nvmed_proto::layout::{CLIENT_CQ_WAITING, CLIENT_CQ_WAKE_AT};
 use nvmed_proto::wakeup::{
-    announce_sleep, announce_sleep_until, end_sleep, yield_cpu, SharedFlags, YIELD_AFTER,
+    adapt_poll, announce_sleep, announce_sleep_until, end_sleep, yield_cpu, SharedFlags, YIELD_AFTER,
 };
 
 use crate::{session, Completion, Error, NvmeRing, Result};
@@ -85,8 +85,6 @@ impl NvmeRing {
                         break;
                     }
                 }
-                // Spinning did not pay this time: spin less next time.
-                self.spin_now /= 2;
             }
             // Woken once the CQ holds what this wait needs, not at each completion: many clients
             // sharing few CPUs then sleep through a batch. Never more than is outstanding, nor
@@ -136,7 +134,10 @@ impl NvmeRing {
                 PollFd::new(self.complete_fd.as_fd(), PollFlags::POLLIN),
                 PollFd::new(self.sock.as_fd(), PollFlags::empty()),
             ];
+            let slept_from = Instant::now();
             let _ = poll(&mut fds, remaining);
+            // Spin longer next time if spinning would have caught this wakeup, less if not.
+            self.spin_now = adapt_poll(self.spin_now, slept_from.elapsed(), self.spin);
             let sock_gone = session::hung_up(&fds[1]);
             nvmed_proto::eventfd::drain(&self.complete_fd);
             end_sleep(&SharedFlags::client(&self.mem), CLIENT_CQ_WAITING | CLIENT_CQ_WAKE_AT);

@@ -141,3 +141,62 @@ pub fn yield_cpu() -> std::time::Duration {
         std::time::Duration::ZERO
     }
 }
+
+/// Shortest poll once polling grows again from none.
+pub const POLL_GROW_START: std::time::Duration = std::time::Duration::from_micros(10);
+
+/// The next poll window (how long a waiting side spins before it sleeps) after a sleep that
+/// lasted `slept`, as KVM adapts its halt polling: a wakeup that came within `max` (the
+/// ceiling) would have been caught by polling longer, so the window doubles (from 10 µs, up to
+/// `max`); a longer sleep means the poll burnt CPU for nothing, so it halves (to none below
+/// 10 µs). The broker's I/O threads and the clients' waits both adapt this way. Judging by the
+/// sleep, not by whether the poll succeeded, matters: a window that only grew when polling
+/// caught the work would, once below the usual wait, never grow again (every wait then sleeps,
+/// and both sides pay a wakeup per batch).
+pub fn adapt_poll(
+    window: std::time::Duration,
+    slept: std::time::Duration,
+    max: std::time::Duration,
+) -> std::time::Duration {
+    if slept < max {
+        (window * 2).max(POLL_GROW_START).min(max)
+    } else {
+        let w = window / 2;
+        if w < POLL_GROW_START {
+            std::time::Duration::ZERO
+        } else {
+            w
+        }
+    }
+}
+
+#[cfg(test)]
+mod adapt_tests {
+    use super::*;
+    use std::time::Duration;
+
+    const MAX: Duration = Duration::from_micros(200);
+
+    #[test]
+    fn long_sleeps_shrink_the_poll_to_none_and_short_ones_grow_it_back() {
+        let mut w = MAX;
+        let mut seen = vec![w];
+        while !w.is_zero() {
+            w = adapt_poll(w, Duration::from_millis(1), MAX);
+            seen.push(w);
+        }
+        let us: Vec<u128> = seen.iter().map(|d| d.as_micros()).collect();
+        assert_eq!(us, [200, 100, 50, 25, 12, 0]);
+        // Work coming back 30 us after the sleep began: polling would have caught it.
+        for want in [10, 20, 40, 80, 160, 200, 200] {
+            w = adapt_poll(w, Duration::from_micros(30), MAX);
+            assert_eq!(w.as_micros(), want);
+        }
+    }
+
+    #[test]
+    fn no_ceiling_no_poll() {
+        assert_eq!(adapt_poll(Duration::ZERO, Duration::ZERO, Duration::ZERO), Duration::ZERO);
+        assert_eq!(adapt_poll(Duration::ZERO, Duration::from_secs(1), Duration::ZERO), Duration::ZERO);
+    }
+}

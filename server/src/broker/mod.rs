@@ -53,7 +53,7 @@ pub struct BrokerConfig {
     /// Entries of the device I/O queue.
     pub io_queue_depth: u16,
     /// Longest the I/O thread keeps polling without work before it sleeps while commands are at
-    /// the device (adaptive below that: see `io_thread::sleep::adapt_poll`).
+    /// the device (adaptive below that: see `nvmed_proto::wakeup::adapt_poll`).
     pub poll_idle: Duration,
     /// The same while no command is at the device (waiting for clients only).
     pub poll_clients: Duration,

@@ -25,7 +25,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags};
-use nvmed_proto::wakeup::{yield_cpu, YIELD_AFTER};
+use nvmed_proto::wakeup::{adapt_poll, yield_cpu, YIELD_AFTER};
 use nvmed_proto::{BrokerStatus, RingFault};
 use slab::Slab;
 use tracing::{debug, info, warn};
@@ -365,7 +365,7 @@ impl IoThread {
         );
         let mut idle_since: Option<Instant> = None;
         // How long to poll without work before sleeping, adapted to how long the sleeps last
-        // (see `sleep::adapt_poll`): one window while commands are at the device (their
+        // (see `nvmed_proto::wakeup::adapt_poll`): one window while commands are at the device (their
         // completions are sure to come, and soon: at most `poll_idle`), one while waiting for
         // clients only (whose next request may never come: at most `poll_clients`).
         let mut windows = [self.poll_idle, self.poll_clients];
@@ -445,7 +445,7 @@ impl IoThread {
                 let before = Instant::now();
                 self.sleep();
                 let max = [self.poll_idle, self.poll_clients][waits];
-                windows[waits] = sleep::adapt_poll(windows[waits], before.elapsed(), max);
+                windows[waits] = adapt_poll(windows[waits], before.elapsed(), max);
                 self.serve_requests(); // also notices a broker that went away
                 idle_since = None;
             }

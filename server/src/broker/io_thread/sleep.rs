@@ -9,35 +9,13 @@
 
 use std::os::fd::AsFd;
 use std::sync::atomic::{fence, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use nix::sys::epoll::{EpollEvent, EpollTimeout};
 use nvmed_proto::layout::{BROKER_CQ_WAIT, BROKER_NEED_WAKEUP};
 use nvmed_proto::wakeup::{announce_sleep, end_sleep, SharedFlags};
 
 use super::{IoThread, IRQ_TOKEN, WAKE_TOKEN};
-
-/// Shortest idle poll once polling grows again from none.
-const POLL_GROW_START: Duration = Duration::from_micros(10);
-
-/// The next idle poll window after a sleep that lasted `slept`, as KVM adapts its halt polling:
-/// work that came back within `max` (the `--poll-idle-us` ceiling) would have been caught by
-/// polling longer, so the window doubles (from 10 µs, up to `max`); a longer sleep means the
-/// poll burnt CPU for nothing, so it halves (to none below 10 µs). So a broker whose clients
-/// pause longer than `max` between requests (QD1 with think time, a VM's sparse I/O) sleeps
-/// right after its work instead of spinning `max` each time, and a busy one keeps polling.
-pub(super) fn adapt_poll(window: Duration, slept: Duration, max: Duration) -> Duration {
-    if slept < max {
-        (window * 2).max(POLL_GROW_START).min(max)
-    } else {
-        let w = window / 2;
-        if w < POLL_GROW_START {
-            Duration::ZERO
-        } else {
-            w
-        }
-    }
-}
 
 impl IoThread {
     pub(super) fn sleep(&mut self) {
@@ -156,35 +134,5 @@ impl IoThread {
                 end_sleep(&SharedFlags::broker(&r.mem), BROKER_NEED_WAKEUP | BROKER_CQ_WAIT);
             }
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    const MAX: Duration = Duration::from_micros(200);
-
-    #[test]
-    fn long_sleeps_shrink_the_poll_to_none_and_short_ones_grow_it_back() {
-        let mut w = MAX;
-        let mut seen = vec![w];
-        while !w.is_zero() {
-            w = adapt_poll(w, Duration::from_millis(1), MAX);
-            seen.push(w);
-        }
-        let us: Vec<u128> = seen.iter().map(|d| d.as_micros()).collect();
-        assert_eq!(us, [200, 100, 50, 25, 12, 0]);
-        // Work coming back 30 us after the sleep began: polling would have caught it.
-        for want in [10, 20, 40, 80, 160, 200, 200] {
-            w = adapt_poll(w, Duration::from_micros(30), MAX);
-            assert_eq!(w.as_micros(), want);
-        }
-    }
-
-    #[test]
-    fn no_ceiling_no_poll() {
-        assert_eq!(adapt_poll(Duration::ZERO, Duration::ZERO, Duration::ZERO), Duration::ZERO);
-        assert_eq!(adapt_poll(Duration::ZERO, Duration::from_secs(1), Duration::ZERO), Duration::ZERO);
     }
 }
