@@ -932,7 +932,7 @@ fn start_embedded(
     use nvmed_server::emulator::backend::{Backend, MemoryBackend, NullBackend};
     use nvmed_server::emulator::{EmulatedController, EmulatedNamespace, EmulatorConfig, EmulatorMode};
     let backend: Box<dyn Backend> =
-        if null { Box::new(NullBackend::new(size)) } else { Box::new(MemoryBackend::new(size)?) };
+        if null { Box::new(NullBackend::new(size)) } else { Box::new(MemoryBackend::populated(size)?) };
     let device: Arc<dyn nvmed_server::device::NvmeDevice> =
         Arc::new(EmulatedController::new(EmulatorConfig {
             namespaces: vec![EmulatedNamespace { backend, lba_size: 512 }],

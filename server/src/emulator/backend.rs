@@ -46,6 +46,15 @@ impl MemoryBackend {
     pub fn new(size: u64) -> io::Result<Self> {
         Ok(Self { mem: SharedMemory::anonymous(size as usize)? })
     }
+
+    /// A zeroed namespace of `size` bytes, all of it mapped for reading now: reads never fault
+    /// in the I/O thread's copies (for benchmarks of the steady state; see
+    /// [`SharedMemory::populate`]).
+    pub fn populated(size: u64) -> io::Result<Self> {
+        let b = Self::new(size)?;
+        b.mem.populate()?;
+        Ok(b)
+    }
 }
 
 impl Backend for MemoryBackend {
