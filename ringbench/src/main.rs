@@ -437,12 +437,12 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
             let want = args.size.unwrap_or(256 << 20) + args.offset;
             let meta = std::fs::metadata(path);
             if meta.as_ref().map(|m| m.is_file() && m.len() < want).unwrap_or(true) {
-                std::fs::OpenOptions::new()
-                    .create(true)
-                    .truncate(false)
-                    .write(true)
-                    .open(path)?
-                    .set_len(want)?;
+                let f = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(path)?;
+                f.set_len(want)?;
+                // Blocks allocated now, as the embedded engine's medium is populated before the
+                // run: neither side's figures then include first-touch allocation (a file system
+                // that cannot preallocate keeps the file sparse).
+                let _ = nix::fcntl::posix_fallocate(&f, 0, want as i64);
             }
             let f = std::fs::File::open(path)?;
 

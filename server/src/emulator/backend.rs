@@ -47,9 +47,9 @@ impl MemoryBackend {
         Ok(Self { mem: SharedMemory::anonymous(size as usize)? })
     }
 
-    /// A zeroed namespace of `size` bytes, all of it mapped for reading now: reads never fault
-    /// in the I/O thread's copies (for benchmarks of the steady state; see
-    /// [`SharedMemory::populate`]).
+    /// A zeroed namespace of `size` bytes, all of it backed by memory now (huge pages where
+    /// the kernel has them): no page faults in the I/O thread's copies later (for benchmarks of
+    /// the steady state; see [`SharedMemory::populate`]).
     pub fn populated(size: u64) -> io::Result<Self> {
         let b = Self::new(size)?;
         b.mem.populate()?;
