@@ -25,8 +25,8 @@
 //! between looks, for up to [`AsyncOptions::spin`] after the last completion. Only when that
 //! finds nothing does it arm the ring's completion eventfd ([`NvmeRing::arm_completion_fd`]),
 //! registered with tokio's reactor, and sleep until the broker writes it. As in
-//! [`NvmeRing::wait`], the spin adapts: a sleep halves it, a completion found while spinning
-//! doubles it again (up to the limit). A busy ring thus costs no system call per request, an
+//! [`NvmeRing::wait`], the spin adapts: a sleep longer than the limit halves it, a shorter one
+//! or a completion found while spinning doubles it (up to the limit). A busy ring thus costs no system call per request, an
 //! idle one no CPU. The driver also sleeps on the control socket, to learn when the broker is
 //! gone.
 //!
