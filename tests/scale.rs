@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use nvmed_client::testkit::random_write_read;
-use nvmed_client::{BrokerStatus, Io, NvmeRing, NvmeSession, RingOptions, Status};
+use nvmed_client::{BrokerStatus, Error, Io, NvmeRing, NvmeSession, RingOptions, Status};
 
 const MIB: u64 = 1 << 20;
 
@@ -104,9 +104,18 @@ fn rings_on_two_threads_share_one_registration() {
     assert_eq!((stats.buffers, stats.rings), (1, 2));
     assert!(shared.read_at(2 * MIB - 1, &mut [0u8; 2]).is_err(), "range past the end accepted");
     // Dropping the last handle unregisters it.
+    let id = shared.id();
     drop(shared);
     assert_eq!(session.stats().unwrap().buffers, 0);
     assert_eq!(session.stats().unwrap().broker_buffer_iova_bytes, 0);
+    // The rings kept its length from their requests; they see it gone, and a smaller buffer
+    // registered next (perhaps under the same id) by its own length.
+    let refused = writer.prep(Io::read(ns, 0, 4096, id, 0));
+    assert!(matches!(refused, Err(Error::UnknownBuffer(_))), "{refused:?}");
+    let small = session.alloc_shared(MIB as usize).unwrap();
+    let refused = writer.prep(Io::read(ns, 0, 4096, small.id(), MIB));
+    assert!(matches!(refused, Err(Error::OutOfBuffer { .. })), "{refused:?}");
+    writer.read(ns, 5 * MIB, small.id(), 0, 4096).unwrap();
 }
 
 #[test]

@@ -335,6 +335,8 @@ pub struct NvmeRing {
     submit_fd: OwnedFd,
     complete_fd: OwnedFd,
     buffers: BufferTable,
+    /// Lengths of the session's shared buffers this ring used (no lock per request).
+    shared_lens: session::SharedLens,
     pending: Slab<Pending>,
     /// Range lists of finished vectored requests, reused so steady-state I/O allocates nothing.
     spare_ranges: Vec<Vec<Range>>,
@@ -387,6 +389,7 @@ impl NvmeRing {
             submit_fd: a.submit_fd,
             complete_fd: a.complete_fd,
             buffers: BufferTable::default(),
+            shared_lens: session::SharedLens::default(),
             pending: Slab::with_capacity(a.sq_entries as usize),
             spare_ranges: Vec::new(),
             spin: opts.spin,
@@ -642,10 +645,10 @@ impl NvmeRing {
 
     /// Checks that `offset + len` lies inside buffer `id` (this ring's, or the session's
     /// shared ones).
-    fn in_buffer(&self, id: u32, offset: u64, len: u64) -> Result<()> {
+    fn in_buffer(&mut self, id: u32, offset: u64, len: u64) -> Result<()> {
         let size = match self.buffers.get(&id) {
             Some(b) => b.mem.len() as u64,
-            None => self.session.shared_len(id).ok_or(Error::UnknownBuffer(id))?,
+            None => self.shared_lens.get(&self.session, id).ok_or(Error::UnknownBuffer(id))?,
         };
         if offset.checked_add(len).is_none_or(|e| e > size) {
             return Err(Error::OutOfBuffer { id, offset, len, size });
@@ -725,23 +728,23 @@ impl NvmeRing {
     }
 
     fn read_segments(
-        &self,
+        &mut self,
         list: BufferId,
         list_offset: u64,
         count: u16,
         len: u32,
         ranges: &mut Vec<Range>,
     ) -> Result<()> {
-        let Some(list_buf) = self.buffers.get(&list.0) else {
-            return Err(Error::BadSegments(format!(
-                "the segment list must be in a buffer this ring registered, not in buffer {}",
-                list.0
-            )));
-        };
-        let mem = &list_buf.mem;
         let mut total = 0u64;
         for i in 0..u64::from(count) {
-            let seg = mem.read_segment((list_offset + i * SEGMENT_SIZE) as usize);
+            // (Looked up per segment: `in_buffer` below needs the ring mutably.)
+            let Some(list_buf) = self.buffers.get(&list.0) else {
+                return Err(Error::BadSegments(format!(
+                    "the segment list must be in a buffer this ring registered, not in buffer {}",
+                    list.0
+                )));
+            };
+            let seg = list_buf.mem.read_segment((list_offset + i * SEGMENT_SIZE) as usize);
             if seg.len == 0 || seg.reserved0 != 0 || seg.reserved1 != 0 {
                 return Err(Error::BadSegments(format!("segment {i} is empty or has reserved bits set")));
             }

@@ -116,6 +116,9 @@ pub(crate) struct SessionInner {
     namespaces: Vec<NamespaceInfo>,
     /// Buffers registered for every ring ([`SharedBuffer`]): id -> length.
     shared: Mutex<HashMap<u32, u64>>,
+    /// Bumped (under `shared`'s lock) whenever a shared buffer comes or goes: rings keep a
+    /// copy of the lengths they looked up and read only this word per request.
+    shared_generation: AtomicU64,
     /// Every buffer registered (shared and rings' own), by id.
     registrations: Mutex<BTreeMap<u32, Registration>>,
 }
@@ -252,6 +255,20 @@ impl SessionInner {
     pub(crate) fn shared_len(&self, id: u32) -> Option<u64> {
         lock(&self.shared).get(&id).copied()
     }
+
+    /// Changes whenever a shared buffer is registered or dropped (see [`SharedLens`]).
+    pub(crate) fn shared_generation(&self) -> u64 {
+        self.shared_generation.load(Ordering::Acquire)
+    }
+
+    fn set_shared(&self, id: u32, len: Option<u64>) {
+        let mut shared = lock(&self.shared);
+        match len {
+            Some(len) => shared.insert(id, len),
+            None => shared.remove(&id),
+        };
+        self.shared_generation.fetch_add(1, Ordering::Release);
+    }
 }
 
 /// Whether the broker closed connection `sock` (it exited or was killed). Looks only for the
@@ -317,6 +334,7 @@ impl NvmeSession {
             epoch: AtomicU64::new(0),
             namespaces,
             shared: Mutex::new(HashMap::new()),
+            shared_generation: AtomicU64::new(0),
             registrations: Mutex::new(BTreeMap::new()),
         };
         Ok(Self { inner: Arc::new(inner) })
@@ -393,7 +411,7 @@ impl NvmeSession {
     /// Registers `buf` for every ring of the session (see [`SharedBuffer`]).
     pub fn register_shared(&self, buf: MemfdBuffer) -> Result<SharedBuffer> {
         let id = register(&self.inner, &buf)?;
-        lock(&self.inner.shared).insert(id, buf.len() as u64);
+        self.inner.set_shared(id, Some(buf.len() as u64));
         Ok(SharedBuffer { inner: Arc::new(SharedInner { mem: buf, id, session: self.inner.clone() }) })
     }
 
@@ -465,7 +483,7 @@ struct SharedInner {
 
 impl Drop for SharedInner {
     fn drop(&mut self) {
-        lock(&self.session.shared).remove(&self.id);
+        self.session.set_shared(self.id, None);
         // Answered once no request uses it any more; a broker gone has released it already.
         let _ = unregister(&self.session, self.id, false);
     }
@@ -535,4 +553,35 @@ fn call(sock: &OwnedFd, req: &Request, fds: &[BorrowedFd<'_>]) -> Result<(Respon
         return Err(Error::Refused(e));
     }
     Ok((resp, msg.fds))
+}
+
+/// A ring's copy of the lengths of the session's shared buffers it used, so that checking a
+/// request's range costs no lock and no hashing: valid while the session's
+/// [`shared generation`](SessionInner::shared_generation) is the one it was filled at.
+#[derive(Debug, Default)]
+pub(crate) struct SharedLens {
+    generation: u64,
+    /// Length by buffer id; 0: not looked up yet (buffers are never empty).
+    lens: Vec<u64>,
+}
+
+impl SharedLens {
+    /// Length of shared buffer `id`, if the session has one.
+    pub(crate) fn get(&mut self, session: &SessionInner, id: u32) -> Option<u64> {
+        let generation = session.shared_generation();
+        if generation != self.generation {
+            self.lens.clear();
+            self.generation = generation;
+        }
+        if let Some(&len) = self.lens.get(id as usize).filter(|&&l| l > 0) {
+            return Some(len);
+        }
+        let len = session.shared_len(id)?;
+        // Ids are small dense integers the broker hands out.
+        if self.lens.len() <= id as usize {
+            self.lens.resize(id as usize + 1, 0);
+        }
+        self.lens[id as usize] = len;
+        Some(len)
+    }
 }

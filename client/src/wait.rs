@@ -43,7 +43,10 @@ impl NvmeRing {
             self.spin_paid();
             return Ok(got);
         }
-        let start = Instant::now();
+        // Read at the first clock check (after 64 looks), not now: a wait its first looks
+        // satisfy (most of them, for a busy ring) reads no clock. Timeouts and the spin budget
+        // count from there, a few microseconds late.
+        let mut start: Option<Instant> = None;
         let mut spins = 0u32;
         let mut spun_out = false;
         // Satisfied by the yield made before sleeping (see below).
@@ -59,7 +62,7 @@ impl NvmeRing {
                 got += self.poll(out)?;
                 continue;
             }
-            let elapsed = start.elapsed();
+            let elapsed = start.get_or_insert_with(Instant::now).elapsed();
             if !spun_out && spinning_allowed(elapsed, given, self.spin_now) {
                 if self.yield_early || elapsed >= YIELD_AFTER {
                     let d = yield_cpu();
@@ -121,7 +124,7 @@ impl NvmeRing {
                 return Err(e);
             }
             let remaining = match timeout {
-                Some(t) => match t.checked_sub(start.elapsed()) {
+                Some(t) => match t.checked_sub(start.get_or_insert_with(Instant::now).elapsed()) {
                     Some(r) => PollTimeout::try_from(r.as_millis().clamp(1, 60_000) as i32).unwrap(),
                     None => {
                         end_sleep(&SharedFlags::client(&self.mem), CLIENT_CQ_WAITING | CLIENT_CQ_WAKE_AT);

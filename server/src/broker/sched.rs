@@ -133,8 +133,14 @@ impl SchedConfig {
     pub fn cost(&self, bytes: u64, write: bool) -> u64 {
         let units = bytes.div_ceil(COST_UNIT_BYTES);
         let units = if write {
-            let scaled = u128::from(units) * u128::from(self.write_cost_percent) / 100;
-            u64::try_from(scaled).unwrap_or(u64::MAX)
+            // u64 arithmetic when it cannot overflow (a u128 division is a library call).
+            match units.checked_mul(u64::from(self.write_cost_percent)) {
+                Some(product) => product / 100,
+                None => {
+                    let scaled = u128::from(units) * u128::from(self.write_cost_percent) / 100;
+                    u64::try_from(scaled).unwrap_or(u64::MAX)
+                }
+            }
         } else {
             units
         };
@@ -507,10 +513,7 @@ impl Scheduler {
         loop {
             let t = &self.tenants[i];
             let next = t.next;
-            if t.throttled_until <= now
-                && t.stats.in_flight < t.max_in_flight.min(self.share_of(t))
-                && self.cost_room(t, t.last_cost)
-            {
+            if t.throttled_until <= now && self.under_share(t) && self.cost_room(t, t.last_cost) {
                 let grant = t.grant(self.config.quantum);
                 self.cursor = next;
                 let t = &mut self.tenants[i];
@@ -532,12 +535,12 @@ impl Scheduler {
         let i = self.index(id);
         let cost = self.config.cost(bytes, write);
         let device_full = self.in_flight >= self.config.device_slots;
-        let share = self.share_of(&self.tenants[i]);
+        let under_share = self.under_share(&self.tenants[i]);
         let room = self.cost_room(&self.tenants[i], cost);
         let (was, w) = self.busy_before(i);
         let t = &mut self.tenants[i];
         t.last_cost = cost;
-        if device_full || t.stats.in_flight >= t.max_in_flight.min(share) || !room {
+        if device_full || !under_share || !room {
             return Dispatch::Later;
         }
         let mut until: Option<u64> = None;
@@ -631,7 +634,7 @@ impl Scheduler {
         let t = &self.tenants[self.index(id)];
         self.in_flight < self.config.device_slots
             && t.throttled_until <= now
-            && t.stats.in_flight < t.max_in_flight.min(self.share_of(t))
+            && self.under_share(t)
             && self.cost_room(t, t.last_cost)
     }
 
@@ -690,6 +693,12 @@ impl Scheduler {
         } else {
             self.busy_weight + t.weight
         }
+    }
+
+    /// Whether `t` may hold one more device slot: below its queue-depth cap and its share.
+    /// (Both are at least 1, so a tenant with nothing in flight always may: no division then.)
+    fn under_share(&self, t: &Tenant) -> bool {
+        t.stats.in_flight == 0 || t.stats.in_flight < t.max_in_flight.min(self.share_of(t))
     }
 
     fn share_of(&self, t: &Tenant) -> u32 {

@@ -276,6 +276,12 @@ const RETRYABLE_STATUS: u16 = 0x82;
 /// Command Abort Requested (generic), DNR clear.
 const ABORTED_STATUS: u16 = 0x07;
 
+/// Adds to a counter written only under the state lock (one writer at a time: no read-modify-
+/// write instruction needed; readers may see it at any time).
+fn bump_locked(c: &std::sync::atomic::AtomicU64, n: u64) {
+    c.store(c.load(Ordering::Relaxed).wrapping_add(n), Ordering::Relaxed);
+}
+
 fn ok() -> Outcome {
     Some((0, 0))
 }
@@ -1129,7 +1135,7 @@ impl Inner {
     /// Counts a fetched I/O command and returns the fault rule for it (panicking for `panic:`).
     fn io_rule(&self, st: &mut State) -> Option<FaultAction> {
         st.io_count += 1;
-        self.counters.io_commands.fetch_add(1, Ordering::Relaxed);
+        bump_locked(&self.counters.io_commands, 1);
         let rule = self.faults.iter().find(|r| r.nth == st.io_count).map(|r| r.action);
         if rule == Some(FaultAction::Panic) {
             panic!("emulated controller: injected panic on I/O command {}", st.io_count);
@@ -1270,10 +1276,10 @@ impl Inner {
                 }
                 let counter =
                     if read { &self.counters.bytes_to_host } else { &self.counters.bytes_from_host };
-                counter.fetch_add(len, Ordering::Relaxed);
+                bump_locked(counter, len);
                 let commands =
                     if read { &self.counters.read_commands } else { &self.counters.write_commands };
-                commands.fetch_add(1, Ordering::Relaxed);
+                bump_locked(commands, 1);
                 if !read && cmd.cdw12 & io::CDW12_FUA != 0 {
                     if let Err(e) = ns.backend.flush() {
                         return io_err(e);

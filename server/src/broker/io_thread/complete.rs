@@ -7,7 +7,7 @@ use slab::Slab;
 use tracing::warn;
 
 use super::split::{piece_done, InFlight};
-use super::vectored::{finish_bounce, VecPool, VEC_NONE};
+use super::vectored::{finish_bounce, VecPool, NO_BOUNCE, VEC_NONE};
 use super::IoThread;
 use crate::broker::sched::Scheduler;
 use crate::broker::session::{bump, RingIo, Session};
@@ -40,8 +40,10 @@ impl IoThread {
                     Status::Nvme(NvmeStatus::from_status_field(status_field))
                 };
                 // A bounced read's data reaches the client before its completion does.
-                let buffers = sessions.get(ctx.session as usize).map(|s| &s.buffers);
-                finish_bounce(&ctx, status.is_success(), vecs, bounce, buffers);
+                if ctx.bounce != NO_BOUNCE {
+                    let buffers = sessions.get(ctx.session as usize).map(|s| &s.buffers);
+                    finish_bounce(&ctx, status.is_success(), vecs, bounce, buffers);
+                }
                 release_slot(sessions, &ctx);
                 if let Some(status) = piece_done(splits, &ctx, status) {
                     let now = *now_us.get_or_insert_with(|| started.elapsed().as_micros() as u32);
