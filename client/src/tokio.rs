@@ -503,18 +503,20 @@ async fn drive(shared: Arc<Shared>, mut fds: Fds) {
             }
             Step::Spin => spin_once().await,
             Step::Sleep => {
-                let slept_from = Instant::now();
                 let woken = fds.sleep(&shared.notify).await;
                 let gone = {
                     let mut guard = shared.lock();
                     let st = &mut *guard;
                     st.ring.disarm_completion_fd();
-                    // Spin longer next time if spinning would have caught this wakeup, less if
-                    // not (see `nvmed_proto::wakeup::adapt_poll`).
-                    st.spin_now = nvmed_proto::wakeup::adapt_poll(st.spin_now, slept_from.elapsed(), st.spin);
                     slept = true;
                     let n = shared.reap(st, &mut wakers, None);
                     st.counters.reaped_by_driver += n as u64;
+                    // Spin longer next time if spinning for the whole wait (since the last
+                    // completion) would have caught this one, less if not; a wakeup that brought
+                    // nothing counts as a long wait (see `nvmed_proto::wakeup::adapt_poll`).
+                    let taken = st.counters.reaped_by_futures + st.counters.reaped_by_driver;
+                    let waited = if taken != seen { since.elapsed() } else { Duration::MAX };
+                    st.spin_now = nvmed_proto::wakeup::adapt_poll(st.spin_now, waited, st.spin);
                     n == 0 && woken == Woken::Control && st.ring.in_flight() > 0 && fds.broker_gone()
                 };
                 if gone {

@@ -137,14 +137,17 @@ impl NvmeRing {
                 PollFd::new(self.complete_fd.as_fd(), PollFlags::POLLIN),
                 PollFd::new(self.sock.as_fd(), PollFlags::empty()),
             ];
-            let slept_from = Instant::now();
             let _ = poll(&mut fds, remaining);
-            // Spin longer next time if spinning would have caught this wakeup, less if not.
-            self.spin_now = adapt_poll(self.spin_now, slept_from.elapsed(), self.spin);
             let sock_gone = session::hung_up(&fds[1]);
             nvmed_proto::eventfd::drain(&self.complete_fd);
             end_sleep(&SharedFlags::client(&self.mem), CLIENT_CQ_WAITING | CLIENT_CQ_WAKE_AT);
-            got += self.poll(out)?;
+            let n = self.poll(out)?;
+            got += n;
+            // Spin longer next time if spinning for the whole wait (spin and sleep) would have
+            // caught these completions, less if not; a wakeup that brought none (a signal, the
+            // fallback timeout, a hang-up) counts as a long wait.
+            let waited = if n > 0 { start.get_or_insert_with(Instant::now).elapsed() } else { Duration::MAX };
+            self.spin_now = adapt_poll(self.spin_now, waited, self.spin);
             if sock_gone && got < min {
                 got += self.recover(out)?;
             }

@@ -64,8 +64,10 @@ impl SharedMemory {
 
     /// Backs every page of the mapping with memory now, in huge pages where the kernel has them
     /// (`MADV_HUGEPAGE`, then `MADV_POPULATE_WRITE`, Linux 5.14; older kernels get each page
-    /// written once instead, with the byte it holds), so no access faults later: an emulated
-    /// medium then costs the same at its first touch as at its next, like a device's.
+    /// written once instead, by an atomic add of zero to one of its bytes), so no access faults
+    /// later: an emulated medium then costs the same at its first touch as at its next, like a
+    /// device's. Meant for memory this process owns (anonymous): on a file another process can
+    /// shrink, the older kernels' way would fault past its end.
     pub fn populate(&self) -> io::Result<()> {
         // SAFETY: the range is exactly this mapping; the advice changes no byte of it (a kernel
         // without transparent huge pages refuses it, which changes nothing either).
@@ -81,9 +83,9 @@ impl SharedMemory {
         }
         for offset in (0..self.len).step_by(4096) {
             let p = self.check(offset, 1, 1);
-            // SAFETY: in bounds (checked); a volatile read and write back of one byte of memory
-            // this value maps (only this thread touches it while populating).
-            unsafe { p.write_volatile(p.read_volatile()) };
+            // SAFETY: in bounds (checked) and lives as long as `self`; the atomic exists for this
+            // call only, and adding zero atomically changes no byte, whoever else writes it.
+            unsafe { std::sync::atomic::AtomicU8::from_ptr(p) }.fetch_add(0, Ordering::Relaxed);
         }
         Ok(())
     }

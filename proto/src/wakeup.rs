@@ -145,14 +145,16 @@ pub fn yield_cpu() -> std::time::Duration {
 /// Shortest poll once polling grows again from none.
 pub const POLL_GROW_START: std::time::Duration = std::time::Duration::from_micros(10);
 
-/// The next poll window (how long a waiting side spins before it sleeps) after a sleep that
-/// lasted `slept`, as KVM adapts its halt polling: a wakeup that came within `max` (the
-/// ceiling) would have been caught by polling longer, so the window doubles (from 10 µs, up to
-/// `max`); a longer sleep means the poll burnt CPU for nothing, so it halves (to none below
-/// 10 µs). The broker's I/O threads and the clients' waits both adapt this way. Judging by the
-/// sleep, not by whether the poll succeeded, matters: a window that only grew when polling
-/// caught the work would, once below the usual wait, never grow again (every wait then sleeps,
-/// and both sides pay a wakeup per batch).
+/// The next poll window (how long a waiting side spins before it sleeps) after a wait that
+/// ended in a sleep and lasted `slept` in all, as KVM adapts its halt polling: work that came
+/// within `max` (the ceiling) would have been caught by polling that long, so the window
+/// doubles (from 10 µs, up to `max`); a longer wait means the poll burnt CPU for nothing, so it
+/// halves (to none below 10 µs). Clients pass the whole wait (spin and sleep: with the sleep
+/// alone, waits between one and two ceilings would keep the spin at its ceiling and pay for
+/// the sleep too), and `Duration::MAX` for a wakeup that brought nothing; the broker's I/O
+/// threads pass their sleep. Judging by the wait, not by whether the poll succeeded, matters:
+/// a window that only grew when polling caught the work would, once below the usual wait,
+/// never grow again (every wait then sleeps, and both sides pay a wakeup per batch).
 pub fn adapt_poll(
     window: std::time::Duration,
     slept: std::time::Duration,

@@ -196,8 +196,17 @@ fn start_slot(
     Ok(())
 }
 
+/// Records `n` requests of latency `d` (one past the histogram's 60 s range is counted in
+/// `unrecorded` instead).
+fn record(hist: &mut Histogram<u64>, d: Duration, n: u64, unrecorded: &mut u64) {
+    if hist.record_n(d.as_nanos().max(1) as u64, n).is_err() {
+        *unrecorded += n;
+    }
+}
+
 fn run_job(engine: &mut dyn Engine, mut spec: JobSpec) -> Result<JobOutcome, EngineError> {
     let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3).unwrap();
+    let mut unrecorded = 0u64;
     let verify = spec.verify && engine.moves_data();
     let bitmap_words = if verify { spec.workload.blocks().div_ceil(64) as usize } else { 0 };
     if verify && spec.workload.blocks() <= spec.iodepth as u64 {
@@ -248,7 +257,7 @@ fn run_job(engine: &mut dyn Engine, mut spec: JobSpec) -> Result<JobOutcome, Eng
                 Some((at, n)) if *at == started => *n += 1,
                 _ => {
                     if let Some((at, n)) = run.replace((started, 1)) {
-                        let _ = hist.record_n(now.duration_since(at).as_nanos().max(1) as u64, n);
+                        record(&mut hist, now.duration_since(at), n, &mut unrecorded);
                     }
                 }
             }
@@ -282,12 +291,12 @@ fn run_job(engine: &mut dyn Engine, mut spec: JobSpec) -> Result<JobOutcome, Eng
             }
         }
         if let Some((at, n)) = run {
-            let _ = hist.record_n(now.duration_since(at).as_nanos().max(1) as u64, n);
+            record(&mut hist, now.duration_since(at), n, &mut unrecorded);
         }
         engine.submit()?;
         queued = 0;
     }
-    debug_assert_eq!(hist.len(), reads + writes, "one latency recorded per request");
+    debug_assert_eq!(hist.len() + unrecorded, reads + writes, "one latency recorded per request");
     let reconnects = engine.reconnects();
     Ok(JobOutcome { hist, reads, writes, verified, elapsed: begin.elapsed(), reconnects })
 }
@@ -922,6 +931,17 @@ fn recovery(socket: &Path) -> Result<Recovery, Box<dyn std::error::Error>> {
     }
 }
 
+/// Bytes of memory available now (`MemAvailable`), 0 if unknown.
+fn available_memory() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            let line = m.lines().find(|l| l.starts_with("MemAvailable:"))?;
+            line.split_whitespace().nth(1)?.parse::<u64>().ok()
+        })
+        .map_or(0, |kib| kib * 1024)
+}
+
 /// An in-process broker on an emulated controller.
 fn start_embedded(
     socket: &Path,
@@ -931,8 +951,17 @@ fn start_embedded(
     let (null, io_threads) = (args.null, args.io_threads);
     use nvmed_server::emulator::backend::{Backend, MemoryBackend, NullBackend};
     use nvmed_server::emulator::{EmulatedController, EmulatedNamespace, EmulatorConfig, EmulatorMode};
-    let backend: Box<dyn Backend> =
-        if null { Box::new(NullBackend::new(size)) } else { Box::new(MemoryBackend::populated(size)?) };
+    let backend: Box<dyn Backend> = if null {
+        Box::new(NullBackend::new(size))
+    } else if size <= available_memory() / 2 {
+        Box::new(MemoryBackend::populated(size)?)
+    } else {
+        eprintln!(
+            "ringbench: the emulated medium ({size} bytes) is more than half the available memory: \
+             left mapped lazily (first touches fault, and reads of untouched blocks copy the zero page)"
+        );
+        Box::new(MemoryBackend::new(size)?)
+    };
     let device: Arc<dyn nvmed_server::device::NvmeDevice> =
         Arc::new(EmulatedController::new(EmulatorConfig {
             namespaces: vec![EmulatedNamespace { backend, lba_size: 512 }],

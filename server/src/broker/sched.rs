@@ -663,11 +663,6 @@ impl Scheduler {
             .min()
     }
 
-    /// Whether some tenant has work (said so with [`set_has_work`](Self::set_has_work)).
-    pub fn any_with_work(&self) -> bool {
-        self.cursor != NIL
-    }
-
     /// Requests in flight, all tenants.
     pub fn in_flight(&self) -> u32 {
         self.in_flight

@@ -67,9 +67,6 @@ impl IoThread {
         for c in 0..self.ports.len() {
             // Each tenant at most twice per round: then back to reaping.
             for _ in 0..2 * self.ports[c].tenant_rings.len() {
-                if !self.ports[c].sched.any_with_work() {
-                    break; // (the usual end of a round: its tenants took all they had)
-                }
                 let Some(t) = self.ports[c].sched.next_tenant(now) else { break };
                 let mut visit = std::mem::take(&mut self.visit);
                 visit.clear();
