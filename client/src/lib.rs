@@ -94,9 +94,10 @@ pub struct RingOptions {
     /// Name shown in the broker's logs.
     pub client_name: String,
     /// Longest [`NvmeRing::wait`] spins before sleeping on the eventfd. The ring adapts below
-    /// it as KVM adapts its halt polling: a sleep longer than this halves the spin (to none),
-    /// a shorter one (spinning longer would have caught it) doubles it (from 10 µs), and a wait
-    /// satisfied while spinning doubles it too; so a client whose broker is busy elsewhere
+    /// it as KVM adapts its halt polling: a wait that ends in a sleep and lasts longer than this
+    /// in all (spin and sleep), or whose wakeup brought nothing, halves the spin (to none); a
+    /// shorter one (spinning that long would have caught it) doubles it (from 10 µs), and so
+    /// does a wait satisfied while spinning; so a client whose broker is busy elsewhere
     /// (more runnable threads than CPUs) stops burning the CPU the broker needs, and one that
     /// slept through a hiccup spins again once its waits are short. Past its first 5 µs (or at once, when the
     /// ring's last yield let another thread run) a spinning wait also yields the CPU every 64
