@@ -3,7 +3,7 @@
 # command line says what this guest is for:
 #   vht_role=rw|ro|restart|bench  vht_bytes=DISK-BYTES  vht_queues=N  vht_mib=CHECKSUM-MIB
 #   vht_sha=SHA256 (ro: what the first vht_mib MiB must hash to)  vht_secs=N (restart, bench)
-#   vht_disks=a1,b1,.. vht_rounds=N (bench)
+#   vht_disks=a1,b1,.. vht_rounds=N vht_rw=randread,.. vht_qd=1,.. vht_qs=1,.. (bench)
 # and it reports on the serial console: VHOSTTEST PASS|FAIL|SKIP <name>, VHOSTTEST SHA256 <mib>
 # <hex> (checked against the backend's storage on the host), VHOSTTEST DONE failed=N.
 export PATH=/usr/sbin:/bin
@@ -226,6 +226,12 @@ role_restart() {
 # Benchmark: every disk vdX is one backend configuration; the host names them (vht_disks=a1,a2,..)
 # and samples each backend's CPU time between the BEGIN and RESULT lines. Each configuration
 # runs vht_rounds times, alternating A and B.
+# The interrupts of disk $1's virtio device so far (all queues, all CPUs).
+irqs_of() {
+    v=$(basename "$(readlink -f /sys/block/${1#/dev/}/device)")
+    awk -v v="$v-" 'index($NF, v) == 1 { for (i = 2; i <= NF; i++) if ($i ~ /^[0-9]+$/) s += $i; else break } END { print s + 0 }' /proc/interrupts
+}
+
 role_bench() {
     i=0
     for d in $(echo "$vht_disks" | tr , ' '); do
@@ -236,13 +242,14 @@ role_bench() {
         echo "VHOSTBENCH DISK $d $dev queues=$q"
         dd if=/dev/zero of=$dev bs=1M count=64 oflag=direct 2>/dev/null # reads hit written data
     done
-    for rw in randread randwrite; do
-        for qd in 1 32; do
-            for qs in 1 2; do
+    for rw in $(echo "${vht_rw:-randread,randwrite}" | tr , ' '); do
+        for qd in $(echo "${vht_qd:-1,32}" | tr , ' '); do
+            for qs in $(echo "${vht_qs:-1,2}" | tr , ' '); do
                 for side in $(for r in $(seq ${vht_rounds:-1}); do echo a b; done); do
                     d=$side$qs
                     eval "dev=\$dev_$d"
                     echo "VHOSTBENCH BEGIN $d"
+                    irq0=$(irqs_of $dev)
                     if [ $qs = 1 ]; then
                         ringbench --engine io-uring --filename $dev --rw $rw --bs 4k --iodepth $qd \
                             --runtime $vht_secs --size 64M > /tmp/b0 2>&1
@@ -256,7 +263,8 @@ role_bench() {
                         wait
                         iops=$(cat /tmp/b0 /tmp/b1 | awk '/total:/{s += $2} END {print s + 0}')
                     fi
-                    echo "VHOSTBENCH RESULT $d $rw $qd $qs ${iops:-0}"
+                    irqs=$(($(irqs_of $dev) - irq0))
+                    echo "VHOSTBENCH RESULT $d $rw $qd $qs ${iops:-0} $irqs"
                     grep -h 'lat (us)' /tmp/b0 | head -1 | sed 's/^/  | /'
                 done
             done

@@ -24,6 +24,8 @@
 #   VHOST_ARGS="..."         more nvmed-vhost options, e.g. "--poll-us 50".
 #   BENCH_A=...              benchmark: the backend measured against qsd (default: $BACKEND).
 #   BENCH_ROUNDS=3           benchmark: runs per configuration (A and B alternating; medians).
+#   BENCH_RW=randread,randwrite BENCH_QD=1,32 BENCH_QUEUES=1,2
+#                            benchmark: the workloads, depths and queue counts to run (all by default).
 #   ONLY=parallel|restart    run only the parallel guests (A, B, C) or only the restart scenario.
 #   KEEP=1                   keep the scratch directory (images, sockets) for inspection.
 #
@@ -361,12 +363,15 @@ backend_start qsd b2 12 2 rw
 pids=()
 for d in a1 a2 b1 b2; do
     p=${bpid[$d]}
-    [ "${bkind[$d]}" = nvmed-vhost ] && p="$p,$nvmed_pid"
+    if [ "${bkind[$d]}" = nvmed-vhost ]; then
+        p="$p,$nvmed_pid"
+        pids+=(--stats-log "$d=$work/$d.backend.log")
+    fi
     pids+=(--pids "$d=$p")
 done
 log "benchmark: A = $BENCH_A, B = qsd; 4 KiB random read and write, QD1 and QD32, 1 queue (one job)" \
     "and 2 queues (two jobs pinned to the two vCPUs, each at that depth); $secs s per run, $BENCH_ROUNDS rounds"
-qemu_args 2 "vht_role=bench vht_secs=$secs vht_rounds=$BENCH_ROUNDS vht_disks=a1,b1,a2,b2" a1:1 b1:1 a2:2 b2:2
-python3 vmtest/vhost_bench.py --log "$work/bench.log" --a "$BENCH_A" "${pids[@]}" -- \
+qemu_args 2 "vht_role=bench vht_secs=$secs vht_rounds=$BENCH_ROUNDS vht_disks=a1,b1,a2,b2 vht_rw=${BENCH_RW:-randread,randwrite} vht_qd=${BENCH_QD:-1,32} vht_qs=${BENCH_QUEUES:-1,2}" a1:1 b1:1 a2:2 b2:2
+python3 vmtest/vhost_bench.py --log "$work/bench.log" --a "$BENCH_A" --secs "$secs" "${pids[@]}" -- \
     timeout 900 qemu-system-x86_64 "${qargs[@]}"
 machine after

@@ -1,11 +1,13 @@
 #!/usr/bin/env python3
 """Host side of `vmtest/vhost.sh --bench`: runs the benchmark guest (the QEMU command after --),
-follows its console, samples each backend's CPU time (utime + stime of /proc/PID/stat, all
+follows its console (each run's result line carries the guest's interrupt count of that
+disk's virtio device, printed as interrupts per I/O), samples each backend's CPU time (utime + stime of /proc/PID/stat, all
 threads) between the guest's `VHOSTBENCH BEGIN <disk>` and `VHOSTBENCH RESULT <disk> ...` lines,
 and prints A and B side by side: IOPS, ratio, backend CPU seconds and CPU per I/O."""
 
 import argparse
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -22,11 +24,35 @@ def cpu_seconds(pid):
         return float("nan")
 
 
+def backend_counters(pid, log_path):
+    """Asks nvmed-vhost (SIGUSR1) for its stats line and returns its counters (None if no line
+    came within a second)."""
+    try:
+        with open(log_path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            start = f.tell()
+        os.kill(pid, signal.SIGUSR1)
+    except OSError:
+        return None
+    deadline = time.time() + 1.0
+    while time.time() < deadline:
+        with open(log_path, "rb") as f:
+            f.seek(start)
+            for line in f.read().decode(errors="replace").splitlines():
+                if line.startswith("nvmed-vhost stats:"):
+                    return {k: int(v) for k, v in (kv.split("=", 1) for kv in line.split()[2:])}
+        time.sleep(0.02)
+    return None
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--log", required=True)
     ap.add_argument("--a", required=True, help="backend of column A (qsd or nvmed-vhost)")
+    ap.add_argument("--secs", type=float, default=0, help="seconds per run (for interrupts per I/O)")
     ap.add_argument("--pids", action="append", default=[], help="DISK=PID[,PID] (backend, then broker)")
+    ap.add_argument("--stats-log", action="append", default=[],
+                    help="DISK=PATH: nvmed-vhost's log (its counters are asked for at each run's start and end)")
     ap.add_argument("cmd", nargs=argparse.REMAINDER)
     args = ap.parse_args()
     cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
@@ -35,6 +61,7 @@ def main():
         disk, ids = p.split("=", 1)
         pids[disk] = [int(x) for x in ids.split(",")]
 
+    stats_logs = dict(p.split("=", 1) for p in args.stats_log)
     results = {}  # (rw, qd, queues) -> side -> dict
     begin = {}
     failures = []
@@ -48,12 +75,19 @@ def main():
             w = line.split()
             if line.startswith("VHOSTBENCH BEGIN"):
                 d = w[2]
-                begin[d] = (time.time(), [cpu_seconds(p) for p in pids.get(d, [])])
+                k0 = backend_counters(pids[d][0], stats_logs[d]) if d in stats_logs else None
+                begin[d] = (time.time(), [cpu_seconds(p) for p in pids.get(d, [])], k0)
             elif line.startswith("VHOSTBENCH RESULT"):
                 d, rw, qd, qs, iops = w[2], w[3], int(w[4]), int(w[5]), float(w[6])
-                t_begin, c0 = begin.pop(d)
+                irqs = int(w[7]) if len(w) > 7 else None
+                t_begin, c0, k0 = begin.pop(d)
                 c1 = [cpu_seconds(p) for p in pids.get(d, [])]
-                r = {"iops": iops, "wall": time.time() - t_begin, "cpu": [b - a for a, b in zip(c0, c1)]}
+                k1 = backend_counters(pids[d][0], stats_logs[d]) if d in stats_logs else None
+                counters = None
+                if k0 and k1 and k1.get("requests", 0) > k0.get("requests", 0):
+                    n = k1["requests"] - k0["requests"]
+                    counters = {k: (k1[k] - k0.get(k, 0)) / n for k in ("kicks", "completion_wakeups", "notifications") if k in k1}
+                r = {"iops": iops, "wall": time.time() - t_begin, "cpu": [b - a for a, b in zip(c0, c1)], "irqs": irqs, "counters": counters}
                 results.setdefault((rw, qd, qs), {}).setdefault(d[0], []).append(r)
                 print(f"  guest: {d} {rw} QD{qd} {qs}q {iops:.0f} IOPS", flush=True)
             elif line.startswith("VHOSTBENCH DISK"):
@@ -78,11 +112,18 @@ def main():
         iops = median([r["iops"] for r in runs])
         cpu = median([sum(r["cpu"]) for r in runs])
         per_io = median([sum(r["cpu"]) / (r["iops"] * r["wall"]) * 1e6 if r["iops"] else float("nan") for r in runs])
+        irq = ""
+        if args.secs and all(r.get("irqs") is not None and r["iops"] for r in runs):
+            irq = f", {median([r['irqs'] / (r['iops'] * args.secs) for r in runs]):.2f} irq/IO"
+        if all(r.get("counters") for r in runs):
+            c = {k: median([r["counters"][k] for r in runs]) for k in runs[0]["counters"]}
+            irq += (f", per I/O {c.get('kicks', 0):.2f} kicks, {c.get('completion_wakeups', 0):.2f} nvmed wakeups,"
+                    f" {c.get('notifications', 0):.2f} notifications")
         spread = f" ({min(r['iops'] for r in runs):.0f}-{max(r['iops'] for r in runs):.0f})" if len(runs) > 1 else ""
         parts = ""
         if len(runs[0]["cpu"]) > 1:
             parts = " (" + "+".join(f"{median([r['cpu'][i] for r in runs]):.2f}" for i in range(len(runs[0]["cpu"]))) + ")"
-        return iops, per_io, f"{iops:6.0f} IOPS{spread}, cpu {cpu:5.2f} s{parts} {per_io:6.1f} us/IO"
+        return iops, per_io, f"{iops:6.0f} IOPS{spread}, cpu {cpu:5.2f} s{parts} {per_io:6.1f} us/IO{irq}"
 
     rounds = max((len(v) for sides in results.values() for v in sides.values()), default=0)
     if rounds > 1:

@@ -33,7 +33,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_CLOEXEC, EFD_NONBLOCK};
 
 use crate::config::{DiskGeometry, CONFIG_SIZE};
 use crate::inflight::{region_len, InflightRegion};
-use crate::worker::{region_files, RegionFiles, Worker};
+use crate::worker::{region_files, QueueStats, RegionFiles, Worker};
 
 /// Guest memory (no dirty-page bitmap: no live migration).
 pub type GuestMem = GuestMemoryAtomic<GuestMemoryMmap>;
@@ -76,6 +76,7 @@ struct QueueShared {
     exit: AtomicBool,
     mem: GuestMem,
     poll: Duration,
+    stats: Arc<QueueStats>,
 }
 
 impl QueueShared {
@@ -99,7 +100,7 @@ impl QueueShared {
                 loop {
                     let p = w.run(self.vring.get_mut().get_queue_mut(), &*mem, false);
                     if p.used {
-                        notify(&self.vring);
+                        self.notify();
                     }
                     let now = Instant::now();
                     if p.any {
@@ -112,7 +113,7 @@ impl QueueShared {
             }
             let p = w.run(self.vring.get_mut().get_queue_mut(), &*mem, true);
             if p.used {
-                notify(&self.vring);
+                self.notify();
             }
             if !w.arm() {
                 break;
@@ -133,7 +134,17 @@ impl QueueShared {
             w.drain(g.get_queue_mut(), &*mem, DRAIN_TIMEOUT)
         };
         if p.used {
-            notify(&self.vring);
+            self.notify();
+        }
+    }
+
+    /// Signals the guest that used entries were added, unless it asked not to be (EVENT_IDX).
+    fn notify(&self) {
+        if self.vring.needs_notification().unwrap_or(true) {
+            QueueStats::add(&self.stats.notifications, 1);
+            if let Err(e) = self.vring.signal_used_queue() {
+                tracing::debug!(queue = self.index, "signalling the guest: {e}");
+            }
         }
     }
 
@@ -152,11 +163,15 @@ impl QueueShared {
             for ev in &events[..n] {
                 match ev.data() {
                     EV_KICK => match self.vring.read_kick() {
-                        Ok(enabled) => run |= enabled,
+                        Ok(enabled) => {
+                            QueueStats::add(&self.stats.kicks, 1);
+                            run |= enabled
+                        }
                         Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                         Err(e) => tracing::debug!(queue = self.index, "reading the kick eventfd: {e}"),
                     },
                     EV_COMPLETION => {
+                        QueueStats::add(&self.stats.completion_wakeups, 1);
                         lock(&self.worker).disarm();
                         run = true;
                     }
@@ -220,14 +235,6 @@ impl QueueShared {
             if run {
                 self.run();
             }
-        }
-    }
-}
-
-fn notify(vring: &Vring) {
-    if vring.needs_notification().unwrap_or(true) {
-        if let Err(e) = vring.signal_used_queue() {
-            tracing::debug!("signalling the guest: {e}");
         }
     }
 }
@@ -303,8 +310,10 @@ impl BlkDevice {
                 worker.control_fd().as_raw_fd(),
                 EpollEvent::new(EventSet::empty(), EV_CONTROL),
             )?;
+            let stats = worker.stats();
             let q = Arc::new(QueueShared {
                 index,
+                stats,
                 vring,
                 worker: Mutex::new(worker),
                 epoll,

@@ -43,6 +43,12 @@ pub struct StatsSummary {
     /// Bytes nvmed bounced through its own memory (its sessions' `bounced_bytes`): segment
     /// layouts the controller could take neither as PRPs nor as SGLs.
     pub bounced_bytes: u64,
+    /// Queue thread wakeups by a guest kick.
+    pub kicks: u64,
+    /// Queue thread wakeups by nvmed's completion eventfd.
+    pub completion_wakeups: u64,
+    /// Notifications (interrupts) sent to the guest.
+    pub notifications: u64,
 }
 
 impl StatsSummary {
@@ -54,6 +60,9 @@ impl StatsSummary {
             s.errors += q.errors.load(Ordering::Relaxed);
             s.data_bytes += q.data_bytes.load(Ordering::Relaxed);
             s.bounced_bytes += q.bounced_bytes.load(Ordering::Relaxed);
+            s.kicks += q.kicks.load(Ordering::Relaxed);
+            s.completion_wakeups += q.completion_wakeups.load(Ordering::Relaxed);
+            s.notifications += q.notifications.load(Ordering::Relaxed);
         }
         s
     }
@@ -63,8 +72,15 @@ impl std::fmt::Display for StatsSummary {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "nvmed-vhost stats: requests={} errors={} data_bytes={} bounced_bytes={}",
-            self.requests, self.errors, self.data_bytes, self.bounced_bytes
+            "nvmed-vhost stats: requests={} errors={} data_bytes={} bounced_bytes={} kicks={} \
+             completion_wakeups={} notifications={}",
+            self.requests,
+            self.errors,
+            self.data_bytes,
+            self.bounced_bytes,
+            self.kicks,
+            self.completion_wakeups,
+            self.notifications
         )
     }
 }

@@ -42,10 +42,17 @@ pub struct QueueStats {
     pub bounced_bytes: AtomicU64,
     /// Requests completed with an error status.
     pub errors: AtomicU64,
+    /// Times the queue thread woke for a guest kick.
+    pub kicks: AtomicU64,
+    /// Times the queue thread woke for nvmed's completion eventfd.
+    pub completion_wakeups: AtomicU64,
+    /// Notifications (interrupts) sent to the guest.
+    pub notifications: AtomicU64,
 }
 
 impl QueueStats {
-    fn add(c: &AtomicU64, n: u64) {
+    /// Adds `n` to counter `c` (only the queue's own thread writes its counters).
+    pub fn add(c: &AtomicU64, n: u64) {
         c.fetch_add(n, Ordering::Relaxed);
     }
 }
