@@ -11,6 +11,7 @@
 //! session's `bounced_bytes`). The backend never copies data.
 
 use nvmed_client::{BufferId, Io, IoSegment, MAX_SEGMENTS, SEGMENT_SIZE};
+use smallvec::SmallVec;
 
 use crate::config::{DiskGeometry, MAX_DISCARD_BYTES, MAX_WRITE_ZEROES_LBAS};
 use crate::regions::{Piece, RegionTable};
@@ -61,14 +62,15 @@ impl ListPool {
     }
 }
 
-/// The nvmed requests for one virtio request.
+/// The nvmed requests for one virtio request (inline: a read or write is one request with at
+/// most a few segments, so planning it allocates nothing).
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Plan {
     /// Requests to submit (user data filled in by the caller). A vectored one's list must be
     /// written first: [`Plan::segments`] at [`ListPool::offset`] of [`Plan::list_slot`].
-    pub ios: Vec<Io>,
+    pub ios: SmallVec<[Io; 1]>,
     /// The segment list of the vectored request (empty for plain ones).
-    pub segments: Vec<IoSegment>,
+    pub segments: SmallVec<[IoSegment; 4]>,
     /// The list slot the vectored request holds until it completes.
     pub list_slot: Option<u32>,
 }
@@ -105,7 +107,7 @@ pub fn build(
     match op {
         Op::Read { offset, segs } | Op::Write { offset, segs } => {
             let write = matches!(op, Op::Write { .. });
-            let mut pieces = Vec::with_capacity(segs.len());
+            let mut pieces = SmallVec::<[Piece; 4]>::new();
             for s in segs {
                 regions
                     .translate(s.gpa, s.len, &mut pieces)
@@ -152,7 +154,7 @@ fn data_io(
     pool: &mut ListPool,
 ) -> Result<(), PlanError> {
     // Neighbours contiguous in one registered buffer become one segment.
-    let mut segs: Vec<IoSegment> = Vec::with_capacity(pieces.len());
+    let mut segs: SmallVec<[IoSegment; 4]> = SmallVec::new();
     for p in pieces {
         match segs.last_mut() {
             Some(last)
@@ -221,6 +223,8 @@ fn data_io(
 mod tests {
     use nvmed_client::Opcode;
 
+    use smallvec::smallvec;
+
     use super::*;
     use crate::regions::{Region, RegionSpec};
     use crate::request::Seg;
@@ -265,12 +269,12 @@ mod tests {
         let plan =
             build(&read(4096, &[(0x1000, 4096), (0x2000, 4096)]), &geo(512), &regions(), &mut p, false)
                 .unwrap();
-        assert_eq!(plan.ios, vec![Io::read(1, 4096, 8192, BufferId(1), 0x1000)]);
+        assert_eq!(plan.ios[..], [Io::read(1, 4096, 8192, BufferId(1), 0x1000)]);
         assert!(plan.segments.is_empty() && plan.list_slot.is_none());
         assert_eq!(p.in_use(), 0);
-        let w = Op::Write { offset: 0, segs: vec![Seg { gpa: 0x10_0200, len: 1024 }] };
+        let w = Op::Write { offset: 0, segs: smallvec![Seg { gpa: 0x10_0200, len: 1024 }] };
         let plan = build(&w, &geo(512), &regions(), &mut p, true).unwrap();
-        assert_eq!(plan.ios, vec![Io::write(1, 0, 1024, BufferId(2), 0x200).fua()]);
+        assert_eq!(plan.ios[..], [Io::write(1, 0, 1024, BufferId(2), 0x200).fua()]);
     }
 
     #[test]
@@ -284,15 +288,17 @@ mod tests {
             false,
         )
         .unwrap();
-        assert_eq!(plan.ios, vec![Io::readv(1, 4096, 12288, BufferId(9), 0, 2)]);
-        assert_eq!(plan.segments, vec![seg(1, 0x1000, 8192), seg(1, 0x8000, 4096)]);
+        assert_eq!(plan.ios[..], [Io::readv(1, 4096, 12288, BufferId(9), 0, 2)]);
+        assert_eq!(plan.segments[..], [seg(1, 0x1000, 8192), seg(1, 0x8000, 4096)]);
         assert_eq!(plan.list_slot, Some(0));
         assert_eq!(p.in_use(), 1);
         // The next request gets the next slot.
-        let w =
-            Op::Write { offset: 0, segs: vec![Seg { gpa: 0x1000, len: 512 }, Seg { gpa: 0x3000, len: 512 }] };
+        let w = Op::Write {
+            offset: 0,
+            segs: smallvec![Seg { gpa: 0x1000, len: 512 }, Seg { gpa: 0x3000, len: 512 }],
+        };
         let plan2 = build(&w, &geo(512), &regions(), &mut p, true).unwrap();
-        assert_eq!(plan2.ios, vec![Io::writev(1, 0, 1024, BufferId(9), LIST_SLOT_BYTES, 2).fua()]);
+        assert_eq!(plan2.ios[..], [Io::writev(1, 0, 1024, BufferId(9), LIST_SLOT_BYTES, 2).fua()]);
         assert_eq!(plan2.ios[0].op, Opcode::WriteV);
         plan.release(&mut p);
         plan2.release(&mut p);
@@ -303,8 +309,8 @@ mod tests {
     fn a_segment_crossing_regions_is_two_segments_of_one_request() {
         let mut p = pool();
         let plan = build(&read(0, &[(0xff000, 8192)]), &geo(4096), &regions(), &mut p, false).unwrap();
-        assert_eq!(plan.ios, vec![Io::readv(1, 0, 8192, BufferId(9), 0, 2)]);
-        assert_eq!(plan.segments, vec![seg(1, 0xff000, 4096), seg(2, 0, 4096)]);
+        assert_eq!(plan.ios[..], [Io::readv(1, 0, 8192, BufferId(9), 0, 2)]);
+        assert_eq!(plan.segments[..], [seg(1, 0xff000, 4096), seg(2, 0, 4096)]);
     }
 
     #[test]
@@ -313,7 +319,7 @@ mod tests {
         // 4 KiB LBAs: pieces that are not whole blocks, one not even dword aligned.
         let op = Op::Write {
             offset: 0,
-            segs: vec![
+            segs: smallvec![
                 Seg { gpa: 0x1000, len: 1024 },
                 Seg { gpa: 0x3000, len: 3072 },
                 Seg { gpa: 0x5000, len: 4096 },
@@ -322,11 +328,11 @@ mod tests {
             ],
         };
         let plan = build(&op, &geo(4096), &regions(), &mut p, false).unwrap();
-        assert_eq!(plan.ios, vec![Io::writev(1, 0, 12288, BufferId(9), 0, 5)]);
+        assert_eq!(plan.ios[..], [Io::writev(1, 0, 12288, BufferId(9), 0, 5)]);
         assert_eq!(plan.segments[3], seg(1, 0x7001, 2047));
         // A single piece that is not dword aligned: vectored too (plain requests need 4 bytes).
         let plan = build(&read(0, &[(0x1002, 512)]), &geo(512), &regions(), &mut p, false).unwrap();
-        assert_eq!(plan.ios, vec![Io::readv(1, 0, 512, BufferId(9), LIST_SLOT_BYTES, 1)]);
+        assert_eq!(plan.ios[..], [Io::readv(1, 0, 512, BufferId(9), LIST_SLOT_BYTES, 1)]);
         // Total not a multiple of the LBA size.
         assert!(matches!(
             build(&read(0, &[(0x1000, 512)]), &geo(4096), &regions(), &mut p, false),
@@ -382,9 +388,9 @@ mod tests {
         )
         .unwrap();
         assert_eq!(
-            plan.ios,
-            vec![Io::write_zeroes(1, 512, 65536 * 512), Io::write_zeroes(1, 512 + 65536 * 512, 512)]
+            plan.ios[..],
+            [Io::write_zeroes(1, 512, 65536 * 512), Io::write_zeroes(1, 512 + 65536 * 512, 512)]
         );
-        assert_eq!(build(&Op::Flush, &geo(512), &regions(), &mut p, false).unwrap().ios, vec![Io::flush(1)]);
+        assert_eq!(build(&Op::Flush, &geo(512), &regions(), &mut p, false).unwrap().ios[..], [Io::flush(1)]);
     }
 }

@@ -124,19 +124,19 @@ impl RegionTable {
     }
 
     /// Splits `gpa..gpa+len` into pieces, one per region it crosses, appended to `out`.
-    pub fn translate(&self, gpa: u64, len: u32, out: &mut Vec<Piece>) -> Result<(), OutOfRam> {
+    pub fn translate(&self, gpa: u64, len: u32, out: &mut impl Extend<Piece>) -> Result<(), OutOfRam> {
         let end = gpa.checked_add(u64::from(len)).ok_or(OutOfRam { gpa })?;
         let mut at = gpa;
         let mut i = self.regions.partition_point(|r| r.spec.end() <= at);
         while at < end {
             let r = self.regions.get(i).filter(|r| r.spec.gpa <= at).ok_or(OutOfRam { gpa: at })?;
             let piece_end = end.min(r.spec.end());
-            out.push(Piece {
+            out.extend(Some(Piece {
                 gpa: at,
                 len: (piece_end - at) as u32,
                 buffer: r.buffer,
                 buf_offset: at - r.spec.gpa,
-            });
+            }));
             at = piece_end;
             i += 1;
         }

@@ -1,6 +1,7 @@
 //! Parsing a virtio-blk descriptor chain into a request, refusing whatever a driver may get
 //! wrong (loops, zero-length or out-of-RAM descriptors, wrong directions, short status, sizes).
 
+use smallvec::SmallVec;
 use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_UNSUPP, VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID,
     VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT, VIRTIO_BLK_T_WRITE_ZEROES, VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP,
@@ -18,6 +19,10 @@ pub const S_UNSUPP: u8 = VIRTIO_BLK_S_UNSUPP as u8;
 pub const HEADER_LEN: u64 = 16;
 /// Length of one discard / write-zeroes segment.
 pub const DISCARD_SEG_LEN: u64 = 16;
+
+/// A request's guest memory ranges: inline up to four (a Linux guest's page-aligned I/O is one
+/// or two), so parsing a read or write allocates nothing.
+pub type Segs = SmallVec<[Seg; 4]>;
 
 /// A guest memory range of the request's data.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -45,21 +50,21 @@ pub enum Op {
         /// Byte offset on the namespace.
         offset: u64,
         /// Guest memory to fill, in order.
-        segs: Vec<Seg>,
+        segs: Segs,
     },
     /// Write guest memory to the disk.
     Write {
         /// Byte offset on the namespace.
         offset: u64,
         /// Guest memory to write, in order.
-        segs: Vec<Seg>,
+        segs: Segs,
     },
     /// Make completed writes durable.
     Flush,
     /// Return the serial (answered by the backend, no I/O).
     GetId {
         /// Guest memory for the serial.
-        segs: Vec<Seg>,
+        segs: Segs,
     },
     /// Deallocate ranges.
     Discard(Vec<Range>),
@@ -182,8 +187,8 @@ fn parse_op<M: GuestMemoryBackend>(
     if truncated {
         return ioerr("descriptor chain loops, is too long or has a bad next index");
     }
-    let mut readable = Vec::new();
-    let mut writable = Vec::new();
+    let mut readable = Segs::new();
+    let mut writable = Segs::new();
     for d in descs {
         if d.len() == 0 {
             return ioerr("zero-length descriptor");
@@ -297,8 +302,8 @@ fn check_range(geo: &DiskGeometry, offset: u64, len: u64) -> Result<(), (u8, &'s
 }
 
 /// The part `from..to` (byte positions in the concatenation) of a segment list.
-fn sub_segs(segs: &[Seg], from: u64, to: u64) -> Vec<Seg> {
-    let mut out = Vec::new();
+fn sub_segs(segs: &[Seg], from: u64, to: u64) -> Segs {
+    let mut out = Segs::new();
     let mut pos = 0u64;
     for s in segs {
         let (start, end) = (pos, pos + u64::from(s.len));
@@ -354,6 +359,8 @@ mod tests {
     use virtio_queue::mock::MockSplitQueue;
     use virtio_queue::{Queue, QueueOwnedT, QueueT};
     use vm_memory::GuestMemoryMmap;
+
+    use smallvec::smallvec;
 
     use super::*;
 
@@ -441,12 +448,12 @@ mod tests {
             p.op,
             Ok(Op::Read {
                 offset: 4096,
-                segs: vec![Seg { gpa: DATA, len: 4096 }, Seg { gpa: DATA + 8192, len: 512 }]
+                segs: smallvec![Seg { gpa: DATA, len: 4096 }, Seg { gpa: DATA + 8192, len: 512 }]
             })
         );
         header(&m, VIRTIO_BLK_T_OUT, 0);
         let p = run(&m, &[desc(HDR, 16, 0), desc(DATA, 1024, 0), desc(STATUS, 1, W)], &geo());
-        assert_eq!(p.op, Ok(Op::Write { offset: 0, segs: vec![Seg { gpa: DATA, len: 1024 }] }));
+        assert_eq!(p.op, Ok(Op::Write { offset: 0, segs: smallvec![Seg { gpa: DATA, len: 1024 }] }));
     }
 
     #[test]
@@ -455,12 +462,12 @@ mod tests {
         header(&m, VIRTIO_BLK_T_OUT, 2);
         // Header and data in one descriptor.
         let p = run(&m, &[desc(HDR, 16 + 512, 0), desc(STATUS, 1, W)], &geo());
-        assert_eq!(p.op, Ok(Op::Write { offset: 1024, segs: vec![Seg { gpa: HDR + 16, len: 512 }] }));
+        assert_eq!(p.op, Ok(Op::Write { offset: 1024, segs: smallvec![Seg { gpa: HDR + 16, len: 512 }] }));
         // Read data and status byte in one writable descriptor.
         header(&m, VIRTIO_BLK_T_IN, 0);
         let p = run(&m, &[desc(HDR, 16, 0), desc(DATA, 513, W)], &geo());
         assert_eq!(p.status, Some(DATA + 512));
-        assert_eq!(p.op, Ok(Op::Read { offset: 0, segs: vec![Seg { gpa: DATA, len: 512 }] }));
+        assert_eq!(p.op, Ok(Op::Read { offset: 0, segs: smallvec![Seg { gpa: DATA, len: 512 }] }));
     }
 
     #[test]
@@ -576,7 +583,7 @@ mod tests {
         )
         .unwrap();
         let p = parse_first(&m, &vq, &geo());
-        assert_eq!(p.op, Ok(Op::Read { offset: 0, segs: vec![Seg { gpa: DATA, len: 512 }] }));
+        assert_eq!(p.op, Ok(Op::Read { offset: 0, segs: smallvec![Seg { gpa: DATA, len: 512 }] }));
         // An indirect descriptor inside the indirect table.
         m.write_obj(
             RawDescriptor::from(Descriptor::new(table, 48, VRING_DESC_F_INDIRECT as u16 | n, 2)),

@@ -17,7 +17,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 use crate::config::DiskGeometry;
 use crate::error::RegionError;
 use crate::inflight::QueueInflight;
-use crate::plan::{self, ListPool, Plan, PlanError, LIST_SLOT_BYTES};
+use crate::plan::{self, ListPool, PlanError, LIST_SLOT_BYTES};
 use crate::regions::{Region, RegionSpec, RegionTable};
 use crate::request::{self, scatter, walk_chain, Op, Parsed, S_IOERR, S_UNSUPP};
 
@@ -80,7 +80,8 @@ struct InFlight {
     data_len: u64,
     remaining: u32,
     status: u8,
-    plan: Plan,
+    /// The segment-list slot the request holds until it completes.
+    list_slot: Option<u32>,
 }
 
 /// A request parsed but waiting for SQ space or a list slot.
@@ -533,7 +534,6 @@ impl Worker {
             self.complete(q, mem, w.head, w.status_addr, 0, used, p);
             return Ok(());
         }
-        let ios = plan.ios.clone();
         let key = self.pending.insert(InFlight {
             head: w.head,
             status_addr: w.status_addr,
@@ -541,9 +541,9 @@ impl Worker {
             data_len: w.op.data_len(),
             remaining: 0,
             status: 0,
-            plan,
+            list_slot: plan.list_slot,
         });
-        for io in ios {
+        for &io in &plan.ios {
             match self.ring.prep(io.user_data(key as u64)) {
                 Ok(()) => self.pending[key].remaining += 1,
                 Err(e) => {
@@ -555,7 +555,7 @@ impl Worker {
         }
         if self.pending[key].remaining == 0 {
             let f = self.pending.remove(key);
-            f.plan.release(&mut self.lists);
+            release(&mut self.lists, f.list_slot);
             self.complete(q, mem, f.head, f.status_addr, S_IOERR, 1, p);
         }
         Ok(())
@@ -607,7 +607,7 @@ impl Worker {
         if status == 0 {
             QueueStats::add(&self.stats.data_bytes, f.data_len);
         }
-        f.plan.release(&mut self.lists);
+        release(&mut self.lists, f.list_slot);
         let used = if f.read && status == 0 { f.data_len as u32 + 1 } else { 1 };
         self.complete(q, mem, f.head, f.status_addr, status, used, p);
     }
@@ -669,12 +669,19 @@ impl Worker {
         let keys: Vec<usize> = self.pending.iter().map(|(k, _)| k).collect();
         for k in keys {
             let f = self.pending.remove(k);
-            f.plan.release(&mut self.lists);
+            release(&mut self.lists, f.list_slot);
             self.complete(q, mem, f.head, f.status_addr, S_IOERR, 1, p);
         }
         while let Some(w) = self.backlog.pop_front() {
             self.complete(q, mem, w.head, w.status_addr, S_IOERR, 1, p);
         }
+    }
+}
+
+/// Gives a finished request's segment-list slot back.
+fn release(lists: &mut ListPool, slot: Option<u32>) {
+    if let Some(slot) = slot {
+        lists.free(slot);
     }
 }
 
