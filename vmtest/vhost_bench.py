@@ -87,6 +87,10 @@ def main():
                 if k0 and k1 and k1.get("requests", 0) > k0.get("requests", 0):
                     n = k1["requests"] - k0["requests"]
                     counters = {k: (k1[k] - k0.get(k, 0)) / n for k in ("kicks", "completion_wakeups", "notifications") if k in k1}
+                    if "busy_us" in k1:
+                        counters["busy_per_io"] = (k1["busy_us"] - k0.get("busy_us", 0)) / n
+                    if "busy_us" in k1 and args.secs:
+                        counters["util"] = (k1["busy_us"] - k0.get("busy_us", 0)) / (args.secs * 1e6 * qs)
                 r = {"iops": iops, "wall": time.time() - t_begin, "cpu": [b - a for a, b in zip(c0, c1)], "irqs": irqs, "counters": counters}
                 results.setdefault((rw, qd, qs), {}).setdefault(d[0], []).append(r)
                 print(f"  guest: {d} {rw} QD{qd} {qs}q {iops:.0f} IOPS", flush=True)
@@ -119,6 +123,9 @@ def main():
             c = {k: median([r["counters"][k] for r in runs]) for k in runs[0]["counters"]}
             irq += (f", per I/O {c.get('kicks', 0):.2f} kicks, {c.get('completion_wakeups', 0):.2f} nvmed wakeups,"
                     f" {c.get('notifications', 0):.2f} notifications")
+            if "util" in c:
+                irq += (f", requests at the backend {100 * c['util']:.0f}% of the time per queue"
+                        f" ({c['busy_per_io']:.1f} us per I/O)")
         spread = f" ({min(r['iops'] for r in runs):.0f}-{max(r['iops'] for r in runs):.0f})" if len(runs) > 1 else ""
         parts = ""
         if len(runs[0]["cpu"]) > 1:

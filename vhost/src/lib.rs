@@ -49,6 +49,8 @@ pub struct StatsSummary {
     pub completion_wakeups: u64,
     /// Notifications (interrupts) sent to the guest.
     pub notifications: u64,
+    /// Microseconds with at least one request taken and not yet used, summed over queues.
+    pub busy_us: u64,
 }
 
 impl StatsSummary {
@@ -63,6 +65,7 @@ impl StatsSummary {
             s.kicks += q.kicks.load(Ordering::Relaxed);
             s.completion_wakeups += q.completion_wakeups.load(Ordering::Relaxed);
             s.notifications += q.notifications.load(Ordering::Relaxed);
+            s.busy_us += q.busy_us.load(Ordering::Relaxed);
         }
         s
     }
@@ -73,14 +76,15 @@ impl std::fmt::Display for StatsSummary {
         write!(
             f,
             "nvmed-vhost stats: requests={} errors={} data_bytes={} bounced_bytes={} kicks={} \
-             completion_wakeups={} notifications={}",
+             completion_wakeups={} notifications={} busy_us={}",
             self.requests,
             self.errors,
             self.data_bytes,
             self.bounced_bytes,
             self.kicks,
             self.completion_wakeups,
-            self.notifications
+            self.notifications,
+            self.busy_us
         )
     }
 }

@@ -48,6 +48,9 @@ pub struct QueueStats {
     pub completion_wakeups: AtomicU64,
     /// Notifications (interrupts) sent to the guest.
     pub notifications: AtomicU64,
+    /// Microseconds during which at least one request was taken from the virtqueue and not yet
+    /// in the used ring (the queue's utilisation, as iostat's `%util`).
+    pub busy_us: AtomicU64,
 }
 
 impl QueueStats {
@@ -124,6 +127,10 @@ pub struct Worker {
     lost: Option<nvmed_client::Error>,
     inflight: Option<QueueInflight>,
     resubmit: VecDeque<u16>,
+    /// Requests taken from the virtqueue and not yet in the used ring.
+    open: usize,
+    /// Since when `open` is above zero.
+    busy_since: Option<Instant>,
 }
 
 impl Worker {
@@ -156,6 +163,8 @@ impl Worker {
             lost: None,
             inflight: None,
             resubmit: VecDeque::new(),
+            open: 0,
+            busy_since: None,
         })
     }
 
@@ -444,6 +453,10 @@ impl Worker {
 
     /// Parsed request: answer at once, or plan and submit it.
     fn start<M: GuestMemoryBackend>(&mut self, parsed: Parsed, q: &mut Queue, mem: &M, p: &mut Progress) {
+        if self.open == 0 {
+            self.busy_since = Some(Instant::now());
+        }
+        self.open += 1;
         let Parsed { head, status, op } = parsed;
         let Some(status_addr) = status else {
             tracing::warn!(queue = self.index, head, "request without a usable status byte: {:?}", op.err());
@@ -638,6 +651,12 @@ impl Worker {
     /// Puts a request in the used ring (a batch of one), tracked in the inflight region: linked
     /// as the last batch first, cleared once the used index is published.
     fn put_used<M: GuestMemoryBackend>(&mut self, q: &mut Queue, mem: &M, head: u16, used_len: u32) {
+        self.open = self.open.saturating_sub(1);
+        if self.open == 0 {
+            if let Some(t) = self.busy_since.take() {
+                QueueStats::add(&self.stats.busy_us, t.elapsed().as_micros() as u64);
+            }
+        }
         if let Some(t) = self.inflight.as_mut() {
             t.put_begin(head);
         }
