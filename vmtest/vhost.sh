@@ -23,6 +23,8 @@
 #                            emulated controller then completes out of order, like hardware.
 #   VHOST_ARGS="..."         more nvmed-vhost options, e.g. "--poll-us 50".
 #   BENCH_A=...              benchmark: the backend measured against qsd (default: $BACKEND).
+#   BENCH_B=qsd|nvmed-vhost  benchmark: the backend it is measured against (default qsd; nvmed-vhost
+#                            with NVMED_VHOST_B=PATH compares two builds in one boot).
 #   BENCH_ROUNDS=3           benchmark: runs per configuration (A and B alternating; medians).
 #   BENCH_RW=randread,randwrite BENCH_QD=1,32 BENCH_QUEUES=1,2
 #                            benchmark: the workloads, depths and queue counts to run (all by default).
@@ -59,14 +61,16 @@ if [ "${1:-}" = --bench ]; then
     secs=${2:-3}
 fi
 BENCH_A=${BENCH_A:-$BACKEND}
+BENCH_B=${BENCH_B:-qsd}
 BENCH_ROUNDS=${BENCH_ROUNDS:-3}
 case $BACKEND in qsd | nvmed-vhost) ;; *) log "BACKEND must be qsd or nvmed-vhost"; exit 2 ;; esac
 case $BENCH_A in qsd | nvmed-vhost) ;; *) log "BENCH_A must be qsd or nvmed-vhost"; exit 2 ;; esac
+case $BENCH_B in qsd | nvmed-vhost) ;; *) log "BENCH_B must be qsd or nvmed-vhost"; exit 2 ;; esac
 if [ "$RESTART_TEST" = auto ]; then
     if [ "$BACKEND" = nvmed-vhost ]; then RESTART_TEST=1; else RESTART_TEST=0; fi
 fi
 uses_nvmed=0
-if [ "$BACKEND" = nvmed-vhost ] || { [ $mode = bench ] && [ "$BENCH_A" = nvmed-vhost ]; }; then uses_nvmed=1; fi
+if [ "$BACKEND" = nvmed-vhost ] || { [ $mode = bench ] && [ "$BENCH_A$BENCH_B" != qsdqsd ]; }; then uses_nvmed=1; fi
 
 # 1. Packages and the guest kernel (shared with vmtest/run.sh).
 vm_packages qemu-storage-daemon:qemu-system-common mke2fs:e2fsprogs e2fsck:e2fsprogs blkdiscard:util-linux
@@ -127,10 +131,10 @@ start_nvmed() { # namespaces
     log "nvmed did not start:"; cat "$work/nvmed.log"; return 1
 }
 
-# backend_start KIND ID NSID QUEUES rw|ro: serves namespace NSID (qsd: the image ns$NSID.img)
-# on $scratch/ID.sock.
+# backend_start KIND ID NSID QUEUES rw|ro [BINARY]: serves namespace NSID (qsd: the image
+# ns$NSID.img) on $scratch/ID.sock; BINARY: the nvmed-vhost to run (default $vhost_bin).
 backend_start() {
-    local kind=$1 id=$2 ns=$3 q=$4 rw=$5 sock="$scratch/$2.sock"
+    local kind=$1 id=$2 ns=$3 q=$4 rw=$5 bin=${6:-$vhost_bin} sock="$scratch/$2.sock"
     rm -f "$sock"
     case $kind in
         qsd)
@@ -147,7 +151,7 @@ backend_start() {
             local flag=()
             [ "$rw" = ro ] && flag=(--read-only)
             # shellcheck disable=SC2086 # VHOST_ARGS is a list of options
-            "$vhost_bin" --socket "$sock" --nvmed "$scratch/nvmed.sock" --namespace "$ns" --num-queues "$q" "${flag[@]}" \
+            "$bin" --socket "$sock" --nvmed "$scratch/nvmed.sock" --namespace "$ns" --num-queues "$q" "${flag[@]}" \
                 ${VHOST_ARGS:-} >> "$work/$id.backend.log" 2>&1 &
             ;;
     esac
@@ -347,7 +351,7 @@ if [ $mode = test ]; then
     exit 0
 fi
 
-# --bench: one guest, four disks: A and B (BENCH_A vs qsd), each with 1 and with 2 queues; the
+# --bench: one guest, four disks: A and B (BENCH_A vs BENCH_B), each with 1 and with 2 queues; the
 # same boot measures every configuration, alternating A and B. A with nvmed-vhost serves
 # nvmed's emulated memory namespaces; qsd serves raw files on tmpfs.
 machine() {
@@ -355,11 +359,14 @@ machine() {
         "load $(cut -d' ' -f1-3 /proc/loadavg), $("$bins/ringbench" --pingpong 0.3 | sed 's/^ringbench: //')"
 }
 machine before
-[ "$BENCH_A" = nvmed-vhost ] && start_nvmed 2
+# nvmed namespaces 1 and 2 serve A, 3 and 4 B (qsd: images 11 and 12).
+[ $uses_nvmed = 1 ] && start_nvmed 4
 backend_start "$BENCH_A" a1 1 1 rw
 backend_start "$BENCH_A" a2 2 2 rw
-backend_start qsd b1 11 1 rw
-backend_start qsd b2 12 2 rw
+b_ns=(11 12)
+[ "$BENCH_B" = nvmed-vhost ] && b_ns=(3 4)
+backend_start "$BENCH_B" b1 "${b_ns[0]}" 1 rw "${NVMED_VHOST_B:-$vhost_bin}"
+backend_start "$BENCH_B" b2 "${b_ns[1]}" 2 rw "${NVMED_VHOST_B:-$vhost_bin}"
 pids=()
 for d in a1 a2 b1 b2; do
     p=${bpid[$d]}
@@ -369,9 +376,9 @@ for d in a1 a2 b1 b2; do
     fi
     pids+=(--pids "$d=$p")
 done
-log "benchmark: A = $BENCH_A, B = qsd; 4 KiB random read and write, QD1 and QD32, 1 queue (one job)" \
+log "benchmark: A = $BENCH_A, B = $BENCH_B${NVMED_VHOST_B:+ ($NVMED_VHOST_B)}; 4 KiB random read and write, QD1 and QD32, 1 queue (one job)" \
     "and 2 queues (two jobs pinned to the two vCPUs, each at that depth); $secs s per run, $BENCH_ROUNDS rounds"
 qemu_args 2 "vht_role=bench vht_secs=$secs vht_rounds=$BENCH_ROUNDS vht_disks=a1,b1,a2,b2 vht_rw=${BENCH_RW:-randread,randwrite} vht_qd=${BENCH_QD:-1,32} vht_qs=${BENCH_QUEUES:-1,2}" a1:1 b1:1 a2:2 b2:2
-python3 vmtest/vhost_bench.py --log "$work/bench.log" --a "$BENCH_A" --secs "$secs" "${pids[@]}" -- \
+python3 vmtest/vhost_bench.py --log "$work/bench.log" --a "$BENCH_A" --b "$BENCH_B" --secs "$secs" "${pids[@]}" -- \
     timeout 900 qemu-system-x86_64 "${qargs[@]}"
 machine after

@@ -49,6 +49,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--log", required=True)
     ap.add_argument("--a", required=True, help="backend of column A (qsd or nvmed-vhost)")
+    ap.add_argument("--b", default="qsd", help="backend of column B (qsd or nvmed-vhost)")
     ap.add_argument("--secs", type=float, default=0, help="seconds per run (for interrupts per I/O)")
     ap.add_argument("--pids", action="append", default=[], help="DISK=PID[,PID] (backend, then broker)")
     ap.add_argument("--stats-log", action="append", default=[],
@@ -102,10 +103,11 @@ def main():
         rc = proc.wait()
     print(f"  (guest ran {time.time() - t0:.0f} s, qemu exit {rc}; console: {args.log})")
 
-    name_a = "nvmed-vhost (nvmed --emulate, memory)" if args.a == "nvmed-vhost" else "qsd (stand-in for nvmed-vhost)"
-    print(f"  A = {name_a}; B = qemu-storage-daemon, raw file on tmpfs")
+    def name(kind):
+        return "nvmed-vhost (nvmed --emulate, memory)" if kind == "nvmed-vhost" else "qemu-storage-daemon, raw file on tmpfs"
+    print(f"  A = {name(args.a)}; B = {name(args.b)}")
     print("  CPU = the backend process's CPU seconds during the run"
-          + (" (nvmed-vhost + nvmed broker)" if args.a == "nvmed-vhost" else ""))
+          + (" (nvmed-vhost + nvmed broker)" if "nvmed-vhost" in (args.a, args.b) else ""))
 
     def median(xs):
         xs = sorted(xs)
