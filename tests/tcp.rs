@@ -407,6 +407,80 @@ fn keep_alive_timeout_and_connection_cap() {
 }
 
 #[test]
+fn one_address_cannot_take_every_connection_and_a_silent_one_is_dropped() {
+    let f = fixture(|c| {
+        c.max_connections_per_host = 2;
+        c.io_timeout = Duration::from_secs(2);
+    });
+    // Two silent connections from 127.0.0.1: a third from that address is closed at once.
+    let held: Vec<_> = (0..2).map(|_| std::net::TcpStream::connect(f.addr).unwrap()).collect();
+    common::wait_until("2 connections", Duration::from_secs(5), || f.target.connections() == 2);
+    let mut b = [0u8; 1];
+    let mut extra = std::net::TcpStream::connect(f.addr).unwrap();
+    extra.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    assert_eq!(extra.read(&mut b).unwrap_or(0), 0, "third connection from one address refused");
+    // Another address is still served.
+    let other = f.rt.block_on(async {
+        let s = tokio::net::TcpSocket::new_v4().unwrap();
+        s.bind("127.0.0.2:0".parse().unwrap()).unwrap();
+        s.connect(f.addr).await.unwrap().into_std().unwrap()
+    });
+    other.set_nonblocking(false).unwrap();
+    common::wait_until("a connection from 127.0.0.2", Duration::from_secs(5), || f.target.connections() == 3);
+    // Connections that never send ICReq are closed after the handshake timeout.
+    let start = Instant::now();
+    for mut s in held {
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        assert_eq!(s.read(&mut b).unwrap_or(0), 0, "a silent connection is closed");
+    }
+    assert!(start.elapsed() < Duration::from_secs(8), "{:?}", start.elapsed());
+    drop(other);
+    common::wait_until("all closed", Duration::from_secs(10), || f.target.connections() == 0);
+    // The address's slots are free again.
+    let mut a = Initiator::connect(f.addr, &opts(0, 0xffff, Digests::default())).unwrap();
+    assert!(a.property_get(prop::CAP, true).is_ok());
+}
+
+#[test]
+fn fabrics_commands_on_an_io_queue_count_against_its_depth() {
+    let f = fixture(|c| c.io_timeout = Duration::from_secs(60));
+    let a = admin_kato(&f, Digests::default(), HOST, 1, 0);
+    let mut q = io_queue(&f, &a, 1, Digests::default(), HOST).unwrap();
+    // Property Gets (answered with an error on an I/O queue), sent without reading a single
+    // answer: once the socket buffers are full, at most the queue's depth of answers may wait;
+    // the next command is more than the queue holds and ends the connection. Before, the
+    // answers piled up in memory until the 60 s stall timeout.
+    let small: libc::c_int = 4096;
+    // SAFETY: setsockopt reads `small` (an int of the size given) and touches nothing else.
+    let r = unsafe {
+        libc::setsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(q.stream()),
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUF,
+            (&small as *const libc::c_int).cast(),
+            size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(r, 0);
+    q.stream().set_write_timeout(Some(Duration::from_secs(2))).unwrap();
+    let mut flood = Vec::new();
+    for i in 0..20_000u32 {
+        let mut c = command(admin_op::FABRICS, u32::from(nvmed_tcp::ctrl::fctype::PROPERTY_GET), [0; 6]);
+        c.cid = zerocopy::little_endian::U16::new((i % 60_000) as u16);
+        pdu::push_capsule_cmd(&mut flood, Digests::default(), c, 0);
+    }
+    let before = f.target.connections();
+    let start = Instant::now();
+    // The write fails or stalls once the target has closed the connection.
+    let _ = q.send_raw(&flood);
+    common::wait_until("the flooding connection closed", Duration::from_secs(20), || {
+        f.target.connections() < before
+    });
+    assert!(start.elapsed() < Duration::from_secs(30), "closed by the depth, not the stall timeout");
+    assert_eq!(f.target.controllers(), 1, "the controller stays");
+}
+
+#[test]
 fn host_that_stops_reading_is_disconnected() {
     let f = fixture(|c| c.io_timeout = Duration::from_secs(2));
     // No keep alive timeout: only the stall may end the connection.

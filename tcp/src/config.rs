@@ -85,8 +85,11 @@ pub struct Config {
     pub max_io_queues: u16,
     /// Most TCP connections at once (further ones are closed on accept).
     pub max_connections: usize,
+    /// Most TCP connections at once from one IP address (a Linux host uses one per queue of
+    /// each controller it connects: 17 for 16 I/O queues), so one host cannot take every slot.
+    pub max_connections_per_host: usize,
     /// A host that does not read what is sent to it for this long is disconnected; also the
-    /// time allowed for ICReq and Connect.
+    /// time allowed for ICReq and Connect together (at most [`HANDSHAKE_TIMEOUT_MAX`]).
     pub io_timeout: Duration,
     /// How long an I/O queue polls its ring for completions before it sleeps on the eventfd.
     pub poll: Duration,
@@ -98,6 +101,10 @@ pub struct Config {
     /// gives): `None`, or an unspecified IP, for the address the discovery connection came to.
     pub io_addr: Option<std::net::SocketAddr>,
 }
+
+/// The longest a new connection may take from accept to its Connect command, whatever
+/// `io_timeout` is: a connection that never completes its handshake holds a slot only this long.
+pub const HANDSHAKE_TIMEOUT_MAX: Duration = Duration::from_secs(10);
 
 impl Config {
     /// Defaults for `subnqn` on `nvmed_socket`.
@@ -113,6 +120,7 @@ impl Config {
             in_capsule: 8192,
             max_io_queues: 16,
             max_connections: 512,
+            max_connections_per_host: 128,
             io_timeout: Duration::from_secs(30),
             poll: Duration::ZERO,
             reconnect: nvmed_client::Reconnect::default(),
@@ -137,6 +145,9 @@ impl Config {
         }
         if self.max_io_queues == 0 {
             return bad("--max-io-queues must be at least 1");
+        }
+        if self.max_connections_per_host == 0 {
+            return bad("--max-connections-per-host must be at least 1");
         }
         if self.max_connections == 0 {
             return bad("--max-connections must be at least 1");

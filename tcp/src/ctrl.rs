@@ -199,6 +199,10 @@ impl Reply {
     }
 }
 
+/// Keep alive timeout of a discovery controller whose host asked for none (as the kernel's
+/// target does: a discovery connection may not hold its slot forever).
+pub const DISCOVERY_KATO_MS: u32 = 120_000;
+
 /// The state of one controller's admin side.
 #[derive(Debug)]
 pub struct Controller {
@@ -473,7 +477,8 @@ impl Controller {
                 Reply::ok(n | (n << 16))
             }
             0x0F => {
-                self.kato_ms = v;
+                // A discovery controller keeps a timeout: it may not hold its connection forever.
+                self.kato_ms = if v == 0 && self.params.discovery.is_some() { DISCOVERY_KATO_MS } else { v };
                 Reply::ok(0)
             }
             0x06 if v & 1 == 0 => Reply::err(sc::INVALID_FIELD), // the cache stays on
@@ -750,6 +755,15 @@ mod tests {
         assert_eq!(c.admin(&cmd(admin_op::SET_FEATURES, 0, 0x0F, 15000)), Reply::ok(0));
         assert_eq!(c.admin(&cmd(admin_op::GET_FEATURES, 0, 0x0F, 0)), Reply::ok(15000));
         assert_eq!(c.kato_ms, 15000);
+        // An I/O controller's host may turn the timer off; a discovery controller keeps one.
+        assert_eq!(c.admin(&cmd(admin_op::SET_FEATURES, 0, 0x0F, 0)), Reply::ok(0));
+        assert_eq!(c.kato_ms, 0);
+        let mut d = ctrl();
+        d.params.discovery = Some(Vec::new());
+        enable(&mut d);
+        assert_eq!(d.admin(&cmd(admin_op::SET_FEATURES, 0, 0x0F, 0)), Reply::ok(0));
+        assert_eq!(d.kato_ms, DISCOVERY_KATO_MS);
+        assert_eq!(c.admin(&cmd(admin_op::SET_FEATURES, 0, 0x0F, 15000)), Reply::ok(0));
         assert_eq!(c.admin(&cmd(admin_op::SET_FEATURES, 0, 0x7f, 0)), Reply::err(sc::INVALID_FIELD));
         for _ in 0..MAX_AERS {
             assert_eq!(c.admin(&cmd(admin_op::ASYNC_EVENT, 0, 0, 0)), Reply::Held);

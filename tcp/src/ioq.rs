@@ -37,6 +37,36 @@ const MAX_IOV: usize = 64;
 /// Largest deallocate sent to the broker at once.
 const DEALLOC_CHUNK: u64 = 1 << 30;
 
+/// Most nvmed requests one Dataset Management command becomes. Deallocation is advisory
+/// (Identify Namespace promises nothing about deallocated blocks), so what lies beyond is
+/// skipped: 256 ranges of a large namespace would otherwise become hundreds of thousands of
+/// requests, and their memory, per 4 KiB command.
+const MAX_DEALLOC_IOS: usize = 256;
+
+/// The deallocate requests for LBA ranges `[start, end)`: overlapping and touching ranges
+/// merged, split into pieces of at most [`DEALLOC_CHUNK`] bytes, at most [`MAX_DEALLOC_IOS`].
+fn deallocate_ios(nsid: u32, lba_size: u32, lbas: &mut [(u64, u64)]) -> impl Iterator<Item = Io> + '_ {
+    lbas.sort_unstable();
+    let mut merged = 0;
+    for i in 0..lbas.len() {
+        if merged > 0 && lbas[i].0 <= lbas[merged - 1].1 {
+            lbas[merged - 1].1 = lbas[merged - 1].1.max(lbas[i].1);
+        } else {
+            lbas[merged] = lbas[i];
+            merged += 1;
+        }
+    }
+    let lba = u64::from(lba_size);
+    lbas[..merged]
+        .iter()
+        .flat_map(move |&(start, end)| {
+            let (from, to) = (start * lba, end * lba);
+            (from..to).step_by(DEALLOC_CHUNK as usize).map(move |off| (off, (to - off).min(DEALLOC_CHUNK)))
+        })
+        .take(MAX_DEALLOC_IOS)
+        .map(move |(off, n)| Io::deallocate(nsid, off, n as u32))
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 enum Kind {
     #[default]
@@ -696,6 +726,16 @@ impl Queue {
     fn on_command(&mut self, cmd: NvmeCmd, layout: Layout) -> Result<(), ConnError> {
         self.sqhd = (self.sqhd + 1) % self.depth;
         let cid = cmd.cid.get();
+        if self.cids.contains_key(&cid) {
+            return Err(PduError::HeaderField { offset: 10, what: "command id already in use" }.into());
+        }
+        // Every command holds a slot until its answer is written, fabrics ones too: a host
+        // that sends and never reads cannot make the queue hold more than its depth in answers.
+        let Some(slot) = self.free.pop() else {
+            return Err(PduError::Sequence("more commands outstanding than the queue size").into());
+        };
+        self.cids.insert(cid, slot);
+        self.slots[usize::from(slot)] = Slot { busy: true, cid, ..Slot::default() };
         if cmd.opcode == admin_op::FABRICS {
             let status = if cmd.nsid.get() as u8 == fctype::DISCONNECT {
                 self.closing = true;
@@ -703,17 +743,14 @@ impl Queue {
             } else {
                 sc::INVALID_OPCODE | sc::DNR
             };
-            self.push_resp(cid, status);
-            return self.start_data(DataTarget::Discard { slot: None }, 0, layout.data_len);
+            self.slots[usize::from(slot)].status = status;
+            return if layout.data_len > 0 {
+                self.start_data(DataTarget::Discard { slot: Some(slot) }, 0, layout.data_len)
+            } else {
+                self.respond(slot, status);
+                Ok(())
+            };
         }
-        if self.cids.contains_key(&cid) {
-            return Err(PduError::HeaderField { offset: 10, what: "command id already in use" }.into());
-        }
-        let Some(slot) = self.free.pop() else {
-            return Err(PduError::Sequence("more commands outstanding than the queue size").into());
-        };
-        self.cids.insert(cid, slot);
-        self.slots[usize::from(slot)] = Slot { busy: true, cid, ..Slot::default() };
         match self.plan(&cmd, layout.data_len, slot) {
             Err(status) => {
                 self.slots[usize::from(slot)].status = status;
@@ -880,7 +917,9 @@ impl Queue {
             }
             Kind::Dsm { ranges, deallocate } => {
                 if deallocate {
+                    // Copied out of the buffer once (the host's data), then checked.
                     let list = self.ring.buffer(buf, at, u64::from(ranges) * 16)?.to_vec();
+                    let mut lbas: Vec<(u64, u64)> = Vec::with_capacity(list.len() / 16);
                     for r in list.chunks_exact(16) {
                         let nlb = u64::from(u32::from_le_bytes(r[4..8].try_into().unwrap()));
                         let slba = u64::from_le_bytes(r[8..16].try_into().unwrap());
@@ -891,14 +930,9 @@ impl Queue {
                             self.respond(slot, sc::LBA_RANGE | sc::DNR);
                             return Ok(());
                         }
-                        let (mut off, end) =
-                            (slba * u64::from(s.lba_size), (slba + nlb) * u64::from(s.lba_size));
-                        while off < end {
-                            let n = (end - off).min(DEALLOC_CHUNK);
-                            ios.push(Io::deallocate(s.nsid, off, n as u32));
-                            off += n;
-                        }
+                        lbas.push((slba, slba + nlb));
                     }
+                    ios.extend(deallocate_ios(s.nsid, s.lba_size, &mut lbas));
                 }
             }
         }
@@ -1096,6 +1130,28 @@ impl Queue {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn deallocate_ranges_are_merged_split_and_capped() {
+        let pieces = |lbas: &mut [(u64, u64)]| -> Vec<(u64, u32)> {
+            deallocate_ios(1, 512, lbas).map(|io| (io.offset, io.len)).collect()
+        };
+        // Overlapping and touching ranges become one; separate ones stay apart, in order.
+        assert_eq!(
+            pieces(&mut [(100, 200), (8, 16), (150, 300), (300, 310)]),
+            [(4096, 4096), (51200, 107520)]
+        );
+        // A range longer than a chunk is split at chunk boundaries.
+        let gib = 1 << 30;
+        let lbas = (gib + 4096) / 512;
+        assert_eq!(pieces(&mut [(0, lbas)]), [(0, gib as u32), (gib, 4096)]);
+        // 256 ranges of a whole 1 TiB namespace: one merged range, its first 256 chunks only.
+        let tib = (1u64 << 40) / 512;
+        let mut all = vec![(0, tib); 256];
+        let out = pieces(&mut all);
+        assert_eq!(out.len(), MAX_DEALLOC_IOS);
+        assert_eq!(out[255], (255 << 30, 1 << 30));
+    }
 
     #[test]
     fn the_completion_poll_follows_how_long_completions_take() {

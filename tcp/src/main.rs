@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use clap::Parser;
 use nvmed_tcp::{Config, ConfigFile, HostAccess, Target};
-use tracing::{error, info};
+use tracing::{error, info, warn};
 
 /// An NVMe/TCP target (NVMe over Fabrics, TCP transport) in front of the nvmed broker.
 ///
@@ -63,9 +63,14 @@ struct Args {
     /// Most I/O queues per controller.
     #[arg(long, default_value_t = 16)]
     max_io_queues: u16,
-    /// Most TCP connections at once.
+    /// Most TCP connections at once (each I/O queue connection holds about six file
+    /// descriptors: the soft fd limit is raised to the hard one, and this is lowered to fit).
     #[arg(long, default_value_t = 512)]
     max_connections: usize,
+    /// Most TCP connections at once from one IP address (a Linux host uses one per queue: 17
+    /// for a controller with 16 I/O queues).
+    #[arg(long, default_value_t = 128)]
+    max_connections_per_host: usize,
     /// Seconds a host may leave what is sent to it unread (and to send ICReq and Connect).
     #[arg(long, default_value_t = 30)]
     io_timeout_s: u64,
@@ -104,6 +109,32 @@ fn main() -> std::process::ExitCode {
     }
 }
 
+/// File descriptors one connection may hold: its socket, and for an I/O queue its nvmed ring's
+/// eventfds, buffer and their duplicates.
+const FDS_PER_CONNECTION: u64 = 6;
+/// Descriptors kept for everything else (the listener, nvmed sessions, logs).
+const FDS_RESERVED: u64 = 64;
+
+/// Raises the soft limit on open files to the hard one and returns `max` lowered, if needed, so
+/// that `max` connections fit in it (running out would make `accept` fail for every host).
+fn fit_fd_limit(max: usize) -> usize {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else { return max };
+    let limit =
+        if soft < hard && setrlimit(Resource::RLIMIT_NOFILE, hard, hard).is_ok() { hard } else { soft };
+    let fit = (limit.saturating_sub(FDS_RESERVED) / FDS_PER_CONNECTION).max(1);
+    if (max as u64) > fit {
+        warn!(
+            max_connections = max,
+            fd_limit = limit,
+            lowered_to = fit,
+            "--max-connections does not fit the open-file limit: lowered"
+        );
+        return fit as usize;
+    }
+    max
+}
+
 fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     let mut cfg = Config::new(args.subsystem, args.nvmed);
     if let Some(path) = &args.config {
@@ -118,7 +149,8 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     cfg.max_transfer = args.max_transfer;
     cfg.in_capsule = args.in_capsule;
     cfg.max_io_queues = args.max_io_queues;
-    cfg.max_connections = args.max_connections;
+    cfg.max_connections = fit_fd_limit(args.max_connections);
+    cfg.max_connections_per_host = args.max_connections_per_host;
     cfg.io_timeout = Duration::from_secs(args.io_timeout_s.max(1));
     cfg.poll = Duration::from_micros(args.poll_us);
     if args.reconnect_secs == 0 {

@@ -2,6 +2,7 @@
 //! I/O queues continue in the private `ioq` module.
 
 use std::collections::{HashMap, HashSet};
+use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -9,14 +10,15 @@ use nvmed_client::{NvmeSession, SessionOptions};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch, Semaphore};
-use tokio::time::{timeout, Instant};
+use tokio::time::{timeout, timeout_at, Instant};
 use tracing::{debug, info, warn};
 use zerocopy::little_endian::{U16, U64};
 use zerocopy::IntoBytes;
 
-use crate::config::Config;
+use crate::config::{Config, HANDSHAKE_TIMEOUT_MAX};
 use crate::ctrl::{
-    admin_op, discovery_log, fctype, sc, Controller, CtrlParams, DiscoveryEntry, NsView, Reply, DISCOVERY_NQN,
+    admin_op, discovery_log, fctype, sc, Controller, CtrlParams, DiscoveryEntry, NsView, Reply,
+    DISCOVERY_KATO_MS, DISCOVERY_NQN,
 };
 use crate::pdu::{self, Digests, Header, Limits, NvmeCmd, NvmeCqe, PduError, Receiver};
 
@@ -81,13 +83,51 @@ pub struct Target {
     ctrls: Mutex<HashMap<u16, Arc<CtrlShared>>>,
     next_cntlid: Mutex<u16>,
     conns: Arc<Semaphore>,
+    /// Open connections per peer IP address.
+    per_host: Arc<Mutex<HashMap<IpAddr, usize>>>,
+}
+
+/// One connection counted against its peer's [`Config::max_connections_per_host`]; uncounted
+/// on drop.
+struct HostSlot {
+    map: Arc<Mutex<HashMap<IpAddr, usize>>>,
+    ip: IpAddr,
+}
+
+impl Drop for HostSlot {
+    fn drop(&mut self) {
+        let mut m = lock(&self.map);
+        if let Some(n) = m.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                m.remove(&self.ip);
+            }
+        }
+    }
 }
 
 impl Target {
     /// A target with no controllers yet.
     pub fn new(cfg: Config) -> Arc<Self> {
         let conns = Arc::new(Semaphore::new(cfg.max_connections));
-        Arc::new(Self { cfg, ctrls: Mutex::new(HashMap::new()), next_cntlid: Mutex::new(1), conns })
+        Arc::new(Self {
+            cfg,
+            ctrls: Mutex::new(HashMap::new()),
+            next_cntlid: Mutex::new(1),
+            conns,
+            per_host: Arc::default(),
+        })
+    }
+
+    /// Counts a new connection from `ip`; `None` when that address holds its maximum already.
+    fn host_slot(&self, ip: IpAddr) -> Option<HostSlot> {
+        let mut m = lock(&self.per_host);
+        let n = m.entry(ip).or_insert(0);
+        if *n >= self.cfg.max_connections_per_host {
+            return None;
+        }
+        *n += 1;
+        Some(HostSlot { map: self.per_host.clone(), ip })
     }
 
     /// Live controllers.
@@ -121,6 +161,9 @@ impl Target {
     }
 }
 
+/// The pause after a failed `accept` (e.g. no file descriptor left) before the next one.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+
 /// MAXH2CDATA announced in ICResp.
 pub const MAX_H2C_DATA: u32 = 128 << 10;
 
@@ -132,15 +175,34 @@ pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 /// connection is closed at once.
 pub async fn serve(target: Arc<Target>, listener: TcpListener) -> std::io::Result<()> {
     loop {
-        let (stream, peer) = listener.accept().await?;
+        let (stream, peer) = match listener.accept().await {
+            Ok(v) => v,
+            Err(e) => {
+                // Out of file descriptors or memory, or a connection reset before it was
+                // accepted: the target goes on serving the hosts it has.
+                warn!("accepting a connection: {e}");
+                tokio::time::sleep(ACCEPT_BACKOFF).await;
+                continue;
+            }
+        };
         let Ok(permit) = target.conns.clone().try_acquire_owned() else {
             warn!(%peer, max = target.cfg.max_connections, "connection limit reached, closing the new connection");
+            drop(stream);
+            continue;
+        };
+        let Some(host_slot) = target.host_slot(peer.ip()) else {
+            warn!(
+                %peer,
+                max = target.cfg.max_connections_per_host,
+                "connection limit of this address reached, closing the new connection"
+            );
             drop(stream);
             continue;
         };
         let target = target.clone();
         tokio::spawn(async move {
             let _permit = permit;
+            let _host_slot = host_slot;
             let _ = stream.set_nodelay(true);
             match handle(&target, stream).await {
                 Ok(()) | Err(ConnError::Closed) => debug!(%peer, "connection closed"),
@@ -225,10 +287,11 @@ pub(crate) struct ConnParams {
 }
 
 async fn handle(target: &Arc<Target>, mut stream: TcpStream) -> Result<(), ConnError> {
-    let t = target.cfg.io_timeout;
+    // ICReq, Connect and its data must all arrive by one deadline.
+    let deadline = Instant::now() + target.cfg.io_timeout.min(HANDSHAKE_TIMEOUT_MAX);
     let limits = target.limits();
     // ICReq -> ICResp.
-    let ic = match timeout(t, read_pdu(&mut stream, None, &limits)).await {
+    let ic = match timeout_at(deadline, read_pdu(&mut stream, None, &limits)).await {
         Err(_) => return Err(ConnError::Timeout("ICReq")),
         Ok(Err((ConnError::Pdu(e), head))) => {
             term_req(&mut stream, &e, &head).await;
@@ -249,7 +312,7 @@ async fn handle(target: &Arc<Target>, mut stream: TcpStream) -> Result<(), ConnE
     debug!(?dg, hpda = req.hpda_cpda, "connection initialised");
 
     // The first capsule must be a Connect with its data in the capsule.
-    let first = match timeout(t, read_pdu(&mut stream, Some(dg), &limits)).await {
+    let first = match timeout_at(deadline, read_pdu(&mut stream, Some(dg), &limits)).await {
         Err(_) => return Err(ConnError::Timeout("Connect")),
         Ok(Err((ConnError::Pdu(e), head))) => {
             term_req(&mut stream, &e, &head).await;
@@ -273,7 +336,7 @@ async fn handle(target: &Arc<Target>, mut stream: TcpStream) -> Result<(), ConnE
     let mut digest_ok = first.data_digest_ok;
     if is_connect && data.is_empty() && cmd.sgl_type == pdu::sgl::TRANSPORT && cmd.sgl_len.get() == 1024 {
         // The host did not put the Connect data in the capsule: ask for it.
-        match timeout(t, connect_data_by_r2t(&mut stream, dg, cid, &limits)).await {
+        match timeout_at(deadline, connect_data_by_r2t(&mut stream, dg, cid, &limits)).await {
             Err(_) => return Err(ConnError::Timeout("Connect data")),
             Ok(Err((ConnError::Pdu(e), head))) => {
                 term_req(&mut stream, &e, &head).await;
@@ -306,7 +369,10 @@ async fn handle(target: &Arc<Target>, mut stream: TcpStream) -> Result<(), ConnE
         pdu::push_capsule_resp(&mut out, dg, cqe(cid, 0, u64::from(ctrl.cntlid), 1, qid));
         stream.write_all(&out).await?;
         info!(cntlid = ctrl.cntlid, host = %ctrl.hostnqn, "controller created");
-        let kato = u32::from_le_bytes(cmd.as_bytes()[48..52].try_into().unwrap());
+        let mut kato = u32::from_le_bytes(cmd.as_bytes()[48..52].try_into().unwrap());
+        if ctrl.discovery && kato == 0 {
+            kato = DISCOVERY_KATO_MS;
+        }
         let r = admin_queue(target, &ctrl, stream, params, sqsize, kato).await;
         lock(&target.ctrls).remove(&ctrl.cntlid);
         ctrl.alive.send_replace(false);
