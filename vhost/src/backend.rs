@@ -752,6 +752,10 @@ impl VhostUserBackendReqHandlerMut for BlkDevice {
             tracing::error!("SET_INFLIGHT_FD for {n} queues: this backend has {}", self.queues.len());
             return Err(VuError::InvalidParam);
         }
+        if usize::from(size) > MAX_QUEUE_SIZE {
+            tracing::error!("SET_INFLIGHT_FD for queues of {size} entries: at most {MAX_QUEUE_SIZE}");
+            return Err(VuError::InvalidParam);
+        }
         for q in &self.queues {
             if q.vring.get_ref().get_queue().ready() || lock(&q.worker).busy() > 0 {
                 return Err(VuError::InvalidOperation("inflight region replaced while a ring runs"));

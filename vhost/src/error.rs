@@ -39,6 +39,18 @@ pub enum RegionError {
         /// Its offset in the memfd.
         file_offset: u64,
     },
+    /// The region reaches past the end of its file.
+    #[error("guest RAM at GPA {gpa:#x} ({len:#x} bytes at file offset {file_offset:#x}) reaches past the end of its file ({file_size:#x} bytes)")]
+    PastEof {
+        /// Guest physical address of the region.
+        gpa: u64,
+        /// Its length.
+        len: u64,
+        /// Its offset in the file.
+        file_offset: u64,
+        /// The file's size.
+        file_size: u64,
+    },
     /// fstat failed.
     #[error("guest RAM at GPA {gpa:#x}: fstat: {source}")]
     Stat {

@@ -89,6 +89,21 @@ pub enum InflightError {
         /// Entries per queue.
         queue_size: u16,
     },
+    /// The file ends before the mapping would: touching the tail would kill the process
+    /// (SIGBUS).
+    #[error("inflight region file of {file_size} bytes ends before its mapping ({end} bytes)")]
+    PastEof {
+        /// The file's size.
+        file_size: u64,
+        /// Offset plus length of the mapping.
+        end: u64,
+    },
+    /// The file is not a memfd sealed against shrinking, so it could be cut short while mapped.
+    #[error("inflight region file is not a memfd sealed against shrinking (seals {seals:#x})")]
+    NotSealed {
+        /// The seals it has (-1: not a memfd).
+        seals: i32,
+    },
     /// A queue region of another version or size.
     #[error("inflight region of queue {queue}: version {version} with {desc_num} entries, expected version {INFLIGHT_VERSION} with {queue_size}")]
     Mismatch {
@@ -174,6 +189,16 @@ impl InflightRegion {
         let needed = region_len(num_queues, queue_size);
         if size < needed as u64 {
             return Err(InflightError::TooSmall { size, needed, num_queues, queue_size });
+        }
+        // Sealed first, so the size checked next cannot shrink while mapped.
+        let seals = nix::fcntl::fcntl(file.as_fd(), nix::fcntl::FcntlArg::F_GET_SEALS).unwrap_or(-1);
+        if seals < 0 || seals & libc::F_SEAL_SHRINK == 0 {
+            return Err(InflightError::NotSealed { seals });
+        }
+        let file_size = file.metadata().map_err(|source| InflightError::Os { what: "fstat", source })?.len();
+        let end = offset.saturating_add(needed as u64);
+        if end > file_size {
+            return Err(InflightError::PastEof { file_size, end });
         }
         let len = std::num::NonZeroUsize::new(needed).expect("checked non-zero");
         let offset = i64::try_from(offset).map_err(|_| InflightError::Os {
@@ -517,10 +542,35 @@ mod tests {
         ));
         assert!(matches!(InflightRegion::map(&file, 0, size, 2, 32), Err(InflightError::Mismatch { .. })));
         assert!(matches!(InflightRegion::map(&file, 0, size, 0, 64), Err(InflightError::Empty { .. })));
+        // A file that could shrink under the mapping, or that ends before it, is refused (an
+        // access past its end would kill the process).
+        let unsealed =
+            File::from(nix::sys::memfd::memfd_create("u", nix::sys::memfd::MFdFlags::empty()).unwrap());
+        unsealed.set_len(size).unwrap();
+        assert!(matches!(
+            InflightRegion::map(&unsealed, 0, size, 2, 64),
+            Err(InflightError::NotSealed { .. })
+        ));
+        let sealed = |len: u64| {
+            let f = File::from(
+                nix::sys::memfd::memfd_create("s", nix::sys::memfd::MFdFlags::MFD_ALLOW_SEALING).unwrap(),
+            );
+            f.set_len(len).unwrap();
+            nix::fcntl::fcntl(
+                f.as_fd(),
+                nix::fcntl::FcntlArg::F_ADD_SEALS(nix::fcntl::SealFlag::F_SEAL_SHRINK),
+            )
+            .unwrap();
+            f
+        };
+        let short = sealed(0);
+        assert!(matches!(
+            InflightRegion::map(&short, 0, size, 2, 64),
+            Err(InflightError::PastEof { file_size: 0, .. })
+        ));
+        assert!(matches!(InflightRegion::map(&file, 4096, size, 2, 64), Err(InflightError::PastEof { .. })));
         // A zeroed region (another backend's fresh memfd) is initialised.
-        let fd = nix::sys::memfd::memfd_create("zero", nix::sys::memfd::MFdFlags::empty()).unwrap();
-        let zero = File::from(fd);
-        zero.set_len(region_len(1, 4) as u64).unwrap();
+        let zero = sealed(region_len(1, 4) as u64);
         let r = Arc::new(InflightRegion::map(&zero, 0, region_len(1, 4) as u64, 1, 4).unwrap());
         assert_eq!(r.queue(0).recover(0), Vec::<u16>::new());
         assert_eq!(ne16(&raw(&zero, 8, 2)), INFLIGHT_VERSION);

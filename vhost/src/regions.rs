@@ -55,6 +55,11 @@ impl RegionSpec {
             return Err(RegionError::Unaligned { gpa, len, file_offset });
         }
         let meta = file.metadata().map_err(|source| RegionError::Stat { gpa, source })?;
+        // The file is sealed against shrinking: a region inside it now stays inside it. One
+        // past its end would kill the process (SIGBUS) at the first access to the tail.
+        if file_offset.checked_add(len).is_none_or(|end| end > meta.len()) {
+            return Err(RegionError::PastEof { gpa, len, file_offset, file_size: meta.len() });
+        }
         Ok(Self { gpa, len, file_offset, dev: meta.dev(), ino: meta.ino() })
     }
 }
@@ -251,5 +256,11 @@ mod tests {
         let s = RegionSpec::check(&sealed, 0x4000, 8192, 4096).unwrap();
         assert_eq!((s.gpa, s.len, s.file_offset), (0x4000, 8192, 4096));
         assert!(matches!(RegionSpec::check(&sealed, 0, 8192, 512), Err(RegionError::Unaligned { .. })));
+        // A region reaching past the end of its (sealed, so fixed-size) file is refused.
+        assert!(matches!(
+            RegionSpec::check(&sealed, 0x4000, 8192, 8192),
+            Err(RegionError::PastEof { file_size: 0x3000, .. })
+        ));
+        assert!(matches!(RegionSpec::check(&sealed, 0, 16384, 0), Err(RegionError::PastEof { .. })));
     }
 }

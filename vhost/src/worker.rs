@@ -129,6 +129,9 @@ pub struct Worker {
     resubmit: VecDeque<u16>,
     /// Requests taken from the virtqueue and not yet in the used ring.
     open: usize,
+    /// The avail ring could not be read although its index said it had entries: nothing is
+    /// taken from it until the ring starts again.
+    ring_unusable: bool,
     /// Since when `open` is above zero.
     busy_since: Option<Instant>,
 }
@@ -164,6 +167,7 @@ impl Worker {
             inflight: None,
             resubmit: VecDeque::new(),
             open: 0,
+            ring_unusable: false,
             busy_since: None,
         })
     }
@@ -212,6 +216,7 @@ impl Worker {
     /// avail ring is either used or in flight). They are submitted again, before any new
     /// request, by the next [`Worker::run`]. Returns their number.
     pub fn start_ring<M: GuestMemoryBackend>(&mut self, q: &mut Queue, mem: &M) -> usize {
+        self.ring_unusable = false;
         if self.busy() > 0 {
             // This process still has requests from before the ring stopped (nvmed did not
             // finish them within the drain timeout): they are its own, not to be taken again.
@@ -233,7 +238,19 @@ impl Worker {
                 return 0;
             }
         };
-        let heads = t.recover(used);
+        let mut heads = t.recover(used);
+        // The region may describe a larger ring than this one (QEMU set its size): a head
+        // outside this ring is no request of it.
+        let all = heads.len();
+        heads.retain(|&h| h < q.size());
+        if heads.len() < all {
+            tracing::warn!(
+                queue = self.index,
+                ignored = all - heads.len(),
+                size = q.size(),
+                "inflight heads outside the ring ignored"
+            );
+        }
         let next_avail = used.wrapping_add(heads.len() as u16);
         if next_avail != q.next_avail() {
             tracing::debug!(
@@ -340,8 +357,11 @@ impl Worker {
             let parsed = request::parse(head, &self.descs, truncated, mem, &self.geo);
             self.start(parsed, q, mem, &mut p);
         }
-        if self.backlog.is_empty() {
+        if self.backlog.is_empty() && !self.ring_unusable {
+            // Passes in a row that took nothing although the avail index said there was more.
+            let mut empty_passes = 0;
             loop {
+                let before = q.next_avail();
                 let _ = q.disable_notification(mem);
                 while self.backlog.is_empty() {
                     let Some(chain) = q.pop_descriptor_chain(mem) else { break };
@@ -367,7 +387,23 @@ impl Worker {
                     break;
                 }
                 match q.enable_notification(mem) {
-                    Ok(true) => continue,
+                    // The ring is being stopped (GET_VRING_BASE): its requests wait for it.
+                    Ok(true) if !q.ready() => break,
+                    Ok(true) if q.next_avail() != before => empty_passes = 0,
+                    // One such pass: a request arrived after the last pop looked. Two: the
+                    // avail ring cannot be read (an index more than the queue size ahead, a
+                    // ring outside guest RAM): nothing is taken from it until it starts again,
+                    // instead of spinning on it.
+                    Ok(true) if empty_passes == 0 => empty_passes = 1,
+                    Ok(true) => {
+                        tracing::error!(
+                            queue = self.index,
+                            next_avail = q.next_avail(),
+                            "the avail ring's entries cannot be taken: the queue stops until the ring restarts"
+                        );
+                        self.ring_unusable = true;
+                        break;
+                    }
                     Ok(false) => break,
                     Err(e) => {
                         tracing::warn!(queue = self.index, "enabling notifications: {e}");

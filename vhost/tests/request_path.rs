@@ -482,6 +482,37 @@ fn the_request_path_allocates_nothing_once_warm() {
     assert_eq!((s.requests, s.errors), (64, 0));
 }
 
+/// A guest whose avail index runs more than the queue size ahead (or whose ring cannot be read)
+/// gets its queue stopped, not a queue thread spinning on it with the worker locked; the ring
+/// serves again once it restarts.
+#[test]
+fn an_unreadable_avail_ring_stops_the_queue_instead_of_spinning() {
+    let env = broker(512, EmulatorMode::Sync);
+    let mem: &'static GuestMemoryMmap = Box::leak(Box::new(guest_ram()));
+    let mut g = Guest::new(&env, mem, None);
+    g.push(VIRTIO_BLK_T_IN, 0, &[(0x10_0000, 4096, true)]);
+    g.drive();
+    let good = g.vq.avail().idx().load();
+    // 300 entries claimed on a 256-entry queue.
+    g.vq.avail().idx().store(good.wrapping_add(300));
+    let (tx, rx) = std::sync::mpsc::channel();
+    let (mut worker, mut q) = (g.worker, g.q);
+    std::thread::spawn(move || {
+        let p = worker.run(&mut q, mem, true);
+        let again = worker.run(&mut q, mem, true);
+        let _ = tx.send((p, again, worker, q));
+    });
+    let (p, again, worker, q) = rx.recv_timeout(Duration::from_secs(20)).expect("the queue thread returned");
+    (g.worker, g.q) = (worker, q);
+    assert!(!p.any && !again.any, "nothing taken from a ring that cannot be read");
+    // Fixed and restarted (as after GET_VRING_BASE / SET_VRING_KICK), it serves again.
+    g.vq.avail().idx().store(good);
+    g.worker.start_ring(&mut g.q, g.mem);
+    g.push(VIRTIO_BLK_T_IN, 8, &[(0x10_0000, 4096, true)]);
+    g.drive();
+    assert_eq!(g.status(1), 0);
+}
+
 #[test]
 fn completion_eventfd_wakes_a_sleeping_queue() {
     use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
