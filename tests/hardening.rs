@@ -535,6 +535,32 @@ fn a_client_that_never_reaps_leaves_the_broker_idle_and_is_served_when_it_does()
     others_unaffected(&mut broker);
 }
 
+#[test]
+fn a_ring_held_by_its_limit_leaves_the_broker_idle_beside_a_second_controller() {
+    // Namespace 1 (controller 0) at 10 IOPS; controller 1 is free. The ring's next entry waits
+    // for controller 0 only: that controller 1 could take a command must not keep the I/O
+    // thread awake.
+    let broker = TestBroker::start(&["--controllers", "2", "--grant", "0:1:iops=10"]);
+    let mut ring = broker.connect_with(64, 64);
+    let buf = ring.alloc_buffer(32 * 4096).unwrap();
+    for i in 0..32u64 {
+        ring.prep(Io::read(1, i * 4096, 4096, buf, i * 4096).user_data(i)).unwrap();
+    }
+    ring.submit().unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let p = pid(&broker);
+    let (t0, c0) = (Instant::now(), cpu_ticks(p));
+    std::thread::sleep(Duration::from_secs(2));
+    let ticks = cpu_ticks(p) - c0;
+    let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK).unwrap().unwrap() as f64;
+    let percent = ticks as f64 / hz / t0.elapsed().as_secs_f64() * 100.0;
+    assert!(percent < 10.0, "a broker whose only work waits for a rate limit used {percent:.1}% CPU");
+    // The limit still lets them through, at its rate.
+    let mut out = Vec::new();
+    ring.wait(32, &mut out, Some(Duration::from_secs(10))).unwrap();
+    assert!(out.iter().all(|c| c.status.is_success()), "{out:?}");
+}
+
 // ---- 7. No starvation ------------------------------------------------------------------
 
 #[test]

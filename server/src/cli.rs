@@ -260,8 +260,9 @@ pub(crate) struct Args {
     /// LIMITS share the device between tenants and cap them: weight=W (share of a busy device,
     /// default 1), iops=N, read-mbps=N, write-mbps=N (MB = 10^6 bytes), qd=N (requests at the
     /// device), per=uid (all its sessions together, default) or per=session; e.g.
-    /// --grant 1000:1:weight=3,iops=20k,write-mbps=100. A request held by a limit waits; it is
-    /// never failed. Grants of one uid on one controller's namespaces add up. One grant per uid
+    /// --grant 1000:1:weight=3,iops=20k,write-mbps=100. read-mbps and write-mbps count the data
+    /// reads and writes move; Flush, Write Zeroes and Deallocate move none and count as one
+    /// request (iops, qd, share). A request held by a limit waits; it is never failed. Grants of one uid on one controller's namespaces add up. One grant per uid
     /// and namespace, and only namespaces nvmed serves (anything else is refused).
     #[arg(long = "grant", value_name = "GRANT")]
     pub(crate) grants: Vec<Grant>,

@@ -274,6 +274,10 @@ pub struct Session {
     /// Since when (schedulers' clock) its next request has been held by its tenant's rate
     /// limits; the hold ends, and counts in `counters.throttled_ns`, when a request goes.
     pub held_since: Option<u64>,
+    /// The controller the ring's next entry waits for (a device slot, its tenant's turn, a
+    /// segment-list slot), as found by the last submission round; `None` when that round took
+    /// all it could. The I/O thread sleeps unless that controller could take it.
+    pub blocked_on: Option<u16>,
     /// Counters.
     pub counters: Arc<SessionCounters>,
 }

@@ -31,6 +31,14 @@ impl IoThread {
                 // Everything it held was failed already; what it may still have posted is stale.
                 continue;
             }
+            if !p.dma_stopped {
+                // A controller that failed without confirming it stopped: its commands' rings
+                // were faulted and kept as zombies (their keys may serve other rings now), and
+                // their commands are never reported finished. What it still posts is consumed
+                // (so the queue does not look busy for ever) and dropped.
+                total += p.dq.queue.reap(REAP_BATCH, |_, _, _| {});
+                continue;
+            }
             let bounce = &mut p.bounce;
             let sched = &mut p.sched;
             total += p.dq.queue.reap(REAP_BATCH, |ctx, status_field, _result| {

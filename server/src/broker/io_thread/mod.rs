@@ -510,6 +510,7 @@ impl IoThread {
                         closing: None,
                         close_fault: RingFault::Closed,
                         held_since: None,
+                        blocked_on: None,
                         counters,
                     });
                     self.order.push(key);

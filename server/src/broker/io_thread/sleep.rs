@@ -61,9 +61,13 @@ impl IoThread {
                     room(&s.slots, &s.tenants, c) && (!p.waits_bounce || ports[c].bounce.available() > 0);
                 continue;
             }
-            // The next entry's controller is unknown until it is read: any with room will do
-            // (if its own has none, a completion there wakes us soon anyway).
-            let can_admit = (0..ports.len()).any(|c| room(&s.slots, &s.tenants, c));
+            // The controller the next entry waits for, if the last round found one; else any
+            // with room will do (the entry is read then: if its own has none, a completion
+            // there wakes us soon anyway).
+            let can_admit = match s.blocked_on {
+                Some(c) => room(&s.slots, &s.tenants, usize::from(c)),
+                None => (0..ports.len()).any(|c| room(&s.slots, &s.tenants, c)),
+            };
             if r.sq.ready(1) == 0 && r.overflow.is_empty() {
                 continue;
             }

@@ -185,6 +185,7 @@ impl IoThread {
             let room = free.saturating_sub(reserved);
             let n = available.min(room);
             let mut taken = 0;
+            s.blocked_on = None;
             while taken < n {
                 // Copy the entry out of shared memory once; validate only the copy.
                 let sqe = ring.sq.read(taken);
@@ -211,6 +212,7 @@ impl IoThread {
                     Ok(Validated::Device { controller: c, cmd, buffer, len }) => {
                         let p = &mut ports[usize::from(c)];
                         if p.dq.queue.free_slots() == 0 || s.slots[usize::from(c)] >= p.dq.session_slots {
+                            s.blocked_on = Some(c);
                             break; // no slot for this ring now: leave the entry for a later round
                         }
                         let tenant = s.tenants[usize::from(c)].map(|(_, t)| t);
@@ -220,6 +222,7 @@ impl IoThread {
                             let d = p.sched.try_dispatch(t, now, bytes, op.modifies_data());
                             if !throttle_clock(&mut s.held_since, d, now, &s.counters) {
                                 held = true;
+                                s.blocked_on = Some(c);
                                 break; // the entry waits for this tenant's next turn
                             }
                         }
@@ -270,9 +273,13 @@ impl IoThread {
                             || s.slots[usize::from(c)] >= p.dq.session_slots
                             || s.vectored >= vec_cap
                         {
+                            s.blocked_on = Some(c);
                             break; // as above
                         }
-                        let Some(slot) = vecs.alloc() else { break };
+                        let Some(slot) = vecs.alloc() else {
+                            s.blocked_on = Some(c);
+                            break;
+                        };
                         // Copy the segment list out of client memory once, into the slot, checking
                         // each copied segment. (`validate` placed the whole list inside its buffer.)
                         let Some(list) = buffers.lookup(v.list_buf) else {
@@ -300,6 +307,7 @@ impl IoThread {
                                     if !throttle_clock(&mut s.held_since, d, now, &s.counters) {
                                         vecs.release(slot);
                                         held = true;
+                                        s.blocked_on = Some(c);
                                         break; // as above (the list is copied again next time)
                                     }
                                 }
