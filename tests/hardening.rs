@@ -446,6 +446,55 @@ fn silent_connections_are_closed_after_the_hello_deadline() {
     assert!(matches!(hello(&t), Response::Hello { .. }));
     std::thread::sleep(Duration::from_millis(1500));
     assert!(matches!(raw_call(&t, &encode(&Request::Stats), &[]), Response::Stats(_)));
+    // Requests other than Hello do not push the deadline back: it counts from the connection.
+    let u = raw_connect(&broker.socket);
+    let start = Instant::now();
+    let closed = loop {
+        std::thread::sleep(Duration::from_millis(300));
+        if transport::send(u.as_fd(), &encode(&Request::Stats), &[]).is_err() {
+            break start.elapsed();
+        }
+        match transport::recv(u.as_fd()) {
+            Ok(m) => match decode::<Response>(&m.bytes).unwrap() {
+                Response::Error(ControlError::HelloTimeout { seconds: 1 }) => break start.elapsed(),
+                Response::Error(ControlError::HelloRequired) => {}
+                other => panic!("{other:?}"),
+            },
+            Err(_) => break start.elapsed(),
+        }
+        assert!(start.elapsed() < Duration::from_secs(5), "a chatty connection without Hello was kept");
+    };
+    assert!(closed < Duration::from_millis(2500), "closed after {closed:?}");
+    others_unaffected(&mut broker);
+}
+
+#[test]
+fn a_client_that_does_not_read_its_replies_is_dropped() {
+    use nix::sys::socket::{setsockopt, sockopt};
+    let mut broker = TestBroker::start(&[]);
+    let s = raw_connect(&broker.socket);
+    assert!(matches!(hello(&s), Response::Hello { .. }));
+    // Requests without reading a reply: the replies fill this socket, then the broker's send
+    // waits. It must give up (10 s) and end the session, not hold its thread for ever.
+    setsockopt(&s, sockopt::SendTimeout, &nix::sys::time::TimeVal::new(1, 0)).unwrap();
+    for _ in 0..100_000 {
+        if transport::send(s.as_fd(), &encode(&Request::Stats), &[]).is_err() {
+            break;
+        }
+    }
+    std::thread::sleep(Duration::from_secs(12));
+    // Reading now must find the end of the connection (after whatever replies are still
+    // queued; closing with our requests unread resets it, which drops them).
+    setsockopt(&s, sockopt::ReceiveTimeout, &nix::sys::time::TimeVal::new(2, 0)).unwrap();
+    let mut replies = 0;
+    loop {
+        match transport::recv(s.as_fd()) {
+            Ok(_) => replies += 1,
+            Err(transport::TransportError::Closed) => break,
+            Err(transport::TransportError::Io(nix::Error::ECONNRESET)) => break,
+            Err(e) => panic!("the connection is still open after {replies} replies: {e}"),
+        }
+    }
     others_unaffected(&mut broker);
 }
 

@@ -27,11 +27,17 @@ use super::Shared;
 use crate::policy::NamespaceAccess;
 
 /// One ring of the session, served by one I/O thread.
+/// How long a reply may wait for the client to make room in its socket before the
+/// connection is dropped (its session then ends, its I/O drained first).
+const REPLY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 struct RingHandle {
     ring_id: u32,
     thread: usize,
     key: usize,
     counters: Arc<SessionCounters>,
+    /// The ring memfd's identity (in `ring_identities` while the ring lives).
+    identity: (u64, u64),
 }
 
 struct Connection {
@@ -90,6 +96,14 @@ pub fn serve(shared: Arc<Shared>, sock: OwnedFd, id: u64, uid: u32) {
         warn!(session = id, "cannot set the Hello deadline: {e}; dropping connection");
         return;
     }
+    // A client that does not read its replies must not hold this thread (and what it would do
+    // next, such as ending a withdrawn session) for ever.
+    if let Err(e) =
+        setsockopt(&conn.sock, sockopt::SendTimeout, &TimeVal::new(REPLY_TIMEOUT.as_secs() as _, 0))
+    {
+        warn!(session = id, "cannot set the reply deadline: {e}; dropping connection");
+        return;
+    }
     conn.run();
     if conn.started {
         conn.end_session();
@@ -101,7 +115,17 @@ pub fn serve(shared: Arc<Shared>, sock: OwnedFd, id: u64, uid: u32) {
 
 impl Connection {
     fn run(&mut self) {
+        let connected = std::time::Instant::now();
+        let hello_timeout = self.shared.config.hello_timeout;
         loop {
+            if !self.started {
+                // The Hello deadline counts from the connection, not from the last message.
+                let left = hello_timeout.saturating_sub(connected.elapsed());
+                let left = TimeVal::new(left.as_secs() as _, left.subsec_micros().max(1) as _);
+                if setsockopt(&self.sock, sockopt::ReceiveTimeout, &left).is_err() {
+                    return;
+                }
+            }
             let msg = match transport::recv(self.sock.as_fd()) {
                 Ok(m) => m,
                 Err(TransportError::Closed) => return,
@@ -413,16 +437,18 @@ impl Connection {
         });
         let key = rx.recv().map_err(|_| ControlError::Internal("I/O thread stopped".into()))?;
         poller.rings.fetch_add(1, Ordering::Relaxed);
-        self.next_ring_id += 1;
+        // Ring ids are never reused within a session (2^32 rings, one after another, at most).
+        self.next_ring_id = self.next_ring_id.wrapping_add(1);
         if let Some(r) = &self.registered {
             r.add_ring(ring_id, counters.clone());
         }
-        self.rings.push(RingHandle { ring_id, thread, key, counters });
+        let identity = identity.unwrap_or((u64::MAX, u64::MAX));
+        self.rings.push(RingHandle { ring_id, thread, key, counters, identity });
         if let Some(a) = access.as_mut() {
             a.rings.push((ring_id, thread, key));
         }
         drop(access);
-        self.ring_identities.push(identity.unwrap_or((u64::MAX, u64::MAX)));
+        self.ring_identities.push(identity);
         debug!(session = self.id, ring_id, thread, "ring created");
         let resp = Response::RingCreated {
             sq_entries: sq,
@@ -439,6 +465,9 @@ impl Connection {
         let i =
             self.rings.iter().position(|r| r.ring_id == ring_id).ok_or(ControlError::UnknownRing(ring_id))?;
         let ring = self.rings.swap_remove(i);
+        if let Some(j) = self.ring_identities.iter().position(|&id| id == ring.identity) {
+            self.ring_identities.swap_remove(j);
+        }
         if let Some(r) = &self.registered {
             let mut a = r.access();
             a.rings.retain(|&(id, _, _)| id != ring_id);

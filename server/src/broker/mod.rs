@@ -381,6 +381,19 @@ impl Shared {
                 {
                     let _ = nix::sys::socket::shutdown(fd.as_raw_fd(), nix::sys::socket::Shutdown::Read);
                 }
+                // Until its control thread gets to it (it may be waiting for the client to read
+                // a reply), the rings refuse new requests to what was withdrawn at once.
+                if lost {
+                    let kept: Vec<_> = access
+                        .namespaces
+                        .iter()
+                        .filter(|o| new.iter().any(|n| n.nsid == o.nsid))
+                        .cloned()
+                        .collect();
+                    for &(_, thread, key) in &access.rings {
+                        self.pollers[thread].request(IoRequest::UpdateRing { key, namespaces: kept.clone() });
+                    }
+                }
                 info!(
                     session = entry.id(),
                     uid = entry.uid(),
@@ -1118,11 +1131,17 @@ fn refuse(sock: &OwnedFd, e: ControlError) {
     let _ =
         nvmed_proto::transport::send(sock.as_fd(), &nvmed_proto::control::encode(&Response::Error(e)), &[]);
     // Consume what the client already sent: closing a Unix socket with unread data resets the
-    // connection, and the client would not get to read the refusal.
+    // connection, and the client would not get to read the refusal. A few messages at most:
+    // this is the accept thread, which a client writing without pause must not hold (such a
+    // client gets a reset instead of the refusal).
     let mut scratch = [0u8; 64];
-    while nix::sys::socket::recv(sock.as_raw_fd(), &mut scratch, nix::sys::socket::MsgFlags::MSG_DONTWAIT)
-        .is_ok_and(|n| n > 0)
-    {}
+    for _ in 0..16 {
+        let got =
+            nix::sys::socket::recv(sock.as_raw_fd(), &mut scratch, nix::sys::socket::MsgFlags::MSG_DONTWAIT);
+        if !got.is_ok_and(|n| n > 0) {
+            break;
+        }
+    }
 }
 
 /// The sessions an operator ended, the most recent [`KilledSessions::KEPT`] of them.
