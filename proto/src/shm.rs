@@ -240,6 +240,56 @@ impl SharedMemory {
         unsafe { std::ptr::copy(s, d, len) }
     }
 
+    /// As [`SharedMemory::copy_to`] (ranges must not overlap), but the kernel copies, so a
+    /// page that cannot be faulted in on either side (a hole a client punched in a hugetlb
+    /// memfd that no free huge page can fill) fails the copy with `EFAULT` instead of killing
+    /// this process with SIGBUS. Slower (a system call): for memory that may have such holes.
+    pub fn copy_to_fault_safe(
+        &self,
+        offset: usize,
+        dst: &SharedMemory,
+        dst_offset: usize,
+        len: usize,
+    ) -> io::Result<()> {
+        let s = self.check(offset, len, 1);
+        let d = dst.check(dst_offset, len, 1);
+        let mut done = 0;
+        while done < len {
+            let local = libc::iovec { iov_base: d.wrapping_add(done).cast(), iov_len: len - done };
+            let remote = libc::iovec { iov_base: s.wrapping_add(done).cast(), iov_len: len - done };
+            // SAFETY: both ranges were checked in bounds of live mappings; the kernel reads and
+            // writes them through this process's page tables, reporting a fault as EFAULT, and
+            // no Rust reference to either range exists.
+            let n = unsafe { libc::process_vm_readv(libc::getpid(), &local, 1, &remote, 1, 0) };
+            match n {
+                n if n > 0 => done += n as usize,
+                0 => return Err(io::Error::from_raw_os_error(libc::EFAULT)),
+                _ => return Err(io::Error::last_os_error()),
+            }
+        }
+        Ok(())
+    }
+
+    /// As [`SharedMemory::read`], through the kernel: a page that cannot be faulted in returns
+    /// `EFAULT` instead of raising SIGBUS (see [`SharedMemory::copy_to_fault_safe`]).
+    pub fn read_fault_safe<T: FromBytes + IntoBytes>(&self, offset: usize) -> io::Result<T> {
+        let src = self.check(offset, size_of::<T>(), align_of::<T>());
+        let mut value = T::new_zeroed();
+        let bytes = value.as_mut_bytes();
+        let local = libc::iovec { iov_base: bytes.as_mut_ptr().cast(), iov_len: bytes.len() };
+        let remote = libc::iovec { iov_base: src.cast(), iov_len: bytes.len() };
+        // SAFETY: the source range was checked in bounds of the live mapping and the destination
+        // is a local value's bytes; the kernel reports a fault as EFAULT.
+        let n = unsafe { libc::process_vm_readv(libc::getpid(), &local, 1, &remote, 1, 0) };
+        if n == bytes.len() as isize {
+            Ok(value)
+        } else if n < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Err(io::Error::from_raw_os_error(libc::EFAULT))
+        }
+    }
+
     /// Fills `len` bytes at `offset` with `byte`.
     pub fn fill(&self, offset: usize, len: usize, byte: u8) {
         let p = self.check(offset, len, 1);
@@ -351,5 +401,27 @@ mod tests {
         assert_eq!((before, resident(&mem)), (1, 64), "pages mapped before and after");
         assert_eq!(mem.load_u64(5 * 4096 + 8, Ordering::Relaxed), 0x1234_5678);
         assert_eq!(mem.load_u64(63 * 4096, Ordering::Relaxed), 0);
+    }
+
+    #[test]
+    fn fault_safe_copies_report_a_page_that_cannot_be_faulted_in() {
+        use std::os::fd::AsFd;
+        let fd = nix::sys::memfd::memfd_create("f", nix::sys::memfd::MFdFlags::empty()).unwrap();
+        let file = std::fs::File::from(fd);
+        file.set_len(2 * 4096).unwrap();
+        let mem = SharedMemory::map_shared(file.as_fd(), 2 * 4096).unwrap();
+        let other = SharedMemory::anonymous(4096).unwrap();
+        mem.store_u64(8, 42, Ordering::Relaxed);
+        mem.copy_to_fault_safe(0, &other, 0, 64).unwrap();
+        assert_eq!(other.load_u64(8, Ordering::Relaxed), 42);
+        assert_eq!(mem.read_fault_safe::<u64>(8).unwrap(), 42);
+        // The second page is cut off: touching it directly would raise SIGBUS.
+        file.set_len(4096).unwrap();
+        let e = mem.copy_to_fault_safe(4096, &other, 0, 64).unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::EFAULT), "{e}");
+        assert!(other.copy_to_fault_safe(0, &mem, 4096 + 8, 8).is_err(), "writing into the hole");
+        assert!(mem.read_fault_safe::<u64>(4096).is_err());
+        // Across the edge: the part before it is no success either.
+        assert!(mem.copy_to_fault_safe(4000, &other, 0, 200).is_err());
     }
 }

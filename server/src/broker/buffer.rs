@@ -20,6 +20,10 @@ pub struct RegisteredBuffer {
     mapping: ManuallyDrop<DmaMapping>,
     mem: ManuallyDrop<SharedMemory>,
     len: u64,
+    /// A hugetlb memfd: a hole punched in it (sealing cannot forbid that) is filled on the
+    /// next access only if a free huge page exists, else the access raises SIGBUS. The broker
+    /// reads and writes such a buffer only through the kernel (`*_fault_safe`).
+    fault_safe: bool,
     _ticket: Ticket,
 }
 
@@ -97,7 +101,8 @@ impl RegisteredBuffer {
         if offset.checked_add(len).is_none_or(|end| end > size) {
             return Err(bad(&format!("offset {offset} + length is past the memfd's {size} bytes")));
         }
-        // The memfd cannot shrink (sealed), so the mapping can never SIGBUS.
+        // The memfd cannot shrink (sealed); a hole punched in a shmem memfd reads as zeros. A
+        // hole in a hugetlb memfd may raise SIGBUS: those are copied through the kernel.
         let mem = SharedMemory::map_shared_at(std::os::fd::AsFd::as_fd(&fd), offset, len as usize)
             .map_err(|e| ControlError::ResourceExhausted(format!("mmap of the buffer failed: {e}")))?;
         // SAFETY: `mem` is stored next to the mapping and freed only after a successful unmap.
@@ -112,7 +117,13 @@ impl RegisteredBuffer {
                 })
             }
         };
-        Ok(Self { mapping: ManuallyDrop::new(mapping), mem: ManuallyDrop::new(mem), len, _ticket: ticket })
+        Ok(Self {
+            mapping: ManuallyDrop::new(mapping),
+            mem: ManuallyDrop::new(mem),
+            len,
+            fault_safe: page > 4096,
+            _ticket: ticket,
+        })
     }
 
     /// Device address of byte 0.
@@ -123,6 +134,12 @@ impl RegisteredBuffer {
     /// Registered length.
     pub fn len(&self) -> u64 {
         self.len
+    }
+
+    /// Whether the broker must copy to and from this buffer through the kernel (a hugetlb
+    /// memfd, which may have holes no page can fill).
+    pub fn fault_safe(&self) -> bool {
+        self.fault_safe
     }
 
     /// The broker's mapping of the buffer (client memory: copy through it, never reference it).

@@ -197,13 +197,13 @@ pub fn validate(
 pub fn validate_segments(
     count: u16,
     len: u32,
-    mut read: impl FnMut(usize) -> Segment,
+    mut read: impl FnMut(usize) -> Result<Segment, BrokerStatus>,
     buffer: impl Fn(u32) -> Option<(u64, u64)>,
     out: &mut [DmaSeg],
 ) -> Result<(), BrokerStatus> {
     let mut total = 0u64;
     for (i, slot) in out.iter_mut().enumerate().take(usize::from(count)) {
-        let seg = read(i);
+        let seg = read(i)?;
         if seg.reserved0 != 0 || seg.reserved1 != 0 {
             return Err(BrokerStatus::InvalidField);
         }
@@ -357,7 +357,7 @@ mod tests {
             len,
             |i| {
                 reads += 1;
-                list[i]
+                Ok(list[i])
             },
             buf,
             &mut out,
@@ -389,7 +389,7 @@ mod tests {
         let big = [Segment::new(3, 0, u32::MAX); 2];
         let mut out = [DmaSeg::default(); 2];
         let wide = |id| (id == 3).then_some((0u64, u64::MAX));
-        assert_eq!(validate_segments(2, u32::MAX - 1, |i| big[i], wide, &mut out), Err(SegmentLength));
+        assert_eq!(validate_segments(2, u32::MAX - 1, |i| Ok(big[i]), wide, &mut out), Err(SegmentLength));
     }
 
     proptest! {

@@ -2,7 +2,7 @@
 
 use std::sync::atomic::Ordering;
 
-use nvmed_proto::{Cqe, NvmeStatus, Opcode, RingFault, Status};
+use nvmed_proto::{BrokerStatus, Cqe, NvmeStatus, Opcode, RingFault, Status};
 use slab::Slab;
 use tracing::warn;
 
@@ -42,7 +42,7 @@ impl IoThread {
             let bounce = &mut p.bounce;
             let sched = &mut p.sched;
             total += p.dq.queue.reap(REAP_BATCH, |ctx, status_field, _result| {
-                let status = if status_field & 0x7ff == 0 {
+                let mut status = if status_field & 0x7ff == 0 {
                     Status::Success
                 } else {
                     Status::Nvme(NvmeStatus::from_status_field(status_field))
@@ -50,7 +50,9 @@ impl IoThread {
                 // A bounced read's data reaches the client before its completion does.
                 if ctx.bounce != NO_BOUNCE {
                     let buffers = sessions.get(ctx.session as usize).map(|s| &s.buffers);
-                    finish_bounce(&ctx, status.is_success(), vecs, bounce, buffers);
+                    if !finish_bounce(&ctx, status.is_success(), vecs, bounce, buffers) {
+                        status = Status::Broker(BrokerStatus::BadBuffer);
+                    }
                 }
                 release_slot(sessions, &ctx);
                 if let Some(status) = piece_done(splits, &ctx, status) {

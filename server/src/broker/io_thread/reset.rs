@@ -198,7 +198,7 @@ impl IoThread {
         let p = &mut self.ports[c];
         for ctx in ctxs {
             let buffers = self.sessions.get(ctx.session as usize).map(|s| &s.buffers);
-            finish_bounce(&ctx, false, &self.vecs, &mut p.bounce, buffers);
+            let _ = finish_bounce(&ctx, false, &self.vecs, &mut p.bounce, buffers);
             release_slot(&mut self.sessions, &ctx);
             if let Some(status) = piece_done(&mut self.splits, &ctx, status) {
                 let now_us = self.started.elapsed().as_micros() as u32;

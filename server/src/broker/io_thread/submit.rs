@@ -286,11 +286,21 @@ impl IoThread {
                             vecs.release(slot); // not reached: `validate` found the list's buffer
                             break;
                         };
+                        let fault_safe = list.buffer.fault_safe();
                         let list = list.buffer.mem();
                         let checked = validate_segments(
                             v.count,
                             v.len,
-                            |i| list.read::<Segment>((v.list_offset + i as u64 * SEGMENT_SIZE) as usize),
+                            |i| {
+                                let at = (v.list_offset + i as u64 * SEGMENT_SIZE) as usize;
+                                if fault_safe {
+                                    // A hugetlb buffer may have a hole no page can fill.
+                                    list.read_fault_safe::<Segment>(at)
+                                        .map_err(|_| BrokerStatus::SegmentListRange)
+                                } else {
+                                    Ok(list.read::<Segment>(at))
+                                }
+                            },
                             |id| buffers.lookup(id).map(|b| (b.buffer.iova(), b.buffer.len())),
                             vecs.slot_mut(slot),
                         );

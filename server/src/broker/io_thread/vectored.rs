@@ -168,10 +168,13 @@ pub struct VecIo<'a> {
     pub counters: &'a BrokerCounters,
 }
 
-/// Host memory of `len` bytes at offset `off` of segment `s`: the buffer mapping and offset.
-fn host<'b>(buffers: &'b BufferTable, s: &DmaSeg, off: u32) -> Option<(&'b SharedMemory, usize)> {
+/// Host memory of `len` bytes at offset `off` of segment `s`: the buffer mapping, offset, and
+/// whether copies must go through the kernel ([`RegisteredBuffer::fault_safe`]).
+///
+/// [`RegisteredBuffer::fault_safe`]: crate::broker::buffer::RegisteredBuffer::fault_safe
+fn host<'b>(buffers: &'b BufferTable, s: &DmaSeg, off: u32) -> Option<(&'b SharedMemory, usize, bool)> {
     let b = &buffers.get(s.tag)?.buffer;
-    Some((b.mem(), (s.iova - b.iova() + u64::from(off)) as usize))
+    Some((b.mem(), (s.iova - b.iova() + u64::from(off)) as usize, b.fault_safe()))
 }
 
 impl VecIo<'_> {
@@ -217,9 +220,16 @@ impl VecIo<'_> {
                 let base = self.bounce.offset(slot);
                 if rw.write {
                     let mut pos = base;
+                    let slot_mem = self.bounce.mem.mem();
                     walk(segs, work.cursor, piece_len, |s, off, n| {
-                        if let Some((mem, at)) = host(buffers, s, off) {
-                            mem.copy_to(at, self.bounce.mem.mem(), pos, n as usize);
+                        if let Some((mem, at, fault_safe)) = host(buffers, s, off) {
+                            if !fault_safe {
+                                mem.copy_to(at, slot_mem, pos, n as usize);
+                            } else if mem.copy_to_fault_safe(at, slot_mem, pos, n as usize).is_err() {
+                                // A hole in the client's hugetlb buffer: zeros are written, never
+                                // what an earlier request (maybe another tenant's) left here.
+                                slot_mem.fill(pos, n as usize, 0);
+                            }
                         }
                         pos += n as usize;
                     });
@@ -240,27 +250,35 @@ impl VecIo<'_> {
 }
 
 /// A bounced piece is finished: for a successful read, copies its data from the bounce slot
-/// into the client's segments (before the completion is posted); then frees the slot.
+/// into the client's segments (before the completion is posted); then frees the slot. Returns
+/// false when the data could not be copied (a hole in a hugetlb buffer).
 pub fn finish_bounce(
     ctx: &InFlight,
     success: bool,
     vecs: &VecPool,
     bounce: &mut BouncePool,
     buffers: Option<&BufferTable>,
-) {
+) -> bool {
     if ctx.bounce == NO_BOUNCE {
-        return;
+        return true;
     }
+    let mut copied = true;
     if let (true, true, Some(buffers)) = (success, ctx.op.is_read(), buffers) {
         let mut pos = bounce.offset(ctx.bounce);
+        let slot_mem = bounce.mem.mem();
         walk(vecs.segs(ctx.vec), ctx.at, ctx.piece_len, |s, off, n| {
-            if let Some((mem, at)) = host(buffers, s, off) {
-                bounce.mem.mem().copy_to(pos, mem, at, n as usize);
+            if let Some((mem, at, fault_safe)) = host(buffers, s, off) {
+                if !fault_safe {
+                    slot_mem.copy_to(pos, mem, at, n as usize);
+                } else if slot_mem.copy_to_fault_safe(pos, mem, at, n as usize).is_err() {
+                    copied = false;
+                }
             }
             pos += n as usize;
         });
     }
     bounce.release(ctx.bounce);
+    copied
 }
 
 #[cfg(test)]
