@@ -250,6 +250,27 @@ fn fd_flood_leaves_no_descriptor_behind() {
     others_unaffected(&mut broker);
 }
 
+#[test]
+fn rings_are_bounded_per_uid() {
+    let mut broker = TestBroker::start(&["--max-rings-per-uid", "2"]);
+    let session = nvmed_client::NvmeSession::open(&broker.socket).unwrap();
+    let a = session.new_ring().unwrap();
+    let _b = session.new_ring().unwrap();
+    match session.new_ring() {
+        Err(Error::Refused(ControlError::UidLimit { uid: 0, what })) => {
+            assert!(what.contains("2 rings per uid"), "{what}")
+        }
+        other => panic!("a third ring of the uid: {other:?}"),
+    }
+    // Another session of the same uid counts too; a closed ring gives its unit back.
+    let other = nvmed_client::NvmeSession::open(&broker.socket).unwrap();
+    assert!(other.new_ring().is_err());
+    drop(a);
+    let _c = other.new_ring().unwrap();
+    drop((_b, _c, session, other));
+    others_unaffected(&mut broker);
+}
+
 // ---- 3. Hugetlb memfds ------------------------------------------------------------------
 
 /// Makes sure two free 2 MiB huge pages exist; gives the old setting back on drop.

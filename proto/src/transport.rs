@@ -59,6 +59,14 @@ pub fn recv(sock: BorrowedFd<'_>) -> Result<Received, TransportError> {
     recv_with_room(sock, SCM_MAX_FD, MAX_MESSAGE_SIZE)
 }
 
+/// [`recv`] with room for only `max_fds` descriptors (and one more, so that a message carrying
+/// more is seen as cut: `fds_truncated`). The kernel closes the descriptors that do not fit
+/// instead of installing them, so a peer cannot make this process hold hundreds of descriptors
+/// per message, even for a moment.
+pub fn recv_at_most_fds(sock: BorrowedFd<'_>, max_fds: usize) -> Result<Received, TransportError> {
+    recv_with_room(sock, max_fds + 1, MAX_MESSAGE_SIZE)
+}
+
 /// [`recv`] for datagrams of up to `max_bytes` (the admin socket's replies are larger than
 /// control messages); `truncated` then refers to `max_bytes`.
 pub fn recv_sized(sock: BorrowedFd<'_>, max_bytes: usize) -> Result<Received, TransportError> {

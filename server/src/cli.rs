@@ -255,6 +255,16 @@ pub(crate) struct Args {
     #[arg(long)]
     pub(crate) max_buffers_per_uid: Option<u64>,
 
+    /// Most rings for all clients together. Each holds two eventfds in the broker, so the
+    /// default is 4096 or what the open-file limit leaves room for (nvmed raises its soft limit
+    /// to the hard one at start), and larger values are lowered to that.
+    #[arg(long)]
+    pub(crate) max_rings: Option<u64>,
+
+    /// Most rings of one uid [default: a quarter of --max-rings].
+    #[arg(long)]
+    pub(crate) max_rings_per_uid: Option<u64>,
+
     /// Give a uid access to a namespace: UID:NSID[:FIRST_LBA+COUNT][:ro][:LIMITS]. A uid with
     /// grants sees only its granted namespaces (a window appears to it as a whole namespace).
     /// LIMITS share the device between tenants and cap them: weight=W (share of a busy device,

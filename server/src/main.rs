@@ -236,6 +236,8 @@ fn run(
     config.max_buffer_bytes_per_session = args.max_registered_bytes;
     config.max_buffer_bytes_total = args.max_registered_total;
     config.max_sessions = args.max_sessions;
+    let fd_limit = nvmed_server::broker::raise_fd_limit();
+    tracing::debug!(fd_limit, "open-file limit");
     config.quotas = nvmed_server::broker::QuotaSettings::derive(&nvmed_server::broker::QuotaRequest {
         max_sessions: args.max_sessions,
         sessions_per_uid: args.max_sessions_per_uid,
@@ -244,6 +246,8 @@ fn run(
         admin_reserve: args.admin_reserve,
         max_buffers: args.max_buffers,
         buffers_per_uid: args.max_buffers_per_uid,
+        max_rings: args.max_rings,
+        rings_per_uid: args.max_rings_per_uid,
     });
     config.hello_timeout = Duration::from_secs(args.hello_timeout_s);
     config.io_queue_depth = args.queue_depth;

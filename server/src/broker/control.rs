@@ -38,6 +38,8 @@ struct RingHandle {
     counters: Arc<SessionCounters>,
     /// The ring memfd's identity (in `ring_identities` while the ring lives).
     identity: (u64, u64),
+    /// The ring's quota unit, given back once the ring is closed.
+    _ticket: Ticket,
 }
 
 struct Connection {
@@ -126,7 +128,7 @@ impl Connection {
                     return;
                 }
             }
-            let msg = match transport::recv(self.sock.as_fd()) {
+            let msg = match transport::recv_at_most_fds(self.sock.as_fd(), MAX_FDS_PER_MESSAGE) {
                 Ok(m) => m,
                 Err(TransportError::Closed) => return,
                 Err(TransportError::Io(nix::Error::EAGAIN)) if !self.started => {
@@ -375,6 +377,8 @@ impl Connection {
             None => self.shared.least_loaded(),
         };
         let layout = RingLayout::new(sq, cq).map_err(|e| ControlError::BadRingSize(e.to_string()))?;
+        // Its descriptors and mapping count against the uid's and the broker's ring limits.
+        let ticket = self.shared.quotas.acquire(Resource::Ring, self.uid)?;
         let internal = |what: &str, e: &dyn std::fmt::Display| ControlError::Internal(format!("{what}: {e}"));
         let memfd = memfd::MemfdOptions::new()
             .allow_sealing(true)
@@ -443,7 +447,7 @@ impl Connection {
             r.add_ring(ring_id, counters.clone());
         }
         let identity = identity.unwrap_or((u64::MAX, u64::MAX));
-        self.rings.push(RingHandle { ring_id, thread, key, counters, identity });
+        self.rings.push(RingHandle { ring_id, thread, key, counters, identity, _ticket: ticket });
         if let Some(a) = access.as_mut() {
             a.rings.push((ring_id, thread, key));
         }

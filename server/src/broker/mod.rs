@@ -14,7 +14,7 @@ mod session;
 mod tenant;
 pub mod validate;
 
-pub use quota::{max_map_count, QuotaRequest, QuotaSettings};
+pub use quota::{max_map_count, raise_fd_limit, QuotaRequest, QuotaSettings};
 
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::fs::PermissionsExt;

@@ -1,5 +1,6 @@
 //! Per-uid and broker-wide bounds on what clients make the broker hold: connections (a thread
-//! each), sessions, and registered buffers (a memory mapping each).
+//! and a socket each), sessions, registered buffers (a memory mapping each) and rings (a
+//! mapping and two eventfds each).
 //!
 //! Every unit is taken as a [`Ticket`] that gives it back when dropped, so a count can never
 //! drift from what is really held: a buffer's ticket lives inside the buffer and is returned only
@@ -21,6 +22,8 @@ pub enum Resource {
     Session,
     /// A registered buffer (a memory mapping in the broker).
     Buffer,
+    /// A ring (a mapping and two eventfds in the broker).
+    Ring,
 }
 
 impl Resource {
@@ -33,6 +36,7 @@ impl Resource {
             Resource::Connection => "connections",
             Resource::Session => "sessions",
             Resource::Buffer => "registered buffers",
+            Resource::Ring => "rings",
         }
     }
 }
@@ -40,10 +44,10 @@ impl Resource {
 /// The bounds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct QuotaSettings {
-    /// Broker-wide limit per resource (connections, sessions, buffers).
-    pub total: [u64; 3],
+    /// Broker-wide limit per resource (connections, sessions, buffers, rings).
+    pub total: [u64; 4],
     /// Per-uid limit per resource.
-    pub per_uid: [u64; 3],
+    pub per_uid: [u64; 4],
     /// Connections and sessions only root may use.
     pub admin_reserve: u64,
 }
@@ -54,6 +58,30 @@ const MAPS_RESERVED: u64 = 4096;
 /// Mappings one connection may cost besides its buffers (thread stack, guard, signal stack,
 /// its ring).
 const MAPS_PER_CONNECTION: u64 = 8;
+
+/// File descriptors the broker keeps for itself (listeners, devices, epoll, logs).
+const FDS_RESERVED: u64 = 256;
+/// Descriptors one connection may hold: its socket and those of one message being handled.
+const FDS_PER_CONNECTION: u64 = 1 + nvmed_proto::control::MAX_FDS_PER_MESSAGE as u64;
+/// Descriptors one ring holds in the broker (its submit and completion eventfds).
+const FDS_PER_RING: u64 = 2;
+/// Default broker-wide ring limit, when the descriptor limit allows more.
+const DEFAULT_MAX_RINGS: u64 = 4096;
+
+/// Raises this process's soft limit on open files to its hard limit and returns the limit now
+/// in force (descriptors are bounded by the quotas derived from it, not by luck).
+pub fn raise_fd_limit() -> u64 {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource as R};
+    let Ok((soft, hard)) = getrlimit(R::RLIMIT_NOFILE) else { return 1024 };
+    if soft < hard && setrlimit(R::RLIMIT_NOFILE, hard, hard).is_ok() {
+        return hard;
+    }
+    soft
+}
+
+fn fd_limit() -> u64 {
+    nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE).map_or(1024, |(soft, _)| soft)
+}
 
 /// The kernel's per-process mapping limit.
 pub fn max_map_count() -> u64 {
@@ -80,6 +108,10 @@ pub struct QuotaRequest {
     pub max_buffers: Option<u64>,
     /// Registered buffers of one uid.
     pub buffers_per_uid: Option<u64>,
+    /// Broker-wide rings.
+    pub max_rings: Option<u64>,
+    /// Rings of one uid.
+    pub rings_per_uid: Option<u64>,
 }
 
 impl QuotaSettings {
@@ -87,15 +119,29 @@ impl QuotaSettings {
     /// sessions + 16, buffers to half of `vm.max_map_count`; a buffer limit the map count has
     /// no room for is lowered (with a warning).
     pub fn derive(asked: &QuotaRequest) -> Self {
-        Self::derive_with_map_count(max_map_count(), asked)
+        Self::derive_with_limits(max_map_count(), fd_limit(), asked)
     }
 
-    fn derive_with_map_count(map_count: u64, asked: &QuotaRequest) -> Self {
+    fn derive_with_limits(map_count: u64, fds: u64, asked: &QuotaRequest) -> Self {
         let sessions = asked.max_sessions.max(1) as u64;
         let connections = asked.max_connections.map_or(sessions + 16, |c| c as u64).max(sessions);
         // Per uid: a quarter of the total, but small totals are not cut below 4.
         let quarter = |v: u64| (v / 4).max(v.min(4));
-        let room = map_count.saturating_sub(MAPS_RESERVED + connections * MAPS_PER_CONNECTION).max(1);
+        // Rings: what the descriptors left after the connections hold (2 each), at least one
+        // per session; a larger limit asked for is lowered (with a warning).
+        let fd_room = (fds.saturating_sub(FDS_RESERVED + connections * FDS_PER_CONNECTION) / FDS_PER_RING)
+            .max(sessions);
+        let mut rings = asked.max_rings.unwrap_or(DEFAULT_MAX_RINGS.min(fd_room)).max(1);
+        if rings > fd_room {
+            warn!(
+                asked = rings,
+                allowed = fd_room,
+                fd_limit = fds,
+                "too many rings for the open-file limit (each holds two eventfds); lowering the limit"
+            );
+            rings = fd_room;
+        }
+        let room = map_count.saturating_sub(MAPS_RESERVED + connections * MAPS_PER_CONNECTION + rings).max(1);
         let mut buffers = asked.max_buffers.unwrap_or(map_count / 2).max(1);
         if buffers > room {
             warn!(
@@ -107,11 +153,12 @@ impl QuotaSettings {
             buffers = room;
         }
         Self {
-            total: [connections, sessions, buffers],
+            total: [connections, sessions, buffers, rings],
             per_uid: [
                 asked.connections_per_uid.map_or(quarter(connections), |v| v as u64),
                 asked.sessions_per_uid.map_or(quarter(sessions), |v| v as u64),
                 asked.buffers_per_uid.unwrap_or(quarter(buffers)),
+                asked.rings_per_uid.unwrap_or(quarter(rings)),
             ],
             // Never so large that other uids get nothing.
             admin_reserve: (asked.admin_reserve as u64).min(sessions / 4),
@@ -126,8 +173,8 @@ impl QuotaSettings {
 
 #[derive(Debug, Default)]
 struct Counts {
-    total: [u64; 3],
-    per_uid: HashMap<u32, [u64; 3]>,
+    total: [u64; 4],
+    per_uid: HashMap<u32, [u64; 4]>,
 }
 
 /// Live counts against the settings.
@@ -156,11 +203,12 @@ impl Quotas {
         let i = resource.index();
         let mut c = self.counts.lock().unwrap_or_else(|p| p.into_inner());
         let mut total = self.settings.total[i];
-        if uid != 0 && resource != Resource::Buffer {
+        let reserved = matches!(resource, Resource::Connection | Resource::Session);
+        if uid != 0 && reserved {
             total = total.saturating_sub(self.settings.admin_reserve);
         }
         if c.total[i] >= total {
-            let reserve = if uid != 0 && resource != Resource::Buffer && self.settings.admin_reserve > 0 {
+            let reserve = if uid != 0 && reserved && self.settings.admin_reserve > 0 {
                 format!(" ({} more are kept for root)", self.settings.admin_reserve)
             } else {
                 String::new()
@@ -215,8 +263,10 @@ mod tests {
             admin_reserve: 2,
             max_buffers: Some(100),
             buffers_per_uid: Some(40),
+            max_rings: Some(20),
+            rings_per_uid: Some(6),
         };
-        QuotaSettings::derive_with_map_count(65530, &asked)
+        QuotaSettings::derive_with_limits(65530, 1 << 20, &asked)
     }
 
     #[test]
@@ -242,14 +292,35 @@ mod tests {
     #[test]
     fn buffer_limit_follows_the_map_count() {
         let asked = QuotaRequest { max_sessions: 64, admin_reserve: 4, ..Default::default() };
-        let s = QuotaSettings::derive_with_map_count(65530, &asked);
-        assert_eq!(s.total, [80, 64, 32765]);
-        assert_eq!(s.per_uid, [20, 16, 8191]);
+        let s = QuotaSettings::derive_with_limits(65530, 1 << 20, &asked);
+        assert_eq!(s.total, [80, 64, 32765, 4096]);
+        assert_eq!(s.per_uid, [20, 16, 8191, 1024]);
         // Asking for more mappings than the kernel allows is lowered to what fits.
-        let s = QuotaSettings::derive_with_map_count(
+        let s = QuotaSettings::derive_with_limits(
             65530,
+            1 << 20,
             &QuotaRequest { max_buffers: Some(1 << 20), ..asked },
         );
-        assert_eq!(s.total[2], 65530 - 4096 - 80 * 8);
+        assert_eq!(s.total[2], 65530 - 4096 - 80 * 8 - 4096);
+    }
+
+    #[test]
+    fn rings_follow_the_open_file_limit() {
+        let asked = QuotaRequest { max_sessions: 64, admin_reserve: 4, ..Default::default() };
+        // 1024 descriptors: 256 kept, 80 connections x 4, the rest two per ring.
+        let s = QuotaSettings::derive_with_limits(65530, 1024, &asked);
+        assert_eq!(s.total[3], (1024 - 256 - 80 * 4) / 2);
+        assert_eq!(s.per_uid[3], (1024 - 256 - 80 * 4) / 2 / 4);
+        // Asking for more is lowered; never below one ring per session.
+        let s =
+            QuotaSettings::derive_with_limits(65530, 1024, &QuotaRequest { max_rings: Some(5000), ..asked });
+        assert_eq!(s.total[3], 224);
+        assert_eq!(QuotaSettings::derive_with_limits(65530, 300, &asked).total[3], 64);
+        // A uid at its ring limit is refused; rings are not kept for root.
+        let q = Quotas::new(settings());
+        let held: Vec<_> = (0..6).map(|_| q.acquire(Resource::Ring, 1000).unwrap()).collect();
+        assert!(matches!(q.acquire(Resource::Ring, 1000), Err(ControlError::UidLimit { uid: 1000, .. })));
+        drop(held);
+        assert!(q.acquire(Resource::Ring, 1000).is_ok());
     }
 }
