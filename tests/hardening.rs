@@ -271,6 +271,26 @@ fn rings_are_bounded_per_uid() {
     others_unaffected(&mut broker);
 }
 
+#[test]
+fn registered_bytes_are_bounded_per_uid_across_sessions() {
+    let mut broker = TestBroker::start(&["--max-registered-bytes-per-uid", "8M"]);
+    let mut a = broker.connect();
+    let mut b = broker.connect();
+    let _a1 = a.alloc_buffer(4 << 20).unwrap();
+    let b1 = b.alloc_buffer(4 << 20).unwrap();
+    match a.alloc_buffer(4 << 20) {
+        Err(Error::Refused(ControlError::UidLimit { uid: 0, what })) => {
+            assert!(what.contains("8388608 registered bytes per uid"), "{what}")
+        }
+        other => panic!("a third 4 MiB of the uid: {other:?}"),
+    }
+    // Given back when a buffer is unregistered, whichever session held it.
+    b.unregister_buffer(b1).unwrap();
+    let _a2 = a.alloc_buffer(4 << 20).unwrap();
+    drop((a, b));
+    others_unaffected(&mut broker);
+}
+
 // ---- 3. Hugetlb memfds ------------------------------------------------------------------
 
 /// Makes sure two free 2 MiB huge pages exist; gives the old setting back on drop.

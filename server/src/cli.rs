@@ -93,6 +93,11 @@ pub(crate) struct Args {
     #[arg(long, default_value = "16G", value_parser = parse_size)]
     pub(crate) max_registered_total: u64,
 
+    /// Most bytes the sessions of one uid may register together [default: a quarter of
+    /// --max-registered-total], so one tenant cannot take all of it.
+    #[arg(long, value_parser = parse_size)]
+    pub(crate) max_registered_bytes_per_uid: Option<u64>,
+
     /// Emulated namespace size in bytes (suffixes K, M, G allowed).
     #[arg(long, default_value = "1G", value_parser = parse_size)]
     pub(crate) size: u64,

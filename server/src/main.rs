@@ -248,6 +248,8 @@ fn run(
         buffers_per_uid: args.max_buffers_per_uid,
         max_rings: args.max_rings,
         rings_per_uid: args.max_rings_per_uid,
+        registered_bytes_total: Some(args.max_registered_total),
+        registered_bytes_per_uid: args.max_registered_bytes_per_uid,
     });
     config.hello_timeout = Duration::from_secs(args.hello_timeout_s);
     config.io_queue_depth = args.queue_depth;

@@ -585,7 +585,8 @@ impl Connection {
         let left = cfg.max_buffer_bytes_per_session.saturating_sub(self.buffer_bytes);
         // Each buffer is one mapping in the broker: bounded per uid and in all, well below
         // vm.max_map_count, so mappings can never run out for the broker's own needs.
-        let ticket = self.shared.quotas.acquire(Resource::Buffer, self.uid)?;
+        // Its bytes count against the uid's registered bytes (all its sessions together).
+        let ticket = self.shared.quotas.acquire_buffer(self.uid, len)?;
         let buffer = Arc::new(RegisteredBuffer::register(
             fd,
             offset,

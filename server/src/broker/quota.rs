@@ -50,6 +50,9 @@ pub struct QuotaSettings {
     pub per_uid: [u64; 4],
     /// Connections and sessions only root may use.
     pub admin_reserve: u64,
+    /// Bytes of registered (with VFIO pinned) buffers one uid may hold, all its sessions
+    /// together.
+    pub bytes_per_uid: u64,
 }
 
 /// Mappings the broker keeps for itself (libraries, thread stacks, queues, rings) out of
@@ -112,6 +115,10 @@ pub struct QuotaRequest {
     pub max_rings: Option<u64>,
     /// Rings of one uid.
     pub rings_per_uid: Option<u64>,
+    /// Registered bytes of all clients (only for the per-uid default).
+    pub registered_bytes_total: Option<u64>,
+    /// Registered bytes of one uid.
+    pub registered_bytes_per_uid: Option<u64>,
 }
 
 impl QuotaSettings {
@@ -162,6 +169,10 @@ impl QuotaSettings {
             ],
             // Never so large that other uids get nothing.
             admin_reserve: (asked.admin_reserve as u64).min(sessions / 4),
+            bytes_per_uid: asked
+                .registered_bytes_per_uid
+                .unwrap_or(asked.registered_bytes_total.unwrap_or(16 << 30) / 4)
+                .max(1),
         }
     }
 
@@ -175,6 +186,8 @@ impl QuotaSettings {
 struct Counts {
     total: [u64; 4],
     per_uid: HashMap<u32, [u64; 4]>,
+    /// Registered bytes per uid.
+    bytes: HashMap<u32, u64>,
 }
 
 /// Live counts against the settings.
@@ -190,6 +203,8 @@ pub struct Ticket {
     quotas: Arc<Quotas>,
     resource: Resource,
     uid: u32,
+    /// Registered bytes it holds besides its unit (buffers).
+    bytes: u64,
 }
 
 impl Quotas {
@@ -200,8 +215,33 @@ impl Quotas {
 
     /// Takes one unit of `resource` for `uid`, or says which limit refuses it.
     pub fn acquire(self: &Arc<Self>, resource: Resource, uid: u32) -> Result<Ticket, ControlError> {
+        self.acquire_with_bytes(resource, uid, 0)
+    }
+
+    /// Takes one buffer of `bytes` registered bytes for `uid` (against its buffer count and its
+    /// registered bytes), or says which limit refuses it.
+    pub fn acquire_buffer(self: &Arc<Self>, uid: u32, bytes: u64) -> Result<Ticket, ControlError> {
+        self.acquire_with_bytes(Resource::Buffer, uid, bytes)
+    }
+
+    fn acquire_with_bytes(
+        self: &Arc<Self>,
+        resource: Resource,
+        uid: u32,
+        bytes: u64,
+    ) -> Result<Ticket, ControlError> {
         let i = resource.index();
         let mut c = self.counts.lock().unwrap_or_else(|p| p.into_inner());
+        let held = c.bytes.get(&uid).copied().unwrap_or(0);
+        if bytes > 0 && held.saturating_add(bytes) > self.settings.bytes_per_uid {
+            return Err(ControlError::UidLimit {
+                uid,
+                what: format!(
+                    "at most {} registered bytes per uid ({held} held, {bytes} more asked)",
+                    self.settings.bytes_per_uid
+                ),
+            });
+        }
         let mut total = self.settings.total[i];
         let reserved = matches!(resource, Resource::Connection | Resource::Session);
         if uid != 0 && reserved {
@@ -227,7 +267,10 @@ impl Quotas {
         }
         mine[i] += 1;
         c.total[i] += 1;
-        Ok(Ticket { quotas: self.clone(), resource, uid })
+        if bytes > 0 {
+            *c.bytes.entry(uid).or_default() += bytes;
+        }
+        Ok(Ticket { quotas: self.clone(), resource, uid, bytes })
     }
 
     /// Units of `resource` held now (all uids).
@@ -245,6 +288,14 @@ impl Drop for Ticket {
             mine[i] -= 1;
             if mine.iter().all(|&n| n == 0) {
                 c.per_uid.remove(&self.uid);
+            }
+        }
+        if self.bytes > 0 {
+            if let Some(b) = c.bytes.get_mut(&self.uid) {
+                *b -= self.bytes;
+                if *b == 0 {
+                    c.bytes.remove(&self.uid);
+                }
             }
         }
     }
@@ -265,6 +316,8 @@ mod tests {
             buffers_per_uid: Some(40),
             max_rings: Some(20),
             rings_per_uid: Some(6),
+            registered_bytes_total: None,
+            registered_bytes_per_uid: Some(1 << 20),
         };
         QuotaSettings::derive_with_limits(65530, 1 << 20, &asked)
     }
@@ -302,6 +355,24 @@ mod tests {
             &QuotaRequest { max_buffers: Some(1 << 20), ..asked },
         );
         assert_eq!(s.total[2], 65530 - 4096 - 80 * 8 - 4096);
+    }
+
+    #[test]
+    fn registered_bytes_are_bounded_per_uid() {
+        let q = Quotas::new(settings());
+        let a = q.acquire_buffer(1000, 512 << 10).unwrap();
+        let b = q.acquire_buffer(1000, 512 << 10).unwrap();
+        let e = q.acquire_buffer(1000, 4096).unwrap_err();
+        assert!(e.to_string().contains("registered bytes per uid"), "{e}");
+        // Another uid is not touched; a buffer let go gives its bytes back.
+        let _c = q.acquire_buffer(1001, 1 << 20).unwrap();
+        drop(a);
+        let _d = q.acquire_buffer(1000, 512 << 10).unwrap();
+        drop(b);
+        assert_eq!(
+            QuotaSettings::derive_with_limits(65530, 1 << 20, &QuotaRequest::default()).bytes_per_uid,
+            4 << 30
+        );
     }
 
     #[test]
