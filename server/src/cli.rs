@@ -94,7 +94,8 @@ pub(crate) struct Args {
     pub(crate) max_registered_total: u64,
 
     /// Most bytes the sessions of one uid may register together [default: a quarter of
-    /// --max-registered-total], so one tenant cannot take all of it.
+    /// --max-registered-total, at least --max-registered-bytes], so one tenant cannot take all of
+    /// it.
     #[arg(long, value_parser = parse_size)]
     pub(crate) max_registered_bytes_per_uid: Option<u64>,
 

@@ -249,7 +249,17 @@ fn run(
         max_rings: args.max_rings,
         rings_per_uid: args.max_rings_per_uid,
         registered_bytes_total: Some(args.max_registered_total),
-        registered_bytes_per_uid: args.max_registered_bytes_per_uid,
+        // A quarter of the total, but at least what one session may register; one at the total
+        // or above is no limit of its own (the broker-wide one answers first).
+        registered_bytes_per_uid: Some(
+            match args
+                .max_registered_bytes_per_uid
+                .unwrap_or((args.max_registered_total / 4).max(args.max_registered_bytes))
+            {
+                n if n >= args.max_registered_total => u64::MAX,
+                n => n,
+            },
+        ),
     });
     config.hello_timeout = Duration::from_secs(args.hello_timeout_s);
     config.io_queue_depth = args.queue_depth;
