@@ -452,3 +452,39 @@ fn scrapes_follow_the_clients_and_match_their_counts() {
         "ended sessions still count"
     );
 }
+
+#[test]
+fn a_token_file_makes_the_endpoint_answer_only_requests_that_carry_it() {
+    let dir = std::env::temp_dir().join(format!("nvmed-metrics-token-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let token = dir.join("token");
+    std::fs::write(&token, "k9Tq2x\n").unwrap();
+    let broker = TestBroker::start(&[
+        "--metrics-listen",
+        "127.0.0.1:0",
+        "--metrics-token-file",
+        token.to_str().unwrap(),
+    ]);
+    let addr: SocketAddr = broker
+        .ready
+        .split("metrics on http://")
+        .nth(1)
+        .and_then(|u| u.strip_suffix("/metrics"))
+        .unwrap()
+        .parse()
+        .unwrap();
+    let agent = agent();
+    let resp = agent.get(&format!("http://{addr}/metrics")).call().unwrap();
+    assert_eq!(resp.status(), 401);
+    assert_eq!(resp.headers().get("www-authenticate").unwrap(), "Bearer");
+    let resp =
+        agent.get(&format!("http://{addr}/metrics")).header("Authorization", "Bearer wrong").call().unwrap();
+    assert_eq!(resp.status(), 401);
+    let mut resp =
+        agent.get(&format!("http://{addr}/metrics")).header("Authorization", "Bearer k9Tq2x").call().unwrap();
+    assert_eq!(resp.status(), 200);
+    let m = Metrics::parse(&resp.body_mut().read_to_string().unwrap());
+    assert_eq!(m.get("nvmed_sessions", &[]), 0.0);
+    drop(broker);
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -36,6 +36,14 @@ pub fn duration(secs: u64) -> String {
 /// Columns padded to their widest cell, two spaces apart; numeric-looking columns are
 /// right-aligned when `right[i]`.
 pub fn table(headers: &[&str], right: &[bool], rows: &[Vec<String>]) -> String {
+    // Cells may hold names a tenant chose: no control character reaches the terminal.
+    let rows: Vec<Vec<String>> = rows
+        .iter()
+        .map(|r| {
+            r.iter().map(|c| c.chars().map(|ch| if ch.is_control() { '?' } else { ch }).collect()).collect()
+        })
+        .collect();
+    let rows = &rows[..];
     let mut width: Vec<usize> = headers.iter().map(|h| h.chars().count()).collect();
     for r in rows {
         for (i, c) in r.iter().enumerate() {
@@ -307,5 +315,7 @@ mod tests {
             &[vec!["7".into(), "a".into()], vec!["10".into(), "bb".into()]],
         );
         assert_eq!(t, "ID  NAME\n 7  a\n10  bb\n");
+        let t = table(&["NAME"], &[false], &[vec!["a\x1b]52;c;x\x07\nb".into()]]);
+        assert_eq!(t, "NAME\na?]52;c;x??b\n");
     }
 }

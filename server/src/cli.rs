@@ -80,10 +80,17 @@ pub(crate) struct Args {
     /// text format (per session and per uid I/O counters and bytes, in-flight requests, each QoS
     /// tenant's dispatched requests and throttled time, I/O thread and device queue figures,
     /// registered bytes, SMART health read at most every 5 s). E.g. 127.0.0.1:9464; port 0
-    /// picks a free port (printed on the ready line). No authentication: keep it on loopback or
-    /// a trusted network.
+    /// picks a free port (printed on the ready line). It shows every tenant's figures, uids and
+    /// client names, which sessions do not see of each other: without --metrics-token-file any
+    /// process that can connect (on loopback, every local user) reads them.
     #[arg(long, value_name = "ADDR:PORT")]
     pub(crate) metrics_listen: Option<std::net::SocketAddr>,
+
+    /// A file holding a token the metrics endpoint requires (`Authorization: Bearer TOKEN`, as
+    /// Prometheus sends with `authorization: {credentials_file: ...}`); others get 401. Read at
+    /// start; keep it readable by root only.
+    #[arg(long, value_name = "PATH")]
+    pub(crate) metrics_token_file: Option<std::path::PathBuf>,
 
     /// Most bytes one session may register (pinned memory with VFIO; suffixes K, M, G, T).
     #[arg(long, default_value = "4G", value_parser = parse_size)]

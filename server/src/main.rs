@@ -233,6 +233,15 @@ fn run(
         Some(args.admin_socket.clone().unwrap_or_else(|| admin_socket_beside(&args.socket)));
     config.admin_group = args.admin_group.clone();
     config.metrics_listen = args.metrics_listen;
+    if let Some(path) = &args.metrics_token_file {
+        let token = std::fs::read_to_string(path)
+            .map_err(|e| format!("reading the metrics token {}: {e}", path.display()))?;
+        let token = token.trim();
+        if token.is_empty() || token.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            return Err(format!("the metrics token in {} must be one word", path.display()).into());
+        }
+        config.metrics_token = Some(token.to_string());
+    }
     config.max_buffer_bytes_per_session = args.max_registered_bytes;
     config.max_buffer_bytes_total = args.max_registered_total;
     config.max_sessions = args.max_sessions;

@@ -111,6 +111,8 @@ enum HttpError {
     Method(String),
     #[error("request larger than {MAX_REQUEST} bytes")]
     TooLarge,
+    #[error("a bearer token is required (Authorization: Bearer ...)")]
+    Unauthorized,
 }
 
 impl HttpError {
@@ -120,6 +122,7 @@ impl HttpError {
             HttpError::NotFound(_) => "404 Not Found",
             HttpError::Method(_) => "405 Method Not Allowed",
             HttpError::TooLarge => "431 Request Header Fields Too Large",
+            HttpError::Unauthorized => "401 Unauthorized",
         }
     }
 }
@@ -873,8 +876,27 @@ enum Next {
     Close,
 }
 
-/// The `GET /metrics` target of a request head, or why it is refused.
-fn parse_request(head: &[u8]) -> Result<bool, HttpError> {
+/// Whether the request head carries `Authorization: Bearer <token>` (compared in constant time).
+fn authorized(head: &[u8], token: &str) -> bool {
+    let Ok(text) = std::str::from_utf8(head) else { return false };
+    text.lines().skip(1).any(|line| {
+        let Some((name, value)) = line.split_once(':') else { return false };
+        if !name.trim().eq_ignore_ascii_case("authorization") {
+            return false;
+        }
+        let value = value.trim();
+        let Some(given) =
+            value.get(..7).filter(|s| s.eq_ignore_ascii_case("bearer ")).map(|_| value[7..].trim())
+        else {
+            return false;
+        };
+        given.len() == token.len() && given.bytes().zip(token.bytes()).fold(0u8, |d, (a, b)| d | (a ^ b)) == 0
+    })
+}
+
+/// The `GET /metrics` target of a request head, or why it is refused; with `token`, only a
+/// request that carries it is answered.
+fn parse_request(head: &[u8], token: Option<&str>) -> Result<bool, HttpError> {
     let line_end = head.iter().position(|&b| b == b'\n').ok_or(HttpError::BadRequest)?;
     let line =
         std::str::from_utf8(&head[..line_end]).map_err(|_| HttpError::BadRequest)?.trim_end_matches('\r');
@@ -898,6 +920,9 @@ fn parse_request(head: &[u8]) -> Result<bool, HttpError> {
     let path = target.split_once('?').map_or(target, |(p, _)| p);
     if path != "/metrics" {
         return Err(HttpError::NotFound(path.chars().take(64).collect()));
+    }
+    if token.is_some_and(|t| !authorized(head, t)) {
+        return Err(HttpError::Unauthorized);
     }
     Ok(head_only)
 }
@@ -936,7 +961,8 @@ impl Conn {
                 Err(_) => return Next::Close,
             }
             if let Some(end) = head_end(&self.input) {
-                self.answer(parse_request(&self.input[..end]), scraper);
+                let token = scraper.shared.config.metrics_token.as_deref();
+                self.answer(parse_request(&self.input[..end], token), scraper);
                 return self.write();
             }
             if self.input.len() > MAX_REQUEST {
@@ -956,7 +982,11 @@ impl Conn {
             }
             Err(e) => {
                 debug!(peer = %self.peer, "metrics endpoint: {e}");
-                let extra = if matches!(e, HttpError::Method(_)) { "Allow: GET, HEAD\r\n" } else { "" };
+                let extra = match e {
+                    HttpError::Method(_) => "Allow: GET, HEAD\r\n",
+                    HttpError::Unauthorized => "WWW-Authenticate: Bearer\r\n",
+                    _ => "",
+                };
                 let body = format!("{e}\n");
                 response(e.status(), "text/plain; charset=utf-8", body.as_bytes(), false, extra)
             }
@@ -1052,8 +1082,19 @@ fn serve_loop(listener: &TcpListener, mut scraper: Scraper, stop: &AtomicBool) {
                 continue;
             }
             if conns.len() >= MAX_CONNECTIONS {
-                if let Some(old) = conns.pop_front() {
-                    debug!(peer = %old.peer, "metrics endpoint: too many connections; closing the oldest");
+                // The oldest that has sent nothing yet goes; one whose request is under way or
+                // whose answer is being written is kept (a flood of empty connections cannot cut
+                // scrapes off). With none idle, the new connection is the one refused.
+                match conns.iter().position(|c| c.output.is_none() && c.input.is_empty()) {
+                    Some(i) => {
+                        if let Some(old) = conns.remove(i) {
+                            debug!(peer = %old.peer, "metrics endpoint: too many connections; closing the oldest idle one");
+                        }
+                    }
+                    None => {
+                        debug!(%peer, "metrics endpoint: too many connections at work; closing the new one");
+                        continue;
+                    }
                 }
             }
             let mut c = Conn {
@@ -1078,13 +1119,30 @@ mod tests {
 
     #[test]
     fn requests_are_parsed_strictly() {
-        assert_eq!(parse_request(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n"), Ok(false));
-        assert_eq!(parse_request(b"HEAD /metrics?x=1 HTTP/1.0\r\n\r\n"), Ok(true));
-        assert_eq!(parse_request(b"GET / HTTP/1.1\r\n\r\n"), Err(HttpError::NotFound("/".into())));
-        assert_eq!(parse_request(b"POST /metrics HTTP/1.1\r\n\r\n"), Err(HttpError::Method("POST".into())));
-        assert_eq!(parse_request(b"GET /metrics\r\n\r\n"), Err(HttpError::BadRequest));
-        assert_eq!(parse_request(b"GET metrics HTTP/1.1\r\n\r\n"), Err(HttpError::BadRequest));
-        assert_eq!(parse_request(b"\x00\x01 /metrics HTTP/1.1\r\n\r\n"), Err(HttpError::BadRequest));
+        assert_eq!(parse_request(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n", None), Ok(false));
+        // With a token, only a request that carries it.
+        let t = Some("s3cret");
+        assert_eq!(
+            parse_request(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n", t),
+            Err(HttpError::Unauthorized)
+        );
+        assert_eq!(
+            parse_request(b"GET /metrics HTTP/1.1\r\nauthorization: bearer s3cret\r\n\r\n", t),
+            Ok(false)
+        );
+        for wrong in ["Bearer s3cre", "Bearer s3cretX", "Basic s3cret", "Bearer"] {
+            let req = format!("GET /metrics HTTP/1.1\r\nAuthorization: {wrong}\r\n\r\n");
+            assert_eq!(parse_request(req.as_bytes(), t), Err(HttpError::Unauthorized), "{wrong}");
+        }
+        assert_eq!(parse_request(b"HEAD /metrics?x=1 HTTP/1.0\r\n\r\n", None), Ok(true));
+        assert_eq!(parse_request(b"GET / HTTP/1.1\r\n\r\n", None), Err(HttpError::NotFound("/".into())));
+        assert_eq!(
+            parse_request(b"POST /metrics HTTP/1.1\r\n\r\n", None),
+            Err(HttpError::Method("POST".into()))
+        );
+        assert_eq!(parse_request(b"GET /metrics\r\n\r\n", None), Err(HttpError::BadRequest));
+        assert_eq!(parse_request(b"GET metrics HTTP/1.1\r\n\r\n", None), Err(HttpError::BadRequest));
+        assert_eq!(parse_request(b"\x00\x01 /metrics HTTP/1.1\r\n\r\n", None), Err(HttpError::BadRequest));
         assert_eq!(head_end(b"GET / HTTP/1.1\r\nA: b\r\n\r\nrest"), Some(24));
         assert_eq!(head_end(b"GET / HTTP/1.1\r\nA: b\r\n"), None);
     }

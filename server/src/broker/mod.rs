@@ -99,6 +99,8 @@ pub struct BrokerConfig {
     pub admin_socket_mode: Option<u32>,
     /// Where to serve Prometheus metrics over HTTP (`GET /metrics`); `None`: nowhere.
     pub metrics_listen: Option<std::net::SocketAddr>,
+    /// A bearer token the metrics endpoint requires (`Authorization: Bearer <token>`).
+    pub metrics_token: Option<String>,
     /// A listening socket to serve instead of binding `socket` (systemd socket activation:
     /// [`crate::activation`]); its path is then the service manager's, never removed here.
     pub listener: Option<Arc<OwnedFd>>,
@@ -133,6 +135,7 @@ impl BrokerConfig {
             admin_group: None,
             admin_socket_mode: None,
             metrics_listen: None,
+            metrics_token: None,
             listener: None,
         }
     }
@@ -493,6 +496,8 @@ pub struct Broker {
     metrics: Option<metrics::MetricsServer>,
     /// (device, inode) of the socket file it bound.
     socket_id: Option<(u64, u64)>,
+    /// (device, inode) of the admin socket file it bound.
+    admin_id: Option<(u64, u64)>,
     /// Threads waiting for a controller's hot unplug.
     unplug_watchers: Vec<JoinHandle<()>>,
 }
@@ -612,6 +617,10 @@ impl Broker {
                 }
                 return Err(e);
             }
+        };
+        let admin_id = match (&admin_listener, &config.admin_socket) {
+            (Some(_), Some(p)) => file_id(p),
+            _ => None,
         };
         let metrics_listener = match config.metrics_listen {
             None => None,
@@ -828,6 +837,7 @@ impl Broker {
             admin,
             metrics,
             socket_id,
+            admin_id,
             unplug_watchers,
         })
     }
@@ -1002,8 +1012,11 @@ impl Broker {
         if self.shared.config.listener.is_none() && same_file(&self.shared.config.socket, self.socket_id) {
             let _ = std::fs::remove_file(&self.shared.config.socket);
         }
+        // Likewise only the admin socket it bound.
         if let Some(p) = &self.shared.config.admin_socket {
-            let _ = std::fs::remove_file(p);
+            if same_file(p, self.admin_id) {
+                let _ = std::fs::remove_file(p);
+            }
         }
         Ok(())
     }

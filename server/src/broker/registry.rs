@@ -229,8 +229,8 @@ impl Registry {
             id,
             uid,
             pid,
-            command: command_name(pid),
-            client: client.chars().take(64).collect(),
+            command: printable(&command_name(pid), 64),
+            client: printable(client, 64),
             started_unix,
             started: Instant::now(),
             rings: Mutex::new(Vec::new()),
@@ -259,6 +259,23 @@ impl Registry {
     }
 }
 
+/// At most `max` characters of a name a client chose (its Hello's client name, its process
+/// name), without control characters or bidirectional overrides: it is shown to operators
+/// (`nvmectl sessions`, `top`), whose terminal must not run what a tenant wrote.
+pub fn printable(name: &str, max: usize) -> String {
+    name.chars()
+        .map(|c| {
+            let bidi = ('\u{202A}'..='\u{202E}').contains(&c) || ('\u{2066}'..='\u{2069}').contains(&c);
+            if c.is_control() || bidi {
+                '?'
+            } else {
+                c
+            }
+        })
+        .take(max)
+        .collect()
+}
+
 /// A process's command name (`/proc/PID/comm`), best effort: empty if it cannot be read.
 fn command_name(pid: i32) -> String {
     if pid <= 0 {
@@ -270,6 +287,14 @@ fn command_name(pid: i32) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn names_shown_to_operators_carry_no_control_characters() {
+        assert_eq!(printable("fio job 1", 64), "fio job 1");
+        assert_eq!(printable("x\x1b[1A\x1b[2K\n  7  0  fake", 64), "x?[1A?[2K?  7  0  fake");
+        assert_eq!(printable("\u{202E}txt.exe", 64), "?txt.exe");
+        assert_eq!(printable(&"é".repeat(100), 64).chars().count(), 64);
+    }
 
     #[test]
     fn sessions_are_listed_until_released_with_their_rings_summed() {
