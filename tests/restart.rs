@@ -41,7 +41,12 @@ fn a_client_goes_on_through_a_broker_killed_and_restarted() {
     }
     ring.submit().unwrap();
     std::thread::sleep(Duration::from_millis(10));
+    let epoch = ring.connection_epoch();
+    assert!(!ring.broker_closed());
     broker.kill9();
+    // An event loop asks before it sleeps on the completion eventfd (a killed broker sets no
+    // flag in the ring).
+    common::wait_until("the broker's end seen", Duration::from_secs(5), || ring.broker_closed());
     let t = Instant::now();
     broker.restart();
     // The application only waits: its completions come, from the new broker.
@@ -54,6 +59,8 @@ fn a_client_goes_on_through_a_broker_killed_and_restarted() {
     assert_eq!(tags, (0..64).collect::<Vec<_>>(), "each request completes exactly once");
     assert!(out.iter().all(|c| c.status.is_success()), "{out:?}");
     assert_eq!(ring.reconnects(), 1);
+    assert_ne!(ring.connection_epoch(), epoch, "a new connection, a new completion fd");
+    assert!(!ring.broker_closed());
     eprintln!("recovered in {:?}", t.elapsed());
     // The data is there, read through the same buffer ids.
     ring.read(ns, 0, back, 0, 64 * 4096).unwrap();

@@ -160,6 +160,12 @@ static int fio_nvmed_init(struct thread_data *td)
 		log_err("nvmed: the job needs filename=<the broker's socket>\n");
 		return 1;
 	}
+	/* Offload's submit workers each init the engine without fio's buffers: their I/O would
+	 * name memory registered on another ring. */
+	if (td->o.io_submit_mode == IO_MODE_OFFLOAD) {
+		log_err("nvmed: io_submit_mode=offload is not supported\n");
+		return 1;
+	}
 	/* Every file of the job is the same broker: one ring serves them. */
 	for_each_file(td, f, i) {
 		if (strcmp(f->file_name, td->files[0]->file_name)) {
@@ -412,8 +418,13 @@ static struct io_u *fio_nvmed_event(struct thread_data *td, int event)
 	return d->events[event];
 }
 
-/* nvmed's description of a failed request (fio prints it after its own "io_u error" line). */
+/* nvmed's description of a failed request (fio prints it after its own "io_u error" line).
+ * fio 3.38 (ioengine ops version 36) passes the thread too. */
+#if FIO_IOOPS_VERSION >= 36
+static char *fio_nvmed_errdetails(struct thread_data *td, struct io_u *io_u)
+#else
 static char *fio_nvmed_errdetails(struct io_u *io_u)
+#endif
 {
 	uint32_t status = (uint32_t)(uintptr_t)io_u->engine_data;
 	char text[256];

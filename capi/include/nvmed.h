@@ -69,6 +69,10 @@
 // An internal error (a caught panic); the ring is no longer usable: close it.
 #define NVMED_E_PANIC -16
 
+// The ring reconnected to a restarted broker: its completion eventfd is a new one. Call
+// `nvmed_completion_fd` again (and watch that one) before arming again.
+#define NVMED_E_FD_CHANGED -17
+
 // `nvmed_prep_write` / `nvmed_prep_write_zeroes` flag: force unit access.
 #define NVMED_PREP_FUA 1
 
@@ -206,7 +210,9 @@ int nvmed_ring_opts_init(struct nvmed_ring_opts *opts);
 int nvmed_open(const char *path, const struct nvmed_ring_opts *opts, struct nvmed_ring **out);
 
 // Closes the ring and its session (the broker lets its I/O drain and releases its buffers).
-// Buffer addresses of the ring are invalid afterwards. NULL is ignored.
+// Buffer addresses of the ring are invalid afterwards. NULL is ignored. It does not wait for
+// requests still in flight: the device may write into a registered memfd of the caller's for
+// a moment after this returns, so wait for their completions first if that memory is reused.
 //
 // # Safety
 // `ring` is NULL or a handle from `nvmed_open` not closed yet; it is not used afterwards.
@@ -367,9 +373,12 @@ int nvmed_wait(struct nvmed_ring *ring,
 int nvmed_completion_fd(struct nvmed_ring *ring);
 
 // Asks the broker to signal the completion eventfd at the next completion, then polls once
-// more into `out` (up to `max`). Returns how many completions it moved: 0 means the caller may
-// sleep until the fd is readable and must then call `nvmed_disarm_completion_fd`; above 0 the
-// ring is disarmed again and the caller handles them instead of sleeping.
+// more into `out` (up to `max`, at least 1). Returns how many completions it moved: 0 means the
+// caller may sleep until the fd is readable and must then call `nvmed_disarm_completion_fd`;
+// above 0 the ring is disarmed again and the caller handles them instead of sleeping. A broker
+// that exited is noticed here: the ring reconnects to a restarted one (its requests in flight
+// are sent again) and, if the caller took the eventfd with `nvmed_completion_fd`, this returns
+// `NVMED_E_FD_CHANGED` (take it again), or fails with `NVMED_E_BROKER_GONE`.
 //
 // # Safety
 // `ring` is a live handle; `out` is valid for writing `max` `nvmed_completion`s.

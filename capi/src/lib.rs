@@ -94,6 +94,9 @@ pub const NVMED_E_TIMEOUT: c_int = -14;
 pub const NVMED_E_NO_NAMESPACE: c_int = -15;
 /// An internal error (a caught panic); the ring is no longer usable: close it.
 pub const NVMED_E_PANIC: c_int = -16;
+/// The ring reconnected to a restarted broker: its completion eventfd is a new one. Call
+/// `nvmed_completion_fd` again (and watch that one) before arming again.
+pub const NVMED_E_FD_CHANGED: c_int = -17;
 
 /// `nvmed_prep_write` / `nvmed_prep_write_zeroes` flag: force unit access.
 pub const NVMED_PREP_FUA: u32 = 1;
@@ -224,6 +227,8 @@ pub struct nvmed_ring {
     namespaces: Vec<NamespaceInfo>,
     /// A panic happened in a call on this ring.
     poisoned: bool,
+    /// The connection epoch when `nvmed_completion_fd` last gave the caller the eventfd.
+    fd_epoch: Option<u64>,
 }
 
 /// A failed call: its code and the text `nvmed_last_error` returns.
@@ -255,6 +260,8 @@ impl From<Error> for Failure {
             Error::BadSegments(_) => NVMED_E_BAD_SEGMENTS,
             Error::Io(_) => NVMED_E_IO,
             Error::Timeout => NVMED_E_TIMEOUT,
+            // The broker is gone and did not come back within the reconnect budget.
+            Error::ReconnectFailed { .. } => NVMED_E_BROKER_GONE,
             // The client's error enum may grow; a new kind is at least a failure with its text.
             #[allow(unreachable_patterns)]
             _ => NVMED_E_PROTOCOL,
@@ -347,8 +354,14 @@ impl nvmed_ring {
     fn poll(&mut self, out: &mut [nvmed_completion]) -> R<i32> {
         if self.done.len() < out.len() {
             self.scratch.clear();
-            self.ring.poll(&mut self.scratch)?;
+            let r = self.ring.poll(&mut self.scratch);
+            // What was reaped before a failure (a reconnect that failed) is handed out first.
             self.done.extend(self.scratch.drain(..));
+            if let Err(e) = r {
+                if self.done.is_empty() {
+                    return Err(e.into());
+                }
+            }
         }
         Ok(self.hand_out(out) as i32)
     }
@@ -360,8 +373,9 @@ impl nvmed_ring {
             let r = self.ring.wait(min - self.done.len(), &mut self.scratch, timeout);
             self.done.extend(self.scratch.drain(..));
             match r {
-                // Some completions came before the timeout: hand those out.
-                Err(Error::Timeout) if !self.done.is_empty() => {}
+                // Some completions came before the timeout or the failure: hand those out (a
+                // failure repeats at the next call).
+                Err(_) if !self.done.is_empty() => {}
                 Err(e) => return Err(e.into()),
                 Ok(_) => {}
             }
@@ -417,6 +431,7 @@ pub extern "C" fn nvmed_strerror(code: c_int) -> *const c_char {
         NVMED_E_TIMEOUT => c"timed out",
         NVMED_E_NO_NAMESPACE => c"no such namespace for this session",
         NVMED_E_PANIC => c"internal error in libnvmed",
+        NVMED_E_FD_CHANGED => c"the ring reconnected: its completion fd changed",
         _ => c"unknown nvmed error code",
     };
     s.as_ptr()
@@ -507,6 +522,7 @@ pub unsafe extern "C" fn nvmed_open(
             scratch: Vec::new(),
             namespaces,
             poisoned: false,
+            fd_epoch: None,
         });
         // SAFETY: checked non-null; the caller promised it is writable.
         unsafe { ffi::put(out, Box::into_raw(handle), "out") }?;
@@ -515,7 +531,9 @@ pub unsafe extern "C" fn nvmed_open(
 }
 
 /// Closes the ring and its session (the broker lets its I/O drain and releases its buffers).
-/// Buffer addresses of the ring are invalid afterwards. NULL is ignored.
+/// Buffer addresses of the ring are invalid afterwards. NULL is ignored. It does not wait for
+/// requests still in flight: the device may write into a registered memfd of the caller's for
+/// a moment after this returns, so wait for their completions first if that memory is reused.
 ///
 /// # Safety
 /// `ring` is NULL or a handle from `nvmed_open` not closed yet; it is not used afterwards.
@@ -594,6 +612,9 @@ pub unsafe extern "C" fn nvmed_buffer_alloc(
         }
         if len == 0 {
             return Err(Failure::inval("buffer length 0"));
+        }
+        if len.checked_next_multiple_of(4096).is_none() {
+            return Err(Failure::inval(format!("buffer length {len} is too large")));
         }
         let mem = MemfdBuffer::new(len)?;
         buffer_out(r, mem, out)
@@ -869,14 +890,18 @@ pub unsafe extern "C" fn nvmed_completion_fd(ring: *mut nvmed_ring) -> c_int {
         use std::os::fd::AsRawFd;
         // SAFETY: the caller's promise about `ring`.
         let r = unsafe { ffi::ring(ring) }?.usable()?;
+        r.fd_epoch = Some(r.ring.connection_epoch());
         Ok(r.ring.completion_fd().as_raw_fd())
     })
 }
 
 /// Asks the broker to signal the completion eventfd at the next completion, then polls once
-/// more into `out` (up to `max`). Returns how many completions it moved: 0 means the caller may
-/// sleep until the fd is readable and must then call `nvmed_disarm_completion_fd`; above 0 the
-/// ring is disarmed again and the caller handles them instead of sleeping.
+/// more into `out` (up to `max`, at least 1). Returns how many completions it moved: 0 means the
+/// caller may sleep until the fd is readable and must then call `nvmed_disarm_completion_fd`;
+/// above 0 the ring is disarmed again and the caller handles them instead of sleeping. A broker
+/// that exited is noticed here: the ring reconnects to a restarted one (its requests in flight
+/// are sent again) and, if the caller took the eventfd with `nvmed_completion_fd`, this returns
+/// `NVMED_E_FD_CHANGED` (take it again), or fails with `NVMED_E_BROKER_GONE`.
 ///
 /// # Safety
 /// `ring` is a live handle; `out` is valid for writing `max` `nvmed_completion`s.
@@ -891,14 +916,36 @@ pub unsafe extern "C" fn nvmed_arm_completion_fd(
         let r = unsafe { ffi::ring(ring) }?.usable()?;
         // SAFETY: the caller's promise about `out`.
         let out = unsafe { ffi::slice_out(out, max as usize, "out") }?;
+        if out.is_empty() {
+            return Err(Failure::inval("max is 0: no room for the completions arming may find"));
+        }
         if !r.done.is_empty() {
             return Ok(r.hand_out(out) as i32);
         }
         r.scratch.clear();
-        let res = r.ring.arm_completion_fd(&mut r.scratch);
+        // A broker that exited sets no flag the ring sees, and its eventfd would never be
+        // written: reconnect (or fail) instead of arming a sleep nothing ends.
+        let res = if r.ring.broker_closed() {
+            r.ring.reconnect(&mut r.scratch)
+        } else {
+            r.ring.arm_completion_fd(&mut r.scratch)
+        };
         r.done.extend(r.scratch.drain(..));
-        res?;
-        Ok(r.hand_out(out) as i32)
+        if let Err(e) = res {
+            if r.done.is_empty() {
+                return Err(e.into());
+            }
+        }
+        if !r.done.is_empty() {
+            return Ok(r.hand_out(out) as i32);
+        }
+        if r.fd_epoch.is_some_and(|e| e != r.ring.connection_epoch()) {
+            return Err(Failure {
+                code: NVMED_E_FD_CHANGED,
+                message: "the ring reconnected to a restarted broker: call nvmed_completion_fd again".into(),
+            });
+        }
+        Ok(0)
     })
 }
 

@@ -17,7 +17,13 @@ pub struct MemfdBuffer {
 impl MemfdBuffer {
     /// Creates a zeroed buffer of `len` bytes (rounded up to 4 KiB) and seals it.
     pub fn new(len: usize) -> Result<Self> {
-        let len = len.max(1).next_multiple_of(4096);
+        let len = len.max(1).checked_next_multiple_of(4096).ok_or_else(|| crate::Error::Os {
+            what: "sizing the buffer",
+            source: std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!("{len} bytes is too large"),
+            ),
+        })?;
         let memfd = memfd::MemfdOptions::new()
             .allow_sealing(true)
             .close_on_exec(true)

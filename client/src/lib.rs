@@ -961,6 +961,22 @@ impl NvmeRing {
         self.reap(out)
     }
 
+    /// Whether the broker closed this ring's control connection (it exited, was killed, or
+    /// ended the session): a `poll(2)` of the control socket, no wait. An event loop that
+    /// sleeps on [`NvmeRing::completion_fd`] without watching [`NvmeRing::control_socket`]
+    /// asks before it sleeps (nothing else would end that sleep), then calls
+    /// [`NvmeRing::reconnect`].
+    pub fn broker_closed(&self) -> bool {
+        self.broker_gone() || self.epoch != self.session.epoch()
+    }
+
+    /// The control connection this ring is attached through: it changes when the ring
+    /// reconnects to a restarted broker, and with it [`NvmeRing::completion_fd`] and
+    /// [`NvmeRing::control_socket`] (callers that watch those descriptors register them again).
+    pub fn connection_epoch(&self) -> u64 {
+        self.epoch
+    }
+
     /// Moves the completions in the CQ now into `out`; returns how many.
     fn reap(&mut self, out: &mut Vec<Completion>) -> Result<usize> {
         let avail = self.ready_completions() as u32;

@@ -641,7 +641,15 @@ impl AsyncNvmeRing {
     /// (a blocking round trip). Split it for many requests rather than allocating many.
     pub fn alloc_buffer(&self, len: usize) -> Result<IoBuf> {
         let shared = self.shared();
-        let need = len.max(1).next_multiple_of(4096);
+        let Some(need) = len.max(1).checked_next_multiple_of(4096) else {
+            return Err(crate::Error::Os {
+                what: "sizing the buffer",
+                source: std::io::Error::new(
+                    std::io::ErrorKind::InvalidInput,
+                    format!("{len} bytes is too large"),
+                ),
+            });
+        };
         let reused = {
             let mut pool = lock(&shared.pool);
             pool.iter()
