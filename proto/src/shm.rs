@@ -270,6 +270,26 @@ impl SharedMemory {
         Ok(())
     }
 
+    /// As [`SharedMemory::copy_out`], through the kernel: a page that cannot be faulted in
+    /// returns `EFAULT` instead of raising SIGBUS (see [`SharedMemory::copy_to_fault_safe`]).
+    pub fn copy_out_fault_safe(&self, offset: usize, out: &mut [u8]) -> io::Result<()> {
+        let src = self.check(offset, out.len(), 1);
+        let mut done = 0;
+        while done < out.len() {
+            let local = libc::iovec { iov_base: out[done..].as_mut_ptr().cast(), iov_len: out.len() - done };
+            let remote = libc::iovec { iov_base: src.wrapping_add(done).cast(), iov_len: out.len() - done };
+            // SAFETY: the source range was checked in bounds of the live mapping and `out` is a
+            // local slice; the kernel reports a fault as EFAULT.
+            let n = unsafe { libc::process_vm_readv(libc::getpid(), &local, 1, &remote, 1, 0) };
+            match n {
+                n if n > 0 => done += n as usize,
+                0 => return Err(io::Error::from_raw_os_error(libc::EFAULT)),
+                _ => return Err(io::Error::last_os_error()),
+            }
+        }
+        Ok(())
+    }
+
     /// As [`SharedMemory::read`], through the kernel: a page that cannot be faulted in returns
     /// `EFAULT` instead of raising SIGBUS (see [`SharedMemory::copy_to_fault_safe`]).
     pub fn read_fault_safe<T: FromBytes + IntoBytes>(&self, offset: usize) -> io::Result<T> {
@@ -415,12 +435,16 @@ mod tests {
         mem.copy_to_fault_safe(0, &other, 0, 64).unwrap();
         assert_eq!(other.load_u64(8, Ordering::Relaxed), 42);
         assert_eq!(mem.read_fault_safe::<u64>(8).unwrap(), 42);
+        let mut local = [0u8; 16];
+        mem.copy_out_fault_safe(8, &mut local).unwrap();
+        assert_eq!(u64::from_ne_bytes(local[..8].try_into().unwrap()), 42);
         // The second page is cut off: touching it directly would raise SIGBUS.
         file.set_len(4096).unwrap();
         let e = mem.copy_to_fault_safe(4096, &other, 0, 64).unwrap_err();
         assert_eq!(e.raw_os_error(), Some(libc::EFAULT), "{e}");
         assert!(other.copy_to_fault_safe(0, &mem, 4096 + 8, 8).is_err(), "writing into the hole");
         assert!(mem.read_fault_safe::<u64>(4096).is_err());
+        assert!(mem.copy_out_fault_safe(4090, &mut local).is_err());
         // Across the edge: the part before it is no success either.
         assert!(mem.copy_to_fault_safe(4000, &other, 0, 200).is_err());
     }

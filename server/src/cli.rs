@@ -100,9 +100,9 @@ pub(crate) struct Args {
     #[arg(long, default_value = "16G", value_parser = parse_size)]
     pub(crate) max_registered_total: u64,
 
-    /// Most bytes the sessions of one uid may register together [default: a quarter of
-    /// --max-registered-total, at least --max-registered-bytes], so one tenant cannot take all of
-    /// it.
+    /// Most bytes the sessions of one uid may register together, so that one tenant cannot take
+    /// all of --max-registered-total [default: no limit of its own: VMs and NVMe/TCP targets
+    /// often share one uid, and nvmed-vhost registers guest RAM once per queue].
     #[arg(long, value_parser = parse_size)]
     pub(crate) max_registered_bytes_per_uid: Option<u64>,
 

@@ -257,18 +257,13 @@ fn run(
         buffers_per_uid: args.max_buffers_per_uid,
         max_rings: args.max_rings,
         rings_per_uid: args.max_rings_per_uid,
-        registered_bytes_total: Some(args.max_registered_total),
-        // A quarter of the total, but at least what one session may register; one at the total
-        // or above is no limit of its own (the broker-wide one answers first).
-        registered_bytes_per_uid: Some(
-            match args
-                .max_registered_bytes_per_uid
-                .unwrap_or((args.max_registered_total / 4).max(args.max_registered_bytes))
-            {
-                n if n >= args.max_registered_total => u64::MAX,
-                n => n,
-            },
-        ),
+        // Only if asked for (VMs and nvmed-tcp usually run under one uid, and nvmed-vhost
+        // registers guest RAM once per queue); one at the total or above is none of its own
+        // (the broker-wide limit answers first).
+        registered_bytes_per_uid: Some(match args.max_registered_bytes_per_uid {
+            Some(n) if n < args.max_registered_total => n,
+            _ => u64::MAX,
+        }),
     });
     config.hello_timeout = Duration::from_secs(args.hello_timeout_s);
     config.io_queue_depth = args.queue_depth;

@@ -146,8 +146,8 @@ impl Config {
         if self.max_io_queues == 0 {
             return bad("--max-io-queues must be at least 1");
         }
-        if self.max_connections_per_host == 0 {
-            return bad("--max-connections-per-host must be at least 1");
+        if self.max_connections_per_host <= usize::from(self.max_io_queues) {
+            return bad("--max-connections-per-host must exceed --max-io-queues (a host's controller uses one connection per queue and one for admin)");
         }
         if self.max_connections == 0 {
             return bad("--max-connections must be at least 1");

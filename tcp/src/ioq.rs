@@ -737,11 +737,15 @@ impl Queue {
         self.cids.insert(cid, slot);
         self.slots[usize::from(slot)] = Slot { busy: true, cid, ..Slot::default() };
         if cmd.opcode == admin_op::FABRICS {
-            let status = if cmd.nsid.get() as u8 == fctype::DISCONNECT {
+            let status = if cmd.nsid.get() as u8 != fctype::DISCONNECT {
+                sc::INVALID_OPCODE | sc::DNR
+            } else if layout.data_len > 0 {
+                // Disconnect carries no data.
+                sc::INVALID_FIELD | sc::DNR
+            } else {
+                // Answered at once, below: the queue closes once the answer is written.
                 self.closing = true;
                 sc::SUCCESS
-            } else {
-                sc::INVALID_OPCODE | sc::DNR
             };
             self.slots[usize::from(slot)].status = status;
             return if layout.data_len > 0 {

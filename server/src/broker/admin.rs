@@ -413,10 +413,10 @@ fn health(shared: &Shared) -> Vec<HealthReport> {
         .zip(&shared.infos)
         .enumerate()
         .map(|(i, (c, info))| {
-            // Through the one-second cache the metrics use: a run of requests does not queue
-            // admin commands under the controller's lock, which resets need.
+            // Read now (an operator asking wants the figures as they are, not the metrics'
+            // cached ones).
             let (smart, error) = match c.state() {
-                DeviceState::Running => match shared.smart(i) {
+                DeviceState::Running => match c.lock().smart_log() {
                     Ok(s) => (Some(s), None),
                     Err(e) => (None, Some(format!("Get Log Page (SMART / Health Information): {e}"))),
                 },

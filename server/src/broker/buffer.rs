@@ -39,6 +39,18 @@ impl Drop for RegisteredBuffer {
 /// `statfs` magic of hugetlbfs (memfds made with MFD_HUGETLB live there).
 const HUGETLBFS_MAGIC: i64 = 0x9584_58f6;
 
+/// Whether this process may copy its own memory through the kernel (`process_vm_readv`, which
+/// a seccomp filter or a kernel without it refuses): the broker copies to and from hugetlb
+/// buffers only that way. Asked once.
+fn fault_safe_copies_work() -> bool {
+    static WORKS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *WORKS.get_or_init(|| {
+        let Ok(a) = SharedMemory::anonymous(4096) else { return false };
+        let mut out = [0u8; 8];
+        a.copy_out_fault_safe(0, &mut out).is_ok()
+    })
+}
+
 /// Page size of the memfd's memory: its huge page size for a hugetlb memfd, else 4096.
 fn memfd_page_size(fd: &OwnedFd) -> Result<u64, ControlError> {
     let st = nix::sys::statfs::fstatfs(fd).map_err(|e| ControlError::Internal(format!("fstatfs: {e}")))?;
@@ -86,6 +98,11 @@ impl RegisteredBuffer {
         // A hugetlb memfd maps in whole huge pages: a range that is not made of them could
         // neither be mapped nor unmapped exactly.
         let page = memfd_page_size(&fd)?;
+        if page > 4096 && !fault_safe_copies_work() {
+            return Err(bad(
+                "a hugetlb memfd needs process_vm_readv, which this broker may not use (seccomp?)",
+            ));
+        }
         if len == 0 || !len.is_multiple_of(page) {
             return Err(bad(&format!("must be a non-zero multiple of the memfd's page size {page}")));
         }

@@ -410,6 +410,10 @@ impl Connection {
         let entry = self.registered.as_ref().map(|r| r.entry());
         let mut access = entry.as_ref().map(|e| e.access());
         if let Some(a) = access.as_ref() {
+            if a.withdrawn {
+                // Its grants changed under it: the session is being ended (like a kill).
+                return Err(ControlError::SessionKilled(self.id));
+            }
             self.namespaces = a.namespaces.clone();
         }
         // The ring's tenants get their limits split over the threads serving them: this one
@@ -441,8 +445,11 @@ impl Connection {
         });
         let key = rx.recv().map_err(|_| ControlError::Internal("I/O thread stopped".into()))?;
         poller.rings.fetch_add(1, Ordering::Relaxed);
-        // Ring ids are never reused within a session (2^32 rings, one after another, at most).
+        // The next id: after 2^32 rings it wraps, skipping the ids of rings still open.
         self.next_ring_id = self.next_ring_id.wrapping_add(1);
+        while self.next_ring_id == ring_id || self.rings.iter().any(|r| r.ring_id == self.next_ring_id) {
+            self.next_ring_id = self.next_ring_id.wrapping_add(1);
+        }
         if let Some(r) = &self.registered {
             r.add_ring(ring_id, counters.clone());
         }

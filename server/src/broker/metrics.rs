@@ -24,8 +24,9 @@
 //! One blocking endpoint, a few scrapes a minute: a dedicated thread (`nvmed-metrics`) with a
 //! std `TcpListener` and `poll(2)` over non-blocking sockets is enough, and keeps an async
 //! runtime out of a broker whose threads are all plain threads. It is bounded: at most
-//! [`MAX_CONNECTIONS`] connections are kept (a new one evicts the oldest, so connections that
-//! send nothing cannot lock scrapes out), a request must arrive whole within [`REQUEST_DEADLINE`]
+//! [`MAX_CONNECTIONS`] connections are kept (a new one evicts the oldest whose request is not
+//! whole yet, so connections that send little or nothing cannot lock scrapes out; one being
+//! answered is kept), a request must arrive whole within [`REQUEST_DEADLINE`]
 //! and fit in [`MAX_REQUEST`] bytes (431 otherwise), and the answer is written without blocking
 //! (a client that does not read it is dropped at the deadline). Each connection gets one answer
 //! (`Connection: close`). `GET` or `HEAD /metrics` is answered 200, another path 404, another
@@ -1082,17 +1083,17 @@ fn serve_loop(listener: &TcpListener, mut scraper: Scraper, stop: &AtomicBool) {
                 continue;
             }
             if conns.len() >= MAX_CONNECTIONS {
-                // The oldest that has sent nothing yet goes; one whose request is under way or
-                // whose answer is being written is kept (a flood of empty connections cannot cut
-                // scrapes off). With none idle, the new connection is the one refused.
-                match conns.iter().position(|c| c.output.is_none() && c.input.is_empty()) {
+                // The oldest whose request is not whole yet goes (connections that send little
+                // or nothing cannot keep scrapes out); one whose answer is being written is
+                // kept. With every one writing, the new connection is the one refused.
+                match conns.iter().position(|c| c.output.is_none()) {
                     Some(i) => {
                         if let Some(old) = conns.remove(i) {
-                            debug!(peer = %old.peer, "metrics endpoint: too many connections; closing the oldest idle one");
+                            debug!(peer = %old.peer, "metrics endpoint: too many connections; closing the oldest unanswered one");
                         }
                     }
                     None => {
-                        debug!(%peer, "metrics endpoint: too many connections at work; closing the new one");
+                        debug!(%peer, "metrics endpoint: every connection is being answered; closing the new one");
                         continue;
                     }
                 }

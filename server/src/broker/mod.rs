@@ -387,6 +387,7 @@ impl Shared {
                 // Until its control thread gets to it (it may be waiting for the client to read
                 // a reply), the rings refuse new requests to what was withdrawn at once.
                 if lost {
+                    access.withdrawn = true;
                     let kept: Vec<_> = access
                         .namespaces
                         .iter()

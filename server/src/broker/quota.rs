@@ -64,8 +64,9 @@ const MAPS_PER_CONNECTION: u64 = 8;
 
 /// File descriptors the broker keeps for itself (listeners, devices, epoll, logs).
 const FDS_RESERVED: u64 = 256;
-/// Descriptors one connection may hold: its socket and those of one message being handled.
-const FDS_PER_CONNECTION: u64 = 1 + nvmed_proto::control::MAX_FDS_PER_MESSAGE as u64;
+/// Descriptors one connection may hold: its socket and those of one message being handled
+/// (received with room for one more than allowed, so that more are seen as too many).
+const FDS_PER_CONNECTION: u64 = 2 + nvmed_proto::control::MAX_FDS_PER_MESSAGE as u64;
 /// Descriptors one ring holds in the broker (its submit and completion eventfds).
 const FDS_PER_RING: u64 = 2;
 /// Default broker-wide ring limit, when the descriptor limit allows more.
@@ -115,8 +116,6 @@ pub struct QuotaRequest {
     pub max_rings: Option<u64>,
     /// Rings of one uid.
     pub rings_per_uid: Option<u64>,
-    /// Registered bytes of all clients (only for the per-uid default).
-    pub registered_bytes_total: Option<u64>,
     /// Registered bytes of one uid.
     pub registered_bytes_per_uid: Option<u64>,
 }
@@ -169,10 +168,8 @@ impl QuotaSettings {
             ],
             // Never so large that other uids get nothing.
             admin_reserve: (asked.admin_reserve as u64).min(sessions / 4),
-            bytes_per_uid: asked
-                .registered_bytes_per_uid
-                .unwrap_or(asked.registered_bytes_total.unwrap_or(16 << 30) / 4)
-                .max(1),
+            // None unless asked for.
+            bytes_per_uid: asked.registered_bytes_per_uid.unwrap_or(u64::MAX).max(1),
         }
     }
 
@@ -316,7 +313,6 @@ mod tests {
             buffers_per_uid: Some(40),
             max_rings: Some(20),
             rings_per_uid: Some(6),
-            registered_bytes_total: None,
             registered_bytes_per_uid: Some(1 << 20),
         };
         QuotaSettings::derive_with_limits(65530, 1 << 20, &asked)
@@ -371,21 +367,22 @@ mod tests {
         drop(b);
         assert_eq!(
             QuotaSettings::derive_with_limits(65530, 1 << 20, &QuotaRequest::default()).bytes_per_uid,
-            4 << 30
+            u64::MAX,
+            "no per-uid byte limit unless asked for"
         );
     }
 
     #[test]
     fn rings_follow_the_open_file_limit() {
         let asked = QuotaRequest { max_sessions: 64, admin_reserve: 4, ..Default::default() };
-        // 1024 descriptors: 256 kept, 80 connections x 4, the rest two per ring.
+        // 1024 descriptors: 256 kept, 80 connections x 5, the rest two per ring.
         let s = QuotaSettings::derive_with_limits(65530, 1024, &asked);
-        assert_eq!(s.total[3], (1024 - 256 - 80 * 4) / 2);
-        assert_eq!(s.per_uid[3], (1024 - 256 - 80 * 4) / 2 / 4);
+        assert_eq!(s.total[3], (1024 - 256 - 80 * 5) / 2);
+        assert_eq!(s.per_uid[3], (1024 - 256 - 80 * 5) / 2 / 4);
         // Asking for more is lowered; never below one ring per session.
         let s =
             QuotaSettings::derive_with_limits(65530, 1024, &QuotaRequest { max_rings: Some(5000), ..asked });
-        assert_eq!(s.total[3], 224);
+        assert_eq!(s.total[3], 184);
         assert_eq!(QuotaSettings::derive_with_limits(65530, 300, &asked).total[3], 64);
         // A uid at its ring limit is refused; rings are not kept for root.
         let q = Quotas::new(settings());

@@ -21,6 +21,8 @@ pub struct Access {
     pub namespaces: Vec<crate::policy::NamespaceAccess>,
     /// Its rings: ring id, I/O thread, key on that thread.
     pub rings: Vec<(u32, usize, usize)>,
+    /// A namespace it used was withdrawn: the session is being ended and gets no new ring.
+    pub withdrawn: bool,
 }
 
 /// One live session.
@@ -235,7 +237,7 @@ impl Registry {
             started: Instant::now(),
             rings: Mutex::new(Vec::new()),
             closed: Mutex::new(Totals::default()),
-            access: Mutex::new(Access { namespaces, rings: Vec::new() }),
+            access: Mutex::new(Access { namespaces, rings: Vec::new(), withdrawn: false }),
             buffers: AtomicU64::new(0),
             buffer_bytes: AtomicU64::new(0),
         });

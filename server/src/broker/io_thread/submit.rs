@@ -5,7 +5,8 @@
 
 use std::sync::atomic::Ordering;
 
-use nvmed_proto::{BrokerStatus, Cqe, Opcode, RingFault, Segment, Status};
+use nvmed_proto::{BrokerStatus, Cqe, Opcode, RingFault, Segment, Status, MAX_SEGMENTS};
+use zerocopy::FromBytes;
 
 use super::split::{admit, Admission, InFlight, Partial, Split, Work, WHOLE};
 use super::vectored::{VecIo, VecWork};
@@ -288,17 +289,29 @@ impl IoThread {
                         };
                         let fault_safe = list.buffer.fault_safe();
                         let list = list.buffer.mem();
+                        // A hugetlb buffer may have a hole no page can fill: its list is copied
+                        // through the kernel, whole, once.
+                        // (`validate` put the count within MAX_SEGMENTS and the list inside
+                        // its buffer.)
+                        let copied = fault_safe.then(|| {
+                            let mut bytes = [0u8; MAX_SEGMENTS as usize * SEGMENT_SIZE as usize];
+                            let n = usize::from(v.count.min(MAX_SEGMENTS)) * SEGMENT_SIZE as usize;
+                            list.copy_out_fault_safe(v.list_offset as usize, &mut bytes[..n])
+                                .ok()
+                                .map(|()| bytes)
+                        });
                         let checked = validate_segments(
                             v.count,
                             v.len,
                             |i| {
-                                let at = (v.list_offset + i as u64 * SEGMENT_SIZE) as usize;
-                                if fault_safe {
-                                    // A hugetlb buffer may have a hole no page can fill.
-                                    list.read_fault_safe::<Segment>(at)
-                                        .map_err(|_| BrokerStatus::SegmentListRange)
-                                } else {
-                                    Ok(list.read::<Segment>(at))
+                                let at = i * SEGMENT_SIZE as usize;
+                                match &copied {
+                                    None => Ok(list.read::<Segment>((v.list_offset + at as u64) as usize)),
+                                    Some(Some(bytes)) => {
+                                        Segment::read_from_bytes(&bytes[at..at + SEGMENT_SIZE as usize])
+                                            .map_err(|_| BrokerStatus::SegmentListRange)
+                                    }
+                                    Some(None) => Err(BrokerStatus::SegmentListRange),
                                 }
                             },
                             |id| buffers.lookup(id).map(|b| (b.buffer.iova(), b.buffer.len())),
