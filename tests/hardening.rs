@@ -41,6 +41,16 @@ fn cpu_ticks(pid: u32) -> u64 {
     f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap() // utime, stime
 }
 
+/// The broker's CPU use (user + system) over `span`, in per cent of one core.
+fn cpu_percent_over(broker: &TestBroker, span: Duration) -> f64 {
+    let p = pid(broker);
+    let (t0, c0) = (Instant::now(), cpu_ticks(p));
+    std::thread::sleep(span);
+    let ticks = cpu_ticks(p) - c0;
+    let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK).unwrap().unwrap() as f64;
+    ticks as f64 / hz / t0.elapsed().as_secs_f64() * 100.0
+}
+
 fn sealed_memfd(len: u64) -> memfd::Memfd {
     let m = memfd::MemfdOptions::new().allow_sealing(true).create("buf").unwrap();
     m.as_file().set_len(len).unwrap();
@@ -611,12 +621,7 @@ fn a_client_that_never_reaps_leaves_the_broker_idle_and_is_served_when_it_does()
     }
     ring.submit().unwrap();
     std::thread::sleep(Duration::from_millis(300));
-    let p = pid(&broker);
-    let (t0, c0) = (Instant::now(), cpu_ticks(p));
-    std::thread::sleep(Duration::from_secs(2));
-    let ticks = cpu_ticks(p) - c0;
-    let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK).unwrap().unwrap() as f64;
-    let percent = ticks as f64 / hz / t0.elapsed().as_secs_f64() * 100.0;
+    let percent = cpu_percent_over(&broker, Duration::from_secs(2));
     assert!(percent < 5.0, "a broker blocked on a full CQ used {percent:.1}% CPU");
     // Reaping frees the CQ; the broker is woken and completes the rest.
     let mut out = Vec::new();
@@ -638,12 +643,7 @@ fn a_ring_held_by_its_limit_leaves_the_broker_idle_beside_a_second_controller() 
     }
     ring.submit().unwrap();
     std::thread::sleep(Duration::from_millis(300));
-    let p = pid(&broker);
-    let (t0, c0) = (Instant::now(), cpu_ticks(p));
-    std::thread::sleep(Duration::from_secs(2));
-    let ticks = cpu_ticks(p) - c0;
-    let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK).unwrap().unwrap() as f64;
-    let percent = ticks as f64 / hz / t0.elapsed().as_secs_f64() * 100.0;
+    let percent = cpu_percent_over(&broker, Duration::from_secs(2));
     assert!(percent < 10.0, "a broker whose only work waits for a rate limit used {percent:.1}% CPU");
     // The limit still lets them through, at its rate.
     let mut out = Vec::new();

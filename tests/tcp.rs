@@ -271,6 +271,22 @@ fn access_by_host_nqn() {
 }
 
 /// Expects a C2HTermReq with `want` and then the end of the connection.
+/// Shrinks a socket's receive buffer (4 KiB), so that what the host does not read fills it soon.
+fn small_receive_buffer(s: &std::net::TcpStream) {
+    let small: libc::c_int = 4096;
+    // SAFETY: setsockopt reads `small` (an int of the size given) and touches nothing else.
+    let r = unsafe {
+        libc::setsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(s),
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUF,
+            (&small as *const libc::c_int).cast(),
+            size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(r, 0);
+}
+
 fn expect_term(q: &mut Initiator, want: u16) {
     match q.next_pdu() {
         Err(InitError::Terminated { fes, .. }) => assert_eq!(fes, want),
@@ -450,18 +466,7 @@ fn fabrics_commands_on_an_io_queue_count_against_its_depth() {
     // answer: once the socket buffers are full, at most the queue's depth of answers may wait;
     // the next command is more than the queue holds and ends the connection. Before, the
     // answers piled up in memory until the 60 s stall timeout.
-    let small: libc::c_int = 4096;
-    // SAFETY: setsockopt reads `small` (an int of the size given) and touches nothing else.
-    let r = unsafe {
-        libc::setsockopt(
-            std::os::fd::AsRawFd::as_raw_fd(q.stream()),
-            libc::SOL_SOCKET,
-            libc::SO_RCVBUF,
-            (&small as *const libc::c_int).cast(),
-            size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    assert_eq!(r, 0);
+    small_receive_buffer(q.stream());
     q.stream().set_write_timeout(Some(Duration::from_secs(2))).unwrap();
     let mut flood = Vec::new();
     for i in 0..20_000u32 {
@@ -487,18 +492,7 @@ fn host_that_stops_reading_is_disconnected() {
     let a = admin_kato(&f, Digests::default(), HOST, 2, 0);
     let mut q = io_queue(&f, &a, 1, Digests::default(), HOST).unwrap();
     let mut other = io_queue(&f, &a, 2, Digests::default(), HOST).unwrap();
-    let small: libc::c_int = 4096;
-    // SAFETY: setsockopt reads `small` (an int of the size given) and touches nothing else.
-    let r = unsafe {
-        libc::setsockopt(
-            std::os::fd::AsRawFd::as_raw_fd(q.stream()),
-            libc::SOL_SOCKET,
-            libc::SO_RCVBUF,
-            (&small as *const libc::c_int).cast(),
-            size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    assert_eq!(r, 0);
+    small_receive_buffer(q.stream());
     // 64 reads of 128 KiB (8 MiB) that are never read: more than the socket buffers hold.
     for k in 0..64u64 {
         q.submit(rw(false, 1, k * 256, 128 << 10), None, 128 << 10).unwrap();

@@ -375,7 +375,7 @@ impl NvmeRing {
 
     pub(crate) fn create(session: Arc<SessionInner>, opts: RingOptions) -> Result<Self> {
         let a = Attached::create(&session, opts.sq_entries, opts.cq_entries, opts.thread)?;
-        let (sock, epoch) = session.connection();
+        let (sock, epoch) = (a.sock.clone(), a.epoch);
         Ok(Self {
             session,
             sock,
@@ -430,7 +430,7 @@ impl NvmeRing {
         // The old ring's tail orders the requests by age (the new ring starts at 0).
         let old_tail = self.sq.tail();
         let a = Attached::create(&self.session, self.sq_entries, self.cq_entries, self.thread_wanted)?;
-        (self.sock, self.epoch) = self.session.connection();
+        (self.sock, self.epoch) = (a.sock.clone(), a.epoch);
         self.ring_id = a.ring_id;
         self.thread = a.thread;
         self.sq = a.sq;
@@ -447,9 +447,16 @@ impl NvmeRing {
         order.sort_unstable_by_key(|&(age, _)| std::cmp::Reverse(age));
         for (_, tag) in order {
             while self.sq.free().map_err(|_| Error::RingFaulted(None))? == 0 {
-                // More requests than the new SQ holds: let the broker take some.
+                // More requests than the new SQ holds: let the broker take some (a broker that
+                // faults the ring or goes away meanwhile ends this, it does not spin for ever).
                 self.submit()?;
                 got += self.take_completions(out)?;
+                if self.broker_gone() {
+                    return Err(Error::BrokerGone);
+                }
+                if let Some(e) = self.fault_error() {
+                    return Err(e);
+                }
                 std::thread::yield_now();
             }
             // Completed meanwhile? (Only requests sent again can complete here.)
@@ -507,13 +514,16 @@ struct Attached {
     cq: Consumer<SharedRing<Cqe>>,
     submit_fd: OwnedFd,
     complete_fd: OwnedFd,
+    /// The connection the ring was created on.
+    sock: Arc<OwnedFd>,
+    epoch: u64,
 }
 
 impl Attached {
     /// Asks the broker for a ring and maps it.
     fn create(session: &SessionInner, sq_entries: u32, cq_entries: u32, thread: Option<u16>) -> Result<Self> {
         let req = Request::CreateRing { sq_entries, cq_entries, thread };
-        let (resp, mut fds) = session.call(&req, &[])?;
+        let (resp, mut fds, sock, epoch) = session.call_on_connection(&req, &[])?;
         let Response::RingCreated { sq_entries, cq_entries, size, ring_id, thread } = resp else {
             return Err(unexpected(resp));
         };
@@ -535,6 +545,8 @@ impl Attached {
             return Err(Error::Protocol(format!("bad ring header {header:?}")));
         }
         Ok(Self {
+            sock,
+            epoch,
             ring_id,
             thread,
             sq_entries,
@@ -987,6 +999,9 @@ impl NvmeRing {
         for i in 0..avail {
             let cqe = self.cq.read(i);
             let Some(p) = self.pending.try_remove(cqe.user_data as usize) else {
+                // What was taken before it stays taken (those requests are out of `pending`):
+                // consumed, so the next reap does not read them again.
+                self.cq.consume(i);
                 return Err(Error::Protocol(format!("completion for unknown tag {}", cqe.user_data)));
             };
             // The broker copies an entry out (and consumes the SQ in order) before it completes
@@ -1124,10 +1139,9 @@ impl Drop for NvmeRing {
         if Arc::strong_count(&self.session) == 1 {
             return;
         }
-        // (Never reconnecting for that: a broker gone has released them already.)
-        if self.epoch == self.session.epoch() {
-            let _ = self.session.call_once(&Request::CloseRing { ring_id: self.ring_id }, &[]);
-        }
+        // (Never reconnecting for that: a broker gone has released them already; and only on
+        // this ring's own connection, checked under its lock: a newer broker reuses ring ids.)
+        let _ = self.session.call_on_epoch(self.epoch, &Request::CloseRing { ring_id: self.ring_id });
         for id in self.buffers.ids() {
             let _ = session::unregister(&self.session, id, false);
         }

@@ -148,6 +148,38 @@ impl SessionInner {
         r.map(|(resp, fds)| (resp, fds, conn.epoch))
     }
 
+    /// As [`SessionInner::call_epoch`], also giving the socket the reply came on: a ring
+    /// created by the request belongs to that connection, whatever another thread reconnects
+    /// right after.
+    pub(crate) fn call_on_connection(
+        &self,
+        req: &Request,
+        fds: &[BorrowedFd<'_>],
+    ) -> Result<(Response, Vec<OwnedFd>, Arc<OwnedFd>, u64)> {
+        let mut conn = lock(&self.conn);
+        let r = match call(&conn.sock, req, fds) {
+            Err(Error::BrokerGone) if self.reconnect.enabled => {
+                let epoch = conn.epoch;
+                self.reconnect_locked(&mut conn, epoch)?;
+                call(&conn.sock, req, fds)
+            }
+            r => r,
+        };
+        r.map(|(resp, fds)| (resp, fds, conn.sock.clone(), conn.epoch))
+    }
+
+    /// One control request on connection `epoch`, if the session is still on it (a request
+    /// about a ring of an older connection must not reach the broker of a newer one, whose
+    /// rings reuse the ids). Never reconnects.
+    pub(crate) fn call_on_epoch(
+        &self,
+        epoch: u64,
+        req: &Request,
+    ) -> Option<Result<(Response, Vec<OwnedFd>)>> {
+        let conn = lock(&self.conn);
+        (conn.epoch == epoch).then(|| call(&conn.sock, req, &[]))
+    }
+
     /// One control request and its reply, never reconnecting (for releasing things: a gone
     /// broker has released them already).
     pub(crate) fn call_once(
@@ -157,12 +189,6 @@ impl SessionInner {
     ) -> Result<(Response, Vec<OwnedFd>)> {
         let conn = lock(&self.conn);
         call(&conn.sock, req, fds)
-    }
-
-    /// The current connection's socket and epoch.
-    pub(crate) fn connection(&self) -> (Arc<OwnedFd>, u64) {
-        let conn = lock(&self.conn);
-        (conn.sock.clone(), conn.epoch)
     }
 
     /// Makes sure the session is connected to a broker newer than connection `epoch` (the one
@@ -543,6 +569,10 @@ pub(crate) fn unexpected(r: Response) -> Error {
 
 fn call(sock: &OwnedFd, req: &Request, fds: &[BorrowedFd<'_>]) -> Result<(Response, Vec<OwnedFd>)> {
     let sent = transport::send(sock.as_fd(), &encode(req), fds);
+    if let Err(transport::TransportError::Io(e)) = sent {
+        // Not sent (too large, no buffer space): no reply will come.
+        return Err(Error::Os { what: "sending a control request", source: e.into() });
+    }
     // A broker that refused the connection may have closed it after saying why: read that.
     let msg = transport::recv(sock.as_fd()).map_err(|_| Error::BrokerGone)?;
     if sent.is_err() && !matches!(decode::<Response>(&msg.bytes), Ok(Response::Error(_))) {

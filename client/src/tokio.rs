@@ -517,7 +517,10 @@ async fn drive(shared: Arc<Shared>, mut fds: Fds) {
                     let taken = st.counters.reaped_by_futures + st.counters.reaped_by_driver;
                     let waited = if taken != seen { since.elapsed() } else { Duration::MAX };
                     st.spin_now = nvmed_proto::wakeup::adapt_poll(st.spin_now, waited, st.spin);
-                    n == 0 && woken == Woken::Control && st.ring.in_flight() > 0 && fds.broker_gone()
+                    // The hang-up is seen once (its readiness was cleared): act on it whether
+                    // or not this reap found completions or requests are in flight (a broker
+                    // stopping cleanly shuts the socket first and drains after).
+                    woken == Woken::Control && fds.broker_gone()
                 };
                 if gone {
                     // The ring connects again if its session does (`Reconnect`), sending its

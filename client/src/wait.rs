@@ -176,8 +176,10 @@ impl NvmeRing {
     /// again and the caller handles them instead of sleeping; when zero it may sleep until the
     /// fd is readable and then calls [`NvmeRing::disarm_completion_fd`].
     ///
-    /// A ring the broker faulted (or whose broker is gone) fails here, instead of arming a
-    /// sleep that no completion would end.
+    /// A ring the broker faulted fails here, instead of arming a sleep that no completion would
+    /// end. A broker that exited (killed, crashed) sets no fault: an event loop that sleeps on
+    /// the completion fd alone asks [`NvmeRing::broker_closed`] first, or also watches
+    /// [`NvmeRing::control_socket`] for a hang-up (as nvmed-vhost and nvmed-tcp do).
     pub fn arm_completion_fd(&mut self, out: &mut Vec<Completion>) -> Result<usize> {
         if let Some(e) = self.fault_error() {
             return Err(e);

@@ -253,41 +253,18 @@ impl SharedMemory {
     ) -> io::Result<()> {
         let s = self.check(offset, len, 1);
         let d = dst.check(dst_offset, len, 1);
-        let mut done = 0;
-        while done < len {
-            let local = libc::iovec { iov_base: d.wrapping_add(done).cast(), iov_len: len - done };
-            let remote = libc::iovec { iov_base: s.wrapping_add(done).cast(), iov_len: len - done };
-            // SAFETY: both ranges were checked in bounds of live mappings; the kernel reads and
-            // writes them through this process's page tables, reporting a fault as EFAULT, and
-            // no Rust reference to either range exists.
-            let n = unsafe { libc::process_vm_readv(libc::getpid(), &local, 1, &remote, 1, 0) };
-            match n {
-                n if n > 0 => done += n as usize,
-                0 => return Err(io::Error::from_raw_os_error(libc::EFAULT)),
-                _ => return Err(io::Error::last_os_error()),
-            }
-        }
-        Ok(())
+        // SAFETY: both ranges were checked in bounds of live mappings; no Rust reference to
+        // either exists.
+        unsafe { kernel_copy(d, s, len) }
     }
 
     /// As [`SharedMemory::copy_out`], through the kernel: a page that cannot be faulted in
     /// returns `EFAULT` instead of raising SIGBUS (see [`SharedMemory::copy_to_fault_safe`]).
     pub fn copy_out_fault_safe(&self, offset: usize, out: &mut [u8]) -> io::Result<()> {
         let src = self.check(offset, out.len(), 1);
-        let mut done = 0;
-        while done < out.len() {
-            let local = libc::iovec { iov_base: out[done..].as_mut_ptr().cast(), iov_len: out.len() - done };
-            let remote = libc::iovec { iov_base: src.wrapping_add(done).cast(), iov_len: out.len() - done };
-            // SAFETY: the source range was checked in bounds of the live mapping and `out` is a
-            // local slice; the kernel reports a fault as EFAULT.
-            let n = unsafe { libc::process_vm_readv(libc::getpid(), &local, 1, &remote, 1, 0) };
-            match n {
-                n if n > 0 => done += n as usize,
-                0 => return Err(io::Error::from_raw_os_error(libc::EFAULT)),
-                _ => return Err(io::Error::last_os_error()),
-            }
-        }
-        Ok(())
+        // SAFETY: the source range was checked in bounds of the live mapping; `out` is a local
+        // slice.
+        unsafe { kernel_copy(out.as_mut_ptr(), src, out.len()) }
     }
 
     /// As [`SharedMemory::read`], through the kernel: a page that cannot be faulted in returns
@@ -316,6 +293,30 @@ impl SharedMemory {
         // SAFETY: range checked in bounds.
         unsafe { std::ptr::write_bytes(p, byte, len) }
     }
+}
+
+/// Copies `len` bytes from `src` to `dst` (both in this process) through the kernel
+/// (`process_vm_readv`), which reports a page that cannot be faulted in as `EFAULT` instead of
+/// raising SIGBUS.
+///
+/// # Safety
+/// Both ranges are mapped in this process for `len` bytes (their contents may change meanwhile).
+unsafe fn kernel_copy(dst: *mut u8, src: *const u8, len: usize) -> io::Result<()> {
+    let mut done = 0;
+    while done < len {
+        let local = libc::iovec { iov_base: dst.wrapping_add(done).cast(), iov_len: len - done };
+        let remote =
+            libc::iovec { iov_base: src.wrapping_add(done) as *mut libc::c_void, iov_len: len - done };
+        // SAFETY: the caller's promise; the kernel reads and writes through this process's page
+        // tables and reports a fault as EFAULT.
+        let n = unsafe { libc::process_vm_readv(libc::getpid(), &local, 1, &remote, 1, 0) };
+        match n {
+            n if n > 0 => done += n as usize,
+            0 => return Err(io::Error::from_raw_os_error(libc::EFAULT)),
+            _ => return Err(io::Error::last_os_error()),
+        }
+    }
+    Ok(())
 }
 
 impl SharedMemory {
