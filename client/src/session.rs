@@ -136,16 +136,7 @@ impl SessionInner {
 
     /// As [`SessionInner::call`], also saying which connection (epoch) answered.
     fn call_epoch(&self, req: &Request, fds: &[BorrowedFd<'_>]) -> Result<(Response, Vec<OwnedFd>, u64)> {
-        let mut conn = lock(&self.conn);
-        let r = match call(&conn.sock, req, fds) {
-            Err(Error::BrokerGone) if self.reconnect.enabled => {
-                let epoch = conn.epoch;
-                self.reconnect_locked(&mut conn, epoch)?;
-                call(&conn.sock, req, fds)
-            }
-            r => r,
-        };
-        r.map(|(resp, fds)| (resp, fds, conn.epoch))
+        self.call_on_connection(req, fds).map(|(resp, fds, _, epoch)| (resp, fds, epoch))
     }
 
     /// As [`SessionInner::call_epoch`], also giving the socket the reply came on: a ring
