@@ -270,7 +270,6 @@ fn access_by_host_nqn() {
     assert_eq!(q.run(rw(false, 1, 0, 4096), None, 4096).unwrap().status(), sc::INVALID_NS | sc::DNR);
 }
 
-/// Expects a C2HTermReq with `want` and then the end of the connection.
 /// Shrinks a socket's receive buffer (4 KiB), so that what the host does not read fills it soon.
 fn small_receive_buffer(s: &std::net::TcpStream) {
     let small: libc::c_int = 4096;
@@ -287,6 +286,7 @@ fn small_receive_buffer(s: &std::net::TcpStream) {
     assert_eq!(r, 0);
 }
 
+/// Expects a C2HTermReq with `want` and then the end of the connection.
 fn expect_term(q: &mut Initiator, want: u16) {
     match q.next_pdu() {
         Err(InitError::Terminated { fes, .. }) => assert_eq!(fes, want),

@@ -146,6 +146,10 @@ impl IoSegment {
 /// Bytes one [`Segment`] takes in a segment list.
 pub const SEGMENT_SIZE: u64 = size_of::<Segment>() as u64;
 
+/// How many brokers in a row one recovery tries when each new one goes away while the
+/// requests are being sent again (each connect has its own [`Reconnect`] budget).
+const RECOVER_ATTEMPTS: u32 = 8;
+
 /// One request to prepare.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Io {
@@ -424,33 +428,59 @@ impl NvmeRing {
         if !self.session.reconnect.enabled {
             return Err(Error::BrokerGone);
         }
-        // What the old broker finished is in the old CQ: those must not be sent again.
-        let mut got = self.take_completions(out)?;
-        self.session.reconnect(self.epoch)?;
-        // The old ring's tail orders the requests by age (the new ring starts at 0).
-        let old_tail = self.sq.tail();
-        let a = Attached::create(&self.session, self.sq_entries, self.cq_entries, self.thread_wanted)?;
-        (self.sock, self.epoch) = (a.sock.clone(), a.epoch);
-        self.ring_id = a.ring_id;
-        self.thread = a.thread;
-        self.sq = a.sq;
-        self.cq = a.cq;
-        self.mem = a.mem;
-        self.submit_fd = a.submit_fd;
-        self.complete_fd = a.complete_fd;
-        self.cq_entries = a.cq_entries;
-        self.cq_wait_possible = true;
-        self.empty_polls = 0;
-        // Oldest first: the tags ordered by how long ago their entries were written.
-        let mut order: Vec<(u32, usize)> =
-            self.pending.iter().map(|(tag, p)| (old_tail.wrapping_sub(p.sq_index), tag)).collect();
-        order.sort_unstable_by_key(|&(age, _)| std::cmp::Reverse(age));
-        for (_, tag) in order {
+        let mut got = 0;
+        // The requests to send again, oldest first (kept if a new broker goes away too).
+        let mut order: Option<Vec<usize>> = None;
+        for attempt in 0.. {
+            // What the old broker finished is in the old CQ: those must not be sent again.
+            got += self.take_completions(out)?;
+            self.session.reconnect(self.epoch)?;
+            let tags: Vec<usize> = match order.take() {
+                Some(prev) => prev.into_iter().filter(|&t| self.pending.contains(t)).collect(),
+                None => {
+                    // The old ring's tail orders the requests by age (the new ring starts at 0).
+                    let old_tail = self.sq.tail();
+                    let mut by_age: Vec<(u32, usize)> = self
+                        .pending
+                        .iter()
+                        .map(|(tag, p)| (old_tail.wrapping_sub(p.sq_index), tag))
+                        .collect();
+                    by_age.sort_unstable_by_key(|&(age, _)| std::cmp::Reverse(age));
+                    by_age.into_iter().map(|(_, tag)| tag).collect()
+                }
+            };
+            let a = Attached::create(&self.session, self.sq_entries, self.cq_entries, self.thread_wanted)?;
+            (self.sock, self.epoch) = (a.sock.clone(), a.epoch);
+            self.ring_id = a.ring_id;
+            self.thread = a.thread;
+            self.sq = a.sq;
+            self.cq = a.cq;
+            self.mem = a.mem;
+            self.submit_fd = a.submit_fd;
+            self.complete_fd = a.complete_fd;
+            self.cq_entries = a.cq_entries;
+            self.cq_wait_possible = true;
+            self.empty_polls = 0;
+            match self.send_again(&tags, out, &mut got) {
+                Ok(()) => return Ok(got),
+                // The new broker went away too: start over with a newer one (what it finished
+                // is taken first; the rest goes again, in the same order).
+                Err(Error::BrokerGone) if attempt < RECOVER_ATTEMPTS => order = Some(tags),
+                Err(e) => return Err(e),
+            }
+        }
+        unreachable!("the loop returns")
+    }
+
+    /// Sends the requests `tags` (oldest first) again on the ring just created; completions
+    /// taken meanwhile go to `out` (counted in `got`).
+    fn send_again(&mut self, tags: &[usize], out: &mut Vec<Completion>, got: &mut usize) -> Result<()> {
+        for &tag in tags {
             while self.sq.free().map_err(|_| Error::RingFaulted(None))? == 0 {
                 // More requests than the new SQ holds: let the broker take some (a broker that
                 // faults the ring or goes away meanwhile ends this, it does not spin for ever).
                 self.submit()?;
-                got += self.take_completions(out)?;
+                *got += self.take_completions(out)?;
                 if self.broker_gone() {
                     return Err(Error::BrokerGone);
                 }
@@ -466,7 +496,7 @@ impl NvmeRing {
             self.sq.push_unchecked(sqe);
         }
         self.submit()?;
-        Ok(got)
+        Ok(())
     }
 
     /// For a caller that watches [`NvmeRing::control_socket`] in its own event loop: when it

@@ -520,7 +520,8 @@ async fn drive(shared: Arc<Shared>, mut fds: Fds) {
                     // The hang-up is seen once (its readiness was cleared): act on it whether
                     // or not this reap found completions or requests are in flight (a broker
                     // stopping cleanly shuts the socket first and drains after).
-                    woken == Woken::Control && fds.broker_gone()
+                    // A ring being closed with nothing left in flight is not worth one.
+                    woken == Woken::Control && !(st.closed && st.ring.in_flight() == 0) && fds.broker_gone()
                 };
                 if gone {
                     // The ring connects again if its session does (`Reconnect`), sending its

@@ -41,7 +41,11 @@ pub fn send(sock: BorrowedFd<'_>, bytes: &[u8], fds: &[BorrowedFd<'_>]) -> Resul
         match sendmsg::<()>(sock.as_raw_fd(), &iov, &cmsgs, MsgFlags::MSG_NOSIGNAL, None) {
             Ok(_) => return Ok(()),
             Err(nix::Error::EINTR) => continue,
-            Err(nix::Error::EPIPE) | Err(nix::Error::ECONNRESET) => return Err(TransportError::Closed),
+            // (Older kernels answer a send that races the peer's close with ECONNREFUSED, and
+            // ENOTCONN after it.)
+            Err(
+                nix::Error::EPIPE | nix::Error::ECONNRESET | nix::Error::ECONNREFUSED | nix::Error::ENOTCONN,
+            ) => return Err(TransportError::Closed),
             Err(e) => return Err(e.into()),
         }
     }
