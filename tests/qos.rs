@@ -111,13 +111,16 @@ fn sighup_puts_new_limits_in_force_without_reconnecting_and_refuses_a_bad_file()
     send_signal(pid, libc::SIGHUP);
     std::thread::sleep(Duration::from_millis(200));
     let after = reads_for(&mut ring, 16, 1.0);
-    assert!((3000..=4000 + 45).contains(&after), "{after} reads in 1 s at 4k IOPS");
+    // At most the rate, one 10 ms burst (40) and what the last wait, which may end a few
+    // milliseconds past the second on a loaded machine, brings (up to the depth, 16).
+    let most = 4000 + 40 + 16 + 24;
+    assert!((3000..=most).contains(&after), "{after} reads in 1 s at 4k IOPS");
     // A file that does not parse is refused: the 4k limit stays.
     std::fs::write(&config, "grant = [\"0:1:iops=lots\"]\n").unwrap();
     send_signal(pid, libc::SIGHUP);
     std::thread::sleep(Duration::from_millis(200));
     let still = reads_for(&mut ring, 16, 1.0);
-    assert!((3000..=4000 + 45).contains(&still), "{still} reads in 1 s after a refused reload");
+    assert!((3000..=most).contains(&still), "{still} reads in 1 s after a refused reload");
     assert!(broker.alive());
     // Namespace 1 withdrawn: the session ends (after its I/O drains); a new one sees only 2.
     config_with(&dir, &["0:2"]);
