@@ -17,8 +17,9 @@ fn an_iops_limit_holds_at_any_depth() {
     let secs = 2.0;
     let done = reads_for(&mut ring, 32, secs);
     let rate = done as f64 / secs;
-    // At most the rate plus one 10 ms burst; the device could do 100x more.
-    assert!(done <= 2000 * 2 + 20 + 2, "{done} reads in {secs} s: above the limit");
+    // At most the rate plus one 10 ms burst, and what the last wait brings if it ends a few
+    // milliseconds past the window on a loaded machine (5 ms: 10); the device could do 100x more.
+    assert!(done <= 2000 * 2 + 20 + 10, "{done} reads in {secs} s: above the limit");
     assert!(rate >= 2000.0 * 0.9, "{rate:.0} IOPS: far below the limit");
 }
 
@@ -38,7 +39,7 @@ fn a_limit_is_shared_by_the_tenant_s_rings_on_every_thread() {
     let counts: Vec<u64> = workers.into_iter().map(|w| w.join().unwrap()).collect();
     let total: u64 = counts.iter().sum();
     // The two threads each enforce half of the tenant's limit.
-    assert!(total <= 2000 * 2 + 2 * 20 + 4, "{counts:?}: above the tenant's limit");
+    assert!(total <= 2000 * 2 + 2 * 20 + 2 * 10, "{counts:?}: above the tenant's limit");
     assert!(total as f64 >= 2000.0 * secs * 0.9, "{counts:?}: far below the tenant's limit");
     for c in &counts {
         assert!((*c as f64) >= 1000.0 * secs * 0.8, "{counts:?}: one thread starved");
@@ -105,7 +106,7 @@ fn sighup_puts_new_limits_in_force_without_reconnecting_and_refuses_a_bad_file()
     let mut ring = broker.connect();
     let pid = broker.child.as_ref().unwrap().id();
     let before = reads_for(&mut ring, 16, 1.0);
-    assert!(before <= 1000 + 12, "{before} reads in 1 s at 1k IOPS");
+    assert!(before <= 1000 + 10 + 5 + 2, "{before} reads in 1 s at 1k IOPS");
     // The same connection, after the limit is raised.
     config_with(&dir, &["0:1:iops=4k"]);
     send_signal(pid, libc::SIGHUP);
