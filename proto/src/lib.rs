@@ -70,6 +70,7 @@ pub mod control;
 mod entry;
 pub mod eventfd;
 pub mod layout;
+pub mod limits;
 pub mod ring;
 pub mod shm;
 mod status;

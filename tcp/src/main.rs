@@ -118,10 +118,7 @@ const FDS_RESERVED: u64 = 64;
 /// Raises the soft limit on open files to the hard one and returns `max` lowered, if needed, so
 /// that `max` connections fit in it (running out would make `accept` fail for every host).
 fn fit_fd_limit(max: usize) -> usize {
-    use nix::sys::resource::{getrlimit, setrlimit, Resource};
-    let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else { return max };
-    let limit =
-        if soft < hard && setrlimit(Resource::RLIMIT_NOFILE, hard, hard).is_ok() { hard } else { soft };
+    let Some(limit) = nvmed_proto::limits::raise_fd_limit() else { return max };
     let fit = (limit.saturating_sub(FDS_RESERVED) / FDS_PER_CONNECTION).max(1);
     if (max as u64) > fit {
         warn!(

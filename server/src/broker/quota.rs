@@ -75,12 +75,7 @@ const DEFAULT_MAX_RINGS: u64 = 4096;
 /// Raises this process's soft limit on open files to its hard limit and returns the limit now
 /// in force (descriptors are bounded by the quotas derived from it, not by luck).
 pub fn raise_fd_limit() -> u64 {
-    use nix::sys::resource::{getrlimit, setrlimit, Resource as R};
-    let Ok((soft, hard)) = getrlimit(R::RLIMIT_NOFILE) else { return 1024 };
-    if soft < hard && setrlimit(R::RLIMIT_NOFILE, hard, hard).is_ok() {
-        return hard;
-    }
-    soft
+    nvmed_proto::limits::raise_fd_limit().unwrap_or(1024)
 }
 
 fn fd_limit() -> u64 {
