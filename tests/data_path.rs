@@ -812,3 +812,35 @@ fn a_client_sees_the_health_of_its_own_controllers_only() {
     // Asked again at once: the same (cached) answer, without another admin command.
     assert_eq!(ring.health().unwrap(), h);
 }
+
+#[test]
+fn a_synchronous_call_keeps_the_completions_of_other_requests() {
+    // A synchronous read waits for its own completion; the requests queued before it complete
+    // meanwhile, and their completions must reach the next wait, not vanish.
+    let broker = TestBroker::start(&[]);
+    let mut ring = broker.connect();
+    let ns = ring.namespaces()[0].nsid;
+    let buf = ring.alloc_buffer(4096).unwrap();
+    for i in 0..8u64 {
+        ring.prep(Io::nop().user_data(100 + i)).unwrap();
+    }
+    ring.submit().unwrap();
+    // Let them complete before the synchronous call reaps the CQ.
+    wait_until("8 completions posted", Duration::from_secs(10), || ring.ready_completions() >= 8);
+    ring.read(ns, 0, buf, 0, 4096).unwrap();
+    assert_eq!(ring.ready_completions(), 8, "held back for the caller");
+    let mut out = Vec::new();
+    ring.wait(8, &mut out, Some(Duration::from_secs(5))).expect("the 8 no-ops' completions");
+    let mut tags: Vec<u64> = out.iter().map(|c| c.user_data).collect();
+    tags.sort_unstable();
+    assert_eq!(tags, (100..108).collect::<Vec<_>>());
+    assert!(out.iter().all(|c| c.status.is_success()));
+    // Nothing of the read's own completion leaks out, and the ring goes on as usual.
+    assert_eq!(ring.in_flight(), 0);
+    ring.prep(Io::nop().user_data(7)).unwrap();
+    ring.submit().unwrap();
+    out.clear();
+    ring.wait(1, &mut out, Some(Duration::from_secs(5))).unwrap();
+    assert_eq!(out.len(), 1);
+    assert_eq!(out[0].user_data, 7);
+}

@@ -528,3 +528,49 @@ fn wrapping_needs_a_runtime_and_an_idle_ring() {
     let _guard = rt.enter();
     assert!(matches!(AsyncNvmeRing::new(busy), Err(Error::RingBusy(1))));
 }
+
+/// While the driver reconnects to a restarted broker (on the blocking pool, holding the ring),
+/// futures started meanwhile wait as futures: the runtime's one worker thread goes on running
+/// other tasks (a ticker here), and the request completes on the new broker.
+#[tokio::test(flavor = "current_thread")]
+async fn a_reconnect_does_not_block_the_runtime() {
+    let dir = scratch_dir();
+    let file = dir.join("disk.img").to_str().unwrap().to_string();
+    let args = ["--backing", &file, "--emulator-mode", "async", "--emulator-latency-us", "50000"];
+    let mut broker = TestBroker::start_in(dir, &args);
+    let ring = AsyncNvmeRing::new(broker.connect()).unwrap();
+    let nsid = ring.namespaces()[0].nsid;
+    let buf = ring.alloc_buffer(BLOCK).unwrap();
+    let write = tokio::spawn({
+        let ring = ring.clone();
+        async move { ring.write(nsid, 0, buf).await.map(|(n, _)| n) }
+    });
+    eventually("the write in flight", Duration::from_secs(10), || ring.counters().in_flight == 1).await;
+    eventually("the driver to sleep", Duration::from_secs(10), || ring.counters().sleeps >= 1).await;
+    broker.kill9();
+    // The driver sees the hang-up and starts reconnecting; the broker comes back a second later.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let restarter = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_secs(1));
+        broker.restart();
+        broker
+    });
+    let nop = tokio::spawn({
+        let ring = ring.clone();
+        async move { ring.nop().await }
+    });
+    let started = Instant::now();
+    let mut last = Instant::now();
+    let mut longest = Duration::ZERO;
+    while started.elapsed() < Duration::from_millis(1500) {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        longest = longest.max(last.elapsed());
+        last = Instant::now();
+    }
+    assert!(longest < Duration::from_millis(500), "the runtime's thread was held for {longest:?}");
+    let n = tokio::time::timeout(Duration::from_secs(30), write).await.expect("completes").unwrap().unwrap();
+    assert_eq!(n as usize, BLOCK);
+    tokio::time::timeout(Duration::from_secs(30), nop).await.expect("completes").unwrap().unwrap();
+    assert_eq!(ring.session().reconnects(), 1);
+    let _broker = restarter.join().unwrap();
+}

@@ -359,6 +359,13 @@ pub struct NvmeRing {
     cq_wait_possible: bool,
     /// Whether [`NvmeRing::poll`] reconnects itself (see [`NvmeRing::set_reconnect_in_poll`]).
     reconnect_in_poll: bool,
+    /// The tag of the request a synchronous call ([`NvmeRing::read`] and the like) waits for
+    /// (`usize::MAX`: none); its completion goes to `sync_done`, not to the caller's `out`.
+    sync_tag: usize,
+    sync_done: Option<Completion>,
+    /// Completions of other requests a synchronous call reaped while it waited: handed out by
+    /// the next [`NvmeRing::poll`] (or wait), none lost.
+    held: Vec<Completion>,
 }
 
 impl NvmeRing {
@@ -404,6 +411,9 @@ impl NvmeRing {
             cq_entries: a.cq_entries,
             cq_wait_possible: false,
             reconnect_in_poll: true,
+            sync_tag: usize::MAX,
+            sync_done: None,
+            held: Vec::new(),
         })
     }
 
@@ -518,6 +528,11 @@ impl NvmeRing {
     /// thread pool.
     pub fn set_reconnect_in_poll(&mut self, on: bool) {
         self.reconnect_in_poll = on;
+    }
+
+    /// Whether this ring's session connects again when its broker goes away ([`Reconnect`]).
+    pub(crate) fn reconnects_enabled(&self) -> bool {
+        self.session.reconnect.enabled
     }
 
     /// Moves every completion in the CQ into `out`.
@@ -967,11 +982,17 @@ impl NvmeRing {
         session::closed(self.sock.as_fd())
     }
 
-    /// Completions waiting in the CQ, not yet moved out by [`NvmeRing::poll`] (or
-    /// [`NvmeRing::wait`]). Looks no further than this ring's requests in flight: the entries
-    /// past those are not written yet, and reading their cache line would only take it away
-    /// from the broker that is about to write it.
+    /// Completions ready to be moved out by [`NvmeRing::poll`] (or [`NvmeRing::wait`]): those
+    /// in the CQ, and those a synchronous call ([`NvmeRing::read`] and the like) took from it
+    /// while it waited for its own.
     pub fn ready_completions(&mut self) -> usize {
+        self.cq_ready() + self.held.len()
+    }
+
+    /// Completions waiting in the CQ. Looks no further than this ring's requests in flight:
+    /// the entries past those are not written yet, and reading their cache line would only
+    /// take it away from the broker that is about to write it.
+    fn cq_ready(&mut self) -> usize {
         let max = self.pending.len().min(self.cq_entries as usize) as u32;
         self.cq.ready(max) as usize
     }
@@ -984,7 +1005,13 @@ impl NvmeRing {
     /// it unasked). A broker gone is reconnected to ([`Reconnect`], the requests not completed
     /// are sent again), or is [`Error::BrokerGone`].
     pub fn poll(&mut self, out: &mut Vec<Completion>) -> Result<usize> {
-        if self.ready_completions() == 0 {
+        if !self.held.is_empty() {
+            // Taken by a synchronous call while it waited: these first (the CQ next time).
+            let n = self.held.len();
+            out.append(&mut self.held);
+            return Ok(n);
+        }
+        if self.cq_ready() == 0 {
             self.empty_polls += 1;
             if self.empty_polls >= EMPTY_POLLS_BEFORE_CHECK {
                 self.empty_polls = 0;
@@ -1021,7 +1048,7 @@ impl NvmeRing {
 
     /// Moves the completions in the CQ now into `out`; returns how many.
     fn reap(&mut self, out: &mut Vec<Completion>) -> Result<usize> {
-        let avail = self.ready_completions() as u32;
+        let avail = self.cq_ready() as u32;
         if avail == 0 {
             return Ok(0);
         }
@@ -1045,11 +1072,17 @@ impl NvmeRing {
             if let Ranges::Many(v) = p.ranges {
                 self.spare_ranges.push(v);
             }
-            out.push(Completion {
+            let c = Completion {
                 user_data: p.user_data,
                 status: Status::decode(cqe.status_word()),
                 result: cqe.result,
-            });
+            };
+            if cqe.user_data as usize == self.sync_tag {
+                // Counted in what this returns, so that the synchronous call's wait ends.
+                self.sync_done = Some(c);
+            } else {
+                out.push(c);
+            }
         }
         self.cq.consume(avail);
         // As many new requests are likely to follow: fetch their SQ slots for writing now.
@@ -1075,22 +1108,30 @@ impl NvmeRing {
         Ok(avail as usize)
     }
 
-    /// Runs one request to completion (submitting anything else prepared too).
+    /// Runs one request to completion (submitting anything else prepared too). Completions of
+    /// other requests it reaps meanwhile are kept for the next [`NvmeRing::poll`] or
+    /// [`NvmeRing::wait`]. If it fails (the ring faulted, the broker went away and could not
+    /// be reconnected to), its request may still be in flight and completes like any other.
     fn run_one(&mut self, io: Io) -> Result<Completion> {
-        const MARK: u64 = u64::MAX - 7;
-        self.prep(io.user_data(MARK))?;
-        self.submit()?;
-        let mut out = Vec::new();
-        loop {
-            self.wait(1, &mut out, None)?;
-            if let Some(i) = out.iter().position(|c| c.user_data == MARK) {
-                let c = out.swap_remove(i);
-                return match c.status {
-                    Status::Success => Ok(c),
-                    s => Err(Error::Io(s)),
-                };
+        let tag = self.pending.vacant_key();
+        self.prep(io)?;
+        self.sync_tag = tag;
+        self.sync_done = None;
+        // What an earlier synchronous call held back stays first in line.
+        let mut others = std::mem::take(&mut self.held);
+        let r = self.submit().and_then(|_| {
+            while self.sync_done.is_none() {
+                self.wait(1, &mut others, None)?;
             }
-            out.clear();
+            Ok(())
+        });
+        self.sync_tag = usize::MAX;
+        self.held = others;
+        r?;
+        let c = self.sync_done.take().expect("the loop ends once it is there");
+        match c.status {
+            Status::Success => Ok(c),
+            s => Err(Error::Io(s)),
         }
     }
 

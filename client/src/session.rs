@@ -131,15 +131,10 @@ impl SessionInner {
     /// One control request and its reply; if the broker is gone, connects again (when
     /// allowed) and sends it to the new broker.
     pub(crate) fn call(&self, req: &Request, fds: &[BorrowedFd<'_>]) -> Result<(Response, Vec<OwnedFd>)> {
-        self.call_epoch(req, fds).map(|(r, fds, _)| (r, fds))
+        self.call_then(req, fds, |resp, fds, _| Ok((resp, fds)))
     }
 
-    /// As [`SessionInner::call`], also saying which connection (epoch) answered.
-    fn call_epoch(&self, req: &Request, fds: &[BorrowedFd<'_>]) -> Result<(Response, Vec<OwnedFd>, u64)> {
-        self.call_on_connection(req, fds).map(|(resp, fds, _, epoch)| (resp, fds, epoch))
-    }
-
-    /// As [`SessionInner::call_epoch`], also giving the socket the reply came on: a ring
+    /// As [`SessionInner::call`], also giving the socket the reply came on: a ring
     /// created by the request belongs to that connection, whatever another thread reconnects
     /// right after.
     pub(crate) fn call_on_connection(
@@ -147,6 +142,17 @@ impl SessionInner {
         req: &Request,
         fds: &[BorrowedFd<'_>],
     ) -> Result<(Response, Vec<OwnedFd>, Arc<OwnedFd>, u64)> {
+        self.call_then(req, fds, |resp, fds, conn| Ok((resp, fds, conn.sock.clone(), conn.epoch)))
+    }
+
+    /// As [`SessionInner::call`], then `then` on the reply while the connection is still held:
+    /// no reconnect comes between the broker's answer and what `then` records of it.
+    fn call_then<T>(
+        &self,
+        req: &Request,
+        fds: &[BorrowedFd<'_>],
+        then: impl FnOnce(Response, Vec<OwnedFd>, &Conn) -> Result<T>,
+    ) -> Result<T> {
         let mut conn = lock(&self.conn);
         let r = match call(&conn.sock, req, fds) {
             Err(Error::BrokerGone) if self.reconnect.enabled => {
@@ -156,7 +162,8 @@ impl SessionInner {
             }
             r => r,
         };
-        r.map(|(resp, fds)| (resp, fds, conn.sock.clone(), conn.epoch))
+        let (resp, fds) = r?;
+        then(resp, fds, &conn)
     }
 
     /// One control request on connection `epoch`, if the session is still on it (a request
@@ -444,23 +451,17 @@ pub(crate) fn register(session: &SessionInner, buf: &MemfdBuffer) -> Result<u32>
     // Kept to register it again after a reconnect.
     let fd = buf.fd().try_clone().map_err(crate::error::os("dup buffer memfd"))?;
     let req = Request::RegisterBuffer { offset, len, id: None };
-    let (resp, _, answered) = session.call_epoch(&req, &[buf.fd().as_fd()])?;
-    let Response::BufferRegistered { buffer_id } = resp else { return Err(unexpected(resp)) };
-    if buffer_id >= 1 << 20 {
-        return Err(Error::Protocol(format!("implausible buffer id {buffer_id}")));
-    }
-    lock(&session.registrations).insert(buffer_id, Registration { fd, offset, len });
-    if session.epoch() != answered {
-        // Another handle connected to a new broker between the answer and the line above: the
-        // new broker may not have this buffer (if the reconnect came after it was recorded, it
-        // has it, and says the id is taken).
-        let again = Request::RegisterBuffer { offset, len, id: Some(buffer_id) };
-        match session.call(&again, &[buf.fd().as_fd()]) {
-            Ok(_) | Err(Error::Refused(nvmed_proto::ControlError::BufferIdUnavailable { .. })) => {}
-            Err(e) => return Err(e),
+    // Recorded before the connection is let go: a reconnect (which registers every recorded
+    // buffer again under its id) cannot come between the answer and the record, when the new
+    // broker could give the id to another buffer first.
+    session.call_then(&req, &[buf.fd().as_fd()], |resp, _, _| {
+        let Response::BufferRegistered { buffer_id } = resp else { return Err(unexpected(resp)) };
+        if buffer_id >= 1 << 20 {
+            return Err(Error::Protocol(format!("implausible buffer id {buffer_id}")));
         }
-    }
-    Ok(buffer_id)
+        lock(&session.registrations).insert(buffer_id, Registration { fd, offset, len });
+        Ok(buffer_id)
+    })
 }
 
 /// Unregisters buffer `id` (answered once no request uses it). A broker gone has released it
@@ -486,6 +487,11 @@ pub(crate) fn unregister(session: &SessionInner, id: u32, reconnect: bool) -> Re
 /// or through raw pointers: several threads and the device may use it at once, so no Rust
 /// reference into it is handed out. It is unregistered when the last clone is dropped (after the
 /// I/O using it drains).
+///
+/// Drop the last clone only once the requests naming it have completed: the broker waits for
+/// the requests *it has taken* that use the buffer, but a request still queued in a ring
+/// (prepared, or published and not yet taken) names only its id, which the broker may give to
+/// the next buffer the session registers.
 #[derive(Debug, Clone)]
 pub struct SharedBuffer {
     inner: Arc<SharedInner>,

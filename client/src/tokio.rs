@@ -52,7 +52,8 @@
 //! requests. The request itself still happens: a dropped write may still land.
 //!
 //! A broker that exits is no failure when the session reconnects ([`crate::Reconnect`], on by
-//! default): the driver lets the ring connect again (off the runtime's worker threads), the ring
+//! default): the driver lets the ring connect again (off the runtime's worker threads; futures
+//! polled meanwhile wait as futures, never on a worker thread), the ring
 //! sends the requests that had not completed to the new broker, and their futures complete as
 //! usual. If the ring fails (the broker faulted it, or exited and the session does not
 //! reconnect, or reconnecting failed), every future still waiting ends with that error
@@ -76,6 +77,7 @@ use std::ops::{Bound, Deref, DerefMut, RangeBounds};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::Path;
 use std::pin::pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, TryLockError, Weak};
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
@@ -171,6 +173,11 @@ struct Shared {
     notify: Notify,
     /// The ring's submission queue entries.
     entries: usize,
+    /// The driver is reconnecting the ring on the blocking pool, holding `state` meanwhile
+    /// (seconds, if the broker is slow to come back): futures polled then do not wait for the
+    /// lock on a worker thread but leave their wakers in `parked`, woken when it is done.
+    reconnecting: AtomicBool,
+    parked: Mutex<Vec<Waker>>,
 }
 
 #[derive(Debug)]
@@ -182,6 +189,9 @@ struct State {
     out: Vec<Completion>,
     /// Why the ring can no longer be used.
     failed: Option<Error>,
+    /// The broker went away: the driver reconnects the ring (off the worker threads; the
+    /// ring itself never reconnects inside a poll here).
+    reconnect_wanted: bool,
     /// No handle is left: the driver exits once nothing is in flight.
     closed: bool,
     /// The driver waits on `notify` for a request to be queued.
@@ -254,9 +264,50 @@ impl Shared {
     fn settle(&self, st: &mut State, r: Result<usize>, wakers: &mut Vec<Waker>, me: Option<usize>) -> usize {
         let n = self.dispatch(st, wakers, me);
         if let Err(e) = r {
-            self.fail(st, e, wakers);
+            self.broken(st, e, wakers);
         }
         n
+    }
+
+    /// A ring call failed with `e`: a broker gone is for the driver to reconnect to, when the
+    /// session reconnects; anything else fails the ring.
+    fn broken(&self, st: &mut State, e: Error, wakers: &mut Vec<Waker>) {
+        if matches!(e, Error::BrokerGone) && st.ring.reconnects_enabled() {
+            if !std::mem::replace(&mut st.reconnect_wanted, true) {
+                self.notify.notify_one();
+            }
+        } else {
+            self.fail(st, e, wakers);
+        }
+    }
+
+    /// The state's lock, or (while the driver reconnects the ring, holding it) `Pending` with
+    /// the task's waker parked until that is done: a future never waits for a reconnect on a
+    /// worker thread.
+    fn lock_or_park(&self, cx: &mut Context<'_>) -> Poll<MutexGuard<'_, State>> {
+        let mut tries = 0u32;
+        loop {
+            match self.state.try_lock() {
+                Ok(g) => return Poll::Ready(g),
+                Err(TryLockError::Poisoned(p)) => return Poll::Ready(p.into_inner()),
+                Err(TryLockError::WouldBlock) => {}
+            }
+            if self.reconnecting.load(Ordering::Acquire) {
+                lock(&self.parked).push(cx.waker().clone());
+                // The reconnect clears the flag before it wakes the parked: if it is still set,
+                // this waker will be woken; if not, the lock is free again soon.
+                if self.reconnecting.load(Ordering::Acquire) {
+                    return Poll::Pending;
+                }
+            }
+            // Another future or the driver holds it for a moment (a reap).
+            tries += 1;
+            if tries < 64 {
+                std::hint::spin_loop();
+            } else {
+                std::thread::yield_now();
+            }
+        }
     }
 
     /// Hands out the completions in `st.out`.
@@ -391,6 +442,56 @@ enum Step {
     Idle,
     /// The last handle is gone and nothing is in flight.
     Exit,
+    /// The broker went away: connect again (see [`reconnect`]).
+    Reconnect,
+}
+
+/// The ring connects again if its session does (`Reconnect`), sending its requests again, or
+/// fails. A reconnect may take a while (it retries until a broker answers): it runs on the
+/// blocking pool, and futures polled meanwhile park instead of waiting for the state's lock
+/// (see [`Shared::lock_or_park`]). `socket`: the control socket seen hanging up, if that is
+/// why (nothing is done if the ring has connected again since).
+async fn reconnect(shared: &Arc<Shared>, socket: Option<u64>, wakers: &mut Vec<Waker>) {
+    /// Ends the reconnecting state however the task ends (a panic included).
+    struct Reconnecting<'a>(&'a Shared);
+    impl Drop for Reconnecting<'_> {
+        fn drop(&mut self) {
+            self.0.reconnecting.store(false, Ordering::Release);
+        }
+    }
+    let shared2 = shared.clone();
+    let recovered = ::tokio::task::spawn_blocking(move || {
+        let shared = shared2;
+        let mut wakers = Vec::new();
+        {
+            let _flag = {
+                shared.reconnecting.store(true, Ordering::Release);
+                Reconnecting(&shared)
+            };
+            let mut guard = shared.lock();
+            let st = &mut *guard;
+            // Unless the ring connected again meanwhile (its socket is no longer the one that
+            // hung up).
+            let same = socket.is_none_or(|s| inode(st.ring.control_socket()).is_ok_and(|i| i == s));
+            if st.failed.is_none() && (same || st.reconnect_wanted) {
+                st.reconnect_wanted = false;
+                st.out.clear();
+                let r = st.ring.reconnect(&mut st.out);
+                let n = shared.dispatch(st, &mut wakers, None);
+                st.counters.reaped_by_driver += n as u64;
+                if let Err(e) = r {
+                    // Reconnecting itself failed (or the new brokers kept going away): final.
+                    shared.fail(st, e, &mut wakers);
+                }
+            }
+        }
+        wakers
+    })
+    .await;
+    wakers.extend(recovered.into_iter().flatten());
+    // Cleared before this (by the task's end, or because it never ran): a future that parked
+    // after that saw the flag clear and took the lock itself.
+    wakers.extend(lock(&shared.parked).drain(..));
 }
 
 /// Polls the driver makes after the last completion before it may sleep, however short its
@@ -448,7 +549,9 @@ async fn drive(shared: Arc<Shared>, mut fds: Fds) {
                 }
                 slept = false;
             }
-            if st.failed.is_some() || st.ring.in_flight() == 0 {
+            if st.reconnect_wanted && st.failed.is_none() && !(st.closed && st.ring.in_flight() == 0) {
+                Step::Reconnect
+            } else if st.failed.is_some() || st.ring.in_flight() == 0 {
                 if st.closed {
                     Step::Exit
                 } else {
@@ -486,7 +589,7 @@ async fn drive(shared: Arc<Shared>, mut fds: Fds) {
                         Step::Spin
                     }
                     Err(e) => {
-                        shared.fail(st, e, &mut wakers);
+                        shared.broken(st, e, &mut wakers);
                         Step::Spin
                     }
                 }
@@ -502,6 +605,13 @@ async fn drive(shared: Arc<Shared>, mut fds: Fds) {
                 (since, spins) = (Instant::now(), 0);
             }
             Step::Spin => spin_once().await,
+            Step::Reconnect => {
+                reconnect(&shared, None, &mut wakers).await;
+                (since, spins) = (Instant::now(), 0);
+                for w in wakers.drain(..) {
+                    w.wake();
+                }
+            }
             Step::Sleep => {
                 let woken = fds.sleep(&shared.notify).await;
                 let gone = {
@@ -521,30 +631,13 @@ async fn drive(shared: Arc<Shared>, mut fds: Fds) {
                     // or not this reap found completions or requests are in flight (a broker
                     // stopping cleanly shuts the socket first and drains after).
                     // A ring being closed with nothing left in flight is not worth one.
-                    woken == Woken::Control && !(st.closed && st.ring.in_flight() == 0) && fds.broker_gone()
+                    let hung_up = woken == Woken::Control
+                        && !(st.closed && st.ring.in_flight() == 0)
+                        && fds.broker_gone();
+                    hung_up || (st.reconnect_wanted && st.failed.is_none())
                 };
                 if gone {
-                    // The ring connects again if its session does (`Reconnect`), sending its
-                    // requests again, or fails with BrokerGone. A reconnect may take a while
-                    // (it retries until a broker answers): off the worker threads.
-                    let (shared, socket) = (shared.clone(), fds.socket);
-                    let recovered = ::tokio::task::spawn_blocking(move || {
-                        let mut wakers = Vec::new();
-                        let mut guard = shared.lock();
-                        let st = &mut *guard;
-                        // Unless a future's poll found the broker gone first and the ring
-                        // connected again meanwhile (its socket is no longer the one that hung up).
-                        let same = inode(st.ring.control_socket()).is_ok_and(|i| i == socket);
-                        if st.failed.is_none() && same {
-                            st.out.clear();
-                            let r = st.ring.reconnect(&mut st.out);
-                            let n = shared.settle(st, r, &mut wakers, None);
-                            st.counters.reaped_by_driver += n as u64;
-                        }
-                        wakers
-                    })
-                    .await;
-                    wakers.extend(recovered.into_iter().flatten());
+                    reconnect(&shared, Some(fds.socket), &mut wakers).await;
                 }
                 (since, spins) = (Instant::now(), 0);
                 for w in wakers.drain(..) {
@@ -582,6 +675,9 @@ impl AsyncNvmeRing {
             source: std::io::Error::other(e),
         })?;
         let mut ring = ring;
+        // Reconnecting blocks (until a broker answers): the driver does it on the blocking
+        // pool, never a future's poll on a worker thread.
+        ring.set_reconnect_in_poll(false);
         // An idle ring's free entries are all of them.
         let entries = ring.sq_space();
         if entries == 0 {
@@ -595,6 +691,7 @@ impl AsyncNvmeRing {
                 ring,
                 out: Vec::with_capacity(entries),
                 failed: None,
+                reconnect_wanted: false,
                 closed: false,
                 driver_idle: false,
                 spin: opts.spin,
@@ -606,6 +703,8 @@ impl AsyncNvmeRing {
             notify: Notify::new(),
             entries,
             session,
+            reconnecting: AtomicBool::new(false),
+            parked: Mutex::new(Vec::new()),
         });
         runtime.spawn(drive(shared.clone(), fds));
         Ok(Self { handle: Arc::new(Handle { shared }) })
@@ -776,7 +875,7 @@ impl AsyncNvmeRing {
         }
         let mut wakers = Vec::new();
         let key = {
-            let mut guard = shared.lock();
+            let mut guard = poll_fn(|cx| shared.lock_or_park(cx)).await;
             let st = &mut *guard;
             if let Some(e) = &st.failed {
                 let e = same_error(e);
@@ -822,7 +921,7 @@ struct InFlight<'a, B: IoBuffer> {
 impl<B: IoBuffer> InFlight<'_, B> {
     fn poll_completion(&mut self, cx: &mut Context<'_>) -> Poll<Result<u32>> {
         let mut wakers = Vec::new();
-        let mut guard = self.shared.lock();
+        let Poll::Ready(mut guard) = self.shared.lock_or_park(cx) else { return Poll::Pending };
         let st = &mut *guard;
         let n = self.shared.reap(st, &mut wakers, Some(self.key));
         st.counters.reaped_by_futures += n as u64;

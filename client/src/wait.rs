@@ -31,6 +31,9 @@ impl NvmeRing {
     /// write it only once the CQ holds what the wait still needs). `None` waits forever. On an error, the completions
     /// already moved into `out` (with a faulted ring: every completion the broker posted) stay
     /// there.
+    ///
+    /// A broker that went away is reconnected to within the wait ([`crate::Reconnect`]): that
+    /// part is bounded by the session's reconnect budget, not by `timeout`.
     pub fn wait(
         &mut self,
         min: usize,
@@ -180,14 +183,21 @@ impl NvmeRing {
     /// end. A broker that exited (killed, crashed) sets no fault: an event loop that sleeps on
     /// the completion fd alone asks [`NvmeRing::broker_closed`] first, or also watches
     /// [`NvmeRing::control_socket`] for a hang-up (as nvmed-vhost and nvmed-tcp do).
+    ///
+    /// If its poll reconnected to a restarted broker, the new ring is the one armed, and
+    /// [`NvmeRing::completion_fd`] is a new descriptor ([`NvmeRing::connection_epoch`] changed).
     pub fn arm_completion_fd(&mut self, out: &mut Vec<Completion>) -> Result<usize> {
         if let Some(e) = self.fault_error() {
             return Err(e);
         }
+        let epoch = self.epoch;
         announce_sleep(&SharedFlags::client(&self.mem), CLIENT_CQ_WAITING);
         let n = self.poll(out);
         if !matches!(n, Ok(0)) {
             end_sleep(&SharedFlags::client(&self.mem), CLIENT_CQ_WAITING | CLIENT_CQ_WAKE_AT);
+        } else if self.epoch != epoch {
+            // The poll reconnected: the ring (and its completion fd) is new and not armed yet.
+            return self.arm_completion_fd(out);
         }
         n
     }
