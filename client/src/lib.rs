@@ -531,6 +531,7 @@ impl NvmeRing {
     }
 
     /// Whether this ring's session connects again when its broker goes away ([`Reconnect`]).
+    #[cfg(feature = "tokio")]
     pub(crate) fn reconnects_enabled(&self) -> bool {
         self.session.reconnect.enabled
     }

@@ -24,7 +24,7 @@ pub struct RegisteredBuffer {
     /// next access only if a free huge page exists, else the access raises SIGBUS. The broker
     /// reads and writes such a buffer only through the kernel (`*_fault_safe`).
     fault_safe: bool,
-    _ticket: Ticket,
+    ticket: Ticket,
 }
 
 impl Drop for RegisteredBuffer {
@@ -67,6 +67,13 @@ pub fn file_identity(fd: impl std::os::fd::AsFd) -> Option<(u64, u64)> {
 }
 
 impl RegisteredBuffer {
+    /// Called when the buffer is to stay mapped for good (a failed device may still write it,
+    /// so it is leaked on purpose): its uid's quota share is given back, the broker-wide count
+    /// keeps it.
+    pub fn release_uid_share(&self) {
+        self.ticket.release_uid_share();
+    }
+
     /// Checks the memfd (sealed against shrinking, large enough), maps it and maps it for DMA.
     #[allow(clippy::too_many_arguments)]
     pub fn register(
@@ -139,7 +146,7 @@ impl RegisteredBuffer {
             mem: ManuallyDrop::new(mem),
             len,
             fault_safe: page > 4096,
-            _ticket: ticket,
+            ticket,
         })
     }
 

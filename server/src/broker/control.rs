@@ -553,6 +553,7 @@ impl Connection {
                         buffer_id = id,
                         "buffer kept mapped: a failed device may still use it"
                     );
+                    b.release_uid_share();
                     std::mem::forget(b);
                 }
             }
@@ -661,11 +662,13 @@ impl Connection {
                 Ok((Response::BufferUnregistered, vec![]))
             }
             Ok(b) => {
+                b.release_uid_share();
                 std::mem::forget(b);
                 Err(ControlError::Internal("an I/O thread stopped; the buffer stays mapped".into()))
             }
             Err(b) => {
                 // A ring of a failed device keeps it: it may still be written.
+                b.release_uid_share();
                 std::mem::forget(b);
                 Err(ControlError::ResourceExhausted(
                     "the device failed with I/O on this buffer in flight; it stays mapped".into(),

@@ -197,6 +197,8 @@ pub struct Ticket {
     uid: u32,
     /// Registered bytes it holds besides its unit (buffers).
     bytes: u64,
+    /// Its uid's share was given back early ([`Ticket::release_uid_share`]).
+    uid_released: std::sync::atomic::AtomicBool,
 }
 
 impl Quotas {
@@ -262,7 +264,7 @@ impl Quotas {
         if bytes > 0 {
             *c.bytes.entry(uid).or_default() += bytes;
         }
-        Ok(Ticket { quotas: self.clone(), resource, uid, bytes })
+        Ok(Ticket { quotas: self.clone(), resource, uid, bytes, uid_released: Default::default() })
     }
 
     /// Units of `resource` held now (all uids).
@@ -271,11 +273,20 @@ impl Quotas {
     }
 }
 
-impl Drop for Ticket {
-    fn drop(&mut self) {
-        let i = self.resource.index();
+impl Ticket {
+    /// Gives the uid's share back now, keeping the broker-wide unit: for a resource the broker
+    /// must keep for good through no fault of the client (a buffer a failed device may still
+    /// write stays mapped until exit), which must not count against that uid's limits.
+    pub fn release_uid_share(&self) {
+        if self.uid_released.swap(true, std::sync::atomic::Ordering::Relaxed) {
+            return;
+        }
         let mut c = self.quotas.counts.lock().unwrap_or_else(|p| p.into_inner());
-        c.total[i] -= 1;
+        self.release_uid_locked(&mut c);
+    }
+
+    fn release_uid_locked(&self, c: &mut Counts) {
+        let i = self.resource.index();
         if let Some(mine) = c.per_uid.get_mut(&self.uid) {
             mine[i] -= 1;
             if mine.iter().all(|&n| n == 0) {
@@ -289,6 +300,16 @@ impl Drop for Ticket {
                     c.bytes.remove(&self.uid);
                 }
             }
+        }
+    }
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        let mut c = self.quotas.counts.lock().unwrap_or_else(|p| p.into_inner());
+        c.total[self.resource.index()] -= 1;
+        if !self.uid_released.load(std::sync::atomic::Ordering::Relaxed) {
+            self.release_uid_locked(&mut c);
         }
     }
 }
@@ -311,6 +332,24 @@ mod tests {
             registered_bytes_per_uid: Some(1 << 20),
         };
         QuotaSettings::derive_with_limits(65530, 1 << 20, &asked)
+    }
+
+    #[test]
+    fn a_buffer_kept_for_good_gives_its_uids_share_back_not_the_brokers() {
+        let q = Quotas::new(settings());
+        let kept = q.acquire_buffer(1000, 1 << 20).unwrap();
+        // The uid's bytes are all used: another buffer of that uid is refused.
+        assert!(matches!(q.acquire_buffer(1000, 4096), Err(ControlError::UidLimit { .. })));
+        kept.release_uid_share();
+        kept.release_uid_share(); // once only
+        let again = q.acquire_buffer(1000, 1 << 20).expect("the uid's share came back");
+        // The broker still counts the kept one.
+        assert_eq!(q.held(Resource::Buffer), 2);
+        drop(again);
+        std::mem::forget(kept);
+        assert_eq!(q.held(Resource::Buffer), 1);
+        let c = q.counts.lock().unwrap();
+        assert!(c.per_uid.is_empty() && c.bytes.is_empty(), "nothing left on the uid: {c:?}");
     }
 
     #[test]
