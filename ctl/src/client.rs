@@ -9,7 +9,7 @@ use nix::sys::socket::{connect, setsockopt, socket, sockopt, AddressFamily, Sock
 use nix::sys::time::TimeVal;
 use nvmed_proto::admin::{
     decode, encode, AdminError, AdminRequest, AdminResponse, HealthReport, SessionReport, StatusReport,
-    MAX_ADMIN_MESSAGE,
+    MAX_ADMIN_MESSAGE, SESSIONS_PAGE_MAX,
 };
 use nvmed_proto::transport::{self, TransportError};
 
@@ -145,11 +145,22 @@ impl AdminClient {
         }
     }
 
-    /// The live sessions.
+    /// The live sessions, in order of id (asked page by page: any number fits).
     pub fn sessions(&self) -> Result<Vec<SessionReport>, CtlError> {
-        match self.request(&AdminRequest::Sessions)? {
-            AdminResponse::Sessions(s) => Ok(s),
-            other => Err(CtlError::Unexpected(format!("{other:?}"))),
+        let mut all = Vec::new();
+        let mut after = None;
+        loop {
+            match self.request(&AdminRequest::SessionsPage { after, max: SESSIONS_PAGE_MAX })? {
+                AdminResponse::SessionsPage { sessions, more } => {
+                    after = sessions.last().map(|s| s.id).or(after);
+                    let empty = sessions.is_empty();
+                    all.extend(sessions);
+                    if !more || empty {
+                        return Ok(all);
+                    }
+                }
+                other => return Err(CtlError::Unexpected(format!("{other:?}"))),
+            }
         }
     }
 

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use nvmectl::{session_rates, AdminClient, CtlError};
 use nvmed_client::testkit::reads_for;
 use nvmed_client::{NvmeRing, NvmeSession};
-use nvmed_proto::admin::{AdminError, SmartLog};
+use nvmed_proto::admin::{AdminError, AdminRequest, AdminResponse, SmartLog};
 use nvmed_server::broker::{Broker, BrokerConfig};
 use nvmed_server::emulator::backend::MemoryBackend;
 use nvmed_server::emulator::{EmulatedController, EmulatedNamespace, EmulatorConfig};
@@ -706,4 +706,50 @@ fn a_withdrawn_grant_ends_the_session_after_its_io_in_flight_completes() {
     assert!(ctl.sessions().unwrap().is_empty());
     let j = json(&nvmectl(&env, &["status", "--json"]));
     assert_eq!((j["sessions"].as_u64(), j["registered_bytes"].as_u64()), (Some(0), Some(0)), "{j}");
+}
+
+#[test]
+fn sessions_are_listed_page_by_page_and_any_number_fits() {
+    // More sessions than one page holds (each session one control connection, no ring).
+    let n = nvmed_proto::admin::SESSIONS_PAGE_MAX as usize + 100;
+    let env = broker(|c| {
+        c.max_sessions = n + 8;
+        c.quotas = nvmed_server::broker::QuotaSettings::derive(&nvmed_server::broker::QuotaRequest {
+            max_sessions: n + 8,
+            sessions_per_uid: Some(n + 8),
+            connections_per_uid: Some(n + 8),
+            admin_reserve: 4,
+            ..Default::default()
+        });
+    });
+    let sessions: Vec<NvmeSession> = (0..n).map(|_| NvmeSession::open(&env.socket).unwrap()).collect();
+    let mut ids: Vec<u64> = sessions.iter().map(|s| s.session_id()).collect();
+    ids.sort_unstable();
+    let ctl = env.client();
+    // Small pages by hand: in order of id, each after the last, `more` until the end.
+    let mut seen = Vec::new();
+    let mut after = None;
+    let mut pages = 0;
+    loop {
+        let AdminResponse::SessionsPage { sessions, more } =
+            ctl.request(&AdminRequest::SessionsPage { after, max: 500 }).unwrap()
+        else {
+            panic!("not a page")
+        };
+        pages += 1;
+        assert!(sessions.len() <= 500);
+        seen.extend(sessions.iter().map(|s| s.id));
+        after = seen.last().copied();
+        if !more {
+            break;
+        }
+    }
+    assert_eq!(pages, n.div_ceil(500));
+    assert_eq!(seen, ids, "every session once, in order of id");
+    // A page past the end is empty and says so.
+    let last = ctl.request(&AdminRequest::SessionsPage { after, max: 10 }).unwrap();
+    assert_eq!(last, AdminResponse::SessionsPage { sessions: vec![], more: false });
+    // nvmectl's own listing pages through them all.
+    let all: Vec<u64> = ctl.sessions().unwrap().iter().map(|s| s.id).collect();
+    assert_eq!(all, ids);
 }

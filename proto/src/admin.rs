@@ -39,7 +39,19 @@ pub enum AdminRequest {
         /// The new limits, as in `--grant`: `weight=3,iops=20k,read-mbps=100,qd=64,per=uid`.
         limits: String,
     },
+    /// One page of the live sessions, in order of id: those with an id above `after` (all if
+    /// `None`), at most `max` (the broker may give fewer, to fit [`MAX_ADMIN_MESSAGE`]).
+    /// [`AdminRequest::Sessions`] answers in one message, which thousands of sessions overflow.
+    SessionsPage {
+        /// The last id of the previous page.
+        after: Option<u64>,
+        /// Most sessions wanted.
+        max: u32,
+    },
 }
+
+/// Most sessions in one [`AdminResponse::SessionsPage`].
+pub const SESSIONS_PAGE_MAX: u32 = 1024;
 
 /// A grant in force, as `nvmectl limits` shows it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -85,6 +97,13 @@ pub enum AdminResponse {
     },
     /// The request failed.
     Error(AdminError),
+    /// Reply to [`AdminRequest::SessionsPage`].
+    SessionsPage {
+        /// Sessions in order of id.
+        sessions: Vec<SessionReport>,
+        /// More sessions follow the last one: ask again with its id.
+        more: bool,
+    },
 }
 
 /// Why an admin request failed.
@@ -402,6 +421,7 @@ mod tests {
             AdminRequest::Sessions,
             AdminRequest::Kill { session: 7 },
             AdminRequest::Health,
+            AdminRequest::SessionsPage { after: Some(9), max: 100 },
         ] {
             assert_eq!(decode::<AdminRequest>(&encode(&r)).unwrap(), r);
         }
@@ -427,7 +447,8 @@ mod tests {
             error: None,
         };
         for r in [
-            AdminResponse::Sessions(vec![s]),
+            AdminResponse::Sessions(vec![s.clone()]),
+            AdminResponse::SessionsPage { sessions: vec![s], more: true },
             AdminResponse::Killed,
             AdminResponse::Health(vec![h]),
             AdminResponse::Error(AdminError::NotAuthorized { uid: 1000, group: Some("adm".into()) }),

@@ -18,7 +18,7 @@ use nix::sys::socket::{accept4, getsockopt, setsockopt, sockopt, SockFlag, UnixC
 use nix::sys::time::TimeVal;
 use nvmed_proto::admin::{
     decode, encode, AdminError, AdminRequest, AdminResponse, ControllerReport, GrantReport, HealthReport,
-    NamespaceReport, StatusReport, Totals, MAX_ADMIN_MESSAGE,
+    NamespaceReport, SessionReport, StatusReport, Totals, MAX_ADMIN_MESSAGE, SESSIONS_PAGE_MAX,
 };
 use nvmed_proto::transport::{self, TransportError};
 use tracing::{debug, error, info, warn};
@@ -260,6 +260,21 @@ fn handle(shared: &Arc<Shared>, req: AdminRequest, cred: &UnixCredentials) -> Ad
         AdminRequest::Status => AdminResponse::Status(status(shared)),
         AdminRequest::Sessions => {
             AdminResponse::Sessions(shared.registry.list().iter().map(|e| e.report()).collect())
+        }
+        AdminRequest::SessionsPage { after, max } => {
+            let max = max.clamp(1, SESSIONS_PAGE_MAX) as usize;
+            let (page, more) = shared.registry.page(after, max);
+            let mut sessions: Vec<SessionReport> = page.iter().map(|e| e.report()).collect();
+            let mut more = more;
+            // Names are bounded, so a full page fits; should it not, fewer go (the rest follow).
+            while sessions.len() > 1
+                && encode(&AdminResponse::SessionsPage { sessions: sessions.clone(), more }).len()
+                    > MAX_ADMIN_MESSAGE
+            {
+                sessions.truncate(sessions.len() / 2);
+                more = true;
+            }
+            AdminResponse::SessionsPage { sessions, more }
         }
         AdminRequest::Kill { session } => match kill(shared, session) {
             Ok(()) => {

@@ -250,6 +250,16 @@ impl Registry {
         self.sessions.lock().unwrap_or_else(|p| p.into_inner()).values().cloned().collect()
     }
 
+    /// At most `max` live sessions with ids above `after`, in order of id, and whether more
+    /// follow.
+    pub fn page(&self, after: Option<u64>, max: usize) -> (Vec<Arc<SessionEntry>>, bool) {
+        let sessions = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
+        let from = after.map_or(std::ops::Bound::Unbounded, std::ops::Bound::Excluded);
+        let mut it = sessions.range((from, std::ops::Bound::Unbounded)).map(|(_, e)| e.clone());
+        let page: Vec<_> = it.by_ref().take(max).collect();
+        (page, it.next().is_some())
+    }
+
     /// What the ended sessions did, per uid.
     pub fn ended(&self) -> BTreeMap<u32, Ended> {
         self.ended.lock().unwrap_or_else(|p| p.into_inner()).clone()
