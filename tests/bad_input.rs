@@ -390,3 +390,53 @@ fn write_sealed_memfd_is_refused() {
     let r = ring.control(&Request::RegisterBuffer { offset: 0, len: 4096, id: None }, &[m.as_file().as_fd()]);
     assert!(matches!(r, Err(Error::Refused(ControlError::NotWritable))), "{r:?}");
 }
+
+/// A client makes its completion doorbell blocking and tries to fill it (with an eventfd shared
+/// with the broker, both would hold for the broker's end too, and its next wakeup write would
+/// block the I/O thread that serves everyone). The broker's end is its own open file: it keeps
+/// serving this client's completions and every other client.
+#[test]
+fn a_client_cannot_make_the_brokers_doorbell_writes_block() {
+    use std::os::fd::AsRawFd;
+    let mut broker = TestBroker::start(&[]);
+    let mut hostile = broker.connect();
+    let fd = hostile.completion_fd().as_raw_fd();
+    // SAFETY: fcntl and write on a descriptor the ring owns and keeps open.
+    unsafe {
+        let flags = libc::fcntl(fd, libc::F_GETFL);
+        assert_eq!(libc::fcntl(fd, libc::F_SETFL, flags & !libc::O_NONBLOCK), 0);
+        // An eventfd's counter one short of full; a pipe's read end refuses the write.
+        let full = 0xffff_ffff_ffff_fffeu64.to_ne_bytes();
+        let _ = libc::write(fd, full.as_ptr().cast(), full.len());
+    }
+    // Ask for a wakeup at every completion and never take them: the broker signals the doorbell.
+    let mut out = Vec::new();
+    assert_eq!(hostile.arm_completion_fd(&mut out).unwrap(), 0);
+    for i in 0..64 {
+        hostile.prep(Io::nop().user_data(i)).unwrap();
+        hostile.submit().unwrap();
+    }
+    let (tx, rx) = std::sync::mpsc::channel();
+    let socket = broker.socket.clone();
+    std::thread::spawn(move || {
+        let mut ring = NvmeRing::open(&socket).unwrap();
+        let ns = ring.namespaces()[0].nsid;
+        let buf = ring.alloc_buffer(8192).unwrap();
+        for _ in 0..100 {
+            ring.write(ns, 1 << 20, buf, 0, 4096).unwrap();
+            ring.read(ns, 1 << 20, buf, 4096, 4096).unwrap();
+        }
+        tx.send(()).unwrap();
+    });
+    rx.recv_timeout(Duration::from_secs(20)).expect("the broker stopped serving other clients");
+    // And the hostile client's own requests completed.
+    // SAFETY: as above.
+    unsafe {
+        let flags = libc::fcntl(fd, libc::F_GETFL);
+        assert_eq!(libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK), 0);
+    }
+    hostile.disarm_completion_fd();
+    hostile.wait(64, &mut out, Some(Duration::from_secs(10))).unwrap();
+    assert_eq!(out.len(), 64);
+    others_unaffected(&mut broker);
+}

@@ -625,7 +625,7 @@ fn a_client_that_stopped_waiting_does_not_ask_for_wakeups() {
 fn a_client_with_a_wake_index_is_woken_once_its_completions_are_all_there() {
     // The sleep a client announces names the CQ index it waits for (wait(min) does this): the
     // broker publishes the completions of four reads one by one, 100 ms apart, and writes the
-    // completion eventfd only with the fourth.
+    // completion doorbell only with the fourth.
     use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
     use nvmed_proto::layout::{
         CLIENT_CQ_WAITING, CLIENT_CQ_WAKE_AT, CLIENT_FLAGS_OFFSET, CLIENT_WAKE_AT_OFFSET,

@@ -44,7 +44,7 @@ fn a_client_goes_on_through_a_broker_killed_and_restarted() {
     let epoch = ring.connection_epoch();
     assert!(!ring.broker_closed());
     broker.kill9();
-    // An event loop asks before it sleeps on the completion eventfd (a killed broker sets no
+    // An event loop asks before it sleeps on the completion doorbell (a killed broker sets no
     // flag in the ring).
     common::wait_until("the broker's end seen", Duration::from_secs(5), || ring.broker_closed());
     let t = Instant::now();

@@ -531,21 +531,29 @@ fn wrapping_needs_a_runtime_and_an_idle_ring() {
 
 /// While the driver reconnects to a restarted broker (on the blocking pool, holding the ring),
 /// futures started meanwhile wait as futures: the runtime's one worker thread goes on running
-/// other tasks (a ticker here), and the request completes on the new broker.
+/// other tasks (a ticker here), futures cancelled meanwhile (one in flight, many still waiting
+/// to be queued) neither block it nor lose their submission entries, and the requests complete
+/// on the new broker.
 #[tokio::test(flavor = "current_thread")]
 async fn a_reconnect_does_not_block_the_runtime() {
     let dir = scratch_dir();
     let file = dir.join("disk.img").to_str().unwrap().to_string();
-    let args = ["--backing", &file, "--emulator-mode", "async", "--emulator-latency-us", "50000"];
+    let args = ["--backing", &file, "--emulator-mode", "async", "--emulator-latency-us", "500000"];
     let mut broker = TestBroker::start_in(dir, &args);
     let ring = AsyncNvmeRing::new(broker.connect()).unwrap();
     let nsid = ring.namespaces()[0].nsid;
-    let buf = ring.alloc_buffer(BLOCK).unwrap();
+    let buf = ring.alloc_buffer(2 * BLOCK).unwrap().into_chunks(BLOCK);
+    let [a, b]: [IoBuf; 2] = buf.try_into().unwrap();
     let write = tokio::spawn({
         let ring = ring.clone();
-        async move { ring.write(nsid, 0, buf).await.map(|(n, _)| n) }
+        async move { ring.write(nsid, 0, a).await.map(|(n, _)| n) }
     });
-    eventually("the write in flight", Duration::from_secs(10), || ring.counters().in_flight == 1).await;
+    // In flight too, and given up on while the driver reconnects.
+    let given_up = tokio::spawn({
+        let ring = ring.clone();
+        async move { tokio::time::timeout(Duration::from_millis(600), ring.write(nsid, BLOCK as u64, b)).await }
+    });
+    eventually("the writes in flight", Duration::from_secs(10), || ring.counters().in_flight == 2).await;
     eventually("the driver to sleep", Duration::from_secs(10), || ring.counters().sleeps >= 1).await;
     broker.kill9();
     // The driver sees the hang-up and starts reconnecting; the broker comes back a second later.
@@ -559,6 +567,13 @@ async fn a_reconnect_does_not_block_the_runtime() {
         let ring = ring.clone();
         async move { ring.nop().await }
     });
+    // As many no-ops as the ring has entries, all given up on while they wait for the ring.
+    let cancelled: Vec<_> = (0..ring.max_in_flight())
+        .map(|_| {
+            let ring = ring.clone();
+            tokio::spawn(async move { tokio::time::timeout(Duration::from_millis(100), ring.nop()).await })
+        })
+        .collect();
     let started = Instant::now();
     let mut last = Instant::now();
     let mut longest = Duration::ZERO;
@@ -568,9 +583,49 @@ async fn a_reconnect_does_not_block_the_runtime() {
         last = Instant::now();
     }
     assert!(longest < Duration::from_millis(500), "the runtime's thread was held for {longest:?}");
+    for c in cancelled {
+        assert!(c.await.unwrap().is_err(), "given up on before the broker came back");
+    }
+    assert!(given_up.await.unwrap().is_err(), "given up on before the broker came back");
     let n = tokio::time::timeout(Duration::from_secs(30), write).await.expect("completes").unwrap().unwrap();
     assert_eq!(n as usize, BLOCK);
     tokio::time::timeout(Duration::from_secs(30), nop).await.expect("completes").unwrap().unwrap();
     assert_eq!(ring.session().reconnects(), 1);
+    // No entry was lost to the cancelled futures: the ring's whole depth is usable.
+    let all: Vec<_> = (0..ring.max_in_flight()).map(|_| ring.nop()).collect();
+    let done = tokio::time::timeout(Duration::from_secs(30), futures_join_all(all)).await;
+    assert!(done.expect("every entry came back").iter().all(|r| r.is_ok()));
+    eventually("the abandoned write to complete", Duration::from_secs(10), || {
+        let c = ring.counters();
+        c.abandoned == 1 && c.abandoned_in_flight == 0 && c.in_flight == 0
+    })
+    .await;
     let _broker = restarter.join().unwrap();
+}
+
+/// Awaits every future (no `futures` crate here).
+async fn futures_join_all<F: std::future::Future>(fs: Vec<F>) -> Vec<F::Output> {
+    let mut out = Vec::with_capacity(fs.len());
+    let mut fs: Vec<_> = fs.into_iter().map(Box::pin).collect();
+    // Polled together: each is started before any is awaited to the end.
+    let mut done: Vec<Option<F::Output>> = fs.iter().map(|_| None).collect();
+    std::future::poll_fn(|cx| {
+        let mut pending = false;
+        for (f, d) in fs.iter_mut().zip(done.iter_mut()) {
+            if d.is_none() {
+                match f.as_mut().poll(cx) {
+                    std::task::Poll::Ready(v) => *d = Some(v),
+                    std::task::Poll::Pending => pending = true,
+                }
+            }
+        }
+        if pending {
+            std::task::Poll::Pending
+        } else {
+            std::task::Poll::Ready(())
+        }
+    })
+    .await;
+    out.extend(done.into_iter().map(Option::unwrap));
+    out
 }

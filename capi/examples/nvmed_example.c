@@ -149,7 +149,7 @@ int main(int argc, char **argv)
 	check(nvmed_prep_deallocate(ring, ns.nsid, off, LEN, 7), "prep deallocate");
 	run(ring, 1, "deallocate");
 
-	/* An event loop's way: sleep in poll(2) on the completion eventfd instead of nvmed_wait. */
+	/* An event loop's way: sleep in poll(2) on the completion doorbell instead of nvmed_wait. */
 	int efd = check(nvmed_completion_fd(ring), "completion fd");
 	check(nvmed_prep_read(ring, ns.nsid, off, 4096, buf.id, LEN, 12), "prep read");
 	check(nvmed_submit(ring), "submit");

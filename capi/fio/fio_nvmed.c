@@ -13,7 +13,7 @@
  *   nsid=N          namespace id (default 1)
  *   busy_poll       reap completions by polling the ring only (a CPU spins, like io_uring's
  *                   hipri); without it fio waits in nvmed_wait: a short spin (spin_us), then
- *                   asleep on the ring's completion eventfd
+ *                   asleep on the ring's completion doorbell
  *   spin_us=N       longest spin before sleeping in the waiting mode (default 50)
  *   sq_entries=N    ring size (default: the next power of two >= iodepth, at least 64)
  *
@@ -64,7 +64,7 @@ static struct fio_option options[] = {
 		.type = FIO_OPT_INT,
 		.off1 = offsetof(struct nvmed_fio_options, spin_us),
 		.def = "50",
-		.help = "Microseconds a wait spins before sleeping on the completion eventfd",
+		.help = "Microseconds a wait spins before sleeping on the completion doorbell",
 		.category = FIO_OPT_C_ENGINE,
 		.group = FIO_OPT_G_INVALID,
 	},

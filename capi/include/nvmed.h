@@ -69,7 +69,7 @@
 // An internal error (a caught panic); the ring is no longer usable: close it.
 #define NVMED_E_PANIC -16
 
-// The ring reconnected to a restarted broker: its completion eventfd is a new one. Call
+// The ring reconnected to a restarted broker: its completion doorbell is a new one. Call
 // `nvmed_completion_fd` again (and watch that one) before arming again.
 #define NVMED_E_FD_CHANGED -17
 
@@ -85,7 +85,7 @@ typedef struct nvmed_ring_opts {
   uint32_t sq_entries;
   // Completion queue entries (power of two, at least `sq_entries`; default 512).
   uint32_t cq_entries;
-  // Longest `nvmed_wait` spins before sleeping on the completion eventfd, in microseconds
+  // Longest `nvmed_wait` spins before sleeping on the completion doorbell, in microseconds
   // (default 50; 0 sleeps at once).
   uint32_t spin_us;
   // Broker I/O thread to serve the ring, or -1 for the least loaded (default).
@@ -353,7 +353,7 @@ int nvmed_submit(struct nvmed_ring *ring);
 int nvmed_poll(struct nvmed_ring *ring, struct nvmed_completion *out, uint32_t max);
 
 // Waits until at least `min` (at most `max`) finished requests were moved into `out`: spins
-// briefly, then sleeps on the completion eventfd. `timeout_us` < 0 waits forever. Returns how
+// briefly, then sleeps on the completion doorbell. `timeout_us` < 0 waits forever. Returns how
 // many; fewer than `min` only when the timeout passed after some arrived (none:
 // `NVMED_E_TIMEOUT`).
 //
@@ -365,26 +365,26 @@ int nvmed_wait(struct nvmed_ring *ring,
                uint32_t min,
                int64_t timeout_us);
 
-// The ring's completion eventfd, for callers that sleep in their own event loop: see
+// The ring's completion doorbell, for callers that sleep in their own event loop: see
 // `nvmed_arm_completion_fd`. The descriptor belongs to the ring.
 //
 // # Safety
 // `ring` is a live handle.
 int nvmed_completion_fd(struct nvmed_ring *ring);
 
-// Asks the broker to signal the completion eventfd at the next completion, then polls once
+// Asks the broker to signal the completion doorbell at the next completion, then polls once
 // more into `out` (up to `max`, at least 1). Returns how many completions it moved: 0 means the
 // caller may sleep until the fd is readable and must then call `nvmed_disarm_completion_fd`;
 // above 0 the ring is disarmed again and the caller handles them instead of sleeping. A broker
 // that exited is noticed here: the ring reconnects to a restarted one (its requests in flight
-// are sent again) and, if the caller took the eventfd with `nvmed_completion_fd`, this returns
+// are sent again) and, if the caller took the doorbell with `nvmed_completion_fd`, this returns
 // `NVMED_E_FD_CHANGED` (take it again), or fails with `NVMED_E_BROKER_GONE`.
 //
 // # Safety
 // `ring` is a live handle; `out` is valid for writing `max` `nvmed_completion`s.
 int nvmed_arm_completion_fd(struct nvmed_ring *ring, struct nvmed_completion *out, uint32_t max);
 
-// Ends a sleep begun with `nvmed_arm_completion_fd` (empties the eventfd, stops the broker's
+// Ends a sleep begun with `nvmed_arm_completion_fd` (empties the doorbell, stops the broker's
 // wakeups). Poll afterwards.
 //
 // # Safety

@@ -94,7 +94,7 @@ pub const NVMED_E_TIMEOUT: c_int = -14;
 pub const NVMED_E_NO_NAMESPACE: c_int = -15;
 /// An internal error (a caught panic); the ring is no longer usable: close it.
 pub const NVMED_E_PANIC: c_int = -16;
-/// The ring reconnected to a restarted broker: its completion eventfd is a new one. Call
+/// The ring reconnected to a restarted broker: its completion doorbell is a new one. Call
 /// `nvmed_completion_fd` again (and watch that one) before arming again.
 pub const NVMED_E_FD_CHANGED: c_int = -17;
 
@@ -109,7 +109,7 @@ pub struct nvmed_ring_opts {
     pub sq_entries: u32,
     /// Completion queue entries (power of two, at least `sq_entries`; default 512).
     pub cq_entries: u32,
-    /// Longest `nvmed_wait` spins before sleeping on the completion eventfd, in microseconds
+    /// Longest `nvmed_wait` spins before sleeping on the completion doorbell, in microseconds
     /// (default 50; 0 sleeps at once).
     pub spin_us: u32,
     /// Broker I/O thread to serve the ring, or -1 for the least loaded (default).
@@ -227,7 +227,7 @@ pub struct nvmed_ring {
     namespaces: Vec<NamespaceInfo>,
     /// A panic happened in a call on this ring.
     poisoned: bool,
-    /// The connection epoch when `nvmed_completion_fd` last gave the caller the eventfd.
+    /// The connection epoch when `nvmed_completion_fd` last gave the caller the doorbell.
     fd_epoch: Option<u64>,
 }
 
@@ -855,7 +855,7 @@ pub unsafe extern "C" fn nvmed_poll(ring: *mut nvmed_ring, out: *mut nvmed_compl
 }
 
 /// Waits until at least `min` (at most `max`) finished requests were moved into `out`: spins
-/// briefly, then sleeps on the completion eventfd. `timeout_us` < 0 waits forever. Returns how
+/// briefly, then sleeps on the completion doorbell. `timeout_us` < 0 waits forever. Returns how
 /// many; fewer than `min` only when the timeout passed after some arrived (none:
 /// `NVMED_E_TIMEOUT`).
 ///
@@ -879,7 +879,7 @@ pub unsafe extern "C" fn nvmed_wait(
     })
 }
 
-/// The ring's completion eventfd, for callers that sleep in their own event loop: see
+/// The ring's completion doorbell, for callers that sleep in their own event loop: see
 /// `nvmed_arm_completion_fd`. The descriptor belongs to the ring.
 ///
 /// # Safety
@@ -895,12 +895,12 @@ pub unsafe extern "C" fn nvmed_completion_fd(ring: *mut nvmed_ring) -> c_int {
     })
 }
 
-/// Asks the broker to signal the completion eventfd at the next completion, then polls once
+/// Asks the broker to signal the completion doorbell at the next completion, then polls once
 /// more into `out` (up to `max`, at least 1). Returns how many completions it moved: 0 means the
 /// caller may sleep until the fd is readable and must then call `nvmed_disarm_completion_fd`;
 /// above 0 the ring is disarmed again and the caller handles them instead of sleeping. A broker
 /// that exited is noticed here: the ring reconnects to a restarted one (its requests in flight
-/// are sent again) and, if the caller took the eventfd with `nvmed_completion_fd`, this returns
+/// are sent again) and, if the caller took the doorbell with `nvmed_completion_fd`, this returns
 /// `NVMED_E_FD_CHANGED` (take it again), or fails with `NVMED_E_BROKER_GONE`.
 ///
 /// # Safety
@@ -923,7 +923,7 @@ pub unsafe extern "C" fn nvmed_arm_completion_fd(
             return Ok(r.hand_out(out) as i32);
         }
         r.scratch.clear();
-        // A broker that exited sets no flag the ring sees, and its eventfd would never be
+        // A broker that exited sets no flag the ring sees, and its doorbell would never be
         // written: reconnect (or fail) instead of arming a sleep nothing ends.
         let res = if r.ring.broker_closed() {
             r.ring.reconnect(&mut r.scratch)
@@ -949,7 +949,7 @@ pub unsafe extern "C" fn nvmed_arm_completion_fd(
     })
 }
 
-/// Ends a sleep begun with `nvmed_arm_completion_fd` (empties the eventfd, stops the broker's
+/// Ends a sleep begun with `nvmed_arm_completion_fd` (empties the doorbell, stops the broker's
 /// wakeups). Poll afterwards.
 ///
 /// # Safety

@@ -656,6 +656,18 @@ impl NvmeRing {
         Ok(BufferId(buffer_id))
     }
 
+    /// Takes `buf`, registered by the caller as `id`, as this ring's own.
+    #[cfg(feature = "tokio")]
+    pub(crate) fn adopt_buffer(&mut self, id: u32, buf: MemfdBuffer) {
+        self.buffers.insert(id, ClientBuffer { mem: buf, in_flight: 0 });
+    }
+
+    /// Drops this ring's record of buffer `id`, which the caller unregistered.
+    #[cfg(feature = "tokio")]
+    pub(crate) fn disown_buffer(&mut self, id: BufferId) -> Option<MemfdBuffer> {
+        self.buffers.remove(&id.0).map(|b| b.mem)
+    }
+
     /// Unregisters a buffer with no I/O in flight and gives it back.
     pub fn unregister_buffer(&mut self, id: BufferId) -> Result<MemfdBuffer> {
         let b = self.buffers.get(&id.0).ok_or(Error::UnknownBuffer(id.0))?;
@@ -1112,10 +1124,13 @@ impl NvmeRing {
     /// Runs one request to completion (submitting anything else prepared too). Completions of
     /// other requests it reaps meanwhile are kept for the next [`NvmeRing::poll`] or
     /// [`NvmeRing::wait`]. If it fails (the ring faulted, the broker went away and could not
-    /// be reconnected to), its request may still be in flight and completes like any other.
+    /// be reconnected to), its request may still be in flight; should it complete, `poll` hands
+    /// it out with user data `u64::MAX - 7`.
     fn run_one(&mut self, io: Io) -> Result<Completion> {
+        // Recognisable should it complete after this call failed (it then goes to `poll`).
+        const SYNC_USER_DATA: u64 = u64::MAX - 7;
         let tag = self.pending.vacant_key();
-        self.prep(io)?;
+        self.prep(io.user_data(SYNC_USER_DATA))?;
         self.sync_tag = tag;
         self.sync_done = None;
         // What an earlier synchronous call held back stays first in line.
@@ -1128,8 +1143,13 @@ impl NvmeRing {
         });
         self.sync_tag = usize::MAX;
         self.held = others;
-        r?;
-        let c = self.sync_done.take().expect("the loop ends once it is there");
+        // Its completion may have been taken before the wait failed (say, out of an old
+        // broker's CQ before reconnecting failed): the request is done, whatever came after.
+        let c = match (self.sync_done.take(), r) {
+            (Some(c), _) => c,
+            (None, Err(e)) => return Err(e),
+            (None, Ok(())) => unreachable!("the loop ends once it is there"),
+        };
         match c.status {
             Status::Success => Ok(c),
             s => Err(Error::Io(s)),

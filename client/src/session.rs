@@ -335,6 +335,11 @@ pub struct NvmeSession {
 }
 
 impl NvmeSession {
+    #[cfg(feature = "tokio")]
+    pub(crate) fn inner(&self) -> &Arc<SessionInner> {
+        &self.inner
+    }
+
     pub(crate) fn from_inner(inner: Arc<SessionInner>) -> Self {
         Self { inner }
     }

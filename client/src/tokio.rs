@@ -23,7 +23,7 @@
 //! *driver* task (spawned on the runtime by [`AsyncNvmeRing::new`]; no thread), which while
 //! requests are in flight keeps looking at the completion queue, yielding to the runtime
 //! between looks, for up to [`AsyncOptions::spin`] after the last completion. Only when that
-//! finds nothing does it arm the ring's completion eventfd ([`NvmeRing::arm_completion_fd`]),
+//! finds nothing does it arm the ring's completion doorbell ([`NvmeRing::arm_completion_fd`]),
 //! registered with tokio's reactor, and sleep until the broker writes it. As in
 //! [`NvmeRing::wait`], the spin adapts: a sleep longer than the limit halves it, a shorter one
 //! or a completion found while spinning doubles it (up to the limit). A busy ring thus costs no system call per request, an
@@ -77,7 +77,7 @@ use std::ops::{Bound, Deref, DerefMut, RangeBounds};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::Path;
 use std::pin::pin;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, TryLockError, Weak};
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
@@ -97,7 +97,7 @@ use crate::{
 #[derive(Debug, Clone)]
 pub struct AsyncOptions {
     /// Longest time the driver task keeps polling a ring with requests in flight after its last
-    /// completion before it arms the completion eventfd and sleeps. It adapts below this limit
+    /// completion before it arms the completion doorbell and sleeps. It adapts below this limit
     /// as [`crate::RingOptions::spin`] does.
     pub spin: Duration,
 }
@@ -117,7 +117,7 @@ pub struct AsyncCounters {
     pub reaped_by_futures: u64,
     /// Completions found by the driver task.
     pub reaped_by_driver: u64,
-    /// Times the driver task armed the completion eventfd and slept on it.
+    /// Times the driver task armed the completion doorbell and slept on it.
     pub sleeps: u64,
     /// Requests that waited for a free submission queue entry.
     pub waited_for_entry: u64,
@@ -151,7 +151,8 @@ struct Handle {
 
 impl Drop for Handle {
     fn drop(&mut self) {
-        lock(&self.shared.state).closed = true;
+        // No lock: the driver may hold the state through a reconnect.
+        self.shared.closed.store(true, Ordering::Release);
         self.shared.notify.notify_one();
     }
 }
@@ -178,6 +179,15 @@ struct Shared {
     /// lock on a worker thread but leave their wakers in `parked`, woken when it is done.
     reconnecting: AtomicBool,
     parked: Mutex<Vec<Waker>>,
+    /// Futures dropped while the state's lock was taken (see [`InFlight`]'s drop): handled by
+    /// the next holder.
+    dropped: Mutex<Vec<(usize, Option<IoBuf>)>>,
+    /// Set after a push to `dropped` (so a reap looks at that lock only then).
+    any_dropped: AtomicBool,
+    /// No handle is left: the driver exits once nothing is in flight.
+    closed: AtomicBool,
+    /// Requests that waited for a free submission queue entry.
+    waited_for_entry: AtomicU64,
 }
 
 #[derive(Debug)]
@@ -192,8 +202,6 @@ struct State {
     /// The broker went away: the driver reconnects the ring (off the worker threads; the
     /// ring itself never reconnects inside a poll here).
     reconnect_wanted: bool,
-    /// No handle is left: the driver exits once nothing is in flight.
-    closed: bool,
     /// The driver waits on `notify` for a request to be queued.
     driver_idle: bool,
     spin: Duration,
@@ -251,12 +259,41 @@ impl Shared {
     /// Takes the completions the ring has and hands them out: wakers of the futures they
     /// finish are pushed to `wakers` (not woken under the lock), except `me`'s. Returns how many.
     fn reap(&self, st: &mut State, wakers: &mut Vec<Waker>, me: Option<usize>) -> usize {
+        self.take_dropped(st);
         if st.failed.is_some() {
             return 0;
         }
         st.out.clear();
         let r = st.ring.poll(&mut st.out);
         self.settle(st, r, wakers, me)
+    }
+
+    /// The future of request `key` was dropped before it took its result: a completed request
+    /// is forgotten, one in flight keeps `buf` until its completion arrives.
+    fn abandon(&self, st: &mut State, key: usize, buf: Option<IoBuf>) {
+        match st.ops.get(key) {
+            Some(Op::Done(_)) => {
+                st.ops.remove(key);
+                self.slots.add_permits(1);
+            }
+            Some(Op::Waiting(_)) => {
+                st.ops[key] = Op::Abandoned { _buf: buf };
+                st.counters.abandoned += 1;
+                st.counters.abandoned_in_flight += 1;
+            }
+            _ => {}
+        }
+    }
+
+    /// Abandons the requests of futures dropped while the lock was taken.
+    fn take_dropped(&self, st: &mut State) {
+        if !self.any_dropped.load(Ordering::Acquire) || !self.any_dropped.swap(false, Ordering::AcqRel) {
+            return;
+        }
+        let dropped = std::mem::take(&mut *lock(&self.dropped));
+        for (key, buf) in dropped {
+            self.abandon(st, key, buf);
+        }
     }
 
     /// Hands out the completions a ring call put in `st.out`, then fails the ring if the call
@@ -293,7 +330,11 @@ impl Shared {
                 Err(TryLockError::WouldBlock) => {}
             }
             if self.reconnecting.load(Ordering::Acquire) {
-                lock(&self.parked).push(cx.waker().clone());
+                let mut parked = lock(&self.parked);
+                if !parked.iter().any(|w| w.will_wake(cx.waker())) {
+                    parked.push(cx.waker().clone());
+                }
+                drop(parked);
                 // The reconnect clears the flag before it wakes the parked: if it is still set,
                 // this waker will be woken; if not, the lock is free again soon.
                 if self.reconnecting.load(Ordering::Acquire) {
@@ -354,7 +395,7 @@ impl Shared {
     }
 }
 
-/// What the driver sleeps on: duplicates of the ring's completion eventfd and control socket,
+/// What the driver sleeps on: duplicates of the ring's completion doorbell and control socket,
 /// registered with the reactor. A ring that reconnected to a restarted broker has new ones.
 #[derive(Debug)]
 struct Fds {
@@ -374,13 +415,13 @@ impl Fds {
     fn of(ring: &NvmeRing) -> Result<Self> {
         let socket = inode(ring.control_socket())?;
         let completion =
-            ring.completion_fd().try_clone_to_owned().map_err(os("dup the completion eventfd"))?;
+            ring.completion_fd().try_clone_to_owned().map_err(os("dup the completion doorbell"))?;
         let control = ring.control_socket().try_clone_to_owned().map_err(os("dup the control socket"))?;
         // SAFETY: each `OwnedFd` is a valid descriptor the `AsyncFd` owns: nothing else closes
         // or replaces it while it is registered, and its `as_raw_fd` never changes.
         let completion =
             unsafe { AsyncFd::register_with_interest(completion, Interest::READABLE) }.map_err(|e| {
-                Error::Os { what: "registering the completion eventfd with tokio", source: e.into() }
+                Error::Os { what: "registering the completion doorbell with tokio", source: e.into() }
             })?;
         // SAFETY: as above.
         let control = unsafe { AsyncFd::register_with_interest(control, Interest::READABLE) }
@@ -393,7 +434,7 @@ impl Fds {
         inode(ring.control_socket()).is_ok_and(|i| i == self.socket)
     }
 
-    /// Sleeps until the completion eventfd or the control socket is readable, or `notify`.
+    /// Sleeps until the completion doorbell or the control socket is readable, or `notify`.
     async fn sleep(&self, notify: &Notify) -> Woken {
         let mut notified = pin!(notify.notified());
         poll_fn(|cx| {
@@ -452,11 +493,15 @@ enum Step {
 /// (see [`Shared::lock_or_park`]). `socket`: the control socket seen hanging up, if that is
 /// why (nothing is done if the ring has connected again since).
 async fn reconnect(shared: &Arc<Shared>, socket: Option<u64>, wakers: &mut Vec<Waker>) {
-    /// Ends the reconnecting state however the task ends (a panic included).
+    /// Ends the reconnecting state however the task ends (a panic included), and wakes the
+    /// futures that parked meanwhile (here, not in the driver: it may be gone with its runtime).
     struct Reconnecting<'a>(&'a Shared);
     impl Drop for Reconnecting<'_> {
         fn drop(&mut self) {
             self.0.reconnecting.store(false, Ordering::Release);
+            for w in std::mem::take(&mut *lock(&self.0.parked)) {
+                w.wake();
+            }
         }
     }
     let shared2 = shared.clone();
@@ -549,10 +594,13 @@ async fn drive(shared: Arc<Shared>, mut fds: Fds) {
                 }
                 slept = false;
             }
-            if st.reconnect_wanted && st.failed.is_none() && !(st.closed && st.ring.in_flight() == 0) {
+            if st.reconnect_wanted
+                && st.failed.is_none()
+                && !(shared.closed.load(Ordering::Acquire) && st.ring.in_flight() == 0)
+            {
                 Step::Reconnect
             } else if st.failed.is_some() || st.ring.in_flight() == 0 {
-                if st.closed {
+                if shared.closed.load(Ordering::Acquire) {
                     Step::Exit
                 } else {
                     st.driver_idle = true;
@@ -631,10 +679,9 @@ async fn drive(shared: Arc<Shared>, mut fds: Fds) {
                     // or not this reap found completions or requests are in flight (a broker
                     // stopping cleanly shuts the socket first and drains after).
                     // A ring being closed with nothing left in flight is not worth one.
-                    let hung_up = woken == Woken::Control
-                        && !(st.closed && st.ring.in_flight() == 0)
-                        && fds.broker_gone();
-                    hung_up || (st.reconnect_wanted && st.failed.is_none())
+                    let closing = shared.closed.load(Ordering::Acquire) && st.ring.in_flight() == 0;
+                    let hung_up = woken == Woken::Control && fds.broker_gone();
+                    !closing && (hung_up || (st.reconnect_wanted && st.failed.is_none()))
                 };
                 if gone {
                     reconnect(&shared, Some(fds.socket), &mut wakers).await;
@@ -663,18 +710,24 @@ impl AsyncNvmeRing {
         Self::with_options(ring, AsyncOptions::default())
     }
 
-    /// Wraps an idle ring: registers its completion eventfd with the current tokio runtime's
+    /// Wraps an idle ring: registers its completion doorbell with the current tokio runtime's
     /// reactor and spawns the ring's driver task on it. Fails outside a runtime
-    /// ([`Error::Os`]), or when the ring has requests in flight ([`Error::RingBusy`]).
+    /// ([`Error::Os`]), or when the ring has requests in flight or completions not yet taken
+    /// ([`Error::RingBusy`]).
     pub fn with_options(ring: NvmeRing, opts: AsyncOptions) -> Result<Self> {
+        let mut ring = ring;
         if ring.in_flight() > 0 {
             return Err(Error::RingBusy(ring.in_flight()));
+        }
+        if ring.ready_completions() > 0 {
+            // Completions not yet taken (a synchronous call held them back): their user data
+            // would name this wrapper's requests.
+            return Err(Error::RingBusy(ring.ready_completions()));
         }
         let runtime = ::tokio::runtime::Handle::try_current().map_err(|e| Error::Os {
             what: "AsyncNvmeRing needs a tokio runtime",
             source: std::io::Error::other(e),
         })?;
-        let mut ring = ring;
         // Reconnecting blocks (until a broker answers): the driver does it on the blocking
         // pool, never a future's poll on a worker thread.
         ring.set_reconnect_in_poll(false);
@@ -692,7 +745,6 @@ impl AsyncNvmeRing {
                 out: Vec::with_capacity(entries),
                 failed: None,
                 reconnect_wanted: false,
-                closed: false,
                 driver_idle: false,
                 spin: opts.spin,
                 spin_now: opts.spin,
@@ -705,6 +757,10 @@ impl AsyncNvmeRing {
             session,
             reconnecting: AtomicBool::new(false),
             parked: Mutex::new(Vec::new()),
+            dropped: Mutex::new(Vec::new()),
+            any_dropped: AtomicBool::new(false),
+            closed: AtomicBool::new(false),
+            waited_for_entry: AtomicU64::new(0),
         });
         runtime.spawn(drive(shared.clone(), fds));
         Ok(Self { handle: Arc::new(Handle { shared }) })
@@ -734,6 +790,7 @@ impl AsyncNvmeRing {
         let st = self.shared().lock();
         let mut c = st.counters;
         c.in_flight = st.ring.in_flight() as u64;
+        c.waited_for_entry = self.shared().waited_for_entry.load(Ordering::Relaxed);
         drop(st);
         c.pooled_buffers = lock(&self.shared().pool).len() as u64;
         c
@@ -771,8 +828,11 @@ impl AsyncNvmeRing {
                 // Our own mapping of the memfd, so the memory outlives the ring's.
                 let fd = registered.fd().try_clone().map_err(os("dup the buffer memfd"))?;
                 let mem = MemfdBuffer::from_sealed_memfd(fd, registered.len())?;
-                let id = shared.lock().ring.register_buffer(registered)?;
-                (id, mem)
+                // The round trip (and any reconnect it makes) without the state's lock: requests
+                // and the driver go on meanwhile.
+                let id = crate::session::register(shared.session.inner(), &registered)?;
+                shared.lock().ring.adopt_buffer(id, registered);
+                (BufferId(id), mem)
             }
         };
         let region = Region { id, mem: Some(mem), ring: Arc::downgrade(shared) };
@@ -781,16 +841,19 @@ impl AsyncNvmeRing {
 
     /// Unregisters the buffers the pool holds (no [`IoBuf`] uses them); returns how many.
     pub fn trim_buffers(&self) -> Result<usize> {
-        let mut free = std::mem::take(&mut *lock(&self.shared().pool));
+        let shared = self.shared();
+        let mut free = std::mem::take(&mut *lock(&shared.pool));
         let n = free.len();
-        let mut st = self.shared().lock();
         while let Some(p) = free.pop() {
-            if let Err(e) = st.ring.unregister_buffer(p.id) {
+            // No request uses a pooled buffer: the broker answers at once. The round trip is
+            // made without the state's lock.
+            if let Err(e) = crate::session::unregister(shared.session.inner(), p.id.0, true) {
                 // Those not unregistered stay in the pool.
                 free.push(p);
-                lock(&self.shared().pool).append(&mut free);
+                lock(&shared.pool).append(&mut free);
                 return Err(e);
             }
+            drop(shared.lock().ring.disown_buffer(p.id));
         }
         Ok(n)
     }
@@ -860,36 +923,36 @@ impl AsyncNvmeRing {
         let acquired = match shared.slots.try_acquire() {
             Ok(p) => Ok(p),
             Err(TryAcquireError::NoPermits) => {
-                shared.lock().counters.waited_for_entry += 1;
+                shared.waited_for_entry.fetch_add(1, Ordering::Relaxed);
                 shared.slots.acquire().await.map_err(drop)
             }
             Err(TryAcquireError::Closed) => Err(()),
         };
-        match acquired {
-            // Given back by hand once the completion is taken (or the abandoned request completes).
-            Ok(permit) => permit.forget(),
+        // Held (given back if this future is dropped or fails before the request is queued)
+        // until the request is queued; then given back by hand once its completion is taken (or
+        // the abandoned request completes).
+        let permit = match acquired {
+            Ok(permit) => permit,
             Err(()) => {
-                let e = shared.lock().failed.as_ref().map_or(Error::BrokerGone, same_error);
+                let st = poll_fn(|cx| shared.lock_or_park(cx)).await;
+                let e = st.failed.as_ref().map_or(Error::BrokerGone, same_error);
                 return (Err(e), buf);
             }
-        }
+        };
         let mut wakers = Vec::new();
         let key = {
+            // May wait (as a future) for a reconnect in progress.
             let mut guard = poll_fn(|cx| shared.lock_or_park(cx)).await;
             let st = &mut *guard;
             if let Some(e) = &st.failed {
-                let e = same_error(e);
-                drop(guard);
-                shared.slots.add_permits(1);
-                return (Err(e), buf);
+                return (Err(same_error(e)), buf);
             }
             let key = st.ops.vacant_key();
             if let Err(e) = st.ring.prep(io.user_data(key as u64)) {
-                drop(guard);
-                shared.slots.add_permits(1);
                 return (Err(e), buf);
             }
             st.ops.insert(Op::Waiting(None));
+            permit.forget();
             st.counters.submitted += 1;
             st.counters.peak_in_flight = st.counters.peak_in_flight.max(st.ring.in_flight() as u64);
             if let Err(e) = st.ring.submit() {
@@ -964,18 +1027,17 @@ impl<B: IoBuffer> Drop for InFlight<'_, B> {
         if self.finished {
             return;
         }
-        let mut st = self.shared.lock();
-        match st.ops.get(self.key) {
-            Some(Op::Done(_)) => {
-                st.ops.remove(self.key);
-                self.shared.slots.add_permits(1);
+        let buf = self.buf.take().map(sealed::Sealed::into_io_buf);
+        match self.shared.state.try_lock() {
+            Ok(mut st) => self.shared.abandon(&mut st, self.key, buf),
+            Err(TryLockError::Poisoned(p)) => self.shared.abandon(&mut p.into_inner(), self.key, buf),
+            Err(TryLockError::WouldBlock) => {
+                // Held (by another future's reap, or by the driver through a reconnect): a drop
+                // must not wait for it. The next holder, or the driver woken here, abandons it.
+                lock(&self.shared.dropped).push((self.key, buf));
+                self.shared.any_dropped.store(true, Ordering::Release);
+                self.shared.notify.notify_one();
             }
-            Some(Op::Waiting(_)) => {
-                st.ops[self.key] = Op::Abandoned { _buf: self.buf.take().map(sealed::Sealed::into_io_buf) };
-                st.counters.abandoned += 1;
-                st.counters.abandoned_in_flight += 1;
-            }
-            _ => {}
         }
     }
 }

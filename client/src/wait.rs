@@ -1,5 +1,5 @@
 //! Waiting for completions: spinning, yielding the CPU to threads that share it, and sleeping
-//! on the completion eventfd with a wake index (the broker writes it only once the CQ holds
+//! on the completion doorbell with a wake index (the broker writes it only once the CQ holds
 //! what the wait needs).
 
 use std::os::fd::{AsFd, BorrowedFd};
@@ -27,7 +27,7 @@ fn spinning_allowed(elapsed: Duration, given: Duration, budget: Duration) -> boo
 
 impl NvmeRing {
     /// Waits until at least `min` completions were moved into `out` (spinning briefly, see
-    /// [`RingOptions::spin`](crate::RingOptions::spin), then sleeping on the completion eventfd, asking the broker to
+    /// [`RingOptions::spin`](crate::RingOptions::spin), then sleeping on the completion doorbell, asking the broker to
     /// write it only once the CQ holds what the wait still needs). `None` waits forever. On an error, the completions
     /// already moved into `out` (with a faulted ring: every completion the broker posted) stay
     /// there.
@@ -166,7 +166,7 @@ impl NvmeRing {
         self.spin_now = (self.spin_now * 2).max(Duration::from_micros(1)).min(self.spin);
     }
 
-    /// The completion eventfd, for a caller that sleeps in its own event loop (epoll) instead of
+    /// The completion doorbell, for a caller that sleeps in its own event loop (epoll) instead of
     /// in [`NvmeRing::wait`]. The broker writes it only while the ring is armed with
     /// [`NvmeRing::arm_completion_fd`], so a busy ring costs no eventfd write per completion.
     pub fn completion_fd(&self) -> BorrowedFd<'_> {

@@ -30,7 +30,7 @@ pub enum Request {
     ListNamespaces,
     /// Create a ring of the session (a session may have several, each served by one of the
     /// broker's I/O threads, all sharing the session's buffers); the reply carries the ring
-    /// memfd, the submit eventfd (client -> broker) and the completion eventfd
+    /// memfd, the submit doorbell (client -> broker) and the completion doorbell
     /// (broker -> client), in that order.
     CreateRing {
         /// SQ entries (power of two).

@@ -39,15 +39,15 @@ pub const FAULT_OFFSET: usize = 448;
 /// Offset of the SQ entry array.
 pub const SQ_ENTRIES_OFFSET: usize = PAGE_SIZE;
 
-/// Broker flag: the broker is going to sleep; write the submit eventfd after publishing SQEs.
+/// Broker flag: the broker is going to sleep; write the submit doorbell after publishing SQEs.
 pub const BROKER_NEED_WAKEUP: u32 = 1 << 0;
 /// Broker flag: the broker stopped serving this ring; the reason is at [`FAULT_OFFSET`].
 pub const BROKER_FAULTED: u32 = 1 << 1;
 /// Broker flag: the broker has SQEs of this ring it cannot take because the CQ has no room for
 /// their completions, and sleeps until the client frees CQ space: after moving the CQ head, the
-/// client writes the submit eventfd (same handshake as [`BROKER_NEED_WAKEUP`]).
+/// client writes the submit doorbell (same handshake as [`BROKER_NEED_WAKEUP`]).
 pub const BROKER_CQ_WAIT: u32 = 1 << 2;
-/// Client flag: the client sleeps on the completion eventfd; write it after publishing CQEs.
+/// Client flag: the client sleeps on the completion doorbell; write it after publishing CQEs.
 pub const CLIENT_CQ_WAITING: u32 = 1 << 0;
 /// Client flag, set with [`CLIENT_CQ_WAITING`]: the client wants to be woken only once the CQ
 /// holds the entries up to its wake index ([`CLIENT_WAKE_AT_OFFSET`]: the index one past the

@@ -6,7 +6,7 @@
 //! ## The ring memfd
 //!
 //! The broker creates one memfd per ring, seals it against shrinking and growing, and sends it
-//! to the client with two eventfds. Layout (ring version 2; all offsets in bytes,
+//! to the client with two doorbells (pipes, see [`eventfd`]). Layout (ring version 2; all offsets in bytes,
 //! little-endian):
 //!
 //! ```text
@@ -31,7 +31,7 @@
 //! * **Submitting** (client): write the SQE's bytes 0..56, then store its tag word (bytes
 //!   56..64: `batch`, `seq = index + 1`) with `Release`; in a batch, the first entry's tag last,
 //!   carrying the batch's size. Then a `SeqCst` fence and a load of the broker flags; if
-//!   `BROKER_NEED_WAKEUP` is set, write 1 to the submit eventfd.
+//!   `BROKER_NEED_WAKEUP` is set, write 1 to the submit doorbell.
 //! * **Taking** (broker): load the next slot's tag with `Acquire`; an entry whose `seq` is not
 //!   its index + 1 is not published. Copy each SQE out **once**, validate the copy, then store
 //!   the SQ head with `Release`. Before sleeping the broker sets `BROKER_NEED_WAKEUP`, issues a
@@ -39,7 +39,7 @@
 //! * **Completing** (broker): write each CQE whole, its word at 8 (`status` with the phase bit
 //!   31, and `result`) with `Release`, the batch's first entry last; then a `SeqCst` fence and a
 //!   load of the client flags: if `CLIENT_CQ_WAITING` is set (and, with `CLIENT_CQ_WAKE_AT`, the
-//!   published entries reach the wake index), write the completion eventfd.
+//!   published entries reach the wake index), write the completion doorbell.
 //! * **Reaping** (client): load a CQE's word at 8 with `Acquire`; it is published when its phase
 //!   bit is 1 in even laps and 0 in odd ones. Copy it out, store the CQ head with `Release`.
 //!   Before blocking, set `CLIENT_CQ_WAITING` (any completion wakes), or first store the wake

@@ -91,7 +91,7 @@ pub struct Config {
     /// A host that does not read what is sent to it for this long is disconnected; also the
     /// time allowed for ICReq and Connect together (at most [`HANDSHAKE_TIMEOUT_MAX`]).
     pub io_timeout: Duration,
-    /// How long an I/O queue polls its ring for completions before it sleeps on the eventfd.
+    /// How long an I/O queue polls its ring for completions before it sleeps on the completion doorbell.
     pub poll: Duration,
     /// How the controllers' nvmed sessions connect again to a restarted broker (its budget
     /// bounds the pause a host sees; after it, commands in flight fail with Namespace Not

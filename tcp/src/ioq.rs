@@ -3,7 +3,7 @@
 //! slot (in-capsule, or H2CData after an R2T) and the device DMAs it from there; read data is
 //! DMA'd into the slot and written to the socket from it. The loop never blocks: it reads what
 //! the socket has, submits, reaps completions, writes what the socket takes, then sleeps on
-//! whichever of socket and completion eventfd it needs.
+//! whichever of socket and completion doorbell it needs.
 
 use std::collections::{HashMap, VecDeque};
 use std::io::{ErrorKind, IoSlice};
@@ -373,7 +373,7 @@ fn broker_lost(e: &nvmed_client::Error) -> bool {
     )
 }
 
-/// What an I/O queue sleeps on besides its socket: duplicates of its ring's completion eventfd
+/// What an I/O queue sleeps on besides its socket: duplicates of its ring's completion doorbell
 /// and of its session's control socket (nvmed never writes to that unasked; its hang-up says
 /// nvmed went away), registered with the reactor. A ring that connected again has new ones.
 struct RingFds {

@@ -110,7 +110,7 @@ fn main() -> std::process::ExitCode {
 }
 
 /// File descriptors one connection may hold: its socket, and for an I/O queue its nvmed ring's
-/// eventfds, buffer and their duplicates.
+/// doorbells, buffer and their duplicates.
 const FDS_PER_CONNECTION: u64 = 6;
 /// Descriptors kept for everything else (the listener, nvmed sessions, logs).
 const FDS_RESERVED: u64 = 64;

@@ -5,7 +5,7 @@
 //! vhost-user-backend's daemon cannot be used: its request handler is crate-private and refuses
 //! GET_INFLIGHT_FD / SET_INFLIGHT_FD. Of that crate only the vring state ([`VringMutex`]: queue,
 //! kick/call/err eventfds, enabled flag) is used. Each queue thread sleeps in its own epoll on
-//! the guest's kick eventfd, its nvmed session's completion eventfd and a wake eventfd (ring
+//! the guest's kick eventfd, its nvmed session's completion doorbell and a wake eventfd (ring
 //! started, exit), and owns its queue's [`Worker`] behind a mutex that only the vhost-user
 //! thread ever contends for (memory-table changes, ring start and stop, reset).
 

@@ -45,7 +45,7 @@ pub struct StatsSummary {
     pub bounced_bytes: u64,
     /// Queue thread wakeups by a guest kick.
     pub kicks: u64,
-    /// Queue thread wakeups by nvmed's completion eventfd.
+    /// Queue thread wakeups by nvmed's completion doorbell.
     pub completion_wakeups: u64,
     /// Notifications (interrupts) sent to the guest.
     pub notifications: u64,

@@ -44,7 +44,7 @@ pub struct QueueStats {
     pub errors: AtomicU64,
     /// Times the queue thread woke for a guest kick.
     pub kicks: AtomicU64,
-    /// Times the queue thread woke for nvmed's completion eventfd.
+    /// Times the queue thread woke for nvmed's completion doorbell.
     pub completion_wakeups: AtomicU64,
     /// Notifications (interrupts) sent to the guest.
     pub notifications: AtomicU64,
@@ -285,7 +285,7 @@ impl Worker {
         &self.retiring
     }
 
-    /// The nvmed completion eventfd, for the queue thread's epoll.
+    /// The nvmed completion doorbell, for the queue thread's epoll.
     pub fn completion_fd(&self) -> BorrowedFd<'_> {
         self.ring.completion_fd()
     }
@@ -419,7 +419,7 @@ impl Worker {
         p
     }
 
-    /// Before the queue thread sleeps: asks nvmed to signal the completion eventfd if requests
+    /// Before the queue thread sleeps: asks nvmed to signal the completion doorbell if requests
     /// are in flight. Returns true when completions were already there (run again instead of
     /// sleeping).
     pub fn arm(&mut self) -> bool {
@@ -446,7 +446,7 @@ impl Worker {
 
     /// nvmed closed the session's control socket: connect to the broker again (a restarted
     /// nvmed), create the ring again and send again what was in flight. Afterwards the
-    /// completion eventfd and the control socket are new: the queue thread registers them again.
+    /// completion doorbell and the control socket are new: the queue thread registers them again.
     pub fn reconnect(&mut self) -> Result<(), nvmed_client::Error> {
         if self.dead {
             return Err(nvmed_client::Error::BrokerGone);
@@ -454,7 +454,7 @@ impl Worker {
         self.ring.reconnect(&mut self.completions).map(drop)
     }
 
-    /// After the completion eventfd woke the queue thread.
+    /// After the completion doorbell woke the queue thread.
     pub fn disarm(&mut self) {
         self.ring.disarm_completion_fd();
     }

@@ -395,14 +395,13 @@ impl Connection {
                 .map_err(|e| internal("mmap", &e))?,
         );
         mem.write(0, layout.header());
-        let submit = nvmed_proto::eventfd::new_eventfd().map_err(|e| internal("eventfd", &e))?;
-        let complete = nvmed_proto::eventfd::new_eventfd().map_err(|e| internal("eventfd", &e))?;
+        // Doorbells, not eventfds: the client's ends are other open files than the broker's, so
+        // nothing the client does to its ends' flags can make the broker's read or write block.
+        let (submit, submit_client) = nvmed_proto::eventfd::doorbell().map_err(|e| internal("pipe", &e))?;
+        let (complete_client, complete) =
+            nvmed_proto::eventfd::doorbell().map_err(|e| internal("pipe", &e))?;
         let identity = super::buffer::file_identity(memfd.as_file());
-        let fds: Vec<OwnedFd> = vec![
-            memfd.into_file().into(),
-            submit.try_clone().map_err(|e| internal("dup", &e))?,
-            complete.try_clone().map_err(|e| internal("dup", &e))?,
-        ];
+        let fds: Vec<OwnedFd> = vec![memfd.into_file().into(), submit_client, complete_client];
         let ring_id = self.next_ring_id;
         let counters = Arc::new(SessionCounters::default());
         // The grants may change (a reload) while the ring is being added: hold them until the

@@ -1,6 +1,6 @@
 //! Per-uid and broker-wide bounds on what clients make the broker hold: connections (a thread
 //! and a socket each), sessions, registered buffers (a memory mapping each) and rings (a
-//! mapping and two eventfds each).
+//! mapping and two doorbell pipe ends each).
 //!
 //! Every unit is taken as a [`Ticket`] that gives it back when dropped, so a count can never
 //! drift from what is really held: a buffer's ticket lives inside the buffer and is returned only
@@ -22,7 +22,7 @@ pub enum Resource {
     Session,
     /// A registered buffer (a memory mapping in the broker).
     Buffer,
-    /// A ring (a mapping and two eventfds in the broker).
+    /// A ring (a mapping and two doorbell pipe ends in the broker).
     Ring,
 }
 
@@ -67,7 +67,7 @@ const FDS_RESERVED: u64 = 256;
 /// Descriptors one connection may hold: its socket and those of one message being handled
 /// (received with room for one more than allowed, so that more are seen as too many).
 const FDS_PER_CONNECTION: u64 = 2 + nvmed_proto::control::MAX_FDS_PER_MESSAGE as u64;
-/// Descriptors one ring holds in the broker (its submit and completion eventfds).
+/// Descriptors one ring holds in the broker (its submit and completion doorbells).
 const FDS_PER_RING: u64 = 2;
 /// Default broker-wide ring limit, when the descriptor limit allows more.
 const DEFAULT_MAX_RINGS: u64 = 4096;
@@ -138,7 +138,7 @@ impl QuotaSettings {
                 asked = rings,
                 allowed = fd_room,
                 fd_limit = fds,
-                "too many rings for the open-file limit (each holds two eventfds); lowering the limit"
+                "too many rings for the open-file limit (each holds two doorbell pipe ends); lowering the limit"
             );
             rings = fd_room;
         }

@@ -1,8 +1,8 @@
 //! The I/O thread: takes clients' submissions, drives the device queue, posts completions.
 //!
 //! It owns all data-plane state, so the hot path takes no lock and makes no syscall while
-//! busy: it polls the rings and the device completion queue, and sleeps on eventfds (clients'
-//! submit eventfds, the device interrupt, the control wakeup) only after polling a while without
+//! busy: it polls the rings and the device completion queue, and sleeps on eventfds and doorbells (clients'
+//! submit doorbells, the device interrupt, the control wakeup) only after polling a while without
 //! work (at most `poll_idle`, less when sleeps show that polling does not pay).
 //!
 //! The jobs live in their own files: [`submit`] (taking SQEs fairly and admitting commands),

@@ -2,7 +2,7 @@
 //!
 //! Only work that can progress counts as ready: SQEs whose completions have CQ room and whose
 //! commands have a device slot. A ring whose client does not reap its CQ is not ready; the
-//! broker asks that client (`BROKER_CQ_WAIT`) to write the submit eventfd once it frees CQ space,
+//! broker asks that client (`BROKER_CQ_WAIT`) to write the submit doorbell once it frees CQ space,
 //! and sleeps. SQEs waiting for device slots are woken by the completion that frees one (the
 //! interrupt, or the 1 ms look of a polled queue), and so are pieces waiting for a bounce
 //! buffer. So an idle or blocked broker uses no CPU.
