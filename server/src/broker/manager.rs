@@ -175,9 +175,31 @@ impl ControllerShared {
         if self.generation.load(Ordering::Acquire) != seen || self.state() == DeviceState::Gone {
             return;
         }
-        error!(device = %self.device.name(), "the controller is gone; failing all of its I/O");
-        let _ = self.device.set_bus_master(false);
-        self.state.store(DeviceState::Gone as u8, Ordering::Release);
+        // A device the platform asks back (or that read as all ones once, which a transient
+        // error can also do) may still be alive with commands in its queues: stop it as far as
+        // it can be stopped. Its commands fail only if its DMA is seen to stop (Bus Master
+        // Enable cleared) or it is really off the bus (all ones still); otherwise they stay
+        // outstanding and their buffers pinned, as for a controller that cannot be reset.
+        let cc = self.device.read32(crate::nvme::spec::REG_CC);
+        if cc != u32::MAX {
+            self.device.write32(crate::nvme::spec::REG_CC, cc & !crate::nvme::spec::CC_EN);
+        }
+        let state = match self.device.set_bus_master(false) {
+            Ok(()) => DeviceState::Gone,
+            Err(_) if self.csts() == u32::MAX => DeviceState::Gone,
+            Err(e) => {
+                error!(
+                    device = %self.device.name(),
+                    "clearing Bus Master Enable of a controller being given up failed ({e}): its \
+                     commands never complete and their buffers stay pinned until nvmed exits"
+                );
+                DeviceState::FailedRunning
+            }
+        };
+        if state == DeviceState::Gone {
+            error!(device = %self.device.name(), "the controller is gone; failing all of its I/O");
+        }
+        self.state.store(state as u8, Ordering::Release);
         self.generation.fetch_add(1, Ordering::AcqRel);
         drop(_ctrl);
         for w in self.wakes.get().into_iter().flatten() {

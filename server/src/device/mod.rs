@@ -58,6 +58,12 @@ pub trait NvmeDevice: Dma {
     /// Reads a 32-bit BAR0 register.
     fn read32(&self, offset: u64) -> u32;
 
+    /// Size of BAR0 in bytes: the doorbells of the queues the driver creates must lie inside
+    /// (a large doorbell stride leaves room for few queues). Unknown: no limit.
+    fn register_space(&self) -> u64 {
+        u64::MAX
+    }
+
     /// Writes a 32-bit BAR0 register (doorbells included).
     fn write32(&self, offset: u64, value: u32);
 
@@ -93,7 +99,8 @@ pub trait NvmeDevice: Dma {
     }
 
     /// Function-level reset of the device, used when the controller does not come back
-    /// from CC.EN=0 in time. Bus mastering is enabled again afterwards.
+    /// from CC.EN=0 in time. Leaves Bus Master Enable as it was before: the driver enables it
+    /// again only once the controller is seen to be disabled (CSTS.RDY=0).
     fn function_reset(&self) -> Result<(), DeviceError>;
 
     /// Sets or clears Bus Master Enable in the PCI COMMAND register. With it clear the device

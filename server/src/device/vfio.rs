@@ -178,6 +178,8 @@ pub struct VfioNvme {
     bar_file_offset: u64,
     irqs: Vec<EventFd>,
     iova_ranges: Vec<RangeInclusive<u64>>,
+    /// BAR0's size.
+    bar0_size: u64,
 }
 
 // SAFETY: the BAR mappings are device memory reached only with volatile accesses of whole
@@ -195,7 +197,9 @@ impl VfioNvme {
         let container = Arc::new(VfioContainer::new(None).map_err(verr)?);
         let device = VfioDevice::new(&sysfs, container.clone() as Arc<dyn VfioOps>, false).map_err(verr)?;
         let bar_file_offset = device.get_region_offset(BAR0);
+        let bar0_size = device.get_region_size(BAR0);
         let mut me = Self {
+            bar0_size,
             bdf: bdf.into(),
             device: RwLock::new(Some(device)),
             released: AtomicBool::new(false),
@@ -446,6 +450,10 @@ impl NvmeDevice for VfioNvme {
         self.bdf.clone()
     }
 
+    fn register_space(&self) -> u64 {
+        self.bar0_size
+    }
+
     fn read32(&self, offset: u64) -> u32 {
         match self.mapped(offset) {
             // SAFETY: an aligned register inside the BAR mapping; device memory is read volatile.
@@ -508,7 +516,9 @@ impl NvmeDevice for VfioNvme {
                 io::Error::last_os_error()
             )));
         }
-        self.enable_bus_master().map_err(|e| DeviceError::Other(e.to_string()))
+        // vfio-pci restores the command register after the reset: Bus Master Enable is as it
+        // was (off, when a reset path cleared it); the driver turns it on once RDY=0 is seen.
+        Ok(())
     }
 
     fn set_bus_master(&self, enabled: bool) -> Result<(), DeviceError> {

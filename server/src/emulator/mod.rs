@@ -1459,8 +1459,8 @@ impl NvmeDevice for EmulatedController {
         if self.inner.lock().gone {
             return Err(DeviceError::Other("emulated controller removed: function reset failed".into()));
         }
+        // Bus Master Enable stays as it was (vfio-pci restores the command register).
         let mut st = self.inner.lock();
-        st.dma.set_blocked(false);
         self.inner.reset(&mut st);
         st.cc = 0;
         st.intms = 0;

@@ -84,6 +84,8 @@ pub struct ControllerInfo {
     pub max_queue_entries: u32,
     /// SGL support for I/O commands (Identify SGLS).
     pub sgl: SglSupport,
+    /// How long a normal shutdown may take (RTD3E; 0 if not reported).
+    pub rtd3e_us: u32,
 }
 
 /// The controller and its admin queue.
@@ -120,7 +122,7 @@ impl Controller {
                 cap.mps_max()
             )));
         }
-        Self::disable(&device, cap)?;
+        Self::disable(&device, cap, true)?;
         let dstrd = cap.dstrd();
         let admin_depth = ADMIN_DEPTH.min(cap.mqes().min(u32::from(u16::MAX)) as u16);
         let admin = QueuePair::new(&device, &space, 0, admin_depth, dstrd)?;
@@ -152,6 +154,7 @@ impl Controller {
                 skipped: Vec::new(),
                 max_queue_entries: cap.mqes(),
                 sgl: SglSupport::None,
+                rtd3e_us: 0,
             },
         };
         ctrl.identify()?;
@@ -167,8 +170,10 @@ impl Controller {
         Ok(ctrl)
     }
 
-    /// CC.EN=0 and wait for CSTS.RDY=0; falls back to a function-level reset.
-    fn disable(device: &Arc<dyn NvmeDevice>, cap: Cap) -> Result<(), DriverError> {
+    /// CC.EN=0 and wait for CSTS.RDY=0; falls back to a function-level reset. `bus_master`:
+    /// turn Bus Master Enable on once RDY=0 is seen after a function reset (at start; a reset
+    /// path that cleared it turns it on itself once the controller is back).
+    fn disable(device: &Arc<dyn NvmeDevice>, cap: Cap, bus_master: bool) -> Result<(), DriverError> {
         let cc = device.read32(REG_CC);
         device.write32(REG_CC, cc & !CC_EN);
         match wait_csts(device, cap, CSTS_RDY, 0, "reset (CSTS.RDY=0)") {
@@ -179,7 +184,13 @@ impl Controller {
                     .function_reset()
                     .map_err(|e| DriverError::Unsupported(format!("function reset failed: {e}")))?;
                 device.write32(REG_CC, 0);
-                wait_csts(device, cap, CSTS_RDY, 0, "reset after function-level reset")
+                wait_csts(device, cap, CSTS_RDY, 0, "reset after function-level reset")?;
+                if bus_master {
+                    device
+                        .set_bus_master(true)
+                        .map_err(|e| DriverError::Unsupported(format!("enabling Bus Master Enable: {e}")))?;
+                }
+                Ok(())
             }
             Err(e) => Err(e),
         }
@@ -188,7 +199,7 @@ impl Controller {
     /// Resets a controller that stopped answering: CC.EN=0 (so it stops all DMA), then brings
     /// the admin queue back. I/O queues must be created again afterwards.
     pub fn reset(&mut self) -> Result<(), DriverError> {
-        Self::disable(&self.device, self.cap)?;
+        Self::disable(&self.device, self.cap, false)?;
         self.admin.reset();
         let depth = u32::from(self.admin.depth());
         self.device.write32(REG_AQA, ((depth - 1) << 16) | (depth - 1));
@@ -220,17 +231,27 @@ impl Controller {
         self.cap.dstrd()
     }
 
-    fn command_timeout(&self) -> Duration {
-        Duration::from_millis(self.cap.timeout_ms().max(1000))
+    /// Runs one admin command to completion (polled), waiting up to [`ADMIN_TIMEOUT`]
+    /// (Linux's admin timeout: CAP.TO bounds the controller's ready transitions, not how long
+    /// a command may take).
+    pub fn admin_command(&mut self, cmd: NvmeCommand) -> Result<NvmeCompletion, DriverError> {
+        self.admin_command_within(cmd, ADMIN_TIMEOUT)
     }
 
-    /// Runs one admin command to completion (polled).
-    pub fn admin_command(&mut self, mut cmd: NvmeCommand) -> Result<NvmeCompletion, DriverError> {
+    /// As [`Controller::admin_command`], waiting at most `timeout`. A command that times out
+    /// may still complete later and write its data page: the scratch page is then replaced
+    /// (the old one stays mapped for good), so a late transfer cannot corrupt a later result.
+    fn admin_command_within(
+        &mut self,
+        mut cmd: NvmeCommand,
+        timeout: Duration,
+    ) -> Result<NvmeCompletion, DriverError> {
         cmd.cid = self.next_cid;
         self.next_cid = self.next_cid.wrapping_add(1) % 0x8000;
         self.admin.push(&cmd);
         self.admin.ring_doorbell();
-        let deadline = Instant::now() + self.command_timeout();
+        let started = Instant::now();
+        let deadline = started + timeout;
         loop {
             let mut found = None;
             self.admin.reap(usize::MAX, |c| {
@@ -256,13 +277,25 @@ impl Controller {
             if csts & CSTS_CFS != 0 {
                 return Err(DriverError::Fatal("during an admin command"));
             }
-            if Instant::now() > deadline {
+            let now = Instant::now();
+            if now > deadline {
+                if cmd.prp1 == self.scratch.iova() {
+                    match DmaMemory::new(&self.space, &self.device, 4096) {
+                        Ok(fresh) => std::mem::forget(std::mem::replace(&mut self.scratch, fresh)),
+                        Err(e) => warn!("cannot replace the admin scratch page after a timeout: {e}"),
+                    }
+                }
                 return Err(DriverError::Timeout {
                     what: "complete an admin command",
-                    ms: self.command_timeout().as_millis() as u64,
+                    ms: timeout.as_millis() as u64,
                 });
             }
-            std::hint::spin_loop();
+            // Most commands complete within microseconds: spin first, then poll gently.
+            if now.duration_since(started) < Duration::from_millis(1) {
+                std::hint::spin_loop();
+            } else {
+                std::thread::sleep(Duration::from_micros(100));
+            }
         }
     }
 
@@ -285,8 +318,10 @@ impl Controller {
         self.info.serial = ascii(&id[id_ctrl::SN..id_ctrl::SN + 20]);
         self.info.model = ascii(&id[id_ctrl::MN..id_ctrl::MN + 40]);
         self.info.firmware = ascii(&id[id_ctrl::FR..id_ctrl::FR + 8]);
+        self.info.rtd3e_us =
+            u32::from_le_bytes(id[id_ctrl::RTD3E..id_ctrl::RTD3E + 4].try_into().expect("4 bytes"));
         let mdts = id[id_ctrl::MDTS];
-        let mdts_bytes = if mdts == 0 { u64::MAX } else { self.cap.mps_min() << mdts };
+        let mdts_bytes = mdts_bytes(self.cap.mps_min(), mdts);
         self.info.max_transfer = mdts_bytes.min(prp::MAX_TRANSFER_ONE_LIST) as u32;
         let oncs = u16::from_le_bytes([id[id_ctrl::ONCS], id[id_ctrl::ONCS + 1]]);
         self.info.write_zeroes = oncs & id_ctrl::ONCS_WRITE_ZEROES != 0;
@@ -325,7 +360,17 @@ impl Controller {
         // The command set first: Identify Namespace describes an NVM namespace, and a zoned or
         // key-value one takes commands an NVM driver does not issue (a zoned namespace fails
         // random writes).
-        match self.identify_into_scratch(admin::CNS_NS_DESCRIPTORS, nsid) {
+        // CNS 03h came with NVMe 1.3: an older controller may time out on it rather than
+        // refuse it (Linux asks only from 1.3 on); its namespaces are NVM ones.
+        let descriptors = if self.device.read32(REG_VS) >= 0x0001_0300 {
+            self.identify_into_scratch(admin::CNS_NS_DESCRIPTORS, nsid)
+        } else {
+            Err(DriverError::CommandFailed {
+                opcode: admin::IDENTIFY,
+                status: nvmed_proto::Status::Nvme(nvmed_proto::NvmeStatus::from_status_field(0x2)),
+            })
+        };
+        match descriptors {
             Ok(()) => {
                 let mut list = vec![0u8; 4096];
                 self.scratch.mem().copy_out(0, &mut list);
@@ -351,8 +396,14 @@ impl Controller {
         }
         let m = self.scratch.mem();
         let nsze: u64 = m.read(id_ns::NSZE);
-        let flbas = m.read::<u8>(id_ns::FLBAS) & 0xf;
-        let lbaf: u32 = m.read(id_ns::LBAF0 + usize::from(flbas) * 4);
+        let (flbas, nlbaf) = (m.read::<u8>(id_ns::FLBAS), m.read::<u8>(id_ns::NLBAF));
+        let Some(index) = id_ns::lba_format_index(flbas, nlbaf) else {
+            return Ok(Err(format!(
+                "FLBAS {flbas:#x} names no LBA format of the {} reported",
+                u16::from(nlbaf) + 1
+            )));
+        };
+        let lbaf: u32 = m.read(id_ns::LBAF0 + index * 4);
         let format = LbaFormat {
             blocks: nsze,
             lbads: (lbaf >> 16) & 0xff,
@@ -400,6 +451,19 @@ impl Controller {
 
     /// Asks for `count` I/O queue pairs; returns how many the controller granted.
     pub fn request_io_queues(&mut self, count: u16) -> Result<u16, DriverError> {
+        // Only queues whose doorbells lie inside BAR0 (as Linux's `db_bar_size` check).
+        let fit = max_queue_id(self.device.register_space(), self.dstrd());
+        if fit == 0 {
+            return Err(DriverError::Unsupported(format!(
+                "BAR0 of {:#x} bytes holds no I/O queue doorbell (doorbell stride {} bytes)",
+                self.device.register_space(),
+                4u64 << self.dstrd()
+            )));
+        }
+        if count > fit {
+            warn!(asked = count, fit, "BAR0 holds the doorbells of {fit} I/O queues only");
+        }
+        let count = count.min(fit);
         let n = u32::from(count.max(1) - 1);
         let c = self.admin_command(NvmeCommand {
             opcode: admin::SET_FEATURES,
@@ -441,12 +505,16 @@ impl Controller {
 
     /// Asks the controller to abort command `cid` of submission queue `sqid`; returns whether
     /// it says it did (the command then completes with Command Abort Requested).
+    /// Asked from an I/O thread, so it waits only CAP.TO (at least a second): a controller that
+    /// does not answer then is reset.
     pub fn abort(&mut self, sqid: u16, cid: u16) -> Result<bool, DriverError> {
-        let c = self.admin_command(NvmeCommand {
+        let timeout = Duration::from_millis(self.cap.timeout_ms().max(1000));
+        let cmd = NvmeCommand {
             opcode: admin::ABORT,
             cdw10: (u32::from(cid) << 16) | u32::from(sqid),
             ..Default::default()
-        })?;
+        };
+        let c = self.admin_command_within(cmd, timeout)?;
         Ok(c.result & 1 == 0)
     }
 
@@ -486,7 +554,16 @@ impl Controller {
     pub fn shutdown(&mut self) -> Result<(), DriverError> {
         let cc = self.device.read32(REG_CC);
         self.device.write32(REG_CC, (cc & !CC_SHN_MASK) | CC_SHN_NORMAL);
-        wait_csts(&self.device, self.cap, CSTS_SHST_MASK, CSTS_SHST_COMPLETE, "finish shutdown (CSTS.SHST)")?;
+        // A drive flushing its volatile cache may take longer than CAP.TO: as Linux, wait what
+        // it reports (RTD3E), at least 5 s and at most 60 s.
+        let ms = shutdown_timeout_ms(self.info.rtd3e_us);
+        wait_csts_within(
+            &self.device,
+            ms,
+            CSTS_SHST_MASK,
+            CSTS_SHST_COMPLETE,
+            "finish shutdown (CSTS.SHST)",
+        )?;
         info!("controller shut down");
         Ok(())
     }
@@ -569,6 +646,19 @@ impl LbaFormat {
     }
 }
 
+/// The highest queue id whose two doorbells lie inside a BAR0 of `bar_size` bytes.
+fn max_queue_id(bar_size: u64, dstrd: u32) -> u16 {
+    let stride = if dstrd < 61 { 4u64 << dstrd } else { u64::MAX };
+    let room = bar_size.saturating_sub(REG_DOORBELL_BASE);
+    // Queue q's doorbells: pairs 0..=q, each two strides (the CQ's ends 4 bytes into its own).
+    (room / stride.saturating_mul(2)).saturating_sub(1).min(u64::from(u16::MAX)) as u16
+}
+
+/// How long a normal shutdown may take: RTD3E, at least 5 s and at most 60 s.
+fn shutdown_timeout_ms(rtd3e_us: u32) -> u64 {
+    (u64::from(rtd3e_us) / 1000).clamp(5_000, 60_000)
+}
+
 fn wait_csts(
     device: &Arc<dyn NvmeDevice>,
     cap: Cap,
@@ -576,7 +666,16 @@ fn wait_csts(
     want: u32,
     what: &'static str,
 ) -> Result<(), DriverError> {
-    let ms = cap.timeout_ms().max(500);
+    wait_csts_within(device, cap.timeout_ms().max(500), mask, want, what)
+}
+
+fn wait_csts_within(
+    device: &Arc<dyn NvmeDevice>,
+    ms: u64,
+    mask: u32,
+    want: u32,
+    what: &'static str,
+) -> Result<(), DriverError> {
     let deadline = Instant::now() + Duration::from_millis(ms);
     loop {
         let csts = device.read32(REG_CSTS);
@@ -596,8 +695,51 @@ fn wait_csts(
     }
 }
 
+/// How long an admin command may take (as Linux's `NVME_ADMIN_TIMEOUT`).
+pub const ADMIN_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// MDTS (a power of two in units of the minimum page size; 0: no limit) in bytes; a value
+/// too large for 64 bits is no limit either (a device's word is not trusted to be sane).
+fn mdts_bytes(mps_min: u64, mdts: u8) -> u64 {
+    if mdts == 0 {
+        return u64::MAX;
+    }
+    1u64.checked_shl(u32::from(mdts)).and_then(|units| mps_min.checked_mul(units)).unwrap_or(u64::MAX)
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn mdts_and_the_lba_format_index_take_what_a_device_reports_without_overflow() {
+        assert_eq!(mdts_bytes(4096, 0), u64::MAX);
+        assert_eq!(mdts_bytes(4096, 5), 128 << 10);
+        // 4 KiB << 52 is 2^64, past u64: no limit, not zero (nor a panic at 64 and above).
+        for mdts in [51, 52, 63, 64, 200, 255] {
+            let b = mdts_bytes(4096, mdts);
+            assert!(b == u64::MAX || b == 4096 << mdts, "MDTS {mdts}: {b}");
+        }
+        // 8 KiB BAR0, 4-byte stride: (0x1000 / 8) - 1 = 511 I/O queues; a 4 KiB stride: none.
+        assert_eq!(max_queue_id(0x2000, 0), 511);
+        assert_eq!(max_queue_id(0x4000, 0), 1535);
+        assert_eq!(max_queue_id(0x2000, 10), 0);
+        assert_eq!(max_queue_id(0x1000 + 2 * 4096 * 3, 10), 2);
+        assert_eq!(max_queue_id(u64::MAX, 0), u16::MAX);
+        assert_eq!(max_queue_id(0x2000, 62), 0);
+        assert_eq!(shutdown_timeout_ms(0), 5_000);
+        assert_eq!(shutdown_timeout_ms(8_000_000), 8_000);
+        assert_eq!(shutdown_timeout_ms(u32::MAX), 60_000);
+        use crate::nvme::spec::id_ns::lba_format_index;
+        assert_eq!(lba_format_index(0x01, 1), Some(1));
+        // Bits 4 (metadata at the end of the LBA) is not part of the index.
+        assert_eq!(lba_format_index(0x11, 1), Some(1));
+        // NVMe 2.0: bits 6:5 are the index's bits 5:4 (format 17 of 20).
+        assert_eq!(lba_format_index(0x21, 19), Some(17));
+        assert_eq!(lba_format_index(0x61, 63), Some(49));
+        // An index past the formats reported names none.
+        assert_eq!(lba_format_index(0x02, 1), None);
+        assert_eq!(lba_format_index(0x21, 15), None);
+    }
+
     use super::*;
     use crate::emulator::backend::MemoryBackend;
     use crate::emulator::{EmulatedController, EmulatedNamespace, EmulatorConfig};

@@ -278,6 +278,9 @@ pub mod id_ctrl {
     pub const FR: usize = 64;
     /// Maximum data transfer size (power of two of MPSMIN pages, 0 = no limit).
     pub const MDTS: usize = 77;
+    /// RTD3 entry latency (u32, microseconds; 0 = not reported): how long a normal shutdown
+    /// may take.
+    pub const RTD3E: usize = 88;
     /// Submission queue entry sizes.
     pub const SQES: usize = 512;
     /// Completion queue entry sizes.
@@ -307,8 +310,18 @@ pub mod id_ns {
     pub const NUSE: usize = 16;
     /// Number of LBA formats (0-based).
     pub const NLBAF: usize = 25;
-    /// Formatted LBA size (index in bits 0..4).
+    /// Formatted LBA size: the format's index in bits 0..4 (low) and 5..7 (high, NVMe 2.0:
+    /// more than 16 formats).
     pub const FLBAS: usize = 26;
+    /// LBA formats in the data structure (bytes 128..384).
+    pub const LBAF_MAX: usize = 64;
+
+    /// The LBA format in use: FLBAS's index (both parts, as Linux's `nvme_lbaf_index`), if it
+    /// names one of the NLBAF + 1 formats the namespace reports.
+    pub fn lba_format_index(flbas: u8, nlbaf: u8) -> Option<usize> {
+        let index = usize::from(flbas & 0xf) | usize::from((flbas & 0x60) >> 1);
+        (index <= usize::from(nlbaf) && index < LBAF_MAX).then_some(index)
+    }
     /// End-to-end data protection type settings (PI type in bits 0..3).
     pub const DPS: usize = 29;
     /// LBA format 0 (4 bytes each: MS u16, LBADS u8, RP u8).

@@ -2,8 +2,9 @@
 //!
 //! A command the device keeps longer than the timeout is aborted (NVMe Abort): the controller
 //! then completes it with Command Abort Requested, and the driver sends it again (see
-//! [`crate::nvme::io`]). If the controller refuses or fails the abort, if the command is
-//! overdue again after its abort, if many commands are overdue at once (a stuck controller),
+//! [`crate::nvme::io`]). A controller may decline the abort (best effort): the command then
+//! gets one more timeout. If the Abort command itself fails, if the command is overdue again
+//! after its abort, if many commands are overdue at once (a stuck controller),
 //! or if it reports a fatal status (CSTS.CFS), the controller is reset (see
 //! [`crate::broker::manager`], which coordinates it across the I/O threads), and every command
 //! that was in flight is sent again on the new queue. Before any command it held is reported
@@ -94,7 +95,18 @@ impl IoThread {
             self.broker_counters.aborts.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             match p.ctrl.abort(self.qid, o.cid) {
                 Ok(true) => p.dq.queue.abort_sent(o.cid),
-                Ok(false) => return Some("the controller did not abort a command that timed out"),
+                Ok(false) => {
+                    // Abort is best effort: many controllers decline it for a command they are
+                    // executing (or it completed meanwhile). As Linux does, the command gets
+                    // one more timeout; only if it is overdue again is the controller reset.
+                    warn!(
+                        thread = self.index,
+                        controller = c,
+                        cid = o.cid,
+                        "the controller declined to abort the command; waiting one more timeout"
+                    );
+                    p.dq.queue.abort_sent(o.cid);
+                }
                 Err(e) => {
                     error!(thread = self.index, controller = c, "Abort failed: {e}");
                     return Some("an Abort command failed");
