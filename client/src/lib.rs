@@ -583,6 +583,16 @@ impl Attached {
         let complete_fd = fds.pop().unwrap();
         let submit_fd = fds.pop().unwrap();
         let ring_fd = fds.pop().unwrap();
+        // Mapped only if it cannot shrink under the mapping (a bad broker would otherwise make
+        // this process fault on access).
+        let sealed = nix::fcntl::fcntl(&ring_fd, nix::fcntl::FcntlArg::F_GET_SEALS)
+            .is_ok_and(|s| s & libc::F_SEAL_SHRINK != 0);
+        let size = nix::sys::stat::fstat(&ring_fd).map(|st| st.st_size as u64).unwrap_or(0);
+        if !sealed || size < layout.total_size as u64 {
+            return Err(Error::Protocol(format!(
+                "the ring memory is not sealed against shrinking or too small ({size} bytes, sealed: {sealed})"
+            )));
+        }
         let mem = Arc::new(
             SharedMemory::map_shared(ring_fd.as_fd(), layout.total_size).map_err(error::os("mmap ring"))?,
         );

@@ -577,6 +577,12 @@ fn call(sock: &OwnedFd, req: &Request, fds: &[BorrowedFd<'_>]) -> Result<(Respon
     }
     // A broker that refused the connection may have closed it after saying why: read that.
     let msg = transport::recv(sock.as_fd()).map_err(|_| Error::BrokerGone)?;
+    if msg.truncated {
+        return Err(Error::Protocol(format!(
+            "a reply longer than {} bytes",
+            nvmed_proto::control::MAX_MESSAGE_SIZE
+        )));
+    }
     if sent.is_err() && !matches!(decode::<Response>(&msg.bytes), Ok(Response::Error(_))) {
         return Err(Error::BrokerGone);
     }

@@ -1,8 +1,12 @@
 //! Shared memory mappings, reached only through raw pointers.
 //!
 //! Memory shared with another process (or a device) can change at any time, so this module never
-//! hands out a Rust reference to it: values are copied in and out with volatile accesses, and the
-//! index words are read and written as atomics created for the duration of one access.
+//! hands out a Rust reference to it: entries and values are copied in and out with volatile
+//! accesses, and the index words are read and written as atomics created for the duration of
+//! one access. Bulk data (`copy_in`, `copy_out`, `copy_to`, `fill`) moves with plain
+//! `memcpy`/`memmove` through raw pointers, as rust-vmm's vm-memory moves guest memory: bytes
+//! another party changes meanwhile are copied as whatever they were, and nothing read that way
+//! is trusted as a value (entries that decide anything are read with the volatile accessors).
 
 use std::io;
 use std::os::fd::BorrowedFd;

@@ -123,8 +123,16 @@ pub struct IovaSpace {
 }
 
 impl IovaSpace {
-    /// Splits the device's usable ranges into the two areas.
+    /// Splits the device's usable ranges into the two areas, the internal one of
+    /// [`INTERNAL_AREA_SIZE`].
     pub fn new(ranges: &[RangeInclusive<u64>]) -> Result<Self, IovaError> {
+        Self::with_internal_area(ranges, INTERNAL_AREA_SIZE)
+    }
+
+    /// As [`IovaSpace::new`], with an internal area of `internal` bytes (queues, PRP list
+    /// pages, bounce slots: it grows with controllers times I/O threads).
+    pub fn with_internal_area(ranges: &[RangeInclusive<u64>], internal: u64) -> Result<Self, IovaError> {
+        let internal = internal.max(INTERNAL_AREA_SIZE).next_multiple_of(IOVA_PAGE);
         let mut usable: Vec<(u64, u64)> = ranges
             .iter()
             .filter_map(|r| {
@@ -134,14 +142,12 @@ impl IovaSpace {
             })
             .collect();
         usable.sort();
-        let idx = usable
-            .iter()
-            .position(|(s, e)| e - s > INTERNAL_AREA_SIZE)
-            .ok_or(IovaError::NoUsableRange(INTERNAL_AREA_SIZE))?;
+        let idx =
+            usable.iter().position(|(s, e)| e - s > internal).ok_or(IovaError::NoUsableRange(internal))?;
         let (s, e) = usable[idx];
-        usable[idx] = (s + INTERNAL_AREA_SIZE, e);
+        usable[idx] = (s + internal, e);
         Ok(Self {
-            internal: Mutex::new(RangeAllocator::new([(s, s + INTERNAL_AREA_SIZE)])),
+            internal: Mutex::new(RangeAllocator::new([(s, s + internal)])),
             buffers: Mutex::new(RangeAllocator::new(usable)),
             buffer_limit: std::sync::atomic::AtomicU64::new(u64::MAX),
         })

@@ -172,8 +172,21 @@ impl Connection {
             if let Response::Error(e) = &resp {
                 debug!(session = self.id, "request refused: {e}");
             }
+            let mut bytes = encode(&resp);
+            let mut fds = fds;
+            if bytes.len() > nvmed_proto::control::MAX_MESSAGE_SIZE {
+                // The client's receive buffer is that large: a longer reply would arrive cut.
+                warn!(session = self.id, bytes = bytes.len(), "reply too large for a control message");
+                let e = ControlError::Internal(format!(
+                    "the reply ({} bytes) exceeds the {}-byte control message",
+                    bytes.len(),
+                    nvmed_proto::control::MAX_MESSAGE_SIZE
+                ));
+                bytes = encode(&Response::Error(e));
+                fds.clear();
+            }
             let borrowed: Vec<_> = fds.iter().map(|f| f.as_fd()).collect();
-            if transport::send(self.sock.as_fd(), &encode(&resp), &borrowed).is_err() {
+            if transport::send(self.sock.as_fd(), &bytes, &borrowed).is_err() {
                 return;
             }
         }

@@ -598,7 +598,8 @@ impl Broker {
         // One IOVA space for all: a client buffer is mapped at the same IOVA in every
         // controller's IOMMU, so any thread may send it to any controller.
         let ranges = intersect_ranges(devices.iter().map(|d| d.iova_ranges()));
-        let space = Arc::new(IovaSpace::new(&ranges)?);
+        let internal = internal_area_bytes(devices.len(), config.io_threads, config.io_queue_depth);
+        let space = Arc::new(IovaSpace::with_internal_area(&ranges, internal)?);
         space.set_buffer_limit(config.max_buffer_bytes_total);
         // The socket first: its errors (in use, bad path) are the common ones, and must not
         // leave a controller enabled behind.
@@ -1358,4 +1359,17 @@ mod reload_tests {
         drop(session);
         stop(broker, &socket);
     }
+}
+
+/// IOVA the broker's own DMA memory needs: per I/O thread on each controller its queue pair,
+/// a PRP list page per queue entry and its bounce slots; per controller its admin queue and
+/// scratch page; and room to spare (a scratch page replaced after a timeout, page rounding).
+fn internal_area_bytes(controllers: usize, io_threads: u16, depth: u16) -> u64 {
+    let page = crate::iova::IOVA_PAGE;
+    let depth = u64::from(depth);
+    let queue_pair = (depth * 64).next_multiple_of(page) + (depth * 16).next_multiple_of(page);
+    let per_port = queue_pair + depth * page + io_thread::vectored::BOUNCE_BYTES + 4 * page;
+    let per_controller = 64 * 64 + 64 * 16 + 16 * page;
+    let ports = controllers as u64 * u64::from(io_threads);
+    ports * per_port + controllers as u64 * per_controller + (16 << 20)
 }
