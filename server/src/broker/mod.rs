@@ -1181,6 +1181,19 @@ impl KilledSessions {
     }
 }
 
+/// IOVA the broker's own DMA memory needs: per I/O thread on each controller its queue pair,
+/// a PRP list page per queue entry and its bounce slots; per controller its admin queue and
+/// scratch page; and room to spare (a scratch page replaced after a timeout, page rounding).
+fn internal_area_bytes(controllers: usize, io_threads: u16, depth: u16) -> u64 {
+    let page = crate::iova::IOVA_PAGE;
+    let depth = u64::from(depth);
+    let queue_pair = (depth * 64).next_multiple_of(page) + (depth * 16).next_multiple_of(page);
+    let per_port = queue_pair + depth * page + io_thread::vectored::BOUNCE_BYTES + 4 * page;
+    let per_controller = 64 * 64 + 64 * 16 + 16 * page;
+    let ports = controllers as u64 * u64::from(io_threads);
+    ports * per_port + controllers as u64 * per_controller + (16 << 20)
+}
+
 #[cfg(test)]
 mod reload_tests {
     //! Reloads against sessions connecting and limits changing at the same time: a hook stops
@@ -1359,17 +1372,4 @@ mod reload_tests {
         drop(session);
         stop(broker, &socket);
     }
-}
-
-/// IOVA the broker's own DMA memory needs: per I/O thread on each controller its queue pair,
-/// a PRP list page per queue entry and its bounce slots; per controller its admin queue and
-/// scratch page; and room to spare (a scratch page replaced after a timeout, page rounding).
-fn internal_area_bytes(controllers: usize, io_threads: u16, depth: u16) -> u64 {
-    let page = crate::iova::IOVA_PAGE;
-    let depth = u64::from(depth);
-    let queue_pair = (depth * 64).next_multiple_of(page) + (depth * 16).next_multiple_of(page);
-    let per_port = queue_pair + depth * page + io_thread::vectored::BOUNCE_BYTES + 4 * page;
-    let per_controller = 64 * 64 + 64 * 16 + 16 * page;
-    let ports = controllers as u64 * u64::from(io_threads);
-    ports * per_port + controllers as u64 * per_controller + (16 << 20)
 }
