@@ -854,7 +854,7 @@ fn the_largest_emulated_broker_starts_lists_all_its_namespaces_and_serves_them()
     let broker = TestBroker::start(&["--controllers", "8", "--namespaces", "16", "--io-threads", "4"]);
     let session = nvmed_client::NvmeSession::open(&broker.socket).unwrap();
     assert_eq!(session.namespaces().len(), 128);
-    let last = session.namespaces().iter().max_by_key(|n| n.nsid).unwrap().clone();
+    let last = *session.namespaces().iter().max_by_key(|n| n.nsid).unwrap();
     assert_eq!(last.controller, 7);
     for thread in 0..4u16 {
         let mut ring = session
