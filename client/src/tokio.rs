@@ -694,8 +694,20 @@ async fn drive(shared: Arc<Shared>, mut fds: Fds) {
         }
     }
     // Closing the ring makes blocking calls to the broker: off the runtime's worker threads.
-    if let Ok(shared) = Arc::try_unwrap(shared) {
-        ::tokio::task::spawn_blocking(move || drop(shared));
+    // A buffer being dropped holds the ring for a moment (to give its registration back to
+    // the pool): wait that out rather than leave the close to whatever thread drops it.
+    let mut shared = shared;
+    for _ in 0..1000 {
+        match Arc::try_unwrap(shared) {
+            Ok(shared) => {
+                ::tokio::task::spawn_blocking(move || drop(shared));
+                return;
+            }
+            Err(again) => {
+                shared = again;
+                ::tokio::task::yield_now().await;
+            }
+        }
     }
 }
 
