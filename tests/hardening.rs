@@ -786,35 +786,41 @@ fn a_controller_that_cannot_be_stopped_never_completes_its_commands() {
 
 #[test]
 fn a_reset_on_an_asynchronous_device_resumes_io() {
-    let mut broker = TestBroker::start(&[
-        "--emulator-mode",
-        "async",
-        "--emulator-latency-us",
-        "20",
-        "--inject",
-        "stuck:40",
-        "--io-timeout-ms",
-        "300",
-        "--queue-depth",
-        "8",
-    ]);
-    let mut ring = broker.connect();
-    let ns = ring.namespaces()[0].nsid;
-    let buf = ring.alloc_buffer(64 * 4096).unwrap();
-    for i in 0..64u64 {
-        ring.prep(Io::write(ns, i * 4096, 4096, buf, i * 4096).user_data(i)).unwrap();
+    // Also with a controller that ignores CC.EN=0: the broker falls back to a function-level
+    // reset, and turns Bus Master Enable back on only once the controller reads disabled.
+    for wedge in ["none", "disable"] {
+        let mut broker = TestBroker::start(&[
+            "--emulator-mode",
+            "async",
+            "--emulator-latency-us",
+            "20",
+            "--inject",
+            "stuck:40",
+            "--io-timeout-ms",
+            "300",
+            "--queue-depth",
+            "8",
+            "--emulator-wedge",
+            wedge,
+        ]);
+        let mut ring = broker.connect();
+        let ns = ring.namespaces()[0].nsid;
+        let buf = ring.alloc_buffer(64 * 4096).unwrap();
+        for i in 0..64u64 {
+            ring.prep(Io::write(ns, i * 4096, 4096, buf, i * 4096).user_data(i)).unwrap();
+        }
+        ring.submit().unwrap();
+        let mut out = Vec::new();
+        ring.wait(64, &mut out, Some(Duration::from_secs(20))).unwrap();
+        // The stuck command and the others in flight were sent again after the reset: no error.
+        assert!(out.iter().all(|c| c.status.is_success()), "{wedge}: {out:?}");
+        let stats = ring.stats().unwrap();
+        assert_eq!(stats.broker_resets, 1, "{wedge}");
+        assert!(stats.broker_retries >= 1, "{wedge}");
+        // I/O works again after the reset.
+        random_write_read(&mut ring, (MIB, 4 * MIB), 21, 2);
+        others_unaffected(&mut broker);
     }
-    ring.submit().unwrap();
-    let mut out = Vec::new();
-    ring.wait(64, &mut out, Some(Duration::from_secs(20))).unwrap();
-    // The stuck command and the others in flight were sent again after the reset: no error.
-    assert!(out.iter().all(|c| c.status.is_success()), "{out:?}");
-    let stats = ring.stats().unwrap();
-    assert_eq!(stats.broker_resets, 1);
-    assert!(stats.broker_retries >= 1);
-    // I/O works again after the reset.
-    random_write_read(&mut ring, (MIB, 4 * MIB), 21, 2);
-    others_unaffected(&mut broker);
 }
 
 // ---- 11. A panicking thread stops the process ------------------------------------------

@@ -307,8 +307,9 @@ pub(crate) struct Args {
     #[arg(long = "inject", value_name = "RULE")]
     pub(crate) faults: Vec<FaultRule>,
 
-    /// Testing: an emulated controller that cannot be stopped by a reset (`reset`) or not
-    /// even by clearing Bus Master Enable (`reset-and-bus-master`).
+    /// Testing: an emulated controller that ignores CC.EN=0 but comes back from a function-level
+    /// reset (`disable`), that cannot be stopped by a reset at all (`reset`), or not even by
+    /// clearing Bus Master Enable (`reset-and-bus-master`).
     #[arg(long, value_enum, default_value = "none", hide_short_help = true)]
     pub(crate) emulator_wedge: Wedge,
 

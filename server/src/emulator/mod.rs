@@ -111,6 +111,8 @@ pub enum Wedge {
     /// A well-behaved controller.
     #[default]
     None,
+    /// CC.EN=0 never brings CSTS.RDY to 0, but a function-level reset works.
+    Disable,
     /// CC.EN=0 never brings CSTS.RDY to 0 and the function reset fails; clearing Bus Master
     /// Enable still stops its DMA.
     Reset,
@@ -1453,7 +1455,7 @@ impl NvmeDevice for EmulatedController {
     }
 
     fn function_reset(&self) -> Result<(), DeviceError> {
-        if self.inner.wedge != Wedge::None {
+        if matches!(self.inner.wedge, Wedge::Reset | Wedge::ResetAndBusMaster) {
             return Err(DeviceError::Other("emulated controller wedged: function reset failed".into()));
         }
         if self.inner.lock().gone {
