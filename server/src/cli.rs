@@ -396,3 +396,25 @@ fn parse_size(s: &str) -> Result<u64, String> {
     let v: u64 = num.parse().map_err(|e| format!("bad size {s:?}: {e}"))?;
     v.checked_mul(mult).filter(|&v| v > 0).ok_or_else(|| format!("bad size {s:?}"))
 }
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    /// README.md carries a copy of `nvmed --help` for readers: every line of the help, from its
+    /// usage line on, appears there in the same order (regenerate the copy when options change).
+    #[test]
+    fn the_readme_copy_of_the_help_is_current() {
+        let help = super::Args::command().bin_name("nvmed").render_long_help().to_string();
+        let readme = include_str!("../../README.md");
+        let mut rest = readme.lines().map(str::trim_end);
+        let usage = help.lines().position(|l| l.starts_with("Usage: nvmed")).expect("a usage line");
+        for line in help.lines().skip(usage).map(str::trim_end).filter(|l| !l.is_empty()) {
+            assert!(
+                rest.by_ref().any(|r| r == line),
+                "README.md's copy of `nvmed --help` lacks (or misplaces) this line:\n{line}\n\
+                 (paste the output of `nvmed --help` into README.md)"
+            );
+        }
+    }
+}
