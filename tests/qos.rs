@@ -215,3 +215,22 @@ fn grants_for_a_namespace_not_served_or_twice_stop_the_start_with_the_reason() {
         let _ = std::fs::remove_dir_all(&dir);
     }
 }
+
+#[test]
+fn a_new_session_does_not_refill_the_buckets_or_forgive_the_debt() {
+    // 1 MB/s of reads, 2 MiB per request: a request larger than the bucket goes when it is
+    // full and leaves a debt of about 2 s. A client that ends its session (its tenant's last
+    // ring) and opens a new one must still pay it, not start with full buckets.
+    let broker = TestBroker::start(&["--grant", "0:1:read-mbps=1"]);
+    let started = Instant::now();
+    for _ in 0..3 {
+        let mut ring = broker.connect();
+        let ns = ring.namespaces()[0].nsid;
+        let buf = ring.alloc_buffer(2 << 20).unwrap();
+        ring.read(ns, 0, buf, 0, 2 << 20).unwrap();
+    }
+    // 6 MiB at 1 MB/s: the first 2 MiB go at once, the other two each wait for the debt of
+    // the one before (about 2.1 s each).
+    let took = started.elapsed();
+    assert!(took >= Duration::from_secs(3), "6 MiB read in {took:?} under a 1 MB/s limit");
+}

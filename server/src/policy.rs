@@ -279,6 +279,22 @@ pub enum PolicyError {
         /// Their namespace.
         nsid: u32,
     },
+    /// Two grants of one uid on namespaces of one controller, one counted per uid and the other
+    /// per session: the uid's I/O there is one tenant, which cannot be both.
+    #[error(
+        "grants {first} and {second} give uid {uid} namespaces of controller {controller} with per=uid and \
+         per=session limits: a uid's grants on one controller are one tenant, give them the same per="
+    )]
+    MixedScope {
+        /// The first grant, as written.
+        first: String,
+        /// The second one.
+        second: String,
+        /// Their uid.
+        uid: u32,
+        /// The controller of both namespaces.
+        controller: u16,
+    },
 }
 
 impl std::fmt::Display for Grant {
@@ -327,6 +343,22 @@ impl Policy {
                     second: g.to_string(),
                     uid: g.uid,
                     nsid: g.nsid,
+                });
+            }
+        }
+        // One tenant per uid and controller: its grants there must count the same way (else
+        // a per=session grant would turn the uid's per=uid limits into per-session ones).
+        let controller_of = |nsid: u32| namespaces.iter().find(|n| n.nsid == nsid).map(|n| n.controller);
+        let mut scope: std::collections::HashMap<(u32, Option<u16>), &Grant> = std::collections::HashMap::new();
+        for g in &self.grants {
+            let controller = controller_of(g.nsid);
+            let first = *scope.entry((g.uid, controller)).or_insert(g);
+            if first.qos.scope != g.qos.scope {
+                return Err(PolicyError::MixedScope {
+                    first: first.to_string(),
+                    second: g.to_string(),
+                    uid: g.uid,
+                    controller: controller.unwrap_or(0),
                 });
             }
         }
@@ -444,6 +476,12 @@ mod tests {
             }
         );
         assert!(e.to_string().contains("one grant per namespace"), "{e}");
+        // One uid's grants on one controller count one way: per=uid and per=session mixed is
+        // refused (other uids, and the same scope, are fine).
+        policy(&["1000:1:per=session", "1000:2:iops=1k,per=session", "1001:2"]).check(&ns).unwrap();
+        let e = policy(&["1000:1:iops=1k", "1000:2:per=session"]).check(&ns).unwrap_err();
+        assert!(matches!(e, PolicyError::MixedScope { uid: 1000, controller: 0, .. }), "{e:?}");
+        assert!(e.to_string().contains("give them the same per="), "{e}");
         // Served lists as the operator reads them.
         assert_eq!(served_list(&ns[..1]), "namespace 1");
         let mut gap = ns.clone();

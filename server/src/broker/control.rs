@@ -430,31 +430,34 @@ impl Connection {
         }
         // The ring's tenants get their limits split over the threads serving them: this one
         // and those already serving them (told their new part).
-        let mut tenants = Vec::new();
-        let mut rescale = Vec::new();
+        // The new parts are sent while the placement is held: each thread takes its requests in
+        // order, so concurrent sessions of one tenant cannot deliver an older split after a
+        // newer one (a tenant briefly over, or stuck under, its limit).
+        let (tx, rx) = channel();
+        let poller = &self.shared.pollers[thread];
         {
             let mut placement = self.shared.placement.lock().unwrap_or_else(|p| p.into_inner());
+            let mut tenants = Vec::new();
+            let mut rescale = Vec::new();
             for (key, qos) in super::tenant::tenants_of(&self.namespaces, self.uid, self.id) {
                 let (limits, others) = placement.add(key, qos, thread, threads);
                 tenants.push((key, limits));
                 rescale.extend(others);
             }
+            for (t, key, limits) in rescale {
+                self.shared.pollers[t].request(IoRequest::SetTenantLimits { key, limits });
+            }
+            poller.request(IoRequest::AddRing {
+                session: self.id,
+                ring_id,
+                namespaces: self.namespaces.clone(),
+                counters: counters.clone(),
+                ring: Box::new(RingIo::new(mem, &layout, submit, complete)),
+                buffers: self.buffers.iter().map(|(id, b)| (id as u32, b.clone())).collect(),
+                tenants,
+                reply: tx,
+            });
         }
-        for (t, key, limits) in rescale {
-            self.shared.pollers[t].request(IoRequest::SetTenantLimits { key, limits });
-        }
-        let (tx, rx) = channel();
-        let poller = &self.shared.pollers[thread];
-        poller.request(IoRequest::AddRing {
-            session: self.id,
-            ring_id,
-            namespaces: self.namespaces.clone(),
-            counters: counters.clone(),
-            ring: Box::new(RingIo::new(mem, &layout, submit, complete)),
-            buffers: self.buffers.iter().map(|(id, b)| (id as u32, b.clone())).collect(),
-            tenants,
-            reply: tx,
-        });
         let key = rx.recv().map_err(|_| ControlError::Internal("I/O thread stopped".into()))?;
         poller.rings.fetch_add(1, Ordering::Relaxed);
         // The next id: after 2^32 rings it wraps, skipping the ids of rings still open.
@@ -512,15 +515,12 @@ impl Connection {
 
     /// A ring on `thread` is gone: its tenants' limits are split over fewer threads, maybe.
     fn forget_ring_tenants(&self, thread: usize) {
-        let mut rescale = Vec::new();
-        {
-            let mut placement = self.shared.placement.lock().unwrap_or_else(|p| p.into_inner());
-            for (key, _) in super::tenant::tenants_of(&self.namespaces, self.uid, self.id) {
-                rescale.extend(placement.remove(key, thread));
+        // Sent while the placement is held (see `create_ring`).
+        let mut placement = self.shared.placement.lock().unwrap_or_else(|p| p.into_inner());
+        for (key, _) in super::tenant::tenants_of(&self.namespaces, self.uid, self.id) {
+            for (t, key, limits) in placement.remove(key, thread) {
+                self.shared.pollers[t].request(IoRequest::SetTenantLimits { key, limits });
             }
-        }
-        for (t, key, limits) in rescale {
-            self.shared.pollers[t].request(IoRequest::SetTenantLimits { key, limits });
         }
     }
 

@@ -409,15 +409,14 @@ impl Shared {
             for &(_, thread, key) in &access.rings {
                 self.pollers[thread].request(IoRequest::UpdateRing { key, namespaces: new.clone() });
             }
-            let mut rescale = Vec::new();
             {
+                // Sent while the placement is held (see the session's `create_ring`).
                 let mut placement = self.placement.lock().unwrap_or_else(|p| p.into_inner());
                 for (key, qos) in tenant::tenants_of(&new, entry.uid(), entry.id()) {
-                    rescale.extend(placement.update(key, qos));
+                    for (t, key, limits) in placement.update(key, qos) {
+                        self.pollers[t].request(IoRequest::SetTenantLimits { key, limits });
+                    }
                 }
-            }
-            for (t, key, limits) in rescale {
-                self.pollers[t].request(IoRequest::SetTenantLimits { key, limits });
             }
             access.namespaces = new;
             report.updated += 1;

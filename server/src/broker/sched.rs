@@ -245,6 +245,18 @@ pub struct TenantStats {
     pub in_flight: u32,
 }
 
+/// What a removed tenant's token buckets held (see [`Scheduler::remove_tenant_saving`]): a
+/// tenant added again with the same key takes them back ([`Scheduler::restore_buckets`]), so
+/// ending its last ring and opening a new one does not refill its buckets or forgive its debt.
+#[derive(Debug, Clone)]
+pub struct SavedBuckets {
+    iops: Option<Bucket>,
+    read: Option<Bucket>,
+    write: Option<Bucket>,
+    /// When every bucket is full again (from then on a fresh tenant is the same).
+    pub full_at_ns: u64,
+}
+
 /// One token bucket. Levels are in nano-tokens (1e-9 token) so refills are exact.
 #[derive(Debug, Clone)]
 struct Bucket {
@@ -299,6 +311,13 @@ impl Bucket {
 
     fn charge(&mut self, n: u64) {
         self.level -= i128::from(n) * NS_PER_S;
+    }
+
+    /// When it is full again (after a refill at `now`).
+    fn full_at(&self, now: u64) -> u64 {
+        let short = (self.cap - self.level).max(0) as u128;
+        let wait = short.div_ceil(u128::from(self.rate));
+        now.saturating_add(u64::try_from(wait).unwrap_or(u64::MAX))
     }
 }
 
@@ -460,6 +479,44 @@ impl Scheduler {
         }
         self.in_flight -= t.stats.in_flight;
         TenantStats { deficit: t.deficit, ..t.stats }
+    }
+
+    /// As [`Scheduler::remove_tenant`], also giving what its buckets hold at `now` if any is
+    /// not full (debt included), for [`Scheduler::restore_buckets`].
+    pub fn remove_tenant_saving(&mut self, id: TenantId, now: u64) -> (TenantStats, Option<SavedBuckets>) {
+        let i = self.index(id);
+        let t = &mut self.tenants[i];
+        let mut full_at = 0;
+        for b in [&mut t.iops, &mut t.read, &mut t.write].into_iter().flatten() {
+            // Never used: full.
+            if b.last_ns.is_some() {
+                b.refill(now);
+                full_at = full_at.max(b.full_at(now));
+            }
+        }
+        let saved = (full_at > now).then(|| SavedBuckets {
+            iops: t.iops.clone(),
+            read: t.read.clone(),
+            write: t.write.clone(),
+            full_at_ns: full_at,
+        });
+        (self.remove_tenant(id), saved)
+    }
+
+    /// Gives a tenant (just added with the key of a removed one) the levels its buckets had
+    /// (refilled up to `now`), under its current rates and depths: debt is kept whole, credit
+    /// above a depth is lost.
+    pub fn restore_buckets(&mut self, id: TenantId, saved: SavedBuckets, now: u64) {
+        let i = self.index(id);
+        let t = &mut self.tenants[i];
+        for (mine, old) in [(&mut t.iops, saved.iops), (&mut t.read, saved.read), (&mut t.write, saved.write)]
+        {
+            if let (Some(b), Some(mut old)) = (mine.as_mut(), old) {
+                old.refill(now);
+                b.level = old.level.min(b.cap);
+                b.last_ns = Some(now);
+            }
+        }
     }
 
     /// Changes a tenant's limits, effective from its next request. Buckets are brought up to

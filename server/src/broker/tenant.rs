@@ -77,17 +77,28 @@ fn combine(a: &Qos, b: &Qos) -> Qos {
     }
 }
 
-/// What one of `threads` I/O threads serving the tenant enforces.
-pub fn limits_per_thread(qos: &Qos, threads: u32) -> TenantLimits {
+/// What the I/O thread of rank `rank` (0-based) among the `threads` serving the tenant
+/// enforces: each limit split so that the parts add up to it exactly (the first `limit %
+/// threads` threads take one more), and never below 1 (a qd of 2 on 3 threads: 1 each, so 3 in
+/// all: a ring on a thread must be able to move at all; the README says so).
+pub fn limits_for_thread(qos: &Qos, threads: u32, rank: u32) -> TenantLimits {
     let k = u64::from(threads.max(1));
-    let part = |r: Option<u64>| r.map(|r| r.div_ceil(k).max(1));
+    let r = u64::from(rank);
+    let part = |n: u64| (n / k + u64::from(r < n % k)).max(1);
     TenantLimits {
         weight: qos.weight,
-        iops: part(qos.iops),
-        read_bytes_per_s: part(qos.read_bytes_per_s),
-        write_bytes_per_s: part(qos.write_bytes_per_s),
-        max_in_flight: qos.max_in_flight.map(|n| (u64::from(n).div_ceil(k).max(1)) as u32),
+        iops: qos.iops.map(part),
+        read_bytes_per_s: qos.read_bytes_per_s.map(part),
+        write_bytes_per_s: qos.write_bytes_per_s.map(part),
+        max_in_flight: qos.max_in_flight.map(|n| part(u64::from(n)) as u32),
     }
+}
+
+/// Limits for every thread serving a tenant (`counts`: its rings per thread), by rank.
+fn split(key: TenantKey, qos: &Qos, counts: &[u32]) -> Vec<Rescale> {
+    let serving: Vec<usize> = (0..counts.len()).filter(|&t| counts[t] > 0).collect();
+    let k = serving.len() as u32;
+    serving.iter().enumerate().map(|(rank, &t)| (t, key, limits_for_thread(qos, k, rank as u32))).collect()
 }
 
 /// The control side's count of each tenant's rings on each I/O thread.
@@ -113,9 +124,10 @@ impl Placement {
         let before = counts.iter().filter(|&&n| n > 0).count();
         counts[thread] += 1;
         let after = counts.iter().filter(|&&n| n > 0).count();
-        let limits = limits_per_thread(qos, after as u32);
+        let all = split(key, qos, counts);
+        let limits = all.iter().find(|(t, _, _)| *t == thread).expect("the thread serves it now").2;
         let rescale = if after != before {
-            (0..threads).filter(|&t| t != thread && counts[t] > 0).map(|t| (t, key, limits)).collect()
+            all.into_iter().filter(|&(t, _, _)| t != thread).collect()
         } else {
             Vec::new()
         };
@@ -129,9 +141,7 @@ impl Placement {
             return Vec::new();
         }
         *stored = qos;
-        let k = counts.iter().filter(|&&n| n > 0).count();
-        let limits = limits_per_thread(&qos, k as u32);
-        (0..counts.len()).filter(|&t| counts[t] > 0).map(|t| (t, key, limits)).collect()
+        split(key, stored, counts)
     }
 
     /// A ring of the tenant on `thread` closed. Returns the limits the other threads serving
@@ -147,8 +157,7 @@ impl Placement {
         if counts[thread] > 0 {
             return Vec::new();
         }
-        let limits = limits_per_thread(qos, left as u32);
-        (0..counts.len()).filter(|&t| counts[t] > 0).map(|t| (t, key, limits)).collect()
+        split(key, qos, counts)
     }
 }
 
@@ -194,13 +203,28 @@ mod tests {
         let (l, r) = p.add(key, qos, 0, 2);
         assert_eq!((l.iops, r.len()), (Some(20_000), 0), "a second ring on the same thread changes nothing");
         let (l, r) = p.add(key, qos, 1, 2);
-        assert_eq!((l.iops, l.max_in_flight), (Some(10_000), Some(3)));
-        assert_eq!(r, vec![(0, key, l)]);
+        // Parts that add up to the limit exactly: qd 5 is 3 + 2.
+        assert_eq!((l.iops, l.max_in_flight), (Some(10_000), Some(2)));
+        assert_eq!(r.len(), 1);
+        assert_eq!((r[0].0, r[0].2.iops, r[0].2.max_in_flight), (0, Some(10_000), Some(3)));
         assert!(p.remove(key, 0).is_empty(), "thread 0 still has a ring");
         let r = p.remove(key, 0);
         assert_eq!(r.len(), 1);
         assert_eq!((r[0].0, r[0].2.iops), (1, Some(20_000)));
         assert!(p.remove(key, 1).is_empty());
         assert!(p.rings.is_empty());
+    }
+
+    #[test]
+    fn the_parts_of_a_limit_add_up_to_it() {
+        let qos = Qos { iops: Some(1000), read_bytes_per_s: Some(7), max_in_flight: Some(5), ..Qos::DEFAULT };
+        for k in 1..=8u32 {
+            let parts: Vec<TenantLimits> = (0..k).map(|r| limits_for_thread(&qos, k, r)).collect();
+            assert_eq!(parts.iter().map(|l| l.iops.unwrap()).sum::<u64>(), 1000, "{k} threads");
+            let reads: u64 = parts.iter().map(|l| l.read_bytes_per_s.unwrap()).sum();
+            assert_eq!(reads, 7.max(u64::from(k)), "{k} threads: exact, or 1 each when fewer than threads");
+            let qd: u32 = parts.iter().map(|l| l.max_in_flight.unwrap()).sum();
+            assert_eq!(qd, 5.max(k), "{k} threads");
+        }
     }
 }

@@ -217,6 +217,9 @@ pub struct Port {
     tenants: std::collections::HashMap<TenantKey, TenantId>,
     /// Each tenant's rings here (ring keys), and where its next visit starts among them.
     tenant_rings: crate::broker::sched::TenantIdMap<(Vec<usize>, usize)>,
+    /// Token buckets of tenants whose last ring here ended before they were full again:
+    /// taken back if the tenant comes back (a new ring or session of the same uid) before.
+    saved_buckets: std::collections::HashMap<TenantKey, crate::broker::sched::SavedBuckets>,
 }
 
 /// The I/O thread's state.
@@ -287,6 +290,7 @@ impl IoThread {
                 }),
                 tenants: std::collections::HashMap::new(),
                 tenant_rings: Default::default(),
+                saved_buckets: Default::default(),
                 dq: DeviceQueue::new(p.queue),
                 vector: p.vector,
                 bounce: p.bounce,
@@ -486,7 +490,17 @@ impl IoThread {
                     let mut ring_tenants = vec![None; self.ports.len()];
                     for (tk, limits) in tenants {
                         let Some(port) = self.ports.get_mut(usize::from(tk.controller)) else { continue };
-                        let id = *port.tenants.entry(tk).or_insert_with(|| port.sched.add_tenant(limits));
+                        let id = match port.tenants.get(&tk) {
+                            Some(&id) => id,
+                            None => {
+                                let id = port.sched.add_tenant(limits);
+                                port.tenants.insert(tk, id);
+                                if let Some(saved) = port.saved_buckets.remove(&tk) {
+                                    port.sched.restore_buckets(id, saved, now);
+                                }
+                                id
+                            }
+                        };
                         port.sched.set_limits(id, now, limits);
                         port.tenant_rings.entry(id).or_default().0.push(key);
                         ring_tenants[usize::from(tk.controller)] = Some((tk, id));
@@ -657,6 +671,7 @@ impl IoThread {
             self.closing -= 1;
             self.order.swap_remove(i);
             let mut s = self.sessions.remove(key);
+            let now = self.now_ns();
             for &(tk, id) in s.tenants.iter().flatten() {
                 let port = &mut self.ports[usize::from(tk.controller)];
                 if let Some((rings, _)) = port.tenant_rings.get_mut(&id) {
@@ -665,7 +680,12 @@ impl IoThread {
                     if rings.is_empty() && !dead {
                         port.tenant_rings.remove(&id);
                         port.tenants.remove(&tk);
-                        port.sched.remove_tenant(id);
+                        let (_, saved) = port.sched.remove_tenant_saving(id, now);
+                        // Bounded: one per tenant key, and each only until its buckets refill.
+                        port.saved_buckets.retain(|_, b| b.full_at_ns > now);
+                        if let Some(saved) = saved {
+                            port.saved_buckets.insert(tk, saved);
+                        }
                     }
                 }
             }
