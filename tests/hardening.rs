@@ -299,6 +299,19 @@ fn registered_bytes_are_bounded_per_uid_across_sessions() {
     let _a2 = a.alloc_buffer(4 << 20).unwrap();
     drop((a, b));
     others_unaffected(&mut broker);
+    // Without the option: three quarters of --max-registered-total, so one uid never takes
+    // all of it.
+    let mut broker = TestBroker::start(&["--max-registered-total", "16M"]);
+    let mut a = broker.connect();
+    let _held: Vec<_> = (0..3).map(|_| a.alloc_buffer(4 << 20).unwrap()).collect();
+    match a.alloc_buffer(4 << 20) {
+        Err(Error::Refused(ControlError::UidLimit { uid: 0, what })) => {
+            assert!(what.contains("12582912 registered bytes per uid"), "{what}")
+        }
+        other => panic!("a fourth 4 MiB of the uid under a 16 MiB total: {other:?}"),
+    }
+    drop(a);
+    others_unaffected(&mut broker);
 }
 
 // ---- 3. Hugetlb memfds ------------------------------------------------------------------

@@ -257,12 +257,14 @@ fn run(
         buffers_per_uid: args.max_buffers_per_uid,
         max_rings: args.max_rings,
         rings_per_uid: args.max_rings_per_uid,
-        // Only if asked for (VMs and nvmed-tcp usually run under one uid, and nvmed-vhost
-        // registers guest RAM once per queue); one at the total or above is none of its own
+        // Three quarters of the total unless asked otherwise: one uid never takes it all, and
+        // VMs (nvmed-vhost registers guest RAM once per queue) and nvmed-tcp, which often run
+        // under one uid, still get most of it. One at the total or above is none of its own
         // (the broker-wide limit answers first).
         registered_bytes_per_uid: Some(match args.max_registered_bytes_per_uid {
             Some(n) if n < args.max_registered_total => n,
-            _ => u64::MAX,
+            Some(_) => u64::MAX,
+            None => args.max_registered_total / 4 * 3,
         }),
     });
     config.hello_timeout = Duration::from_secs(args.hello_timeout_s);

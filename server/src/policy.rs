@@ -349,7 +349,8 @@ impl Policy {
         // One tenant per uid and controller: its grants there must count the same way (else
         // a per=session grant would turn the uid's per=uid limits into per-session ones).
         let controller_of = |nsid: u32| namespaces.iter().find(|n| n.nsid == nsid).map(|n| n.controller);
-        let mut scope: std::collections::HashMap<(u32, Option<u16>), &Grant> = std::collections::HashMap::new();
+        let mut scope: std::collections::HashMap<(u32, Option<u16>), &Grant> =
+            std::collections::HashMap::new();
         for g in &self.grants {
             let controller = controller_of(g.nsid);
             let first = *scope.entry((g.uid, controller)).or_insert(g);

@@ -111,7 +111,13 @@ pub fn serve(shared: Arc<Shared>, sock: OwnedFd, id: u64, uid: u32) {
         conn.end_session();
         conn.registered.take();
         conn.shared.sessions.fetch_sub(1, Ordering::Relaxed);
-        info!(session = id, uid, pid, "session ended; its I/O drained and its memory released");
+        super::ratelog::limited!(
+            info,
+            session = id,
+            uid,
+            pid,
+            "session ended; its I/O drained and its memory released"
+        );
     }
 }
 
@@ -312,7 +318,7 @@ impl Connection {
             if self.shared.killed.lock().unwrap_or_else(|p| p.into_inner()).contains(old) {
                 return Err(ControlError::SessionKilled(old));
             }
-            info!(session = self.id, resumes = old, "a client reconnects");
+            super::ratelog::limited!(info, session = self.id, resumes = old, "a client reconnects");
         }
         let ticket = self.shared.quotas.acquire(Resource::Session, self.uid)?;
         self.shared.sessions.fetch_add(1, Ordering::Relaxed);
@@ -331,11 +337,12 @@ impl Connection {
         if let Err(e) = setsockopt(&self.sock, sockopt::ReceiveTimeout, &TimeVal::new(0, 0)) {
             warn!(session = self.id, "cannot clear the Hello deadline: {e}");
         }
-        info!(
+        super::ratelog::limited!(
+            info,
             session = self.id,
             uid = self.uid,
             pid = self.pid,
-            client = name,
+            client = %super::registry::printable(name, 64),
             namespaces = self.namespaces.len(),
             "session started"
         );

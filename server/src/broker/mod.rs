@@ -7,6 +7,7 @@ mod io_thread;
 pub mod manager;
 pub mod metrics;
 mod quota;
+pub(crate) mod ratelog;
 mod reaper;
 mod registry;
 pub mod sched;
@@ -1092,7 +1093,7 @@ fn accept_loop(listener: OwnedFd, shared: Arc<Shared>, stopping: Arc<AtomicBool>
         let ticket = match shared.quotas.acquire(Resource::Connection, uid) {
             Ok(t) => t,
             Err(e) => {
-                warn!(uid, "refusing a connection: {e}");
+                ratelog::limited!(warn, uid, "refusing a connection: {e}");
                 refuse(&sock, e);
                 continue;
             }

@@ -172,6 +172,12 @@ pub struct Registry {
     ended: Mutex<BTreeMap<u32, Ended>>,
 }
 
+/// Most uids whose ended sessions are summed one by one ([`Registry::ended`]).
+pub const MAX_ENDED_UIDS: usize = 4096;
+
+/// The uid under which the ended sessions of uids past [`MAX_ENDED_UIDS`] are summed.
+pub const OTHER_UIDS: u32 = u32::MAX;
+
 /// What the ended sessions of one uid did.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct Ended {
@@ -209,7 +215,14 @@ impl Drop for Registered {
         let mut t = self.entry.totals();
         t.in_flight = 0;
         let mut ended = self.registry.ended.lock().unwrap_or_else(|p| p.into_inner());
-        let e = ended.entry(self.entry.uid).or_default();
+        // Bounded: uids beyond the first MAX_ENDED_UIDS are summed as one (a user with a
+        // subordinate uid range could otherwise grow this, and the metrics, without end).
+        let uid = if ended.len() < MAX_ENDED_UIDS || ended.contains_key(&self.entry.uid) {
+            self.entry.uid
+        } else {
+            OTHER_UIDS
+        };
+        let e = ended.entry(uid).or_default();
         add(&mut e.totals, &t);
         e.sessions += 1;
     }
@@ -260,7 +273,8 @@ impl Registry {
         (page, it.next().is_some())
     }
 
-    /// What the ended sessions did, per uid.
+    /// What the ended sessions did, per uid (past [`MAX_ENDED_UIDS`] uids, the others summed
+    /// under [`OTHER_UIDS`]).
     pub fn ended(&self) -> BTreeMap<u32, Ended> {
         self.ended.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
@@ -335,5 +349,21 @@ mod tests {
         assert!(reg.contains(1));
         drop(b);
         assert!(reg.list().is_empty());
+    }
+
+    #[test]
+    fn ended_sessions_of_too_many_uids_are_summed_as_one() {
+        let reg = Arc::new(Registry::default());
+        let n = MAX_ENDED_UIDS as u32 + 10;
+        for uid in 0..n {
+            drop(reg.add(u64::from(uid), uid, 1, "c", vec![]));
+        }
+        // A known uid still adds up under its own.
+        drop(reg.add(u64::from(n), 5, 1, "c", vec![]));
+        let ended = reg.ended();
+        assert_eq!(ended.len(), MAX_ENDED_UIDS + 1);
+        assert_eq!(ended[&OTHER_UIDS].sessions, 10);
+        assert_eq!(ended[&5].sessions, 2);
+        assert_eq!(ended.values().map(|e| e.sessions).sum::<u64>(), u64::from(n) + 1);
     }
 }

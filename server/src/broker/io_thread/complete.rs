@@ -159,6 +159,6 @@ pub(super) fn complete(
 
 /// Stops serving a ring whose client published an impossible index.
 pub(super) fn fault(session: u64, ring: &RingIo, why: RingFault, e: nvmed_proto::ring::RingError) {
-    warn!(session, "client corrupted its ring ({why:?}: {e}); ring faulted");
+    crate::broker::ratelog::limited!(warn, session, "client corrupted its ring ({why:?}: {e}); ring faulted");
     ring.fault(why);
 }
