@@ -353,6 +353,9 @@ fn connection_and_pinned_memory_limits() {
         "17",
         "--max-registered-total",
         "1M",
+        // No limit of the uid's own (the broker-wide one is tested here).
+        "--max-registered-bytes-per-uid",
+        "1M",
     ]);
     // Idle connections that never say Hello cannot pile up: 1 session + 16 spare.
     let idle: Vec<OwnedFd> = (0..17).map(|_| raw_connect(&broker)).collect();
