@@ -19,6 +19,15 @@ use crate::nvme::{Cursor, RwCommand};
 /// Most SQEs taken from one ring per round (fairness between clients).
 const TAKE_BATCH: u32 = 64;
 
+/// Most SQEs one tenant's turn takes, over all of its rings on the thread. Requests for the
+/// device are held by the tenant's deficit and limits anyway; this bounds the others (no-ops,
+/// requests refused at validation), so a tenant with many rings cannot make every round long.
+const TURN_BUDGET: u32 = 8 * TAKE_BATCH;
+
+/// Most SQEs taken per round from a ring without a tenant (a session granted no namespace:
+/// it can send no-ops and refused requests only).
+const TENANTLESS_BATCH: u32 = 8;
+
 impl IoThread {
     /// One round: each ring with work makes its tenants want a turn; each controller's
     /// scheduler then hands out turns (deficit round robin by weight, within each tenant's
@@ -52,7 +61,7 @@ impl IoThread {
                 continue;
             }
             if s.tenants.iter().all(Option::is_none) {
-                took |= self.take_from(key, 0).0;
+                took |= self.take_from(key, 0, TENANTLESS_BATCH).0;
                 continue;
             }
             for &(tk, id) in s.tenants.iter().flatten() {
@@ -82,12 +91,19 @@ impl IoThread {
                 let mut more = false;
                 let count = visit.len();
                 let start = if count > 1 { start % count } else { 0 };
+                let mut budget = TURN_BUDGET;
                 for j in 0..count {
+                    if budget == 0 {
+                        // The turn is spent: the rest of its rings wait for its next one.
+                        more = true;
+                        break;
+                    }
                     let at = start + j;
-                    let (t_took, t_more) =
-                        self.take_from(visit[if at >= count { at - count } else { at }], now);
+                    let (t_took, t_more, taken) =
+                        self.take_from(visit[if at >= count { at - count } else { at }], now, budget);
                     took |= t_took;
                     more |= t_more;
+                    budget = budget.saturating_sub(taken);
                 }
                 self.visit = visit;
                 if !more {
@@ -101,15 +117,17 @@ impl IoThread {
         took
     }
 
-    /// Takes what it may from one ring at `now` (schedulers' clock); returns whether anything
-    /// was taken or admitted, and whether the ring still has work it could not take.
-    fn take_from(&mut self, key: usize, now: u64) -> (bool, bool) {
+    /// Takes what it may from one ring at `now` (schedulers' clock), at most `budget` SQEs
+    /// (and [`TAKE_BATCH`]); returns whether anything was taken or admitted, whether the ring
+    /// still has work it could not take, and how many SQEs it took.
+    fn take_from(&mut self, key: usize, now: u64, budget: u32) -> (bool, bool, u32) {
         let epoch = self.epoch;
-        let Some(s) = self.sessions.get_mut(key) else { return (false, false) };
+        let Some(s) = self.sessions.get_mut(key) else { return (false, false, 0) };
         if s.faulted || s.closing.is_some() {
-            return (false, false);
+            return (false, false, 0);
         }
-        let Some(ring) = s.ring.as_mut() else { return (false, false) };
+        let batch = TAKE_BATCH.min(budget);
+        let Some(ring) = s.ring.as_mut() else { return (false, false, 0) };
         // A ring holds at most three quarters of the segment list slots, as of device slots.
         let vec_cap = (self.vecs.capacity() - self.vecs.capacity() / 4) as u32;
         let ports = &mut self.ports;
@@ -158,7 +176,7 @@ impl IoThread {
                 if ring.dirty {
                     self.touched.push(key);
                 }
-                return (took, true);
+                return (took, true, 0);
             }
         }
         // Held back by the scheduler (this tenant's turn is over, or a limit holds it).
@@ -168,7 +186,7 @@ impl IoThread {
         let more = loop {
             // The entries of the next published batch (`ready` fetched their lines together,
             // before anything else that may miss: the client's CQ head below).
-            let available = ring.sq.ready(TAKE_BATCH - taken_all);
+            let available = ring.sq.ready(batch - taken_all);
             if available == 0 {
                 break false;
             }
@@ -180,7 +198,7 @@ impl IoThread {
                 Err(e) => {
                     complete::fault(s.id, ring, RingFault::CqHeadCorrupt, e);
                     s.faulted = true;
-                    return (took, false);
+                    return (took, false, taken_all);
                 }
             };
             let room = free.saturating_sub(reserved);
@@ -407,7 +425,7 @@ impl IoThread {
                 took = true;
             }
             taken_all += taken;
-            if held || taken < available || s.partial.is_some() || taken_all >= TAKE_BATCH {
+            if held || taken < available || s.partial.is_some() || taken_all >= batch {
                 break true;
             }
             // The whole batch is taken: its completions go out now (the wakeup check follows
@@ -418,7 +436,7 @@ impl IoThread {
         if ring.dirty {
             self.touched.push(key);
         }
-        (took, more)
+        (took, more, taken_all)
     }
 }
 
