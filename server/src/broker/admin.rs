@@ -203,15 +203,24 @@ fn refuse(sock: &OwnedFd, e: AdminError) {
     // Consume what the peer already sent: closing with unread data resets the connection and
     // the peer would not read the refusal.
     let mut scratch = [0u8; 64];
-    while nix::sys::socket::recv(sock.as_raw_fd(), &mut scratch, nix::sys::socket::MsgFlags::MSG_DONTWAIT)
-        .is_ok_and(|n| n > 0)
-    {}
+    // Bounded: a peer that keeps writing cannot hold the thread here.
+    for _ in 0..16 {
+        if !nix::sys::socket::recv(sock.as_raw_fd(), &mut scratch, nix::sys::socket::MsgFlags::MSG_DONTWAIT)
+            .is_ok_and(|n| n > 0)
+        {
+            break;
+        }
+    }
 }
 
 /// Serves one operator connection until it closes or idles.
 fn serve(shared: &Arc<Shared>, sock: OwnedFd, cred: UnixCredentials) {
-    if let Err(e) = setsockopt(&sock, sockopt::ReceiveTimeout, &TimeVal::new(ADMIN_IDLE.as_secs() as _, 0)) {
-        warn!("admin socket: cannot set the idle timeout: {e}; dropping connection");
+    // Idle peers, and peers that never read their replies, give their slot up.
+    let idle = TimeVal::new(ADMIN_IDLE.as_secs() as _, 0);
+    if let Err(e) = setsockopt(&sock, sockopt::ReceiveTimeout, &idle)
+        .and_then(|()| setsockopt(&sock, sockopt::SendTimeout, &idle))
+    {
+        warn!("admin socket: cannot set the idle timeouts: {e}; dropping connection");
         return;
     }
     // Room for the largest reply in one datagram (root may exceed net.core.wmem_max).
