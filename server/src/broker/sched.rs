@@ -347,6 +347,8 @@ struct Tenant {
     read: Option<Bucket>,
     write: Option<Bucket>,
     stats: TenantStats,
+    /// Segment list slots (of the I/O thread's pool) its vectored requests hold.
+    vec_slots: u32,
 }
 
 impl Tenant {
@@ -457,6 +459,7 @@ impl Scheduler {
             read: None,
             write: None,
             stats: TenantStats::default(),
+            vec_slots: 0,
         };
         t.apply(limits, None, &self.config);
         let index = self.tenants.insert(t);
@@ -704,6 +707,28 @@ impl Scheduler {
     /// Most device slots the tenant may hold now, were it to dispatch (see the module docs).
     pub fn slot_share(&self, id: TenantId) -> u32 {
         self.share_of(&self.tenants[self.index(id)])
+    }
+
+    /// Whether the tenant may take one more of the `pool` segment list slots its thread has:
+    /// as with device slots, at most its weight's share while others are busy (at least one),
+    /// so one tenant's vectored requests cannot hold them all.
+    pub fn vec_room(&self, id: TenantId, pool: u32) -> bool {
+        let t = &self.tenants[self.index(id)];
+        let share = u64::from(pool) * u64::from(self.share_of(t)) / u64::from(self.config.device_slots);
+        u64::from(t.vec_slots) < share.max(1)
+    }
+
+    /// A vectored request of the tenant took a segment list slot ([`Scheduler::vec_room`]).
+    pub fn vec_taken(&mut self, id: TenantId) {
+        let i = self.index(id);
+        self.tenants[i].vec_slots += 1;
+    }
+
+    /// A vectored request of the tenant completed and gave its slot back.
+    pub fn vec_given_back(&mut self, id: TenantId) {
+        let i = self.index(id);
+        let t = &mut self.tenants[i];
+        t.vec_slots = t.vec_slots.saturating_sub(1);
     }
 
     /// The earliest time after `now` at which a tenant with work stops being held by a limit,
@@ -1408,6 +1433,32 @@ mod tests {
         assert_eq!(s.next_tenant(0), Some(one));
         assert_eq!(s.try_dispatch(one, 0, 4096, false), Dispatch::Go);
         assert_eq!(s.try_dispatch(one, 0, 4096, false), Dispatch::Later);
+    }
+
+    #[test]
+    fn segment_list_slots_are_shared_like_device_slots() {
+        let mut s = Scheduler::new(SchedConfig::new(64));
+        let a = s.add_tenant(weighted(1));
+        let b = s.add_tenant(weighted(3));
+        // Alone, a may take the whole pool of 16.
+        s.set_has_work(a, true);
+        for _ in 0..16 {
+            assert!(s.vec_room(a, 16));
+            s.vec_taken(a);
+        }
+        assert!(!s.vec_room(a, 16));
+        // b busy too: a's share is a quarter (4), b's three quarters (12).
+        s.set_has_work(b, true);
+        assert!(!s.vec_room(a, 16));
+        for _ in 0..12 {
+            s.vec_given_back(a);
+        }
+        assert!(!s.vec_room(a, 16), "4 held: at its share");
+        s.vec_given_back(a);
+        assert!(s.vec_room(a, 16));
+        assert!(s.vec_room(b, 16));
+        // At least one, however small the pool.
+        assert!(s.vec_room(b, 1));
     }
 
     #[test]

@@ -125,6 +125,9 @@ pub(super) fn complete(
         }
         vecs.release(ctx.vec);
         s.vectored -= 1;
+        if let Some(t) = ctx.tenant {
+            sched.vec_given_back(t);
+        }
     }
     bump(&s.counters.completed, 1);
     let latency_us = now_us.wrapping_sub(ctx.start_us);

@@ -288,9 +288,11 @@ impl IoThread {
                     Ok(Validated::Vectored(v)) => {
                         let c = v.controller;
                         let p = &ports[usize::from(c)];
+                        let tenant = s.tenants[usize::from(c)].map(|(_, t)| t);
                         if p.dq.queue.free_slots() == 0
                             || s.slots[usize::from(c)] >= p.dq.session_slots
                             || s.vectored >= vec_cap
+                            || tenant.is_some_and(|t| !p.sched.vec_room(t, vecs.capacity() as u32))
                         {
                             s.blocked_on = Some(c);
                             break; // as above
@@ -358,6 +360,9 @@ impl IoThread {
                                     s.buffers.acquire(seg.tag);
                                 }
                                 s.vectored += 1;
+                                if let Some(t) = tenant {
+                                    ports[usize::from(c)].sched.vec_taken(t);
+                                }
                                 let pieces = v.len.div_ceil(limits[usize::from(c)].max_transfer);
                                 let split = if pieces > 1 {
                                     self.splits.insert(Split { remaining: pieces, status: Status::Success })
