@@ -869,3 +869,41 @@ fn the_largest_emulated_broker_starts_lists_all_its_namespaces_and_serves_them()
         assert_eq!(ring.buffer(buf, 0, 4096).unwrap(), ring.buffer(buf, 4096, 4096).unwrap());
     }
 }
+
+#[test]
+fn a_ring_using_a_shared_buffer_knows_when_it_is_done_with_it() {
+    let broker = TestBroker::start(&[]);
+    let session = nvmed_client::NvmeSession::open(&broker.socket).unwrap();
+    let ns = session.namespaces()[0].nsid;
+    let shared = session.alloc_shared(64 << 10).unwrap();
+    let mut a = session.new_ring().unwrap();
+    let mut b = session.new_ring().unwrap();
+    let id = a.use_shared(&shared);
+    assert_eq!(id, shared.id());
+    // Its memory is reached through the SharedBuffer only.
+    assert!(matches!(a.buffer(id, 0, 4096), Err(Error::SharedBuffer(i)) if i == id.0));
+    assert!(matches!(a.unregister_buffer(id), Err(Error::SharedBuffer(_))));
+    shared.write_at(0, &[0x5a; 4096]).unwrap();
+    a.prep(Io::write(ns, 0, 4096, id, 0).user_data(1)).unwrap();
+    // A request of this ring uses it: not released yet.
+    assert!(matches!(a.release_shared(id), Err(Error::InFlight { .. })));
+    a.submit().unwrap();
+    let mut out = Vec::new();
+    a.wait(1, &mut out, Some(Duration::from_secs(5))).unwrap();
+    assert!(out[0].status.is_success());
+    a.release_shared(id).unwrap();
+    assert!(matches!(a.release_shared(id), Err(Error::UnknownBuffer(_))));
+    // Another ring of the session reads it back through the same shared buffer.
+    b.read(ns, 0, shared.id(), 4096, 4096).unwrap();
+    let mut back = [0u8; 4096];
+    shared.read_at(4096, &mut back).unwrap();
+    assert_eq!(back, [0x5a; 4096]);
+    // The ring's clone kept it alive: dropped by all, it is unregistered.
+    let kept = b.use_shared(&shared);
+    drop(shared);
+    assert_eq!(b.session().stats().unwrap().buffers, 1, "still registered while ring b uses it");
+    b.release_shared(kept).unwrap();
+    wait_until("the shared buffer to be unregistered", Duration::from_secs(5), || {
+        b.session().stats().unwrap().buffers == 0
+    });
+}

@@ -47,6 +47,10 @@ pub enum Error {
     /// No such buffer in this client.
     #[error("unknown buffer id {0}")]
     UnknownBuffer(u32),
+    /// The buffer is a shared one this ring uses ([`crate::NvmeRing::use_shared`]): its memory
+    /// is reached through its [`crate::SharedBuffer`], and it is released, not unregistered.
+    #[error("buffer {0} is shared: reach it through its SharedBuffer, and release it with release_shared")]
+    SharedBuffer(u32),
     /// The range lies outside the buffer.
     #[error("range {offset}+{len} is outside buffer {id} of {size} bytes")]
     OutOfBuffer {

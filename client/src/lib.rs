@@ -304,8 +304,9 @@ impl BufferTable {
     fn remove(&mut self, id: &u32) -> Option<ClientBuffer> {
         self.0.get_mut(*id as usize).and_then(Option::take)
     }
-    fn ids(&self) -> Vec<u32> {
-        (0..self.0.len() as u32).filter(|id| self.get(id).is_some()).collect()
+    /// Ids of the buffers this ring registered itself (not shared ones it uses).
+    fn own_ids(&self) -> Vec<u32> {
+        (0..self.0.len() as u32).filter(|id| self.get(id).is_some_and(|b| matches!(b.mem, Held::Own(_)))).collect()
     }
 }
 
@@ -315,8 +316,33 @@ pub const EMPTY_POLLS_BEFORE_CHECK: u32 = 4096;
 
 #[derive(Debug)]
 struct ClientBuffer {
-    mem: MemfdBuffer,
+    mem: Held,
     in_flight: u32,
+}
+
+/// A buffer in a ring's table: its own, or a session's shared one it uses
+/// ([`NvmeRing::use_shared`]).
+#[derive(Debug)]
+enum Held {
+    Own(MemfdBuffer),
+    Shared(SharedBuffer),
+}
+
+impl Held {
+    fn len(&self) -> usize {
+        match self {
+            Held::Own(m) => m.len(),
+            Held::Shared(b) => b.len(),
+        }
+    }
+
+    /// The ring's own buffer (views and segment lists need one), or why not.
+    fn own(&self, id: u32) -> Result<&MemfdBuffer> {
+        match self {
+            Held::Own(m) => Ok(m),
+            Held::Shared(_) => Err(Error::SharedBuffer(id)),
+        }
+    }
 }
 
 /// One ring of a session: submissions and completions through shared memory, served by one
@@ -662,30 +688,66 @@ impl NvmeRing {
     /// against this ring's I/O in flight. (A buffer for several rings: [`SharedBuffer`].)
     pub fn register_buffer(&mut self, buf: MemfdBuffer) -> Result<BufferId> {
         let buffer_id = session::register(&self.session, &buf)?;
-        self.buffers.insert(buffer_id, ClientBuffer { mem: buf, in_flight: 0 });
+        self.buffers.insert(buffer_id, ClientBuffer { mem: Held::Own(buf), in_flight: 0 });
         Ok(BufferId(buffer_id))
+    }
+
+    /// Uses a buffer of the session's ([`NvmeSession::register_shared`]) as if it were this
+    /// ring's own for accounting: the ring keeps it alive (a clone) and counts its requests on
+    /// it, so [`NvmeRing::release_shared`] can say when none is left. (Requests may name any
+    /// shared buffer of the session without this; what it adds is knowing when this ring is done
+    /// with one, say before giving up guest RAM that is being removed.) Its memory is still
+    /// reached only through the [`SharedBuffer`]: [`NvmeRing::buffer`] refuses it.
+    pub fn use_shared(&mut self, buf: &SharedBuffer) -> BufferId {
+        let id = buf.id();
+        if self.buffers.get(&id.0).is_none() {
+            self.buffers.insert(id.0, ClientBuffer { mem: Held::Shared(buf.clone()), in_flight: 0 });
+        }
+        id
+    }
+
+    /// Stops using a shared buffer taken with [`NvmeRing::use_shared`], once none of this
+    /// ring's requests uses it ([`Error::InFlight`] until then): the ring's clone is dropped,
+    /// and the buffer is unregistered when its last clone is.
+    pub fn release_shared(&mut self, id: BufferId) -> Result<()> {
+        let b = self.buffers.get(&id.0).ok_or(Error::UnknownBuffer(id.0))?;
+        if !matches!(b.mem, Held::Shared(_)) {
+            return Err(Error::UnknownBuffer(id.0));
+        }
+        if b.in_flight > 0 {
+            return Err(Error::InFlight { id: id.0, offset: 0, len: b.mem.len() as u64 });
+        }
+        self.buffers.remove(&id.0);
+        Ok(())
     }
 
     /// Takes `buf`, registered by the caller as `id`, as this ring's own.
     #[cfg(feature = "tokio")]
     pub(crate) fn adopt_buffer(&mut self, id: u32, buf: MemfdBuffer) {
-        self.buffers.insert(id, ClientBuffer { mem: buf, in_flight: 0 });
+        self.buffers.insert(id, ClientBuffer { mem: Held::Own(buf), in_flight: 0 });
     }
 
     /// Drops this ring's record of buffer `id`, which the caller unregistered.
     #[cfg(feature = "tokio")]
     pub(crate) fn disown_buffer(&mut self, id: BufferId) -> Option<MemfdBuffer> {
-        self.buffers.remove(&id.0).map(|b| b.mem)
+        self.buffers.remove(&id.0).and_then(|b| match b.mem {
+            Held::Own(m) => Some(m),
+            Held::Shared(_) => None,
+        })
     }
 
     /// Unregisters a buffer with no I/O in flight and gives it back.
     pub fn unregister_buffer(&mut self, id: BufferId) -> Result<MemfdBuffer> {
         let b = self.buffers.get(&id.0).ok_or(Error::UnknownBuffer(id.0))?;
+        b.mem.own(id.0)?;
         if b.in_flight > 0 {
             return Err(Error::InFlight { id: id.0, offset: 0, len: b.mem.len() as u64 });
         }
         session::unregister(&self.session, id.0, true)?;
-        Ok(self.buffers.remove(&id.0).unwrap().mem)
+        match self.buffers.remove(&id.0).unwrap().mem {
+            Held::Own(m) => Ok(m),
+            Held::Shared(_) => unreachable!("checked above"),
+        }
     }
 
     fn check_range(&self, id: BufferId, offset: u64, len: u64) -> Result<&ClientBuffer> {
@@ -710,18 +772,20 @@ impl NvmeRing {
 
     /// Reads `len` bytes of a buffer; refused while I/O in flight overlaps the range.
     pub fn buffer(&self, id: BufferId, offset: u64, len: u64) -> Result<&[u8]> {
-        let b = self.check_range(id, offset, len)?;
+        let b = self.check_range(id, offset, len)?.mem.own(id.0)?;
         // SAFETY: no request in flight overlaps the range (checked), and new requests need
         // `&mut self`, which cannot be had while this borrow lives.
-        Ok(unsafe { b.mem.slice(offset as usize, len as usize) })
+        Ok(unsafe { b.slice(offset as usize, len as usize) })
     }
 
     /// Writes into `len` bytes of a buffer; refused while I/O in flight overlaps the range.
     pub fn buffer_mut(&mut self, id: BufferId, offset: u64, len: u64) -> Result<&mut [u8]> {
-        self.check_range(id, offset, len)?;
-        let b = self.buffers.get_mut(&id.0).unwrap();
+        self.check_range(id, offset, len)?.mem.own(id.0)?;
+        let Held::Own(m) = &mut self.buffers.get_mut(&id.0).unwrap().mem else {
+            unreachable!("checked above")
+        };
         // SAFETY: as in `buffer`; `&mut self` makes the view exclusive within this process.
-        Ok(unsafe { b.mem.slice_mut(offset as usize, len as usize) })
+        Ok(unsafe { m.slice_mut(offset as usize, len as usize) })
     }
 
     /// Checks that `offset + len` lies inside buffer `id` (this ring's, or the session's
@@ -825,7 +889,13 @@ impl NvmeRing {
                     list.0
                 )));
             };
-            let seg = list_buf.mem.read_segment((list_offset + i * SEGMENT_SIZE) as usize);
+            let Held::Own(list_mem) = &list_buf.mem else {
+                return Err(Error::BadSegments(format!(
+                    "the segment list must be in a buffer this ring registered, not in shared buffer {}",
+                    list.0
+                )));
+            };
+            let seg = list_mem.read_segment((list_offset + i * SEGMENT_SIZE) as usize);
             if seg.len == 0 || seg.reserved0 != 0 || seg.reserved1 != 0 {
                 return Err(Error::BadSegments(format!("segment {i} is empty or has reserved bits set")));
             }
@@ -866,8 +936,7 @@ impl NvmeRing {
         let total = u32::try_from(total)
             .map_err(|_| Error::BadSegments(format!("segments add up to {total} bytes, above 4 GiB")))?;
         let list_len = segments.len() as u64 * SEGMENT_SIZE;
-        self.check_range(list, list_offset, list_len)?;
-        let mem = &self.buffers.get(&list.0).expect("checked above").mem;
+        let mem = self.check_range(list, list_offset, list_len)?.mem.own(list.0)?;
         for (i, s) in segments.iter().enumerate() {
             let seg = Segment::new(s.buffer.0, s.offset, s.len);
             mem.write_segment((list_offset + i as u64 * SEGMENT_SIZE) as usize, seg);
@@ -1244,7 +1313,7 @@ impl Drop for NvmeRing {
         // (Never reconnecting for that: a broker gone has released them already; and only on
         // this ring's own connection, checked under its lock: a newer broker reuses ring ids.)
         let _ = self.session.call_on_epoch(self.epoch, &Request::CloseRing { ring_id: self.ring_id });
-        for id in self.buffers.ids() {
+        for id in self.buffers.own_ids() {
             let _ = session::unregister(&self.session, id, false);
         }
     }
