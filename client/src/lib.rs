@@ -306,7 +306,9 @@ impl BufferTable {
     }
     /// Ids of the buffers this ring registered itself (not shared ones it uses).
     fn own_ids(&self) -> Vec<u32> {
-        (0..self.0.len() as u32).filter(|id| self.get(id).is_some_and(|b| matches!(b.mem, Held::Own(_)))).collect()
+        (0..self.0.len() as u32)
+            .filter(|id| self.get(id).is_some_and(|b| matches!(b.mem, Held::Own(_))))
+            .collect()
     }
 }
 

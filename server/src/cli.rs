@@ -103,7 +103,7 @@ pub(crate) struct Args {
     /// Most bytes the sessions of one uid may register together, so that one tenant cannot take
     /// all of --max-registered-total [default: three quarters of it, more than the quarter of
     /// the other per-uid limits: VMs and NVMe/TCP targets often share one uid, and nvmed-vhost
-    /// registers guest RAM once per queue].
+    /// registers guest RAM once per VM].
     #[arg(long, value_parser = parse_size)]
     pub(crate) max_registered_bytes_per_uid: Option<u64>,
 

@@ -505,7 +505,8 @@ impl BlkDevice {
         })
     }
 
-    /// Makes the new memory map current and registers its regions with every queue's session.
+    /// Makes the new memory map current and has every queue use its regions (registered once,
+    /// with the VM's session).
     fn apply_memory(&mut self, new: GuestMemoryMmap, files: &RegionFiles) -> VuResult<()> {
         self.mem.lock().unwrap_or_else(|p| p.into_inner()).replace(new);
         for q in &self.queues {

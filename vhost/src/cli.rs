@@ -36,7 +36,7 @@ pub(crate) struct Args {
     /// namespace).
     #[arg(long)]
     pub(crate) namespace: u32,
-    /// Virtqueues (each gets its own thread and its own nvmed session). Must be at least QEMU's
+    /// Virtqueues (each gets its own thread and its own ring of the VM's nvmed session). Must be at least QEMU's
     /// `num-queues`.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
     pub(crate) num_queues: u16,

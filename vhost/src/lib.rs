@@ -1,15 +1,16 @@
 //! # nvmed-vhost
 //!
 //! A vhost-user-blk backend that serves one nvmed namespace to QEMU. It is an ordinary,
-//! unprivileged nvmed client: guest RAM regions arrive from QEMU as memfds, each virtqueue's
-//! nvmed session registers them once, and guest reads and writes become nvmed requests that
+//! unprivileged nvmed client: guest RAM regions arrive from QEMU as memfds, the VM's nvmed
+//! session registers each once (every virtqueue's ring uses it), and guest reads and writes
+//! become nvmed requests that
 //! name (guest RAM buffer, offset) so the device DMAs straight into guest memory.
 //!
 //! * [`config`]: virtio features and configuration space from the namespace.
 //! * [`regions`]: guest physical address → (nvmed buffer, offset).
 //! * [`request`]: descriptor chain → request, with every malformation refused.
 //! * [`plan`]: request → nvmed requests (one plain or vectored request per read or write).
-//! * [`worker`]: one virtqueue's engine and nvmed session.
+//! * [`worker`]: one virtqueue's engine and nvmed ring.
 //! * [`inflight`]: the inflight region shared with QEMU, so a restarted backend resubmits
 //!   what the previous one had in flight.
 //! * [`backend`]: the vhost-user protocol (this crate's own request handler) and the queue

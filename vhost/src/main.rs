@@ -6,9 +6,10 @@ use std::time::Duration;
 
 use clap::Parser;
 use nix::sys::signal::{SigSet, Signal};
-use nvmed_client::{NvmeRing, RingOptions};
+use nvmed_client::{NvmeRing, NvmeSession, RingOptions, SessionOptions};
 use nvmed_vhost::backend::BlkDevice;
 use nvmed_vhost::config::DiskGeometry;
+use nvmed_vhost::regions::SharedRegions;
 use nvmed_vhost::worker::{QueueStats, Worker, SQ_ENTRIES};
 use nvmed_vhost::{Error, StatsSummary};
 use vhost::vhost_user::{BackendListener, Error as VuError, Listener};
@@ -37,14 +38,21 @@ fn main() {
 /// takes longer than its --io-timeout-ms, 30 s by default).
 const DRAIN_WAIT: Duration = Duration::from_secs(60);
 
-fn open_ring(args: &Args, what: &str) -> Result<NvmeRing, Error> {
+/// The VM's nvmed session: its guest RAM is registered there once, for every queue's ring.
+fn open_session(args: &Args) -> Result<NvmeSession, Error> {
+    let opts = SessionOptions { client_name: "nvmed-vhost".into(), ..SessionOptions::default() };
+    Ok(NvmeSession::open_with(&args.nvmed, opts)?)
+}
+
+/// Queue `what`'s ring of the VM's session.
+fn open_ring(session: &NvmeSession, what: &str) -> Result<NvmeRing, Error> {
     let opts = RingOptions {
         sq_entries: SQ_ENTRIES,
         cq_entries: SQ_ENTRIES * 2,
         client_name: format!("nvmed-vhost {what}"),
         ..RingOptions::default()
     };
-    Ok(NvmeRing::open_with(&args.nvmed, opts)?)
+    Ok(session.new_ring_with(opts)?)
 }
 
 fn run(args: &Args) -> Result<(), Error> {
@@ -88,7 +96,7 @@ fn run(args: &Args) -> Result<(), Error> {
             .map_err(|e| Error::Os { what: "starting the signal thread", source: e })?;
     }
 
-    let probe = open_ring(args, "probe")?;
+    let probe = open_session(args)?;
     let ns =
         *probe.namespaces().iter().find(|n| n.nsid == args.namespace).ok_or_else(|| Error::NoNamespace {
             nsid: args.namespace,
@@ -129,23 +137,25 @@ fn serve_one(
     current: &Current,
     listener: &mut Listener,
 ) -> Result<(), Error> {
-    // Fresh nvmed sessions per connection: the previous guest's RAM is unregistered with them.
+    // A fresh nvmed session per connection (one for all queues, each its own ring): the
+    // previous guest's RAM is unregistered with the previous one.
+    let session = open_session(args)?;
+    // A backend killed before us may have left requests at the device, which this process
+    // resubmits from the inflight region: let nvmed finish them first, so an old copy can
+    // never land after its resubmitted one.
+    match session.await_drained(DRAIN_WAIT) {
+        Ok(0) => {}
+        Ok(n) => tracing::info!(sessions = n, "waited for a previous backend's I/O to drain"),
+        Err(e) => tracing::warn!("a previous backend's I/O may still be at the device: {e}"),
+    }
     let wce = Arc::new(AtomicU8::new(1));
+    let regions = SharedRegions::default();
     let mut workers = Vec::new();
     for (i, s) in stats.iter().enumerate() {
-        let ring = open_ring(args, &format!("queue {i}"))?;
-        if i == 0 {
-            // A backend killed before us may have left requests at the device, which this
-            // process resubmits from the inflight region: let nvmed finish them first, so an
-            // old copy can never land after its resubmitted one.
-            match ring.session().await_drained(DRAIN_WAIT) {
-                Ok(0) => {}
-                Ok(n) => tracing::info!(sessions = n, "waited for a previous backend's I/O to drain"),
-                Err(e) => tracing::warn!("a previous backend's I/O may still be at the device: {e}"),
-            }
-        }
-        workers.push(Worker::new(i, ring, geo, wce.clone(), s.clone())?);
+        let ring = open_ring(&session, &format!("queue {i}"))?;
+        workers.push(Worker::new(i, ring, regions.clone(), geo, wce.clone(), s.clone())?);
     }
+    drop(session);
     let device = BlkDevice::new(geo, workers, wce, Duration::from_micros(args.poll_us))
         .map_err(|e| Error::Os { what: "starting the queue threads", source: e })?;
     let device = Arc::new(Mutex::new(device));

@@ -1,15 +1,18 @@
 //! Guest RAM as nvmed buffers: which guest physical address lives in which registered buffer.
 //!
-//! QEMU hands over each RAM region as (fd, mmap offset, size, guest physical address). Each
-//! queue's nvmed session registers every region once, as a buffer covering exactly that range
-//! of the memfd, so a guest address translates to (buffer id, offset in the buffer) and the
-//! device DMAs straight into guest RAM.
+//! QEMU hands over each RAM region as (fd, mmap offset, size, guest physical address). The
+//! VM's nvmed session registers every region once ([`SharedRegions`]), as a shared buffer
+//! covering exactly that range of the memfd that every queue's ring uses, so a guest address
+//! translates to (buffer id, offset in the buffer) and the device DMAs straight into guest RAM
+//! (pinned once with VFIO, however many queues).
 
+use std::collections::HashMap;
 use std::fs::File;
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::fs::MetadataExt;
+use std::sync::{Arc, Mutex};
 
-use nvmed_client::BufferId;
+use nvmed_client::{BufferId, MemfdBuffer, NvmeSession, SharedBuffer};
 
 use crate::error::RegionError;
 
@@ -20,7 +23,7 @@ pub const MEMFD_HINT: &str =
 
 /// A guest RAM region as QEMU described it; the file is identified by device and inode so the
 /// same memfd sent again in a later memory table is recognised.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct RegionSpec {
     /// Guest physical address of the first byte.
     pub gpa: u64,
@@ -91,6 +94,57 @@ pub struct Piece {
 pub struct OutOfRam {
     /// First address that is not covered.
     pub gpa: u64,
+}
+
+/// The VM's guest RAM regions registered with its nvmed session, each once, whichever queue
+/// registered it first; the queues' rings use them ([`nvmed_client::NvmeRing::use_shared`]).
+/// A region removed from the memory table leaves this map at once; its buffer is unregistered
+/// when the last queue using it has no request on it left (the last clone is dropped).
+#[derive(Debug, Clone, Default)]
+pub struct SharedRegions(Arc<Mutex<HashMap<RegionSpec, SharedBuffer>>>);
+
+impl SharedRegions {
+    fn map(&self) -> std::sync::MutexGuard<'_, HashMap<RegionSpec, SharedBuffer>> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The buffer of region `spec` (in `file`), registered with `session` now unless another
+    /// queue did already.
+    pub fn get_or_register(
+        &self,
+        spec: &RegionSpec,
+        file: &File,
+        session: &NvmeSession,
+    ) -> Result<SharedBuffer, nvmed_client::Error> {
+        let mut map = self.map();
+        if let Some(b) = map.get(spec) {
+            return Ok(b.clone());
+        }
+        let fd: OwnedFd = file
+            .as_fd()
+            .try_clone_to_owned()
+            .map_err(|e| nvmed_client::Error::Os { what: "dup", source: e })?;
+        let buf = MemfdBuffer::from_sealed_memfd_range(fd, spec.file_offset, spec.len as usize)?;
+        let shared = session.register_shared(buf)?;
+        map.insert(*spec, shared.clone());
+        Ok(shared)
+    }
+
+    /// Region `spec` left the memory table: the map lets its buffer go (the queues' rings let
+    /// theirs go once their requests on it completed).
+    pub fn forget(&self, spec: &RegionSpec) {
+        self.map().remove(spec);
+    }
+
+    /// Regions registered.
+    pub fn len(&self) -> usize {
+        self.map().len()
+    }
+
+    /// Whether none is.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
 }
 
 /// Regions of one session, sorted by guest address, never overlapping.

@@ -1,15 +1,16 @@
-//! One virtqueue's request engine: its own nvmed session (ring, registered guest RAM, segment
-//! list slots), the requests it has in flight and those waiting for room. Nothing here is
-//! shared with another queue.
+//! One virtqueue's request engine: its own ring of the VM's nvmed session (and segment list
+//! slots), the guest RAM regions it uses (registered once for the VM, [`SharedRegions`]), the
+//! requests it has in flight and those waiting for room. Nothing on the request path is shared
+//! with another queue.
 
 use std::collections::VecDeque;
 use std::fs::File;
-use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::fd::BorrowedFd;
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use nvmed_client::{BrokerStatus, BufferId, Completion, MemfdBuffer, NvmeRing, Stats, Status};
+use nvmed_client::{BrokerStatus, BufferId, Completion, NvmeRing, Stats, Status};
 use slab::Slab;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
@@ -18,7 +19,7 @@ use crate::config::DiskGeometry;
 use crate::error::RegionError;
 use crate::inflight::QueueInflight;
 use crate::plan::{self, ListPool, PlanError, LIST_SLOT_BYTES};
-use crate::regions::{Region, RegionSpec, RegionTable};
+use crate::regions::{Region, RegionSpec, RegionTable, SharedRegions};
 use crate::request::{self, scatter, walk_chain, Op, Parsed, S_IOERR, S_UNSUPP};
 
 /// SQ entries of each queue's nvmed ring (a read or write is one nvmed request; a discard or
@@ -111,6 +112,8 @@ pub struct Worker {
     ring: NvmeRing,
     geo: DiskGeometry,
     regions: RegionTable,
+    /// The VM's guest RAM registered once for all queues.
+    shared_regions: SharedRegions,
     retiring: Vec<BufferId>,
     lists: ListPool,
     /// `stats.bounced_bytes` when this session started (earlier sessions of the queue).
@@ -137,11 +140,13 @@ pub struct Worker {
 }
 
 impl Worker {
-    /// A worker for queue `index` on its own nvmed session `ring`. `wce` is the guest's write
+    /// A worker for queue `index` on its own ring `ring` of the VM's nvmed session, whose guest
+    /// RAM `regions` holds (registered once, shared by the queues). `wce` is the guest's write
     /// cache setting (0: write through, so writes use FUA).
     pub fn new(
         index: usize,
         mut ring: NvmeRing,
+        regions: SharedRegions,
         geo: DiskGeometry,
         wce: Arc<AtomicU8>,
         stats: Arc<QueueStats>,
@@ -153,6 +158,7 @@ impl Worker {
             ring,
             geo,
             regions: RegionTable::default(),
+            shared_regions: regions,
             retiring: Vec::new(),
             lists: ListPool::new(lists, LIST_SLOTS),
             bounced_base,
@@ -183,7 +189,11 @@ impl Worker {
     /// asks for the stats line, and by tests).
     pub fn refresh_stats(&mut self) -> Result<Stats, nvmed_client::Error> {
         let s = self.ring.stats()?;
-        self.stats.bounced_bytes.store(self.bounced_base + s.bounced_bytes, Ordering::Relaxed);
+        // The session is the VM's, all queues': its bounced bytes are counted on queue 0 (the
+        // stats line adds the queues up).
+        if self.index == 0 {
+            self.stats.bounced_bytes.store(self.bounced_base + s.bounced_bytes, Ordering::Relaxed);
+        }
         Ok(s)
     }
 
@@ -275,7 +285,7 @@ impl Worker {
         n
     }
 
-    /// Guest RAM regions registered with this queue's session.
+    /// Guest RAM regions this queue's ring uses.
     pub fn regions(&self) -> &RegionTable {
         &self.regions
     }
@@ -295,22 +305,22 @@ impl Worker {
         self.ring.control_socket()
     }
 
-    /// Makes the registered regions match a new memory table: registers new regions once,
-    /// and retires removed ones (unregistered as soon as no I/O of theirs is in flight).
+    /// Makes the regions this queue uses match a new memory table: new regions are registered
+    /// with the VM's session (once, by whichever queue comes first), and removed ones retired
+    /// (let go as soon as none of this queue's I/O uses them; unregistered once no queue does).
     pub fn sync_memory(&mut self, wanted: &RegionFiles) -> Result<(), RegionError> {
         let specs: Vec<RegionSpec> = wanted.iter().map(|(s, _)| *s).collect();
         let (gone, new) = self.regions.diff(&specs);
+        for r in &gone {
+            self.shared_regions.forget(&r.spec);
+        }
         self.retiring.extend(gone.iter().map(|r| r.buffer));
         for spec in new {
             let file = &wanted.iter().find(|(s, _)| *s == spec).expect("from wanted").1;
             let err = |source| RegionError::Register { gpa: spec.gpa, len: spec.len, source };
-            let fd: OwnedFd = file
-                .as_fd()
-                .try_clone_to_owned()
-                .map_err(|e| err(nvmed_client::Error::Os { what: "dup", source: e }))?;
-            let buf =
-                MemfdBuffer::from_sealed_memfd_range(fd, spec.file_offset, spec.len as usize).map_err(err)?;
-            let buffer = self.ring.register_buffer(buf).map_err(err)?;
+            let shared =
+                self.shared_regions.get_or_register(&spec, file, &self.ring.session()).map_err(err)?;
+            let buffer = self.ring.use_shared(&shared);
             tracing::debug!(
                 queue = self.index,
                 gpa = spec.gpa,
@@ -327,7 +337,7 @@ impl Worker {
     fn unregister_retired(&mut self) {
         let ring = &mut self.ring;
         let index = self.index;
-        self.retiring.retain(|&id| match ring.unregister_buffer(id) {
+        self.retiring.retain(|&id| match ring.release_shared(id) {
             Ok(_) => {
                 tracing::debug!(queue = index, buffer = id.0, "unregistered removed guest RAM");
                 false

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use nvmed_server::emulator::EmulatorMode;
 use nvmed_vhost::config::DiskGeometry;
+use nvmed_vhost::regions::SharedRegions;
 use nvmed_vhost::worker::{region_files, QueueStats, Worker};
 use nvmed_vhost::StatsSummary;
 use virtio_bindings::virtio_blk::*;
@@ -95,7 +96,9 @@ impl<'a> Guest<'a> {
         let ns = r.namespaces()[0];
         let geo = geo.unwrap_or_else(|| DiskGeometry::new(&ns, 1, false));
         let stats = Arc::new(QueueStats::default());
-        let mut worker = Worker::new(0, r, geo, Arc::new(AtomicU8::new(1)), stats.clone()).unwrap();
+        let mut worker =
+            Worker::new(0, r, SharedRegions::default(), geo, Arc::new(AtomicU8::new(1)), stats.clone())
+                .unwrap();
         worker.sync_memory(&region_files(mem).unwrap()).unwrap();
         let vq = MockSplitQueue::new(mem, 256);
         let q: Queue = vq.create_queue().unwrap();
@@ -598,7 +601,7 @@ fn backend_config_space_and_features_follow_the_namespace() {
     let ns = r.namespaces()[0];
     let geo = DiskGeometry::new(&ns, 1, false);
     let wce = Arc::new(AtomicU8::new(1));
-    let w = Worker::new(0, r, geo, wce.clone(), Arc::default()).unwrap();
+    let w = Worker::new(0, r, SharedRegions::default(), geo, wce.clone(), Arc::default()).unwrap();
     let mut b = BlkDevice::new(geo, vec![w], wce.clone(), Duration::ZERO).unwrap();
     let flags = VhostUserConfigFlags::WRITABLE;
     let cfg = b.get_config(0, 60, flags).unwrap();
@@ -687,9 +690,15 @@ fn restart_resubmits(mode: EmulatorMode) {
     // Killed: its nvmed session goes with it (nvmed finishes or drops what it had).
     let ring2 = ring(&env);
     let ns = ring2.namespaces()[0];
-    let mut w2 =
-        Worker::new(0, ring2, DiskGeometry::new(&ns, 1, false), Arc::new(AtomicU8::new(1)), g.stats.clone())
-            .unwrap();
+    let mut w2 = Worker::new(
+        0,
+        ring2,
+        SharedRegions::default(),
+        DiskGeometry::new(&ns, 1, false),
+        Arc::new(AtomicU8::new(1)),
+        g.stats.clone(),
+    )
+    .unwrap();
     w2.sync_memory(&region_files(&mem).unwrap()).unwrap();
     drop(std::mem::replace(&mut g.worker, w2));
     // QEMU reconnects: vring base = the used index (it could not ask the dead backend), the
@@ -734,4 +743,47 @@ fn restart_resubmits_requests_the_device_had_finished() {
 #[test]
 fn restart_resubmits_requests_still_at_the_device() {
     restart_resubmits(EmulatorMode::Async { latency: Duration::from_millis(30) });
+}
+
+#[test]
+fn two_queues_register_guest_ram_once_and_let_a_removed_region_go_together() {
+    let env = broker(512, EmulatorMode::Sync);
+    let mem = guest_ram();
+    let session = nvmed_client::NvmeSession::open(&env.socket).unwrap();
+    let opts = nvmed_client::RingOptions {
+        sq_entries: nvmed_vhost::worker::SQ_ENTRIES,
+        cq_entries: nvmed_vhost::worker::SQ_ENTRIES * 2,
+        ..Default::default()
+    };
+    let ns = session.namespaces()[0];
+    let geo = DiskGeometry::new(&ns, 2, false);
+    let regions = SharedRegions::default();
+    let wce = Arc::new(AtomicU8::new(1));
+    let mut workers: Vec<Worker> = (0..2)
+        .map(|i| {
+            let ring = session.new_ring_with(opts.clone()).unwrap();
+            Worker::new(i, ring, regions.clone(), geo, wce.clone(), Arc::default()).unwrap()
+        })
+        .collect();
+    let files = region_files(&mem).unwrap();
+    for w in &mut workers {
+        w.sync_memory(&files).unwrap();
+    }
+    // 4 MiB of guest RAM in two regions, registered once (plus each queue's segment lists).
+    let s = session.stats().unwrap();
+    assert_eq!(regions.len(), 2);
+    assert_eq!(s.buffers, 2 + 2, "{s:?}");
+    let lists = workers.len() as u64
+        * u64::from(nvmed_vhost::worker::LIST_SLOTS)
+        * nvmed_vhost::plan::LIST_SLOT_BYTES;
+    assert_eq!(s.buffer_bytes, 4 * MIB + lists, "{s:?}");
+    // Both queues use the same buffer for the same region.
+    assert_eq!(workers[0].regions().regions(), workers[1].regions().regions());
+    // A region removed: unregistered once both queues let it go.
+    let kept: Vec<_> = files.iter().filter(|(s, _)| s.gpa == 0).cloned().collect();
+    workers[0].sync_memory(&kept).unwrap();
+    assert_eq!(session.stats().unwrap().buffers, 4, "queue 1 still uses it");
+    workers[1].sync_memory(&kept).unwrap();
+    assert_eq!(session.stats().unwrap().buffers, 3);
+    assert_eq!(regions.len(), 1);
 }
