@@ -1044,7 +1044,7 @@ impl NvmeRing {
             }
         }
         if flags & BROKER_NEED_WAKEUP != 0 {
-            nvmed_proto::eventfd::signal(&self.submit_fd);
+            nvmed_proto::eventfd::ring_doorbell(&self.submit_fd);
         }
         Ok(n)
     }
@@ -1191,7 +1191,7 @@ impl NvmeRing {
         // more requests outstanding than CQ entries (`tests/loom_ring.rs` checks the ordering).
         if self.cq_wait_possible {
             if peer_flags(&SharedFlags::broker(&self.mem)) & BROKER_CQ_WAIT != 0 {
-                nvmed_proto::eventfd::signal(&self.submit_fd);
+                nvmed_proto::eventfd::ring_doorbell(&self.submit_fd);
             }
             // The broker re-reads the head after announcing CQ_WAIT; the fence above pairs
             // with its fence: either it was seen here, or it sees this head and finds room.

@@ -142,7 +142,7 @@ impl NvmeRing {
             ];
             let _ = poll(&mut fds, remaining);
             let sock_gone = session::hung_up(&fds[1]);
-            nvmed_proto::eventfd::drain(&self.complete_fd);
+            nvmed_proto::eventfd::drain_doorbell(&self.complete_fd);
             end_sleep(&SharedFlags::client(&self.mem), CLIENT_CQ_WAITING | CLIENT_CQ_WAKE_AT);
             let n = self.poll(out)?;
             got += n;
@@ -205,7 +205,7 @@ impl NvmeRing {
     /// Ends a sleep begun with [`NvmeRing::arm_completion_fd`]: empties the eventfd and stops the
     /// broker's wakeups. Poll afterwards.
     pub fn disarm_completion_fd(&mut self) {
-        nvmed_proto::eventfd::drain(&self.complete_fd);
+        nvmed_proto::eventfd::drain_doorbell(&self.complete_fd);
         end_sleep(&SharedFlags::client(&self.mem), CLIENT_CQ_WAITING | CLIENT_CQ_WAKE_AT);
     }
 }

@@ -1,13 +1,15 @@
 //! Eventfd and doorbell helpers for the wakeup handshakes.
 //!
 //! The broker's own wakeups (control requests, emulated interrupts) are eventfds. A ring's two
-//! doorbells are pipes instead ([`doorbell`]): an eventfd passed to a client is the same open
-//! file on both sides, so a client could clear its `O_NONBLOCK` (a file status flag) and fill
-//! its counter, and the broker's next write (or read) of it would block its I/O thread for
-//! good. A pipe's ends are separate open files: the flags of the broker's end are its own.
+//! doorbells are Unix stream socket pairs instead ([`doorbell`]): an eventfd passed to a client
+//! is the same open file on both sides, so a client could clear its `O_NONBLOCK` (a file status
+//! flag) and fill its counter, and the broker's next write (or read) of it would block its I/O
+//! thread for good. A socket pair's ends are separate open files, and [`ring_doorbell`] sends
+//! with `MSG_DONTWAIT | MSG_NOSIGNAL` whatever the flags: it never blocks, and a peer gone is
+//! an error, not a SIGPIPE (which would kill a C client whose broker restarted).
 
 use std::io;
-use std::os::fd::{AsFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 
 /// Creates a non-blocking, close-on-exec eventfd.
 pub fn new_eventfd() -> io::Result<OwnedFd> {
@@ -20,25 +22,61 @@ pub fn new_eventfd() -> io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
-/// A doorbell: a non-blocking, close-on-exec pipe, as `(read end, write end)`, holding one
-/// page (a signal is 8 bytes; a full pipe already wakes its reader). One end goes to the client.
+/// A doorbell: a non-blocking, close-on-exec Unix stream socket pair, as `(reader's end,
+/// ringer's end)`. One end goes to the client. A signal is 8 bytes; a full socket buffer
+/// already wakes its reader.
 pub fn doorbell() -> io::Result<(OwnedFd, OwnedFd)> {
-    let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_NONBLOCK | nix::fcntl::OFlag::O_CLOEXEC)?;
-    // Smaller than the default 16 pages (a broker holds two per ring); failing is harmless.
-    let _ = nix::fcntl::fcntl(&w, nix::fcntl::FcntlArg::F_SETPIPE_SZ(4096));
+    use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
+    let (r, w) = socketpair(
+        AddressFamily::Unix,
+        SockType::Stream,
+        None,
+        SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC,
+    )?;
     Ok((r, w))
 }
 
-/// Signals an eventfd (adds one to its counter) or a doorbell (8 bytes into the pipe), waking
-/// a sleeper. Never blocks on the caller's own non-blocking end; a full counter or pipe
-/// (EAGAIN) already wakes.
+/// Rings a doorbell (see [`doorbell`]): never blocks, never raises SIGPIPE. Returns false if
+/// the other end is gone.
+pub fn ring_doorbell(fd: impl AsFd) -> bool {
+    use nix::sys::socket::{send, MsgFlags};
+    !matches!(
+        send(fd.as_fd().as_raw_fd(), &1u64.to_ne_bytes(), MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_NOSIGNAL),
+        Err(nix::Error::EPIPE | nix::Error::ECONNRESET | nix::Error::ENOTCONN)
+    )
+}
+
+/// Empties a doorbell without blocking: `Some(whether it was rung)`, or `None` once the other
+/// end is gone (closed: it will never ring again, and a poll of it reports readiness for good).
+pub fn drain_doorbell(fd: impl AsFd) -> Option<bool> {
+    use nix::sys::socket::{recv, MsgFlags};
+    let mut buf = [0u8; 512];
+    let mut any = false;
+    for _ in 0..8 {
+        match recv(fd.as_fd().as_raw_fd(), &mut buf, MsgFlags::MSG_DONTWAIT) {
+            Ok(0) => return None,
+            Ok(n) => {
+                any = true;
+                if n < buf.len() {
+                    break;
+                }
+            }
+            Err(nix::Error::ECONNRESET) => return None,
+            Err(_) => break,
+        }
+    }
+    Some(any)
+}
+
+/// Signals an eventfd (adds one to its counter), waking a sleeper. Never blocks on a
+/// non-blocking eventfd; a full counter (EAGAIN) already wakes. (Doorbells: [`ring_doorbell`].)
 pub fn signal(fd: impl AsFd) {
     let _ = nix::unistd::write(fd, &1u64.to_ne_bytes());
 }
 
-/// Empties an eventfd or a doorbell; returns whether it was signalled. Reads a bounded amount
-/// (a full pipe of one page at most): a peer writing as fast as this reads cannot hold the
-/// caller here, and what it writes later wakes the caller again.
+/// Empties an eventfd or a doorbell; returns whether it was signalled. Reads a bounded amount:
+/// a peer writing as fast as this reads cannot hold the caller here, and what it writes later
+/// wakes the caller again.
 pub fn drain(fd: impl AsFd) -> bool {
     let mut buf = [0u8; 512];
     let mut any = false;
@@ -59,34 +97,35 @@ pub fn drain(fd: impl AsFd) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::os::fd::AsRawFd;
 
     #[test]
-    fn a_doorbell_wakes_and_drains_and_the_peer_cannot_make_it_block() {
+    fn a_doorbell_rings_and_drains_and_neither_side_can_make_the_other_block() {
         let (r, w) = doorbell().unwrap();
-        assert!(!drain(&r), "nothing signalled yet");
-        signal(&w);
-        signal(&w);
-        assert!(drain(&r));
-        assert!(!drain(&r), "drained");
-        // The peer's end made blocking (as a hostile client could): the other end stays
-        // non-blocking, so filling the pipe from here returns, never blocks.
-        // SAFETY: fcntl on a descriptor this test owns.
-        let flags = unsafe { libc::fcntl(r.as_raw_fd(), libc::F_GETFL) };
-        // SAFETY: as above.
-        assert_eq!(unsafe { libc::fcntl(r.as_raw_fd(), libc::F_SETFL, flags & !libc::O_NONBLOCK) }, 0);
-        for _ in 0..100_000 {
-            signal(&w); // a full pipe: EAGAIN, ignored
+        assert_eq!(drain_doorbell(&r), Some(false), "nothing rung yet");
+        assert!(ring_doorbell(&w));
+        assert!(ring_doorbell(&w));
+        assert_eq!(drain_doorbell(&r), Some(true));
+        assert_eq!(drain_doorbell(&r), Some(false), "drained");
+        // Each end made blocking (as a hostile client could its own): the other end's calls
+        // still return at once (separate open files; MSG_DONTWAIT besides).
+        for fd in [&r, &w] {
+            // SAFETY: fcntl on a descriptor this test owns.
+            unsafe {
+                let flags = libc::fcntl(fd.as_raw_fd(), libc::F_GETFL);
+                assert_eq!(libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, flags & !libc::O_NONBLOCK), 0);
+            }
         }
-        // SAFETY: as above.
-        assert_eq!(unsafe { libc::fcntl(r.as_raw_fd(), libc::F_SETFL, flags) }, 0);
-        assert!(drain(&r));
-        // And the other way round: the write end made blocking, the read end does not wait.
-        // SAFETY: as above.
-        let wflags = unsafe { libc::fcntl(w.as_raw_fd(), libc::F_GETFL) };
-        // SAFETY: as above.
-        assert_eq!(unsafe { libc::fcntl(w.as_raw_fd(), libc::F_SETFL, wflags & !libc::O_NONBLOCK) }, 0);
-        while drain(&r) {}
-        assert!(!drain(&r), "an empty pipe read returns at once");
+        for _ in 0..100_000 {
+            ring_doorbell(&w); // a full buffer: EAGAIN, ignored
+        }
+        assert_eq!(drain_doorbell(&r), Some(true));
+        while drain_doorbell(&r) == Some(true) {}
+        assert_eq!(drain_doorbell(&r), Some(false), "an empty doorbell returns at once");
+        // The other end gone: ringing says so (no SIGPIPE), draining says so.
+        drop(r);
+        assert!(!ring_doorbell(&w));
+        let (r, w) = doorbell().unwrap();
+        drop(w);
+        assert_eq!(drain_doorbell(&r), None);
     }
 }

@@ -138,7 +138,7 @@ impl RingIo {
         // reads this reason, not an older one.
         self.mem.store_u32(FAULT_OFFSET, why as u32, Ordering::Release);
         self.mem.fetch_or_u32(BROKER_FLAGS_OFFSET, BROKER_FAULTED, Ordering::SeqCst);
-        nvmed_proto::eventfd::signal(&self.complete_fd);
+        nvmed_proto::eventfd::ring_doorbell(&self.complete_fd);
     }
 
     /// Publishes pushed CQEs and wakes the client if it sleeps (and, when it named a wake
@@ -147,7 +147,7 @@ impl RingIo {
         self.dirty = false;
         self.cq.publish();
         if wake_due(&SharedFlags::client(&self.mem), CLIENT_CQ_WAITING, CLIENT_CQ_WAKE_AT, self.cq.tail()) {
-            nvmed_proto::eventfd::signal(&self.complete_fd);
+            nvmed_proto::eventfd::ring_doorbell(&self.complete_fd);
         }
     }
 }

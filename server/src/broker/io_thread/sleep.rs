@@ -122,7 +122,13 @@ impl IoThread {
                     }
                     key => {
                         if let Some(r) = self.sessions.get(key as usize).and_then(|s| s.ring.as_ref()) {
-                            nvmed_proto::eventfd::drain(r.submit_fd.as_fd());
+                            if nvmed_proto::eventfd::drain_doorbell(r.submit_fd.as_fd()).is_none() {
+                                // The client closed its end: it can never ring again, and the
+                                // closed end would report readiness for good (a thread that
+                                // never sleeps). The ring is still polled whenever this thread
+                                // is awake.
+                                let _ = self.epoll.delete(r.submit_fd.as_fd());
+                            }
                         }
                     }
                 }
