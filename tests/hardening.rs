@@ -800,7 +800,8 @@ fn a_controller_that_cannot_be_stopped_never_completes_its_commands() {
 #[test]
 fn a_reset_on_an_asynchronous_device_resumes_io() {
     // Also with a controller that ignores CC.EN=0: the broker falls back to a function-level
-    // reset, and turns Bus Master Enable back on only once the controller reads disabled.
+    // reset (the path is taken: the emulator refuses CC.EN=0; that Bus Master Enable stays off
+    // until RDY=0 is not observed here).
     for wedge in ["none", "disable"] {
         let mut broker = TestBroker::start(&[
             "--emulator-mode",

@@ -797,7 +797,8 @@ impl AsyncNvmeRing {
         self.shared().entries
     }
 
-    /// What the ring has done and holds now.
+    /// What the ring has done and holds now. (A short lock: but while the driver reconnects to
+    /// a restarted broker, this waits for it, as the blocking setup calls do.)
     pub fn counters(&self) -> AsyncCounters {
         let st = self.shared().lock();
         let mut c = st.counters;

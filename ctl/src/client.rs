@@ -150,7 +150,17 @@ impl AdminClient {
         let mut all = Vec::new();
         let mut after = None;
         loop {
-            match self.request(&AdminRequest::SessionsPage { after, max: SESSIONS_PAGE_MAX })? {
+            let page = match self.request(&AdminRequest::SessionsPage { after, max: SESSIONS_PAGE_MAX }) {
+                // A broker from before SessionsPage does not know the request: one list then.
+                Err(CtlError::Broker(AdminError::Malformed(_))) if after.is_none() => {
+                    return match self.request(&AdminRequest::Sessions)? {
+                        AdminResponse::Sessions(s) => Ok(s),
+                        other => Err(CtlError::Unexpected(format!("{other:?}"))),
+                    };
+                }
+                r => r?,
+            };
+            match page {
                 AdminResponse::SessionsPage { sessions, more } => {
                     after = sessions.last().map(|s| s.id).or(after);
                     let empty = sessions.is_empty();

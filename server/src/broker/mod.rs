@@ -685,6 +685,7 @@ impl Broker {
             controllers.into_iter().map(|c| manager::ControllerShared::new(c, queues.threads)).collect();
         let (reaper, reaper_thread) = Reaper::start()?;
         let mut pollers = Vec::new();
+        let saved_tenants = Arc::new(io_thread::SavedTenants::default());
         let mut threads = Vec::new();
         for (i, thread_queues) in queues.per_thread.into_iter().enumerate() {
             let wake = Arc::new(nvmed_proto::eventfd::new_eventfd()?);
@@ -719,6 +720,7 @@ impl Broker {
                 contended_cost: config.contended_cost,
                 retry: crate::nvme::io::RetryPolicy { max_tries: config.io_tries, ..Default::default() },
                 aborts: config.aborts,
+                saved: saved_tenants.clone(),
             })?;
             pollers.push(Poller {
                 tx: Mutex::new(tx),

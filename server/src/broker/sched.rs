@@ -257,6 +257,16 @@ pub struct SavedBuckets {
     pub full_at_ns: u64,
 }
 
+impl SavedBuckets {
+    /// Moves the buckets to another clock (another I/O thread's): as if last refilled at `ns`
+    /// of that clock.
+    pub fn rebase(&mut self, ns: u64) {
+        for b in [&mut self.iops, &mut self.read, &mut self.write].into_iter().flatten() {
+            b.last_ns = Some(ns);
+        }
+    }
+}
+
 /// One token bucket. Levels are in nano-tokens (1e-9 token) so refills are exact.
 #[derive(Debug, Clone)]
 struct Bucket {

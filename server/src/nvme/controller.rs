@@ -95,6 +95,8 @@ pub struct Controller {
     cap: Cap,
     admin: QueuePair,
     scratch: DmaMemory,
+    /// How long [`Controller::admin_command`] waits.
+    admin_timeout: Duration,
     next_cid: u16,
     io_queues_granted: u16,
     info: ControllerInfo,
@@ -140,6 +142,7 @@ impl Controller {
             cap,
             admin,
             scratch,
+            admin_timeout: ADMIN_TIMEOUT,
             next_cid: 0,
             io_queues_granted: 0,
             info: ControllerInfo {
@@ -158,6 +161,10 @@ impl Controller {
             },
         };
         ctrl.identify()?;
+        // Serving: admin commands come from the control side and from I/O threads (a reset
+        // recreates queues) under the controller's lock, which other threads wait for; a device
+        // that takes longer than this is reset rather than waited for.
+        ctrl.admin_timeout = Duration::from_millis(cap.timeout_ms()).max(SERVING_ADMIN_TIMEOUT);
         info!(
             model = %ctrl.info.model,
             serial = %ctrl.info.serial,
@@ -231,11 +238,12 @@ impl Controller {
         self.cap.dstrd()
     }
 
-    /// Runs one admin command to completion (polled), waiting up to [`ADMIN_TIMEOUT`]
-    /// (Linux's admin timeout: CAP.TO bounds the controller's ready transitions, not how long
-    /// a command may take).
+    /// Runs one admin command to completion (polled): waiting up to [`ADMIN_TIMEOUT`] while the
+    /// controller is brought up (Linux's admin timeout: CAP.TO bounds the controller's ready
+    /// transitions, not how long a command may take), then up to CAP.TO, at least
+    /// [`SERVING_ADMIN_TIMEOUT`].
     pub fn admin_command(&mut self, cmd: NvmeCommand) -> Result<NvmeCompletion, DriverError> {
-        self.admin_command_within(cmd, ADMIN_TIMEOUT)
+        self.admin_command_within(cmd, self.admin_timeout)
     }
 
     /// As [`Controller::admin_command`], waiting at most `timeout`. A command that times out
@@ -695,8 +703,13 @@ fn wait_csts_within(
     }
 }
 
-/// How long an admin command may take (as Linux's `NVME_ADMIN_TIMEOUT`).
+/// How long an admin command may take while the controller is brought up (as Linux's
+/// `NVME_ADMIN_TIMEOUT`).
 pub const ADMIN_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Least time an admin command may take once the controller serves (see
+/// [`Controller::admin_command`]).
+pub const SERVING_ADMIN_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// MDTS (a power of two in units of the minimum page size; 0: no limit) in bytes; a value
 /// too large for 64 bits is no limit either (a device's word is not trusted to be sane).

@@ -180,6 +180,55 @@ pub struct IoThreadSetup {
     pub retry: RetryPolicy,
     /// Abort a command that timed out before resetting its controller.
     pub aborts: bool,
+    /// Token buckets of tenants whose last ring on a thread ended before they were full again,
+    /// shared by the I/O threads (see [`SavedTenants`]).
+    pub saved: Arc<SavedTenants>,
+}
+
+/// Token buckets of tenants whose last ring on an I/O thread ended before they were full again
+/// (debt included): taken back when the tenant comes back to any thread (a new ring or session
+/// of the same uid), so that ending a ring does not refill a tenant's buckets. Per-session
+/// tenants never come back and are not kept. Touched only when a tenant leaves or arrives on a
+/// thread, never per I/O.
+#[derive(Debug, Default)]
+pub struct SavedTenants(
+    std::sync::Mutex<
+        std::collections::HashMap<TenantKey, (crate::broker::sched::SavedBuckets, Instant, Instant)>,
+    >,
+);
+
+impl SavedTenants {
+    fn map(
+        &self,
+    ) -> std::sync::MutexGuard<
+        '_,
+        std::collections::HashMap<TenantKey, (crate::broker::sched::SavedBuckets, Instant, Instant)>,
+    > {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Keeps `saved` (taken at `now` of the saving thread's clock) for tenant `key`.
+    fn keep(&self, key: TenantKey, saved: crate::broker::sched::SavedBuckets, now: u64) {
+        if key.session().is_some() {
+            return;
+        }
+        let at = Instant::now();
+        let full_at = at + Duration::from_nanos(saved.full_at_ns.saturating_sub(now));
+        let mut map = self.map();
+        // Bounded: one per tenant key, each only until its buckets refill.
+        map.retain(|_, (_, _, full)| *full > at);
+        map.insert(key, (saved, at, full_at));
+    }
+
+    /// What tenant `key` left behind, on the clock of a thread whose time is `now`.
+    fn take(&self, key: TenantKey, now: u64) -> Option<crate::broker::sched::SavedBuckets> {
+        let (mut saved, at, full_at) = self.map().remove(&key)?;
+        if full_at <= Instant::now() {
+            return None;
+        }
+        saved.rebase(now.saturating_sub(at.elapsed().as_nanos() as u64));
+        Some(saved)
+    }
 }
 
 /// An I/O thread's queue on one controller, as created at start.
@@ -217,9 +266,6 @@ pub struct Port {
     tenants: std::collections::HashMap<TenantKey, TenantId>,
     /// Each tenant's rings here (ring keys), and where its next visit starts among them.
     tenant_rings: crate::broker::sched::TenantIdMap<(Vec<usize>, usize)>,
-    /// Token buckets of tenants whose last ring here ended before they were full again:
-    /// taken back if the tenant comes back (a new ring or session of the same uid) before.
-    saved_buckets: std::collections::HashMap<TenantKey, crate::broker::sched::SavedBuckets>,
 }
 
 /// The I/O thread's state.
@@ -236,6 +282,7 @@ pub struct IoThread {
     io_timeout: Duration,
     /// Abort overdue commands before resetting (else reset at once).
     aborts: bool,
+    saved: Arc<SavedTenants>,
     epoch: u32,
     epoch_started: Instant,
     busy_rounds: u32,
@@ -290,7 +337,6 @@ impl IoThread {
                 }),
                 tenants: std::collections::HashMap::new(),
                 tenant_rings: Default::default(),
-                saved_buckets: Default::default(),
                 dq: DeviceQueue::new(p.queue),
                 vector: p.vector,
                 bounce: p.bounce,
@@ -310,6 +356,7 @@ impl IoThread {
             splits: Slab::new(),
             io_timeout: setup.io_timeout,
             aborts: setup.aborts,
+            saved: setup.saved,
             epoch: 0,
             epoch_started: Instant::now(),
             busy_rounds: 0,
@@ -495,7 +542,7 @@ impl IoThread {
                             None => {
                                 let id = port.sched.add_tenant(limits);
                                 port.tenants.insert(tk, id);
-                                if let Some(saved) = port.saved_buckets.remove(&tk) {
+                                if let Some(saved) = self.saved.take(tk, now) {
                                     port.sched.restore_buckets(id, saved, now);
                                 }
                                 id
@@ -681,10 +728,8 @@ impl IoThread {
                         port.tenant_rings.remove(&id);
                         port.tenants.remove(&tk);
                         let (_, saved) = port.sched.remove_tenant_saving(id, now);
-                        // Bounded: one per tenant key, and each only until its buckets refill.
-                        port.saved_buckets.retain(|_, b| b.full_at_ns > now);
                         if let Some(saved) = saved {
-                            port.saved_buckets.insert(tk, saved);
+                            self.saved.keep(tk, saved, now);
                         }
                     }
                 }
