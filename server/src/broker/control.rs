@@ -318,7 +318,13 @@ impl Connection {
             if self.shared.killed.lock().unwrap_or_else(|p| p.into_inner()).contains(old) {
                 return Err(ControlError::SessionKilled(old));
             }
-            super::ratelog::limited!(info, session = self.id, resumes = old, "a client reconnects");
+            super::ratelog::limited_per!(
+                self.uid,
+                info,
+                session = self.id,
+                resumes = old,
+                "a client reconnects"
+            );
         }
         let ticket = self.shared.quotas.acquire(Resource::Session, self.uid)?;
         self.shared.sessions.fetch_add(1, Ordering::Relaxed);
@@ -337,7 +343,8 @@ impl Connection {
         if let Err(e) = setsockopt(&self.sock, sockopt::ReceiveTimeout, &TimeVal::new(0, 0)) {
             warn!(session = self.id, "cannot clear the Hello deadline: {e}");
         }
-        super::ratelog::limited!(
+        super::ratelog::limited_per!(
+            self.uid,
             info,
             session = self.id,
             uid = self.uid,

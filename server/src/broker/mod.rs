@@ -1095,7 +1095,7 @@ fn accept_loop(listener: OwnedFd, shared: Arc<Shared>, stopping: Arc<AtomicBool>
         let ticket = match shared.quotas.acquire(Resource::Connection, uid) {
             Ok(t) => t,
             Err(e) => {
-                ratelog::limited!(warn, uid, "refusing a connection: {e}");
+                ratelog::limited_per!(uid, warn, uid, "refusing a connection: {e}");
                 refuse(&sock, e);
                 continue;
             }

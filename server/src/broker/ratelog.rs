@@ -57,6 +57,55 @@ impl LogBudget {
     }
 }
 
+/// Budgets of one call site per key (a uid): one uid's flood does not silence the others'
+/// lines. At most [`MAX_KEYS`] keys get their own; the rest share one.
+#[derive(Debug, Default)]
+pub struct KeyedLogBudget {
+    keys: std::sync::Mutex<std::collections::BTreeMap<u32, std::sync::Arc<LogBudget>>>,
+    rest: LogBudget,
+}
+
+/// Keys with a budget of their own per call site.
+pub const MAX_KEYS: usize = 1024;
+
+impl KeyedLogBudget {
+    /// A budget per key, for a `static`.
+    pub const fn new() -> Self {
+        Self { keys: std::sync::Mutex::new(std::collections::BTreeMap::new()), rest: LogBudget::new() }
+    }
+
+    /// As [`LogBudget::allow`], for `key`'s budget.
+    pub fn allow(&self, key: u32) -> Option<u64> {
+        let budget = {
+            let mut keys = self.keys.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(b) = keys.get(&key) {
+                Some(b.clone())
+            } else if keys.len() < MAX_KEYS {
+                let b = std::sync::Arc::new(LogBudget::new());
+                keys.insert(key, b.clone());
+                Some(b)
+            } else {
+                None
+            }
+        };
+        match budget {
+            Some(b) => b.allow(),
+            None => self.rest.allow(),
+        }
+    }
+}
+
+/// As [`limited!`], with a budget per `key` (a uid) at the call site.
+macro_rules! limited_per {
+    ($key:expr, $level:ident, $($arg:tt)+) => {{
+        static BUDGET: $crate::broker::ratelog::KeyedLogBudget = $crate::broker::ratelog::KeyedLogBudget::new();
+        if let Some(dropped) = BUDGET.allow($key) {
+            ::tracing::$level!(dropped, $($arg)+);
+        }
+    }};
+}
+pub(crate) use limited_per;
+
 /// `tracing`'s macro `$level!` with the call site's [`LogBudget`], adding `dropped = N` (lines
 /// over the budget since the last one logged).
 macro_rules! limited {
@@ -72,6 +121,14 @@ pub(crate) use limited;
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn one_key_flooding_does_not_use_up_another_key_s_budget() {
+        let b = KeyedLogBudget::new();
+        let flood = (0..1000).filter_map(|_| b.allow(1000)).count() as u64;
+        assert!(flood <= 2 * LINES_PER_SECOND, "{flood}");
+        assert!(b.allow(1001).is_some(), "another uid still logs");
+    }
 
     #[test]
     fn a_call_site_logs_its_budget_per_second_and_counts_the_rest() {
