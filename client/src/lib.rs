@@ -93,7 +93,7 @@ pub struct RingOptions {
     pub cq_entries: u32,
     /// Name shown in the broker's logs.
     pub client_name: String,
-    /// Longest [`NvmeRing::wait`] spins before sleeping on the eventfd. The ring adapts below
+    /// Longest [`NvmeRing::wait`] spins before sleeping on the completion doorbell. The ring adapts below
     /// it as KVM adapts its halt polling: a wait that ends in a sleep and lasts longer than this
     /// in all (spin and sleep), or whose wakeup brought nothing, halves the spin (to none); a
     /// shorter one (spinning that long would have caught it) doubles it (from 10 µs), and so
@@ -104,7 +104,7 @@ pub struct RingOptions {
     /// looks (`sched_yield`), and it yields once more before it sleeps; time other threads ran
     /// meanwhile does not count as spinning (up to 16 times the current spin of wall time), so
     /// clients sharing few CPUs with each other and the broker take turns instead of waiting
-    /// for eventfd wakeups.
+    /// for doorbell wakeups.
     pub spin: Duration,
     /// The broker I/O thread to serve the ring (`None`: the least loaded).
     pub thread: Option<u16>,

@@ -477,7 +477,7 @@ enum Woken {
 enum Step {
     /// Poll again after yielding to the runtime.
     Spin,
-    /// Arm done, nothing there: sleep on the eventfd.
+    /// Arm done, nothing there: sleep on the completion doorbell.
     Sleep,
     /// Nothing in flight (or the ring failed): wait for a request or the last handle's drop.
     Idle,
@@ -559,7 +559,7 @@ async fn spin_once() {
 }
 
 /// The driver task of one ring: polls while requests are in flight, sleeps on the completion
-/// eventfd when polling finds nothing for a while.
+/// completion doorbell when polling finds nothing for a while.
 async fn drive(shared: Arc<Shared>, mut fds: Fds) {
     let mut wakers = Vec::new();
     // Completions taken so far (by the futures or the driver) when the driver last looked:

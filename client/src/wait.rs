@@ -168,7 +168,7 @@ impl NvmeRing {
 
     /// The completion doorbell, for a caller that sleeps in its own event loop (epoll) instead of
     /// in [`NvmeRing::wait`]. The broker writes it only while the ring is armed with
-    /// [`NvmeRing::arm_completion_fd`], so a busy ring costs no eventfd write per completion.
+    /// [`NvmeRing::arm_completion_fd`], so a busy ring costs no doorbell write per completion.
     pub fn completion_fd(&self) -> BorrowedFd<'_> {
         self.complete_fd.as_fd()
     }
@@ -202,7 +202,7 @@ impl NvmeRing {
         n
     }
 
-    /// Ends a sleep begun with [`NvmeRing::arm_completion_fd`]: empties the eventfd and stops the
+    /// Ends a sleep begun with [`NvmeRing::arm_completion_fd`]: empties the doorbell and stops the
     /// broker's wakeups. Poll afterwards.
     pub fn disarm_completion_fd(&mut self) {
         nvmed_proto::eventfd::drain_doorbell(&self.complete_fd);

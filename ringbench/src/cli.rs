@@ -113,7 +113,7 @@ pub(crate) struct Args {
     /// Output format.
     #[arg(long, value_enum, default_value = "normal")]
     pub(crate) output_format: OutputFormat,
-    /// nvmed engines: microseconds a waiting client spins before sleeping on its eventfd.
+    /// nvmed engines: microseconds a waiting client spins before sleeping on its completion doorbell.
     #[arg(long, default_value_t = 50)]
     pub(crate) spin_us: u64,
     /// Connect --numjobs clients, do no I/O for this many seconds, and report the broker's CPU
