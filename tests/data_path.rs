@@ -898,6 +898,14 @@ fn a_ring_using_a_shared_buffer_knows_when_it_is_done_with_it() {
     let mut back = [0u8; 4096];
     shared.read_at(4096, &mut back).unwrap();
     assert_eq!(back, [0x5a; 4096]);
+    // A request on it before the ring uses it counts too.
+    a.prep(Io::read(ns, 0, 4096, shared.id(), 8192).user_data(2)).unwrap();
+    let again = a.use_shared(&shared);
+    assert!(matches!(a.release_shared(again), Err(Error::InFlight { .. })));
+    a.submit().unwrap();
+    out.clear();
+    a.wait(1, &mut out, Some(Duration::from_secs(5))).unwrap();
+    a.release_shared(again).unwrap();
     // The ring's clone kept it alive: dropped by all, it is unregistered.
     let kept = b.use_shared(&shared);
     drop(shared);

@@ -463,6 +463,12 @@ impl NvmeRing {
                 return Err(Error::RingFaulted(fault));
             }
         }
+        // Nothing to do on a ring already on the session's current, live connection (asked by a
+        // caller who saw an old connection hang up, which other rings may still hold open):
+        // connecting again would open a second session.
+        if self.epoch == self.session.epoch() && !self.broker_gone() {
+            return Ok(0);
+        }
         if !self.session.reconnect.enabled {
             return Err(Error::BrokerGone);
         }
@@ -703,7 +709,13 @@ impl NvmeRing {
     pub fn use_shared(&mut self, buf: &SharedBuffer) -> BufferId {
         let id = buf.id();
         if self.buffers.get(&id.0).is_none() {
-            self.buffers.insert(id.0, ClientBuffer { mem: Held::Shared(buf.clone()), in_flight: 0 });
+            // Requests already in flight on it count too (as `push` would have counted them).
+            let in_flight = self
+                .pending
+                .iter()
+                .map(|(_, p)| p.ranges.as_slice().iter().filter(|&&(b, _, _)| b == id.0).count() as u32)
+                .sum();
+            self.buffers.insert(id.0, ClientBuffer { mem: Held::Shared(buf.clone()), in_flight });
         }
         id
     }

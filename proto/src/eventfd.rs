@@ -26,6 +26,7 @@ pub fn new_eventfd() -> io::Result<OwnedFd> {
 /// ringer's end)`. One end goes to the client. A signal is 8 bytes; a full socket buffer
 /// already wakes its reader.
 pub fn doorbell() -> io::Result<(OwnedFd, OwnedFd)> {
+    use nix::sys::socket::{setsockopt, shutdown, sockopt, Shutdown};
     use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
     let (r, w) = socketpair(
         AddressFamily::Unix,
@@ -33,6 +34,11 @@ pub fn doorbell() -> io::Result<(OwnedFd, OwnedFd)> {
         None,
         SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC,
     )?;
+    // One way only, and a small buffer on the ringing side (the kernel's minimum, a few KiB):
+    // a reader that never drains holds a few KiB of the ringer's memory, not the default ~200.
+    shutdown(r.as_raw_fd(), Shutdown::Write)?;
+    shutdown(w.as_raw_fd(), Shutdown::Read)?;
+    let _ = setsockopt(&w, sockopt::SndBuf, &4096);
     Ok((r, w))
 }
 

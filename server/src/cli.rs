@@ -196,7 +196,7 @@ pub(crate) struct Args {
     #[arg(long, value_name = "KIB")]
     pub(crate) contended_queue_kib: Option<u64>,
 
-    /// Most rings one session may have (each ring: a shared-memory mapping and two doorbell pipes).
+    /// Most rings one session may have (each ring: a shared-memory mapping and two doorbell socket pairs).
     #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..=4096))]
     pub(crate) max_rings_per_session: u32,
 
@@ -269,7 +269,7 @@ pub(crate) struct Args {
     #[arg(long)]
     pub(crate) max_buffers_per_uid: Option<u64>,
 
-    /// Most rings for all clients together. Each holds two doorbell pipe ends in the broker, so the
+    /// Most rings for all clients together. Each holds two doorbell sockets in the broker, so the
     /// default is 4096 or what the open-file limit leaves room for (nvmed raises its soft limit
     /// to the hard one at start), and larger values are lowered to that.
     #[arg(long)]

@@ -77,9 +77,69 @@ struct QueueShared {
     mem: GuestMem,
     poll: Duration,
     stats: Arc<QueueStats>,
+    /// The ring's descriptors the epoll watches, and the connection they belong to.
+    watched: Mutex<Watched>,
+}
+
+/// See [`QueueShared::rewatch`].
+#[derive(Debug, Clone, Copy)]
+struct Watched {
+    epoch: u64,
+    completion: RawFd,
+    control: RawFd,
 }
 
 impl QueueShared {
+    /// Makes the epoll watch the ring's current descriptors. The ring gets new ones whenever it
+    /// reconnects, which with one session for all queues can happen inside any ring call (another
+    /// queue reconnected the session first): called after each. Returns false if they cannot be
+    /// watched (the queue then fails its requests).
+    fn rewatch(&self, w: &Worker) -> bool {
+        let mut cur = lock(&self.watched);
+        let now = Watched {
+            epoch: w.connection_epoch(),
+            completion: w.completion_fd().as_raw_fd(),
+            control: w.control_fd().as_raw_fd(),
+        };
+        if (cur.epoch, cur.completion, cur.control) == (now.epoch, now.completion, now.control) {
+            return true;
+        }
+        // The old completion descriptor is closed (and so out of the epoll already); the old
+        // control socket may still be open (other queues' rings hold it) and hung up.
+        self.unwatch(&mut cur);
+        let added = self
+            .epoll
+            .ctl(ControlOperation::Add, now.completion, EpollEvent::new(EventSet::IN, EV_COMPLETION))
+            .and_then(|()| {
+                self.epoll.ctl(
+                    ControlOperation::Add,
+                    now.control,
+                    EpollEvent::new(EventSet::empty(), EV_CONTROL),
+                )
+            });
+        match added {
+            Ok(()) => {
+                *cur = now;
+                true
+            }
+            Err(e) => {
+                tracing::error!(queue = self.index, "watching the new session: {e}");
+                self.unwatch(&mut cur);
+                false
+            }
+        }
+    }
+
+    /// Stops watching the ring's descriptors (a hung-up socket would be reported for good).
+    fn unwatch(&self, cur: &mut Watched) {
+        for fd in [cur.control, cur.completion] {
+            if fd >= 0 {
+                let _ = self.epoll.ctl(ControlOperation::Delete, fd, EpollEvent::default());
+            }
+        }
+        *cur = Watched { epoch: u64::MAX, completion: -1, control: -1 };
+    }
+
     fn wake(&self) {
         if let Err(e) = self.wake.write(1) {
             tracing::warn!(queue = self.index, "waking the queue thread: {e}");
@@ -119,6 +179,9 @@ impl QueueShared {
                 break;
             }
         }
+        if !self.rewatch(&w) {
+            w.broker_gone();
+        }
     }
 
     /// Waits until every request the queue took is in the used ring.
@@ -135,6 +198,9 @@ impl QueueShared {
         };
         if p.used {
             self.notify();
+        }
+        if !self.rewatch(&w) {
+            w.broker_gone();
         }
     }
 
@@ -176,39 +242,20 @@ impl QueueShared {
                         run = true;
                     }
                     EV_CONTROL => {
-                        // Level-triggered: stop watching these descriptors; reconnect to a
-                        // restarted nvmed (the queue's requests are sent again), or fail what is
-                        // in flight.
+                        // A hang-up: nvmed exited, or the ring already moved to a newer
+                        // connection (another queue reconnected the session) and this is the
+                        // old one. Reconnect if needed (the queue's requests are sent again),
+                        // then watch the ring's current descriptors; or fail what is in flight.
                         let mut w = lock(&self.worker);
-                        for fd in [w.control_fd().as_raw_fd(), w.completion_fd().as_raw_fd()] {
-                            let _ = self.epoll.ctl(ControlOperation::Delete, fd, EpollEvent::default());
-                        }
-                        tracing::warn!(queue = self.index, "nvmed closed the session; reconnecting");
                         match w.reconnect() {
                             Ok(()) => {
-                                let watched = self
-                                    .epoll
-                                    .ctl(
-                                        ControlOperation::Add,
-                                        w.completion_fd().as_raw_fd(),
-                                        EpollEvent::new(EventSet::IN, EV_COMPLETION),
-                                    )
-                                    .and_then(|()| {
-                                        self.epoll.ctl(
-                                            ControlOperation::Add,
-                                            w.control_fd().as_raw_fd(),
-                                            EpollEvent::new(EventSet::empty(), EV_CONTROL),
-                                        )
-                                    });
-                                match watched {
-                                    Ok(()) => tracing::info!(
+                                if self.rewatch(&w) {
+                                    tracing::info!(
                                         queue = self.index,
-                                        "reconnected to nvmed; requests in flight sent again"
-                                    ),
-                                    Err(e) => {
-                                        tracing::error!(queue = self.index, "watching the new session: {e}");
-                                        w.broker_gone();
-                                    }
+                                        "on nvmed's current connection; requests in flight sent again"
+                                    );
+                                } else {
+                                    w.broker_gone();
                                 }
                             }
                             Err(e) => {
@@ -216,6 +263,7 @@ impl QueueShared {
                                     queue = self.index,
                                     "nvmed is gone ({e}); failing this queue's requests"
                                 );
+                                self.unwatch(&mut lock(&self.watched));
                                 w.broker_gone();
                             }
                         }
@@ -239,7 +287,7 @@ impl QueueShared {
     }
 }
 
-fn lock(m: &Mutex<Worker>) -> MutexGuard<'_, Worker> {
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
@@ -311,6 +359,11 @@ impl BlkDevice {
                 EpollEvent::new(EventSet::empty(), EV_CONTROL),
             )?;
             let stats = worker.stats();
+            let watched = Mutex::new(Watched {
+                epoch: worker.connection_epoch(),
+                completion: worker.completion_fd().as_raw_fd(),
+                control: worker.control_fd().as_raw_fd(),
+            });
             let q = Arc::new(QueueShared {
                 index,
                 stats,
@@ -321,6 +374,7 @@ impl BlkDevice {
                 exit: AtomicBool::new(false),
                 mem: mem.clone(),
                 poll,
+                watched,
             });
             let t = q.clone();
             let handle =

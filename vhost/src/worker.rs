@@ -300,6 +300,12 @@ impl Worker {
         self.ring.completion_fd()
     }
 
+    /// Which connection of the session the ring is on: it changes when the ring reconnects (then
+    /// [`Worker::completion_fd`] and [`Worker::control_fd`] are new descriptors).
+    pub fn connection_epoch(&self) -> u64 {
+        self.ring.connection_epoch()
+    }
+
     /// The nvmed control socket (readable or hung up when nvmed exits).
     pub fn control_fd(&self) -> BorrowedFd<'_> {
         self.ring.control_socket()

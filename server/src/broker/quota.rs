@@ -1,6 +1,6 @@
 //! Per-uid and broker-wide bounds on what clients make the broker hold: connections (a thread
 //! and a socket each), sessions, registered buffers (a memory mapping each) and rings (a
-//! mapping and two doorbell pipe ends each).
+//! mapping and two doorbell sockets each).
 //!
 //! Every unit is taken as a [`Ticket`] that gives it back when dropped, so a count can never
 //! drift from what is really held: a buffer's ticket lives inside the buffer and is returned only
@@ -22,7 +22,7 @@ pub enum Resource {
     Session,
     /// A registered buffer (a memory mapping in the broker).
     Buffer,
-    /// A ring (a mapping and two doorbell pipe ends in the broker).
+    /// A ring (a mapping and two doorbell sockets in the broker).
     Ring,
 }
 
@@ -138,7 +138,7 @@ impl QuotaSettings {
                 asked = rings,
                 allowed = fd_room,
                 fd_limit = fds,
-                "too many rings for the open-file limit (each holds two doorbell pipe ends); lowering the limit"
+                "too many rings for the open-file limit (each holds two doorbell sockets); lowering the limit"
             );
             rings = fd_room;
         }

@@ -106,6 +106,9 @@ pub(super) fn complete(
             0
         };
         sched.complete(t, bytes, ctx.op.modifies_data());
+        if ctx.vec != VEC_NONE {
+            sched.vec_given_back(t);
+        }
     }
     let Some(s) = sessions.get_mut(ctx.session as usize) else {
         warn!("completion for a session that no longer exists");
@@ -125,9 +128,6 @@ pub(super) fn complete(
         }
         vecs.release(ctx.vec);
         s.vectored -= 1;
-        if let Some(t) = ctx.tenant {
-            sched.vec_given_back(t);
-        }
     }
     bump(&s.counters.completed, 1);
     let latency_us = now_us.wrapping_sub(ctx.start_us);

@@ -186,48 +186,62 @@ pub struct IoThreadSetup {
 }
 
 /// Token buckets of tenants whose last ring on an I/O thread ended before they were full again
-/// (debt included): taken back when the tenant comes back to any thread (a new ring or session
-/// of the same uid), so that ending a ring does not refill a tenant's buckets. Per-session
-/// tenants never come back and are not kept. Touched only when a tenant leaves or arrives on a
-/// thread, never per I/O.
+/// (debt included): taken back when the tenant comes back to a thread (a new ring or session of
+/// the same uid), so that ending a ring does not refill a tenant's buckets. Kept per thread (a
+/// tenant spread over threads has buckets on each); a tenant coming back to another thread takes
+/// one of those. Per-session tenants never come back and are not kept. Touched only when a
+/// tenant leaves or arrives on a thread, never per I/O.
 #[derive(Debug, Default)]
-pub struct SavedTenants(
-    std::sync::Mutex<
-        std::collections::HashMap<TenantKey, (crate::broker::sched::SavedBuckets, Instant, Instant)>,
-    >,
-);
+pub struct SavedTenants(std::sync::Mutex<std::collections::HashMap<TenantKey, Vec<SavedOnThread>>>);
+
+/// One thread's saved buckets of a tenant.
+#[derive(Debug)]
+struct SavedOnThread {
+    thread: u16,
+    buckets: crate::broker::sched::SavedBuckets,
+    saved_at: Instant,
+    full_at: Instant,
+}
 
 impl SavedTenants {
-    fn map(
-        &self,
-    ) -> std::sync::MutexGuard<
-        '_,
-        std::collections::HashMap<TenantKey, (crate::broker::sched::SavedBuckets, Instant, Instant)>,
-    > {
+    fn map(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<TenantKey, Vec<SavedOnThread>>> {
         self.0.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Keeps `saved` (taken at `now` of the saving thread's clock) for tenant `key`.
-    fn keep(&self, key: TenantKey, saved: crate::broker::sched::SavedBuckets, now: u64) {
+    /// Keeps `saved` (taken at `now` of thread `thread`'s clock) for tenant `key`.
+    fn keep(&self, key: TenantKey, thread: u16, saved: crate::broker::sched::SavedBuckets, now: u64) {
         if key.session().is_some() {
             return;
         }
         let at = Instant::now();
         let full_at = at + Duration::from_nanos(saved.full_at_ns.saturating_sub(now));
         let mut map = self.map();
-        // Bounded: one per tenant key, each only until its buckets refill.
-        map.retain(|_, (_, _, full)| *full > at);
-        map.insert(key, (saved, at, full_at));
+        // Bounded: one per tenant key and thread, each only until its buckets refill.
+        map.retain(|_, v| {
+            v.retain(|s| s.full_at > at);
+            !v.is_empty()
+        });
+        let v = map.entry(key).or_default();
+        v.retain(|s| s.thread != thread);
+        v.push(SavedOnThread { thread, buckets: saved, saved_at: at, full_at });
     }
 
-    /// What tenant `key` left behind, on the clock of a thread whose time is `now`.
-    fn take(&self, key: TenantKey, now: u64) -> Option<crate::broker::sched::SavedBuckets> {
-        let (mut saved, at, full_at) = self.map().remove(&key)?;
-        if full_at <= Instant::now() {
+    /// What tenant `key` left behind on thread `thread` (else on another), on the clock of a
+    /// thread whose time is `now`.
+    fn take(&self, key: TenantKey, thread: u16, now: u64) -> Option<crate::broker::sched::SavedBuckets> {
+        let mut map = self.map();
+        let v = map.get_mut(&key)?;
+        let i = v.iter().position(|s| s.thread == thread).unwrap_or(0);
+        let s = v.swap_remove(i);
+        if v.is_empty() {
+            map.remove(&key);
+        }
+        if s.full_at <= Instant::now() {
             return None;
         }
-        saved.rebase(now.saturating_sub(at.elapsed().as_nanos() as u64));
-        Some(saved)
+        let mut buckets = s.buckets;
+        buckets.rebase(now.saturating_sub(s.saved_at.elapsed().as_nanos() as u64));
+        Some(buckets)
     }
 }
 
@@ -542,7 +556,7 @@ impl IoThread {
                             None => {
                                 let id = port.sched.add_tenant(limits);
                                 port.tenants.insert(tk, id);
-                                if let Some(saved) = self.saved.take(tk, now) {
+                                if let Some(saved) = self.saved.take(tk, self.index, now) {
                                     port.sched.restore_buckets(id, saved, now);
                                 }
                                 id
@@ -729,7 +743,7 @@ impl IoThread {
                         port.tenants.remove(&tk);
                         let (_, saved) = port.sched.remove_tenant_saving(id, now);
                         if let Some(saved) = saved {
-                            self.saved.keep(tk, saved, now);
+                            self.saved.keep(tk, self.index, saved, now);
                         }
                     }
                 }
