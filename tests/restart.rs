@@ -89,6 +89,15 @@ fn several_rings_and_shared_buffers_come_back_together() {
     assert!(back == data);
     assert_eq!(session.reconnects(), 1, "one reconnect for the whole session");
     assert_eq!(session.stats().unwrap().rings, 2);
+    // A ring already on the live connection, asked to reconnect (as an event loop does that
+    // saw the old connection hang up, which other handles kept open), does nothing: connecting
+    // again would open a second session.
+    let mut out = Vec::new();
+    for r in &mut rings {
+        assert_eq!(r.reconnect(&mut out).unwrap(), 0);
+    }
+    assert_eq!(session.reconnects(), 1, "no second reconnect");
+    assert_eq!(session.stats().unwrap().rings, 2);
 }
 
 #[test]
