@@ -29,6 +29,7 @@
 #   BENCH_RW=randread,randwrite BENCH_QD=1,32 BENCH_QUEUES=1,2
 #                            benchmark: the workloads, depths and queue counts to run (all by default).
 #   ONLY=parallel|restart    run only the parallel guests (A, B, C) or only the restart scenario.
+#   NVMED_KILL=0             in the restart scenario, do not also SIGKILL and restart nvmed.
 #   KEEP=1                   keep the scratch directory (images, sockets) for inspection.
 #
 # Scenarios: guests A and B at once, each on its own namespace (2 queues each): size, queue
@@ -40,7 +41,8 @@
 # three backends' stats lines must show bounced_bytes=0 (zero-bounce-A/B/C: nvmed moved every
 # byte of that page-aligned guest I/O by PRPs or SGLs, none through its bounce buffers). Then
 # (RESTART_TEST) guest R
-# on namespace 1: verified load while the backend is SIGKILLed and restarted.
+# on namespace 1: verified load while the backend is SIGKILLed and restarted, then nvmed itself
+# (on a backing file): the backend reconnects its one session for both queues.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 top=$(pwd)
@@ -296,12 +298,15 @@ zero_bounce() { # backend id
 
 # Guest R on namespace 1: a verified load while its backend is SIGKILLed and started again.
 scenario_restart() {
-    local t0 k
+    local t0 k restart_args=
     if [ "$BACKEND" = nvmed-vhost ]; then
         # A device that takes its time, so requests are really in flight when the backend dies
         # and the restarted one must resubmit them (INFLIGHT_SHMFD).
+        # On a backing file, so that nvmed itself can be killed and started again under the
+        # load too (the disk must outlive it).
         kill "$nvmed_pid" && wait "$nvmed_pid" 2>/dev/null || true
-        NVMED_ARGS="${NVMED_ARGS:-} ${RESTART_NVMED_ARGS:---emulator-mode async --emulator-latency-us 5000}" start_nvmed 3
+        restart_args="${NVMED_ARGS:-} ${RESTART_NVMED_ARGS:---emulator-mode async --emulator-latency-us 5000} --backing $scratch/restart.img"
+        NVMED_ARGS="$restart_args" start_nvmed 3
     fi
     backend_start "$BACKEND" R 1 2 rw
     log "booting guest R: verified load while its backend is SIGKILLed and restarted"
@@ -320,6 +325,16 @@ scenario_restart() {
         k=$(date +%s%N)
         backend_start "$BACKEND" R 1 2 rw
         log "backend R SIGKILLed under load and restarted in $(( ($(date +%s%N) - k) / 1000000 )) ms"
+        if [ "$BACKEND" = nvmed-vhost ] && [ "${NVMED_KILL:-1}" = 1 ]; then
+            # Then nvmed itself: the backend's one session reconnects for both queues, each
+            # queue's ring is created again and its requests in flight are sent again.
+            sleep 1
+            kill -KILL "$nvmed_pid"
+            wait "$nvmed_pid" 2>/dev/null || true
+            k=$(date +%s%N)
+            NVMED_ARGS="$restart_args" start_nvmed 3
+            log "nvmed SIGKILLed under guest R's load and restarted in $(( ($(date +%s%N) - k) / 1000000 )) ms"
+        fi
     fi
     wait "${qemu_pids[@]}" || true
     qemu_pids=()
