@@ -33,24 +33,6 @@ fn mappings(pid: u32) -> usize {
     std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap().lines().count()
 }
 
-/// CPU time (user + system) of a process, in clock ticks.
-fn cpu_ticks(pid: u32) -> u64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-    let after_comm = &stat[stat.rfind(')').unwrap() + 2..];
-    let f: Vec<&str> = after_comm.split_whitespace().collect();
-    f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap() // utime, stime
-}
-
-/// The broker's CPU use (user + system) over `span`, in per cent of one core.
-fn cpu_percent_over(broker: &TestBroker, span: Duration) -> f64 {
-    let p = pid(broker);
-    let (t0, c0) = (Instant::now(), cpu_ticks(p));
-    std::thread::sleep(span);
-    let ticks = cpu_ticks(p) - c0;
-    let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK).unwrap().unwrap() as f64;
-    ticks as f64 / hz / t0.elapsed().as_secs_f64() * 100.0
-}
-
 fn sealed_memfd(len: u64) -> memfd::Memfd {
     let m = memfd::MemfdOptions::new().allow_sealing(true).create("buf").unwrap();
     m.as_file().set_len(len).unwrap();

@@ -328,3 +328,46 @@ fn a_reset_with_bounced_requests_in_flight_frees_their_slots() {
         assert_eq!(ring.stats().unwrap().in_flight, 0);
     }
 }
+
+/// A tenant whose vectored requests hold its share of the segment-list slots, at a slow device,
+/// leaves the I/O thread asleep until one of them completes (it used to poll for the whole
+/// wait: the idle check looked at the free slots, not at the tenant's share of them).
+#[test]
+fn a_tenant_at_its_segment_list_share_does_not_keep_the_thread_awake() {
+    // Each session its own tenant: two busy tenants have half the 256 slots each.
+    let broker = TestBroker::start(&[
+        "--emulator-mode",
+        "async",
+        "--emulator-latency-us",
+        "2000000",
+        "--grant",
+        "0:1:weight=1,per=session",
+    ]);
+    let mut other = broker.connect();
+    let ns = other.namespaces()[0].nsid;
+    let theirs = other.alloc_buffer(4096).unwrap();
+    other.prep(nvmed_client::Io::read(ns, 0, 4096, theirs, 0)).unwrap();
+    other.submit().unwrap();
+    let n = 160u64;
+    let mut ring = broker.connect_with(256, 512);
+    let data = ring.alloc_buffer((n * 4096) as usize).unwrap();
+    let list = ring.alloc_buffer((n * 24) as usize).unwrap();
+    for i in 0..n {
+        let seg = [IoSegment::new(data, i * 4096, 4096)];
+        ring.prep_readv(ns, i * 4096, &seg, list, i * 24, i).unwrap();
+    }
+    ring.submit().unwrap();
+    wait_until("the tenant's share of vectored reads at the device", Duration::from_secs(5), || {
+        ring.stats().unwrap().in_flight >= 100
+    });
+    let held = ring.stats().unwrap().in_flight;
+    assert!(held < n, "{held} in flight: the tenant took more than its share of segment-list slots");
+    let percent = cpu_percent_over(&broker, Duration::from_millis(800));
+    assert!(percent < 30.0, "the broker used {percent:.0}% of a CPU while every request waited on the device");
+    // Then the rest go as the first complete, and all succeed.
+    let mut out = Vec::new();
+    while out.len() < n as usize {
+        ring.wait(1, &mut out, Some(Duration::from_secs(20))).unwrap();
+    }
+    assert!(out.iter().all(|c| c.status == Status::Success), "{out:?}");
+}

@@ -239,3 +239,21 @@ pub fn ios_of(mut child: Child) -> u64 {
     assert!(child.wait().unwrap().success());
     n
 }
+
+/// CPU time (user + system) of a process, in clock ticks.
+pub fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let after_comm = &stat[stat.rfind(')').unwrap() + 2..];
+    let f: Vec<&str> = after_comm.split_whitespace().collect();
+    f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap() // utime, stime
+}
+
+/// The broker's CPU use (user + system) over `span`, in per cent of one core.
+pub fn cpu_percent_over(broker: &TestBroker, span: Duration) -> f64 {
+    let p = broker.child.as_ref().unwrap().id();
+    let (t0, c0) = (Instant::now(), cpu_ticks(p));
+    std::thread::sleep(span);
+    let ticks = cpu_ticks(p) - c0;
+    let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK).unwrap().unwrap() as f64;
+    ticks as f64 / hz / t0.elapsed().as_secs_f64() * 100.0
+}

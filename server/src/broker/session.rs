@@ -278,6 +278,9 @@ pub struct Session {
     /// segment-list slot), as found by the last submission round; `None` when that round took
     /// all it could. The I/O thread sleeps unless that controller could take it.
     pub blocked_on: Option<u16>,
+    /// Whether that entry is a vectored request (it also needs a segment-list slot within its
+    /// tenant's share there).
+    pub blocked_vectored: bool,
     /// Counters.
     pub counters: Arc<SessionCounters>,
 }

@@ -586,6 +586,7 @@ impl IoThread {
                         close_fault: RingFault::Closed,
                         held_since: None,
                         blocked_on: None,
+                        blocked_vectored: false,
                         counters,
                     });
                     self.order.push(key);

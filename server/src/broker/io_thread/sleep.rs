@@ -65,6 +65,15 @@ impl IoThread {
             // with room will do (the entry is read then: if its own has none, a completion
             // there wakes us soon anyway).
             let can_admit = match s.blocked_on {
+                // A vectored entry also needs a segment-list slot within its tenant's share
+                // there: a completion of that tenant's own vectored requests frees one.
+                Some(c) if s.blocked_vectored => {
+                    let c = usize::from(c);
+                    room(&s.slots, &s.tenants, c)
+                        && (ports[c].device_failed
+                            || s.tenants[c]
+                                .is_none_or(|(_, t)| ports[c].sched.vec_room(t, self.vecs.capacity() as u32)))
+                }
                 Some(c) => room(&s.slots, &s.tenants, usize::from(c)),
                 None => (0..ports.len()).any(|c| room(&s.slots, &s.tenants, c)),
             };

@@ -205,6 +205,7 @@ impl IoThread {
             let n = available.min(room);
             let mut taken = 0;
             s.blocked_on = None;
+            s.blocked_vectored = false;
             while taken < n {
                 // Copy the entry out of shared memory once; validate only the copy.
                 let sqe = ring.sq.read(taken);
@@ -295,10 +296,12 @@ impl IoThread {
                             || tenant.is_some_and(|t| !p.sched.vec_room(t, vecs.capacity() as u32))
                         {
                             s.blocked_on = Some(c);
+                            s.blocked_vectored = true;
                             break; // as above
                         }
                         let Some(slot) = vecs.alloc() else {
                             s.blocked_on = Some(c);
+                            s.blocked_vectored = true;
                             break;
                         };
                         // Copy the segment list out of client memory once, into the slot, checking
