@@ -68,6 +68,36 @@ fn write_zeroes_deallocate_flush_and_fua() {
     assert!(d[1536..].iter().all(|&b| b == 0xee));
 }
 
+/// A controller that limits Write Zeroes (WZSL) and deallocated ranges (DMRSL) fails larger
+/// commands with Invalid Field: the broker reads both limits and splits requests under them.
+#[test]
+fn write_zeroes_and_deallocate_are_split_under_the_controller_s_limits() {
+    // At most 8 KiB (2 pages) per Write Zeroes and 3 LBAs (of 512 bytes) per range.
+    let broker = TestBroker::start(&["--emulator-wzsl", "1", "--emulator-dmrsl", "3"]);
+    let mut ring = broker.connect();
+    let ns = ring.namespaces()[0].nsid;
+    let len = 256 * 1024;
+    let buf = ring.alloc_buffer(len).unwrap();
+    ring.buffer_mut(buf, 0, len as u64).unwrap().fill(0xee);
+    ring.write(ns, 0, buf, 0, len as u32).unwrap();
+    // Odd starts and lengths, so pieces end in the middle of the requests.
+    let zeroes = (4096 + 512, 100 * 1024 + 1536);
+    let freed = (160 * 1024 + 512, 50 * 1024 + 1024);
+    let ios = [Io::write_zeroes(ns, zeroes.0, zeroes.1), Io::deallocate(ns, freed.0, freed.1)];
+    for (i, c) in run_batch(&mut ring, &ios, 2) {
+        assert!(c.status.is_success(), "request {i}: {:?}", c.status);
+    }
+    ring.read(ns, 0, buf, 0, len as u32).unwrap();
+    let d = ring.buffer(buf, 0, len as u64).unwrap();
+    let zeroed =
+        |at: usize| [zeroes, freed].iter().any(|&(o, l)| (o as usize..o as usize + l as usize).contains(&at));
+    let wrong: Vec<usize> = (0..len).filter(|&at| (d[at] == 0) != zeroed(at)).take(4).collect();
+    assert!(wrong.is_empty(), "bytes at {wrong:?} are wrong");
+    // The largest Write Zeroes a client may ask for (65536 LBAs) becomes 4096 commands.
+    let big = run_batch(&mut ring, &[Io::write_zeroes(ns, 0, 65536 * 512)], 1);
+    assert!(big.values().all(|c| c.status.is_success()), "{big:?}");
+}
+
 #[test]
 fn injected_device_error_reaches_the_client_as_that_status() {
     // The 3rd I/O command fails with "unrecovered read error" (SCT 2, SC 0x81).

@@ -363,7 +363,10 @@ fn a_tenant_at_its_segment_list_share_does_not_keep_the_thread_awake() {
     let held = ring.stats().unwrap().in_flight;
     assert!(held < n, "{held} in flight: the tenant took more than its share of segment-list slots");
     let percent = cpu_percent_over(&broker, Duration::from_millis(800));
-    assert!(percent < 30.0, "the broker used {percent:.0}% of a CPU while every request waited on the device");
+    assert!(
+        percent < 30.0,
+        "the broker used {percent:.0}% of a CPU while every request waited on the device"
+    );
     // Then the rest go as the first complete, and all succeed.
     let mut out = Vec::new();
     while out.len() < n as usize {

@@ -318,6 +318,16 @@ pub(crate) struct Args {
     /// controllers), so vectored requests whose layout PRPs cannot describe are bounced.
     #[arg(long, hide_short_help = true)]
     pub(crate) emulator_no_sgl: bool,
+
+    /// Testing: the emulated controller's Write Zeroes Size Limit (WZSL: at most 2^N 4 KiB
+    /// pages per command; 0 = none), so the broker must split larger Write Zeroes requests.
+    #[arg(long, value_name = "N", default_value_t = 0, hide_short_help = true)]
+    pub(crate) emulator_wzsl: u8,
+
+    /// Testing: the emulated controller's Dataset Management Range Size Limit (DMRSL, LBAs
+    /// per range; 0 = none), so the broker must split larger deallocations.
+    #[arg(long, value_name = "LBAS", default_value_t = 0, hide_short_help = true)]
+    pub(crate) emulator_dmrsl: u32,
 }
 
 /// Values of --emulator-mode.

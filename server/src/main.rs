@@ -188,6 +188,8 @@ fn emulated(args: &Args, controller: u16) -> Result<Arc<dyn NvmeDevice>, Box<dyn
         wedge: args.emulator_wedge,
         mode,
         sgl: !args.emulator_no_sgl,
+        wzsl: args.emulator_wzsl,
+        dmrsl: args.emulator_dmrsl,
         instance: controller,
         model: args.model,
     })?))

@@ -913,7 +913,9 @@ impl Broker {
                 max_transfer: info.max_transfer,
                 max_request,
                 write_zeroes: info.write_zeroes,
+                max_write_zeroes: info.max_write_zeroes.unwrap_or(u64::MAX),
                 deallocate: info.dsm,
+                max_deallocate_blocks: info.max_deallocate_blocks.unwrap_or(u32::MAX),
                 sgl: info.sgl,
                 volatile_write_cache: info.volatile_write_cache,
             });

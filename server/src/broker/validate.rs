@@ -22,8 +22,14 @@ pub struct DeviceLimits {
     pub max_request: u32,
     /// Write Zeroes supported.
     pub write_zeroes: bool,
+    /// Largest Write Zeroes one device command may carry, in bytes (the controller's WZSL;
+    /// `u64::MAX` if it sets none): a larger request becomes several commands.
+    pub max_write_zeroes: u64,
     /// Deallocate supported.
     pub deallocate: bool,
+    /// Most LBAs one deallocated range may cover (the controller's DMRSL; `u32::MAX` if it
+    /// sets none): a larger request becomes several commands.
+    pub max_deallocate_blocks: u32,
     /// SGL support for I/O commands.
     pub sgl: SglSupport,
     /// The controller has a volatile write cache (writes are durable only with FUA or after a
@@ -176,13 +182,19 @@ pub fn validate(
             if blocks > MAX_WRITE_ZEROES_BLOCKS {
                 return Err(BrokerStatus::TooLarge);
             }
-            IoCommand::WriteZeroes { nsid, slba, blocks: blocks as u32, fua }
+            let piece_blocks = (limits.max_write_zeroes / lba).clamp(1, MAX_WRITE_ZEROES_BLOCKS) as u32;
+            IoCommand::WriteZeroes { nsid, slba, blocks: blocks as u32, fua, piece_blocks }
         }
         Opcode::Deallocate => {
             if !limits.deallocate {
                 return Err(BrokerStatus::InvalidOpcode);
             }
-            IoCommand::Deallocate { nsid, slba, blocks: blocks as u32 }
+            IoCommand::Deallocate {
+                nsid,
+                slba,
+                blocks: blocks as u32,
+                piece_blocks: limits.max_deallocate_blocks.max(1),
+            }
         }
         Opcode::Nop | Opcode::Flush => unreachable!("handled above"),
     };
@@ -254,7 +266,9 @@ mod tests {
         max_transfer: 64 << 10,
         max_request: 128 << 10,
         write_zeroes: true,
+        max_write_zeroes: u64::MAX,
         deallocate: true,
+        max_deallocate_blocks: u32::MAX,
         sgl: SglSupport::Byte,
         volatile_write_cache: true,
     };
@@ -424,7 +438,7 @@ mod tests {
                 let (nsid, slba, blocks, data) = match cmd {
                     IoCommand::Read { nsid, slba, blocks, iova, len } => (nsid, slba, u64::from(blocks), Some((iova, len))),
                     IoCommand::Write { nsid, slba, blocks, iova, len, .. } => (nsid, slba, u64::from(blocks), Some((iova, len))),
-                    IoCommand::WriteZeroes { nsid, slba, blocks, .. } | IoCommand::Deallocate { nsid, slba, blocks } => (nsid, slba, u64::from(blocks), None),
+                    IoCommand::WriteZeroes { nsid, slba, blocks, .. } | IoCommand::Deallocate { nsid, slba, blocks, .. } => (nsid, slba, u64::from(blocks), None),
                     IoCommand::Flush { .. } => return Ok(()),
                 };
                 let ns = NS.iter().find(|n| n.nsid == nsid).unwrap();

@@ -97,6 +97,12 @@ pub struct EmulatorConfig {
     /// Accept SGLs in I/O commands (reported in Identify SGLS, without alignment rules, as
     /// QEMU's NVMe model does). Off: PRPs only, like many real controllers.
     pub sgl: bool,
+    /// Write Zeroes Size Limit reported in the NVM command set's Identify data (a power of two
+    /// of 4 KiB pages; 0 = none); a larger Write Zeroes fails with Invalid Field.
+    pub wzsl: u8,
+    /// Dataset Management Range Size Limit in LBAs (0 = none); a larger range fails with
+    /// Invalid Field.
+    pub dmrsl: u32,
     /// Which emulated controller of the broker this is (from 0): its serial number and name.
     pub instance: u16,
     /// A performance model: commands complete when it says, not after the fixed latency of
@@ -131,6 +137,8 @@ impl Default for EmulatorConfig {
             wedge: Wedge::None,
             mode: EmulatorMode::Sync,
             sgl: true,
+            wzsl: 0,
+            dmrsl: 0,
             instance: 0,
             model: None,
         }
@@ -246,6 +254,8 @@ struct Inner {
     namespaces: Vec<EmulatedNamespace>,
     mdts: u8,
     sgl: bool,
+    wzsl: u8,
+    dmrsl: u32,
     instance: u16,
     faults: Vec<FaultRule>,
     wedge: Wedge,
@@ -333,6 +343,8 @@ impl EmulatedController {
             mdts: config.mdts,
             instance: config.instance,
             sgl: config.sgl,
+            wzsl: config.wzsl,
+            dmrsl: config.dmrsl,
             faults: config.faults,
             wedge: config.wedge,
             irq_wanted: (0..vectors).map(|_| AtomicBool::new(false)).collect(),
@@ -494,6 +506,7 @@ impl Inner {
             | (1 << 16) // CQR
             | (if self.wedge == Wedge::None { 15 } else { 1 } << 24) // TO = 7.5 s (0.5 s wedged)
             | (1 << 37) // CSS: NVM
+            | (1 << 43) // CSS: I/O command sets (command-set specific Identify data)
             | (4 << 52) // MPSMAX = 64 KiB, MPSMIN = 4 KiB
     }
 
@@ -971,6 +984,11 @@ impl Inner {
                         let lbads = ns.lba_size.trailing_zeros();
                         d[id_ns::LBAF0..id_ns::LBAF0 + 4].copy_from_slice(&(lbads << 16).to_le_bytes());
                     }
+                    admin::CNS_CS_CONTROLLER if cmd.cdw11 >> 24 == 0 => {
+                        d[id_ctrl_nvm::WZSL] = self.wzsl;
+                        d[id_ctrl_nvm::DMRSL..id_ctrl_nvm::DMRSL + 4]
+                            .copy_from_slice(&self.dmrsl.to_le_bytes());
+                    }
                     admin::CNS_ACTIVE_NS_LIST => {
                         let ids = (1..=self.namespaces.len() as u32).filter(|&id| id > cmd.nsid);
                         for (i, id) in ids.take(1024).enumerate() {
@@ -1294,6 +1312,9 @@ impl Inner {
                 if !in_range() {
                     return err(0, sc::LBA_OUT_OF_RANGE);
                 }
+                if id_ctrl_nvm::wzsl_bytes(4096, self.wzsl).is_some_and(|max| nlb * lba > max) {
+                    return err(0, sc::INVALID_FIELD);
+                }
                 let r = ns.backend.write_zeroes(slba * lba, nlb * lba);
                 let r =
                     r.and_then(|_| if cmd.cdw12 & io::CDW12_FUA != 0 { ns.backend.flush() } else { Ok(()) });
@@ -1318,6 +1339,9 @@ impl Inner {
                     let s = u64::from_le_bytes(r[8..16].try_into().unwrap());
                     if s.checked_add(n).is_none_or(|e| e > blocks) {
                         return err(0, sc::LBA_OUT_OF_RANGE);
+                    }
+                    if self.dmrsl != 0 && n > u64::from(self.dmrsl) {
+                        return err(0, sc::INVALID_FIELD);
                     }
                     if let Err(e) = ns.backend.deallocate(s * lba, n * lba) {
                         return io_err(e);
@@ -1515,6 +1539,8 @@ mod tests {
             mode,
             wedge: Default::default(),
             sgl,
+            wzsl: 0,
+            dmrsl: 0,
             instance: 0,
             model: None,
         })

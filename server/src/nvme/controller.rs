@@ -72,8 +72,13 @@ pub struct ControllerInfo {
     pub max_transfer: u32,
     /// Write Zeroes supported.
     pub write_zeroes: bool,
+    /// Largest Write Zeroes one command may carry, in bytes (WZSL; `None`: no limit beyond
+    /// the command's 65536 LBAs).
+    pub max_write_zeroes: Option<u64>,
     /// Dataset Management (deallocate) supported.
     pub dsm: bool,
+    /// Most LBAs one Dataset Management range may cover (DMRSL; `None`: no limit).
+    pub max_deallocate_blocks: Option<u32>,
     /// Volatile write cache present (flush is meaningful).
     pub volatile_write_cache: bool,
     /// Active namespaces the driver can serve.
@@ -151,6 +156,8 @@ impl Controller {
                 firmware: String::new(),
                 max_transfer: 0,
                 write_zeroes: false,
+                max_write_zeroes: None,
+                max_deallocate_blocks: None,
                 dsm: false,
                 volatile_write_cache: false,
                 namespaces: Vec::new(),
@@ -342,6 +349,8 @@ impl Controller {
             return Err(DriverError::Unsupported(format!("queue entry sizes SQES {sqes:#x} CQES {cqes:#x}")));
         }
 
+        self.identify_command_set_limits()?;
+
         self.identify_into_scratch(admin::CNS_ACTIVE_NS_LIST, 0)?;
         let mut nsids = Vec::new();
         for i in 0..1024 {
@@ -361,6 +370,29 @@ impl Controller {
             }
         }
         Ok(())
+    }
+
+    /// The NVM command set's own limits (Identify CNS 06h): WZSL and DMRSL. Asked only of
+    /// controllers that report command-set specific Identify data (NVMe 2.0, or CAP.CSS bit 6);
+    /// a controller that refuses it sets no limits.
+    fn identify_command_set_limits(&mut self) -> Result<(), DriverError> {
+        if self.device.read32(REG_VS) < 0x0002_0000 && !self.cap.css_iocs() {
+            return Ok(());
+        }
+        match self.identify_into_scratch(admin::CNS_CS_CONTROLLER, 0) {
+            Ok(()) => {
+                let wzsl: u8 = self.scratch.mem().read(id_ctrl_nvm::WZSL);
+                let dmrsl: u32 = self.scratch.mem().read(id_ctrl_nvm::DMRSL);
+                self.info.max_write_zeroes = id_ctrl_nvm::wzsl_bytes(self.cap.mps_min(), wzsl);
+                self.info.max_deallocate_blocks = (dmrsl != 0).then_some(dmrsl);
+                Ok(())
+            }
+            Err(DriverError::CommandFailed { status, .. }) => {
+                debug!(%status, "no NVM command set Identify data; no Write Zeroes or range size limits");
+                Ok(())
+            }
+            Err(e) => Err(e),
+        }
     }
 
     /// Identifies namespace `nsid`: `Ok(Err(reason))` when the driver cannot serve it.

@@ -86,6 +86,9 @@ pub enum IoCommand {
         blocks: u32,
         /// Force unit access.
         fua: bool,
+        /// Most LBAs one device command may zero (the controller's WZSL, at most 65536): a
+        /// larger command becomes several ([`IoCommand::piece_count`]). Not sent to the device.
+        piece_blocks: u32,
     },
     /// Deallocate `blocks` LBAs (Dataset Management, one range).
     Deallocate {
@@ -95,15 +98,23 @@ pub enum IoCommand {
         slba: u64,
         /// Number of LBAs (1-based).
         blocks: u32,
+        /// Most LBAs one range may cover (the controller's DMRSL; `u32::MAX` if it sets none):
+        /// a larger command becomes several ([`IoCommand::piece_count`]). Not sent to the device.
+        piece_blocks: u32,
     },
 }
 
 impl IoCommand {
-    /// How many commands of at most `max_bytes` each this command becomes.
+    /// How many commands this command becomes: reads and writes of at most `max_bytes` each,
+    /// Write Zeroes and Deallocate of at most their `piece_blocks` LBAs each.
     pub fn piece_count(&self, max_bytes: u32) -> u32 {
         match *self {
             IoCommand::Read { len, .. } | IoCommand::Write { len, .. } => len.div_ceil(max_bytes).max(1),
-            _ => 1,
+            IoCommand::WriteZeroes { blocks, piece_blocks, .. }
+            | IoCommand::Deallocate { blocks, piece_blocks, .. } => {
+                blocks.div_ceil(piece_blocks.max(1)).max(1)
+            }
+            IoCommand::Flush { .. } => 1,
         }
     }
 
@@ -126,9 +137,25 @@ impl IoCommand {
                 let (slba, blocks, iova, len) = cut(slba, blocks, iova, len);
                 IoCommand::Write { nsid, slba, blocks, iova, len, fua }
             }
+            IoCommand::WriteZeroes { nsid, slba, blocks, fua, piece_blocks }
+                if blocks > piece_blocks.max(1) =>
+            {
+                let (slba, blocks) = cut_blocks(k, slba, blocks, piece_blocks.max(1));
+                IoCommand::WriteZeroes { nsid, slba, blocks, fua, piece_blocks }
+            }
+            IoCommand::Deallocate { nsid, slba, blocks, piece_blocks } if blocks > piece_blocks.max(1) => {
+                let (slba, blocks) = cut_blocks(k, slba, blocks, piece_blocks.max(1));
+                IoCommand::Deallocate { nsid, slba, blocks, piece_blocks }
+            }
             other => other,
         }
     }
+}
+
+/// Piece `k` of `blocks` LBAs from `slba` cut every `per` LBAs: (its first LBA, its LBAs).
+fn cut_blocks(k: u32, slba: u64, blocks: u32, per: u32) -> (u64, u32) {
+    let first = u64::from(k) * u64::from(per);
+    (slba + first, per.min(blocks - first as u32))
 }
 
 /// How the driver retries commands.
@@ -287,14 +314,14 @@ impl<T> IoQueue<T> {
                 c.opcode = io::FLUSH;
                 c.nsid = nsid;
             }
-            IoCommand::WriteZeroes { nsid, slba, blocks, fua } => {
+            IoCommand::WriteZeroes { nsid, slba, blocks, fua, .. } => {
                 c.opcode = io::WRITE_ZEROES;
                 c.nsid = nsid;
                 c.cdw10 = slba as u32;
                 c.cdw11 = (slba >> 32) as u32;
                 c.cdw12 = (blocks - 1) | if fua { io::CDW12_FUA } else { 0 };
             }
-            IoCommand::Deallocate { nsid, slba, blocks } => {
+            IoCommand::Deallocate { nsid, slba, blocks, .. } => {
                 // One range descriptor {context attributes, length in LBAs, starting LBA}.
                 self.lists.mem().write::<u32>(list_off, 0);
                 self.lists.mem().write::<u32>(list_off + 4, blocks);
@@ -518,5 +545,25 @@ mod tests {
         let small = IoCommand::Write { nsid: 1, slba: 0, blocks: 8, iova: 0x1000, len: 4096, fua: true };
         assert_eq!((small.piece_count(max), small.piece(0, max)), (1, small));
         assert_eq!(IoCommand::Flush { nsid: 1 }.piece_count(max), 1);
+    }
+
+    #[test]
+    fn write_zeroes_and_deallocate_pieces_follow_their_block_limits() {
+        let wz = IoCommand::WriteZeroes { nsid: 2, slba: 10, blocks: 40, fua: true, piece_blocks: 16 };
+        assert_eq!(wz.piece_count(4096), 3, "bytes do not matter here");
+        let cut: Vec<_> = (0..3).map(|k| wz.piece(k, 4096)).collect();
+        let at = |slba, blocks| IoCommand::WriteZeroes { nsid: 2, slba, blocks, fua: true, piece_blocks: 16 };
+        assert_eq!(cut, [at(10, 16), at(26, 16), at(42, 8)]);
+        let dsm = IoCommand::Deallocate { nsid: 1, slba: 0, blocks: u32::MAX, piece_blocks: u32::MAX };
+        assert_eq!((dsm.piece_count(4096), dsm.piece(0, 4096)), (1, dsm));
+        let dsm = IoCommand::Deallocate { nsid: 1, slba: 5, blocks: 7, piece_blocks: 3 };
+        assert_eq!(dsm.piece_count(4096), 3);
+        assert_eq!(
+            dsm.piece(2, 4096),
+            IoCommand::Deallocate { nsid: 1, slba: 11, blocks: 1, piece_blocks: 3 }
+        );
+        assert_eq!(crate::nvme::spec::id_ctrl_nvm::wzsl_bytes(4096, 0), None);
+        assert_eq!(crate::nvme::spec::id_ctrl_nvm::wzsl_bytes(4096, 3), Some(32768));
+        assert_eq!(crate::nvme::spec::id_ctrl_nvm::wzsl_bytes(4096, 255), Some(u64::MAX));
     }
 }

@@ -64,6 +64,11 @@ impl Cap {
     pub fn css_nvm(self) -> bool {
         (self.0 >> 37) & 1 == 1
     }
+    /// Whether the controller supports I/O command sets (CSS bit 6: command-set specific
+    /// Identify data, NVMe 2.0 and 1.4 controllers with that technical proposal).
+    pub fn css_iocs(self) -> bool {
+        (self.0 >> 43) & 1 == 1
+    }
     /// Smallest memory page size, in bytes.
     pub fn mps_min(self) -> u64 {
         1 << (12 + ((self.0 >> 48) & 0xf))
@@ -102,6 +107,9 @@ pub mod admin {
     pub const CNS_ACTIVE_NS_LIST: u32 = 0x02;
     /// Identify CNS: Namespace Identification Descriptor list (NVMe 1.3 and later).
     pub const CNS_NS_DESCRIPTORS: u32 = 0x03;
+    /// Identify CNS: I/O command set specific Identify Controller (for the command set named
+    /// by CDW11.CSI; 0 = NVM: [`super::id_ctrl_nvm`]).
+    pub const CNS_CS_CONTROLLER: u32 = 0x06;
     /// Feature: number of queues.
     pub const FEAT_NUM_QUEUES: u32 = 0x07;
     /// Log page: SMART / Health Information (512 bytes).
@@ -298,6 +306,21 @@ pub mod id_ctrl {
     pub const ONCS_DSM: u16 = 1 << 2;
     /// ONCS bit: Write Zeroes.
     pub const ONCS_WRITE_ZEROES: u16 = 1 << 3;
+}
+
+/// Byte offsets in the NVM command set specific Identify Controller data structure (CNS 06h,
+/// CSI 0).
+pub mod id_ctrl_nvm {
+    /// Write Zeroes Size Limit: a power of two of CAP.MPSMIN pages; 0 = no limit beyond the
+    /// command's 16-bit block count.
+    pub const WZSL: usize = 1;
+    /// Dataset Management Range Size Limit (u32, LBAs; 0 = none).
+    pub const DMRSL: usize = 4;
+
+    /// The largest Write Zeroes in bytes a WZSL value allows (`None`: no limit).
+    pub fn wzsl_bytes(mps_min: u64, wzsl: u8) -> Option<u64> {
+        (wzsl != 0).then(|| mps_min.checked_shl(u32::from(wzsl)).unwrap_or(u64::MAX))
+    }
 }
 
 /// Byte offsets in the Identify Namespace data structure.
