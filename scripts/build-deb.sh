@@ -39,7 +39,7 @@ else
     # Exactly vmtest/run.sh's set (vmcheck included: it decides nvmed-client's features, and so
     # whether the others are the very same build), then vmtest/vhost.sh's nvmed-vhost.
     vm_static_build -p nvmed-server --bin nvmed -p nvmed-vmtest --bin vmcheck -p ringbench --bin ringbench \
-        -p nvmectl --bin nvmectl
+        -p nvmectl --bin nvmectl -p nvmed-tcp --bin nvmed-tcp -p nvmed-vmtest --bin blkcheck
     vm_static_build -p nvmed-vhost --bin nvmed-vhost
     bins=$vm_bins
 fi
@@ -49,7 +49,7 @@ install -d "$stage/usr/sbin" "$stage/usr/bin"
 # Debug info stays in the build (the release profile keeps line tables); the package gets the
 # symbols only, as Debian's own packages do.
 strip --strip-debug -o "$stage/usr/sbin/nvmed" "$bins/nvmed"
-for b in nvmectl ringbench nvmed-vhost; do strip --strip-debug -o "$stage/usr/bin/$b" "$bins/$b"; done
+for b in nvmectl ringbench nvmed-vhost nvmed-tcp; do strip --strip-debug -o "$stage/usr/bin/$b" "$bins/$b"; done
 chmod 755 "$stage/usr/sbin/nvmed" "$stage/usr/bin/"*
 
 # 2. Man pages and completions, from the programs' clap definitions.

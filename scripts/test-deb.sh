@@ -93,7 +93,7 @@ in_root "$root" dpkg-query -W -f '${Conffiles}\n' nvmed | grep -q '^ /etc/nvmed/
 
 # 4. Man pages and completions.
 phase "man pages and completions"
-for entry in nvmed:8 nvmectl:8 ringbench:1 nvmed-vhost:1; do
+for entry in nvmed:8 nvmectl:8 ringbench:1 nvmed-vhost:1 nvmed-tcp:8; do
     prog=${entry%:*} sec=${entry#*:}
     page="$root/usr/share/man/man$sec/$prog.$sec.gz"
     [ -f "$page" ] || fail "no man page $page"

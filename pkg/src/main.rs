@@ -28,6 +28,10 @@ mod nvmectl_cli;
 #[path = "../../vhost/src/cli.rs"]
 mod vhost_cli;
 
+#[allow(dead_code)]
+#[path = "../../tcp/src/cli.rs"]
+mod tcp_cli;
+
 /// ringbench's command line refers to its workload module's `Rw` as `super::workload::Rw`.
 #[allow(dead_code)]
 #[path = "../../ringbench/src"]
@@ -36,11 +40,12 @@ mod ringbench {
     mod workload;
 }
 
-/// Write the man pages and shell completions of nvmed, nvmectl, ringbench and nvmed-vhost under
+/// Write the man pages and shell completions of nvmed, nvmectl, ringbench, nvmed-vhost and
+/// nvmed-tcp under
 /// ROOT/PREFIX/share, where Debian (and most distributions) look for them:
 ///
-///   share/man/man8/nvmed.8, nvmectl.8, nvmectl-SUBCOMMAND.8 (man pages, section 8: daemons
-///     and administration tools)
+///   share/man/man8/nvmed.8, nvmed-tcp.8, nvmectl.8, nvmectl-SUBCOMMAND.8 (man pages, section
+///     8: daemons and administration tools)
 ///   share/man/man1/ringbench.1, nvmed-vhost.1 (section 1: user commands)
 ///   share/bash-completion/completions/NAME
 ///   share/zsh/vendor-completions/_NAME
@@ -69,8 +74,8 @@ struct Program {
     env: &'static [(&'static str, &'static str)],
 }
 
-const PROGRAMS: [(&str, &str); 4] =
-    [("nvmed", "8"), ("nvmectl", "8"), ("ringbench", "1"), ("nvmed-vhost", "1")];
+const PROGRAMS: [(&str, &str); 5] =
+    [("nvmed", "8"), ("nvmectl", "8"), ("ringbench", "1"), ("nvmed-vhost", "1"), ("nvmed-tcp", "8")];
 
 const NVMED_LOG: (&str, &str) =
     ("NVMED_LOG", "What to log (to stderr): a tracing EnvFilter expression, e.g. debug; default info.");
@@ -114,6 +119,15 @@ fn programs() -> Vec<Program> {
             section: "1",
             files: &[],
             env: &[NVMED_LOG],
+        },
+        Program {
+            cmd: named(tcp_cli::Args::command(), "nvmed-tcp"),
+            section: "8",
+            files: &[("/run/nvmed.sock", "The nvmed socket it connects to by default (--nvmed).")],
+            env: &[
+                NVMED_LOG,
+                ("NVMED_RECONNECT", "0: do not wait for a restarted nvmed (as --reconnect-secs 0)."),
+            ],
         },
     ]
 }

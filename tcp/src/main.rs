@@ -1,100 +1,18 @@
 //! `nvmed-tcp`: serves nvmed namespaces over NVMe/TCP to standard initiators.
 
-use std::net::SocketAddr;
-use std::path::PathBuf;
+mod cli;
+
 use std::time::Duration;
 
 use clap::Parser;
+use cli::Args;
 use nvmed_tcp::{Config, ConfigFile, HostAccess, Target};
 use tracing::{error, info, warn};
-
-/// An NVMe/TCP target (NVMe over Fabrics, TCP transport) in front of the nvmed broker.
-///
-/// Each host controller (admin queue connection) opens its own nvmed session; each of its I/O
-/// queue connections gets its own ring with one buffer registered once, so data moves socket ->
-/// registered buffer -> device with no other copy. Which host may use which namespace is decided
-/// by host NQN (--allow-host, --allow-any-host, --config); nvmed's grants to this process's
-/// uid still apply underneath.
-///
-/// Connect from a Linux host: nvme connect -t tcp -a ADDR -s 4420 -n NQN (or write
-/// "transport=tcp,traddr=ADDR,trsvcid=4420,nqn=NQN,hostnqn=HOSTNQN" to /dev/nvme-fabrics).
-/// Discovery (`nvme discover -t tcp -a ADDR -s 4420`, or -s 8009 with --discovery-listen)
-/// answers with this subsystem for the hosts allowed to use it.
-#[derive(Debug, Parser)]
-#[command(version)]
-struct Args {
-    /// Address to listen on (hosts may also ask it for the discovery log).
-    #[arg(long, default_value = "127.0.0.1:4420")]
-    listen: SocketAddr,
-    /// Also listen here for discovery only, e.g. 0.0.0.0:8009 (the well-known discovery port):
-    /// `nvme discover -t tcp -a ADDR -s 8009` then lists this subsystem to the hosts allowed.
-    #[arg(long, value_name = "ADDR")]
-    discovery_listen: Option<SocketAddr>,
-    /// The nvmed broker's socket.
-    #[arg(long, default_value = "/run/nvmed.sock")]
-    nvmed: PathBuf,
-    /// The subsystem NQN hosts connect to.
-    #[arg(long)]
-    subsystem: String,
-    /// A host NQN allowed to use every exported namespace, read-write (repeatable).
-    #[arg(long = "allow-host", value_name = "HOSTNQN")]
-    allow_host: Vec<String>,
-    /// A host NQN allowed to use every exported namespace, read-only (repeatable).
-    #[arg(long = "allow-host-read-only", value_name = "HOSTNQN")]
-    allow_host_ro: Vec<String>,
-    /// Let any host NQN connect (read-write): for trusted networks only.
-    #[arg(long)]
-    allow_any_host: bool,
-    /// Export only these nvmed namespace ids (repeatable; default: all nvmed grants).
-    #[arg(long = "namespace", value_name = "NSID")]
-    namespaces: Vec<u32>,
-    /// A TOML file of [[host]] entries: nqn, namespaces (optional list), read_only (optional).
-    #[arg(long)]
-    config: Option<PathBuf>,
-    /// I/O queue entries offered (each entry holds a --max-transfer buffer slot).
-    #[arg(long, default_value_t = 128)]
-    queue_size: u16,
-    /// Largest transfer per command in bytes (MDTS; a power of two).
-    #[arg(long, default_value_t = 128 << 10)]
-    max_transfer: u32,
-    /// In-capsule data accepted with I/O commands, bytes (smaller writes skip the R2T round trip).
-    #[arg(long, default_value_t = 8192)]
-    in_capsule: u32,
-    /// Most I/O queues per controller.
-    #[arg(long, default_value_t = 16)]
-    max_io_queues: u16,
-    /// Most TCP connections at once (each I/O queue connection holds about six file
-    /// descriptors: the soft fd limit is raised to the hard one, and this is lowered to fit).
-    #[arg(long, default_value_t = 512)]
-    max_connections: usize,
-    /// Most TCP connections at once from one IP address (a Linux host uses one per queue: 17
-    /// for a controller with 16 I/O queues).
-    #[arg(long, default_value_t = 128)]
-    max_connections_per_host: usize,
-    /// Seconds a host may leave what is sent to it unread (and to send ICReq and Connect).
-    #[arg(long, default_value_t = 30)]
-    io_timeout_s: u64,
-    /// Most microseconds an I/O queue polls for completions before sleeping (saves a sleep and
-    /// a wakeup per I/O at low queue depth; adaptive below that: it shrinks, to none, while
-    /// completions take longer; 0: never poll).
-    #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u64).range(0..=1000))]
-    poll_us: u64,
-    /// Threads serving the sockets (every connection is a task; the data moves in nvmed's I/O
-    /// threads, so one is often enough, and fewer threads mean fewer cross-thread wakeups).
-    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=256))]
-    threads: u16,
-    /// Seconds to wait for a restarted nvmed when it goes away (killed, crashed, upgraded):
-    /// meanwhile the queues pause (hosts see latency, not errors), and the commands that were in
-    /// flight are sent again to the new nvmed. After it, those commands fail with Namespace Not
-    /// Ready (retryable) and the queue closes. 0: do not wait (also NVMED_RECONNECT=0).
-    #[arg(long, value_name = "SECS", default_value_t = 30)]
-    reconnect_secs: u64,
-}
 
 fn main() -> std::process::ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+            tracing_subscriber::EnvFilter::try_from_env("NVMED_LOG").unwrap_or_else(|_| "info".into()),
         )
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr)
