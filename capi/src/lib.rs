@@ -857,7 +857,8 @@ pub unsafe extern "C" fn nvmed_poll(ring: *mut nvmed_ring, out: *mut nvmed_compl
 /// Waits until at least `min` (at most `max`) finished requests were moved into `out`: spins
 /// briefly, then sleeps on the completion doorbell. `timeout_us` < 0 waits forever. Returns how
 /// many; fewer than `min` only when the timeout passed after some arrived (none:
-/// `NVMED_E_TIMEOUT`).
+/// `NVMED_E_TIMEOUT`), or when the ring failed after some arrived (they are returned first; the
+/// failure is returned by the next call).
 ///
 /// # Safety
 /// `ring` is a live handle; `out` is valid for writing `max` `nvmed_completion`s.
