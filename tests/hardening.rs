@@ -256,7 +256,10 @@ fn rings_are_bounded_per_uid() {
     }
     // Another session of the same uid counts too; a closed ring gives its unit back.
     let other = nvmed_client::NvmeSession::open(&broker.socket).unwrap();
-    assert!(other.new_ring().is_err());
+    assert!(
+        matches!(other.new_ring(), Err(Error::Refused(ControlError::UidLimit { uid: 0, .. }))),
+        "another session's third ring of the uid"
+    );
     drop(a);
     let _c = other.new_ring().unwrap();
     drop((_b, _c, session, other));
@@ -593,6 +596,12 @@ fn tiny_queue_and_split_requests_on_an_asynchronous_device() {
     let mut out = Vec::new();
     ring.wait(4, &mut out, Some(Duration::from_secs(30))).unwrap();
     assert!(out.iter().all(|c| c.status.is_success()), "{out:?}");
+    // Each exactly once: four tags, no duplicate, and nothing more comes.
+    let mut tags: Vec<u64> = out.iter().map(|c| c.user_data).collect();
+    tags.sort_unstable();
+    assert_eq!(tags, [0, 1, 2, 3], "{out:?}");
+    std::thread::sleep(Duration::from_millis(100));
+    assert_eq!(ring.poll(&mut out).unwrap(), 0, "a request completed twice: {out:?}");
     let check = ring.alloc_buffer(4 << 20).unwrap();
     ring.read(ns, 16 * MIB, check, 0, 4 << 20).unwrap();
     assert_eq!(ring.buffer(check, 0, 4 * MIB).unwrap(), ring.buffer(buf, 0, 4 * MIB).unwrap());

@@ -258,7 +258,10 @@ fn access_by_host_nqn() {
     assert_eq!(identify(&mut a, 0, 1)[99], 1);
     // An I/O queue of another host's controller is refused.
     let refused = io_queue(&f, &a, 1, Digests::default(), HOST).map(|_| ());
-    assert!(matches!(refused, Err(InitError::Status(s)) if s == sc::CONNECT_INVALID_PARAM | sc::DNR), "{refused:?}");
+    assert!(
+        matches!(refused, Err(InitError::Status(s)) if s == sc::CONNECT_INVALID_PARAM | sc::DNR),
+        "{refused:?}"
+    );
     let mut q = io_queue(&f, &a, 1, Digests::default(), RO_HOST).unwrap();
     ok(q.run(rw(false, 1, 0, 4096), None, 4096).unwrap());
     let d = q.run(rw(true, 1, 0, 4096), Some(vec![1; 4096]), 0).unwrap();

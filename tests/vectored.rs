@@ -306,6 +306,10 @@ fn a_reset_with_bounced_requests_in_flight_frees_their_slots() {
         while out.len() < 48 {
             ring.wait(48 - out.len(), &mut out, Some(Duration::from_secs(20))).unwrap();
         }
+        // Each request exactly once (`queue_bounced_writes` tags them 0..48).
+        let mut tags: Vec<u64> = out.iter().map(|c| c.user_data).collect();
+        tags.sort_unstable();
+        assert_eq!(tags, (0..48).collect::<Vec<u64>>(), "a request completed twice or not at all");
         let reset = out.iter().filter(|c| c.status == Status::Broker(BrokerStatus::DeviceReset)).count();
         if tries == "1" {
             assert!(reset >= 1, "the hung piece's request was not failed by the reset: {out:?}");

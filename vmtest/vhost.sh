@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
 # The vhost-user-blk test: real QEMU guests (software emulation, memfd guest RAM shared with the
 # backend) on vhost-user-blk backends, checked inside each guest (vhost-init.sh) and afterwards
-# on the host against the backend's own storage. See ../shared/docs/qemu-vhost-recipe.md.
+# on the host against the backend's own storage (README.md, "The vhost-user-blk test").
 #
 #   bash vmtest/vhost.sh                 the test (what scripts/test.sh runs)
 #   bash vmtest/vhost.sh --bench [SECS]  the benchmark (what scripts/bench.sh --vhost runs)
 #
 # Variables:
-#   BACKEND=qsd|nvmed-vhost  the backend under test (default qsd, QEMU's qemu-storage-daemon, a
-#                            stand-in with the same socket interface until nvmed-vhost is merged).
+#   BACKEND=qsd|nvmed-vhost  the backend under test (default nvmed-vhost; qsd is QEMU's
+#                            qemu-storage-daemon, a reference with the same socket interface).
 #                            nvmed-vhost: `nvmed --emulate` (memory namespaces) on a scratch
 #                            socket, one `nvmed-vhost --namespace N` per disk; the host reads the
 #                            namespaces back through nvmed (vmcheck dump). qsd: one raw image
@@ -40,9 +40,9 @@
 # random data: read-only flag, writes fail, reads return that data. With nvmed-vhost, each of the
 # three backends' stats lines must show bounced_bytes=0 (zero-bounce-A/B/C: nvmed moved every
 # byte of that page-aligned guest I/O by PRPs or SGLs, none through its bounce buffers). Then
-# (RESTART_TEST) guest R
-# on namespace 1: verified load while the backend is SIGKILLed and restarted, then nvmed itself
-# (on a backing file): the backend reconnects its one session for both queues.
+# (RESTART_TEST) guest R on namespace 1: verified load while the backend is SIGKILLed and
+# restarted, then nvmed itself (on a backing file; NVMED_KILL=0 skips it): the backend
+# reconnects its one session for both queues.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 top=$(pwd)

@@ -49,7 +49,8 @@ pub fn run_batch(ring: &mut NvmeRing, ios: &[Io], depth: usize) -> HashMap<u64, 
         out.clear();
         ring.wait(1, &mut out, Some(Duration::from_secs(30))).unwrap();
         for c in out.drain(..) {
-            done.insert(c.user_data, c);
+            let tag = c.user_data;
+            assert!(done.insert(tag, c).is_none(), "request {tag} completed twice");
         }
     }
     done

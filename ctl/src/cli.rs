@@ -7,8 +7,9 @@ use clap::{Parser, Subcommand};
 use nvmectl::DEFAULT_ADMIN_SOCKET;
 
 /// nvmectl shows what a running nvmed broker is doing and lets an operator end a client's
-/// session. It talks to the broker's admin socket, which only root (and members of nvmed's
-/// --admin-group) may use.
+/// session. It talks to the broker's admin socket, which only root, the user nvmed runs as and
+/// members of nvmed's --admin-group may use (nvmed's user owns the socket file: mode 0600, or
+/// 0660 with its group set to the --admin-group).
 ///
 /// Examples:
 ///

@@ -6,8 +6,9 @@
 //! ## The ring memfd
 //!
 //! The broker creates one memfd per ring, seals it against shrinking and growing, and sends it
-//! to the client with two doorbells (pipes, see [`eventfd`]). Layout (ring version 2; all offsets in bytes,
-//! little-endian):
+//! to the client with two doorbells: one-way, non-blocking Unix stream socket pairs (see
+//! [`eventfd::doorbell`]), the client holding the submit doorbell's ringing end and the completion
+//! doorbell's reading end. Layout (ring version 2; all offsets in bytes, little-endian):
 //!
 //! ```text
 //! 0      RingHeader        magic "NVMR", version, entry counts, masks, array offsets, size
@@ -31,7 +32,9 @@
 //! * **Submitting** (client): write the SQE's bytes 0..56, then store its tag word (bytes
 //!   56..64: `batch`, `seq = index + 1`) with `Release`; in a batch, the first entry's tag last,
 //!   carrying the batch's size. Then a `SeqCst` fence and a load of the broker flags; if
-//!   `BROKER_NEED_WAKEUP` is set, write 1 to the submit doorbell.
+//!   `BROKER_NEED_WAKEUP` is set, ring the submit doorbell: `send` any 8 bytes with
+//!   `MSG_DONTWAIT | MSG_NOSIGNAL` ([`eventfd::ring_doorbell`] sends `1u64`); a full socket
+//!   buffer already rings. The woken side drains it with [`eventfd::drain_doorbell`].
 //! * **Taking** (broker): load the next slot's tag with `Acquire`; an entry whose `seq` is not
 //!   its index + 1 is not published. Copy each SQE out **once**, validate the copy, then store
 //!   the SQ head with `Release`. Before sleeping the broker sets `BROKER_NEED_WAKEUP`, issues a
@@ -39,7 +42,7 @@
 //! * **Completing** (broker): write each CQE whole, its word at 8 (`status` with the phase bit
 //!   31, and `result`) with `Release`, the batch's first entry last; then a `SeqCst` fence and a
 //!   load of the client flags: if `CLIENT_CQ_WAITING` is set (and, with `CLIENT_CQ_WAKE_AT`, the
-//!   published entries reach the wake index), write the completion doorbell.
+//!   published entries reach the wake index), ring the completion doorbell.
 //! * **Reaping** (client): load a CQE's word at 8 with `Acquire`; it is published when its phase
 //!   bit is 1 in even laps and 0 in odd ones. Copy it out, store the CQ head with `Release`.
 //!   Before blocking, set `CLIENT_CQ_WAITING` (any completion wakes), or first store the wake

@@ -1,10 +1,11 @@
 //! The sleep/wake handshake, like io_uring's `IORING_SQ_NEED_WAKEUP`.
 //!
 //! A side that finds no work announces that it will sleep (sets its bit in a flags word), issues
-//! a `SeqCst` fence, looks for work once more, and only then blocks on its eventfd. The other
-//! side publishes its entries, issues a `SeqCst` fence, and reads the flags word: if the bit is
-//! set, it writes the eventfd. The two fences make it impossible for both to miss each other (a
-//! store-buffer/Dekker pattern), so no wakeup is lost and a busy peer makes no system call.
+//! a `SeqCst` fence, looks for work once more, and only then blocks on its doorbell (a socket
+//! pair, see [`crate::eventfd::doorbell`]). The other side publishes its entries, issues a
+//! `SeqCst` fence, and reads the flags word: if the bit is set, it rings the doorbell. The two
+//! fences make it impossible for both to miss each other (a store-buffer/Dekker pattern), so no
+//! wakeup is lost and a busy peer makes no system call.
 //! `tests/loom_ring.rs` checks this with loom, and checks that it fails without the fences.
 //!
 //! A sleeper may also name how much work it waits for (a *wake index*, stored before its bit
@@ -77,7 +78,7 @@ pub fn end_sleep(flags: &impl FlagWord, bit: u32) {
     flags.clear(bit);
 }
 
-/// Waker: after publishing, reads the peer's flags; signal its eventfd if its sleep bit is set.
+/// Waker: after publishing, reads the peer's flags; ring its doorbell if its sleep bit is set.
 pub fn peer_flags(flags: &impl FlagWord) -> u32 {
     fence(Ordering::SeqCst);
     flags.load()
@@ -129,7 +130,7 @@ pub const YIELD_AFTER: std::time::Duration = std::time::Duration::from_micros(5)
 /// Offers the CPU to another runnable thread (`sched_yield`) and returns how long others ran
 /// meanwhile (zero when it came straight back: a bare system call, well under 2 us). Clients and
 /// I/O threads sharing few CPUs then take turns instead of each burning its spin: the thread
-/// that runs next likely has the work this one waits for, and nobody needs an eventfd wakeup.
+/// that runs next likely has the work this one waits for, and nobody needs a doorbell wakeup.
 #[cfg(not(loom))]
 pub fn yield_cpu() -> std::time::Duration {
     let t = std::time::Instant::now();

@@ -8,8 +8,9 @@ use serde::Serialize;
 
 use super::workload::Rw;
 
-/// Load generator for nvmed, with fio's option names. Each job is its own client with its own
-/// ring (in a thread) and works on its own slice of the range.
+/// Load generator for nvmed, with fio's option names. Each job has its own ring (in a thread)
+/// and works on its own slice of the range; with the nvmed engines the jobs share one session
+/// unless --sessions gives each its own.
 ///
 /// Without any broker running, `ringbench --embedded` starts one in-process on an emulated
 /// controller:

@@ -21,7 +21,8 @@ use crate::nvme::{Cursor, DmaSeg, IoQueue, RwCommand, SglSupport, Transfer};
 use super::split::InFlight;
 use crate::broker::session::{bump, BrokerCounters, BufferTable, SessionCounters};
 
-/// Vectored requests the broker keeps in flight at once (all sessions together).
+/// Vectored requests one I/O thread keeps in flight at once (all its rings together; each thread
+/// has its own pool).
 pub const VEC_SLOTS: usize = 256;
 /// No segment list: a plain request.
 pub const VEC_NONE: u32 = u32::MAX;
