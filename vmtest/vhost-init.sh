@@ -3,6 +3,7 @@
 # command line says what this guest is for:
 #   vht_role=rw|ro|restart|bench  vht_bytes=DISK-BYTES  vht_queues=N  vht_mib=CHECKSUM-MIB
 #   vht_sha=SHA256 (ro: what the first vht_mib MiB must hash to)  vht_secs=N (restart, bench)
+#   vht_require=1: checks of optional features (flush, discard, write zeroes) fail, not skip
 #   vht_disks=a1,b1,.. vht_rounds=N vht_rw=randread,.. vht_qd=1,.. vht_qs=1,.. (bench)
 # and it reports on the serial console: VHOSTTEST PASS|FAIL|SKIP <name>, VHOSTTEST SHA256 <mib>
 # <hex> (checked against the backend's storage on the host), VHOSTTEST DONE failed=N.
@@ -27,7 +28,11 @@ check_or_skip() {
     name=$1
     shift
     "$@" > /tmp/check.out 2>&1
-    case $? in
+    rc=$?
+    # A backend known to offer the feature (vht_require=1: nvmed-vhost offers flush, discard
+    # and write zeroes) must not lose it in negotiation: a skip is then a failure.
+    [ $rc = 2 ] && [ "${vht_require:-0}" = 1 ] && rc=1
+    case $rc in
         0) say "PASS $name" ;;
         2) say "SKIP $name: $(tail -1 /tmp/check.out)" ;;
         *) say "FAIL $name"; FAILED=$((FAILED + 1)) ;;

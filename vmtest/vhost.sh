@@ -247,6 +247,8 @@ guest_verdict() { # name kind nsid
 }
 
 common="vht_bytes=$disk_bytes vht_mib=$VHT_MIB"
+# nvmed-vhost offers flush, discard and write zeroes: the guest must see all three.
+[ "$BACKEND" = nvmed-vhost ] && common="$common vht_require=1"
 
 # Guests A and B (read-write, 2 queues each, own namespace) and C (read-only, 1 queue) at once.
 scenario_parallel() {
@@ -298,7 +300,7 @@ zero_bounce() { # backend id
 
 # Guest R on namespace 1: a verified load while its backend is SIGKILLed and started again.
 scenario_restart() {
-    local t0 k restart_args=
+    local t0 k restart_args= killed=0 nvmed_killed=0
     if [ "$BACKEND" = nvmed-vhost ]; then
         # A device that takes its time, so requests are really in flight when the backend dies
         # and the restarted one must resubmit them (INFLIGHT_SHMFD).
@@ -320,7 +322,7 @@ scenario_restart() {
     if grep -aq RESTART-BACKEND-NOW "$work/R.log"; then
         log "guest R's load is running (+$(( $(date +%s) - t0 )) s); SIGKILL of its backend in 2 s"
         sleep 2
-        kill -KILL "${bpid[R]}"
+        kill -KILL "${bpid[R]}" && killed=1
         wait "${bpid[R]}" 2>/dev/null || true
         k=$(date +%s%N)
         backend_start "$BACKEND" R 1 2 rw
@@ -329,7 +331,7 @@ scenario_restart() {
             # Then nvmed itself: the backend's one session reconnects for both queues, each
             # queue's ring is created again and its requests in flight are sent again.
             sleep 1
-            kill -KILL "$nvmed_pid"
+            kill -KILL "$nvmed_pid" && nvmed_killed=1
             wait "$nvmed_pid" 2>/dev/null || true
             k=$(date +%s%N)
             NVMED_ARGS="$restart_args" start_nvmed 3
@@ -340,6 +342,15 @@ scenario_restart() {
     qemu_pids=()
     log "guest R ran $(( $(date +%s) - t0 )) s"
     grep -a "resubmitting requests" "$work/R.backend.log" | sed 's/^/    /' || log "(no request was in flight at the kill)"
+    # The scenario happened: a guest whose load ended before the kill would pass without it.
+    host_check "backend-sigkilled-under-guest-load" test "$killed" = 1
+    if [ "$BACKEND" = nvmed-vhost ]; then
+        # With a 5 ms device the guest always has requests in flight: the new process must
+        # have found them in QEMU's inflight region and sent them again.
+        host_check "restarted-backend-resubmitted-inflight-requests" \
+            grep -aq "resubmitting requests" "$work/R.backend.log"
+        [ "${NVMED_KILL:-1}" = 1 ] && host_check "nvmed-sigkilled-under-guest-load" test "$nvmed_killed" = 1
+    fi
     backend_stop R
     guest_verdict R "$BACKEND" 1
 }

@@ -96,6 +96,7 @@ impl NvmeRing {
             // sharing few CPUs then sleep through a batch. Never more than is outstanding, nor
             // more than the CQ holds (the broker stops at a full CQ until it is reaped).
             let need = (min - got).min(self.pending.len()).min(self.cq_entries as usize).max(1) as u32;
+            let epoch = self.epoch;
             announce_sleep_until(
                 &SharedFlags::client(&self.mem),
                 CLIENT_CQ_WAITING,
@@ -112,11 +113,13 @@ impl NvmeRing {
             if got >= min {
                 break;
             }
-            if n > 0 {
+            if n > 0 || self.epoch != epoch {
                 // A poll reads one published batch and stops at its end without looking at
                 // the slot after it, which the broker may have filled before it saw the bits:
                 // only a look that finds nothing makes sleeping safe. Look again (announcing
-                // the index anew) before sleeping.
+                // the index anew) before sleeping. The same if that poll reconnected to a
+                // restarted broker: the announcement went to the old ring, and the new one
+                // would never ring its doorbell.
                 continue;
             }
             if let Some(e) = self.fault_error() {

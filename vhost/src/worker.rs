@@ -125,6 +125,9 @@ pub struct Worker {
     stats: Arc<QueueStats>,
     wce: Arc<AtomicU8>,
     dead: bool,
+    /// [`Worker::arm`] asked nvmed to ring the completion doorbell, and no run or
+    /// [`Worker::disarm`] has ended that since.
+    armed: bool,
     /// Why the nvmed session is lost, noticed where the queue could not fail its requests yet
     /// (they are failed at the next run).
     lost: Option<nvmed_client::Error>,
@@ -170,6 +173,7 @@ impl Worker {
             stats,
             wce,
             dead: false,
+            armed: false,
             lost: None,
             inflight: None,
             resubmit: VecDeque::new(),
@@ -360,6 +364,10 @@ impl Worker {
     /// With `notify` it ends with guest notifications enabled (looping while requests keep
     /// arriving); without, it leaves them disabled (busy polling).
     pub fn run<M: GuestMemoryBackend>(&mut self, q: &mut Queue, mem: &M, notify: bool) -> Progress {
+        // Awake for any reason (a kick, a wakeup, a reconnect), the queue reaps by itself:
+        // nvmed need not ring the doorbell for what it completes meanwhile (it would, once per
+        // batch it publishes, and each ring would wake the thread again for nothing).
+        self.disarm();
         let mut p = Progress::default();
         self.reap(q, mem, &mut p);
         self.retry_backlog(q, mem, &mut p);
@@ -443,7 +451,10 @@ impl Worker {
             return false;
         }
         match self.ring.arm_completion_fd(&mut self.completions) {
-            Ok(n) => n > 0,
+            Ok(n) => {
+                self.armed = n == 0;
+                n > 0
+            }
             Err(e) => {
                 // Run again: that run fails every request (nothing more will complete).
                 self.lost = Some(e);
@@ -467,12 +478,16 @@ impl Worker {
         if self.dead {
             return Err(nvmed_client::Error::BrokerGone);
         }
+        self.armed = false; // a new ring is not armed
         self.ring.reconnect(&mut self.completions).map(drop)
     }
 
-    /// After the completion doorbell woke the queue thread.
+    /// After the completion doorbell woke the queue thread (a run does it too): empties the
+    /// doorbell and stops nvmed's wakeups. Does nothing unless [`Worker::arm`] armed it.
     pub fn disarm(&mut self) {
-        self.ring.disarm_completion_fd();
+        if std::mem::take(&mut self.armed) {
+            self.ring.disarm_completion_fd();
+        }
     }
 
     /// Waits (up to `timeout`) until every request taken from the queue has completed and is in
