@@ -772,7 +772,10 @@ fn a_controller_that_cannot_be_stopped_never_completes_its_commands() {
     drop(ring);
     // Its buffer stays mapped for the device (pinned) even though the client left.
     let mut probe = broker.connect();
-    std::thread::sleep(Duration::from_millis(300));
+    // Once the broker has released the session (only the probe's is left)...
+    wait_until("the client's session to be released", Duration::from_secs(10), || {
+        probe.stats().unwrap().broker_sessions == 1
+    });
     assert!(
         probe.stats().unwrap().broker_buffer_iova_bytes >= MIB,
         "a buffer the device may write was unmapped"

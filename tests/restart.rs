@@ -40,7 +40,9 @@ fn a_client_goes_on_through_a_broker_killed_and_restarted() {
         ring.prep(Io::write(ns, i * 4096, 4096, buf, i * 4096).user_data(i)).unwrap();
     }
     ring.submit().unwrap();
-    std::thread::sleep(Duration::from_millis(10));
+    common::wait_until("the 64 writes at the device", Duration::from_secs(5), || {
+        ring.stats().unwrap().in_flight == 64
+    });
     let epoch = ring.connection_epoch();
     assert!(!ring.broker_closed());
     broker.kill9();

@@ -224,6 +224,8 @@ async fn a_dropped_future_keeps_its_buffer_until_the_completion() {
     if early < Duration::from_millis(450) {
         assert_eq!((c.abandoned_in_flight, c.pooled_buffers), (1, 0), "released early: {c:?}");
         assert_eq!(ring.session().stats().unwrap().buffers, registered + 2, "still registered");
+    } else {
+        eprintln!("not checked: the machine took {early:?}, past the delayed read's completion");
     }
 
     eventually("the delayed read to complete", Duration::from_secs(10), || {

@@ -363,6 +363,9 @@ if [ $mode = test ]; then
         *) log "ONLY must be parallel or restart"; exit 2 ;;
     esac
     log "backend: $BACKEND, restart scenario: $([ "$RESTART_TEST" = 1 ] && echo on || echo off)"
+    # Backends append to their logs (a restarted one continues the file): start them empty, so
+    # that what the checks find there is this run's.
+    rm -f "$work"/{A,B,C,R}.backend.log
     [ "$BACKEND" = nvmed-vhost ] && start_nvmed 3
     [ "${ONLY:-parallel}" = parallel ] && scenario_parallel
     if [ "$RESTART_TEST" = 1 ]; then

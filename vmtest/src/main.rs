@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use nvmed_client::testkit::{pattern, random_write_read, run_batch, Rng};
-use nvmed_client::{Io, NamespaceInfo, NvmeRing, Status};
+use nvmed_client::{BrokerStatus, Io, NamespaceInfo, NvmeRing, Status};
 
 /// Guest-side checks for the VM test.
 #[derive(Debug, Parser)]
@@ -370,7 +370,9 @@ fn run(ring: &mut NvmeRing, nsid: Option<u32>, check: Scenario) -> Result<(), St
             }
             // One block more is refused with a clear status.
             match ring.read(ns.nsid, at, buf, 0, len + ns.lba_size) {
-                Err(nvmed_client::Error::Io(s)) => println!("{len} bytes + 1 block: {s}"),
+                Err(nvmed_client::Error::Io(s @ Status::Broker(BrokerStatus::TooLarge))) => {
+                    println!("{len} bytes + 1 block: {s}")
+                }
                 other => return Err(format!("a request above the limit was not refused: {other:?}")),
             }
         }
@@ -638,7 +640,7 @@ fn max_transfer_request(
         return Err(format!("namespace {}: {len}-byte transfer came back different", ns.nsid));
     }
     match ring.read(ns.nsid, at, buf, 0, len + ns.lba_size) {
-        Err(nvmed_client::Error::Io(s)) => Ok(s.to_string()),
+        Err(nvmed_client::Error::Io(s @ Status::Broker(BrokerStatus::TooLarge))) => Ok(s.to_string()),
         other => {
             Err(format!("namespace {}: a request above max_transfer was not refused: {other:?}", ns.nsid))
         }
