@@ -176,3 +176,104 @@ fn the_versioned_library_carries_the_symbol_versions_and_soname_of_the_policy() 
     assert!(std::process::Command::new(&exe).env_remove("LD_LIBRARY_PATH").status().unwrap().success());
     let _ = std::fs::remove_dir_all(tmp);
 }
+
+/// A C event loop across a broker restart: it holds the completion fd, the broker is killed
+/// and started again, and arming tells it the fd changed (NVMED_E_FD_CHANGED); with the new
+/// fd its I/O goes on.
+const FD_CHANGED_C: &str = r#"
+#include <poll.h>
+#include <stdio.h>
+#include <string.h>
+#include "nvmed.h"
+static int io(nvmed_ring *ring, nvmed_buffer *b, int write, uint64_t tag)
+{
+    nvmed_completion c;
+    int rc = write ? nvmed_prep_write(ring, 1, 0, 4096, b->id, 0, tag, 0)
+                   : nvmed_prep_read(ring, 1, 0, 4096, b->id, 4096, tag);
+    if (rc == 0) rc = nvmed_submit(ring); /* how many it handed over */
+    if (rc == 1) rc = nvmed_wait(ring, &c, 1, 1, 5000000);
+    if (rc != 1) return rc < 0 ? rc : -100;
+    if (c.user_data != tag || c.status != 0) {
+        char why[128];
+        nvmed_status_string(c.status, why, sizeof why);
+        printf("request %llu: tag %llu status %s\n", (unsigned long long)tag,
+               (unsigned long long)c.user_data, why);
+        return -101;
+    }
+    return 0;
+}
+int main(int argc, char **argv)
+{
+    nvmed_ring *ring = NULL;
+    nvmed_buffer b;
+    nvmed_completion c[4];
+    (void)argc;
+    if (nvmed_open(argv[1], NULL, &ring) || nvmed_buffer_alloc(ring, 8192, &b)) {
+        printf("setup: %s\n", nvmed_last_error());
+        return 1;
+    }
+    memset(b.addr, 0x3c, 4096);
+    int fd = nvmed_completion_fd(ring);
+    int first = io(ring, &b, 1, 1);
+    printf("first fd ok: %d (io %d %s)\n", fd >= 0 && first == 0, first, nvmed_last_error());
+    printf("READY\n");
+    fflush(stdout);
+    getchar(); /* the broker is killed and started again meanwhile */
+    int rc = nvmed_arm_completion_fd(ring, c, 4);
+    printf("arm after the restart: %d [%s]\n", rc, nvmed_strerror(rc));
+    int fd2 = nvmed_completion_fd(ring);
+    printf("new fd: %d\n", fd2 >= 0);
+    rc = nvmed_arm_completion_fd(ring, c, 4);
+    printf("arm with the new fd: %d\n", rc);
+    nvmed_disarm_completion_fd(ring);
+    /* The restarted broker's memory is new: write, then read back through the new ring. */
+    rc = io(ring, &b, 1, 2);
+    if (rc == 0) rc = io(ring, &b, 0, 3);
+    printf("io after the restart: %d, data %s\n", rc,
+           memcmp(b.addr, (char *)b.addr + 4096, 4096) == 0 ? "same" : "different");
+    nvmed_close(ring);
+    return 0;
+}
+"#;
+
+#[test]
+fn a_c_event_loop_learns_that_its_completion_fd_changed_across_a_broker_restart() {
+    use std::io::{BufRead, BufReader, Write};
+    let mut broker = TestBroker::start(&[]);
+    let src = broker.dir.join("fd_changed.c");
+    std::fs::write(&src, FD_CHANGED_C).unwrap();
+    let exe = broker.dir.join("fd_changed");
+    compile_c(&[src], &exe);
+    let mut child = std::process::Command::new(&exe)
+        .arg(&broker.socket)
+        .env_remove("LD_LIBRARY_PATH")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut text = String::new();
+    for line in lines.by_ref() {
+        let line = line.unwrap();
+        text += &format!("{line}\n");
+        if line == "READY" {
+            break;
+        }
+    }
+    assert!(text.contains("first fd ok: 1 (io 0"), "{text}");
+    broker.kill9();
+    broker.restart();
+    child.stdin.as_mut().unwrap().write_all(b"\n").unwrap();
+    for line in lines {
+        text += &format!("{}\n", line.unwrap());
+    }
+    assert!(child.wait().unwrap().success(), "{text}");
+    for want in [
+        "arm after the restart: -17 [the ring reconnected: its completion fd changed]",
+        "new fd: 1",
+        "arm with the new fd: 0",
+        "io after the restart: 0, data same",
+    ] {
+        assert!(text.lines().any(|l| l == want), "missing {want:?} in:\n{text}");
+    }
+}
