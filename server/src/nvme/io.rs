@@ -443,6 +443,12 @@ impl<T> IoQueue<T> {
         n
     }
 
+    /// Sends none of the commands waiting for their retry, ever (a controller given up without
+    /// confirming it stopped gets no more commands); they stay in flight, never completed.
+    pub fn drop_retries(&mut self) {
+        self.retries.clear();
+    }
+
     /// Whether commands wait for their retry.
     pub fn has_retries(&self) -> bool {
         !self.retries.is_empty()

@@ -451,7 +451,7 @@ impl IoThread {
             work |= self.take_submissions();
             let mut resent = false;
             for p in &mut self.ports {
-                if p.dq.queue.has_retries() {
+                if p.dq.queue.has_retries() && !p.device_failed {
                     resent |= p.dq.queue.resubmit_due(Instant::now()) > 0;
                 }
                 p.dq.queue.ring_doorbell();

@@ -145,6 +145,9 @@ impl IoThread {
             let p = &mut self.ports[c];
             p.device_failed = true;
             p.dma_stopped = false;
+            // Commands waiting to be sent again after a retryable status stay unsent: the
+            // controller gets nothing more (their rings are faulted like the others').
+            p.dq.queue.drop_retries();
             for key in self.order.iter().copied() {
                 let s = &mut self.sessions[key];
                 if s.slots[c] > 0 {
