@@ -77,6 +77,14 @@ pub(crate) struct Args {
     /// With --embedded: broker I/O threads (each with its own device queue).
     #[arg(long, default_value_t = 1, requires = "embedded", value_parser = clap::value_parser!(u16).range(1..=64))]
     pub(crate) io_threads: u16,
+    /// With --embedded: pin the broker's I/O threads to these CPUs (as `nvmed --cpus`), e.g. 1
+    /// or 2-5. With --job-cpus, keeps a job and the broker thread serving it off each other's
+    /// CPU (on a small machine the scheduler may otherwise put both on one for a while).
+    #[arg(long, value_name = "LIST", requires = "embedded", value_parser = parse_cpu_list)]
+    pub(crate) broker_cpus: Option<CpuList>,
+    /// Pin job N to the Nth CPU of this list (round robin), e.g. 0 or 0,2,4.
+    #[arg(long, value_name = "LIST", value_parser = parse_cpu_list)]
+    pub(crate) job_cpus: Option<CpuList>,
     /// With --embedded, testing recovery: inject a fault into the emulated controller, as
     /// `nvmed --inject` (e.g. hang:500, stuck:500, fatal:500, retry:500, gone:500); repeatable.
     /// The report then has the broker's resets, aborts and retries.
@@ -162,4 +170,44 @@ fn parse_size(s: &str) -> Result<u64, String> {
         _ => (s, 1),
     };
     num.parse::<u64>().map(|v| v * mult).map_err(|e| format!("bad size {s:?}: {e}"))
+}
+
+/// A list of CPU numbers (`--broker-cpus`, `--job-cpus`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct CpuList(pub(crate) Vec<usize>);
+
+/// `0`, `0,2`, `2-5`, `0,4-6`.
+fn parse_cpu_list(s: &str) -> Result<CpuList, String> {
+    let num = |t: &str| t.trim().parse::<usize>().map_err(|e| format!("bad CPU number {t:?}: {e}"));
+    let mut cpus = Vec::new();
+    for part in s.split(',') {
+        match part.split_once('-') {
+            Some((a, b)) => {
+                let (a, b) = (num(a)?, num(b)?);
+                if a > b {
+                    return Err(format!("bad CPU range {part:?}"));
+                }
+                cpus.extend(a..=b);
+            }
+            None => cpus.push(num(part)?),
+        }
+    }
+    if cpus.is_empty() || cpus.iter().any(|&c| c >= 1024) {
+        return Err(format!("bad CPU list {s:?}"));
+    }
+    Ok(CpuList(cpus))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{parse_cpu_list, CpuList};
+
+    #[test]
+    fn cpu_lists_parse_and_bad_ones_are_refused() {
+        assert_eq!(parse_cpu_list("1"), Ok(CpuList(vec![1])));
+        assert_eq!(parse_cpu_list("0,2-4"), Ok(CpuList(vec![0, 2, 3, 4])));
+        for bad in ["", "a", "3-1", "1,", "2000"] {
+            assert!(parse_cpu_list(bad).is_err(), "{bad:?}");
+        }
+    }
 }

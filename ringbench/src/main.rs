@@ -524,6 +524,9 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         return Ok(());
     }
     if let Some(j) = args.child_job {
+        if let Some(l) = &args.job_cpus {
+            pin_to_cpu(l.0[j as usize % l.0.len()]);
+        }
         let mut engine = open_engine(&args, &socket)?;
         let o = run_job(engine.as_mut(), job_spec(&args, j, args.offset, size))?;
         let mut bytes = Vec::new();
@@ -715,7 +718,13 @@ fn run_threads(
         .enumerate()
         .map(|(j, mut engine)| {
             let spec = job_spec(args, j as u32, args.offset + j as u64 * per_job, per_job);
-            std::thread::spawn(move || run_job(engine.as_mut(), spec).map_err(|e| e.to_string()))
+            let cpu = args.job_cpus.as_ref().map(|l| l.0[j % l.0.len()]);
+            std::thread::spawn(move || {
+                if let Some(cpu) = cpu {
+                    pin_to_cpu(cpu);
+                }
+                run_job(engine.as_mut(), spec).map_err(|e| e.to_string())
+            })
         })
         .collect();
     let mut outcomes = Vec::new();
@@ -978,6 +987,9 @@ fn start_embedded(
         nvmed_server::broker::BrokerConfig { io_threads, ..nvmed_server::broker::BrokerConfig::new(socket) };
     if let Some(ms) = args.io_timeout_ms {
         config.io_timeout = Duration::from_millis(ms);
+    }
+    if let Some(cpus) = &args.broker_cpus {
+        config.cpus = cpus.0.clone();
     }
     Ok(nvmed_server::broker::Broker::start(device, config)?)
 }
