@@ -45,16 +45,16 @@ echo "machine state: $("$rb" --pingpong 0.5 | sed 's/^ringbench: //')"
 echo "each figure: one ${secs} s run; nvmed runs its broker in-process (--embedded), one client thread"
 echo
 echo "1. ring overhead (no device work): nvmed-nop vs io_uring-nop"
-# With two CPUs or more, the client on CPU 0 and the broker's I/O thread on CPU 1 (as a
+# Where CPUs 0 and 1 may both be used, the client on CPU 0 and the broker's I/O thread on CPU 1 (as a
 # deployment gives the broker its own core with --cpus); io_uring's one thread on CPU 0 too.
 pin_nvmed=() pin_uring=()
-if [ "$(nproc)" -ge 2 ]; then
+if [ "$(nproc)" -ge 2 ] && taskset -c 0 true 2>/dev/null && taskset -c 1 true 2>/dev/null; then
     pin_nvmed=(--broker-cpus 1 --job-cpus 0) pin_uring=(--job-cpus 0)
     echo "  (client pinned to CPU 0, broker I/O thread to CPU 1)"
 fi
 for qd in 1 32 128; do
-    a=$(run --embedded --null --engine nvmed-nop --iodepth $qd "${pin_nvmed[@]}")
-    b=$(run --engine io-uring-nop --iodepth $qd "${pin_uring[@]}")
+    a=$(run --embedded --null --engine nvmed-nop --iodepth $qd ${pin_nvmed[@]+"${pin_nvmed[@]}"})
+    b=$(run --engine io-uring-nop --iodepth $qd ${pin_uring[@]+"${pin_uring[@]}"})
     python3 - "$qd" "$a" "$b" <<'PY'
 import json, sys
 qd, a, b = sys.argv[1], json.loads(sys.argv[2])["total"], json.loads(sys.argv[3])["total"]

@@ -351,7 +351,6 @@ fn a_tenant_at_its_segment_list_share_does_not_keep_the_thread_awake() {
     let ns = other.namespaces()[0].nsid;
     let theirs = other.alloc_buffer(4096).unwrap();
     other.prep(nvmed_client::Io::read(ns, 0, 4096, theirs, 0)).unwrap();
-    other.submit().unwrap();
     let n = 160u64;
     let mut ring = broker.connect_with(256, 512);
     let data = ring.alloc_buffer((n * 4096) as usize).unwrap();
@@ -360,6 +359,8 @@ fn a_tenant_at_its_segment_list_share_does_not_keep_the_thread_awake() {
         let seg = [IoSegment::new(data, i * 4096, 4096)];
         ring.prep_readv(ns, i * 4096, &seg, list, i * 24, i).unwrap();
     }
+    // Both at once: the other tenant stays busy (its read at the device) for the whole check.
+    other.submit().unwrap();
     ring.submit().unwrap();
     wait_until("the tenant's share of vectored reads at the device", Duration::from_secs(5), || {
         ring.stats().unwrap().in_flight >= 100

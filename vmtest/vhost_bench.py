@@ -38,9 +38,11 @@ def backend_counters(pid, log_path):
     while time.time() < deadline:
         with open(log_path, "rb") as f:
             f.seek(start)
-            for line in f.read().decode(errors="replace").splitlines():
+            # Whole lines only: the backend may be writing the stats line right now.
+            for line in f.read().decode(errors="replace").split("\n")[:-1]:
                 if line.startswith("nvmed-vhost stats:"):
-                    return {k: int(v) for k, v in (kv.split("=", 1) for kv in line.split()[2:])}
+                    kvs = (kv.split("=", 1) for kv in line.split()[2:] if "=" in kv)
+                    return {k: int(v) for k, v in kvs if v.isdigit()}
         time.sleep(0.02)
     return None
 

@@ -767,6 +767,11 @@ fn run_processes(
         if args.verify {
             cmd.arg("--verify");
         }
+        if let Some(l) = &args.job_cpus {
+            // The child pins itself to the `--child-job`th of the list.
+            let list: Vec<String> = l.0.iter().map(usize::to_string).collect();
+            cmd.args(["--job-cpus", &list.join(",")]);
+        }
         children.push(cmd.stdout(std::process::Stdio::piped()).spawn()?);
     }
     let mut outcomes = Vec::new();
@@ -862,14 +867,17 @@ fn print_report(r: &Report) {
     }
 }
 
-/// Pins the calling thread to one CPU (best effort).
+/// Pins the calling thread to one CPU (best effort: says so when it cannot).
 fn pin_to_cpu(cpu: usize) {
     // SAFETY: an all-zero cpu_set_t is a valid empty set; CPU_SET and sched_setaffinity only
     // touch that local set.
-    unsafe {
+    let r = unsafe {
         let mut set: libc::cpu_set_t = std::mem::zeroed();
         libc::CPU_SET(cpu, &mut set);
-        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
+        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set)
+    };
+    if r != 0 {
+        eprintln!("ringbench: cannot pin to CPU {cpu}: {}", std::io::Error::last_os_error());
     }
 }
 

@@ -367,7 +367,7 @@ impl Worker {
         // Awake for any reason (a kick, a wakeup, a reconnect), the queue reaps by itself:
         // nvmed need not ring the doorbell for what it completes meanwhile (it would, once per
         // batch it publishes, and each ring would wake the thread again for nothing).
-        self.disarm();
+        self.end_armed_sleep();
         let mut p = Progress::default();
         self.reap(q, mem, &mut p);
         self.retry_backlog(q, mem, &mut p);
@@ -482,9 +482,17 @@ impl Worker {
         self.ring.reconnect(&mut self.completions).map(drop)
     }
 
-    /// After the completion doorbell woke the queue thread (a run does it too): empties the
-    /// doorbell and stops nvmed's wakeups. Does nothing unless [`Worker::arm`] armed it.
+    /// After the completion doorbell woke the queue thread: empties the doorbell and stops
+    /// nvmed's wakeups, whether or not this thread still counts itself armed (nvmed may have
+    /// rung after an arm that found completions, or after a run ended the sleep: a byte left
+    /// there would keep a level-triggered epoll reporting the doorbell for good).
     pub fn disarm(&mut self) {
+        self.armed = false;
+        self.ring.disarm_completion_fd();
+    }
+
+    /// A run ends the sleep [`Worker::arm`] armed, if it did: nvmed stops ringing.
+    fn end_armed_sleep(&mut self) {
         if std::mem::take(&mut self.armed) {
             self.ring.disarm_completion_fd();
         }

@@ -12,6 +12,11 @@ pub const SEGMENT_SIZE: u64 = size_of::<Segment>() as u64;
 /// Largest Write Zeroes in LBAs (NLB is a 16-bit, 0-based field).
 pub const MAX_WRITE_ZEROES_BLOCKS: u64 = 1 << 16;
 
+/// Most device commands one Write Zeroes or Deallocate request may become under the
+/// controller's size limits (as many as a 16 MiB read becomes at a 4 KiB MDTS): one request
+/// cannot make the broker send a device millions of commands.
+pub const MAX_PIECES: u64 = 4096;
+
 /// What the controller supports, as far as validation cares.
 #[derive(Debug, Clone, Copy)]
 pub struct DeviceLimits {
@@ -182,19 +187,31 @@ pub fn validate(
             if blocks > MAX_WRITE_ZEROES_BLOCKS {
                 return Err(BrokerStatus::TooLarge);
             }
-            let piece_blocks = (limits.max_write_zeroes / lba).clamp(1, MAX_WRITE_ZEROES_BLOCKS) as u32;
-            IoCommand::WriteZeroes { nsid, slba, blocks: blocks as u32, fua, piece_blocks }
+            // A controller whose limit is below one block cannot zero this namespace.
+            if limits.max_write_zeroes < lba {
+                return Err(BrokerStatus::InvalidOpcode);
+            }
+            let piece_blocks = (limits.max_write_zeroes / lba).min(MAX_WRITE_ZEROES_BLOCKS);
+            if blocks.div_ceil(piece_blocks) > MAX_PIECES {
+                return Err(BrokerStatus::TooLarge);
+            }
+            IoCommand::WriteZeroes {
+                nsid,
+                slba,
+                blocks: blocks as u32,
+                fua,
+                piece_blocks: piece_blocks as u32,
+            }
         }
         Opcode::Deallocate => {
             if !limits.deallocate {
                 return Err(BrokerStatus::InvalidOpcode);
             }
-            IoCommand::Deallocate {
-                nsid,
-                slba,
-                blocks: blocks as u32,
-                piece_blocks: limits.max_deallocate_blocks.max(1),
+            let piece_blocks = limits.max_deallocate_blocks.max(1);
+            if blocks.div_ceil(u64::from(piece_blocks)) > MAX_PIECES {
+                return Err(BrokerStatus::TooLarge);
             }
+            IoCommand::Deallocate { nsid, slba, blocks: blocks as u32, piece_blocks }
         }
         Opcode::Nop | Opcode::Flush => unreachable!("handled above"),
     };
@@ -295,6 +312,35 @@ mod tests {
         assert_eq!(validate(&big, &ns, buf, &[LIMITS, small]), Err(BrokerStatus::TooLarge));
         // A controller the broker does not know is no namespace at all.
         assert_eq!(validate(&big, &ns, buf, &[LIMITS]), Err(BrokerStatus::InvalidNamespace));
+    }
+
+    #[test]
+    fn write_zeroes_and_deallocate_follow_the_controller_s_size_limits() {
+        let zero = Sqe { opcode: Opcode::WriteZeroes as u8, nsid: 1, len: 1 << 20, ..Sqe::default() };
+        let free = Sqe { opcode: Opcode::Deallocate as u8, ..zero };
+        let limits = |max_write_zeroes, max_deallocate_blocks| DeviceLimits {
+            max_write_zeroes,
+            max_deallocate_blocks,
+            ..LIMITS
+        };
+        let with = |sqe: Sqe, l: DeviceLimits| validate(&sqe, &NS, buf, &[l]);
+        // 2048 blocks: pieces of 16 blocks (8 KiB) and of 3 blocks.
+        let cmd = |v: Result<Validated, BrokerStatus>| match v {
+            Ok(Validated::Device { cmd, .. }) => cmd,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(cmd(with(zero, limits(8192, u32::MAX))).piece_count(4096), 128);
+        assert_eq!(cmd(with(free, limits(u64::MAX, 3))).piece_count(4096), 683);
+        // No limit: one command each.
+        assert_eq!(cmd(with(zero, LIMITS)).piece_count(4096), 1);
+        assert_eq!(cmd(with(free, LIMITS)).piece_count(4096), 1);
+        // Beyond MAX_PIECES commands: refused, not sent as thousands of commands.
+        assert_eq!(cmd(with(free, limits(u64::MAX, 0))).piece_count(4096), 2048, "a limit of 0 is 1");
+        let small = NamespaceAccess { lba_count: 1 << 30, ..NS[0] };
+        let huge = Sqe { len: 3 << 30, ..free };
+        assert_eq!(validate(&huge, &[small], buf, &[limits(u64::MAX, 128)]), Err(BrokerStatus::TooLarge));
+        // A Write Zeroes limit below one block: this namespace cannot be zeroed.
+        assert_eq!(with(zero, limits(256, u32::MAX)), Err(BrokerStatus::InvalidOpcode));
     }
 
     #[test]

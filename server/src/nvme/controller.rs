@@ -77,7 +77,8 @@ pub struct ControllerInfo {
     pub max_write_zeroes: Option<u64>,
     /// Dataset Management (deallocate) supported.
     pub dsm: bool,
-    /// Most LBAs one Dataset Management range may cover (DMRSL; `None`: no limit).
+    /// Most LBAs one single-range Dataset Management command may cover (the smaller of DMRSL
+    /// and DMSL; `None`: no limit).
     pub max_deallocate_blocks: Option<u32>,
     /// Volatile write cache present (flush is meaningful).
     pub volatile_write_cache: bool,
@@ -383,8 +384,9 @@ impl Controller {
             Ok(()) => {
                 let wzsl: u8 = self.scratch.mem().read(id_ctrl_nvm::WZSL);
                 let dmrsl: u32 = self.scratch.mem().read(id_ctrl_nvm::DMRSL);
+                let dmsl: u64 = self.scratch.mem().read(id_ctrl_nvm::DMSL);
                 self.info.max_write_zeroes = id_ctrl_nvm::wzsl_bytes(self.cap.mps_min(), wzsl);
-                self.info.max_deallocate_blocks = (dmrsl != 0).then_some(dmrsl);
+                self.info.max_deallocate_blocks = id_ctrl_nvm::deallocate_blocks(dmrsl, dmsl);
                 Ok(())
             }
             Err(DriverError::CommandFailed { status, .. }) => {

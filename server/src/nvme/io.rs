@@ -570,6 +570,15 @@ mod tests {
         );
         assert_eq!(crate::nvme::spec::id_ctrl_nvm::wzsl_bytes(4096, 0), None);
         assert_eq!(crate::nvme::spec::id_ctrl_nvm::wzsl_bytes(4096, 3), Some(32768));
-        assert_eq!(crate::nvme::spec::id_ctrl_nvm::wzsl_bytes(4096, 255), Some(u64::MAX));
+        // A limit that does not fit in 64 bits is no limit.
+        assert_eq!(crate::nvme::spec::id_ctrl_nvm::wzsl_bytes(4096, 52), None);
+        assert_eq!(crate::nvme::spec::id_ctrl_nvm::wzsl_bytes(4096, 51), Some(1 << 63));
+        assert_eq!(crate::nvme::spec::id_ctrl_nvm::wzsl_bytes(4096, 255), None);
+        use crate::nvme::spec::id_ctrl_nvm::deallocate_blocks;
+        assert_eq!(deallocate_blocks(0, 0), None);
+        assert_eq!(deallocate_blocks(100, 0), Some(100));
+        assert_eq!(deallocate_blocks(0, 40), Some(40));
+        assert_eq!(deallocate_blocks(100, 40), Some(40));
+        assert_eq!(deallocate_blocks(100, u64::MAX), Some(100));
     }
 }

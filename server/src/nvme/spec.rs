@@ -316,10 +316,23 @@ pub mod id_ctrl_nvm {
     pub const WZSL: usize = 1;
     /// Dataset Management Range Size Limit (u32, LBAs; 0 = none).
     pub const DMRSL: usize = 4;
+    /// Dataset Management Size Limit (u64, LBAs of all ranges of one command; 0 = none).
+    pub const DMSL: usize = 8;
 
-    /// The largest Write Zeroes in bytes a WZSL value allows (`None`: no limit).
+    /// The largest Write Zeroes in bytes a WZSL value allows (`None`: no limit, also when the
+    /// limit does not fit in 64 bits).
     pub fn wzsl_bytes(mps_min: u64, wzsl: u8) -> Option<u64> {
-        (wzsl != 0).then(|| mps_min.checked_shl(u32::from(wzsl)).unwrap_or(u64::MAX))
+        if wzsl == 0 {
+            return None;
+        }
+        1u64.checked_shl(u32::from(wzsl)).and_then(|pages| mps_min.checked_mul(pages))
+    }
+
+    /// Most LBAs one single-range deallocation may cover under DMRSL and DMSL (0 = none):
+    /// the smaller of the limits set (`None`: neither is).
+    pub fn deallocate_blocks(dmrsl: u32, dmsl: u64) -> Option<u32> {
+        let dmsl = u32::try_from(dmsl).unwrap_or(u32::MAX);
+        [dmrsl, dmsl].into_iter().filter(|&l| l != 0).min()
     }
 }
 

@@ -37,6 +37,9 @@ impl IoThread {
                 // their commands are never reported finished. What it still posts is consumed
                 // (so the queue does not look busy for ever) and dropped.
                 total += p.dq.queue.reap(REAP_BATCH, |_, _, _| {});
+                // A retryable status it posts would wait for a retry never sent (and keep
+                // this thread waking for it): drop it too.
+                p.dq.queue.drop_retries();
                 continue;
             }
             let bounce = &mut p.bounce;
