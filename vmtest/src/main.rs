@@ -368,8 +368,9 @@ fn run(ring: &mut NvmeRing, nsid: Option<u32>, check: Scenario) -> Result<(), St
             if ring.buffer(buf, l + 512, l).map_err(e)? != &data[..] {
                 return Err(format!("{len}-byte transfer came back different"));
             }
-            // One block more is refused with a clear status.
-            match ring.read(ns.nsid, at, buf, 0, len + ns.lba_size) {
+            // One block more is refused with a clear status (at offset 0, where it would fit
+            // in the namespace: the limit refuses it, not the namespace's end).
+            match ring.read(ns.nsid, 0, buf, 0, len + ns.lba_size) {
                 Err(nvmed_client::Error::Io(s @ Status::Broker(BrokerStatus::TooLarge))) => {
                     println!("{len} bytes + 1 block: {s}")
                 }
@@ -639,7 +640,8 @@ fn max_transfer_request(
     if ring.buffer(buf, 0, l).map_err(e)? != ring.buffer(buf, l + 512, l).map_err(e)? {
         return Err(format!("namespace {}: {len}-byte transfer came back different", ns.nsid));
     }
-    match ring.read(ns.nsid, at, buf, 0, len + ns.lba_size) {
+    // At offset 0, where one block more fits in the namespace: the limit refuses it.
+    match ring.read(ns.nsid, 0, buf, 0, len + ns.lba_size) {
         Err(nvmed_client::Error::Io(s @ Status::Broker(BrokerStatus::TooLarge))) => Ok(s.to_string()),
         other => {
             Err(format!("namespace {}: a request above max_transfer was not refused: {other:?}", ns.nsid))
