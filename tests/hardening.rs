@@ -1031,3 +1031,33 @@ fn a_client_thread_that_cannot_start_is_a_refusal_not_an_abort() {
     a.read(ns, 0, buf, 4096, 4096).unwrap();
     assert_eq!(a.buffer(buf, 0, 4096).unwrap(), a.buffer(buf, 4096, 4096).unwrap());
 }
+
+/// A controller that stops answering its admin queue (a Get Log Page that never completes) is
+/// reset when the health request times out, as Linux resets on an admin timeout: I/O goes on
+/// meanwhile (the I/O threads need no admin command), the next health request is answered,
+/// and the data is intact.
+#[test]
+fn a_controller_whose_admin_queue_stops_answering_is_reset() {
+    let broker = TestBroker::start(&["--inject", "loghang:1"]);
+    let mut ring = broker.connect();
+    random_write_read(&mut ring, (0, 4 * MIB), 31, 1);
+    let session = ring.session();
+    let asking = std::thread::spawn(move || session.health());
+    // While the health request waits on the hung command, another client's I/O is served.
+    std::thread::sleep(Duration::from_millis(300));
+    let mut other = broker.connect();
+    let t = Instant::now();
+    random_write_read(&mut other, (8 * MIB, 2 * MIB), 32, 1);
+    assert!(!asking.is_finished(), "the hung Get Log Page was answered");
+    eprintln!("I/O during the admin hang took {:?}", t.elapsed());
+    let first = asking.join().unwrap().unwrap();
+    match &first[0].smart {
+        Err(e) => assert!(e.contains("admin command"), "{e}"),
+        Ok(s) => panic!("the hung Get Log Page was answered: {s:?}"),
+    }
+    std::thread::sleep(Duration::from_millis(1100)); // past the SMART cache's second
+    let again = ring.health().unwrap();
+    assert!(again[0].smart.is_ok(), "{:?}", again[0].smart);
+    assert_eq!(ring.stats().unwrap().broker_resets, 1);
+    random_write_read(&mut ring, (16 * MIB, 4 * MIB), 33, 1);
+}

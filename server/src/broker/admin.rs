@@ -440,7 +440,7 @@ fn health(shared: &Shared) -> Vec<HealthReport> {
             // Read now (an operator asking wants the figures as they are, not the metrics'
             // cached ones).
             let (smart, error) = match c.state() {
-                DeviceState::Running => match c.lock().smart_log() {
+                DeviceState::Running => match c.smart_log() {
                     Ok(s) => (Some(s), None),
                     Err(e) => (None, Some(format!("Get Log Page (SMART / Health Information): {e}"))),
                 },

@@ -163,6 +163,20 @@ impl ControllerShared {
         self.device.read32(crate::nvme::spec::REG_CSTS)
     }
 
+    /// The controller's SMART / Health Information log. A controller that does not answer it in
+    /// time (or whose admin queue is held by earlier commands that never completed) is reset,
+    /// as Linux resets on an admin timeout: its admin queue works again afterwards, and the I/O
+    /// threads send their commands again.
+    pub fn smart_log(&self) -> Result<nvmed_proto::admin::SmartLog, DriverError> {
+        let seen = self.generation();
+        let r = self.lock().smart_log();
+        if let Err(e @ (DriverError::Timeout { .. } | DriverError::AdminQueueStuck(_))) = &r {
+            error!("Get Log Page: {e}; resetting the controller");
+            self.reset(seen);
+        }
+        r
+    }
+
     /// Asks the controller to abort command `cid` of queue `qid`; returns whether it did.
     pub fn abort(&self, qid: u16, cid: u16) -> Result<bool, DriverError> {
         self.lock().abort(qid, cid)

@@ -294,7 +294,7 @@ impl Shared {
         }
         let ctrl = &self.ctrls[c];
         let r = match ctrl.state() {
-            manager::DeviceState::Running => ctrl.lock().smart_log().map_err(|e| e.to_string()),
+            manager::DeviceState::Running => ctrl.smart_log().map_err(|e| e.to_string()),
             s => Err(format!("the controller is {s:?}")),
         };
         cache[c] = Some((std::time::Instant::now(), r.clone()));

@@ -34,9 +34,13 @@ pub enum FaultAction {
     /// worker thread in asynchronous mode. For testing what a panicking thread does to the
     /// process.
     Panic,
+    /// `loghang:N`: the Nth Get Log Page admin command (counting from 1) never completes, until
+    /// the controller is reset (an admin queue that stops answering).
+    LogPageHang,
 }
 
-/// Applies `action` to the `nth` I/O command the controller receives (counting from 1), or
+/// Applies `action` to the `nth` I/O command the controller receives (counting from 1; for
+/// [`FaultAction::LogPageHang`], the `nth` Get Log Page admin command), or
 /// (`media:LBA[:NSID]`) makes reads covering an LBA fail with an unrecovered read error (Media
 /// and Data Integrity Errors / 0x81, DNR set) until a write or write zeroes covers it again.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -53,7 +57,7 @@ pub struct FaultRule {
 #[derive(Debug, thiserror::Error)]
 #[error(
     "bad fault rule {0:?}: expected fail:N:SCT:SC, retry:N, delay:N:MILLIS, hang:N, stuck:N, \
-     fatal:N, gone:N, panic:N or media:LBA[:NSID]"
+     fatal:N, gone:N, panic:N, loghang:N or media:LBA[:NSID]"
 )]
 pub struct BadFaultRule(String);
 
@@ -95,6 +99,7 @@ impl FromStr for FaultRule {
             ("fatal", 2) => FaultAction::Fatal,
             ("gone", 2) => FaultAction::Gone,
             ("panic", 2) => FaultAction::Panic,
+            ("loghang", 2) => FaultAction::LogPageHang,
             _ => return Err(bad()),
         };
         Ok(FaultRule { nth, action, bad_block: None })
@@ -122,6 +127,7 @@ mod tests {
             FaultAction::Delay(Duration::from_millis(20))
         );
         assert_eq!("hang:9".parse::<FaultRule>().unwrap().action, FaultAction::Hang);
+        assert_eq!("loghang:2".parse::<FaultRule>().unwrap().action, FaultAction::LogPageHang);
         assert_eq!(
             "panic:4".parse::<FaultRule>().unwrap(),
             FaultRule { nth: 4, action: FaultAction::Panic, bad_block: None }

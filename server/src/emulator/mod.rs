@@ -232,6 +232,8 @@ struct State {
     cqs: Vec<Option<Cq>>,
     granted: u16,
     io_count: u64,
+    /// Get Log Page commands received (for `loghang:` faults).
+    log_pages: u64,
     delayed: Vec<Delayed>,
     generation: u64,
     /// Fetched, not yet completed commands (asynchronous mode).
@@ -329,6 +331,7 @@ impl EmulatedController {
                 cqs: (0..=MAX_IO_QUEUES).map(|_| None).collect(),
                 granted: 0,
                 io_count: 0,
+                log_pages: 0,
                 delayed: Vec::new(),
                 generation: 0,
                 in_flight: Vec::new(),
@@ -1106,7 +1109,15 @@ impl Inner {
                 self.post(st, h.cqid, entry);
                 Some((0, 0)) // aborted
             }
-            admin::GET_LOG_PAGE => self.get_log_page(st, cmd),
+            admin::GET_LOG_PAGE => {
+                st.log_pages += 1;
+                let n = st.log_pages;
+                if self.faults.iter().any(|r| r.action == FaultAction::LogPageHang && r.nth == n) {
+                    tracing::warn!("emulated controller: injected hang of Get Log Page {n}");
+                    return None; // never completes (a reset empties the admin queue)
+                }
+                self.get_log_page(st, cmd)
+            }
             _ => err(0, sc::INVALID_OPCODE),
         }
     }
@@ -1156,7 +1167,11 @@ impl Inner {
     fn io_rule(&self, st: &mut State) -> Option<FaultAction> {
         st.io_count += 1;
         bump_locked(&self.counters.io_commands, 1);
-        let rule = self.faults.iter().find(|r| r.nth == st.io_count).map(|r| r.action);
+        let rule = self
+            .faults
+            .iter()
+            .find(|r| r.nth == st.io_count && r.action != FaultAction::LogPageHang)
+            .map(|r| r.action);
         if rule == Some(FaultAction::Panic) {
             panic!("emulated controller: injected panic on I/O command {}", st.io_count);
         }
@@ -1222,6 +1237,7 @@ impl Inner {
                 Some(None)
             }
             FaultAction::Fail { .. } | FaultAction::Delay(_) | FaultAction::Panic => None,
+            FaultAction::LogPageHang => None, // an admin fault: never chosen for I/O
         }
     }
 

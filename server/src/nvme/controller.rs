@@ -43,6 +43,10 @@ pub enum DriverError {
     /// The controller lacks something the driver needs.
     #[error("unsupported controller: {0}")]
     Unsupported(String),
+    /// Admin commands that timed out still hold almost every admin queue slot: the controller
+    /// stopped answering its admin queue, and only a reset gives it back.
+    #[error("the admin queue holds {0} commands the controller never completed; it needs a reset")]
+    AdminQueueStuck(u16),
     /// IOVA space or DMA mapping failure.
     #[error(transparent)]
     Iova(#[from] IovaError),
@@ -104,6 +108,9 @@ pub struct Controller {
     /// How long [`Controller::admin_command`] waits.
     admin_timeout: Duration,
     next_cid: u16,
+    /// Admin commands that timed out and have not completed since: they may still hold admin
+    /// queue slots (the driver pushes nothing beyond what the queue holds).
+    admin_lost: u16,
     io_queues_granted: u16,
     info: ControllerInfo,
 }
@@ -150,6 +157,7 @@ impl Controller {
             scratch,
             admin_timeout: ADMIN_TIMEOUT,
             next_cid: 0,
+            admin_lost: 0,
             io_queues_granted: 0,
             info: ControllerInfo {
                 serial: String::new(),
@@ -216,6 +224,7 @@ impl Controller {
     pub fn reset(&mut self) -> Result<(), DriverError> {
         Self::disable(&self.device, self.cap, false)?;
         self.admin.reset();
+        self.admin_lost = 0;
         let depth = u32::from(self.admin.depth());
         self.device.write32(REG_AQA, ((depth - 1) << 16) | (depth - 1));
         self.device.write64(REG_ASQ, self.admin.sq_iova());
@@ -262,6 +271,10 @@ impl Controller {
         mut cmd: NvmeCommand,
         timeout: Duration,
     ) -> Result<NvmeCompletion, DriverError> {
+        // One slot stays free (a full ring reads as empty), and this command needs one.
+        if self.admin_lost + 2 > self.admin.depth() {
+            return Err(DriverError::AdminQueueStuck(self.admin_lost));
+        }
         cmd.cid = self.next_cid;
         self.next_cid = self.next_cid.wrapping_add(1) % 0x8000;
         self.admin.push(&cmd);
@@ -270,11 +283,15 @@ impl Controller {
         let deadline = started + timeout;
         loop {
             let mut found = None;
+            let mut late = 0u16;
             self.admin.reap(usize::MAX, |c| {
                 if c.cid == cmd.cid {
                     found = Some(c)
+                } else {
+                    late += 1; // a command that timed out earlier, done at last
                 }
             });
+            self.admin_lost = self.admin_lost.saturating_sub(late);
             if let Some(c) = found {
                 if c.status_field() & 0x7ff != 0 {
                     return Err(DriverError::CommandFailed {
@@ -301,6 +318,7 @@ impl Controller {
                         Err(e) => warn!("cannot replace the admin scratch page after a timeout: {e}"),
                     }
                 }
+                self.admin_lost += 1;
                 return Err(DriverError::Timeout {
                     what: "complete an admin command",
                     ms: timeout.as_millis() as u64,
@@ -865,6 +883,38 @@ mod tests {
         assert!(ctrl.get_log_page(admin::LID_SMART, 0, 6).is_err(), "not a whole number of dwords");
         // The admin queue still works.
         assert_eq!(ctrl.smart_log().unwrap().temperature_kelvin, 313);
+    }
+
+    #[test]
+    fn an_admin_queue_full_of_lost_commands_is_refused_until_a_reset() {
+        use crate::emulator::inject::{FaultAction, FaultRule};
+        // Every Get Log Page hangs (until the controller is reset).
+        let faults = (1..=64)
+            .map(|nth| FaultRule { nth, action: FaultAction::LogPageHang, bad_block: None })
+            .collect();
+        let namespaces = vec![EmulatedNamespace {
+            backend: Box::new(MemoryBackend::new(1 << 20).unwrap()),
+            lba_size: 512,
+        }];
+        let dev: Arc<dyn NvmeDevice> = Arc::new(
+            EmulatedController::new(EmulatorConfig { namespaces, vectors: 1, faults, ..Default::default() })
+                .unwrap(),
+        );
+        let space = Arc::new(IovaSpace::new(&dev.iova_ranges()).unwrap());
+        let mut ctrl = Controller::init(dev, space).unwrap();
+        ctrl.admin_timeout = Duration::from_millis(1);
+        let depth = ctrl.admin.depth();
+        // Each lost command holds a slot; one stays free: depth - 1 can be lost.
+        for _ in 0..depth - 1 {
+            assert!(matches!(ctrl.smart_log(), Err(DriverError::Timeout { .. })));
+        }
+        match ctrl.smart_log() {
+            Err(DriverError::AdminQueueStuck(n)) => assert_eq!(n, depth - 1),
+            other => panic!("{other:?}"),
+        }
+        // A reset empties the admin queue: commands go again (this one hangs too, as asked).
+        ctrl.reset().unwrap();
+        assert!(matches!(ctrl.smart_log(), Err(DriverError::Timeout { .. })));
     }
 
     #[test]
