@@ -54,7 +54,14 @@ pub struct ControllerShared {
     wakes: OnceLock<Vec<Arc<OwnedFd>>>,
     /// I/O threads that have failed their commands at a gone controller and stopped using it.
     gone_acks: AtomicUsize,
+    /// SMART reads held back after one the controller did not answer (it was reset): until
+    /// when, and the next pause (doubling), so a log page that always hangs does not reset the
+    /// controller at every health request.
+    smart_pause: Mutex<(Option<Instant>, Duration)>,
 }
+
+/// The first pause of SMART reads after one that timed out; it doubles up to an hour.
+const SMART_PAUSE: Duration = Duration::from_secs(60);
 
 impl std::fmt::Debug for ControllerShared {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -73,6 +80,7 @@ impl ControllerShared {
             io_queues,
             wakes: OnceLock::new(),
             gone_acks: AtomicUsize::new(0),
+            smart_pause: Mutex::new((None, SMART_PAUSE)),
         })
     }
 
@@ -110,7 +118,12 @@ impl ControllerShared {
     /// Resets the controller unless another thread already did after generation `seen`.
     /// Returns once the new generation is published.
     pub fn reset(&self, seen: u64) {
-        let mut ctrl = self.lock();
+        self.reset_locked(self.lock(), seen);
+    }
+
+    /// As [`ControllerShared::reset`], with the controller's lock already held (so nothing
+    /// else uses the admin queue between the caller's finding and the reset).
+    fn reset_locked(&self, mut ctrl: MutexGuard<'_, Controller>, seen: u64) {
         if self.generation.load(Ordering::Acquire) != seen || self.state() != DeviceState::Running {
             return; // someone reset it meanwhile (or it is beyond help)
         }
@@ -167,12 +180,34 @@ impl ControllerShared {
     /// time (or whose admin queue is held by earlier commands that never completed) is reset,
     /// as Linux resets on an admin timeout: its admin queue works again afterwards, and the I/O
     /// threads send their commands again.
+    ///
+    /// After such a reset SMART reads pause (a minute, doubling up to an hour while they keep
+    /// failing), so a log page the controller never answers does not stall every tenant's I/O
+    /// with a reset at each health request. A controller found fatal is reset too, one found
+    /// gone given up.
     pub fn smart_log(&self) -> Result<nvmed_proto::admin::SmartLog, DriverError> {
+        let mut pause = self.smart_pause.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(left) = pause.0.and_then(|until| until.checked_duration_since(Instant::now())) {
+            return Err(DriverError::AdminPaused(left.as_secs() + 1));
+        }
+        let mut ctrl = self.lock();
         let seen = self.generation();
-        let r = self.lock().smart_log();
-        if let Err(e @ (DriverError::Timeout { .. } | DriverError::AdminQueueStuck(_))) = &r {
-            error!("Get Log Page: {e}; resetting the controller");
-            self.reset(seen);
+        let r = ctrl.smart_log();
+        match &r {
+            Ok(_) => *pause = (None, SMART_PAUSE),
+            Err(
+                e @ (DriverError::Timeout { .. } | DriverError::AdminQueueStuck(_) | DriverError::Fatal(_)),
+            ) => {
+                error!("Get Log Page: {e}; resetting the controller");
+                *pause = (Some(Instant::now() + pause.1), (pause.1 * 2).min(Duration::from_secs(3600)));
+                drop(pause);
+                self.reset_locked(ctrl, seen);
+            }
+            Err(DriverError::DeviceGone) => {
+                drop(ctrl);
+                self.gone(seen);
+            }
+            Err(_) => {}
         }
         r
     }

@@ -232,7 +232,7 @@ pub struct Shared {
     reloader: Mutex<Option<Reloader>>,
     /// Each controller's last SMART log and when it was read (clients may ask often; the admin
     /// queue is asked at most once a second).
-    smart: Mutex<Vec<Option<SmartRead>>>,
+    smart: Vec<Mutex<Option<SmartRead>>>,
     /// The live sessions, for the operators.
     registry: Arc<registry::Registry>,
     /// The controllers (their admin queues), in broker order.
@@ -282,12 +282,10 @@ pub struct ReloadReport {
 
 impl Shared {
     /// Controller `c`'s SMART log, read again if the last one is over a second old.
+    /// (One cache entry per controller: a controller slow to answer holds up only its own.)
     fn smart(&self, c: usize) -> Result<nvmed_proto::admin::SmartLog, String> {
-        let mut cache = self.smart.lock().unwrap_or_else(|p| p.into_inner());
-        if cache.len() < self.ctrls.len() {
-            cache.resize(self.ctrls.len(), None);
-        }
-        if let Some((at, r)) = &cache[c] {
+        let mut cache = self.smart[c].lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((at, r)) = &*cache {
             if at.elapsed() < Duration::from_secs(1) {
                 return r.clone();
             }
@@ -297,7 +295,7 @@ impl Shared {
             manager::DeviceState::Running => ctrl.smart_log().map_err(|e| e.to_string()),
             s => Err(format!("the controller is {s:?}")),
         };
-        cache[c] = Some((std::time::Instant::now(), r.clone()));
+        *cache = Some((std::time::Instant::now(), r.clone()));
         r
     }
 
@@ -786,7 +784,7 @@ impl Broker {
             placement: Mutex::new(tenant::Placement::default()),
             policy,
             reloader: Mutex::new(None),
-            smart: Mutex::new(Vec::new()),
+            smart: ctrls.iter().map(|_| Mutex::new(None)).collect(),
             registry: Arc::default(),
             ctrls: ctrls.clone(),
             infos,

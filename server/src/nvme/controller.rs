@@ -47,6 +47,9 @@ pub enum DriverError {
     /// stopped answering its admin queue, and only a reset gives it back.
     #[error("the admin queue holds {0} commands the controller never completed; it needs a reset")]
     AdminQueueStuck(u16),
+    /// Reads the controller did not answer were stopped for a while (it was reset).
+    #[error("paused for {0} s more: the controller did not answer this read last time and was reset")]
+    AdminPaused(u64),
     /// IOVA space or DMA mapping failure.
     #[error(transparent)]
     Iova(#[from] IovaError),
@@ -111,6 +114,9 @@ pub struct Controller {
     /// Admin commands that timed out and have not completed since: they may still hold admin
     /// queue slots (the driver pushes nothing beyond what the queue holds).
     admin_lost: u16,
+    /// Scratch pages of admin commands that timed out: the controller may still write them, so
+    /// they stay mapped until a reset has stopped it.
+    lost_pages: Vec<DmaMemory>,
     io_queues_granted: u16,
     info: ControllerInfo,
 }
@@ -158,6 +164,7 @@ impl Controller {
             admin_timeout: ADMIN_TIMEOUT,
             next_cid: 0,
             admin_lost: 0,
+            lost_pages: Vec::new(),
             io_queues_granted: 0,
             info: ControllerInfo {
                 serial: String::new(),
@@ -223,6 +230,8 @@ impl Controller {
     /// the admin queue back. I/O queues must be created again afterwards.
     pub fn reset(&mut self) -> Result<(), DriverError> {
         Self::disable(&self.device, self.cap, false)?;
+        // Disabled (RDY=0): nothing it was given can DMA any more.
+        self.lost_pages.clear();
         self.admin.reset();
         self.admin_lost = 0;
         let depth = u32::from(self.admin.depth());
@@ -265,7 +274,7 @@ impl Controller {
 
     /// As [`Controller::admin_command`], waiting at most `timeout`. A command that times out
     /// may still complete later and write its data page: the scratch page is then replaced
-    /// (the old one stays mapped for good), so a late transfer cannot corrupt a later result.
+    /// (the old one stays mapped until a reset stops the controller), so a late transfer cannot corrupt a later result.
     fn admin_command_within(
         &mut self,
         mut cmd: NvmeCommand,
@@ -314,7 +323,7 @@ impl Controller {
             if now > deadline {
                 if cmd.prp1 == self.scratch.iova() {
                     match DmaMemory::new(&self.space, &self.device, 4096) {
-                        Ok(fresh) => std::mem::forget(std::mem::replace(&mut self.scratch, fresh)),
+                        Ok(fresh) => self.lost_pages.push(std::mem::replace(&mut self.scratch, fresh)),
                         Err(e) => warn!("cannot replace the admin scratch page after a timeout: {e}"),
                     }
                 }

@@ -269,6 +269,9 @@ pub struct Port {
     /// The controller could not be brought back: its commands fail with `DeviceFault` (or
     /// `DeviceGone`).
     device_failed: bool,
+    /// Resets asked for in a row because this thread's queue could not be created again after
+    /// one (a few are tried before the thread gives the controller up).
+    recreate_tries: u8,
     /// The controller is gone (surprise removal).
     gone: bool,
     /// Whether the device was seen to stop its DMA when it failed. If not, commands it held
@@ -355,6 +358,7 @@ impl IoThread {
                 vector: p.vector,
                 bounce: p.bounce,
                 device_failed: false,
+                recreate_tries: 0,
                 gone: false,
                 dma_stopped: true,
             });

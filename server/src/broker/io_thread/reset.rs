@@ -169,6 +169,7 @@ impl IoThread {
                 let p = &mut self.ports[c];
                 match p.ctrl.recreate_queue(&mut p.dq.queue, p.vector) {
                     Ok(()) => {
+                        p.recreate_tries = 0;
                         let in_flight = p.dq.queue.in_flight();
                         let given_up = p.dq.queue.restart();
                         info!(
@@ -182,6 +183,19 @@ impl IoThread {
                         self.fail_contexts(c, given_up, Status::Broker(BrokerStatus::DeviceReset));
                         self.publish_retries();
                         None
+                    }
+                    // The admin queue may have stopped answering (the Create commands timed
+                    // out): another reset gives it back. A few times, then this thread gives up.
+                    Err(e) if p.recreate_tries < 2 => {
+                        p.recreate_tries += 1;
+                        error!(
+                            thread = self.index,
+                            controller = c,
+                            "the I/O queue could not be created again: {e}; resetting the controller again"
+                        );
+                        let seen = p.generation;
+                        p.ctrl.reset(seen);
+                        return self.recover(c);
                     }
                     Err(e) => {
                         error!(
