@@ -6,6 +6,8 @@ use std::path::PathBuf;
 use clap::{Parser, ValueEnum};
 use serde::Serialize;
 
+use nvmed_server::cpus::{parse_cpu_list, CpuList};
+
 use super::workload::Rw;
 
 /// Load generator for nvmed, with fio's option names. Each job has its own ring (in a thread)
@@ -170,44 +172,4 @@ fn parse_size(s: &str) -> Result<u64, String> {
         _ => (s, 1),
     };
     num.parse::<u64>().map(|v| v * mult).map_err(|e| format!("bad size {s:?}: {e}"))
-}
-
-/// A list of CPU numbers (`--broker-cpus`, `--job-cpus`).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct CpuList(pub(crate) Vec<usize>);
-
-/// `0`, `0,2`, `2-5`, `0,4-6`.
-fn parse_cpu_list(s: &str) -> Result<CpuList, String> {
-    let num = |t: &str| t.trim().parse::<usize>().map_err(|e| format!("bad CPU number {t:?}: {e}"));
-    let mut cpus = Vec::new();
-    for part in s.split(',') {
-        match part.split_once('-') {
-            Some((a, b)) => {
-                let (a, b) = (num(a)?, num(b)?);
-                if a > b {
-                    return Err(format!("bad CPU range {part:?}"));
-                }
-                cpus.extend(a..=b);
-            }
-            None => cpus.push(num(part)?),
-        }
-    }
-    if cpus.is_empty() || cpus.iter().any(|&c| c >= 1024) {
-        return Err(format!("bad CPU list {s:?}"));
-    }
-    Ok(CpuList(cpus))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::{parse_cpu_list, CpuList};
-
-    #[test]
-    fn cpu_lists_parse_and_bad_ones_are_refused() {
-        assert_eq!(parse_cpu_list("1"), Ok(CpuList(vec![1])));
-        assert_eq!(parse_cpu_list("0,2-4"), Ok(CpuList(vec![0, 2, 3, 4])));
-        for bad in ["", "a", "3-1", "1,", "2000"] {
-            assert!(parse_cpu_list(bad).is_err(), "{bad:?}");
-        }
-    }
 }

@@ -4,6 +4,7 @@
 use std::path::PathBuf;
 
 use clap::Parser;
+use nvmed_server::cpus::{parse_cpu_list, CpuList};
 use nvmed_server::emulator::inject::FaultRule;
 use nvmed_server::emulator::model::ModelSpec;
 use nvmed_server::emulator::Wedge;
@@ -184,7 +185,7 @@ pub(crate) struct Args {
     pub(crate) io_threads: IoThreads,
 
     /// Pin the I/O threads to these CPUs, one CPU each in turn, e.g. 2-5 or 0,2,4.
-    #[arg(long, value_name = "LIST", value_parser = parse_cpus)]
+    #[arg(long, value_name = "LIST", value_parser = parse_cpu_list)]
     pub(crate) cpus: Option<CpuList>,
 
     /// While several tenants have I/O at a controller, cap what they may have queued there
@@ -358,31 +359,6 @@ fn parse_io_threads(s: &str) -> Result<IoThreads, String> {
         Ok(n) if (1..=256).contains(&n) => Ok(IoThreads::Count(n)),
         _ => Err("a number of I/O threads from 1 to 256, or auto".into()),
     }
-}
-
-/// `--cpus`: CPU numbers in order.
-#[derive(Debug, Clone)]
-pub(crate) struct CpuList(pub(crate) Vec<usize>);
-
-fn parse_cpus(s: &str) -> Result<CpuList, String> {
-    let mut cpus = Vec::new();
-    for part in s.split(',').map(str::trim) {
-        let num = |t: &str| t.trim().parse::<usize>().map_err(|_| format!("bad CPU number {t:?} in {s:?}"));
-        match part.split_once('-') {
-            Some((a, b)) => {
-                let (a, b) = (num(a)?, num(b)?);
-                if a > b {
-                    return Err(format!("bad CPU range {part:?}"));
-                }
-                cpus.extend(a..=b);
-            }
-            None => cpus.push(num(part)?),
-        }
-    }
-    if cpus.is_empty() || cpus.iter().any(|&c| c >= 1024) {
-        return Err(format!("bad CPU list {s:?}"));
-    }
-    Ok(CpuList(cpus))
 }
 
 fn parse_octal(s: &str) -> Result<u32, String> {

@@ -10,9 +10,11 @@
 //! * [`broker`]: sessions, rings, the I/O poller and the control socket.
 //! * [`policy`]: what each client may do.
 //! * [`activation`]: the listening socket systemd passes (socket activation).
+//! * [`cpus`]: CPU lists on command lines.
 
 pub mod activation;
 pub mod broker;
+pub mod cpus;
 pub mod device;
 pub mod emulator;
 pub mod iova;
