@@ -285,6 +285,9 @@ const IDLE_WAIT: Duration = Duration::from_millis(200);
 
 type Outcome = Option<(u16, u32)>; // (status field, result); None = no completion now
 
+/// The FUSE bits of a command's flags byte.
+const FUSE_MASK: u8 = 0b11;
+
 /// Namespace Not Ready (generic), DNR clear: the host may try again.
 const RETRYABLE_STATUS: u16 = 0x82;
 /// Command Abort Requested (generic), DNR clear.
@@ -857,8 +860,9 @@ impl Inner {
     /// Calls `f(iova, len)` for the first `len` bytes an SGL describes (SGL1 given as the
     /// command's two words): Data Block descriptors, directly in SGL1 or in lists reached
     /// through Segment and Last Segment descriptors. Each data block is handed over in pieces
-    /// that do not cross a page boundary (as an IOMMU translates it). An SGL longer than the
-    /// transfer is fine; a shorter one is "data SGL length invalid".
+    /// that do not cross a page boundary (as an IOMMU translates it). Its data blocks must add
+    /// up to the transfer exactly: shorter or longer is "data SGL length invalid" (Identify
+    /// SGLS does not say that longer ones are allowed, as QEMU's model refuses them too).
     fn walk_sgl(
         &self,
         st: &State,
@@ -871,7 +875,10 @@ impl Inner {
         let dma_err = |_| err(0, sc::DATA_TRANSFER_ERROR);
         let mut left = len;
         let mut data = |address: u64, length: u32, left: &mut u64| -> Result<(), Outcome> {
-            let mut n = u64::from(length).min(*left);
+            if u64::from(length) > *left {
+                return Err(err(0, sc::DATA_SGL_LENGTH_INVALID));
+            }
+            let mut n = u64::from(length);
             let mut a = address;
             while n > 0 {
                 let chunk = n.min(4096 - a % 4096);
@@ -902,9 +909,6 @@ impl Inner {
                     let n = u64::from(list_len) / sgl::DESCRIPTOR_SIZE;
                     let mut next = None;
                     for i in 0..n {
-                        if left == 0 {
-                            return Ok(());
-                        }
                         let at = list + i * sgl::DESCRIPTOR_SIZE;
                         let words = (
                             st.dma.read::<u64>(at).map_err(dma_err)?,
@@ -952,6 +956,10 @@ impl Inner {
     }
 
     fn admin(&self, st: &mut State, cmd: &NvmeCommand) -> Outcome {
+        // Admin commands use PRPs (PSDT 00b) and are never fused.
+        if cmd.flags != 0 {
+            return err(0, sc::INVALID_FIELD);
+        }
         match cmd.opcode {
             admin::IDENTIFY => {
                 let mut d = vec![0u8; 4096];
@@ -1264,6 +1272,10 @@ impl Inner {
     }
 
     fn execute_io(&self, st: &State, cmd: &NvmeCommand) -> Outcome {
+        // Fused operations are not supported (Identify FUSES = 0).
+        if cmd.flags & FUSE_MASK != 0 {
+            return err(0, sc::INVALID_FIELD);
+        }
         let Some(ns) = self.namespace(cmd.nsid) else { return err(0, sc::INVALID_NAMESPACE) };
         let lba = u64::from(ns.lba_size);
         let blocks = ns.backend.size() / lba;
@@ -2191,10 +2203,17 @@ mod tests {
         let mut got = vec![0u8; 1024];
         out.mem().copy_out(0, &mut got);
         assert_eq!(got, pattern, "data went through the chained lists in order");
-        // An SGL longer than the transfer is fine; a shorter one is not.
-        assert_eq!(raw(&mut qp, cmd(io::READ, sgl::descriptor(out.iova(), 4096, sgl::DATA_BLOCK))), 0);
+        // An SGL longer or shorter than the transfer is refused.
+        let long = cmd(io::READ, sgl::descriptor(out.iova(), 4096, sgl::DATA_BLOCK));
+        assert_eq!(raw(&mut qp, long) & 0xff, u16::from(sc::DATA_SGL_LENGTH_INVALID));
         let short = cmd(io::READ, sgl::descriptor(out.iova(), 1000, sgl::DATA_BLOCK));
         assert_eq!(raw(&mut qp, short) & 0xff, u16::from(sc::DATA_SGL_LENGTH_INVALID));
+        // A fused command (not supported).
+        let fused = NvmeCommand {
+            flags: sgl::PSDT_SGL | 1,
+            ..cmd(io::READ, sgl::descriptor(out.iova(), 1024, sgl::DATA_BLOCK))
+        };
+        assert_eq!(raw(&mut qp, fused) & 0xff, u16::from(sc::INVALID_FIELD));
         // Types that are not supported, and sub types other than "address".
         let bucket = cmd(io::READ, sgl::descriptor(out.iova(), 1024, sgl::BIT_BUCKET));
         assert_eq!(raw(&mut qp, bucket) & 0xff, u16::from(sc::SGL_DESCRIPTOR_TYPE_INVALID));
