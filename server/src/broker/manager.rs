@@ -199,7 +199,10 @@ impl ControllerShared {
                 e @ (DriverError::Timeout { .. } | DriverError::AdminQueueStuck(_) | DriverError::Fatal(_)),
             ) => {
                 error!("Get Log Page: {e}; resetting the controller");
-                *pause = (Some(Instant::now() + pause.1), (pause.1 * 2).min(Duration::from_secs(3600)));
+                // Only a SMART read that itself went unanswered pauses the next ones.
+                if matches!(e, DriverError::Timeout { .. }) {
+                    *pause = (Some(Instant::now() + pause.1), (pause.1 * 2).min(Duration::from_secs(3600)));
+                }
                 drop(pause);
                 self.reset_locked(ctrl, seen);
             }
@@ -307,12 +310,16 @@ impl ControllerShared {
 
     /// After a reset: creates an I/O thread's queue again at the same addresses (its commands
     /// are then sent again with [`IoQueue::restart`]).
+    /// Returns the generation the queue was created in (read under the controller's lock: a
+    /// reset another thread made just before is the one this queue lives in).
     pub fn recreate_queue(
         &self,
         queue: &mut IoQueue<InFlight>,
         vector: Option<u16>,
-    ) -> Result<(), DriverError> {
-        self.lock().recreate_io_queue(queue.queue_pair_mut(), vector)
+    ) -> Result<u64, DriverError> {
+        let mut ctrl = self.lock();
+        ctrl.recreate_io_queue(queue.queue_pair_mut(), vector)?;
+        Ok(self.generation())
     }
 
     /// Creates I/O queue `qid` for an I/O thread.

@@ -26,6 +26,7 @@ use super::vectored::finish_bounce;
 use super::{IoThread, EPOCH};
 use crate::broker::manager::DeviceState;
 use crate::nvme::spec::CSTS_CFS;
+use crate::nvme::DriverError;
 
 /// More commands than this overdue at once: the controller is stuck, reset it without aborts.
 const MAX_ABORTS: usize = 4;
@@ -168,7 +169,9 @@ impl IoThread {
             _ => {
                 let p = &mut self.ports[c];
                 match p.ctrl.recreate_queue(&mut p.dq.queue, p.vector) {
-                    Ok(()) => {
+                    Ok(generation) => {
+                        // The reset it lives in (another thread may have made a newer one).
+                        p.generation = generation;
                         p.recreate_tries = 0;
                         let in_flight = p.dq.queue.in_flight();
                         let given_up = p.dq.queue.restart();
@@ -186,7 +189,11 @@ impl IoThread {
                     }
                     // The admin queue may have stopped answering (the Create commands timed
                     // out): another reset gives it back. A few times, then this thread gives up.
-                    Err(e) if p.recreate_tries < 2 => {
+                    Err(
+                        e @ (DriverError::Timeout { .. }
+                        | DriverError::AdminQueueStuck(_)
+                        | DriverError::Fatal(_)),
+                    ) if p.recreate_tries < 2 => {
                         p.recreate_tries += 1;
                         error!(
                             thread = self.index,
