@@ -79,7 +79,9 @@ pub(crate) enum Command {
     /// Each controller's SMART / health data
     ///
     /// The SMART / Health Information log page: critical warnings, temperature, spare, wear,
-    /// data read and written, power-on hours, unsafe shutdowns, media errors.
+    /// data read and written, power-on hours, unsafe shutdowns, media errors. Exits with status
+    /// 2 (after printing) if a controller's log could not be read (failed or gone controller,
+    /// or reads paused after one it did not answer) or reports a critical warning.
     Health,
     /// Read nvmed's configuration again and put its grants and limits in force (as SIGHUP does)
     ///

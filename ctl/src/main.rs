@@ -103,6 +103,25 @@ fn run(cli: Cli) -> Result<(), CtlError> {
             } else {
                 print!("{}", render::health(&h));
             }
+            // Scripts and monitors tell a controller in trouble by the exit status.
+            let troubled: Vec<String> = h
+                .iter()
+                .filter_map(|r| match (&r.error, &r.smart) {
+                    (Some(e), _) => Some(format!("controller {}: {e}", r.controller)),
+                    (None, Some(s)) if s.critical_warning != 0 => Some(format!(
+                        "controller {}: critical warning {:#04x}",
+                        r.controller, s.critical_warning
+                    )),
+                    _ => None,
+                })
+                .collect();
+            if !troubled.is_empty() {
+                let _ = std::io::stdout().flush();
+                for t in &troubled {
+                    eprintln!("nvmectl: {t}");
+                }
+                std::process::exit(2);
+            }
         }
     }
     Ok(())

@@ -753,3 +753,25 @@ fn sessions_are_listed_page_by_page_and_any_number_fits() {
     let all: Vec<u64> = ctl.sessions().unwrap().iter().map(|s| s.id).collect();
     assert_eq!(all, ids);
 }
+
+/// `nvmectl health` exits 2 when a controller's log cannot be read (here: the controller never
+/// answers the Get Log Page, is reset, and the next read is paused), saying why on stderr,
+/// with the table or JSON still printed.
+#[test]
+fn health_exits_2_when_a_controller_is_in_trouble() {
+    use nvmed_server::emulator::inject::{FaultAction, FaultRule};
+    let env = broker_on(
+        |e| e.faults = vec![FaultRule { nth: 1, action: FaultAction::LogPageHang, bad_block: None }],
+        |_| {},
+    );
+    let out = nvmectl(&env, &["health", "--json"]);
+    assert_eq!(out.status.code(), Some(2), "{}", String::from_utf8_lossy(&out.stderr));
+    let h: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(h[0]["smart"].is_null(), "{h}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.starts_with("nvmectl: controller 0: ") && err.contains("admin command"), "{err}");
+    let out = nvmectl(&env, &["health"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("paused for"), "{:?}", out);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("unavailable"), "{:?}", out);
+}

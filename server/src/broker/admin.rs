@@ -312,7 +312,9 @@ fn handle(shared: &Arc<Shared>, req: AdminRequest, cred: &UnixCredentials) -> Ad
                         limits: g.qos.to_string(),
                     })
                     .collect(),
-                default_access: format!("{:?}", policy.default).to_lowercase(),
+                // As the option spells it (`--default-access read-write`).
+                default_access: clap::ValueEnum::to_possible_value(&policy.default)
+                    .map_or_else(|| format!("{:?}", policy.default), |v| v.get_name().to_string()),
             }
         }
         AdminRequest::SetLimits { uid, nsid, limits } => {
