@@ -17,6 +17,7 @@ use nvmectl::DEFAULT_ADMIN_SOCKET;
 ///   nvmectl sessions               who is connected, with IOPS and MB/s over 1 s
 ///   nvmectl top                    the same, refreshed every second (Ctrl-C to quit)
 ///   nvmectl kill 12                end session 12 as if its client had disconnected
+///   nvmectl kill 12 --pid 4242     the same, only if session 12 is still pid 4242's
 ///   nvmectl health                 each controller's SMART / health data
 ///   nvmectl reload                 put the grants of nvmed's configuration in force now
 ///   nvmectl limits                 the grants and their limits
@@ -26,6 +27,11 @@ use nvmectl::DEFAULT_ADMIN_SOCKET;
 /// If nvmed runs with --socket /tmp/nvmed.sock, its admin socket is /tmp/nvmed-admin.sock:
 ///
 ///   nvmectl --admin-socket /tmp/nvmed-admin.sock status
+///
+/// Exit status: 0 done; 1 the broker refused the request (unknown session or grant, bad
+/// limits, a configuration that does not parse); 2 `health` found a controller in trouble;
+/// 3 no answer from the broker (not running, permission denied, busy, timed out). With --json,
+/// errors are printed on stderr as one JSON object: {"error": KIND, "message": TEXT, "exit": N}.
 #[derive(Debug, Parser)]
 #[command(version, verbatim_doc_comment)]
 pub(crate) struct Cli {
@@ -33,9 +39,14 @@ pub(crate) struct Cli {
     #[arg(long, global = true, value_name = "PATH", default_value = DEFAULT_ADMIN_SOCKET)]
     pub(crate) admin_socket: PathBuf,
 
-    /// Print the broker's answer as JSON instead of a table.
+    /// Print the broker's answer as JSON instead of a table (errors as JSON on stderr).
     #[arg(long, global = true)]
     pub(crate) json: bool,
+
+    /// Seconds to wait for the broker to accept the connection and to answer each request
+    /// [default: 30; 120 for kill, which waits for the session's I/O to drain].
+    #[arg(long, global = true, value_name = "SECONDS", value_parser = parse_timeout)]
+    pub(crate) timeout: Option<f64>,
 
     #[command(subcommand)]
     pub(crate) command: Command,
@@ -72,9 +83,20 @@ pub(crate) enum Command {
     ///
     /// Its I/O drains, its buffers are released, and its client sees its rings closed.
     /// Returns once the broker has released it.
+    ///
+    /// Session ids start again at 1 when nvmed restarts: an id read before a restart may name
+    /// another client's session after it. --pid / --uid make the kill refuse (exit status 1,
+    /// nothing ended) unless the session still belongs to that process / user; scripts should
+    /// pass them.
     Kill {
         /// The session id (the ID column of `nvmectl sessions`).
         session: u64,
+        /// Only if the session's client is this process (the PID column).
+        #[arg(long, value_name = "PID")]
+        pid: Option<i32>,
+        /// Only if the session's client runs as this uid (the UID column).
+        #[arg(long, value_name = "UID")]
+        uid: Option<u32>,
     },
     /// Each controller's SMART / health data
     ///
@@ -111,6 +133,10 @@ fn parse_secs(s: &str) -> Result<f64, String> {
         Ok(v) if v.is_finite() && (0.0..=3600.0).contains(&v) => Ok(v),
         _ => Err(format!("{s:?} is not a number of seconds from 0 to 3600")),
     }
+}
+
+fn parse_timeout(s: &str) -> Result<f64, String> {
+    parse_secs(s).and_then(|v| if v >= 0.001 { Ok(v) } else { Err("the timeout must be above 0".into()) })
 }
 
 fn parse_positive_secs(s: &str) -> Result<f64, String> {

@@ -16,8 +16,12 @@ use nvmed_proto::transport::{self, TransportError};
 /// Where nvmed puts its admin socket by default.
 pub const DEFAULT_ADMIN_SOCKET: &str = "/run/nvmed-admin.sock";
 
-/// How long to wait for a reply (a kill waits for the session's I/O to drain).
-const REPLY_TIMEOUT: Duration = Duration::from_secs(120);
+/// How long to wait for a connection and a reply unless told otherwise
+/// ([`AdminClient::with_timeout`]). A kill waits for the session's I/O to drain, which can take
+/// the broker's command timeout and a controller reset: give it [`KILL_TIMEOUT`].
+pub const REPLY_TIMEOUT: Duration = Duration::from_secs(30);
+/// The default wait for [`AdminClient::kill`].
+pub const KILL_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// What can go wrong.
 #[derive(Debug, thiserror::Error)]
@@ -31,10 +35,16 @@ pub enum CtlError {
         reason: String,
     },
     /// The socket file's permissions keep this user out.
-    #[error("cannot connect to {path}: permission denied; nvmectl needs root{}", group_clause(.group))]
+    #[error(
+        "cannot connect to {path}: permission denied; nvmectl needs root{}{}",
+        owner_clause(.owner),
+        group_clause(.group)
+    )]
     PermissionDenied {
         /// The socket path.
         path: PathBuf,
+        /// The user owning the socket file (the user nvmed runs as).
+        owner: Option<String>,
         /// The group owning the socket file when it lets its group in.
         group: Option<String>,
     },
@@ -54,6 +64,52 @@ pub enum CtlError {
     Unexpected(String),
 }
 
+fn owner_clause(owner: &Option<String>) -> String {
+    match owner {
+        Some(o) => format!(", the user nvmed runs as ({o})"),
+        None => String::new(),
+    }
+}
+
+impl CtlError {
+    /// nvmectl's exit status for this error: 1 when the broker refused the request (unknown
+    /// session or grant, bad limits, a configuration that does not parse), 3 when nvmectl could
+    /// not get an answer (no broker, permission denied, busy, timed out, connection failed).
+    /// (2 is `nvmectl health`'s "a controller is in trouble".)
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            CtlError::NotRunning { .. } | CtlError::PermissionDenied { .. } | CtlError::Transport { .. } => 3,
+            CtlError::Broker(
+                AdminError::Busy { .. } | AdminError::NotAuthorized { .. } | AdminError::Timeout(_),
+            ) => 3,
+            CtlError::Broker(_) | CtlError::Unexpected(_) => 1,
+        }
+    }
+
+    /// A short stable name of the error for `--json` output (`not_running`, `unknown_session`, ...).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            CtlError::NotRunning { .. } => "not_running",
+            CtlError::PermissionDenied { .. } => "permission_denied",
+            CtlError::Transport { .. } => "transport",
+            CtlError::Unexpected(_) => "unexpected_reply",
+            CtlError::Broker(e) => match e {
+                AdminError::NotAuthorized { .. } => "permission_denied",
+                AdminError::Busy { .. } => "busy",
+                AdminError::UnknownSession(_) => "unknown_session",
+                AdminError::Timeout(_) => "timeout",
+                AdminError::UnknownGrant { .. } => "unknown_grant",
+                AdminError::Reload(_) => "reload_refused",
+                AdminError::Malformed(_) => "malformed_request",
+                AdminError::TooLarge { .. } => "too_large",
+                AdminError::Internal(_) => "internal",
+                AdminError::BadLimits(_) => "bad_limits",
+                AdminError::NotThatSession { .. } => "not_that_session",
+            },
+        }
+    }
+}
+
 fn group_clause(group: &Option<String>) -> String {
     match group {
         Some(g) => format!(" or membership in group {g}"),
@@ -65,12 +121,20 @@ fn group_clause(group: &Option<String>) -> String {
 #[derive(Debug, Clone)]
 pub struct AdminClient {
     path: PathBuf,
+    timeout: Option<Duration>,
 }
 
 impl AdminClient {
     /// A client of the admin socket at `path`.
     pub fn new(path: impl Into<PathBuf>) -> Self {
-        Self { path: path.into() }
+        Self { path: path.into(), timeout: None }
+    }
+
+    /// The same client, waiting at most `timeout` to connect and for each reply (by default
+    /// [`REPLY_TIMEOUT`], [`KILL_TIMEOUT`] for kills).
+    pub fn with_timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = Some(timeout);
+        self
     }
 
     /// The socket path.
@@ -82,31 +146,46 @@ impl AdminClient {
         CtlError::Transport { path: self.path.clone(), reason: reason.to_string() }
     }
 
-    fn connect(&self) -> Result<OwnedFd, CtlError> {
+    fn connect(&self, timeout: Duration) -> Result<OwnedFd, CtlError> {
         let fd = socket(AddressFamily::Unix, SockType::SeqPacket, SockFlag::SOCK_CLOEXEC, None)
             .map_err(|e| self.transport(e))?;
         let addr = UnixAddr::new(&self.path).map_err(|e| self.transport(e))?;
+        let t = TimeVal::new(timeout.as_secs() as _, timeout.subsec_micros() as _);
+        // A Unix connect waits for room in a full listen backlog (a broker that stopped
+        // accepting) up to the send timeout; sends and receives are bounded the same way.
+        setsockopt(&fd, sockopt::SendTimeout, &t).map_err(|e| self.transport(e))?;
+        setsockopt(&fd, sockopt::ReceiveTimeout, &t).map_err(|e| self.transport(e))?;
         match connect(fd.as_raw_fd(), &addr) {
             Ok(()) => {}
             Err(nix::Error::EACCES) | Err(nix::Error::EPERM) => {
                 return Err(CtlError::PermissionDenied {
                     path: self.path.clone(),
+                    owner: socket_owner(&self.path),
                     group: socket_group(&self.path),
                 })
+            }
+            Err(nix::Error::EAGAIN) | Err(nix::Error::EINPROGRESS) => {
+                return Err(self.transport(format!(
+                    "the broker did not accept the connection within {:.1} s",
+                    timeout.as_secs_f64()
+                )))
             }
             Err(e @ (nix::Error::ENOENT | nix::Error::ECONNREFUSED | nix::Error::ENOTDIR)) => {
                 return Err(CtlError::NotRunning { path: self.path.clone(), reason: e.desc().to_lowercase() })
             }
             Err(e) => return Err(self.transport(e)),
         }
-        let t = TimeVal::new(REPLY_TIMEOUT.as_secs() as _, 0);
-        setsockopt(&fd, sockopt::ReceiveTimeout, &t).map_err(|e| self.transport(e))?;
         Ok(fd)
     }
 
     /// Sends one request and returns the reply (`AdminResponse::Error` as [`CtlError::Broker`]).
     pub fn request(&self, req: &AdminRequest) -> Result<AdminResponse, CtlError> {
-        let fd = self.connect()?;
+        let default = match req {
+            AdminRequest::Kill { .. } | AdminRequest::KillIf { .. } => KILL_TIMEOUT,
+            _ => REPLY_TIMEOUT,
+        };
+        let timeout = self.timeout.unwrap_or(default).max(Duration::from_millis(1));
+        let fd = self.connect(timeout)?;
         // A refused peer is answered and disconnected at once: its send may fail, and the
         // refusal still waits to be read.
         let sent = transport::send(fd.as_fd(), &encode(req), &[]);
@@ -118,7 +197,10 @@ impl AdminClient {
         let msg = match got {
             Ok(m) => m,
             Err(TransportError::Io(nix::Error::EAGAIN)) => {
-                return Err(self.transport(format!("no reply within {} s", REPLY_TIMEOUT.as_secs())))
+                return Err(self.transport(format!(
+                    "no reply within {:.1} s (--timeout SECS to wait longer)",
+                    timeout.as_secs_f64()
+                )))
             }
             Err(e) => {
                 return Err(match sent {
@@ -182,6 +264,20 @@ impl AdminClient {
         }
     }
 
+    /// Ends a session only if its client still has this uid and/or pid (see
+    /// [`AdminRequest::KillIf`]); returns once the broker has released it.
+    pub fn kill_if(&self, session: u64, uid: Option<u32>, pid: Option<i32>) -> Result<(), CtlError> {
+        let req = if uid.is_none() && pid.is_none() {
+            AdminRequest::Kill { session }
+        } else {
+            AdminRequest::KillIf { session, uid, pid }
+        };
+        match self.request(&req)? {
+            AdminResponse::Killed => Ok(()),
+            other => Err(CtlError::Unexpected(format!("{other:?}"))),
+        }
+    }
+
     /// Makes the broker read its configuration again; returns (sessions updated, ended).
     pub fn reload(&self) -> Result<(u64, u64), CtlError> {
         match self.request(&AdminRequest::Reload)? {
@@ -213,6 +309,15 @@ impl AdminClient {
             other => Err(CtlError::Unexpected(format!("{other:?}"))),
         }
     }
+}
+
+/// The user owning the socket file (nvmed creates it as the user it runs as).
+fn socket_owner(path: &Path) -> Option<String> {
+    let uid = nix::unistd::Uid::from_raw(std::fs::metadata(path).ok()?.uid());
+    Some(match nix::unistd::User::from_uid(uid).ok().flatten() {
+        Some(u) => format!("{}, uid {uid}", u.name),
+        None => format!("uid {uid}"),
+    })
 }
 
 /// The group owning the socket file, when its permissions let that group in.

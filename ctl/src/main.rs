@@ -18,9 +18,15 @@ fn main() {
         nix::sys::signal::signal(nix::sys::signal::Signal::SIGPIPE, nix::sys::signal::SigHandler::SigDfl)
     };
     let cli = Cli::parse();
+    let json = cli.json;
     if let Err(e) = run(cli) {
-        eprintln!("nvmectl: {e}");
-        std::process::exit(1);
+        let code = e.exit_code();
+        if json {
+            eprintln!("{}", serde_json::json!({ "error": e.kind(), "message": e.to_string(), "exit": code }));
+        } else {
+            eprintln!("nvmectl: {e}");
+        }
+        std::process::exit(code);
     }
 }
 
@@ -31,7 +37,10 @@ fn print_json<T: Serialize>(v: &T) -> Result<(), CtlError> {
 }
 
 fn run(cli: Cli) -> Result<(), CtlError> {
-    let client = AdminClient::new(&cli.admin_socket);
+    let mut client = AdminClient::new(&cli.admin_socket);
+    if let Some(t) = cli.timeout {
+        client = client.with_timeout(Duration::from_secs_f64(t));
+    }
     match cli.command {
         Command::Status => {
             let s = client.status()?;
@@ -43,23 +52,26 @@ fn run(cli: Cli) -> Result<(), CtlError> {
         }
         Command::Sessions { interval } => {
             let before = client.sessions()?;
-            let (list, measured) = if interval > 0.0 {
+            if interval > 0.0 {
                 let t = Instant::now();
                 std::thread::sleep(Duration::from_secs_f64(interval));
                 let after = client.sessions()?;
-                (session_rates(&before, &after, t.elapsed()), true)
+                let list = session_rates(&before, &after, t.elapsed());
+                if cli.json {
+                    print_json(&list)?;
+                } else {
+                    print!("{}", render::sessions(&list, true));
+                }
+            } else if cli.json {
+                // One sample measures no rate: the sessions and their counters only.
+                print_json(&before)?;
             } else {
-                (session_rates(&[], &before, Duration::ZERO), false)
-            };
-            if cli.json {
-                print_json(&list)?;
-            } else {
-                print!("{}", render::sessions(&list, measured));
+                print!("{}", render::sessions(&session_rates(&[], &before, Duration::ZERO), false));
             }
         }
         Command::Top { interval, iterations } => top(&client, interval, iterations, cli.json)?,
-        Command::Kill { session } => {
-            client.kill(session)?;
+        Command::Kill { session, pid, uid } => {
+            client.kill_if(session, uid, pid)?;
             if cli.json {
                 print_json(&serde_json::json!({ "killed": session }))?;
             } else {
@@ -129,35 +141,53 @@ fn run(cli: Cli) -> Result<(), CtlError> {
 
 fn top(client: &AdminClient, interval: f64, iterations: Option<u64>, json: bool) -> Result<(), CtlError> {
     let tty = std::io::stdout().is_terminal();
-    let mut before = client.sessions()?;
-    let mut t = Instant::now();
+    // The previous sample the rates start from; none after the broker could not be reached.
+    let mut before = Some((client.sessions()?, Instant::now()));
     let mut n = 0;
     while iterations.is_none_or(|max| n < max) {
         std::thread::sleep(Duration::from_secs_f64(interval));
-        let status = client.status()?;
-        let after = client.sessions()?;
-        let elapsed = t.elapsed();
-        t = Instant::now();
-        let list = session_rates(&before, &after, elapsed);
+        let sample = client.status().and_then(|status| Ok((status, client.sessions()?)));
         let mut out = std::io::stdout().lock();
+        if tty && !json {
+            let _ = write!(out, "\x1b[H\x1b[2J");
+        } else if n > 0 && !json {
+            let _ = writeln!(out);
+        }
+        n += 1;
+        let (status, after) = match sample {
+            Ok(s) => s,
+            // The broker restarting, busy or gone for a while: say so and keep trying, as top
+            // does when a process goes away; a refusal is not going to change, so it ends.
+            Err(e) if e.exit_code() == 3 => {
+                before = None;
+                if json {
+                    let line = serde_json::json!({ "error": e.kind(), "message": e.to_string() });
+                    let _ = writeln!(out, "{line}");
+                } else {
+                    let _ = writeln!(out, "nvmectl top: {e}\n(trying again every {interval} s)");
+                }
+                let _ = out.flush();
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
+        let now = Instant::now();
+        let (list, rates) = match &before {
+            Some((b, t)) => (session_rates(b, &after, now.duration_since(*t)), true),
+            None => (session_rates(&[], &after, Duration::ZERO), false),
+        };
         if json {
             let line = serde_json::json!({
                 "uptime_secs": status.uptime_secs,
-                "interval_secs": elapsed.as_secs_f64(),
+                "interval_secs": before.as_ref().map(|(_, t)| now.duration_since(*t).as_secs_f64()),
                 "sessions": list,
             });
             let _ = writeln!(out, "{line}");
         } else {
-            if tty {
-                let _ = write!(out, "\x1b[H\x1b[2J");
-            } else if n > 0 {
-                let _ = writeln!(out);
-            }
-            let _ = write!(out, "{}", render::top(&status, &list, interval));
+            let _ = write!(out, "{}", render::top(&status, &list, interval, rates));
         }
         let _ = out.flush();
-        before = after;
-        n += 1;
+        before = Some((after, now));
     }
     Ok(())
 }

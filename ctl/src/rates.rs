@@ -28,8 +28,9 @@ pub struct SessionRate {
 }
 
 /// The sessions of `after` with their rates since `before`, `elapsed` apart. A session absent
-/// from `before` started within the interval: all its I/O counts. With no elapsed time the
-/// rates are 0.
+/// from `before` started within the interval: all its I/O counts. A session of `before` is the
+/// same one only if its id, pid and start time match (ids start again at 1 when the broker
+/// restarts). With no elapsed time the rates are 0.
 pub fn session_rates(
     before: &[SessionReport],
     after: &[SessionReport],
@@ -40,7 +41,11 @@ pub fn session_rates(
     after
         .iter()
         .map(|s| {
-            let prev = before.iter().find(|b| b.id == s.id).map(|b| b.counters).unwrap_or_default();
+            let prev = before
+                .iter()
+                .find(|b| b.id == s.id && b.pid == s.pid && b.started_unix == s.started_unix)
+                .map(|b| b.counters)
+                .unwrap_or_default();
             let c = s.counters;
             let window: Vec<u64> = c
                 .latency_log2_us
@@ -95,6 +100,15 @@ mod tests {
         assert_eq!((r[0].iops, r[0].read_mb_s), (100.0, 2.0));
         assert_eq!(r[1].iops, 25.0, "a new session's I/O all happened in the interval");
         assert_eq!(session_rates(&before, &after, Duration::ZERO)[0].iops, 0.0);
+    }
+
+    #[test]
+    fn a_session_of_a_restarted_broker_with_a_known_id_is_a_new_one() {
+        let before = [session(1, 1000, 0)];
+        let mut after = [session(1, 30, 0)];
+        after[0].pid = 2;
+        let r = session_rates(&before, &after, Duration::from_secs(1));
+        assert_eq!(r[0].iops, 30.0, "not 0 (1000 completions 'before' are another session's)");
     }
 
     #[test]

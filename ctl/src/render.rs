@@ -217,19 +217,28 @@ pub fn sessions(list: &[SessionRate], rates: bool) -> String {
     )
 }
 
-/// One screen of `nvmectl top`.
-pub fn top(status: &StatusReport, list: &[SessionRate], interval_secs: f64) -> String {
+/// One screen of `nvmectl top`; `rates`: whether the rates were measured (not on the first
+/// sample after the broker could not be reached).
+pub fn top(status: &StatusReport, list: &[SessionRate], interval_secs: f64, rates: bool) -> String {
     let iops: f64 = list.iter().map(|r| r.iops).sum();
     let read: f64 = list.iter().map(|r| r.read_mb_s).sum();
     let write: f64 = list.iter().map(|r| r.write_mb_s).sum();
     let mut out = format!(
-        "nvmed {}, up {}, sessions {}, I/O threads {}; every {interval_secs}s: {iops:.0} IOPS, read {read:.1} MB/s, write {write:.1} MB/s\n\n",
+        "nvmed {}, up {}, sessions {}, I/O threads {}; ",
         status.version,
         duration(status.uptime_secs),
         status.sessions,
         status.io_threads.len(),
     );
-    out.push_str(&sessions(list, true));
+    if rates {
+        let _ = writeln!(
+            out,
+            "every {interval_secs}s: {iops:.0} IOPS, read {read:.1} MB/s, write {write:.1} MB/s\n"
+        );
+    } else {
+        out.push_str("rates from the next refresh\n\n");
+    }
+    out.push_str(&sessions(list, rates));
     out
 }
 

@@ -67,15 +67,24 @@ fn broker_on(device: impl FnOnce(&mut EmulatorConfig), tweak: impl FnOnce(&mut B
         ..Default::default()
     };
     device(&mut emulator);
-    let device = Arc::new(EmulatedController::new(emulator).unwrap());
     let socket = dir.join("nvmed.sock");
     let admin = dir.join("nvmed-admin.sock");
-    let mut config = BrokerConfig::new(&socket);
-    config.admin_socket = Some(admin.clone());
+    let broker = start_broker(emulator, &socket, &admin, tweak);
+    Env { broker: Some(broker), dir, admin, socket }
+}
+
+fn start_broker(
+    emulator: EmulatorConfig,
+    socket: &Path,
+    admin: &Path,
+    tweak: impl FnOnce(&mut BrokerConfig),
+) -> Broker {
+    let device = Arc::new(EmulatedController::new(emulator).unwrap());
+    let mut config = BrokerConfig::new(socket);
+    config.admin_socket = Some(admin.to_path_buf());
     config.io_threads = 2;
     tweak(&mut config);
-    let broker = Broker::start(device, config).unwrap();
-    Env { broker: Some(broker), dir, admin, socket }
+    Broker::start(device, config).unwrap()
 }
 
 /// A client thread that writes and reads 4 KiB blocks until `stop`, on `rings` rings of one
@@ -157,6 +166,9 @@ fn status_and_health_follow_the_io() {
     let s = ctl.status().unwrap();
     assert_eq!(s.sessions, 1);
     assert_eq!((s.totals.bytes_written, s.totals.bytes_read, s.totals.completed), (written, 1 << 20, 33));
+    // The latency histogram is summed too (it was left at zero).
+    assert_eq!(s.totals.latency_log2_us.iter().sum::<u64>(), 33, "{:?}", s.totals.latency_log2_us);
+    assert!(s.totals.latency_sum_us > 0);
     assert_eq!(s.registered_buffers, 1);
     assert!(s.registered_bytes >= 4 << 20, "{}", s.registered_bytes);
     assert_eq!(s.io_threads.iter().map(|t| t.rings).sum::<u64>(), 1);
@@ -325,7 +337,33 @@ fn the_binary_prints_tables_and_json() {
     let text = String::from_utf8(nvmectl(&env, &["health"]).stdout).unwrap();
     assert!(text.contains("313 K (40 °C)"), "{text}");
 
-    let k = json(&nvmectl(&env, &["kill", &workers[0].session.to_string(), "--json"]));
+    // One sample measures no rate: no rate fields rather than zeros.
+    let list = json(&nvmectl(&env, &["sessions", "--json", "--interval", "0"]));
+    assert_eq!(list.as_array().unwrap().len(), 2);
+    assert!(
+        list[0].get("iops").is_none() && list[0]["counters"]["completed"].as_u64().unwrap() > 0,
+        "{list}"
+    );
+
+    // A kill that names another pid or uid than the session's ends nothing.
+    let id = workers[0].session.to_string();
+    let me = std::process::id().to_string();
+    let out = nvmectl(&env, &["kill", &id, "--pid", "1", "--json"]);
+    assert_eq!((out.status.code(), out.stdout.len()), (Some(1), 0));
+    let e: serde_json::Value = serde_json::from_slice(&out.stderr).unwrap();
+    assert_eq!(e["error"], "not_that_session");
+    assert_eq!(
+        e["message"],
+        format!("session {id} is pid {me}, not pid 1; nothing was ended (see `nvmectl sessions`)")
+    );
+    let out = nvmectl(&env, &["kill", &id, "--uid", "4321", "--pid", &me]);
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr),
+        format!("nvmectl: session {id} is uid 0, pid {me}, not uid 4321, pid {me}; nothing was ended (see `nvmectl sessions`)\n")
+    );
+    assert_eq!(json(&nvmectl(&env, &["status", "--json"]))["sessions"], 2, "nothing was ended");
+    let k = json(&nvmectl(&env, &["kill", &id, "--pid", &me, "--uid", "0", "--json"]));
     assert_eq!(k["killed"], workers[0].session);
     let out = nvmectl(&env, &["kill", "999999"]);
     assert_eq!(out.status.code(), Some(1));
@@ -343,12 +381,23 @@ fn the_binary_prints_tables_and_json() {
         .arg("status")
         .output()
         .unwrap();
-    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(out.status.code(), Some(3), "3: no answer from the broker");
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
         err.starts_with("nvmectl: no broker is listening on") && err.contains("is nvmed running?"),
         "{err}"
     );
+    // With --json the error is JSON too (on stderr; stdout stays empty for the pipe).
+    let out = Command::new(env!("CARGO_BIN_EXE_nvmectl"))
+        .arg("--admin-socket")
+        .arg(&gone)
+        .args(["status", "--json"])
+        .output()
+        .unwrap();
+    assert_eq!((out.status.code(), out.stdout.len()), (Some(3), 0));
+    let e: serde_json::Value = serde_json::from_slice(&out.stderr).unwrap();
+    assert_eq!((e["error"].as_str(), e["exit"].as_i64()), (Some("not_running"), Some(3)), "{e}");
+    assert!(e["message"].as_str().unwrap().contains("is nvmed running?"), "{e}");
 }
 
 /// A copy of the nvmectl binary other uids can run (the build tree may be closed to them).
@@ -394,11 +443,11 @@ fn only_operators_are_served() {
     // The socket file keeps other users out (mode 0600): a clear message from nvmectl.
     let env = broker(|_| {});
     let (code, _, err) = as_uid(&env, 1000, 1000);
-    assert_eq!(code, Some(1));
+    assert_eq!(code, Some(3));
     assert_eq!(
         err,
         format!(
-            "nvmectl: cannot connect to {}: permission denied; nvmectl needs root\n",
+            "nvmectl: cannot connect to {}: permission denied; nvmectl needs root, the user nvmed runs as (root, uid 0)\n",
             env.admin.display()
         )
     );
@@ -407,7 +456,7 @@ fn only_operators_are_served() {
     // A socket anyone can reach: the broker's own check refuses with its typed error.
     let env = broker(|c| c.admin_socket_mode = Some(0o666));
     let (code, out, err) = as_uid(&env, 1000, 1000);
-    assert_eq!((code, out.as_str()), (Some(1), ""));
+    assert_eq!((code, out.as_str()), (Some(3), ""));
     assert_eq!(
         err,
         "nvmectl: permission denied for uid 1000: nvmectl needs root (the broker was started without --admin-group)\n"
@@ -425,7 +474,7 @@ fn only_operators_are_served() {
     assert_eq!(code, Some(0), "{err}");
     assert!(out.contains(MODEL), "{out}");
     let (code, _, err) = as_uid(&env, 1000, 1000);
-    assert_eq!(code, Some(1));
+    assert_eq!(code, Some(3));
     assert_eq!(
         err,
         "nvmectl: permission denied for uid 1000: nvmectl needs root or membership in group root\n"
@@ -508,8 +557,10 @@ fn limits_are_shown_and_changed_at_run_time() {
     assert_eq!(env.client().set_limits(0, 1, "weight=2,iops=4k,qd=8").unwrap(), (1, 0));
     assert_eq!(env.client().limits().unwrap().0[0].limits, "weight=2,iops=4000,qd=8,per=uid");
     // Mistakes are refused with the reason; nothing changes.
-    let e = env.client().set_limits(0, 1, "iops=lots").unwrap_err().to_string();
-    assert!(e.contains("iops=lots"), "{e}");
+    let e = env.client().set_limits(0, 1, "iops=lots").unwrap_err();
+    assert!(matches!(e, CtlError::Broker(AdminError::BadLimits(_))), "{e:?}");
+    let e = e.to_string();
+    assert!(e.starts_with("bad limits, nothing changed: ") && e.contains("iops=lots"), "{e}");
     let e = env.client().set_limits(0, 9, "iops=1k").unwrap_err().to_string();
     assert!(e.contains("no grant for uid 0 on namespace 9"), "{e}");
     assert_eq!(env.client().limits().unwrap().0[0].limits, "weight=2,iops=4000,qd=8,per=uid");
@@ -547,6 +598,9 @@ fn sessions_show_the_time_held_by_limits() {
     let cell = cells[cells.len() - from_end];
     let held: f64 = cell.strip_suffix('%').and_then(|c| c.parse().ok()).expect("a percentage");
     assert!(held > 30.0, "{text}");
+    // The broker's totals carry the held time too (status summed every counter but it).
+    assert!(ctl.status().unwrap().totals.throttled_ns >= second[0].counters.throttled_ns);
+    assert!(second[0].counters.throttled_ns > 0);
     stop.store(true, Ordering::Relaxed);
     assert!(w.thread.join().unwrap().unwrap() > 0);
 }
@@ -774,4 +828,71 @@ fn health_exits_2_when_a_controller_is_in_trouble() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("paused for"), "{:?}", out);
     assert!(String::from_utf8_lossy(&out.stdout).contains("unavailable"), "{:?}", out);
+}
+
+#[test]
+fn top_keeps_going_while_the_broker_restarts() {
+    use std::io::BufRead;
+    let mut env = broker(|_| {});
+    let mut top = Command::new(env!("CARGO_BIN_EXE_nvmectl"))
+        .arg("--admin-socket")
+        .arg(&env.admin)
+        .args(["top", "--json", "--interval", "0.1", "--iterations", "1000"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let stdout = top.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let next = || -> serde_json::Value {
+        let line = rx.recv_timeout(Duration::from_secs(30)).expect("top keeps printing");
+        serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line}"))
+    };
+    assert!(next()["sessions"].is_array());
+    // The broker goes away: top says so and keeps trying (it ended with the first error).
+    env.broker.take().unwrap().shutdown().unwrap();
+    let gone = loop {
+        let l = next();
+        if l.get("error").is_some() {
+            break l;
+        }
+    };
+    assert_eq!(gone["error"], "not_running", "{gone}");
+    assert!(next().get("error").is_some(), "still away, still running");
+    // A broker is back on the same socket with a client: top shows it, rates from its next
+    // refresh on.
+    let emulator = EmulatorConfig {
+        namespaces: vec![EmulatedNamespace {
+            backend: Box::new(MemoryBackend::new(NAMESPACE).unwrap()),
+            lba_size: 512,
+        }],
+        vectors: 3,
+        ..Default::default()
+    };
+    env.broker = Some(start_broker(emulator, &env.socket, &env.admin, |_| {}));
+    let _ring = NvmeRing::open(&env.socket).unwrap();
+    let back = loop {
+        let l = next();
+        if l.get("sessions").is_some() {
+            break l;
+        }
+    };
+    assert!(back["interval_secs"].is_null(), "no rate across the restart: {back}");
+    // Measured again from the next refresh (the ring may open a refresh or two later).
+    let l = next();
+    assert!(l["interval_secs"].as_f64().is_some(), "{l}");
+    let mut l = l;
+    while l["sessions"].as_array().unwrap().is_empty() {
+        l = next();
+    }
+    assert_eq!(l["sessions"][0]["rings"], 1, "{l}");
+    assert!(top.try_wait().unwrap().is_none(), "top still runs");
+    let _ = top.kill();
+    let _ = top.wait();
 }

@@ -48,6 +48,18 @@ pub enum AdminRequest {
         /// Most sessions wanted.
         max: u32,
     },
+    /// [`AdminRequest::Kill`], only if the session still belongs to this uid and/or pid (an
+    /// operator's `nvmectl kill ID --pid PID`: session ids start again at 1 when the broker
+    /// restarts, so an id read before a restart may name another tenant's session after it).
+    /// A mismatch is refused with [`AdminError::NotThatSession`] and nothing is ended.
+    KillIf {
+        /// The session id.
+        session: u64,
+        /// Its client's uid must be this one.
+        uid: Option<u32>,
+        /// Its client's pid must be this one.
+        pid: Option<i32>,
+    },
 }
 
 /// Most sessions in one [`AdminResponse::SessionsPage`].
@@ -152,6 +164,19 @@ pub enum AdminError {
     /// The broker failed for its own reasons.
     #[error("broker error: {0}")]
     Internal(String),
+    /// [`AdminRequest::SetLimits`] named limits that do not parse; nothing changed.
+    #[error("bad limits, nothing changed: {0}")]
+    BadLimits(String),
+    /// [`AdminRequest::KillIf`]: the session is not the one the operator meant; nothing ended.
+    #[error("session {session} is {found}, not {expected}; nothing was ended (see `nvmectl sessions`)")]
+    NotThatSession {
+        /// The session id.
+        session: u64,
+        /// What the operator named (`uid 1000, pid 4242`).
+        expected: String,
+        /// What the session is.
+        found: String,
+    },
 }
 
 fn group_clause(group: &Option<String>) -> String {

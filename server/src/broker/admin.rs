@@ -285,6 +285,30 @@ fn handle(shared: &Arc<Shared>, req: AdminRequest, cred: &UnixCredentials) -> Ad
             }
             AdminResponse::SessionsPage { sessions, more }
         }
+        AdminRequest::KillIf { session, uid, pid } => {
+            let Some(entry) = shared.registry.get(session) else {
+                return AdminResponse::Error(AdminError::UnknownSession(session));
+            };
+            let r = entry.report();
+            if uid.is_some_and(|u| u != r.uid) || pid.is_some_and(|p| p != r.pid) {
+                let named = |u: Option<u32>, p: Option<i32>| {
+                    let mut parts = Vec::new();
+                    if let Some(u) = u {
+                        parts.push(format!("uid {u}"));
+                    }
+                    if let Some(p) = p {
+                        parts.push(format!("pid {p}"));
+                    }
+                    parts.join(", ")
+                };
+                return AdminResponse::Error(AdminError::NotThatSession {
+                    session,
+                    expected: named(uid, pid),
+                    found: named(uid.map(|_| r.uid), pid.map(|_| r.pid)),
+                });
+            }
+            handle(shared, AdminRequest::Kill { session }, cred)
+        }
         AdminRequest::Kill { session } => match kill(shared, session) {
             Ok(()) => {
                 info!(
@@ -320,7 +344,7 @@ fn handle(shared: &Arc<Shared>, req: AdminRequest, cred: &UnixCredentials) -> Ad
         AdminRequest::SetLimits { uid, nsid, limits } => {
             let qos: crate::policy::Qos = match limits.parse() {
                 Ok(q) => q,
-                Err(e) => return AdminResponse::Error(AdminError::Reload(e)),
+                Err(e) => return AdminResponse::Error(AdminError::BadLimits(e)),
             };
             match shared.set_limits(uid, nsid, qos) {
                 Ok(r) => {
@@ -345,13 +369,8 @@ fn status(shared: &Shared) -> StatusReport {
     let mut totals = Totals::default();
     let mut registered_buffers = 0;
     for s in &sessions {
-        let t = s.totals();
-        totals.submitted += t.submitted;
-        totals.completed += t.completed;
-        totals.errors += t.errors;
-        totals.bytes_read += t.bytes_read;
-        totals.bytes_written += t.bytes_written;
-        totals.in_flight += t.in_flight;
+        // Every counter, the latency histogram and the throttled time included.
+        super::registry::add(&mut totals, &s.totals());
         registered_buffers += s.buffers();
     }
     let controllers = shared

@@ -279,6 +279,11 @@ impl Registry {
         self.ended.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
+    /// Session `id`, if it is live.
+    pub fn get(&self, id: u64) -> Option<Arc<SessionEntry>> {
+        self.sessions.lock().unwrap_or_else(|p| p.into_inner()).get(&id).cloned()
+    }
+
     /// Whether session `id` is live.
     pub fn contains(&self, id: u64) -> bool {
         self.sessions.lock().unwrap_or_else(|p| p.into_inner()).contains_key(&id)
