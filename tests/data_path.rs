@@ -134,8 +134,8 @@ fn delayed_completion_arrives_late_and_correct() {
 
 #[test]
 fn unregistering_a_buffer_with_io_in_flight_waits_for_the_io() {
-    // The first I/O is held for 1.5 s by the device.
-    let broker = TestBroker::start(&["--inject", "delay:1:1500"]);
+    // The first I/O is held for 3 s by the device.
+    let broker = TestBroker::start(&["--inject", "delay:1:3000"]);
     let mut ring = broker.connect();
     let ns = ring.namespaces()[0].nsid;
     let buf = ring.alloc_buffer(4096).unwrap();
@@ -156,34 +156,45 @@ fn unregistering_a_buffer_with_io_in_flight_waits_for_the_io() {
         (session.control(&Request::UnregisterBuffer { buffer_id: buf.0 }, &[]), asked.elapsed())
     });
     // Meanwhile new requests may not use it (the broker refuses them), other buffers work.
-    std::thread::sleep(Duration::from_millis(200));
-    // SAFETY: the raw request names a buffer the broker is unregistering; no memory of this
-    // process is involved beyond the ring.
-    unsafe {
-        ring.prep_raw(Sqe {
-            opcode: Opcode::Read as u8,
-            nsid: ns,
-            len: 4096,
-            buf_id: buf.0,
-            user_data: 77,
-            ..Sqe::default()
-        })
-    }
-    .unwrap();
-    ring.submit().unwrap();
+    // Reads of it succeed until the unregister reaches the broker, then are refused while
+    // the held read is still at the device.
     let mut out = Vec::new();
-    while !out.iter().any(|c: &nvmed_client::Completion| c.user_data == 77) {
-        ring.wait(1, &mut out, Some(Duration::from_secs(5))).unwrap();
-    }
-    let refused = out.iter().find(|c| c.user_data == 77).unwrap();
+    let mut tag = 77u64;
+    let refused = loop {
+        assert!(asked.elapsed() < Duration::from_secs(20), "no read of the buffer was refused");
+        // SAFETY: the raw request names a buffer the broker is unregistering; no memory of
+        // this process is involved beyond the ring.
+        unsafe {
+            ring.prep_raw(Sqe {
+                opcode: Opcode::Read as u8,
+                nsid: ns,
+                len: 4096,
+                buf_id: buf.0,
+                user_data: tag,
+                ..Sqe::default()
+            })
+        }
+        .unwrap();
+        ring.submit().unwrap();
+        while !out.iter().any(|c: &nvmed_client::Completion| c.user_data == tag) {
+            ring.wait(1, &mut out, Some(Duration::from_secs(5))).unwrap();
+        }
+        let c = *out.iter().find(|c| c.user_data == tag).unwrap();
+        if c.status != Status::Success {
+            break c;
+        }
+        tag += 1;
+        std::thread::sleep(Duration::from_millis(10));
+    };
     assert_eq!(refused.status, Status::Broker(BrokerStatus::BadBuffer), "{refused:?}");
-    let (answer, waited) = unregister.join().unwrap();
+    assert!(
+        !out.iter().any(|c| c.user_data == 5),
+        "refused while the held read was still at the device (else the buffer was simply gone)"
+    );
+    let (answer, _) = unregister.join().unwrap();
     answer.unwrap();
-    assert!(waited >= Duration::from_millis(1000), "answered after {waited:?}, before the read completed");
-    // The held read completed normally (before the answer).
-    while !out.iter().any(|c| c.user_data == 5) {
-        ring.wait(1, &mut out, Some(Duration::from_secs(5))).unwrap();
-    }
+    // The held read completed normally, before the answer: its completion is already there.
+    ring.poll(&mut out).unwrap();
     let held = out.iter().find(|c| c.user_data == 5).unwrap();
     assert!(held.status.is_success(), "{held:?}");
     ring.write(ns, 4096, other, 0, 4096).unwrap();
@@ -222,7 +233,7 @@ fn killed_client_scenario(args: &[&str]) {
         random_write_read(&mut survivor, (32 * MIB, 8 * MIB), 99, 6);
         survivor
     });
-    std::thread::sleep(Duration::from_millis(100));
+    // The child has writes at the device or streaming through its ring (start_hammer).
     child.kill().unwrap(); // SIGKILL, with I/O in flight
     child.wait().unwrap();
     let mut survivor = survivor_thread.join().expect("the surviving client failed");
@@ -807,19 +818,18 @@ fn grants_across_several_namespaces() {
 
 #[test]
 fn a_new_session_can_wait_for_a_killed_client_s_io_to_drain() {
-    // Every command spends a second at the device: the killed client's are still there.
-    let broker = TestBroker::start(&["--emulator-mode", "async", "--emulator-latency-us", "1000000"]);
+    // Every command spends two seconds at the device: the killed client's are still there.
+    let broker = TestBroker::start(&["--emulator-mode", "async", "--emulator-latency-us", "2000000"]);
     let mut me = broker.connect();
+    // Returns once the broker reports the child's writes at the device.
     let mut child = start_hammer("hammer", &broker.socket);
-    // Its first writes reach the device within microseconds; they stay there a second.
-    std::thread::sleep(Duration::from_millis(200));
     child.kill().unwrap();
     child.wait().unwrap();
     let t = Instant::now();
     let waited = me.session().await_drained(Duration::from_secs(20)).unwrap();
     let took = t.elapsed();
     assert_eq!(waited, 1, "the killed client's session was not waited for");
-    assert!(took >= Duration::from_millis(300), "returned after {took:?}, before its I/O could finish");
+    assert!(took >= Duration::from_millis(500), "returned after {took:?}, before its I/O could finish");
     // Once it returns, the dead session is gone, memory and all.
     let stats = me.stats().unwrap();
     assert_eq!(stats.broker_sessions, 1);

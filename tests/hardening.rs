@@ -531,7 +531,13 @@ fn a_client_that_does_not_read_its_replies_is_dropped() {
             break;
         }
     }
-    std::thread::sleep(Duration::from_secs(12));
+    // The broker gives up on it after its 10 s send timeout: only the watching session stays.
+    {
+        let mut me = broker.connect();
+        wait_until("the silent session to be dropped", Duration::from_secs(40), || {
+            me.stats().unwrap().broker_sessions == 1
+        });
+    }
     // Reading now must find the end of the connection (after whatever replies are still
     // queued; closing with our requests unread resets it, which drops them).
     setsockopt(&s, sockopt::ReceiveTimeout, &nix::sys::time::TimeVal::new(2, 0)).unwrap();
@@ -698,7 +704,10 @@ fn a_deep_tenant_cannot_starve_a_shallow_one() {
             stop.load(Ordering::Relaxed)
         })
     };
-    std::thread::sleep(Duration::from_millis(300));
+    // The deep tenant is filling the device queue before the shallow one starts.
+    wait_until("the deep tenant at the device", Duration::from_secs(20), || {
+        max_in_flight.load(Ordering::Relaxed) >= 16
+    });
     let mut shallow = broker.connect();
     let ns = shallow.namespaces()[0].nsid;
     let buf = shallow.alloc_buffer(4096).unwrap();
@@ -1055,9 +1064,9 @@ fn a_controller_whose_admin_queue_stops_answering_is_reset() {
         Err(e) => assert!(e.contains("admin command"), "{e}"),
         Ok(s) => panic!("the hung Get Log Page was answered: {s:?}"),
     }
-    std::thread::sleep(Duration::from_millis(1100)); // past the SMART cache's second
-                                                     // SMART reads pause for a while after one that hung (else a log page a controller never
-                                                     // answers would reset it at every health request), and say so.
+    // Past the SMART cache's second: SMART reads pause for a while after one that hung (else a
+    // log page a controller never answers would reset it at every health request), and say so.
+    std::thread::sleep(Duration::from_millis(1100));
     let again = ring.health().unwrap();
     match &again[0].smart {
         Err(e) => assert!(e.contains("paused for"), "{e}"),

@@ -69,7 +69,9 @@ fn a_modelled_device_runs_at_its_iops_cap_and_its_latency() {
     let (min, median) = (latencies[0], latencies[latencies.len() / 2]);
     eprintln!("QD1: min {min:?}, median {median:?}, max {:?}", latencies[latencies.len() - 1]);
     assert!(min >= LATENCY, "a read completed in {min:?}, before the modelled {LATENCY:?}");
-    assert!(median <= LATENCY + Duration::from_millis(1), "QD1 median {median:?}, modelled {LATENCY:?}");
+    // The median says the modelled time is what a read takes (with room for a loaded machine
+    // running other tests: wakeups of three threads in a debug build).
+    assert!(median <= LATENCY + Duration::from_millis(5), "QD1 median {median:?}, modelled {LATENCY:?}");
 
     // Queue depth 32, after a warm-up, for a second. Never above the cap; at least 70% of it
     // in one of three tries (a busy machine may starve the broker for a while).

@@ -156,7 +156,16 @@ fn ringbench_verify_survives_kill_dash_nine_of_the_broker() {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    std::thread::sleep(Duration::from_millis(1200));
+    // Killed once ringbench is connected and moving data (the device's DMA count, which root
+    // sees broker-wide, grows).
+    {
+        let mut me = broker.connect();
+        let start = me.stats().unwrap().device_dma_bytes.unwrap();
+        common::wait_until("ringbench's I/O", Duration::from_secs(20), || {
+            let s = me.stats().unwrap();
+            s.broker_sessions >= 2 && s.device_dma_bytes.unwrap() >= start + (4 << 20)
+        });
+    }
     broker.kill9();
     std::thread::sleep(Duration::from_millis(200)); // nobody listening for a while
     broker.restart();

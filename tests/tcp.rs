@@ -554,8 +554,30 @@ fn persistent_broker(latency_us: &str) -> TestBroker {
     let file = dir.join("disk.img").to_str().unwrap().to_string();
     TestBroker::start_in(
         dir,
-        &["--backing", &file, "--emulator-mode", "async", "--emulator-latency-us", latency_us],
+        &[
+            "--backing",
+            &file,
+            "--emulator-mode",
+            "async",
+            "--emulator-latency-us",
+            latency_us,
+            "--metrics-listen",
+            "127.0.0.1:0",
+        ],
     )
+}
+
+/// Waits until `broker` (a [`persistent_broker`]) has `n` requests at its device
+/// (`nvmed_in_flight`), so that a kill lands while they are there.
+fn wait_at_device(broker: &TestBroker, n: u64) {
+    let url = broker.ready.split("metrics on ").nth(1).expect("a metrics address").to_string();
+    common::wait_until(&format!("{n} requests at nvmed's device"), Duration::from_secs(10), || {
+        let text = ureq::get(&url).call().unwrap().body_mut().read_to_string().unwrap();
+        text.lines()
+            .find_map(|l| l.strip_prefix("nvmed_in_flight "))
+            .map(|v| v.trim().parse::<u64>().unwrap())
+            == Some(n)
+    });
 }
 
 /// Submits `cmds` (write data, or a read of that length) on `q` at once and completes them all.
@@ -570,14 +592,16 @@ fn queue_depth(q: &mut Initiator, cmds: Vec<(NvmeCmd, Option<Vec<u8>>, usize)>) 
     done
 }
 
-/// Eight writes (in-capsule and after an R2T) per queue, then eight reads, with nvmed killed
-/// (SIGKILL) while they are at the device and started again on the same socket: every command
-/// completes successfully, the data reads back, and the admin queue kept answering meanwhile.
+/// Eight writes per queue, then eight reads, with nvmed killed (SIGKILL) and started again on
+/// the same socket: the reads and the in-capsule writes (4 and 8 KiB) are at the device when it
+/// dies, the larger writes wait for their R2T (this initiator sends their data when it
+/// completes). Every command completes successfully, the data reads back, and the admin queue
+/// kept answering meanwhile.
 #[test]
 fn io_rides_through_an_nvmed_restart() {
     // The target on one current-thread runtime, as nvmed-tcp runs by default: a queue waiting
     // for nvmed must not hold up the others or the admin queue.
-    let broker = persistent_broker("20000");
+    let broker = persistent_broker("500000");
     let mut f = fixture_on(broker, |_| {});
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -604,7 +628,7 @@ fn io_rides_through_an_nvmed_restart() {
     // Block ranges per queue and command: 8 commands of 4 to 32 KiB.
     let place = |q: usize, k: usize| ((q * 8 + k) as u64 * 64, 4096 * (1 + k % 8));
     let round = |f: &mut Fixture, a: &mut Initiator, qs: &mut [Initiator; 2], write: bool, seed: u64| {
-        // Submit on both queues, kill nvmed while the commands are at the device (20 ms each).
+        // Submit on both queues, kill nvmed while the commands are at the device (500 ms each).
         let mut cids = [Vec::new(), Vec::new()];
         for (qi, q) in qs.iter_mut().enumerate() {
             for k in 0..8 {
@@ -618,7 +642,8 @@ fn io_rides_through_an_nvmed_restart() {
                 cids[qi].push(cid.unwrap());
             }
         }
-        std::thread::sleep(Duration::from_millis(5));
+        // Reads: all 16; writes: those whose data came in the capsule (up to 8 KiB: k = 0, 1).
+        wait_at_device(&f.broker, if write { 4 } else { 16 });
         f.broker.kill9();
         let down = Instant::now();
         // The controller stays: keep alives and Identify are answered while nvmed is away.
@@ -696,7 +721,7 @@ fn nvmed_gone_for_good_fails_commands_retryably() {
         )
         .unwrap();
     }
-    std::thread::sleep(Duration::from_millis(20));
+    wait_at_device(&f.broker, 4);
     f.broker.kill9();
     let down = Instant::now();
     for _ in 0..4 {

@@ -31,15 +31,18 @@ fn main() {
     }
 }
 
-/// Writes 128 KiB blocks at QD64 into 48..56 MiB of namespace 1 until killed.
+/// Writes 128 KiB blocks at QD64 into 48..56 MiB of namespace 1 until killed. Prints
+/// `HAMMERING` once the broker reports some of them at the device (or, on a device that
+/// completes at once, once 256 have completed: the ring is never empty from then on).
 fn hammer(socket: &str) {
     let mut ring = NvmeRing::open(socket).unwrap();
     let ns = ring.namespaces()[0].nsid;
     let buf = ring.alloc_buffer(8 * MIB as usize).unwrap();
     ring.buffer_mut(buf, 0, 8 * MIB).unwrap().fill(0x5a);
-    println!("HAMMERING");
     let mut out = Vec::new();
     let mut i = 0u64;
+    let mut completed = 0usize;
+    let mut announced = false;
     loop {
         while ring.in_flight() < 64 {
             let off = (i % 64) * 128 * 1024;
@@ -47,8 +50,13 @@ fn hammer(socket: &str) {
             i += 1;
         }
         ring.submit().unwrap();
+        if !announced && (completed >= 256 || ring.stats().unwrap().in_flight > 0) {
+            println!("HAMMERING");
+            announced = true;
+        }
         out.clear();
         ring.wait(1, &mut out, None).unwrap();
+        completed += out.len();
     }
 }
 
@@ -143,8 +151,13 @@ fn hold(mode: &str, n: usize, socket: &str) {
                 connect(s.as_raw_fd(), &UnixAddr::new(path).unwrap()).unwrap();
                 conns.push(s);
             }
-            std::thread::sleep(Duration::from_millis(300));
             // A refused connection has the broker's explanation waiting; an accepted one is silent.
+            // The broker takes connections in order: once the last one is answered (refused),
+            // every earlier one has been dealt with. (If none is refused, this waits 10 s.)
+            if let Some(last) = conns.last() {
+                let mut p = [nix::poll::PollFd::new(last.as_fd(), nix::poll::PollFlags::POLLIN)];
+                let _ = nix::poll::poll(&mut p, nix::poll::PollTimeout::from(10_000u16));
+            }
             conns.retain(|c| {
                 let mut p = [nix::poll::PollFd::new(c.as_fd(), nix::poll::PollFlags::POLLIN)];
                 if nix::poll::poll(&mut p, nix::poll::PollTimeout::ZERO).unwrap() == 0 {

@@ -341,6 +341,7 @@ impl Scraper {
             uptime: sh.started.elapsed().as_secs_f64(),
             connections: sh.quotas.held(Resource::Connection),
             max_sessions: sh.config.max_sessions as u64,
+            reloads: sh.reload_counts(),
             registered_bytes: sh.space.used(crate::iova::Area::Buffers),
             registered_limit: sh.config.max_buffer_bytes_total,
             sessions,
@@ -401,6 +402,8 @@ struct Snapshot {
     uptime: f64,
     connections: u64,
     max_sessions: u64,
+    /// Configuration reloads: put in force, refused, whether the last one was put in force.
+    reloads: (u64, u64, bool),
     registered_bytes: u64,
     registered_limit: u64,
     sessions: Vec<SessionRow>,
@@ -484,6 +487,24 @@ impl Collector for Snapshot {
             "Most concurrent sessions (--max-sessions)",
             Gauge,
             one(self.max_sessions),
+        )?;
+        let (reloaded, refused, last_ok) = self.reloads;
+        family(
+            e,
+            "nvmed_config_reloads",
+            "Reloads of the configuration file (SIGHUP, nvmectl reload), by result",
+            Counter,
+            [
+                (vec![("result", "success".to_string())], reloaded),
+                (vec![("result", "failure".to_string())], refused),
+            ],
+        )?;
+        family(
+            e,
+            "nvmed_config_last_reload_successful",
+            "1 if the last reload of the configuration was put in force (or there was none), 0 if it was refused",
+            Gauge,
+            one(u64::from(last_ok)),
         )?;
         let ended: u64 = self.uids.values().map(|u| u.ended).sum();
         family(e, "nvmed_sessions_ended", "Sessions that ended (released)", Counter, one(ended))?;

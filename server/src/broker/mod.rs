@@ -230,6 +230,10 @@ pub struct Shared {
     policy: std::sync::RwLock<Policy>,
     /// Reads the grants again from where they came from (the daemon's configuration).
     reloader: Mutex<Option<Reloader>>,
+    /// Reloads of the configuration (SIGHUP, `nvmectl reload`): put in force, refused.
+    reloads: [std::sync::atomic::AtomicU64; 2],
+    /// Whether the last reload of the configuration was put in force (true before any).
+    last_reload_ok: AtomicBool,
     /// Each controller's last SMART log and when it was read (clients may ask often; the admin
     /// queue is asked at most once a second).
     smart: Vec<Mutex<Option<SmartRead>>>,
@@ -313,11 +317,24 @@ impl Shared {
     /// in force in the order they read them.
     fn reload_from_source(&self) -> Result<ReloadReport, String> {
         let reloader = self.reloader.lock().unwrap_or_else(|p| p.into_inner());
-        let policy = match &*reloader {
-            Some(r) => r()?,
+        let result = match &*reloader {
+            Some(r) => r().and_then(|policy| self.reload(policy)),
             None => return Err("this broker was started without a configuration to read again".into()),
         };
-        self.reload(policy)
+        // Counted under the reloader's lock: the last one counted is the last one done.
+        self.reloads[usize::from(result.is_err())].fetch_add(1, Ordering::Relaxed);
+        self.last_reload_ok.store(result.is_ok(), Ordering::Relaxed);
+        result
+    }
+
+    /// Reloads of the configuration: (put in force, refused), and whether the last one was
+    /// put in force.
+    fn reload_counts(&self) -> (u64, u64, bool) {
+        (
+            self.reloads[0].load(Ordering::Relaxed),
+            self.reloads[1].load(Ordering::Relaxed),
+            self.last_reload_ok.load(Ordering::Relaxed),
+        )
     }
 
     /// The grants in force, for reading (a session's access is resolved under this lock, and a
@@ -784,6 +801,8 @@ impl Broker {
             placement: Mutex::new(tenant::Placement::default()),
             policy,
             reloader: Mutex::new(None),
+            reloads: Default::default(),
+            last_reload_ok: AtomicBool::new(true),
             smart: ctrls.iter().map(|_| Mutex::new(None)).collect(),
             registry: Arc::default(),
             ctrls: ctrls.clone(),
