@@ -1176,6 +1176,7 @@ mod tests {
             uptime: 1.5,
             connections: 2,
             max_sessions: 64,
+            reloads: (3, 1, false),
             registered_bytes: 8192,
             registered_limit: 1 << 30,
             sessions: vec![SessionRow {
@@ -1248,6 +1249,9 @@ mod tests {
             "nvmed_tenant_throttled_seconds_total{thread=\"0\",controller=\"0\",uid=\"1000\"} 1.5",
             "nvmed_tenant_dispatched_total{thread=\"0\",controller=\"0\",session=\"3\"} 1",
             "nvmed_thread_queue_in_flight{thread=\"0\",controller=\"0\"} 1",
+            "nvmed_config_reloads_total{result=\"success\"} 3",
+            "nvmed_config_reloads_total{result=\"failure\"} 1",
+            "nvmed_config_last_reload_successful 0",
         ] {
             assert!(text.lines().any(|l| l == line), "missing {line:?} in\n{text}");
         }
