@@ -1075,3 +1075,40 @@ fn a_controller_whose_admin_queue_stops_answering_is_reset() {
     assert_eq!(ring.stats().unwrap().broker_resets, 1);
     random_write_read(&mut ring, (16 * MIB, 4 * MIB), 33, 1);
 }
+
+#[test]
+fn a_queue_that_could_not_be_created_again_serves_after_a_later_reset() {
+    use nvmed_client::{BrokerStatus, Error, Status};
+    // The first read never completes (and cannot be aborted): the controller is reset, and
+    // creating the I/O queue again fails (the second Create I/O SQ). Later a SMART read that
+    // the controller never answers resets it again, and this time the queue comes back.
+    let broker = TestBroker::start(&[
+        "--inject",
+        "stuck:1",
+        "--inject",
+        "sqfail:2",
+        "--inject",
+        "loghang:1",
+        "--io-timeout-ms",
+        "300",
+    ]);
+    let mut ring = broker.connect();
+    let ns = ring.namespaces()[0].nsid;
+    let buf = ring.alloc_buffer(4096).unwrap();
+    let e = ring.read(ns, 0, buf, 0, 4096).unwrap_err();
+    assert!(matches!(e, Error::Io(Status::Broker(BrokerStatus::DeviceReset))), "{e:?}");
+    // The queue is not there: new I/O fails at once (DeviceFault), and keeps failing.
+    for _ in 0..3 {
+        let e = ring.read(ns, 0, buf, 0, 4096).unwrap_err();
+        assert!(matches!(e, Error::Io(Status::Broker(BrokerStatus::DeviceFault))), "{e:?}");
+    }
+    assert_eq!(ring.stats().unwrap().broker_resets, 1);
+    // The reset a hung health read makes brings the queue back, without a restart.
+    let h = ring.health().unwrap();
+    assert!(h[0].smart.is_err(), "{h:?}");
+    wait_until("the second reset", Duration::from_secs(10), || ring.stats().unwrap().broker_resets == 2);
+    wait_until("the queue to serve again", Duration::from_secs(10), || {
+        ring.read(ns, 0, buf, 0, 4096).is_ok()
+    });
+    random_write_read(&mut ring, (0, 4 * MIB), 34, 1);
+}

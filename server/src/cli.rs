@@ -305,8 +305,9 @@ pub(crate) struct Args {
     /// registers read as all ones), media:LBA[:NSID] (reads of that block fail with an
     /// unrecovered read error until it is written), or panic:N (the emulated controller panics
     /// on the Nth I/O command, in the thread running it: the broker's I/O thread in sync mode,
-    /// the controller thread in async mode), or loghang:N (the Nth Get Log Page admin command
-    /// never completes: an admin queue that stops answering).
+    /// the controller thread in async mode), loghang:N (the Nth Get Log Page admin command
+    /// never completes: an admin queue that stops answering), or sqfail:N (the Nth Create I/O
+    /// Submission Queue admin command fails with Internal Error).
     #[arg(long = "inject", value_name = "RULE")]
     pub(crate) faults: Vec<FaultRule>,
 

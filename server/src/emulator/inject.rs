@@ -37,10 +37,14 @@ pub enum FaultAction {
     /// `loghang:N`: the Nth Get Log Page admin command (counting from 1) never completes, until
     /// the controller is reset (an admin queue that stops answering).
     LogPageHang,
+    /// `sqfail:N`: the Nth Create I/O Submission Queue admin command (counting from 1) fails
+    /// with Internal Error (an I/O queue that cannot be created again after a reset).
+    CreateSqFail,
 }
 
 /// Applies `action` to the `nth` I/O command the controller receives (counting from 1; for
-/// [`FaultAction::LogPageHang`], the `nth` Get Log Page admin command), or
+/// [`FaultAction::LogPageHang`], the `nth` Get Log Page admin command; for
+/// [`FaultAction::CreateSqFail`], the `nth` Create I/O Submission Queue), or
 /// (`media:LBA[:NSID]`) makes reads covering an LBA fail with an unrecovered read error (Media
 /// and Data Integrity Errors / 0x81, DNR set) until a write or write zeroes covers it again.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -57,7 +61,7 @@ pub struct FaultRule {
 #[derive(Debug, thiserror::Error)]
 #[error(
     "bad fault rule {0:?}: expected fail:N:SCT:SC, retry:N, delay:N:MILLIS, hang:N, stuck:N, \
-     fatal:N, gone:N, panic:N, loghang:N or media:LBA[:NSID]"
+     fatal:N, gone:N, panic:N, loghang:N, sqfail:N or media:LBA[:NSID]"
 )]
 pub struct BadFaultRule(String);
 
@@ -100,6 +104,7 @@ impl FromStr for FaultRule {
             ("gone", 2) => FaultAction::Gone,
             ("panic", 2) => FaultAction::Panic,
             ("loghang", 2) => FaultAction::LogPageHang,
+            ("sqfail", 2) => FaultAction::CreateSqFail,
             _ => return Err(bad()),
         };
         Ok(FaultRule { nth, action, bad_block: None })
@@ -128,6 +133,7 @@ mod tests {
         );
         assert_eq!("hang:9".parse::<FaultRule>().unwrap().action, FaultAction::Hang);
         assert_eq!("loghang:2".parse::<FaultRule>().unwrap().action, FaultAction::LogPageHang);
+        assert_eq!("sqfail:2".parse::<FaultRule>().unwrap().action, FaultAction::CreateSqFail);
         assert_eq!(
             "panic:4".parse::<FaultRule>().unwrap(),
             FaultRule { nth: 4, action: FaultAction::Panic, bad_block: None }

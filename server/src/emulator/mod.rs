@@ -234,6 +234,8 @@ struct State {
     io_count: u64,
     /// Get Log Page commands received (for `loghang:` faults).
     log_pages: u64,
+    /// Create I/O Submission Queue commands received (for `sqfail:` faults).
+    sq_creates: u64,
     delayed: Vec<Delayed>,
     generation: u64,
     /// Fetched, not yet completed commands (asynchronous mode).
@@ -335,6 +337,7 @@ impl EmulatedController {
                 granted: 0,
                 io_count: 0,
                 log_pages: 0,
+                sq_creates: 0,
                 delayed: Vec::new(),
                 generation: 0,
                 in_flight: Vec::new(),
@@ -1051,6 +1054,12 @@ impl Inner {
                 ok()
             }
             admin::CREATE_SQ => {
+                st.sq_creates += 1;
+                let n = st.sq_creates;
+                if self.faults.iter().any(|r| r.action == FaultAction::CreateSqFail && r.nth == n) {
+                    tracing::warn!("emulated controller: injected failure of Create I/O SQ {n}");
+                    return err(0, sc::INTERNAL);
+                }
                 let qid = (cmd.cdw10 & 0xffff) as u16;
                 let size = (cmd.cdw10 >> 16) + 1;
                 let cqid = (cmd.cdw11 >> 16) as u16;
@@ -1178,7 +1187,10 @@ impl Inner {
         let rule = self
             .faults
             .iter()
-            .find(|r| r.nth == st.io_count && r.action != FaultAction::LogPageHang)
+            .find(|r| {
+                r.nth == st.io_count
+                    && !matches!(r.action, FaultAction::LogPageHang | FaultAction::CreateSqFail)
+            })
             .map(|r| r.action);
         if rule == Some(FaultAction::Panic) {
             panic!("emulated controller: injected panic on I/O command {}", st.io_count);
@@ -1245,7 +1257,8 @@ impl Inner {
                 Some(None)
             }
             FaultAction::Fail { .. } | FaultAction::Delay(_) | FaultAction::Panic => None,
-            FaultAction::LogPageHang => None, // an admin fault: never chosen for I/O
+            // Admin faults: never chosen for I/O.
+            FaultAction::LogPageHang | FaultAction::CreateSqFail => None,
         }
     }
 

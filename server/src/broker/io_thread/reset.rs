@@ -173,6 +173,12 @@ impl IoThread {
                         // The reset it lives in (another thread may have made a newer one).
                         p.generation = generation;
                         p.recreate_tries = 0;
+                        // Back in service if an earlier recreation had failed for good: a later
+                        // reset (another thread's, a health read's) gave the queue back.
+                        if p.device_failed {
+                            info!(thread = self.index, controller = c, "the I/O queue serves again");
+                        }
+                        p.device_failed = false;
                         let in_flight = p.dq.queue.in_flight();
                         let given_up = p.dq.queue.restart();
                         info!(
