@@ -433,8 +433,9 @@ fn scrapes_follow_the_clients_and_match_their_counts() {
         let t = Instant::now();
         let m = scrape(&agent, addr);
         assert_eq!(m.get("nvmed_sessions", &[]), CLIENTS as f64);
+        // Kept out, it would wait for a slot until a request deadline (5 s) frees one.
         assert!(
-            t.elapsed() < Duration::from_secs(2),
+            t.elapsed() < Duration::from_secs(4),
             "a scrape took {:?} beside idle connections",
             t.elapsed()
         );

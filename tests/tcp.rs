@@ -441,16 +441,16 @@ fn keep_alive_timeout_and_connection_cap() {
 fn one_address_cannot_take_every_connection_and_a_silent_one_is_dropped() {
     let f = fixture(|c| {
         c.max_connections_per_host = 2;
-        c.io_timeout = Duration::from_secs(2);
+        c.io_timeout = Duration::from_secs(5);
     });
     // Two silent connections from 127.0.0.1: a third from that address is closed at once.
     let held: Vec<_> = (0..2).map(|_| std::net::TcpStream::connect(f.addr).unwrap()).collect();
     common::wait_until("2 connections", Duration::from_secs(5), || f.target.connections() == 2);
     let extra = std::net::TcpStream::connect(f.addr).unwrap();
-    // (Within the 2 s handshake timeout, which would close it anyway.)
+    // (Well within the 5 s handshake timeout, which would close it anyway.)
     let start = Instant::now();
-    assert_closed(&extra, Duration::from_secs(2), "a third connection from one address");
-    assert!(start.elapsed() < Duration::from_millis(1500), "closed only after {:?}", start.elapsed());
+    assert_closed(&extra, Duration::from_secs(5), "a third connection from one address");
+    assert!(start.elapsed() < Duration::from_millis(2500), "closed only after {:?}", start.elapsed());
     // Another address is still served.
     let other = f.rt.block_on(async {
         let s = tokio::net::TcpSocket::new_v4().unwrap();
@@ -462,9 +462,9 @@ fn one_address_cannot_take_every_connection_and_a_silent_one_is_dropped() {
     // Connections that never send ICReq are closed after the handshake timeout.
     let start = Instant::now();
     for s in held {
-        assert_closed(&s, Duration::from_secs(10), "a connection that never sent ICReq");
+        assert_closed(&s, Duration::from_secs(15), "a connection that never sent ICReq");
     }
-    assert!(start.elapsed() < Duration::from_secs(8), "{:?}", start.elapsed());
+    assert!(start.elapsed() < Duration::from_secs(12), "{:?}", start.elapsed());
     drop(other);
     common::wait_until("all closed", Duration::from_secs(10), || f.target.connections() == 0);
     // The address's slots are free again.

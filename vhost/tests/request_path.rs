@@ -554,7 +554,16 @@ fn a_run_ends_the_armed_sleep() {
     assert!(!g.worker.arm(), "nothing completed yet: armed");
     // A kick: the thread runs without a completion wakeup.
     g.worker.run(&mut g.q, &mem, true);
-    std::thread::sleep(Duration::from_millis(1000)); // every read completes meanwhile
+    // Every read completes meanwhile: the device moved their 64 KiB (a root session sees the
+    // broker-wide count).
+    let mut watcher = nvmed_client::NvmeRing::open(&env.socket).unwrap();
+    let start = watcher.stats().unwrap().device_dma_bytes.unwrap_or(0);
+    let t = Instant::now();
+    while watcher.stats().unwrap().device_dma_bytes.unwrap_or(0) < start + 16 * 4096 {
+        assert!(t.elapsed() < Duration::from_secs(20), "the 16 reads did not complete");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(50)); // and their completions are published
     let mut fds = [PollFd::new(g.worker.completion_fd(), PollFlags::POLLIN)];
     assert_eq!(poll(&mut fds, PollTimeout::ZERO).unwrap(), 0, "nvmed rang a doorbell nobody waits on");
     g.drive();
