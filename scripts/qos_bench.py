@@ -205,6 +205,10 @@ class Sampler:
                 d = json.loads(line)
             except ValueError:
                 continue
+            # A refresh the broker did not answer ({"error": ...}), or the first one after it
+            # (no rates measured: interval_secs null).
+            if "error" in d or d.get("interval_secs") is None:
+                continue
             self.lines.append({
                 "t": time.monotonic() - self.t0,
                 "cpu_pressure_us": cpu_pressure_us(),

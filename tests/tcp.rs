@@ -567,16 +567,22 @@ fn persistent_broker(latency_us: &str) -> TestBroker {
     )
 }
 
-/// Waits until `broker` (a [`persistent_broker`]) has `n` requests at its device
-/// (`nvmed_in_flight`), so that a kill lands while they are there.
-fn wait_at_device(broker: &TestBroker, n: u64) {
+/// Requests `broker` (a [`persistent_broker`]) took off its clients' rings so far
+/// (`nvmed_requests_submitted_total`).
+fn submitted(broker: &TestBroker) -> u64 {
     let url = broker.ready.split("metrics on ").nth(1).expect("a metrics address").to_string();
+    let text = ureq::get(&url).call().unwrap().body_mut().read_to_string().unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix("nvmed_requests_submitted_total "))
+        .map(|v| v.trim().parse::<f64>().unwrap() as u64)
+        .expect("nvmed_requests_submitted_total")
+}
+
+/// Waits until `broker` has taken `n` more requests than `base` (they then sit at its device
+/// for its latency, 200-500 ms), so that a kill lands while they are there.
+fn wait_at_device(broker: &TestBroker, base: u64, n: u64) {
     common::wait_until(&format!("{n} requests at nvmed's device"), Duration::from_secs(10), || {
-        let text = ureq::get(&url).call().unwrap().body_mut().read_to_string().unwrap();
-        text.lines()
-            .find_map(|l| l.strip_prefix("nvmed_in_flight "))
-            .map(|v| v.trim().parse::<u64>().unwrap())
-            == Some(n)
+        submitted(broker) >= base + n
     });
 }
 
@@ -630,6 +636,7 @@ fn io_rides_through_an_nvmed_restart() {
     let round = |f: &mut Fixture, a: &mut Initiator, qs: &mut [Initiator; 2], write: bool, seed: u64| {
         // Submit on both queues, kill nvmed while the commands are at the device (500 ms each).
         let mut cids = [Vec::new(), Vec::new()];
+        let base = submitted(&f.broker);
         for (qi, q) in qs.iter_mut().enumerate() {
             for k in 0..8 {
                 let (lba, len) = place(qi, k);
@@ -643,7 +650,7 @@ fn io_rides_through_an_nvmed_restart() {
             }
         }
         // Reads: all 16; writes: those whose data came in the capsule (up to 8 KiB: k = 0, 1).
-        wait_at_device(&f.broker, if write { 4 } else { 16 });
+        wait_at_device(&f.broker, base, if write { 4 } else { 16 });
         f.broker.kill9();
         let down = Instant::now();
         // The controller stays: keep alives and Identify are answered while nvmed is away.
@@ -713,6 +720,7 @@ fn nvmed_gone_for_good_fails_commands_retryably() {
     let mut a = admin(&f, Digests::default(), HOST, 1);
     let mut q = io_queue(&f, &a, 1, Digests::default(), HOST).unwrap();
     ok(q.run(rw(true, 1, 0, 4096), Some(data(5, 4096)), 0).unwrap());
+    let base = submitted(&f.broker);
     for k in 0..4u64 {
         q.submit(
             rw(k % 2 == 0, 1, k * 8, 4096),
@@ -721,7 +729,7 @@ fn nvmed_gone_for_good_fails_commands_retryably() {
         )
         .unwrap();
     }
-    wait_at_device(&f.broker, 4);
+    wait_at_device(&f.broker, base, 4);
     f.broker.kill9();
     let down = Instant::now();
     for _ in 0..4 {

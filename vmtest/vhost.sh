@@ -133,10 +133,12 @@ start_nvmed() { # namespaces
     log "nvmed did not start:"; cat "$work/nvmed.log"; return 1
 }
 
-# backend_start KIND ID NSID QUEUES rw|ro [BINARY]: serves namespace NSID (qsd: the image
-# ns$NSID.img) on $scratch/ID.sock; BINARY: the nvmed-vhost to run (default $vhost_bin).
+# backend_start KIND ID NSID QUEUES rw|ro [BINARY [OPTION...]]: serves namespace NSID (qsd: the
+# image ns$NSID.img) on $scratch/ID.sock; BINARY: the nvmed-vhost to run (default $vhost_bin),
+# OPTIONs: more nvmed-vhost options for this backend.
 backend_start() {
     local kind=$1 id=$2 ns=$3 q=$4 rw=$5 bin=${6:-$vhost_bin} sock="$scratch/$2.sock"
+    local extra=("${@:7}")
     rm -f "$sock"
     case $kind in
         qsd)
@@ -154,7 +156,7 @@ backend_start() {
             [ "$rw" = ro ] && flag=(--read-only)
             # shellcheck disable=SC2086 # VHOST_ARGS is a list of options
             "$bin" --socket "$sock" --nvmed "$scratch/nvmed.sock" --namespace "$ns" --num-queues "$q" "${flag[@]}" \
-                ${VHOST_ARGS:-} >> "$work/$id.backend.log" 2>&1 &
+                "${extra[@]}" ${VHOST_ARGS:-} >> "$work/$id.backend.log" 2>&1 &
             ;;
     esac
     bpid[$id]=$!
@@ -260,9 +262,14 @@ scenario_parallel() {
     # Fresh logs: the zero-bounce check reads every stats line of this run.
     for g in A B C; do : > "$work/$g.backend.log"; done
     backend_start "$BACKEND" A 1 2 rw
-    backend_start "$BACKEND" B 2 2 rw
+    # B's two queues share one thread (--queue-threads 1), unless VHOST_ARGS asks for polling.
+    if [ "$BACKEND" = nvmed-vhost ] && [[ "${VHOST_ARGS:-}" != *--poll-us* ]]; then
+        backend_start "$BACKEND" B 2 2 rw "$vhost_bin" --queue-threads 1
+    else
+        backend_start "$BACKEND" B 2 2 rw
+    fi
     backend_start "$BACKEND" C 3 1 ro
-    log "booting guests A, B (read-write, 2 queues) and C (read-only, 1 queue) at once (software emulation)"
+    log "booting guests A, B (read-write, 2 queues; B's served by one thread) and C (read-only, 1 queue) at once (software emulation)"
     t0=$(date +%s)
     boot A 400 2 "vht_role=rw vht_queues=2 $common" A:2
     boot B 400 2 "vht_role=rw vht_queues=2 $common" B:2

@@ -17,11 +17,12 @@ use nvmed_proto::transport::{self, TransportError};
 pub const DEFAULT_ADMIN_SOCKET: &str = "/run/nvmed-admin.sock";
 
 /// How long to wait for a connection and a reply unless told otherwise
-/// ([`AdminClient::with_timeout`]). A kill waits for the session's I/O to drain, which can take
-/// the broker's command timeout and a controller reset: give it [`KILL_TIMEOUT`].
+/// ([`AdminClient::with_timeout`]). A kill waits for the session's I/O to drain, and a health
+/// read for a controller's admin queue (which may time out and reset the controller, minutes
+/// with a large CAP.TO): those get [`LONG_TIMEOUT`].
 pub const REPLY_TIMEOUT: Duration = Duration::from_secs(30);
-/// The default wait for [`AdminClient::kill`].
-pub const KILL_TIMEOUT: Duration = Duration::from_secs(120);
+/// The default wait for [`AdminClient::kill`] and [`AdminClient::health`].
+pub const LONG_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// What can go wrong.
 #[derive(Debug, thiserror::Error)]
@@ -51,6 +52,17 @@ pub enum CtlError {
     /// The broker refused the request.
     #[error("{0}")]
     Broker(#[from] AdminError),
+    /// The broker did not accept the connection or answer within the timeout.
+    #[error("admin socket {path}: {reason}")]
+    Timeout {
+        /// The socket path.
+        path: PathBuf,
+        /// What did not come in time.
+        reason: String,
+    },
+    /// nvmectl asked for something this broker does not know (an older nvmed).
+    #[error("{0}")]
+    Unsupported(String),
     /// The connection failed.
     #[error("admin socket {path}: {reason}")]
     Transport {
@@ -72,18 +84,32 @@ fn owner_clause(owner: &Option<String>) -> String {
 }
 
 impl CtlError {
-    /// nvmectl's exit status for this error: 1 when the broker refused the request (unknown
-    /// session or grant, bad limits, a configuration that does not parse), 3 when nvmectl could
-    /// not get an answer (no broker, permission denied, busy, timed out, connection failed).
-    /// (2 is `nvmectl health`'s "a controller is in trouble".)
+    /// nvmectl's exit status for this error: 1 when the broker answered with an error (unknown
+    /// session or grant, bad limits, a configuration that does not parse, a kill still draining
+    /// at its deadline, a request this broker does not know), 3 when nvmectl could not get an
+    /// answer (no broker, permission denied, busy, timed out, connection failed). (2 is
+    /// `nvmectl health`'s "a controller is in trouble", 64 a command line that does not parse.)
     pub fn exit_code(&self) -> i32 {
         match self {
-            CtlError::NotRunning { .. } | CtlError::PermissionDenied { .. } | CtlError::Transport { .. } => 3,
-            CtlError::Broker(
-                AdminError::Busy { .. } | AdminError::NotAuthorized { .. } | AdminError::Timeout(_),
-            ) => 3,
-            CtlError::Broker(_) | CtlError::Unexpected(_) => 1,
+            CtlError::NotRunning { .. }
+            | CtlError::PermissionDenied { .. }
+            | CtlError::Timeout { .. }
+            | CtlError::Transport { .. } => 3,
+            CtlError::Broker(AdminError::Busy { .. } | AdminError::NotAuthorized { .. }) => 3,
+            CtlError::Broker(_) | CtlError::Unexpected(_) | CtlError::Unsupported(_) => 1,
         }
+    }
+
+    /// Whether trying again later may succeed (`top` keeps trying): no broker listening (it may
+    /// be restarting), busy, no answer in time, a connection that failed.
+    pub fn is_transient(&self) -> bool {
+        matches!(
+            self,
+            CtlError::NotRunning { .. }
+                | CtlError::Timeout { .. }
+                | CtlError::Transport { .. }
+                | CtlError::Broker(AdminError::Busy { .. })
+        )
     }
 
     /// A short stable name of the error for `--json` output (`not_running`, `unknown_session`, ...).
@@ -91,6 +117,8 @@ impl CtlError {
         match self {
             CtlError::NotRunning { .. } => "not_running",
             CtlError::PermissionDenied { .. } => "permission_denied",
+            CtlError::Timeout { .. } => "timeout",
+            CtlError::Unsupported(_) => "unsupported",
             CtlError::Transport { .. } => "transport",
             CtlError::Unexpected(_) => "unexpected_reply",
             CtlError::Broker(e) => match e {
@@ -131,7 +159,7 @@ impl AdminClient {
     }
 
     /// The same client, waiting at most `timeout` to connect and for each reply (by default
-    /// [`REPLY_TIMEOUT`], [`KILL_TIMEOUT`] for kills).
+    /// [`REPLY_TIMEOUT`], [`LONG_TIMEOUT`] for kills and health reads).
     pub fn with_timeout(mut self, timeout: Duration) -> Self {
         self.timeout = Some(timeout);
         self
@@ -165,10 +193,13 @@ impl AdminClient {
                 })
             }
             Err(nix::Error::EAGAIN) | Err(nix::Error::EINPROGRESS) => {
-                return Err(self.transport(format!(
-                    "the broker did not accept the connection within {:.1} s",
+                return Err(CtlError::Timeout {
+                    path: self.path.clone(),
+                    reason: format!(
+                    "the broker did not accept the connection within {:.1} s (--timeout SECS to wait longer)",
                     timeout.as_secs_f64()
-                )))
+                ),
+                })
             }
             Err(e @ (nix::Error::ENOENT | nix::Error::ECONNREFUSED | nix::Error::ENOTDIR)) => {
                 return Err(CtlError::NotRunning { path: self.path.clone(), reason: e.desc().to_lowercase() })
@@ -181,7 +212,7 @@ impl AdminClient {
     /// Sends one request and returns the reply (`AdminResponse::Error` as [`CtlError::Broker`]).
     pub fn request(&self, req: &AdminRequest) -> Result<AdminResponse, CtlError> {
         let default = match req {
-            AdminRequest::Kill { .. } | AdminRequest::KillIf { .. } => KILL_TIMEOUT,
+            AdminRequest::Kill { .. } | AdminRequest::KillIf { .. } | AdminRequest::Health => LONG_TIMEOUT,
             _ => REPLY_TIMEOUT,
         };
         let timeout = self.timeout.unwrap_or(default).max(Duration::from_millis(1));
@@ -197,10 +228,13 @@ impl AdminClient {
         let msg = match got {
             Ok(m) => m,
             Err(TransportError::Io(nix::Error::EAGAIN)) => {
-                return Err(self.transport(format!(
-                    "no reply within {:.1} s (--timeout SECS to wait longer)",
-                    timeout.as_secs_f64()
-                )))
+                return Err(CtlError::Timeout {
+                    path: self.path.clone(),
+                    reason: format!(
+                        "no reply within {:.1} s (--timeout SECS to wait longer)",
+                        timeout.as_secs_f64()
+                    ),
+                })
             }
             Err(e) => {
                 return Err(match sent {
@@ -272,9 +306,17 @@ impl AdminClient {
         } else {
             AdminRequest::KillIf { session, uid, pid }
         };
-        match self.request(&req)? {
-            AdminResponse::Killed => Ok(()),
-            other => Err(CtlError::Unexpected(format!("{other:?}"))),
+        match self.request(&req) {
+            Ok(AdminResponse::Killed) => Ok(()),
+            // A broker from before KillIf does not know the request: nothing was ended.
+            Err(CtlError::Broker(AdminError::Malformed(_))) if matches!(req, AdminRequest::KillIf { .. }) => {
+                Err(CtlError::Unsupported(
+                    "this nvmed predates kill --pid/--uid: nothing was ended (check `nvmectl sessions`, then kill without them)"
+                        .into(),
+                ))
+            }
+            Ok(other) => Err(CtlError::Unexpected(format!("{other:?}"))),
+            Err(e) => Err(e),
         }
     }
 

@@ -17,7 +17,15 @@ fn main() {
     let _ = unsafe {
         nix::sys::signal::signal(nix::sys::signal::Signal::SIGPIPE, nix::sys::signal::SigHandler::SigDfl)
     };
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        // --help and --version exit 0; a command line that does not parse exits 64 (EX_USAGE),
+        // apart from 1 (refused), 2 (health trouble) and 3 (no answer).
+        Err(e) => {
+            let _ = e.print();
+            std::process::exit(if e.use_stderr() { 64 } else { 0 });
+        }
+    };
     let json = cli.json;
     if let Err(e) = run(cli) {
         let code = e.exit_code();
@@ -129,8 +137,17 @@ fn run(cli: Cli) -> Result<(), CtlError> {
                 .collect();
             if !troubled.is_empty() {
                 let _ = std::io::stdout().flush();
-                for t in &troubled {
-                    eprintln!("nvmectl: {t}");
+                if cli.json {
+                    let e = serde_json::json!({
+                        "error": "controller_trouble",
+                        "message": troubled.join("; "),
+                        "exit": 2,
+                    });
+                    eprintln!("{e}");
+                } else {
+                    for t in &troubled {
+                        eprintln!("nvmectl: {t}");
+                    }
                 }
                 std::process::exit(2);
             }
@@ -158,7 +175,7 @@ fn top(client: &AdminClient, interval: f64, iterations: Option<u64>, json: bool)
             Ok(s) => s,
             // The broker restarting, busy or gone for a while: say so and keep trying, as top
             // does when a process goes away; a refusal is not going to change, so it ends.
-            Err(e) if e.exit_code() == 3 => {
+            Err(e) if e.is_transient() => {
                 before = None;
                 if json {
                     let line = serde_json::json!({ "error": e.kind(), "message": e.to_string() });
@@ -177,11 +194,20 @@ fn top(client: &AdminClient, interval: f64, iterations: Option<u64>, json: bool)
             None => (session_rates(&[], &after, Duration::ZERO), false),
         };
         if json {
-            let line = serde_json::json!({
-                "uptime_secs": status.uptime_secs,
-                "interval_secs": before.as_ref().map(|(_, t)| now.duration_since(*t).as_secs_f64()),
-                "sessions": list,
-            });
+            // Without a previous sample (after the broker could not be reached) nothing was
+            // measured: the sessions' counters only, no rate fields.
+            let line = match &before {
+                Some((_, t)) => serde_json::json!({
+                    "uptime_secs": status.uptime_secs,
+                    "interval_secs": now.duration_since(*t).as_secs_f64(),
+                    "sessions": list,
+                }),
+                None => serde_json::json!({
+                    "uptime_secs": status.uptime_secs,
+                    "interval_secs": null,
+                    "sessions": after,
+                }),
+            };
             let _ = writeln!(out, "{line}");
         } else {
             let _ = write!(out, "{}", render::top(&status, &list, interval, rates));

@@ -388,6 +388,10 @@ fn the_binary_prints_tables_and_json() {
     let out = nvmectl(&env, &["kill", "999999"]);
     assert_eq!(out.status.code(), Some(1));
     assert_eq!(String::from_utf8_lossy(&out.stderr), "nvmectl: no session 999999 (see `nvmectl sessions`)\n");
+    // A command line that does not parse: 64, not health's 2.
+    let out = nvmectl(&env, &["kill", "twelve"]);
+    assert_eq!(out.status.code(), Some(64), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(nvmectl(&env, &["--help"]).status.code(), Some(0));
 
     stop.store(true, Ordering::Relaxed);
     for w in workers {
@@ -842,8 +846,10 @@ fn health_exits_2_when_a_controller_is_in_trouble() {
     assert_eq!(out.status.code(), Some(2), "{}", String::from_utf8_lossy(&out.stderr));
     let h: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert!(h[0]["smart"].is_null(), "{h}");
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.starts_with("nvmectl: controller 0: ") && err.contains("admin command"), "{err}");
+    let e: serde_json::Value = serde_json::from_slice(&out.stderr).unwrap();
+    assert_eq!((e["error"].as_str(), e["exit"].as_i64()), (Some("controller_trouble"), Some(2)), "{e}");
+    let m = e["message"].as_str().unwrap();
+    assert!(m.starts_with("controller 0: ") && m.contains("admin command"), "{m}");
     let out = nvmectl(&env, &["health"]);
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("paused for"), "{:?}", out);
@@ -904,6 +910,9 @@ fn top_keeps_going_while_the_broker_restarts() {
         }
     };
     assert!(back["interval_secs"].is_null(), "no rate across the restart: {back}");
+    if let Some(s) = back["sessions"].as_array().unwrap().first() {
+        assert!(s.get("iops").is_none() && s["counters"].is_object(), "counters, no rates: {s}");
+    }
     // Measured again from the next refresh (the ring may open a refresh or two later).
     let l = next();
     assert!(l["interval_secs"].as_f64().is_some(), "{l}");

@@ -1,6 +1,6 @@
 //! The vhost-user-blk device: this crate's own vhost-user request handler (the vhost crate's
 //! [`VhostUserBackendReqHandlerMut`], served by its `BackendReqHandler`) and one thread per
-//! virtqueue.
+//! virtqueue (or fewer threads, each serving several queues in turn: `--queue-threads`).
 //!
 //! vhost-user-backend's daemon cannot be used: its request handler is crate-private and refuses
 //! GET_INFLIGHT_FD / SET_INFLIGHT_FD. Of that crate only the vring state ([`VringMutex`]: queue,
@@ -214,15 +214,17 @@ impl QueueShared {
         }
     }
 
-    fn thread(&self) {
+    /// Waits up to `timeout_ms` (-1: for ever) for this queue's events and handles them;
+    /// returns true once the queue is told to stop (or its epoll failed).
+    fn handle_events(&self, timeout_ms: i32) -> bool {
         let mut events = [EpollEvent::new(EventSet::empty(), 0); 4];
-        loop {
-            let n = match self.epoll.wait(-1, &mut events) {
+        {
+            let n = match self.epoll.wait(timeout_ms, &mut events) {
                 Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => return false,
                 Err(e) => {
                     tracing::error!(queue = self.index, "epoll_wait: {e}; the queue stops");
-                    return;
+                    return true;
                 }
             };
             let mut run = false;
@@ -273,7 +275,7 @@ impl QueueShared {
                     EV_WAKE => {
                         let _ = self.wake.read();
                         if self.exit.load(Ordering::Acquire) {
-                            return;
+                            return true;
                         }
                         run = true;
                     }
@@ -282,6 +284,52 @@ impl QueueShared {
             }
             if run {
                 self.run();
+            }
+        }
+        false
+    }
+}
+
+/// A queue thread: serves `queues` (one, or several with `--queue-threads`) until each is told
+/// to stop. Several queues are watched through one epoll over their own epolls; each is run in
+/// turn when its events come, so one thread's queues never run at once (and never contend).
+fn serve(queues: Vec<Arc<QueueShared>>) {
+    if let [q] = &queues[..] {
+        while !q.handle_events(-1) {}
+        return;
+    }
+    let outer = match Epoll::new() {
+        Ok(e) => e,
+        Err(e) => {
+            tracing::error!("creating a queue thread's epoll: {e}; its queues stop");
+            return;
+        }
+    };
+    for (k, q) in queues.iter().enumerate() {
+        if let Err(e) =
+            outer.ctl(ControlOperation::Add, q.epoll.as_raw_fd(), EpollEvent::new(EventSet::IN, k as u64))
+        {
+            tracing::error!(queue = q.index, "watching the queue's epoll: {e}; its queues stop");
+            return;
+        }
+    }
+    let mut stopped = vec![false; queues.len()];
+    let mut events = vec![EpollEvent::new(EventSet::empty(), 0); queues.len()];
+    while stopped.iter().any(|s| !s) {
+        let n = match outer.wait(-1, &mut events) {
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => {
+                tracing::error!("epoll_wait: {e}; the thread's queues stop");
+                return;
+            }
+        };
+        for ev in &events[..n] {
+            let k = ev.data() as usize;
+            if !stopped[k] && queues[k].handle_events(0) {
+                stopped[k] = true;
+                let _ =
+                    outer.ctl(ControlOperation::Delete, queues[k].epoll.as_raw_fd(), EpollEvent::default());
             }
         }
     }
@@ -319,13 +367,15 @@ pub struct BlkDevice {
 }
 
 impl BlkDevice {
-    /// A device over one worker per queue, each with its own thread started at once. `wce` must
-    /// be the cell the workers read.
+    /// A device over one worker per queue, served by `threads` threads started at once (queue
+    /// `i` by thread `i % threads`; one per queue when `threads` is 0 or at least the number of
+    /// queues). `wce` must be the cell the workers read.
     pub fn new(
         geo: DiskGeometry,
         workers: Vec<Worker>,
         wce: Arc<AtomicU8>,
         poll: Duration,
+        threads: usize,
     ) -> io::Result<Self> {
         let mem = GuestMem::new(GuestMemoryMmap::new());
         let mut dev = Self {
@@ -376,12 +426,15 @@ impl BlkDevice {
                 poll,
                 watched,
             });
-            let t = q.clone();
-            let handle =
-                std::thread::Builder::new().name(format!("queue {index}")).spawn(move || t.thread())?;
             dev.queues.push(q);
-            dev.threads.push(handle);
             dev.kick_fds.push(None);
+        }
+        let n = dev.queues.len();
+        let threads = if threads == 0 { n } else { threads.min(n) };
+        for t in 0..threads {
+            let group: Vec<Arc<QueueShared>> = dev.queues.iter().skip(t).step_by(threads).cloned().collect();
+            let name = if threads == n { format!("queue {t}") } else { format!("queues {t}/{threads}") };
+            dev.threads.push(std::thread::Builder::new().name(name).spawn(move || serve(group))?);
         }
         Ok(dev)
     }

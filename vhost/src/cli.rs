@@ -47,4 +47,10 @@ pub(crate) struct Args {
     /// request before sleeping: lower latency for a core's worth of CPU per busy queue.
     #[arg(long, default_value_t = 0)]
     pub(crate) poll_us: u64,
+    /// Threads serving the virtqueues: queue i is served by thread i % N, each thread running
+    /// its queues in turn (fewer threads than queues leave CPU to the guest on a host with few
+    /// cores; each queue keeps its own nvmed ring, no lock shared on the request path).
+    /// Default: one per queue. Not with --poll-us (a polling queue would hold its thread).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=64), conflicts_with = "poll_us")]
+    pub(crate) queue_threads: Option<u16>,
 }

@@ -156,7 +156,8 @@ fn serve_one(
         workers.push(Worker::new(i, ring, regions.clone(), geo, wce.clone(), s.clone())?);
     }
     drop(session);
-    let device = BlkDevice::new(geo, workers, wce, Duration::from_micros(args.poll_us))
+    let threads = args.queue_threads.map_or(0, usize::from);
+    let device = BlkDevice::new(geo, workers, wce, Duration::from_micros(args.poll_us), threads)
         .map_err(|e| Error::Os { what: "starting the queue threads", source: e })?;
     let device = Arc::new(Mutex::new(device));
     *current.lock().unwrap_or_else(|p| p.into_inner()) = Some(device.clone());

@@ -206,6 +206,11 @@ impl Worker {
         self.lists.in_use()
     }
 
+    /// Completions nvmed has published to this queue's ring and the queue has not taken yet.
+    pub fn ready_completions(&mut self) -> usize {
+        self.ring.ready_completions()
+    }
+
     /// Requests submitted to nvmed and not finished, plus those waiting for room or for
     /// resubmission.
     pub fn busy(&self) -> usize {

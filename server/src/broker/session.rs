@@ -171,6 +171,9 @@ pub struct BufferEntry {
 #[derive(Default)]
 pub struct BufferTable {
     entries: Vec<Option<BufferEntry>>,
+    /// Unregister requests whose buffer became unused, answered by [`BufferTable::send_ready`]
+    /// once the completions that released it are published (a client sees them first).
+    ready: Vec<Sender<()>>,
 }
 
 impl BufferTable {
@@ -207,8 +210,16 @@ impl BufferTable {
         b.in_flight -= 1;
         if b.in_flight == 0 && b.retired {
             if let Some(reply) = slot.take().and_then(|b| b.waiter) {
-                let _ = reply.send(());
+                self.ready.push(reply);
             }
+        }
+    }
+
+    /// Answers the unregister requests whose buffers became unused (call after publishing the
+    /// completions that released them).
+    pub fn send_ready(&mut self) {
+        for reply in self.ready.drain(..) {
+            let _ = reply.send(());
         }
     }
 
@@ -234,6 +245,7 @@ impl BufferTable {
     /// The device failed without confirming it stopped: buffers being unregistered will never
     /// drain. Answers their waiters (the entries, and the buffers, stay for good).
     pub fn give_up_retiring(&mut self) {
+        self.send_ready();
         for b in self.entries.iter_mut().flatten() {
             if let Some(reply) = b.waiter.take() {
                 let _ = reply.send(());

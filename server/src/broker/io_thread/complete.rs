@@ -74,11 +74,14 @@ impl IoThread {
     /// clients that sleep, one fence per ring.
     pub(super) fn publish_completions(&mut self) {
         for key in self.touched.drain(..) {
-            if let Some(ring) = self.sessions.get_mut(key).and_then(|s| s.ring.as_mut()) {
+            let Some(s) = self.sessions.get_mut(key) else { continue };
+            if let Some(ring) = s.ring.as_mut() {
                 if ring.dirty {
                     ring.publish();
                 }
             }
+            // Unregisters waiting for these completions are answered after them.
+            s.buffers.send_ready();
         }
     }
 }
@@ -150,8 +153,12 @@ pub(super) fn complete(
         status: status.encode(),
         result: if status.is_success() { ctx.len } else { 0 },
     };
-    let Some(ring) = s.ring.as_mut() else { return };
+    let Some(ring) = s.ring.as_mut() else {
+        s.buffers.send_ready(); // nothing to publish first
+        return;
+    };
     if s.faulted {
+        s.buffers.send_ready();
         return; // the client broke its ring; nothing can be posted safely
     }
     if !ring.overflow.is_empty() || !matches!(ring.cq.push(cqe), Ok(true)) {

@@ -174,8 +174,12 @@ impl IoThread {
                         p.generation = generation;
                         p.recreate_tries = 0;
                         // Back in service if an earlier recreation had failed for good: a later
-                        // reset (another thread's, a health read's) gave the queue back.
+                        // reset (another thread's, a health read's) gave the queue back. Only a
+                        // port failed that way (its DMA stopped, its commands all failed) gets
+                        // here failed: a controller that failed running or is gone never
+                        // becomes Running again.
                         if p.device_failed {
+                            debug_assert!(p.dma_stopped && !p.gone, "reviving a port whose DMA may run");
                             info!(thread = self.index, controller = c, "the I/O queue serves again");
                         }
                         p.device_failed = false;
