@@ -111,9 +111,11 @@ pub struct Controller {
     /// How long [`Controller::admin_command`] waits.
     admin_timeout: Duration,
     next_cid: u16,
-    /// Admin commands that timed out and have not completed since: they may still hold admin
-    /// queue slots (the driver pushes nothing beyond what the queue holds).
-    admin_lost: u16,
+    /// Command ids of admin commands that timed out and have not completed since: they may
+    /// still hold admin queue slots (the driver pushes nothing beyond what the queue holds),
+    /// their ids are not given to new commands (a late completion must not pass for a new
+    /// command's), and a late completion is recognised by its id.
+    admin_lost: Vec<u16>,
     /// Scratch pages of admin commands that timed out: the controller may still write them, so
     /// they stay mapped until a reset has stopped it.
     lost_pages: Vec<DmaMemory>,
@@ -163,7 +165,7 @@ impl Controller {
             scratch,
             admin_timeout: ADMIN_TIMEOUT,
             next_cid: 0,
-            admin_lost: 0,
+            admin_lost: Vec::new(),
             lost_pages: Vec::new(),
             io_queues_granted: 0,
             info: ControllerInfo {
@@ -233,7 +235,7 @@ impl Controller {
         // Disabled (RDY=0): nothing it was given can DMA any more.
         self.lost_pages.clear();
         self.admin.reset();
-        self.admin_lost = 0;
+        self.admin_lost.clear();
         let depth = u32::from(self.admin.depth());
         self.device.write32(REG_AQA, ((depth - 1) << 16) | (depth - 1));
         self.device.write64(REG_ASQ, self.admin.sq_iova());
@@ -281,8 +283,13 @@ impl Controller {
         timeout: Duration,
     ) -> Result<NvmeCompletion, DriverError> {
         // One slot stays free (a full ring reads as empty), and this command needs one.
-        if self.admin_lost + 2 > self.admin.depth() {
-            return Err(DriverError::AdminQueueStuck(self.admin_lost));
+        let lost = self.admin_lost.len() as u16;
+        if lost + 2 > self.admin.depth() {
+            return Err(DriverError::AdminQueueStuck(lost));
+        }
+        // The next id no lost command holds (at most depth - 2 are lost: one is free).
+        while self.admin_lost.contains(&self.next_cid) {
+            self.next_cid = self.next_cid.wrapping_add(1) % 0x8000;
         }
         cmd.cid = self.next_cid;
         self.next_cid = self.next_cid.wrapping_add(1) % 0x8000;
@@ -292,15 +299,16 @@ impl Controller {
         let deadline = started + timeout;
         loop {
             let mut found = None;
-            let mut late = 0u16;
+            let lost = &mut self.admin_lost;
             self.admin.reap(usize::MAX, |c| {
                 if c.cid == cmd.cid {
                     found = Some(c)
+                } else if let Some(i) = lost.iter().position(|&l| l == c.cid) {
+                    lost.swap_remove(i); // a command that timed out earlier, done at last
                 } else {
-                    late += 1; // a command that timed out earlier, done at last
+                    warn!(cid = c.cid, "a completion for no admin command in flight; ignored");
                 }
             });
-            self.admin_lost = self.admin_lost.saturating_sub(late);
             if let Some(c) = found {
                 if c.status_field() & 0x7ff != 0 {
                     return Err(DriverError::CommandFailed {
@@ -327,7 +335,7 @@ impl Controller {
                         Err(e) => warn!("cannot replace the admin scratch page after a timeout: {e}"),
                     }
                 }
-                self.admin_lost += 1;
+                self.admin_lost.push(cmd.cid);
                 return Err(DriverError::Timeout {
                     what: "complete an admin command",
                     ms: timeout.as_millis() as u64,
@@ -924,6 +932,21 @@ mod tests {
         // A reset empties the admin queue: commands go again (this one hangs too, as asked).
         ctrl.reset().unwrap();
         assert!(matches!(ctrl.smart_log(), Err(DriverError::Timeout { .. })));
+        // The lost command's id is not given again when the ids wrap around to it: its late
+        // completion must not pass for the new command's.
+        let lost = ctrl.admin_lost[0];
+        ctrl.next_cid = lost;
+        ctrl.admin_timeout = Duration::from_secs(5);
+        let c = ctrl
+            .admin_command(NvmeCommand {
+                opcode: admin::IDENTIFY,
+                cdw10: 1,
+                prp1: ctrl.scratch.iova(),
+                ..Default::default()
+            })
+            .unwrap();
+        assert_eq!(c.cid, (lost + 1) % 0x8000, "the new command skipped the lost command's id");
+        assert_eq!(ctrl.admin_lost, [lost]);
     }
 
     #[test]
