@@ -19,6 +19,7 @@ use nvmectl::DEFAULT_ADMIN_SOCKET;
 ///   nvmectl kill 12                end session 12 as if its client had disconnected
 ///   nvmectl kill 12 --pid 4242     the same, only if session 12 is still pid 4242's
 ///   nvmectl health                 each controller's SMART / health data
+///   nvmectl reset 0                reset controller 0 (clients see a pause, no error)
 ///   nvmectl reload                 put the grants of nvmed's configuration in force now
 ///   nvmectl limits                 the grants and their limits
 ///   nvmectl limits 1000 1 iops=5k  change uid 1000's limits on namespace 1 now
@@ -105,6 +106,18 @@ pub(crate) enum Command {
     /// 2 (after printing) if a controller's log could not be read (failed or gone controller,
     /// or reads paused after one it did not answer) or reports a critical warning.
     Health,
+    /// Reset a controller now (as `nvme reset /dev/nvmeX` does)
+    ///
+    /// Its I/O queues stop, the controller is disabled and enabled again, and nvmed's I/O
+    /// threads create their queues again and send the commands that were in flight again:
+    /// clients see a pause, not an error (a command that already used all its tries fails
+    /// with DeviceReset). Returns once the controller is back. For a controller that stopped
+    /// answering, or an I/O queue that could not be created after an earlier reset. A failed or
+    /// removed controller cannot be reset (exit status 1).
+    Reset {
+        /// The controller's index (the # column of `nvmectl status`).
+        controller: u16,
+    },
     /// Read nvmed's configuration again and put its grants and limits in force (as SIGHUP does)
     ///
     /// Connected sessions keep going with the new grants; a session that lost a namespace is

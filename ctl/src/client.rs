@@ -133,6 +133,7 @@ impl CtlError {
                 AdminError::Internal(_) => "internal",
                 AdminError::BadLimits(_) => "bad_limits",
                 AdminError::NotThatSession { .. } => "not_that_session",
+                AdminError::UnknownController(_) => "unknown_controller",
             },
         }
     }
@@ -212,7 +213,10 @@ impl AdminClient {
     /// Sends one request and returns the reply (`AdminResponse::Error` as [`CtlError::Broker`]).
     pub fn request(&self, req: &AdminRequest) -> Result<AdminResponse, CtlError> {
         let default = match req {
-            AdminRequest::Kill { .. } | AdminRequest::KillIf { .. } | AdminRequest::Health => LONG_TIMEOUT,
+            AdminRequest::Kill { .. }
+            | AdminRequest::KillIf { .. }
+            | AdminRequest::Health
+            | AdminRequest::ResetController { .. } => LONG_TIMEOUT,
             _ => REPLY_TIMEOUT,
         };
         let timeout = self.timeout.unwrap_or(default).max(Duration::from_millis(1));
@@ -314,6 +318,18 @@ impl AdminClient {
                     "this nvmed predates kill --pid/--uid: nothing was ended (check `nvmectl sessions`, then kill without them)"
                         .into(),
                 ))
+            }
+            Ok(other) => Err(CtlError::Unexpected(format!("{other:?}"))),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Resets controller `controller` now; returns (its state after, its resets so far).
+    pub fn reset_controller(&self, controller: u16) -> Result<(String, u64), CtlError> {
+        match self.request(&AdminRequest::ResetController { controller }) {
+            Ok(AdminResponse::ControllerReset { state, resets }) => Ok((state, resets)),
+            Err(CtlError::Broker(AdminError::Malformed(_))) => {
+                Err(CtlError::Unsupported("this nvmed predates nvmectl reset: nothing was reset".into()))
             }
             Ok(other) => Err(CtlError::Unexpected(format!("{other:?}"))),
             Err(e) => Err(e),

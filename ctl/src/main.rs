@@ -108,6 +108,16 @@ fn run(cli: Cli) -> Result<(), CtlError> {
                 println!("uids without grants: {default_access}");
             }
         }
+        Command::Reset { controller } => {
+            let (state, resets) = client.reset_controller(controller)?;
+            if cli.json {
+                print_json(
+                    &serde_json::json!({ "controller": controller, "state": state, "resets": resets }),
+                )?;
+            } else {
+                println!("controller {controller} reset: {state} ({resets} resets since nvmed started)");
+            }
+        }
         Command::Reload => {
             let (updated, ended) = client.reload()?;
             if cli.json {

@@ -60,6 +60,14 @@ pub enum AdminRequest {
         /// Its client's pid must be this one.
         pid: Option<i32>,
     },
+    /// Reset a controller now (as `nvme reset /dev/nvmeX` does): its I/O queues stop, the
+    /// controller is disabled and enabled again, the I/O threads create their queues again and
+    /// send their commands in flight again (each completes once). Answered with
+    /// [`AdminResponse::ControllerReset`] once the reset is done.
+    ResetController {
+        /// The controller's index ([`ControllerReport::index`]).
+        controller: u16,
+    },
 }
 
 /// Most sessions in one [`AdminResponse::SessionsPage`].
@@ -116,6 +124,13 @@ pub enum AdminResponse {
         /// More sessions follow the last one: ask again with its id.
         more: bool,
     },
+    /// Reply to [`AdminRequest::ResetController`].
+    ControllerReset {
+        /// The controller's state after the reset (`running`, or how it failed).
+        state: String,
+        /// Resets of this controller since the broker started, this one included.
+        resets: u64,
+    },
 }
 
 /// Why an admin request failed.
@@ -167,6 +182,9 @@ pub enum AdminError {
     /// [`AdminRequest::SetLimits`] named limits that do not parse; nothing changed.
     #[error("bad limits, nothing changed: {0}")]
     BadLimits(String),
+    /// No controller has this index.
+    #[error("no controller {0} (see `nvmectl status`)")]
+    UnknownController(u16),
     /// [`AdminRequest::KillIf`]: the session is not the one the operator meant; nothing ended.
     #[error("session {session} is {found}, not {expected}; nothing was ended (see `nvmectl sessions`)")]
     NotThatSession {

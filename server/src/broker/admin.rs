@@ -309,6 +309,27 @@ fn handle(shared: &Arc<Shared>, req: AdminRequest, cred: &UnixCredentials) -> Ad
             }
             handle(shared, AdminRequest::Kill { session }, cred)
         }
+        AdminRequest::ResetController { controller } => {
+            let Some(c) = shared.ctrls.get(usize::from(controller)) else {
+                return AdminResponse::Error(AdminError::UnknownController(controller));
+            };
+            let state = c.state();
+            if state != DeviceState::Running {
+                // A failed or removed controller is beyond a reset (see ControllerShared::reset).
+                return AdminResponse::Error(AdminError::Internal(format!(
+                    "controller {controller} is {}: a reset cannot bring it back",
+                    state_name(state)
+                )));
+            }
+            warn!(
+                controller,
+                operator_uid = cred.uid(),
+                operator_pid = cred.pid(),
+                "controller reset by an operator"
+            );
+            c.reset(c.generation());
+            AdminResponse::ControllerReset { state: state_name(c.state()).into(), resets: c.generation() }
+        }
         AdminRequest::Kill { session } => match kill(shared, session) {
             Ok(()) => {
                 info!(
