@@ -37,6 +37,10 @@ done
 target=${CARGO_TARGET_DIR:-target}
 target=$(cd "$(dirname "$target")" && echo "$PWD/$(basename "$target")")
 out=${libdir:-$target/$profile}
+# One build at a time into $out (test runners such as nextest start one per test process).
+mkdir -p "$out"
+exec 9> "$out/.build_capi.lock"
+flock 9
 if [ "$run_cargo" = 1 ]; then
     cargo build -p nvmed-capi "${cargo_flags[@]}"
 fi

@@ -181,6 +181,7 @@ fn the_versioned_library_carries_the_symbol_versions_and_soname_of_the_policy() 
 /// and started again, and arming tells it the fd changed (NVMED_E_FD_CHANGED); with the new
 /// fd its I/O goes on.
 const FD_CHANGED_C: &str = r#"
+#define _GNU_SOURCE
 #include <poll.h>
 #include <stdio.h>
 #include <string.h>
@@ -216,9 +217,15 @@ int main(int argc, char **argv)
     int fd = nvmed_completion_fd(ring);
     int first = io(ring, &b, 1, 1);
     printf("first fd ok: %d (io %d %s)\n", fd >= 0 && first == 0, first, nvmed_last_error());
+    int cfd = nvmed_control_fd(ring);
     printf("READY\n");
     fflush(stdout);
-    getchar(); /* the broker is killed and started again meanwhile */
+    /* The broker is killed: no doorbell says so, the control socket hangs up. */
+    struct pollfd p = { .fd = cfd, .events = POLLRDHUP };
+    int n = poll(&p, 1, 20000);
+    printf("control fd hung up: %d\n", cfd >= 0 && n == 1 && (p.revents & (POLLHUP | POLLRDHUP)) != 0);
+    fflush(stdout);
+    getchar(); /* the broker is started again meanwhile */
     int rc = nvmed_arm_completion_fd(ring, c, 4);
     printf("arm after the restart: %d [%s]\n", rc, nvmed_strerror(rc));
     int fd2 = nvmed_completion_fd(ring);
@@ -262,6 +269,14 @@ fn a_c_event_loop_learns_that_its_completion_fd_changed_across_a_broker_restart(
     }
     assert!(text.contains("first fd ok: 1 (io 0"), "{text}");
     broker.kill9();
+    for line in lines.by_ref() {
+        let line = line.unwrap();
+        text += &format!("{line}\n");
+        if line.starts_with("control fd hung up") {
+            break;
+        }
+    }
+    assert!(text.contains("control fd hung up: 1\n"), "{text}");
     broker.restart();
     child.stdin.as_mut().unwrap().write_all(b"\n").unwrap();
     for line in lines {

@@ -214,12 +214,48 @@ fn a_job_over_the_brokers_limits_fails_with_the_brokers_words() {
     let reads = run(&["--rw=randread", "--bs=4k", "--iodepth=4", "--output-format=json"]);
     assert!(reads.ok, "{}", reads.text);
     assert_eq!(bytes(&jobs(&reads)[0], "read"), 1 << 20);
-    let writes = run(&["--rw=write", "--bs=4k", "--iodepth=4", "--output-format=json"]);
+    // A job that would write a read-only namespace is refused at start, with the reason.
+    let writes = run(&["--rw=write", "--bs=4k", "--iodepth=4"]);
     assert!(!writes.ok, "{}", writes.text);
     assert!(
-        writes.text.contains("fio: nvmed: broker: operation not permitted for this client"),
+        writes.text.contains(
+            "nvmed: namespace 1 is read-only for this client: a job that writes or trims cannot run"
+        ),
         "{}",
         writes.text
     );
-    assert_eq!(jobs(&writes)[0]["error"].as_u64(), Some(libc::EPERM as u64));
+}
+
+#[test]
+fn a_job_the_namespace_cannot_take_is_refused_at_start_and_unlink_spares_the_socket() {
+    let Some(engine) = engine() else { return };
+    let broker = broker(&["--lba-size", "4096"]);
+    let (eng, sock) = (
+        format!("--ioengine=external:{}", engine.display()),
+        format!("--filename={}", broker.socket.display()),
+    );
+    let base = ["--name=sizes", &eng, &sock, "--size=1m"];
+    let run = |extra: &[&str]| {
+        let args: Vec<&str> = base.iter().chain(extra).copied().collect();
+        fio(&engine, &broker.socket, &args)
+    };
+    // 512-byte requests on 4 KiB blocks: every one would fail; the job does not start.
+    let small = run(&["--rw=randread", "--bs=512"]);
+    assert!(!small.ok, "{}", small.text);
+    assert!(
+        small.text.contains(
+            "nvmed: bs 512-512 (alignment 512) is not a multiple of namespace 1's 4096-byte blocks"
+        ),
+        "{}",
+        small.text
+    );
+    // Above the largest request the broker takes.
+    let big = run(&["--rw=read", "--bs=32m", "--size=64m"]);
+    assert!(!big.ok, "{}", big.text);
+    assert!(big.text.contains("nvmed: bs 33554432 is above namespace 1's largest request"), "{}", big.text);
+    // unlink=1 (from a job file written for files) leaves the broker's socket alone.
+    let ok = run(&["--rw=write", "--bs=4k", "--unlink=1"]);
+    assert!(ok.ok, "{}", ok.text);
+    assert!(broker.socket.exists(), "fio's unlink=1 deleted the broker's socket");
+    broker.connect();
 }

@@ -115,8 +115,9 @@ int main(int argc, char **argv)
 	printf("write/read: %d bytes verified\n", LEN);
 
 	/* A vectored read into two pieces of our own memfd: its second half, then its first. The
-	 * library writes the segment list (2 x 16 bytes) at offset 0 of the library's buffer, so
-	 * those bytes of the written data are saved and put back around it. */
+	 * library writes the segment list (2 x NVMED_SEGMENT_LIST_ENTRY_SIZE = 48 bytes) at offset 0
+	 * of the library's buffer, so those bytes of the written data are saved and put back around
+	 * it. */
 	nvmed_segment segs[2] = {
 		{.buf_id = mine.id, .offset = LEN / 2, .len = LEN / 2},
 		{.buf_id = mine.id, .offset = 0, .len = LEN / 2},

@@ -117,6 +117,36 @@ static int find_namespace(nvmed_ring *ring, unsigned int nsid, nvmed_namespace *
 	return -1;
 }
 
+/* The job's block sizes, alignment and direction against what the namespace takes: refused
+ * at start with the reason, not as an error on every I/O. */
+static int check_job(struct thread_data *td, const nvmed_namespace *ns)
+{
+	for (int ddir = DDIR_READ; ddir <= DDIR_TRIM; ddir++) {
+		unsigned long long min = td->o.min_bs[ddir], max = td->o.max_bs[ddir], ba = td->o.ba[ddir];
+		if (!max)
+			continue;
+		if (min % ns->lba_size || max % ns->lba_size || (ba && ba % ns->lba_size)) {
+			log_err("nvmed: bs %llu-%llu (alignment %llu) is not a multiple of namespace %u's %u-byte blocks\n",
+				min, max, ba, ns->nsid, ns->lba_size);
+			td_verror(td, EINVAL, "nvmed block size");
+			return 1;
+		}
+		if (ddir != DDIR_TRIM && max > ns->max_transfer) {
+			log_err("nvmed: bs %llu is above namespace %u's largest request, %u bytes\n", max, ns->nsid,
+				ns->max_transfer);
+			td_verror(td, EINVAL, "nvmed block size");
+			return 1;
+		}
+	}
+	if (ns->read_only && (td_write(td) || td_trim(td))) {
+		log_err("nvmed: namespace %u is read-only for this client: a job that writes or trims cannot run\n",
+			ns->nsid);
+		td_verror(td, EROFS, "nvmed read-only namespace");
+		return 1;
+	}
+	return 0;
+}
+
 static int open_ring(struct thread_data *td, const char *socket, unsigned int entries, nvmed_ring **ring,
 		     nvmed_namespace *ns)
 {
@@ -142,6 +172,11 @@ static int open_ring(struct thread_data *td, const char *socket, unsigned int en
 	if (find_namespace(*ring, o->nsid, ns)) {
 		log_err("nvmed: namespace %u is not one this client may use on %s\n", o->nsid, socket);
 		td_verror(td, ENODEV, "nvmed namespace");
+		nvmed_close(*ring);
+		*ring = NULL;
+		return 1;
+	}
+	if (check_job(td, ns)) {
 		nvmed_close(*ring);
 		*ring = NULL;
 		return 1;
@@ -272,6 +307,12 @@ static int fio_nvmed_close_file(struct thread_data *td, struct fio_file *f)
 	return 0;
 }
 
+/* unlink=1 must not delete the broker's socket (fio's default unlinks the file name). */
+static int fio_nvmed_unlink_file(struct thread_data *td, struct fio_file *f)
+{
+	return 0;
+}
+
 static enum fio_q_status fio_nvmed_queue(struct thread_data *td, struct io_u *io_u)
 {
 	struct nvmed_fio_data *d = td->io_ops_data;
@@ -385,6 +426,10 @@ static int fio_nvmed_getevents(struct thread_data *td, unsigned int min, unsigne
 			n = nvmed_wait(d->ring, d->cqes + got, max - got, min > got ? min - got : 0, timeout_us);
 		if (n == NVMED_E_TIMEOUT)
 			break;
+		if (n < 0 && got) {
+			/* Hand fio what was reaped; the error comes again on the next call. */
+			break;
+		}
 		if (n < 0) {
 			log_err("nvmed: reaping completions: %s\n", nvmed_last_error());
 			td_verror(td, EIO, "nvmed_wait");
@@ -454,6 +499,7 @@ struct ioengine_ops ioengine = {
 	.errdetails = fio_nvmed_errdetails,
 	.open_file = fio_nvmed_open_file,
 	.close_file = fio_nvmed_close_file,
+	.unlink_file = fio_nvmed_unlink_file,
 	.get_file_size = fio_nvmed_get_file_size,
 	.iomem_alloc = fio_nvmed_iomem_alloc,
 	.iomem_free = fio_nvmed_iomem_free,

@@ -18,6 +18,10 @@
 // Patch version of the library.
 #define NVMED_VERSION_PATCH 0
 
+// Bytes of segment list a vectored request uses per segment (at `list_offset` of its list
+// buffer; the wire format's entry, larger than `nvmed_segment`).
+#define NVMED_SEGMENT_LIST_ENTRY_SIZE 24
+
 // Success.
 #define NVMED_OK 0
 
@@ -313,8 +317,10 @@ int nvmed_prep_deallocate(struct nvmed_ring *ring,
 
 // Queues a vectored read of the segments' total length at byte `offset` into the `count`
 // segments (at most 256, any length and alignment, in any registered buffers). The library
-// writes the segment list at `list_offset` (8-byte aligned) of buffer `list_buf`, which must be
-// this ring's; that range stays in use until the completion.
+// writes the segment list, `count * NVMED_SEGMENT_LIST_ENTRY_SIZE` (24) bytes, at
+// `list_offset` (8-byte aligned) of buffer `list_buf`, which must be this ring's; that range
+// stays in use until the completion, and must not overlap the request's segments
+// (`NVMED_E_BAD_SEGMENTS`).
 //
 // # Safety
 // `ring` is a live handle; `segs` is valid for reading `count` `nvmed_segment`s.
@@ -372,6 +378,16 @@ int nvmed_wait(struct nvmed_ring *ring,
 // # Safety
 // `ring` is a live handle.
 int nvmed_completion_fd(struct nvmed_ring *ring);
+
+// The ring's control socket, for event loops that sleep on the completion doorbell: a broker
+// that exits writes no doorbell, but this socket then reports a hang-up (poll for `POLLRDHUP`
+// or `POLLHUP`; never read or write it). On a hang-up call `nvmed_arm_completion_fd`, which
+// reconnects to a restarted broker (`NVMED_E_FD_CHANGED`: take both descriptors again) or
+// fails with `NVMED_E_BROKER_GONE`. The descriptor belongs to the ring.
+//
+// # Safety
+// `ring` is a live handle.
+int nvmed_control_fd(struct nvmed_ring *ring);
 
 // Asks the broker to signal the completion doorbell at the next completion, then polls once
 // more into `out` (up to `max`, at least 1). Returns how many completions it moved: 0 means the

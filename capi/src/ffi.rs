@@ -16,17 +16,31 @@ pub(crate) unsafe fn ring<'a>(ring: *mut nvmed_ring) -> Result<&'a mut nvmed_rin
     unsafe { ring.as_mut() }.ok_or_else(|| Failure::inval("the ring handle is NULL"))
 }
 
-/// A C string argument.
+/// A file path argument: any bytes but NUL, as the kernel takes them.
 ///
 /// # Safety
 /// `s` is null or points to a NUL-terminated string that stays valid during the call.
-pub(crate) unsafe fn str_arg<'a>(s: *const c_char, what: &str) -> Result<&'a str, Failure> {
+pub(crate) unsafe fn path_arg(s: *const c_char, what: &str) -> Result<std::path::PathBuf, Failure> {
+    use std::os::unix::ffi::OsStrExt;
     if s.is_null() {
         return Err(Failure::inval(format!("{what} is NULL")));
     }
     // SAFETY: non-null, and the caller promises a NUL-terminated string.
     let c = unsafe { CStr::from_ptr(s) };
-    c.to_str().map_err(|_| Failure::inval(format!("{what} is not UTF-8")))
+    Ok(std::ffi::OsStr::from_bytes(c.to_bytes()).into())
+}
+
+/// A C string argument that need not be UTF-8 (invalid bytes become U+FFFD).
+///
+/// # Safety
+/// `s` is null or points to a NUL-terminated string that stays valid during the call.
+pub(crate) unsafe fn str_arg_lossy(s: *const c_char, what: &str) -> Result<String, Failure> {
+    if s.is_null() {
+        return Err(Failure::inval(format!("{what} is NULL")));
+    }
+    // SAFETY: non-null, and the caller promises a NUL-terminated string.
+    let c = unsafe { CStr::from_ptr(s) };
+    Ok(c.to_string_lossy().into_owned())
 }
 
 /// Stores `v` through an out-pointer.

@@ -42,6 +42,11 @@ pub const NVMED_VERSION_MINOR: u32 = 1;
 /// Patch version of the library.
 pub const NVMED_VERSION_PATCH: u32 = 0;
 
+/// Bytes of segment list a vectored request uses per segment (at `list_offset` of its list
+/// buffer; the wire format's entry, larger than `nvmed_segment`).
+pub const NVMED_SEGMENT_LIST_ENTRY_SIZE: u32 = 24;
+const _: () = assert!(NVMED_SEGMENT_LIST_ENTRY_SIZE as u64 == nvmed_client::SEGMENT_SIZE);
+
 // The header's version macros are the crate's version.
 const _: () = {
     assert!(const_u32(env!("CARGO_PKG_VERSION_MAJOR")) == NVMED_VERSION_MAJOR);
@@ -277,7 +282,8 @@ thread_local! {
 /// Records a failure for `nvmed_last_error` and returns its code.
 pub(crate) fn fail(f: Failure) -> c_int {
     let text = CString::new(f.message.replace('\0', " ")).unwrap_or_default();
-    LAST_ERROR.with(|l| *l.borrow_mut() = text);
+    // (During the thread's teardown the slot is gone: the code alone then.)
+    let _ = LAST_ERROR.try_with(|l| *l.borrow_mut() = text);
     f.code
 }
 
@@ -441,8 +447,9 @@ pub extern "C" fn nvmed_strerror(code: c_int) -> *const c_char {
 /// refused something). Valid until the next failing call on this thread; "" when none failed.
 #[no_mangle]
 pub extern "C" fn nvmed_last_error() -> *const c_char {
-    // The CString lives in this thread's slot until the next failure replaces it.
-    LAST_ERROR.with(|l| l.borrow().as_ptr())
+    // The CString lives in this thread's slot until the next failure replaces it (during the
+    // thread's teardown the slot is gone: a static text then).
+    LAST_ERROR.try_with(|l| l.borrow().as_ptr()).unwrap_or(c"".as_ptr())
 }
 
 /// Describes a completion's status word into `buf` (`len` bytes, NUL-terminated, truncated as
@@ -498,7 +505,7 @@ pub unsafe extern "C" fn nvmed_open(
             return Err(Failure::inval("the handle out-pointer is NULL"));
         }
         // SAFETY: the caller's promise about `path`.
-        let path = unsafe { ffi::str_arg(path, "the socket path") }?;
+        let path = unsafe { ffi::path_arg(path, "the socket path") }?;
         let mut ro = RingOptions::default();
         // SAFETY: the caller's promise about `opts`.
         if let Some(o) = unsafe { ffi::opt_in(opts) } {
@@ -511,10 +518,12 @@ pub unsafe extern "C" fn nvmed_open(
             };
             if !o.client_name.is_null() {
                 // SAFETY: the caller's promise about `client_name`.
-                ro.client_name = unsafe { ffi::str_arg(o.client_name, "client_name") }?.to_string();
+                // A display name: bytes that are not UTF-8 (a name cut mid-character) are
+                // replaced, not refused.
+                ro.client_name = unsafe { ffi::str_arg_lossy(o.client_name, "client_name") }?;
             }
         }
-        let ring = NvmeRing::open_with(path, ro)?;
+        let ring = NvmeRing::open_with(&path, ro)?;
         let namespaces = ring.namespaces().to_vec();
         let handle = Box::new(nvmed_ring {
             ring,
@@ -777,8 +786,10 @@ pub unsafe extern "C" fn nvmed_prep_deallocate(
 
 /// Queues a vectored read of the segments' total length at byte `offset` into the `count`
 /// segments (at most 256, any length and alignment, in any registered buffers). The library
-/// writes the segment list at `list_offset` (8-byte aligned) of buffer `list_buf`, which must be
-/// this ring's; that range stays in use until the completion.
+/// writes the segment list, `count * NVMED_SEGMENT_LIST_ENTRY_SIZE` (24) bytes, at
+/// `list_offset` (8-byte aligned) of buffer `list_buf`, which must be this ring's; that range
+/// stays in use until the completion, and must not overlap the request's segments
+/// (`NVMED_E_BAD_SEGMENTS`).
 ///
 /// # Safety
 /// `ring` is a live handle; `segs` is valid for reading `count` `nvmed_segment`s.
@@ -893,6 +904,25 @@ pub unsafe extern "C" fn nvmed_completion_fd(ring: *mut nvmed_ring) -> c_int {
         let r = unsafe { ffi::ring(ring) }?.usable()?;
         r.fd_epoch = Some(r.ring.connection_epoch());
         Ok(r.ring.completion_fd().as_raw_fd())
+    })
+}
+
+/// The ring's control socket, for event loops that sleep on the completion doorbell: a broker
+/// that exits writes no doorbell, but this socket then reports a hang-up (poll for `POLLRDHUP`
+/// or `POLLHUP`; never read or write it). On a hang-up call `nvmed_arm_completion_fd`, which
+/// reconnects to a restarted broker (`NVMED_E_FD_CHANGED`: take both descriptors again) or
+/// fails with `NVMED_E_BROKER_GONE`. The descriptor belongs to the ring.
+///
+/// # Safety
+/// `ring` is a live handle.
+#[no_mangle]
+pub unsafe extern "C" fn nvmed_control_fd(ring: *mut nvmed_ring) -> c_int {
+    ffi::guard(Some(ring), || {
+        use std::os::fd::AsRawFd;
+        // SAFETY: the caller's promise about `ring`.
+        let r = unsafe { ffi::ring(ring) }?.usable()?;
+        r.fd_epoch = Some(r.ring.connection_epoch());
+        Ok(r.ring.control_socket().as_raw_fd())
     })
 }
 

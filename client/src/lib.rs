@@ -950,6 +950,20 @@ impl NvmeRing {
         let total = u32::try_from(total)
             .map_err(|_| Error::BadSegments(format!("segments add up to {total} bytes, above 4 GiB")))?;
         let list_len = segments.len() as u64 * SEGMENT_SIZE;
+        // The list must not lie over the data: writing it would change a write's data (or a
+        // read would land on it), with nothing to say so.
+        if let Some(s) = segments.iter().find(|s| {
+            s.buffer == list && s.offset < list_offset + list_len && list_offset < s.offset + u64::from(s.len)
+        }) {
+            return Err(Error::BadSegments(format!(
+                "the segment list (bytes {list_offset}..{} of buffer {}: {SEGMENT_SIZE} bytes per segment) \
+                 overlaps segment {}+{} of the request",
+                list_offset + list_len,
+                list.0,
+                s.offset,
+                s.len
+            )));
+        }
         let mem = self.check_range(list, list_offset, list_len)?.mem.own(list.0)?;
         for (i, s) in segments.iter().enumerate() {
             let seg = Segment::new(s.buffer.0, s.offset, s.len);
