@@ -319,10 +319,14 @@ async fn aborted_tasks_release_their_buffers_at_completion() {
     );
     assert!(r.await.is_err());
     assert_eq!(ring.counters().abandoned_in_flight, 1);
+    let t = std::time::Instant::now();
     drop(ring);
     let mut other = broker.connect();
+    // Still open while its read is at the device (300 ms), closed once it completed.
+    assert_eq!(other.stats().unwrap().broker_sessions, 2, "closed before its read completed");
     eventually("the session to end", Duration::from_secs(10), || other.stats().unwrap().broker_sessions == 1)
         .await;
+    assert!(t.elapsed() >= Duration::from_millis(200), "ended {:?} after the drop", t.elapsed());
 }
 
 /// 500 tasks reading verified blocks with random timeouts (0 to 20 ms against a 100 us
@@ -359,12 +363,14 @@ async fn random_cancellation_under_load() {
                     let wait = Duration::from_micros(rng.below(20_000));
                     match tokio::time::timeout(wait, ring.read(nsid, (block * BLOCK) as u64, b)).await {
                         Ok(r) => {
-                            let (n, b) = r.unwrap();
+                            let (n, mut b) = r.unwrap();
                             assert_eq!(n as usize, BLOCK);
                             assert!(
                                 b[..] == expected[block * BLOCK..][..BLOCK],
                                 "task {task}: block {block}"
                             );
+                            // Cleared: a later read that moved nothing cannot pass on old data.
+                            b.fill(0);
                             stock.push(b);
                             ok += 1;
                         }
@@ -633,4 +639,41 @@ async fn futures_join_all<F: std::future::Future>(fs: Vec<F>) -> Vec<F::Output> 
     .await;
     out.extend(done.into_iter().map(Option::unwrap));
     out
+}
+
+/// The runtime a ring's driver runs on shuts down while a request of another runtime waits:
+/// the request ends with DriverGone instead of waiting for ever.
+#[test]
+fn a_request_whose_driver_is_gone_fails_instead_of_hanging() {
+    let broker = TestBroker::start(&["--emulator-mode", "async", "--emulator-latency-us", "2000000"]);
+    let driver_rt =
+        tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+    let ring = driver_rt.block_on(async { AsyncNvmeRing::new(broker.connect()).unwrap() });
+    let nsid = ring.namespaces()[0].nsid;
+    let other_rt =
+        tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+    let r = ring.clone();
+    let read = other_rt.spawn(async move { r.read(nsid, 0, r.alloc_buffer(BLOCK).unwrap()).await.map(drop) });
+    let t = std::time::Instant::now();
+    while ring.session().stats().unwrap().in_flight == 0 {
+        assert!(t.elapsed() < Duration::from_secs(10), "the read never reached the device");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    drop(driver_rt); // its tasks, the driver among them, are dropped
+    let got = other_rt.block_on(async { tokio::time::timeout(Duration::from_secs(10), read).await });
+    match got {
+        Ok(Ok(Err(e))) if matches!(e.error, Error::DriverGone) => {
+            assert!(e.buf.is_none(), "the device may still write the buffer: not handed back");
+        }
+        other => panic!("expected DriverGone, got {other:?}"),
+    }
+    // Later requests fail at once the same way.
+    let again = other_rt.block_on(async {
+        tokio::time::timeout(Duration::from_secs(10), ring.read(nsid, 0, ring.alloc_buffer(BLOCK).unwrap()))
+            .await
+    });
+    match again {
+        Ok(Err(e)) => assert!(matches!(e.error, Error::DriverGone), "{e:?}"),
+        other => panic!("expected DriverGone, got {:?}", other.map(|r| r.map(drop))),
+    }
 }

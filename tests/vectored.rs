@@ -231,6 +231,25 @@ fn buffers_of_a_vectored_request_stay_busy_until_it_completes() {
     drop(broker);
 }
 
+#[test]
+fn a_segment_list_over_the_requests_own_data_is_refused() {
+    let broker = TestBroker::start(&[]);
+    let mut ring = broker.connect();
+    let ns = ring.namespaces()[0].nsid;
+    let buf = ring.alloc_buffer(8192).unwrap();
+    ring.buffer_mut(buf, 0, 8192).unwrap().fill(0x77);
+    // The list (2 x 24 bytes at 0) would overwrite the first bytes of the data at 32.
+    let segs = [IoSegment::new(buf, 32, 512), IoSegment::new(buf, 4096, 512)];
+    match ring.prep_writev(ns, 0, &segs, buf, 0, 1) {
+        Err(Error::BadSegments(why)) => assert!(why.contains("overlaps segment 32+512"), "{why}"),
+        other => panic!("expected BadSegments, got {other:?}"),
+    }
+    assert!(ring.buffer(buf, 0, 64).unwrap().iter().all(|&b| b == 0x77), "the data was changed");
+    // Right beside it (the list ends at 48): fine.
+    let segs = [IoSegment::new(buf, 48, 512), IoSegment::new(buf, 4096, 512)];
+    ring.writev(ns, 0, &segs, buf, 0).unwrap();
+}
+
 /// Queues `n` bounced vectored writes (odd 512-byte segments, 256 KiB each, on a broker without
 /// SGLs) on `ring` and submits them without waiting.
 fn queue_bounced_writes(ring: &mut NvmeRing, n: u64) -> BufferId {

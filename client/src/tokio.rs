@@ -227,7 +227,8 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// A copy of a ring failure, for every future it ends.
+/// A copy of a ring failure, for every future it ends (the same kind, so that callers can
+/// match on it: a killed session's `Refused(SessionKilled)` stays that).
 fn same_error(e: &Error) -> Error {
     match e {
         Error::RingFaulted(f) => Error::RingFaulted(*f),
@@ -235,6 +236,13 @@ fn same_error(e: &Error) -> Error {
         Error::ReconnectFailed { after, reason } => {
             Error::ReconnectFailed { after: *after, reason: reason.clone() }
         }
+        Error::Refused(c) => Error::Refused(c.clone()),
+        Error::Os { what, source } => {
+            Error::Os { what, source: std::io::Error::new(source.kind(), source.to_string()) }
+        }
+        Error::Connect { path, source } => Error::Connect { path: path.clone(), source: *source },
+        Error::Timeout => Error::Timeout,
+        Error::DriverGone => Error::DriverGone,
         other => Error::Protocol(other.to_string()),
     }
 }
@@ -384,6 +392,19 @@ impl Shared {
     /// The ring failed: every waiting future is woken to end with `e`; no new request starts.
     fn fail(&self, st: &mut State, e: Error, wakers: &mut Vec<Waker>) {
         if st.failed.is_none() {
+            // What the broker completed before the failure is a result, not a failure (a
+            // broker closing cleanly posts its last completions before its fault word): hand
+            // those out first, with their buffers.
+            loop {
+                st.out.clear();
+                match st.ring.poll(&mut st.out) {
+                    Ok(n) if n > 0 => {
+                        let n = self.dispatch(st, wakers, None);
+                        st.counters.reaped_by_driver += n as u64;
+                    }
+                    _ => break,
+                }
+            }
             st.failed = Some(e);
         }
         for (_, op) in st.ops.iter_mut() {
@@ -558,9 +579,34 @@ async fn spin_once() {
     .await
 }
 
+/// Fails the ring if its driver ends other than by its own exit (its runtime shut down and
+/// dropped the task, or it panicked): the futures wait for the driver to wake them, and would
+/// otherwise wait for ever.
+struct DriverEnd {
+    shared: Arc<Shared>,
+    normally: bool,
+}
+
+impl Drop for DriverEnd {
+    fn drop(&mut self) {
+        if self.normally {
+            return;
+        }
+        let mut wakers = Vec::new();
+        {
+            let mut st = self.shared.lock();
+            self.shared.fail(&mut st, Error::DriverGone, &mut wakers);
+        }
+        for w in wakers {
+            w.wake();
+        }
+    }
+}
+
 /// The driver task of one ring: polls while requests are in flight, sleeps on the completion
 /// completion doorbell when polling finds nothing for a while.
 async fn drive(shared: Arc<Shared>, mut fds: Fds) {
+    let mut ended = DriverEnd { shared: shared.clone(), normally: false };
     let mut wakers = Vec::new();
     // Completions taken so far (by the futures or the driver) when the driver last looked:
     // while others take them, the ring is busy even if the driver finds none itself.
@@ -590,7 +636,7 @@ async fn drive(shared: Arc<Shared>, mut fds: Fds) {
                 since = Instant::now();
                 spins = 0;
                 if !slept {
-                    st.spin_now = (st.spin_now * 2).max(Duration::from_micros(1)).min(st.spin);
+                    st.spin_now = st.spin_now.saturating_mul(2).max(Duration::from_micros(1)).min(st.spin);
                 }
                 slept = false;
             }
@@ -693,9 +739,11 @@ async fn drive(shared: Arc<Shared>, mut fds: Fds) {
             }
         }
     }
-    // Closing the ring makes blocking calls to the broker: off the runtime's worker threads.
-    // A buffer being dropped holds the ring for a moment (to give its registration back to
-    // the pool): wait that out rather than leave the close to whatever thread drops it.
+    ended.normally = true;
+    drop(ended); // (it holds the ring too)
+                 // Closing the ring makes blocking calls to the broker: off the runtime's worker threads.
+                 // A buffer being dropped holds the ring for a moment (to give its registration back to
+                 // the pool): wait that out rather than leave the close to whatever thread drops it.
     let mut shared = shared;
     for _ in 0..1000 {
         match Arc::try_unwrap(shared) {
@@ -866,7 +914,9 @@ impl AsyncNvmeRing {
                 lock(&shared.pool).append(&mut free);
                 return Err(e);
             }
-            drop(shared.lock().ring.disown_buffer(p.id));
+            // Unmapped after the lock is given back (a large unmap takes milliseconds).
+            let mapping = shared.lock().ring.disown_buffer(p.id);
+            drop(mapping);
         }
         Ok(n)
     }

@@ -166,7 +166,7 @@ impl NvmeRing {
 
     /// A wait was satisfied without sleeping: spinning pays, allow more of it.
     fn spin_paid(&mut self) {
-        self.spin_now = (self.spin_now * 2).max(Duration::from_micros(1)).min(self.spin);
+        self.spin_now = self.spin_now.saturating_mul(2).max(Duration::from_micros(1)).min(self.spin);
     }
 
     /// The completion doorbell, for a caller that sleeps in its own event loop (epoll) instead of
