@@ -63,6 +63,7 @@ fn opts(qid: u16, cntlid: u16, dg: Digests) -> ConnectOptions {
         kato_ms: 5000,
         digests: dg,
         in_capsule: 8192,
+        hostid: [0x11; 16],
     }
 }
 
@@ -803,4 +804,58 @@ fn discovery_lists_the_subsystem_to_allowed_hosts_only() {
     let (log, _a) = discover("nqn.2014-08.org.example:stranger");
     assert_eq!(u64::from_le_bytes(log[8..16].try_into().unwrap()), 0, "no records for a stranger");
     assert_eq!(log.len(), 1024);
+}
+
+/// What a host may hold: a port given for discovery serves nothing else, one host NQN holds
+/// at most --max-controllers-per-host controllers, an I/O queue must come from the host
+/// identifier of its controller's admin queue, and a discovery controller keeps a keep alive
+/// timeout of at most two minutes whatever it asks.
+#[test]
+fn hosts_hold_only_what_they_may() {
+    let f = fixture(|c| c.max_controllers_per_host = 2);
+    // A discovery-only port.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let disc_addr = listener.local_addr().unwrap();
+    let target = f.target.clone();
+    f.rt.spawn(async move {
+        let l = tokio::net::TcpListener::from_std(listener).unwrap();
+        let _ = nvmed_tcp::serve_discovery(target, l).await;
+    });
+    let refused = Initiator::connect(disc_addr, &opts(0, 0xffff, Digests::default()));
+    assert!(
+        matches!(refused, Err(InitError::Status(s)) if s == sc::CONNECT_INVALID_PARAM | sc::DNR),
+        "the I/O subsystem on the discovery port: {:?}",
+        refused.err()
+    );
+    let mut o = opts(0, 0xffff, Digests::default());
+    o.subnqn = DISCOVERY_NQN.into();
+    o.kato_ms = 0;
+    let d = Initiator::connect(disc_addr, &o).expect("discovery on its port");
+    drop(d);
+
+    // Two controllers for HOST, then Controller Busy; another host still gets one.
+    let a1 = admin(&f, Digests::default(), HOST, 1);
+    let a2 = admin(&f, Digests::default(), HOST, 1);
+    let third = Initiator::connect(f.addr, &opts(0, 0xffff, Digests::default()));
+    assert!(matches!(third, Err(InitError::Status(s)) if s == sc::CONNECT_CTRL_BUSY), "{:?}", third.err());
+    let _other = admin(&f, Digests::default(), NS2_HOST, 1);
+
+    // An I/O queue with another host identifier than its admin queue's.
+    let mut o = opts(1, a1.cntlid, Digests::default());
+    o.hostid = [0x22; 16];
+    let wrong = Initiator::connect(f.addr, &o);
+    assert!(
+        matches!(wrong, Err(InitError::Status(s)) if s == sc::CONNECT_INVALID_PARAM | sc::DNR),
+        "{:?}",
+        wrong.err()
+    );
+    io_queue(&f, &a1, 1, Digests::default(), HOST).expect("the right host identifier");
+    // A controller gone frees its place.
+    drop(a2);
+    common::wait_until("the controller to go", Duration::from_secs(10), || f.target.controllers() == 2);
+    let _a3 = admin(&f, Digests::default(), HOST, 1);
+    assert_eq!(nvmed_tcp::ctrl::discovery_kato(u32::MAX), nvmed_tcp::ctrl::DISCOVERY_KATO_MS);
+    assert_eq!(nvmed_tcp::ctrl::discovery_kato(0), nvmed_tcp::ctrl::DISCOVERY_KATO_MS);
+    assert_eq!(nvmed_tcp::ctrl::discovery_kato(5000), 5000);
 }

@@ -71,6 +71,11 @@ pub(crate) struct Args {
     /// for a controller with 16 I/O queues).
     #[arg(long, default_value_t = 128)]
     pub(crate) max_connections_per_host: usize,
+    /// Most controllers one host NQN may hold at once (each has its own nvmed session; a host
+    /// connecting over several paths holds one per path), so that one host cannot take every
+    /// session nvmed allows this target's uid. Further Connects get Controller Busy.
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u64).range(1..=1024))]
+    pub(crate) max_controllers_per_host: u64,
     /// Seconds a host may leave what is sent to it unread (and to send ICReq and Connect).
     #[arg(long, default_value_t = 30)]
     pub(crate) io_timeout_s: u64,

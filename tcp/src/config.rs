@@ -88,6 +88,10 @@ pub struct Config {
     /// Most TCP connections at once from one IP address (a Linux host uses one per queue of
     /// each controller it connects: 17 for 16 I/O queues), so one host cannot take every slot.
     pub max_connections_per_host: usize,
+    /// Most controllers (admin connections, each with its own nvmed session) one host NQN may
+    /// hold at once (a host connecting over several paths holds one per path), so that one
+    /// host cannot take every nvmed session of the target's uid.
+    pub max_controllers_per_host: usize,
     /// A host that does not read what is sent to it for this long is disconnected; also the
     /// time allowed for ICReq and Connect together (at most [`HANDSHAKE_TIMEOUT_MAX`]).
     pub io_timeout: Duration,
@@ -121,6 +125,7 @@ impl Config {
             max_io_queues: 16,
             max_connections: 512,
             max_connections_per_host: 128,
+            max_controllers_per_host: 4,
             io_timeout: Duration::from_secs(30),
             poll: Duration::ZERO,
             reconnect: nvmed_client::Reconnect::default(),

@@ -203,6 +203,17 @@ impl Reply {
 /// target does: a discovery connection may not hold its slot forever).
 pub const DISCOVERY_KATO_MS: u32 = 120_000;
 
+/// The keep alive timeout of a discovery controller: `kato_ms` as the host asked, 0 (none)
+/// made [`DISCOVERY_KATO_MS`] and at most that (a discovery connection, which any host may
+/// open, may not hold its slot for long).
+pub fn discovery_kato(kato_ms: u32) -> u32 {
+    if kato_ms == 0 {
+        DISCOVERY_KATO_MS
+    } else {
+        kato_ms.min(DISCOVERY_KATO_MS)
+    }
+}
+
 /// The state of one controller's admin side.
 #[derive(Debug)]
 pub struct Controller {
@@ -478,7 +489,7 @@ impl Controller {
             }
             0x0F => {
                 // A discovery controller keeps a timeout: it may not hold its connection forever.
-                self.kato_ms = if v == 0 && self.params.discovery.is_some() { DISCOVERY_KATO_MS } else { v };
+                self.kato_ms = if self.params.discovery.is_some() { discovery_kato(v) } else { v };
                 Reply::ok(0)
             }
             0x06 if v & 1 == 0 => Reply::err(sc::INVALID_FIELD), // the cache stays on

@@ -59,6 +59,8 @@ pub struct ConnectOptions {
     /// Most in-capsule write data (from the controller's IOCCSZ; 0: always R2T, the Connect's
     /// data too).
     pub in_capsule: usize,
+    /// Host identifier (the same on every queue of a controller).
+    pub hostid: [u8; 16],
 }
 
 struct Pending {
@@ -127,7 +129,7 @@ impl Initiator {
         b[44..46].copy_from_slice(&o.sqsize.to_le_bytes());
         b[48..52].copy_from_slice(&o.kato_ms.to_le_bytes());
         let mut data = vec![0u8; 1024];
-        data[..16].copy_from_slice(&[0x11; 16]);
+        data[..16].copy_from_slice(&o.hostid);
         data[16..18].copy_from_slice(&o.cntlid.to_le_bytes());
         data[256..256 + o.subnqn.len()].copy_from_slice(o.subnqn.as_bytes());
         data[512..512 + o.hostnqn.len()].copy_from_slice(o.hostnqn.as_bytes());

@@ -13,5 +13,5 @@ pub mod pdu;
 pub mod server;
 
 pub use config::{Config, ConfigError, ConfigFile, HostAccess};
-pub use server::{serve, ConnError, Target};
+pub use server::{serve, serve_discovery, ConnError, Target};
 pub mod initiator;

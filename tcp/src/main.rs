@@ -66,6 +66,7 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     cfg.max_io_queues = args.max_io_queues;
     cfg.max_connections = fit_fd_limit(args.max_connections);
     cfg.max_connections_per_host = args.max_connections_per_host;
+    cfg.max_controllers_per_host = args.max_controllers_per_host as usize;
     cfg.io_timeout = Duration::from_secs(args.io_timeout_s.max(1));
     cfg.poll = Duration::from_micros(args.poll_us);
     if args.reconnect_secs == 0 {
@@ -110,7 +111,7 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         let target = Target::new(cfg);
         let discover = async {
             match discovery {
-                Some(d) => nvmed_tcp::serve(target.clone(), d).await,
+                Some(d) => nvmed_tcp::serve_discovery(target.clone(), d).await,
                 None => std::future::pending().await,
             }
         };

@@ -75,7 +75,7 @@ pub const CMD_HLEN: usize = 72;
 /// Header length of a response capsule, the data PDUs, R2T and TermReq.
 pub const SHORT_HLEN: usize = 24;
 /// Most bytes of the offending PDU's header a TermReq carries.
-pub const TERM_MAX_DATA: usize = 152;
+pub const TERM_MAX_DATA: usize = 128;
 /// Longest header (with digest and padding) [`check_common`] accepts: `pdo` is one byte.
 pub const MAX_HEADER: usize = 256;
 

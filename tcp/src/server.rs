@@ -17,8 +17,8 @@ use zerocopy::IntoBytes;
 
 use crate::config::{Config, HANDSHAKE_TIMEOUT_MAX};
 use crate::ctrl::{
-    admin_op, discovery_log, fctype, sc, Controller, CtrlParams, DiscoveryEntry, NsView, Reply,
-    DISCOVERY_KATO_MS, DISCOVERY_NQN,
+    admin_op, discovery_kato, discovery_log, fctype, sc, Controller, CtrlParams, DiscoveryEntry, NsView,
+    Reply, DISCOVERY_NQN,
 };
 use crate::pdu::{self, Digests, Header, Limits, NvmeCmd, NvmeCqe, PduError, Receiver};
 
@@ -58,6 +58,8 @@ pub struct CtrlShared {
     pub cntlid: u16,
     /// The host's NQN.
     pub hostnqn: String,
+    /// The host identifier of its admin Connect (its I/O queues must carry the same).
+    pub hostid: [u8; 16],
     /// Its nvmed session: every I/O queue gets a ring of it (`None` for a discovery
     /// controller, which has no I/O queues).
     pub session: Option<NvmeSession>,
@@ -174,6 +176,32 @@ pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 /// Accepts connections forever, each in its own task; beyond `max_connections` a new
 /// connection is closed at once.
 pub async fn serve(target: Arc<Target>, listener: TcpListener) -> std::io::Result<()> {
+    serve_port(target, listener, false).await
+}
+
+/// As [`serve`], for a discovery port (`--discovery-listen`): only the discovery subsystem is
+/// served there; a Connect to the I/O subsystem is refused.
+pub async fn serve_discovery(target: Arc<Target>, listener: TcpListener) -> std::io::Result<()> {
+    serve_port(target, listener, true).await
+}
+
+/// Keep alive probes on an accepted connection: a host that vanishes without a FIN or RST (a
+/// power loss, a partition) is found out even when it asked for no keep alive timeout, and the
+/// nvmed session, rings and buffers its controller holds are released.
+fn tcp_keepalive(stream: &TcpStream) {
+    use nix::sys::socket::{setsockopt, sockopt};
+    let probes = setsockopt(stream, sockopt::KeepAlive, &true)
+        .and_then(|()| setsockopt(stream, sockopt::TcpKeepIdle, &30))
+        .and_then(|()| setsockopt(stream, sockopt::TcpKeepInterval, &10))
+        .and_then(|()| setsockopt(stream, sockopt::TcpKeepCount, &6))
+        // Data the host does not acknowledge for 90 s: gone.
+        .and_then(|()| setsockopt(stream, sockopt::TcpUserTimeout, &90_000));
+    if let Err(e) = probes {
+        debug!("TCP keep alive options: {e}");
+    }
+}
+
+async fn serve_port(target: Arc<Target>, listener: TcpListener, discovery_only: bool) -> std::io::Result<()> {
     loop {
         let (stream, peer) = match listener.accept().await {
             Ok(v) => v,
@@ -204,7 +232,8 @@ pub async fn serve(target: Arc<Target>, listener: TcpListener) -> std::io::Resul
             let _permit = permit;
             let _host_slot = host_slot;
             let _ = stream.set_nodelay(true);
-            match handle(&target, stream).await {
+            tcp_keepalive(&stream);
+            match handle(&target, stream, discovery_only).await {
                 Ok(()) | Err(ConnError::Closed) => debug!(%peer, "connection closed"),
                 Err(e) => info!(%peer, "connection ended: {e}"),
             }
@@ -286,7 +315,7 @@ pub(crate) struct ConnParams {
     pub hpda: u8,
 }
 
-async fn handle(target: &Arc<Target>, mut stream: TcpStream) -> Result<(), ConnError> {
+async fn handle(target: &Arc<Target>, mut stream: TcpStream, discovery_only: bool) -> Result<(), ConnError> {
     // ICReq, Connect and its data must all arrive by one deadline.
     let deadline = Instant::now() + target.cfg.io_timeout.min(HANDSHAKE_TIMEOUT_MAX);
     let limits = target.limits();
@@ -351,7 +380,7 @@ async fn handle(target: &Arc<Target>, mut stream: TcpStream) -> Result<(), ConnE
     } else if !digest_ok {
         Err((sc::TRANSIENT_TRANSPORT, 0, "Connect data digest mismatch".into()))
     } else {
-        connect(target, &cmd, &data).await
+        connect(target, &cmd, &data, discovery_only).await
     };
     let (ctrl, qid, sqsize) = match outcome {
         Ok(v) => v,
@@ -368,10 +397,10 @@ async fn handle(target: &Arc<Target>, mut stream: TcpStream) -> Result<(), ConnE
         let mut out = Vec::new();
         pdu::push_capsule_resp(&mut out, dg, cqe(cid, 0, u64::from(ctrl.cntlid), 1, qid));
         stream.write_all(&out).await?;
-        info!(cntlid = ctrl.cntlid, host = %ctrl.hostnqn, "controller created");
+        info!(cntlid = ctrl.cntlid, host = ?ctrl.hostnqn, "controller created");
         let mut kato = u32::from_le_bytes(cmd.as_bytes()[48..52].try_into().unwrap());
-        if ctrl.discovery && kato == 0 {
-            kato = DISCOVERY_KATO_MS;
+        if ctrl.discovery {
+            kato = discovery_kato(kato);
         }
         let r = admin_queue(target, &ctrl, stream, params, sqsize, kato).await;
         lock(&target.ctrls).remove(&ctrl.cntlid);
@@ -436,6 +465,7 @@ async fn connect(
     target: &Arc<Target>,
     cmd: &NvmeCmd,
     data: &[u8],
+    discovery_only: bool,
 ) -> Result<(Arc<CtrlShared>, u16, u16), Refusal> {
     let b = cmd.as_bytes();
     let recfmt = u16::from_le_bytes([b[40], b[41]]);
@@ -448,6 +478,7 @@ async fn connect(
     if data.len() != 1024 {
         return Err(invalid_param(false, 24, format!("Connect data of {} bytes in the capsule", data.len())));
     }
+    let hostid: [u8; 16] = data[..16].try_into().unwrap();
     let cntlid = u16::from_le_bytes([data[16], data[17]]);
     let subnqn = nqn_field(&data[256..512]);
     let hostnqn = nqn_field(&data[512..768]);
@@ -467,6 +498,7 @@ async fn connect(
         let ctrl = Arc::new(CtrlShared {
             cntlid,
             hostnqn,
+            hostid,
             session: None,
             discovery: true,
             namespaces: Arc::new(Vec::new()),
@@ -477,6 +509,9 @@ async fn connect(
         });
         lock(&target.ctrls).insert(cntlid, ctrl.clone());
         return Ok((ctrl, 0, sqsize));
+    }
+    if discovery_only {
+        return Err(invalid_param(true, 256, format!("this port serves discovery only, not {subnqn:?}")));
     }
     if subnqn != target.cfg.subnqn {
         return Err(invalid_param(true, 256, format!("unknown subsystem {subnqn:?}")));
@@ -493,7 +528,15 @@ async fn connect(
             return Err(invalid_param(true, 16, format!("static controller id {cntlid} asked")));
         }
         let _ = kato;
-        let ctrl = create_controller(target, hostnqn, allowed.map(<[u32]>::to_vec), read_only)
+        let held = lock(&target.ctrls).values().filter(|c| !c.discovery && c.hostnqn == hostnqn).count();
+        if held >= target.cfg.max_controllers_per_host {
+            return Err((
+                sc::CONNECT_CTRL_BUSY,
+                0,
+                format!("host {hostnqn:?} holds {held} controllers, the most one host may"),
+            ));
+        }
+        let ctrl = create_controller(target, hostnqn, hostid, allowed.map(<[u32]>::to_vec), read_only)
             .await
             .map_err(|e| (sc::CONNECT_CTRL_BUSY, 0, e))?;
         Ok((ctrl, 0, sqsize))
@@ -507,6 +550,9 @@ async fn connect(
         };
         if ctrl.hostnqn != hostnqn {
             return Err(invalid_param(true, 512, "host NQN differs from the controller's".into()));
+        }
+        if ctrl.hostid != hostid {
+            return Err(invalid_param(true, 0, "host identifier differs from the controller's".into()));
         }
         if ctrl.discovery {
             return Err(invalid_param(true, 16, format!("controller {cntlid} is a discovery controller")));
@@ -533,6 +579,7 @@ fn max_sq_of(target: &Target) -> u16 {
 async fn create_controller(
     target: &Arc<Target>,
     hostnqn: String,
+    hostid: [u8; 16],
     allowed: Option<Vec<u32>>,
     read_only: bool,
 ) -> Result<Arc<CtrlShared>, String> {
@@ -569,6 +616,7 @@ async fn create_controller(
     let ctrl = Arc::new(CtrlShared {
         cntlid,
         hostnqn,
+        hostid,
         session: Some(session),
         discovery: false,
         namespaces: Arc::new(namespaces),
