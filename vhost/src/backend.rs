@@ -25,6 +25,7 @@ use vhost::vhost_user::message::{
 use vhost::vhost_user::{Error as VuError, GpuBackend, Result as VuResult, VhostUserBackendReqHandlerMut};
 use vhost::VhostUserMemoryRegionBase;
 use vhost_user_backend::{VringMutex, VringT};
+use virtio_bindings::virtio_blk::{VIRTIO_BLK_F_CONFIG_WCE, VIRTIO_BLK_F_FLUSH};
 use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 use virtio_queue::QueueT;
 use vm_memory::{GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap, GuestRegionMmap};
@@ -74,6 +75,9 @@ struct QueueShared {
     epoll: Epoll,
     wake: EventFd,
     exit: AtomicBool,
+    /// The vhost-user thread waits for the worker's lock (a memory table, an inflight region,
+    /// a ring start): a busy-polling queue thread lets go of it.
+    control_waiting: AtomicBool,
     mem: GuestMem,
     poll: Duration,
     stats: Arc<QueueStats>,
@@ -140,6 +144,15 @@ impl QueueShared {
         *cur = Watched { epoch: u64::MAX, completion: -1, control: -1 };
     }
 
+    /// The worker's lock, for the vhost-user thread: a queue thread busy-polling under it is
+    /// asked to let go (it polls again after).
+    fn control_lock(&self) -> MutexGuard<'_, Worker> {
+        self.control_waiting.store(true, Ordering::Release);
+        let w = lock(&self.worker);
+        self.control_waiting.store(false, Ordering::Release);
+        w
+    }
+
     fn wake(&self) {
         if let Err(e) = self.wake.write(1) {
             tracing::warn!(queue = self.index, "waking the queue thread: {e}");
@@ -163,6 +176,13 @@ impl QueueShared {
                         self.notify();
                     }
                     let now = Instant::now();
+                    if self.control_waiting.load(Ordering::Acquire)
+                        || !self.vring.get_ref().get_queue().ready()
+                    {
+                        // The vhost-user thread needs the worker (or stopped the ring): let
+                        // go now; a wake or kick brings the thread back.
+                        break;
+                    }
                     if p.any {
                         deadline = now + self.poll;
                     } else if now >= deadline {
@@ -175,7 +195,13 @@ impl QueueShared {
             if p.used {
                 self.notify();
             }
-            if !w.arm() {
+            let more = w.arm();
+            if more && self.control_waiting.load(Ordering::Acquire) {
+                // Let the vhost-user thread have the worker; come back for the rest after.
+                self.wake();
+                break;
+            }
+            if !more {
                 break;
             }
         }
@@ -354,7 +380,13 @@ struct AddrMapping {
 /// The device for one frontend connection.
 pub struct BlkDevice {
     geo: DiskGeometry,
+    /// The write cache mode the workers follow (0: write through, their writes use FUA).
     wce: Arc<AtomicU8>,
+    /// The mode the guest last chose through the config space (what the config space shows),
+    /// kept across connections and restarts in `wce_file`: QEMU reads the config space once
+    /// and does not tell a reconnected backend what its guest chose.
+    wce_chosen: u8,
+    wce_file: Option<std::path::PathBuf>,
     mem: GuestMem,
     mappings: Vec<AddrMapping>,
     queues: Vec<Arc<QueueShared>>,
@@ -378,9 +410,12 @@ impl BlkDevice {
         threads: usize,
     ) -> io::Result<Self> {
         let mem = GuestMem::new(GuestMemoryMmap::new());
+        let wce_chosen = wce.load(Ordering::Relaxed);
         let mut dev = Self {
             geo,
             wce,
+            wce_chosen,
+            wce_file: None,
             mem: mem.clone(),
             mappings: Vec::new(),
             queues: Vec::new(),
@@ -422,6 +457,7 @@ impl BlkDevice {
                 epoll,
                 wake,
                 exit: AtomicBool::new(false),
+                control_waiting: AtomicBool::new(false),
                 mem: mem.clone(),
                 poll,
                 watched,
@@ -437,6 +473,26 @@ impl BlkDevice {
             dev.threads.push(std::thread::Builder::new().name(name).spawn(move || serve(group))?);
         }
         Ok(dev)
+    }
+
+    /// Keeps the guest's write cache choice in `path` (read now if it exists, written at each
+    /// change), so that a restarted backend writes through when the guest asked for it.
+    pub fn persist_write_cache(&mut self, path: std::path::PathBuf) {
+        match std::fs::read_to_string(&path) {
+            Ok(s) if matches!(s.trim(), "0" | "1") => {
+                self.wce_chosen = u8::from(s.trim() == "1");
+                self.wce.store(self.wce_chosen, Ordering::Relaxed);
+                tracing::info!(
+                    file = %path.display(),
+                    "the guest's write cache choice: {}",
+                    if self.wce_chosen == 1 { "write back" } else { "write through" }
+                );
+            }
+            Ok(_) => tracing::warn!(file = %path.display(), "not a write cache setting (0 or 1): ignored"),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => tracing::warn!(file = %path.display(), "reading the write cache setting: {e}"),
+        }
+        self.wce_file = Some(path);
     }
 
     /// Virtqueues.
@@ -496,7 +552,7 @@ impl BlkDevice {
 
     /// The configuration space bytes at `offset..offset+size` (zeros past its end).
     pub fn config(&self, offset: u32, size: u32) -> Vec<u8> {
-        let space = self.geo.config_space(self.wce.load(Ordering::Relaxed));
+        let space = self.geo.config_space(self.wce_chosen);
         let mut out = vec![0u8; size as usize];
         let start = (offset as usize).min(CONFIG_SIZE);
         let end = (offset as usize).saturating_add(size as usize).min(CONFIG_SIZE);
@@ -505,13 +561,23 @@ impl BlkDevice {
     }
 
     /// A configuration space write: only the write-cache setting is writable.
-    pub fn write_config(&self, offset: u32, buf: &[u8]) -> io::Result<()> {
+    pub fn write_config(&mut self, offset: u32, buf: &[u8]) -> io::Result<()> {
         if offset == WCE_OFFSET && buf.len() == 1 {
             tracing::info!(
                 "guest set the write cache to {}",
                 if buf[0] != 0 { "write back" } else { "write through" }
             );
-            self.wce.store(u8::from(buf[0] != 0), Ordering::Relaxed);
+            self.wce_chosen = u8::from(buf[0] != 0);
+            self.wce.store(self.wce_chosen, Ordering::Relaxed);
+            if let Some(path) = &self.wce_file {
+                let mut tmp = path.as_os_str().to_owned();
+                tmp.push(".tmp");
+                let saved = std::fs::write(&tmp, format!("{}\n", self.wce_chosen))
+                    .and_then(|()| std::fs::rename(&tmp, path));
+                if let Err(e) = saved {
+                    tracing::warn!(file = %path.display(), "keeping the write cache setting: {e}");
+                }
+            }
             return Ok(());
         }
         Err(io::Error::other(format!(
@@ -570,7 +636,7 @@ impl BlkDevice {
         {
             // Under the worker lock: the queue thread sees the ring started only once its
             // avail index accounts for the requests to resubmit.
-            let mut w = lock(&q.worker);
+            let mut w = q.control_lock();
             let needs_start = {
                 let st = q.vring.get_ref();
                 !st.get_queue().ready() && st.get_kick().is_some()
@@ -617,7 +683,7 @@ impl BlkDevice {
     fn apply_memory(&mut self, new: GuestMemoryMmap, files: &RegionFiles) -> VuResult<()> {
         self.mem.lock().unwrap_or_else(|p| p.into_inner()).replace(new);
         for q in &self.queues {
-            lock(&q.worker).sync_memory(files).map_err(|e| {
+            q.control_lock().sync_memory(files).map_err(|e| {
                 tracing::error!(queue = q.index, "{e}");
                 handler_error(e)
             })?;
@@ -660,7 +726,7 @@ impl VhostUserBackendReqHandlerMut for BlkDevice {
         }
         self.drain_all();
         self.acked_features = 0;
-        self.wce.store(1, Ordering::Relaxed);
+        // The write cache mode stays what the guest chose: QEMU keeps showing it that.
         Ok(())
     }
 
@@ -684,6 +750,16 @@ impl VhostUserBackendReqHandlerMut for BlkDevice {
         for q in &self.queues {
             q.vring.set_queue_event_idx(event_idx);
         }
+        // As QEMU's virtio-blk: a driver that cannot flush gets write through, one that can
+        // flush but not choose gets write back, one that can choose gets what it chose.
+        let mode =
+            match (features & (1 << VIRTIO_BLK_F_FLUSH) != 0, features & (1 << VIRTIO_BLK_F_CONFIG_WCE) != 0)
+            {
+                (false, _) => 0,
+                (true, false) => 1,
+                (true, true) => self.wce_chosen,
+            };
+        self.wce.store(mode, Ordering::Relaxed);
         Ok(())
     }
 
@@ -717,8 +793,10 @@ impl VhostUserBackendReqHandlerMut for BlkDevice {
 
     fn set_vring_num(&mut self, index: u32, num: u32) -> VuResult<()> {
         let q = self.queue(index)?;
-        if num == 0 || num as usize > MAX_QUEUE_SIZE {
-            tracing::error!("vring {index}: queue size {num} outside 1..={MAX_QUEUE_SIZE}");
+        if num == 0 || num as usize > MAX_QUEUE_SIZE || !num.is_power_of_two() {
+            // (A split ring's size is a power of two: another would put the rings' fields
+            // at other offsets than the driver's, and the queue would keep its old size.)
+            tracing::error!("vring {index}: queue size {num} is not a power of two up to {MAX_QUEUE_SIZE}");
             return Err(VuError::InvalidParam);
         }
         q.vring.set_queue_size(num as u16);
@@ -865,7 +943,11 @@ impl VhostUserBackendReqHandlerMut for BlkDevice {
             return Err(VuError::InvalidParam);
         }
         for q in &self.queues {
-            if q.vring.get_ref().get_queue().ready() || lock(&q.worker).busy() > 0 {
+            // The worker's lock first, then the vring's, as the queue thread takes them (the
+            // other order, with the vring's guard alive across the condition, could deadlock).
+            let busy = q.control_lock().busy() > 0;
+            let ready = q.vring.get_ref().get_queue().ready();
+            if ready || busy {
                 return Err(VuError::InvalidOperation("inflight region replaced while a ring runs"));
             }
         }
@@ -877,7 +959,7 @@ impl VhostUserBackendReqHandlerMut for BlkDevice {
         let region = Arc::new(region);
         for (i, q) in self.queues.iter().enumerate() {
             let tracker = (i < usize::from(n)).then(|| region.queue(i as u16));
-            lock(&q.worker).set_inflight(tracker);
+            q.control_lock().set_inflight(tracker);
         }
         tracing::info!(
             queues = n,

@@ -39,6 +39,13 @@ fn main() {
 const DRAIN_WAIT: Duration = Duration::from_secs(60);
 
 /// The VM's nvmed session: its guest RAM is registered there once, for every queue's ring.
+/// Where the guest's write cache choice is kept: beside the vhost-user socket.
+fn write_cache_file(socket: &std::path::Path) -> std::path::PathBuf {
+    let mut name = socket.as_os_str().to_owned();
+    name.push(".wce");
+    name.into()
+}
+
 fn open_session(args: &Args) -> Result<NvmeSession, Error> {
     let opts = SessionOptions { client_name: "nvmed-vhost".into(), ..SessionOptions::default() };
     Ok(NvmeSession::open_with(&args.nvmed, opts)?)
@@ -121,8 +128,15 @@ fn run(args: &Args) -> Result<(), Error> {
     let mut listener = Listener::new(&args.socket, true)
         .map_err(|e| Error::VhostUser(format!("listening on {}: {e}", args.socket.display())))?;
     loop {
-        serve_one(args, geo, &stats, &current, &mut listener)?;
-        println!("{}", StatsSummary::of(&stats));
+        match serve_one(args, geo, &stats, &current, &mut listener) {
+            Ok(()) => println!("{}", StatsSummary::of(&stats)),
+            // nvmed restarting, a previous backend's I/O still draining, an accept that failed:
+            // this attempt ends, the backend stays for QEMU's next connection (reconnect=1).
+            Err(e) => {
+                tracing::error!("{e}; trying again in 1 s");
+                std::thread::sleep(Duration::from_secs(1));
+            }
+        }
     }
 }
 
@@ -146,7 +160,13 @@ fn serve_one(
     match session.await_drained(DRAIN_WAIT) {
         Ok(0) => {}
         Ok(n) => tracing::info!(sessions = n, "waited for a previous backend's I/O to drain"),
-        Err(e) => tracing::warn!("a previous backend's I/O may still be at the device: {e}"),
+        // Resubmitting now could let an old copy land after its new one (and after newer
+        // writes to the same blocks): this connection is not served; the next attempt waits again.
+        Err(e) => {
+            return Err(Error::VhostUser(format!(
+                "a previous backend's I/O may still be at the device ({e}); not serving until it drained"
+            )))
+        }
     }
     let wce = Arc::new(AtomicU8::new(1));
     let regions = SharedRegions::default();
@@ -157,8 +177,9 @@ fn serve_one(
     }
     drop(session);
     let threads = args.queue_threads.map_or(0, usize::from);
-    let device = BlkDevice::new(geo, workers, wce, Duration::from_micros(args.poll_us), threads)
+    let mut device = BlkDevice::new(geo, workers, wce, Duration::from_micros(args.poll_us), threads)
         .map_err(|e| Error::Os { what: "starting the queue threads", source: e })?;
+    device.persist_write_cache(write_cache_file(&args.socket));
     let device = Arc::new(Mutex::new(device));
     *current.lock().unwrap_or_else(|p| p.into_inner()) = Some(device.clone());
     tracing::info!(socket = %args.socket.display(), "waiting for QEMU");

@@ -387,7 +387,8 @@ impl Worker {
             let parsed = request::parse(head, &self.descs, truncated, mem, &self.geo);
             self.start(parsed, q, mem, &mut p);
         }
-        if self.backlog.is_empty() && !self.ring_unusable {
+        // A stopped ring (GET_VRING_BASE) takes nothing new; its requests still complete.
+        if self.backlog.is_empty() && !self.ring_unusable && q.ready() {
             // Passes in a row that took nothing although the avail index said there was more.
             let mut empty_passes = 0;
             loop {

@@ -692,9 +692,38 @@ fn backend_config_space_and_features_follow_the_namespace() {
     ] {
         assert!(pf.contains(want), "{want:?}");
     }
-    // A device reset restores write back.
+    // A device reset keeps what the guest chose (QEMU keeps showing it that).
     b.reset_device().unwrap();
-    assert_eq!(wce.load(Ordering::Relaxed), 1);
+    assert_eq!(wce.load(Ordering::Relaxed), 0);
+    // The features decide, as in QEMU's virtio-blk: no FLUSH, write through; FLUSH without
+    // CONFIG_WCE, write back; both, the guest's choice.
+    let base = f & !((1 << VIRTIO_BLK_F_FLUSH) | (1 << VIRTIO_BLK_F_CONFIG_WCE));
+    b.set_features(base).unwrap();
+    assert_eq!(wce.load(Ordering::Relaxed), 0, "a driver that cannot flush: write through");
+    b.set_features(base | (1 << VIRTIO_BLK_F_FLUSH)).unwrap();
+    assert_eq!(wce.load(Ordering::Relaxed), 1, "a driver that flushes but cannot choose: write back");
+    b.set_features(f).unwrap();
+    assert_eq!(wce.load(Ordering::Relaxed), 0, "the guest's choice");
+    assert_eq!(b.get_config(32, 1, flags).unwrap(), [0]);
+    b.shutdown();
+
+    // The choice outlives the process: a backend started again (QEMU reconnecting does not
+    // tell it) writes through, and shows it.
+    let file = env.dir.join("vhost.sock.wce");
+    let w = Worker::new(0, ring(&env), SharedRegions::default(), geo, wce.clone(), Arc::default()).unwrap();
+    wce.store(1, Ordering::Relaxed);
+    let mut b = BlkDevice::new(geo, vec![w], wce.clone(), Duration::ZERO, 0).unwrap();
+    b.persist_write_cache(file.clone());
+    b.set_config(32, &[0], flags).unwrap();
+    assert_eq!(std::fs::read_to_string(&file).unwrap(), "0\n");
+    b.shutdown();
+    drop(b);
+    wce.store(1, Ordering::Relaxed);
+    let w = Worker::new(0, ring(&env), SharedRegions::default(), geo, wce.clone(), Arc::default()).unwrap();
+    let mut b = BlkDevice::new(geo, vec![w], wce.clone(), Duration::ZERO, 0).unwrap();
+    b.persist_write_cache(file);
+    assert_eq!(wce.load(Ordering::Relaxed), 0);
+    assert_eq!(b.get_config(32, 1, flags).unwrap(), [0]);
     b.shutdown();
 }
 
