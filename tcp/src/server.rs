@@ -75,6 +75,9 @@ pub struct CtrlShared {
     pub alive: watch::Sender<bool>,
     /// Whether the host enabled it (CSTS.RDY).
     pub ready: watch::Sender<bool>,
+    /// A health read of nvmed is under way (at most one per controller: one that waits for a
+    /// restarting nvmed keeps a blocking thread).
+    pub health_busy: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// The target: its configuration and live controllers.
@@ -122,7 +125,9 @@ impl Target {
     }
 
     /// Counts a new connection from `ip`; `None` when that address holds its maximum already.
+    /// IPv6 peers are counted per /64 (one host has a whole /64 to pick addresses from).
     fn host_slot(&self, ip: IpAddr) -> Option<HostSlot> {
+        let ip = host_key(ip);
         let mut m = lock(&self.per_host);
         let n = m.entry(ip).or_insert(0);
         if *n >= self.cfg.max_connections_per_host {
@@ -160,6 +165,18 @@ impl Target {
             }
         }
         None
+    }
+}
+
+/// The address a peer is counted under: itself, or its /64 for an IPv6 address (an IPv4-mapped
+/// one counts as its IPv4 address).
+fn host_key(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(a) => match a.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => IpAddr::V6(std::net::Ipv6Addr::from(u128::from(a) & !((1u128 << 64) - 1))),
+        },
+        v4 => v4,
     }
 }
 
@@ -506,6 +523,7 @@ async fn connect(
             queues: Mutex::new((0, HashSet::new())),
             alive: watch::channel(true).0,
             ready: watch::channel(false).0,
+            health_busy: Arc::default(),
         });
         lock(&target.ctrls).insert(cntlid, ctrl.clone());
         return Ok((ctrl, 0, sqsize));
@@ -624,6 +642,7 @@ async fn create_controller(
         queues: Mutex::new((0, HashSet::new())),
         alive: watch::channel(true).0,
         ready: watch::channel(false).0,
+        health_busy: Arc::default(),
     });
     lock(&target.ctrls).insert(cntlid, ctrl.clone());
     Ok(ctrl)
@@ -795,7 +814,17 @@ async fn smart_of(shared: &Arc<CtrlShared>) -> Option<nvmed_proto::admin::SmartL
     let c = controller.controller;
     // While nvmed is away (restarting) the session waits for it: answer without the log
     // instead of holding up the admin queue (and its keep alives).
-    let health = tokio::task::spawn_blocking(move || session.health());
+    // One read at a time: a host asking in a loop while nvmed is away would otherwise leave a
+    // blocked thread behind per request.
+    let busy = shared.health_busy.clone();
+    if busy.swap(true, std::sync::atomic::Ordering::AcqRel) {
+        return None;
+    }
+    let health = tokio::task::spawn_blocking(move || {
+        let h = session.health();
+        busy.store(false, std::sync::atomic::Ordering::Release);
+        h
+    });
     let h = timeout(Duration::from_secs(1), health).await.ok()?.ok()?.ok()?;
     h.into_iter().find(|h| h.controller == c)?.smart.ok()
 }
@@ -811,5 +840,22 @@ struct AbortOnDrop(tokio::task::JoinHandle<()>);
 impl Drop for AbortOnDrop {
     fn drop(&mut self) {
         self.0.abort();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ipv6_peers_count_per_64() {
+        let a: IpAddr = "2001:db8:1:2:aaaa::1".parse().unwrap();
+        let b: IpAddr = "2001:db8:1:2:bbbb::7".parse().unwrap();
+        let c: IpAddr = "2001:db8:1:3::1".parse().unwrap();
+        assert_eq!(host_key(a), host_key(b));
+        assert_ne!(host_key(a), host_key(c));
+        let v4: IpAddr = "10.0.0.1".parse().unwrap();
+        assert_eq!(host_key(v4), v4);
+        assert_eq!(host_key("::ffff:10.0.0.1".parse().unwrap()), v4);
     }
 }
