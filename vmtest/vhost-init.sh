@@ -161,6 +161,22 @@ role_rw() {
     }
     check_or_skip write-zeroes-reads-zeroes write_zeroes
 
+    # The guest driver unbound and bound again: the device is reset and set up anew (its rings
+    # stopped and started again on new addresses); the write cache mode the guest chose stays
+    # (the backend keeps it: QEMU does not send it again), and verified I/O works on the rings.
+    rebind() {
+        dev=$(basename "$(readlink -f $SYS/device)")
+        echo "write through" > $SYS/cache_type || return 1
+        echo "$dev" > /sys/bus/virtio/drivers/virtio_blk/unbind || return 1
+        echo "$dev" > /sys/bus/virtio/drivers/virtio_blk/bind || return 1
+        for i in $(seq 100); do [ -b $DEV ] && [ -e $SYS/queue/write_cache ] && break; sleep 0.1; done
+        echo "$dev rebound; write cache: $(cat $SYS/queue/write_cache)"
+        [ "$(cat $SYS/queue/write_cache)" = "write through" ] || return 1
+        rb_verify 4k 8 300 4M 1M || return 1
+        echo "write back" > $SYS/cache_type
+    }
+    check driver-rebind-keeps-write-cache-and-serves rebind
+
     ext4() {
         mkfs.ext4 -q -F $DEV || return 1 # discards the whole device first
         mount -t ext4 $DEV /mnt || return 1

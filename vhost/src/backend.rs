@@ -725,6 +725,20 @@ impl VhostUserBackendReqHandlerMut for BlkDevice {
             self.update_registration(i)?;
         }
         self.drain_all();
+        // Back to the initial state, ready to be set up again (vhost-user RESET_DEVICE): each
+        // ring stopped with its size, addresses and indexes forgotten, its eventfds let go (the
+        // kick's out of the thread's epoll first), so the next SET_VRING_KICK starts it afresh.
+        for i in 0..self.queues.len() {
+            self.unregister_kick(i);
+            let q = self.queues[i].clone();
+            {
+                let _w = q.control_lock();
+                q.vring.get_mut().get_queue_mut().reset();
+            }
+            q.vring.set_kick(None);
+            q.vring.set_call(None);
+            q.vring.set_err(None);
+        }
         self.acked_features = 0;
         // The write cache mode stays what the guest chose: QEMU keeps showing it that.
         Ok(())
