@@ -750,22 +750,26 @@ fn restart_resubmits(mode: EmulatorMode) {
     g.worker.set_inflight(Some(attach()));
     assert_eq!(g.worker.start_ring(&mut g.q, &mem), 0);
     // Phase 1: four writes complete normally.
-    let mut want = Vec::new();
+    let mut want = std::collections::BTreeMap::new();
     for i in 0..4u64 {
-        want.push(g.fill(0x10_0000 + i * 4096, 4096, i as u8));
+        want.insert(i, g.fill(0x10_0000 + i * 4096, 4096, i as u8));
         g.push(VIRTIO_BLK_T_OUT, i * 8, &[(0x10_0000 + i * 4096, 4096, false)]);
     }
     g.drive();
-    // Phase 2: write, GET_ID (answered at once), write, write; taken and submitted, then the
-    // process dies before reaping any nvmed completion.
+    // Phase 2: a write of block 4, GET_ID (answered at once), a write of block 5, and a third
+    // write; taken and submitted, then the process dies before reaping any nvmed completion.
+    // On the device that runs commands in order at the doorbell the third writes block 4
+    // again from another buffer: resubmitted oldest first, it lands last. (Elsewhere two
+    // writes in flight to one block may land in any order, on NVMe as in virtio: block 6.)
+    let sync = matches!(mode, EmulatorMode::Sync);
+    let writes = [(4u64, 4u64), (5, 5), (if sync { 4 } else { 6 }, 6)];
     let mut taken = Vec::new();
-    for (n, i) in [(0usize, 4u64), (1, 0), (2, 5), (3, 6)] {
+    for (n, &(block, buf)) in writes.iter().enumerate() {
         if n == 1 {
             taken.push(g.push(VIRTIO_BLK_T_GET_ID, 0, &[(0x34_0000, 20, true)]));
-            continue;
         }
-        want.push(g.fill(0x10_0000 + i * 4096, 4096, i as u8));
-        taken.push(g.push(VIRTIO_BLK_T_OUT, i * 8, &[(0x10_0000 + i * 4096, 4096, false)]));
+        g.fill(0x10_0000 + buf * 4096, 4096, buf as u8);
+        taken.push(g.push(VIRTIO_BLK_T_OUT, block * 8, &[(0x10_0000 + buf * 4096, 4096, false)]));
     }
     g.worker.run(&mut g.q, &mem, true);
     assert_eq!(g.worker.busy(), 3);
@@ -785,6 +789,16 @@ fn restart_resubmits(mode: EmulatorMode) {
     .unwrap();
     w2.sync_memory(&region_files(&mem).unwrap()).unwrap();
     drop(std::mem::replace(&mut g.worker, w2));
+    // The dead process's writes finish at the device (as the new process waits for before it
+    // resubmits). Then the guest's buffers change: what reaches the disk from here on is what
+    // the resubmitted writes read, so the disk proves they were sent again, in order (the
+    // second write of block 4 last).
+    let drained =
+        nvmed_client::NvmeSession::open(&env.socket).unwrap().await_drained(Duration::from_secs(10));
+    assert!(drained.is_ok(), "{drained:?}");
+    for &(block, buf) in &writes {
+        want.insert(block, g.fill(0x10_0000 + buf * 4096, 4096, 100 + buf as u8));
+    }
     // QEMU reconnects: vring base = the used index (it could not ask the dead backend), the
     // same ring addresses, SET_INFLIGHT_FD with the region, then the kick.
     let mut q: Queue = g.vq.create_queue().unwrap();
@@ -795,7 +809,7 @@ fn restart_resubmits(mode: EmulatorMode) {
     assert_eq!(g.worker.start_ring(&mut g.q, &mem), 3);
     assert_eq!(g.q.next_avail(), 8, "used + in flight");
     // One more request after the restart, then everything completes.
-    want.push(g.fill(0x10_0000 + 7 * 4096, 4096, 7));
+    want.insert(7, g.fill(0x10_0000 + 7 * 4096, 4096, 7));
     let after = g.push(VIRTIO_BLK_T_OUT, 7 * 8, &[(0x10_0000 + 7 * 4096, 4096, false)]);
     g.drive();
     let heads = used_heads(&g);
@@ -809,8 +823,8 @@ fn restart_resubmits(mode: EmulatorMode) {
     for n in taken.iter().chain([&after]) {
         assert_eq!(g.status(*n), 0, "request {n}");
     }
-    for (i, data) in want.iter().enumerate() {
-        assert_eq!(&disk(&env, i as u64 * 4096, 4096), data, "block {i}");
+    for (&block, data) in &want {
+        assert_eq!(&disk(&env, block * 4096, 4096), data, "block {block}");
     }
     // Nothing left in flight in the region.
     let mut t = attach();
