@@ -400,10 +400,19 @@ static int fio_nvmed_commit(struct thread_data *td)
 /* errno for a failed completion's status word (nvmed_status_string has the words). */
 static int status_errno(uint32_t status)
 {
-	/* Broker statuses are (2 << 24) | code; 10 is "not permitted" (e.g. a read-only grant). */
-	if (status == ((2u << 24) | 10u))
+	switch (status) {
+	case NVMED_STATUS_NOT_PERMITTED: /* e.g. a grant made read-only meanwhile */
 		return EPERM;
-	return EIO;
+	case NVMED_STATUS_OUT_OF_RANGE:
+	case NVMED_STATUS_MISALIGNED:
+	case NVMED_STATUS_TOO_LARGE:
+	case NVMED_STATUS_INVALID_NAMESPACE:
+		return EINVAL;
+	case NVMED_STATUS_DEVICE_GONE:
+		return ENODEV;
+	default:
+		return EIO;
+	}
 }
 
 static int fio_nvmed_getevents(struct thread_data *td, unsigned int min, unsigned int max,

@@ -18,6 +18,66 @@
 // Patch version of the library.
 #define NVMED_VERSION_PATCH 0
 
+// A completion's status word: 0 is success; otherwise its top byte says whose status it is,
+// `NVMED_STATUS_KIND_NVME` (the device's: bits 0-7 SC, 8-10 SCT, 15 DNR) or
+// `NVMED_STATUS_KIND_BROKER` (nvmed's own: one of the `NVMED_STATUS_*` words below).
+// `nvmed_status_string` describes any of them.
+#define NVMED_STATUS_SUCCESS 0
+
+// The top byte (`status >> 24`) of a device status.
+#define NVMED_STATUS_KIND_NVME 1
+
+// The top byte (`status >> 24`) of a broker status.
+#define NVMED_STATUS_KIND_BROKER 2
+
+// Broker status: the opcode is not one nvmed knows.
+#define NVMED_STATUS_INVALID_OPCODE ((2 << 24) | 1)
+
+// Broker status: unknown flags or non-zero reserved fields.
+#define NVMED_STATUS_INVALID_FIELD ((2 << 24) | 2)
+
+// Broker status: the namespace is not one this client may use.
+#define NVMED_STATUS_INVALID_NAMESPACE ((2 << 24) | 3)
+
+// Broker status: the buffer id is not registered by this client.
+#define NVMED_STATUS_BAD_BUFFER ((2 << 24) | 4)
+
+// Broker status: the range lies outside the registered buffer.
+#define NVMED_STATUS_BUFFER_RANGE ((2 << 24) | 5)
+
+// Broker status: past the end of the namespace (or the client's window).
+#define NVMED_STATUS_OUT_OF_RANGE ((2 << 24) | 6)
+
+// Broker status: offset or length not a multiple of the block size.
+#define NVMED_STATUS_MISALIGNED ((2 << 24) | 7)
+
+// Broker status: a data request of length zero.
+#define NVMED_STATUS_ZERO_LENGTH ((2 << 24) | 8)
+
+// Broker status: longer than the namespace's largest request.
+#define NVMED_STATUS_TOO_LARGE ((2 << 24) | 9)
+
+// Broker status: not allowed for this client (a read-only grant).
+#define NVMED_STATUS_NOT_PERMITTED ((2 << 24) | 10)
+
+// Broker status: aborted by a controller reset.
+#define NVMED_STATUS_DEVICE_RESET ((2 << 24) | 11)
+
+// Broker status: the controller failed.
+#define NVMED_STATUS_DEVICE_FAULT ((2 << 24) | 12)
+
+// Broker status: a vectored request's segment count.
+#define NVMED_STATUS_BAD_SEGMENT_COUNT ((2 << 24) | 13)
+
+// Broker status: a vectored request's segment list placement.
+#define NVMED_STATUS_SEGMENT_LIST_RANGE ((2 << 24) | 14)
+
+// Broker status: a vectored request's segment lengths.
+#define NVMED_STATUS_SEGMENT_LENGTH ((2 << 24) | 15)
+
+// Broker status: the controller is gone.
+#define NVMED_STATUS_DEVICE_GONE ((2 << 24) | 16)
+
 // Bytes of segment list a vectored request uses per segment (at `list_offset` of its list
 // buffer; the wire format's entry, larger than `nvmed_segment`).
 #define NVMED_SEGMENT_LIST_ENTRY_SIZE 24

@@ -42,6 +42,48 @@ pub const NVMED_VERSION_MINOR: u32 = 1;
 /// Patch version of the library.
 pub const NVMED_VERSION_PATCH: u32 = 0;
 
+/// A completion's status word: 0 is success; otherwise its top byte says whose status it is,
+/// `NVMED_STATUS_KIND_NVME` (the device's: bits 0-7 SC, 8-10 SCT, 15 DNR) or
+/// `NVMED_STATUS_KIND_BROKER` (nvmed's own: one of the `NVMED_STATUS_*` words below).
+/// `nvmed_status_string` describes any of them.
+pub const NVMED_STATUS_SUCCESS: u32 = 0;
+/// The top byte (`status >> 24`) of a device status.
+pub const NVMED_STATUS_KIND_NVME: u32 = 1;
+/// The top byte (`status >> 24`) of a broker status.
+pub const NVMED_STATUS_KIND_BROKER: u32 = 2;
+/// Broker status: the opcode is not one nvmed knows.
+pub const NVMED_STATUS_INVALID_OPCODE: u32 = (2 << 24) | 1;
+/// Broker status: unknown flags or non-zero reserved fields.
+pub const NVMED_STATUS_INVALID_FIELD: u32 = (2 << 24) | 2;
+/// Broker status: the namespace is not one this client may use.
+pub const NVMED_STATUS_INVALID_NAMESPACE: u32 = (2 << 24) | 3;
+/// Broker status: the buffer id is not registered by this client.
+pub const NVMED_STATUS_BAD_BUFFER: u32 = (2 << 24) | 4;
+/// Broker status: the range lies outside the registered buffer.
+pub const NVMED_STATUS_BUFFER_RANGE: u32 = (2 << 24) | 5;
+/// Broker status: past the end of the namespace (or the client's window).
+pub const NVMED_STATUS_OUT_OF_RANGE: u32 = (2 << 24) | 6;
+/// Broker status: offset or length not a multiple of the block size.
+pub const NVMED_STATUS_MISALIGNED: u32 = (2 << 24) | 7;
+/// Broker status: a data request of length zero.
+pub const NVMED_STATUS_ZERO_LENGTH: u32 = (2 << 24) | 8;
+/// Broker status: longer than the namespace's largest request.
+pub const NVMED_STATUS_TOO_LARGE: u32 = (2 << 24) | 9;
+/// Broker status: not allowed for this client (a read-only grant).
+pub const NVMED_STATUS_NOT_PERMITTED: u32 = (2 << 24) | 10;
+/// Broker status: aborted by a controller reset.
+pub const NVMED_STATUS_DEVICE_RESET: u32 = (2 << 24) | 11;
+/// Broker status: the controller failed.
+pub const NVMED_STATUS_DEVICE_FAULT: u32 = (2 << 24) | 12;
+/// Broker status: a vectored request's segment count.
+pub const NVMED_STATUS_BAD_SEGMENT_COUNT: u32 = (2 << 24) | 13;
+/// Broker status: a vectored request's segment list placement.
+pub const NVMED_STATUS_SEGMENT_LIST_RANGE: u32 = (2 << 24) | 14;
+/// Broker status: a vectored request's segment lengths.
+pub const NVMED_STATUS_SEGMENT_LENGTH: u32 = (2 << 24) | 15;
+/// Broker status: the controller is gone.
+pub const NVMED_STATUS_DEVICE_GONE: u32 = (2 << 24) | 16;
+
 /// Bytes of segment list a vectored request uses per segment (at `list_offset` of its list
 /// buffer; the wire format's entry, larger than `nvmed_segment`).
 pub const NVMED_SEGMENT_LIST_ENTRY_SIZE: u32 = 24;
@@ -1055,6 +1097,34 @@ pub unsafe extern "C" fn nvmed_stats_get(ring: *mut nvmed_ring, out: *mut nvmed_
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn status_constants_are_the_protocols_encodings() {
+        use nvmed_client::{BrokerStatus as B, Status as S};
+        let all = [
+            (NVMED_STATUS_INVALID_OPCODE, B::InvalidOpcode),
+            (NVMED_STATUS_INVALID_FIELD, B::InvalidField),
+            (NVMED_STATUS_INVALID_NAMESPACE, B::InvalidNamespace),
+            (NVMED_STATUS_BAD_BUFFER, B::BadBuffer),
+            (NVMED_STATUS_BUFFER_RANGE, B::BufferRange),
+            (NVMED_STATUS_OUT_OF_RANGE, B::OutOfRange),
+            (NVMED_STATUS_MISALIGNED, B::Misaligned),
+            (NVMED_STATUS_ZERO_LENGTH, B::ZeroLength),
+            (NVMED_STATUS_TOO_LARGE, B::TooLarge),
+            (NVMED_STATUS_NOT_PERMITTED, B::NotPermitted),
+            (NVMED_STATUS_DEVICE_RESET, B::DeviceReset),
+            (NVMED_STATUS_DEVICE_FAULT, B::DeviceFault),
+            (NVMED_STATUS_BAD_SEGMENT_COUNT, B::BadSegmentCount),
+            (NVMED_STATUS_SEGMENT_LIST_RANGE, B::SegmentListRange),
+            (NVMED_STATUS_SEGMENT_LENGTH, B::SegmentLength),
+            (NVMED_STATUS_DEVICE_GONE, B::DeviceGone),
+        ];
+        for (word, b) in all {
+            assert_eq!(word, S::Broker(b).encode(), "{b:?}");
+            assert_eq!(word >> 24, NVMED_STATUS_KIND_BROKER);
+        }
+        assert_eq!(S::Success.encode(), NVMED_STATUS_SUCCESS);
+    }
+
     use super::*;
     use std::ffi::CStr;
 
