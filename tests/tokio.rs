@@ -322,8 +322,12 @@ async fn aborted_tasks_release_their_buffers_at_completion() {
     let t = std::time::Instant::now();
     drop(ring);
     let mut other = broker.connect();
-    // Still open while its read is at the device (300 ms), closed once it completed.
-    assert_eq!(other.stats().unwrap().broker_sessions, 2, "closed before its read completed");
+    // Still open while its read is at the device (300 ms), closed once it completed (checked
+    // only if this look came well within those 300 ms: a loaded machine may take longer).
+    let sessions = other.stats().unwrap().broker_sessions;
+    if t.elapsed() < Duration::from_millis(200) {
+        assert_eq!(sessions, 2, "closed before its read completed");
+    }
     eventually("the session to end", Duration::from_secs(10), || other.stats().unwrap().broker_sessions == 1)
         .await;
     assert!(t.elapsed() >= Duration::from_millis(200), "ended {:?} after the drop", t.elapsed());

@@ -162,8 +162,9 @@ role_rw() {
     check_or_skip write-zeroes-reads-zeroes write_zeroes
 
     # The guest driver unbound and bound again: the device is reset and set up anew (its rings
-    # stopped and started again on new addresses); the write cache mode the guest chose stays
-    # (the backend keeps it: QEMU does not send it again), and verified I/O works on the rings.
+    # stopped and started again); the write cache mode the guest chose stays as QEMU shows it
+    # (that the backend keeps following it across restarts is the crate's unit test), and
+    # verified I/O works on the new rings.
     rebind() {
         dev=$(basename "$(readlink -f $SYS/device)")
         echo "write through" > $SYS/cache_type || return 1

@@ -1015,7 +1015,9 @@ pub unsafe extern "C" fn nvmed_arm_completion_fd(
         if r.fd_epoch.is_some_and(|e| e != r.ring.connection_epoch()) {
             return Err(Failure {
                 code: NVMED_E_FD_CHANGED,
-                message: "the ring reconnected to a restarted broker: call nvmed_completion_fd again".into(),
+                message: "the ring reconnected to a restarted broker: call nvmed_completion_fd (and nvmed_control_fd) \
+                          again; the old descriptor numbers may now be other files"
+                    .into(),
             });
         }
         Ok(0)

@@ -953,12 +953,14 @@ impl NvmeRing {
         // The list must not lie over the data: writing it would change a write's data (or a
         // read would land on it), with nothing to say so.
         if let Some(s) = segments.iter().find(|s| {
-            s.buffer == list && s.offset < list_offset + list_len && list_offset < s.offset + u64::from(s.len)
+            s.buffer == list
+                && s.offset < list_offset.saturating_add(list_len)
+                && list_offset < s.offset.saturating_add(u64::from(s.len))
         }) {
             return Err(Error::BadSegments(format!(
                 "the segment list (bytes {list_offset}..{} of buffer {}: {SEGMENT_SIZE} bytes per segment) \
                  overlaps segment {}+{} of the request",
-                list_offset + list_len,
+                list_offset.saturating_add(list_len),
                 list.0,
                 s.offset,
                 s.len

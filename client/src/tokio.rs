@@ -405,7 +405,8 @@ impl Shared {
                     _ => break,
                 }
             }
-            st.failed = Some(e);
+            // (A failure found while reaping those stays the one reported.)
+            st.failed.get_or_insert(e);
         }
         for (_, op) in st.ops.iter_mut() {
             if let Op::Waiting(w) = op {

@@ -113,7 +113,8 @@ pub(crate) enum Command {
     /// clients see a pause, not an error (a command that already used all its tries fails
     /// with DeviceReset). Returns once the controller is back. For a controller that stopped
     /// answering, or an I/O queue that could not be created after an earlier reset. A failed or
-    /// removed controller cannot be reset (exit status 1).
+    /// removed controller cannot be reset (exit status 1); one that did not come back from the
+    /// reset exits with status 2.
     Reset {
         /// The controller's index (the # column of `nvmectl status`).
         controller: u16,

@@ -117,6 +117,12 @@ fn run(cli: Cli) -> Result<(), CtlError> {
             } else {
                 println!("controller {controller} reset: {state} ({resets} resets since nvmed started)");
             }
+            // Scripts tell a controller that did not come back by the exit status (as health).
+            if state != "running" {
+                let _ = std::io::stdout().flush();
+                eprintln!("nvmectl: controller {controller} is {state} after the reset");
+                std::process::exit(2);
+            }
         }
         Command::Reload => {
             let (updated, ended) = client.reload()?;

@@ -182,9 +182,6 @@ pub enum AdminError {
     /// [`AdminRequest::SetLimits`] named limits that do not parse; nothing changed.
     #[error("bad limits, nothing changed: {0}")]
     BadLimits(String),
-    /// No controller has this index.
-    #[error("no controller {0} (see `nvmectl status`)")]
-    UnknownController(u16),
     /// [`AdminRequest::KillIf`]: the session is not the one the operator meant; nothing ended.
     #[error("session {session} is {found}, not {expected}; nothing was ended (see `nvmectl sessions`)")]
     NotThatSession {
@@ -195,6 +192,9 @@ pub enum AdminError {
         /// What the session is.
         found: String,
     },
+    /// No controller has this index.
+    #[error("no controller {0} (see `nvmectl status`)")]
+    UnknownController(u16),
 }
 
 fn group_clause(group: &Option<String>) -> String {
@@ -441,6 +441,26 @@ pub fn decode<'a, T: Deserialize<'a>>(bytes: &'a [u8]) -> Result<T, AdminError> 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// postcard sends an enum variant as its position: a variant inserted before others
+    /// changes what older and newer peers read. New variants go at the end.
+    #[test]
+    fn variant_positions_stay() {
+        let pos = |bytes: Vec<u8>| bytes[0];
+        assert_eq!(pos(encode(&AdminRequest::SessionsPage { after: None, max: 1 })), 7);
+        assert_eq!(pos(encode(&AdminRequest::KillIf { session: 1, uid: None, pid: None })), 8);
+        assert_eq!(pos(encode(&AdminRequest::ResetController { controller: 0 })), 9);
+        assert_eq!(pos(encode(&AdminResponse::SessionsPage { sessions: vec![], more: false })), 7);
+        assert_eq!(pos(encode(&AdminResponse::ControllerReset { state: String::new(), resets: 0 })), 8);
+        let err = |e: AdminError| pos(encode(&AdminResponse::Error(e)).split_off(1));
+        assert_eq!(err(AdminError::Internal(String::new())), 8);
+        assert_eq!(err(AdminError::BadLimits(String::new())), 9);
+        assert_eq!(
+            err(AdminError::NotThatSession { session: 0, expected: String::new(), found: String::new() }),
+            10
+        );
+        assert_eq!(err(AdminError::UnknownController(0)), 11);
+    }
 
     #[test]
     fn latency_buckets_and_percentiles() {

@@ -90,6 +90,8 @@ pub struct Target {
     conns: Arc<Semaphore>,
     /// Open connections per peer IP address.
     per_host: Arc<Mutex<HashMap<IpAddr, usize>>>,
+    /// Controllers being set up (their nvmed session opening), per host NQN.
+    starting: Mutex<HashMap<String, usize>>,
 }
 
 /// One connection counted against its peer's [`Config::max_connections_per_host`]; uncounted
@@ -121,11 +123,12 @@ impl Target {
             next_cntlid: Mutex::new(1),
             conns,
             per_host: Arc::default(),
+            starting: Mutex::default(),
         })
     }
 
     /// Counts a new connection from `ip`; `None` when that address holds its maximum already.
-    /// IPv6 peers are counted per /64 (one host has a whole /64 to pick addresses from).
+    /// (Per address: an IPv6 /64 is often a whole subnet of hosts, so it is not one key.)
     fn host_slot(&self, ip: IpAddr) -> Option<HostSlot> {
         let ip = host_key(ip);
         let mut m = lock(&self.per_host);
@@ -168,14 +171,29 @@ impl Target {
     }
 }
 
-/// The address a peer is counted under: itself, or its /64 for an IPv6 address (an IPv4-mapped
-/// one counts as its IPv4 address).
+/// A controller of `hostnqn` being set up: counted against the host's limit until dropped.
+struct Starting {
+    target: Arc<Target>,
+    hostnqn: String,
+}
+
+impl Drop for Starting {
+    fn drop(&mut self) {
+        let mut m = lock(&self.target.starting);
+        if let Some(n) = m.get_mut(&self.hostnqn) {
+            *n -= 1;
+            if *n == 0 {
+                m.remove(&self.hostnqn);
+            }
+        }
+    }
+}
+
+/// The address a peer is counted under: itself (an IPv4-mapped IPv6 address counts as its
+/// IPv4 address).
 fn host_key(ip: IpAddr) -> IpAddr {
     match ip {
-        IpAddr::V6(a) => match a.to_ipv4_mapped() {
-            Some(v4) => IpAddr::V4(v4),
-            None => IpAddr::V6(std::net::Ipv6Addr::from(u128::from(a) & !((1u128 << 64) - 1))),
-        },
+        IpAddr::V6(a) => a.to_ipv4_mapped().map_or(ip, IpAddr::V4),
         v4 => v4,
     }
 }
@@ -546,14 +564,23 @@ async fn connect(
             return Err(invalid_param(true, 16, format!("static controller id {cntlid} asked")));
         }
         let _ = kato;
-        let held = lock(&target.ctrls).values().filter(|c| !c.discovery && c.hostnqn == hostnqn).count();
-        if held >= target.cfg.max_controllers_per_host {
-            return Err((
-                sc::CONNECT_CTRL_BUSY,
-                0,
-                format!("host {hostnqn:?} holds {held} controllers, the most one host may"),
-            ));
-        }
+        // Counted with the Connects of this host still being set up (they wait for nvmed),
+        // under one lock: parallel Connects cannot all pass the check.
+        let _reserved = {
+            let ctrls = lock(&target.ctrls);
+            let mut starting = lock(&target.starting);
+            let held = ctrls.values().filter(|c| !c.discovery && c.hostnqn == hostnqn).count()
+                + starting.get(&hostnqn).copied().unwrap_or(0);
+            if held >= target.cfg.max_controllers_per_host {
+                return Err((
+                    sc::CONNECT_CTRL_BUSY,
+                    0,
+                    format!("host {hostnqn:?} holds {held} controllers, the most one host may"),
+                ));
+            }
+            *starting.entry(hostnqn.clone()).or_insert(0) += 1;
+            Starting { target: target.clone(), hostnqn: hostnqn.clone() }
+        };
         let ctrl = create_controller(target, hostnqn, hostid, allowed.map(<[u32]>::to_vec), read_only)
             .await
             .map_err(|e| (sc::CONNECT_CTRL_BUSY, 0, e))?;
@@ -848,12 +875,10 @@ mod tests {
     use super::*;
 
     #[test]
-    fn ipv6_peers_count_per_64() {
+    fn peers_count_per_address() {
         let a: IpAddr = "2001:db8:1:2:aaaa::1".parse().unwrap();
         let b: IpAddr = "2001:db8:1:2:bbbb::7".parse().unwrap();
-        let c: IpAddr = "2001:db8:1:3::1".parse().unwrap();
-        assert_eq!(host_key(a), host_key(b));
-        assert_ne!(host_key(a), host_key(c));
+        assert_ne!(host_key(a), host_key(b), "two hosts of one subnet");
         let v4: IpAddr = "10.0.0.1".parse().unwrap();
         assert_eq!(host_key(v4), v4);
         assert_eq!(host_key("::ffff:10.0.0.1".parse().unwrap()), v4);

@@ -212,7 +212,7 @@ impl QueueShared {
 
     /// Waits until every request the queue took is in the used ring.
     fn drain(&self) {
-        let mut w = lock(&self.worker);
+        let mut w = self.control_lock();
         if w.busy() == 0 {
             return;
         }
@@ -508,6 +508,10 @@ impl BlkDevice {
     /// The frontend went away: finishes every request taken (into the used ring and out of the
     /// inflight region) and stops the queue threads.
     pub fn shutdown(&mut self) {
+        // Stopped first: a busy-polling queue lets go, and nothing new is taken meanwhile.
+        for q in &self.queues {
+            q.vring.set_queue_ready(false);
+        }
         self.drain_all();
         self.stop_threads();
         self.refresh_stats(true);
@@ -722,9 +726,16 @@ impl VhostUserBackendReqHandlerMut for BlkDevice {
     fn reset_device(&mut self) -> VuResult<()> {
         for i in 0..self.queues.len() {
             self.queues[i].vring.set_enabled(false);
+            self.queues[i].vring.set_queue_ready(false);
             self.update_registration(i)?;
         }
         self.drain_all();
+        // Requests nvmed did not finish within the drain timeout would complete into the new
+        // rings' used rings (their heads reused by new requests): not reset then.
+        if let Some(q) = self.queues.iter().find(|q| lock(&q.worker).busy() > 0) {
+            tracing::error!(queue = q.index, "requests still at nvmed after the drain: device not reset");
+            return Err(VuError::InvalidOperation("requests still in flight after the drain timeout"));
+        }
         // Back to the initial state, ready to be set up again (vhost-user RESET_DEVICE): each
         // ring stopped with its size, addresses and indexes forgotten, its eventfds let go (the
         // kick's out of the thread's epoll first), so the next SET_VRING_KICK starts it afresh.

@@ -328,6 +328,7 @@ fn handle(shared: &Arc<Shared>, req: AdminRequest, cred: &UnixCredentials) -> Ad
                 "controller reset by an operator"
             );
             c.reset(c.generation());
+            // (`resets` is the controller's reset generation: removals count too.)
             AdminResponse::ControllerReset { state: state_name(c.state()).into(), resets: c.generation() }
         }
         AdminRequest::Kill { session } => match kill(shared, session) {

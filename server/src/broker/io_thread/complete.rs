@@ -75,13 +75,19 @@ impl IoThread {
     pub(super) fn publish_completions(&mut self) {
         for key in self.touched.drain(..) {
             let Some(s) = self.sessions.get_mut(key) else { continue };
+            let mut all_out = true;
             if let Some(ring) = s.ring.as_mut() {
                 if ring.dirty {
                     ring.publish();
                 }
+                // Completions still waiting for room in the CQ are not seen yet.
+                all_out = ring.overflow.is_empty();
             }
-            // Unregisters waiting for these completions are answered after them.
-            s.buffers.send_ready();
+            // Unregisters waiting for these completions are answered after them (once the
+            // overflow is in the CQ too: its ring is published again then).
+            if all_out {
+                s.buffers.send_ready();
+            }
         }
     }
 }
