@@ -91,7 +91,7 @@ pub enum Error {
     /// The ring has requests in flight, and the operation needs an idle ring.
     #[error("the ring has {0} requests in flight; it must be idle")]
     RingBusy(usize),
-    /// An [`AsyncNvmeRing`](crate::tokio::AsyncNvmeRing)'s driver task ended without closing
+    /// An `AsyncNvmeRing`'s (feature `tokio`) driver task ended without closing
     /// the ring (its runtime shut down, or it panicked): no completion can arrive any more.
     #[error("the ring's driver task ended (its tokio runtime shut down, or it panicked)")]
     DriverGone,
