@@ -93,6 +93,20 @@ fn fio(engine: &Path, socket: &Path, args: &[&str]) -> FioRun {
     }
 }
 
+/// Runs a command-line job `name` of 1 MiB on `broker` with the engine, plus `extra` options.
+fn job<'a>(engine: &'a Path, broker: &'a TestBroker, name: &'a str) -> impl Fn(&[&str]) -> FioRun + 'a {
+    move |extra: &[&str]| {
+        let (eng, sock) = (
+            format!("--ioengine=external:{}", engine.display()),
+            format!("--filename={}", broker.socket.display()),
+        );
+        let name = format!("--name={name}");
+        let mut args = vec![name.as_str(), &eng, &sock, "--size=1m"];
+        args.extend_from_slice(extra);
+        fio(engine, &broker.socket, &args)
+    }
+}
+
 fn jobs(run: &FioRun) -> Vec<serde_json::Value> {
     let json = run.json.as_ref().unwrap_or_else(|| panic!("no JSON report from fio:\n{}", run.text));
     json["jobs"].as_array().expect("jobs").clone()
@@ -188,15 +202,7 @@ fn verification_catches_data_changed_behind_fios_back() {
 fn a_job_over_the_brokers_limits_fails_with_the_brokers_words() {
     let Some(engine) = engine() else { return };
     let broker = broker(&["--max-registered-bytes", "64K", "--default-access", "read-only"]);
-    let (eng, sock) = (
-        format!("--ioengine=external:{}", engine.display()),
-        format!("--filename={}", broker.socket.display()),
-    );
-    let base = ["--name=limited", &eng, &sock, "--size=1m"];
-    let run = |extra: &[&str]| {
-        let args: Vec<&str> = base.iter().chain(extra).copied().collect();
-        fio(&engine, &broker.socket, &args)
-    };
+    let run = job(&engine, &broker, "limited");
 
     // fio's buffers (4 x 64 KiB) are more than this broker lets one session register.
     let big = run(&["--rw=read", "--bs=64k", "--iodepth=4", "--output-format=json"]);
@@ -230,15 +236,7 @@ fn a_job_over_the_brokers_limits_fails_with_the_brokers_words() {
 fn a_job_the_namespace_cannot_take_is_refused_at_start_and_unlink_spares_the_socket() {
     let Some(engine) = engine() else { return };
     let broker = broker(&["--lba-size", "4096"]);
-    let (eng, sock) = (
-        format!("--ioengine=external:{}", engine.display()),
-        format!("--filename={}", broker.socket.display()),
-    );
-    let base = ["--name=sizes", &eng, &sock, "--size=1m"];
-    let run = |extra: &[&str]| {
-        let args: Vec<&str> = base.iter().chain(extra).copied().collect();
-        fio(&engine, &broker.socket, &args)
-    };
+    let run = job(&engine, &broker, "sizes");
     // 512-byte requests on 4 KiB blocks: every one would fail; the job does not start.
     let small = run(&["--rw=randread", "--bs=512"]);
     assert!(!small.ok, "{}", small.text);
