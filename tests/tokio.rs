@@ -681,3 +681,23 @@ fn a_request_whose_driver_is_gone_fails_instead_of_hanging() {
         other => panic!("expected DriverGone, got {:?}", other.map(|r| r.map(drop))),
     }
 }
+
+/// At the session's registration limit, idle pooled buffers (of sizes no request took) give
+/// way to a new one instead of the allocation failing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_pooled_buffers_give_way_at_the_registration_limit() {
+    let broker = TestBroker::start(&["--max-registered-bytes", "64K"]);
+    let ring = AsyncNvmeRing::new(broker.connect()).unwrap();
+    let nsid = ring.namespaces()[0].nsid;
+    let big = ring.alloc_buffer(48 << 10).unwrap();
+    let (_, big) = ring.read(nsid, 0, big).await.unwrap();
+    drop(big);
+    assert_eq!(ring.counters().pooled_buffers, 1);
+    // 20 KiB: the pooled 48 KiB is too large to reuse, and 48 + 20 KiB is above the limit.
+    let small = ring.alloc_buffer(20 << 10).expect("the pool gave way");
+    let (n, _) = ring.read(nsid, 0, small).await.unwrap();
+    assert_eq!(n, 20 << 10);
+    // The 48 KiB registration was given back; the 20 KiB one is pooled now.
+    assert_eq!(ring.session().stats().unwrap().buffer_bytes, 20 << 10);
+    assert_eq!(ring.counters().pooled_buffers, 1);
+}

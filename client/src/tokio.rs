@@ -849,7 +849,9 @@ impl AsyncNvmeRing {
     /// What the ring has done and holds now. (A short lock: but while the driver reconnects to
     /// a restarted broker, this waits for it, as the blocking setup calls do.)
     pub fn counters(&self) -> AsyncCounters {
-        let st = self.shared().lock();
+        let mut st = self.shared().lock();
+        // Futures dropped while another thread held the state are counted here too.
+        self.shared().take_dropped(&mut st);
         let mut c = st.counters;
         c.in_flight = st.ring.in_flight() as u64;
         c.waited_for_entry = self.shared().waited_for_entry.load(Ordering::Relaxed);
@@ -892,7 +894,21 @@ impl AsyncNvmeRing {
                 let mem = MemfdBuffer::from_sealed_memfd(fd, registered.len())?;
                 // The round trip (and any reconnect it makes) without the state's lock: requests
                 // and the driver go on meanwhile.
-                let id = crate::session::register(shared.session.inner(), &registered)?;
+                let id = match crate::session::register(shared.session.inner(), &registered) {
+                    // At the session's or uid's registration limit: the pool's idle buffers (of
+                    // sizes no request took) count against it; give them back and try once more.
+                    // (The broker says "bad buffer length: larger than the limit of N bytes" when
+                    // what is left of the session's limit is too small.)
+                    Err(crate::Error::Refused(
+                        nvmed_proto::ControlError::BufferLimit(_)
+                        | nvmed_proto::ControlError::UidLimit { .. }
+                        | nvmed_proto::ControlError::BadBufferLength { .. },
+                    )) if !lock(&shared.pool).is_empty() => {
+                        self.trim_buffers()?;
+                        crate::session::register(shared.session.inner(), &registered)?
+                    }
+                    r => r?,
+                };
                 shared.lock().ring.adopt_buffer(id, registered);
                 (BufferId(id), mem)
             }
