@@ -276,15 +276,18 @@ fn a_client_leaving_with_bounced_requests_in_flight_leaks_no_slots() {
         "--emulator-mode",
         "async",
         "--emulator-latency-us",
-        "2000",
+        "5000",
         "--mdts",
         "4", // 64 KiB pieces: 64 bounce slots, 4 pieces per request
     ]);
     for round in 0..3 {
         let mut leaver = broker.connect_with(64, 128);
-        queue_bounced_writes(&mut leaver, 48); // 192 pieces for 64 bounce slots
-        wait_until("the requests to reach the broker", Duration::from_secs(5), || {
-            leaver.stats().unwrap().in_flight > 0
+        // 192 pieces for 64 bounce slots: 3 waves of 5 ms.
+        queue_bounced_writes(&mut leaver, 48);
+        // Taken by the broker (a look that comes after all of them completed, on a loaded
+        // machine, would wait for ever for requests at the device).
+        wait_until("the requests to reach the broker", Duration::from_secs(10), || {
+            leaver.stats().unwrap().submitted > 0
         });
         drop(leaver);
         let mut next = broker.connect_with(64, 128);
