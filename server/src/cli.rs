@@ -306,8 +306,9 @@ pub(crate) struct Args {
     /// unrecovered read error until it is written), or panic:N (the emulated controller panics
     /// on the Nth I/O command, in the thread running it: the broker's I/O thread in sync mode,
     /// the controller thread in async mode), loghang:N (the Nth Get Log Page admin command
-    /// never completes: an admin queue that stops answering), or sqfail:N (the Nth Create I/O
-    /// Submission Queue admin command fails with Internal Error).
+    /// never completes: an admin queue that stops answering), sqfail:N (the Nth Create I/O
+    /// Submission Queue admin command fails with Internal Error), or idhang:CNS (every Identify
+    /// with that CNS value never completes, e.g. idhang:6 for the I/O command set's).
     #[arg(long = "inject", value_name = "RULE")]
     pub(crate) faults: Vec<FaultRule>,
 

@@ -40,11 +40,16 @@ pub enum FaultAction {
     /// `sqfail:N`: the Nth Create I/O Submission Queue admin command (counting from 1) fails
     /// with Internal Error (an I/O queue that cannot be created again after a reset).
     CreateSqFail,
+    /// `idhang:CNS`: every Identify with this CNS value never completes, until the controller is
+    /// reset (a controller that hangs on an optional Identify at bring-up, as some do on CNS
+    /// 06h or 03h). The rule's `nth` holds the CNS value.
+    IdentifyHang,
 }
 
 /// Applies `action` to the `nth` I/O command the controller receives (counting from 1; for
 /// [`FaultAction::LogPageHang`], the `nth` Get Log Page admin command; for
-/// [`FaultAction::CreateSqFail`], the `nth` Create I/O Submission Queue), or
+/// [`FaultAction::CreateSqFail`], the `nth` Create I/O Submission Queue; for
+/// [`FaultAction::IdentifyHang`], every Identify whose CNS is `nth`), or
 /// (`media:LBA[:NSID]`) makes reads covering an LBA fail with an unrecovered read error (Media
 /// and Data Integrity Errors / 0x81, DNR set) until a write or write zeroes covers it again.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -61,7 +66,7 @@ pub struct FaultRule {
 #[derive(Debug, thiserror::Error)]
 #[error(
     "bad fault rule {0:?}: expected fail:N:SCT:SC, retry:N, delay:N:MILLIS, hang:N, stuck:N, \
-     fatal:N, gone:N, panic:N, loghang:N, sqfail:N or media:LBA[:NSID]"
+     fatal:N, gone:N, panic:N, loghang:N, sqfail:N, idhang:CNS or media:LBA[:NSID]"
 )]
 pub struct BadFaultRule(String);
 
@@ -105,6 +110,7 @@ impl FromStr for FaultRule {
             ("panic", 2) => FaultAction::Panic,
             ("loghang", 2) => FaultAction::LogPageHang,
             ("sqfail", 2) => FaultAction::CreateSqFail,
+            ("idhang", 2) => FaultAction::IdentifyHang,
             _ => return Err(bad()),
         };
         Ok(FaultRule { nth, action, bad_block: None })
@@ -133,6 +139,8 @@ mod tests {
         );
         assert_eq!("hang:9".parse::<FaultRule>().unwrap().action, FaultAction::Hang);
         assert_eq!("loghang:2".parse::<FaultRule>().unwrap().action, FaultAction::LogPageHang);
+        let id = "idhang:6".parse::<FaultRule>().unwrap();
+        assert_eq!((id.nth, id.action), (6, FaultAction::IdentifyHang));
         assert_eq!("sqfail:2".parse::<FaultRule>().unwrap().action, FaultAction::CreateSqFail);
         assert_eq!(
             "panic:4".parse::<FaultRule>().unwrap(),

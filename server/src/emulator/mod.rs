@@ -965,6 +965,11 @@ impl Inner {
         }
         match cmd.opcode {
             admin::IDENTIFY => {
+                let cns = u64::from(cmd.cdw10 & 0xff);
+                if self.faults.iter().any(|r| r.action == FaultAction::IdentifyHang && r.nth == cns) {
+                    tracing::warn!("emulated controller: injected hang of Identify CNS {cns:#04x}");
+                    return None; // never completes (a reset empties the admin queue)
+                }
                 let mut d = vec![0u8; 4096];
                 match cmd.cdw10 & 0xff {
                     admin::CNS_CONTROLLER => {
@@ -1189,7 +1194,10 @@ impl Inner {
             .iter()
             .find(|r| {
                 r.nth == st.io_count
-                    && !matches!(r.action, FaultAction::LogPageHang | FaultAction::CreateSqFail)
+                    && !matches!(
+                        r.action,
+                        FaultAction::LogPageHang | FaultAction::CreateSqFail | FaultAction::IdentifyHang
+                    )
             })
             .map(|r| r.action);
         if rule == Some(FaultAction::Panic) {
@@ -1258,7 +1266,7 @@ impl Inner {
             }
             FaultAction::Fail { .. } | FaultAction::Delay(_) | FaultAction::Panic => None,
             // Admin faults: never chosen for I/O.
-            FaultAction::LogPageHang | FaultAction::CreateSqFail => None,
+            FaultAction::LogPageHang | FaultAction::CreateSqFail | FaultAction::IdentifyHang => None,
         }
     }
 

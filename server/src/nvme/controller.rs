@@ -415,7 +415,19 @@ impl Controller {
         if self.device.read32(REG_VS) < 0x0002_0000 && !self.cap.css_iocs() {
             return Ok(());
         }
-        match self.identify_into_scratch(admin::CNS_CS_CONTROLLER, 0) {
+        // Optional: a controller that does not answer in OPTIONAL_IDENTIFY_TIMEOUT is taken as
+        // one without the data (as one that refuses it), rather than failing the bring-up.
+        self.scratch.mem().fill(0, 4096, 0);
+        let asked = self.admin_command_within(
+            NvmeCommand {
+                opcode: admin::IDENTIFY,
+                prp1: self.scratch.iova(),
+                cdw10: admin::CNS_CS_CONTROLLER,
+                ..Default::default()
+            },
+            OPTIONAL_IDENTIFY_TIMEOUT.min(self.admin_timeout),
+        );
+        match asked.map(drop) {
             Ok(()) => {
                 let wzsl: u8 = self.scratch.mem().read(id_ctrl_nvm::WZSL);
                 let dmrsl: u32 = self.scratch.mem().read(id_ctrl_nvm::DMRSL);
@@ -426,6 +438,16 @@ impl Controller {
             }
             Err(DriverError::CommandFailed { status, .. }) => {
                 debug!(%status, "no NVM command set Identify data; no Write Zeroes or range size limits");
+                Ok(())
+            }
+            Err(DriverError::Timeout { ms, .. }) => {
+                // The lost command keeps its admin queue slot (and its id) until a reset; its
+                // late data lands in the replaced scratch page.
+                warn!(
+                    ms,
+                    "the controller did not answer Identify I/O Command Set specific Controller \
+                     (CNS 06h); going on without Write Zeroes or range size limits"
+                );
                 Ok(())
             }
             Err(e) => Err(e),
@@ -776,6 +798,9 @@ fn wait_csts_within(
 /// `NVME_ADMIN_TIMEOUT`).
 pub const ADMIN_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// How long bring-up waits for an optional Identify (CNS 06h) before going on without it.
+pub const OPTIONAL_IDENTIFY_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// Least time an admin command may take once the controller serves (see
 /// [`Controller::admin_command`]).
 pub const SERVING_ADMIN_TIMEOUT: Duration = Duration::from_secs(5);
@@ -858,6 +883,30 @@ mod tests {
             why.contains("LBA size 16384 bytes exceeds the controller's maximum transfer of 8192 bytes"),
             "{why}"
         );
+    }
+
+    #[test]
+    fn a_controller_that_never_answers_the_command_set_identify_still_comes_up() {
+        use crate::emulator::inject::{FaultAction, FaultRule};
+        let namespaces = vec![EmulatedNamespace {
+            backend: Box::new(MemoryBackend::new(1 << 20).unwrap()),
+            lba_size: 512,
+        }];
+        let faults = vec![FaultRule { nth: 6, action: FaultAction::IdentifyHang, bad_block: None }];
+        let config = EmulatorConfig { namespaces, vectors: 1, faults, wzsl: 1, ..Default::default() };
+        let dev: Arc<dyn NvmeDevice> = Arc::new(EmulatedController::new(config).unwrap());
+        let space = Arc::new(IovaSpace::new(&dev.iova_ranges()).unwrap());
+        let started = Instant::now();
+        let mut ctrl = Controller::init(dev, space).unwrap();
+        let waited = started.elapsed();
+        assert!(waited >= OPTIONAL_IDENTIFY_TIMEOUT && waited < ADMIN_TIMEOUT, "{waited:?}");
+        // No limits learnt (the emulator would have said 8 KiB), the namespace served, and the
+        // lost command holds its slot and id.
+        assert_eq!(ctrl.info().max_write_zeroes, None);
+        assert_eq!(ctrl.info().namespaces, vec![Namespace { nsid: 1, lba_size: 512, lba_count: 2048 }]);
+        assert_eq!(ctrl.admin_lost.len(), 1);
+        // The admin queue still answers.
+        assert_eq!(ctrl.smart_log().unwrap().temperature_kelvin, 313);
     }
 
     #[test]
