@@ -1,7 +1,7 @@
 //! fio on nvmed: the external engine (capi/fio/fio_nvmed.c, built by scripts/build_capi.sh
 //! against the installed fio's headers) runs the job files of examples/fio against a live
 //! broker with data verification, catches data that changed behind its back, and shows the
-//! broker's own words when a job hits its limits.
+//! broker's own words when a job hits its limits; the engine's polling and ring options take effect.
 //!
 //! Needs `fio` (Debian: apt-get install fio, plus a deb-src entry and dpkg-dev for its headers).
 //! Without it these tests say so and pass, unless NVMED_REQUIRE_FIO=1 (CI sets it).
@@ -256,4 +256,46 @@ fn a_job_the_namespace_cannot_take_is_refused_at_start_and_unlink_spares_the_soc
     assert!(ok.ok, "{}", ok.text);
     assert!(broker.socket.exists(), "fio's unlink=1 deleted the broker's socket");
     broker.connect();
+}
+
+/// The engine's own options reach the library: `busy_poll` reaps by polling (the job's thread
+/// spins through each slow I/O), `spin_us` bounds the waiting mode's spin (0: sleep at once,
+/// a long one: spin through the I/O), `sq_entries` sizes the ring (the broker's bound shows).
+#[test]
+fn the_engines_polling_and_ring_options_take_effect() {
+    let Some(engine) = engine() else { return };
+    // Each read takes 2 ms at the device: a job at depth 1 mostly waits.
+    let broker = broker(&["--emulator-mode", "async", "--emulator-latency-us", "2000"]);
+    let run = job(&engine, &broker, "polling");
+    let cpu = |extra: &[&str]| {
+        let mut args = vec![
+            "--rw=randread",
+            "--bs=4k",
+            "--iodepth=1",
+            "--time_based=1",
+            "--runtime=1",
+            "--output-format=json",
+        ];
+        args.extend_from_slice(extra);
+        let r = run(&args);
+        assert!(r.ok, "{}", r.text);
+        let j = &jobs(&r)[0];
+        assert!(j["read"]["io_bytes"].as_u64().unwrap() > 0, "{j}");
+        j["usr_cpu"].as_f64().unwrap() + j["sys_cpu"].as_f64().unwrap()
+    };
+    let asleep = cpu(&["--spin_us=0"]);
+    let polling = cpu(&["--busy_poll=1"]);
+    let spinning = cpu(&["--spin_us=100000"]);
+    // Loose bounds (other tests share the CPUs): a thread that sleeps through 2 ms waits uses a
+    // few percent of a CPU; one that spins through them, most of what it is given.
+    assert!(asleep < 15.0, "spin_us=0: the job used {asleep:.1}% of a CPU");
+    assert!(polling > 30.0 && polling > 3.0 * asleep, "busy_poll=1: {polling:.1}% (sleeping: {asleep:.1}%)");
+    assert!(
+        spinning > 30.0 && spinning > 3.0 * asleep,
+        "spin_us=100000: {spinning:.1}% (sleeping: {asleep:.1}%)"
+    );
+    // A ring above the broker's largest is refused in the broker's words.
+    let big = run(&["--rw=read", "--bs=4k", "--sq_entries=8192"]);
+    assert!(!big.ok, "{}", big.text);
+    assert!(big.text.contains("(got sq 8192, cq 16384)"), "{}", big.text);
 }
