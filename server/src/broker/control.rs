@@ -463,6 +463,7 @@ impl Connection {
             }
             poller.request(IoRequest::AddRing {
                 session: self.id,
+                uid: self.uid,
                 ring_id,
                 namespaces: self.namespaces.clone(),
                 counters: counters.clone(),
@@ -586,7 +587,7 @@ impl Connection {
         }
         if !unmap.is_empty() {
             let (tx, rx) = channel();
-            self.shared.dispose_then_notify(unmap, tx);
+            self.shared.dispose_then_notify(self.uid, unmap, tx);
             let _ = rx.recv();
         }
     }
@@ -683,7 +684,7 @@ impl Connection {
         match Arc::try_unwrap(b) {
             Ok(b) if drained => {
                 let (tx, rx) = channel();
-                self.shared.dispose_then_notify(b, tx);
+                self.shared.dispose_then_notify(self.uid, b, tx);
                 let _ = rx.recv();
                 Ok((Response::BufferUnregistered, vec![]))
             }

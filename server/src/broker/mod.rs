@@ -486,11 +486,12 @@ impl Shared {
         }
     }
 
-    /// Drops `what` on the reaper thread (inline once the broker is shutting down).
-    fn dispose_then_notify<T: Send + 'static>(&self, what: T, reply: Sender<()>) {
+    /// Drops `what` (uid `owner`'s) on the reaper thread (inline once the broker is shutting
+    /// down).
+    fn dispose_then_notify<T: Send + 'static>(&self, owner: u32, what: T, reply: Sender<()>) {
         let reaper = self.reaper.lock().unwrap_or_else(|p| p.into_inner()).clone();
         match reaper {
-            Some(r) => r.dispose_then_notify(what, Some(reply)),
+            Some(r) => r.dispose_then_notify(owner, what, Some(reply)),
             None => {
                 drop(what);
                 let _ = reply.send(());

@@ -258,6 +258,8 @@ impl BufferTable {
 pub struct Session {
     /// Session id (for logs).
     pub id: u64,
+    /// The client's uid.
+    pub uid: u32,
     /// What the client may reach.
     pub namespaces: Vec<NamespaceAccess>,
     /// The ring, once created.

@@ -56,6 +56,8 @@ pub enum IoRequest {
     AddRing {
         /// Session id (for logs).
         session: u64,
+        /// The client's uid (whose turn the reaper takes when the ring is released).
+        uid: u32,
         /// The ring's id in its session.
         ring_id: u32,
         /// Namespaces the session may use.
@@ -538,6 +540,7 @@ impl IoThread {
             match req {
                 IoRequest::AddRing {
                     session,
+                    uid,
                     ring_id,
                     namespaces,
                     counters,
@@ -576,6 +579,7 @@ impl IoThread {
                     }
                     self.sessions.insert(Session {
                         id: session,
+                        uid,
                         ring_id,
                         namespaces,
                         ring: Some(*ring),
@@ -774,7 +778,11 @@ impl IoThread {
                 debug!(session = s.id, ring = s.ring_id, "ring released");
                 // The ring's memory goes on the reaper; the buffers are the session's, which
                 // releases them once every ring of it has drained.
-                self.reaper.dispose_then_notify((std::mem::take(&mut s.buffers), s.ring.take()), reply);
+                self.reaper.dispose_then_notify(
+                    s.uid,
+                    (std::mem::take(&mut s.buffers), s.ring.take()),
+                    reply,
+                );
             }
         }
     }
