@@ -636,6 +636,42 @@ fn tiny_queue_and_split_requests_on_an_asynchronous_device() {
     others_unaffected(&mut broker);
 }
 
+#[test]
+fn a_split_request_of_a_tenant_at_its_queue_depth_cap_still_finishes() {
+    // qd=1: the tenant may have one request at the device. A 1 MiB write is 128 pieces of
+    // 8 KiB on a queue of 3 commands: it is dispatched (the tenant's one request) and its
+    // pieces go as slots free up. They must, although the tenant is at its cap until the
+    // whole request completes.
+    let uid = nix::unistd::getuid().as_raw();
+    let grant = format!("{uid}:1:qd=1");
+    let mut broker = TestBroker::start(&[
+        "--emulator-mode",
+        "async",
+        "--emulator-latency-us",
+        "50",
+        "--queue-depth",
+        "4",
+        "--mdts",
+        "1",
+        "--grant",
+        &grant,
+    ]);
+    let mut ring = broker.connect();
+    let buf = ring.alloc_buffer(2 << 20).unwrap();
+    pattern(21, ring.buffer_mut(buf, 0, 2 * MIB).unwrap());
+    for k in 0..2u64 {
+        ring.prep(Io::write(1, k * MIB, 1 << 20, buf, k * MIB).user_data(k)).unwrap();
+    }
+    ring.submit().unwrap();
+    let mut out = Vec::new();
+    ring.wait(2, &mut out, Some(Duration::from_secs(20))).unwrap();
+    assert!(out.iter().all(|c| c.status.is_success()), "{out:?}");
+    let check = ring.alloc_buffer(2 << 20).unwrap();
+    ring.read(1, 0, check, 0, 2 << 20).unwrap();
+    assert!(ring.buffer(check, 0, 2 * MIB).unwrap() == ring.buffer(buf, 0, 2 * MIB).unwrap());
+    others_unaffected(&mut broker);
+}
+
 // ---- 6. A client that never reaps costs nothing -----------------------------------------
 
 #[test]

@@ -52,6 +52,14 @@ impl IoThread {
             if s.faulted || s.closing.is_some() {
                 continue;
             }
+            if s.partial.is_some() {
+                // The rest of a split request goes as device slots free up, outside the
+                // scheduler's turns: it was charged as one request when dispatched, and its
+                // tenant may be at its queue-depth cap until that request completes (it would
+                // never get a turn). Budget 0: nothing new is taken here.
+                took |= self.take_from(key, 0, 0).0;
+            }
+            let s = &mut self.sessions[key];
             let Some(ring) = s.ring.as_mut() else { continue };
             let wants = s.partial.is_some() || !ring.overflow.is_empty() || ring.sq.ready(1) > 0;
             if !wants {
