@@ -119,15 +119,26 @@ enum Rx {
 
 #[derive(Debug)]
 enum Tx {
-    Bytes(Vec<u8>, usize),
+    /// PDU bytes, `sent` of them written, and the slots whose answers end in them: each is
+    /// freed once the bytes up to its end are written (the host then has the answer and may
+    /// give its command id and queue entry to a new command at once).
+    Bytes { v: Vec<u8>, sent: usize, frees: VecDeque<(usize, u16)> },
     /// `len` bytes of the data buffer at `at`, `sent` of them written.
-    Data {
-        at: u64,
-        len: u32,
-        sent: u32,
-    },
-    /// The command in this slot is fully answered: free it.
-    Free(u16),
+    Data { at: u64, len: u32, sent: u32 },
+}
+
+impl Tx {
+    fn bytes(v: Vec<u8>) -> Self {
+        Tx::Bytes { v, sent: 0, frees: VecDeque::new() }
+    }
+}
+
+/// The command in `slot` is answered: its command id and slot may serve a new command.
+fn free_slot(slots: &mut [Slot], cids: &mut HashMap<u16, u16>, free: &mut Vec<u16>, slot: u16) {
+    let s = &mut slots[usize::from(slot)];
+    s.busy = false;
+    cids.remove(&s.cid);
+    free.push(slot);
 }
 
 struct Queue {
@@ -531,7 +542,7 @@ impl Queue {
         warn!(qid = self.qid, "terminating the connection: {e}");
         let mut out = Vec::new();
         pdu::push_term_req(&mut out, true, e.fes(), e.fei(), &self.hbuf[..self.hhave]);
-        self.tx.push_back(Tx::Bytes(out, 0));
+        self.tx.push_back(Tx::bytes(out));
         let _ = timeout(Duration::from_secs(1), async {
             while !self.tx.is_empty() {
                 if self.write_some().is_err() || self.stream.writable().await.is_err() {
@@ -1020,7 +1031,7 @@ impl Queue {
                 self.tx.push_back(Tx::Data { at, len, sent: 0 });
                 if dg.data {
                     let crc = pdu::crc(self.ring.buffer(self.buf, at, u64::from(len))?);
-                    self.tx.push_back(Tx::Bytes(crc.to_le_bytes().to_vec(), 0));
+                    self.tx.push_back(Tx::bytes(crc.to_le_bytes().to_vec()));
                 }
             }
             self.respond(slot, status);
@@ -1030,53 +1041,30 @@ impl Queue {
 
     // ---- sending ----
 
+    /// Queues PDU bytes written by `f`; `free`: the slot whose answer they end, freed once
+    /// they are written.
+    fn push_bytes_freeing(&mut self, f: impl FnOnce(&mut Vec<u8>), free: Option<u16>) {
+        push_bytes(&mut self.tx, f, free);
+    }
+
     fn push_bytes(&mut self, f: impl FnOnce(&mut Vec<u8>)) {
-        // Append to the last bytes queued, past the slots waiting to be freed after them
-        // (freeing a slot a little later is harmless): answers go out in few large writes.
-        let last = self.tx.iter_mut().rev().find(|t| !matches!(t, Tx::Free(_)));
-        if let Some(Tx::Bytes(v, _)) = last {
-            if v.len() < 4096 {
-                f(v);
-                return;
-            }
-        }
-        let mut v = Vec::with_capacity(512);
-        f(&mut v);
-        self.tx.push_back(Tx::Bytes(v, 0));
+        self.push_bytes_freeing(f, None);
     }
 
-    fn push_resp(&mut self, cid: u16, status: u16) {
-        let (dg, c) = (self.dg, cqe(cid, status, 0, self.sqhd, self.qid));
-        self.push_bytes(|out| pdu::push_capsule_resp(out, dg, c));
-    }
-
-    /// Answers the command in `slot` and frees the slot once the answer is sent.
+    /// Answers the command in `slot` and frees the slot once the answer is written.
     fn respond(&mut self, slot: u16, status: u16) {
         let cid = self.slots[usize::from(slot)].cid;
-        self.push_resp(cid, status);
-        self.tx.push_back(Tx::Free(slot));
-    }
-
-    fn free_slot(&mut self, slot: u16) {
-        let s = &mut self.slots[usize::from(slot)];
-        s.busy = false;
-        self.cids.remove(&s.cid);
-        self.free.push(slot);
+        let (dg, c) = (self.dg, cqe(cid, status, 0, self.sqhd, self.qid));
+        self.push_bytes_freeing(|out| pdu::push_capsule_resp(out, dg, c), Some(slot));
     }
 
     fn write_some(&mut self) -> Result<(), ConnError> {
         loop {
-            while let Some(Tx::Free(slot)) = self.tx.front() {
-                let slot = *slot;
-                self.tx.pop_front();
-                self.free_slot(slot);
-            }
             if self.tx.is_empty() {
                 self.stall_since = None;
                 return Ok(());
             }
-            // Everything queued in one writev (slots to free are skipped here and freed below,
-            // once the bytes before them are written).
+            // Everything queued in one writev.
             let mut iov: [IoSlice<'_>; MAX_IOV] = [IoSlice::new(&[]); MAX_IOV];
             let mut n = 0;
             for item in self.tx.iter() {
@@ -1084,49 +1072,75 @@ impl Queue {
                     break;
                 }
                 iov[n] = match item {
-                    Tx::Bytes(v, sent) => IoSlice::new(&v[*sent..]),
+                    Tx::Bytes { v, sent, .. } => IoSlice::new(&v[*sent..]),
                     Tx::Data { at, len, sent } => IoSlice::new(self.ring.buffer(
                         self.buf,
                         at + u64::from(*sent),
                         u64::from(len - sent),
                     )?),
-                    Tx::Free(_) => continue,
                 };
                 n += 1;
             }
-            let mut wrote = match self.stream.try_write_vectored(&iov[..n]) {
+            let wrote = match self.stream.try_write_vectored(&iov[..n]) {
                 Ok(0) => return Err(ConnError::Closed),
                 Ok(w) => w,
                 Err(e) if e.kind() == ErrorKind::WouldBlock => return Ok(()),
                 Err(e) => return Err(e.into()),
             };
             self.stall_since = None;
-            while wrote > 0 {
-                match self.tx.front_mut() {
-                    Some(Tx::Bytes(v, sent)) => {
-                        let k = (v.len() - *sent).min(wrote);
-                        *sent += k;
-                        wrote -= k;
-                        if *sent == v.len() {
-                            self.tx.pop_front();
-                        }
+            let (slots, cids, free) = (&mut self.slots, &mut self.cids, &mut self.free);
+            advance(&mut self.tx, wrote, |slot| free_slot(slots, cids, free, slot));
+        }
+    }
+}
+
+/// Queues PDU bytes written by `f`; `free`: the slot whose answer they end, freed once they
+/// are written. Appended to the last bytes queued when nothing is queued after them: answers
+/// go out in few large writes.
+fn push_bytes(tx: &mut VecDeque<Tx>, f: impl FnOnce(&mut Vec<u8>), free: Option<u16>) {
+    if let Some(Tx::Bytes { v, frees, .. }) = tx.back_mut() {
+        if v.len() < 4096 {
+            f(v);
+            frees.extend(free.map(|s| (v.len(), s)));
+            return;
+        }
+    }
+    let mut v = Vec::with_capacity(512);
+    f(&mut v);
+    let frees = free.map(|s| (v.len(), s)).into_iter().collect();
+    tx.push_back(Tx::Bytes { v, sent: 0, frees });
+}
+
+/// `wrote` more bytes of what `tx` holds went out: drops what is wholly written and calls
+/// `freed` for each slot whose answer now is, also when the write ended inside a later answer
+/// gathered with it (the host has that answer and may reuse its command id at once).
+fn advance(tx: &mut VecDeque<Tx>, mut wrote: usize, mut freed: impl FnMut(u16)) {
+    while wrote > 0 {
+        match tx.front_mut() {
+            Some(Tx::Bytes { v, sent, frees }) => {
+                let k = (v.len() - *sent).min(wrote);
+                *sent += k;
+                wrote -= k;
+                while let Some(&(end, slot)) = frees.front() {
+                    if end > *sent {
+                        break;
                     }
-                    Some(Tx::Data { len, sent, .. }) => {
-                        let k = ((*len - *sent) as usize).min(wrote);
-                        *sent += k as u32;
-                        wrote -= k;
-                        if *sent == *len {
-                            self.tx.pop_front();
-                        }
-                    }
-                    Some(Tx::Free(slot)) => {
-                        let slot = *slot;
-                        self.tx.pop_front();
-                        self.free_slot(slot);
-                    }
-                    None => unreachable!("written bytes beyond the queued PDUs"),
+                    frees.pop_front();
+                    freed(slot);
+                }
+                if *sent == v.len() {
+                    tx.pop_front();
                 }
             }
+            Some(Tx::Data { len, sent, .. }) => {
+                let k = ((*len - *sent) as usize).min(wrote);
+                *sent += k as u32;
+                wrote -= k;
+                if *sent == *len {
+                    tx.pop_front();
+                }
+            }
+            None => unreachable!("written bytes beyond the queued PDUs"),
         }
     }
 }
@@ -1134,6 +1148,33 @@ impl Queue {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_answer_frees_its_slot_once_written_also_inside_a_gathered_write() {
+        let mut tx = VecDeque::new();
+        // Three answers of 24 bytes gathered in one write, then 100 bytes of data, then one more.
+        for slot in 1..=3u16 {
+            push_bytes(&mut tx, |v| v.extend_from_slice(&[slot as u8; 24]), Some(slot));
+        }
+        tx.push_back(Tx::Data { at: 0, len: 100, sent: 0 });
+        push_bytes(&mut tx, |v| v.extend_from_slice(&[4; 24]), Some(4));
+        assert_eq!(tx.len(), 3, "the first three answers are one write");
+        let mut freed = Vec::new();
+        // The write ends inside the second answer: the first one is the host's, its slot free.
+        advance(&mut tx, 30, |s| freed.push(s));
+        assert_eq!(freed, [1]);
+        advance(&mut tx, 18, |s| freed.push(s));
+        assert_eq!(freed, [1, 2]);
+        // The rest of the third answer and part of the data.
+        advance(&mut tx, 24 + 50, |s| freed.push(s));
+        assert_eq!(freed, [1, 2, 3]);
+        assert_eq!(tx.len(), 2);
+        advance(&mut tx, 50 + 23, |s| freed.push(s));
+        assert_eq!(freed, [1, 2, 3], "the last answer is one byte short");
+        advance(&mut tx, 1, |s| freed.push(s));
+        assert_eq!(freed, [1, 2, 3, 4]);
+        assert!(tx.is_empty());
+    }
 
     #[test]
     fn deallocate_ranges_are_merged_split_and_capped() {
