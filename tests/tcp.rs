@@ -523,6 +523,33 @@ fn host_that_stops_reading_is_disconnected() {
 }
 
 #[test]
+fn write_zeroes_is_not_bound_by_mdts() {
+    // Linux 5.4 to 5.12 send Write Zeroes of one block more than MDTS (128 KiB here). With a
+    // device that has Write Zeroes, and with one that has not (nvmed refuses the command; the
+    // target writes zeroes instead, in MDTS pieces).
+    for (args, lba) in [(&[][..], 512u64), (&["--lba-size", "4096", "--emulator-no-write-zeroes"][..], 4096)]
+    {
+        let f = fixture_on(TestBroker::start(args), |_| {});
+        let a = admin(&f, Digests::default(), HOST, 1);
+        let mut q = io_queue(&f, &a, 1, Digests::default(), HOST).unwrap();
+        let blocks = (128 << 10) / lba + 1;
+        let io = |write: bool, at: u64, n: u64| {
+            command(if write { 0x01 } else { 0x02 }, 1, [at as u32, 0, n as u32 - 1, 0, 0, 0])
+        };
+        for (at, n) in [(0, blocks - 1), (blocks - 1, 1)] {
+            let len = (n * lba) as usize;
+            ok(q.run(io(true, at, n), Some(data(at + 1, len)), 0).unwrap());
+        }
+        ok(q.run(command(0x08, 1, [0, 0, blocks as u32 - 1, 0, 0, 0]), None, 0).unwrap());
+        for (at, n) in [(0, blocks - 1), (blocks - 1, 1)] {
+            let len = (n * lba) as usize;
+            let d = ok(q.run(io(false, at, n), None, len).unwrap());
+            assert!(d.data.iter().all(|&b| b == 0), "LBA size {lba}: blocks {at}.. not zeroed");
+        }
+    }
+}
+
+#[test]
 fn many_connections_each_with_its_own_ring() {
     let f = fixture(|_| {});
     let mut conns = Vec::new();

@@ -323,6 +323,11 @@ pub(crate) struct Args {
     #[arg(long, hide_short_help = true)]
     pub(crate) emulator_no_sgl: bool,
 
+    /// Testing: an emulated controller without Write Zeroes (as some controllers), so the
+    /// broker refuses the command and clients write zeroes themselves.
+    #[arg(long, hide_short_help = true)]
+    pub(crate) emulator_no_write_zeroes: bool,
+
     /// Testing: the emulated controller's Write Zeroes Size Limit (WZSL: at most 2^N 4 KiB
     /// pages per command; 0 = none), so the broker must split larger Write Zeroes requests.
     #[arg(long, value_name = "N", default_value_t = 0, hide_short_help = true)]

@@ -189,6 +189,7 @@ fn emulated(args: &Args, controller: u16) -> Result<Arc<dyn NvmeDevice>, Box<dyn
         mode,
         sgl: !args.emulator_no_sgl,
         wzsl: args.emulator_wzsl,
+        no_write_zeroes: args.emulator_no_write_zeroes,
         dmrsl: args.emulator_dmrsl,
         instance: controller,
         model: args.model,

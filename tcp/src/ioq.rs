@@ -835,12 +835,14 @@ impl Queue {
             }
             Ok(())
         };
-        let range = |s: &mut Slot| -> Result<u32, u16> {
+        // `moves_data`: the command's data passes through its slot, so MDTS bounds it (it does
+        // not bound Write Zeroes: Linux 5.4 to 5.12 send one block more than MDTS).
+        let range = |s: &mut Slot, moves_data: bool| -> Result<u32, u16> {
             if slba.checked_add(nlb).is_none_or(|end| end > ns.lba_count) {
                 return Err(sc::LBA_RANGE | sc::DNR);
             }
             let len = nlb * u64::from(ns.lba_size);
-            if len > u64::from(self.slot_size) {
+            if moves_data && len > u64::from(self.slot_size) {
                 return Err(sc::INVALID_FIELD | sc::DNR);
             }
             s.offset = slba * u64::from(ns.lba_size);
@@ -856,7 +858,7 @@ impl Queue {
             }
             io_op::READ => {
                 s.kind = Kind::Read;
-                let len = range(s)?;
+                let len = range(s, true)?;
                 if in_capsule > 0 || sgl_type != pdu::sgl::TRANSPORT {
                     return Err(sc::SGL_INVALID_TYPE | sc::DNR);
                 }
@@ -869,7 +871,7 @@ impl Queue {
                 if ns.read_only {
                     return Err(sc::NS_WRITE_PROTECTED | sc::DNR);
                 }
-                let len = range(s)?;
+                let len = range(s, true)?;
                 host_data(len)?;
             }
             io_op::WRITE_ZEROES => {
@@ -877,7 +879,7 @@ impl Queue {
                 if ns.read_only {
                     return Err(sc::NS_WRITE_PROTECTED | sc::DNR);
                 }
-                range(s)?;
+                range(s, false)?;
                 if in_capsule > 0 {
                     return Err(sc::INVALID_FIELD | sc::DNR);
                 }
@@ -1007,13 +1009,21 @@ impl Queue {
         let mut pending = s.pending - 1;
         let mut status = s.status;
         if unsupported && s.kind == Kind::WriteZeroes && !s.zero_fallback {
-            // The device has no Write Zeroes: write a zeroed slot instead (at most MDTS).
+            // The device has no Write Zeroes: write the zeroed slot instead, as many times as
+            // the range needs (Write Zeroes is not bound by MDTS).
             let at = self.slot_at(slot);
-            self.ring.buffer_mut(self.buf, at, u64::from(s.len))?.fill(0);
-            let io = Io::write(s.nsid, s.offset, s.len, self.buf, at).user_data(u64::from(slot));
+            let chunk = s.len.min(self.slot_size);
+            self.ring.buffer_mut(self.buf, at, u64::from(chunk))?.fill(0);
             self.slots[usize::from(slot)].zero_fallback = true;
-            pending += 1;
-            self.submit_io(if s.fua { io.fua() } else { io })?;
+            let mut done = 0;
+            while done < s.len {
+                let n = chunk.min(s.len - done);
+                let io =
+                    Io::write(s.nsid, s.offset + u64::from(done), n, self.buf, at).user_data(u64::from(slot));
+                pending += 1;
+                self.submit_io(if s.fua { io.fua() } else { io })?;
+                done += n;
+            }
         } else if unsupported && matches!(s.kind, Kind::Dsm { .. }) {
             // Deallocate is advisory.
         } else if c.status != Status::Success && status == sc::SUCCESS {

@@ -97,6 +97,9 @@ pub struct EmulatorConfig {
     /// Accept SGLs in I/O commands (reported in Identify SGLS, without alignment rules, as
     /// QEMU's NVMe model does). Off: PRPs only, like many real controllers.
     pub sgl: bool,
+    /// No Write Zeroes (ONCS bit 3 clear; the command fails with Invalid Opcode), as on some
+    /// controllers.
+    pub no_write_zeroes: bool,
     /// Write Zeroes Size Limit reported in the NVM command set's Identify data (a power of two
     /// of 4 KiB pages; 0 = none); a larger Write Zeroes fails with Invalid Field.
     pub wzsl: u8,
@@ -138,6 +141,7 @@ impl Default for EmulatorConfig {
             mode: EmulatorMode::Sync,
             sgl: true,
             wzsl: 0,
+            no_write_zeroes: false,
             dmrsl: 0,
             instance: 0,
             model: None,
@@ -259,6 +263,7 @@ struct Inner {
     mdts: u8,
     sgl: bool,
     wzsl: u8,
+    no_write_zeroes: bool,
     dmrsl: u32,
     instance: u16,
     faults: Vec<FaultRule>,
@@ -353,6 +358,7 @@ impl EmulatedController {
             instance: config.instance,
             sgl: config.sgl,
             wzsl: config.wzsl,
+            no_write_zeroes: config.no_write_zeroes,
             dmrsl: config.dmrsl,
             faults: config.faults,
             wedge: config.wedge,
@@ -986,7 +992,11 @@ impl Inner {
                         d[id_ctrl::CQES] = 0x44;
                         d[id_ctrl::NN..id_ctrl::NN + 4]
                             .copy_from_slice(&(self.namespaces.len() as u32).to_le_bytes());
-                        let oncs = id_ctrl::ONCS_DSM | id_ctrl::ONCS_WRITE_ZEROES;
+                        let oncs = if self.no_write_zeroes {
+                            id_ctrl::ONCS_DSM
+                        } else {
+                            id_ctrl::ONCS_DSM | id_ctrl::ONCS_WRITE_ZEROES
+                        };
                         d[id_ctrl::ONCS..id_ctrl::ONCS + 2].copy_from_slice(&oncs.to_le_bytes());
                         d[id_ctrl::VWC] = 1;
                         let sgls: u32 = if self.sgl { 1 } else { 0 };
@@ -1358,6 +1368,9 @@ impl Inner {
             }
             io::FLUSH => ns.backend.flush().map_or_else(io_err, |_| ok()),
             io::WRITE_ZEROES => {
+                if self.no_write_zeroes {
+                    return err(0, sc::INVALID_OPCODE);
+                }
                 if !in_range() {
                     return err(0, sc::LBA_OUT_OF_RANGE);
                 }
@@ -1592,6 +1605,7 @@ mod tests {
             dmrsl: 0,
             instance: 0,
             model: None,
+            ..Default::default()
         })
     }
 
