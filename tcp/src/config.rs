@@ -157,6 +157,16 @@ impl Config {
         if self.max_connections == 0 {
             return bad("--max-connections must be at least 1");
         }
+        // One entry per host: with two, which one applies (read-write or read-only, which
+        // namespaces) would depend on their order.
+        for (i, h) in self.hosts.iter().enumerate() {
+            if self.hosts[..i].iter().any(|o| o.nqn == h.nqn) {
+                return Err(ConfigError::Invalid(format!(
+                    "host {} is listed twice (--allow-host, --allow-host-read-only or the configuration file): give it one entry",
+                    h.nqn
+                )));
+            }
+        }
         Ok(())
     }
 
@@ -195,6 +205,10 @@ mod tests {
         assert_eq!(c.access("nqn.c"), Some((None, false)));
         assert!(toml::from_str::<ConfigFile>("[[host]]\nnqn = 'x'\nbogus = 1").is_err());
         assert!(c.validate().is_ok());
+        c.hosts.push(HostAccess { nqn: "nqn.a".into(), namespaces: None, read_only: false });
+        let twice = c.validate().unwrap_err().to_string();
+        assert!(twice.contains("host nqn.a is listed twice"), "{twice}");
+        c.hosts.pop();
         c.max_transfer = 5000;
         assert!(c.validate().is_err());
     }

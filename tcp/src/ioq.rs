@@ -245,7 +245,29 @@ impl Staging {
     }
 }
 
-/// Serves I/O queue `qid` of `ctrl` after its Connect (answered here once the ring exists).
+/// Holds queue id `qid` of a controller from its Connect until released (or dropped, on any
+/// way out): one place frees it, once, so a later connection's claim of the id is never undone.
+struct QueueId<'a> {
+    ctrl: &'a CtrlShared,
+    qid: Option<u16>,
+}
+
+impl QueueId<'_> {
+    fn release(&mut self) {
+        if let Some(qid) = self.qid.take() {
+            lock(&self.ctrl.queues).1.remove(&qid);
+        }
+    }
+}
+
+impl Drop for QueueId<'_> {
+    fn drop(&mut self) {
+        self.release();
+    }
+}
+
+/// Serves I/O queue `qid` of `ctrl` after its Connect (answered here once the ring exists);
+/// frees the queue id when it ends.
 pub(crate) async fn run(
     target: &Arc<Target>,
     ctrl: &Arc<CtrlShared>,
@@ -255,6 +277,7 @@ pub(crate) async fn run(
     sqsize: u16,
     cid: u16,
 ) -> Result<(), ConnError> {
+    let mut held = QueueId { ctrl, qid: Some(qid) };
     let depth = sqsize + 1;
     let slot_size = ctrl.max_transfer;
     // (A discovery controller has no session, and no I/O queues: `connect` refuses them.)
@@ -367,7 +390,7 @@ pub(crate) async fn run(
         q.terminate(e).await;
     }
     // The queue id is free again before the host sees the connection close.
-    lock(&ctrl.queues).1.remove(&qid);
+    held.release();
     let ring = q.ring;
     // Dropping a ring waits for its I/O to drain: off the async workers.
     let _ = tokio::task::spawn_blocking(move || drop(ring)).await;

@@ -443,9 +443,9 @@ async fn handle(target: &Arc<Target>, mut stream: TcpStream, discovery_only: boo
         info!(cntlid = ctrl.cntlid, "controller removed");
         r
     } else {
-        let r = crate::ioq::run(target, &ctrl, stream, params, qid, sqsize, cid).await;
-        lock(&ctrl.queues).1.remove(&qid);
-        r
+        // It frees the queue id (once: the host may have connected that queue again while
+        // this connection's I/O drained).
+        crate::ioq::run(target, &ctrl, stream, params, qid, sqsize, cid).await
     }
 }
 
@@ -484,9 +484,10 @@ async fn connect_data_by_r2t(
 
 type Refusal = (u16, u64, String);
 
-/// Connect invalid parameters: IATTR (1: in the data) and the offending byte offset.
+/// Connect invalid parameters: the offending byte offset (IPO, bits 15:0) and IATTR (bit 16;
+/// 1: in the Connect data), as Linux's nvmf_log_connect_error reads them.
 fn invalid_param(in_data: bool, offset: u16, why: String) -> Refusal {
-    let result = u64::from(offset) << 16 | u64::from(in_data);
+    let result = u64::from(in_data) << 16 | u64::from(offset);
     (sc::CONNECT_INVALID_PARAM | sc::DNR, result, why)
 }
 
@@ -732,7 +733,9 @@ async fn admin_queue(
         max_transfer: shared.max_transfer,
         in_capsule: cfg.in_capsule,
         max_io_queues: cfg.max_io_queues,
-        serial: format!("{:08x}{:04x}", pdu::crc(cfg.subnqn.as_bytes()), shared.cntlid),
+        // The subsystem's, the same on every controller (and path): udev's by-id names and
+        // multipath compare it.
+        serial: format!("{:08x}", pdu::crc(cfg.subnqn.as_bytes())),
         oncs: if shared.discovery { 0 } else { (1 << 2) | (1 << 3) },
         discovery,
     };
@@ -873,6 +876,15 @@ impl Drop for AbortOnDrop {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn connect_invalid_parameter_result_is_ipo_then_iattr() {
+        // Offset 42 (SQSIZE) in the command: IATTR 0; the host identifier (offset 0 of the
+        // data): IATTR 1 in bit 16.
+        assert_eq!(invalid_param(false, 42, String::new()).1, 42);
+        assert_eq!(invalid_param(true, 0, String::new()).1, 1 << 16);
+        assert_eq!(invalid_param(true, 256, String::new()).1, (1 << 16) | 256);
+    }
 
     #[test]
     fn peers_count_per_address() {
