@@ -859,6 +859,58 @@ fn a_controller_that_cannot_be_stopped_never_completes_its_commands() {
 }
 
 #[test]
+fn unregistering_a_buffer_a_failed_device_may_still_write_is_answered_and_its_id_kept() {
+    let mut broker = TestBroker::start(&[
+        "--inject",
+        "stuck:1",
+        "--io-timeout-ms",
+        "300",
+        "--emulator-wedge",
+        "reset-and-bus-master",
+    ]);
+    let mut ring = broker.connect();
+    let ns = ring.namespaces()[0].nsid;
+    let buf = ring.alloc_buffer(1 << 20).unwrap();
+    ring.prep(Io::read(ns, 0, 4096, buf, 0).user_data(1)).unwrap();
+    ring.submit().unwrap();
+    let mut out = Vec::new();
+    match ring.wait(1, &mut out, Some(Duration::from_secs(10))) {
+        Err(Error::RingFaulted(Some(RingFault::DeviceFailed))) => {}
+        other => panic!("expected the ring to fail with DeviceFailed, got {other:?} ({out:?})"),
+    }
+    // Asked after the failure (the client library would refuse: its read never finished),
+    // the unregister is answered, not waited on for ever: the buffer stays mapped.
+    let (tx, rx) = std::sync::mpsc::channel();
+    let id = buf.0;
+    std::thread::spawn(move || {
+        let r = ring.control(&Request::UnregisterBuffer { buffer_id: id }, &[]);
+        let _ = tx.send((ring, r));
+    });
+    let Ok((mut ring, r)) = rx.recv_timeout(Duration::from_secs(10)) else {
+        panic!("the unregister of a buffer a failed device holds was never answered")
+    };
+    match r {
+        Ok(Response::Error(ControlError::ResourceExhausted(m)))
+        | Err(Error::Refused(ControlError::ResourceExhausted(m))) => {
+            assert!(m.contains("stays mapped"), "{m}")
+        }
+        other => panic!("expected the buffer to be kept, got {other:?}"),
+    }
+    // Its id is never given to another buffer (the ring's table still names the old one by it).
+    let m = sealed_memfd(4096);
+    match ring.control(&Request::RegisterBuffer { offset: 0, len: 4096, id: None }, &[m.as_file().as_fd()]) {
+        Ok(Response::BufferRegistered { buffer_id }) => assert_ne!(buffer_id, buf.0),
+        other => panic!("{other:?}"),
+    }
+    let m = sealed_memfd(4096);
+    let again = ring
+        .control(&Request::RegisterBuffer { offset: 0, len: 4096, id: Some(buf.0) }, &[m.as_file().as_fd()]);
+    assert!(matches!(again, Err(Error::Refused(ControlError::BufferIdUnavailable { .. }))), "{again:?}");
+    drop(ring);
+    assert!(broker.stop(), "nvmed did not shut down after a failed device");
+}
+
+#[test]
 fn a_reset_on_an_asynchronous_device_resumes_io() {
     // Also with a controller that ignores CC.EN=0: the broker falls back to a function-level
     // reset (the path is taken: the emulator refuses CC.EN=0; that Bus Master Enable stays off

@@ -661,7 +661,7 @@ impl Connection {
     }
 
     fn unregister(&mut self, buffer_id: u32) -> Result<(Response, Vec<OwnedFd>), ControlError> {
-        if !self.buffers.contains(buffer_id as usize) {
+        if self.buffers.slots.get(buffer_id as usize).is_none_or(Option::is_none) {
             return Err(ControlError::UnknownBuffer(buffer_id));
         }
         // No ring takes new requests on it; each answers once its commands on it are done.
@@ -691,12 +691,15 @@ impl Connection {
             Ok(b) => {
                 b.release_uid_share();
                 std::mem::forget(b);
+                self.buffers.hold(buffer_id as usize);
                 Err(ControlError::Internal("an I/O thread stopped; the buffer stays mapped".into()))
             }
             Err(b) => {
-                // A ring of a failed device keeps it: it may still be written.
+                // A ring of a failed device keeps it: it may still be written. Its id is
+                // never given again (the ring's table still names the buffer by it).
                 b.release_uid_share();
                 std::mem::forget(b);
+                self.buffers.hold(buffer_id as usize);
                 Err(ControlError::ResourceExhausted(
                     "the device failed with I/O on this buffer in flight; it stays mapped".into(),
                 ))
@@ -710,11 +713,14 @@ impl Connection {
 struct IdTable<T> {
     slots: Vec<Option<T>>,
     len: usize,
+    /// Ids never given again: a failed device may still use what they named (ring tables
+    /// keep those entries for the commands in flight).
+    held: Vec<usize>,
 }
 
 impl<T> Default for IdTable<T> {
     fn default() -> Self {
-        Self { slots: Vec::new(), len: 0 }
+        Self { slots: Vec::new(), len: 0, held: Vec::new() }
     }
 }
 
@@ -723,15 +729,23 @@ impl<T> IdTable<T> {
         self.len
     }
 
+    /// Whether `id` is taken (by a buffer, or held).
     fn contains(&self, id: usize) -> bool {
-        self.slots.get(id).is_some_and(Option::is_some)
+        self.slots.get(id).is_some_and(Option::is_some) || self.held.contains(&id)
+    }
+
+    /// Never gives `id` (removed) again.
+    fn hold(&mut self, id: usize) {
+        self.held.push(id);
     }
 
     /// Stores `v` at `wanted` (which must be free) or at the smallest free id; returns the id.
     fn insert(&mut self, wanted: Option<u32>, v: T) -> u32 {
         let id = match wanted {
             Some(id) => id as usize,
-            None => self.slots.iter().position(Option::is_none).unwrap_or(self.slots.len()),
+            None => (0..)
+                .find(|&i| self.slots.get(i).is_none_or(Option::is_none) && !self.held.contains(&i))
+                .expect("a free id"),
         };
         if self.slots.len() <= id {
             self.slots.resize_with(id + 1, || None);
@@ -780,7 +794,13 @@ mod id_table_tests {
         assert_eq!(t.remove(0), 'a');
         assert_eq!(t.insert(None, 'c'), 0);
         assert_eq!(t.len(), 3);
+        // A held id is taken, and never given again.
+        t.remove(1);
+        t.hold(1);
+        assert!(t.contains(1));
+        assert_eq!(t.insert(None, 'd'), 2);
+        assert_eq!(t.len(), 3);
         let all: Vec<_> = t.into_iter().collect();
-        assert_eq!(all, vec![(0, 'c'), (1, 'b'), (5, 'f')]);
+        assert_eq!(all, vec![(0, 'c'), (2, 'd'), (5, 'f')]);
     }
 }

@@ -607,7 +607,16 @@ impl IoThread {
                     let _ = reply.send(());
                 }
                 IoRequest::RetireBuffer { key, id, reply } => match self.sessions.get_mut(key) {
-                    Some(s) => s.buffers.retire(id, reply),
+                    Some(s) => {
+                        s.buffers.retire(id, reply);
+                        // Commands of a controller that failed without confirming it stopped
+                        // never end: answer now (the buffer stays mapped for good; the
+                        // session's control thread sees it still in use) rather than never.
+                        let dead = self.ports.iter().zip(&s.slots).any(|(p, &n)| n > 0 && !p.dma_stopped);
+                        if dead {
+                            s.buffers.give_up_retiring();
+                        }
+                    }
                     None => {
                         let _ = reply.send(());
                     }
