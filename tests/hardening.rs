@@ -911,6 +911,56 @@ fn unregistering_a_buffer_a_failed_device_may_still_write_is_answered_and_its_id
 }
 
 #[test]
+fn a_client_that_hangs_up_while_its_unregister_waits_on_its_own_cq_is_released() {
+    // The read completes 300 ms after it is taken; meanwhile the client moves its CQ head back
+    // a whole ring (a CQ that looks full) and submits more, so the read's completion is held
+    // back, and with it the answer to unregistering the read's buffer. Then the client hangs up: its session must
+    // end, not keep the broker's thread for it (and its memory) waiting for good.
+    let mut broker = TestBroker::start(&["--emulator-mode", "async", "--emulator-latency-us", "300000"]);
+    let opts = RingOptions {
+        sq_entries: 16,
+        cq_entries: 16,
+        reconnect: nvmed_client::Reconnect { enabled: false, ..Default::default() },
+        ..RingOptions::default()
+    };
+    let mut ring = NvmeRing::open_with(&broker.socket, opts).unwrap();
+    let ns = ring.namespaces()[0].nsid;
+    for i in 0..16 {
+        ring.prep(Io::nop().user_data(i)).unwrap();
+    }
+    ring.submit().unwrap();
+    let mut out = Vec::new();
+    ring.wait(16, &mut out, Some(Duration::from_secs(5))).unwrap();
+    let buf = ring.alloc_buffer(4096).unwrap();
+    ring.prep(Io::read(ns, 0, 4096, buf, 0).user_data(99)).unwrap();
+    ring.submit().unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    ring.ring_memory().store_u32(nvmed_proto::layout::CQ_HEAD_OFFSET, 0, Ordering::Release);
+    // More requests make the broker read the head again: it finds the CQ full.
+    for i in 0..16 {
+        ring.prep(Io::nop().user_data(100 + i)).unwrap();
+    }
+    ring.submit().unwrap();
+    let sock = ring.control_socket().as_raw_fd();
+    let id = buf.0;
+    let waiting = std::thread::spawn(move || {
+        let r = ring.control(&Request::UnregisterBuffer { buffer_id: id }, &[]);
+        (ring, r)
+    });
+    std::thread::sleep(Duration::from_millis(600));
+    let mut probe = broker.connect();
+    assert_eq!(probe.stats().unwrap().broker_sessions, 2);
+    nix::sys::socket::shutdown(sock, nix::sys::socket::Shutdown::Both).unwrap();
+    let (ring, r) = waiting.join().unwrap();
+    assert!(r.is_err(), "{r:?}");
+    wait_until("the hung-up client's session to end", Duration::from_secs(5), || {
+        probe.stats().unwrap().broker_sessions == 1
+    });
+    drop(ring);
+    others_unaffected(&mut broker);
+}
+
+#[test]
 fn a_reset_on_an_asynchronous_device_resumes_io() {
     // Also with a controller that ignores CC.EN=0: the broker falls back to a function-level
     // reset (the path is taken: the emulator refuses CC.EN=0; that Bus Master Enable stays off

@@ -2,7 +2,7 @@
 
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::atomic::Ordering;
-use std::sync::mpsc::channel;
+use std::sync::mpsc::{channel, Receiver, RecvTimeoutError};
 use std::sync::Arc;
 
 use nix::sys::socket::{getsockopt, setsockopt, sockopt};
@@ -660,6 +660,28 @@ impl Connection {
         }
     }
 
+    /// Waits for an I/O thread's answer about this session's rings: `Ok(false)` if the thread
+    /// is gone. Such an answer can wait on the client (an unregister is answered once the
+    /// completions that freed the buffer are in its CQ, which it may never make room for): a
+    /// client that hangs up, or is killed by an operator, meanwhile ends the wait, so its
+    /// session ends instead of holding this thread and its resources for good.
+    fn await_io_thread(&self, rx: &Receiver<()>) -> Result<bool, ControlError> {
+        use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+        loop {
+            match rx.recv_timeout(std::time::Duration::from_millis(100)) {
+                Ok(()) => return Ok(true),
+                Err(RecvTimeoutError::Disconnected) => return Ok(false),
+                Err(RecvTimeoutError::Timeout) => {}
+            }
+            let mut fds = [PollFd::new(self.sock.as_fd(), PollFlags::empty())];
+            let gone = poll(&mut fds, PollTimeout::ZERO).is_ok_and(|n| n > 0)
+                && fds[0].revents().is_some_and(|r| r.intersects(PollFlags::POLLHUP | PollFlags::POLLERR));
+            if gone {
+                return Err(ControlError::Internal("the client went away while its request waited".into()));
+            }
+        }
+    }
+
     fn unregister(&mut self, buffer_id: u32) -> Result<(Response, Vec<OwnedFd>), ControlError> {
         if self.buffers.slots.get(buffer_id as usize).is_none_or(Option::is_none) {
             return Err(ControlError::UnknownBuffer(buffer_id));
@@ -676,7 +698,7 @@ impl Connection {
             .collect();
         let mut drained = true;
         for rx in pending {
-            drained &= rx.recv().is_ok();
+            drained &= self.await_io_thread(&rx)?;
         }
         let b = self.buffers.remove(buffer_id as usize);
         self.buffer_bytes -= b.len();
