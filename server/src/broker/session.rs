@@ -260,6 +260,9 @@ pub struct Session {
     pub id: u64,
     /// The client's uid.
     pub uid: u32,
+    /// Released by its client while a failed device may still execute its commands: kept (its
+    /// key never reused, its buffers mapped), faulted, not polled.
+    pub zombie: bool,
     /// What the client may reach.
     pub namespaces: Vec<NamespaceAccess>,
     /// The ring, once created.

@@ -33,8 +33,8 @@ impl IoThread {
             }
             if !p.dma_stopped {
                 // A controller that failed without confirming it stopped: its commands' rings
-                // were faulted and kept as zombies (their keys may serve other rings now), and
-                // their commands are never reported finished. What it still posts is consumed
+                // were faulted and kept as zombies, and their commands are never reported
+                // finished. What it still posts is consumed
                 // (so the queue does not look busy for ever) and dropped.
                 total += p.dq.queue.reap(REAP_BATCH, |_, _, _| {});
                 // A retryable status it posts would wait for a retry never sent (and keep

@@ -311,8 +311,9 @@ pub struct IoThread {
     /// Ring keys in the order submissions are taken, rotated every round.
     order: Vec<usize>,
     next_first: usize,
-    /// Rings whose commands a failed device may still be executing: never released.
-    zombies: Vec<Session>,
+    /// Rings whose commands a failed device may still be executing (kept in `sessions`, marked
+    /// `zombie`): never released.
+    zombies: usize,
     epoll: Epoll,
     poll_idle: Duration,
     poll_clients: Duration,
@@ -384,7 +385,7 @@ impl IoThread {
             sessions: Slab::new(),
             order: Vec::new(),
             next_first: 0,
-            zombies: Vec::new(),
+            zombies: 0,
             epoll,
             poll_idle: setup.poll_idle,
             poll_clients: setup.poll_clients,
@@ -471,7 +472,7 @@ impl IoThread {
             self.release_closed_sessions();
             // Commands of a device that never stopped are not waited for: they never end.
             let drained = self.ports.iter().all(|p| p.dq.queue.in_flight() == 0 || !p.dma_stopped);
-            if self.shutdown.is_some() && self.sessions.is_empty() && drained {
+            if self.shutdown.is_some() && self.sessions.len() == self.zombies && drained {
                 self.stop();
                 return;
             }
@@ -580,6 +581,7 @@ impl IoThread {
                     self.sessions.insert(Session {
                         id: session,
                         uid,
+                        zombie: false,
                         ring_id,
                         namespaces,
                         ring: Some(*ring),
@@ -676,7 +678,7 @@ impl IoThread {
     }
 
     fn stop(self) {
-        let IoThread { ports, zombies, index, .. } = self;
+        let IoThread { ports, sessions, zombies, index, .. } = self;
         for (c, p) in ports.into_iter().enumerate() {
             if !p.device_failed {
                 if let Err(e) = p.ctrl.delete_queue(p.dq.queue) {
@@ -686,19 +688,23 @@ impl IoThread {
                 std::mem::forget(p.dq); // its memory may still be written by the device
             }
         }
-        if !zombies.is_empty() {
+        if zombies > 0 {
             tracing::error!(
-                rings = zombies.len(),
+                rings = zombies,
                 "the device never confirmed it stopped; their buffers stay mapped until exit"
             );
-            std::mem::forget(zombies);
+            for (_, s) in sessions {
+                if s.zombie {
+                    std::mem::forget(s);
+                }
+            }
         }
         info!(thread = index, "I/O thread stopped");
     }
 
     fn begin_shutdown(&mut self, reply: Sender<()>) {
         for (_, s) in self.sessions.iter_mut() {
-            if s.closing.is_none() {
+            if s.closing.is_none() && !s.zombie {
                 self.closing += 1;
                 s.closing = Some(None);
             }
@@ -749,14 +755,37 @@ impl IoThread {
             }
             self.closing -= 1;
             self.order.swap_remove(i);
+            if dead {
+                // The device may still write into its buffers, and its commands on the other
+                // controllers may still complete: the ring stays in the table under its key
+                // (never given to another ring, whose requests those completions would reach),
+                // faulted and no longer polled, its buffers mapped for good, its tenants kept.
+                let s = &mut self.sessions[key];
+                tracing::error!(
+                    session = s.id,
+                    ring = s.ring_id,
+                    in_flight = s.in_flight,
+                    "ring ended with commands a failed device may still execute; keeping its buffers pinned"
+                );
+                s.zombie = true;
+                s.faulted = true;
+                if let Some(ring) = s.ring.as_ref() {
+                    let _ = self.epoll.delete(ring.submit_fd.as_fd());
+                    ring.fault(RingFault::DeviceFailed);
+                }
+                self.zombies += 1;
+                if let Some(reply) = s.closing.take().flatten() {
+                    let _ = reply.send(());
+                }
+                continue;
+            }
             let mut s = self.sessions.remove(key);
             let now = self.now_ns();
             for &(tk, id) in s.tenants.iter().flatten() {
                 let port = &mut self.ports[usize::from(tk.controller)];
                 if let Some((rings, _)) = port.tenant_rings.get_mut(&id) {
                     rings.retain(|&r| r != key);
-                    // A tenant of a failed device keeps its slots: they are never given back.
-                    if rings.is_empty() && !dead {
+                    if rings.is_empty() {
                         port.tenant_rings.remove(&id);
                         port.tenants.remove(&tk);
                         let (_, saved) = port.sched.remove_tenant_saving(id, now);
@@ -768,31 +797,13 @@ impl IoThread {
             }
             if let Some(ring) = s.ring.as_ref() {
                 let _ = self.epoll.delete(ring.submit_fd.as_fd());
-                ring.fault(if dead { RingFault::DeviceFailed } else { s.close_fault });
+                ring.fault(s.close_fault);
             }
             let reply = s.closing.take().flatten();
-            if dead {
-                // The device may still write into these buffers: keep them mapped for good.
-                tracing::error!(
-                    session = s.id,
-                    ring = s.ring_id,
-                    in_flight = s.in_flight,
-                    "ring ended with commands a failed device may still execute; keeping its buffers pinned"
-                );
-                self.zombies.push(s);
-                if let Some(reply) = reply {
-                    let _ = reply.send(());
-                }
-            } else {
-                debug!(session = s.id, ring = s.ring_id, "ring released");
-                // The ring's memory goes on the reaper; the buffers are the session's, which
-                // releases them once every ring of it has drained.
-                self.reaper.dispose_then_notify(
-                    s.uid,
-                    (std::mem::take(&mut s.buffers), s.ring.take()),
-                    reply,
-                );
-            }
+            debug!(session = s.id, ring = s.ring_id, "ring released");
+            // The ring's memory goes on the reaper; the buffers are the session's, which
+            // releases them once every ring of it has drained.
+            self.reaper.dispose_then_notify(s.uid, (std::mem::take(&mut s.buffers), s.ring.take()), reply);
         }
     }
 }
