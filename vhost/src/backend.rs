@@ -83,7 +83,17 @@ struct QueueShared {
     stats: Arc<QueueStats>,
     /// The ring's descriptors the epoll watches, and the connection they belong to.
     watched: Mutex<Watched>,
+    /// `BAD_*` bits: what the driver set for this ring cannot be served (a size that is not a
+    /// power of two, rings outside guest RAM or misaligned). Values the guest chooses: the
+    /// ring is not started (the guest's own queue stalls) rather than the connection ended,
+    /// which would make nvmed register and unregister all of guest RAM at the guest's will.
+    bad_config: AtomicU8,
 }
+
+/// [`QueueShared::bad_config`]: the queue size.
+const BAD_SIZE: u8 = 1;
+/// [`QueueShared::bad_config`]: the ring addresses.
+const BAD_ADDR: u8 = 2;
 
 /// See [`QueueShared::rewatch`].
 #[derive(Debug, Clone, Copy)]
@@ -167,18 +177,21 @@ impl QueueShared {
         }
         let mem = self.mem.memory();
         loop {
+            // Read at each pass: SET_VRING_ENABLE(0) may come while the thread polls.
+            let take_new = self.vring.get_ref().is_enabled();
             if !self.poll.is_zero() {
                 // Busy-poll the virtqueue (guest notifications off) and nvmed's CQ.
                 let mut deadline = Instant::now() + self.poll;
                 loop {
-                    let p = w.run(self.vring.get_mut().get_queue_mut(), &*mem, false);
+                    let p = w.run(self.vring.get_mut().get_queue_mut(), &*mem, false, take_new);
                     if p.used {
                         self.notify();
                     }
                     let now = Instant::now();
-                    if self.control_waiting.load(Ordering::Acquire)
-                        || !self.vring.get_ref().get_queue().ready()
-                    {
+                    if self.control_waiting.load(Ordering::Acquire) || {
+                        let st = self.vring.get_ref();
+                        !st.get_queue().ready() || st.is_enabled() != take_new
+                    } {
                         // The vhost-user thread needs the worker (or stopped the ring): let
                         // go now; a wake or kick brings the thread back.
                         break;
@@ -191,7 +204,7 @@ impl QueueShared {
                     std::hint::spin_loop();
                 }
             }
-            let p = w.run(self.vring.get_mut().get_queue_mut(), &*mem, true);
+            let p = w.run(self.vring.get_mut().get_queue_mut(), &*mem, true, take_new);
             if p.used {
                 self.notify();
             }
@@ -461,6 +474,7 @@ impl BlkDevice {
                 mem: mem.clone(),
                 poll,
                 watched,
+                bad_config: AtomicU8::new(0),
             });
             dev.queues.push(q);
             dev.kick_fds.push(None);
@@ -648,6 +662,10 @@ impl BlkDevice {
             if !needs_start {
                 return Ok(());
             }
+            if q.bad_config.load(Ordering::Relaxed) != 0 {
+                tracing::error!(queue = i, "not started: the driver configured it wrongly (see above)");
+                return Ok(());
+            }
             q.vring.set_queue_ready(true);
             let mem = self.mem.memory();
             let mut st = q.vring.get_mut();
@@ -821,9 +839,13 @@ impl VhostUserBackendReqHandlerMut for BlkDevice {
         if num == 0 || num as usize > MAX_QUEUE_SIZE || !num.is_power_of_two() {
             // (A split ring's size is a power of two: another would put the rings' fields
             // at other offsets than the driver's, and the queue would keep its old size.)
-            tracing::error!("vring {index}: queue size {num} is not a power of two up to {MAX_QUEUE_SIZE}");
-            return Err(VuError::InvalidParam);
+            tracing::error!(
+                "vring {index}: queue size {num} is not a power of two up to {MAX_QUEUE_SIZE}: the ring will not start"
+            );
+            q.bad_config.fetch_or(BAD_SIZE, Ordering::Relaxed);
+            return Ok(());
         }
+        q.bad_config.fetch_and(!BAD_SIZE, Ordering::Relaxed);
         q.vring.set_queue_size(num as u16);
         Ok(())
     }
@@ -841,10 +863,20 @@ impl VhostUserBackendReqHandlerMut for BlkDevice {
         if self.mappings.is_empty() {
             return Err(VuError::InvalidParam);
         }
-        let desc = self.vmm_va_to_gpa(descriptor)?;
-        let avail = self.vmm_va_to_gpa(available)?;
-        let used = self.vmm_va_to_gpa(used)?;
-        q.vring.set_queue_info(desc, avail, used).map_err(|_| VuError::InvalidParam)?;
+        let placed = (|| {
+            let desc = self.vmm_va_to_gpa(descriptor)?;
+            let avail = self.vmm_va_to_gpa(available)?;
+            let used = self.vmm_va_to_gpa(used)?;
+            q.vring.set_queue_info(desc, avail, used).map_err(|_| VuError::InvalidParam)
+        })();
+        if let Err(e) = placed {
+            tracing::error!(
+                "vring {index}: the driver's ring addresses cannot be served ({e}): the ring will not start"
+            );
+            q.bad_config.fetch_or(BAD_ADDR, Ordering::Relaxed);
+            return Ok(());
+        }
+        q.bad_config.fetch_and(!BAD_ADDR, Ordering::Relaxed);
         // The used index the driver sees (0 after a driver reset).
         let idx = q.vring.queue_used_idx().map_err(|_| VuError::BackendInternalError)?;
         q.vring.set_queue_next_used(idx);
@@ -919,6 +951,10 @@ impl VhostUserBackendReqHandlerMut for BlkDevice {
         }
         let q = self.queue(index)?;
         q.vring.set_enabled(enable);
+        if enable {
+            // What the guest queued while the ring was disabled is taken now.
+            q.wake();
+        }
         self.update_registration(index as usize)
     }
 

@@ -368,7 +368,15 @@ impl Worker {
     /// Reaps completions, retries waiting requests, and takes new requests from the virtqueue.
     /// With `notify` it ends with guest notifications enabled (looping while requests keep
     /// arriving); without, it leaves them disabled (busy polling).
-    pub fn run<M: GuestMemoryBackend>(&mut self, q: &mut Queue, mem: &M, notify: bool) -> Progress {
+    /// `take_new`: whether the ring is enabled (SET_VRING_ENABLE): a disabled ring that is still
+    /// started only completes and resubmits what it took; it takes no new request.
+    pub fn run<M: GuestMemoryBackend>(
+        &mut self,
+        q: &mut Queue,
+        mem: &M,
+        notify: bool,
+        take_new: bool,
+    ) -> Progress {
         // Awake for any reason (a kick, a wakeup, a reconnect), the queue reaps by itself:
         // nvmed need not ring the doorbell for what it completes meanwhile (it would, once per
         // batch it publishes, and each ring would wake the thread again for nothing).
@@ -387,8 +395,9 @@ impl Worker {
             let parsed = request::parse(head, &self.descs, truncated, mem, &self.geo);
             self.start(parsed, q, mem, &mut p);
         }
-        // A stopped ring (GET_VRING_BASE) takes nothing new; its requests still complete.
-        if self.backlog.is_empty() && !self.ring_unusable && q.ready() {
+        // A stopped ring (GET_VRING_BASE) or a disabled one takes nothing new; its requests
+        // still complete.
+        if self.backlog.is_empty() && !self.ring_unusable && q.ready() && take_new {
             // Passes in a row that took nothing although the avail index said there was more.
             let mut empty_passes = 0;
             loop {
@@ -510,7 +519,7 @@ impl Worker {
         let start = Instant::now();
         let mut p = Progress::default();
         while self.busy() > 0 {
-            let r = self.run(q, mem, false);
+            let r = self.run(q, mem, false, false);
             p.used |= r.used;
             p.any |= r.any;
             if self.pending.is_empty() {

@@ -150,7 +150,7 @@ impl<'a> Guest<'a> {
         let deadline = Instant::now() + Duration::from_secs(20);
         while self.vq.used().idx().load() != self.submitted {
             assert!(Instant::now() < deadline, "requests did not complete");
-            self.worker.run(&mut self.q, self.mem, true);
+            self.worker.run(&mut self.q, self.mem, true, true);
             if self.worker.busy() > 0 {
                 std::thread::sleep(Duration::from_micros(200));
             }
@@ -410,7 +410,7 @@ fn a_removed_region_is_unregistered_only_after_its_io_completes() {
     let mut g = Guest::new(&env, &mem, None);
     // A read into the region at GPA 2 MiB, in flight at the device for 300 ms.
     let r = g.push(VIRTIO_BLK_T_IN, 0, &[(0x30_0000, 65536, true)]);
-    g.worker.run(&mut g.q, &mem, true);
+    g.worker.run(&mut g.q, &mem, true, true);
     assert_eq!(g.worker.busy(), 1);
     // QEMU removes that region (REM_MEM_REG): only GPA 0..2 MiB stays.
     let mut files = region_files(&mem).unwrap();
@@ -426,6 +426,30 @@ fn a_removed_region_is_unregistered_only_after_its_io_completes() {
     let good = g.push(VIRTIO_BLK_T_IN, 0, &[(0x10_0000, 4096, true)]);
     g.drive();
     assert_eq!((g.status(bad), g.status(good)), (S_IOERR, 0));
+}
+
+#[test]
+fn a_disabled_ring_takes_nothing_new_but_completes_what_it_took() {
+    let env = broker(512, EmulatorMode::Async { latency: Duration::from_millis(100) });
+    let mem = guest_ram();
+    let mut g = Guest::new(&env, &mem, None);
+    let first = g.push(VIRTIO_BLK_T_IN, 0, &[(0x10_0000, 4096, true)]);
+    g.worker.run(&mut g.q, &mem, true, true);
+    assert_eq!(g.worker.busy(), 1);
+    // SET_VRING_ENABLE(0): the guest's next request stays in the avail ring; the one taken
+    // completes.
+    let second = g.push(VIRTIO_BLK_T_IN, 0, &[(0x11_0000, 4096, true)]);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while g.vq.used().idx().load() == 0 {
+        assert!(Instant::now() < deadline, "the request taken before did not complete");
+        g.worker.run(&mut g.q, &mem, true, false);
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert_eq!(used_heads(&g), [u32::from(g.heads[usize::from(first)])]);
+    assert_eq!(g.worker.busy(), 0, "a disabled ring took a new request");
+    // Enabled again: it is taken.
+    g.drive();
+    assert_eq!(g.status(second), 0);
 }
 
 #[test]
@@ -501,8 +525,8 @@ fn an_unreadable_avail_ring_stops_the_queue_instead_of_spinning() {
     let (tx, rx) = std::sync::mpsc::channel();
     let (mut worker, mut q) = (g.worker, g.q);
     std::thread::spawn(move || {
-        let p = worker.run(&mut q, mem, true);
-        let again = worker.run(&mut q, mem, true);
+        let p = worker.run(&mut q, mem, true, true);
+        let again = worker.run(&mut q, mem, true, true);
         let _ = tx.send((p, again, worker, q));
     });
     let (p, again, worker, q) = rx.recv_timeout(Duration::from_secs(20)).expect("the queue thread returned");
@@ -523,14 +547,14 @@ fn completion_eventfd_wakes_a_sleeping_queue() {
     let mem = guest_ram();
     let mut g = Guest::new(&env, &mem, None);
     let r = g.push(VIRTIO_BLK_T_IN, 0, &[(0x30_0000, 4096, true)]);
-    g.worker.run(&mut g.q, &mem, true);
+    g.worker.run(&mut g.q, &mem, true, true);
     assert_eq!(g.worker.busy(), 1);
     // Nothing completed yet: armed, the queue thread may sleep on the fd.
     assert!(!g.worker.arm());
     let mut fds = [PollFd::new(g.worker.completion_fd(), PollFlags::POLLIN)];
     assert_eq!(poll(&mut fds, PollTimeout::from(5000u16)).unwrap(), 1, "no wakeup for the completion");
     g.worker.disarm();
-    g.worker.run(&mut g.q, &mem, true);
+    g.worker.run(&mut g.q, &mem, true, true);
     assert_eq!(g.vq.used().idx().load(), 1);
     assert_eq!(g.status(r), 0);
     // Idle: nothing to arm for.
@@ -549,11 +573,11 @@ fn a_run_ends_the_armed_sleep() {
     for i in 0..16u64 {
         g.push(VIRTIO_BLK_T_IN, i * 8, &[(0x30_0000 + i * 4096, 4096, true)]);
     }
-    g.worker.run(&mut g.q, &mem, true);
+    g.worker.run(&mut g.q, &mem, true, true);
     assert_eq!(g.worker.busy(), 16);
     assert!(!g.worker.arm(), "nothing completed yet: armed");
     // A kick: the thread runs without a completion wakeup.
-    g.worker.run(&mut g.q, &mem, true);
+    g.worker.run(&mut g.q, &mem, true, true);
     // Every read completes meanwhile, published to the queue's ring.
     let t = Instant::now();
     while g.worker.ready_completions() < 16 {
@@ -578,7 +602,7 @@ fn a_completion_wakeup_always_empties_the_doorbell() {
     let mem = guest_ram();
     let mut g = Guest::new(&env, &mem, None);
     g.push(VIRTIO_BLK_T_IN, 0, &[(0x30_0000, 4096, true)]);
-    g.worker.run(&mut g.q, &mem, true);
+    g.worker.run(&mut g.q, &mem, true, true);
     assert!(!g.worker.arm(), "nothing completed yet: armed");
     let readable = |g: &Guest, ms: u16| {
         let mut fds = [PollFd::new(g.worker.completion_fd(), PollFlags::POLLIN)];
@@ -599,7 +623,7 @@ fn a_queue_learns_that_nvmed_ended_its_session_and_fails_what_is_left() {
     let mem = guest_ram();
     let mut g = Guest::new(&env, &mem, None);
     let r = g.push(VIRTIO_BLK_T_IN, 0, &[(0x30_0000, 4096, true)]);
-    g.worker.run(&mut g.q, &mem, true);
+    g.worker.run(&mut g.q, &mem, true, true);
     assert_eq!(g.worker.busy(), 1);
     assert!(!g.worker.arm());
     let stopping = env.stop_broker();
@@ -609,7 +633,7 @@ fn a_queue_learns_that_nvmed_ended_its_session_and_fails_what_is_left() {
     assert!(fds[0].revents().unwrap().contains(PollFlags::POLLHUP));
     g.worker.disarm();
     g.worker.broker_gone();
-    g.worker.run(&mut g.q, &mem, true);
+    g.worker.run(&mut g.q, &mem, true, true);
     // The request ended (with its data if nvmed finished it first, else IOERR), and the queue
     // holds nothing: the guest sees an answer, not a hang.
     assert_eq!(g.vq.used().idx().load(), 1);
@@ -617,7 +641,7 @@ fn a_queue_learns_that_nvmed_ended_its_session_and_fails_what_is_left() {
     assert_eq!(g.worker.busy(), 0);
     // Later requests fail at once.
     let r2 = g.push(VIRTIO_BLK_T_IN, 8, &[(0x31_0000, 4096, true)]);
-    g.worker.run(&mut g.q, &mem, true);
+    g.worker.run(&mut g.q, &mem, true, true);
     assert_eq!((g.vq.used().idx().load(), g.status(r2)), (2, 1));
     stopping.join().unwrap();
 }
@@ -771,7 +795,7 @@ fn restart_resubmits(mode: EmulatorMode) {
         g.fill(0x10_0000 + buf * 4096, 4096, buf as u8);
         taken.push(g.push(VIRTIO_BLK_T_OUT, block * 8, &[(0x10_0000 + buf * 4096, 4096, false)]));
     }
-    g.worker.run(&mut g.q, &mem, true);
+    g.worker.run(&mut g.q, &mem, true, true);
     assert_eq!(g.worker.busy(), 3);
     assert_eq!(g.vq.used().idx().load(), 5, "phase 1 and GET_ID used");
     let heads_before = used_heads(&g);

@@ -238,3 +238,36 @@ fn sigkill_with_requests_in_flight_then_restart_resubmits_them() {
     // A clean stop: every request taken is used, so the ring stops at the used index.
     assert_eq!(front.fe.get_vring_base(0).unwrap(), 9);
 }
+
+#[test]
+fn ring_settings_the_guest_chose_wrongly_do_not_end_the_connection() {
+    // A guest can write any queue size and ring address; QEMU passes them on. The backend
+    // does not start such a ring, but keeps the connection (ending it would make QEMU
+    // reconnect, and nvmed register and unregister all of guest RAM, at the guest's will).
+    let env = broker(512, EmulatorMode::Sync);
+    let sock = env.dir.join("vhost.sock");
+    let mem = guest_ram();
+    let vq = MockSplitQueue::new(&mem, QUEUE_SIZE);
+    let backend = Backend::start(&env, &sock, 1);
+    let (front, _) = Frontside::connect(&sock, &backend, &mem, &vq, None, 0);
+    // The guest resets the queue and sets it up again, wrongly.
+    front.fe.get_vring_base(0).unwrap();
+    front.fe.set_vring_num(0, 100).unwrap();
+    let outside = VringConfigData {
+        queue_max_size: QUEUE_SIZE,
+        queue_size: QUEUE_SIZE,
+        flags: 0,
+        desc_table_addr: 0x1000,
+        used_ring_addr: 0x2000,
+        avail_ring_addr: 0x3000,
+        log_addr: None,
+    };
+    front.fe.set_vring_addr(0, &outside).unwrap();
+    front.fe.set_vring_kick(0, &front.kick).unwrap();
+    // Still connected and answering.
+    front.fe.get_features().unwrap();
+    let logs = backend.logs();
+    assert!(logs.contains("queue size 100 is not a power of two"), "{logs}");
+    assert!(logs.contains("not started: the driver configured it wrongly"), "{logs}");
+    assert!(!logs.contains("connection closed"), "{logs}");
+}
