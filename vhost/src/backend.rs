@@ -47,6 +47,40 @@ pub const MAX_QUEUE_SIZE: usize = 1024;
 pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(60);
 /// Memory slots offered with CONFIGURE_MEM_SLOTS (what vhost in the kernel offers).
 pub const MAX_MEM_SLOTS: u64 = 509;
+/// Writes `value` to `tmp` (created anew, never through a link: the socket's directory may be
+/// shared, like /tmp) and renames it to `path`.
+fn save_setting(tmp: &std::path::Path, path: &std::path::Path, value: u8) -> io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    match std::fs::remove_file(tmp) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+        _ => {}
+    }
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(tmp)?;
+    f.write_all(format!("{value}\n").as_bytes())?;
+    f.sync_all()?;
+    std::fs::rename(tmp, path)
+}
+
+/// Reads a setting `save_setting` wrote: a regular file of this process's uid, not a link.
+fn read_setting(path: &std::path::Path) -> io::Result<String> {
+    use std::io::Read;
+    use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+    let mut f = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW).open(path)?;
+    let meta = f.metadata()?;
+    if !meta.is_file() || meta.uid() != nix::unistd::geteuid().as_raw() {
+        return Err(io::Error::other("not a regular file of this user: ignored"));
+    }
+    let mut s = String::new();
+    f.by_ref().take(16).read_to_string(&mut s)?;
+    Ok(s)
+}
+
 /// Offset of `wce` in the configuration space.
 const WCE_OFFSET: u32 = 32;
 
@@ -492,7 +526,7 @@ impl BlkDevice {
     /// Keeps the guest's write cache choice in `path` (read now if it exists, written at each
     /// change), so that a restarted backend writes through when the guest asked for it.
     pub fn persist_write_cache(&mut self, path: std::path::PathBuf) {
-        match std::fs::read_to_string(&path) {
+        match read_setting(&path) {
             Ok(s) if matches!(s.trim(), "0" | "1") => {
                 self.wce_chosen = u8::from(s.trim() == "1");
                 self.wce.store(self.wce_chosen, Ordering::Relaxed);
@@ -590,8 +624,7 @@ impl BlkDevice {
             if let Some(path) = &self.wce_file {
                 let mut tmp = path.as_os_str().to_owned();
                 tmp.push(".tmp");
-                let saved = std::fs::write(&tmp, format!("{}\n", self.wce_chosen))
-                    .and_then(|()| std::fs::rename(&tmp, path));
+                let saved = save_setting(std::path::Path::new(&tmp), path, self.wce_chosen);
                 if let Err(e) = saved {
                     tracing::warn!(file = %path.display(), "keeping the write cache setting: {e}");
                 }
@@ -896,6 +929,15 @@ impl VhostUserBackendReqHandlerMut for BlkDevice {
         q.vring.set_queue_ready(false);
         self.unregister_kick(index as usize);
         q.drain();
+        if lock(&q.worker).busy() > 0 {
+            // nvmed did not finish them within the drain timeout: after this answer the ring
+            // is the frontend's again (a new one may be set up in the same memory), and these
+            // would complete into it. Ending the connection instead drops the session; the
+            // next connection waits for nvmed to have finished them (and resubmits from the
+            // inflight region).
+            tracing::error!(queue = index, "requests still at nvmed after the drain: ending the connection");
+            return Err(VuError::InvalidOperation("requests still in flight after the drain timeout"));
+        }
         let next_avail = q.vring.queue_next_avail();
         q.vring.set_kick(None);
         q.vring.set_call(None);
@@ -1088,5 +1130,28 @@ impl VhostUserBackendReqHandlerMut for BlkDevice {
 
     fn set_log_base(&mut self, _log: &VhostUserLog, _file: File) -> VuResult<()> {
         Err(VuError::InvalidOperation("not supported"))
+    }
+}
+
+#[cfg(test)]
+mod setting_file_tests {
+    use super::*;
+
+    #[test]
+    fn the_write_cache_file_is_never_written_or_read_through_a_link() {
+        let dir = std::env::temp_dir().join(format!("nvmed-vhost-wce-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (path, tmp, victim) = (dir.join("s.wce"), dir.join("s.wce.tmp"), dir.join("victim"));
+        std::fs::write(&victim, "keep\n").unwrap();
+        // A link planted where the temporary file goes is replaced, its target untouched.
+        std::os::unix::fs::symlink(&victim, &tmp).unwrap();
+        save_setting(&tmp, &path, 0).unwrap();
+        assert_eq!(std::fs::read_to_string(&victim).unwrap(), "keep\n");
+        assert_eq!(read_setting(&path).unwrap(), "0\n");
+        // A setting file that is a link is not read.
+        std::fs::remove_file(&path).unwrap();
+        std::os::unix::fs::symlink(&victim, &path).unwrap();
+        assert!(read_setting(&path).is_err());
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }
