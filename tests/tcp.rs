@@ -523,6 +523,27 @@ fn host_that_stops_reading_is_disconnected() {
 }
 
 #[test]
+fn large_writes_get_r2ts_of_at_most_maxh2cdata() {
+    // MDTS 1 MiB, MAXH2CDATA 128 KiB: a 1 MiB write is asked for in R2Ts of 128 KiB, one
+    // after the other (a host that answers an R2T with one H2CData PDU stays within
+    // MAXH2CDATA), with digests off and on.
+    let f = fixture_on(TestBroker::start(&[]), |c| c.max_transfer = 1 << 20);
+    for dg in [Digests::default(), Digests { header: true, data: true }] {
+        let a = admin(&f, dg, HOST, 1);
+        let mut q = io_queue(&f, &a, 1, dg, HOST).unwrap();
+        for (lba, len) in [(0u64, 1usize << 20), (4096, (1 << 20) - 4096), (8192, (128 << 10) + 512)] {
+            let w = data(lba + 9, len);
+            ok(q.run(rw(true, 1, lba, len), Some(w.clone()), 0).unwrap());
+            assert!(
+                ok(q.run(rw(false, 1, lba, len), None, len).unwrap()).data == w,
+                "{len} bytes at LBA {lba}"
+            );
+        }
+        assert_eq!(q.longest_r2t, 128 << 10);
+    }
+}
+
+#[test]
 fn write_zeroes_is_not_bound_by_mdts() {
     // Linux 5.4 to 5.12 send Write Zeroes of one block more than MDTS (128 KiB here). With a
     // device that has Write Zeroes, and with one that has not (nvmed refuses the command; the

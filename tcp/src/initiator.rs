@@ -75,6 +75,8 @@ pub struct Initiator {
     dg: Digests,
     /// The controller id Connect returned.
     pub cntlid: u16,
+    /// The longest R2T the controller sent (R2TL).
+    pub longest_r2t: u32,
     maxh2c: usize,
     in_capsule: usize,
     next_cid: u16,
@@ -107,6 +109,7 @@ impl Initiator {
             s,
             dg: o.digests,
             cntlid: 0,
+            longest_r2t: 0,
             maxh2c: 0,
             in_capsule: 0,
             next_cid: 1,
@@ -219,6 +222,7 @@ impl Initiator {
                         .get(&cid)
                         .ok_or_else(|| InitError::Protocol(format!("R2T for {cid}")))?;
                     let w = p.write.as_ref().ok_or_else(|| InitError::Protocol("R2T for no data".into()))?;
+                    self.longest_r2t = self.longest_r2t.max(r.r2tl.get());
                     let (mut off, end) = (r.r2to.get() as usize, (r.r2to.get() + r.r2tl.get()) as usize);
                     if end > w.len() {
                         return Err(InitError::Protocol("R2T beyond the data".into()));

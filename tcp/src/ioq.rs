@@ -133,6 +133,12 @@ impl Tx {
     }
 }
 
+/// Where the R2T that data from `received` answers ends: R2Ts go out one after the other,
+/// each of at most MAXH2CDATA, from the start of the command's `len` bytes.
+fn r2t_end(received: u32, len: u32) -> u32 {
+    (received - received % MAX_H2C_DATA).saturating_add(MAX_H2C_DATA).min(len)
+}
+
 /// The command in `slot` is answered: its command id and slot may serve a new command.
 fn free_slot(slots: &mut [Slot], cids: &mut HashMap<u16, u16>, free: &mut Vec<u16>, slot: u16) {
     let s = &mut slots[usize::from(slot)];
@@ -693,6 +699,7 @@ impl Queue {
             }
             DataTarget::H2c { slot, len } => {
                 let s = &mut self.slots[usize::from(slot)];
+                let r2t_done = s.received + len == r2t_end(s.received, s.len);
                 s.received += len;
                 s.digest_bad |= !digest_ok;
                 if s.received == s.len {
@@ -702,6 +709,11 @@ impl Queue {
                     } else {
                         self.execute(slot)?;
                     }
+                } else if r2t_done {
+                    // The next R2T, from where this one ended.
+                    let (dg, cid, at) = (self.dg, s.cid, s.received);
+                    let len = (s.len - at).min(MAX_H2C_DATA);
+                    self.push_bytes(|out| pdu::push_r2t(out, dg, cid, slot, at, len));
                 }
             }
             DataTarget::Discard { slot: Some(slot) } => {
@@ -752,6 +764,9 @@ impl Queue {
         }
         if u64::from(datao) + u64::from(datal) > u64::from(s.len) {
             return Err(PduError::DataOutOfRange("H2CData beyond the command's length").into());
+        }
+        if u64::from(datao) + u64::from(datal) > u64::from(r2t_end(s.received, s.len)) {
+            return Err(PduError::DataOutOfRange("H2CData beyond the R2T it answers").into());
         }
         let at = self.slot_at(slot) + u64::from(datao);
         self.start_data(DataTarget::H2c { slot, len: datal }, at, datal as usize)
@@ -806,7 +821,9 @@ impl Queue {
                     self.start_data(DataTarget::InCapsule { slot }, self.slot_at(slot), layout.data_len)
                 } else if host_data {
                     self.slots[usize::from(slot)].awaiting_h2c = true;
-                    let (dg, len) = (self.dg, s.len);
+                    // R2Ts of at most MAXH2CDATA, one after the other: a host that answers an
+                    // R2T with one H2CData PDU (Linux before 5.16 did) stays within MAXH2CDATA.
+                    let (dg, len) = (self.dg, s.len.min(MAX_H2C_DATA));
                     self.push_bytes(|out| pdu::push_r2t(out, dg, cid, slot, 0, len));
                     Ok(())
                 } else {
