@@ -849,9 +849,28 @@ fn discovery_lists_the_subsystem_to_allowed_hosts_only() {
     let mut io = admin(&f, Digests::default(), HOST, 1);
     assert_eq!(identify(&mut io, 1, 0)[111], 1, "an I/O controller");
     // A host not allowed in learns nothing.
-    let (log, _a) = discover("nqn.2014-08.org.example:stranger");
+    let (log, stranger) = discover("nqn.2014-08.org.example:stranger");
     assert_eq!(u64::from_le_bytes(log[8..16].try_into().unwrap()), 0, "no records for a stranger");
     assert_eq!(log.len(), 1024);
+    // Discovery controllers take a part of the connections only (an eighth, at least 4): hosts
+    // holding them cannot leave none for the subsystem.
+    let limit = nvmed_tcp::server::discovery_controllers_max(f.target.cfg.max_connections);
+    let mut held = vec![a, stranger];
+    while held.len() < limit {
+        held.push(discover("nqn.2014-08.org.example:stranger").1);
+    }
+    let mut o = opts(0, 0xffff, Digests::default());
+    o.subnqn = DISCOVERY_NQN.into();
+    let busy = Initiator::connect(f.addr, &o).map(|_| ());
+    assert!(matches!(busy, Err(InitError::Status(s)) if s == sc::CONNECT_CTRL_BUSY), "{busy:?}");
+    // The subsystem still takes controllers.
+    let mut more = admin(&f, Digests::default(), HOST, 1);
+    assert_eq!(identify(&mut more, 1, 0)[111], 1);
+    // One released, one more may come.
+    held.pop();
+    common::wait_until("a discovery controller to be released", Duration::from_secs(5), || {
+        Initiator::connect(f.addr, &o).is_ok()
+    });
 }
 
 /// What a host may hold: a port given for discovery serves nothing else, one host NQN holds

@@ -529,6 +529,17 @@ async fn connect(
         if !(31..=max_sq_of(target).max(31)).contains(&sqsize) {
             return Err(invalid_param(false, 44, format!("admin SQSIZE {sqsize}")));
         }
+        // Any host may connect here, and keep its controller with keep alives: discovery
+        // controllers get a part of the connections only, so that hosts (allowed or not) that
+        // hold many cannot leave none for the subsystem's own.
+        let discovery_limit = discovery_controllers_max(target.cfg.max_connections);
+        if lock(&target.ctrls).values().filter(|c| c.discovery).count() >= discovery_limit {
+            return Err((
+                sc::CONNECT_CTRL_BUSY,
+                0,
+                format!("{discovery_limit} discovery controllers already (a part of --max-connections)"),
+            ));
+        }
         let cntlid =
             target.alloc_cntlid().ok_or((sc::CONNECT_CTRL_BUSY, 0, "no controller id free".into()))?;
         let ctrl = Arc::new(CtrlShared {
@@ -616,6 +627,11 @@ async fn connect(
         drop(q);
         Ok((ctrl, qid, sqsize))
     }
+}
+
+/// Discovery controllers at once: an eighth of the connections, at least 4.
+pub fn discovery_controllers_max(max_connections: usize) -> usize {
+    (max_connections / 8).max(4)
 }
 
 fn max_sq_of(target: &Target) -> u16 {
