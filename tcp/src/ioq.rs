@@ -304,20 +304,29 @@ pub(crate) async fn run(
     })
     .await
     .map_err(|e| ConnError::Io(std::io::Error::other(e)))?;
-    let mut stream = stream;
+    // Answers the Connect with Controller Busy instead of the success prepared.
+    let busy = |mut stream: TcpStream| async move {
+        let mut out = Vec::new();
+        pdu::push_capsule_resp(&mut out, params.dg, cqe(cid, sc::CONNECT_CTRL_BUSY, 0, 1, qid));
+        let _ = tokio::io::AsyncWriteExt::write_all(&mut stream, &out).await;
+    };
     let (mut ring, buf) = match made {
         Ok(v) => v,
         Err(e) => {
-            // Answer the Connect with an error instead of the success prepared.
-            let mut out = Vec::new();
-            pdu::push_capsule_resp(&mut out, params.dg, cqe(cid, sc::CONNECT_CTRL_BUSY, 0, 1, qid));
-            let _ = tokio::io::AsyncWriteExt::write_all(&mut stream, &out).await;
+            busy(stream).await;
             return Err(e.into());
         }
     };
     // A gone nvmed is noticed on the control socket and reconnected to off this thread (below).
     ring.set_reconnect_in_poll(false);
-    let mut fds = RingFds::of(&ring)?;
+    let mut fds = match RingFds::of(&ring) {
+        Ok(fds) => fds,
+        Err(e) => {
+            // (No descriptor left for the ring's doorbells.)
+            busy(stream).await;
+            return Err(e.into());
+        }
+    };
     let mut q = Queue {
         stream,
         ring,
