@@ -289,7 +289,7 @@ fn the_engines_polling_and_ring_options_take_effect() {
     // Loose bounds (other tests share the CPUs): a thread that sleeps through 2 ms waits uses a
     // few percent of a CPU; one that spins through them, most of what it is given.
     assert!(asleep < 15.0, "spin_us=0: the job used {asleep:.1}% of a CPU");
-    assert!(polling > 30.0 && polling > 3.0 * asleep, "busy_poll=1: {polling:.1}% (sleeping: {asleep:.1}%)");
+    assert!(polling > 20.0 && polling > 3.0 * asleep, "busy_poll=1: {polling:.1}% (sleeping: {asleep:.1}%)");
     assert!(
         spinning > 30.0 && spinning > 3.0 * asleep,
         "spin_us=100000: {spinning:.1}% (sleeping: {asleep:.1}%)"

@@ -158,7 +158,11 @@ impl Target {
     }
 
     fn alloc_cntlid(&self) -> Option<u16> {
-        let ctrls = lock(&self.ctrls);
+        self.alloc_cntlid_in(&lock(&self.ctrls))
+    }
+
+    /// A free controller id, `ctrls` being the table (locked by the caller).
+    fn alloc_cntlid_in(&self, ctrls: &HashMap<u16, Arc<CtrlShared>>) -> Option<u16> {
         let mut next = lock(&self.next_cntlid);
         for _ in 0..0xffef {
             let id = *next;
@@ -532,16 +536,21 @@ async fn connect(
         // Any host may connect here, and keep its controller with keep alives: discovery
         // controllers get a part of the connections only, so that hosts (allowed or not) that
         // hold many cannot leave none for the subsystem's own.
+        // Counted, given an id and added under one lock: parallel Connects cannot all pass.
         let discovery_limit = discovery_controllers_max(target.cfg.max_connections);
-        if lock(&target.ctrls).values().filter(|c| c.discovery).count() >= discovery_limit {
+        let mut ctrls = lock(&target.ctrls);
+        if ctrls.values().filter(|c| c.discovery).count() >= discovery_limit {
             return Err((
                 sc::CONNECT_CTRL_BUSY,
                 0,
                 format!("{discovery_limit} discovery controllers already (a part of --max-connections)"),
             ));
         }
-        let cntlid =
-            target.alloc_cntlid().ok_or((sc::CONNECT_CTRL_BUSY, 0, "no controller id free".into()))?;
+        let cntlid = target.alloc_cntlid_in(&ctrls).ok_or((
+            sc::CONNECT_CTRL_BUSY,
+            0,
+            "no controller id free".into(),
+        ))?;
         let ctrl = Arc::new(CtrlShared {
             cntlid,
             hostnqn,
@@ -555,7 +564,7 @@ async fn connect(
             ready: watch::channel(false).0,
             health_busy: Arc::default(),
         });
-        lock(&target.ctrls).insert(cntlid, ctrl.clone());
+        ctrls.insert(cntlid, ctrl.clone());
         return Ok((ctrl, 0, sqsize));
     }
     if discovery_only {
@@ -895,7 +904,7 @@ mod tests {
 
     #[test]
     fn connect_invalid_parameter_result_is_ipo_then_iattr() {
-        // Offset 42 (SQSIZE) in the command: IATTR 0; the host identifier (offset 0 of the
+        // Offset 42 (QID) in the command: IATTR 0; the host identifier (offset 0 of the
         // data): IATTR 1 in bit 16.
         assert_eq!(invalid_param(false, 42, String::new()).1, 42);
         assert_eq!(invalid_param(true, 0, String::new()).1, 1 << 16);

@@ -71,7 +71,11 @@ fn save_setting(tmp: &std::path::Path, path: &std::path::Path, value: u8) -> io:
 fn read_setting(path: &std::path::Path) -> io::Result<String> {
     use std::io::Read;
     use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
-    let mut f = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW).open(path)?;
+    // O_NONBLOCK: a FIFO planted there must not hold the open (checked below, then refused).
+    let mut f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(path)?;
     let meta = f.metadata()?;
     if !meta.is_file() || meta.uid() != nix::unistd::geteuid().as_raw() {
         return Err(io::Error::other("not a regular file of this user: ignored"));
@@ -238,6 +242,7 @@ impl QueueShared {
                     std::hint::spin_loop();
                 }
             }
+            let take_new = self.vring.get_ref().is_enabled();
             let p = w.run(self.vring.get_mut().get_queue_mut(), &*mem, true, take_new);
             if p.used {
                 self.notify();
@@ -785,6 +790,10 @@ impl VhostUserBackendReqHandlerMut for BlkDevice {
         // rings' used rings (their heads reused by new requests): not reset then.
         if let Some(q) = self.queues.iter().find(|q| lock(&q.worker).busy() > 0) {
             tracing::error!(queue = q.index, "requests still at nvmed after the drain: device not reset");
+            // The frontend resets the rings all the same: nothing more is written into them.
+            for q in &self.queues {
+                lock(&q.worker).abandon();
+            }
             return Err(VuError::InvalidOperation("requests still in flight after the drain timeout"));
         }
         // Back to the initial state, ready to be set up again (vhost-user RESET_DEVICE): each
@@ -930,11 +939,11 @@ impl VhostUserBackendReqHandlerMut for BlkDevice {
         self.unregister_kick(index as usize);
         q.drain();
         if lock(&q.worker).busy() > 0 {
-            // nvmed did not finish them within the drain timeout: after this answer the ring
-            // is the frontend's again (a new one may be set up in the same memory), and these
-            // would complete into it. Ending the connection instead drops the session; the
-            // next connection waits for nvmed to have finished them (and resubmits from the
-            // inflight region).
+            // nvmed did not finish them within the drain timeout: the ring is the frontend's
+            // again (a new one may be set up in the same memory), so what they complete is no
+            // longer written into guest memory, and the connection ends; the next one waits
+            // for nvmed to have finished them and resubmits them from the inflight region.
+            lock(&q.worker).abandon();
             tracing::error!(queue = index, "requests still at nvmed after the drain: ending the connection");
             return Err(VuError::InvalidOperation("requests still in flight after the drain timeout"));
         }
@@ -1151,6 +1160,10 @@ mod setting_file_tests {
         // A setting file that is a link is not read.
         std::fs::remove_file(&path).unwrap();
         std::os::unix::fs::symlink(&victim, &path).unwrap();
+        assert!(read_setting(&path).is_err());
+        // Nor a FIFO, which must not hold the backend up either.
+        std::fs::remove_file(&path).unwrap();
+        nix::unistd::mkfifo(&path, nix::sys::stat::Mode::S_IRWXU).unwrap();
         assert!(read_setting(&path).is_err());
         std::fs::remove_dir_all(&dir).unwrap();
     }

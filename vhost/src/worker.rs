@@ -125,6 +125,10 @@ pub struct Worker {
     stats: Arc<QueueStats>,
     wce: Arc<AtomicU8>,
     dead: bool,
+    /// The ring was handed back to the frontend with requests still at nvmed (their drain
+    /// timed out): what completes from now on is not written into guest memory (status byte,
+    /// used ring) nor signalled; its inflight entries stay for the next connection to resubmit.
+    abandoned: bool,
     /// [`Worker::arm`] asked nvmed to ring the completion doorbell, and no run or
     /// [`Worker::disarm`] has ended that since.
     armed: bool,
@@ -173,6 +177,7 @@ impl Worker {
             stats,
             wce,
             dead: false,
+            abandoned: false,
             armed: false,
             lost: None,
             inflight: None,
@@ -215,6 +220,12 @@ impl Worker {
     /// resubmission.
     pub fn busy(&self) -> usize {
         self.pending.len() + self.backlog.len() + self.resubmit.len()
+    }
+
+    /// The frontend has the ring back although requests are still at nvmed: from now on their
+    /// completions touch neither the ring nor the guest's status bytes (see `abandoned`).
+    pub fn abandon(&mut self) {
+        self.abandoned = true;
     }
 
     /// Tracks this queue's requests in QEMU's inflight region from now on (SET_INFLIGHT_FD), or
@@ -730,6 +741,11 @@ impl Worker {
         QueueStats::add(&self.stats.requests, 1);
         if status != 0 {
             QueueStats::add(&self.stats.errors, 1);
+        }
+        if self.abandoned {
+            // Neither the status byte nor the used ring are this backend's to write any more.
+            self.open = self.open.saturating_sub(1);
+            return;
         }
         if let Err(e) = mem.write_obj(status, GuestAddress(status_addr)) {
             tracing::warn!(queue = self.index, head, "writing the status byte: {e}");

@@ -453,6 +453,28 @@ fn a_disabled_ring_takes_nothing_new_but_completes_what_it_took() {
 }
 
 #[test]
+fn an_abandoned_ring_gets_nothing_more_written_into_it() {
+    // GET_VRING_BASE handed the ring back with a request still at nvmed: when it completes,
+    // neither its status byte nor the used ring (the frontend's again) are written.
+    let env = broker(512, EmulatorMode::Async { latency: Duration::from_millis(100) });
+    let mem = guest_ram();
+    let mut g = Guest::new(&env, &mem, None);
+    let r = g.push(VIRTIO_BLK_T_IN, 0, &[(0x10_0000, 4096, true)]);
+    let status_before = g.status(r);
+    g.worker.run(&mut g.q, &mem, true, true);
+    assert_eq!(g.worker.busy(), 1);
+    g.worker.abandon();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while g.worker.busy() > 0 {
+        assert!(Instant::now() < deadline, "the request did not complete at nvmed");
+        g.worker.run(&mut g.q, &mem, true, false);
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert_eq!(g.vq.used().idx().load(), 0, "a used entry was written into a ring handed back");
+    assert_eq!(g.status(r), status_before, "the status byte was written");
+}
+
+#[test]
 fn many_requests_in_flight_out_of_order_complete_once() {
     let env = broker(512, EmulatorMode::Async { latency: Duration::from_micros(100) });
     let mem = guest_ram();

@@ -604,7 +604,8 @@ impl Connection {
         }
         let fd = fds.pop().ok_or(ControlError::MissingFd)?;
         let cfg = &self.shared.config;
-        if self.buffers.len() as u64 >= cfg.max_buffers_per_session {
+        // Ids held for a failed device count: every id handed out stays below the limit.
+        if self.buffers.taken() as u64 >= cfg.max_buffers_per_session {
             return Err(ControlError::BufferLimit(format!(
                 "at most {} buffers per session",
                 cfg.max_buffers_per_session
@@ -673,9 +674,22 @@ impl Connection {
                 Err(RecvTimeoutError::Disconnected) => return Ok(false),
                 Err(RecvTimeoutError::Timeout) => {}
             }
-            let mut fds = [PollFd::new(self.sock.as_fd(), PollFlags::empty())];
-            let gone = poll(&mut fds, PollTimeout::ZERO).is_ok_and(|n| n > 0)
-                && fds[0].revents().is_some_and(|r| r.intersects(PollFlags::POLLHUP | PollFlags::POLLERR));
+            // Hung up (or killed: the socket shut down both ways), or no more to read (also a
+            // session a policy reload withdrew: the broker shut its reading side down).
+            let mut fds = [PollFd::new(self.sock.as_fd(), PollFlags::POLLIN)];
+            let ready = poll(&mut fds, PollTimeout::ZERO).is_ok_and(|n| n > 0);
+            let revents = fds[0].revents().unwrap_or(PollFlags::POLLHUP);
+            let gone = ready
+                && (revents.intersects(PollFlags::POLLHUP | PollFlags::POLLERR)
+                    || (revents.contains(PollFlags::POLLIN) && {
+                        let mut b = [0u8; 1];
+                        let peek =
+                            nix::sys::socket::MsgFlags::MSG_PEEK | nix::sys::socket::MsgFlags::MSG_DONTWAIT;
+                        matches!(
+                            nix::sys::socket::recv(std::os::fd::AsRawFd::as_raw_fd(&self.sock), &mut b, peek),
+                            Ok(0)
+                        )
+                    }));
             if gone {
                 return Err(ControlError::Internal("the client went away while its request waited".into()));
             }
@@ -751,6 +765,11 @@ impl<T> IdTable<T> {
         self.len
     }
 
+    /// Ids in use: buffers and held ids.
+    fn taken(&self) -> usize {
+        self.len + self.held.len()
+    }
+
     /// Whether `id` is taken (by a buffer, or held).
     fn contains(&self, id: usize) -> bool {
         self.slots.get(id).is_some_and(Option::is_some) || self.held.contains(&id)
@@ -821,7 +840,7 @@ mod id_table_tests {
         t.hold(1);
         assert!(t.contains(1));
         assert_eq!(t.insert(None, 'd'), 2);
-        assert_eq!(t.len(), 3);
+        assert_eq!((t.len(), t.taken()), (3, 4));
         let all: Vec<_> = t.into_iter().collect();
         assert_eq!(all, vec![(0, 'c'), (2, 'd'), (5, 'f')]);
     }

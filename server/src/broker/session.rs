@@ -242,6 +242,16 @@ impl BufferTable {
         }
     }
 
+    /// Answers the waiter of buffer `id` being unregistered, if any, although commands still
+    /// use it (a failed device's: they never end; the entry, and the buffer, stay for good).
+    pub fn give_up_retiring_one(&mut self, id: u32) {
+        if let Some(Some(b)) = self.entries.get_mut(id as usize) {
+            if let Some(reply) = b.waiter.take() {
+                let _ = reply.send(());
+            }
+        }
+    }
+
     /// The device failed without confirming it stopped: buffers being unregistered will never
     /// drain. Answers their waiters (the entries, and the buffers, stay for good).
     pub fn give_up_retiring(&mut self) {

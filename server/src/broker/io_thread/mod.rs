@@ -616,7 +616,7 @@ impl IoThread {
                         // session's control thread sees it still in use) rather than never.
                         let dead = self.ports.iter().zip(&s.slots).any(|(p, &n)| n > 0 && !p.dma_stopped);
                         if dead {
-                            s.buffers.give_up_retiring();
+                            s.buffers.give_up_retiring_one(id);
                         }
                     }
                     None => {

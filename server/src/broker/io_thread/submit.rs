@@ -45,6 +45,8 @@ impl IoThread {
         self.next_first = first + 1;
         let mut took = false;
         let mut wanted = false;
+        // The schedulers' clock, read at most once (and only if needed) in the loop.
+        let mut now_ns: Option<u64> = None;
         for i in 0..n {
             let at = first + i;
             let key = self.order[if at >= n { at - n } else { at }];
@@ -52,12 +54,23 @@ impl IoThread {
             if s.faulted || s.closing.is_some() {
                 continue;
             }
-            if s.partial.is_some() {
-                // The rest of a split request goes as device slots free up, outside the
-                // scheduler's turns: it was charged as one request when dispatched, and its
-                // tenant may be at its queue-depth cap until that request completes (it would
-                // never get a turn). Budget 0: nothing new is taken here.
-                took |= self.take_from(key, 0, 0).0;
+            if let Some(p) = s.partial.as_ref() {
+                // The rest of a split request was charged as one request when dispatched; it
+                // goes in its tenant's turns, but a tenant the scheduler would not visit now
+                // (at its queue-depth cap, perhaps with this very request, or over its share)
+                // would never get one: then it goes here, as device slots free up. Budget 0:
+                // nothing new is taken.
+                let c = usize::from(p.ctx.ctrl);
+                let waits = match s.tenants[c] {
+                    Some((_, t)) => {
+                        let now = *now_ns.get_or_insert_with(|| self.started.elapsed().as_nanos() as u64);
+                        !self.ports[c].sched.can_dispatch(t, now)
+                    }
+                    None => false, // taken just below, as every tenantless ring
+                };
+                if waits {
+                    took |= self.take_from(key, 0, 0).0;
+                }
             }
             let s = &mut self.sessions[key];
             let Some(ring) = s.ring.as_mut() else { continue };
