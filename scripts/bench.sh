@@ -42,6 +42,11 @@ run() { "$rb" --runtime "$secs" --output-format json "$@"; }
 echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), kernel $(uname -r)," \
     "load $(cut -d' ' -f1-3 /proc/loadavg)"
 echo "machine state: $("$rb" --pingpong 0.5 | sed 's/^ringbench: //')"
+# The floor of any ring whose requests and completions travel in separate cache lines (C, no
+# nvmed code): see BENCHMARKS.md section 1.
+if command -v cc >/dev/null && cc -O2 -pthread scripts/ring_floor.c -o "$tdir/ring_floor" 2>/dev/null; then
+    echo "round-trip floor (scripts/ring_floor.c): $("$tdir/ring_floor" 1000000)"
+fi
 echo "each figure: one ${secs} s run; nvmed runs its broker in-process (--embedded), one client thread"
 echo
 echo "1. ring overhead (no device work): nvmed-nop vs io_uring-nop"
