@@ -811,18 +811,14 @@ fn a_controller_stopped_only_by_bus_master_fails_its_commands_and_frees_buffers(
     assert!(broker.stop(), "nvmed did not shut down cleanly");
 }
 
-#[test]
-fn a_controller_that_cannot_be_stopped_never_completes_its_commands() {
-    let mut broker = TestBroker::start(&[
-        "--inject",
-        "stuck:1",
-        "--io-timeout-ms",
-        "300",
-        "--emulator-wedge",
-        "reset-and-bus-master",
-        "--max-registered-bytes-per-uid",
-        "1M",
-    ]);
+/// A broker (with `extra` options) whose controller cannot be stopped and never completes its
+/// first command, and a client whose 4 KiB read into a 1 MiB buffer is that command: returned
+/// once the ring failed with DeviceFailed, the read never reported finished.
+fn a_read_held_by_an_unstoppable_device(extra: &[&str]) -> (TestBroker, NvmeRing, nvmed_client::BufferId) {
+    let mut args =
+        vec!["--inject", "stuck:1", "--io-timeout-ms", "300", "--emulator-wedge", "reset-and-bus-master"];
+    args.extend_from_slice(extra);
+    let broker = TestBroker::start(&args);
     let mut ring = broker.connect();
     let ns = ring.namespaces()[0].nsid;
     let buf = ring.alloc_buffer(1 << 20).unwrap();
@@ -836,6 +832,13 @@ fn a_controller_that_cannot_be_stopped_never_completes_its_commands() {
         other => panic!("expected the ring to fail with DeviceFailed, got {other:?} ({out:?})"),
     }
     assert!(out.is_empty(), "a command of an unstoppable device was reported finished: {out:?}");
+    (broker, ring, buf)
+}
+
+#[test]
+fn a_controller_that_cannot_be_stopped_never_completes_its_commands() {
+    let (mut broker, ring, _) =
+        a_read_held_by_an_unstoppable_device(&["--max-registered-bytes-per-uid", "1M"]);
     drop(ring);
     // Its buffer stays mapped for the device (pinned) even though the client left.
     let mut probe = broker.connect();
@@ -860,24 +863,7 @@ fn a_controller_that_cannot_be_stopped_never_completes_its_commands() {
 
 #[test]
 fn unregistering_a_buffer_a_failed_device_may_still_write_is_answered_and_its_id_kept() {
-    let mut broker = TestBroker::start(&[
-        "--inject",
-        "stuck:1",
-        "--io-timeout-ms",
-        "300",
-        "--emulator-wedge",
-        "reset-and-bus-master",
-    ]);
-    let mut ring = broker.connect();
-    let ns = ring.namespaces()[0].nsid;
-    let buf = ring.alloc_buffer(1 << 20).unwrap();
-    ring.prep(Io::read(ns, 0, 4096, buf, 0).user_data(1)).unwrap();
-    ring.submit().unwrap();
-    let mut out = Vec::new();
-    match ring.wait(1, &mut out, Some(Duration::from_secs(10))) {
-        Err(Error::RingFaulted(Some(RingFault::DeviceFailed))) => {}
-        other => panic!("expected the ring to fail with DeviceFailed, got {other:?} ({out:?})"),
-    }
+    let (mut broker, mut ring, buf) = a_read_held_by_an_unstoppable_device(&[]);
     // Asked after the failure (the client library would refuse: its read never finished),
     // the unregister is answered, not waited on for ever: the buffer stays mapped.
     let (tx, rx) = std::sync::mpsc::channel();
