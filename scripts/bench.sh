@@ -42,11 +42,6 @@ run() { "$rb" --runtime "$secs" --output-format json "$@"; }
 echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), kernel $(uname -r)," \
     "load $(cut -d' ' -f1-3 /proc/loadavg)"
 echo "machine state: $("$rb" --pingpong 0.5 | sed 's/^ringbench: //')"
-# The floor of any ring whose requests and completions travel in separate cache lines (C, no
-# nvmed code): see BENCHMARKS.md section 1.
-if command -v cc >/dev/null && cc -O2 -pthread scripts/ring_floor.c -o "$tdir/ring_floor" 2>/dev/null; then
-    echo "round-trip floor (scripts/ring_floor.c): $("$tdir/ring_floor" 1000000)"
-fi
 echo "each figure: one ${secs} s run; nvmed runs its broker in-process (--embedded), one client thread"
 echo
 echo "1. ring overhead (no device work): nvmed-nop vs io_uring-nop"
@@ -56,6 +51,11 @@ pin_nvmed=() pin_uring=()
 if [ "$(nproc)" -ge 2 ] && taskset -c 0 true 2>/dev/null && taskset -c 1 true 2>/dev/null; then
     pin_nvmed=(--broker-cpus 1 --job-cpus 0) pin_uring=(--job-cpus 0)
     echo "  (client pinned to CPU 0, broker I/O thread to CPU 1)"
+    # What a ring whose requests and completions travel in separate cache lines costs with no
+    # software at all (C, no nvmed code; needs CPUs 0 and 1): see BENCHMARKS.md section 1.
+    if command -v cc >/dev/null && cc -O2 -pthread scripts/ring_floor.c -o "$tdir/ring_floor" 2>/dev/null; then
+        echo "  scripts/ring_floor.c: $("$tdir/ring_floor" 1000000)"
+    fi
 fi
 for qd in 1 32 128; do
     a=$(run --embedded --null --engine nvmed-nop --iodepth $qd ${pin_nvmed[@]+"${pin_nvmed[@]}"})

@@ -6,7 +6,8 @@
  *   - "ring": a 64-byte request written into a ring slot (its last word a sequence tag) and a
  *     16-byte completion written into another ring (its last word a tag), as nvmed's rings do:
  *     the request and the completion travel in different cache lines.
- * Prints the mean round trip of each, in ns. Used by scripts/bench.sh part 1 (see BENCHMARKS.md
+ * Prints the median over batches of 10000 rounds of each one's mean round trip, in ns (one
+ * thread on CPU 0, the other on CPU 1: both must exist). Used by scripts/bench.sh part 1 (see BENCHMARKS.md
  * section 1: what a ring of separate request and completion lines can reach at QD1).
  *   cc -O2 -pthread scripts/ring_floor.c -o ring_floor && ./ring_floor [ROUNDS]
  */
@@ -33,14 +34,20 @@ static volatile uint64_t line __attribute__((aligned(128)));
 static long rounds = 1000000;
 static int mode;
 
-static void pin(int cpu)
+static void pin_to(pthread_attr_t *attr, int cpu)
 {
 	cpu_set_t s;
 
 	CPU_ZERO(&s);
 	CPU_SET(cpu, &s);
-	pthread_setaffinity_np(pthread_self(), sizeof(s), &s);
+	if ((attr ? pthread_attr_setaffinity_np(attr, sizeof(s), &s)
+		  : pthread_setaffinity_np(pthread_self(), sizeof(s), &s)) != 0) {
+		fprintf(stderr, "ring_floor: cannot pin a thread to CPU %d\n", cpu);
+		exit(1);
+	}
 }
+
+static volatile int server_ready;
 
 static void relax(void)
 {
@@ -52,7 +59,7 @@ static void relax(void)
 static void *server(void *arg)
 {
 	(void)arg;
-	pin(1);
+	__atomic_store_n(&server_ready, 1, __ATOMIC_RELEASE);
 	for (long i = 0; i < rounds; i++) {
 		if (mode == 0) {
 			while (line != (uint64_t)(2 * i + 1))
@@ -72,10 +79,23 @@ static void *server(void *arg)
 	return NULL;
 }
 
+#define BATCH 10000
+
+static int cmp(const void *a, const void *b)
+{
+	double x = *(const double *)a, y = *(const double *)b;
+
+	return (x > y) - (x < y);
+}
+
+/* The median of the batches' mean round trips (a batch a preemption hit does not count much). */
 static double run(int m)
 {
+	static double batch[100000];
 	struct timespec a, b;
+	pthread_attr_t attr;
 	pthread_t t;
+	long n = 0;
 
 	mode = m;
 	line = 0;
@@ -83,10 +103,18 @@ static double run(int m)
 		sq[k].w[7] = 0;
 	for (int k = 0; k < 2 * SLOTS; k++)
 		cq[k].w[3] = 0;
-	pthread_create(&t, NULL, server, NULL);
-	pin(0);
-	clock_gettime(CLOCK_MONOTONIC, &a);
+	server_ready = 0;
+	pthread_attr_init(&attr);
+	pin_to(&attr, 1);
+	if (pthread_create(&t, &attr, server, NULL) != 0) {
+		fprintf(stderr, "ring_floor: cannot start the second thread\n");
+		exit(1);
+	}
+	while (!__atomic_load_n(&server_ready, __ATOMIC_ACQUIRE))
+		relax();
 	for (long i = 0; i < rounds; i++) {
+		if (i % BATCH == 0)
+			clock_gettime(CLOCK_MONOTONIC, &a);
 		if (m == 0) {
 			line = 2 * i + 1;
 			while (line != (uint64_t)(2 * i + 2))
@@ -100,18 +128,29 @@ static double run(int m)
 			while (__atomic_load_n(&cq[i % (2 * SLOTS)].w[3], __ATOMIC_ACQUIRE) != (uint32_t)(i + 1))
 				relax();
 		}
+		if (i % BATCH == BATCH - 1 && n < 100000) {
+			clock_gettime(CLOCK_MONOTONIC, &b);
+			batch[n++] = ((b.tv_sec - a.tv_sec) * 1e9 + (b.tv_nsec - a.tv_nsec)) / BATCH;
+		}
 	}
-	clock_gettime(CLOCK_MONOTONIC, &b);
 	pthread_join(t, NULL);
-	return ((b.tv_sec - a.tv_sec) * 1e9 + (b.tv_nsec - a.tv_nsec)) / rounds;
+	pthread_attr_destroy(&attr);
+	if (n == 0)
+		return 0;
+	qsort(batch, n, sizeof(batch[0]), cmp);
+	return batch[n / 2];
 }
 
 int main(int argc, char **argv)
 {
 	if (argc > 1)
 		rounds = atol(argv[1]);
+	if (rounds < BATCH)
+		rounds = BATCH;
+	pin_to(NULL, 0);
 	double one = run(0), ring = run(1);
 
-	printf("one line %.0f ns, ring (request and completion lines) %.0f ns\n", one, ring);
+	printf("round trip (median of %ld-round batches): one line %.0f ns, ring (request and completion lines) %.0f ns\n",
+	       (long)BATCH, one, ring);
 	return 0;
 }

@@ -130,8 +130,10 @@ fn recv_with_room(
     }
 }
 
-/// A zero-length read on a SOCK_SEQPACKET socket is either the peer's close or an empty datagram.
-fn peer_closed(sock: BorrowedFd<'_>) -> bool {
+/// Whether the socket's peer is gone or its reading side shut down (POLLRDHUP, POLLHUP or
+/// POLLERR now; a failed poll counts as gone): on SOCK_SEQPACKET a zero-length read is either
+/// that or an empty datagram, and queued data does not hide it.
+pub fn peer_closed(sock: BorrowedFd<'_>) -> bool {
     use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
     let rdhup = PollFlags::from_bits_retain(libc::POLLRDHUP);
     let mut fds = [PollFd::new(sock, rdhup)];

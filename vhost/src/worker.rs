@@ -226,6 +226,12 @@ impl Worker {
     /// completions touch neither the ring nor the guest's status bytes (see `abandoned`).
     pub fn abandon(&mut self) {
         self.abandoned = true;
+        // Requests not at nvmed yet are not sent (their buffers are guest memory the frontend
+        // owns again), nor are those waiting for resubmission read from the ring handed back:
+        // their inflight entries stay for the next connection to resubmit.
+        self.open = self.open.saturating_sub(self.backlog.len());
+        self.backlog.clear();
+        self.resubmit.clear();
     }
 
     /// Tracks this queue's requests in QEMU's inflight region from now on (SET_INFLIGHT_FD), or

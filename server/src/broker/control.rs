@@ -667,29 +667,15 @@ impl Connection {
     /// client that hangs up, or is killed by an operator, meanwhile ends the wait, so its
     /// session ends instead of holding this thread and its resources for good.
     fn await_io_thread(&self, rx: &Receiver<()>) -> Result<bool, ControlError> {
-        use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
         loop {
             match rx.recv_timeout(std::time::Duration::from_millis(100)) {
                 Ok(()) => return Ok(true),
                 Err(RecvTimeoutError::Disconnected) => return Ok(false),
                 Err(RecvTimeoutError::Timeout) => {}
             }
-            // Hung up (or killed: the socket shut down both ways), or no more to read (also a
-            // session a policy reload withdrew: the broker shut its reading side down).
-            let mut fds = [PollFd::new(self.sock.as_fd(), PollFlags::POLLIN)];
-            let ready = poll(&mut fds, PollTimeout::ZERO).is_ok_and(|n| n > 0);
-            let revents = fds[0].revents().unwrap_or(PollFlags::POLLHUP);
-            let gone = ready
-                && (revents.intersects(PollFlags::POLLHUP | PollFlags::POLLERR)
-                    || (revents.contains(PollFlags::POLLIN) && {
-                        let mut b = [0u8; 1];
-                        let peek =
-                            nix::sys::socket::MsgFlags::MSG_PEEK | nix::sys::socket::MsgFlags::MSG_DONTWAIT;
-                        matches!(
-                            nix::sys::socket::recv(std::os::fd::AsRawFd::as_raw_fd(&self.sock), &mut b, peek),
-                            Ok(0)
-                        )
-                    }));
+            // Hung up, killed (the socket shut down both ways) or withdrawn by a reload (its
+            // reading side shut down): POLLRDHUP shows all three, queued data or not.
+            let gone = transport::peer_closed(self.sock.as_fd());
             if gone {
                 return Err(ControlError::Internal("the client went away while its request waited".into()));
             }
