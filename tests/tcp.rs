@@ -17,6 +17,7 @@ use nvmed_tcp::initiator::{command, ConnectOptions, Done, InitError, Initiator};
 use nvmed_tcp::pdu::{self, fes, Digests, Header, NvmeCmd};
 use nvmed_tcp::{Config, HostAccess, Target};
 use zerocopy::little_endian::U32;
+use zerocopy::IntoBytes;
 
 const SUBNQN: &str = "nqn.2026-01.io.nvmed:test";
 const HOST: &str = "nqn.2014-08.org.nvmexpress:uuid:00000000-0000-0000-0000-000000000001";
@@ -541,6 +542,29 @@ fn large_writes_get_r2ts_of_at_most_maxh2cdata() {
         }
         assert_eq!(q.longest_r2t, 128 << 10);
     }
+}
+
+#[test]
+fn a_disconnect_is_answered_after_the_queues_other_commands() {
+    // A read at the device for 300 ms, then Disconnect: the read's data and answer come
+    // first, then the Disconnect's, then the connection closes.
+    let f = fixture_on(
+        TestBroker::start(&["--emulator-mode", "async", "--emulator-latency-us", "300000"]),
+        |_| {},
+    );
+    let a = admin(&f, Digests::default(), HOST, 1);
+    let mut q = io_queue(&f, &a, 1, Digests::default(), HOST).unwrap();
+    let read = q.submit(rw(false, 1, 0, 4096), None, 4096).unwrap();
+    let mut disconnect = command(admin_op::FABRICS, 0, [0; 6]);
+    disconnect.as_mut_bytes()[4] = nvmed_tcp::ctrl::fctype::DISCONNECT;
+    let bye = q.submit(disconnect, None, 0).unwrap();
+    let (first, d) = q.complete().unwrap();
+    assert_eq!(first, read, "the Disconnect was answered before the read");
+    assert_eq!(ok(d).data.len(), 4096);
+    let (second, d) = q.complete().unwrap();
+    assert_eq!(second, bye);
+    ok(d);
+    assert_closed(q.stream(), Duration::from_secs(3), "the queue after its Disconnect");
 }
 
 #[test]

@@ -173,6 +173,9 @@ struct Queue {
     comps: Vec<Completion>,
     scratch: Vec<u8>,
     closing: bool,
+    /// The slot of a Disconnect waiting for every other command of the queue to be answered
+    /// (their answers go out first; then it is answered and the queue closes).
+    disconnect: Option<u16>,
     /// Since when queued output has been waiting for the socket without progress (`None`:
     /// output moved since the last wait). Taken lazily: no clock read per I/O.
     stall_since: Option<Instant>,
@@ -355,6 +358,7 @@ pub(crate) async fn run(
         comps: Vec::new(),
         scratch: vec![0; 64 << 10],
         closing: false,
+        disconnect: None,
         stall_since: None,
     };
     let cntlid = u64::from(ctrl.cntlid);
@@ -480,6 +484,13 @@ impl Queue {
             self.read_some()?;
             self.pump()?;
             self.write_some()?;
+            if let Some(slot) = self.disconnect.filter(|_| self.cids.len() == 1) {
+                // Every other command answered and its answer written: now the Disconnect.
+                self.disconnect = None;
+                self.closing = true;
+                self.respond(slot, sc::SUCCESS);
+                self.write_some()?;
+            }
             if self.closing && self.tx.is_empty() {
                 return Ok(());
             }
@@ -800,10 +811,12 @@ impl Queue {
             } else if layout.data_len > 0 {
                 // Disconnect carries no data.
                 sc::INVALID_FIELD | sc::DNR
+            } else if self.disconnect.is_none() {
+                // Answered once every other command is (see `serve`); the queue then closes.
+                self.disconnect = Some(slot);
+                return Ok(());
             } else {
-                // Answered at once, below: the queue closes once the answer is written.
-                self.closing = true;
-                sc::SUCCESS
+                sc::CMD_SEQ_ERROR | sc::DNR // a second Disconnect
             };
             self.slots[usize::from(slot)].status = status;
             return if layout.data_len > 0 {
