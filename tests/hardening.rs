@@ -596,20 +596,20 @@ fn a_request_needing_more_commands_than_the_queue_holds_completes() {
     others_unaffected(&mut broker);
 }
 
+/// A broker (with `extra` options) on an asynchronous device (50 µs per command) with a queue of
+/// 4 entries (3 commands) and 8 KiB transfers: requests of many pieces wait for slots.
+fn tiny_queue_broker(extra: &[&str]) -> TestBroker {
+    let mut args =
+        vec!["--emulator-mode", "async", "--emulator-latency-us", "50", "--queue-depth", "4", "--mdts", "1"];
+    args.extend_from_slice(extra);
+    TestBroker::start(&args)
+}
+
 #[test]
 fn tiny_queue_and_split_requests_on_an_asynchronous_device() {
     // A queue of 4 entries (3 commands) on a device that completes out of order, later, with
     // its DMA at completion time: every request completes exactly once, data intact.
-    let mut broker = TestBroker::start(&[
-        "--emulator-mode",
-        "async",
-        "--emulator-latency-us",
-        "50",
-        "--queue-depth",
-        "4",
-        "--mdts",
-        "1",
-    ]);
+    let mut broker = tiny_queue_broker(&[]);
     let mut ring = broker.connect();
     assert!(ring.namespaces()[0].max_transfer >= 1 << 20);
     random_write_read(&mut ring, (0, 8 * MIB), 11, 3);
@@ -644,18 +644,7 @@ fn a_split_request_of_a_tenant_at_its_queue_depth_cap_still_finishes() {
     // whole request completes.
     let uid = nix::unistd::getuid().as_raw();
     let grant = format!("{uid}:1:qd=1");
-    let mut broker = TestBroker::start(&[
-        "--emulator-mode",
-        "async",
-        "--emulator-latency-us",
-        "50",
-        "--queue-depth",
-        "4",
-        "--mdts",
-        "1",
-        "--grant",
-        &grant,
-    ]);
+    let mut broker = tiny_queue_broker(&["--grant", &grant]);
     let mut ring = broker.connect();
     let buf = ring.alloc_buffer(2 << 20).unwrap();
     pattern(21, ring.buffer_mut(buf, 0, 2 * MIB).unwrap());
