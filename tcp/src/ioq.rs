@@ -19,6 +19,7 @@ use tokio::time::{timeout, Instant};
 use tracing::{debug, info, warn};
 
 use crate::ctrl::{admin_op, fctype, sc, NsView};
+use crate::outbox::{Outbox, Tx};
 use crate::pdu::{self, DataPdu, Digests, Header, Layout, Limits, NvmeCmd, PduError, Receiver, MAX_HEADER};
 use crate::server::{cqe, lock, sleep_until_opt, ConnError, ConnParams, CtrlShared, Target, MAX_H2C_DATA};
 
@@ -117,22 +118,6 @@ enum Rx {
     Digest { target: DataTarget, have: usize, buf: [u8; 4], crc: u32 },
 }
 
-#[derive(Debug)]
-enum Tx {
-    /// PDU bytes, `sent` of them written, and the slots whose answers end in them: each is
-    /// freed once the bytes up to its end are written (the host then has the answer and may
-    /// give its command id and queue entry to a new command at once).
-    Bytes { v: Vec<u8>, sent: usize, frees: VecDeque<(usize, u16)> },
-    /// `len` bytes of the data buffer at `at`, `sent` of them written.
-    Data { at: u64, len: u32, sent: u32 },
-}
-
-impl Tx {
-    fn bytes(v: Vec<u8>) -> Self {
-        Tx::Bytes { v, sent: 0, frees: VecDeque::new() }
-    }
-}
-
 /// Where the R2T that data from `received` answers ends: R2Ts go out one after the other,
 /// each of at most MAXH2CDATA, from the start of the command's `len` bytes.
 fn r2t_end(received: u32, len: u32) -> u32 {
@@ -168,7 +153,7 @@ struct Queue {
     hhave: usize,
     hlayout: Option<Layout>,
     rx: Rx,
-    tx: VecDeque<Tx>,
+    tx: Outbox,
     backlog: VecDeque<Io>,
     comps: Vec<Completion>,
     scratch: Vec<u8>,
@@ -353,7 +338,7 @@ pub(crate) async fn run(
         hhave: 0,
         hlayout: None,
         rx: Rx::Header,
-        tx: VecDeque::new(),
+        tx: Outbox::default(),
         backlog: VecDeque::new(),
         comps: Vec::new(),
         scratch: vec![0; 64 << 10],
@@ -591,7 +576,7 @@ impl Queue {
         warn!(qid = self.qid, "terminating the connection: {e}");
         let mut out = Vec::new();
         pdu::push_term_req(&mut out, true, e.fes(), e.fei(), &self.hbuf[..self.hhave]);
-        self.tx.push_back(Tx::bytes(out));
+        self.tx.push_bytes(|v| v.extend_from_slice(&out), None);
         let _ = timeout(Duration::from_secs(1), async {
             while !self.tx.is_empty() {
                 if self.write_some().is_err() || self.stream.writable().await.is_err() {
@@ -730,10 +715,7 @@ impl Queue {
                         self.execute(slot)?;
                     }
                 } else if r2t_done {
-                    // The next R2T, from where this one ended.
-                    let (dg, cid, at) = (self.dg, s.cid, s.received);
-                    let len = (s.len - at).min(MAX_H2C_DATA);
-                    self.push_bytes(|out| pdu::push_r2t(out, dg, cid, slot, at, len));
+                    self.request_data(slot); // the next R2T, from where this one ended
                 }
             }
             DataTarget::Discard { slot: Some(slot) } => {
@@ -843,10 +825,7 @@ impl Queue {
                     self.start_data(DataTarget::InCapsule { slot }, self.slot_at(slot), layout.data_len)
                 } else if host_data {
                     self.slots[usize::from(slot)].awaiting_h2c = true;
-                    // R2Ts of at most MAXH2CDATA, one after the other: a host that answers an
-                    // R2T with one H2CData PDU (Linux before 5.16 did) stays within MAXH2CDATA.
-                    let (dg, len) = (self.dg, s.len.min(MAX_H2C_DATA));
-                    self.push_bytes(|out| pdu::push_r2t(out, dg, cid, slot, 0, len));
+                    self.request_data(slot);
                     Ok(())
                 } else {
                     self.execute(slot)
@@ -1100,10 +1079,10 @@ impl Queue {
                 let at = self.slot_at(slot);
                 let (dg, hpda, cid, len) = (self.dg, self.hpda, s.cid, s.len);
                 self.push_bytes(|out| pdu::push_data_header(out, dg, hpda, true, cid, 0, 0, len, true));
-                self.tx.push_back(Tx::Data { at, len, sent: 0 });
+                self.tx.push_data(at, len);
                 if dg.data {
                     let crc = pdu::crc(self.ring.buffer(self.buf, at, u64::from(len))?);
-                    self.tx.push_back(Tx::bytes(crc.to_le_bytes().to_vec()));
+                    self.tx.push_bytes(|v| v.extend_from_slice(&crc.to_le_bytes()), None);
                 }
             }
             self.respond(slot, status);
@@ -1113,21 +1092,25 @@ impl Queue {
 
     // ---- sending ----
 
-    /// Queues PDU bytes written by `f`; `free`: the slot whose answer they end, freed once
-    /// they are written.
-    fn push_bytes_freeing(&mut self, f: impl FnOnce(&mut Vec<u8>), free: Option<u16>) {
-        push_bytes(&mut self.tx, f, free);
+    fn push_bytes(&mut self, f: impl FnOnce(&mut Vec<u8>)) {
+        self.tx.push_bytes(f, None);
     }
 
-    fn push_bytes(&mut self, f: impl FnOnce(&mut Vec<u8>)) {
-        self.push_bytes_freeing(f, None);
+    /// Sends the R2T for the write data of `slot` from what it received so far: R2Ts of at most
+    /// MAXH2CDATA, one after the other (a host that answers an R2T with one H2CData PDU, as
+    /// Linux before 5.16, stays within MAXH2CDATA).
+    fn request_data(&mut self, slot: u16) {
+        let s = self.slots[usize::from(slot)];
+        let (dg, at) = (self.dg, s.received);
+        let len = r2t_end(at, s.len) - at;
+        self.push_bytes(|out| pdu::push_r2t(out, dg, s.cid, slot, at, len));
     }
 
     /// Answers the command in `slot` and frees the slot once the answer is written.
     fn respond(&mut self, slot: u16, status: u16) {
         let cid = self.slots[usize::from(slot)].cid;
         let (dg, c) = (self.dg, cqe(cid, status, 0, self.sqhd, self.qid));
-        self.push_bytes_freeing(|out| pdu::push_capsule_resp(out, dg, c), Some(slot));
+        self.tx.push_bytes(|out| pdu::push_capsule_resp(out, dg, c), Some(slot));
     }
 
     fn write_some(&mut self) -> Result<(), ConnError> {
@@ -1144,7 +1127,7 @@ impl Queue {
                     break;
                 }
                 iov[n] = match item {
-                    Tx::Bytes { v, sent, .. } => IoSlice::new(&v[*sent..]),
+                    Tx::Bytes(v, sent) => IoSlice::new(&v[*sent..]),
                     Tx::Data { at, len, sent } => IoSlice::new(self.ring.buffer(
                         self.buf,
                         at + u64::from(*sent),
@@ -1161,58 +1144,7 @@ impl Queue {
             };
             self.stall_since = None;
             let (slots, cids, free) = (&mut self.slots, &mut self.cids, &mut self.free);
-            advance(&mut self.tx, wrote, |slot| free_slot(slots, cids, free, slot));
-        }
-    }
-}
-
-/// Queues PDU bytes written by `f`; `free`: the slot whose answer they end, freed once they
-/// are written. Appended to the last bytes queued when nothing is queued after them: answers
-/// go out in few large writes.
-fn push_bytes(tx: &mut VecDeque<Tx>, f: impl FnOnce(&mut Vec<u8>), free: Option<u16>) {
-    if let Some(Tx::Bytes { v, frees, .. }) = tx.back_mut() {
-        if v.len() < 4096 {
-            f(v);
-            frees.extend(free.map(|s| (v.len(), s)));
-            return;
-        }
-    }
-    let mut v = Vec::with_capacity(512);
-    f(&mut v);
-    let frees = free.map(|s| (v.len(), s)).into_iter().collect();
-    tx.push_back(Tx::Bytes { v, sent: 0, frees });
-}
-
-/// `wrote` more bytes of what `tx` holds went out: drops what is wholly written and calls
-/// `freed` for each slot whose answer now is, also when the write ended inside a later answer
-/// gathered with it (the host has that answer and may reuse its command id at once).
-fn advance(tx: &mut VecDeque<Tx>, mut wrote: usize, mut freed: impl FnMut(u16)) {
-    while wrote > 0 {
-        match tx.front_mut() {
-            Some(Tx::Bytes { v, sent, frees }) => {
-                let k = (v.len() - *sent).min(wrote);
-                *sent += k;
-                wrote -= k;
-                while let Some(&(end, slot)) = frees.front() {
-                    if end > *sent {
-                        break;
-                    }
-                    frees.pop_front();
-                    freed(slot);
-                }
-                if *sent == v.len() {
-                    tx.pop_front();
-                }
-            }
-            Some(Tx::Data { len, sent, .. }) => {
-                let k = ((*len - *sent) as usize).min(wrote);
-                *sent += k as u32;
-                wrote -= k;
-                if *sent == *len {
-                    tx.pop_front();
-                }
-            }
-            None => unreachable!("written bytes beyond the queued PDUs"),
+            self.tx.advance(wrote, |slot| free_slot(slots, cids, free, slot));
         }
     }
 }
@@ -1220,33 +1152,6 @@ fn advance(tx: &mut VecDeque<Tx>, mut wrote: usize, mut freed: impl FnMut(u16)) 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn an_answer_frees_its_slot_once_written_also_inside_a_gathered_write() {
-        let mut tx = VecDeque::new();
-        // Three answers of 24 bytes gathered in one write, then 100 bytes of data, then one more.
-        for slot in 1..=3u16 {
-            push_bytes(&mut tx, |v| v.extend_from_slice(&[slot as u8; 24]), Some(slot));
-        }
-        tx.push_back(Tx::Data { at: 0, len: 100, sent: 0 });
-        push_bytes(&mut tx, |v| v.extend_from_slice(&[4; 24]), Some(4));
-        assert_eq!(tx.len(), 3, "the first three answers are one write");
-        let mut freed = Vec::new();
-        // The write ends inside the second answer: the first one is the host's, its slot free.
-        advance(&mut tx, 30, |s| freed.push(s));
-        assert_eq!(freed, [1]);
-        advance(&mut tx, 18, |s| freed.push(s));
-        assert_eq!(freed, [1, 2]);
-        // The rest of the third answer and part of the data.
-        advance(&mut tx, 24 + 50, |s| freed.push(s));
-        assert_eq!(freed, [1, 2, 3]);
-        assert_eq!(tx.len(), 2);
-        advance(&mut tx, 50 + 23, |s| freed.push(s));
-        assert_eq!(freed, [1, 2, 3], "the last answer is one byte short");
-        advance(&mut tx, 1, |s| freed.push(s));
-        assert_eq!(freed, [1, 2, 3, 4]);
-        assert!(tx.is_empty());
-    }
 
     #[test]
     fn deallocate_ranges_are_merged_split_and_capped() {

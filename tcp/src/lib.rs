@@ -9,6 +9,7 @@
 pub mod config;
 pub mod ctrl;
 mod ioq;
+mod outbox;
 pub mod pdu;
 pub mod server;
 

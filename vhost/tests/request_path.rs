@@ -145,6 +145,17 @@ impl<'a> Guest<'a> {
         self.submitted += 1;
     }
 
+    /// Runs the worker as for a disabled ring (it takes nothing new) until nothing it took is
+    /// left at nvmed.
+    fn finish_taken(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while self.worker.busy() > 0 {
+            assert!(Instant::now() < deadline, "the requests taken did not complete");
+            self.worker.run(&mut self.q, self.mem, true, false);
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
     /// Runs the worker until every pushed request is in the used ring.
     fn drive(&mut self) {
         let deadline = Instant::now() + Duration::from_secs(20);
@@ -439,14 +450,12 @@ fn a_disabled_ring_takes_nothing_new_but_completes_what_it_took() {
     // SET_VRING_ENABLE(0): the guest's next request stays in the avail ring; the one taken
     // completes.
     let second = g.push(VIRTIO_BLK_T_IN, 0, &[(0x11_0000, 4096, true)]);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while g.vq.used().idx().load() == 0 {
-        assert!(Instant::now() < deadline, "the request taken before did not complete");
-        g.worker.run(&mut g.q, &mem, true, false);
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    assert_eq!(used_heads(&g), [u32::from(g.heads[usize::from(first)])]);
-    assert_eq!(g.worker.busy(), 0, "a disabled ring took a new request");
+    g.finish_taken();
+    assert_eq!(
+        used_heads(&g),
+        [u32::from(g.heads[usize::from(first)])],
+        "a disabled ring took a new request"
+    );
     // Enabled again: it is taken.
     g.drive();
     assert_eq!(g.status(second), 0);
@@ -464,12 +473,7 @@ fn an_abandoned_ring_gets_nothing_more_written_into_it() {
     g.worker.run(&mut g.q, &mem, true, true);
     assert_eq!(g.worker.busy(), 1);
     g.worker.abandon();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while g.worker.busy() > 0 {
-        assert!(Instant::now() < deadline, "the request did not complete at nvmed");
-        g.worker.run(&mut g.q, &mem, true, false);
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    g.finish_taken();
     assert_eq!(g.vq.used().idx().load(), 0, "a used entry was written into a ring handed back");
     assert_eq!(g.status(r), status_before, "the status byte was written");
 }

@@ -683,7 +683,7 @@ impl Connection {
     }
 
     fn unregister(&mut self, buffer_id: u32) -> Result<(Response, Vec<OwnedFd>), ControlError> {
-        if self.buffers.slots.get(buffer_id as usize).is_none_or(Option::is_none) {
+        if !self.buffers.has(buffer_id as usize) {
             return Err(ControlError::UnknownBuffer(buffer_id));
         }
         // No ring takes new requests on it; each answers once its commands on it are done.
@@ -756,9 +756,14 @@ impl<T> IdTable<T> {
         self.len + self.held.len()
     }
 
+    /// Whether `id` names a buffer.
+    fn has(&self, id: usize) -> bool {
+        self.slots.get(id).is_some_and(Option::is_some)
+    }
+
     /// Whether `id` is taken (by a buffer, or held).
     fn contains(&self, id: usize) -> bool {
-        self.slots.get(id).is_some_and(Option::is_some) || self.held.contains(&id)
+        self.has(id) || self.held.contains(&id)
     }
 
     /// Never gives `id` (removed) again.
@@ -770,9 +775,7 @@ impl<T> IdTable<T> {
     fn insert(&mut self, wanted: Option<u32>, v: T) -> u32 {
         let id = match wanted {
             Some(id) => id as usize,
-            None => (0..)
-                .find(|&i| self.slots.get(i).is_none_or(Option::is_none) && !self.held.contains(&i))
-                .expect("a free id"),
+            None => (0..).find(|&i| !self.contains(i)).expect("a free id"),
         };
         if self.slots.len() <= id {
             self.slots.resize_with(id + 1, || None);

@@ -351,14 +351,24 @@ impl Controller {
     }
 
     fn identify_into_scratch(&mut self, cns: u32, nsid: u32) -> Result<(), DriverError> {
+        self.identify_into_scratch_within(cns, nsid, self.admin_timeout)
+    }
+
+    fn identify_into_scratch_within(
+        &mut self,
+        cns: u32,
+        nsid: u32,
+        timeout: Duration,
+    ) -> Result<(), DriverError> {
         self.scratch.mem().fill(0, 4096, 0);
-        self.admin_command(NvmeCommand {
+        let cmd = NvmeCommand {
             opcode: admin::IDENTIFY,
             nsid,
             prp1: self.scratch.iova(),
             cdw10: cns,
             ..Default::default()
-        })?;
+        };
+        self.admin_command_within(cmd, timeout)?;
         Ok(())
     }
 
@@ -417,17 +427,8 @@ impl Controller {
         }
         // Optional: a controller that does not answer in OPTIONAL_IDENTIFY_TIMEOUT is taken as
         // one without the data (as one that refuses it), rather than failing the bring-up.
-        self.scratch.mem().fill(0, 4096, 0);
-        let asked = self.admin_command_within(
-            NvmeCommand {
-                opcode: admin::IDENTIFY,
-                prp1: self.scratch.iova(),
-                cdw10: admin::CNS_CS_CONTROLLER,
-                ..Default::default()
-            },
-            OPTIONAL_IDENTIFY_TIMEOUT.min(self.admin_timeout),
-        );
-        match asked.map(drop) {
+        let timeout = OPTIONAL_IDENTIFY_TIMEOUT.min(self.admin_timeout);
+        match self.identify_into_scratch_within(admin::CNS_CS_CONTROLLER, 0, timeout) {
             Ok(()) => {
                 let wzsl: u8 = self.scratch.mem().read(id_ctrl_nvm::WZSL);
                 let dmrsl: u32 = self.scratch.mem().read(id_ctrl_nvm::DMRSL);

@@ -334,6 +334,12 @@ pub struct IoThread {
     throttled_until: Option<u64>,
 }
 
+/// Whether a ring with `slots` device commands per controller has some at a controller that
+/// failed without confirming it stopped (they may still execute, and never complete).
+fn on_unstopped_device(ports: &[Port], slots: &[u32]) -> bool {
+    ports.iter().zip(slots).any(|(p, &n)| n > 0 && !p.dma_stopped)
+}
+
 impl IoThread {
     /// Prepares the thread's state (run it with [`IoThread::run`]).
     pub fn new(setup: IoThreadSetup) -> std::io::Result<Self> {
@@ -614,8 +620,7 @@ impl IoThread {
                         // Commands of a controller that failed without confirming it stopped
                         // never end: answer now (the buffer stays mapped for good; the
                         // session's control thread sees it still in use) rather than never.
-                        let dead = self.ports.iter().zip(&s.slots).any(|(p, &n)| n > 0 && !p.dma_stopped);
-                        if dead {
+                        if on_unstopped_device(&self.ports, &s.slots) {
                             s.buffers.give_up_retiring_one(id);
                         }
                     }
@@ -748,7 +753,7 @@ impl IoThread {
             }
             let s = &mut self.sessions[key];
             // Commands at a controller that failed without confirming it stopped never end.
-            let dead = self.ports.iter().zip(&s.slots).any(|(p, &n)| n > 0 && !p.dma_stopped);
+            let dead = on_unstopped_device(&self.ports, &s.slots);
             if s.in_flight > 0 && !dead {
                 i += 1;
                 continue;

@@ -63,7 +63,7 @@ impl IoThread {
                 let c = usize::from(p.ctx.ctrl);
                 let waits = match s.tenants[c] {
                     Some((_, t)) => {
-                        let now = *now_ns.get_or_insert_with(|| self.started.elapsed().as_nanos() as u64);
+                        let now = *now_ns.get_or_insert_with(|| self.now_ns());
                         !self.ports[c].sched.can_dispatch(t, now)
                     }
                     None => false, // taken just below, as every tenantless ring
