@@ -886,6 +886,92 @@ fn unregistering_a_buffer_a_failed_device_may_still_write_is_answered_and_its_id
 }
 
 #[test]
+fn a_ring_kept_for_a_failed_device_lets_go_of_the_buffers_its_commands_do_not_use() {
+    let mut broker = TestBroker::start(&[
+        "--inject",
+        "stuck:1",
+        "--io-timeout-ms",
+        "300",
+        "--emulator-wedge",
+        "reset-and-bus-master",
+    ]);
+    let mut ring = broker.connect();
+    let ns = ring.namespaces()[0].nsid;
+    let held = ring.alloc_buffer(1 << 20).unwrap();
+    let _unused = ring.alloc_buffer(2 << 20).unwrap();
+    ring.prep(Io::read(ns, 0, 4096, held, 0).user_data(1)).unwrap();
+    ring.submit().unwrap();
+    let mut out = Vec::new();
+    match ring.wait(1, &mut out, Some(Duration::from_secs(10))) {
+        Err(Error::RingFaulted(Some(RingFault::DeviceFailed))) => {}
+        other => panic!("expected the ring to fail with DeviceFailed, got {other:?} ({out:?})"),
+    }
+    drop(ring);
+    let mut probe = broker.connect();
+    wait_until("the client's session to be released", Duration::from_secs(10), || {
+        probe.stats().unwrap().broker_sessions == 1
+    });
+    // The buffer the stuck read uses stays mapped; the one no command uses is unmapped (it
+    // was kept for good too, with the ring that still holds the read).
+    assert_eq!(probe.stats().unwrap().broker_buffer_iova_bytes, MIB, "kept mapped: only the read's buffer");
+    drop(probe);
+    assert!(broker.stop(), "nvmed did not shut down after a failed device");
+}
+
+#[test]
+fn a_buffer_used_only_at_a_healthy_controller_is_unregistered_after_another_fails() {
+    // Two controllers: the read on controller 1 never completes and that controller cannot be
+    // stopped (reset by the operator: it fails running); the read on controller 0 completes
+    // 1.5 s after it is taken. Unregistering the second read's buffer after the failure waits
+    // for that read and unmaps the buffer, instead of keeping it mapped for good with the
+    // failed controller's buffers.
+    let mut broker = TestBroker::start(&[
+        "--controllers",
+        "2",
+        "--inject",
+        "stuck:1@1",
+        "--inject",
+        "delay:1:1500@0",
+        "--emulator-wedge",
+        "reset-and-bus-master",
+    ]);
+    let opts = RingOptions {
+        reconnect: nvmed_client::Reconnect { enabled: false, ..Default::default() },
+        ..RingOptions::default()
+    };
+    let mut ring = NvmeRing::open_with(&broker.socket, opts).unwrap();
+    let on = |c: u16| ring.namespaces().iter().find(|n| n.controller == c).unwrap().nsid;
+    let (healthy, failing) = (on(0), on(1));
+    let stuck_buf = ring.alloc_buffer(1 << 20).unwrap();
+    let slow_buf = ring.alloc_buffer(2 << 20).unwrap();
+    ring.prep(Io::read(failing, 0, 4096, stuck_buf, 0).user_data(1)).unwrap();
+    ring.prep(Io::read(healthy, 0, 4096, slow_buf, 0).user_data(2)).unwrap();
+    ring.submit().unwrap();
+    wait_until("both reads at their devices", Duration::from_secs(5), || {
+        ring.stats().unwrap().in_flight == 2
+    });
+    let admin = nvmectl::AdminClient::new(broker.dir.join("nvmed-admin.sock"));
+    let (state, _) = admin.reset_controller(1).unwrap();
+    assert_eq!(state, "failed (not confirmed stopped)", "controller 1 cannot be stopped");
+    let t = Instant::now();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let id = slow_buf.0;
+    std::thread::spawn(move || {
+        let r = ring.control(&Request::UnregisterBuffer { buffer_id: id }, &[]);
+        let _ = tx.send((ring, r));
+    });
+    let Ok((mut ring, r)) = rx.recv_timeout(Duration::from_secs(10)) else {
+        panic!("the unregister of a buffer used at the healthy controller was never answered")
+    };
+    assert!(matches!(r, Ok(Response::BufferUnregistered)), "{r:?}");
+    assert!(t.elapsed() >= Duration::from_millis(500), "answered before its read completed");
+    // Unmapped: only the failed controller's read's buffer is left.
+    assert_eq!(ring.stats().unwrap().broker_buffer_iova_bytes, MIB);
+    drop(ring);
+    assert!(broker.stop(), "nvmed did not shut down after a failed device");
+}
+
+#[test]
 fn a_client_that_hangs_up_while_its_unregister_waits_on_its_own_cq_is_released() {
     // The read completes 300 ms after it is taken; meanwhile the client moves its CQ head back
     // a whole ring (a CQ that looks full) and submits more, so the read's completion is held

@@ -839,7 +839,14 @@ fn sessions_are_listed_page_by_page_and_any_number_fits() {
 fn health_exits_2_when_a_controller_is_in_trouble() {
     use nvmed_server::emulator::inject::{FaultAction, FaultRule};
     let env = broker_on(
-        |e| e.faults = vec![FaultRule { nth: 1, action: FaultAction::LogPageHang, bad_block: None }],
+        |e| {
+            e.faults = vec![FaultRule {
+                nth: 1,
+                action: FaultAction::LogPageHang,
+                bad_block: None,
+                controller: None,
+            }]
+        },
         |_| {},
     );
     let out = nvmectl(&env, &["health", "--json"]);

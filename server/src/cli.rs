@@ -308,7 +308,8 @@ pub(crate) struct Args {
     /// the controller thread in async mode), loghang:N (the Nth Get Log Page admin command
     /// never completes: an admin queue that stops answering), sqfail:N (the Nth Create I/O
     /// Submission Queue admin command fails with Internal Error), or idhang:CNS (every Identify
-    /// with that CNS value never completes, e.g. idhang:6 for the I/O command set's).
+    /// with that CNS value never completes, e.g. idhang:6 for the I/O command set's). RULE@C
+    /// applies it to controller C only (of --controllers, from 0); otherwise to every one.
     #[arg(long = "inject", value_name = "RULE")]
     pub(crate) faults: Vec<FaultRule>,
 

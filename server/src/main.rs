@@ -120,6 +120,14 @@ fn main() {
 }
 
 fn emulated(args: &Args, controller: u16) -> Result<Arc<dyn NvmeDevice>, Box<dyn std::error::Error>> {
+    if let Some(f) = args.faults.iter().find(|f| f.controller.is_some_and(|c| c >= args.controllers)) {
+        return Err(format!(
+            "a fault rule names controller {} but there are {} (--controllers; numbered from 0)",
+            f.controller.unwrap_or_default(),
+            args.controllers
+        )
+        .into());
+    }
     if !args.size.is_multiple_of(u64::from(args.lba_size)) {
         return Err(format!("--size must be a multiple of the LBA size {}", args.lba_size).into());
     }
@@ -184,7 +192,12 @@ fn emulated(args: &Args, controller: u16) -> Result<Arc<dyn NvmeDevice>, Box<dyn
         mdts: args.mdts,
         // The admin queue's, and one per I/O thread.
         vectors: io_thread_count(args) + 1,
-        faults: args.faults.clone(),
+        faults: args
+            .faults
+            .iter()
+            .filter(|f| f.controller.is_none_or(|c| c == controller))
+            .copied()
+            .collect(),
         wedge: args.emulator_wedge,
         mode,
         sgl: !args.emulator_no_sgl,

@@ -252,13 +252,15 @@ impl BufferTable {
         }
     }
 
-    /// The device failed without confirming it stopped: buffers being unregistered will never
-    /// drain. Answers their waiters (the entries, and the buffers, stay for good).
-    pub fn give_up_retiring(&mut self) {
+    /// Drops the buffers no command of this ring uses (a ring kept for a failed device's
+    /// commands holds only what those use).
+    pub fn drop_unused(&mut self) {
         self.send_ready();
-        for b in self.entries.iter_mut().flatten() {
-            if let Some(reply) = b.waiter.take() {
-                let _ = reply.send(());
+        for slot in &mut self.entries {
+            if slot.as_ref().is_some_and(|b| b.in_flight == 0) {
+                if let Some(reply) = slot.take().and_then(|b| b.waiter) {
+                    let _ = reply.send(());
+                }
             }
         }
     }

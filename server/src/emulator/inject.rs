@@ -60,13 +60,17 @@ pub struct FaultRule {
     pub action: FaultAction,
     /// A media rule's bad block: (namespace id, LBA).
     pub bad_block: Option<(u32, u64)>,
+    /// The emulated controller (index, as `--controllers` numbers them) the rule applies to
+    /// (`RULE@C`); `None`: every controller.
+    pub controller: Option<u16>,
 }
 
 /// A fault rule that does not parse.
 #[derive(Debug, thiserror::Error)]
 #[error(
     "bad fault rule {0:?}: expected fail:N:SCT:SC, retry:N, delay:N:MILLIS, hang:N, stuck:N, \
-     fatal:N, gone:N, panic:N, loghang:N, sqfail:N, idhang:CNS or media:LBA[:NSID]"
+     fatal:N, gone:N, panic:N, loghang:N, sqfail:N, idhang:CNS or media:LBA[:NSID], each \
+     optionally followed by @C (only controller C)"
 )]
 pub struct BadFaultRule(String);
 
@@ -80,8 +84,12 @@ fn num(s: &str) -> Option<u64> {
 impl FromStr for FaultRule {
     type Err = BadFaultRule;
 
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let bad = || BadFaultRule(s.to_string());
+    fn from_str(whole: &str) -> Result<Self, Self::Err> {
+        let bad = || BadFaultRule(whole.to_string());
+        let (s, controller) = match whole.split_once('@') {
+            Some((rule, c)) => (rule, Some(c.parse::<u16>().map_err(|_| bad())?)),
+            None => (whole, None),
+        };
         let parts: Vec<&str> = s.split(':').collect();
         if parts[0] == "media" {
             let lba = parts.get(1).and_then(|p| num(p)).ok_or_else(bad)?;
@@ -93,7 +101,7 @@ impl FromStr for FaultRule {
                 return Err(bad());
             }
             let action = FaultAction::Fail { sct: 2, sc: 0x81 };
-            return Ok(FaultRule { nth: 0, action, bad_block: Some((nsid, lba)) });
+            return Ok(FaultRule { nth: 0, action, bad_block: Some((nsid, lba)), controller });
         }
         let nth = parts.get(1).and_then(|p| num(p)).filter(|&n| n > 0).ok_or_else(bad)?;
         let action = match (parts[0], parts.len()) {
@@ -113,7 +121,7 @@ impl FromStr for FaultRule {
             ("idhang", 2) => FaultAction::IdentifyHang,
             _ => return Err(bad()),
         };
-        Ok(FaultRule { nth, action, bad_block: None })
+        Ok(FaultRule { nth, action, bad_block: None, controller })
     }
 }
 
@@ -125,7 +133,12 @@ mod tests {
     fn parses_rules() {
         assert_eq!(
             "fail:3:2:0x81".parse::<FaultRule>().unwrap(),
-            FaultRule { nth: 3, action: FaultAction::Fail { sct: 2, sc: 0x81 }, bad_block: None }
+            FaultRule {
+                nth: 3,
+                action: FaultAction::Fail { sct: 2, sc: 0x81 },
+                bad_block: None,
+                controller: None
+            }
         );
         assert_eq!("stuck:2".parse::<FaultRule>().unwrap().action, FaultAction::Stuck);
         assert_eq!("retry:2".parse::<FaultRule>().unwrap().action, FaultAction::Retry);
@@ -142,9 +155,12 @@ mod tests {
         let id = "idhang:6".parse::<FaultRule>().unwrap();
         assert_eq!((id.nth, id.action), (6, FaultAction::IdentifyHang));
         assert_eq!("sqfail:2".parse::<FaultRule>().unwrap().action, FaultAction::CreateSqFail);
+        let only = "stuck:1@1".parse::<FaultRule>().unwrap();
+        assert_eq!((only.nth, only.action, only.controller), (1, FaultAction::Stuck, Some(1)));
+        assert_eq!("media:7:2@0".parse::<FaultRule>().unwrap().controller, Some(0));
         assert_eq!(
             "panic:4".parse::<FaultRule>().unwrap(),
-            FaultRule { nth: 4, action: FaultAction::Panic, bad_block: None }
+            FaultRule { nth: 4, action: FaultAction::Panic, bad_block: None, controller: None }
         );
         for bad in [
             "fail:0:1:1",
@@ -159,6 +175,9 @@ mod tests {
             "media:1:0",
             "media:1:1:1",
             "gone:0",
+            "stuck:1@",
+            "stuck:1@x",
+            "stuck:1@1@2",
         ] {
             assert!(bad.parse::<FaultRule>().is_err(), "{bad}");
         }

@@ -1665,7 +1665,12 @@ mod tests {
 
     #[test]
     fn injected_status_and_shutdown() {
-        let rule = FaultRule { nth: 2, action: FaultAction::Fail { sct: 2, sc: 0x80 }, bad_block: None };
+        let rule = FaultRule {
+            nth: 2,
+            action: FaultAction::Fail { sct: 2, sc: 0x80 },
+            bad_block: None,
+            controller: None,
+        };
         let (dev, space, mut ctrl, mut q) = setup(vec![rule]);
         let buf = DmaMemory::new(&space, &dev, 4096).unwrap();
         let w = IoCommand::Write { nsid: 1, slba: 8, blocks: 8, iova: buf.iova(), len: 4096, fua: false };
@@ -1755,7 +1760,7 @@ mod tests {
     #[test]
     #[should_panic(expected = "emulated controller: injected panic on I/O command 2")]
     fn injected_panic_in_the_doorbell_writer() {
-        let rule = FaultRule { nth: 2, action: FaultAction::Panic, bad_block: None };
+        let rule = FaultRule { nth: 2, action: FaultAction::Panic, bad_block: None, controller: None };
         let (dev, space, _ctrl, mut q) = setup(vec![rule]);
         let buf = DmaMemory::new(&space, &dev, 4096).unwrap();
         let r = IoCommand::Read { nsid: 1, slba: 0, blocks: 8, iova: buf.iova(), len: 4096 };
@@ -1765,7 +1770,7 @@ mod tests {
 
     #[test]
     fn async_injected_panic_ends_the_worker_thread() {
-        let rule = FaultRule { nth: 1, action: FaultAction::Panic, bad_block: None };
+        let rule = FaultRule { nth: 1, action: FaultAction::Panic, bad_block: None, controller: None };
         let backend = Box::new(MemoryBackend::new(1 << 20).unwrap());
         let mode = EmulatorMode::Async { latency: Duration::ZERO };
         let (emu, (dev, space, _ctrl, mut q)) = setup_emulator(vec![rule], mode, backend);

@@ -893,7 +893,8 @@ mod tests {
             backend: Box::new(MemoryBackend::new(1 << 20).unwrap()),
             lba_size: 512,
         }];
-        let faults = vec![FaultRule { nth: 6, action: FaultAction::IdentifyHang, bad_block: None }];
+        let faults =
+            vec![FaultRule { nth: 6, action: FaultAction::IdentifyHang, bad_block: None, controller: None }];
         let config = EmulatorConfig { namespaces, vectors: 1, faults, wzsl: 1, ..Default::default() };
         let dev: Arc<dyn NvmeDevice> = Arc::new(EmulatedController::new(config).unwrap());
         let space = Arc::new(IovaSpace::new(&dev.iova_ranges()).unwrap());
@@ -957,7 +958,7 @@ mod tests {
         use crate::emulator::inject::{FaultAction, FaultRule};
         // Every Get Log Page hangs (until the controller is reset).
         let faults = (1..=64)
-            .map(|nth| FaultRule { nth, action: FaultAction::LogPageHang, bad_block: None })
+            .map(|nth| FaultRule { nth, action: FaultAction::LogPageHang, bad_block: None, controller: None })
             .collect();
         let namespaces = vec![EmulatedNamespace {
             backend: Box::new(MemoryBackend::new(1 << 20).unwrap()),

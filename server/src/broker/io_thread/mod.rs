@@ -42,7 +42,7 @@ use crate::nvme::io::RetryPolicy;
 use crate::nvme::{DmaSeg, IoQueue};
 use crate::policy::NamespaceAccess;
 use split::{InFlight, Split};
-use vectored::{BouncePool, VecPool, VEC_SLOTS};
+use vectored::{BouncePool, VecPool, VEC_NONE, VEC_SLOTS};
 
 /// `pause` instructions between two looks at the rings when idle.
 const IDLE_PAUSES: u32 = 1;
@@ -340,6 +340,37 @@ fn on_unstopped_device(ports: &[Port], slots: &[u32]) -> bool {
     ports.iter().zip(slots).any(|(p, &n)| n > 0 && !p.dma_stopped)
 }
 
+/// Whether a ring with commands at each controller as `slots` says has any at a controller
+/// that will report them (every one but those that failed without confirming they stopped).
+fn on_answering_device(ports: &[Port], slots: &[u32]) -> bool {
+    ports.iter().zip(slots).any(|(p, &n)| n > 0 && p.dma_stopped)
+}
+
+/// Calls `f` with the id of each buffer that ring `key`'s commands at `port` use (every
+/// segment's of a vectored command; an id once per command or segment).
+fn buffers_used_at(port: &Port, vecs: &VecPool, key: usize, mut f: impl FnMut(u32)) {
+    for ctx in port.dq.queue.in_flight_contexts().filter(|ctx| ctx.session as usize == key) {
+        if ctx.buffer != u32::MAX {
+            f(ctx.buffer);
+        }
+        if ctx.vec != VEC_NONE {
+            for seg in vecs.segs(ctx.vec) {
+                f(seg.tag);
+            }
+        }
+    }
+}
+
+/// Whether a command of ring `key` at a controller that failed without confirming it stopped
+/// uses buffer `id` (the device may still move its data: it stays mapped for good).
+fn buffer_at_unstopped_device(ports: &[Port], vecs: &VecPool, slots: &[u32], key: usize, id: u32) -> bool {
+    ports.iter().zip(slots).filter(|(p, &n)| n > 0 && !p.dma_stopped).any(|(p, _)| {
+        let mut used = false;
+        buffers_used_at(p, vecs, key, |b| used |= b == id);
+        used
+    })
+}
+
 impl IoThread {
     /// Prepares the thread's state (run it with [`IoThread::run`]).
     pub fn new(setup: IoThreadSetup) -> std::io::Result<Self> {
@@ -618,9 +649,10 @@ impl IoThread {
                     Some(s) => {
                         s.buffers.retire(id, reply);
                         // Commands of a controller that failed without confirming it stopped
-                        // never end: answer now (the buffer stays mapped for good; the
-                        // session's control thread sees it still in use) rather than never.
-                        if on_unstopped_device(&self.ports, &s.slots) {
+                        // never end: if one uses the buffer, answer now (it stays mapped for
+                        // good; the session's control thread sees it still in use) rather than
+                        // never. Commands at the other controllers still end and release it.
+                        if buffer_at_unstopped_device(&self.ports, &self.vecs, &s.slots, key, id) {
                             s.buffers.give_up_retiring_one(id);
                         }
                     }
@@ -752,9 +784,11 @@ impl IoThread {
                 }
             }
             let s = &mut self.sessions[key];
-            // Commands at a controller that failed without confirming it stopped never end.
+            // Commands at a controller that failed without confirming it stopped never end:
+            // then only those at the other controllers are waited for.
             let dead = on_unstopped_device(&self.ports, &s.slots);
-            if s.in_flight > 0 && !dead {
+            let busy = if dead { on_answering_device(&self.ports, &s.slots) } else { s.in_flight > 0 };
+            if busy {
                 i += 1;
                 continue;
             }
@@ -764,8 +798,11 @@ impl IoThread {
                 // The device may still write into its buffers, and its commands on the other
                 // controllers may still complete: the ring stays in the table under its key
                 // (never given to another ring, whose requests those completions would reach),
-                // faulted and no longer polled, its buffers mapped for good, its tenants kept.
+                // faulted and no longer polled, its tenants kept, and the buffers those commands
+                // use mapped for good. It lets go of the others (its commands elsewhere are
+                // done), so its session can unmap them.
                 let s = &mut self.sessions[key];
+                s.buffers.drop_unused();
                 tracing::error!(
                     session = s.id,
                     ring = s.ring_id,

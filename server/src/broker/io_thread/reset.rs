@@ -23,7 +23,7 @@ use tracing::{error, info, warn};
 use super::complete::{complete, release_slot};
 use super::split::{piece_done, pieces_done, InFlight};
 use super::vectored::finish_bounce;
-use super::{IoThread, EPOCH};
+use super::{buffers_used_at, IoThread, EPOCH};
 use crate::broker::manager::DeviceState;
 use crate::nvme::spec::CSTS_CFS;
 use crate::nvme::DriverError;
@@ -149,10 +149,14 @@ impl IoThread {
             // Commands waiting to be sent again after a retryable status stay unsent: the
             // controller gets nothing more (their rings are faulted like the others').
             p.dq.queue.drop_retries();
+            let (port, vecs) = (&self.ports[c], &self.vecs);
             for key in self.order.iter().copied() {
                 let s = &mut self.sessions[key];
                 if s.slots[c] > 0 {
-                    s.buffers.give_up_retiring();
+                    // Unregisters of the buffers its commands there use will never drain:
+                    // answered now (those stay mapped for good). Others still drain.
+                    s.buffers.send_ready();
+                    buffers_used_at(port, vecs, key, |id| s.buffers.give_up_retiring_one(id));
                     if let Some(ring) = s.ring.as_ref() {
                         ring.fault(RingFault::DeviceFailed);
                     }
