@@ -1134,6 +1134,101 @@ fn empty_datagrams_and_the_ring_memfd_as_a_buffer_are_refused() {
     others_unaffected(&mut broker);
 }
 
+/// A TCP socket whose last close blocks for `linger` seconds: SO_LINGER set, and unsent data
+/// its peer (returned, kept open and never read) has no room for.
+fn a_lingering_socket(linger: i32) -> (std::net::TcpStream, std::net::TcpStream) {
+    use std::io::Write;
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let mut c = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
+    let (peer, _) = l.accept().unwrap();
+    c.set_nonblocking(true).unwrap();
+    let chunk = vec![7u8; 64 << 10];
+    while c.write(&chunk).is_ok() {}
+    let opt = libc::linger { l_onoff: 1, l_linger: linger };
+    // SAFETY: setsockopt reads `size_of::<linger>()` bytes from a live local.
+    let rc = unsafe {
+        libc::setsockopt(
+            c.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&opt as *const libc::linger).cast(),
+            std::mem::size_of::<libc::linger>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(rc, 0);
+    c.set_nonblocking(false).unwrap(); // a lingering close waits only on a blocking socket
+    (c, peer)
+}
+
+#[test]
+fn a_descriptor_sent_on_a_doorbell_cannot_hold_the_io_thread() {
+    // A client sends, on its ring's submit doorbell, a socket whose last close takes 30 s. The
+    // broker's I/O thread (shared by every ring on it) must not be the one to close it: on
+    // kernels from 6.16 the doorbell refuses descriptors; before (as NVMED_TEST_NO_PASSRIGHTS
+    // pretends), the ring is faulted and the descriptor left for its session's own thread.
+    for older_kernel in [false, true] {
+        if !older_kernel && !transport::descriptors_refusable() {
+            continue;
+        }
+        let dir = scratch_dir();
+        let socket = dir.join("nvmed.sock");
+        let args: Vec<String> = ["--emulate", "--socket", socket.to_str().unwrap(), "--size", "64M"]
+            .into_iter()
+            .map(String::from)
+            .collect();
+        let env: &[(&str, &str)] = if older_kernel { &[("NVMED_TEST_NO_PASSRIGHTS", "1")] } else { &[] };
+        let mut broker = TestBroker::spawn_env(dir, socket, &args, env);
+        let s = raw_connect(&broker.socket);
+        assert!(matches!(hello(&s), Response::Hello { .. }));
+        transport::send(
+            s.as_fd(),
+            &encode(&Request::CreateRing { sq_entries: 16, cq_entries: 16, thread: None }),
+            &[],
+        )
+        .unwrap();
+        let m = transport::recv(s.as_fd()).unwrap();
+        let Response::RingCreated { size, .. } = decode::<Response>(&m.bytes).unwrap() else { panic!() };
+        let ring = nvmed_proto::shm::SharedMemory::map_shared(m.fds[0].as_fd(), size as usize).unwrap();
+        let (lingering, peer) = a_lingering_socket(30);
+        std::thread::sleep(Duration::from_millis(50)); // the I/O thread asleep: the ring wakes it
+        let sent = transport::send(m.fds[1].as_fd(), &1u64.to_ne_bytes(), &[lingering.as_fd()]);
+        let peer = if sent.is_ok() {
+            peer
+        } else {
+            drop(peer); // (refused: this test's close of it must not linger either)
+            a_lingering_socket(0).1
+        };
+        drop(lingering);
+        if older_kernel {
+            sent.unwrap();
+            wait_until("the ring to be faulted", Duration::from_secs(5), || {
+                ring.load_u32(nvmed_proto::layout::FAULT_OFFSET, Ordering::Acquire)
+                    == RingFault::ProtocolViolation as u32
+            });
+        } else {
+            assert!(matches!(sent, Err(transport::TransportError::Io(nix::Error::EPERM))), "{sent:?}");
+        }
+        // Every other client is served at once, not after 30 s.
+        let (tx, rx) = std::sync::mpsc::channel();
+        let path = broker.socket.clone();
+        std::thread::spawn(move || {
+            let mut ring = NvmeRing::open(&path).unwrap();
+            let ns = ring.namespaces()[0].nsid;
+            let buf = ring.alloc_buffer(4096).unwrap();
+            let _ = tx.send(ring.read(ns, 0, buf, 0, 4096).map(|_| ()));
+        });
+        match rx.recv_timeout(Duration::from_secs(10)) {
+            Ok(r) => r.unwrap(),
+            Err(_) => panic!(
+                "another client's read waited on the descriptor's close (older kernel: {older_kernel})"
+            ),
+        }
+        drop(peer); // (the lingering close ends at once now)
+        drop(s);
+        assert!(broker.stop(), "nvmed did not shut down");
+    }
+}
+
 #[test]
 fn the_client_library_cannot_be_confused_by_many_sessions_of_one_process() {
     // Per-uid limits count every session of the uid, across connections of one process.

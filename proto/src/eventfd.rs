@@ -39,7 +39,106 @@ pub fn doorbell() -> io::Result<(OwnedFd, OwnedFd)> {
     shutdown(r.as_raw_fd(), Shutdown::Write)?;
     shutdown(w.as_raw_fd(), Shutdown::Read)?;
     let _ = setsockopt(&w, sockopt::SndBuf, &4096);
+    // The ringer sends bytes, never descriptors: the reader refuses them where the kernel can
+    // (6.16+; see `crate::transport::accept_descriptors`, and [`drain_untrusted_doorbell`]
+    // for older kernels).
+    if crate::transport::descriptors_refusable() {
+        crate::transport::accept_descriptors(r.as_fd(), false)?;
+    }
     Ok((r, w))
+}
+
+/// What [`drain_untrusted_doorbell`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Drained {
+    /// Nothing was rung.
+    Quiet,
+    /// It was rung (and is empty now).
+    Rung,
+    /// The ringer's end is closed: it will never ring again (and a poll of it reports
+    /// readiness for good).
+    Closed,
+    /// The ringer sent descriptors with its bytes (a kernel before 6.16, which cannot refuse
+    /// them): they were left queued, unread. Stop reading this doorbell; its last descriptor
+    /// must be closed by a thread that may wait (their closing may block as long as their
+    /// sender likes).
+    Descriptors,
+}
+
+/// [`drain_doorbell`] for a doorbell made by [`doorbell`] whose ringer is not trusted (the
+/// broker's end of a client's submit doorbell): never makes the calling thread the one that
+/// closes a descriptor the ringer sent. Where the kernel refuses descriptors on the doorbell
+/// (6.16+) nothing can arrive; before, each read is first a peek (which takes extra references
+/// to any descriptors and so closes none of them for good), and bytes are taken only up to
+/// where the peek found none.
+pub fn drain_untrusted_doorbell(fd: impl AsFd) -> Drained {
+    if crate::transport::descriptors_refusable() {
+        return match drain_doorbell(fd) {
+            None => Drained::Closed,
+            Some(true) => Drained::Rung,
+            Some(false) => Drained::Quiet,
+        };
+    }
+    drain_by_peeking(fd.as_fd())
+}
+
+fn drain_by_peeking(fd: std::os::fd::BorrowedFd<'_>) -> Drained {
+    use nix::sys::socket::{recv, recvmsg, MsgFlags};
+    let mut buf = [0u8; 512];
+    // Room for every descriptor one message can carry: a peek that found any installs copies
+    // (extra references, closed here without closing their files), never cut ones.
+    let mut control = nix::cmsg_space!([std::os::fd::RawFd; crate::transport::SCM_MAX_FD]);
+    let mut any = false;
+    for _ in 0..8 {
+        let (n, passed) = {
+            let mut iov = [std::io::IoSliceMut::new(&mut buf)];
+            let peek = MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_CMSG_CLOEXEC;
+            match recvmsg::<()>(fd.as_raw_fd(), &mut iov, Some(&mut control), peek) {
+                Ok(m) => {
+                    let mut passed = m.flags.contains(MsgFlags::MSG_CTRUNC);
+                    if let Ok(cmsgs) = m.cmsgs() {
+                        for c in cmsgs {
+                            if let nix::sys::socket::ControlMessageOwned::ScmRights(list) = c {
+                                passed = true;
+                                // SAFETY: the peek installed these copies for this process;
+                                // nothing else owns them. Closing a copy never closes the file
+                                // (the queued message still holds it).
+                                drop(
+                                    list.into_iter()
+                                        .map(|f| unsafe { OwnedFd::from_raw_fd(f) })
+                                        .collect::<Vec<_>>(),
+                                );
+                            }
+                        }
+                    }
+                    (m.bytes, passed)
+                }
+                Err(nix::Error::ECONNRESET) => return Drained::Closed,
+                Err(_) => break,
+            }
+        };
+        if passed {
+            return Drained::Descriptors;
+        }
+        if n == 0 {
+            return Drained::Closed;
+        }
+        // Exactly the peeked bytes: messages queued after them (maybe with descriptors) stay.
+        match recv(fd.as_raw_fd(), &mut buf[..n], MsgFlags::MSG_DONTWAIT) {
+            Ok(0) => return Drained::Closed,
+            Ok(_) => any = true,
+            Err(nix::Error::ECONNRESET) => return Drained::Closed,
+            Err(_) => break,
+        }
+        if n < buf.len() {
+            break;
+        }
+    }
+    if any {
+        Drained::Rung
+    } else {
+        Drained::Quiet
+    }
 }
 
 /// Rings a doorbell (see [`doorbell`]): never blocks, never raises SIGPIPE. Returns false if
@@ -103,6 +202,56 @@ pub fn drain(fd: impl AsFd) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_untrusted_ringer_cannot_make_the_reader_close_what_it_sent() {
+        use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
+        // The peeking drain (what kernels before 6.16 get), on a plain pair that takes
+        // descriptors: a pipe's write end sent with a ring is never closed by the drain.
+        let (r, w) = nix::sys::socket::socketpair(
+            nix::sys::socket::AddressFamily::Unix,
+            nix::sys::socket::SockType::Stream,
+            None,
+            nix::sys::socket::SockFlag::SOCK_NONBLOCK | nix::sys::socket::SockFlag::SOCK_CLOEXEC,
+        )
+        .unwrap();
+        assert!(ring_doorbell(&w));
+        assert_eq!(drain_by_peeking(r.as_fd()), Drained::Rung);
+        assert_eq!(drain_by_peeking(r.as_fd()), Drained::Quiet);
+        let (pipe_r, pipe_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).unwrap();
+        assert!(ring_doorbell(&w)); // plain bytes first, then bytes with a descriptor
+        let raw = [pipe_w.as_raw_fd()];
+        let iov = [std::io::IoSlice::new(&[1u8; 8])];
+        sendmsg::<()>(w.as_raw_fd(), &iov, &[ControlMessage::ScmRights(&raw)], MsgFlags::empty(), None)
+            .unwrap();
+        drop(pipe_w);
+        // (A peek that spans plain bytes and then a message with descriptors sees those.)
+        assert_eq!(drain_by_peeking(r.as_fd()), Drained::Descriptors);
+        assert_eq!(drain_by_peeking(r.as_fd()), Drained::Descriptors, "left queued");
+        let eof = |fd: &OwnedFd| {
+            let mut p = [nix::poll::PollFd::new(fd.as_fd(), nix::poll::PollFlags::POLLIN)];
+            nix::poll::poll(&mut p, nix::poll::PollTimeout::ZERO).unwrap() > 0
+        };
+        assert!(!eof(&pipe_r), "the descriptor sent was closed by the drain");
+        // Closed for good only with the doorbell's last descriptor.
+        drop(r);
+        assert!(eof(&pipe_r));
+        // Where the kernel refuses descriptors, a doorbell's ringer cannot send any.
+        if crate::transport::descriptors_refusable() {
+            let (r, w) = doorbell().unwrap();
+            let (_pr, pw) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).unwrap();
+            let raw = [pw.as_raw_fd()];
+            let sent = sendmsg::<()>(
+                w.as_raw_fd(),
+                &iov,
+                &[ControlMessage::ScmRights(&raw)],
+                MsgFlags::empty(),
+                None,
+            );
+            assert_eq!(sent, Err(nix::Error::EPERM));
+            assert_eq!(drain_untrusted_doorbell(&r), Drained::Quiet);
+        }
+    }
 
     #[test]
     fn a_doorbell_rings_and_drains_and_neither_side_can_make_the_other_block() {

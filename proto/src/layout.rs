@@ -72,6 +72,10 @@ pub enum RingFault {
     DeviceFailed = 4,
     /// An operator ended the session (`nvmectl kill`): a client must not reconnect on its own.
     Killed = 5,
+    /// The client broke the ring's protocol: it sent file descriptors on its submit doorbell
+    /// (possible on kernels before 6.16, which cannot refuse them). The ring is no longer
+    /// served; the session's other rings are not affected.
+    ProtocolViolation = 6,
 }
 
 impl RingFault {
@@ -83,6 +87,7 @@ impl RingFault {
             3 => Some(Self::Closed),
             4 => Some(Self::DeviceFailed),
             5 => Some(Self::Killed),
+            6 => Some(Self::ProtocolViolation),
             _ => None,
         }
     }

@@ -145,6 +145,51 @@ pub fn peer_closed(sock: BorrowedFd<'_>) -> bool {
     }
 }
 
+/// `SO_PASSRIGHTS` (Linux 6.16 and later; not in the libc crate yet): whether a Unix socket
+/// takes descriptors its peer sends with SCM_RIGHTS.
+const SO_PASSRIGHTS: libc::c_int = 83;
+
+/// Makes a Unix socket refuse (`accept: false`) or take again descriptors its peer sends: a
+/// sender's `sendmsg` with SCM_RIGHTS then fails with EPERM, so nothing the peer could send
+/// is ever closed by this process. Sockets a listener accepts inherit its setting. Needs
+/// Linux 6.16 or later: older kernels answer ENOPROTOOPT and nothing changes.
+///
+/// Why it matters: when a descriptor another process sent is dropped unread, the kernel closes
+/// it in the receiving thread, and closing some files takes as long as their sender likes (a
+/// TCP socket with `SO_LINGER` and unsent data, a file on a FUSE mount it serves).
+pub fn accept_descriptors(sock: BorrowedFd<'_>, accept: bool) -> std::io::Result<()> {
+    let value = libc::c_int::from(accept);
+    // SAFETY: setsockopt reads `size_of::<c_int>()` bytes from `value`, a live local.
+    let rc = unsafe {
+        libc::setsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            SO_PASSRIGHTS,
+            (&value as *const libc::c_int).cast(),
+            size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Whether this kernel lets a Unix socket refuse descriptors ([`accept_descriptors`]).
+/// `NVMED_TEST_NO_PASSRIGHTS=1` in the environment says no whatever the kernel (to test what
+/// older kernels get).
+pub fn descriptors_refusable() -> bool {
+    static REFUSABLE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *REFUSABLE.get_or_init(|| {
+        if std::env::var_os("NVMED_TEST_NO_PASSRIGHTS").is_some_and(|v| v == "1") {
+            return false;
+        }
+        use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
+        socketpair(AddressFamily::Unix, SockType::Stream, None, SockFlag::SOCK_CLOEXEC)
+            .is_ok_and(|(a, _b)| accept_descriptors(std::os::fd::AsFd::as_fd(&a), false).is_ok())
+    })
+}
+
 /// Takes ownership of every descriptor in the SCM_RIGHTS messages of a (possibly truncated)
 /// control buffer that the kernel filled and that was zeroed before.
 fn scm_rights_in(control: &[u8]) -> Vec<OwnedFd> {
@@ -209,6 +254,24 @@ mod tests {
         drop(w);
         let mut byte = [0u8; 1];
         assert_eq!(nix::unistd::read(&r, &mut byte), Ok(0), "a received copy of the write end is still open");
+    }
+
+    #[test]
+    fn a_socket_can_refuse_descriptors_where_the_kernel_allows() {
+        let (a, b) =
+            socketpair(AddressFamily::Unix, SockType::SeqPacket, None, SockFlag::SOCK_CLOEXEC).unwrap();
+        let (_r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).unwrap();
+        if !descriptors_refusable() {
+            assert!(accept_descriptors(b.as_fd(), false).is_err());
+            return; // a kernel before 6.16: nothing to test
+        }
+        accept_descriptors(b.as_fd(), false).unwrap();
+        assert!(matches!(send(a.as_fd(), b"x", &[w.as_fd()]), Err(TransportError::Io(nix::Error::EPERM))));
+        send(a.as_fd(), b"y", &[]).unwrap(); // plain data still goes
+        assert_eq!(recv(b.as_fd()).unwrap().bytes, b"y");
+        accept_descriptors(b.as_fd(), true).unwrap();
+        send(a.as_fd(), b"z", &[w.as_fd()]).unwrap();
+        assert_eq!(recv(b.as_fd()).unwrap().fds.len(), 1);
     }
 
     #[test]

@@ -45,8 +45,14 @@ impl TestBroker {
 
     /// Starts `nvmed` with exactly `args` (it must listen on `socket`) and waits until it is ready.
     pub fn spawn(dir: PathBuf, socket: PathBuf, args: &[String]) -> Self {
+        Self::spawn_env(dir, socket, args, &[])
+    }
+
+    /// [`TestBroker::spawn`] with these environment variables set too.
+    pub fn spawn_env(dir: PathBuf, socket: PathBuf, args: &[String], env: &[(&str, &str)]) -> Self {
         let mut child = Command::new(env!("CARGO_BIN_EXE_nvmed"))
             .args(args)
+            .envs(env.iter().copied())
             // NVMED_TEST_LOG=info (or debug) shows the brokers' logs when debugging a test.
             .env("NVMED_LOG", std::env::var("NVMED_TEST_LOG").unwrap_or_else(|_| "warn".into()))
             .stdout(Stdio::piped())

@@ -40,6 +40,11 @@ struct RingHandle {
     identity: (u64, u64),
     /// The ring's quota unit, given back once the ring is closed.
     _ticket: Ticket,
+    /// A copy of the broker's end of the ring's submit doorbell, dropped after the I/O thread
+    /// and the reaper dropped theirs: its last close (which closes whatever the client may
+    /// have queued in it, see `nvmed_proto::eventfd::Drained::Descriptors`, and may block as
+    /// long as that client likes) happens in this client's own thread, never a shared one.
+    _submit_end: Option<OwnedFd>,
 }
 
 struct Connection {
@@ -91,6 +96,9 @@ pub fn serve(shared: Arc<Shared>, sock: OwnedFd, id: u64, uid: u32) {
         registered: None,
     };
     debug!(session = id, uid, pid, "client connected");
+    // Admitted: its requests may carry descriptors now (see `super::refuse_descriptors`); those
+    // it sends are closed in this thread, which serves no one else.
+    let _ = nvmed_proto::transport::accept_descriptors(conn.sock.as_fd(), true);
     // A connection that never says Hello must not hold its slot forever.
     let deadline = conn.shared.config.hello_timeout;
     if let Err(e) = setsockopt(&conn.sock, sockopt::ReceiveTimeout, &TimeVal::new(deadline.as_secs() as _, 0))
@@ -425,6 +433,7 @@ impl Connection {
         // Doorbells, not eventfds: the client's ends are other open files than the broker's, so
         // nothing the client does to its ends' flags can make the broker's read or write block.
         let (submit, submit_client) = nvmed_proto::eventfd::doorbell().map_err(|e| internal("pipe", &e))?;
+        let submit_end = submit.try_clone().map_err(|e| internal("dup", &e))?;
         let (complete_client, complete) =
             nvmed_proto::eventfd::doorbell().map_err(|e| internal("pipe", &e))?;
         let identity = super::buffer::file_identity(memfd.as_file());
@@ -484,7 +493,15 @@ impl Connection {
             r.add_ring(ring_id, counters.clone());
         }
         let identity = identity.unwrap_or((u64::MAX, u64::MAX));
-        self.rings.push(RingHandle { ring_id, thread, key, counters, identity, _ticket: ticket });
+        self.rings.push(RingHandle {
+            ring_id,
+            thread,
+            key,
+            counters,
+            identity,
+            _ticket: ticket,
+            _submit_end: Some(submit_end),
+        });
         if let Some(a) = access.as_mut() {
             a.rings.push((ring_id, thread, key));
         }

@@ -530,6 +530,17 @@ fn same_file(path: &Path, id: Option<(u64, u64)>) -> bool {
     id.is_some() && file_id(path) == id
 }
 
+/// Makes a listening socket's connections refuse descriptors (SCM_RIGHTS) until a session's
+/// thread takes them on (Linux 6.16+; a no-op before): the accept thread, which closes the
+/// connections it refuses, then never closes a descriptor a client sent (closing some files
+/// blocks as long as their sender likes: a TCP socket with `SO_LINGER` and unsent data). The
+/// admin socket's connections never take any.
+fn refuse_descriptors(listener: &OwnedFd) {
+    if let Err(e) = nvmed_proto::transport::accept_descriptors(listener.as_fd(), false) {
+        tracing::debug!("cannot make connections refuse descriptors (SO_PASSRIGHTS needs Linux 6.16): {e}");
+    }
+}
+
 /// Binds a listening socket at `path`, atomically: it is bound at a temporary name beside it,
 /// given its mode and group, and listening before it is renamed over `path`, so a client never
 /// finds a socket file that refuses it or has the wrong permissions (a stale one from a broker
@@ -538,6 +549,8 @@ fn bind_socket(path: &Path, mode: u32, group: Option<&str>) -> Result<OwnedFd, B
     let err = |source| BrokerError::Socket { path: path.to_path_buf(), source };
     let fd = socket(AddressFamily::Unix, SockType::SeqPacket, SockFlag::SOCK_CLOEXEC, None)
         .map_err(|e| err(e.into()))?;
+    // Connections refuse descriptors until they are admitted (inherited; see `refuse_descriptors`).
+    refuse_descriptors(&fd);
     if path.exists() {
         // A live broker answers; a stale socket file is replaced below.
         let probe = socket(AddressFamily::Unix, SockType::SeqPacket, SockFlag::SOCK_CLOEXEC, None)
@@ -620,11 +633,22 @@ impl Broker {
         // The socket first: its errors (in use, bad path) are the common ones, and must not
         // leave a controller enabled behind.
         let listener = match &config.listener {
-            Some(fd) => fd
-                .try_clone()
-                .map_err(|source| BrokerError::Socket { path: config.socket.clone(), source })?,
+            Some(fd) => {
+                let fd = fd
+                    .try_clone()
+                    .map_err(|source| BrokerError::Socket { path: config.socket.clone(), source })?;
+                refuse_descriptors(&fd);
+                fd
+            }
             None => bind_socket(&config.socket, config.socket_mode, config.socket_group.as_deref())?,
         };
+        if !nvmed_proto::transport::descriptors_refusable() {
+            info!(
+                "this kernel cannot make sockets refuse descriptors (SO_PASSRIGHTS, Linux 6.16+): \
+                 a client over its connection limit could hold the accept thread while a descriptor \
+                 it sent closes (doorbells are guarded on every kernel)"
+            );
+        }
         let ours = config.listener.is_none();
         let socket_id = if ours { file_id(&config.socket) } else { None };
         let admin_listener = match bind_admin(&config) {

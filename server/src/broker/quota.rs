@@ -67,8 +67,9 @@ const FDS_RESERVED: u64 = 256;
 /// Descriptors one connection may hold: its socket and those of one message being handled
 /// (received with room for one more than allowed, so that more are seen as too many).
 const FDS_PER_CONNECTION: u64 = 2 + nvmed_proto::control::MAX_FDS_PER_MESSAGE as u64;
-/// Descriptors one ring holds in the broker (its submit and completion doorbells).
-const FDS_PER_RING: u64 = 2;
+/// Descriptors one ring holds in the broker (its submit and completion doorbells, and the
+/// session thread's copy of the submit doorbell).
+const FDS_PER_RING: u64 = 3;
 /// Default broker-wide ring limit, when the descriptor limit allows more.
 const DEFAULT_MAX_RINGS: u64 = 4096;
 
@@ -409,14 +410,14 @@ mod tests {
     #[test]
     fn rings_follow_the_open_file_limit() {
         let asked = QuotaRequest { max_sessions: 64, admin_reserve: 4, ..Default::default() };
-        // 1024 descriptors: 256 kept, 80 connections x 5, the rest two per ring.
+        // 1024 descriptors: 256 kept, 80 connections x 5, the rest three per ring.
         let s = QuotaSettings::derive_with_limits(65530, 1024, &asked);
-        assert_eq!(s.total[3], (1024 - 256 - 80 * 5) / 2);
-        assert_eq!(s.per_uid[3], (1024 - 256 - 80 * 5) / 2 / 4);
+        assert_eq!(s.total[3], (1024 - 256 - 80 * 5) / 3);
+        assert_eq!(s.per_uid[3], (1024 - 256 - 80 * 5) / 3 / 4);
         // Asking for more is lowered; never below one ring per session.
         let s =
             QuotaSettings::derive_with_limits(65530, 1024, &QuotaRequest { max_rings: Some(5000), ..asked });
-        assert_eq!(s.total[3], 184);
+        assert_eq!(s.total[3], 122);
         assert_eq!(QuotaSettings::derive_with_limits(65530, 300, &asked).total[3], 64);
         // A uid at its ring limit is refused; rings are not kept for root.
         let q = Quotas::new(settings());

@@ -12,8 +12,11 @@ use std::sync::atomic::{fence, Ordering};
 use std::time::Instant;
 
 use nix::sys::epoll::{EpollEvent, EpollTimeout};
+use nvmed_proto::eventfd::Drained;
 use nvmed_proto::layout::{BROKER_CQ_WAIT, BROKER_NEED_WAKEUP};
 use nvmed_proto::wakeup::{announce_sleep, end_sleep, SharedFlags};
+use nvmed_proto::RingFault;
+use tracing::warn;
 
 use super::{IoThread, IRQ_TOKEN, WAKE_TOKEN};
 
@@ -130,13 +133,29 @@ impl IoThread {
                         }
                     }
                     key => {
-                        if let Some(r) = self.sessions.get(key as usize).and_then(|s| s.ring.as_ref()) {
-                            if nvmed_proto::eventfd::drain_doorbell(r.submit_fd.as_fd()).is_none() {
+                        let Some(s) = self.sessions.get_mut(key as usize) else { continue };
+                        let Some(r) = s.ring.as_ref() else { continue };
+                        match nvmed_proto::eventfd::drain_untrusted_doorbell(r.submit_fd.as_fd()) {
+                            Drained::Quiet | Drained::Rung => {}
+                            Drained::Closed => {
                                 // The client closed its end: it can never ring again, and the
                                 // closed end would report readiness for good (a thread that
                                 // never sleeps). The ring is still polled whenever this thread
                                 // is awake.
                                 let _ = self.epoll.delete(r.submit_fd.as_fd());
+                            }
+                            Drained::Descriptors => {
+                                // Left unread (see `Drained`): the ring is no longer served,
+                                // and its session's thread closes the doorbell last.
+                                warn!(
+                                    session = s.id,
+                                    ring = s.ring_id,
+                                    uid = s.uid,
+                                    "the client sent file descriptors on its submit doorbell; ring faulted"
+                                );
+                                let _ = self.epoll.delete(r.submit_fd.as_fd());
+                                r.fault(RingFault::ProtocolViolation);
+                                s.faulted = true;
                             }
                         }
                     }
