@@ -916,6 +916,48 @@ fn the_largest_emulated_broker_starts_lists_all_its_namespaces_and_serves_them()
 }
 
 #[test]
+fn a_shared_buffer_named_by_a_queued_request_keeps_its_id() {
+    // A request queued on a shared buffer (not submitted yet) and the buffer's last handle
+    // dropped: the ring took a clone when the request named it, so the buffer stays registered
+    // and its id is not given to another buffer, which the request would otherwise reach.
+    let broker = TestBroker::start(&[]);
+    let session = nvmed_client::NvmeSession::open(&broker.socket).unwrap();
+    let ns = session.namespaces()[0].nsid;
+    let shared = session.alloc_shared(8192).unwrap();
+    let id = shared.id();
+    let mut a = session.new_ring().unwrap();
+    let mut b = session.new_ring().unwrap();
+    a.prep(Io::read(ns, 0, 4096, id, 0).user_data(1)).unwrap();
+    drop(shared);
+    let other = b.alloc_buffer(8192).unwrap();
+    assert_ne!(other, id, "the queued request's buffer id went to another buffer");
+    a.submit().unwrap();
+    let mut out = Vec::new();
+    a.wait(1, &mut out, Some(Duration::from_secs(5))).unwrap();
+    assert!(out[0].status.is_success());
+    a.release_shared(id).unwrap();
+    wait_until("the shared buffer to be unregistered", Duration::from_secs(5), || {
+        b.session().stats().unwrap().buffers == 1
+    });
+    // Another session's shared buffer is refused, not confused with this session's ids.
+    let elsewhere = nvmed_client::NvmeSession::open(&broker.socket).unwrap();
+    let theirs = elsewhere.alloc_shared(4096).unwrap();
+    assert!(matches!(a.use_shared(&theirs), Err(Error::ForeignBuffer(_))));
+    // A read or write must name its buffer (none meant buffer 0, unaccounted).
+    let none = Io { buffer: None, ..Io::read(ns, 0, 4096, other, 0) };
+    assert!(matches!(b.prep(none), Err(Error::NoBuffer)));
+    // A wait for more than is in flight fails at once instead of never ending.
+    b.prep(Io::nop().user_data(7)).unwrap();
+    out.clear();
+    assert!(matches!(
+        b.wait(1, &mut out, None),
+        Err(Error::WaitBeyondOutstanding { wanted: 1, outstanding: 0 })
+    ));
+    b.submit().unwrap();
+    b.wait(1, &mut out, Some(Duration::from_secs(5))).unwrap();
+}
+
+#[test]
 fn a_ring_using_a_shared_buffer_knows_when_it_is_done_with_it() {
     let broker = TestBroker::start(&[]);
     let session = nvmed_client::NvmeSession::open(&broker.socket).unwrap();
@@ -923,7 +965,7 @@ fn a_ring_using_a_shared_buffer_knows_when_it_is_done_with_it() {
     let shared = session.alloc_shared(64 << 10).unwrap();
     let mut a = session.new_ring().unwrap();
     let mut b = session.new_ring().unwrap();
-    let id = a.use_shared(&shared);
+    let id = a.use_shared(&shared).unwrap();
     assert_eq!(id, shared.id());
     // Its memory is reached through the SharedBuffer only.
     assert!(matches!(a.buffer(id, 0, 4096), Err(Error::SharedBuffer(i)) if i == id.0));
@@ -945,14 +987,14 @@ fn a_ring_using_a_shared_buffer_knows_when_it_is_done_with_it() {
     assert_eq!(back, [0x5a; 4096]);
     // A request on it before the ring uses it counts too.
     a.prep(Io::read(ns, 0, 4096, shared.id(), 8192).user_data(2)).unwrap();
-    let again = a.use_shared(&shared);
+    let again = a.use_shared(&shared).unwrap();
     assert!(matches!(a.release_shared(again), Err(Error::InFlight { .. })));
     a.submit().unwrap();
     out.clear();
     a.wait(1, &mut out, Some(Duration::from_secs(5))).unwrap();
     a.release_shared(again).unwrap();
     // The ring's clone kept it alive: dropped by all, it is unregistered.
-    let kept = b.use_shared(&shared);
+    let kept = b.use_shared(&shared).unwrap();
     drop(shared);
     assert_eq!(b.session().stats().unwrap().buffers, 1, "still registered while ring b uses it");
     b.release_shared(kept).unwrap();

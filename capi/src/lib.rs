@@ -305,6 +305,7 @@ impl From<Error> for Failure {
             Error::OutOfBuffer { .. } => NVMED_E_OUT_OF_BUFFER,
             Error::InFlight { .. } => NVMED_E_IN_FLIGHT,
             Error::BadSegments(_) => NVMED_E_BAD_SEGMENTS,
+            Error::NoBuffer | Error::ForeignBuffer(_) | Error::WaitBeyondOutstanding { .. } => NVMED_E_INVAL,
             Error::Io(_) => NVMED_E_IO,
             Error::Timeout => NVMED_E_TIMEOUT,
             // The broker is gone and did not come back within the reconnect budget.

@@ -73,6 +73,23 @@ pub enum Error {
         /// Length.
         len: u64,
     },
+    /// A read or write names no buffer ([`crate::Io::read`] and [`crate::Io::write`] do).
+    #[error("a read or write needs a buffer")]
+    NoBuffer,
+    /// The shared buffer belongs to another session (buffer ids are per session).
+    #[error("buffer {0} belongs to another session")]
+    ForeignBuffer(u32),
+    /// A wait for more completions than requests are in flight (submitted and not reaped):
+    /// it could never end.
+    #[error(
+        "waiting for {wanted} completions, but only {outstanding} requests are in flight (submit first?)"
+    )]
+    WaitBeyondOutstanding {
+        /// Completions still wanted.
+        wanted: usize,
+        /// Requests submitted and not yet completed.
+        outstanding: usize,
+    },
     /// A vectored request's segment list is not one the library can account for.
     #[error("bad segment list: {0}")]
     BadSegments(String),

@@ -368,8 +368,6 @@ pub struct NvmeRing {
     submit_fd: OwnedFd,
     complete_fd: OwnedFd,
     buffers: BufferTable,
-    /// Lengths of the session's shared buffers this ring used (no lock per request).
-    shared_lens: session::SharedLens,
     pending: Slab<Pending>,
     /// Range lists of finished vectored requests, reused so steady-state I/O allocates nothing.
     spare_ranges: Vec<Vec<Range>>,
@@ -429,7 +427,6 @@ impl NvmeRing {
             submit_fd: a.submit_fd,
             complete_fd: a.complete_fd,
             buffers: BufferTable::default(),
-            shared_lens: session::SharedLens::default(),
             pending: Slab::with_capacity(a.sq_entries as usize),
             spare_ranges: Vec::new(),
             spin: opts.spin,
@@ -603,12 +600,47 @@ impl Attached {
     /// Asks the broker for a ring and maps it.
     fn create(session: &SessionInner, sq_entries: u32, cq_entries: u32, thread: Option<u16>) -> Result<Self> {
         let req = Request::CreateRing { sq_entries, cq_entries, thread };
-        let (resp, mut fds, sock, epoch) = session.call_on_connection(&req, &[])?;
+        let (resp, fds, sock, epoch) = session.call_on_connection(&req, &[])?;
         let Response::RingCreated { sq_entries, cq_entries, size, ring_id, thread } = resp else {
             return Err(unexpected(resp));
         };
+        let (mem, submit_fd, complete_fd) = match Self::attach(fds, sq_entries, cq_entries, size) {
+            Ok(a) => a,
+            Err(e) => {
+                // The broker made it: closed there too, not left to the session's end.
+                let _ = session.call_on_epoch(epoch, &Request::CloseRing { ring_id });
+                return Err(e);
+            }
+        };
+        let layout = RingLayout::new(sq_entries, cq_entries).map_err(|e| Error::Protocol(e.to_string()))?;
+        Ok(Self {
+            sock,
+            epoch,
+            ring_id,
+            thread,
+            sq_entries,
+            cq_entries,
+            sq: Producer::new(submission_ring(mem.clone(), &layout), 0),
+            cq: Consumer::new(completion_ring(mem.clone(), &layout), 0),
+            mem,
+            submit_fd,
+            complete_fd,
+        })
+    }
+
+    /// Checks and maps what a ring's creation handed over: (memory, submit doorbell,
+    /// completion doorbell).
+    fn attach(
+        mut fds: Vec<OwnedFd>,
+        sq_entries: u32,
+        cq_entries: u32,
+        size: u64,
+    ) -> Result<(Arc<SharedMemory>, OwnedFd, OwnedFd)> {
         if fds.len() != 3 {
-            return Err(Error::Protocol(format!("ring reply carried {} fds, expected 3", fds.len())));
+            return Err(Error::Protocol(format!(
+                "ring reply carried {} fds, expected 3 (fewer: was this process out of file descriptors?)",
+                fds.len()
+            )));
         }
         let layout = RingLayout::new(sq_entries, cq_entries).map_err(|e| Error::Protocol(e.to_string()))?;
         if size as usize != layout.total_size {
@@ -634,19 +666,7 @@ impl Attached {
         if header != layout.header() || header.magic != RING_MAGIC || header.version != RING_VERSION {
             return Err(Error::Protocol(format!("bad ring header {header:?}")));
         }
-        Ok(Self {
-            sock,
-            epoch,
-            ring_id,
-            thread,
-            sq_entries,
-            cq_entries,
-            sq: Producer::new(submission_ring(mem.clone(), &layout), 0),
-            cq: Consumer::new(completion_ring(mem.clone(), &layout), 0),
-            mem,
-            submit_fd,
-            complete_fd,
-        })
+        Ok((mem, submit_fd, complete_fd))
     }
 }
 
@@ -702,12 +722,16 @@ impl NvmeRing {
 
     /// Uses a buffer of the session's ([`NvmeSession::register_shared`]) as if it were this
     /// ring's own for accounting: the ring keeps it alive (a clone) and counts its requests on
-    /// it, so [`NvmeRing::release_shared`] can say when none is left. (Requests may name any
-    /// shared buffer of the session without this; what it adds is knowing when this ring is done
-    /// with one, say before giving up guest RAM that is being removed.) Its memory is still
-    /// reached only through the [`SharedBuffer`]: [`NvmeRing::buffer`] refuses it.
-    pub fn use_shared(&mut self, buf: &SharedBuffer) -> BufferId {
+    /// it, so [`NvmeRing::release_shared`] can say when none is left. (A request naming a
+    /// shared buffer of the session does this too, at its first use on this ring: the id is
+    /// then not unregistered, and so not given to another buffer, while this ring holds it.)
+    /// Its memory is still reached only through the [`SharedBuffer`]: [`NvmeRing::buffer`]
+    /// refuses it. A buffer of another session is refused ([`Error::ForeignBuffer`]).
+    pub fn use_shared(&mut self, buf: &SharedBuffer) -> Result<BufferId> {
         let id = buf.id();
+        if !buf.of_session(&self.session) {
+            return Err(Error::ForeignBuffer(id.0));
+        }
         if self.buffers.get(&id.0).is_none() {
             // Requests already in flight on it count too (as `push` would have counted them).
             let in_flight = self
@@ -717,7 +741,7 @@ impl NvmeRing {
                 .sum();
             self.buffers.insert(id.0, ClientBuffer { mem: Held::Shared(buf.clone()), in_flight });
         }
-        id
+        Ok(id)
     }
 
     /// Stops using a shared buffer taken with [`NvmeRing::use_shared`], once none of this
@@ -807,7 +831,12 @@ impl NvmeRing {
     fn in_buffer(&mut self, id: u32, offset: u64, len: u64) -> Result<()> {
         let size = match self.buffers.get(&id) {
             Some(b) => b.mem.len() as u64,
-            None => self.shared_lens.get(&self.session, id).ok_or(Error::UnknownBuffer(id))?,
+            None => {
+                // A shared buffer's first use on this ring: the ring holds it from now on.
+                let shared = self.session.shared_buffer(id).ok_or(Error::UnknownBuffer(id))?;
+                self.use_shared(&shared)?;
+                shared.len() as u64
+            }
         };
         if offset.checked_add(len).is_none_or(|e| e > size) {
             return Err(Error::OutOfBuffer { id, offset, len, size });
@@ -836,6 +865,8 @@ impl NvmeRing {
             None if io.op.is_vectored() => {
                 return Err(Error::BadSegments("a vectored request needs a segment list".into()))
             }
+            // (Buffer 0 is a buffer like any other: it must be named, and is then accounted.)
+            None if io.op.uses_buffer() => return Err(Error::NoBuffer),
             None => (0, 0),
         };
         let sqe = Sqe {

@@ -20,7 +20,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
 
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
@@ -114,11 +114,10 @@ pub(crate) struct SessionInner {
     /// The connection's epoch, readable without waiting for a call in progress.
     epoch: AtomicU64,
     namespaces: Vec<NamespaceInfo>,
-    /// Buffers registered for every ring ([`SharedBuffer`]): id -> length.
-    shared: Mutex<HashMap<u32, u64>>,
-    /// Bumped (under `shared`'s lock) whenever a shared buffer comes or goes: rings keep a
-    /// copy of the lengths they looked up and read only this word per request.
-    shared_generation: AtomicU64,
+    /// Buffers registered for every ring ([`SharedBuffer`]), by id. A ring whose request
+    /// names one takes a clone (see `NvmeRing::prep`), so its id is not given to another
+    /// buffer while that ring may still use it.
+    shared: Mutex<HashMap<u32, Weak<SharedInner>>>,
     /// Every buffer registered (shared and rings' own), by id.
     registrations: Mutex<BTreeMap<u32, Registration>>,
 }
@@ -275,23 +274,9 @@ impl SessionInner {
         &self.namespaces
     }
 
-    /// Length of a shared buffer of this session.
-    pub(crate) fn shared_len(&self, id: u32) -> Option<u64> {
-        lock(&self.shared).get(&id).copied()
-    }
-
-    /// Changes whenever a shared buffer is registered or dropped (see [`SharedLens`]).
-    pub(crate) fn shared_generation(&self) -> u64 {
-        self.shared_generation.load(Ordering::Acquire)
-    }
-
-    fn set_shared(&self, id: u32, len: Option<u64>) {
-        let mut shared = lock(&self.shared);
-        match len {
-            Some(len) => shared.insert(id, len),
-            None => shared.remove(&id),
-        };
-        self.shared_generation.fetch_add(1, Ordering::Release);
+    /// Shared buffer `id` of this session, if it has one (and it is not being dropped).
+    pub(crate) fn shared_buffer(&self, id: u32) -> Option<SharedBuffer> {
+        lock(&self.shared).get(&id).and_then(Weak::upgrade).map(|inner| SharedBuffer { inner })
     }
 }
 
@@ -363,7 +348,6 @@ impl NvmeSession {
             epoch: AtomicU64::new(0),
             namespaces,
             shared: Mutex::new(HashMap::new()),
-            shared_generation: AtomicU64::new(0),
             registrations: Mutex::new(BTreeMap::new()),
         };
         Ok(Self { inner: Arc::new(inner) })
@@ -440,8 +424,9 @@ impl NvmeSession {
     /// Registers `buf` for every ring of the session (see [`SharedBuffer`]).
     pub fn register_shared(&self, buf: MemfdBuffer) -> Result<SharedBuffer> {
         let id = register(&self.inner, &buf)?;
-        self.inner.set_shared(id, Some(buf.len() as u64));
-        Ok(SharedBuffer { inner: Arc::new(SharedInner { mem: buf, id, session: self.inner.clone() }) })
+        let inner = Arc::new(SharedInner { mem: buf, id, session: self.inner.clone() });
+        lock(&self.inner.shared).insert(id, Arc::downgrade(&inner));
+        Ok(SharedBuffer { inner })
     }
 
     /// Sends a raw control request (for testing the broker).
@@ -472,10 +457,9 @@ pub(crate) fn register(session: &SessionInner, buf: &MemfdBuffer) -> Result<u32>
 /// Unregisters buffer `id` (answered once no request uses it). A broker gone has released it
 /// already: `reconnect` says whether to connect again for it.
 pub(crate) fn unregister(session: &SessionInner, id: u32, reconnect: bool) -> Result<()> {
-    lock(&session.registrations).remove(&id);
     let req = Request::UnregisterBuffer { buffer_id: id };
     let r = if reconnect { session.call(&req, &[]) } else { session.call_once(&req, &[]) };
-    match r {
+    let r = match r {
         Ok((Response::BufferUnregistered, _)) => Ok(()),
         // Not registered again after a reconnect (it was being unregistered): it is gone.
         Err(Error::Refused(nvmed_proto::ControlError::UnknownBuffer(_))) if session.reconnects() > 0 => {
@@ -483,7 +467,15 @@ pub(crate) fn unregister(session: &SessionInner, id: u32, reconnect: bool) -> Re
         }
         Ok((resp, _)) => Err(unexpected(resp)),
         Err(e) => Err(e),
+    };
+    // Forgotten once gone. A buffer its ring keeps (the unregister failed: the broker kept it
+    // for a failed device, or the broker is unreachable) stays on record, so a reconnect
+    // registers it again under its id instead of giving that id to another buffer. (A shared
+    // buffer's last handle, `reconnect == false`, is gone either way.)
+    if r.is_ok() || !reconnect {
+        lock(&session.registrations).remove(&id);
     }
+    r
 }
 
 /// A buffer registered for every ring of a session, usable in requests of any of them.
@@ -491,12 +483,9 @@ pub(crate) fn unregister(session: &SessionInner, id: u32, reconnect: bool) -> Re
 /// Its memory is reached only by copying ([`SharedBuffer::read_at`], [`SharedBuffer::write_at`])
 /// or through raw pointers: several threads and the device may use it at once, so no Rust
 /// reference into it is handed out. It is unregistered when the last clone is dropped (after the
-/// I/O using it drains).
-///
-/// Drop the last clone only once the requests naming it have completed: the broker waits for
-/// the requests *it has taken* that use the buffer, but a request still queued in a ring
-/// (prepared, or published and not yet taken) names only its id, which the broker may give to
-/// the next buffer the session registers.
+/// I/O using it drains). A ring whose request names it holds a clone from then on (until
+/// [`crate::NvmeRing::release_shared`] or the ring's end), so its id is never given to another
+/// buffer while a request of that ring may still name it.
 #[derive(Debug, Clone)]
 pub struct SharedBuffer {
     inner: Arc<SharedInner>,
@@ -511,13 +500,24 @@ struct SharedInner {
 
 impl Drop for SharedInner {
     fn drop(&mut self) {
-        self.session.set_shared(self.id, None);
+        {
+            let mut shared = lock(&self.session.shared);
+            // (Unless a buffer registered since took the id: not before the unregister below.)
+            if shared.get(&self.id).is_some_and(|w| w.strong_count() == 0) {
+                shared.remove(&self.id);
+            }
+        }
         // Answered once no request uses it any more; a broker gone has released it already.
         let _ = unregister(&self.session, self.id, false);
     }
 }
 
 impl SharedBuffer {
+    /// Whether it is a buffer of `session`.
+    pub(crate) fn of_session(&self, session: &Arc<SessionInner>) -> bool {
+        Arc::ptr_eq(&self.inner.session, session)
+    }
+
     /// Its id, for requests of any ring of the session.
     pub fn id(&self) -> BufferId {
         BufferId(self.inner.id)
@@ -576,7 +576,15 @@ fn call(sock: &OwnedFd, req: &Request, fds: &[BorrowedFd<'_>]) -> Result<(Respon
         return Err(Error::Os { what: "sending a control request", source: e.into() });
     }
     // A broker that refused the connection may have closed it after saying why: read that.
-    let msg = transport::recv(sock.as_fd()).map_err(|_| Error::BrokerGone)?;
+    let msg = match transport::recv(sock.as_fd()) {
+        Ok(m) => m,
+        Err(transport::TransportError::Closed) => return Err(Error::BrokerGone),
+        // Not a hang-up: the broker (and this session there) may well be alive, so this is no
+        // reason to connect again (a second session would run the same requests).
+        Err(transport::TransportError::Io(e)) => {
+            return Err(Error::Os { what: "receiving a control reply", source: e.into() })
+        }
+    };
     if msg.truncated {
         return Err(Error::Protocol(format!(
             "a reply longer than {} bytes",
@@ -591,35 +599,4 @@ fn call(sock: &OwnedFd, req: &Request, fds: &[BorrowedFd<'_>]) -> Result<(Respon
         return Err(Error::Refused(e));
     }
     Ok((resp, msg.fds))
-}
-
-/// A ring's copy of the lengths of the session's shared buffers it used, so that checking a
-/// request's range costs no lock and no hashing: valid while the session's
-/// [`shared generation`](SessionInner::shared_generation) is the one it was filled at.
-#[derive(Debug, Default)]
-pub(crate) struct SharedLens {
-    generation: u64,
-    /// Length by buffer id; 0: not looked up yet (buffers are never empty).
-    lens: Vec<u64>,
-}
-
-impl SharedLens {
-    /// Length of shared buffer `id`, if the session has one.
-    pub(crate) fn get(&mut self, session: &SessionInner, id: u32) -> Option<u64> {
-        let generation = session.shared_generation();
-        if generation != self.generation {
-            self.lens.clear();
-            self.generation = generation;
-        }
-        if let Some(&len) = self.lens.get(id as usize).filter(|&&l| l > 0) {
-            return Some(len);
-        }
-        let len = session.shared_len(id)?;
-        // Ids are small dense integers the broker hands out.
-        if self.lens.len() <= id as usize {
-            self.lens.resize(id as usize + 1, 0);
-        }
-        self.lens[id as usize] = len;
-        Some(len)
-    }
 }

@@ -46,6 +46,11 @@ impl NvmeRing {
             self.spin_paid();
             return Ok(got);
         }
+        // Requests queued but not submitted never complete: a wait for them would never end.
+        let outstanding = self.pending.len().saturating_sub(self.sq.unpublished() as usize);
+        if min - got > outstanding {
+            return Err(Error::WaitBeyondOutstanding { wanted: min - got, outstanding });
+        }
         // Read at the first clock check (after 64 looks), not now: a wait its first looks
         // satisfy (most of them, for a busy ring) reads no clock. Timeouts and the spin budget
         // count from there, a few microseconds late.

@@ -352,7 +352,7 @@ impl Worker {
             let err = |source| RegionError::Register { gpa: spec.gpa, len: spec.len, source };
             let shared =
                 self.shared_regions.get_or_register(&spec, file, &self.ring.session()).map_err(err)?;
-            let buffer = self.ring.use_shared(&shared);
+            let buffer = self.ring.use_shared(&shared).map_err(err)?;
             tracing::debug!(
                 queue = self.index,
                 gpa = spec.gpa,
