@@ -955,7 +955,9 @@ impl Broker {
                 max_transfer: info.max_transfer,
                 max_request,
                 write_zeroes: info.write_zeroes,
-                max_write_zeroes: info.max_write_zeroes.unwrap_or(u64::MAX),
+                // Without WZSL (controllers before NVMe 2.0 mostly), at most MDTS per command, as
+                // Linux caps it: some firmware enforces MDTS on Write Zeroes too.
+                max_write_zeroes: info.max_write_zeroes.unwrap_or(u64::from(info.max_transfer)),
                 deallocate: info.dsm,
                 max_deallocate_blocks: info.max_deallocate_blocks.unwrap_or(u32::MAX),
                 sgl: info.sgl,

@@ -462,8 +462,20 @@ impl Controller {
         // random writes).
         // CNS 03h came with NVMe 1.3: an older controller may time out on it rather than
         // refuse it (Linux asks only from 1.3 on); its namespaces are NVM ones.
+        // Some that claim 1.3 never answer it (Linux's NVME_QUIRK_NO_NS_DESC_LIST): waited for
+        // as long as an optional Identify, then taken as none.
         let descriptors = if self.device.read32(REG_VS) >= 0x0001_0300 {
-            self.identify_into_scratch(admin::CNS_NS_DESCRIPTORS, nsid)
+            let timeout = OPTIONAL_IDENTIFY_TIMEOUT.min(self.admin_timeout);
+            match self.identify_into_scratch_within(admin::CNS_NS_DESCRIPTORS, nsid, timeout) {
+                Err(DriverError::Timeout { ms, .. }) => {
+                    warn!(nsid, ms, "no answer to Identify Namespace Identification Descriptors (CNS 03h); taking the namespace as NVM");
+                    Err(DriverError::CommandFailed {
+                        opcode: admin::IDENTIFY,
+                        status: nvmed_proto::Status::Nvme(nvmed_proto::NvmeStatus::from_status_field(0x2)),
+                    })
+                }
+                other => other,
+            }
         } else {
             Err(DriverError::CommandFailed {
                 opcode: admin::IDENTIFY,
@@ -650,8 +662,21 @@ impl Controller {
         Ok(())
     }
 
-    /// Normal shutdown (CC.SHN), waiting for CSTS.SHST = complete.
+    /// Normal shutdown (CC.SHN), waiting for CSTS.SHST = complete. A controller that is not
+    /// ready or reports a fatal status is left alone (it would never report the shutdown done:
+    /// as Linux, no shutdown for a dead controller).
     pub fn shutdown(&mut self) -> Result<(), DriverError> {
+        let csts = self.device.read32(REG_CSTS);
+        if csts == u32::MAX {
+            return Err(DriverError::DeviceGone);
+        }
+        if csts & CSTS_RDY == 0 || csts & CSTS_CFS != 0 {
+            warn!(
+                csts = format_args!("{csts:#x}"),
+                "controller not ready or failed: no shutdown notification"
+            );
+            return Ok(());
+        }
         let cc = self.device.read32(REG_CC);
         self.device.write32(REG_CC, (cc & !CC_SHN_MASK) | CC_SHN_NORMAL);
         // A drive flushing its volatile cache may take longer than CAP.TO: as Linux, wait what
@@ -766,7 +791,16 @@ fn wait_csts(
     want: u32,
     what: &'static str,
 ) -> Result<(), DriverError> {
-    wait_csts_within(device, cap.timeout_ms().max(500), mask, want, what)
+    let crto = if cap.crwms() { Some(device.read32(REG_CRTO)) } else { None };
+    wait_csts_within(device, ready_timeout_ms(cap, crto), mask, want, what)
+}
+
+/// How long CSTS.RDY may take to change: CAP.TO, or CRTO.CRWMT where the controller reports it
+/// and it is longer (NVMe 2.0 drives that need long to become ready with their media; CAP.TO
+/// stops at 127.5 s), plus half a second, as Linux waits.
+fn ready_timeout_ms(cap: Cap, crto: Option<u32>) -> u64 {
+    let crwmt_ms = crto.filter(|&c| c != u32::MAX).map_or(0, |c| u64::from(c & 0xffff) * 500);
+    cap.timeout_ms().max(crwmt_ms) + 500
 }
 
 fn wait_csts_within(
@@ -909,6 +943,34 @@ mod tests {
         assert_eq!(ctrl.admin_lost.len(), 1);
         // The admin queue still answers.
         assert_eq!(ctrl.smart_log().unwrap().temperature_kelvin, 313);
+    }
+
+    #[test]
+    fn a_controller_that_never_answers_the_descriptor_list_still_serves_its_namespace() {
+        use crate::emulator::inject::{FaultAction, FaultRule};
+        let namespaces = vec![EmulatedNamespace {
+            backend: Box::new(MemoryBackend::new(1 << 20).unwrap()),
+            lba_size: 512,
+        }];
+        let faults =
+            vec![FaultRule { nth: 3, action: FaultAction::IdentifyHang, bad_block: None, controller: None }];
+        let config = EmulatorConfig { namespaces, vectors: 1, faults, ..Default::default() };
+        let dev: Arc<dyn NvmeDevice> = Arc::new(EmulatedController::new(config).unwrap());
+        let space = Arc::new(IovaSpace::new(&dev.iova_ranges()).unwrap());
+        let started = Instant::now();
+        let ctrl = Controller::init(dev, space).unwrap();
+        assert!(started.elapsed() < ADMIN_TIMEOUT, "{:?}", started.elapsed());
+        assert_eq!(ctrl.info().namespaces, vec![Namespace { nsid: 1, lba_size: 512, lba_count: 2048 }]);
+    }
+
+    #[test]
+    fn ready_waits_follow_crto_where_it_is_longer_plus_half_a_second() {
+        let cap = |to: u64, crwms: bool| Cap((to << 24) | (u64::from(crwms) << 59));
+        assert_eq!(ready_timeout_ms(cap(20, false), None), 10_500);
+        assert_eq!(ready_timeout_ms(cap(20, true), Some(600)), 300_500, "CRWMT 300 s beyond CAP.TO");
+        assert_eq!(ready_timeout_ms(cap(20, true), Some(4)), 10_500, "CAP.TO when longer");
+        assert_eq!(ready_timeout_ms(cap(20, true), Some(u32::MAX)), 10_500, "a register read as all ones");
+        assert_eq!(ready_timeout_ms(cap(0, false), None), 500);
     }
 
     #[test]

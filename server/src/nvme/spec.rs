@@ -22,6 +22,9 @@ pub const REG_ASQ: u64 = 0x28;
 pub const REG_ACQ: u64 = 0x30;
 /// First doorbell.
 pub const REG_DOORBELL_BASE: u64 = 0x1000;
+/// Controller Ready Timeouts (NVMe 2.0; valid when CAP.CRMS.CRWMS is set): CRWMT in bits 15:0,
+/// CRIMT in bits 31:16, both in 500 ms units.
+pub const REG_CRTO: u64 = 0x68;
 
 /// CC.EN.
 pub const CC_EN: u32 = 1;
@@ -55,6 +58,11 @@ impl Cap {
     /// Worst-case time for CSTS.RDY to change, in milliseconds.
     pub fn timeout_ms(self) -> u64 {
         ((self.0 >> 24) & 0xff) * 500
+    }
+    /// Whether CRTO reports the controller's time to become ready with its media (CAP.CRMS.CRWMS,
+    /// bit 59, NVMe 2.0).
+    pub fn crwms(self) -> bool {
+        (self.0 >> 59) & 1 == 1
     }
     /// Doorbell stride exponent.
     pub fn dstrd(self) -> u32 {
