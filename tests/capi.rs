@@ -85,7 +85,7 @@ fn broker_limits_and_bad_calls_come_back_as_codes_with_the_brokers_words() {
         "alloc 1 MiB: -3 [the broker refused the request] broker refused the request: bad buffer length 1048576: larger than the limit of 65536 bytes",
         "alloc 16 KiB: 0",
         "null ring: -1 [invalid argument] the ring handle is NULL",
-        "wait with nothing in flight: -14 [timed out]",
+        "wait with nothing in flight: -1 [invalid argument]",
         "open missing: -2 [cannot connect to the broker] cannot connect to the broker at /nonexistent/nvmed.sock: ENOENT: No such file or directory",
     ];
     for line in expect {

@@ -103,13 +103,17 @@ fn rings_on_two_threads_share_one_registration() {
     let stats = session.stats().unwrap();
     assert_eq!((stats.buffers, stats.rings), (1, 2));
     assert!(shared.read_at(2 * MIB - 1, &mut [0u8; 2]).is_err(), "range past the end accepted");
-    // Dropping the last handle unregisters it.
+    // The rings that named it hold it (its id must not name another buffer while a request of
+    // theirs may): dropping the caller's handle leaves it registered until they release it.
     let id = shared.id();
     drop(shared);
+    assert_eq!(session.stats().unwrap().buffers, 1);
+    writer.release_shared(id).unwrap();
+    reader.release_shared(id).unwrap();
     assert_eq!(session.stats().unwrap().buffers, 0);
     assert_eq!(session.stats().unwrap().broker_buffer_iova_bytes, 0);
-    // The rings kept its length from their requests; they see it gone, and a smaller buffer
-    // registered next (perhaps under the same id) by its own length.
+    // Gone: refused, and a smaller buffer registered next (perhaps under the same id) is
+    // checked by its own length.
     let refused = writer.prep(Io::read(ns, 0, 4096, id, 0));
     assert!(matches!(refused, Err(Error::UnknownBuffer(_))), "{refused:?}");
     let small = session.alloc_shared(MIB as usize).unwrap();

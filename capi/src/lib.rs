@@ -912,7 +912,8 @@ pub unsafe extern "C" fn nvmed_poll(ring: *mut nvmed_ring, out: *mut nvmed_compl
 /// briefly, then sleeps on the completion doorbell. `timeout_us` < 0 waits forever. Returns how
 /// many; fewer than `min` only when the timeout passed after some arrived (none:
 /// `NVMED_E_TIMEOUT`), or when the ring failed after some arrived (they are returned first; the
-/// failure is returned by the next call).
+/// failure is returned by the next call). Asking for more than can come (requests submitted and
+/// not yet reaped) fails at once with `NVMED_E_INVAL` instead of waiting for nothing.
 ///
 /// # Safety
 /// `ring` is a live handle; `out` is valid for writing `max` `nvmed_completion`s.
