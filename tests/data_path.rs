@@ -638,8 +638,17 @@ fn the_example_config_is_valid() {
     std::fs::write(&cfg, text).unwrap();
     let args = ["--config", cfg.to_str().unwrap(), "--size", "8M"].map(String::from);
     let mut broker = TestBroker::spawn(dir.clone(), socket.clone(), &args);
-    // uid 0 has no grant and default-access is none: it sees no namespace.
-    assert!(NvmeRing::open(&socket).unwrap().namespaces().is_empty());
+    // uid 0 has no grant and default-access is none: it sees no namespace, and may not pin
+    // memory meanwhile.
+    let mut ring = NvmeRing::open(&socket).unwrap();
+    assert!(ring.namespaces().is_empty());
+    match ring.alloc_buffer(4096) {
+        Err(Error::Refused(nvmed_proto::ControlError::BufferLimit(m))) => {
+            assert!(m.contains("no namespace"), "{m}")
+        }
+        other => panic!("a uid without access registered memory: {other:?}"),
+    }
+    drop(ring);
     assert!(broker.stop());
     let _ = std::fs::remove_dir_all(dir);
 }

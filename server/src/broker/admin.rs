@@ -122,7 +122,7 @@ fn accept_loop(
                 continue;
             }
         };
-        if !authorized(&cred, group.as_ref()) {
+        if !authorized(&cred, sock.as_fd(), group.as_ref()) {
             warn!(
                 uid = cred.uid(),
                 pid = cred.pid(),
@@ -169,17 +169,58 @@ fn accept_loop(
     }
 }
 
-/// Root, the broker's own uid, or a member of the admin group.
-pub(super) fn authorized(cred: &UnixCredentials, group: Option<&AdminGroup>) -> bool {
+/// Root, the broker's own uid, or a member of the admin group (the peer of `sock`, whose
+/// credentials are `cred`).
+pub(super) fn authorized(
+    cred: &UnixCredentials,
+    sock: std::os::fd::BorrowedFd<'_>,
+    group: Option<&AdminGroup>,
+) -> bool {
     if cred.uid() == 0 || cred.uid() == nix::unistd::geteuid().as_raw() {
         return true;
     }
     let Some(g) = group else { return false };
-    cred.gid() == g.gid || supplementary_groups(cred.pid()).contains(&g.gid)
+    cred.gid() == g.gid
+        || peer_groups(sock).unwrap_or_else(|| supplementary_groups(cred.pid())).contains(&g.gid)
+}
+
+/// The supplementary groups the peer of a Unix socket had when it connected (SO_PEERGROUPS,
+/// Linux 4.13+): recorded by the kernel, so never another process's (a pid read later from
+/// /proc may have been reused). `None` where the kernel does not say.
+fn peer_groups(sock: std::os::fd::BorrowedFd<'_>) -> Option<Vec<u32>> {
+    const SO_PEERGROUPS: libc::c_int = 59; // asm-generic (x86, arm); not in the libc crate's stable API
+    let mut groups = vec![0u32; 64];
+    loop {
+        let mut len = (groups.len() * size_of::<u32>()) as libc::socklen_t;
+        // SAFETY: getsockopt writes at most `len` bytes into `groups`, which holds that many.
+        let rc = unsafe {
+            libc::getsockopt(
+                sock.as_raw_fd(),
+                libc::SOL_SOCKET,
+                SO_PEERGROUPS,
+                groups.as_mut_ptr().cast(),
+                &mut len,
+            )
+        };
+        if rc == 0 {
+            groups.truncate(len as usize / size_of::<u32>());
+            return Some(groups);
+        }
+        // ERANGE: `len` now says how much room the list needs (at most NGROUPS_MAX, 65536).
+        let need = len as usize / size_of::<u32>();
+        if std::io::Error::last_os_error().raw_os_error() != Some(libc::ERANGE)
+            || need <= groups.len()
+            || need > 65536
+        {
+            return None;
+        }
+        groups.resize(need, 0);
+    }
 }
 
 /// A process's supplementary groups (the `Groups:` line of `/proc/PID/status`); empty if it
-/// cannot be read (the process is gone: then it is refused).
+/// cannot be read (the process is gone: then it is refused). For kernels without
+/// SO_PEERGROUPS.
 fn supplementary_groups(pid: i32) -> Vec<u32> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
     parse_groups(&status)
@@ -513,5 +554,17 @@ mod tests {
         assert_eq!(parse_groups(""), Vec::<u32>::new());
         // This process's own line parses.
         let _ = supplementary_groups(std::process::id() as i32);
+    }
+
+    #[test]
+    fn a_peers_groups_come_from_the_socket() {
+        use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
+        let (a, _b) =
+            socketpair(AddressFamily::Unix, SockType::Stream, None, SockFlag::SOCK_CLOEXEC).unwrap();
+        let mut got = peer_groups(a.as_fd()).expect("SO_PEERGROUPS (Linux 4.13+)");
+        let mut mine: Vec<u32> = nix::unistd::getgroups().unwrap().iter().map(|g| g.as_raw()).collect();
+        got.sort_unstable();
+        mine.sort_unstable();
+        assert_eq!(got, mine);
     }
 }

@@ -77,7 +77,8 @@ struct Connection {
 pub fn serve(shared: Arc<Shared>, sock: OwnedFd, id: u64, uid: u32) {
     let cred = getsockopt(&sock, sockopt::PeerCredentials).ok();
     let pid = cred.map_or(0, |c| c.pid());
-    let operator = cred.is_some_and(|c| super::admin::authorized(&c, shared.admin_group.as_ref()));
+    let operator =
+        cred.is_some_and(|c| super::admin::authorized(&c, sock.as_fd(), shared.admin_group.as_ref()));
     let mut conn = Connection {
         shared,
         sock,
@@ -620,6 +621,15 @@ impl Connection {
             return Err(ControlError::TooManyFds { limit: 1 });
         }
         let fd = fds.pop().ok_or(ControlError::MissingFd)?;
+        // Memory is pinned for I/O: a uid that may reach no namespace has none to do, and must
+        // not hold the broker's pinned bytes (or its IOVA space) meanwhile.
+        if self.namespaces.is_empty() {
+            return Err(ControlError::BufferLimit(format!(
+                "uid {} may reach no namespace (no --grant for it, and --default-access none): \
+                 it may not register memory",
+                self.uid
+            )));
+        }
         let cfg = &self.shared.config;
         // Ids held for a failed device count: every id handed out stays below the limit.
         if self.buffers.taken() as u64 >= cfg.max_buffers_per_session {

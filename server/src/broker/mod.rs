@@ -24,7 +24,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{channel, Sender};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use nix::sys::socket::{accept4, bind, listen, socket, AddressFamily, Backlog, SockFlag, SockType, UnixAddr};
 use nvmed_proto::{ControlError, Response};
@@ -481,8 +481,14 @@ impl Shared {
             if !first.iter().any(|id| conns.contains_key(id)) {
                 return Some(first.len() as u32);
             }
+            // The asker's own session ended meanwhile (it hung up, was killed or withdrawn, or
+            // the broker is stopping): no one is waiting any more.
+            if conns.get(&me).is_none_or(|(_, fd)| nvmed_proto::transport::peer_closed(fd.as_fd())) {
+                return None;
+            }
             let left = deadline.checked_duration_since(std::time::Instant::now())?;
-            conns = self.connection_ended.wait_timeout(conns, left).unwrap_or_else(|p| p.into_inner()).0;
+            let slice = left.min(Duration::from_millis(100));
+            conns = self.connection_ended.wait_timeout(conns, slice).unwrap_or_else(|p| p.into_inner()).0;
         }
     }
 
@@ -1027,8 +1033,23 @@ impl Broker {
             for (_, fd) in conns.values() {
                 let _ = nix::sys::socket::shutdown(fd.as_raw_fd(), nix::sys::socket::Shutdown::Both);
             }
+            // A client thread may be held (closing a descriptor its client sent can block as
+            // long as that client likes): after the longest a session's drain can take, the
+            // broker stops without it; the I/O threads below still drain every ring first.
+            let io_timeout = self.shared.config.io_timeout;
+            let deadline = Instant::now() + io_timeout + io_timeout + Duration::from_secs(5);
             while !conns.is_empty() {
-                conns = self.shared.connection_ended.wait(conns).unwrap_or_else(|p| p.into_inner());
+                let Some(left) = deadline.checked_duration_since(Instant::now()) else {
+                    let held: Vec<u64> = conns.keys().copied().collect();
+                    error!(sessions = ?held, "client threads did not end; stopping without them");
+                    break;
+                };
+                conns = self
+                    .shared
+                    .connection_ended
+                    .wait_timeout(conns, left)
+                    .unwrap_or_else(|p| p.into_inner())
+                    .0;
             }
         }
         let replies: Vec<_> = self

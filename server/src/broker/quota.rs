@@ -64,9 +64,10 @@ const MAPS_PER_CONNECTION: u64 = 8;
 
 /// File descriptors the broker keeps for itself (listeners, devices, epoll, logs).
 const FDS_RESERVED: u64 = 256;
-/// Descriptors one connection may hold: its socket and those of one message being handled
-/// (received with room for one more than allowed, so that more are seen as too many).
-const FDS_PER_CONNECTION: u64 = 2 + nvmed_proto::control::MAX_FDS_PER_MESSAGE as u64;
+/// Descriptors one connection may hold: its socket and the copy kept to close it at shutdown,
+/// and those of one message being handled (received with room for one more than allowed, so
+/// that more are seen as too many; more than the three a new ring's reply holds for a moment).
+const FDS_PER_CONNECTION: u64 = 2 + nvmed_proto::control::MAX_FDS_PER_MESSAGE as u64 + 1;
 /// Descriptors one ring holds in the broker (its submit and completion doorbells, and the
 /// session thread's copy of the submit doorbell).
 const FDS_PER_RING: u64 = 3;
@@ -228,7 +229,8 @@ impl Quotas {
         let i = resource.index();
         let mut c = self.counts.lock().unwrap_or_else(|p| p.into_inner());
         let held = c.bytes.get(&uid).copied().unwrap_or(0);
-        if bytes > 0 && held.saturating_add(bytes) > self.settings.bytes_per_uid {
+        // (A sum past u64::MAX, from a length no buffer can have, is over any limit too.)
+        if bytes > 0 && held.checked_add(bytes).is_none_or(|sum| sum > self.settings.bytes_per_uid) {
             return Err(ControlError::UidLimit {
                 uid,
                 what: format!(
@@ -263,7 +265,7 @@ impl Quotas {
         mine[i] += 1;
         c.total[i] += 1;
         if bytes > 0 {
-            *c.bytes.entry(uid).or_default() += bytes;
+            *c.bytes.entry(uid).or_default() = held + bytes; // checked above
         }
         Ok(Ticket { quotas: self.clone(), resource, uid, bytes, uid_released: Default::default() })
     }
@@ -408,16 +410,26 @@ mod tests {
     }
 
     #[test]
+    fn a_length_whose_sum_overflows_is_refused_not_wrapped() {
+        // No per-uid byte limit (u64::MAX): a client asking for a buffer of ~2^64 bytes on top
+        // of what it holds overflowed the sum (a panic in a debug build).
+        let q = Quotas::new(QuotaSettings { bytes_per_uid: u64::MAX, ..settings() });
+        let _held = q.acquire_buffer(1000, 4096).unwrap();
+        assert!(matches!(q.acquire_buffer(1000, u64::MAX), Err(ControlError::UidLimit { uid: 1000, .. })));
+        assert!(q.acquire_buffer(1000, 4096).is_ok());
+    }
+
+    #[test]
     fn rings_follow_the_open_file_limit() {
         let asked = QuotaRequest { max_sessions: 64, admin_reserve: 4, ..Default::default() };
-        // 1024 descriptors: 256 kept, 80 connections x 5, the rest three per ring.
+        // 1024 descriptors: 256 kept, 80 connections x 6, the rest three per ring.
         let s = QuotaSettings::derive_with_limits(65530, 1024, &asked);
-        assert_eq!(s.total[3], (1024 - 256 - 80 * 5) / 3);
-        assert_eq!(s.per_uid[3], (1024 - 256 - 80 * 5) / 3 / 4);
+        assert_eq!(s.total[3], (1024 - 256 - 80 * 6) / 3);
+        assert_eq!(s.per_uid[3], (1024 - 256 - 80 * 6) / 3 / 4);
         // Asking for more is lowered; never below one ring per session.
         let s =
             QuotaSettings::derive_with_limits(65530, 1024, &QuotaRequest { max_rings: Some(5000), ..asked });
-        assert_eq!(s.total[3], 122);
+        assert_eq!(s.total[3], 96);
         assert_eq!(QuotaSettings::derive_with_limits(65530, 300, &asked).total[3], 64);
         // A uid at its ring limit is refused; rings are not kept for root.
         let q = Quotas::new(settings());
