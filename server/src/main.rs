@@ -206,6 +206,7 @@ fn emulated(args: &Args, controller: u16) -> Result<Arc<dyn NvmeDevice>, Box<dyn
         dmrsl: args.emulator_dmrsl,
         instance: controller,
         model: args.model,
+        ..EmulatorConfig::default()
     })?))
 }
 

@@ -112,6 +112,10 @@ pub struct EmulatorConfig {
     /// [`EmulatorMode::Async`] (which it replaces). Needs the asynchronous mode:
     /// [`EmulatedController::new`] refuses it in synchronous mode.
     pub model: Option<ModelSpec>,
+    /// The NVMe version it reports (VS; default 1.4). Below 1.1 it behaves as NVMe 1.0 did:
+    /// Identify's CNS field is one bit (so CNS 02h, the active namespace list, reads as
+    /// Identify Namespace of NSID 0, and fails).
+    pub version: u32,
 }
 
 /// Testing: how badly a controller ignores attempts to stop it.
@@ -145,6 +149,7 @@ impl Default for EmulatorConfig {
             dmrsl: 0,
             instance: 0,
             model: None,
+            version: 0x0001_0400,
         }
     }
 }
@@ -266,6 +271,8 @@ struct Inner {
     no_write_zeroes: bool,
     dmrsl: u32,
     instance: u16,
+    /// NVMe version reported (see [`EmulatorConfig::version`]).
+    version: u32,
     faults: Vec<FaultRule>,
     wedge: Wedge,
     irq: Vec<OwnedFd>,
@@ -360,6 +367,7 @@ impl EmulatedController {
             wzsl: config.wzsl,
             no_write_zeroes: config.no_write_zeroes,
             dmrsl: config.dmrsl,
+            version: config.version,
             faults: config.faults,
             wedge: config.wedge,
             irq_wanted: (0..vectors).map(|_| AtomicBool::new(false)).collect(),
@@ -977,7 +985,8 @@ impl Inner {
                     return None; // never completes (a reset empties the admin queue)
                 }
                 let mut d = vec![0u8; 4096];
-                match cmd.cdw10 & 0xff {
+                let cns = if self.version < 0x0001_0100 { cmd.cdw10 & 1 } else { cmd.cdw10 & 0xff };
+                match cns {
                     admin::CNS_CONTROLLER => {
                         d[0..2].copy_from_slice(&0x1b36u16.to_le_bytes());
                         put_ascii(
@@ -987,7 +996,7 @@ impl Inner {
                         put_ascii(&mut d[id_ctrl::MN..id_ctrl::MN + 40], "nvmed emulated NVMe controller");
                         put_ascii(&mut d[id_ctrl::FR..id_ctrl::FR + 8], env!("CARGO_PKG_VERSION"));
                         d[id_ctrl::MDTS] = self.mdts;
-                        d[80..84].copy_from_slice(&0x0001_0400u32.to_le_bytes());
+                        d[80..84].copy_from_slice(&self.version.to_le_bytes());
                         d[id_ctrl::SQES] = 0x66;
                         d[id_ctrl::CQES] = 0x44;
                         d[id_ctrl::NN..id_ctrl::NN + 4]
@@ -1457,7 +1466,7 @@ impl NvmeDevice for EmulatedController {
         match offset {
             o if o == REG_CAP => cap as u32,
             o if o == REG_CAP + 4 => (cap >> 32) as u32,
-            o if o == REG_VS => 0x0001_0400,
+            o if o == REG_VS => self.inner.version,
             o if o == REG_INTMS || o == REG_INTMC => st.intms,
             o if o == REG_CC => st.cc,
             o if o == REG_CSTS => st.csts,

@@ -397,16 +397,8 @@ impl Controller {
 
         self.identify_command_set_limits()?;
 
-        self.identify_into_scratch(admin::CNS_ACTIVE_NS_LIST, 0)?;
-        let mut nsids = Vec::new();
-        for i in 0..1024 {
-            let nsid: u32 = self.scratch.mem().read(i * 4);
-            if nsid == 0 {
-                break;
-            }
-            nsids.push(nsid);
-        }
-        for nsid in nsids {
+        let nn = u32::from_le_bytes(id[id_ctrl::NN..id_ctrl::NN + 4].try_into().expect("4 bytes"));
+        for nsid in self.active_namespace_ids(nn)? {
             match self.identify_namespace(nsid)? {
                 Ok(ns) => self.info.namespaces.push(ns),
                 Err(reason) => {
@@ -416,6 +408,60 @@ impl Controller {
             }
         }
         Ok(())
+    }
+
+    /// The active namespace ids, ascending: the Active Namespace ID list (Identify CNS 02h,
+    /// NVMe 1.1 and later), asked again from its last id while a page comes back full. A
+    /// controller before 1.1 (whose CNS field was one bit, so 02h reads as Identify Namespace
+    /// of NSID 0), or one that refuses the list, has each id up to NN tried instead, as Linux
+    /// scans them.
+    fn active_namespace_ids(&mut self, nn: u32) -> Result<Vec<u32>, DriverError> {
+        if self.device.read32(REG_VS) < 0x0001_0100 {
+            return self.scan_namespace_ids(nn);
+        }
+        let mut nsids = Vec::new();
+        let mut after = 0u32;
+        loop {
+            match self.identify_into_scratch(admin::CNS_ACTIVE_NS_LIST, after) {
+                Ok(()) => {}
+                Err(DriverError::CommandFailed { status, .. }) if nsids.is_empty() => {
+                    warn!(%status, nn, "the controller refused the active namespace list (CNS 02h); trying each namespace id");
+                    return self.scan_namespace_ids(nn);
+                }
+                Err(e) => return Err(e),
+            }
+            let mut in_page = 0;
+            for i in 0..ACTIVE_NS_LIST_ENTRIES {
+                let nsid: u32 = self.scratch.mem().read(i * 4);
+                // Ascending and above the id asked from; anything else ends the list.
+                if nsid == 0 || nsid <= after || nsid == u32::MAX {
+                    break;
+                }
+                nsids.push(nsid);
+                after = nsid;
+                in_page += 1;
+            }
+            if in_page < ACTIVE_NS_LIST_ENTRIES || nsids.len() >= MAX_NAMESPACE_IDS {
+                return Ok(nsids);
+            }
+        }
+    }
+
+    /// Namespace ids 1 to `nn` (at most [`MAX_NAMESPACE_IDS`]) whose Identify Namespace succeeds
+    /// with a non-zero size (a zero NSZE is an inactive id).
+    fn scan_namespace_ids(&mut self, nn: u32) -> Result<Vec<u32>, DriverError> {
+        if nn as usize > MAX_NAMESPACE_IDS {
+            warn!(nn, "the controller reports {nn} namespace ids; trying the first {MAX_NAMESPACE_IDS}");
+        }
+        let mut nsids = Vec::new();
+        for nsid in 1..=nn.min(MAX_NAMESPACE_IDS as u32) {
+            match self.identify_into_scratch(admin::CNS_NAMESPACE, nsid) {
+                Ok(()) if self.scratch.mem().read::<u64>(id_ns::NSZE) != 0 => nsids.push(nsid),
+                Ok(()) | Err(DriverError::CommandFailed { .. }) => {} // inactive, or not a namespace
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(nsids)
     }
 
     /// The NVM command set's own limits (Identify CNS 06h): WZSL and DMRSL. Asked only of
@@ -829,6 +875,12 @@ fn wait_csts_within(
     }
 }
 
+/// Entries in one page of the Active Namespace ID list (4 KiB of 32-bit ids).
+const ACTIVE_NS_LIST_ENTRIES: usize = 1024;
+
+/// Most namespace ids a controller is asked about.
+const MAX_NAMESPACE_IDS: usize = 4096;
+
 /// How long an admin command may take while the controller is brought up (as Linux's
 /// `NVME_ADMIN_TIMEOUT`).
 pub const ADMIN_TIMEOUT: Duration = Duration::from_secs(60);
@@ -900,6 +952,31 @@ mod tests {
             EmulatedController::new(EmulatorConfig { namespaces, mdts, vectors: 1, ..Default::default() })
                 .unwrap(),
         )
+    }
+
+    fn namespaces_of(count: usize, version: u32) -> Vec<Namespace> {
+        let namespaces = (0..count)
+            .map(|_| EmulatedNamespace {
+                backend: Box::new(crate::emulator::backend::NullBackend::new(1 << 20)),
+                lba_size: 512,
+            })
+            .collect();
+        let config = EmulatorConfig { namespaces, vectors: 1, version, ..Default::default() };
+        let dev: Arc<dyn NvmeDevice> = Arc::new(EmulatedController::new(config).unwrap());
+        let space = Arc::new(IovaSpace::new(&dev.iova_ranges()).unwrap());
+        Controller::init(dev, space).unwrap().info().namespaces.clone()
+    }
+
+    #[test]
+    fn namespaces_are_found_on_nvme_1_0_and_past_one_page_of_the_list() {
+        // NVMe 1.0: no active namespace list (CNS 02h reads as Identify Namespace 0): each id
+        // up to NN is tried.
+        let found = namespaces_of(3, 0x0001_0000);
+        assert_eq!(found.iter().map(|n| n.nsid).collect::<Vec<_>>(), [1, 2, 3]);
+        // More than one page (1024 ids) of the list: asked again from the last id.
+        let found = namespaces_of(1030, 0x0001_0400);
+        assert_eq!(found.len(), 1030);
+        assert_eq!(found.last().map(|n| n.nsid), Some(1030));
     }
 
     #[test]
