@@ -1230,6 +1230,30 @@ fn a_descriptor_sent_on_a_doorbell_cannot_hold_the_io_thread() {
 }
 
 #[test]
+fn a_controller_that_did_not_come_back_from_a_reset_is_tried_again() {
+    // The second enable (the first reset's) never sets CSTS.RDY: the controller stopped but
+    // did not come back. An operator's next reset brings it back, and I/O is served again.
+    let mut broker = TestBroker::start(&["--inject", "readyfail:2"]);
+    let mut ring = broker.connect();
+    let ns = ring.namespaces()[0].nsid;
+    let buf = ring.alloc_buffer(4096).unwrap();
+    ring.read(ns, 0, buf, 0, 4096).unwrap();
+    let admin = nvmectl::AdminClient::new(broker.dir.join("nvmed-admin.sock"));
+    assert_eq!(admin.reset_controller(0).unwrap().0, "failed (stopped)");
+    match ring.read(ns, 0, buf, 0, 4096) {
+        Err(Error::Io(Status::Broker(BrokerStatus::DeviceFault | BrokerStatus::DeviceReset))) => {}
+        other => panic!("I/O on a controller that did not come back: {other:?}"),
+    }
+    assert_eq!(admin.reset_controller(0).unwrap().0, "running");
+    let mut served = None;
+    wait_until("I/O to be served again", Duration::from_secs(5), || {
+        served = Some(ring.read(ns, 0, buf, 0, 4096));
+        matches!(served, Some(Ok(_)))
+    });
+    assert!(broker.stop());
+}
+
+#[test]
 fn a_client_thread_held_by_a_descriptor_it_was_sent_holds_neither_a_kill_nor_shutdown() {
     let mut broker = TestBroker::start(&["--io-timeout-ms", "500"]);
     // B sends, with a Stats request, a socket whose last close takes 60 s: closed in B's own

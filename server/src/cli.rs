@@ -307,8 +307,9 @@ pub(crate) struct Args {
     /// on the Nth I/O command, in the thread running it: the broker's I/O thread in sync mode,
     /// the controller thread in async mode), loghang:N (the Nth Get Log Page admin command
     /// never completes: an admin queue that stops answering), sqfail:N (the Nth Create I/O
-    /// Submission Queue admin command fails with Internal Error), or idhang:CNS (every Identify
-    /// with that CNS value never completes, e.g. idhang:6 for the I/O command set's). RULE@C
+    /// Submission Queue admin command fails with Internal Error), idhang:CNS (every Identify
+    /// with that CNS value never completes, e.g. idhang:6 for the I/O command set's), or
+    /// readyfail:N (the Nth enable, the first being the start, never sets CSTS.RDY). RULE@C
     /// applies it to controller C only (of --controllers, from 0); otherwise to every one.
     #[arg(long = "inject", value_name = "RULE")]
     pub(crate) faults: Vec<FaultRule>,

@@ -355,8 +355,9 @@ fn handle(shared: &Arc<Shared>, req: AdminRequest, cred: &UnixCredentials) -> Ad
                 return AdminResponse::Error(AdminError::UnknownController(controller));
             };
             let state = c.state();
-            if state != DeviceState::Running {
-                // A failed or removed controller is beyond a reset (see ControllerShared::reset).
+            if !matches!(state, DeviceState::Running | DeviceState::FailedStopped) {
+                // One that may still run, or is removed, is beyond a reset (see
+                // ControllerShared::reset); one that stopped is tried again.
                 return AdminResponse::Error(AdminError::Internal(format!(
                     "controller {controller} is {}: a reset cannot bring it back",
                     state_name(state)

@@ -124,7 +124,12 @@ impl ControllerShared {
     /// As [`ControllerShared::reset`], with the controller's lock already held (so nothing
     /// else uses the admin queue between the caller's finding and the reset).
     fn reset_locked(&self, mut ctrl: MutexGuard<'_, Controller>, seen: u64) {
-        if self.generation.load(Ordering::Acquire) != seen || self.state() != DeviceState::Running {
+        // A controller that stopped (its DMA did) but did not come back may be tried again (an
+        // operator's reset); one that may still run, or is gone, is beyond help.
+        let state = self.state();
+        if self.generation.load(Ordering::Acquire) != seen
+            || !matches!(state, DeviceState::Running | DeviceState::FailedStopped)
+        {
             return; // someone reset it meanwhile (or it is beyond help)
         }
         if self.csts() == u32::MAX {

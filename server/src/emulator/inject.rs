@@ -44,6 +44,10 @@ pub enum FaultAction {
     /// reset (a controller that hangs on an optional Identify at bring-up, as some do on CNS
     /// 06h or 03h). The rule's `nth` holds the CNS value.
     IdentifyHang,
+    /// `readyfail:N`: the Nth time the controller is enabled (CC.EN 0 to 1, counting from 1:
+    /// the first is the bring-up) it never sets CSTS.RDY (a controller that does not come back
+    /// from a reset this time). Its CAP.TO is then 0.5 s, to fail quickly.
+    ReadyFail,
 }
 
 /// Applies `action` to the `nth` I/O command the controller receives (counting from 1; for
@@ -69,7 +73,7 @@ pub struct FaultRule {
 #[derive(Debug, thiserror::Error)]
 #[error(
     "bad fault rule {0:?}: expected fail:N:SCT:SC, retry:N, delay:N:MILLIS, hang:N, stuck:N, \
-     fatal:N, gone:N, panic:N, loghang:N, sqfail:N, idhang:CNS or media:LBA[:NSID], each \
+     fatal:N, gone:N, panic:N, loghang:N, sqfail:N, idhang:CNS, readyfail:N or media:LBA[:NSID], each \
      optionally followed by @C (only controller C)"
 )]
 pub struct BadFaultRule(String);
@@ -119,6 +123,7 @@ impl FromStr for FaultRule {
             ("loghang", 2) => FaultAction::LogPageHang,
             ("sqfail", 2) => FaultAction::CreateSqFail,
             ("idhang", 2) => FaultAction::IdentifyHang,
+            ("readyfail", 2) => FaultAction::ReadyFail,
             _ => return Err(bad()),
         };
         Ok(FaultRule { nth, action, bad_block: None, controller })
@@ -155,6 +160,7 @@ mod tests {
         let id = "idhang:6".parse::<FaultRule>().unwrap();
         assert_eq!((id.nth, id.action), (6, FaultAction::IdentifyHang));
         assert_eq!("sqfail:2".parse::<FaultRule>().unwrap().action, FaultAction::CreateSqFail);
+        assert_eq!("readyfail:2".parse::<FaultRule>().unwrap().action, FaultAction::ReadyFail);
         let only = "stuck:1@1".parse::<FaultRule>().unwrap();
         assert_eq!((only.nth, only.action, only.controller), (1, FaultAction::Stuck, Some(1)));
         assert_eq!("media:7:2@0".parse::<FaultRule>().unwrap().controller, Some(0));

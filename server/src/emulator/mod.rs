@@ -224,6 +224,8 @@ struct Hung {
 
 struct State {
     cc: u32,
+    /// Times the controller was enabled (CC.EN 0 to 1).
+    enables: u64,
     /// Hung commands, until aborted or the controller is reset.
     hung: Vec<Hung>,
     /// The device was removed: registers read as all ones, nothing runs any more.
@@ -334,6 +336,7 @@ impl EmulatedController {
         let inner = Arc::new(Inner {
             state: Mutex::new(State {
                 cc: 0,
+                enables: 0,
                 hung: Vec::new(),
                 gone: false,
                 bad_blocks: config.faults.iter().filter_map(|r| r.bad_block).collect(),
@@ -527,7 +530,11 @@ impl Inner {
     fn cap(&self) -> u64 {
         (u64::from(MAX_QUEUE_ENTRIES) - 1) // MQES
             | (1 << 16) // CQR
-            | (if self.wedge == Wedge::None { 15 } else { 1 } << 24) // TO = 7.5 s (0.5 s wedged)
+            | (if self.wedge == Wedge::None && !self.faults.iter().any(|f| f.action == FaultAction::ReadyFail) {
+                15
+            } else {
+                1
+            } << 24) // TO = 7.5 s (0.5 s wedged, or set to fail a ready wait)
             | (1 << 37) // CSS: NVM
             | (1 << 43) // CSS: I/O command sets (command-set specific Identify data)
             | (4 << 52) // MPSMAX = 64 KiB, MPSMIN = 4 KiB
@@ -569,6 +576,11 @@ impl Inner {
         if !aligned || asqs < 2 || acqs < 2 || iosqes != 6 || iocqes != 4 || mps != 0 {
             tracing::warn!("emulated controller: bad admin queue or CC settings; controller fatal");
             st.csts |= CSTS_CFS;
+            return;
+        }
+        st.enables += 1;
+        if self.faults.iter().any(|f| f.action == FaultAction::ReadyFail && f.nth == st.enables) {
+            tracing::warn!(enable = st.enables, "emulated controller: injected failure to become ready");
             return;
         }
         st.sqs[0] = Some(Sq { base: st.asq, size: asqs, head: 0, tail: 0, cqid: 0, rung: VecDeque::new() });
@@ -1215,7 +1227,10 @@ impl Inner {
                 r.nth == st.io_count
                     && !matches!(
                         r.action,
-                        FaultAction::LogPageHang | FaultAction::CreateSqFail | FaultAction::IdentifyHang
+                        FaultAction::LogPageHang
+                            | FaultAction::CreateSqFail
+                            | FaultAction::IdentifyHang
+                            | FaultAction::ReadyFail
                     )
             })
             .map(|r| r.action);
@@ -1285,7 +1300,10 @@ impl Inner {
             }
             FaultAction::Fail { .. } | FaultAction::Delay(_) | FaultAction::Panic => None,
             // Admin faults: never chosen for I/O.
-            FaultAction::LogPageHang | FaultAction::CreateSqFail | FaultAction::IdentifyHang => None,
+            FaultAction::LogPageHang
+            | FaultAction::CreateSqFail
+            | FaultAction::IdentifyHang
+            | FaultAction::ReadyFail => None,
         }
     }
 
