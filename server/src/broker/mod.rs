@@ -813,7 +813,12 @@ impl Broker {
         } else {
             Arc::new(crate::device::fanout::Fanout::new(devices.clone()))
         };
-        let config_quotas = config.quotas;
+        let mut config_quotas = config.quotas;
+        // Each buffer is one DMA mapping in every controller's IOMMU: no more buffers than the
+        // fullest one allows, beside the broker's own mappings.
+        if let Some(avail) = devices.iter().filter_map(|d| d.dma_mappings_available()).min() {
+            config_quotas.limit_buffers(u64::from(avail).saturating_sub(INTERNAL_MAPPINGS).max(1));
+        }
         let policy = std::sync::RwLock::new(config.policy.clone());
         let shared = Arc::new(Shared {
             config,
@@ -1253,6 +1258,10 @@ impl KilledSessions {
 /// IOVA the broker's own DMA memory needs: per I/O thread on each controller its queue pair,
 /// a PRP list page per queue entry and its bounce slots; per controller its admin queue and
 /// scratch page; and room to spare (a scratch page replaced after a timeout, page rounding).
+/// DMA mappings kept for the broker's own memory (queues, PRP list pages, bounce slots) out of
+/// what an IOMMU allows.
+const INTERNAL_MAPPINGS: u64 = 4096;
+
 fn internal_area_bytes(controllers: usize, io_threads: u16, depth: u16) -> u64 {
     let page = crate::iova::IOVA_PAGE;
     let depth = u64::from(depth);

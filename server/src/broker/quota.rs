@@ -118,6 +118,20 @@ pub struct QuotaRequest {
 }
 
 impl QuotaSettings {
+    /// Lowers the buffer limits (broker-wide, and per uid if above it) to at most `max`.
+    pub fn limit_buffers(&mut self, max: u64) {
+        let i = Resource::Buffer.index();
+        if self.total[i] > max {
+            warn!(
+                asked = self.total[i],
+                allowed = max,
+                "too many buffers for the IOMMU's DMA mappings (each buffer is one); lowering the limit"
+            );
+            self.total[i] = max;
+            self.per_uid[i] = self.per_uid[i].min(max);
+        }
+    }
+
     /// Fills in defaults: per-uid limits are a quarter of the totals, connections default to
     /// sessions + 16, buffers to half of `vm.max_map_count`; a buffer limit the map count has
     /// no room for is lowered (with a warning).
@@ -140,7 +154,7 @@ impl QuotaSettings {
                 asked = rings,
                 allowed = fd_room,
                 fd_limit = fds,
-                "too many rings for the open-file limit (each holds two doorbell sockets); lowering the limit"
+                "too many rings for the open-file limit (each holds three doorbell descriptors); lowering the limit"
             );
             rings = fd_room;
         }
@@ -407,6 +421,15 @@ mod tests {
             u64::MAX,
             "no per-uid byte limit unless asked for"
         );
+    }
+
+    #[test]
+    fn buffers_follow_the_iommus_mapping_limit() {
+        let mut s = settings();
+        s.limit_buffers(30);
+        assert_eq!((s.total[2], s.per_uid[2]), (30, 30));
+        s.limit_buffers(1000);
+        assert_eq!((s.total[2], s.per_uid[2]), (30, 30), "never raised");
     }
 
     #[test]

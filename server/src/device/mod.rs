@@ -83,6 +83,12 @@ pub trait NvmeDevice: Dma {
     /// IOVA ranges the device (and its IOMMU) accepts for mappings.
     fn iova_ranges(&self) -> Vec<RangeInclusive<u64>>;
 
+    /// How many more DMA mappings the device's IOMMU allows, if it limits them (VFIO's
+    /// `dma_entry_limit`): every registered buffer is one.
+    fn dma_mappings_available(&self) -> Option<u32> {
+        None
+    }
+
     /// Number of interrupt vectors wired to eventfds.
     fn interrupt_vectors(&self) -> u16;
 

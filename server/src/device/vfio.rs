@@ -178,6 +178,9 @@ pub struct VfioNvme {
     bar_file_offset: u64,
     irqs: Vec<EventFd>,
     iova_ranges: Vec<RangeInclusive<u64>>,
+    /// DMA mappings the container still allowed when opened (VFIO's `dma_entry_limit`,
+    /// 65535 by default), if the kernel says (5.10+).
+    dma_avail: Option<u32>,
     /// BAR0's size.
     bar0_size: u64,
 }
@@ -209,11 +212,12 @@ impl VfioNvme {
             bar_file_offset,
             irqs: Vec::new(),
             iova_ranges: Vec::new(),
+            dma_avail: None,
         };
         me.map_bar0()?;
         me.enable_bus_master()?;
-        me.iova_ranges = me.read_iova_ranges()?;
-        tracing::info!(bdf, ranges = ?me.iova_ranges, "VFIO device opened");
+        (me.iova_ranges, me.dma_avail) = me.read_iommu_info()?;
+        tracing::info!(bdf, ranges = ?me.iova_ranges, dma_avail = ?me.dma_avail, "VFIO device opened");
         let guard = me.device.read().unwrap_or_else(|p| p.into_inner());
         let dev = guard.as_ref().expect("just opened");
         let available = dev.get_irq_info(MSIX_IRQ_INDEX).map_or(0, |i| i.count);
@@ -340,10 +344,12 @@ impl VfioNvme {
         Ok(())
     }
 
-    fn read_iova_ranges(&self) -> Result<Vec<RangeInclusive<u64>>, VfioSetupError> {
+    /// The IOMMU's usable IOVA ranges, and how many DMA mappings it still allows.
+    fn read_iommu_info(&self) -> Result<(Vec<RangeInclusive<u64>>, Option<u32>), VfioSetupError> {
         const VFIO_IOMMU_GET_INFO: libc::c_ulong = 0x3b70; // _IO(';', 100 + 12)
         const INFO_CAPS: u32 = 1 << 1;
         const CAP_IOVA_RANGE: u16 = 1;
+        const CAP_DMA_AVAIL: u16 = 3;
         let fd = self.container.as_raw_fd();
         let mut buf = vec![0u64; 3];
         for _ in 0..2 {
@@ -368,11 +374,15 @@ impl VfioNvme {
         let u64_at = |o: usize| u64::from_le_bytes(bytes[o..o + 8].try_into().unwrap());
         let flags = u32_at(4);
         let mut ranges = Vec::new();
+        let mut dma_avail = None;
         if flags & INFO_CAPS != 0 {
             let mut off = u32_at(16) as usize;
             while off != 0 && off + 8 <= bytes.len() {
                 let id = u16::from_le_bytes([bytes[off], bytes[off + 1]]);
                 let next = u32_at(off + 4) as usize;
+                if id == CAP_DMA_AVAIL && off + 12 <= bytes.len() {
+                    dma_avail = Some(u32_at(off + 8));
+                }
                 if id == CAP_IOVA_RANGE {
                     let n = u32_at(off + 8) as usize;
                     for i in 0..n {
@@ -389,7 +399,7 @@ impl VfioNvme {
             // Old kernels report no ranges: stay below the MSI window, which every IOMMU reserves.
             ranges.push(0..=0xfedf_ffff);
         }
-        Ok(ranges)
+        Ok((ranges, dma_avail))
     }
 
     fn mapped(&self, offset: u64) -> Option<*mut u32> {
@@ -422,7 +432,12 @@ impl Dma for VfioNvme {
         // SAFETY: forwarded from this function's contract.
         unsafe { self.container.vfio_dma_map(iova, len as usize, host) }.map_err(|e| {
             let mut reason = e.to_string();
-            if let Ok((soft, _)) = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_MEMLOCK) {
+            if reason.contains("No space left") || reason.contains("ENOSPC") {
+                reason.push_str(
+                    " (the container's DMA mappings ran out: vfio_iommu_type1's dma_entry_limit module \
+                     parameter, 65535 by default)",
+                );
+            } else if let Ok((soft, _)) = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_MEMLOCK) {
                 reason.push_str(&format!(
                     " (RLIMIT_MEMLOCK is {soft} bytes; DMA mappings are pinned, so raise it with `ulimit -l` or \
                      LimitMEMLOCK= above the registered buffer bytes plus 64 MiB, or run as root)"
@@ -486,6 +501,10 @@ impl NvmeDevice for VfioNvme {
 
     fn iova_ranges(&self) -> Vec<RangeInclusive<u64>> {
         self.iova_ranges.clone()
+    }
+
+    fn dma_mappings_available(&self) -> Option<u32> {
+        self.dma_avail
     }
 
     fn interrupt_vectors(&self) -> u16 {

@@ -207,6 +207,18 @@ impl Controller {
     /// path that cleared it turns it on itself once the controller is back).
     fn disable(device: &Arc<dyn NvmeDevice>, cap: Cap, bus_master: bool) -> Result<(), DriverError> {
         let cc = device.read32(REG_CC);
+        let csts = device.read32(REG_CSTS);
+        if csts == u32::MAX {
+            return Err(DriverError::DeviceGone);
+        }
+        if cc & CC_EN != 0 && csts & (CSTS_RDY | CSTS_CFS) == 0 {
+            // Still becoming ready (a previous owner, or a reset, left it enabling): clearing
+            // CC.EN now has undefined results (NVMe 1.3 3.1.5), so let it finish first, as
+            // FreeBSD and SPDK do (bounded by CAP.TO; then cleared anyway).
+            if let Err(e) = wait_csts(device, cap, CSTS_RDY, CSTS_RDY, "finish enabling before a reset") {
+                debug!("{e}; disabling anyway");
+            }
+        }
         device.write32(REG_CC, cc & !CC_EN);
         match wait_csts(device, cap, CSTS_RDY, 0, "reset (CSTS.RDY=0)") {
             Ok(()) => Ok(()),
