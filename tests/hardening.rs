@@ -886,6 +886,58 @@ fn unregistering_a_buffer_a_failed_device_may_still_write_is_answered_and_its_id
 }
 
 #[test]
+fn a_split_request_left_unsent_by_a_failed_controller_does_not_hold_an_unregister() {
+    // One ring: a read at controller 1 that never completes, and a 1 MiB write split into
+    // 8 KiB pieces for controller 0's queue of 3 commands (100 ms each). Controller 1 is reset
+    // by an operator and fails without confirming it stopped: the ring is faulted and sends
+    // no more pieces. Unregistering the write's buffer is answered once the pieces already at
+    // controller 0 are done (it waited for good: the unsent pieces never went).
+    let mut broker = TestBroker::start(&[
+        "--controllers",
+        "2",
+        "--emulator-mode",
+        "async",
+        "--emulator-latency-us",
+        "100000",
+        "--queue-depth",
+        "4",
+        "--mdts",
+        "1",
+        "--inject",
+        "stuck:1@1",
+        "--emulator-wedge",
+        "reset-and-bus-master",
+    ]);
+    let opts = RingOptions {
+        reconnect: nvmed_client::Reconnect { enabled: false, ..Default::default() },
+        ..RingOptions::default()
+    };
+    let mut ring = NvmeRing::open_with(&broker.socket, opts).unwrap();
+    let on = |c: u16| ring.namespaces().iter().find(|n| n.controller == c).unwrap().nsid;
+    let (healthy, failing) = (on(0), on(1));
+    let small = ring.alloc_buffer(4096).unwrap();
+    let big = ring.alloc_buffer(1 << 20).unwrap();
+    ring.prep(Io::read(failing, 0, 4096, small, 0).user_data(1)).unwrap();
+    ring.prep(Io::write(healthy, 0, 1 << 20, big, 0).user_data(2)).unwrap();
+    ring.submit().unwrap();
+    wait_until("both requests taken", Duration::from_secs(5), || ring.stats().unwrap().in_flight == 2);
+    let admin = nvmectl::AdminClient::new(broker.dir.join("nvmed-admin.sock"));
+    assert_eq!(admin.reset_controller(1).unwrap().0, "failed (not confirmed stopped)");
+    let (tx, rx) = std::sync::mpsc::channel();
+    let id = big.0;
+    std::thread::spawn(move || {
+        let r = ring.control(&Request::UnregisterBuffer { buffer_id: id }, &[]);
+        let _ = tx.send((ring, r));
+    });
+    let Ok((ring, r)) = rx.recv_timeout(Duration::from_secs(10)) else {
+        panic!("the unregister of a split write's buffer waited on pieces a faulted ring never sends")
+    };
+    assert!(matches!(r, Ok(Response::BufferUnregistered)), "{r:?}");
+    drop(ring);
+    assert!(broker.stop(), "nvmed did not shut down after a failed device");
+}
+
+#[test]
 fn a_ring_kept_for_a_failed_device_lets_go_of_the_buffers_its_commands_do_not_use() {
     let mut broker = TestBroker::start(&[
         "--inject",
@@ -922,7 +974,7 @@ fn a_ring_kept_for_a_failed_device_lets_go_of_the_buffers_its_commands_do_not_us
 fn a_buffer_used_only_at_a_healthy_controller_is_unregistered_after_another_fails() {
     // Two controllers: the read on controller 1 never completes and that controller cannot be
     // stopped (reset by the operator: it fails running); the read on controller 0 completes
-    // 3 s after it is taken. Unregistering the second read's buffer after the failure waits
+    // 6 s after it is taken. Unregistering the second read's buffer after the failure waits
     // for that read and unmaps the buffer, instead of keeping it mapped for good with the
     // failed controller's buffers.
     let mut broker = TestBroker::start(&[
@@ -931,7 +983,7 @@ fn a_buffer_used_only_at_a_healthy_controller_is_unregistered_after_another_fail
         "--inject",
         "stuck:1@1",
         "--inject",
-        "delay:1:3000@0",
+        "delay:1:6000@0",
         "--emulator-wedge",
         "reset-and-bus-master",
     ]);

@@ -383,6 +383,9 @@ pub struct NvmeRing {
     cq_entries: u32,
     /// Whether the broker may be holding SQEs back for want of CQ room (see [`NvmeRing::poll`]).
     cq_wait_possible: bool,
+    /// The session's count of shared buffers the caller let go of, when this ring last looked
+    /// (see `let_go_of_orphans`).
+    orphans_seen: u64,
     /// Whether [`NvmeRing::poll`] reconnects itself (see [`NvmeRing::set_reconnect_in_poll`]).
     reconnect_in_poll: bool,
     /// The tag of the request a synchronous call ([`NvmeRing::read`] and the like) waits for
@@ -437,6 +440,7 @@ impl NvmeRing {
             cq_wait_possible: false,
             reconnect_in_poll: true,
             sync_tag: usize::MAX,
+            orphans_seen: 0,
             sync_done: None,
             held: Vec::new(),
         })
@@ -732,21 +736,21 @@ impl NvmeRing {
         if !buf.of_session(&self.session) {
             return Err(Error::ForeignBuffer(id.0));
         }
-        if self.buffers.get(&id.0).is_none() {
-            // Requests already in flight on it count too (as `push` would have counted them).
-            let in_flight = self
-                .pending
-                .iter()
-                .map(|(_, p)| p.ranges.as_slice().iter().filter(|&&(b, _, _)| b == id.0).count() as u32)
-                .sum();
-            self.buffers.insert(id.0, ClientBuffer { mem: Held::Shared(buf.clone()), in_flight });
+        match self.buffers.get_mut(&id.0) {
+            // Held for requests since one named it: now kept until `release_shared`.
+            Some(b) => {
+                if matches!(b.mem, Held::Shared(_)) {
+                    b.mem = Held::Shared(buf.clone());
+                }
+            }
+            None => self.buffers.insert(id.0, ClientBuffer { mem: Held::Shared(buf.clone()), in_flight: 0 }),
         }
         Ok(id)
     }
 
-    /// Stops using a shared buffer taken with [`NvmeRing::use_shared`], once none of this
-    /// ring's requests uses it ([`Error::InFlight`] until then): the ring's clone is dropped,
-    /// and the buffer is unregistered when its last clone is.
+    /// Stops using a shared buffer taken with [`NvmeRing::use_shared`] (or held since a request
+    /// named it), once none of this ring's requests uses it ([`Error::InFlight`] until then):
+    /// the ring's clone is dropped, and the buffer is unregistered when its last clone is.
     pub fn release_shared(&mut self, id: BufferId) -> Result<()> {
         let b = self.buffers.get(&id.0).ok_or(Error::UnknownBuffer(id.0))?;
         if !matches!(b.mem, Held::Shared(_)) {
@@ -832,10 +836,13 @@ impl NvmeRing {
         let size = match self.buffers.get(&id) {
             Some(b) => b.mem.len() as u64,
             None => {
-                // A shared buffer's first use on this ring: the ring holds it from now on.
-                let shared = self.session.shared_buffer(id).ok_or(Error::UnknownBuffer(id))?;
-                self.use_shared(&shared)?;
-                shared.len() as u64
+                // A shared buffer's first use on this ring: held while this ring's requests name
+                // it (let go once they are done and the caller dropped it), so its id is not
+                // given to another buffer meanwhile.
+                let hold = self.session.hold_shared(id).ok_or(Error::UnknownBuffer(id))?;
+                let len = hold.len() as u64;
+                self.buffers.insert(id, ClientBuffer { mem: Held::Shared(hold), in_flight: 0 });
+                len
             }
         };
         if offset.checked_add(len).is_none_or(|e| e > size) {
@@ -850,6 +857,9 @@ impl NvmeRing {
     /// in the named buffer ([`NvmeRing::write_segments`]); it is read back here to account for
     /// the ranges the request uses, and refused if it is not sound.
     pub fn prep(&mut self, io: Io) -> Result<()> {
+        if self.session.orphaned() != self.orphans_seen {
+            self.let_go_of_orphans();
+        }
         let mut ranges = Ranges::None;
         let (buf_id, buf_offset) = match io.buffer {
             Some((id, off)) if io.op.is_vectored() => {
@@ -900,6 +910,14 @@ impl NvmeRing {
             return Err(Error::BadSegments(format!("list offset {list_offset} is not 8-byte aligned")));
         }
         let list_len = u64::from(count) * SEGMENT_SIZE;
+        // The list is read here from this ring's own memory: a shared buffer is refused before
+        // `in_buffer` could take it on.
+        if self.buffers.get(&list.0).is_none() && self.session.hold_shared(list.0).is_some() {
+            return Err(Error::BadSegments(format!(
+                "the segment list must be in a buffer this ring registered, not in shared buffer {}",
+                list.0
+            )));
+        }
         self.in_buffer(list.0, list_offset, list_len)?;
         // Range lists of finished requests are reused, each made large enough for any request
         // (about 6 KiB), so segment counts that vary never make one grow: no allocation once
@@ -1177,10 +1195,27 @@ impl NvmeRing {
                 if let Some(e) = self.fault_error() {
                     return Err(e);
                 }
+                if self.session.orphaned() != self.orphans_seen {
+                    self.let_go_of_orphans();
+                }
             }
             return Ok(0);
         }
         self.reap(out)
+    }
+
+    /// Drops this ring's holds on shared buffers the caller let go of and no request of this
+    /// ring names any more (the last one unregisters the buffer).
+    fn let_go_of_orphans(&mut self) {
+        self.orphans_seen = self.session.orphaned();
+        for slot in &mut self.buffers.0 {
+            if slot
+                .as_ref()
+                .is_some_and(|b| b.in_flight == 0 && matches!(&b.mem, Held::Shared(s) if s.orphaned_hold()))
+            {
+                *slot = None;
+            }
+        }
     }
 
     /// Whether the broker closed this ring's control connection (it exited, was killed, or
@@ -1206,6 +1241,7 @@ impl NvmeRing {
             return Ok(0);
         }
         self.empty_polls = 0;
+        let mut orphans = false;
         for i in 0..avail {
             let cqe = self.cq.read(i);
             let Some(p) = self.pending.try_remove(cqe.user_data as usize) else {
@@ -1220,6 +1256,9 @@ impl NvmeRing {
             for &(id, _, _) in p.ranges.as_slice() {
                 if let Some(b) = self.buffers.get_mut(&id) {
                     b.in_flight -= 1;
+                    if b.in_flight == 0 && matches!(&b.mem, Held::Shared(s) if s.orphaned_hold()) {
+                        orphans = true;
+                    }
                 }
             }
             if let Ranges::Many(v) = p.ranges {
@@ -1238,6 +1277,9 @@ impl NvmeRing {
             }
         }
         self.cq.consume(avail);
+        if orphans {
+            self.let_go_of_orphans();
+        }
         // As many new requests are likely to follow: fetch their SQ slots for writing now.
         self.sq.prefetch_free(avail);
         // The broker may be holding SQEs back until the CQ has room: tell it there is some now.

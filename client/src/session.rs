@@ -19,7 +19,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
 
@@ -118,6 +118,8 @@ pub(crate) struct SessionInner {
     /// names one takes a clone (see `NvmeRing::prep`), so its id is not given to another
     /// buffer while that ring may still use it.
     shared: Mutex<HashMap<u32, Weak<SharedInner>>>,
+    /// Bumped when a shared buffer's last caller handle goes (see [`SharedBuffer`]).
+    orphaned: AtomicU64,
     /// Every buffer registered (shared and rings' own), by id.
     registrations: Mutex<BTreeMap<u32, Registration>>,
 }
@@ -274,9 +276,16 @@ impl SessionInner {
         &self.namespaces
     }
 
-    /// Shared buffer `id` of this session, if it has one (and it is not being dropped).
-    pub(crate) fn shared_buffer(&self, id: u32) -> Option<SharedBuffer> {
-        lock(&self.shared).get(&id).and_then(Weak::upgrade).map(|inner| SharedBuffer { inner })
+    /// A ring's hold on shared buffer `id` of this session, if it has one the caller still
+    /// holds (one whose handles are all dropped is on its way out).
+    pub(crate) fn hold_shared(&self, id: u32) -> Option<SharedBuffer> {
+        let inner = lock(&self.shared).get(&id).and_then(Weak::upgrade)?;
+        (inner.handles.load(Ordering::Acquire) > 0).then_some(SharedBuffer { inner, counted: false })
+    }
+
+    /// Bumped whenever a shared buffer's last caller handle is dropped.
+    pub(crate) fn orphaned(&self) -> u64 {
+        self.orphaned.load(Ordering::Acquire)
     }
 }
 
@@ -348,6 +357,7 @@ impl NvmeSession {
             epoch: AtomicU64::new(0),
             namespaces,
             shared: Mutex::new(HashMap::new()),
+            orphaned: AtomicU64::new(0),
             registrations: Mutex::new(BTreeMap::new()),
         };
         Ok(Self { inner: Arc::new(inner) })
@@ -424,9 +434,10 @@ impl NvmeSession {
     /// Registers `buf` for every ring of the session (see [`SharedBuffer`]).
     pub fn register_shared(&self, buf: MemfdBuffer) -> Result<SharedBuffer> {
         let id = register(&self.inner, &buf)?;
-        let inner = Arc::new(SharedInner { mem: buf, id, session: self.inner.clone() });
+        let inner =
+            Arc::new(SharedInner { mem: buf, id, session: self.inner.clone(), handles: AtomicUsize::new(1) });
         lock(&self.inner.shared).insert(id, Arc::downgrade(&inner));
-        Ok(SharedBuffer { inner })
+        Ok(SharedBuffer { inner, counted: true })
     }
 
     /// Sends a raw control request (for testing the broker).
@@ -482,13 +493,35 @@ pub(crate) fn unregister(session: &SessionInner, id: u32, reconnect: bool) -> Re
 ///
 /// Its memory is reached only by copying ([`SharedBuffer::read_at`], [`SharedBuffer::write_at`])
 /// or through raw pointers: several threads and the device may use it at once, so no Rust
-/// reference into it is handed out. It is unregistered when the last clone is dropped (after the
-/// I/O using it drains). A ring whose request names it holds a clone from then on (until
-/// [`crate::NvmeRing::release_shared`] or the ring's end), so its id is never given to another
-/// buffer while a request of that ring may still name it.
-#[derive(Debug, Clone)]
+/// reference into it is handed out. It is unregistered when the last clone is dropped, once no
+/// request of any ring names it any more (a ring whose request names it keeps it until that
+/// request completes, so its id is never given to another buffer while a request may still
+/// name it; [`crate::NvmeRing::use_shared`] keeps it for a ring until
+/// [`crate::NvmeRing::release_shared`]).
+#[derive(Debug)]
 pub struct SharedBuffer {
     inner: Arc<SharedInner>,
+    /// A handle of the caller's (counted in `handles`), or a ring's hold on a buffer its
+    /// requests named (not counted: the buffer goes once the caller's handles are gone and no
+    /// request names it).
+    counted: bool,
+}
+
+impl Clone for SharedBuffer {
+    fn clone(&self) -> Self {
+        self.inner.handles.fetch_add(1, Ordering::Relaxed);
+        Self { inner: self.inner.clone(), counted: true }
+    }
+}
+
+impl Drop for SharedBuffer {
+    fn drop(&mut self) {
+        if self.counted && self.inner.handles.fetch_sub(1, Ordering::AcqRel) == 1 {
+            // The caller let go: rings holding it only for their requests let go too, once
+            // those complete (they look at this at their next poll).
+            self.inner.session.orphaned.fetch_add(1, Ordering::Release);
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -496,6 +529,8 @@ struct SharedInner {
     mem: MemfdBuffer,
     id: u32,
     session: Arc<SessionInner>,
+    /// The caller's handles ([`SharedBuffer`] clones, and rings' [`crate::NvmeRing::use_shared`]).
+    handles: AtomicUsize,
 }
 
 impl Drop for SharedInner {
@@ -516,6 +551,12 @@ impl SharedBuffer {
     /// Whether it is a buffer of `session`.
     pub(crate) fn of_session(&self, session: &Arc<SessionInner>) -> bool {
         Arc::ptr_eq(&self.inner.session, session)
+    }
+
+    /// Whether this is a ring's hold for its requests (not a handle of the caller's) on a buffer
+    /// whose caller handles are all dropped: the ring lets go once its requests on it are done.
+    pub(crate) fn orphaned_hold(&self) -> bool {
+        !self.counted && self.inner.handles.load(Ordering::Acquire) == 0
     }
 
     /// Its id, for requests of any ring of the session.

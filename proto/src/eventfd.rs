@@ -66,11 +66,12 @@ pub enum Drained {
 }
 
 /// [`drain_doorbell`] for a doorbell made by [`doorbell`] whose ringer is not trusted (the
-/// broker's end of a client's submit doorbell): never makes the calling thread the one that
-/// closes a descriptor the ringer sent. Where the kernel refuses descriptors on the doorbell
-/// (6.16+) nothing can arrive; before, each read is first a peek (which takes extra references
-/// to any descriptors and so closes none of them for good), and bytes are taken only up to
-/// where the peek found none.
+/// broker's end of a client's submit doorbell): never makes the calling thread close a
+/// descriptor the ringer sent (closing one can block as long as its sender likes: a TCP socket
+/// lingering, a file on a FUSE mount it serves, whose flush it never answers). Where the kernel
+/// refuses descriptors on the doorbell (6.16+) nothing can arrive; before, each read is first
+/// a peek without room for control data (descriptors are then only reported, never
+/// installed), and bytes are taken only up to where the peek found none.
 pub fn drain_untrusted_doorbell(fd: impl AsFd) -> Drained {
     if crate::transport::descriptors_refusable() {
         return match drain_doorbell(fd) {
@@ -85,34 +86,16 @@ pub fn drain_untrusted_doorbell(fd: impl AsFd) -> Drained {
 fn drain_by_peeking(fd: std::os::fd::BorrowedFd<'_>) -> Drained {
     use nix::sys::socket::{recv, recvmsg, MsgFlags};
     let mut buf = [0u8; 512];
-    // Room for every descriptor one message can carry: a peek that found any installs copies
-    // (extra references, closed here without closing their files), never cut ones.
-    let mut control = nix::cmsg_space!([std::os::fd::RawFd; crate::transport::SCM_MAX_FD]);
     let mut any = false;
     for _ in 0..8 {
         let (n, passed) = {
             let mut iov = [std::io::IoSliceMut::new(&mut buf)];
-            let peek = MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_CMSG_CLOEXEC;
-            match recvmsg::<()>(fd.as_raw_fd(), &mut iov, Some(&mut control), peek) {
-                Ok(m) => {
-                    let mut passed = m.flags.contains(MsgFlags::MSG_CTRUNC);
-                    if let Ok(cmsgs) = m.cmsgs() {
-                        for c in cmsgs {
-                            if let nix::sys::socket::ControlMessageOwned::ScmRights(list) = c {
-                                passed = true;
-                                // SAFETY: the peek installed these copies for this process;
-                                // nothing else owns them. Closing a copy never closes the file
-                                // (the queued message still holds it).
-                                drop(
-                                    list.into_iter()
-                                        .map(|f| unsafe { OwnedFd::from_raw_fd(f) })
-                                        .collect::<Vec<_>>(),
-                                );
-                            }
-                        }
-                    }
-                    (m.bytes, passed)
-                }
+            // No room for control data: descriptors in the peeked messages are only reported
+            // (MSG_CTRUNC), never installed here; the kernel just drops the references the peek
+            // took, so no close (and no file's flush) runs in this thread.
+            let peek = MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT;
+            match recvmsg::<()>(fd.as_raw_fd(), &mut iov, None, peek) {
+                Ok(m) => (m.bytes, m.flags.contains(MsgFlags::MSG_CTRUNC)),
                 Err(nix::Error::ECONNRESET) => return Drained::Closed,
                 Err(_) => break,
             }

@@ -147,7 +147,28 @@ pub fn peer_closed(sock: BorrowedFd<'_>) -> bool {
 
 /// `SO_PASSRIGHTS` (Linux 6.16 and later; not in the libc crate yet): whether a Unix socket
 /// takes descriptors its peer sends with SCM_RIGHTS.
-const SO_PASSRIGHTS: libc::c_int = 83;
+/// The asm-generic value, also x86's; architectures with their own numbering (sparc, mips,
+/// parisc, alpha, powerpc) are not given it.
+#[cfg(any(
+    target_arch = "x86_64",
+    target_arch = "x86",
+    target_arch = "aarch64",
+    target_arch = "arm",
+    target_arch = "riscv64",
+    target_arch = "loongarch64",
+    target_arch = "s390x"
+))]
+const SO_PASSRIGHTS: Option<libc::c_int> = Some(83);
+#[cfg(not(any(
+    target_arch = "x86_64",
+    target_arch = "x86",
+    target_arch = "aarch64",
+    target_arch = "arm",
+    target_arch = "riscv64",
+    target_arch = "loongarch64",
+    target_arch = "s390x"
+)))]
+const SO_PASSRIGHTS: Option<libc::c_int> = None;
 
 /// Makes a Unix socket refuse (`accept: false`) or take again descriptors its peer sends: a
 /// sender's `sendmsg` with SCM_RIGHTS then fails with EPERM, so nothing the peer could send
@@ -158,13 +179,16 @@ const SO_PASSRIGHTS: libc::c_int = 83;
 /// it in the receiving thread, and closing some files takes as long as their sender likes (a
 /// TCP socket with `SO_LINGER` and unsent data, a file on a FUSE mount it serves).
 pub fn accept_descriptors(sock: BorrowedFd<'_>, accept: bool) -> std::io::Result<()> {
+    let Some(option) = SO_PASSRIGHTS else {
+        return Err(std::io::Error::from_raw_os_error(libc::ENOPROTOOPT));
+    };
     let value = libc::c_int::from(accept);
     // SAFETY: setsockopt reads `size_of::<c_int>()` bytes from `value`, a live local.
     let rc = unsafe {
         libc::setsockopt(
             sock.as_raw_fd(),
             libc::SOL_SOCKET,
-            SO_PASSRIGHTS,
+            option,
             (&value as *const libc::c_int).cast(),
             size_of::<libc::c_int>() as libc::socklen_t,
         )

@@ -188,7 +188,19 @@ pub(super) fn authorized(
 /// Linux 4.13+): recorded by the kernel, so never another process's (a pid read later from
 /// /proc may have been reused). `None` where the kernel does not say.
 fn peer_groups(sock: std::os::fd::BorrowedFd<'_>) -> Option<Vec<u32>> {
-    const SO_PEERGROUPS: libc::c_int = 59; // asm-generic (x86, arm); not in the libc crate's stable API
+    // The asm-generic value (x86, arm, riscv, ...; not in the libc crate's stable API). Other
+    // numberings (sparc, mips, parisc, alpha, powerpc) read /proc instead.
+    #[cfg(not(any(
+        target_arch = "x86_64",
+        target_arch = "x86",
+        target_arch = "aarch64",
+        target_arch = "arm",
+        target_arch = "riscv64",
+        target_arch = "loongarch64",
+        target_arch = "s390x"
+    )))]
+    return None;
+    const SO_PEERGROUPS: libc::c_int = 59;
     let mut groups = vec![0u32; 64];
     loop {
         let mut len = (groups.len() * size_of::<u32>()) as libc::socklen_t;

@@ -121,6 +121,9 @@ pub struct Controller {
     lost_pages: Vec<DmaMemory>,
     io_queues_granted: u16,
     info: ControllerInfo,
+    /// The controller did not answer Identify CNS 03h once: not asked again (each unanswered
+    /// one costs the wait and an admin queue slot until a reset).
+    no_ns_descriptors: bool,
 }
 
 fn ascii(b: &[u8]) -> String {
@@ -166,6 +169,7 @@ impl Controller {
             admin_timeout: ADMIN_TIMEOUT,
             next_cid: 0,
             admin_lost: Vec::new(),
+            no_ns_descriptors: false,
             lost_pages: Vec::new(),
             io_queues_granted: 0,
             info: ControllerInfo {
@@ -522,10 +526,11 @@ impl Controller {
         // refuse it (Linux asks only from 1.3 on); its namespaces are NVM ones.
         // Some that claim 1.3 never answer it (Linux's NVME_QUIRK_NO_NS_DESC_LIST): waited for
         // as long as an optional Identify, then taken as none.
-        let descriptors = if self.device.read32(REG_VS) >= 0x0001_0300 {
+        let descriptors = if self.device.read32(REG_VS) >= 0x0001_0300 && !self.no_ns_descriptors {
             let timeout = OPTIONAL_IDENTIFY_TIMEOUT.min(self.admin_timeout);
             match self.identify_into_scratch_within(admin::CNS_NS_DESCRIPTORS, nsid, timeout) {
                 Err(DriverError::Timeout { ms, .. }) => {
+                    self.no_ns_descriptors = true;
                     warn!(nsid, ms, "no answer to Identify Namespace Identification Descriptors (CNS 03h); taking the namespace as NVM");
                     Err(DriverError::CommandFailed {
                         opcode: admin::IDENTIFY,
@@ -858,8 +863,12 @@ fn wait_csts(
 /// stops at 127.5 s), plus half a second, as Linux waits.
 fn ready_timeout_ms(cap: Cap, crto: Option<u32>) -> u64 {
     let crwmt_ms = crto.filter(|&c| c != u32::MAX).map_or(0, |c| u64::from(c & 0xffff) * 500);
-    cap.timeout_ms().max(crwmt_ms) + 500
+    cap.timeout_ms().max(crwmt_ms.min(MAX_READY_WAIT_MS)) + 500
 }
+
+/// The longest CRTO.CRWMT is believed (CRWMT can say 9 hours; a reset holds an I/O thread and
+/// the admin queue while it waits).
+const MAX_READY_WAIT_MS: u64 = 600_000;
 
 fn wait_csts_within(
     device: &Arc<dyn NvmeDevice>,
@@ -1060,6 +1069,7 @@ mod tests {
         assert_eq!(ready_timeout_ms(cap(20, true), Some(4)), 10_500, "CAP.TO when longer");
         assert_eq!(ready_timeout_ms(cap(20, true), Some(u32::MAX)), 10_500, "a register read as all ones");
         assert_eq!(ready_timeout_ms(cap(0, false), None), 500);
+        assert_eq!(ready_timeout_ms(cap(20, true), Some(0xffff)), 600_500, "at most 10 minutes");
     }
 
     #[test]

@@ -142,7 +142,9 @@ impl IoThread {
         p.generation = p.ctrl.generation();
         let state = p.ctrl.state();
         if state == DeviceState::FailedRunning {
-            self.cancel_partials(c, Status::Broker(BrokerStatus::DeviceFault));
+            // Also the unsent pieces, at any controller, of the rings about to be faulted: a
+            // faulted ring sends nothing more, and those pieces' buffers would never drain.
+            self.cancel_partials(c, Status::Broker(BrokerStatus::DeviceFault), true);
             let p = &mut self.ports[c];
             p.device_failed = true;
             p.dma_stopped = false;
@@ -234,7 +236,7 @@ impl IoThread {
             self.ports[c].gone = state == DeviceState::Gone;
             let all = self.ports[c].dq.queue.abandon_all();
             self.fail_contexts(c, all, Status::Broker(status));
-            self.cancel_partials(c, Status::Broker(status));
+            self.cancel_partials(c, Status::Broker(status), false);
             if state == DeviceState::Gone {
                 self.ports[c].ctrl.ack_gone();
             }
@@ -266,11 +268,13 @@ impl IoThread {
     }
 
     /// Fails with `status` the pieces of split requests for controller `c` that were never
-    /// given to it.
-    fn cancel_partials(&mut self, c: usize, status: Status) {
+    /// given to it (`of_rings_at_c`: and those, for any controller, of rings with commands at
+    /// `c`).
+    fn cancel_partials(&mut self, c: usize, status: Status, of_rings_at_c: bool) {
         for key in self.order.iter().copied() {
             let s = &mut self.sessions[key];
-            if s.partial.is_none_or(|p| usize::from(p.ctx.ctrl) != c) {
+            let at_c = of_rings_at_c && s.slots[c] > 0;
+            if s.partial.is_none_or(|p| usize::from(p.ctx.ctrl) != c && !at_c) {
                 continue;
             }
             let Some(p) = s.partial.take() else { continue };
