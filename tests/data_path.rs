@@ -1024,3 +1024,23 @@ fn a_ring_using_a_shared_buffer_knows_when_it_is_done_with_it() {
         b.session().stats().unwrap().buffers == 0
     });
 }
+
+#[test]
+fn dropping_the_last_handle_with_io_in_flight_returns_once_the_device_is_done() {
+    // A caller's memory (guest RAM, say) may be reused once the ring is dropped: the drop
+    // must not return while the device may still write into it, also when the ring is the
+    // session's last handle.
+    let broker = TestBroker::start(&["--emulator-mode", "async", "--emulator-latency-us", "1000000"]);
+    let mut ring = broker.connect();
+    let ns = ring.namespaces()[0].nsid;
+    let buf = ring.alloc_buffer(4096).unwrap();
+    ring.prep(Io::read(ns, 0, 4096, buf, 0).user_data(1)).unwrap();
+    let submitted = Instant::now();
+    ring.submit().unwrap();
+    drop(ring);
+    assert!(
+        submitted.elapsed() >= Duration::from_millis(900),
+        "the drop returned {:?} after the submit, before the 1 s read could finish",
+        submitted.elapsed()
+    );
+}

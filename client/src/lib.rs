@@ -1407,10 +1407,15 @@ impl NvmeRing {
 }
 
 impl Drop for NvmeRing {
-    /// Ends the ring (its I/O drains first) and unregisters the buffers it owns, unless the
-    /// session ends with it anyway (the broker then releases everything).
+    /// Ends the ring (its I/O drains first: when this returns the device no longer uses the
+    /// ring's buffers, a caller's guest RAM included) and unregisters the buffers it owns,
+    /// unless the session ends with it anyway (the broker then releases everything; it is
+    /// still drained first if requests are in flight).
     fn drop(&mut self) {
         if Arc::strong_count(&self.session) == 1 {
+            if !self.pending.is_empty() {
+                let _ = self.session.call_on_epoch(self.epoch, &Request::CloseRing { ring_id: self.ring_id });
+            }
             return;
         }
         // (Never reconnecting for that: a broker gone has released them already; and only on
