@@ -852,18 +852,11 @@ fn a_controller_that_cannot_be_stopped_never_completes_its_commands() {
 
 #[test]
 fn unregistering_a_buffer_a_failed_device_may_still_write_is_answered_and_its_id_kept() {
-    let (mut broker, mut ring, buf) = a_read_held_by_an_unstoppable_device(&[]);
+    let (mut broker, ring, buf) = a_read_held_by_an_unstoppable_device(&[]);
     // Asked after the failure (the client library would refuse: its read never finished),
     // the unregister is answered, not waited on for ever: the buffer stays mapped.
-    let (tx, rx) = std::sync::mpsc::channel();
-    let id = buf.0;
-    std::thread::spawn(move || {
-        let r = ring.control(&Request::UnregisterBuffer { buffer_id: id }, &[]);
-        let _ = tx.send((ring, r));
-    });
-    let Ok((mut ring, r)) = rx.recv_timeout(Duration::from_secs(10)) else {
-        panic!("the unregister of a buffer a failed device holds was never answered")
-    };
+    let (mut ring, r) =
+        unregister_within(ring, buf.0, "the unregister of a buffer a failed device holds was never answered");
     match r {
         Ok(Response::Error(ControlError::ResourceExhausted(m)))
         | Err(Error::Refused(ControlError::ResourceExhausted(m))) => {
@@ -885,6 +878,34 @@ fn unregistering_a_buffer_a_failed_device_may_still_write_is_answered_and_its_id
     assert!(broker.stop(), "nvmed did not shut down after a failed device");
 }
 
+/// A ring (reconnecting off) on a broker of two emulated controllers started with `extra`,
+/// and the ids of its namespaces on controllers 0 and 1.
+fn two_controller_ring(extra: &[&str]) -> (TestBroker, NvmeRing, u32, u32) {
+    let mut args = vec!["--controllers", "2"];
+    args.extend_from_slice(extra);
+    let broker = TestBroker::start(&args);
+    let opts = RingOptions {
+        reconnect: nvmed_client::Reconnect { enabled: false, ..Default::default() },
+        ..RingOptions::default()
+    };
+    let ring = NvmeRing::open_with(&broker.socket, opts).unwrap();
+    let on = |c: u16| ring.namespaces().iter().find(|n| n.controller == c).unwrap().nsid;
+    let (first, second) = (on(0), on(1));
+    (broker, ring, first, second)
+}
+
+/// Unregisters buffer `id` from another thread: the ring back and the answer, or a panic
+/// saying `never` if none comes within 10 s.
+fn unregister_within(ring: NvmeRing, id: u32, never: &str) -> (NvmeRing, nvmed_client::Result<Response>) {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut ring = ring;
+        let r = ring.control(&Request::UnregisterBuffer { buffer_id: id }, &[]);
+        let _ = tx.send((ring, r));
+    });
+    rx.recv_timeout(Duration::from_secs(10)).unwrap_or_else(|_| panic!("{never}"))
+}
+
 #[test]
 fn a_split_request_left_unsent_by_a_failed_controller_does_not_hold_an_unregister() {
     // One ring: a read at controller 1 that never completes, and a 1 MiB write split into
@@ -892,9 +913,7 @@ fn a_split_request_left_unsent_by_a_failed_controller_does_not_hold_an_unregiste
     // by an operator and fails without confirming it stopped: the ring is faulted and sends
     // no more pieces. Unregistering the write's buffer is answered once the pieces already at
     // controller 0 are done (it waited for good: the unsent pieces never went).
-    let mut broker = TestBroker::start(&[
-        "--controllers",
-        "2",
+    let (mut broker, mut ring, healthy, failing) = two_controller_ring(&[
         "--emulator-mode",
         "async",
         "--emulator-latency-us",
@@ -908,13 +927,6 @@ fn a_split_request_left_unsent_by_a_failed_controller_does_not_hold_an_unregiste
         "--emulator-wedge",
         "reset-and-bus-master",
     ]);
-    let opts = RingOptions {
-        reconnect: nvmed_client::Reconnect { enabled: false, ..Default::default() },
-        ..RingOptions::default()
-    };
-    let mut ring = NvmeRing::open_with(&broker.socket, opts).unwrap();
-    let on = |c: u16| ring.namespaces().iter().find(|n| n.controller == c).unwrap().nsid;
-    let (healthy, failing) = (on(0), on(1));
     let small = ring.alloc_buffer(4096).unwrap();
     let big = ring.alloc_buffer(1 << 20).unwrap();
     ring.prep(Io::read(failing, 0, 4096, small, 0).user_data(1)).unwrap();
@@ -923,15 +935,11 @@ fn a_split_request_left_unsent_by_a_failed_controller_does_not_hold_an_unregiste
     wait_until("both requests taken", Duration::from_secs(5), || ring.stats().unwrap().in_flight == 2);
     let admin = nvmectl::AdminClient::new(broker.dir.join("nvmed-admin.sock"));
     assert_eq!(admin.reset_controller(1).unwrap().0, "failed (not confirmed stopped)");
-    let (tx, rx) = std::sync::mpsc::channel();
-    let id = big.0;
-    std::thread::spawn(move || {
-        let r = ring.control(&Request::UnregisterBuffer { buffer_id: id }, &[]);
-        let _ = tx.send((ring, r));
-    });
-    let Ok((ring, r)) = rx.recv_timeout(Duration::from_secs(10)) else {
-        panic!("the unregister of a split write's buffer waited on pieces a faulted ring never sends")
-    };
+    let (ring, r) = unregister_within(
+        ring,
+        big.0,
+        "the unregister of a split write's buffer waited on pieces a faulted ring never sends",
+    );
     assert!(matches!(r, Ok(Response::BufferUnregistered)), "{r:?}");
     drop(ring);
     assert!(broker.stop(), "nvmed did not shut down after a failed device");
@@ -977,9 +985,7 @@ fn a_buffer_used_only_at_a_healthy_controller_is_unregistered_after_another_fail
     // 6 s after it is taken. Unregistering the second read's buffer after the failure waits
     // for that read and unmaps the buffer, instead of keeping it mapped for good with the
     // failed controller's buffers.
-    let mut broker = TestBroker::start(&[
-        "--controllers",
-        "2",
+    let (mut broker, mut ring, healthy, failing) = two_controller_ring(&[
         "--inject",
         "stuck:1@1",
         "--inject",
@@ -987,13 +993,6 @@ fn a_buffer_used_only_at_a_healthy_controller_is_unregistered_after_another_fail
         "--emulator-wedge",
         "reset-and-bus-master",
     ]);
-    let opts = RingOptions {
-        reconnect: nvmed_client::Reconnect { enabled: false, ..Default::default() },
-        ..RingOptions::default()
-    };
-    let mut ring = NvmeRing::open_with(&broker.socket, opts).unwrap();
-    let on = |c: u16| ring.namespaces().iter().find(|n| n.controller == c).unwrap().nsid;
-    let (healthy, failing) = (on(0), on(1));
     let stuck_buf = ring.alloc_buffer(1 << 20).unwrap();
     let slow_buf = ring.alloc_buffer(2 << 20).unwrap();
     ring.prep(Io::read(failing, 0, 4096, stuck_buf, 0).user_data(1)).unwrap();
@@ -1006,15 +1005,11 @@ fn a_buffer_used_only_at_a_healthy_controller_is_unregistered_after_another_fail
     let (state, _) = admin.reset_controller(1).unwrap();
     assert_eq!(state, "failed (not confirmed stopped)", "controller 1 cannot be stopped");
     assert_eq!(ring.stats().unwrap().in_flight, 2, "the healthy controller's read is still in flight");
-    let (tx, rx) = std::sync::mpsc::channel();
-    let id = slow_buf.0;
-    std::thread::spawn(move || {
-        let r = ring.control(&Request::UnregisterBuffer { buffer_id: id }, &[]);
-        let _ = tx.send((ring, r));
-    });
-    let Ok((mut ring, r)) = rx.recv_timeout(Duration::from_secs(10)) else {
-        panic!("the unregister of a buffer used at the healthy controller was never answered")
-    };
+    let (mut ring, r) = unregister_within(
+        ring,
+        slow_buf.0,
+        "the unregister of a buffer used at the healthy controller was never answered",
+    );
     assert!(matches!(r, Ok(Response::BufferUnregistered)), "{r:?}");
     assert_eq!(ring.stats().unwrap().in_flight, 1, "answered before its read completed");
     // Unmapped: only the failed controller's read's buffer is left.

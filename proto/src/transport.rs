@@ -145,30 +145,24 @@ pub fn peer_closed(sock: BorrowedFd<'_>) -> bool {
     }
 }
 
-/// `SO_PASSRIGHTS` (Linux 6.16 and later; not in the libc crate yet): whether a Unix socket
-/// takes descriptors its peer sends with SCM_RIGHTS.
-/// The asm-generic value, also x86's; architectures with their own numbering (sparc, mips,
-/// parisc, alpha, powerpc) are not given it.
-#[cfg(any(
-    target_arch = "x86_64",
-    target_arch = "x86",
-    target_arch = "aarch64",
-    target_arch = "arm",
-    target_arch = "riscv64",
-    target_arch = "loongarch64",
-    target_arch = "s390x"
-))]
-const SO_PASSRIGHTS: Option<libc::c_int> = Some(83);
-#[cfg(not(any(
-    target_arch = "x86_64",
-    target_arch = "x86",
-    target_arch = "aarch64",
-    target_arch = "arm",
-    target_arch = "riscv64",
-    target_arch = "loongarch64",
-    target_arch = "s390x"
-)))]
-const SO_PASSRIGHTS: Option<libc::c_int> = None;
+/// Socket option numbers the libc crate does not offer yet, where they are the asm-generic ones
+/// (x86, arm, riscv, loongarch, s390x); architectures with their own numbering (sparc, mips,
+/// parisc, alpha, powerpc) get none, and the callers do without.
+mod sockopt_numbers {
+    const GENERIC: bool = cfg!(any(
+        target_arch = "x86_64",
+        target_arch = "x86",
+        target_arch = "aarch64",
+        target_arch = "arm",
+        target_arch = "riscv64",
+        target_arch = "loongarch64",
+        target_arch = "s390x"
+    ));
+    /// `SO_PASSRIGHTS` (Linux 6.16+): whether a Unix socket takes descriptors sent to it.
+    pub const PASSRIGHTS: Option<libc::c_int> = if GENERIC { Some(83) } else { None };
+    /// `SO_PEERGROUPS` (Linux 4.13+): the peer's supplementary groups at connect time.
+    pub const PEERGROUPS: Option<libc::c_int> = if GENERIC { Some(59) } else { None };
+}
 
 /// Makes a Unix socket refuse (`accept: false`) or take again descriptors its peer sends: a
 /// sender's `sendmsg` with SCM_RIGHTS then fails with EPERM, so nothing the peer could send
@@ -179,7 +173,7 @@ const SO_PASSRIGHTS: Option<libc::c_int> = None;
 /// it in the receiving thread, and closing some files takes as long as their sender likes (a
 /// TCP socket with `SO_LINGER` and unsent data, a file on a FUSE mount it serves).
 pub fn accept_descriptors(sock: BorrowedFd<'_>, accept: bool) -> std::io::Result<()> {
-    let Some(option) = SO_PASSRIGHTS else {
+    let Some(option) = sockopt_numbers::PASSRIGHTS else {
         return Err(std::io::Error::from_raw_os_error(libc::ENOPROTOOPT));
     };
     let value = libc::c_int::from(accept);
@@ -197,6 +191,35 @@ pub fn accept_descriptors(sock: BorrowedFd<'_>, accept: bool) -> std::io::Result
         return Err(std::io::Error::last_os_error());
     }
     Ok(())
+}
+
+/// The supplementary groups the peer of a Unix socket had when it connected (SO_PEERGROUPS,
+/// Linux 4.13+): recorded by the kernel, so never another process's (a pid's /proc entry read
+/// later may belong to a new process). `None` where the kernel or the architecture does not
+/// say.
+pub fn peer_groups(sock: BorrowedFd<'_>) -> Option<Vec<u32>> {
+    let option = sockopt_numbers::PEERGROUPS?;
+    let mut groups = vec![0u32; 64];
+    loop {
+        let mut len = (groups.len() * size_of::<u32>()) as libc::socklen_t;
+        // SAFETY: getsockopt writes at most `len` bytes into `groups`, which holds that many.
+        let rc = unsafe {
+            libc::getsockopt(sock.as_raw_fd(), libc::SOL_SOCKET, option, groups.as_mut_ptr().cast(), &mut len)
+        };
+        if rc == 0 {
+            groups.truncate(len as usize / size_of::<u32>());
+            return Some(groups);
+        }
+        // ERANGE: `len` now says how much room the list needs (at most NGROUPS_MAX, 65536).
+        let need = len as usize / size_of::<u32>();
+        if std::io::Error::last_os_error().raw_os_error() != Some(libc::ERANGE)
+            || need <= groups.len()
+            || need > 65536
+        {
+            return None;
+        }
+        groups.resize(need, 0);
+    }
 }
 
 /// Whether this kernel lets a Unix socket refuse descriptors ([`accept_descriptors`]).
@@ -296,6 +319,17 @@ mod tests {
         accept_descriptors(b.as_fd(), true).unwrap();
         send(a.as_fd(), b"z", &[w.as_fd()]).unwrap();
         assert_eq!(recv(b.as_fd()).unwrap().fds.len(), 1);
+    }
+
+    #[test]
+    fn a_peers_groups_come_from_the_socket() {
+        let (a, _b) =
+            socketpair(AddressFamily::Unix, SockType::Stream, None, SockFlag::SOCK_CLOEXEC).unwrap();
+        let mut got = peer_groups(a.as_fd()).expect("SO_PEERGROUPS (Linux 4.13+)");
+        let mut mine: Vec<u32> = nix::unistd::getgroups().unwrap().iter().map(|g| g.as_raw()).collect();
+        got.sort_unstable();
+        mine.sort_unstable();
+        assert_eq!(got, mine);
     }
 
     #[test]

@@ -181,53 +181,7 @@ pub(super) fn authorized(
     }
     let Some(g) = group else { return false };
     cred.gid() == g.gid
-        || peer_groups(sock).unwrap_or_else(|| supplementary_groups(cred.pid())).contains(&g.gid)
-}
-
-/// The supplementary groups the peer of a Unix socket had when it connected (SO_PEERGROUPS,
-/// Linux 4.13+): recorded by the kernel, so never another process's (a pid read later from
-/// /proc may have been reused). `None` where the kernel does not say.
-fn peer_groups(sock: std::os::fd::BorrowedFd<'_>) -> Option<Vec<u32>> {
-    // The asm-generic value (x86, arm, riscv, ...; not in the libc crate's stable API). Other
-    // numberings (sparc, mips, parisc, alpha, powerpc) read /proc instead.
-    #[cfg(not(any(
-        target_arch = "x86_64",
-        target_arch = "x86",
-        target_arch = "aarch64",
-        target_arch = "arm",
-        target_arch = "riscv64",
-        target_arch = "loongarch64",
-        target_arch = "s390x"
-    )))]
-    return None;
-    const SO_PEERGROUPS: libc::c_int = 59;
-    let mut groups = vec![0u32; 64];
-    loop {
-        let mut len = (groups.len() * size_of::<u32>()) as libc::socklen_t;
-        // SAFETY: getsockopt writes at most `len` bytes into `groups`, which holds that many.
-        let rc = unsafe {
-            libc::getsockopt(
-                sock.as_raw_fd(),
-                libc::SOL_SOCKET,
-                SO_PEERGROUPS,
-                groups.as_mut_ptr().cast(),
-                &mut len,
-            )
-        };
-        if rc == 0 {
-            groups.truncate(len as usize / size_of::<u32>());
-            return Some(groups);
-        }
-        // ERANGE: `len` now says how much room the list needs (at most NGROUPS_MAX, 65536).
-        let need = len as usize / size_of::<u32>();
-        if std::io::Error::last_os_error().raw_os_error() != Some(libc::ERANGE)
-            || need <= groups.len()
-            || need > 65536
-        {
-            return None;
-        }
-        groups.resize(need, 0);
-    }
+        || transport::peer_groups(sock).unwrap_or_else(|| supplementary_groups(cred.pid())).contains(&g.gid)
 }
 
 /// A process's supplementary groups (the `Groups:` line of `/proc/PID/status`); empty if it
@@ -567,17 +521,5 @@ mod tests {
         assert_eq!(parse_groups(""), Vec::<u32>::new());
         // This process's own line parses.
         let _ = supplementary_groups(std::process::id() as i32);
-    }
-
-    #[test]
-    fn a_peers_groups_come_from_the_socket() {
-        use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
-        let (a, _b) =
-            socketpair(AddressFamily::Unix, SockType::Stream, None, SockFlag::SOCK_CLOEXEC).unwrap();
-        let mut got = peer_groups(a.as_fd()).expect("SO_PEERGROUPS (Linux 4.13+)");
-        let mut mine: Vec<u32> = nix::unistd::getgroups().unwrap().iter().map(|g| g.as_raw()).collect();
-        got.sort_unstable();
-        mine.sort_unstable();
-        assert_eq!(got, mine);
     }
 }
