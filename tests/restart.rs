@@ -9,7 +9,9 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use nvmed_client::testkit::pattern;
-use nvmed_client::{Error, Io, NvmeRing, NvmeSession, Reconnect, RingOptions, SessionOptions};
+use nvmed_client::{
+    BrokerStatus, Error, Io, NvmeRing, NvmeSession, Reconnect, RingOptions, SessionOptions, Status,
+};
 
 const MIB: u64 = 1 << 20;
 
@@ -237,4 +239,37 @@ fn socket_activation_keeps_connects_waiting_across_a_restart() {
     assert_eq!(ring.reconnects(), 1);
     broker.kill().unwrap();
     broker.wait().unwrap();
+}
+
+#[test]
+fn requests_outstanding_when_the_session_ends_for_good_are_answered() {
+    // Reconnecting off, a broker killed with a read in flight: the read is answered with
+    // SessionEnded (the device no longer uses the buffer), so its buffer is free again; before,
+    // it stayed "in flight" in the client for good.
+    let mut broker = TestBroker::start(&["--emulator-mode", "async", "--emulator-latency-us", "2000000"]);
+    let opts = RingOptions {
+        reconnect: nvmed_client::Reconnect { enabled: false, ..Default::default() },
+        ..RingOptions::default()
+    };
+    let mut ring = NvmeRing::open_with(&broker.socket, opts).unwrap();
+    let ns = ring.namespaces()[0].nsid;
+    let buf = ring.alloc_buffer(4096).unwrap();
+    ring.prep(Io::read(ns, 0, 4096, buf, 0).user_data(5)).unwrap();
+    ring.submit().unwrap();
+    assert!(matches!(ring.buffer(buf, 0, 4096), Err(Error::InFlight { .. })));
+    broker.kill9();
+    let mut out = Vec::new();
+    let mut failed = None;
+    let t = Instant::now();
+    while out.is_empty() {
+        match ring.poll(&mut out) {
+            Ok(_) => {}
+            Err(e) => failed = Some(e),
+        }
+        assert!(t.elapsed() < Duration::from_secs(10), "never answered ({failed:?})");
+    }
+    assert!(matches!(failed, Some(Error::BrokerGone)), "{failed:?}");
+    assert_eq!(out.len(), 1);
+    assert_eq!((out[0].user_data, out[0].status), (5, Status::Broker(BrokerStatus::SessionEnded)));
+    assert!(ring.buffer(buf, 0, 4096).is_ok(), "the buffer is still counted in flight");
 }

@@ -78,6 +78,10 @@
 // Broker status: the controller is gone.
 #define NVMED_STATUS_DEVICE_GONE ((2 << 24) | 16)
 
+// Library status: the session ended for good (the broker went away, no reconnecting) before
+// the request completed; the device no longer uses its buffers.
+#define NVMED_STATUS_SESSION_ENDED ((2 << 24) | 17)
+
 // Bytes of segment list a vectored request uses per segment (at `list_offset` of its list
 // buffer; the wire format's entry, larger than `nvmed_segment`).
 #define NVMED_SEGMENT_LIST_ENTRY_SIZE 24

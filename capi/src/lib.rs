@@ -83,6 +83,9 @@ pub const NVMED_STATUS_SEGMENT_LIST_RANGE: u32 = (2 << 24) | 14;
 pub const NVMED_STATUS_SEGMENT_LENGTH: u32 = (2 << 24) | 15;
 /// Broker status: the controller is gone.
 pub const NVMED_STATUS_DEVICE_GONE: u32 = (2 << 24) | 16;
+/// Library status: the session ended for good (the broker went away, no reconnecting) before
+/// the request completed; the device no longer uses its buffers.
+pub const NVMED_STATUS_SESSION_ENDED: u32 = (2 << 24) | 17;
 
 /// Bytes of segment list a vectored request uses per segment (at `list_offset` of its list
 /// buffer; the wire format's entry, larger than `nvmed_segment`).
@@ -1121,6 +1124,7 @@ mod tests {
             (NVMED_STATUS_SEGMENT_LIST_RANGE, B::SegmentListRange),
             (NVMED_STATUS_SEGMENT_LENGTH, B::SegmentLength),
             (NVMED_STATUS_DEVICE_GONE, B::DeviceGone),
+            (NVMED_STATUS_SESSION_ENDED, B::SessionEnded),
         ];
         for (word, b) in all {
             assert_eq!(word, S::Broker(b).encode(), "{b:?}");

@@ -471,6 +471,7 @@ impl NvmeRing {
             return Ok(0);
         }
         if !self.session.reconnect.enabled {
+            self.end_pending(out)?;
             return Err(Error::BrokerGone);
         }
         let mut got = 0;
@@ -479,7 +480,10 @@ impl NvmeRing {
         for attempt in 0.. {
             // What the old broker finished is in the old CQ: those must not be sent again.
             got += self.take_completions(out)?;
-            self.session.reconnect(self.epoch)?;
+            if let Err(e) = self.session.reconnect(self.epoch) {
+                self.end_pending(out)?;
+                return Err(e);
+            }
             let tags: Vec<usize> = match order.take() {
                 Some(prev) => prev.into_iter().filter(|&t| self.pending.contains(t)).collect(),
                 None => {
@@ -726,11 +730,12 @@ impl NvmeRing {
 
     /// Uses a buffer of the session's ([`NvmeSession::register_shared`]) as if it were this
     /// ring's own for accounting: the ring keeps it alive (a clone) and counts its requests on
-    /// it, so [`NvmeRing::release_shared`] can say when none is left. (A request naming a
-    /// shared buffer of the session does this too, at its first use on this ring: the id is
-    /// then not unregistered, and so not given to another buffer, while this ring holds it.)
-    /// Its memory is still reached only through the [`SharedBuffer`]: [`NvmeRing::buffer`]
-    /// refuses it. A buffer of another session is refused ([`Error::ForeignBuffer`]).
+    /// it, so [`NvmeRing::release_shared`] can say when none is left, and keeps it until then.
+    /// (Without this, a request naming a shared buffer makes the ring hold it only until its
+    /// requests on it are done and the caller dropped every handle: its id is never given to
+    /// another buffer while a request may name it.) Its memory is still reached only through
+    /// the [`SharedBuffer`]: [`NvmeRing::buffer`] refuses it. A buffer of another session is
+    /// refused ([`Error::ForeignBuffer`]).
     pub fn use_shared(&mut self, buf: &SharedBuffer) -> Result<BufferId> {
         let id = buf.id();
         if !buf.of_session(&self.session) {
@@ -1218,6 +1223,36 @@ impl NvmeRing {
         }
     }
 
+    /// The session is over for good (no reconnecting): what the old broker finished goes to
+    /// `out`, and every request still outstanding is answered, on the next poll, with
+    /// [`BrokerStatus::SessionEnded`], so its buffers are free again. Safe because the broker
+    /// closes a session's connection only once its I/O drained, or exits (and the device is cut
+    /// off from memory with it); a ring a failed device may still write through (faulted
+    /// `DeviceFailed`) never gets here.
+    fn end_pending(&mut self, out: &mut Vec<Completion>) -> Result<()> {
+        self.take_completions(out)?;
+        let status = Status::Broker(BrokerStatus::SessionEnded);
+        let tags: Vec<usize> = self.pending.iter().map(|(tag, _)| tag).collect();
+        for tag in tags {
+            let p = self.pending.remove(tag);
+            for &(id, _, _) in p.ranges.as_slice() {
+                if let Some(b) = self.buffers.get_mut(&id) {
+                    b.in_flight -= 1;
+                }
+            }
+            if let Ranges::Many(v) = p.ranges {
+                self.spare_ranges.push(v);
+            }
+            let c = Completion { user_data: p.user_data, status, result: 0 };
+            if tag == self.sync_tag {
+                self.sync_done = Some(c);
+            } else {
+                self.held.push(c);
+            }
+        }
+        Ok(())
+    }
+
     /// Whether the broker closed this ring's control connection (it exited, was killed, or
     /// ended the session): a `poll(2)` of the control socket, no wait. An event loop that
     /// sleeps on [`NvmeRing::completion_fd`] without watching [`NvmeRing::control_socket`]
@@ -1324,10 +1359,14 @@ impl NvmeRing {
             Ok(())
         });
         self.sync_tag = usize::MAX;
+        // (Requests answered meanwhile because the session ended are behind those.)
+        others.append(&mut self.held);
         self.held = others;
         // Its completion may have been taken before the wait failed (say, out of an old
         // broker's CQ before reconnecting failed): the request is done, whatever came after.
         let c = match (self.sync_done.take(), r) {
+            // Answered only because the session ended: the reason it ended says more.
+            (Some(c), Err(e)) if c.status == Status::Broker(BrokerStatus::SessionEnded) => return Err(e),
             (Some(c), _) => c,
             (None, Err(e)) => return Err(e),
             (None, Ok(())) => unreachable!("the loop ends once it is there"),

@@ -42,6 +42,10 @@ pub enum BrokerStatus {
     SegmentLength = 15,
     /// The controller is gone (surprise removal): nothing can reach it any more.
     DeviceGone = 16,
+    /// Never sent by the broker: the client library's answer for a request that was still
+    /// outstanding when its session ended for good (the broker went away or ended the
+    /// session, and there is no reconnecting). The device no longer uses its buffers.
+    SessionEnded = 17,
 }
 
 impl BrokerStatus {
@@ -65,6 +69,7 @@ impl BrokerStatus {
             14 => SegmentListRange,
             15 => SegmentLength,
             16 => DeviceGone,
+            17 => SessionEnded,
             _ => return None,
         })
     }
@@ -86,6 +91,7 @@ impl BrokerStatus {
             DeviceReset => "aborted because the controller was reset",
             DeviceFault => "controller failed",
             DeviceGone => "the controller is gone (removed)",
+            SessionEnded => "the session ended (the broker went away) before the request completed",
             BadSegmentCount => "segment count is zero or above 256",
             SegmentListRange => "segment list not 8-byte aligned or not inside its buffer",
             SegmentLength => {
