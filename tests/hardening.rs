@@ -884,11 +884,7 @@ fn two_controller_ring(extra: &[&str]) -> (TestBroker, NvmeRing, u32, u32) {
     let mut args = vec!["--controllers", "2"];
     args.extend_from_slice(extra);
     let broker = TestBroker::start(&args);
-    let opts = RingOptions {
-        reconnect: nvmed_client::Reconnect { enabled: false, ..Default::default() },
-        ..RingOptions::default()
-    };
-    let ring = NvmeRing::open_with(&broker.socket, opts).unwrap();
+    let ring = NvmeRing::open_with(&broker.socket, no_reconnect()).unwrap();
     let on = |c: u16| ring.namespaces().iter().find(|n| n.controller == c).unwrap().nsid;
     let (first, second) = (on(0), on(1));
     (broker, ring, first, second)
@@ -1025,12 +1021,7 @@ fn a_client_that_hangs_up_while_its_unregister_waits_on_its_own_cq_is_released()
     // back, and with it the answer to unregistering the read's buffer. Then the client hangs up: its session must
     // end, not keep the broker's thread for it (and its memory) waiting for good.
     let mut broker = TestBroker::start(&["--emulator-mode", "async", "--emulator-latency-us", "300000"]);
-    let opts = RingOptions {
-        sq_entries: 16,
-        cq_entries: 16,
-        reconnect: nvmed_client::Reconnect { enabled: false, ..Default::default() },
-        ..RingOptions::default()
-    };
+    let opts = RingOptions { sq_entries: 16, cq_entries: 16, ..no_reconnect() };
     let mut ring = NvmeRing::open_with(&broker.socket, opts).unwrap();
     let ns = ring.namespaces()[0].nsid;
     for i in 0..16 {

@@ -247,11 +247,7 @@ fn requests_outstanding_when_the_session_ends_for_good_are_answered() {
     // SessionEnded (the device no longer uses the buffer), so its buffer is free again; before,
     // it stayed "in flight" in the client for good.
     let mut broker = TestBroker::start(&["--emulator-mode", "async", "--emulator-latency-us", "2000000"]);
-    let opts = RingOptions {
-        reconnect: nvmed_client::Reconnect { enabled: false, ..Default::default() },
-        ..RingOptions::default()
-    };
-    let mut ring = NvmeRing::open_with(&broker.socket, opts).unwrap();
+    let mut ring = NvmeRing::open_with(&broker.socket, no_reconnect()).unwrap();
     let ns = ring.namespaces()[0].nsid;
     let buf = ring.alloc_buffer(4096).unwrap();
     ring.prep(Io::read(ns, 0, 4096, buf, 0).user_data(5)).unwrap();

@@ -263,3 +263,11 @@ pub fn cpu_percent_over(broker: &TestBroker, span: Duration) -> f64 {
     let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK).unwrap().unwrap() as f64;
     ticks as f64 / hz / t0.elapsed().as_secs_f64() * 100.0
 }
+
+/// Ring options with reconnecting off (a test that ends or kills its broker on purpose).
+pub fn no_reconnect() -> nvmed_client::RingOptions {
+    nvmed_client::RingOptions {
+        reconnect: nvmed_client::Reconnect { enabled: false, ..Default::default() },
+        ..Default::default()
+    }
+}
