@@ -6,9 +6,13 @@
  *   - "ring": a 64-byte request written into a ring slot (its last word a sequence tag) and a
  *     16-byte completion written into another ring (its last word a tag), as nvmed's rings do:
  *     the request and the completion travel in different cache lines.
- * Prints the median over batches of 10000 rounds of each one's mean round trip, in ns (one
- * thread on CPU 0, the other on CPU 1: both must exist). Used by scripts/bench.sh part 1 (see BENCHMARKS.md
- * section 1: what a ring of separate request and completion lines can reach at QD1).
+ *   - "ring at QD32": the same ring with the requester keeping 32 requests outstanding (it
+ *     writes a request whenever fewer are, and takes completions as they come): the
+ *     throughput a ring of 64-byte requests can reach at depth on this machine.
+ * Prints the median over batches of 10000 rounds of each one's mean round trip (and of the
+ * QD32 ring's time per request), in ns (one thread on CPU 0, the other on CPU 1: both must
+ * exist). Used by scripts/bench.sh part 1 (see BENCHMARKS.md section 1: what a ring of
+ * separate request and completion lines can reach at QD1 and at QD32).
  *   cc -O2 -pthread scripts/ring_floor.c -o ring_floor && ./ring_floor [ROUNDS]
  */
 #define _GNU_SOURCE
@@ -20,6 +24,7 @@
 #include <time.h>
 
 #define SLOTS 64
+#define DEPTH 32
 
 struct sqe {
 	volatile uint64_t w[8];
@@ -112,7 +117,33 @@ static double run(int m)
 	}
 	while (!__atomic_load_n(&server_ready, __ATOMIC_ACQUIRE))
 		relax();
-	for (long i = 0; i < rounds; i++) {
+	if (m == 2) {
+		/* Up to DEPTH requests outstanding; request i completes as completion i (the server
+		 * answers in order), so `done` is also the next completion slot's index. */
+		long sub = 0, done = 0;
+
+		clock_gettime(CLOCK_MONOTONIC, &a);
+		while (done < rounds) {
+			while (sub - done < DEPTH && sub < rounds) {
+				struct sqe *s = &sq[sub % SLOTS];
+
+				for (int w = 0; w < 7; w++)
+					s->w[w] = (uint64_t)sub;
+				__atomic_store_n(&s->w[7], (uint64_t)sub + 1, __ATOMIC_RELEASE);
+				sub++;
+			}
+			while (done < sub && __atomic_load_n(&cq[done % (2 * SLOTS)].w[3], __ATOMIC_ACQUIRE) ==
+						     (uint32_t)(done + 1)) {
+				done++;
+				if (done % BATCH == 0 && n < 100000) {
+					clock_gettime(CLOCK_MONOTONIC, &b);
+					batch[n++] = ((b.tv_sec - a.tv_sec) * 1e9 + (b.tv_nsec - a.tv_nsec)) / BATCH;
+					a = b;
+				}
+			}
+		}
+	}
+	for (long i = 0; m != 2 && i < rounds; i++) {
 		if (i % BATCH == 0)
 			clock_gettime(CLOCK_MONOTONIC, &a);
 		if (m == 0) {
@@ -148,9 +179,10 @@ int main(int argc, char **argv)
 	if (rounds < BATCH)
 		rounds = BATCH;
 	pin_to(NULL, 0);
-	double one = run(0), ring = run(1);
+	double one = run(0), ring = run(1), deep = run(2);
 
-	printf("round trip (median of %ld-round batches): one line %.0f ns, ring (request and completion lines) %.0f ns\n",
-	       (long)BATCH, one, ring);
+	printf("round trip (median of %ld-round batches): one line %.0f ns, ring (request and completion lines) %.0f ns;"
+	       " ring at QD%d: %.1f ns per request (%.1f M/s)\n",
+	       (long)BATCH, one, ring, DEPTH, deep, deep > 0 ? 1e3 / deep : 0.0);
 	return 0;
 }
