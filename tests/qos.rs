@@ -225,6 +225,32 @@ fn read_and_write_bandwidth_limits_each_hold() {
 }
 
 #[test]
+fn write_zeroes_count_against_the_write_limit() {
+    // 10 MB/s of writes; 4 MiB Write Zeroes one after another for 1.5 s. The emulated device
+    // zeroes GB/s: uncounted, hundreds of MB would go.
+    let broker = TestBroker::start(&["--grant", "0:1:write-mbps=10"]);
+    let mut ring = broker.connect();
+    let ns = ring.namespaces()[0].nsid;
+    let (secs, len) = (1.5, 4u32 << 20);
+    let begin = Instant::now();
+    let mut zeroed = 0u64;
+    let mut at = 0u64;
+    while begin.elapsed().as_secs_f64() < secs {
+        let done =
+            nvmed_client::testkit::run_batch(&mut ring, &[nvmed_client::Io::write_zeroes(ns, at, len)], 1);
+        assert!(done.values().all(|c| c.status.is_success()), "{done:?}");
+        zeroed += u64::from(len);
+        at = (at + u64::from(len)) % (32 << 20);
+    }
+    let mb = zeroed as f64 / 1e6;
+    // The rate over the window, plus the bucket's depth and one request's debt (a request
+    // above the depth goes once the bucket is full and the next one pays for it).
+    let most = 10.0 * secs + 2.0 * f64::from(len) / 1e6;
+    eprintln!("{mb:.1} MB zeroed in {secs} s under a 10 MB/s write limit");
+    assert!(mb <= most, "{mb:.1} MB zeroed in {secs} s: the write limit did not hold it (at most {most:.1})");
+}
+
+#[test]
 fn grants_for_a_namespace_not_served_or_twice_stop_the_start_with_the_reason() {
     for (grants, why) in [
         (&["0:1", "0:3:iops=1k"][..], "grant 0:3:weight=1,iops=1000,per=uid names namespace 3, which this broker does not serve (it serves namespaces 1-2)"),

@@ -286,8 +286,8 @@ pub(crate) struct Args {
     /// default 1), iops=N, read-mbps=N, write-mbps=N (MB = 10^6 bytes), qd=N (requests at the
     /// device), per=uid (all its sessions together, default) or per=session; e.g.
     /// --grant 1000:1:weight=3,iops=20k,write-mbps=100. read-mbps and write-mbps count the data
-    /// reads and writes move; Flush, Write Zeroes and Deallocate move none and count as one
-    /// request (iops, qd, share). A request held by a limit waits; it is never failed. Grants of one uid on one controller's namespaces add up (and must agree on per=). One grant per uid
+    /// reads and writes move (write-mbps also what Write Zeroes zeroes); Flush and Deallocate
+    /// move none and count as one request (iops, qd, share). A request held by a limit waits; it is never failed. Grants of one uid on one controller's namespaces add up (and must agree on per=). One grant per uid
     /// and namespace, and only namespaces nvmed serves (anything else is refused).
     #[arg(long = "grant", value_name = "GRANT")]
     pub(crate) grants: Vec<Grant>,

@@ -112,12 +112,7 @@ pub(super) fn complete(
 ) {
     if let Some(t) = ctx.tenant {
         // As the request was charged when dispatched (see `submit`).
-        let bytes = if matches!(ctx.op, Opcode::Read | Opcode::Write | Opcode::ReadV | Opcode::WriteV) {
-            u64::from(ctx.len)
-        } else {
-            0
-        };
-        sched.complete(t, bytes, ctx.op.modifies_data());
+        sched.complete(t, super::submit::charged_bytes(ctx.op, ctx.len), ctx.op.modifies_data());
         if ctx.vec != VEC_NONE {
             sched.vec_given_back(t);
         }

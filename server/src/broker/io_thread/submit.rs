@@ -258,9 +258,7 @@ impl IoThread {
                         }
                         let tenant = s.tenants[usize::from(c)].map(|(_, t)| t);
                         if let Some(t) = tenant {
-                            let bytes =
-                                if matches!(op, Opcode::Read | Opcode::Write) { u64::from(len) } else { 0 };
-                            let d = p.sched.try_dispatch(t, now, bytes, op.modifies_data());
+                            let d = p.sched.try_dispatch(t, now, charged_bytes(op, len), op.modifies_data());
                             if !throttle_clock(&mut s.held_since, d, now, &s.counters) {
                                 held = true;
                                 s.blocked_on = Some(c);
@@ -472,6 +470,17 @@ impl IoThread {
 /// Keeps a ring's throttled time: a `Wait` (a rate limit) opens a hold, the next `Go` closes it
 /// and adds it to the ring's counters (`Later`, a turn or a slot share, neither opens nor closes
 /// one). Returns whether the request goes.
+/// The bytes a request is charged to its tenant's scheduler for (its byte buckets and cost),
+/// at dispatch and again at completion: what it reads or writes, and for Write Zeroes what it
+/// writes on the media (as Linux's blk-throttle charges it), so a write limit holds zeroing
+/// too. Deallocate and Flush move no data (charged as one request, like a discard there).
+pub(super) fn charged_bytes(op: Opcode, len: u32) -> u64 {
+    match op {
+        Opcode::Read | Opcode::Write | Opcode::ReadV | Opcode::WriteV | Opcode::WriteZeroes => u64::from(len),
+        Opcode::Nop | Opcode::Flush | Opcode::Deallocate => 0,
+    }
+}
+
 fn throttle_clock(held_since: &mut Option<u64>, d: Dispatch, now: u64, counters: &SessionCounters) -> bool {
     match d {
         Dispatch::Go => {
