@@ -251,6 +251,9 @@ fn scrapes_follow_the_clients_and_match_their_counts() {
         // Root's sessions share 4000 IOPS: they are throttled, so throttle time shows.
         "--grant",
         "0:1:iops=4k",
+        // uid 1000's peers have no grant.
+        "--default-access",
+        "read-write",
     ]);
     let addr: SocketAddr = broker
         .ready

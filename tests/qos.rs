@@ -172,6 +172,36 @@ fn sighup_puts_new_limits_in_force_without_reconnecting_and_refuses_a_bad_file()
     let fresh = broker.connect();
     let ids: Vec<u32> = fresh.namespaces().iter().map(|n| n.nsid).collect();
     assert_eq!(ids, vec![2]);
+    drop(fresh);
+    // The last grant removed: a uid without a grant still gets nothing (once a broker had
+    // grants, the default access is none, not read-write on everything)...
+    std::fs::write(&config, "grant = []\n").unwrap();
+    send_signal(pid, libc::SIGHUP);
+    wait_until("the reload without grants", Duration::from_secs(20), || reloads() == (3, 1, 1));
+    let ids: Vec<u32> = broker.connect().namespaces().iter().map(|n| n.nsid).collect();
+    assert_eq!(ids, Vec::<u32>::new(), "removing the last grant opened every namespace");
+    // ...unless the configuration says so.
+    std::fs::write(&config, "grant = []\ndefault-access = \"read-only\"\n").unwrap();
+    send_signal(pid, libc::SIGHUP);
+    wait_until("the reload with a default", Duration::from_secs(20), || reloads() == (4, 1, 1));
+    let ring = broker.connect();
+    let ids: Vec<(u32, bool)> = ring.namespaces().iter().map(|n| (n.nsid, n.read_only)).collect();
+    assert_eq!(ids, vec![(1, true), (2, true)]);
+}
+
+#[test]
+fn uids_left_out_of_the_grants_get_no_namespace_unless_a_default_says_so() {
+    // Root has a grant; uid 1000 has none. Without --default-access it sees nothing (it used
+    // to get read-write on every namespace, other tenants' windows included).
+    for (extra, expect) in [(None, "NAMESPACES 0"), (Some("read-only"), "NAMESPACES 1")] {
+        let mut args = vec!["--socket-mode", "666", "--grant", "0:1:0+2048"];
+        if let Some(access) = extra {
+            args.extend(["--default-access", access]);
+        }
+        let broker = TestBroker::start(&args);
+        let out = peer_output(1000, &["namespaces"], &broker.socket);
+        assert!(out.contains(expect), "uid 1000 with --default-access {extra:?}: {out}");
+    }
 }
 
 /// `io_for` on each ring at once, each on its own thread; returns each ring's count.

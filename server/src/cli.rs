@@ -292,9 +292,11 @@ pub(crate) struct Args {
     #[arg(long = "grant", value_name = "GRANT")]
     pub(crate) grants: Vec<Grant>,
 
-    /// Access of uids without any --grant.
-    #[arg(long, value_enum, default_value = "read-write")]
-    pub(crate) default_access: DefaultAccess,
+    /// Access of uids without any --grant. Default: read-write while no grant was ever given;
+    /// none as soon as one is (at start or by a reload), so a uid left out of the grants, or
+    /// whose grants a reload removed, gets no namespace unless this says otherwise.
+    #[arg(long, value_enum)]
+    pub(crate) default_access: Option<DefaultAccess>,
 
     /// Testing: inject a fault into the emulated controller (repeatable): fail:N:SCT:SC (the
     /// Nth I/O command completes with that status, Do Not Retry set), retry:N (the Nth fails

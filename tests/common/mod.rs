@@ -213,6 +213,24 @@ pub fn start_hammer(mode: &str, socket: &std::path::Path) -> Child {
 }
 
 /// Runs `nvmed-test-peer load` as `uid` for `secs` at depth `qd`; returns the child, started.
+/// What `nvmed-test-peer ARGS SOCKET` prints to stdout, run as `uid` (it must succeed).
+pub fn peer_output(uid: u32, args: &[&str], socket: &std::path::Path) -> String {
+    use std::os::unix::process::CommandExt;
+    let out = Command::new(runnable_by_anyone(env!("CARGO_BIN_EXE_nvmed-test-peer")))
+        .args(args)
+        .arg(socket)
+        .uid(uid)
+        .gid(uid)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "nvmed-test-peer {args:?} as uid {uid}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 pub fn load_as(uid: u32, socket: &std::path::Path, secs: f64, qd: usize) -> Child {
     use std::os::unix::process::CommandExt;
     let mut child = Command::new(runnable_by_anyone(env!("CARGO_BIN_EXE_nvmed-test-peer")))

@@ -12,7 +12,7 @@ const MIB: u64 = 1 << 20;
 
 fn usage() -> ! {
     eprintln!(
-        "usage: nvmed-test-peer hammer|hammer-rings SOCKET | hold connections|sessions N SOCKET | load SOCKET SECS QD | stats SOCKET"
+        "usage: nvmed-test-peer hammer|hammer-rings SOCKET | hold connections|sessions N SOCKET | load SOCKET SECS QD | stats SOCKET | namespaces SOCKET"
     );
     std::process::exit(2)
 }
@@ -27,6 +27,7 @@ fn main() {
         }
         ["hold", mode, n, socket] => hold(mode, n.parse().unwrap_or_else(|_| usage()), socket),
         ["stats", socket] => stats(socket),
+        ["namespaces", socket] => namespaces(socket),
         _ => usage(),
     }
 }
@@ -107,6 +108,15 @@ fn hammer_rings(socket: &str) {
 
 /// Writes and reads one 4 KiB block, then prints what the broker tells this client about
 /// itself and about the broker: one line `STATS key=value ...`.
+/// Prints `NAMESPACES N` and then `NS nsid read_only` for each namespace this uid sees.
+fn namespaces(socket: &str) {
+    let ring = NvmeRing::open(socket).unwrap();
+    println!("NAMESPACES {}", ring.namespaces().len());
+    for n in ring.namespaces() {
+        println!("NS {} {}", n.nsid, n.read_only);
+    }
+}
+
 fn stats(socket: &str) {
     let session = NvmeSession::open(socket).unwrap();
     let mut ring = session.new_ring().unwrap();
