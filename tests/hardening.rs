@@ -878,6 +878,50 @@ fn unregistering_a_buffer_a_failed_device_may_still_write_is_answered_and_its_id
     assert!(broker.stop(), "nvmed did not shut down after a failed device");
 }
 
+#[test]
+fn a_command_a_failed_device_completes_late_still_keeps_its_buffer_and_an_unregister_is_answered() {
+    // The read completes 1.5 s late; it times out at 300 ms, and neither a reset nor clearing
+    // bus mastering is confirmed. Then the failed device posts the read's completion anyway:
+    // it is taken off the queue, but the device is still not trusted with the buffer.
+    let args = [
+        "--emulator-mode",
+        "async",
+        "--inject",
+        "delay:1:1500",
+        "--io-timeout-ms",
+        "300",
+        "--no-abort",
+        "--emulator-wedge",
+        "reset-and-bus-master",
+    ];
+    let mut broker = TestBroker::start(&args);
+    let mut ring = NvmeRing::open_with(&broker.socket, no_reconnect()).unwrap();
+    let ns = ring.namespaces()[0].nsid;
+    let buf = ring.alloc_buffer(1 << 20).unwrap();
+    ring.prep(Io::read(ns, 0, 4096, buf, 0).user_data(1)).unwrap();
+    ring.submit().unwrap();
+    let mut out = Vec::new();
+    match ring.wait(1, &mut out, Some(Duration::from_secs(10))) {
+        Err(Error::RingFaulted(Some(RingFault::DeviceFailed))) => {}
+        other => panic!("expected the ring to fail with DeviceFailed, got {other:?} ({out:?})"),
+    }
+    // Past the late completion.
+    std::thread::sleep(Duration::from_millis(2500));
+    let (_ring, r) = unregister_within(
+        ring,
+        buf.0,
+        "the unregister of a buffer a failed device completed late was never answered",
+    );
+    match r {
+        Ok(Response::Error(ControlError::ResourceExhausted(m)))
+        | Err(Error::Refused(ControlError::ResourceExhausted(m))) => {
+            assert!(m.contains("stays mapped"), "{m}")
+        }
+        other => panic!("expected the buffer to be kept, got {other:?}"),
+    }
+    assert!(broker.alive());
+}
+
 /// A ring (reconnecting off) on a broker of two emulated controllers started with `extra`,
 /// and the ids of its namespaces on controllers 0 and 1.
 fn two_controller_ring(extra: &[&str]) -> (TestBroker, NvmeRing, u32, u32) {

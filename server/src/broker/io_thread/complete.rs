@@ -34,9 +34,10 @@ impl IoThread {
             if !p.dma_stopped {
                 // A controller that failed without confirming it stopped: its commands' rings
                 // were faulted and kept as zombies, and their commands are never reported
-                // finished. What it still posts is consumed
-                // (so the queue does not look busy for ever) and dropped.
-                total += p.dq.queue.reap(REAP_BATCH, |_, _, _| {});
+                // finished. What it still posts is consumed (so the queue does not look busy
+                // for ever), and the command is kept as still using its buffers.
+                let abandoned = &mut p.abandoned;
+                total += p.dq.queue.reap(REAP_BATCH, |ctx, _, _| abandoned.push(ctx));
                 // A retryable status it posts would wait for a retry never sent (and keep
                 // this thread waking for it): drop it too.
                 p.dq.queue.drop_retries();

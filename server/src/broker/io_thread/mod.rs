@@ -279,6 +279,11 @@ pub struct Port {
     /// Whether the device was seen to stop its DMA when it failed. If not, commands it held
     /// are never reported finished and their rings' buffers are never released.
     dma_stopped: bool,
+    /// Commands such a device completed after it failed: taken off its queue (so it does not
+    /// look busy for ever) but still counted as using their buffers (a failed device is not
+    /// trusted to be done with them), so an unregister of one is answered as for a command it
+    /// still holds. At most a queue's worth: a failed device takes no new command.
+    abandoned: Vec<InFlight>,
     /// Shares this queue between the tenants of this thread's rings.
     sched: Scheduler,
     /// Those tenants' scheduler ids.
@@ -349,7 +354,8 @@ fn on_answering_device(ports: &[Port], slots: &[u32]) -> bool {
 /// Calls `f` with the id of each buffer that ring `key`'s commands at `port` use (every
 /// segment's of a vectored command; an id once per command or segment).
 fn buffers_used_at(port: &Port, vecs: &VecPool, key: usize, mut f: impl FnMut(u32)) {
-    for ctx in port.dq.queue.in_flight_contexts().filter(|ctx| ctx.session as usize == key) {
+    let contexts = port.dq.queue.in_flight_contexts().chain(&port.abandoned);
+    for ctx in contexts.filter(|ctx| ctx.session as usize == key) {
         if ctx.buffer != u32::MAX {
             f(ctx.buffer);
         }
@@ -401,6 +407,7 @@ impl IoThread {
                 recreate_tries: 0,
                 gone: false,
                 dma_stopped: true,
+                abandoned: Vec::new(),
             });
         }
         Ok(Self {
@@ -615,6 +622,15 @@ impl IoThread {
                     if let Err(e) = self.epoll.add(ring.submit_fd.as_fd(), ev) {
                         warn!(session, "epoll add failed: {e}");
                     }
+                    // A ring added once the broker is shutting down (by a control thread that
+                    // was held past the shutdown's wait) is closed at once, like the others:
+                    // the shutdown waits for every ring to be released.
+                    let closing = if self.shutdown.is_some() {
+                        self.closing += 1;
+                        Some(None)
+                    } else {
+                        None
+                    };
                     self.sessions.insert(Session {
                         id: session,
                         uid,
@@ -629,7 +645,7 @@ impl IoThread {
                         partial: None,
                         vectored: 0,
                         faulted: false,
-                        closing: None,
+                        closing,
                         close_fault: RingFault::Closed,
                         held_since: None,
                         blocked_on: None,

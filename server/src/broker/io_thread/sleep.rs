@@ -35,7 +35,8 @@ impl IoThread {
         // Orders the interrupt hints before the device CQ checks; the announcements above carry
         // their own fences (pairs with the clients' fence after publishing).
         fence(Ordering::SeqCst);
-        let mut ready = self.ports.iter().any(|p| p.dq.queue.has_completion());
+        // (A gone controller's queue is never reaped again: what it posted before is stale.)
+        let mut ready = self.ports.iter().any(|p| !p.gone && p.dq.queue.has_completion());
         let vec_cap = (self.vecs.capacity() - self.vecs.capacity() / 4) as u32;
         let ports = &self.ports;
         let now = self.started.elapsed().as_nanos() as u64;
@@ -90,7 +91,11 @@ impl IoThread {
                 // Without a slot, commands are in flight: their completion frees one and wakes us.
                 // The same holds for segment list slots (the next entry may be vectored).
                 let vec_room = self.vecs.available() > 0 && s.vectored < vec_cap;
-                ready |= can_admit && (vec_room || ports.iter().any(|p| p.device_failed));
+                // (Without a slot, an entry for a failed controller completes at once: only
+                // one known to be for such a controller counts, or a thread whose slots a
+                // failed device holds would never sleep.)
+                let failed_next = s.blocked_on.is_some_and(|c| ports[usize::from(c)].device_failed);
+                ready |= can_admit && (vec_room || failed_next);
                 continue;
             }
             // The CQ is full: the client must reap first. Ask it to wake us, then look again.
