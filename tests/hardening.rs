@@ -807,7 +807,13 @@ fn a_read_held_by_an_unstoppable_device(extra: &[&str]) -> (TestBroker, NvmeRing
     let mut args =
         vec!["--inject", "stuck:1", "--io-timeout-ms", "300", "--emulator-wedge", "reset-and-bus-master"];
     args.extend_from_slice(extra);
-    let broker = TestBroker::start(&args);
+    a_read_failed_by(&args)
+}
+
+/// A read submitted to a broker started with `args`, whose device fails without confirming
+/// it stopped while it holds the read: the broker, the faulted ring and the read's buffer.
+fn a_read_failed_by(args: &[&str]) -> (TestBroker, NvmeRing, nvmed_client::BufferId) {
+    let broker = TestBroker::start(args);
     let mut ring = broker.connect();
     let ns = ring.namespaces()[0].nsid;
     let buf = ring.alloc_buffer(1 << 20).unwrap();
@@ -857,13 +863,7 @@ fn unregistering_a_buffer_a_failed_device_may_still_write_is_answered_and_its_id
     // the unregister is answered, not waited on for ever: the buffer stays mapped.
     let (mut ring, r) =
         unregister_within(ring, buf.0, "the unregister of a buffer a failed device holds was never answered");
-    match r {
-        Ok(Response::Error(ControlError::ResourceExhausted(m)))
-        | Err(Error::Refused(ControlError::ResourceExhausted(m))) => {
-            assert!(m.contains("stays mapped"), "{m}")
-        }
-        other => panic!("expected the buffer to be kept, got {other:?}"),
-    }
+    assert_kept_mapped(r);
     // Its id is never given to another buffer (the ring's table still names the old one by it).
     let m = sealed_memfd(4096);
     match ring.control(&Request::RegisterBuffer { offset: 0, len: 4096, id: None }, &[m.as_file().as_fd()]) {
@@ -894,17 +894,7 @@ fn a_command_a_failed_device_completes_late_still_keeps_its_buffer_and_an_unregi
         "--emulator-wedge",
         "reset-and-bus-master",
     ];
-    let mut broker = TestBroker::start(&args);
-    let mut ring = NvmeRing::open_with(&broker.socket, no_reconnect()).unwrap();
-    let ns = ring.namespaces()[0].nsid;
-    let buf = ring.alloc_buffer(1 << 20).unwrap();
-    ring.prep(Io::read(ns, 0, 4096, buf, 0).user_data(1)).unwrap();
-    ring.submit().unwrap();
-    let mut out = Vec::new();
-    match ring.wait(1, &mut out, Some(Duration::from_secs(10))) {
-        Err(Error::RingFaulted(Some(RingFault::DeviceFailed))) => {}
-        other => panic!("expected the ring to fail with DeviceFailed, got {other:?} ({out:?})"),
-    }
+    let (mut broker, ring, buf) = a_read_failed_by(&args);
     // Past the late completion.
     std::thread::sleep(Duration::from_millis(2500));
     let (_ring, r) = unregister_within(
@@ -912,6 +902,12 @@ fn a_command_a_failed_device_completes_late_still_keeps_its_buffer_and_an_unregi
         buf.0,
         "the unregister of a buffer a failed device completed late was never answered",
     );
+    assert_kept_mapped(r);
+    assert!(broker.alive());
+}
+
+/// The answer to unregistering a buffer a failed device may still write: it stays mapped.
+fn assert_kept_mapped(r: nvmed_client::Result<Response>) {
     match r {
         Ok(Response::Error(ControlError::ResourceExhausted(m)))
         | Err(Error::Refused(ControlError::ResourceExhausted(m))) => {
@@ -919,7 +915,6 @@ fn a_command_a_failed_device_completes_late_still_keeps_its_buffer_and_an_unregi
         }
         other => panic!("expected the buffer to be kept, got {other:?}"),
     }
-    assert!(broker.alive());
 }
 
 /// A ring (reconnecting off) on a broker of two emulated controllers started with `extra`,
