@@ -467,9 +467,6 @@ impl IoThread {
     }
 }
 
-/// Keeps a ring's throttled time: a `Wait` (a rate limit) opens a hold, the next `Go` closes it
-/// and adds it to the ring's counters (`Later`, a turn or a slot share, neither opens nor closes
-/// one). Returns whether the request goes.
 /// The bytes a request is charged to its tenant's scheduler for (its byte buckets and cost),
 /// at dispatch and again at completion: what it reads or writes, and for Write Zeroes what it
 /// writes on the media (as Linux's blk-throttle charges it), so a write limit holds zeroing
@@ -481,6 +478,9 @@ pub(super) fn charged_bytes(op: Opcode, len: u32) -> u64 {
     }
 }
 
+/// Keeps a ring's throttled time: a `Wait` (a rate limit) opens a hold, the next `Go` closes it
+/// and adds it to the ring's counters (`Later`, a turn or a slot share, neither opens nor closes
+/// one). Returns whether the request goes.
 fn throttle_clock(held_since: &mut Option<u64>, d: Dispatch, now: u64, counters: &SessionCounters) -> bool {
     match d {
         Dispatch::Go => {
