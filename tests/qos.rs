@@ -97,6 +97,69 @@ fn config_with(dir: &std::path::Path, grants: &[&str]) -> std::path::PathBuf {
     path
 }
 
+/// The broker's count of reloads (result: success or failure), and whether the last was put
+/// in force (from its metrics at `url`): when a SIGHUP has been dealt with.
+fn reloads_of(url: &str) -> (u64, u64, u64) {
+    let text = ureq::get(url).call().unwrap().body_mut().read_to_string().unwrap();
+    let get = |line: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(line).map(|v| v.trim().parse::<u64>().unwrap()))
+            .unwrap_or_else(|| panic!("no {line} in {text}"))
+    };
+    (
+        get("nvmed_config_reloads_total{result=\"success\"}"),
+        get("nvmed_config_reloads_total{result=\"failure\"}"),
+        get("nvmed_config_last_reload_successful"),
+    )
+}
+
+#[test]
+fn a_reload_that_ends_a_session_narrows_its_rights_at_once() {
+    // Root's grant on namespace 1 becomes read-only and per session (a new tenant: the session
+    // is ended). Its control thread is held sending replies its client does not read, so the
+    // session lives on for a while; meanwhile its ring must already refuse writes.
+    let dir = scratch_dir();
+    let config = config_with(&dir, &["0:1"]);
+    let config_arg = config.to_str().unwrap().to_string();
+    let broker =
+        TestBroker::start_in(dir.clone(), &["--config", &config_arg, "--metrics-listen", "127.0.0.1:0"]);
+    let metrics = broker.ready.split("metrics on ").nth(1).expect("a metrics address").to_string();
+    let mut ring = NvmeRing::open_with(
+        &broker.socket,
+        RingOptions { reconnect: nvmed_client::Reconnect::off(), ..RingOptions::default() },
+    )
+    .unwrap();
+    let ns = ring.namespaces()[0].nsid;
+    let buf = ring.alloc_buffer(4096).unwrap();
+    ring.write(ns, 0, buf, 0, 4096).unwrap();
+    // Requests whose replies are never read, until the broker stops taking them (its control
+    // thread is then held in a send: the replies queued here fill its send buffer).
+    let stats = nvmed_proto::control::encode(&nvmed_proto::Request::Stats);
+    let sock = std::os::fd::AsRawFd::as_raw_fd(&ring.control_socket());
+    let (begin, mut refused_since) = (Instant::now(), None);
+    while refused_since.is_none_or(|t: Instant| t.elapsed() < Duration::from_millis(300)) {
+        assert!(begin.elapsed() < Duration::from_secs(10), "the broker never stopped taking requests");
+        match nix::sys::socket::send(sock, &stats, nix::sys::socket::MsgFlags::MSG_DONTWAIT) {
+            Ok(_) => refused_since = None,
+            Err(_) => {
+                refused_since.get_or_insert_with(Instant::now);
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
+    }
+    config_with(&dir, &["0:1:ro:per=session"]);
+    send_signal(broker.child.as_ref().unwrap().id(), libc::SIGHUP);
+    wait_until("the reload to be put in force", Duration::from_secs(20), || {
+        reloads_of(&metrics) == (1, 0, 1)
+    });
+    std::thread::sleep(Duration::from_millis(200));
+    use nvmed_client::{BrokerStatus, Error, Status};
+    match ring.write(ns, 0, buf, 0, 4096) {
+        Err(Error::Io(Status::Broker(BrokerStatus::NotPermitted))) => {}
+        other => panic!("a write under the withdrawn read-write grant: {other:?}"),
+    }
+}
+
 #[test]
 fn sighup_puts_new_limits_in_force_without_reconnecting_and_refuses_a_bad_file() {
     let dir = scratch_dir();
@@ -107,21 +170,7 @@ fn sighup_puts_new_limits_in_force_without_reconnecting_and_refuses_a_bad_file()
         &["--config", &config_arg, "--namespaces", "2", "--metrics-listen", "127.0.0.1:0"],
     );
     let metrics = broker.ready.split("metrics on ").nth(1).expect("a metrics address").to_string();
-    // The broker's count of reloads (result: success or failure), and whether the last was put
-    // in force: when a SIGHUP has been dealt with.
-    let reloads = || {
-        let text = ureq::get(&metrics).call().unwrap().body_mut().read_to_string().unwrap();
-        let get = |line: &str| {
-            text.lines()
-                .find_map(|l| l.strip_prefix(line).map(|v| v.trim().parse::<u64>().unwrap()))
-                .unwrap_or_else(|| panic!("no {line} in {text}"))
-        };
-        (
-            get("nvmed_config_reloads_total{result=\"success\"}"),
-            get("nvmed_config_reloads_total{result=\"failure\"}"),
-            get("nvmed_config_last_reload_successful"),
-        )
-    };
+    let reloads = || reloads_of(&metrics);
     assert_eq!(reloads(), (0, 0, 1));
     let mut ring = broker.connect();
     let pid = broker.child.as_ref().unwrap().id();

@@ -401,18 +401,16 @@ impl Shared {
                     let _ = nix::sys::socket::shutdown(fd.as_raw_fd(), nix::sys::socket::Shutdown::Read);
                 }
                 // Until its control thread gets to it (it may be waiting for the client to read
-                // a reply), the rings refuse new requests to what was withdrawn at once.
-                if lost {
-                    access.withdrawn = true;
-                    let kept: Vec<_> = access
-                        .namespaces
-                        .iter()
-                        .filter(|o| new.iter().any(|n| n.nsid == o.nsid))
-                        .cloned()
-                        .collect();
-                    for &(_, thread, key) in &access.rings {
-                        self.pollers[thread].request(IoRequest::UpdateRing { key, namespaces: kept.clone() });
-                    }
+                // a reply), the rings hold to the new grants at once: nothing to what was
+                // withdrawn, and the new rights (a window, read-only) on what is kept.
+                access.withdrawn |= lost;
+                let kept: Vec<_> = new
+                    .iter()
+                    .filter(|n| access.namespaces.iter().any(|o| o.nsid == n.nsid))
+                    .cloned()
+                    .collect();
+                for &(_, thread, key) in &access.rings {
+                    self.pollers[thread].request(IoRequest::UpdateRing { key, namespaces: kept.clone() });
                 }
                 info!(
                     session = entry.id(),
