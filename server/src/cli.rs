@@ -310,8 +310,9 @@ pub(crate) struct Args {
     /// the controller thread in async mode), loghang:N (the Nth Get Log Page admin command
     /// never completes: an admin queue that stops answering), sqfail:N (the Nth Create I/O
     /// Submission Queue admin command fails with Internal Error), idhang:CNS (every Identify
-    /// with that CNS value never completes, e.g. idhang:6 for the I/O command set's), or
-    /// readyfail:N (the Nth enable, the first being the start, never sets CSTS.RDY). RULE@C
+    /// with that CNS value never completes, e.g. idhang:6 for the I/O command set's),
+    /// readyfail:N (the Nth enable, the first being the start, never sets CSTS.RDY), or
+    /// shrink:N (from the Nth enable on, namespaces identify at half their size). RULE@C
     /// applies it to controller C only (of --controllers, from 0); otherwise to every one.
     #[arg(long = "inject", value_name = "RULE")]
     pub(crate) faults: Vec<FaultRule>,

@@ -155,7 +155,9 @@ impl ControllerShared {
                 self.device
                     .set_bus_master(true)
                     .map_err(|e| DriverError::Unsupported(format!("re-enabling Bus Master Enable: {e}")))?;
-                ctrl.request_io_queues(self.io_queues).map(|_| ())
+                ctrl.request_io_queues(self.io_queues)?;
+                // What the I/O threads build commands from must still hold.
+                ctrl.identify_again()
             });
             match restored {
                 Ok(()) => {
@@ -188,8 +190,8 @@ impl ControllerShared {
     ///
     /// After such a reset SMART reads pause (a minute, doubling up to an hour while they keep
     /// failing), so a log page the controller never answers does not stall every tenant's I/O
-    /// with a reset at each health request. A controller found fatal is reset too, one found
-    /// gone given up.
+    /// with a reset at each health request. A controller found fatal is reset too (and the
+    /// reads pause the same way), one found gone given up.
     pub fn smart_log(&self) -> Result<nvmed_proto::admin::SmartLog, DriverError> {
         let mut pause = self.smart_pause.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(left) = pause.0.and_then(|until| until.checked_duration_since(Instant::now())) {
@@ -204,10 +206,10 @@ impl ControllerShared {
                 e @ (DriverError::Timeout { .. } | DriverError::AdminQueueStuck(_) | DriverError::Fatal(_)),
             ) => {
                 error!("Get Log Page: {e}; resetting the controller");
-                // Only a SMART read that itself went unanswered pauses the next ones.
-                if matches!(e, DriverError::Timeout { .. }) {
-                    *pause = (Some(Instant::now() + pause.1), (pause.1 * 2).min(Duration::from_secs(3600)));
-                }
+                // Every reset a SMART read led to pauses the next ones, whatever the cause (any
+                // client may ask for health: it must not reset every tenant's controller at
+                // will). The I/O path still resets a controller that fails its commands.
+                *pause = (Some(Instant::now() + pause.1), (pause.1 * 2).min(Duration::from_secs(3600)));
                 drop(pause);
                 self.reset_locked(ctrl, seen);
             }

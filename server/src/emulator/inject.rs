@@ -48,6 +48,10 @@ pub enum FaultAction {
     /// the first is the bring-up) it never sets CSTS.RDY (a controller that does not come back
     /// from a reset this time). Its CAP.TO is then 0.5 s, to fail quickly.
     ReadyFail,
+    /// `shrink:N`: from the Nth enable on (the first is the bring-up), Identify Namespace
+    /// reports every namespace at half its size (as if another host formatted it while a
+    /// reset was under way).
+    Shrink,
 }
 
 /// Applies `action` to the `nth` I/O command the controller receives (counting from 1; for
@@ -73,7 +77,7 @@ pub struct FaultRule {
 #[derive(Debug, thiserror::Error)]
 #[error(
     "bad fault rule {0:?}: expected fail:N:SCT:SC, retry:N, delay:N:MILLIS, hang:N, stuck:N, \
-     fatal:N, gone:N, panic:N, loghang:N, sqfail:N, idhang:CNS, readyfail:N or media:LBA[:NSID], each \
+     fatal:N, gone:N, panic:N, loghang:N, sqfail:N, idhang:CNS, readyfail:N, shrink:N or media:LBA[:NSID], each \
      optionally followed by @C (only controller C)"
 )]
 pub struct BadFaultRule(String);
@@ -124,6 +128,7 @@ impl FromStr for FaultRule {
             ("sqfail", 2) => FaultAction::CreateSqFail,
             ("idhang", 2) => FaultAction::IdentifyHang,
             ("readyfail", 2) => FaultAction::ReadyFail,
+            ("shrink", 2) => FaultAction::Shrink,
             _ => return Err(bad()),
         };
         Ok(FaultRule { nth, action, bad_block: None, controller })

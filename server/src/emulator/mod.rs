@@ -1025,7 +1025,11 @@ impl Inner {
                     }
                     admin::CNS_NAMESPACE => {
                         let Some(ns) = self.namespace(cmd.nsid) else { return err(0, sc::INVALID_NAMESPACE) };
-                        let blocks = ns.backend.size() / u64::from(ns.lba_size);
+                        let mut blocks = ns.backend.size() / u64::from(ns.lba_size);
+                        if self.faults.iter().any(|f| f.action == FaultAction::Shrink && st.enables >= f.nth)
+                        {
+                            blocks /= 2;
+                        }
                         for off in [id_ns::NSZE, id_ns::NCAP, id_ns::NUSE] {
                             d[off..off + 8].copy_from_slice(&blocks.to_le_bytes());
                         }
@@ -1231,6 +1235,7 @@ impl Inner {
                             | FaultAction::CreateSqFail
                             | FaultAction::IdentifyHang
                             | FaultAction::ReadyFail
+                            | FaultAction::Shrink
                     )
             })
             .map(|r| r.action);
@@ -1303,7 +1308,8 @@ impl Inner {
             FaultAction::LogPageHang
             | FaultAction::CreateSqFail
             | FaultAction::IdentifyHang
-            | FaultAction::ReadyFail => None,
+            | FaultAction::ReadyFail
+            | FaultAction::Shrink => None,
         }
     }
 

@@ -50,6 +50,11 @@ pub enum DriverError {
     /// Reads the controller did not answer were stopped for a while (it was reset).
     #[error("paused for {0} s more: the controller did not answer this read last time and was reset")]
     AdminPaused(u64),
+    /// After a reset the controller identifies itself with other limits or namespaces than
+    /// those the broker serves (a firmware activated, a namespace formatted by another host):
+    /// the commands built from the old ones could be wrong.
+    #[error("the controller changed across a reset ({0}); restart nvmed to serve it as it is now")]
+    Changed(String),
     /// IOVA space or DMA mapping failure.
     #[error(transparent)]
     Iova(#[from] IovaError),
@@ -386,6 +391,60 @@ impl Controller {
         };
         self.admin_command_within(cmd, timeout)?;
         Ok(())
+    }
+
+    /// Identifies the controller and its namespaces again (after a reset) and checks that what
+    /// the broker built its commands from is unchanged: the transfer limits, the optional
+    /// commands and their limits, SGL support, and each served namespace's LBA size and
+    /// count. Names and firmware revision may change (they are taken); anything else is
+    /// [`DriverError::Changed`], and the info stays as it was.
+    pub fn identify_again(&mut self) -> Result<(), DriverError> {
+        let before = self.info.clone();
+        self.info.namespaces.clear();
+        self.info.skipped.clear();
+        if let Err(e) = self.identify() {
+            self.info = before;
+            return Err(e);
+        }
+        let now = &self.info;
+        let mut changed = Vec::new();
+        macro_rules! same {
+            ($($field:ident),*) => {$(
+                if before.$field != now.$field {
+                    changed.push(format!(
+                        concat!(stringify!($field), " {:?} -> {:?}"),
+                        before.$field, now.$field
+                    ));
+                }
+            )*};
+        }
+        same!(
+            max_transfer,
+            write_zeroes,
+            max_write_zeroes,
+            dsm,
+            max_deallocate_blocks,
+            volatile_write_cache,
+            sgl
+        );
+        for ns in &before.namespaces {
+            match now.namespaces.iter().find(|n| n.nsid == ns.nsid) {
+                Some(n) if n == ns => {}
+                Some(n) => changed.push(format!(
+                    "namespace {}: {} blocks of {} bytes -> {} of {}",
+                    ns.nsid, ns.lba_count, ns.lba_size, n.lba_count, n.lba_size
+                )),
+                None => changed.push(format!("namespace {} is gone", ns.nsid)),
+            }
+        }
+        if changed.is_empty() {
+            if before.firmware != now.firmware {
+                info!(before = %before.firmware, now = %now.firmware, "firmware revision changed across a reset");
+            }
+            return Ok(());
+        }
+        self.info = before;
+        Err(DriverError::Changed(changed.join(", ")))
     }
 
     fn identify(&mut self) -> Result<(), DriverError> {
