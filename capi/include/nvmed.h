@@ -134,7 +134,9 @@
 // The namespace id is not one this session may use.
 #define NVMED_E_NO_NAMESPACE -15
 
-// An internal error (a caught panic); the ring is no longer usable: close it.
+// An internal error (a caught panic); the ring is no longer usable: close it. Only a library
+// built with `panic = "unwind"` returns it: the release build (`panic = "abort"`, as the
+// workspace builds it) aborts the process on a panic instead (capi/README.md).
 #define NVMED_E_PANIC -16
 
 // The ring reconnected to a restarted broker: its completion doorbell is a new one. Call

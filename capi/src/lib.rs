@@ -142,7 +142,9 @@ pub const NVMED_E_IO: c_int = -13;
 pub const NVMED_E_TIMEOUT: c_int = -14;
 /// The namespace id is not one this session may use.
 pub const NVMED_E_NO_NAMESPACE: c_int = -15;
-/// An internal error (a caught panic); the ring is no longer usable: close it.
+/// An internal error (a caught panic); the ring is no longer usable: close it. Only a library
+/// built with `panic = "unwind"` returns it: the release build (`panic = "abort"`, as the
+/// workspace builds it) aborts the process on a panic instead (capi/README.md).
 pub const NVMED_E_PANIC: c_int = -16;
 /// The ring reconnected to a restarted broker: its completion doorbell is a new one. Call
 /// `nvmed_completion_fd` again (and watch that one) before arming again.
@@ -257,6 +259,12 @@ pub struct nvmed_stats {
     pub broker_sessions: u64,
 }
 
+// A ring may move between threads (one at a time), as the header promises.
+const _: () = {
+    const fn send<T: Send>() {}
+    send::<nvmed_ring>();
+};
+
 // The layouts C sees (the header repeats these as static assertions).
 const _: () = {
     assert!(size_of::<nvmed_namespace>() == 40);
@@ -309,13 +317,14 @@ impl From<Error> for Failure {
             Error::InFlight { .. } => NVMED_E_IN_FLIGHT,
             Error::BadSegments(_) => NVMED_E_BAD_SEGMENTS,
             Error::NoBuffer | Error::ForeignBuffer(_) | Error::WaitBeyondOutstanding { .. } => NVMED_E_INVAL,
+            // Not reachable from C (no shared buffers, requests of at most 4 GiB - 1, no idle-ring
+            // calls, no tokio driver), but named so that a new kind needs a decision here.
+            Error::SharedBuffer(_) | Error::TooLong { .. } | Error::RingBusy(_) => NVMED_E_INVAL,
+            Error::DriverGone => NVMED_E_BROKER_GONE,
             Error::Io(_) => NVMED_E_IO,
             Error::Timeout => NVMED_E_TIMEOUT,
             // The broker is gone and did not come back within the reconnect budget.
             Error::ReconnectFailed { .. } => NVMED_E_BROKER_GONE,
-            // The client's error enum may grow; a new kind is at least a failure with its text.
-            #[allow(unreachable_patterns)]
-            _ => NVMED_E_PROTOCOL,
         };
         Self { code, message: e.to_string() }
     }
