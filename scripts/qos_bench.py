@@ -91,7 +91,9 @@ class Broker:
         self.socket = os.path.join(dir, "nvmed.sock")
         self.admin = os.path.join(dir, "nvmed-admin.sock")
         self.cmd = [nvmed, "--emulate", "--size", size, "--socket", self.socket, "--admin-socket", self.admin,
-                    "--socket-mode", "666", "--model", model, "--queue-depth", str(queue_depth)]
+                    "--socket-mode", "666", "--model", model, "--queue-depth", str(queue_depth),
+                    # A uid some cases grant nothing runs on the whole namespace.
+                    "--default-access", "read-write"]
         for g in grants:
             self.cmd += ["--grant", g]
         self.cmd += list(extra)

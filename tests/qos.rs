@@ -222,8 +222,8 @@ fn sighup_puts_new_limits_in_force_without_reconnecting_and_refuses_a_bad_file()
     let ids: Vec<u32> = fresh.namespaces().iter().map(|n| n.nsid).collect();
     assert_eq!(ids, vec![2]);
     drop(fresh);
-    // The last grant removed: a uid without a grant still gets nothing (once a broker had
-    // grants, the default access is none, not read-write on everything)...
+    // The last grant removed: a uid without a grant still gets nothing (a broker with a
+    // configuration file defaults to none, not to read-write on everything)...
     std::fs::write(&config, "grant = []\n").unwrap();
     send_signal(pid, libc::SIGHUP);
     wait_until("the reload without grants", Duration::from_secs(20), || reloads() == (3, 1, 1));

@@ -292,9 +292,10 @@ pub(crate) struct Args {
     #[arg(long = "grant", value_name = "GRANT")]
     pub(crate) grants: Vec<Grant>,
 
-    /// Access of uids without any --grant. Default: read-write while no grant was ever given;
-    /// none as soon as one is (at start or by a reload), so a uid left out of the grants, or
-    /// whose grants a reload removed, gets no namespace unless this says otherwise.
+    /// Access of uids without any --grant. Default: read-write for a broker started without
+    /// a grant and without --config (a development box); none as soon as there is a grant or a
+    /// configuration file, so a uid left out of the grants, or revoked (grant = [] in the
+    /// file), gets no namespace unless this says otherwise.
     #[arg(long, value_enum)]
     pub(crate) default_access: Option<DefaultAccess>,
 

@@ -2,7 +2,6 @@
 #![allow(rustdoc::broken_intra_doc_links)] // doc comments here are --help text for clap
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -13,7 +12,7 @@ use nvmed_server::device::NvmeDevice;
 use nvmed_server::emulator::backend::{Backend, FileBackend, MemoryBackend, NullBackend};
 use nvmed_server::emulator::model::{PerfModel, Work};
 use nvmed_server::emulator::{EmulatedController, EmulatedNamespace, EmulatorConfig, EmulatorMode};
-use nvmed_server::policy::{DefaultAccess, Grant, Policy};
+use nvmed_server::policy::{DefaultAccess, Policy};
 use tracing::{error, info};
 
 mod cli;
@@ -212,28 +211,26 @@ fn emulated(args: &Args, controller: u16) -> Result<Arc<dyn NvmeDevice>, Box<dyn
 }
 
 /// The grants of the command line and configuration file as they read now (for a reload:
-/// other options changed in the file take effect at the next start). `granted` says whether
-/// a policy of this broker ever had a grant, and is set when this one has.
-fn read_policy(argv: &[String], granted: &AtomicBool) -> Result<Policy, String> {
+/// other options changed in the file take effect at the next start).
+fn read_policy(argv: &[String]) -> Result<Policy, String> {
     let from_config = config_args(argv)?;
     let args = Args::try_parse_from(argv.iter().take(1).chain(&from_config).chain(argv.iter().skip(1)))
         .map_err(|e| e.to_string().lines().next().unwrap_or("bad options").to_string())?;
-    Ok(policy_of(args.grants, args.default_access, granted))
+    Ok(policy_of(&args))
 }
 
-/// The access rules, with `--default-access` when given; else read-write while no policy of
-/// this broker had a grant and none once one had: a broker configured with grants never hands
-/// whole namespaces to uids they leave out, also not when a reload removes the last grant.
-fn policy_of(grants: Vec<Grant>, default: Option<DefaultAccess>, granted: &AtomicBool) -> Policy {
-    if !grants.is_empty() {
-        granted.store(true, Ordering::Relaxed);
-    }
-    let default = default.unwrap_or(if granted.load(Ordering::Relaxed) {
+/// The access rules, with `--default-access` when given; else read-write only for a broker
+/// started from the command line without a grant (a development box), and none as soon as
+/// there is a grant or a configuration file (with or without grants: `grant = []` revokes
+/// everyone, also after a restart).
+fn policy_of(args: &Args) -> Policy {
+    let configured = !args.grants.is_empty() || args.config.is_some();
+    let default = args.default_access.unwrap_or(if configured {
         DefaultAccess::None
     } else {
         DefaultAccess::ReadWrite
     });
-    Policy { grants, default }
+    Policy { grants: args.grants.clone(), default }
 }
 
 fn run(
@@ -314,10 +311,9 @@ fn run(
     config.max_rings_per_session = args.max_rings_per_session;
     // In the scheduler's cost units (512 bytes of transfer).
     config.contended_cost = args.contended_queue_kib.map_or(u64::MAX, |k| k.saturating_mul(2).max(1));
-    let granted = Arc::new(AtomicBool::new(false));
-    config.policy = policy_of(args.grants, args.default_access, &granted);
+    config.policy = policy_of(&args);
     let broker = Broker::start_many(devices, config)?;
-    broker.set_reloader(Box::new(move || read_policy(&argv, &granted)));
+    broker.set_reloader(Box::new(move || read_policy(&argv)));
     match broker.metrics_addr() {
         Some(addr) => {
             println!("nvmed: ready on {}, metrics on http://{addr}/metrics", broker.socket().display())

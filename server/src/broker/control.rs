@@ -625,7 +625,7 @@ impl Connection {
         // not hold the broker's pinned bytes (or its IOVA space) meanwhile.
         if self.namespaces.is_empty() {
             return Err(ControlError::BufferLimit(format!(
-                "uid {} may reach no namespace (no --grant for it, and --default-access none): \
+                "uid {} may reach no namespace (no --grant for it, and the default access is none): \
                  it may not register memory",
                 self.uid
             )));
