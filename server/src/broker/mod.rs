@@ -401,9 +401,10 @@ impl Shared {
                     let _ = nix::sys::socket::shutdown(fd.as_raw_fd(), nix::sys::socket::Shutdown::Read);
                 }
                 // Until its control thread gets to it (it may be waiting for the client to read
-                // a reply), the rings hold to the new grants at once: nothing to what was
-                // withdrawn, and the new rights (a window, read-only) on what is kept.
-                access.withdrawn |= lost;
+                // a reply, with more requests queued), the session adds no ring, and its rings
+                // hold to the new grants at once: nothing to what was withdrawn, and the new
+                // rights (a window, read-only) on what is kept.
+                access.withdrawn = true;
                 let kept: Vec<_> = new
                     .iter()
                     .filter(|n| access.namespaces.iter().any(|o| o.nsid == n.nsid))
@@ -412,10 +413,12 @@ impl Shared {
                 for &(_, thread, key) in &access.rings {
                     self.pollers[thread].request(IoRequest::UpdateRing { key, namespaces: kept.clone() });
                 }
+                // (`access.namespaces` stays as it was: the session's tenants are let go of by
+                // the keys its rings were placed under.)
                 info!(
                     session = entry.id(),
                     uid = entry.uid(),
-                    "grants changed: a namespace was withdrawn; ending the session"
+                    "grants changed: a namespace was withdrawn or the tenant changed; ending the session"
                 );
                 report.ended += 1;
                 continue;

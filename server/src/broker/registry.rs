@@ -21,7 +21,8 @@ pub struct Access {
     pub namespaces: Vec<crate::policy::NamespaceAccess>,
     /// Its rings: ring id, I/O thread, key on that thread.
     pub rings: Vec<(u32, usize, usize)>,
-    /// A namespace it used was withdrawn: the session is being ended and gets no new ring.
+    /// A reload ended it (a namespace it used was withdrawn, or its tenant changed): the session
+    /// is being ended and gets no new ring.
     pub withdrawn: bool,
 }
 
