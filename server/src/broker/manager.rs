@@ -19,7 +19,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
-use tracing::{error, info};
+use tracing::{error, info, warn};
 
 use super::io_thread::split::InFlight;
 use crate::device::NvmeDevice;
@@ -54,13 +54,13 @@ pub struct ControllerShared {
     wakes: OnceLock<Vec<Arc<OwnedFd>>>,
     /// I/O threads that have failed their commands at a gone controller and stopped using it.
     gone_acks: AtomicUsize,
-    /// SMART reads held back after one the controller did not answer (it was reset): until
-    /// when, and the next pause (doubling), so a log page that always hangs does not reset the
-    /// controller at every health request.
+    /// SMART reads held back after one that led to a reset (unanswered, a stuck admin queue or
+    /// a fatal controller): until when, and the next pause (doubling), so health requests do
+    /// not reset the controller at will.
     smart_pause: Mutex<(Option<Instant>, Duration)>,
 }
 
-/// The first pause of SMART reads after one that timed out; it doubles up to an hour.
+/// The first pause of SMART reads after one that led to a reset; it doubles up to an hour.
 const SMART_PAUSE: Duration = Duration::from_secs(60);
 
 impl std::fmt::Debug for ControllerShared {
@@ -156,8 +156,17 @@ impl ControllerShared {
                     .set_bus_master(true)
                     .map_err(|e| DriverError::Unsupported(format!("re-enabling Bus Master Enable: {e}")))?;
                 ctrl.request_io_queues(self.io_queues)?;
-                // What the I/O threads build commands from must still hold.
-                ctrl.identify_again()
+                // What the I/O threads build commands from must still hold. A controller that
+                // cannot say (its Identify failed) is served as before: its commands show
+                // whether it works.
+                match ctrl.identify_again() {
+                    Err(e @ DriverError::Changed(_)) => Err(e),
+                    Err(e) => {
+                        warn!("could not identify the controller again after the reset: {e}; serving it as before");
+                        Ok(())
+                    }
+                    Ok(()) => Ok(()),
+                }
             });
             match restored {
                 Ok(()) => {

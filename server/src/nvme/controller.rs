@@ -47,8 +47,9 @@ pub enum DriverError {
     /// stopped answering its admin queue, and only a reset gives it back.
     #[error("the admin queue holds {0} commands the controller never completed; it needs a reset")]
     AdminQueueStuck(u16),
-    /// Reads the controller did not answer were stopped for a while (it was reset).
-    #[error("paused for {0} s more: the controller did not answer this read last time and was reset")]
+    /// Reads were stopped for a while: the last one led to a reset (the controller did not
+    /// answer it, its admin queue was stuck, or it was found fatal).
+    #[error("paused for {0} s more: this read led to a controller reset last time")]
     AdminPaused(u64),
     /// After a reset the controller identifies itself with other limits or namespaces than
     /// those the broker serves (a firmware activated, a namespace formatted by another host):
@@ -129,6 +130,8 @@ pub struct Controller {
     /// The controller did not answer Identify CNS 03h once: not asked again (each unanswered
     /// one costs the wait and an admin queue slot until a reset).
     no_ns_descriptors: bool,
+    /// The same for Identify CNS 06h (the I/O command set's limits): its first answer stands.
+    no_cs_identify: bool,
 }
 
 fn ascii(b: &[u8]) -> String {
@@ -175,6 +178,7 @@ impl Controller {
             next_cid: 0,
             admin_lost: Vec::new(),
             no_ns_descriptors: false,
+            no_cs_identify: false,
             lost_pages: Vec::new(),
             io_queues_granted: 0,
             info: ControllerInfo {
@@ -394,57 +398,76 @@ impl Controller {
     }
 
     /// Identifies the controller and its namespaces again (after a reset) and checks that what
-    /// the broker built its commands from is unchanged: the transfer limits, the optional
-    /// commands and their limits, SGL support, and each served namespace's LBA size and
-    /// count. Names and firmware revision may change (they are taken); anything else is
-    /// [`DriverError::Changed`], and the info stays as it was.
+    /// the broker built its commands from still holds: no smaller transfer limit, no optional
+    /// command or SGL support lost, no tighter Write Zeroes or deallocate limit, no volatile
+    /// write cache appearing, and every namespace served still there with its LBA size and at
+    /// least its size. What changed for the better is not taken: the broker goes on with what
+    /// it started with (namespaces attached since are not served either); only names and the
+    /// firmware revision are taken. A loss is [`DriverError::Changed`].
     pub fn identify_again(&mut self) -> Result<(), DriverError> {
         let before = self.info.clone();
         self.info.namespaces.clear();
         self.info.skipped.clear();
-        if let Err(e) = self.identify() {
-            self.info = before;
-            return Err(e);
-        }
-        let now = &self.info;
+        let identified = self.identify();
+        let now = std::mem::replace(&mut self.info, before);
+        identified?;
+        let before = &self.info;
         let mut changed = Vec::new();
-        macro_rules! same {
-            ($($field:ident),*) => {$(
-                if before.$field != now.$field {
-                    changed.push(format!(
-                        concat!(stringify!($field), " {:?} -> {:?}"),
-                        before.$field, now.$field
-                    ));
-                }
-            )*};
+        let mut lost = |what: &str, was: String, is: String| changed.push(format!("{what} {was} -> {is}"));
+        // A limit of `None` is no limit: the loosest.
+        let tighter = |was: Option<u64>, is: Option<u64>| match (was, is) {
+            (_, None) => false,
+            (None, Some(_)) => true,
+            (Some(w), Some(i)) => i < w,
+        };
+        if now.max_transfer < before.max_transfer {
+            lost("max transfer", before.max_transfer.to_string(), now.max_transfer.to_string());
         }
-        same!(
-            max_transfer,
-            write_zeroes,
-            max_write_zeroes,
-            dsm,
-            max_deallocate_blocks,
-            volatile_write_cache,
-            sgl
-        );
+        if before.write_zeroes && !now.write_zeroes {
+            lost("Write Zeroes", "supported".into(), "not supported".into());
+        }
+        if tighter(before.max_write_zeroes, now.max_write_zeroes) {
+            lost(
+                "Write Zeroes limit",
+                format!("{:?}", before.max_write_zeroes),
+                format!("{:?}", now.max_write_zeroes),
+            );
+        }
+        if before.dsm && !now.dsm {
+            lost("Dataset Management", "supported".into(), "not supported".into());
+        }
+        if tighter(before.max_deallocate_blocks.map(u64::from), now.max_deallocate_blocks.map(u64::from)) {
+            lost(
+                "deallocate limit",
+                format!("{:?}", before.max_deallocate_blocks),
+                format!("{:?}", now.max_deallocate_blocks),
+            );
+        }
+        if !before.volatile_write_cache && now.volatile_write_cache {
+            lost("volatile write cache", "absent".into(), "present".into());
+        }
+        if before.sgl != SglSupport::None && now.sgl == SglSupport::None {
+            lost("SGL support", format!("{:?}", before.sgl), "none".into());
+        }
         for ns in &before.namespaces {
             match now.namespaces.iter().find(|n| n.nsid == ns.nsid) {
-                Some(n) if n == ns => {}
-                Some(n) => changed.push(format!(
-                    "namespace {}: {} blocks of {} bytes -> {} of {}",
-                    ns.nsid, ns.lba_count, ns.lba_size, n.lba_count, n.lba_size
-                )),
-                None => changed.push(format!("namespace {} is gone", ns.nsid)),
+                Some(n) if n.lba_size == ns.lba_size && n.lba_count >= ns.lba_count => {}
+                Some(n) => lost(
+                    &format!("namespace {}", ns.nsid),
+                    format!("{} blocks of {} bytes", ns.lba_count, ns.lba_size),
+                    format!("{} of {}", n.lba_count, n.lba_size),
+                ),
+                None => lost(&format!("namespace {}", ns.nsid), "active".into(), "gone".into()),
             }
         }
-        if changed.is_empty() {
-            if before.firmware != now.firmware {
-                info!(before = %before.firmware, now = %now.firmware, "firmware revision changed across a reset");
-            }
-            return Ok(());
+        if !changed.is_empty() {
+            return Err(DriverError::Changed(changed.join(", ")));
         }
-        self.info = before;
-        Err(DriverError::Changed(changed.join(", ")))
+        if before.firmware != now.firmware {
+            info!(before = %before.firmware, now = %now.firmware, "firmware revision changed across a reset");
+        }
+        (self.info.serial, self.info.model, self.info.firmware) = (now.serial, now.model, now.firmware);
+        Ok(())
     }
 
     fn identify(&mut self) -> Result<(), DriverError> {
@@ -543,11 +566,12 @@ impl Controller {
     /// controllers that report command-set specific Identify data (NVMe 2.0, or CAP.CSS bit 6);
     /// a controller that refuses it sets no limits.
     fn identify_command_set_limits(&mut self) -> Result<(), DriverError> {
-        if self.device.read32(REG_VS) < 0x0002_0000 && !self.cap.css_iocs() {
+        if self.device.read32(REG_VS) < 0x0002_0000 && !self.cap.css_iocs() || self.no_cs_identify {
             return Ok(());
         }
         // Optional: a controller that does not answer in OPTIONAL_IDENTIFY_TIMEOUT is taken as
-        // one without the data (as one that refuses it), rather than failing the bring-up.
+        // one without the data (as one that refuses it), rather than failing the bring-up; it
+        // is not asked again (each unanswered one costs the wait, at every reset).
         let timeout = OPTIONAL_IDENTIFY_TIMEOUT.min(self.admin_timeout);
         match self.identify_into_scratch_within(admin::CNS_CS_CONTROLLER, 0, timeout) {
             Ok(()) => {
@@ -565,6 +589,7 @@ impl Controller {
             Err(DriverError::Timeout { ms, .. }) => {
                 // The lost command keeps its admin queue slot (and its id) until a reset; its
                 // late data lands in the replaced scratch page.
+                self.no_cs_identify = true;
                 warn!(
                     ms,
                     "the controller did not answer Identify I/O Command Set specific Controller \
