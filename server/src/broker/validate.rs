@@ -116,11 +116,6 @@ pub fn validate(
     if op.modifies_data() && ns.read_only {
         return Err(BrokerStatus::NotPermitted);
     }
-    if op == Opcode::Flush && ns.read_only {
-        // Nothing this tenant wrote can be in the device's cache: done, without flushing the
-        // whole namespace (other tenants' writes included) as often as its rate allows.
-        return Ok(Validated::Nop);
-    }
     let nsid = ns.device_nsid;
     if op == Opcode::Flush {
         return Ok(Validated::Device { controller, cmd: IoCommand::Flush { nsid }, buffer: None, len: 0 });
@@ -372,13 +367,9 @@ mod tests {
         assert_eq!(check(Sqe { len: 256 << 10, offset: 0, ..good }), Err(TooLarge));
         assert_eq!(check(Sqe::write(2, 0, 4096, 3, 0, 0)), Err(NotPermitted));
         assert_eq!(check(Sqe::deallocate(2, 0, 4096, 0)), Err(NotPermitted));
-        assert_eq!(
-            check(Sqe::flush(2, 0)),
-            Ok(Validated::Nop),
-            "a read-only grant's flush reaches no device"
-        );
+        // A read-only grant may flush: one a reload narrowed must still make its writes durable.
         assert!(matches!(
-            check(Sqe::flush(1, 0)),
+            check(Sqe::flush(2, 0)),
             Ok(Validated::Device { cmd: IoCommand::Flush { .. }, .. })
         ));
         assert!(check(Sqe::read(2, 0, 4096, 3, 0, 0)).is_ok());
