@@ -89,13 +89,13 @@ impl IoThread {
             };
             if r.overflow.is_empty() && cq_room(r, s.in_flight) {
                 // Without a slot, commands are in flight: their completion frees one and wakes us.
-                // The same holds for segment list slots (the next entry may be vectored).
+                // The same holds for segment list slots.
                 let vec_room = self.vecs.available() > 0 && s.vectored < vec_cap;
-                // (Without a slot, an entry for a failed controller completes at once: only
-                // one known to be for such a controller counts, or a thread whose slots a
-                // failed device holds would never sleep.)
+                // Only an entry known to be vectored waits for a segment list slot; without
+                // one, an entry for a failed controller completes at once (only one known to be
+                // for such a controller counts: slots a failed device holds never come back).
                 let failed_next = s.blocked_on.is_some_and(|c| ports[usize::from(c)].device_failed);
-                ready |= can_admit && (vec_room || failed_next);
+                ready |= can_admit && (!s.blocked_vectored || vec_room || failed_next);
                 continue;
             }
             // The CQ is full: the client must reap first. Ask it to wake us, then look again.
