@@ -194,7 +194,11 @@ impl IovaSpace {
         };
         // SAFETY: forwarded from this function's contract.
         if let Err(e) = unsafe { device.dma_map(iova, host, len) } {
-            self.area(area).lock().unwrap().free(iova, len);
+            // A mapping some device could not undo still holds the range: it is never given
+            // out again (and the caller keeps the memory).
+            if !matches!(e, DeviceError::UndoFailed(_)) {
+                self.area(area).lock().unwrap().free(iova, len);
+            }
             return Err(e.into());
         }
         Ok(DmaMapping { device: device.clone(), space: self.clone(), area, iova, len, released: false })
@@ -342,6 +346,64 @@ mod tests {
         assert!(is_mapped(addr), "memory the device may still write was unmapped");
         assert_eq!(space.used(Area::Internal), 3 * 4096);
         assert!(LEAKED_DMA_BYTES.load(std::sync::atomic::Ordering::Relaxed) >= leaked_before + 3 * 4096);
+    }
+
+    /// A device that refuses every DMA mapping.
+    struct RefusingIommu;
+
+    impl Dma for RefusingIommu {
+        unsafe fn dma_map(&self, iova: u64, _: *mut u8, len: u64) -> Result<(), DeviceError> {
+            Err(DeviceError::MapFailed { iova, len, reason: "refused".into() })
+        }
+        fn dma_unmap(&self, iova: u64, len: u64) -> Result<(), DeviceError> {
+            Err(DeviceError::NotMapped { iova, len })
+        }
+    }
+
+    impl NvmeDevice for RefusingIommu {
+        fn name(&self) -> String {
+            "refusing".into()
+        }
+        fn read32(&self, _: u64) -> u32 {
+            0
+        }
+        fn write32(&self, _: u64, _: u32) {}
+        fn iova_ranges(&self) -> Vec<RangeInclusive<u64>> {
+            vec![0..=(1 << 40) - 1]
+        }
+        fn interrupt_vectors(&self) -> u16 {
+            0
+        }
+        fn interrupt_fd(&self, _: u16) -> Option<std::os::fd::BorrowedFd<'_>> {
+            None
+        }
+        fn function_reset(&self) -> Result<(), DeviceError> {
+            Ok(())
+        }
+        fn set_bus_master(&self, _: bool) -> Result<(), DeviceError> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_range_a_device_could_not_unmap_after_another_refused_is_never_given_out_again() {
+        use crate::device::fanout::Fanout;
+        let space = Arc::new(IovaSpace::new(&[0..=(1u64 << 40) - 1]).unwrap());
+        let mem = nvmed_proto::shm::SharedMemory::anonymous(8192).unwrap();
+        // One device refuses: the range is free again.
+        let refusing: Arc<dyn Dma> = Arc::new(Fanout::new(vec![Arc::new(RefusingIommu)]));
+        // SAFETY: nothing is mapped (the device refuses).
+        let e = unsafe { space.map(&refusing, Area::Buffers, mem.as_ptr(), 8192) }.err().unwrap();
+        assert!(matches!(e, IovaError::Device(DeviceError::MapFailed { .. })), "{e}");
+        assert_eq!(space.used(Area::Buffers), 0);
+        // The first device maps, the second refuses, and the first cannot undo its mapping: it
+        // may still reach the memory, so the range stays taken (and the caller keeps `mem`).
+        let stuck: Arc<dyn Dma> = Arc::new(Fanout::new(vec![Arc::new(StuckIommu), Arc::new(RefusingIommu)]));
+        // SAFETY: `mem` is leaked below, as the error asks.
+        let e = unsafe { space.map(&stuck, Area::Buffers, mem.as_ptr(), 8192) }.err().unwrap();
+        assert!(matches!(e, IovaError::Device(DeviceError::UndoFailed(_))), "{e}");
+        assert_eq!(space.used(Area::Buffers), 8192);
+        std::mem::forget(mem);
     }
 
     #[test]

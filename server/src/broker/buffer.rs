@@ -132,6 +132,15 @@ impl RegisteredBuffer {
         // SAFETY: `mem` is stored next to the mapping and freed only after a successful unmap.
         let mapping = match unsafe { space.map(device, Area::Buffers, mem.as_ptr(), len) } {
             Ok(m) => m,
+            Err(crate::iova::IovaError::Device(e @ crate::device::DeviceError::UndoFailed(_))) => {
+                // A device may still reach the memory: it stays mapped until nvmed exits, and
+                // its unit stays counted broker-wide (not against the client's uid).
+                tracing::error!("{e}; the memory stays mapped until nvmed exits");
+                ticket.release_uid_share();
+                std::mem::forget(ticket);
+                std::mem::forget(mem);
+                return Err(ControlError::ResourceExhausted(e.to_string()));
+            }
             Err(e) => {
                 return Err(match e {
                     crate::iova::IovaError::LimitReached { limit } => ControlError::BufferLimit(format!(

@@ -25,10 +25,10 @@ impl Dma for Fanout {
             // SAFETY: forwarded from this function's contract (the same range for each device).
             if let Err(e) = unsafe { d.dma_map(iova, host, len) } {
                 // Undo the devices done so far; one that cannot be undone keeps its mapping, so
-                // the caller (who sees the map fail) must then never free the memory either.
+                // the caller (who sees `UndoFailed`) must then never free the memory either.
                 for done in &self.devices[..i] {
                     if let Err(u) = done.dma_unmap(iova, len) {
-                        return Err(DeviceError::Other(format!(
+                        return Err(DeviceError::UndoFailed(format!(
                             "{e}; undoing the mapping on {} failed too: {u}",
                             done.name()
                         )));

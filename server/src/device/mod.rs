@@ -30,6 +30,11 @@ pub enum DeviceError {
         /// Length given.
         len: u64,
     },
+    /// A mapping failed on one device and could not be undone on another that had made it:
+    /// that device may still reach the memory, which must therefore stay mapped (never freed)
+    /// and its IOVA range stay taken.
+    #[error("{0}")]
+    UndoFailed(String),
     /// A backend-specific failure.
     #[error("{0}")]
     Other(String),
