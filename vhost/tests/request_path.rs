@@ -294,7 +294,7 @@ const ODD: &[WriteRead] = &[
 ];
 
 #[test]
-fn odd_layouts_are_one_vectored_request_sgl_without_bouncing() {
+fn odd_layouts_are_one_vectored_request_each_dword_aligned_ones_as_sgls() {
     // Dword-aligned pieces: SGLs straight into guest memory.
     let async_300us = EmulatorMode::Async { latency: Duration::from_micros(300) };
     let (s, session) = write_read_back(4096, async_300us, true, &ODD[..1]);
