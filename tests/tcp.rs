@@ -424,15 +424,26 @@ fn keep_alive_timeout_and_connection_cap() {
     assert_closed(q.stream(), Duration::from_secs(2), "its I/O queue");
     common::wait_until("controller removed", Duration::from_secs(5), || f.target.controllers() == 0);
 
-    // Three connections at most: the fourth is closed at once, and a slot frees on close.
+    // Three connections at most. With every slot taken, a new connection pushes out the oldest
+    // one that has not sent its Connect (peers that connect and say nothing cannot lock hosts
+    // out); an established one is never pushed out.
     common::wait_until("connections closed", Duration::from_secs(5), || f.target.connections() == 0);
-    let held: Vec<_> = (0..3).map(|_| std::net::TcpStream::connect(f.addr).unwrap()).collect();
+    let mut a = Initiator::connect(f.addr, &opts(0, 0xffff, Digests::default())).unwrap();
+    let held: Vec<_> = (0..2).map(|_| std::net::TcpStream::connect(f.addr).unwrap()).collect();
     common::wait_until("3 connections", Duration::from_secs(5), || f.target.connections() == 3);
-    let extra = std::net::TcpStream::connect(f.addr).unwrap();
+    let mut b = Initiator::connect(f.addr, &opts(0, 0xffff, Digests::default())).unwrap();
+    assert!(b.property_get(prop::CAP, true).is_ok());
     // (Well within the 5 s handshake timeout, which would close it anyway.)
+    assert_closed(&held[0], Duration::from_secs(2), "the oldest connection without a Connect");
+    let mut c = Initiator::connect(f.addr, &opts(0, 0xffff, Digests::default())).unwrap();
+    assert_closed(&held[1], Duration::from_secs(2), "the next connection without a Connect");
+    assert!(a.property_get(prop::CAP, true).is_ok(), "an established connection was pushed out");
+    // Every connection established: the fourth is closed at once, and a slot frees on close.
+    let extra = std::net::TcpStream::connect(f.addr).unwrap();
     assert_closed(&extra, Duration::from_secs(2), "a fourth connection");
     assert!(f.target.connections() <= 3, "{} connections", f.target.connections());
-    drop(held);
+    assert!(c.property_get(prop::CAP, true).is_ok());
+    drop((a, b, c, held));
     common::wait_until("slots free", Duration::from_secs(10), || f.target.connections() == 0);
     let mut a = Initiator::connect(f.addr, &opts(0, 0xffff, Digests::default())).unwrap();
     assert!(a.property_get(prop::CAP, true).is_ok());

@@ -101,6 +101,8 @@ struct Slot {
     pending: u32,
     status: u16,
     zero_fallback: bool,
+    /// Write Zeroes by writes (the device has none): bytes of the range written or in flight.
+    zeroed: u32,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -1049,22 +1051,24 @@ impl Queue {
         let unsupported = c.status == Status::Broker(BrokerStatus::InvalidOpcode);
         let mut pending = s.pending - 1;
         let mut status = s.status;
-        if unsupported && s.kind == Kind::WriteZeroes && !s.zero_fallback {
-            // The device has no Write Zeroes: write the zeroed slot instead, as many times as
-            // the range needs (Write Zeroes is not bound by MDTS).
+        let zero_more = s.zero_fallback && c.status == Status::Success && s.zeroed < s.len;
+        if (unsupported && s.kind == Kind::WriteZeroes && !s.zero_fallback) || zero_more {
+            // The device has no Write Zeroes: write the zeroed slot over the range instead (Write
+            // Zeroes is not bound by MDTS), one piece at a time, the next when one completes (a
+            // host's 64-byte command must not queue thousands of writes at once).
             let at = self.slot_at(slot);
             let chunk = s.len.min(self.slot_size);
-            self.ring.buffer_mut(self.buf, at, u64::from(chunk))?.fill(0);
-            self.slots[usize::from(slot)].zero_fallback = true;
-            let mut done = 0;
-            while done < s.len {
-                let n = chunk.min(s.len - done);
-                let io =
-                    Io::write(s.nsid, s.offset + u64::from(done), n, self.buf, at).user_data(u64::from(slot));
-                pending += 1;
-                self.submit_io(if s.fua { io.fua() } else { io })?;
-                done += n;
+            if !s.zero_fallback {
+                self.ring.buffer_mut(self.buf, at, u64::from(chunk))?.fill(0);
             }
+            let n = chunk.min(s.len - s.zeroed);
+            let io =
+                Io::write(s.nsid, s.offset + u64::from(s.zeroed), n, self.buf, at).user_data(u64::from(slot));
+            let sl = &mut self.slots[usize::from(slot)];
+            sl.zero_fallback = true;
+            sl.zeroed += n;
+            pending += 1;
+            self.submit_io(if s.fua { io.fua() } else { io })?;
         } else if unsupported && matches!(s.kind, Kind::Dsm { .. }) {
             // Deallocate is advisory.
         } else if c.status != Status::Success && status == sc::SUCCESS {

@@ -8,6 +8,7 @@
 
 pub mod config;
 pub mod ctrl;
+mod handshakes;
 mod ioq;
 mod outbox;
 pub mod pdu;

@@ -20,6 +20,7 @@ use crate::ctrl::{
     admin_op, discovery_kato, discovery_log, fctype, sc, Controller, CtrlParams, DiscoveryEntry, NsView,
     Reply, DISCOVERY_NQN,
 };
+use crate::handshakes::{Handshakes, InHandshake};
 use crate::pdu::{self, Digests, Header, Limits, NvmeCmd, NvmeCqe, PduError, Receiver};
 
 /// Why a connection ended.
@@ -92,6 +93,8 @@ pub struct Target {
     per_host: Arc<Mutex<HashMap<IpAddr, usize>>>,
     /// Controllers being set up (their nvmed session opening), per host NQN.
     starting: Mutex<HashMap<String, usize>>,
+    /// Connections whose Connect is not in yet (a full target pushes out the oldest).
+    handshakes: Handshakes,
 }
 
 /// One connection counted against its peer's [`Config::max_connections_per_host`]; uncounted
@@ -124,6 +127,7 @@ impl Target {
             conns,
             per_host: Arc::default(),
             starting: Mutex::default(),
+            handshakes: Handshakes::default(),
         })
     }
 
@@ -212,8 +216,9 @@ pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// Accepts connections forever, each in its own task; beyond `max_connections` a new
-/// connection is closed at once.
+/// Accepts connections forever, each in its own task. Beyond `max_connections` a new
+/// connection pushes out the oldest one whose Connect is not in yet, or, when every one is
+/// established, is closed at once.
 pub async fn serve(target: Arc<Target>, listener: TcpListener) -> std::io::Result<()> {
     serve_port(target, listener, false).await
 }
@@ -252,11 +257,6 @@ async fn serve_port(target: Arc<Target>, listener: TcpListener, discovery_only: 
                 continue;
             }
         };
-        let Ok(permit) = target.conns.clone().try_acquire_owned() else {
-            warn!(%peer, max = target.cfg.max_connections, "connection limit reached, closing the new connection");
-            drop(stream);
-            continue;
-        };
         let Some(host_slot) = target.host_slot(peer.ip()) else {
             warn!(
                 %peer,
@@ -266,17 +266,40 @@ async fn serve_port(target: Arc<Target>, listener: TcpListener, discovery_only: 
             drop(stream);
             continue;
         };
-        let target = target.clone();
-        tokio::spawn(async move {
+        let permit = match target.conns.clone().try_acquire_owned() {
+            Ok(p) => p,
+            // Every slot taken: the oldest connection still in its handshake makes room (its
+            // task ends at its next await, giving its slot back).
+            Err(_) if target.handshakes.push_out_oldest() => {
+                match timeout(Duration::from_secs(1), target.conns.clone().acquire_owned()).await {
+                    Ok(Ok(p)) => p,
+                    _ => {
+                        warn!(%peer, "no connection slot came free; closing the new connection");
+                        continue;
+                    }
+                }
+            }
+            Err(_) => {
+                warn!(%peer, max = target.cfg.max_connections, "connection limit reached, closing the new connection");
+                drop(stream);
+                continue;
+            }
+        };
+        let handshake = target.handshakes.begin();
+        let id = handshake.id();
+        let task_target = target.clone();
+        let task = tokio::spawn(async move {
+            let target = task_target;
             let _permit = permit;
             let _host_slot = host_slot;
             let _ = stream.set_nodelay(true);
             tcp_keepalive(&stream);
-            match handle(&target, stream, discovery_only).await {
+            match handle(&target, stream, discovery_only, handshake).await {
                 Ok(()) | Err(ConnError::Closed) => debug!(%peer, "connection closed"),
                 Err(e) => info!(%peer, "connection ended: {e}"),
             }
         });
+        target.handshakes.started(id, task.abort_handle());
     }
 }
 
@@ -354,7 +377,12 @@ pub(crate) struct ConnParams {
     pub hpda: u8,
 }
 
-async fn handle(target: &Arc<Target>, mut stream: TcpStream, discovery_only: bool) -> Result<(), ConnError> {
+async fn handle(
+    target: &Arc<Target>,
+    mut stream: TcpStream,
+    discovery_only: bool,
+    handshake: InHandshake,
+) -> Result<(), ConnError> {
     // ICReq, Connect and its data must all arrive by one deadline.
     let deadline = Instant::now() + target.cfg.io_timeout.min(HANDSHAKE_TIMEOUT_MAX);
     let limits = target.limits();
@@ -414,6 +442,9 @@ async fn handle(target: &Arc<Target>, mut stream: TcpStream, discovery_only: boo
             Ok(Ok((d, ok))) => (data, digest_ok) = (d, ok),
         }
     }
+    // The whole Connect is in: from here on the connection is not pushed out for a new one
+    // (its nvmed session may be opening).
+    drop(handshake);
     let outcome = if !is_connect {
         Err((sc::CMD_SEQ_ERROR | sc::DNR, 0, "first command is not Connect".into()))
     } else if !digest_ok {
