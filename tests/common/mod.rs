@@ -212,7 +212,6 @@ pub fn start_hammer(mode: &str, socket: &std::path::Path) -> Child {
     child
 }
 
-/// Runs `nvmed-test-peer load` as `uid` for `secs` at depth `qd`; returns the child, started.
 /// What `nvmed-test-peer ARGS SOCKET` prints to stdout, run as `uid` (it must succeed).
 pub fn peer_output(uid: u32, args: &[&str], socket: &std::path::Path) -> String {
     use std::os::unix::process::CommandExt;
@@ -231,6 +230,7 @@ pub fn peer_output(uid: u32, args: &[&str], socket: &std::path::Path) -> String 
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// Runs `nvmed-test-peer load` as `uid` for `secs` at depth `qd`; returns the child, started.
 pub fn load_as(uid: u32, socket: &std::path::Path, secs: f64, qd: usize) -> Child {
     use std::os::unix::process::CommandExt;
     let mut child = Command::new(runnable_by_anyone(env!("CARGO_BIN_EXE_nvmed-test-peer")))

@@ -106,8 +106,6 @@ fn hammer_rings(socket: &str) {
     }
 }
 
-/// Writes and reads one 4 KiB block, then prints what the broker tells this client about
-/// itself and about the broker: one line `STATS key=value ...`.
 /// Prints `NAMESPACES N` and then `NS nsid read_only` for each namespace this uid sees.
 fn namespaces(socket: &str) {
     let ring = NvmeRing::open(socket).unwrap();
@@ -117,6 +115,8 @@ fn namespaces(socket: &str) {
     }
 }
 
+/// Writes and reads one 4 KiB block, then prints what the broker tells this client about
+/// itself and about the broker: one line `STATS key=value ...`.
 fn stats(socket: &str) {
     let session = NvmeSession::open(socket).unwrap();
     let mut ring = session.new_ring().unwrap();
