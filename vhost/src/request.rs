@@ -94,11 +94,13 @@ pub struct Parsed {
     pub op: Result<Op, (u8, &'static str)>,
 }
 
-/// Most descriptors a chain may have: a header, `seg_max` data segments at most (what we
-/// advertise) and a status byte. A longer chain (an indirect table may hold 65535) is not
-/// walked further: it costs the backend CPU per descriptor outside the guest's accounting, and
-/// no request we serve needs it (QEMU refuses chains above 1024).
-pub const MAX_CHAIN: usize = crate::config::SEG_MAX as usize + 2;
+/// Most descriptors of a chain walked: QEMU's limit (it fails a device whose chain is longer).
+/// A longer chain (an indirect table may hold 65535) is not walked further: that would cost
+/// the backend CPU per descriptor outside the guest's accounting. Chains between `seg_max` + 2
+/// and this (old Windows viostor drivers ignore `seg_max` and send up to 515) are still walked
+/// to their status byte and fail with IOERR, so the guest sees an error, not a request that
+/// seems done.
+pub const MAX_CHAIN: usize = 1024;
 
 /// Collects the descriptors of a chain as virtio-queue's `DescriptorChain` iterator yields them
 /// (indirect tables followed, one level only; a table length not a multiple of 16, a next index
