@@ -383,14 +383,16 @@ impl Shared {
         for entry in self.registry.list() {
             let new = policy.access_for(entry.uid(), &self.namespaces);
             let mut access = entry.access();
-            if access.namespaces == new {
+            // (A session an earlier reload ended is told again, even of grants back as they
+            // were: its rings hold those that reload sent.)
+            if access.namespaces == new && !access.withdrawn {
                 continue;
             }
             let keys = |ns: &[crate::policy::NamespaceAccess]| -> Vec<tenant::TenantKey> {
                 tenant::tenants_of(ns, entry.uid(), entry.id()).into_iter().map(|(k, _)| k).collect()
             };
             let lost = access.namespaces.iter().any(|old| !new.iter().any(|n| n.nsid == old.nsid));
-            if lost || keys(&access.namespaces) != keys(&new) {
+            if lost || access.withdrawn || keys(&access.namespaces) != keys(&new) {
                 // Ended like a disconnect, but only its receiving side is shut: its control
                 // thread sees the end, drains the rings (their I/O in flight completes into
                 // their CQs, then they say Closed) and releases the session; its client sees
