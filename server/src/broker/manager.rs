@@ -160,12 +160,12 @@ impl ControllerShared {
                 // cannot say (its Identify failed) is served as before: its commands show
                 // whether it works.
                 match ctrl.identify_again() {
-                    Err(e @ DriverError::Changed(_)) => Err(e),
-                    Err(e) => {
+                    // An Identify unanswered or refused: its commands show whether it works.
+                    Err(e @ (DriverError::Timeout { .. } | DriverError::CommandFailed { .. })) => {
                         warn!("could not identify the controller again after the reset: {e}; serving it as before");
                         Ok(())
                     }
-                    Ok(()) => Ok(()),
+                    r => r,
                 }
             });
             match restored {

@@ -134,6 +134,10 @@ pub struct Controller {
     no_cs_identify: bool,
 }
 
+/// How a namespace skipped because Identify Namespace failed is described (see
+/// [`ControllerInfo::skipped`]).
+const IDENTIFY_NS_FAILED: &str = "Identify Namespace failed";
+
 fn ascii(b: &[u8]) -> String {
     String::from_utf8_lossy(b).trim_matches(|c: char| c == ' ' || c == '\0').to_string()
 }
@@ -450,6 +454,14 @@ impl Controller {
             lost("SGL support", format!("{:?}", before.sgl), "none".into());
         }
         for ns in &before.namespaces {
+            if now.skipped.iter().any(|(id, why)| *id == ns.nsid && Self::identify_failed(why)) {
+                // Refused for now (a format under way, say): not known to have changed.
+                warn!(
+                    nsid = ns.nsid,
+                    "Identify Namespace failed after the reset; serving the namespace as before"
+                );
+                continue;
+            }
             match now.namespaces.iter().find(|n| n.nsid == ns.nsid) {
                 Some(n) if n.lba_size == ns.lba_size && n.lba_count >= ns.lba_count => {}
                 Some(n) => lost(
@@ -602,6 +614,12 @@ impl Controller {
     }
 
     /// Identifies namespace `nsid`: `Ok(Err(reason))` when the driver cannot serve it.
+    /// Whether `reason` (a skipped namespace's) says only that Identify Namespace failed, not
+    /// what the namespace is.
+    fn identify_failed(reason: &str) -> bool {
+        reason.starts_with(IDENTIFY_NS_FAILED)
+    }
+
     fn identify_namespace(&mut self, nsid: u32) -> Result<Result<Namespace, String>, DriverError> {
         // The command set first: Identify Namespace describes an NVM namespace, and a zoned or
         // key-value one takes commands an NVM driver does not issue (a zoned namespace fails
@@ -649,7 +667,7 @@ impl Controller {
         match self.identify_into_scratch(admin::CNS_NAMESPACE, nsid) {
             Ok(()) => {}
             Err(DriverError::CommandFailed { status, .. }) => {
-                return Ok(Err(format!("Identify Namespace failed ({status}): not served")))
+                return Ok(Err(format!("{IDENTIFY_NS_FAILED} ({status}): not served")))
             }
             Err(e) => return Err(e),
         }
