@@ -65,6 +65,15 @@ impl InHandshake {
     pub(crate) fn id(&self) -> u64 {
         self.id
     }
+
+    /// Leaves the list: true if the connection was still in it, false if it was pushed out
+    /// meanwhile (its task is being ended: it must not go on).
+    pub(crate) fn finish(self) -> bool {
+        let mut list = lock(&self.list);
+        let listed = list.iter().position(|(id, _)| *id == self.id).map(|i| list.remove(i)).is_some();
+        drop(list);
+        listed
+    }
 }
 
 #[cfg(test)]
@@ -82,12 +91,12 @@ mod tests {
             h.started(a.id(), ta.abort_handle());
             h.started(b.id(), tb.abort_handle());
             // `a` finished its handshake: only `b` may be pushed out.
-            drop(a);
+            assert!(a.finish());
             assert!(h.push_out_oldest());
             assert!(tb.await.unwrap_err().is_cancelled());
             assert!(!ta.is_finished());
             assert!(!h.push_out_oldest(), "nothing left in a handshake");
-            drop(b);
+            assert!(!b.finish(), "a pushed-out connection learns it when it finishes");
             ta.abort();
         });
     }

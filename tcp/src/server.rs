@@ -443,8 +443,10 @@ async fn handle(
         }
     }
     // The whole Connect is in: from here on the connection is not pushed out for a new one
-    // (its nvmed session may be opening).
-    drop(handshake);
+    // (its nvmed session may be opening), unless it was just now.
+    if !handshake.finish() {
+        return Err(ConnError::Closed);
+    }
     let outcome = if !is_connect {
         Err((sc::CMD_SEQ_ERROR | sc::DNR, 0, "first command is not Connect".into()))
     } else if !digest_ok {
