@@ -74,6 +74,7 @@ mod entry;
 pub mod eventfd;
 pub mod layout;
 pub mod limits;
+pub mod ratelog;
 pub mod ring;
 pub mod shm;
 mod status;

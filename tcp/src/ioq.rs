@@ -676,7 +676,8 @@ impl Queue {
                     } else {
                         let ok = u32::from_le_bytes(buf) == crc;
                         if !ok {
-                            warn!(
+                            nvmed_proto::log_limited!(
+                                warn,
                                 qid = self.qid,
                                 "data digest mismatch: the command fails with a transient transport error"
                             );

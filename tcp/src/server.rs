@@ -252,13 +252,14 @@ async fn serve_port(target: Arc<Target>, listener: TcpListener, discovery_only: 
             Err(e) => {
                 // Out of file descriptors or memory, or a connection reset before it was
                 // accepted: the target goes on serving the hosts it has.
-                warn!("accepting a connection: {e}");
+                nvmed_proto::log_limited!(warn, "accepting a connection: {e}");
                 tokio::time::sleep(ACCEPT_BACKOFF).await;
                 continue;
             }
         };
         let Some(host_slot) = target.host_slot(peer.ip()) else {
-            warn!(
+            nvmed_proto::log_limited!(
+                warn,
                 %peer,
                 max = target.cfg.max_connections_per_host,
                 "connection limit of this address reached, closing the new connection"
@@ -274,13 +275,13 @@ async fn serve_port(target: Arc<Target>, listener: TcpListener, discovery_only: 
                 match timeout(Duration::from_secs(1), target.conns.clone().acquire_owned()).await {
                     Ok(Ok(p)) => p,
                     _ => {
-                        warn!(%peer, "no connection slot came free; closing the new connection");
+                        nvmed_proto::log_limited!(warn, %peer, "no connection slot came free; closing the new connection");
                         continue;
                     }
                 }
             }
             Err(_) => {
-                warn!(%peer, max = target.cfg.max_connections, "connection limit reached, closing the new connection");
+                nvmed_proto::log_limited!(warn, %peer, max = target.cfg.max_connections, "connection limit reached, closing the new connection");
                 drop(stream);
                 continue;
             }
@@ -296,7 +297,7 @@ async fn serve_port(target: Arc<Target>, listener: TcpListener, discovery_only: 
             tcp_keepalive(&stream);
             match handle(&target, stream, discovery_only, handshake).await {
                 Ok(()) | Err(ConnError::Closed) => debug!(%peer, "connection closed"),
-                Err(e) => info!(%peer, "connection ended: {e}"),
+                Err(e) => nvmed_proto::log_limited!(info, %peer, "connection ended: {e}"),
             }
         });
         target.handshakes.started(id, task.abort_handle());
@@ -305,7 +306,7 @@ async fn serve_port(target: Arc<Target>, listener: TcpListener, discovery_only: 
 
 /// Sends a C2HTermReq for `e` (best effort, the connection ends anyway).
 pub(crate) async fn term_req<W: AsyncWrite + Unpin>(w: &mut W, e: &PduError, offending: &[u8]) {
-    warn!("terminating the connection: {e}");
+    nvmed_proto::log_limited!(warn, "terminating the connection: {e}");
     let mut out = Vec::new();
     pdu::push_term_req(&mut out, true, e.fes(), e.fei(), offending);
     let _ = timeout(Duration::from_secs(1), w.write_all(&out)).await;
@@ -457,7 +458,7 @@ async fn handle(
     let (ctrl, qid, sqsize) = match outcome {
         Ok(v) => v,
         Err((status, result, why)) => {
-            warn!("Connect refused: {why}");
+            nvmed_proto::log_limited!(warn, "Connect refused: {why}");
             let mut out = Vec::new();
             pdu::push_capsule_resp(&mut out, dg, cqe(cid, status, result, 1, 0));
             stream.write_all(&out).await?;

@@ -427,7 +427,8 @@ impl Worker {
                     // Recorded before anything is done for it: a restarted backend finds it.
                     if let Some(t) = self.inflight.as_mut() {
                         if !t.begin(head) {
-                            tracing::warn!(
+                            nvmed_proto::log_limited!(
+                                warn,
                                 queue = self.index,
                                 head,
                                 desc_num = t.desc_num(),
@@ -567,7 +568,13 @@ impl Worker {
         self.open += 1;
         let Parsed { head, status, op } = parsed;
         let Some(status_addr) = status else {
-            tracing::warn!(queue = self.index, head, "request without a usable status byte: {:?}", op.err());
+            nvmed_proto::log_limited!(
+                warn,
+                queue = self.index,
+                head,
+                "request without a usable status byte: {:?}",
+                op.err()
+            );
             self.stats.errors.fetch_add(1, Ordering::Relaxed);
             self.put_used(q, mem, head, 0);
             p.used = true;
@@ -774,7 +781,7 @@ impl Worker {
             t.put_begin(head);
         }
         if let Err(e) = q.add_used(mem, head, used_len) {
-            tracing::warn!(queue = self.index, head, "add_used: {e}");
+            nvmed_proto::log_limited!(warn, queue = self.index, head, "add_used: {e}");
         }
         if let Some(t) = self.inflight.as_mut() {
             t.put_end(head, q.next_used());
