@@ -287,11 +287,21 @@ mod tests {
         assert_eq!(a.alloc(0x10000, 0x10000), Some(0x10000));
     }
 
-    /// A device whose DMA unmap always fails.
-    struct StuckIommu;
+    /// A device whose DMA unmap always fails, and that refuses every mapping too if asked.
+    struct MockIommu {
+        refuses_maps: bool,
+    }
 
-    impl Dma for StuckIommu {
-        unsafe fn dma_map(&self, _: u64, _: *mut u8, _: u64) -> Result<(), DeviceError> {
+    /// Maps, but never unmaps.
+    const STUCK: MockIommu = MockIommu { refuses_maps: false };
+    /// Refuses every mapping.
+    const REFUSING: MockIommu = MockIommu { refuses_maps: true };
+
+    impl Dma for MockIommu {
+        unsafe fn dma_map(&self, iova: u64, _: *mut u8, len: u64) -> Result<(), DeviceError> {
+            if self.refuses_maps {
+                return Err(DeviceError::MapFailed { iova, len, reason: "refused".into() });
+            }
             Ok(())
         }
         fn dma_unmap(&self, iova: u64, len: u64) -> Result<(), DeviceError> {
@@ -299,9 +309,9 @@ mod tests {
         }
     }
 
-    impl NvmeDevice for StuckIommu {
+    impl NvmeDevice for MockIommu {
         fn name(&self) -> String {
-            "stuck".into()
+            "mock".into()
         }
         fn read32(&self, _: u64) -> u32 {
             0
@@ -335,7 +345,7 @@ mod tests {
 
     #[test]
     fn memory_the_device_may_still_reach_is_never_freed() {
-        let device: Arc<dyn NvmeDevice> = Arc::new(StuckIommu);
+        let device: Arc<dyn NvmeDevice> = Arc::new(STUCK);
         let space = Arc::new(IovaSpace::new(&device.iova_ranges()).unwrap());
         let mem = DmaMemory::new(&space, &device, 3 * 4096).unwrap();
         let addr = mem.mem().as_ptr() as usize;
@@ -348,57 +358,20 @@ mod tests {
         assert!(LEAKED_DMA_BYTES.load(std::sync::atomic::Ordering::Relaxed) >= leaked_before + 3 * 4096);
     }
 
-    /// A device that refuses every DMA mapping.
-    struct RefusingIommu;
-
-    impl Dma for RefusingIommu {
-        unsafe fn dma_map(&self, iova: u64, _: *mut u8, len: u64) -> Result<(), DeviceError> {
-            Err(DeviceError::MapFailed { iova, len, reason: "refused".into() })
-        }
-        fn dma_unmap(&self, iova: u64, len: u64) -> Result<(), DeviceError> {
-            Err(DeviceError::NotMapped { iova, len })
-        }
-    }
-
-    impl NvmeDevice for RefusingIommu {
-        fn name(&self) -> String {
-            "refusing".into()
-        }
-        fn read32(&self, _: u64) -> u32 {
-            0
-        }
-        fn write32(&self, _: u64, _: u32) {}
-        fn iova_ranges(&self) -> Vec<RangeInclusive<u64>> {
-            vec![0..=(1 << 40) - 1]
-        }
-        fn interrupt_vectors(&self) -> u16 {
-            0
-        }
-        fn interrupt_fd(&self, _: u16) -> Option<std::os::fd::BorrowedFd<'_>> {
-            None
-        }
-        fn function_reset(&self) -> Result<(), DeviceError> {
-            Ok(())
-        }
-        fn set_bus_master(&self, _: bool) -> Result<(), DeviceError> {
-            Ok(())
-        }
-    }
-
     #[test]
     fn a_range_a_device_could_not_unmap_after_another_refused_is_never_given_out_again() {
         use crate::device::fanout::Fanout;
         let space = Arc::new(IovaSpace::new(&[0..=(1u64 << 40) - 1]).unwrap());
         let mem = nvmed_proto::shm::SharedMemory::anonymous(8192).unwrap();
         // One device refuses: the range is free again.
-        let refusing: Arc<dyn Dma> = Arc::new(Fanout::new(vec![Arc::new(RefusingIommu)]));
+        let refusing: Arc<dyn Dma> = Arc::new(Fanout::new(vec![Arc::new(REFUSING)]));
         // SAFETY: nothing is mapped (the device refuses).
         let e = unsafe { space.map(&refusing, Area::Buffers, mem.as_ptr(), 8192) }.err().unwrap();
         assert!(matches!(e, IovaError::Device(DeviceError::MapFailed { .. })), "{e}");
         assert_eq!(space.used(Area::Buffers), 0);
         // The first device maps, the second refuses, and the first cannot undo its mapping: it
         // may still reach the memory, so the range stays taken (and the caller keeps `mem`).
-        let stuck: Arc<dyn Dma> = Arc::new(Fanout::new(vec![Arc::new(StuckIommu), Arc::new(RefusingIommu)]));
+        let stuck: Arc<dyn Dma> = Arc::new(Fanout::new(vec![Arc::new(STUCK), Arc::new(REFUSING)]));
         // SAFETY: `mem` is leaked below, as the error asks.
         let e = unsafe { space.map(&stuck, Area::Buffers, mem.as_ptr(), 8192) }.err().unwrap();
         assert!(matches!(e, IovaError::Device(DeviceError::UndoFailed(_))), "{e}");
