@@ -123,6 +123,31 @@ fn as_uid(uid: u32, socket: &std::path::Path, mode: &str, n: usize) -> Helper {
     Helper { child, held, refusal }
 }
 
+#[test]
+fn a_uid_s_control_requests_are_paced_and_another_uid_is_not_slowed() {
+    // 50 control requests a second per uid, after a burst of 50: root's 150 Stats take two
+    // seconds (the broker's CPU a uid can take by looping on requests is bounded)...
+    let broker = TestBroker::start(&["--control-rate-per-uid", "50", "--socket-mode", "666"]);
+    let mut ring = broker.connect();
+    let paced = std::thread::spawn(move || {
+        let start = Instant::now();
+        for _ in 0..150 {
+            ring.stats().unwrap();
+        }
+        start.elapsed()
+    });
+    // ...while uid 1000, meanwhile, opens a session, does I/O and asks for stats and health
+    // (a dozen requests, within its own burst) without waiting on root's pace.
+    std::thread::sleep(Duration::from_millis(300));
+    let start = Instant::now();
+    let out = peer_output(1000, &["stats"], &broker.socket);
+    let other = start.elapsed();
+    assert!(out.contains("STATS completed="), "{out}");
+    let paced = paced.join().unwrap();
+    assert!(paced >= Duration::from_millis(1800), "150 requests at 50 a second took {paced:?}");
+    assert!(other < Duration::from_secs(5), "another uid waited on root's pace: {other:?}");
+}
+
 // ---- 1. Mappings are bounded ------------------------------------------------------------
 
 #[test]

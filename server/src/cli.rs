@@ -260,6 +260,14 @@ pub(crate) struct Args {
     #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..))]
     pub(crate) hello_timeout_s: u64,
 
+    /// Control requests per second one uid may send, all its connections together, after a
+    /// burst of one second's worth (registering memory costs one more per 64 MiB): beyond it a
+    /// request waits its turn, and one that would wait more than a second is refused
+    /// (ResourceExhausted). Bounds the broker CPU a uid can take by looping on requests. 0: no
+    /// limit.
+    #[arg(long, default_value_t = 1000, value_name = "N")]
+    pub(crate) control_rate_per_uid: u64,
+
     /// Most registered buffers for all clients together. Each is one memory mapping in the
     /// broker, so the default is half of vm.max_map_count, and larger values are lowered to
     /// what vm.max_map_count leaves room for.

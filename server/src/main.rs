@@ -299,6 +299,7 @@ fn run(
         }),
     });
     config.hello_timeout = Duration::from_secs(args.hello_timeout_s);
+    config.control_rate_per_uid = args.control_rate_per_uid;
     config.io_queue_depth = args.queue_depth;
     config.poll_idle = Duration::from_micros(args.poll_idle_us);
     config.poll_clients = Duration::from_micros(args.poll_clients_us);

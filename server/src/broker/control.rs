@@ -73,6 +73,9 @@ struct Connection {
     registered: Option<Registered>,
 }
 
+/// The longest a control request waits its turn in its uid's pace before it is refused.
+const PACE_MAX_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// Serves one client until it leaves, then drains and releases its session.
 pub fn serve(shared: Arc<Shared>, sock: OwnedFd, id: u64, uid: u32) {
     let cred = getsockopt(&sock, sockopt::PeerCredentials).ok();
@@ -174,7 +177,10 @@ impl Connection {
                 match decode::<Request>(&msg.bytes) {
                     Ok(req) => {
                         let goodbye = req == Request::Goodbye;
-                        let r = self.handle(req, msg.fds);
+                        let r = match self.pace(&req) {
+                            Ok(()) => self.handle(req, msg.fds),
+                            Err(e) => (Response::Error(e), vec![]),
+                        };
                         if goodbye {
                             let _ = transport::send(self.sock.as_fd(), &encode(&Response::Goodbye), &[]);
                             return;
@@ -203,6 +209,38 @@ impl Connection {
             let borrowed: Vec<_> = fds.iter().map(|f| f.as_fd()).collect();
             if transport::send(self.sock.as_fd(), &bytes, &borrowed).is_err() {
                 return;
+            }
+        }
+    }
+
+    /// Waits this request's turn in its uid's pace of control requests, or refuses it when
+    /// that would take more than [`PACE_MAX_WAIT`].
+    fn pace(&self, req: &Request) -> Result<(), ControlError> {
+        let cost = match req {
+            Request::RegisterBuffer { len, .. } => super::pacing::register_cost(*len),
+            _ => 1,
+        };
+        match self.shared.pacer.take(self.uid, cost, std::time::Instant::now(), PACE_MAX_WAIT) {
+            Ok(wait) => {
+                if !wait.is_zero() {
+                    std::thread::sleep(wait);
+                }
+                Ok(())
+            }
+            Err(wait) => {
+                super::ratelog::limited_per!(
+                    self.uid,
+                    info,
+                    uid = self.uid,
+                    "control requests beyond the uid's rate: refused"
+                );
+                Err(ControlError::ResourceExhausted(format!(
+                    "uid {} sends control requests faster than --control-rate-per-uid ({} per second): \
+                     this one would wait {} ms; try again later",
+                    self.uid,
+                    self.shared.config.control_rate_per_uid,
+                    wait.as_millis()
+                )))
             }
         }
     }

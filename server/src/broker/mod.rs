@@ -6,6 +6,7 @@ mod control;
 mod io_thread;
 pub mod manager;
 pub mod metrics;
+pub mod pacing;
 mod quota;
 pub(crate) mod ratelog;
 mod reaper;
@@ -80,6 +81,8 @@ pub struct BrokerConfig {
     pub quotas: QuotaSettings,
     /// How long a new connection may take to say Hello.
     pub hello_timeout: Duration,
+    /// Control requests per second one uid may send (see [`pacing`]); 0: no limit.
+    pub control_rate_per_uid: u64,
     /// I/O threads, each with its own device queue pair (fewer if the controller grants fewer
     /// queues).
     pub io_threads: u16,
@@ -128,6 +131,7 @@ impl BrokerConfig {
             interrupts: true,
             quotas: QuotaSettings::for_sessions(64),
             hello_timeout: Duration::from_secs(5),
+            control_rate_per_uid: 1000,
             io_threads: 1,
             cpus: Vec::new(),
             max_rings_per_session: 64,
@@ -214,6 +218,8 @@ pub struct Shared {
     pollers: Vec<Poller>,
     sessions: AtomicU64,
     quotas: Arc<Quotas>,
+    /// Each uid's pace of control requests.
+    pacer: pacing::Pacer,
     /// Where sessions' buffers go when they end (taken at shutdown).
     reaper: Mutex<Option<Reaper>>,
     /// Live connections (their uid and socket), to close them at shutdown and to tell which
@@ -823,6 +829,7 @@ impl Broker {
             config_quotas.limit_buffers(u64::from(avail).saturating_sub(INTERNAL_MAPPINGS).max(1));
         }
         let policy = std::sync::RwLock::new(config.policy.clone());
+        let pacer = pacing::Pacer::new(config.control_rate_per_uid);
         let shared = Arc::new(Shared {
             config,
             devices,
@@ -833,6 +840,7 @@ impl Broker {
             pollers,
             sessions: AtomicU64::new(0),
             quotas: Quotas::new(config_quotas),
+            pacer,
             reaper: Mutex::new(Some(reaper)),
             connections: Mutex::new(std::collections::HashMap::new()),
             connection_ended: std::sync::Condvar::new(),
