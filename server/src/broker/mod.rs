@@ -389,16 +389,26 @@ impl Shared {
         for entry in self.registry.list() {
             let new = policy.access_for(entry.uid(), &self.namespaces);
             let mut access = entry.access();
-            // (A session an earlier reload ended is told again, even of grants back as they
-            // were: its rings hold those that reload sent.)
-            if access.namespaces == new && !access.withdrawn {
+            if access.withdrawn {
+                // An earlier reload ended it: its rings get the new grants, on what they may
+                // still reach only (a namespace withdrawn does not come back to a session
+                // being ended); it is not counted or ended again.
+                access.still_reached.retain(|id| new.iter().any(|n| n.nsid == *id));
+                let reach: Vec<_> =
+                    new.iter().filter(|n| access.still_reached.contains(&n.nsid)).cloned().collect();
+                for &(_, thread, key) in &access.rings {
+                    self.pollers[thread].request(IoRequest::UpdateRing { key, namespaces: reach.clone() });
+                }
+                continue;
+            }
+            if access.namespaces == new {
                 continue;
             }
             let keys = |ns: &[crate::policy::NamespaceAccess]| -> Vec<tenant::TenantKey> {
                 tenant::tenants_of(ns, entry.uid(), entry.id()).into_iter().map(|(k, _)| k).collect()
             };
             let lost = access.namespaces.iter().any(|old| !new.iter().any(|n| n.nsid == old.nsid));
-            if lost || access.withdrawn || keys(&access.namespaces) != keys(&new) {
+            if lost || keys(&access.namespaces) != keys(&new) {
                 // Ended like a disconnect, but only its receiving side is shut: its control
                 // thread sees the end, drains the rings (their I/O in flight completes into
                 // their CQs, then they say Closed) and releases the session; its client sees
@@ -418,6 +428,7 @@ impl Shared {
                     .filter(|n| access.namespaces.iter().any(|o| o.nsid == n.nsid))
                     .cloned()
                     .collect();
+                access.still_reached = kept.iter().map(|n| n.nsid).collect();
                 for &(_, thread, key) in &access.rings {
                     self.pollers[thread].request(IoRequest::UpdateRing { key, namespaces: kept.clone() });
                 }

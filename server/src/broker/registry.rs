@@ -24,6 +24,8 @@ pub struct Access {
     /// A reload ended it (a namespace it used was withdrawn, or its tenant changed): the session
     /// is being ended and gets no new ring.
     pub withdrawn: bool,
+    /// Once withdrawn: the namespaces its rings may still reach (later reloads only narrow it).
+    pub still_reached: Vec<u32>,
 }
 
 /// One live session.
@@ -251,7 +253,12 @@ impl Registry {
             started: Instant::now(),
             rings: Mutex::new(Vec::new()),
             closed: Mutex::new(Totals::default()),
-            access: Mutex::new(Access { namespaces, rings: Vec::new(), withdrawn: false }),
+            access: Mutex::new(Access {
+                namespaces,
+                rings: Vec::new(),
+                withdrawn: false,
+                still_reached: Vec::new(),
+            }),
             buffers: AtomicU64::new(0),
             buffer_bytes: AtomicU64::new(0),
         });
