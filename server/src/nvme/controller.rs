@@ -134,9 +134,9 @@ pub struct Controller {
     no_cs_identify: bool,
 }
 
-/// How a namespace skipped because Identify Namespace failed is described (see
-/// [`ControllerInfo::skipped`]).
-const IDENTIFY_NS_FAILED: &str = "Identify Namespace failed";
+/// How a namespace skipped because Identify Namespace was refused for now (Namespace Not Ready,
+/// Format In Progress) is described (see [`ControllerInfo::skipped`]).
+const IDENTIFY_NS_FAILED: &str = "Identify Namespace refused for now";
 
 fn ascii(b: &[u8]) -> String {
     String::from_utf8_lossy(b).trim_matches(|c: char| c == ' ' || c == '\0').to_string()
@@ -455,10 +455,10 @@ impl Controller {
         }
         for ns in &before.namespaces {
             if now.skipped.iter().any(|(id, why)| *id == ns.nsid && Self::identify_failed(why)) {
-                // Refused for now (a format under way, say): not known to have changed.
+                // Refused for now (a format under way, not ready): not known to have changed.
                 warn!(
                     nsid = ns.nsid,
-                    "Identify Namespace failed after the reset; serving the namespace as before"
+                    "Identify Namespace refused for now after the reset; serving the namespace as before"
                 );
                 continue;
             }
@@ -613,13 +613,13 @@ impl Controller {
         }
     }
 
-    /// Identifies namespace `nsid`: `Ok(Err(reason))` when the driver cannot serve it.
-    /// Whether `reason` (a skipped namespace's) says only that Identify Namespace failed, not
-    /// what the namespace is.
+    /// Whether `reason` (a skipped namespace's) says only that Identify Namespace was refused
+    /// for now (a format under way, the namespace not ready), not what the namespace is.
     fn identify_failed(reason: &str) -> bool {
         reason.starts_with(IDENTIFY_NS_FAILED)
     }
 
+    /// Identifies namespace `nsid`: `Ok(Err(reason))` when the driver cannot serve it.
     fn identify_namespace(&mut self, nsid: u32) -> Result<Result<Namespace, String>, DriverError> {
         // The command set first: Identify Namespace describes an NVM namespace, and a zoned or
         // key-value one takes commands an NVM driver does not issue (a zoned namespace fails
@@ -667,7 +667,16 @@ impl Controller {
         match self.identify_into_scratch(admin::CNS_NAMESPACE, nsid) {
             Ok(()) => {}
             Err(DriverError::CommandFailed { status, .. }) => {
-                return Ok(Err(format!("{IDENTIFY_NS_FAILED} ({status}): not served")))
+                // Namespace Not Ready or Format In Progress, retryable: refused for now only.
+                let for_now = matches!(
+                    status,
+                    nvmed_proto::Status::Nvme(n) if n.sct == 0 && matches!(n.sc, 0x82 | 0x84) && !n.dnr
+                );
+                return Ok(Err(if for_now {
+                    format!("{IDENTIFY_NS_FAILED} ({status}): not served")
+                } else {
+                    format!("Identify Namespace refused ({status}): not served")
+                }));
             }
             Err(e) => return Err(e),
         }
