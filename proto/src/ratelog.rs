@@ -109,6 +109,18 @@ macro_rules! log_limited {
     }};
 }
 
+/// As [`log_limited!`](crate::log_limited), with a budget per `key` (a `u32`: a uid, a peer's
+/// address) at the call site: one peer's flood does not silence the lines of the others.
+#[macro_export]
+macro_rules! log_limited_per {
+    ($key:expr, $level:ident, $($arg:tt)+) => {{
+        static BUDGET: $crate::ratelog::KeyedLogBudget = $crate::ratelog::KeyedLogBudget::new();
+        if let Some(dropped) = BUDGET.allow($key) {
+            ::tracing::$level!(dropped, $($arg)+);
+        }
+    }};
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -21,8 +21,8 @@ pub(crate) struct Handshakes {
     next: std::sync::atomic::AtomicU64,
 }
 
-/// A connection's place in [`Handshakes`]: it leaves the list when dropped (its Connect is in,
-/// or the connection ended).
+/// A connection's place in [`Handshakes`]: it leaves the list by [`InHandshake::finish`] (its
+/// Connect is in), or when dropped (the connection ended).
 #[derive(Debug)]
 pub(crate) struct InHandshake {
     list: List,

@@ -575,7 +575,7 @@ impl Queue {
 
     /// Sends a C2HTermReq after what is queued (never inside a half-sent PDU), then closes.
     async fn terminate(&mut self, e: &PduError) {
-        warn!(qid = self.qid, "terminating the connection: {e}");
+        nvmed_proto::log_limited!(warn, qid = self.qid, "terminating the connection: {e}");
         let mut out = Vec::new();
         pdu::push_term_req(&mut out, true, e.fes(), e.fei(), &self.hbuf[..self.hhave]);
         self.tx.push_bytes(|v| v.extend_from_slice(&out), None);

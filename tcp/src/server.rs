@@ -206,6 +206,17 @@ fn host_key(ip: IpAddr) -> IpAddr {
     }
 }
 
+/// The key a peer's log lines are budgeted under (its address, an IPv6 one folded to 32 bits).
+fn log_key(ip: IpAddr) -> u32 {
+    match host_key(ip) {
+        IpAddr::V4(a) => u32::from(a),
+        IpAddr::V6(a) => {
+            let b = a.to_bits();
+            (b ^ (b >> 32) ^ (b >> 64) ^ (b >> 96)) as u32
+        }
+    }
+}
+
 /// The pause after a failed `accept` (e.g. no file descriptor left) before the next one.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
@@ -258,7 +269,8 @@ async fn serve_port(target: Arc<Target>, listener: TcpListener, discovery_only: 
             }
         };
         let Some(host_slot) = target.host_slot(peer.ip()) else {
-            nvmed_proto::log_limited!(
+            nvmed_proto::log_limited_per!(
+                log_key(peer.ip()),
                 warn,
                 %peer,
                 max = target.cfg.max_connections_per_host,
@@ -295,9 +307,11 @@ async fn serve_port(target: Arc<Target>, listener: TcpListener, discovery_only: 
             let _host_slot = host_slot;
             let _ = stream.set_nodelay(true);
             tcp_keepalive(&stream);
-            match handle(&target, stream, discovery_only, handshake).await {
+            match handle(&target, stream, peer, discovery_only, handshake).await {
                 Ok(()) | Err(ConnError::Closed) => debug!(%peer, "connection closed"),
-                Err(e) => nvmed_proto::log_limited!(info, %peer, "connection ended: {e}"),
+                Err(e) => {
+                    nvmed_proto::log_limited_per!(log_key(peer.ip()), info, %peer, "connection ended: {e}")
+                }
             }
         });
         target.handshakes.started(id, task.abort_handle());
@@ -305,8 +319,18 @@ async fn serve_port(target: Arc<Target>, listener: TcpListener, discovery_only: 
 }
 
 /// Sends a C2HTermReq for `e` (best effort, the connection ends anyway).
-pub(crate) async fn term_req<W: AsyncWrite + Unpin>(w: &mut W, e: &PduError, offending: &[u8]) {
-    nvmed_proto::log_limited!(warn, "terminating the connection: {e}");
+pub(crate) async fn term_req<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    peer: Option<std::net::SocketAddr>,
+    e: &PduError,
+    offending: &[u8],
+) {
+    match peer {
+        Some(peer) => {
+            nvmed_proto::log_limited_per!(log_key(peer.ip()), warn, %peer, "terminating the connection: {e}")
+        }
+        None => nvmed_proto::log_limited!(warn, "terminating the connection: {e}"),
+    }
     let mut out = Vec::new();
     pdu::push_term_req(&mut out, true, e.fes(), e.fei(), offending);
     let _ = timeout(Duration::from_secs(1), w.write_all(&out)).await;
@@ -381,6 +405,7 @@ pub(crate) struct ConnParams {
 async fn handle(
     target: &Arc<Target>,
     mut stream: TcpStream,
+    peer: std::net::SocketAddr,
     discovery_only: bool,
     handshake: InHandshake,
 ) -> Result<(), ConnError> {
@@ -391,7 +416,7 @@ async fn handle(
     let ic = match timeout_at(deadline, read_pdu(&mut stream, None, &limits)).await {
         Err(_) => return Err(ConnError::Timeout("ICReq")),
         Ok(Err((ConnError::Pdu(e), head))) => {
-            term_req(&mut stream, &e, &head).await;
+            term_req(&mut stream, Some(peer), &e, &head).await;
             return Err(e.into());
         }
         Ok(Err((e, _))) => return Err(e),
@@ -412,7 +437,7 @@ async fn handle(
     let first = match timeout_at(deadline, read_pdu(&mut stream, Some(dg), &limits)).await {
         Err(_) => return Err(ConnError::Timeout("Connect")),
         Ok(Err((ConnError::Pdu(e), head))) => {
-            term_req(&mut stream, &e, &head).await;
+            term_req(&mut stream, Some(peer), &e, &head).await;
             return Err(e.into());
         }
         Ok(Err((e, _))) => return Err(e),
@@ -423,7 +448,7 @@ async fn handle(
         Header::H2cTermReq(t) => return Err(ConnError::HostTerminated(t.fes.get())),
         _ => {
             let e = PduError::Sequence("expected a Connect command capsule");
-            term_req(&mut stream, &e, &first.head).await;
+            term_req(&mut stream, Some(peer), &e, &first.head).await;
             return Err(e.into());
         }
     };
@@ -436,7 +461,7 @@ async fn handle(
         match timeout_at(deadline, connect_data_by_r2t(&mut stream, dg, cid, &limits)).await {
             Err(_) => return Err(ConnError::Timeout("Connect data")),
             Ok(Err((ConnError::Pdu(e), head))) => {
-                term_req(&mut stream, &e, &head).await;
+                term_req(&mut stream, Some(peer), &e, &head).await;
                 return Err(e.into());
             }
             Ok(Err((e, _))) => return Err(e),
@@ -458,7 +483,7 @@ async fn handle(
     let (ctrl, qid, sqsize) = match outcome {
         Ok(v) => v,
         Err((status, result, why)) => {
-            nvmed_proto::log_limited!(warn, "Connect refused: {why}");
+            nvmed_proto::log_limited_per!(log_key(peer.ip()), warn, %peer, "Connect refused: {why}");
             let mut out = Vec::new();
             pdu::push_capsule_resp(&mut out, dg, cqe(cid, status, result, 1, 0));
             stream.write_all(&out).await?;
@@ -470,7 +495,12 @@ async fn handle(
         let mut out = Vec::new();
         pdu::push_capsule_resp(&mut out, dg, cqe(cid, 0, u64::from(ctrl.cntlid), 1, qid));
         stream.write_all(&out).await?;
-        info!(cntlid = ctrl.cntlid, host = ?ctrl.hostnqn, "controller created");
+        // (Any peer may open a discovery controller: those are not worth a line each.)
+        if ctrl.discovery {
+            debug!(cntlid = ctrl.cntlid, host = ?ctrl.hostnqn, %peer, "discovery controller created");
+        } else {
+            info!(cntlid = ctrl.cntlid, host = ?ctrl.hostnqn, %peer, "controller created");
+        }
         let mut kato = u32::from_le_bytes(cmd.as_bytes()[48..52].try_into().unwrap());
         if ctrl.discovery {
             kato = discovery_kato(kato);
@@ -478,7 +508,11 @@ async fn handle(
         let r = admin_queue(target, &ctrl, stream, params, sqsize, kato).await;
         lock(&target.ctrls).remove(&ctrl.cntlid);
         ctrl.alive.send_replace(false);
-        info!(cntlid = ctrl.cntlid, "controller removed");
+        if ctrl.discovery {
+            debug!(cntlid = ctrl.cntlid, "discovery controller removed");
+        } else {
+            info!(cntlid = ctrl.cntlid, "controller removed");
+        }
         r
     } else {
         // It frees the queue id (once: the host may have connected that queue again while
@@ -817,7 +851,7 @@ async fn admin_queue(
         let p = match ev {
             None => return Err(ConnError::Closed),
             Some(AdminEvent::Fatal(ConnError::Pdu(e), head)) => {
-                term_req(&mut wr, &e, &head).await;
+                term_req(&mut wr, None, &e, &head).await;
                 return Err(e.into());
             }
             Some(AdminEvent::Fatal(e, _)) => return Err(e),
@@ -829,7 +863,7 @@ async fn admin_queue(
             Header::H2cTermReq(t) => return Err(ConnError::HostTerminated(t.fes.get())),
             _ => {
                 let e = PduError::Sequence("H2CData on the admin queue, which sends no R2T");
-                term_req(&mut wr, &e, &p.head).await;
+                term_req(&mut wr, None, &e, &p.head).await;
                 return Err(e.into());
             }
         };

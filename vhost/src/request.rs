@@ -98,8 +98,8 @@ pub struct Parsed {
 /// A longer chain (an indirect table may hold 65535) is not walked further: that would cost
 /// the backend CPU per descriptor outside the guest's accounting. Chains between `seg_max` + 2
 /// and this (old Windows viostor drivers ignore `seg_max` and send up to 515) are still walked
-/// to their status byte and fail with IOERR, so the guest sees an error, not a request that
-/// seems done.
+/// to their status byte, so the guest gets a status (success, or IOERR where the request
+/// cannot be served), never a request that only seems done.
 pub const MAX_CHAIN: usize = 1024;
 
 /// Collects the descriptors of a chain as virtio-queue's `DescriptorChain` iterator yields them

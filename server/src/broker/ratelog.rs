@@ -2,18 +2,8 @@
 //! broker's macros, with a budget per call site (`limited!`) or per uid at a call site
 //! (`limited_per!`).
 
-pub use nvmed_proto::ratelog::KeyedLogBudget;
-
 /// As `limited!`, with a budget per `key` (a uid) at the call site.
-macro_rules! limited_per {
-    ($key:expr, $level:ident, $($arg:tt)+) => {{
-        static BUDGET: $crate::broker::ratelog::KeyedLogBudget = $crate::broker::ratelog::KeyedLogBudget::new();
-        if let Some(dropped) = BUDGET.allow($key) {
-            ::tracing::$level!(dropped, $($arg)+);
-        }
-    }};
-}
-pub(crate) use limited_per;
+pub(crate) use nvmed_proto::log_limited_per as limited_per;
 
 /// `tracing`'s macro `$level!` with the call site's `LogBudget`, adding `dropped = N` (lines
 /// over the budget since the last one logged).
