@@ -57,6 +57,13 @@ fn raw_call(s: &OwnedFd, bytes: &[u8], fds: &[std::os::fd::BorrowedFd<'_>]) -> R
     decode(&transport::recv(s.as_fd()).unwrap().bytes).unwrap()
 }
 
+/// Asks for a 16-entry ring on a raw connection: the reply, with the ring's descriptors.
+fn raw_create_ring(s: &OwnedFd) -> transport::Received {
+    let req = encode(&Request::CreateRing { sq_entries: 16, cq_entries: 16, thread: None });
+    transport::send(s.as_fd(), &req, &[]).unwrap();
+    transport::recv(s.as_fd()).unwrap()
+}
+
 fn hello(s: &OwnedFd) -> Response {
     raw_call(
         s,
@@ -1219,13 +1226,7 @@ fn empty_datagrams_and_the_ring_memfd_as_a_buffer_are_refused() {
     assert_eq!(raw_call(&s, &[], &[]), Response::Error(ControlError::Malformed("empty message".into())));
     assert!(matches!(raw_call(&s, &encode(&Request::Stats), &[]), Response::Stats(_)));
     // The session's own ring memfd cannot be registered as a DMA buffer.
-    transport::send(
-        s.as_fd(),
-        &encode(&Request::CreateRing { sq_entries: 16, cq_entries: 16, thread: None }),
-        &[],
-    )
-    .unwrap();
-    let m = transport::recv(s.as_fd()).unwrap();
+    let m = raw_create_ring(&s);
     assert!(matches!(decode::<Response>(&m.bytes).unwrap(), Response::RingCreated { .. }));
     let ring_fd = m.fds[0].as_fd();
     let r = raw_call(&s, &encode(&Request::RegisterBuffer { offset: 0, len: 4096, id: None }), &[ring_fd]);
@@ -1282,13 +1283,7 @@ fn a_descriptor_sent_on_a_doorbell_cannot_hold_the_io_thread() {
         let mut broker = TestBroker::spawn_env(dir, socket, &args, env);
         let s = raw_connect(&broker.socket);
         assert!(matches!(hello(&s), Response::Hello { .. }));
-        transport::send(
-            s.as_fd(),
-            &encode(&Request::CreateRing { sq_entries: 16, cq_entries: 16, thread: None }),
-            &[],
-        )
-        .unwrap();
-        let m = transport::recv(s.as_fd()).unwrap();
+        let m = raw_create_ring(&s);
         let Response::RingCreated { size, .. } = decode::<Response>(&m.bytes).unwrap() else { panic!() };
         let ring = nvmed_proto::shm::SharedMemory::map_shared(m.fds[0].as_fd(), size as usize).unwrap();
         let (lingering, peer) = a_lingering_socket(30);
